@@ -1,0 +1,39 @@
+"""sideband — business logic beside live voice-AI calls.
+
+Verified OpenAI SIP webhooks, call-scoped sideband WebSockets, tools run exactly once, WebRTC doors,
+and trusted-server sessions, behind one small API::
+
+    from sideband import Sideband, CallContext
+
+    app = Sideband(instructions="You are the order desk.", voice="marin")
+
+    @app.tool
+    async def lookup_order(order_id: str, ctx: CallContext) -> dict: ...
+"""
+
+from sideband.app import IncomingCall, Sideband
+from sideband.context import CallContext, SipHeader
+from sideband.runtime.driver import CallSummary, ToolRecord
+from sideband.session import Accept, Refer, Reject, SessionConfig
+from sideband.settings import Settings, SettingsError, load_settings
+from sideband.tools import ToolError, ToolResult
+
+__all__ = [
+    "Accept",
+    "CallContext",
+    "CallSummary",
+    "IncomingCall",
+    "Refer",
+    "Reject",
+    "SessionConfig",
+    "Settings",
+    "SettingsError",
+    "SipHeader",
+    "Sideband",
+    "ToolError",
+    "ToolRecord",
+    "ToolResult",
+    "load_settings",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,234 @@
+"""The user's app object: session config, tools, routing and call hooks in one place."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, overload
+
+from sideband.context import CallContext, SipHeader
+from sideband.runtime.driver import CallHooks
+from sideband.runtime.machine import DEFAULT_FILLER, DEFAULT_GOODBYE
+from sideband.session import Accept, Decision, Refer, Reject, SessionConfig
+from sideband.tools import ToolRegistry
+
+__all__ = ["IncomingCall", "Sideband", "parse_number"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+RouteHook = Callable[["IncomingCall"], Awaitable[Decision] | Decision]
+
+_URI = re.compile(r"(?:sips?|tel):([^@;>\s]+)", re.IGNORECASE)
+_VISUAL = re.compile(r"[\s\-.()]")
+
+
+def parse_number(header_value: str | None) -> str | None:
+    """The user part of a SIP ``From``/``To`` value, as E.164 (``+14155550123``) when it is one.
+
+    ``"Alice" <sip:+1 (425) 555-0100@example.com>;tag=x`` → ``+14255550100``; a non-numeric user part
+    (``sip:alice@example.com``) is returned as is (``alice``). Untrusted either way.
+    """
+    if not header_value:
+        return None
+    match = _URI.search(header_value)
+    if match is None:
+        return None
+    user = match.group(1)
+    digits = _VISUAL.sub("", user)
+    if digits.startswith("+") and digits[1:].isdigit() and 7 <= len(digits) - 1 <= 15:
+        return digits
+    if digits.isdigit() and 7 <= len(digits) <= 15:
+        return digits
+    return user
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingCall:
+    """A ringing call, as the routing hook sees it. Everything from SIP is **untrusted**."""
+
+    call_id: str
+    from_number: str | None
+    to_number: str | None
+    sip_headers: tuple[SipHeader, ...] = ()
+    media_security: str | None = None
+    source: Literal["sip", "webrtc"] = "sip"
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    def header(self, name: str) -> str | None:
+        """First value of a SIP header (case-insensitive)."""
+        lname = name.lower()
+        return next((h.value for h in self.sip_headers if h.name.lower() == lname), None)
+
+    @classmethod
+    def from_sip(cls, call_id: str, headers: Iterable[SipHeader], media_security: str | None = None,
+                 raw: Mapping[str, Any] | None = None) -> IncomingCall:
+        """Build from the webhook's ``sip_headers`` list."""
+        hdrs = tuple(headers)
+        get = {h.name.lower(): h.value for h in reversed(hdrs)}
+        return cls(call_id, parse_number(get.get("from")), parse_number(get.get("to")), hdrs, media_security,
+                   "sip", raw or {})
+
+    def context(self) -> CallContext:
+        """A fresh :class:`CallContext` for this call."""
+        return CallContext(self.call_id, self.source, self.from_number, self.to_number, self.sip_headers)
+
+
+@dataclass(frozen=True, slots=True)
+class CallPlan:
+    """What an accepted call runs with: the session payload (accept body = first ``session.update``),
+    the tools it may call, and its policy."""
+
+    session: dict[str, Any]
+    tools: ToolRegistry
+    greeting: str | None
+    config: SessionConfig
+
+
+class Sideband:
+    """A voice agent: its session config, its tools, its routing and its hooks.
+
+    >>> app = Sideband(instructions="You are the order desk.", voice="marin")
+    >>> @app.tool
+    ... async def lookup_order(order_id: str) -> dict: ...
+    """
+
+    def __init__(
+        self,
+        *,
+        instructions: str | None = None,
+        voice: str | None = None,
+        model: str | None = "gpt-realtime",
+        greeting: str | None = SessionConfig.model_fields["greeting"].default,
+        session: SessionConfig | None = None,
+        transfer_targets: Mapping[str, str] | None = None,
+        tool_timeout: float = 10.0,
+        filler_after: float | None = 1.5,
+        filler_instructions: str | None = None,
+        goodbye_instructions: str | None = None,
+        max_call_duration: float | None = None,
+        max_idle_duration: float | None = None,
+        name: str = "sideband",
+    ) -> None:
+        base = session or SessionConfig()
+        self.config = base.merged(instructions=instructions, voice=voice, model=model, greeting=greeting)
+        if greeting is None and session is None:
+            self.config = self.config.model_copy(update={"greeting": None})
+        self.name = name
+        self.tools = ToolRegistry(default_timeout=tool_timeout, default_filler_after=filler_after)
+        self.transfer_targets: dict[str, str] = dict(transfer_targets or {})
+        for label, uri in self.transfer_targets.items():
+            if not uri.startswith(("tel:", "sip:", "sips:")):
+                raise ValueError(f"transfer target {label!r} must be a tel: or sip: URI, got {uri!r}")
+        self.filler_instructions = filler_instructions or DEFAULT_FILLER
+        self.goodbye_instructions = goodbye_instructions or DEFAULT_GOODBYE
+        self.max_call_duration = max_call_duration
+        self.max_idle_duration = max_idle_duration
+        self._route: RouteHook | None = None
+        self.on_call_start_hooks: list[Callable[..., Any]] = []
+        self.on_call_end_hooks: list[Callable[..., Any]] = []
+        self.on_transcript_hooks: list[Callable[..., Any]] = []
+        self.on_dtmf_hooks: list[Callable[..., Any]] = []
+        self.on_tool_hooks: list[Callable[..., Any]] = []
+
+    # ------------------------------------------------------------------------------ decorators
+    @overload
+    def tool(self, fn: F, /) -> F: ...
+
+    @overload
+    def tool(self, fn: None = None, /, **options: Any) -> Callable[[F], F]: ...
+
+    def tool(self, fn: F | None = None, /, **options: Any) -> F | Callable[[F], F]:
+        """Register a tool: ``@app.tool`` or ``@app.tool(timeout=3, filler_after=None)``.
+
+        Options: ``name``, ``description``, ``timeout`` (seconds), ``filler_after`` (seconds before a
+        spoken holding phrase; ``None`` for never).
+        """
+        if fn is None:
+            return self.tools.tool(**options)
+        return self.tools.tool(fn)
+
+    def on_incoming(self, fn: F) -> F:
+        """Route each ringing call: the hook gets an :class:`IncomingCall` and returns
+        :class:`Accept`, :class:`Reject` or :class:`Refer` (sync or async)."""
+        self._route = fn
+        return fn
+
+    def on_call_start(self, fn: F) -> F:
+        """Called with the :class:`CallContext` once the sideband is attached."""
+        self.on_call_start_hooks.append(fn)
+        return fn
+
+    def on_call_end(self, fn: F) -> F:
+        """Called with ``(ctx, summary)`` when the call has ended."""
+        self.on_call_end_hooks.append(fn)
+        return fn
+
+    def on_transcript(self, fn: F) -> F:
+        """Called with ``(ctx, role, text)`` for each caller or agent transcript line."""
+        self.on_transcript_hooks.append(fn)
+        return fn
+
+    def on_dtmf(self, fn: F) -> F:
+        """Called with ``(ctx, digit)`` for each keypad digit (SIP calls)."""
+        self.on_dtmf_hooks.append(fn)
+        return fn
+
+    def on_tool(self, fn: F) -> F:
+        """Called with ``(ctx, record)`` after each tool call (:class:`~sideband.ToolRecord`)."""
+        self.on_tool_hooks.append(fn)
+        return fn
+
+    def hooks(self) -> CallHooks:
+        """The call hooks registered on this app."""
+        return CallHooks(self.on_call_start_hooks, self.on_call_end_hooks, self.on_transcript_hooks,
+                         self.on_dtmf_hooks, self.on_tool_hooks)
+
+    # ------------------------------------------------------------------------ built-in tools
+    def enable_end_call(self, *, name: str = "end_call") -> None:
+        """Offer the model a tool to end the call (after its goodbye)."""
+
+        async def end_call(ctx: CallContext) -> dict[str, Any]:
+            """End the phone call. Use it when the caller is done or asks to hang up."""
+            await ctx.hangup("end_call_tool")
+            return {"ok": True, "message": "The call ends after your next sentence. Say a short goodbye now."}
+
+        self.tools.add(end_call, name=name, filler_after=None, timeout=5.0)
+
+    def enable_transfer(self, *, name: str = "transfer_call") -> None:
+        """Offer the model a tool to transfer to one of ``transfer_targets`` (by label only)."""
+        labels = tuple(self.transfer_targets)
+        if not labels:
+            raise ValueError("enable_transfer needs transfer_targets")
+
+        async def transfer_call(destination: str, ctx: CallContext) -> dict[str, Any]:
+            await ctx.transfer(destination)
+            return {"ok": True, "message": f"Transferring to {destination}. Tell the caller in one sentence."}
+
+        transfer_call.__annotations__ = {"destination": Literal[labels], "ctx": CallContext,
+                                         "return": dict[str, Any]}
+        transfer_call.__doc__ = (
+            "Transfer the caller to a human or another department.\n\n"
+            f"Args:\n    destination: Where to transfer: one of {', '.join(labels)}."
+        )
+        self.tools.add(transfer_call, name=name, filler_after=None, timeout=5.0)
+
+    # ------------------------------------------------------------------------------- routing
+    async def decide(self, call: IncomingCall) -> Decision:
+        """Run the routing hook (default: accept with the app's config)."""
+        if self._route is None:
+            return Accept()
+        result = self._route(call)
+        if not isinstance(result, Accept | Reject | Refer):
+            result = await result
+        if not isinstance(result, Accept | Reject | Refer):
+            raise TypeError(f"on_incoming returned {type(result).__name__}, not Accept/Reject/Refer")
+        return result
+
+    def plan(self, accept: Accept | None = None) -> CallPlan:
+        """The session and tools for an accepted call (``accept`` overrides on top of the app)."""
+        accept = accept or Accept()
+        config = self.config.merged(instructions=accept.instructions, voice=accept.voice,
+                                    greeting=accept.greeting, **accept.session)
+        tools = self.tools if accept.tools is None else self.tools.subset(accept.tools)
+        payload = config.payload(tools.definitions(style="openai"))
+        return CallPlan(payload, tools, config.greeting, config)

@@ -1,0 +1,122 @@
+"""``sideband`` command line: ``serve``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from sideband.app import Sideband
+from sideband.logs import configure_logging
+from sideband.settings import Settings, SettingsError, load_settings
+
+__all__ = ["load_app", "main"]
+
+DEFAULT_APP = "sideband.examples.order_desk:app"
+
+
+class CliError(Exception):
+    """A one-line error for the user; exit status 2."""
+
+
+def load_app(spec: str | None) -> Sideband:
+    """Import ``module:attribute`` (from the current directory, like uvicorn) and return the app."""
+    spec = spec or DEFAULT_APP
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise CliError(f"APP must look like module:attribute, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CliError(f"cannot import {module_name!r}: {exc}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise CliError(f"{module_name!r} has no attribute {attr!r}")
+    if not isinstance(obj, Sideband):
+        if callable(obj):
+            obj = obj()
+        if not isinstance(obj, Sideband):
+            raise CliError(f"{spec} is not a sideband.Sideband app")
+    return obj
+
+
+async def serve(settings: Settings, app: Sideband) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: /readyz answers 503, new calls are refused with 503
+    (OpenAI redelivers them to another instance), live calls get ``SIDEBAND_DRAIN_TIMEOUT`` seconds."""
+    from sideband.edge import SERVICE, create_app
+
+    log = structlog.get_logger(logger="sideband.cli")
+    web_app = create_app(settings, app)
+    runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("server.started", host=settings.host, port=settings.port, app=app.name,
+             tools=app.tools.names(), openai_base_url=settings.openai_base_url)
+    try:
+        await stop.wait()
+    finally:
+        service = web_app[SERVICE]
+        service.draining = True
+        log.info("server.draining", calls=len(service.registry), timeout_s=settings.drain_timeout)
+        await service.registry.drain(settings.drain_timeout)
+        await runner.cleanup()
+        log.info("server.stopped")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sideband", description="Business logic beside live voice-AI calls.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="serve webhooks, WebRTC doors and sidebands")
+    p_serve.add_argument("app", nargs="?", help=f"module:attribute of your app (default {DEFAULT_APP})")
+    p_serve.add_argument("--host", help="listen address (SIDEBAND_HOST, default 0.0.0.0)")
+    p_serve.add_argument("--port", type=int, help="listen port (SIDEBAND_PORT, default 8080)")
+    p_demo = sub.add_parser("demo", help="run simulated calls against the built-in simulator (no key, no network)")
+    p_demo.add_argument("app", nargs="?", help="module:attribute of your app (default: the order desk)")
+    p_demo.add_argument("--calls", type=int, default=3, help="how many calls to place (default 3)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sideband`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            settings = load_settings(
+                {"host": args.host, "port": args.port},
+                require=("openai_api_key", "openai_webhook_secret"),
+            )
+            configure_logging(settings.log_format, settings.log_level)
+            app = load_app(args.app)
+            asyncio.run(serve(settings, app))
+            return 0
+        if args.command == "demo":
+            from sideband.demo import run_demo
+
+            return asyncio.run(run_demo(load_app(args.app) if args.app else None, calls=args.calls))
+    except (SettingsError, CliError) as exc:
+        print(f"sideband: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""aiohttp app factory: webhook, WebRTC, health, readiness and metrics routes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+from aiohttp import web
+from pydantic import ValidationError
+
+from sideband.app import Sideband
+from sideband.edge.verify import VerificationError, Verifier
+from sideband.service import Reply, Service, WebhookEvent
+from sideband.session import SessionConfigError
+from sideband.settings import Settings, SettingsError
+from sideband.stores import ClaimStore
+from sideband.upstream.openai import UpstreamError
+
+__all__ = ["SERVICE", "create_app"]
+
+SERVICE = web.AppKey("sideband.service", Service)
+_VERIFIER = web.AppKey("sideband.verifier", Verifier)
+_MAX_SDP = 64 * 1024
+
+log = structlog.get_logger(logger="sideband.edge")
+
+
+def _json(status: int, body: dict[str, object], headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _reply(reply: Reply) -> web.Response:
+    return _json(reply.status, reply.body, reply.headers)
+
+
+def _refuse(status: int, error: str, *, event: str = "webhook.rejected") -> web.Response:
+    log.warning(event, status=status, reason=error)
+    return _json(status, {"error": error})
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(65536):
+        body += chunk
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    return bytes(body)
+
+
+async def webhook(request: web.Request) -> web.Response:
+    """``POST /webhooks/openai`` — verify, claim, decide, answer (see README for every status)."""
+    received = time.monotonic()
+    service = request.app[SERVICE]
+    if service.draining:
+        return _json(503, {"error": "draining"}, {"Retry-After": "1"})
+    if request.content_type != "application/json":
+        return _refuse(415, "content-type must be application/json")
+    try:
+        body = await _read_body(request, service.settings.webhook_max_body)
+    except web.HTTPRequestEntityTooLarge:
+        return _refuse(413, f"body over {service.settings.webhook_max_body} bytes")
+    try:
+        webhook_id = request.app[_VERIFIER].verify(body, request.headers)
+    except VerificationError as exc:
+        return _refuse(exc.status, exc.reason)
+    try:
+        event = WebhookEvent.model_validate_json(body)
+    except ValidationError:
+        return _refuse(400, "body is not a JSON webhook event")
+    log.info("webhook.received", webhook_id=webhook_id, type=event.type, event_id=event.id)
+    try:
+        reply = await service.handle_webhook(webhook_id, event, received)
+    except ValidationError:
+        return _refuse(400, "realtime.call.incoming without a usable data.call_id")
+    return _reply(reply)
+
+
+async def rtc_calls(request: web.Request) -> web.Response:
+    """``POST /rtc/calls`` — the browser's SDP offer in, SDP answer out; the sideband attaches itself."""
+    service = request.app[SERVICE]
+    if service.draining:
+        return _json(503, {"error": "draining"})
+    if request.content_type not in ("application/sdp", "text/plain"):
+        return _refuse(415, "content-type must be application/sdp", event="rtc.rejected")
+    try:
+        raw = await _read_body(request, _MAX_SDP)
+        sdp = raw.decode("utf-8")
+    except web.HTTPRequestEntityTooLarge:
+        return _refuse(413, "SDP offer too large", event="rtc.rejected")
+    except UnicodeDecodeError:
+        return _refuse(400, "SDP offer is not UTF-8", event="rtc.rejected")
+    if not sdp.startswith("v=0"):
+        return _refuse(400, "body is not an SDP offer", event="rtc.rejected")
+    try:
+        call_id, answer = await service.rtc_relay(sdp)
+    except SessionConfigError as exc:
+        log.error("rtc.config_invalid", error=str(exc))
+        return _json(500, {"error": "session config invalid"})
+    except UpstreamError as exc:
+        log.error("rtc.relay_failed", status=exc.status, error=str(exc))
+        status = exc.status if exc.status is not None and 400 <= exc.status < 500 else 502
+        return _json(status, {"error": "upstream refused the offer" if exc.status else "upstream unavailable"})
+    return web.Response(status=201, text=answer, content_type="application/sdp",
+                        headers={"Location": f"/rtc/calls/{call_id}"})
+
+
+async def rtc_sessions(request: web.Request) -> web.Response:
+    """``POST /rtc/sessions`` — ephemeral key + single-use handoff ticket for a browser-first call."""
+    service = request.app[SERVICE]
+    if service.draining:
+        return _json(503, {"error": "draining"})
+    try:
+        body = await service.rtc_session()
+    except UpstreamError as exc:
+        log.error("rtc.mint_failed", status=exc.status, error=str(exc))
+        return _json(502, {"error": "could not mint a client secret"})
+    return _json(200, body, {"Cache-Control": "no-store"})
+
+
+async def rtc_handoff(request: web.Request) -> web.Response:
+    """``POST /rtc/handoff`` ``{call_id, ticket}`` — attach to a browser-started call."""
+    service = request.app[SERVICE]
+    if service.draining:
+        return _json(503, {"error": "draining"})
+    try:
+        data = json.loads(await _read_body(request, 8192))
+    except web.HTTPRequestEntityTooLarge:
+        return _refuse(413, "body too large", event="rtc.rejected")
+    except (ValueError, UnicodeDecodeError):
+        return _refuse(400, "body must be JSON {call_id, ticket}", event="rtc.rejected")
+    if not isinstance(data, dict):
+        return _refuse(400, "body must be JSON {call_id, ticket}", event="rtc.rejected")
+    return _reply(await service.rtc_handoff(data.get("call_id"), data.get("ticket")))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz`` — the process is alive."""
+    return _json(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz`` — 200 while taking calls, 503 while draining."""
+    service = request.app[SERVICE]
+    if service.draining:
+        return _json(503, {"status": "draining", "calls": len(service.registry)})
+    return _json(200, {"status": "ready", "calls": len(service.registry)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics`` — Prometheus text: live calls and outcome counters."""
+    service = request.app[SERVICE]
+    lines = [
+        "# TYPE sideband_calls_live gauge",
+        f"sideband_calls_live {len(service.registry)}",
+        "# TYPE sideband_events_total counter",
+    ]
+    lines += [f'sideband_events_total{{outcome="{k}"}} {v}' for k, v in sorted(service.counters.items())]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("http.internal_error", path=request.path)
+        return _json(500, {"error": "internal error"})
+
+
+def create_app(
+    settings: Settings,
+    app: Sideband,
+    *,
+    store: ClaimStore | None = None,
+    service: Service | None = None,
+) -> web.Application:
+    """The aiohttp application serving ``app`` with ``settings`` (see README for the routes)."""
+    if settings.openai_webhook_secret is None:
+        raise SettingsError("OPENAI_WEBHOOK_SECRET is not set")
+    web_app = web.Application(middlewares=[_errors], client_max_size=max(settings.webhook_max_body, _MAX_SDP))
+    svc = service or Service(settings, app, store=store)
+    web_app[SERVICE] = svc
+    web_app[_VERIFIER] = Verifier(settings.openai_webhook_secret.get_secret_value(), settings.webhook_tolerance)
+
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        await svc.start()
+        yield
+        await svc.close()
+
+    web_app.cleanup_ctx.append(lifecycle)
+    web_app.router.add_post("/webhooks/openai", webhook)
+    web_app.router.add_post("/rtc/calls", rtc_calls)
+    web_app.router.add_post("/rtc/sessions", rtc_sessions)
+    web_app.router.add_post("/rtc/handoff", rtc_handoff)
+    web_app.router.add_get("/healthz", healthz)
+    web_app.router.add_get("/readyz", readyz)
+    web_app.router.add_get("/metrics", metrics)
+    return web_app

@@ -1,0 +1,1 @@
+"""Bundled example apps (``sideband serve`` without APP serves the order desk)."""

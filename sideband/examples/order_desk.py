@@ -1,0 +1,51 @@
+"""The order desk of Example Corp: look up an order, transfer to a human, end the call."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from sideband import Accept, CallContext, IncomingCall, Reject, Sideband
+from sideband.tools import ToolError
+
+ORDERS: dict[str, dict[str, Any]] = {
+    "1042": {"status": "shipped", "carrier": "UPS", "eta": "Thursday"},
+    "2077": {"status": "processing", "eta": "next week"},
+    "3001": {"status": "delivered", "delivered_on": "Monday"},
+}
+
+app = Sideband(
+    instructions=(
+        "You are the order desk of Example Corp. Be brief and friendly. Use lookup_order for order "
+        "questions, transfer_call when the caller asks for a person, end_call when they are done."
+    ),
+    voice="marin",
+    greeting="Greet the caller as the Example Corp order desk and ask for their order number.",
+    transfer_targets={"human": "tel:+14155550123", "billing": "sip:billing@example.com"},
+)
+app.enable_transfer()
+app.enable_end_call()
+
+
+@app.tool(timeout=5)
+async def lookup_order(
+    order_id: Annotated[str, Field(description="The order number the caller gave, digits only")],
+    ctx: CallContext,
+) -> dict[str, Any]:
+    """Look up an order by its number and return its status."""
+    await asyncio.sleep(0)  # a real app awaits its database here
+    order = ORDERS.get(order_id.strip())
+    if order is None:
+        raise ToolError(f"No order {order_id}. Ask the caller to repeat the number.")
+    ctx.state.setdefault("orders_checked", []).append(order_id)
+    return {"order_id": order_id, **order}
+
+
+@app.on_incoming
+async def route(call: IncomingCall) -> Accept | Reject:
+    """Refuse withheld numbers; everyone else reaches the order desk."""
+    if call.from_number in (None, "anonymous"):
+        return Reject(status_code=433)
+    return Accept()

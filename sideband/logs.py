@@ -1,0 +1,48 @@
+"""structlog setup: JSON lines (default when stdout is not a terminal) or a readable console."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Literal, TextIO
+
+import structlog
+
+__all__ = ["configure_logging", "get_logger"]
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure_logging(
+    fmt: Literal["json", "console"] | None = None,
+    level: str = "info",
+    stream: TextIO | None = None,
+) -> None:
+    """Configure structlog once for the process (called by the CLI, not at import).
+
+    Every line carries ``event``, ``level`` and ``timestamp``; a call's task binds ``call_id`` with
+    :func:`structlog.contextvars.bind_contextvars`, so every line about a call carries it.
+    """
+    out = stream or sys.stdout
+    if fmt is None:
+        fmt = "console" if out.isatty() else "json"
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if fmt == "json":
+        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    else:
+        processors += [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger named for its room (``logger`` key on each line)."""
+    return structlog.get_logger(logger=name)

@@ -1,0 +1,423 @@
+"""The thin async driver around a :class:`CallMachine`: owns the socket, tool tasks and timers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from sideband.context import CallContext
+from sideband.runtime.machine import (
+    Action,
+    CallMachine,
+    CancelTimer,
+    CancelTool,
+    Close,
+    Notice,
+    RunTool,
+    Send,
+    StartTimer,
+    Verb,
+)
+from sideband.upstream.openai import CallGone, UpstreamError
+
+if TYPE_CHECKING:
+    from sideband.tools import ToolRegistry
+
+__all__ = ["CallHooks", "CallRegistry", "CallRuntime", "CallSummary", "ToolRecord"]
+
+Connect = Callable[[], Awaitable[ClientConnection]]
+VerbCall = Callable[[str, str | None], Awaitable[None]]
+
+_CLEAN_CLOSES = frozenset({1000, 1001})
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRecord:
+    """One tool execution, as the call-end summary reports it."""
+
+    call_id: str
+    name: str
+    outcome: str
+    duration: float
+
+
+@dataclass(slots=True)
+class CallSummary:
+    """What happened on a call, handed to ``on_call_end`` hooks."""
+
+    call_id: str
+    source: str
+    reason: str = ""
+    duration: float = 0.0
+    tools: list[ToolRecord] = field(default_factory=list)
+    transcript: list[tuple[str, str]] = field(default_factory=list)
+    dtmf: str = ""
+
+
+@dataclass(slots=True)
+class CallHooks:
+    """User callbacks (sync or async); an exception in one is logged and never ends the call."""
+
+    on_call_start: list[Callable[..., Any]] = field(default_factory=list)
+    on_call_end: list[Callable[..., Any]] = field(default_factory=list)
+    on_transcript: list[Callable[..., Any]] = field(default_factory=list)
+    on_dtmf: list[Callable[..., Any]] = field(default_factory=list)
+    on_tool: list[Callable[..., Any]] = field(default_factory=list)
+
+
+class CallRuntime:
+    """Runs one call: connect, feed the machine, carry out its actions, clean up in ``finally``.
+
+    Implements :class:`sideband.context.CallActions` for the call's context.
+    """
+
+    def __init__(
+        self,
+        *,
+        machine: CallMachine,
+        ctx: CallContext,
+        tools: ToolRegistry,
+        connect: Connect,
+        verb: VerbCall | None = None,
+        hooks: CallHooks | None = None,
+        transfer_targets: Mapping[str, str] | None = None,
+        reattach_attempts: int = 5,
+        log_tool_arguments: bool = False,
+        log_fields: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.machine = machine
+        self.ctx = ctx
+        self.tools = tools
+        self._connect = connect
+        self._verb_call = verb
+        self.hooks = hooks or CallHooks()
+        self._targets = dict(transfer_targets or {})
+        self._reattach_attempts = reattach_attempts
+        self._log_args = log_tool_arguments
+        self._log_fields = dict(log_fields or {})
+        self._ws: ClientConnection | None = None
+        self._outbox: deque[str] = deque()
+        self._flushing = False
+        self._tool_tasks: dict[str, asyncio.Task[None]] = {}
+        self._side_tasks: set[asyncio.Task[Any]] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._closed = asyncio.Event()
+        self.summary = CallSummary(ctx.call_id, ctx.source)
+        self.attached = asyncio.Event()
+        """Set once the first socket is open (tests and benchmarks wait on it)."""
+        self.ready = asyncio.Event()
+        """Set once the server confirmed the session (``session.updated``)."""
+        self.log = structlog.get_logger(logger="sideband.call")
+        ctx.actions = self
+
+    # ----------------------------------------------------------------------- CallActions API
+    async def hangup(self, reason: str = "hangup") -> None:
+        """Request the end of the call; returns at once (the end waits for in-flight outputs)."""
+        self._apply(self.machine.request_end(reason))
+        self._kick()
+
+    async def transfer(self, target: str) -> None:
+        """Request a SIP REFER to an allow-listed target (a name from ``transfer_targets`` or its URI)."""
+        uri = self._targets.get(target)
+        if uri is None and target in self._targets.values():
+            uri = target
+        if uri is None:
+            allowed = ", ".join(sorted(self._targets)) or "none configured"
+            raise ValueError(f"transfer target {target!r} is not allowed (allowed: {allowed})")
+        self._apply(self.machine.request_end("transferred", verb="refer", target=uri))
+        self._kick()
+
+    def say(self, instructions: str) -> None:
+        """Ask the model to speak (after the current response, if any)."""
+        self._apply(self.machine.say(instructions))
+        self._kick()
+
+    def update_session(self, **fields: Any) -> None:
+        """Send a partial ``session.update``."""
+        self._apply(self.machine.update_session(fields))
+        self._kick()
+
+    # ------------------------------------------------------------------------------- running
+    async def run(self) -> str:
+        """Drive the call to its end; return the end reason. Never raises except on cancellation."""
+        structlog.contextvars.bind_contextvars(call_id=self.ctx.call_id, **self._log_fields)
+        started = time.monotonic()
+        try:
+            await self._main()
+        except asyncio.CancelledError:
+            self._apply(self.machine.fail("shutdown"))
+            raise
+        except Exception:
+            self.log.exception("call.crashed")
+            self._apply(self.machine.fail("internal_error"))
+        finally:
+            await self._cleanup()
+            self.summary.reason = self.machine.closed or "internal_error"
+            self.summary.duration = time.monotonic() - started
+            self.log.info("call.ended", reason=self.summary.reason, duration_s=round(self.summary.duration, 3),
+                          tool_calls=len(self.summary.tools))
+            await self._hooks(self.hooks.on_call_end, self.ctx, self.summary)
+            self._closed.set()
+        return self.summary.reason
+
+    async def _main(self) -> None:
+        ws = await self._open(first=True)
+        if ws is None:
+            return
+        await self._hooks(self.hooks.on_call_start, self.ctx)
+        self._apply(self.machine.start())
+        while self.machine.closed is None:
+            await self._flush()
+            code = await self._pump(ws)
+            if self.machine.closed is not None:
+                return
+            if code in _CLEAN_CLOSES:
+                self._apply(self.machine.transport_closed(code))
+                return
+            self.log.warning("sideband.lost", close_code=code)
+            reopened = await self._open(first=False)
+            if reopened is None:
+                return
+            ws = reopened
+            self._apply(self.machine.reattached())
+
+    async def _open(self, *, first: bool) -> ClientConnection | None:
+        attempts = 1 if first else max(self._reattach_attempts, 0)
+        delay = 0.2
+        for attempt in range(1, attempts + 1):
+            try:
+                ws = await self._connect()
+            except CallGone as exc:
+                self.log.info("sideband.refused", status=exc.status, attempt=attempt)
+                self._apply(self.machine.fail("call_not_found"))
+                return None
+            except UpstreamError as exc:
+                self.log.warning("sideband.connect_failed", status=exc.status, error=str(exc), attempt=attempt)
+                if attempt < attempts:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                continue
+            self._ws = ws
+            self.attached.set()
+            self.log.info("sideband.attached" if first else "sideband.reattached", attempt=attempt)
+            return ws
+        self._apply(self.machine.fail("connect_failed" if first else "reattach_failed"))
+        return None
+
+    async def _pump(self, ws: ClientConnection) -> int | None:
+        receive = self.machine.receive
+        while True:
+            try:
+                message = await ws.recv()
+            except ConnectionClosed as exc:
+                return exc.rcvd.code if exc.rcvd is not None else None
+            try:
+                event = json.loads(message)
+            except ValueError:
+                self.log.warning("sideband.bad_frame", size=len(message))
+                continue
+            if not isinstance(event, dict):
+                continue
+            actions = receive(event)
+            if actions:
+                self._apply(actions)
+                if self._outbox:
+                    await self._flush()
+            if self.machine.closed is not None:
+                return None
+
+    # ------------------------------------------------------------------------------- actions
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self._outbox.append(json.dumps(action.event, separators=(",", ":")))
+            elif isinstance(action, RunTool):
+                self._tool_tasks[action.call_id] = asyncio.create_task(
+                    self._run_tool(action.call_id, action.name, action.arguments), name=f"tool:{action.call_id}"
+                )
+            elif isinstance(action, Notice):
+                self._notice(action)
+            elif isinstance(action, StartTimer):
+                old = self._timers.pop(action.name, None)
+                if old is not None:
+                    old.cancel()
+                self._timers[action.name] = asyncio.get_running_loop().call_later(
+                    action.delay, self._on_timer, action.name
+                )
+            elif isinstance(action, CancelTimer):
+                handle = self._timers.pop(action.name, None)
+                if handle is not None:
+                    handle.cancel()
+            elif isinstance(action, CancelTool):
+                task = self._tool_tasks.get(action.call_id)
+                if task is not None:
+                    task.cancel()
+            elif isinstance(action, Verb):
+                self._spawn(self._run_verb(action.verb, action.target))
+            elif isinstance(action, Close):
+                if self._ws is not None:
+                    self._spawn(self._close_ws(self._ws))
+
+    def _kick(self) -> None:
+        """Flush the outbox from a context that is not the read loop."""
+        if self._outbox and not self._flushing:
+            self._spawn(self._flush())
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _flush(self) -> None:
+        if self._flushing or self._ws is None:
+            return
+        self._flushing = True
+        ws = self._ws
+        try:
+            while self._outbox:
+                text = self._outbox[0]
+                try:
+                    await ws.send(text)
+                except ConnectionClosed:
+                    return  # kept in the outbox for a re-attached socket
+                self._outbox.popleft()
+        finally:
+            self._flushing = False
+
+    async def _close_ws(self, ws: ClientConnection) -> None:
+        await self._flush()
+        await ws.close()
+
+    def _on_timer(self, name: str) -> None:
+        self._timers.pop(name, None)
+        self._apply(self.machine.timer(name))
+        self._kick()
+
+    async def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
+        fields: dict[str, Any] = {"tool": name, "tool_call_id": call_id}
+        if self._log_args:
+            fields["arguments"] = arguments
+        self.log.info("tool.started", **fields)
+        try:
+            result = await self.tools.execute(call_id, name, arguments, self.ctx)
+        finally:
+            self._tool_tasks.pop(call_id, None)
+        record = ToolRecord(call_id, name, result.outcome, result.duration)
+        self.summary.tools.append(record)
+        self.log.info("tool.finished", tool=name, tool_call_id=call_id, outcome=result.outcome,
+                      duration_ms=round(result.duration * 1000, 2), error=result.error)
+        self._apply(self.machine.tool_done(call_id, result.output))
+        await self._flush()
+        if self.hooks.on_tool:
+            await self._hooks(self.hooks.on_tool, self.ctx, record)
+
+    async def _run_verb(self, verb: str, target: str | None) -> None:
+        ok, detail = True, None
+        if self._verb_call is not None:
+            try:
+                await self._verb_call(verb, target)
+                self.log.info("call.referred" if verb == "refer" else "call.hung_up", target=target)
+            except CallGone:
+                detail = "call already gone"
+            except UpstreamError as exc:
+                ok, detail = False, str(exc)
+        self._apply(self.machine.verb_done(ok, detail))
+        await self._flush()
+
+    def _notice(self, notice: Notice) -> None:
+        event, fields = notice.event, notice.fields
+        if event == "transcript":
+            self.summary.transcript.append((fields["role"], fields["text"]))
+            self.log.info("transcript", **fields)
+            self._spawn(self._hooks(self.hooks.on_transcript, self.ctx, fields["role"], fields["text"]))
+        elif event == "dtmf":
+            self.summary.dtmf += fields["digit"]
+            self.log.info("dtmf", **fields)
+            self._spawn(self._hooks(self.hooks.on_dtmf, self.ctx, fields["digit"]))
+        elif event == "sideband.ready":
+            self.ready.set()
+            self.log.info(event)
+        elif event in ("sideband.error", "call.verb_failed", "tool.loop_breaker", "call.end_forced"):
+            self.log.warning(event, **fields)
+        else:
+            self.log.info(event, **fields)
+
+    async def _hooks(self, hooks: list[Callable[..., Any]], *args: Any) -> None:
+        for hook in hooks:
+            try:
+                result = hook(*args)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                self.log.error("hook.failed", hook=getattr(hook, "__name__", repr(hook)), error=type(exc).__name__)
+
+    async def _cleanup(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        tasks = list(self._tool_tasks.values())
+        for task in tasks:
+            task.cancel()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2.0)
+        while self._side_tasks or tasks:
+            pending = [*tasks, *self._side_tasks]
+            tasks = []
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`run` has finished."""
+        await self._closed.wait()
+
+
+class CallRegistry:
+    """Process-wide owner of live calls: starts their tasks, counts them, drains them on shutdown."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[str]] = {}
+        self.calls: dict[str, CallRuntime] = {}
+
+    def start(self, runtime: CallRuntime) -> asyncio.Task[str]:
+        """Run ``runtime`` in its own task, in a fresh logging context."""
+        call_id = runtime.ctx.call_id
+        task = asyncio.create_task(self._run(runtime), name=f"call:{call_id}")
+        self._tasks[call_id] = task
+        self.calls[call_id] = runtime
+        return task
+
+    async def _run(self, runtime: CallRuntime) -> str:
+        structlog.contextvars.clear_contextvars()
+        try:
+            return await runtime.run()
+        finally:
+            self._tasks.pop(runtime.ctx.call_id, None)
+            self.calls.pop(runtime.ctx.call_id, None)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, call_id: object) -> bool:
+        return call_id in self._tasks
+
+    async def drain(self, timeout: float) -> None:
+        """Let live calls finish for up to ``timeout`` seconds, then end the rest and await them."""
+        tasks = list(self._tasks.values())
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)

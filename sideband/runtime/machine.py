@@ -1,0 +1,575 @@
+"""The call state machine: events in, actions out. No I/O, no clock, no asyncio.
+
+The driver feeds it server events, tool results, timer expiries and transport closes, and carries
+out the actions it returns, in order. Provider differences are data (:class:`Capabilities`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "Action",
+    "CallMachine",
+    "Capabilities",
+    "CancelTimer",
+    "CancelTool",
+    "Close",
+    "MachineConfig",
+    "Notice",
+    "RunTool",
+    "Send",
+    "StartTimer",
+    "Verb",
+]
+
+
+# ---------------------------------------------------------------------------------------- actions
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send this client event on the socket."""
+
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RunTool:
+    """Start executing a tool call (exactly once per ``call_id``)."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTool:
+    """Cancel a running tool call; its output will not be sent."""
+
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    """(Re)start the named timer; :meth:`CallMachine.timer` is fed its name when it fires."""
+
+    name: str
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer:
+    """Stop the named timer if it runs."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verb:
+    """Call the call-control verb (``hangup`` or ``refer``); report with :meth:`CallMachine.verb_done`."""
+
+    verb: Literal["hangup", "refer"]
+    target: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The call is over: close the socket, cancel and await tools and timers."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something to log or hand to user hooks (``event`` is the log event name)."""
+
+    event: str
+    fields: dict[str, Any]
+
+
+Action = Send | RunTool | CancelTool | StartTimer | CancelTimer | Verb | Close | Notice
+
+
+# ----------------------------------------------------------------------------------------- config
+DEFAULT_FILLER = "Briefly tell the caller you are still working on it. One short sentence. Do not call any tool."
+DEFAULT_GOODBYE = "Say a short, polite goodbye to the caller. Do not call any tool."
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What the far side does; the machine never branches on a provider name."""
+
+    session_created_first: bool = False
+    """The server opens with ``session.created`` and wants ``session.update`` only after it (vowel)."""
+    call_verbs: bool = True
+    """hangup/refer exist (OpenAI SIP and WebRTC); otherwise ending means closing the socket."""
+    audio_playback_events: bool = True
+    """``output_audio_buffer.started/stopped`` tell when the caller stops hearing the model."""
+
+
+@dataclass(frozen=True, slots=True)
+class MachineConfig:
+    """Per-call policy, resolved from the app, the route and the settings before the call starts."""
+
+    session: dict[str, Any]
+    greeting: str | None = None
+    filler_after: Mapping[str, float | None] = field(default_factory=dict)
+    filler_instructions: str = DEFAULT_FILLER
+    goodbye_instructions: str = DEFAULT_GOODBYE
+    max_call_duration: float | None = None
+    max_idle_duration: float | None = None
+    max_tool_calls: int = 64
+    max_identical_calls: int = 3
+    end_cap: float = 10.0
+    """Longest wait for in-flight tools and the model's last words before hangup/refer."""
+
+
+_IDLE = "idle"
+_MAX_DURATION = "max_duration"
+_END_CAP = "end_cap"
+_FILLER = "filler:"
+
+_RUNNABLE = frozenset({"completed", "incomplete"})
+
+
+@dataclass(slots=True)
+class _ToolCall:
+    call_id: str
+    name: str
+    response_id: str | None
+    arguments: str | None = None
+    state: Literal["pending", "running", "answered", "discarded"] = "pending"
+
+
+@dataclass(slots=True)
+class _End:
+    reason: str
+    verb: Literal["hangup", "refer"] | None
+    target: str | None
+    goodbye: str | None
+    verb_sent: bool = False
+
+
+def _output(call_id: str, output: str) -> dict[str, Any]:
+    return {
+        "type": "conversation.item.create",
+        "item": {"type": "function_call_output", "call_id": call_id, "output": output},
+    }
+
+
+class CallMachine:
+    """One call's protocol logic. Every public method returns the actions to carry out, in order."""
+
+    def __init__(self, config: MachineConfig, caps: Capabilities | None = None) -> None:
+        self.config = config
+        self.caps = caps or Capabilities()
+        self._calls: dict[str, _ToolCall] = {}
+        self._running = 0
+        self._answered_total = 0
+        self._last_signature: tuple[str, str] | None = None
+        self._repeat = 0
+        self._response_active = False
+        self._create_sent: str | None = None  # event_id of our response.create not yet seen created
+        self._want_response = False
+        self._filler_spoken = False
+        self._queued_say: list[str] = []
+        self._playing = False
+        self._greeted = False
+        self._started = False
+        self._session_ready = False
+        self._end: _End | None = None
+        self._closed: str | None = None
+        self._seq = 0
+        self._handlers: dict[str, Callable[[dict[str, Any]], list[Action]]] = {
+            "session.created": self._on_session_created,
+            "session.updated": self._on_session_updated,
+            "response.created": self._on_response_created,
+            "response.done": self._on_response_done,
+            "response.function_call_arguments.done": self._on_arguments_done,
+            "response.output_item.added": self._on_output_item,
+            "response.output_item.done": self._on_output_item,
+            "conversation.item.input_audio_transcription.completed": self._on_caller_transcript,
+            "response.output_audio_transcript.done": self._on_agent_transcript,
+            "response.output_text.done": self._on_agent_text,
+            "response.text.done": self._on_agent_text,
+            "input_audio_buffer.speech_started": self._on_caller_activity,
+            "input_audio_buffer.dtmf_event_received": self._on_dtmf,
+            "output_audio_buffer.started": self._on_playback_started,
+            "output_audio_buffer.stopped": self._on_playback_stopped,
+            "error": self._on_error,
+        }
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def closed(self) -> str | None:
+        """The end reason once :class:`Close` was emitted."""
+        return self._closed
+
+    @property
+    def ending(self) -> bool:
+        """A hangup/transfer/limit end has been requested."""
+        return self._end is not None
+
+    @property
+    def session_ready(self) -> bool:
+        """``session.updated`` has been seen since the last (re)attach."""
+        return self._session_ready
+
+    # ---------------------------------------------------------------------------------- inputs
+    def start(self) -> list[Action]:
+        """The socket is open (first attach)."""
+        actions: list[Action] = []
+        if not self._started:
+            self._started = True
+            if self.config.max_call_duration:
+                actions.append(StartTimer(_MAX_DURATION, self.config.max_call_duration))
+            if self.config.max_idle_duration:
+                actions.append(StartTimer(_IDLE, self.config.max_idle_duration))
+        return actions + self._attached()
+
+    def reattached(self) -> list[Action]:
+        """A new socket replaced a lost one: same call, same state, no second greeting."""
+        self._response_active = False
+        self._create_sent = None
+        self._playing = False
+        actions = self._attached()
+        actions += self._progress()
+        return actions
+
+    def _attached(self) -> list[Action]:
+        self._session_ready = False
+        if self.caps.session_created_first:
+            return []
+        return self._configure()
+
+    def _configure(self) -> list[Action]:
+        actions: list[Action] = [Send({"type": "session.update", "session": self.config.session})]
+        if self.config.greeting and not self._greeted:
+            self._greeted = True
+            actions.append(self._create({"instructions": self.config.greeting}))
+        return actions
+
+    def receive(self, event: dict[str, Any]) -> list[Action]:
+        """A server event arrived. Unknown types are ignored."""
+        if self._closed is not None:
+            return []
+        handler = self._handlers.get(event.get("type", ""))
+        if handler is None:
+            return []
+        return handler(event)
+
+    def tool_done(self, call_id: str, output: str) -> list[Action]:
+        """A tool finished (ok or not: ``output`` is what the model sees)."""
+        call = self._calls.get(call_id)
+        if call is None or call.state != "running" or self._closed is not None:
+            return []
+        call.state = "answered"
+        self._running -= 1
+        actions: list[Action] = [CancelTimer(_FILLER + call_id), Send(_output(call_id, output))]
+        if self._running == 0:
+            self._want_response = True
+            self._filler_spoken = False
+        return actions + self._progress()
+
+    def timer(self, name: str) -> list[Action]:
+        """The named timer fired."""
+        if self._closed is not None:
+            return []
+        if name == _IDLE:
+            return [Notice("call.limit", {"limit": "idle"}), *self.request_end("idle_timeout", goodbye=True)]
+        if name == _MAX_DURATION:
+            return [
+                Notice("call.limit", {"limit": "max_duration"}),
+                *self.request_end("max_duration", goodbye=True),
+            ]
+        if name == _END_CAP:
+            return self._fire_end(forced=True)
+        if name.startswith(_FILLER):
+            return self._filler(name[len(_FILLER) :])
+        return []
+
+    def verb_done(self, ok: bool, detail: str | None = None) -> list[Action]:
+        """The hangup/refer verb finished (``ok``) or failed."""
+        if self._closed is not None or self._end is None:
+            return []
+        actions: list[Action] = []
+        if not ok:
+            actions.append(Notice("call.verb_failed", {"verb": self._end.verb, "detail": detail}))
+        return [*actions, *self._close(self._end.reason)]
+
+    def transport_closed(self, code: int | None, reason: str = "") -> list[Action]:
+        """The socket closed for good (the driver gave up re-attaching or the close was clean)."""
+        if self._closed is not None:
+            return []
+        if self._end is not None and self._end.verb_sent:
+            return self._close(self._end.reason)
+        return self._close("remote_closed")
+
+    def fail(self, reason: str) -> list[Action]:
+        """End now for a reason found by the driver (``call_not_found``, ``shutdown``…)."""
+        if self._closed is not None:
+            return []
+        if reason == "call_not_found" and self._end is not None and self._end.verb_sent:
+            reason = self._end.reason
+        return self._close(reason)
+
+    # ---------------------------------------------------------------------- requests from code
+    def request_end(
+        self,
+        reason: str,
+        *,
+        verb: Literal["hangup", "refer"] | None = "hangup",
+        target: str | None = None,
+        goodbye: bool = False,
+    ) -> list[Action]:
+        """Hang up (or refer) once in-flight outputs and the model's last words are out. Idempotent."""
+        if self._closed is not None or self._end is not None:
+            return []
+        self._end = _End(
+            reason=reason,
+            verb=verb if self.caps.call_verbs else None,
+            target=target,
+            goodbye=self.config.goodbye_instructions if goodbye else None,
+        )
+        return [
+            Notice("call.ending", {"reason": reason, "verb": verb, "target": target}),
+            StartTimer(_END_CAP, self.config.end_cap),
+            *self._progress(),
+        ]
+
+    def say(self, instructions: str) -> list[Action]:
+        """Ask the model to speak now (queued while a response is active)."""
+        if self._closed is not None:
+            return []
+        self._queued_say.append(instructions)
+        return self._progress()
+
+    def update_session(self, fields: Mapping[str, Any]) -> list[Action]:
+        """Send a partial ``session.update``."""
+        if self._closed is not None:
+            return []
+        return [Send({"type": "session.update", "session": {**fields, "type": "realtime"}})]
+
+    # ------------------------------------------------------------------------------- handlers
+    def _on_session_created(self, event: dict[str, Any]) -> list[Action]:
+        if self.caps.session_created_first:
+            return self._configure()
+        return []
+
+    def _on_session_updated(self, event: dict[str, Any]) -> list[Action]:
+        if self._session_ready:
+            return []
+        self._session_ready = True
+        return [Notice("sideband.ready", {})]
+
+    def _on_response_created(self, event: dict[str, Any]) -> list[Action]:
+        self._response_active = True
+        self._create_sent = None
+        return []
+
+    def _on_response_done(self, event: dict[str, Any]) -> list[Action]:
+        self._response_active = False
+        response = event.get("response") or {}
+        response_id = response.get("id")
+        status = response.get("status")
+        actions: list[Action] = []
+        for item in response.get("output") or ():
+            if isinstance(item, dict) and item.get("type") == "function_call":
+                self._learn(item, response_id)
+        for call in list(self._calls.values()):
+            if call.state != "pending" or call.response_id not in (None, response_id):
+                continue
+            if status not in _RUNNABLE:
+                call.state = "discarded"
+                actions.append(Notice("tool.discarded", {"tool_call_id": call.call_id, "tool": call.name,
+                                                         "response_status": status}))
+            elif call.arguments is not None:
+                actions += self._run(call)
+        if self._create_sent is not None and status in ("cancelled", "failed"):
+            self._create_sent = None
+        return actions + self._progress()
+
+    def _on_arguments_done(self, event: dict[str, Any]) -> list[Action]:
+        self._learn(
+            {"call_id": event.get("call_id"), "name": event.get("name"), "arguments": event.get("arguments")},
+            event.get("response_id"),
+        )
+        return []
+
+    def _on_output_item(self, event: dict[str, Any]) -> list[Action]:
+        item = event.get("item") or {}
+        if item.get("type") != "function_call":
+            return []
+        # OpenAI announces calls in_progress with empty arguments; the vowel engine announces them
+        # complete here and never sends arguments.done. Either way, arguments count once complete.
+        if item.get("status") == "completed" or event.get("type") == "response.output_item.done":
+            self._learn(item, event.get("response_id"))
+        else:
+            self._learn({**item, "arguments": None}, event.get("response_id"))
+        return []
+
+    def _learn(self, item: dict[str, Any], response_id: Any) -> None:
+        call_id = item.get("call_id")
+        if not isinstance(call_id, str) or not call_id:
+            return
+        call = self._calls.get(call_id)
+        if call is None:
+            call = _ToolCall(call_id, str(item.get("name") or ""), response_id if isinstance(response_id, str) else None)
+            self._calls[call_id] = call
+        if call.response_id is None and isinstance(response_id, str):
+            call.response_id = response_id
+        if not call.name and item.get("name"):
+            call.name = str(item["name"])
+        arguments = item.get("arguments")
+        if call.arguments is None and isinstance(arguments, str):
+            call.arguments = arguments
+
+    def _run(self, call: _ToolCall) -> list[Action]:
+        signature = (call.name, call.arguments or "")
+        if signature == self._last_signature:
+            self._repeat += 1
+        else:
+            self._last_signature, self._repeat = signature, 1
+        self._answered_total += 1
+        breach = None
+        if self._answered_total > self.config.max_tool_calls:
+            breach = f"more than {self.config.max_tool_calls} tool calls in this call"
+        elif self._repeat > self.config.max_identical_calls:
+            breach = f"the same call repeated {self._repeat} times"
+        if breach is not None:
+            call.state = "answered"
+            out = json.dumps({"error": "loop_detected", "message": f"Stop calling tools: {breach}. "
+                              "Answer the caller with what you already know."})
+            self._want_response = True
+            return [Notice("tool.loop_breaker", {"tool_call_id": call.call_id, "tool": call.name,
+                                                 "detail": breach}),
+                    Send(_output(call.call_id, out))]
+        call.state = "running"
+        self._running += 1
+        actions: list[Action] = [RunTool(call.call_id, call.name, call.arguments or "")]
+        filler = self.config.filler_after.get(call.name)
+        if filler:
+            actions.append(StartTimer(_FILLER + call.call_id, filler))
+        return actions
+
+    def _on_caller_transcript(self, event: dict[str, Any]) -> list[Action]:
+        text = event.get("transcript")
+        actions = self._touch_idle()
+        if isinstance(text, str) and text.strip():
+            actions.append(Notice("transcript", {"role": "caller", "text": text.strip()}))
+        return actions
+
+    def _on_agent_transcript(self, event: dict[str, Any]) -> list[Action]:
+        text = event.get("transcript")
+        if isinstance(text, str) and text.strip():
+            return [Notice("transcript", {"role": "agent", "text": text.strip()})]
+        return []
+
+    def _on_agent_text(self, event: dict[str, Any]) -> list[Action]:
+        text = event.get("text")
+        if isinstance(text, str) and text.strip():
+            return [Notice("transcript", {"role": "agent", "text": text.strip()})]
+        return []
+
+    def _on_caller_activity(self, event: dict[str, Any]) -> list[Action]:
+        return self._touch_idle()
+
+    def _on_dtmf(self, event: dict[str, Any]) -> list[Action]:
+        digit = event.get("event")
+        return [*self._touch_idle(), Notice("dtmf", {"digit": str(digit)})]
+
+    def _touch_idle(self) -> list[Action]:
+        if self.config.max_idle_duration and self._end is None:
+            return [StartTimer(_IDLE, self.config.max_idle_duration)]
+        return []
+
+    def _on_playback_started(self, event: dict[str, Any]) -> list[Action]:
+        self._playing = True
+        return []
+
+    def _on_playback_stopped(self, event: dict[str, Any]) -> list[Action]:
+        self._playing = False
+        return self._progress()
+
+    def _on_error(self, event: dict[str, Any]) -> list[Action]:
+        error = event.get("error") or {}
+        code = error.get("code")
+        fields = {"code": code, "error_type": error.get("type"), "message": error.get("message"),
+                  "param": error.get("param")}
+        if code == "session_expired":
+            return [Notice("sideband.error", fields), *self._close("session_expired")]
+        if error.get("type") == "session_timeout":
+            return [Notice("sideband.error", fields), *self._close(str(code or "session_timeout"))]
+        actions: list[Action] = [Notice("sideband.error", fields)]
+        if self._create_sent is not None and error.get("event_id") == self._create_sent:
+            self._create_sent = None
+            if code == "conversation_already_has_active_response":
+                # Someone else's response is running; ours goes out after its response.done.
+                self._response_active = True
+            actions += self._progress()
+        return actions
+
+    # ------------------------------------------------------------------------------ decisions
+    def _create(self, response: dict[str, Any] | None = None) -> Send:
+        self._seq += 1
+        event_id = f"sb_create_{self._seq}"
+        self._create_sent = event_id
+        event: dict[str, Any] = {"type": "response.create", "event_id": event_id}
+        if response:
+            event["response"] = response
+        return Send(event)
+
+    @property
+    def _busy(self) -> bool:
+        return self._response_active or self._create_sent is not None
+
+    def _progress(self) -> list[Action]:
+        """Send the next response.create if one is owed and allowed; move a pending end along."""
+        if self._closed is not None:
+            return []
+        if self._busy:
+            return []
+        if self._want_response and self._running == 0:
+            self._want_response = False
+            return [self._create()]
+        if self._queued_say and self._end is None:
+            return [self._create({"instructions": self._queued_say.pop(0)})]
+        if self._end is not None:
+            return self._fire_end(forced=False)
+        return []
+
+    def _filler(self, call_id: str) -> list[Action]:
+        call = self._calls.get(call_id)
+        if call is None or call.state != "running" or self._busy or self._filler_spoken or self._end:
+            return []
+        self._filler_spoken = True
+        return [
+            Notice("tool.filler", {"tool_call_id": call_id, "tool": call.name}),
+            self._create({"instructions": self.config.filler_instructions, "tool_choice": "none"}),
+        ]
+
+    def _fire_end(self, *, forced: bool) -> list[Action]:
+        end = self._end
+        if end is None or end.verb_sent or self._closed is not None:
+            return []
+        if not forced:
+            if self._running or self._want_response or self._busy:
+                return []
+            if end.goodbye is not None:
+                goodbye, end.goodbye = end.goodbye, None
+                return [self._create({"instructions": goodbye, "tool_choice": "none"})]
+            if self._playing and self.caps.audio_playback_events:
+                return []
+        end.verb_sent = True
+        actions: list[Action] = [CancelTimer(_END_CAP)]
+        if forced:
+            actions.append(Notice("call.end_forced", {"reason": end.reason}))
+        if end.verb is None:
+            return actions + self._close(end.reason)
+        return [*actions, Verb(end.verb, end.target)]
+
+    def _close(self, reason: str) -> list[Action]:
+        self._closed = reason
+        actions: list[Action] = [CancelTool(c.call_id) for c in self._calls.values() if c.state == "running"]
+        return [*actions, Close(reason)]

@@ -1,0 +1,306 @@
+"""The service: turns verified deliveries and browser requests into calls. HTTP-free."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+from sideband.app import CallPlan, IncomingCall, Sideband
+from sideband.context import CallContext, SipHeader
+from sideband.runtime.driver import CallRegistry, CallRuntime
+from sideband.runtime.machine import CallMachine, MachineConfig
+from sideband.session import Accept, Decision, Refer, Reject, SessionConfigError, validate_accept_payload
+from sideband.settings import Settings
+from sideband.stores import ClaimStore, MemoryStore
+from sideband.tickets import TicketError, TicketSigner
+from sideband.upstream.openai import CallControl, CallGone, UpstreamError, connect_sideband, with_retries
+
+__all__ = ["Reply", "Service", "WebhookEvent"]
+
+_RTC_CALL_ID = re.compile(r"^rtc_[A-Za-z0-9_-]{1,128}$")
+
+
+class _SipHeaderModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    value: str
+
+
+class CallIncomingData(BaseModel):
+    """``data`` of ``realtime.call.incoming`` (tolerant: unknown fields are kept)."""
+
+    model_config = ConfigDict(extra="allow")
+    call_id: str = Field(min_length=1, max_length=256)
+    sip_headers: list[_SipHeaderModel] = Field(default_factory=list)
+    sip_media_security: str | None = None
+
+
+class WebhookEvent(BaseModel):
+    """Any webhook event (tolerant reader: unknown fields and types are fine)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    type: str = Field(min_length=1)
+    created_at: float | None = None
+    data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the edge answers: an HTTP status and a small JSON body."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Service:
+    """Owns the store, the call-control client, the call registry and the app. One per process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        app: Sideband,
+        *,
+        store: ClaimStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.app = app
+        self.store: ClaimStore = store or MemoryStore()
+        self.registry = CallRegistry()
+        self.draining = False
+        self.counters: Counter[str] = Counter()
+        self.tickets = TicketSigner(settings.ticket_key(), settings.rtc_ticket_ttl, clock) if (
+            settings.rtc_ticket_secret or settings.openai_webhook_secret or settings.openai_api_key) else None
+        self._http: aiohttp.ClientSession | None = None
+        self._control: CallControl | None = None
+        self.log = structlog.get_logger(logger="sideband.service")
+
+    # ----------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Open the shared HTTP client session."""
+        key = self.settings.openai_api_key
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
+        )
+        self._control = CallControl(self._http, self.settings.openai_base_url,
+                                    key.get_secret_value() if key else "")
+
+    async def close(self) -> None:
+        """End every call (after the drain timeout) and release connections."""
+        self.draining = True
+        await self.registry.drain(self.settings.drain_timeout)
+        if self._http is not None:
+            await self._http.close()
+        await self.store.close()
+
+    @property
+    def control(self) -> CallControl:
+        """The call-control client (after :meth:`start`)."""
+        if self._control is None:
+            raise RuntimeError("Service.start() was not awaited")
+        return self._control
+
+    # --------------------------------------------------------------------------- SIP webhook
+    async def handle_webhook(self, webhook_id: str, event: WebhookEvent, received: float) -> Reply:
+        """A verified delivery: claim, decide, act (PROTOCOL A1/A2). ``received`` is ``time.monotonic()``."""
+        data: CallIncomingData | None = None
+        if event.type == "realtime.call.incoming":
+            data = CallIncomingData.model_validate(event.data or {})
+        ttl = self.settings.dedup_ttl
+        if not await self.store.claim(f"webhook:{webhook_id}", ttl):
+            self.counters["webhook_duplicate"] += 1
+            self.log.info("webhook.duplicate", webhook_id=webhook_id, type=event.type)
+            return Reply(200, {"status": "duplicate"})
+        if data is None:
+            self.counters["webhook_ignored"] += 1
+            self.log.info("webhook.ignored", webhook_id=webhook_id, type=event.type)
+            return Reply(200, {"status": "ignored"})
+        call_id = data.call_id
+        with structlog.contextvars.bound_contextvars(call_id=call_id):
+            if not await self.store.claim(f"call:{call_id}", ttl):
+                self.counters["webhook_duplicate"] += 1
+                self.log.info("webhook.duplicate_call", webhook_id=webhook_id)
+                return Reply(200, {"status": "duplicate"})
+            call = IncomingCall.from_sip(
+                call_id, (SipHeader(h.name, h.value) for h in data.sip_headers), data.sip_media_security,
+                event.data,
+            )
+            self.log.info("call.incoming", webhook_id=webhook_id, from_number=call.from_number,
+                          to_number=call.to_number, media_security=call.media_security)
+            reply = await self._answer(call, received)
+            if reply.status >= 500:
+                await self.store.release(f"call:{call_id}")
+                await self.store.release(f"webhook:{webhook_id}")
+            return reply
+
+    async def _decide(self, call: IncomingCall) -> Decision:
+        try:
+            return await asyncio.wait_for(self.app.decide(call), self.settings.route_budget)
+        except TimeoutError:
+            self.log.error("call.route_failed", error="timeout", budget_s=self.settings.route_budget)
+        except Exception as exc:
+            self.log.error("call.route_failed", error=type(exc).__name__)
+        self.counters["route_failed"] += 1
+        return Reject(self.settings.route_failure_status)
+
+    async def _answer(self, call: IncomingCall, received: float) -> Reply:
+        decision = await self._decide(call)
+        plan: CallPlan | None = None
+        if isinstance(decision, Accept):
+            try:
+                plan = self.app.plan(decision)
+                validate_accept_payload(plan.session, sip=True)
+            except (SessionConfigError, ValueError) as exc:
+                self.log.error("call.config_invalid", error=str(exc))
+                decision = Reject(self.settings.route_failure_status)
+        self.log.info("call.decided", decision=type(decision).__name__.lower(),
+                      status_code=getattr(decision, "status_code", None),
+                      target=getattr(decision, "target_uri", None))
+        call_id, control, settings = call.call_id, self.control, self.settings
+        try:
+            if plan is not None:
+                await with_retries(
+                    lambda t: control.accept(call_id, plan.session, timeout=t),
+                    budget=settings.accept_budget, attempt_timeout=settings.accept_attempt_timeout,
+                    on_retry=lambda n, e: self.log.warning("call.accept_retry", attempt=n, status=e.status),
+                )
+                latency = time.monotonic() - received
+                self.counters["accepted"] += 1
+                self.log.info("call.accepted", latency_ms=round(latency * 1000, 2))
+                self.launch(call.context(), plan)
+                return Reply(200, {"status": "accepted"})
+            if isinstance(decision, Reject):
+                await with_retries(lambda t: control.reject(call_id, decision.status_code, timeout=t),
+                                   budget=settings.accept_budget, attempt_timeout=settings.accept_attempt_timeout)
+                self.counters["rejected"] += 1
+                self.log.info("call.rejected", status_code=decision.status_code)
+                return Reply(200, {"status": "rejected"})
+            assert isinstance(decision, Refer)
+            await with_retries(lambda t: control.refer(call_id, decision.target_uri, timeout=t),
+                               budget=settings.accept_budget, attempt_timeout=settings.accept_attempt_timeout)
+            self.counters["referred"] += 1
+            self.log.info("call.referred", target=decision.target_uri)
+            return Reply(200, {"status": "referred"})
+        except CallGone:
+            self.counters["call_gone"] += 1
+            self.log.info("call.gone")
+            return Reply(200, {"status": "call_gone"})
+        except UpstreamError as exc:
+            self.counters["answer_failed"] += 1
+            self.log.error("call.accept_failed" if plan else "call.answer_failed", status=exc.status, error=str(exc))
+            if exc.retryable:
+                return Reply(503, {"status": "retry", "error": "upstream unavailable"}, {"Retry-After": "1"})
+            return Reply(200, {"status": "failed", "error": f"upstream answered {exc.status}"})
+
+    # ------------------------------------------------------------------------------- calls
+    def launch(self, ctx: CallContext, plan: CallPlan, **log_fields: Any) -> CallRuntime:
+        """Start the call runtime (sideband attach happens in its own task)."""
+        app, settings = self.app, self.settings
+        tools = plan.tools
+        config = MachineConfig(
+            session=plan.session,
+            greeting=plan.greeting,
+            filler_after={t.name: tools.filler_after_for(t) for t in tools},
+            max_call_duration=app.max_call_duration or settings.max_call_duration,
+            max_idle_duration=app.max_idle_duration or settings.max_idle_duration,
+            filler_instructions=app.filler_instructions,
+            goodbye_instructions=app.goodbye_instructions,
+        )
+        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
+        call_id, control = ctx.call_id, self.control
+
+        async def connect() -> Any:
+            return await connect_sideband(settings.sideband_url, call_id, key, compression=settings.ws_compression)
+
+        async def verb(name: str, target: str | None) -> None:
+            if name == "refer" and target is not None:
+                await control.refer(call_id, target)
+            else:
+                await control.hangup(call_id)
+
+        runtime = CallRuntime(
+            machine=CallMachine(config),
+            ctx=ctx,
+            tools=tools,
+            connect=connect,
+            verb=verb,
+            hooks=app.hooks(),
+            transfer_targets=app.transfer_targets,
+            reattach_attempts=settings.reattach_attempts,
+            log_tool_arguments=settings.log_tool_arguments,
+            log_fields=log_fields,
+        )
+        self.registry.start(runtime)
+        return runtime
+
+    # ------------------------------------------------------------------------------ WebRTC
+    def _rtc_plan(self) -> CallPlan:
+        plan = self.app.plan()
+        validate_accept_payload(plan.session, sip=False)
+        return plan
+
+    async def rtc_relay(self, sdp: str) -> tuple[str, str]:
+        """Unified interface: relay the browser's offer, attach to the new call. Returns (call_id, answer)."""
+        plan = self._rtc_plan()
+        call_id, answer = await self.control.create_call(sdp, plan.session)
+        with structlog.contextvars.bound_contextvars(call_id=call_id):
+            await self.store.claim(f"call:{call_id}", self.settings.dedup_ttl)
+            self.log.info("call.webrtc_created")
+            self.launch(CallContext(call_id, "webrtc"), plan)
+        return call_id, answer
+
+    async def rtc_session(self) -> dict[str, Any]:
+        """Mint an ephemeral key for a browser-first call, with a handoff ticket."""
+        if self.tickets is None:
+            raise RuntimeError("no ticket key configured")
+        plan = self._rtc_plan()
+        secret = await self.control.client_secret(plan.session, self.settings.rtc_key_ttl)
+        ticket, info = self.tickets.issue()
+        self.log.info("rtc.session_minted", ticket_expires_at=info.expires_at)
+        base = self.settings.openai_base_url
+        return {"client_secret": secret["value"], "expires_at": secret.get("expires_at"),
+                "calls_url": f"{base}/realtime/calls", "ticket": ticket, "ticket_expires_at": info.expires_at}
+
+    async def rtc_handoff(self, call_id: Any, ticket: Any, wait: float = 5.0) -> Reply:
+        """Attach to a browser-started call, if the browser holds a valid, unused ticket."""
+        if self.tickets is None:
+            return Reply(503, {"error": "handoff not configured"})
+        if not isinstance(call_id, str) or not _RTC_CALL_ID.match(call_id):
+            return Reply(400, {"error": "call_id must look like rtc_…"})
+        try:
+            info = self.tickets.verify(ticket if isinstance(ticket, str) else "")
+        except TicketError as exc:
+            self.log.warning("rtc.handoff_refused", reason=str(exc))
+            return Reply(403, {"error": str(exc)})
+        ttl = max(info.expires_at - time.time(), 1.0) + 60
+        if not await self.store.claim(f"ticket:{info.nonce}", ttl):
+            self.log.warning("rtc.handoff_refused", reason="ticket already used")
+            return Reply(403, {"error": "ticket already used"})
+        with structlog.contextvars.bound_contextvars(call_id=call_id):
+            if not await self.store.claim(f"call:{call_id}", self.settings.dedup_ttl):
+                return Reply(409, {"error": "call already attached"})
+            runtime = self.launch(CallContext(call_id, "webrtc"), self._rtc_plan())
+            self.log.info("rtc.handoff")
+            attached = asyncio.ensure_future(runtime.attached.wait())
+            ended = asyncio.ensure_future(runtime.wait_closed())
+            try:
+                await asyncio.wait({attached, ended}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                attached.cancel()
+                ended.cancel()
+            if runtime.attached.is_set():
+                return Reply(200, {"status": "attached", "call_id": call_id})
+            if runtime.summary.reason == "call_not_found":
+                return Reply(404, {"error": "call not found"})
+            return Reply(202, {"status": "attaching", "call_id": call_id})

@@ -1,0 +1,153 @@
+"""Settings: read once from the environment (and CLI flags), validated, then passed in."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "SettingsError", "load_settings"]
+
+
+class SettingsError(Exception):
+    """A missing or malformed setting. ``str(err)`` is one line naming the variable."""
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return Field(default=default, validation_alias=AliasChoices(name))
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment names are part of the contract (see README)."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    openai_api_key: SecretStr | None = _env("OPENAI_API_KEY")
+    openai_webhook_secret: SecretStr | None = _env("OPENAI_WEBHOOK_SECRET")
+    openai_base_url: str = _env("OPENAI_BASE_URL", "https://api.openai.com/v1")
+
+    host: str = _env("SIDEBAND_HOST", "0.0.0.0")  # noqa: S104 - a server listens on all interfaces
+    port: int = Field(default=8080, ge=0, le=65535, validation_alias=AliasChoices("SIDEBAND_PORT"))
+    log_format: Literal["json", "console"] | None = _env("SIDEBAND_LOG_FORMAT")
+    log_level: Literal["debug", "info", "warning", "error"] = _env("SIDEBAND_LOG_LEVEL", "info")
+    log_tool_arguments: bool = _env("SIDEBAND_LOG_TOOL_ARGUMENTS", False)
+
+    webhook_max_body: int = Field(default=256 * 1024, gt=0, validation_alias="SIDEBAND_WEBHOOK_MAX_BODY")
+    webhook_tolerance: float = Field(default=300.0, gt=0, validation_alias="SIDEBAND_WEBHOOK_TOLERANCE")
+    dedup_ttl: float = Field(default=72 * 3600.0, ge=72 * 3600.0, validation_alias="SIDEBAND_DEDUP_TTL")
+
+    accept_attempt_timeout: float = Field(default=2.0, gt=0, validation_alias="SIDEBAND_ACCEPT_TIMEOUT")
+    accept_budget: float = Field(default=4.0, gt=0, validation_alias="SIDEBAND_ACCEPT_BUDGET")
+    route_budget: float = Field(default=1.0, gt=0, validation_alias="SIDEBAND_ROUTE_BUDGET")
+    route_failure_status: int = Field(default=480, ge=400, le=699, validation_alias="SIDEBAND_ROUTE_FAILURE_STATUS")
+    routes_file: Path | None = _env("SIDEBAND_ROUTES_FILE")
+
+    ws_compression: bool = _env("SIDEBAND_WS_COMPRESSION", False)
+    reattach_attempts: int = Field(default=5, ge=0, validation_alias="SIDEBAND_REATTACH_ATTEMPTS")
+    max_call_duration: float = Field(default=3600.0, gt=0, validation_alias="SIDEBAND_MAX_CALL_SECONDS")
+    max_idle_duration: float = Field(default=300.0, gt=0, validation_alias="SIDEBAND_MAX_IDLE_SECONDS")
+    drain_timeout: float = Field(default=30.0, ge=0, validation_alias="SIDEBAND_DRAIN_TIMEOUT")
+
+    rtc_ticket_secret: SecretStr | None = _env("SIDEBAND_RTC_TICKET_SECRET")
+    rtc_ticket_ttl: float = Field(default=120.0, gt=0, le=3600, validation_alias="SIDEBAND_RTC_TICKET_TTL")
+    rtc_key_ttl: int = Field(default=600, ge=10, le=7200, validation_alias="SIDEBAND_RTC_KEY_TTL")
+
+    vowel_core_url: str | None = _env("SIDEBAND_VOWEL_CORE_URL")
+    vowel_engine_url: str | None = _env("SIDEBAND_VOWEL_ENGINE_URL")
+    vowel_api_key: SecretStr | None = _env("SIDEBAND_VOWEL_API_KEY")
+    vowel_service_id: str | None = _env("SIDEBAND_VOWEL_SERVICE_ID")
+
+    @field_validator("openai_base_url", "vowel_core_url", "vowel_engine_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://", "ws://", "wss://")):
+            raise ValueError("must be an http(s):// or ws(s):// URL")
+        return value
+
+    @field_validator("openai_webhook_secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value().strip()
+        body = raw.removeprefix("whsec_")
+        try:
+            if not base64.b64decode(body + "==", validate=False):
+                raise ValueError
+            base64.b64decode(body.rstrip("=") + "=" * (-len(body.rstrip("=")) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be a whsec_… secret (base64 after the prefix)") from None
+        return SecretStr(raw)
+
+    @property
+    def sideband_url(self) -> str:
+        """The sideband WebSocket base derived from ``OPENAI_BASE_URL`` (``https→wss``, ``http→ws``)."""
+        base = self.openai_base_url
+        if base.startswith("https://"):
+            return "wss://" + base[len("https://") :] + "/realtime"
+        if base.startswith("http://"):
+            return "ws://" + base[len("http://") :] + "/realtime"
+        return base + "/realtime"
+
+    def ticket_key(self) -> bytes:
+        """Key that signs WebRTC handoff tickets: ``SIDEBAND_RTC_TICKET_SECRET`` or one derived
+        from the webhook secret (so every instance sharing the secret agrees)."""
+        if self.rtc_ticket_secret is not None:
+            return self.rtc_ticket_secret.get_secret_value().encode()
+        seed = self.openai_webhook_secret or self.openai_api_key
+        if seed is None:
+            raise SettingsError("SIDEBAND_RTC_TICKET_SECRET is required")
+        return hmac.new(seed.get_secret_value().encode(), b"sideband rtc ticket", hashlib.sha256).digest()
+
+
+def _alias(field: Any) -> str:
+    alias = field.validation_alias
+    return str(alias.choices[0]) if isinstance(alias, AliasChoices) else str(alias)
+
+
+_NAMES: dict[str, str] = {name: _alias(f) for name, f in Settings.model_fields.items()}
+
+
+def env_name(field: str) -> str:
+    """The environment variable behind a settings field."""
+    return str(_NAMES.get(field, field))
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    require: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build settings from the environment plus ``overrides`` (field names, e.g. from CLI flags).
+
+    ``require`` names fields that must be set for the command at hand. Raises :class:`SettingsError`
+    with a one-line message naming the variable.
+    """
+    values = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        if environ is None:
+            settings = Settings(**values)
+        else:
+            env = {name: environ[name] for name in _NAMES.values() if name in environ}
+            settings = Settings.model_validate({**env, **values})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = str(err["loc"][0]) if err["loc"] else "settings"
+        name = loc if loc.isupper() else env_name(loc)
+        raise SettingsError(f"{name}: {err['msg']}") from None
+    for field in require:
+        value = getattr(settings, field)
+        if value is None or (isinstance(value, SecretStr) and not value.get_secret_value()):
+            raise SettingsError(f"{env_name(field)} is not set")
+    return settings

@@ -1,0 +1,285 @@
+"""A small DSL that scripts one simulated call: what the caller does and what the model answers.
+
+A :class:`Script` is plain, immutable data: a list of steps the simulator plays on the call's sideband in
+order. The simulator (``sideband.testing.simulator``) interprets the steps; nothing here does any I/O, so
+one script can be reused for any number of calls::
+
+    script = Script([
+        wait_for_greeting("Thanks for calling Example Corp."),
+        caller_says("Where is my order 12345?"),
+        model_calls("lookup_order", {"order_id": "12345"}),
+        model_says("It ships tomorrow."),
+        caller_hangs_up(),
+    ])
+
+Response steps follow one rule: if the controller sent a ``response.create`` that is not answered yet, the
+step answers it; otherwise the response is spontaneous (as after server VAD). Two kinds of step *wait* for
+the controller's ``response.create``: :func:`wait_for_greeting`, and a ``model_says``/``model_calls`` that
+follows a completed :func:`model_calls` (the controller must send the outputs, then ``response.create``), or
+that follows a :func:`caller_says` when the session's turn detection does not create responses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+__all__ = [
+    "CallerHangsUp",
+    "CallerPresses",
+    "CallerSays",
+    "FunctionCallSpec",
+    "HangupMode",
+    "ModelCalls",
+    "ModelSays",
+    "Pause",
+    "ResponseStatus",
+    "Script",
+    "Step",
+    "WaitForGreeting",
+    "caller_hangs_up",
+    "caller_presses",
+    "caller_says",
+    "model_calls",
+    "model_says",
+    "pause",
+    "wait_for_greeting",
+]
+
+HangupMode: TypeAlias = Literal["clean", "abnormal", "silent"]
+"""How the caller's hangup shows on the sideband: close 1000, TCP drop with no close frame, or nothing."""
+
+ResponseStatus: TypeAlias = Literal["completed", "cancelled", "failed", "incomplete"]
+"""The ``response.done`` status a scripted response ends with."""
+
+_HANGUP_MODES: tuple[str, ...] = ("clean", "abnormal", "silent")
+_RESPONSE_STATUSES: tuple[str, ...] = ("completed", "cancelled", "failed", "incomplete")
+_DTMF_DIGITS = frozenset("0123456789*#ABCD")
+
+
+@dataclass(frozen=True, slots=True)
+class WaitForGreeting:
+    """Wait for the controller's ``response.create`` and answer it with a spoken ``text``."""
+
+    text: str
+
+    def describe(self) -> str:
+        """A short human description, used in failure messages."""
+        return f"wait_for_greeting({self.text!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class CallerSays:
+    """The caller speaks ``text`` (server VAD events, the user item, and the transcript if configured)."""
+
+    text: str
+
+    def describe(self) -> str:
+        """A short human description, used in failure messages."""
+        return f"caller_says({self.text!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSays:
+    """One spoken model response whose transcript is ``text``."""
+
+    text: str
+
+    def describe(self) -> str:
+        """A short human description, used in failure messages."""
+        return f"model_says({self.text!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCallSpec:
+    """One function call inside a :class:`ModelCalls` response.
+
+    ``arguments`` is the exact string the model "writes" (compact JSON for a dict, verbatim for a str).
+    ``call_id`` is generated (``call_…``) when not given.
+    """
+
+    name: str
+    arguments: str
+    call_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCalls:
+    """One model response carrying an optional spoken preamble and one or more function calls."""
+
+    calls: tuple[FunctionCallSpec, ...]
+    preamble: str | None = None
+    status: ResponseStatus = "completed"
+
+    @property
+    def waits_for_outputs(self) -> bool:
+        """Whether the step waits for a ``function_call_output`` per call (not for cancelled/failed)."""
+        return self.status not in ("cancelled", "failed")
+
+    def describe(self) -> str:
+        """A short human description, used in failure messages."""
+        names = ", ".join(c.name for c in self.calls)
+        return f"model_calls({names}, status={self.status!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class CallerPresses:
+    """The caller presses DTMF keys: one ``input_audio_buffer.dtmf_event_received`` per digit."""
+
+    digits: str
+
+    def describe(self) -> str:
+        """A short human description, used in failure messages."""
+        return f"caller_presses({self.digits!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Nothing happens for ``seconds`` (simulated silence)."""
+
+    seconds: float
+
+    def describe(self) -> str:
+        """A short human description, used in failure messages."""
+        return f"pause({self.seconds})"
+
+
+@dataclass(frozen=True, slots=True)
+class CallerHangsUp:
+    """The caller hangs up; the call ends with ``end_reason == "caller_hangup"``."""
+
+    mode: HangupMode = "clean"
+
+    def describe(self) -> str:
+        """A short human description, used in failure messages."""
+        return f"caller_hangs_up({self.mode!r})"
+
+
+Step: TypeAlias = WaitForGreeting | CallerSays | ModelSays | ModelCalls | CallerPresses | Pause | CallerHangsUp
+"""Any one step of a :class:`Script`."""
+
+_STEP_TYPES = (WaitForGreeting, CallerSays, ModelSays, ModelCalls, CallerPresses, Pause, CallerHangsUp)
+
+
+class Script:
+    """An ordered list of steps for one simulated call (immutable; reusable for any number of calls).
+
+    ``step_timeout`` bounds every wait of a step (for the sideband to attach, for the controller's
+    ``response.create``, for function outputs); a step that times out fails the script with a message naming
+    the step. ``hang_up_at_end`` ends the call (clean close, ``end_reason == "script_done"``) once the last
+    step ran; by default a script that finishes without :func:`caller_hangs_up` leaves the call live.
+    """
+
+    __slots__ = ("hang_up_at_end", "step_timeout", "steps")
+
+    steps: tuple[Step, ...]
+    step_timeout: float
+    hang_up_at_end: bool
+
+    def __init__(
+        self, steps: Sequence[Step] = (), *, step_timeout: float = 5.0, hang_up_at_end: bool = False
+    ) -> None:
+        steps_tuple = tuple(steps)
+        for index, step in enumerate(steps_tuple):
+            if not isinstance(step, _STEP_TYPES):
+                raise TypeError(f"script step {index} is not a step: {step!r}")
+        if step_timeout <= 0:
+            raise ValueError("step_timeout must be positive")
+        object.__setattr__(self, "steps", steps_tuple)
+        object.__setattr__(self, "step_timeout", float(step_timeout))
+        object.__setattr__(self, "hang_up_at_end", bool(hang_up_at_end))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Script is immutable")
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __repr__(self) -> str:
+        steps = ", ".join(step.describe() for step in self.steps)
+        return f"Script([{steps}], step_timeout={self.step_timeout}, hang_up_at_end={self.hang_up_at_end})"
+
+
+def wait_for_greeting(text: str = "Hello, thanks for calling.") -> WaitForGreeting:
+    """Wait for the controller's ``response.create`` (its greeting) and speak ``text``."""
+    return WaitForGreeting(text)
+
+
+def caller_says(text: str) -> CallerSays:
+    """The caller says ``text``; server VAD then starts the next model step by itself."""
+    return CallerSays(text)
+
+
+def model_says(text: str) -> ModelSays:
+    """The model speaks ``text`` in one response."""
+    return ModelSays(text)
+
+
+def _encode_arguments(arguments: Mapping[str, Any] | str) -> str:
+    if isinstance(arguments, str):
+        return arguments
+    if isinstance(arguments, Mapping):
+        return json.dumps(dict(arguments), separators=(",", ":"), ensure_ascii=False)
+    raise TypeError(f"function call arguments must be a dict or a str, not {type(arguments).__name__}")
+
+
+def model_calls(
+    name: str | Sequence[tuple[str, Mapping[str, Any] | str]],
+    arguments: Mapping[str, Any] | str | None = None,
+    *,
+    call_id: str | None = None,
+    preamble: str | None = None,
+    status: ResponseStatus = "completed",
+) -> ModelCalls:
+    """The model calls one function (``model_calls("lookup", {"id": 1})``) or several in parallel
+    (``model_calls([("a", {...}), ("b", {...})])``).
+
+    ``arguments``: a dict is sent as compact JSON, a str verbatim (so malformed or pretty-printed arguments can
+    be tested). ``preamble`` adds a spoken message before the call(s) in the same response. ``status`` sets
+    the ``response.done`` status; for ``"cancelled"``/``"failed"`` the step does not wait for outputs.
+    """
+    if status not in _RESPONSE_STATUSES:
+        raise ValueError(f"status must be one of {_RESPONSE_STATUSES}, not {status!r}")
+    specs: list[FunctionCallSpec]
+    if isinstance(name, str):
+        if arguments is None:
+            arguments = {}
+        specs = [FunctionCallSpec(name, _encode_arguments(arguments), call_id)]
+    else:
+        if arguments is not None or call_id is not None:
+            raise TypeError("with a list of calls, give no separate arguments or call_id")
+        specs = [FunctionCallSpec(n, _encode_arguments(a)) for n, a in name]
+        if not specs:
+            raise ValueError("model_calls needs at least one call")
+    for spec in specs:
+        if not spec.name:
+            raise ValueError("a function call needs a name")
+        if spec.call_id is not None and not spec.call_id:
+            raise ValueError("call_id may not be empty")
+    return ModelCalls(tuple(specs), preamble, status)
+
+
+def caller_presses(digits: str) -> CallerPresses:
+    """The caller presses DTMF ``digits`` (``0-9``, ``*``, ``#``, ``A-D``), one event per digit."""
+    bad = sorted(set(digits) - _DTMF_DIGITS)
+    if not digits or bad:
+        raise ValueError(f"not DTMF digits: {digits!r}")
+    return CallerPresses(digits)
+
+
+def pause(seconds: float) -> Pause:
+    """Nothing happens for ``seconds``."""
+    if seconds < 0:
+        raise ValueError("pause needs a non-negative duration")
+    return Pause(float(seconds))
+
+
+def caller_hangs_up(mode: HangupMode = "clean") -> CallerHangsUp:
+    """The caller hangs up. ``mode``: ``"clean"`` closes the sideband with 1000, ``"abnormal"`` drops the
+    TCP connection without a close frame, ``"silent"`` sends nothing and leaves the socket open (the
+    controller must notice by its own idle timer). The call ends either way."""
+    if mode not in _HANGUP_MODES:
+        raise ValueError(f"mode must be one of {_HANGUP_MODES}, not {mode!r}")
+    return CallerHangsUp(mode)

@@ -1,0 +1,71 @@
+"""Short-lived, single-use, signed handoff tickets for browser-started WebRTC calls."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Ticket", "TicketError", "TicketSigner"]
+
+
+class TicketError(Exception):
+    """The ticket is forged, malformed or expired."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A verified ticket: its single-use ``nonce`` and its expiry (epoch seconds)."""
+
+    nonce: str
+    expires_at: float
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class TicketSigner:
+    """``v1.<payload>.<mac>`` tickets: HMAC-SHA256 over the payload with a server-side key."""
+
+    def __init__(self, key: bytes, ttl: float, clock: Callable[[], float] = time.time) -> None:
+        self._key = key
+        self._ttl = ttl
+        self._clock = clock
+
+    def issue(self) -> tuple[str, Ticket]:
+        """A new ticket string and what it stands for."""
+        ticket = Ticket(secrets.token_urlsafe(18), round(self._clock() + self._ttl, 3))
+        payload = _b64(json.dumps({"n": ticket.nonce, "e": ticket.expires_at}, separators=(",", ":")).encode())
+        return f"v1.{payload}.{self._mac(payload)}", ticket
+
+    def verify(self, text: str) -> Ticket:
+        """The ticket behind ``text``; raises :class:`TicketError` if forged, garbled or expired."""
+        if not isinstance(text, str) or len(text) > 512:
+            raise TicketError("malformed ticket")
+        version, _, rest = text.partition(".")
+        payload, _, mac = rest.partition(".")
+        if version != "v1" or not payload or not mac:
+            raise TicketError("malformed ticket")
+        if not hmac.compare_digest(self._mac(payload), mac):
+            raise TicketError("bad ticket signature")
+        try:
+            data = json.loads(_unb64(payload))
+            ticket = Ticket(str(data["n"]), float(data["e"]))
+        except (ValueError, KeyError, TypeError):
+            raise TicketError("malformed ticket") from None
+        if ticket.expires_at < self._clock():
+            raise TicketError("ticket expired")
+        return ticket
+
+    def _mac(self, payload: str) -> str:
+        return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())

@@ -1,0 +1,730 @@
+"""Tools the voice model may call: registration, JSON schema, validation and execution.
+
+A tool is a plain function, sync or async. Its signature becomes the JSON schema the model sees (built with
+pydantic), its docstring the description (Google-style ``Args:`` entries describe the parameters). A parameter
+annotated :class:`~sideband.context.CallContext` is injected and never shown to the model.
+
+:meth:`ToolRegistry.execute` never raises for anything the model or the tool did wrong: bad arguments, an
+exception, a timeout or an unknown tool name all become a :class:`ToolResult` whose ``output`` tells the model
+what happened, so it can correct itself or tell the caller. Only cancellation from outside (the call ending),
+``KeyboardInterrupt`` and ``SystemExit`` propagate.
+
+Return values become the output string like this:
+
+- ``str`` — sent as is;
+- ``None`` — ``{"ok":true}`` (so the model knows the action happened);
+- anything else — compact JSON via :func:`pydantic_core.to_json` (dicts, lists, dataclasses, pydantic models,
+  datetimes, enums…; NaN and infinities become ``null``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import copy
+import functools
+import inspect
+import json
+import math
+import re
+import time
+import types
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Final, Literal, TypeVar, overload
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import to_json
+
+from .context import CallContext
+
+if typing.TYPE_CHECKING:
+    import concurrent.futures
+
+__all__ = ["Outcome", "Tool", "ToolError", "ToolRegistry", "ToolResult"]
+
+Outcome = Literal["ok", "invalid_arguments", "error", "timeout", "unknown_tool"]
+"""How a tool call ended."""
+
+DefinitionStyle = Literal["openai", "vowel"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_NAME_RE: Final = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_OK_OUTPUT: Final = '{"ok":true}'
+_MAX_DETAILS: Final = 10
+
+
+class _Default:
+    """Sentinel type for "use the registry default"."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<registry default>"
+
+
+_DEFAULT: Final = _Default()
+
+
+class ToolError(Exception):
+    """Raise from a tool to send ``message`` to the model on purpose.
+
+    Any other exception reaches the model only as its type name (its message may hold secrets); a
+    ``ToolError``'s message is shown as is: ``{"error": "tool_failed", "message": "<message>"}``.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """The outcome of one tool call, ready to be sent back (``output``) and logged (the rest).
+
+    ``output`` is what the model sees (a string, usually JSON). ``duration`` is in seconds (monotonic clock),
+    covering validation and execution. ``error`` is a short description for logs and never holds the raw
+    arguments. ``exception`` is the exception a failed tool raised (for a traceback in logs), else ``None``.
+    """
+
+    call_id: str
+    name: str
+    output: str
+    outcome: Outcome
+    duration: float
+    error: str | None = None
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the tool ran and returned normally."""
+        return self.outcome == "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """One registered tool: what the model sees (``name``, ``description``, ``parameters``) and how to run it.
+
+    ``timeout`` and ``filler_after`` are in seconds; ``None`` means the registry's default. ``filler_after ==
+    0`` means never speak a holding phrase for this tool. Build one with :meth:`from_function` (or through a
+    :class:`ToolRegistry`), which precomputes everything :meth:`ToolRegistry.execute` needs.
+    """
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    timeout: float | None
+    filler_after: float | None
+    fn: Callable[..., Any] = field(repr=False)
+    is_async: bool
+    context_param: str | None
+    arguments_model: type[BaseModel] = field(repr=False, compare=False)
+    _fields: tuple[tuple[str, str], ...] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_function(
+        cls,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        timeout: float | None = None,
+        filler_after: float | Literal[False] | _Default | None = _DEFAULT,
+    ) -> Tool:
+        """Introspect ``fn`` into a tool.
+
+        ``name`` defaults to ``fn.__name__``, ``description`` to the docstring's text before its sections.
+        ``filler_after``: left out → registry default; ``None``, ``False`` or ``0`` → never.
+
+        Raises ``TypeError`` for a signature that cannot be a tool (``*args``/``**kwargs``, positional-only
+        parameters, a type pydantic cannot validate or describe, unresolvable annotations) and ``ValueError``
+        for a bad name, timeout or filler delay.
+        """
+        if name is None:
+            name = getattr(fn, "__name__", None)
+            if not isinstance(name, str):
+                raise TypeError(f"cannot take a tool name from {fn!r}: pass name=...")
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"invalid tool name {name!r}: it must match ^{_NAME_RE.pattern}$")
+        if timeout is not None and not (isinstance(timeout, int | float) and 0 < timeout < math.inf):
+            raise ValueError(f"tool {name!r}: timeout must be a positive number of seconds, got {timeout!r}")
+        filler = _normalize_filler(name, filler_after)
+
+        doc_description, arg_docs = _parse_docstring(inspect.getdoc(_unwrap_partial(fn)))
+        model, fields, context_param = _build_arguments_model(fn, name, arg_docs)
+        try:
+            raw_schema = model.model_json_schema()
+        except pydantic.PydanticUserError as exc:
+            raise TypeError(f"tool {name!r}: cannot describe its parameters as JSON schema: {exc}") from exc
+
+        return cls(
+            name=name,
+            description=doc_description if description is None else description,
+            parameters=_clean_schema(raw_schema),
+            timeout=None if timeout is None else float(timeout),
+            filler_after=filler,
+            fn=fn,
+            is_async=_is_async_callable(fn),
+            context_param=context_param,
+            arguments_model=model,
+            _fields=fields,
+        )
+
+    def parse_arguments(self, arguments: str) -> dict[str, Any]:
+        """Validate the model's JSON ``arguments`` into keyword arguments (the context is not added).
+
+        An empty or blank string means ``{}``. Raises :class:`pydantic.ValidationError`.
+        """
+        if not arguments or arguments.isspace():
+            arguments = "{}"
+        values = self.arguments_model.model_validate_json(arguments).__dict__
+        return {param: values[fname] for fname, param in self._fields}
+
+    def definition(self, style: DefinitionStyle = "openai") -> dict[str, Any]:
+        """This tool's declaration for a session (a fresh copy each time).
+
+        ``openai``: ``{"type": "function", "name", "description", "parameters"}``;
+        ``vowel``: ``{"name", "description", "parameters"}``.
+        """
+        body = {
+            "name": self.name,
+            "description": self.description,
+            "parameters": copy.deepcopy(self.parameters),
+        }
+        if style == "openai":
+            return {"type": "function", **body}
+        if style == "vowel":
+            return body
+        raise ValueError(f"unknown definition style {style!r}")
+
+
+class ToolRegistry:
+    """A set of tools with shared defaults, and the one place that runs them.
+
+    ``default_timeout`` (seconds) bounds each execution; ``default_filler_after`` is the delay after which
+    the call may speak a holding phrase (``None``: never). Sync tools run in ``executor`` (default: the
+    event loop's default executor) so they never block the loop.
+    """
+
+    __slots__ = ("_default_filler_after", "_default_timeout", "_executor", "_tools")
+
+    def __init__(
+        self,
+        *,
+        default_timeout: float = 10.0,
+        default_filler_after: float | None = 1.5,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        if not (isinstance(default_timeout, int | float) and 0 < default_timeout < math.inf):
+            raise ValueError(f"default_timeout must be a positive number of seconds, got {default_timeout!r}")
+        if default_filler_after is not None and not (
+            isinstance(default_filler_after, int | float) and 0 <= default_filler_after < math.inf
+        ):
+            raise ValueError(
+                f"default_filler_after must be None or seconds >= 0, got {default_filler_after!r}"
+            )
+        self._default_timeout = float(default_timeout)
+        self._default_filler_after = None if not default_filler_after else float(default_filler_after)
+        self._executor = executor
+        self._tools: dict[str, Tool] = {}
+
+    # -- registration ---------------------------------------------------------------------------------
+
+    @overload
+    def tool(self, fn: F, /) -> F: ...
+
+    @overload
+    def tool(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        timeout: float | None = None,
+        filler_after: float | Literal[False] | _Default | None = _DEFAULT,
+    ) -> Callable[[F], F]: ...
+
+    def tool(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        timeout: float | None = None,
+        filler_after: float | Literal[False] | _Default | None = _DEFAULT,
+    ) -> F | Callable[[F], F]:
+        """Register a function as a tool; use as ``@registry.tool`` or ``@registry.tool(timeout=3, ...)``.
+
+        Returns the function unchanged. Options as in :meth:`Tool.from_function`.
+        """
+
+        def register(f: F) -> F:
+            self.add(f, name=name, description=description, timeout=timeout, filler_after=filler_after)
+            return f
+
+        if fn is None:
+            return register
+        return register(fn)
+
+    def add(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        timeout: float | None = None,
+        filler_after: float | Literal[False] | _Default | None = _DEFAULT,
+    ) -> Tool:
+        """Register ``fn`` and return its :class:`Tool`. A name already taken raises ``ValueError``."""
+        tool = Tool.from_function(
+            fn, name=name, description=description, timeout=timeout, filler_after=filler_after
+        )
+        self._add_tool(tool)
+        return tool
+
+    def _add_tool(self, tool: Tool) -> None:
+        if tool.name in self._tools:
+            raise ValueError(f"a tool named {tool.name!r} is already registered")
+        self._tools[tool.name] = tool
+
+    # -- lookup ---------------------------------------------------------------------------------------
+
+    def get(self, name: str) -> Tool | None:
+        """The tool called ``name``, or ``None``."""
+        return self._tools.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def __iter__(self) -> Iterator[Tool]:
+        return iter(list(self._tools.values()))
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def __repr__(self) -> str:
+        return f"ToolRegistry({self.names()!r})"
+
+    def names(self) -> list[str]:
+        """Tool names in registration order."""
+        return list(self._tools)
+
+    @property
+    def default_timeout(self) -> float:
+        """Seconds a tool may run when it sets no timeout of its own."""
+        return self._default_timeout
+
+    @property
+    def default_filler_after(self) -> float | None:
+        """Seconds before a holding phrase when a tool sets none (``None``: never)."""
+        return self._default_filler_after
+
+    def timeout_for(self, tool: Tool | str) -> float:
+        """The timeout that applies to ``tool`` (a :class:`Tool` or a registered name)."""
+        t = self._resolve(tool)
+        return self._default_timeout if t.timeout is None else t.timeout
+
+    def filler_after_for(self, tool: Tool | str) -> float | None:
+        """Seconds before a holding phrase for ``tool``, or ``None`` for never."""
+        t = self._resolve(tool)
+        if t.filler_after is None:
+            return self._default_filler_after
+        return t.filler_after or None
+
+    def _resolve(self, tool: Tool | str) -> Tool:
+        if isinstance(tool, Tool):
+            return tool
+        found = self._tools.get(tool)
+        if found is None:
+            raise KeyError(tool)
+        return found
+
+    def _select(self, names: Iterable[str]) -> list[Tool]:
+        if isinstance(names, str):
+            names = [names]
+        wanted = set(names)
+        missing = sorted(wanted - self._tools.keys())
+        if missing:
+            raise ValueError(f"unknown tool name(s): {', '.join(missing)}")
+        return [t for n, t in self._tools.items() if n in wanted]
+
+    def definitions(
+        self, names: Iterable[str] | None = None, *, style: DefinitionStyle = "openai"
+    ) -> list[dict[str, Any]]:
+        """Tool declarations for a session, in registration order (fresh copies).
+
+        ``names`` limits the list (an unknown name raises ``ValueError``). ``style="openai"`` gives
+        ``{"type": "function", "name", "description", "parameters"}`` (accept body / ``session.update``);
+        ``style="vowel"`` gives ``{"name", "description", "parameters"}`` (``serverTools`` at mint time).
+        """
+        tools = list(self._tools.values()) if names is None else self._select(names)
+        return [t.definition(style) for t in tools]
+
+    def subset(self, names: Iterable[str]) -> ToolRegistry:
+        """A new registry with the same defaults, executor and :class:`Tool` objects, only ``names``.
+
+        Tools keep registration order. An unknown name raises ``ValueError`` naming it.
+        """
+        sub = ToolRegistry(
+            default_timeout=self._default_timeout,
+            default_filler_after=self._default_filler_after,
+            executor=self._executor,
+        )
+        for t in self._select(names):
+            sub._add_tool(t)
+        return sub
+
+    # -- execution ------------------------------------------------------------------------------------
+
+    async def execute(self, call_id: str, name: str, arguments: str, ctx: CallContext) -> ToolResult:
+        """Validate ``arguments`` (the model's JSON string) and run tool ``name`` under its timeout.
+
+        Never raises for bad input or a failing tool: see :class:`ToolResult` ``outcome``. Cancellation from
+        outside propagates (the tool is cancelled with it; a sync tool's thread runs on, result ignored).
+        """
+        start = time.monotonic()
+        tool = self._tools.get(name)
+        if tool is None:
+            return self._unknown(call_id, name, start)
+        try:
+            kwargs = tool.parse_arguments(arguments)
+        except ValidationError as exc:
+            return _invalid(call_id, tool, exc, start)
+        if tool.context_param is not None:
+            kwargs[tool.context_param] = ctx
+        limit = self._default_timeout if tool.timeout is None else tool.timeout
+
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                if tool.is_async:
+                    value = await tool.fn(**kwargs)
+                else:
+                    run = functools.partial(contextvars.copy_context().run, tool.fn, **kwargs)
+                    value = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+                    if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
+                        value = await value
+            output = _encode(value)
+        except TimeoutError as exc:
+            if deadline.expired():
+                return ToolResult(
+                    call_id,
+                    name,
+                    _dumps({"error": "timeout", "message": f"The tool took longer than {limit:g} s"}),
+                    "timeout",
+                    time.monotonic() - start,
+                    f"timed out after {limit:g} s",
+                )
+            return _failed(call_id, name, exc, start)
+        except Exception as exc:
+            return _failed(call_id, name, exc, start)
+        return ToolResult(call_id, name, output, "ok", time.monotonic() - start)
+
+    def _unknown(self, call_id: str, name: str, start: float) -> ToolResult:
+        shown = name if len(name) <= 80 else name[:80] + "…"
+        available = ", ".join(self._tools) or "(none)"
+        return ToolResult(
+            call_id,
+            name,
+            _dumps({"error": "unknown_tool", "message": f"No tool named {shown}. Available: {available}"}),
+            "unknown_tool",
+            time.monotonic() - start,
+            f"unknown tool {shown!r}",
+        )
+
+
+# -- execution helpers ----------------------------------------------------------------------------------
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return _OK_OUTPUT
+    return to_json(value, inf_nan_mode="null").decode()
+
+
+def _failed(call_id: str, name: str, exc: Exception, start: float) -> ToolResult:
+    message = exc.message if isinstance(exc, ToolError) else type(exc).__name__
+    text = str(exc)
+    error = type(exc).__name__ + (f": {text}" if text else "")
+    if len(error) > 300:
+        error = error[:300] + "…"
+    return ToolResult(
+        call_id,
+        name,
+        _dumps({"error": "tool_failed", "message": message}),
+        "error",
+        time.monotonic() - start,
+        error,
+        exc,
+    )
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _invalid(call_id: str, tool: Tool, exc: ValidationError, start: float) -> ToolResult:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        message = "The arguments are not valid JSON; send a JSON object and call the tool again."
+    else:
+        message = f"The arguments do not match the parameters of {tool.name}; fix them and call it again."
+    details = []
+    for err in errors[:_MAX_DETAILS]:
+        loc = _loc(err["loc"])
+        details.append({"loc": loc, "msg": err["msg"]} if loc else {"msg": err["msg"]})
+    summary = "; ".join(f"{d['loc']}: {d['msg']}" if "loc" in d else d["msg"] for d in details[:3])
+    if len(errors) > 3:
+        summary += f"; and {len(errors) - 3} more"
+    return ToolResult(
+        call_id,
+        tool.name,
+        _dumps({"error": "invalid_arguments", "message": message, "details": details}),
+        "invalid_arguments",
+        time.monotonic() - start,
+        f"invalid arguments: {summary}",
+    )
+
+
+# -- registration helpers -------------------------------------------------------------------------------
+
+
+def _normalize_filler(name: str, filler_after: float | Literal[False] | _Default | None) -> float | None:
+    if isinstance(filler_after, _Default):
+        return None
+    if filler_after is None or filler_after is False or filler_after == 0:
+        return 0.0
+    if isinstance(filler_after, bool) or not (
+        isinstance(filler_after, int | float) and 0 < filler_after < math.inf
+    ):
+        raise ValueError(
+            f"tool {name!r}: filler_after must be seconds >= 0, None or False, got {filler_after!r}"
+        )
+    return float(filler_after)
+
+
+def _unwrap_partial(fn: Any) -> Any:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
+def _is_async_callable(fn: Any) -> bool:
+    fn = _unwrap_partial(fn)
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004  (async callable objects)
+    return not inspect.isroutine(fn) and inspect.iscoroutinefunction(call)
+
+
+def _is_context_type(annotation: Any) -> bool:
+    """``CallContext``, a subclass, ``Annotated[CallContext, ...]`` or ``CallContext | None``."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if isinstance(annotation, type):
+        return issubclass(annotation, CallContext)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return len(args) == 1 and _is_context_type(args[0])
+    return False
+
+
+def _has_description(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is not Annotated:
+        return False
+    return any(isinstance(m, FieldInfo) and m.description for m in annotation.__metadata__)
+
+
+def _type_hints(fn: Callable[..., Any], name: str) -> dict[str, Any]:
+    target = _unwrap_partial(fn)
+    if not inspect.isroutine(target) and callable(target):
+        target = target.__call__
+    try:
+        return typing.get_type_hints(target, include_extras=True)
+    except Exception as exc:
+        raise TypeError(
+            f"tool {name!r}: cannot resolve its type annotations ({type(exc).__name__}: {exc}); "
+            "types used in a tool's signature must be importable from its module"
+        ) from exc
+
+
+def _build_arguments_model(
+    fn: Callable[..., Any], name: str, arg_docs: dict[str, str]
+) -> tuple[type[BaseModel], tuple[tuple[str, str], ...], str | None]:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"tool {name!r}: cannot read the signature of {fn!r}") from exc
+    hints = _type_hints(fn, name)
+
+    context_param: str | None = None
+    definitions: dict[str, Any] = {}
+    fields: list[tuple[str, str]] = []
+    for param in sig.parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"tool {name!r}: *args and **kwargs are not supported ({param})")
+        if param.kind is param.POSITIONAL_ONLY:
+            raise TypeError(f"tool {name!r}: positional-only parameters are not supported ({param.name})")
+        annotation = hints.get(param.name, Any)
+        if _is_context_type(annotation):
+            if context_param is not None:
+                raise TypeError(f"tool {name!r}: more than one CallContext parameter")
+            context_param = param.name
+            continue
+        # Internal field names with the real name as alias: any parameter name works (no clash with
+        # BaseModel attributes, leading underscores allowed) and errors/schema still use the real name.
+        fname = f"p{len(fields)}"
+        kw: dict[str, Any] = {"alias": param.name}
+        if param.default is not param.empty:
+            kw["default"] = param.default
+        doc = arg_docs.get(param.name)
+        if doc and not _has_description(annotation):
+            kw["description"] = doc
+        definitions[fname] = (annotation, pydantic.Field(**kw))
+        fields.append((fname, param.name))
+
+    config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    try:
+        model: type[BaseModel] = pydantic.create_model(f"{name}_arguments", __config__=config, **definitions)
+    except (pydantic.PydanticUserError, TypeError, NameError) as exc:
+        raise TypeError(f"tool {name!r}: unsupported parameter types: {exc}") from exc
+    return model, tuple(fields), context_param
+
+
+# -- docstrings -----------------------------------------------------------------------------------------
+
+_SECTION_RE: Final = re.compile(
+    r"^(Args|Arguments|Parameters|Params|Keyword Args|Keyword Arguments|Returns?|Yields?|Raises|Examples?"
+    r"|Notes?|Attributes|Warnings?|See Also|Todo|References):\s*$"
+)
+_ARGS_SECTIONS: Final = frozenset(
+    {"Args", "Arguments", "Parameters", "Params", "Keyword Args", "Keyword Arguments"}
+)
+_ARG_RE: Final = re.compile(r"^\*{0,2}([A-Za-z_]\w*)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
+
+
+def _parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
+    """Split a Google-style docstring into (description, {param: description})."""
+    if not doc:
+        return "", {}
+    lines = doc.splitlines()
+    description: list[str] = []
+    args: dict[str, str] = {}
+    i = 0
+    while i < len(lines) and not _SECTION_RE.match(lines[i].strip()):
+        description.append(lines[i])
+        i += 1
+    while i < len(lines):
+        header = _SECTION_RE.match(lines[i].strip())
+        base = len(lines[i]) - len(lines[i].lstrip())
+        i += 1
+        in_args = header is not None and header.group(1) in _ARGS_SECTIONS
+        entry_indent: int | None = None
+        current: str | None = None
+        while i < len(lines):
+            line = lines[i]
+            stripped = line.strip()
+            indent = len(line) - len(line.lstrip())
+            if stripped and indent <= base:
+                break  # next section (or trailing text) at the header's level
+            i += 1
+            if not in_args or not stripped:
+                continue
+            if entry_indent is None:
+                entry_indent = indent
+            m = _ARG_RE.match(stripped) if indent <= entry_indent else None
+            if m:
+                current = m.group(1)
+                args[current] = m.group(2).strip()
+            elif current is not None:
+                args[current] = f"{args[current]} {stripped}".strip()
+        if i < len(lines) and not _SECTION_RE.match(lines[i].strip()):
+            i += 1  # stray text after a section: skip it rather than loop forever
+    return "\n".join(description).strip(), {k: v for k, v in args.items() if v}
+
+
+# -- JSON schema cleanup ----------------------------------------------------------------------------------
+
+# Keywords whose value is data, not a schema: never rewritten.
+_DATA_KEYS: Final = frozenset({"default", "examples", "example", "const", "enum"})
+# Keywords whose value maps names to schemas: the names are kept even if one is called "title".
+_NAMED_SCHEMAS_KEYS: Final = frozenset({"properties", "$defs", "definitions", "patternProperties"})
+_DEFS_PREFIX: Final = "#/$defs/"
+
+
+class _RecursiveSchema(Exception):
+    pass
+
+
+def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI-friendly schema: ``$ref``s inlined (unless recursive), no ``title``, fixed top-level shape."""
+    schema = dict(schema)
+    defs: dict[str, Any] = schema.pop("$defs", {})
+    try:
+        body = _inline(schema, defs, ())
+        defs = {}
+    except _RecursiveSchema:
+        body = schema  # a recursive model: keep $defs and the refs into it
+    body = _strip(body, names=False)
+    out: dict[str, Any] = {
+        "type": "object",
+        "properties": body.pop("properties", {}),
+        "required": body.pop("required", []),
+        "additionalProperties": body.pop("additionalProperties", False),
+    }
+    body.pop("type", None)
+    out.update(body)
+    if defs:
+        out["$defs"] = _strip(defs, names=True)
+    return out
+
+
+def _inline(node: Any, defs: dict[str, Any], stack: tuple[str, ...]) -> Any:
+    if isinstance(node, list):
+        return [_inline(v, defs, stack) for v in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith(_DEFS_PREFIX) and ref[len(_DEFS_PREFIX) :] in defs:
+        key = ref[len(_DEFS_PREFIX) :]
+        if key in stack:
+            raise _RecursiveSchema
+        target = dict(_inline(defs[key], defs, (*stack, key)))
+        for k, v in node.items():
+            if k != "$ref":
+                target[k] = v if k in _DATA_KEYS else _inline(v, defs, stack)
+        return target
+    return {k: v if k in _DATA_KEYS else _inline(v, defs, stack) for k, v in node.items()}
+
+
+def _strip(node: Any, *, names: bool) -> Any:
+    """Drop ``title`` and ``discriminator`` keywords (the latter is OpenAPI, and its refs may be gone)."""
+    if isinstance(node, list):
+        return [_strip(v, names=False) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if names:
+        return {k: _strip(v, names=False) for k, v in node.items()}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        if (k == "title" and isinstance(v, str)) or k == "discriminator":
+            continue
+        if k in _DATA_KEYS:
+            out[k] = v
+        elif k in _NAMED_SCHEMAS_KEYS and isinstance(v, dict):
+            out[k] = _strip(v, names=True)
+        else:
+            out[k] = _strip(v, names=False)
+    return out

@@ -1,0 +1,191 @@
+"""OpenAI Realtime call control (REST, one shared aiohttp session) and the sideband connector."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+__all__ = ["CallControl", "CallGone", "SidebandRefused", "UpstreamError", "connect_sideband"]
+
+T = TypeVar("T")
+
+
+class UpstreamError(Exception):
+    """OpenAI answered with an error status (``status``) or could not be reached (``status`` None)."""
+
+    def __init__(self, message: str, status: int | None = None, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body[:500]
+
+    @property
+    def retryable(self) -> bool:
+        """Worth another attempt: no answer, 408, 409, 429 or 5xx."""
+        return self.status is None or self.status in (408, 409, 429) or self.status >= 500
+
+
+class CallGone(UpstreamError):
+    """The call no longer exists (404/410): stop, never retry."""
+
+
+class SidebandRefused(UpstreamError):
+    """The sideband handshake was refused with a status other than 404/410."""
+
+
+class CallControl:
+    """accept / reject / refer / hangup, WebRTC call creation and client secrets (PROTOCOL A2, B)."""
+
+    def __init__(self, http: aiohttp.ClientSession, base_url: str, api_key: str) -> None:
+        self._http = http
+        self._base = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+
+    async def _post(
+        self, path: str, body: dict[str, Any] | None, timeout: float, call_id: str | None = None
+    ) -> str:
+        try:
+            async with self._http.post(
+                self._base + path,
+                json=body,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                text = await resp.text()
+                if resp.status in (404, 410) and call_id is not None:
+                    raise CallGone(f"call {call_id} not found", resp.status, text)
+                if resp.status >= 300:
+                    raise UpstreamError(f"POST {path} answered {resp.status}", resp.status, text)
+                return text
+        except TimeoutError:
+            raise UpstreamError(f"POST {path} timed out after {timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"POST {path} failed: {type(exc).__name__}") from None
+
+    def _call_path(self, call_id: str, verb: str) -> str:
+        return f"/realtime/calls/{quote(call_id, safe='')}/{verb}"
+
+    async def accept(self, call_id: str, session: dict[str, Any], *, timeout: float = 2.0) -> None:
+        """Answer a ringing SIP call with ``session`` (already validated)."""
+        await self._post(self._call_path(call_id, "accept"), session, timeout, call_id)
+
+    async def reject(self, call_id: str, status_code: int = 603, *, timeout: float = 2.0) -> None:
+        """Refuse a ringing call with a SIP status."""
+        await self._post(self._call_path(call_id, "reject"), {"status_code": status_code}, timeout, call_id)
+
+    async def refer(self, call_id: str, target_uri: str, *, timeout: float = 5.0) -> None:
+        """Transfer the call (SIP REFER) to ``tel:…`` or ``sip:…``."""
+        await self._post(self._call_path(call_id, "refer"), {"target_uri": target_uri}, timeout, call_id)
+
+    async def hangup(self, call_id: str, *, timeout: float = 5.0) -> None:
+        """End the call (SIP or WebRTC)."""
+        await self._post(self._call_path(call_id, "hangup"), None, timeout, call_id)
+
+    async def create_call(self, sdp: str, session: dict[str, Any], *, timeout: float = 10.0) -> tuple[str, str]:
+        """Relay a browser's SDP offer (unified interface). Returns ``(call_id, sdp_answer)``.
+
+        Never retried: a retry could create a second call.
+        """
+        form = aiohttp.FormData()
+        form.add_field("sdp", sdp, content_type="application/sdp")
+        form.add_field("session", json.dumps(session), content_type="application/json")
+        try:
+            async with self._http.post(
+                self._base + "/realtime/calls",
+                data=form,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                text = await resp.text()
+                if resp.status != 201:
+                    raise UpstreamError(f"POST /realtime/calls answered {resp.status}", resp.status, text)
+                location = resp.headers.get("Location", "")
+        except TimeoutError:
+            raise UpstreamError("POST /realtime/calls timed out") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"POST /realtime/calls failed: {type(exc).__name__}") from None
+        call_id = location.rstrip("/").rsplit("/", 1)[-1]
+        if not call_id.startswith("rtc_"):
+            raise UpstreamError(f"POST /realtime/calls gave no call id in Location ({location!r})", 201)
+        return call_id, text
+
+    async def client_secret(self, session: dict[str, Any], ttl: int, *, timeout: float = 5.0) -> dict[str, Any]:
+        """Mint an ephemeral key for a browser (``value``, ``expires_at``, ``session``)."""
+        body = {"expires_after": {"anchor": "created_at", "seconds": ttl}, "session": session}
+        text = await self._post("/realtime/client_secrets", body, timeout)
+        data = json.loads(text)
+        if not isinstance(data, dict) or not isinstance(data.get("value"), str):
+            raise UpstreamError("client_secrets answered without a value", 200)
+        return data
+
+
+async def with_retries(
+    attempt: Callable[[float], Awaitable[T]],
+    *,
+    budget: float,
+    attempt_timeout: float,
+    on_retry: Callable[[int, UpstreamError], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """Run ``attempt(timeout)`` until it succeeds, a non-retryable error occurs, or ``budget`` seconds
+    are spent. Backoff 50 ms doubling with jitter; each attempt's timeout is clipped to what is left."""
+    deadline = clock() + budget
+    delay = 0.05
+    tries = 0
+    while True:
+        tries += 1
+        left = deadline - clock()
+        try:
+            return await attempt(min(attempt_timeout, max(left, 0.05)))
+        except CallGone:
+            raise
+        except UpstreamError as exc:
+            left = deadline - clock()
+            if not exc.retryable or left <= delay:
+                raise
+            if on_retry is not None:
+                on_retry(tries, exc)
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, 1.0)
+
+
+async def connect_sideband(
+    url: str,
+    call_id: str,
+    api_key: str,
+    *,
+    compression: bool = False,
+    open_timeout: float = 5.0,
+) -> ClientConnection:
+    """Open the call-scoped WebSocket (PROTOCOL A3): Bearer key, no ``OpenAI-Beta`` header.
+
+    Raises :class:`CallGone` on 404/410, :class:`SidebandRefused` on another refusal and
+    :class:`UpstreamError` when the server cannot be reached.
+    """
+    try:
+        return await connect(
+            f"{url}?call_id={quote(call_id, safe='')}",
+            additional_headers={"Authorization": f"Bearer {api_key}"},
+            compression="deflate" if compression else None,
+            open_timeout=open_timeout,
+            max_size=4 * 1024 * 1024,
+            user_agent_header="sideband",
+        )
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        body = exc.response.body.decode("utf-8", "replace") if exc.response.body else ""
+        if status in (404, 410):
+            raise CallGone(f"sideband refused: call {call_id} not found", status, body) from None
+        raise SidebandRefused(f"sideband refused with {status}", status, body) from None
+    except (OSError, TimeoutError) as exc:
+        raise UpstreamError(f"sideband connect failed: {type(exc).__name__}") from None
+    except Exception as exc:  # websockets raises InvalidHandshake/InvalidMessage subclasses too
+        raise UpstreamError(f"sideband connect failed: {type(exc).__name__}") from None

@@ -1,0 +1,853 @@
+"""Tests for sideband.tools: schema from signatures, validation, execution policy."""
+
+import asyncio
+import contextvars
+import dataclasses
+import datetime as dt
+import enum
+import functools
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, Literal
+
+import pytest
+from pydantic import BaseModel, Field
+
+from sideband.context import CallContext
+from sideband.tools import Tool, ToolError, ToolRegistry, ToolResult
+
+# -- helpers and module-level types ------------------------------------------------------------------
+
+
+class Color(enum.Enum):
+    RED = "red"
+    GREEN = "green"
+
+
+class Address(BaseModel):
+    street: str
+    zip_code: str | None = None
+
+
+class Node(BaseModel):
+    label: str
+    children: list["Node"] = []
+
+
+@dataclasses.dataclass
+class Receipt:
+    order_id: str
+    total: float
+    when: dt.datetime
+
+
+def ctx_string_annotation(order_id: str, ctx: "CallContext") -> str:
+    """Tool whose context annotation is a string."""
+    return order_id
+
+
+def make_ctx(call_id: str = "call_1") -> CallContext:
+    return CallContext(call_id=call_id)
+
+
+def schema_of(fn: Any, **options: Any) -> dict[str, Any]:
+    return Tool.from_function(fn, **options).parameters
+
+
+def loads(result: ToolResult) -> Any:
+    return json.loads(result.output)
+
+
+# -- schema generation ---------------------------------------------------------------------------------
+
+
+def test_schema_basic_types_and_optional_params() -> None:
+    def f(name: str, count: int, ratio: float, flag: bool = False, note: str | None = None) -> None:
+        """Do f."""
+
+    assert schema_of(f) == {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "count": {"type": "integer"},
+            "ratio": {"type": "number"},
+            "flag": {"type": "boolean", "default": False},
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+        },
+        "required": ["name", "count", "ratio"],
+        "additionalProperties": False,
+    }
+
+
+def test_schema_no_parameters_still_has_full_shape() -> None:
+    def ping() -> str:
+        return "pong"
+
+    assert schema_of(ping) == {
+        "type": "object",
+        "properties": {},
+        "required": [],
+        "additionalProperties": False,
+    }
+
+
+def test_schema_annotated_descriptions_and_docstring_args() -> None:
+    def lookup_order(
+        order_id: Annotated[str, Field(description="The order number, digits only")],
+        verbose: bool = False,
+        *,
+        region: str = "eu",
+    ) -> dict[str, Any]:
+        """Look up an order by its ID.
+
+        Use this whenever the caller mentions an order.
+
+        Args:
+            order_id: Docstring text that the Annotated description overrides.
+            verbose (bool): Whether to include
+                every line item.
+            region: Sales region.
+
+        Returns:
+            The order.
+        """
+        return {}
+
+    tool = Tool.from_function(lookup_order)
+    assert (
+        tool.description == "Look up an order by its ID.\n\nUse this whenever the caller mentions an order."
+    )
+    assert tool.parameters == {
+        "type": "object",
+        "properties": {
+            "order_id": {"type": "string", "description": "The order number, digits only"},
+            "verbose": {
+                "type": "boolean",
+                "default": False,
+                "description": "Whether to include every line item.",
+            },
+            "region": {"type": "string", "default": "eu", "description": "Sales region."},
+        },
+        "required": ["order_id"],
+        "additionalProperties": False,
+    }
+
+
+def test_schema_nested_model_is_inlined_without_titles() -> None:
+    def ship(address: Annotated[Address, Field(description="Where to ship")], title: str) -> None:
+        """Ship it."""
+
+    assert schema_of(ship) == {
+        "type": "object",
+        "properties": {
+            "address": {
+                "type": "object",
+                "description": "Where to ship",
+                "properties": {
+                    "street": {"type": "string"},
+                    "zip_code": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+                },
+                "required": ["street"],
+            },
+            # a *parameter* called "title" survives title stripping
+            "title": {"type": "string"},
+        },
+        "required": ["address", "title"],
+        "additionalProperties": False,
+    }
+
+
+def test_schema_recursive_model_keeps_valid_defs() -> None:
+    def plant(tree: Node) -> None:
+        """Plant a tree."""
+
+    schema = schema_of(plant)
+    assert schema == {
+        "type": "object",
+        "properties": {"tree": {"$ref": "#/$defs/Node"}},
+        "required": ["tree"],
+        "additionalProperties": False,
+        "$defs": {
+            "Node": {
+                "type": "object",
+                "properties": {
+                    "label": {"type": "string"},
+                    "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}, "default": []},
+                },
+                "required": ["label"],
+            }
+        },
+    }
+    assert "title" not in json.dumps(schema)
+
+
+def test_schema_enum_literal_and_list() -> None:
+    def paint(color: Color, finish: Literal["matte", "gloss"], sizes: list[int]) -> None:
+        """Paint."""
+
+    assert schema_of(paint) == {
+        "type": "object",
+        "properties": {
+            "color": {"type": "string", "enum": ["red", "green"]},
+            "finish": {"type": "string", "enum": ["matte", "gloss"]},
+            "sizes": {"type": "array", "items": {"type": "integer"}},
+        },
+        "required": ["color", "finish", "sizes"],
+        "additionalProperties": False,
+    }
+
+
+def test_context_param_is_excluded_in_any_position() -> None:
+    def first(ctx: CallContext, order_id: str) -> None:
+        """A."""
+
+    def middle(a: int, context: CallContext, b: int = 1) -> None:
+        """B."""
+
+    def optional(order_id: str, ctx: CallContext | None = None) -> None:
+        """C."""
+
+    t1, t2, t3 = (Tool.from_function(f) for f in (first, middle, optional))
+    assert t1.context_param == "ctx"
+    assert list(t1.parameters["properties"]) == ["order_id"]
+    assert t2.context_param == "context"
+    assert list(t2.parameters["properties"]) == ["a", "b"]
+    assert t2.parameters["required"] == ["a"]
+    assert t3.context_param == "ctx"
+    assert list(t3.parameters["properties"]) == ["order_id"]
+
+
+def test_context_param_string_annotation() -> None:
+    tool = Tool.from_function(ctx_string_annotation)
+    assert tool.context_param == "ctx"
+    assert tool.parameters["properties"] == {"order_id": {"type": "string"}}
+
+
+def test_context_param_with_future_annotations() -> None:
+    source = (
+        "from __future__ import annotations\n"
+        "from sideband.context import CallContext\n"
+        "async def tool(order_id: str, ctx: CallContext, qty: int = 1) -> str:\n"
+        "    '''Future-annotated tool.'''\n"
+        "    return order_id\n"
+    )
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "<future_tool>", "exec"), namespace)
+    tool = Tool.from_function(namespace["tool"])
+    assert tool.context_param == "ctx"
+    assert tool.is_async
+    assert tool.parameters == {
+        "type": "object",
+        "properties": {"order_id": {"type": "string"}, "qty": {"type": "integer", "default": 1}},
+        "required": ["order_id"],
+        "additionalProperties": False,
+    }
+
+
+def test_unresolvable_annotation_is_a_type_error() -> None:
+    def f(x: "NoSuchType") -> None:  # type: ignore[name-defined]  # noqa: F821
+        """F."""
+
+    with pytest.raises(TypeError, match="annotations"):
+        Tool.from_function(f)
+
+
+def test_description_override_and_missing_docstring() -> None:
+    def f(x: int) -> None:
+        pass
+
+    assert Tool.from_function(f).description == ""
+    assert Tool.from_function(f, description="Custom").description == "Custom"
+
+
+def test_star_args_and_kwargs_rejected() -> None:
+    def va(*args: int) -> None: ...
+    def kw(**kwargs: int) -> None: ...
+    def po(x: int, /) -> None: ...
+
+    reg = ToolRegistry()
+    for fn in (va, kw, po):
+        with pytest.raises(TypeError):
+            reg.add(fn)
+    assert len(reg) == 0
+
+
+def test_unsupported_parameter_type_is_a_type_error() -> None:
+    class Opaque:
+        pass
+
+    def f(thing: Opaque) -> None: ...
+
+    with pytest.raises(TypeError, match="'f'"):
+        Tool.from_function(f)
+
+
+def test_awkward_parameter_names_work() -> None:
+    def f(json: str, model_config: int, _private: int = 0) -> str:
+        return f"{json}{model_config}{_private}"
+
+    tool = Tool.from_function(f)
+    assert list(tool.parameters["properties"]) == ["json", "model_config", "_private"]
+    assert tool.parse_arguments('{"json": "a", "model_config": 2}') == {
+        "json": "a",
+        "model_config": 2,
+        "_private": 0,
+    }
+
+
+# -- names, duplicates, registry protocol -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ok", "lookup_order", "lookup-order", "A1", "x" * 64])
+def test_valid_names(name: str) -> None:
+    reg = ToolRegistry()
+    reg.add(lambda: None, name=name)
+    assert name in reg
+
+
+@pytest.mark.parametrize("name", ["", "has space", "dot.ted", "x" * 65, "ünïcode", "slash/y", "trailing\n"])
+def test_invalid_names(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid tool name"):
+        ToolRegistry().add(lambda: None, name=name)
+
+
+def test_name_required_when_not_derivable() -> None:
+    def f(x: int) -> int:
+        """Echo x."""
+        return x
+
+    with pytest.raises(TypeError, match="name="):
+        ToolRegistry().add(functools.partial(f, 1))
+    tool = ToolRegistry().add(functools.partial(f), name="part")
+    assert tool.parameters["required"] == ["x"]
+    assert tool.description == "Echo x."
+
+
+def test_duplicate_name_rejected() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    def a() -> None: ...
+
+    with pytest.raises(ValueError, match="already registered"):
+        reg.add(a)
+    with pytest.raises(ValueError, match="already registered"):
+        reg.add(lambda: None, name="a")
+
+
+def test_decorator_forms_and_registry_protocol() -> None:
+    reg = ToolRegistry(default_timeout=5, default_filler_after=2)
+
+    @reg.tool
+    async def plain(x: int) -> int:
+        return x
+
+    @reg.tool(name="renamed", timeout=3, filler_after=None, description="Desc")
+    def original(y: str) -> str:
+        return y
+
+    @reg.tool(filler_after=0.5)
+    def quick() -> None: ...
+
+    @reg.tool(filler_after=False)
+    def silent() -> None: ...
+
+    assert plain.__name__ == "plain"  # decorators return the function unchanged
+    assert original("k") == "k"
+    assert reg.names() == ["plain", "renamed", "quick", "silent"]
+    assert len(reg) == 4
+    assert [t.name for t in reg] == reg.names()
+    assert "renamed" in reg and "original" not in reg
+    renamed = reg.get("renamed")
+    assert renamed is not None
+    assert renamed.description == "Desc"
+    assert renamed.fn is original
+    assert not renamed.is_async
+    assert reg.get("plain") is not None and reg.get("plain").is_async  # type: ignore[union-attr]
+    assert reg.get("nope") is None
+
+    assert (reg.timeout_for("plain"), reg.timeout_for("renamed")) == (5.0, 3.0)
+    assert reg.filler_after_for("plain") == 2.0
+    assert reg.filler_after_for("renamed") is None
+    assert reg.filler_after_for("quick") == 0.5
+    assert reg.filler_after_for("silent") is None
+    assert renamed.timeout == 3.0 and renamed.filler_after == 0.0
+    assert reg.get("plain").filler_after is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("bad", [{"timeout": 0}, {"timeout": -1}, {"filler_after": -0.5}])
+def test_bad_timing_options(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        ToolRegistry().add(lambda: None, name="t", **bad)
+
+
+def test_definitions_styles_and_selection() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    def a(x: int) -> None:
+        """Tool A."""
+
+    @reg.tool
+    def b() -> None:
+        """Tool B."""
+
+    params_a = {
+        "type": "object",
+        "properties": {"x": {"type": "integer"}},
+        "required": ["x"],
+        "additionalProperties": False,
+    }
+    params_b = {"type": "object", "properties": {}, "required": [], "additionalProperties": False}
+    assert reg.definitions() == [
+        {"type": "function", "name": "a", "description": "Tool A.", "parameters": params_a},
+        {"type": "function", "name": "b", "description": "Tool B.", "parameters": params_b},
+    ]
+    assert reg.definitions(["b"], style="vowel") == [
+        {"name": "b", "description": "Tool B.", "parameters": params_b}
+    ]
+    with pytest.raises(ValueError, match="zzz"):
+        reg.definitions(["a", "zzz"])
+
+    # definitions are copies: mutating them does not change the registry
+    reg.definitions()[0]["parameters"]["properties"]["x"]["type"] = "string"
+    assert reg.definitions()[0]["parameters"] == params_a
+
+
+def test_subset() -> None:
+    pool = ThreadPoolExecutor(max_workers=1)
+    reg = ToolRegistry(default_timeout=4, default_filler_after=None, executor=pool)
+    for n in ("a", "b", "c"):
+        reg.add(lambda: None, name=n)
+    sub = reg.subset(["c", "a"])
+    assert sub.names() == ["a", "c"]  # registration order
+    assert sub.get("a") is reg.get("a")
+    assert sub.default_timeout == 4.0 and sub.default_filler_after is None
+    assert "b" not in sub
+    with pytest.raises(ValueError, match="nope"):
+        reg.subset(["a", "nope"])
+    pool.shutdown()
+
+
+# -- execute: success ----------------------------------------------------------------------------------
+
+
+async def test_execute_async_ok() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def lookup_order(order_id: str, qty: int = 1) -> dict[str, Any]:
+        return {"order_id": order_id, "qty": qty}
+
+    res = await reg.execute("call_a", "lookup_order", '{"order_id":"12345"}', make_ctx())
+    assert res.outcome == "ok" and res.ok
+    assert res.call_id == "call_a" and res.name == "lookup_order"
+    assert loads(res) == {"order_id": "12345", "qty": 1}
+    assert res.error is None
+    assert 0 <= res.duration < 1
+
+
+async def test_execute_sync_runs_off_the_loop_thread() -> None:
+    reg = ToolRegistry()
+    seen: dict[str, int] = {}
+
+    @reg.tool
+    def where() -> str:
+        seen["thread"] = threading.get_ident()
+        return "done"
+
+    res = await reg.execute("c", "where", "", make_ctx())
+    assert (res.outcome, res.output) == ("ok", "done")
+    assert seen["thread"] != threading.get_ident()
+
+
+async def test_execute_sync_uses_given_executor_and_copies_contextvars() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tools-test") as pool:
+        reg = ToolRegistry(executor=pool)
+
+        @reg.tool
+        def probe() -> dict[str, str]:
+            return {"thread": threading.current_thread().name, "var": var.get()}
+
+        var.set("bound")
+        out = loads(await reg.execute("c", "probe", "{}", make_ctx()))
+    assert out["thread"].startswith("tools-test")
+    assert out["var"] == "bound"
+
+
+async def test_context_injection_same_object() -> None:
+    reg = ToolRegistry()
+    received: list[CallContext] = []
+
+    @reg.tool
+    async def a(x: int, ctx: CallContext) -> None:
+        received.append(ctx)
+
+    @reg.tool
+    def b(context: CallContext) -> None:
+        received.append(context)
+
+    reg.add(ctx_string_annotation)
+    ctx = make_ctx()
+    assert (await reg.execute("1", "a", '{"x": 1}', ctx)).ok
+    assert (await reg.execute("2", "b", "", ctx)).ok
+    res = await reg.execute("3", "ctx_string_annotation", '{"order_id": "9"}', ctx)
+    assert res.output == "9"
+    assert received == [ctx, ctx] and all(r is ctx for r in received)
+
+
+async def test_sync_wrapper_returning_coroutine_is_awaited() -> None:
+    async def impl(x: int) -> int:
+        return x * 2
+
+    def wrapper(x: int) -> Any:
+        return impl(x)
+
+    reg = ToolRegistry()
+    reg.add(wrapper, name="wrapped")
+    res = await reg.execute("c", "wrapped", '{"x": 21}', make_ctx())
+    assert (res.outcome, res.output) == ("ok", "42")
+
+
+# -- execute: arguments --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def order_registry() -> ToolRegistry:
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def order(order_id: str, quantity: int = 1, address: Address | None = None) -> dict[str, Any]:
+        return {"order_id": order_id, "quantity": quantity, "street": address.street if address else None}
+
+    @reg.tool
+    async def noargs() -> str:
+        return "fine"
+
+    return reg
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        '{"order_id":"A1","quantity":2}',
+        '{\n  "order_id": "A1",\n  "quantity": 2\n}\n',
+        '{"order_id": "A1", "quantity": "2"}',  # lax JSON-mode coercion
+    ],
+)
+async def test_arguments_accepted(order_registry: ToolRegistry, arguments: str) -> None:
+    res = await order_registry.execute("c", "order", arguments, make_ctx())
+    assert res.outcome == "ok", res
+    assert loads(res) == {"order_id": "A1", "quantity": 2, "street": None}
+
+
+async def test_number_for_string_param_is_coerced(order_registry: ToolRegistry) -> None:
+    res = await order_registry.execute("c", "order", '{"order_id": 12345}', make_ctx())
+    assert loads(res)["order_id"] == "12345"
+
+
+@pytest.mark.parametrize("arguments", ["", "   ", "\n", "{}"])
+async def test_empty_arguments_mean_empty_object(order_registry: ToolRegistry, arguments: str) -> None:
+    res = await order_registry.execute("c", "noargs", arguments, make_ctx())
+    assert (res.outcome, res.output) == ("ok", "fine")
+    missing = await order_registry.execute("c", "order", arguments, make_ctx())
+    assert missing.outcome == "invalid_arguments"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "details"),
+    [
+        ("", [{"loc": "order_id", "msg": "Field required"}]),
+        ('{"quantity": 3}', [{"loc": "order_id", "msg": "Field required"}]),
+        (
+            '{"order_id": "A1", "quantity": "many"}',
+            [
+                {
+                    "loc": "quantity",
+                    "msg": "Input should be a valid integer, unable to parse string as an integer",
+                }
+            ],
+        ),
+        (
+            '{"order_id": "A1", "coupon": "FREE"}',
+            [{"loc": "coupon", "msg": "Extra inputs are not permitted"}],
+        ),
+        ('{"order_id": "A1", "address": {}}', [{"loc": "address.street", "msg": "Field required"}]),
+        ("[1, 2]", [{"msg": "Input should be an object"}]),
+    ],
+)
+async def test_invalid_arguments(
+    order_registry: ToolRegistry, arguments: str, details: list[dict[str, str]]
+) -> None:
+    res = await order_registry.execute("c", "order", arguments, make_ctx())
+    assert res.outcome == "invalid_arguments"
+    body = loads(res)
+    assert body["error"] == "invalid_arguments"
+    assert "order" in body["message"]
+    assert body["details"] == details
+    assert res.error is not None and res.error.startswith("invalid arguments")
+
+
+@pytest.mark.parametrize("arguments", ['{"order_id": ', "{'order_id': 'A1'}", "not json", '{"a":1}}'])
+async def test_malformed_json(order_registry: ToolRegistry, arguments: str) -> None:
+    res = await order_registry.execute("c", "order", arguments, make_ctx())
+    assert res.outcome == "invalid_arguments"
+    body = loads(res)
+    assert body["error"] == "invalid_arguments"
+    assert "not valid JSON" in body["message"]
+    assert body["details"][0]["msg"].startswith("Invalid JSON")
+
+
+async def test_invalid_arguments_never_echo_values(order_registry: ToolRegistry) -> None:
+    secret = "sk-SECRET-VALUE"
+    res = await order_registry.execute(
+        "c", "order", json.dumps({"order_id": "A1", "quantity": secret, "card": secret}), make_ctx()
+    )
+    assert res.outcome == "invalid_arguments"
+    assert secret not in res.output
+    assert res.error is not None and secret not in res.error
+
+
+async def test_tool_not_called_on_invalid_arguments() -> None:
+    reg = ToolRegistry()
+    calls: list[int] = []
+
+    @reg.tool
+    def f(x: int) -> None:
+        calls.append(x)
+
+    res = await reg.execute("c", "f", '{"x": "nope"}', make_ctx())
+    assert res.outcome == "invalid_arguments" and calls == []
+
+
+# -- execute: failures -----------------------------------------------------------------------------------
+
+
+async def test_exception_gives_generic_message_without_leaking() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def boom() -> None:
+        raise ValueError("db password is hunter2")
+
+    @reg.tool
+    def sync_boom() -> None:
+        raise KeyError("hunter2")
+
+    for name, exc_type in (("boom", "ValueError"), ("sync_boom", "KeyError")):
+        res = await reg.execute("c", name, "", make_ctx())
+        assert res.outcome == "error"
+        assert loads(res) == {"error": "tool_failed", "message": exc_type}
+        assert "hunter2" not in res.output
+        assert res.error is not None and res.error.startswith(exc_type)
+        assert type(res.exception).__name__ == exc_type
+
+
+async def test_tool_error_message_is_model_visible() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def find(order_id: str) -> None:
+        raise ToolError(f"Order {order_id} does not exist. Ask the caller to spell it.")
+
+    res = await reg.execute("c", "find", '{"order_id": "77"}', make_ctx())
+    assert res.outcome == "error"
+    assert loads(res) == {
+        "error": "tool_failed",
+        "message": "Order 77 does not exist. Ask the caller to spell it.",
+    }
+    assert isinstance(res.exception, ToolError)
+
+
+async def test_unserializable_return_is_an_error() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def weird() -> object:
+        return object()
+
+    res = await reg.execute("c", "weird", "", make_ctx())
+    assert res.outcome == "error"
+    assert loads(res)["error"] == "tool_failed"
+
+
+async def test_async_timeout() -> None:
+    reg = ToolRegistry(default_timeout=5)
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    @reg.tool(timeout=0.05)
+    async def hang() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # never set
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    res = await reg.execute("c", "hang", "", make_ctx())
+    assert res.outcome == "timeout"
+    assert loads(res) == {"error": "timeout", "message": "The tool took longer than 0.05 s"}
+    assert started.is_set() and cancelled.is_set()
+    assert 0.05 <= res.duration < 5
+
+
+async def test_registry_default_timeout_applies() -> None:
+    reg = ToolRegistry(default_timeout=0.05)
+
+    @reg.tool
+    async def hang() -> None:
+        await asyncio.Event().wait()
+
+    res = await reg.execute("c", "hang", "", make_ctx())
+    assert res.outcome == "timeout"
+    assert "0.05 s" in loads(res)["message"]
+
+
+async def test_sync_timeout_returns_while_thread_still_runs() -> None:
+    reg = ToolRegistry()
+    release = threading.Event()
+    finished = threading.Event()
+
+    @reg.tool(timeout=0.05)
+    def block() -> str:
+        release.wait(10)
+        finished.set()
+        return "late"
+
+    try:
+        res = await reg.execute("c", "block", "", make_ctx())
+        assert res.outcome == "timeout"
+        assert loads(res) == {"error": "timeout", "message": "The tool took longer than 0.05 s"}
+        assert not finished.is_set()  # the thread is still running; its result will be ignored
+    finally:
+        release.set()
+    await asyncio.to_thread(finished.wait, 10)
+    assert finished.is_set()
+
+
+async def test_timeout_error_raised_by_tool_is_an_error_not_a_timeout() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def upstream() -> None:
+        raise TimeoutError("upstream slow")
+
+    res = await reg.execute("c", "upstream", "", make_ctx())
+    assert res.outcome == "error"
+    assert loads(res) == {"error": "tool_failed", "message": "TimeoutError"}
+
+
+async def test_unknown_tool() -> None:
+    reg = ToolRegistry()
+    reg.add(lambda: None, name="a")
+    reg.add(lambda: None, name="b")
+    res = await reg.execute("c", "zzz", "{}", make_ctx())
+    assert res.outcome == "unknown_tool"
+    assert res.name == "zzz"
+    assert loads(res) == {"error": "unknown_tool", "message": "No tool named zzz. Available: a, b"}
+
+
+async def test_external_cancellation_propagates() -> None:
+    reg = ToolRegistry()
+    started = asyncio.Event()
+    tool_cancelled = asyncio.Event()
+
+    @reg.tool
+    async def hang() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            tool_cancelled.set()
+            raise
+
+    task = asyncio.create_task(reg.execute("c", "hang", "", make_ctx()))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert tool_cancelled.is_set()
+
+
+async def test_external_cancellation_of_sync_tool_propagates() -> None:
+    reg = ToolRegistry()
+    started = threading.Event()
+    release = threading.Event()
+
+    @reg.tool
+    def block() -> None:
+        started.set()
+        release.wait(10)
+
+    task = asyncio.create_task(reg.execute("c", "block", "", make_ctx()))
+    try:
+        await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+async def test_base_exceptions_propagate(exc_type: type[BaseException]) -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def stop() -> None:
+        raise exc_type
+
+    with pytest.raises(exc_type):
+        await reg.execute("c", "stop", "", make_ctx())
+
+
+# -- execute: return values ----------------------------------------------------------------------------
+
+
+async def test_return_values() -> None:
+    reg = ToolRegistry()
+    when = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+
+    reg.add(lambda: "plain text, not JSON", name="text")
+    reg.add(lambda: {"a": [1, 2], "b": None, "c": "é"}, name="mapping")
+    reg.add(lambda: Address(street="Main St 1"), name="model")
+    reg.add(lambda: Receipt("A1", 9.5, when), name="dc")
+    reg.add(lambda: None, name="none")
+    reg.add(lambda: [Color.RED, float("nan")], name="misc")
+
+    async def out(name: str) -> str:
+        res = await reg.execute("c", name, "", make_ctx())
+        assert res.outcome == "ok", res
+        return res.output
+
+    assert await out("text") == "plain text, not JSON"
+    assert await out("mapping") == '{"a":[1,2],"b":null,"c":"é"}'
+    assert json.loads(await out("model")) == {"street": "Main St 1", "zip_code": None}
+    assert json.loads(await out("dc")) == {"order_id": "A1", "total": 9.5, "when": "2025-01-02T03:04:05Z"}
+    assert json.loads(await out("none")) == {"ok": True}
+    assert json.loads(await out("misc")) == ["red", None]
+
+
+async def test_tools_run_concurrently() -> None:
+    reg = ToolRegistry()
+    gate = asyncio.Event()
+    arrived: list[int] = []
+
+    @reg.tool
+    async def wait_for_peer(i: int) -> int:
+        arrived.append(i)
+        if len(arrived) == 2:
+            gate.set()
+        await gate.wait()
+        return i
+
+    ctx = make_ctx()
+    async with asyncio.timeout(5):
+        results = await asyncio.gather(
+            reg.execute("1", "wait_for_peer", '{"i": 1}', ctx),
+            reg.execute("2", "wait_for_peer", '{"i": 2}', ctx),
+        )
+    assert [r.output for r in results] == ["1", "2"]
