@@ -171,6 +171,8 @@ class CallMachine:
         self._repeat = 0
         self._response_active = False
         self._create_sent: str | None = None  # event_id of our response.create not yet seen created
+        self._recent_creates: dict[str, dict[str, Any]] = {}  # event_id → body, the last few
+        self._retry_body: dict[str, Any] | None = None  # a create refused while another response ran
         self._want_response = False
         self._filler_spoken = False
         self._queued_say: list[str] = []
@@ -502,11 +504,15 @@ class CallMachine:
         if error.get("type") == "session_timeout":
             return [Notice("sideband.error", fields), *self._close(str(code or "session_timeout"))]
         actions: list[Action] = [Notice("sideband.error", fields)]
-        if self._create_sent is not None and error.get("event_id") == self._create_sent:
-            self._create_sent = None
+        body = self._recent_creates.pop(str(error.get("event_id")), None)
+        if body is not None:
+            # One of our response.create was refused (a response.created we saw may not have been ours).
+            if self._create_sent == error.get("event_id"):
+                self._create_sent = None
             if code == "conversation_already_has_active_response":
-                # Someone else's response is running; ours goes out after its response.done.
+                # Someone else's response is running; ours goes out again after its response.done.
                 self._response_active = True
+                self._retry_body = body
             actions += self._progress()
         return actions
 
@@ -515,6 +521,9 @@ class CallMachine:
         self._seq += 1
         event_id = f"sb_create_{self._seq}"
         self._create_sent = event_id
+        self._recent_creates[event_id] = response or {}
+        if len(self._recent_creates) > 8:
+            del self._recent_creates[next(iter(self._recent_creates))]
         event: dict[str, Any] = {"type": "response.create", "event_id": event_id}
         if response:
             event["response"] = response
@@ -530,6 +539,9 @@ class CallMachine:
             return []
         if self._busy:
             return []
+        if self._retry_body is not None:
+            body, self._retry_body = self._retry_body, None
+            return [self._create(body)]
         if self._want_response and self._running == 0:
             self._want_response = False
             return [self._create()]

@@ -1,0 +1,291 @@
+"""The sans-I/O call state machine: events in, actions out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sideband.runtime.machine import (
+    Action,
+    CallMachine,
+    Capabilities,
+    CancelTimer,
+    CancelTool,
+    Close,
+    MachineConfig,
+    Notice,
+    RunTool,
+    Send,
+    StartTimer,
+    Verb,
+)
+
+SESSION = {"type": "realtime", "instructions": "hi"}
+
+
+def machine(**kw: Any) -> CallMachine:
+    caps = kw.pop("caps", None)
+    return CallMachine(MachineConfig(session=SESSION, **kw), caps)
+
+
+def sends(actions: list[Action]) -> list[dict[str, Any]]:
+    return [a.event for a in actions if isinstance(a, Send)]
+
+
+def types(actions: list[Action]) -> list[str]:
+    return [e["type"] for e in sends(actions)]
+
+
+def notices(actions: list[Action], name: str) -> list[dict[str, Any]]:
+    return [a.fields for a in actions if isinstance(a, Notice) and a.event == name]
+
+
+def call_events(call_id: str, name: str, args: str, resp: str = "resp_1") -> list[dict[str, Any]]:
+    item = {"id": "item_" + call_id, "type": "function_call", "status": "in_progress", "name": name,
+            "call_id": call_id, "arguments": ""}
+    done_item = {**item, "status": "completed", "arguments": args}
+    return [
+        {"type": "response.output_item.added", "response_id": resp, "output_index": 1, "item": item},
+        {"type": "response.function_call_arguments.done", "response_id": resp, "call_id": call_id,
+         "name": name, "arguments": args},
+        {"type": "response.output_item.done", "response_id": resp, "output_index": 1, "item": done_item},
+    ]
+
+
+def response_done(resp: str = "resp_1", status: str = "completed", output: list[Any] | None = None) -> dict[str, Any]:
+    return {"type": "response.done", "response": {"id": resp, "status": status, "output": output or []}}
+
+
+def feed(m: CallMachine, events: list[dict[str, Any]]) -> list[Action]:
+    out: list[Action] = []
+    for e in events:
+        out += m.receive(e)
+    return out
+
+
+def test_start_sends_session_update_then_one_greeting() -> None:
+    m = machine(greeting="Say hello", max_call_duration=60, max_idle_duration=30)
+    actions = m.start()
+    assert types(actions) == ["session.update", "response.create"]
+    assert sends(actions)[0]["session"] == SESSION
+    assert sends(actions)[1]["response"] == {"instructions": "Say hello"}
+    assert StartTimer("max_duration", 60) in actions and StartTimer("idle", 30) in actions
+    # A re-attach sends the session again but never a second greeting.
+    assert types(m.reattached()) == ["session.update"]
+
+
+def test_tool_runs_once_after_response_done_and_create_follows_output() -> None:
+    m = machine()
+    m.start()
+    assert feed(m, [{"type": "response.created", "response": {"id": "resp_1"}}]) == []
+    assert feed(m, call_events("call_1", "lookup", '{"id": 1}')) == []
+    actions = m.receive(response_done(output=[{"type": "function_call", "call_id": "call_1", "name": "lookup",
+                                               "arguments": '{"id": 1}'}]))
+    assert [a for a in actions if isinstance(a, RunTool)] == [RunTool("call_1", "lookup", '{"id": 1}')]
+    # The same call surfacing again never runs twice.
+    assert not any(isinstance(a, RunTool) for a in m.receive(response_done()))
+    assert not any(isinstance(a, RunTool) for a in feed(m, call_events("call_1", "lookup", '{"id": 1}')))
+    done = m.tool_done("call_1", '{"ok":true}')
+    assert types(done) == ["conversation.item.create", "response.create"]
+    assert sends(done)[0]["item"] == {"type": "function_call_output", "call_id": "call_1", "output": '{"ok":true}'}
+    assert m.tool_done("call_1", "again") == []
+
+
+def test_parallel_calls_get_one_response_create_after_all_outputs() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    feed(m, call_events("call_a", "a", "{}") + call_events("call_b", "b", "{}"))
+    runs = [a for a in m.receive(response_done()) if isinstance(a, RunTool)]
+    assert [r.call_id for r in runs] == ["call_a", "call_b"]
+    assert types(m.tool_done("call_b", "B")) == ["conversation.item.create"]
+    assert types(m.tool_done("call_a", "A")) == ["conversation.item.create", "response.create"]
+
+
+def test_cancelled_response_discards_its_calls() -> None:
+    m = machine()
+    m.start()
+    feed(m, call_events("call_1", "transfer", "{}"))
+    actions = m.receive(response_done(status="cancelled"))
+    assert not any(isinstance(a, RunTool) for a in actions)
+    assert notices(actions, "tool.discarded")[0]["tool_call_id"] == "call_1"
+    assert m.tool_done("call_1", "late") == []
+
+
+def test_engine_style_complete_call_in_output_item_added() -> None:
+    m = machine(caps=Capabilities(session_created_first=True, call_verbs=False, audio_playback_events=False))
+    assert m.start() == []
+    assert types(m.receive({"type": "session.created", "session": {"id": "sess_1"}})) == ["session.update"]
+    item = {"id": "item_1", "type": "function_call", "status": "completed", "name": "lookupOrder",
+            "call_id": "call_9", "arguments": '{"orderId":"1"}'}
+    assert m.receive({"type": "response.output_item.added", "response_id": "resp_9", "item": item}) == []
+    actions = m.receive(response_done("resp_9", status="incomplete"))
+    assert [a for a in actions if isinstance(a, RunTool)] == [RunTool("call_9", "lookupOrder", '{"orderId":"1"}')]
+
+
+def test_output_while_response_active_waits_for_response_done() -> None:
+    m = machine(filler_after={"slow": 1.5})
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "resp_g"}})
+    m.receive(response_done("resp_g"))  # greeting done
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    feed(m, call_events("call_1", "slow", "{}"))
+    actions = m.receive(response_done())
+    assert StartTimer("filler:call_1", 1.5) in actions
+    filler = m.timer("filler:call_1")
+    assert types(filler) == ["response.create"]
+    assert sends(filler)[0]["response"]["tool_choice"] == "none"
+    # The filler response is active when the tool finishes: output now, response.create only after done.
+    m.receive({"type": "response.created", "response": {"id": "resp_f"}})
+    done = m.tool_done("call_1", "{}")
+    assert CancelTimer("filler:call_1") in done
+    assert types(done) == ["conversation.item.create"]
+    assert types(m.receive(response_done("resp_f"))) == ["response.create"]
+
+
+def test_filler_not_sent_while_response_active() -> None:
+    m = machine(filler_after={"slow": 1.0})
+    m.start()  # greeting response.create in flight
+    feed(m, call_events("call_1", "slow", "{}", resp="resp_x"))
+    m.receive({"type": "response.created", "response": {"id": "resp_x"}})
+    m.receive(response_done("resp_x"))
+    m.receive({"type": "response.created", "response": {"id": "resp_y"}})
+    assert m.timer("filler:call_1") == []
+
+
+def test_active_response_error_retries_after_done() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c", "t", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    first = sends(m.tool_done("c", "o"))[1]
+    assert first["type"] == "response.create"
+    # The caller spoke meanwhile: the server refuses our create; it goes out again after that response.
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    errs = m.receive({"type": "error", "error": {"type": "invalid_request_error",
+                                                "code": "conversation_already_has_active_response",
+                                                "event_id": first["event_id"]}})
+    assert types(errs) == []
+    again = sends(m.receive(response_done("r2")))
+    assert [e["type"] for e in again] == ["response.create"] and again[0]["event_id"] != first["event_id"]
+    assert m.tool_done("c", "o") == []
+
+
+def test_hangup_waits_for_tool_output_model_reply_and_playback() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("call_end", "end_call", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    ending = m.request_end("end_call_tool")
+    assert StartTimer("end_cap", 10.0) in ending and not any(isinstance(a, Verb) for a in ending)
+    assert m.request_end("again") == []  # idempotent
+    done = m.tool_done("call_end", '{"ok":true}')
+    assert types(done) == ["conversation.item.create", "response.create"]
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    m.receive({"type": "output_audio_buffer.started"})
+    assert not any(isinstance(a, Verb) for a in m.receive(response_done("r2")))
+    stop = m.receive({"type": "output_audio_buffer.stopped"})
+    assert Verb("hangup", None) in stop and CancelTimer("end_cap") in stop
+    assert m.verb_done(True)[-1] == Close("end_call_tool")
+    assert m.closed == "end_call_tool"
+    assert m.receive({"type": "response.created"}) == []
+
+
+def test_transfer_is_a_refer_and_end_cap_forces_it() -> None:
+    m = machine()
+    m.start()  # no greeting configured: nothing in flight
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    actions = m.request_end("transferred", verb="refer", target="tel:+14155550123")
+    assert not any(isinstance(a, Verb) for a in actions)
+    forced = m.timer("end_cap")
+    assert Verb("refer", "tel:+14155550123") in forced
+    assert notices(forced, "call.end_forced")
+    assert m.timer("end_cap") == []
+
+
+def test_idle_limit_says_goodbye_then_hangs_up() -> None:
+    m = machine(max_idle_duration=20)
+    m.start()
+    assert StartTimer("idle", 20) in m.receive({"type": "input_audio_buffer.speech_started"})
+    actions = m.timer("idle")
+    assert notices(actions, "call.limit") == [{"limit": "idle"}]
+    create = sends(actions)
+    assert create[0]["type"] == "response.create" and "goodbye" in create[0]["response"]["instructions"]
+    m.receive({"type": "response.created", "response": {"id": "r"}})
+    assert Verb("hangup", None) in m.receive(response_done("r"))
+    assert m.verb_done(False, "boom")[-1] == Close("idle_timeout")
+
+
+def test_loop_breaker_answers_with_an_error_output() -> None:
+    m = machine(max_identical_calls=2)
+    m.start()
+    outputs = []
+    for n in range(3):
+        r = f"r{n}"
+        m.receive({"type": "response.created", "response": {"id": r}})
+        feed(m, call_events(f"call_{n}", "same", '{"x":1}', resp=r))
+        actions = m.receive(response_done(r))
+        if any(isinstance(a, RunTool) for a in actions):
+            outputs += sends(m.tool_done(f"call_{n}", "fine"))
+        else:
+            outputs += sends(actions)
+            assert notices(actions, "tool.loop_breaker")
+    items = [o["item"]["output"] for o in outputs if o["type"] == "conversation.item.create"]
+    assert items[:2] == ["fine", "fine"]
+    assert "loop_detected" in items[2]
+
+
+def test_session_expired_closes_and_cancels_running_tools() -> None:
+    m = machine()
+    m.start()
+    feed(m, call_events("call_1", "slow", "{}"))
+    m.receive(response_done())
+    actions = m.receive({"type": "error", "error": {"type": "invalid_request_error", "code": "session_expired"}})
+    assert CancelTool("call_1") in actions and actions[-1] == Close("session_expired")
+
+
+def test_engine_session_timeout_error_closes_with_its_code() -> None:
+    m = machine()
+    m.start()
+    actions = m.receive({"type": "error", "error": {"type": "session_timeout", "code": "max_idle_duration_exceeded"}})
+    assert actions[-1] == Close("max_idle_duration_exceeded")
+
+
+def test_transcripts_dtmf_unknown_events_and_recoverable_errors() -> None:
+    m = machine()
+    m.start()
+    a = m.receive({"type": "conversation.item.input_audio_transcription.completed", "transcript": " Where is 42? "})
+    assert notices(a, "transcript") == [{"role": "caller", "text": "Where is 42?"}]
+    a = m.receive({"type": "response.output_audio_transcript.done", "transcript": "It shipped."})
+    assert notices(a, "transcript") == [{"role": "agent", "text": "It shipped."}]
+    assert notices(m.receive({"type": "input_audio_buffer.dtmf_event_received", "event": "9"}), "dtmf") == [
+        {"digit": "9"}]
+    assert m.receive({"type": "some.future.event", "x": 1}) == []
+    assert m.receive({"no": "type"}) == []
+    err = m.receive({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_value"}})
+    assert notices(err, "sideband.error")[0]["code"] == "invalid_value" and m.closed is None
+
+
+def test_clean_close_and_driver_failures_end_once() -> None:
+    m = machine()
+    m.start()
+    assert m.transport_closed(1000) == [Close("remote_closed")]
+    assert m.transport_closed(1000) == [] and m.fail("x") == []
+    # The server closing after our verb ends the call with our reason.
+    m3 = machine()
+    m3.start()
+    actions = m3.request_end("hangup")
+    assert Verb("hangup", None) in actions
+    assert m3.transport_closed(1000) == [Close("hangup")]
+
+
+def test_say_is_queued_behind_an_active_response() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r"}})
+    assert m.say("Tell them about the sale") == []
+    out = m.receive(response_done("r"))
+    assert sends(out)[0]["response"] == {"instructions": "Tell them about the sale"}
+    upd = m.update_session({"instructions": "new"})
+    assert sends(upd) == [{"type": "session.update", "session": {"instructions": "new", "type": "realtime"}}]
