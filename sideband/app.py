@@ -18,7 +18,13 @@ __all__ = ["IncomingCall", "Sideband", "parse_number"]
 F = TypeVar("F", bound=Callable[..., Any])
 RouteHook = Callable[["IncomingCall"], Awaitable[Decision] | Decision]
 
-_URI = re.compile(r"(?:sips?|tel):([^@;>\s]+)", re.IGNORECASE)
+class _Unset:
+    """Marks a constructor argument that was not given (``None`` means "off")."""
+
+
+_UNSET = _Unset()
+
+_URI = re.compile(r"(?:sips?|tel):([^@;>]+)", re.IGNORECASE)
 _VISUAL = re.compile(r"[\s\-.()]")
 
 
@@ -30,10 +36,13 @@ def parse_number(header_value: str | None) -> str | None:
     """
     if not header_value:
         return None
+    start, end = header_value.find("<"), header_value.rfind(">")
+    if 0 <= start < end:
+        header_value = header_value[start + 1 : end]  # the address, not the display name
     match = _URI.search(header_value)
     if match is None:
         return None
-    user = match.group(1)
+    user = match.group(1).strip()
     digits = _VISUAL.sub("", user)
     if digits.startswith("+") and digits[1:].isdigit() and 7 <= len(digits) - 1 <= 15:
         return digits
@@ -97,8 +106,8 @@ class Sideband:
         *,
         instructions: str | None = None,
         voice: str | None = None,
-        model: str | None = "gpt-realtime",
-        greeting: str | None = SessionConfig.model_fields["greeting"].default,
+        model: str | None | _Unset = _UNSET,
+        greeting: str | None | _Unset = _UNSET,
         session: SessionConfig | None = None,
         transfer_targets: Mapping[str, str] | None = None,
         tool_timeout: float = 10.0,
@@ -109,10 +118,9 @@ class Sideband:
         max_idle_duration: float | None = None,
         name: str = "sideband",
     ) -> None:
-        base = session or SessionConfig()
-        self.config = base.merged(instructions=instructions, voice=voice, model=model, greeting=greeting)
-        if greeting is None and session is None:
-            self.config = self.config.model_copy(update={"greeting": None})
+        config = (session or SessionConfig()).merged(instructions=instructions, voice=voice)
+        explicit = {k: v for k, v in (("model", model), ("greeting", greeting)) if not isinstance(v, _Unset)}
+        self.config = config.model_copy(update=explicit) if explicit else config
         self.name = name
         self.tools = ToolRegistry(default_timeout=tool_timeout, default_filler_after=filler_after)
         self.transfer_targets: dict[str, str] = dict(transfer_targets or {})

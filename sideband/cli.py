@@ -57,7 +57,7 @@ async def serve(settings: Settings, app: Sideband) -> None:
     (OpenAI redelivers them to another instance), live calls get ``SIDEBAND_DRAIN_TIMEOUT`` seconds."""
     from sideband.edge import SERVICE, create_app
 
-    log = structlog.get_logger(logger="sideband.cli")
+    log = structlog.get_logger(component="sideband.cli")
     web_app = create_app(settings, app)
     runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
     await runner.setup()

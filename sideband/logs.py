@@ -39,10 +39,10 @@ def configure_logging(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(out),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,
     )
 
 
 def get_logger(name: str) -> Any:
     """A structlog logger named for its room (``logger`` key on each line)."""
-    return structlog.get_logger(logger=name)
+    return structlog.get_logger(component=name)

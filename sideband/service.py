@@ -84,7 +84,7 @@ class Service:
             settings.rtc_ticket_secret or settings.openai_webhook_secret or settings.openai_api_key) else None
         self._http: aiohttp.ClientSession | None = None
         self._control: CallControl | None = None
-        self.log = structlog.get_logger(logger="sideband.service")
+        self.log = structlog.get_logger(component="sideband.service")
 
     # ----------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:

@@ -123,6 +123,14 @@ def env_name(field: str) -> str:
     return str(_NAMES.get(field, field))
 
 
+class _ExplicitSettings(Settings):
+    """Settings from explicit values only (no process environment): tests and embedding."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: Any, init_settings: Any, **sources: Any) -> tuple[Any, ...]:
+        return (init_settings,)
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -137,10 +145,10 @@ def load_settings(
     values = {k: v for k, v in (overrides or {}).items() if v is not None}
     try:
         if environ is None:
-            settings = Settings(**values)
+            settings: Settings = Settings(**values)
         else:
-            env = {name: environ[name] for name in _NAMES.values() if name in environ}
-            settings = Settings.model_validate({**env, **values})
+            env = {field: environ[name] for field, name in _NAMES.items() if name in environ}
+            settings = _ExplicitSettings(**{**env, **values})
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = str(err["loc"][0]) if err["loc"] else "settings"

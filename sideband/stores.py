@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -32,6 +33,7 @@ class MemoryStore:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._keys: dict[str, float] = {}
+        self._expiries: list[tuple[float, str]] = []
 
     async def claim(self, key: str, ttl: float) -> bool:
         now = self._clock()
@@ -39,8 +41,8 @@ class MemoryStore:
         expiry = self._keys.get(key)
         if expiry is not None and expiry > now:
             return False
-        self._keys.pop(key, None)
         self._keys[key] = now + ttl
+        heapq.heappush(self._expiries, (now + ttl, key))
         return True
 
     async def release(self, key: str) -> None:
@@ -48,15 +50,14 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._keys.clear()
+        self._expiries.clear()
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def _purge(self, now: float) -> None:
-        # Keys are kept in insertion order; with one TTL per key kind the oldest expire first.
-        keys = self._keys
-        while keys:
-            first = next(iter(keys))
-            if keys[first] > now:
-                return
-            del keys[first]
+        heap, keys = self._expiries, self._keys
+        while heap and heap[0][0] <= now:
+            expiry, key = heapq.heappop(heap)
+            if keys.get(key) == expiry:
+                del keys[key]

@@ -50,7 +50,7 @@ class TicketSigner:
 
     def verify(self, text: str) -> Ticket:
         """The ticket behind ``text``; raises :class:`TicketError` if forged, garbled or expired."""
-        if not isinstance(text, str) or len(text) > 512:
+        if not isinstance(text, str) or len(text) > 512 or not text.isascii():
             raise TicketError("malformed ticket")
         version, _, rest = text.partition(".")
         payload, _, mac = rest.partition(".")

@@ -24,7 +24,7 @@ SERVICE = web.AppKey("sideband.service", Service)
 _VERIFIER = web.AppKey("sideband.verifier", Verifier)
 _MAX_SDP = 64 * 1024
 
-log = structlog.get_logger(logger="sideband.edge")
+log = structlog.get_logger(component="sideband.edge")
 
 
 def _json(status: int, body: dict[str, object], headers: dict[str, str] | None = None) -> web.Response:

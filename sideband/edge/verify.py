@@ -44,6 +44,10 @@ class Verifier:
             raise VerificationError("missing webhook-id, webhook-timestamp or webhook-signature header")
         if len(msg_id) > 256 or len(signatures) > 4096:
             raise VerificationError("oversized webhook header")
+        try:
+            msg_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise VerificationError("malformed webhook-id header") from None
         if not stamp.isascii() or not stamp.isdigit() or len(stamp) > 12:
             raise VerificationError("webhook-timestamp is not a whole number of seconds")
         ts = int(stamp)

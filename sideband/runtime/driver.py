@@ -118,7 +118,7 @@ class CallRuntime:
         """Set once the first socket is open (tests and benchmarks wait on it)."""
         self.ready = asyncio.Event()
         """Set once the server confirmed the session (``session.updated``)."""
-        self.log = structlog.get_logger(logger="sideband.call")
+        self.log = structlog.get_logger(component="sideband.call")
         ctx.actions = self
 
     # ----------------------------------------------------------------------- CallActions API

@@ -157,7 +157,9 @@ class CallerHangsUp:
         return f"caller_hangs_up({self.mode!r})"
 
 
-Step: TypeAlias = WaitForGreeting | CallerSays | ModelSays | ModelCalls | CallerPresses | Pause | CallerHangsUp
+Step: TypeAlias = (
+    WaitForGreeting | CallerSays | ModelSays | ModelCalls | CallerPresses | Pause | CallerHangsUp
+)
 """Any one step of a :class:`Script`."""
 
 _STEP_TYPES = (WaitForGreeting, CallerSays, ModelSays, ModelCalls, CallerPresses, Pause, CallerHangsUp)
@@ -236,9 +238,10 @@ def model_calls(
     """The model calls one function (``model_calls("lookup", {"id": 1})``) or several in parallel
     (``model_calls([("a", {...}), ("b", {...})])``).
 
-    ``arguments``: a dict is sent as compact JSON, a str verbatim (so malformed or pretty-printed arguments can
-    be tested). ``preamble`` adds a spoken message before the call(s) in the same response. ``status`` sets
-    the ``response.done`` status; for ``"cancelled"``/``"failed"`` the step does not wait for outputs.
+    ``arguments``: a dict is sent as compact JSON, a str verbatim (so malformed or pretty-printed arguments
+    can be tested). ``preamble`` adds a spoken message before the call(s) in the same response.
+    ``status`` sets the ``response.done`` status; for ``"cancelled"``/``"failed"`` the step does not wait
+    for outputs.
     """
     if status not in _RESPONSE_STATUSES:
         raise ValueError(f"status must be one of {_RESPONSE_STATUSES}, not {status!r}")

@@ -26,7 +26,7 @@ __all__ = ["OPENAI_WEBHOOK_USER_AGENT", "DeliveryResult", "WebhookSender", "deco
 OPENAI_WEBHOOK_USER_AGENT = "OpenAI/1.0 (+https://platform.openai.com/docs/webhooks)"
 """The ``user-agent`` OpenAI's webhook deliveries carry."""
 
-_SECRET_PREFIX = "whsec_"
+_SECRET_PREFIX = "whsec_"  # noqa: S105 - a format prefix, not a secret
 
 
 def decode_secret(secret: str) -> bytes:
@@ -131,7 +131,11 @@ class WebhookSender:
         return json.dumps(dict(event)).encode()
 
     async def post_raw(
-        self, body: bytes, headers: Mapping[str, str], *, timeout: float = 5.0
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - a per-request HTTP timeout
     ) -> tuple[int, bytes]:
         """POST ``body`` with exactly ``headers`` once (no signing, no retry); return (status, body)."""
         client_timeout = aiohttp.ClientTimeout(total=timeout)
@@ -148,7 +152,7 @@ class WebhookSender:
         timestamp: int | None = None,
         max_attempts: int = 3,
         backoff: float = 0.05,
-        timeout: float = 5.0,
+        timeout: float = 5.0,  # noqa: ASYNC109 - a per-attempt HTTP timeout
     ) -> DeliveryResult:
         """Sign and POST ``event`` until a 2xx or ``max_attempts`` attempts.
 

@@ -1,0 +1,180 @@
+"""``sideband demo``: the whole system against the built-in simulator. No key, no network."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from aiohttp import web
+
+from sideband.app import Sideband
+from sideband.context import CallContext
+from sideband.edge import create_app
+from sideband.logs import configure_logging
+from sideband.runtime.driver import CallSummary, ToolRecord
+from sideband.settings import load_settings
+from sideband.testing import (
+    Script,
+    Simulator,
+    caller_hangs_up,
+    caller_presses,
+    caller_says,
+    model_calls,
+    model_says,
+    wait_for_greeting,
+)
+
+__all__ = ["Scenario", "order_desk_scenarios", "run_demo"]
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """One simulated call: who calls, and what caller and model do."""
+
+    title: str
+    script: Script
+    from_number: str = "+14255550100"
+    to_number: str = "+18005551212"
+
+
+def order_desk_scenarios() -> list[Scenario]:
+    """Calls that exercise the bundled order desk: lookup, a failed lookup + transfer, DTMF + end call,
+    and a withheld number that routing rejects."""
+    return [
+        Scenario("order lookup, caller hangs up", Script([
+            wait_for_greeting("Example Corp order desk, what's your order number?"),
+            caller_says("Hi, where is my order 1042?"),
+            model_calls("lookup_order", {"order_id": "1042"}, preamble="Let me check that for you."),
+            model_says("Order 1042 shipped with UPS and arrives Thursday."),
+            caller_says("Great, thanks. Bye!"),
+            model_says("You're welcome, goodbye!"),
+            caller_hangs_up(),
+        ])),
+        Scenario("unknown order, transfer to a human", Script([
+            wait_for_greeting("Example Corp order desk, what's your order number?"),
+            caller_says("Order 9999 please."),
+            model_calls("lookup_order", {"order_id": "9999"}),
+            model_says("I can't find order 9999. Could you repeat the number?"),
+            caller_says("Just get me a person."),
+            model_calls("transfer_call", {"destination": "human"}),
+            model_says("Connecting you to a colleague now."),
+        ]), from_number="+442071838750"),
+        Scenario("keypad entry, model ends the call", Script([
+            wait_for_greeting("Example Corp order desk, what's your order number?"),
+            caller_presses("3001"),
+            caller_says("That's 3001."),
+            model_calls("lookup_order", {"order_id": "3001"}),
+            model_says("Order 3001 was delivered on Monday. Anything else?"),
+            caller_says("No, that's all."),
+            model_calls("end_call", {}),
+            model_says("Thanks for calling Example Corp. Goodbye!"),
+        ]), from_number="+16175550199"),
+        Scenario("withheld number, rejected by routing", Script([]), from_number="anonymous"),
+    ]
+
+
+def generic_scenarios(app: Sideband) -> list[Scenario]:
+    """A plain call for an app the demo knows nothing about."""
+    return [Scenario("hello and goodbye", Script([
+        wait_for_greeting("Hello, how can I help?"),
+        caller_says("Hello there."),
+        model_says("Hi! How can I help you today?"),
+        caller_hangs_up(),
+    ]))]
+
+
+class _Printer:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.ended: dict[str, asyncio.Event] = {}
+        self.summaries: dict[str, CallSummary] = {}
+        self.t0 = time.monotonic()
+
+    def line(self, tag: str, text: str) -> None:
+        self.out.write(f"  {time.monotonic() - self.t0:6.2f}s  {tag:<7} {text}\n")
+        self.out.flush()
+
+    def install(self, app: Sideband) -> None:
+        def transcript(ctx: CallContext, role: str, text: str) -> None:
+            self.line(role, text)
+
+        def tool(ctx: CallContext, record: ToolRecord) -> None:
+            self.line("tool", f"{record.name} → {record.outcome} in {record.duration * 1000:.1f} ms")
+
+        def dtmf(ctx: CallContext, digit: str) -> None:
+            self.line("keypad", digit)
+
+        def ended(ctx: CallContext, summary: CallSummary) -> None:
+            self.summaries[ctx.call_id] = summary
+            self.ended.setdefault(ctx.call_id, asyncio.Event()).set()
+
+        app.on_transcript(transcript)
+        app.on_tool(tool)
+        app.on_dtmf(dtmf)
+        app.on_call_end(ended)
+
+
+async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO | None = None) -> int:
+    """Place ``calls`` simulated calls through a real server on loopback; print what happens."""
+    out = out or sys.stdout
+    scenarios: list[Scenario]
+    if app is None:
+        from sideband.examples.order_desk import app as order_desk
+
+        app = order_desk
+        pool = order_desk_scenarios()
+        scenarios = [*pool[: max(calls, 1)], pool[-1]] if calls < len(pool) - 1 else pool
+    else:
+        scenarios = (generic_scenarios(app) * max(calls, 1))[: max(calls, 1)]
+    configure_logging("console", "warning", stream=sys.stderr)
+    printer = _Printer(out)
+    printer.install(app)
+    failures = 0
+    async with Simulator() as sim:
+        settings = load_settings(
+            {"openai_api_key": sim.api_key, "openai_webhook_secret": sim.webhook_secret,
+             "openai_base_url": sim.base_url, "host": "127.0.0.1", "port": 0, "max_idle_duration": 30},
+            environ={},
+        )
+        runner = web.AppRunner(create_app(settings, app), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        url = f"http://127.0.0.1:{port}/webhooks/openai"
+        out.write(f"sideband demo: server on 127.0.0.1:{port}, simulator at {sim.base_url}\n")
+        sender = sim.webhook_sender(url)
+        try:
+            for n, scenario in enumerate(scenarios, 1):
+                call = sim.create_call(scenario.script, from_number=scenario.from_number,
+                                       to_number=scenario.to_number)
+                printer.ended.setdefault(call.call_id, asyncio.Event())
+                out.write(f"\ncall {n}: {scenario.title}  ({call.call_id}, {scenario.from_number} → "
+                          f"{scenario.to_number})\n")
+                started = time.monotonic()
+                result = await sender.deliver(sim.incoming_event(call))
+                printer.line("webhook", f"{result.status} in {(time.monotonic() - started) * 1000:.1f} ms, "
+                                        f"call {call.status}")
+                if call.status != "accepted":
+                    printer.line("end", f"{call.status} ({call.reject_body or call.refer_target or ''})")
+                    continue
+                try:
+                    await asyncio.wait_for(printer.ended[call.call_id].wait(), 10)
+                    await call.wait_ended(timeout=5)
+                except TimeoutError:
+                    failures += 1
+                    printer.line("error", f"call did not end in time ({call.script_error or 'no script error'})")
+                    continue
+                summary = printer.summaries[call.call_id]
+                printer.line("end", f"{summary.reason} after {summary.duration:.2f} s, "
+                                    f"{len(summary.tools)} tool call(s); simulator: {call.end_reason}")
+                if call.script_error:
+                    failures += 1
+                    printer.line("error", call.script_error)
+        finally:
+            await runner.cleanup()
+    out.write(f"\n{len(scenarios)} calls, {failures} failed.\n")
+    return 1 if failures else 0

@@ -1,0 +1,59 @@
+"""``sideband.testing``: an in-process OpenAI Realtime SIP/WebRTC simulator for tests, demos and benchmarks.
+
+::
+
+    from sideband.testing import Simulator, Script, wait_for_greeting, caller_says, model_calls, model_says
+
+    async with Simulator() as sim:
+        call = sim.create_call(Script([wait_for_greeting(), caller_says("Hi"), model_says("Hello!")]))
+        result = await sim.webhook_sender("http://127.0.0.1:8080/webhooks/openai").deliver(
+            sim.incoming_event(call))
+        await call.wait_done()
+
+Point the code under test at ``sim.base_url`` (REST) with ``sim.api_key``; verify webhooks with
+``sim.webhook_secret``. The pytest plugin (``sideband.testing.pytest_plugin``, registered automatically)
+provides a ``simulator`` fixture.
+"""
+
+from .script import (
+    Script,
+    Step,
+    caller_hangs_up,
+    caller_presses,
+    caller_says,
+    model_calls,
+    model_says,
+    pause,
+    wait_for_greeting,
+)
+from .sender import DeliveryResult, WebhookSender
+from .simulator import (
+    DEFAULT_API_KEY,
+    DEFAULT_WEBHOOK_SECRET,
+    RequestRecord,
+    ResponseRecord,
+    ScriptError,
+    SimCall,
+    Simulator,
+)
+
+__all__ = [
+    "DEFAULT_API_KEY",
+    "DEFAULT_WEBHOOK_SECRET",
+    "DeliveryResult",
+    "RequestRecord",
+    "ResponseRecord",
+    "Script",
+    "ScriptError",
+    "SimCall",
+    "Simulator",
+    "Step",
+    "WebhookSender",
+    "caller_hangs_up",
+    "caller_presses",
+    "caller_says",
+    "model_calls",
+    "model_says",
+    "pause",
+    "wait_for_greeting",
+]

@@ -1,0 +1,2201 @@
+"""An in-process stand-in for OpenAI's Realtime SIP/WebRTC service.
+
+:class:`Simulator` is an aiohttp server on a loopback port that speaks the call-control REST endpoints
+(accept/reject/refer/hangup, WebRTC ``POST /realtime/calls``, ``client_secrets``) and the call-scoped sideband
+WebSocket, enforcing what the real service enforces (``PROTOCOL.md`` parts A and B). Each call is a
+:class:`SimCall`: a record of what happened (requests, events in and out, end reason) and the runtime that
+plays the call's :class:`~sideband.testing.script.Script`.
+
+Event shapes follow real recordings (``cassettes/openai``): every server event has ``type`` and an
+``event_id`` (``event_…``); ids use the real prefixes (``resp_``, ``item_``, ``call_``, ``sess_``, ``conv_``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import email.parser
+import email.policy
+import itertools
+import json
+import re
+import secrets
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, TypeAlias
+
+from aiohttp import WSMsgType, web
+from aiohttp.typedefs import Handler
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .script import (
+    CallerHangsUp,
+    CallerPresses,
+    CallerSays,
+    FunctionCallSpec,
+    HangupMode,
+    ModelCalls,
+    ModelSays,
+    Pause,
+    Script,
+    Step,
+    WaitForGreeting,
+)
+from .sender import DeliveryResult, WebhookSender
+
+__all__ = [
+    "DEFAULT_API_KEY",
+    "DEFAULT_WEBHOOK_SECRET",
+    "CallStatus",
+    "Fault",
+    "RequestRecord",
+    "ResponseRecord",
+    "ScriptError",
+    "SimCall",
+    "Simulator",
+]
+
+DEFAULT_API_KEY = "sk-test"
+"""The API key a :class:`Simulator` accepts unless told otherwise."""
+
+DEFAULT_WEBHOOK_SECRET = "whsec_c2lkZWJhbmQtc2ltdWxhdG9yLXdlYmhvb2sta2V5IQ=="  # noqa: S105 - fixed test secret
+"""The Standard Webhooks secret a :class:`Simulator` signs with unless told otherwise."""
+
+CallStatus: TypeAlias = Literal["ringing", "accepted", "rejected", "referred", "ended"]
+Fault: TypeAlias = int | Literal["timeout"]
+"""A queued accept fault: an HTTP status to answer, or ``"timeout"`` (hold the request until closed)."""
+
+_DEFAULT_MODEL = "gpt-realtime"
+_DEFAULT_INSTRUCTIONS = (
+    "Your knowledge cutoff is 2023-10. You are a helpful, witty, and friendly AI. Act like a human, but "
+    "remember that you aren't a human and that you can't do human things in the real world."
+)
+_SESSION_MAX_SECONDS = 3600
+_CLOSE_TIMEOUT = 2.0
+
+_SESSION_KEYS = frozenset(
+    {
+        "type",
+        "model",
+        "instructions",
+        "output_modalities",
+        "audio",
+        "tools",
+        "tool_choice",
+        "max_output_tokens",
+        "truncation",
+        "tracing",
+        "prompt",
+        "include",
+    }
+)
+_AUDIO_INPUT_KEYS = frozenset({"format", "transcription", "noise_reduction", "turn_detection"})
+_AUDIO_OUTPUT_KEYS = frozenset({"format", "voice", "speed"})
+_TURN_DETECTION_KEYS = frozenset(
+    {
+        "type",
+        "threshold",
+        "prefix_padding_ms",
+        "silence_duration_ms",
+        "idle_timeout_ms",
+        "create_response",
+        "interrupt_response",
+        "eagerness",
+    }
+)
+_SIP_FORBIDDEN_TURN_KEYS = ("threshold", "prefix_padding_ms", "silence_duration_ms")
+_AUDIO_FORMATS = frozenset({"audio/pcm", "audio/pcmu", "audio/pcma"})
+_CLIENT_EVENT_TYPES = (
+    "session.update",
+    "input_audio_buffer.append",
+    "input_audio_buffer.commit",
+    "input_audio_buffer.clear",
+    "conversation.item.create",
+    "conversation.item.retrieve",
+    "conversation.item.truncate",
+    "conversation.item.delete",
+    "response.create",
+    "response.cancel",
+    "output_audio_buffer.clear",
+)
+_MESSAGE_CONTENT_TYPES: dict[str, frozenset[str]] = {
+    "user": frozenset({"input_text", "input_audio", "input_image"}),
+    "system": frozenset({"input_text"}),
+    "assistant": frozenset({"output_text", "output_audio"}),
+}
+_WORDS = re.compile(r"\s*\S+")
+
+
+class ScriptError(AssertionError):
+    """A call's script failed (a step timed out, or the call ended before the script finished)."""
+
+
+class _StepTimeout(Exception):
+    """Internal: one wait of a script step ran out of time."""
+
+
+class _Problem(NamedTuple):
+    param: str | None
+    code: str
+    message: str
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One HTTP request the simulator received (WebSocket handshakes included), and the status it answered."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    json: Any = None
+    status: int = 0
+
+
+@dataclass(slots=True)
+class ResponseRecord:
+    """One model response on a call.
+
+    ``trigger``: ``"response.create"`` (answering the controller), ``"vad"`` (after the caller spoke) or
+    ``"spontaneous"``. ``source``: ``"script"`` or ``"auto"`` (a generic answer to an unscripted
+    ``response.create``). ``request`` is the ``response`` object of that ``response.create`` (``{}`` if it had
+    none, ``None`` when not triggered by the controller).
+    """
+
+    response_id: str
+    trigger: Literal["response.create", "vad", "spontaneous"]
+    source: Literal["script", "auto"]
+    request: dict[str, Any] | None
+    status: str = "in_progress"
+    text: str | None = None
+    call_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _EphemeralKey:
+    value: str
+    expires_at: int
+    session: dict[str, Any]
+
+
+@dataclass(slots=True, eq=False)
+class _Attachment:
+    ws: web.WebSocketResponse
+    transport: asyncio.Transport | None
+
+
+_EPHEMERAL = web.RequestKey("sideband_simulator_ephemeral_key", _EphemeralKey)
+"""Per-request storage: the ephemeral key a request authenticated with (immutable key object)."""
+
+
+def _error_body(
+    message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _error_response(
+    status: int,
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> web.Response:
+    return web.json_response(_error_body(message, type_=type_, param=param, code=code), status=status)
+
+
+def _fault_response(status: int) -> web.Response:
+    if status == 404:
+        return _error_response(404, "Call not found.", code="call_not_found")
+    if status == 429:
+        return _error_response(429, "Rate limit reached.", type_="requests", code="rate_limit_exceeded")
+    if status >= 500:
+        return _error_response(
+            status,
+            "The server had an error while processing your request. Sorry about that!",
+            type_="server_error",
+        )
+    return _error_response(status, f"Simulated failure ({status}).")
+
+
+def _chunks(text: str, limit: int = 12) -> list[str]:
+    """Split text into transcript-like deltas (words with their leading space), at most ``limit``."""
+    words = _WORDS.findall(text)
+    if not words:
+        return [text] if text else []
+    tail = text[len("".join(words)) :]
+    if tail:
+        words[-1] += tail
+    if len(words) <= limit:
+        return words
+    size = -(-len(words) // limit)
+    return ["".join(words[i : i + size]) for i in range(0, len(words), size)]
+
+
+def _arg_chunks(arguments: str, limit: int = 12) -> list[str]:
+    if not arguments:
+        return []
+    count = max(1, min(limit, len(arguments) // 4))
+    size = -(-len(arguments) // count)
+    return [arguments[i : i + size] for i in range(0, len(arguments), size)]
+
+
+def _usage(input_tokens: int, output_tokens: int, *, audio: bool) -> dict[str, Any]:
+    audio_out = output_tokens if audio else 0
+    return {
+        "total_tokens": input_tokens + output_tokens,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "input_token_details": {
+            "text_tokens": input_tokens,
+            "audio_tokens": 0,
+            "image_tokens": 0,
+            "cached_tokens": 0,
+            "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0},
+        },
+        "output_token_details": {"text_tokens": output_tokens - audio_out, "audio_tokens": audio_out},
+    }
+
+
+def _creates_response(session: Mapping[str, Any]) -> bool:
+    """Whether the session's turn detection starts a response by itself when the caller stops speaking."""
+    turn = session.get("audio", {}).get("input", {}).get("turn_detection")
+    return isinstance(turn, dict) and bool(turn.get("create_response", True))
+
+
+def _transcribes(session: Mapping[str, Any]) -> bool:
+    return isinstance(session.get("audio", {}).get("input", {}).get("transcription"), dict)
+
+
+def _normalize_turn_detection(value: Mapping[str, Any]) -> dict[str, Any]:
+    if value.get("type") == "semantic_vad":
+        base: dict[str, Any] = {
+            "type": "semantic_vad",
+            "eagerness": "auto",
+            "create_response": True,
+            "interrupt_response": True,
+        }
+    else:
+        base = {
+            "type": "server_vad",
+            "threshold": 0.5,
+            "prefix_padding_ms": 300,
+            "silence_duration_ms": 200,
+            "idle_timeout_ms": None,
+            "create_response": True,
+            "interrupt_response": True,
+        }
+    base.update(copy.deepcopy(dict(value)))
+    return base
+
+
+def _normalize_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    if tool.get("type", "function") != "function":
+        return copy.deepcopy(dict(tool))
+    out: dict[str, Any] = {"type": "function", "name": tool.get("name")}
+    if "description" in tool:
+        out["description"] = tool["description"]
+    out["parameters"] = copy.deepcopy(tool.get("parameters", {}))
+    return out
+
+
+def _default_session(session_id: str, *, model: str, sip: bool) -> dict[str, Any]:
+    fmt: dict[str, Any] = {"type": "audio/pcmu"} if sip else {"type": "audio/pcm", "rate": 24000}
+    return {
+        "type": "realtime",
+        "object": "realtime.session",
+        "id": session_id,
+        "model": model,
+        "output_modalities": ["audio"],
+        "instructions": _DEFAULT_INSTRUCTIONS,
+        "tools": [],
+        "tool_choice": "auto",
+        "max_output_tokens": "inf",
+        "tracing": None,
+        "truncation": "auto",
+        "prompt": None,
+        "expires_at": int(time.time()) + _SESSION_MAX_SECONDS,
+        "audio": {
+            "input": {
+                "format": dict(fmt),
+                "transcription": None,
+                "noise_reduction": None,
+                "turn_detection": _normalize_turn_detection({"type": "server_vad"}),
+            },
+            "output": {"format": dict(fmt), "voice": "alloy", "speed": 1.0},
+        },
+        "include": None,
+    }
+
+
+def _merge_session(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with the fields present in ``update`` changed (a new object; ``base`` is not modified)."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if key in ("type", "object", "id"):
+            continue
+        if key == "tools":
+            merged["tools"] = [_normalize_tool(t) for t in value]
+        elif key == "audio":
+            audio = merged.setdefault("audio", {"input": {}, "output": {}})
+            for direction in ("input", "output"):
+                part = value.get(direction)
+                if not isinstance(part, Mapping):
+                    continue
+                target = audio.setdefault(direction, {})
+                for sub, sub_value in part.items():
+                    if sub == "transcription" and isinstance(sub_value, Mapping):
+                        target[sub] = {"model": None, "language": None, "prompt": None, **sub_value}
+                    elif sub == "turn_detection" and isinstance(sub_value, Mapping):
+                        target[sub] = _normalize_turn_detection(sub_value)
+                    else:
+                        target[sub] = copy.deepcopy(sub_value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _check_session(session: Mapping[str, Any], prefix: str, *, sip: bool, accept: bool) -> _Problem | None:
+    """What the real service would reject in a session config (accept body or ``session.update``)."""
+    for key in session:
+        if key not in _SESSION_KEYS:
+            return _Problem(f"{prefix}{key}", "unknown_parameter", f"Unknown parameter: '{prefix}{key}'.")
+    if session.get("type") != "realtime":
+        return _Problem(
+            f"{prefix}type",
+            "invalid_value",
+            f"Invalid value: {session.get('type')!r}. Supported values are: 'realtime'.",
+        )
+    for key in ("model", "instructions"):
+        if key in session and not isinstance(session[key], str):
+            return _Problem(
+                f"{prefix}{key}", "invalid_type", f"Invalid type for '{prefix}{key}': expected a string."
+            )
+    if "output_modalities" in session:
+        modalities = session["output_modalities"]
+        if not isinstance(modalities, list) or len(modalities) != 1 or modalities[0] not in ("audio", "text"):
+            return _Problem(
+                f"{prefix}output_modalities",
+                "invalid_value",
+                "output_modalities must be ['audio'] or ['text'].",
+            )
+    if "tools" in session:
+        tools = session["tools"]
+        if not isinstance(tools, list):
+            return _Problem(
+                f"{prefix}tools", "invalid_type", f"Invalid type for '{prefix}tools': expected an array."
+            )
+        for index, tool in enumerate(tools):
+            where = f"{prefix}tools[{index}]"
+            if not isinstance(tool, dict):
+                return _Problem(where, "invalid_type", f"Invalid type for '{where}': expected an object.")
+            if tool.get("type", "function") == "function":
+                if not isinstance(tool.get("name"), str) or not tool["name"]:
+                    return _Problem(
+                        f"{where}.name",
+                        "missing_required_parameter",
+                        f"Missing required parameter: '{where}.name'.",
+                    )
+                if "parameters" in tool and not isinstance(tool["parameters"], dict):
+                    return _Problem(
+                        f"{where}.parameters",
+                        "invalid_type",
+                        f"Invalid type for '{where}.parameters': expected an object.",
+                    )
+    if "tool_choice" in session:
+        choice = session["tool_choice"]
+        if not (choice in ("auto", "none", "required") or isinstance(choice, dict)):
+            return _Problem(f"{prefix}tool_choice", "invalid_value", f"Invalid value: {choice!r}.")
+    if "max_output_tokens" in session:
+        limit = session["max_output_tokens"]
+        if not (
+            limit == "inf" or (isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit <= 4096)
+        ):
+            return _Problem(
+                f"{prefix}max_output_tokens",
+                "invalid_value",
+                "max_output_tokens must be an integer between 1 and 4096, or 'inf'.",
+            )
+    if "audio" in session:
+        return _check_audio(session["audio"], f"{prefix}audio", sip=sip, accept=accept)
+    return None
+
+
+def _check_audio(audio: Any, where: str, *, sip: bool, accept: bool) -> _Problem | None:
+    if not isinstance(audio, dict):
+        return _Problem(where, "invalid_type", f"Invalid type for '{where}': expected an object.")
+    for key in audio:
+        if key not in ("input", "output"):
+            return _Problem(f"{where}.{key}", "unknown_parameter", f"Unknown parameter: '{where}.{key}'.")
+    for direction, allowed in (("input", _AUDIO_INPUT_KEYS), ("output", _AUDIO_OUTPUT_KEYS)):
+        if direction not in audio:
+            continue
+        part = audio[direction]
+        here = f"{where}.{direction}"
+        if not isinstance(part, dict):
+            return _Problem(here, "invalid_type", f"Invalid type for '{here}': expected an object.")
+        for key in part:
+            if key not in allowed:
+                return _Problem(f"{here}.{key}", "unknown_parameter", f"Unknown parameter: '{here}.{key}'.")
+        if "format" in part:
+            if sip:
+                return _Problem(
+                    f"{here}.format",
+                    "invalid_value",
+                    f"'{here}.format' is not supported for SIP calls: the codec is negotiated in SIP.",
+                )
+            fmt = part["format"]
+            if not isinstance(fmt, dict) or fmt.get("type") not in _AUDIO_FORMATS:
+                return _Problem(f"{here}.format", "invalid_value", f"Invalid value for '{here}.format'.")
+        if direction == "input":
+            problem = _check_audio_input(part, here, sip=sip, accept=accept)
+            if problem is not None:
+                return problem
+        else:
+            if "voice" in part and not isinstance(part["voice"], str):
+                return _Problem(
+                    f"{here}.voice", "invalid_type", f"Invalid type for '{here}.voice': expected a string."
+                )
+            speed = part.get("speed", 1.0)
+            if not isinstance(speed, int | float) or isinstance(speed, bool) or not 0.25 <= speed <= 1.5:
+                return _Problem(f"{here}.speed", "invalid_value", "speed must be between 0.25 and 1.5.")
+    return None
+
+
+def _check_audio_input(part: Mapping[str, Any], here: str, *, sip: bool, accept: bool) -> _Problem | None:
+    transcription = part.get("transcription")
+    if transcription is not None and (
+        not isinstance(transcription, dict) or not isinstance(transcription.get("model"), str)
+    ):
+        return _Problem(
+            f"{here}.transcription.model", "invalid_value", f"'{here}.transcription' needs a 'model' string."
+        )
+    noise = part.get("noise_reduction")
+    if noise is not None and (
+        not isinstance(noise, dict) or noise.get("type") not in ("near_field", "far_field")
+    ):
+        return _Problem(
+            f"{here}.noise_reduction.type",
+            "invalid_value",
+            "noise_reduction.type must be 'near_field' or 'far_field'.",
+        )
+    turn = part.get("turn_detection")
+    if turn is None:
+        return None
+    where = f"{here}.turn_detection"
+    if not isinstance(turn, dict):
+        return _Problem(where, "invalid_type", f"Invalid type for '{where}': expected an object.")
+    if turn.get("type") not in ("server_vad", "semantic_vad"):
+        return _Problem(
+            f"{where}.type",
+            "invalid_value",
+            "Invalid value. Supported values are: 'server_vad' and 'semantic_vad'.",
+        )
+    for key in turn:
+        if key not in _TURN_DETECTION_KEYS:
+            return _Problem(f"{where}.{key}", "unknown_parameter", f"Unknown parameter: '{where}.{key}'.")
+    if sip and accept:
+        for key in _SIP_FORBIDDEN_TURN_KEYS:
+            if key in turn:
+                return _Problem(
+                    f"{where}.{key}",
+                    "unknown_parameter",
+                    f"'{where}.{key}' is not supported when accepting a SIP call.",
+                )
+    return None
+
+
+def _is_response_step(step: Step) -> bool:
+    return isinstance(step, WaitForGreeting | ModelSays | ModelCalls)
+
+
+class SimCall:
+    """One simulated call: its record (what was asked, what was sent) and the runtime playing its script.
+
+    Public attributes are a read-only record for tests: ``status`` (``"ringing"``, ``"accepted"``,
+    ``"rejected"``, ``"referred"``, ``"ended"``), ``end_reason``, ``accept_body``, ``reject_body``,
+    ``refer_target``, ``hangup_requested``, ``session`` (the full effective session), ``received`` (client
+    events, in order), ``sent`` (server events, in order), ``sideband_connects``, ``responses``,
+    ``function_outputs`` (``(call_id, output)`` in arrival order), ``transcript`` (``(role, text)`` lines)
+    and ``script_error``.
+    """
+
+    def __init__(
+        self,
+        sim: Simulator,
+        call_id: str,
+        script: Script,
+        *,
+        kind: Literal["sip", "webrtc"],
+        from_number: str | None = None,
+        to_number: str | None = None,
+        sip_headers: list[dict[str, str]] | None = None,
+        media_security: str | None = None,
+    ) -> None:
+        self.call_id = call_id
+        self.kind: Literal["sip", "webrtc"] = kind
+        self.script = script
+        self.from_number = from_number
+        self.to_number = to_number
+        self.sip_headers: list[dict[str, str]] = sip_headers or []
+        self.media_security = media_security
+        self.created_at = int(time.time())
+        self.incoming_event_id = "evt_" + uuid.uuid4().hex
+        self.status: CallStatus = "ringing"
+        self.end_reason: str | None = None
+        self.accept_body: dict[str, Any] | None = None
+        self.reject_body: dict[str, Any] | None = None
+        self.refer_target: str | None = None
+        self.hangup_requested = False
+        self.session: dict[str, Any] | None = None
+        self.received: list[dict[str, Any]] = []
+        self.sent: list[dict[str, Any]] = []
+        self.bad_frames: list[str | bytes] = []
+        self.sideband_connects = 0
+        self.responses: list[ResponseRecord] = []
+        self.function_outputs: list[tuple[str, str]] = []
+        self.transcript: list[tuple[str, str]] = []
+        self.script_error: str | None = None
+        self.sdp_offer: str | None = None
+        self.ephemeral_key: str | None = None
+
+        self._sim = sim
+        self._session_id = "sess_" + call_id.removeprefix("rtc_")
+        self._conversation_id = sim._new_id("conv_")
+        self._sockets: list[_Attachment] = []
+        self._attached = asyncio.Event()
+        self._first_event = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._done = asyncio.Event()
+        self._tick = asyncio.Event()
+        self._waiters = 0
+        self._runner: asyncio.Task[None] | None = None
+        self._response_tasks: set[asyncio.Task[None]] = set()
+        self._response_lock = asyncio.Lock()
+        self._active_response: str | None = None
+        self._pending_create: dict[str, Any] | None = None
+        self._create_arrived = asyncio.Event()
+        self._cancel_reason: str | None = None
+        self._deferred: list[tuple[str, dict[str, Any]]] = []
+        self._function_calls: dict[str, str] = {}
+        self._answered_calls: set[str] = set()
+        self._outputs_changed = asyncio.Event()
+        self._items: dict[str, dict[str, Any]] = {}
+        self._last_item_id: str | None = None
+        self._step_index = 0
+        self._phase = "idle"
+        self._next_needs_create = False
+        self._grace_done = False
+        self._audio_ms = 0
+        self._assistant_audio = False
+        self._response_count = 0
+        self._awaiting_ids: list[str] = []
+        self._vad_turn = False
+        self.webhook_delivery: DeliveryResult | None = None
+        self.accept_faults: deque[Fault] = sim._call_faults.pop(call_id, deque())
+        """Faults queued for this call's next accept attempts (see ``Simulator.fail_accept``)."""
+
+    def __repr__(self) -> str:
+        return f"<SimCall {self.call_id} {self.kind} status={self.status} end_reason={self.end_reason}>"
+
+    # ----------------------------------------------------------------------------------------- waiting
+
+    @property
+    def ended(self) -> bool:
+        """Whether the call has ended (any way)."""
+        return self._ended.is_set()
+
+    @property
+    def script_done(self) -> bool:
+        """Whether the script finished (successfully or not)."""
+        return self._done.is_set()
+
+    def _describe_position(self) -> str:
+        steps = self.script.steps
+        if self._done.is_set():
+            return "script finished"
+        if self._step_index < len(steps):
+            return f"at step {self._step_index} {steps[self._step_index].describe()} ({self._phase})"
+        return f"after the last step ({self._phase})"
+
+    async def wait_ended(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - the documented API
+        """Wait until the call ended (verb, caller hangup, rejected, referred, expired, script done)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ended.wait()
+        except TimeoutError:
+            raise TimeoutError(
+                f"call {self.call_id} did not end within {timeout}s "
+                f"(status {self.status}, {self._describe_position()})"
+            ) from None
+
+    async def wait_done(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - the documented API
+        """Wait until the script ran to completion; raise :class:`ScriptError` if it failed."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._done.wait()
+        except TimeoutError:
+            raise TimeoutError(
+                f"call {self.call_id}: script not done within {timeout}s ({self._describe_position()}, "
+                f"status {self.status})"
+            ) from None
+        if self.script_error is not None:
+            raise ScriptError(f"call {self.call_id}: {self.script_error}")
+
+    async def wait_for(
+        self,
+        predicate: Callable[[SimCall], bool],
+        timeout: float = 10.0,  # noqa: ASYNC109 - the documented API
+        what: str = "condition",
+    ) -> None:
+        """Wait until ``predicate(call)`` holds (re-checked whenever the call's state changes)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(self):
+                    self._waiters += 1
+                    try:
+                        await self._tick.wait()
+                    finally:
+                        self._waiters -= 1
+        except TimeoutError:
+            raise TimeoutError(f"call {self.call_id}: {what} not met within {timeout}s") from None
+
+    async def wait_connected(self, count: int = 1, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - the documented API
+        """Wait until the sideband was attached ``count`` times in total."""
+        await self.wait_for(lambda c: c.sideband_connects >= count, timeout, f"{count} sideband connect(s)")
+
+    async def wait_received(self, event_type: str, timeout: float = 10.0) -> dict[str, Any]:  # noqa: ASYNC109 - the documented API
+        """Wait for the first client event of ``event_type`` and return it."""
+
+        def found(call: SimCall) -> bool:
+            return any(e.get("type") == event_type for e in call.received)
+
+        await self.wait_for(found, timeout, f"client event {event_type!r}")
+        return next(e for e in self.received if e.get("type") == event_type)
+
+    def output_for(self, call_id: str) -> str | None:
+        """The first ``function_call_output`` the controller sent for a function ``call_id``."""
+        return next((out for cid, out in self.function_outputs if cid == call_id), None)
+
+    def sent_of_type(self, event_type: str) -> list[dict[str, Any]]:
+        """Server events of one type, in order."""
+        return [e for e in self.sent if e["type"] == event_type]
+
+    def _notify(self) -> None:
+        if self._waiters:
+            self._tick.set()
+            self._tick = asyncio.Event()
+
+    # ------------------------------------------------------------------------------------ sending
+
+    async def _send(self, event_type: str, /, **fields: Any) -> None:
+        event: dict[str, Any] = {"type": event_type, "event_id": self._sim._new_id("event_")}
+        event.update(fields)
+        sockets = [a for a in self._sockets if not a.ws.closed]
+        if not sockets:
+            return
+        self.sent.append(event)
+        data = json.dumps(event)
+        for attachment in sockets:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await attachment.ws.send_str(data)
+        self._notify()
+
+    async def _error(
+        self,
+        code: str | None,
+        message: str,
+        *,
+        param: str | None = None,
+        event_id: str | None = None,
+        type_: str = "invalid_request_error",
+    ) -> None:
+        await self._send(
+            "error",
+            error={"type": type_, "code": code, "message": message, "param": param, "event_id": event_id},
+        )
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def _accept(self, body: dict[str, Any]) -> None:
+        self.status = "accepted"
+        self.accept_body = body
+        base = _default_session(self._session_id, model=self._sim.model, sip=self.kind == "sip")
+        self.session = _merge_session(base, body)
+        self._phase = "wait_ready"
+        if self.script.steps:
+            self._runner = self._sim._spawn(self._run_script())
+        else:
+            self._phase = "finished"
+            self._done.set()
+        self._notify()
+
+    async def _end(self, reason: str, mode: str = "clean") -> None:
+        """End the call once: record the reason, stop the script, close the sideband(s) per ``mode``."""
+        if self._ended.is_set():
+            return
+        if reason == "rejected":
+            self.status = "rejected"
+        elif reason == "referred":
+            self.status = "referred"
+        else:
+            self.status = "ended"
+        self.end_reason = reason
+        self._ended.set()
+        current = asyncio.current_task()
+        if not self._done.is_set():
+            if self._runner is None:
+                if self.script.steps:
+                    self.script_error = f"the call ended ({reason}) before the script started"
+                self._phase = "finished"
+                self._done.set()
+            elif self._runner is not current:
+                self.script_error = f"the call ended ({reason}) {self._describe_position()}"
+                self._runner.cancel()
+        for task in list(self._response_tasks):
+            if task is not current:
+                task.cancel()
+        self._notify()
+        await self._close_sockets(mode)
+
+    async def _close_sockets(self, mode: str) -> None:
+        attachments = list(self._sockets)
+        if mode == "silent" or not attachments:
+            return
+        if mode == "abnormal":
+            for attachment in attachments:
+                if attachment.transport is not None:
+                    attachment.transport.abort()
+            return
+        code = 1001 if mode == "going_away" else 1000
+        await asyncio.gather(*(self._close_one(a, code) for a in attachments), return_exceptions=True)
+
+    @staticmethod
+    async def _close_one(attachment: _Attachment, code: int) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
+            await attachment.ws.close(code=code)
+
+    def _attach(self, attachment: _Attachment) -> None:
+        self._sockets.append(attachment)
+        self._attached.set()
+        self._notify()
+
+    def _detach(self, attachment: _Attachment) -> None:
+        with contextlib.suppress(ValueError):
+            self._sockets.remove(attachment)
+        if not self._sockets:
+            self._attached.clear()
+        self._notify()
+
+    # ------------------------------------------------------------------------------------ client events
+
+    async def _on_text(self, data: str) -> None:
+        try:
+            event = json.loads(data)
+        except ValueError as exc:
+            self.bad_frames.append(data)
+            if not self._ended.is_set():
+                await self._error("invalid_json", f"Failed to parse client event: {exc}")
+            return
+        if not isinstance(event, dict):
+            self.bad_frames.append(data)
+            if not self._ended.is_set():
+                await self._error("invalid_json", "A client event must be a JSON object.")
+            return
+        self.received.append(event)
+        self._first_event.set()
+        self._notify()
+        if self._ended.is_set():
+            return  # the call is gone: nobody answers any more
+        raw_id = event.get("event_id")
+        event_id = raw_id if isinstance(raw_id, str) else None
+        etype = event.get("type")
+        if not isinstance(etype, str):
+            await self._error(
+                "missing_required_parameter",
+                "Missing required parameter: 'type'.",
+                param="type",
+                event_id=event_id,
+            )
+            return
+        match etype:
+            case "session.update":
+                await self._on_session_update(event, event_id)
+            case "response.create":
+                await self._on_response_create(event, event_id)
+            case "response.cancel":
+                await self._on_response_cancel(event, event_id)
+            case "conversation.item.create":
+                await self._on_item_create(event, event_id)
+            case "conversation.item.retrieve" | "conversation.item.delete" | "conversation.item.truncate":
+                await self._on_item_op(etype, event, event_id)
+            case "output_audio_buffer.clear":
+                await self._send("output_audio_buffer.cleared", response_id=self._active_response)
+            case "input_audio_buffer.append":
+                pass  # media reaches the call by SIP/WebRTC; appended audio is ignored here
+            case "input_audio_buffer.commit":
+                await self._error(
+                    "input_audio_buffer_commit_empty",
+                    "Error committing input audio buffer: buffer is empty.",
+                    event_id=event_id,
+                )
+            case "input_audio_buffer.clear":
+                await self._send("input_audio_buffer.cleared")
+            case _:
+                supported = ", ".join(f"'{t}'" for t in _CLIENT_EVENT_TYPES)
+                await self._error(
+                    "invalid_value",
+                    f"Invalid value: '{etype}'. Supported values are: {supported}.",
+                    param="type",
+                    event_id=event_id,
+                )
+
+    async def _on_session_update(self, event: Mapping[str, Any], event_id: str | None) -> None:
+        update = event.get("session")
+        if not isinstance(update, dict):
+            await self._error(
+                "missing_required_parameter",
+                "Missing required parameter: 'session'.",
+                param="session",
+                event_id=event_id,
+            )
+            return
+        if "type" not in update:
+            await self._error(
+                "missing_required_parameter",
+                "Missing required parameter: 'session.type'.",
+                param="session.type",
+                event_id=event_id,
+            )
+            return
+        problem = _check_session(update, "session.", sip=self.kind == "sip", accept=False)
+        if problem is not None:
+            await self._error(problem.code, problem.message, param=problem.param, event_id=event_id)
+            return
+        assert self.session is not None
+        voice = update.get("audio", {}).get("output", {}).get("voice")
+        if (
+            self._assistant_audio
+            and voice is not None
+            and voice != self.session["audio"]["output"].get("voice")
+        ):
+            await self._error(
+                "cannot_update_voice",
+                "Cannot update a conversation's voice if assistant audio is present.",
+                param="session.audio.output.voice",
+                event_id=event_id,
+            )
+            return
+        self.session = _merge_session(self.session, update)
+        await self._send("session.updated", session=self.session)
+
+    def _response_busy(self) -> bool:
+        return self._active_response is not None or self._pending_create is not None
+
+    async def _on_response_create(self, event: dict[str, Any], event_id: str | None) -> None:
+        overrides = event.get("response", {})
+        if not isinstance(overrides, dict):
+            await self._error(
+                "invalid_type",
+                "Invalid type for 'response': expected an object.",
+                param="response",
+                event_id=event_id,
+            )
+            return
+        if self._response_busy():
+            await self._error(
+                "conversation_already_has_active_response",
+                "Conversation already has an active response in progress: "
+                f"{self._active_response or 'pending'}. Wait until the response is finished before creating "
+                "a new one.",
+                event_id=event_id,
+            )
+            return
+        self._pending_create = event
+        if self._script_claims_create():
+            self._create_arrived.set()
+        else:
+            task = self._sim._spawn(self._auto_answer())
+            self._response_tasks.add(task)
+            task.add_done_callback(self._response_tasks.discard)
+
+    def _script_claims_create(self) -> bool:
+        """Whether the script will answer a ``response.create`` arriving now (else it is auto-answered)."""
+        if self._runner is None or self._done.is_set():
+            return False
+        steps = self.script.steps
+        if self._step_index >= len(steps):
+            return False
+        step = steps[self._step_index]
+        if self._phase in ("wait_ready", "wait_create") and _is_response_step(step):
+            return True
+        if self._phase == "await_outputs" and isinstance(step, ModelCalls):
+            following = steps[self._step_index + 1] if self._step_index + 1 < len(steps) else None
+            answered = all(cid in self._answered_calls for cid in self._awaiting_ids)
+            return answered and following is not None and _is_response_step(following)
+        return False
+
+    async def _on_response_cancel(self, event: Mapping[str, Any], event_id: str | None) -> None:
+        wanted = event.get("response_id")
+        if not self._response_busy() or (wanted is not None and wanted != self._active_response):
+            await self._error(
+                "response_cancel_not_active",
+                "Cancellation failed: no active response found.",
+                event_id=event_id,
+            )
+            return
+        self._cancel_reason = "client_cancelled"
+
+    async def _on_item_create(self, event: Mapping[str, Any], event_id: str | None) -> None:
+        item = event.get("item")
+        if not isinstance(item, dict):
+            await self._error(
+                "missing_required_parameter",
+                "Missing required parameter: 'item'.",
+                param="item",
+                event_id=event_id,
+            )
+            return
+        raw_id = item.get("id")
+        item_id = raw_id if isinstance(raw_id, str) and raw_id else self._sim._new_id("item_")
+        itype = item.get("type")
+        if itype == "function_call_output":
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str):
+                await self._error(
+                    "missing_required_parameter",
+                    "Missing required parameter: 'item.call_id'.",
+                    param="item.call_id",
+                    event_id=event_id,
+                )
+                return
+            if call_id not in self._function_calls:
+                await self._error(
+                    "invalid_value",
+                    f"Tool call ID '{call_id}' not found in conversation.",
+                    param="item.call_id",
+                    event_id=event_id,
+                )
+                return
+            output = item.get("output")
+            if not isinstance(output, str):
+                await self._error(
+                    "invalid_type",
+                    "Invalid type for 'item.output': expected a string.",
+                    param="item.output",
+                    event_id=event_id,
+                )
+                return
+            self.function_outputs.append((call_id, output))
+            self._answered_calls.add(call_id)
+            new: dict[str, Any] = {
+                "id": item_id,
+                "type": "function_call_output",
+                "call_id": call_id,
+                "output": output,
+            }
+            self._items[item_id] = new
+            previous = self._function_calls[call_id]
+            self._last_item_id = item_id
+            if self._active_response is not None:
+                self._deferred.append((previous, new))  # acknowledged after the current response.done
+            else:
+                await self._ack_item(previous, new)
+            self._outputs_changed.set()
+            return
+        if itype == "message":
+            role = item.get("role")
+            allowed = _MESSAGE_CONTENT_TYPES.get(role) if isinstance(role, str) else None
+            if allowed is None:
+                await self._error(
+                    "invalid_value",
+                    f"Invalid value: {role!r}. Supported values are: 'user', 'assistant', and 'system'.",
+                    param="item.role",
+                    event_id=event_id,
+                )
+                return
+            content = item.get("content")
+            if not isinstance(content, list):
+                await self._error(
+                    "missing_required_parameter",
+                    "Missing required parameter: 'item.content'.",
+                    param="item.content",
+                    event_id=event_id,
+                )
+                return
+            for index, part in enumerate(content):
+                ptype = part.get("type") if isinstance(part, dict) else None
+                if ptype not in allowed:
+                    await self._error(
+                        "invalid_value",
+                        f"Invalid value: {ptype!r}. Supported values are: {', '.join(sorted(allowed))}.",
+                        param=f"item.content[{index}].type",
+                        event_id=event_id,
+                    )
+                    return
+            new = {
+                "id": item_id,
+                "type": "message",
+                "status": "completed",
+                "role": role,
+                "content": copy.deepcopy(content),
+            }
+        elif itype == "function_call":
+            name, call_id, arguments = item.get("name"), item.get("call_id"), item.get("arguments", "")
+            if not isinstance(name, str) or not isinstance(call_id, str) or not isinstance(arguments, str):
+                await self._error(
+                    "missing_required_parameter",
+                    "A function_call item needs 'name', 'call_id' and string 'arguments'.",
+                    param="item",
+                    event_id=event_id,
+                )
+                return
+            new = {
+                "id": item_id,
+                "type": "function_call",
+                "status": "completed",
+                "name": name,
+                "call_id": call_id,
+                "arguments": arguments,
+            }
+            self._function_calls[call_id] = item_id
+        else:
+            await self._error(
+                "invalid_value",
+                f"Invalid value: {itype!r}. Supported values are: 'message', "
+                "'function_call', and 'function_call_output'.",
+                param="item.type",
+                event_id=event_id,
+            )
+            return
+        previous = event.get("previous_item_id", self._last_item_id)
+        self._items[item_id] = new
+        self._last_item_id = item_id
+        await self._ack_item(previous if isinstance(previous, str) else None, new)
+
+    async def _ack_item(self, previous: str | None, item: dict[str, Any]) -> None:
+        await self._send("conversation.item.added", previous_item_id=previous, item=item)
+        await self._send("conversation.item.done", previous_item_id=previous, item=item)
+
+    async def _on_item_op(self, etype: str, event: Mapping[str, Any], event_id: str | None) -> None:
+        item_id = event.get("item_id")
+        if not isinstance(item_id, str) or item_id not in self._items:
+            await self._error(
+                "item_not_found",
+                f"Item with item_id not found: {item_id}",
+                param="item_id",
+                event_id=event_id,
+            )
+            return
+        if etype == "conversation.item.retrieve":
+            await self._send("conversation.item.retrieved", item=self._items[item_id])
+        elif etype == "conversation.item.delete":
+            del self._items[item_id]
+            await self._send("conversation.item.deleted", item_id=item_id)
+        else:
+            await self._send(
+                "conversation.item.truncated",
+                item_id=item_id,
+                content_index=event.get("content_index", 0),
+                audio_end_ms=event.get("audio_end_ms", 0),
+            )
+
+    # ------------------------------------------------------------------------------------ responses
+
+    def _take_pending_create(self) -> dict[str, Any] | None:
+        create, self._pending_create = self._pending_create, None
+        self._create_arrived.clear()
+        return create
+
+    async def _auto_answer(self) -> None:
+        async with self._response_lock:
+            if self._ended.is_set():
+                return
+            create = self._take_pending_create()
+            if create is None:
+                return  # the script answered it meanwhile
+            await self._emit_response(
+                text=self._sim.auto_answer_text,
+                calls=(),
+                status="completed",
+                create=create,
+                trigger="response.create",
+                source="auto",
+            )
+
+    def _response_object(
+        self,
+        response_id: str,
+        status: str,
+        output: list[dict[str, Any]],
+        modalities: list[str],
+        *,
+        details: dict[str, Any] | None = None,
+        usage: dict[str, Any] | None = None,
+        metadata: Any = None,
+    ) -> dict[str, Any]:
+        assert self.session is not None
+        out_audio = self.session["audio"]["output"]
+        return {
+            "object": "realtime.response",
+            "id": response_id,
+            "status": status,
+            "status_details": details,
+            "output": output,
+            "conversation_id": self._conversation_id,
+            "output_modalities": list(modalities),
+            "max_output_tokens": self.session.get("max_output_tokens", "inf"),
+            "audio": {"output": {"format": dict(out_audio["format"]), "voice": out_audio.get("voice")}},
+            "usage": usage,
+            "metadata": metadata,
+        }
+
+    async def _emit_response(
+        self,
+        *,
+        text: str | None,
+        calls: tuple[FunctionCallSpec, ...],
+        status: str,
+        create: dict[str, Any] | None,
+        trigger: Literal["response.create", "vad", "spontaneous"],
+        source: Literal["script", "auto"],
+    ) -> ResponseRecord:
+        """Stream one response. The caller holds the response lock. Returns its record (final status)."""
+        assert self.session is not None
+        overrides: dict[str, Any] = dict(create.get("response") or {}) if create is not None else {}
+        modalities = overrides.get("output_modalities") or self.session["output_modalities"]
+        audio = "audio" in modalities
+        send = self._send
+        new_id = self._sim._new_id
+        response_id = new_id("resp_")
+        record = ResponseRecord(response_id, trigger, source, overrides if create is not None else None)
+        self.responses.append(record)
+        self._active_response = response_id
+        self._response_count += 1
+        self._notify()
+        buffer_started = False
+        try:
+            await send(
+                "response.created",
+                response=self._response_object(
+                    response_id, "in_progress", [], modalities, metadata=overrides.get("metadata")
+                ),
+            )
+            outputs: list[dict[str, Any]] = []
+            spoken = ""
+            message_id: str | None = None
+            call_states: list[tuple[FunctionCallSpec, str, str, int, str | None]] = []
+
+            async def announce_calls() -> None:
+                base = 0 if message_id is None else 1
+                for offset, spec in enumerate(calls):
+                    if self._cancel_reason is not None:
+                        return
+                    item_id = new_id("item_")
+                    call_id = spec.call_id or "call_" + secrets.token_hex(8)
+                    previous = self._last_item_id
+                    self._last_item_id = item_id
+                    self._function_calls[call_id] = item_id
+                    record.call_ids.append(call_id)
+                    index = base + offset
+                    call_states.append((spec, item_id, call_id, index, previous))
+                    added = {
+                        "id": item_id,
+                        "type": "function_call",
+                        "status": "in_progress",
+                        "name": spec.name,
+                        "call_id": call_id,
+                        "arguments": "",
+                    }
+                    await send(
+                        "response.output_item.added", response_id=response_id, output_index=index, item=added
+                    )
+                    await send("conversation.item.added", previous_item_id=previous, item=dict(added))
+
+            if text is not None:
+                message_id = new_id("item_")
+                previous = self._last_item_id
+                self._last_item_id = message_id
+                started = {
+                    "id": message_id,
+                    "type": "message",
+                    "status": "in_progress",
+                    "role": "assistant",
+                    "content": [],
+                }
+                await send(
+                    "response.output_item.added", response_id=response_id, output_index=0, item=started
+                )
+                await send(
+                    "conversation.item.added", previous_item_id=previous, item={**started, "content": []}
+                )
+                where = {
+                    "response_id": response_id,
+                    "item_id": message_id,
+                    "output_index": 0,
+                    "content_index": 0,
+                }
+                part_type, key = ("audio", "transcript") if audio else ("text", "text")
+                await send("response.content_part.added", **where, part={"type": part_type, key: ""})
+                if audio:
+                    await send("output_audio_buffer.started", response_id=response_id)
+                    buffer_started = True
+                    self._assistant_audio = True
+                delta_type = (
+                    "response.output_audio_transcript.delta" if audio else "response.output_text.delta"
+                )
+                for number, chunk in enumerate(_chunks(text)):
+                    if self._cancel_reason is not None:
+                        break
+                    spoken += chunk
+                    await send(delta_type, **where, delta=chunk, obfuscation=secrets.token_hex(4))
+                    if number == 0 and calls:
+                        await announce_calls()  # a call may be announced while the preamble streams
+                if calls and not call_states:
+                    await announce_calls()
+                item_status = "incomplete" if self._cancel_reason is not None else "completed"
+                if audio:
+                    await send("response.output_audio.done", **where)
+                    await send("response.output_audio_transcript.done", **where, transcript=spoken)
+                    content = {"type": "output_audio", "transcript": spoken}
+                else:
+                    await send("response.output_text.done", **where, text=spoken)
+                    content = {"type": "output_text", "text": spoken}
+                await send("response.content_part.done", **where, part={"type": part_type, key: spoken})
+                done_item = {
+                    "id": message_id,
+                    "type": "message",
+                    "status": item_status,
+                    "role": "assistant",
+                    "content": [content],
+                }
+                self._items[message_id] = done_item
+                await send("conversation.item.done", previous_item_id=previous, item=done_item)
+                await send(
+                    "response.output_item.done", response_id=response_id, output_index=0, item=done_item
+                )
+                outputs.append(done_item)
+                record.text = spoken
+                if spoken:
+                    self.transcript.append(("model", spoken))
+            elif calls:
+                await announce_calls()
+
+            final_status = status if self._cancel_reason is None else "cancelled"
+            call_item_status = "completed" if final_status == "completed" else "incomplete"
+            for spec, item_id, call_id, index, previous in call_states:
+                where = {
+                    "response_id": response_id,
+                    "item_id": item_id,
+                    "output_index": index,
+                    "call_id": call_id,
+                }
+                if self._cancel_reason is None:
+                    for chunk in _arg_chunks(spec.arguments):
+                        await send(
+                            "response.function_call_arguments.delta",
+                            **where,
+                            delta=chunk,
+                            obfuscation=secrets.token_hex(4),
+                        )
+                await send(
+                    "response.function_call_arguments.done", **where, name=spec.name, arguments=spec.arguments
+                )
+                done_call = {
+                    "id": item_id,
+                    "type": "function_call",
+                    "status": call_item_status,
+                    "name": spec.name,
+                    "call_id": call_id,
+                    "arguments": spec.arguments,
+                }
+                self._items[item_id] = done_call
+                await send("conversation.item.done", previous_item_id=previous, item=done_call)
+                await send(
+                    "response.output_item.done", response_id=response_id, output_index=index, item=done_call
+                )
+                outputs.append(done_call)
+            details: dict[str, Any] | None = None
+            if self._cancel_reason is not None:
+                details = {"type": "cancelled", "reason": self._cancel_reason}
+            elif status == "cancelled":
+                details = {"type": "cancelled", "reason": "turn_detected"}
+            elif status == "incomplete":
+                details = {"type": "incomplete", "reason": "max_output_tokens"}
+            elif status == "failed":
+                details = {
+                    "type": "failed",
+                    "error": {
+                        "type": "server_error",
+                        "code": None,
+                        "message": "The server had an error while processing your request.",
+                    },
+                }
+            out_tokens = 5 + len(spoken) // 4 + sum(len(s.arguments) // 4 for s in calls)
+            record.status = final_status
+            await send(
+                "response.done",
+                response=self._response_object(
+                    response_id,
+                    final_status,
+                    outputs,
+                    modalities,
+                    details=details,
+                    usage=_usage(40 + 10 * self._response_count, out_tokens, audio=audio),
+                    metadata=overrides.get("metadata"),
+                ),
+            )
+        finally:
+            self._active_response = None
+            self._cancel_reason = None
+            self._notify()
+        deferred, self._deferred = self._deferred, []
+        for previous_id, item in deferred:
+            await self._ack_item(previous_id, item)
+        if buffer_started:
+            await send("output_audio_buffer.stopped", response_id=response_id)
+        if self._response_count % 2 == 1:  # irregular on purpose: never rely on it
+            await send(
+                "rate_limits.updated",
+                rate_limits=[
+                    {
+                        "name": "tokens",
+                        "limit": 15000000,
+                        "remaining": 14999000 - 100 * self._response_count,
+                        "reset_seconds": 0.001,
+                    }
+                ],
+            )
+        return record
+
+    # ------------------------------------------------------------------------------------ the script
+
+    async def _run_script(self) -> None:
+        script = self.script
+        try:
+            for index, step in enumerate(script.steps):
+                if self._ended.is_set():
+                    self.script_error = f"the call ended ({self.end_reason}) {self._describe_position()}"
+                    return
+                self._step_index = index
+                self._phase = "wait_ready"
+                await self._run_step(step, script.step_timeout)
+            self._step_index = len(script.steps)
+            self._phase = "finished"
+            if script.hang_up_at_end and not self._ended.is_set():
+                await self._end("script_done", "clean")
+        except _StepTimeout as exc:
+            self.script_error = f"step {self._step_index} {script.steps[self._step_index].describe()}: {exc}"
+        finally:
+            self._phase = "finished"
+            self._done.set()
+            self._notify()
+
+    async def _run_step(self, step: Step, limit: float) -> None:
+        match step:
+            case WaitForGreeting(text=text):
+                await self._response_step(text, (), "completed", must_wait=True, limit=limit)
+            case ModelSays(text=text):
+                await self._response_step(
+                    text, (), "completed", must_wait=self._next_needs_create, limit=limit
+                )
+            case ModelCalls():
+                await self._model_calls(step, limit)
+            case CallerSays(text=text):
+                await self._caller_says(text, limit)
+            case CallerPresses(digits=digits):
+                await self._wait_ready(limit)
+                self._phase = "emitting"
+                for digit in digits:
+                    await self._send(
+                        "input_audio_buffer.dtmf_event_received", event=digit, received_at=int(time.time())
+                    )
+            case Pause(seconds=seconds):
+                self._phase = "pause"
+                await asyncio.sleep(seconds)
+            case CallerHangsUp(mode=mode):
+                self._phase = "hanging_up"
+                await self._caller_hangs_up(mode)
+
+    async def _wait_ready(self, limit: float) -> None:
+        if not self._attached.is_set():
+            try:
+                async with asyncio.timeout(limit):
+                    await self._attached.wait()
+            except TimeoutError:
+                raise _StepTimeout(f"no sideband was attached within {limit}s") from None
+        if not self._grace_done:
+            # Give the controller a moment for its first session.update before the caller acts.
+            self._grace_done = True
+            if not self._first_event.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(self._sim.ready_grace, limit)):
+                        await self._first_event.wait()
+
+    async def _response_step(
+        self,
+        text: str | None,
+        calls: tuple[FunctionCallSpec, ...],
+        status: str,
+        *,
+        must_wait: bool,
+        limit: float,
+    ) -> ResponseRecord | None:
+        self._phase = "wait_ready"
+        await self._wait_ready(limit)
+        if must_wait and self._pending_create is None:
+            self._phase = "wait_create"
+            try:
+                async with asyncio.timeout(limit):
+                    await self._create_arrived.wait()
+            except TimeoutError:
+                raise _StepTimeout(f"the controller sent no response.create within {limit}s") from None
+        async with self._response_lock:
+            if self._ended.is_set():
+                return None
+            create = self._take_pending_create()
+            if create is not None:
+                trigger: Literal["response.create", "vad", "spontaneous"] = "response.create"
+            else:
+                trigger = "vad" if self._vad_turn else "spontaneous"
+            self._phase = "emitting"
+            self._next_needs_create = False
+            self._vad_turn = False
+            return await self._emit_response(
+                text=text, calls=calls, status=status, create=create, trigger=trigger, source="script"
+            )
+
+    async def _model_calls(self, step: ModelCalls, limit: float) -> None:
+        record = await self._response_step(
+            step.preamble, step.calls, step.status, must_wait=self._next_needs_create, limit=limit
+        )
+        if record is None or not step.waits_for_outputs or record.status in ("cancelled", "failed"):
+            self._next_needs_create = False
+            return
+        call_ids = list(record.call_ids)
+        self._awaiting_ids = call_ids
+        self._phase = "await_outputs"
+        names = dict(zip(call_ids, (c.name for c in step.calls), strict=False))
+        try:
+            async with asyncio.timeout(limit):
+                while True:
+                    missing = [cid for cid in call_ids if cid not in self._answered_calls]
+                    if not missing:
+                        break
+                    self._outputs_changed.clear()
+                    await self._outputs_changed.wait()
+        except TimeoutError:
+            missing = [f"{cid} ({names.get(cid)})" for cid in call_ids if cid not in self._answered_calls]
+            raise _StepTimeout(f"no function_call_output for {', '.join(missing)} within {limit}s") from None
+        self._next_needs_create = True
+
+    async def _caller_says(self, text: str, limit: float) -> None:
+        await self._wait_ready(limit)
+        self._phase = "emitting"
+        assert self.session is not None
+        item_id = self._sim._new_id("item_")
+        start = self._audio_ms + 400
+        end = start + 300 + 60 * len(text)
+        self._audio_ms = end + 200
+        await self._send("input_audio_buffer.speech_started", audio_start_ms=start, item_id=item_id)
+        turn = self.session["audio"]["input"].get("turn_detection")
+        if (
+            self._active_response is not None
+            and isinstance(turn, dict)
+            and turn.get("interrupt_response", True)
+        ):
+            self._cancel_reason = "turn_detected"  # barge-in: the server cuts the model off
+        await self._send("input_audio_buffer.speech_stopped", audio_end_ms=end, item_id=item_id)
+        previous = self._last_item_id
+        self._last_item_id = item_id
+        await self._send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
+        item = {
+            "id": item_id,
+            "type": "message",
+            "status": "completed",
+            "role": "user",
+            "content": [{"type": "input_audio", "transcript": None}],
+        }
+        await self._send("conversation.item.added", previous_item_id=previous, item=item)
+        await self._send("conversation.item.done", previous_item_id=previous, item=item)
+        self.transcript.append(("caller", text))
+        if _transcribes(self.session):
+            for chunk in _chunks(text, 4):
+                await self._send(
+                    "conversation.item.input_audio_transcription.delta",
+                    item_id=item_id,
+                    content_index=0,
+                    delta=chunk,
+                    obfuscation=secrets.token_hex(4),
+                )
+            await self._send(
+                "conversation.item.input_audio_transcription.completed",
+                item_id=item_id,
+                content_index=0,
+                transcript=text,
+                usage={"type": "duration", "seconds": max(1, (end - start) // 1000)},
+            )
+        self._items[item_id] = {**item, "content": [{"type": "input_audio", "transcript": text}]}
+        creates = _creates_response(self.session)
+        self._next_needs_create = not creates
+        self._vad_turn = creates
+
+    async def _caller_hangs_up(self, mode: HangupMode) -> None:
+        await self._end("caller_hangup", mode)
+
+
+class Simulator:
+    """An in-process OpenAI Realtime (SIP/WebRTC) service on a loopback port.
+
+    ``async with Simulator() as sim:`` starts it and closes it (every task cancelled and awaited, every
+    socket closed). ``sim.base_url`` is the REST base (``http://127.0.0.1:PORT/v1``); the sideband lives at
+    ``ws://127.0.0.1:PORT/v1/realtime?call_id=…``.
+
+    ``auto_answer_text`` is what the model says to a ``response.create`` no script step answers;
+    ``ready_grace`` is how long a script waits, after the first attach, for the controller's first event
+    before the caller acts.
+    """
+
+    def __init__(
+        self,
+        api_key: str = DEFAULT_API_KEY,
+        webhook_secret: str = DEFAULT_WEBHOOK_SECRET,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        model: str = _DEFAULT_MODEL,
+        auto_answer_text: str = "Okay.",
+        ready_grace: float = 1.0,
+    ) -> None:
+        self.api_key = api_key
+        self.webhook_secret = webhook_secret
+        self.host = host
+        self.model = model
+        self.auto_answer_text = auto_answer_text
+        self.ready_grace = ready_grace
+        self.requests: list[RequestRecord] = []
+        self.calls: dict[str, SimCall] = {}
+        self.next_webrtc_script: Script = Script()
+        self._port = port
+        self._bound_port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._senders: list[WebhookSender] = []
+        self._call_faults: dict[str, deque[Fault]] = {}
+        self._next_faults: deque[Fault] = deque()
+        self._ephemeral: dict[str, _EphemeralKey] = {}
+        self._closing = asyncio.Event()
+        self._closed = False
+        self._id_prefix = secrets.token_hex(6)
+        self._counter = itertools.count(1)
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Bind the loopback port and start serving."""
+        if self._runner is not None:
+            raise RuntimeError("Simulator already started")
+        if self._closed:
+            raise RuntimeError("Simulator is closed")
+        app = web.Application(middlewares=[self._middleware], client_max_size=8 * 1024 * 1024)
+        app.router.add_post("/v1/realtime/calls", self._handle_webrtc_create)
+        app.router.add_post("/v1/realtime/calls/{call_id}/{verb}", self._handle_verb)
+        app.router.add_post("/v1/realtime/client_secrets", self._handle_client_secrets)
+        app.router.add_get("/v1/realtime", self._handle_sideband)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_CLOSE_TIMEOUT)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._bound_port = int(runner.addresses[0][1])
+
+    async def close(self) -> None:
+        """Stop serving: cancel and await every task, close every socket and sender (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        attachments = [a for call in self.calls.values() for a in call._sockets]
+        await asyncio.gather(*(SimCall._close_one(a, 1001) for a in attachments), return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        senders, self._senders = self._senders, []
+        await asyncio.gather(*(s.close() for s in senders), return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        if self._closed:
+            coro.close()
+            raise RuntimeError("Simulator is closed")
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}{self._id_prefix}{next(self._counter):010x}"
+
+    @property
+    def port(self) -> int:
+        """The bound port (after :meth:`start`)."""
+        if self._bound_port is None:
+            raise RuntimeError("Simulator not started")
+        return self._bound_port
+
+    @property
+    def base_url(self) -> str:
+        """The REST base URL, ``http://127.0.0.1:PORT/v1``."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def realtime_url(self) -> str:
+        """The sideband WebSocket URL without ``call_id``, ``ws://127.0.0.1:PORT/v1/realtime``."""
+        return f"ws://{self.host}:{self.port}/v1/realtime"
+
+    def sideband_url(self, call: SimCall | str) -> str:
+        """The sideband URL of one call."""
+        call_id = call.call_id if isinstance(call, SimCall) else call
+        return f"{self.realtime_url}?call_id={call_id}"
+
+    # ------------------------------------------------------------------------------------ calls
+
+    def create_call(
+        self,
+        script: Script | None = None,
+        *,
+        from_number: str = "+14255550100",
+        to_number: str = "+18005551212",
+        sip_headers: Sequence[Mapping[str, str] | tuple[str, str]] | None = None,
+        media_security: str | None = "srtp",
+    ) -> SimCall:
+        """Register a ringing SIP call (``call_id`` ``rtc_<32 hex>``) that will play ``script`` once accepted.
+
+        ``sip_headers`` (``{"name", "value"}`` dicts or ``(name, value)`` pairs) replaces the default
+        ``From``/``To``/``Call-ID`` built from the numbers. ``media_security=None`` omits the field.
+        """
+        call_id = "rtc_" + uuid.uuid4().hex
+        if sip_headers is None:
+            headers = [
+                {"name": "From", "value": f"sip:{from_number}@sip.example.com"},
+                {"name": "To", "value": f"sip:{to_number}@sip.example.com"},
+                {"name": "Call-ID", "value": str(uuid.uuid4())},
+            ]
+        else:
+            headers = []
+            for header in sip_headers:
+                if isinstance(header, tuple):
+                    headers.append({"name": header[0], "value": header[1]})
+                else:
+                    headers.append({"name": header["name"], "value": header["value"]})
+        call = SimCall(
+            self,
+            call_id,
+            script or Script(),
+            kind="sip",
+            from_number=from_number,
+            to_number=to_number,
+            sip_headers=headers,
+            media_security=media_security,
+        )
+        self.calls[call_id] = call
+        return call
+
+    def incoming_event(self, call: SimCall) -> dict[str, Any]:
+        """The ``realtime.call.incoming`` webhook event for ``call`` (same ``id`` every time)."""
+        data: dict[str, Any] = {"call_id": call.call_id, "sip_headers": [dict(h) for h in call.sip_headers]}
+        if call.media_security is not None:
+            data["sip_media_security"] = call.media_security
+        return {
+            "object": "event",
+            "id": call.incoming_event_id,
+            "type": "realtime.call.incoming",
+            "created_at": call.created_at,
+            "data": data,
+        }
+
+    def webhook_sender(self, url: str) -> WebhookSender:
+        """A :class:`WebhookSender` for ``url`` signing with this simulator's secret (closed with it)."""
+        sender = WebhookSender(url, self.webhook_secret)
+        self._senders.append(sender)
+        return sender
+
+    async def place_call(
+        self, webhook_url: str, script: Script | None = None, **call_options: Any
+    ) -> SimCall:
+        """Create a ringing call and deliver its signed ``realtime.call.incoming`` webhook to ``webhook_url``.
+
+        The delivery result is stored as ``call.webhook_delivery``.
+        """
+        call = self.create_call(script, **call_options)
+        sender = self.webhook_sender(webhook_url)
+        call.webhook_delivery = await sender.deliver(self.incoming_event(call))
+        return call
+
+    def create_webrtc_call(
+        self, script: Script | None = None, *, session: Mapping[str, Any] | None = None
+    ) -> SimCall:
+        """A WebRTC call as if a browser had created it with an ephemeral key (status ``"accepted"``)."""
+        body = dict(session) if session is not None else {"type": "realtime"}
+        problem = _check_session(body, "session.", sip=False, accept=True)
+        if problem is not None:
+            raise ValueError(f"invalid session: {problem.message}")
+        key = self.mint_ephemeral_key(body)
+        call = self._new_webrtc_call(script, body)
+        call.ephemeral_key = key
+        return call
+
+    def _new_webrtc_call(self, script: Script | None, body: dict[str, Any]) -> SimCall:
+        call_id = "rtc_" + uuid.uuid4().hex
+        call = SimCall(self, call_id, script or Script(), kind="webrtc", media_security=None)
+        self.calls[call_id] = call
+        call._accept(body)
+        return call
+
+    def mint_ephemeral_key(self, session: Mapping[str, Any] | None = None, seconds: int = 600) -> str:
+        """Mint an ``ek_…`` key valid for ``seconds`` (what ``POST /realtime/client_secrets`` does)."""
+        body = dict(session) if session is not None else {"type": "realtime"}
+        value = "ek_" + uuid.uuid4().hex
+        self._ephemeral[value] = _EphemeralKey(value, int(time.time()) + seconds, body)
+        return value
+
+    def fail_accept(self, call_id: str, *answers: Fault) -> None:
+        """Queue faults for the next accept attempts of ``call_id``: an HTTP status, or ``"timeout"``."""
+        faults = self._check_faults(answers)
+        call = self.calls.get(call_id)
+        if call is not None:
+            call.accept_faults.extend(faults)
+        else:
+            self._call_faults.setdefault(call_id, deque()).extend(faults)
+
+    def fail_next_accepts(self, *answers: Fault) -> None:
+        """Queue faults for the next accept attempts, whichever call they are for."""
+        self._next_faults.extend(self._check_faults(answers))
+
+    @staticmethod
+    def _check_faults(answers: Sequence[Fault]) -> list[Fault]:
+        for answer in answers:
+            if answer == "timeout":
+                continue
+            if not isinstance(answer, int) or isinstance(answer, bool) or not 300 <= answer <= 599:
+                raise ValueError(f"a fault is an HTTP status 300-599 or 'timeout', not {answer!r}")
+        return list(answers)
+
+    def expire(self, call: SimCall) -> asyncio.Task[None]:
+        """Expire the call's session: ``error`` code ``session_expired``, close 1001, the call ends.
+
+        Returns the task doing it (await it to wait until done)."""
+        return self._spawn(self._expire(call))
+
+    async def _expire(self, call: SimCall) -> None:
+        if call.ended:
+            return
+        await call._error("session_expired", "Your session hit the maximum duration of 60 minutes.")
+        await call._end("session_expired", "going_away")
+
+    def drop_sideband(
+        self, call: SimCall, mode: Literal["abnormal", "clean", "going_away"] = "abnormal"
+    ) -> asyncio.Task[None]:
+        """Close the call's sideband socket(s) *without* ending the call (the controller should re-attach)."""
+        return self._spawn(call._close_sockets(mode))
+
+    # ------------------------------------------------------------------------------------ HTTP
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        body = await request.read() if request.can_read_body else b""
+        parsed: Any = None
+        if body and request.content_type == "application/json":
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(body)
+        record = RequestRecord(
+            request.method,
+            request.path,
+            dict(request.query),
+            CIMultiDictProxy(CIMultiDict(request.headers)),
+            body,
+            parsed,
+        )
+        self.requests.append(record)
+        try:
+            response = self._check_auth(request)
+            if response is None:
+                response = await handler(request)
+        except web.HTTPNotFound:
+            response = _error_response(404, f"Invalid URL ({request.method} {request.path})")
+        except web.HTTPMethodNotAllowed:
+            response = _error_response(405, f"Method not allowed ({request.method} {request.path})")
+        record.status = response.status
+        return response
+
+    def _check_auth(self, request: web.Request) -> web.StreamResponse | None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if not header or scheme.lower() != "bearer" or not token:
+            return _error_response(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an Authorization "
+                "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            )
+        if secrets.compare_digest(token, self.api_key):
+            return None
+        key = self._ephemeral.get(token)
+        if key is not None and key.expires_at > time.time():
+            if request.method == "POST" and request.path == "/v1/realtime/calls":
+                request[_EPHEMERAL] = key
+                return None
+            if request.path == "/v1/realtime":
+                # Seen on the real service: ephemeral keys on the sideband get a 404.
+                return _error_response(404, "Call not found.", code="call_id_not_found")
+        shown = token[:3] + "*" * 4 + token[-4:] if len(token) > 8 else "****"
+        return _error_response(
+            401,
+            f"Incorrect API key provided: {shown}. You can find your API key at "
+            "https://platform.openai.com/account/api-keys.",
+            code="invalid_api_key",
+        )
+
+    async def _hold(self) -> web.Response:
+        """Hold a request until the simulator closes (the client gives up first)."""
+        await self._closing.wait()
+        return _error_response(504, "Gateway timeout.", type_="server_error")
+
+    def _take_fault(self, call_id: str) -> Fault | None:
+        call = self.calls.get(call_id)
+        queue = call.accept_faults if call is not None else self._call_faults.get(call_id)
+        if queue:
+            return queue.popleft()
+        if self._next_faults:
+            return self._next_faults.popleft()
+        return None
+
+    @staticmethod
+    async def _json_body(request: web.Request, *, optional: bool) -> dict[str, Any] | web.Response:
+        raw = await request.read()
+        if not raw.strip():
+            if optional:
+                return {}
+            return _error_response(
+                400, "We could not parse the JSON body of your request: the body is empty."
+            )
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return _error_response(
+                400,
+                "We could not parse the JSON body of your request. (HINT: This likely "
+                "means you aren't using your HTTP library correctly.)",
+            )
+        if not isinstance(body, dict):
+            return _error_response(400, "The request body must be a JSON object.")
+        return body
+
+    async def _handle_verb(self, request: web.Request) -> web.StreamResponse:
+        call_id = request.match_info["call_id"]
+        verb = request.match_info["verb"]
+        if verb == "accept":
+            return await self._handle_accept(request, call_id)
+        if verb not in ("reject", "refer", "hangup"):
+            raise web.HTTPNotFound()
+        call = self.calls.get(call_id)
+        if call is None or call.ended:
+            return _error_response(404, f"Call {call_id} not found.", code="call_not_found")
+        body = await self._json_body(request, optional=verb != "refer")
+        if isinstance(body, web.Response):
+            return body
+        if verb == "reject":
+            if call.status != "ringing":
+                return _error_response(404, f"Call {call_id} is not ringing.", code="call_not_found")
+            code = body.get("status_code", 603)
+            if not isinstance(code, int) or isinstance(code, bool) or not 400 <= code <= 699:
+                return _error_response(
+                    400,
+                    "status_code must be a SIP status between 400 and 699.",
+                    param="status_code",
+                    code="invalid_value",
+                )
+            call.reject_body = body
+            await call._end("rejected")
+        elif verb == "refer":
+            target = body.get("target_uri")
+            if not isinstance(target, str):
+                return _error_response(
+                    400,
+                    "Missing required parameter: 'target_uri'.",
+                    param="target_uri",
+                    code="missing_required_parameter",
+                )
+            if not target.startswith(("tel:", "sip:", "sips:")) or len(target) < 6:
+                return _error_response(
+                    400, "target_uri must be a tel: or sip: URI.", param="target_uri", code="invalid_value"
+                )
+            call.refer_target = target
+            self._spawn(call._end("referred", "clean"))
+        else:
+            call.hangup_requested = True
+            self._spawn(call._end("hangup_verb", "clean"))
+        return web.Response(status=200)
+
+    async def _handle_accept(self, request: web.Request, call_id: str) -> web.StreamResponse:
+        fault = self._take_fault(call_id)
+        if fault == "timeout":
+            return await self._hold()
+        if fault is not None:
+            return _fault_response(fault)
+        call = self.calls.get(call_id)
+        if call is None or call.status != "ringing":
+            return _error_response(404, f"Call {call_id} not found.", code="call_not_found")
+        body = await self._json_body(request, optional=False)
+        if isinstance(body, web.Response):
+            return body
+        if "type" not in body:
+            return _error_response(
+                400, "Missing required parameter: 'type'.", param="type", code="missing_required_parameter"
+            )
+        problem = _check_session(body, "", sip=call.kind == "sip", accept=True)
+        if problem is not None:
+            return _error_response(400, problem.message, param=problem.param, code=problem.code)
+        call._accept(body)
+        return web.Response(status=200)
+
+    async def _handle_client_secrets(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json_body(request, optional=True)
+        if isinstance(body, web.Response):
+            return body
+        seconds = 600
+        if "expires_after" in body:
+            expires = body["expires_after"]
+            if not isinstance(expires, dict):
+                return _error_response(
+                    400,
+                    "Invalid type for 'expires_after': expected an object.",
+                    param="expires_after",
+                    code="invalid_type",
+                )
+            if expires.get("anchor") != "created_at":
+                return _error_response(
+                    400,
+                    "Invalid value for 'expires_after.anchor': expected 'created_at'.",
+                    param="expires_after.anchor",
+                    code="invalid_value",
+                )
+            raw = expires.get("seconds", 600)
+            if not isinstance(raw, int) or isinstance(raw, bool) or not 10 <= raw <= 7200:
+                return _error_response(
+                    400,
+                    "'expires_after.seconds' must be an integer between 10 and 7200.",
+                    param="expires_after.seconds",
+                    code="invalid_value",
+                )
+            seconds = raw
+        session = body.get("session", {"type": "realtime"})
+        if not isinstance(session, dict):
+            return _error_response(
+                400, "Invalid type for 'session': expected an object.", param="session", code="invalid_type"
+            )
+        if "type" not in session:
+            return _error_response(
+                400,
+                "Missing required parameter: 'session.type'.",
+                param="session.type",
+                code="missing_required_parameter",
+            )
+        problem = _check_session(session, "session.", sip=False, accept=False)
+        if problem is not None:
+            return _error_response(400, problem.message, param=problem.param, code=problem.code)
+        value = self.mint_ephemeral_key(session, seconds)
+        full = _merge_session(_default_session(self._new_id("sess_"), model=self.model, sip=False), session)
+        expires_at = self._ephemeral[value].expires_at
+        return web.json_response({"value": value, "expires_at": expires_at, "session": full})
+
+    async def _handle_webrtc_create(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        ctype = request.content_type
+        session: Any
+        if ctype == "multipart/form-data":
+            parts = self._multipart_parts(request.headers.get("Content-Type", ""), raw)
+            if "sdp" not in parts:
+                return _error_response(
+                    400, "Missing required parameter: 'sdp'.", param="sdp", code="missing_required_parameter"
+                )
+            sdp = parts["sdp"].decode("utf-8", "replace")
+            if "session" in parts:
+                try:
+                    session = json.loads(parts["session"])
+                except ValueError:
+                    return _error_response(
+                        400, "The 'session' part is not valid JSON.", param="session", code="invalid_json"
+                    )
+            else:
+                session = {"type": "realtime"}
+        elif ctype == "application/sdp":
+            sdp = raw.decode("utf-8", "replace")
+            key = request.get(_EPHEMERAL)
+            session = dict(key.session) if key is not None else {"type": "realtime"}
+        else:
+            return _error_response(
+                400,
+                f"Unsupported content type {ctype!r}: send multipart/form-data (sdp, "
+                "session) or application/sdp.",
+                code="invalid_value",
+            )
+        if not sdp.lstrip().startswith("v=0"):
+            return _error_response(400, "The SDP offer is invalid.", param="sdp", code="invalid_offer")
+        if not isinstance(session, dict):
+            return _error_response(
+                400, "Invalid type for 'session': expected an object.", param="session", code="invalid_type"
+            )
+        if "type" not in session:
+            return _error_response(
+                400,
+                "Missing required parameter: 'session.type'.",
+                param="session.type",
+                code="missing_required_parameter",
+            )
+        problem = _check_session(session, "session.", sip=False, accept=True)
+        if problem is not None:
+            return _error_response(400, problem.message, param=problem.param, code=problem.code)
+        call = self._new_webrtc_call(self.next_webrtc_script, session)
+        call.sdp_offer = sdp
+        used = request.get(_EPHEMERAL)
+        if used is not None:
+            call.ephemeral_key = used.value
+        return web.Response(
+            status=201,
+            body=self._sdp_answer().encode(),
+            content_type="application/sdp",
+            headers={"Location": f"/v1/realtime/calls/{call.call_id}"},
+        )
+
+    @staticmethod
+    def _multipart_parts(content_type: str, raw: bytes) -> dict[str, bytes]:
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw
+        )
+        parts: dict[str, bytes] = {}
+        if not message.is_multipart():
+            return parts
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            if isinstance(name, str) and isinstance(payload, bytes):
+                parts[name] = payload
+        return parts
+
+    @staticmethod
+    def _sdp_answer() -> str:
+        session_id = secrets.randbelow(10**18)
+        ufrag = secrets.token_hex(4)
+        pwd = secrets.token_hex(12)
+        fingerprint = ":".join(f"{b:02X}" for b in secrets.token_bytes(32))
+        lines = [
+            "v=0",
+            f"o=- {session_id} 2 IN IP4 127.0.0.1",
+            "s=-",
+            "t=0 0",
+            "a=group:BUNDLE 0 1",
+            "a=msid-semantic:WMS *",
+            "m=audio 3478 UDP/TLS/RTP/SAVPF 111 0 8",
+            "c=IN IP4 127.0.0.1",
+            "a=rtcp:3478 IN IP4 127.0.0.1",
+            f"a=ice-ufrag:{ufrag}",
+            f"a=ice-pwd:{pwd}",
+            f"a=fingerprint:sha-256 {fingerprint}",
+            "a=setup:active",
+            "a=mid:0",
+            "a=sendrecv",
+            "a=rtcp-mux",
+            "a=rtpmap:111 opus/48000/2",
+            "a=fmtp:111 minptime=10;useinbandfec=1",
+            "a=rtpmap:0 PCMU/8000",
+            "a=rtpmap:8 PCMA/8000",
+            "a=candidate:1 1 udp 2130706431 127.0.0.1 3478 typ host",
+            "m=application 3478 UDP/DTLS/SCTP webrtc-datachannel",
+            "c=IN IP4 127.0.0.1",
+            f"a=ice-ufrag:{ufrag}",
+            f"a=ice-pwd:{pwd}",
+            f"a=fingerprint:sha-256 {fingerprint}",
+            "a=setup:active",
+            "a=mid:1",
+            "a=sctp-port:5000",
+        ]
+        return "\r\n".join(lines) + "\r\n"
+
+    # ------------------------------------------------------------------------------------ sideband
+
+    async def _handle_sideband(self, request: web.Request) -> web.StreamResponse:
+        call_id = request.query.get("call_id")
+        if not call_id:
+            return _error_response(
+                400,
+                "This simulator serves sideband connections only: pass ?call_id=.",
+                param="call_id",
+                code="missing_required_parameter",
+            )
+        call = self.calls.get(call_id)
+        if call is None or call.status != "accepted":
+            return _error_response(404, f"Call {call_id} not found.", code="call_id_not_found")
+        ws: web.WebSocketResponse = web.WebSocketResponse(
+            timeout=_CLOSE_TIMEOUT, compress=False, max_msg_size=16 * 1024 * 1024
+        )
+        beta = "OpenAI-Beta" in request.headers
+        if not beta:
+            # Counted before the 101 goes out, so a client that saw its handshake complete sees the count.
+            call.sideband_connects += 1
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            if not beta:
+                call.sideband_connects -= 1
+            raise
+        if beta:
+            event = {
+                "type": "error",
+                "event_id": self._new_id("event_"),
+                "error": {
+                    "type": "invalid_request_error",
+                    "code": "beta_api_shape_disabled",
+                    "message": "The OpenAI-Beta header is not supported by the GA Realtime API: remove it.",
+                    "param": None,
+                    "event_id": None,
+                },
+            }
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_str(json.dumps(event))
+            await SimCall._close_one(_Attachment(ws, request.transport), 1008)
+            return ws
+        attachment = _Attachment(ws, request.transport)
+        call._attach(attachment)
+        try:
+            async for message in ws:
+                if message.type == WSMsgType.TEXT:
+                    await call._on_text(message.data)
+                elif message.type == WSMsgType.BINARY:
+                    call.bad_frames.append(message.data)
+                    if not call.ended:
+                        await call._error("invalid_json", "Binary frames are not supported: send JSON text.")
+        finally:
+            call._detach(attachment)
+        return ws

@@ -1,0 +1,422 @@
+"""Tests for sideband.app: SIP number parsing, IncomingCall, and the Sideband app object."""
+
+from typing import Any
+
+import pytest
+
+from sideband.app import IncomingCall, Sideband, parse_number
+from sideband.context import CallContext, SipHeader
+from sideband.session import Accept, Refer, Reject, SessionConfig, validate_accept_payload
+
+# -- parse_number ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("sip:+142555512112@sip.example.com", "+142555512112"),
+        ("<sip:+14155550123@sip.example.com>;tag=abc", "+14155550123"),
+        ('"Bob" <sip:+14155550123@example.com>;tag=9', "+14155550123"),
+        ("tel:+14155550123", "+14155550123"),
+        ("<tel:+14155550123>", "+14155550123"),
+        ("sips:+14155550123@secure.example.com", "+14155550123"),
+        ("SIP:+14155550123@EXAMPLE.COM", "+14155550123"),
+        ("sip:+1-415-555-0123@example.com", "+14155550123"),
+        ("sip:+1.415.555.0123@example.com", "+14155550123"),
+        ("sip:+14155550123;user=phone@example.com", "+14155550123"),
+        ("sip:4155550123@example.com", "4155550123"),
+        ("sip:alice@example.com", "alice"),
+        ('"Alice" <sip:alice@example.com>;tag=1', "alice"),
+        ("sip:+12@example.com", "+12"),  # too short for E.164: returned as is
+        ("garbage", None),
+        ("alice@example.com", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_parse_number(value: str | None, expected: str | None) -> None:
+    assert parse_number(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['"Alice" <sip:+1 (425) 555-0100@x>;tag=1', "<sip:+1 (425) 555-0100@example.com>"],
+)
+def test_parse_number_with_spaces_in_user_part(value: str) -> None:
+    assert parse_number(value) == "+14255550100"
+
+
+def test_parse_number_ignores_uri_like_display_name() -> None:
+    assert parse_number('"Hotel:Lobby" <sip:+14155550123@example.com>;tag=1') == "+14155550123"
+
+
+# -- IncomingCall ----------------------------------------------------------------------------------------
+
+
+def headers(*pairs: tuple[str, str]) -> tuple[SipHeader, ...]:
+    return tuple(SipHeader(name, value) for name, value in pairs)
+
+
+def test_from_sip_parses_from_and_to() -> None:
+    hdrs = headers(
+        ("From", '"Alice" <sip:+14155550123@carrier.example>;tag=1'),
+        ("To", "<sip:+18005550100@sip.api.openai.com>"),
+        ("X-Account", "42"),
+    )
+    call = IncomingCall.from_sip("rtc_1", hdrs, "srtp", {"call_id": "rtc_1"})
+    assert call.call_id == "rtc_1"
+    assert call.from_number == "+14155550123"
+    assert call.to_number == "+18005550100"
+    assert call.sip_headers == hdrs
+    assert call.media_security == "srtp"
+    assert call.source == "sip"
+    assert call.raw == {"call_id": "rtc_1"}
+
+
+def test_from_sip_header_names_are_case_insensitive() -> None:
+    call = IncomingCall.from_sip("rtc_1", headers(("FROM", "sip:+14155550123@x"), ("to", "tel:+18005550100")))
+    assert call.from_number == "+14155550123"
+    assert call.to_number == "+18005550100"
+
+
+def test_from_sip_first_value_wins() -> None:
+    call = IncomingCall.from_sip("rtc_1", headers(
+        ("From", "sip:+14155550001@x"), ("from", "sip:+14155550002@x"),
+        ("To", "sip:+18005550001@x"), ("TO", "sip:+18005550002@x"),
+    ))
+    assert call.from_number == "+14155550001"
+    assert call.to_number == "+18005550001"
+
+
+def test_from_sip_without_from_or_to() -> None:
+    call = IncomingCall.from_sip("rtc_1", iter(headers(("Via", "SIP/2.0/TLS x"))))
+    assert (call.from_number, call.to_number) == (None, None)
+    assert call.raw == {}
+    assert call.media_security is None
+    assert len(call.sip_headers) == 1  # an iterator is materialised once
+
+
+def test_header_lookup() -> None:
+    call = IncomingCall.from_sip("rtc_1", headers(
+        ("X-Account", "first"), ("x-account", "second"), ("Diversion", "<sip:+1@x>"),
+    ))
+    assert call.header("x-account") == "first"
+    assert call.header("X-ACCOUNT") == "first"
+    assert call.header("diversion") == "<sip:+1@x>"
+    assert call.header("missing") is None
+
+
+def test_context_carries_the_call() -> None:
+    hdrs = headers(("From", "sip:+14155550123@x"), ("X-Account", "42"))
+    ctx = IncomingCall.from_sip("rtc_1", hdrs).context()
+    assert isinstance(ctx, CallContext)
+    assert (ctx.call_id, ctx.source, ctx.from_number, ctx.to_number) == ("rtc_1", "sip", "+14155550123", None)
+    assert ctx.header("x-account") == "42"
+    assert ctx.state == {}
+
+
+# -- Sideband: config and plan ----------------------------------------------------------------------------
+
+
+def make_app(**kw: Any) -> Sideband:
+    app = Sideband(instructions="You are the order desk.", voice="marin", **kw)
+
+    @app.tool
+    async def lookup_order(order_id: str) -> dict[str, Any]:
+        """Look up an order.
+
+        Args:
+            order_id: The order number.
+        """
+        return {"order_id": order_id}
+
+    @app.tool(timeout=3)
+    def cancel_order(order_id: str, ctx: CallContext) -> str:
+        """Cancel an order."""
+        return "cancelled"
+
+    return app
+
+
+def test_constructor_config() -> None:
+    app = Sideband(instructions="Be nice.", voice="cedar", model="gpt-realtime-mini", greeting="Say hello.")
+    assert app.config.instructions == "Be nice."
+    assert app.config.voice == "cedar"
+    assert app.config.model == "gpt-realtime-mini"
+    assert app.config.greeting == "Say hello."
+
+
+def test_default_greeting_and_no_greeting() -> None:
+    assert Sideband().config.greeting == SessionConfig().greeting
+    assert Sideband(greeting=None).config.greeting is None
+
+
+def test_session_config_used_as_base() -> None:
+    base = SessionConfig(instructions="base", turn_detection={"type": "semantic_vad"}, temperature=0.6)  # type: ignore[call-arg]
+    app = Sideband(session=base, voice="marin")
+    payload = app.plan().session
+    assert payload["instructions"] == "base"
+    assert payload["audio"]["input"]["turn_detection"] == {"type": "semantic_vad"}
+    assert payload["audio"]["output"]["voice"] == "marin"
+    assert payload["temperature"] == 0.6
+
+
+def test_session_config_model_and_greeting_kept() -> None:
+    app = Sideband(session=SessionConfig(model="gpt-realtime-mini", greeting="Hola."))
+    assert app.config.model == "gpt-realtime-mini"
+    assert app.config.greeting == "Hola."
+
+
+def test_plan_default() -> None:
+    app = make_app()
+    plan = app.plan()
+    assert plan.session["type"] == "realtime"
+    assert plan.session["instructions"] == "You are the order desk."
+    assert plan.session["audio"]["output"]["voice"] == "marin"
+    assert plan.session["tools"] == app.tools.definitions(style="openai")
+    assert [t["name"] for t in plan.session["tools"]] == ["lookup_order", "cancel_order"]
+    assert all("ctx" not in t["parameters"]["properties"] for t in plan.session["tools"])
+    assert plan.tools.names() == ["lookup_order", "cancel_order"]
+    assert plan.greeting == app.config.greeting
+    assert plan.config == app.config
+    validate_accept_payload(plan.session)
+
+
+def test_plan_with_accept_overrides() -> None:
+    app = make_app()
+    plan = app.plan(Accept(instructions="You are billing.", voice="cedar", greeting="Say billing.",
+                           session={"temperature": 0.7, "speed": 1.1}))
+    assert plan.session["instructions"] == "You are billing."
+    assert plan.session["audio"]["output"] == {"voice": "cedar", "speed": 1.1}
+    assert plan.session["temperature"] == 0.7
+    assert plan.greeting == "Say billing."
+    assert plan.config.instructions == "You are billing."
+    # the app itself is unchanged
+    assert app.config.instructions == "You are the order desk."
+    assert app.plan().session["audio"]["output"] == {"voice": "marin"}
+
+
+def test_plan_with_tool_subset() -> None:
+    app = make_app()
+    plan = app.plan(Accept(tools=("cancel_order",)))
+    assert plan.tools.names() == ["cancel_order"]
+    assert plan.session["tools"] == app.tools.definitions(["cancel_order"], style="openai")
+    assert plan.tools.timeout_for("cancel_order") == 3
+    assert app.tools.names() == ["lookup_order", "cancel_order"]
+
+
+def test_plan_with_no_tools() -> None:
+    plan = make_app().plan(Accept(tools=()))
+    assert len(plan.tools) == 0
+    assert "tools" not in plan.session
+
+
+def test_plan_with_unknown_tool_name() -> None:
+    with pytest.raises(ValueError, match="nope"):
+        make_app().plan(Accept(tools=("lookup_order", "nope")))
+
+
+def test_tool_options_pass_through() -> None:
+    app = Sideband(tool_timeout=7, filler_after=None)
+
+    @app.tool(name="renamed", description="Described.")
+    async def fn() -> None:
+        """Ignored."""
+
+    tool = app.tools.get("renamed")
+    assert tool is not None
+    assert tool.description == "Described."
+    assert app.tools.timeout_for("renamed") == 7
+    assert app.tools.filler_after_for("renamed") is None
+
+
+# -- Sideband: routing -------------------------------------------------------------------------------------
+
+
+CALL = IncomingCall("rtc_1", "+14155550123", "+18005550100")
+
+
+async def test_decide_default_accept() -> None:
+    assert await Sideband().decide(CALL) == Accept()
+
+
+async def test_decide_sync_hook() -> None:
+    app = Sideband()
+    seen: list[IncomingCall] = []
+
+    def route(call: IncomingCall) -> Reject:
+        seen.append(call)
+        return Reject(486)
+
+    assert app.on_incoming(route) is route  # usable as a decorator
+    assert await app.decide(CALL) == Reject(486)
+    assert seen == [CALL]
+
+
+async def test_decide_async_hook() -> None:
+    app = Sideband()
+
+    @app.on_incoming
+    async def route(call: IncomingCall) -> Refer | Accept:
+        if call.from_number == "+14155550123":
+            return Refer("tel:+14155550999")
+        return Accept()
+
+    assert await app.decide(CALL) == Refer("tel:+14155550999")
+    assert await app.decide(IncomingCall("rtc_2", None, None)) == Accept()
+
+
+async def test_decide_last_hook_wins() -> None:
+    app = Sideband()
+    app.on_incoming(lambda call: Reject())
+    app.on_incoming(lambda call: Accept(voice="cedar"))
+    assert await app.decide(CALL) == Accept(voice="cedar")
+
+
+@pytest.mark.parametrize("value", [None, "accept", 42, {"accept": True}])
+async def test_decide_sync_hook_wrong_type(value: object) -> None:
+    app = Sideband()
+    app.on_incoming(lambda call: value)
+    with pytest.raises(TypeError):
+        await app.decide(CALL)
+
+
+@pytest.mark.parametrize("value", [None, "accept", Accept])
+async def test_decide_async_hook_wrong_type(value: object) -> None:
+    app = Sideband()
+
+    @app.on_incoming
+    async def route(call: IncomingCall) -> object:
+        return value
+
+    with pytest.raises(TypeError, match="Accept/Reject/Refer"):
+        await app.decide(CALL)
+
+
+async def test_decide_hook_exception_propagates() -> None:
+    app = Sideband()
+
+    @app.on_incoming
+    async def route(call: IncomingCall) -> Accept:
+        raise LookupError("crm down")
+
+    with pytest.raises(LookupError):
+        await app.decide(CALL)
+
+
+# -- Sideband: hooks --------------------------------------------------------------------------------------
+
+
+def test_call_hooks_registered_in_order() -> None:
+    app = Sideband()
+
+    def start(ctx: CallContext) -> None: ...
+    def start2(ctx: CallContext) -> None: ...
+    def end(ctx: CallContext, summary: Any) -> None: ...
+    def transcript(ctx: CallContext, role: str, text: str) -> None: ...
+    def dtmf(ctx: CallContext, digit: str) -> None: ...
+    def tool(ctx: CallContext, record: Any) -> None: ...
+
+    assert app.on_call_start(start) is start
+    app.on_call_start(start2)
+    app.on_call_end(end)
+    app.on_transcript(transcript)
+    app.on_dtmf(dtmf)
+    app.on_tool(tool)
+    assert app.on_call_start_hooks == [start, start2]
+    assert app.on_call_end_hooks == [end]
+    assert app.on_transcript_hooks == [transcript]
+    assert app.on_dtmf_hooks == [dtmf]
+    assert app.on_tool_hooks == [tool]
+    assert app.hooks() is not None
+
+
+# -- Sideband: built-in tools ------------------------------------------------------------------------------
+
+TARGETS = {
+    "sales": "tel:+14155550100",
+    "support": "sip:support@example.com",
+    "secure": "sips:desk@example.com",
+}
+
+
+def test_enable_transfer_schema() -> None:
+    app = Sideband(transfer_targets=TARGETS)
+    app.enable_transfer()
+    tool = app.tools.get("transfer_call")
+    assert tool is not None
+    params = tool.parameters
+    assert set(params["properties"]) == {"destination"}
+    assert params["properties"]["destination"]["enum"] == ["sales", "support", "secure"]
+    assert params["required"] == ["destination"]
+    definition = app.tools.definitions(style="openai")[0]
+    for uri in TARGETS.values():  # the model sees labels only, never the URIs
+        assert uri not in repr(definition)
+    assert definition["description"]
+
+
+def test_enable_transfer_custom_name() -> None:
+    app = Sideband(transfer_targets={"human": "tel:+14155550100"})
+    app.enable_transfer(name="hand_off")
+    assert app.tools.names() == ["hand_off"]
+
+
+def test_enable_transfer_needs_targets() -> None:
+    with pytest.raises(ValueError, match="transfer_targets"):
+        Sideband().enable_transfer()
+
+
+@pytest.mark.parametrize("uri", ["+14155550100", "http://example.com", "mailto:x@example.com", ""])
+def test_bad_transfer_target_uri(uri: str) -> None:
+    with pytest.raises(ValueError, match="bad"):
+        Sideband(transfer_targets={"bad": uri})
+
+
+async def test_transfer_tool_runs_through_context() -> None:
+    app = Sideband(transfer_targets=TARGETS)
+    app.enable_transfer()
+    transfers: list[str] = []
+
+    class Actions:
+        async def hangup(self, reason: str = "hangup") -> None: ...
+        async def transfer(self, target: str) -> None:
+            transfers.append(target)
+        def say(self, instructions: str) -> None: ...
+        def update_session(self, **fields: Any) -> None: ...
+
+    ctx = CallContext("rtc_1", actions=Actions())
+    ok = await app.tools.execute("c1", "transfer_call", '{"destination": "sales"}', ctx)
+    assert ok.ok
+    assert transfers == ["sales"]
+    bad = await app.tools.execute("c2", "transfer_call", '{"destination": "tel:+19005550000"}', ctx)
+    assert bad.outcome == "invalid_arguments"
+    assert transfers == ["sales"]
+
+
+def test_enable_end_call() -> None:
+    app = Sideband()
+    app.enable_end_call()
+    tool = app.tools.get("end_call")
+    assert tool is not None
+    assert tool.parameters["properties"] == {}
+    assert not tool.parameters.get("required")
+    assert tool.context_param is not None
+    assert app.tools.filler_after_for("end_call") is None
+    assert app.plan().session["tools"][0]["name"] == "end_call"
+
+
+async def test_end_call_tool_hangs_up() -> None:
+    app = Sideband()
+    app.enable_end_call(name="hang_up")
+    reasons: list[str] = []
+
+    class Actions:
+        async def hangup(self, reason: str = "hangup") -> None:
+            reasons.append(reason)
+        async def transfer(self, target: str) -> None: ...
+        def say(self, instructions: str) -> None: ...
+        def update_session(self, **fields: Any) -> None: ...
+
+    result = await app.tools.execute("c1", "hang_up", "", CallContext("rtc_1", actions=Actions()))
+    assert result.ok
+    assert reasons == ["end_call_tool"]

@@ -1,0 +1,221 @@
+"""End to end over loopback: simulator (OpenAI stand-in) → signed webhook → our server → sideband → tools."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from sideband.testing import (
+    Script,
+    caller_hangs_up,
+    caller_says,
+    model_calls,
+    model_says,
+    wait_for_greeting,
+)
+
+from .conftest import Stack
+
+GREETING = wait_for_greeting("Hello, test desk.")
+
+
+def client_types(call: Any) -> list[str]:
+    return [e["type"] for e in call.received]
+
+
+def outputs(call: Any) -> list[dict[str, Any]]:
+    return [e["item"] for e in call.received
+            if e["type"] == "conversation.item.create" and e["item"]["type"] == "function_call_output"]
+
+
+def accepts(stack: Stack, call_id: str) -> int:
+    return sum(1 for r in stack.sim.requests if r.path.endswith(f"/{call_id}/accept"))
+
+
+async def run_call(stack: Stack, script: Script, **kw: Any) -> Any:
+    call = stack.sim.create_call(script, **kw)
+    result = await stack.sender.deliver(stack.sim.incoming_event(call))
+    assert result.status == 200, result
+    return call
+
+
+async def test_webhook_to_tool_round_trip(stack: Stack) -> None:
+    call = await run_call(stack, Script([
+        GREETING,
+        caller_says("Where is order 42?"),
+        model_calls("lookup_order", {"order_id": "42"}),
+        model_says("It shipped."),
+        caller_hangs_up(),
+    ]))
+    await call.wait_done(timeout=10)
+    await call.wait_ended(timeout=10)
+    # One source for the session: accept body == first session.update's session.
+    first = call.received[0]
+    assert first["type"] == "session.update"
+    assert first["session"] == call.accept_body
+    assert call.accept_body["type"] == "realtime"
+    assert [t["name"] for t in call.accept_body["tools"]] == [t["name"] for t in stack.app.tools.definitions()]
+    assert "OpenAI-Beta" not in str(call.received)
+    types = client_types(call)
+    assert types[:2] == ["session.update", "response.create"]  # exactly one greeting
+    assert types.count("response.create") == 2
+    out = outputs(call)
+    assert len(out) == 1 and json.loads(out[0]["output"]) == {"order_id": "42", "status": "shipped"}
+    # response.create after the output (never before the response's response.done, never during one)
+    assert types.index("conversation.item.create") < len(types) - 1 - types[::-1].index("response.create")
+    assert not [e for e in call.sent if e["type"] == "error"]
+    runtime_ended = stack.service.registry
+    await stack.wait_until(lambda: call.call_id not in runtime_ended)
+
+
+async def test_same_webhook_delivered_concurrently_accepts_once(stack: Stack) -> None:
+    call = stack.sim.create_call(Script([GREETING]))
+    event = stack.sim.incoming_event(call)
+    results = await asyncio.gather(*(stack.sender.deliver(event, webhook_id="wh_same") for _ in range(8)))
+    assert all(r.status == 200 for r in results)
+    assert accepts(stack, call.call_id) == 1
+    await call.wait_done(timeout=5)
+    assert call.sideband_connects == 1
+    # A different delivery (new webhook-id) for the same call never accepts twice either.
+    again = await stack.sender.deliver(event, webhook_id="wh_other")
+    assert again.status == 200 and accepts(stack, call.call_id) == 1
+
+
+async def test_non_call_events_are_acknowledged_and_ignored(stack: Stack) -> None:
+    for event in (
+        {"object": "event", "id": "evt_1", "type": "response.completed", "created_at": 1, "data": {"id": "resp_1"}},
+        {"object": "event", "id": "evt_2", "type": "live.call.incoming", "created_at": 1,
+         "data": {"session_id": "sess_1"}},
+        {"object": "event", "id": "evt_3", "type": "brand.new.type", "created_at": 1},
+    ):
+        result = await stack.sender.deliver(event)
+        assert result.status == 200 and result.attempts == [200]
+    assert not [r for r in stack.sim.requests if "/accept" in r.path]
+
+
+async def test_accept_404_stops_without_sideband(stack: Stack) -> None:
+    call = stack.sim.create_call(Script([]))
+    stack.sim.fail_accept(call.call_id, 404)
+    result = await stack.sender.deliver(stack.sim.incoming_event(call))
+    assert result.status == 200 and result.attempts == [200]
+    assert accepts(stack, call.call_id) == 1
+    assert call.sideband_connects == 0 and call.call_id not in stack.service.registry
+
+
+async def test_accept_5xx_and_timeout_are_retried_within_budget(stack: Stack) -> None:
+    call = stack.sim.create_call(Script([GREETING]))
+    stack.sim.fail_accept(call.call_id, 500, "timeout", 503)
+    result = await stack.sender.deliver(stack.sim.incoming_event(call))
+    assert result.status == 200
+    assert accepts(stack, call.call_id) == 4 and call.status == "accepted"
+    await call.wait_done(timeout=5)
+
+
+async def test_accept_exhausted_answers_503_and_redelivery_can_succeed(stack: Stack) -> None:
+    call = stack.sim.create_call(Script([GREETING]))
+    stack.sim.fail_accept(call.call_id, *([500] * 40))
+    event = stack.sim.incoming_event(call)
+    first = await stack.sender.deliver(event, webhook_id="wh_retry", max_attempts=1)
+    assert first.status == 503
+    stack.sim.fail_accept(call.call_id)  # no more faults queued… clear by accepting next
+    stack.sim.calls[call.call_id].accept_faults.clear()
+    second = await stack.sender.deliver(event, webhook_id="wh_retry", max_attempts=1)
+    assert second.status == 200 and call.status == "accepted"
+
+
+@pytest.mark.parametrize("mode, reason", [("clean", "remote_closed"), ("abnormal", "call_not_found")])
+async def test_caller_hangup_ends_the_call(stack: Stack, mode: str, reason: str) -> None:
+    ended: list[str] = []
+    stack.app.on_call_end(lambda ctx, summary: ended.append(summary.reason))
+    call = await run_call(stack, Script([GREETING, caller_hangs_up(mode)]))
+    await call.wait_ended(timeout=5)
+    runtime = stack.service.registry.calls.get(call.call_id)
+    if runtime is not None:
+        await asyncio.wait_for(runtime.wait_closed(), 5)
+    await stack.wait_until(lambda: bool(ended))
+    assert ended == [reason]
+
+
+async def test_session_expired_ends_the_call(stack: Stack) -> None:
+    call = await run_call(stack, Script([GREETING]))
+    await call.wait_done(timeout=5)
+    runtime = stack.service.registry.calls[call.call_id]
+    stack.sim.expire(call)
+    await asyncio.wait_for(runtime.wait_closed(), 5)
+    assert runtime.summary.reason == "session_expired"
+
+
+async def test_tool_failures_become_model_visible_outputs(stack: Stack) -> None:
+    call = await run_call(stack, Script([
+        GREETING,
+        caller_says("Do things."),
+        model_calls([("nope", {}), ("broken", {}), ("lookup_order", '{"order_id": '),
+                     ("refuse", {"reason": "policy"})]),
+        model_says("Sorry."),
+        caller_hangs_up(),
+    ]))
+    await call.wait_done(timeout=10)
+    outs = {o["call_id"]: json.loads(o["output"]) for o in outputs(call)}
+    assert len(outs) == 4
+    by_error = sorted(v["error"] for v in outs.values())
+    assert by_error == ["invalid_arguments", "tool_failed", "tool_failed", "unknown_tool"]
+    assert "secret" not in json.dumps(list(outs.values()))
+    assert any(v.get("message") == "cannot do that: policy" for v in outs.values())
+    # One response.create for the whole batch.
+    types = client_types(call)
+    last_output = max(i for i, t in enumerate(types) if t == "conversation.item.create")
+    assert types[last_output + 1:].count("response.create") == 1
+
+
+async def test_end_call_tool_hangs_up_after_output_and_goodbye(stack: Stack) -> None:
+    call = await run_call(stack, Script([
+        GREETING,
+        caller_says("That's all, bye."),
+        model_calls("end_call", {}),
+        model_says("Goodbye!"),
+    ]))
+    await call.wait_ended(timeout=10)
+    assert call.end_reason == "hangup_verb"
+    paths = [r.path for r in stack.sim.requests]
+    hangup_at = next(i for i, p in enumerate(paths) if p.endswith("/hangup"))
+    assert hangup_at > 0
+    types = client_types(call)
+    assert types.index("conversation.item.create") < len(types)
+    runtime_reason = await _runtime_reason(stack, call.call_id)
+    assert runtime_reason in (None, "end_call_tool")
+
+
+async def _runtime_reason(stack: Stack, call_id: str) -> str | None:
+    runtime = stack.service.registry.calls.get(call_id)
+    if runtime is None:
+        return None
+    await asyncio.wait_for(runtime.wait_closed(), 5)
+    return runtime.summary.reason
+
+
+async def test_transfer_tool_refers_to_allow_listed_target(stack: Stack) -> None:
+    call = await run_call(stack, Script([
+        GREETING,
+        caller_says("A human please."),
+        model_calls("transfer_call", {"destination": "human"}),
+        model_says("Transferring you."),
+    ]))
+    await call.wait_ended(timeout=10)
+    assert call.status == "referred" and call.refer_target == "tel:+14155550123"
+
+
+async def test_transfer_to_unlisted_target_is_refused(stack: Stack) -> None:
+    call = await run_call(stack, Script([
+        GREETING,
+        caller_says("Transfer me to my friend."),
+        model_calls("transfer_call", {"destination": "sip:attacker@example.com"}),
+        model_says("I can't do that."),
+        caller_hangs_up(),
+    ]))
+    await call.wait_done(timeout=10)
+    out = json.loads(outputs(call)[0]["output"])
+    assert out["error"] == "invalid_arguments"
+    assert call.refer_target is None

@@ -1,0 +1,141 @@
+"""The webhook edge: every malformed input is a clean 4xx (never 500, never 410); routing decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sideband import Accept, IncomingCall, Refer, Reject
+from sideband.testing import Script, wait_for_greeting
+
+from .conftest import Stack
+
+
+def signed(stack: Stack, body: bytes, *, webhook_id: str = "wh_test", ts: int | None = None) -> dict[str, str]:
+    headers = stack.sender.sign(body, webhook_id, ts if ts is not None else int(time.time()))
+    return {**headers, "content-type": "application/json"}
+
+
+async def post(stack: Stack, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.post(stack.webhook_url, data=body, headers=headers) as resp:
+        text = await resp.text()
+        return resp.status, (json.loads(text) if text.startswith("{") else text)
+
+
+def event_body(stack: Stack) -> bytes:
+    call = stack.sim.create_call(Script([]))
+    return json.dumps(stack.sim.incoming_event(call)).encode()
+
+
+async def test_bad_inputs_are_4xx_with_json_errors(stack: Stack) -> None:
+    body = event_body(stack)
+    good = signed(stack, body)
+    cases: list[tuple[str, bytes, dict[str, str], int]] = []
+    for missing in ("webhook-id", "webhook-timestamp", "webhook-signature"):
+        cases.append((f"missing {missing}", body, {k: v for k, v in good.items() if k != missing}, 400))
+    for sig in ("v1", "v1,a,b", "v1,!!!notbase64!!!", "v2,abc", "", " ", "v1," + "A" * 5000):
+        cases.append((f"signature {sig[:12]!r}", body, {**good, "webhook-signature": sig}, -1))
+    cases += [
+        ("timestamp not a number", body, {**good, "webhook-timestamp": "abc"}, 400),
+        ("timestamp float", body, {**good, "webhook-timestamp": "1.5e9"}, 400),
+        ("too old", body, signed(stack, body, ts=int(time.time()) - 301), 401),
+        ("too new", body, signed(stack, body, ts=int(time.time()) + 301), 401),
+        ("tampered body", body.replace(b"realtime", b"realtimE"), good, 401),
+        ("non-utf8 body", b"\xff\xfe{}", signed(stack, b"\xff\xfe{}"), 400),
+        ("signed non-json", b"hello", signed(stack, b"hello"), 400),
+        ("signed json array", b"[1]", signed(stack, b"[1]"), 400),
+        ("call event without call_id", b'{"type":"realtime.call.incoming","data":{}}',
+         signed(stack, b'{"type":"realtime.call.incoming","data":{}}'), 400),
+        ("wrong content type", body, {**good, "content-type": "text/plain"}, 415),
+        ("too large", b"{" + b" " * (300 * 1024) + b"}", signed(stack, b"{}"), 413),
+    ]
+    for name, data, headers, expected in cases:
+        status, answer = await post(stack, data, headers)
+        assert 400 <= status < 500 and status != 410, (name, status, answer)
+        if expected != -1:
+            assert status == expected, (name, status, answer)
+        assert isinstance(answer, dict) and "error" in answer, (name, answer)
+    # Nothing was accepted, and the genuine delivery still works afterwards (nothing was claimed).
+    assert not [r for r in stack.sim.requests if r.path.endswith("/accept")]
+    status, answer = await post(stack, body, good)
+    assert (status, answer["status"]) == (200, "accepted")
+
+
+async def test_get_and_unknown_routes_are_never_410(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        for method, path in (("GET", "/webhooks/openai"), ("POST", "/nope"), ("PUT", "/webhooks/openai")):
+            async with http.request(method, stack.url(path)) as resp:
+                assert resp.status in (404, 405)
+
+
+async def test_health_readiness_and_metrics(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.url("/healthz")) as resp:
+            assert resp.status == 200
+        async with http.get(stack.url("/readyz")) as resp:
+            assert resp.status == 200 and (await resp.json())["status"] == "ready"
+        stack.service.draining = True
+        async with http.get(stack.url("/readyz")) as resp:
+            assert resp.status == 503
+        body = event_body(stack)
+        status, answer = await post(stack, body, signed(stack, body))
+        assert status == 503  # OpenAI redelivers to an instance that is not draining
+        stack.service.draining = False
+        status, answer = await post(stack, body, signed(stack, body))
+        assert status == 200
+        async with http.get(stack.url("/metrics")) as resp:
+            text = await resp.text()
+            assert 'sideband_events_total{outcome="accepted"} 1' in text
+
+
+async def test_routing_reject_refer_and_accept_overrides(stack: Stack) -> None:
+    @stack.app.on_incoming
+    async def route(call: IncomingCall) -> Accept | Reject | Refer:
+        if call.to_number == "+18005550001":
+            return Reject(status_code=486)
+        if call.to_number == "+18005550002":
+            return Refer("tel:+14155550123")
+        return Accept(instructions="Billing desk.", tools=("lookup_order",))
+
+    busy = stack.sim.create_call(Script([]), to_number="+18005550001")
+    moved = stack.sim.create_call(Script([]), to_number="+18005550002")
+    billed = stack.sim.create_call(Script([wait_for_greeting("Hi")]), to_number="+18005550003")
+    for call in (busy, moved, billed):
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    assert busy.status == "rejected" and busy.reject_body == {"status_code": 486}
+    assert moved.status == "referred" and moved.refer_target == "tel:+14155550123"
+    assert billed.accept_body["instructions"] == "Billing desk."
+    assert [t["name"] for t in billed.accept_body["tools"]] == ["lookup_order"]
+
+
+@pytest.mark.parametrize("settings_overrides", [{"route_budget": 0.2, "route_failure_status": 503}])
+async def test_routing_hook_that_fails_or_overruns_rejects(stack: Stack, settings_overrides: dict[str, Any]) -> None:
+    never = asyncio.Event()
+
+    @stack.app.on_incoming
+    async def route(call: IncomingCall) -> Accept:
+        if call.to_number == "+18005550009":
+            raise LookupError("database down")
+        await never.wait()
+        return Accept()
+
+    raising = stack.sim.create_call(Script([]), to_number="+18005550009")
+    slow = stack.sim.create_call(Script([]), to_number="+18005550010")
+    for call in (raising, slow):
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        assert call.status == "rejected" and call.reject_body == {"status_code": 503}
+
+
+async def test_invalid_session_config_is_refused_locally(stack: Stack) -> None:
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        return Accept(session={"audio": {"input": {"format": {"type": "audio/pcm"}}}})
+
+    call = stack.sim.create_call(Script([]))
+    assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    assert call.status == "rejected" and not [r for r in stack.sim.requests if r.path.endswith("/accept")]

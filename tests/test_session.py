@@ -1,0 +1,244 @@
+"""Tests for sideband.session: the session payload, merging, and local accept-payload validation."""
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from sideband.session import (
+    Accept,
+    Refer,
+    Reject,
+    SessionConfig,
+    SessionConfigError,
+    validate_accept_payload,
+)
+
+TOOL = {"type": "function", "name": "lookup_order", "description": "Look up.",
+        "parameters": {"type": "object", "properties": {}}}
+
+
+def _walk(node: Any) -> list[Any]:
+    """Every value nested in ``node``."""
+    if isinstance(node, dict):
+        return [v for value in node.values() for v in [value, *_walk(value)]]
+    if isinstance(node, list):
+        return [v for value in node for v in [value, *_walk(value)]]
+    return []
+
+
+# -- payload ---------------------------------------------------------------------------------------------
+
+
+def test_default_payload() -> None:
+    body = SessionConfig().payload([])
+    assert next(iter(body)) == "type"
+    assert body == {
+        "type": "realtime",
+        "model": "gpt-realtime",
+        "audio": {"input": {"transcription": {"model": "gpt-4o-mini-transcribe"}}},
+    }
+    validate_accept_payload(body)
+
+
+def test_greeting_is_not_part_of_the_payload() -> None:
+    body = SessionConfig(greeting="Say hi").payload([])
+    assert "greeting" not in body
+    assert "Say hi" not in repr(body)
+
+
+def test_full_payload_shape() -> None:
+    cfg = SessionConfig(
+        model="gpt-realtime-mini",
+        instructions="Be brief.",
+        voice="marin",
+        speed=1.2,
+        output_modalities=["audio"],
+        transcription_model="whisper-1",
+        turn_detection={"type": "semantic_vad", "eagerness": "low"},
+        noise_reduction={"type": "near_field"},
+        tool_choice="auto",
+        max_output_tokens="inf",
+        tracing="auto",
+        prompt={"id": "pmpt_1"},
+        include=["item.input_audio_transcription.logprobs"],
+    )
+    body = cfg.payload([TOOL])
+    assert next(iter(body)) == "type"
+    assert body == {
+        "type": "realtime",
+        "model": "gpt-realtime-mini",
+        "instructions": "Be brief.",
+        "output_modalities": ["audio"],
+        "audio": {
+            "input": {
+                "transcription": {"model": "whisper-1"},
+                "turn_detection": {"type": "semantic_vad", "eagerness": "low"},
+                "noise_reduction": {"type": "near_field"},
+            },
+            "output": {"voice": "marin", "speed": 1.2},
+        },
+        "tools": [TOOL],
+        "tool_choice": "auto",
+        "max_output_tokens": "inf",
+        "tracing": "auto",
+        "prompt": {"id": "pmpt_1"},
+        "include": ["item.input_audio_transcription.logprobs"],
+    }
+    validate_accept_payload(body)
+
+
+def test_voice_only_gives_output_without_input() -> None:
+    body = SessionConfig(transcription_model=None, voice="cedar").payload([])
+    assert body["audio"] == {"output": {"voice": "cedar"}}
+
+
+def test_no_audio_when_nothing_audio_is_set() -> None:
+    body = SessionConfig(transcription_model=None).payload([])
+    assert "audio" not in body
+
+
+def test_no_model_when_none() -> None:
+    assert "model" not in SessionConfig(model=None).payload([])
+
+
+def test_no_tools_key_without_tools() -> None:
+    assert "tools" not in SessionConfig().payload([])
+
+
+def test_tools_passed_as_given() -> None:
+    tools = [TOOL, {**TOOL, "name": "other"}]
+    assert SessionConfig().payload(tools)["tools"] == tools
+
+
+def test_no_none_values_emitted() -> None:
+    body = SessionConfig(model=None, transcription_model=None).payload([])
+    assert body == {"type": "realtime"}
+    body = SessionConfig(voice="marin", instructions="x").payload([TOOL])
+    assert None not in _walk(body)
+
+
+def test_extra_fields_pass_through() -> None:
+    cfg = SessionConfig(temperature=0.7, truncation={"type": "retention_ratio"})  # type: ignore[call-arg]
+    body = cfg.payload([])
+    assert body["temperature"] == 0.7
+    assert body["truncation"] == {"type": "retention_ratio"}
+    assert body["type"] == "realtime"
+
+
+def test_payload_is_fresh_each_time() -> None:
+    cfg = SessionConfig(voice="marin")
+    first = cfg.payload([])
+    first["audio"]["output"]["voice"] = "changed"
+    first["model"] = "changed"
+    assert cfg.payload([])["audio"]["output"]["voice"] == "marin"
+    assert cfg.payload([])["model"] == "gpt-realtime"
+
+
+def test_config_is_frozen_and_validated() -> None:
+    cfg = SessionConfig()
+    with pytest.raises(ValidationError):
+        cfg.voice = "x"  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        SessionConfig(speed=0)
+    with pytest.raises(ValidationError):
+        SessionConfig(max_output_tokens="lots")  # type: ignore[arg-type]
+
+
+# -- merged ----------------------------------------------------------------------------------------------
+
+
+def test_merged_overrides_and_keeps_the_rest() -> None:
+    base = SessionConfig(instructions="a", voice="marin", temperature=0.5)  # type: ignore[call-arg]
+    out = base.merged(instructions="b", speed=1.1)
+    assert out.instructions == "b"
+    assert out.voice == "marin"
+    assert out.speed == 1.1
+    assert out.payload([])["temperature"] == 0.5
+    assert base.instructions == "a"  # the original is untouched
+    assert base.speed is None
+
+
+def test_merged_ignores_none() -> None:
+    base = SessionConfig(instructions="a", voice="marin")
+    out = base.merged(instructions=None, voice=None, greeting=None)
+    assert (out.instructions, out.voice, out.greeting) == ("a", "marin", base.greeting)
+
+
+def test_merged_accepts_new_extra_fields() -> None:
+    out = SessionConfig().merged(temperature=0.9)
+    assert out.payload([])["temperature"] == 0.9
+
+
+def test_merged_validates() -> None:
+    with pytest.raises(ValidationError):
+        SessionConfig().merged(speed=-1)
+
+
+# -- validate_accept_payload ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [{}, {"type": "transcription"}, {"model": "gpt-realtime"}])
+def test_type_required(body: dict[str, Any]) -> None:
+    with pytest.raises(SessionConfigError, match="type"):
+        validate_accept_payload(body)
+
+
+def test_session_config_error_is_value_error() -> None:
+    assert issubclass(SessionConfigError, ValueError)
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_audio_format_refused_for_sip(side: str) -> None:
+    body = {"type": "realtime", "audio": {side: {"format": {"type": "audio/pcmu"}}}}
+    with pytest.raises(SessionConfigError, match=f"audio.{side}.format"):
+        validate_accept_payload(body)
+    validate_accept_payload(body, sip=False)
+
+
+def test_audio_format_from_extra_field_is_caught() -> None:
+    cfg = SessionConfig(audio={"input": {"format": {"type": "audio/pcm", "rate": 24000}}})  # type: ignore[call-arg]
+    with pytest.raises(SessionConfigError):
+        validate_accept_payload(cfg.payload([]))
+
+
+@pytest.mark.parametrize("key", ["threshold", "prefix_padding_ms", "silence_duration_ms"])
+def test_turn_detection_tuning_refused_for_sip(key: str) -> None:
+    cfg = SessionConfig(turn_detection={"type": "server_vad", key: 1})
+    body = cfg.payload([])
+    with pytest.raises(SessionConfigError, match=key):
+        validate_accept_payload(body)
+    validate_accept_payload(body, sip=False)
+
+
+def test_turn_detection_type_alone_is_fine() -> None:
+    for td in ({"type": "server_vad"}, {"type": "semantic_vad", "eagerness": "high"}):
+        validate_accept_payload(SessionConfig(turn_detection=td).payload([]))
+
+
+def test_audio_must_be_an_object() -> None:
+    with pytest.raises(SessionConfigError):
+        validate_accept_payload({"type": "realtime", "audio": "pcmu"})
+
+
+@pytest.mark.parametrize("tool", [{"type": "function"}, {"type": "function", "name": ""},
+                                  {"type": "function", "name": None, "parameters": {}}])
+def test_nameless_function_tool_refused(tool: dict[str, Any]) -> None:
+    with pytest.raises(SessionConfigError, match="name"):
+        validate_accept_payload({"type": "realtime", "tools": [TOOL, tool]})
+
+
+def test_named_tools_and_other_tool_types_pass() -> None:
+    validate_accept_payload({"type": "realtime", "tools": [TOOL, {"type": "mcp", "server_label": "x"}]})
+
+
+# -- decisions -------------------------------------------------------------------------------------------
+
+
+def test_decision_defaults() -> None:
+    accept = Accept()
+    assert (accept.instructions, accept.voice, accept.greeting, accept.tools, accept.session) == (
+        None, None, None, None, {})
+    assert Accept().session is not Accept().session
+    assert Reject().status_code == 603
+    assert Refer("tel:+14155550123").target_uri == "tel:+14155550123"

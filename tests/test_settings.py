@@ -1,0 +1,328 @@
+"""Tests for sideband.settings: env names, validation messages, overrides, derived values."""
+
+import hashlib
+import hmac
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sideband.settings import Settings, SettingsError, env_name, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+Env = dict[str, str]
+Overrides = dict[str, object]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every test without the real OPENAI_*/SIDEBAND_* variables."""
+    for name in list(os.environ):
+        if name.startswith(("OPENAI_", "SIDEBAND_")):
+            monkeypatch.delenv(name)
+
+
+def load(env: Env | None = None, overrides: Overrides | None = None, **kw: object) -> Settings:
+    """load_settings with an explicit environment (never the real one)."""
+    return load_settings(overrides, environ=env or {}, **kw)  # type: ignore[arg-type]
+
+
+def error_for(env: Env | None = None, overrides: Overrides | None = None, **kw: object) -> str:
+    with pytest.raises(SettingsError) as info:
+        load(env, overrides, **kw)
+    message = str(info.value)
+    assert "\n" not in message and "\r" not in message, message
+    return message
+
+
+# -- env names map to fields ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "field", "expected"),
+    [
+        ("OPENAI_BASE_URL", "https://proxy.example.com/v1", "openai_base_url", "https://proxy.example.com/v1"),
+        ("SIDEBAND_HOST", "127.0.0.1", "host", "127.0.0.1"),
+        ("SIDEBAND_PORT", "9001", "port", 9001),
+        ("SIDEBAND_LOG_FORMAT", "json", "log_format", "json"),
+        ("SIDEBAND_LOG_FORMAT", "console", "log_format", "console"),
+        ("SIDEBAND_LOG_LEVEL", "debug", "log_level", "debug"),
+        ("SIDEBAND_LOG_TOOL_ARGUMENTS", "true", "log_tool_arguments", True),
+        ("SIDEBAND_WEBHOOK_MAX_BODY", "1024", "webhook_max_body", 1024),
+        ("SIDEBAND_WEBHOOK_TOLERANCE", "60", "webhook_tolerance", 60.0),
+        ("SIDEBAND_DEDUP_TTL", str(100 * 3600), "dedup_ttl", 100 * 3600.0),
+        ("SIDEBAND_DEDUP_TTL", str(72 * 3600), "dedup_ttl", 72 * 3600.0),
+        ("SIDEBAND_ACCEPT_TIMEOUT", "1.5", "accept_attempt_timeout", 1.5),
+        ("SIDEBAND_ACCEPT_BUDGET", "3", "accept_budget", 3.0),
+        ("SIDEBAND_ROUTE_BUDGET", "0.5", "route_budget", 0.5),
+        ("SIDEBAND_ROUTE_FAILURE_STATUS", "503", "route_failure_status", 503),
+        ("SIDEBAND_ROUTES_FILE", "/etc/routes.json", "routes_file", Path("/etc/routes.json")),
+        ("SIDEBAND_WS_COMPRESSION", "1", "ws_compression", True),
+        ("SIDEBAND_REATTACH_ATTEMPTS", "0", "reattach_attempts", 0),
+        ("SIDEBAND_MAX_CALL_SECONDS", "60", "max_call_duration", 60.0),
+        ("SIDEBAND_MAX_IDLE_SECONDS", "30", "max_idle_duration", 30.0),
+        ("SIDEBAND_DRAIN_TIMEOUT", "0", "drain_timeout", 0.0),
+        ("SIDEBAND_RTC_TICKET_TTL", "30", "rtc_ticket_ttl", 30.0),
+        ("SIDEBAND_RTC_KEY_TTL", "60", "rtc_key_ttl", 60),
+        ("SIDEBAND_VOWEL_CORE_URL", "https://core.example.com/", "vowel_core_url", "https://core.example.com"),
+        ("SIDEBAND_VOWEL_ENGINE_URL", "wss://engine.example.com", "vowel_engine_url", "wss://engine.example.com"),
+        ("SIDEBAND_VOWEL_SERVICE_ID", "svc_1", "vowel_service_id", "svc_1"),
+    ],
+)
+def test_env_variable_maps_to_field(variable: str, raw: str, field: str, expected: object) -> None:
+    settings = load({variable: raw})
+    assert getattr(settings, field) == expected
+    assert env_name(field) == variable
+
+
+@pytest.mark.parametrize(
+    ("variable", "field"),
+    [
+        ("OPENAI_API_KEY", "openai_api_key"),
+        ("OPENAI_WEBHOOK_SECRET", "openai_webhook_secret"),
+        ("SIDEBAND_RTC_TICKET_SECRET", "rtc_ticket_secret"),
+        ("SIDEBAND_VOWEL_API_KEY", "vowel_api_key"),
+    ],
+)
+def test_secret_env_variables_map_to_secret_fields(variable: str, field: str) -> None:
+    settings = load({variable: SECRET})
+    value = getattr(settings, field)
+    assert value.get_secret_value() == SECRET
+    assert SECRET not in repr(settings)  # secrets never show in reprs or logs
+    assert env_name(field) == variable
+
+
+def test_defaults() -> None:
+    s = load()
+    assert s.openai_api_key is None
+    assert s.openai_webhook_secret is None
+    assert s.openai_base_url == "https://api.openai.com/v1"
+    assert s.host == "0.0.0.0"
+    assert s.port == 8080
+    assert s.log_format is None
+    assert s.log_level == "info"
+    assert s.log_tool_arguments is False
+    assert s.webhook_tolerance == 300.0
+    assert s.dedup_ttl == 72 * 3600.0
+    assert s.route_failure_status == 480
+    assert s.routes_file is None
+    assert s.sideband_url == "wss://api.openai.com/v1/realtime"
+
+
+def test_unknown_variables_are_ignored() -> None:
+    assert load({"SIDEBAND_NOT_A_THING": "x", "PATH": "/bin"}).port == 8080
+
+
+def test_reads_process_environment_when_environ_not_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDEBAND_PORT", "9123")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    s = load_settings()
+    assert s.port == 9123
+    assert s.openai_api_key is not None
+    assert s.openai_api_key.get_secret_value() == "sk-test"
+
+
+def test_explicit_environ_replaces_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-process")
+    monkeypatch.setenv("SIDEBAND_PORT", "9000")
+    s = load_settings(environ={})
+    assert s.openai_api_key is None
+    assert s.port == 8080
+    with pytest.raises(SettingsError):
+        load_settings(environ={}, require=("openai_api_key",))
+
+
+def test_settings_are_frozen() -> None:
+    s = load()
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
+        s.port = 1  # type: ignore[misc]
+
+
+# -- required ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "variable"),
+    [("openai_api_key", "OPENAI_API_KEY"), ("openai_webhook_secret", "OPENAI_WEBHOOK_SECRET")],
+)
+def test_missing_required_names_the_variable(field: str, variable: str) -> None:
+    message = error_for({}, require=(field,))
+    assert variable in message
+    assert message == f"{variable} is not set"
+
+
+def test_required_first_missing_is_reported() -> None:
+    message = error_for({"OPENAI_WEBHOOK_SECRET": SECRET},
+                        require=("openai_api_key", "openai_webhook_secret"))
+    assert "OPENAI_API_KEY" in message
+    assert "OPENAI_WEBHOOK_SECRET" not in message
+
+
+def test_empty_required_secret_counts_as_missing() -> None:
+    message = error_for({"OPENAI_API_KEY": ""}, require=("openai_api_key",))
+    assert "OPENAI_API_KEY" in message
+
+
+def test_required_present_loads() -> None:
+    s = load({"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET},
+             require=("openai_api_key", "openai_webhook_secret"))
+    assert s.openai_api_key is not None
+    assert s.openai_api_key.get_secret_value() == "sk-x"
+
+
+# -- malformed values: one line naming the variable -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("SIDEBAND_PORT", "abc"),
+        ("SIDEBAND_PORT", "70000"),
+        ("SIDEBAND_PORT", "-1"),
+        ("SIDEBAND_PORT", "80.5"),
+        ("OPENAI_BASE_URL", "api.openai.com/v1"),
+        ("OPENAI_BASE_URL", "ftp://api.openai.com"),
+        ("OPENAI_BASE_URL", ""),
+        ("SIDEBAND_VOWEL_CORE_URL", "core.example.com"),
+        ("OPENAI_WEBHOOK_SECRET", "whsec_"),
+        ("OPENAI_WEBHOOK_SECRET", "whsec_!!!not base64!!!"),
+        ("OPENAI_WEBHOOK_SECRET", "whsec_abc$def"),
+        ("SIDEBAND_DEDUP_TTL", str(72 * 3600 - 1)),
+        ("SIDEBAND_DEDUP_TTL", "3600"),
+        ("SIDEBAND_LOG_FORMAT", "xml"),
+        ("SIDEBAND_LOG_LEVEL", "verbose"),
+        ("SIDEBAND_WEBHOOK_TOLERANCE", "0"),
+        ("SIDEBAND_ROUTE_FAILURE_STATUS", "200"),
+        ("SIDEBAND_RTC_TICKET_TTL", "7200"),
+    ],
+)
+def test_malformed_value_is_one_line_naming_the_variable(variable: str, raw: str) -> None:
+    message = error_for({variable: raw})
+    assert message.startswith(f"{variable}:"), message
+
+
+def test_malformed_secret_is_not_echoed() -> None:
+    raw = "whsec_sup3r$ecret-value"
+    message = error_for({"OPENAI_WEBHOOK_SECRET": raw})
+    assert "OPENAI_WEBHOOK_SECRET" in message
+    assert "sup3r" not in message
+
+
+def test_malformed_override_names_the_variable() -> None:
+    message = error_for({}, {"port": "not-a-port"})
+    assert "SIDEBAND_PORT" in message
+
+
+def test_valid_whsec_secret_is_kept_and_stripped() -> None:
+    s = load({"OPENAI_WEBHOOK_SECRET": f"  {SECRET}\n"})
+    assert s.openai_webhook_secret is not None
+    assert s.openai_webhook_secret.get_secret_value() == SECRET
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "whsec_RdvaYFYUXuIFuEbvZHwMfYFhUf7aMYjYcmM24+Aj40c=",  # padded
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",  # unpadded
+    ],
+)
+def test_whsec_secret_forms_accepted(secret: str) -> None:
+    s = load({"OPENAI_WEBHOOK_SECRET": secret})
+    assert s.openai_webhook_secret is not None
+
+
+# -- overrides (CLI flags) -------------------------------------------------------------------------------
+
+
+def test_overrides_win_over_process_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDEBAND_PORT", "9000")
+    monkeypatch.setenv("SIDEBAND_HOST", "10.0.0.1")
+    s = load_settings({"port": 1234, "host": "127.0.0.1"})
+    assert (s.host, s.port) == ("127.0.0.1", 1234)
+
+
+def test_overrides_win_over_explicit_environ() -> None:
+    s = load({"SIDEBAND_PORT": "9000", "SIDEBAND_HOST": "10.0.0.1"}, {"port": 1234, "host": "127.0.0.1"})
+    assert (s.host, s.port) == ("127.0.0.1", 1234)
+
+
+def test_none_overrides_leave_env_value() -> None:
+    s = load({"SIDEBAND_PORT": "9000"}, {"port": None, "host": None})
+    assert s.port == 9000
+    assert s.host == "0.0.0.0"
+
+
+def test_override_without_env() -> None:
+    assert load({}, {"port": 4321}).port == 4321
+
+
+# -- sideband_url and ticket_key -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [
+        ("https://api.openai.com/v1", "wss://api.openai.com/v1/realtime"),
+        ("https://api.openai.com/v1/", "wss://api.openai.com/v1/realtime"),
+        ("http://127.0.0.1:8765/v1", "ws://127.0.0.1:8765/v1/realtime"),
+        ("http://127.0.0.1:8765/v1///", "ws://127.0.0.1:8765/v1/realtime"),
+        ("wss://gateway.example.com/v1", "wss://gateway.example.com/v1/realtime"),
+        ("ws://localhost/v1/", "ws://localhost/v1/realtime"),
+    ],
+)
+def test_sideband_url(base: str, expected: str) -> None:
+    s = load({"OPENAI_BASE_URL": base})
+    assert s.sideband_url == expected
+    assert not s.openai_base_url.endswith("/")
+
+
+def test_ticket_key_prefers_explicit_secret() -> None:
+    s = load({"SIDEBAND_RTC_TICKET_SECRET": "explicit", "OPENAI_WEBHOOK_SECRET": SECRET})
+    assert s.ticket_key() == b"explicit"
+
+
+def test_ticket_key_derived_from_webhook_secret_is_stable() -> None:
+    a = load({"OPENAI_WEBHOOK_SECRET": SECRET, "OPENAI_API_KEY": "sk-a"}).ticket_key()
+    b = load({"OPENAI_WEBHOOK_SECRET": SECRET, "OPENAI_API_KEY": "sk-b"}).ticket_key()
+    assert a == b  # instances sharing the webhook secret agree
+    assert a == hmac.new(SECRET.encode(), b"sideband rtc ticket", hashlib.sha256).digest()
+    assert SECRET.encode() not in a
+
+
+def test_ticket_key_falls_back_to_api_key() -> None:
+    a = load({"OPENAI_API_KEY": "sk-a"}).ticket_key()
+    b = load({"OPENAI_API_KEY": "sk-b"}).ticket_key()
+    assert len(a) == 32
+    assert a != b
+
+
+def test_ticket_key_without_any_secret() -> None:
+    with pytest.raises(SettingsError) as info:
+        load().ticket_key()
+    assert "SIDEBAND_RTC_TICKET_SECRET" in str(info.value)
+
+
+# -- the CLI surface ---------------------------------------------------------------------------------------
+
+
+def test_cli_serve_without_api_key_fails_with_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SIDEBAND_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sideband.cli", "serve"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "OPENAI_API_KEY" in lines[0]

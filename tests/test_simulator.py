@@ -1,0 +1,1007 @@
+"""Tests of the simulator itself, driven with plain aiohttp / websockets clients over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+import standardwebhooks
+import websockets
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from websockets.asyncio.client import ClientConnection, connect
+
+from sideband.testing import (
+    Script,
+    ScriptError,
+    SimCall,
+    Simulator,
+    WebhookSender,
+    caller_hangs_up,
+    caller_presses,
+    caller_says,
+    model_calls,
+    model_says,
+    pause,
+    wait_for_greeting,
+)
+
+AUTH = {"Authorization": "Bearer sk-test"}
+CASSETTES = Path("/work/shared/cassettes/openai")
+OFFER = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+TRANSCRIBED = {"type": "realtime", "audio": {"input": {"transcription": {"model": "gpt-realtime-whisper"}}}}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def post(
+    http: aiohttp.ClientSession, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    kwargs: dict[str, Any] = {"headers": AUTH if headers is None else headers}
+    if isinstance(body, bytes | str):
+        kwargs["data"] = body
+    elif body is not None:
+        kwargs["json"] = body
+    async with http.post(url, **kwargs) as resp:
+        return resp.status, await resp.read()
+
+
+def error_of(raw: bytes) -> dict[str, Any]:
+    body = json.loads(raw)
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]  # type: ignore[no-any-return]
+
+
+async def accept(sim: Simulator, http: aiohttp.ClientSession, call: SimCall, body: Any = None) -> None:
+    status, raw = await post(http, f"{sim.base_url}/realtime/calls/{call.call_id}/accept",
+                             body if body is not None else {"type": "realtime"})
+    assert status == 200, raw
+
+
+def ws_connect(sim: Simulator, call: SimCall | str, headers: dict[str, str] | None = None) -> connect:
+    return connect(sim.sideband_url(call), additional_headers=AUTH if headers is None else headers,
+                   open_timeout=5)
+
+
+async def send(ws: ClientConnection, event: dict[str, Any]) -> None:
+    await ws.send(json.dumps(event))
+
+
+async def recv(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        return json.loads(await ws.recv())  # type: ignore[no-any-return]
+
+
+async def recv_until(ws: ClientConnection, event_type: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            event = json.loads(await ws.recv())
+            events.append(event)
+            if event["type"] == event_type:
+                return events
+
+
+async def live_call(sim: Simulator, http: aiohttp.ClientSession, script: Script | None = None,
+                    body: Any = None) -> SimCall:
+    call = sim.create_call(script)
+    await accept(sim, http, call, body)
+    return call
+
+
+async def expect_refused(sim: Simulator, call: SimCall | str, headers: dict[str, str] | None = None) -> Any:
+    with pytest.raises(websockets.InvalidStatus) as info:
+        async with ws_connect(sim, call, headers):
+            pass
+    return info.value.response
+
+
+# ------------------------------------------------------------------------------------------ script DSL
+
+
+def test_script_dsl_validates_and_encodes() -> None:
+    step = model_calls("lookup", {"order_id": "1", "n": 2})
+    assert step.calls[0].arguments == '{"order_id":"1","n":2}'
+    raw = model_calls("lookup", '{\n  "order_id": "1"\n}\n')
+    assert raw.calls[0].arguments == '{\n  "order_id": "1"\n}\n'
+    parallel = model_calls([("a", {}), ("b", "{bad")])
+    assert [c.name for c in parallel.calls] == ["a", "b"]
+    with pytest.raises(ValueError):
+        caller_presses("12x")
+    with pytest.raises(ValueError):
+        caller_hangs_up("loud")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        model_calls("a", {}, status="weird")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Script(["not a step"])  # type: ignore[list-item]
+    script = Script([wait_for_greeting(), pause(0.1)], step_timeout=1)
+    assert len(script) == 2 and "wait_for_greeting" in repr(script)
+    with pytest.raises(AttributeError):
+        script.step_timeout = 3  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------------------ webhook event
+
+
+async def test_incoming_event_shape(simulator: Simulator) -> None:
+    call = simulator.create_call(Script([]), from_number="+14255550100", to_number="+18005551212")
+    assert re.fullmatch(r"rtc_[0-9a-f]{32}", call.call_id) and call.status == "ringing"
+    event = simulator.incoming_event(call)
+    assert list(event) == ["object", "id", "type", "created_at", "data"]
+    assert event["object"] == "event" and event["type"] == "realtime.call.incoming"
+    assert event["id"].startswith("evt_") and isinstance(event["created_at"], int)
+    data = event["data"]
+    assert data["call_id"] == call.call_id and data["sip_media_security"] == "srtp"
+    headers = [(h["name"], h["value"]) for h in data["sip_headers"]]
+    assert headers[0] == ("From", "sip:+14255550100@sip.example.com")
+    assert headers[1] == ("To", "sip:+18005551212@sip.example.com")
+    assert headers[2][0] == "Call-ID"
+    assert simulator.incoming_event(call) == event  # stable: redeliveries are the same event
+
+    custom = simulator.create_call(sip_headers=[("From", "x"), {"name": "X-Tag", "value": "1"}], media_security=None)
+    data = simulator.incoming_event(custom)["data"]
+    assert data["sip_headers"] == [{"name": "From", "value": "x"}, {"name": "X-Tag", "value": "1"}]
+    assert "sip_media_security" not in data
+
+
+# ------------------------------------------------------------------------------------------ REST: auth
+
+
+async def test_every_endpoint_requires_the_api_key(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    call = simulator.create_call()
+    base = simulator.base_url
+    urls = [f"{base}/realtime/calls/{call.call_id}/{verb}" for verb in ("accept", "reject", "refer", "hangup")]
+    urls += [f"{base}/realtime/calls", f"{base}/realtime/client_secrets"]
+    for url in urls:
+        for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "Basic sk-test"}):
+            status, raw = await post(http, url, {"type": "realtime"}, headers)
+            assert status == 401, url
+            error = error_of(raw)
+            assert error["type"] == "invalid_request_error"
+    wrong = error_of((await post(http, urls[0], {"type": "realtime"}, {"Authorization": "Bearer sk-wrong"}))[1])
+    assert wrong["code"] == "invalid_api_key" and "sk-wrong" not in wrong["message"]
+    assert call.status == "ringing"
+    await accept(simulator, http, call)
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        response = await expect_refused(simulator, call, headers)
+        assert response.status_code == 401
+    assert call.sideband_connects == 0
+    assert sum(1 for r in simulator.requests if r.status == 401) == len(urls) * 3 + 1 + 2
+
+
+async def test_request_records(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    call = simulator.create_call()
+    await accept(simulator, http, call, {"type": "realtime", "instructions": "Hi"})
+    record = simulator.requests[-1]
+    assert record.method == "POST" and record.path == f"/v1/realtime/calls/{call.call_id}/accept"
+    assert record.headers["authorization"] == "Bearer sk-test"  # case-insensitive
+    assert record.json == {"type": "realtime", "instructions": "Hi"} and record.status == 200
+    assert json.loads(record.body) == record.json
+    status, raw = await post(http, f"{simulator.base_url}/nowhere", {})
+    assert status == 404 and error_of(raw)
+    assert simulator.requests[-1].status == 404
+
+
+# ------------------------------------------------------------------------------------------ REST: accept
+
+
+async def test_accept_success_stores_the_session(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    call = simulator.create_call()
+    body = {
+        "type": "realtime",
+        "model": "gpt-realtime",
+        "instructions": "You are the order desk.",
+        "audio": {"output": {"voice": "marin"}, "input": {"turn_detection": {"type": "server_vad"}}},
+        "tools": [{"type": "function", "name": "lookup", "description": "Look up.", "parameters": {"type": "object"}}],
+    }
+    status, raw = await post(http, f"{simulator.base_url}/realtime/calls/{call.call_id}/accept", body)
+    assert status == 200 and raw in (b"", b"{}")
+    assert call.status == "accepted" and call.accept_body == body
+    assert call.session is not None
+    assert call.session["instructions"] == "You are the order desk."
+    assert call.session["audio"]["output"]["voice"] == "marin"
+    assert call.session["audio"]["input"]["turn_detection"]["threshold"] == 0.5
+    assert call.session["tools"][0]["name"] == "lookup"
+    assert call.session["id"] == "sess_" + call.call_id.removeprefix("rtc_")
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({}, "type"),
+        ({"instructions": "no type"}, "type"),
+        ({"type": "transcription"}, "type"),
+        ({"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcmu"}}}}, "audio.input.format"),
+        ({"type": "realtime", "audio": {"output": {"format": None}}}, "audio.output.format"),
+        ({"type": "realtime", "audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 0.6}}}},
+         "audio.input.turn_detection.threshold"),
+        ({"type": "realtime", "audio": {"input": {"turn_detection": {"type": "server_vad", "prefix_padding_ms": 1}}}},
+         "audio.input.turn_detection.prefix_padding_ms"),
+        ({"type": "realtime",
+          "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}},
+         "audio.input.turn_detection.silence_duration_ms"),
+        ({"type": "realtime", "voice": "alloy"}, "voice"),  # beta-shaped field
+        ({"type": "realtime", "output_modalities": ["audio", "text"]}, "output_modalities"),
+        ({"type": "realtime", "tools": [{"type": "function"}]}, "tools[0].name"),
+    ],
+)
+async def test_accept_rejects_invalid_bodies(
+    simulator: Simulator, http: aiohttp.ClientSession, body: dict[str, Any], param: str
+) -> None:
+    call = simulator.create_call()
+    status, raw = await post(http, f"{simulator.base_url}/realtime/calls/{call.call_id}/accept", body)
+    assert status == 400
+    assert error_of(raw)["param"] == param
+    assert call.status == "ringing" and call.accept_body is None
+
+
+async def test_accept_rejects_non_json(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    call = simulator.create_call()
+    url = f"{simulator.base_url}/realtime/calls/{call.call_id}/accept"
+    for body in (b"not json", b"[1, 2]", b""):
+        status, raw = await post(http, url, body, {**AUTH, "Content-Type": "application/json"})
+        assert status == 400 and error_of(raw)
+    assert call.status == "ringing"
+
+
+async def test_accept_unknown_or_not_ringing_is_404(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    base = simulator.base_url
+    status, raw = await post(http, f"{base}/realtime/calls/rtc_{'0' * 32}/accept", {"type": "realtime"})
+    assert status == 404 and error_of(raw)
+    call = await live_call(simulator, http)
+    status, _ = await post(http, f"{base}/realtime/calls/{call.call_id}/accept", {"type": "realtime"})
+    assert status == 404
+    rejected = simulator.create_call()
+    assert (await post(http, f"{base}/realtime/calls/{rejected.call_id}/reject"))[0] == 200
+    assert (await post(http, f"{base}/realtime/calls/{rejected.call_id}/accept", {"type": "realtime"}))[0] == 404
+
+
+async def test_accept_faults_apply_first_in_order(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    call = simulator.create_call()
+    url = f"{simulator.base_url}/realtime/calls/{call.call_id}/accept"
+    simulator.fail_accept(call.call_id, 500, 404)
+    status, raw = await post(http, url, {"type": "realtime"})
+    assert status == 500 and error_of(raw)["type"] == "server_error"
+    status, raw = await post(http, url, {})  # a fault answers before validation
+    assert status == 404
+    assert call.status == "ringing"
+    status, _ = await post(http, url, {"type": "realtime"})
+    assert status == 200 and call.status == "accepted"
+
+    other = simulator.create_call()
+    simulator.fail_next_accepts(503)
+    url = f"{simulator.base_url}/realtime/calls/{other.call_id}/accept"
+    assert (await post(http, url, {"type": "realtime"}))[0] == 503
+    assert (await post(http, url, {"type": "realtime"}))[0] == 200
+    with pytest.raises(ValueError):
+        simulator.fail_next_accepts("slow")  # type: ignore[arg-type]
+
+
+async def test_accept_timeout_fault_holds_until_the_client_gives_up(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = simulator.create_call()
+    simulator.fail_accept(call.call_id, "timeout")
+    url = f"{simulator.base_url}/realtime/calls/{call.call_id}/accept"
+    with pytest.raises(TimeoutError):
+        async with http.post(url, json={"type": "realtime"}, headers=AUTH,
+                             timeout=aiohttp.ClientTimeout(total=0.3)) as resp:
+            await resp.read()
+    assert call.status == "ringing"
+    assert (await post(http, url, {"type": "realtime"}))[0] == 200
+    # The held request is released (not leaked) when the simulator closes: see the fixture teardown.
+
+
+# ------------------------------------------------------------------------------------------ REST: verbs
+
+
+async def test_reject(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    base = simulator.base_url
+    call = simulator.create_call()
+    status, raw = await post(http, f"{base}/realtime/calls/{call.call_id}/reject", {"status_code": 99})
+    assert status == 400 and error_of(raw)["param"] == "status_code"
+    status, _ = await post(http, f"{base}/realtime/calls/{call.call_id}/reject", {"status_code": 486})
+    assert status == 200
+    await call.wait_ended(timeout=1)
+    assert (call.status, call.end_reason, call.reject_body) == ("rejected", "rejected", {"status_code": 486})
+    default = simulator.create_call()
+    assert (await post(http, f"{base}/realtime/calls/{default.call_id}/reject"))[0] == 200
+    assert default.reject_body == {} and default.status == "rejected"
+    assert (await post(http, f"{base}/realtime/calls/rtc_unknown/reject"))[0] == 404
+
+
+async def test_refer(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    base = simulator.base_url
+    call = await live_call(simulator, http)
+    url = f"{base}/realtime/calls/{call.call_id}/refer"
+    assert (await post(http, url, {}))[0] == 400
+    assert (await post(http, url, {"target_uri": "+14155550123"}))[0] == 400
+    async with ws_connect(simulator, call) as ws:
+        status, raw = await post(http, url, {"target_uri": "tel:+14155550123"})
+        assert status == 200 and raw == b""
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await recv(ws)
+        assert ws.close_code == 1000
+    assert (call.status, call.end_reason, call.refer_target) == ("referred", "referred", "tel:+14155550123")
+    assert (await expect_refused(simulator, call)).status_code == 404
+    assert (await post(http, url, {"target_uri": "tel:+1"}))[0] == 404
+    ringing = simulator.create_call()  # refer straight from ringing is allowed
+    assert (await post(http, f"{base}/realtime/calls/{ringing.call_id}/refer", {"target_uri": "sip:a@b.c"}))[0] == 200
+    assert ringing.status == "referred"
+    assert (await post(http, f"{base}/realtime/calls/rtc_nope/refer", {"target_uri": "tel:+1555"}))[0] == 404
+
+
+async def test_hangup(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    base = simulator.base_url
+    call = await live_call(simulator, http)
+    async with ws_connect(simulator, call) as ws:
+        status, _ = await post(http, f"{base}/realtime/calls/{call.call_id}/hangup")
+        assert status == 200
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await recv(ws)
+        assert ws.close_code == 1000
+    await call.wait_ended(timeout=1)
+    assert call.hangup_requested and call.end_reason == "hangup_verb" and call.status == "ended"
+    assert (await post(http, f"{base}/realtime/calls/{call.call_id}/hangup"))[0] == 404
+    assert (await post(http, f"{base}/realtime/calls/rtc_nope/hangup"))[0] == 404
+    assert (await post(http, f"{base}/realtime/calls/{call.call_id}/transfer"))[0] == 404
+
+
+# ------------------------------------------------------------------------------------------ sideband
+
+
+async def test_sideband_refuses_unknown_ringing_and_ended_calls(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    for target in ("rtc_" + "f" * 32, simulator.create_call()):
+        response = await expect_refused(simulator, target)
+        assert response.status_code == 404
+        assert error_of(response.body)["code"] == "call_id_not_found"
+    call = await live_call(simulator, http)
+    await post(http, f"{simulator.base_url}/realtime/calls/{call.call_id}/hangup")
+    await call.wait_ended(timeout=1)
+    assert (await expect_refused(simulator, call)).status_code == 404
+    assert call.sideband_connects == 0
+
+
+async def test_beta_header_gets_error_and_close(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    call = await live_call(simulator, http)
+    async with ws_connect(simulator, call, {**AUTH, "OpenAI-Beta": "realtime=v1"}) as ws:
+        event = await recv(ws)
+        assert event["type"] == "error" and event["error"]["code"] == "beta_api_shape_disabled"
+        with pytest.raises(websockets.ConnectionClosed):
+            await recv(ws)
+    assert call.status == "accepted"
+
+
+async def test_attach_has_no_session_created_and_session_update_echoes(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = await live_call(simulator, http, body={"type": "realtime", "instructions": "Be brief."})
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "event_id": "evt_a", "session": {"instructions": "x"}})
+        error = await recv(ws)
+        assert error["type"] == "error" and error["event_id"].startswith("event_")
+        assert error["error"]["type"] == "invalid_request_error"
+        assert error["error"]["param"] == "session.type" and error["error"]["event_id"] == "evt_a"
+        await send(ws, {"type": "session.update", "session": {"type": "realtime", "tools": [
+            {"type": "function", "name": "lookup", "parameters": {"type": "object"}}]}})
+        updated = await recv(ws)
+        assert updated["type"] == "session.updated"
+        session = updated["session"]
+        assert session["id"] == "sess_" + call.call_id.removeprefix("rtc_")
+        assert session["object"] == "realtime.session" and session["max_output_tokens"] == "inf"
+        assert session["instructions"] == "Be brief." and session["tools"][0]["name"] == "lookup"
+        assert set(session["audio"]["input"]["turn_detection"]) >= {
+            "type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response"}
+    assert call.sideband_connects == 1 and [e["type"] for e in call.sent] == ["error", "session.updated"]
+
+
+async def test_client_event_errors_keep_the_socket_open(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    call = await live_call(simulator, http)
+    async with ws_connect(simulator, call) as ws:
+        await ws.send("{not json")
+        assert (await recv(ws))["error"]["code"] == "invalid_json"
+        await send(ws, {"type": "session.explode", "event_id": "evt_x"})
+        error = (await recv(ws))["error"]
+        assert (error["type"], error["code"], error["param"], error["event_id"]) == (
+            "invalid_request_error", "invalid_value", "type", "evt_x")
+        await send(ws, {"type": "conversation.item.create", "item": {
+            "type": "function_call_output", "call_id": "call_unknown", "output": "{}"}})
+        error = (await recv(ws))["error"]
+        assert error["param"] == "item.call_id"
+        await send(ws, {"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "output_text", "text": "hi"}]}})
+        assert (await recv(ws))["error"]["param"] == "item.content[0].type"
+        await send(ws, {"type": "response.cancel"})
+        assert (await recv(ws))["error"]["code"] == "response_cancel_not_active"
+        await send(ws, {"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+        added = await recv(ws)
+        assert added["type"] == "conversation.item.added" and added["item"]["content"][0]["text"] == "hi"
+        assert (await recv(ws))["type"] == "conversation.item.done"
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        assert (await recv(ws))["type"] == "session.updated"
+    assert len(call.bad_frames) == 1 and call.status == "accepted"
+
+
+async def test_response_create_during_active_response_is_refused(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = await live_call(simulator, http, Script([wait_for_greeting("Hello there.")]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "response.create", "event_id": "evt_1",
+                        "response": {"instructions": "Greet the caller."}})
+        await send(ws, {"type": "response.create", "event_id": "evt_2"})
+        events = await recv_until(ws, "response.done")
+        errors = [e for e in events if e["type"] == "error"]
+        assert len(errors) == 1
+        assert errors[0]["error"]["code"] == "conversation_already_has_active_response"
+        assert errors[0]["error"]["event_id"] == "evt_2"
+        assert events[-1]["response"]["output"][0]["content"][0]["transcript"] == "Hello there."
+        await call.wait_done(timeout=5)
+        # After response.done a new response.create is fine (answered generically: no step left).
+        await send(ws, {"type": "response.create"})
+        done = (await recv_until(ws, "response.done"))[-1]
+        assert done["response"]["status"] == "completed"
+    assert call.responses[0].request == {"instructions": "Greet the caller."}
+    assert call.responses[0].source == "script" and call.responses[1].source == "auto"
+
+
+async def test_session_update_cannot_change_voice_after_audio(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = await live_call(simulator, http, Script([wait_for_greeting()]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime", "audio": {"output": {"voice": "cedar"}}}})
+        assert (await recv(ws))["session"]["audio"]["output"]["voice"] == "cedar"
+        await send(ws, {"type": "response.create"})
+        await recv_until(ws, "response.done")
+        await send(ws, {"type": "session.update", "session": {"type": "realtime", "audio": {"output": {"voice": "marin"}}}})
+        assert (await recv_until(ws, "error"))[-1]["error"]["code"] == "cannot_update_voice"
+
+
+# ------------------------------------------------------------------------------------------ scripted calls
+
+
+class Controller:
+    """A minimal raw-websocket controller: answers tool calls, then one response.create per batch."""
+
+    def __init__(self, ws: ClientConnection, outputs: dict[str, str]) -> None:
+        self.ws = ws
+        self.outputs = outputs
+        self.events: list[dict[str, Any]] = []
+
+    async def run(self) -> BaseException:
+        pending: list[str] = []
+        try:
+            while True:
+                event = json.loads(await self.ws.recv())
+                self.events.append(event)
+                if event["type"] == "response.function_call_arguments.done":
+                    pending.append(event["call_id"])
+                    await send(self.ws, {"type": "conversation.item.create", "item": {
+                        "type": "function_call_output", "call_id": event["call_id"],
+                        "output": self.outputs[event["name"]]}})
+                elif event["type"] == "response.done" and pending:
+                    pending.clear()
+                    await send(self.ws, {"type": "response.create"})
+        except websockets.ConnectionClosed as exc:
+            return exc
+
+
+@pytest.mark.parametrize("mode", ["clean", "abnormal"])
+async def test_full_scripted_tool_round(simulator: Simulator, http: aiohttp.ClientSession, mode: str) -> None:
+    script = Script([
+        wait_for_greeting("Thanks for calling."),
+        caller_says("Where is order 42?"),
+        model_calls("lookup_order", {"order_id": "42"}, preamble="Let me check."),
+        model_says("It shipped yesterday."),
+        caller_hangs_up(mode),  # type: ignore[arg-type]
+    ])
+    call = await live_call(simulator, http, script, body=TRANSCRIBED)
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": TRANSCRIBED})
+        await send(ws, {"type": "response.create"})
+        controller = Controller(ws, {"lookup_order": '{"status": "shipped"}'})
+        closed = await asyncio.wait_for(controller.run(), 10)
+    await call.wait_done(timeout=5)
+    assert call.end_reason == "caller_hangup" and call.status == "ended"
+    if mode == "clean":
+        assert isinstance(closed, websockets.ConnectionClosedOK) and closed.rcvd is not None
+        assert closed.rcvd.code == 1000
+    else:
+        assert isinstance(closed, websockets.ConnectionClosedError) and closed.rcvd is None
+    types = [e["type"] for e in controller.events]
+    assert "session.created" not in types and "response.output_audio.delta" not in types
+    assert all(e["event_id"].startswith("event_") for e in controller.events)
+    # The caller's turn: VAD events, the user item, the transcript (transcription is configured).
+    completed = next(e for e in controller.events
+                     if e["type"] == "conversation.item.input_audio_transcription.completed")
+    assert completed["transcript"] == "Where is order 42?"
+    # The function call streams exactly like OpenAI's.
+    added = next(e for e in controller.events
+                 if e["type"] == "response.output_item.added" and e["item"]["type"] == "function_call")
+    assert added["item"]["status"] == "in_progress" and added["item"]["arguments"] == ""
+    assert added["output_index"] == 1 and re.fullmatch(r"call_\w+", added["item"]["call_id"])
+    deltas = [e["delta"] for e in controller.events if e["type"] == "response.function_call_arguments.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == '{"order_id":"42"}'
+    done = next(e for e in controller.events if e["type"] == "response.function_call_arguments.done")
+    assert (done["name"], done["arguments"], done["call_id"]) == ("lookup_order", '{"order_id":"42"}',
+                                                                   added["item"]["call_id"])
+    tool_response = next(e for e in controller.events if e["type"] == "response.done"
+                         and any(o["type"] == "function_call" for o in e["response"]["output"]))
+    assert [o["type"] for o in tool_response["response"]["output"]] == ["message", "function_call"]
+    # The output is acknowledged with previous_item_id = the call's item.
+    ack = next(e for e in controller.events if e["type"] == "conversation.item.added"
+               and e["item"]["type"] == "function_call_output")
+    assert ack["previous_item_id"] == added["item"]["id"] and "status" not in ack["item"]
+    assert call.function_outputs == [(done["call_id"], '{"status": "shipped"}')]
+    assert call.transcript == [("model", "Thanks for calling."), ("caller", "Where is order 42?"),
+                               ("model", "Let me check."), ("model", "It shipped yesterday.")]
+    assert [r.trigger for r in call.responses] == ["response.create", "vad", "response.create"]
+    assert (await expect_refused(simulator, call)).status_code == 404
+
+
+async def test_silent_hangup_keeps_the_socket_open(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    call = await live_call(simulator, http, Script([caller_hangs_up("silent")]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await call.wait_ended(timeout=5)
+        assert call.end_reason == "caller_hangup"
+        sent = len(call.sent)
+        await send(ws, {"type": "response.create"})
+        await call.wait_for(lambda c: c.received[-1]["type"] == "response.create", timeout=5)
+        assert len(call.sent) == sent  # nobody answers any more, and the socket is still open
+        assert ws.state is websockets.State.OPEN
+    await call.wait_done(timeout=1)
+
+
+async def test_transcription_only_when_configured(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    call = await live_call(simulator, http, Script([caller_says("Hello?")]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await call.wait_done(timeout=5)
+    types = [e["type"] for e in call.sent]
+    assert types[1:] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                         "input_audio_buffer.committed", "conversation.item.added", "conversation.item.done"]
+    item = call.sent[-1]["item"]
+    assert item["role"] == "user" and item["content"] == [{"type": "input_audio", "transcript": None}]
+    assert call.sent[1]["item_id"] == item["id"]
+
+    later = await live_call(simulator, http, Script([caller_says("Hello?")]))
+    async with ws_connect(simulator, later) as ws:  # transcription turned on by session.update only
+        await send(ws, {"type": "session.update", "session": TRANSCRIBED})
+        await later.wait_done(timeout=5)
+    assert later.sent[-1]["type"] == "conversation.item.input_audio_transcription.completed"
+    assert later.sent[-1]["transcript"] == "Hello?"
+
+
+async def test_vad_without_create_response_waits_for_the_controller(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    body = {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "server_vad", "create_response": False}}}}
+    call = await live_call(simulator, http, Script([caller_says("Hi"), model_says("Hello.")]), body=body)
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await recv_until(ws, "conversation.item.done")
+        await call.wait_for(lambda c: c._phase == "wait_create", timeout=5)
+        assert not call.sent_of_type("response.created")
+        await send(ws, {"type": "response.create"})
+        await recv_until(ws, "response.done")
+    await call.wait_done(timeout=5)
+    assert call.responses[0].trigger == "response.create"
+
+
+async def test_parallel_calls_malformed_arguments_and_dtmf(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    script = Script([
+        caller_presses("12#"),
+        caller_says("Two things."),
+        model_calls([("first", {"a": 1}), ("second", "{not json")]),
+        model_says("Done."),
+    ])
+    call = await live_call(simulator, http, script)
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        controller = Controller(ws, {"first": "1", "second": "2"})
+        task = asyncio.create_task(controller.run())
+        await call.wait_done(timeout=5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    dtmf = call.sent_of_type("input_audio_buffer.dtmf_event_received")
+    assert [e["event"] for e in dtmf] == ["1", "2", "#"]
+    assert all(isinstance(e["received_at"], int) and set(e) == {"type", "event_id", "event", "received_at"}
+               for e in dtmf)
+    done = call.sent_of_type("response.function_call_arguments.done")
+    assert [(e["name"], e["arguments"], e["output_index"]) for e in done] == [
+        ("first", '{"a":1}', 0), ("second", "{not json", 1)]
+    assert len(call.function_outputs) == 2
+    # One response.create for the batch, answered by the scripted model_says.
+    assert [e["type"] for e in call.received].count("response.create") == 1
+    assert call.responses[-1].text == "Done." and call.responses[-1].trigger == "response.create"
+
+
+async def test_cancelled_tool_response_does_not_wait_for_outputs(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = await live_call(simulator, http, Script([
+        caller_says("Go."), model_calls("slow", {}, status="cancelled"), model_says("Next."),
+    ]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await call.wait_done(timeout=5)
+        assert ws.state is websockets.State.OPEN
+    dones = call.sent_of_type("response.done")
+    assert dones[0]["response"]["status"] == "cancelled"
+    assert dones[0]["response"]["output"][0]["status"] == "incomplete"
+    assert call.sent_of_type("response.function_call_arguments.done")  # still sent for cancelled responses
+    assert dones[1]["response"]["status"] == "completed" and call.function_outputs == []
+
+
+async def test_wait_done_reports_a_timed_out_step(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    call = await live_call(simulator, http, Script([wait_for_greeting()], step_timeout=0.2))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        with pytest.raises(ScriptError, match=r"wait_for_greeting.*response\.create"):
+            await call.wait_done(timeout=5)
+    unattached = await live_call(simulator, http, Script([caller_says("hi")], step_timeout=0.1))
+    with pytest.raises(ScriptError, match="no sideband"):
+        await unattached.wait_done(timeout=5)
+    rejected = simulator.create_call(Script([caller_says("hi")]))
+    await post(http, f"{simulator.base_url}/realtime/calls/{rejected.call_id}/reject")
+    with pytest.raises(ScriptError, match="rejected"):
+        await rejected.wait_done(timeout=1)
+
+
+async def test_hang_up_at_end_and_expire(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    call = await live_call(simulator, http, Script([caller_says("Bye.")], hang_up_at_end=True))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await recv_until(ws, "conversation.item.done")
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await recv(ws)
+    assert call.end_reason == "script_done"
+
+    expiring = await live_call(simulator, http)
+    async with ws_connect(simulator, expiring) as ws:
+        await expiring.wait_connected()
+        await simulator.expire(expiring)
+        assert (await recv(ws))["error"]["code"] == "session_expired"
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await recv(ws)
+        assert ws.close_code == 1001
+    assert expiring.end_reason == "session_expired" and expiring.status == "ended"
+
+
+async def test_reattach_after_a_dropped_sideband(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    call = await live_call(simulator, http, Script([wait_for_greeting("Hi."), model_says("Still here.")]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await recv(ws)
+        await simulator.drop_sideband(call)
+        with pytest.raises(websockets.ConnectionClosedError):
+            await recv(ws)
+    assert call.status == "accepted"
+    async with ws_connect(simulator, call) as ws, ws_connect(simulator, call) as second:
+        await send(ws, {"type": "response.create"})
+        first_events = await recv_until(ws, "response.done")
+        second_events = await recv_until(second, "response.done")
+        assert [e["event_id"] for e in first_events] == [e["event_id"] for e in second_events]
+        await recv_until(ws, "response.done")  # the spontaneous model_says
+    await call.wait_done(timeout=5)
+    assert call.sideband_connects == 3
+
+
+async def test_unscripted_response_create_gets_a_generic_answer(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = await live_call(simulator, http)
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "response.create", "response": {"instructions": "Say goodbye."}})
+        done = (await recv_until(ws, "response.done"))[-1]
+    assert done["response"]["status"] == "completed"
+    assert call.responses[0].source == "auto" and call.responses[0].request == {"instructions": "Say goodbye."}
+
+
+# ------------------------------------------------------------------------------------------ WebRTC
+
+
+def multipart(sdp: str | None, session: Any) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    if sdp is not None:
+        form.add_field("sdp", sdp, content_type="application/sdp")
+    if session is not None:
+        form.add_field("session", json.dumps(session), content_type="application/json")
+    return form
+
+
+async def test_webrtc_unified_interface(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    simulator.next_webrtc_script = Script([wait_for_greeting("Hi from WebRTC.")])
+    session = {"type": "realtime", "instructions": "WebRTC desk.",
+               "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}}}
+    async with http.post(f"{simulator.base_url}/realtime/calls", data=multipart(OFFER, session), headers=AUTH) as resp:
+        assert resp.status == 201 and resp.content_type == "application/sdp"
+        answer = await resp.text()
+        location = resp.headers["Location"]
+    assert answer.startswith("v=0") and "m=audio" in answer
+    assert re.fullmatch(r"/v1/realtime/calls/rtc_[0-9a-f]{32}", location)
+    call = simulator.calls[location.rsplit("/", 1)[-1]]
+    assert call.kind == "webrtc" and call.status == "accepted" and call.sdp_offer == OFFER
+    assert call.session is not None and call.session["instructions"] == "WebRTC desk."
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "response.create"})
+        events = await recv_until(ws, "response.done")
+    assert events[-1]["response"]["output"][0]["content"][0]["transcript"] == "Hi from WebRTC."
+    await call.wait_done(timeout=5)
+    assert (await post(http, f"{simulator.base_url}/realtime/calls/{call.call_id}/hangup"))[0] == 200
+
+    url = f"{simulator.base_url}/realtime/calls"
+    for form in (multipart(None, session), multipart("hello", session), multipart(OFFER, {"instructions": "x"}),
+                 multipart(OFFER, {"type": "realtime", "voice": "alloy"})):
+        async with http.post(url, data=form, headers=AUTH) as resp:
+            assert resp.status == 400
+            error_of(await resp.read())
+    assert (await post(http, url, {"sdp": OFFER}))[0] == 400
+
+
+async def test_client_secrets_and_browser_first_flow(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    url = f"{simulator.base_url}/realtime/client_secrets"
+    body = {"expires_after": {"anchor": "created_at", "seconds": 600},
+            "session": {"type": "realtime", "instructions": "Browser."}}
+    status, raw = await post(http, url, body)
+    assert status == 200
+    minted = json.loads(raw)
+    assert minted["value"].startswith("ek_") and abs(minted["expires_at"] - (time.time() + 600)) < 5
+    assert minted["session"]["type"] == "realtime" and minted["session"]["id"].startswith("sess_")
+    assert minted["session"]["instructions"] == "Browser."
+    for bad in ({"expires_after": {"anchor": "created_at", "seconds": 5}},
+                {"expires_after": {"anchor": "created_at", "seconds": 7201}},
+                {"expires_after": {"anchor": "now", "seconds": 60}},
+                {"expires_after": {"anchor": "created_at", "seconds": "60"}},
+                {"session": {"instructions": "no type"}},
+                {"session": {"type": "realtime", "modalities": ["audio"]}}):
+        status, raw = await post(http, url, bad)
+        assert status == 400, bad
+        error_of(raw)
+
+    # The browser posts its SDP with the ephemeral key…
+    ek = {"Authorization": f"Bearer {minted['value']}", "Content-Type": "application/sdp"}
+    async with http.post(f"{simulator.base_url}/realtime/calls", data=OFFER, headers=ek) as resp:
+        assert resp.status == 201
+        call_id = resp.headers["Location"].rsplit("/", 1)[-1]
+    call = simulator.calls[call_id]
+    assert call.ephemeral_key == minted["value"] and call.session is not None
+    assert call.session["instructions"] == "Browser."
+    # …but ephemeral keys are refused everywhere else (the sideband answers 404, as seen on the real service).
+    assert (await expect_refused(simulator, call, {"Authorization": f"Bearer {minted['value']}"})).status_code == 404
+    status, _ = await post(http, f"{simulator.base_url}/realtime/calls/{call_id}/hangup", None,
+                           {"Authorization": f"Bearer {minted['value']}"})
+    assert status == 401
+    async with ws_connect(simulator, call) as ws:  # the server attaches with its standard key
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        assert (await recv(ws))["type"] == "session.updated"
+
+    made = simulator.create_webrtc_call(Script([]))
+    assert made.status == "accepted" and made.kind == "webrtc" and (made.ephemeral_key or "").startswith("ek_")
+
+
+# ------------------------------------------------------------------------------------------ webhook sender
+
+
+@pytest_asyncio.fixture
+async def receiver() -> AsyncIterator[tuple[TestServer, list[tuple[int, dict[str, str], bytes]], list[int]]]:
+    """A tiny webhook endpoint answering the queued statuses (then 200), recording each request."""
+    seen: list[tuple[int, dict[str, str], bytes]] = []
+    answers: list[int] = []
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        status = answers.pop(0) if answers else 200
+        seen.append((status, dict(request.headers), await request.read()))
+        if status == 0:  # 0 = hang until the test ends (the sender times out)
+            await release.wait()
+            status = 200
+        return web.Response(status=status, headers={"Location": "/elsewhere"} if 300 <= status < 400 else None)
+
+    app = web.Application()
+    app.router.add_post("/hook", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield server, seen, answers
+    finally:
+        release.set()
+        await server.close()
+
+
+async def test_webhook_sender_signs_and_retries(simulator: Simulator, receiver: Any) -> None:
+    server, seen, answers = receiver
+    answers.extend([500, 302])
+    call = simulator.create_call()
+    sender = simulator.webhook_sender(str(server.make_url("/hook")))
+    event = simulator.incoming_event(call)
+    result = await sender.deliver(event, max_attempts=3, backoff=0.01)
+    assert result.attempts == [500, 302, 200] and result.status == 200 and result.ok
+    ids = {headers["webhook-id"] for _, headers, _ in seen}
+    assert len(ids) == 1 and ids.pop().startswith("wh_")
+    verifier = standardwebhooks.Webhook(simulator.webhook_secret)
+    for _, headers, body in seen:
+        assert headers["Content-Type"] == "application/json"
+        assert headers["User-Agent"].startswith("OpenAI/1.0")
+        assert re.fullmatch(r"v1,[A-Za-z0-9+/]+=*", headers["webhook-signature"])
+        assert verifier.verify(body, headers) == event
+    assert len(result.timestamps) == 3
+
+    answers.extend([500, 500])
+    failed = await sender.deliver(event, webhook_id="wh_fixed", max_attempts=2, backoff=0.01)
+    assert failed.attempts == [500, 500] and not failed.ok and failed.webhook_id == "wh_fixed"
+
+
+async def test_webhook_sender_retries_timeouts_and_connection_errors(simulator: Simulator, receiver: Any) -> None:
+    server, seen, answers = receiver
+    answers.append(0)
+    sender = simulator.webhook_sender(str(server.make_url("/hook")))
+    result = await sender.deliver({"object": "event", "type": "x"}, timeout=0.3, backoff=0.01)
+    assert result.attempts == [None, 200] and result.errors[0] is not None and result.ok
+    assert seen[0][1]["webhook-id"] == seen[1][1]["webhook-id"]
+
+    async with WebhookSender(f"http://127.0.0.1:{server.port}/hook", simulator.webhook_secret) as own:
+        assert (await own.deliver({"type": "y"})).ok
+    port = server.port
+    await server.close()
+    dead = simulator.webhook_sender(f"http://127.0.0.1:{port}/hook")
+    gone = await dead.deliver({"type": "z"}, max_attempts=2, backoff=0.01, timeout=1)
+    assert gone.attempts == [None, None] and not gone.ok and gone.status is None
+
+
+async def test_sender_sign_and_post_raw(simulator: Simulator, receiver: Any) -> None:
+    server, seen, _ = receiver
+    sender = simulator.webhook_sender(str(server.make_url("/hook")))
+    body = b'{"test": 2432232314}'
+    headers = sender.sign(body, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330)
+    vector = WebhookSender("http://x", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    assert vector.sign(body, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330)["webhook-signature"] == (
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    )
+    forged = {**headers, "webhook-signature": "v1,AAAA"}
+    status, answer = await sender.post_raw(body, forged)
+    assert (status, answer) == (200, b"")
+    assert seen[-1][1]["webhook-signature"] == "v1,AAAA"
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(simulator.webhook_secret).verify(body, seen[-1][1])
+
+
+# ------------------------------------------------------------------------------------------ fidelity
+
+
+def _cassette_events(*names: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        for line in (CASSETTES / name).read_text().splitlines():
+            frame = json.loads(line)
+            if frame["dir"] == "server":
+                out.setdefault(frame["event"]["type"], []).append(frame["event"])
+    return out
+
+
+def _kind(value: dict[str, Any]) -> tuple[Any, ...]:
+    return value.get("type"), value.get("role"), tuple(c.get("type") for c in value.get("content") or [])
+
+
+def _shape_diff(real: Any, ours: Any, path: str) -> list[str]:
+    """Differences in key sets between a real event and ours (values may differ; null vs object is fine)."""
+    if isinstance(real, dict) and isinstance(ours, dict):
+        diffs = [f"{path}: real {sorted(set(real))} vs ours {sorted(set(ours))}"] if set(real) != set(ours) else []
+        for key in set(real) & set(ours):
+            diffs += _shape_diff(real[key], ours[key], f"{path}.{key}")
+        return diffs
+    if isinstance(real, list) and isinstance(ours, list):
+        diffs = []
+        for index, element in enumerate(ours):
+            match = [r for r in real if isinstance(r, dict) and isinstance(element, dict)
+                     and _kind(r) == _kind(element)]
+            if match:
+                diffs += _shape_diff(match[0], element, f"{path}[{index}]")
+        return diffs
+    return []
+
+
+def _best_match(examples: list[dict[str, Any]], ours: dict[str, Any]) -> dict[str, Any] | None:
+    item = ours.get("item")
+    if isinstance(item, dict):
+        same = [e for e in examples if isinstance(e.get("item"), dict) and _kind(e["item"]) == _kind(item)]
+        return same[0] if same else None
+    return examples[0]
+
+
+async def test_event_shapes_match_real_recordings(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    real = _cassette_events("ws_tool_call_round.jsonl", "sideband_text_turn.jsonl", "ws_audio_in_server_vad_turn.jsonl")
+    never_on_sideband = {"session.created", "response.output_audio.delta"}
+    expected = set(real) - never_on_sideband
+
+    # A text turn (like sideband_text_turn), on a WebRTC call whose audio format matches the recordings.
+    text_call = simulator.create_webrtc_call(Script([]))
+    async with ws_connect(simulator, text_call) as ws:
+        await send(ws, {"type": "session.update", "session": {**TRANSCRIBED, "output_modalities": ["text"]}})
+        await send(ws, {"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Say hello."}]}})
+        await send(ws, {"type": "response.create"})
+        await recv_until(ws, "response.done")
+    # A spoken tool round with pretty-printed arguments (like ws_tool_call_round).
+    tool_call = simulator.create_webrtc_call(Script([
+        caller_says("What is the weather in London?"),
+        model_calls("get_weather", '{  \n  "city": "London" \n} \n'),
+        model_says("It is foggy in London."),
+    ]))
+    async with ws_connect(simulator, tool_call) as ws:
+        await send(ws, {"type": "session.update", "session": {**TRANSCRIBED, "tools": [
+            {"type": "function", "name": "get_weather", "description": "Weather.",
+             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]}})
+        task = asyncio.create_task(Controller(ws, {"get_weather": "Foggy, 12 degrees."}).run())
+        await tool_call.wait_done(timeout=5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    ours: dict[str, list[dict[str, Any]]] = {}
+    for event in text_call.sent + tool_call.sent:
+        ours.setdefault(event["type"], []).append(event)
+    assert expected <= set(ours), f"never produced: {sorted(expected - set(ours))}"
+    problems: list[str] = []
+    for event_type in sorted(expected):
+        for event in ours[event_type]:
+            example = _best_match(real[event_type], event)
+            if example is not None:
+                problems += _shape_diff(example, event, event_type)
+            if event_type.startswith(("response.output_item", "conversation.item.")) and \
+                    event.get("item", {}).get("type") == "function_call":
+                assert example is not None, f"no recorded function_call item for {event_type}"
+    assert not problems, "\n".join(sorted(set(problems)))
+    assert {e["type"] for e in text_call.sent + tool_call.sent} >= {
+        "output_audio_buffer.started", "output_audio_buffer.stopped"}
+
+
+# ------------------------------------------------------------------------------------------ lifecycle
+
+
+async def test_close_cancels_tasks_and_closes_sockets(http: aiohttp.ClientSession) -> None:
+    before = asyncio.all_tasks()
+    sim = Simulator()
+    await sim.start()
+    call = sim.create_call(Script([wait_for_greeting(), pause(30)]))
+    await accept(sim, http, call)
+    held = sim.create_call()
+    sim.fail_accept(held.call_id, "timeout")
+    hold = asyncio.create_task(post(http, f"{sim.base_url}/realtime/calls/{held.call_id}/accept", {"type": "realtime"}))
+    await held.wait_for(lambda _: any(r.path.endswith(f"{held.call_id}/accept") for r in sim.requests), timeout=5)
+    sender = sim.webhook_sender("http://127.0.0.1:9/hook")
+    async with ws_connect(sim, call) as ws:
+        await send(ws, {"type": "response.create"})
+        await recv_until(ws, "response.done")
+        await sim.close()
+        with pytest.raises(websockets.ConnectionClosed):
+            await recv(ws)
+        assert ws.close_code == 1001
+    status, _ = await asyncio.wait_for(hold, 5)
+    assert status == 504
+    await sim.close()  # idempotent
+    assert not sim._tasks
+    leftover = {t for t in asyncio.all_tasks() - before if not t.done()} - {asyncio.current_task()}
+    assert not leftover, leftover
+    with pytest.raises(RuntimeError):
+        await sender.deliver({"type": "x"})

@@ -1,0 +1,143 @@
+"""Tests for sideband.stores.MemoryStore: claim, release, expiry, atomicity, purge."""
+
+import asyncio
+
+from sideband.stores import ClaimStore, MemoryStore
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make() -> tuple[MemoryStore, FakeClock]:
+    clock = FakeClock()
+    return MemoryStore(clock), clock
+
+
+def test_memory_store_satisfies_protocol() -> None:
+    store: ClaimStore = MemoryStore()
+    assert callable(store.claim)
+
+
+async def test_claim_once() -> None:
+    store, _ = make()
+    assert await store.claim("webhook:a", 60) is True
+    assert await store.claim("webhook:a", 60) is False
+    assert await store.claim("webhook:b", 60) is True
+    assert len(store) == 2
+
+
+async def test_claim_expires() -> None:
+    store, clock = make()
+    assert await store.claim("k", 10)
+    clock.now += 9.999
+    assert await store.claim("k", 10) is False
+    clock.now += 0.001  # exactly at expiry: free again
+    assert await store.claim("k", 10) is True
+    clock.now += 5
+    assert await store.claim("k", 10) is False
+
+
+async def test_failed_claim_does_not_extend_ttl() -> None:
+    store, clock = make()
+    assert await store.claim("k", 10)
+    clock.now += 8
+    assert await store.claim("k", 100) is False
+    clock.now += 3
+    assert await store.claim("k", 10) is True
+
+
+async def test_release_frees_the_key() -> None:
+    store, _ = make()
+    assert await store.claim("k", 60)
+    await store.release("k")
+    assert len(store) == 0
+    assert await store.claim("k", 60) is True
+    assert await store.claim("k", 60) is False
+
+
+async def test_release_unknown_key_is_a_no_op() -> None:
+    store, _ = make()
+    await store.release("never-claimed")
+    assert len(store) == 0
+
+
+async def test_release_only_that_key() -> None:
+    store, _ = make()
+    await store.claim("a", 60)
+    await store.claim("b", 60)
+    await store.release("a")
+    assert await store.claim("b", 60) is False
+    assert await store.claim("a", 60) is True
+
+
+async def test_concurrent_claims_exactly_one_wins() -> None:
+    store, _ = make()
+    results = await asyncio.gather(*(store.claim("call:rtc_1", 60) for _ in range(100)))
+    assert results.count(True) == 1
+    assert results.count(False) == 99
+    assert len(store) == 1
+
+
+async def test_concurrent_claims_of_distinct_keys_all_win() -> None:
+    store, _ = make()
+    results = await asyncio.gather(*(store.claim(f"k{i}", 60) for i in range(100)))
+    assert all(results)
+    assert len(store) == 100
+
+
+async def test_expired_keys_are_purged() -> None:
+    store, clock = make()
+    for i in range(50):
+        await store.claim(f"old{i}", 10)
+    assert len(store) == 50
+    clock.now += 5
+    for i in range(10):
+        await store.claim(f"mid{i}", 10)
+    assert len(store) == 60
+    clock.now += 6  # the 50 old keys are past expiry, the 10 mid keys are not
+    await store.claim("new", 10)
+    assert len(store) == 11
+    clock.now += 100
+    await store.claim("last", 10)
+    assert len(store) == 1
+
+
+async def test_reclaimed_key_moves_to_the_back() -> None:
+    store, clock = make()
+    await store.claim("a", 10)
+    clock.now += 1
+    await store.claim("b", 10)
+    clock.now += 10  # both expired
+    assert await store.claim("a", 10) is True  # a re-taken: b purged, a kept
+    assert len(store) == 1
+    clock.now += 5
+    assert await store.claim("a", 10) is False
+
+
+async def test_mixed_ttls_stay_correct() -> None:
+    store, clock = make()
+    assert await store.claim("long", 1000)
+    assert await store.claim("short", 1)
+    clock.now += 2
+    # 'short' is expired even though it sits behind a long-lived key.
+    assert await store.claim("short", 1) is True
+    assert await store.claim("long", 1000) is False
+
+
+async def test_close_clears() -> None:
+    store, _ = make()
+    await store.claim("k", 60)
+    await store.close()
+    assert len(store) == 0
+    assert await store.claim("k", 60) is True
+
+
+async def test_default_clock_is_monotonic() -> None:
+    store = MemoryStore()
+    assert await store.claim("k", 60)
+    assert await store.claim("k", 60) is False
