@@ -18,6 +18,7 @@ __all__ = ["IncomingCall", "Sideband", "parse_number"]
 F = TypeVar("F", bound=Callable[..., Any])
 RouteHook = Callable[["IncomingCall"], Awaitable[Decision] | Decision]
 
+
 class _Unset:
     """Marks a constructor argument that was not given (``None`` means "off")."""
 
@@ -69,13 +70,25 @@ class IncomingCall:
         return next((h.value for h in self.sip_headers if h.name.lower() == lname), None)
 
     @classmethod
-    def from_sip(cls, call_id: str, headers: Iterable[SipHeader], media_security: str | None = None,
-                 raw: Mapping[str, Any] | None = None) -> IncomingCall:
+    def from_sip(
+        cls,
+        call_id: str,
+        headers: Iterable[SipHeader],
+        media_security: str | None = None,
+        raw: Mapping[str, Any] | None = None,
+    ) -> IncomingCall:
         """Build from the webhook's ``sip_headers`` list."""
         hdrs = tuple(headers)
         get = {h.name.lower(): h.value for h in reversed(hdrs)}
-        return cls(call_id, parse_number(get.get("from")), parse_number(get.get("to")), hdrs, media_security,
-                   "sip", raw or {})
+        return cls(
+            call_id,
+            parse_number(get.get("from")),
+            parse_number(get.get("to")),
+            hdrs,
+            media_security,
+            "sip",
+            raw or {},
+        )
 
     def context(self) -> CallContext:
         """A fresh :class:`CallContext` for this call."""
@@ -106,8 +119,8 @@ class Sideband:
         *,
         instructions: str | None = None,
         voice: str | None = None,
-        model: str | None | _Unset = _UNSET,
-        greeting: str | None | _Unset = _UNSET,
+        model: str | _Unset | None = _UNSET,
+        greeting: str | _Unset | None = _UNSET,
         session: SessionConfig | None = None,
         transfer_targets: Mapping[str, str] | None = None,
         tool_timeout: float = 10.0,
@@ -188,8 +201,13 @@ class Sideband:
 
     def hooks(self) -> CallHooks:
         """The call hooks registered on this app."""
-        return CallHooks(self.on_call_start_hooks, self.on_call_end_hooks, self.on_transcript_hooks,
-                         self.on_dtmf_hooks, self.on_tool_hooks)
+        return CallHooks(
+            self.on_call_start_hooks,
+            self.on_call_end_hooks,
+            self.on_transcript_hooks,
+            self.on_dtmf_hooks,
+            self.on_tool_hooks,
+        )
 
     # ------------------------------------------------------------------------ built-in tools
     def enable_end_call(self, *, name: str = "end_call") -> None:
@@ -212,8 +230,11 @@ class Sideband:
             await ctx.transfer(destination)
             return {"ok": True, "message": f"Transferring to {destination}. Tell the caller in one sentence."}
 
-        transfer_call.__annotations__ = {"destination": Literal[labels], "ctx": CallContext,
-                                         "return": dict[str, Any]}
+        transfer_call.__annotations__ = {
+            "destination": Literal[labels],
+            "ctx": CallContext,
+            "return": dict[str, Any],
+        }
         transfer_call.__doc__ = (
             "Transfer the caller to a human or another department.\n\n"
             f"Args:\n    destination: Where to transfer: one of {', '.join(labels)}."
@@ -235,8 +256,9 @@ class Sideband:
     def plan(self, accept: Accept | None = None) -> CallPlan:
         """The session and tools for an accepted call (``accept`` overrides on top of the app)."""
         accept = accept or Accept()
-        config = self.config.merged(instructions=accept.instructions, voice=accept.voice,
-                                    greeting=accept.greeting, **accept.session)
+        config = self.config.merged(
+            instructions=accept.instructions, voice=accept.voice, greeting=accept.greeting, **accept.session
+        )
         tools = self.tools if accept.tools is None else self.tools.subset(accept.tools)
         payload = config.payload(tools.definitions(style="openai"))
         return CallPlan(payload, tools, config.greeting, config)

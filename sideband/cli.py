@@ -67,8 +67,14 @@ async def serve(settings: Settings, app: Sideband) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("server.started", host=settings.host, port=settings.port, app=app.name,
-             tools=app.tools.names(), openai_base_url=settings.openai_base_url)
+    log.info(
+        "server.started",
+        host=settings.host,
+        port=settings.port,
+        app=app.name,
+        tools=app.tools.names(),
+        openai_base_url=settings.openai_base_url,
+    )
     try:
         await stop.wait()
     finally:
@@ -81,13 +87,17 @@ async def serve(settings: Settings, app: Sideband) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sideband", description="Business logic beside live voice-AI calls.")
+    parser = argparse.ArgumentParser(
+        prog="sideband", description="Business logic beside live voice-AI calls."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="serve webhooks, WebRTC doors and sidebands")
     p_serve.add_argument("app", nargs="?", help=f"module:attribute of your app (default {DEFAULT_APP})")
     p_serve.add_argument("--host", help="listen address (SIDEBAND_HOST, default 0.0.0.0)")
     p_serve.add_argument("--port", type=int, help="listen port (SIDEBAND_PORT, default 8080)")
-    p_demo = sub.add_parser("demo", help="run simulated calls against the built-in simulator (no key, no network)")
+    p_demo = sub.add_parser(
+        "demo", help="run simulated calls against the built-in simulator (no key, no network)"
+    )
     p_demo.add_argument("app", nargs="?", help="module:attribute of your app (default: the order desk)")
     p_demo.add_argument("--calls", type=int, default=3, help="how many calls to place (default 3)")
     return parser

@@ -44,46 +44,70 @@ def order_desk_scenarios() -> list[Scenario]:
     """Calls that exercise the bundled order desk: lookup, a failed lookup + transfer, DTMF + end call,
     and a withheld number that routing rejects."""
     return [
-        Scenario("order lookup, caller hangs up", Script([
-            wait_for_greeting("Example Corp order desk, what's your order number?"),
-            caller_says("Hi, where is my order 1042?"),
-            model_calls("lookup_order", {"order_id": "1042"}, preamble="Let me check that for you."),
-            model_says("Order 1042 shipped with UPS and arrives Thursday."),
-            caller_says("Great, thanks. Bye!"),
-            model_says("You're welcome, goodbye!"),
-            caller_hangs_up(),
-        ])),
-        Scenario("unknown order, transfer to a human", Script([
-            wait_for_greeting("Example Corp order desk, what's your order number?"),
-            caller_says("Order 9999 please."),
-            model_calls("lookup_order", {"order_id": "9999"}),
-            model_says("I can't find order 9999. Could you repeat the number?"),
-            caller_says("Just get me a person."),
-            model_calls("transfer_call", {"destination": "human"}),
-            model_says("Connecting you to a colleague now."),
-        ]), from_number="+442071838750"),
-        Scenario("keypad entry, model ends the call", Script([
-            wait_for_greeting("Example Corp order desk, what's your order number?"),
-            caller_presses("3001"),
-            caller_says("That's 3001."),
-            model_calls("lookup_order", {"order_id": "3001"}),
-            model_says("Order 3001 was delivered on Monday. Anything else?"),
-            caller_says("No, that's all."),
-            model_calls("end_call", {}),
-            model_says("Thanks for calling Example Corp. Goodbye!"),
-        ]), from_number="+16175550199"),
+        Scenario(
+            "order lookup, caller hangs up",
+            Script(
+                [
+                    wait_for_greeting("Example Corp order desk, what's your order number?"),
+                    caller_says("Hi, where is my order 1042?"),
+                    model_calls("lookup_order", {"order_id": "1042"}, preamble="Let me check that for you."),
+                    model_says("Order 1042 shipped with UPS and arrives Thursday."),
+                    caller_says("Great, thanks. Bye!"),
+                    model_says("You're welcome, goodbye!"),
+                    caller_hangs_up(),
+                ]
+            ),
+        ),
+        Scenario(
+            "unknown order, transfer to a human",
+            Script(
+                [
+                    wait_for_greeting("Example Corp order desk, what's your order number?"),
+                    caller_says("Order 9999 please."),
+                    model_calls("lookup_order", {"order_id": "9999"}),
+                    model_says("I can't find order 9999. Could you repeat the number?"),
+                    caller_says("Just get me a person."),
+                    model_calls("transfer_call", {"destination": "human"}),
+                    model_says("Connecting you to a colleague now."),
+                ]
+            ),
+            from_number="+442071838750",
+        ),
+        Scenario(
+            "keypad entry, model ends the call",
+            Script(
+                [
+                    wait_for_greeting("Example Corp order desk, what's your order number?"),
+                    caller_presses("3001"),
+                    caller_says("That's 3001."),
+                    model_calls("lookup_order", {"order_id": "3001"}),
+                    model_says("Order 3001 was delivered on Monday. Anything else?"),
+                    caller_says("No, that's all."),
+                    model_calls("end_call", {}),
+                    model_says("Thanks for calling Example Corp. Goodbye!"),
+                ]
+            ),
+            from_number="+16175550199",
+        ),
         Scenario("withheld number, rejected by routing", Script([]), from_number="anonymous"),
     ]
 
 
 def generic_scenarios(app: Sideband) -> list[Scenario]:
     """A plain call for an app the demo knows nothing about."""
-    return [Scenario("hello and goodbye", Script([
-        wait_for_greeting("Hello, how can I help?"),
-        caller_says("Hello there."),
-        model_says("Hi! How can I help you today?"),
-        caller_hangs_up(),
-    ]))]
+    return [
+        Scenario(
+            "hello and goodbye",
+            Script(
+                [
+                    wait_for_greeting("Hello, how can I help?"),
+                    caller_says("Hello there."),
+                    model_says("Hi! How can I help you today?"),
+                    caller_hangs_up(),
+                ]
+            ),
+        )
+    ]
 
 
 class _Printer:
@@ -135,8 +159,14 @@ async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO |
     failures = 0
     async with Simulator() as sim:
         settings = load_settings(
-            {"openai_api_key": sim.api_key, "openai_webhook_secret": sim.webhook_secret,
-             "openai_base_url": sim.base_url, "host": "127.0.0.1", "port": 0, "max_idle_duration": 30},
+            {
+                "openai_api_key": sim.api_key,
+                "openai_webhook_secret": sim.webhook_secret,
+                "openai_base_url": sim.base_url,
+                "host": "127.0.0.1",
+                "port": 0,
+                "max_idle_duration": 30,
+            },
             environ={},
         )
         runner = web.AppRunner(create_app(settings, app), access_log=None)
@@ -149,15 +179,20 @@ async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO |
         sender = sim.webhook_sender(url)
         try:
             for n, scenario in enumerate(scenarios, 1):
-                call = sim.create_call(scenario.script, from_number=scenario.from_number,
-                                       to_number=scenario.to_number)
+                call = sim.create_call(
+                    scenario.script, from_number=scenario.from_number, to_number=scenario.to_number
+                )
                 printer.ended.setdefault(call.call_id, asyncio.Event())
-                out.write(f"\ncall {n}: {scenario.title}  ({call.call_id}, {scenario.from_number} → "
-                          f"{scenario.to_number})\n")
+                out.write(
+                    f"\ncall {n}: {scenario.title}  ({call.call_id}, {scenario.from_number} → "
+                    f"{scenario.to_number})\n"
+                )
                 started = time.monotonic()
                 result = await sender.deliver(sim.incoming_event(call))
-                printer.line("webhook", f"{result.status} in {(time.monotonic() - started) * 1000:.1f} ms, "
-                                        f"call {call.status}")
+                printer.line(
+                    "webhook",
+                    f"{result.status} in {(time.monotonic() - started) * 1000:.1f} ms, call {call.status}",
+                )
                 if call.status != "accepted":
                     printer.line("end", f"{call.status} ({call.reject_body or call.refer_target or ''})")
                     continue
@@ -166,11 +201,16 @@ async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO |
                     await call.wait_ended(timeout=5)
                 except TimeoutError:
                     failures += 1
-                    printer.line("error", f"call did not end in time ({call.script_error or 'no script error'})")
+                    printer.line(
+                        "error", f"call did not end in time ({call.script_error or 'no script error'})"
+                    )
                     continue
                 summary = printer.summaries[call.call_id]
-                printer.line("end", f"{summary.reason} after {summary.duration:.2f} s, "
-                                    f"{len(summary.tools)} tool call(s); simulator: {call.end_reason}")
+                printer.line(
+                    "end",
+                    f"{summary.reason} after {summary.duration:.2f} s, "
+                    f"{len(summary.tools)} tool call(s); simulator: {call.end_reason}",
+                )
                 if call.script_error:
                     failures += 1
                     printer.line("error", call.script_error)

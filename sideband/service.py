@@ -80,8 +80,11 @@ class Service:
         self.registry = CallRegistry()
         self.draining = False
         self.counters: Counter[str] = Counter()
-        self.tickets = TicketSigner(settings.ticket_key(), settings.rtc_ticket_ttl, clock) if (
-            settings.rtc_ticket_secret or settings.openai_webhook_secret or settings.openai_api_key) else None
+        self.tickets = (
+            TicketSigner(settings.ticket_key(), settings.rtc_ticket_ttl, clock)
+            if (settings.rtc_ticket_secret or settings.openai_webhook_secret or settings.openai_api_key)
+            else None
+        )
         self._http: aiohttp.ClientSession | None = None
         self._control: CallControl | None = None
         self.log = structlog.get_logger(component="sideband.service")
@@ -93,8 +96,9 @@ class Service:
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
         )
-        self._control = CallControl(self._http, self.settings.openai_base_url,
-                                    key.get_secret_value() if key else "")
+        self._control = CallControl(
+            self._http, self.settings.openai_base_url, key.get_secret_value() if key else ""
+        )
 
     async def close(self) -> None:
         """End every call (after the drain timeout) and release connections."""
@@ -133,11 +137,18 @@ class Service:
                 self.log.info("webhook.duplicate_call", webhook_id=webhook_id)
                 return Reply(200, {"status": "duplicate"})
             call = IncomingCall.from_sip(
-                call_id, (SipHeader(h.name, h.value) for h in data.sip_headers), data.sip_media_security,
+                call_id,
+                (SipHeader(h.name, h.value) for h in data.sip_headers),
+                data.sip_media_security,
                 event.data,
             )
-            self.log.info("call.incoming", webhook_id=webhook_id, from_number=call.from_number,
-                          to_number=call.to_number, media_security=call.media_security)
+            self.log.info(
+                "call.incoming",
+                webhook_id=webhook_id,
+                from_number=call.from_number,
+                to_number=call.to_number,
+                media_security=call.media_security,
+            )
             reply = await self._answer(call, received)
             if reply.status >= 500:
                 await self.store.release(f"call:{call_id}")
@@ -163,16 +174,20 @@ class Service:
                 validate_accept_payload(plan.session, sip=True)
             except (SessionConfigError, ValueError) as exc:
                 self.log.error("call.config_invalid", error=str(exc))
-                decision = Reject(self.settings.route_failure_status)
-        self.log.info("call.decided", decision=type(decision).__name__.lower(),
-                      status_code=getattr(decision, "status_code", None),
-                      target=getattr(decision, "target_uri", None))
+                plan, decision = None, Reject(self.settings.route_failure_status)
+        self.log.info(
+            "call.decided",
+            decision=type(decision).__name__.lower(),
+            status_code=getattr(decision, "status_code", None),
+            target=getattr(decision, "target_uri", None),
+        )
         call_id, control, settings = call.call_id, self.control, self.settings
         try:
             if plan is not None:
                 await with_retries(
                     lambda t: control.accept(call_id, plan.session, timeout=t),
-                    budget=settings.accept_budget, attempt_timeout=settings.accept_attempt_timeout,
+                    budget=settings.accept_budget,
+                    attempt_timeout=settings.accept_attempt_timeout,
                     on_retry=lambda n, e: self.log.warning("call.accept_retry", attempt=n, status=e.status),
                 )
                 latency = time.monotonic() - received
@@ -181,14 +196,20 @@ class Service:
                 self.launch(call.context(), plan)
                 return Reply(200, {"status": "accepted"})
             if isinstance(decision, Reject):
-                await with_retries(lambda t: control.reject(call_id, decision.status_code, timeout=t),
-                                   budget=settings.accept_budget, attempt_timeout=settings.accept_attempt_timeout)
+                await with_retries(
+                    lambda t: control.reject(call_id, decision.status_code, timeout=t),
+                    budget=settings.accept_budget,
+                    attempt_timeout=settings.accept_attempt_timeout,
+                )
                 self.counters["rejected"] += 1
                 self.log.info("call.rejected", status_code=decision.status_code)
                 return Reply(200, {"status": "rejected"})
             assert isinstance(decision, Refer)
-            await with_retries(lambda t: control.refer(call_id, decision.target_uri, timeout=t),
-                               budget=settings.accept_budget, attempt_timeout=settings.accept_attempt_timeout)
+            await with_retries(
+                lambda t: control.refer(call_id, decision.target_uri, timeout=t),
+                budget=settings.accept_budget,
+                attempt_timeout=settings.accept_attempt_timeout,
+            )
             self.counters["referred"] += 1
             self.log.info("call.referred", target=decision.target_uri)
             return Reply(200, {"status": "referred"})
@@ -198,7 +219,9 @@ class Service:
             return Reply(200, {"status": "call_gone"})
         except UpstreamError as exc:
             self.counters["answer_failed"] += 1
-            self.log.error("call.accept_failed" if plan else "call.answer_failed", status=exc.status, error=str(exc))
+            self.log.error(
+                "call.accept_failed" if plan else "call.answer_failed", status=exc.status, error=str(exc)
+            )
             if exc.retryable:
                 return Reply(503, {"status": "retry", "error": "upstream unavailable"}, {"Retry-After": "1"})
             return Reply(200, {"status": "failed", "error": f"upstream answered {exc.status}"})
@@ -221,7 +244,9 @@ class Service:
         call_id, control = ctx.call_id, self.control
 
         async def connect() -> Any:
-            return await connect_sideband(settings.sideband_url, call_id, key, compression=settings.ws_compression)
+            return await connect_sideband(
+                settings.sideband_url, call_id, key, compression=settings.ws_compression
+            )
 
         async def verb(name: str, target: str | None) -> None:
             if name == "refer" and target is not None:
@@ -269,8 +294,13 @@ class Service:
         ticket, info = self.tickets.issue()
         self.log.info("rtc.session_minted", ticket_expires_at=info.expires_at)
         base = self.settings.openai_base_url
-        return {"client_secret": secret["value"], "expires_at": secret.get("expires_at"),
-                "calls_url": f"{base}/realtime/calls", "ticket": ticket, "ticket_expires_at": info.expires_at}
+        return {
+            "client_secret": secret["value"],
+            "expires_at": secret.get("expires_at"),
+            "calls_url": f"{base}/realtime/calls",
+            "ticket": ticket,
+            "ticket_expires_at": info.expires_at,
+        }
 
     async def rtc_handoff(self, call_id: Any, ticket: Any, wait: float = 5.0) -> Reply:
         """Attach to a browser-started call, if the browser holds a valid, unused ticket."""

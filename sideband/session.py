@@ -8,7 +8,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Accept", "Decision", "Refer", "Reject", "SessionConfig", "SessionConfigError", "validate_accept_payload"]
+__all__ = [
+    "Accept",
+    "Decision",
+    "Refer",
+    "Reject",
+    "SessionConfig",
+    "SessionConfigError",
+    "validate_accept_payload",
+]
 
 
 class SessionConfigError(ValueError):
@@ -91,7 +99,9 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
     for side in ("input", "output"):
         part = audio.get(side) or {}
         if sip and "format" in part:
-            raise SessionConfigError(f"audio.{side}.format must not be set for SIP calls (the codec is negotiated)")
+            raise SessionConfigError(
+                f"audio.{side}.format must not be set for SIP calls (the codec is negotiated)"
+            )
     td = (audio.get("input") or {}).get("turn_detection") or {}
     if sip and isinstance(td, dict):
         for key in _FORBIDDEN_TURN_DETECTION:

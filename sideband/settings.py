@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
 
@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     accept_attempt_timeout: float = Field(default=2.0, gt=0, validation_alias="SIDEBAND_ACCEPT_TIMEOUT")
     accept_budget: float = Field(default=4.0, gt=0, validation_alias="SIDEBAND_ACCEPT_BUDGET")
     route_budget: float = Field(default=1.0, gt=0, validation_alias="SIDEBAND_ROUTE_BUDGET")
-    route_failure_status: int = Field(default=480, ge=400, le=699, validation_alias="SIDEBAND_ROUTE_FAILURE_STATUS")
+    route_failure_status: int = Field(
+        default=480, ge=400, le=699, validation_alias="SIDEBAND_ROUTE_FAILURE_STATUS"
+    )
     routes_file: Path | None = _env("SIDEBAND_ROUTES_FILE")
 
     ws_compression: bool = _env("SIDEBAND_WS_COMPRESSION", False)
@@ -127,7 +129,14 @@ class _ExplicitSettings(Settings):
     """Settings from explicit values only (no process environment): tests and embedding."""
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: Any, init_settings: Any, **sources: Any) -> tuple[Any, ...]:
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings,)
 
 

@@ -45,7 +45,9 @@ class TicketSigner:
     def issue(self) -> tuple[str, Ticket]:
         """A new ticket string and what it stands for."""
         ticket = Ticket(secrets.token_urlsafe(18), round(self._clock() + self._ttl, 3))
-        payload = _b64(json.dumps({"n": ticket.nonce, "e": ticket.expires_at}, separators=(",", ":")).encode())
+        payload = _b64(
+            json.dumps({"n": ticket.nonce, "e": ticket.expires_at}, separators=(",", ":")).encode()
+        )
         return f"v1.{payload}.{self._mac(payload)}", ticket
 
     def verify(self, text: str) -> Ticket:

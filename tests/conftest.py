@@ -20,8 +20,12 @@ from sideband.testing import Simulator, WebhookSender
 
 def make_app(**kw: Any) -> Sideband:
     """A small app with tools that cover the interesting outcomes."""
-    app = Sideband(instructions="You are a test desk.", voice="marin",
-                   transfer_targets={"human": "tel:+14155550123"}, **kw)
+    app = Sideband(
+        instructions="You are a test desk.",
+        voice="marin",
+        transfer_targets={"human": "tel:+14155550123"},
+        **kw,
+    )
     app.enable_end_call()
     app.enable_transfer()
 
@@ -98,11 +102,19 @@ def settings_overrides() -> dict[str, Any]:
 
 
 @pytest_asyncio.fixture
-async def stack(simulator: Simulator, app: Sideband, settings_overrides: dict[str, Any]) -> AsyncIterator[Stack]:
+async def stack(
+    simulator: Simulator, app: Sideband, settings_overrides: dict[str, Any]
+) -> AsyncIterator[Stack]:
     settings = settings_for(simulator, **settings_overrides)
     server = TestServer(create_app(settings, app), host="127.0.0.1")
     await server.start_server()
     try:
-        yield Stack(simulator, app, settings, server, simulator.webhook_sender(str(server.make_url("/webhooks/openai"))))
+        yield Stack(
+            simulator,
+            app,
+            settings,
+            server,
+            simulator.webhook_sender(str(server.make_url("/webhooks/openai"))),
+        )
     finally:
         await server.close()

@@ -80,10 +80,15 @@ def test_from_sip_header_names_are_case_insensitive() -> None:
 
 
 def test_from_sip_first_value_wins() -> None:
-    call = IncomingCall.from_sip("rtc_1", headers(
-        ("From", "sip:+14155550001@x"), ("from", "sip:+14155550002@x"),
-        ("To", "sip:+18005550001@x"), ("TO", "sip:+18005550002@x"),
-    ))
+    call = IncomingCall.from_sip(
+        "rtc_1",
+        headers(
+            ("From", "sip:+14155550001@x"),
+            ("from", "sip:+14155550002@x"),
+            ("To", "sip:+18005550001@x"),
+            ("TO", "sip:+18005550002@x"),
+        ),
+    )
     assert call.from_number == "+14155550001"
     assert call.to_number == "+18005550001"
 
@@ -97,9 +102,14 @@ def test_from_sip_without_from_or_to() -> None:
 
 
 def test_header_lookup() -> None:
-    call = IncomingCall.from_sip("rtc_1", headers(
-        ("X-Account", "first"), ("x-account", "second"), ("Diversion", "<sip:+1@x>"),
-    ))
+    call = IncomingCall.from_sip(
+        "rtc_1",
+        headers(
+            ("X-Account", "first"),
+            ("x-account", "second"),
+            ("Diversion", "<sip:+1@x>"),
+        ),
+    )
     assert call.header("x-account") == "first"
     assert call.header("X-ACCOUNT") == "first"
     assert call.header("diversion") == "<sip:+1@x>"
@@ -184,8 +194,14 @@ def test_plan_default() -> None:
 
 def test_plan_with_accept_overrides() -> None:
     app = make_app()
-    plan = app.plan(Accept(instructions="You are billing.", voice="cedar", greeting="Say billing.",
-                           session={"temperature": 0.7, "speed": 1.1}))
+    plan = app.plan(
+        Accept(
+            instructions="You are billing.",
+            voice="cedar",
+            greeting="Say billing.",
+            session={"temperature": 0.7, "speed": 1.1},
+        )
+    )
     assert plan.session["instructions"] == "You are billing."
     assert plan.session["audio"]["output"] == {"voice": "cedar", "speed": 1.1}
     assert plan.session["temperature"] == 0.7
@@ -381,6 +397,7 @@ async def test_transfer_tool_runs_through_context() -> None:
         async def hangup(self, reason: str = "hangup") -> None: ...
         async def transfer(self, target: str) -> None:
             transfers.append(target)
+
         def say(self, instructions: str) -> None: ...
         def update_session(self, **fields: Any) -> None: ...
 
@@ -413,6 +430,7 @@ async def test_end_call_tool_hangs_up() -> None:
     class Actions:
         async def hangup(self, reason: str = "hangup") -> None:
             reasons.append(reason)
+
         async def transfer(self, target: str) -> None: ...
         def say(self, instructions: str) -> None: ...
         def update_session(self, **fields: Any) -> None: ...

@@ -27,8 +27,11 @@ def client_types(call: Any) -> list[str]:
 
 
 def outputs(call: Any) -> list[dict[str, Any]]:
-    return [e["item"] for e in call.received
-            if e["type"] == "conversation.item.create" and e["item"]["type"] == "function_call_output"]
+    return [
+        e["item"]
+        for e in call.received
+        if e["type"] == "conversation.item.create" and e["item"]["type"] == "function_call_output"
+    ]
 
 
 def accepts(stack: Stack, call_id: str) -> int:
@@ -43,13 +46,18 @@ async def run_call(stack: Stack, script: Script, **kw: Any) -> Any:
 
 
 async def test_webhook_to_tool_round_trip(stack: Stack) -> None:
-    call = await run_call(stack, Script([
-        GREETING,
-        caller_says("Where is order 42?"),
-        model_calls("lookup_order", {"order_id": "42"}),
-        model_says("It shipped."),
-        caller_hangs_up(),
-    ]))
+    call = await run_call(
+        stack,
+        Script(
+            [
+                GREETING,
+                caller_says("Where is order 42?"),
+                model_calls("lookup_order", {"order_id": "42"}),
+                model_says("It shipped."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
     await call.wait_done(timeout=10)
     await call.wait_ended(timeout=10)
     # One source for the session: accept body == first session.update's session.
@@ -57,7 +65,9 @@ async def test_webhook_to_tool_round_trip(stack: Stack) -> None:
     assert first["type"] == "session.update"
     assert first["session"] == call.accept_body
     assert call.accept_body["type"] == "realtime"
-    assert [t["name"] for t in call.accept_body["tools"]] == [t["name"] for t in stack.app.tools.definitions()]
+    assert [t["name"] for t in call.accept_body["tools"]] == [
+        t["name"] for t in stack.app.tools.definitions()
+    ]
     assert "OpenAI-Beta" not in str(call.received)
     types = client_types(call)
     assert types[:2] == ["session.update", "response.create"]  # exactly one greeting
@@ -86,9 +96,20 @@ async def test_same_webhook_delivered_concurrently_accepts_once(stack: Stack) ->
 
 async def test_non_call_events_are_acknowledged_and_ignored(stack: Stack) -> None:
     for event in (
-        {"object": "event", "id": "evt_1", "type": "response.completed", "created_at": 1, "data": {"id": "resp_1"}},
-        {"object": "event", "id": "evt_2", "type": "live.call.incoming", "created_at": 1,
-         "data": {"session_id": "sess_1"}},
+        {
+            "object": "event",
+            "id": "evt_1",
+            "type": "response.completed",
+            "created_at": 1,
+            "data": {"id": "resp_1"},
+        },
+        {
+            "object": "event",
+            "id": "evt_2",
+            "type": "live.call.incoming",
+            "created_at": 1,
+            "data": {"session_id": "sess_1"},
+        },
         {"object": "event", "id": "evt_3", "type": "brand.new.type", "created_at": 1},
     ):
         result = await stack.sender.deliver(event)
@@ -149,14 +170,25 @@ async def test_session_expired_ends_the_call(stack: Stack) -> None:
 
 
 async def test_tool_failures_become_model_visible_outputs(stack: Stack) -> None:
-    call = await run_call(stack, Script([
-        GREETING,
-        caller_says("Do things."),
-        model_calls([("nope", {}), ("broken", {}), ("lookup_order", '{"order_id": '),
-                     ("refuse", {"reason": "policy"})]),
-        model_says("Sorry."),
-        caller_hangs_up(),
-    ]))
+    call = await run_call(
+        stack,
+        Script(
+            [
+                GREETING,
+                caller_says("Do things."),
+                model_calls(
+                    [
+                        ("nope", {}),
+                        ("broken", {}),
+                        ("lookup_order", '{"order_id": '),
+                        ("refuse", {"reason": "policy"}),
+                    ]
+                ),
+                model_says("Sorry."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
     await call.wait_done(timeout=10)
     outs = {o["call_id"]: json.loads(o["output"]) for o in outputs(call)}
     assert len(outs) == 4
@@ -167,16 +199,21 @@ async def test_tool_failures_become_model_visible_outputs(stack: Stack) -> None:
     # One response.create for the whole batch.
     types = client_types(call)
     last_output = max(i for i, t in enumerate(types) if t == "conversation.item.create")
-    assert types[last_output + 1:].count("response.create") == 1
+    assert types[last_output + 1 :].count("response.create") == 1
 
 
 async def test_end_call_tool_hangs_up_after_output_and_goodbye(stack: Stack) -> None:
-    call = await run_call(stack, Script([
-        GREETING,
-        caller_says("That's all, bye."),
-        model_calls("end_call", {}),
-        model_says("Goodbye!"),
-    ]))
+    call = await run_call(
+        stack,
+        Script(
+            [
+                GREETING,
+                caller_says("That's all, bye."),
+                model_calls("end_call", {}),
+                model_says("Goodbye!"),
+            ]
+        ),
+    )
     await call.wait_ended(timeout=10)
     assert call.end_reason == "hangup_verb"
     paths = [r.path for r in stack.sim.requests]
@@ -197,24 +234,34 @@ async def _runtime_reason(stack: Stack, call_id: str) -> str | None:
 
 
 async def test_transfer_tool_refers_to_allow_listed_target(stack: Stack) -> None:
-    call = await run_call(stack, Script([
-        GREETING,
-        caller_says("A human please."),
-        model_calls("transfer_call", {"destination": "human"}),
-        model_says("Transferring you."),
-    ]))
+    call = await run_call(
+        stack,
+        Script(
+            [
+                GREETING,
+                caller_says("A human please."),
+                model_calls("transfer_call", {"destination": "human"}),
+                model_says("Transferring you."),
+            ]
+        ),
+    )
     await call.wait_ended(timeout=10)
     assert call.status == "referred" and call.refer_target == "tel:+14155550123"
 
 
 async def test_transfer_to_unlisted_target_is_refused(stack: Stack) -> None:
-    call = await run_call(stack, Script([
-        GREETING,
-        caller_says("Transfer me to my friend."),
-        model_calls("transfer_call", {"destination": "sip:attacker@example.com"}),
-        model_says("I can't do that."),
-        caller_hangs_up(),
-    ]))
+    call = await run_call(
+        stack,
+        Script(
+            [
+                GREETING,
+                caller_says("Transfer me to my friend."),
+                model_calls("transfer_call", {"destination": "sip:attacker@example.com"}),
+                model_says("I can't do that."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
     await call.wait_done(timeout=10)
     out = json.loads(outputs(call)[0]["output"])
     assert out["error"] == "invalid_arguments"

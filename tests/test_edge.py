@@ -16,13 +16,18 @@ from sideband.testing import Script, wait_for_greeting
 from .conftest import Stack
 
 
-def signed(stack: Stack, body: bytes, *, webhook_id: str = "wh_test", ts: int | None = None) -> dict[str, str]:
+def signed(
+    stack: Stack, body: bytes, *, webhook_id: str = "wh_test", ts: int | None = None
+) -> dict[str, str]:
     headers = stack.sender.sign(body, webhook_id, ts if ts is not None else int(time.time()))
     return {**headers, "content-type": "application/json"}
 
 
 async def post(stack: Stack, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as http, http.post(stack.webhook_url, data=body, headers=headers) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(stack.webhook_url, data=body, headers=headers) as resp,
+    ):
         text = await resp.text()
         return resp.status, (json.loads(text) if text.startswith("{") else text)
 
@@ -49,8 +54,12 @@ async def test_bad_inputs_are_4xx_with_json_errors(stack: Stack) -> None:
         ("non-utf8 body", b"\xff\xfe{}", signed(stack, b"\xff\xfe{}"), 400),
         ("signed non-json", b"hello", signed(stack, b"hello"), 400),
         ("signed json array", b"[1]", signed(stack, b"[1]"), 400),
-        ("call event without call_id", b'{"type":"realtime.call.incoming","data":{}}',
-         signed(stack, b'{"type":"realtime.call.incoming","data":{}}'), 400),
+        (
+            "call event without call_id",
+            b'{"type":"realtime.call.incoming","data":{}}',
+            signed(stack, b'{"type":"realtime.call.incoming","data":{}}'),
+            400,
+        ),
         ("wrong content type", body, {**good, "content-type": "text/plain"}, 415),
         ("too large", b"{" + b" " * (300 * 1024) + b"}", signed(stack, b"{}"), 413),
     ]
@@ -83,10 +92,10 @@ async def test_health_readiness_and_metrics(stack: Stack) -> None:
         async with http.get(stack.url("/readyz")) as resp:
             assert resp.status == 503
         body = event_body(stack)
-        status, answer = await post(stack, body, signed(stack, body))
+        status, _ = await post(stack, body, signed(stack, body))
         assert status == 503  # OpenAI redelivers to an instance that is not draining
         stack.service.draining = False
-        status, answer = await post(stack, body, signed(stack, body))
+        status, _answer = await post(stack, body, signed(stack, body))
         assert status == 200
         async with http.get(stack.url("/metrics")) as resp:
             text = await resp.text()
@@ -114,7 +123,9 @@ async def test_routing_reject_refer_and_accept_overrides(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("settings_overrides", [{"route_budget": 0.2, "route_failure_status": 503}])
-async def test_routing_hook_that_fails_or_overruns_rejects(stack: Stack, settings_overrides: dict[str, Any]) -> None:
+async def test_routing_hook_that_fails_or_overruns_rejects(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
     never = asyncio.Event()
 
     @stack.app.on_incoming

@@ -7,9 +7,9 @@ from typing import Any
 from sideband.runtime.machine import (
     Action,
     CallMachine,
-    Capabilities,
     CancelTimer,
     CancelTool,
+    Capabilities,
     Close,
     MachineConfig,
     Notice,
@@ -40,18 +40,31 @@ def notices(actions: list[Action], name: str) -> list[dict[str, Any]]:
 
 
 def call_events(call_id: str, name: str, args: str, resp: str = "resp_1") -> list[dict[str, Any]]:
-    item = {"id": "item_" + call_id, "type": "function_call", "status": "in_progress", "name": name,
-            "call_id": call_id, "arguments": ""}
+    item = {
+        "id": "item_" + call_id,
+        "type": "function_call",
+        "status": "in_progress",
+        "name": name,
+        "call_id": call_id,
+        "arguments": "",
+    }
     done_item = {**item, "status": "completed", "arguments": args}
     return [
         {"type": "response.output_item.added", "response_id": resp, "output_index": 1, "item": item},
-        {"type": "response.function_call_arguments.done", "response_id": resp, "call_id": call_id,
-         "name": name, "arguments": args},
+        {
+            "type": "response.function_call_arguments.done",
+            "response_id": resp,
+            "call_id": call_id,
+            "name": name,
+            "arguments": args,
+        },
         {"type": "response.output_item.done", "response_id": resp, "output_index": 1, "item": done_item},
     ]
 
 
-def response_done(resp: str = "resp_1", status: str = "completed", output: list[Any] | None = None) -> dict[str, Any]:
+def response_done(
+    resp: str = "resp_1", status: str = "completed", output: list[Any] | None = None
+) -> dict[str, Any]:
     return {"type": "response.done", "response": {"id": resp, "status": status, "output": output or []}}
 
 
@@ -78,15 +91,24 @@ def test_tool_runs_once_after_response_done_and_create_follows_output() -> None:
     m.start()
     assert feed(m, [{"type": "response.created", "response": {"id": "resp_1"}}]) == []
     assert feed(m, call_events("call_1", "lookup", '{"id": 1}')) == []
-    actions = m.receive(response_done(output=[{"type": "function_call", "call_id": "call_1", "name": "lookup",
-                                               "arguments": '{"id": 1}'}]))
+    actions = m.receive(
+        response_done(
+            output=[
+                {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": '{"id": 1}'}
+            ]
+        )
+    )
     assert [a for a in actions if isinstance(a, RunTool)] == [RunTool("call_1", "lookup", '{"id": 1}')]
     # The same call surfacing again never runs twice.
     assert not any(isinstance(a, RunTool) for a in m.receive(response_done()))
     assert not any(isinstance(a, RunTool) for a in feed(m, call_events("call_1", "lookup", '{"id": 1}')))
     done = m.tool_done("call_1", '{"ok":true}')
     assert types(done) == ["conversation.item.create", "response.create"]
-    assert sends(done)[0]["item"] == {"type": "function_call_output", "call_id": "call_1", "output": '{"ok":true}'}
+    assert sends(done)[0]["item"] == {
+        "type": "function_call_output",
+        "call_id": "call_1",
+        "output": '{"ok":true}',
+    }
     assert m.tool_done("call_1", "again") == []
 
 
@@ -115,11 +137,19 @@ def test_engine_style_complete_call_in_output_item_added() -> None:
     m = machine(caps=Capabilities(session_created_first=True, call_verbs=False, audio_playback_events=False))
     assert m.start() == []
     assert types(m.receive({"type": "session.created", "session": {"id": "sess_1"}})) == ["session.update"]
-    item = {"id": "item_1", "type": "function_call", "status": "completed", "name": "lookupOrder",
-            "call_id": "call_9", "arguments": '{"orderId":"1"}'}
+    item = {
+        "id": "item_1",
+        "type": "function_call",
+        "status": "completed",
+        "name": "lookupOrder",
+        "call_id": "call_9",
+        "arguments": '{"orderId":"1"}',
+    }
     assert m.receive({"type": "response.output_item.added", "response_id": "resp_9", "item": item}) == []
     actions = m.receive(response_done("resp_9", status="incomplete"))
-    assert [a for a in actions if isinstance(a, RunTool)] == [RunTool("call_9", "lookupOrder", '{"orderId":"1"}')]
+    assert [a for a in actions if isinstance(a, RunTool)] == [
+        RunTool("call_9", "lookupOrder", '{"orderId":"1"}')
+    ]
 
 
 def test_output_while_response_active_waits_for_response_done() -> None:
@@ -162,9 +192,16 @@ def test_active_response_error_retries_after_done() -> None:
     assert first["type"] == "response.create"
     # The caller spoke meanwhile: the server refuses our create; it goes out again after that response.
     m.receive({"type": "response.created", "response": {"id": "r2"}})
-    errs = m.receive({"type": "error", "error": {"type": "invalid_request_error",
-                                                "code": "conversation_already_has_active_response",
-                                                "event_id": first["event_id"]}})
+    errs = m.receive(
+        {
+            "type": "error",
+            "error": {
+                "type": "invalid_request_error",
+                "code": "conversation_already_has_active_response",
+                "event_id": first["event_id"],
+            },
+        }
+    )
     assert types(errs) == []
     again = sends(m.receive(response_done("r2")))
     assert [e["type"] for e in again] == ["response.create"] and again[0]["event_id"] != first["event_id"]
@@ -241,26 +278,33 @@ def test_session_expired_closes_and_cancels_running_tools() -> None:
     m.start()
     feed(m, call_events("call_1", "slow", "{}"))
     m.receive(response_done())
-    actions = m.receive({"type": "error", "error": {"type": "invalid_request_error", "code": "session_expired"}})
+    actions = m.receive(
+        {"type": "error", "error": {"type": "invalid_request_error", "code": "session_expired"}}
+    )
     assert CancelTool("call_1") in actions and actions[-1] == Close("session_expired")
 
 
 def test_engine_session_timeout_error_closes_with_its_code() -> None:
     m = machine()
     m.start()
-    actions = m.receive({"type": "error", "error": {"type": "session_timeout", "code": "max_idle_duration_exceeded"}})
+    actions = m.receive(
+        {"type": "error", "error": {"type": "session_timeout", "code": "max_idle_duration_exceeded"}}
+    )
     assert actions[-1] == Close("max_idle_duration_exceeded")
 
 
 def test_transcripts_dtmf_unknown_events_and_recoverable_errors() -> None:
     m = machine()
     m.start()
-    a = m.receive({"type": "conversation.item.input_audio_transcription.completed", "transcript": " Where is 42? "})
+    a = m.receive(
+        {"type": "conversation.item.input_audio_transcription.completed", "transcript": " Where is 42? "}
+    )
     assert notices(a, "transcript") == [{"role": "caller", "text": "Where is 42?"}]
     a = m.receive({"type": "response.output_audio_transcript.done", "transcript": "It shipped."})
     assert notices(a, "transcript") == [{"role": "agent", "text": "It shipped."}]
     assert notices(m.receive({"type": "input_audio_buffer.dtmf_event_received", "event": "9"}), "dtmf") == [
-        {"digit": "9"}]
+        {"digit": "9"}
+    ]
     assert m.receive({"type": "some.future.event", "x": 1}) == []
     assert m.receive({"no": "type"}) == []
     err = m.receive({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_value"}})

@@ -14,8 +14,12 @@ from sideband.session import (
     validate_accept_payload,
 )
 
-TOOL = {"type": "function", "name": "lookup_order", "description": "Look up.",
-        "parameters": {"type": "object", "properties": {}}}
+TOOL = {
+    "type": "function",
+    "name": "lookup_order",
+    "description": "Look up.",
+    "parameters": {"type": "object", "properties": {}},
+}
 
 
 def _walk(node: Any) -> list[Any]:
@@ -221,8 +225,14 @@ def test_audio_must_be_an_object() -> None:
         validate_accept_payload({"type": "realtime", "audio": "pcmu"})
 
 
-@pytest.mark.parametrize("tool", [{"type": "function"}, {"type": "function", "name": ""},
-                                  {"type": "function", "name": None, "parameters": {}}])
+@pytest.mark.parametrize(
+    "tool",
+    [
+        {"type": "function"},
+        {"type": "function", "name": ""},
+        {"type": "function", "name": None, "parameters": {}},
+    ],
+)
 def test_nameless_function_tool_refused(tool: dict[str, Any]) -> None:
     with pytest.raises(SessionConfigError, match="name"):
         validate_accept_payload({"type": "realtime", "tools": [TOOL, tool]})
@@ -238,7 +248,12 @@ def test_named_tools_and_other_tool_types_pass() -> None:
 def test_decision_defaults() -> None:
     accept = Accept()
     assert (accept.instructions, accept.voice, accept.greeting, accept.tools, accept.session) == (
-        None, None, None, None, {})
+        None,
+        None,
+        None,
+        None,
+        {},
+    )
     assert Accept().session is not Accept().session
     assert Reject().status_code == 603
     assert Refer("tel:+14155550123").target_uri == "tel:+14155550123"

@@ -46,7 +46,12 @@ def error_for(env: Env | None = None, overrides: Overrides | None = None, **kw: 
 @pytest.mark.parametrize(
     ("variable", "raw", "field", "expected"),
     [
-        ("OPENAI_BASE_URL", "https://proxy.example.com/v1", "openai_base_url", "https://proxy.example.com/v1"),
+        (
+            "OPENAI_BASE_URL",
+            "https://proxy.example.com/v1",
+            "openai_base_url",
+            "https://proxy.example.com/v1",
+        ),
         ("SIDEBAND_HOST", "127.0.0.1", "host", "127.0.0.1"),
         ("SIDEBAND_PORT", "9001", "port", 9001),
         ("SIDEBAND_LOG_FORMAT", "json", "log_format", "json"),
@@ -69,8 +74,18 @@ def error_for(env: Env | None = None, overrides: Overrides | None = None, **kw: 
         ("SIDEBAND_DRAIN_TIMEOUT", "0", "drain_timeout", 0.0),
         ("SIDEBAND_RTC_TICKET_TTL", "30", "rtc_ticket_ttl", 30.0),
         ("SIDEBAND_RTC_KEY_TTL", "60", "rtc_key_ttl", 60),
-        ("SIDEBAND_VOWEL_CORE_URL", "https://core.example.com/", "vowel_core_url", "https://core.example.com"),
-        ("SIDEBAND_VOWEL_ENGINE_URL", "wss://engine.example.com", "vowel_engine_url", "wss://engine.example.com"),
+        (
+            "SIDEBAND_VOWEL_CORE_URL",
+            "https://core.example.com/",
+            "vowel_core_url",
+            "https://core.example.com",
+        ),
+        (
+            "SIDEBAND_VOWEL_ENGINE_URL",
+            "wss://engine.example.com",
+            "vowel_engine_url",
+            "wss://engine.example.com",
+        ),
         ("SIDEBAND_VOWEL_SERVICE_ID", "svc_1", "vowel_service_id", "svc_1"),
     ],
 )
@@ -157,8 +172,9 @@ def test_missing_required_names_the_variable(field: str, variable: str) -> None:
 
 
 def test_required_first_missing_is_reported() -> None:
-    message = error_for({"OPENAI_WEBHOOK_SECRET": SECRET},
-                        require=("openai_api_key", "openai_webhook_secret"))
+    message = error_for(
+        {"OPENAI_WEBHOOK_SECRET": SECRET}, require=("openai_api_key", "openai_webhook_secret")
+    )
     assert "OPENAI_API_KEY" in message
     assert "OPENAI_WEBHOOK_SECRET" not in message
 
@@ -169,8 +185,10 @@ def test_empty_required_secret_counts_as_missing() -> None:
 
 
 def test_required_present_loads() -> None:
-    s = load({"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET},
-             require=("openai_api_key", "openai_webhook_secret"))
+    s = load(
+        {"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET},
+        require=("openai_api_key", "openai_webhook_secret"),
+    )
     assert s.openai_api_key is not None
     assert s.openai_api_key.get_secret_value() == "sk-x"
 

@@ -43,8 +43,11 @@ def refused(v: Verifier, body: bytes, headers: dict[str, str]) -> VerificationEr
 
 
 def _headers(vector: dict[str, Any], signature: str) -> dict[str, str]:
-    return {"webhook-id": vector["id"], "webhook-timestamp": str(vector["timestamp"]),
-            "webhook-signature": signature}
+    return {
+        "webhook-id": vector["id"],
+        "webhook-timestamp": str(vector["timestamp"]),
+        "webhook-signature": signature,
+    }
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=[v["name"] for v in VECTORS])
@@ -61,7 +64,8 @@ def test_vector_negative(vector: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    "vector", [v for v in VECTORS if "multi_signature_valid" in v],
+    "vector",
+    [v for v in VECTORS if "multi_signature_valid" in v],
     ids=[v["name"] for v in VECTORS if "multi_signature_valid" in v],
 )
 def test_vector_multi_signature(vector: dict[str, Any]) -> None:
@@ -208,8 +212,21 @@ def test_truncated_signature_is_refused() -> None:
 ARABIC_INDIC_NOW = "\u0661\u0667\u0665" + "\u0660" * 7  # NOW in Arabic-Indic digits: str.isdigit() is True
 
 
-@pytest.mark.parametrize("stamp", ["abc", "1.5e9", "-5", "", " 1750000000", "1750000000.0", "+1750000000",
-                                   "0x1a", ARABIC_INDIC_NOW, "9" * 40])
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        "abc",
+        "1.5e9",
+        "-5",
+        "",
+        " 1750000000",
+        "1750000000.0",
+        "+1750000000",
+        "0x1a",
+        ARABIC_INDIC_NOW,
+        "9" * 40,
+    ],
+)
 def test_malformed_timestamp(stamp: str) -> None:
     headers = sign(BODY)
     headers["webhook-timestamp"] = stamp

@@ -22,15 +22,18 @@ async def post_json(stack: Stack, path: str, body: Any) -> tuple[int, dict[str, 
 
 
 async def test_sdp_relay_creates_call_and_attaches_sideband(stack: Stack) -> None:
-    stack.sim.next_webrtc_script = Script([
-        caller_says("Where is order 7?"),
-        model_calls("lookup_order", {"order_id": "7"}),
-        model_says("Shipped."),
-        caller_hangs_up(),
-    ])
-    async with aiohttp.ClientSession() as http, http.post(
-        stack.url("/rtc/calls"), data=OFFER, headers={"content-type": "application/sdp"}
-    ) as resp:
+    stack.sim.next_webrtc_script = Script(
+        [
+            caller_says("Where is order 7?"),
+            model_calls("lookup_order", {"order_id": "7"}),
+            model_says("Shipped."),
+            caller_hangs_up(),
+        ]
+    )
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(stack.url("/rtc/calls"), data=OFFER, headers={"content-type": "application/sdp"}) as resp,
+    ):
         assert resp.status == 201
         assert resp.content_type == "application/sdp"
         answer = await resp.text()
@@ -48,7 +51,9 @@ async def test_sdp_relay_creates_call_and_attaches_sideband(stack: Stack) -> Non
 
 async def test_sdp_relay_refuses_non_sdp(stack: Stack) -> None:
     async with aiohttp.ClientSession() as http:
-        async with http.post(stack.url("/rtc/calls"), data="hello", headers={"content-type": "application/sdp"}) as r:
+        async with http.post(
+            stack.url("/rtc/calls"), data="hello", headers={"content-type": "application/sdp"}
+        ) as r:
             assert r.status == 400
         async with http.post(stack.url("/rtc/calls"), json={"sdp": OFFER}) as r:
             assert r.status == 415
@@ -95,15 +100,20 @@ async def test_browser_first_handoff_valid_forged_expired_reused(stack: Stack) -
 
 async def test_handoff_to_unknown_call_is_404(stack: Stack) -> None:
     _, minted = await post_json(stack, "/rtc/sessions", {})
-    status, body = await post_json(stack, "/rtc/handoff", {"call_id": "rtc_doesnotexist", "ticket": minted["ticket"]})
+    status, body = await post_json(
+        stack, "/rtc/handoff", {"call_id": "rtc_doesnotexist", "ticket": minted["ticket"]}
+    )
     assert status == 404, body
 
 
 async def test_concurrent_handoffs_with_one_ticket_attach_once(stack: Stack) -> None:
     _, minted = await post_json(stack, "/rtc/sessions", {})
     call = stack.sim.create_webrtc_call(Script([]))
-    results = await asyncio.gather(*(
-        post_json(stack, "/rtc/handoff", {"call_id": call.call_id, "ticket": minted["ticket"]}) for _ in range(5)
-    ))
+    results = await asyncio.gather(
+        *(
+            post_json(stack, "/rtc/handoff", {"call_id": call.call_id, "ticket": minted["ticket"]})
+            for _ in range(5)
+        )
+    )
     assert sorted(s for s, _ in results) == [200, 403, 403, 403, 403]
     assert call.sideband_connects == 1

@@ -103,9 +103,12 @@ async def rtc_calls(request: web.Request) -> web.Response:
     except UpstreamError as exc:
         log.error("rtc.relay_failed", status=exc.status, error=str(exc))
         status = exc.status if exc.status is not None and 400 <= exc.status < 500 else 502
-        return _json(status, {"error": "upstream refused the offer" if exc.status else "upstream unavailable"})
-    return web.Response(status=201, text=answer, content_type="application/sdp",
-                        headers={"Location": f"/rtc/calls/{call_id}"})
+        return _json(
+            status, {"error": "upstream refused the offer" if exc.status else "upstream unavailable"}
+        )
+    return web.Response(
+        status=201, text=answer, content_type="application/sdp", headers={"Location": f"/rtc/calls/{call_id}"}
+    )
 
 
 async def rtc_sessions(request: web.Request) -> web.Response:
@@ -188,7 +191,9 @@ def create_app(
     web_app = web.Application(middlewares=[_errors], client_max_size=max(settings.webhook_max_body, _MAX_SDP))
     svc = service or Service(settings, app, store=store)
     web_app[SERVICE] = svc
-    web_app[_VERIFIER] = Verifier(settings.openai_webhook_secret.get_secret_value(), settings.webhook_tolerance)
+    web_app[_VERIFIER] = Verifier(
+        settings.openai_webhook_secret.get_secret_value(), settings.webhook_tolerance
+    )
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await svc.start()

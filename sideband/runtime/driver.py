@@ -165,8 +165,12 @@ class CallRuntime:
             await self._cleanup()
             self.summary.reason = self.machine.closed or "internal_error"
             self.summary.duration = time.monotonic() - started
-            self.log.info("call.ended", reason=self.summary.reason, duration_s=round(self.summary.duration, 3),
-                          tool_calls=len(self.summary.tools))
+            self.log.info(
+                "call.ended",
+                reason=self.summary.reason,
+                duration_s=round(self.summary.duration, 3),
+                tool_calls=len(self.summary.tools),
+            )
             await self._hooks(self.hooks.on_call_end, self.ctx, self.summary)
             self._closed.set()
         return self.summary.reason
@@ -203,7 +207,9 @@ class CallRuntime:
                 self._apply(self.machine.fail("call_not_found"))
                 return None
             except UpstreamError as exc:
-                self.log.warning("sideband.connect_failed", status=exc.status, error=str(exc), attempt=attempt)
+                self.log.warning(
+                    "sideband.connect_failed", status=exc.status, error=str(exc), attempt=attempt
+                )
                 if attempt < attempts:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
@@ -244,7 +250,8 @@ class CallRuntime:
                 self._outbox.append(json.dumps(action.event, separators=(",", ":")))
             elif isinstance(action, RunTool):
                 self._tool_tasks[action.call_id] = asyncio.create_task(
-                    self._run_tool(action.call_id, action.name, action.arguments), name=f"tool:{action.call_id}"
+                    self._run_tool(action.call_id, action.name, action.arguments),
+                    name=f"tool:{action.call_id}",
                 )
             elif isinstance(action, Notice):
                 self._notice(action)
@@ -265,9 +272,8 @@ class CallRuntime:
                     task.cancel()
             elif isinstance(action, Verb):
                 self._spawn(self._run_verb(action.verb, action.target))
-            elif isinstance(action, Close):
-                if self._ws is not None:
-                    self._spawn(self._close_ws(self._ws))
+            elif isinstance(action, Close) and self._ws is not None:
+                self._spawn(self._close_ws(self._ws))
 
     def _kick(self) -> None:
         """Flush the outbox from a context that is not the read loop."""
@@ -315,8 +321,14 @@ class CallRuntime:
             self._tool_tasks.pop(call_id, None)
         record = ToolRecord(call_id, name, result.outcome, result.duration)
         self.summary.tools.append(record)
-        self.log.info("tool.finished", tool=name, tool_call_id=call_id, outcome=result.outcome,
-                      duration_ms=round(result.duration * 1000, 2), error=result.error)
+        self.log.info(
+            "tool.finished",
+            tool=name,
+            tool_call_id=call_id,
+            outcome=result.outcome,
+            duration_ms=round(result.duration * 1000, 2),
+            error=result.error,
+        )
         self._apply(self.machine.tool_done(call_id, result.output))
         await self._flush()
         if self.hooks.on_tool:
@@ -360,7 +372,9 @@ class CallRuntime:
                 if inspect.isawaitable(result):
                     await result
             except Exception as exc:
-                self.log.error("hook.failed", hook=getattr(hook, "__name__", repr(hook)), error=type(exc).__name__)
+                self.log.error(
+                    "hook.failed", hook=getattr(hook, "__name__", repr(hook)), error=type(exc).__name__
+                )
 
     async def _cleanup(self) -> None:
         for handle in self._timers.values():

@@ -14,9 +14,9 @@ from typing import Any, Literal
 __all__ = [
     "Action",
     "CallMachine",
-    "Capabilities",
     "CancelTimer",
     "CancelTool",
+    "Capabilities",
     "Close",
     "MachineConfig",
     "Notice",
@@ -93,8 +93,11 @@ Action = Send | RunTool | CancelTool | StartTimer | CancelTimer | Verb | Close |
 
 
 # ----------------------------------------------------------------------------------------- config
-DEFAULT_FILLER = "Briefly tell the caller you are still working on it. One short sentence. Do not call any tool."
+DEFAULT_FILLER = (
+    "Briefly tell the caller you are still working on it. One short sentence. Do not call any tool."
+)
 DEFAULT_GOODBYE = "Say a short, polite goodbye to the caller. Do not call any tool."
+
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
@@ -384,8 +387,12 @@ class CallMachine:
                 continue
             if status not in _RUNNABLE:
                 call.state = "discarded"
-                actions.append(Notice("tool.discarded", {"tool_call_id": call.call_id, "tool": call.name,
-                                                         "response_status": status}))
+                actions.append(
+                    Notice(
+                        "tool.discarded",
+                        {"tool_call_id": call.call_id, "tool": call.name, "response_status": status},
+                    )
+                )
             elif call.arguments is not None:
                 actions += self._run(call)
         if self._create_sent is not None and status in ("cancelled", "failed"):
@@ -417,7 +424,9 @@ class CallMachine:
             return
         call = self._calls.get(call_id)
         if call is None:
-            call = _ToolCall(call_id, str(item.get("name") or ""), response_id if isinstance(response_id, str) else None)
+            call = _ToolCall(
+                call_id, str(item.get("name") or ""), response_id if isinstance(response_id, str) else None
+            )
             self._calls[call_id] = call
         if call.response_id is None and isinstance(response_id, str):
             call.response_id = response_id
@@ -441,12 +450,19 @@ class CallMachine:
             breach = f"the same call repeated {self._repeat} times"
         if breach is not None:
             call.state = "answered"
-            out = json.dumps({"error": "loop_detected", "message": f"Stop calling tools: {breach}. "
-                              "Answer the caller with what you already know."})
+            out = json.dumps(
+                {
+                    "error": "loop_detected",
+                    "message": f"Stop calling tools: {breach}. Answer the caller with what you already know.",
+                }
+            )
             self._want_response = True
-            return [Notice("tool.loop_breaker", {"tool_call_id": call.call_id, "tool": call.name,
-                                                 "detail": breach}),
-                    Send(_output(call.call_id, out))]
+            return [
+                Notice(
+                    "tool.loop_breaker", {"tool_call_id": call.call_id, "tool": call.name, "detail": breach}
+                ),
+                Send(_output(call.call_id, out)),
+            ]
         call.state = "running"
         self._running += 1
         actions: list[Action] = [RunTool(call.call_id, call.name, call.arguments or "")]
@@ -497,8 +513,12 @@ class CallMachine:
     def _on_error(self, event: dict[str, Any]) -> list[Action]:
         error = event.get("error") or {}
         code = error.get("code")
-        fields = {"code": code, "error_type": error.get("type"), "message": error.get("message"),
-                  "param": error.get("param")}
+        fields = {
+            "code": code,
+            "error_type": error.get("type"),
+            "message": error.get("message"),
+            "param": error.get("param"),
+        }
         if code == "session_expired":
             return [Notice("sideband.error", fields), *self._close("session_expired")]
         if error.get("type") == "session_timeout":

@@ -282,7 +282,8 @@ def pause(seconds: float) -> Pause:
 def caller_hangs_up(mode: HangupMode = "clean") -> CallerHangsUp:
     """The caller hangs up. ``mode``: ``"clean"`` closes the sideband with 1000, ``"abnormal"`` drops the
     TCP connection without a close frame, ``"silent"`` sends nothing and leaves the socket open (the
-    controller must notice by its own idle timer). The call ends either way."""
+    controller must notice by its own idle timer). The call ends either way. The step first waits (up to
+    the step timeout) for a sideband to be attached, so the hangup is seen on it."""
     if mode not in _HANGUP_MODES:
         raise ValueError(f"mode must be one of {_HANGUP_MODES}, not {mode!r}")
     return CallerHangsUp(mode)

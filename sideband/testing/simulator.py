@@ -1420,6 +1420,9 @@ class SimCall:
                 self._phase = "pause"
                 await asyncio.sleep(seconds)
             case CallerHangsUp(mode=mode):
+                # The caller hangs up on an attached sideband; with none after the step timeout, anyway.
+                with contextlib.suppress(_StepTimeout):
+                    await self._wait_ready(limit)
                 self._phase = "hanging_up"
                 await self._caller_hangs_up(mode)
 
@@ -1592,6 +1595,8 @@ class Simulator:
         self._ephemeral: dict[str, _EphemeralKey] = {}
         self._closing = asyncio.Event()
         self._closed = False
+        self._tick = asyncio.Event()
+        self._waiters = 0
         self._id_prefix = secrets.token_hex(6)
         self._counter = itertools.count(1)
 
@@ -1653,6 +1658,29 @@ class Simulator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def _notify(self) -> None:
+        if self._waiters:
+            self._tick.set()
+            self._tick = asyncio.Event()
+
+    async def wait_for(
+        self,
+        predicate: Callable[[Simulator], bool],
+        timeout: float = 10.0,  # noqa: ASYNC109 - mirrors SimCall.wait_for
+        what: str = "condition",
+    ) -> None:
+        """Wait until ``predicate(sim)`` holds (re-checked on every request and new call)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(self):
+                    self._waiters += 1
+                    try:
+                        await self._tick.wait()
+                    finally:
+                        self._waiters -= 1
+        except TimeoutError:
+            raise TimeoutError(f"simulator: {what} not met within {timeout}s") from None
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}{self._id_prefix}{next(self._counter):010x}"
@@ -1720,6 +1748,7 @@ class Simulator:
             media_security=media_security,
         )
         self.calls[call_id] = call
+        self._notify()
         return call
 
     def incoming_event(self, call: SimCall) -> dict[str, Any]:
@@ -1771,6 +1800,7 @@ class Simulator:
         call = SimCall(self, call_id, script or Script(), kind="webrtc", media_security=None)
         self.calls[call_id] = call
         call._accept(body)
+        self._notify()
         return call
 
     def mint_ephemeral_key(self, session: Mapping[str, Any] | None = None, seconds: int = 600) -> str:
@@ -1838,6 +1868,7 @@ class Simulator:
             parsed,
         )
         self.requests.append(record)
+        self._notify()
         try:
             response = self._check_auth(request)
             if response is None:
@@ -1847,6 +1878,7 @@ class Simulator:
         except web.HTTPMethodNotAllowed:
             response = _error_response(405, f"Method not allowed ({request.method} {request.path})")
         record.status = response.status
+        self._notify()
         return response
 
     def _check_auth(self, request: web.Request) -> web.StreamResponse | None:

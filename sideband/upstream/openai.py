@@ -89,7 +89,9 @@ class CallControl:
         """End the call (SIP or WebRTC)."""
         await self._post(self._call_path(call_id, "hangup"), None, timeout, call_id)
 
-    async def create_call(self, sdp: str, session: dict[str, Any], *, timeout: float = 10.0) -> tuple[str, str]:
+    async def create_call(
+        self, sdp: str, session: dict[str, Any], *, timeout: float = 10.0
+    ) -> tuple[str, str]:
         """Relay a browser's SDP offer (unified interface). Returns ``(call_id, sdp_answer)``.
 
         Never retried: a retry could create a second call.
@@ -117,7 +119,9 @@ class CallControl:
             raise UpstreamError(f"POST /realtime/calls gave no call id in Location ({location!r})", 201)
         return call_id, text
 
-    async def client_secret(self, session: dict[str, Any], ttl: int, *, timeout: float = 5.0) -> dict[str, Any]:
+    async def client_secret(
+        self, session: dict[str, Any], ttl: int, *, timeout: float = 5.0
+    ) -> dict[str, Any]:
         """Mint an ephemeral key for a browser (``value``, ``expires_at``, ``session``)."""
         body = {"expires_after": {"anchor": "created_at", "seconds": ttl}, "session": session}
         text = await self._post("/realtime/client_secrets", body, timeout)
