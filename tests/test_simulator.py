@@ -740,7 +740,7 @@ async def test_vad_without_create_response_waits_for_the_controller(
     async with ws_connect(simulator, call) as ws:
         await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
         await recv_until(ws, "conversation.item.done")
-        await call.wait_for(lambda c: c._phase == "wait_create", timeout=5)
+        await call.wait_for(lambda c: c.phase == "wait_create", timeout=5)
         assert not call.sent_of_type("response.created")
         await send(ws, {"type": "response.create"})
         await recv_until(ws, "response.done")

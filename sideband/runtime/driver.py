@@ -74,6 +74,8 @@ class CallHooks:
     on_transcript: list[Callable[..., Any]] = field(default_factory=list)
     on_dtmf: list[Callable[..., Any]] = field(default_factory=list)
     on_tool: list[Callable[..., Any]] = field(default_factory=list)
+    on_response: list[Callable[..., Any]] = field(default_factory=list)
+    """Called with ``(ctx, response_id, status, tools_running)`` after each ``response.done``."""
 
 
 class CallRuntime:
@@ -141,6 +143,16 @@ class CallRuntime:
     def say(self, instructions: str) -> None:
         """Ask the model to speak (after the current response, if any)."""
         self._apply(self.machine.say(instructions))
+        self._kick()
+
+    def user_text(self, text: str) -> None:
+        """Add a user text turn; one response follows it."""
+        self._apply(self.machine.user_text(text))
+        self._kick()
+
+    def send_event(self, event: dict[str, Any]) -> None:
+        """Send a raw client event (e.g. ``input_audio_buffer.append``) in order with the rest."""
+        self._apply([Send(event)])
         self._kick()
 
     def update_session(self, **fields: Any) -> None:
@@ -357,6 +369,11 @@ class CallRuntime:
             self.summary.dtmf += fields["digit"]
             self.log.info("dtmf", **fields)
             self._spawn(self._hooks(self.hooks.on_dtmf, self.ctx, fields["digit"]))
+        elif event == "response.done":
+            self.log.debug(event, **fields)
+            if self.hooks.on_response:
+                self._spawn(self._hooks(self.hooks.on_response, self.ctx, fields["response_id"],
+                                        fields["status"], fields["tools_running"]))
         elif event == "sideband.ready":
             self.ready.set()
             self.log.info(event)

@@ -109,6 +109,8 @@ class Capabilities:
     """hangup/refer exist (OpenAI SIP and WebRTC); otherwise ending means closing the socket."""
     audio_playback_events: bool = True
     """``output_audio_buffer.started/stopped`` tell when the caller stops hearing the model."""
+    responds_to_user_text: bool = False
+    """The server starts a response by itself after a user text item (vowel); otherwise we ask for one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +352,16 @@ class CallMachine:
         self._queued_say.append(instructions)
         return self._progress()
 
+    def user_text(self, text: str) -> list[Action]:
+        """Add a user text turn (driving the conversation from code); one response follows it."""
+        if self._closed is not None:
+            return []
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+        actions: list[Action] = [*self._touch_idle(), Send({"type": "conversation.item.create", "item": item})]
+        if not self.caps.responds_to_user_text:
+            self._want_response = True
+        return actions + self._progress()
+
     def update_session(self, fields: Mapping[str, Any]) -> list[Action]:
         """Send a partial ``session.update``."""
         if self._closed is not None:
@@ -397,6 +409,8 @@ class CallMachine:
                 actions += self._run(call)
         if self._create_sent is not None and status in ("cancelled", "failed"):
             self._create_sent = None
+        actions.append(Notice("response.done", {"response_id": response_id, "status": status,
+                                                "tools_running": self._running}))
         return actions + self._progress()
 
     def _on_arguments_done(self, event: dict[str, Any]) -> list[Action]:

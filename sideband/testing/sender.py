@@ -135,7 +135,7 @@ class WebhookSender:
         body: bytes,
         headers: Mapping[str, str],
         *,
-        timeout: float = 5.0,  # noqa: ASYNC109 - a per-request HTTP timeout
+        timeout: float = 5.0,
     ) -> tuple[int, bytes]:
         """POST ``body`` with exactly ``headers`` once (no signing, no retry); return (status, body)."""
         client_timeout = aiohttp.ClientTimeout(total=timeout)
@@ -152,7 +152,7 @@ class WebhookSender:
         timestamp: int | None = None,
         max_attempts: int = 3,
         backoff: float = 0.05,
-        timeout: float = 5.0,  # noqa: ASYNC109 - a per-attempt HTTP timeout
+        timeout: float = 5.0,
     ) -> DeliveryResult:
         """Sign and POST ``event`` until a 2xx or ``max_attempts`` attempts.
 

@@ -589,7 +589,7 @@ class SimCall:
         self._items: dict[str, dict[str, Any]] = {}
         self._last_item_id: str | None = None
         self._step_index = 0
-        self._phase = "idle"
+        self._phase_value = "idle"
         self._next_needs_create = False
         self._grace_done = False
         self._audio_ms = 0
@@ -616,6 +616,25 @@ class SimCall:
         """Whether the script finished (successfully or not)."""
         return self._done.is_set()
 
+    @property
+    def phase(self) -> str:
+        """Where the script is: ``idle``, ``wait_ready``, ``wait_create``, ``emitting``, ``await_outputs``,
+        ``pause``, ``hanging_up`` or ``finished`` (with :attr:`step_index`; useful with :meth:`wait_for`)."""
+        return self._phase_value
+
+    @property
+    def step_index(self) -> int:
+        """The index of the script step being played (``len(script.steps)`` once finished)."""
+        return self._step_index
+
+    @property
+    def _phase(self) -> str:
+        return self._phase_value
+
+    def _set_phase(self, phase: str) -> None:
+        self._phase_value = phase
+        self._notify()
+
     def _describe_position(self) -> str:
         steps = self.script.steps
         if self._done.is_set():
@@ -624,7 +643,7 @@ class SimCall:
             return f"at step {self._step_index} {steps[self._step_index].describe()} ({self._phase})"
         return f"after the last step ({self._phase})"
 
-    async def wait_ended(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - the documented API
+    async def wait_ended(self, timeout: float = 10.0) -> None:
         """Wait until the call ended (verb, caller hangup, rejected, referred, expired, script done)."""
         try:
             async with asyncio.timeout(timeout):
@@ -635,7 +654,7 @@ class SimCall:
                 f"(status {self.status}, {self._describe_position()})"
             ) from None
 
-    async def wait_done(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - the documented API
+    async def wait_done(self, timeout: float = 10.0) -> None:
         """Wait until the script ran to completion; raise :class:`ScriptError` if it failed."""
         try:
             async with asyncio.timeout(timeout):
@@ -651,7 +670,7 @@ class SimCall:
     async def wait_for(
         self,
         predicate: Callable[[SimCall], bool],
-        timeout: float = 10.0,  # noqa: ASYNC109 - the documented API
+        timeout: float = 10.0,
         what: str = "condition",
     ) -> None:
         """Wait until ``predicate(call)`` holds (re-checked whenever the call's state changes)."""
@@ -666,11 +685,11 @@ class SimCall:
         except TimeoutError:
             raise TimeoutError(f"call {self.call_id}: {what} not met within {timeout}s") from None
 
-    async def wait_connected(self, count: int = 1, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - the documented API
+    async def wait_connected(self, count: int = 1, timeout: float = 10.0) -> None:
         """Wait until the sideband was attached ``count`` times in total."""
         await self.wait_for(lambda c: c.sideband_connects >= count, timeout, f"{count} sideband connect(s)")
 
-    async def wait_received(self, event_type: str, timeout: float = 10.0) -> dict[str, Any]:  # noqa: ASYNC109 - the documented API
+    async def wait_received(self, event_type: str, timeout: float = 10.0) -> dict[str, Any]:
         """Wait for the first client event of ``event_type`` and return it."""
 
         def found(call: SimCall) -> bool:
@@ -728,11 +747,11 @@ class SimCall:
         self.accept_body = body
         base = _default_session(self._session_id, model=self._sim.model, sip=self.kind == "sip")
         self.session = _merge_session(base, body)
-        self._phase = "wait_ready"
+        self._set_phase("wait_ready")
         if self.script.steps:
             self._runner = self._sim._spawn(self._run_script())
         else:
-            self._phase = "finished"
+            self._set_phase("finished")
             self._done.set()
         self._notify()
 
@@ -753,7 +772,7 @@ class SimCall:
             if self._runner is None:
                 if self.script.steps:
                     self.script_error = f"the call ended ({reason}) before the script started"
-                self._phase = "finished"
+                self._set_phase("finished")
                 self._done.set()
             elif self._runner is not current:
                 self.script_error = f"the call ended ({reason}) {self._describe_position()}"
@@ -1384,16 +1403,16 @@ class SimCall:
                     self.script_error = f"the call ended ({self.end_reason}) {self._describe_position()}"
                     return
                 self._step_index = index
-                self._phase = "wait_ready"
+                self._set_phase("wait_ready")
                 await self._run_step(step, script.step_timeout)
             self._step_index = len(script.steps)
-            self._phase = "finished"
+            self._set_phase("finished")
             if script.hang_up_at_end and not self._ended.is_set():
                 await self._end("script_done", "clean")
         except _StepTimeout as exc:
             self.script_error = f"step {self._step_index} {script.steps[self._step_index].describe()}: {exc}"
         finally:
-            self._phase = "finished"
+            self._set_phase("finished")
             self._done.set()
             self._notify()
 
@@ -1411,19 +1430,19 @@ class SimCall:
                 await self._caller_says(text, limit)
             case CallerPresses(digits=digits):
                 await self._wait_ready(limit)
-                self._phase = "emitting"
+                self._set_phase("emitting")
                 for digit in digits:
                     await self._send(
                         "input_audio_buffer.dtmf_event_received", event=digit, received_at=int(time.time())
                     )
             case Pause(seconds=seconds):
-                self._phase = "pause"
+                self._set_phase("pause")
                 await asyncio.sleep(seconds)
             case CallerHangsUp(mode=mode):
                 # The caller hangs up on an attached sideband; with none after the step timeout, anyway.
                 with contextlib.suppress(_StepTimeout):
                     await self._wait_ready(limit)
-                self._phase = "hanging_up"
+                self._set_phase("hanging_up")
                 await self._caller_hangs_up(mode)
 
     async def _wait_ready(self, limit: float) -> None:
@@ -1450,10 +1469,10 @@ class SimCall:
         must_wait: bool,
         limit: float,
     ) -> ResponseRecord | None:
-        self._phase = "wait_ready"
+        self._set_phase("wait_ready")
         await self._wait_ready(limit)
         if must_wait and self._pending_create is None:
-            self._phase = "wait_create"
+            self._set_phase("wait_create")
             try:
                 async with asyncio.timeout(limit):
                     await self._create_arrived.wait()
@@ -1467,7 +1486,7 @@ class SimCall:
                 trigger: Literal["response.create", "vad", "spontaneous"] = "response.create"
             else:
                 trigger = "vad" if self._vad_turn else "spontaneous"
-            self._phase = "emitting"
+            self._set_phase("emitting")
             self._next_needs_create = False
             self._vad_turn = False
             return await self._emit_response(
@@ -1483,7 +1502,7 @@ class SimCall:
             return
         call_ids = list(record.call_ids)
         self._awaiting_ids = call_ids
-        self._phase = "await_outputs"
+        self._set_phase("await_outputs")
         names = dict(zip(call_ids, (c.name for c in step.calls), strict=False))
         try:
             async with asyncio.timeout(limit):
@@ -1500,7 +1519,7 @@ class SimCall:
 
     async def _caller_says(self, text: str, limit: float) -> None:
         await self._wait_ready(limit)
-        self._phase = "emitting"
+        self._set_phase("emitting")
         assert self.session is not None
         item_id = self._sim._new_id("item_")
         start = self._audio_ms + 400
@@ -1667,7 +1686,7 @@ class Simulator:
     async def wait_for(
         self,
         predicate: Callable[[Simulator], bool],
-        timeout: float = 10.0,  # noqa: ASYNC109 - mirrors SimCall.wait_for
+        timeout: float = 10.0,
         what: str = "condition",
     ) -> None:
         """Wait until ``predicate(sim)`` holds (re-checked on every request and new call)."""
