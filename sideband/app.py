@@ -63,6 +63,8 @@ class IncomingCall:
     media_security: str | None = None
     source: Literal["sip", "webrtc"] = "sip"
     raw: Mapping[str, Any] = field(default_factory=dict)
+    route: Decision | None = None
+    """What the static route table says for this dialed number (``None``: no table or no match)."""
 
     def header(self, name: str) -> str | None:
         """First value of a SIP header (case-insensitive)."""
@@ -104,6 +106,8 @@ class CallPlan:
     tools: ToolRegistry
     greeting: str | None
     config: SessionConfig
+    max_call_duration: float | None = None
+    max_idle_duration: float | None = None
 
 
 class Sideband:
@@ -243,9 +247,9 @@ class Sideband:
 
     # ------------------------------------------------------------------------------- routing
     async def decide(self, call: IncomingCall) -> Decision:
-        """Run the routing hook (default: accept with the app's config)."""
+        """Run the routing hook; without one, the route table's decision or accept with the app's config."""
         if self._route is None:
-            return Accept()
+            return call.route or Accept()
         result = self._route(call)
         if not isinstance(result, Accept | Reject | Refer):
             result = await result
@@ -261,4 +265,6 @@ class Sideband:
         )
         tools = self.tools if accept.tools is None else self.tools.subset(accept.tools)
         payload = config.payload(tools.definitions(style="openai"))
-        return CallPlan(payload, tools, config.greeting, config)
+        return CallPlan(payload, tools, config.greeting, config,
+                        accept.max_call_duration or self.max_call_duration,
+                        accept.max_idle_duration or self.max_idle_duration)

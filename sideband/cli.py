@@ -16,6 +16,7 @@ from aiohttp import web
 
 from sideband.app import Sideband
 from sideband.logs import configure_logging
+from sideband.routing import RouteError
 from sideband.settings import Settings, SettingsError, load_settings
 
 __all__ = ["load_app", "main"]
@@ -122,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_demo(load_app(args.app) if args.app else None, calls=args.calls))
     except (SettingsError, CliError) as exc:
         print(f"sideband: {exc}", file=sys.stderr)
+        return 2
+    except RouteError as exc:
+        print(f"sideband: SIDEBAND_ROUTES_FILE: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

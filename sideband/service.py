@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections import Counter
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sideband.app import CallPlan, IncomingCall, Sideband
 from sideband.context import CallContext, SipHeader
+from sideband.routing import RouteTable
 from sideband.runtime.driver import CallRegistry, CallRuntime
 from sideband.runtime.machine import CallMachine, MachineConfig
 from sideband.session import Accept, Decision, Refer, Reject, SessionConfigError, validate_accept_payload
@@ -85,6 +87,9 @@ class Service:
             if (settings.rtc_ticket_secret or settings.openai_webhook_secret or settings.openai_api_key)
             else None
         )
+        self.routes = (
+            RouteTable.load(settings.routes_file, app.tools.names()) if settings.routes_file else RouteTable({})
+        )
         self._http: aiohttp.ClientSession | None = None
         self._control: CallControl | None = None
         self.log = structlog.get_logger(component="sideband.service")
@@ -142,6 +147,9 @@ class Service:
                 data.sip_media_security,
                 event.data,
             )
+            route = self.routes.match(call.to_number)
+            if route is not None:
+                call = dataclasses.replace(call, route=route)
             self.log.info(
                 "call.incoming",
                 webhook_id=webhook_id,
@@ -235,8 +243,8 @@ class Service:
             session=plan.session,
             greeting=plan.greeting,
             filler_after={t.name: tools.filler_after_for(t) for t in tools},
-            max_call_duration=app.max_call_duration or settings.max_call_duration,
-            max_idle_duration=app.max_idle_duration or settings.max_idle_duration,
+            max_call_duration=plan.max_call_duration or settings.max_call_duration,
+            max_idle_duration=plan.max_idle_duration or settings.max_idle_duration,
             filler_instructions=app.filler_instructions,
             goodbye_instructions=app.goodbye_instructions,
         )

@@ -121,6 +121,10 @@ class Accept:
     greeting: str | None = None
     tools: tuple[str, ...] | None = None
     session: dict[str, Any] = field(default_factory=dict)
+    max_call_duration: float | None = None
+    """Seconds before the model says goodbye and the call is hung up (default: app, then settings)."""
+    max_idle_duration: float | None = None
+    """Seconds without caller speech before goodbye and hangup (default: app, then settings)."""
 
 
 @dataclass(frozen=True, slots=True)
