@@ -87,9 +87,8 @@ class Service:
             if (settings.rtc_ticket_secret or settings.openai_webhook_secret or settings.openai_api_key)
             else None
         )
-        self.routes = (
-            RouteTable.load(settings.routes_file, app.tools.names()) if settings.routes_file else RouteTable({})
-        )
+        routes_file = settings.routes_file
+        self.routes = RouteTable.load(routes_file, app.tools.names()) if routes_file else RouteTable({})
         self._http: aiohttp.ClientSession | None = None
         self._control: CallControl | None = None
         self.log = structlog.get_logger(component="sideband.service")

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     vowel_engine_url: str | None = _env("SIDEBAND_VOWEL_ENGINE_URL")
     vowel_api_key: SecretStr | None = _env("SIDEBAND_VOWEL_API_KEY")
     vowel_service_id: str | None = _env("SIDEBAND_VOWEL_SERVICE_ID")
+    vowel_provider: str = _env("SIDEBAND_VOWEL_PROVIDER", "vowel-prime")
+    vowel_model: str | None = _env("SIDEBAND_VOWEL_MODEL")
+    vowel_voice: str | None = _env("SIDEBAND_VOWEL_VOICE")
 
     @field_validator("openai_base_url", "vowel_core_url", "vowel_engine_url")
     @classmethod

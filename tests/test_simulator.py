@@ -876,6 +876,37 @@ async def test_unscripted_response_create_gets_a_generic_answer(
     }
 
 
+async def test_hangup_right_after_the_last_output_completes_the_script(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = await live_call(simulator, http, Script([caller_says("Bye."), model_calls("end_call", {})]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        done = (await recv_until(ws, "response.function_call_arguments.done"))[-1]
+        await send(
+            ws,
+            {
+                "type": "conversation.item.create",
+                "item": {"type": "function_call_output", "call_id": done["call_id"], "output": "{}"},
+            },
+        )
+        await call.wait_for(lambda c: bool(c.function_outputs), timeout=5)
+        assert (await post(http, f"{simulator.base_url}/realtime/calls/{call.call_id}/hangup"))[0] == 200
+        await call.wait_done(timeout=5)  # no ScriptError: the script got everything it waited for
+    assert call.end_reason == "hangup_verb"
+
+
+async def test_place_call_delivers_the_signed_webhook(simulator: Simulator, receiver: Any) -> None:
+    server, seen, _ = receiver
+    call = await simulator.place_call(str(server.make_url("/hook")), Script([]), from_number="+15550001111")
+    assert call.webhook_delivery is not None and call.webhook_delivery.ok
+    body = seen[0][2]
+    event = standardwebhooks.Webhook(simulator.webhook_secret).verify(body, seen[0][1])
+    assert event["data"]["call_id"] == call.call_id
+    assert event["data"]["sip_headers"][0]["value"] == "sip:+15550001111@sip.example.com"
+    await simulator.wait_for(lambda s: call.call_id in s.calls, timeout=1)
+
+
 # ------------------------------------------------------------------------------------------ WebRTC
 
 

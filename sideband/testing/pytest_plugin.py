@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import pytest
+
 from .simulator import Simulator
 
 __all__ = ["simulator"]
@@ -21,6 +23,10 @@ else:
 
     @pytest_asyncio.fixture
     async def simulator() -> AsyncIterator[Simulator]:
-        """A started :class:`Simulator` on a free loopback port, closed (and checked clean) afterwards."""
+        """A started :class:`Simulator` on a free loopback port; closed afterwards, failing the test if the
+        simulator itself hit an internal error."""
         async with Simulator() as sim:
             yield sim
+        broken = {cid: call.internal_errors for cid, call in sim.calls.items() if call.internal_errors}
+        if broken:
+            pytest.fail(f"the simulator hit internal errors: {broken}")

@@ -22,10 +22,12 @@ import json
 import re
 import secrets
 import time
+import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal, NamedTuple, TypeAlias
 
 from aiohttp import WSMsgType, web
@@ -122,11 +124,13 @@ _CLIENT_EVENT_TYPES = (
     "response.cancel",
     "output_audio_buffer.clear",
 )
-_MESSAGE_CONTENT_TYPES: dict[str, frozenset[str]] = {
-    "user": frozenset({"input_text", "input_audio", "input_image"}),
-    "system": frozenset({"input_text"}),
-    "assistant": frozenset({"output_text", "output_audio"}),
-}
+_MESSAGE_CONTENT_TYPES: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        "user": frozenset({"input_text", "input_audio", "input_image"}),
+        "system": frozenset({"input_text"}),
+        "assistant": frozenset({"output_text", "output_audio"}),
+    }
+)
 _WORDS = re.compile(r"\s*\S+")
 
 
@@ -518,12 +522,21 @@ def _is_response_step(step: Step) -> bool:
 class SimCall:
     """One simulated call: its record (what was asked, what was sent) and the runtime playing its script.
 
-    Public attributes are a read-only record for tests: ``status`` (``"ringing"``, ``"accepted"``,
-    ``"rejected"``, ``"referred"``, ``"ended"``), ``end_reason``, ``accept_body``, ``reject_body``,
-    ``refer_target``, ``hangup_requested``, ``session`` (the full effective session), ``received`` (client
-    events, in order), ``sent`` (server events, in order), ``sideband_connects``, ``responses``,
-    ``function_outputs`` (``(call_id, output)`` in arrival order), ``transcript`` (``(role, text)`` lines)
-    and ``script_error``.
+    Public attributes are a read-only record for tests:
+
+    - ``call_id`` (``rtc_<32 hex>``), ``kind`` (``"sip"``/``"webrtc"``), ``script``, ``from_number``,
+      ``to_number``, ``sip_headers``, ``media_security``;
+    - ``status`` (``"ringing"``, ``"accepted"``, ``"rejected"``, ``"referred"``, ``"ended"``) and
+      ``end_reason`` (``"caller_hangup"``, ``"hangup_verb"``, ``"rejected"``, ``"referred"``,
+      ``"session_expired"``, ``"script_done"``);
+    - ``accept_body``, ``reject_body``, ``refer_target``, ``hangup_requested``, ``session`` (the full
+      effective session), ``sdp_offer``/``ephemeral_key`` (WebRTC);
+    - ``received`` (client events, in order), ``sent`` (server events, in order), ``bad_frames`` (frames that
+      were not JSON objects), ``sideband_connects``;
+    - ``responses`` (:class:`ResponseRecord` per model response), ``function_outputs`` (``(call_id,
+      output)`` in arrival order), ``transcript`` (``(role, text)`` lines);
+    - ``script_error`` (why the script failed, or ``None``), ``internal_errors`` (simulator bugs: tracebacks),
+      ``accept_faults`` (faults queued for the next accept attempts), ``webhook_delivery``.
     """
 
     def __init__(
@@ -557,6 +570,7 @@ class SimCall:
         self.received: list[dict[str, Any]] = []
         self.sent: list[dict[str, Any]] = []
         self.bad_frames: list[str | bytes] = []
+        self.internal_errors: list[str] = []
         self.sideband_connects = 0
         self.responses: list[ResponseRecord] = []
         self.function_outputs: list[tuple[str, str]] = []
@@ -564,6 +578,8 @@ class SimCall:
         self.script_error: str | None = None
         self.sdp_offer: str | None = None
         self.ephemeral_key: str | None = None
+        self.webhook_delivery: DeliveryResult | None = None
+        self.accept_faults: deque[Fault] = sim._call_faults.pop(call_id, deque())
 
         self._sim = sim
         self._session_id = "sess_" + call_id.removeprefix("rtc_")
@@ -597,9 +613,6 @@ class SimCall:
         self._response_count = 0
         self._awaiting_ids: list[str] = []
         self._vad_turn = False
-        self.webhook_delivery: DeliveryResult | None = None
-        self.accept_faults: deque[Fault] = sim._call_faults.pop(call_id, deque())
-        """Faults queued for this call's next accept attempts (see ``Simulator.fail_accept``)."""
 
     def __repr__(self) -> str:
         return f"<SimCall {self.call_id} {self.kind} status={self.status} end_reason={self.end_reason}>"
@@ -775,13 +788,22 @@ class SimCall:
                 self._set_phase("finished")
                 self._done.set()
             elif self._runner is not current:
-                self.script_error = f"the call ended ({reason}) {self._describe_position()}"
+                if not self._last_step_complete():
+                    self.script_error = f"the call ended ({reason}) {self._describe_position()}"
                 self._runner.cancel()
         for task in list(self._response_tasks):
             if task is not current:
                 task.cancel()
         self._notify()
         await self._close_sockets(mode)
+
+    def _last_step_complete(self) -> bool:
+        """The last step got everything it waited for (its outputs) but the runner has not resumed yet."""
+        return (
+            self._step_index == len(self.script.steps) - 1
+            and self._phase == "await_outputs"
+            and all(cid in self._answered_calls for cid in self._awaiting_ids)
+        )
 
     async def _close_sockets(self, mode: str) -> None:
         attachments = list(self._sockets)
@@ -2242,7 +2264,15 @@ class Simulator:
         try:
             async for message in ws:
                 if message.type == WSMsgType.TEXT:
-                    await call._on_text(message.data)
+                    try:
+                        await call._on_text(message.data)
+                    except Exception:  # a simulator bug: keep the socket, report it loudly
+                        call.internal_errors.append(traceback.format_exc())
+                        await call._error(
+                            None,
+                            "The server had an error while processing your request.",
+                            type_="server_error",
+                        )
                 elif message.type == WSMsgType.BINARY:
                     call.bad_frames.append(message.data)
                     if not call.ended:
