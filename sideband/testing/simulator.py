@@ -1885,6 +1885,12 @@ class Simulator:
         await call._error("session_expired", "Your session hit the maximum duration of 60 minutes.")
         await call._end("session_expired", "going_away")
 
+    def hang_up(self, call: SimCall, mode: HangupMode = "clean") -> asyncio.Task[None]:
+        """The caller hangs up now, whatever the script is doing (e.g. while a tool runs).
+
+        ``mode`` as in :func:`caller_hangs_up`. Returns the task doing it (await it to wait until done)."""
+        return self._spawn(call._end("caller_hangup", mode))
+
     def drop_sideband(
         self, call: SimCall, mode: Literal["abnormal", "clean", "going_away"] = "abnormal"
     ) -> asyncio.Task[None]:

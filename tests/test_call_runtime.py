@@ -1,0 +1,450 @@
+"""Tools and call control on live (simulated) calls: one test per behaviour, asserting the exact client
+events the sideband sends and their order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+import pytest
+
+from sideband import CallContext, CallSummary, Sideband
+from sideband.testing import (
+    Script,
+    caller_hangs_up,
+    caller_presses,
+    caller_says,
+    model_calls,
+    model_says,
+    pause,
+    wait_for_greeting,
+)
+
+from .conftest import Stack, make_app
+
+HELLO = wait_for_greeting("Hello.")
+
+
+def kinds(call: Any) -> list[str]:
+    """Client events in order, with outputs and creates told apart."""
+    out = []
+    for e in call.received:
+        if e["type"] == "conversation.item.create" and e["item"]["type"] == "function_call_output":
+            out.append(f"output:{e['item']['call_id']}")
+        elif e["type"] == "response.create":
+            instructions = (e.get("response") or {}).get("instructions") or ""
+            out.append("create:filler" if "still working" in instructions else "create")
+        else:
+            out.append(e["type"])
+    return out
+
+
+def _decode(output: str) -> Any:
+    try:
+        return json.loads(output)
+    except ValueError:
+        return output
+
+
+def outputs(call: Any) -> dict[str, Any]:
+    return {
+        e["item"]["call_id"]: _decode(e["item"]["output"])
+        for e in call.received
+        if e["type"] == "conversation.item.create" and e["item"]["type"] == "function_call_output"
+    }
+
+
+def server_errors(call: Any) -> list[dict[str, Any]]:
+    return [e for e in call.sent if e["type"] == "error"]
+
+
+async def start(stack: Stack, script: Script, **kw: Any) -> Any:
+    call = stack.sim.create_call(script, **kw)
+    assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    return call
+
+
+async def ended(stack: Stack, call: Any) -> CallSummary:
+    runtime = stack.service.registry.calls.get(call.call_id)
+    assert runtime is not None, "no runtime for this call"
+    await asyncio.wait_for(runtime.wait_closed(), 10)
+    return runtime.summary
+
+
+async def test_same_call_id_in_several_events_runs_once(stack: Stack) -> None:
+    runs: list[str] = []
+
+    @stack.app.tool
+    async def count(ctx: CallContext) -> str:
+        runs.append(ctx.call_id)
+        return "counted"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("count"),
+                model_calls("count", {}, call_id="call_dup"),
+                model_says("Counted."),
+                model_calls("count", {}, call_id="call_dup"),  # the model repeats an answered call id
+                caller_says("again?"),
+                model_says("No."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await call.wait_done(timeout=10)
+    summary = await ended(stack, call)
+    assert len(runs) == 1 and [t.name for t in summary.tools] == ["count"]
+    assert kinds(call).count("output:call_dup") == 1
+    assert not server_errors(call)
+
+
+async def test_cancelled_response_calls_are_not_run(stack: Stack) -> None:
+    runs: list[str] = []
+
+    @stack.app.tool
+    async def cancel_order(order_id: str) -> str:
+        runs.append(order_id)
+        return "cancelled"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("cancel 5 — no wait!"),
+                model_calls("cancel_order", {"order_id": "5"}, status="cancelled"),
+                caller_says("never mind"),
+                model_says("Okay."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await call.wait_done(timeout=10)
+    await ended(stack, call)
+    assert runs == [] and not outputs(call)
+
+
+async def test_parallel_calls_run_concurrently_one_create_after_all_outputs(stack: Stack) -> None:
+    barrier = asyncio.Barrier(3)  # deadlocks unless all three run at once
+
+    @stack.app.tool
+    async def part(n: int) -> int:
+        async with asyncio.timeout(5):
+            await barrier.wait()
+        return n
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("three things"),
+                model_calls([("part", {"n": 1}), ("part", {"n": 2}), ("part", {"n": 3})]),
+                model_says("Done."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await call.wait_done(timeout=10)
+    ks = kinds(call)
+    outs = [i for i, k in enumerate(ks) if k.startswith("output:")]
+    assert len(outs) == 3 and sorted(outputs(call).values()) == [1, 2, 3]
+    assert ks[outs[-1] + 1 :].count("create") == 1 and ks[outs[-1] + 1] == "create"
+    assert "create" not in ks[outs[0] : outs[-1]]
+    assert not server_errors(call)
+
+
+async def test_slow_and_blocking_tools_never_block_other_calls(stack: Stack) -> None:
+    gate = threading.Event()
+    released = asyncio.Event()
+
+    @stack.app.tool
+    def blocking_report() -> str:
+        """A sync tool that blocks its thread until the other call's tool ran."""
+        assert gate.wait(5), "the other call never ran: the event loop was blocked"
+        return "report"
+
+    @stack.app.tool
+    async def quick() -> str:
+        gate.set()
+        released.set()
+        return "quick"
+
+    slow_call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("report"),
+                model_calls("blocking_report", {}),
+                model_says("Here."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    fast_call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("quick"),
+                model_calls("quick", {}),
+                model_says("Done."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await asyncio.wait_for(released.wait(), 5)
+    await fast_call.wait_done(timeout=10)
+    await slow_call.wait_done(timeout=10)
+    assert list(outputs(slow_call).values()) == ["report"] and list(outputs(fast_call).values()) == ["quick"]
+
+
+async def test_tool_timeout_gives_timeout_output_and_cancels_the_task(stack: Stack) -> None:
+    cancelled = asyncio.Event()
+
+    @stack.app.tool(timeout=0.2, filler_after=None)
+    async def hang() -> str:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("hang"),
+                model_calls("hang", {}),
+                model_says("Sorry, that timed out."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await call.wait_done(timeout=10)
+    assert cancelled.is_set()
+    (out,) = outputs(call).values()
+    assert out["error"] == "timeout"
+    summary = await ended(stack, call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("hang", "timeout")]
+
+
+async def test_filler_is_spoken_while_a_slow_tool_runs(stack: Stack) -> None:
+    release = asyncio.Event()
+
+    @stack.app.tool(filler_after=0.05)
+    async def slow_lookup() -> str:
+        async with asyncio.timeout(5):
+            await release.wait()
+        return "found"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("look it up"),
+                model_calls("slow_lookup", {}, preamble="Let me check."),
+                model_says("Still checking…"),  # answers the filler response.create
+                model_says("Found it."),  # answers the final response.create
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await call.wait_for(lambda c: "create:filler" in kinds(c), timeout=5)
+    release.set()
+    await call.wait_done(timeout=10)
+    ks = kinds(call)
+    filler, out = ks.index("create:filler"), ks.index(next(k for k in ks if k.startswith("output:")))
+    assert filler < out and ks[out + 1 :] == ["create"]
+    assert ks.count("create:filler") == 1
+    assert not server_errors(call)  # never a response.create during an active response
+
+
+async def test_loop_breaker_stops_identical_calls(stack: Stack) -> None:
+    runs: list[int] = []
+
+    @stack.app.tool
+    async def poke() -> str:
+        runs.append(1)
+        return "poked"
+
+    steps: list[Any] = [HELLO, caller_says("poke")]
+    for _ in range(4):
+        steps.append(model_calls("poke", {}))
+    steps += [model_says("I'll stop."), caller_hangs_up()]
+    call = await start(stack, Script(steps))
+    await call.wait_done(timeout=10)
+    results = list(outputs(call).values())
+    assert results[:3] == ["poked"] * 3 and results[3]["error"] == "loop_detected"
+    assert len(runs) == 3
+
+
+async def test_context_actions_say_update_session_and_idempotent_hangup(stack: Stack) -> None:
+    @stack.app.tool
+    async def wrap_up(ctx: CallContext) -> str:
+        ctx.update_session(instructions="Be brief.")
+        ctx.say("Mention our summer sale.")
+        await ctx.hangup()
+        await ctx.hangup()  # idempotent
+        return "wrapping up"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("bye"),
+                model_calls("wrap_up", {}),
+                model_says("Bye!"),
+            ]
+        ),
+    )
+    await call.wait_ended(timeout=10)
+    assert call.end_reason == "hangup_verb"
+    assert sum(1 for r in stack.sim.requests if r.path.endswith("/hangup")) == 1
+    updates = [e for e in call.received if e["type"] == "session.update"]
+    assert updates[-1]["session"] == {"instructions": "Be brief.", "type": "realtime"}
+    ks = kinds(call)
+    # The hangup waited for the output and the model's reply; `say` does not run once the call is ending.
+    assert ks.index("output:" + next(iter(outputs(call)))) < len(ks) - 1
+    summary = await ended(stack, call)
+    assert summary.reason == "hangup"
+
+
+async def test_hangup_during_a_tool_cancels_it_and_sends_nothing(stack: Stack) -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    @stack.app.tool(filler_after=None)
+    async def long_job() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    call = await start(
+        stack, Script([HELLO, caller_says("go"), model_calls("long_job", {})], step_timeout=10)
+    )
+    await asyncio.wait_for(started.wait(), 5)
+    await stack.sim.hang_up(call)
+    summary = await ended(stack, call)
+    assert cancelled.is_set() and summary.reason == "remote_closed"
+    assert not outputs(call)
+    assert stack.service.registry.calls.get(call.call_id) is None
+
+
+async def test_network_blip_reattaches_and_delivers_the_pending_output(stack: Stack) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @stack.app.tool(filler_after=None)
+    async def slow() -> str:
+        started.set()
+        async with asyncio.timeout(5):
+            await release.wait()
+        return "after the blip"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("go"),
+                model_calls("slow", {}),
+                model_says("Got it."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await asyncio.wait_for(started.wait(), 5)
+    await stack.sim.drop_sideband(call, "abnormal")
+    await call.wait_for(lambda c: c.sideband_connects == 2, timeout=5)
+    release.set()
+    await call.wait_done(timeout=10)
+    assert list(outputs(call).values()) == ["after the blip"]
+    greetings = [e for e in call.received if e["type"] == "response.create" and e.get("response")]
+    assert len(greetings) == 1  # no second greeting after the re-attach
+    assert [e["type"] for e in call.received].count("session.update") == 2
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_call_duration": 0.5}])
+async def test_max_duration_says_goodbye_then_hangs_up(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    call = await start(stack, Script([HELLO, caller_says("let me think"), model_says("Sure."), pause(3)]))
+    await call.wait_ended(timeout=5)
+    assert call.end_reason == "hangup_verb"
+    creates = [e for e in call.received if e["type"] == "response.create"]
+    assert "goodbye" in creates[-1]["response"]["instructions"]
+    summary = await ended(stack, call)
+    assert summary.reason == "max_duration"
+
+
+async def test_hooks_get_start_end_dtmf_transcripts_and_one_greeting() -> None:
+    from sideband.testing import Simulator
+
+    from .conftest import settings_for
+
+    app: Sideband = make_app()
+    events: list[tuple[str, Any]] = []
+    done = asyncio.Event()
+    app.on_call_start(lambda ctx: events.append(("start", ctx.from_number)))
+    app.on_dtmf(lambda ctx, d: events.append(("dtmf", d)))
+    app.on_transcript(lambda ctx, role, text: events.append((role, text)))
+
+    async def end(ctx: CallContext, summary: CallSummary) -> None:
+        events.append(("end", summary))
+        done.set()
+
+    app.on_call_end(end)
+
+    @app.on_call_start
+    def broken_hook(ctx: CallContext) -> None:
+        raise RuntimeError("a failing hook never ends the call")
+
+    from aiohttp.test_utils import TestServer
+
+    from sideband.edge import create_app
+
+    async with Simulator() as sim:
+        server = TestServer(create_app(settings_for(sim), app), host="127.0.0.1")
+        await server.start_server()
+        try:
+            call = sim.create_call(
+                Script(
+                    [
+                        HELLO,
+                        caller_presses("12#"),
+                        caller_says("order 12"),
+                        model_calls("lookup_order", {"order_id": "12"}),
+                        model_says("Shipped."),
+                        caller_hangs_up(),
+                    ]
+                ),
+                from_number="+15551230000",
+            )
+            sender = sim.webhook_sender(str(server.make_url("/webhooks/openai")))
+            assert (await sender.deliver(sim.incoming_event(call))).status == 200
+            await asyncio.wait_for(done.wait(), 10)
+        finally:
+            await server.close()
+    assert events[0] == ("start", "+15551230000")
+    assert [d for k, d in events if k == "dtmf"] == ["1", "2", "#"]
+    lines = [(k, v) for k, v in events if k in ("caller", "agent")]
+    assert lines == [("agent", "Hello."), ("caller", "order 12"), ("agent", "Shipped.")]
+    summary = events[-1][1]
+    assert summary.reason == "remote_closed" and summary.dtmf == "12#" and summary.duration > 0
+    assert [(t.name, t.outcome) for t in summary.tools] == [("lookup_order", "ok")]
+    assert summary.transcript == lines
+    greetings = [e for e in call.received if e["type"] == "response.create" and (e.get("response") or {})]
+    assert len(greetings) == 1
