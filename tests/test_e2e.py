@@ -266,3 +266,26 @@ async def test_transfer_to_unlisted_target_is_refused(stack: Stack) -> None:
     out = json.loads(outputs(call)[0]["output"])
     assert out["error"] == "invalid_arguments"
     assert call.refer_target is None
+
+
+async def test_no_task_or_socket_left_behind(stack: Stack) -> None:
+    before = {t for t in asyncio.all_tasks()}
+    calls = [
+        await run_call(
+            stack, Script([GREETING, caller_says("hi"), model_says("Hello."), caller_hangs_up(mode)])
+        )
+        for mode in ("clean", "abnormal")
+    ]
+    runtimes = [stack.service.registry.calls[c.call_id] for c in calls if c.call_id in stack.service.registry]
+    for call in calls:
+        await call.wait_ended(timeout=5)
+    for runtime in runtimes:
+        await asyncio.wait_for(runtime.wait_closed(), 5)
+    await stack.wait_until(lambda: len(stack.service.registry) == 0)
+    leftovers = [
+        t for t in asyncio.all_tasks() - before if (t.get_name() or "").startswith(("call:", "tool:"))
+    ]
+    assert leftovers == []
+    for runtime in runtimes:
+        assert runtime._ws is None or runtime._ws.state.name == "CLOSED"
+        assert not runtime._tool_tasks and not runtime._side_tasks and not runtime._timers

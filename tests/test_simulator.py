@@ -35,7 +35,7 @@ from sideband.testing import (
 )
 
 AUTH = {"Authorization": "Bearer sk-test"}
-CASSETTES = Path("/work/shared/cassettes/openai")
+CASSETTES = Path(__file__).parent / "data" / "cassettes" / "openai"
 OFFER = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
 TRANSCRIBED = {"type": "realtime", "audio": {"input": {"transcription": {"model": "gpt-realtime-whisper"}}}}
 
