@@ -74,4 +74,4 @@ def test_replay_runs_each_recorded_call_once(path: Path) -> None:
 
 def test_tool_round_cassette_has_a_call_to_replay() -> None:
     events = server_events(next(p for p in CASSETTES if p.stem == "ws_tool_call_round"))
-    assert list(recorded_calls(events).values())[0][0] == "get_weather"
+    assert next(iter(recorded_calls(events).values()))[0] == "get_weather"

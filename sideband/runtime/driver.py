@@ -372,8 +372,15 @@ class CallRuntime:
         elif event == "response.done":
             self.log.debug(event, **fields)
             if self.hooks.on_response:
-                self._spawn(self._hooks(self.hooks.on_response, self.ctx, fields["response_id"],
-                                        fields["status"], fields["tools_running"]))
+                self._spawn(
+                    self._hooks(
+                        self.hooks.on_response,
+                        self.ctx,
+                        fields["response_id"],
+                        fields["status"],
+                        fields["tools_running"],
+                    )
+                )
         elif event == "sideband.ready":
             self.ready.set()
             self.log.info(event)

@@ -357,7 +357,10 @@ class CallMachine:
         if self._closed is not None:
             return []
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
-        actions: list[Action] = [*self._touch_idle(), Send({"type": "conversation.item.create", "item": item})]
+        actions: list[Action] = [
+            *self._touch_idle(),
+            Send({"type": "conversation.item.create", "item": item}),
+        ]
         if not self.caps.responds_to_user_text:
             self._want_response = True
         return actions + self._progress()
@@ -409,8 +412,12 @@ class CallMachine:
                 actions += self._run(call)
         if self._create_sent is not None and status in ("cancelled", "failed"):
             self._create_sent = None
-        actions.append(Notice("response.done", {"response_id": response_id, "status": status,
-                                                "tools_running": self._running}))
+        actions.append(
+            Notice(
+                "response.done",
+                {"response_id": response_id, "status": status, "tools_running": self._running},
+            )
+        )
         return actions + self._progress()
 
     def _on_arguments_done(self, event: dict[str, Any]) -> list[Action]:
