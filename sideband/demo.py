@@ -8,22 +8,18 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from aiohttp import web
-
 from sideband.app import Sideband
 from sideband.context import CallContext
-from sideband.edge import create_app
 from sideband.logs import configure_logging
 from sideband.runtime.driver import CallSummary, ToolRecord
-from sideband.settings import load_settings
 from sideband.testing import (
     Script,
-    Simulator,
     caller_hangs_up,
     caller_presses,
     caller_says,
     model_calls,
     model_says,
+    run_app,
     wait_for_greeting,
 )
 
@@ -157,64 +153,42 @@ async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO |
     printer = _Printer(out)
     printer.install(app)
     failures = 0
-    async with Simulator() as sim:
-        settings = load_settings(
-            {
-                "openai_api_key": sim.api_key,
-                "openai_webhook_secret": sim.webhook_secret,
-                "openai_base_url": sim.base_url,
-                "host": "127.0.0.1",
-                "port": 0,
-                "max_idle_duration": 30,
-            },
-            environ={},
-        )
-        runner = web.AppRunner(create_app(settings, app), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        url = f"http://127.0.0.1:{port}/webhooks/openai"
-        out.write(f"sideband demo: server on 127.0.0.1:{port}, simulator at {sim.base_url}\n")
-        sender = sim.webhook_sender(url)
-        try:
-            for n, scenario in enumerate(scenarios, 1):
-                call = sim.create_call(
-                    scenario.script, from_number=scenario.from_number, to_number=scenario.to_number
-                )
-                printer.ended.setdefault(call.call_id, asyncio.Event())
-                out.write(
-                    f"\ncall {n}: {scenario.title}  ({call.call_id}, {scenario.from_number} → "
-                    f"{scenario.to_number})\n"
-                )
-                started = time.monotonic()
-                result = await sender.deliver(sim.incoming_event(call))
-                printer.line(
-                    "webhook",
-                    f"{result.status} in {(time.monotonic() - started) * 1000:.1f} ms, call {call.status}",
-                )
-                if call.status != "accepted":
-                    printer.line("end", f"{call.status} ({call.reject_body or call.refer_target or ''})")
-                    continue
-                try:
-                    await asyncio.wait_for(printer.ended[call.call_id].wait(), 10)
-                    await call.wait_ended(timeout=5)
-                except TimeoutError:
-                    failures += 1
-                    printer.line(
-                        "error", f"call did not end in time ({call.script_error or 'no script error'})"
-                    )
-                    continue
-                summary = printer.summaries[call.call_id]
-                printer.line(
-                    "end",
-                    f"{summary.reason} after {summary.duration:.2f} s, "
-                    f"{len(summary.tools)} tool call(s); simulator: {call.end_reason}",
-                )
-                if call.script_error:
-                    failures += 1
-                    printer.line("error", call.script_error)
-        finally:
-            await runner.cleanup()
+    async with run_app(app, max_idle_duration=30) as harness:
+        sim = harness.sim
+        out.write(f"sideband demo: server on {harness.base_url}, simulator at {sim.base_url}\n")
+        for n, scenario in enumerate(scenarios, 1):
+            call = sim.create_call(
+                scenario.script, from_number=scenario.from_number, to_number=scenario.to_number
+            )
+            printer.ended.setdefault(call.call_id, asyncio.Event())
+            out.write(
+                f"\ncall {n}: {scenario.title}  ({call.call_id}, {scenario.from_number} → "
+                f"{scenario.to_number})\n"
+            )
+            started = time.monotonic()
+            result = await harness.sender.deliver(sim.incoming_event(call))
+            printer.line(
+                "webhook",
+                f"{result.status} in {(time.monotonic() - started) * 1000:.1f} ms, call {call.status}",
+            )
+            if call.status != "accepted":
+                printer.line("end", f"{call.status} ({call.reject_body or call.refer_target or ''})")
+                continue
+            try:
+                await asyncio.wait_for(printer.ended[call.call_id].wait(), 10)
+                await call.wait_ended(timeout=5)
+            except TimeoutError:
+                failures += 1
+                printer.line("error", f"call did not end in time ({call.script_error or 'no script error'})")
+                continue
+            summary = printer.summaries[call.call_id]
+            printer.line(
+                "end",
+                f"{summary.reason} after {summary.duration:.2f} s, "
+                f"{len(summary.tools)} tool call(s); simulator: {call.end_reason}",
+            )
+            if call.script_error:
+                failures += 1
+                printer.line("error", call.script_error)
     out.write(f"\n{len(scenarios)} calls, {failures} failed.\n")
     return 1 if failures else 0

@@ -77,8 +77,8 @@ async def test_webhook_to_tool_round_trip(stack: Stack) -> None:
     # response.create after the output (never before the response's response.done, never during one)
     assert types.index("conversation.item.create") < len(types) - 1 - types[::-1].index("response.create")
     assert not [e for e in call.sent if e["type"] == "error"]
-    runtime_ended = stack.service.registry
-    await stack.wait_until(lambda: call.call_id not in runtime_ended)
+    await stack.wait_idle()
+    assert call.call_id not in stack.service.registry
 
 
 async def test_same_webhook_delivered_concurrently_accepts_once(stack: Stack) -> None:
@@ -156,7 +156,7 @@ async def test_caller_hangup_ends_the_call(stack: Stack, mode: str, reason: str)
     runtime = stack.service.registry.calls.get(call.call_id)
     if runtime is not None:
         await asyncio.wait_for(runtime.wait_closed(), 5)
-    await stack.wait_until(lambda: bool(ended))
+    await stack.wait_idle()
     assert ended == [reason]
 
 
@@ -281,7 +281,7 @@ async def test_no_task_or_socket_left_behind(stack: Stack) -> None:
         await call.wait_ended(timeout=5)
     for runtime in runtimes:
         await asyncio.wait_for(runtime.wait_closed(), 5)
-    await stack.wait_until(lambda: len(stack.service.registry) == 0)
+    await stack.wait_idle()
     leftovers = [
         t for t in asyncio.all_tasks() - before if (t.get_name() or "").startswith(("call:", "tool:"))
     ]

@@ -427,6 +427,8 @@ class CallRegistry:
     def __init__(self) -> None:
         self._tasks: dict[str, asyncio.Task[str]] = {}
         self.calls: dict[str, CallRuntime] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def start(self, runtime: CallRuntime) -> asyncio.Task[str]:
         """Run ``runtime`` in its own task, in a fresh logging context."""
@@ -434,6 +436,7 @@ class CallRegistry:
         task = asyncio.create_task(self._run(runtime), name=f"call:{call_id}")
         self._tasks[call_id] = task
         self.calls[call_id] = runtime
+        self._idle.clear()
         return task
 
     async def _run(self, runtime: CallRuntime) -> str:
@@ -443,12 +446,18 @@ class CallRegistry:
         finally:
             self._tasks.pop(runtime.ctx.call_id, None)
             self.calls.pop(runtime.ctx.call_id, None)
+            if not self._tasks:
+                self._idle.set()
 
     def __len__(self) -> int:
         return len(self._tasks)
 
     def __contains__(self, call_id: object) -> bool:
         return call_id in self._tasks
+
+    async def wait_idle(self) -> None:
+        """Wait until no call is live."""
+        await self._idle.wait()
 
     async def drain(self, timeout: float) -> None:
         """Let live calls finish for up to ``timeout`` seconds, then end the rest and await them."""

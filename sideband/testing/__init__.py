@@ -15,6 +15,7 @@ Point the code under test at ``sim.base_url`` (REST) with ``sim.api_key``; verif
 provides a ``simulator`` fixture.
 """
 
+from .harness import Harness, run_app
 from .script import (
     Script,
     Step,
@@ -41,6 +42,7 @@ __all__ = [
     "DEFAULT_API_KEY",
     "DEFAULT_WEBHOOK_SECRET",
     "DeliveryResult",
+    "Harness",
     "RequestRecord",
     "ResponseRecord",
     "Script",
@@ -55,5 +57,6 @@ __all__ = [
     "model_calls",
     "model_says",
     "pause",
+    "run_app",
     "wait_for_greeting",
 ]

@@ -1,0 +1,120 @@
+"""Run your app against the simulator in one line: a real sideband server on loopback, a simulator,
+and a signed webhook sender between them.
+
+::
+
+    async with run_app(app) as h:
+        call = await h.call(Script([wait_for_greeting(), caller_says("Order 42?"),
+                                    model_calls("lookup_order", {"order_id": "42"}), model_says("Shipped."),
+                                    caller_hangs_up()]))
+        summary = await h.ended(call)
+        assert [t.outcome for t in summary.tools] == ["ok"]
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from sideband.app import Sideband
+from sideband.edge import SERVICE, create_app
+from sideband.runtime.driver import CallSummary
+from sideband.service import Service
+from sideband.settings import Settings, load_settings
+
+from .script import Script
+from .sender import WebhookSender
+from .simulator import SimCall, Simulator
+
+__all__ = ["Harness", "run_app"]
+
+
+@dataclass
+class Harness:
+    """A running app, the simulator it talks to, and a sender for signed webhooks."""
+
+    sim: Simulator
+    app: Sideband
+    settings: Settings
+    base_url: str
+    sender: WebhookSender
+    service: Service
+
+    @property
+    def webhook_url(self) -> str:
+        """Where the simulator's webhooks go."""
+        return self.base_url + "/webhooks/openai"
+
+    async def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until the server has no live call (every runtime ended and was released)."""
+        await asyncio.wait_for(self.service.registry.wait_idle(), timeout)
+
+    def url(self, path: str) -> str:
+        """Absolute URL of a route of the server under test."""
+        return self.base_url + path
+
+    async def call(self, script: Script, *, expect_status: int = 200, **call_options: Any) -> SimCall:
+        """Place a SIP call running ``script`` and deliver its signed webhook."""
+        call = self.sim.create_call(script, **call_options)
+        result = await self.sender.deliver(self.sim.incoming_event(call))
+        if result.status != expect_status:
+            raise AssertionError(f"webhook answered {result.status}, expected {expect_status}")
+        return call
+
+    async def ended(self, call: SimCall, timeout: float = 10.0) -> CallSummary:
+        """Wait until our side of ``call`` has ended; return its summary."""
+        runtime = self.service.registry.calls.get(call.call_id)
+        if runtime is None:
+            raise AssertionError(f"no live call runtime for {call.call_id} (never accepted, or already over)")
+        await asyncio.wait_for(runtime.wait_closed(), timeout)
+        return runtime.summary
+
+
+def harness_settings(sim: Simulator, **overrides: Any) -> Settings:
+    """Settings pointing at ``sim`` (no process environment read)."""
+    values: dict[str, Any] = {
+        "openai_api_key": sim.api_key,
+        "openai_webhook_secret": sim.webhook_secret,
+        "openai_base_url": sim.base_url,
+        "drain_timeout": 1.0,
+    }
+    values.update(overrides)
+    return load_settings(values, environ={})
+
+
+@asynccontextmanager
+async def run_app(app: Sideband, sim: Simulator | None = None, **settings: Any) -> AsyncIterator[Harness]:
+    """Serve ``app`` on a free loopback port against ``sim`` (a new one if not given); ``settings``
+    are :class:`~sideband.Settings` field overrides (e.g. ``max_idle_duration=5``)."""
+    own = sim is None
+    simulator = sim or Simulator()
+    if own:
+        await simulator.start()
+    runner: web.AppRunner | None = None
+    try:
+        config = harness_settings(simulator, **settings)
+        web_app = create_app(config, app)
+        runner = web.AppRunner(web_app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        base = f"http://{host}:{port}"
+        yield Harness(
+            simulator,
+            app,
+            config,
+            base,
+            simulator.webhook_sender(base + "/webhooks/openai"),
+            web_app[SERVICE],
+        )
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if own:
+            await simulator.close()
