@@ -7,7 +7,7 @@ import contextlib
 import inspect
 import json
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -424,11 +424,15 @@ class CallRuntime:
 class CallRegistry:
     """Process-wide owner of live calls: starts their tasks, counts them, drains them on shutdown."""
 
+    RECENT = 256
+
     def __init__(self) -> None:
         self._tasks: dict[str, asyncio.Task[str]] = {}
         self.calls: dict[str, CallRuntime] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self.recent: OrderedDict[str, CallSummary] = OrderedDict()
+        """Summaries of the last :attr:`RECENT` calls that ended (for tests and diagnostics)."""
 
     def start(self, runtime: CallRuntime) -> asyncio.Task[str]:
         """Run ``runtime`` in its own task, in a fresh logging context."""
@@ -446,6 +450,9 @@ class CallRegistry:
         finally:
             self._tasks.pop(runtime.ctx.call_id, None)
             self.calls.pop(runtime.ctx.call_id, None)
+            self.recent[runtime.ctx.call_id] = runtime.summary
+            if len(self.recent) > self.RECENT:
+                self.recent.popitem(last=False)
             if not self._tasks:
                 self._idle.set()
 

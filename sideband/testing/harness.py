@@ -68,11 +68,15 @@ class Harness:
 
     async def ended(self, call: SimCall, timeout: float = 10.0) -> CallSummary:
         """Wait until our side of ``call`` has ended; return its summary."""
-        runtime = self.service.registry.calls.get(call.call_id)
-        if runtime is None:
-            raise AssertionError(f"no live call runtime for {call.call_id} (never accepted, or already over)")
-        await asyncio.wait_for(runtime.wait_closed(), timeout)
-        return runtime.summary
+        registry = self.service.registry
+        runtime = registry.calls.get(call.call_id)
+        if runtime is not None:
+            await asyncio.wait_for(runtime.wait_closed(), timeout)
+            return runtime.summary
+        summary = registry.recent.get(call.call_id)
+        if summary is None:
+            raise AssertionError(f"call {call.call_id} never ran on the server (not accepted?)")
+        return summary
 
 
 def harness_settings(sim: Simulator, **overrides: Any) -> Settings:
