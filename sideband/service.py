@@ -256,10 +256,15 @@ class Service:
             )
 
         async def verb(name: str, target: str | None) -> None:
-            if name == "refer" and target is not None:
-                await control.refer(call_id, target)
-            else:
-                await control.hangup(call_id)
+            async def attempt(timeout: float) -> None:
+                if name == "refer" and target is not None:
+                    await control.refer(call_id, target, timeout=timeout)
+                else:
+                    await control.hangup(call_id, timeout=timeout)
+
+            await with_retries(
+                attempt, budget=settings.accept_budget, attempt_timeout=settings.accept_attempt_timeout
+            )
 
         runtime = CallRuntime(
             machine=CallMachine(config),

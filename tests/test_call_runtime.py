@@ -67,10 +67,7 @@ async def start(stack: Stack, script: Script, **kw: Any) -> Any:
 
 
 async def ended(stack: Stack, call: Any) -> CallSummary:
-    runtime = stack.service.registry.calls.get(call.call_id)
-    assert runtime is not None, "no runtime for this call"
-    await asyncio.wait_for(runtime.wait_closed(), 10)
-    return runtime.summary
+    return await stack.ended(call)
 
 
 async def test_same_call_id_in_several_events_runs_once(stack: Stack) -> None:
@@ -448,3 +445,20 @@ async def test_hooks_get_start_end_dtmf_transcripts_and_one_greeting() -> None:
     assert summary.transcript == lines
     greetings = [e for e in call.received if e["type"] == "response.create" and (e.get("response") or {})]
     assert len(greetings) == 1
+
+
+async def test_hangup_verb_is_retried_after_a_server_error(stack: Stack) -> None:
+    @stack.app.tool
+    async def finish(ctx: CallContext) -> str:
+        await ctx.hangup()
+        return "bye"
+
+    call = stack.sim.create_call(
+        Script([HELLO, caller_says("done"), model_calls("finish", {}), model_says("Bye!")])
+    )
+    stack.sim.fail_verb(call.call_id, "hangup", 503, 500)
+    assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    await call.wait_ended(timeout=10)
+    assert call.end_reason == "hangup_verb"
+    assert sum(1 for r in stack.sim.requests if r.path.endswith("/hangup")) == 3
+    assert (await ended(stack, call)).reason == "hangup"

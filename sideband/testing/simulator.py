@@ -1632,6 +1632,7 @@ class Simulator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._senders: list[WebhookSender] = []
         self._call_faults: dict[str, deque[Fault]] = {}
+        self._verb_faults: dict[tuple[str, str], deque[Fault]] = {}
         self._next_faults: deque[Fault] = deque()
         self._ephemeral: dict[str, _EphemeralKey] = {}
         self._closing = asyncio.Event()
@@ -1860,6 +1861,10 @@ class Simulator:
         else:
             self._call_faults.setdefault(call_id, deque()).extend(faults)
 
+    def fail_verb(self, call_id: str, verb: Literal["reject", "refer", "hangup"], *answers: Fault) -> None:
+        """Queue faults (HTTP status or ``"timeout"``) for the next ``verb`` requests on that call."""
+        self._verb_faults.setdefault((call_id, verb), deque()).extend(self._check_faults(answers))
+
     def fail_next_accepts(self, *answers: Fault) -> None:
         """Queue faults for the next accept attempts, whichever call they are for."""
         self._next_faults.extend(self._check_faults(answers))
@@ -1998,6 +2003,10 @@ class Simulator:
             return await self._handle_accept(request, call_id)
         if verb not in ("reject", "refer", "hangup"):
             raise web.HTTPNotFound()
+        faults = self._verb_faults.get((call_id, verb))
+        if faults:
+            fault = faults.popleft()
+            return await self._hold() if fault == "timeout" else _fault_response(fault)
         call = self.calls.get(call_id)
         if call is None or call.ended:
             return _error_response(404, f"Call {call_id} not found.", code="call_not_found")
