@@ -101,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p_demo.add_argument("app", nargs="?", help="module:attribute of your app (default: the order desk)")
     p_demo.add_argument("--calls", type=int, default=3, help="how many calls to place (default 3)")
+    p_dial = sub.add_parser(
+        "dial", help="talk to a vowel engine through a trusted-server session with the app's tools"
+    )
+    p_dial.add_argument("app", nargs="?", help=f"module:attribute of your app (default {DEFAULT_APP})")
+    p_dial.add_argument(
+        "--say",
+        action="append",
+        metavar="TEXT",
+        help="a user turn (repeatable; without --say, lines are read from stdin until EOF)",
+    )
     return parser
 
 
@@ -121,6 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sideband.demo import run_demo
 
             return asyncio.run(run_demo(load_app(args.app) if args.app else None, calls=args.calls))
+        if args.command == "dial":
+            from sideband.vowel.dial import REQUIRED_SETTINGS, run_dial
+
+            settings = load_settings(require=REQUIRED_SETTINGS)
+            level = settings.log_level if "SIDEBAND_LOG_LEVEL" in os.environ else "warning"
+            configure_logging(settings.log_format, level, stream=sys.stderr)
+            return asyncio.run(run_dial(settings, load_app(args.app), args.say))
     except (SettingsError, CliError) as exc:
         print(f"sideband: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ from .simulator import (
     SimCall,
     Simulator,
 )
+from .vowel import VowelSimulator as VowelSimulator
 
 __all__ = [
     "DEFAULT_API_KEY",

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from .simulator import Simulator
+from .vowel import VowelSimulator
 
 __all__ = ["simulator"]
 
@@ -30,3 +31,9 @@ else:
         broken = {cid: call.internal_errors for cid, call in sim.calls.items() if call.internal_errors}
         if broken:
             pytest.fail(f"the simulator hit internal errors: {broken}")
+
+    @pytest_asyncio.fixture
+    async def vowel() -> AsyncIterator[VowelSimulator]:
+        """A started :class:`~sideband.testing.vowel.VowelSimulator` (vowel core + engine on loopback)."""
+        async with VowelSimulator() as sim:
+            yield sim

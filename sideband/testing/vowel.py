@@ -1,0 +1,948 @@
+"""An in-process stand-in for a self-hosted vowel stack: the *core* (API keys with scopes, token mint) and
+the *engine* (the realtime WebSocket), on one loopback port, behaving as ``PROTOCOL.md`` part C says.
+
+::
+
+    async with VowelSimulator() as sim:
+        sim.script([when("order 1042", calls=[("lookup_order", {"order_id": "1042"})],
+                         reply="Order 1042 has shipped.")])
+        settings = load_settings(sim.settings_values(), environ={})
+        async with EngineSession.open(settings, app) as session:
+            reply = await session.say("Where is order 1042?")
+        assert sim.sessions[0].outputs  # every client and server event is recorded
+
+``sim.core_url`` (``…/core``) serves ``POST /v1/realtime/sessions``; ``sim.engine_url`` (``…/engine``)
+serves ``GET /v1/realtime`` (WebSocket) and the engine's own ``POST /v1/realtime/sessions``. Tokens live
+``token_ttl`` seconds on the simulator's clock, which tests move with :meth:`VowelSimulator.advance`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import itertools
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeAlias
+
+from aiohttp import WSMsgType, web
+
+__all__ = [
+    "DEFAULT_BROWSER_KEY",
+    "DEFAULT_ENGINE_KEY",
+    "DEFAULT_VOWEL_KEY",
+    "EngineSessionRecord",
+    "HandshakeRecord",
+    "MintRecord",
+    "Rule",
+    "SimResponse",
+    "VowelSimulator",
+    "when",
+]
+
+DEFAULT_VOWEL_KEY = "vkey_trusted_test"
+"""A core API key with the ``mint_trusted_session`` scope."""
+DEFAULT_BROWSER_KEY = "vkey_browser_test"
+"""A core API key with only ``mint_ephemeral`` (browser tokens): refused for trusted-server mints."""
+DEFAULT_ENGINE_KEY = "engine_static_test"
+"""The engine's own static API key (its ``POST /v1/realtime/sessions``, no scopes)."""
+
+TRUSTED_SCOPE = "mint_trusted_session"
+EPHEMERAL_SCOPE = "mint_ephemeral"
+MIN_AUDIO_CHUNK = 2048
+
+MintAnswer: TypeAlias = Literal["core", "engine", "epoch", "expires_in", "client_secret"]
+"""How the core words its mint answer: ``core`` ``{"token", "expiresAt": ISO}``, ``engine`` (the
+engine's own shape: ``client_secret``, ``value``, ``token``, ``expires_in``), ``epoch``
+``{"token", "expires_at"}``, ``expires_in`` ``{"token", "expires_in"}``, ``client_secret``
+``{"client_secret": {"value", "expires_at"}}``."""
+Refusal: TypeAlias = Literal["401", "drop"]
+"""How the engine refuses a bad token at the handshake: HTTP 401, or closing TCP with no HTTP answer."""
+Match: TypeAlias = "str | re.Pattern[str] | Callable[[str], bool]"
+Reply: TypeAlias = "str | Callable[[Mapping[str, str]], str]"
+
+
+# ------------------------------------------------------------------------------------------ scripting
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What the simulated model does when the user's utterance matches ``match``.
+
+    ``match``: a case-insensitive substring, a compiled regex (searched) or a predicate. ``calls``: tools
+    to call first (name, arguments as a dict or a raw JSON string), announced complete in
+    ``response.output_item.added``; the response then ends ``incomplete``. ``reply``: the text said once
+    the outputs are in and the client sent ``response.create`` (a callable gets ``{tool name: output}``).
+    ``preamble``: text said in the same response as the calls. ``repeat_calls``: announce each call twice
+    (same ``call_id``). ``fatal``: the engine fails (``error``, ``response.done`` failed, close 1011).
+    """
+
+    match: Match
+    calls: tuple[tuple[str, dict[str, Any] | str], ...] = ()
+    reply: Reply = "Okay."
+    preamble: str | None = None
+    repeat_calls: bool = False
+    fatal: bool = False
+
+    def matches(self, text: str) -> bool:
+        """Whether this rule applies to the user's ``text``."""
+        if isinstance(self.match, str):
+            return self.match.lower() in text.lower()
+        if isinstance(self.match, re.Pattern):
+            return self.match.search(text) is not None
+        return bool(self.match(text))
+
+
+def when(
+    match: Match,
+    *,
+    calls: Sequence[tuple[str, dict[str, Any] | str]] = (),
+    reply: Reply = "Okay.",
+    preamble: str | None = None,
+    repeat_calls: bool = False,
+    fatal: bool = False,
+) -> Rule:
+    """Build a :class:`Rule`: ``when("order", calls=[("lookup_order", {"order_id": "1"})], reply="…")``."""
+    return Rule(match, tuple((n, a) for n, a in calls), reply, preamble, repeat_calls, fatal)
+
+
+# ------------------------------------------------------------------------------------------ records
+@dataclass(slots=True)
+class MintRecord:
+    """One mint request (core or engine endpoint) and what it got."""
+
+    endpoint: Literal["core", "engine"]
+    api_key: str | None
+    body: Any
+    status: int
+    token: str | None = None
+    expires_at: float | None = None
+
+
+@dataclass(slots=True)
+class HandshakeRecord:
+    """One engine WebSocket handshake: ``status`` 101 (accepted), 401 (refused) or 0 (TCP dropped)."""
+
+    token: str | None
+    status: int
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class SimResponse:
+    """One model response. ``trigger``: ``user_text`` (automatic) or ``response.create``."""
+
+    id: str
+    trigger: Literal["user_text", "response.create"]
+    instructions: str | None = None
+    status: str = "in_progress"
+    text: str = ""
+    call_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Token:
+    value: str
+    expires_at: float
+    service_id: str | None
+    server_tools: list[Any]
+
+
+@dataclass(slots=True, eq=False)
+class EngineSessionRecord:
+    """One engine session: everything that went in and out, for assertions."""
+
+    id: str
+    token: str
+    service_id: str | None
+    connected_at: float
+    max_call_duration: float
+    max_idle_duration: float
+    received: list[dict[str, Any]] = field(default_factory=list)
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    configured: bool = False
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    """Function tools from the last ``session.update`` with tools (what the model may call)."""
+    instructions: str | None = None
+    user_texts: list[str] = field(default_factory=list)
+    audio_chunks: list[int] = field(default_factory=list)
+    """Decoded size in bytes of each accepted ``input_audio_buffer.append``."""
+    audio: bytearray = field(default_factory=bytearray)
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+    """``function_call_output`` items by ``call_id`` (a list: duplicates show)."""
+    responses: list[SimResponse] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Protocol misuse seen (e.g. ``response.create`` before a tool's output)."""
+    close_code: int | None = None
+    closed_by: Literal["engine", "client"] | None = None
+    end_reason: str | None = None
+    last_speech: float | None = None
+    _turn_text: str | None = None
+    _turn_calls: dict[str, str] = field(default_factory=dict)  # call_id → tool name, this turn
+    _turn_issued: bool = False
+    _ws: web.WebSocketResponse | None = None
+    _transport: asyncio.BaseTransport | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _active: asyncio.Task[None] | None = None
+    _active_response: SimResponse | None = None
+    _ending: bool = False
+    _closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def closed(self) -> bool:
+        """The socket is closed."""
+        return self._closed.is_set()
+
+    def received_of_type(self, event_type: str) -> list[dict[str, Any]]:
+        """Client events of one type, in order."""
+        return [e for e in self.received if e.get("type") == event_type]
+
+    def sent_of_type(self, event_type: str) -> list[dict[str, Any]]:
+        """Server events of one type, in order."""
+        return [e for e in self.sent if e.get("type") == event_type]
+
+    async def wait_closed(self, timeout: float = 5.0) -> None:
+        """Wait until the socket is closed."""
+        async with asyncio.timeout(timeout):
+            await self._closed.wait()
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(epoch % 1 * 1000):03d}Z"
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\s*\S+", text) or [text]
+
+
+# ------------------------------------------------------------------------------------------ simulator
+class VowelSimulator:
+    """A vowel core + engine on a loopback port. ``async with VowelSimulator() as sim:``.
+
+    Keys: ``api_key`` carries ``mint_trusted_session``; ``browser_key`` only ``mint_ephemeral``;
+    :meth:`add_key` adds more. Limits (seconds, on the simulator clock) are checked when a client message
+    arrives, as the engine does. ``refuse_handshake`` picks how a bad token is refused.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str = DEFAULT_VOWEL_KEY,
+        browser_key: str = DEFAULT_BROWSER_KEY,
+        engine_api_key: str = DEFAULT_ENGINE_KEY,
+        token_ttl: float = 300.0,
+        max_call_duration: float = 30 * 60.0,
+        max_idle_duration: float = 10 * 60.0,
+        mint_answer: MintAnswer = "core",
+        refuse_handshake: Refusal = "401",
+        default_reply: Reply = "I heard you.",
+        instructed_reply: str = "Goodbye!",
+        timeout_close_delay: float = 0.1,
+        event_delay: float = 0.0,
+    ) -> None:
+        self.host = host
+        self.api_key = api_key
+        self.browser_key = browser_key
+        self.engine_api_key = engine_api_key
+        self.token_ttl = token_ttl
+        self.max_call_duration = max_call_duration
+        self.max_idle_duration = max_idle_duration
+        self.mint_answer: MintAnswer = mint_answer
+        self.refuse_handshake: Refusal = refuse_handshake
+        self.default_reply = default_reply
+        self.instructed_reply = instructed_reply
+        self.timeout_close_delay = timeout_close_delay
+        self.event_delay = event_delay
+        self.keys: dict[str, set[str]] = {api_key: {TRUSTED_SCOPE}, browser_key: {EPHEMERAL_SCOPE}}
+        self.rules: list[Rule] = []
+        self.mints: list[MintRecord] = []
+        self.handshakes: list[HandshakeRecord] = []
+        self.sessions: list[EngineSessionRecord] = []
+        self._tokens: dict[str, _Token] = {}
+        self._offset = 0.0
+        self._port = port
+        self._bound_port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._changed = asyncio.Event()
+        self._counter = itertools.count(1)
+        self._closed = False
+
+    # ------------------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> VowelSimulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Bind the loopback port and serve."""
+        if self._runner is not None or self._closed:
+            raise RuntimeError("a VowelSimulator starts once")
+        app = web.Application()
+        app.router.add_post("/core/v1/realtime/sessions", self._handle_core_mint)
+        app.router.add_post("/engine/v1/realtime/sessions", self._handle_engine_mint)
+        app.router.add_get("/engine/v1/realtime", self._handle_engine)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._bound_port = int(runner.addresses[0][1])
+
+    async def close(self) -> None:
+        """Close every engine socket (1001), cancel and await every task, stop serving. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for session in self.sessions:
+            if session._ws is not None and not session._ws.closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(session._ws.close(code=1001), 1.0)
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ------------------------------------------------------------------------------ addresses
+    @property
+    def port(self) -> int:
+        """The bound port (after :meth:`start`)."""
+        if self._bound_port is None:
+            raise RuntimeError("VowelSimulator not started")
+        return self._bound_port
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def core_url(self) -> str:
+        """The core's base URL (``SIDEBAND_VOWEL_CORE_URL``)."""
+        return f"{self.base_url}/core"
+
+    @property
+    def engine_url(self) -> str:
+        """The engine's base URL (``SIDEBAND_VOWEL_ENGINE_URL``); the socket is ``…/v1/realtime``."""
+        return f"{self.base_url}/engine"
+
+    def settings_values(
+        self, *, api_key: str | None = None, service_id: str = "order-service"
+    ) -> dict[str, Any]:
+        """Overrides for :func:`sideband.settings.load_settings` pointing at this simulator."""
+        return {
+            "vowel_core_url": self.core_url,
+            "vowel_engine_url": self.engine_url,
+            "vowel_api_key": api_key or self.api_key,
+            "vowel_service_id": service_id,
+        }
+
+    def environ(self, *, api_key: str | None = None, service_id: str = "order-service") -> dict[str, str]:
+        """``SIDEBAND_VOWEL_*`` environment variables pointing at this simulator (for a subprocess)."""
+        return {
+            "SIDEBAND_VOWEL_CORE_URL": self.core_url,
+            "SIDEBAND_VOWEL_ENGINE_URL": self.engine_url,
+            "SIDEBAND_VOWEL_API_KEY": api_key or self.api_key,
+            "SIDEBAND_VOWEL_SERVICE_ID": service_id,
+        }
+
+    # ------------------------------------------------------------------------------ control
+    def add_key(self, key: str, *scopes: str) -> None:
+        """Accept ``key`` with these scopes (e.g. ``mint_trusted_session``, ``mint_ephemeral``)."""
+        self.keys[key] = set(scopes)
+
+    def script(self, rules: Sequence[Rule]) -> None:
+        """Replace the model's rules (first match wins; unmatched text gets ``default_reply``)."""
+        self.rules = list(rules)
+
+    def now(self) -> float:
+        """The simulator clock (epoch seconds): wall time plus every :meth:`advance`."""
+        return time.time() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the simulator clock forward (token expiry and session limits use it)."""
+        self._offset += seconds
+
+    async def crash(self, session: EngineSessionRecord, message: str = "Internal engine error") -> None:
+        """Fail ``session`` fatally: ``error``, ``response.done`` failed, close 1011."""
+        await self._fatal(session, message)
+
+    async def drop(self, session: EngineSessionRecord) -> None:
+        """Lose ``session``'s connection: the TCP connection is cut, no close frame (the client sees 1006)."""
+        session._ending = True
+        if session.close_code is None:
+            session.close_code, session.closed_by, session.end_reason = 1006, "engine", "dropped"
+        await self._stop_response(session, status=None)
+        transport = session._transport
+        if isinstance(transport, asyncio.Transport):
+            transport.abort()
+        await session.wait_closed()
+
+    async def wait_for(
+        self, predicate: Callable[[VowelSimulator], bool], timeout: float = 5.0, what: str = "condition"
+    ) -> None:
+        """Wait until ``predicate(sim)`` holds (re-checked whenever something is recorded)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(self):
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise TimeoutError(f"vowel simulator: {what} not met within {timeout}s") from None
+
+    async def wait_session(self, index: int = 0, timeout: float = 5.0) -> EngineSessionRecord:
+        """The ``index``-th engine session, once it exists."""
+        await self.wait_for(lambda s: len(s.sessions) > index, timeout, f"engine session #{index}")
+        return self.sessions[index]
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    def _id(self, prefix: str) -> str:
+        return f"{prefix}{secrets.token_hex(12)}{next(self._counter):08x}"
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------------------ core
+    @staticmethod
+    def _bearer(request: web.Request) -> str | None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        return value.strip() or None if scheme.lower() == "bearer" else None
+
+    def _issue(self, service_id: str | None, tools: list[Any]) -> _Token:
+        value = "ek_" + secrets.token_hex(24)
+        token = _Token(value, self.now() + self.token_ttl, service_id, tools)
+        self._tokens[value] = token
+        return token
+
+    def _answer(self, token: _Token, style: MintAnswer) -> dict[str, Any]:
+        ttl = max(round(token.expires_at - self.now()), 0)
+        epoch = int(token.expires_at)
+        if style == "core":
+            return {
+                "token": token.value,
+                "expiresAt": _iso(token.expires_at),
+                "connectionType": "trusted_server",
+            }
+        if style == "epoch":
+            return {"token": token.value, "expires_at": epoch}
+        if style == "expires_in":
+            return {"token": token.value, "expires_in": ttl}
+        if style == "client_secret":
+            return {"client_secret": {"value": token.value, "expires_at": epoch}}
+        return {
+            "client_secret": {"value": token.value, "expires_at": epoch},
+            "value": token.value,
+            "token": token.value,
+            "expires_in": ttl,
+        }
+
+    async def _handle_core_mint(self, request: web.Request) -> web.StreamResponse:
+        key = self._bearer(request)
+        try:
+            body: Any = await request.json()
+        except ValueError:
+            body = None
+        record = MintRecord("core", key, body, 0)
+        self.mints.append(record)
+        try:
+            if key is None or key not in self.keys:
+                record.status = 401
+                return web.json_response({"message": "Invalid API key"}, status=401)
+            if not isinstance(body, dict):
+                record.status = 400
+                return web.json_response({"message": "Request body must be a JSON object"}, status=400)
+            trusted = body.get("connectionType") == "trusted_server"
+            scope = TRUSTED_SCOPE if trusted else EPHEMERAL_SCOPE
+            if scope not in self.keys[key]:
+                record.status = 403
+                return web.json_response({"message": f"API key lacks required scope: {scope}"}, status=403)
+            config = body.get("config")
+            if not isinstance(config, dict) or not isinstance(config.get("serviceId"), str):
+                record.status = 400
+                return web.json_response({"message": "config.serviceId is required"}, status=400)
+            tools = config.get("serverTools", [])
+            if not isinstance(tools, list) or not all(
+                isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools
+            ):
+                record.status = 400
+                return web.json_response(
+                    {"message": "config.serverTools must be a list of {name, description, parameters}"},
+                    status=400,
+                )
+            token = self._issue(config["serviceId"], tools)
+            record.status, record.token, record.expires_at = 200, token.value, token.expires_at
+            return web.json_response(self._answer(token, self.mint_answer))
+        finally:
+            self._notify()
+
+    async def _handle_engine_mint(self, request: web.Request) -> web.StreamResponse:
+        key = self._bearer(request)
+        try:
+            body: Any = await request.json()
+        except ValueError:
+            body = None
+        record = MintRecord("engine", key, body, 0)
+        self.mints.append(record)
+        try:
+            if key != self.engine_api_key:
+                record.status = 401
+                return web.json_response({"error": {"message": "Invalid API key"}}, status=401)
+            token = self._issue(None, [])
+            record.status, record.token, record.expires_at = 200, token.value, token.expires_at
+            return web.json_response(self._answer(token, "engine"))
+        finally:
+            self._notify()
+
+    # ------------------------------------------------------------------------------ engine socket
+    async def _handle_engine(self, request: web.Request) -> web.StreamResponse:
+        value = self._bearer(request)
+        token = self._tokens.get(value or "")
+        problem = (
+            "missing token"
+            if value is None
+            else "unknown token"
+            if token is None
+            else "token expired"
+            if token.expires_at <= self.now()
+            else None
+        )
+        if problem is not None or token is None:
+            if self.refuse_handshake == "drop":
+                self.handshakes.append(HandshakeRecord(value, 0, problem or ""))
+                self._notify()
+                if request.transport is not None:
+                    request.transport.abort()
+                raise asyncio.CancelledError  # nothing more to say on a dropped connection
+            self.handshakes.append(HandshakeRecord(value, 401, problem or ""))
+            self._notify()
+            return web.json_response({"error": {"message": f"Unauthorized: {problem}"}}, status=401)
+        ws = web.WebSocketResponse(max_msg_size=16 * 1024 * 1024, compress=False, timeout=2.0)
+        await ws.prepare(request)
+        self.handshakes.append(HandshakeRecord(value, 101))
+        session = EngineSessionRecord(
+            id=self._id("sess_"),
+            token=token.value,
+            service_id=token.service_id,
+            connected_at=self.now(),
+            max_call_duration=self.max_call_duration,
+            max_idle_duration=self.max_idle_duration,
+            _ws=ws,
+            _transport=request.transport,
+        )
+        self.sessions.append(session)
+        self._notify()
+        try:
+            await self._send(
+                session,
+                {
+                    "type": "session.created",
+                    "session": {
+                        "id": session.id,
+                        "object": "realtime.session",
+                        "tools": [],
+                        "instructions": "",
+                    },
+                },
+            )
+            async for message in ws:
+                if message.type == WSMsgType.TEXT:
+                    await self._on_message(session, message.data)
+                elif message.type == WSMsgType.BINARY:
+                    await self._error(
+                        session, "invalid_request_error", "invalid_json", "Send JSON text frames."
+                    )
+                if session._ending:
+                    break
+        finally:
+            await self._stop_response(session, status=None)
+            if session.close_code is None:
+                session.closed_by = "client"
+                session.close_code = ws.close_code
+            session._closed.set()
+            self._notify()
+        return ws
+
+    async def _send(self, session: EngineSessionRecord, event: dict[str, Any]) -> None:
+        event = {
+            "type": event["type"],
+            "event_id": self._id("event_"),
+            **{k: v for k, v in event.items() if k != "type"},
+        }
+        ws = session._ws
+        if ws is None or ws.closed:
+            return
+        session.sent.append(event)
+        self._notify()
+        async with session._lock:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_str(json.dumps(event))
+
+    async def _error(self, session: EngineSessionRecord, type_: str, code: str | None, message: str) -> None:
+        await self._send(
+            session,
+            {"type": "error", "error": {"type": type_, "code": code, "message": message, "param": None}},
+        )
+
+    async def _close(self, session: EngineSessionRecord, code: int, reason: str) -> None:
+        session._ending = True
+        if session.close_code is None:
+            session.close_code, session.closed_by, session.end_reason = code, "engine", reason
+        ws = session._ws
+        if ws is not None and not ws.closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(code=code), 2.0)
+        session._closed.set()
+        self._notify()
+
+    async def _on_message(self, session: EngineSessionRecord, data: str) -> None:
+        try:
+            event = json.loads(data)
+        except ValueError:
+            await self._error(
+                session, "invalid_request_error", "invalid_json", "The message is not valid JSON."
+            )
+            return
+        if not isinstance(event, dict):
+            await self._error(session, "invalid_request_error", "invalid_json", "Send a JSON object.")
+            return
+        session.received.append(event)
+        self._notify()
+        now = self.now()
+        if now - session.connected_at > session.max_call_duration:
+            await self._timeout(session, "max_call_duration_exceeded", "maximum call duration exceeded")
+            return
+        if session.last_speech is not None and now - session.last_speech > session.max_idle_duration:
+            await self._timeout(session, "max_idle_duration_exceeded", "maximum idle duration exceeded")
+            return
+        etype = event.get("type")
+        if not session.configured and etype != "session.update":
+            await self._error(session, "server_error", "no_agent", "No agent available")
+            await self._close(session, 1011, "no_agent")
+            return
+        if etype == "session.update":
+            await self._on_session_update(session, event)
+        elif etype == "conversation.item.create":
+            await self._on_item(session, event)
+        elif etype == "response.create":
+            response = event.get("response") if isinstance(event.get("response"), dict) else {}
+            instructions = response.get("instructions") if isinstance(response, dict) else None
+            await self._start_response(
+                session, "response.create", instructions if isinstance(instructions, str) else None
+            )
+        elif etype == "response.cancel":
+            await self._stop_response(session, status="cancelled")
+        elif etype == "input_audio_buffer.append":
+            await self._on_audio(session, event)
+        elif etype == "input_audio_buffer.commit":
+            await self._send(session, {"type": "input_audio_buffer.committed", "item_id": self._id("item_")})
+        else:
+            await self._error(
+                session, "invalid_request_error", "unknown_event", f"Unknown event type: {etype}"
+            )
+
+    async def _timeout(self, session: EngineSessionRecord, code: str, what: str) -> None:
+        await self._error(session, "session_timeout", code, f"Session ended: {what}")
+        session._ending = True
+        await asyncio.sleep(self.timeout_close_delay)
+        await self._close(session, 1000, code)
+
+    async def _fatal(
+        self, session: EngineSessionRecord, message: str, response: SimResponse | None = None
+    ) -> None:
+        if session._ending or session.closed:
+            return
+        session._ending = True
+        response = response or session._active_response
+        await self._stop_response(session, status=None)
+        await self._error(session, "server_error", "engine_error", message)
+        if response is None:
+            response = SimResponse(self._id("resp_"), "response.create")
+            session.responses.append(response)
+        response.status = "failed"
+        await self._send(
+            session,
+            {
+                "type": "response.done",
+                "response": {
+                    "id": response.id,
+                    "object": "realtime.response",
+                    "status": "failed",
+                    "output": [],
+                },
+            },
+        )
+        await self._close(session, 1011, "engine_error")
+
+    async def _on_session_update(self, session: EngineSessionRecord, event: dict[str, Any]) -> None:
+        update = event.get("session")
+        if not isinstance(update, dict):
+            await self._error(session, "invalid_request_error", "invalid_value", "session must be an object")
+            return
+        if "tools" in update and isinstance(update["tools"], list):
+            # Like the engine: only {"type": "function", name, …} entries become tools.
+            session.tools = [
+                t for t in update["tools"] if isinstance(t, dict) and t.get("type") == "function"
+            ]
+        if isinstance(update.get("instructions"), str):
+            session.instructions = update["instructions"]
+        session.configured = True
+        await self._send(
+            session,
+            {
+                "type": "session.updated",
+                "session": {
+                    "id": session.id,
+                    "object": "realtime.session",
+                    "tools": session.tools,
+                    "instructions": session.instructions or "",
+                },
+            },
+        )
+
+    async def _on_item(self, session: EngineSessionRecord, event: dict[str, Any]) -> None:
+        item = event.get("item")
+        if not isinstance(item, dict):
+            await self._error(session, "invalid_request_error", "invalid_value", "item must be an object")
+            return
+        item = {"id": self._id("item_"), **item}
+        if item.get("type") == "function_call_output":
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str):
+                await self._error(session, "invalid_request_error", "invalid_value", "call_id is required")
+                return
+            session.outputs.setdefault(call_id, []).append(str(item.get("output", "")))
+            await self._send(session, {"type": "conversation.item.created", "item": item})
+            return
+        if item.get("type") == "message" and item.get("role") == "user":
+            texts = [
+                c.get("text", "")
+                for c in item.get("content") or ()
+                if isinstance(c, dict) and c.get("type") == "input_text"
+            ]
+            text = " ".join(t for t in texts if isinstance(t, str)).strip()
+            session.user_texts.append(text)
+            session.last_speech = self.now()
+            session._turn_text, session._turn_calls, session._turn_issued = text, {}, False
+            await self._send(session, {"type": "conversation.item.created", "item": item})
+            await self._start_response(session, "user_text", None)  # the engine answers user text by itself
+            return
+        await self._send(session, {"type": "conversation.item.created", "item": item})
+
+    async def _on_audio(self, session: EngineSessionRecord, event: dict[str, Any]) -> None:
+        try:
+            chunk = base64.b64decode(str(event.get("audio", "")), validate=True)
+        except (binascii.Error, ValueError):
+            chunk = b""
+        if len(chunk) < MIN_AUDIO_CHUNK:
+            await self._error(
+                session,
+                "invalid_request_error",
+                "invalid_audio_chunk",
+                f"Audio chunk too small: {len(chunk)} bytes (minimum {MIN_AUDIO_CHUNK})",
+            )
+            await self._close(session, 1003, "invalid_audio_chunk")
+            return
+        session.audio_chunks.append(len(chunk))
+        session.audio.extend(chunk)
+        session.last_speech = self.now()
+
+    # ------------------------------------------------------------------------------ responses
+    async def _start_response(
+        self,
+        session: EngineSessionRecord,
+        trigger: Literal["user_text", "response.create"],
+        instructions: str | None,
+    ) -> None:
+        await self._stop_response(session, status="cancelled")  # a new response replaces the one in flight
+        if trigger == "response.create":
+            pending = [cid for cid in session._turn_calls if cid not in session.outputs]
+            if pending:
+                session.notes.append(f"response.create before function_call_output for {', '.join(pending)}")
+        response = SimResponse(self._id("resp_"), trigger, instructions)
+        session.responses.append(response)
+        session._active_response = response
+        session._active = self._spawn(self._respond(session, response))
+
+    async def _stop_response(self, session: EngineSessionRecord, *, status: str | None) -> None:
+        task, response = session._active, session._active_response
+        session._active, session._active_response = None, None
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if response is not None and response.status == "in_progress" and status is not None:
+            response.status = status
+            await self._send(
+                session,
+                {
+                    "type": "response.done",
+                    "response": {
+                        "id": response.id,
+                        "object": "realtime.response",
+                        "status": status,
+                        "output": [],
+                    },
+                },
+            )
+
+    async def _pace(self) -> None:
+        await asyncio.sleep(self.event_delay)
+
+    def _rule(self, text: str | None) -> Rule | None:
+        if text is None:
+            return None
+        return next((r for r in self.rules if r.matches(text)), None)
+
+    async def _respond(self, session: EngineSessionRecord, response: SimResponse) -> None:
+        await self._send(
+            session,
+            {
+                "type": "response.created",
+                "response": {
+                    "id": response.id,
+                    "object": "realtime.response",
+                    "status": "in_progress",
+                    "output": [],
+                },
+            },
+        )
+        await self._pace()
+        rule = self._rule(session._turn_text)
+        if response.instructions is not None:
+            await self._say(session, response, self.instructed_reply)
+            return
+        if rule is not None and rule.fatal:
+            session._active, session._active_response = None, None
+            self._spawn(self._fatal(session, "The model provider failed", response))
+            return
+        if rule is not None and rule.calls and not session._turn_issued:
+            await self._call_tools(session, response, rule)
+            return
+        outputs = {name: (session.outputs.get(cid) or [""])[-1] for cid, name in session._turn_calls.items()}
+        reply = self.default_reply if rule is None else rule.reply
+        text = reply(outputs) if callable(reply) else reply
+        await self._say(session, response, text)
+
+    async def _message(
+        self, session: EngineSessionRecord, response: SimResponse, text: str, index: int
+    ) -> dict[str, Any]:
+        item_id = self._id("item_")
+        item = {
+            "id": item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "role": "assistant",
+            "status": "in_progress",
+            "content": [],
+        }
+        base = {"response_id": response.id, "item_id": item_id, "output_index": index, "content_index": 0}
+        await self._send(
+            session,
+            {
+                "type": "response.output_item.added",
+                "response_id": response.id,
+                "output_index": index,
+                "item": item,
+            },
+        )
+        for word in _words(text):
+            await self._pace()
+            await self._send(session, {"type": "response.text.delta", **base, "delta": word})
+            await self._send(
+                session, {"type": "response.output_audio_transcript.delta", **base, "delta": word}
+            )
+        silence = base64.b64encode(bytes(480)).decode("ascii")
+        await self._send(session, {"type": "response.output_audio.delta", **base, "delta": silence})
+        await self._send(
+            session, {"type": "response.output_audio_transcript.done", **base, "transcript": text}
+        )
+        await self._send(session, {"type": "response.text.done", **base, "text": text})
+        done = {**item, "status": "completed", "content": [{"type": "output_audio", "transcript": text}]}
+        await self._send(
+            session,
+            {
+                "type": "response.output_item.done",
+                "response_id": response.id,
+                "output_index": index,
+                "item": done,
+            },
+        )
+        response.text = f"{response.text} {text}".strip()
+        return done
+
+    async def _say(self, session: EngineSessionRecord, response: SimResponse, text: str) -> None:
+        item = await self._message(session, response, text, 0)
+        await self._finish(session, response, "completed", [item])
+
+    async def _call_tools(self, session: EngineSessionRecord, response: SimResponse, rule: Rule) -> None:
+        index = 0
+        if rule.preamble:
+            await self._message(session, response, rule.preamble, 0)
+            index = 1
+        session._turn_issued = True
+        for name, args in rule.calls:
+            call_id = "call_" + secrets.token_hex(8)
+            arguments = args if isinstance(args, str) else json.dumps(args, separators=(",", ":"))
+            session._turn_calls[call_id] = name
+            response.call_ids.append(call_id)
+            item = {
+                "id": self._id("item_"),
+                "object": "realtime.item",
+                "type": "function_call",
+                "status": "completed",
+                "name": name,
+                "call_id": call_id,
+                "arguments": arguments,
+            }
+            for _ in range(2 if rule.repeat_calls else 1):
+                await self._pace()
+                await self._send(
+                    session,
+                    {
+                        "type": "response.output_item.added",
+                        "response_id": response.id,
+                        "output_index": index,
+                        "item": item,
+                    },
+                )
+            index += 1
+        await self._finish(session, response, "incomplete", [])  # the engine's real shape: output []
+
+    async def _finish(
+        self, session: EngineSessionRecord, response: SimResponse, status: str, output: list[dict[str, Any]]
+    ) -> None:
+        await self._pace()
+        if session._active_response is response:
+            session._active, session._active_response = None, None
+        response.status = status
+        body: dict[str, Any] = {
+            "id": response.id,
+            "object": "realtime.response",
+            "status": status,
+            "output": output,
+        }
+        if status == "incomplete":
+            body["status_details"] = {"type": "incomplete", "reason": "tool_calls"}
+        await self._send(session, {"type": "response.done", "response": body})

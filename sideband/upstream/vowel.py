@@ -1,0 +1,290 @@
+"""vowel self-hosted engine: the core's token mint (REST) and the engine's realtime socket (PROTOCOL C).
+
+Only this module knows the vowel URLs and what their HTTP statuses mean. A token is a bearer secret: it
+never appears in a ``repr``, a log line or an exception message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidMessage, InvalidStatus
+
+from sideband.upstream.openai import UpstreamError
+
+__all__ = [
+    "EngineRefused",
+    "MintRefused",
+    "Token",
+    "VowelCore",
+    "connect_engine",
+    "engine_socket_url",
+    "parse_mint_answer",
+    "trusted_session_request",
+]
+
+TRUSTED_SCOPE = "mint_trusted_session"
+
+
+class MintRefused(UpstreamError):
+    """The core refused to mint (401 bad key, 403 missing scope). ``reason`` is a short machine name."""
+
+    def __init__(self, message: str, status: int, reason: str, body: str = "") -> None:
+        super().__init__(message, status, body)
+        self.reason = reason
+
+
+class EngineRefused(UpstreamError):
+    """The engine refused the token at the handshake (401, or the TCP connection closed unanswered)."""
+
+    reason = "token_rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A minted engine token. ``value`` is secret: left out of ``repr``."""
+
+    value: str = field(repr=False)
+    expires_at: float | None
+    """Epoch seconds (``None`` when the core did not say)."""
+    session_id: str | None = None
+    max_call_duration: float | None = None
+    """Seconds, from the token claims when the core returns them."""
+    max_idle_duration: float | None = None
+
+    def expires_in(self, now: float | None = None) -> float | None:
+        """Seconds left (negative once expired)."""
+        if self.expires_at is None:
+            return None
+        return self.expires_at - (time.time() if now is None else now)
+
+
+def trusted_session_request(
+    *,
+    service_id: str,
+    provider: str,
+    tools: Sequence[Mapping[str, Any]],
+    model: str | None = None,
+    voice: str | None = None,
+) -> dict[str, Any]:
+    """The body of ``POST {core}/v1/realtime/sessions`` for a trusted-server session (PROTOCOL C1)."""
+    config: dict[str, Any] = {"serviceId": service_id, "provider": provider}
+    voice_config = {k: v for k, v in (("model", model), ("voice", voice)) if v}
+    if voice_config:
+        config["voiceConfig"] = voice_config
+    config["serverTools"] = [dict(t) for t in tools]
+    return {"connectionType": "trusted_server", "config": config}
+
+
+def _epoch(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) / 1000 if value > 1e11 else float(value)  # milliseconds if implausibly large
+    if isinstance(value, str) and value.strip():
+        text = value.strip()
+        try:
+            return _epoch(float(text))
+        except ValueError:
+            pass
+        try:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            return None
+        return parsed.timestamp()
+    return None
+
+
+def _seconds_from_ms(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value) / 1000
+    return None
+
+
+def parse_mint_answer(data: Any, now: float | None = None) -> Token:
+    """Read a mint answer from the core or the engine: ``token`` or ``client_secret.value`` (or ``value``),
+    and ``expiresAt`` (ISO-8601) / ``expires_at`` (epoch) / ``client_secret.expires_at`` / ``expires_in``.
+
+    Raises :class:`UpstreamError` when no token is in it (the message never contains the answer).
+    """
+    if not isinstance(data, dict):
+        raise UpstreamError("vowel mint answer is not a JSON object", 200)
+    secret = data.get("client_secret")
+    secret = secret if isinstance(secret, dict) else {}
+    value = next(
+        (v for v in (data.get("token"), secret.get("value"), data.get("value")) if isinstance(v, str) and v),
+        None,
+    )
+    if value is None:
+        raise UpstreamError("vowel mint answer has no token (expected token or client_secret.value)", 200)
+    now = time.time() if now is None else now
+    expires_at = next(
+        (
+            e
+            for e in (
+                _epoch(data.get("expiresAt")),
+                _epoch(data.get("expires_at")),
+                _epoch(secret.get("expires_at")),
+            )
+            if e is not None
+        ),
+        None,
+    )
+    if expires_at is None:
+        expires_in = data.get("expires_in", data.get("expiresIn"))
+        if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+            expires_at = now + float(expires_in)
+    session = data.get("session")
+    session_id = next(
+        (
+            s
+            for s in (
+                data.get("sessionId"),
+                data.get("session_id"),
+                session.get("id") if isinstance(session, dict) else None,
+            )
+            if isinstance(s, str) and s
+        ),
+        None,
+    )
+    claims: dict[str, Any] = data["claims"] if isinstance(data.get("claims"), dict) else data
+    return Token(
+        value,
+        expires_at,
+        session_id,
+        _seconds_from_ms(claims.get("maxCallDurationMs")),
+        _seconds_from_ms(claims.get("maxIdleDurationMs")),
+    )
+
+
+def _error_message(text: str) -> str:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return ""
+    message: Any = None
+    if isinstance(body, dict):
+        message = body.get("message")
+        if message is None and isinstance(body.get("error"), dict):
+            message = body["error"].get("message")
+        elif message is None and isinstance(body.get("error"), str):
+            message = body["error"]
+    if not isinstance(message, str):
+        return ""
+    message = " ".join(message.split())
+    return str(message) if len(message) <= 200 else message[:200] + "…"
+
+
+class VowelCore:
+    """The vowel core's mint endpoint, with an API key that carries ``mint_trusted_session``."""
+
+    def __init__(self, http: aiohttp.ClientSession, core_url: str, api_key: str) -> None:
+        self._http = http
+        self._url = core_url.rstrip("/") + "/v1/realtime/sessions"
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+
+    async def mint(
+        self, body: Mapping[str, Any], *, timeout: float = 10.0, clock: Callable[[], float] = time.time
+    ) -> Token:
+        """Mint a token for one session (PROTOCOL C1). Raises :class:`MintRefused` on 401/403 and
+        :class:`UpstreamError` on anything else that is not a token."""
+        try:
+            async with self._http.post(
+                self._url,
+                json=dict(body),
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                text = await resp.text()
+                status = resp.status
+        except TimeoutError:
+            raise UpstreamError(f"vowel core did not answer the mint request within {timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"vowel core unreachable: {type(exc).__name__}") from None
+        detail = _error_message(text)
+        suffix = f" (core said: {detail})" if detail else ""
+        if status == 401:
+            raise MintRefused("vowel core refused the API key (401)", 401, "mint_unauthorized", text)
+        if status == 403:
+            raise MintRefused(
+                "vowel core refused to mint a trusted-server token (403): the API key lacks the "
+                f"{TRUSTED_SCOPE} scope{suffix}",
+                403,
+                "mint_forbidden",
+                text,
+            )
+        if status >= 300:
+            raise UpstreamError(f"vowel core answered {status} to the mint request{suffix}", status, text)
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise UpstreamError("vowel core answered the mint request with non-JSON", status) from None
+        return parse_mint_answer(data, clock())
+
+
+class _NoDebugLogger(logging.LoggerAdapter[logging.Logger]):
+    """websockets dumps request headers (the bearer token) at DEBUG level: never for the engine socket."""
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level > logging.DEBUG and self.logger.isEnabledFor(level)
+
+
+def engine_socket_url(engine_url: str) -> str:
+    """``{engine}/v1/realtime`` as a WebSocket URL (``https→wss``, ``http→ws``)."""
+    base = engine_url.rstrip("/")
+    if base.startswith("https://"):
+        base = "wss://" + base[len("https://") :]
+    elif base.startswith("http://"):
+        base = "ws://" + base[len("http://") :]
+    return base + "/v1/realtime"
+
+
+async def connect_engine(
+    engine_url: str,
+    token: Token,
+    *,
+    open_timeout: float = 10.0,
+    create_connection: type[ClientConnection] | None = None,
+) -> ClientConnection:
+    """Open ``{engine}/v1/realtime`` with ``Authorization: Bearer <token>`` (PROTOCOL C2).
+
+    Raises :class:`EngineRefused` for a refused token (HTTP 401/403 at the handshake, or the TCP
+    connection closing with no HTTP answer) and :class:`UpstreamError` when the engine cannot be reached.
+    """
+    try:
+        return await connect(
+            engine_socket_url(engine_url),
+            additional_headers={"Authorization": f"Bearer {token.value}"},
+            compression=None,
+            open_timeout=open_timeout,
+            max_size=16 * 1024 * 1024,
+            user_agent_header="sideband",
+            create_connection=create_connection,
+            logger=_NoDebugLogger(logging.getLogger("websockets.client"), {}),
+        )
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        if status in (401, 403):
+            raise EngineRefused(
+                f"vowel engine refused the token ({status} at the handshake): expired or invalid", status
+            ) from None
+        raise UpstreamError(f"vowel engine refused the connection with {status}", status) from None
+    except InvalidMessage:
+        raise EngineRefused(
+            "vowel engine closed the connection during the handshake with no HTTP answer: "
+            "token refused (expired or invalid)"
+        ) from None
+    except (OSError, TimeoutError) as exc:
+        raise UpstreamError(f"vowel engine unreachable: {type(exc).__name__}") from None
+    except Exception as exc:  # other InvalidHandshake subclasses
+        raise UpstreamError(f"vowel engine handshake failed: {type(exc).__name__}") from None

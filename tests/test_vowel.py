@@ -1,0 +1,635 @@
+"""Trusted-server sessions on a vowel engine, end to end over loopback against the vowel simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from sideband import CallContext, Sideband
+from sideband.cli import main
+from sideband.settings import Settings, load_settings
+from sideband.testing.vowel import DEFAULT_ENGINE_KEY, VowelSimulator, when
+from sideband.upstream.vowel import (
+    EngineRefused,
+    MintRefused,
+    VowelCore,
+    connect_engine,
+    parse_mint_answer,
+    trusted_session_request,
+)
+from sideband.vowel import EngineError, EngineSession
+from sideband.vowel.dial import run_vowel_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDERS = {"1042": {"status": "shipped", "carrier": "UPS"}}
+
+
+def make_app() -> Sideband:
+    app = Sideband(instructions="You are the test desk.", voice="marin")
+    app.enable_end_call()
+
+    @app.tool
+    async def lookup_order(order_id: str, ctx: CallContext) -> dict[str, Any]:
+        """Look up an order by its number."""
+        ctx.state["looked_up"] = order_id
+        return {"order_id": order_id, **ORDERS.get(order_id, {"status": "unknown"})}
+
+    @app.tool
+    async def broken() -> str:
+        """Always fails."""
+        raise RuntimeError("secret database password")
+
+    @app.tool(timeout=0.05)
+    async def slow() -> str:
+        """Never answers in time."""
+        await asyncio.Event().wait()
+        return "never"
+
+    return app
+
+
+def settings_for(sim: VowelSimulator, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {**sim.settings_values(), "max_idle_duration": 30.0}
+    values.update(overrides)
+    return load_settings(values, environ={})
+
+
+@pytest.fixture
+def app() -> Sideband:
+    return make_app()
+
+
+@pytest.fixture
+def logs() -> Iterator[io.StringIO]:
+    """Every log line (JSON, contextvars merged) written to a buffer for the duration of a test."""
+    old = structlog.get_config()
+    buffer = io.StringIO()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(0),
+        logger_factory=structlog.PrintLoggerFactory(buffer),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield buffer
+    finally:
+        structlog.configure(**old)
+
+
+def log_lines(buffer: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------- minting
+async def test_mint_declares_the_app_tools_and_returns_a_token(vowel: VowelSimulator, app: Sideband) -> None:
+    body = trusted_session_request(
+        service_id="order-service", provider="vowel-prime", tools=app.tools.definitions(style="vowel")
+    )
+    async with aiohttp.ClientSession() as http:
+        token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(body)
+    record = vowel.mints[-1]
+    assert record.status == 200 and record.api_key == vowel.api_key
+    assert record.body["connectionType"] == "trusted_server"
+    assert record.body["config"]["serviceId"] == "order-service"
+    assert record.body["config"]["provider"] == "vowel-prime"
+    assert record.body["config"]["serverTools"] == app.tools.definitions(style="vowel")
+    assert all("type" not in t for t in record.body["config"]["serverTools"])
+    assert token.value == record.token
+    assert token.value not in repr(token)
+    assert token.expires_at == pytest.approx(vowel.now() + 300, abs=2)
+
+
+async def test_mint_without_the_scope_is_refused_naming_it(vowel: VowelSimulator, app: Sideband) -> None:
+    settings = settings_for(vowel, vowel_api_key=vowel.browser_key)
+    with pytest.raises(EngineError) as caught:
+        await EngineSession.open(settings, app).start()
+    assert caught.value.reason == "mint_forbidden"
+    assert "403" in str(caught.value) and "mint_trusted_session" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert [m.status for m in vowel.mints] == [403]
+    assert vowel.handshakes == []  # nothing was attempted with a token
+
+
+async def test_bad_key_is_refused_with_401(vowel: VowelSimulator, app: Sideband) -> None:
+    with pytest.raises(EngineError) as caught:
+        await EngineSession.open(settings_for(vowel, vowel_api_key="vkey_wrong"), app).start()
+    assert caught.value.reason == "mint_unauthorized"
+    assert str(caught.value) == "vowel core refused the API key (401)"
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(MintRefused) as refused:
+            await VowelCore(http, vowel.core_url, "vkey_wrong").mint({"connectionType": "trusted_server"})
+    assert refused.value.status == 401
+
+
+@pytest.mark.parametrize("style", ["core", "epoch", "expires_in", "client_secret", "engine"])
+async def test_every_expiry_form_is_understood(vowel: VowelSimulator, style: Any) -> None:
+    vowel.mint_answer = style
+    vowel.advance(1000)  # the token's expiry follows the simulator clock, not ours
+    async with aiohttp.ClientSession() as http:
+        token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
+            trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
+        )
+    assert token.value == vowel.mints[-1].token
+    expected = vowel.mints[-1].expires_at
+    if style == "expires_in":  # relative: anchored on our clock
+        assert token.expires_in() == pytest.approx(300, abs=2)
+    else:
+        assert token.expires_at == pytest.approx(expected, abs=1.0)
+
+
+def test_mint_answer_parsing_vectors() -> None:
+    iso = parse_mint_answer({"token": "ek_a", "expiresAt": "2026-05-15T12:05:00.000Z"})
+    assert iso.expires_at == 1778846700.0
+    millis = parse_mint_answer({"token": "ek_a", "expires_at": 1778846700000})
+    assert millis.expires_at == 1778846700.0
+    engine = parse_mint_answer(
+        {"client_secret": {"value": "ek_b", "expires_at": 1747310700}, "expires_in": 300}, now=0
+    )
+    assert (engine.value, engine.expires_at) == ("ek_b", 1747310700.0)
+    relative = parse_mint_answer({"value": "ek_c", "expires_in": 300, "maxCallDurationMs": 60000}, now=1000)
+    assert (relative.value, relative.expires_at, relative.max_call_duration) == ("ek_c", 1300.0, 60.0)
+    with pytest.raises(Exception, match="no token"):
+        parse_mint_answer({"expires_in": 300, "secret": "do-not-echo"})
+
+
+async def test_engine_own_mint_endpoint(vowel: VowelSimulator) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{vowel.engine_url}/v1/realtime/sessions", headers={"Authorization": "Bearer nope"}, json={}
+        ) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"]["message"] == "Invalid API key"
+        async with http.post(
+            f"{vowel.engine_url}/v1/realtime/sessions",
+            headers={"Authorization": f"Bearer {DEFAULT_ENGINE_KEY}"},
+            json={},
+        ) as resp:
+            token = parse_mint_answer(await resp.json())
+    ws = await connect_engine(vowel.engine_url, token)
+    await ws.close()
+    assert vowel.handshakes[-1].status == 101
+
+
+# -------------------------------------------------------------------------------------- handshake
+@pytest.mark.parametrize("refusal", ["401", "drop"])
+async def test_expired_token_is_refused_at_the_handshake(vowel: VowelSimulator, refusal: Any) -> None:
+    vowel.refuse_handshake = refusal
+    async with aiohttp.ClientSession() as http:
+        token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
+            trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
+        )
+    vowel.advance(301)  # the token lives 5 minutes
+    with pytest.raises(EngineRefused) as caught:
+        await connect_engine(vowel.engine_url, token)
+    assert caught.value.reason == "token_rejected"
+    assert token.value not in str(caught.value)
+    assert [(h.status, h.reason) for h in vowel.handshakes] == [
+        (401 if refusal == "401" else 0, "token expired")
+    ]
+    assert vowel.sessions == []
+
+
+@pytest.mark.parametrize("refusal", ["401", "drop"])
+async def test_session_reports_a_refused_token_as_one_error(
+    vowel: VowelSimulator, app: Sideband, refusal: Any
+) -> None:
+    vowel.refuse_handshake = refusal
+    vowel.token_ttl = 0  # minted already expired: the engine refuses it
+    session = EngineSession.open(settings_for(vowel), app)
+    with pytest.raises(EngineError) as caught:
+        async with session:
+            pytest.fail("the session opened with an expired token")
+    assert caught.value.reason == "token_rejected"
+    assert "token" in str(caught.value) and "\n" not in str(caught.value)
+    assert session.end_reason == "token_rejected"
+    assert len(vowel.handshakes) == 1  # one attempt, no retry loop
+
+
+async def test_anything_before_session_update_is_fatal_on_the_engine(vowel: VowelSimulator) -> None:
+    async with aiohttp.ClientSession() as http:
+        token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
+            trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
+        )
+    async with connect(
+        f"ws://127.0.0.1:{vowel.port}/engine/v1/realtime",
+        additional_headers={"Authorization": f"Bearer {token.value}"},
+    ) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        await ws.send(json.dumps({"type": "response.create"}))
+        error = json.loads(await ws.recv())
+        assert error["error"]["message"] == "No agent available"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+
+
+async def test_a_second_response_create_replaces_the_one_in_flight(vowel: VowelSimulator) -> None:
+    vowel.event_delay = 0.01
+    vowel.script([when("story", reply="once upon a time there was a very long story " * 3)])
+    async with aiohttp.ClientSession() as http:
+        token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
+            trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
+        )
+    ws = await connect_engine(vowel.engine_url, token)
+    try:
+        await ws.recv()  # session.created
+        await ws.send(json.dumps({"type": "session.update", "session": {"instructions": "hi"}}))
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a story"}]}
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        statuses: list[str] = []
+        async with asyncio.timeout(5):
+            while True:
+                event = json.loads(await ws.recv())
+                if event["type"] == "response.created" and not statuses:
+                    statuses.append("created")
+                    await ws.send(json.dumps({"type": "response.create"}))  # the recipe's double trigger
+                elif event["type"] == "response.done":
+                    statuses.append(event["response"]["status"])
+                    if len(statuses) == 3:
+                        break
+    finally:
+        await ws.close()
+    assert statuses == ["created", "cancelled", "completed"]
+
+
+# ------------------------------------------------------------------------------------ conversation
+async def test_tool_round_trip(vowel: VowelSimulator, app: Sideband, logs: io.StringIO) -> None:
+    vowel.script(
+        [
+            when(
+                "1042",
+                calls=[("lookup_order", {"order_id": "1042"})],
+                preamble="Let me check.",
+                reply=lambda outputs: f"Order 1042: {json.loads(outputs['lookup_order'])['status']}.",
+            )
+        ]
+    )
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        reply = await session.say("Where is order 1042?")
+        token = vowel.mints[-1].token
+    assert reply.lines == ("Let me check.", "Order 1042: shipped.")
+    assert [(t.name, t.outcome) for t in reply.tools] == [("lookup_order", "ok")]
+    assert reply.ended is None
+    engine = vowel.sessions[0]
+    kinds = [
+        e["type"] if e["type"] != "conversation.item.create" else e["item"]["type"] for e in engine.received
+    ]
+    # session.update first; the user's text; the tool's output; then exactly one response.create
+    assert kinds == ["session.update", "message", "function_call_output", "response.create"]
+    update = engine.received[0]["session"]
+    assert update["instructions"] == "You are the test desk."
+    assert [t["name"] for t in engine.tools] == app.tools.names()
+    assert all(t["type"] == "function" for t in update["tools"])
+    assert [(r.trigger, r.status) for r in engine.responses] == [
+        ("user_text", "incomplete"),
+        ("response.create", "completed"),
+    ]
+    (call_id,) = engine.outputs
+    assert json.loads(engine.outputs[call_id][0]) == {
+        "order_id": "1042",
+        "status": "shipped",
+        "carrier": "UPS",
+    }
+    assert engine.notes == []
+    assert session.end_reason == "closed" and not session.failed
+    assert engine.closed_by == "client"
+    # logs: minted, connected, tool events, end, all bound to the session and the service; never the token
+    lines = log_lines(logs)
+    assert token is not None and token not in logs.getvalue()
+    events = {line["event"] for line in lines}
+    assert {"vowel.session_minted", "vowel.connected", "tool.finished", "vowel.session_ended"} <= events
+    for line in lines:
+        if line["event"] in (
+            "vowel.session_minted",
+            "vowel.connected",
+            "tool.finished",
+            "vowel.session_ended",
+        ):
+            assert line["call_id"] == session.call_id and line["service_id"] == "order-service", line
+    ended = next(line for line in lines if line["event"] == "vowel.session_ended")
+    assert ended["reason"] == "closed" and ended["engine_session_id"] == engine.id
+
+
+async def test_tool_failures_reach_the_model(vowel: VowelSimulator, app: Sideband) -> None:
+    vowel.script(
+        [
+            when(
+                "everything",
+                calls=[
+                    ("broken", {}),
+                    ("slow", {}),
+                    ("no_such_tool", {}),
+                    ("lookup_order", "{not json"),
+                ],
+                reply="Sorry, that did not work.",
+            )
+        ]
+    )
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        reply = await session.say("Try everything")
+    engine = vowel.sessions[0]
+    by_name = {
+        call["item"]["name"]: json.loads(engine.outputs[call["item"]["call_id"]][0])
+        for call in engine.sent_of_type("response.output_item.added")
+        if call["item"]["type"] == "function_call"
+    }
+    assert by_name["broken"]["error"] == "tool_failed"
+    assert "secret" not in json.dumps(by_name)
+    assert by_name["slow"]["error"] == "timeout"
+    assert by_name["no_such_tool"]["error"] == "unknown_tool"
+    assert by_name["lookup_order"]["error"] == "invalid_arguments"
+    assert sorted(t.outcome for t in reply.tools) == ["error", "invalid_arguments", "timeout", "unknown_tool"]
+    assert reply.text == "Sorry, that did not work."
+    assert len(engine.received_of_type("response.create")) == 1  # all outputs, then one response.create
+    assert engine.notes == []
+
+
+async def test_a_call_announced_twice_runs_once(vowel: VowelSimulator, app: Sideband) -> None:
+    ran: list[str] = []
+    app.on_tool(lambda ctx, record: ran.append(record.call_id))
+    vowel.script(
+        [when("1042", calls=[("lookup_order", {"order_id": "1042"})], repeat_calls=True, reply="ok")]
+    )
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        reply = await session.say("order 1042")
+    engine = vowel.sessions[0]
+    announced = [
+        e["item"]["call_id"]
+        for e in engine.sent_of_type("response.output_item.added")
+        if e["item"]["type"] == "function_call"
+    ]
+    assert len(announced) == 2 and len(set(announced)) == 1
+    assert ran == announced[:1]
+    assert engine.outputs == {announced[0]: [engine.outputs[announced[0]][0]]}
+    assert len(reply.tools) == 1
+
+
+async def test_agent_ending_the_session_is_a_clean_end(vowel: VowelSimulator, app: Sideband) -> None:
+    vowel.script([when("bye", calls=[("end_call", {})], reply="Goodbye!")])
+    session = EngineSession.open(settings_for(vowel), app)
+    async with session:
+        reply = await session.say("bye now")
+        assert await session.wait_closed(5) == "end_call_tool"
+        with pytest.raises(EngineError):
+            await session.say("are you there?")
+    assert reply.text == "Goodbye!" and reply.ended == "end_call_tool"
+    assert not session.failed
+
+
+# ---------------------------------------------------------------------------------------- ending
+@pytest.mark.parametrize(
+    ("advance", "reason"),
+    [(31 * 60, "max_call_duration_exceeded"), (11 * 60, "max_idle_duration_exceeded")],
+)
+async def test_engine_limits_end_the_session(
+    vowel: VowelSimulator, app: Sideband, advance: float, reason: str
+) -> None:
+    vowel.max_idle_duration = 10 * 60
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        await session.say("hello")  # speech: idle time starts counting
+        vowel.advance(advance)
+        with pytest.raises(EngineError) as caught:
+            await session.say("still there?")  # limits are checked when a client message arrives
+    assert caught.value.reason == reason and reason in str(caught.value)
+    assert session.end_reason == reason and session.failed
+    engine = vowel.sessions[0]
+    assert engine.close_code == 1000 and engine.end_reason == reason
+
+
+async def test_our_own_max_duration_ends_an_idle_session(vowel: VowelSimulator, app: Sideband) -> None:
+    session = EngineSession.open(settings_for(vowel, max_call_duration=0.2), app)
+    async with session:
+        assert await session.wait_closed(5) == "max_duration"  # the engine alone would never notice
+    assert session.failed and "SIDEBAND_MAX_CALL_SECONDS" in (session.end_message or "")
+    engine = vowel.sessions[0]
+    goodbye = engine.responses[-1]
+    assert goodbye.trigger == "response.create" and goodbye.instructions and goodbye.status == "completed"
+    assert engine.closed_by == "client"
+
+
+async def test_fatal_engine_error_ends_without_reattaching(vowel: VowelSimulator, app: Sideband) -> None:
+    vowel.script([when("boom", fatal=True)])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        with pytest.raises(EngineError) as caught:
+            await session.say("boom")
+    assert caught.value.reason == "engine_error" and "1011" in str(caught.value)
+    engine = vowel.sessions[0]
+    assert engine.close_code == 1011
+    assert [e["response"]["status"] for e in engine.sent_of_type("response.done")][-1] == "failed"
+    assert len(vowel.mints) == 1 and len(vowel.handshakes) == 1  # no re-attach loop
+
+
+async def test_crash_while_idle_is_reported(vowel: VowelSimulator, app: Sideband) -> None:
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        await vowel.crash(vowel.sessions[0], "disk on fire")
+        assert await session.wait_closed(5) == "engine_error"
+    assert session.end_message is not None and "disk on fire" in session.end_message
+
+
+async def test_reattach_mints_a_fresh_token(vowel: VowelSimulator, app: Sideband) -> None:
+    vowel.script([when("1042", calls=[("lookup_order", {"order_id": "1042"})], reply="Shipped.")])
+    async with EngineSession.open(settings_for(vowel), app, reattach_attempts=1) as session:
+        await vowel.drop(vowel.sessions[0])  # no close frame: an abnormal close
+        second = await vowel.wait_session(1)
+        await vowel.wait_for(lambda s: second.configured, what="second session configured")
+        reply = await session.say("order 1042")
+    assert reply.text == "Shipped."
+    assert [m.status for m in vowel.mints] == [200, 200]
+    assert vowel.mints[0].token != vowel.mints[1].token
+    assert second.token == vowel.mints[1].token
+    assert [t["name"] for t in second.tools] == app.tools.names()
+
+
+# ------------------------------------------------------------------------------------------ audio
+async def test_send_audio_chunks_are_never_below_2048_bytes(vowel: VowelSimulator, app: Sideband) -> None:
+    pieces = [bytes([n % 251 + 1]) * size for n, size in enumerate([100, 3000, 1000, 5000, 37, 40000, 2047])]
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        for piece in pieces:
+            await session.send_audio(piece)
+        await session.flush_audio()
+        await session.say("that was audio")  # same socket, in order: the audio is in by now
+    engine = vowel.sessions[0]
+    sent = b"".join(pieces)
+    assert engine.audio_chunks and min(engine.audio_chunks) >= 2048
+    assert bytes(engine.audio[: len(sent)]) == sent
+    assert bytes(engine.audio[len(sent) :]) == bytes(len(engine.audio) - len(sent))  # silence padding
+    assert engine.sent_of_type("error") == []
+    for event in engine.received_of_type("input_audio_buffer.append"):
+        assert len(base64.b64decode(event["audio"])) % 2 == 0
+
+
+async def test_simulator_refuses_small_audio_chunks(vowel: VowelSimulator, app: Sideband) -> None:
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        session.runtime.send_event(
+            {"type": "input_audio_buffer.append", "audio": base64.b64encode(b"ab").decode()}
+        )
+        assert await session.wait_closed(5) == "invalid_audio_chunk"
+    assert vowel.sessions[0].close_code == 1003
+
+
+# ------------------------------------------------------------------------------------- lifecycle
+def _foreign(task: asyncio.Task[Any]) -> bool:
+    """A server-side aiohttp connection handler (the simulator's, not ours)."""
+    return "aiohttp" in getattr(task.get_coro(), "__qualname__", "") or "RequestHandler" in repr(
+        task.get_coro()
+    )
+
+
+async def test_everything_is_released_on_exit(vowel: VowelSimulator, app: Sideband) -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    @app.tool(timeout=30)
+    async def hang() -> str:
+        """Blocks until cancelled."""
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+        return "never"
+
+    vowel.script([when("hang", calls=[("hang", {})], reply="done")])
+    before = asyncio.all_tasks()
+    session = EngineSession.open(settings_for(vowel), app, end_cap=0.2)
+    async with session:
+        turn = asyncio.create_task(session.say("hang please"))
+        await asyncio.wait_for(started.wait(), 5)
+    with pytest.raises(EngineError):
+        await turn
+    assert cancelled.is_set()
+    runtime = session.runtime
+    assert session._task is not None and session._task.done()
+    assert runtime._tool_tasks == {} and runtime._side_tasks == set() and runtime._timers == {}
+    assert all(ws.state is State.CLOSED for ws in session._sockets)
+    assert session._http is None
+    leftover = [t for t in asyncio.all_tasks() - before if not t.done() and not _foreign(t)]
+    assert leftover == []
+
+
+async def test_cancelling_the_owner_cancels_the_session(vowel: VowelSimulator, app: Sideband) -> None:
+    opened = asyncio.Event()
+    holder: list[EngineSession] = []
+
+    async def owner() -> None:
+        async with EngineSession.open(settings_for(vowel), app) as session:
+            holder.append(session)
+            opened.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(owner())
+    await asyncio.wait_for(opened.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (session,) = holder
+    assert session._task is not None and session._task.done()
+    await vowel.sessions[0].wait_closed()
+
+
+# -------------------------------------------------------------------------------------------- CLI
+async def _dial(
+    vowel: VowelSimulator, *args: str, stdin: bytes | None = None, **env: str
+) -> tuple[int, str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SIDEBAND_"))}
+    environ.update({**vowel.environ(), "SIDEBAND_LOG_FORMAT": "json", **env})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sideband.cli",
+        "dial",
+        *args,
+        cwd=ROOT,
+        env=environ,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+ORDER_DESK_RULES = [
+    when("1042", calls=[("lookup_order", {"order_id": "1042"})], reply="Order 1042 shipped with UPS."),
+]
+
+
+async def test_dial_subprocess_talks_to_the_engine(vowel: VowelSimulator) -> None:
+    vowel.script(ORDER_DESK_RULES)
+    code, out, err = await _dial(vowel, "--say", "Where is order 1042?", "--say", "Thanks!")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "you: Where is order 1042?" in lines
+    assert any(line.startswith("tool: lookup_order → ok ") and line.endswith(" ms") for line in lines)
+    assert "agent: Order 1042 shipped with UPS." in lines
+    assert lines.index("you: Thanks!") > lines.index("agent: Order 1042 shipped with UPS.")
+    assert "agent: I heard you." in lines and lines[-1] == "end: closed"
+    assert vowel.mints[-1].token not in out + err
+    assert [s.closed_by for s in vowel.sessions] == ["client"]
+
+
+async def test_dial_reads_turns_from_stdin(vowel: VowelSimulator) -> None:
+    vowel.script(ORDER_DESK_RULES)
+    code, out, err = await _dial(vowel, "sideband.examples.order_desk:app", stdin=b"order 1042 please\n\n")
+    assert code == 0, err
+    assert "you: order 1042 please" in out and "agent: Order 1042 shipped with UPS." in out
+    assert len(vowel.sessions[0].user_texts) == 1
+
+
+async def test_dial_without_the_scope_fails_in_one_line(vowel: VowelSimulator) -> None:
+    code, out, err = await _dial(vowel, "--say", "hi", SIDEBAND_VOWEL_API_KEY=vowel.browser_key)
+    assert code != 0
+    assert "Traceback" not in err + out
+    errors = [line for line in err.splitlines() if line.startswith("sideband:")]
+    assert len(errors) == 1 and "mint_trusted_session" in errors[0]
+    assert [line for line in err.splitlines() if "mint_trusted_session" in line] == errors
+
+
+async def test_dial_reports_an_engine_timeout(vowel: VowelSimulator) -> None:
+    vowel.max_call_duration = 0  # the first message after connecting is already too late
+    code, _, err = await _dial(vowel, "--say", "hi")
+    assert code != 0 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("sideband:")]
+    assert len(errors) == 1 and "max_call_duration_exceeded" in errors[0]
+
+
+def test_dial_names_a_missing_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("SIDEBAND_VOWEL_"):
+            monkeypatch.delenv(name)
+    assert main(["dial", "--say", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "sideband: SIDEBAND_VOWEL_CORE_URL is not set"
+
+
+async def test_vowel_demo_leg() -> None:
+    out = io.StringIO()
+    assert await run_vowel_demo(None, out) == 0
+    text = out.getvalue()
+    assert "tool: lookup_order → ok" in text and "end: end_call_tool" in text
+    assert "refused: " in text and "mint_trusted_session" in text
