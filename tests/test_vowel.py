@@ -23,6 +23,7 @@ from sideband import CallContext, Sideband
 from sideband.cli import main
 from sideband.settings import Settings, load_settings
 from sideband.testing.vowel import DEFAULT_ENGINE_KEY, VowelSimulator, when
+from sideband.upstream.openai import UpstreamError
 from sideband.upstream.vowel import (
     EngineRefused,
     MintRefused,
@@ -166,8 +167,9 @@ def test_mint_answer_parsing_vectors() -> None:
     assert (engine.value, engine.expires_at) == ("ek_b", 1747310700.0)
     relative = parse_mint_answer({"value": "ek_c", "expires_in": 300, "maxCallDurationMs": 60000}, now=1000)
     assert (relative.value, relative.expires_at, relative.max_call_duration) == ("ek_c", 1300.0, 60.0)
-    with pytest.raises(Exception, match="no token"):
+    with pytest.raises(UpstreamError, match="no token") as caught:
         parse_mint_answer({"expires_in": 300, "secret": "do-not-echo"})
+    assert "do-not-echo" not in str(caught.value)
 
 
 async def test_engine_own_mint_endpoint(vowel: VowelSimulator) -> None:

@@ -207,6 +207,7 @@ class EngineSession:
         self._recorded: set[str] = set()
         self._record_seen = asyncio.Event()
         self._ended = asyncio.Event()
+        self._configured = asyncio.Event()  # session.updated seen on the current socket
         self._audio = bytearray()
         self._started = False
         self._closing = False
@@ -337,6 +338,7 @@ class EngineSession:
             raise
         assert isinstance(ws, _TapConnection)
         ws.listener = self._on_event
+        self._configured.clear()
         self._sockets.append(ws)
         self._log.info("vowel.connected", attempt=len(self._sockets))
         return ws
@@ -407,7 +409,7 @@ class EngineSession:
         if not text.strip():
             raise ValueError("say() needs some text")
         async with self._turn_lock:
-            self._check_live()
+            await self._wait_configured()
             runtime = self.runtime
             turn = _Turn(text, asyncio.get_running_loop().create_future())
             self._turn = turn
@@ -434,7 +436,7 @@ class EngineSession:
     async def send_audio(self, pcm16: bytes) -> None:
         """Send caller audio: PCM16 LE mono 24 kHz. Sent as ``input_audio_buffer.append`` chunks of at
         least 2048 bytes; a smaller remainder waits for the next call (or :meth:`flush_audio`)."""
-        self._check_live()
+        await self._wait_configured()
         self._audio.extend(pcm16)
         while len(self._audio) >= MIN_AUDIO_CHUNK:
             size = min(len(self._audio), MAX_AUDIO_CHUNK)
@@ -443,6 +445,28 @@ class EngineSession:
             del self._audio[:size]
             self.runtime.send_event(
                 {"type": "input_audio_buffer.append", "audio": base64.b64encode(chunk).decode("ascii")}
+            )
+
+    async def _wait_configured(self) -> None:
+        """Input goes out only once the engine confirmed the session on the current socket (anything
+        before ``session.update`` is fatal on the engine, and a re-attached socket needs it again)."""
+        self._check_live()
+        if self._configured.is_set():
+            return
+        configured = asyncio.ensure_future(self._configured.wait())
+        ended = asyncio.ensure_future(self._ended.wait())
+        try:
+            await asyncio.wait(
+                {configured, ended}, timeout=self.open_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            configured.cancel()
+            ended.cancel()
+            await asyncio.gather(configured, ended, return_exceptions=True)
+        self._check_live()
+        if not self._configured.is_set():
+            raise EngineError(
+                "not_ready", f"vowel engine did not confirm the session within {self.open_timeout:g} s"
             )
 
     async def flush_audio(self) -> None:
@@ -502,6 +526,9 @@ class EngineSession:
 
     def _observe(self, event: dict[str, Any]) -> None:
         etype = str(event.get("type", ""))
+        if etype == "session.updated":
+            self._configured.set()
+            return
         if etype == "session.created":
             session = event.get("session") or {}
             if isinstance(session, dict) and isinstance(session.get("id"), str):
