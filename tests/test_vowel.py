@@ -384,6 +384,19 @@ async def test_a_call_announced_twice_runs_once(vowel: VowelSimulator, app: Side
     assert len(reply.tools) == 1
 
 
+async def test_app_hooks_can_be_left_out(vowel: VowelSimulator, app: Sideband) -> None:
+    seen: list[str] = []
+    app.on_tool(lambda ctx, record: seen.append(f"tool {ctx.source}"))
+    app.on_call_end(lambda ctx, summary: seen.append(f"end {summary.reason}"))
+    vowel.script([when("1042", calls=[("lookup_order", {"order_id": "1042"})], reply="ok")])
+    async with EngineSession.open(settings_for(vowel), app, app_hooks=False) as quiet:
+        assert len((await quiet.say("order 1042")).tools) == 1
+    assert seen == []
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        await session.say("order 1042")
+    assert seen == ["tool vowel", "end closed"]
+
+
 async def test_agent_ending_the_session_is_a_clean_end(vowel: VowelSimulator, app: Sideband) -> None:
     vowel.script([when("bye", calls=[("end_call", {})], reply="Goodbye!")])
     session = EngineSession.open(settings_for(vowel), app)

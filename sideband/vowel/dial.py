@@ -185,7 +185,7 @@ async def run_vowel_demo(app: Sideband | None = None, out: TextIO | None = None)
         settings = load_settings(sim.settings_values(), environ={})
         out.write(f"\ntrusted-server session: vowel core {sim.core_url}, engine {sim.engine_url}\n")
         printer = _Printer(out, indent="  ", clock=True)
-        session = EngineSession.open(settings, app)
+        session = EngineSession.open(settings, app, app_hooks=False)  # the demo prints replies itself
         try:
             async with session:
                 printer.line("session", f"{session.call_id} (engine {session.engine_session_id})")
@@ -204,7 +204,7 @@ async def run_vowel_demo(app: Sideband | None = None, out: TextIO | None = None)
         out.write("\ntrusted-server session with a browser key (no mint_trusted_session scope)\n")
         refused = load_settings(sim.settings_values(api_key=sim.browser_key), environ={})
         try:
-            async with EngineSession.open(refused, app):
+            async with EngineSession.open(refused, app, app_hooks=False):
                 failures += 1
                 printer.line("error", "the core minted a trusted-server token for a browser key")
         except EngineError as exc:

@@ -173,6 +173,7 @@ class EngineSession:
         reply_timeout: float = 60.0,
         reattach_attempts: int = 0,
         end_cap: float = 5.0,
+        app_hooks: bool = True,
     ) -> None:
         for name in _REQUIRED:
             value = getattr(settings, name)
@@ -186,6 +187,7 @@ class EngineSession:
         self.reply_timeout = reply_timeout
         self.reattach_attempts = reattach_attempts
         self.end_cap = end_cap
+        self.app_hooks = app_hooks
         self.service_id: str = settings.vowel_service_id or ""
         self.call_id: str | None = None
         """The session's id in our logs: the engine's session id when the mint gave one, else a local id."""
@@ -371,14 +373,13 @@ class EngineSession:
                 return pending.pop()
             return await self._connect(await self._mint())  # a re-attach needs a fresh token
 
-        hooks = CallHooks(
-            on_call_start=[*app.on_call_start_hooks],
-            on_call_end=[*app.on_call_end_hooks],
-            on_transcript=[*app.on_transcript_hooks],
-            on_dtmf=[*app.on_dtmf_hooks],
-            on_tool=[self._on_tool, *app.on_tool_hooks],
-            on_response=[self._on_response],
-        )
+        hooks = CallHooks(on_tool=[self._on_tool], on_response=[self._on_response])
+        if self.app_hooks:
+            hooks.on_call_start += app.on_call_start_hooks
+            hooks.on_call_end += app.on_call_end_hooks
+            hooks.on_transcript += app.on_transcript_hooks
+            hooks.on_dtmf += app.on_dtmf_hooks
+            hooks.on_tool += app.on_tool_hooks
         return CallRuntime(
             machine=CallMachine(config, ENGINE_CAPABILITIES),
             ctx=CallContext(self.call_id or "", "vowel"),
