@@ -265,6 +265,11 @@ class Sideband:
         )
         tools = self.tools if accept.tools is None else self.tools.subset(accept.tools)
         payload = config.payload(tools.definitions(style="openai"))
-        return CallPlan(payload, tools, config.greeting, config,
-                        accept.max_call_duration or self.max_call_duration,
-                        accept.max_idle_duration or self.max_idle_duration)
+        return CallPlan(
+            payload,
+            tools,
+            config.greeting,
+            config,
+            accept.max_call_duration or self.max_call_duration,
+            accept.max_idle_duration or self.max_idle_duration,
+        )

@@ -22,6 +22,7 @@ from sideband.testing import (
     run_app,
     wait_for_greeting,
 )
+from sideband.vowel.dial import run_vowel_demo
 
 __all__ = ["Scenario", "order_desk_scenarios", "run_demo"]
 
@@ -141,6 +142,7 @@ async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO |
     """Place ``calls`` simulated calls through a real server on loopback; print what happens."""
     out = out or sys.stdout
     scenarios: list[Scenario]
+    user_app = app
     if app is None:
         from sideband.examples.order_desk import app as order_desk
 
@@ -149,7 +151,7 @@ async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO |
         scenarios = [*pool[: max(calls, 1)], pool[-1]] if calls < len(pool) - 1 else pool
     else:
         scenarios = (generic_scenarios(app) * max(calls, 1))[: max(calls, 1)]
-    configure_logging("console", "warning", stream=sys.stderr)
+    configure_logging("console", "error", stream=sys.stderr)
     printer = _Printer(out)
     printer.install(app)
     failures = 0
@@ -190,5 +192,6 @@ async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO |
             if call.script_error:
                 failures += 1
                 printer.line("error", call.script_error)
-    out.write(f"\n{len(scenarios)} calls, {failures} failed.\n")
+    failures += await run_vowel_demo(user_app, out)
+    out.write(f"\n{len(scenarios)} calls and a trusted-server session, {failures} failed.\n")
     return 1 if failures else 0

@@ -333,3 +333,15 @@ def test_say_is_queued_behind_an_active_response() -> None:
     assert sends(out)[0]["response"] == {"instructions": "Tell them about the sale"}
     upd = m.update_session({"instructions": "new"})
     assert sends(upd) == [{"type": "session.update", "session": {"instructions": "new", "type": "realtime"}}]
+
+
+def test_agent_line_reported_once_when_sent_as_text_and_transcript() -> None:
+    m = machine()
+    m.start()
+    part = {"response_id": "r1", "item_id": "item_1", "content_index": 0}
+    first = m.receive({"type": "response.output_audio_transcript.done", **part, "transcript": "Hi."})
+    again = m.receive({"type": "response.text.done", **part, "text": "Hi."})
+    other = m.receive({"type": "response.text.done", **part, "content_index": 1, "text": "More."})
+    assert notices(first, "transcript") == [{"role": "agent", "text": "Hi."}]
+    assert notices(again, "transcript") == []
+    assert notices(other, "transcript") == [{"role": "agent", "text": "More."}]

@@ -459,18 +459,18 @@ async def test_crash_while_idle_is_reported(vowel: VowelSimulator, app: Sideband
     assert session.end_message is not None and "disk on fire" in session.end_message
 
 
-async def test_reattach_mints_a_fresh_token(vowel: VowelSimulator, app: Sideband) -> None:
-    vowel.script([when("1042", calls=[("lookup_order", {"order_id": "1042"})], reply="Shipped.")])
-    async with EngineSession.open(settings_for(vowel), app, reattach_attempts=1) as session:
+async def test_lost_engine_socket_ends_the_session_without_reattaching(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """An engine session lives and dies with its socket: a new socket would be a new conversation."""
+    async with EngineSession.open(settings_for(vowel), app) as session:
         await vowel.drop(vowel.sessions[0])  # no close frame: an abnormal close
-        second = await vowel.wait_session(1)
-        await vowel.wait_for(lambda s: second.configured, what="second session configured")
-        reply = await session.say("order 1042")
-    assert reply.text == "Shipped."
-    assert [m.status for m in vowel.mints] == [200, 200]
-    assert vowel.mints[0].token != vowel.mints[1].token
-    assert second.token == vowel.mints[1].token
-    assert [t["name"] for t in second.tools] == app.tools.names()
+        await session.wait_closed()
+        assert session.end_reason == "connection_lost"
+        with pytest.raises(EngineError) as info:
+            await session.say("hello?")
+    assert info.value.reason == "connection_lost"
+    assert len(vowel.mints) == 1 and len(vowel.sessions) == 1
 
 
 # ------------------------------------------------------------------------------------------ audio

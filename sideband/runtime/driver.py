@@ -120,7 +120,9 @@ class CallRuntime:
         """Set once the first socket is open (tests and benchmarks wait on it)."""
         self.ready = asyncio.Event()
         """Set once the server confirmed the session (``session.updated``)."""
-        self.log = structlog.get_logger(component="sideband.call")
+        self.log = structlog.get_logger(component="sideband.call").bind(
+            call_id=ctx.call_id, **self._log_fields
+        )
         ctx.actions = self
 
     # ----------------------------------------------------------------------- CallActions API
@@ -201,6 +203,12 @@ class CallRuntime:
             if code in _CLEAN_CLOSES:
                 self._apply(self.machine.transport_closed(code))
                 return
+            caps = self.machine.caps
+            final = caps.close_reasons.get(code) if code is not None else None
+            if final is not None or not caps.resumable:
+                self.log.warning("sideband.lost", close_code=code)
+                self._apply(self.machine.fail(final or "connection_lost"))
+                return
             self.log.warning("sideband.lost", close_code=code)
             reopened = await self._open(first=False)
             if reopened is None:
@@ -222,6 +230,8 @@ class CallRuntime:
                 self.log.warning(
                     "sideband.connect_failed", status=exc.status, error=str(exc), attempt=attempt
                 )
+                if not exc.retryable:
+                    break
                 if attempt < attempts:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)

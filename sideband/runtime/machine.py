@@ -111,6 +111,11 @@ class Capabilities:
     """``output_audio_buffer.started/stopped`` tell when the caller stops hearing the model."""
     responds_to_user_text: bool = False
     """The server starts a response by itself after a user text item (vowel); otherwise we ask for one."""
+    resumable: bool = True
+    """A lost socket can be re-attached to the same session (OpenAI by ``call_id``); otherwise a lost
+    socket ends the call (``connection_lost``)."""
+    close_reasons: Mapping[int, str] = field(default_factory=dict)
+    """Close codes that end the call at once, with the reason to report (e.g. ``{1011: "engine_error"}``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +187,7 @@ class CallMachine:
         self._filler_spoken = False
         self._queued_say: list[str] = []
         self._playing = False
+        self._agent_lines: set[tuple[Any, Any, Any]] = set()
         self._greeted = False
         self._started = False
         self._session_ready = False
@@ -390,6 +396,7 @@ class CallMachine:
 
     def _on_response_done(self, event: dict[str, Any]) -> list[Action]:
         self._response_active = False
+        self._agent_lines.clear()
         response = event.get("response") or {}
         response_id = response.get("id")
         status = response.get("status")
@@ -500,16 +507,20 @@ class CallMachine:
         return actions
 
     def _on_agent_transcript(self, event: dict[str, Any]) -> list[Action]:
-        text = event.get("transcript")
-        if isinstance(text, str) and text.strip():
-            return [Notice("transcript", {"role": "agent", "text": text.strip()})]
-        return []
+        return self._agent_line(event, event.get("transcript"))
 
     def _on_agent_text(self, event: dict[str, Any]) -> list[Action]:
-        text = event.get("text")
-        if isinstance(text, str) and text.strip():
-            return [Notice("transcript", {"role": "agent", "text": text.strip()})]
-        return []
+        return self._agent_line(event, event.get("text"))
+
+    def _agent_line(self, event: dict[str, Any], text: Any) -> list[Action]:
+        if not isinstance(text, str) or not text.strip():
+            return []
+        # Some servers send both the audio transcript and the text of one content part: report it once.
+        key = (event.get("response_id"), event.get("item_id"), event.get("content_index"))
+        if key in self._agent_lines:
+            return []
+        self._agent_lines.add(key)
+        return [Notice("transcript", {"role": "agent", "text": text.strip()})]
 
     def _on_caller_activity(self, event: dict[str, Any]) -> list[Action]:
         return self._touch_idle()

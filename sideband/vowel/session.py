@@ -50,6 +50,8 @@ ENGINE_CAPABILITIES = Capabilities(
     call_verbs=False,
     audio_playback_events=False,
     responds_to_user_text=True,
+    resumable=False,
+    close_reasons={1011: "engine_error"},
 )
 """What the vowel engine does, as the call machine sees it."""
 
@@ -171,7 +173,6 @@ class EngineSession:
         http: aiohttp.ClientSession | None = None,
         open_timeout: float = 10.0,
         reply_timeout: float = 60.0,
-        reattach_attempts: int = 0,
         end_cap: float = 5.0,
         app_hooks: bool = True,
     ) -> None:
@@ -185,7 +186,6 @@ class EngineSession:
         self.instructions = instructions if instructions is not None else app.config.instructions
         self.open_timeout = open_timeout
         self.reply_timeout = reply_timeout
-        self.reattach_attempts = reattach_attempts
         self.end_cap = end_cap
         self.app_hooks = app_hooks
         self.service_id: str = settings.vowel_service_id or ""
@@ -386,7 +386,7 @@ class EngineSession:
             tools=self.tools,
             connect=connect,
             hooks=hooks,
-            reattach_attempts=self.reattach_attempts,
+            reattach_attempts=0,
             log_tool_arguments=settings.log_tool_arguments,
             log_fields={"service_id": self.service_id},
         )
@@ -642,7 +642,13 @@ class EngineSession:
             message = f"vowel engine ended the session: {runtime_reason}{said}"
         elif runtime_reason in _LIMITS and requested:
             message = f"session ended: {runtime_reason} ({_LIMITS[runtime_reason]})"
-        elif runtime_reason in ("reattach_failed", "remote_closed", "connect_failed"):
+        elif runtime_reason in (
+            "reattach_failed",
+            "remote_closed",
+            "connect_failed",
+            "engine_error",
+            "connection_lost",
+        ):
             if code == 1011:
                 reason = "engine_error"
                 message = f"vowel engine failed and closed the session (1011){said}"
@@ -652,7 +658,7 @@ class EngineSession:
                 reason = error_code
                 message = f"vowel engine closed the session ({code}): {error_code}{said}"
             else:
-                reason = runtime_reason if self.reattach_attempts else "connection_lost"
+                reason = "connection_lost"
                 message = f"connection to the vowel engine lost (close {code})"
         elif runtime_reason == "shutdown" and not self._closing:
             message = "the session was cancelled"
