@@ -345,3 +345,28 @@ def test_agent_line_reported_once_when_sent_as_text_and_transcript() -> None:
     assert notices(first, "transcript") == [{"role": "agent", "text": "Hi."}]
     assert notices(again, "transcript") == []
     assert notices(other, "transcript") == [{"role": "agent", "text": "More."}]
+
+
+def test_session_id_last_error_and_response_owed() -> None:
+    m = machine(max_identical_calls=1, caps=Capabilities(session_created_first=True))
+    m.start()
+    assert m.session_id is None and m.last_error is None and not m.response_owed
+    m.receive({"type": "session.created", "session": {"id": "sess_1"}})
+    assert m.session_id == "sess_1"
+    m.user_text("hello")
+    assert m.response_owed  # a response.create went out and is not answered yet
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "same", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    assert not m.response_owed  # the tool runs: its response is asked for once it finished
+    assert types(m.tool_done("c1", "ok"))[-1] == "response.create" and m.response_owed
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    feed(m, call_events("c2", "same", "{}", resp="r2"))
+    broken = m.receive(response_done("r2"))  # the call repeats: answered at once, a reply is owed
+    assert notices(broken, "tool.loop_breaker") and types(broken)[-1] == "response.create"
+    assert m.response_owed
+    m.receive({"type": "response.created", "response": {"id": "r3"}})
+    m.receive({"type": "error", "error": {"type": "server_error", "code": "boom", "message": "Oops"}})
+    assert m.last_error == {"code": "boom", "error_type": "server_error", "message": "Oops", "param": None}
+    m.receive(response_done("r3"))
+    assert not m.response_owed

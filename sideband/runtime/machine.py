@@ -191,6 +191,8 @@ class CallMachine:
         self._greeted = False
         self._started = False
         self._session_ready = False
+        self._session_id: str | None = None
+        self._last_error: dict[str, Any] | None = None
         self._end: _End | None = None
         self._closed: str | None = None
         self._seq = 0
@@ -228,6 +230,27 @@ class CallMachine:
     def session_ready(self) -> bool:
         """``session.updated`` has been seen since the last (re)attach."""
         return self._session_ready
+
+    @property
+    def session_id(self) -> str | None:
+        """The server's session id, from the last ``session.created`` that carried one."""
+        return self._session_id
+
+    @property
+    def last_error(self) -> Mapping[str, Any] | None:
+        """The last server ``error``: the ``sideband.error`` notice's code, error_type, message and param."""
+        return self._last_error
+
+    @property
+    def response_owed(self) -> bool:
+        """A response is active, our ``response.create`` is unanswered, or one will be asked for (once
+        running tools finish, a refused create to send again, a queued :meth:`say`)."""
+        return (
+            self._busy
+            or self._want_response
+            or self._retry_body is not None
+            or (bool(self._queued_say) and self._end is None)
+        )
 
     # ---------------------------------------------------------------------------------- inputs
     def start(self) -> list[Action]:
@@ -379,6 +402,9 @@ class CallMachine:
 
     # ------------------------------------------------------------------------------- handlers
     def _on_session_created(self, event: dict[str, Any]) -> list[Action]:
+        session = event.get("session")
+        if isinstance(session, dict) and isinstance(session.get("id"), str):
+            self._session_id = session["id"]
         if self.caps.session_created_first:
             return self._configure()
         return []
@@ -551,6 +577,7 @@ class CallMachine:
             "message": error.get("message"),
             "param": error.get("param"),
         }
+        self._last_error = fields
         if code == "session_expired":
             return [Notice("sideband.error", fields), *self._close("session_expired")]
         if error.get("type") == "session_timeout":

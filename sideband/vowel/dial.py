@@ -13,15 +13,12 @@ from typing import TYPE_CHECKING, TextIO
 
 from sideband.app import Sideband
 from sideband.settings import Settings, load_settings
-from sideband.vowel.session import EngineError, EngineSession, Reply
+from sideband.vowel.session import REQUIRED_SETTINGS, EngineError, EngineSession, Reply
 
 if TYPE_CHECKING:
     from sideband.testing.vowel import Rule
 
 __all__ = ["REQUIRED_SETTINGS", "run_dial", "run_vowel_demo"]
-
-REQUIRED_SETTINGS = ("vowel_core_url", "vowel_engine_url", "vowel_api_key", "vowel_service_id")
-"""What ``sideband dial`` needs (``load_settings(require=REQUIRED_SETTINGS)``)."""
 
 
 class _Printer:
