@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sideband.upstream.openai import sideband_url
+
 __all__ = ["Settings", "SettingsError", "load_settings"]
 
 
@@ -97,12 +99,7 @@ class Settings(BaseSettings):
     @property
     def sideband_url(self) -> str:
         """The sideband WebSocket base derived from ``OPENAI_BASE_URL`` (``https→wss``, ``http→ws``)."""
-        base = self.openai_base_url
-        if base.startswith("https://"):
-            return "wss://" + base[len("https://") :] + "/realtime"
-        if base.startswith("http://"):
-            return "ws://" + base[len("http://") :] + "/realtime"
-        return base + "/realtime"
+        return sideband_url(self.openai_base_url)
 
     def ticket_key(self) -> bytes:
         """Key that signs WebRTC handoff tickets: ``SIDEBAND_RTC_TICKET_SECRET`` or one derived

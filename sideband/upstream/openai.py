@@ -14,6 +14,8 @@ import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from sideband.upstream._ws import quiet_logger, ws_url
+
 __all__ = ["CallControl", "CallGone", "SidebandRefused", "UpstreamError", "connect_sideband"]
 
 T = TypeVar("T")
@@ -161,6 +163,11 @@ async def with_retries(
             delay = min(delay * 2, 1.0)
 
 
+def sideband_url(base_url: str) -> str:
+    """The sideband WebSocket URL derived from the REST base (``https→wss``, ``http→ws``) + ``/realtime``."""
+    return ws_url(base_url) + "/realtime"
+
+
 async def connect_sideband(
     url: str,
     call_id: str,
@@ -182,6 +189,7 @@ async def connect_sideband(
             open_timeout=open_timeout,
             max_size=4 * 1024 * 1024,
             user_agent_header="sideband",
+            logger=quiet_logger(),
         )
     except InvalidStatus as exc:
         status = exc.response.status_code

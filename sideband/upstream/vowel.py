@@ -7,7 +7,6 @@ never appears in a ``repr``, a log line or an exception message.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidMessage, InvalidStatus
 
+from sideband.upstream._ws import quiet_logger, ws_url
 from sideband.upstream.openai import UpstreamError
 
 __all__ = [
@@ -232,21 +232,9 @@ class VowelCore:
         return parse_mint_answer(data, clock())
 
 
-class _NoDebugLogger(logging.LoggerAdapter[logging.Logger]):
-    """websockets dumps request headers (the bearer token) at DEBUG level: never for the engine socket."""
-
-    def isEnabledFor(self, level: int) -> bool:
-        return level > logging.DEBUG and self.logger.isEnabledFor(level)
-
-
 def engine_socket_url(engine_url: str) -> str:
     """``{engine}/v1/realtime`` as a WebSocket URL (``https→wss``, ``http→ws``)."""
-    base = engine_url.rstrip("/")
-    if base.startswith("https://"):
-        base = "wss://" + base[len("https://") :]
-    elif base.startswith("http://"):
-        base = "ws://" + base[len("http://") :]
-    return base + "/v1/realtime"
+    return ws_url(engine_url) + "/v1/realtime"
 
 
 async def connect_engine(
@@ -254,7 +242,6 @@ async def connect_engine(
     token: Token,
     *,
     open_timeout: float = 10.0,
-    create_connection: type[ClientConnection] | None = None,
 ) -> ClientConnection:
     """Open ``{engine}/v1/realtime`` with ``Authorization: Bearer <token>`` (PROTOCOL C2).
 
@@ -269,8 +256,7 @@ async def connect_engine(
             open_timeout=open_timeout,
             max_size=16 * 1024 * 1024,
             user_agent_header="sideband",
-            create_connection=create_connection,
-            logger=_NoDebugLogger(logging.getLogger("websockets.client"), {}),
+            logger=quiet_logger(),
         )
     except InvalidStatus as exc:
         status = exc.response.status_code

@@ -1,0 +1,29 @@
+"""Small WebSocket helpers shared by the OpenAI and vowel connectors."""
+
+from __future__ import annotations
+
+import logging
+
+__all__ = ["quiet_logger", "ws_url"]
+
+
+def ws_url(http_url: str) -> str:
+    """The WebSocket form of a base URL: ``https→wss``, ``http→ws``; trailing slashes dropped."""
+    base = http_url.rstrip("/")
+    if base.startswith("https://"):
+        return "wss://" + base[len("https://") :]
+    if base.startswith("http://"):
+        return "ws://" + base[len("http://") :]
+    return base
+
+
+class _NoDebugLogger(logging.LoggerAdapter[logging.Logger]):
+    """websockets dumps request headers (bearer keys and tokens) at DEBUG level: never do that."""
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level > logging.DEBUG and self.logger.isEnabledFor(level)
+
+
+def quiet_logger(name: str = "websockets.client") -> logging.LoggerAdapter[logging.Logger]:
+    """A websockets logger that never emits DEBUG lines (they would carry the Authorization header)."""
+    return _NoDebugLogger(logging.getLogger(name), {})
