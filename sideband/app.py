@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -154,6 +155,7 @@ class Sideband:
         self.on_transcript_hooks: list[Callable[..., Any]] = []
         self.on_dtmf_hooks: list[Callable[..., Any]] = []
         self.on_tool_hooks: list[Callable[..., Any]] = []
+        self._plans: dict[tuple[Any, ...], CallPlan] = {}
 
     # ------------------------------------------------------------------------------ decorators
     @overload
@@ -258,8 +260,32 @@ class Sideband:
         return result
 
     def plan(self, accept: Accept | None = None) -> CallPlan:
-        """The session and tools for an accepted call (``accept`` overrides on top of the app)."""
+        """The session and tools for an accepted call (``accept`` overrides on top of the app).
+
+        Plans are cached per distinct decision (the answer path builds each one once); the returned
+        session payload is shared and must not be mutated.
+        """
         accept = accept or Accept()
+        key = (
+            accept.instructions,
+            accept.voice,
+            accept.greeting,
+            accept.tools,
+            json.dumps(accept.session, sort_keys=True, default=str) if accept.session else "",
+            accept.max_call_duration,
+            accept.max_idle_duration,
+            id(self.config),
+            len(self.tools),
+        )
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._build_plan(accept)
+            if len(self._plans) >= 256:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
+
+    def _build_plan(self, accept: Accept) -> CallPlan:
         config = self.config.merged(
             instructions=accept.instructions, voice=accept.voice, greeting=accept.greeting, **accept.session
         )

@@ -24,6 +24,7 @@ from sideband.session import Accept, Decision, Refer, Reject, SessionConfigError
 from sideband.settings import Settings
 from sideband.stores import ClaimStore, MemoryStore
 from sideband.tickets import TicketError, TicketSigner
+from sideband.upstream._ws import resolve_proxy
 from sideband.upstream.openai import CallControl, CallGone, UpstreamError, connect_sideband, with_retries
 
 __all__ = ["Reply", "Service", "WebhookEvent"]
@@ -90,6 +91,8 @@ class Service:
         routes_file = settings.routes_file
         self.routes = RouteTable.load(routes_file, app.tools.names()) if routes_file else RouteTable({})
         self._http: aiohttp.ClientSession | None = None
+        self._sideband_url = settings.sideband_url
+        self._proxy: str | None = None
         self._control: CallControl | None = None
         self.log = structlog.get_logger(component="sideband.service")
 
@@ -100,6 +103,7 @@ class Service:
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
         )
+        self._proxy = resolve_proxy(self._sideband_url)
         self._control = CallControl(
             self._http, self.settings.openai_base_url, key.get_secret_value() if key else ""
         )
@@ -250,10 +254,10 @@ class Service:
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
         call_id, control = ctx.call_id, self.control
 
+        url, proxy, compression = self._sideband_url, self._proxy, settings.ws_compression
+
         async def connect() -> Any:
-            return await connect_sideband(
-                settings.sideband_url, call_id, key, compression=settings.ws_compression
-            )
+            return await connect_sideband(url, call_id, key, compression=compression, proxy=proxy)
 
         async def verb(name: str, target: str | None) -> None:
             async def attempt(timeout: float) -> None:

@@ -245,11 +245,16 @@ class CallRuntime:
 
     async def _pump(self, ws: ClientConnection) -> int | None:
         receive = self.machine.receive
+        handled = self.machine.handled_types
         while True:
             try:
                 message = await ws.recv()
             except ConnectionClosed as exc:
                 return exc.rcvd.code if exc.rcvd is not None else None
+            if isinstance(message, str):
+                etype = _leading_type(message)
+                if etype is not None and etype not in handled:
+                    continue  # deltas and other events the machine ignores: not worth decoding
             try:
                 event = json.loads(message)
             except ValueError:
@@ -429,6 +434,15 @@ class CallRuntime:
     async def wait_closed(self) -> None:
         """Wait until :meth:`run` has finished."""
         await self._closed.wait()
+
+
+def _leading_type(message: str) -> str | None:
+    """The event type when the frame starts with it (OpenAI and vowel put ``type`` first), else None."""
+    if not message.startswith('{"type":'):
+        return None
+    start = 9 if message[8:9] == '"' else 10 if message[8:10] == ' "' else 0
+    end = message.find('"', start) if start else -1
+    return message[start:end] if end > 0 else None
 
 
 class CallRegistry:

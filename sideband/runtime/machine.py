@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 __all__ = [
@@ -196,26 +197,13 @@ class CallMachine:
         self._end: _End | None = None
         self._closed: str | None = None
         self._seq = 0
-        self._handlers: dict[str, Callable[[dict[str, Any]], list[Action]]] = {
-            "session.created": self._on_session_created,
-            "session.updated": self._on_session_updated,
-            "response.created": self._on_response_created,
-            "response.done": self._on_response_done,
-            "response.function_call_arguments.done": self._on_arguments_done,
-            "response.output_item.added": self._on_output_item,
-            "response.output_item.done": self._on_output_item,
-            "conversation.item.input_audio_transcription.completed": self._on_caller_transcript,
-            "response.output_audio_transcript.done": self._on_agent_transcript,
-            "response.output_text.done": self._on_agent_text,
-            "response.text.done": self._on_agent_text,
-            "input_audio_buffer.speech_started": self._on_caller_activity,
-            "input_audio_buffer.dtmf_event_received": self._on_dtmf,
-            "output_audio_buffer.started": self._on_playback_started,
-            "output_audio_buffer.stopped": self._on_playback_stopped,
-            "error": self._on_error,
-        }
 
     # ------------------------------------------------------------------------------ properties
+    @property
+    def handled_types(self) -> frozenset[str]:
+        """Server event types this machine acts on; the driver may skip decoding any other."""
+        return _HANDLED_TYPES
+
     @property
     def closed(self) -> str | None:
         """The end reason once :class:`Close` was emitted."""
@@ -290,10 +278,10 @@ class CallMachine:
         """A server event arrived. Unknown types are ignored."""
         if self._closed is not None:
             return []
-        handler = self._handlers.get(event.get("type", ""))
+        handler = _HANDLERS.get(event.get("type", ""))
         if handler is None:
             return []
-        return handler(event)
+        return handler(self, event)
 
     def tool_done(self, call_id: str, output: str) -> list[Action]:
         """A tool finished (ok or not: ``output`` is what the model sees)."""
@@ -664,3 +652,29 @@ class CallMachine:
         self._closed = reason
         actions: list[Action] = [CancelTool(c.call_id) for c in self._calls.values() if c.state == "running"]
         return [*actions, Close(reason)]
+
+
+_Handler = Callable[["CallMachine", dict[str, Any]], list[Action]]
+
+# Server event type → handler. Read-only and shared by every call.
+_HANDLERS: Mapping[str, _Handler] = MappingProxyType(
+    {
+        "session.created": CallMachine._on_session_created,
+        "session.updated": CallMachine._on_session_updated,
+        "response.created": CallMachine._on_response_created,
+        "response.done": CallMachine._on_response_done,
+        "response.function_call_arguments.done": CallMachine._on_arguments_done,
+        "response.output_item.added": CallMachine._on_output_item,
+        "response.output_item.done": CallMachine._on_output_item,
+        "conversation.item.input_audio_transcription.completed": CallMachine._on_caller_transcript,
+        "response.output_audio_transcript.done": CallMachine._on_agent_transcript,
+        "response.output_text.done": CallMachine._on_agent_text,
+        "response.text.done": CallMachine._on_agent_text,
+        "input_audio_buffer.speech_started": CallMachine._on_caller_activity,
+        "input_audio_buffer.dtmf_event_received": CallMachine._on_dtmf,
+        "output_audio_buffer.started": CallMachine._on_playback_started,
+        "output_audio_buffer.stopped": CallMachine._on_playback_stopped,
+        "error": CallMachine._on_error,
+    }
+)
+_HANDLED_TYPES = frozenset(_HANDLERS)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["quiet_logger", "ws_url"]
+from websockets.proxy import get_proxy
+from websockets.uri import parse_uri
+
+__all__ = ["quiet_logger", "resolve_proxy", "ws_url"]
 
 
 def ws_url(http_url: str) -> str:
@@ -27,3 +30,9 @@ class _NoDebugLogger(logging.LoggerAdapter[logging.Logger]):
 def quiet_logger(name: str = "websockets.client") -> logging.LoggerAdapter[logging.Logger]:
     """A websockets logger that never emits DEBUG lines (they would carry the Authorization header)."""
     return _NoDebugLogger(logging.getLogger(name), {})
+
+
+def resolve_proxy(url: str) -> str | None:
+    """The proxy for WebSocket connections to ``url`` (``HTTPS_PROXY``/``NO_PROXY``… as websockets reads
+    them), resolved once: websockets would read the whole environment again on every connect."""
+    return get_proxy(parse_uri(url))

@@ -175,8 +175,11 @@ async def connect_sideband(
     *,
     compression: bool = False,
     open_timeout: float = 5.0,
+    proxy: str | None = None,
 ) -> ClientConnection:
     """Open the call-scoped WebSocket (PROTOCOL A3): Bearer key, no ``OpenAI-Beta`` header.
+
+    ``proxy``: an explicit proxy URL (see :func:`~sideband.upstream._ws.resolve_proxy`), or ``None``.
 
     Raises :class:`CallGone` on 404/410, :class:`SidebandRefused` on another refusal and
     :class:`UpstreamError` when the server cannot be reached.
@@ -190,6 +193,7 @@ async def connect_sideband(
             max_size=4 * 1024 * 1024,
             user_agent_header="sideband",
             logger=quiet_logger(),
+            proxy=proxy,
         )
     except InvalidStatus as exc:
         status = exc.response.status_code

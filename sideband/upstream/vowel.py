@@ -17,7 +17,7 @@ import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidMessage, InvalidStatus
 
-from sideband.upstream._ws import quiet_logger, ws_url
+from sideband.upstream._ws import quiet_logger, resolve_proxy, ws_url
 from sideband.upstream.openai import UpstreamError
 
 __all__ = [
@@ -257,6 +257,7 @@ async def connect_engine(
             max_size=16 * 1024 * 1024,
             user_agent_header="sideband",
             logger=quiet_logger(),
+            proxy=resolve_proxy(engine_socket_url(engine_url)),
         )
     except InvalidStatus as exc:
         status = exc.response.status_code
