@@ -92,6 +92,7 @@ class Service:
         self.routes = RouteTable.load(routes_file, app.tools.names()) if routes_file else RouteTable({})
         self._http: aiohttp.ClientSession | None = None
         self._sideband_url = settings.sideband_url
+        self._configs: dict[int, tuple[CallPlan, MachineConfig]] = {}
         self._proxy: str | None = None
         self._control: CallControl | None = None
         self.log = structlog.get_logger(component="sideband.service")
@@ -238,10 +239,12 @@ class Service:
             return Reply(200, {"status": "failed", "error": f"upstream answered {exc.status}"})
 
     # ------------------------------------------------------------------------------- calls
-    def launch(self, ctx: CallContext, plan: CallPlan, **log_fields: Any) -> CallRuntime:
-        """Start the call runtime (sideband attach happens in its own task)."""
-        app, settings = self.app, self.settings
-        tools = plan.tools
+    def _machine_config(self, plan: CallPlan) -> MachineConfig:
+        """The per-call policy for ``plan`` (built once per plan: plans are cached by the app)."""
+        cached = self._configs.get(id(plan))
+        if cached is not None and cached[0] is plan:
+            return cached[1]
+        settings, app, tools = self.settings, self.app, plan.tools
         config = MachineConfig(
             session=plan.session,
             greeting=plan.greeting,
@@ -251,6 +254,16 @@ class Service:
             filler_instructions=app.filler_instructions,
             goodbye_instructions=app.goodbye_instructions,
         )
+        if len(self._configs) >= 256:
+            self._configs.pop(next(iter(self._configs)))
+        self._configs[id(plan)] = (plan, config)  # the plan is kept alive, so its id stays unique
+        return config
+
+    def launch(self, ctx: CallContext, plan: CallPlan, **log_fields: Any) -> CallRuntime:
+        """Start the call runtime (sideband attach happens in its own task)."""
+        app, settings = self.app, self.settings
+        tools = plan.tools
+        config = self._machine_config(plan)
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
         call_id, control = ctx.call_id, self.control
 

@@ -172,6 +172,33 @@ def _output(call_id: str, output: str) -> dict[str, Any]:
 class CallMachine:
     """One call's protocol logic. Every public method returns the actions to carry out, in order."""
 
+    __slots__ = (
+        "_agent_lines",
+        "_answered_total",
+        "_calls",
+        "_closed",
+        "_create_sent",
+        "_end",
+        "_filler_spoken",
+        "_greeted",
+        "_last_error",
+        "_last_signature",
+        "_playing",
+        "_queued_say",
+        "_recent_creates",
+        "_repeat",
+        "_response_active",
+        "_retry_body",
+        "_running",
+        "_seq",
+        "_session_id",
+        "_session_ready",
+        "_started",
+        "_want_response",
+        "caps",
+        "config",
+    )
+
     def __init__(self, config: MachineConfig, caps: Capabilities | None = None) -> None:
         self.config = config
         self.caps = caps or Capabilities()
