@@ -1,0 +1,1015 @@
+"""sideband benchmarks: the answer path (issue 2) and tool rounds (issue 3), each beside a raw floor.
+
+    ./dev bench                     # full run, ~4 min
+    ./dev bench --quick             # ~30 s smoke run
+    ./dev bench --only answer|tools
+    ./dev bench --profile           # also run the server under cProfile (slower; numbers not comparable)
+
+Processes (all on 127.0.0.1):
+
+- the server under test in a subprocess: ``sideband serve benchmarks.bench_app:app`` (or the raw floor,
+  ``benchmarks/floor_answer.py``), pointed at the simulator;
+- the OpenAI Realtime simulator (``sideband.testing.Simulator`` with benchmark timestamps,
+  ``benchmarks/benchsim.py``) in this process;
+- the paced webhook sender (``benchmarks/sender.py``) in its own subprocess, so the simulator's event loop
+  and the sender's never slow each other down;
+- for tool rounds, the raw floor client ``benchmarks/floor_tools.py`` in its own subprocess.
+
+Results: printed tables, ``benchmarks/results/latest.json`` and ``benchmarks/results/latest.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from benchsim import BenchCall, BenchSimulator, error_codes  # noqa: E402
+from common import CpuWindow, MachineCpu, free_port, machine, percentile, raise_nofile, rss_bytes  # noqa: E402
+
+from sideband.testing import Script, WebhookSender, caller_hangs_up, pause  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results")
+PY = sys.executable
+
+TARGET_ANSWER_P99_RATIO = 1.5
+TARGET_SATURATION = 300
+TARGET_CPU_PER_CALL_MS = 3.0
+TARGET_TOOL_P99_RATIO = 1.3
+TARGET_CPU_PER_ROUND_US = 300.0
+TARGET_RSS_PER_CALL_KIB = 24.0
+REFERENCE_ANSWER = (
+    "Reference: the openai-agents SIP example measured 43 ms p99 at 20 calls/s and 11.9 ms CPU per call "
+    "on a similar harness."
+)
+REFERENCE_TOOLS = (
+    "Reference: the openai-agents SIP runner measured 16.8 ms p99 at 500 calls, 1,336 µs CPU per round and "
+    "96 KiB per idle call; permessage-deflate alone costs ~43 KiB per connection."
+)
+
+HOLD_SECONDS = 0.3
+"""How long a benchmark call lives after its accept before the caller hangs up."""
+ROUNDS_PER_CALL_CAP = 60
+"""The call machine's loop breaker answers the 65th tool call of a call with an error: stay below it."""
+
+
+@dataclass
+class Config:
+    steady_rates: tuple[int, ...] = (20, 100)
+    steady_seconds: float = 8.0
+    steady_warmup: float = 1.0
+    ramp_rates: tuple[int, ...] = (100, 200, 300, 400, 500)
+    ramp_seconds: float = 2.5
+    ramp_warmup: float = 0.5
+    p99_bound_ms: float = 100.0
+    warmup_seconds: float = 1.0
+    settle: float = 1.0
+    ramp_floor_attach: bool = True
+    quiet_wait: float = 6.0
+    tool_counts: tuple[int, ...] = (1, 100, 1000)
+    tool_rate: float = 200.0
+    single_call_rate: float = 20.0
+    tool_seconds: float = 6.0
+    compressions: tuple[bool, ...] = (False, True)
+    profile: bool = False
+    quick: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def quick_config() -> Config:
+    return Config(
+        steady_rates=(50,),
+        steady_seconds=1.5,
+        steady_warmup=0.3,
+        ramp_rates=(300,),
+        ramp_seconds=1.0,
+        ramp_warmup=0.3,
+        warmup_seconds=0.3,
+        settle=0.3,
+        tool_counts=(100,),
+        tool_seconds=1.0,
+        compressions=(False, True),
+        ramp_floor_attach=False,
+        quiet_wait=0.0,
+        quick=True,
+    )
+
+
+# --------------------------------------------------------------------------------------- processes
+class Proc:
+    """A subprocess (server under test or helper) with its output in ``results/logs``."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        os.makedirs(os.path.join(RESULTS, "logs"), exist_ok=True)
+        self.log_path = os.path.join(RESULTS, "logs", f"{name}.log")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, health_url: str, timeout: float = 30.0) -> None:
+        log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child, closed by the OS with it
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=asyncio.subprocess.STDOUT
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as http:
+            while True:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: see {self.log_path}")
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with http.get(health_url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                        if resp.status == 200:
+                            return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} not healthy within {timeout}s: see {self.log_path}")
+                await asyncio.sleep(0.1)
+
+    async def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def server_env(sim: BenchSimulator, *, compression: bool = False) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OPENAI_API_KEY=sim.api_key,
+        OPENAI_WEBHOOK_SECRET=sim.webhook_secret,
+        OPENAI_BASE_URL=sim.base_url,
+        SIDEBAND_LOG_LEVEL="warning",
+        SIDEBAND_LOG_FORMAT="json",
+        SIDEBAND_WS_COMPRESSION="true" if compression else "false",
+        SIDEBAND_MAX_IDLE_SECONDS="86400",
+        SIDEBAND_DRAIN_TIMEOUT="2",
+    )
+    return env
+
+
+def sideband_server(
+    sim: BenchSimulator, port: int, label: str, cfg: Config, *, compression: bool = False
+) -> Proc:
+    argv = [PY]
+    if cfg.profile:
+        os.makedirs(os.path.join(RESULTS, "profile"), exist_ok=True)
+        argv += ["-m", "cProfile", "-o", os.path.join(RESULTS, "profile", f"{label}.prof")]
+    argv += [
+        "-m",
+        "sideband.cli",
+        "serve",
+        "benchmarks.bench_app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    return Proc(label, argv, server_env(sim, compression=compression))
+
+
+def floor_server(sim: BenchSimulator, port: int, label: str, *, attach: bool = False) -> Proc:
+    env = server_env(sim)
+    env["FLOOR_ACCEPT_BODY"] = json.dumps(app_session())
+    argv = [PY, os.path.join(HERE, "floor_answer.py"), "--port", str(port), "--base-url", sim.base_url]
+    if attach:
+        argv.append("--attach")
+    return Proc(label, argv, env)
+
+
+def app_session() -> dict[str, Any]:
+    """The accept body / session.update the benchmark app sends (the floors send the same)."""
+    import bench_app
+
+    return bench_app.app.plan().session
+
+
+async def sleep_until(t: float) -> None:
+    delay = t - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+async def quiet(pids: list[int], *, max_wait: float, limit: float = 0.25) -> float:
+    """Wait (at most ``max_wait`` s) for a moment when processes other than ``pids`` use under ``limit``
+    cores: the machine may be shared. Returns the other load last seen, in cores."""
+    if max_wait <= 0:
+        return 0.0
+    deadline = time.monotonic() + max_wait
+    while True:
+        machine_cpu, ours = MachineCpu(), [CpuWindow(pid) for pid in pids]
+        machine_cpu.start()
+        for w in ours:
+            w.start()
+        await asyncio.sleep(0.4)
+        machine_cpu.stop()
+        for w in ours:
+            w.stop()
+        other = max(machine_cpu.seconds - sum(w.seconds for w in ours), 0.0) / 0.4
+        if other < limit or time.monotonic() > deadline:
+            return other
+
+
+async def wait_until(predicate: Any, timeout: float, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(step)
+    return True
+
+
+def ms(ns: float) -> float:
+    return ns / 1e6
+
+
+def r(x: float, digits: int = 2) -> float | None:
+    return None if math.isnan(x) else round(x, digits)  # NaN → None for JSON
+
+
+# ---------------------------------------------------------------------------------- answer path
+class Sender:
+    """The long-lived paced webhook sender subprocess (``benchmarks/sender.py``)."""
+
+    def __init__(self, url: str, secret: str) -> None:
+        self.url = url
+        self.secret = secret
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            PY,
+            os.path.join(HERE, "sender.py"),
+            "--url",
+            self.url,
+            "--secret",
+            self.secret,
+            cwd=ROOT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=256 * 1024 * 1024,
+        )
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=30)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"sender did not start: {line!r}")
+
+    async def request(self, spec: dict[str, Any]) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(spec) + "\n").encode())
+        await self.proc.stdin.drain()
+
+    async def result(self, timeout: float) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=timeout)
+        if not line:
+            raise RuntimeError("the sender exited")
+        data: dict[str, Any] = json.loads(line)
+        return data
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout=10)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def answer_phase(
+    sim: BenchSimulator,
+    *,
+    server: Proc,
+    sender: Sender,
+    kind: str,
+    rate: float,
+    warmup: float,
+    duration: float,
+    cfg: Config,
+) -> dict[str, Any]:
+    """Send signed webhooks at ``rate``/s for ``warmup + duration`` s; measure the last ``duration`` s."""
+    await quiet([server.pid, os.getpid(), sender.pid], max_wait=cfg.quiet_wait)
+    start_at = time.monotonic() + 0.3  # the sender prepares the bodies meanwhile
+    await sender.request({"rate": rate, "warmup": warmup, "duration": duration, "start_at": start_at})
+    win_start, win_end = start_at + warmup, start_at + warmup + duration
+    server_cpu, sim_cpu, sender_cpu = CpuWindow(server.pid), CpuWindow(os.getpid()), CpuWindow(sender.pid)
+    machine_cpu = MachineCpu()
+    await sleep_until(win_start)
+    for w in (server_cpu, sim_cpu, sender_cpu, machine_cpu):
+        w.start()
+    await sleep_until(win_end)
+    for w in (server_cpu, sim_cpu, sender_cpu, machine_cpu):
+        w.stop()
+    other = machine_cpu.seconds - server_cpu.seconds - sim_cpu.seconds - sender_cpu.seconds
+    data = await sender.result(timeout=60)
+    # Let every call of the phase run its course (the caller hangs up HOLD_SECONDS after the accept).
+    await wait_until(lambda: all(c.ended for c in sim.calls.values()), timeout=HOLD_SECONDS + 8)
+
+    lo, hi = int(win_start * 1e9), int(win_end * 1e9)
+    window = [row for row in data["calls"] if row and lo <= row[1] < hi]
+    latencies: list[float] = []
+    attach: list[float] = []
+    lags: list[float] = []
+    accepted = attached = answered = ok_status = 0
+    connects = updates = 0
+    errors: dict[str, int] = {}
+    for call_id, sent, _done, status, lag, error in window:
+        lags.append(ms(lag))
+        if error:
+            errors[error] = errors.get(error, 0) + 1
+        if status == 200:
+            ok_status += 1
+        call = sim.calls.get(call_id)
+        if not isinstance(call, BenchCall) or call.t_accept is None:
+            continue
+        accepted += 1
+        latencies.append(ms(call.t_accept - sent))
+        connects += call.sideband_connects
+        n_updates = call.session_updates()
+        updates += n_updates
+        if call.sideband_connects and n_updates:
+            attached += 1
+            if call.t_update is not None:
+                attach.append(ms(call.t_update - sent))
+        if status == 200 and (kind == "floor" or (call.sideband_connects and n_updates)):
+            answered += 1
+    sent_n = len(window)
+    p99 = percentile(latencies, 99)
+    lag_p99 = percentile(lags, 99)
+    bounded = bool(sent_n) and answered == sent_n and p99 <= cfg.p99_bound_ms
+    result = {
+        "rate": rate,
+        "seconds": duration,
+        "sent": sent_n,
+        "webhook_200": ok_status,
+        "accepted": accepted,
+        "answered": answered,
+        "sideband_connects_per_call": r(connects / sent_n, 3) if sent_n else None,
+        "session_updates_per_call": r(updates / sent_n, 3) if sent_n else None,
+        "p50_ms": r(percentile(latencies, 50)),
+        "p99_ms": r(p99),
+        "max_ms": r(max(latencies) if latencies else float("nan")),
+        "attach_p50_ms": r(percentile(attach, 50)) if kind != "floor" else None,
+        "attach_p99_ms": r(percentile(attach, 99)) if kind != "floor" else None,
+        "server_cpu_ms_per_call": r(server_cpu.seconds * 1000 / answered, 3) if answered else None,
+        "server_cpu_util": r(server_cpu.seconds / duration, 3),
+        "server_system_share": r(server_cpu.system / server_cpu.seconds, 3) if server_cpu.seconds else None,
+        "simulator_cpu_util": r(sim_cpu.seconds / duration, 3),
+        "sender_cpu_util": r(sender_cpu.seconds / duration, 3),
+        "other_cpu_util": r(max(other, 0.0) / duration, 3),
+        "sender_lag_p99_ms": r(lag_p99),
+        "generator_lagging": lag_p99 > 20.0,
+        "bounded": bounded,
+        "errors": errors,
+    }
+    sim.prune()
+    gc.collect()
+    return result
+
+
+async def answer_server(kind: str, cfg: Config, *, ramp: bool = True) -> dict[str, Any]:
+    """``kind``: ``sideband`` (the server under test), ``floor`` (verify + accept) or ``floor_attach``
+    (verify + accept + a bare websockets attach with session.update)."""
+    if kind == "floor":  # no sideband ever attaches: the caller hangs up when the attach wait runs out
+        script = Script([caller_hangs_up()], step_timeout=HOLD_SECONDS)
+    else:
+        script = Script([pause(HOLD_SECONDS), caller_hangs_up()], step_timeout=5.0)
+    sim = BenchSimulator(lazy_script=script)
+    await sim.start()
+    port = free_port()
+    label = f"answer-{kind}"
+    if kind == "sideband":
+        server = sideband_server(sim, port, label, cfg)
+    else:
+        server = floor_server(sim, port, label, attach=kind == "floor_attach")
+    sender = Sender(f"http://127.0.0.1:{port}/webhooks/openai", sim.webhook_secret)
+    out: dict[str, Any] = {"steady": [], "ramp": []}
+    try:
+        await server.start(f"http://127.0.0.1:{port}/healthz")
+        await sender.start()
+        common = {"server": server, "sender": sender, "kind": kind, "cfg": cfg}
+        await answer_phase(sim, rate=20, warmup=0.0, duration=cfg.warmup_seconds, **common)  # discarded
+        for rate in cfg.steady_rates:
+            phase = await answer_phase(
+                sim, rate=rate, warmup=cfg.steady_warmup, duration=cfg.steady_seconds, **common
+            )
+            out["steady"].append(phase)
+            print_answer_row(kind, "steady", phase)
+        for rate in cfg.ramp_rates if ramp else ():
+            phase = await answer_phase(
+                sim, rate=rate, warmup=cfg.ramp_warmup, duration=cfg.ramp_seconds, **common
+            )
+            out["ramp"].append(phase)
+            print_answer_row(kind, "ramp", phase)
+            if not phase["bounded"]:
+                break
+            await asyncio.sleep(cfg.settle / 2)
+    finally:
+        await sender.stop()
+        await server.stop()
+        await sim.close()
+    ok = [p["rate"] for p in out["ramp"] if p["bounded"]]
+    out["saturation"] = {
+        "highest_bounded_rate": max(ok) if ok else None,
+        "first_unbounded_rate": next((p["rate"] for p in out["ramp"] if not p["bounded"]), None),
+        "ramp_top": max(cfg.ramp_rates),
+    }
+    return out
+
+
+def print_answer_row(kind: str, phase: str, p: dict[str, Any]) -> None:
+    print(
+        f"  {kind:12} {phase:6} {p['rate']:>5.0f}/s  sent {p['sent']:>5}  answered {p['answered']:>5}  "
+        f"p50 {fmt(p['p50_ms'])} ms  p99 {fmt(p['p99_ms'])} ms  cpu/call "
+        f"{fmt(p['server_cpu_ms_per_call'], 3)} ms  "
+        f"server cpu {fmt_pct(p['server_cpu_util'])}  sim {fmt_pct(p['simulator_cpu_util'])}  "
+        f"sender {fmt_pct(p['sender_cpu_util'])}  other {fmt_pct(p['other_cpu_util'])}  "
+        f"lag p99 {fmt(p['sender_lag_p99_ms'])} ms" + ("" if p["bounded"] else "  UNBOUNDED"),
+        flush=True,
+    )
+
+
+async def answer_bench(cfg: Config) -> dict[str, Any]:
+    print("== Benchmark 1: answer path (signed webhook sent → accept received) ==", flush=True)
+    result = {
+        "floor": await answer_server("floor", cfg),
+        "floor_attach": await answer_server("floor_attach", cfg, ramp=cfg.ramp_floor_attach),
+        "sideband": await answer_server("sideband", cfg),
+    }
+    floor, sb = result["floor"], result["sideband"]
+    ratios = []
+    for f, s in zip(floor["steady"], sb["steady"], strict=True):
+        ratio = s["p99_ms"] / f["p99_ms"] if f["p99_ms"] and s["p99_ms"] else None
+        ratios.append({"rate": s["rate"], "p99_ratio": r(ratio) if ratio else None})
+    cpu = [s["server_cpu_ms_per_call"] for s in sb["steady"] if s["server_cpu_ms_per_call"] is not None]
+    floor_cpu = [
+        p["server_cpu_ms_per_call"]
+        for p in result["floor_attach"]["steady"]
+        if p["server_cpu_ms_per_call"] is not None
+    ]
+    sat = sb["saturation"]["highest_bounded_rate"]
+    result["targets"] = {
+        "p99_ratio": {
+            "target": f"≤ {TARGET_ANSWER_P99_RATIO}x the floor's p99",
+            "values": ratios,
+            "met": all(
+                x["p99_ratio"] is not None and x["p99_ratio"] <= TARGET_ANSWER_P99_RATIO for x in ratios
+            ),
+        },
+        "saturation": {
+            "target": f"never saturated below {TARGET_SATURATION} calls/s",
+            "value": sat,
+            "met": sat is not None and sat >= TARGET_SATURATION,
+        },
+        "cpu_per_call": {
+            "target": f"≤ {TARGET_CPU_PER_CALL_MS} ms CPU per answered call",
+            "value": max(cpu) if cpu else None,
+            "floor_attach": max(floor_cpu) if floor_cpu else None,
+            "met": bool(cpu) and max(cpu) <= TARGET_CPU_PER_CALL_MS,
+        },
+    }
+    return result
+
+
+# ---------------------------------------------------------------------------------- tool rounds
+async def drive_rounds(
+    sim: BenchSimulator, calls: list[BenchCall], rate: float, seconds: float, pid: int, *, quiet_wait: float
+) -> dict[str, Any]:
+    """Inject tool calls at ``rate``/s spread over ``calls`` (round robin over a shuffled order)."""
+    await quiet([pid, os.getpid()], max_wait=quiet_wait)
+    total = min(round(rate * seconds), ROUNDS_PER_CALL_CAP * len(calls))
+    order = list(calls)
+    random.Random(7).shuffle(order)
+    injected: list[tuple[BenchCall, str]] = []
+    tasks: list[asyncio.Task[bool]] = []
+    cpu = CpuWindow(pid)
+    sim_cpu = CpuWindow(os.getpid())
+    machine_cpu = MachineCpu()
+    t0 = time.monotonic() + 0.1
+    await sleep_until(t0)
+    cpu.start()
+    sim_cpu.start()
+    machine_cpu.start()
+    lags: list[float] = []
+    for i in range(total):
+        due = t0 + i / rate
+        await sleep_until(due)
+        lags.append((time.monotonic() - due) * 1000)
+        call = order[i % len(order)]
+        call_id = f"call_bench{i:07d}"
+        arguments = json.dumps({"n": i}, separators=(",", ":"))
+        tasks.append(asyncio.create_task(sim.inject_tool_call(call, "echo", arguments, call_id)))
+        injected.append((call, call_id))
+    await asyncio.gather(*tasks)
+    await wait_until(lambda: all(cid in c.outputs_at for c, cid in injected), timeout=10)
+    # the model's answer to each output (response.create → response) completes right after
+    await wait_until(lambda: all(c._active_response is None for c in calls), timeout=5, step=0.01)
+    await asyncio.sleep(0.05)
+    elapsed = time.monotonic() - t0
+    cpu.stop()
+    sim_cpu.stop()
+    machine_cpu.stop()
+    other = machine_cpu.seconds - cpu.seconds - sim_cpu.seconds
+    latencies = [ms(c.outputs_at[cid] - c.args_done[cid]) for c, cid in injected if cid in c.outputs_at]
+    done = len(latencies)
+    return {
+        "rate": rate,
+        "rounds": total,
+        "answered": done,
+        "p50_ms": r(percentile(latencies, 50), 3),
+        "p99_ms": r(percentile(latencies, 99), 3),
+        "max_ms": r(max(latencies) if latencies else float("nan"), 3),
+        "cpu_us_per_round": r(cpu.precise * 1e6 / done, 1) if done else None,
+        "cpu_us_per_round_ticks": r(cpu.seconds * 1e6 / done, 1) if done else None,
+        "cpu_util": r(cpu.precise / elapsed, 3),
+        "cpu_system_share": r(cpu.system / cpu.seconds, 3) if cpu.seconds else None,
+        "simulator_cpu_util": r(sim_cpu.precise / elapsed, 3),
+        "other_cpu_util": r(max(other, 0.0) / elapsed, 3),
+        "schedule_lag_p99_ms": r(percentile(lags, 99)),
+    }
+
+
+async def tools_sideband(n: int, compression: bool, rate: float, cfg: Config) -> dict[str, Any]:
+    sim = BenchSimulator(compress=compression)
+    await sim.start()
+    port = free_port()
+    label = f"tools-sideband-n{n}-{'deflate' if compression else 'plain'}"
+    server = sideband_server(sim, port, label, cfg, compression=compression)
+    sender = WebhookSender(f"http://127.0.0.1:{port}/webhooks/openai", sim.webhook_secret)
+    gate = asyncio.Semaphore(32)
+
+    async def place(call: BenchCall) -> None:
+        async with gate:
+            result = await sender.deliver(sim.incoming_event(call), timeout=30)
+            if not result.ok:
+                raise RuntimeError(f"webhook for {call.call_id} answered {result.attempts}")
+
+    def configured(calls: list[BenchCall]) -> bool:
+        return all(c.sent_of_type("session.updated") for c in calls)
+
+    try:
+        await server.start(f"http://127.0.0.1:{port}/healthz")
+        # warm-up: a few calls each do one tool round and hang up, so imports and caches are paid for
+        warm = [sim.new_call() for _ in range(8)]
+        await asyncio.gather(*(place(c) for c in warm))
+        await wait_until(lambda: configured(warm), timeout=30)
+        await asyncio.gather(
+            *(sim.inject_tool_call(c, "echo", '{"n":0}', f"call_warm{i}") for i, c in enumerate(warm))
+        )
+        await wait_until(lambda: all(c.outputs_at for c in warm), timeout=10)
+        await asyncio.sleep(0.2)
+        await asyncio.gather(*(sim.end_call(c) for c in warm))
+        await asyncio.sleep(cfg.settle / 2)
+        sim.prune()
+        rss_base = rss_bytes(server.pid)
+
+        calls = [sim.new_call() for _ in range(n)]
+        await asyncio.gather(*(place(c) for c in calls))
+        if not await wait_until(lambda: configured(calls), timeout=60, step=0.05):
+            raise RuntimeError("not every call got its session.update within 60 s")
+        await asyncio.sleep(cfg.settle)
+        rss_idle = rss_bytes(server.pid)
+        traffic = await drive_rounds(
+            sim, calls, rate, cfg.tool_seconds, server.pid, quiet_wait=cfg.quiet_wait
+        )
+        await asyncio.sleep(cfg.settle / 2)
+        rss_after = rss_bytes(server.pid)
+        traffic.update(
+            live_calls=n,
+            sideband_connects=sum(c.sideband_connects for c in calls),
+            errors=error_codes(list(calls)),
+            rss_base_mib=r(rss_base / 2**20),
+            rss_idle_mib=r(rss_idle / 2**20),
+            rss_after_mib=r(rss_after / 2**20),
+            rss_kib_per_idle_call=r((rss_idle - rss_base) / 1024 / n, 1),
+            rss_kib_per_call_after_traffic=r((rss_after - rss_base) / 1024 / n, 1),
+        )
+        return traffic
+    finally:
+        await sender.close()
+        await sim.close()
+        await server.stop()
+        gc.collect()
+
+
+async def tools_floor(n: int, compression: bool, rate: float, cfg: Config) -> dict[str, Any]:
+    sim = BenchSimulator(compress=compression)
+    await sim.start()
+    session = app_session()
+    calls = [sim.new_call() for _ in range(n)]
+    for call in calls:
+        call._accept(dict(session))  # as if accepted: the floor only holds sidebands
+    argv = [PY, os.path.join(HERE, "floor_tools.py"), "--url", sim.realtime_url, "--key", sim.api_key]
+    if compression:
+        argv.append("--compression")
+    floor = await asyncio.create_subprocess_exec(
+        *argv, cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert floor.stdin is not None and floor.stdout is not None
+    try:
+        floor.stdin.write(
+            (json.dumps({"call_ids": [c.call_id for c in calls], "session": session}) + "\n").encode()
+        )
+        await floor.stdin.drain()
+        ready = json.loads(await asyncio.wait_for(floor.stdout.readline(), timeout=120))
+        traffic = await drive_rounds(sim, calls, rate, cfg.tool_seconds, floor.pid, quiet_wait=cfg.quiet_wait)
+        traffic.update(
+            live_calls=n,
+            errors=error_codes(list(calls)),
+            rss_kib_per_idle_call=r((ready["rss_ready"] - ready["rss_before"]) / 1024 / n, 1),
+        )
+        return traffic
+    finally:
+        await sim.close()
+        floor.stdin.close()
+        try:
+            await asyncio.wait_for(floor.wait(), timeout=20)
+        except TimeoutError:
+            floor.kill()
+            await floor.wait()
+        gc.collect()
+
+
+async def tools_bench(cfg: Config) -> dict[str, Any]:
+    print(
+        "== Benchmark 2: tool rounds (function_call_arguments.done sent → function_call_output received) ==",
+        flush=True,
+    )
+    rows = []
+    for compression in cfg.compressions:
+        for n in cfg.tool_counts:
+            rate = cfg.tool_rate if n > 1 else cfg.single_call_rate
+            floor = await tools_floor(n, compression, rate, cfg)
+            sb = await tools_sideband(n, compression, rate, cfg)
+            ratio = sb["p99_ms"] / floor["p99_ms"] if floor["p99_ms"] and sb["p99_ms"] else None
+            row = {
+                "compression": compression,
+                "live_calls": n,
+                "floor": floor,
+                "sideband": sb,
+                "p99_ratio": r(ratio) if ratio else None,
+            }
+            rows.append(row)
+            print_tools_row(row)
+    ratios = [x["p99_ratio"] for x in rows]
+    cpu = [x["sideband"]["cpu_us_per_round"] for x in rows if x["live_calls"] > 1]
+    floor_cpu = [x["floor"]["cpu_us_per_round"] for x in rows if x["live_calls"] > 1]
+    floor_rss = [
+        x["floor"]["rss_kib_per_idle_call"] for x in rows if x["live_calls"] >= 100 and not x["compression"]
+    ]
+    rss = [
+        x["sideband"]["rss_kib_per_idle_call"]
+        for x in rows
+        if x["live_calls"] >= 100 and not x["compression"]
+    ]
+    return {
+        "rows": rows,
+        "targets": {
+            "p99_ratio": {
+                "target": f"≤ {TARGET_TOOL_P99_RATIO}x the floor's p99",
+                "values": ratios,
+                "met": all(v is not None and v <= TARGET_TOOL_P99_RATIO for v in ratios),
+            },
+            "cpu_per_round": {
+                "target": f"≤ {TARGET_CPU_PER_ROUND_US:.0f} µs CPU per round (rows with ≥ 100 calls)",
+                "value": max(cpu) if cpu else None,
+                "floor": max(floor_cpu) if floor_cpu else None,
+                "met": bool(cpu) and max(cpu) <= TARGET_CPU_PER_ROUND_US,
+            },
+            "rss_per_idle_call": {
+                "target": f"≤ {TARGET_RSS_PER_CALL_KIB:.0f} KiB RSS per idle call (no compression, ≥ 100 "
+                "calls)",
+                "value": max(rss) if rss else None,
+                "floor": max(floor_rss) if floor_rss else None,
+                "met": bool(rss) and max(rss) <= TARGET_RSS_PER_CALL_KIB,
+            },
+        },
+    }
+
+
+def print_tools_row(row: dict[str, Any]) -> None:
+    f, s = row["floor"], row["sideband"]
+    print(
+        f"  deflate={'on ' if row['compression'] else 'off'} N={row['live_calls']:>5}  {s['rate']:.0f}/s "
+        f"rounds {s['answered']}/{s['rounds']}  floor p50/p99 {fmt(f['p50_ms'], 3)}/{fmt(f['p99_ms'], 3)} "
+        "ms  "
+        f"sideband p50/p99 {fmt(s['p50_ms'], 3)}/{fmt(s['p99_ms'], 3)} ms  ratio {fmt(row['p99_ratio'])}  "
+        f"cpu/round {fmt(s['cpu_us_per_round'], 0)} µs (floor {fmt(f['cpu_us_per_round'], 0)})  "
+        f"RSS/call idle {fmt(s['rss_kib_per_idle_call'], 1)} KiB after "
+        f"{fmt(s['rss_kib_per_call_after_traffic'], 1)} KiB"
+        f"  errors {s['errors'] or '-'}",
+        flush=True,
+    )
+
+
+# ---------------------------------------------------------------------------------- reporting
+def fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def fmt_pct(x: Any) -> str:
+    return "-" if x is None else f"{x * 100:.0f}%"
+
+
+def mark(met: bool) -> str:
+    return "✅ met" if met else "❌ missed"
+
+
+def markdown(results: dict[str, Any], cfg: Config) -> str:
+    m = results["machine"]
+    lines = [
+        "## Benchmarks",
+        "",
+        f"`./dev bench{' --quick' if cfg.quick else ''}` on {m['nproc']} cores ({m['cpu_model']}), "
+        f"{m['memory_gib']} GiB, Linux {m['kernel']}, {m['implementation']} {m['python']} "
+        f"(aiohttp {m['packages']['aiohttp']}, websockets {m['packages']['websockets']}); "
+        f"everything on 127.0.0.1; {results['duration_s']:.0f} s in all. "
+        "The server under test runs in its own process (`sideband serve benchmarks.bench_app:app`: one "
+        "trivial "
+        "tool, no greeting, `SIDEBAND_LOG_LEVEL=warning`). The OpenAI simulator (`sideband.testing`, with "
+        "timestamps added in `benchmarks/benchsim.py`) runs in the runner's process; the paced webhook "
+        "sender and the floor clients run in processes of their own. Server CPU comes from `/proc/<pid>`, "
+        "RSS is `VmRSS`. Rates are open loop (a wall-clock schedule, not one request after another).",
+        "",
+    ]
+    if cfg.profile:
+        lines += ["> **Profiled run** (server under cProfile): these numbers are not comparable.", ""]
+    if "answer" in results:
+        lines += answer_markdown(results["answer"], cfg)
+    if "tools" in results:
+        lines += tools_markdown(results["tools"], cfg)
+    others = [
+        p.get("other_cpu_util") or 0.0
+        for kind in ("floor", "floor_attach", "sideband")
+        for p in results.get("answer", {}).get(kind, {}).get("steady", [])
+        + results.get("answer", {}).get(kind, {}).get("ramp", [])
+    ]
+    for row in results.get("tools", {}).get("rows", []):
+        others += [row["floor"].get("other_cpu_util") or 0.0, row["sideband"].get("other_cpu_util") or 0.0]
+    if others:
+        lines += [
+            f"Other processes on the machine used {sum(others) / len(others) * 100:.0f}% of a core on "
+            "average "
+            f"during the measured windows (at most {max(others) * 100:.0f}%); each window waits up to "
+            f"{cfg.quiet_wait:g} s for a quiet moment first.",
+            "",
+        ]
+    if cfg.notes:
+        lines += ["Notes:", "", *[f"- {n}" for n in cfg.notes], ""]
+    return "\n".join(lines)
+
+
+ANSWER_KINDS = (
+    ("floor", "floor: verify + accept"),
+    ("floor_attach", "floor + bare attach"),
+    ("sideband", "**sideband**"),
+)
+
+
+def answer_markdown(a: dict[str, Any], cfg: Config) -> list[str]:
+    lines = [
+        "### Answer path (issue 2)",
+        "",
+        "Signed `realtime.call.incoming` webhooks at a steady rate; latency runs from the moment the sender "
+        "POSTs the webhook to the moment the simulator receives the accept POST. The sideband server also "
+        "attaches the sideband and sends `session.update` on every call (counted below); each call ends "
+        f"with a clean caller hangup {HOLD_SECONDS:g} s after its accept. CPU per call is the server's "
+        "utime+stime over the steady window divided by the calls answered in it (so it includes the end of "
+        "each call). Floors: `benchmarks/floor_answer.py` verifies with `standardwebhooks` and POSTs the "
+        "accept over one shared aiohttp session, nothing else; with `--attach` it then also opens the "
+        "sideband with bare `websockets` and sends the same `session.update` (the least any server doing "
+        "the whole answered path could spend).",
+        "",
+        "| server | rate | calls | answered | sideband connects / call | session.update / call "
+        "| p50 ms | p99 ms | webhook→session.update p99 ms | CPU / call | server CPU |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for rate in cfg.steady_rates:
+        for kind, name in ANSWER_KINDS:
+            p = next((x for x in a.get(kind, {}).get("steady", []) if x["rate"] == rate), None)
+            if p is None:
+                continue
+            lines.append(
+                f"| {name} | {p['rate']:.0f}/s | {p['sent']} | {p['answered']} | "
+                f"{fmt(p['sideband_connects_per_call'])} | {fmt(p['session_updates_per_call'])} | "
+                f"{fmt(p['p50_ms'])} | {fmt(p['p99_ms'])} | {fmt(p['attach_p99_ms'])} | "
+                f"{fmt(p['server_cpu_ms_per_call'], 2)} ms | {fmt_pct(p['server_cpu_util'])} |"
+            )
+    ramp_kinds = [(k, n) for k, n in ANSWER_KINDS if a.get(k, {}).get("ramp")]
+    lines += [
+        "",
+        f"Saturation ramp ({cfg.ramp_seconds:g} s per step after {cfg.ramp_warmup:g} s of warm-up; a step is "
+        f"bounded when every call is answered and p99 ≤ {cfg.p99_bound_ms:g} ms; the ramp stops at the first "
+        "unbounded step). Each cell: p99 ms, answered/sent, server CPU.",
+        "",
+        "| rate | " + " | ".join(n for _, n in ramp_kinds) + " | simulator CPU (sideband run) |",
+        "|--:|" + "--:|" * len(ramp_kinds) + "--:|",
+    ]
+    for rate in cfg.ramp_rates:
+        cells = []
+        any_row = False
+        for kind, _ in ramp_kinds:
+            p = next((x for x in a[kind]["ramp"] if x["rate"] == rate), None)
+            if p is None:
+                cells.append("-")
+                continue
+            any_row = True
+            flag = "" if p["bounded"] else " ✗"
+            cells.append(f"{fmt(p['p99_ms'])}, {answered_of(p)}, {fmt_pct(p['server_cpu_util'])}{flag}")
+        if not any_row:
+            continue
+        sb = next((x for x in a["sideband"]["ramp"] if x["rate"] == rate), None)
+        lines.append(
+            f"| {rate}/s | " + " | ".join(cells) + f" | {fmt_pct(sb['simulator_cpu_util']) if sb else '-'} |"
+        )
+    sat = a["sideband"]["saturation"]
+    t = a["targets"]
+    ratio_text = ", ".join(f"{fmt(x['p99_ratio'])}x at {x['rate']:.0f}/s" for x in t["p99_ratio"]["values"])
+    tops = ", ".join(f"{n.strip('*')} {describe_sat(a[k]['saturation'])}" for k, n in ramp_kinds)
+    lines += [
+        "",
+        f"Highest bounded rate: {tops}.",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+        f"| p99 within {TARGET_ANSWER_P99_RATIO}x the floor's | {ratio_text} | "
+        f"{mark(t['p99_ratio']['met'])} |",
+        f"| never saturated below {TARGET_SATURATION} calls/s | {describe_sat(sat)} | "
+        f"{mark(t['saturation']['met'])} |",
+        f"| ≤ {TARGET_CPU_PER_CALL_MS:g} ms CPU per answered call | worst "
+        f"{fmt(t['cpu_per_call']['value'], 2)} ms "
+        f"(floor + bare attach: {fmt(t['cpu_per_call'].get('floor_attach'), 2)} ms) | "
+        f"{mark(t['cpu_per_call']['met'])} |",
+        "",
+        f"<!-- {REFERENCE_ANSWER} -->",
+        f"_{REFERENCE_ANSWER}_",
+        "",
+    ]
+    return lines
+
+
+def tools_markdown(tl: dict[str, Any], cfg: Config) -> list[str]:
+    lines = [
+        "### Tool rounds (issue 3)",
+        "",
+        f"N live calls attached by signed webhooks; then the simulator makes the model call the trivial tool "
+        f"at a steady rate spread over the calls ({cfg.tool_rate:g}/s; {cfg.single_call_rate:g}/s for one "
+        f"call, which stays under the call machine's loop breaker of 64 tool calls per call: at most "
+        f"{ROUNDS_PER_CALL_CAP} rounds per call) for {cfg.tool_seconds:g} s. Round trip runs from the "
+        "simulator sending `response.function_call_arguments.done` to it receiving the "
+        "`function_call_output`; the server runs a tool only after that response's `response.done`, and the "
+        "model's spoken answer to the output (about 14 more events) follows each round, so a round is about "
+        "25 server events and 2 client events. CPU per round is the server's on-CPU time "
+        "(`/proc/<pid>/task/*/schedstat`, ns resolution) over the traffic window divided by the rounds. RSS "
+        "per call is (RSS with N calls - RSS before them) / N, idle (attached, before traffic) and after "
+        "traffic. The floor (`benchmarks/floor_tools.py`) is a bare `websockets` client holding the same N "
+        "sidebands on the same simulator and answering each call at once.",
+        "",
+        "| deflate | live calls | rate | rounds | floor p50 / p99 ms | sideband p50 / p99 ms | p99 ratio "
+        "| CPU / round (floor) | RSS / idle call (floor) | RSS / call after traffic |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in tl["rows"]:
+        f, s = row["floor"], row["sideband"]
+        lines.append(
+            f"| {'on' if row['compression'] else 'off'} | {row['live_calls']} | {s['rate']:.0f}/s | "
+            f"{s['answered']}/{s['rounds']} | {fmt(f['p50_ms'], 2)} / {fmt(f['p99_ms'], 2)} | "
+            f"{fmt(s['p50_ms'], 2)} / {fmt(s['p99_ms'], 2)} | {fmt(row['p99_ratio'])}x | "
+            f"{fmt(s['cpu_us_per_round'], 0)} µs ({fmt(f['cpu_us_per_round'], 0)} µs) | "
+            f"{fmt(s['rss_kib_per_idle_call'], 1)} KiB ({fmt(f['rss_kib_per_idle_call'], 1)} KiB) | "
+            f"{fmt(s['rss_kib_per_call_after_traffic'], 1)} KiB |"
+        )
+    t = tl["targets"]
+    ratio_text = ", ".join(fmt(v) + "x" for v in t["p99_ratio"]["values"])
+    lines += [
+        "",
+        "With one live call the per-call figures are noise (a few pages of RSS; 60 rounds, so p99 ≈ max).",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+        f"| p99 within {TARGET_TOOL_P99_RATIO}x the floor's | {ratio_text} | {mark(t['p99_ratio']['met'])} |",
+        f"| ≤ {TARGET_CPU_PER_ROUND_US:.0f} µs CPU per round | worst "
+        f"{fmt(t['cpu_per_round']['value'], 0)} µs "
+        f"(bare websockets floor: {fmt(t['cpu_per_round'].get('floor'), 0)} µs) | "
+        f"{mark(t['cpu_per_round']['met'])} |",
+        f"| ≤ {TARGET_RSS_PER_CALL_KIB:.0f} KiB RSS per idle call (no deflate) | worst "
+        f"{fmt(t['rss_per_idle_call']['value'], 1)} KiB (floor: "
+        f"{fmt(t['rss_per_idle_call'].get('floor'), 1)} "
+        f"KiB) | {mark(t['rss_per_idle_call']['met'])} |",
+        "",
+        f"<!-- {REFERENCE_TOOLS} -->",
+        f"_{REFERENCE_TOOLS}_",
+        "",
+    ]
+    return lines
+
+
+def answered_of(p: dict[str, Any] | None) -> str:
+    return f"{p['answered']}/{p['sent']}" if p else "-"
+
+
+def describe_sat(sat: dict[str, Any]) -> str:
+    top = sat["highest_bounded_rate"]
+    if top is None:
+        return "none of the ramp's rates"
+    if sat["first_unbounded_rate"] is None:
+        return f"≥ {top} calls/s (the top of the ramp)"
+    return f"{top} calls/s (unbounded at {sat['first_unbounded_rate']})"
+
+
+def print_profiles() -> None:
+    import pstats
+
+    folder = os.path.join(RESULTS, "profile")
+    if not os.path.isdir(folder):
+        return
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".prof"):
+            continue
+        path = os.path.join(folder, name)
+        text_path = path[: -len(".prof")] + ".txt"
+        with open(text_path, "w") as out:
+            stats = pstats.Stats(path, stream=out)
+            stats.sort_stats("tottime").print_stats(40)
+            stats.sort_stats("cumulative").print_stats(60)
+        print(f"profile: {text_path}")
+
+
+# ---------------------------------------------------------------------------------- main
+async def main_async(cfg: Config, only: str | None) -> dict[str, Any]:
+    # The simulator shares this process: a collector pass over thousands of recorded calls stalls its
+    # event loop (gen-2 passes of 100+ ms were seen), so the collector runs only between phases.
+    gc.disable()
+    started = time.monotonic()
+    results: dict[str, Any] = {"machine": machine(), "quick": cfg.quick, "profile": cfg.profile}
+    if only in (None, "answer"):
+        results["answer"] = await answer_bench(cfg)
+    if only in (None, "tools"):
+        results["tools"] = await tools_bench(cfg)
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    results["config"] = {k: v for k, v in cfg.__dict__.items() if k != "notes"}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="sideband benchmarks (answer path, tool rounds)")
+    parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
+    parser.add_argument("--only", choices=("answer", "tools"), help="run one benchmark")
+    parser.add_argument("--profile", action="store_true", help="run the sideband server under cProfile")
+    args = parser.parse_args()
+    cfg = quick_config() if args.quick else Config()
+    cfg.profile = args.profile
+    limit = raise_nofile()
+    if limit < 4 * max(cfg.tool_counts) + 256:
+        cfg.notes.append(f"RLIMIT_NOFILE is only {limit}: the 1,000-call rows may fail.")
+    os.makedirs(RESULTS, exist_ok=True)
+    results = asyncio.run(main_async(cfg, args.only))
+    md = markdown(results, cfg)
+    with open(os.path.join(RESULTS, "latest.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(RESULTS, "latest.md"), "w") as f:
+        f.write(md)
+    print()
+    print(md)
+    print(f"wrote {os.path.relpath(os.path.join(RESULTS, 'latest.json'), ROOT)} and latest.md")
+    if args.profile:
+        print_profiles()
+
+
+if __name__ == "__main__":
+    main()
