@@ -18,6 +18,9 @@ from websockets.exceptions import ConnectionClosed
 
 from sideband.context import CallContext
 from sideband.runtime.machine import (
+    HANDLED_TYPES as _HANDLED,
+)
+from sideband.runtime.machine import (
     Action,
     CallMachine,
     CancelTimer,
@@ -244,31 +247,37 @@ class CallRuntime:
         return None
 
     async def _pump(self, ws: ClientConnection) -> int | None:
-        receive = self.machine.receive
-        handled = self.machine.handled_types
+        handle = self._handle
         while True:
             try:
                 message = await ws.recv()
             except ConnectionClosed as exc:
                 return exc.rcvd.code if exc.rcvd is not None else None
-            if isinstance(message, str):
-                etype = _leading_type(message)
-                if etype is not None and etype not in handled:
-                    continue  # deltas and other events the machine ignores: not worth decoding
-            try:
-                event = json.loads(message)
-            except ValueError:
-                self.log.warning("sideband.bad_frame", size=len(message))
-                continue
-            if not isinstance(event, dict):
-                continue
-            actions = receive(event)
-            if actions:
-                self._apply(actions)
-                if self._outbox:
-                    await self._flush()
+            # Decoding happens in a helper so that neither the frame nor the event stays referenced
+            # while the call idles (the last one is often the whole session echo).
+            if handle(message):
+                await self._flush()
+            message = ""
             if self.machine.closed is not None:
                 return None
+
+    def _handle(self, message: str | bytes) -> bool:
+        """Feed one frame to the machine; True if something waits in the outbox."""
+        if isinstance(message, str):
+            etype = _leading_type(message)
+            if etype is not None and etype not in _HANDLED:
+                return False  # deltas and other events the machine ignores: not worth decoding
+        try:
+            event = json.loads(message)
+        except ValueError:
+            self.log.warning("sideband.bad_frame", size=len(message))
+            return False
+        if not isinstance(event, dict):
+            return False
+        actions = self.machine.receive(event)
+        if actions:
+            self._apply(actions)
+        return bool(self._outbox)
 
     # ------------------------------------------------------------------------------- actions
     def _apply(self, actions: list[Action]) -> None:

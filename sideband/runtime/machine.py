@@ -227,11 +227,6 @@ class CallMachine:
 
     # ------------------------------------------------------------------------------ properties
     @property
-    def handled_types(self) -> frozenset[str]:
-        """Server event types this machine acts on; the driver may skip decoding any other."""
-        return _HANDLED_TYPES
-
-    @property
     def closed(self) -> str | None:
         """The end reason once :class:`Close` was emitted."""
         return self._closed
@@ -704,4 +699,5 @@ _HANDLERS: Mapping[str, _Handler] = MappingProxyType(
         "error": CallMachine._on_error,
     }
 )
-_HANDLED_TYPES = frozenset(_HANDLERS)
+HANDLED_TYPES = frozenset(_HANDLERS)
+"""Server event types a :class:`CallMachine` acts on; drivers may skip decoding any other."""
