@@ -41,7 +41,16 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from benchsim import BenchCall, BenchSimulator, error_codes  # noqa: E402
-from common import CpuWindow, MachineCpu, free_port, machine, percentile, raise_nofile, rss_bytes  # noqa: E402
+from common import (  # noqa: E402
+    CpuWindow,
+    MachineCpu,
+    code_version,
+    free_port,
+    machine,
+    percentile,
+    raise_nofile,
+    rss_bytes,
+)
 
 from sideband.testing import Script, WebhookSender, caller_hangs_up, pause  # noqa: E402
 
@@ -798,7 +807,7 @@ def markdown(results: dict[str, Any], cfg: Config) -> str:
         f"`./dev bench{' --quick' if cfg.quick else ''}` on {m['nproc']} cores ({m['cpu_model']}), "
         f"{m['memory_gib']} GiB, Linux {m['kernel']}, {m['implementation']} {m['python']} "
         f"(aiohttp {m['packages']['aiohttp']}, websockets {m['packages']['websockets']}); "
-        f"everything on 127.0.0.1; {results['duration_s']:.0f} s in all. "
+        f"everything on 127.0.0.1; code at `{results['code']}`; {results['duration_s']:.0f} s in all. "
         "The server under test runs in its own process (`sideband serve benchmarks.bench_app:app`: one "
         "trivial "
         "tool, no greeting, `SIDEBAND_LOG_LEVEL=warning`). The OpenAI simulator (`sideband.testing`, with "
@@ -1038,7 +1047,12 @@ async def main_async(cfg: Config, only: str | None) -> dict[str, Any]:
     # event loop (gen-2 passes of 100+ ms were seen), so the collector runs only between phases.
     gc.disable()
     started = time.monotonic()
-    results: dict[str, Any] = {"machine": machine(), "quick": cfg.quick, "profile": cfg.profile}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "code": code_version(ROOT),
+        "quick": cfg.quick,
+        "profile": cfg.profile,
+    }
     if only in (None, "answer"):
         results["answer"] = await answer_bench(cfg)
     if only in (None, "tools"):
