@@ -117,6 +117,23 @@ class Sideband:
     >>> app = Sideband(instructions="You are the order desk.", voice="marin")
     >>> @app.tool
     ... async def lookup_order(order_id: str) -> dict: ...
+
+    Args:
+        instructions: System instructions of every call (a route or ``Accept`` may override them).
+        voice: Output voice (e.g. ``"marin"``).
+        model: Realtime model (default ``gpt-realtime``).
+        greeting: Instructions for the one greeting per call; ``None`` waits for the caller to speak.
+        session: A full :class:`SessionConfig` to start from (the arguments above apply on top).
+        transfer_targets: Label → ``tel:``/``sip:`` URI; the only places ``transfer`` may send a call.
+        tool_timeout: Default seconds a tool may run before the model gets a timeout output.
+        filler_after: Default seconds before a holding phrase while a tool runs (``None``: never).
+        filler_instructions: What the model is told to say as a holding phrase.
+        goodbye_instructions: What the model is told when a limit ends the call.
+        max_call_duration: Seconds before goodbye and hangup (default ``SIDEBAND_MAX_CALL_SECONDS``).
+        max_idle_duration: Seconds without caller speech before goodbye and hangup.
+        max_tool_calls: Tool calls allowed in one call before the model is told to stop.
+        max_identical_calls: Identical consecutive tool calls allowed before the model is told to stop.
+        name: Shown in logs.
     """
 
     def __init__(
@@ -134,6 +151,8 @@ class Sideband:
         goodbye_instructions: str | None = None,
         max_call_duration: float | None = None,
         max_idle_duration: float | None = None,
+        max_tool_calls: int = 64,
+        max_identical_calls: int = 3,
         name: str = "sideband",
     ) -> None:
         config = (session or SessionConfig()).merged(instructions=instructions, voice=voice)
@@ -149,6 +168,8 @@ class Sideband:
         self.goodbye_instructions = goodbye_instructions or DEFAULT_GOODBYE
         self.max_call_duration = max_call_duration
         self.max_idle_duration = max_idle_duration
+        self.max_tool_calls = max_tool_calls
+        self.max_identical_calls = max_identical_calls
         self._route: RouteHook | None = None
         self.on_call_start_hooks: list[Callable[..., Any]] = []
         self.on_call_end_hooks: list[Callable[..., Any]] = []

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["CallActions", "CallContext", "SipHeader"]
+__all__ = ["NO_ACTIONS", "CallActions", "CallContext", "SipHeader"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,10 @@ class _NoActions:
         raise RuntimeError("no live call behind this context")
 
 
+NO_ACTIONS: CallActions = _NoActions()
+"""Actions for a context with no live call behind it (stateless, shared)."""
+
+
 @dataclass(slots=True)
 class CallContext:
     """Everything a tool knows about the call it serves.
@@ -57,7 +61,7 @@ class CallContext:
     to_number: str | None = None
     sip_headers: tuple[SipHeader, ...] = ()
     state: dict[str, Any] = field(default_factory=dict)
-    actions: CallActions = field(default_factory=_NoActions)
+    actions: CallActions = NO_ACTIONS
 
     def header(self, name: str) -> str | None:
         """First value of the SIP header ``name`` (case-insensitive), untrusted."""

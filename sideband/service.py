@@ -169,7 +169,8 @@ class Service:
 
     async def _decide(self, call: IncomingCall) -> Decision:
         try:
-            return await asyncio.wait_for(self.app.decide(call), self.settings.route_budget)
+            async with asyncio.timeout(self.settings.route_budget):
+                return await self.app.decide(call)
         except TimeoutError:
             self.log.error("call.route_failed", error="timeout", budget_s=self.settings.route_budget)
         except Exception as exc:
@@ -253,6 +254,8 @@ class Service:
             max_idle_duration=plan.max_idle_duration or settings.max_idle_duration,
             filler_instructions=app.filler_instructions,
             goodbye_instructions=app.goodbye_instructions,
+            max_tool_calls=app.max_tool_calls,
+            max_identical_calls=app.max_identical_calls,
         )
         if len(self._configs) >= 256:
             self._configs.pop(next(iter(self._configs)))

@@ -16,7 +16,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from sideband.context import CallContext
+from sideband.context import NO_ACTIONS, CallContext
 from sideband.runtime.machine import (
     HANDLED_TYPES as _HANDLED,
 )
@@ -189,6 +189,10 @@ class CallRuntime:
                 tool_calls=len(self.summary.tools),
             )
             await self._hooks(self.hooks.on_call_end, self.ctx, self.summary)
+            # Break the context ↔ runtime cycle so an ended call is freed by reference counting, not
+            # by the cyclic collector (whose pauses grow with the number of ended calls).
+            self.ctx.actions = NO_ACTIONS
+            self._ws = None
             self._closed.set()
         return self.summary.reason
 
@@ -434,7 +438,8 @@ class CallRuntime:
         ws = self._ws
         if ws is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await ws.close()
         while self._side_tasks or tasks:
             pending = [*tasks, *self._side_tasks]
             tasks = []

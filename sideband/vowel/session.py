@@ -286,6 +286,8 @@ class EngineSession:
                 app.max_idle_duration or settings.max_idle_duration, token.max_idle_duration
             ),
             end_cap=self.end_cap,
+            max_tool_calls=app.max_tool_calls,
+            max_identical_calls=app.max_identical_calls,
         )
 
         async def connect() -> ClientConnection:
