@@ -1,4 +1,4 @@
-"""sideband benchmarks: the answer path (issue 2) and tool rounds (issue 3), each beside a raw floor.
+"""sideband benchmarks: the answer path and tool rounds, each beside a raw floor.
 
     ./dev bench                     # full run, ~4 min
     ./dev bench --quick             # ~30 s smoke run
@@ -870,7 +870,7 @@ ANSWER_KINDS = (
 
 def answer_markdown(a: dict[str, Any], cfg: Config) -> list[str]:
     lines = [
-        "### Answer path (issue 2)",
+        "### Answer path",
         "",
         "Signed `realtime.call.incoming` webhooks at a steady rate; latency runs from the moment the sender "
         "POSTs the webhook to the moment the simulator receives the accept POST. The sideband server also "
@@ -952,7 +952,7 @@ def answer_markdown(a: dict[str, Any], cfg: Config) -> list[str]:
 
 def tools_markdown(tl: dict[str, Any], cfg: Config) -> list[str]:
     lines = [
-        "### Tool rounds (issue 3)",
+        "### Tool rounds",
         "",
         f"N live calls attached by signed webhooks; then the simulator makes the model call the trivial tool "
         f"at a steady rate spread over the calls ({cfg.tool_rate:g}/s; {cfg.single_call_rate:g}/s for one "
