@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {"host": args.host, "port": args.port},
                 require=("openai_api_key", "openai_webhook_secret"),
             )
-            configure_logging(settings.log_format, settings.log_level)
+            configure_logging(settings.log_format, settings.log_level or "info")
             app = load_app(args.app)
             asyncio.run(serve(settings, app))
             return 0
@@ -140,8 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sideband.vowel.dial import REQUIRED_SETTINGS, run_dial
 
             settings = load_settings(require=REQUIRED_SETTINGS)
-            level = settings.log_level if "SIDEBAND_LOG_LEVEL" in os.environ else "warning"
-            configure_logging(settings.log_format, level, stream=sys.stderr)
+            configure_logging(settings.log_format, settings.log_level or "warning", stream=sys.stderr)
             return asyncio.run(run_dial(settings, load_app(args.app), args.say))
     except (SettingsError, CliError) as exc:
         print(f"sideband: {exc}", file=sys.stderr)

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     host: str = _env("SIDEBAND_HOST", "0.0.0.0")  # noqa: S104 - a server listens on all interfaces
     port: int = Field(default=8080, ge=0, le=65535, validation_alias=AliasChoices("SIDEBAND_PORT"))
     log_format: Literal["json", "console"] | None = _env("SIDEBAND_LOG_FORMAT")
-    log_level: Literal["debug", "info", "warning", "error"] = _env("SIDEBAND_LOG_LEVEL", "info")
+    log_level: Literal["debug", "info", "warning", "error"] | None = _env("SIDEBAND_LOG_LEVEL")
+    """``None`` when unset: each command picks its default (``serve``: info; ``dial``: warning)."""
     log_tool_arguments: bool = _env("SIDEBAND_LOG_TOOL_ARGUMENTS", False)
 
     webhook_max_body: int = Field(default=256 * 1024, gt=0, validation_alias="SIDEBAND_WEBHOOK_MAX_BODY")

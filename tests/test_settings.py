@@ -120,7 +120,7 @@ def test_defaults() -> None:
     assert s.host == "0.0.0.0"
     assert s.port == 8080
     assert s.log_format is None
-    assert s.log_level == "info"
+    assert s.log_level is None  # each command picks its default
     assert s.log_tool_arguments is False
     assert s.webhook_tolerance == 300.0
     assert s.dedup_ttl == 72 * 3600.0
