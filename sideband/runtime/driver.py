@@ -7,7 +7,7 @@ import contextlib
 import inspect
 import json
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,6 +43,35 @@ Connect = Callable[[], Awaitable[ClientConnection]]
 VerbCall = Callable[[str, str | None], Awaitable[None]]
 
 _CLEAN_CLOSES = frozenset({1000, 1001})
+
+
+class Flag:
+    """A one-way flag to wait on, like :class:`asyncio.Event` but allocating its event (and the event's
+    waiter deque) only when someone actually waits: a live call keeps three of these."""
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._event: asyncio.Event | None = None
+        self._set = False
+
+    def set(self) -> None:
+        """Raise the flag and wake every waiter."""
+        self._set = True
+        if self._event is not None:
+            self._event.set()
+
+    def is_set(self) -> bool:
+        """Whether the flag is raised."""
+        return self._set
+
+    async def wait(self) -> bool:
+        """Wait until the flag is raised."""
+        if not self._set:
+            if self._event is None:
+                self._event = asyncio.Event()
+            await self._event.wait()
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +116,30 @@ class CallRuntime:
     Implements :class:`sideband.context.CallActions` for the call's context.
     """
 
+    __slots__ = (
+        "_closed",
+        "_connect",
+        "_flushing",
+        "_log_args",
+        "_log_fields",
+        "_outbox",
+        "_reattach_attempts",
+        "_side_tasks",
+        "_targets",
+        "_timers",
+        "_tool_tasks",
+        "_verb_call",
+        "_ws",
+        "attached",
+        "ctx",
+        "hooks",
+        "log",
+        "machine",
+        "ready",
+        "summary",
+        "tools",
+    )
+
     def __init__(
         self,
         *,
@@ -112,16 +165,16 @@ class CallRuntime:
         self._log_args = log_tool_arguments
         self._log_fields = dict(log_fields or {})
         self._ws: ClientConnection | None = None
-        self._outbox: deque[str] = deque()
+        self._outbox: list[str] = []  # a few frames at most; a deque would cost 760 bytes per call
         self._flushing = False
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._closed = asyncio.Event()
+        self._closed = Flag()
         self.summary = CallSummary(ctx.call_id, ctx.source)
-        self.attached = asyncio.Event()
+        self.attached = Flag()
         """Set once the first socket is open (tests and benchmarks wait on it)."""
-        self.ready = asyncio.Event()
+        self.ready = Flag()
         """Set once the server confirmed the session (``session.updated``)."""
         self.log = structlog.get_logger(component="sideband.call").bind(
             call_id=ctx.call_id, **self._log_fields
@@ -337,7 +390,7 @@ class CallRuntime:
                     await ws.send(text)
                 except ConnectionClosed:
                     return  # kept in the outbox for a re-attached socket
-                self._outbox.popleft()
+                del self._outbox[0]
         finally:
             self._flushing = False
 
