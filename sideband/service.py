@@ -7,7 +7,7 @@ import dataclasses
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +167,20 @@ class Service:
                 await self.store.release(f"webhook:{webhook_id}")
             return reply
 
+    async def _retrying(
+        self,
+        attempt: Callable[[float], Awaitable[None]],
+        on_retry: Callable[[int, UpstreamError], None] | None = None,
+    ) -> None:
+        """A call-control verb under the accept budget: retried on 5xx/timeouts, never on 404."""
+        settings = self.settings
+        await with_retries(
+            attempt,
+            budget=settings.accept_budget,
+            attempt_timeout=settings.accept_attempt_timeout,
+            on_retry=on_retry,
+        )
+
     async def _decide(self, call: IncomingCall) -> Decision:
         try:
             async with asyncio.timeout(self.settings.route_budget):
@@ -194,13 +208,11 @@ class Service:
             status_code=getattr(decision, "status_code", None),
             target=getattr(decision, "target_uri", None),
         )
-        call_id, control, settings = call.call_id, self.control, self.settings
+        call_id, control = call.call_id, self.control
         try:
             if plan is not None:
-                await with_retries(
+                await self._retrying(
                     lambda t: control.accept(call_id, plan.session, timeout=t),
-                    budget=settings.accept_budget,
-                    attempt_timeout=settings.accept_attempt_timeout,
                     on_retry=lambda n, e: self.log.warning("call.accept_retry", attempt=n, status=e.status),
                 )
                 latency = time.monotonic() - received
@@ -209,20 +221,12 @@ class Service:
                 self.launch(call.context(), plan)
                 return Reply(200, {"status": "accepted"})
             if isinstance(decision, Reject):
-                await with_retries(
-                    lambda t: control.reject(call_id, decision.status_code, timeout=t),
-                    budget=settings.accept_budget,
-                    attempt_timeout=settings.accept_attempt_timeout,
-                )
+                await self._retrying(lambda t: control.reject(call_id, decision.status_code, timeout=t))
                 self.counters["rejected"] += 1
                 self.log.info("call.rejected", status_code=decision.status_code)
                 return Reply(200, {"status": "rejected"})
             assert isinstance(decision, Refer)
-            await with_retries(
-                lambda t: control.refer(call_id, decision.target_uri, timeout=t),
-                budget=settings.accept_budget,
-                attempt_timeout=settings.accept_attempt_timeout,
-            )
+            await self._retrying(lambda t: control.refer(call_id, decision.target_uri, timeout=t))
             self.counters["referred"] += 1
             self.log.info("call.referred", target=decision.target_uri)
             return Reply(200, {"status": "referred"})
@@ -282,9 +286,7 @@ class Service:
                 else:
                     await control.hangup(call_id, timeout=timeout)
 
-            await with_retries(
-                attempt, budget=settings.accept_budget, attempt_timeout=settings.accept_attempt_timeout
-            )
+            await self._retrying(attempt)
 
         runtime = CallRuntime(
             machine=CallMachine(config),
