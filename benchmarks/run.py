@@ -9,8 +9,8 @@ Processes (all on 127.0.0.1):
 
 - the server under test in a subprocess: ``sideband serve benchmarks.bench_app:app`` (or the raw floor,
   ``benchmarks/floor_answer.py``), pointed at the simulator;
-- the OpenAI Realtime simulator (``sideband.testing.Simulator`` with benchmark timestamps,
-  ``benchmarks/benchsim.py``) in this process;
+- the OpenAI Realtime simulator (``sideband.testing.Simulator``: its call timestamps, on-demand function
+  calls, calls created for invented call ids, optional permessage-deflate) in this process;
 - the paced webhook sender (``benchmarks/sender.py``) in its own subprocess, so the simulator's event loop
   and the sender's never slow each other down;
 - for tool rounds, the raw floor client ``benchmarks/floor_tools.py`` in its own subprocess.
@@ -40,7 +40,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from benchsim import BenchCall, BenchSimulator, error_codes  # noqa: E402
 from common import (  # noqa: E402
     CpuWindow,
     MachineCpu,
@@ -52,7 +51,15 @@ from common import (  # noqa: E402
     rss_bytes,
 )
 
-from sideband.testing import Script, WebhookSender, caller_hangs_up, pause  # noqa: E402
+from sideband.testing import (  # noqa: E402
+    Script,
+    SimCall,
+    Simulator,
+    WebhookSender,
+    caller_hangs_up,
+    pause,
+)
+from sideband.testing.simulator import InjectedCall  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 PY = sys.executable
@@ -168,7 +175,7 @@ class Proc:
             await self.proc.wait()
 
 
-def server_env(sim: BenchSimulator, *, compression: bool = False) -> dict[str, str]:
+def server_env(sim: Simulator, *, compression: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         OPENAI_API_KEY=sim.api_key,
@@ -183,9 +190,7 @@ def server_env(sim: BenchSimulator, *, compression: bool = False) -> dict[str, s
     return env
 
 
-def sideband_server(
-    sim: BenchSimulator, port: int, label: str, cfg: Config, *, compression: bool = False
-) -> Proc:
+def sideband_server(sim: Simulator, port: int, label: str, cfg: Config, *, compression: bool = False) -> Proc:
     env = server_env(sim, compression=compression)
     argv = [PY]
     if cfg.profile:
@@ -207,7 +212,7 @@ def sideband_server(
     return Proc(label, argv, env)
 
 
-def floor_server(sim: BenchSimulator, port: int, label: str, *, attach: bool = False) -> Proc:
+def floor_server(sim: Simulator, port: int, label: str, *, attach: bool = False) -> Proc:
     env = server_env(sim)
     env["FLOOR_ACCEPT_BODY"] = json.dumps(app_session())
     argv = [PY, os.path.join(HERE, "floor_answer.py"), "--port", str(port), "--base-url", sim.base_url]
@@ -221,6 +226,28 @@ def app_session() -> dict[str, Any]:
     import bench_app
 
     return bench_app.app.plan().session
+
+
+def session_updates(call: SimCall) -> int:
+    """How many ``session.update`` events the controller sent on ``call``."""
+    return sum(1 for e in call.received if e.get("type") == "session.update")
+
+
+def error_codes(calls: list[SimCall]) -> dict[str, int]:
+    """Count of ``error`` events the simulator sent over ``calls``, by code (should stay empty)."""
+    codes: dict[str, int] = {}
+    for call in calls:
+        for event in call.sent_of_type("error"):
+            code = str(event.get("error", {}).get("code"))
+            codes[code] = codes.get(code, 0) + 1
+    return codes
+
+
+def prune(sim: Simulator) -> None:
+    """Forget ended calls and the request log (keeps the runner's memory flat across phases)."""
+    for call_id in [cid for cid, call in sim.calls.items() if call.ended]:
+        del sim.calls[call_id]
+    sim.requests.clear()
 
 
 async def sleep_until(t: float) -> None:
@@ -349,7 +376,7 @@ class Sender:
 
 
 async def answer_phase(
-    sim: BenchSimulator,
+    sim: Simulator,
     *,
     server: Proc,
     sender: Sender,
@@ -392,17 +419,17 @@ async def answer_phase(
         if status == 200:
             ok_status += 1
         call = sim.calls.get(call_id)
-        if not isinstance(call, BenchCall) or call.t_accept is None:
+        if call is None or call.accept_received_ns is None:
             continue
         accepted += 1
-        latencies.append(ms(call.t_accept - sent))
+        latencies.append(ms(call.accept_received_ns - sent))
         connects += call.sideband_connects
-        n_updates = call.session_updates()
+        n_updates = session_updates(call)
         updates += n_updates
         if call.sideband_connects and n_updates:
             attached += 1
-            if call.t_update is not None:
-                attach.append(ms(call.t_update - sent))
+            if call.first_session_update_ns is not None:
+                attach.append(ms(call.first_session_update_ns - sent))
         if status == 200 and (kind == "floor" or (call.sideband_connects and n_updates)):
             answered += 1
     sent_n = len(window)
@@ -435,7 +462,7 @@ async def answer_phase(
         "errors": errors,
         "window": [win_start, win_end],
     }
-    sim.prune()
+    prune(sim)
     gc.collect()
     return result
 
@@ -447,7 +474,7 @@ async def answer_server(kind: str, cfg: Config, *, ramp: bool = True) -> dict[st
         script = Script([caller_hangs_up()], step_timeout=HOLD_SECONDS)
     else:
         script = Script([pause(HOLD_SECONDS), caller_hangs_up()], step_timeout=5.0)
-    sim = BenchSimulator(lazy_script=script)
+    sim = Simulator(auto_create_calls=True, auto_call_script=script)
     await sim.start()
     port = free_port()
     label = f"answer-{kind}"
@@ -549,15 +576,16 @@ async def answer_bench(cfg: Config) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- tool rounds
 async def drive_rounds(
-    sim: BenchSimulator, calls: list[BenchCall], rate: float, seconds: float, pid: int, *, quiet_wait: float
+    sim: Simulator, calls: list[SimCall], rate: float, seconds: float, pid: int, *, quiet_wait: float
 ) -> dict[str, Any]:
     """Inject tool calls at ``rate``/s spread over ``calls`` (round robin over a shuffled order)."""
     await quiet([pid, os.getpid()], max_wait=quiet_wait)
     total = min(round(rate * seconds), ROUNDS_PER_CALL_CAP * len(calls))
     order = list(calls)
     random.Random(7).shuffle(order)
-    injected: list[tuple[BenchCall, str]] = []
-    tasks: list[asyncio.Task[bool]] = []
+    # Each round ends with the model's answer to the controller's response.create (an "auto" response).
+    answers_due = {c.call_id: sum(1 for x in c.responses if x.source == "auto") for c in calls}
+    tasks: list[asyncio.Task[InjectedCall]] = []
     cpu = CpuWindow(pid)
     sim_cpu = CpuWindow(os.getpid())
     machine_cpu = MachineCpu()
@@ -572,21 +600,33 @@ async def drive_rounds(
         await sleep_until(due)
         lags.append((time.monotonic() - due) * 1000)
         call = order[i % len(order)]
-        call_id = f"call_bench{i:07d}"
         arguments = json.dumps({"n": i}, separators=(",", ":"))
-        tasks.append(asyncio.create_task(sim.inject_tool_call(call, "echo", arguments, call_id)))
-        injected.append((call, call_id))
-    await asyncio.gather(*tasks)
-    await wait_until(lambda: all(cid in c.outputs_at for c, cid in injected), timeout=10)
+        tasks.append(
+            asyncio.create_task(call.inject_function_call("echo", arguments, call_id=f"call_bench{i:07d}"))
+        )
+        answers_due[call.call_id] += 1
+    injected = [
+        x for x in await asyncio.gather(*tasks, return_exceptions=True) if isinstance(x, InjectedCall)
+    ]
+    await asyncio.gather(*(x.wait_output(timeout=10) for x in injected), return_exceptions=True)
+
     # the model's answer to each output (response.create → response) completes right after
-    await wait_until(lambda: all(c._active_response is None for c in calls), timeout=5, step=0.01)
+    def answered(call: SimCall) -> bool:
+        done = [x for x in call.responses if x.source == "auto" and x.status != "in_progress"]
+        return len(done) >= answers_due[call.call_id]
+
+    await asyncio.gather(*(c.wait_for(answered, timeout=5) for c in calls), return_exceptions=True)
     await asyncio.sleep(0.05)
     elapsed = time.monotonic() - t0
     cpu.stop()
     sim_cpu.stop()
     machine_cpu.stop()
     other = machine_cpu.seconds - cpu.seconds - sim_cpu.seconds
-    latencies = [ms(c.outputs_at[cid] - c.args_done[cid]) for c, cid in injected if cid in c.outputs_at]
+    latencies = [
+        ms(x.output_ns - x.arguments_done_ns)
+        for x in injected
+        if x.output_ns is not None and x.arguments_done_ns is not None
+    ]
     done = len(latencies)
     return {
         "rate": rate,
@@ -607,7 +647,7 @@ async def drive_rounds(
 
 
 async def tools_sideband(n: int, compression: bool, rate: float, cfg: Config) -> dict[str, Any]:
-    sim = BenchSimulator(compress=compression)
+    sim = Simulator(ws_compression=compression)
     await sim.start()
     port = free_port()
     label = f"tools-sideband-n{n}-{'deflate' if compression else 'plain'}"
@@ -615,32 +655,32 @@ async def tools_sideband(n: int, compression: bool, rate: float, cfg: Config) ->
     sender = WebhookSender(f"http://127.0.0.1:{port}/webhooks/openai", sim.webhook_secret)
     gate = asyncio.Semaphore(32)
 
-    async def place(call: BenchCall) -> None:
+    async def place(call: SimCall) -> None:
         async with gate:
             result = await sender.deliver(sim.incoming_event(call), timeout=30)
             if not result.ok:
                 raise RuntimeError(f"webhook for {call.call_id} answered {result.attempts}")
 
-    def configured(calls: list[BenchCall]) -> bool:
+    def configured(calls: list[SimCall]) -> bool:
         return all(c.sent_of_type("session.updated") for c in calls)
 
     try:
         await server.start(f"http://127.0.0.1:{port}/healthz")
         # warm-up: a few calls each do one tool round and hang up, so imports and caches are paid for
-        warm = [sim.new_call() for _ in range(8)]
+        warm = [sim.create_call() for _ in range(8)]
         await asyncio.gather(*(place(c) for c in warm))
         await wait_until(lambda: configured(warm), timeout=30)
-        await asyncio.gather(
-            *(sim.inject_tool_call(c, "echo", '{"n":0}', f"call_warm{i}") for i, c in enumerate(warm))
+        rounds = await asyncio.gather(
+            *(c.inject_function_call("echo", '{"n":0}', call_id=f"call_warm{i}") for i, c in enumerate(warm))
         )
-        await wait_until(lambda: all(c.outputs_at for c in warm), timeout=10)
+        await asyncio.gather(*(x.wait_output(timeout=10) for x in rounds), return_exceptions=True)
         await asyncio.sleep(0.2)
-        await asyncio.gather(*(sim.end_call(c) for c in warm))
+        await asyncio.gather(*(sim.hang_up(c) for c in warm))
         await asyncio.sleep(cfg.settle / 2)
-        sim.prune()
+        prune(sim)
         rss_base = rss_bytes(server.pid)
 
-        calls = [sim.new_call() for _ in range(n)]
+        calls = [sim.create_call() for _ in range(n)]
         await asyncio.gather(*(place(c) for c in calls))
         if not await wait_until(lambda: configured(calls), timeout=60, step=0.05):
             raise RuntimeError("not every call got its session.update within 60 s")
@@ -674,12 +714,10 @@ async def tools_sideband(n: int, compression: bool, rate: float, cfg: Config) ->
 
 
 async def tools_floor(n: int, compression: bool, rate: float, cfg: Config) -> dict[str, Any]:
-    sim = BenchSimulator(compress=compression)
+    sim = Simulator(ws_compression=compression)
     await sim.start()
     session = app_session()
-    calls = [sim.new_call() for _ in range(n)]
-    for call in calls:
-        call._accept(dict(session))  # as if accepted: the floor only holds sidebands
+    calls = [sim.create_call(accept_body=session) for _ in range(n)]  # the floor only holds sidebands
     argv = [PY, os.path.join(HERE, "floor_tools.py"), "--url", sim.realtime_url, "--key", sim.api_key]
     if compression:
         argv.append("--compression")
@@ -810,8 +848,8 @@ def markdown(results: dict[str, Any], cfg: Config) -> str:
         f"everything on 127.0.0.1; code at `{results['code']}`; {results['duration_s']:.0f} s in all. "
         "The server under test runs in its own process (`sideband serve benchmarks.bench_app:app`: one "
         "trivial "
-        "tool, no greeting, `SIDEBAND_LOG_LEVEL=warning`). The OpenAI simulator (`sideband.testing`, with "
-        "timestamps added in `benchmarks/benchsim.py`) runs in the runner's process; the paced webhook "
+        "tool, no greeting, `SIDEBAND_LOG_LEVEL=warning`). The OpenAI simulator (`sideband.testing`, its "
+        "own timestamps and on-demand function calls) runs in the runner's process; the paced webhook "
         "sender and the floor clients run in processes of their own. Server CPU comes from `/proc/<pid>`, "
         "RSS is `VmRSS`. Rates are open loop (a wall-clock schedule, not one request after another).",
         "",

@@ -33,6 +33,7 @@ from sideband.testing import (
     pause,
     wait_for_greeting,
 )
+from sideband.testing.simulator import InjectedCall
 
 AUTH = {"Authorization": "Bearer sk-test"}
 CASSETTES = Path(__file__).parent / "data" / "cassettes" / "openai"
@@ -1235,6 +1236,235 @@ async def test_event_shapes_match_real_recordings(simulator: Simulator, http: ai
         "output_audio_buffer.started",
         "output_audio_buffer.stopped",
     }
+
+
+# ------------------------------------------------------------------------------------------ load-test hooks
+
+
+def response_types(events: list[dict[str, Any]]) -> list[str]:
+    """The event types of the last response in ``events`` (``response.created`` … ``response.done``)."""
+    start = max(i for i, e in enumerate(events) if e["type"] == "response.created")
+    return [e["type"] for e in events[start:]]
+
+
+async def answer_output(ws: ClientConnection, call_id: str, output: str) -> None:
+    item = {"type": "function_call_output", "call_id": call_id, "output": output}
+    await send(ws, {"type": "conversation.item.create", "item": item})
+
+
+async def test_inject_function_call_streams_like_model_calls(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = await live_call(simulator, http, Script([model_calls("lookup", {"order_id": "42"})]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        scripted = await recv_until(ws, "response.done")
+        done = next(e for e in scripted if e["type"] == "response.function_call_arguments.done")
+        await answer_output(ws, done["call_id"], "{}")
+        await call.wait_done(timeout=5)
+
+        before = time.monotonic_ns()
+        injected = await call.inject_function_call("lookup", {"order_id": "42"})
+        events = await recv_until(ws, "response.done")
+        received = time.monotonic_ns()
+        assert response_types(events) == response_types(scripted)
+        args_done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+        assert (args_done["name"], args_done["arguments"]) == ("lookup", '{"order_id":"42"}')
+        assert args_done["call_id"] == injected.call_id and re.fullmatch(r"call_\w+", injected.call_id)
+        assert injected.arguments == '{"order_id":"42"}' and injected.name == "lookup"
+        assert injected.response_id == events[-1]["response"]["id"] == call.responses[-1].response_id
+        assert injected.arguments_done_ns is not None and before <= injected.arguments_done_ns <= received
+        assert injected.output is None and injected.output_ns is None
+
+        sent_at = time.monotonic_ns()
+        await answer_output(ws, injected.call_id, '{"status":"shipped"}')
+        assert await injected.wait_output(timeout=5) == '{"status":"shipped"}'
+        assert injected.output_ns is not None and sent_at <= injected.output_ns <= time.monotonic_ns()
+        ack = (await recv_until(ws, "conversation.item.done"))[-1]
+        assert ack["item"]["type"] == "function_call_output"
+        assert ack["previous_item_id"] == args_done["item_id"]
+
+        # The model's answer to the controller's next response.create follows by itself.
+        await send(ws, {"type": "response.create"})
+        answer = (await recv_until(ws, "response.done"))[-1]
+        assert answer["response"]["status"] == "completed"
+    assert [(r.source, r.trigger) for r in call.responses] == [
+        ("script", "spontaneous"),
+        ("injected", "spontaneous"),
+        ("auto", "response.create"),
+    ]
+    assert call.responses[1].call_ids == [injected.call_id]
+    assert call.output_for(injected.call_id) == '{"status":"shipped"}'
+
+
+async def test_inject_function_call_ids_and_refusals(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    ringing = simulator.create_call()
+    with pytest.raises(RuntimeError, match="not live"):
+        await ringing.inject_function_call("echo")
+    call = await live_call(simulator, http)
+    async with ws_connect(simulator, call) as ws:
+        first = await call.inject_function_call("echo", "not json", call_id="call_mine")
+        events = await recv_until(ws, "response.done")
+        args_done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+        assert (args_done["call_id"], args_done["arguments"]) == ("call_mine", "not json")
+        with pytest.raises(ValueError, match="already in use"):
+            await call.inject_function_call("echo", call_id="call_mine")
+        with pytest.raises(ValueError):
+            await call.inject_function_call("", {})
+        # Two injections queue behind each other, one response each.
+        second, third = await asyncio.gather(
+            call.inject_function_call("echo", {"n": 2}), call.inject_function_call("echo", {"n": 3})
+        )
+        await recv_until(ws, "response.done")
+        await recv_until(ws, "response.done")
+        assert len({first.response_id, second.response_id, third.response_id}) == 3
+        assert [e["arguments"] for e in call.sent_of_type("response.function_call_arguments.done")] == [
+            "not json",
+            '{"n":2}',
+            '{"n":3}',
+        ]
+        # No output comes before the caller hangs up: the waiter learns it at once.
+        waiting = asyncio.create_task(first.wait_output(timeout=5))
+        await simulator.hang_up(call)
+        with pytest.raises(RuntimeError, match="ended before"):
+            await waiting
+    with pytest.raises(RuntimeError, match="not live"):
+        await call.inject_function_call("echo")
+    with pytest.raises(TimeoutError):
+        await InjectedCall("call_x", "echo", "{}").wait_output(timeout=0.01)
+
+
+async def test_inject_function_call_without_a_sideband_has_no_send_time(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = await live_call(simulator, http)
+    injected = await call.inject_function_call("echo")
+    assert injected.arguments_done_ns is None and injected.response_id is not None and not call.sent
+
+
+async def test_accept_and_first_session_update_timestamps(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = simulator.create_call()
+    assert call.accept_received_ns is None and call.first_session_update_ns is None
+    before = time.monotonic_ns()
+    await accept(simulator, http, call)
+    after = time.monotonic_ns()
+    assert call.accept_received_ns is not None and before <= call.accept_received_ns <= after
+    async with ws_connect(simulator, call) as ws:
+        assert call.first_session_update_ns is None
+        sent_at = time.monotonic_ns()
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        assert (await recv(ws))["type"] == "session.updated"
+        first = call.first_session_update_ns
+        assert first is not None and sent_at <= first <= time.monotonic_ns()
+        await send(ws, {"type": "session.update", "session": {"type": "realtime", "instructions": "x"}})
+        assert (await recv(ws))["type"] == "session.updated"
+        assert call.first_session_update_ns == first
+    # A second (refused) accept does not move the first stamp.
+    stamp = call.accept_received_ns
+    url = f"{simulator.base_url}/realtime/calls/{call.call_id}/accept"
+    assert (await post(http, url, {"type": "realtime"}))[0] == 404
+    assert call.accept_received_ns == stamp
+
+
+async def test_auto_create_calls_accepts_invented_call_ids(http: aiohttp.ClientSession) -> None:
+    script = Script([model_says("Hello."), caller_hangs_up()])
+    async with Simulator(auto_create_calls=True, auto_call_script=script) as sim:
+        invented = "rtc_" + "ab" * 16
+        sim.fail_accept(invented, 503)  # faults queued for a call id not seen yet still apply
+        url = f"{sim.base_url}/realtime/calls/{invented}/accept"
+        before = time.monotonic_ns()
+        assert (await post(http, url, {"type": "realtime"}))[0] == 503
+        call = sim.calls[invented]
+        assert (call.status, call.kind) == ("ringing", "sip") and call.script is script
+        stamp = call.accept_received_ns
+        assert stamp is not None and stamp >= before
+        assert (await post(http, url, {"type": "realtime"}))[0] == 200
+        assert (call.status, call.accept_received_ns) == ("accepted", stamp)
+        assert sim.incoming_event(call)["data"]["call_id"] == invented
+        async with ws_connect(sim, call) as ws:
+            await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+            await recv_until(ws, "response.done")
+            await call.wait_done(timeout=5)
+        assert call.end_reason == "caller_hangup"
+        # Only accept creates calls; the other verbs on unknown ids are still 404.
+        other = f"{sim.base_url}/realtime/calls/rtc_{'cd' * 16}"
+        assert (await post(http, f"{other}/hangup"))[0] == 404
+        assert (await post(http, f"{other}/reject"))[0] == 404
+        assert f"rtc_{'cd' * 16}" not in sim.calls
+        # An auto-created call with the default (empty) script.
+        sim.auto_call_script = Script()
+        assert (await post(http, f"{other}/accept", {"type": "realtime"}))[0] == 200
+        assert sim.calls[f"rtc_{'cd' * 16}"].script.steps == ()
+
+
+async def test_stock_simulator_does_not_create_calls_or_stamp_unknown_ids(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    assert not simulator.auto_create_calls and not simulator.ws_compression
+    url = f"{simulator.base_url}/realtime/calls/rtc_{'ef' * 16}/accept"
+    assert (await post(http, url, {"type": "realtime"}))[0] == 404
+    assert simulator.calls == {}
+
+
+async def test_create_call_already_accepted(simulator: Simulator) -> None:
+    body = {"type": "realtime", "instructions": "Be brief.", "tools": [{"type": "function", "name": "echo"}]}
+    call = simulator.create_call(accept_body=body)
+    assert call.status == "accepted" and call.accept_body == body and call.accept_received_ns is None
+    assert call.session is not None and call.session["instructions"] == "Be brief."
+    assert call.session["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    async with ws_connect(simulator, call) as ws:
+        injected = await call.inject_function_call("echo", {"n": 1})
+        done = next(
+            e
+            for e in await recv_until(ws, "response.done")
+            if e["type"] == "response.function_call_arguments.done"
+        )
+        await answer_output(ws, done["call_id"], "1")
+        assert await injected.wait_output(timeout=5) == "1"
+    calls = len(simulator.calls)
+    with pytest.raises(ValueError, match="invalid accept body"):
+        simulator.create_call(accept_body={"instructions": "no type"})
+    with pytest.raises(ValueError, match="not supported for SIP"):
+        simulator.create_call(
+            accept_body={"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm"}}}}
+        )
+    assert len(simulator.calls) == calls
+
+
+@pytest.mark.parametrize("offered", [True, False])
+async def test_ws_compression(http: aiohttp.ClientSession, offered: bool) -> None:
+    async with Simulator(ws_compression=True) as sim:
+        call = await live_call(sim, http)
+        async with connect(
+            sim.sideband_url(call),
+            additional_headers=AUTH,
+            open_timeout=5,
+            max_queue=None,
+            compression="deflate" if offered else None,
+        ) as ws:
+            assert ws.response is not None
+            extensions = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+            assert ("permessage-deflate" in extensions) is offered
+            await send(
+                ws, {"type": "session.update", "session": {"type": "realtime", "instructions": "x" * 4000}}
+            )
+            updated = await recv(ws)
+            assert updated["type"] == "session.updated" and updated["session"]["instructions"] == "x" * 4000
+
+
+async def test_stock_simulator_declines_compression(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = await live_call(simulator, http)
+    async with ws_connect(simulator, call) as ws:  # websockets offers permessage-deflate by default
+        assert ws.response is not None
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        assert (await recv(ws))["type"] == "session.updated"
 
 
 # ------------------------------------------------------------------------------------------ lifecycle

@@ -46,6 +46,7 @@ from .script import (
     Script,
     Step,
     WaitForGreeting,
+    model_calls,
 )
 from .sender import DeliveryResult, WebhookSender
 
@@ -54,6 +55,7 @@ __all__ = [
     "DEFAULT_WEBHOOK_SECRET",
     "CallStatus",
     "Fault",
+    "InjectedCall",
     "RequestRecord",
     "ResponseRecord",
     "ScriptError",
@@ -166,18 +168,62 @@ class ResponseRecord:
     """One model response on a call.
 
     ``trigger``: ``"response.create"`` (answering the controller), ``"vad"`` (after the caller spoke) or
-    ``"spontaneous"``. ``source``: ``"script"`` or ``"auto"`` (a generic answer to an unscripted
-    ``response.create``). ``request`` is the ``response`` object of that ``response.create`` (``{}`` if it had
-    none, ``None`` when not triggered by the controller).
+    ``"spontaneous"``. ``source``: ``"script"``, ``"auto"`` (a generic answer to an unscripted
+    ``response.create``) or ``"injected"`` (:meth:`SimCall.inject_function_call`). ``request`` is the
+    ``response`` object of that ``response.create`` (``{}`` if it had none, ``None`` when not triggered by the
+    controller).
     """
 
     response_id: str
     trigger: Literal["response.create", "vad", "spontaneous"]
-    source: Literal["script", "auto"]
+    source: Literal["script", "auto", "injected"]
     request: dict[str, Any] | None
     status: str = "in_progress"
     text: str | None = None
     call_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class InjectedCall:
+    """A function call the model made on demand (:meth:`SimCall.inject_function_call`), with timestamps.
+
+    Timestamps are ``time.monotonic_ns()`` (one clock for every process on the machine, so they compare with
+    stamps taken elsewhere):
+
+    - ``arguments_done_ns``: just before ``response.function_call_arguments.done`` went to the sideband
+      (``None`` if no sideband was attached to receive it);
+    - ``output_ns``: when the matching ``function_call_output`` arrived (``None`` until then), with its
+      ``output`` string. Only the first output for ``call_id`` counts.
+
+    ``response_id`` is the model response that carried the call (see :attr:`SimCall.responses`).
+    """
+
+    call_id: str
+    name: str
+    arguments: str
+    response_id: str | None = None
+    arguments_done_ns: int | None = None
+    output: str | None = None
+    output_ns: int | None = None
+    _settled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    async def wait_output(self, timeout: float = 10.0) -> str:
+        """Wait for the controller's ``function_call_output`` and return it (its arrival is ``output_ns``).
+
+        Raises :class:`TimeoutError` if none arrives within ``timeout`` s, :class:`RuntimeError` if the call
+        ends first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._settled.wait()
+        except TimeoutError:
+            raise TimeoutError(
+                f"no function_call_output for {self.call_id} ({self.name}) within {timeout}s"
+            ) from None
+        if self.output is None:
+            raise RuntimeError(
+                f"the call ended before the function_call_output for {self.call_id} ({self.name})"
+            )
+        return self.output
 
 
 @dataclass(slots=True)
@@ -536,7 +582,12 @@ class SimCall:
     - ``responses`` (:class:`ResponseRecord` per model response), ``function_outputs`` (``(call_id,
       output)`` in arrival order), ``transcript`` (``(role, text)`` lines);
     - ``script_error`` (why the script failed, or ``None``), ``internal_errors`` (simulator bugs: tracebacks),
-      ``accept_faults`` (faults queued for the next accept attempts), ``webhook_delivery``.
+      ``accept_faults`` (faults queued for the next accept attempts), ``webhook_delivery``;
+    - ``accept_received_ns`` (when the first accept request for the call reached its handler) and
+      ``first_session_update_ns`` (when the first ``session.update`` arrived): ``time.monotonic_ns()``, or
+      ``None`` before that happened.
+
+    :meth:`inject_function_call` makes the model call a function at any moment of a live call.
     """
 
     def __init__(
@@ -580,6 +631,8 @@ class SimCall:
         self.ephemeral_key: str | None = None
         self.webhook_delivery: DeliveryResult | None = None
         self.accept_faults: deque[Fault] = sim._call_faults.pop(call_id, deque())
+        self.accept_received_ns: int | None = None
+        self.first_session_update_ns: int | None = None
 
         self._sim = sim
         self._session_id = "sess_" + call_id.removeprefix("rtc_")
@@ -613,6 +666,7 @@ class SimCall:
         self._response_count = 0
         self._awaiting_ids: list[str] = []
         self._vad_turn = False
+        self._injected: dict[str, InjectedCall] = {}
 
     def __repr__(self) -> str:
         return f"<SimCall {self.call_id} {self.kind} status={self.status} end_reason={self.end_reason}>"
@@ -719,6 +773,51 @@ class SimCall:
         """Server events of one type, in order."""
         return [e for e in self.sent if e["type"] == event_type]
 
+    # ------------------------------------------------------------------------------------ on demand
+
+    async def inject_function_call(
+        self, name: str, arguments: Mapping[str, Any] | str | None = None, *, call_id: str | None = None
+    ) -> InjectedCall:
+        """The model calls ``name(arguments)`` now, whatever the script is doing, in a response of its own.
+
+        The events are those of a scripted :func:`~sideband.testing.model_calls` (``response.created``,
+        ``response.output_item.added``, ``conversation.item.added``, argument deltas,
+        ``response.function_call_arguments.done``, ``conversation.item.done``, ``response.output_item.done``,
+        ``response.done``; ``PROTOCOL.md`` A4). A response in progress finishes first. ``arguments``: a dict
+        is sent as compact JSON, a str verbatim; ``call_id`` is generated (``call_…``) when not given.
+
+        Returns once ``response.done`` went out; the record's :meth:`InjectedCall.wait_output` waits for the
+        controller's output. The controller's next ``response.create`` is answered as any other: by the
+        script if a step is waiting for one, else with the simulator's ``auto_answer_text``. The script does
+        not wait for injected calls and the call's :attr:`responses` records the response with
+        ``source="injected"``.
+
+        Raises :class:`RuntimeError` if the call is not live (never accepted, or ended), :class:`ValueError`
+        if ``call_id`` is already in the conversation.
+        """
+        spec = model_calls(name, {} if arguments is None else arguments, call_id=call_id).calls[0]
+        if spec.call_id is None:
+            spec = FunctionCallSpec(spec.name, spec.arguments, "call_" + secrets.token_hex(8))
+        assert spec.call_id is not None
+        injected = InjectedCall(spec.call_id, spec.name, spec.arguments)
+        async with self._response_lock:
+            if self.status != "accepted" or self._ended.is_set():
+                raise RuntimeError(f"call {self.call_id} is not live (status {self.status})")
+            if spec.call_id in self._function_calls or spec.call_id in self._injected:
+                raise ValueError(f"call {self.call_id}: function call_id {spec.call_id!r} is already in use")
+            self._injected[spec.call_id] = injected
+            record = await self._emit_response(
+                text=None,
+                calls=(spec,),
+                status="completed",
+                create=None,
+                trigger="spontaneous",
+                source="injected",
+                injected=injected,
+            )
+        injected.response_id = record.response_id
+        return injected
+
     def _notify(self) -> None:
         if self._waiters:
             self._tick.set()
@@ -726,18 +825,20 @@ class SimCall:
 
     # ------------------------------------------------------------------------------------ sending
 
-    async def _send(self, event_type: str, /, **fields: Any) -> None:
+    async def _send(self, event_type: str, /, **fields: Any) -> bool:
+        """Send one server event to the attached sideband(s); False if none was attached (event dropped)."""
         event: dict[str, Any] = {"type": event_type, "event_id": self._sim._new_id("event_")}
         event.update(fields)
         sockets = [a for a in self._sockets if not a.ws.closed]
         if not sockets:
-            return
+            return False
         self.sent.append(event)
         data = json.dumps(event)
         for attachment in sockets:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await attachment.ws.send_str(data)
         self._notify()
+        return True
 
     async def _error(
         self,
@@ -794,6 +895,9 @@ class SimCall:
         for task in list(self._response_tasks):
             if task is not current:
                 task.cancel()
+        injected, self._injected = self._injected, {}
+        for pending in injected.values():
+            pending._settled.set()  # wait_output() raises: no output will come
         self._notify()
         await self._close_sockets(mode)
 
@@ -898,6 +1002,8 @@ class SimCall:
                 )
 
     async def _on_session_update(self, event: Mapping[str, Any], event_id: str | None) -> None:
+        if self.first_session_update_ns is None:
+            self.first_session_update_ns = time.monotonic_ns()
         update = event.get("session")
         if not isinstance(update, dict):
             await self._error(
@@ -1007,6 +1113,7 @@ class SimCall:
         item_id = raw_id if isinstance(raw_id, str) and raw_id else self._sim._new_id("item_")
         itype = item.get("type")
         if itype == "function_call_output":
+            received_ns = time.monotonic_ns() if self._injected else 0
             call_id = item.get("call_id")
             if not isinstance(call_id, str):
                 await self._error(
@@ -1035,6 +1142,10 @@ class SimCall:
                 return
             self.function_outputs.append((call_id, output))
             self._answered_calls.add(call_id)
+            injected = self._injected.pop(call_id, None)
+            if injected is not None:
+                injected.output, injected.output_ns = output, received_ns
+                injected._settled.set()
             new: dict[str, Any] = {
                 "id": item_id,
                 "type": "function_call_output",
@@ -1205,9 +1316,12 @@ class SimCall:
         status: str,
         create: dict[str, Any] | None,
         trigger: Literal["response.create", "vad", "spontaneous"],
-        source: Literal["script", "auto"],
+        source: Literal["script", "auto", "injected"],
+        injected: InjectedCall | None = None,
     ) -> ResponseRecord:
-        """Stream one response. The caller holds the response lock. Returns its record (final status)."""
+        """Stream one response. The caller holds the response lock. Returns its record (final status).
+
+        ``injected``: the record of the call among ``calls`` whose ``arguments.done`` is timestamped."""
         assert self.session is not None
         overrides: dict[str, Any] = dict(create.get("response") or {}) if create is not None else {}
         modalities = overrides.get("output_modalities") or self.session["output_modalities"]
@@ -1345,9 +1459,12 @@ class SimCall:
                             delta=chunk,
                             obfuscation=secrets.token_hex(4),
                         )
-                await send(
+                stamp = time.monotonic_ns() if injected is not None and injected.call_id == call_id else None
+                delivered = await send(
                     "response.function_call_arguments.done", **where, name=spec.name, arguments=spec.arguments
                 )
+                if stamp is not None and delivered and injected is not None:
+                    injected.arguments_done_ns = stamp
                 done_call = {
                     "id": item_id,
                     "type": "function_call",
@@ -1604,6 +1721,13 @@ class Simulator:
     ``auto_answer_text`` is what the model says to a ``response.create`` no script step answers;
     ``ready_grace`` is how long a script waits, after the first attach, for the controller's first event
     before the caller acts.
+
+    ``ws_compression=True`` serves the sideband with permessage-deflate when the client offers it (by default
+    the simulator declines the extension). ``auto_create_calls=True`` accepts calls it has never seen: an
+    accept request for an unknown ``call_id`` first registers a ringing SIP call with that id (default
+    numbers and headers, as :meth:`create_call`) playing ``auto_call_script`` (an attribute; empty by
+    default), so webhooks for invented call ids can come from elsewhere (another process, a load
+    generator). Other verbs on unknown ids still get 404.
     """
 
     def __init__(
@@ -1616,6 +1740,9 @@ class Simulator:
         model: str = _DEFAULT_MODEL,
         auto_answer_text: str = "Okay.",
         ready_grace: float = 1.0,
+        ws_compression: bool = False,
+        auto_create_calls: bool = False,
+        auto_call_script: Script | None = None,
     ) -> None:
         self.api_key = api_key
         self.webhook_secret = webhook_secret
@@ -1623,9 +1750,12 @@ class Simulator:
         self.model = model
         self.auto_answer_text = auto_answer_text
         self.ready_grace = ready_grace
+        self.ws_compression = ws_compression
+        self.auto_create_calls = auto_create_calls
         self.requests: list[RequestRecord] = []
         self.calls: dict[str, SimCall] = {}
         self.next_webrtc_script: Script = Script()
+        self.auto_call_script: Script = auto_call_script or Script()
         self._port = port
         self._bound_port: int | None = None
         self._runner: web.AppRunner | None = None
@@ -1759,13 +1889,47 @@ class Simulator:
         to_number: str = "+18005551212",
         sip_headers: Sequence[Mapping[str, str] | tuple[str, str]] | None = None,
         media_security: str | None = "srtp",
+        accept_body: Mapping[str, Any] | None = None,
     ) -> SimCall:
         """Register a ringing SIP call (``call_id`` ``rtc_<32 hex>``) that will play ``script`` once accepted.
 
         ``sip_headers`` (``{"name", "value"}`` dicts or ``(name, value)`` pairs) replaces the default
         ``From``/``To``/``Call-ID`` built from the numbers. ``media_security=None`` omits the field.
+
+        ``accept_body`` registers the call already accepted with that body (checked as an accept request
+        would be; :class:`ValueError` if invalid), as if a controller had accepted it: for clients that only
+        hold sidebands. Its ``accept_received_ns`` stays ``None``.
         """
-        call_id = "rtc_" + uuid.uuid4().hex
+        body: dict[str, Any] | None = None
+        if accept_body is not None:
+            body = dict(accept_body)
+            if "type" not in body:
+                raise ValueError("invalid accept body: missing required parameter 'type'")
+            problem = _check_session(body, "", sip=True, accept=True)
+            if problem is not None:
+                raise ValueError(f"invalid accept body: {problem.message}")
+        call = self._register_sip_call(
+            "rtc_" + uuid.uuid4().hex,
+            script,
+            from_number=from_number,
+            to_number=to_number,
+            sip_headers=sip_headers,
+            media_security=media_security,
+        )
+        if body is not None:
+            call._accept(body)
+        return call
+
+    def _register_sip_call(
+        self,
+        call_id: str,
+        script: Script | None,
+        *,
+        from_number: str = "+14255550100",
+        to_number: str = "+18005551212",
+        sip_headers: Sequence[Mapping[str, str] | tuple[str, str]] | None = None,
+        media_security: str | None = "srtp",
+    ) -> SimCall:
         if sip_headers is None:
             headers = [
                 {"name": "From", "value": f"sip:{from_number}@sip.example.com"},
@@ -2047,12 +2211,17 @@ class Simulator:
         return web.Response(status=200)
 
     async def _handle_accept(self, request: web.Request, call_id: str) -> web.StreamResponse:
+        received_ns = time.monotonic_ns()
+        call = self.calls.get(call_id)
+        if call is None and self.auto_create_calls:
+            call = self._register_sip_call(call_id, self.auto_call_script)
+        if call is not None and call.accept_received_ns is None:
+            call.accept_received_ns = received_ns
         fault = self._take_fault(call_id)
         if fault == "timeout":
             return await self._hold()
         if fault is not None:
             return _fault_response(fault)
-        call = self.calls.get(call_id)
         if call is None or call.status != "ringing":
             return _error_response(404, f"Call {call_id} not found.", code="call_not_found")
         body = await self._json_body(request, optional=False)
@@ -2246,7 +2415,7 @@ class Simulator:
         if call is None or call.status != "accepted":
             return _error_response(404, f"Call {call_id} not found.", code="call_id_not_found")
         ws: web.WebSocketResponse = web.WebSocketResponse(
-            timeout=_CLOSE_TIMEOUT, compress=False, max_msg_size=16 * 1024 * 1024
+            timeout=_CLOSE_TIMEOUT, compress=self.ws_compression, max_msg_size=16 * 1024 * 1024
         )
         beta = "OpenAI-Beta" in request.headers
         if not beta:
