@@ -31,6 +31,7 @@ from .sender import DeliveryResult, WebhookSender
 from .simulator import (
     DEFAULT_API_KEY,
     DEFAULT_WEBHOOK_SECRET,
+    InjectedCall,
     RequestRecord,
     ResponseRecord,
     ScriptError,
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_WEBHOOK_SECRET",
     "DeliveryResult",
     "Harness",
+    "InjectedCall",
     "RequestRecord",
     "ResponseRecord",
     "Script",
