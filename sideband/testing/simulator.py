@@ -565,6 +565,33 @@ def _is_response_step(step: Step) -> bool:
     return isinstance(step, WaitForGreeting | ModelSays | ModelCalls)
 
 
+class _Ticker:
+    """Wakes waiters whenever the state they watch may have changed (cheap when nobody waits)."""
+
+    __slots__ = ("_event", "_waiters")
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._waiters = 0
+
+    def notify(self) -> None:
+        if self._waiters:
+            self._event.set()
+            self._event = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    self._waiters += 1
+                    try:
+                        await self._event.wait()
+                    finally:
+                        self._waiters -= 1
+        except TimeoutError:
+            raise TimeoutError(f"{what} not met within {timeout}s") from None
+
+
 class SimCall:
     """One simulated call: its record (what was asked, what was sent) and the runtime playing its script.
 
@@ -642,8 +669,7 @@ class SimCall:
         self._first_event = asyncio.Event()
         self._ended = asyncio.Event()
         self._done = asyncio.Event()
-        self._tick = asyncio.Event()
-        self._waiters = 0
+        self._ticker = _Ticker()
         self._runner: asyncio.Task[None] | None = None
         self._response_tasks: set[asyncio.Task[None]] = set()
         self._response_lock = asyncio.Lock()
@@ -741,16 +767,7 @@ class SimCall:
         what: str = "condition",
     ) -> None:
         """Wait until ``predicate(call)`` holds (re-checked whenever the call's state changes)."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate(self):
-                    self._waiters += 1
-                    try:
-                        await self._tick.wait()
-                    finally:
-                        self._waiters -= 1
-        except TimeoutError:
-            raise TimeoutError(f"call {self.call_id}: {what} not met within {timeout}s") from None
+        await self._ticker.wait_for(lambda: predicate(self), timeout, f"call {self.call_id}: {what}")
 
     async def wait_connected(self, count: int = 1, timeout: float = 10.0) -> None:
         """Wait until the sideband was attached ``count`` times in total."""
@@ -819,9 +836,7 @@ class SimCall:
         return injected
 
     def _notify(self) -> None:
-        if self._waiters:
-            self._tick.set()
-            self._tick = asyncio.Event()
+        self._ticker.notify()
 
     # ------------------------------------------------------------------------------------ sending
 
@@ -1767,8 +1782,7 @@ class Simulator:
         self._ephemeral: dict[str, _EphemeralKey] = {}
         self._closing = asyncio.Event()
         self._closed = False
-        self._tick = asyncio.Event()
-        self._waiters = 0
+        self._ticker = _Ticker()
         self._id_prefix = secrets.token_hex(6)
         self._counter = itertools.count(1)
 
@@ -1832,9 +1846,7 @@ class Simulator:
         return task
 
     def _notify(self) -> None:
-        if self._waiters:
-            self._tick.set()
-            self._tick = asyncio.Event()
+        self._ticker.notify()
 
     async def wait_for(
         self,
@@ -1843,16 +1855,7 @@ class Simulator:
         what: str = "condition",
     ) -> None:
         """Wait until ``predicate(sim)`` holds (re-checked on every request and new call)."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate(self):
-                    self._waiters += 1
-                    try:
-                        await self._tick.wait()
-                    finally:
-                        self._waiters -= 1
-        except TimeoutError:
-            raise TimeoutError(f"simulator: {what} not met within {timeout}s") from None
+        await self._ticker.wait_for(lambda: predicate(self), timeout, f"simulator: {what}")
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}{self._id_prefix}{next(self._counter):010x}"
