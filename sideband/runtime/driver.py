@@ -43,6 +43,7 @@ Connect = Callable[[], Awaitable[ClientConnection]]
 VerbCall = Callable[[str, str | None], Awaitable[None]]
 
 _CLEAN_CLOSES = frozenset({1000, 1001})
+_KEEPALIVE = "\x00keepalive"  # a driver timer name no machine timer can take
 
 
 class Flag:
@@ -123,6 +124,8 @@ class CallRuntime:
         "_log_args",
         "_log_fields",
         "_outbox",
+        "_ping_interval",
+        "_pong",
         "_reattach_attempts",
         "_side_tasks",
         "_targets",
@@ -151,6 +154,7 @@ class CallRuntime:
         hooks: CallHooks | None = None,
         transfer_targets: Mapping[str, str] | None = None,
         reattach_attempts: int = 5,
+        ping_interval: float | None = 20.0,
         log_tool_arguments: bool = False,
         log_fields: Mapping[str, Any] | None = None,
     ) -> None:
@@ -162,6 +166,8 @@ class CallRuntime:
         self.hooks = hooks or CallHooks()
         self._targets = dict(transfer_targets or {})
         self._reattach_attempts = reattach_attempts
+        self._ping_interval = ping_interval
+        self._pong: asyncio.Future[float] | None = None
         self._log_args = log_tool_arguments
         self._log_fields = dict(log_fields or {})
         self._ws: ClientConnection | None = None
@@ -297,6 +303,8 @@ class CallRuntime:
                     delay = min(delay * 2, 5.0)
                 continue
             self._ws = ws
+            self._pong = None
+            self._arm_keepalive()
             self.attached.set()
             self.log.info("sideband.attached" if first else "sideband.reattached", attempt=attempt)
             return ws
@@ -397,6 +405,40 @@ class CallRuntime:
     async def _close_ws(self, ws: ClientConnection) -> None:
         await self._flush()
         await ws.close()
+
+    def _arm_keepalive(self) -> None:
+        old = self._timers.pop(_KEEPALIVE, None)
+        if old is not None:
+            old.cancel()
+        if self._ping_interval:
+            self._timers[_KEEPALIVE] = asyncio.get_running_loop().call_later(
+                self._ping_interval, self._keepalive
+            )
+
+    def _keepalive(self) -> None:
+        """Ping the server every interval; no pong within one interval means a dead connection (the
+        "no close at all" case): abort it, so the read loop sees an abnormal close and re-attaches."""
+        self._timers.pop(_KEEPALIVE, None)
+        ws = self._ws
+        if ws is None or self.machine.closed is not None:
+            return
+        if self._pong is not None and not self._pong.done():
+            self.log.warning("sideband.keepalive_timeout", interval_s=self._ping_interval)
+            if ws.transport is not None:
+                ws.transport.abort()
+            return
+        self._spawn(self._ping(ws))
+
+    async def _ping(self, ws: ClientConnection) -> None:
+        try:
+            pong = await ws.ping()
+        except ConnectionClosed:
+            return
+        if isinstance(pong, asyncio.Future):
+            pong.add_done_callback(_retrieve)
+            self._pong = pong
+        if ws is self._ws:
+            self._arm_keepalive()
 
     def _on_timer(self, name: str) -> None:
         self._timers.pop(name, None)
@@ -501,6 +543,12 @@ class CallRuntime:
     async def wait_closed(self) -> None:
         """Wait until :meth:`run` has finished."""
         await self._closed.wait()
+
+
+def _retrieve(future: asyncio.Future[float]) -> None:
+    """Mark a pong waiter's exception as seen (it fails when the connection closes first)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _leading_type(message: str) -> str | None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from websockets.asyncio.client import ClientConnection
 from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
-__all__ = ["quiet_logger", "resolve_proxy", "ws_url"]
+__all__ = ["quiet_logger", "resolve_proxy", "slim", "ws_url"]
 
 
 def ws_url(http_url: str) -> str:
@@ -36,3 +37,11 @@ def resolve_proxy(url: str) -> str | None:
     """The proxy for WebSocket connections to ``url`` (``HTTPS_PROXY``/``NO_PROXY``… as websockets reads
     them), resolved once: websockets would read the whole environment again on every connect."""
     return get_proxy(parse_uri(url))
+
+
+def slim(ws: ClientConnection) -> ClientConnection:
+    """Drop the opening handshake request (headers, our Authorization among them) that a live connection
+    no longer needs. The response must stay: websockets reads ``response is None`` as "handshake
+    pending"."""
+    ws.request = None
+    return ws

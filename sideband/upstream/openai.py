@@ -14,7 +14,7 @@ import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from sideband.upstream._ws import quiet_logger, ws_url
+from sideband.upstream._ws import quiet_logger, slim, ws_url
 
 __all__ = ["CallControl", "CallGone", "SidebandRefused", "UpstreamError", "connect_sideband"]
 
@@ -185,13 +185,15 @@ async def connect_sideband(
     :class:`UpstreamError` when the server cannot be reached.
     """
     try:
-        return await connect(
+        ws = await connect(
             f"{url}?call_id={quote(call_id, safe='')}",
             additional_headers={"Authorization": f"Bearer {api_key}"},
             compression="deflate" if compression else None,
             open_timeout=open_timeout,
             max_size=4 * 1024 * 1024,
             user_agent_header="sideband",
+            ping_interval=None,  # keepalive is the call driver's: a timer, not a task per connection
+            close_timeout=2.0,
             logger=quiet_logger(),
             proxy=proxy,
         )
@@ -205,3 +207,4 @@ async def connect_sideband(
         raise UpstreamError(f"sideband connect failed: {type(exc).__name__}") from None
     except Exception as exc:  # websockets raises InvalidHandshake/InvalidMessage subclasses too
         raise UpstreamError(f"sideband connect failed: {type(exc).__name__}") from None
+    return slim(ws)

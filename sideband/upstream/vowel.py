@@ -17,7 +17,7 @@ import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidMessage, InvalidStatus
 
-from sideband.upstream._ws import quiet_logger, resolve_proxy, ws_url
+from sideband.upstream._ws import quiet_logger, resolve_proxy, slim, ws_url
 from sideband.upstream.openai import UpstreamError
 
 __all__ = [
@@ -249,13 +249,15 @@ async def connect_engine(
     connection closing with no HTTP answer) and :class:`UpstreamError` when the engine cannot be reached.
     """
     try:
-        return await connect(
+        ws = await connect(
             engine_socket_url(engine_url),
             additional_headers={"Authorization": f"Bearer {token.value}"},
             compression=None,
             open_timeout=open_timeout,
             max_size=16 * 1024 * 1024,
             user_agent_header="sideband",
+            ping_interval=None,  # keepalive is the call driver's: a timer, not a task per connection
+            close_timeout=2.0,
             logger=quiet_logger(),
             proxy=resolve_proxy(engine_socket_url(engine_url)),
         )
@@ -275,3 +277,4 @@ async def connect_engine(
         raise UpstreamError(f"vowel engine unreachable: {type(exc).__name__}") from None
     except Exception as exc:  # other InvalidHandshake subclasses
         raise UpstreamError(f"vowel engine handshake failed: {type(exc).__name__}") from None
+    return slim(ws)
