@@ -561,6 +561,25 @@ def _check_audio_input(part: Mapping[str, Any], here: str, *, sip: bool, accept:
     return None
 
 
+def _refuse_webrtc_session(session: Any, *, accept: bool) -> web.Response | None:
+    """The 400 the service answers for a bad WebRTC ``session`` object, or ``None`` when it is fine."""
+    if not isinstance(session, dict):
+        return _error_response(
+            400, "Invalid type for 'session': expected an object.", param="session", code="invalid_type"
+        )
+    if "type" not in session:
+        return _error_response(
+            400,
+            "Missing required parameter: 'session.type'.",
+            param="session.type",
+            code="missing_required_parameter",
+        )
+    problem = _check_session(session, "session.", sip=False, accept=accept)
+    if problem is not None:
+        return _error_response(400, problem.message, param=problem.param, code=problem.code)
+    return None
+
+
 def _is_response_step(step: Step) -> bool:
     return isinstance(step, WaitForGreeting | ModelSays | ModelCalls)
 
@@ -2271,20 +2290,9 @@ class Simulator:
                 )
             seconds = raw
         session = body.get("session", {"type": "realtime"})
-        if not isinstance(session, dict):
-            return _error_response(
-                400, "Invalid type for 'session': expected an object.", param="session", code="invalid_type"
-            )
-        if "type" not in session:
-            return _error_response(
-                400,
-                "Missing required parameter: 'session.type'.",
-                param="session.type",
-                code="missing_required_parameter",
-            )
-        problem = _check_session(session, "session.", sip=False, accept=False)
-        if problem is not None:
-            return _error_response(400, problem.message, param=problem.param, code=problem.code)
+        refused = _refuse_webrtc_session(session, accept=False)
+        if refused is not None:
+            return refused
         value = self.mint_ephemeral_key(session, seconds)
         full = _merge_session(_default_session(self._new_id("sess_"), model=self.model, sip=False), session)
         expires_at = self._ephemeral[value].expires_at
@@ -2323,20 +2331,9 @@ class Simulator:
             )
         if not sdp.lstrip().startswith("v=0"):
             return _error_response(400, "The SDP offer is invalid.", param="sdp", code="invalid_offer")
-        if not isinstance(session, dict):
-            return _error_response(
-                400, "Invalid type for 'session': expected an object.", param="session", code="invalid_type"
-            )
-        if "type" not in session:
-            return _error_response(
-                400,
-                "Missing required parameter: 'session.type'.",
-                param="session.type",
-                code="missing_required_parameter",
-            )
-        problem = _check_session(session, "session.", sip=False, accept=True)
-        if problem is not None:
-            return _error_response(400, problem.message, param=problem.param, code=problem.code)
+        refused = _refuse_webrtc_session(session, accept=True)
+        if refused is not None:
+            return refused
         call = self._new_webrtc_call(self.next_webrtc_script, session)
         call.sdp_offer = sdp
         used = request.get(_EPHEMERAL)
