@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -86,7 +86,3 @@ class CallContext:
     def update_session(self, **fields: Any) -> None:
         """Send a ``session.update`` with these fields (``type`` is added)."""
         self.actions.update_session(**fields)
-
-
-ToolFunction = Callable[..., Any]
-HeaderMap = Mapping[str, str]

@@ -8,7 +8,7 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["configure_logging"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -41,8 +41,3 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
-
-
-def get_logger(name: str) -> Any:
-    """A structlog logger named for its room (``logger`` key on each line)."""
-    return structlog.get_logger(component=name)
