@@ -376,10 +376,10 @@ def test_driver_reads_the_leading_type_without_decoding() -> None:
     from sideband.runtime.driver import _leading_type
     from sideband.runtime.machine import HANDLED_TYPES
 
-    assert _leading_type('{"type":"response.output_audio_transcript.delta","delta":"x"}') == (
-        "response.output_audio_transcript.delta"
+    assert _leading_type(b'{"type":"response.output_audio_transcript.delta","delta":"x"}') == (
+        b"response.output_audio_transcript.delta"
     )
-    assert _leading_type('{"type": "session.updated", "session": {}}') == "session.updated"
-    assert _leading_type('{"event_id":"e","type":"error"}') is None  # not first: decoded normally
-    assert _leading_type('{"type":') is None and _leading_type("") is None
+    assert _leading_type(b'{"type": "session.updated", "session": {}}') == b"session.updated"
+    assert _leading_type(b'{"event_id":"e","type":"error"}') is None  # not first: decoded normally
+    assert _leading_type(b'{"type":') is None and _leading_type(b"") is None
     assert "response.done" in HANDLED_TYPES and "response.output_audio_transcript.delta" not in HANDLED_TYPES

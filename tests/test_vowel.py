@@ -250,7 +250,10 @@ async def test_a_second_response_create_replaces_the_one_in_flight(vowel: VowelS
         token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
             trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
         )
-    ws = await connect_engine(vowel.engine_url, token)
+    ws = await connect(
+        f"ws://127.0.0.1:{vowel.port}/engine/v1/realtime",
+        additional_headers={"Authorization": f"Bearer {token.value}"},
+    )
     try:
         await ws.recv()  # session.created
         await ws.send(json.dumps({"type": "session.update", "session": {"instructions": "hi"}}))

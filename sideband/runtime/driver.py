@@ -13,14 +13,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.runtime.machine import (
-    HANDLED_TYPES as _HANDLED,
-)
-from sideband.runtime.machine import (
+    HANDLED_TYPES,
     Action,
     CallMachine,
     CancelTimer,
@@ -32,6 +29,7 @@ from sideband.runtime.machine import (
     StartTimer,
     Verb,
 )
+from sideband.upstream._ws import PushConnection
 from sideband.upstream.openai import CallGone, UpstreamError
 
 if TYPE_CHECKING:
@@ -39,10 +37,11 @@ if TYPE_CHECKING:
 
 __all__ = ["CallHooks", "CallRegistry", "CallRuntime", "CallSummary", "ToolRecord"]
 
-Connect = Callable[[], Awaitable[ClientConnection]]
+Connect = Callable[[], Awaitable[PushConnection]]
 VerbCall = Callable[[str, str | None], Awaitable[None]]
 
 _CLEAN_CLOSES = frozenset({1000, 1001})
+_HANDLED = frozenset(t.encode() for t in HANDLED_TYPES)
 _KEEPALIVE = "\x00keepalive"  # a driver timer name no machine timer can take
 
 
@@ -170,7 +169,7 @@ class CallRuntime:
         self._pong: asyncio.Future[float] | None = None
         self._log_args = log_tool_arguments
         self._log_fields = dict(log_fields or {})
-        self._ws: ClientConnection | None = None
+        self._ws: PushConnection | None = None
         self._outbox: list[str] = []  # a few frames at most; a deque would cost 760 bytes per call
         self._flushing = False
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
@@ -282,7 +281,7 @@ class CallRuntime:
             ws = reopened
             self._apply(self.machine.reattached())
 
-    async def _open(self, *, first: bool) -> ClientConnection | None:
+    async def _open(self, *, first: bool) -> PushConnection | None:
         attempts = 1 if first else max(self._reattach_attempts, 0)
         delay = 0.2
         for attempt in range(1, attempts + 1):
@@ -311,27 +310,43 @@ class CallRuntime:
         self._apply(self.machine.fail("connect_failed" if first else "reattach_failed"))
         return None
 
-    async def _pump(self, ws: ClientConnection) -> int | None:
-        handle = self._handle
-        while True:
-            try:
-                message = await ws.recv()
-            except ConnectionClosed as exc:
-                return exc.rcvd.code if exc.rcvd is not None else None
-            # Decoding happens in a helper so that neither the frame nor the event stays referenced
-            # while the call idles (the last one is often the whole session echo).
-            if handle(message):
-                await self._flush()
-            message = ""
-            if self.machine.closed is not None:
-                return None
+    async def _pump(self, ws: PushConnection) -> int | None:
+        """Feed the socket's messages to the machine as they are parsed (no reader task wakes per
+        message); return the close code the server sent (None: none) once the socket is lost, or None
+        as soon as the machine has closed. An exception while handling a message is raised here."""
+        done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        handle, kick, machine = self._handle, self._kick, self.machine
 
-    def _handle(self, message: str | bytes) -> bool:
-        """Feed one frame to the machine; True if something waits in the outbox."""
-        if isinstance(message, str):
-            etype = _leading_type(message)
-            if etype is not None and etype not in _HANDLED:
-                return False  # deltas and other events the machine ignores: not worth decoding
+        def on_message(message: bytes) -> None:
+            if done.done():
+                return
+            try:
+                if handle(message):
+                    kick()
+            except Exception as exc:
+                done.set_exception(exc)
+                return
+            if machine.closed is not None:
+                done.set_result(None)
+
+        def on_close() -> None:
+            if not done.done():
+                rcvd = ws.protocol.close_rcvd
+                done.set_result(rcvd.code if rcvd is not None else None)
+
+        ws.start(on_message, on_close)
+        try:
+            return await done
+        finally:
+            ws.stop()
+
+    def _handle(self, message: bytes) -> bool:
+        """Feed one message to the machine; True if something waits in the outbox. Neither the frame
+        nor the event stays referenced afterwards (while a call idles, the last one is often the whole
+        session echo)."""
+        etype = _leading_type(message)
+        if etype is not None and etype not in _HANDLED:
+            return False  # deltas and other events the machine ignores: not worth decoding
         try:
             event = json.loads(message)
         except ValueError:
@@ -402,7 +417,7 @@ class CallRuntime:
         finally:
             self._flushing = False
 
-    async def _close_ws(self, ws: ClientConnection) -> None:
+    async def _close_ws(self, ws: PushConnection) -> None:
         await self._flush()
         await ws.close()
 
@@ -429,7 +444,7 @@ class CallRuntime:
             return
         self._spawn(self._ping(ws))
 
-    async def _ping(self, ws: ClientConnection) -> None:
+    async def _ping(self, ws: PushConnection) -> None:
         try:
             pong = await ws.ping()
         except ConnectionClosed:
@@ -551,12 +566,12 @@ def _retrieve(future: asyncio.Future[float]) -> None:
         future.exception()
 
 
-def _leading_type(message: str) -> str | None:
+def _leading_type(message: bytes) -> bytes | None:
     """The event type when the frame starts with it (OpenAI and vowel put ``type`` first), else None."""
-    if not message.startswith('{"type":'):
+    if not message.startswith(b'{"type":'):
         return None
-    start = 9 if message[8:9] == '"' else 10 if message[8:10] == ' "' else 0
-    end = message.find('"', start) if start else -1
+    start = 9 if message[8:9] == b'"' else 10 if message[8:10] == b' "' else 0
+    end = message.find(b'"', start) if start else -1
     return message[start:end] if end > 0 else None
 
 

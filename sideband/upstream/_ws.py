@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.frames import Frame, Opcode
+from websockets.protocol import CLOSED, Event
 from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
-__all__ = ["quiet_logger", "resolve_proxy", "slim", "ws_url"]
+__all__ = ["PushConnection", "open_socket", "quiet_logger", "resolve_proxy", "ws_url"]
+
+_DATA = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
 
 
 def ws_url(http_url: str) -> str:
@@ -39,9 +45,99 @@ def resolve_proxy(url: str) -> str | None:
     return get_proxy(parse_uri(url))
 
 
-def slim(ws: ClientConnection) -> ClientConnection:
-    """Drop the opening handshake request (headers, our Authorization among them) that a live connection
-    no longer needs. The response must stay: websockets reads ``response is None`` as "handshake
-    pending"."""
+class PushConnection(ClientConnection):
+    """A client connection that hands each message to a callback the moment it is parsed.
+
+    websockets' ``recv()`` path queues every message and wakes a reader task for each one. A call driver
+    that decodes and dispatches events synchronously needs neither: with :meth:`start`, every data
+    message (text or binary, as ``bytes``; fragments joined) goes to ``on_message`` from the transport's
+    ``data_received``, and ``on_close`` runs once the connection is lost. Messages that arrive before
+    :meth:`start` (between the handshake and the driver's first read) are held and delivered first.
+    Control frames (ping, pong, close) keep websockets' own handling; ``send``, ``ping`` and ``close``
+    work as usual. Pass the class as ``create_connection`` to :func:`websockets.asyncio.client.connect`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_message: Callable[[bytes], None] | None = None
+        self._on_close: Callable[[], None] | None = None
+        self._held: list[bytes] | None = []  # None once stopped: later messages are dropped
+        self._parts: list[bytes] | None = None  # a fragmented message being joined
+
+    def start(self, on_message: Callable[[bytes], None], on_close: Callable[[], None]) -> None:
+        """Deliver the held messages, then every later one, to ``on_message``; ``on_close`` when lost.
+
+        ``on_close`` runs at once if the connection was lost already. Exceptions from the callbacks are
+        the caller's to handle: they would otherwise surface in the event loop's exception handler.
+        """
+        held, self._held = self._held or [], []
+        self._on_message, self._on_close = on_message, on_close
+        for data in held:
+            on_message(data)
+        if self.protocol.state is CLOSED:
+            on_close()
+
+    def stop(self) -> None:
+        """Detach the callbacks; messages that arrive later are dropped."""
+        self._on_message = self._on_close = None
+        self._held = None
+
+    def process_event(self, event: Event) -> None:
+        if self.response is None or not isinstance(event, Frame) or event.opcode not in _DATA:
+            super().process_event(event)  # the handshake response and control frames
+            return
+        data = event.data if isinstance(event.data, bytes) else bytes(event.data)
+        if event.opcode is Opcode.CONT:
+            if self._parts is None:  # websockets fails the connection on a stray continuation
+                return
+            self._parts.append(data)
+            if not event.fin:
+                return
+            data, self._parts = b"".join(self._parts), None
+        elif not event.fin:
+            self._parts = [data]
+            return
+        if self._on_message is not None:
+            self._on_message(data)
+        elif self._held is not None:
+            self._held.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
+
+async def open_socket(
+    url: str,
+    bearer: str,
+    *,
+    compression: bool,
+    open_timeout: float,
+    max_size: int,
+    proxy: str | None,
+) -> PushConnection:
+    """Open a :class:`PushConnection` with a Bearer credential, the settings both upstreams share, and
+    no keepalive task (keepalive is the call driver's: a timer, not a task per connection).
+
+    Raises what :func:`websockets.asyncio.client.connect` raises; the callers map it to their errors.
+    """
+    ws = await connect(
+        url,
+        additional_headers={"Authorization": f"Bearer {bearer}"},
+        compression="deflate" if compression else None,
+        open_timeout=open_timeout,
+        max_size=max_size,
+        user_agent_header="sideband",
+        ping_interval=None,
+        close_timeout=2.0,
+        logger=quiet_logger(),
+        proxy=proxy,
+        create_connection=PushConnection,
+    )
+    assert isinstance(ws, PushConnection)
+    # Drop the opening handshake request (headers, the Authorization among them) that a live connection
+    # no longer needs. The response must stay: websockets reads ``response is None`` as "pending".
     ws.request = None
     return ws

@@ -11,10 +11,9 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from sideband.upstream._ws import quiet_logger, slim, ws_url
+from sideband.upstream._ws import PushConnection, open_socket, ws_url
 
 __all__ = ["CallControl", "CallGone", "SidebandRefused", "UpstreamError", "connect_sideband"]
 
@@ -176,7 +175,7 @@ async def connect_sideband(
     compression: bool = False,
     open_timeout: float = 5.0,
     proxy: str | None = None,
-) -> ClientConnection:
+) -> PushConnection:
     """Open the call-scoped WebSocket (PROTOCOL A3): Bearer key, no ``OpenAI-Beta`` header.
 
     ``proxy``: an explicit proxy URL (see :func:`~sideband.upstream._ws.resolve_proxy`), or ``None``.
@@ -185,16 +184,12 @@ async def connect_sideband(
     :class:`UpstreamError` when the server cannot be reached.
     """
     try:
-        ws = await connect(
+        return await open_socket(
             f"{url}?call_id={quote(call_id, safe='')}",
-            additional_headers={"Authorization": f"Bearer {api_key}"},
-            compression="deflate" if compression else None,
+            api_key,
+            compression=compression,
             open_timeout=open_timeout,
             max_size=4 * 1024 * 1024,
-            user_agent_header="sideband",
-            ping_interval=None,  # keepalive is the call driver's: a timer, not a task per connection
-            close_timeout=2.0,
-            logger=quiet_logger(),
             proxy=proxy,
         )
     except InvalidStatus as exc:
@@ -207,4 +202,3 @@ async def connect_sideband(
         raise UpstreamError(f"sideband connect failed: {type(exc).__name__}") from None
     except Exception as exc:  # websockets raises InvalidHandshake/InvalidMessage subclasses too
         raise UpstreamError(f"sideband connect failed: {type(exc).__name__}") from None
-    return slim(ws)

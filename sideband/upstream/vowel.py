@@ -14,10 +14,9 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidMessage, InvalidStatus
 
-from sideband.upstream._ws import quiet_logger, resolve_proxy, slim, ws_url
+from sideband.upstream._ws import PushConnection, open_socket, resolve_proxy, ws_url
 from sideband.upstream.openai import UpstreamError
 
 __all__ = [
@@ -242,23 +241,19 @@ async def connect_engine(
     token: Token,
     *,
     open_timeout: float = 10.0,
-) -> ClientConnection:
+) -> PushConnection:
     """Open ``{engine}/v1/realtime`` with ``Authorization: Bearer <token>`` (PROTOCOL C2).
 
     Raises :class:`EngineRefused` for a refused token (HTTP 401/403 at the handshake, or the TCP
     connection closing with no HTTP answer) and :class:`UpstreamError` when the engine cannot be reached.
     """
     try:
-        ws = await connect(
+        return await open_socket(
             engine_socket_url(engine_url),
-            additional_headers={"Authorization": f"Bearer {token.value}"},
-            compression=None,
+            token.value,
+            compression=False,
             open_timeout=open_timeout,
             max_size=16 * 1024 * 1024,
-            user_agent_header="sideband",
-            ping_interval=None,  # keepalive is the call driver's: a timer, not a task per connection
-            close_timeout=2.0,
-            logger=quiet_logger(),
             proxy=resolve_proxy(engine_socket_url(engine_url)),
         )
     except InvalidStatus as exc:
@@ -277,4 +272,3 @@ async def connect_engine(
         raise UpstreamError(f"vowel engine unreachable: {type(exc).__name__}") from None
     except Exception as exc:  # other InvalidHandshake subclasses
         raise UpstreamError(f"vowel engine handshake failed: {type(exc).__name__}") from None
-    return slim(ws)

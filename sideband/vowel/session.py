@@ -23,7 +23,6 @@ from typing import Any
 import aiohttp
 import structlog
 from pydantic import SecretStr
-from websockets.asyncio.client import ClientConnection
 
 from sideband.app import Sideband
 from sideband.context import CallContext
@@ -31,6 +30,7 @@ from sideband.runtime.driver import CallHooks, CallRuntime, CallSummary, ToolRec
 from sideband.runtime.machine import CallMachine, Capabilities, MachineConfig
 from sideband.settings import Settings, env_name
 from sideband.tools import ToolRegistry
+from sideband.upstream._ws import PushConnection
 from sideband.upstream.openai import UpstreamError
 from sideband.upstream.vowel import (
     EngineRefused,
@@ -141,7 +141,7 @@ class EngineSession:
         self.summary: CallSummary | None = None
         self._http = http
         self._own_http = http is None
-        self._ws: ClientConnection | None = None
+        self._ws: PushConnection | None = None
         self._runtime: CallRuntime | None = None
         self._task: asyncio.Task[str] | None = None
         self._turn: _Turn | None = None
@@ -252,7 +252,7 @@ class EngineSession:
         )
         return token
 
-    async def _connect(self, token: Token) -> ClientConnection:
+    async def _connect(self, token: Token) -> PushConnection:
         try:
             ws = await connect_engine(
                 self.settings.vowel_engine_url or "", token, open_timeout=self.open_timeout
@@ -266,7 +266,7 @@ class EngineSession:
         self._log.info("vowel.connected", attempt=1)
         return ws
 
-    def _build_runtime(self, ws: ClientConnection, token: Token) -> CallRuntime:
+    def _build_runtime(self, ws: PushConnection, token: Token) -> CallRuntime:
         settings, app = self.settings, self.app
         session: dict[str, Any] = {"tools": self.tools.definitions(style="openai")}
         if self.instructions:
@@ -290,7 +290,7 @@ class EngineSession:
             max_identical_calls=app.max_identical_calls,
         )
 
-        async def connect() -> ClientConnection:
+        async def connect() -> PushConnection:
             return ws  # opened already; an engine session is never resumed on another socket
 
         hooks = app.hooks() if self.app_hooks else CallHooks()

@@ -1,0 +1,130 @@
+"""The push connection under the call driver: messages go to a callback as they are parsed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import structlog
+from websockets.asyncio.server import ServerConnection, serve
+
+from sideband.context import CallContext
+from sideband.runtime.driver import CallRuntime
+from sideband.runtime.machine import CallMachine, MachineConfig
+from sideband.tools import ToolRegistry
+from sideband.upstream._ws import PushConnection, open_socket
+
+Handler = Callable[[ServerConnection], Awaitable[None]]
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
+    """Start a websockets server running a given handler; yields a starter returning its ws:// URL."""
+    servers: list[Any] = []
+
+    async def start(handler: Handler) -> str:
+        server = await serve(handler, "127.0.0.1", 0)
+        servers.append(server)
+        port = next(iter(server.sockets)).getsockname()[1]
+        return f"ws://127.0.0.1:{port}/"
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def connect(url: str) -> PushConnection:
+    return await open_socket(url, "sk-test", compression=False, open_timeout=5, max_size=1 << 20, proxy=None)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.closes = 0
+        self.closed = asyncio.Event()
+
+    def message(self, data: bytes) -> None:
+        self.messages.append(data)
+
+    def close(self) -> None:
+        self.closes += 1
+        self.closed.set()
+
+
+async def test_messages_before_start_are_held_in_order_then_the_close_is_reported(peer: Any) -> None:
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send("one")
+        await ws.send(["fr", "ag", "ments"])  # a fragmented text message
+        await ws.send(b"\x00\x01")
+        await ws.close(1000)
+
+    ws = await connect(await peer(handler))
+    await asyncio.wait_for(ws.wait_closed(), 5)  # every frame has been parsed, nothing delivered yet
+    sink = Sink()
+    ws.start(sink.message, sink.close)
+    assert sink.messages == [b"one", b"fragments", b"\x00\x01"]
+    assert sink.closes == 1  # lost before start: reported at once
+    assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000
+
+
+async def test_live_messages_go_to_the_callback_and_stop_detaches_it(peer: Any) -> None:
+    release = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        async for message in ws:  # echo until told "bye", then one more message after a release
+            if message == "bye":
+                break
+            await ws.send(["echo:", message])
+        await release.wait()
+        await ws.send("after stop")
+        await ws.close(1001)
+
+    ws = await connect(await peer(handler))
+    sink = Sink()
+    got_two = asyncio.Event()
+
+    def on_message(data: bytes) -> None:
+        sink.message(data)
+        if len(sink.messages) == 2:
+            got_two.set()
+
+    ws.start(on_message, sink.close)
+    await ws.send("a")
+    await ws.send("é")
+    await asyncio.wait_for(got_two.wait(), 5)
+    assert sink.messages == [b"echo:a", "echo:é".encode()]
+    ws.stop()
+    await ws.send("bye")
+    release.set()
+    await asyncio.wait_for(ws.wait_closed(), 5)
+    assert sink.messages == [b"echo:a", "echo:é".encode()]  # "after stop" dropped
+    assert sink.closes == 0  # detached: not told
+    assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1001
+
+
+async def test_an_error_while_handling_a_message_ends_the_call_as_internal_error(peer: Any) -> None:
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"type": "session.created", "session": {"id": "sess_1"}}))
+        await ws.wait_closed()
+
+    class Broken(CallMachine):
+        def receive(self, event: dict[str, Any]) -> Any:
+            raise RuntimeError("machine bug")
+
+    url = await peer(handler)
+    runtime = CallRuntime(
+        machine=Broken(MachineConfig(session={"type": "realtime"})),
+        ctx=CallContext("rtc_crash"),
+        tools=ToolRegistry(),
+        connect=lambda: connect(url),
+        reattach_attempts=0,
+    )
+    with structlog.testing.capture_logs() as logs:
+        reason = await asyncio.wait_for(runtime.run(), 5)
+    assert reason == "internal_error"
+    events = [entry["event"] for entry in logs]
+    assert "call.crashed" in events and events.index("call.crashed") < events.index("call.ended")
