@@ -57,6 +57,9 @@ class PushConnection(ClientConnection):
     work as usual. Pass the class as ``create_connection`` to :func:`websockets.asyncio.client.connect`.
     """
 
+    # Slots: four more keys in the inherited instance dict would make it resize (1.5 KiB per call).
+    __slots__ = ("_held", "_on_close", "_on_message", "_parts")
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._on_message: Callable[[bytes], None] | None = None
