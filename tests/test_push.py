@@ -116,15 +116,24 @@ async def test_an_error_while_handling_a_message_ends_the_call_as_internal_error
             raise RuntimeError("machine bug")
 
     url = await peer(handler)
-    runtime = CallRuntime(
-        machine=Broken(MachineConfig(session={"type": "realtime"})),
-        ctx=CallContext("rtc_crash"),
-        tools=ToolRegistry(),
-        connect=lambda: connect(url),
-        reattach_attempts=0,
+    capture = structlog.testing.LogCapture()
+    old = structlog.get_config()
+    structlog.configure(  # every level, set before the runtime binds its logger
+        processors=[capture],
+        wrapper_class=structlog.make_filtering_bound_logger(0),
+        cache_logger_on_first_use=False,
     )
-    with structlog.testing.capture_logs() as logs:
+    try:
+        runtime = CallRuntime(
+            machine=Broken(MachineConfig(session={"type": "realtime"})),
+            ctx=CallContext("rtc_crash"),
+            tools=ToolRegistry(),
+            connect=lambda: connect(url),
+            reattach_attempts=0,
+        )
         reason = await asyncio.wait_for(runtime.run(), 5)
+    finally:
+        structlog.configure(**old)
     assert reason == "internal_error"
-    events = [entry["event"] for entry in logs]
+    events = [entry["event"] for entry in capture.entries]
     assert "call.crashed" in events and events.index("call.crashed") < events.index("call.ended")
