@@ -137,3 +137,24 @@ async def test_an_error_while_handling_a_message_ends_the_call_as_internal_error
     assert reason == "internal_error"
     events = [entry["event"] for entry in capture.entries]
     assert "call.crashed" in events and events.index("call.crashed") < events.index("call.ended")
+
+
+async def test_a_live_socket_keeps_nothing_of_the_handshake_headers(peer: Any) -> None:
+    seen: list[str | None] = []
+    handled = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        seen.append(ws.request.headers.get("Authorization"))
+        handled.set()
+        await ws.wait_closed()
+
+    ws = await connect(await peer(handler))
+    try:
+        await asyncio.wait_for(handled.wait(), 5)
+        assert seen == ["Bearer sk-test"]  # the credential went out...
+        assert ws.request is None  # ...and no copy of it stays with the connection
+        assert ws.response is not None and ws.response.status_code == 101
+        assert list(ws.response.headers.raw_items()) == []
+    finally:
+        await ws.close()

@@ -140,7 +140,10 @@ async def open_socket(
         create_connection=PushConnection,
     )
     assert isinstance(ws, PushConnection)
-    # Drop the opening handshake request (headers, the Authorization among them) that a live connection
-    # no longer needs. The response must stay: websockets reads ``response is None`` as "pending".
+    # Drop what a live connection no longer needs from the opening handshake: the request (headers, the
+    # Authorization among them) and the response's headers (over a KiB per call from a real server). The
+    # response object stays: websockets reads ``response is None`` as "handshake pending".
     ws.request = None
+    if ws.response is not None:
+        ws.response.headers.clear()
     return ws
