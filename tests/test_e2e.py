@@ -10,14 +10,16 @@ import pytest
 
 from sideband.testing import (
     Script,
+    Simulator,
     caller_hangs_up,
     caller_says,
     model_calls,
     model_says,
+    run_app,
     wait_for_greeting,
 )
 
-from .conftest import Stack
+from .conftest import TEST_SETTINGS, Stack, make_app
 
 GREETING = wait_for_greeting("Hello, test desk.")
 
@@ -281,3 +283,33 @@ async def test_no_task_or_socket_left_behind(stack: Stack) -> None:
     for runtime in runtimes:
         assert runtime._ws is None or runtime._ws.state.name == "CLOSED"
         assert not runtime._tool_tasks and not runtime._side_tasks and not runtime._timers
+
+
+async def test_tool_round_over_permessage_deflate() -> None:
+    """With ``SIDEBAND_WS_COMPRESSION`` the sideband negotiates deflate; every event still arrives whole."""
+    async with (
+        Simulator(ws_compression=True) as sim,
+        run_app(make_app(), sim, **{**TEST_SETTINGS, "ws_compression": True}) as stack,
+    ):
+        call = await run_call(
+            stack,
+            Script(
+                [
+                    GREETING,
+                    caller_says("Where is order 42?"),
+                    model_calls("lookup_order", {"order_id": "42"}),
+                    model_says("It shipped."),
+                    caller_hangs_up(),
+                ]
+            ),
+        )
+        await call.wait_done(timeout=10)
+        await call.wait_ended(timeout=10)
+        handshakes = [r for r in sim.requests if r.path.endswith("/realtime") and r.query.get("call_id")]
+        assert len(handshakes) == 1
+        assert "permessage-deflate" in handshakes[0].headers.get("Sec-WebSocket-Extensions", "")
+        out = outputs(call)
+        assert len(out) == 1 and json.loads(out[0]["output"]) == {"order_id": "42", "status": "shipped"}
+        assert client_types(call).count("response.create") == 2
+        summary = await stack.ended(call)
+        assert summary.reason == "remote_closed" and [t.outcome for t in summary.tools] == ["ok"]
