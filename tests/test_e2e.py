@@ -47,18 +47,23 @@ async def run_call(stack: Stack, script: Script, **kw: Any) -> Any:
     return call
 
 
+def order_lookup_round() -> Script:
+    """Greeting, one ``lookup_order`` round, the model's answer, a clean hangup."""
+    return Script(
+        [
+            GREETING,
+            caller_says("Where is order 42?"),
+            model_calls("lookup_order", {"order_id": "42"}),
+            model_says("It shipped."),
+            caller_hangs_up(),
+        ]
+    )
+
+
 async def test_webhook_to_tool_round_trip(stack: Stack) -> None:
     call = await run_call(
         stack,
-        Script(
-            [
-                GREETING,
-                caller_says("Where is order 42?"),
-                model_calls("lookup_order", {"order_id": "42"}),
-                model_says("It shipped."),
-                caller_hangs_up(),
-            ]
-        ),
+        order_lookup_round(),
     )
     await call.wait_done(timeout=10)
     await call.wait_ended(timeout=10)
@@ -293,15 +298,7 @@ async def test_tool_round_over_permessage_deflate() -> None:
     ):
         call = await run_call(
             stack,
-            Script(
-                [
-                    GREETING,
-                    caller_says("Where is order 42?"),
-                    model_calls("lookup_order", {"order_id": "42"}),
-                    model_says("It shipped."),
-                    caller_hangs_up(),
-                ]
-            ),
+            order_lookup_round(),
         )
         await call.wait_done(timeout=10)
         await call.wait_ended(timeout=10)
