@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import secrets
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+import trustme
 from aiohttp import WSMsgType, web
 from standardwebhooks import Webhook
 
@@ -154,7 +157,12 @@ def signed_incoming(secret: str, call_id: str) -> tuple[bytes, dict[str, str]]:
     return body.encode(), headers
 
 
-async def test_serve_runs_a_recorded_tool_round_against_another_protocol_a_server() -> None:
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_serve_runs_a_recorded_tool_round_against_another_protocol_a_server(
+    scheme: str, tmp_path: Path
+) -> None:
+    """Over ``https`` the server presents a certificate of a private CA that the serving process trusts
+    through ``SSL_CERT_FILE``: the REST verbs and the ``wss://`` sideband both verify it."""
     frames = recorded_server_frames()
     recorded = next(f for f in frames if f["type"] == "response.function_call_arguments.done")
     assert recorded["arguments"].endswith("\n") and "\n" in recorded["arguments"].strip()  # pretty-printed
@@ -167,7 +175,15 @@ async def test_serve_runs_a_recorded_tool_round_against_another_protocol_a_serve
     runner = web.AppRunner(server.app())
     await runner.setup()
     upstream_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", upstream_port).start()
+    server_tls: ssl.SSLContext | None = None
+    trust: dict[str, str] = {}
+    if scheme == "https":
+        ca = trustme.CA()
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        trust = {"SSL_CERT_FILE": str(tmp_path / "ca.pem")}
+    await web.TCPSite(runner, "127.0.0.1", upstream_port, ssl_context=server_tls).start()
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SIDEBAND_"))}
@@ -175,9 +191,10 @@ async def test_serve_runs_a_recorded_tool_round_against_another_protocol_a_serve
         {
             "OPENAI_API_KEY": key,
             "OPENAI_WEBHOOK_SECRET": secret,
-            "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}{BASE_PATH}",
+            "OPENAI_BASE_URL": f"{scheme}://127.0.0.1:{upstream_port}{BASE_PATH}",
             "SIDEBAND_LOG_FORMAT": "json",
             "SIDEBAND_DRAIN_TIMEOUT": "2",
+            **trust,
         }
     )
     proc = await asyncio.create_subprocess_exec(
