@@ -556,7 +556,7 @@ async def test_response_create_during_active_response_is_refused(
     assert call.responses[0].source == "script" and call.responses[1].source == "auto"
 
 
-async def test_session_update_cannot_change_voice_after_audio(
+async def test_session_update_cannot_change_voice_or_model_after_audio(
     simulator: Simulator, http: aiohttp.ClientSession
 ) -> None:
     call = await live_call(simulator, http, Script([wait_for_greeting()]))
@@ -579,6 +579,16 @@ async def test_session_update_cannot_change_voice_after_audio(
             },
         )
         assert (await recv_until(ws, "error"))[-1]["error"]["code"] == "cannot_update_voice"
+        await send(
+            ws, {"type": "session.update", "session": {"type": "realtime", "model": "gpt-realtime-2.1"}}
+        )
+        error = (await recv_until(ws, "error"))[-1]["error"]
+        assert error["code"] == "cannot_update_model" and error["param"] == "session.model"
+        # Fields that may change still do, in the same conversation.
+        await send(
+            ws, {"type": "session.update", "session": {"type": "realtime", "instructions": "Be brief."}}
+        )
+        assert (await recv_until(ws, "session.updated"))[-1]["session"]["instructions"] == "Be brief."
 
 
 # ------------------------------------------------------------------------------------------ scripted calls
@@ -1065,6 +1075,13 @@ async def test_webhook_sender_signs_and_retries(simulator: Simulator, receiver: 
     answers.extend([500, 500])
     failed = await sender.deliver(event, webhook_id="wh_fixed", max_attempts=2, backoff=0.01)
     assert failed.attempts == [500, 500] and not failed.ok and failed.webhook_id == "wh_fixed"
+    assert not failed.endpoint_disabled
+
+    # 410 Gone disables the endpoint: no retry, nothing more delivered.
+    answers.extend([500, 410])
+    gone = await sender.deliver(event, max_attempts=5, backoff=0.01)
+    assert gone.attempts == [500, 410] and gone.endpoint_disabled and not gone.ok
+    assert not answers and len(seen) == 7
 
 
 async def test_webhook_sender_retries_timeouts_and_connection_errors(

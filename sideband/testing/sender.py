@@ -51,6 +51,8 @@ class DeliveryResult:
 
     ``attempts`` holds one entry per POST: the HTTP status, or ``None`` for a timeout/connection error (the
     matching entry of ``errors`` says which). ``bodies`` holds each answer's body (``None`` if none).
+    ``endpoint_disabled`` is set when the receiver answered ``410 Gone``: a Standard Webhooks sender
+    disables the endpoint then and delivers nothing more to it.
     """
 
     webhook_id: str
@@ -59,6 +61,7 @@ class DeliveryResult:
     errors: list[str | None] = field(default_factory=list)
     bodies: list[bytes | None] = field(default_factory=list)
     timestamps: list[int] = field(default_factory=list)
+    endpoint_disabled: bool = False
 
     @property
     def status(self) -> int | None:
@@ -159,7 +162,8 @@ class WebhookSender:
         Every attempt carries the same ``webhook-id`` (``wh_…`` generated when not given) and a fresh
         ``webhook-timestamp`` (or ``timestamp`` on every attempt when given, to test clock skew). Retries
         follow non-2xx answers (3xx included), timeouts (``timeout`` seconds per attempt) and connection
-        errors, after ``backoff * 2**n`` seconds.
+        errors, after ``backoff * 2**n`` seconds. A ``410 Gone`` stops the delivery at once and sets
+        :attr:`DeliveryResult.endpoint_disabled`, as Standard Webhooks senders disable the endpoint.
         """
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -182,5 +186,8 @@ class WebhookSender:
             result.errors.append(None)
             result.bodies.append(answer)
             if 200 <= status < 300:
+                break
+            if status == 410:
+                result.endpoint_disabled = True
                 break
         return result

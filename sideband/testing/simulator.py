@@ -1060,6 +1060,15 @@ class SimCall:
             await self._error(problem.code, problem.message, param=problem.param, event_id=event_id)
             return
         assert self.session is not None
+        model = update.get("model")
+        if self._assistant_audio and model is not None and model != self.session.get("model"):
+            await self._error(
+                "cannot_update_model",
+                "Cannot update a conversation's model if assistant audio is present.",
+                param="session.model",
+                event_id=event_id,
+            )
+            return
         voice = update.get("audio", {}).get("output", {}).get("voice")
         if (
             self._assistant_audio
