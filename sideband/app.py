@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -171,6 +173,7 @@ class Sideband:
         self.max_tool_calls = max_tool_calls
         self.max_identical_calls = max_identical_calls
         self._route: RouteHook | None = None
+        self._route_is_async = False
         self.on_call_start_hooks: list[Callable[..., Any]] = []
         self.on_call_end_hooks: list[Callable[..., Any]] = []
         self.on_transcript_hooks: list[Callable[..., Any]] = []
@@ -197,8 +200,10 @@ class Sideband:
 
     def on_incoming(self, fn: F) -> F:
         """Route each ringing call: the hook gets an :class:`IncomingCall` and returns
-        :class:`Accept`, :class:`Reject` or :class:`Refer` (sync or async)."""
+        :class:`Accept`, :class:`Reject` or :class:`Refer` (sync or async; a sync hook runs in a worker
+        thread, so a slow one cannot stall other calls and the route budget still applies)."""
         self._route = fn
+        self._route_is_async = inspect.iscoroutinefunction(fn)
         return fn
 
     def on_call_start(self, fn: F) -> F:
@@ -273,8 +278,12 @@ class Sideband:
         """Run the routing hook; without one, the route table's decision or accept with the app's config."""
         if self._route is None:
             return call.route or Accept()
-        result = self._route(call)
-        if not isinstance(result, Accept | Reject | Refer):
+        result: Any
+        if self._route_is_async:
+            result = self._route(call)
+        else:  # a plain function may block: in a thread, so the route budget still applies
+            result = await asyncio.to_thread(self._route, call)
+        if inspect.isawaitable(result):
             result = await result
         if not isinstance(result, Accept | Reject | Refer):
             raise TypeError(f"on_incoming returned {type(result).__name__}, not Accept/Reject/Refer")

@@ -25,18 +25,35 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sideband.app import parse_number
-from sideband.session import Accept, Decision, Refer, Reject
+from sideband.session import Accept, Decision, Refer, Reject, validate_accept_payload
+
+if TYPE_CHECKING:
+    from sideband.app import Sideband
 
 __all__ = ["RouteError", "RouteTable"]
 
 
 class RouteError(ValueError):
     """The route file is unreadable or invalid; ``str()`` is one line naming the place."""
+
+
+# Session keys that have their own route field: in ``session`` they would clash with it at call time.
+_OWN_FIELDS = ("instructions", "voice", "greeting", "tools")
+
+
+def _one_line(exc: Exception) -> str:
+    """Why a plan failed, on one line (a pydantic report reduced to its first error)."""
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"session.{where}: {err['msg']}" if where else err["msg"]
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 class _Route(BaseModel):
@@ -59,6 +76,14 @@ class _Route(BaseModel):
         if self.refer is not None and not self.refer.startswith(("tel:", "sip:", "sips:")):
             raise ValueError("refer must be a tel: or sip: URI")
         return self
+
+    @field_validator("session")
+    @classmethod
+    def _no_own_fields(cls, session: dict[str, Any]) -> dict[str, Any]:
+        for key in _OWN_FIELDS:
+            if key in session:
+                raise ValueError(f"{key} is a route field: set it on the route, not in session")
+        return session
 
     def decision(self) -> Decision:
         if self.reject is not None:
@@ -86,36 +111,90 @@ class _File(BaseModel):
 class RouteTable:
     """Decisions per dialed number, resolved before the call rings (a dict lookup on the answer path)."""
 
-    def __init__(self, routes: Mapping[str, Decision], default: Decision | None = None) -> None:
+    def __init__(
+        self,
+        routes: Mapping[str, Decision],
+        default: Decision | None = None,
+        *,
+        source: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
         self._routes = dict(routes)
         self.default = default
+        self.source = source
+        """Where the table came from (the file path for :meth:`load`), for error messages."""
+        self._labels = dict(labels or {})
 
     def __len__(self) -> int:
         return len(self._routes)
 
     def match(self, dialed: str | None) -> Decision | None:
-        """The decision for a dialed number (E.164 or as parsed), else the default (or ``None``)."""
+        """The decision for a dialed number (E.164 or as parsed), else the default (or ``None``).
+
+        An exact match wins. Failing that, a dialed number of digits only (``18005551212``, as many
+        trunks send the ``To`` user part) is tried as E.164 with a ``+`` (``+18005551212``): it must
+        include the country code. National forms (``8005551212``) are not rewritten: list them as their
+        own keys. Two dict lookups at most.
+        """
         if dialed is not None:
             found = self._routes.get(dialed)
+            if found is None and dialed.isascii() and dialed.isdigit():
+                found = self._routes.get("+" + dialed)
             if found is not None:
                 return found
         return self.default
 
+    def check(self, app: Sideband) -> None:
+        """Build every accepting route's call plan for ``app`` as a SIP call would, at start.
+
+        Raises :class:`RouteError` (one line: file, route, problem) for a tool the app does not have or
+        a session OpenAI would refuse (PROTOCOL A2), so a bad file stops the process instead of
+        rejecting every call to that number at ring time. The plans built here are cached by ``app``.
+        """
+        known = set(app.tools.names())
+        base = self._problem(app, Accept())
+        entries: list[tuple[str, Decision]] = [("default", self.default)] if self.default else []
+        entries += [(f"routes.{self._labels.get(k, k)}", d) for k, d in self._routes.items()]
+        for where, decision in entries:
+            if not isinstance(decision, Accept):
+                continue
+            unknown = sorted(set(decision.tools or ()) - known)
+            if unknown:
+                self._fail(f"{where}.tools: unknown tool {', '.join(unknown)}")
+            problem = self._problem(app, decision)
+            if problem is not None:
+                whose = " (in the app's own session config)" if problem == base else ""
+                self._fail(f"{where}: {problem}{whose}")
+
+    @staticmethod
+    def _problem(app: Sideband, decision: Accept) -> str | None:
+        try:
+            validate_accept_payload(app.plan(decision).session, sip=True)
+        except Exception as exc:  # whatever fails here would fail the call at ring time
+            return _one_line(exc)
+        return None
+
+    def _fail(self, message: str) -> None:
+        raise RouteError(f"{self.source}: {message}" if self.source else message)
+
     @classmethod
-    def load(cls, path: Path | str, tool_names: Iterable[str] = ()) -> RouteTable:
-        """Read and validate a TOML route file; unknown tool names are errors."""
+    def load(cls, path: Path | str, tool_names: Iterable[str] | None = None) -> RouteTable:
+        """Read and validate a TOML route file; with ``tool_names`` (even empty), unknown tools are errors.
+
+        The sessions are checked against an app by :meth:`check`.
+        """
         try:
             with open(path, "rb") as fh:
                 raw = tomllib.load(fh)
         except OSError as exc:
             raise RouteError(f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
-            raise RouteError(f"{path}: {exc}") from None
+            raise RouteError(f"{path}: {' '.join(str(exc).split())}") from None
         return cls.from_dict(raw, tool_names, source=str(path))
 
     @classmethod
     def from_dict(
-        cls, raw: Mapping[str, Any], tool_names: Iterable[str] = (), source: str = "routes"
+        cls, raw: Mapping[str, Any], tool_names: Iterable[str] | None = None, source: str = "routes"
     ) -> RouteTable:
         """Build from already-parsed data (same rules as :meth:`load`)."""
         try:
@@ -124,17 +203,20 @@ class RouteTable:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
             raise RouteError(f"{source}: {where}: {err['msg']}") from None
-        known = set(tool_names)
+        known = None if tool_names is None else set(tool_names)
         routes: dict[str, Decision] = {}
+        labels: dict[str, str] = {}
         entries = [("default", parsed.default)] if parsed.default else []
-        entries += list(parsed.routes.items())
-        for number, route in entries:
-            unknown = sorted(set(route.tools or ()) - known) if known else []
+        entries += [(f"routes.{number}", route) for number, route in parsed.routes.items()]
+        for where, route in entries:
+            unknown = sorted(set(route.tools or ()) - known) if known is not None else []
             if unknown:
-                raise RouteError(f"{source}: routes.{number}.tools: unknown tool {', '.join(unknown)}")
-            if number == "default" and route is parsed.default:
-                continue
+                raise RouteError(f"{source}: {where}.tools: unknown tool {', '.join(unknown)}")
+        for number, route in parsed.routes.items():
             key = parse_number(f"tel:{number}") or number
+            if key in labels:
+                raise RouteError(f"{source}: routes.{number}: the same number as routes.{labels[key]}")
+            labels[key] = number
             routes[key] = route.decision()
         default = parsed.default.decision() if parsed.default else None
-        return cls(routes, default)
+        return cls(routes, default, source=source, labels=labels)

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sideband.app import CallPlan, IncomingCall, Sideband
 from sideband.context import CallContext, SipHeader
@@ -32,29 +32,62 @@ __all__ = ["Reply", "Service", "WebhookEvent"]
 _RTC_CALL_ID = re.compile(r"^rtc_[A-Za-z0-9_-]{1,128}$")
 
 
+_PENDING_TTL = 120.0
+"""Seconds a claim stays pending at most: far longer than any answer path (route + accept budgets)."""
+
+
 class _SipHeaderModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: str
     value: str
 
 
+def _usable_headers(value: Any) -> list[Any]:
+    """Keep the well-formed ``{name, value}`` entries: SIP headers are caller data, one odd entry must
+    not sink the call."""
+    if not isinstance(value, list):
+        return []
+    return [
+        h
+        for h in value
+        if isinstance(h, dict) and isinstance(h.get("name"), str) and isinstance(h.get("value"), str)
+    ]
+
+
 class CallIncomingData(BaseModel):
-    """``data`` of ``realtime.call.incoming`` (tolerant: unknown fields are kept)."""
+    """``data`` of ``realtime.call.incoming`` (tolerant: unknown fields are kept, odd headers dropped)."""
 
     model_config = ConfigDict(extra="allow")
     call_id: str = Field(min_length=1, max_length=256)
     sip_headers: list[_SipHeaderModel] = Field(default_factory=list)
     sip_media_security: str | None = None
 
+    @field_validator("sip_headers", mode="before")
+    @classmethod
+    def _drop_odd_headers(cls, value: Any) -> list[Any]:
+        return _usable_headers(value)
+
+    @field_validator("sip_media_security", mode="before")
+    @classmethod
+    def _unknown_security(cls, value: Any) -> str | None:
+        return value if isinstance(value, str) else None
+
 
 class WebhookEvent(BaseModel):
-    """Any webhook event (tolerant reader: unknown fields and types are fine)."""
+    """Any webhook event (tolerant reader: only a string ``type`` is required; unknown fields and
+    types, and envelope fields of unexpected shapes, are fine)."""
 
     model_config = ConfigDict(extra="allow")
-    id: str | None = None
+    id: Any = None
     type: str = Field(min_length=1)
-    created_at: float | None = None
-    data: dict[str, Any] | None = None
+    created_at: Any = None
+    data: Any = None
+
+
+def call_data(event: WebhookEvent) -> CallIncomingData:
+    """The ``data`` of a ``realtime.call.incoming``; raises :class:`pydantic.ValidationError` when it
+    has no usable ``call_id``."""
+    return CallIncomingData.model_validate(event.data if isinstance(event.data, dict) else {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +122,10 @@ class Service:
             else None
         )
         routes_file = settings.routes_file
-        self.routes = RouteTable.load(routes_file, app.tools.names()) if routes_file else RouteTable({})
+        self.routes = RouteTable({})
+        if routes_file:  # every route's session as a SIP accept would send it: fail at start
+            self.routes = RouteTable.load(routes_file, app.tools.names())
+            self.routes.check(app)
         self._http: aiohttp.ClientSession | None = None
         self._sideband_url = settings.sideband_url
         self._configs: dict[int, tuple[CallPlan, MachineConfig]] = {}
@@ -126,46 +162,71 @@ class Service:
 
     # --------------------------------------------------------------------------- SIP webhook
     async def handle_webhook(self, webhook_id: str, event: WebhookEvent, received: float) -> Reply:
-        """A verified delivery: claim, decide, act (PROTOCOL A1/A2). ``received`` is ``time.monotonic()``."""
-        data: CallIncomingData | None = None
-        if event.type == "realtime.call.incoming":
-            data = CallIncomingData.model_validate(event.data or {})
-        ttl = self.settings.dedup_ttl
-        if not await self.store.claim(f"webhook:{webhook_id}", ttl):
-            self.counters["webhook_duplicate"] += 1
-            self.log.info("webhook.duplicate", webhook_id=webhook_id, type=event.type)
-            return Reply(200, {"status": "duplicate"})
+        """A verified delivery: claim, decide, act (PROTOCOL A1/A2). ``received`` is ``time.monotonic()``.
+
+        The ``webhook-id`` (and, for a call, the ``call_id``) is claimed before anything else happens.
+        A duplicate of a delivery that was handled gets 200 and nothing else; a duplicate that arrives
+        while the first delivery is still being handled gets 409, so the sender delivers it again later
+        (if the first one then fails, its claims are released and the redelivery does the work).
+        """
+        data = call_data(event) if event.type == "realtime.call.incoming" else None
+        call_id = data.call_id if data is not None else None
+        log = self.log.bind(call_id=call_id) if call_id else self.log
+        store, ttl = self.store, self.settings.dedup_ttl
+        wkey = f"webhook:{webhook_id}"
+        if not await store.claim(wkey, _PENDING_TTL):
+            return await self._duplicate(wkey, log, webhook_id=webhook_id, type=event.type)
         if data is None:
+            await store.settle(wkey, ttl)
             self.counters["webhook_ignored"] += 1
-            self.log.info("webhook.ignored", webhook_id=webhook_id, type=event.type)
+            log.info("webhook.ignored", webhook_id=webhook_id, type=event.type)
             return Reply(200, {"status": "ignored"})
-        call_id = data.call_id
-        with structlog.contextvars.bound_contextvars(call_id=call_id):
-            if not await self.store.claim(f"call:{call_id}", ttl):
-                self.counters["webhook_duplicate"] += 1
-                self.log.info("webhook.duplicate_call", webhook_id=webhook_id)
-                return Reply(200, {"status": "duplicate"})
-            call = IncomingCall.from_sip(
-                call_id,
-                (SipHeader(h.name, h.value) for h in data.sip_headers),
-                data.sip_media_security,
-                event.data,
-            )
-            route = self.routes.match(call.to_number)
-            if route is not None:
-                call = dataclasses.replace(call, route=route)
-            self.log.info(
-                "call.incoming",
-                webhook_id=webhook_id,
-                from_number=call.from_number,
-                to_number=call.to_number,
-                media_security=call.media_security,
-            )
-            reply = await self._answer(call, received)
-            if reply.status >= 500:
-                await self.store.release(f"call:{call_id}")
-                await self.store.release(f"webhook:{webhook_id}")
-            return reply
+        ckey = f"call:{data.call_id}"
+        if not await store.claim(ckey, _PENDING_TTL):
+            await store.release(wkey)  # this delivery did nothing: a redelivery must not look handled
+            return await self._duplicate(ckey, log, webhook_id=webhook_id, type=event.type)
+        reply: Reply | None = None
+        try:
+            with structlog.contextvars.bound_contextvars(call_id=data.call_id):
+                reply = await self._incoming(webhook_id, data, event, received)
+        finally:
+            if reply is not None and reply.status < 500:
+                await store.settle(ckey, ttl)
+                await store.settle(wkey, ttl)
+            else:  # failed (or crashed): let a redelivery try again
+                await store.release(ckey)
+                await store.release(wkey)
+        return reply
+
+    async def _duplicate(self, key: str, log: Any, **fields: Any) -> Reply:
+        if await self.store.settled(key):
+            self.counters["webhook_duplicate"] += 1
+            log.info("webhook.duplicate", **fields)
+            return Reply(200, {"status": "duplicate"})
+        self.counters["webhook_in_progress"] += 1
+        log.info("webhook.in_progress", **fields)
+        return Reply(409, {"status": "in_progress"}, {"Retry-After": "2"})
+
+    async def _incoming(
+        self, webhook_id: str, data: CallIncomingData, event: WebhookEvent, received: float
+    ) -> Reply:
+        call = IncomingCall.from_sip(
+            data.call_id,
+            (SipHeader(h.name, h.value) for h in data.sip_headers),
+            data.sip_media_security,
+            event.data,
+        )
+        route = self.routes.match(call.to_number)
+        if route is not None:
+            call = dataclasses.replace(call, route=route)
+        self.log.info(
+            "call.incoming",
+            webhook_id=webhook_id,
+            from_number=call.from_number,
+            to_number=call.to_number,
+            media_security=call.media_security,
+        )
+        return await self._answer(call, received)
 
     async def _retrying(
         self,
@@ -199,7 +260,7 @@ class Service:
             try:
                 plan = self.app.plan(decision)
                 validate_accept_payload(plan.session, sip=True)
-            except (SessionConfigError, ValueError) as exc:
+            except (SessionConfigError, ValueError, TypeError) as exc:  # e.g. Accept(session={"voice": …})
                 self.log.error("call.config_invalid", error=str(exc))
                 plan, decision = None, Reject(self.settings.route_failure_status)
         self.log.info(
@@ -209,15 +270,28 @@ class Service:
             target=getattr(decision, "target_uri", None),
         )
         call_id, control = call.call_id, self.control
+        uncertain = False  # an accept attempt went unanswered: it may have gone through
+
+        def accept_retry(attempt: int, exc: UpstreamError) -> None:
+            nonlocal uncertain
+            uncertain = uncertain or exc.status is None
+            self.log.warning("call.accept_retry", attempt=attempt, status=exc.status)
+
         try:
             if plan is not None:
-                await self._retrying(
-                    lambda t: control.accept(call_id, plan.session, timeout=t),
-                    on_retry=lambda n, e: self.log.warning("call.accept_retry", attempt=n, status=e.status),
-                )
-                latency = time.monotonic() - received
+                try:
+                    await self._retrying(
+                        lambda t: control.accept(call_id, plan.session, timeout=t), on_retry=accept_retry
+                    )
+                except CallGone as exc:
+                    if not uncertain:
+                        raise
+                    # Not ringing any more: maybe because the unanswered attempt accepted it. Attaching
+                    # tells (a call that is really gone refuses the sideband and the runtime ends).
+                    self.log.warning("call.accept_uncertain", status=exc.status)
+                else:
+                    self.log.info("call.accepted", latency_ms=round((time.monotonic() - received) * 1000, 2))
                 self.counters["accepted"] += 1
-                self.log.info("call.accepted", latency_ms=round(latency * 1000, 2))
                 self.launch(call.context(), plan)
                 return Reply(200, {"status": "accepted"})
             if isinstance(decision, Reject):
@@ -241,7 +315,22 @@ class Service:
             )
             if exc.retryable:
                 return Reply(503, {"status": "retry", "error": "upstream unavailable"}, {"Retry-After": "1"})
-            return Reply(200, {"status": "failed", "error": f"upstream answered {exc.status}"})
+            if isinstance(decision, Reject):
+                return Reply(200, {"status": "failed", "error": f"upstream answered {exc.status}"})
+            return await self._reject_instead(call_id, exc)
+
+    async def _reject_instead(self, call_id: str, refused: UpstreamError) -> Reply:
+        """An accept or refer refused with a 4xx would be refused again: reject the call with
+        ``SIDEBAND_ROUTE_FAILURE_STATUS`` rather than leave the caller ringing."""
+        status_code = self.settings.route_failure_status
+        try:
+            await self._retrying(lambda t: self.control.reject(call_id, status_code, timeout=t))
+        except UpstreamError as exc:
+            self.log.error("call.answer_failed", status=exc.status, error=str(exc))
+            return Reply(200, {"status": "failed", "error": f"upstream answered {refused.status}"})
+        self.counters["rejected"] += 1
+        self.log.info("call.rejected", status_code=status_code, instead_of_status=refused.status)
+        return Reply(200, {"status": "rejected", "error": f"upstream answered {refused.status}"})
 
     # ------------------------------------------------------------------------------- calls
     def _machine_config(self, plan: CallPlan) -> MachineConfig:
@@ -314,7 +403,7 @@ class Service:
         plan = self._rtc_plan()
         call_id, answer = await self.control.create_call(sdp, plan.session)
         with structlog.contextvars.bound_contextvars(call_id=call_id):
-            await self.store.claim(f"call:{call_id}", self.settings.dedup_ttl)
+            await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)  # a new call: ours
             self.log.info("call.webrtc_created")
             self.launch(CallContext(call_id, "webrtc"), plan)
         return call_id, answer
@@ -352,8 +441,9 @@ class Service:
             self.log.warning("rtc.handoff_refused", reason="ticket already used")
             return Reply(403, {"error": "ticket already used"})
         with structlog.contextvars.bound_contextvars(call_id=call_id):
-            if not await self.store.claim(f"call:{call_id}", self.settings.dedup_ttl):
+            if not await self.store.claim(f"call:{call_id}", _PENDING_TTL):
                 return Reply(409, {"error": "call already attached"})
+            await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)
             runtime = self.launch(CallContext(call_id, "webrtc"), self._rtc_plan())
             self.log.info("rtc.handoff")
             attached = asyncio.ensure_future(runtime.attached.wait())

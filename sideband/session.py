@@ -126,19 +126,40 @@ class Accept:
     max_idle_duration: float | None = None
     """Seconds without caller speech before goodbye and hangup (default: app, then settings)."""
 
+    def __post_init__(self) -> None:
+        if self.tools is not None:
+            if isinstance(self.tools, str) or not all(isinstance(t, str) for t in self.tools):
+                raise TypeError("Accept(tools=...) takes tool names, e.g. ('lookup_order',)")
+            object.__setattr__(self, "tools", tuple(self.tools))  # a list is fine, stored hashable
+
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    """Refuse the call with a SIP status (default 603 Decline)."""
+    """Refuse the call with a SIP status (default 603 Decline); a final status, 400-699.
+
+    Raises :class:`ValueError` on any other status, so a routing hook's mistake fails closed (the
+    call is rejected with ``SIDEBAND_ROUTE_FAILURE_STATUS``) instead of leaving the caller ringing.
+    """
 
     status_code: int = 603
+
+    def __post_init__(self) -> None:
+        if type(self.status_code) is not int or not 400 <= self.status_code <= 699:
+            raise ValueError(f"Reject status_code must be a SIP status 400-699, got {self.status_code!r}")
 
 
 @dataclass(frozen=True, slots=True)
 class Refer:
-    """Send the call elsewhere (SIP REFER) without answering it: ``tel:+1…`` or ``sip:…``."""
+    """Send the call elsewhere (SIP REFER) without answering it: ``tel:+1…`` or ``sip:…``.
+
+    Raises :class:`ValueError` for any other kind of URI.
+    """
 
     target_uri: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target_uri, str) or not self.target_uri.startswith(("tel:", "sip:", "sips:")):
+            raise ValueError(f"Refer target_uri must be a tel: or sip: URI, got {self.target_uri!r}")
 
 
 Decision = Accept | Reject | Refer

@@ -6,8 +6,12 @@ import asyncio
 import json
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from sideband import Refer
 from sideband.testing import (
     Script,
     Simulator,
@@ -18,6 +22,7 @@ from sideband.testing import (
     run_app,
     wait_for_greeting,
 )
+from sideband.upstream.openai import CallControl, UpstreamError
 
 from .conftest import TEST_SETTINGS, Stack, make_app
 
@@ -151,6 +156,95 @@ async def test_accept_exhausted_answers_503_and_redelivery_can_succeed(stack: St
     stack.sim.calls[call.call_id].accept_faults.clear()
     second = await stack.sender.deliver(event, webhook_id="wh_retry", max_attempts=1)
     assert second.status == 200 and call.status == "accepted"
+
+
+async def test_redelivery_while_the_first_is_in_flight_is_409_until_it_is_handled(stack: Stack) -> None:
+    call = stack.sim.create_call(Script([GREETING]))
+    stack.sim.fail_accept(call.call_id, *([500] * 40))  # the first delivery retries for its whole budget
+    event = stack.sim.incoming_event(call)
+    first = asyncio.create_task(stack.sender.deliver(event, webhook_id="wh_a", max_attempts=1))
+    async with asyncio.timeout(5):
+        while not accepts(stack, call.call_id):
+            await asyncio.sleep(0.01)
+    # OpenAI gave up waiting and redelivers; another event for the same call arrives too
+    same = await stack.sender.deliver(event, webhook_id="wh_a", max_attempts=1)
+    other = await stack.sender.deliver(event, webhook_id="wh_b", max_attempts=1)
+    assert (same.status, other.status) == (409, 409), (same.bodies, other.bodies)
+    assert (await first).status == 503  # accept kept failing: claims released
+    stack.sim.calls[call.call_id].accept_faults.clear()
+    again = await stack.sender.deliver(event, webhook_id="wh_a", max_attempts=1)
+    assert again.status == 200 and call.status == "accepted"
+    dup = await stack.sender.deliver(event, webhook_id="wh_b", max_attempts=1)
+    assert dup.status == 200 and json.loads(dup.bodies[-1] or b"{}")["status"] == "duplicate"
+    await call.wait_done(timeout=5)
+    assert call.sideband_connects == 1
+
+
+async def test_an_unexpected_error_answering_releases_the_claims(stack: Stack) -> None:
+    call = stack.sim.create_call(Script([GREETING]))
+    control = stack.service.control
+    real_accept = control.accept
+    calls = 0
+
+    async def broken_once(*args: Any, **kw: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        await real_accept(*args, **kw)
+
+    control.accept = broken_once  # type: ignore[method-assign]
+    event = stack.sim.incoming_event(call)
+    first = await stack.sender.deliver(event, webhook_id="wh_bug", max_attempts=1)
+    assert first.status == 500
+    second = await stack.sender.deliver(event, webhook_id="wh_bug", max_attempts=1)
+    assert second.status == 200 and call.status == "accepted"
+
+
+async def test_an_accept_that_went_through_unanswered_still_attaches(stack: Stack) -> None:
+    call = stack.sim.create_call(Script([GREETING]))
+    stack.sim.fail_accept(call.call_id, "late")  # accepted upstream, but the answer never comes
+    result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert result.status == 200 and json.loads(result.bodies[-1] or b"{}")["status"] == "accepted"
+    assert accepts(stack, call.call_id) == 2  # the retry found the call no longer ringing (404)
+    await call.wait_done(timeout=5)
+    assert call.sideband_connects == 1 and client_types(call)[0] == "session.update"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"route_failure_status": 480}])
+async def test_a_refused_accept_or_refer_rejects_the_call_instead(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    refused = stack.sim.create_call(Script([]))
+    stack.sim.fail_accept(refused.call_id, 400)
+    result = await stack.sender.deliver(stack.sim.incoming_event(refused))
+    assert (
+        result.status == 200 and refused.status == "rejected" and refused.reject_body == {"status_code": 480}
+    )
+
+    stack.app.on_incoming(lambda call: Refer("tel:+14155550123"))
+    moved = stack.sim.create_call(Script([]))
+    stack.sim.fail_verb(moved.call_id, "refer", 403)
+    result = await stack.sender.deliver(stack.sim.incoming_event(moved))
+    assert result.status == 200 and moved.status == "rejected" and moved.reject_body == {"status_code": 480}
+
+
+async def test_an_upstream_error_page_that_is_not_utf8_is_an_upstream_error() -> None:
+    async def proxy_page(request: web.Request) -> web.Response:
+        return web.Response(status=502, body=b"\xff\xfe<html>bad gateway\x00", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_post("/v1/realtime/calls/{call_id}/accept", proxy_page)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            control = CallControl(http, str(server.make_url("/v1")), "sk-test")
+            with pytest.raises(UpstreamError) as caught:
+                await control.accept("rtc_x", {"type": "realtime"})
+        assert caught.value.status == 502 and caught.value.retryable and "bad gateway" in caught.value.body
+    finally:
+        await server.close()
 
 
 @pytest.mark.parametrize("mode, reason", [("clean", "remote_closed"), ("abnormal", "call_not_found")])

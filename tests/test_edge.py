@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import threading
 import time
 from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 
 from sideband import Accept, IncomingCall, Refer, Reject
 from sideband.testing import Script, wait_for_greeting
@@ -140,6 +143,96 @@ async def test_routing_hook_that_fails_or_overruns_rejects(
     for call in (raising, slow):
         assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
         assert call.status == "rejected" and call.reject_body == {"status_code": 503}
+
+
+@pytest.mark.parametrize("settings_overrides", [{"route_budget": 0.3, "route_failure_status": 503}])
+async def test_a_blocking_sync_hook_is_bounded_and_blocks_nothing(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    release = threading.Event()
+    entered = threading.Event()
+
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        entered.set()
+        release.wait(10)  # a slow database lookup, written as a plain function
+        return Accept()
+
+    call = stack.sim.create_call(Script([]))
+    try:
+        delivery = asyncio.create_task(stack.sender.deliver(stack.sim.incoming_event(call)))
+        assert await asyncio.to_thread(entered.wait, 5)
+        async with aiohttp.ClientSession() as http, http.get(stack.url("/healthz")) as resp:
+            assert resp.status == 200  # the event loop is free while the hook blocks
+        result = await asyncio.wait_for(delivery, 5)
+        assert result.status == 200 and call.status == "rejected" and call.reject_body == {"status_code": 503}
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize(
+    "decide",
+    [lambda: Reject(status_code=200), lambda: Reject(status_code=1000), lambda: Refer("https://example.com")],
+    ids=["reject-200", "reject-1000", "refer-https"],
+)
+@pytest.mark.parametrize("settings_overrides", [{"route_failure_status": 480}])
+async def test_an_impossible_decision_fails_closed(
+    stack: Stack, settings_overrides: dict[str, Any], decide: Any
+) -> None:
+    stack.app.on_incoming(lambda call: decide())
+    call = stack.sim.create_call(Script([]))
+    assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    assert call.status == "rejected" and call.reject_body == {"status_code": 480}
+    assert not [r for r in stack.sim.requests if r.path.endswith(("/refer", "/accept"))]
+
+
+async def test_accept_tools_may_be_a_list() -> None:
+    assert Accept(tools=["lookup_order"]).tools == ("lookup_order",)
+    with pytest.raises(TypeError):
+        Accept(tools="lookup_order")  # type: ignore[arg-type]
+
+
+async def test_odd_envelopes_of_verified_events_are_tolerated(stack: Stack) -> None:
+    call = stack.sim.create_call(Script([wait_for_greeting("Hi")]))
+    event = stack.sim.incoming_event(call)
+    event["data"]["sip_headers"] += [{"name": "X-Odd", "value": None}, {"value": "no name"}, "junk"]
+    event["data"]["sip_media_security"] = 7
+    for n, odd in enumerate(
+        (
+            {"object": "event", "id": 123, "type": "batch.completed", "created_at": "2026-01-01T00:00:00Z"},
+            {"object": "event", "type": "eval.run.succeeded", "data": [1, 2]},
+            event,
+        )
+    ):
+        body = json.dumps(odd).encode()
+        status, answer = await post(stack, body, signed(stack, body, webhook_id=f"wh_odd{n}"))
+        assert status == 200, (odd, answer)
+    assert call.status == "accepted"
+    assert (await post(stack, b'{"id": "evt_1"}', signed(stack, b'{"id": "evt_1"}')))[0] == 400  # no type
+
+
+async def test_bodies_that_do_not_match_their_encoding_are_400(stack: Stack) -> None:
+    body = event_body(stack)
+    for encoding in ("gzip", "deflate"):
+        headers = {**signed(stack, body), "Content-Encoding": encoding}
+        status, answer = await post(stack, b"this is not compressed", headers)
+        assert status == 400 and "encoding" in answer["error"], (encoding, status, answer)
+    compressed = gzip.compress(body)
+    status, answer = await post(stack, compressed, {**signed(stack, body), "Content-Encoding": "gzip"})
+    assert (status, answer["status"]) == (200, "accepted")
+
+
+async def test_signature_header_lines_are_joined(stack: Stack) -> None:
+    body = event_body(stack)
+    good = signed(stack, body)
+    headers = CIMultiDict({k: v for k, v in good.items() if k != "webhook-signature"})
+    headers.add("webhook-signature", "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")  # a rotated-out key
+    headers.add("webhook-signature", good["webhook-signature"])
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(stack.webhook_url, data=body, headers=headers) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
 
 
 async def test_invalid_session_config_is_refused_locally(stack: Stack) -> None:

@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 
-from sideband import Accept, IncomingCall, Refer, Reject
+from sideband import Accept, IncomingCall, Refer, Reject, Sideband
+from sideband.context import SipHeader
 from sideband.routing import RouteError, RouteTable
-from sideband.testing import Script, caller_says, model_says, wait_for_greeting
+from sideband.session import SessionConfig
+from sideband.testing import Script, Simulator, caller_says, model_says, wait_for_greeting
 
-from .conftest import Stack
+from .conftest import Stack, make_app, settings_for
 
 ROUTES = """
 [default]
@@ -65,6 +67,15 @@ def test_table_matches_numbers_and_default(tmp_path: Path) -> None:
         ('[routes."+1"]\nreject = 486\nrefer = "tel:+1"\n', "not both"),
         ('[routes."+1"]\nrefer = "http://x"\n', "tel: or sip:"),
         ('[routes."+1"]\ncolour = "red"\n', "colour"),
+        (
+            '[routes."+1"]\nsession = { voice = "cedar" }\n',
+            "routes.+1.session: Value error, voice is a route",
+        ),
+        ('[routes."+1"]\nsession = { instructions = "x" }\n', "instructions is a route field"),
+        (
+            '[routes."+18005551212"]\nreject = 486\n[routes."+1 800 555 1212"]\nreject = 404\n',
+            "routes.+1 800 555 1212: the same number as routes.+18005551212",
+        ),
         ("[routes\n", "routes.toml"),
     ],
 )
@@ -138,3 +149,112 @@ async def test_hook_sees_the_route_and_can_override_it(stack: Stack) -> None:
     assert seen == [Reject(486)]
     assert call.status == "accepted" and call.accept_body["instructions"] == "Overridden."
     await asyncio.wait_for(call.wait_done(), 5)
+
+
+# -- checked against the app at start (a bad file stops the process, not every call) -------------------
+
+SIP_REFUSED = [
+    (
+        'session = { audio = { input = { format = { type = "audio/pcm", rate = 24000 } } } }',
+        "audio.input.format",
+    ),
+    ('session = { turn_detection = { type = "server_vad", threshold = 0.5 } }', "turn_detection.threshold"),
+    ('session = { type = "transcription" }', '"type": "realtime"'),
+    ("session = { speed = -1 }", "session.speed: Input should be greater than 0"),
+]
+
+
+@pytest.mark.parametrize("section", ["default", 'routes."+1 800 555 1212"'])
+@pytest.mark.parametrize("line, fragment", SIP_REFUSED)
+def test_check_refuses_route_sessions_a_sip_accept_would_refuse(
+    tmp_path: Path, section: str, line: str, fragment: str
+) -> None:
+    path = write(tmp_path, f'[{section}]\ninstructions = "Billing."\n{line}\n')
+    table = RouteTable.load(path, ["lookup_order"])  # the file alone is well-formed
+    with pytest.raises(RouteError) as info:
+        table.check(make_app())
+    message = str(info.value)
+    where = "default" if section == "default" else "routes.+1 800 555 1212"  # the key as written
+    assert message.startswith(f"{path}: {where}: ") and fragment in message, message
+    assert "\n" not in message and "app's own" not in message
+
+
+def test_check_passes_a_good_table_and_skips_reject_and_refer(tmp_path: Path) -> None:
+    app = make_app()
+    RouteTable.load(write(tmp_path, ROUTES), app.tools.names()).check(app)
+    # Reject/refer routes answer nothing, so their (unused) fields are not planned.
+    RouteTable({"+1": Reject(486), "+2": Refer("tel:+1")}).check(Sideband(session=SessionConfig(type="x")))
+
+
+def test_check_says_when_the_app_config_is_the_cause() -> None:
+    app = Sideband(session=SessionConfig(turn_detection={"type": "server_vad", "silence_duration_ms": 500}))
+    with pytest.raises(RouteError) as info:
+        RouteTable.from_dict({"routes": {"+18005551212": {"voice": "cedar"}}}).check(app)
+    assert str(info.value) == (
+        "routes: routes.+18005551212: audio.input.turn_detection.silence_duration_ms is refused by the "
+        "calls API (in the app's own session config)"
+    )
+
+
+def test_unknown_tools_are_errors_even_when_the_app_has_no_tools(tmp_path: Path) -> None:
+    path = write(tmp_path, '[default]\ntools = ["lookup_order"]\n')
+    with pytest.raises(RouteError, match=r"default\.tools: unknown tool lookup_order$"):
+        RouteTable.load(path, [])  # what the service passes for an app without tools
+    table = RouteTable.load(path)  # tool names not given: not checked here...
+    with pytest.raises(RouteError, match=r"routes\.toml: default\.tools: unknown tool lookup_order$"):
+        table.check(Sideband())  # ...but against the app
+    app = Sideband()
+
+    @app.tool
+    async def lookup_order(order_id: str) -> str:
+        """Look up an order."""
+        return order_id
+
+    table.check(app)
+
+
+def test_service_refuses_to_start_with_a_route_sip_would_refuse(simulator: Simulator, tmp_path: Path) -> None:
+    from sideband.service import Service
+
+    path = write(tmp_path, f'[routes."+18005551212"]\n{SIP_REFUSED[0][0]}\n')
+    with pytest.raises(RouteError, match=r"audio\.input\.format"):
+        Service(settings_for(simulator, routes_file=path), make_app())
+
+
+# -- dialed numbers without "+" ------------------------------------------------------------------------
+
+
+def dialed(to: str) -> str | None:
+    return IncomingCall.from_sip("rtc_1", [SipHeader("To", to)]).to_number
+
+
+def test_digits_only_dialed_numbers_match_e164_keys() -> None:
+    table = RouteTable.from_dict({"default": {"reject": 404}, "routes": {"+18005551212": {"reject": 486}}})
+    assert table.match(dialed("<sip:+18005551212@sip.example.com>")) == Reject(486)
+    assert table.match(dialed("<sip:18005551212@sip.example.com>")) == Reject(486)  # trunk form
+    assert table.match(dialed("tel:1-800-555-1212")) == Reject(486)
+    # National forms lack the country code: not guessed at, the default applies.
+    assert table.match(dialed("tel:8005551212")) == Reject(404)
+    assert table.match("\uff11\uff18\uff10\uff10\uff15\uff15\uff15\uff11\uff12\uff11\uff12") == Reject(404)
+    assert table.match("+") == Reject(404) and table.match("") == Reject(404)
+
+
+def test_exact_keys_win_over_the_plus_form() -> None:
+    table = RouteTable.from_dict(
+        {
+            "routes": {
+                "+18005551212": {"reject": 486},
+                "18005551212": {"reject": 488},
+                "8005551212": {"reject": 404},
+            }
+        }
+    )
+    assert table.match("18005551212") == Reject(488)
+    assert table.match("+18005551212") == Reject(486)
+    assert table.match("8005551212") == Reject(404)
+
+
+async def test_route_file_matches_a_to_without_plus(stack: Stack) -> None:
+    call = stack.sim.create_call(Script([]), to_number="18005550000")
+    assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    assert call.status == "rejected" and call.reject_body == {"status_code": 486}

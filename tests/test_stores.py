@@ -141,3 +141,35 @@ async def test_default_clock_is_monotonic() -> None:
     store = MemoryStore()
     assert await store.claim("k", 60)
     assert await store.claim("k", 60) is False
+
+
+async def test_pending_then_settled_with_the_long_ttl() -> None:
+    store, clock = make()
+    assert await store.claim("webhook:a", 30)
+    assert await store.settled("webhook:a") is False  # pending: its work is under way
+    await store.settle("webhook:a", 3600)
+    assert await store.settled("webhook:a") is True
+    clock.now += 60  # past the pending TTL: settling extended it
+    assert await store.claim("webhook:a", 30) is False
+    assert await store.settled("webhook:a") is True
+    clock.now += 3600
+    assert await store.settled("webhook:a") is False
+    assert await store.claim("webhook:a", 30) is True
+
+
+async def test_a_pending_claim_expires_with_its_short_ttl() -> None:
+    store, clock = make()
+    assert await store.claim("call:rtc_1", 30)
+    clock.now += 31  # the instance holding it never settled nor released it
+    assert await store.claim("call:rtc_1", 30) is True
+    assert len(store) == 1
+
+
+async def test_settled_of_a_free_or_released_key_is_false() -> None:
+    store, _ = make()
+    assert await store.settled("nothing") is False
+    await store.claim("k", 30)
+    await store.settle("k", 60)
+    await store.release("k")
+    assert await store.settled("k") is False
+    assert await store.claim("k", 30) is True

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import ValidationError
 
 from sideband.app import Sideband
@@ -44,11 +46,29 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     body = bytearray()
-    async for chunk in request.content.iter_chunked(65536):
-        body += chunk
-        if len(body) > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    try:
+        async for chunk in request.content.iter_chunked(65536):
+            body += chunk
+            if len(body) > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    except (RequestPayloadError, HttpProcessingError):  # e.g. a body that is not the gzip it claims
+        raise _BadBody from None
     return bytes(body)
+
+
+class _BadBody(ValueError):
+    """The request body could not be read as sent (bad transfer or content encoding)."""
+
+
+def _signature_headers(request: web.Request) -> dict[str, str]:
+    """The three Standard Webhooks headers; repeated ``webhook-signature`` lines are joined (a proxy may
+    split the space-separated list), other repeats keep their first value."""
+    headers = request.headers
+    out = {name: headers[name] for name in ("webhook-id", "webhook-timestamp") if name in headers}
+    signatures = headers.getall("webhook-signature", ())
+    if signatures:
+        out["webhook-signature"] = " ".join(signatures)
+    return out
 
 
 async def webhook(request: web.Request) -> web.Response:
@@ -63,15 +83,23 @@ async def webhook(request: web.Request) -> web.Response:
         body = await _read_body(request, service.settings.webhook_max_body)
     except web.HTTPRequestEntityTooLarge:
         return _refuse(413, f"body over {service.settings.webhook_max_body} bytes")
+    except _BadBody:
+        return _refuse(400, "body does not match its content or transfer encoding")
     try:
-        webhook_id = request.app[_VERIFIER].verify(body, request.headers)
+        webhook_id = request.app[_VERIFIER].verify(body, _signature_headers(request))
     except VerificationError as exc:
         return _refuse(exc.status, exc.reason)
     try:
         event = WebhookEvent.model_validate_json(body)
     except ValidationError:
         return _refuse(400, "body is not a JSON webhook event")
-    log.info("webhook.received", webhook_id=webhook_id, type=event.type, event_id=event.id)
+    call_id = event.data.get("call_id") if isinstance(event.data, dict) else None
+    if isinstance(call_id, str) and event.type == "realtime.call.incoming":
+        log.info(
+            "webhook.received", webhook_id=webhook_id, type=event.type, event_id=event.id, call_id=call_id
+        )
+    else:
+        log.info("webhook.received", webhook_id=webhook_id, type=event.type, event_id=event.id)
     try:
         reply = await service.handle_webhook(webhook_id, event, received)
     except ValidationError:
@@ -91,8 +119,8 @@ async def rtc_calls(request: web.Request) -> web.Response:
         sdp = raw.decode("utf-8")
     except web.HTTPRequestEntityTooLarge:
         return _refuse(413, "SDP offer too large", event="rtc.rejected")
-    except UnicodeDecodeError:
-        return _refuse(400, "SDP offer is not UTF-8", event="rtc.rejected")
+    except (UnicodeDecodeError, _BadBody):
+        return _refuse(400, "SDP offer is not readable UTF-8", event="rtc.rejected")
     if not sdp.startswith("v=0"):
         return _refuse(400, "body is not an SDP offer", event="rtc.rejected")
     try:

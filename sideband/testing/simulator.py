@@ -70,8 +70,9 @@ DEFAULT_WEBHOOK_SECRET = "whsec_c2lkZWJhbmQtc2ltdWxhdG9yLXdlYmhvb2sta2V5IQ=="  #
 """The Standard Webhooks secret a :class:`Simulator` signs with unless told otherwise."""
 
 CallStatus: TypeAlias = Literal["ringing", "accepted", "rejected", "referred", "ended"]
-Fault: TypeAlias = int | Literal["timeout"]
-"""A queued accept fault: an HTTP status to answer, or ``"timeout"`` (hold the request until closed)."""
+Fault: TypeAlias = int | Literal["timeout", "late"]
+"""A queued fault: an HTTP status to answer, ``"timeout"`` (hold the request until closed, doing nothing) or
+``"late"`` (do what was asked, then hold the answer: the client times out on a request that succeeded)."""
 
 _DEFAULT_MODEL = "gpt-realtime"
 _DEFAULT_INSTRUCTIONS = (
@@ -2048,7 +2049,8 @@ class Simulator:
         return value
 
     def fail_accept(self, call_id: str, *answers: Fault) -> None:
-        """Queue faults for the next accept attempts of ``call_id``: an HTTP status, or ``"timeout"``."""
+        """Queue faults for the next accept attempts of ``call_id``: an HTTP status, ``"timeout"`` or
+        ``"late"`` (see :data:`Fault`)."""
         faults = self._check_faults(answers)
         call = self.calls.get(call_id)
         if call is not None:
@@ -2058,6 +2060,8 @@ class Simulator:
 
     def fail_verb(self, call_id: str, verb: Literal["reject", "refer", "hangup"], *answers: Fault) -> None:
         """Queue faults (HTTP status or ``"timeout"``) for the next ``verb`` requests on that call."""
+        if "late" in answers:
+            raise ValueError("the 'late' fault applies to accept only")
         self._verb_faults.setdefault((call_id, verb), deque()).extend(self._check_faults(answers))
 
     def fail_next_accepts(self, *answers: Fault) -> None:
@@ -2067,10 +2071,10 @@ class Simulator:
     @staticmethod
     def _check_faults(answers: Sequence[Fault]) -> list[Fault]:
         for answer in answers:
-            if answer == "timeout":
+            if answer in ("timeout", "late"):
                 continue
             if not isinstance(answer, int) or isinstance(answer, bool) or not 300 <= answer <= 599:
-                raise ValueError(f"a fault is an HTTP status 300-599 or 'timeout', not {answer!r}")
+                raise ValueError(f"a fault is an HTTP status 300-599, 'timeout' or 'late', not {answer!r}")
         return list(answers)
 
     def expire(self, call: SimCall) -> asyncio.Task[None]:
@@ -2201,7 +2205,9 @@ class Simulator:
         faults = self._verb_faults.get((call_id, verb))
         if faults:
             fault = faults.popleft()
-            return await self._hold() if fault == "timeout" else _fault_response(fault)
+            if isinstance(fault, str):  # "timeout" ("late" is refused by fail_verb)
+                return await self._hold()
+            return _fault_response(fault)
         call = self.calls.get(call_id)
         if call is None or call.ended:
             return _error_response(404, f"Call {call_id} not found.", code="call_not_found")
@@ -2251,7 +2257,7 @@ class Simulator:
         fault = self._take_fault(call_id)
         if fault == "timeout":
             return await self._hold()
-        if fault is not None:
+        if fault is not None and fault != "late":
             return _fault_response(fault)
         if call is None or call.status != "ringing":
             return _error_response(404, f"Call {call_id} not found.", code="call_not_found")
@@ -2266,6 +2272,8 @@ class Simulator:
         if problem is not None:
             return _error_response(400, problem.message, param=problem.param, code=problem.code)
         call._accept(body)
+        if fault == "late":
+            return await self._hold()
         return web.Response(status=200)
 
     async def _handle_client_secrets(self, request: web.Request) -> web.StreamResponse:

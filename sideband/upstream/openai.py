@@ -59,8 +59,9 @@ class CallControl:
                 json=body,
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
             ) as resp:
-                text = await resp.text()
+                text = (await resp.read()).decode("utf-8", "replace")  # a proxy's error page may be binary
                 if resp.status in (404, 410) and call_id is not None:
                     raise CallGone(f"call {call_id} not found", resp.status, text)
                 if resp.status >= 300:
@@ -106,8 +107,9 @@ class CallControl:
                 data=form,
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
             ) as resp:
-                text = await resp.text()
+                text = (await resp.read()).decode("utf-8", "replace")
                 if resp.status != 201:
                     raise UpstreamError(f"POST /realtime/calls answered {resp.status}", resp.status, text)
                 location = resp.headers.get("Location", "")
