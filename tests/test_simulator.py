@@ -591,6 +591,29 @@ async def test_session_update_cannot_change_voice_or_model_after_audio(
         assert (await recv_until(ws, "session.updated"))[-1]["session"]["instructions"] == "Be brief."
 
 
+async def test_response_create_overrides_are_checked_like_the_ga_service(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = await live_call(simulator, http, Script([wait_for_greeting()]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await recv_until(ws, "session.updated")
+        for response, param, code in (
+            ({"modalities": ["text"]}, "response.modalities", "unknown_parameter"),  # the beta name
+            ({"output_modalities": ["text", "audio"]}, "response.output_modalities", "invalid_value"),
+            ({"instructions": 42}, "response.instructions", "invalid_type"),
+            ({"conversation": "default"}, "response.conversation", "invalid_value"),
+        ):
+            await send(ws, {"type": "response.create", "response": response})
+            error = (await recv_until(ws, "error"))[-1]["error"]
+            assert (error["param"], error["code"]) == (param, code), response
+        assert not call.responses  # a refused create starts nothing
+        await send(
+            ws, {"type": "response.create", "response": {"instructions": "Greet.", "conversation": "auto"}}
+        )
+        assert (await recv_until(ws, "response.done"))[-1]["response"]["status"] == "completed"
+
+
 # ------------------------------------------------------------------------------------------ scripted calls
 
 

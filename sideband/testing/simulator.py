@@ -412,6 +412,41 @@ def _merge_session(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[s
     return merged
 
 
+_RESPONSE_KEYS = frozenset(
+    {
+        "audio",
+        "conversation",
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "metadata",
+        "output_modalities",
+        "prompt",
+        "tool_choice",
+        "tools",
+    }
+)
+
+
+def _check_response(response: Mapping[str, Any]) -> _Problem | None:
+    """What the real service would reject in ``response.create``'s ``response`` overrides (GA shape)."""
+    for key in response:
+        if key not in _RESPONSE_KEYS:
+            return _Problem(f"response.{key}", "unknown_parameter", f"Unknown parameter: 'response.{key}'.")
+    if "conversation" in response and response["conversation"] not in ("auto", "none"):
+        return _Problem(
+            "response.conversation",
+            "invalid_value",
+            f"Invalid value: {response['conversation']!r}. Supported values are: 'auto' and 'none'.",
+        )
+    shared = {
+        k: response[k] for k in ("instructions", "output_modalities", "tools", "tool_choice") if k in response
+    }
+    if "max_output_tokens" in response:
+        shared["max_output_tokens"] = response["max_output_tokens"]
+    return _check_session({"type": "realtime", **shared}, "response.", sip=False, accept=False)
+
+
 def _check_session(session: Mapping[str, Any], prefix: str, *, sip: bool, accept: bool) -> _Problem | None:
     """What the real service would reject in a session config (accept body or ``session.update``)."""
     for key in session:
@@ -1098,6 +1133,10 @@ class SimCall:
                 param="response",
                 event_id=event_id,
             )
+            return
+        problem = _check_response(overrides)
+        if problem is not None:
+            await self._error(problem.code, problem.message, param=problem.param, event_id=event_id)
             return
         if self._response_busy():
             await self._error(
