@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
+import functools
 import inspect
 import json
 import re
@@ -174,6 +177,7 @@ class Sideband:
         self.max_identical_calls = max_identical_calls
         self._route: RouteHook | None = None
         self._route_is_async = False
+        self._route_threads: concurrent.futures.ThreadPoolExecutor | None = None
         self.on_call_start_hooks: list[Callable[..., Any]] = []
         self.on_call_end_hooks: list[Callable[..., Any]] = []
         self.on_transcript_hooks: list[Callable[..., Any]] = []
@@ -204,6 +208,12 @@ class Sideband:
         thread, so a slow one cannot stall other calls and the route budget still applies)."""
         self._route = fn
         self._route_is_async = inspect.iscoroutinefunction(fn)
+        if not self._route_is_async and self._route_threads is None:
+            # Its own threads, not the loop's default executor: hooks stuck past the route budget must
+            # not starve DNS lookups (the default resolver's threads) on the answer path.
+            self._route_threads = concurrent.futures.ThreadPoolExecutor(
+                8, thread_name_prefix="sideband-route"
+            )
         return fn
 
     def on_call_start(self, fn: F) -> F:
@@ -282,7 +292,10 @@ class Sideband:
         if self._route_is_async:
             result = self._route(call)
         else:  # a plain function may block: in a thread, so the route budget still applies
-            result = await asyncio.to_thread(self._route, call)
+            run = functools.partial(
+                contextvars.copy_context().run, self._route, call
+            )  # keeps call_id in logs
+            result = await asyncio.get_running_loop().run_in_executor(self._route_threads, run)
         if inspect.isawaitable(result):
             result = await result
         if not isinstance(result, Accept | Reject | Refer):

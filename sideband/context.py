@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import asyncio
+import concurrent.futures
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 __all__ = ["NO_ACTIONS", "CallActions", "CallContext", "SipHeader"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,22 +50,82 @@ NO_ACTIONS: CallActions = _NoActions()
 """Actions for a context with no live call behind it (stateless, shared)."""
 
 
-@dataclass(slots=True)
+class _Done:
+    """An awaitable that is already done: what ``hangup``/``transfer`` return when called off the loop."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # a generator that finishes at once
+
+
+_DONE: Awaitable[None] = _Done()
+
+
+@dataclass(init=False, slots=True)
 class CallContext:
     """Everything a tool knows about the call it serves.
 
     ``from_number`` and ``to_number`` are parsed from the SIP ``From``/``To`` headers (E.164 where
     possible). Like ``sip_headers`` they come from the caller's side of the call and are **untrusted**:
     use them to personalise, never to authorise.
+
+    The actions (:meth:`say`, :meth:`update_session`, :meth:`hangup`, :meth:`transfer`) may be used from
+    any thread, e.g. from a sync tool, which runs in a worker thread. Called off the call's event loop
+    (:attr:`loop`, captured when the call's actions are bound), an action hops onto that loop
+    (``loop.call_soon_threadsafe``), and the calling thread waits until the loop has carried it out: it
+    then behaves exactly as on the loop, in the same order with the call's other events, and returns or
+    raises the same (e.g. ``ValueError`` for a transfer target outside the allow-list). Off the loop,
+    ``hangup()`` and ``transfer()`` have been requested by the time they return; the awaitable they return
+    is already done, so a sync tool simply calls ``ctx.hangup()`` (awaiting it anyway is harmless). On the
+    loop, ``await ctx.hangup()`` as usual.
     """
 
     call_id: str
-    source: str = "sip"  # "sip", "webrtc" or "vowel"
-    from_number: str | None = None
-    to_number: str | None = None
-    sip_headers: tuple[SipHeader, ...] = ()
-    state: dict[str, Any] = field(default_factory=dict)
-    actions: CallActions = NO_ACTIONS
+    source: str  # "sip", "webrtc" or "vowel"
+    from_number: str | None
+    to_number: str | None
+    sip_headers: tuple[SipHeader, ...]
+    state: dict[str, Any]
+    _actions: CallActions = field(init=False, repr=False)
+    _loop: asyncio.AbstractEventLoop | None = field(init=False, repr=False, compare=False)
+
+    def __init__(  # noqa: PLR0917  (the positional order of the former generated __init__)
+        self,
+        call_id: str,
+        source: str = "sip",
+        from_number: str | None = None,
+        to_number: str | None = None,
+        sip_headers: tuple[SipHeader, ...] = (),
+        state: dict[str, Any] | None = None,
+        actions: CallActions = NO_ACTIONS,
+    ) -> None:
+        self.call_id = call_id
+        self.source = source
+        self.from_number = from_number
+        self.to_number = to_number
+        self.sip_headers = sip_headers
+        self.state = {} if state is None else state
+        self.actions = actions
+
+    @property
+    def actions(self) -> CallActions:
+        """What this context's actions call (the call driver; :data:`NO_ACTIONS` without a live call).
+
+        Setting it also captures the running event loop (if any) as :attr:`loop`.
+        """
+        return self._actions
+
+    @actions.setter
+    def actions(self, actions: CallActions) -> None:
+        self._actions = actions
+        self._loop = asyncio._get_running_loop()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the call runs on (``None`` until known): actions from other threads run there."""
+        return self._loop
 
     def header(self, name: str) -> str | None:
         """First value of the SIP header ``name`` (case-insensitive), untrusted."""
@@ -71,18 +135,67 @@ class CallContext:
                 return h.value
         return None
 
-    async def hangup(self, reason: str = "hangup") -> None:
-        """End the call once in-flight tool outputs and the model's last words are out."""
-        await self.actions.hangup(reason)
+    def hangup(self, reason: str = "hangup") -> Awaitable[None]:
+        """End the call once in-flight tool outputs and the model's last words are out.
 
-    async def transfer(self, target: str) -> None:
-        """Transfer (SIP REFER) to ``target``, which must be in the app's allow-list."""
-        await self.actions.transfer(target)
+        On the loop: ``await ctx.hangup()``. From another thread: carried out before it returns.
+        """
+        loop = self._foreign_loop()
+        if loop is None:
+            return self._hangup(reason)
+        asyncio.run_coroutine_threadsafe(self._hangup(reason), loop).result()
+        return _DONE
+
+    async def _hangup(self, reason: str) -> None:
+        await self._actions.hangup(reason)
+
+    def transfer(self, target: str) -> Awaitable[None]:
+        """Transfer (SIP REFER) to ``target``, which must be in the app's allow-list.
+
+        On the loop: ``await ctx.transfer(target)``. From another thread: carried out before it returns.
+        """
+        loop = self._foreign_loop()
+        if loop is None:
+            return self._transfer(target)
+        asyncio.run_coroutine_threadsafe(self._transfer(target), loop).result()
+        return _DONE
+
+    async def _transfer(self, target: str) -> None:
+        await self._actions.transfer(target)
 
     def say(self, instructions: str) -> None:
         """Ask the model to speak now, following ``instructions``."""
-        self.actions.say(instructions)
+        loop = self._foreign_loop()
+        if loop is None:
+            self._actions.say(instructions)
+        else:
+            _call_in(loop, lambda: self._actions.say(instructions))
 
     def update_session(self, **fields: Any) -> None:
         """Send a ``session.update`` with these fields (``type`` is added)."""
-        self.actions.update_session(**fields)
+        loop = self._foreign_loop()
+        if loop is None:
+            self._actions.update_session(**fields)
+        else:
+            _call_in(loop, lambda: self._actions.update_session(**fields))
+
+    def _foreign_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The call's loop when called from another thread while it runs, else ``None`` (call directly)."""
+        loop = self._loop
+        if loop is None or asyncio._get_running_loop() is loop or not loop.is_running():
+            return None
+        return loop
+
+
+def _call_in(loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on ``loop`` (from another thread) and wait for its result or exception."""
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            done.set_result(fn())
+        except BaseException as exc:
+            done.set_exception(exc)
+
+    loop.call_soon_threadsafe(run)
+    return done.result()

@@ -7,7 +7,11 @@ annotated :class:`~sideband.context.CallContext` is injected and never shown to 
 :meth:`ToolRegistry.execute` never raises for anything the model or the tool did wrong: bad arguments, an
 exception, a timeout or an unknown tool name all become a :class:`ToolResult` whose ``output`` tells the model
 what happened, so it can correct itself or tell the caller. Only cancellation from outside (the call ending),
-``KeyboardInterrupt`` and ``SystemExit`` propagate.
+``KeyboardInterrupt`` and ``SystemExit`` propagate; a ``CancelledError`` raised by the tool's own code (say,
+it awaited a task it had cancelled) while nobody cancels the executing task is a failure like any other.
+
+Sync tools run in a thread pool of their own (see :class:`ToolRegistry`), never in the event loop's default
+executor, so hung sync tools cannot starve ``loop.getaddrinfo`` or anything else that uses it.
 
 Return values become the output string like this:
 
@@ -20,6 +24,7 @@ Return values become the output string like this:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import copy
 import functools
@@ -40,9 +45,6 @@ from pydantic.fields import FieldInfo
 from pydantic_core import to_json
 
 from .context import CallContext
-
-if typing.TYPE_CHECKING:
-    import concurrent.futures
 
 __all__ = ["Outcome", "Tool", "ToolError", "ToolRegistry", "ToolResult"]
 
@@ -206,8 +208,15 @@ class ToolRegistry:
     """A set of tools with shared defaults, and the one place that runs them.
 
     ``default_timeout`` (seconds) bounds each execution; ``default_filler_after`` is the delay after which
-    the call may speak a holding phrase (``None``: never). Sync tools run in ``executor`` (default: the
-    event loop's default executor) so they never block the loop.
+    the call may speak a holding phrase (``None``: never).
+
+    Sync tools run in ``executor`` so they never block the loop. By default that is a
+    :class:`~concurrent.futures.ThreadPoolExecutor` owned by this registry and shared with its
+    :meth:`subset` registries: up to ``max_threads`` worker threads (default 32), started on demand. It is
+    never the event loop's default executor, so sync tools that hang past their timeout (their thread cannot
+    be stopped and runs on) cannot starve ``loop.getaddrinfo`` or other users of that executor; at worst they
+    hold up other sync tools once all ``max_threads`` threads are stuck. A given ``executor`` is used as is
+    (``max_threads`` is then ignored).
     """
 
     __slots__ = ("_default_filler_after", "_default_timeout", "_executor", "_tools")
@@ -218,6 +227,7 @@ class ToolRegistry:
         default_timeout: float = 10.0,
         default_filler_after: float | None = 1.5,
         executor: concurrent.futures.Executor | None = None,
+        max_threads: int = 32,
     ) -> None:
         if not (isinstance(default_timeout, int | float) and 0 < default_timeout < math.inf):
             raise ValueError(f"default_timeout must be a positive number of seconds, got {default_timeout!r}")
@@ -227,9 +237,17 @@ class ToolRegistry:
             raise ValueError(
                 f"default_filler_after must be None or seconds >= 0, got {default_filler_after!r}"
             )
+        if executor is None and (
+            isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1
+        ):
+            raise ValueError(f"max_threads must be a positive integer, got {max_threads!r}")
         self._default_timeout = float(default_timeout)
         self._default_filler_after = None if not default_filler_after else float(default_filler_after)
-        self._executor = executor
+        self._executor: concurrent.futures.Executor = (
+            concurrent.futures.ThreadPoolExecutor(max_threads, thread_name_prefix="sideband-tool")
+            if executor is None
+            else executor
+        )
         self._tools: dict[str, Tool] = {}
 
     # -- registration ---------------------------------------------------------------------------------
@@ -367,7 +385,8 @@ class ToolRegistry:
         return [t.definition(style) for t in tools]
 
     def subset(self, names: Iterable[str]) -> ToolRegistry:
-        """A new registry with the same defaults, executor and :class:`Tool` objects, only ``names``.
+        """A new registry with the same defaults, executor (thread pool) and :class:`Tool` objects, only
+        ``names``.
 
         Tools keep registration order. An unknown name raises ``ValueError`` naming it.
         """
@@ -386,7 +405,9 @@ class ToolRegistry:
         """Validate ``arguments`` (the model's JSON string) and run tool ``name`` under its timeout.
 
         Never raises for bad input or a failing tool: see :class:`ToolResult` ``outcome``. Cancellation from
-        outside propagates (the tool is cancelled with it; a sync tool's thread runs on, result ignored).
+        outside propagates (the tool is cancelled with it; a sync tool's thread runs on, result ignored); a
+        ``CancelledError`` that the tool's own code raises while the executing task is not being cancelled
+        is a tool failure (outcome ``error``).
         """
         start = time.monotonic()
         tool = self._tools.get(name)
@@ -406,8 +427,11 @@ class ToolRegistry:
                 if tool.is_async:
                     value = await tool.fn(**kwargs)
                 else:
+                    loop = asyncio.get_running_loop()
+                    if ctx._loop is None:
+                        ctx._loop = loop  # actions bound off the loop: let them hop to it from the thread
                     run = functools.partial(contextvars.copy_context().run, tool.fn, **kwargs)
-                    value = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+                    value = await loop.run_in_executor(self._executor, run)
                     if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
                         value = await value
             output = _encode(value)
@@ -422,6 +446,11 @@ class ToolRegistry:
                     f"timed out after {limit:g} s",
                 )
             return _failed(call_id, name, exc, start)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the call is ending (or an outer timeout fired): not the tool's doing
+            return _failed(call_id, name, exc, start)  # raised by the tool's own code
         except Exception as exc:
             return _failed(call_id, name, exc, start)
         return ToolResult(call_id, name, output, "ok", time.monotonic() - start)
@@ -454,7 +483,7 @@ def _encode(value: Any) -> str:
     return to_json(value, inf_nan_mode="null").decode()
 
 
-def _failed(call_id: str, name: str, exc: Exception, start: float) -> ToolResult:
+def _failed(call_id: str, name: str, exc: BaseException, start: float) -> ToolResult:
     message = exc.message if isinstance(exc, ToolError) else type(exc).__name__
     text = str(exc)
     error = type(exc).__name__ + (f": {text}" if text else "")

@@ -1,0 +1,250 @@
+"""Tool execution edge cases: a tool's own CancelledError, context actions from sync tools (worker
+threads), and sync tools kept off the event loop's default executor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from sideband import CallContext
+from sideband.testing import Script, caller_says, model_calls, model_says, wait_for_greeting
+from sideband.tools import ToolRegistry
+
+from .conftest import Stack
+
+HELLO = wait_for_greeting("Hello.")
+
+
+def kinds(call: Any) -> list[str]:
+    """Client events in order, with outputs told apart."""
+    out = []
+    for e in call.received:
+        if e["type"] == "conversation.item.create" and e["item"]["type"] == "function_call_output":
+            out.append(f"output:{e['item']['call_id']}")
+        else:
+            out.append(e["type"])
+    return out
+
+
+def outputs(call: Any) -> list[Any]:
+    return [
+        json.loads(e["item"]["output"])
+        for e in call.received
+        if e["type"] == "conversation.item.create" and e["item"]["type"] == "function_call_output"
+    ]
+
+
+async def start(stack: Stack, script: Script) -> Any:
+    call = stack.sim.create_call(script)
+    assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    return call
+
+
+# -- a CancelledError raised by the tool's own code -----------------------------------------------------
+
+
+async def test_cancelled_error_from_tool_code_is_a_failure_but_real_cancellation_propagates() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def fetch() -> str:
+        inner = asyncio.create_task(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        inner.cancel()
+        await inner  # a bug in the tool: awaiting a task it cancelled itself
+        return "never"
+
+    @reg.tool
+    def sync_fetch() -> str:
+        raise asyncio.CancelledError
+
+    for name in ("fetch", "sync_fetch"):
+        res = await asyncio.wait_for(reg.execute("c1", name, "{}", CallContext("call_1")), 5)
+        assert res.outcome == "error", name
+        assert json.loads(res.output) == {"error": "tool_failed", "message": "CancelledError"}
+        assert isinstance(res.exception, asyncio.CancelledError)
+
+    # The executing task really being cancelled (the call ends) still propagates.
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    @reg.tool
+    async def long_job() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    task = asyncio.create_task(reg.execute("c2", "long_job", "{}", CallContext("call_1")))
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert cancelled.is_set()
+
+
+async def test_tool_raising_cancelled_error_gets_an_output_and_a_response(stack: Stack) -> None:
+    @stack.app.tool(filler_after=None)
+    async def fetch() -> str:
+        inner = asyncio.create_task(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        inner.cancel()
+        await inner
+        return "never"
+
+    call = await start(
+        stack,
+        Script([HELLO, caller_says("fetch"), model_calls("fetch", {}), model_says("Sorry, that failed.")]),
+    )
+    await call.wait_done(timeout=10)
+    assert outputs(call) == [{"error": "tool_failed", "message": "CancelledError"}]
+    ks = kinds(call)
+    out = next(i for i, k in enumerate(ks) if k.startswith("output:"))
+    assert ks[out + 1 :] == ["response.create"]  # no dead air: the model is asked to answer
+    await stack.sim.hang_up(call)
+    summary = await stack.ended(call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("fetch", "error")]
+
+
+# -- context actions from a sync tool's worker thread ---------------------------------------------------
+
+
+async def test_context_actions_from_a_worker_thread_run_on_the_loop() -> None:
+    loop_thread = threading.get_ident()
+    seen: list[tuple[str, Any, int]] = []
+
+    class Actions:
+        async def hangup(self, reason: str = "hangup") -> None:
+            seen.append(("hangup", reason, threading.get_ident()))
+
+        async def transfer(self, target: str) -> None:
+            seen.append(("transfer", target, threading.get_ident()))
+            if target != "human":
+                raise ValueError(f"transfer target {target!r} is not allowed")
+
+        def say(self, instructions: str) -> None:
+            seen.append(("say", instructions, threading.get_ident()))
+
+        def update_session(self, **fields: Any) -> None:
+            seen.append(("update_session", fields, threading.get_ident()))
+
+    ctx = CallContext("call_1", actions=Actions())
+    reg = ToolRegistry()
+
+    @reg.tool
+    def sync_tool(ctx: CallContext) -> dict[str, Any]:
+        ctx.update_session(instructions="Be brief.")
+        ctx.say("Mention the sale.")
+        ctx.transfer("human")
+        try:
+            ctx.transfer("nowhere")
+        except ValueError as exc:  # raised on the loop, re-raised here
+            refused = str(exc)
+        ctx.hangup("done")
+        return {"thread": threading.get_ident(), "refused": refused}
+
+    res = await asyncio.wait_for(reg.execute("c1", "sync_tool", "{}", ctx), 5)
+    assert res.outcome == "ok", res.error
+    out = json.loads(res.output)
+    assert out["thread"] != loop_thread
+    assert out["refused"] == "transfer target 'nowhere' is not allowed"
+    assert [(name, arg) for name, arg, _ in seen] == [
+        ("update_session", {"instructions": "Be brief."}),
+        ("say", "Mention the sale."),
+        ("transfer", "human"),
+        ("transfer", "nowhere"),
+        ("hangup", "done"),
+    ]
+    assert {thread for _, _, thread in seen} == {loop_thread}
+    assert ctx.loop is asyncio.get_running_loop()  # captured when the actions were bound
+
+    # On the loop the actions are called directly and hangup/transfer are awaited as before.
+    await ctx.hangup("again")
+    assert seen[-1] == ("hangup", "again", loop_thread)
+
+
+async def test_sync_tool_uses_context_actions_on_a_live_call(stack: Stack) -> None:
+    @stack.app.tool(filler_after=None)
+    def wrap_up_sync(ctx: CallContext) -> dict[str, Any]:
+        ctx.update_session(instructions="Be brief.")
+        try:
+            ctx.transfer("tel:+19005550000")  # not in the allow-list
+        except ValueError:
+            refused = True
+        else:
+            refused = False
+        ctx.hangup()
+        return {"refused": refused}
+
+    call = await start(
+        stack, Script([HELLO, caller_says("bye"), model_calls("wrap_up_sync", {}), model_says("Bye!")])
+    )
+    await call.wait_ended(timeout=10)
+    summary = await stack.ended(call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("wrap_up_sync", "ok")]
+    assert outputs(call) == [{"refused": True}]
+    ks = kinds(call)
+    updates = [e for e in call.received if e["type"] == "session.update"]
+    assert updates[-1]["session"] == {"instructions": "Be brief.", "type": "realtime"}
+    assert call.received.index(updates[-1]) < ks.index(next(k for k in ks if k.startswith("output:")))
+    assert call.end_reason == "hangup_verb" and summary.reason == "hangup"
+    assert sum(1 for r in stack.sim.requests if r.path.endswith("/hangup")) == 1
+    assert not any(r.path.endswith("/refer") for r in stack.sim.requests)
+
+
+# -- sync tools in their own thread pool ----------------------------------------------------------------
+
+
+async def test_hung_sync_tools_do_not_starve_the_default_executor() -> None:
+    loop = asyncio.get_running_loop()
+    default = ThreadPoolExecutor(max_workers=2, thread_name_prefix="default-executor")
+    loop.set_default_executor(default)
+    release = threading.Event()
+    finished = threading.Semaphore(0)
+    threads: list[threading.Thread] = []
+    reg = ToolRegistry(default_timeout=0.1)
+
+    @reg.tool
+    def legacy_lookup() -> str:
+        threads.append(threading.current_thread())
+        try:
+            release.wait(10)  # a blocking client with no timeout of its own
+        finally:
+            finished.release()
+        return "late"
+
+    @reg.tool
+    def trivial() -> str:
+        return threading.current_thread().name
+
+    hung = 3
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(reg.execute(f"a{i}", "legacy_lookup", "{}", CallContext("call_A")) for i in range(hung))
+            ),
+            5,
+        )
+        assert [r.outcome for r in results] == ["timeout"] * hung
+        # The loop's default executor (getaddrinfo, to_thread) still answers at once...
+        name = await asyncio.wait_for(loop.run_in_executor(None, lambda: threading.current_thread().name), 2)
+        assert name.startswith("default-executor")
+        await asyncio.wait_for(loop.getaddrinfo("127.0.0.1", 443), 2)
+        # ...because the hung threads are the registry's own...
+        assert len(threads) == hung
+        assert all(t.name.startswith("sideband-tool") for t in threads)
+        # ...and another call's sync tool still runs.
+        res = await asyncio.wait_for(reg.execute("b1", "trivial", "{}", CallContext("call_B")), 2)
+        assert res.outcome == "ok" and res.output.startswith("sideband-tool")
+    finally:
+        release.set()
+        for _ in range(len(threads)):
+            assert finished.acquire(timeout=5)
+        default.shutdown(wait=True)
