@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import importlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -54,19 +56,39 @@ def load_app(spec: str | None) -> Sideband:
     return obj
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reason(exc: OSError) -> str:
+    """``address already in use``, ``name or service not known``, … (no errno, no repr)."""
+    if isinstance(exc, socket.gaierror) and exc.strerror:
+        return exc.strerror.lower()
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or type(exc).__name__
+
+
 async def serve(settings: Settings, app: Sideband) -> None:
     """Serve until SIGTERM/SIGINT, then drain: /readyz answers 503, new calls are refused with 503
-    (OpenAI redelivers them to another instance), live calls get ``SIDEBAND_DRAIN_TIMEOUT`` seconds."""
+    (OpenAI redelivers them to another instance), live calls get ``SIDEBAND_DRAIN_TIMEOUT`` seconds.
+
+    Raises :class:`CliError` when the address cannot be listened on (in use, unresolvable, …)."""
     from sideband.edge import SERVICE, create_app
 
     log = structlog.get_logger(component="sideband.cli")
+    loop = asyncio.get_running_loop()
     web_app = create_app(settings, app)
+    service = web_app[SERVICE]
     runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CliError(f"cannot listen on {_address(settings.host, settings.port)}: {_reason(exc)}") from None
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # Everything loaded so far lives for the whole process: keep it out of the collector's way, so its
@@ -84,10 +106,14 @@ async def serve(settings: Settings, app: Sideband) -> None:
     try:
         await stop.wait()
     finally:
-        service = web_app[SERVICE]
-        service.draining = True
+        service.start_draining()
         log.info("server.draining", calls=len(service.registry), timeout_s=settings.drain_timeout)
-        await service.registry.drain(settings.drain_timeout)
+        # Still listening: /readyz and new webhooks answer 503 while live calls finish on their own.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settings.drain_timeout):
+                await service.registry.wait_idle()
+        # Closes the listener, waits for in-flight requests, then Service.close() ends whatever is still
+        # live at the end of the same window (a call an in-flight webhook accepted gets no fresh one).
         await runner.cleanup()
         log.info("server.stopped")
 

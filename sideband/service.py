@@ -115,6 +115,7 @@ class Service:
         self.store: ClaimStore = store or MemoryStore()
         self.registry = CallRegistry()
         self.draining = False
+        self._drain_deadline: float | None = None
         self.counters: Counter[str] = Counter()
         self.tickets = (
             TicketSigner(settings.ticket_key(), settings.rtc_ticket_ttl, clock)
@@ -145,10 +146,18 @@ class Service:
             self._http, self.settings.openai_base_url, key.get_secret_value() if key else ""
         )
 
-    async def close(self) -> None:
-        """End every call (after the drain timeout) and release connections."""
+    def start_draining(self) -> None:
+        """Refuse new calls from now on (webhooks and WebRTC get 503) and start the one drain window:
+        :meth:`close` ends what is still live ``SIDEBAND_DRAIN_TIMEOUT`` seconds after this call."""
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + self.settings.drain_timeout
         self.draining = True
-        await self.registry.drain(self.settings.drain_timeout)
+
+    async def close(self) -> None:
+        """End every call (at the end of the drain window) and release connections."""
+        self.start_draining()
+        assert self._drain_deadline is not None
+        await self.registry.drain(max(0.0, self._drain_deadline - time.monotonic()))
         if self._http is not None:
             await self._http.close()
         await self.store.close()

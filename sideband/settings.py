@@ -6,11 +6,13 @@ import base64
 import binascii
 import hashlib
 import hmac
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from sideband.upstream.openai import sideband_url
@@ -26,8 +28,33 @@ def _env(name: str, default: Any = None) -> Any:
     return Field(default=default, validation_alias=AliasChoices(name))
 
 
+class _ContractEnvironment(PydanticBaseSettingsSource):
+    """The process environment under the documented names only (``OPENAI_API_KEY``,
+    ``OPENAI_WEBHOOK_SECRET``, ``OPENAI_BASE_URL``, ``SIDEBAND_*``; exact case).
+
+    pydantic-settings' own environment source also reads a field's *name* when fields may be populated
+    by name (``PORT``, ``HOST``, ``LOG_LEVEL``, …, in any case): unrelated variables of the deployment
+    would silently become settings."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        name = _alias(field)
+        return os.environ.get(name), name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for field_name, field in self.settings_cls.model_fields.items():
+            value, name, _ = self.get_field_value(field, field_name)
+            if value is not None:
+                values[name] = value
+        return values
+
+
 class Settings(BaseSettings):
-    """Every knob of the service. Environment names are part of the contract (see README)."""
+    """Every knob of the service. Environment names are part of the contract (see README).
+
+    ``Settings(port=9000)`` (field names, as CLI flags and embedding code pass them) and
+    ``Settings(SIDEBAND_PORT="9000")`` both work and win over the environment; from the environment only the
+    documented names are read."""
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
@@ -96,6 +123,17 @@ class Settings(BaseSettings):
         except (binascii.Error, ValueError):
             raise ValueError("must be a whsec_… secret (base64 after the prefix)") from None
         return SecretStr(raw)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, _ContractEnvironment(settings_cls))
 
     @property
     def sideband_url(self) -> str:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from sideband.cli import CliError, _address, _reason
 from sideband.demo import run_demo
 from sideband.testing import (
     Script,
@@ -18,10 +24,13 @@ from sideband.testing import (
     caller_says,
     model_calls,
     model_says,
+    pause,
     wait_for_greeting,
 )
+from sideband.testing.sender import DeliveryResult
 
 ROOT = Path(__file__).resolve().parents[1]
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 def free_port() -> int:
@@ -37,25 +46,31 @@ async def read_until(
         while True:
             raw = await stream.readline()
             assert raw, f"server exited before logging {event}; saw {[line.get('event') for line in lines]}"
-            line = json.loads(raw)
+            line: dict[str, object] = json.loads(raw)
             lines.append(line)
             if line.get("event") == event:
                 return line
 
 
-async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> None:
-    port = free_port()
+def clean_env(**extra: str) -> dict[str, str]:
+    """The process environment without the real OPENAI_*/SIDEBAND_* variables, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SIDEBAND_"))}
-    env.update(
-        {
-            "OPENAI_API_KEY": simulator.api_key,
-            "OPENAI_WEBHOOK_SECRET": simulator.webhook_secret,
-            "OPENAI_BASE_URL": simulator.base_url,
-            "SIDEBAND_LOG_FORMAT": "json",
-            "SIDEBAND_DRAIN_TIMEOUT": "2",
-        }
+    env.update(extra)
+    return env
+
+
+def serve_env(simulator: Simulator, **extra: str) -> dict[str, str]:
+    return clean_env(
+        OPENAI_API_KEY=simulator.api_key,
+        OPENAI_WEBHOOK_SECRET=simulator.webhook_secret,
+        OPENAI_BASE_URL=simulator.base_url,
+        SIDEBAND_LOG_FORMAT="json",
+        **extra,
     )
-    proc = await asyncio.create_subprocess_exec(
+
+
+async def start_serve(port: int, env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "sideband.cli",
@@ -70,6 +85,20 @@ async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> 
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> None:
+    port = free_port()
+    env = serve_env(
+        simulator,
+        SIDEBAND_DRAIN_TIMEOUT="2",
+        # Not settings (only OPENAI_* and SIDEBAND_* are): each of these would stop the server if read.
+        LOG_LEVEL="INFO",
+        DEDUP_TTL="3600",
+        DRAIN_TIMEOUT="-1",
+        WEBHOOK_SECRET="not-a-whsec",
+    )
+    proc = await start_serve(port, env)
     assert proc.stdout is not None
     lines: list[dict[str, object]] = []
     try:
@@ -106,6 +135,104 @@ async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> 
         err = (await proc.stderr.read()).decode() if proc.stderr else ""
     assert code == 0, err
     assert "Traceback" not in err
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-W", "always", "-m", "sideband.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_serve_on_a_port_in_use_is_one_line() -> None:
+    env = clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        proc = run_cli("serve", "--host", "127.0.0.1", "--port", str(port), env=env)
+    # One line, no traceback, no "Unclosed client session" (warnings are on: -W always).
+    assert proc.stderr == f"sideband: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert proc.stdout == ""  # not even server.started
+    settings_error = run_cli("serve", env={**env, "SIDEBAND_PORT": "70000"})
+    assert settings_error.stderr.startswith("sideband: SIDEBAND_PORT:")
+    assert proc.returncode == settings_error.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "exc", "expected"),
+    [
+        (
+            "127.0.0.1",
+            8080,
+            OSError(errno.EADDRINUSE, "error while attempting to bind"),
+            "127.0.0.1:8080: address already in use",
+        ),
+        ("::1", 443, OSError(errno.EACCES, "error while attempting to bind"), "[::1]:443: permission denied"),
+        (
+            "nowhere.invalid",
+            80,
+            socket.gaierror(-2, "Name or service not known"),
+            "nowhere.invalid:80: name or service not known",
+        ),
+    ],
+)
+def test_listen_error_wording(host: str, port: int, exc: OSError, expected: str) -> None:
+    assert f"{_address(host, port)}: {_reason(exc)}" == expected
+    assert str(CliError(f"cannot listen on {expected}")).count("\n") == 0
+
+
+async def test_sigterm_gives_calls_one_drain_window(simulator: Simulator) -> None:
+    """A call that an in-flight webhook accepts during the drain shares the one drain window: the server
+    exits about SIDEBAND_DRAIN_TIMEOUT after SIGTERM, not twice that."""
+    drain = 1.5
+    port = free_port()
+    env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT=str(drain), SIDEBAND_ACCEPT_TIMEOUT="1")
+    proc = await start_serve(port, env)
+    assert proc.stdout is not None
+    loop = asyncio.get_running_loop()
+    lines: list[dict[str, object]] = []
+    delivery: asyncio.Task[DeliveryResult] | None = None
+    try:
+        await read_until(proc.stdout, "server.started", lines)
+        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
+        live = simulator.create_call(Script([pause(60)]))
+        assert (await sender.deliver(simulator.incoming_event(live))).status == 200
+        await live.wait_connected(timeout=10)
+        # The next call's first accept attempt hangs (retried after SIDEBAND_ACCEPT_TIMEOUT): SIGTERM lands
+        # while its webhook is in flight, so the call starts during the drain.
+        late = simulator.create_call(Script([pause(60)]))
+        simulator.fail_accept(late.call_id, "timeout")
+        delivery = asyncio.create_task(sender.deliver(simulator.incoming_event(late), max_attempts=1))
+        accept_path = f"/v1/realtime/calls/{late.call_id}/accept"
+        await simulator.wait_for(
+            lambda sim: any(r.path == accept_path for r in sim.requests), timeout=10, what="late accept"
+        )
+        started = loop.time()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), timeout=4 * drain)
+        elapsed = loop.time() - started
+        late_result = await delivery
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if delivery is not None and not delivery.done():
+            delivery.cancel()
+    err = (await proc.stderr.read()).decode() if proc.stderr else ""
+    assert code == 0, err
+    assert late_result.status == 200, late_result
+    assert sum(1 for r in simulator.requests if r.path == accept_path) == 2  # accepted on the retry
+    rest = (await proc.stdout.read()).decode().splitlines()
+    lines.extend(json.loads(line) for line in rest if line.strip())
+    ended = {line.get("call_id") for line in lines if line.get("event") == "call.ended"}
+    assert {live.call_id, late.call_id} <= ended
+    assert drain <= elapsed < 1.6 * drain, f"exited {elapsed:.2f}s after SIGTERM (drain window {drain}s)"
 
 
 async def test_demo_runs_every_scenario() -> None:

@@ -142,6 +142,60 @@ def test_reads_process_environment_when_environ_not_given(monkeypatch: pytest.Mo
     assert s.openai_api_key.get_secret_value() == "sk-test"
 
 
+UNPREFIXED = {
+    # Field names (any case) and other near misses of the contract's names: never settings.
+    "PORT": "18123",
+    "HOST": "127.0.0.2",
+    "LOG_LEVEL": "INFO",
+    "LOG_FORMAT": "xml",
+    "DEDUP_TTL": "3600",
+    "DRAIN_TIMEOUT": "-1",
+    "WEBHOOK_TOLERANCE": "0",
+    "ROUTES_FILE": "/nonexistent/routes.json",
+    "port": "18124",
+    "log_level": "verbose",
+    "openai_api_key": "sk-lowercase",
+    "sideband_port": "18125",
+    "Sideband_Host": "127.0.0.3",
+}
+
+
+def test_unprefixed_process_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in UNPREFIXED.items():
+        monkeypatch.setenv(name, value)
+    for s in (load_settings(), Settings()):
+        assert (s.host, s.port) == ("0.0.0.0", 8080)
+        assert s.log_level is None and s.log_format is None
+        assert s.dedup_ttl == 72 * 3600.0
+        assert s.drain_timeout == 30.0 and s.webhook_tolerance == 300.0
+        assert s.routes_file is None
+        assert s.openai_api_key is None
+
+
+def test_unprefixed_variables_do_not_hide_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in UNPREFIXED.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SIDEBAND_PORT", "9123")
+    monkeypatch.setenv("SIDEBAND_LOG_LEVEL", "debug")
+    s = load_settings()
+    assert (s.port, s.log_level) == (9123, "debug")
+
+
+def test_unprefixed_explicit_environ_is_ignored() -> None:
+    s = load(dict(UNPREFIXED))
+    assert (s.host, s.port, s.log_level, s.dedup_ttl) == ("0.0.0.0", 8080, None, 72 * 3600.0)
+
+
+def test_settings_by_field_name_win_over_process_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDEBAND_PORT", "9000")
+    monkeypatch.setenv("SIDEBAND_DRAIN_TIMEOUT", "5")
+    s = Settings(port=1234, host="127.0.0.1")
+    assert (s.host, s.port) == ("127.0.0.1", 1234)
+    assert s.drain_timeout == 5.0  # the documented variable is still read
+    by_alias = Settings(SIDEBAND_PORT="4321")
+    assert by_alias.port == 4321
+
+
 def test_explicit_environ_replaces_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-from-process")
     monkeypatch.setenv("SIDEBAND_PORT", "9000")
