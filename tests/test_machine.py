@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sideband.runtime.machine import (
+    DEFAULT_FILLER,
     Action,
     CallMachine,
     CancelTimer,
@@ -353,6 +355,7 @@ def test_session_id_last_error_and_response_owed() -> None:
     assert m.session_id is None and m.last_error is None and not m.response_owed
     m.receive({"type": "session.created", "session": {"id": "sess_1"}})
     assert m.session_id == "sess_1"
+    m.receive({"type": "session.updated", "session": {}})
     m.user_text("hello")
     assert m.response_owed  # a response.create went out and is not answered yet
     m.receive({"type": "response.created", "response": {"id": "r1"}})
@@ -383,3 +386,160 @@ def test_driver_reads_the_leading_type_without_decoding() -> None:
     assert _leading_type(b'{"event_id":"e","type":"error"}') is None  # not first: decoded normally
     assert _leading_type(b'{"type":') is None and _leading_type(b"") is None
     assert "response.done" in HANDLED_TYPES and "response.output_audio_transcript.delta" not in HANDLED_TYPES
+
+
+# --------------------------------------------------------------------------- review fixes (issue 3)
+def refusal(event_id: Any) -> dict[str, Any]:
+    return {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "code": "conversation_already_has_active_response",
+            "message": "Conversation already has an active response in progress.",
+            "event_id": event_id,
+        },
+    }
+
+
+def creates(actions: list[Action]) -> list[str]:
+    """The instructions of each response.create ("" for a plain one)."""
+    return [
+        (e.get("response") or {}).get("instructions", "")
+        for e in sends(actions)
+        if e["type"] == "response.create"
+    ]
+
+
+def test_code_actions_before_the_session_config_follow_it() -> None:
+    # OpenAI: start() puts session.update and the greeting first; a say waits for the greeting's done.
+    m = machine(greeting="Say hello")
+    first = m.start()
+    assert types(first) == ["session.update", "response.create"]
+    assert m.update_session({"instructions": "VIP"}) == [
+        Send({"type": "session.update", "session": {"instructions": "VIP", "type": "realtime"}})
+    ]
+    assert m.say("Mention the recording") == []
+    m.receive({"type": "response.created", "response": {"id": "r_greet"}})
+    assert creates(m.receive(response_done("r_greet"))) == ["Mention the recording"]
+    # vowel: what code asks for before the engine confirmed our session.update is held until then.
+    v = machine(caps=Capabilities(session_created_first=True, call_verbs=False, responds_to_user_text=True))
+    assert v.start() == []
+    assert v.update_session({"instructions": "VIP"}) == [] and v.say("Welcome back") == []
+    assert types(v.user_text("hi")) == []
+    assert types(v.receive({"type": "session.created", "session": {"id": "sess_1"}})) == ["session.update"]
+    ready = v.receive({"type": "session.updated", "session": {}})
+    assert notices(ready, "sideband.ready") == [{}]
+    assert types(ready) == ["session.update", "conversation.item.create", "response.create"]
+    assert sends(ready)[0]["session"] == {"instructions": "VIP", "type": "realtime"}
+    assert creates(ready) == ["Welcome back"]
+
+
+def test_failed_refer_falls_back_to_hangup_and_ends_as_transfer_failed() -> None:
+    m = machine()
+    m.start()
+    actions = m.request_end("transferred", verb="refer", target="tel:+14155550123")
+    assert Verb("refer", "tel:+14155550123") in actions
+    fallback = m.verb_done(False, "refer answered 400")
+    assert notices(fallback, "call.verb_failed") == [{"verb": "refer", "detail": "refer answered 400"}]
+    assert fallback[-1] == Verb("hangup") and m.closed is None
+    assert m.verb_done(True) == [Close("transfer_failed")]
+    # A failed hangup (after a failed refer too) ends the call with the reason it has.
+    m2 = machine()
+    m2.start()
+    m2.request_end("transferred", verb="refer", target="tel:+1")
+    m2.verb_done(False, "400")
+    assert m2.verb_done(False, "503")[-1] == Close("transfer_failed")
+    m3 = machine()
+    m3.start()
+    m3.request_end("hangup")
+    assert m3.verb_done(False, "503")[-1] == Close("hangup")
+
+
+def test_refused_filler_is_dropped_once_its_tool_finished() -> None:
+    m = machine(filler_after={"slow": 1.5})
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    feed(m, call_events("call_1", "slow", "{}"))
+    m.receive(response_done())
+    filler = sends(m.timer("filler:call_1"))[0]
+    m.receive({"type": "response.created", "response": {"id": "resp_vad"}})  # the caller spoke meanwhile
+    assert sends(m.receive(refusal(filler["event_id"]))) == []
+    assert types(m.tool_done("call_1", '{"result":"found"}')) == ["conversation.item.create"]
+    after = m.receive(response_done("resp_vad"))
+    assert creates(after) == [""]  # the answer's response.create, no stale "still working on it"
+    assert notices(after, "response.dropped") == [{"purpose": "filler:call_1"}]
+    # ...while a tool still running gets its refused filler again after the other response.
+    m2 = machine(filler_after={"slow": 1.5})
+    m2.start()
+    m2.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    feed(m2, call_events("call_1", "slow", "{}"))
+    m2.receive(response_done())
+    filler = sends(m2.timer("filler:call_1"))[0]
+    m2.receive({"type": "response.created", "response": {"id": "resp_vad"}})
+    m2.receive(refusal(filler["event_id"]))
+    assert creates(m2.receive(response_done("resp_vad"))) == [DEFAULT_FILLER]
+
+
+def test_refused_greeting_is_never_replayed() -> None:
+    m = machine(greeting="Say hello")
+    greeting = sends(m.start())[1]
+    m.receive({"type": "response.created", "response": {"id": "resp_vad"}})  # the caller spoke first
+    m.receive(refusal(greeting["event_id"]))
+    after = m.receive(response_done("resp_vad"))
+    assert creates(after) == [] and notices(after, "response.dropped") == [{"purpose": "greeting"}]
+    assert not m.response_owed
+    assert types(m.reattached()) == ["session.update"]
+
+
+def test_refusal_arriving_after_the_blocking_response_ended_is_sent_again_at_once() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "t", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    first = sends(m.tool_done("c1", "x"))[1]
+    m.receive({"type": "response.created", "response": {"id": "r_vad"}})
+    m.receive(response_done("r_vad"))
+    again = m.receive(refusal(first["event_id"]))  # late: the blocking response is already over
+    assert creates(again) == [""] and sends(again)[0]["event_id"] != first["event_id"]
+    # The refusal arriving before the blocking response was announced waits for its response.done.
+    m2 = machine()
+    m2.start()
+    m2.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m2, call_events("c1", "t", "{}", resp="r1"))
+    m2.receive(response_done("r1"))
+    first = sends(m2.tool_done("c1", "x"))[1]
+    assert sends(m2.receive(refusal(first["event_id"]))) == []
+    m2.receive({"type": "response.created", "response": {"id": "r_vad"}})
+    assert creates(m2.receive(response_done("r_vad"))) == [""]
+
+
+def test_calls_announced_on_a_lost_socket() -> None:
+    # No response.done ever comes for them: the call is not run (its response may have been cancelled);
+    # once the grace has passed it gets an "interrupted" output and the model is asked to carry on.
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "lookup", '{"id":1}', resp="r1"))
+    back = m.reattached()
+    assert not any(isinstance(a, RunTool) for a in back)
+    m.receive({"type": "session.updated", "session": {}})
+    fired = m.timer("orphans")
+    assert notices(fired, "tool.interrupted") == [{"tool_call_id": "c1", "tool": "lookup"}]
+    assert types(fired) == ["conversation.item.create", "response.create"]
+    output = sends(fired)[0]["item"]
+    assert output["call_id"] == "c1" and json.loads(output["output"])["error"] == "interrupted"
+    late = m.receive(
+        response_done("r1", output=[{"type": "function_call", "call_id": "c1", "name": "lookup"}])
+    )
+    assert not any(isinstance(a, RunTool) for a in late)  # never run after it was answered
+    # Their response.done arrives on the new socket within the grace: they run as usual, once.
+    m2 = machine()
+    m2.start()
+    m2.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m2, call_events("c1", "lookup", '{"id":1}', resp="r1"))
+    assert StartTimer("orphans", MachineConfig(session=SESSION).reattach_grace) in m2.reattached()
+    assert [a for a in m2.receive(response_done("r1")) if isinstance(a, RunTool)] == [
+        RunTool("c1", "lookup", '{"id":1}')
+    ]
+    assert m2.timer("orphans") == []

@@ -8,7 +8,7 @@ import inspect
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,15 @@ from sideband.upstream.openai import CallGone, UpstreamError
 if TYPE_CHECKING:
     from sideband.tools import ToolRegistry
 
-__all__ = ["CallHooks", "CallRegistry", "CallRuntime", "CallSummary", "ToolRecord"]
+__all__ = [
+    "END_HOOK_TIMEOUT",
+    "HOOK_GRACE",
+    "CallHooks",
+    "CallRegistry",
+    "CallRuntime",
+    "CallSummary",
+    "ToolRecord",
+]
 
 Connect = Callable[[], Awaitable[PushConnection]]
 VerbCall = Callable[[str, str | None], Awaitable[None]]
@@ -43,6 +51,12 @@ VerbCall = Callable[[str, str | None], Awaitable[None]]
 _CLEAN_CLOSES = frozenset({1000, 1001})
 _HANDLED = frozenset(t.encode() for t in HANDLED_TYPES)
 _KEEPALIVE = "\x00keepalive"  # a driver timer name no machine timer can take
+
+HOOK_GRACE = 2.0
+"""Seconds hooks still running when a call ends get to finish before they are cancelled (and awaited,
+with a ``hook.cancelled`` warning naming the hook)."""
+END_HOOK_TIMEOUT = 10.0
+"""Seconds each ``on_call_end`` hook may run before it is cancelled (``hook.cancelled``)."""
 
 
 class Flag:
@@ -99,7 +113,14 @@ class CallSummary:
 
 @dataclass(slots=True)
 class CallHooks:
-    """User callbacks (sync or async); an exception in one is logged and never ends the call."""
+    """User callbacks (sync or async); an exception in one is logged and never ends the call.
+
+    Hooks run in tasks of their own and never hold back the call's traffic: ``on_call_start`` starts
+    once the session config (and greeting) are on their way, and what it asks for (``say``,
+    ``update_session``…) follows them. When the call ends, hooks still running get :data:`HOOK_GRACE`
+    seconds, then are cancelled; ``on_call_end`` runs after all of them, each hook for at most
+    :data:`END_HOOK_TIMEOUT` seconds.
+    """
 
     on_call_start: list[Callable[..., Any]] = field(default_factory=list)
     on_call_end: list[Callable[..., Any]] = field(default_factory=list)
@@ -120,6 +141,7 @@ class CallRuntime:
         "_closed",
         "_connect",
         "_flushing",
+        "_hook_tasks",
         "_log_args",
         "_log_fields",
         "_outbox",
@@ -127,6 +149,7 @@ class CallRuntime:
         "_pong",
         "_reattach_attempts",
         "_side_tasks",
+        "_stop",
         "_targets",
         "_timers",
         "_tool_tasks",
@@ -174,6 +197,8 @@ class CallRuntime:
         self._flushing = False
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._side_tasks: set[asyncio.Task[Any]] = set()
+        self._hook_tasks: dict[asyncio.Future[None], str] | None = None  # → the hook it runs (for the log)
+        self._stop: asyncio.Future[None] | None = None  # wakes a re-attach backoff when the call ends
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._closed = Flag()
         self.summary = CallSummary(ctx.call_id, ctx.source)
@@ -246,7 +271,12 @@ class CallRuntime:
                 duration_s=round(self.summary.duration, 3),
                 tool_calls=len(self.summary.tools),
             )
-            await self._hooks(self.hooks.on_call_end, self.ctx, self.summary)
+            for hook in self.hooks.on_call_end:
+                try:
+                    async with asyncio.timeout(END_HOOK_TIMEOUT):
+                        await self._hooks((hook,), self.ctx, self.summary)
+                except TimeoutError:
+                    self.log.warning("hook.cancelled", hook=_hook_name(hook), grace_s=END_HOOK_TIMEOUT)
             # Break the context ↔ runtime cycle so an ended call is freed by reference counting, not
             # by the cyclic collector (whose pauses grow with the number of ended calls).
             self.ctx.actions = NO_ACTIONS
@@ -258,8 +288,9 @@ class CallRuntime:
         ws = await self._open(first=True)
         if ws is None:
             return
-        await self._hooks(self.hooks.on_call_start, self.ctx)
-        self._apply(self.machine.start())
+        self._apply(self.machine.start())  # our session.update (and greeting) go out first
+        if self.hooks.on_call_start:
+            self._spawn_hooks(self.hooks.on_call_start, self.ctx)
         while self.machine.closed is None:
             await self._flush()
             code = await self._pump(ws)
@@ -282,14 +313,22 @@ class CallRuntime:
             self._apply(self.machine.reattached())
 
     async def _open(self, *, first: bool) -> PushConnection | None:
-        attempts = 1 if first else max(self._reattach_attempts, 0)
+        """Attach (or re-attach) the sideband: retryable failures are tried again with backoff, up to
+        ``reattach_attempts`` attempts (the first attach at least once); 404/410 ends the call at once
+        (``call_not_found``). Gives up as soon as the call has ended meanwhile (a timer, a hook). A first
+        attach that finally fails hangs the call up (``connect_failed``): the caller must not stay on a
+        call nobody controls."""
+        attempts = max(self._reattach_attempts, 1 if first else 0)
         delay = 0.2
+        machine = self.machine
         for attempt in range(1, attempts + 1):
+            if machine.closed is not None:
+                return None
             try:
                 ws = await self._connect()
             except CallGone as exc:
                 self.log.info("sideband.refused", status=exc.status, attempt=attempt)
-                self._apply(self.machine.fail("call_not_found"))
+                self._apply(machine.fail("call_not_found"))
                 return None
             except UpstreamError as exc:
                 self.log.warning(
@@ -298,17 +337,34 @@ class CallRuntime:
                 if not exc.retryable:
                     break
                 if attempt < attempts:
-                    await asyncio.sleep(delay)
+                    await self._backoff(delay)
                     delay = min(delay * 2, 5.0)
                 continue
+            if machine.closed is not None:
+                self._spawn(ws.close())
+                return None
             self._ws = ws
             self._pong = None
             self._arm_keepalive()
             self.attached.set()
             self.log.info("sideband.attached" if first else "sideband.reattached", attempt=attempt)
             return ws
-        self._apply(self.machine.fail("connect_failed" if first else "reattach_failed"))
+        if first:
+            self._apply(machine.request_end("connect_failed"))  # hangup (the verb), then closed
+        else:
+            self._apply(machine.fail("reattach_failed"))
         return None
+
+    async def _backoff(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or less if the call ends meanwhile."""
+        loop = asyncio.get_running_loop()
+        stop = self._stop = loop.create_future()
+        handle = loop.call_later(delay, _wake, stop)
+        try:
+            await stop
+        finally:
+            handle.cancel()
+            self._stop = None
 
     async def _pump(self, ws: PushConnection) -> int | None:
         """Feed the socket's messages to the machine as they are parsed (no reader task wakes per
@@ -388,18 +444,38 @@ class CallRuntime:
                     task.cancel()
             elif isinstance(action, Verb):
                 self._spawn(self._run_verb(action.verb, action.target))
-            elif isinstance(action, Close) and self._ws is not None:
-                self._spawn(self._close_ws(self._ws))
+            elif isinstance(action, Close):
+                if self._ws is not None:
+                    self._spawn(self._close_ws(self._ws))
+                if self._stop is not None:
+                    _wake(self._stop)
 
     def _kick(self) -> None:
-        """Flush the outbox from a context that is not the read loop."""
-        if self._outbox and not self._flushing:
+        """Flush the outbox from a context that is not the read loop (never once the call has ended:
+        :class:`Close` flushes what is left, and a hook acting late must not start a task nobody awaits)."""
+        if self._outbox and not self._flushing and self.machine.closed is None:
             self._spawn(self._flush())
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
+
+    def _spawn_hooks(self, hooks: list[Callable[..., Any]], *args: Any) -> None:
+        """Run ``hooks`` in a task of their own, owned by the call (see :meth:`_settle_hooks`)."""
+        task = asyncio.ensure_future(self._hooks(hooks, *args))
+        tasks = self._hook_tasks
+        if tasks is None:
+            tasks = self._hook_tasks = {}  # allocated only while hooks run
+        tasks[task] = _hook_name(hooks[0])
+        task.add_done_callback(self._hook_done)
+
+    def _hook_done(self, task: asyncio.Future[None]) -> None:
+        tasks = self._hook_tasks
+        if tasks is not None:
+            tasks.pop(task, None)
+            if not tasks:
+                self._hook_tasks = None
 
     async def _flush(self) -> None:
         if self._flushing or self._ws is None:
@@ -465,24 +541,41 @@ class CallRuntime:
         if self._log_args:
             fields["arguments"] = arguments
         self.log.info("tool.started", **fields)
+        started = time.monotonic()
         try:
-            result = await self.tools.execute(call_id, name, arguments, self.ctx)
+            try:
+                result = await self.tools.execute(call_id, name, arguments, self.ctx)
+            except asyncio.CancelledError:
+                self._tool_cancelled(call_id, name, time.monotonic() - started)
+                raise
+            record = ToolRecord(call_id, name, result.outcome, result.duration)
+            self.summary.tools.append(record)
+            self.log.info(
+                "tool.finished",
+                tool=name,
+                tool_call_id=call_id,
+                outcome=result.outcome,
+                duration_ms=round(result.duration * 1000, 2),
+                error=result.error,
+            )
+            self._apply(self.machine.tool_done(call_id, result.output))
+            if self.hooks.on_tool:
+                self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
+            await self._flush()
         finally:
-            self._tool_tasks.pop(call_id, None)
-        record = ToolRecord(call_id, name, result.outcome, result.duration)
-        self.summary.tools.append(record)
+            self._tool_tasks.pop(call_id, None)  # the task's last step: nothing of it runs on
+
+    def _tool_cancelled(self, call_id: str, name: str, duration: float) -> None:
+        """A tool cancelled by the call's end (or the machine): in the summary and the log all the same."""
+        self.summary.tools.append(ToolRecord(call_id, name, "cancelled", duration))
         self.log.info(
             "tool.finished",
             tool=name,
             tool_call_id=call_id,
-            outcome=result.outcome,
-            duration_ms=round(result.duration * 1000, 2),
-            error=result.error,
+            outcome="cancelled",
+            duration_ms=round(duration * 1000, 2),
+            error=None,
         )
-        self._apply(self.machine.tool_done(call_id, result.output))
-        await self._flush()
-        if self.hooks.on_tool:
-            await self._hooks(self.hooks.on_tool, self.ctx, record)
 
     async def _run_verb(self, verb: str, target: str | None) -> None:
         ok, detail = True, None
@@ -502,22 +595,22 @@ class CallRuntime:
         if event == "transcript":
             self.summary.transcript.append((fields["role"], fields["text"]))
             self.log.info("transcript", **fields)
-            self._spawn(self._hooks(self.hooks.on_transcript, self.ctx, fields["role"], fields["text"]))
+            if self.hooks.on_transcript:
+                self._spawn_hooks(self.hooks.on_transcript, self.ctx, fields["role"], fields["text"])
         elif event == "dtmf":
             self.summary.dtmf += fields["digit"]
             self.log.info("dtmf", **fields)
-            self._spawn(self._hooks(self.hooks.on_dtmf, self.ctx, fields["digit"]))
+            if self.hooks.on_dtmf:
+                self._spawn_hooks(self.hooks.on_dtmf, self.ctx, fields["digit"])
         elif event == "response.done":
             self.log.debug(event, **fields)
             if self.hooks.on_response:
-                self._spawn(
-                    self._hooks(
-                        self.hooks.on_response,
-                        self.ctx,
-                        fields["response_id"],
-                        fields["status"],
-                        fields["tools_running"],
-                    )
+                self._spawn_hooks(
+                    self.hooks.on_response,
+                    self.ctx,
+                    fields["response_id"],
+                    fields["status"],
+                    fields["tools_running"],
                 )
         elif event == "sideband.ready":
             self.ready.set()
@@ -527,16 +620,18 @@ class CallRuntime:
         else:
             self.log.info(event, **fields)
 
-    async def _hooks(self, hooks: list[Callable[..., Any]], *args: Any) -> None:
+    async def _hooks(self, hooks: Sequence[Callable[..., Any]], *args: Any) -> None:
+        task = asyncio.current_task() if len(hooks) > 1 else None
         for hook in hooks:
+            tasks = self._hook_tasks
+            if task is not None and tasks is not None and task in tasks:
+                tasks[task] = _hook_name(hook)
             try:
                 result = hook(*args)
                 if inspect.isawaitable(result):
                     await result
             except Exception as exc:
-                self.log.error(
-                    "hook.failed", hook=getattr(hook, "__name__", repr(hook)), error=type(exc).__name__
-                )
+                self.log.error("hook.failed", hook=_hook_name(hook), error=type(exc).__name__)
 
     async def _cleanup(self) -> None:
         for handle in self._timers.values():
@@ -554,10 +649,41 @@ class CallRuntime:
             pending = [*tasks, *self._side_tasks]
             tasks = []
             await asyncio.gather(*pending, return_exceptions=True)
+        for call_id in list(self._tool_tasks):  # cancelled before they ever started
+            del self._tool_tasks[call_id]
+            self._tool_cancelled(call_id, self.machine.tool_name(call_id), 0.0)
+        await self._settle_hooks()
+
+    async def _settle_hooks(self) -> None:
+        """Give hooks still running :data:`HOOK_GRACE` seconds, then cancel and await them."""
+        if not self._hook_tasks:
+            return
+        try:
+            async with asyncio.timeout(HOOK_GRACE):
+                while self._hook_tasks:
+                    await asyncio.wait(list(self._hook_tasks))
+        except TimeoutError:
+            pass
+        finally:  # past the grace, or cancelled meanwhile: cancel what is left, and await it
+            left = dict(self._hook_tasks or {})
+            for task, hook in left.items():
+                self.log.warning("hook.cancelled", hook=hook, grace_s=HOOK_GRACE)
+                task.cancel()
+            if left:
+                await asyncio.gather(*left, return_exceptions=True)
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`run` has finished."""
         await self._closed.wait()
+
+
+def _hook_name(hook: Callable[..., Any]) -> str:
+    return getattr(hook, "__name__", None) or repr(hook)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _retrieve(future: asyncio.Future[float]) -> None:

@@ -134,14 +134,27 @@ class MachineConfig:
     max_identical_calls: int = 3
     end_cap: float = 10.0
     """Longest wait for in-flight tools and the model's last words before hangup/refer."""
+    reattach_grace: float = 2.0
+    """After a re-attach, how long to wait for the ``response.done`` of a response whose tool calls were
+    announced on the lost socket before treating those calls as interrupted (see
+    :meth:`CallMachine.reattached`)."""
 
 
 _IDLE = "idle"
 _MAX_DURATION = "max_duration"
 _END_CAP = "end_cap"
+_ORPHANS = "orphans"
 _FILLER = "filler:"
+_GREETING = "greeting"
 
 _RUNNABLE = frozenset({"completed", "incomplete"})
+_INTERRUPTED = json.dumps(
+    {
+        "error": "interrupted",
+        "message": "The connection dropped before this tool call could run; it did not run. "
+        "Call the tool again if it is still needed.",
+    }
+)
 
 
 @dataclass(slots=True)
@@ -181,14 +194,17 @@ class CallMachine:
         "_end",
         "_filler_spoken",
         "_greeted",
+        "_held",
         "_last_error",
         "_last_signature",
+        "_live",
+        "_orphans",
         "_playing",
         "_queued_say",
         "_recent_creates",
         "_repeat",
         "_response_active",
-        "_retry_body",
+        "_retry",
         "_running",
         "_seq",
         "_session_id",
@@ -209,14 +225,19 @@ class CallMachine:
         self._repeat = 0
         self._response_active = False
         self._create_sent: str | None = None  # event_id of our response.create not yet seen created
-        self._recent_creates: dict[str, dict[str, Any]] = {}  # event_id → body, the last few
-        self._retry_body: dict[str, Any] | None = None  # a create refused while another response ran
+        # event_id → (body, tag), the last few; the tag says what a create was for: the greeting, a
+        # filler ("filler:<call_id>"), or None for anything that stays owed until it is answered.
+        self._recent_creates: dict[str, tuple[dict[str, Any], str | None]] = {}
+        self._retry: tuple[dict[str, Any], str | None] | None = None  # a refused create to send again
         self._want_response = False
         self._filler_spoken = False
         self._queued_say: list[str] = []
         self._playing = False
         self._agent_lines: set[tuple[Any, Any, Any]] = set()
         self._greeted = False
+        self._live = False  # our session.update went out (vowel: was confirmed); code may send now
+        self._held: tuple[Action, ...] = ()  # sends asked for by code before that
+        self._orphans: tuple[str, ...] = ()  # calls announced on a lost socket, their response unfinished
         self._started = False
         self._session_ready = False
         self._session_id: str | None = None
@@ -258,9 +279,14 @@ class CallMachine:
         return (
             self._busy
             or self._want_response
-            or self._retry_body is not None
+            or self._retry is not None
             or (bool(self._queued_say) and self._end is None)
         )
+
+    def tool_name(self, call_id: str) -> str:
+        """The name of tool call ``call_id`` (empty if unknown)."""
+        call = self._calls.get(call_id)
+        return call.name if call is not None else ""
 
     # ---------------------------------------------------------------------------------- inputs
     def start(self) -> list[Action]:
@@ -275,11 +301,25 @@ class CallMachine:
         return actions + self._attached()
 
     def reattached(self) -> list[Action]:
-        """A new socket replaced a lost one: same call, same state, no second greeting."""
+        """A new socket replaced a lost one: same call, same state, no second greeting.
+
+        Tool calls announced on the lost socket whose ``response.done`` never arrived are *orphans*: their
+        response may still be running (its ``response.done`` then arrives on the new socket and they run,
+        or are discarded, as usual) or may have ended while no socket was attached, and then nothing will
+        ever settle them. An orphan still unsettled ``reattach_grace`` seconds later is not run — its
+        response may have been cancelled, and a call runs at most once and only for a finished response —
+        but answered with an ``interrupted`` error output (``tool.interrupted`` notice), and one
+        ``response.create`` follows: the model carries on (and calls the tool again if it still needs it)
+        instead of leaving the caller in silence.
+        """
         self._response_active = False
         self._create_sent = None
         self._playing = False
         actions = self._attached()
+        orphans = tuple(c.call_id for c in self._calls.values() if c.state == "pending")
+        self._orphans = orphans
+        if orphans:
+            actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
         actions += self._progress()
         return actions
 
@@ -293,8 +333,16 @@ class CallMachine:
         actions: list[Action] = [Send({"type": "session.update", "session": self.config.session})]
         if self.config.greeting and not self._greeted:
             self._greeted = True
-            actions.append(self._create({"instructions": self.config.greeting}))
+            actions.append(self._create({"instructions": self.config.greeting}, _GREETING))
+        if not self._live and not self.caps.session_created_first:
+            actions += self._go_live()
         return actions
+
+    def _go_live(self) -> list[Action]:
+        """Our session config is out (first in line): what code asked for meanwhile may follow it."""
+        self._live = True
+        held, self._held = self._held, ()
+        return [*held, *self._progress()]
 
     def receive(self, event: dict[str, Any]) -> list[Action]:
         """A server event arrived. Unknown types are ignored."""
@@ -333,16 +381,30 @@ class CallMachine:
             return self._fire_end(forced=True)
         if name.startswith(_FILLER):
             return self._filler(name[len(_FILLER) :])
+        if name == _ORPHANS:
+            return self._interrupt_orphans()
         return []
 
     def verb_done(self, ok: bool, detail: str | None = None) -> list[Action]:
-        """The hangup/refer verb finished (``ok``) or failed."""
-        if self._closed is not None or self._end is None:
+        """The hangup/refer verb finished (``ok``) or failed.
+
+        A failed refer falls back to a hangup (the caller must not stay on a call nobody controls) and
+        the call ends with reason ``transfer_failed``; a failed hangup ends the call with its reason.
+        """
+        end = self._end
+        if self._closed is not None or end is None:
             return []
-        actions: list[Action] = []
-        if not ok:
-            actions.append(Notice("call.verb_failed", {"verb": self._end.verb, "detail": detail}))
-        return [*actions, *self._close(self._end.reason)]
+        if ok:
+            return self._close(end.reason)
+        actions: list[Action] = [Notice("call.verb_failed", {"verb": end.verb, "detail": detail})]
+        if end.verb == "refer":
+            end.reason, end.verb, end.target = "transfer_failed", "hangup", None
+            return [
+                *actions,
+                Notice("call.ending", {"reason": end.reason, "verb": "hangup", "target": None}),
+                Verb("hangup"),
+            ]
+        return [*actions, *self._close(end.reason)]
 
     def transport_closed(self, code: int | None, reason: str = "") -> list[Action]:
         """The socket closed for good (the driver gave up re-attaching or the close was clean)."""
@@ -396,19 +458,25 @@ class CallMachine:
         if self._closed is not None:
             return []
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
-        actions: list[Action] = [
-            *self._touch_idle(),
-            Send({"type": "conversation.item.create", "item": item}),
-        ]
+        send = Send({"type": "conversation.item.create", "item": item})
+        actions = self._touch_idle()
+        if self._live:
+            actions.append(send)
+        else:
+            self._held = (*self._held, send)
         if not self.caps.responds_to_user_text:
             self._want_response = True
         return actions + self._progress()
 
     def update_session(self, fields: Mapping[str, Any]) -> list[Action]:
-        """Send a partial ``session.update``."""
+        """Send a partial ``session.update`` (held until our own session config is out)."""
         if self._closed is not None:
             return []
-        return [Send({"type": "session.update", "session": {**fields, "type": "realtime"}})]
+        send = Send({"type": "session.update", "session": {**fields, "type": "realtime"}})
+        if not self._live:
+            self._held = (*self._held, send)
+            return []
+        return [send]
 
     # ------------------------------------------------------------------------------- handlers
     def _on_session_created(self, event: dict[str, Any]) -> list[Action]:
@@ -423,6 +491,8 @@ class CallMachine:
         if self._session_ready:
             return []
         self._session_ready = True
+        if not self._live:  # vowel: nothing but our session.update may precede session.updated
+            return [Notice("sideband.ready", {}), *self._go_live()]
         return [Notice("sideband.ready", {})]
 
     def _on_response_created(self, event: dict[str, Any]) -> list[Action]:
@@ -593,24 +663,28 @@ class CallMachine:
         if error.get("type") == "session_timeout":
             return [Notice("sideband.error", fields), *self._close(str(code or "session_timeout"))]
         actions: list[Action] = [Notice("sideband.error", fields)]
-        body = self._recent_creates.pop(str(error.get("event_id")), None)
-        if body is not None:
+        refused = self._recent_creates.pop(str(error.get("event_id")), None)
+        if refused is not None:
             # One of our response.create was refused (a response.created we saw may not have been ours).
-            if self._create_sent == error.get("event_id"):
+            unanswered = self._create_sent == error.get("event_id")
+            if unanswered:
                 self._create_sent = None
             if code == "conversation_already_has_active_response":
-                # Someone else's response is running; ours goes out again after its response.done.
-                self._response_active = True
-                self._retry_body = body
+                # Someone else's response runs; ours goes out again after its response.done. If no
+                # response.created came since ours was sent, that response is yet to be announced: wait
+                # for it. If it came and ended already (the error can arrive late), send again now.
+                if unanswered:
+                    self._response_active = True
+                self._retry = refused
             actions += self._progress()
         return actions
 
     # ------------------------------------------------------------------------------ decisions
-    def _create(self, response: dict[str, Any] | None = None) -> Send:
+    def _create(self, response: dict[str, Any] | None = None, tag: str | None = None) -> Send:
         self._seq += 1
         event_id = f"sb_create_{self._seq}"
         self._create_sent = event_id
-        self._recent_creates[event_id] = response or {}
+        self._recent_creates[event_id] = (response or {}, tag)
         if len(self._recent_creates) > 8:
             del self._recent_creates[next(iter(self._recent_creates))]
         event: dict[str, Any] = {"type": "response.create", "event_id": event_id}
@@ -624,21 +698,48 @@ class CallMachine:
 
     def _progress(self) -> list[Action]:
         """Send the next response.create if one is owed and allowed; move a pending end along."""
-        if self._closed is not None:
+        if self._closed is not None or self._busy:
             return []
-        if self._busy:
-            return []
-        if self._retry_body is not None:
-            body, self._retry_body = self._retry_body, None
-            return [self._create(body)]
-        if self._want_response and self._running == 0:
-            self._want_response = False
-            return [self._create()]
-        if self._queued_say and self._end is None:
-            return [self._create({"instructions": self._queued_say.pop(0)})]
+        if self._live:
+            if self._retry is not None:
+                (body, tag), self._retry = self._retry, None
+                if tag is None or not self._stale(tag):
+                    return [self._create(body, tag)]
+                return [Notice("response.dropped", {"purpose": tag}), *self._progress()]
+            if self._want_response and self._running == 0:
+                self._want_response = False
+                return [self._create()]
+            if self._queued_say and self._end is None:
+                return [self._create({"instructions": self._queued_say.pop(0)})]
         if self._end is not None:
             return self._fire_end(forced=False)
         return []
+
+    def _stale(self, tag: str) -> bool:
+        """Whether a refused create is no longer worth sending again: the greeting (whatever response ran
+        instead was the opening, and only the opening is a greeting), or a filler whose tool is no longer
+        running (a late "still working on it" would come before, or after, the real answer)."""
+        if tag == _GREETING:
+            return True
+        call = self._calls.get(tag[len(_FILLER) :])
+        return call is None or call.state != "running" or self._end is not None
+
+    def _interrupt_orphans(self) -> list[Action]:
+        """No ``response.done`` settled the calls announced before a re-attach: answer them (see
+        :meth:`reattached`)."""
+        actions: list[Action] = []
+        for call_id in self._orphans:
+            call = self._calls.get(call_id)
+            if call is None or call.state != "pending":
+                continue
+            call.state = "answered"
+            actions.append(Notice("tool.interrupted", {"tool_call_id": call_id, "tool": call.name}))
+            actions.append(Send(_output(call_id, _INTERRUPTED)))
+        self._orphans = ()
+        if not actions:
+            return []
+        self._want_response = True
+        return actions + self._progress()
 
     def _filler(self, call_id: str) -> list[Action]:
         call = self._calls.get(call_id)
@@ -647,7 +748,9 @@ class CallMachine:
         self._filler_spoken = True
         return [
             Notice("tool.filler", {"tool_call_id": call_id, "tool": call.name}),
-            self._create({"instructions": self.config.filler_instructions, "tool_choice": "none"}),
+            self._create(
+                {"instructions": self.config.filler_instructions, "tool_choice": "none"}, _FILLER + call_id
+            ),
         ]
 
     def _fire_end(self, *, forced: bool) -> list[Action]:
@@ -658,6 +761,8 @@ class CallMachine:
             if self._running or self._want_response or self._busy:
                 return []
             if end.goodbye is not None:
+                if not self._live:
+                    return []  # not a word before our session config (the end cap still holds)
                 goodbye, end.goodbye = end.goodbye, None
                 return [self._create({"instructions": goodbye, "tool_choice": "none"})]
             if self._playing and self.caps.audio_playback_events:

@@ -1,0 +1,361 @@
+"""Call runtime edges: hook ordering and time limits, task ownership, attach retries, failed transfers and
+tools cancelled by the call's end — over loopback against the simulators."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import LogCapture
+
+from sideband import CallContext, CallSummary, Sideband
+from sideband.runtime.driver import CallHooks, CallRuntime
+from sideband.runtime.machine import CallMachine, MachineConfig
+from sideband.testing import (
+    Script,
+    Simulator,
+    caller_hangs_up,
+    caller_presses,
+    caller_says,
+    model_calls,
+    model_says,
+    run_app,
+    wait_for_greeting,
+)
+from sideband.testing.vowel import VowelSimulator
+from sideband.tools import ToolRegistry
+from sideband.upstream._ws import PushConnection
+from sideband.upstream.openai import CallGone, SidebandRefused, connect_sideband
+
+from .conftest import TEST_SETTINGS, Stack, make_app
+
+HELLO = wait_for_greeting("Hello.")
+
+
+def creates(call: Any) -> list[str]:
+    """The instructions of each response.create the sideband sent ("" for a plain one)."""
+    return [
+        (e.get("response") or {}).get("instructions") or ""
+        for e in call.received
+        if e["type"] == "response.create"
+    ]
+
+
+def server_errors(call: Any) -> list[dict[str, Any]]:
+    return [e for e in call.sent if e["type"] == "error"]
+
+
+@contextmanager
+def capture_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Every log entry at any level (whatever another test left configured), restored afterwards."""
+    old = structlog.get_config()
+    capture = LogCapture()
+    structlog.configure(
+        processors=[capture],
+        wrapper_class=structlog.make_filtering_bound_logger(0),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield capture.entries
+    finally:
+        structlog.configure(**old)
+
+
+# ------------------------------------------------------------------------------- on_call_start order
+async def test_on_call_start_actions_follow_the_session_config_and_the_greeting(simulator: Simulator) -> None:
+    greeting = "Greet the test caller."
+    app = make_app(greeting=greeting)
+
+    @app.on_call_start
+    async def personalise(ctx: CallContext) -> None:
+        ctx.update_session(instructions="The caller is Alice, a VIP.")
+        ctx.say("Tell the caller this call is recorded.")
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as h:
+        call = await h.call(Script([HELLO], step_timeout=10))
+        # the greeting and the hook's `say`, each answered in turn
+        await call.wait_for(
+            lambda c: len(c.responses) == 2 and c.responses[1].status == "completed", timeout=5
+        )
+        await simulator.hang_up(call)
+        await h.ended(call)
+    kinds = [e["type"] for e in call.received]
+    assert kinds == ["session.update", "response.create", "session.update", "response.create"]
+    first = call.received[0]["session"]
+    assert first["instructions"] == "You are a test desk." and "tools" in first  # the machine's own config
+    assert call.received[2]["session"] == {"instructions": "The caller is Alice, a VIP.", "type": "realtime"}
+    assert creates(call) == [greeting, "Tell the caller this call is recorded."]  # one greeting, first
+    assert [r.request for r in call.responses] == [
+        {"instructions": greeting},
+        {"instructions": "Tell the caller this call is recorded."},
+    ]
+    assert not server_errors(call)  # the say waited for the greeting's response.done
+
+
+async def test_vowel_on_call_start_actions_wait_for_the_engine_session(vowel: VowelSimulator) -> None:
+    from sideband.settings import load_settings
+    from sideband.vowel import EngineSession
+
+    app = Sideband(instructions="You are the test desk.")
+
+    @app.on_call_start
+    def personalise(ctx: CallContext) -> None:
+        ctx.update_session(instructions="The caller is Alice.")
+        ctx.say("Welcome the caller back.")
+
+    settings = load_settings({**vowel.settings_values(), "max_idle_duration": 30.0}, environ={})
+    async with EngineSession.open(settings, app) as session:
+        engine = await vowel.wait_session()
+        await vowel.wait_for(
+            lambda s: bool(engine.responses) and engine.responses[0].status == "completed", timeout=5
+        )
+        assert session.end_reason is None
+    kinds = [e["type"] for e in engine.received]
+    assert kinds == ["session.update", "session.update", "response.create"]
+    assert engine.received[0]["session"]["instructions"] == "You are the test desk."
+    assert engine.received[1]["session"] == {"instructions": "The caller is Alice.", "type": "realtime"}
+    assert [r.instructions for r in engine.responses] == ["Welcome the caller back."]
+    assert engine.close_code != 1011 and engine.notes == []
+
+
+async def test_a_slow_on_call_start_hook_does_not_hold_back_the_session(simulator: Simulator) -> None:
+    app = make_app()
+    release = asyncio.Event()
+    hook_done = asyncio.Event()
+
+    @app.on_call_start
+    async def slow_lookup(ctx: CallContext) -> None:
+        await release.wait()
+        ctx.update_session(instructions="Found the caller's account.")
+        hook_done.set()
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as h:
+        call = await h.call(Script([HELLO], step_timeout=10))
+        await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=3)
+        assert not release.is_set()  # the greeting was answered while the hook was still waiting
+        release.set()
+        await asyncio.wait_for(hook_done.wait(), 5)
+        await call.wait_for(lambda c: len(c.received) == 3, timeout=5)
+        await simulator.hang_up(call)
+        await h.ended(call)
+    assert [e["type"] for e in call.received] == ["session.update", "response.create", "session.update"]
+    assert call.received[2]["session"]["instructions"] == "Found the caller's account."
+
+
+# ------------------------------------------------------------------------------------ hook lifetimes
+async def test_on_tool_hooks_end_before_on_call_end(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sideband.runtime.driver.HOOK_GRACE", 0.2, raising=False)
+    order: list[Any] = []
+    hook_task: list[asyncio.Task[Any]] = []
+
+    @stack.app.tool(filler_after=None)
+    async def quick() -> str:
+        return "ok"
+
+    @stack.app.on_tool
+    async def audit(ctx: CallContext, record: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        hook_task.append(task)
+        order.append("on_tool started")
+        try:
+            await asyncio.Event().wait()  # an audit sink that never answers
+        except asyncio.CancelledError:
+            order.append("on_tool cancelled")
+            raise
+
+    @stack.app.on_call_end
+    def end(ctx: CallContext, summary: CallSummary) -> None:
+        order.append(("on_call_end", [t.done() for t in hook_task]))
+
+    with capture_logs() as logs:
+        call = await stack.call(
+            Script(
+                [HELLO, caller_says("go"), model_calls("quick", {}), model_says("Done."), caller_hangs_up()]
+            )
+        )
+        summary = await stack.ended(call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("quick", "ok")]
+    assert order == ["on_tool started", "on_tool cancelled", ("on_call_end", [True])]
+    warned = [e for e in logs if e["event"] == "hook.cancelled"]
+    assert [e["hook"] for e in warned] == ["audit"] and warned[0]["log_level"] == "warning"
+
+
+async def test_hung_hooks_get_a_grace_period_and_the_call_still_ends(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sideband.runtime.driver.HOOK_GRACE", 0.2, raising=False)
+    cancelled: list[str] = []
+    ended: list[str] = []
+
+    def hang(name: str) -> Callable[..., Awaitable[None]]:
+        async def hook(*args: Any) -> None:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(name)
+                raise
+
+        hook.__name__ = name
+        return hook
+
+    stack.app.on_transcript(hang("stuck_transcript"))
+    stack.app.on_dtmf(hang("stuck_dtmf"))
+    stack.app.on_call_end(lambda ctx, summary: ended.append(summary.reason))
+
+    with capture_logs() as logs:
+        call = await stack.call(Script([HELLO, caller_presses("1"), caller_hangs_up()]))
+        summary = await stack.ended(call, timeout=5)  # never waits on the hooks for long
+    assert summary.reason == "remote_closed" and ended == ["remote_closed"]
+    assert sorted(set(cancelled)) == ["stuck_dtmf", "stuck_transcript"]
+    warned = {e["hook"] for e in logs if e["event"] == "hook.cancelled"}
+    assert warned == {"stuck_dtmf", "stuck_transcript"}
+    await stack.wait_idle(timeout=5)
+
+
+# ------------------------------------------------------------------------------- cancelled tools
+async def test_tools_cancelled_by_the_call_end_are_in_the_summary(stack: Stack) -> None:
+    started = asyncio.Event()
+
+    @stack.app.tool(filler_after=None)
+    async def long_job() -> str:
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    with capture_logs() as logs:
+        call = await stack.call(
+            Script([HELLO, caller_says("go"), model_calls("long_job", {})], step_timeout=10)
+        )
+        await asyncio.wait_for(started.wait(), 5)
+        await stack.sim.hang_up(call)
+        summary = await stack.ended(call)
+    assert summary.reason == "remote_closed"
+    assert [(t.name, t.outcome) for t in summary.tools] == [("long_job", "cancelled")]
+    assert summary.tools[0].duration > 0
+    finished = [e for e in logs if e["event"] == "tool.finished"]
+    assert [(e["tool"], e["outcome"]) for e in finished] == [("long_job", "cancelled")]
+
+
+# ------------------------------------------------------------------------------------- transfers
+async def test_a_failed_transfer_hangs_up_and_ends_as_transfer_failed(stack: Stack) -> None:
+    @stack.app.tool(filler_after=None)
+    async def to_human(ctx: CallContext) -> str:
+        await ctx.transfer("human")
+        return "transferring"
+
+    call = stack.sim.create_call(
+        Script([HELLO, caller_says("a human please"), model_calls("to_human", {}), model_says("One moment.")])
+    )
+    stack.sim.fail_verb(call.call_id, "refer", 400)  # e.g. the SIP provider refuses the target
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await call.wait_ended(timeout=10)
+        summary = await stack.ended(call)
+    verbs = [r.path.rsplit("/", 1)[1] for r in stack.sim.requests if r.path.endswith(("/refer", "/hangup"))]
+    assert verbs == ["refer", "hangup"]
+    assert call.end_reason == "hangup_verb" and summary.reason == "transfer_failed"
+    failed = [e for e in logs if e["event"] == "call.verb_failed"]
+    assert [e["verb"] for e in failed] == ["refer"]
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["transfer_failed"]
+
+
+# ---------------------------------------------------------------------------------------- attach
+class Connector:
+    """Connects to the simulator's sideband, after failing as told (an exception per attempt)."""
+
+    def __init__(self, sim: Simulator, call_id: str, failures: list[Exception | None]) -> None:
+        self.sim, self.call_id, self.failures = sim, call_id, failures
+        self.attempts = 0
+        self.changed = asyncio.Event()
+
+    async def __call__(self) -> PushConnection:
+        self.attempts += 1
+        self.changed.set()
+        failure = self.failures.pop(0) if self.failures else None
+        if failure is not None:
+            raise failure
+        return await connect_sideband(self.sim.realtime_url, self.call_id, self.sim.api_key)
+
+
+def runtime(
+    connect: Connector, verbs: list[tuple[str, str | None]], *, attempts: int = 3, **config: Any
+) -> CallRuntime:
+    async def verb(name: str, target: str | None) -> None:
+        verbs.append((name, target))
+
+    machine = CallMachine(MachineConfig(session={"type": "realtime", "instructions": "x"}, **config))
+    return CallRuntime(
+        machine=machine,
+        ctx=CallContext(connect.call_id),
+        tools=ToolRegistry(),
+        connect=connect,
+        verb=verb,
+        hooks=CallHooks(),
+        reattach_attempts=attempts,
+        ping_interval=None,
+    )
+
+
+def refused(status: int) -> Exception:
+    if status in (404, 410):
+        return CallGone("sideband refused: call not found", status)
+    return SidebandRefused(f"sideband refused with {status}", status)
+
+
+async def test_first_attach_is_retried_after_a_transient_refusal(simulator: Simulator) -> None:
+    call = simulator.create_call(Script([HELLO, caller_hangs_up()]), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [refused(503)])
+    verbs: list[tuple[str, str | None]] = []
+    rt = runtime(connect, verbs, greeting="Say hello.")
+    assert await asyncio.wait_for(rt.run(), 10) == "remote_closed"
+    assert connect.attempts == 2 and call.sideband_connects == 1
+    assert [e["type"] for e in call.received][:2] == ["session.update", "response.create"]
+    assert verbs == []
+
+
+@pytest.mark.parametrize(
+    ("failures", "reason", "attempts", "verbs_sent"),
+    [
+        ([503, 503, 503], "connect_failed", 3, [("hangup", None)]),  # gave up: the call is hung up
+        ([503, 404], "call_not_found", 2, []),  # the call is gone: stop, nothing to hang up
+    ],
+)
+async def test_first_attach_that_fails_for_good(
+    simulator: Simulator,
+    failures: list[int],
+    reason: str,
+    attempts: int,
+    verbs_sent: list[tuple[str, str | None]],
+) -> None:
+    call = simulator.create_call(Script([HELLO]), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [refused(s) for s in failures])
+    verbs: list[tuple[str, str | None]] = []
+    with capture_logs() as logs:
+        rt = runtime(connect, verbs, attempts=3)
+        assert await asyncio.wait_for(rt.run(), 10) == reason
+    assert connect.attempts == attempts and call.sideband_connects == 0
+    assert verbs == verbs_sent
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == [reason]
+
+
+async def test_reattach_stops_as_soon_as_the_call_has_ended(simulator: Simulator) -> None:
+    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [])
+    verbs: list[tuple[str, str | None]] = []
+    rt = runtime(connect, verbs, attempts=20, greeting="Say hello.", end_cap=0.1)
+    task = asyncio.create_task(rt.run())
+    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    connect.failures.extend(refused(503) for _ in range(20))  # every re-attach now fails
+    await simulator.drop_sideband(call, "abnormal")
+    async with asyncio.timeout(5):
+        while connect.attempts < 2:  # the first re-attach attempt failed: the driver backs off
+            connect.changed.clear()
+            await connect.changed.wait()
+    await rt.hangup()
+    assert await asyncio.wait_for(task, 1.0) == "hangup"  # not after 20 attempts
+    assert verbs == [("hangup", None)] and connect.attempts == 2
