@@ -343,6 +343,20 @@ async def test_first_attach_that_fails_for_good(
     assert [e["reason"] for e in logs if e["event"] == "call.ended"] == [reason]
 
 
+async def test_a_reattach_that_fails_for_good_hangs_up_at_once(simulator: Simulator) -> None:
+    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [])
+    verbs: list[tuple[str, str | None]] = []
+    rt = runtime(connect, verbs, attempts=2, greeting="Say hello.", end_cap=30)
+    task = asyncio.create_task(rt.run())
+    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    connect.failures.extend(refused(503) for _ in range(2))
+    await simulator.drop_sideband(call, "abnormal")
+    # Not after the 30 s end cap: with no socket there is nothing to wait for.
+    assert await asyncio.wait_for(task, 5) == "reattach_failed"
+    assert verbs == [("hangup", None)] and connect.attempts == 3
+
+
 async def test_reattach_stops_as_soon_as_the_call_has_ended(simulator: Simulator) -> None:
     call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
     connect = Connector(simulator, call.call_id, [])

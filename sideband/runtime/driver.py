@@ -315,9 +315,9 @@ class CallRuntime:
     async def _open(self, *, first: bool) -> PushConnection | None:
         """Attach (or re-attach) the sideband: retryable failures are tried again with backoff, up to
         ``reattach_attempts`` attempts (the first attach at least once); 404/410 ends the call at once
-        (``call_not_found``). Gives up as soon as the call has ended meanwhile (a timer, a hook). A first
-        attach that finally fails hangs the call up (``connect_failed``): the caller must not stay on a
-        call nobody controls."""
+        (``call_not_found``). Gives up as soon as the call has ended meanwhile (a timer, a hook). An attach
+        that finally fails hangs the call up (``connect_failed``, ``reattach_failed``): the caller must not
+        stay on a call nobody controls."""
         attempts = max(self._reattach_attempts, 1 if first else 0)
         delay = 0.2
         machine = self.machine
@@ -349,10 +349,7 @@ class CallRuntime:
             self.attached.set()
             self.log.info("sideband.attached" if first else "sideband.reattached", attempt=attempt)
             return ws
-        if first:
-            self._apply(machine.request_end("connect_failed"))  # hangup (the verb), then closed
-        else:
-            self._apply(machine.fail("reattach_failed"))
+        self._apply(machine.abandon("connect_failed" if first else "reattach_failed"))  # hangup, then closed
         return None
 
     async def _backoff(self, delay: float) -> None:

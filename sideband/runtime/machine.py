@@ -422,6 +422,12 @@ class CallMachine:
             reason = self._end.reason
         return self._close(reason)
 
+    def abandon(self, reason: str) -> list[Action]:
+        """The sideband cannot be (re-)attached while the call may still be up: hang up at once (there is
+        no socket to wait on for outputs or the model's last words), then end with ``reason``. A hangup
+        or transfer already under way is sent now instead."""
+        return [*self.request_end(reason), *self._fire_end(forced=True)]
+
     # ---------------------------------------------------------------------- requests from code
     def request_end(
         self,
