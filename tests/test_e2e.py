@@ -19,6 +19,7 @@ from sideband.testing import (
     caller_says,
     model_calls,
     model_says,
+    pause,
     run_app,
     wait_for_greeting,
 )
@@ -245,6 +246,17 @@ async def test_an_upstream_error_page_that_is_not_utf8_is_an_upstream_error() ->
         assert caught.value.status == 502 and caught.value.retryable and "bad gateway" in caught.value.body
     finally:
         await server.close()
+
+
+async def test_calls_still_live_when_the_drain_ends_are_hung_up(stack: Stack) -> None:
+    call = await run_call(stack, Script([GREETING, pause(60)]))
+    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    await asyncio.wait_for(stack.service.registry.drain(0.2), 5)
+    assert [r.path for r in stack.sim.requests if r.path.endswith("/hangup")] == [
+        f"/v1/realtime/calls/{call.call_id}/hangup"
+    ]
+    assert stack.service.registry.recent[call.call_id].reason == "shutdown"
+    assert call.ended
 
 
 @pytest.mark.parametrize("mode, reason", [("clean", "remote_closed"), ("abnormal", "call_not_found")])

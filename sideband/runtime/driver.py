@@ -57,6 +57,8 @@ HOOK_GRACE = 2.0
 with a ``hook.cancelled`` warning naming the hook)."""
 END_HOOK_TIMEOUT = 10.0
 """Seconds each ``on_call_end`` hook may run before it is cancelled (``hook.cancelled``)."""
+SHUTDOWN_GRACE = 5.0
+"""Seconds the calls still live at the end of a drain get for their hangup before they are cancelled."""
 
 
 class Flag:
@@ -246,6 +248,11 @@ class CallRuntime:
     def update_session(self, **fields: Any) -> None:
         """Send a partial ``session.update``."""
         self._apply(self.machine.update_session(fields))
+        self._kick()
+
+    def abandon(self, reason: str) -> None:
+        """Hang up now, without waiting for outputs or the model's last words, and end with ``reason``."""
+        self._apply(self.machine.abandon(reason))
         self._kick()
 
     # ------------------------------------------------------------------------------- running
@@ -743,12 +750,18 @@ class CallRegistry:
         """Wait until no call is live."""
         await self._idle.wait()
 
-    async def drain(self, timeout: float) -> None:
-        """Let live calls finish for up to ``timeout`` seconds, then end the rest and await them."""
+    async def drain(self, timeout: float, *, grace: float = SHUTDOWN_GRACE) -> None:
+        """Let live calls finish for up to ``timeout`` seconds; then hang up the rest (reason
+        ``shutdown``: a call left up would go on with nobody running its tools), give that up to
+        ``grace`` seconds, cancel what is left and await it all."""
         tasks = list(self._tasks.values())
         if not tasks:
             return
         _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            for runtime in list(self.calls.values()):
+                runtime.abandon("shutdown")
+            _, pending = await asyncio.wait(pending, timeout=grace)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
