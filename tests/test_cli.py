@@ -69,13 +69,15 @@ def serve_env(simulator: Simulator, **extra: str) -> dict[str, str]:
     )
 
 
-async def start_serve(port: int, env: dict[str, str]) -> asyncio.subprocess.Process:
+async def start_serve(
+    port: int, env: dict[str, str], app: str = "examples.app:app"
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "sideband.cli",
         "serve",
-        "examples.app:app",
+        app,
         "--host",
         "127.0.0.1",
         "--port",

@@ -13,10 +13,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import secrets
 import ssl
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +27,7 @@ import trustme
 from aiohttp import WSMsgType, web
 from standardwebhooks import Webhook
 
-from tests.test_cli import ROOT, free_port, read_until
+from tests.test_cli import clean_env, free_port, read_until, start_serve
 
 CASSETTE = Path(__file__).parent / "data" / "cassettes" / "openai" / "ws_tool_round_gpt-realtime.jsonl"
 BASE_PATH = "/proxy/openai/v1"
@@ -186,32 +184,15 @@ async def test_serve_runs_a_recorded_tool_round_against_another_protocol_a_serve
     await web.TCPSite(runner, "127.0.0.1", upstream_port, ssl_context=server_tls).start()
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SIDEBAND_"))}
-    env.update(
-        {
-            "OPENAI_API_KEY": key,
-            "OPENAI_WEBHOOK_SECRET": secret,
-            "OPENAI_BASE_URL": f"{scheme}://127.0.0.1:{upstream_port}{BASE_PATH}",
-            "SIDEBAND_LOG_FORMAT": "json",
-            "SIDEBAND_DRAIN_TIMEOUT": "2",
-            **trust,
-        }
+    env = clean_env(
+        OPENAI_API_KEY=key,
+        OPENAI_WEBHOOK_SECRET=secret,
+        OPENAI_BASE_URL=f"{scheme}://127.0.0.1:{upstream_port}{BASE_PATH}",
+        SIDEBAND_LOG_FORMAT="json",
+        SIDEBAND_DRAIN_TIMEOUT="2",
+        **trust,
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sideband.cli",
-        "serve",
-        "tests.weather_app:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_serve(port, env, "tests.weather_app:app")
     assert proc.stdout is not None
     lines: list[dict[str, Any]] = []
     try:

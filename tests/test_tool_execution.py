@@ -16,27 +16,14 @@ from sideband.testing import Script, caller_says, model_calls, model_says, wait_
 from sideband.tools import ToolRegistry
 
 from .conftest import Stack
+from .test_call_runtime import kinds
+from .test_call_runtime import outputs as by_call_id
 
 HELLO = wait_for_greeting("Hello.")
 
 
-def kinds(call: Any) -> list[str]:
-    """Client events in order, with outputs told apart."""
-    out = []
-    for e in call.received:
-        if e["type"] == "conversation.item.create" and e["item"]["type"] == "function_call_output":
-            out.append(f"output:{e['item']['call_id']}")
-        else:
-            out.append(e["type"])
-    return out
-
-
 def outputs(call: Any) -> list[Any]:
-    return [
-        json.loads(e["item"]["output"])
-        for e in call.received
-        if e["type"] == "conversation.item.create" and e["item"]["type"] == "function_call_output"
-    ]
+    return list(by_call_id(call).values())
 
 
 async def start(stack: Stack, script: Script) -> Any:
@@ -107,7 +94,7 @@ async def test_tool_raising_cancelled_error_gets_an_output_and_a_response(stack:
     assert outputs(call) == [{"error": "tool_failed", "message": "CancelledError"}]
     ks = kinds(call)
     out = next(i for i, k in enumerate(ks) if k.startswith("output:"))
-    assert ks[out + 1 :] == ["response.create"]  # no dead air: the model is asked to answer
+    assert ks[out + 1 :] == ["create"]  # no dead air: the model is asked to answer
     await stack.sim.hang_up(call)
     summary = await stack.ended(call)
     assert [(t.name, t.outcome) for t in summary.tools] == [("fetch", "error")]
