@@ -543,3 +543,15 @@ def test_calls_announced_on_a_lost_socket() -> None:
         RunTool("c1", "lookup", '{"id":1}')
     ]
     assert m2.timer("orphans") == []
+
+
+def test_code_session_updates_survive_a_reattach() -> None:
+    m = machine()
+    m.start()
+    m.update_session({"instructions": "The caller is Alice, a VIP."})
+    m.update_session({"audio": {"output": {"speed": 1.1}}})
+    again = sends(m.reattached())
+    assert [e["type"] for e in again] == ["session.update"] * 3
+    assert again[0]["session"] == m.config.session  # the base config, then code's updates in order
+    assert again[1]["session"] == {"instructions": "The caller is Alice, a VIP.", "type": "realtime"}
+    assert again[2]["session"] == {"audio": {"output": {"speed": 1.1}}, "type": "realtime"}

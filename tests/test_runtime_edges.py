@@ -272,12 +272,15 @@ class Connector:
         self.sim, self.call_id, self.failures = sim, call_id, failures
         self.attempts = 0
         self.changed = asyncio.Event()
+        self.gate: asyncio.Event | None = None  # when set: failures wait for it (a slow handshake)
 
     async def __call__(self) -> PushConnection:
         self.attempts += 1
         self.changed.set()
         failure = self.failures.pop(0) if self.failures else None
         if failure is not None:
+            if self.gate is not None and not self.failures:
+                await self.gate.wait()
             raise failure
         return await connect_sideband(self.sim.realtime_url, self.call_id, self.sim.api_key)
 
@@ -355,6 +358,30 @@ async def test_a_reattach_that_fails_for_good_hangs_up_at_once(simulator: Simula
     # Not after the 30 s end cap: with no socket there is nothing to wait for.
     assert await asyncio.wait_for(task, 5) == "reattach_failed"
     assert verbs == [("hangup", None)] and connect.attempts == 3
+
+
+async def test_an_attempt_in_flight_when_the_call_ends_backs_off_no_more(simulator: Simulator) -> None:
+    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [])
+    verbs: list[tuple[str, str | None]] = []
+    rt = runtime(connect, verbs, attempts=10, greeting="Say hello.", end_cap=0.1)
+    task = asyncio.create_task(rt.run())
+    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    connect.gate = asyncio.Event()
+    connect.failures.extend(refused(503) for _ in range(3))  # the third waits on the gate
+    await simulator.drop_sideband(call, "abnormal")
+    async with asyncio.timeout(5):
+        while connect.attempts < 4:  # 1 attach + 2 failed re-attaches (backoff 0.2 s, 0.4 s) + 1 in flight
+            connect.changed.clear()
+            await connect.changed.wait()
+    await rt.hangup()  # the call ends while that attempt is in flight (after the 0.1 s end cap)
+    async with asyncio.timeout(5):
+        while rt.machine.closed is None:
+            await asyncio.sleep(0.01)
+    assert rt.machine.closed == "hangup" and verbs == [("hangup", None)]
+    connect.gate.set()  # the attempt fails now, retryably: the next backoff would be 0.8 s
+    assert await asyncio.wait_for(task, 0.5) == "hangup"
+    assert connect.attempts == 4
 
 
 async def test_reattach_stops_as_soon_as_the_call_has_ended(simulator: Simulator) -> None:

@@ -341,7 +341,7 @@ class CallRuntime:
                 self.log.warning(
                     "sideband.connect_failed", status=exc.status, error=str(exc), attempt=attempt
                 )
-                if not exc.retryable:
+                if not exc.retryable or machine.closed is not None:
                     break
                 if attempt < attempts:
                     await self._backoff(delay)

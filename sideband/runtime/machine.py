@@ -210,6 +210,7 @@ class CallMachine:
         "_session_id",
         "_session_ready",
         "_started",
+        "_updates",
         "_want_response",
         "caps",
         "config",
@@ -237,6 +238,7 @@ class CallMachine:
         self._greeted = False
         self._live = False  # our session.update went out (vowel: was confirmed); code may send now
         self._held: tuple[Action, ...] = ()  # sends asked for by code before that
+        self._updates: tuple[Send, ...] = ()  # code's session.updates, replayed after a re-attach
         self._orphans: tuple[str, ...] = ()  # calls announced on a lost socket, their response unfinished
         self._started = False
         self._session_ready = False
@@ -331,6 +333,8 @@ class CallMachine:
 
     def _configure(self) -> list[Action]:
         actions: list[Action] = [Send({"type": "session.update", "session": self.config.session})]
+        if self._live:  # a re-attach: code's later updates stand, so they follow the base config again
+            actions += self._updates
         if self.config.greeting and not self._greeted:
             self._greeted = True
             actions.append(self._create({"instructions": self.config.greeting}, _GREETING))
@@ -479,6 +483,7 @@ class CallMachine:
         if self._closed is not None:
             return []
         send = Send({"type": "session.update", "session": {**fields, "type": "realtime"}})
+        self._updates = (*self._updates, send)
         if not self._live:
             self._held = (*self._held, send)
             return []
