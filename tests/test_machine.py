@@ -555,3 +555,16 @@ def test_code_session_updates_survive_a_reattach() -> None:
     assert again[0]["session"] == m.config.session  # the base config, then code's updates in order
     assert again[1]["session"] == {"instructions": "The caller is Alice, a VIP.", "type": "realtime"}
     assert again[2]["session"] == {"audio": {"output": {"speed": 1.1}}, "type": "realtime"}
+
+
+def test_a_refusal_that_names_no_event_is_taken_for_our_unanswered_create() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c", "t", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    first = sends(m.tool_done("c", "o"))[1]
+    assert types(m.receive(refusal(None))) == []  # the caller's turn is not announced yet
+    m.receive({"type": "response.created", "response": {"id": "r_vad"}})
+    again = sends(m.receive(response_done("r_vad")))
+    assert [e["type"] for e in again] == ["response.create"] and again[0]["event_id"] != first["event_id"]

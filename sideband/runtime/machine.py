@@ -674,10 +674,13 @@ class CallMachine:
         if error.get("type") == "session_timeout":
             return [Notice("sideband.error", fields), *self._close(str(code or "session_timeout"))]
         actions: list[Action] = [Notice("sideband.error", fields)]
-        refused = self._recent_creates.pop(str(error.get("event_id")), None)
+        event_id = error.get("event_id")
+        if event_id is None and code == "conversation_already_has_active_response":
+            event_id = self._create_sent  # the error names no event: only our unanswered create fits
+        refused = self._recent_creates.pop(str(event_id), None)
         if refused is not None:
             # One of our response.create was refused (a response.created we saw may not have been ours).
-            unanswered = self._create_sent == error.get("event_id")
+            unanswered = self._create_sent == event_id
             if unanswered:
                 self._create_sent = None
             if code == "conversation_already_has_active_response":
