@@ -568,3 +568,15 @@ def test_a_refusal_that_names_no_event_is_taken_for_our_unanswered_create() -> N
     m.receive({"type": "response.created", "response": {"id": "r_vad"}})
     again = sends(m.receive(response_done("r_vad")))
     assert [e["type"] for e in again] == ["response.create"] and again[0]["event_id"] != first["event_id"]
+
+
+def test_a_caller_cutting_in_ends_playback_like_its_end() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r1"})
+    m.receive(response_done("r1"))
+    assert not any(isinstance(a, Verb) for a in m.request_end("hangup"))  # the caller still hears it
+    # Barge-in on SIP/WebRTC: the server clears the rest of the audio instead of playing it out.
+    cleared = m.receive({"type": "output_audio_buffer.cleared", "response_id": "r1"})
+    assert Verb("hangup", None) in cleared

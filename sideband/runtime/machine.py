@@ -109,7 +109,8 @@ class Capabilities:
     call_verbs: bool = True
     """hangup/refer exist (OpenAI SIP and WebRTC); otherwise ending means closing the socket."""
     audio_playback_events: bool = True
-    """``output_audio_buffer.started/stopped`` tell when the caller stops hearing the model."""
+    """``output_audio_buffer.started`` / ``stopped`` (played out) / ``cleared`` (the caller cut in) tell when
+    the caller stops hearing the model."""
     responds_to_user_text: bool = False
     """The server starts a response by itself after a user text item (vowel); otherwise we ask for one."""
     resumable: bool = True
@@ -815,6 +816,7 @@ _HANDLERS: Mapping[str, _Handler] = MappingProxyType(
         "input_audio_buffer.dtmf_event_received": CallMachine._on_dtmf,
         "output_audio_buffer.started": CallMachine._on_playback_started,
         "output_audio_buffer.stopped": CallMachine._on_playback_stopped,
+        "output_audio_buffer.cleared": CallMachine._on_playback_stopped,  # the caller cut in
         "error": CallMachine._on_error,
     }
 )
