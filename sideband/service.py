@@ -179,21 +179,22 @@ class Service:
         (if the first one then fails, its claims are released and the redelivery does the work).
         """
         data = call_data(event) if event.type == "realtime.call.incoming" else None
-        call_id = data.call_id if data is not None else None
-        log = self.log.bind(call_id=call_id) if call_id else self.log
         store, ttl = self.store, self.settings.dedup_ttl
         wkey = f"webhook:{webhook_id}"
+        fields: dict[str, Any] = {"webhook_id": webhook_id, "type": event.type}
+        if data is not None:
+            fields["call_id"] = data.call_id
         if not await store.claim(wkey, _PENDING_TTL):
-            return await self._duplicate(wkey, log, webhook_id=webhook_id, type=event.type)
+            return await self._duplicate(wkey, fields)
         if data is None:
             await store.settle(wkey, ttl)
             self.counters["webhook_ignored"] += 1
-            log.info("webhook.ignored", webhook_id=webhook_id, type=event.type)
+            self.log.info("webhook.ignored", **fields)
             return Reply(200, {"status": "ignored"})
         ckey = f"call:{data.call_id}"
         if not await store.claim(ckey, _PENDING_TTL):
             await store.release(wkey)  # this delivery did nothing: a redelivery must not look handled
-            return await self._duplicate(ckey, log, webhook_id=webhook_id, type=event.type)
+            return await self._duplicate(ckey, fields)
         reply: Reply | None = None
         try:
             with structlog.contextvars.bound_contextvars(call_id=data.call_id):
@@ -207,13 +208,13 @@ class Service:
                 await store.release(wkey)
         return reply
 
-    async def _duplicate(self, key: str, log: Any, **fields: Any) -> Reply:
+    async def _duplicate(self, key: str, fields: dict[str, Any]) -> Reply:
         if await self.store.settled(key):
             self.counters["webhook_duplicate"] += 1
-            log.info("webhook.duplicate", **fields)
+            self.log.info("webhook.duplicate", **fields)
             return Reply(200, {"status": "duplicate"})
         self.counters["webhook_in_progress"] += 1
-        log.info("webhook.in_progress", **fields)
+        self.log.info("webhook.in_progress", **fields)
         return Reply(409, {"status": "in_progress"}, {"Retry-After": "2"})
 
     async def _incoming(
