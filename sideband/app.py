@@ -292,9 +292,8 @@ class Sideband:
         if self._route_is_async:
             result = self._route(call)
         else:  # a plain function may block: in a thread, so the route budget still applies
-            run = functools.partial(
-                contextvars.copy_context().run, self._route, call
-            )  # keeps call_id in logs
+            # (in a copy of this context, so what the hook logs still carries the call_id)
+            run = functools.partial(contextvars.copy_context().run, self._route, call)
             result = await asyncio.get_running_loop().run_in_executor(self._route_threads, run)
         if inspect.isawaitable(result):
             result = await result

@@ -93,13 +93,11 @@ async def webhook(request: web.Request) -> web.Response:
         event = WebhookEvent.model_validate_json(body)
     except ValidationError:
         return _refuse(400, "body is not a JSON webhook event")
+    fields = {"webhook_id": webhook_id, "type": event.type, "event_id": event.id}
     call_id = event.data.get("call_id") if isinstance(event.data, dict) else None
     if isinstance(call_id, str) and event.type == "realtime.call.incoming":
-        log.info(
-            "webhook.received", webhook_id=webhook_id, type=event.type, event_id=event.id, call_id=call_id
-        )
-    else:
-        log.info("webhook.received", webhook_id=webhook_id, type=event.type, event_id=event.id)
+        fields["call_id"] = call_id
+    log.info("webhook.received", **fields)
     try:
         reply = await service.handle_webhook(webhook_id, event, received)
     except ValidationError:
