@@ -12,6 +12,10 @@ __all__ = ["NO_ACTIONS", "CallActions", "CallContext", "SipHeader"]
 
 T = TypeVar("T")
 
+_HOP_TIMEOUT = 10.0
+"""Seconds a thread waits for the call's loop to carry out an action (it never waits for the call to end;
+only a loop that stopped meanwhile would leave it waiting): then ``TimeoutError``."""
+
 
 @dataclass(frozen=True, slots=True)
 class SipHeader:
@@ -120,7 +124,7 @@ class CallContext:
     @actions.setter
     def actions(self, actions: CallActions) -> None:
         self._actions = actions
-        self._loop = asyncio._get_running_loop()
+        self._loop = _running_loop()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
@@ -143,7 +147,7 @@ class CallContext:
         loop = self._foreign_loop()
         if loop is None:
             return self._hangup(reason)
-        asyncio.run_coroutine_threadsafe(self._hangup(reason), loop).result()
+        asyncio.run_coroutine_threadsafe(self._hangup(reason), loop).result(_HOP_TIMEOUT)
         return _DONE
 
     async def _hangup(self, reason: str) -> None:
@@ -157,7 +161,7 @@ class CallContext:
         loop = self._foreign_loop()
         if loop is None:
             return self._transfer(target)
-        asyncio.run_coroutine_threadsafe(self._transfer(target), loop).result()
+        asyncio.run_coroutine_threadsafe(self._transfer(target), loop).result(_HOP_TIMEOUT)
         return _DONE
 
     async def _transfer(self, target: str) -> None:
@@ -182,7 +186,7 @@ class CallContext:
     def _foreign_loop(self) -> asyncio.AbstractEventLoop | None:
         """The call's loop when called from another thread while it runs, else ``None`` (call directly)."""
         loop = self._loop
-        if loop is None or asyncio._get_running_loop() is loop or not loop.is_running():
+        if loop is None or _running_loop() is loop or not loop.is_running():
             return None
         return loop
 
@@ -198,4 +202,11 @@ def _call_in(loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> T:
             done.set_exception(exc)
 
     loop.call_soon_threadsafe(run)
-    return done.result()
+    return done.result(_HOP_TIMEOUT)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
