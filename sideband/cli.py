@@ -11,8 +11,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -118,6 +118,18 @@ async def serve(settings: Settings, app: Sideband) -> None:
         log.info("server.stopped")
 
 
+T = TypeVar("T")
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop where it is installed (Linux, macOS), else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop (Windows)
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sideband", description="Business logic beside live voice-AI calls."
@@ -156,18 +168,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             configure_logging(settings.log_format, settings.log_level or "info")
             app = load_app(args.app)
-            asyncio.run(serve(settings, app))
+            _run(serve(settings, app))
             return 0
         if args.command == "demo":
             from sideband.demo import run_demo
 
-            return asyncio.run(run_demo(load_app(args.app) if args.app else None, calls=args.calls))
+            return _run(run_demo(load_app(args.app) if args.app else None, calls=args.calls))
         if args.command == "dial":
             from sideband.vowel.dial import REQUIRED_SETTINGS, run_dial
 
             settings = load_settings(require=REQUIRED_SETTINGS)
             configure_logging(settings.log_format, settings.log_level or "warning", stream=sys.stderr)
-            return asyncio.run(run_dial(settings, load_app(args.app), args.say))
+            return _run(run_dial(settings, load_app(args.app), args.say))
     except (SettingsError, CliError) as exc:
         print(f"sideband: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,16 @@ __all__ = ["configure_logging"]
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class _Shared:
+    """A logger factory that hands out the same logger every time."""
+
+    def __init__(self, logger: structlog.PrintLogger) -> None:
+        self._logger = logger
+
+    def __call__(self, *args: Any) -> structlog.PrintLogger:
+        return self._logger
+
+
 def configure_logging(
     fmt: Literal["json", "console"] | None = None,
     level: str = "info",
@@ -38,6 +48,8 @@ def configure_logging(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One logger for the process: structlog's factory would build one (and look up its file lock)
+        # on every call of a module-level logger.
+        logger_factory=_Shared(structlog.PrintLogger(out)),
         cache_logger_on_first_use=False,
     )
