@@ -102,6 +102,7 @@ async def serve(settings: Settings, app: Sideband) -> None:
         app=app.name,
         tools=app.tools.names(),
         openai_base_url=settings.openai_base_url,
+        event_loop=type(loop).__module__.partition(".")[0],  # uvloop, or asyncio where it is missing
     )
     try:
         await stop.wait()

@@ -106,6 +106,7 @@ async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> 
     try:
         started = await read_until(proc.stdout, "server.started", lines)
         assert started["tools"] == ["opening_hours"]
+        assert started["event_loop"] == "uvloop"
         call = simulator.create_call(
             Script(
                 [
