@@ -462,3 +462,25 @@ async def test_hangup_verb_is_retried_after_a_server_error(stack: Stack) -> None
     assert call.end_reason == "hangup_verb"
     assert sum(1 for r in stack.sim.requests if r.path.endswith("/hangup")) == 3
     assert (await ended(stack, call)).reason == "hangup"
+
+
+async def test_frames_only_pythons_json_parser_reads_are_still_events(stack: Stack) -> None:
+    """A NaN or an integer over 64 bits is outside strict JSON; the frame is still handled, not dropped."""
+    digits: list[str] = []
+    got = asyncio.Event()
+
+    def on_dtmf(ctx: CallContext, digit: str) -> None:
+        digits.append(digit)
+        if len(digits) == 2:
+            got.set()
+
+    stack.app.on_dtmf(on_dtmf)
+    call = await start(stack, Script([HELLO, pause(30), caller_hangs_up()]))
+    await call.wait_received("session.update")
+    # The simulator writes NaN as Python's json module does; 2**70 is valid JSON but not a 64-bit integer.
+    await call._send("input_audio_buffer.dtmf_event_received", event="4", received_at=float("nan"))
+    await call._send("input_audio_buffer.dtmf_event_received", event="2", received_at=2**70)
+    await asyncio.wait_for(got.wait(), 10)
+    stack.sim.hang_up(call)
+    summary = await ended(stack, call)
+    assert digits == ["4", "2"] and summary.dtmf == "42"

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import structlog
 from websockets.exceptions import ConnectionClosed
 
@@ -195,7 +196,7 @@ class CallRuntime:
         self._log_args = log_tool_arguments
         self._log_fields = dict(log_fields or {})
         self._ws: PushConnection | None = None
-        self._outbox: list[str] = []  # a few frames at most; a deque would cost 760 bytes per call
+        self._outbox: list[bytes] = []  # JSON text frames, a few at most (a deque: 760 bytes per call)
         self._flushing = False
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._side_tasks: set[asyncio.Task[Any]] = set()
@@ -408,10 +409,13 @@ class CallRuntime:
         if etype is not None and etype not in _HANDLED:
             return False  # deltas and other events the machine ignores: not worth decoding
         try:
-            event = json.loads(message)
-        except ValueError:
-            self.log.warning("sideband.bad_frame", size=len(message))
-            return False
+            event = orjson.loads(message)
+        except orjson.JSONDecodeError:
+            try:  # NaN, integers over 64 bits, lone surrogates: still JSON to Python's own parser
+                event = json.loads(message)
+            except ValueError:
+                self.log.warning("sideband.bad_frame", size=len(message))
+                return False
         if not isinstance(event, dict):
             return False
         actions = self.machine.receive(event)
@@ -423,7 +427,7 @@ class CallRuntime:
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                self._outbox.append(json.dumps(action.event, separators=(",", ":")))
+                self._outbox.append(orjson.dumps(action.event))
             elif isinstance(action, RunTool):
                 self._tool_tasks[action.call_id] = asyncio.create_task(
                     self._run_tool(action.call_id, action.name, action.arguments),
@@ -488,9 +492,9 @@ class CallRuntime:
         ws = self._ws
         try:
             while self._outbox:
-                text = self._outbox[0]
+                frame = self._outbox[0]
                 try:
-                    await ws.send(text)
+                    await ws.send(frame, text=True)
                 except ConnectionClosed:
                     return  # kept in the outbox for a re-attached socket
                 del self._outbox[0]

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 from websockets.exceptions import InvalidStatus
 
 from sideband.upstream._ws import PushConnection, open_socket, ws_url
@@ -49,6 +50,7 @@ class CallControl:
         self._http = http
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
 
     async def _post(
         self, path: str, body: dict[str, Any] | None, timeout: float, call_id: str | None = None
@@ -56,8 +58,8 @@ class CallControl:
         try:
             async with self._http.post(
                 self._base + path,
-                json=body,
-                headers=self._headers,
+                data=None if body is None else orjson.dumps(body),
+                headers=self._headers if body is None else self._json_headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,
             ) as resp:
