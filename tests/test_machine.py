@@ -580,3 +580,35 @@ def test_a_caller_cutting_in_ends_playback_like_its_end() -> None:
     # Barge-in on SIP/WebRTC: the server clears the rest of the audio instead of playing it out.
     cleared = m.receive({"type": "output_audio_buffer.cleared", "response_id": "r1"})
     assert Verb("hangup", None) in cleared
+
+
+def test_unacknowledged_outputs_are_sent_again_after_a_reattach() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "t", "{}", resp="r1"))
+    feed(m, call_events("c2", "t", '{"n":2}', resp="r1"))
+    m.receive(response_done("r1"))
+    m.tool_done("c1", "one")
+    m.tool_done("c2", "two")
+    assert m.awaiting_acks and [e["item"]["call_id"] for e in m.unacked_outputs()] == ["c1", "c2"]
+    # c1's output is acknowledged (an item event for something else changes nothing); c2's is not
+    m.receive({"type": "conversation.item.added", "item": {"type": "message", "id": "i0"}})
+    m.receive({"type": "conversation.item.added", "item": {"type": "function_call_output", "call_id": "c1"}})
+    assert [e["item"]["call_id"] for e in m.unacked_outputs()] == ["c2"]
+    back = m.reattached()
+    assert types(back) == ["session.update", "conversation.item.create", "response.create"]
+    assert sends(back)[1]["item"] == {"type": "function_call_output", "call_id": "c2", "output": "two"}
+    m.receive({"type": "conversation.item.done", "item": {"type": "function_call_output", "call_id": "c2"}})
+    assert not m.awaiting_acks and m.unacked_outputs() == []
+    assert types(m.reattached()) == ["session.update"]  # nothing left to send again
+
+
+def test_outputs_are_not_kept_when_the_session_cannot_be_resumed() -> None:
+    m = CallMachine(MachineConfig(session=SESSION), Capabilities(resumable=False))
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "t", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    assert types(m.tool_done("c1", "one")) == ["conversation.item.create", "response.create"]
+    assert not m.awaiting_acks

@@ -400,3 +400,98 @@ async def test_reattach_stops_as_soon_as_the_call_has_ended(simulator: Simulator
     await rt.hangup()
     assert await asyncio.wait_for(task, 1.0) == "hangup"  # not after 20 attempts
     assert verbs == [("hangup", None)] and connect.attempts == 2
+
+
+# ----------------------------------------------------------------------------- silently dead socket
+async def test_outputs_lost_in_a_silently_dead_socket_are_sent_again(simulator: Simulator) -> None:
+    """The path dies without a close while a tool runs: its output is written into the dead socket and
+    lost. The keepalive notices, the call re-attaches, and the unacknowledged output goes out again
+    (once), followed by one response.create: the model answers instead of leaving the caller in silence."""
+    started, release = asyncio.Event(), asyncio.Event()
+    tools = ToolRegistry()
+
+    async def slow() -> str:
+        started.set()
+        await asyncio.wait_for(release.wait(), 5)
+        return "after the outage"
+
+    tools.add(slow)
+    call = simulator.create_call(
+        Script([caller_says("go"), model_calls("slow", {}), model_says("Done."), caller_hangs_up()]),
+        accept_body={"type": "realtime"},
+    )
+    with capture_logs() as logs:
+        rt = CallRuntime(
+            machine=CallMachine(MachineConfig(session={"type": "realtime", "instructions": "x"})),
+            ctx=CallContext(call.call_id),
+            tools=tools,
+            connect=Connector(simulator, call.call_id, []),
+            hooks=CallHooks(),
+            reattach_attempts=2,
+            ping_interval=0.2,
+        )
+        run = asyncio.ensure_future(rt.run())
+        await asyncio.wait_for(started.wait(), 5)
+        await simulator.drop_sideband(call, "unreachable")
+        release.set()  # the output is written into the dead socket
+        assert await asyncio.wait_for(run, 10) == "remote_closed"
+    assert call.sideband_connects == 2
+    sent = [e["item"]["output"] for e in call.received if e["type"] == "conversation.item.create"]
+    assert sent == ["after the outage"]  # the copy written into the dead socket never arrived
+    # on the new socket: the session config, the output again, one response.create
+    assert [e["type"] for e in call.received][-3:] == [
+        "session.update",
+        "conversation.item.create",
+        "response.create",
+    ]
+    assert [e["event"] for e in logs if e["event"].startswith("sideband.")] == [
+        "sideband.attached",
+        "sideband.ready",
+        "sideband.keepalive_timeout",
+        "sideband.lost",
+        "sideband.reattached",
+        "sideband.ready",
+    ]
+    assert [t.name for t in rt.summary.tools] == ["slow"] and not call.script_error
+
+
+async def test_an_output_queued_while_detached_goes_out_once_after_the_reattach(simulator: Simulator) -> None:
+    started, release, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    tools = ToolRegistry()
+
+    async def slow() -> str:
+        started.set()
+        await asyncio.wait_for(release.wait(), 5)
+        return "queued"
+
+    tools.add(slow)
+    call = simulator.create_call(
+        Script([caller_says("go"), model_calls("slow", {}), model_says("Done."), caller_hangs_up()]),
+        accept_body={"type": "realtime"},
+    )
+    # the re-attach is held up (then refused once) until the tool has finished
+    connect = Connector(simulator, call.call_id, [None, SidebandRefused("sideband refused with 503", 503)])
+    connect.gate = asyncio.Event()
+    hooks = CallHooks()
+    hooks.on_tool.append(lambda ctx, record: finished.set())
+    rt = CallRuntime(
+        machine=CallMachine(MachineConfig(session={"type": "realtime", "instructions": "x"})),
+        ctx=CallContext(call.call_id),
+        tools=tools,
+        connect=connect,
+        hooks=hooks,
+        reattach_attempts=3,
+        ping_interval=None,
+    )
+    run = asyncio.ensure_future(rt.run())
+    await asyncio.wait_for(started.wait(), 5)
+    connect.changed.clear()
+    await simulator.drop_sideband(call, "abnormal")
+    await asyncio.wait_for(connect.changed.wait(), 5)  # the re-attach has begun
+    release.set()
+    await asyncio.wait_for(finished.wait(), 5)  # its output waits in the outbox: no socket to write to
+    connect.gate.set()
+    assert await asyncio.wait_for(run, 10) == "remote_closed"
+    assert connect.attempts == 3 and call.sideband_connects == 2
+    outs = [e["item"]["output"] for e in call.received if e["type"] == "conversation.item.create"]
+    assert outs == ["queued"]

@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.runtime.machine import (
+    ACK_TYPES,
     HANDLED_TYPES,
     Action,
     CallMachine,
@@ -51,6 +52,7 @@ VerbCall = Callable[[str, str | None], Awaitable[None]]
 
 _CLEAN_CLOSES = frozenset({1000, 1001})
 _HANDLED = frozenset(t.encode() for t in HANDLED_TYPES)
+_ACKS = frozenset(t.encode() for t in ACK_TYPES)
 _KEEPALIVE = "\x00keepalive"  # a driver timer name no machine timer can take
 
 HOOK_GRACE = 2.0
@@ -318,6 +320,10 @@ class CallRuntime:
             if reopened is None:
                 return
             ws = reopened
+            # The machine sends unacknowledged outputs again: drop the copies still waiting here.
+            resent = {orjson.dumps(event) for event in self.machine.unacked_outputs()}
+            if resent:
+                self._outbox = [frame for frame in self._outbox if frame not in resent]
             self._apply(self.machine.reattached())
 
     async def _open(self, *, first: bool) -> PushConnection | None:
@@ -406,8 +412,13 @@ class CallRuntime:
         nor the event stays referenced afterwards (while a call idles, the last one is often the whole
         session echo)."""
         etype = _leading_type(message)
-        if etype is not None and etype not in _HANDLED:
-            return False  # deltas and other events the machine ignores: not worth decoding
+        if (
+            etype is not None
+            and etype not in _HANDLED
+            and not (etype in _ACKS and self.machine.awaiting_acks)
+        ):
+            # Deltas and other events the machine ignores; acknowledgements while no output awaits one.
+            return False
         try:
             event = orjson.loads(message)
         except orjson.JSONDecodeError:

@@ -211,6 +211,7 @@ class CallMachine:
         "_session_id",
         "_session_ready",
         "_started",
+        "_unacked",
         "_updates",
         "_want_response",
         "caps",
@@ -241,6 +242,8 @@ class CallMachine:
         self._held: tuple[Action, ...] = ()  # sends asked for by code before that
         self._updates: tuple[Send, ...] = ()  # code's session.updates, replayed after a re-attach
         self._orphans: tuple[str, ...] = ()  # calls announced on a lost socket, their response unfinished
+        # call_id → our function_call_output the server has not acknowledged yet (None when empty)
+        self._unacked: dict[str, dict[str, Any]] | None = None
         self._started = False
         self._session_ready = False
         self._session_id: str | None = None
@@ -286,6 +289,16 @@ class CallMachine:
             or (bool(self._queued_say) and self._end is None)
         )
 
+    @property
+    def awaiting_acks(self) -> bool:
+        """Some of our tool outputs are not acknowledged yet (drivers must then decode ``ACK_TYPES``)."""
+        return self._unacked is not None
+
+    def unacked_outputs(self) -> list[dict[str, Any]]:
+        """Our ``function_call_output`` items the server has not acknowledged, oldest first (the same
+        objects :meth:`reattached` sends again)."""
+        return list(self._unacked.values()) if self._unacked else []
+
     def tool_name(self, call_id: str) -> str:
         """The name of tool call ``call_id`` (empty if unknown)."""
         call = self._calls.get(call_id)
@@ -319,6 +332,11 @@ class CallMachine:
         self._create_sent = None
         self._playing = False
         actions = self._attached()
+        if self._unacked:
+            # Written to a socket that died before the server acknowledged them (a silently dead
+            # connection swallows what is written to it): send them again, then ask for the answer.
+            actions += [Send(event) for event in self._unacked.values()]
+            self._want_response = True
         orphans = tuple(c.call_id for c in self._calls.values() if c.state == "pending")
         self._orphans = orphans
         if orphans:
@@ -365,7 +383,7 @@ class CallMachine:
             return []
         call.state = "answered"
         self._running -= 1
-        actions: list[Action] = [CancelTimer(_FILLER + call_id), Send(_output(call_id, output))]
+        actions: list[Action] = [CancelTimer(_FILLER + call_id), self._output(call_id, output)]
         if self._running == 0:
             self._want_response = True
             self._filler_spoken = False
@@ -607,7 +625,7 @@ class CallMachine:
                 Notice(
                     "tool.loop_breaker", {"tool_call_id": call.call_id, "tool": call.name, "detail": breach}
                 ),
-                Send(_output(call.call_id, out)),
+                self._output(call.call_id, out),
             ]
         call.state = "running"
         self._running += 1
@@ -694,7 +712,23 @@ class CallMachine:
             actions += self._progress()
         return actions
 
+    def _on_item_ack(self, event: dict[str, Any]) -> list[Action]:
+        item = event.get("item")
+        if self._unacked and isinstance(item, dict) and item.get("type") == "function_call_output":
+            self._unacked.pop(str(item.get("call_id")), None)
+            if not self._unacked:
+                self._unacked = None
+        return []
+
     # ------------------------------------------------------------------------------ decisions
+    def _output(self, call_id: str, output: str) -> Send:
+        event = _output(call_id, output)
+        if self.caps.resumable:  # kept to be sent again after a re-attach
+            if self._unacked is None:
+                self._unacked = {}
+            self._unacked[call_id] = event
+        return Send(event)
+
     def _create(self, response: dict[str, Any] | None = None, tag: str | None = None) -> Send:
         self._seq += 1
         event_id = f"sb_create_{self._seq}"
@@ -749,7 +783,7 @@ class CallMachine:
                 continue
             call.state = "answered"
             actions.append(Notice("tool.interrupted", {"tool_call_id": call_id, "tool": call.name}))
-            actions.append(Send(_output(call_id, _INTERRUPTED)))
+            actions.append(self._output(call_id, _INTERRUPTED))
         self._orphans = ()
         if not actions:
             return []
@@ -818,7 +852,12 @@ _HANDLERS: Mapping[str, _Handler] = MappingProxyType(
         "output_audio_buffer.stopped": CallMachine._on_playback_stopped,
         "output_audio_buffer.cleared": CallMachine._on_playback_stopped,  # the caller cut in
         "error": CallMachine._on_error,
+        "conversation.item.added": CallMachine._on_item_ack,
+        "conversation.item.done": CallMachine._on_item_ack,
+        "conversation.item.created": CallMachine._on_item_ack,  # the beta name, from older servers
     }
 )
-HANDLED_TYPES = frozenset(_HANDLERS)
+ACK_TYPES = frozenset({"conversation.item.added", "conversation.item.done", "conversation.item.created"})
+"""Events that acknowledge our tool outputs: worth decoding only while :attr:`CallMachine.awaiting_acks`."""
+HANDLED_TYPES = frozenset(_HANDLERS) - ACK_TYPES
 """Server event types a :class:`CallMachine` acts on; drivers may skip decoding any other."""

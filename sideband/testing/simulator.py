@@ -720,6 +720,7 @@ class SimCall:
         self._session_id = "sess_" + call_id.removeprefix("rtc_")
         self._conversation_id = sim._new_id("conv_")
         self._sockets: list[_Attachment] = []
+        self._unreachable: list[_Attachment] = []  # dropped by drop_sideband(..., "unreachable")
         self._attached = asyncio.Event()
         self._first_event = asyncio.Event()
         self._ended = asyncio.Event()
@@ -981,6 +982,19 @@ class SimCall:
 
     async def _close_sockets(self, mode: str) -> None:
         attachments = list(self._sockets)
+        if mode == "unreachable":
+            # The path to the controller dies without a word: nothing more is read from these sockets
+            # (frames and pings written to them are lost), nothing more is sent on them.
+            for attachment in attachments:
+                if attachment.transport is not None:
+                    attachment.transport.pause_reading()
+                self._unreachable.append(attachment)
+                self._detach(attachment)
+            return
+        for attachment in self._unreachable:  # the call ends: free what the lost path left behind
+            if attachment.transport is not None:
+                attachment.transport.abort()
+        self._unreachable.clear()
         if mode == "silent" or not attachments:
             return
         if mode == "abnormal":
@@ -1896,6 +1910,9 @@ class Simulator:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        for attachment in (a for call in self.calls.values() for a in call._unreachable):
+            if attachment.transport is not None:
+                attachment.transport.abort()
         attachments = [a for call in self.calls.values() for a in call._sockets]
         await asyncio.gather(*(SimCall._close_one(a, 1001) for a in attachments), return_exceptions=True)
         if self._runner is not None:
@@ -2135,9 +2152,14 @@ class Simulator:
         return self._spawn(call._end("caller_hangup", mode))
 
     def drop_sideband(
-        self, call: SimCall, mode: Literal["abnormal", "clean", "going_away"] = "abnormal"
+        self, call: SimCall, mode: Literal["abnormal", "clean", "going_away", "unreachable"] = "abnormal"
     ) -> asyncio.Task[None]:
-        """Close the call's sideband socket(s) *without* ending the call (the controller should re-attach)."""
+        """Lose the call's sideband socket(s) *without* ending the call (the controller should re-attach).
+
+        ``"abnormal"`` drops the TCP connection, ``"clean"`` / ``"going_away"`` close with 1000 / 1001, and
+        ``"unreachable"`` keeps the connection open but silent both ways: what the controller writes is
+        never read (lost, like on a dead network path) and pings go unanswered, so only the controller's
+        own keepalive can tell."""
         return self._spawn(call._close_sockets(mode))
 
     # ------------------------------------------------------------------------------------ HTTP
