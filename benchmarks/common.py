@@ -165,7 +165,7 @@ def machine() -> dict[str, object]:
     except OSError:
         pass
     versions = {}
-    for package in ("aiohttp", "websockets", "standardwebhooks", "pydantic", "structlog"):
+    for package in ("aiohttp", "websockets", "uvloop", "orjson", "standardwebhooks", "pydantic", "structlog"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

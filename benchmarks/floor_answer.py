@@ -24,6 +24,7 @@ import os
 import signal
 
 import aiohttp
+import uvloop
 from aiohttp import web
 from standardwebhooks import Webhook
 from websockets.asyncio.client import connect
@@ -124,7 +125,7 @@ def main() -> None:
     parser.add_argument("--base-url", required=True, help="REST base of the (simulated) OpenAI API")
     parser.add_argument("--attach", action="store_true", help="also attach the sideband (session.update)")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.base_url, args.attach))
+    uvloop.run(serve(args.port, args.base_url, args.attach))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 
+import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -115,7 +116,7 @@ def main() -> None:
     parser.add_argument("--compression", action="store_true", help="offer permessage-deflate")
     args = parser.parse_args()
     raise_nofile()
-    asyncio.run(main_async(args))
+    uvloop.run(main_async(args))
 
 
 if __name__ == "__main__":

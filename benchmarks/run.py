@@ -15,6 +15,8 @@ Processes (all on 127.0.0.1):
   and the sender's never slow each other down;
 - for tool rounds, the raw floor client ``benchmarks/floor_tools.py`` in its own subprocess.
 
+Every process runs on uvloop, the event loop ``sideband serve`` uses, so the floors share it.
+
 Results: printed tables, ``benchmarks/results/latest.json`` and ``benchmarks/results/latest.md``.
 """
 
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import uvloop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -844,13 +847,15 @@ def markdown(results: dict[str, Any], cfg: Config) -> str:
         "",
         f"`./dev bench{' --quick' if cfg.quick else ''}` on {m['nproc']} cores ({m['cpu_model']}), "
         f"{m['memory_gib']} GiB, Linux {m['kernel']}, {m['implementation']} {m['python']} "
-        f"(aiohttp {m['packages']['aiohttp']}, websockets {m['packages']['websockets']}); "
+        f"(aiohttp {m['packages']['aiohttp']}, websockets {m['packages']['websockets']}, "
+        f"uvloop {m['packages'].get('uvloop', '-')}, orjson {m['packages'].get('orjson', '-')}); "
         f"everything on 127.0.0.1; code at `{results['code']}`; {results['duration_s']:.0f} s in all. "
         "The server under test runs in its own process (`sideband serve benchmarks.bench_app:app`: one "
         "trivial "
         "tool, no greeting, `SIDEBAND_LOG_LEVEL=warning`). The OpenAI simulator (`sideband.testing`, its "
         "own timestamps and on-demand function calls) runs in the runner's process; the paced webhook "
-        "sender and the floor clients run in processes of their own. Server CPU comes from `/proc/<pid>`, "
+        "sender and the floor clients run in processes of their own. Every process runs on uvloop, as "
+        "`sideband serve` does, so the floors share its event loop. Server CPU comes from `/proc/<pid>`, "
         "RSS is `VmRSS`. Rates are open loop (a wall-clock schedule, not one request after another).",
         "",
     ]
@@ -1119,7 +1124,7 @@ def main() -> None:
     if limit < 4 * max(cfg.tool_counts) + 256:
         cfg.notes.append(f"RLIMIT_NOFILE is only {limit}: the 1,000-call rows may fail.")
     os.makedirs(RESULTS, exist_ok=True)
-    results = asyncio.run(main_async(cfg, args.only))
+    results = uvloop.run(main_async(cfg, args.only))
     md = markdown(results, cfg)
     with open(os.path.join(RESULTS, "latest.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -24,6 +24,7 @@ import uuid
 from typing import Any
 
 import aiohttp
+import uvloop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     raise_nofile()
     gc.disable()  # a load generator: no collector pauses inside a schedule (collected between phases)
-    asyncio.run(run(args))
+    uvloop.run(run(args))
 
 
 if __name__ == "__main__":
