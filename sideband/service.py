@@ -132,7 +132,7 @@ class Service:
         self._configs: dict[int, tuple[CallPlan, MachineConfig]] = {}
         self._proxy: str | None = None
         self._control: CallControl | None = None
-        self.log = structlog.get_logger(component="sideband.service")
+        self.log = structlog.get_logger(component="sideband.service").bind()  # bound once, not per call
 
     # ----------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -196,10 +196,11 @@ class Service:
             await store.release(wkey)  # this delivery did nothing: a redelivery must not look handled
             return await self._duplicate(ckey, fields)
         reply: Reply | None = None
+        tokens = structlog.contextvars.bind_contextvars(call_id=data.call_id)
         try:
-            with structlog.contextvars.bound_contextvars(call_id=data.call_id):
-                reply = await self._incoming(webhook_id, data, event, received)
+            reply = await self._incoming(webhook_id, data, event, received)
         finally:
+            structlog.contextvars.reset_contextvars(**tokens)
             if reply is not None and reply.status < 500:
                 await store.settle(ckey, ttl)
                 await store.settle(wkey, ttl)

@@ -6,11 +6,13 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import orjson
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from pydantic import ValidationError
+from structlog.typing import FilteringBoundLogger
 
 from sideband.app import Sideband
 from sideband.edge.verify import VerificationError, Verifier
@@ -27,10 +29,15 @@ _VERIFIER = web.AppKey("sideband.verifier", Verifier)
 _MAX_SDP = 64 * 1024
 
 log = structlog.get_logger(component="sideband.edge")
+_LOG = web.AppKey("sideband.log", FilteringBoundLogger)
+"""The same logger, bound once per app: a module-level proxy builds a logger on every call (the hot path
+uses this one)."""
 
 
 def _json(status: int, body: dict[str, object], headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(body, status=status, headers=headers)
+    return web.Response(
+        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
 
 
 def _reply(reply: Reply) -> web.Response:
@@ -97,7 +104,7 @@ async def webhook(request: web.Request) -> web.Response:
     call_id = event.data.get("call_id") if isinstance(event.data, dict) else None
     if isinstance(call_id, str) and event.type == "realtime.call.incoming":
         fields["call_id"] = call_id
-    log.info("webhook.received", **fields)
+    request.app[_LOG].info("webhook.received", **fields)
     try:
         reply = await service.handle_webhook(webhook_id, event, received)
     except ValidationError:
@@ -217,6 +224,7 @@ def create_app(
     web_app = web.Application(middlewares=[_errors], client_max_size=max(settings.webhook_max_body, _MAX_SDP))
     svc = service or Service(settings, app, store=store)
     web_app[SERVICE] = svc
+    web_app[_LOG] = log.bind()
     web_app[_VERIFIER] = Verifier(
         settings.openai_webhook_secret.get_secret_value(), settings.webhook_tolerance
     )
