@@ -385,10 +385,11 @@ def test_driver_reads_the_leading_type_without_decoding() -> None:
     assert _leading_type(b'{"type": "session.updated", "session": {}}') == b"session.updated"
     assert _leading_type(b'{"event_id":"e","type":"error"}') is None  # not first: decoded normally
     assert _leading_type(b'{"type":') is None and _leading_type(b"") is None
+    assert _leading_type(b'{"type":"session\\u002eupdated"}') is None  # an escape: decoded normally
     assert "response.done" in HANDLED_TYPES and "response.output_audio_transcript.delta" not in HANDLED_TYPES
 
 
-# --------------------------------------------------------------------------- review fixes (issue 3)
+# ------------------------------------------------------------------------------------ edge cases
 def refusal(event_id: Any) -> dict[str, Any]:
     return {
         "type": "error",

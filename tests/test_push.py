@@ -158,3 +158,27 @@ async def test_a_live_socket_keeps_nothing_of_the_handshake_headers(peer: Any) -
         assert list(ws.response.headers.raw_items()) == []
     finally:
         await ws.close()
+
+
+async def test_send_now_writes_text_frames_in_order_or_nothing(peer: Any) -> None:
+    got: list[str | bytes] = []
+    three = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        async for message in ws:
+            got.append(message)
+            if len(got) == 3:
+                three.set()
+
+    ws = await connect(await peer(handler))
+    try:
+        assert ws.send_now([b'{"n":1}', '{"n":"\u00e9"}'.encode()])
+        ws.paused = True  # the write buffer is full: nothing is written, the caller waits in send()
+        assert not ws.send_now([b'{"n":"held"}'])
+        ws.paused = False
+        assert ws.send_now([b'{"n":3}'])
+        await asyncio.wait_for(three.wait(), 5)
+        assert got == ['{"n":1}', '{"n":"\u00e9"}', '{"n":3}']  # str: they arrived as text frames
+    finally:
+        await ws.close()
+    assert not ws.send_now([b'{"n":4}'])  # closed: nothing written, nothing raised

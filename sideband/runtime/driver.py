@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -502,6 +503,9 @@ class CallRuntime:
         self._flushing = True
         ws = self._ws
         try:
+            if ws.send_now(self._outbox):
+                self._outbox.clear()
+                return
             while self._outbox:
                 frame = self._outbox[0]
                 try:
@@ -711,13 +715,13 @@ def _retrieve(future: asyncio.Future[float]) -> None:
         future.exception()
 
 
+_TYPE_FIRST = re.compile(rb'\{"type": ?"([^"\\]+)"')
+
+
 def _leading_type(message: bytes) -> bytes | None:
     """The event type when the frame starts with it (OpenAI and vowel put ``type`` first), else None."""
-    if not message.startswith(b'{"type":'):
-        return None
-    start = 9 if message[8:9] == b'"' else 10 if message[8:10] == b' "' else 0
-    end = message.find(b'"', start) if start else -1
-    return message[start:end] if end > 0 else None
+    match = _TYPE_FIRST.match(message)
+    return match.group(1) if match is not None else None
 
 
 class CallRegistry:
