@@ -591,18 +591,33 @@ def test_unacknowledged_outputs_are_sent_again_after_a_reattach() -> None:
     feed(m, call_events("c2", "t", '{"n":2}', resp="r1"))
     m.receive(response_done("r1"))
     m.tool_done("c1", "one")
-    m.tool_done("c2", "two")
-    assert m.awaiting_acks and [e["item"]["call_id"] for e in m.unacked_outputs()] == ["c1", "c2"]
+    create = sends(m.tool_done("c2", "two"))[-1]
+    assert m.awaiting_acks
+    replaced = m.replaced_on_reattach()  # both outputs, and the create that answers them
+    assert [e["item"]["call_id"] for e in replaced[:2]] == ["c1", "c2"] and replaced[2] == create
     # c1's output is acknowledged (an item event for something else changes nothing); c2's is not
     m.receive({"type": "conversation.item.added", "item": {"type": "message", "id": "i0"}})
     m.receive({"type": "conversation.item.added", "item": {"type": "function_call_output", "call_id": "c1"}})
-    assert [e["item"]["call_id"] for e in m.unacked_outputs()] == ["c2"]
+    assert [e.get("item", {}).get("call_id") for e in m.replaced_on_reattach()] == ["c2", None]
     back = m.reattached()
     assert types(back) == ["session.update", "conversation.item.create", "response.create"]
     assert sends(back)[1]["item"] == {"type": "function_call_output", "call_id": "c2", "output": "two"}
+    assert sends(back)[2]["event_id"] != create["event_id"]
     m.receive({"type": "conversation.item.done", "item": {"type": "function_call_output", "call_id": "c2"}})
-    assert not m.awaiting_acks and m.unacked_outputs() == []
+    assert not m.awaiting_acks and m.replaced_on_reattach() == []
     assert types(m.reattached()) == ["session.update"]  # nothing left to send again
+    # a create with instructions (a say(), a filler) is never replaced: it is not the outputs' answer
+    m2 = machine()
+    m2.start()
+    m2.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m2, call_events("c1", "t", "{}", resp="r1"))
+    m2.receive(response_done("r1"))
+    m2.tool_done("c1", "one")
+    m2.receive({"type": "response.created", "response": {"id": "r2"}})
+    m2.receive(response_done("r2"))
+    said = sends(m2.say("Mention the sale."))[0]
+    assert said["response"] == {"instructions": "Mention the sale."}
+    assert [e["type"] for e in m2.replaced_on_reattach()] == ["conversation.item.create"]
 
 
 def test_outputs_are_not_kept_when_the_session_cannot_be_resumed() -> None:

@@ -495,3 +495,11 @@ async def test_an_output_queued_while_detached_goes_out_once_after_the_reattach(
     assert connect.attempts == 3 and call.sideband_connects == 2
     outs = [e["item"]["output"] for e in call.received if e["type"] == "conversation.item.create"]
     assert outs == ["queued"]
+    # on the new socket: the session config, the output, one response.create (the one queued with the
+    # output is replaced, not sent ahead of it)
+    assert [e["type"] for e in call.received][-3:] == [
+        "session.update",
+        "conversation.item.create",
+        "response.create",
+    ]
+    assert [e["type"] for e in call.received].count("response.create") == 1

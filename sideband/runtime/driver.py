@@ -321,8 +321,9 @@ class CallRuntime:
             if reopened is None:
                 return
             ws = reopened
-            # The machine sends unacknowledged outputs again: drop the copies still waiting here.
-            resent = {orjson.dumps(event) for event in self.machine.unacked_outputs()}
+            # The machine sends unacknowledged outputs again (and a fresh create after them): drop the
+            # copies still waiting here.
+            resent = {orjson.dumps(event) for event in self.machine.replaced_on_reattach()}
             if resent:
                 self._outbox = [frame for frame in self._outbox if frame not in resent]
             self._apply(self.machine.reattached())

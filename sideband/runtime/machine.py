@@ -294,10 +294,18 @@ class CallMachine:
         """Some of our tool outputs are not acknowledged yet (drivers must then decode ``ACK_TYPES``)."""
         return self._unacked is not None
 
-    def unacked_outputs(self) -> list[dict[str, Any]]:
-        """Our ``function_call_output`` items the server has not acknowledged, oldest first (the same
-        objects :meth:`reattached` sends again)."""
-        return list(self._unacked.values()) if self._unacked else []
+    def replaced_on_reattach(self) -> list[dict[str, Any]]:
+        """What :meth:`reattached` sends again or replaces: our ``function_call_output`` items the server
+        has not acknowledged and, with them, our unanswered plain ``response.create`` (a fresh one follows
+        the outputs). A driver drops the copies of these it has not written yet, so nothing goes twice and
+        no create goes ahead of the outputs it answers."""
+        if not self._unacked:
+            return []
+        events = list(self._unacked.values())
+        pending = self._create_sent
+        if pending is not None and self._recent_creates.get(pending) == ({}, None):
+            events.append({"type": "response.create", "event_id": pending})
+        return events
 
     def tool_name(self, call_id: str) -> str:
         """The name of tool call ``call_id`` (empty if unknown)."""
