@@ -218,7 +218,9 @@ def create_app(
     store: ClaimStore | None = None,
     service: Service | None = None,
 ) -> web.Application:
-    """The aiohttp application serving ``app`` with ``settings`` (see README for the routes)."""
+    """The aiohttp application serving ``app`` with ``settings`` (see README for the routes).
+
+    Configure structlog first (``sideband serve`` does): the app binds its loggers once, here."""
     if settings.openai_webhook_secret is None:
         raise SettingsError("OPENAI_WEBHOOK_SECRET is not set")
     web_app = web.Application(middlewares=[_errors], client_max_size=max(settings.webhook_max_body, _MAX_SDP))
