@@ -484,3 +484,28 @@ async def test_frames_only_pythons_json_parser_reads_are_still_events(stack: Sta
     stack.sim.hang_up(call)
     summary = await ended(stack, call)
     assert digits == ["4", "2"] and summary.dtmf == "42"
+
+
+async def test_text_only_pythons_json_encoder_writes_still_goes_out(stack: Stack) -> None:
+    """A lone surrogate (e.g. a file name decoded with surrogateescape) in a tool's output or in say()."""
+    name = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+
+    @stack.app.tool
+    async def newest_file() -> str:
+        return name
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("which file?"),
+                model_calls("newest_file", {}),
+                model_says("That one."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await ended(stack, call)
+    assert list(outputs(call).values()) == [name]  # escaped on the wire, the same text once decoded
+    assert kinds(call)[-1] == "create" and kinds(call)[-2].startswith("output:") and not server_errors(call)

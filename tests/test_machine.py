@@ -583,41 +583,93 @@ def test_a_caller_cutting_in_ends_playback_like_its_end() -> None:
     assert Verb("hangup", None) in cleared
 
 
-def test_unacknowledged_outputs_are_sent_again_after_a_reattach() -> None:
+def _answered_two_outputs() -> tuple[CallMachine, dict[str, Any], dict[str, Any]]:
+    """Two calls answered; returns the machine, c1's output event and the create after c2's output."""
     m = machine()
     m.start()
     m.receive({"type": "response.created", "response": {"id": "r1"}})
     feed(m, call_events("c1", "t", "{}", resp="r1"))
     feed(m, call_events("c2", "t", '{"n":2}', resp="r1"))
     m.receive(response_done("r1"))
-    m.tool_done("c1", "one")
-    create = sends(m.tool_done("c2", "two"))[-1]
-    assert m.awaiting_acks
-    replaced = m.replaced_on_reattach()  # both outputs, and the create that answers them
-    assert [e["item"]["call_id"] for e in replaced[:2]] == ["c1", "c2"] and replaced[2] == create
+    first = sends(m.tool_done("c1", "one"))[0]
+    return m, first, sends(m.tool_done("c2", "two"))[-1]
+
+
+def ack(call_id: str, kind: str = "conversation.item.added") -> dict[str, Any]:
+    return {"type": kind, "item": {"type": "function_call_output", "call_id": call_id}}
+
+
+def test_unacknowledged_outputs_are_sent_again_after_the_reattach_grace() -> None:
+    m, _, create = _answered_two_outputs()
+    assert create["type"] == "response.create" and m.awaiting_acks
     # c1's output is acknowledged (an item event for something else changes nothing); c2's is not
     m.receive({"type": "conversation.item.added", "item": {"type": "message", "id": "i0"}})
-    m.receive({"type": "conversation.item.added", "item": {"type": "function_call_output", "call_id": "c1"}})
-    assert [e.get("item", {}).get("call_id") for e in m.replaced_on_reattach()] == ["c2", None]
+    m.receive(ack("c1"))
     back = m.reattached()
-    assert types(back) == ["session.update", "conversation.item.create", "response.create"]
-    assert sends(back)[1]["item"] == {"type": "function_call_output", "call_id": "c2", "output": "two"}
-    assert sends(back)[2]["event_id"] != create["event_id"]
-    m.receive({"type": "conversation.item.done", "item": {"type": "function_call_output", "call_id": "c2"}})
-    assert not m.awaiting_acks and m.replaced_on_reattach() == []
-    assert types(m.reattached()) == ["session.update"]  # nothing left to send again
-    # a create with instructions (a say(), a filler) is never replaced: it is not the outputs' answer
-    m2 = machine()
-    m2.start()
-    m2.receive({"type": "response.created", "response": {"id": "r1"}})
-    feed(m2, call_events("c1", "t", "{}", resp="r1"))
-    m2.receive(response_done("r1"))
-    m2.tool_done("c1", "one")
-    m2.receive({"type": "response.created", "response": {"id": "r2"}})
-    m2.receive(response_done("r2"))
-    said = sends(m2.say("Mention the sale."))[0]
-    assert said["response"] == {"instructions": "Mention the sale."}
-    assert [e["type"] for e in m2.replaced_on_reattach()] == ["conversation.item.create"]
+    assert types(back) == ["session.update"]  # nothing is sent again at once: acks may still come
+    assert StartTimer("orphans", MachineConfig(session=SESSION).reattach_grace) in back
+    again = m.timer("orphans")
+    assert types(again) == ["conversation.item.create", "response.create"]
+    output, fresh = sends(again)
+    assert output["item"] == {"type": "function_call_output", "call_id": "c2", "output": "two"}
+    assert fresh["event_id"] != create["event_id"]
+    m.receive(ack("c2", "conversation.item.done"))
+    assert not m.awaiting_acks
+    assert types(m.reattached()) == ["session.update"] and m.timer("orphans") == []
+
+
+def test_acknowledgements_held_back_by_a_running_response_are_waited_for() -> None:
+    m, _, _ = _answered_two_outputs()
+    m.reattached()
+    m.receive({"type": "response.created", "response": {"id": "r_filler"}})
+    assert m.timer("orphans") == [StartTimer("orphans", MachineConfig(session=SESSION).reattach_grace)]
+    m.receive(response_done("r_filler"))
+    m.receive(ack("c1"))
+    m.receive(ack("c2"))  # the acknowledgements the response held back
+    assert m.timer("orphans") == [] and not m.awaiting_acks
+
+
+def test_an_output_the_server_refused_is_never_sent_again() -> None:
+    m, output, _ = _answered_two_outputs()
+    assert output["item"]["call_id"] == "c1"
+    m.receive(
+        {
+            "type": "error",
+            "error": {
+                "type": "invalid_request_error",
+                "code": "invalid_value",
+                "event_id": output["event_id"],
+            },
+        }
+    )
+    m.receive(ack("c2"))
+    assert not m.awaiting_acks
+    m.reattached()
+    assert m.timer("orphans") == []
+
+
+def test_a_refused_plain_create_is_one_create_once_no_tool_runs() -> None:
+    # A refused create that answers outputs waits for the blocking response; if a tool started meanwhile,
+    # it waits for that tool too, and one create answers all of them.
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "t", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    create = sends(m.tool_done("c1", "one"))[-1]
+    m.receive({"type": "response.created", "response": {"id": "r2"}})  # the caller spoke first
+    m.receive(refusal(create["event_id"]))
+    feed(m, call_events("c2", "t", "{}", resp="r2"))
+    after = m.receive(response_done("r2"))
+    assert [a for a in after if isinstance(a, RunTool)] and creates(after) == []
+    assert creates(m.tool_done("c2", "two")) == [""]
+    # After a re-attach with the same refused create pending, one create follows the resent outputs.
+    m2, _, create2 = _answered_two_outputs()
+    m2.receive({"type": "response.created", "response": {"id": "r3"}})
+    m2.receive(refusal(create2["event_id"]))
+    m2.reattached()
+    assert creates(m2.timer("orphans")) == [""]
+    assert creates(m2.receive(response_done("r3"))) == []
 
 
 def test_outputs_are_not_kept_when_the_session_cannot_be_resumed() -> None:

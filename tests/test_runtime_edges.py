@@ -422,7 +422,9 @@ async def test_outputs_lost_in_a_silently_dead_socket_are_sent_again(simulator: 
     )
     with capture_logs() as logs:
         rt = CallRuntime(
-            machine=CallMachine(MachineConfig(session={"type": "realtime", "instructions": "x"})),
+            machine=CallMachine(
+                MachineConfig(session={"type": "realtime", "instructions": "x"}, reattach_grace=0.3)
+            ),
             ctx=CallContext(call.call_id),
             tools=tools,
             connect=Connector(simulator, call.call_id, []),
@@ -438,7 +440,8 @@ async def test_outputs_lost_in_a_silently_dead_socket_are_sent_again(simulator: 
     assert call.sideband_connects == 2
     sent = [e["item"]["output"] for e in call.received if e["type"] == "conversation.item.create"]
     assert sent == ["after the outage"]  # the copy written into the dead socket never arrived
-    # on the new socket: the session config, the output again, one response.create
+    # on the new socket: the session config, then (no acknowledgement came within the grace) the output
+    # again and one response.create
     assert [e["type"] for e in call.received][-3:] == [
         "session.update",
         "conversation.item.create",
@@ -495,11 +498,11 @@ async def test_an_output_queued_while_detached_goes_out_once_after_the_reattach(
     assert connect.attempts == 3 and call.sideband_connects == 2
     outs = [e["item"]["output"] for e in call.received if e["type"] == "conversation.item.create"]
     assert outs == ["queued"]
-    # on the new socket: the session config, the output, one response.create (the one queued with the
-    # output is replaced, not sent ahead of it)
+    # on the new socket: what waited (the output, its create), then the session config; the output is
+    # acknowledged there, so nothing is sent again
     assert [e["type"] for e in call.received][-3:] == [
-        "session.update",
         "conversation.item.create",
         "response.create",
+        "session.update",
     ]
     assert [e["type"] for e in call.received].count("response.create") == 1

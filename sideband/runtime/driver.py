@@ -321,11 +321,6 @@ class CallRuntime:
             if reopened is None:
                 return
             ws = reopened
-            # The machine sends unacknowledged outputs again (and a fresh create after them): drop the
-            # copies still waiting here.
-            resent = {orjson.dumps(event) for event in self.machine.replaced_on_reattach()}
-            if resent:
-                self._outbox = [frame for frame in self._outbox if frame not in resent]
             self._apply(self.machine.reattached())
 
     async def _open(self, *, first: bool) -> PushConnection | None:
@@ -440,7 +435,7 @@ class CallRuntime:
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                self._outbox.append(orjson.dumps(action.event))
+                self._outbox.append(_dumps(action.event))
             elif isinstance(action, RunTool):
                 self._tool_tasks[action.call_id] = asyncio.create_task(
                     self._run_tool(action.call_id, action.name, action.arguments),
@@ -714,6 +709,15 @@ def _retrieve(future: asyncio.Future[float]) -> None:
     """Mark a pong waiter's exception as seen (it fails when the connection closes first)."""
     if not future.cancelled():
         future.exception()
+
+
+def _dumps(event: Mapping[str, Any]) -> bytes:
+    """``event`` as compact JSON. orjson refuses a few things Python's encoder writes (a lone surrogate
+    in a string, an integer over 64 bits, a non-string key): those go through Python's encoder."""
+    try:
+        return orjson.dumps(event)
+    except TypeError:
+        return json.dumps(event, separators=(",", ":")).encode()
 
 
 _TYPE_FIRST = re.compile(rb'\{"type": ?"([^"\\]+)"')

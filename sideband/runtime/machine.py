@@ -145,6 +145,7 @@ _IDLE = "idle"
 _MAX_DURATION = "max_duration"
 _END_CAP = "end_cap"
 _ORPHANS = "orphans"
+_OUTPUT_EVENT = "sb_output_"
 _FILLER = "filler:"
 _GREETING = "greeting"
 
@@ -179,6 +180,7 @@ class _End:
 def _output(call_id: str, output: str) -> dict[str, Any]:
     return {
         "type": "conversation.item.create",
+        "event_id": _OUTPUT_EVENT + call_id,  # an error about it names this
         "item": {"type": "function_call_output", "call_id": call_id, "output": output},
     }
 
@@ -204,6 +206,7 @@ class CallMachine:
         "_queued_say",
         "_recent_creates",
         "_repeat",
+        "_resend",
         "_response_active",
         "_retry",
         "_running",
@@ -244,6 +247,7 @@ class CallMachine:
         self._orphans: tuple[str, ...] = ()  # calls announced on a lost socket, their response unfinished
         # call_id → our function_call_output the server has not acknowledged yet (None when empty)
         self._unacked: dict[str, dict[str, Any]] | None = None
+        self._resend: tuple[str, ...] = ()  # of those, the ones unacknowledged when a socket was lost
         self._started = False
         self._session_ready = False
         self._session_id: str | None = None
@@ -294,19 +298,6 @@ class CallMachine:
         """Some of our tool outputs are not acknowledged yet (drivers must then decode ``ACK_TYPES``)."""
         return self._unacked is not None
 
-    def replaced_on_reattach(self) -> list[dict[str, Any]]:
-        """What :meth:`reattached` sends again or replaces: our ``function_call_output`` items the server
-        has not acknowledged and, with them, our unanswered plain ``response.create`` (a fresh one follows
-        the outputs). A driver drops the copies of these it has not written yet, so nothing goes twice and
-        no create goes ahead of the outputs it answers."""
-        if not self._unacked:
-            return []
-        events = list(self._unacked.values())
-        pending = self._create_sent
-        if pending is not None and self._recent_creates.get(pending) == ({}, None):
-            events.append({"type": "response.create", "event_id": pending})
-        return events
-
     def tool_name(self, call_id: str) -> str:
         """The name of tool call ``call_id`` (empty if unknown)."""
         call = self._calls.get(call_id)
@@ -335,19 +326,20 @@ class CallMachine:
         but answered with an ``interrupted`` error output (``tool.interrupted`` notice), and one
         ``response.create`` follows: the model carries on (and calls the tool again if it still needs it)
         instead of leaving the caller in silence.
+
+        Our tool outputs the server had not acknowledged when the socket was lost may have been lost with
+        it (a dead connection swallows what is written to it), or their acknowledgement may still come: the
+        server holds it back while a response runs. Those still unacknowledged after the same grace, at a
+        moment no response runs, are sent again, once, and one ``response.create`` follows.
         """
         self._response_active = False
         self._create_sent = None
         self._playing = False
         actions = self._attached()
-        if self._unacked:
-            # Written to a socket that died before the server acknowledged them (a silently dead
-            # connection swallows what is written to it): send them again, then ask for the answer.
-            actions += [Send(event) for event in self._unacked.values()]
-            self._want_response = True
         orphans = tuple(c.call_id for c in self._calls.values() if c.state == "pending")
         self._orphans = orphans
-        if orphans:
+        self._resend = tuple(self._unacked or ())
+        if orphans or self._resend:
             actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
         actions += self._progress()
         return actions
@@ -413,7 +405,7 @@ class CallMachine:
         if name.startswith(_FILLER):
             return self._filler(name[len(_FILLER) :])
         if name == _ORPHANS:
-            return self._interrupt_orphans()
+            return self._after_reattach_grace()
         return []
 
     def verb_done(self, ok: bool, detail: str | None = None) -> list[Action]:
@@ -704,6 +696,9 @@ class CallMachine:
         event_id = error.get("event_id")
         if event_id is None and code == "conversation_already_has_active_response":
             event_id = self._create_sent  # the error names no event: only our unanswered create fits
+        if isinstance(event_id, str) and event_id.startswith(_OUTPUT_EVENT):
+            # An output the server refused (e.g. an unknown call id) will never be acknowledged.
+            actions += self._settled_output(event_id[len(_OUTPUT_EVENT) :])
         refused = self._recent_creates.pop(str(event_id), None)
         if refused is not None:
             # One of our response.create was refused (a response.created we saw may not have been ours).
@@ -722,10 +717,19 @@ class CallMachine:
 
     def _on_item_ack(self, event: dict[str, Any]) -> list[Action]:
         item = event.get("item")
-        if self._unacked and isinstance(item, dict) and item.get("type") == "function_call_output":
-            self._unacked.pop(str(item.get("call_id")), None)
-            if not self._unacked:
-                self._unacked = None
+        if isinstance(item, dict) and item.get("type") == "function_call_output":
+            return self._settled_output(str(item.get("call_id")))
+        return []
+
+    def _settled_output(self, call_id: str) -> list[Action]:
+        """The server acknowledged (or refused) our output for ``call_id``: it is never sent again."""
+        if not self._unacked or self._unacked.pop(call_id, None) is None:
+            return []
+        if not self._unacked:
+            self._unacked = None
+        if self._resend and not any(c in (self._unacked or ()) for c in self._resend):
+            self._resend = ()  # all of them arrived after all: nothing to send again
+            return self._progress()
         return []
 
     # ------------------------------------------------------------------------------ decisions
@@ -760,10 +764,15 @@ class CallMachine:
         if self._live:
             if self._retry is not None:
                 (body, tag), self._retry = self._retry, None
-                if tag is None or not self._stale(tag):
+                if not body and tag is None:
+                    # A plain create answers outputs: it goes once no tool runs, as one create for all.
+                    self._want_response = True
+                elif tag is None or not self._stale(tag):
                     return [self._create(body, tag)]
-                return [Notice("response.dropped", {"purpose": tag}), *self._progress()]
-            if self._want_response and self._running == 0:
+                else:
+                    return [Notice("response.dropped", {"purpose": tag}), *self._progress()]
+            if self._want_response and self._running == 0 and not self._resend:
+                # (held while outputs may still have to be sent again after a re-attach: it follows them)
                 self._want_response = False
                 return [self._create()]
             if self._queued_say and self._end is None:
@@ -781,10 +790,17 @@ class CallMachine:
         call = self._calls.get(tag[len(_FILLER) :])
         return call is None or call.state != "running" or self._end is not None
 
-    def _interrupt_orphans(self) -> list[Action]:
-        """No ``response.done`` settled the calls announced before a re-attach: answer them (see
-        :meth:`reattached`)."""
+    def _after_reattach_grace(self) -> list[Action]:
+        """No ``response.done`` settled the calls announced before a re-attach: answer them; send again
+        our outputs still unacknowledged since then (see :meth:`reattached`)."""
         actions: list[Action] = []
+        if self._resend:
+            if self._response_active:  # it may hold their acknowledgements: look again after it
+                actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
+            else:
+                unacked = self._unacked or {}
+                actions += [Send(unacked[c]) for c in self._resend if c in unacked]
+                self._resend = ()
         for call_id in self._orphans:
             call = self._calls.get(call_id)
             if call is None or call.state != "pending":
@@ -793,9 +809,8 @@ class CallMachine:
             actions.append(Notice("tool.interrupted", {"tool_call_id": call_id, "tool": call.name}))
             actions.append(self._output(call_id, _INTERRUPTED))
         self._orphans = ()
-        if not actions:
-            return []
-        self._want_response = True
+        if any(isinstance(a, Send) for a in actions):
+            self._want_response = True
         return actions + self._progress()
 
     def _filler(self, call_id: str) -> list[Action]:
