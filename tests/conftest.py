@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import pytest_asyncio
+import uvloop
 
 from sideband import CallContext, Sideband, ToolError
 from sideband.settings import Settings
@@ -57,6 +59,13 @@ TEST_SETTINGS: dict[str, Any] = {
 
 def settings_for(sim: Simulator, **overrides: Any) -> Settings:
     return harness_settings(sim, **{**TEST_SETTINGS, **overrides})
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every test runs on uvloop, the event loop `sideband serve` runs on."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

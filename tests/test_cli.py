@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib.util
 import io
 import json
 import os
@@ -106,7 +107,7 @@ async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> 
     try:
         started = await read_until(proc.stdout, "server.started", lines)
         assert started["tools"] == ["opening_hours"]
-        assert started["event_loop"] == "uvloop"
+        assert started["event_loop"] == ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
         call = simulator.create_call(
             Script(
                 [

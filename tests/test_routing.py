@@ -258,3 +258,16 @@ async def test_route_file_matches_a_to_without_plus(stack: Stack) -> None:
     call = stack.sim.create_call(Script([]), to_number="18005550000")
     assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
     assert call.status == "rejected" and call.reject_body == {"status_code": 486}
+
+
+async def test_accept_with_values_only_pythons_json_encoder_writes(stack: Stack) -> None:
+    """An integer over 64 bits in the session (orjson refuses it) is still accepted, not a 500."""
+
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        return Accept(session={"tracing": {"workflow_name": "desk", "metadata": {"ticket": 2**70}}})
+
+    call = stack.sim.create_call(Script([wait_for_greeting("Hi"), caller_says("x"), model_says("y")]))
+    assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    assert call.status == "accepted" and call.accept_body["tracing"]["metadata"] == {"ticket": 2**70}
+    await asyncio.wait_for(call.wait_done(), 5)

@@ -6,7 +6,6 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import orjson
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -14,6 +13,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from pydantic import ValidationError
 from structlog.typing import FilteringBoundLogger
 
+from sideband import jsonio
 from sideband.app import Sideband
 from sideband.edge.verify import VerificationError, Verifier
 from sideband.service import Reply, Service, WebhookEvent
@@ -36,7 +36,7 @@ uses this one)."""
 
 def _json(status: int, body: dict[str, object], headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
-        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
+        body=jsonio.dumps(body), status=status, headers=headers, content_type="application/json"
     )
 
 

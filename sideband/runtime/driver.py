@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import re
 import time
 from collections import OrderedDict
@@ -13,10 +12,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import structlog
 from websockets.exceptions import ConnectionClosed
 
+from sideband import jsonio
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.runtime.machine import (
     ACK_TYPES,
@@ -417,13 +416,10 @@ class CallRuntime:
             # Deltas and other events the machine ignores; acknowledgements while no output awaits one.
             return False
         try:
-            event = orjson.loads(message)
-        except orjson.JSONDecodeError:
-            try:  # NaN, integers over 64 bits, lone surrogates: still JSON to Python's own parser
-                event = json.loads(message)
-            except ValueError:
-                self.log.warning("sideband.bad_frame", size=len(message))
-                return False
+            event = jsonio.loads(message)
+        except ValueError:
+            self.log.warning("sideband.bad_frame", size=len(message))
+            return False
         if not isinstance(event, dict):
             return False
         actions = self.machine.receive(event)
@@ -435,7 +431,7 @@ class CallRuntime:
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                self._outbox.append(_dumps(action.event))
+                self._outbox.append(jsonio.dumps(action.event))
             elif isinstance(action, RunTool):
                 self._tool_tasks[action.call_id] = asyncio.create_task(
                     self._run_tool(action.call_id, action.name, action.arguments),
@@ -503,6 +499,8 @@ class CallRuntime:
                 self._outbox.clear()
                 return
             while self._outbox:
+                if ws.transport.is_closing():  # aborted (keepalive): kept for a re-attached socket
+                    return
                 frame = self._outbox[0]
                 try:
                     await ws.send(frame, text=True)
@@ -709,15 +707,6 @@ def _retrieve(future: asyncio.Future[float]) -> None:
     """Mark a pong waiter's exception as seen (it fails when the connection closes first)."""
     if not future.cancelled():
         future.exception()
-
-
-def _dumps(event: Mapping[str, Any]) -> bytes:
-    """``event`` as compact JSON. orjson refuses a few things Python's encoder writes (a lone surrogate
-    in a string, an integer over 64 bits, a non-string key): those go through Python's encoder."""
-    try:
-        return orjson.dumps(event)
-    except TypeError:
-        return json.dumps(event, separators=(",", ":")).encode()
 
 
 _TYPE_FIRST = re.compile(rb'\{"type": ?"([^"\\]+)"')

@@ -186,7 +186,7 @@ class EngineSessionRecord:
     _turn_calls: dict[str, str] = field(default_factory=dict)  # call_id → tool name, this turn
     _turn_issued: bool = False
     _ws: web.WebSocketResponse | None = None
-    _transport: asyncio.BaseTransport | None = None
+    _transport: asyncio.Transport | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _active: asyncio.Task[None] | None = None
     _active_response: SimResponse | None = None
@@ -391,7 +391,7 @@ class VowelSimulator:
             session.close_code, session.closed_by, session.end_reason = 1006, "engine", "dropped"
         await self._stop_response(session, status=None)
         transport = session._transport
-        if isinstance(transport, asyncio.Transport):
+        if transport is not None:  # uvloop's transports are not asyncio.Transport subclasses
             transport.abort()
         await session.wait_closed()
 

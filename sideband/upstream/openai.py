@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
-import orjson
 from websockets.exceptions import InvalidStatus
 
+from sideband import jsonio
 from sideband.upstream._ws import PushConnection, open_socket, ws_url
 
 __all__ = ["CallControl", "CallGone", "SidebandRefused", "UpstreamError", "connect_sideband"]
@@ -58,7 +58,7 @@ class CallControl:
         try:
             async with self._http.post(
                 self._base + path,
-                data=None if body is None else orjson.dumps(body),
+                data=None if body is None else jsonio.dumps(body),
                 headers=self._headers if body is None else self._json_headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,
