@@ -393,7 +393,8 @@ async def test_no_task_or_socket_left_behind(stack: Stack) -> None:
     assert leftovers == []
     for runtime in runtimes:
         assert runtime._ws is None or runtime._ws.state.name == "CLOSED"
-        assert not runtime._tool_tasks and not runtime._side_tasks and not runtime._timers
+        assert not runtime._tool_tasks and not runtime._side_tasks
+        assert not runtime._deadlines and runtime._alarm is None
 
 
 async def test_tool_round_over_permessage_deflate() -> None:

@@ -14,7 +14,7 @@ from structlog.testing import LogCapture
 
 from sideband import CallContext, CallSummary, Sideband
 from sideband.runtime.driver import CallHooks, CallRuntime
-from sideband.runtime.machine import CallMachine, MachineConfig
+from sideband.runtime.machine import CallMachine, CancelTimer, MachineConfig, StartTimer
 from sideband.testing import (
     Script,
     Simulator,
@@ -506,3 +506,47 @@ async def test_an_output_queued_while_detached_goes_out_once_after_the_reattach(
         "session.update",
     ]
     assert [e["type"] for e in call.received].count("response.create") == 1
+
+
+# ------------------------------------------------------------------------------------------ timers
+async def test_call_timers_fire_in_deadline_order_behind_one_loop_timer() -> None:
+    fired: list[str] = []
+    at: dict[str, float] = {}
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    class Recording(CallMachine):
+        def timer(self, name: str) -> list[Any]:
+            fired.append(name)
+            at[name] = loop.time()
+            if name == "last":
+                done.set()
+            return [StartTimer("again", 0.03)] if name == "b" else []
+
+    async def never() -> PushConnection:
+        raise AssertionError("not connected in this test")
+
+    rt = CallRuntime(
+        machine=Recording(MachineConfig(session={"type": "realtime"})),
+        ctx=CallContext("rtc_timers"),
+        tools=ToolRegistry(),
+        connect=never,
+        ping_interval=None,
+    )
+    start = loop.time()
+    rt._apply(
+        [
+            StartTimer("c", 0.5),  # armed first: a later, earlier timer must still fire on time
+            StartTimer("a", 0.02),
+            StartTimer("b", 0.04),
+            StartTimer("x", 0.03),
+            CancelTimer("x"),  # never fires
+            StartTimer("a", 0.05),  # restarted later: fires then, not at 0.02
+            StartTimer("last", 0.6),
+        ]
+    )
+    assert sorted(rt._deadlines) == ["a", "b", "c", "last"] and rt._alarm is not None
+    await asyncio.wait_for(done.wait(), 5)
+    assert fired == ["b", "a", "again", "c", "last"]
+    assert at["b"] - start < 0.4 and at["c"] - start >= 0.499  # on time, not batched with c
+    assert rt._deadlines == {} and rt._alarm is None

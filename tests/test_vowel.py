@@ -535,7 +535,8 @@ async def test_everything_is_released_on_exit(vowel: VowelSimulator, app: Sideba
     assert cancelled.is_set()
     runtime = session.runtime
     assert session._task is not None and session._task.done()
-    assert runtime._tool_tasks == {} and runtime._side_tasks == set() and runtime._timers == {}
+    assert runtime._tool_tasks == {} and runtime._side_tasks == set()
+    assert runtime._deadlines == {} and runtime._alarm is None
     assert session._ws is not None and session._ws.state is State.CLOSED
     assert session._http is None
     leftover = [t for t in asyncio.all_tasks() - before if not t.done() and not _foreign(t)]

@@ -143,8 +143,11 @@ class CallRuntime:
     """
 
     __slots__ = (
+        "_alarm",
+        "_alarm_at",
         "_closed",
         "_connect",
+        "_deadlines",
         "_flushing",
         "_hook_tasks",
         "_log_args",
@@ -156,7 +159,6 @@ class CallRuntime:
         "_side_tasks",
         "_stop",
         "_targets",
-        "_timers",
         "_tool_tasks",
         "_verb_call",
         "_ws",
@@ -204,7 +206,11 @@ class CallRuntime:
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._hook_tasks: dict[asyncio.Future[None], str] | None = None  # → the hook it runs (for the log)
         self._stop: asyncio.Future[None] | None = None  # wakes a re-attach backoff when the call ends
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # The call's timers: name → loop time it fires, behind one loop timer for the earliest (a loop
+        # timer handle per named timer would cost about 0.5 KiB each, per call).
+        self._deadlines: dict[str, float] = {}
+        self._alarm: asyncio.TimerHandle | None = None
+        self._alarm_at = 0.0
         self._closed = Flag()
         self.summary = CallSummary(ctx.call_id, ctx.source)
         self.attached = Flag()
@@ -440,16 +446,9 @@ class CallRuntime:
             elif isinstance(action, Notice):
                 self._notice(action)
             elif isinstance(action, StartTimer):
-                old = self._timers.pop(action.name, None)
-                if old is not None:
-                    old.cancel()
-                self._timers[action.name] = asyncio.get_running_loop().call_later(
-                    action.delay, self._on_timer, action.name
-                )
+                self._set_timer(action.name, action.delay)
             elif isinstance(action, CancelTimer):
-                handle = self._timers.pop(action.name, None)
-                if handle is not None:
-                    handle.cancel()
+                self._deadlines.pop(action.name, None)  # the alarm, if it was this one, finds nothing due
             elif isinstance(action, CancelTool):
                 task = self._tool_tasks.get(action.call_id)
                 if task is not None:
@@ -514,19 +513,46 @@ class CallRuntime:
         await self._flush()
         await ws.close()
 
+    # ---------------------------------------------------------------------------------- timers
+    def _set_timer(self, name: str, delay: float) -> None:
+        """(Re)start the timer ``name``: it fires in ``delay`` seconds (:meth:`_on_timer`)."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        self._deadlines[name] = when
+        if self._alarm is None or when < self._alarm_at:
+            self._arm_alarm(loop, when)
+
+    def _arm_alarm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._alarm is not None:
+            self._alarm.cancel()
+        self._alarm_at = when
+        self._alarm = loop.call_at(when, self._ring)
+
+    def _ring(self) -> None:
+        """Fire every timer that is due, earliest first, then wait for the next one."""
+        self._alarm = None
+        loop = asyncio.get_running_loop()
+        now = loop.time() + 0.001  # loop timers may fire up to a millisecond early
+        due = sorted((when, name) for name, when in self._deadlines.items() if when <= now)
+        for when, name in due:
+            if self._deadlines.get(name) != when:
+                continue  # restarted or cancelled by a timer that fired before it
+            del self._deadlines[name]
+            self._on_timer(name)
+        if self._deadlines:
+            earliest = min(self._deadlines.values())
+            if self._alarm is None or earliest < self._alarm_at:
+                self._arm_alarm(loop, earliest)
+
     def _arm_keepalive(self) -> None:
-        old = self._timers.pop(_KEEPALIVE, None)
-        if old is not None:
-            old.cancel()
         if self._ping_interval:
-            self._timers[_KEEPALIVE] = asyncio.get_running_loop().call_later(
-                self._ping_interval, self._keepalive
-            )
+            self._set_timer(_KEEPALIVE, self._ping_interval)
+        else:
+            self._deadlines.pop(_KEEPALIVE, None)
 
     def _keepalive(self) -> None:
         """Ping the server every interval; no pong within one interval means a dead connection (the
         "no close at all" case): abort it, so the read loop sees an abnormal close and re-attaches."""
-        self._timers.pop(_KEEPALIVE, None)
         ws = self._ws
         if ws is None or self.machine.closed is not None:
             return
@@ -549,7 +575,9 @@ class CallRuntime:
             self._arm_keepalive()
 
     def _on_timer(self, name: str) -> None:
-        self._timers.pop(name, None)
+        if name == _KEEPALIVE:
+            self._keepalive()
+            return
         self._apply(self.machine.timer(name))
         self._kick()
 
@@ -651,9 +679,10 @@ class CallRuntime:
                 self.log.error("hook.failed", hook=_hook_name(hook), error=type(exc).__name__)
 
     async def _cleanup(self) -> None:
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
+        if self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
+        self._deadlines.clear()
         tasks = list(self._tool_tasks.values())
         for task in tasks:
             task.cancel()
