@@ -542,11 +542,26 @@ async def answer_bench(cfg: Config) -> dict[str, Any]:
         "floor_attach": await answer_server("floor_attach", cfg, ramp=cfg.ramp_floor_attach),
         "sideband": await answer_server("sideband", cfg),
     }
-    floor, sb = result["floor"], result["sideband"]
+    result["targets"] = answer_targets(result)
+    return result
+
+
+def answer_targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The answer-path targets, judged on the phases in ``result``."""
+    # The target compares with the floor "with its sideband": the one that also attaches and sends the
+    # same session.update. The ratio to the bare verify + accept floor is reported beside it.
+    floor, attach, sb = result["floor"], result["floor_attach"], result["sideband"]
     ratios = []
-    for f, s in zip(floor["steady"], sb["steady"], strict=True):
-        ratio = s["p99_ms"] / f["p99_ms"] if f["p99_ms"] and s["p99_ms"] else None
-        ratios.append({"rate": s["rate"], "p99_ratio": r(ratio) if ratio else None})
+    for f, fa, s in zip(floor["steady"], attach["steady"], sb["steady"], strict=True):
+        ratio = s["p99_ms"] / fa["p99_ms"] if fa["p99_ms"] and s["p99_ms"] else None
+        bare = s["p99_ms"] / f["p99_ms"] if f["p99_ms"] and s["p99_ms"] else None
+        ratios.append(
+            {
+                "rate": s["rate"],
+                "p99_ratio": r(ratio) if ratio else None,
+                "p99_ratio_verify_accept": r(bare) if bare else None,
+            }
+        )
     cpu = [s["server_cpu_ms_per_call"] for s in sb["steady"] if s["server_cpu_ms_per_call"] is not None]
     floor_cpu = [
         p["server_cpu_ms_per_call"]
@@ -554,9 +569,9 @@ async def answer_bench(cfg: Config) -> dict[str, Any]:
         if p["server_cpu_ms_per_call"] is not None
     ]
     sat = sb["saturation"]["highest_bounded_rate"]
-    result["targets"] = {
+    return {
         "p99_ratio": {
-            "target": f"≤ {TARGET_ANSWER_P99_RATIO}x the floor's p99",
+            "target": f"≤ {TARGET_ANSWER_P99_RATIO}x the p99 of the floor with its sideband",
             "values": ratios,
             "met": all(
                 x["p99_ratio"] is not None and x["p99_ratio"] <= TARGET_ANSWER_P99_RATIO for x in ratios
@@ -574,7 +589,6 @@ async def answer_bench(cfg: Config) -> dict[str, Any]:
             "met": bool(cpu) and max(cpu) <= TARGET_CPU_PER_CALL_MS,
         },
     }
-    return result
 
 
 # ---------------------------------------------------------------------------------- tool rounds
@@ -969,7 +983,11 @@ def answer_markdown(a: dict[str, Any], cfg: Config) -> list[str]:
         )
     sat = a["sideband"]["saturation"]
     t = a["targets"]
-    ratio_text = ", ".join(f"{fmt(x['p99_ratio'])}x at {x['rate']:.0f}/s" for x in t["p99_ratio"]["values"])
+    ratio_text = ", ".join(
+        f"{fmt(x['p99_ratio'])}x at {x['rate']:.0f}/s ({fmt(x.get('p99_ratio_verify_accept'))}x the verify + "
+        "accept floor's)"
+        for x in t["p99_ratio"]["values"]
+    )
     tops = ", ".join(f"{n.strip('*')} {describe_sat(a[k]['saturation'])}" for k, n in ramp_kinds)
     lines += [
         "",
@@ -977,7 +995,7 @@ def answer_markdown(a: dict[str, Any], cfg: Config) -> list[str]:
         "",
         "| target | measured | |",
         "|---|---|---|",
-        f"| p99 within {TARGET_ANSWER_P99_RATIO}x the floor's | {ratio_text} | "
+        f"| p99 within {TARGET_ANSWER_P99_RATIO}x the floor's with its sideband | {ratio_text} | "
         f"{mark(t['p99_ratio']['met'])} |",
         f"| never saturated below {TARGET_SATURATION} calls/s | {describe_sat(sat)} | "
         f"{mark(t['saturation']['met'])} |",
