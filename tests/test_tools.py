@@ -691,7 +691,7 @@ async def test_async_timeout() -> None:
     assert res.outcome == "timeout"
     assert loads(res) == {"error": "timeout", "message": "The tool took longer than 0.05 s"}
     assert started.is_set() and cancelled.is_set()
-    assert 0.05 <= res.duration < 5
+    assert 0.045 <= res.duration < 5  # the loop clock ticks in milliseconds (uvloop): may fire early
 
 
 async def test_registry_default_timeout_applies() -> None:

@@ -180,7 +180,6 @@ class _End:
 def _output(call_id: str, output: str) -> dict[str, Any]:
     return {
         "type": "conversation.item.create",
-        "event_id": _OUTPUT_EVENT + call_id,  # an error about it names this
         "item": {"type": "function_call_output", "call_id": call_id, "output": output},
     }
 
@@ -736,6 +735,7 @@ class CallMachine:
     def _output(self, call_id: str, output: str) -> Send:
         event = _output(call_id, output)
         if self.caps.resumable:  # kept to be sent again after a re-attach
+            event["event_id"] = _OUTPUT_EVENT + call_id  # an error about it names this
             if self._unacked is None:
                 self._unacked = {}
             self._unacked[call_id] = event
