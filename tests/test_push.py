@@ -182,3 +182,30 @@ async def test_send_now_writes_text_frames_in_order_or_nothing(peer: Any) -> Non
     finally:
         await ws.close()
     assert not ws.send_now([b'{"n":4}'])  # closed: nothing written, nothing raised
+
+
+async def test_frames_wait_while_an_aborted_socket_closes(peer: Any) -> None:
+    """The keepalive aborts a dead socket; frames flushed before it is seen closed stay queued for the
+    re-attached socket instead of being written into the closing one."""
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.wait_closed()
+
+    ws = await connect(await peer(handler))
+
+    async def connect_again() -> PushConnection:
+        raise AssertionError("not re-attached in this test")
+
+    rt = CallRuntime(
+        machine=CallMachine(MachineConfig(session={"type": "realtime"})),
+        ctx=CallContext("rtc_abort"),
+        tools=ToolRegistry(),
+        connect=connect_again,
+        ping_interval=None,
+    )
+    rt._ws = ws
+    rt._outbox = [b'{"type":"response.create"}']
+    assert ws.transport is not None
+    ws.transport.abort()
+    await rt._flush()
+    assert rt._outbox == [b'{"type":"response.create"}']
