@@ -17,6 +17,7 @@ from sideband.runtime.driver import CallHooks, CallRuntime
 from sideband.runtime.machine import CallMachine, CancelTimer, MachineConfig, StartTimer
 from sideband.testing import (
     Script,
+    SimCall,
     Simulator,
     caller_hangs_up,
     caller_presses,
@@ -403,23 +404,32 @@ async def test_reattach_stops_as_soon_as_the_call_has_ended(simulator: Simulator
 
 
 # ----------------------------------------------------------------------------- silently dead socket
-async def test_outputs_lost_in_a_silently_dead_socket_are_sent_again(simulator: Simulator) -> None:
-    """The path dies without a close while a tool runs: its output is written into the dead socket and
-    lost. The keepalive notices, the call re-attaches, and the unacknowledged output goes out again
-    (once), followed by one response.create: the model answers instead of leaving the caller in silence."""
+def gated_tool_call(
+    simulator: Simulator, result: str
+) -> tuple[ToolRegistry, SimCall, asyncio.Event, asyncio.Event]:
+    """A call whose model calls tool ``slow``, which returns ``result`` once ``release`` is set; the
+    caller hangs up after the model's answer. Returns (tools, call, started, release)."""
     started, release = asyncio.Event(), asyncio.Event()
     tools = ToolRegistry()
 
     async def slow() -> str:
         started.set()
         await asyncio.wait_for(release.wait(), 5)
-        return "after the outage"
+        return result
 
     tools.add(slow)
     call = simulator.create_call(
         Script([caller_says("go"), model_calls("slow", {}), model_says("Done."), caller_hangs_up()]),
         accept_body={"type": "realtime"},
     )
+    return tools, call, started, release
+
+
+async def test_outputs_lost_in_a_silently_dead_socket_are_sent_again(simulator: Simulator) -> None:
+    """The path dies without a close while a tool runs: its output is written into the dead socket and
+    lost. The keepalive notices, the call re-attaches, and the unacknowledged output goes out again
+    (once), followed by one response.create: the model answers instead of leaving the caller in silence."""
+    tools, call, started, release = gated_tool_call(simulator, "after the outage")
     with capture_logs() as logs:
         rt = CallRuntime(
             machine=CallMachine(
@@ -459,19 +469,8 @@ async def test_outputs_lost_in_a_silently_dead_socket_are_sent_again(simulator: 
 
 
 async def test_an_output_queued_while_detached_goes_out_once_after_the_reattach(simulator: Simulator) -> None:
-    started, release, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    tools = ToolRegistry()
-
-    async def slow() -> str:
-        started.set()
-        await asyncio.wait_for(release.wait(), 5)
-        return "queued"
-
-    tools.add(slow)
-    call = simulator.create_call(
-        Script([caller_says("go"), model_calls("slow", {}), model_says("Done."), caller_hangs_up()]),
-        accept_body={"type": "realtime"},
-    )
+    tools, call, started, release = gated_tool_call(simulator, "queued")
+    finished = asyncio.Event()
     # the re-attach is held up (then refused once) until the tool has finished
     connect = Connector(simulator, call.call_id, [None, SidebandRefused("sideband refused with 503", 503)])
     connect.gate = asyncio.Event()
