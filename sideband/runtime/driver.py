@@ -534,15 +534,17 @@ class CallRuntime:
         loop = asyncio.get_running_loop()
         now = loop.time() + 0.001  # loop timers may fire up to a millisecond early
         due = sorted((when, name) for name, when in self._deadlines.items() if when <= now)
-        for when, name in due:
-            if self._deadlines.get(name) != when:
-                continue  # restarted or cancelled by a timer that fired before it
-            del self._deadlines[name]
-            self._on_timer(name)
-        if self._deadlines:
-            earliest = min(self._deadlines.values())
-            if self._alarm is None or earliest < self._alarm_at:
-                self._arm_alarm(loop, earliest)
+        try:
+            for when, name in due:
+                if self._deadlines.get(name) != when:
+                    continue  # restarted or cancelled by a timer that fired before it
+                del self._deadlines[name]
+                self._on_timer(name)
+        finally:  # the call's other timers keep running whatever one of them raised
+            if self._deadlines:
+                earliest = min(self._deadlines.values())
+                if self._alarm is None or earliest < self._alarm_at:
+                    self._arm_alarm(loop, earliest)
 
     def _arm_keepalive(self) -> None:
         if self._ping_interval:
