@@ -520,6 +520,8 @@ async def test_call_timers_fire_in_deadline_order_behind_one_loop_timer() -> Non
             at[name] = loop.time()
             if name == "last":
                 done.set()
+            if name == "boom":
+                raise RuntimeError("a bug in one timer")
             return [StartTimer("again", 0.03)] if name == "b" else []
 
     async def never() -> PushConnection:
@@ -541,11 +543,18 @@ async def test_call_timers_fire_in_deadline_order_behind_one_loop_timer() -> Non
             StartTimer("x", 0.03),
             CancelTimer("x"),  # never fires
             StartTimer("a", 0.05),  # restarted later: fires then, not at 0.02
+            StartTimer("boom", 0.55),  # raises: the timers after it still fire
             StartTimer("last", 0.6),
         ]
     )
-    assert sorted(rt._deadlines) == ["a", "b", "c", "last"] and rt._alarm is not None
-    await asyncio.wait_for(done.wait(), 5)
-    assert fired == ["b", "a", "again", "c", "last"]
+    assert sorted(rt._deadlines) == ["a", "b", "boom", "c", "last"] and rt._alarm is not None
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        loop.set_exception_handler(None)
+    assert fired == ["b", "a", "again", "c", "boom", "last"]
+    assert [str(e.get("exception")) for e in errors] == ["a bug in one timer"]
     assert at["b"] - start < 0.4 and at["c"] - start >= 0.499  # on time, not batched with c
     assert rt._deadlines == {} and rt._alarm is None
