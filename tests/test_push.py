@@ -209,3 +209,33 @@ async def test_frames_wait_while_an_aborted_socket_closes(peer: Any) -> None:
     ws.transport.abort()
     await rt._flush()
     assert rt._outbox == [b'{"type":"response.create"}']
+
+
+async def test_a_full_write_buffer_holds_send_until_it_drains(peer: Any) -> None:
+    """Flow control still works on a push connection (its waiters are kept in a list)."""
+    got: list[str | bytes] = []
+    arrived = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        async for message in ws:
+            got.append(message)
+            arrived.set()
+
+    ws = await connect(await peer(handler))
+    try:
+        ws.pause_writing()  # what the transport calls when its buffer is over the high-water mark
+        sending = asyncio.ensure_future(ws.send(b'{"n":1}', text=True))
+
+        async def waiting() -> None:  # the send wrote its frame and now waits for the buffer
+            while not ws.drain_waiters:
+                await asyncio.sleep(0)
+
+        await asyncio.wait_for(waiting(), 5)
+        assert not sending.done()
+        ws.resume_writing()
+        await asyncio.wait_for(sending, 5)
+        assert list(ws.drain_waiters) == []
+        await asyncio.wait_for(arrived.wait(), 5)
+        assert got == ['{"n":1}']
+    finally:
+        await ws.close()

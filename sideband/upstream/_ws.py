@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -62,6 +63,10 @@ class PushConnection(ClientConnection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # websockets gives every connection two deques, 760 bytes each (a 64-slot block up front): the
+        # flow-control waiters, which it only appends to, removes from and iterates (a list does as
+        # well), and the queue of recv() (see connection_made), which a push connection never reads.
+        self.drain_waiters = []  # type: ignore[assignment]
         self._on_message: Callable[[bytes], None] | None = None
         self._on_close: Callable[[], None] | None = None
         self._held: list[bytes] | None = []  # None once stopped: later messages are dropped
@@ -119,6 +124,10 @@ class PushConnection(ClientConnection):
             self._on_message(data)
         elif self._held is not None:
             self._held.append(data)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.recv_messages.frames.queue = []  # type: ignore[assignment]  # never read (see __init__)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
