@@ -502,6 +502,16 @@ async def answer_server(kind: str, cfg: Config, *, ramp: bool = True) -> dict[st
             phase = await answer_phase(
                 sim, rate=rate, warmup=cfg.ramp_warmup, duration=cfg.ramp_seconds, **common
             )
+            if not phase["bounded"]:
+                # One more try: on a shared machine a burst from another process can sink a step the
+                # server holds. Both tries are reported; the second decides.
+                print_answer_row(kind, "ramp", phase)
+                await asyncio.sleep(cfg.settle)
+                first = {k: phase[k] for k in ("p99_ms", "answered", "sent", "server_cpu_util")}
+                phase = await answer_phase(
+                    sim, rate=rate, warmup=cfg.ramp_warmup, duration=cfg.ramp_seconds, **common
+                )
+                phase["first_try"] = first
             out["ramp"].append(phase)
             print_answer_row(kind, "ramp", phase)
             if not phase["bounded"]:
@@ -959,7 +969,8 @@ def answer_markdown(a: dict[str, Any], cfg: Config) -> list[str]:
         "",
         f"Saturation ramp ({cfg.ramp_seconds:g} s per step after {cfg.ramp_warmup:g} s of warm-up; a step is "
         f"bounded when every call is answered and p99 ≤ {cfg.p99_bound_ms:g} ms; the ramp stops at the first "
-        "unbounded step). Each cell: p99 ms, answered/sent, server CPU.",
+        "unbounded step, an unbounded step being tried once more first). Each cell: p99 ms, answered/sent, "
+        "server CPU.",
         "",
         "| rate | " + " | ".join(n for _, n in ramp_kinds) + " | simulator CPU (sideband run) |",
         "|--:|" + "--:|" * len(ramp_kinds) + "--:|",
@@ -974,7 +985,10 @@ def answer_markdown(a: dict[str, Any], cfg: Config) -> list[str]:
                 continue
             any_row = True
             flag = "" if p["bounded"] else " ✗"
-            cells.append(f"{fmt(p['p99_ms'])}, {answered_of(p)}, {fmt_pct(p['server_cpu_util'])}{flag}")
+            cell = f"{fmt(p['p99_ms'])}, {answered_of(p)}, {fmt_pct(p['server_cpu_util'])}{flag}"
+            if "first_try" in p:
+                cell += f" (2nd try; 1st: {fmt(p['first_try']['p99_ms'])} ms)"
+            cells.append(cell)
         if not any_row:
             continue
         sb = next((x for x in a["sideband"]["ramp"] if x["rate"] == rate), None)
