@@ -680,3 +680,54 @@ def test_outputs_are_not_kept_when_the_session_cannot_be_resumed() -> None:
     m.receive(response_done("r1"))
     assert types(m.tool_done("c1", "one")) == ["conversation.item.create", "response.create"]
     assert not m.awaiting_acks
+
+
+def _unacked_after_reattach() -> CallMachine:
+    """c1 answered (its create answered too), its output never acknowledged; the socket was replaced."""
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "t", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    m.tool_done("c1", "one")
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    m.receive(response_done("r2"))
+    m.reattached()
+    return m
+
+
+def test_an_end_during_the_reattach_grace_waits_for_the_outputs_sent_again() -> None:
+    m = _unacked_after_reattach()
+    assert not any(isinstance(a, Verb) for a in m.request_end("hangup"))  # outputs may be lost: first them
+    fired = m.timer("orphans")
+    assert types(fired) == ["conversation.item.create", "response.create"]
+    m.receive({"type": "response.created", "response": {"id": "r3"}})
+    assert Verb("hangup", None) in m.receive(response_done("r3"))
+    # A goodbye (limits) is said after them too, not before.
+    g = _unacked_after_reattach()
+    assert creates(g.timer("idle")) == []
+    again = g.timer("orphans")
+    assert types(again) == ["conversation.item.create", "response.create"] and creates(again) == [""]
+    g.receive({"type": "response.created", "response": {"id": "r3"}})
+    assert "goodbye" in creates(g.receive(response_done("r3")))[0].lower()
+
+
+def test_nothing_is_sent_again_once_the_end_verb_is_out() -> None:
+    forced = _unacked_after_reattach()
+    assert Verb("hangup", None) in forced.abandon("shutdown")
+    assert forced.timer("orphans") == []
+    orphaned = machine()
+    orphaned.start()
+    orphaned.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(orphaned, call_events("c1", "lookup", "{}", resp="r1"))
+    orphaned.reattached()
+    assert Verb("hangup", None) in orphaned.request_end("hangup")  # orphans are not waited for
+    assert orphaned.timer("orphans") == []
+    # A hangup can close the socket abnormally: a re-attach then sends no outputs and starts no grace.
+    late = _unacked_after_reattach()
+    late.timer("orphans")  # sent again; still unacknowledged when the end comes
+    late.receive({"type": "response.created", "response": {"id": "r3"}})
+    late.receive(response_done("r3"))
+    assert Verb("hangup", None) in late.request_end("hangup")
+    back = late.reattached()
+    assert types(back) == ["session.update"] and not any(isinstance(a, StartTimer) for a in back)

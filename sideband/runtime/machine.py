@@ -338,7 +338,9 @@ class CallMachine:
         orphans = tuple(c.call_id for c in self._calls.values() if c.state == "pending")
         self._orphans = orphans
         self._resend = tuple(self._unacked or ())
-        if orphans or self._resend:
+        if self._end is not None and self._end.verb_sent:
+            self._resend, self._orphans = (), ()  # the call is going: nothing more to say
+        if self._orphans or self._resend:
             actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
         actions += self._progress()
         return actions
@@ -759,7 +761,7 @@ class CallMachine:
 
     def _progress(self) -> list[Action]:
         """Send the next response.create if one is owed and allowed; move a pending end along."""
-        if self._closed is not None or self._busy:
+        if self._closed is not None or self._busy or (self._end is not None and self._end.verb_sent):
             return []
         if self._live:
             if self._retry is not None:
@@ -792,7 +794,11 @@ class CallMachine:
 
     def _after_reattach_grace(self) -> list[Action]:
         """No ``response.done`` settled the calls announced before a re-attach: answer them; send again
-        our outputs still unacknowledged since then (see :meth:`reattached`)."""
+        our outputs still unacknowledged since then (see :meth:`reattached`). Nothing once the end's verb
+        is out: the call is going."""
+        if self._end is not None and self._end.verb_sent:
+            self._resend, self._orphans = (), ()
+            return []
         actions: list[Action] = []
         if self._resend:
             if self._response_active:  # it may hold their acknowledgements: look again after it
@@ -830,8 +836,8 @@ class CallMachine:
         if end is None or end.verb_sent or self._closed is not None:
             return []
         if not forced:
-            if self._running or self._want_response or self._busy:
-                return []
+            if self._running or self._want_response or self._busy or self._resend:
+                return []  # (outputs that may have to be sent again after a re-attach go first)
             if end.goodbye is not None:
                 if not self._live:
                     return []  # not a word before our session config (the end cap still holds)
