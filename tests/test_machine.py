@@ -583,14 +583,20 @@ def test_a_caller_cutting_in_ends_playback_like_its_end() -> None:
     assert Verb("hangup", None) in cleared
 
 
-def _answered_two_outputs() -> tuple[CallMachine, dict[str, Any], dict[str, Any]]:
-    """Two calls answered; returns the machine, c1's output event and the create after c2's output."""
-    m = machine()
+def announced(*call_ids: str, m: CallMachine | None = None) -> CallMachine:
+    """A started machine whose response r1 called tool ``t`` once per call id, and is done: they run."""
+    m = m or machine()
     m.start()
     m.receive({"type": "response.created", "response": {"id": "r1"}})
-    feed(m, call_events("c1", "t", "{}", resp="r1"))
-    feed(m, call_events("c2", "t", '{"n":2}', resp="r1"))
+    for call_id in call_ids:
+        feed(m, call_events(call_id, "t", "{}", resp="r1"))
     m.receive(response_done("r1"))
+    return m
+
+
+def _answered_two_outputs() -> tuple[CallMachine, dict[str, Any], dict[str, Any]]:
+    """Two calls answered; returns the machine, c1's output event and the create after c2's output."""
+    m = announced("c1", "c2")
     first = sends(m.tool_done("c1", "one"))[0]
     return m, first, sends(m.tool_done("c2", "two"))[-1]
 
@@ -651,11 +657,7 @@ def test_an_output_the_server_refused_is_never_sent_again() -> None:
 def test_a_refused_plain_create_is_one_create_once_no_tool_runs() -> None:
     # A refused create that answers outputs waits for the blocking response; if a tool started meanwhile,
     # it waits for that tool too, and one create answers all of them.
-    m = machine()
-    m.start()
-    m.receive({"type": "response.created", "response": {"id": "r1"}})
-    feed(m, call_events("c1", "t", "{}", resp="r1"))
-    m.receive(response_done("r1"))
+    m = announced("c1")
     create = sends(m.tool_done("c1", "one"))[-1]
     m.receive({"type": "response.created", "response": {"id": "r2"}})  # the caller spoke first
     m.receive(refusal(create["event_id"]))
@@ -673,22 +675,14 @@ def test_a_refused_plain_create_is_one_create_once_no_tool_runs() -> None:
 
 
 def test_outputs_are_not_kept_when_the_session_cannot_be_resumed() -> None:
-    m = CallMachine(MachineConfig(session=SESSION), Capabilities(resumable=False))
-    m.start()
-    m.receive({"type": "response.created", "response": {"id": "r1"}})
-    feed(m, call_events("c1", "t", "{}", resp="r1"))
-    m.receive(response_done("r1"))
+    m = announced("c1", m=CallMachine(MachineConfig(session=SESSION), Capabilities(resumable=False)))
     assert types(m.tool_done("c1", "one")) == ["conversation.item.create", "response.create"]
     assert not m.awaiting_acks
 
 
 def _unacked_after_reattach() -> CallMachine:
     """c1 answered (its create answered too), its output never acknowledged; the socket was replaced."""
-    m = machine()
-    m.start()
-    m.receive({"type": "response.created", "response": {"id": "r1"}})
-    feed(m, call_events("c1", "t", "{}", resp="r1"))
-    m.receive(response_done("r1"))
+    m = announced("c1")
     m.tool_done("c1", "one")
     m.receive({"type": "response.created", "response": {"id": "r2"}})
     m.receive(response_done("r2"))
