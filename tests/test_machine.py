@@ -571,6 +571,46 @@ def test_a_refusal_that_names_no_event_is_taken_for_our_unanswered_create() -> N
     assert [e["type"] for e in again] == ["response.create"] and again[0]["event_id"] != first["event_id"]
 
 
+def test_a_refusal_naming_no_event_after_the_callers_turn_was_announced_is_sent_again() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c", "t", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    first = sends(m.tool_done("c", "o"))[1]
+    # The caller's turn (server VAD) started before our output and create arrived: its response.created
+    # comes first and looks like the answer to our create, then the refusal names no event.
+    m.receive({"type": "response.created", "response": {"id": "r_vad"}})
+    assert types(m.receive(refusal(None))) == []  # not while that response runs
+    again = sends(m.receive(response_done("r_vad")))
+    assert [e["type"] for e in again] == ["response.create"] and again[0]["event_id"] != first["event_id"]
+    # The same refusal arriving late, once that response is over: sent again at once.
+    late = announced("c")
+    sends(late.tool_done("c", "o"))
+    late.receive({"type": "response.created", "response": {"id": "r_vad"}})
+    assert types(late.receive(response_done("r_vad"))) == []
+    assert types(late.receive(refusal(None))) == ["response.create"]
+
+
+def test_once_the_end_verb_is_out_no_tool_starts_and_no_output_goes() -> None:
+    m = announced("c1")  # c1 runs
+    m.request_end("hangup")
+    assert Verb("hangup", None) in m.timer("end_cap")  # the cap forces the verb while c1 still runs
+    late = m.tool_done("c1", "result")
+    assert sends(late) == [] and notices(late, "tool.output_dropped") == [{"tool_call_id": "c1", "tool": "t"}]
+    # The caller speaks on while the verb is under way and the model calls a tool: it is not run.
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    feed(m, call_events("c2", "lookup", "{}", resp="r2"))
+    done = m.receive(response_done("r2"))
+    assert not any(isinstance(a, RunTool) for a in done) and sends(done) == []
+    assert notices(done, "tool.discarded") == [
+        {"tool_call_id": "c2", "tool": "lookup", "response_status": "completed", "reason": "call_ending"}
+    ]
+    assert m.user_text("one more thing") == [] and m.update_session({"instructions": "x"}) == []
+    assert m.say("goodbye") == []
+    assert isinstance(m.verb_done(True)[-1], Close)
+
+
 def test_a_caller_cutting_in_ends_playback_like_its_end() -> None:
     m = machine()
     m.start()

@@ -265,6 +265,32 @@ async def test_a_failed_transfer_hangs_up_and_ends_as_transfer_failed(stack: Sta
     assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["transfer_failed"]
 
 
+async def test_a_tool_the_model_calls_once_the_transfer_is_out_neither_runs_nor_answers(stack: Stack) -> None:
+    @stack.app.tool(filler_after=None)
+    async def to_human(ctx: CallContext) -> str:
+        await ctx.transfer("human")
+        return "transferring"
+
+    call = stack.sim.create_call(
+        Script([HELLO, caller_says("a human please"), model_calls("to_human", {}), model_says("One moment.")])
+    )
+    stack.sim.fail_verb(call.call_id, "refer", "timeout")  # the REFER is handed over slowly
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await stack.sim.wait_for(
+            lambda s: any(r.path.endswith("/refer") for r in s.requests), timeout=10, what="a REFER"
+        )
+        # The caller speaks on while the REFER is under way, and the model calls a tool.
+        late = await call.inject_function_call("lookup_order", {"order_id": "42"})
+        summary = await stack.ended(call)
+    assert [t.name for t in summary.tools] == ["to_human"] and summary.reason == "transferred"
+    answered = [e["item"].get("call_id") for e in call.received if e["type"] == "conversation.item.create"]
+    assert late.call_id not in answered
+    discarded = [(e["tool"], e["reason"]) for e in logs if e["event"] == "tool.discarded"]
+    assert discarded == [("lookup_order", "call_ending")]
+    assert not [e for e in logs if e["event"] == "tool.started" and e["tool"] == "lookup_order"]
+
+
 # ---------------------------------------------------------------------------------------- attach
 class Connector:
     """Connects to the simulator's sideband, after failing as told (an exception per attempt)."""

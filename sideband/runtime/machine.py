@@ -193,6 +193,7 @@ class CallMachine:
         "_calls",
         "_closed",
         "_create_sent",
+        "_created_for",
         "_end",
         "_filler_spoken",
         "_greeted",
@@ -230,6 +231,9 @@ class CallMachine:
         self._repeat = 0
         self._response_active = False
         self._create_sent: str | None = None  # event_id of our response.create not yet seen created
+        # the create the last response.created was taken to answer: it may have been the caller's turn
+        # (server VAD), and a refusal that names no event then means that create
+        self._created_for: str | None = None
         # event_id → (body, tag), the last few; the tag says what a create was for: the greeting, a
         # filler ("filler:<call_id>"), or None for anything that stays owed until it is answered.
         self._recent_creates: dict[str, tuple[dict[str, Any], str | None]] = {}
@@ -332,13 +336,13 @@ class CallMachine:
         moment no response runs, are sent again, once, and one ``response.create`` follows.
         """
         self._response_active = False
-        self._create_sent = None
+        self._create_sent = self._created_for = None
         self._playing = False
         actions = self._attached()
         orphans = tuple(c.call_id for c in self._calls.values() if c.state == "pending")
         self._orphans = orphans
         self._resend = tuple(self._unacked or ())
-        if self._end is not None and self._end.verb_sent:
+        if self._going:
             self._resend, self._orphans = (), ()  # the call is going: nothing more to say
         if self._orphans or self._resend:
             actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
@@ -378,12 +382,18 @@ class CallMachine:
         return handler(self, event)
 
     def tool_done(self, call_id: str, output: str) -> list[Action]:
-        """A tool finished (ok or not: ``output`` is what the model sees)."""
+        """A tool finished (ok or not: ``output`` is what the model sees). After the call's hangup or
+        transfer went out (an end forced while it ran), its output is not sent (``tool.output_dropped``)."""
         call = self._calls.get(call_id)
         if call is None or call.state != "running" or self._closed is not None:
             return []
         call.state = "answered"
         self._running -= 1
+        if self._going:
+            return [
+                CancelTimer(_FILLER + call_id),
+                Notice("tool.output_dropped", {"tool_call_id": call_id, "tool": call.name}),
+            ]
         actions: list[Action] = [CancelTimer(_FILLER + call_id), self._output(call_id, output)]
         if self._running == 0:
             self._want_response = True
@@ -484,8 +494,9 @@ class CallMachine:
         return self._progress()
 
     def user_text(self, text: str) -> list[Action]:
-        """Add a user text turn (driving the conversation from code); one response follows it."""
-        if self._closed is not None:
+        """Add a user text turn (driving the conversation from code); one response follows it. Ignored
+        once the call's hangup or transfer went out."""
+        if self._closed is not None or self._going:
             return []
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
         send = Send({"type": "conversation.item.create", "item": item})
@@ -499,8 +510,9 @@ class CallMachine:
         return actions + self._progress()
 
     def update_session(self, fields: Mapping[str, Any]) -> list[Action]:
-        """Send a partial ``session.update`` (held until our own session config is out)."""
-        if self._closed is not None:
+        """Send a partial ``session.update`` (held until our own session config is out). Ignored once the
+        call's hangup or transfer went out."""
+        if self._closed is not None or self._going:
             return []
         send = Send({"type": "session.update", "session": {**fields, "type": "realtime"}})
         self._updates = (*self._updates, send)
@@ -528,7 +540,8 @@ class CallMachine:
 
     def _on_response_created(self, event: dict[str, Any]) -> list[Action]:
         self._response_active = True
-        self._create_sent = None
+        if self._create_sent is not None:
+            self._created_for, self._create_sent = self._create_sent, None
         return []
 
     def _on_response_done(self, event: dict[str, Any]) -> list[Action]:
@@ -544,12 +557,18 @@ class CallMachine:
         for call in list(self._calls.values()):
             if call.state != "pending" or call.response_id not in (None, response_id):
                 continue
-            if status not in _RUNNABLE:
+            if status not in _RUNNABLE or self._going:
                 call.state = "discarded"
                 actions.append(
                     Notice(
                         "tool.discarded",
-                        {"tool_call_id": call.call_id, "tool": call.name, "response_status": status},
+                        {
+                            "tool_call_id": call.call_id,
+                            "tool": call.name,
+                            "response_status": status,
+                            # the call's hangup/transfer is out: nothing starts any more
+                            "reason": "call_ending" if status in _RUNNABLE else "response_ended",
+                        },
                     )
                 )
             elif call.arguments is not None:
@@ -696,7 +715,10 @@ class CallMachine:
         actions: list[Action] = [Notice("sideband.error", fields)]
         event_id = error.get("event_id")
         if event_id is None and code == "conversation_already_has_active_response":
-            event_id = self._create_sent  # the error names no event: only our unanswered create fits
+            # The error names no event: our unanswered create, else the one a response.created was taken
+            # to answer (that response was then the caller's turn, started before ours arrived).
+            event_id = self._create_sent or self._created_for
+            self._created_for = None
         if isinstance(event_id, str) and event_id.startswith(_OUTPUT_EVENT):
             # An output the server refused (e.g. an unknown call id) will never be acknowledged.
             actions += self._settled_output(event_id[len(_OUTPUT_EVENT) :])
@@ -746,7 +768,7 @@ class CallMachine:
     def _create(self, response: dict[str, Any] | None = None, tag: str | None = None) -> Send:
         self._seq += 1
         event_id = f"sb_create_{self._seq}"
-        self._create_sent = event_id
+        self._create_sent, self._created_for = event_id, None
         self._recent_creates[event_id] = (response or {}, tag)
         if len(self._recent_creates) > 8:
             del self._recent_creates[next(iter(self._recent_creates))]
@@ -759,9 +781,14 @@ class CallMachine:
     def _busy(self) -> bool:
         return self._response_active or self._create_sent is not None
 
+    @property
+    def _going(self) -> bool:
+        """The end's hangup/refer is out: nothing more is started or said."""
+        return self._end is not None and self._end.verb_sent
+
     def _progress(self) -> list[Action]:
         """Send the next response.create if one is owed and allowed; move a pending end along."""
-        if self._closed is not None or self._busy or (self._end is not None and self._end.verb_sent):
+        if self._closed is not None or self._busy or self._going:
             return []
         if self._live:
             if self._retry is not None:
@@ -796,7 +823,7 @@ class CallMachine:
         """No ``response.done`` settled the calls announced before a re-attach: answer them; send again
         our outputs still unacknowledged since then (see :meth:`reattached`). Nothing once the end's verb
         is out: the call is going."""
-        if self._end is not None and self._end.verb_sent:
+        if self._going:
             self._resend, self._orphans = (), ()
             return []
         actions: list[Action] = []
