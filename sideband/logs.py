@@ -8,7 +8,7 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "describe"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -53,3 +53,11 @@ def configure_logging(
         logger_factory=_Shared(structlog.PrintLogger(out)),
         cache_logger_on_first_use=False,
     )
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` on one line, at most 300 characters: what an operator needs from a failure in
+    user code (routing hooks, call hooks), logged beside its traceback."""
+    text = " ".join(str(exc).split())
+    described = type(exc).__name__ + (f": {text}" if text else "")
+    return described if len(described) <= 300 else described[:299] + "…"

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sideband.app import CallPlan, IncomingCall, Sideband
 from sideband.context import CallContext, SipHeader
+from sideband.logs import describe
 from sideband.routing import RouteTable
 from sideband.runtime.driver import CallRegistry, CallRuntime
 from sideband.runtime.machine import CallMachine, MachineConfig
@@ -260,7 +261,7 @@ class Service:
         except TimeoutError:
             self.log.error("call.route_failed", error="timeout", budget_s=self.settings.route_budget)
         except Exception as exc:
-            self.log.error("call.route_failed", error=type(exc).__name__)
+            self.log.error("call.route_failed", error=describe(exc), exc_info=exc)
         self.counters["route_failed"] += 1
         return Reject(self.settings.route_failure_status)
 

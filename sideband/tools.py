@@ -399,6 +399,11 @@ class ToolRegistry:
             sub._add_tool(t)
         return sub
 
+    @property
+    def executor(self) -> concurrent.futures.Executor:
+        """The thread pool sync tools (and a call's sync hooks) run in."""
+        return self._executor
+
     # -- execution ------------------------------------------------------------------------------------
 
     async def execute(self, call_id: str, name: str, arguments: str, ctx: CallContext) -> ToolResult:

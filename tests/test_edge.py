@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog.testing
 from multidict import CIMultiDict
 
 from sideband import Accept, IncomingCall, Refer, Reject
@@ -140,9 +141,14 @@ async def test_routing_hook_that_fails_or_overruns_rejects(
 
     raising = stack.sim.create_call(Script([]), to_number="+18005550009")
     slow = stack.sim.create_call(Script([]), to_number="+18005550010")
-    for call in (raising, slow):
-        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
-        assert call.status == "rejected" and call.reject_body == {"status_code": 503}
+    with structlog.testing.capture_logs() as logs:
+        for call in (raising, slow):
+            assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+            assert call.status == "rejected" and call.reject_body == {"status_code": 503}
+    failed = [e for e in logs if e["event"] == "call.route_failed"]
+    # what went wrong, for the operator (with the traceback when the hook raised)
+    assert [e["error"] for e in failed] == ["LookupError: database down", "timeout"]
+    assert isinstance(failed[0]["exc_info"], LookupError)
 
 
 @pytest.mark.parametrize("settings_overrides", [{"route_budget": 0.3, "route_failure_status": 503}])

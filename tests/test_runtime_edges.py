@@ -4,6 +4,7 @@ tools cancelled by the call's end — over loopback against the simulators."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any
@@ -148,6 +149,73 @@ async def test_a_slow_on_call_start_hook_does_not_hold_back_the_session(simulato
 
 
 # ------------------------------------------------------------------------------------ hook lifetimes
+async def test_a_blocking_sync_hook_runs_in_a_thread_and_holds_back_nothing(stack: Stack) -> None:
+    release = threading.Event()
+    blocked = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    lines: list[str] = []
+    in_order = asyncio.Event()
+
+    @stack.app.on_dtmf
+    def slow_crm(ctx: CallContext, digit: str) -> None:  # blocking I/O in a plain function
+        assert threading.current_thread() is not threading.main_thread()
+        loop.call_soon_threadsafe(blocked.set)
+        release.wait(10)
+
+    @stack.app.on_transcript
+    def keep(ctx: CallContext, role: str, text: str) -> None:
+        lines.append(text)
+        if len(lines) == 3:
+            loop.call_soon_threadsafe(in_order.set)
+
+    call = stack.sim.create_call(
+        Script(
+            [
+                HELLO,
+                caller_presses("1"),
+                caller_says("order 7"),
+                model_calls("lookup_order", {"order_id": "7"}),
+                model_says("Shipped."),
+            ],
+            step_timeout=10,
+        )
+    )
+    try:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await asyncio.wait_for(blocked.wait(), 5)
+        # While the hook blocks its thread, the call goes on: the tool round completes.
+        await call.wait_for(lambda c: bool(c.function_outputs), timeout=5)
+        assert not release.is_set()
+    finally:
+        release.set()
+    await asyncio.wait_for(in_order.wait(), 5)  # a call's sync hooks run one at a time, in order
+    assert lines == ["Hello.", "order 7", "Shipped."]
+    stack.sim.hang_up(call)
+    await stack.ended(call)
+
+
+async def test_failures_in_user_code_are_logged_with_what_went_wrong(stack: Stack) -> None:
+    @stack.app.on_call_start
+    def needs_crm(ctx: CallContext) -> None:
+        raise KeyError("crm_url")
+
+    call = stack.sim.create_call(
+        Script([HELLO, caller_says("order 1"), model_calls("broken", {}), model_says("Sorry.")])
+    )
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await call.wait_for(lambda c: bool(c.function_outputs), timeout=5)
+        stack.sim.hang_up(call)
+        await stack.ended(call)
+    failed = [e for e in logs if e["event"] == "hook.failed"]
+    assert [(e["hook"], e["error"]) for e in failed] == [("needs_crm", "KeyError: 'crm_url'")]
+    assert isinstance(failed[0]["exc_info"], KeyError) and failed[0]["log_level"] == "error"
+    tool = [e for e in logs if e["event"] == "tool.finished"]
+    assert [(e["outcome"], e["log_level"]) for e in tool] == [("error", "warning")]
+    assert isinstance(tool[0]["exc_info"], RuntimeError)  # the traceback is the operator's, not the model's
+    assert "secret" not in stack.sim.calls[call.call_id].function_outputs[0][1]
+
+
 async def test_on_tool_hooks_end_before_on_call_end(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sideband.runtime.driver.HOOK_GRACE", 0.2, raising=False)
     order: list[Any] = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import inspect
 import re
 import time
@@ -17,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from sideband import jsonio
 from sideband.context import NO_ACTIONS, CallContext
+from sideband.logs import describe
 from sideband.runtime.machine import (
     ACK_TYPES,
     HANDLED_TYPES,
@@ -158,6 +161,7 @@ class CallRuntime:
         "_reattach_attempts",
         "_side_tasks",
         "_stop",
+        "_sync_hooks",
         "_targets",
         "_tool_tasks",
         "_verb_call",
@@ -205,6 +209,7 @@ class CallRuntime:
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._hook_tasks: dict[asyncio.Future[None], str] | None = None  # → the hook it runs (for the log)
+        self._sync_hooks: asyncio.Lock | None = None  # a call's sync hooks run one at a time, in order
         self._stop: asyncio.Future[None] | None = None  # wakes a re-attach backoff when the call ends
         # The call's timers: name → loop time it fires, behind one loop timer for the earliest (a loop
         # timer handle per named timer would cost about 0.5 KiB each, per call).
@@ -597,13 +602,16 @@ class CallRuntime:
                 raise
             record = ToolRecord(call_id, name, result.outcome, result.duration)
             self.summary.tools.append(record)
-            self.log.info(
+            # A tool that raised or overran is worth an operator's look (with the traceback).
+            log = self.log.info if result.outcome not in ("error", "timeout") else self.log.warning
+            log(
                 "tool.finished",
                 tool=name,
                 tool_call_id=call_id,
                 outcome=result.outcome,
                 duration_ms=round(result.duration * 1000, 2),
                 error=result.error,
+                exc_info=result.exception,
             )
             self._apply(self.machine.tool_done(call_id, result.output))
             if self.hooks.on_tool:
@@ -674,11 +682,28 @@ class CallRuntime:
             if task is not None and tasks is not None and task in tasks:
                 tasks[task] = _hook_name(hook)
             try:
-                result = hook(*args)
-                if inspect.isawaitable(result):
-                    await result
+                if inspect.iscoroutinefunction(hook):
+                    await hook(*args)
+                else:
+                    await self._sync_hook(hook, args)
             except Exception as exc:
-                self.log.error("hook.failed", hook=_hook_name(hook), error=type(exc).__name__)
+                self.log.error("hook.failed", hook=_hook_name(hook), error=describe(exc), exc_info=exc)
+
+    async def _sync_hook(self, hook: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """A plain function runs in the tools' thread pool, so blocking work never stalls the loop; a
+        call's sync hooks run one at a time, in the order they were triggered (transcript lines stay in
+        order). Context actions from the thread hop to the loop."""
+        lock = self._sync_hooks
+        if lock is None:
+            lock = self._sync_hooks = asyncio.Lock()
+        async with lock:
+            loop = asyncio.get_running_loop()
+            if self.ctx._loop is None:
+                self.ctx._loop = loop
+            run = functools.partial(contextvars.copy_context().run, hook, *args)
+            result = await loop.run_in_executor(self.tools.executor, run)
+        if inspect.isawaitable(result):  # a sync wrapper around a coroutine function
+            await result
 
     async def _cleanup(self) -> None:
         if self._alarm is not None:
