@@ -16,7 +16,7 @@ from sideband.context import CallContext, SipHeader
 from sideband.runtime.driver import CallSummary, ToolRecord
 from sideband.session import Accept, Refer, Reject, SessionConfig
 from sideband.settings import Settings, SettingsError, load_settings
-from sideband.tools import ToolError, ToolResult
+from sideband.tools import ToolError, ToolResult, TransferNotAllowed
 
 __all__ = [
     "Accept",
@@ -33,6 +33,7 @@ __all__ = [
     "ToolError",
     "ToolRecord",
     "ToolResult",
+    "TransferNotAllowed",
     "load_settings",
 ]
 

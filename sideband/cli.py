@@ -20,6 +20,7 @@ from aiohttp import web
 from sideband.app import Sideband
 from sideband.logs import configure_logging
 from sideband.routing import RouteError
+from sideband.session import SessionConfigError
 from sideband.settings import Settings, SettingsError, load_settings
 
 __all__ = ["load_app", "main"]
@@ -186,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except RouteError as exc:
         print(f"sideband: SIDEBAND_ROUTES_FILE: {exc}", file=sys.stderr)
+        return 2
+    except SessionConfigError as exc:  # the app's own session config: every call would fail
+        print(f"sideband: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

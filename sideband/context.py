@@ -176,7 +176,9 @@ class CallContext:
             _call_in(loop, lambda: self._actions.say(instructions))
 
     def update_session(self, **fields: Any) -> None:
-        """Send a ``session.update`` with these fields (``type`` is added)."""
+        """Send a ``session.update`` with these fields (``type`` is added). Names as for
+        :class:`~sideband.SessionConfig` work too (``voice="cedar"`` becomes ``audio.output.voice``); a
+        field name that is a typo of a known one raises ``SessionConfigError`` (a ``ValueError``)."""
         loop = self._foreign_loop()
         if loop is None:
             self._actions.update_session(**fields)

@@ -35,7 +35,7 @@ from sideband.session import Accept, Decision, Refer, Reject, validate_accept_pa
 if TYPE_CHECKING:
     from sideband.app import Sideband
 
-__all__ = ["RouteError", "RouteTable"]
+__all__ = ["RouteError", "RouteTable", "session_problem"]
 
 
 class RouteError(ValueError):
@@ -56,6 +56,16 @@ def _one_line(exc: Exception) -> str:
     return text or type(exc).__name__
 
 
+def session_problem(app: Sideband, decision: Accept) -> str | None:
+    """Why ``app`` answering a SIP call with ``decision`` would fail (one line), else ``None``: the
+    accept payload is built and checked as at ring time (the plan is then cached by ``app``)."""
+    try:
+        validate_accept_payload(app.plan(decision).session, sip=True)
+    except Exception as exc:  # whatever fails here would fail the call at ring time
+        return _one_line(exc)
+    return None
+
+
 class _Route(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -73,6 +83,12 @@ class _Route(BaseModel):
     def _one_outcome(self) -> _Route:
         if self.reject is not None and self.refer is not None:
             raise ValueError("a route may reject or refer, not both")
+        if self.reject is not None or self.refer is not None:
+            # A route that does not answer has no use for answering fields: one set is a mistake.
+            unused = sorted(k for k in self.model_fields_set if k not in ("reject", "refer"))
+            if unused:
+                verb = "rejects" if self.reject is not None else "refers"
+                raise ValueError(f"a route that {verb} answers nothing: {', '.join(unused)} would be ignored")
         if self.refer is not None and not self.refer.startswith(("tel:", "sip:", "sips:")):
             raise ValueError("refer must be a tel: or sip: URI")
         return self
@@ -152,7 +168,7 @@ class RouteTable:
         rejecting every call to that number at ring time. The plans built here are cached by ``app``.
         """
         known = set(app.tools.names())
-        base = self._problem(app, Accept())
+        base = session_problem(app, Accept())
         entries: list[tuple[str, Decision]] = [("default", self.default)] if self.default else []
         entries += [(f"routes.{self._labels.get(k, k)}", d) for k, d in self._routes.items()]
         for where, decision in entries:
@@ -161,18 +177,10 @@ class RouteTable:
             unknown = sorted(set(decision.tools or ()) - known)
             if unknown:
                 self._fail(f"{where}.tools: unknown tool {', '.join(unknown)}")
-            problem = self._problem(app, decision)
+            problem = session_problem(app, decision)
             if problem is not None:
                 whose = " (in the app's own session config)" if problem == base else ""
                 self._fail(f"{where}: {problem}{whose}")
-
-    @staticmethod
-    def _problem(app: Sideband, decision: Accept) -> str | None:
-        try:
-            validate_accept_payload(app.plan(decision).session, sip=True)
-        except Exception as exc:  # whatever fails here would fail the call at ring time
-            return _one_line(exc)
-        return None
 
     def _fail(self, message: str) -> None:
         raise RouteError(f"{self.source}: {message}" if self.source else message)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sideband.app import CallPlan, IncomingCall, Sideband
 from sideband.context import CallContext, SipHeader
 from sideband.logs import describe
-from sideband.routing import RouteTable
+from sideband.routing import RouteTable, session_problem
 from sideband.runtime.driver import CallRegistry, CallRuntime
 from sideband.runtime.machine import CallMachine, MachineConfig
 from sideband.session import Accept, Decision, Refer, Reject, SessionConfigError, validate_accept_payload
@@ -123,6 +123,9 @@ class Service:
             if (settings.rtc_ticket_secret or settings.openai_webhook_secret or settings.openai_api_key)
             else None
         )
+        problem = session_problem(app, Accept())  # every call would be refused: fail at start
+        if problem is not None:
+            raise SessionConfigError(f"the app's session config: {problem}")
         routes_file = settings.routes_file
         self.routes = RouteTable({})
         if routes_file:  # every route's session as a SIP accept would send it: fail at start

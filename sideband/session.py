@@ -3,6 +3,8 @@ routing decisions a hook returns."""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -88,16 +90,98 @@ class SessionConfig(BaseModel):
 
 _FORBIDDEN_TURN_DETECTION = ("threshold", "prefix_padding_ms", "silence_duration_ms")
 
+# Names a session object takes (the realtime session's fields, and SessionConfig's own), by level: an
+# unknown name *close to* one of them is a typo the calls API would refuse (``unknown_parameter``) at
+# every call. Other unknown names pass: OpenAI adds fields over time, and they need no release of ours.
+_SESSION_KEYS = frozenset(
+    {
+        "type",
+        "model",
+        "instructions",
+        "output_modalities",
+        "audio",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "max_output_tokens",
+        "truncation",
+        "tracing",
+        "prompt",
+        "include",
+        "voice",
+        "speed",
+        "transcription_model",
+        "turn_detection",
+        "noise_reduction",
+        "greeting",
+    }
+)
+_AUDIO_KEYS = {
+    "input": frozenset({"format", "transcription", "noise_reduction", "turn_detection"}),
+    "output": frozenset({"format", "voice", "speed"}),
+}
+_AUDIO_SIDES = frozenset(_AUDIO_KEYS)
+
+
+def _typo(key: Any, known: frozenset[str], where: str) -> None:
+    if isinstance(key, str) and key not in known:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if close:
+            raise SessionConfigError(
+                f"unknown session field {where + key!r} (did you mean {where + close[0]!r}?)"
+            )
+
+
+# SessionConfig's names for fields of the realtime session's ``audio`` object: side, key.
+_AUDIO_NAMES = {
+    "voice": ("output", "voice"),
+    "speed": ("output", "speed"),
+    "turn_detection": ("input", "turn_detection"),
+    "noise_reduction": ("input", "noise_reduction"),
+}
+
+
+def session_update(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``session`` of a partial ``session.update``: :class:`SessionConfig`'s names (``voice=``,
+    ``speed=``, ``turn_detection=``, ``noise_reduction=``, ``transcription_model=``) moved to where the
+    realtime session has them (``audio.output.voice``…), other fields as given, ``type`` added.
+
+    Raises :class:`SessionConfigError` for a field name that is a typo of a known one."""
+    session: dict[str, Any] = {
+        k: v for k, v in fields.items() if k not in _AUDIO_NAMES and k != "transcription_model"
+    }
+    given = session.pop("audio", None)
+    audio: dict[str, Any] = {side: dict(part) for side, part in (given or {}).items()}
+    for name, (side, key) in _AUDIO_NAMES.items():
+        if name in fields:
+            audio.setdefault(side, {})[key] = fields[name]
+    if "transcription_model" in fields:
+        model = fields["transcription_model"]
+        audio.setdefault("input", {})["transcription"] = None if model is None else {"model": model}
+    if audio:
+        session["audio"] = audio
+    session["type"] = "realtime"
+    validate_accept_payload(session, sip=False)
+    return session
+
 
 def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
-    """Refuse locally what OpenAI would refuse or silently break on (PROTOCOL A2)."""
+    """Refuse locally what OpenAI would refuse or silently break on (PROTOCOL A2), and field names that
+    are a typo of a known one (``max_output_token``)."""
     if body.get("type") != "realtime":
         raise SessionConfigError('session config needs "type": "realtime"')
+    for key in body:
+        _typo(key, _SESSION_KEYS, "")
     audio = body.get("audio") or {}
     if not isinstance(audio, dict):
         raise SessionConfigError("audio must be an object")
+    for key in audio:
+        _typo(key, _AUDIO_SIDES, "audio.")
     for side in ("input", "output"):
         part = audio.get(side) or {}
+        if isinstance(part, dict):
+            for key in part:
+                _typo(key, _AUDIO_KEYS[side], f"audio.{side}.")
         if sip and "format" in part:
             raise SessionConfigError(
                 f"audio.{side}.format must not be set for SIP calls (the codec is negotiated)"

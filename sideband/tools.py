@@ -46,7 +46,7 @@ from pydantic_core import to_json
 
 from .context import CallContext
 
-__all__ = ["Outcome", "Tool", "ToolError", "ToolRegistry", "ToolResult"]
+__all__ = ["Outcome", "Tool", "ToolError", "ToolRegistry", "ToolResult", "TransferNotAllowed"]
 
 Outcome = Literal["ok", "invalid_arguments", "error", "timeout", "unknown_tool"]
 """How a tool call ended."""
@@ -82,6 +82,12 @@ class ToolError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class TransferNotAllowed(ToolError, ValueError):
+    """``ctx.transfer(target)`` with a target outside the app's ``transfer_targets``. Raised from a tool,
+    its message (the target and the allowed labels, never a URI the model chose) reaches the model, so it
+    can pick an allowed one or tell the caller."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -283,6 +283,8 @@ async def test_loop_breaker_stops_identical_calls(stack: Stack) -> None:
     results = list(outputs(call).values())
     assert results[:3] == ["poked"] * 3 and results[3]["error"] == "loop_detected"
     assert len(runs) == 3
+    summary = await ended(stack, call)  # the refused call is in the record too
+    assert [t.outcome for t in summary.tools] == ["ok", "ok", "ok", "loop_breaker"]
 
 
 async def test_context_actions_say_update_session_and_idempotent_hangup(stack: Stack) -> None:
@@ -315,6 +317,53 @@ async def test_context_actions_say_update_session_and_idempotent_hangup(stack: S
     assert ks.index("output:" + next(iter(outputs(call)))) < len(ks) - 1
     summary = await ended(stack, call)
     assert summary.reason == "hangup"
+
+
+async def test_update_session_takes_session_config_names_and_refuses_typos(stack: Stack) -> None:
+    @stack.app.tool
+    async def slow_down(ctx: CallContext) -> str:
+        # (the voice cannot change once the model has spoken: the server refuses that)
+        ctx.update_session(speed=0.9, noise_reduction={"type": "near_field"}, instructions="Speak slowly.")
+        try:
+            ctx.update_session(instruction="typo")
+        except ValueError as exc:
+            return str(exc)
+        return "no error"
+
+    @stack.app.tool
+    async def to_sales(ctx: CallContext) -> str:
+        await ctx.transfer("sales")  # not in transfer_targets
+        return "transferring"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("slower please, then sales"),
+                model_calls("slow_down", {}),
+                model_says("Sure."),
+                model_calls("to_sales", {}),
+                model_says("I can only transfer you to a human."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await call.wait_done(timeout=10)
+    updates = [e["session"] for e in call.received if e["type"] == "session.update"]
+    assert updates[-1] == {
+        "type": "realtime",
+        "instructions": "Speak slowly.",
+        "audio": {"output": {"speed": 0.9}, "input": {"noise_reduction": {"type": "near_field"}}},
+    }
+    assert not server_errors(call)  # the simulator, like OpenAI, took the update
+    results = list(outputs(call).values())
+    assert results[0] == "unknown session field 'instruction' (did you mean 'instructions'?)"
+    # The model learns which targets it may use instead of a bare error type.
+    assert results[1] == {
+        "error": "tool_failed",
+        "message": "transfer target 'sales' is not allowed (allowed: human)",
+    }
 
 
 async def test_hangup_during_a_tool_cancels_it_and_sends_nothing(stack: Stack) -> None:

@@ -337,6 +337,25 @@ def test_say_is_queued_behind_an_active_response() -> None:
     assert sends(upd) == [{"type": "session.update", "session": {"instructions": "new", "type": "realtime"}}]
 
 
+def test_update_session_moves_session_config_names_where_the_server_has_them() -> None:
+    m = machine()
+    m.start()
+    upd = m.update_session(
+        {"voice": "cedar", "transcription_model": None, "audio": {"output": {"speed": 1.2}}}
+    )
+    assert sends(upd)[0]["session"] == {
+        "type": "realtime",
+        "audio": {"output": {"speed": 1.2, "voice": "cedar"}, "input": {"transcription": None}},
+    }
+    flat = machine(caps=Capabilities(nested_audio=False))  # e.g. the vowel engine: top-level voice
+    flat.start()
+    flat.receive({"type": "session.updated", "session": {}})
+    assert sends(flat.update_session({"voice": "Ashley"}))[0]["session"] == {
+        "voice": "Ashley",
+        "type": "realtime",
+    }
+
+
 def test_agent_line_reported_once_when_sent_as_text_and_transcript() -> None:
     m = machine()
     m.start()

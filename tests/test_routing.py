@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,8 @@ def test_table_matches_numbers_and_default(tmp_path: Path) -> None:
             "routes.+1 800 555 1212: the same number as routes.+18005551212",
         ),
         ("[routes\n", "routes.toml"),
+        ('[routes."+1"]\nreject = 486\ninstructions = "x"\n', "rejects answers nothing: instructions"),
+        ('[routes."+1"]\nrefer = "tel:+1"\nmax_call_seconds = 60\n', "refers answers nothing: max_call"),
     ],
 )
 def test_invalid_files_are_one_line_errors(tmp_path: Path, text: str, fragment: str) -> None:
@@ -161,6 +164,8 @@ SIP_REFUSED = [
     ('session = { turn_detection = { type = "server_vad", threshold = 0.5 } }', "turn_detection.threshold"),
     ('session = { type = "transcription" }', '"type": "realtime"'),
     ("session = { speed = -1 }", "session.speed: Input should be greater than 0"),
+    # a typo the calls API refuses (unknown_parameter) at every call to the number
+    ("session = { max_output_token = 400 }", "'max_output_token' (did you mean 'max_output_tokens'?)"),
 ]
 
 
@@ -211,6 +216,58 @@ def test_unknown_tools_are_errors_even_when_the_app_has_no_tools(tmp_path: Path)
         return order_id
 
     table.check(app)
+
+
+def test_session_field_typos_are_refused_and_new_fields_pass() -> None:
+    from sideband.session import SessionConfigError, validate_accept_payload
+
+    for body, message in (
+        ({"type": "realtime", "instruction": "x"}, "'instruction' (did you mean 'instructions'?)"),
+        ({"type": "realtime", "audio": {"inputs": {}}}, "'audio.inputs' (did you mean 'audio.input'?)"),
+        ({"type": "realtime", "audio": {"output": {"voic": "x"}}}, "did you mean 'audio.output.voice'?"),
+    ):
+        with pytest.raises(SessionConfigError, match=re.escape(message)):
+            validate_accept_payload(body)
+    # A field OpenAI adds later is close to none of the known ones: it passes untouched.
+    validate_accept_payload({"type": "realtime", "audio": {"output": {"pitch": 1}}, "reasoning": {}})
+
+
+def test_service_refuses_to_start_with_an_app_config_every_call_would_fail(simulator: Simulator) -> None:
+    from sideband.service import Service
+    from sideband.session import SessionConfigError
+
+    app = Sideband(session=SessionConfig(turn_detection={"type": "server_vad", "threshold": 0.6}))
+    with pytest.raises(SessionConfigError) as info:
+        Service(settings_for(simulator), app)  # no route file: the app's own config is checked all the same
+    assert str(info.value) == (
+        "the app's session config: audio.input.turn_detection.threshold is refused by the calls API"
+    )
+
+
+def test_serve_with_a_bad_app_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "badcfg.py").write_text(
+        "from sideband import SessionConfig, Sideband\n"
+        "app = Sideband(session=SessionConfig(max_output_token=400))\n"
+    )
+    env = {
+        "OPENAI_API_KEY": "sk-x",
+        "OPENAI_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(tmp_path),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "sideband.cli", "serve", "badcfg:app", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "sideband: the app's session config: unknown session field 'max_output_token' "
+        "(did you mean 'max_output_tokens'?)"
+    )
 
 
 def test_service_refuses_to_start_with_a_route_sip_would_refuse(simulator: Simulator, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from sideband.runtime.machine import (
     StartTimer,
     Verb,
 )
+from sideband.tools import TransferNotAllowed
 from sideband.upstream._ws import PushConnection
 from sideband.upstream.openai import CallGone, UpstreamError
 
@@ -98,7 +99,9 @@ class Flag:
 
 @dataclass(frozen=True, slots=True)
 class ToolRecord:
-    """One tool execution, as the call-end summary reports it."""
+    """One tool call, as the call-end summary reports it: ``outcome`` is the tool's (``ok``, ``error``,
+    ``timeout``, ``invalid_arguments``, ``unknown_tool``), ``cancelled`` when the call's end cut it off,
+    or ``loop_breaker`` when the breaker refused to run it."""
 
     call_id: str
     name: str
@@ -240,7 +243,7 @@ class CallRuntime:
             uri = target
         if uri is None:
             allowed = ", ".join(sorted(self._targets)) or "none configured"
-            raise ValueError(f"transfer target {target!r} is not allowed (allowed: {allowed})")
+            raise TransferNotAllowed(f"transfer target {target!r} is not allowed (allowed: {allowed})")
         self._apply(self.machine.request_end("transferred", verb="refer", target=uri))
         self._kick()
 
@@ -260,7 +263,7 @@ class CallRuntime:
         self._kick()
 
     def update_session(self, **fields: Any) -> None:
-        """Send a partial ``session.update``."""
+        """Send a partial ``session.update`` (see :meth:`CallMachine.update_session`)."""
         self._apply(self.machine.update_session(fields))
         self._kick()
 
@@ -670,7 +673,13 @@ class CallRuntime:
         elif event == "sideband.ready":
             self.ready.set()
             self.log.info(event)
-        elif event in ("sideband.error", "call.verb_failed", "tool.loop_breaker", "call.end_forced"):
+        elif event == "tool.loop_breaker":  # a tool call answered with a refusal: in the record too
+            self.log.warning(event, **fields)
+            record = ToolRecord(fields["tool_call_id"], fields["tool"], "loop_breaker", 0.0)
+            self.summary.tools.append(record)
+            if self.hooks.on_tool:
+                self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
+        elif event in ("sideband.error", "call.verb_failed", "call.end_forced"):
             self.log.warning(event, **fields)
         else:
             self.log.info(event, **fields)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from sideband.session import session_update
+
 __all__ = [
     "Action",
     "CallMachine",
@@ -118,6 +120,9 @@ class Capabilities:
     socket ends the call (``connection_lost``)."""
     close_reasons: Mapping[int, str] = field(default_factory=dict)
     """Close codes that end the call at once, with the reason to report (e.g. ``{1011: "engine_error"}``)."""
+    nested_audio: bool = True
+    """Voice, speed and turn detection live in the session's ``audio`` object (OpenAI); otherwise at its
+    top level (vowel): where :meth:`CallMachine.update_session` puts ``voice=`` and the like."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,10 +516,13 @@ class CallMachine:
 
     def update_session(self, fields: Mapping[str, Any]) -> list[Action]:
         """Send a partial ``session.update`` (held until our own session config is out). Ignored once the
-        call's hangup or transfer went out."""
+        call's hangup or transfer went out. :class:`~sideband.SessionConfig`'s names (``voice=``…) are moved
+        into ``audio`` where the server has them there (:func:`~sideband.session.session_update`, which
+        raises :class:`~sideband.session.SessionConfigError` for a typo of a known field)."""
         if self._closed is not None or self._going:
             return []
-        send = Send({"type": "session.update", "session": {**fields, "type": "realtime"}})
+        session = session_update(fields) if self.caps.nested_audio else {**fields, "type": "realtime"}
+        send = Send({"type": "session.update", "session": session})
         self._updates = (*self._updates, send)
         if not self._live:
             self._held = (*self._held, send)

@@ -50,6 +50,7 @@ ENGINE_CAPABILITIES = Capabilities(
     responds_to_user_text=True,
     resumable=False,
     close_reasons={1011: "engine_error"},
+    nested_audio=False,
 )
 """What the vowel engine does, as the call machine sees it."""
 
