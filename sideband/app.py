@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, overload
 from sideband.context import CallContext, SipHeader
 from sideband.runtime.driver import CallHooks
 from sideband.runtime.machine import DEFAULT_FILLER, DEFAULT_GOODBYE
-from sideband.session import Accept, Decision, Refer, Reject, SessionConfig
+from sideband.session import Accept, Decision, DecisionError, Refer, Reject, SessionConfig
 from sideband.tools import ToolRegistry
 
 __all__ = ["IncomingCall", "Sideband", "parse_number"]
@@ -298,7 +298,7 @@ class Sideband:
         if inspect.isawaitable(result):
             result = await result
         if not isinstance(result, Accept | Reject | Refer):
-            raise TypeError(f"on_incoming returned {type(result).__name__}, not Accept/Reject/Refer")
+            raise DecisionError(f"on_incoming returned {type(result).__name__}, not Accept/Reject/Refer")
         return result
 
     def plan(self, accept: Accept | None = None) -> CallPlan:

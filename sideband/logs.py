@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from typing import Any, Literal, TextIO
 
 import structlog
 
-__all__ = ["configure_logging", "describe"]
+__all__ = ["configure_logging", "describe", "failure_fields"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -55,9 +56,27 @@ def configure_logging(
     )
 
 
-def describe(exc: BaseException) -> str:
-    """``Type: message`` on one line, at most 300 characters: what an operator needs from a failure in
-    user code (routing hooks, call hooks), logged beside its traceback."""
+def describe(exc: BaseException, *, message: bool) -> str:
+    """What an operator needs from a failure in user code (tools, routing and call hooks), on one line:
+    ``Type``, or ``Type: message`` (at most 300 characters) when ``message`` — only when the message is
+    sideband's own or ``SIDEBAND_LOG_TOOL_ARGUMENTS`` allows it: exception text often holds the data the
+    code worked on (arguments, card numbers, keys)."""
+    if not message:
+        return type(exc).__name__
     text = " ".join(str(exc).split())
     described = type(exc).__name__ + (f": {text}" if text else "")
     return described if len(described) <= 300 else described[:299] + "…"
+
+
+def failure_fields(exc: BaseException, *, message: bool) -> dict[str, Any]:
+    """Log fields for a failure in user code: ``error`` (:func:`describe`) and where it was raised. With
+    ``message`` the full traceback (``exc_info``); without, ``stack``: the traceback's frames (file, line,
+    function, source line) and the exception's type, not its message."""
+    if message:
+        return {"error": describe(exc, message=True), "exc_info": exc}
+    frames = traceback.extract_tb(exc.__traceback__)[-_STACK_FRAMES:]
+    stack = "".join(traceback.format_list(frames)) + type(exc).__name__
+    return {"error": describe(exc, message=False), "stack": stack}
+
+
+_STACK_FRAMES = 12

@@ -17,11 +17,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sideband.app import CallPlan, IncomingCall, Sideband
 from sideband.context import CallContext, SipHeader
-from sideband.logs import describe
+from sideband.logs import failure_fields
 from sideband.routing import RouteTable, session_problem
 from sideband.runtime.driver import CallRegistry, CallRuntime
 from sideband.runtime.machine import CallMachine, MachineConfig
-from sideband.session import Accept, Decision, Refer, Reject, SessionConfigError, validate_accept_payload
+from sideband.session import (
+    Accept,
+    Decision,
+    DecisionError,
+    Refer,
+    Reject,
+    SessionConfigError,
+    validate_accept_payload,
+)
 from sideband.settings import Settings
 from sideband.stores import ClaimStore, MemoryStore
 from sideband.tickets import TicketError, TicketSigner
@@ -264,7 +272,9 @@ class Service:
         except TimeoutError:
             self.log.error("call.route_failed", error="timeout", budget_s=self.settings.route_budget)
         except Exception as exc:
-            self.log.error("call.route_failed", error=describe(exc), exc_info=exc)
+            own = isinstance(exc, DecisionError)  # our message: no data of the hook's in it
+            fields = failure_fields(exc, message=own or self.settings.log_tool_arguments)
+            self.log.error("call.route_failed", **fields)
         self.counters["route_failed"] += 1
         return Reject(self.settings.route_failure_status)
 

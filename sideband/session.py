@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "Accept",
     "Decision",
+    "DecisionError",
     "Refer",
     "Reject",
     "SessionConfig",
@@ -23,6 +24,12 @@ __all__ = [
 
 class SessionConfigError(ValueError):
     """A session config OpenAI would refuse (or accept and then fail the call with)."""
+
+
+class DecisionError(TypeError, ValueError):
+    """A routing decision that cannot be carried out: a wrong type (``on_incoming`` returned something
+    else) or value (``Reject(200)``). A ``TypeError`` and a ``ValueError``; its message is sideband's own,
+    so it is logged in full (``call.route_failed``)."""
 
 
 class SessionConfig(BaseModel):
@@ -213,7 +220,7 @@ class Accept:
     def __post_init__(self) -> None:
         if self.tools is not None:
             if isinstance(self.tools, str) or not all(isinstance(t, str) for t in self.tools):
-                raise TypeError("Accept(tools=...) takes tool names, e.g. ('lookup_order',)")
+                raise DecisionError("Accept(tools=...) takes tool names, e.g. ('lookup_order',)")
             object.__setattr__(self, "tools", tuple(self.tools))  # a list is fine, stored hashable
 
 
@@ -221,29 +228,30 @@ class Accept:
 class Reject:
     """Refuse the call with a SIP status (default 603 Decline); a final status, 400-699.
 
-    Raises :class:`ValueError` on any other status, so a routing hook's mistake fails closed (the
-    call is rejected with ``SIDEBAND_ROUTE_FAILURE_STATUS``) instead of leaving the caller ringing.
+    Raises :class:`DecisionError` (a ``ValueError``) on any other status, so a routing hook's mistake
+    fails closed (the call is rejected with ``SIDEBAND_ROUTE_FAILURE_STATUS``) instead of leaving the
+    caller ringing.
     """
 
     status_code: int = 603
 
     def __post_init__(self) -> None:
         if type(self.status_code) is not int or not 400 <= self.status_code <= 699:
-            raise ValueError(f"Reject status_code must be a SIP status 400-699, got {self.status_code!r}")
+            raise DecisionError(f"Reject status_code must be a SIP status 400-699, got {self.status_code!r}")
 
 
 @dataclass(frozen=True, slots=True)
 class Refer:
     """Send the call elsewhere (SIP REFER) without answering it: ``tel:+1…`` or ``sip:…``.
 
-    Raises :class:`ValueError` for any other kind of URI.
+    Raises :class:`DecisionError` (a ``ValueError``) for any other kind of URI.
     """
 
     target_uri: str
 
     def __post_init__(self) -> None:
         if not isinstance(self.target_uri, str) or not self.target_uri.startswith(("tel:", "sip:", "sips:")):
-            raise ValueError(f"Refer target_uri must be a tel: or sip: URI, got {self.target_uri!r}")
+            raise DecisionError(f"Refer target_uri must be a tel: or sip: URI, got {self.target_uri!r}")
 
 
 Decision = Accept | Reject | Refer

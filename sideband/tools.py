@@ -96,7 +96,9 @@ class ToolResult:
 
     ``output`` is what the model sees (a string, usually JSON). ``duration`` is in seconds (monotonic clock),
     covering validation and execution. ``error`` is a short description for logs and never holds the raw
-    arguments. ``exception`` is the exception a failed tool raised (for a traceback in logs), else ``None``.
+    arguments, nor a failed tool's exception text (a :class:`ToolError`'s message excepted): that text
+    often holds the data the tool worked on. ``exception`` is the exception a failed tool raised, else
+    ``None``.
     """
 
     call_id: str
@@ -496,8 +498,9 @@ def _encode(value: Any) -> str:
 
 def _failed(call_id: str, name: str, exc: BaseException, start: float) -> ToolResult:
     message = exc.message if isinstance(exc, ToolError) else type(exc).__name__
-    text = str(exc)
-    error = type(exc).__name__ + (f": {text}" if text else "")
+    # The exception's text often holds the tool's data (arguments, keys): only a ToolError's, meant for
+    # the model anyway, goes into ``error``; the exception itself is kept in the result.
+    error = type(exc).__name__ + (f": {exc.message}" if isinstance(exc, ToolError) else "")
     if len(error) > 300:
         error = error[:300] + "…"
     return ToolResult(

@@ -194,10 +194,12 @@ async def test_a_blocking_sync_hook_runs_in_a_thread_and_holds_back_nothing(stac
     await stack.ended(call)
 
 
-async def test_failures_in_user_code_are_logged_with_what_went_wrong(stack: Stack) -> None:
+async def _failing_call(stack: Stack) -> list[MutableMapping[str, Any]]:
+    """A call whose on_call_start hook and tool raise with data in their messages; its log entries."""
+
     @stack.app.on_call_start
     def needs_crm(ctx: CallContext) -> None:
-        raise KeyError("crm_url")
+        raise KeyError(f"no CRM record for {ctx.from_number}")  # data of the call in the message
 
     call = stack.sim.create_call(
         Script([HELLO, caller_says("order 1"), model_calls("broken", {}), model_says("Sorry.")])
@@ -207,13 +209,34 @@ async def test_failures_in_user_code_are_logged_with_what_went_wrong(stack: Stac
         await call.wait_for(lambda c: bool(c.function_outputs), timeout=5)
         stack.sim.hang_up(call)
         await stack.ended(call)
-    failed = [e for e in logs if e["event"] == "hook.failed"]
-    assert [(e["hook"], e["error"]) for e in failed] == [("needs_crm", "KeyError: 'crm_url'")]
-    assert isinstance(failed[0]["exc_info"], KeyError) and failed[0]["log_level"] == "error"
+    assert "secret" not in call.function_outputs[0][1]  # never the model's to see
+    return logs
+
+
+async def test_failures_in_user_code_are_logged_with_where_not_with_their_data(stack: Stack) -> None:
+    logs = await _failing_call(stack)
+    hook = [e for e in logs if e["event"] == "hook.failed"]
+    assert [(e["hook"], e["error"], e["log_level"]) for e in hook] == [("needs_crm", "KeyError", "error")]
+    assert "in needs_crm" in hook[0]["stack"] and hook[0]["stack"].endswith("KeyError")
+    assert "+14255550100" not in repr(hook[0])  # the caller's number was in the message only
     tool = [e for e in logs if e["event"] == "tool.finished"]
-    assert [(e["outcome"], e["log_level"]) for e in tool] == [("error", "warning")]
-    assert isinstance(tool[0]["exc_info"], RuntimeError)  # the traceback is the operator's, not the model's
-    assert "secret" not in stack.sim.calls[call.call_id].function_outputs[0][1]
+    assert [(e["outcome"], e["error"], e["log_level"]) for e in tool] == [
+        ("error", "RuntimeError", "warning")
+    ]
+    assert "in broken" in tool[0]["stack"] and "exc_info" not in tool[0]
+
+
+@pytest.mark.parametrize("settings_overrides", [{"log_tool_arguments": True}])
+async def test_failures_are_logged_in_full_when_tool_data_may_be_logged(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    logs = await _failing_call(stack)
+    hook = next(e for e in logs if e["event"] == "hook.failed")
+    assert hook["error"] == "KeyError: 'no CRM record for +14255550100'"
+    assert isinstance(hook["exc_info"], KeyError)
+    tool = next(e for e in logs if e["event"] == "tool.finished")
+    assert tool["error"] == "RuntimeError: secret database password in message"
+    assert isinstance(tool["exc_info"], RuntimeError)
 
 
 async def test_on_tool_hooks_end_before_on_call_end(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from sideband import jsonio
 from sideband.context import NO_ACTIONS, CallContext
-from sideband.logs import describe
+from sideband.logs import failure_fields
 from sideband.runtime.machine import (
     ACK_TYPES,
     HANDLED_TYPES,
@@ -34,7 +34,8 @@ from sideband.runtime.machine import (
     StartTimer,
     Verb,
 )
-from sideband.tools import TransferNotAllowed
+from sideband.session import SessionConfigError
+from sideband.tools import ToolError, TransferNotAllowed
 from sideband.upstream._ws import PushConnection
 from sideband.upstream.openai import CallGone, UpstreamError
 
@@ -605,16 +606,19 @@ class CallRuntime:
                 raise
             record = ToolRecord(call_id, name, result.outcome, result.duration)
             self.summary.tools.append(record)
-            # A tool that raised or overran is worth an operator's look (with the traceback).
+            # A tool that raised or overran is worth an operator's look (with where it raised).
             log = self.log.info if result.outcome not in ("error", "timeout") else self.log.warning
+            failure: dict[str, Any] = {"error": result.error}
+            if result.exception is not None:
+                own = isinstance(result.exception, ToolError)  # its message is the model's anyway
+                failure = failure_fields(result.exception, message=own or self._log_args)
             log(
                 "tool.finished",
                 tool=name,
                 tool_call_id=call_id,
                 outcome=result.outcome,
                 duration_ms=round(result.duration * 1000, 2),
-                error=result.error,
-                exc_info=result.exception,
+                **failure,
             )
             self._apply(self.machine.tool_done(call_id, result.output))
             if self.hooks.on_tool:
@@ -696,7 +700,9 @@ class CallRuntime:
                 else:
                     await self._sync_hook(hook, args)
             except Exception as exc:
-                self.log.error("hook.failed", hook=_hook_name(hook), error=describe(exc), exc_info=exc)
+                own = isinstance(exc, ToolError | SessionConfigError)  # messages of ours, no data in them
+                fields = failure_fields(exc, message=own or self._log_args)
+                self.log.error("hook.failed", hook=_hook_name(hook), **fields)
 
     async def _sync_hook(self, hook: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """A plain function runs in the tools' thread pool, so blocking work never stalls the loop; a
