@@ -216,6 +216,14 @@ class Sideband:
             )
         return fn
 
+    def close(self) -> None:
+        """Stop the app's worker threads (sync tools and hooks, sync routing hooks) at process end: idle
+        ones exit, queued work is dropped, running work is not waited for. The app runs no sync code after.
+        """
+        self.tools.executor.shutdown(wait=False, cancel_futures=True)
+        if self._route_threads is not None:
+            self._route_threads.shutdown(wait=False, cancel_futures=True)
+
     def on_call_start(self, fn: F) -> F:
         """Called with the :class:`CallContext` once the sideband is attached."""
         self.on_call_start_hooks.append(fn)

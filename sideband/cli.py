@@ -11,6 +11,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -117,7 +119,24 @@ async def serve(settings: Settings, app: Sideband) -> None:
         # Closes the listener, waits for in-flight requests, then Service.close() ends whatever is still
         # live at the end of the same window (a call an in-flight webhook accepted gets no fresh one).
         await runner.cleanup()
+        app.close()
         log.info("server.stopped")
+
+
+def _leave_stuck_threads(grace: float = 1.0) -> None:
+    """Exit now, past worker threads still running after the drain: a sync tool or hook whose backend
+    hangs would otherwise keep the process alive (Python waits for such threads at exit) until the
+    supervisor kills it. They get ``grace`` seconds to finish first; then ``server.threads_abandoned``."""
+    deadline = time.monotonic() + grace
+    workers = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for thread in workers:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in workers if t.is_alive()]
+    if stuck:
+        structlog.get_logger(component="sideband.cli").warning("server.threads_abandoned", threads=stuck)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 T = TypeVar("T")
@@ -171,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_logging(settings.log_format, settings.log_level or "info")
             app = load_app(args.app)
             _run(serve(settings, app))
+            _leave_stuck_threads()
             return 0
         if args.command == "demo":
             from sideband.demo import run_demo

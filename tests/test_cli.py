@@ -239,6 +239,53 @@ async def test_sigterm_gives_calls_one_drain_window(simulator: Simulator) -> Non
     assert drain <= elapsed < 1.6 * drain, f"exited {elapsed:.2f}s after SIGTERM (drain window {drain}s)"
 
 
+HUNG_APP = """
+import threading
+from sideband import Sideband
+
+app = Sideband(instructions="x", greeting=None)
+
+@app.tool(timeout=0.3, filler_after=None)
+def stuck_lookup() -> str:
+    \"\"\"A backend that never answers.\"\"\"
+    threading.Event().wait(120)
+    return "never"
+"""
+
+
+async def test_a_stuck_sync_tool_does_not_keep_the_process_alive(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    (tmp_path / "hung_app.py").write_text(HUNG_APP)
+    port = free_port()
+    env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="1", PYTHONPATH=str(tmp_path))
+    proc = await start_serve(port, env, app="hung_app:app")
+    assert proc.stdout is not None
+    lines: list[dict[str, object]] = []
+    try:
+        await read_until(proc.stdout, "server.started", lines)
+        call = simulator.create_call(Script([model_calls("stuck_lookup", {}), pause(60)]))
+        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
+        assert (await sender.deliver(simulator.incoming_event(call))).status == 200
+        finished = await read_until(proc.stdout, "tool.finished", lines)
+        assert finished["outcome"] == "timeout"  # the model was answered; the thread still waits
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), timeout=15)  # not the two minutes the thread waits
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    err = (await proc.stderr.read()).decode() if proc.stderr else ""
+    assert code == 0, err
+    rest = (await proc.stdout.read()).decode().splitlines()
+    lines.extend(json.loads(line) for line in rest if line.strip())
+    abandoned = [line for line in lines if line.get("event") == "server.threads_abandoned"]
+    assert len(abandoned) == 1 and [e.get("event") for e in lines][-2:] == [
+        "server.stopped",
+        "server.threads_abandoned",
+    ]
+
+
 async def test_demo_runs_every_scenario() -> None:
     out = io.StringIO()
     code = await run_demo(out=out)
