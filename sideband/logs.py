@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from collections.abc import MutableMapping
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -42,10 +43,13 @@ def configure_logging(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    rendering: list[Any]
     if fmt == "json":
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        rendering = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+        rendering = [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+    processors += rendering
+    _route_stdlib_logging(out, processors[:3], rendering)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
@@ -54,6 +58,34 @@ def configure_logging(
         logger_factory=_Shared(structlog.PrintLogger(out)),
         cache_logger_on_first_use=False,
     )
+
+
+class _LibraryLines(logging.StreamHandler):  # type: ignore[type-arg]
+    """What libraries log through :mod:`logging` (aiohttp's "Error handling request"…), as our lines."""
+
+
+def _component(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    record = event_dict.get("_record")
+    if record is not None:
+        event_dict.setdefault("component", record.name)
+    return event_dict
+
+
+def _route_stdlib_logging(out: TextIO, pre: list[Any], rendering: list[Any]) -> None:
+    """Render the standard library's log records like ours, on the same stream: warnings and errors of
+    libraries (aiohttp, asyncio) become JSON lines too instead of plain text on stderr. Idempotent."""
+    handler = _LibraryLines(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*pre, _component],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _LibraryLines)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 def describe(exc: BaseException, *, message: bool) -> str:

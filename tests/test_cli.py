@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from sideband.cli import CliError, _address, _reason
@@ -237,6 +238,40 @@ async def test_sigterm_gives_calls_one_drain_window(simulator: Simulator) -> Non
     ended = {line.get("call_id") for line in lines if line.get("event") == "call.ended"}
     assert {live.call_id, late.call_id} <= ended
     assert drain <= elapsed < 1.6 * drain, f"exited {elapsed:.2f}s after SIGTERM (drain window {drain}s)"
+
+
+async def _raw_request(port: int, data: bytes) -> None:
+    """Send ``data`` and hang up without waiting for an answer (a client that gives up mid-request)."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    writer.transport.abort()
+
+
+async def test_broken_requests_are_json_lines_and_no_internal_error(simulator: Simulator) -> None:
+    port = free_port()
+    proc = await start_serve(port, serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="0"))
+    assert proc.stdout is not None and proc.stderr is not None
+    lines: list[dict[str, object]] = []
+    head = b"POST /webhooks/openai HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    try:
+        await read_until(proc.stdout, "server.started", lines)
+        await _raw_request(port, head + b'Content-Length: 1000\r\n\r\n{"type":')  # gone mid-body
+        await read_until(proc.stdout, "webhook.abandoned", lines)
+        await _raw_request(port, b"GARBAGE\r\n\r\n")
+        async with (  # still serving, and says so
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/healthz") as resp,
+        ):
+            assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 15)
+    err = (await proc.stderr.read()).decode()
+    assert code == 0 and err == ""  # nothing on stderr: every line is on stdout, as JSON
+    lines += [json.loads(line) for line in (await proc.stdout.read()).decode().splitlines() if line.strip()]
+    assert not [e for e in lines if e.get("event") == "http.internal_error"]
+    assert next(e for e in lines if e.get("event") == "webhook.abandoned")["level"] == "info"
 
 
 HUNG_APP = """

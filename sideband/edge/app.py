@@ -60,11 +60,17 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
                 raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
     except (RequestPayloadError, HttpProcessingError):  # e.g. a body that is not the gzip it claims
         raise _BadBody from None
+    except ConnectionError:  # the client went away before sending all of it
+        raise _ClientGone from None
     return bytes(body)
 
 
 class _BadBody(ValueError):
     """The request body could not be read as sent (bad transfer or content encoding)."""
+
+
+class _ClientGone(_BadBody):
+    """The client disconnected before its body was read: nobody will read the answer either."""
 
 
 def _signature_headers(request: web.Request) -> dict[str, str]:
@@ -90,6 +96,9 @@ async def webhook(request: web.Request) -> web.Response:
         body = await _read_body(request, service.settings.webhook_max_body)
     except web.HTTPRequestEntityTooLarge:
         return _refuse(413, f"body over {service.settings.webhook_max_body} bytes")
+    except _ClientGone:  # a sender timing out, a proxy giving up: it delivers again (nothing happened)
+        log.info("webhook.abandoned", reason="client disconnected before the body was read")
+        return _json(400, {"error": "incomplete body"})
     except _BadBody:
         return _refuse(400, "body does not match its content or transfer encoding")
     try:
