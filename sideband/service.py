@@ -126,6 +126,8 @@ class Service:
         self.draining = False
         self._drain_deadline: float | None = None
         self.counters: Counter[str] = Counter()
+        self.refused: Counter[tuple[str, int]] = Counter()
+        """Requests the edge refused: (log event, HTTP status) → count (``/metrics``)."""
         self.tickets = (
             TicketSigner(settings.ticket_key(), settings.rtc_ticket_ttl, clock)
             if (settings.rtc_ticket_secret or settings.openai_webhook_secret or settings.openai_api_key)

@@ -101,9 +101,23 @@ async def test_health_readiness_and_metrics(stack: Stack) -> None:
         stack.service.draining = False
         status, _answer = await post(stack, body, signed(stack, body))
         assert status == 200
+        forged = {**signed(stack, body), "webhook-signature": "v1,AAAA"}
+        assert (await post(stack, body, forged))[0] == 401
+        assert (await post(stack, body, {**signed(stack, body), "content-type": "text/plain"}))[0] == 415
+        call = next(iter(stack.sim.calls.values()))
+        await call.wait_connected(timeout=5)
+        stack.sim.hang_up(call)
+        await stack.ended(call)
         async with http.get(stack.url("/metrics")) as resp:
             text = await resp.text()
-            assert 'sideband_events_total{outcome="accepted"} 1' in text
+    for line in (
+        'sideband_events_total{outcome="accepted"} 1',
+        'sideband_calls_ended_total{reason="remote_closed"} 1',
+        'sideband_requests_refused_total{event="webhook.draining",status="503"} 1',
+        'sideband_requests_refused_total{event="webhook.rejected",status="401"} 1',
+        'sideband_requests_refused_total{event="webhook.rejected",status="415"} 1',
+    ):
+        assert line in text.splitlines(), text
 
 
 async def test_routing_reject_refer_and_accept_overrides(stack: Stack) -> None:

@@ -44,8 +44,9 @@ def _reply(reply: Reply) -> web.Response:
     return _json(reply.status, reply.body, reply.headers)
 
 
-def _refuse(status: int, error: str, *, event: str = "webhook.rejected") -> web.Response:
+def _refuse(service: Service, status: int, error: str, *, event: str = "webhook.rejected") -> web.Response:
     log.warning(event, status=status, reason=error)
+    service.refused[event, status] += 1
     return _json(status, {"error": error})
 
 
@@ -89,26 +90,27 @@ async def webhook(request: web.Request) -> web.Response:
     received = time.monotonic()
     service = request.app[SERVICE]
     if service.draining:
+        service.refused["webhook.draining", 503] += 1
         return _json(503, {"error": "draining"}, {"Retry-After": "1"})
     if request.content_type != "application/json":
-        return _refuse(415, "content-type must be application/json")
+        return _refuse(service, 415, "content-type must be application/json")
     try:
         body = await _read_body(request, service.settings.webhook_max_body)
     except web.HTTPRequestEntityTooLarge:
-        return _refuse(413, f"body over {service.settings.webhook_max_body} bytes")
+        return _refuse(service, 413, f"body over {service.settings.webhook_max_body} bytes")
     except _ClientGone:  # a sender timing out, a proxy giving up: it delivers again (nothing happened)
         log.info("webhook.abandoned", reason="client disconnected before the body was read")
         return _json(400, {"error": "incomplete body"})
     except _BadBody:
-        return _refuse(400, "body does not match its content or transfer encoding")
+        return _refuse(service, 400, "body does not match its content or transfer encoding")
     try:
         webhook_id = request.app[_VERIFIER].verify(body, _signature_headers(request))
     except VerificationError as exc:
-        return _refuse(exc.status, exc.reason)
+        return _refuse(service, exc.status, exc.reason)
     try:
         event = WebhookEvent.model_validate_json(body)
     except ValidationError:
-        return _refuse(400, "body is not a JSON webhook event")
+        return _refuse(service, 400, "body is not a JSON webhook event")
     fields = {"webhook_id": webhook_id, "type": event.type, "event_id": event.id}
     call_id = event.data.get("call_id") if isinstance(event.data, dict) else None
     if isinstance(call_id, str) and event.type == "realtime.call.incoming":
@@ -117,7 +119,7 @@ async def webhook(request: web.Request) -> web.Response:
     try:
         reply = await service.handle_webhook(webhook_id, event, received)
     except ValidationError:
-        return _refuse(400, "realtime.call.incoming without a usable data.call_id")
+        return _refuse(service, 400, "realtime.call.incoming without a usable data.call_id")
     return _reply(reply)
 
 
@@ -125,18 +127,19 @@ async def rtc_calls(request: web.Request) -> web.Response:
     """``POST /rtc/calls`` — the browser's SDP offer in, SDP answer out; the sideband attaches itself."""
     service = request.app[SERVICE]
     if service.draining:
+        service.refused["rtc.draining", 503] += 1
         return _json(503, {"error": "draining"})
     if request.content_type not in ("application/sdp", "text/plain"):
-        return _refuse(415, "content-type must be application/sdp", event="rtc.rejected")
+        return _refuse(service, 415, "content-type must be application/sdp", event="rtc.rejected")
     try:
         raw = await _read_body(request, _MAX_SDP)
         sdp = raw.decode("utf-8")
     except web.HTTPRequestEntityTooLarge:
-        return _refuse(413, "SDP offer too large", event="rtc.rejected")
+        return _refuse(service, 413, "SDP offer too large", event="rtc.rejected")
     except (UnicodeDecodeError, _BadBody):
-        return _refuse(400, "SDP offer is not readable UTF-8", event="rtc.rejected")
+        return _refuse(service, 400, "SDP offer is not readable UTF-8", event="rtc.rejected")
     if not sdp.startswith("v=0"):
-        return _refuse(400, "body is not an SDP offer", event="rtc.rejected")
+        return _refuse(service, 400, "body is not an SDP offer", event="rtc.rejected")
     try:
         call_id, answer = await service.rtc_relay(sdp)
     except SessionConfigError as exc:
@@ -157,6 +160,7 @@ async def rtc_sessions(request: web.Request) -> web.Response:
     """``POST /rtc/sessions`` — ephemeral key + single-use handoff ticket for a browser-first call."""
     service = request.app[SERVICE]
     if service.draining:
+        service.refused["rtc.draining", 503] += 1
         return _json(503, {"error": "draining"})
     try:
         body = await service.rtc_session()
@@ -170,15 +174,16 @@ async def rtc_handoff(request: web.Request) -> web.Response:
     """``POST /rtc/handoff`` ``{call_id, ticket}`` — attach to a browser-started call."""
     service = request.app[SERVICE]
     if service.draining:
+        service.refused["rtc.draining", 503] += 1
         return _json(503, {"error": "draining"})
     try:
         data = json.loads(await _read_body(request, 8192))
     except web.HTTPRequestEntityTooLarge:
-        return _refuse(413, "body too large", event="rtc.rejected")
+        return _refuse(service, 413, "body too large", event="rtc.rejected")
     except (ValueError, UnicodeDecodeError):
-        return _refuse(400, "body must be JSON {call_id, ticket}", event="rtc.rejected")
+        return _refuse(service, 400, "body must be JSON {call_id, ticket}", event="rtc.rejected")
     if not isinstance(data, dict):
-        return _refuse(400, "body must be JSON {call_id, ticket}", event="rtc.rejected")
+        return _refuse(service, 400, "body must be JSON {call_id, ticket}", event="rtc.rejected")
     return _reply(await service.rtc_handoff(data.get("call_id"), data.get("ticket")))
 
 
@@ -204,6 +209,12 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE sideband_events_total counter",
     ]
     lines += [f'sideband_events_total{{outcome="{k}"}} {v}' for k, v in sorted(service.counters.items())]
+    lines.append("# TYPE sideband_calls_ended_total counter")
+    ended = sorted(service.registry.ended.items())
+    lines += [f'sideband_calls_ended_total{{reason="{k}"}} {v}' for k, v in ended]
+    lines.append("# TYPE sideband_requests_refused_total counter")
+    refused = sorted(service.refused.items())
+    lines += [f'sideband_requests_refused_total{{event="{e}",status="{c}"}} {v}' for (e, c), v in refused]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 

@@ -9,7 +9,7 @@ import functools
 import inspect
 import re
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -801,6 +801,8 @@ class CallRegistry:
         self._idle.set()
         self.recent: OrderedDict[str, CallSummary] = OrderedDict()
         """Summaries of the last :attr:`RECENT` calls that ended (for tests and diagnostics)."""
+        self.ended: Counter[str] = Counter()
+        """Calls that ended, per end reason (``/metrics``)."""
 
     def start(self, runtime: CallRuntime) -> asyncio.Task[str]:
         """Run ``runtime`` in its own task, in a fresh logging context."""
@@ -819,6 +821,7 @@ class CallRegistry:
             self._tasks.pop(runtime.ctx.call_id, None)
             self.calls.pop(runtime.ctx.call_id, None)
             self.recent[runtime.ctx.call_id] = runtime.summary
+            self.ended[runtime.summary.reason or "internal_error"] += 1
             if len(self.recent) > self.RECENT:
                 self.recent.popitem(last=False)
             if not self._tasks:
