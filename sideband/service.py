@@ -302,7 +302,7 @@ class Service:
         def accept_retry(attempt: int, exc: UpstreamError) -> None:
             nonlocal uncertain
             uncertain = uncertain or exc.status is None
-            self.log.warning("call.accept_retry", attempt=attempt, status=exc.status)
+            self.log.warning("call.accept_retry", attempt=attempt, status=exc.status, error=str(exc))
 
         try:
             if plan is not None:

@@ -109,6 +109,18 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s):// or ws(s):// URL")
         return value
 
+    @field_validator("openai_api_key", "vowel_api_key")
+    @classmethod
+    def _key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value().strip()  # a stray newline from a secrets file is no part of it
+        if not raw:
+            return None  # blank: not set (an error where the command needs it)
+        if any(c.isspace() for c in raw):
+            raise ValueError("must be an API key (no spaces)")
+        return SecretStr(raw)
+
     @field_validator("openai_webhook_secret")
     @classmethod
     def _whsec(cls, value: SecretStr | None) -> SecretStr | None:

@@ -148,6 +148,25 @@ async def test_accept_5xx_and_timeout_are_retried_within_budget(stack: Stack) ->
     await call.wait_done(timeout=5)
 
 
+async def test_unreachable_upstream_errors_say_why() -> None:
+    """An operator must tell "connection refused" from "too many open files": the errno text is kept."""
+    import socket
+
+    from sideband.upstream.openai import connect_sideband
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+    async with aiohttp.ClientSession() as http:
+        control = CallControl(http, f"http://127.0.0.1:{port}/v1", "sk-test")
+        with pytest.raises(UpstreamError) as accept:
+            await control.accept("rtc_x", {"type": "realtime"}, timeout=2)
+    with pytest.raises(UpstreamError) as attach:
+        await connect_sideband(f"ws://127.0.0.1:{port}/v1/realtime", "rtc_x", "sk-test")
+    for exc in (accept.value, attach.value):
+        assert exc.status is None and "Connect" in str(exc) and "refused" in str(exc).lower(), str(exc)
+
+
 async def test_accept_exhausted_answers_503_and_redelivery_can_succeed(stack: Stack) -> None:
     call = stack.sim.create_call(Script([GREETING]))
     stack.sim.fail_accept(call.call_id, *([500] * 40))

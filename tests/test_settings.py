@@ -112,6 +112,11 @@ def test_secret_env_variables_map_to_secret_fields(variable: str, field: str) ->
     assert env_name(field) == variable
 
 
+def test_an_api_key_read_from_a_file_loses_its_newline() -> None:
+    key = load({"OPENAI_API_KEY": "sk-test\n"}).openai_api_key
+    assert key is not None and key.get_secret_value() == "sk-test"
+
+
 def test_defaults() -> None:
     s = load()
     assert s.openai_api_key is None
@@ -234,8 +239,10 @@ def test_required_first_missing_is_reported() -> None:
 
 
 def test_empty_required_secret_counts_as_missing() -> None:
-    message = error_for({"OPENAI_API_KEY": ""}, require=("openai_api_key",))
-    assert "OPENAI_API_KEY" in message
+    for blank in ("", "   ", "\n"):
+        message = error_for({"OPENAI_API_KEY": blank}, require=("openai_api_key",))
+        assert message == "OPENAI_API_KEY is not set"
+    assert load({"OPENAI_API_KEY": " "}).openai_api_key is None  # where the command does not need it
 
 
 def test_required_present_loads() -> None:
@@ -271,6 +278,7 @@ def test_required_present_loads() -> None:
         ("SIDEBAND_WEBHOOK_TOLERANCE", "0"),
         ("SIDEBAND_ROUTE_FAILURE_STATUS", "200"),
         ("SIDEBAND_RTC_TICKET_TTL", "7200"),
+        ("OPENAI_API_KEY", "sk-one sk-two"),
     ],
 )
 def test_malformed_value_is_one_line_naming_the_variable(variable: str, raw: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,18 @@ from sideband.upstream._ws import PushConnection, open_socket, ws_url
 __all__ = ["CallControl", "CallGone", "SidebandRefused", "UpstreamError", "connect_sideband"]
 
 T = TypeVar("T")
+
+
+def why(exc: BaseException) -> str:
+    """``Type: message`` on one line (the errno text of an OSError, aiohttp's "Cannot connect to host…"):
+    what an operator needs to tell "too many open files" from "connection refused"."""
+    text = " ".join(str(exc).split())
+    # aiohttp keeps the socket's OSError aside (and uvloop words it "Connect call failed"): its errno says
+    err = getattr(exc, "os_error", None) if not isinstance(exc, OSError) else exc
+    if isinstance(err, OSError) and err.errno and os.strerror(err.errno) not in text:
+        text += f" ({os.strerror(err.errno)})"
+    why = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return why if len(why) <= 300 else why[:299] + "…"
 
 
 class UpstreamError(Exception):
@@ -72,7 +85,7 @@ class CallControl:
         except TimeoutError:
             raise UpstreamError(f"POST {path} timed out after {timeout:g} s") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"POST {path} failed: {type(exc).__name__}") from None
+            raise UpstreamError(f"POST {path} failed: {why(exc)}") from None
 
     def _call_path(self, call_id: str, verb: str) -> str:
         return f"/realtime/calls/{quote(call_id, safe='')}/{verb}"
@@ -118,7 +131,7 @@ class CallControl:
         except TimeoutError:
             raise UpstreamError("POST /realtime/calls timed out") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"POST /realtime/calls failed: {type(exc).__name__}") from None
+            raise UpstreamError(f"POST /realtime/calls failed: {why(exc)}") from None
         call_id = location.rstrip("/").rsplit("/", 1)[-1]
         if not call_id.startswith("rtc_"):
             raise UpstreamError(f"POST /realtime/calls gave no call id in Location ({location!r})", 201)
@@ -203,6 +216,6 @@ async def connect_sideband(
             raise CallGone(f"sideband refused: call {call_id} not found", status, body) from None
         raise SidebandRefused(f"sideband refused with {status}", status, body) from None
     except (OSError, TimeoutError) as exc:
-        raise UpstreamError(f"sideband connect failed: {type(exc).__name__}") from None
+        raise UpstreamError(f"sideband connect failed: {why(exc)}") from None
     except Exception as exc:  # websockets raises InvalidHandshake/InvalidMessage subclasses too
-        raise UpstreamError(f"sideband connect failed: {type(exc).__name__}") from None
+        raise UpstreamError(f"sideband connect failed: {why(exc)}") from None

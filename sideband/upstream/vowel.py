@@ -17,7 +17,7 @@ import aiohttp
 from websockets.exceptions import InvalidMessage, InvalidStatus
 
 from sideband.upstream._ws import PushConnection, open_socket, resolve_proxy, ws_url
-from sideband.upstream.openai import UpstreamError
+from sideband.upstream.openai import UpstreamError, why
 
 __all__ = [
     "EngineRefused",
@@ -209,7 +209,7 @@ class VowelCore:
         except TimeoutError:
             raise UpstreamError(f"vowel core did not answer the mint request within {timeout:g} s") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"vowel core unreachable: {type(exc).__name__}") from None
+            raise UpstreamError(f"vowel core unreachable: {why(exc)}") from None
         detail = _error_message(text)
         suffix = f" (core said: {detail})" if detail else ""
         if status == 401:
@@ -269,6 +269,6 @@ async def connect_engine(
             "token refused (expired or invalid)"
         ) from None
     except (OSError, TimeoutError) as exc:
-        raise UpstreamError(f"vowel engine unreachable: {type(exc).__name__}") from None
+        raise UpstreamError(f"vowel engine unreachable: {why(exc)}") from None
     except Exception as exc:  # other InvalidHandshake subclasses
-        raise UpstreamError(f"vowel engine handshake failed: {type(exc).__name__}") from None
+        raise UpstreamError(f"vowel engine handshake failed: {why(exc)}") from None
