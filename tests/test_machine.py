@@ -591,11 +591,7 @@ def test_a_refusal_that_names_no_event_is_taken_for_our_unanswered_create() -> N
 
 
 def test_a_refusal_naming_no_event_after_the_callers_turn_was_announced_is_sent_again() -> None:
-    m = machine()
-    m.start()
-    m.receive({"type": "response.created", "response": {"id": "r1"}})
-    feed(m, call_events("c", "t", "{}", resp="r1"))
-    m.receive(response_done("r1"))
+    m = announced("c")
     first = sends(m.tool_done("c", "o"))[1]
     # The caller's turn (server VAD) started before our output and create arrived: its response.created
     # comes first and looks like the answer to our create, then the refusal names no event.

@@ -334,15 +334,21 @@ async def test_tools_cancelled_by_the_call_end_are_in_the_summary(stack: Stack) 
 
 
 # ------------------------------------------------------------------------------------- transfers
-async def test_a_failed_transfer_hangs_up_and_ends_as_transfer_failed(stack: Stack) -> None:
+def transfer_call(stack: Stack) -> SimCall:
+    """A call whose model calls ``to_human``, a tool that transfers to the allow-listed human."""
+
     @stack.app.tool(filler_after=None)
     async def to_human(ctx: CallContext) -> str:
         await ctx.transfer("human")
         return "transferring"
 
-    call = stack.sim.create_call(
+    return stack.sim.create_call(
         Script([HELLO, caller_says("a human please"), model_calls("to_human", {}), model_says("One moment.")])
     )
+
+
+async def test_a_failed_transfer_hangs_up_and_ends_as_transfer_failed(stack: Stack) -> None:
+    call = transfer_call(stack)
     stack.sim.fail_verb(call.call_id, "refer", 400)  # e.g. the SIP provider refuses the target
     with capture_logs() as logs:
         assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
@@ -357,14 +363,7 @@ async def test_a_failed_transfer_hangs_up_and_ends_as_transfer_failed(stack: Sta
 
 
 async def test_a_tool_the_model_calls_once_the_transfer_is_out_neither_runs_nor_answers(stack: Stack) -> None:
-    @stack.app.tool(filler_after=None)
-    async def to_human(ctx: CallContext) -> str:
-        await ctx.transfer("human")
-        return "transferring"
-
-    call = stack.sim.create_call(
-        Script([HELLO, caller_says("a human please"), model_calls("to_human", {}), model_says("One moment.")])
-    )
+    call = transfer_call(stack)
     stack.sim.fail_verb(call.call_id, "refer", "timeout")  # the REFER is handed over slowly
     with capture_logs() as logs:
         assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200

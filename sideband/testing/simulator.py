@@ -91,6 +91,7 @@ _SESSION_KEYS = frozenset(
         "audio",
         "tools",
         "tool_choice",
+        "parallel_tool_calls",
         "max_output_tokens",
         "truncation",
         "tracing",
