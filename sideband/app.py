@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
+from aiohttp import web
+
 from sideband.context import CallContext, SipHeader
 from sideband.runtime.driver import CallHooks
 from sideband.runtime.machine import DEFAULT_FILLER, DEFAULT_GOODBYE
@@ -178,6 +180,7 @@ class Sideband:
         self._route: RouteHook | None = None
         self._route_is_async = False
         self._route_threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._authorize_browser: Callable[[web.Request], Any] | None = None
         self.on_call_start_hooks: list[Callable[..., Any]] = []
         self.on_call_end_hooks: list[Callable[..., Any]] = []
         self.on_transcript_hooks: list[Callable[..., Any]] = []
@@ -215,6 +218,34 @@ class Sideband:
                 8, thread_name_prefix="sideband-route"
             )
         return fn
+
+    def authorize_browser(self, fn: F) -> F:
+        """Open the WebRTC doors (``/rtc/calls``, ``/rtc/sessions``, ``/rtc/handoff``) to the requests
+        ``fn`` approves: it gets the :class:`aiohttp.web.Request` (cookies, headers: your own login) and
+        returns true to let it through (sync or async; a sync one runs in a worker thread). Without it,
+        those routes answer 404: a server that only takes phone calls offers no way to start a call, or
+        mint a key, with its API key. ``app.authorize_browser(lambda request: True)`` opens them to anyone.
+        """
+        self._authorize_browser = fn
+        return fn
+
+    @property
+    def browsers_allowed(self) -> bool:
+        """Whether an :meth:`authorize_browser` hook opened the WebRTC doors."""
+        return self._authorize_browser is not None
+
+    async def authorize(self, request: web.Request) -> bool:
+        """Run the :meth:`authorize_browser` hook (``False`` without one). Exceptions propagate."""
+        hook = self._authorize_browser
+        if hook is None:
+            return False
+        if inspect.iscoroutinefunction(hook):
+            return bool(await hook(request))
+        run = functools.partial(contextvars.copy_context().run, hook, request)
+        result = await asyncio.get_running_loop().run_in_executor(self.tools.executor, run)
+        if inspect.isawaitable(result):
+            result = await result
+        return bool(result)
 
     def close(self) -> None:
         """Stop the app's worker threads (sync tools and hooks, sync routing hooks) at process end: idle

@@ -56,11 +56,11 @@ def _one_line(exc: Exception) -> str:
     return text or type(exc).__name__
 
 
-def session_problem(app: Sideband, decision: Accept) -> str | None:
-    """Why ``app`` answering a SIP call with ``decision`` would fail (one line), else ``None``: the
-    accept payload is built and checked as at ring time (the plan is then cached by ``app``)."""
+def session_problem(app: Sideband, decision: Accept, *, sip: bool = True) -> str | None:
+    """Why ``app`` answering a SIP call (``sip``; else a WebRTC one) with ``decision`` would fail (one
+    line), else ``None``: the payload is built and checked as at ring time (the plan is then cached)."""
     try:
-        validate_accept_payload(app.plan(decision).session, sip=True)
+        validate_accept_payload(app.plan(decision).session, sip=sip)
     except Exception as exc:  # whatever fails here would fail the call at ring time
         return _one_line(exc)
     return None

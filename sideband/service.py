@@ -36,13 +36,16 @@ from sideband.tickets import TicketError, TicketSigner
 from sideband.upstream._ws import resolve_proxy
 from sideband.upstream.openai import CallControl, CallGone, UpstreamError, connect_sideband, with_retries
 
-__all__ = ["Reply", "Service", "WebhookEvent"]
+__all__ = ["HANDOFF_GRACE", "Reply", "Service", "WebhookEvent"]
 
 _RTC_CALL_ID = re.compile(r"^rtc_[A-Za-z0-9_-]{1,128}$")
 
 
 _PENDING_TTL = 120.0
 """Seconds a claim stays pending at most: far longer than any answer path (route + accept budgets)."""
+
+HANDOFF_GRACE = 60.0
+"""Seconds a handoff ticket outlives the ephemeral key minted with it (``SIDEBAND_RTC_KEY_TTL``)."""
 
 
 class _SipHeaderModel(BaseModel):
@@ -129,13 +132,20 @@ class Service:
         self.refused: Counter[tuple[str, int]] = Counter()
         """Requests the edge refused: (log event, HTTP status) → count (``/metrics``)."""
         self.tickets = (
-            TicketSigner(settings.ticket_key(), settings.rtc_ticket_ttl, clock)
+            # A ticket outlives the key it came with: a call started with the key just before it
+            # expired can still be handed over.
+            TicketSigner(settings.ticket_key(), settings.rtc_key_ttl + HANDOFF_GRACE, clock)
             if (settings.rtc_ticket_secret or settings.openai_webhook_secret or settings.openai_api_key)
             else None
         )
-        problem = session_problem(app, Accept())  # every call would be refused: fail at start
+        self.log = structlog.get_logger(component="sideband.service").bind()  # bound once, not per call
+        # A config every call would be refused with stops the start. One only SIP refuses (e.g. a
+        # turn_detection.threshold) is a warning where the app takes WebRTC calls, which allow it.
+        problem = session_problem(app, Accept())
         if problem is not None:
-            raise SessionConfigError(f"the app's session config: {problem}")
+            if not app.browsers_allowed or session_problem(app, Accept(), sip=False) is not None:
+                raise SessionConfigError(f"the app's session config: {problem}")
+            self.log.warning("server.config_warning", problem=problem, refused="sip calls")
         routes_file = settings.routes_file
         self.routes = RouteTable({})
         if routes_file:  # every route's session as a SIP accept would send it: fail at start
@@ -146,7 +156,6 @@ class Service:
         self._configs: dict[int, tuple[CallPlan, MachineConfig]] = {}
         self._proxy: str | None = None
         self._control: CallControl | None = None
-        self.log = structlog.get_logger(component="sideband.service").bind()  # bound once, not per call
 
     # ----------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -482,6 +491,9 @@ class Service:
                 ended.cancel()
             if runtime.attached.is_set():
                 return Reply(200, {"status": "attached", "call_id": call_id})
-            if runtime.summary.reason == "call_not_found":
+            reason = runtime.summary.reason  # set once the runtime has ended
+            if reason == "call_not_found":
                 return Reply(404, {"error": "call not found"})
+            if reason:  # refused or unreachable for good: the call was hung up
+                return Reply(502, {"error": "could not attach", "reason": reason})
             return Reply(202, {"status": "attaching", "call_id": call_id})

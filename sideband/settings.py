@@ -88,7 +88,6 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(default=30.0, ge=0, validation_alias="SIDEBAND_DRAIN_TIMEOUT")
 
     rtc_ticket_secret: SecretStr | None = _env("SIDEBAND_RTC_TICKET_SECRET")
-    rtc_ticket_ttl: float = Field(default=120.0, gt=0, le=3600, validation_alias="SIDEBAND_RTC_TICKET_TTL")
     rtc_key_ttl: int = Field(default=600, ge=10, le=7200, validation_alias="SIDEBAND_RTC_KEY_TTL")
 
     vowel_core_url: str | None = _env("SIDEBAND_VOWEL_CORE_URL")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import pytest_asyncio
+import structlog
 import uvloop
+from structlog.testing import LogCapture
 
 from sideband import CallContext, Sideband, ToolError
 from sideband.settings import Settings
@@ -26,6 +29,7 @@ def make_app(**kw: Any) -> Sideband:
     )
     app.enable_end_call()
     app.enable_transfer()
+    app.authorize_browser(lambda request: True)  # the WebRTC doors, open to the tests
 
     @app.tool
     async def lookup_order(order_id: str, ctx: CallContext) -> dict[str, Any]:
@@ -84,3 +88,26 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     async with run_app(app, simulator, **{**TEST_SETTINGS, **settings_overrides}) as harness:
         yield harness
+
+
+@contextmanager
+def capture_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Every log entry at any level (whatever another test left configured), restored afterwards.
+
+    The processor list is changed in place, as :func:`structlog.testing.capture_logs` does, so loggers
+    bound before (a service binds its loggers once) report to the capture too."""
+    old = structlog.get_config()
+    processors = old["processors"]
+    saved = list(processors)
+    capture = LogCapture()
+    processors[:] = [capture]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(0),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield capture.entries
+    finally:
+        processors[:] = saved
+        structlog.configure(**{**old, "processors": processors})

@@ -11,13 +11,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-import structlog.testing
 from multidict import CIMultiDict
 
 from sideband import Accept, IncomingCall, Refer, Reject
 from sideband.testing import Script, wait_for_greeting
 
-from .conftest import Stack
+from .conftest import Stack, capture_logs
 
 
 def signed(
@@ -158,7 +157,7 @@ async def test_routing_hook_that_fails_or_overruns_rejects(
     raising = stack.sim.create_call(Script([]), to_number="+18005550009")
     slow = stack.sim.create_call(Script([]), to_number="+18005550010")
     nothing = stack.sim.create_call(Script([]), to_number="+18005550011")
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         for call in (raising, slow, nothing):
             assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
             assert call.status == "rejected" and call.reject_body == {"status_code": 503}

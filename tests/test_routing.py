@@ -17,7 +17,7 @@ from sideband.routing import RouteError, RouteTable
 from sideband.session import SessionConfig
 from sideband.testing import Script, Simulator, caller_says, model_says, wait_for_greeting
 
-from .conftest import Stack, make_app, settings_for
+from .conftest import Stack, capture_logs, make_app, settings_for
 
 ROUTES = """
 [default]
@@ -242,6 +242,19 @@ def test_service_refuses_to_start_with_an_app_config_every_call_would_fail(simul
     assert str(info.value) == (
         "the app's session config: audio.input.turn_detection.threshold is refused by the calls API"
     )
+
+
+def test_a_config_only_sip_refuses_is_a_warning_where_webrtc_calls_are_taken(simulator: Simulator) -> None:
+    from sideband.service import Service
+
+    app = Sideband(session=SessionConfig(turn_detection={"type": "server_vad", "threshold": 0.6}))
+    app.authorize_browser(lambda request: True)  # WebRTC calls allow a threshold
+    with capture_logs() as logs:
+        Service(settings_for(simulator), app)
+    warned = [e for e in logs if e["event"] == "server.config_warning"]
+    assert [(e["problem"], e["refused"]) for e in warned] == [
+        ("audio.input.turn_detection.threshold is refused by the calls API", "sip calls")
+    ]
 
 
 def test_serve_with_a_bad_app_config_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import pytest
-import structlog
-from structlog.testing import LogCapture
 
 from sideband import CallContext, CallSummary, Sideband
 from sideband.runtime.driver import CallHooks, CallRuntime
@@ -33,7 +30,7 @@ from sideband.tools import ToolRegistry
 from sideband.upstream._ws import PushConnection
 from sideband.upstream.openai import CallGone, SidebandRefused, connect_sideband
 
-from .conftest import TEST_SETTINGS, Stack, make_app
+from .conftest import TEST_SETTINGS, Stack, capture_logs, make_app
 
 HELLO = wait_for_greeting("Hello.")
 
@@ -49,22 +46,6 @@ def creates(call: Any) -> list[str]:
 
 def server_errors(call: Any) -> list[dict[str, Any]]:
     return [e for e in call.sent if e["type"] == "error"]
-
-
-@contextmanager
-def capture_logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Every log entry at any level (whatever another test left configured), restored afterwards."""
-    old = structlog.get_config()
-    capture = LogCapture()
-    structlog.configure(
-        processors=[capture],
-        wrapper_class=structlog.make_filtering_bound_logger(0),
-        cache_logger_on_first_use=False,
-    )
-    try:
-        yield capture.entries
-    finally:
-        structlog.configure(**old)
 
 
 # ------------------------------------------------------------------------------- on_call_start order

@@ -72,7 +72,6 @@ def error_for(env: Env | None = None, overrides: Overrides | None = None, **kw: 
         ("SIDEBAND_MAX_CALL_SECONDS", "60", "max_call_duration", 60.0),
         ("SIDEBAND_MAX_IDLE_SECONDS", "30", "max_idle_duration", 30.0),
         ("SIDEBAND_DRAIN_TIMEOUT", "0", "drain_timeout", 0.0),
-        ("SIDEBAND_RTC_TICKET_TTL", "30", "rtc_ticket_ttl", 30.0),
         ("SIDEBAND_RTC_KEY_TTL", "60", "rtc_key_ttl", 60),
         (
             "SIDEBAND_VOWEL_CORE_URL",
@@ -277,7 +276,7 @@ def test_required_present_loads() -> None:
         ("SIDEBAND_LOG_LEVEL", "verbose"),
         ("SIDEBAND_WEBHOOK_TOLERANCE", "0"),
         ("SIDEBAND_ROUTE_FAILURE_STATUS", "200"),
-        ("SIDEBAND_RTC_TICKET_TTL", "7200"),
+        ("SIDEBAND_RTC_KEY_TTL", "7201"),
         ("OPENAI_API_KEY", "sk-one sk-two"),
     ],
 )

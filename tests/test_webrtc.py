@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 from typing import Any
 
 import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
-from sideband.testing import Script, caller_hangs_up, caller_says, model_calls, model_says
+from sideband import Sideband
+from sideband.testing import (
+    Script,
+    Simulator,
+    caller_hangs_up,
+    caller_says,
+    model_calls,
+    model_says,
+    run_app,
+)
 from sideband.tickets import TicketSigner
 
-from .conftest import Stack
+from .conftest import TEST_SETTINGS, Stack, capture_logs, make_app
 
 OFFER = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
 
@@ -93,7 +106,12 @@ async def test_browser_first_handoff_valid_forged_expired_reused(stack: Stack) -
     _, fresh = await post_json(stack, "/rtc/sessions", {})
     status, _ = await post_json(stack, "/rtc/handoff", {"call_id": "../etc", "ticket": fresh["ticket"]})
     assert status == 400
-    async with aiohttp.ClientSession() as http, http.post(stack.url("/rtc/handoff"), data=b"\xff") as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            stack.url("/rtc/handoff"), data=b"\xff", headers={"content-type": "application/json"}
+        ) as resp,
+    ):
         assert resp.status == 400
     assert other.sideband_connects == 0
 
@@ -117,3 +135,106 @@ async def test_concurrent_handoffs_with_one_ticket_attach_once(stack: Stack) -> 
     )
     assert sorted(s for s, _ in results) == [200, 403, 403, 403, 403]
     assert call.sideband_connects == 1
+
+
+# -- who may use the doors --------------------------------------------------------------------------------
+
+
+async def _post(stack: Stack, path: str, data: str | bytes, content_type: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(stack.url(path), data=data, headers={"content-type": content_type}) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
+
+
+async def test_without_an_authorize_browser_hook_the_doors_are_closed(simulator: Simulator) -> None:
+    app = Sideband(instructions="SIP only.")  # no authorize_browser: a phone-only server
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        for path, data, ctype in (
+            ("/rtc/calls", OFFER, "application/sdp"),
+            ("/rtc/sessions", "{}", "application/json"),
+            ("/rtc/handoff", '{"call_id": "rtc_x", "ticket": "t"}', "application/json"),
+        ):
+            assert (await _post(stack, path, data, ctype))[0] == 404
+    assert not [r for r in simulator.requests if r.path.startswith("/v1/realtime/c")]  # nothing minted
+
+
+async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulator) -> None:
+    app = Sideband(instructions="x")
+    seen: list[str | None] = []
+
+    @app.authorize_browser
+    def signed_in(request: web.Request) -> bool:  # sync: runs in a worker thread
+        seen.append(request.cookies.get("session"))
+        if request.cookies.get("session") == "boom":
+            raise RuntimeError("session store down")
+        return request.cookies.get("session") == "alice"
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        with capture_logs() as logs:
+            for cookie, expected in (("alice", 200), ("mallory", 403), ("boom", 403), (None, 403)):
+                cookies = {"session": cookie} if cookie else {}
+                async with (
+                    aiohttp.ClientSession(cookies=cookies) as http,
+                    http.post(stack.url("/rtc/sessions")) as resp,
+                ):
+                    assert resp.status == expected, cookie
+    assert seen == ["alice", "mallory", "boom", None]
+    assert [e["error"] for e in logs if e["event"] == "rtc.authorize_failed"] == ["RuntimeError"]
+    assert sum(1 for r in simulator.requests if r.path == "/v1/realtime/client_secrets") == 1
+
+
+async def test_only_requests_another_site_cannot_send_blind_are_served(stack: Stack) -> None:
+    # text/plain and form bodies are what a page on another origin may POST without a preflight
+    assert (await _post(stack, "/rtc/calls", OFFER, "text/plain"))[0] == 415
+    _, minted = await post_json(stack, "/rtc/sessions", {})
+    body = json.dumps({"call_id": "rtc_x", "ticket": minted["ticket"]})
+    assert (await _post(stack, "/rtc/handoff", body, "text/plain"))[0] == 415
+    assert (await _post(stack, "/rtc/handoff", "[" * 5000, "application/json"))[0] == 400  # too deep
+    assert not [r for r in stack.sim.requests if r.path == "/v1/realtime/calls"]
+
+
+async def test_a_handoff_that_cannot_attach_says_so(stack: Stack) -> None:
+    _, minted = await post_json(stack, "/rtc/sessions", {})
+    call = stack.sim.create_webrtc_call(Script([]))
+    with socket.socket() as probe:  # a sideband address nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"ws://127.0.0.1:{probe.getsockname()[1]}/v1/realtime"
+    stack.service._sideband_url = dead
+    status, body = await post_json(
+        stack, "/rtc/handoff", {"call_id": call.call_id, "ticket": minted["ticket"]}
+    )
+    assert (status, body) == (502, {"error": "could not attach", "reason": "connect_failed"})
+
+
+async def test_upstream_faults_map_to_what_the_browser_may_know(simulator: Simulator) -> None:
+    """OpenAI refusing the server's key is the server's problem (502), not the browser's (401)."""
+    answers = {"calls": 401, "secrets": 200}
+
+    async def realtime_calls(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "bad key"}}, status=answers["calls"])
+
+    async def client_secrets(request: web.Request) -> web.Response:
+        return web.Response(text="<html>proxy error</html>", content_type="text/html")  # a 200 all the same
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/realtime/calls", realtime_calls)
+    upstream.router.add_post("/v1/realtime/client_secrets", client_secrets)
+    server = TestServer(upstream, host="127.0.0.1")
+    await server.start_server()
+    try:
+        base = str(server.make_url("/v1"))
+        async with run_app(make_app(), simulator, **TEST_SETTINGS, openai_base_url=base) as stack:
+            assert await _post(stack, "/rtc/calls", OFFER, "application/sdp") == (
+                502,
+                {"error": "upstream error"},
+            )
+            answers["calls"] = 400  # the offer itself: the browser's to know
+            assert (await _post(stack, "/rtc/calls", OFFER, "application/sdp"))[0] == 400
+            assert await _post(stack, "/rtc/sessions", "{}", "application/json") == (
+                502,
+                {"error": "could not mint a client secret"},
+            )
+    finally:
+        await server.close()

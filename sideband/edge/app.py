@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -16,6 +15,7 @@ from structlog.typing import FilteringBoundLogger
 from sideband import jsonio
 from sideband.app import Sideband
 from sideband.edge.verify import VerificationError, Verifier
+from sideband.logs import failure_fields
 from sideband.service import Reply, Service, WebhookEvent
 from sideband.session import SessionConfigError
 from sideband.settings import Settings, SettingsError
@@ -126,10 +126,10 @@ async def webhook(request: web.Request) -> web.Response:
 async def rtc_calls(request: web.Request) -> web.Response:
     """``POST /rtc/calls`` — the browser's SDP offer in, SDP answer out; the sideband attaches itself."""
     service = request.app[SERVICE]
-    if service.draining:
-        service.refused["rtc.draining", 503] += 1
-        return _json(503, {"error": "draining"})
-    if request.content_type not in ("application/sdp", "text/plain"):
+    refused = await _browser_gate(request, service)
+    if refused is not None:
+        return refused
+    if request.content_type != "application/sdp":  # (not a type another site may POST without asking)
         return _refuse(service, 415, "content-type must be application/sdp", event="rtc.rejected")
     try:
         raw = await _read_body(request, _MAX_SDP)
@@ -147,10 +147,10 @@ async def rtc_calls(request: web.Request) -> web.Response:
         return _json(500, {"error": "session config invalid"})
     except UpstreamError as exc:
         log.error("rtc.relay_failed", status=exc.status, error=str(exc))
-        status = exc.status if exc.status is not None and 400 <= exc.status < 500 else 502
-        return _json(
-            status, {"error": "upstream refused the offer" if exc.status else "upstream unavailable"}
-        )
+        if exc.status in _OFFER_FAULTS:  # about the offer itself: the browser's to know
+            return _json(exc.status, {"error": "upstream refused the offer"})
+        # Anything else is the server's (its key refused, OpenAI down, a 201 without a call id)
+        return _json(502, {"error": "upstream unavailable" if exc.status is None else "upstream error"})
     return web.Response(
         status=201, text=answer, content_type="application/sdp", headers={"Location": f"/rtc/calls/{call_id}"}
     )
@@ -159,9 +159,9 @@ async def rtc_calls(request: web.Request) -> web.Response:
 async def rtc_sessions(request: web.Request) -> web.Response:
     """``POST /rtc/sessions`` — ephemeral key + single-use handoff ticket for a browser-first call."""
     service = request.app[SERVICE]
-    if service.draining:
-        service.refused["rtc.draining", 503] += 1
-        return _json(503, {"error": "draining"})
+    refused = await _browser_gate(request, service)
+    if refused is not None:
+        return refused
     try:
         body = await service.rtc_session()
     except UpstreamError as exc:
@@ -173,11 +173,13 @@ async def rtc_sessions(request: web.Request) -> web.Response:
 async def rtc_handoff(request: web.Request) -> web.Response:
     """``POST /rtc/handoff`` ``{call_id, ticket}`` — attach to a browser-started call."""
     service = request.app[SERVICE]
-    if service.draining:
-        service.refused["rtc.draining", 503] += 1
-        return _json(503, {"error": "draining"})
+    refused = await _browser_gate(request, service)
+    if refused is not None:
+        return refused
+    if request.content_type != "application/json":
+        return _refuse(service, 415, "content-type must be application/json", event="rtc.rejected")
     try:
-        data = json.loads(await _read_body(request, 8192))
+        data = jsonio.loads(await _read_body(request, 8192))
     except web.HTTPRequestEntityTooLarge:
         return _refuse(service, 413, "body too large", event="rtc.rejected")
     except (ValueError, UnicodeDecodeError):
@@ -185,6 +187,28 @@ async def rtc_handoff(request: web.Request) -> web.Response:
     if not isinstance(data, dict):
         return _refuse(service, 400, "body must be JSON {call_id, ticket}", event="rtc.rejected")
     return _reply(await service.rtc_handoff(data.get("call_id"), data.get("ticket")))
+
+
+_OFFER_FAULTS = frozenset({400, 413, 415, 422})
+
+
+async def _browser_gate(request: web.Request, service: Service) -> web.Response | None:
+    """The refusal for a WebRTC request, or ``None`` to serve it: closed without the app's
+    ``authorize_browser`` hook (404), refused by it (403), or draining (503)."""
+    if not service.app.browsers_allowed:
+        service.refused["rtc.closed", 404] += 1
+        return _json(404, {"error": "not found"})
+    try:
+        allowed = await service.app.authorize(request)
+    except Exception as exc:
+        log.error("rtc.authorize_failed", **failure_fields(exc, message=service.settings.log_tool_arguments))
+        allowed = False
+    if not allowed:
+        return _refuse(service, 403, "not authorized", event="rtc.unauthorized")
+    if service.draining:
+        service.refused["rtc.draining", 503] += 1
+        return _json(503, {"error": "draining"})
+    return None
 
 
 async def healthz(request: web.Request) -> web.Response:

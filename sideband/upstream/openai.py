@@ -143,7 +143,10 @@ class CallControl:
         """Mint an ephemeral key for a browser (``value``, ``expires_at``, ``session``)."""
         body = {"expires_after": {"anchor": "created_at", "seconds": ttl}, "session": session}
         text = await self._post("/realtime/client_secrets", body, timeout)
-        data = json.loads(text)
+        try:
+            data = jsonio.loads(text)
+        except ValueError:  # e.g. a proxy's error page answered with 200
+            raise UpstreamError("client_secrets answered 200 with a body that is not JSON", 200) from None
         if not isinstance(data, dict) or not isinstance(data.get("value"), str):
             raise UpstreamError("client_secrets answered without a value", 200)
         return data
