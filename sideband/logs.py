@@ -49,7 +49,9 @@ def configure_logging(
     else:
         rendering = [structlog.dev.ConsoleRenderer(colors=out.isatty())]
     processors += rendering
-    _route_stdlib_logging(out, processors[:3], rendering)
+    _route_library_logging(
+        out, processors[:3], rendering, max(_LEVELS.get(level, logging.INFO), logging.WARNING)
+    )
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
@@ -71,21 +73,28 @@ def _component(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -
     return event_dict
 
 
-def _route_stdlib_logging(out: TextIO, pre: list[Any], rendering: list[Any]) -> None:
-    """Render the standard library's log records like ours, on the same stream: warnings and errors of
-    libraries (aiohttp, asyncio) become JSON lines too instead of plain text on stderr. Idempotent."""
+_LIBRARIES = ("aiohttp", "asyncio", "websockets")
+"""The libraries whose log records the server renders as its own lines."""
+
+
+def _route_library_logging(out: TextIO, pre: list[Any], rendering: list[Any], level: int) -> None:
+    """Render the warnings and errors of the libraries the server runs on (aiohttp's "Error handling
+    request"…) like our lines, on the same stream, instead of plain text on stderr. Only their loggers
+    are touched: the root logger, and the app's own ``logging`` setup, stay the app's. Idempotent."""
     handler = _LibraryLines(out)
+    handler.setLevel(level)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*pre, _component],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
         )
     )
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _LibraryLines)]:
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING)
+    for name in _LIBRARIES:
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if isinstance(h, _LibraryLines)]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.propagate = False  # rendered here: not a second time by a root handler
 
 
 def describe(exc: BaseException, *, message: bool) -> str:

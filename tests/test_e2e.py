@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import aiohttp
@@ -150,8 +151,6 @@ async def test_accept_5xx_and_timeout_are_retried_within_budget(stack: Stack) ->
 
 async def test_unreachable_upstream_errors_say_why() -> None:
     """An operator must tell "connection refused" from "too many open files": the errno text is kept."""
-    import socket
-
     from sideband.upstream.openai import connect_sideband
 
     with socket.socket() as probe:
@@ -165,6 +164,15 @@ async def test_unreachable_upstream_errors_say_why() -> None:
         await connect_sideband(f"ws://127.0.0.1:{port}/v1/realtime", "rtc_x", "sk-test")
     for exc in (accept.value, attach.value):
         assert exc.status is None and "Connect" in str(exc) and "refused" in str(exc).lower(), str(exc)
+
+
+def test_upstream_error_text_keeps_no_credentials_and_no_false_errno() -> None:
+    from sideband.upstream.openai import why
+
+    proxy = ValueError("http://svc:hunter2@proxy.internal:3128 isn't a valid proxy")
+    assert why(proxy) == "ValueError: http://proxy.internal:3128 isn't a valid proxy"
+    dns = socket.gaierror(socket.EAI_NONAME, "Name or service not known")  # errno -2: no errno text
+    assert why(dns) == "gaierror: [Errno -2] Name or service not known"
 
 
 async def test_accept_exhausted_answers_503_and_redelivery_can_succeed(stack: Stack) -> None:

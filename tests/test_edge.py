@@ -109,7 +109,11 @@ async def test_health_readiness_and_metrics(stack: Stack) -> None:
         await stack.ended(call)
         async with http.get(stack.url("/metrics")) as resp:
             text = await resp.text()
+    stack.service.registry.ended['caller said "stop"\n\\'] += 1  # a reason from app code: any text
+    async with aiohttp.ClientSession() as http, http.get(stack.url("/metrics")) as resp:
+        text = await resp.text()
     for line in (
+        'sideband_calls_ended_total{reason="caller said \\"stop\\"\\n\\\\"} 1',
         'sideband_events_total{outcome="accepted"} 1',
         'sideband_calls_ended_total{reason="remote_closed"} 1',
         'sideband_requests_refused_total{event="webhook.draining",status="503"} 1',

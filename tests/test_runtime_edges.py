@@ -175,6 +175,32 @@ async def test_a_blocking_sync_hook_runs_in_a_thread_and_holds_back_nothing(stac
     await stack.ended(call)
 
 
+async def test_a_sync_hook_cut_off_by_the_end_still_runs_alone(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The grace cancels the waiting task, not the thread: on_call_end waits for that thread."""
+    monkeypatch.setattr("sideband.runtime.driver.HOOK_GRACE", 0.1)
+    inside = threading.Event()
+    overlapped: list[bool] = []
+
+    @stack.app.on_call_start
+    def slow_crm(ctx: CallContext) -> None:  # a backend slower than the grace
+        inside.set()
+        threading.Event().wait(0.8)
+        inside.clear()
+
+    @stack.app.on_call_end
+    def file_ticket(ctx: CallContext, summary: CallSummary) -> None:
+        overlapped.append(inside.is_set())
+
+    call = stack.sim.create_call(Script([HELLO, caller_hangs_up()]))
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await stack.ended(call)
+    assert [e["hook"] for e in logs if e["event"] == "hook.cancelled"] == ["slow_crm"]
+    assert overlapped == [False]
+
+
 async def _failing_call(stack: Stack) -> list[MutableMapping[str, Any]]:
     """A call whose on_call_start hook and tool raise with data in their messages; its log entries."""
 

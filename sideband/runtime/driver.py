@@ -711,12 +711,20 @@ class CallRuntime:
         lock = self._sync_hooks
         if lock is None:
             lock = self._sync_hooks = asyncio.Lock()
-        async with lock:
+        await lock.acquire()
+        try:
             loop = asyncio.get_running_loop()
             if self.ctx._loop is None:
                 self.ctx._loop = loop
             run = functools.partial(contextvars.copy_context().run, hook, *args)
-            result = await loop.run_in_executor(self.tools.executor, run)
+            work = loop.run_in_executor(self.tools.executor, run)
+        except BaseException:
+            lock.release()
+            raise
+        # Released when the thread is done, not when this task is cancelled (the end's grace, the
+        # on_call_end bound): the next sync hook of the call never runs beside a hook still running.
+        work.add_done_callback(lambda _: lock.release())
+        result = await asyncio.shield(work)
         if inspect.isawaitable(result):  # a sync wrapper around a coroutine function
             await result
 

@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import random
+import re
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -22,14 +24,19 @@ __all__ = ["CallControl", "CallGone", "SidebandRefused", "UpstreamError", "conne
 T = TypeVar("T")
 
 
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+
+
 def why(exc: BaseException) -> str:
     """``Type: message`` on one line (the errno text of an OSError, aiohttp's "Cannot connect to host…"):
     what an operator needs to tell "too many open files" from "connection refused"."""
-    text = " ".join(str(exc).split())
+    text = _USERINFO.sub(r"\1", " ".join(str(exc).split()))  # never a proxy's user:password@
     # aiohttp keeps the socket's OSError aside (and uvloop words it "Connect call failed"): its errno says
+    # (a resolver's negative codes are no errno: its own text says it)
     err = getattr(exc, "os_error", None) if not isinstance(exc, OSError) else exc
-    if isinstance(err, OSError) and err.errno and os.strerror(err.errno) not in text:
-        text += f" ({os.strerror(err.errno)})"
+    errno = err.errno if isinstance(err, OSError) and not isinstance(err, socket.gaierror) else None
+    if errno is not None and errno > 0 and os.strerror(errno) not in text:
+        text += f" ({os.strerror(errno)})"
     why = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return why if len(why) <= 300 else why[:299] + "…"
 

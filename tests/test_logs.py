@@ -1,0 +1,60 @@
+"""Logging setup: our lines, the libraries' lines in the same shape, and the app's own logging left alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from sideband.logs import configure_logging
+
+
+@pytest.fixture
+def restored() -> Iterator[None]:
+    """Whatever configure_logging changes, put back for the other tests."""
+    config = structlog.get_config()
+    loggers = [logging.getLogger(name) for name in ("aiohttp", "asyncio", "websockets", "")]
+    saved = [(lg, list(lg.handlers), lg.propagate, lg.level) for lg in loggers]
+    try:
+        yield
+    finally:
+        structlog.configure(**config)
+        for lg, handlers, propagate, level in saved:
+            lg.handlers[:] = handlers
+            lg.propagate, lg.level = propagate, level
+
+
+def lines(out: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_library_errors_are_lines_like_ours_at_the_configured_level(restored: None) -> None:
+    out = io.StringIO()
+    configure_logging("json", "error", stream=out)
+    configure_logging("json", "error", stream=out)  # idempotent: one handler, one line per record
+    try:
+        raise ConnectionResetError("peer gone")
+    except ConnectionResetError:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s", "127.0.0.1")
+    logging.getLogger("aiohttp.server").warning("below SIDEBAND_LOG_LEVEL=error")
+    structlog.get_logger(component="sideband.edge").error("http.internal_error")
+    got = lines(out)
+    assert [(e["event"], e["level"], e["component"]) for e in got] == [
+        ("Error handling request from 127.0.0.1", "error", "aiohttp.server"),
+        ("http.internal_error", "error", "sideband.edge"),
+    ]
+    assert "ConnectionResetError: peer gone" in str(got[0]["exception"]) and "timestamp" in got[0]
+
+
+def test_the_apps_own_logging_setup_still_works(restored: None) -> None:
+    out, own = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    root.handlers.clear()
+    configure_logging("json", "info", stream=out)  # `sideband serve` does this before importing the app
+    logging.basicConfig(level=logging.INFO, stream=own)  # what an app module may do at import
+    logging.getLogger("myapp").info("order 42 stored")
+    assert "order 42 stored" in own.getvalue() and out.getvalue() == ""
