@@ -33,6 +33,9 @@ class _Unset:
 
 _UNSET = _Unset()
 
+AUTHORIZE_TIMEOUT = 5.0
+"""Seconds an ``authorize_browser`` hook may take before the request is answered 503."""
+
 _URI = re.compile(r"(?:sips?|tel):([^@;>]+)", re.IGNORECASE)
 _VISUAL = re.compile(r"[\s\-.()]")
 
@@ -181,6 +184,7 @@ class Sideband:
         self._route_is_async = False
         self._route_threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._authorize_browser: Callable[[web.Request], Any] | None = None
+        self._authorize_threads: concurrent.futures.ThreadPoolExecutor | None = None
         self.on_call_start_hooks: list[Callable[..., Any]] = []
         self.on_call_end_hooks: list[Callable[..., Any]] = []
         self.on_transcript_hooks: list[Callable[..., Any]] = []
@@ -222,11 +226,18 @@ class Sideband:
     def authorize_browser(self, fn: F) -> F:
         """Open the WebRTC doors (``/rtc/calls``, ``/rtc/sessions``, ``/rtc/handoff``) to the requests
         ``fn`` approves: it gets the :class:`aiohttp.web.Request` (cookies, headers: your own login) and
-        returns true to let it through (sync or async; a sync one runs in a worker thread). Without it,
-        those routes answer 404: a server that only takes phone calls offers no way to start a call, or
-        mint a key, with its API key. ``app.authorize_browser(lambda request: True)`` opens them to anyone.
+        returns true to let it through (sync or async; a sync one runs in threads of its own, never the
+        tools'). It has :data:`AUTHORIZE_TIMEOUT` seconds; one that raises or overruns gets the request a
+        503. Without it, those routes answer 404: a server that only takes phone calls offers no way to
+        start a call, or mint a key, with its API key. ``app.authorize_browser(lambda request: True)``
+        opens them to anyone.
         """
         self._authorize_browser = fn
+        if not inspect.iscoroutinefunction(fn) and self._authorize_threads is None:
+            # Strangers' requests run it: they must not take the threads live calls' tools need.
+            self._authorize_threads = concurrent.futures.ThreadPoolExecutor(
+                4, thread_name_prefix="sideband-authorize"
+            )
         return fn
 
     @property
@@ -235,25 +246,28 @@ class Sideband:
         return self._authorize_browser is not None
 
     async def authorize(self, request: web.Request) -> bool:
-        """Run the :meth:`authorize_browser` hook (``False`` without one). Exceptions propagate."""
+        """Run the :meth:`authorize_browser` hook under :data:`AUTHORIZE_TIMEOUT` (``False`` without
+        one). Its exceptions propagate; an overrun raises :class:`TimeoutError`."""
         hook = self._authorize_browser
         if hook is None:
             return False
-        if inspect.iscoroutinefunction(hook):
-            return bool(await hook(request))
-        run = functools.partial(contextvars.copy_context().run, hook, request)
-        result = await asyncio.get_running_loop().run_in_executor(self.tools.executor, run)
-        if inspect.isawaitable(result):
-            result = await result
-        return bool(result)
+        async with asyncio.timeout(AUTHORIZE_TIMEOUT):
+            if inspect.iscoroutinefunction(hook):
+                return bool(await hook(request))
+            run = functools.partial(contextvars.copy_context().run, hook, request)
+            result = await asyncio.get_running_loop().run_in_executor(self._authorize_threads, run)
+            if inspect.isawaitable(result):
+                result = await result
+            return bool(result)
 
     def close(self) -> None:
         """Stop the app's worker threads (sync tools and hooks, sync routing hooks) at process end: idle
         ones exit, queued work is dropped, running work is not waited for. The app runs no sync code after.
         """
         self.tools.executor.shutdown(wait=False, cancel_futures=True)
-        if self._route_threads is not None:
-            self._route_threads.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._route_threads, self._authorize_threads):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def on_call_start(self, fn: F) -> F:
         """Called with the :class:`CallContext` once the sideband is attached."""

@@ -199,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dial":
             from sideband.vowel.dial import REQUIRED_SETTINGS, run_dial
 
+            if args.say is not None and any(not text.strip() for text in args.say):
+                raise CliError("--say needs some text")
             settings = load_settings(require=REQUIRED_SETTINGS)
             configure_logging(settings.log_format, settings.log_level or "warning", stream=sys.stderr)
             return _run(run_dial(settings, load_app(args.app), args.say))

@@ -626,6 +626,14 @@ def test_once_the_end_verb_is_out_no_tool_starts_and_no_output_goes() -> None:
     assert isinstance(m.verb_done(True)[-1], Close)
 
 
+def test_caller_activity_other_than_speech_restarts_the_idle_limit() -> None:
+    m = machine(max_idle_duration=30.0)
+    m.start()
+    assert m.caller_active() == [StartTimer("idle", 30.0)]
+    m.request_end("hangup")
+    assert m.caller_active() == []  # ending: no limit to restart
+
+
 def test_a_caller_cutting_in_ends_playback_like_its_end() -> None:
     m = machine()
     m.start()

@@ -4,11 +4,13 @@ tools cancelled by the call's end — over loopback against the simulators."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import pytest
+import structlog
 
 from sideband import CallContext, CallSummary, Sideband
 from sideband.runtime.driver import CallHooks, CallRuntime
@@ -178,15 +180,17 @@ async def test_a_blocking_sync_hook_runs_in_a_thread_and_holds_back_nothing(stac
 async def test_a_sync_hook_cut_off_by_the_end_still_runs_alone(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The grace cancels the waiting task, not the thread: on_call_end waits for that thread."""
+    """The grace cancels the waiting task, not the thread: on_call_end waits for that thread (here past
+    its own bound, so it never runs beside it)."""
     monkeypatch.setattr("sideband.runtime.driver.HOOK_GRACE", 0.1)
-    inside = threading.Event()
+    monkeypatch.setattr("sideband.runtime.driver.END_HOOK_TIMEOUT", 0.3)
+    inside, release = threading.Event(), threading.Event()
     overlapped: list[bool] = []
 
     @stack.app.on_call_start
-    def slow_crm(ctx: CallContext) -> None:  # a backend slower than the grace
+    def slow_crm(ctx: CallContext) -> None:  # a backend that answers only when the test says so
         inside.set()
-        threading.Event().wait(0.8)
+        release.wait(10)
         inside.clear()
 
     @stack.app.on_call_end
@@ -194,11 +198,50 @@ async def test_a_sync_hook_cut_off_by_the_end_still_runs_alone(
         overlapped.append(inside.is_set())
 
     call = stack.sim.create_call(Script([HELLO, caller_hangs_up()]))
-    with capture_logs() as logs:
-        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
-        await stack.ended(call)
-    assert [e["hook"] for e in logs if e["event"] == "hook.cancelled"] == ["slow_crm"]
-    assert overlapped == [False]
+    try:
+        with capture_logs() as logs:
+            assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+            await stack.ended(call)
+    finally:
+        release.set()
+    assert [e["hook"] for e in logs if e["event"] == "hook.cancelled"] == ["slow_crm", "file_ticket"]
+    assert overlapped == []  # without the lock held by the thread: [True]
+
+
+async def test_a_sync_hook_that_fails_after_the_end_cut_it_off_is_logged_like_any(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sideband.runtime.driver.HOOK_GRACE", 0.1)
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    release, failed = threading.Event(), asyncio.Event()
+
+    @stack.app.on_call_start
+    def slow_crm(ctx: CallContext) -> None:
+        release.wait(10)
+        raise RuntimeError(f"no record for {ctx.from_number}")
+
+    def flag(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if event_dict.get("event") == "hook.failed":
+            loop.call_soon_threadsafe(failed.set)
+        return event_dict
+
+    call = stack.sim.create_call(Script([HELLO, caller_hangs_up()]))
+    try:
+        with capture_logs() as logs:
+            structlog.get_config()["processors"].insert(0, flag)
+            assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+            await stack.ended(call)  # slow_crm was cut off (hook.cancelled); its thread runs on
+            release.set()
+            await asyncio.wait_for(failed.wait(), 5)
+    finally:
+        release.set()
+        loop.set_exception_handler(None)
+    hook = [e for e in logs if e["event"] == "hook.failed"]
+    assert [(e["hook"], e["error"]) for e in hook] == [("slow_crm", "RuntimeError")]  # not its text
+    gc.collect()
+    assert unretrieved == []  # asyncio would log the exception's text ("never retrieved")
 
 
 async def _failing_call(stack: Stack) -> list[MutableMapping[str, Any]]:

@@ -21,6 +21,7 @@ from websockets.protocol import State
 
 from sideband import CallContext, Sideband
 from sideband.cli import main
+from sideband.runtime.driver import CallRuntime
 from sideband.settings import Settings, load_settings
 from sideband.testing.vowel import DEFAULT_ENGINE_KEY, VowelSimulator, when
 from sideband.upstream.openai import UpstreamError
@@ -652,3 +653,86 @@ async def test_vowel_demo_leg() -> None:
     text = out.getvalue()
     assert "tool: lookup_order → ok" in text and "end: end_call_tool" in text
     assert "refused: " in text and "mint_trusted_session" in text
+
+
+# -- ends, errors and turns as a backend sees them ---------------------------------------------------------
+
+
+async def test_an_exception_in_the_body_aborts_instead_of_closing(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    started = asyncio.Event()
+
+    @app.tool(timeout=60)
+    async def hang() -> str:
+        """Never answers."""
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    vowel.script([when("hang", calls=[("hang", {})], reply="Done.")])
+    session = EngineSession.open(settings_for(vowel), app)
+    with pytest.raises(ValueError, match="user bug"):
+        async with session:
+            turn = asyncio.create_task(session.say("hang please"))
+            await asyncio.wait_for(started.wait(), 5)
+            raise ValueError("user bug")
+    # Not the graceful close that waits for the running tool (up to end_cap): cancelled at once.
+    assert session.end_reason == "shutdown" and not session.live
+    assert [(t.name, t.outcome) for t in session.summary.tools] == [("hang", "cancelled")]
+    with pytest.raises(EngineError):
+        await turn
+
+
+async def test_an_error_the_session_got_past_does_not_name_a_later_drop(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        session.runtime.send_event({"type": "no.such.event"})  # the engine answers with a non-fatal error
+        await vowel.wait_for(lambda s: bool(s.sessions[0].sent_of_type("error")), 5)
+        assert (await session.say("hello")).text  # the session carries on
+        await vowel.drop(vowel.sessions[0])
+        assert await session.wait_closed(5) == "connection_lost"
+    assert "unknown_event" not in (session.end_message or "")
+
+
+async def test_a_reply_keeps_every_line_even_a_repeated_one(vowel: VowelSimulator, app: Sideband) -> None:
+    vowel.script(
+        [
+            when(
+                "1042",
+                calls=[("lookup_order", {"order_id": "1042"})],
+                preamble="One moment.",
+                reply="One moment.",
+            )
+        ]
+    )
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        reply = await session.say("order 1042")
+    assert reply.lines == ("One moment.", "One moment.")
+
+
+async def test_streamed_audio_keeps_the_session_from_idling(
+    vowel: VowelSimulator, app: Sideband, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    active: list[int] = []
+    monkeypatch.setattr(CallRuntime, "caller_active", lambda self: active.append(1))
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        await session.send_audio(bytes(4800))  # 100 ms of PCM16 at 24 kHz
+        await session.send_audio(bytes(4800))
+    assert len(active) == 2
+
+
+async def test_the_engine_calls_no_tool_that_session_update_did_not_declare(vowel: VowelSimulator) -> None:
+    app = Sideband(instructions="No tools here.")  # declares none: the mint-only mistake of PROTOCOL C1
+    vowel.script([when("order", calls=[("lookup_order", {"order_id": "1"})], reply="I cannot look that up.")])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        reply = await session.say("where is my order")
+    engine = vowel.sessions[0]
+    assert reply.text == "I cannot look that up." and reply.tools == ()
+    assert engine.notes == ["no tools declared in session.update: the model called none"]
+
+
+def test_dial_with_a_blank_turn_is_one_line_before_anything_opens(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dial", "--say", "hi", "--say", "  "]) == 2
+    assert capsys.readouterr().err.strip() == "sideband: --say needs some text"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 from typing import Any
 
@@ -163,31 +164,36 @@ async def test_without_an_authorize_browser_hook_the_doors_are_closed(simulator:
 async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulator) -> None:
     app = Sideband(instructions="x")
     seen: list[str | None] = []
+    threads: set[str] = set()
 
     @app.authorize_browser
     def signed_in(request: web.Request) -> bool:  # sync: runs in a worker thread
         seen.append(request.cookies.get("session"))
+        threads.add(threading.current_thread().name)
         if request.cookies.get("session") == "boom":
             raise RuntimeError("session store down")
         return request.cookies.get("session") == "alice"
 
     async with run_app(app, simulator, **TEST_SETTINGS) as stack:
         with capture_logs() as logs:
-            for cookie, expected in (("alice", 200), ("mallory", 403), ("boom", 403), (None, 403)):
+            # refused: 403; its backend failing: 503 (the server's trouble, not the browser's)
+            for cookie, expected in (("alice", 200), ("mallory", 403), ("boom", 503), (None, 403)):
                 cookies = {"session": cookie} if cookie else {}
                 async with (
                     aiohttp.ClientSession(cookies=cookies) as http,
-                    http.post(stack.url("/rtc/sessions")) as resp,
+                    http.post(stack.url("/rtc/sessions"), json={}) as resp,
                 ):
                     assert resp.status == expected, cookie
     assert seen == ["alice", "mallory", "boom", None]
     assert [e["error"] for e in logs if e["event"] == "rtc.authorize_failed"] == ["RuntimeError"]
+    assert {name.split("_")[0] for name in threads} == {"sideband-authorize"}  # never the tools' threads
     assert sum(1 for r in simulator.requests if r.path == "/v1/realtime/client_secrets") == 1
 
 
 async def test_only_requests_another_site_cannot_send_blind_are_served(stack: Stack) -> None:
     # text/plain and form bodies are what a page on another origin may POST without a preflight
     assert (await _post(stack, "/rtc/calls", OFFER, "text/plain"))[0] == 415
+    assert (await _post(stack, "/rtc/sessions", "{}", "text/plain"))[0] == 415
     _, minted = await post_json(stack, "/rtc/sessions", {})
     body = json.dumps({"call_id": "rtc_x", "ticket": minted["ticket"]})
     assert (await _post(stack, "/rtc/handoff", body, "text/plain"))[0] == 415

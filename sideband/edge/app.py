@@ -162,6 +162,8 @@ async def rtc_sessions(request: web.Request) -> web.Response:
     refused = await _browser_gate(request, service)
     if refused is not None:
         return refused
+    if request.content_type != "application/json":
+        return _refuse(service, 415, "content-type must be application/json", event="rtc.rejected")
     try:
         body = await service.rtc_session()
     except UpstreamError as exc:
@@ -200,9 +202,14 @@ async def _browser_gate(request: web.Request, service: Service) -> web.Response 
         return _json(404, {"error": "not found"})
     try:
         allowed = await service.app.authorize(request)
-    except Exception as exc:
+    except TimeoutError:
+        log.error("rtc.authorize_failed", error="timeout")
+        service.refused["rtc.authorize_failed", 503] += 1
+        return _json(503, {"error": "authorization unavailable"})
+    except Exception as exc:  # the hook's backend (a session store…) failed: not the browser's fault
         log.error("rtc.authorize_failed", **failure_fields(exc, message=service.settings.log_tool_arguments))
-        allowed = False
+        service.refused["rtc.authorize_failed", 503] += 1
+        return _json(503, {"error": "authorization unavailable"})
     if not allowed:
         return _refuse(service, 403, "not authorized", event="rtc.unauthorized")
     if service.draining:

@@ -258,6 +258,10 @@ class CallRuntime:
         self._apply(self.machine.user_text(text))
         self._kick()
 
+    def caller_active(self) -> None:
+        """The caller is active (e.g. audio streamed by a backend): the idle limit starts again."""
+        self._apply(self.machine.caller_active())
+
     def send_event(self, event: dict[str, Any]) -> None:
         """Send a raw client event (e.g. ``input_audio_buffer.append``) in order with the rest."""
         self._apply([Send(event)])
@@ -721,10 +725,26 @@ class CallRuntime:
         except BaseException:
             lock.release()
             raise
-        # Released when the thread is done, not when this task is cancelled (the end's grace, the
-        # on_call_end bound): the next sync hook of the call never runs beside a hook still running.
-        work.add_done_callback(lambda _: lock.release())
-        result = await asyncio.shield(work)
+        abandoned = False
+
+        def finished(done: asyncio.Future[Any]) -> None:
+            # Released when the thread is done, not when this task is cancelled (the end's grace, the
+            # on_call_end bound): the next sync hook of the call never runs beside one still running.
+            lock.release()
+            if done.cancelled():
+                return
+            exc = done.exception()  # always retrieved (asyncio would log its text otherwise)
+            if exc is not None and abandoned:  # nobody awaits it any more: logged here
+                own = isinstance(exc, ToolError | SessionConfigError)
+                fields = failure_fields(exc, message=own or self._log_args)
+                self.log.error("hook.failed", hook=_hook_name(hook), **fields)
+
+        work.add_done_callback(finished)
+        try:
+            result = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            abandoned = True
+            raise
         if inspect.isawaitable(result):  # a sync wrapper around a coroutine function
             await result
 

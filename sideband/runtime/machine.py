@@ -287,7 +287,8 @@ class CallMachine:
 
     @property
     def last_error(self) -> Mapping[str, Any] | None:
-        """The last server ``error``: the ``sideband.error`` notice's code, error_type, message and param."""
+        """The last server ``error`` not followed by a completed response: the ``sideband.error`` notice's
+        code, error_type, message and param."""
         return self._last_error
 
     @property
@@ -498,6 +499,13 @@ class CallMachine:
         self._queued_say.append(instructions)
         return self._progress()
 
+    def caller_active(self) -> list[Action]:
+        """The caller is active by other means than speech the server detects (e.g. audio a backend
+        streams): the idle limit starts again."""
+        if self._closed is not None:
+            return []
+        return self._touch_idle()
+
     def user_text(self, text: str) -> list[Action]:
         """Add a user text turn (driving the conversation from code); one response follows it. Ignored
         once the call's hangup or transfer went out."""
@@ -558,6 +566,8 @@ class CallMachine:
         response = event.get("response") or {}
         response_id = response.get("id")
         status = response.get("status")
+        if status == "completed":
+            self._last_error = None  # the session got past it: not the cause of a later close
         actions: list[Action] = []
         for item in response.get("output") or ():
             if isinstance(item, dict) and item.get("type") == "function_call":

@@ -838,8 +838,12 @@ class VowelSimulator:
             self._spawn(self._fatal(session, "The model provider failed", response))
             return
         if rule is not None and rule.calls and not session._turn_issued:
-            await self._call_tools(session, response, rule)
-            return
+            # The engine's model knows the tools of session.update (PROTOCOL C1), not the mint's: with none
+            # declared there it calls none (with some, it may still call a name it made up).
+            if session.tools:
+                await self._call_tools(session, response, rule)
+                return
+            session.notes.append("no tools declared in session.update: the model called none")
         outputs = {name: (session.outputs.get(cid) or [""])[-1] for cid, name in session._turn_calls.items()}
         reply = self.default_reply if rule is None else rule.reply
         text = reply(outputs) if callable(reply) else reply

@@ -24,7 +24,7 @@ __all__ = ["CallControl", "CallGone", "SidebandRefused", "UpstreamError", "conne
 T = TypeVar("T")
 
 
-_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)\S*@")  # up to the last @: a password may hold @ or /
 
 
 def why(exc: BaseException) -> str:

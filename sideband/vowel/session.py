@@ -162,8 +162,8 @@ class EngineSession:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
-        if exc_type is not None and not issubclass(exc_type, Exception):
-            await self.abort()  # cancelled or interrupted: do not wait for the engine
+        if exc_type is not None:
+            await self.abort()  # the body failed, or was cancelled: do not wait for the engine
         else:
             await self.close()
 
@@ -342,6 +342,7 @@ class EngineSession:
         """Send caller audio: PCM16 LE mono 24 kHz. Sent as ``input_audio_buffer.append`` chunks of at
         least 2048 bytes; a smaller remainder waits for the next call (or :meth:`flush_audio`)."""
         await self._ready()
+        self.runtime.caller_active()  # a backend streaming the caller's audio is not idle
         self._audio.extend(pcm16)
         while len(self._audio) >= MIN_AUDIO_CHUNK:
             size = min(len(self._audio), MAX_AUDIO_CHUNK)
@@ -399,9 +400,7 @@ class EngineSession:
         if status != "completed" or tools_running or runtime.machine.response_owed:
             return
         summary = runtime.summary
-        lines = tuple(
-            dict.fromkeys(t for role, t in summary.transcript[turn.transcript_at :] if role == "agent")
-        )
+        lines = tuple(t for role, t in summary.transcript[turn.transcript_at :] if role == "agent")
         tools = tuple(summary.tools[turn.tools_at :])  # recorded before their outputs went out
         turn.future.set_result(Reply(" ".join(lines), lines, tools, response_id, runtime.machine.closed))
 
