@@ -95,6 +95,27 @@ async def test_webhook_to_tool_round_trip(stack: Stack) -> None:
     assert call.call_id not in stack.service.registry
 
 
+async def test_tool_rounds_hold_when_responses_stream_over_time() -> None:
+    """With the simulator's events spread out (as the real service streams them), parallel calls still
+    get their outputs and one response.create only after response.done: the server reports no error."""
+    async with Simulator(event_gap=0.003) as sim, run_app(make_app(), sim, **TEST_SETTINGS) as stack:
+        calls = [("lookup_order", {"order_id": "1"}), ("lookup_order", {"order_id": "2"})]
+        script = Script(
+            [
+                GREETING,
+                caller_says("Orders 1 and 2?"),
+                model_calls(calls, preamble="Let me check both."),
+                model_says("Both shipped."),
+                caller_hangs_up(),
+            ]
+        )
+        call = await run_call(stack, script)
+        await call.wait_done(timeout=10)
+        await stack.ended(call)
+    assert len(outputs(call)) == 2 and client_types(call).count("response.create") == 2
+    assert not [e for e in call.sent if e["type"] == "error"]
+
+
 async def test_same_webhook_delivered_concurrently_accepts_once(stack: Stack) -> None:
     call = stack.sim.create_call(Script([GREETING]))
     event = stack.sim.incoming_event(call)

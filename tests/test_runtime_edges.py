@@ -24,6 +24,7 @@ from sideband.testing import (
     caller_says,
     model_calls,
     model_says,
+    pause,
     run_app,
     wait_for_greeting,
 )
@@ -242,6 +243,54 @@ async def test_a_sync_hook_that_fails_after_the_end_cut_it_off_is_logged_like_an
     assert [(e["hook"], e["error"]) for e in hook] == [("slow_crm", "RuntimeError")]  # not its text
     gc.collect()
     assert unretrieved == []  # asyncio would log the exception's text ("never retrieved")
+
+
+async def test_a_tool_that_ignores_its_cancellation_does_not_keep_the_call_alive(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sideband.runtime.driver.TASK_GRACE", 0.2)
+    started, stop = asyncio.Event(), asyncio.Event()
+
+    @stack.app.tool(filler_after=None)
+    async def stubborn() -> str:  # a buggy tool: swallows every cancellation until the test ends
+        started.set()
+        while not stop.is_set():
+            try:
+                await stop.wait()
+            except asyncio.CancelledError:
+                continue
+        return "late"
+
+    call = stack.sim.create_call(Script([HELLO, pause(30)]))
+    try:
+        with capture_logs() as logs:
+            assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+            await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", 5)
+            await call.inject_function_call("stubborn", {})
+            await asyncio.wait_for(started.wait(), 5)
+            stack.sim.hang_up(call)
+            summary = await stack.ended(call, timeout=5)  # ends all the same
+    finally:
+        stop.set()
+    assert summary.reason == "remote_closed"
+    assert [(t.name, t.outcome) for t in summary.tools] == [("stubborn", "cancelled")]
+    abandoned = [e["tasks"] for e in logs if e["event"] == "call.tasks_abandoned"]
+    assert len(abandoned) == 1 and abandoned[0][0].startswith("tool:")
+
+
+async def test_a_call_that_does_not_end_names_the_script_step_that_failed(stack: Stack) -> None:
+    @stack.app.tool(timeout=30, filler_after=None)
+    async def slow_lookup() -> str:
+        await asyncio.Event().wait()
+        return "never"
+
+    call = stack.sim.create_call(Script([HELLO, model_calls("slow_lookup", {})], step_timeout=0.2))
+    assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    with pytest.raises(AssertionError) as failed:
+        await stack.ended(call, timeout=2)
+    assert "the script failed: step 1 model_calls(slow_lookup" in str(failed.value)
+    stack.sim.hang_up(call)
+    await stack.ended(call)
 
 
 async def _failing_call(stack: Stack) -> list[MutableMapping[str, Any]]:

@@ -556,6 +556,29 @@ async def test_response_create_during_active_response_is_refused(
     assert call.responses[0].source == "script" and call.responses[1].source == "auto"
 
 
+async def test_with_an_event_gap_a_create_before_response_done_is_refused(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A client that answers a call at arguments.done and asks for a response at once (PROTOCOL A4.4
+    forbids it before response.done) meets the error when the response streams, as the real one does."""
+    async with Simulator(event_gap=0.005) as sim:
+        script = Script(
+            [wait_for_greeting("Hi."), model_calls("lookup", {"id": "42"}), model_says("Shipped.")]
+        )
+        call = await live_call(sim, http, script)
+        async with ws_connect(sim, call) as ws:
+            await send(ws, {"type": "response.create", "event_id": "evt_greet"})
+            events = await recv_until(ws, "response.function_call_arguments.done")
+            item = {"type": "function_call_output", "call_id": events[-1]["call_id"], "output": "{}"}
+            await send(ws, {"type": "conversation.item.create", "item": item})
+            await send(ws, {"type": "response.create", "event_id": "evt_early"})
+            events = await recv_until(ws, "response.done")
+    errors = [e["error"] for e in events if e["type"] == "error"]
+    assert [(e["code"], e["event_id"]) for e in errors] == [
+        ("conversation_already_has_active_response", "evt_early")
+    ]
+
+
 async def test_session_update_cannot_change_voice_or_model_after_audio(
     simulator: Simulator, http: aiohttp.ClientSession
 ) -> None:
@@ -1093,7 +1116,10 @@ async def test_webhook_sender_signs_and_retries(simulator: Simulator, receiver: 
         assert headers["User-Agent"].startswith("OpenAI/1.0")
         assert re.fullmatch(r"v1,[A-Za-z0-9+/]+=*", headers["webhook-signature"])
         assert verifier.verify(body, headers) == event
-    assert len(result.timestamps) == 3
+    # each attempt has its own timestamp, later than the last (PROTOCOL A1), so its own signature
+    assert len(result.timestamps) == 3 and result.timestamps == sorted(set(result.timestamps))
+    assert [h["webhook-timestamp"] for _, h, _ in seen] == [str(t) for t in result.timestamps]
+    assert len({h["webhook-signature"] for _, h, _ in seen}) == 3
 
     answers.extend([500, 500])
     failed = await sender.deliver(event, webhook_id="wh_fixed", max_attempts=2, backoff=0.01)

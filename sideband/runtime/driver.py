@@ -65,6 +65,9 @@ HOOK_GRACE = 2.0
 with a ``hook.cancelled`` warning naming the hook)."""
 END_HOOK_TIMEOUT = 10.0
 """Seconds each ``on_call_end`` hook may run before it is cancelled (``hook.cancelled``)."""
+TASK_GRACE = 5.0
+"""Seconds a call's cancelled tools get to stop when it ends; one that ignores its cancellation is left
+behind (``call.tasks_abandoned``)."""
 SHUTDOWN_GRACE = 5.0
 """Seconds the calls still live at the end of a drain get for their hangup before they are cancelled."""
 
@@ -761,14 +764,29 @@ class CallRuntime:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
                     await ws.close()
-        while self._side_tasks or tasks:
-            pending = [*tasks, *self._side_tasks]
-            tasks = []
-            await asyncio.gather(*pending, return_exceptions=True)
-        for call_id in list(self._tool_tasks):  # cancelled before they ever started
+        await self._await_tasks(tasks)
+        for call_id in list(self._tool_tasks):  # cancelled before they ever started, or stuck
             del self._tool_tasks[call_id]
             self._tool_cancelled(call_id, self.machine.tool_name(call_id), 0.0)
         await self._settle_hooks()
+
+    async def _await_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Await the cancelled tool tasks and the side tasks, for :data:`TASK_GRACE` seconds at most: a
+        tool that swallows its cancellation must not keep the call (and a shutdown) from ending."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TASK_GRACE
+        pending: set[asyncio.Future[Any]] = {*tasks, *self._side_tasks}
+        while pending:
+            done, stuck = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0.0))
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # seen: their failures were handled (or logged) where they ran
+            if stuck:
+                names = sorted(t.get_name() if isinstance(t, asyncio.Task) else repr(t) for t in stuck)
+                self.log.error("call.tasks_abandoned", tasks=names, grace_s=TASK_GRACE)
+                self._side_tasks.difference_update(stuck)
+                return
+            pending = set(self._side_tasks)  # started meanwhile (a flush, a verb)
 
     async def _settle_hooks(self) -> None:
         """Give hooks still running :data:`HOOK_GRACE` seconds, then cancel and await them."""
@@ -879,4 +897,8 @@ class CallRegistry:
             _, pending = await asyncio.wait(pending, timeout=grace)
         for task in pending:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            _, stuck = await asyncio.wait(pending, timeout=grace)
+            if stuck:  # (each call bounds its own end: this would take a bug of ours)
+                log = structlog.get_logger(component="sideband.call")
+                log.error("calls.abandoned", calls=sorted(t.get_name() for t in stuck))

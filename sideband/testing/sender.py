@@ -170,10 +170,14 @@ class WebhookSender:
         body = event if isinstance(event, bytes) else self.encode(event)
         wid = webhook_id if webhook_id is not None else "wh_" + secrets.token_hex(16)
         result = DeliveryResult(webhook_id=wid, body=body)
+        last = 0
         for attempt in range(max_attempts):
             if attempt:
                 await asyncio.sleep(backoff * (2 ** (attempt - 1)))
-            ts = timestamp if timestamp is not None else int(time.time())
+            # Each attempt is signed anew with its own timestamp, later than the one before (PROTOCOL A1),
+            # even when the retries come within one second.
+            ts = timestamp if timestamp is not None else max(int(time.time()), last + 1)
+            last = ts
             result.timestamps.append(ts)
             try:
                 status, answer = await self.post_raw(body, self.sign(body, wid, ts), timeout=timeout)

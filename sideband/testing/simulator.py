@@ -898,7 +898,16 @@ class SimCall:
     # ------------------------------------------------------------------------------------ sending
 
     async def _send(self, event_type: str, /, **fields: Any) -> bool:
-        """Send one server event to the attached sideband(s); False if none was attached (event dropped)."""
+        """Send one server event to the attached sideband(s), ``event_gap`` seconds after the last; False
+        if none was attached (event dropped)."""
+        if self._sim.event_gap:
+            # The real service streams a response over time: what a client sends meanwhile (an early
+            # response.create…) reaches it before the next event, while the response is still active.
+            await asyncio.sleep(self._sim.event_gap)
+        return await self._send_now(event_type, **fields)
+
+    async def _send_now(self, event_type: str, /, **fields: Any) -> bool:
+        """:meth:`_send` without the ``event_gap``."""
         event: dict[str, Any] = {"type": event_type, "event_id": self._sim._new_id("event_")}
         event.update(fields)
         sockets = [a for a in self._sockets if not a.ws.closed]
@@ -1595,6 +1604,8 @@ class SimCall:
                 }
             out_tokens = 5 + len(spoken) // 4 + sum(len(s.arguments) // 4 for s in calls)
             record.status = final_status
+            # Over once response.done is out: a response.create the client sends on reading it is fine.
+            self._active_response = None
             await send(
                 "response.done",
                 response=self._response_object(
@@ -1617,7 +1628,7 @@ class SimCall:
         if buffer_started:
             await send("output_audio_buffer.stopped", response_id=response_id)
         if self._response_count % 2 == 1:  # irregular on purpose: never rely on it
-            await send(
+            await self._send_now(  # right after: the response's step is over once this is out
                 "rate_limits.updated",
                 rate_limits=[
                     {
@@ -1826,6 +1837,12 @@ class Simulator:
     numbers and headers, as :meth:`create_call`) playing ``auto_call_script`` (an attribute; empty by
     default), so webhooks for invented call ids can come from elsewhere (another process, a load
     generator). Other verbs on unknown ids still get 404.
+
+    ``event_gap`` is how long the simulator waits after each server event. By default (0) a response's
+    events go out back to back, and a client rarely gets a word in before its ``response.done``; the real
+    service streams a response over tens of milliseconds or more. A gap of a few milliseconds makes a
+    client that acts too early (a ``response.create`` before ``response.done``) meet the error the real
+    service gives it.
     """
 
     def __init__(
@@ -1841,6 +1858,7 @@ class Simulator:
         ws_compression: bool = False,
         auto_create_calls: bool = False,
         auto_call_script: Script | None = None,
+        event_gap: float = 0.0,
     ) -> None:
         self.api_key = api_key
         self.webhook_secret = webhook_secret
@@ -1850,6 +1868,7 @@ class Simulator:
         self.ready_grace = ready_grace
         self.ws_compression = ws_compression
         self.auto_create_calls = auto_create_calls
+        self.event_gap = event_gap
         self.requests: list[RequestRecord] = []
         self.calls: dict[str, SimCall] = {}
         self.next_webrtc_script: Script = Script()
