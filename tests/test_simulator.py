@@ -559,24 +559,29 @@ async def test_response_create_during_active_response_is_refused(
 async def test_with_an_event_gap_a_create_before_response_done_is_refused(
     http: aiohttp.ClientSession,
 ) -> None:
-    """A client that answers a call at arguments.done and asks for a response at once (PROTOCOL A4.4
-    forbids it before response.done) meets the error when the response streams, as the real one does."""
-    async with Simulator(event_gap=0.005) as sim:
+    """A client that answers a call and asks for a response before the response's response.done
+    (PROTOCOL A4.4 forbids it) meets the error when the response streams, as the real one does; one that
+    waits for response.done does not."""
+    async with Simulator(event_gap=0.02) as sim:
         script = Script(
             [wait_for_greeting("Hi."), model_calls("lookup", {"id": "42"}), model_says("Shipped.")]
         )
         call = await live_call(sim, http, script)
         async with ws_connect(sim, call) as ws:
             await send(ws, {"type": "response.create", "event_id": "evt_greet"})
-            events = await recv_until(ws, "response.function_call_arguments.done")
-            item = {"type": "function_call_output", "call_id": events[-1]["call_id"], "output": "{}"}
+            await recv_until(ws, "response.function_call_arguments.done")
+            done = (await recv_until(ws, "response.output_item.done"))[-1]  # the last event before it
+            item = {"type": "function_call_output", "call_id": done["item"]["call_id"], "output": "{}"}
             await send(ws, {"type": "conversation.item.create", "item": item})
             await send(ws, {"type": "response.create", "event_id": "evt_early"})
             events = await recv_until(ws, "response.done")
-    errors = [e["error"] for e in events if e["type"] == "error"]
+            await send(ws, {"type": "response.create", "event_id": "evt_after"})
+            answer = await recv_until(ws, "response.done")
+    errors = [e["error"] for e in events + answer if e["type"] == "error"]
     assert [(e["code"], e["event_id"]) for e in errors] == [
         ("conversation_already_has_active_response", "evt_early")
     ]
+    assert answer[-1]["response"]["status"] == "completed"
 
 
 async def test_session_update_cannot_change_voice_or_model_after_audio(

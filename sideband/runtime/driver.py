@@ -609,8 +609,11 @@ class CallRuntime:
             try:
                 result = await self.tools.execute(call_id, name, arguments, self.ctx)
             except asyncio.CancelledError:
-                self._tool_cancelled(call_id, name, time.monotonic() - started)
+                if self._owns(call_id):
+                    self._tool_cancelled(call_id, name, time.monotonic() - started)
                 raise
+            if not self._owns(call_id):
+                return  # left behind by the call's end (it ignored its cancellation): nothing of it counts
             record = ToolRecord(call_id, name, result.outcome, result.duration)
             self.summary.tools.append(record)
             # A tool that raised or overran is worth an operator's look (with where it raised).
@@ -632,7 +635,13 @@ class CallRuntime:
                 self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
             await self._flush()
         finally:
-            self._tool_tasks.pop(call_id, None)  # the task's last step: nothing of it runs on
+            if self._owns(call_id):
+                del self._tool_tasks[call_id]  # the task's last step: nothing of it runs on
+
+    def _owns(self, call_id: str) -> bool:
+        """Whether the running tool task is still the call's (the end abandons one that ignores its
+        cancellation, and has recorded it as cancelled)."""
+        return self._tool_tasks.get(call_id) is asyncio.current_task()
 
     def _tool_cancelled(self, call_id: str, name: str, duration: float) -> None:
         """A tool cancelled by the call's end (or the machine): in the summary and the log all the same."""

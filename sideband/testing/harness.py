@@ -69,8 +69,8 @@ class Harness:
     async def ended(self, call: SimCall, timeout: float = 10.0) -> CallSummary:
         """Wait until our side of ``call`` has ended; return its summary.
 
-        Raises :class:`AssertionError` when it has not ended within ``timeout`` seconds, naming the
-        script step that failed, if one did (a step that times out does not end the call)."""
+        Raises :class:`TimeoutError` when it has not ended within ``timeout`` seconds, naming the script
+        step that failed, if one did (a step that times out does not end the call)."""
         registry = self.service.registry
         runtime = registry.calls.get(call.call_id)
         if runtime is not None:
@@ -78,7 +78,7 @@ class Harness:
                 await asyncio.wait_for(runtime.wait_closed(), timeout)
             except TimeoutError:
                 why = f"; the script failed: {call.script_error}" if call.script_error else ""
-                raise AssertionError(f"call {call.call_id} did not end within {timeout:g} s{why}") from None
+                raise TimeoutError(f"call {call.call_id} did not end within {timeout:g} s{why}") from None
             return runtime.summary
         summary = registry.recent.get(call.call_id)
         if summary is None:

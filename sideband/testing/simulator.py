@@ -1604,9 +1604,12 @@ class SimCall:
                 }
             out_tokens = 5 + len(spoken) // 4 + sum(len(s.arguments) // 4 for s in calls)
             record.status = final_status
-            # Over once response.done is out: a response.create the client sends on reading it is fine.
+            # Over once response.done is out: a response.create the client sends on reading it is fine
+            # (and one sent before it, during the gap, is still refused).
+            if self._sim.event_gap:
+                await asyncio.sleep(self._sim.event_gap)
             self._active_response = None
-            await send(
+            await self._send_now(
                 "response.done",
                 response=self._response_object(
                     response_id,
