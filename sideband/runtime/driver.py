@@ -618,10 +618,7 @@ class CallRuntime:
             self.summary.tools.append(record)
             # A tool that raised or overran is worth an operator's look (with where it raised).
             log = self.log.info if result.outcome not in ("error", "timeout") else self.log.warning
-            failure: dict[str, Any] = {"error": result.error}
-            if result.exception is not None:
-                own = isinstance(result.exception, ToolError)  # its message is the model's anyway
-                failure = failure_fields(result.exception, message=own or self._log_args)
+            failure = {"error": result.error} if result.exception is None else self._failure(result.exception)
             log(
                 "tool.finished",
                 tool=name,
@@ -716,9 +713,13 @@ class CallRuntime:
                 else:
                     await self._sync_hook(hook, args)
             except Exception as exc:
-                own = isinstance(exc, ToolError | SessionConfigError)  # messages of ours, no data in them
-                fields = failure_fields(exc, message=own or self._log_args)
-                self.log.error("hook.failed", hook=_hook_name(hook), **fields)
+                self.log.error("hook.failed", hook=_hook_name(hook), **self._failure(exc))
+
+    def _failure(self, exc: BaseException) -> dict[str, Any]:
+        """Log fields for a tool's or hook's exception: its text only where it is ours (a ToolError's is
+        the model's anyway) or ``SIDEBAND_LOG_TOOL_ARGUMENTS`` allows it."""
+        own = isinstance(exc, ToolError | SessionConfigError)
+        return failure_fields(exc, message=own or self._log_args)
 
     async def _sync_hook(self, hook: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """A plain function runs in the tools' thread pool, so blocking work never stalls the loop; a
@@ -747,9 +748,7 @@ class CallRuntime:
                 return
             exc = done.exception()  # always retrieved (asyncio would log its text otherwise)
             if exc is not None and abandoned:  # nobody awaits it any more: logged here
-                own = isinstance(exc, ToolError | SessionConfigError)
-                fields = failure_fields(exc, message=own or self._log_args)
-                self.log.error("hook.failed", hook=_hook_name(hook), **fields)
+                self.log.error("hook.failed", hook=_hook_name(hook), **self._failure(exc))
 
         work.add_done_callback(finished)
         try:
