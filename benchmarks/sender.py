@@ -34,7 +34,7 @@ from sideband.testing.sender import OPENAI_WEBHOOK_USER_AGENT, decode_secret, si
 
 
 def incoming_body(call_id: str, n: int) -> bytes:
-    """The webhook body OpenAI sends for a ringing SIP call (PROTOCOL A1)."""
+    """The webhook body OpenAI sends for a ringing SIP call."""
     event = {
         "object": "event",
         "id": "evt_" + uuid.uuid4().hex,

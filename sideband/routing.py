@@ -164,7 +164,7 @@ class RouteTable:
         """Build every accepting route's call plan for ``app`` as a SIP call would, at start.
 
         Raises :class:`RouteError` (one line: file, route, problem) for a tool the app does not have or
-        a session OpenAI would refuse (PROTOCOL A2), so a bad file stops the process instead of
+        a session OpenAI would refuse, so a bad file stops the process instead of
         rejecting every call to that number at ring time. The plans built here are cached by ``app``.
         """
         known = set(app.tools.names())

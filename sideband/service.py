@@ -194,7 +194,7 @@ class Service:
 
     # --------------------------------------------------------------------------- SIP webhook
     async def handle_webhook(self, webhook_id: str, event: WebhookEvent, received: float) -> Reply:
-        """A verified delivery: claim, decide, act (PROTOCOL A1/A2). ``received`` is ``time.monotonic()``.
+        """A verified delivery: claim, decide, act. ``received`` is ``time.monotonic()``.
 
         The ``webhook-id`` (and, for a call, the ``call_id``) is claimed before anything else happens.
         A duplicate of a delivery that was handled gets 200 and nothing else; a duplicate that arrives

@@ -173,7 +173,7 @@ def session_update(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
-    """Refuse locally what OpenAI would refuse or silently break on (PROTOCOL A2), and field names that
+    """Refuse locally what OpenAI would refuse or silently break on, and field names that
     are a typo of a known one (``max_output_token``)."""
     if body.get("type") != "realtime":
         raise SessionConfigError('session config needs "type": "realtime"')

@@ -174,7 +174,7 @@ class WebhookSender:
         for attempt in range(max_attempts):
             if attempt:
                 await asyncio.sleep(backoff * (2 ** (attempt - 1)))
-            # Each attempt is signed anew with its own timestamp, later than the one before (PROTOCOL A1),
+            # Each attempt is signed anew with its own timestamp, later than the one before,
             # even when the retries come within one second.
             ts = timestamp if timestamp is not None else max(int(time.time()), last + 1)
             last = ts

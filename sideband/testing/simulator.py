@@ -2,7 +2,7 @@
 
 :class:`Simulator` is an aiohttp server on a loopback port that speaks the call-control REST endpoints
 (accept/reject/refer/hangup, WebRTC ``POST /realtime/calls``, ``client_secrets``) and the call-scoped sideband
-WebSocket, enforcing what the real service enforces (``PROTOCOL.md`` parts A and B). Each call is a
+WebSocket, enforcing what the real service enforces, its error behaviours included. Each call is a
 :class:`SimCall`: a record of what happened (requests, events in and out, end reason) and the runtime that
 plays the call's :class:`~sideband.testing.script.Script`.
 
@@ -857,7 +857,7 @@ class SimCall:
         The events are those of a scripted :func:`~sideband.testing.model_calls` (``response.created``,
         ``response.output_item.added``, ``conversation.item.added``, argument deltas,
         ``response.function_call_arguments.done``, ``conversation.item.done``, ``response.output_item.done``,
-        ``response.done``; ``PROTOCOL.md`` A4). A response in progress finishes first. ``arguments``: a dict
+        ``response.done``). A response in progress finishes first. ``arguments``: a dict
         is sent as compact JSON, a str verbatim; ``call_id`` is generated (``call_…``) when not given.
 
         Returns once ``response.done`` went out; the record's :meth:`InjectedCall.wait_output` waits for the

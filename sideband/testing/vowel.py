@@ -1,5 +1,5 @@
 """An in-process stand-in for a self-hosted vowel stack: the *core* (API keys with scopes, token mint) and
-the *engine* (the realtime WebSocket), on one loopback port, behaving as ``PROTOCOL.md`` part C says.
+the *engine* (the realtime WebSocket), on one loopback port, behaving as the vowel engine does.
 
 ::
 
@@ -838,7 +838,7 @@ class VowelSimulator:
             self._spawn(self._fatal(session, "The model provider failed", response))
             return
         if rule is not None and rule.calls and not session._turn_issued:
-            # The engine's model knows the tools of session.update (PROTOCOL C1), not the mint's: with none
+            # The engine's model knows the tools of session.update, not the mint's: with none
             # declared there it calls none (with some, it may still call a name it made up).
             if session.tools:
                 await self._call_tools(session, response, rule)

@@ -64,7 +64,7 @@ class SidebandRefused(UpstreamError):
 
 
 class CallControl:
-    """accept / reject / refer / hangup, WebRTC call creation and client secrets (PROTOCOL A2, B)."""
+    """accept / reject / refer / hangup, WebRTC call creation and client secrets."""
 
     def __init__(self, http: aiohttp.ClientSession, base_url: str, api_key: str) -> None:
         self._http = http
@@ -203,7 +203,7 @@ async def connect_sideband(
     open_timeout: float = 5.0,
     proxy: str | None = None,
 ) -> PushConnection:
-    """Open the call-scoped WebSocket (PROTOCOL A3): Bearer key, no ``OpenAI-Beta`` header.
+    """Open the call-scoped WebSocket: Bearer key, no ``OpenAI-Beta`` header.
 
     ``proxy``: an explicit proxy URL (see :func:`~sideband.upstream._ws.resolve_proxy`), or ``None``.
 

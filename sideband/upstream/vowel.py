@@ -1,4 +1,4 @@
-"""vowel self-hosted engine: the core's token mint (REST) and the engine's realtime socket (PROTOCOL C).
+"""vowel self-hosted engine: the core's token mint (REST) and the engine's realtime socket.
 
 Only this module knows the vowel URLs and what their HTTP statuses mean. A token is a bearer secret: it
 never appears in a ``repr``, a log line or an exception message.
@@ -74,7 +74,7 @@ def trusted_session_request(
     model: str | None = None,
     voice: str | None = None,
 ) -> dict[str, Any]:
-    """The body of ``POST {core}/v1/realtime/sessions`` for a trusted-server session (PROTOCOL C1)."""
+    """The body of ``POST {core}/v1/realtime/sessions`` for a trusted-server session."""
     config: dict[str, Any] = {"serviceId": service_id, "provider": provider}
     voice_config = {k: v for k, v in (("model", model), ("voice", voice)) if v}
     if voice_config:
@@ -195,7 +195,7 @@ class VowelCore:
     async def mint(
         self, body: Mapping[str, Any], *, timeout: float = 10.0, clock: Callable[[], float] = time.time
     ) -> Token:
-        """Mint a token for one session (PROTOCOL C1). Raises :class:`MintRefused` on 401/403 and
+        """Mint a token for one session. Raises :class:`MintRefused` on 401/403 and
         :class:`UpstreamError` on anything else that is not a token."""
         try:
             async with self._http.post(
@@ -242,7 +242,7 @@ async def connect_engine(
     *,
     open_timeout: float = 10.0,
 ) -> PushConnection:
-    """Open ``{engine}/v1/realtime`` with ``Authorization: Bearer <token>`` (PROTOCOL C2).
+    """Open ``{engine}/v1/realtime`` with ``Authorization: Bearer <token>``.
 
     Raises :class:`EngineRefused` for a refused token (HTTP 401/403 at the handshake, or the TCP
     connection closing with no HTTP answer) and :class:`UpstreamError` when the engine cannot be reached.

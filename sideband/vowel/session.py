@@ -1,4 +1,4 @@
-"""Trusted-server sessions on a vowel engine, driven from code (PROTOCOL C).
+"""Trusted-server sessions on a vowel engine, driven from code.
 
 ::
 
