@@ -164,7 +164,12 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="run simulated calls against the built-in simulator (no key, no network)"
     )
     p_demo.add_argument("app", nargs="?", help="module:attribute of your app (default: the order desk)")
-    p_demo.add_argument("--calls", type=int, default=3, help="how many calls to place (default 3)")
+    p_demo.add_argument(
+        "--calls",
+        type=int,
+        default=3,
+        help="how many answered calls to place (default 3; the bundled demo adds one that routing rejects)",
+    )
     p_dial = sub.add_parser(
         "dial", help="talk to a vowel engine through a trusted-server session with the app's tools"
     )
