@@ -44,6 +44,10 @@ _RTC_CALL_ID = re.compile(r"^rtc_[A-Za-z0-9_-]{1,128}$")
 _PENDING_TTL = 120.0
 """Seconds a claim stays pending at most: far longer than any answer path (route + accept budgets)."""
 
+_UNCERTAIN_TTL = 3700.0
+"""Seconds an accept that may have gone through (an attempt went unanswered) is remembered for the
+call's redeliveries: longer than any call lasts."""
+
 HANDOFF_GRACE = 60.0
 """Seconds a handoff ticket outlives the ephemeral key minted with it (``SIDEBAND_RTC_KEY_TTL``)."""
 
@@ -109,6 +113,10 @@ class Reply:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+
+
+def _uncertain_key(call_id: str) -> str:
+    return f"accept_uncertain:{call_id}"
 
 
 class Service:
@@ -320,10 +328,11 @@ class Service:
                         lambda t: control.accept(call_id, plan.session, timeout=t), on_retry=accept_retry
                     )
                 except CallGone as exc:
-                    if not uncertain:
+                    if not uncertain and not await self.store.settled(_uncertain_key(call_id)):
                         raise
-                    # Not ringing any more: maybe because the unanswered attempt accepted it. Attaching
-                    # tells (a call that is really gone refuses the sideband and the runtime ends).
+                    # Not ringing any more: maybe because an unanswered attempt (of this delivery or an
+                    # earlier one) accepted it. Attaching tells (a call that is really gone refuses the
+                    # sideband and the runtime ends).
                     self.log.warning("call.accept_uncertain", status=exc.status)
                 else:
                     self.log.info("call.accepted", latency_ms=round((time.monotonic() - received) * 1000, 2))
@@ -350,6 +359,12 @@ class Service:
                 "call.accept_failed" if plan else "call.answer_failed", status=exc.status, error=str(exc)
             )
             if exc.retryable:
+                if plan is not None and (uncertain or exc.status is None):
+                    # An attempt went unanswered and may have accepted the call: the redelivery that
+                    # then finds it no longer ringing must attach, not take it for gone.
+                    key = _uncertain_key(call_id)
+                    await self.store.claim(key, _UNCERTAIN_TTL)
+                    await self.store.settle(key, _UNCERTAIN_TTL)
                 return Reply(503, {"status": "retry", "error": "upstream unavailable"}, {"Retry-After": "1"})
             if isinstance(decision, Reject):
                 return Reply(200, {"status": "failed", "error": f"upstream answered {exc.status}"})

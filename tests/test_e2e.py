@@ -207,6 +207,21 @@ async def test_accept_exhausted_answers_503_and_redelivery_can_succeed(stack: St
     assert second.status == 200 and call.status == "accepted"
 
 
+async def test_an_accept_that_may_have_gone_through_is_remembered_for_the_redelivery(stack: Stack) -> None:
+    call = stack.sim.create_call(Script([GREETING]))
+    # The first attempt accepts the call but its answer never comes; the rest get 500 until the budget
+    # is spent: the webhook answers 503 and OpenAI redelivers, by which time the call no longer rings.
+    stack.sim.fail_accept(call.call_id, "late", *([500] * 60))
+    event = stack.sim.incoming_event(call)
+    first = await stack.sender.deliver(event, webhook_id="wh_u", max_attempts=1)
+    assert first.status == 503 and call.status == "accepted"  # accepted upstream all the same
+    stack.sim.calls[call.call_id].accept_faults.clear()
+    second = await stack.sender.deliver(event, webhook_id="wh_u", max_attempts=1)
+    assert second.status == 200 and json.loads(second.bodies[0] or b"{}")["status"] == "accepted"
+    await call.wait_connected(timeout=5)  # the call is not left answered with nothing behind it
+    await call.wait_done(timeout=5)
+
+
 async def test_redelivery_while_the_first_is_in_flight_is_409_until_it_is_handled(stack: Stack) -> None:
     call = stack.sim.create_call(Script([GREETING]))
     stack.sim.fail_accept(call.call_id, *([500] * 40))  # the first delivery retries for its whole budget
