@@ -350,6 +350,10 @@ class Service:
             self.log.info("call.referred", target=decision.target_uri)
             return Reply(200, {"status": "referred"})
         except CallGone:
+            if plan is None and await self.store.settled(_uncertain_key(call_id)):
+                # An earlier delivery's unanswered accept may have answered the call this one rejects
+                # or refers: hang it up rather than leave it answered with nothing behind it.
+                return await self._hang_up_uncertain(call_id)
             self.counters["call_gone"] += 1
             self.log.info("call.gone")
             return Reply(200, {"status": "call_gone"})
@@ -369,6 +373,22 @@ class Service:
             if isinstance(decision, Reject):
                 return Reply(200, {"status": "failed", "error": f"upstream answered {exc.status}"})
             return await self._reject_instead(call_id, exc)
+
+    async def _hang_up_uncertain(self, call_id: str) -> Reply:
+        self.log.warning("call.accept_uncertain", status=404, action="hangup")
+        try:
+            await self._retrying(lambda t: self.control.hangup(call_id, timeout=t))
+        except CallGone:
+            self.counters["call_gone"] += 1
+            self.log.info("call.gone")
+            return Reply(200, {"status": "call_gone"})
+        except UpstreamError as exc:
+            self.counters["answer_failed"] += 1
+            self.log.error("call.answer_failed", status=exc.status, error=str(exc))
+            return Reply(503, {"status": "retry", "error": "upstream unavailable"}, {"Retry-After": "1"})
+        self.counters["hung_up"] += 1
+        self.log.info("call.hung_up", target=None)
+        return Reply(200, {"status": "hung_up"})
 
     async def _reject_instead(self, call_id: str, refused: UpstreamError) -> Reply:
         """An accept or refer refused with a 4xx would be refused again: reject the call with

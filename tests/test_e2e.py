@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sideband import Refer
+from sideband import Accept, IncomingCall, Refer, Reject
 from sideband.testing import (
     Script,
     Simulator,
@@ -220,6 +220,26 @@ async def test_an_accept_that_may_have_gone_through_is_remembered_for_the_redeli
     assert second.status == 200 and json.loads(second.bodies[0] or b"{}")["status"] == "accepted"
     await call.wait_connected(timeout=5)  # the call is not left answered with nothing behind it
     await call.wait_done(timeout=5)
+
+
+async def test_a_redelivery_that_rejects_a_call_an_earlier_attempt_may_have_answered_hangs_it_up(
+    stack: Stack,
+) -> None:
+    decisions = iter([Accept(), Reject(486)])  # the routing's answer changed between deliveries
+
+    @stack.app.on_incoming
+    async def route(call: IncomingCall) -> Accept | Reject:
+        return next(decisions)
+
+    call = stack.sim.create_call(Script([GREETING]))
+    stack.sim.fail_accept(call.call_id, "late", *([500] * 60))  # answered upstream, then 500s: 503
+    event = stack.sim.incoming_event(call)
+    assert (await stack.sender.deliver(event, webhook_id="wh_u", max_attempts=1)).status == 503
+    assert call.status == "accepted"
+    second = await stack.sender.deliver(event, webhook_id="wh_u", max_attempts=1)
+    assert second.status == 200 and json.loads(second.bodies[0] or b"{}")["status"] == "hung_up"
+    await call.wait_ended(timeout=5)
+    assert call.end_reason == "hangup_verb" and call.sideband_connects == 0
 
 
 async def test_redelivery_while_the_first_is_in_flight_is_409_until_it_is_handled(stack: Stack) -> None:

@@ -153,6 +153,7 @@ class CallRuntime:
     """
 
     __slots__ = (
+        "_abandoned",
         "_alarm",
         "_alarm_at",
         "_closed",
@@ -214,6 +215,7 @@ class CallRuntime:
         self._outbox: list[bytes] = []  # JSON text frames, a few at most (a deque: 760 bytes per call)
         self._flushing = False
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
+        self._abandoned: set[str] | None = None  # tool call ids the call's end gave up on
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._hook_tasks: dict[asyncio.Future[None], str] | None = None  # → the hook it runs (for the log)
         self._sync_hooks: asyncio.Lock | None = None  # a call's sync hooks run one at a time, in order
@@ -455,10 +457,12 @@ class CallRuntime:
             if isinstance(action, Send):
                 self._outbox.append(jsonio.dumps(action.event))
             elif isinstance(action, RunTool):
-                self._tool_tasks[action.call_id] = asyncio.create_task(
+                task = asyncio.create_task(
                     self._run_tool(action.call_id, action.name, action.arguments),
                     name=f"tool:{action.call_id}",
                 )
+                if not task.done():  # (an eager task factory may have run it to its end already)
+                    self._tool_tasks[action.call_id] = task
             elif isinstance(action, Notice):
                 self._notice(action)
             elif isinstance(action, StartTimer):
@@ -466,9 +470,9 @@ class CallRuntime:
             elif isinstance(action, CancelTimer):
                 self._deadlines.pop(action.name, None)  # the alarm, if it was this one, finds nothing due
             elif isinstance(action, CancelTool):
-                task = self._tool_tasks.get(action.call_id)
-                if task is not None:
-                    task.cancel()
+                running = self._tool_tasks.get(action.call_id)
+                if running is not None:
+                    running.cancel()
             elif isinstance(action, Verb):
                 self._spawn(self._run_verb(action.verb, action.target))
             elif isinstance(action, Close):
@@ -632,13 +636,12 @@ class CallRuntime:
                 self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
             await self._flush()
         finally:
-            if self._owns(call_id):
-                del self._tool_tasks[call_id]  # the task's last step: nothing of it runs on
+            self._tool_tasks.pop(call_id, None)  # the task's last step: nothing of it runs on
 
     def _owns(self, call_id: str) -> bool:
-        """Whether the running tool task is still the call's (the end abandons one that ignores its
-        cancellation, and has recorded it as cancelled)."""
-        return self._tool_tasks.get(call_id) is asyncio.current_task()
+        """Whether a tool task still counts for the call: not once the call's end abandoned it (it
+        ignored its cancellation, and the end recorded it as cancelled)."""
+        return self._abandoned is None or call_id not in self._abandoned
 
     def _tool_cancelled(self, call_id: str, name: str, duration: float) -> None:
         """A tool cancelled by the call's end (or the machine): in the summary and the log all the same."""
@@ -775,6 +778,9 @@ class CallRuntime:
         await self._await_tasks(tasks)
         for call_id in list(self._tool_tasks):  # cancelled before they ever started, or stuck
             del self._tool_tasks[call_id]
+            if self._abandoned is None:
+                self._abandoned = set()
+            self._abandoned.add(call_id)  # what a stuck one does later no longer counts
             self._tool_cancelled(call_id, self.machine.tool_name(call_id), 0.0)
         await self._settle_hooks()
 
