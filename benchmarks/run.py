@@ -13,7 +13,8 @@ Processes (all on 127.0.0.1):
   calls, calls created for invented call ids, optional permessage-deflate) in this process;
 - the paced webhook sender (``benchmarks/sender.py``) in its own subprocess, so the simulator's event loop
   and the sender's never slow each other down;
-- for tool rounds, the raw floor client ``benchmarks/floor_tools.py`` in its own subprocess.
+- for tool rounds, the raw floor client ``benchmarks/floor_tools.py`` in its own subprocess, and (plain
+  sockets only) the library-free client ``benchmarks/floor_tools_raw.py``, the harness's own floor.
 
 Every process runs on uvloop, the event loop ``sideband serve`` uses, so the floors share it.
 
@@ -740,12 +741,14 @@ async def tools_sideband(n: int, compression: bool, rate: float, cfg: Config) ->
     return traffic
 
 
-async def tools_floor(n: int, compression: bool, rate: float, cfg: Config) -> dict[str, Any]:
+async def tools_floor(
+    n: int, compression: bool, rate: float, cfg: Config, *, script: str = "floor_tools.py"
+) -> dict[str, Any]:
     sim = Simulator(ws_compression=compression)
     await sim.start()
     session = app_session()
     calls = [sim.create_call(accept_body=session) for _ in range(n)]  # the floor only holds sidebands
-    argv = [PY, os.path.join(HERE, "floor_tools.py"), "--url", sim.realtime_url, "--key", sim.api_key]
+    argv = [PY, os.path.join(HERE, script), "--url", sim.realtime_url, "--key", sim.api_key]
     if compression:
         argv.append("--compression")
     floor = await asyncio.create_subprocess_exec(
@@ -786,12 +789,15 @@ async def tools_bench(cfg: Config) -> dict[str, Any]:
         for n in cfg.tool_counts:
             rate = cfg.tool_rate if n > 1 else cfg.single_call_rate
             floor = await tools_floor(n, compression, rate, cfg)
+            # the library-free client cannot inflate: it measures the harness on plain sockets only
+            raw = None if compression else await tools_floor(n, False, rate, cfg, script="floor_tools_raw.py")
             sb = await tools_sideband(n, compression, rate, cfg)
             ratio = sb["p99_ms"] / floor["p99_ms"] if floor["p99_ms"] and sb["p99_ms"] else None
             row = {
                 "compression": compression,
                 "live_calls": n,
                 "floor": floor,
+                "raw_floor": raw,
                 "sideband": sb,
                 "p99_ratio": r(ratio) if ratio else None,
             }
@@ -801,6 +807,7 @@ async def tools_bench(cfg: Config) -> dict[str, Any]:
     judged = [x["p99_ratio"] for x in rows if x["live_calls"] > 1] or ratios
     cpu = [x["sideband"]["cpu_us_per_round"] for x in rows if x["live_calls"] > 1]
     floor_cpu = [x["floor"]["cpu_us_per_round"] for x in rows if x["live_calls"] > 1]
+    raw_cpu = [x["raw_floor"]["cpu_us_per_round"] for x in rows if x["live_calls"] > 1 and x["raw_floor"]]
     floor_rss = [
         x["floor"]["rss_kib_per_idle_call"] for x in rows if x["live_calls"] >= 100 and not x["compression"]
     ]
@@ -821,6 +828,7 @@ async def tools_bench(cfg: Config) -> dict[str, Any]:
                 "target": f"≤ {TARGET_CPU_PER_ROUND_US:.0f} µs CPU per round (rows with ≥ 100 calls)",
                 "value": max(cpu) if cpu else None,
                 "floor": max(floor_cpu) if floor_cpu else None,
+                "raw_floor": [min(raw_cpu), max(raw_cpu)] if raw_cpu else None,
                 "met": bool(cpu) and max(cpu) <= TARGET_CPU_PER_ROUND_US,
             },
             "rss_per_idle_call": {
@@ -841,7 +849,8 @@ def print_tools_row(row: dict[str, Any]) -> None:
         f"rounds {s['answered']}/{s['rounds']}  floor p50/p99 {fmt(f['p50_ms'], 3)}/{fmt(f['p99_ms'], 3)} "
         "ms  "
         f"sideband p50/p99 {fmt(s['p50_ms'], 3)}/{fmt(s['p99_ms'], 3)} ms  ratio {fmt(row['p99_ratio'])}  "
-        f"cpu/round {fmt(s['cpu_us_per_round'], 0)} µs (floor {fmt(f['cpu_us_per_round'], 0)})  "
+        f"cpu/round {fmt(s['cpu_us_per_round'], 0)} µs (floor {fmt(f['cpu_us_per_round'], 0)}, "
+        f"library-free {fmt(row['raw_floor']['cpu_us_per_round'] if row['raw_floor'] else None, 0)})  "
         f"RSS/call idle {fmt(s['rss_kib_per_idle_call'], 1)} KiB after "
         f"{fmt(s['rss_kib_per_call_after_traffic'], 1)} KiB"
         f"  errors {s['errors'] or '-'}",
@@ -1040,11 +1049,15 @@ def tools_markdown(tl: dict[str, Any], cfg: Config) -> list[str]:
         "(`/proc/<pid>/task/*/schedstat`, ns resolution) over the traffic window divided by the rounds. RSS "
         "per call is (RSS with N calls - RSS before them) / N, idle (attached, before traffic) and after "
         "traffic. The floor (`benchmarks/floor_tools.py`) is a bare `websockets` client holding the same N "
-        "sidebands on the same simulator and answering each call at once.",
+        "sidebands on the same simulator and answering each call at once. On plain sockets a second floor "
+        "(`benchmarks/floor_tools_raw.py`) measures the harness itself: a client with no WebSocket library, "
+        "cutting frames out of its read buffer in an `asyncio.Protocol` and decoding only the three events "
+        "it acts on.",
         "",
         "| deflate | live calls | rate | rounds | floor p50 / p99 ms | sideband p50 / p99 ms | p99 ratio "
-        "| CPU / round (floor) | RSS / idle call (floor) | RSS / call after traffic |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| CPU / round (floor) | CPU / round, library-free floor | RSS / idle call (floor) "
+        "| RSS / call after traffic |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in tl["rows"]:
         f, s = row["floor"], row["sideband"]
@@ -1053,6 +1066,7 @@ def tools_markdown(tl: dict[str, Any], cfg: Config) -> list[str]:
             f"{s['answered']}/{s['rounds']} | {fmt(f['p50_ms'], 2)} / {fmt(f['p99_ms'], 2)} | "
             f"{fmt(s['p50_ms'], 2)} / {fmt(s['p99_ms'], 2)} | {fmt(row['p99_ratio'])}x | "
             f"{fmt(s['cpu_us_per_round'], 0)} µs ({fmt(f['cpu_us_per_round'], 0)} µs) | "
+            f"{raw_cpu_cell(row)} | "
             f"{fmt(s['rss_kib_per_idle_call'], 1)} KiB ({fmt(f['rss_kib_per_idle_call'], 1)} KiB) | "
             f"{fmt(s['rss_kib_per_call_after_traffic'], 1)} KiB |"
         )
@@ -1071,7 +1085,8 @@ def tools_markdown(tl: dict[str, Any], cfg: Config) -> list[str]:
         f"| p99 within {TARGET_TOOL_P99_RATIO}x the floor's | {ratio_text} | {mark(t['p99_ratio']['met'])} |",
         f"| ≤ {TARGET_CPU_PER_ROUND_US:.0f} µs CPU per round | worst "
         f"{fmt(t['cpu_per_round']['value'], 0)} µs "
-        f"(bare websockets floor: {fmt(t['cpu_per_round'].get('floor'), 0)} µs) | "
+        f"(bare websockets floor: {fmt(t['cpu_per_round'].get('floor'), 0)} µs; library-free floor: "
+        f"{raw_range(t['cpu_per_round'].get('raw_floor'))}) | "
         f"{mark(t['cpu_per_round']['met'])} |",
         f"| ≤ {TARGET_RSS_PER_CALL_KIB:.0f} KiB RSS per idle call (no deflate) | worst "
         f"{fmt(t['rss_per_idle_call']['value'], 1)} KiB (floor: "
@@ -1083,6 +1098,18 @@ def tools_markdown(tl: dict[str, Any], cfg: Config) -> list[str]:
         "",
     ]
     return lines
+
+
+def raw_cpu_cell(row: dict[str, Any]) -> str:
+    raw = row.get("raw_floor")
+    return f"{fmt(raw['cpu_us_per_round'], 0)} µs" if raw else "-"
+
+
+def raw_range(span: list[float] | None) -> str:
+    if not span:
+        return "-"
+    low, high = span
+    return f"{fmt(low, 0)} µs" if round(low) == round(high) else f"{fmt(low, 0)} to {fmt(high, 0)} µs"
 
 
 def answered_of(p: dict[str, Any] | None) -> str:
