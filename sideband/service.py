@@ -33,6 +33,7 @@ from sideband.session import (
 from sideband.settings import Settings
 from sideband.stores import ClaimStore, MemoryStore
 from sideband.tickets import TicketError, TicketSigner
+from sideband.tools import own_cancellation
 from sideband.upstream._ws import resolve_proxy
 from sideband.upstream.openai import CallControl, CallGone, UpstreamError, connect_sideband, with_retries
 
@@ -290,7 +291,9 @@ class Service:
                 return await self.app.decide(call)
         except TimeoutError:
             self.log.error("call.route_failed", error="timeout", budget_s=self.settings.route_budget)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc):
+                raise  # the server is stopping: not the hook's doing
             own = isinstance(exc, DecisionError)  # our message: no data of the hook's in it
             fields = failure_fields(exc, message=own or self.settings.log_tool_arguments)
             self.log.error("call.route_failed", **fields)

@@ -460,8 +460,7 @@ class ToolRegistry:
                 )
             return _failed(call_id, name, exc, start)
         except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
+            if not own_cancellation(exc):
                 raise  # the call is ending (or an outer timeout fired): not the tool's doing
             return _failed(call_id, name, exc, start)  # raised by the tool's own code
         except Exception as exc:
@@ -482,6 +481,15 @@ class ToolRegistry:
 
 
 # -- execution helpers ----------------------------------------------------------------------------------
+
+
+def own_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is a ``CancelledError`` that user code raised of its own (say, it awaited a future
+    it had cancelled) while nobody cancels the running task: a failure like any other, not a shutdown."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    task = asyncio.current_task()
+    return task is not None and not task.cancelling()
 
 
 def _dumps(obj: Any) -> str:

@@ -155,14 +155,19 @@ async def test_routing_hook_that_fails_or_overruns_rejects(
             raise LookupError("no account for +18005550009")
         if call.to_number == "+18005550011":
             return None  # type: ignore[return-value]  # a forgotten return
+        if call.to_number == "+18005550012":  # a cancelled lookup of the hook's own, not a shutdown
+            lookup = asyncio.get_running_loop().create_future()
+            lookup.cancel()
+            await lookup
         await never.wait()
         return Accept()
 
     raising = stack.sim.create_call(Script([]), to_number="+18005550009")
     slow = stack.sim.create_call(Script([]), to_number="+18005550010")
     nothing = stack.sim.create_call(Script([]), to_number="+18005550011")
+    cancelled = stack.sim.create_call(Script([]), to_number="+18005550012")
     with capture_logs() as logs:
-        for call in (raising, slow, nothing):
+        for call in (raising, slow, nothing, cancelled):
             assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
             assert call.status == "rejected" and call.reject_body == {"status_code": 503}
     failed = [e for e in logs if e["event"] == "call.route_failed"]
@@ -172,6 +177,7 @@ async def test_routing_hook_that_fails_or_overruns_rejects(
         "LookupError",
         "timeout",
         "DecisionError: on_incoming returned NoneType, not Accept/Reject/Refer",
+        "CancelledError",
     ]
     assert "in route" in failed[0]["stack"] and 'raise LookupError("no account' in failed[0]["stack"]
     assert "+18005550009" not in failed[0]["stack"].splitlines()[-1]

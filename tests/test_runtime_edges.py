@@ -4,6 +4,7 @@ tools cancelled by the call's end — over loopback against the simulators."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -298,6 +299,49 @@ async def test_a_call_that_does_not_end_names_the_script_step_that_failed(stack:
     assert "the script failed: step 1 model_calls(slow_lookup" in str(failed.value)
     stack.sim.hang_up(call)
     await stack.ended(call)
+
+
+async def test_a_hook_that_raises_cancelled_error_of_its_own_is_a_failure_like_any_other(
+    stack: Stack,
+) -> None:
+    """A hook awaiting something cancelled (not the call being cancelled) is logged and the hooks after
+    it still run; the call still ends and says so."""
+    ran: list[str] = []
+
+    def cancelled_lookup() -> None:
+        lookup: concurrent.futures.Future[None] = concurrent.futures.Future()
+        lookup.cancel()
+        lookup.result()
+
+    @stack.app.on_transcript
+    def crm_note(ctx: CallContext, role: str, text: str) -> None:
+        cancelled_lookup()  # a sync hook: raised in its worker thread
+
+    @stack.app.on_transcript
+    def second_note(ctx: CallContext, role: str, text: str) -> None:
+        ran.append(f"transcript:{role}")
+
+    @stack.app.on_call_end
+    async def archive(ctx: CallContext, summary: CallSummary) -> None:
+        lookup = asyncio.get_running_loop().create_future()
+        lookup.cancel()
+        await lookup
+
+    @stack.app.on_call_end
+    async def report(ctx: CallContext, summary: CallSummary) -> None:
+        ran.append(f"end:{summary.reason}")
+
+    call = stack.sim.create_call(Script([HELLO]))
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        runtime = stack.service.registry.calls[call.call_id]
+        await call.wait_for(lambda c: bool(c.responses), timeout=5)
+        stack.sim.hang_up(call)
+        await stack.ended(call)
+        await asyncio.wait_for(runtime.wait_closed(), 5)  # the end hooks have all run
+    failed = [(e["hook"], e["error"]) for e in logs if e["event"] == "hook.failed"]
+    assert ("crm_note", "CancelledError") in failed and ("archive", "CancelledError") in failed
+    assert "transcript:agent" in ran and ran[-1] == "end:remote_closed"
 
 
 async def _failing_call(stack: Stack) -> list[MutableMapping[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import socket
 import threading
@@ -172,20 +173,31 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
         threads.add(threading.current_thread().name)
         if request.cookies.get("session") == "boom":
             raise RuntimeError("session store down")
+        if request.cookies.get("session") == "gone":  # a lookup the store's client cancelled
+            lookup: concurrent.futures.Future[bool] = concurrent.futures.Future()
+            lookup.cancel()
+            return lookup.result()
         return request.cookies.get("session") == "alice"
 
     async with run_app(app, simulator, **TEST_SETTINGS) as stack:
         with capture_logs() as logs:
             # refused: 403; its backend failing: 503 (the server's trouble, not the browser's)
-            for cookie, expected in (("alice", 200), ("mallory", 403), ("boom", 503), (None, 403)):
+            for cookie, expected in (
+                ("alice", 200),
+                ("mallory", 403),
+                ("boom", 503),
+                ("gone", 503),
+                (None, 403),
+            ):
                 cookies = {"session": cookie} if cookie else {}
                 async with (
                     aiohttp.ClientSession(cookies=cookies) as http,
                     http.post(stack.url("/rtc/sessions"), json={}) as resp,
                 ):
                     assert resp.status == expected, cookie
-    assert seen == ["alice", "mallory", "boom", None]
-    assert [e["error"] for e in logs if e["event"] == "rtc.authorize_failed"] == ["RuntimeError"]
+    assert seen == ["alice", "mallory", "boom", "gone", None]
+    failed = [e["error"] for e in logs if e["event"] == "rtc.authorize_failed"]
+    assert failed == ["RuntimeError", "CancelledError"]
     assert {name.split("_")[0] for name in threads} == {"sideband-authorize"}  # never the tools' threads
     assert sum(1 for r in simulator.requests if r.path == "/v1/realtime/client_secrets") == 1
 

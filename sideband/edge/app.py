@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -20,6 +21,7 @@ from sideband.service import Reply, Service, WebhookEvent
 from sideband.session import SessionConfigError
 from sideband.settings import Settings, SettingsError
 from sideband.stores import ClaimStore
+from sideband.tools import own_cancellation
 from sideband.upstream.openai import UpstreamError
 
 __all__ = ["SERVICE", "create_app"]
@@ -206,7 +208,9 @@ async def _browser_gate(request: web.Request, service: Service) -> web.Response 
         log.error("rtc.authorize_failed", error="timeout")
         service.refused["rtc.authorize_failed", 503] += 1
         return _json(503, {"error": "authorization unavailable"})
-    except Exception as exc:  # the hook's backend (a session store…) failed: not the browser's fault
+    except (Exception, asyncio.CancelledError) as exc:  # its backend (a session store…) failed
+        if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc):
+            raise
         log.error("rtc.authorize_failed", **failure_fields(exc, message=service.settings.log_tool_arguments))
         service.refused["rtc.authorize_failed", 503] += 1
         return _json(503, {"error": "authorization unavailable"})

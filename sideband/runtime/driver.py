@@ -35,7 +35,7 @@ from sideband.runtime.machine import (
     Verb,
 )
 from sideband.session import SessionConfigError
-from sideband.tools import ToolError, TransferNotAllowed
+from sideband.tools import ToolError, TransferNotAllowed, own_cancellation
 from sideband.upstream._ws import PushConnection
 from sideband.upstream.openai import CallGone, UpstreamError
 
@@ -296,26 +296,28 @@ class CallRuntime:
             self.log.exception("call.crashed")
             self._apply(self.machine.fail("internal_error"))
         finally:
-            await self._cleanup()
-            self.summary.reason = self.machine.closed or "internal_error"
-            self.summary.duration = time.monotonic() - started
-            self.log.info(
-                "call.ended",
-                reason=self.summary.reason,
-                duration_s=round(self.summary.duration, 3),
-                tool_calls=len(self.summary.tools),
-            )
-            for hook in self.hooks.on_call_end:
-                try:
-                    async with asyncio.timeout(END_HOOK_TIMEOUT):
-                        await self._hooks((hook,), self.ctx, self.summary)
-                except TimeoutError:
-                    self.log.warning("hook.cancelled", hook=_hook_name(hook), grace_s=END_HOOK_TIMEOUT)
-            # Break the context ↔ runtime cycle so an ended call is freed by reference counting, not
-            # by the cyclic collector (whose pauses grow with the number of ended calls).
-            self.ctx.actions = NO_ACTIONS
-            self._ws = None
-            self._closed.set()
+            try:
+                await self._cleanup()
+                self.summary.reason = self.machine.closed or "internal_error"
+                self.summary.duration = time.monotonic() - started
+                self.log.info(
+                    "call.ended",
+                    reason=self.summary.reason,
+                    duration_s=round(self.summary.duration, 3),
+                    tool_calls=len(self.summary.tools),
+                )
+                for hook in self.hooks.on_call_end:
+                    try:
+                        async with asyncio.timeout(END_HOOK_TIMEOUT):
+                            await self._hooks((hook,), self.ctx, self.summary)
+                    except TimeoutError:
+                        self.log.warning("hook.cancelled", hook=_hook_name(hook), grace_s=END_HOOK_TIMEOUT)
+            finally:
+                # Break the context ↔ runtime cycle so an ended call is freed by reference counting,
+                # not by the cyclic collector (whose pauses grow with the number of ended calls).
+                self.ctx.actions = NO_ACTIONS
+                self._ws = None
+                self._closed.set()
         return self.summary.reason
 
     async def _main(self) -> None:
@@ -715,7 +717,9 @@ class CallRuntime:
                     await hook(*args)
                 else:
                     await self._sync_hook(hook, args)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc):
+                    raise
                 self.log.error("hook.failed", hook=_hook_name(hook), **self._failure(exc))
 
     def _failure(self, exc: BaseException) -> dict[str, Any]:
