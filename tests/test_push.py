@@ -116,6 +116,11 @@ async def test_an_error_while_handling_a_message_ends_the_call_as_internal_error
             raise RuntimeError("machine bug")
 
     url = await peer(handler)
+    verbs: list[tuple[str, str | None]] = []
+
+    async def verb(name: str, target: str | None) -> None:
+        verbs.append((name, target))
+
     capture = structlog.testing.LogCapture()
     old = structlog.get_config()
     structlog.configure(  # every level, set before the runtime binds its logger
@@ -129,12 +134,14 @@ async def test_an_error_while_handling_a_message_ends_the_call_as_internal_error
             ctx=CallContext("rtc_crash"),
             tools=ToolRegistry(),
             connect=lambda: connect(url),
+            verb=verb,
             reattach_attempts=0,
         )
         reason = await asyncio.wait_for(runtime.run(), 5)
     finally:
         structlog.configure(**old)
     assert reason == "internal_error"
+    assert verbs == [("hangup", None)]  # the caller is not left on a call nobody controls any more
     events = [entry["event"] for entry in capture.entries]
     assert "call.crashed" in events and events.index("call.crashed") < events.index("call.ended")
 

@@ -294,6 +294,8 @@ class CallRuntime:
             raise
         except Exception:
             self.log.exception("call.crashed")
+            # Hang up (unless a verb is out already): the caller must not stay on a call nobody controls.
+            self._apply(self.machine.abandon("internal_error"))
             self._apply(self.machine.fail("internal_error"))
         finally:
             try:
