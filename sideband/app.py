@@ -18,7 +18,15 @@ from aiohttp import web
 from sideband.context import CallContext, SipHeader
 from sideband.runtime.driver import CallHooks
 from sideband.runtime.machine import DEFAULT_FILLER, DEFAULT_GOODBYE
-from sideband.session import Accept, Decision, DecisionError, Refer, Reject, SessionConfig
+from sideband.session import (
+    Accept,
+    Decision,
+    DecisionError,
+    Refer,
+    Reject,
+    SessionConfig,
+    check_seconds,
+)
 from sideband.tools import ToolRegistry
 
 __all__ = ["IncomingCall", "Sideband", "parse_number"]
@@ -176,8 +184,8 @@ class Sideband:
                 raise ValueError(f"transfer target {label!r} must be a tel: or sip: URI, got {uri!r}")
         self.filler_instructions = filler_instructions or DEFAULT_FILLER
         self.goodbye_instructions = goodbye_instructions or DEFAULT_GOODBYE
-        self.max_call_duration = max_call_duration
-        self.max_idle_duration = max_idle_duration
+        self.max_call_duration = check_seconds("max_call_duration", max_call_duration)
+        self.max_idle_duration = check_seconds("max_idle_duration", max_idle_duration)
         self.max_tool_calls = max_tool_calls
         self.max_identical_calls = max_identical_calls
         self._route: RouteHook | None = None

@@ -4,6 +4,7 @@ routing decisions a hook returns."""
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -203,6 +204,21 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
             raise SessionConfigError("every function tool needs a name")
 
 
+def check_seconds(name: str, value: object) -> float | None:
+    """``value`` as a number of seconds > 0 (None stays None); :class:`DecisionError` for anything else
+    (a string read from config, a negative or infinite value, a bool)."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise DecisionError(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Accept:
     """Answer the call. Overrides apply on top of the app's session config; ``tools`` names a subset."""
@@ -222,6 +238,8 @@ class Accept:
             if isinstance(self.tools, str) or not all(isinstance(t, str) for t in self.tools):
                 raise DecisionError("Accept(tools=...) takes tool names, e.g. ('lookup_order',)")
             object.__setattr__(self, "tools", tuple(self.tools))  # a list is fine, stored hashable
+        for name in ("max_call_duration", "max_idle_duration"):
+            object.__setattr__(self, name, check_seconds(f"Accept {name}", getattr(self, name)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -155,6 +155,8 @@ async def test_routing_hook_that_fails_or_overruns_rejects(
             raise LookupError("no account for +18005550009")
         if call.to_number == "+18005550011":
             return None  # type: ignore[return-value]  # a forgotten return
+        if call.to_number == "+18005550013":
+            return Accept(max_idle_duration="60")  # type: ignore[arg-type]  # a value read from config
         if call.to_number == "+18005550012":  # a cancelled lookup of the hook's own, not a shutdown
             lookup = asyncio.get_running_loop().create_future()
             lookup.cancel()
@@ -166,8 +168,9 @@ async def test_routing_hook_that_fails_or_overruns_rejects(
     slow = stack.sim.create_call(Script([]), to_number="+18005550010")
     nothing = stack.sim.create_call(Script([]), to_number="+18005550011")
     cancelled = stack.sim.create_call(Script([]), to_number="+18005550012")
+    unusable = stack.sim.create_call(Script([]), to_number="+18005550013")
     with capture_logs() as logs:
-        for call in (raising, slow, nothing, cancelled):
+        for call in (raising, slow, nothing, cancelled, unusable):
             assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
             assert call.status == "rejected" and call.reject_body == {"status_code": 503}
     failed = [e for e in logs if e["event"] == "call.route_failed"]
@@ -178,6 +181,7 @@ async def test_routing_hook_that_fails_or_overruns_rejects(
         "timeout",
         "DecisionError: on_incoming returned NoneType, not Accept/Reject/Refer",
         "CancelledError",
+        "DecisionError: Accept max_idle_duration must be a number of seconds > 0, got '60'",
     ]
     assert "in route" in failed[0]["stack"] and 'raise LookupError("no account' in failed[0]["stack"]
     assert "+18005550009" not in failed[0]["stack"].splitlines()[-1]

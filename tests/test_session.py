@@ -5,8 +5,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from sideband import Sideband
 from sideband.session import (
     Accept,
+    DecisionError,
     Refer,
     Reject,
     SessionConfig,
@@ -257,3 +259,19 @@ def test_decision_defaults() -> None:
     assert Accept().session is not Accept().session
     assert Reject().status_code == 603
     assert Refer("tel:+14155550123").target_uri == "tel:+14155550123"
+
+
+@pytest.mark.parametrize("value", ["60", -1, 0, float("inf"), float("nan"), True])
+def test_accept_limits_must_be_seconds(value: Any) -> None:
+    """A limit the runtime could not arm (a string from config) or that would end the call at once is
+    the routing hook's mistake: the call is rejected (fail closed), never accepted and then dropped."""
+    for name in ("max_call_duration", "max_idle_duration"):
+        with pytest.raises(DecisionError, match=f"Accept {name} must be a number of seconds > 0"):
+            Accept(**{name: value})
+    with pytest.raises(ValueError, match="max_idle_duration must be a number of seconds > 0"):
+        Sideband(instructions="x", max_idle_duration=value)
+
+
+def test_accept_limits_are_kept_as_seconds() -> None:
+    accept = Accept(max_call_duration=90, max_idle_duration=12.5)
+    assert (accept.max_call_duration, accept.max_idle_duration) == (90.0, 12.5)
