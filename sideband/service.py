@@ -49,6 +49,10 @@ _UNCERTAIN_TTL = 3700.0
 """Seconds an accept that may have gone through (an attempt went unanswered) is remembered for the
 call's redeliveries: longer than any call lasts."""
 
+HANGUP_BUDGET = 30.0
+"""Seconds a hangup is retried for (5xx, timeouts) before the call ends as ``hangup_failed``: a call
+left up talks on with nobody running its tools, so it gets longer than the accept budget."""
+
 HANDOFF_GRACE = 60.0
 """Seconds a handoff ticket outlives the ephemeral key minted with it (``SIDEBAND_RTC_KEY_TTL``)."""
 
@@ -275,12 +279,15 @@ class Service:
         self,
         attempt: Callable[[float], Awaitable[None]],
         on_retry: Callable[[int, UpstreamError], None] | None = None,
+        *,
+        budget: float | None = None,
     ) -> None:
-        """A call-control verb under the accept budget: retried on 5xx/timeouts, never on 404."""
+        """A call-control verb under ``budget`` (default: the accept budget): retried on 5xx/timeouts,
+        never on 404."""
         settings = self.settings
         await with_retries(
             attempt,
-            budget=settings.accept_budget,
+            budget=settings.accept_budget if budget is None else budget,
             attempt_timeout=settings.accept_attempt_timeout,
             on_retry=on_retry,
         )
@@ -449,7 +456,9 @@ class Service:
                 else:
                     await control.hangup(call_id, timeout=timeout)
 
-            await self._retrying(attempt)
+            # A failed refer falls back to a hangup at once (the caller waits in silence meanwhile); a
+            # hangup that fails leaves the call up, so it is tried for longer.
+            await self._retrying(attempt, budget=None if name == "refer" else HANGUP_BUDGET)
 
         runtime = CallRuntime(
             machine=CallMachine(config),

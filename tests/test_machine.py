@@ -253,7 +253,7 @@ def test_idle_limit_says_goodbye_then_hangs_up() -> None:
     assert create[0]["type"] == "response.create" and "goodbye" in create[0]["response"]["instructions"]
     m.receive({"type": "response.created", "response": {"id": "r"}})
     assert Verb("hangup", None) in m.receive(response_done("r"))
-    assert m.verb_done(False, "boom")[-1] == Close("idle_timeout")
+    assert m.verb_done(False, "boom")[-1] == Close("hangup_failed")  # the call may still be up
 
 
 def test_loop_breaker_answers_with_an_error_output() -> None:
@@ -463,16 +463,30 @@ def test_failed_refer_falls_back_to_hangup_and_ends_as_transfer_failed() -> None
     assert notices(fallback, "call.verb_failed") == [{"verb": "refer", "detail": "refer answered 400"}]
     assert fallback[-1] == Verb("hangup") and m.closed is None
     assert m.verb_done(True) == [Close("transfer_failed")]
-    # A failed hangup (after a failed refer too) ends the call with the reason it has.
+    # A failed hangup (after a failed refer too) ends our part as hangup_failed: the call may be up.
     m2 = machine()
     m2.start()
     m2.request_end("transferred", verb="refer", target="tel:+1")
     m2.verb_done(False, "400")
-    assert m2.verb_done(False, "503")[-1] == Close("transfer_failed")
+    assert m2.verb_done(False, "503")[-1] == Close("hangup_failed")
     m3 = machine()
     m3.start()
     m3.request_end("hangup")
-    assert m3.verb_done(False, "503")[-1] == Close("hangup")
+    failed = m3.verb_done(False, "503")
+    assert notices(failed, "call.verb_failed") == [{"verb": "hangup", "detail": "503"}]
+    assert failed[-1] == Close("hangup_failed")
+    # A refer that finds the call gone (404) transferred nothing.
+    m4 = machine()
+    m4.start()
+    m4.request_end("transferred", verb="refer", target="tel:+1")
+    gone = m4.verb_done(True, "call already gone", gone=True)
+    assert notices(gone, "call.verb_failed") == [{"verb": "refer", "detail": "call already gone"}]
+    assert gone[-1] == Close("call_not_found")
+    # A hangup that finds it gone did what it meant to.
+    m5 = machine()
+    m5.start()
+    m5.request_end("hangup")
+    assert m5.verb_done(True, "call already gone", gone=True) == [Close("hangup")]
 
 
 def test_refused_filler_is_dropped_once_its_tool_finished() -> None:

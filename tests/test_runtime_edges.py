@@ -512,6 +512,46 @@ async def test_a_failed_transfer_hangs_up_and_ends_as_transfer_failed(stack: Sta
     assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["transfer_failed"]
 
 
+async def test_a_transfer_that_finds_the_call_gone_is_not_reported_as_transferred(stack: Stack) -> None:
+    call = transfer_call(stack)
+    stack.sim.fail_verb(call.call_id, "refer", 404)  # the caller hung up meanwhile
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        summary = await stack.ended(call)
+    verbs = [r.path.rsplit("/", 1)[1] for r in stack.sim.requests if r.path.endswith(("/refer", "/hangup"))]
+    assert verbs == ["refer"]  # nothing to hang up
+    assert summary.reason == "call_not_found"
+    assert [(e["verb"], e["detail"]) for e in logs if e["event"] == "call.verb_failed"] == [
+        ("refer", "call already gone")
+    ]
+    assert not [e for e in logs if e["event"] == "call.referred"]
+
+
+async def test_a_hangup_that_keeps_failing_ends_as_hangup_failed(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end reason must not say the call was hung up when it may still be up."""
+    monkeypatch.setattr("sideband.service.HANGUP_BUDGET", 0.5)
+
+    @stack.app.tool(filler_after=None)
+    async def finish(ctx: CallContext) -> str:
+        await ctx.hangup()
+        return "bye"
+
+    call = stack.sim.create_call(
+        Script([HELLO, caller_says("done"), model_calls("finish", {}), model_says("Bye!")])
+    )
+    stack.sim.fail_verb(call.call_id, "hangup", *([503] * 100))
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        summary = await stack.ended(call)
+    assert summary.reason == "hangup_failed"
+    assert sum(1 for r in stack.sim.requests if r.path.endswith("/hangup")) > 2  # retried meanwhile
+    failed = [e for e in logs if e["event"] == "call.verb_failed"]
+    assert [e["verb"] for e in failed] == ["hangup"] and "503" in failed[0]["detail"]
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["hangup_failed"]
+
+
 async def test_a_tool_the_model_calls_once_the_transfer_is_out_neither_runs_nor_answers(stack: Stack) -> None:
     call = transfer_call(stack)
     stack.sim.fail_verb(call.call_id, "refer", "timeout")  # the REFER is handed over slowly

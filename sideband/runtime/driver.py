@@ -660,16 +660,16 @@ class CallRuntime:
         )
 
     async def _run_verb(self, verb: str, target: str | None) -> None:
-        ok, detail = True, None
+        ok, gone, detail = True, False, None
         if self._verb_call is not None:
             try:
                 await self._verb_call(verb, target)
                 self.log.info("call.referred" if verb == "refer" else "call.hung_up", target=target)
             except CallGone:
-                detail = "call already gone"
+                gone, detail = True, "call already gone"
             except UpstreamError as exc:
                 ok, detail = False, str(exc)
-        self._apply(self.machine.verb_done(ok, detail))
+        self._apply(self.machine.verb_done(ok, detail, gone=gone))
         await self._flush()
 
     def _notice(self, notice: Notice) -> None:

@@ -425,18 +425,22 @@ class CallMachine:
             return self._after_reattach_grace()
         return []
 
-    def verb_done(self, ok: bool, detail: str | None = None) -> list[Action]:
-        """The hangup/refer verb finished (``ok``) or failed.
+    def verb_done(self, ok: bool, detail: str | None = None, *, gone: bool = False) -> list[Action]:
+        """The hangup/refer verb finished (``ok``; ``gone``: answered 404, the call had ended) or failed.
 
         A failed refer falls back to a hangup (the caller must not stay on a call nobody controls) and
-        the call ends with reason ``transfer_failed``; a failed hangup ends the call with its reason.
+        the call ends with reason ``transfer_failed``. A refer that finds the call gone transferred
+        nothing: ``call_not_found``. A hangup that fails (its retries spent) ends our part with reason
+        ``hangup_failed``: the call may still be up, and the end reason must not say otherwise.
         """
         end = self._end
         if self._closed is not None or end is None:
             return []
-        if ok:
+        if ok and not (gone and end.verb == "refer"):
             return self._close(end.reason)
         actions: list[Action] = [Notice("call.verb_failed", {"verb": end.verb, "detail": detail})]
+        if ok:  # a refer answered 404
+            return [*actions, *self._close("call_not_found")]
         if end.verb == "refer":
             end.reason, end.verb, end.target = "transfer_failed", "hangup", None
             return [
@@ -444,7 +448,7 @@ class CallMachine:
                 Notice("call.ending", {"reason": end.reason, "verb": "hangup", "target": None}),
                 Verb("hangup"),
             ]
-        return [*actions, *self._close(end.reason)]
+        return [*actions, *self._close("hangup_failed")]
 
     def transport_closed(self, code: int | None, reason: str = "") -> list[Action]:
         """The socket closed for good (the driver gave up re-attaching or the close was clean)."""
