@@ -9,6 +9,7 @@ import functools
 import inspect
 import json
 import re
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
@@ -46,6 +47,9 @@ AUTHORIZE_TIMEOUT = 5.0
 
 _URI = re.compile(r"(?:sips?|tel):([^@;>]+)", re.IGNORECASE)
 _VISUAL = re.compile(r"[\s\-.()]")
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')  # RFC 3261 quoted-string, \" escapes included
+_E164 = re.compile(r"\+[0-9]{7,15}")  # ASCII digits only (str.isdigit() takes any script's)
+_NATIONAL = re.compile(r"[0-9]{7,15}")
 
 
 def parse_number(header_value: str | None) -> str | None:
@@ -56,17 +60,24 @@ def parse_number(header_value: str | None) -> str | None:
     """
     if not header_value:
         return None
-    start, end = header_value.find("<"), header_value.rfind(">")
-    if 0 <= start < end:
-        header_value = header_value[start + 1 : end]  # the address, not the display name
-    match = _URI.search(header_value)
+    value = header_value.lstrip()
+    if value.startswith('"'):  # a quoted display name may hold anything, "<sip:…>" included
+        end = _QUOTED.match(value)
+        if end is None:
+            return None
+        value = value[end.end() :]
+    start = value.find("<")
+    if start >= 0:
+        end_at = value.find(">", start)
+        if end_at < 0:
+            return None
+        value = value[start + 1 : end_at]  # the address, not the display name or the parameters
+    match = _URI.search(value)
     if match is None:
         return None
-    user = match.group(1).strip()
+    user = urllib.parse.unquote(match.group(1)).strip()
     digits = _VISUAL.sub("", user)
-    if digits.startswith("+") and digits[1:].isdigit() and 7 <= len(digits) - 1 <= 15:
-        return digits
-    if digits.isdigit() and 7 <= len(digits) <= 15:
+    if _E164.fullmatch(digits) or _NATIONAL.fullmatch(digits):
         return digits
     return user
 
@@ -103,8 +114,8 @@ class IncomingCall:
         get = {h.name.lower(): h.value for h in reversed(hdrs)}
         return cls(
             call_id,
-            parse_number(get.get("from")),
-            parse_number(get.get("to")),
+            parse_number(get.get("from") or get.get("f")),  # (f/t: SIP's compact header names)
+            parse_number(get.get("to") or get.get("t")),
             hdrs,
             media_security,
             "sip",

@@ -50,6 +50,30 @@ def test_parse_number_ignores_uri_like_display_name() -> None:
     assert parse_number('"Hotel:Lobby" <sip:+14155550123@example.com>;tag=1') == "+14155550123"
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        # A caller chooses the display name: an address inside it must not pass for the caller's.
+        ('"VIP <sip:+14155550100@x>" <sip:+19995550000@carrier>;tag=1', "+19995550000"),
+        ('"a \\"quoted\\" <sip:+14155550100@x>" <sip:+19995550000@c>', "+19995550000"),
+        ('"unterminated <sip:+14155550100@x>', None),
+        ("Bob <sip:+19995550000@c>;tag=<x>", "+19995550000"),  # the first <…>, not up to the last >
+        ("<sip:%2B14155550123@example.com>", "+14155550123"),  # percent-encoded "+"
+        ("sip:+\u0661\u0664\u0661\u0665\u0665\u0665\u0665\u0660\u0661\u0662\u0663@x", "+١٤١٥٥٥٥٠١٢٣"),
+    ],
+)
+def test_parse_number_reads_the_address_not_the_display_name(value: str, expected: str | None) -> None:
+    """Non-ASCII digits stay as given (never taken for E.164, so they match no route by accident)."""
+    assert parse_number(value) == expected
+
+
+def test_from_sip_reads_compact_header_names() -> None:
+    call = IncomingCall.from_sip(
+        "rtc_1", headers(("f", "<sip:+14155550100@a>;tag=1"), ("t", "<sip:+18005550000@b>"))
+    )
+    assert (call.from_number, call.to_number) == ("+14155550100", "+18005550000")
+
+
 # -- IncomingCall ----------------------------------------------------------------------------------------
 
 
