@@ -253,6 +253,7 @@ def test_idle_limit_says_goodbye_then_hangs_up() -> None:
     assert create[0]["type"] == "response.create" and "goodbye" in create[0]["response"]["instructions"]
     m.receive({"type": "response.created", "response": {"id": "r"}})
     assert Verb("hangup", None) in m.receive(response_done("r"))
+    assert m.timer("max_duration") == []  # ending already: no second limit reported
     assert m.verb_done(False, "boom")[-1] == Close("hangup_failed")  # the call may still be up
 
 

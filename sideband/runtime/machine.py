@@ -410,6 +410,8 @@ class CallMachine:
         """The named timer fired."""
         if self._closed is not None:
             return []
+        if name in (_IDLE, _MAX_DURATION) and self._end is not None:
+            return []  # the call is ending already: no limit to report
         if name == _IDLE:
             return [Notice("call.limit", {"limit": "idle"}), *self.request_end("idle_timeout", goodbye=True)]
         if name == _MAX_DURATION:
