@@ -580,6 +580,41 @@ def test_calls_announced_on_a_lost_socket() -> None:
     assert m2.timer("orphans") == []
 
 
+def test_an_end_pending_at_a_reattach_lets_the_goodbye_be_said_before_the_verb() -> None:
+    m = machine(max_call_duration=60)
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    goodbye = m.timer("max_duration")  # the socket is lost before this create leaves: it waits to go out
+    assert "goodbye" in sends(goodbye)[-1]["response"]["instructions"]
+    back = m.reattached()
+    assert not [a for a in back if isinstance(a, Verb)]  # not while the goodbye may still be said
+    assert StartTimer("orphans", MachineConfig(session=SESSION).reattach_grace) in back
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive({"type": "response.created", "response": {"id": "r_bye"}})  # the goodbye, on the new socket
+    assert not [a for a in m.timer("orphans") if isinstance(a, Verb)]  # being said
+    assert Verb("hangup", None) in m.receive(response_done("r_bye"))
+    # Nothing shows on the new socket within the grace: the verb goes then.
+    m2 = machine(max_call_duration=60)
+    m2.start()
+    m2.receive({"type": "session.updated", "session": {}})
+    m2.timer("max_duration")
+    assert not [a for a in m2.reattached() if isinstance(a, Verb)]
+    assert Verb("hangup", None) in m2.timer("orphans")
+
+
+def test_playback_started_before_a_reattach_still_holds_the_verb() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r1"})
+    m.request_end("hangup")
+    m.reattached()
+    m.receive(response_done("r1"))  # the last words end on the server; the caller still hears them
+    assert not [a for a in m.timer("orphans") if isinstance(a, Verb)]
+    assert Verb("hangup", None) in m.receive({"type": "output_audio_buffer.stopped", "response_id": "r1"})
+
+
 def test_code_session_updates_survive_a_reattach() -> None:
     m = machine()
     m.start()

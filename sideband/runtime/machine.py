@@ -180,6 +180,7 @@ class _End:
     target: str | None
     goodbye: str | None
     verb_sent: bool = False
+    held: bool = False  # a re-attach happened meanwhile: the server's state shows itself first
 
 
 def _output(call_id: str, output: str) -> dict[str, Any]:
@@ -343,14 +344,22 @@ class CallMachine:
         """
         self._response_active = False
         self._create_sent = self._created_for = None
-        self._playing = False
+        end = self._end
+        ending = end is not None and not end.verb_sent
+        if not ending:
+            self._playing = False
         actions = self._attached()
         orphans = tuple(c.call_id for c in self._calls.values() if c.state == "pending")
         self._orphans = orphans
         self._resend = tuple(self._unacked or ())
         if self._going:
             self._resend, self._orphans = (), ()  # the call is going: nothing more to say
-        if self._orphans or self._resend:
+        if end is not None and ending:
+            # Our goodbye (or the model's last words) may be queued for the new socket or still running
+            # on the server: its events show it within the grace; only then may the verb go (the end cap
+            # still holds). Playback that had started is still playing until its stop arrives.
+            end.held = True
+        if self._orphans or self._resend or ending:
             actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
         actions += self._progress()
         return actions
@@ -847,6 +856,8 @@ class CallMachine:
         """No ``response.done`` settled the calls announced before a re-attach: answer them; send again
         our outputs still unacknowledged since then (see :meth:`reattached`). Nothing once the end's verb
         is out: the call is going."""
+        if self._end is not None:
+            self._end.held = False
         if self._going:
             self._resend, self._orphans = (), ()
             return []
@@ -887,7 +898,7 @@ class CallMachine:
         if end is None or end.verb_sent or self._closed is not None:
             return []
         if not forced:
-            if self._running or self._want_response or self._busy or self._resend:
+            if self._running or self._want_response or self._busy or self._resend or end.held:
                 return []  # (outputs that may have to be sent again after a re-attach go first)
             if end.goodbye is not None:
                 if not self._live:
