@@ -190,6 +190,8 @@ class Sideband:
         self.name = name
         self.tools = ToolRegistry(default_timeout=tool_timeout, default_filler_after=filler_after)
         self.transfer_targets: dict[str, str] = dict(transfer_targets or {})
+        self.transfer_tool: str | None = None
+        """The name of the tool :meth:`enable_transfer` added (SIP calls only: a REFER needs a phone call)."""
         for label, uri in self.transfer_targets.items():
             if not uri.startswith(("tel:", "sip:", "sips:")):
                 raise ValueError(f"transfer target {label!r} must be a tel: or sip: URI, got {uri!r}")
@@ -354,6 +356,7 @@ class Sideband:
             f"Args:\n    destination: Where to transfer: one of {', '.join(labels)}."
         )
         self.tools.add(transfer_call, name=name, filler_after=None, timeout=5.0)
+        self.transfer_tool = name
 
     # ------------------------------------------------------------------------------- routing
     async def decide(self, call: IncomingCall) -> Decision:

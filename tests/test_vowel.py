@@ -401,6 +401,17 @@ async def test_app_hooks_can_be_left_out(vowel: VowelSimulator, app: Sideband) -
     assert seen == ["tool vowel", "end closed"]
 
 
+def test_the_transfer_tool_is_left_out_of_engine_sessions(vowel: VowelSimulator) -> None:
+    """A transfer needs a phone call (a SIP REFER): offered on an engine session it could only fail."""
+    app = Sideband(instructions="x", transfer_targets={"human": "tel:+14155550123"})
+    app.enable_transfer()
+    app.enable_end_call()
+    session = EngineSession(settings_for(vowel), app)
+    assert session.tools.names() == ["end_call"]
+    with pytest.raises(ValueError, match="'transfer_call' transfers phone calls"):
+        EngineSession(settings_for(vowel), app, tools=["transfer_call"])
+
+
 async def test_agent_ending_the_session_is_a_clean_end(vowel: VowelSimulator, app: Sideband) -> None:
     vowel.script([when("bye", calls=[("end_call", {})], reply="Goodbye!")])
     session = EngineSession.open(settings_for(vowel), app)

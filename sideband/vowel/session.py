@@ -127,6 +127,11 @@ class EngineSession:
                 raise EngineError("not_configured", f"{env_name(name)} is not set")
         self.settings = settings
         self.app = app
+        transfer = app.transfer_tool
+        if tools is None:  # all of the app's tools but the transfer, which only a phone call can do
+            tools = [name for name in app.tools.names() if name != transfer] if transfer else None
+        elif transfer is not None and transfer in (tools := list(tools)):
+            raise ValueError(f"{transfer!r} transfers phone calls: an engine session has none to transfer")
         self.tools: ToolRegistry = app.tools if tools is None else app.tools.subset(tools)
         self.instructions = instructions if instructions is not None else app.config.instructions
         self.open_timeout = open_timeout
