@@ -552,6 +552,31 @@ async def test_a_hangup_that_keeps_failing_ends_as_hangup_failed(
     assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["hangup_failed"]
 
 
+async def test_a_verb_that_raises_something_unexpected_still_ends_the_call(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def closed_client(self: Any, call_id: str, *, timeout: float) -> None:
+        raise RuntimeError("Session is closed")
+
+    monkeypatch.setattr("sideband.upstream.openai.CallControl.hangup", closed_client)
+
+    @stack.app.tool(filler_after=None)
+    async def finish(ctx: CallContext) -> str:
+        await ctx.hangup()
+        return "bye"
+
+    call = stack.sim.create_call(
+        Script([HELLO, caller_says("done"), model_calls("finish", {}), model_says("Bye!")])
+    )
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        summary = await stack.ended(call)
+    assert summary.reason == "hangup_failed"
+    assert [e["detail"] for e in logs if e["event"] == "call.verb_failed"] == [
+        "RuntimeError: Session is closed"
+    ]
+
+
 async def test_a_tool_the_model_calls_once_the_transfer_is_out_neither_runs_nor_answers(stack: Stack) -> None:
     call = transfer_call(stack)
     stack.sim.fail_verb(call.call_id, "refer", "timeout")  # the REFER is handed over slowly

@@ -669,6 +669,8 @@ class CallRuntime:
                 gone, detail = True, "call already gone"
             except UpstreamError as exc:
                 ok, detail = False, str(exc)
+            except Exception as exc:  # say, the HTTP client closed under a shutdown: the call still ends
+                ok, detail = False, f"{type(exc).__name__}: {exc}"
         self._apply(self.machine.verb_done(ok, detail, gone=gone))
         await self._flush()
 
