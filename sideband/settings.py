@@ -56,7 +56,10 @@ class Settings(BaseSettings):
     ``Settings(SIDEBAND_PORT="9000")`` both work and win over the environment; from the environment only the
     documented names are read."""
 
-    model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    # (hide_input_in_errors: a malformed secret must not be quoted in the error that names it)
+    model_config = SettingsConfigDict(
+        extra="ignore", frozen=True, populate_by_name=True, hide_input_in_errors=True
+    )
 
     openai_api_key: SecretStr | None = _env("OPENAI_API_KEY")
     openai_webhook_secret: SecretStr | None = _env("OPENAI_WEBHOOK_SECRET")
@@ -70,7 +73,9 @@ class Settings(BaseSettings):
     log_tool_arguments: bool = _env("SIDEBAND_LOG_TOOL_ARGUMENTS", False)
 
     webhook_max_body: int = Field(default=256 * 1024, gt=0, validation_alias="SIDEBAND_WEBHOOK_MAX_BODY")
-    webhook_tolerance: float = Field(default=300.0, gt=0, validation_alias="SIDEBAND_WEBHOOK_TOLERANCE")
+    webhook_tolerance: float = Field(  # (at most an hour: far inside the claims' 72 h)
+        default=300.0, gt=0, le=3600.0, validation_alias="SIDEBAND_WEBHOOK_TOLERANCE"
+    )
     dedup_ttl: float = Field(default=72 * 3600.0, ge=72 * 3600.0, validation_alias="SIDEBAND_DEDUP_TTL")
 
     accept_attempt_timeout: float = Field(default=2.0, gt=0, validation_alias="SIDEBAND_ACCEPT_TIMEOUT")
@@ -118,6 +123,18 @@ class Settings(BaseSettings):
             return None  # blank: not set (an error where the command needs it)
         if any(c.isspace() for c in raw):
             raise ValueError("must be an API key (no spaces)")
+        return SecretStr(raw)
+
+    @field_validator("rtc_ticket_secret")
+    @classmethod
+    def _ticket_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value().strip()
+        if not raw:
+            return None  # blank: not set (derived from the webhook secret), never an empty key
+        if len(raw) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
         return SecretStr(raw)
 
     @field_validator("openai_webhook_secret")

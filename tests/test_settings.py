@@ -275,6 +275,9 @@ def test_required_present_loads() -> None:
         ("SIDEBAND_LOG_FORMAT", "xml"),
         ("SIDEBAND_LOG_LEVEL", "verbose"),
         ("SIDEBAND_WEBHOOK_TOLERANCE", "0"),
+        ("SIDEBAND_WEBHOOK_TOLERANCE", "inf"),  # a replay outliving its claim would verify again
+        ("SIDEBAND_WEBHOOK_TOLERANCE", "3601"),
+        ("SIDEBAND_RTC_TICKET_SECRET", "short"),
         ("SIDEBAND_ROUTE_FAILURE_STATUS", "200"),
         ("SIDEBAND_RTC_KEY_TTL", "7201"),
         ("OPENAI_API_KEY", "sk-one sk-two"),
@@ -290,6 +293,21 @@ def test_malformed_secret_is_not_echoed() -> None:
     message = error_for({"OPENAI_WEBHOOK_SECRET": raw})
     assert "OPENAI_WEBHOOK_SECRET" in message
     assert "sup3r" not in message
+
+
+def test_settings_built_in_code_do_not_echo_a_malformed_secret_either() -> None:
+    with pytest.raises(ValueError) as info:
+        Settings(openai_api_key="sk-proj-first sk-proj-second")
+    assert "sk-proj" not in str(info.value)
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\n"])
+def test_a_blank_ticket_secret_is_not_an_empty_key(blank: str) -> None:
+    """An unset variable in a manifest (``SIDEBAND_RTC_TICKET_SECRET=${X}``) must not sign tickets with
+    b"": the key is derived from the webhook secret as if it were not set."""
+    s = load({"SIDEBAND_RTC_TICKET_SECRET": blank, "OPENAI_WEBHOOK_SECRET": SECRET})
+    assert s.rtc_ticket_secret is None
+    assert s.ticket_key() == hmac.new(SECRET.encode(), b"sideband rtc ticket", hashlib.sha256).digest()
 
 
 def test_malformed_override_names_the_variable() -> None:
@@ -361,8 +379,8 @@ def test_sideband_url(base: str, expected: str) -> None:
 
 
 def test_ticket_key_prefers_explicit_secret() -> None:
-    s = load({"SIDEBAND_RTC_TICKET_SECRET": "explicit", "OPENAI_WEBHOOK_SECRET": SECRET})
-    assert s.ticket_key() == b"explicit"
+    s = load({"SIDEBAND_RTC_TICKET_SECRET": "explicit-" + "x" * 32, "OPENAI_WEBHOOK_SECRET": SECRET})
+    assert s.ticket_key() == b"explicit-" + b"x" * 32
 
 
 def test_ticket_key_derived_from_webhook_secret_is_stable() -> None:
