@@ -520,12 +520,13 @@ class Service:
             self.log.warning("rtc.handoff_refused", reason=str(exc))
             return Reply(403, {"error": str(exc)})
         ttl = max(info.expires_at - time.time(), 1.0) + 60
-        if not await self.store.claim(f"ticket:{info.nonce}", ttl):
-            self.log.warning("rtc.handoff_refused", reason="ticket already used")
-            return Reply(403, {"error": "ticket already used"})
         with structlog.contextvars.bound_contextvars(call_id=call_id):
             if not await self.store.claim(f"call:{call_id}", _PENDING_TTL):
-                return Reply(409, {"error": "call already attached"})
+                return Reply(409, {"error": "call already attached"})  # (the ticket stays unused)
+            if not await self.store.claim(f"ticket:{info.nonce}", ttl):
+                await self.store.release(f"call:{call_id}")
+                self.log.warning("rtc.handoff_refused", reason="ticket already used")
+                return Reply(403, {"error": "ticket already used"})
             await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)
             runtime = self.launch(CallContext(call_id, "webrtc"), self._rtc_plan())
             self.log.info("rtc.handoff")
