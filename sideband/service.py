@@ -470,6 +470,7 @@ class Service:
             transfer_targets=app.transfer_targets,
             reattach_attempts=settings.reattach_attempts,
             log_tool_arguments=settings.log_tool_arguments,
+            log_transcripts=settings.log_transcripts,
             log_fields=log_fields,
         )
         self.registry.start(runtime)

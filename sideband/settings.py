@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] | None = _env("SIDEBAND_LOG_LEVEL")
     """``None`` when unset: each command picks its default (``serve``: info; ``dial``: warning)."""
     log_tool_arguments: bool = _env("SIDEBAND_LOG_TOOL_ARGUMENTS", False)
+    log_transcripts: bool = _env("SIDEBAND_LOG_TRANSCRIPTS", True)
+    """False (say, on a payment line): ``transcript`` lines carry role and length, ``dtmf`` no digit."""
 
     webhook_max_body: int = Field(default=256 * 1024, gt=0, validation_alias="SIDEBAND_WEBHOOK_MAX_BODY")
     webhook_tolerance: float = Field(  # (at most an hour: far inside the claims' 72 h)

@@ -344,6 +344,38 @@ async def test_a_hook_that_raises_cancelled_error_of_its_own_is_a_failure_like_a
     assert "transcript:agent" in ran and ran[-1] == "end:remote_closed"
 
 
+async def _card_call(stack: Stack) -> tuple[list[MutableMapping[str, Any]], CallSummary]:
+    """A caller keys and says a card number; the log entries and the summary hooks get."""
+    call = stack.sim.create_call(
+        Script([HELLO, caller_presses("4111#"), caller_says("my card is 4111 1111"), model_says("Thanks.")])
+    )
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await call.wait_for(lambda c: len(c.responses) >= 2, timeout=5)
+        stack.sim.hang_up(call)
+        summary = await stack.ended(call)
+    return logs, summary
+
+
+async def test_transcripts_and_keypad_digits_are_logged_by_default(stack: Stack) -> None:
+    logs, _ = await _card_call(stack)
+    assert [e["digit"] for e in logs if e["event"] == "dtmf"] == ["4", "1", "1", "1", "#"]
+    said = [(e["role"], e["text"]) for e in logs if e["event"] == "transcript"]
+    assert ("caller", "my card is 4111 1111") in said
+
+
+@pytest.mark.parametrize("settings_overrides", [{"log_transcripts": False}])
+async def test_a_payment_line_keeps_what_callers_say_and_key_out_of_the_logs(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    logs, summary = await _card_call(stack)
+    assert "4111" not in repr(logs)
+    assert len([e for e in logs if e["event"] == "dtmf"]) == 5  # that keys were pressed, not which
+    lines = [e for e in logs if e["event"] == "transcript"]
+    assert {"role": "caller", "chars": len("my card is 4111 1111")}.items() <= lines[1].items()
+    assert summary.dtmf == "4111#" and ("caller", "my card is 4111 1111") in summary.transcript  # hooks
+
+
 async def _failing_call(stack: Stack) -> list[MutableMapping[str, Any]]:
     """A call whose on_call_start hook and tool raise with data in their messages; its log entries."""
 

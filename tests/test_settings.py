@@ -58,6 +58,7 @@ def error_for(env: Env | None = None, overrides: Overrides | None = None, **kw: 
         ("SIDEBAND_LOG_FORMAT", "console", "log_format", "console"),
         ("SIDEBAND_LOG_LEVEL", "debug", "log_level", "debug"),
         ("SIDEBAND_LOG_TOOL_ARGUMENTS", "true", "log_tool_arguments", True),
+        ("SIDEBAND_LOG_TRANSCRIPTS", "false", "log_transcripts", False),
         ("SIDEBAND_WEBHOOK_MAX_BODY", "1024", "webhook_max_body", 1024),
         ("SIDEBAND_WEBHOOK_TOLERANCE", "60", "webhook_tolerance", 60.0),
         ("SIDEBAND_DEDUP_TTL", str(100 * 3600), "dedup_ttl", 100 * 3600.0),
@@ -126,6 +127,7 @@ def test_defaults() -> None:
     assert s.log_format is None
     assert s.log_level is None  # each command picks its default
     assert s.log_tool_arguments is False
+    assert s.log_transcripts is True
     assert s.webhook_tolerance == 300.0
     assert s.dedup_ttl == 72 * 3600.0
     assert s.route_failure_status == 480

@@ -163,6 +163,7 @@ class CallRuntime:
         "_hook_tasks",
         "_log_args",
         "_log_fields",
+        "_log_said",
         "_outbox",
         "_ping_interval",
         "_pong",
@@ -197,6 +198,7 @@ class CallRuntime:
         reattach_attempts: int = 5,
         ping_interval: float | None = 20.0,
         log_tool_arguments: bool = False,
+        log_transcripts: bool = True,
         log_fields: Mapping[str, Any] | None = None,
     ) -> None:
         self.machine = machine
@@ -210,6 +212,7 @@ class CallRuntime:
         self._ping_interval = ping_interval
         self._pong: asyncio.Future[float] | None = None
         self._log_args = log_tool_arguments
+        self._log_said = log_transcripts  # False: transcript text and keypad digits stay out of logs
         self._log_fields = dict(log_fields or {})
         self._ws: PushConnection | None = None
         self._outbox: list[bytes] = []  # JSON text frames, a few at most (a deque: 760 bytes per call)
@@ -678,12 +681,15 @@ class CallRuntime:
         event, fields = notice.event, notice.fields
         if event == "transcript":
             self.summary.transcript.append((fields["role"], fields["text"]))
-            self.log.info("transcript", **fields)
+            if self._log_said:
+                self.log.info("transcript", **fields)
+            else:
+                self.log.info("transcript", role=fields["role"], chars=len(fields["text"]))
             if self.hooks.on_transcript:
                 self._spawn_hooks(self.hooks.on_transcript, self.ctx, fields["role"], fields["text"])
         elif event == "dtmf":
             self.summary.dtmf += fields["digit"]
-            self.log.info("dtmf", **fields)
+            self.log.info("dtmf", **(fields if self._log_said else {}))
             if self.hooks.on_dtmf:
                 self._spawn_hooks(self.hooks.on_dtmf, self.ctx, fields["digit"])
         elif event == "response.done":

@@ -308,6 +308,7 @@ class EngineSession:
             connect=connect,
             hooks=hooks,
             log_tool_arguments=settings.log_tool_arguments,
+            log_transcripts=settings.log_transcripts,
             log_fields={"service_id": self.service_id},
         )
 
