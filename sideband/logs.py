@@ -47,7 +47,7 @@ def configure_logging(
     if fmt == "json":
         rendering = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        rendering = [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+        rendering = [_escape_controls, structlog.dev.ConsoleRenderer(colors=out.isatty())]
     processors += rendering
     _route_library_logging(
         out, processors[:3], rendering, max(_LEVELS.get(level, logging.INFO), logging.WARNING)
@@ -60,6 +60,24 @@ def configure_logging(
         logger_factory=_Shared(structlog.PrintLogger(out)),
         cache_logger_on_first_use=False,
     )
+
+
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
+def _escape_controls(
+    logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Console lines: control characters in text values (a caller's SIP ``From``, a transcript, a tool
+    name the model chose) shown escaped, never sent raw to the operator's terminal, where an escape
+    sequence could retitle the window, clear the screen or write the clipboard."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and not value.isprintable():
+            event_dict[key] = value.translate(_CONTROLS)
+    return event_dict
 
 
 class _LibraryLines(logging.StreamHandler):  # type: ignore[type-arg]

@@ -58,3 +58,14 @@ def test_the_apps_own_logging_setup_still_works(restored: None) -> None:
     logging.basicConfig(level=logging.INFO, stream=own)  # what an app module may do at import
     logging.getLogger("myapp").info("order 42 stored")
     assert "order 42 stored" in own.getvalue() and out.getvalue() == ""
+
+
+def test_console_lines_never_carry_raw_control_characters(restored: None) -> None:
+    """Caller data (a SIP From, a transcript) must not reach the operator's terminal as escape sequences."""
+    out = io.StringIO()
+    configure_logging("console", "info", stream=out)
+    hostile = "\x1b]0;pwned\x07\x1b[2J\u2028"  # retitle the window, clear the screen
+    structlog.get_logger().info("call.incoming", from_number=hostile, to_number="+18005550100")
+    line = out.getvalue()
+    assert "\x1b" not in line and "\x07" not in line and "\u2028" not in line
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\u2028" in line and "+18005550100" in line
