@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
@@ -52,20 +53,55 @@ def _refuse(service: Service, status: int, error: str, *, event: str = "webhook.
     return _json(status, {"error": error})
 
 
+BODY_TIMEOUT = 10.0
+"""Seconds a request body may take to arrive: a client trickling bytes must not hold a socket forever."""
+
+
 async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, at most ``limit`` bytes (decoded) within :data:`BODY_TIMEOUT`.
+
+    Bodies are decoded here (``gzip``, ``deflate``; aiohttp's own decoding is off): aiohttp would go on
+    reading a body that failed to decode after our answer, fail again and log an unhandled error with a
+    traceback, for any client that cares to send one."""
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    body = bytearray()
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in _ENCODINGS:
+        raise _BadBody
+    raw = bytearray()
     try:
-        async for chunk in request.content.iter_chunked(65536):
-            body += chunk
-            if len(body) > limit:
-                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
-    except (RequestPayloadError, HttpProcessingError):  # e.g. a body that is not the gzip it claims
+        async with asyncio.timeout(BODY_TIMEOUT):
+            async for chunk in request.content.iter_chunked(65536):
+                raw += chunk
+                if len(raw) > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
+    except (RequestPayloadError, HttpProcessingError):  # a broken chunked encoding
         raise _BadBody from None
     except ConnectionError:  # the client went away before sending all of it
         raise _ClientGone from None
-    return bytes(body)
+    except TimeoutError:
+        raise _SlowBody from None
+    wbits = _ENCODINGS[encoding]
+    return bytes(raw) if wbits is None else _decoded(bytes(raw), wbits, limit)
+
+
+_ENCODINGS: dict[str, int | None] = {"identity": None, "gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+"""Content encodings a body may come in, with zlib's window bits for each."""
+
+
+def _decoded(data: bytes, wbits: int, limit: int) -> bytes:
+    """``data`` inflated, at most ``limit`` bytes of it (a small body may inflate to gigabytes)."""
+    for bits in (wbits, -zlib.MAX_WBITS) if wbits == zlib.MAX_WBITS else (wbits,):  # deflate: zlib or raw
+        inflater = zlib.decompressobj(bits)
+        try:
+            out = inflater.decompress(data, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(out))
+        if inflater.eof and not inflater.unused_data:
+            return out
+    raise _BadBody
 
 
 class _BadBody(ValueError):
@@ -74,6 +110,10 @@ class _BadBody(ValueError):
 
 class _ClientGone(_BadBody):
     """The client disconnected before its body was read: nobody will read the answer either."""
+
+
+class _SlowBody(_BadBody):
+    """The body did not arrive within :data:`BODY_TIMEOUT`."""
 
 
 def _signature_headers(request: web.Request) -> dict[str, str]:
@@ -103,6 +143,8 @@ async def webhook(request: web.Request) -> web.Response:
     except _ClientGone:  # a sender timing out, a proxy giving up: it delivers again (nothing happened)
         log.info("webhook.abandoned", reason="client disconnected before the body was read")
         return _json(400, {"error": "incomplete body"})
+    except _SlowBody:
+        return _refuse(service, 408, f"body not received within {BODY_TIMEOUT:g} s")
     except _BadBody:
         return _refuse(service, 400, "body does not match its content or transfer encoding")
     try:
@@ -138,6 +180,8 @@ async def rtc_calls(request: web.Request) -> web.Response:
         sdp = raw.decode("utf-8")
     except web.HTTPRequestEntityTooLarge:
         return _refuse(service, 413, "SDP offer too large", event="rtc.rejected")
+    except _SlowBody:
+        return _refuse(service, 408, "SDP offer not received in time", event="rtc.rejected")
     except (UnicodeDecodeError, _BadBody):
         return _refuse(service, 400, "SDP offer is not readable UTF-8", event="rtc.rejected")
     if not sdp.startswith("v=0"):
@@ -186,6 +230,8 @@ async def rtc_handoff(request: web.Request) -> web.Response:
         data = jsonio.loads(await _read_body(request, 8192))
     except web.HTTPRequestEntityTooLarge:
         return _refuse(service, 413, "body too large", event="rtc.rejected")
+    except _SlowBody:
+        return _refuse(service, 408, "body not received in time", event="rtc.rejected")
     except (ValueError, UnicodeDecodeError):
         return _refuse(service, 400, "body must be JSON {call_id, ticket}", event="rtc.rejected")
     if not isinstance(data, dict):
@@ -283,7 +329,13 @@ def create_app(
     Configure structlog first (``sideband serve`` does): the app binds its loggers once, here."""
     if settings.openai_webhook_secret is None:
         raise SettingsError("OPENAI_WEBHOOK_SECRET is not set")
-    web_app = web.Application(middlewares=[_errors], client_max_size=max(settings.webhook_max_body, _MAX_SDP))
+    web_app = web.Application(
+        middlewares=[_errors],
+        client_max_size=max(settings.webhook_max_body, _MAX_SDP),
+        # Bodies are decoded by _read_body. Idle keep-alive connections close after 75 s: longer than load
+        # balancers' usual 60 s (so they never reuse one being closed), far shorter than aiohttp's hour.
+        handler_args={"auto_decompress": False, "keepalive_timeout": 75.0},
+    )
     svc = service or Service(settings, app, store=store)
     web_app[SERVICE] = svc
     web_app[_LOG] = log.bind()
