@@ -6,9 +6,11 @@ annotated :class:`~sideband.context.CallContext` is injected and never shown to 
 
 :meth:`ToolRegistry.execute` never raises for anything the model or the tool did wrong: bad arguments, an
 exception, a timeout or an unknown tool name all become a :class:`ToolResult` whose ``output`` tells the model
-what happened, so it can correct itself or tell the caller. Only cancellation from outside (the call ending),
-``KeyboardInterrupt`` and ``SystemExit`` propagate; a ``CancelledError`` raised by the tool's own code (say,
-it awaited a task it had cancelled) while nobody cancels the executing task is a failure like any other.
+what happened, so it can correct itself or tell the caller. Only cancellation from outside (the call ending)
+propagates; a ``CancelledError`` raised by the tool's own code (say, it awaited a task it had cancelled)
+while nobody cancels the executing task is a failure like any other, and so are ``SystemExit`` (argparse in a
+tool) and ``KeyboardInterrupt`` raised by a tool: one call's tool never stops the server. A tool that
+swallows its cancellation at the timeout and returns late still gets the timeout output.
 
 Sync tools run in a thread pool of their own (see :class:`ToolRegistry`), never in the event loop's default
 executor, so hung sync tools cannot starve ``loop.getaddrinfo`` or anything else that uses it.
@@ -447,23 +449,28 @@ class ToolRegistry:
                     value = await loop.run_in_executor(self._executor, run)
                     if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
                         value = await value
+            if deadline.expired():  # it swallowed the cancellation and returned late: still an overrun
+                return _timed_out(call_id, name, limit, start)
             output = _encode(value)
-        except TimeoutError as exc:
-            if deadline.expired():
+            if len(output) > MAX_OUTPUT:
                 return ToolResult(
                     call_id,
                     name,
-                    _dumps({"error": "timeout", "message": f"The tool took longer than {limit:g} s"}),
-                    "timeout",
+                    _dumps({"error": "output_too_large", "message": _TOO_LARGE.format(len(output))}),
+                    "error",
                     time.monotonic() - start,
-                    f"timed out after {limit:g} s",
+                    f"output of {len(output)} characters, over {MAX_OUTPUT}",
                 )
+        except TimeoutError as exc:
+            if deadline.expired():
+                return _timed_out(call_id, name, limit, start)
             return _failed(call_id, name, exc, start)
         except asyncio.CancelledError as exc:
             if not own_cancellation(exc):
                 raise  # the call is ending (or an outer timeout fired): not the tool's doing
             return _failed(call_id, name, exc, start)  # raised by the tool's own code
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit from argparse in a tool is the tool's
+            # failure, not the process's: it must neither stop the server nor leave the model unanswered.
             return _failed(call_id, name, exc, start)
         return ToolResult(call_id, name, output, "ok", time.monotonic() - start)
 
@@ -481,6 +488,23 @@ class ToolRegistry:
 
 
 # -- execution helpers ----------------------------------------------------------------------------------
+
+
+MAX_OUTPUT = 64 * 1024
+"""Characters of a tool's output the model may get: more would fill its context (and the server's echo
+of the item could outgrow the sideband's frames)."""
+_TOO_LARGE = "The tool returned {} characters, more than the model can take in; ask for less."
+
+
+def _timed_out(call_id: str, name: str, limit: float, start: float) -> ToolResult:
+    return ToolResult(
+        call_id,
+        name,
+        _dumps({"error": "timeout", "message": f"The tool took longer than {limit:g} s"}),
+        "timeout",
+        time.monotonic() - start,
+        f"timed out after {limit:g} s",
+    )
 
 
 def own_cancellation(exc: BaseException) -> bool:

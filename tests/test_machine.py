@@ -737,6 +737,23 @@ def test_unacknowledged_outputs_are_sent_again_after_the_reattach_grace() -> Non
     assert types(m.reattached()) == ["session.update"] and m.timer("orphans") == []
 
 
+def test_an_output_is_sent_again_once_however_many_times_the_socket_is_lost() -> None:
+    """An output the server cannot take (its echo outgrows a frame, say) would otherwise go out again on
+    every re-attach, each time followed by a create: duplicates, and a socket lost over and over."""
+    m, _, _ = _answered_two_outputs()
+    m.reattached()
+    first = m.timer("orphans")
+    assert [e["item"]["call_id"] for e in sends(first) if e["type"] == "conversation.item.create"] == [
+        "c1",
+        "c2",
+    ]
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    m.receive(response_done("r2"))
+    back = m.reattached()  # lost again, no acknowledgement seen
+    assert types(back) == ["session.update"] and not m.awaiting_acks
+    assert not [a for a in back if isinstance(a, StartTimer) and a.name == "orphans"]
+
+
 def test_acknowledgements_held_back_by_a_running_response_are_waited_for() -> None:
     m, _, _ = _answered_two_outputs()
     m.reattached()

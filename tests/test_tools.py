@@ -1,6 +1,7 @@
 """Tests for sideband.tools: schema from signatures, validation, execution policy."""
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import datetime as dt
@@ -15,7 +16,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from sideband.context import CallContext
-from sideband.tools import Tool, ToolError, ToolRegistry, ToolResult
+from sideband.tools import MAX_OUTPUT, Tool, ToolError, ToolRegistry, ToolResult
 
 # -- helpers and module-level types ------------------------------------------------------------------
 
@@ -792,16 +793,57 @@ async def test_external_cancellation_of_sync_tool_propagates() -> None:
         release.set()
 
 
-@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
-async def test_base_exceptions_propagate(exc_type: type[BaseException]) -> None:
+class _Abort(BaseException):
+    """A library's own BaseException (gevent's, trio's-style) escaping a tool."""
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit, _Abort])
+@pytest.mark.parametrize("sync", [False, True])
+async def test_base_exceptions_from_a_tool_are_its_failure(exc_type: type[BaseException], sync: bool) -> None:
+    """argparse calling sys.exit(2) inside one call's tool must neither stop the server (every call on it)
+    nor leave the model without an answer."""
+    reg = ToolRegistry()
+
+    def stop() -> None:
+        raise exc_type
+
+    async def stop_async() -> None:
+        raise exc_type
+
+    reg.add(stop if sync else stop_async, name="stop")
+    res = await reg.execute("c", "stop", "", make_ctx())
+    assert (res.outcome, loads(res)) == ("error", {"error": "tool_failed", "message": exc_type.__name__})
+    assert isinstance(res.exception, exc_type)
+
+
+async def test_a_tool_that_swallows_its_timeout_and_returns_late_still_timed_out() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool(timeout=0.05)
+    async def stubborn() -> str:
+        with contextlib.suppress(asyncio.CancelledError):  # "retry on any error"
+            await asyncio.sleep(5)
+        return "late"
+
+    res = await reg.execute("c", "stubborn", "", make_ctx())
+    assert (res.outcome, loads(res)["error"]) == ("timeout", "timeout")
+
+
+async def test_an_output_too_large_for_the_model_is_an_error_output() -> None:
     reg = ToolRegistry()
 
     @reg.tool
-    async def stop() -> None:
-        raise exc_type
+    async def dump() -> str:
+        return "x" * (MAX_OUTPUT + 1)
 
-    with pytest.raises(exc_type):
-        await reg.execute("c", "stop", "", make_ctx())
+    @reg.tool
+    async def fits() -> str:
+        return "x" * MAX_OUTPUT
+
+    res = await reg.execute("c", "dump", "", make_ctx())
+    assert res.outcome == "error" and loads(res)["error"] == "output_too_large"
+    assert str(MAX_OUTPUT + 1) in loads(res)["message"] and len(res.output) < 200
+    assert (await reg.execute("c", "fits", "", make_ctx())).outcome == "ok"
 
 
 # -- execute: return values ----------------------------------------------------------------------------

@@ -867,7 +867,10 @@ class CallMachine:
                 actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
             else:
                 unacked = self._unacked or {}
-                actions += [Send(unacked[c]) for c in self._resend if c in unacked]
+                # Sent again once, and no more: a later re-attach does not send them a third time.
+                actions += [Send(unacked.pop(c)) for c in self._resend if c in unacked]
+                if not unacked:
+                    self._unacked = None
                 self._resend = ()
         for call_id in self._orphans:
             call = self._calls.get(call_id)
