@@ -274,6 +274,40 @@ def test_loop_breaker_answers_with_an_error_output() -> None:
     items = [o["item"]["output"] for o in outputs if o["type"] == "conversation.item.create"]
     assert items[:2] == ["fine", "fine"]
     assert "loop_detected" in items[2]
+    # The plain creates that answered real outputs allow tools; the one after the refusal does not:
+    # a model in a loop would otherwise be invited to call again, and again.
+    assert [o.get("response") for o in outputs if o["type"] == "response.create"] == [
+        None,
+        None,
+        {"tool_choice": "none"},
+    ]
+
+
+def test_a_refused_create_after_a_loop_breaker_still_allows_no_tools() -> None:
+    m = machine(max_tool_calls=0)
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "t", "{}", resp="r1"))
+    create = sends(m.receive(response_done("r1")))[-1]
+    assert create["response"] == {"tool_choice": "none"}
+    m.receive({"type": "response.created", "response": {"id": "r_vad"}})  # the caller spoke meanwhile
+    m.receive(refusal(create["event_id"]))
+    assert [e.get("response") for e in sends(m.receive(response_done("r_vad")))] == [{"tool_choice": "none"}]
+
+
+def test_the_same_tool_call_in_another_caller_turn_is_no_loop() -> None:
+    """A caller asking "is order 42 shipped yet?" again, a turn later, is not a model stuck in a loop."""
+    m = machine(max_identical_calls=2)
+    m.start()
+    for n in range(4):
+        m.receive({"type": "conversation.item.input_audio_transcription.completed", "transcript": "shipped?"})
+        m.receive({"type": "response.created", "response": {"id": f"r{n}"}})
+        feed(m, call_events(f"c{n}", "status", '{"order":42}', resp=f"r{n}"))
+        ran = m.receive(response_done(f"r{n}"))
+        assert RunTool(f"c{n}", "status", '{"order":42}') in ran, n
+        m.tool_done(f"c{n}", "not yet")
+        m.receive({"type": "response.created", "response": {"id": f"a{n}"}})
+        m.receive(response_done(f"a{n}"))
 
 
 def test_session_expired_closes_and_cancels_running_tools() -> None:

@@ -155,6 +155,8 @@ _FILLER = "filler:"
 _GREETING = "greeting"
 
 _RUNNABLE = frozenset({"completed", "incomplete"})
+_NO_TOOLS: Mapping[str, Any] = MappingProxyType({"tool_choice": "none"})
+"""The response a loop breaker's refusals are answered with: words, no more tool calls."""
 _INTERRUPTED = json.dumps(
     {
         "error": "interrupted",
@@ -223,6 +225,7 @@ class CallMachine:
         "_unacked",
         "_updates",
         "_want_response",
+        "_without_tools",
         "caps",
         "config",
     )
@@ -245,6 +248,7 @@ class CallMachine:
         self._recent_creates: dict[str, tuple[dict[str, Any], str | None]] = {}
         self._retry: tuple[dict[str, Any], str | None] | None = None  # a refused create to send again
         self._want_response = False
+        self._without_tools = False  # the next plain create follows a loop breaker: no tools in it
         self._filler_spoken = False
         self._queued_say: list[str] = []
         self._playing = False
@@ -673,7 +677,7 @@ class CallMachine:
                     "message": f"Stop calling tools: {breach}. Answer the caller with what you already know.",
                 }
             )
-            self._want_response = True
+            self._want_response = self._without_tools = True  # the model answers, without more tools
             return [
                 Notice(
                     "tool.loop_breaker", {"tool_call_id": call.call_id, "tool": call.name, "detail": breach}
@@ -719,6 +723,9 @@ class CallMachine:
         return [*self._touch_idle(), Notice("dtmf", {"digit": str(digit)})]
 
     def _touch_idle(self) -> list[Action]:
+        """The caller did something: a new turn (the same tool call asked again is no loop); the idle
+        limit starts again."""
+        self._last_signature, self._repeat = None, 0
         if self.config.max_idle_duration and self._end is None:
             return [StartTimer(_IDLE, self.config.max_idle_duration)]
         return []
@@ -826,9 +833,10 @@ class CallMachine:
         if self._live:
             if self._retry is not None:
                 (body, tag), self._retry = self._retry, None
-                if not body and tag is None:
+                if tag is None and (not body or body == _NO_TOOLS):
                     # A plain create answers outputs: it goes once no tool runs, as one create for all.
                     self._want_response = True
+                    self._without_tools = self._without_tools or bool(body)
                 elif tag is None or not self._stale(tag):
                     return [self._create(body, tag)]
                 else:
@@ -836,6 +844,9 @@ class CallMachine:
             if self._want_response and self._running == 0 and not self._resend:
                 # (held while outputs may still have to be sent again after a re-attach: it follows them)
                 self._want_response = False
+                if self._without_tools:
+                    self._without_tools = False
+                    return [self._create(dict(_NO_TOOLS))]
                 return [self._create()]
             if self._queued_say and self._end is None:
                 return [self._create({"instructions": self._queued_say.pop(0)})]
