@@ -310,6 +310,47 @@ def test_the_same_tool_call_in_another_caller_turn_is_no_loop() -> None:
         m.receive(response_done(f"a{n}"))
 
 
+def test_a_call_cut_short_with_its_response_is_not_run() -> None:
+    """max_output_tokens or a content filter ends the response "incomplete": a call whose arguments were
+    cut ("" would pass for {}) is discarded; one whose arguments were complete still runs."""
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.receive(
+        {
+            "type": "response.output_item.added",
+            "response_id": "r1",
+            "item": {
+                "type": "function_call",
+                "call_id": "c_whole",
+                "name": "lookup",
+                "status": "in_progress",
+            },
+        }
+    )
+    m.receive(
+        {
+            "type": "response.function_call_arguments.done",
+            "response_id": "r1",
+            "call_id": "c_whole",
+            "name": "lookup",
+            "arguments": '{"id":1}',
+        }
+    )
+    cut = {
+        "type": "function_call",
+        "call_id": "c_cut",
+        "name": "cancel",
+        "arguments": "",
+        "status": "incomplete",
+    }
+    whole = {"type": "function_call", "call_id": "c_whole", "name": "lookup", "arguments": '{"id":1}'}
+    actions = m.receive(response_done("r1", "incomplete", output=[{**whole, "status": "completed"}, cut]))
+    assert [a for a in actions if isinstance(a, RunTool)] == [RunTool("c_whole", "lookup", '{"id":1}')]
+    discarded = notices(actions, "tool.discarded")
+    assert [(d["tool_call_id"], d["reason"]) for d in discarded] == [("c_cut", "arguments_cut")]
+
+
 def test_session_expired_closes_and_cancels_running_tools() -> None:
     m = machine()
     m.start()

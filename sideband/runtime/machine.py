@@ -173,6 +173,7 @@ class _ToolCall:
     response_id: str | None
     arguments: str | None = None
     state: Literal["pending", "running", "answered", "discarded"] = "pending"
+    complete: bool = False  # its arguments are known whole (arguments.done, or an item "completed")
 
 
 @dataclass(slots=True)
@@ -594,8 +595,15 @@ class CallMachine:
         for call in list(self._calls.values()):
             if call.state != "pending" or call.response_id not in (None, response_id):
                 continue
-            if status not in _RUNNABLE or self._going:
+            # A response cut short (max_output_tokens, a content filter) may hold calls whose arguments
+            # were cut too: "" would pass for {} and run a parameterless action nobody finished asking for.
+            cut = status == "incomplete" and not call.complete
+            if status not in _RUNNABLE or self._going or cut:
                 call.state = "discarded"
+                if status not in _RUNNABLE:
+                    reason = "response_ended"
+                else:  # the call's hangup/transfer is out: nothing starts any more
+                    reason = "call_ending" if self._going else "arguments_cut"
                 actions.append(
                     Notice(
                         "tool.discarded",
@@ -603,8 +611,7 @@ class CallMachine:
                             "tool_call_id": call.call_id,
                             "tool": call.name,
                             "response_status": status,
-                            # the call's hangup/transfer is out: nothing starts any more
-                            "reason": "call_ending" if status in _RUNNABLE else "response_ended",
+                            "reason": reason,
                         },
                     )
                 )
@@ -621,10 +628,13 @@ class CallMachine:
         return actions + self._progress()
 
     def _on_arguments_done(self, event: dict[str, Any]) -> list[Action]:
-        self._learn(
-            {"call_id": event.get("call_id"), "name": event.get("name"), "arguments": event.get("arguments")},
-            event.get("response_id"),
-        )
+        item = {
+            "call_id": event.get("call_id"),
+            "name": event.get("name"),
+            "arguments": event.get("arguments"),
+            "status": "completed",  # (its arguments are whole)
+        }
+        self._learn(item, event.get("response_id"))
         return []
 
     def _on_output_item(self, event: dict[str, Any]) -> list[Action]:
@@ -656,6 +666,8 @@ class CallMachine:
         arguments = item.get("arguments")
         if call.arguments is None and isinstance(arguments, str):
             call.arguments = arguments
+        if item.get("status") == "completed":
+            call.complete = True
 
     def _run(self, call: _ToolCall) -> list[Action]:
         signature = (call.name, call.arguments or "")
