@@ -54,6 +54,31 @@ NO_ACTIONS: CallActions = _NoActions()
 """Actions for a context with no live call behind it (stateless, shared)."""
 
 
+class _Overrun:
+    """Actions of a tool run that has timed out: the model was told it failed, so nothing it asks for
+    afterwards (a transfer the caller was told could not happen) may reach the call."""
+
+    __slots__ = ("_why",)
+
+    def __init__(self, why: str) -> None:
+        self._why = why
+
+    def _refuse(self) -> None:
+        raise RuntimeError(self._why)
+
+    async def hangup(self, reason: str = "hangup") -> None:
+        self._refuse()
+
+    async def transfer(self, target: str) -> None:
+        self._refuse()
+
+    def say(self, instructions: str) -> None:
+        self._refuse()
+
+    def update_session(self, **fields: Any) -> None:
+        self._refuse()
+
+
 class _Done:
     """An awaitable that is already done: what ``hangup``/``transfer`` return when called off the loop."""
 
@@ -130,6 +155,20 @@ class CallContext:
     def loop(self) -> asyncio.AbstractEventLoop | None:
         """The event loop the call runs on (``None`` until known): actions from other threads run there."""
         return self._loop
+
+    def for_run(self) -> CallContext:
+        """A view of this context for one tool run: same call, same ``state`` dict, same actions until
+        :meth:`_overrun` withdraws them from this view alone."""
+        view = object.__new__(CallContext)
+        view.call_id, view.source = self.call_id, self.source
+        view.from_number, view.to_number = self.from_number, self.to_number
+        view.sip_headers, view.state = self.sip_headers, self.state
+        view._actions, view._loop = self._actions, self._loop
+        return view
+
+    def _overrun(self, why: str) -> None:
+        """The run this view was made for timed out: its actions raise ``RuntimeError(why)`` from now on."""
+        self._actions = _Overrun(why)
 
     def header(self, name: str) -> str | None:
         """First value of the SIP header ``name`` (case-insensitive), untrusted."""

@@ -432,9 +432,14 @@ class ToolRegistry:
             kwargs = tool.parse_arguments(arguments)
         except ValidationError as exc:
             return _invalid(call_id, tool, exc, start)
-        if tool.context_param is not None:
-            kwargs[tool.context_param] = ctx
         limit = self._default_timeout if tool.timeout is None else tool.timeout
+        view: CallContext | None = None
+        if tool.context_param is not None:
+            if ctx._loop is None and not tool.is_async:
+                ctx._loop = asyncio.get_running_loop()  # bound off the loop: a thread's actions hop to it
+            # The run's own view: once it has timed out (the model told it failed), a sync tool's thread
+            # running on, or a tool that swallowed its cancellation, can no longer transfer or hang up.
+            view = kwargs[tool.context_param] = ctx.for_run()
 
         deadline = asyncio.timeout(limit)
         try:
@@ -442,15 +447,12 @@ class ToolRegistry:
                 if tool.is_async:
                     value = await tool.fn(**kwargs)
                 else:
-                    loop = asyncio.get_running_loop()
-                    if ctx._loop is None:
-                        ctx._loop = loop  # actions bound off the loop: let them hop to it from the thread
                     run = functools.partial(contextvars.copy_context().run, tool.fn, **kwargs)
-                    value = await loop.run_in_executor(self._executor, run)
+                    value = await asyncio.get_running_loop().run_in_executor(self._executor, run)
                     if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
                         value = await value
             if deadline.expired():  # it swallowed the cancellation and returned late: still an overrun
-                return _timed_out(call_id, name, limit, start)
+                return _timed_out(call_id, name, limit, start, view)
             output = _encode(value)
             if len(output) > MAX_OUTPUT:
                 return ToolResult(
@@ -463,7 +465,7 @@ class ToolRegistry:
                 )
         except TimeoutError as exc:
             if deadline.expired():
-                return _timed_out(call_id, name, limit, start)
+                return _timed_out(call_id, name, limit, start, view)
             return _failed(call_id, name, exc, start)
         except asyncio.CancelledError as exc:
             if not own_cancellation(exc):
@@ -496,7 +498,9 @@ of the item could outgrow the sideband's frames)."""
 _TOO_LARGE = "The tool returned {} characters, more than the model can take in; ask for less."
 
 
-def _timed_out(call_id: str, name: str, limit: float, start: float) -> ToolResult:
+def _timed_out(call_id: str, name: str, limit: float, start: float, view: CallContext | None) -> ToolResult:
+    if view is not None:
+        view._overrun(f"{name} timed out after {limit:g} s: its call actions no longer apply")
     return ToolResult(
         call_id,
         name,

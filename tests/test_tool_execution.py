@@ -235,3 +235,39 @@ async def test_hung_sync_tools_do_not_starve_the_default_executor() -> None:
         for _ in range(len(threads)):
             assert finished.acquire(timeout=5)
         default.shutdown(wait=True)
+
+
+# -- a tool run that timed out no longer acts on the call ------------------------------------------------
+
+
+async def test_a_sync_tool_that_timed_out_can_no_longer_transfer_the_call(stack: Stack) -> None:
+    """The model was told the tool timed out (and told the caller the transfer failed): the worker thread,
+    running on, must not transfer the call behind their backs."""
+    release = threading.Event()
+    attempted: list[str] = []
+    done = threading.Event()
+
+    @stack.app.tool(timeout=0.2, filler_after=None)
+    def slow_transfer(ctx: CallContext) -> str:
+        release.wait(10)
+        try:
+            ctx.transfer("human")
+        except RuntimeError as exc:
+            attempted.append(str(exc))
+        finally:
+            done.set()
+        return "transferred"
+
+    stack.app.transfer_targets["human"] = "tel:+14155550123"
+    call = await start(
+        stack,
+        Script([HELLO, caller_says("a human"), model_calls("slow_transfer", {}), model_says("Sorry.")]),
+    )
+    await call.wait_for(lambda c: bool(c.function_outputs), timeout=5)
+    assert json.loads(call.function_outputs[0][1])["error"] == "timeout"
+    release.set()
+    assert await asyncio.get_running_loop().run_in_executor(None, done.wait, 5)
+    assert attempted == ["slow_transfer timed out after 0.2 s: its call actions no longer apply"]
+    assert not [r for r in stack.sim.requests if r.path.endswith("/refer")]
+    stack.sim.hang_up(call)
+    assert (await stack.ended(call)).reason == "remote_closed"

@@ -478,7 +478,7 @@ async def test_execute_sync_uses_given_executor_and_copies_contextvars() -> None
     assert out["var"] == "bound"
 
 
-async def test_context_injection_same_object() -> None:
+async def test_context_injection_is_a_view_of_the_call() -> None:
     reg = ToolRegistry()
     received: list[CallContext] = []
 
@@ -496,7 +496,8 @@ async def test_context_injection_same_object() -> None:
     assert (await reg.execute("2", "b", "", ctx)).ok
     res = await reg.execute("3", "ctx_string_annotation", '{"order_id": "9"}', ctx)
     assert res.output == "9"
-    assert received == [ctx, ctx] and all(r is ctx for r in received)
+    # Each run gets its own view (its actions end with its run): the same call, the same state dict.
+    assert received == [ctx, ctx] and all(r.state is ctx.state and r.actions is ctx.actions for r in received)
 
 
 async def test_sync_wrapper_returning_coroutine_is_awaited() -> None:
