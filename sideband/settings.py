@@ -90,7 +90,8 @@ class Settings(BaseSettings):
 
     ws_compression: bool = _env("SIDEBAND_WS_COMPRESSION", False)
     reattach_attempts: int = Field(default=5, ge=0, validation_alias="SIDEBAND_REATTACH_ATTEMPTS")
-    max_call_duration: float = Field(default=3600.0, gt=0, validation_alias="SIDEBAND_MAX_CALL_SECONDS")
+    # (59 min: OpenAI cuts every session at 60 without a word; ours says goodbye first)
+    max_call_duration: float = Field(default=3540.0, gt=0, validation_alias="SIDEBAND_MAX_CALL_SECONDS")
     max_idle_duration: float = Field(default=300.0, gt=0, validation_alias="SIDEBAND_MAX_IDLE_SECONDS")
     drain_timeout: float = Field(default=30.0, ge=0, validation_alias="SIDEBAND_DRAIN_TIMEOUT")
 
