@@ -47,7 +47,13 @@ def configure_logging(
     if fmt == "json":
         rendering = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        rendering = [_escape_controls, structlog.dev.ConsoleRenderer(colors=out.isatty())]
+        # (tracebacks rendered to text first, so that they are escaped too: an exception's message may
+        # hold caller data)
+        rendering = [
+            structlog.processors.format_exc_info,
+            _escape_controls,
+            structlog.dev.ConsoleRenderer(colors=out.isatty()),
+        ]
     processors += rendering
     _route_library_logging(
         out, processors[:3], rendering, max(_LEVELS.get(level, logging.INFO), logging.WARNING)
@@ -66,6 +72,9 @@ _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
     0x2028: "\\u2028",
     0x2029: "\\u2029",
 }
+_CONTROLS_IN_BLOCKS = {c: e for c, e in _CONTROLS.items() if c not in (0x09, 0x0A)}
+"""For the fields the console prints as blocks of lines (``stack``, ``exception``): tabs and newlines kept."""
+_BLOCKS = frozenset({"stack", "exception"})
 
 
 def _escape_controls(
@@ -76,7 +85,7 @@ def _escape_controls(
     sequence could retitle the window, clear the screen or write the clipboard."""
     for key, value in event_dict.items():
         if isinstance(value, str) and not value.isprintable():
-            event_dict[key] = value.translate(_CONTROLS)
+            event_dict[key] = value.translate(_CONTROLS_IN_BLOCKS if key in _BLOCKS else _CONTROLS)
     return event_dict
 
 

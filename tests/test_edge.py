@@ -265,7 +265,13 @@ async def test_bodies_that_do_not_match_their_encoding_are_400(stack: Stack) -> 
     bomb = gzip.compress(b"{" + b" " * 50_000_000 + b"}")  # 49 KB that inflate to 50 MB
     status, answer = await post(stack, bomb, {**signed(stack, body), "Content-Encoding": "gzip"})
     assert status == 413
-    for n, (encoding, compress) in enumerate((("gzip", gzip.compress), ("deflate", zlib.compress))):
+    encodings: tuple[tuple[str, Any], ...] = (
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("gzip", lambda b: gzip.compress(b[:10]) + gzip.compress(b[10:])),  # two gzip members
+        ("", lambda b: b),  # an empty header: no encoding
+    )
+    for n, (encoding, compress) in enumerate(encodings):
         fresh = event_body(stack)
         headers = {**signed(stack, fresh, webhook_id=f"wh_enc{n}"), "Content-Encoding": encoding}
         status, answer = await post(stack, compress(fresh), headers)
@@ -283,6 +289,7 @@ async def test_a_body_that_fails_to_decode_closes_its_connection_quietly(
         for _ in range(3):
             async with http.post(stack.webhook_url, data=b"x" * 100, headers=headers) as resp:
                 statuses.append(resp.status)
+                assert resp.headers.get("Connection", "").lower() == "close"  # the rest is never read
     assert statuses == [400, 400, 400]
     assert not [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelno >= 40]
 
@@ -302,6 +309,8 @@ async def test_a_body_trickled_in_too_slowly_is_408_and_the_connection_closed(
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:"))[15:])
         answer = await asyncio.wait_for(reader.readexactly(length), 5)
+        writer.write(b" ")  # the client trickles on: the server does not read it, the connection is closed
+        assert await asyncio.wait_for(reader.read(), 5) == b""
     finally:
         writer.close()
     assert head.startswith(b"HTTP/1.1 408 "), head[:80]

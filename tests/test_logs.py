@@ -69,3 +69,16 @@ def test_console_lines_never_carry_raw_control_characters(restored: None) -> Non
     line = out.getvalue()
     assert "\x1b" not in line and "\x07" not in line and "\u2028" not in line
     assert "\\x1b]0;pwned\\x07\\x1b[2J\\u2028" in line and "+18005550100" in line
+
+
+def test_console_tracebacks_keep_their_lines_and_lose_their_escapes(restored: None) -> None:
+    out = io.StringIO()
+    configure_logging("console", "info", stream=out)
+    try:
+        raise ValueError("caller said \x1b]0;pwned\x07")
+    except ValueError:
+        structlog.get_logger().exception("tool.finished", stack="line one\n  line two")
+    text = out.getvalue()
+    assert "\x1b" not in text and "\x07" not in text
+    assert "line one\n  line two" in text  # a block of lines, as before
+    assert "Traceback (most recent call last):\n" in text and "\\x1b]0;pwned\\x07" in text

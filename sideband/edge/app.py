@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
@@ -58,50 +57,35 @@ BODY_TIMEOUT = 10.0
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, at most ``limit`` bytes (decoded) within :data:`BODY_TIMEOUT`.
-
-    Bodies are decoded here (``gzip``, ``deflate``; aiohttp's own decoding is off): aiohttp would go on
-    reading a body that failed to decode after our answer, fail again and log an unhandled error with a
-    traceback, for any client that cares to send one."""
+    """The whole body (decoded by aiohttp: ``gzip``, ``deflate``…), at most ``limit`` bytes, within
+    :data:`BODY_TIMEOUT`."""
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in _ENCODINGS:
-        raise _BadBody
-    raw = bytearray()
+    body = bytearray()
     try:
         async with asyncio.timeout(BODY_TIMEOUT):
             async for chunk in request.content.iter_chunked(65536):
-                raw += chunk
-                if len(raw) > limit:
-                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
-    except (RequestPayloadError, HttpProcessingError):  # a broken chunked encoding
+                body += chunk
+                if len(body) > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    except (RequestPayloadError, HttpProcessingError):  # e.g. a body that is not the gzip it claims
         raise _BadBody from None
     except ConnectionError:  # the client went away before sending all of it
         raise _ClientGone from None
     except TimeoutError:
         raise _SlowBody from None
-    wbits = _ENCODINGS[encoding]
-    return bytes(raw) if wbits is None else _decoded(bytes(raw), wbits, limit)
+    return bytes(body)
 
 
-_ENCODINGS: dict[str, int | None] = {"identity": None, "gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-"""Content encodings a body may come in, with zlib's window bits for each."""
-
-
-def _decoded(data: bytes, wbits: int, limit: int) -> bytes:
-    """``data`` inflated, at most ``limit`` bytes of it (a small body may inflate to gigabytes)."""
-    for bits in (wbits, -zlib.MAX_WBITS) if wbits == zlib.MAX_WBITS else (wbits,):  # deflate: zlib or raw
-        inflater = zlib.decompressobj(bits)
-        try:
-            out = inflater.decompress(data, limit + 1)
-        except zlib.error:
-            continue
-        if len(out) > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(out))
-        if inflater.eof and not inflater.unused_data:
-            return out
-    raise _BadBody
+async def _closing(request: web.Request, response: web.Response) -> web.Response:
+    """Send ``response``, then close the connection without reading the rest of the body: aiohttp would
+    go on reading it (up to 10 s more of a trickle), and a body that failed to decode fails there again
+    and is logged as an unhandled error with a traceback, for any client that cares to send one."""
+    response.force_close()  # Connection: close
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+    return response
 
 
 class _BadBody(ValueError):
@@ -144,9 +128,11 @@ async def webhook(request: web.Request) -> web.Response:
         log.info("webhook.abandoned", reason="client disconnected before the body was read")
         return _json(400, {"error": "incomplete body"})
     except _SlowBody:
-        return _refuse(service, 408, f"body not received within {BODY_TIMEOUT:g} s")
+        return await _closing(request, _refuse(service, 408, f"body not received within {BODY_TIMEOUT:g} s"))
     except _BadBody:
-        return _refuse(service, 400, "body does not match its content or transfer encoding")
+        return await _closing(
+            request, _refuse(service, 400, "body does not match its content or transfer encoding")
+        )
     try:
         webhook_id = request.app[_VERIFIER].verify(body, _signature_headers(request))
     except VerificationError as exc:
@@ -181,8 +167,14 @@ async def rtc_calls(request: web.Request) -> web.Response:
     except web.HTTPRequestEntityTooLarge:
         return _refuse(service, 413, "SDP offer too large", event="rtc.rejected")
     except _SlowBody:
-        return _refuse(service, 408, "SDP offer not received in time", event="rtc.rejected")
-    except (UnicodeDecodeError, _BadBody):
+        return await _closing(
+            request, _refuse(service, 408, "SDP offer not received in time", event="rtc.rejected")
+        )
+    except _BadBody:
+        return await _closing(
+            request, _refuse(service, 400, "SDP offer is not readable as sent", event="rtc.rejected")
+        )
+    except UnicodeDecodeError:
         return _refuse(service, 400, "SDP offer is not readable UTF-8", event="rtc.rejected")
     if not sdp.startswith("v=0"):
         return _refuse(service, 400, "body is not an SDP offer", event="rtc.rejected")
@@ -231,7 +223,13 @@ async def rtc_handoff(request: web.Request) -> web.Response:
     except web.HTTPRequestEntityTooLarge:
         return _refuse(service, 413, "body too large", event="rtc.rejected")
     except _SlowBody:
-        return _refuse(service, 408, "body not received in time", event="rtc.rejected")
+        return await _closing(
+            request, _refuse(service, 408, "body not received in time", event="rtc.rejected")
+        )
+    except _BadBody:
+        return await _closing(
+            request, _refuse(service, 400, "body does not match its encoding", event="rtc.rejected")
+        )
     except (ValueError, UnicodeDecodeError):
         return _refuse(service, 400, "body must be JSON {call_id, ticket}", event="rtc.rejected")
     if not isinstance(data, dict):
@@ -332,9 +330,9 @@ def create_app(
     web_app = web.Application(
         middlewares=[_errors],
         client_max_size=max(settings.webhook_max_body, _MAX_SDP),
-        # Bodies are decoded by _read_body. Idle keep-alive connections close after 75 s: longer than load
-        # balancers' usual 60 s (so they never reuse one being closed), far shorter than aiohttp's hour.
-        handler_args={"auto_decompress": False, "keepalive_timeout": 75.0},
+        # Idle keep-alive connections close after 75 s: longer than load balancers' usual 60 s (so they
+        # never reuse one being closed), far shorter than aiohttp's hour.
+        handler_args={"keepalive_timeout": 75.0},
     )
     svc = service or Service(settings, app, store=store)
     web_app[SERVICE] = svc
