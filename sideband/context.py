@@ -54,6 +54,28 @@ NO_ACTIONS: CallActions = _NoActions()
 """Actions for a context with no live call behind it (stateless, shared)."""
 
 
+class _Through:
+    """A run's view of the call's actions: whatever its context's are at the time of the call (the call
+    driver while it is live, :data:`NO_ACTIONS` once it has ended)."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: CallContext) -> None:
+        self._ctx = ctx
+
+    def hangup(self, reason: str = "hangup") -> Awaitable[None]:
+        return self._ctx._actions.hangup(reason)
+
+    def transfer(self, target: str) -> Awaitable[None]:
+        return self._ctx._actions.transfer(target)
+
+    def say(self, instructions: str) -> None:
+        self._ctx._actions.say(instructions)
+
+    def update_session(self, **fields: Any) -> None:
+        self._ctx._actions.update_session(**fields)
+
+
 class _Overrun:
     """Actions of a tool run that has timed out: the model was told it failed, so nothing it asks for
     afterwards (a transfer the caller was told could not happen) may reach the call."""
@@ -163,7 +185,7 @@ class CallContext:
         view.call_id, view.source = self.call_id, self.source
         view.from_number, view.to_number = self.from_number, self.to_number
         view.sip_headers, view.state = self.sip_headers, self.state
-        view._actions, view._loop = self._actions, self._loop
+        view._actions, view._loop = _Through(self), self._loop
         return view
 
     def _overrun(self, why: str) -> None:

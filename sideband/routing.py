@@ -67,7 +67,7 @@ def session_problem(app: Sideband, decision: Accept, *, sip: bool = True) -> str
 
 
 class _Route(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     instructions: str | None = None
     voice: str | None = None

@@ -478,7 +478,11 @@ class Service:
 
     # ------------------------------------------------------------------------------ WebRTC
     def _rtc_plan(self) -> CallPlan:
-        plan = self.app.plan()
+        """The app's session for a browser's call: all its tools but the transfer (a REFER needs a phone
+        call)."""
+        app, transfer = self.app, self.app.transfer_tool
+        tools = None if transfer is None else tuple(n for n in app.tools.names() if n != transfer)
+        plan = app.plan(Accept(tools=tools))
         validate_accept_payload(plan.session, sip=False)
         return plan
 
@@ -524,7 +528,12 @@ class Service:
         with structlog.contextvars.bound_contextvars(call_id=call_id):
             if not await self.store.claim(f"call:{call_id}", _PENDING_TTL):
                 return Reply(409, {"error": "call already attached"})  # (the ticket stays unused)
-            if not await self.store.claim(f"ticket:{info.nonce}", ttl):
+            try:
+                fresh = await self.store.claim(f"ticket:{info.nonce}", ttl)
+            except BaseException:
+                await self.store.release(f"call:{call_id}")
+                raise
+            if not fresh:
                 await self.store.release(f"call:{call_id}")
                 self.log.warning("rtc.handoff_refused", reason="ticket already used")
                 return Reply(403, {"error": "ticket already used"})

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
 
     # (hide_input_in_errors: a malformed secret must not be quoted in the error that names it)
     model_config = SettingsConfigDict(
-        extra="ignore", frozen=True, populate_by_name=True, hide_input_in_errors=True
+        extra="ignore", frozen=True, populate_by_name=True, hide_input_in_errors=True, allow_inf_nan=False
     )
 
     openai_api_key: SecretStr | None = _env("OPENAI_API_KEY")

@@ -511,13 +511,14 @@ def _timed_out(call_id: str, name: str, limit: float, start: float, view: CallCo
     )
 
 
-def own_cancellation(exc: BaseException) -> bool:
+def own_cancellation(exc: BaseException, baseline: int = 0) -> bool:
     """Whether ``exc`` is a ``CancelledError`` that user code raised of its own (say, it awaited a future
-    it had cancelled) while nobody cancels the running task: a failure like any other, not a shutdown."""
+    it had cancelled) while nobody cancels the running task (no more than the ``baseline`` requests of
+    before the code ran: a call's end hooks run in a task being cancelled): a failure like any other."""
     if not isinstance(exc, asyncio.CancelledError):
         return False
     task = asyncio.current_task()
-    return task is not None and not task.cancelling()
+    return task is not None and task.cancelling() <= baseline
 
 
 def _dumps(obj: Any) -> str:

@@ -351,6 +351,62 @@ def test_a_call_cut_short_with_its_response_is_not_run() -> None:
     assert [(d["tool_call_id"], d["reason"]) for d in discarded] == [("c_cut", "arguments_cut")]
 
 
+def test_an_item_that_ended_incomplete_is_not_run_though_its_arguments_were_announced_done() -> None:
+    """OpenAI sends arguments.done for calls of responses that end cancelled or incomplete too: the item's
+    own status decides."""
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    cut = {"type": "function_call", "call_id": "c_cut", "name": "end_call", "arguments": ""}
+    m.receive(
+        {"type": "response.output_item.added", "response_id": "r1", "item": {**cut, "status": "in_progress"}}
+    )
+    m.receive(
+        {
+            "type": "response.function_call_arguments.done",
+            "response_id": "r1",
+            "call_id": "c_cut",
+            "name": "end_call",
+            "arguments": "",
+        }
+    )
+    m.receive(
+        {"type": "response.output_item.done", "response_id": "r1", "item": {**cut, "status": "incomplete"}}
+    )
+    actions = m.receive(response_done("r1", "incomplete", output=[{**cut, "status": "incomplete"}]))
+    assert not [a for a in actions if isinstance(a, RunTool)]
+    assert [d["reason"] for d in notices(actions, "tool.discarded")] == ["arguments_cut"]
+
+
+def test_audio_a_backend_streams_is_no_new_caller_turn_for_the_loop_breaker() -> None:
+    m = machine(max_identical_calls=2)
+    m.start()
+    breaks = []
+    for n in range(4):
+        m.caller_active()  # silence streamed between the model's calls
+        m.receive({"type": "response.created", "response": {"id": f"r{n}"}})
+        feed(m, call_events(f"c{n}", "same", "{}", resp=f"r{n}"))
+        actions = m.receive(response_done(f"r{n}"))
+        breaks += notices(actions, "tool.loop_breaker")
+        if any(isinstance(a, RunTool) for a in actions):
+            m.tool_done(f"c{n}", "x")
+        m.receive({"type": "response.created", "response": {"id": f"a{n}"}})
+        m.receive(response_done(f"a{n}"))
+    assert len(breaks) == 2
+
+
+def test_a_new_caller_turn_gets_its_tools_back_after_a_loop_breaker() -> None:
+    m = machine(max_tool_calls=1)
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "slow", "{}", resp="r1"))
+    feed(m, call_events("c2", "slow", "{}", resp="r1"))
+    m.receive(response_done("r1"))  # c1 runs, c2 is refused: "no tools" is owed once c1 is in
+    m.receive({"type": "input_audio_buffer.speech_started"})  # the caller speaks meanwhile: a new turn
+    creates = sends(m.tool_done("c1", "x"))
+    assert [e.get("response") for e in creates if e["type"] == "response.create"] == [None]
+
+
 def test_session_expired_closes_and_cancels_running_tools() -> None:
     m = machine()
     m.start()
@@ -685,9 +741,19 @@ def test_playback_started_before_a_reattach_still_holds_the_verb() -> None:
     m.receive({"type": "output_audio_buffer.started", "response_id": "r1"})
     m.request_end("hangup")
     m.reattached()
-    m.receive(response_done("r1"))  # the last words end on the server; the caller still hears them
-    assert not [a for a in m.timer("orphans") if isinstance(a, Verb)]
+    assert not [a for a in m.receive(response_done("r1")) if isinstance(a, Verb)]  # still heard
     assert Verb("hangup", None) in m.receive({"type": "output_audio_buffer.stopped", "response_id": "r1"})
+    # The stop came while no socket was attached (nothing of the playback shows on the new one): the
+    # verb goes at the end of the grace, not at the end cap.
+    m2 = machine()
+    m2.start()
+    m2.receive({"type": "session.updated", "session": {}})
+    m2.receive({"type": "response.created", "response": {"id": "r1"}})
+    m2.receive({"type": "output_audio_buffer.started", "response_id": "r1"})
+    m2.receive(response_done("r1"))
+    m2.request_end("hangup")
+    assert not [a for a in m2.reattached() if isinstance(a, Verb)]
+    assert Verb("hangup", None) in m2.timer("orphans")
 
 
 def test_code_session_updates_survive_a_reattach() -> None:

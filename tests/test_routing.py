@@ -80,6 +80,8 @@ def test_table_matches_numbers_and_default(tmp_path: Path) -> None:
         ("[routes\n", "routes.toml"),
         ('[routes."+1"]\nreject = 486\ninstructions = "x"\n', "rejects answers nothing: instructions"),
         ('[routes."+1"]\nrefer = "tel:+1"\nmax_call_seconds = 60\n', "refers answers nothing: max_call"),
+        ('[routes."+1"]\nmax_call_seconds = inf\n', "routes.+1.max_call_seconds"),
+        ('[routes."+1"]\nmax_idle_seconds = nan\n', "routes.+1.max_idle_seconds"),
     ],
 )
 def test_invalid_files_are_one_line_errors(tmp_path: Path, text: str, fragment: str) -> None:

@@ -344,6 +344,42 @@ async def test_a_hook_that_raises_cancelled_error_of_its_own_is_a_failure_like_a
     assert "transcript:agent" in ran and ran[-1] == "end:remote_closed"
 
 
+async def test_end_hooks_of_a_cancelled_call_still_run_after_one_raises_cancelled_error() -> None:
+    """A call cancelled (an engine session aborted, a drain past its grace) still runs every end hook:
+    one awaiting something cancelled of its own is a failure, not the call's cancellation."""
+    ran: list[str] = []
+    connecting = asyncio.Event()
+
+    async def connect() -> Any:
+        connecting.set()
+        await asyncio.Event().wait()  # a slow attach
+
+    async def archive(ctx: CallContext, summary: CallSummary) -> None:
+        lookup = asyncio.get_running_loop().create_future()
+        lookup.cancel()
+        await lookup
+
+    async def report(ctx: CallContext, summary: CallSummary) -> None:
+        ran.append(summary.reason)
+
+    runtime = CallRuntime(
+        machine=CallMachine(MachineConfig(session={"type": "realtime"})),
+        ctx=CallContext("rtc_x"),
+        tools=ToolRegistry(),
+        connect=connect,
+        hooks=CallHooks(on_call_end=[archive, report]),
+    )
+    with capture_logs() as logs:
+        task = asyncio.create_task(runtime.run())
+        await asyncio.wait_for(connecting.wait(), 5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled() and ran == ["shutdown"]
+    assert [(e["hook"], e["error"]) for e in logs if e["event"] == "hook.failed"] == [
+        ("archive", "CancelledError")
+    ]
+
+
 async def _card_call(stack: Stack) -> tuple[list[MutableMapping[str, Any]], CallSummary]:
     """A caller keys and says a card number; the log entries and the summary hooks get."""
     call = stack.sim.create_call(

@@ -279,6 +279,8 @@ def test_required_present_loads() -> None:
         ("SIDEBAND_WEBHOOK_TOLERANCE", "0"),
         ("SIDEBAND_WEBHOOK_TOLERANCE", "inf"),  # a replay outliving its claim would verify again
         ("SIDEBAND_WEBHOOK_TOLERANCE", "3601"),
+        ("SIDEBAND_MAX_CALL_SECONDS", "inf"),
+        ("SIDEBAND_ACCEPT_BUDGET", "inf"),
         ("SIDEBAND_RTC_TICKET_SECRET", "short"),
         ("SIDEBAND_ROUTE_FAILURE_STATUS", "200"),
         ("SIDEBAND_RTC_KEY_TTL", "7201"),

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import pytest
 from pydantic import BaseModel, Field
 
-from sideband.context import CallContext
+from sideband.context import NO_ACTIONS, CallContext
 from sideband.tools import MAX_OUTPUT, Tool, ToolError, ToolRegistry, ToolResult
 
 # -- helpers and module-level types ------------------------------------------------------------------
@@ -496,8 +496,25 @@ async def test_context_injection_is_a_view_of_the_call() -> None:
     assert (await reg.execute("2", "b", "", ctx)).ok
     res = await reg.execute("3", "ctx_string_annotation", '{"order_id": "9"}', ctx)
     assert res.output == "9"
-    # Each run gets its own view (its actions end with its run): the same call, the same state dict.
-    assert received == [ctx, ctx] and all(r.state is ctx.state and r.actions is ctx.actions for r in received)
+    # Each run gets its own view (its actions end with its run): the same call, the same state dict, and
+    # the call's actions as they are when used (none once the call has ended).
+    assert len(received) == 2 and all(r.call_id == ctx.call_id and r.state is ctx.state for r in received)
+    said: list[str] = []
+
+    class Live:
+        async def hangup(self, reason: str = "hangup") -> None: ...
+        async def transfer(self, target: str) -> None: ...
+        def say(self, instructions: str) -> None:
+            said.append(instructions)
+
+        def update_session(self, **fields: Any) -> None: ...
+
+    ctx.actions = Live()
+    received[1].say("while live")
+    ctx.actions = NO_ACTIONS  # the call ended; a tool's thread running on finds no call to act on
+    with pytest.raises(RuntimeError, match="no live call"):
+        received[1].say("after the end")
+    assert said == ["while live"]
 
 
 async def test_sync_wrapper_returning_coroutine_is_awaited() -> None:

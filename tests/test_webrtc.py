@@ -64,6 +64,21 @@ async def test_sdp_relay_creates_call_and_attaches_sideband(stack: Stack) -> Non
     assert any(e["type"] == "conversation.item.create" for e in call.received)
 
 
+async def test_a_browsers_call_is_not_offered_the_transfer_tool(stack: Stack) -> None:
+    """A transfer is a SIP REFER: a browser's call has no phone line to hand over."""
+    assert stack.app.transfer_tool == "transfer_call"  # the test app offers it on phone calls
+    stack.sim.next_webrtc_script = Script([caller_hangs_up()])
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(stack.url("/rtc/calls"), data=OFFER, headers={"content-type": "application/sdp"}) as resp,
+    ):
+        assert resp.status == 201
+        call = stack.sim.calls[resp.headers["Location"].rsplit("/", 1)[-1]]
+    await call.wait_done(timeout=10)
+    names = [t["name"] for t in call.received[0]["session"]["tools"]]
+    assert "transfer_call" not in names and "lookup_order" in names
+
+
 async def test_sdp_relay_refuses_non_sdp(stack: Stack) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.post(

@@ -717,7 +717,9 @@ class CallRuntime:
             self.log.info(event, **fields)
 
     async def _hooks(self, hooks: Sequence[Callable[..., Any]], *args: Any) -> None:
-        task = asyncio.current_task() if len(hooks) > 1 else None
+        running = asyncio.current_task()
+        baseline = running.cancelling() if running is not None else 0  # (a call's end runs cancelled)
+        task = running if len(hooks) > 1 else None
         for hook in hooks:
             tasks = self._hook_tasks
             if task is not None and tasks is not None and task in tasks:
@@ -728,7 +730,7 @@ class CallRuntime:
                 else:
                     await self._sync_hook(hook, args)
             except (Exception, asyncio.CancelledError) as exc:
-                if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc):
+                if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc, baseline):
                     raise
                 self.log.error("hook.failed", hook=_hook_name(hook), **self._failure(exc))
 

@@ -184,6 +184,7 @@ class _End:
     goodbye: str | None
     verb_sent: bool = False
     held: bool = False  # a re-attach happened meanwhile: the server's state shows itself first
+    heard: bool = False  # playback events arrived on the new socket while held
 
 
 def _output(call_id: str, output: str) -> dict[str, Any]:
@@ -533,7 +534,7 @@ class CallMachine:
             return []
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
         send = Send({"type": "conversation.item.create", "item": item})
-        actions = self._touch_idle()
+        actions = self._caller_turn()
         if self._live:
             actions.append(send)
         else:
@@ -666,8 +667,11 @@ class CallMachine:
         arguments = item.get("arguments")
         if call.arguments is None and isinstance(arguments, str):
             call.arguments = arguments
-        if item.get("status") == "completed":
+        status = item.get("status")
+        if status == "completed":
             call.complete = True
+        elif status in ("incomplete", "cancelled", "failed"):
+            call.complete = False  # the item's own word wins over an earlier arguments.done
 
     def _run(self, call: _ToolCall) -> list[Action]:
         signature = (call.name, call.arguments or "")
@@ -706,7 +710,7 @@ class CallMachine:
 
     def _on_caller_transcript(self, event: dict[str, Any]) -> list[Action]:
         text = event.get("transcript")
-        actions = self._touch_idle()
+        actions = self._caller_turn()
         if isinstance(text, str) and text.strip():
             actions.append(Notice("transcript", {"role": "caller", "text": text.strip()}))
         return actions
@@ -728,26 +732,34 @@ class CallMachine:
         return [Notice("transcript", {"role": "agent", "text": text.strip()})]
 
     def _on_caller_activity(self, event: dict[str, Any]) -> list[Action]:
-        return self._touch_idle()
+        return self._caller_turn()
 
     def _on_dtmf(self, event: dict[str, Any]) -> list[Action]:
         digit = event.get("event")
-        return [*self._touch_idle(), Notice("dtmf", {"digit": str(digit)})]
+        return [*self._caller_turn(), Notice("dtmf", {"digit": str(digit)})]
+
+    def _caller_turn(self) -> list[Action]:
+        """The caller spoke, keyed or typed: a new turn. The same tool call asked for again is no loop,
+        and a loop breaker's "no tools" is not owed to this turn; the idle limit starts again."""
+        self._last_signature, self._repeat, self._without_tools = None, 0, False
+        return self._touch_idle()
 
     def _touch_idle(self) -> list[Action]:
-        """The caller did something: a new turn (the same tool call asked again is no loop); the idle
-        limit starts again."""
-        self._last_signature, self._repeat = None, 0
         if self.config.max_idle_duration and self._end is None:
             return [StartTimer(_IDLE, self.config.max_idle_duration)]
         return []
 
     def _on_playback_started(self, event: dict[str, Any]) -> list[Action]:
         self._playing = True
+        if self._end is not None:
+            self._end.heard = True
         return []
 
     def _on_playback_stopped(self, event: dict[str, Any]) -> list[Action]:
         self._playing = False
+        if self._end is not None:
+            self._end.heard = True
+            self._end.held = False  # the last words were heard to their end: nothing more to wait for
         return self._progress()
 
     def _on_error(self, event: dict[str, Any]) -> list[Action]:
@@ -879,8 +891,11 @@ class CallMachine:
         """No ``response.done`` settled the calls announced before a re-attach: answer them; send again
         our outputs still unacknowledged since then (see :meth:`reattached`). Nothing once the end's verb
         is out: the call is going."""
-        if self._end is not None:
-            self._end.held = False
+        end = self._end
+        if end is not None and end.held:
+            end.held = False
+            if not end.heard and not self._response_active:
+                self._playing = False  # its stop may have come while no socket was attached
         if self._going:
             self._resend, self._orphans = (), ()
             return []
