@@ -77,6 +77,26 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return bytes(body)
 
 
+async def _body(
+    request: web.Request, service: Service, limit: int, *, event: str = "webhook.rejected"
+) -> bytes | web.Response:
+    """The request's body (see :func:`_read_body`), or the answer that refuses it."""
+    try:
+        return await _read_body(request, limit)
+    except web.HTTPRequestEntityTooLarge:
+        return _refuse(service, 413, f"body over {limit} bytes", event=event)
+    except _ClientGone:  # a sender timing out, a proxy giving up: it sends again (nothing happened)
+        route = event.partition(".")[0]
+        log.info(f"{route}.abandoned", reason="client disconnected before the body was read")
+        return _json(400, {"error": "incomplete body"})
+    except _SlowBody:
+        refusal = _refuse(service, 408, f"body not received within {BODY_TIMEOUT:g} s", event=event)
+        return await _closing(request, refusal)
+    except _BadBody:
+        refusal = _refuse(service, 400, "body does not match its content or transfer encoding", event=event)
+        return await _closing(request, refusal)
+
+
 async def _closing(request: web.Request, response: web.Response) -> web.Response:
     """Send ``response``, then close the connection without reading the rest of the body: aiohttp would
     go on reading it (up to 10 s more of a trickle), and a body that failed to decode fails there again
@@ -120,19 +140,9 @@ async def webhook(request: web.Request) -> web.Response:
         return _json(503, {"error": "draining"}, {"Retry-After": "1"})
     if request.content_type != "application/json":
         return _refuse(service, 415, "content-type must be application/json")
-    try:
-        body = await _read_body(request, service.settings.webhook_max_body)
-    except web.HTTPRequestEntityTooLarge:
-        return _refuse(service, 413, f"body over {service.settings.webhook_max_body} bytes")
-    except _ClientGone:  # a sender timing out, a proxy giving up: it delivers again (nothing happened)
-        log.info("webhook.abandoned", reason="client disconnected before the body was read")
-        return _json(400, {"error": "incomplete body"})
-    except _SlowBody:
-        return await _closing(request, _refuse(service, 408, f"body not received within {BODY_TIMEOUT:g} s"))
-    except _BadBody:
-        return await _closing(
-            request, _refuse(service, 400, "body does not match its content or transfer encoding")
-        )
+    body = await _body(request, service, service.settings.webhook_max_body)
+    if isinstance(body, web.Response):
+        return body
     try:
         webhook_id = request.app[_VERIFIER].verify(body, _signature_headers(request))
     except VerificationError as exc:
@@ -161,19 +171,11 @@ async def rtc_calls(request: web.Request) -> web.Response:
         return refused
     if request.content_type != "application/sdp":  # (not a type another site may POST without asking)
         return _refuse(service, 415, "content-type must be application/sdp", event="rtc.rejected")
+    raw = await _body(request, service, _MAX_SDP, event="rtc.rejected")
+    if isinstance(raw, web.Response):
+        return raw
     try:
-        raw = await _read_body(request, _MAX_SDP)
         sdp = raw.decode("utf-8")
-    except web.HTTPRequestEntityTooLarge:
-        return _refuse(service, 413, "SDP offer too large", event="rtc.rejected")
-    except _SlowBody:
-        return await _closing(
-            request, _refuse(service, 408, "SDP offer not received in time", event="rtc.rejected")
-        )
-    except _BadBody:
-        return await _closing(
-            request, _refuse(service, 400, "SDP offer is not readable as sent", event="rtc.rejected")
-        )
     except UnicodeDecodeError:
         return _refuse(service, 400, "SDP offer is not readable UTF-8", event="rtc.rejected")
     if not sdp.startswith("v=0"):
@@ -218,18 +220,11 @@ async def rtc_handoff(request: web.Request) -> web.Response:
         return refused
     if request.content_type != "application/json":
         return _refuse(service, 415, "content-type must be application/json", event="rtc.rejected")
+    raw = await _body(request, service, 8192, event="rtc.rejected")
+    if isinstance(raw, web.Response):
+        return raw
     try:
-        data = jsonio.loads(await _read_body(request, 8192))
-    except web.HTTPRequestEntityTooLarge:
-        return _refuse(service, 413, "body too large", event="rtc.rejected")
-    except _SlowBody:
-        return await _closing(
-            request, _refuse(service, 408, "body not received in time", event="rtc.rejected")
-        )
-    except _BadBody:
-        return await _closing(
-            request, _refuse(service, 400, "body does not match its encoding", event="rtc.rejected")
-        )
+        data = jsonio.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return _refuse(service, 400, "body must be JSON {call_id, ticket}", event="rtc.rejected")
     if not isinstance(data, dict):
