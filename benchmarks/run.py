@@ -93,6 +93,8 @@ ROUNDS_PER_CALL_CAP = 60
 class Config:
     steady_rates: tuple[int, ...] = (20, 100)
     steady_seconds: float = 8.0
+    steady_min_calls: int = 600
+    """Each steady window lasts long enough for this many calls: a p99 over 160 calls is the 2nd-worst."""
     steady_warmup: float = 1.0
     ramp_rates: tuple[int, ...] = (100, 200, 300, 400, 500)
     ramp_seconds: float = 2.5
@@ -117,6 +119,7 @@ def quick_config() -> Config:
     return Config(
         steady_rates=(50,),
         steady_seconds=1.5,
+        steady_min_calls=0,
         steady_warmup=0.3,
         ramp_rates=(300,),
         ramp_seconds=1.0,
@@ -494,9 +497,8 @@ async def answer_server(kind: str, cfg: Config, *, ramp: bool = True) -> dict[st
         common = {"server": server, "sender": sender, "kind": kind, "cfg": cfg}
         await answer_phase(sim, rate=20, warmup=0.0, duration=cfg.warmup_seconds, **common)  # discarded
         for rate in cfg.steady_rates:
-            phase = await answer_phase(
-                sim, rate=rate, warmup=cfg.steady_warmup, duration=cfg.steady_seconds, **common
-            )
+            duration = max(cfg.steady_seconds, cfg.steady_min_calls / rate)
+            phase = await answer_phase(sim, rate=rate, warmup=cfg.steady_warmup, duration=duration, **common)
             out["steady"].append(phase)
             print_answer_row(kind, "steady", phase)
         for rate in cfg.ramp_rates if ramp else ():
@@ -948,7 +950,9 @@ def answer_markdown(a: dict[str, Any], cfg: Config) -> list[str]:
     lines = [
         "### Answer path",
         "",
-        "Signed `realtime.call.incoming` webhooks at a steady rate; latency runs from the moment the sender "
+        "Signed `realtime.call.incoming` webhooks at a steady rate, for at least "
+        f"{cfg.steady_seconds:g} s and {cfg.steady_min_calls} calls per rate (so p99 is not one of the "
+        "two or three worst calls); latency runs from the moment the sender "
         "POSTs the webhook to the moment the simulator receives the accept POST. The sideband server also "
         "attaches the sideband and sends `session.update` on every call (counted below); each call ends "
         f"with a clean caller hangup {HOLD_SECONDS:g} s after its accept. CPU per call is the server's "
