@@ -1,6 +1,6 @@
 """sideband benchmarks: the answer path and tool rounds, each beside a raw floor.
 
-    ./dev bench                     # full run, ~5 min
+    ./dev bench                     # full run, ~6 min
     ./dev bench --quick             # ~30 s smoke run
     ./dev bench --only answer|tools
     ./dev bench --profile           # also run the server under cProfile (slower; numbers not comparable)
