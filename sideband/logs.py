@@ -9,6 +9,7 @@ from collections.abc import MutableMapping
 from typing import Any, Literal, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 __all__ = ["configure_logging", "describe", "failure_fields"]
 
@@ -93,6 +94,19 @@ class _LibraryLines(logging.StreamHandler):  # type: ignore[type-arg]
     """What libraries log through :mod:`logging` (aiohttp's "Error handling request"…), as our lines."""
 
 
+def _client_faults(record: logging.LogRecord) -> bool:
+    """A request aiohttp cannot even parse (malformed HTTP, a ``Content-Encoding`` it cannot decode) is
+    the client's fault, yet aiohttp logs it as an error with a traceback: any client could flood the log
+    and page the on-call with those. They become one warning line, without the traceback."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500:
+        text = f"{type(exc).__name__}: {exc.message}"
+        record.msg, record.args = f"bad request: {text[:200]}", ()
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+    return True
+
+
 def _component(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     record = event_dict.get("_record")
     if record is not None:
@@ -110,6 +124,7 @@ def _route_library_logging(out: TextIO, pre: list[Any], rendering: list[Any], le
     are touched: the root logger, and the app's own ``logging`` setup, stay the app's. Idempotent."""
     handler = _LibraryLines(out)
     handler.setLevel(level)
+    handler.addFilter(_client_faults)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*pre, _component],

@@ -7,10 +7,13 @@ import json
 import logging
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 import structlog
 
 from sideband.logs import configure_logging
+
+from .conftest import Stack
 
 
 @pytest.fixture
@@ -82,3 +85,22 @@ def test_console_tracebacks_keep_their_lines_and_lose_their_escapes(restored: No
     assert "\x1b" not in text and "\x07" not in text
     assert "line one\n  line two" in text  # a block of lines, as before
     assert "Traceback (most recent call last):\n" in text and "\\x1b]0;pwned\\x07" in text
+
+
+async def test_a_request_aiohttp_cannot_parse_is_a_warning_without_traceback(
+    restored: None, stack: Stack
+) -> None:
+    """Any client could otherwise write error-level tracebacks into the log, one per request."""
+    out = io.StringIO()
+    configure_logging("json", "info", stream=out)
+    headers = {"content-type": "application/json", "content-encoding": "br"}  # not decodable here
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(stack.webhook_url, data=b"{}", headers=headers) as r,
+    ):
+        assert r.status == 400
+    mine = [line for line in lines(out) if line.get("component") == "aiohttp.server"]
+    assert [(line["level"], line["event"][:35]) for line in mine] == [
+        ("warning", "bad request: ContentEncodingError: ")
+    ]
+    assert "exception" not in mine[0]
