@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -116,28 +116,21 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s):// or ws(s):// URL")
         return value
 
-    @field_validator("openai_api_key", "vowel_api_key")
+    @field_validator("openai_api_key", "vowel_api_key", "rtc_ticket_secret")
     @classmethod
-    def _key(cls, value: SecretStr | None) -> SecretStr | None:
+    def _secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is None:
             return None
         raw = value.get_secret_value().strip()  # a stray newline from a secrets file is no part of it
         if not raw:
-            return None  # blank: not set (an error where the command needs it)
-        if any(c.isspace() for c in raw):
-            raise ValueError("must be an API key (no spaces)")
-        return SecretStr(raw)
-
-    @field_validator("rtc_ticket_secret")
-    @classmethod
-    def _ticket_secret(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None:
+            # blank: not set (an error where a command needs it; a ticket key is then derived from the
+            # webhook secret, never empty)
             return None
-        raw = value.get_secret_value().strip()
-        if not raw:
-            return None  # blank: not set (derived from the webhook secret), never an empty key
-        if len(raw) < 32:
-            raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
+        if info.field_name == "rtc_ticket_secret":
+            if len(raw) < 32:
+                raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
+        elif any(c.isspace() for c in raw):
+            raise ValueError("must be an API key (no spaces)")
         return SecretStr(raw)
 
     @field_validator("openai_webhook_secret")

@@ -595,20 +595,25 @@ async def test_a_transfer_that_finds_the_call_gone_is_not_reported_as_transferre
     assert not [e for e in logs if e["event"] == "call.referred"]
 
 
-async def test_a_hangup_that_keeps_failing_ends_as_hangup_failed(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The end reason must not say the call was hung up when it may still be up."""
-    monkeypatch.setattr("sideband.service.HANGUP_BUDGET", 0.5)
+def _hanging_up_call(stack: Stack) -> SimCall:
+    """A call whose tool hangs up after the caller says they are done."""
 
     @stack.app.tool(filler_after=None)
     async def finish(ctx: CallContext) -> str:
         await ctx.hangup()
         return "bye"
 
-    call = stack.sim.create_call(
+    return stack.sim.create_call(
         Script([HELLO, caller_says("done"), model_calls("finish", {}), model_says("Bye!")])
     )
+
+
+async def test_a_hangup_that_keeps_failing_ends_as_hangup_failed(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end reason must not say the call was hung up when it may still be up."""
+    monkeypatch.setattr("sideband.service.HANGUP_BUDGET", 0.5)
+    call = _hanging_up_call(stack)
     stack.sim.fail_verb(call.call_id, "hangup", *([503] * 100))
     with capture_logs() as logs:
         assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
@@ -627,15 +632,7 @@ async def test_a_verb_that_raises_something_unexpected_still_ends_the_call(
         raise RuntimeError("Session is closed")
 
     monkeypatch.setattr("sideband.upstream.openai.CallControl.hangup", closed_client)
-
-    @stack.app.tool(filler_after=None)
-    async def finish(ctx: CallContext) -> str:
-        await ctx.hangup()
-        return "bye"
-
-    call = stack.sim.create_call(
-        Script([HELLO, caller_says("done"), model_calls("finish", {}), model_says("Bye!")])
-    )
+    call = _hanging_up_call(stack)
     with capture_logs() as logs:
         assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
         summary = await stack.ended(call)
