@@ -228,7 +228,7 @@ class Sideband:
         """
         if fn is None:
             return self.tools.tool(**options)
-        return self.tools.tool(fn)
+        return self.tools.tool(**options)(fn)
 
     def on_incoming(self, fn: F) -> F:
         """Route each ringing call: the hook gets an :class:`IncomingCall` and returns

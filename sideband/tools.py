@@ -20,7 +20,10 @@ Return values become the output string like this:
 - ``str`` — sent as is;
 - ``None`` — ``{"ok":true}`` (so the model knows the action happened);
 - anything else — compact JSON via :func:`pydantic_core.to_json` (dicts, lists, dataclasses, pydantic models,
-  datetimes, enums…; NaN and infinities become ``null``).
+  datetimes, enums…; NaN and infinities become ``null``); a value it cannot encode gives
+  ``{"error": "output_unencodable", …}``, which tells the model the tool ran.
+
+A sync tool's return value is encoded in its worker thread (a lazy iterator runs there, under the timeout).
 """
 
 from __future__ import annotations
@@ -152,9 +155,12 @@ class Tool:
         ``name`` defaults to ``fn.__name__``, ``description`` to the docstring's text before its sections.
         ``filler_after``: left out → registry default; ``None``, ``False`` or ``0`` → never.
 
-        Raises ``TypeError`` for a signature that cannot be a tool (``*args``/``**kwargs``, positional-only
-        parameters, a type pydantic cannot validate or describe, unresolvable annotations) and ``ValueError``
-        for a bad name, timeout or filler delay.
+        Raises ``TypeError`` for a function that cannot be a tool (``*args``/``**kwargs``, positional-only
+        parameters, a type pydantic cannot validate or describe, unresolvable annotations, a generator
+        function: a tool returns its result) and ``ValueError`` for a bad name, timeout or filler delay.
+
+        Keyword arguments bound with :func:`functools.partial` are the app's: they are left out of the
+        schema, and the model cannot set them.
         """
         if name is None:
             name = getattr(fn, "__name__", None)
@@ -165,6 +171,7 @@ class Tool:
         if timeout is not None and not (isinstance(timeout, int | float) and 0 < timeout < math.inf):
             raise ValueError(f"tool {name!r}: timeout must be a positive number of seconds, got {timeout!r}")
         filler = _normalize_filler(name, filler_after)
+        _refuse_generators(fn, name)
 
         doc_description, arg_docs = _parse_docstring(inspect.getdoc(_unwrap_partial(fn)))
         model, fields, context_param = _build_arguments_model(fn, name, arg_docs)
@@ -432,6 +439,8 @@ class ToolRegistry:
             kwargs = tool.parse_arguments(arguments)
         except ValidationError as exc:
             return _invalid(call_id, tool, exc, start)
+        except Exception as exc:  # a validator of the app's raised something else (a KeyError…)
+            return _failed(call_id, name, exc, start)
         limit = self._default_timeout if tool.timeout is None else tool.timeout
         view: CallContext | None = None
         if tool.context_param is not None:
@@ -447,13 +456,15 @@ class ToolRegistry:
                 if tool.is_async:
                     value = await tool.fn(**kwargs)
                 else:
-                    run = functools.partial(contextvars.copy_context().run, tool.fn, **kwargs)
+                    # Encoded in the thread too: a lazy iterator returned (``map(...)``) runs the tool's
+                    # code while it is turned into JSON, and that must not happen on the event loop.
+                    run = functools.partial(contextvars.copy_context().run, _call_encoded, tool.fn, kwargs)
                     value = await asyncio.get_running_loop().run_in_executor(self._executor, run)
                     if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
                         value = await value
             if deadline.expired():  # it swallowed the cancellation and returned late: still an overrun
                 return _timed_out(call_id, name, limit, start, view)
-            output = _encode(value)
+            output = value.text if isinstance(value, _Encoded) else _encode(value)
             if len(output) > MAX_OUTPUT:
                 return ToolResult(
                     call_id,
@@ -463,6 +474,8 @@ class ToolRegistry:
                     time.monotonic() - start,
                     f"output of {len(output)} characters, over {MAX_OUTPUT}",
                 )
+        except _Unencodable as exc:
+            return _unencodable(call_id, name, exc.__cause__ or exc, start)
         except TimeoutError as exc:
             if deadline.expired():
                 return _timed_out(call_id, name, limit, start, view)
@@ -525,19 +538,64 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """A sync tool's output, already encoded in its thread."""
+
+    text: str
+
+
+class _Unencodable(Exception):
+    """The tool's return value could not be turned into an output (the cause is chained)."""
+
+
 def _encode(value: Any) -> str:
     if isinstance(value, str):
         return value
     if value is None:
         return _OK_OUTPUT
-    return to_json(value, inf_nan_mode="null").decode()
+    try:
+        return to_json(value, inf_nan_mode="null").decode()
+    except Exception as exc:  # a type JSON has no form for, non-UTF-8 bytes, a cycle…
+        raise _Unencodable from exc
+
+
+def _call_encoded(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    value = fn(**kwargs)
+    return value if inspect.isawaitable(value) else _Encoded(_encode(value))
+
+
+MAX_MESSAGE = 4096
+"""Characters of a :class:`ToolError` message the model gets (longer ones are cut)."""
+
+
+def _message(exc: BaseException) -> str | None:
+    """The model-facing message of a :class:`ToolError` (or of a group made only of them), else None."""
+    if isinstance(exc, BaseExceptionGroup):
+        parts = [_message(e) for e in exc.exceptions]
+        return "; ".join(p for p in parts if p is not None) if all(p is not None for p in parts) else None
+    if not isinstance(exc, ToolError):
+        return None
+    message = getattr(exc, "message", None)  # a subclass may never have called ToolError.__init__
+    if not isinstance(message, str):
+        message = _safe_str(message if message is not None else exc)
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
+
+
+def _safe_str(value: object) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
 
 
 def _failed(call_id: str, name: str, exc: BaseException, start: float) -> ToolResult:
-    message = exc.message if isinstance(exc, ToolError) else type(exc).__name__
+    """The output of a tool that raised: a :class:`ToolError`'s message, else only the exception's type."""
+    said = _message(exc)
+    message = type(exc).__name__ if said is None else said
     # The exception's text often holds the tool's data (arguments, keys): only a ToolError's, meant for
     # the model anyway, goes into ``error``; the exception itself is kept in the result.
-    error = type(exc).__name__ + (f": {exc.message}" if isinstance(exc, ToolError) else "")
+    error = type(exc).__name__ + ("" if said is None else f": {said}")
     if len(error) > 300:
         error = error[:300] + "…"
     return ToolResult(
@@ -549,6 +607,28 @@ def _failed(call_id: str, name: str, exc: BaseException, start: float) -> ToolRe
         error,
         exc,
     )
+
+
+def _unencodable(call_id: str, name: str, exc: BaseException, start: float) -> ToolResult:
+    return ToolResult(
+        call_id,
+        name,
+        _dumps(
+            {
+                "error": "output_unencodable",
+                "message": "The tool ran, but what it returned could not be turned into text.",
+            }
+        ),
+        "error",
+        time.monotonic() - start,
+        f"output not encodable: {type(exc).__name__}",
+        exc,
+    )
+
+
+def failed_result(call_id: str, name: str, exc: BaseException, start: float) -> ToolResult:
+    """The ``tool_failed`` result for ``exc`` (``start``: ``time.monotonic()`` when the call began)."""
+    return _failed(call_id, name, exc, start)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -599,6 +679,25 @@ def _unwrap_partial(fn: Any) -> Any:
     while isinstance(fn, functools.partial):
         fn = fn.func
     return fn
+
+
+def _bound_keywords(fn: Any) -> frozenset[str]:
+    """Names bound by keyword in ``fn``'s :func:`functools.partial` layers (the app's values)."""
+    names: set[str] = set()
+    while isinstance(fn, functools.partial):
+        names.update(fn.keywords)
+        fn = fn.func
+    return frozenset(names)
+
+
+def _refuse_generators(fn: Any, name: str) -> None:
+    target = _unwrap_partial(fn)
+    if not inspect.isroutine(target) and callable(target):
+        target = getattr(target, "__call__", target)  # noqa: B004
+    if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
+        raise TypeError(
+            f"tool {name!r}: a generator function cannot be a tool; return the result (a list, say)"
+        )
 
 
 def _is_async_callable(fn: Any) -> bool:
@@ -652,7 +751,10 @@ def _build_arguments_model(
     context_param: str | None = None
     definitions: dict[str, Any] = {}
     fields: list[tuple[str, str]] = []
+    bound = _bound_keywords(fn)
     for param in sig.parameters.values():
+        if param.name in bound:
+            continue  # the app's value (an API key, a tenant): neither shown to the model nor set by it
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise TypeError(f"tool {name!r}: *args and **kwargs are not supported ({param})")
         if param.kind is param.POSITIONAL_ONLY:
@@ -667,10 +769,16 @@ def _build_arguments_model(
         # BaseModel attributes, leading underscores allowed) and errors/schema still use the real name.
         fname = f"p{len(fields)}"
         kw: dict[str, Any] = {"alias": param.name}
-        if param.default is not param.empty:
+        described = _has_description(annotation)
+        if isinstance(param.default, FieldInfo):
+            # ``x: int = Field(2, ge=1, description=...)``: the field itself (its default, constraints and
+            # description), as pydantic.validate_call reads it
+            annotation = Annotated[annotation, param.default]
+            described = described or bool(param.default.description)
+        elif param.default is not param.empty:
             kw["default"] = param.default
         doc = arg_docs.get(param.name)
-        if doc and not _has_description(annotation):
+        if doc and not described:
             kw["description"] = doc
         definitions[fname] = (annotation, pydantic.Field(**kw))
         fields.append((fname, param.name))

@@ -270,6 +270,20 @@ def test_tool_options_pass_through() -> None:
     assert app.tools.filler_after_for("renamed") is None
 
 
+def test_tool_options_apply_when_the_function_is_passed_directly() -> None:
+    app = Sideband()
+
+    async def fn() -> None:
+        """Ignored."""
+
+    assert app.tool(fn, name="renamed", description="Described.", timeout=3, filler_after=None) is fn
+    tool = app.tools.get("renamed")
+    assert tool is not None and app.tools.get("fn") is None
+    assert tool.description == "Described."
+    assert app.tools.timeout_for("renamed") == 3
+    assert app.tools.filler_after_for("renamed") is None
+
+
 # -- Sideband: routing -------------------------------------------------------------------------------------
 
 

@@ -271,3 +271,31 @@ async def test_a_sync_tool_that_timed_out_can_no_longer_transfer_the_call(stack:
     assert not [r for r in stack.sim.requests if r.path.endswith("/refer")]
     stack.sim.hang_up(call)
     assert (await stack.ended(call)).reason == "remote_closed"
+
+
+# -- the driver's last line of defence ------------------------------------------------------------------
+
+
+async def test_an_unexpected_error_in_execute_still_answers_the_model(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @stack.app.tool(filler_after=None)
+    async def fetch() -> str:
+        return "fine"
+
+    async def broken(self: ToolRegistry, *args: Any) -> Any:
+        raise RuntimeError("a defect in execute")
+
+    monkeypatch.setattr(ToolRegistry, "execute", broken)
+    call = await start(
+        stack,
+        Script([HELLO, caller_says("fetch"), model_calls("fetch", {}), model_says("Sorry, that failed.")]),
+    )
+    await call.wait_done(timeout=10)
+    assert outputs(call) == [{"error": "tool_failed", "message": "RuntimeError"}]
+    ks = kinds(call)
+    out = next(i for i, k in enumerate(ks) if k.startswith("output:"))
+    assert ks[out + 1 :] == ["create"]
+    await stack.sim.hang_up(call)
+    summary = await stack.ended(call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("fetch", "error")]

@@ -689,7 +689,12 @@ async def test_unserializable_return_is_an_error() -> None:
 
     res = await reg.execute("c", "weird", "", make_ctx())
     assert res.outcome == "error"
-    assert loads(res)["error"] == "tool_failed"
+    # not "tool_failed": the tool did its work, the model must not think it should try again
+    assert loads(res) == {
+        "error": "output_unencodable",
+        "message": "The tool ran, but what it returned could not be turned into text.",
+    }
+    assert res.error == "output not encodable: PydanticSerializationError"
 
 
 async def test_async_timeout() -> None:
@@ -911,3 +916,178 @@ async def test_tools_run_concurrently() -> None:
             reg.execute("2", "wait_for_peer", '{"i": 2}', ctx),
         )
     assert [r.output for r in results] == ["1", "2"]
+
+
+# -- failures that must still answer the model ----------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OrderNotFound(ToolError):
+    """A ToolError subclass that never calls ToolError.__init__ (a dataclass)."""
+
+    order_id: str
+
+
+async def test_tool_error_with_a_non_string_message_or_none_set_still_answers() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def wrapped() -> str:
+        try:
+            raise ConnectionError("down")
+        except ConnectionError as exc:
+            raise ToolError(exc) from exc  # type: ignore[arg-type]  # apps do this
+
+    @reg.tool
+    async def missing(order_id: str) -> str:
+        raise OrderNotFound(order_id)
+
+    @reg.tool
+    async def grouped() -> str:
+        raise ExceptionGroup("two", [ToolError("The kitchen is closed."), ToolError("Try tomorrow.")])
+
+    @reg.tool
+    async def mixed() -> str:
+        raise ExceptionGroup("two", [ToolError("shown?"), KeyError("secret")])
+
+    res = await reg.execute("c", "wrapped", "{}", make_ctx())
+    assert loads(res) == {"error": "tool_failed", "message": "down"}
+    res = await reg.execute("c", "missing", '{"order_id": "77"}', make_ctx())
+    assert loads(res) == {"error": "tool_failed", "message": "77"}
+    res = await reg.execute("c", "grouped", "{}", make_ctx())
+    assert loads(res) == {"error": "tool_failed", "message": "The kitchen is closed.; Try tomorrow."}
+    res = await reg.execute("c", "mixed", "{}", make_ctx())  # not only ToolErrors: the type name only
+    assert loads(res) == {"error": "tool_failed", "message": "ExceptionGroup"}
+    assert res.error == "ExceptionGroup"
+
+
+async def test_a_long_tool_error_message_is_cut() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def chatty() -> str:
+        raise ToolError("y" * 70_000)
+
+    res = await reg.execute("c", "chatty", "{}", make_ctx())
+    message = loads(res)["message"]
+    assert len(message) == 4096 and message.endswith("…")
+    assert len(res.output) < MAX_OUTPUT
+
+
+async def test_a_validator_raising_any_exception_is_a_failure_output() -> None:
+    from pydantic import AfterValidator
+
+    orders = {"1": "shipped"}
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def lookup(order_id: Annotated[str, AfterValidator(lambda v: orders[v] and v)]) -> str:
+        return orders[order_id]
+
+    assert (await reg.execute("c", "lookup", '{"order_id": "1"}', make_ctx())).output == "shipped"
+    res = await reg.execute("c", "lookup", '{"order_id": "2"}', make_ctx())
+    assert res.outcome == "error"
+    assert loads(res) == {"error": "tool_failed", "message": "KeyError"}
+    assert isinstance(res.exception, KeyError)
+
+
+async def test_output_that_cannot_be_encoded_says_the_tool_ran() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    def raw() -> bytes:
+        return b"\xff\xfe"
+
+    res = await reg.execute("c", "raw", "{}", make_ctx())
+    assert res.outcome == "error"
+    assert loads(res)["error"] == "output_unencodable"
+
+
+# -- signatures users write -------------------------------------------------------------------------------
+
+
+def book(
+    party: int = Field(2, ge=1, le=12, description="party size"),
+    name: str = Field(description="guest name"),
+) -> str:
+    return f"{name}:{party}"
+
+
+async def test_pydantic_field_defaults_keep_their_default_constraints_and_description() -> None:
+    schema = schema_of(book)
+    assert schema["properties"]["party"] == {
+        "type": "integer",
+        "default": 2,
+        "minimum": 1,
+        "maximum": 12,
+        "description": "party size",
+    }
+    assert schema["properties"]["name"] == {"type": "string", "description": "guest name"}
+    assert schema["required"] == ["name"]
+    reg = ToolRegistry()
+    reg.add(book)
+    assert (await reg.execute("c", "book", '{"name": "Ada"}', make_ctx())).output == "Ada:2"
+    too_many = await reg.execute("c", "book", '{"name": "Ada", "party": 50}', make_ctx())
+    assert too_many.outcome == "invalid_arguments"
+    nameless = await reg.execute("c", "book", "{}", make_ctx())
+    assert nameless.outcome == "invalid_arguments"
+    assert loads(nameless)["details"] == [{"loc": "name", "msg": "Field required"}]
+
+
+async def test_keywords_bound_with_partial_are_hidden_from_the_model_and_fixed() -> None:
+    def search(q: str, api_key: str = "", tenant: str = "") -> str:
+        return f"{q}|{api_key}|{tenant}"
+
+    tool = functools.partial(functools.partial(search, api_key="sk-SECRET"), tenant="acme")
+    schema = schema_of(tool, name="search")
+    assert set(schema["properties"]) == {"q"}
+    assert "sk-SECRET" not in json.dumps(schema)
+    reg = ToolRegistry()
+    reg.add(tool, name="search")
+    assert (await reg.execute("c", "search", '{"q": "x"}', make_ctx())).output == "x|sk-SECRET|acme"
+    forged = await reg.execute("c", "search", '{"q": "x", "api_key": "attacker"}', make_ctx())
+    assert forged.outcome == "invalid_arguments"
+
+
+def test_generator_functions_are_refused_at_registration() -> None:
+    def rows() -> Any:
+        yield 1
+
+    async def arows() -> Any:
+        yield 1
+
+    class Rows:
+        def __call__(self) -> Any:
+            yield 1
+
+    for fn in (rows, arows, Rows(), functools.partial(rows)):
+        with pytest.raises(TypeError, match="generator function cannot be a tool"):
+            Tool.from_function(fn, name="rows")
+
+
+async def test_a_sync_tool_returning_a_lazy_iterator_is_consumed_in_its_thread_under_its_timeout() -> None:
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+    gate = threading.Event()
+
+    def slow(i: int) -> int:
+        seen.append(threading.get_ident())
+        gate.wait(5)  # released when the test is done
+        return i
+
+    reg = ToolRegistry()
+
+    @reg.tool(timeout=0.2)
+    def numbers() -> Any:
+        return map(slow, [1, 2])
+
+    res = await asyncio.wait_for(reg.execute("c", "numbers", "{}", make_ctx()), 5)
+    gate.set()
+    assert res.outcome == "timeout"
+    assert seen and loop_thread not in seen
+
+    @reg.tool
+    def quick() -> Any:
+        return map(str, [1, 2])
+
+    assert loads(await reg.execute("c", "quick", "{}", make_ctx())) == ["1", "2"]

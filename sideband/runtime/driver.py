@@ -35,7 +35,7 @@ from sideband.runtime.machine import (
     Verb,
 )
 from sideband.session import SessionConfigError
-from sideband.tools import ToolError, TransferNotAllowed, own_cancellation
+from sideband.tools import ToolError, TransferNotAllowed, failed_result, own_cancellation
 from sideband.upstream._ws import PushConnection
 from sideband.upstream.openai import CallGone, UpstreamError
 
@@ -623,6 +623,8 @@ class CallRuntime:
                 if self._owns(call_id):
                     self._tool_cancelled(call_id, name, time.monotonic() - started)
                 raise
+            except Exception as exc:  # never expected; the model must still get an answer
+                result = failed_result(call_id, name, exc, started)
             if not self._owns(call_id):
                 return  # left behind by the call's end (it ignored its cancellation): nothing of it counts
             record = ToolRecord(call_id, name, result.outcome, result.duration)
