@@ -9,6 +9,7 @@ import functools
 import inspect
 import json
 import re
+import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from sideband.session import (
     check_seconds,
 )
 from sideband.tools import ToolRegistry
+from sideband.upstream._ws import client_tls
 
 __all__ = ["IncomingCall", "Sideband", "parse_number"]
 
@@ -206,6 +208,7 @@ class Sideband:
         self._route_threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._authorize_browser: Callable[[web.Request], Any] | None = None
         self._authorize_threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._tls: ssl.SSLContext | None = None
         self.on_call_start_hooks: list[Callable[..., Any]] = []
         self.on_call_end_hooks: list[Callable[..., Any]] = []
         self.on_transcript_hooks: list[Callable[..., Any]] = []
@@ -324,6 +327,13 @@ class Sideband:
             self.on_dtmf_hooks,
             self.on_tool_hooks,
         )
+
+    def tls_context(self) -> ssl.SSLContext:
+        """The client TLS context this app's ``wss://`` connections share (OpenAI sidebands, engine
+        sessions), built on first use: one per connection would load the CA certificates each time."""
+        if self._tls is None:
+            self._tls = client_tls()
+        return self._tls
 
     # ------------------------------------------------------------------------ built-in tools
     def enable_end_call(self, *, name: str = "end_call") -> None:

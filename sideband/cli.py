@@ -72,6 +72,25 @@ def _reason(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
+def raise_open_files_limit() -> int | None:
+    """Raise this process's soft limit of open files to its hard limit and return the soft limit now in
+    force (None where the platform has none). Each live call holds a WebSocket and each request a
+    connection; the usual default soft limit of 1,024 would refuse connections at a few hundred calls."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or target <= soft:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):  # refused (a container's own cap): keep what we have
+        return soft
+    return target
+
+
 async def serve(settings: Settings, app: Sideband) -> None:
     """Serve until SIGTERM/SIGINT, then drain: /readyz answers 503, new calls are refused with 503
     (OpenAI redelivers them to another instance), live calls get ``SIDEBAND_DRAIN_TIMEOUT`` seconds.
@@ -81,6 +100,7 @@ async def serve(settings: Settings, app: Sideband) -> None:
 
     log = structlog.get_logger(component="sideband.cli")
     loop = asyncio.get_running_loop()
+    open_files = raise_open_files_limit()
     web_app = create_app(settings, app)
     service = web_app[SERVICE]
     runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
@@ -106,7 +126,14 @@ async def serve(settings: Settings, app: Sideband) -> None:
         tools=app.tools.names(),
         openai_base_url=settings.openai_base_url,
         event_loop=type(loop).__module__.partition(".")[0],  # uvloop, or asyncio where it is missing
+        max_open_files=open_files,
     )
+    if open_files is not None and open_files < 4096:
+        log.warning(
+            "server.open_files_limit",
+            max_open_files=open_files,
+            detail="each live call holds a connection: raise the hard limit (ulimit -Hn, LimitNOFILE=)",
+        )
     try:
         await stop.wait()
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -30,7 +31,7 @@ from sideband.session import (
     SessionConfigError,
     validate_accept_payload,
 )
-from sideband.settings import Settings
+from sideband.settings import Settings, SettingsError
 from sideband.stores import ClaimStore, MemoryStore
 from sideband.tickets import TicketError, TicketSigner
 from sideband.tools import own_cancellation
@@ -168,19 +169,33 @@ class Service:
         self._sideband_url = settings.sideband_url
         self._configs: dict[int, tuple[CallPlan, MachineConfig]] = {}
         self._proxy: str | None = None
+        self._tls: ssl.SSLContext | None = None
         self._control: CallControl | None = None
 
     # ----------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Open the shared HTTP client session."""
-        key = self.settings.openai_api_key
-        self._http = aiohttp.ClientSession(
+        """Open the shared HTTP client session.
+
+        Raises :class:`~sideband.settings.SettingsError` when the environment names a proxy for OpenAI
+        that is not an HTTP proxy (call control could not use it)."""
+        key, base = self.settings.openai_api_key, self.settings.openai_base_url
+        # One proxy (HTTPS_PROXY… and NO_PROXY, as for the sideband) for call control too: a host
+        # that reaches OpenAI only through a proxy must answer its calls, not only attach to them.
+        self._proxy = resolve_proxy(self._sideband_url)
+        # built here, off the answer path, and shared by every sideband
+        self._tls = self.app.tls_context() if self._sideband_url.startswith("wss://") else None
+        http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
         )
-        self._proxy = resolve_proxy(self._sideband_url)
-        self._control = CallControl(
-            self._http, self.settings.openai_base_url, key.get_secret_value() if key else ""
-        )
+        try:
+            self._control = CallControl(http, base, key.get_secret_value() if key else "", self._proxy)
+        except ValueError as exc:
+            await http.close()
+            raise SettingsError(
+                f"the proxy for {base} (from HTTPS_PROXY, WSS_PROXY or SOCKS_PROXY): {exc}; sideband "
+                "reaches OpenAI through HTTP proxies only"
+            ) from None
+        self._http = http
 
     def start_draining(self) -> None:
         """Refuse new calls from now on (webhooks and WebRTC get 503) and start the one drain window:
@@ -444,10 +459,10 @@ class Service:
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
         call_id, control = ctx.call_id, self.control
 
-        url, proxy, compression = self._sideband_url, self._proxy, settings.ws_compression
+        url, proxy, tls, compression = self._sideband_url, self._proxy, self._tls, settings.ws_compression
 
         async def connect() -> Any:
-            return await connect_sideband(url, call_id, key, compression=compression, proxy=proxy)
+            return await connect_sideband(url, call_id, key, compression=compression, proxy=proxy, tls=tls)
 
         async def verb(name: str, target: str | None) -> None:
             async def attempt(timeout: float) -> None:

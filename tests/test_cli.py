@@ -329,3 +329,38 @@ async def test_demo_runs_every_scenario() -> None:
     assert "lookup_order → ok" in text
     assert "transfer_call → ok" in text and "end_call → ok" in text
     assert "0 failed" in text
+
+
+async def test_serve_raises_its_open_files_limit(simulator: Simulator) -> None:
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip("the hard limit of open files is too low to lower the soft one under it")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sideband.cli",
+        "serve",
+        "examples.app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        cwd=ROOT,
+        env=serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="1"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),  # systemd's 1024, smaller
+    )
+    assert proc.stdout is not None
+    lines: list[dict[str, object]] = []
+    try:
+        started = await read_until(proc.stdout, "server.started", lines)
+        assert started["max_open_files"] == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        assert f"Max open files            {started['max_open_files']}" in limits
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 15)

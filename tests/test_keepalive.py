@@ -53,3 +53,54 @@ async def test_silent_peer_is_detected_and_the_call_reattaches() -> None:
         await server.close()
     assert pings_seen.is_set()
     assert len(attaches) == 2 and reason == "call_not_found"
+
+
+async def test_a_dead_peer_is_detected_while_the_write_buffer_is_full() -> None:
+    """The ping cannot even be written (websockets waits for the full buffer to drain): the next
+    interval must still count it as unanswered, not wait for the write forever."""
+    import socket
+
+    attaches: list[int] = []
+    done = asyncio.Event()
+
+    async def sideband(request: web.Request) -> web.StreamResponse:
+        attaches.append(1)
+        if len(attaches) > 1:
+            return web.json_response({"error": {"code": "call_id_not_found"}}, status=404)
+        ws = web.WebSocketResponse(autoping=False)
+        await ws.prepare(request)
+        assert request.transport is not None
+        sock = request.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        request.transport.pause_reading()  # a dead path: nothing is read, nothing answered
+        await done.wait()
+        request.transport.abort()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", sideband)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = str(server.make_url("/v1/realtime")).replace("http://", "ws://")
+
+        async def connect() -> Any:
+            ws = await connect_sideband(url, "rtc_test", "sk-test")
+            ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            return ws
+
+        # a session.update far larger than both socket buffers: the connection's writes pause
+        session = {"type": "realtime", "instructions": "x" * 2_000_000}
+        runtime = CallRuntime(
+            machine=CallMachine(MachineConfig(session=session)),
+            ctx=CallContext("rtc_test"),
+            tools=ToolRegistry(),
+            connect=connect,
+            reattach_attempts=1,
+            ping_interval=0.1,
+        )
+        reason = await asyncio.wait_for(runtime.run(), 10)
+    finally:
+        done.set()
+        await server.close()
+    assert len(attaches) == 2 and reason == "call_not_found"

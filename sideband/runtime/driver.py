@@ -590,18 +590,22 @@ class CallRuntime:
             if ws.transport is not None:
                 ws.transport.abort()
             return
-        self._spawn(self._ping(ws))
+        # Pending until the ping is written *and* answered: a ping stuck behind a full write buffer (the
+        # peer reads nothing) counts as unanswered at the next interval, as a lost pong does.
+        waiting = self._pong = asyncio.get_running_loop().create_future()
+        self._spawn(self._ping(ws, waiting))
+        self._arm_keepalive()
 
-    async def _ping(self, ws: PushConnection) -> None:
+    @staticmethod
+    async def _ping(ws: PushConnection, waiting: asyncio.Future[float]) -> None:
         try:
             pong = await ws.ping()
         except ConnectionClosed:
             return
         if isinstance(pong, asyncio.Future):
-            pong.add_done_callback(_retrieve)
-            self._pong = pong
-        if ws is self._ws:
-            self._arm_keepalive()
+            pong.add_done_callback(functools.partial(_answered, waiting))
+        elif not waiting.done():
+            waiting.set_result(0.0)
 
     def _on_timer(self, name: str) -> None:
         if name == _KEEPALIVE:
@@ -852,10 +856,12 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _retrieve(future: asyncio.Future[float]) -> None:
-    """Mark a pong waiter's exception as seen (it fails when the connection closes first)."""
-    if not future.cancelled():
-        future.exception()
+def _answered(waiting: asyncio.Future[float], pong: asyncio.Future[float]) -> None:
+    """A pong came (or the connection closed): the ping being waited for is over."""
+    if not pong.cancelled():
+        pong.exception()  # retrieved: a ping lost with its connection is no error to report
+    if not waiting.done():
+        waiting.set_result(0.0)
 
 
 _TYPE_FIRST = re.compile(rb'\{"type": ?"([^"\\]+)"')

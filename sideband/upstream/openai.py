@@ -8,6 +8,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ from urllib.parse import quote
 
 import aiohttp
 from websockets.exceptions import InvalidStatus
+from yarl import URL
 
 from sideband import jsonio
 from sideband.upstream._ws import PushConnection, open_socket, ws_url
@@ -64,13 +66,32 @@ class SidebandRefused(UpstreamError):
 
 
 class CallControl:
-    """accept / reject / refer / hangup, WebRTC call creation and client secrets."""
+    """accept / reject / refer / hangup, WebRTC call creation and client secrets.
 
-    def __init__(self, http: aiohttp.ClientSession, base_url: str, api_key: str) -> None:
+    ``proxy``: an HTTP(S) proxy URL for every request (credentials in it become ``Proxy-Authorization``),
+    the one the sideband WebSockets use; ``None`` for a direct connection.
+    """
+
+    def __init__(
+        self, http: aiohttp.ClientSession, base_url: str, api_key: str, proxy: str | None = None
+    ) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        self._via: dict[str, Any] = {}
+        if proxy is not None:
+            url = URL(proxy)
+            if url.scheme not in ("http", "https"):
+                raise ValueError(f"not an HTTP proxy: {url.with_user(None)}")
+            self._via["proxy"] = str(url.with_user(None))
+            if url.user is not None:
+                auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(url.user, url.password or "")}
+                if self._base.startswith("https://"):
+                    self._via["proxy_headers"] = auth  # on the CONNECT only, never inside the tunnel
+                else:  # a plain-HTTP request goes to the proxy itself, which reads it off the request
+                    self._headers.update(auth)
+                    self._json_headers.update(auth)
 
     async def _post(
         self, path: str, body: dict[str, Any] | None, timeout: float, call_id: str | None = None
@@ -82,6 +103,7 @@ class CallControl:
                 headers=self._headers if body is None else self._json_headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,
+                **self._via,
             ) as resp:
                 text = (await resp.read()).decode("utf-8", "replace")  # a proxy's error page may be binary
                 if resp.status in (404, 410) and call_id is not None:
@@ -130,6 +152,7 @@ class CallControl:
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,
+                **self._via,
             ) as resp:
                 text = (await resp.read()).decode("utf-8", "replace")
                 if resp.status != 201:
@@ -202,10 +225,12 @@ async def connect_sideband(
     compression: bool = False,
     open_timeout: float = 5.0,
     proxy: str | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> PushConnection:
     """Open the call-scoped WebSocket: Bearer key, no ``OpenAI-Beta`` header.
 
     ``proxy``: an explicit proxy URL (see :func:`~sideband.upstream._ws.resolve_proxy`), or ``None``.
+    ``tls``: the shared client TLS context for ``wss://`` (see :func:`~sideband.upstream._ws.client_tls`).
 
     Raises :class:`CallGone` on 404/410, :class:`SidebandRefused` on another refusal and
     :class:`UpstreamError` when the server cannot be reached.
@@ -218,6 +243,7 @@ async def connect_sideband(
             open_timeout=open_timeout,
             max_size=4 * 1024 * 1024,
             proxy=proxy,
+            tls=tls,
         )
     except InvalidStatus as exc:
         status = exc.response.status_code

@@ -7,6 +7,7 @@ never appears in a ``repr``, a log line or an exception message.
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -241,8 +242,10 @@ async def connect_engine(
     token: Token,
     *,
     open_timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
 ) -> PushConnection:
-    """Open ``{engine}/v1/realtime`` with ``Authorization: Bearer <token>``.
+    """Open ``{engine}/v1/realtime`` with ``Authorization: Bearer <token>`` (``tls``: the shared client
+    TLS context for ``wss://``).
 
     Raises :class:`EngineRefused` for a refused token (HTTP 401/403 at the handshake, or the TCP
     connection closing with no HTTP answer) and :class:`UpstreamError` when the engine cannot be reached.
@@ -255,6 +258,7 @@ async def connect_engine(
             open_timeout=open_timeout,
             max_size=16 * 1024 * 1024,
             proxy=resolve_proxy(engine_socket_url(engine_url)),
+            tls=tls,
         )
     except InvalidStatus as exc:
         status = exc.response.status_code

@@ -260,9 +260,9 @@ class EngineSession:
 
     async def _connect(self, token: Token) -> PushConnection:
         try:
-            ws = await connect_engine(
-                self.settings.vowel_engine_url or "", token, open_timeout=self.open_timeout
-            )
+            url = self.settings.vowel_engine_url or ""
+            tls = self.app.tls_context() if url.startswith("https://") else None
+            ws = await connect_engine(url, token, open_timeout=self.open_timeout, tls=tls)
         except EngineRefused as exc:
             self._log.warning("vowel.token_rejected", status=exc.status)
             raise

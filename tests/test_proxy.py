@@ -1,0 +1,146 @@
+"""A host that reaches OpenAI only through an HTTP proxy: call control and the sideband both go through it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from urllib.parse import urlsplit
+
+import pytest
+
+from sideband import Sideband
+from sideband.settings import SettingsError
+from sideband.testing import Script, Simulator, caller_hangs_up, run_app, wait_for_greeting
+
+
+class ForwardProxy:
+    """A minimal HTTP forward proxy: ``CONNECT`` tunnels and absolute-form requests, both piped through
+    as bytes once the first request is read. Records each connection's first request line and its
+    ``Proxy-Authorization``."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str | None]] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            request_line, *header_lines = head.split("\r\n")
+            method, target, version = request_line.split(" ")
+            headers = dict(line.split(": ", 1) for line in header_lines if line)
+            auth = next((v for k, v in headers.items() if k.lower() == "proxy-authorization"), None)
+            self.seen.append((method, target, auth))
+            if method == "CONNECT":
+                host, port = target.rsplit(":", 1)
+                up_reader, up_writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                url = urlsplit(target)
+                assert url.hostname is not None and url.port is not None
+                up_reader, up_writer = await asyncio.open_connection(url.hostname, url.port)
+                path = url.path + (f"?{url.query}" if url.query else "")
+                kept = [line for line in header_lines if line and not line.lower().startswith("proxy-")]
+                head_lines = [f"{method} {path} {version}", *kept, "", ""]
+                up_writer.write("\r\n".join(head_lines).encode("latin-1"))
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            writer.close()
+            return
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        sink.close()
+
+
+async def test_call_control_and_the_sideband_go_through_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = ForwardProxy()
+    await proxy.start()
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "WS_PROXY", "ws_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://svc:s3cret@127.0.0.1:{proxy.port}")
+    expected_auth = "Basic " + base64.b64encode(b"svc:s3cret").decode()
+    try:
+        async with Simulator() as sim, run_app(Sideband(), sim) as harness:
+            call = sim.create_call(Script([wait_for_greeting("Hello"), caller_hangs_up()]))
+            result = await harness.sender.deliver(sim.incoming_event(call))
+            assert result.status == 200
+            await call.wait_done(timeout=10)
+    finally:
+        await proxy.close()
+    host = f"127.0.0.1:{urlsplit(sim.base_url).port}"
+    accept = f"http://{host}/v1/realtime/calls/{call.call_id}/accept"
+    assert ("POST", accept, expected_auth) in proxy.seen  # call control, credentials as a header
+    assert ("CONNECT", host, expected_auth) in proxy.seen  # the sideband, tunnelled
+    assert call.sideband_connects == 1
+
+
+async def test_a_proxy_call_control_cannot_use_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "WS_PROXY", "ws_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SOCKS_PROXY", "socks5h://user:pw@127.0.0.1:1080")
+    async with Simulator() as sim:
+        with pytest.raises(SettingsError) as info:
+            async with run_app(Sideband(), sim):
+                pass
+    message = str(info.value)
+    assert "not an HTTP proxy: socks5h://127.0.0.1:1080" in message
+    assert "pw" not in message
+
+
+async def test_proxy_credentials_go_on_the_connect_only_for_an_https_base() -> None:
+    from typing import Any
+
+    from sideband.upstream.openai import CallControl
+
+    sent: list[dict[str, Any]] = []
+
+    class Response:
+        status = 200
+
+        async def read(self) -> bytes:
+            return b"{}"
+
+    class Session:
+        def post(self, url: str, **kwargs: Any) -> Any:
+            sent.append({"url": url, **kwargs})
+            response = Response()
+
+            class Context:
+                async def __aenter__(self) -> Response:
+                    return response
+
+                async def __aexit__(self, *exc: object) -> None:
+                    return None
+
+            return Context()
+
+    control = CallControl(Session(), "https://api.openai.com/v1", "sk-test", "http://u:p@proxy.internal:3128")  # type: ignore[arg-type]
+    await control.accept("rtc_1", {"type": "realtime"})
+    await control.hangup("rtc_1")
+    for request in sent:
+        assert request["proxy"] == "http://proxy.internal:3128"
+        assert request["proxy_headers"] == {
+            "Proxy-Authorization": "Basic " + base64.b64encode(b"u:p").decode()
+        }
+        assert "Proxy-Authorization" not in request["headers"]  # never inside the tunnel, to OpenAI
