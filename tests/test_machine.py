@@ -761,11 +761,28 @@ def test_code_session_updates_survive_a_reattach() -> None:
     m.start()
     m.update_session({"instructions": "The caller is Alice, a VIP."})
     m.update_session({"audio": {"output": {"speed": 1.1}}})
+    m.update_session({"audio": {"output": {"voice": "cedar"}, "input": {"noise_reduction": None}}})
+    m.update_session({"tools": [{"type": "function", "name": "a"}]})
+    m.update_session({"tools": [], "instructions": "The caller is Alice."})
     again = sends(m.reattached())
-    assert [e["type"] for e in again] == ["session.update"] * 3
-    assert again[0]["session"] == m.config.session  # the base config, then code's updates in order
-    assert again[1]["session"] == {"instructions": "The caller is Alice, a VIP.", "type": "realtime"}
-    assert again[2]["session"] == {"audio": {"output": {"speed": 1.1}}, "type": "realtime"}
+    assert [e["type"] for e in again] == ["session.update"] * 2
+    assert again[0]["session"] == m.config.session  # the base config, then what code changed, merged
+    assert again[1]["session"] == {
+        "type": "realtime",
+        "instructions": "The caller is Alice.",
+        "audio": {"output": {"speed": 1.1, "voice": "cedar"}, "input": {"noise_reduction": None}},
+        "tools": [],
+    }
+    assert sends(m.reattached())[1] == again[1]  # every later re-attach: the same single update
+
+
+def test_a_call_updating_its_session_every_turn_replays_one_update() -> None:
+    m = machine()
+    m.start()
+    for turn in range(500):
+        m.update_session({"instructions": f"turn {turn}"})
+    again = sends(m.reattached())
+    assert [e["session"].get("instructions") for e in again[1:]] == ["turn 499"]
 
 
 def test_a_refusal_that_names_no_event_is_taken_for_our_unanswered_create() -> None:

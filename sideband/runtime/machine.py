@@ -225,7 +225,7 @@ class CallMachine:
         "_session_ready",
         "_started",
         "_unacked",
-        "_updates",
+        "_updated",
         "_want_response",
         "_without_tools",
         "caps",
@@ -258,7 +258,8 @@ class CallMachine:
         self._greeted = False
         self._live = False  # our session.update went out (vowel: was confirmed); code may send now
         self._held: tuple[Action, ...] = ()  # sends asked for by code before that
-        self._updates: tuple[Send, ...] = ()  # code's session.updates, replayed after a re-attach
+        # code's session.updates merged into one (later values win), replayed after a re-attach
+        self._updated: dict[str, Any] | None = None
         self._orphans: tuple[str, ...] = ()  # calls announced on a lost socket, their response unfinished
         # call_id → our function_call_output the server has not acknowledged yet (None when empty)
         self._unacked: dict[str, dict[str, Any]] | None = None
@@ -378,8 +379,10 @@ class CallMachine:
 
     def _configure(self) -> list[Action]:
         actions: list[Action] = [Send({"type": "session.update", "session": self.config.session})]
-        if self._live:  # a re-attach: code's later updates stand, so they follow the base config again
-            actions += self._updates
+        if self._live and self._updated is not None:
+            # a re-attach: what code changed since stands, so it follows the base config again (merged
+            # into one update: a call that updated its session every turn must not replay them all)
+            actions.append(Send({"type": "session.update", "session": self._updated}))
         if self.config.greeting and not self._greeted:
             self._greeted = True
             actions.append(self._create({"instructions": self.config.greeting}, _GREETING))
@@ -552,7 +555,7 @@ class CallMachine:
             return []
         session = session_update(fields) if self.caps.nested_audio else {**fields, "type": "realtime"}
         send = Send({"type": "session.update", "session": session})
-        self._updates = (*self._updates, send)
+        self._updated = _merged(self._updated or {}, session)
         if not self._live:
             self._held = (*self._held, send)
             return []
@@ -993,3 +996,13 @@ ACK_TYPES = frozenset({"conversation.item.added", "conversation.item.done", "con
 """Events that acknowledge our tool outputs: worth decoding only while :attr:`CallMachine.awaiting_acks`."""
 HANDLED_TYPES = frozenset(_HANDLERS) - ACK_TYPES
 """Server event types a :class:`CallMachine` acts on; drivers may skip decoding any other."""
+
+
+def _merged(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``update`` laid over ``base``, objects merged key by key (later values win; lists are replaced
+    whole, as the server takes them), without changing either."""
+    merged = dict(base)
+    for key, value in update.items():
+        below = merged.get(key)
+        merged[key] = _merged(below, value) if isinstance(value, dict) and isinstance(below, dict) else value
+    return merged
