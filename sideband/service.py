@@ -138,7 +138,7 @@ class Service:
     ) -> None:
         self.settings = settings
         self.app = app
-        self.store: ClaimStore = store or MemoryStore()
+        self.store: ClaimStore = store if store is not None else MemoryStore()
         self.registry = CallRegistry()
         self.draining = False
         self._drain_deadline: float | None = None

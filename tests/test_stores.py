@@ -173,3 +173,13 @@ async def test_settled_of_a_free_or_released_key_is_false() -> None:
     await store.release("k")
     assert await store.settled("k") is False
     assert await store.claim("k", 30) is True
+
+
+def test_a_service_keeps_the_store_it_is_given_even_while_it_is_empty() -> None:
+    from sideband import Sideband
+    from sideband.service import Service
+    from sideband.settings import Settings
+
+    shared = MemoryStore()  # empty: len() == 0, which must not read as "no store"
+    settings = Settings(openai_api_key="sk-test", openai_webhook_secret="whsec_" + "A" * 32)
+    assert Service(settings, Sideband(), store=shared).store is shared
