@@ -1,7 +1,8 @@
 """Tools the voice model may call: registration, JSON schema, validation and execution.
 
 A tool is a plain function, sync or async. Its signature becomes the JSON schema the model sees (built with
-pydantic), its docstring the description (Google-style ``Args:`` entries describe the parameters). A parameter
+pydantic), its docstring the description (its parameter section, Google, NumPy or Sphinx style, describes the
+parameters). A parameter
 annotated :class:`~sideband.context.CallContext` is injected and never shown to the model.
 
 :meth:`ToolRegistry.execute` never raises for anything the model or the tool did wrong: bad arguments, an
@@ -44,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, TypeVar, overload
 
+import docstring_parser
 import pydantic
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
@@ -793,54 +795,22 @@ def _build_arguments_model(
 
 # -- docstrings -----------------------------------------------------------------------------------------
 
-_SECTION_RE: Final = re.compile(
-    r"^(Args|Arguments|Parameters|Params|Keyword Args|Keyword Arguments|Returns?|Yields?|Raises|Examples?"
-    r"|Notes?|Attributes|Warnings?|See Also|Todo|References):\s*$"
-)
-_ARGS_SECTIONS: Final = frozenset(
-    {"Args", "Arguments", "Parameters", "Params", "Keyword Args", "Keyword Arguments"}
-)
-_ARG_RE: Final = re.compile(r"^\*{0,2}([A-Za-z_]\w*)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
-
 
 def _parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
-    """Split a Google-style docstring into (description, {param: description})."""
+    """A docstring (Google, NumPy or reST/Sphinx style, detected) as (description, {param: description}):
+    the description is the text before its sections."""
     if not doc:
         return "", {}
-    lines = doc.splitlines()
-    description: list[str] = []
-    args: dict[str, str] = {}
-    i = 0
-    while i < len(lines) and not _SECTION_RE.match(lines[i].strip()):
-        description.append(lines[i])
-        i += 1
-    while i < len(lines):
-        header = _SECTION_RE.match(lines[i].strip())
-        base = len(lines[i]) - len(lines[i].lstrip())
-        i += 1
-        in_args = header is not None and header.group(1) in _ARGS_SECTIONS
-        entry_indent: int | None = None
-        current: str | None = None
-        while i < len(lines):
-            line = lines[i]
-            stripped = line.strip()
-            indent = len(line) - len(line.lstrip())
-            if stripped and indent <= base:
-                break  # next section (or trailing text) at the header's level
-            i += 1
-            if not in_args or not stripped:
-                continue
-            if entry_indent is None:
-                entry_indent = indent
-            m = _ARG_RE.match(stripped) if indent <= entry_indent else None
-            if m:
-                current = m.group(1)
-                args[current] = m.group(2).strip()
-            elif current is not None:
-                args[current] = f"{args[current]} {stripped}".strip()
-        if i < len(lines) and not _SECTION_RE.match(lines[i].strip()):
-            i += 1  # stray text after a section: skip it rather than loop forever
-    return "\n".join(description).strip(), {k: v for k, v in args.items() if v}
+    try:
+        parsed = docstring_parser.parse(doc)
+    except docstring_parser.ParseError:  # a malformed section: the text is still the best description
+        return doc.strip(), {}
+    args = {
+        param.arg_name.lstrip("*"): " ".join(param.description.split())
+        for param in parsed.params
+        if param.description and param.description.strip()
+    }
+    return (parsed.description or "").strip(), args
 
 
 # -- JSON schema cleanup ----------------------------------------------------------------------------------

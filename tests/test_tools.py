@@ -254,6 +254,44 @@ def test_unresolvable_annotation_is_a_type_error() -> None:
         Tool.from_function(f)
 
 
+def numpy_style(query: str, limit: int = 5) -> str:
+    """Search the catalogue.
+
+    Parameters
+    ----------
+    query : str
+        What the caller asks for,
+        in their words.
+    limit : int, optional
+        How many items to read out.
+
+    Returns
+    -------
+    str
+    """
+    return query
+
+
+def sphinx_style(query: str, limit: int = 5) -> str:
+    """Search the catalogue.
+
+    :param query: What the caller asks for,
+        in their words.
+    :param int limit: How many items to read out.
+    :returns: the items
+    """
+    return query
+
+
+@pytest.mark.parametrize("fn", [numpy_style, sphinx_style])
+def test_numpy_and_sphinx_docstrings_describe_the_parameters(fn: Any) -> None:
+    tool = Tool.from_function(fn, name="search")
+    assert tool.description == "Search the catalogue."
+    props = tool.parameters["properties"]
+    assert props["query"]["description"] == "What the caller asks for, in their words."
+    assert props["limit"]["description"] == "How many items to read out."
+
+
 def test_description_override_and_missing_docstring() -> None:
     def f(x: int) -> None:
         pass
