@@ -2,8 +2,8 @@
 
 A tool is a plain function, sync or async. Its signature becomes the JSON schema the model sees (built with
 pydantic), its docstring the description (its parameter section, Google, NumPy or Sphinx style, describes the
-parameters). A parameter
-annotated :class:`~sideband.context.CallContext` is injected and never shown to the model.
+parameters). A parameter annotated :class:`~sideband.context.CallContext` is injected and never shown to the
+model.
 
 :meth:`ToolRegistry.execute` never raises for anything the model or the tool did wrong: bad arguments, an
 exception, a timeout or an unknown tool name all become a :class:`ToolResult` whose ``output`` tells the model
