@@ -74,21 +74,26 @@ def _reason(exc: OSError) -> str:
 
 def raise_open_files_limit() -> int | None:
     """Raise this process's soft limit of open files to its hard limit and return the soft limit now in
-    force (None where the platform has none). Each live call holds a WebSocket and each request a
-    connection; the usual default soft limit of 1,024 would refuse connections at a few hundred calls."""
+    force (None: no limit, or a platform without one). Each live call holds a WebSocket and each request
+    a connection; the usual default soft limit of 1,024 would refuse connections at a few hundred calls."""
     try:
         import resource
     except ImportError:  # pragma: no cover - Windows
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
     target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft == resource.RLIM_INFINITY or target <= soft:
-        return soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError):  # refused (a container's own cap): keep what we have
-        return soft
-    return target
+    # macOS refuses a soft limit over OPEN_MAX (10,240) even under an unlimited hard one: try that next
+    for limit in (target, min(target, 10240)):
+        if limit <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        except (ValueError, OSError):  # refused (a container's own cap…)
+            continue
+        return limit
+    return soft
 
 
 async def serve(settings: Settings, app: Sideband) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 import aiohttp
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from websockets.exceptions import InvalidProxy
+from websockets.proxy import Proxy, parse_proxy
 
 from sideband.app import CallPlan, IncomingCall, Sideband
 from sideband.context import CallContext, SipHeader
@@ -179,23 +181,31 @@ class Service:
         Raises :class:`~sideband.settings.SettingsError` when the environment names a proxy for OpenAI
         that is not an HTTP proxy (call control could not use it)."""
         key, base = self.settings.openai_api_key, self.settings.openai_base_url
-        # One proxy (HTTPS_PROXY… and NO_PROXY, as for the sideband) for call control too: a host
-        # that reaches OpenAI only through a proxy must answer its calls, not only attach to them.
+        # One proxy (the one websockets picks for the sideband URL) for call control too: a host that
+        # reaches OpenAI only through a proxy must answer its calls, not only attach to them.
         self._proxy = resolve_proxy(self._sideband_url)
+        proxy: Proxy | None = None
+        if self._proxy is not None:
+            names = (
+                "WSS_PROXY, SOCKS_PROXY or HTTPS_PROXY"
+                if self._sideband_url.startswith("wss://")
+                else "WS_PROXY, SOCKS_PROXY, HTTPS_PROXY or HTTP_PROXY"
+            )
+            try:
+                proxy = parse_proxy(self._proxy)
+            except InvalidProxy as exc:  # its text would quote the URL, credentials and all
+                raise SettingsError(f"the proxy for {base} (from {names}) is not valid: {exc.msg}") from None
+            if proxy.scheme not in ("http", "https"):
+                raise SettingsError(
+                    f"the proxy for {base} (from {names}) is a {proxy.scheme} proxy: sideband reaches "
+                    "OpenAI through HTTP proxies only"
+                )
         # built here, off the answer path, and shared by every sideband
         self._tls = self.app.tls_context() if self._sideband_url.startswith("wss://") else None
-        http = aiohttp.ClientSession(
+        self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
         )
-        try:
-            self._control = CallControl(http, base, key.get_secret_value() if key else "", self._proxy)
-        except ValueError as exc:
-            await http.close()
-            raise SettingsError(
-                f"the proxy for {base} (from HTTPS_PROXY, WSS_PROXY or SOCKS_PROXY): {exc}; sideband "
-                "reaches OpenAI through HTTP proxies only"
-            ) from None
-        self._http = http
+        self._control = CallControl(self._http, base, key.get_secret_value() if key else "", proxy)
 
     def start_draining(self) -> None:
         """Refuse new calls from now on (webhooks and WebRTC get 503) and start the one drain window:

@@ -441,7 +441,9 @@ class ToolRegistry:
             kwargs = tool.parse_arguments(arguments)
         except ValidationError as exc:
             return _invalid(call_id, tool, exc, start)
-        except Exception as exc:  # a validator of the app's raised something else (a KeyError…)
+        except BaseException as exc:  # a validator of the app's raised something else (KeyError, exit…)
+            if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc):
+                raise
             return _failed(call_id, name, exc, start)
         limit = self._default_timeout if tool.timeout is None else tool.timeout
         view: CallContext | None = None
@@ -556,6 +558,8 @@ def _encode(value: Any) -> str:
         return value
     if value is None:
         return _OK_OUTPUT
+    if isinstance(value, Iterator):  # map(...), a generator: the tool's own code runs (and may raise) here
+        value = list(value)
     try:
         return to_json(value, inf_nan_mode="null").decode()
     except Exception as exc:  # a type JSON has no form for, non-UTF-8 bytes, a cycle…
@@ -575,12 +579,14 @@ def _message(exc: BaseException) -> str | None:
     """The model-facing message of a :class:`ToolError` (or of a group made only of them), else None."""
     if isinstance(exc, BaseExceptionGroup):
         parts = [_message(e) for e in exc.exceptions]
-        return "; ".join(p for p in parts if p is not None) if all(p is not None for p in parts) else None
-    if not isinstance(exc, ToolError):
+        if not all(p is not None for p in parts):
+            return None
+        message = "; ".join(p for p in parts if p is not None)
+    elif isinstance(exc, ToolError):
+        said = getattr(exc, "message", None)  # a subclass may never have called ToolError.__init__
+        message = said if isinstance(said, str) else _safe_str(said if said is not None else exc)
+    else:
         return None
-    message = getattr(exc, "message", None)  # a subclass may never have called ToolError.__init__
-    if not isinstance(message, str):
-        message = _safe_str(message if message is not None else exc)
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -104,3 +105,56 @@ async def test_a_dead_peer_is_detected_while_the_write_buffer_is_full() -> None:
         done.set()
         await server.close()
     assert len(attaches) == 2 and reason == "call_not_found"
+
+
+async def test_a_slow_reattach_is_no_keepalive_timeout() -> None:
+    from .conftest import capture_logs
+
+    attaches: list[int] = []
+
+    async def sideband(request: web.Request) -> web.StreamResponse:
+        attaches.append(1)
+        ws = web.WebSocketResponse()  # answers pings
+        await ws.prepare(request)
+        if len(attaches) == 1:
+            assert request.transport is not None
+            request.transport.abort()  # an abnormal drop: the runtime re-attaches
+            return ws
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                async for _ in ws:
+                    pass
+        await ws.close()  # then a clean close ends the call
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", sideband)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    opened = 0
+    try:
+        url = str(server.make_url("/v1/realtime")).replace("http://", "ws://")
+
+        async def connect() -> Any:
+            nonlocal opened
+            opened += 1
+            if opened > 1:
+                await asyncio.sleep(0.35)  # several ping intervals while the lost socket is still ours
+            return await connect_sideband(url, "rtc_test", "sk-test")
+
+        with capture_logs() as logs:  # before the runtime binds its logger
+            runtime = CallRuntime(
+                machine=CallMachine(MachineConfig(session={"type": "realtime"})),
+                ctx=CallContext("rtc_test"),
+                tools=ToolRegistry(),
+                connect=connect,
+                reattach_attempts=2,
+                ping_interval=0.1,
+            )
+            reason = await asyncio.wait_for(runtime.run(), 10)
+    finally:
+        await server.close()
+    events = [e["event"] for e in logs if str(e["event"]).startswith("sideband.")]
+    assert len(attaches) == 2 and reason == "remote_closed"
+    assert "sideband.reattached" in events
+    assert "sideband.keepalive_timeout" not in events

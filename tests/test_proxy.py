@@ -95,17 +95,27 @@ async def test_call_control_and_the_sideband_go_through_the_proxy(monkeypatch: p
     assert call.sideband_connects == 1
 
 
-async def test_a_proxy_call_control_cannot_use_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "WS_PROXY", "ws_proxy"):
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("SOCKS_PROXY", "socks5h://user:s3cret@127.0.0.1:1080", "is a socks5h proxy"),
+        ("HTTP_PROXY", "http://user@127.0.0.1:3128", "is not valid: username provided without password"),
+        ("HTTP_PROXY", "http://user:s3cret@127.0.0.1:3128/path", "is not valid: path is meaningless"),
+    ],
+)
+async def test_a_proxy_call_control_or_the_sideband_cannot_use_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, says: str
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "WS_PROXY", "ws_proxy", "SOCKS_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SOCKS_PROXY", "socks5h://user:pw@127.0.0.1:1080")
+    monkeypatch.setenv(variable, value)
     async with Simulator() as sim:
         with pytest.raises(SettingsError) as info:
             async with run_app(Sideband(), sim):
                 pass
     message = str(info.value)
-    assert "not an HTTP proxy: socks5h://127.0.0.1:1080" in message
-    assert "pw" not in message
+    assert says in message and "(from WS_PROXY, SOCKS_PROXY, HTTPS_PROXY or HTTP_PROXY)" in message
+    assert "s3cret" not in message
 
 
 async def test_proxy_credentials_go_on_the_connect_only_for_an_https_base() -> None:
@@ -135,7 +145,10 @@ async def test_proxy_credentials_go_on_the_connect_only_for_an_https_base() -> N
 
             return Context()
 
-    control = CallControl(Session(), "https://api.openai.com/v1", "sk-test", "http://u:p@proxy.internal:3128")  # type: ignore[arg-type]
+    from websockets.proxy import parse_proxy
+
+    proxy = parse_proxy("http://u:p@proxy.internal:3128")
+    control = CallControl(Session(), "https://api.openai.com/v1", "sk-test", proxy)  # type: ignore[arg-type]
     await control.accept("rtc_1", {"type": "realtime"})
     await control.hangup("rtc_1")
     for request in sent:

@@ -61,3 +61,30 @@ async def test_every_sideband_of_a_server_uses_the_apps_one_context(monkeypatch:
     contexts = {id(t) for _, t in used}
     assert len(contexts) == 1 and used[0][1] is app.tls_context()
     assert isinstance(used[0][1], ssl.SSLContext)
+
+
+async def test_engine_sessions_share_the_apps_context_for_wss_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sideband.settings import load_settings
+    from sideband.upstream.vowel import EngineRefused, Token
+    from sideband.vowel.session import EngineSession
+
+    used: list[Any] = []
+
+    async def fake_connect_engine(url: str, token: Any, **kwargs: Any) -> Any:
+        used.append(kwargs.get("tls"))
+        raise EngineRefused("refused in this test")
+
+    monkeypatch.setattr("sideband.vowel.session.connect_engine", fake_connect_engine)
+    app = Sideband()
+    values = {
+        "vowel_core_url": "https://core.example.com",
+        "vowel_api_key": "vk-test",
+        "vowel_service_id": "svc",
+    }
+    token = Token(value="tok", session_id=None, expires_at=None)
+    for engine in ("https://engine.example.com", "wss://engine.example.com", "http://127.0.0.1:9"):
+        settings = load_settings({**values, "vowel_engine_url": engine}, environ={})
+        with pytest.raises(EngineRefused):
+            await EngineSession(settings, app)._connect(token)
+    assert used[0] is used[1] is app.tls_context()
+    assert used[2] is None  # a plain ws:// engine needs none (and builds none)

@@ -1129,3 +1129,50 @@ async def test_a_sync_tool_returning_a_lazy_iterator_is_consumed_in_its_thread_u
         return map(str, [1, 2])
 
     assert loads(await reg.execute("c", "quick", "{}", make_ctx())) == ["1", "2"]
+
+
+async def test_a_validator_raising_system_exit_is_the_tools_failure_not_the_servers() -> None:
+    from pydantic import AfterValidator
+
+    def leave(value: str) -> str:
+        raise SystemExit(2)
+
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def lookup(order_id: Annotated[str, AfterValidator(leave)]) -> str:
+        return order_id
+
+    res = await reg.execute("c", "lookup", '{"order_id": "1"}', make_ctx())
+    assert loads(res) == {"error": "tool_failed", "message": "SystemExit"}
+
+
+async def test_a_lazy_result_that_raises_is_the_tools_failure_with_its_message() -> None:
+    def boom(i: int) -> int:
+        raise ToolError(f"order {i} not found")
+
+    reg = ToolRegistry()
+
+    @reg.tool
+    def lookup() -> Any:
+        return map(boom, [7])
+
+    @reg.tool
+    async def divide() -> Any:
+        return (1 // n for n in [0])
+
+    res = await reg.execute("c", "lookup", "{}", make_ctx())
+    assert loads(res) == {"error": "tool_failed", "message": "order 7 not found"}
+    res = await reg.execute("c", "divide", "{}", make_ctx())
+    assert loads(res) == {"error": "tool_failed", "message": "ZeroDivisionError"}
+
+
+async def test_a_group_of_long_tool_errors_is_cut_as_a_whole() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def chatty() -> str:
+        raise ExceptionGroup("many", [ToolError("a" * 4000), ToolError("b" * 4000)])
+
+    message = loads(await reg.execute("c", "chatty", "{}", make_ctx()))["message"]
+    assert len(message) == 4096 and message.startswith("a") and message.endswith("…")

@@ -598,14 +598,16 @@ class CallRuntime:
 
     @staticmethod
     async def _ping(ws: PushConnection, waiting: asyncio.Future[float]) -> None:
+        pong: object = None
         try:
             pong = await ws.ping()
         except ConnectionClosed:
-            return
-        if isinstance(pong, asyncio.Future):
-            pong.add_done_callback(functools.partial(_answered, waiting))
-        elif not waiting.done():
-            waiting.set_result(0.0)
+            pass  # lost already: the read side handles it (no keepalive verdict on a closed socket)
+        finally:
+            if isinstance(pong, asyncio.Future):
+                pong.add_done_callback(functools.partial(_answered, waiting))
+            elif not waiting.done():  # closed, or ping() failed: nothing to wait for
+                waiting.set_result(0.0)
 
     def _on_timer(self, name: str) -> None:
         if name == _KEEPALIVE:

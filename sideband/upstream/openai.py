@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import aiohttp
 from websockets.exceptions import InvalidStatus
-from yarl import URL
+from websockets.proxy import Proxy
 
 from sideband import jsonio
 from sideband.upstream._ws import PushConnection, open_socket, ws_url
@@ -68,12 +68,13 @@ class SidebandRefused(UpstreamError):
 class CallControl:
     """accept / reject / refer / hangup, WebRTC call creation and client secrets.
 
-    ``proxy``: an HTTP(S) proxy URL for every request (credentials in it become ``Proxy-Authorization``),
-    the one the sideband WebSockets use; ``None`` for a direct connection.
+    ``proxy``: the HTTP(S) proxy for every request (parsed by :func:`websockets.proxy.parse_proxy`, as
+    for the sideband WebSockets; its credentials become ``Proxy-Authorization``); ``None`` for a direct
+    connection.
     """
 
     def __init__(
-        self, http: aiohttp.ClientSession, base_url: str, api_key: str, proxy: str | None = None
+        self, http: aiohttp.ClientSession, base_url: str, api_key: str, proxy: Proxy | None = None
     ) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
@@ -81,12 +82,12 @@ class CallControl:
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._via: dict[str, Any] = {}
         if proxy is not None:
-            url = URL(proxy)
-            if url.scheme not in ("http", "https"):
-                raise ValueError(f"not an HTTP proxy: {url.with_user(None)}")
-            self._via["proxy"] = str(url.with_user(None))
-            if url.user is not None:
-                auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(url.user, url.password or "")}
+            if proxy.scheme not in ("http", "https"):
+                raise ValueError(f"a {proxy.scheme} proxy cannot carry HTTP requests")
+            host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
+            self._via["proxy"] = f"{proxy.scheme}://{host}:{proxy.port}"
+            if proxy.user_info is not None:
+                auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(*proxy.user_info)}
                 if self._base.startswith("https://"):
                     self._via["proxy_headers"] = auth  # on the CONNECT only, never inside the tunnel
                 else:  # a plain-HTTP request goes to the proxy itself, which reads it off the request

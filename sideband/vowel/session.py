@@ -38,6 +38,7 @@ from sideband.upstream.vowel import (
     Token,
     VowelCore,
     connect_engine,
+    engine_socket_url,
     trusted_session_request,
 )
 
@@ -261,7 +262,8 @@ class EngineSession:
     async def _connect(self, token: Token) -> PushConnection:
         try:
             url = self.settings.vowel_engine_url or ""
-            tls = self.app.tls_context() if url.startswith("https://") else None
+            # the app's one client TLS context for wss://, not a new one per session
+            tls = self.app.tls_context() if engine_socket_url(url).startswith("wss://") else None
             ws = await connect_engine(url, token, open_timeout=self.open_timeout, tls=tls)
         except EngineRefused as exc:
             self._log.warning("vowel.token_rejected", status=exc.status)
