@@ -179,7 +179,7 @@ class Service:
         """Open the shared HTTP client session.
 
         Raises :class:`~sideband.settings.SettingsError` when the environment names a proxy for OpenAI
-        that is not an HTTP proxy (call control could not use it)."""
+        that is malformed or not an HTTP proxy (call control could not use it)."""
         key, base = self.settings.openai_api_key, self.settings.openai_base_url
         # One proxy (the one websockets picks for the sideband URL) for call control too: a host that
         # reaches OpenAI only through a proxy must answer its calls, not only attach to them.
