@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from sideband.runtime.machine import (
     DEFAULT_FILLER,
     Action,
@@ -1013,3 +1015,72 @@ def test_nothing_is_sent_again_once_the_end_verb_is_out() -> None:
     assert Verb("hangup", None) in late.request_end("hangup")
     back = late.reattached()
     assert types(back) == ["session.update"] and not any(isinstance(a, StartTimer) for a in back)
+
+
+# -- found by driving the machine with random server behaviour ------------------------------------------
+
+
+def test_a_cancelled_response_of_someone_else_does_not_forget_our_unanswered_create() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "end_call", "{}", resp="r1"))
+    assert RunTool("c1", "end_call", "{}") in m.receive(response_done("r1"))
+    m.receive({"type": "response.created", "response": {"id": "r2"}})  # the caller's turn (server VAD)
+    m.reattached()  # r2 runs on across the re-attach
+    m.receive({"type": "session.updated", "session": {}})
+    m.request_end("end_call_tool")
+    assert [e["type"] for e in sends(m.tool_done("c1", '{"ok":true}'))][-1] == "response.create"
+    # The caller cut r2 off; our create crossed its response.done: the model's reply is still to come.
+    out = m.receive({"type": "response.done", "response": {"id": "r2", "status": "cancelled", "output": []}})
+    assert not [a for a in out if isinstance(a, Verb)]
+    m.receive({"type": "response.created", "response": {"id": "r3"}})
+    assert Verb("hangup", None) in m.receive(response_done("r3"))  # after the reply
+
+
+def test_a_limits_goodbye_is_not_cut_by_a_failed_response_that_ran_across_a_reattach() -> None:
+    m = CallMachine(MachineConfig(session={"type": "realtime"}, max_idle_duration=30))
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.reattached()
+    m.receive({"type": "session.updated", "session": {}})
+    assert [e["type"] for e in sends(m.timer("idle"))] == ["response.create"]  # the goodbye
+    out = m.receive({"type": "response.done", "response": {"id": "r1", "status": "failed", "output": []}})
+    assert not [a for a in out if isinstance(a, Verb)]
+
+
+def test_a_refusal_arriving_after_the_blocking_response_ended_is_not_a_stall_after_a_reattach() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.reattached()
+    m.receive({"type": "session.updated", "session": {}})
+    first = sends(m.say("Mention the sale"))
+    assert [e["type"] for e in first] == ["response.create"]
+    m.receive(response_done("r1"))
+    again = sends(m.receive(refusal(first[0]["event_id"])))  # late: r1 had ended already
+    assert [e["type"] for e in again] == ["response.create"]
+    assert again[0]["response"] == first[0]["response"]
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "error", "error": "boom"},
+        {"type": "response.done", "response": "x"},
+        {"type": "response.done", "response": {"output": 1}},
+        {"type": "response.output_item.done", "item": "x"},
+        {"type": "response.output_item.added", "item": ["x"]},
+        {"type": "response.output_audio_transcript.done", "transcript": "hi", "item_id": {"a": 1}},
+        {"type": {"x": 1}},
+    ],
+)
+def test_fields_of_odd_shapes_are_ignored_not_raised(event: dict[str, Any]) -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive(event)
+    assert m.closed is None

@@ -204,6 +204,7 @@ class CallMachine:
         "_closed",
         "_create_sent",
         "_created_for",
+        "_done_since_create",
         "_end",
         "_filler_spoken",
         "_greeted",
@@ -245,6 +246,7 @@ class CallMachine:
         # the create the last response.created was taken to answer: it may have been the caller's turn
         # (server VAD), and a refusal that names no event then means that create
         self._created_for: str | None = None
+        self._done_since_create = False  # a response.done arrived since our last create went out
         # event_id → (body, tag), the last few; the tag says what a create was for: the greeting, a
         # filler ("filler:<call_id>"), or None for anything that stays owed until it is answered.
         self._recent_creates: dict[str, tuple[dict[str, Any], str | None]] = {}
@@ -400,7 +402,8 @@ class CallMachine:
         """A server event arrived. Unknown types are ignored."""
         if self._closed is not None:
             return []
-        handler = _HANDLERS.get(event.get("type", ""))
+        kind = event.get("type")
+        handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
             return []
         return handler(self, event)
@@ -586,14 +589,16 @@ class CallMachine:
 
     def _on_response_done(self, event: dict[str, Any]) -> list[Action]:
         self._response_active = False
+        self._done_since_create = True
         self._agent_lines.clear()
-        response = event.get("response") or {}
+        response = _obj(event.get("response"))
         response_id = response.get("id")
         status = response.get("status")
         if status == "completed":
             self._last_error = None  # the session got past it: not the cause of a later close
         actions: list[Action] = []
-        for item in response.get("output") or ():
+        output = response.get("output")
+        for item in output if isinstance(output, list) else ():
             if isinstance(item, dict) and item.get("type") == "function_call":
                 self._learn(item, response_id)
         for call in list(self._calls.values()):
@@ -621,8 +626,6 @@ class CallMachine:
                 )
             elif call.arguments is not None:
                 actions += self._run(call)
-        if self._create_sent is not None and status in ("cancelled", "failed"):
-            self._create_sent = None
         actions.append(
             Notice(
                 "response.done",
@@ -642,7 +645,7 @@ class CallMachine:
         return []
 
     def _on_output_item(self, event: dict[str, Any]) -> list[Action]:
-        item = event.get("item") or {}
+        item = _obj(event.get("item"))
         if item.get("type") != "function_call":
             return []
         # OpenAI announces calls in_progress with empty arguments; the vowel engine announces them
@@ -728,7 +731,7 @@ class CallMachine:
         if not isinstance(text, str) or not text.strip():
             return []
         # Some servers send both the audio transcript and the text of one content part: report it once.
-        key = (event.get("response_id"), event.get("item_id"), event.get("content_index"))
+        key = (str(event.get("response_id")), str(event.get("item_id")), str(event.get("content_index")))
         if key in self._agent_lines:
             return []
         self._agent_lines.add(key)
@@ -766,7 +769,7 @@ class CallMachine:
         return self._progress()
 
     def _on_error(self, event: dict[str, Any]) -> list[Action]:
-        error = event.get("error") or {}
+        error = _obj(event.get("error"))
         code = error.get("code")
         fields = {
             "code": code,
@@ -799,7 +802,7 @@ class CallMachine:
                 # Someone else's response runs; ours goes out again after its response.done. If no
                 # response.created came since ours was sent, that response is yet to be announced: wait
                 # for it. If it came and ended already (the error can arrive late), send again now.
-                if unanswered:
+                if unanswered and not self._done_since_create:
                     self._response_active = True
                 self._retry = refused
             actions += self._progress()
@@ -836,6 +839,7 @@ class CallMachine:
         self._seq += 1
         event_id = f"sb_create_{self._seq}"
         self._create_sent, self._created_for = event_id, None
+        self._done_since_create = False
         self._recent_creates[event_id] = (response or {}, tag)
         if len(self._recent_creates) > 8:
             del self._recent_creates[next(iter(self._recent_creates))]
@@ -1006,3 +1010,8 @@ def _merged(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any
         below = merged.get(key)
         merged[key] = _merged(below, value) if isinstance(value, dict) and isinstance(below, dict) else value
     return merged
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one: a field of an odd shape is as good as absent."""
+    return value if isinstance(value, dict) else {}
