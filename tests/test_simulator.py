@@ -1575,3 +1575,58 @@ async def test_close_cancels_tasks_and_closes_sockets(http: aiohttp.ClientSessio
     assert not leftover, leftover
     with pytest.raises(RuntimeError):
         await sender.deliver({"type": "x"})
+
+
+def test_the_sdp_answer_mirrors_the_offers_sections() -> None:
+    offer = "\r\n".join(
+        [
+            "v=0",
+            "o=- 1 2 IN IP4 127.0.0.1",
+            "s=-",
+            "t=0 0",
+            "m=video 9 UDP/TLS/RTP/SAVPF 96",
+            "a=mid:v",
+            "m=audio 9 UDP/TLS/RTP/SAVPF 109 0",
+            "a=mid:a",
+            "a=rtpmap:109 opus/48000/2",
+            "m=application 9 UDP/DTLS/SCTP webrtc-datachannel",
+            "a=mid:d",
+            "",
+        ]
+    )
+    answer = Simulator._sdp_answer(offer).split("\r\n")
+    media = [line for line in answer if line.startswith(("m=", "a=mid:"))]
+    assert media == [
+        "m=video 0 UDP/TLS/RTP/SAVPF 96",  # refused, in its place
+        "a=mid:v",
+        "m=audio 3478 UDP/TLS/RTP/SAVPF 109",  # the offer's opus payload type
+        "a=mid:a",
+        "m=application 3478 UDP/DTLS/SCTP webrtc-datachannel",
+        "a=mid:d",
+    ]
+    assert "a=group:BUNDLE a d" in answer and "a=rtpmap:109 opus/48000/2" in answer
+
+
+async def test_a_browser_page_of_another_origin_may_start_a_call_with_an_ephemeral_key(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    key = simulator.mint_ephemeral_key({"type": "realtime"}, 60)
+    origin = {"Origin": "https://shop.example.com"}
+    async with http.options(
+        f"{simulator.base_url}/realtime/calls",
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    ) as pre:
+        assert pre.status == 204
+        assert "authorization" in pre.headers["Access-Control-Allow-Headers"].lower()
+    async with http.post(
+        f"{simulator.base_url}/realtime/calls",
+        data=OFFER,
+        headers={**origin, "Authorization": f"Bearer {key}", "Content-Type": "application/sdp"},
+    ) as resp:
+        assert resp.status == 201
+        assert resp.headers["Access-Control-Allow-Origin"] == "*"
+        assert resp.headers["Access-Control-Expose-Headers"] == "Location"  # the page reads the call id

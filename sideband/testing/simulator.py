@@ -357,6 +357,15 @@ def _normalize_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "Location"}
+_CORS_PREFLIGHT = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Max-Age": "600",
+}
+
+
 def _default_session(session_id: str, *, model: str, sip: bool) -> dict[str, Any]:
     fmt: dict[str, Any] = {"type": "audio/pcmu"} if sip else {"type": "audio/pcm", "rate": 24000}
     return {
@@ -2204,6 +2213,11 @@ class Simulator:
         )
         self.requests.append(record)
         self._notify()
+        browser = request.path == "/v1/realtime/calls" and "Origin" in request.headers
+        if browser and request.method == "OPTIONS":  # a browser's preflight: no key needed for it
+            record.status = 204
+            self._notify()
+            return web.Response(status=204, headers=_CORS_PREFLIGHT)
         try:
             response = self._check_auth(request)
             if response is None:
@@ -2212,6 +2226,8 @@ class Simulator:
             response = _error_response(404, f"Invalid URL ({request.method} {request.path})")
         except web.HTTPMethodNotAllowed:
             response = _error_response(405, f"Method not allowed ({request.method} {request.path})")
+        if browser:  # a page of any origin may start a call with an ephemeral key and read its id
+            response.headers.update(_CORS)
         record.status = response.status
         self._notify()
         return response
@@ -2442,7 +2458,7 @@ class Simulator:
             call.ephemeral_key = used.value
         return web.Response(
             status=201,
-            body=self._sdp_answer().encode(),
+            body=self._sdp_answer(sdp).encode(),
             content_type="application/sdp",
             headers={"Location": f"/v1/realtime/calls/{call.call_id}"},
         )
@@ -2463,42 +2479,67 @@ class Simulator:
         return parts
 
     @staticmethod
-    def _sdp_answer() -> str:
+    def _sdp_answer(offer: str) -> str:
+        """An SDP answer a browser accepts for ``offer``: its media sections in its order and with its
+        ``mid``s, audio (opus) and the data channel accepted and bundled, anything else (video) refused
+        with port 0, as the real service answers. No media ever flows: the candidates lead nowhere."""
+        sections: list[tuple[str, str, str, str]] = []  # kind, mid, protocol, first payload type
+        opus = "111"
+        for line in offer.splitlines():
+            if line.startswith("m="):
+                fields = line[2:].split()  # kind, port, protocol, payload types…
+                kind = fields[0] if fields else ""
+                proto = fields[2] if len(fields) > 2 else ""
+                sections.append((kind, str(len(sections)), proto, fields[3] if len(fields) > 3 else "0"))
+            elif line.startswith("a=mid:") and sections:
+                kind, _mid, proto, first = sections[-1]
+                sections[-1] = (kind, line[6:].strip(), proto, first)
+            elif line.startswith("a=rtpmap:") and " opus/48000" in line:
+                opus = line[9:].split(" ", 1)[0]
+        if not sections:
+            sections = [("audio", "0", "UDP/TLS/RTP/SAVPF", opus)]
         session_id = secrets.randbelow(10**18)
         ufrag = secrets.token_hex(4)
         pwd = secrets.token_hex(12)
         fingerprint = ":".join(f"{b:02X}" for b in secrets.token_bytes(32))
-        lines = [
-            "v=0",
-            f"o=- {session_id} 2 IN IP4 127.0.0.1",
-            "s=-",
-            "t=0 0",
-            "a=group:BUNDLE 0 1",
-            "a=msid-semantic:WMS *",
-            "m=audio 3478 UDP/TLS/RTP/SAVPF 111 0 8",
-            "c=IN IP4 127.0.0.1",
-            "a=rtcp:3478 IN IP4 127.0.0.1",
-            f"a=ice-ufrag:{ufrag}",
-            f"a=ice-pwd:{pwd}",
-            f"a=fingerprint:sha-256 {fingerprint}",
-            "a=setup:active",
-            "a=mid:0",
-            "a=sendrecv",
-            "a=rtcp-mux",
-            "a=rtpmap:111 opus/48000/2",
-            "a=fmtp:111 minptime=10;useinbandfec=1",
-            "a=rtpmap:0 PCMU/8000",
-            "a=rtpmap:8 PCMA/8000",
-            "a=candidate:1 1 udp 2130706431 127.0.0.1 3478 typ host",
-            "m=application 3478 UDP/DTLS/SCTP webrtc-datachannel",
+        transport = [
             "c=IN IP4 127.0.0.1",
             f"a=ice-ufrag:{ufrag}",
             f"a=ice-pwd:{pwd}",
             f"a=fingerprint:sha-256 {fingerprint}",
             "a=setup:active",
-            "a=mid:1",
-            "a=sctp-port:5000",
         ]
+        accepted = [mid for kind, mid, _, _ in sections if kind in ("audio", "application")]
+        lines = ["v=0", f"o=- {session_id} 2 IN IP4 127.0.0.1", "s=-", "t=0 0"]
+        if accepted:
+            lines.append("a=group:BUNDLE " + " ".join(accepted))
+        lines.append("a=msid-semantic:WMS *")
+        for kind, mid, proto, first in sections:
+            if kind == "audio":
+                lines += [
+                    f"m=audio 3478 UDP/TLS/RTP/SAVPF {opus}",
+                    *transport,
+                    f"a=mid:{mid}",
+                    "a=sendrecv",
+                    "a=rtcp-mux",
+                    f"a=rtpmap:{opus} opus/48000/2",
+                    f"a=fmtp:{opus} minptime=10;useinbandfec=1",
+                    "a=candidate:1 1 udp 2130706431 127.0.0.1 3478 typ host",
+                ]
+            elif kind == "application":
+                lines += [
+                    "m=application 3478 UDP/DTLS/SCTP webrtc-datachannel",
+                    *transport,
+                    f"a=mid:{mid}",
+                    "a=sctp-port:5000",
+                ]
+            else:  # video and the like: refused
+                lines += [
+                    f"m={kind} 0 {proto or 'UDP/TLS/RTP/SAVPF'} {first}",
+                    "c=IN IP4 0.0.0.0",
+                    f"a=mid:{mid}",
+                    "a=inactive",
+                ]
         return "\r\n".join(lines) + "\r\n"
 
     # ------------------------------------------------------------------------------------ sideband
