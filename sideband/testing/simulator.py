@@ -2482,7 +2482,8 @@ class Simulator:
     def _sdp_answer(offer: str) -> str:
         """An SDP answer a browser accepts for ``offer``: its media sections in its order and with its
         ``mid``s, audio (opus) and the data channel accepted and bundled, anything else (video) refused
-        with port 0, as the real service answers. No media ever flows: the candidates lead nowhere."""
+        with port 0, the way an SDP answer declines a section. No media ever flows: the candidates lead
+        nowhere."""
         sections: list[tuple[str, str, str, str]] = []  # kind, mid, protocol, first payload type
         opus = "111"
         for line in offer.splitlines():
