@@ -912,6 +912,16 @@ async def tools_bench(cfg: Config) -> dict[str, Any]:
                 pairs.append((ratio, floor, sb))
             pairs.sort(key=lambda pair: pair[0])
             ratio, floor, sb = pairs[len(pairs) // 2]
+            if len(pairs) > 1:  # memory has its own noise (allocator arenas): its median over the pairs
+                floor, sb = dict(floor), dict(sb)
+                for side, chosen in ((1, floor), (2, sb)):
+                    values = sorted(
+                        p[side]["rss_kib_per_idle_call"]
+                        for p in pairs
+                        if p[side].get("rss_kib_per_idle_call") is not None
+                    )
+                    chosen["rss_kib_per_idle_call_runs"] = values
+                    chosen["rss_kib_per_idle_call"] = values[len(values) // 2] if values else None
             row = {
                 "compression": compression,
                 "live_calls": n,
@@ -1200,7 +1210,8 @@ def tools_markdown(tl: dict[str, Any], cfg: Config) -> list[str]:
         "traffic. The floor (`benchmarks/floor_tools.py`) is a bare `websockets` client holding the same N "
         "sidebands on the same simulator and answering each call at once. Rows with 100 calls or more run "
         f"{cfg.tool_pairs} floor-then-server pairs, each on fresh processes: the pair with the median p99 "
-        "ratio is shown (its figures throughout the row), with every pair's ratio beside it. On plain "
+        "ratio is shown (its figures throughout the row but RSS per idle call, the median over the pairs), "
+        "with every pair's ratio beside it. On plain "
         "sockets a second floor "
         "(`benchmarks/floor_tools_raw.py`) measures the harness itself: a client with no WebSocket library, "
         "cutting frames out of its read buffer in an `asyncio.Protocol` and decoding only the three events "
