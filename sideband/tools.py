@@ -802,21 +802,79 @@ def _build_arguments_model(
 # -- docstrings -----------------------------------------------------------------------------------------
 
 
+_NUMPY_SECTION_RE: Final = re.compile(r"^\s*-{3,}\s*$", re.MULTILINE)
+_SPHINX_FIELD_RE: Final = re.compile(r"^\s*:(param|parameter|arg|argument|key|keyword)\b", re.MULTILINE)
+
+
 def _parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
-    """A docstring (Google, NumPy or reST/Sphinx style, detected) as (description, {param: description}):
-    the description is the text before its sections."""
+    """A docstring as (description, {param: description}): NumPy (underlined sections) and Sphinx
+    (``:param x:`` fields) styles are read by docstring-parser, anything else as Google style (``Args:``),
+    whose own reader keeps only the text before the first section as the description and tolerates
+    free-form ``Raises:``, ``Note:`` or ``Keyword Args:`` sections."""
     if not doc:
         return "", {}
+    if not (_NUMPY_SECTION_RE.search(doc) or _SPHINX_FIELD_RE.search(doc)):
+        return _parse_google(doc)
     try:
         parsed = docstring_parser.parse(doc)
-    except docstring_parser.ParseError:  # a malformed section: the text is still the best description
-        return doc.strip(), {}
+    except docstring_parser.ParseError:  # a malformed section: the summary is still a description
+        return doc.strip().split("\n\n", 1)[0].strip(), {}
     args = {
         param.arg_name.lstrip("*"): " ".join(param.description.split())
         for param in parsed.params
         if param.description and param.description.strip()
     }
     return (parsed.description or "").strip(), args
+
+
+_SECTION_RE: Final = re.compile(
+    r"^(Args|Arguments|Parameters|Params|Keyword Args|Keyword Arguments|Returns?|Yields?|Raises|Examples?"
+    r"|Notes?|Attributes|Warnings?|See Also|Todo|References):\s*$"
+)
+_ARGS_SECTIONS: Final = frozenset(
+    {"Args", "Arguments", "Parameters", "Params", "Keyword Args", "Keyword Arguments"}
+)
+_ARG_RE: Final = re.compile(r"^\*{0,2}([A-Za-z_]\w*)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
+
+
+def _parse_google(doc: str | None) -> tuple[str, dict[str, str]]:
+    """Split a Google-style docstring into (description, {param: description})."""
+    if not doc:
+        return "", {}
+    lines = doc.splitlines()
+    description: list[str] = []
+    args: dict[str, str] = {}
+    i = 0
+    while i < len(lines) and not _SECTION_RE.match(lines[i].strip()):
+        description.append(lines[i])
+        i += 1
+    while i < len(lines):
+        header = _SECTION_RE.match(lines[i].strip())
+        base = len(lines[i]) - len(lines[i].lstrip())
+        i += 1
+        in_args = header is not None and header.group(1) in _ARGS_SECTIONS
+        entry_indent: int | None = None
+        current: str | None = None
+        while i < len(lines):
+            line = lines[i]
+            stripped = line.strip()
+            indent = len(line) - len(line.lstrip())
+            if stripped and indent <= base:
+                break  # next section (or trailing text) at the header's level
+            i += 1
+            if not in_args or not stripped:
+                continue
+            if entry_indent is None:
+                entry_indent = indent
+            m = _ARG_RE.match(stripped) if indent <= entry_indent else None
+            if m:
+                current = m.group(1)
+                args[current] = m.group(2).strip()
+            elif current is not None:
+                args[current] = f"{args[current]} {stripped}".strip()
+        if i < len(lines) and not _SECTION_RE.match(lines[i].strip()):
+            i += 1  # stray text after a section: skip it rather than loop forever
+    return "\n".join(description).strip(), {k: v for k, v in args.items() if v}
 
 
 # -- JSON schema cleanup ----------------------------------------------------------------------------------

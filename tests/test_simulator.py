@@ -1630,3 +1630,21 @@ async def test_a_browser_page_of_another_origin_may_start_a_call_with_an_ephemer
         assert resp.status == 201
         assert resp.headers["Access-Control-Allow-Origin"] == "*"
         assert resp.headers["Access-Control-Expose-Headers"] == "Location"  # the page reads the call id
+
+
+@pytest.mark.parametrize(
+    ("direction", "answered"),
+    [("sendrecv", "sendrecv"), ("recvonly", "sendonly"), ("sendonly", "recvonly"), ("inactive", "inactive")],
+)
+def test_the_sdp_answer_complements_the_offers_direction(direction: str, answered: str) -> None:
+    offer = f"v=0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na={direction}\r\n"
+    offer += "a=rtpmap:111 opus/48000/2\r\n"
+    assert f"a={answered}" in Simulator._sdp_answer(offer).split("\r\n")
+
+
+def test_the_sdp_answer_takes_a_codec_the_section_offers() -> None:
+    pcmu = "v=0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n"
+    answer = Simulator._sdp_answer(pcmu).split("\r\n")
+    assert "m=audio 3478 UDP/TLS/RTP/SAVPF 0" in answer and "a=rtpmap:0 PCMU/8000" in answer
+    g722 = "v=0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 9\r\na=mid:0\r\na=rtpmap:9 G722/8000\r\n"
+    assert "m=audio 0 UDP/TLS/RTP/SAVPF 9" in Simulator._sdp_answer(g722).split("\r\n")  # declined

@@ -1176,3 +1176,27 @@ async def test_a_group_of_long_tool_errors_is_cut_as_a_whole() -> None:
 
     message = loads(await reg.execute("c", "chatty", "{}", make_ctx()))["message"]
     assert len(message) == 4096 and message.startswith("a") and message.endswith("…")
+
+
+def test_free_form_google_sections_stay_out_of_the_description() -> None:
+    def lookup(order_id: str, region: str = "eu") -> str:
+        """Look up an order by its ID.
+
+        Note:
+            Staff only: see OPS-1234.
+
+        Args:
+            order_id: The order number.
+
+        Keyword Args:
+            region: Sales region.
+
+        Raises:
+            OrderDBError if the DB (db-prod-2) is unreachable.
+        """
+        return order_id
+
+    tool = Tool.from_function(lookup)
+    assert tool.description == "Look up an order by its ID."
+    assert tool.parameters["properties"]["order_id"]["description"] == "The order number."
+    assert tool.parameters["properties"]["region"]["description"] == "Sales region."

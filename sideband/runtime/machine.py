@@ -594,6 +594,7 @@ class CallMachine:
         response = _obj(event.get("response"))
         response_id = response.get("id")
         status = response.get("status")
+        status = status if isinstance(status, str) else None
         if status == "completed":
             self._last_error = None  # the session got past it: not the cause of a later close
         actions: list[Action] = []

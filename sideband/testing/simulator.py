@@ -2481,24 +2481,50 @@ class Simulator:
     @staticmethod
     def _sdp_answer(offer: str) -> str:
         """An SDP answer a browser accepts for ``offer``: its media sections in its order and with its
-        ``mid``s, audio (opus) and the data channel accepted and bundled, anything else (video) refused
-        with port 0, the way an SDP answer declines a section. No media ever flows: the candidates lead
-        nowhere."""
-        sections: list[tuple[str, str, str, str]] = []  # kind, mid, protocol, first payload type
-        opus = "111"
+        ``mid``s. Audio is answered with a codec the section offers (opus, else PCMU or PCMA) and the
+        direction that complements the offer's; the data channel is accepted; both are bundled. Anything
+        else (video, audio with none of those codecs) is declined with port 0. No media ever flows: the
+        candidates lead nowhere."""
+        sections: list[dict[str, Any]] = []
         for line in offer.splitlines():
             if line.startswith("m="):
                 fields = line[2:].split()  # kind, port, protocol, payload types…
-                kind = fields[0] if fields else ""
-                proto = fields[2] if len(fields) > 2 else ""
-                sections.append((kind, str(len(sections)), proto, fields[3] if len(fields) > 3 else "0"))
-            elif line.startswith("a=mid:") and sections:
-                kind, _mid, proto, first = sections[-1]
-                sections[-1] = (kind, line[6:].strip(), proto, first)
-            elif line.startswith("a=rtpmap:") and " opus/48000" in line:
-                opus = line[9:].split(" ", 1)[0]
+                sections.append(
+                    {
+                        "kind": fields[0] if fields else "",
+                        "proto": fields[2] if len(fields) > 2 else "UDP/TLS/RTP/SAVPF",
+                        "payloads": fields[3:],
+                        "mid": str(len(sections)),
+                        "direction": "sendrecv",
+                        "codecs": {},
+                    }
+                )
+            elif not sections:
+                continue  # session-level lines
+            elif line.startswith("a=mid:"):
+                sections[-1]["mid"] = line[6:].strip()
+            elif line[2:] in ("sendrecv", "sendonly", "recvonly", "inactive") and line.startswith("a="):
+                sections[-1]["direction"] = line[2:]
+            elif line.startswith("a=rtpmap:"):
+                payload, _, codec = line[9:].partition(" ")
+                sections[-1]["codecs"][codec.split("/", 1)[0].lower()] = payload
         if not sections:
-            sections = [("audio", "0", "UDP/TLS/RTP/SAVPF", opus)]
+            sections = [
+                {"kind": "audio", "proto": "UDP/TLS/RTP/SAVPF", "payloads": ["111"], "mid": "0",
+                 "direction": "sendrecv", "codecs": {"opus": "111"}}
+            ]  # fmt: skip
+        for section in sections:
+            if section["kind"] == "audio":
+                codecs, payloads = section["codecs"], section["payloads"]
+                static = {"0": "pcmu", "8": "pcma"}  # static payload types need no rtpmap
+                chosen = next(
+                    (codecs[c] for c in ("opus", "pcmu", "pcma") if codecs.get(c) in payloads), None
+                )
+                chosen = chosen or next((pt for pt in ("0", "8") if pt in payloads), None)
+                section["answer"] = chosen
+                section["codec"] = next(
+                    (c for c, pt in codecs.items() if pt == chosen), static.get(chosen or "")
+                )
         session_id = secrets.randbelow(10**18)
         ufrag = secrets.token_hex(4)
         pwd = secrets.token_hex(12)
@@ -2510,37 +2536,41 @@ class Simulator:
             f"a=fingerprint:sha-256 {fingerprint}",
             "a=setup:active",
         ]
-        accepted = [mid for kind, mid, _, _ in sections if kind in ("audio", "application")]
+        complement = {
+            "sendrecv": "sendrecv",
+            "sendonly": "recvonly",
+            "recvonly": "sendonly",
+            "inactive": "inactive",
+        }
+        rtpmaps = {"opus": "opus/48000/2", "pcmu": "PCMU/8000", "pcma": "PCMA/8000"}
+        accepted = [
+            x["mid"]
+            for x in sections
+            if x["kind"] == "application" or (x["kind"] == "audio" and x.get("answer"))
+        ]
         lines = ["v=0", f"o=- {session_id} 2 IN IP4 127.0.0.1", "s=-", "t=0 0"]
         if accepted:
             lines.append("a=group:BUNDLE " + " ".join(accepted))
         lines.append("a=msid-semantic:WMS *")
-        for kind, mid, proto, first in sections:
-            if kind == "audio":
+        for x in sections:
+            if x["kind"] == "audio" and x.get("answer"):
+                pt = x["answer"]
+                lines += [f"m=audio 3478 UDP/TLS/RTP/SAVPF {pt}", *transport, f"a=mid:{x['mid']}"]
                 lines += [
-                    f"m=audio 3478 UDP/TLS/RTP/SAVPF {opus}",
-                    *transport,
-                    f"a=mid:{mid}",
-                    "a=sendrecv",
+                    f"a={complement[x['direction']]}",
                     "a=rtcp-mux",
-                    f"a=rtpmap:{opus} opus/48000/2",
-                    f"a=fmtp:{opus} minptime=10;useinbandfec=1",
-                    "a=candidate:1 1 udp 2130706431 127.0.0.1 3478 typ host",
+                    f"a=rtpmap:{pt} {rtpmaps[x['codec']]}",
                 ]
-            elif kind == "application":
-                lines += [
-                    "m=application 3478 UDP/DTLS/SCTP webrtc-datachannel",
-                    *transport,
-                    f"a=mid:{mid}",
-                    "a=sctp-port:5000",
-                ]
-            else:  # video and the like: refused
-                lines += [
-                    f"m={kind} 0 {proto or 'UDP/TLS/RTP/SAVPF'} {first}",
-                    "c=IN IP4 0.0.0.0",
-                    f"a=mid:{mid}",
-                    "a=inactive",
-                ]
+                if x["codec"] == "opus":
+                    lines.append(f"a=fmtp:{pt} minptime=10;useinbandfec=1")
+                lines.append("a=candidate:1 1 udp 2130706431 127.0.0.1 3478 typ host")
+            elif x["kind"] == "application":
+                lines += ["m=application 3478 UDP/DTLS/SCTP webrtc-datachannel", *transport]
+                lines += [f"a=mid:{x['mid']}", "a=sctp-port:5000"]
+            else:  # declined
+                first = x["payloads"][0] if x["payloads"] else "0"
+                lines += [f"m={x['kind']} 0 {x['proto']} {first}", "c=IN IP4 0.0.0.0", f"a=mid:{x['mid']}"]
+                lines.append("a=inactive")
         return "\r\n".join(lines) + "\r\n"
 
     # ------------------------------------------------------------------------------------ sideband
