@@ -954,3 +954,45 @@ async def test_call_timers_fire_in_deadline_order_behind_one_loop_timer() -> Non
     assert [str(e.get("exception")) for e in errors] == ["a bug in one timer"]
     assert at["b"] - start < 0.4 and at["c"] - start >= 0.499  # on time, not batched with c
     assert rt._deadlines == {} and rt._alarm is None
+
+
+async def test_a_refused_session_change_does_not_sink_the_others_on_a_reattach(simulator: Simulator) -> None:
+    base = {"type": "realtime", "instructions": "base"}
+    call = simulator.create_call(Script([wait_for_greeting("Hello."), pause(30)]), accept_body=base)
+
+    async def connect() -> PushConnection:
+        return await connect_sideband(simulator.realtime_url, call.call_id, simulator.api_key)
+
+    runtime = CallRuntime(
+        machine=CallMachine(MachineConfig(session=base, greeting="Say hello.")),
+        ctx=CallContext(call.call_id),
+        tools=ToolRegistry(),
+        connect=connect,
+        reattach_attempts=3,
+        ping_interval=None,
+    )
+    task = asyncio.create_task(runtime.run())
+
+    def answered(c: Any, updates: int) -> bool:
+        sent = [e for e in c.received if e["type"] == "session.update"]
+        answers = [
+            e
+            for e in c.sent
+            if e["type"] == "session.updated"
+            or (e["type"] == "error" and e["error"].get("code") == "cannot_update_voice")
+        ]
+        return len(sent) == updates and len(answers) >= updates
+
+    try:
+        await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+        runtime.update_session(voice="cedar")  # refused: the model has spoken already
+        runtime.update_session(instructions="changed")
+        await call.wait_for(lambda c: answered(c, 3), timeout=5)
+        assert call.session["instructions"] == "changed"
+        await simulator.drop_sideband(call, "abnormal")
+        # re-attached: the base config, then the voice (refused again) and the instructions, apart
+        await call.wait_for(lambda c: c.sideband_connects >= 2 and answered(c, 6), timeout=5)
+        assert call.session["instructions"] == "changed"
+    finally:
+        runtime.abandon("test")
+        await asyncio.wait_for(task, 5)

@@ -260,8 +260,9 @@ class CallMachine:
         self._greeted = False
         self._live = False  # our session.update went out (vowel: was confirmed); code may send now
         self._held: tuple[Action, ...] = ()  # sends asked for by code before that
-        # code's session.updates merged into one (later values win), replayed after a re-attach
-        self._updated: dict[str, Any] | None = None
+        # what code's session.updates set, field by field (the last value of each), replayed after a
+        # re-attach: ("instructions",) → "…", ("audio", "output", "voice") → "cedar"…
+        self._updated: dict[tuple[str, ...], Any] | None = None
         self._orphans: tuple[str, ...] = ()  # calls announced on a lost socket, their response unfinished
         # call_id → our function_call_output the server has not acknowledged yet (None when empty)
         self._unacked: dict[str, dict[str, Any]] | None = None
@@ -384,7 +385,8 @@ class CallMachine:
         if self._live and self._updated is not None:
             # a re-attach: what code changed since stands, so it follows the base config again (merged
             # into one update: a call that updated its session every turn must not replay them all)
-            actions.append(Send({"type": "session.update", "session": self._updated}))
+            for path, value in self._updated.items():
+                actions.append(Send({"type": "session.update", "session": _nested(path, value)}))
         if self.config.greeting and not self._greeted:
             self._greeted = True
             actions.append(self._create({"instructions": self.config.greeting}, _GREETING))
@@ -558,7 +560,11 @@ class CallMachine:
             return []
         session = session_update(fields) if self.caps.nested_audio else {**fields, "type": "realtime"}
         send = Send({"type": "session.update", "session": session})
-        self._updated = _merged(self._updated or {}, session)
+        updated = self._updated if self._updated is not None else {}
+        for path, value in _fields(session):
+            updated.pop(path, None)  # re-inserted last: replayed in the order code last set them
+            updated[path] = value
+        self._updated = updated
         if not self._live:
             self._held = (*self._held, send)
             return []
@@ -1003,14 +1009,30 @@ HANDLED_TYPES = frozenset(_HANDLERS) - ACK_TYPES
 """Server event types a :class:`CallMachine` acts on; drivers may skip decoding any other."""
 
 
-def _merged(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """``update`` laid over ``base``, objects merged key by key (later values win; lists are replaced
-    whole, as the server takes them), without changing either."""
-    merged = dict(base)
-    for key, value in update.items():
-        below = merged.get(key)
-        merged[key] = _merged(below, value) if isinstance(value, dict) and isinstance(below, dict) else value
-    return merged
+def _fields(session: Mapping[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
+    """The fields a partial session sets, each with its path: ``audio`` down to a side's key
+    (``("audio", "output", "voice")``), anything else at the top (a ``turn_detection``, ``tools`` or
+    ``instructions`` value is replaced whole, as the server takes it). ``type`` is left out."""
+    out: list[tuple[tuple[str, ...], Any]] = []
+    for key, value in session.items():
+        if key == "type":
+            continue
+        if key == "audio" and isinstance(value, Mapping):
+            for side, part in value.items():
+                if isinstance(part, Mapping):
+                    out += [(("audio", side, name), inner) for name, inner in part.items()]
+                else:
+                    out.append((("audio", side), part))
+        else:
+            out.append(((key,), value))
+    return out
+
+
+def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """A partial session setting one field: ``{"type": "realtime", "audio": {"output": {"voice": …}}}``."""
+    for key in reversed(path):
+        value = {key: value}
+    return {"type": "realtime", **value}
 
 
 def _obj(value: Any) -> dict[str, Any]:
