@@ -470,13 +470,13 @@ class ToolRegistry:
                 return _timed_out(call_id, name, limit, start, view)
             output = value.text if isinstance(value, _Encoded) else _encode(value)
             if len(output) > MAX_OUTPUT:
-                return ToolResult(
+                return _error(
                     call_id,
                     name,
-                    _dumps({"error": "output_too_large", "message": _TOO_LARGE.format(len(output))}),
-                    "error",
-                    time.monotonic() - start,
-                    f"output of {len(output)} characters, over {MAX_OUTPUT}",
+                    start,
+                    "output_too_large",
+                    _TOO_LARGE.format(len(output)),
+                    detail=f"output of {len(output)} characters, over {MAX_OUTPUT}",
                 )
         except _Unencodable as exc:
             return _unencodable(call_id, name, exc.__cause__ or exc, start)
@@ -496,14 +496,9 @@ class ToolRegistry:
     def _unknown(self, call_id: str, name: str, start: float) -> ToolResult:
         shown = name if len(name) <= 80 else name[:80] + "…"
         available = ", ".join(self._tools) or "(none)"
-        return ToolResult(
-            call_id,
-            name,
-            _dumps({"error": "unknown_tool", "message": f"No tool named {shown}. Available: {available}"}),
-            "unknown_tool",
-            time.monotonic() - start,
-            f"unknown tool {shown!r}",
-        )
+        message = f"No tool named {shown}. Available: {available}"
+        detail = f"unknown tool {shown!r}"
+        return _error(call_id, name, start, "unknown_tool", message, outcome="unknown_tool", detail=detail)
 
 
 # -- execution helpers ----------------------------------------------------------------------------------
@@ -515,17 +510,30 @@ of the item could outgrow the sideband's frames)."""
 _TOO_LARGE = "The tool returned {} characters, more than the model can take in; ask for less."
 
 
+def _error(
+    call_id: str,
+    name: str,
+    start: float,
+    code: str,
+    message: str,
+    *,
+    outcome: Outcome = "error",
+    detail: str | None = None,
+    exc: BaseException | None = None,
+    **extra: Any,
+) -> ToolResult:
+    """The result of a call that went wrong: the model reads ``{"error": code, "message": …}`` (and
+    ``extra``), the logs ``detail``."""
+    output = _dumps({"error": code, "message": message, **extra})
+    return ToolResult(call_id, name, output, outcome, time.monotonic() - start, detail, exc)
+
+
 def _timed_out(call_id: str, name: str, limit: float, start: float, view: CallContext | None) -> ToolResult:
     if view is not None:
         view._overrun(f"{name} timed out after {limit:g} s: its call actions no longer apply")
-    return ToolResult(
-        call_id,
-        name,
-        _dumps({"error": "timeout", "message": f"The tool took longer than {limit:g} s"}),
-        "timeout",
-        time.monotonic() - start,
-        f"timed out after {limit:g} s",
-    )
+    message = f"The tool took longer than {limit:g} s"
+    detail = f"timed out after {limit:g} s"
+    return _error(call_id, name, start, "timeout", message, outcome="timeout", detail=detail)
 
 
 def own_cancellation(exc: BaseException, baseline: int = 0) -> bool:
@@ -606,32 +614,13 @@ def _failed(call_id: str, name: str, exc: BaseException, start: float) -> ToolRe
     error = type(exc).__name__ + ("" if said is None else f": {said}")
     if len(error) > 300:
         error = error[:300] + "…"
-    return ToolResult(
-        call_id,
-        name,
-        _dumps({"error": "tool_failed", "message": message}),
-        "error",
-        time.monotonic() - start,
-        error,
-        exc,
-    )
+    return _error(call_id, name, start, "tool_failed", message, detail=error, exc=exc)
 
 
 def _unencodable(call_id: str, name: str, exc: BaseException, start: float) -> ToolResult:
-    return ToolResult(
-        call_id,
-        name,
-        _dumps(
-            {
-                "error": "output_unencodable",
-                "message": "The tool ran, but what it returned could not be turned into text.",
-            }
-        ),
-        "error",
-        time.monotonic() - start,
-        f"output not encodable: {type(exc).__name__}",
-        exc,
-    )
+    message = "The tool ran, but what it returned could not be turned into text."
+    detail = f"output not encodable: {type(exc).__name__}"
+    return _error(call_id, name, start, "output_unencodable", message, detail=detail, exc=exc)
 
 
 def failed_result(call_id: str, name: str, exc: BaseException, start: float) -> ToolResult:
@@ -656,13 +645,10 @@ def _invalid(call_id: str, tool: Tool, exc: ValidationError, start: float) -> To
     summary = "; ".join(f"{d['loc']}: {d['msg']}" if "loc" in d else d["msg"] for d in details[:3])
     if len(errors) > 3:
         summary += f"; and {len(errors) - 3} more"
-    return ToolResult(
-        call_id,
-        tool.name,
-        _dumps({"error": "invalid_arguments", "message": message, "details": details}),
-        "invalid_arguments",
-        time.monotonic() - start,
-        f"invalid arguments: {summary}",
+    detail = f"invalid arguments: {summary}"
+    outcome: Outcome = "invalid_arguments"
+    return _error(
+        call_id, tool.name, start, outcome, message, outcome=outcome, detail=detail, details=details
     )
 
 
