@@ -1097,3 +1097,16 @@ def test_fields_of_odd_shapes_are_ignored_not_raised(event: dict[str, Any]) -> N
     m.receive({"type": "session.updated", "session": {}})
     m.receive(event)
     assert m.closed is None
+
+
+def test_playback_heard_before_a_reattach_does_not_hold_the_end_past_the_grace() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive({"type": "response.created", "response": {"id": "r1"}})  # the model's goodbye
+    assert not [a for a in m.request_end("hangup") if isinstance(a, Verb)]  # it is still talking
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r1"})  # heard on the old socket
+    assert not [a for a in m.receive(response_done("r1")) if isinstance(a, Verb)]  # still playing
+    m.reattached()  # the stop went out while no socket was attached
+    m.receive({"type": "session.updated", "session": {}})
+    assert Verb("hangup", None) in m.timer("orphans")  # at the grace, not at the end cap

@@ -369,6 +369,7 @@ class CallMachine:
             # on the server: its events show it within the grace; only then may the verb go (the end cap
             # still holds). Playback that had started is still playing until its stop arrives.
             end.held = True
+            end.heard = False  # heard on the new socket: a stop sent while none was attached is lost
         if self._orphans or self._resend or ending:
             actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
         actions += self._progress()
