@@ -367,9 +367,11 @@ class CallMachine:
         if end is not None and ending:
             # Our goodbye (or the model's last words) may be queued for the new socket or still running
             # on the server: its events show it within the grace; only then may the verb go (the end cap
-            # still holds). Playback that had started is still playing until its stop arrives.
+            # still holds). Playback that had started counts as playing until its stop arrives or the
+            # grace ends: the stop may have gone out while no socket was attached, and only playback heard
+            # on the new socket holds the verb longer.
             end.held = True
-            end.heard = False  # heard on the new socket: a stop sent while none was attached is lost
+            end.heard = False
         if self._orphans or self._resend or ending:
             actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
         actions += self._progress()
