@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -14,6 +15,38 @@ from sideband.runtime.driver import CallRuntime
 from sideband.runtime.machine import CallMachine, MachineConfig
 from sideband.tools import ToolRegistry
 from sideband.upstream.openai import connect_sideband
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@contextlib.asynccontextmanager
+async def sideband_server(handler: Handler) -> AsyncIterator[str]:
+    """A stand-in sideband endpoint on a loopback port; yields its ``ws://`` URL."""
+    app = web.Application()
+    app.router.add_get("/v1/realtime", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("/v1/realtime")).replace("http://", "ws://")
+    finally:
+        await server.close()
+
+
+def runtime_for(
+    connect: Callable[[], Awaitable[Any]],
+    *,
+    attempts: int,
+    ping_interval: float,
+    session: dict[str, Any] | None = None,
+) -> CallRuntime:
+    return CallRuntime(
+        machine=CallMachine(MachineConfig(session=session or {"type": "realtime"})),
+        ctx=CallContext("rtc_test"),
+        tools=ToolRegistry(),
+        connect=connect,
+        reattach_attempts=attempts,
+        ping_interval=ping_interval,
+    )
 
 
 async def test_silent_peer_is_detected_and_the_call_reattaches() -> None:
@@ -31,27 +64,12 @@ async def test_silent_peer_is_detected_and_the_call_reattaches() -> None:
                 pings_seen.set()
         return ws
 
-    app = web.Application()
-    app.router.add_get("/v1/realtime", sideband)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        url = str(server.make_url("/v1/realtime")).replace("http://", "ws://")
+    async with sideband_server(sideband) as url:
 
         async def connect() -> Any:
             return await connect_sideband(url, "rtc_test", "sk-test")
 
-        runtime = CallRuntime(
-            machine=CallMachine(MachineConfig(session={"type": "realtime"})),
-            ctx=CallContext("rtc_test"),
-            tools=ToolRegistry(),
-            connect=connect,
-            reattach_attempts=1,
-            ping_interval=0.05,
-        )
-        reason = await asyncio.wait_for(runtime.run(), 10)
-    finally:
-        await server.close()
+        reason = await asyncio.wait_for(runtime_for(connect, attempts=1, ping_interval=0.05).run(), 10)
     assert pings_seen.is_set()
     assert len(attaches) == 2 and reason == "call_not_found"
 
@@ -78,12 +96,7 @@ async def test_a_dead_peer_is_detected_while_the_write_buffer_is_full() -> None:
         request.transport.abort()
         return ws
 
-    app = web.Application()
-    app.router.add_get("/v1/realtime", sideband)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        url = str(server.make_url("/v1/realtime")).replace("http://", "ws://")
+    async with sideband_server(sideband) as url:
 
         async def connect() -> Any:
             ws = await connect_sideband(url, "rtc_test", "sk-test")
@@ -92,18 +105,11 @@ async def test_a_dead_peer_is_detected_while_the_write_buffer_is_full() -> None:
 
         # a session.update far larger than both socket buffers: the connection's writes pause
         session = {"type": "realtime", "instructions": "x" * 2_000_000}
-        runtime = CallRuntime(
-            machine=CallMachine(MachineConfig(session=session)),
-            ctx=CallContext("rtc_test"),
-            tools=ToolRegistry(),
-            connect=connect,
-            reattach_attempts=1,
-            ping_interval=0.1,
-        )
-        reason = await asyncio.wait_for(runtime.run(), 10)
-    finally:
-        done.set()
-        await server.close()
+        runtime = runtime_for(connect, attempts=1, ping_interval=0.1, session=session)
+        try:
+            reason = await asyncio.wait_for(runtime.run(), 10)
+        finally:
+            done.set()
     assert len(attaches) == 2 and reason == "call_not_found"
 
 
@@ -127,13 +133,8 @@ async def test_a_slow_reattach_is_no_keepalive_timeout() -> None:
         await ws.close()  # then a clean close ends the call
         return ws
 
-    app = web.Application()
-    app.router.add_get("/v1/realtime", sideband)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
     opened = 0
-    try:
-        url = str(server.make_url("/v1/realtime")).replace("http://", "ws://")
+    async with sideband_server(sideband) as url:
 
         async def connect() -> Any:
             nonlocal opened
@@ -143,17 +144,8 @@ async def test_a_slow_reattach_is_no_keepalive_timeout() -> None:
             return await connect_sideband(url, "rtc_test", "sk-test")
 
         with capture_logs() as logs:  # before the runtime binds its logger
-            runtime = CallRuntime(
-                machine=CallMachine(MachineConfig(session={"type": "realtime"})),
-                ctx=CallContext("rtc_test"),
-                tools=ToolRegistry(),
-                connect=connect,
-                reattach_attempts=2,
-                ping_interval=0.1,
-            )
+            runtime = runtime_for(connect, attempts=2, ping_interval=0.1)
             reason = await asyncio.wait_for(runtime.run(), 10)
-    finally:
-        await server.close()
     events = [e["event"] for e in logs if str(e["event"]).startswith("sideband.")]
     assert len(attaches) == 2 and reason == "remote_closed"
     assert "sideband.reattached" in events
