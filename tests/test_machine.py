@@ -1110,3 +1110,49 @@ def test_playback_heard_before_a_reattach_does_not_hold_the_end_past_the_grace()
     m.reattached()  # the stop went out while no socket was attached
     m.receive({"type": "session.updated", "session": {}})
     assert Verb("hangup", None) in m.timer("orphans")  # at the grace, not at the end cap
+
+
+def test_creates_that_never_left_are_decided_again_at_a_reattach() -> None:
+    # the greeting never went out: the new socket's session config carries it, once
+    m = machine(greeting="Welcome")
+    greeting = sends(m.start())[-1]
+    assert greeting["response"] == {"instructions": "Welcome"}
+    after = sends(m.reattached([greeting["event_id"]]))
+    assert [e["type"] for e in after] == ["session.update", "response.create"]
+    assert after[1]["response"] == {"instructions": "Welcome"}
+    assert types(m.reattached()) == ["session.update"]  # a second re-attach greets no more
+
+    # a say() that never went out is said on the new socket
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    said = sends(m.say("Mention the sale"))[0]
+    after = sends(m.reattached([said["event_id"]]))
+    assert [e["type"] for e in after] == ["session.update", "response.create"]
+    assert after[1]["response"] == {"instructions": "Mention the sale"}
+
+    # a filler whose tool is still running is said
+    m = machine(filler_after={"look": 1.0})
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    feed(m, [*call_events("c1", "look", "{}"), response_done()])
+    filler = sends(m.timer("filler:c1"))[0]
+    after = sends(m.reattached([filler["event_id"]]))
+    assert [e["type"] for e in after] == ["session.update", "response.create"]
+    assert after[1]["response"]["instructions"] == DEFAULT_FILLER
+
+
+def test_a_refused_create_and_one_that_never_left_are_both_sent_again() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    first = sends(m.say("first"))[0]
+    m.receive({"type": "response.created", "response": {"id": "r1"}})  # the caller's turn, as it was
+    m.receive(response_done("r1"))
+    second = sends(m.say("second"))[0]
+    assert sends(m.receive(refusal(first["event_id"]))) == []  # late: "first" waits behind "second"
+    after = sends(m.reattached([second["event_id"]]))  # "second" never left for the lost socket
+    assert [e.get("response") for e in after] == [None, {"instructions": "first"}]
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    again = sends(m.receive(response_done("r2")))
+    assert [e.get("response") for e in again] == [{"instructions": "second"}]

@@ -893,14 +893,64 @@ async def test_an_output_queued_while_detached_goes_out_once_after_the_reattach(
     assert connect.attempts == 3 and call.sideband_connects == 2
     outs = [e["item"]["output"] for e in call.received if e["type"] == "conversation.item.create"]
     assert outs == ["queued"]
-    # on the new socket: what waited (the output, its create), then the session config; the output is
-    # acknowledged there, so nothing is sent again
+    # on the new socket: the output that waited, the session config, then the create the machine asks
+    # for once the output is acknowledged (the one queued with the output never went out): nothing is
+    # sent twice
     assert [e["type"] for e in call.received][-3:] == [
         "conversation.item.create",
-        "response.create",
         "session.update",
+        "response.create",
     ]
     assert [e["type"] for e in call.received].count("response.create") == 1
+
+
+async def test_a_filler_queued_while_detached_is_not_said_after_the_answer(simulator: Simulator) -> None:
+    """The filler's time comes while the socket is lost, and the tool finishes before the re-attach: the
+    filler and the create for the answer wait in the outbox. On the new socket the output goes out, the
+    stale filler does not, and one create follows the output: nothing is refused, no late "still
+    working on it"."""
+    tools, call, started, release = gated_tool_call(simulator, "queued")
+    finished = asyncio.Event()
+    connect = Connector(simulator, call.call_id, [None, SidebandRefused("sideband refused with 503", 503)])
+    connect.gate = asyncio.Event()
+    hooks = CallHooks()
+    hooks.on_tool.append(lambda ctx, record: finished.set())
+    machine = CallMachine(
+        MachineConfig(session={"type": "realtime", "instructions": "x"}, filler_after={"slow": 60.0})
+    )
+    with capture_logs() as logs:
+        rt = CallRuntime(
+            machine=machine,
+            ctx=CallContext(call.call_id),
+            tools=tools,
+            connect=connect,
+            hooks=hooks,
+            reattach_attempts=3,
+            ping_interval=None,
+        )
+        run = asyncio.ensure_future(rt.run())
+        await asyncio.wait_for(started.wait(), 5)
+        tool_call = call.sent_of_type("response.function_call_arguments.done")[0]["call_id"]
+        connect.changed.clear()
+        await simulator.drop_sideband(call, "abnormal")
+        await asyncio.wait_for(connect.changed.wait(), 5)  # the re-attach has begun
+        rt._apply(machine.timer("filler:" + tool_call))  # the filler's time comes now
+        assert [e["event"] for e in logs].count("tool.filler") == 1
+        assert len(rt._outbox) == 1  # the filler's create, queued with no socket to write to
+        release.set()
+        await asyncio.wait_for(finished.wait(), 5)
+        connect.gate.set()
+        assert await asyncio.wait_for(run, 10) == "remote_closed"
+    assert call.sideband_connects == 2
+    creates = [e for e in call.received if e["type"] == "response.create"]
+    assert len(creates) == 1 and "response" not in creates[0]  # the answer's create; no filler at all
+    assert [e["type"] for e in call.received][-3:] == [
+        "conversation.item.create",
+        "session.update",
+        "response.create",
+    ]
+    assert [e["type"] for e in call.sent if e["type"] == "error"] == []
+    assert [e["purpose"] for e in logs if e["event"] == "response.dropped"] == ["filler:" + tool_call]
 
 
 # ------------------------------------------------------------------------------------------ timers

@@ -351,7 +351,23 @@ class CallRuntime:
             if reopened is None:
                 return
             ws = reopened
-            self._apply(self.machine.reattached())
+            self._apply(self.machine.reattached(self._unsent_creates()))
+
+    def _unsent_creates(self) -> list[str]:
+        """Take our ``response.create`` frames that never left for the lost socket out of the outbox and
+        name them: the machine decides each again (a filler may be stale by now, and a create sent
+        blindly would cross the one the machine asks for next). The rest stays queued, in order."""
+        names: list[str] = []
+        kept: list[bytes] = []
+        for frame in self._outbox:
+            if _leading_type(frame) == b"response.create":
+                event_id = jsonio.loads(frame).get("event_id")
+                if isinstance(event_id, str):
+                    names.append(event_id)
+                    continue
+            kept.append(frame)
+        self._outbox[:] = kept
+        return names
 
     async def _open(self, *, first: bool) -> PushConnection | None:
         """Attach (or re-attach) the sideband: retryable failures are tried again with backoff, up to

@@ -7,7 +7,7 @@ out the actions it returns, in order. Provider differences are data (:class:`Cap
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
@@ -250,7 +250,9 @@ class CallMachine:
         # event_id → (body, tag), the last few; the tag says what a create was for: the greeting, a
         # filler ("filler:<call_id>"), or None for anything that stays owed until it is answered.
         self._recent_creates: dict[str, tuple[dict[str, Any], str | None]] = {}
-        self._retry: tuple[dict[str, Any], str | None] | None = None  # a refused create to send again
+        # refused creates (or ones that never left for a lost socket) to send again, first first; a plain
+        # create among them is owed as _want_response instead
+        self._retry: tuple[tuple[dict[str, Any], str | None], ...] = ()
         self._want_response = False
         self._without_tools = False  # the next plain create follows a loop breaker: no tools in it
         self._filler_spoken = False
@@ -309,7 +311,7 @@ class CallMachine:
         return (
             self._busy
             or self._want_response
-            or self._retry is not None
+            or bool(self._retry)
             or (bool(self._queued_say) and self._end is None)
         )
 
@@ -335,8 +337,14 @@ class CallMachine:
                 actions.append(StartTimer(_IDLE, self.config.max_idle_duration))
         return actions + self._attached()
 
-    def reattached(self) -> list[Action]:
+    def reattached(self, unsent: Collection[str] = ()) -> list[Action]:
         """A new socket replaced a lost one: same call, same state, no second greeting.
+
+        ``unsent`` names our ``response.create`` events (by ``event_id``) that never left for the lost
+        socket: the driver drops them from its queue, and they are decided again here, as if refused. A
+        plain create follows the outputs, once they are in; a filler whose tool has finished meanwhile is
+        dropped (its "still working on it" would come after the answer); a greeting, a goodbye or a
+        :meth:`say` goes out on the new socket.
 
         Tool calls announced on the lost socket whose ``response.done`` never arrived are *orphans*: their
         response may still be running (its ``response.done`` then arrives on the new socket and they run,
@@ -354,6 +362,12 @@ class CallMachine:
         """
         self._response_active = False
         self._create_sent = self._created_for = None
+        for event_id in unsent:
+            create = self._recent_creates.pop(event_id, None)
+            if create is not None and create[1] == _GREETING:
+                self._greeted = False  # never heard: the session config on the new socket carries it
+            elif create is not None:
+                self._owe(create)
         end = self._end
         ending = end is not None and not end.verb_sent
         if not ending:
@@ -376,6 +390,16 @@ class CallMachine:
             actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
         actions += self._progress()
         return actions
+
+    def _owe(self, create: tuple[dict[str, Any], str | None]) -> None:
+        """A create of ours was refused or never went out: it is sent again (see :meth:`_progress`). A
+        plain create answers outputs: it goes once no tool runs, as one create for all."""
+        body, tag = create
+        if tag is None and (not body or body == _NO_TOOLS):
+            self._want_response = True
+            self._without_tools = self._without_tools or bool(body)
+        else:
+            self._retry = (*self._retry, create)
 
     def _attached(self) -> list[Action]:
         self._session_ready = False
@@ -814,7 +838,7 @@ class CallMachine:
                 # for it. If it came and ended already (the error can arrive late), send again now.
                 if unanswered and not self._done_since_create:
                     self._response_active = True
-                self._retry = refused
+                self._owe(refused)
             actions += self._progress()
         return actions
 
@@ -872,16 +896,11 @@ class CallMachine:
         if self._closed is not None or self._busy or self._going:
             return []
         if self._live:
-            if self._retry is not None:
-                (body, tag), self._retry = self._retry, None
-                if tag is None and (not body or body == _NO_TOOLS):
-                    # A plain create answers outputs: it goes once no tool runs, as one create for all.
-                    self._want_response = True
-                    self._without_tools = self._without_tools or bool(body)
-                elif tag is None or not self._stale(tag):
+            if self._retry:
+                (body, tag), self._retry = self._retry[0], self._retry[1:]
+                if tag is None or not self._stale(tag):
                     return [self._create(body, tag)]
-                else:
-                    return [Notice("response.dropped", {"purpose": tag}), *self._progress()]
+                return [Notice("response.dropped", {"purpose": tag}), *self._progress()]
             if self._want_response and self._running == 0 and not self._resend:
                 # (held while outputs may still have to be sent again after a re-attach: it follows them)
                 self._want_response = False
