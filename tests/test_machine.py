@@ -21,6 +21,7 @@ from sideband.runtime.machine import (
     Send,
     StartTimer,
     Verb,
+    Withdraw,
 )
 
 SESSION = {"type": "realtime", "instructions": "hi"}
@@ -1112,37 +1113,71 @@ def test_playback_heard_before_a_reattach_does_not_hold_the_end_past_the_grace()
     assert Verb("hangup", None) in m.timer("orphans")  # at the grace, not at the end cap
 
 
-def test_creates_that_never_left_are_decided_again_at_a_reattach() -> None:
-    # the greeting never went out: the new socket's session config carries it, once
+def withdrawn(actions: list[Action]) -> list[str]:
+    return [a.event_id for a in actions if isinstance(a, Withdraw)]
+
+
+def test_a_create_that_never_left_keeps_its_place_at_a_reattach() -> None:
+    # the greeting never went out: it goes first on the new socket, and the machine waits on it
     m = machine(greeting="Welcome")
     greeting = sends(m.start())[-1]
     assert greeting["response"] == {"instructions": "Welcome"}
-    after = sends(m.reattached([greeting["event_id"]]))
-    assert [e["type"] for e in after] == ["session.update", "response.create"]
-    assert after[1]["response"] == {"instructions": "Welcome"}
-    assert types(m.reattached()) == ["session.update"]  # a second re-attach greets no more
+    after = m.reattached([greeting["event_id"]])
+    assert types(after) == ["session.update"] and withdrawn(after) == []
+    m.receive({"type": "session.updated", "session": {}})
+    assert sends(m.say("Mention the sale")) == []  # behind the greeting, not crossing it
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    said = sends(m.receive(response_done("r1")))
+    assert [e.get("response") for e in said] == [{"instructions": "Mention the sale"}]
 
-    # a say() that never went out is said on the new socket
+    # code's own frames are not the machine's to withdraw
     m = machine()
     m.start()
-    m.receive({"type": "session.updated", "session": {}})
-    said = sends(m.say("Mention the sale"))[0]
-    after = sends(m.reattached([said["event_id"]]))
-    assert [e["type"] for e in after] == ["session.update", "response.create"]
-    assert after[1]["response"] == {"instructions": "Mention the sale"}
+    assert withdrawn(m.reattached(["app_create_1"])) == [] and not m.response_owed
 
-    # a filler whose tool is still running is said
+
+def test_a_queued_filler_is_withdrawn_only_once_no_tool_runs() -> None:
+    m = machine(filler_after={"look": 1.0, "book": 1.0})
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    both = [*call_events("c1", "look", "{}"), *call_events("c2", "book", "{}")]
+    feed(m, [*both, response_done()])
+    filler = sends(m.timer("filler:c1"))[0]
+    m.tool_done("c1", "ok")  # queued behind the filler; "book" still runs
+    after = m.reattached([filler["event_id"], "sb_output_c1"])
+    assert withdrawn(after) == []  # still apt: the caller waits on "book"
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    m.receive(response_done("r2"))
+    tail = m.tool_done("c2", "ok")
+    assert types(tail) == ["conversation.item.create", "response.create"]
+
     m = machine(filler_after={"look": 1.0})
     m.start()
     m.receive({"type": "session.updated", "session": {}})
     feed(m, [*call_events("c1", "look", "{}"), response_done()])
     filler = sends(m.timer("filler:c1"))[0]
-    after = sends(m.reattached([filler["event_id"]]))
-    assert [e["type"] for e in after] == ["session.update", "response.create"]
-    assert after[1]["response"]["instructions"] == DEFAULT_FILLER
+    output = sends(m.tool_done("c1", "ok"))[0]
+    after = m.reattached([filler["event_id"], output["event_id"]])
+    assert withdrawn(after) == [filler["event_id"]]  # the answer is in: no late "still working"
+    assert notices(after, "response.dropped") == [{"purpose": "filler:c1"}]
+    # the output goes out first from the queue, the create for the answer after it; the grace sends
+    # the output no second time
+    assert types(after) == ["session.update", "response.create"]
+    assert "response" not in sends(after)[1]
+    assert types(m.timer("orphans")) == []
 
 
-def test_a_refused_create_and_one_that_never_left_are_both_sent_again() -> None:
+def test_nothing_queued_is_sent_once_the_verb_is_out() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    said = sends(m.say("One more thing"))[0]
+    m.request_end("hangup")
+    assert [a for a in m.timer("end_cap") if isinstance(a, Verb)]  # forced: the verb is out
+    assert withdrawn(m.reattached([said["event_id"]])) == [said["event_id"]]
+
+
+def test_a_refused_create_waits_behind_one_that_never_left() -> None:
     m = machine()
     m.start()
     m.receive({"type": "session.updated", "session": {}})
@@ -1151,8 +1186,8 @@ def test_a_refused_create_and_one_that_never_left_are_both_sent_again() -> None:
     m.receive(response_done("r1"))
     second = sends(m.say("second"))[0]
     assert sends(m.receive(refusal(first["event_id"]))) == []  # late: "first" waits behind "second"
-    after = sends(m.reattached([second["event_id"]]))  # "second" never left for the lost socket
-    assert [e.get("response") for e in after] == [None, {"instructions": "first"}]
+    after = m.reattached([second["event_id"]])  # "second" never left for the lost socket
+    assert types(after) == ["session.update"] and withdrawn(after) == []
     m.receive({"type": "response.created", "response": {"id": "r2"}})
     again = sends(m.receive(response_done("r2")))
-    assert [e.get("response") for e in again] == [{"instructions": "second"}]
+    assert [e.get("response") for e in again] == [{"instructions": "first"}]

@@ -893,13 +893,12 @@ async def test_an_output_queued_while_detached_goes_out_once_after_the_reattach(
     assert connect.attempts == 3 and call.sideband_connects == 2
     outs = [e["item"]["output"] for e in call.received if e["type"] == "conversation.item.create"]
     assert outs == ["queued"]
-    # on the new socket: the output that waited, the session config, then the create the machine asks
-    # for once the output is acknowledged (the one queued with the output never went out): nothing is
-    # sent twice
+    # on the new socket: what waited (the output, its create, in their order), then the session config;
+    # the output is acknowledged there, and nothing is sent twice
     assert [e["type"] for e in call.received][-3:] == [
         "conversation.item.create",
-        "session.update",
         "response.create",
+        "session.update",
     ]
     assert [e["type"] for e in call.received].count("response.create") == 1
 
@@ -951,6 +950,29 @@ async def test_a_filler_queued_while_detached_is_not_said_after_the_answer(simul
     ]
     assert [e["type"] for e in call.sent if e["type"] == "error"] == []
     assert [e["purpose"] for e in logs if e["event"] == "response.dropped"] == ["filler:" + tool_call]
+
+
+async def test_code_frames_queued_while_detached_go_out_in_order_after_the_reattach(
+    simulator: Simulator,
+) -> None:
+    call = simulator.create_call(Script([pause(30)]), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [None, SidebandRefused("sideband refused with 503", 503)])
+    connect.gate = asyncio.Event()
+    rt = runtime(connect, [])
+    run = asyncio.ensure_future(rt.run())
+    await call.wait_connected(1, timeout=5)
+    await call.wait_for(lambda c: bool(c.sent_of_type("session.updated")), timeout=5)
+    connect.changed.clear()
+    await simulator.drop_sideband(call, "abnormal")
+    await asyncio.wait_for(connect.changed.wait(), 5)  # the re-attach has begun
+    rt.send_event({"type": "response.create", "event_id": "app_create_1", "response": {"instructions": "Hi"}})
+    rt.send_event({"type": "input_audio_buffer.clear", "event_id": "app_clear_1"})
+    connect.gate.set()
+    await call.wait_for(lambda c: any(e.get("event_id") == "app_clear_1" for e in c.received), timeout=5)
+    mine = [e.get("event_id") for e in call.received if str(e.get("event_id")).startswith("app_")]
+    assert mine == ["app_create_1", "app_clear_1"]
+    await rt.hangup()
+    assert await asyncio.wait_for(run, 10) in ("hangup", "remote_closed")
 
 
 # ------------------------------------------------------------------------------------------ timers

@@ -33,6 +33,7 @@ from sideband.runtime.machine import (
     Send,
     StartTimer,
     Verb,
+    Withdraw,
 )
 from sideband.session import SessionConfigError
 from sideband.tools import ToolError, TransferNotAllowed, failed_result, own_cancellation
@@ -351,23 +352,17 @@ class CallRuntime:
             if reopened is None:
                 return
             ws = reopened
-            self._apply(self.machine.reattached(self._unsent_creates()))
+            self._apply(self.machine.reattached(self._queued_ids()))
 
-    def _unsent_creates(self) -> list[str]:
-        """Take our ``response.create`` frames that never left for the lost socket out of the outbox and
-        name them: the machine decides each again (a filler may be stale by now, and a create sent
-        blindly would cross the one the machine asks for next). The rest stays queued, in order."""
-        names: list[str] = []
-        kept: list[bytes] = []
+    def _queued_ids(self) -> list[str]:
+        """The ``event_id`` of each frame still in the outbox (they never left for the lost socket)."""
+        ids: list[str] = []
         for frame in self._outbox:
-            if _leading_type(frame) == b"response.create":
+            if b'"event_id"' in frame:
                 event_id = jsonio.loads(frame).get("event_id")
                 if isinstance(event_id, str):
-                    names.append(event_id)
-                    continue
-            kept.append(frame)
-        self._outbox[:] = kept
-        return names
+                    ids.append(event_id)
+        return ids
 
     async def _open(self, *, first: bool) -> PushConnection | None:
         """Attach (or re-attach) the sideband: retryable failures are tried again with backoff, up to
@@ -496,6 +491,8 @@ class CallRuntime:
                 running = self._tool_tasks.get(action.call_id)
                 if running is not None:
                     running.cancel()
+            elif isinstance(action, Withdraw):
+                self._outbox[:] = [f for f in self._outbox if not _carries(f, action.event_id)]
             elif isinstance(action, Verb):
                 self._spawn(self._run_verb(action.verb, action.target))
             elif isinstance(action, Close):
@@ -883,6 +880,11 @@ def _answered(waiting: asyncio.Future[float], pong: asyncio.Future[float]) -> No
 
 
 _TYPE_FIRST = re.compile(rb'\{"type": ?"([^"\\]+)"')
+
+
+def _carries(frame: bytes, event_id: str) -> bool:
+    """Whether the frame is the client event ``event_id``."""
+    return b'"event_id"' in frame and jsonio.loads(frame).get("event_id") == event_id
 
 
 def _leading_type(message: bytes) -> bytes | None:

@@ -27,6 +27,7 @@ __all__ = [
     "Send",
     "StartTimer",
     "Verb",
+    "Withdraw",
 ]
 
 
@@ -92,7 +93,15 @@ class Notice:
     fields: dict[str, Any]
 
 
-Action = Send | RunTool | CancelTool | StartTimer | CancelTimer | Verb | Close | Notice
+@dataclass(frozen=True, slots=True)
+class Withdraw:
+    """Drop our queued frame with this ``event_id``: it never left for a lost socket, and is not wanted on
+    the new one (see :meth:`CallMachine.reattached`)."""
+
+    event_id: str
+
+
+Action = Send | RunTool | CancelTool | StartTimer | CancelTimer | Verb | Close | Notice | Withdraw
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -337,14 +346,14 @@ class CallMachine:
                 actions.append(StartTimer(_IDLE, self.config.max_idle_duration))
         return actions + self._attached()
 
-    def reattached(self, unsent: Collection[str] = ()) -> list[Action]:
+    def reattached(self, queued: Collection[str] = ()) -> list[Action]:
         """A new socket replaced a lost one: same call, same state, no second greeting.
 
-        ``unsent`` names our ``response.create`` events (by ``event_id``) that never left for the lost
-        socket: the driver drops them from its queue, and they are decided again here, as if refused. A
-        plain create follows the outputs, once they are in; a filler whose tool has finished meanwhile is
-        dropped (its "still working on it" would come after the answer); a greeting, a goodbye or a
-        :meth:`say` goes out on the new socket.
+        ``queued`` names (by ``event_id``) the frames still queued for the new socket: they never left
+        for the lost one, and go out first on the new one, in order. Our tool outputs among them are not
+        sent a second time. Our ``response.create`` among them is the one the machine now waits on, in its
+        place in the queue, unless it is no longer wanted (:class:`Withdraw`): a filler once no tool runs
+        (its "still working on it" would come after the answer), or anything once the end's verb is out.
 
         Tool calls announced on the lost socket whose ``response.done`` never arrived are *orphans*: their
         response may still be running (its ``response.done`` then arrives on the new socket and they run,
@@ -362,20 +371,15 @@ class CallMachine:
         """
         self._response_active = False
         self._create_sent = self._created_for = None
-        for event_id in unsent:
-            create = self._recent_creates.pop(event_id, None)
-            if create is not None and create[1] == _GREETING:
-                self._greeted = False  # never heard: the session config on the new socket carries it
-            elif create is not None:
-                self._owe(create)
+        withdrawn, queued_outputs = self._requeued(queued)
         end = self._end
         ending = end is not None and not end.verb_sent
         if not ending:
             self._playing = False
-        actions = self._attached()
+        actions = [*withdrawn, *self._attached()]
         orphans = tuple(c.call_id for c in self._calls.values() if c.state == "pending")
         self._orphans = orphans
-        self._resend = tuple(self._unacked or ())
+        self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
         if self._going:
             self._resend, self._orphans = (), ()  # the call is going: nothing more to say
         if end is not None and ending:
@@ -390,6 +394,26 @@ class CallMachine:
             actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
         actions += self._progress()
         return actions
+
+    def _requeued(self, queued: Collection[str]) -> tuple[list[Action], set[str]]:
+        """Sort the frames still queued at a re-attach (see :meth:`reattached`): the withdrawals, and the
+        call ids of our outputs among them."""
+        actions: list[Action] = []
+        outputs: set[str] = set()
+        for event_id in queued:
+            if event_id.startswith(_OUTPUT_EVENT):
+                outputs.add(event_id[len(_OUTPUT_EVENT) :])
+                continue
+            create = self._recent_creates.get(event_id)
+            if create is None:
+                continue  # not ours (code's own raw frames stay as they are)
+            tag = create[1]
+            if self._going or (tag is not None and tag.startswith(_FILLER) and self._stale(tag)):
+                del self._recent_creates[event_id]
+                actions += [Withdraw(event_id), Notice("response.dropped", {"purpose": tag or "response"})]
+            elif self._create_sent is None:
+                self._create_sent = event_id  # it goes out in its place: the one we now wait on
+        return actions, outputs
 
     def _owe(self, create: tuple[dict[str, Any], str | None]) -> None:
         """A create of ours was refused or never went out: it is sent again (see :meth:`_progress`). A
@@ -916,12 +940,9 @@ class CallMachine:
 
     def _stale(self, tag: str) -> bool:
         """Whether a refused create is no longer worth sending again: the greeting (whatever response ran
-        instead was the opening, and only the opening is a greeting), or a filler whose tool is no longer
-        running (a late "still working on it" would come before, or after, the real answer)."""
-        if tag == _GREETING:
-            return True
-        call = self._calls.get(tag[len(_FILLER) :])
-        return call is None or call.state != "running" or self._end is not None
+        instead was the opening, and only the opening is a greeting), or a filler once no tool runs (a
+        late "still working on it" would come before, or after, the real answer) or the call is ending."""
+        return tag == _GREETING or self._running == 0 or self._end is not None
 
     def _after_reattach_grace(self) -> list[Action]:
         """No ``response.done`` settled the calls announced before a re-attach: answer them; send again
