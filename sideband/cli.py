@@ -223,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = load_settings(
                 {"host": args.host, "port": args.port},
                 require=("openai_api_key", "openai_webhook_secret"),
+                flags={"host": "--host", "port": "--port"},
             )
             configure_logging(settings.log_format, settings.log_level or "info")
             app = load_app(args.app)

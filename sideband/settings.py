@@ -106,6 +106,22 @@ class Settings(BaseSettings):
     vowel_model: str | None = _env("SIDEBAND_VOWEL_MODEL")
     vowel_voice: str | None = _env("SIDEBAND_VOWEL_VOICE")
 
+    @field_validator(
+        "log_format",
+        "log_level",
+        "routes_file",
+        "vowel_core_url",
+        "vowel_engine_url",
+        "vowel_service_id",
+        "vowel_model",
+        "vowel_voice",
+        mode="before",
+    )
+    @classmethod
+    def _blank(cls, value: Any) -> Any:
+        """A blank optional setting (``SIDEBAND_ROUTES_FILE=`` in a compose file) is not set."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("openai_base_url", "vowel_core_url", "vowel_engine_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -208,11 +224,13 @@ def load_settings(
     *,
     require: Iterable[str] = (),
     environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> Settings:
     """Build settings from the environment plus ``overrides`` (field names, e.g. from CLI flags).
 
-    ``require`` names fields that must be set for the command at hand. Raises :class:`SettingsError`
-    with a one-line message naming the variable.
+    ``require`` names fields that must be set for the command at hand; ``flags`` the command-line option
+    each override came from (``{"port": "--port"}``). Raises :class:`SettingsError` with a one-line
+    message naming the variable, or the option when the bad value came from one.
     """
     values = {k: v for k, v in (overrides or {}).items() if v is not None}
     try:
@@ -225,6 +243,9 @@ def load_settings(
         err = exc.errors()[0]
         loc = str(err["loc"][0]) if err["loc"] else "settings"
         name = loc if loc.isupper() else env_name(loc)
+        field = next((f for f, n in _NAMES.items() if name in (n, f)), loc)
+        if flags and field in flags and field in values:
+            name = flags[field]
         raise SettingsError(f"{name}: {err['msg']}") from None
     for field in require:
         value = getattr(settings, field)

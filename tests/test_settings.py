@@ -319,6 +319,24 @@ def test_malformed_override_names_the_variable() -> None:
     assert "SIDEBAND_PORT" in message
 
 
+def test_a_bad_flag_is_named_as_the_flag_and_a_bad_variable_as_the_variable() -> None:
+    flags = {"host": "--host", "port": "--port"}
+    assert error_for({}, {"port": 99999}, flags=flags).startswith("--port: ")
+    assert error_for({"SIDEBAND_PORT": "70000"}, {"port": None}, flags=flags).startswith("SIDEBAND_PORT: ")
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["SIDEBAND_ROUTES_FILE", "SIDEBAND_LOG_LEVEL", "SIDEBAND_LOG_FORMAT", "SIDEBAND_VOWEL_CORE_URL"],
+)
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_optional_setting_is_not_set(variable: str, blank: str) -> None:
+    """``SIDEBAND_ROUTES_FILE=`` in a compose file means no table, not a file named ``.``."""
+    s = load({variable: blank})
+    field = next(name for name in Settings.model_fields if env_name(name) == variable)
+    assert getattr(s, field) is None
+
+
 def test_valid_whsec_secret_is_kept_and_stripped() -> None:
     s = load({"OPENAI_WEBHOOK_SECRET": f"  {SECRET}\n"})
     assert s.openai_webhook_secret is not None
