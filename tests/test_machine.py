@@ -1191,3 +1191,38 @@ def test_a_refused_create_waits_behind_one_that_never_left() -> None:
     m.receive({"type": "response.created", "response": {"id": "r2"}})
     again = sends(m.receive(response_done("r2")))
     assert [e.get("response") for e in again] == [{"instructions": "first"}]
+
+
+def test_a_refused_filler_is_not_said_for_a_later_tool() -> None:
+    m = machine(filler_after={"look": 1.0, "book": 1.0})
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    feed(m, [*call_events("c1", "look", "{}"), response_done("resp_1")])
+    filler = sends(m.timer("filler:c1"))[0]
+    m.receive(refusal(filler["event_id"]))  # the caller's turn runs
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    m.tool_done("c1", "ok")  # "look" answered: its filler is stale now
+    acts = feed(m, [*call_events("c2", "book", "{}", "r2"), response_done("r2")])  # the turn calls "book"
+    assert notices(acts, "response.dropped") == [{"purpose": "filler:c1"}]
+    assert sends(acts) == []  # (one create answers both, once "book" is done)
+    late = sends(m.timer("filler:c2"))  # "book" gets its own filler, on its own time
+    assert [e["response"]["instructions"] for e in late] == [DEFAULT_FILLER]
+
+
+def test_a_queued_answer_waits_for_the_outputs_sent_again_after_the_grace() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    feed(m, [*call_events("c1", "look", "{}"), *call_events("c2", "book", "{}"), response_done()])
+    m.tool_done("c1", "one")  # written to the socket that then died: no acknowledgement
+    queued = sends(m.tool_done("c2", "two"))  # detached: its output and the answer's create wait
+    assert [e["type"] for e in queued] == ["conversation.item.create", "response.create"]
+    after = m.reattached([e["event_id"] for e in queued])
+    assert withdrawn(after) == [queued[1]["event_id"]] and types(after) == ["session.update"]
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive({"type": "conversation.item.added", "item": {"type": "function_call_output", "call_id": "c2"}})
+    grace = sends(m.timer("orphans"))  # c1's output is sent again, then one create for both
+    assert [(e["type"], e.get("item", {}).get("call_id")) for e in grace] == [
+        ("conversation.item.create", "c1"),
+        ("response.create", None),
+    ]

@@ -371,17 +371,16 @@ class CallMachine:
         """
         self._response_active = False
         self._create_sent = self._created_for = None
-        withdrawn, queued_outputs = self._requeued(queued)
+        queued_outputs = {e[len(_OUTPUT_EVENT) :] for e in queued if e.startswith(_OUTPUT_EVENT)}
+        self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
+        self._orphans = tuple(c.call_id for c in self._calls.values() if c.state == "pending")
+        if self._going:
+            self._resend, self._orphans = (), ()  # the call is going: nothing more to say
         end = self._end
         ending = end is not None and not end.verb_sent
         if not ending:
             self._playing = False
-        actions = [*withdrawn, *self._attached()]
-        orphans = tuple(c.call_id for c in self._calls.values() if c.state == "pending")
-        self._orphans = orphans
-        self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
-        if self._going:
-            self._resend, self._orphans = (), ()  # the call is going: nothing more to say
+        actions = [*self._requeued(queued), *self._attached()]
         if end is not None and ending:
             # Our goodbye (or the model's last words) may be queued for the new socket or still running
             # on the server: its events show it within the grace; only then may the verb go (the end cap
@@ -395,25 +394,27 @@ class CallMachine:
         actions += self._progress()
         return actions
 
-    def _requeued(self, queued: Collection[str]) -> tuple[list[Action], set[str]]:
-        """Sort the frames still queued at a re-attach (see :meth:`reattached`): the withdrawals, and the
-        call ids of our outputs among them."""
+    def _requeued(self, queued: Collection[str]) -> list[Action]:
+        """Decide our creates still queued at a re-attach (see :meth:`reattached`): kept in place, or
+        withdrawn. A create that answers outputs is withdrawn while outputs may have to be sent again:
+        one create follows them all."""
         actions: list[Action] = []
-        outputs: set[str] = set()
         for event_id in queued:
-            if event_id.startswith(_OUTPUT_EVENT):
-                outputs.add(event_id[len(_OUTPUT_EVENT) :])
-                continue
             create = self._recent_creates.get(event_id)
             if create is None:
-                continue  # not ours (code's own raw frames stay as they are)
-            tag = create[1]
+                continue  # not a create of ours (code's own raw frames stay as they are)
+            body, tag = create
+            plain = tag is None and (not body or body == _NO_TOOLS)
             if self._going or (tag is not None and tag.startswith(_FILLER) and self._stale(tag)):
                 del self._recent_creates[event_id]
                 actions += [Withdraw(event_id), Notice("response.dropped", {"purpose": tag or "response"})]
+            elif plain and self._resend:
+                del self._recent_creates[event_id]
+                actions.append(Withdraw(event_id))
+                self._owe(create)
             elif self._create_sent is None:
                 self._create_sent = event_id  # it goes out in its place: the one we now wait on
-        return actions, outputs
+        return actions
 
     def _owe(self, create: tuple[dict[str, Any], str | None]) -> None:
         """A create of ours was refused or never went out: it is sent again (see :meth:`_progress`). A
@@ -923,6 +924,8 @@ class CallMachine:
             if self._retry:
                 (body, tag), self._retry = self._retry[0], self._retry[1:]
                 if tag is None or not self._stale(tag):
+                    if tag is not None and tag.startswith(_FILLER):
+                        self._filler_spoken = True  # one filler per wait
                     return [self._create(body, tag)]
                 return [Notice("response.dropped", {"purpose": tag}), *self._progress()]
             if self._want_response and self._running == 0 and not self._resend:
@@ -941,8 +944,14 @@ class CallMachine:
     def _stale(self, tag: str) -> bool:
         """Whether a refused create is no longer worth sending again: the greeting (whatever response ran
         instead was the opening, and only the opening is a greeting), or a filler once no tool runs (a
-        late "still working on it" would come before, or after, the real answer) or the call is ending."""
-        return tag == _GREETING or self._running == 0 or self._end is not None
+        late "still working on it" would come before, or after, the real answer) or the call is ending.
+        A filler stays apt while a tool of its response still runs, its own or a sibling."""
+        if tag == _GREETING or self._end is not None:
+            return True
+        call = self._calls.get(tag[len(_FILLER) :])
+        return call is None or not any(
+            c.state == "running" and c.response_id == call.response_id for c in self._calls.values()
+        )
 
     def _after_reattach_grace(self) -> list[Action]:
         """No ``response.done`` settled the calls announced before a re-attach: answer them; send again
