@@ -352,8 +352,10 @@ class CallMachine:
         ``queued`` names (by ``event_id``) the frames still queued for the new socket: they never left
         for the lost one, and go out first on the new one, in order. Our tool outputs among them are not
         sent a second time. Our ``response.create`` among them is the one the machine now waits on, in its
-        place in the queue, unless it is no longer wanted (:class:`Withdraw`): a filler once no tool runs
-        (its "still working on it" would come after the answer), or anything once the end's verb is out.
+        place in the queue, unless it is withdrawn (:class:`Withdraw`): a filler once no tool of its
+        response runs (its "still working on it" would come after the answer), anything once the end's
+        verb is out, and a create answering outputs while others may have to be sent again (one create
+        then follows them all).
 
         Tool calls announced on the lost socket whose ``response.done`` never arrived are *orphans*: their
         response may still be running (its ``response.done`` then arrives on the new socket and they run,
