@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import ssl
@@ -34,7 +35,7 @@ from sideband.session import (
     validate_accept_payload,
 )
 from sideband.settings import Settings, SettingsError
-from sideband.stores import ClaimStore, MemoryStore
+from sideband.stores import ClaimStore, MemoryStore, RedisStore, StoreUnavailable
 from sideband.tickets import TicketError, TicketSigner
 from sideband.tools import own_cancellation
 from sideband.upstream._ws import resolve_proxy
@@ -45,8 +46,11 @@ __all__ = ["HANDOFF_GRACE", "Reply", "Service", "WebhookEvent"]
 _RTC_CALL_ID = re.compile(r"^rtc_[A-Za-z0-9_-]{1,128}$")
 
 
-_PENDING_TTL = 120.0
-"""Seconds a claim stays pending at most: far longer than any answer path (route + accept budgets)."""
+def pending_ttl(settings: Settings) -> float:
+    """Seconds a claim stays pending at most: longer than any answer path (the route budget, then an
+    accept and a reject or hangup, each within the accept budget), and short enough that the claims of
+    an instance that died mid-work free the call for a redelivery soon."""
+    return settings.route_budget + 2 * settings.accept_budget + 10.0
 
 _UNCERTAIN_TTL = 3700.0
 """Seconds an accept that may have gone through (an attempt went unanswered) is remembered for the
@@ -140,7 +144,11 @@ class Service:
     ) -> None:
         self.settings = settings
         self.app = app
-        self.store: ClaimStore = store if store is not None else MemoryStore()
+        if store is None:
+            url = settings.redis_url
+            store = RedisStore(url.get_secret_value()) if url is not None else MemoryStore()
+        self.store: ClaimStore = store
+        self._pending_ttl = pending_ttl(settings)
         self.registry = CallRegistry()
         self.draining = False
         self._drain_deadline: float | None = None
@@ -206,6 +214,10 @@ class Service:
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
         )
         self._control = CallControl(self._http, base, key.get_secret_value() if key else "", proxy)
+        try:
+            await self.store.open()
+        except StoreUnavailable as exc:
+            raise SettingsError(f"cannot use the claim store: {exc}") from None
 
     def start_draining(self) -> None:
         """Refuse new calls from now on (webhooks and WebRTC get 503) and start the one drain window:
@@ -245,7 +257,7 @@ class Service:
         fields: dict[str, Any] = {"webhook_id": webhook_id, "type": event.type}
         if data is not None:
             fields["call_id"] = data.call_id
-        if not await store.claim(wkey, _PENDING_TTL):
+        if not await store.claim(wkey, self._pending_ttl):
             return await self._duplicate(wkey, fields)
         if data is None:
             await store.settle(wkey, ttl)
@@ -253,7 +265,13 @@ class Service:
             self.log.info("webhook.ignored", **fields)
             return Reply(200, {"status": "ignored"})
         ckey = f"call:{data.call_id}"
-        if not await store.claim(ckey, _PENDING_TTL):
+        try:
+            claimed = await store.claim(ckey, self._pending_ttl)
+        except StoreUnavailable:
+            with contextlib.suppress(StoreUnavailable):
+                await store.release(wkey)  # best effort: else it expires on its own
+            raise
+        if not claimed:
             await store.release(wkey)  # this delivery did nothing: a redelivery must not look handled
             return await self._duplicate(ckey, fields)
         reply: Reply | None = None
@@ -262,12 +280,18 @@ class Service:
             reply = await self._incoming(webhook_id, data, event, received)
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
-            if reply is not None and reply.status < 500:
-                await store.settle(ckey, ttl)
-                await store.settle(wkey, ttl)
-            else:  # failed (or crashed): let a redelivery try again
-                await store.release(ckey)
-                await store.release(wkey)
+            try:
+                if reply is not None and reply.status < 500:
+                    await store.settle(ckey, ttl)
+                    await store.settle(wkey, ttl)
+                else:  # failed (or crashed): let a redelivery try again
+                    await store.release(ckey)
+                    await store.release(wkey)
+            except StoreUnavailable as exc:
+                # The work is done (or failed) either way; the pending claims expire on their own.
+                self.log.warning(
+                    "store.unavailable", error=str(exc), call_id=data.call_id, webhook_id=webhook_id
+                )
         return reply
 
     async def _duplicate(self, key: str, fields: dict[str, Any]) -> Reply:
@@ -516,7 +540,10 @@ class Service:
         plan = self._rtc_plan()
         call_id, answer = await self.control.create_call(sdp, plan.session)
         with structlog.contextvars.bound_contextvars(call_id=call_id):
-            await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)  # a new call: ours
+            try:
+                await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)  # a new call: ours
+            except StoreUnavailable as exc:  # the call exists now: serve it all the same
+                self.log.warning("store.unavailable", error=str(exc))
             self.log.info("call.webrtc_created")
             self.launch(CallContext(call_id, "webrtc"), plan)
         return call_id, answer
@@ -551,7 +578,7 @@ class Service:
             return Reply(403, {"error": str(exc)})
         ttl = max(info.expires_at - time.time(), 1.0) + 60
         with structlog.contextvars.bound_contextvars(call_id=call_id):
-            if not await self.store.claim(f"call:{call_id}", _PENDING_TTL):
+            if not await self.store.claim(f"call:{call_id}", self._pending_ttl):
                 return Reply(409, {"error": "call already attached"})  # (the ticket stays unused)
             try:
                 fresh = await self.store.claim(f"ticket:{info.nonce}", ttl)

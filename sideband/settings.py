@@ -87,6 +87,9 @@ class Settings(BaseSettings):
         default=480, ge=400, le=699, validation_alias="SIDEBAND_ROUTE_FAILURE_STATUS"
     )
     routes_file: Path | None = _env("SIDEBAND_ROUTES_FILE")
+    redis_url: SecretStr | None = _env("SIDEBAND_REDIS_URL")
+    """The shared claim store of several instances (``redis://``, ``rediss://``, ``unix://``); unset: in
+    memory, for one instance. Secret: its password must not reach logs or errors."""
 
     ws_compression: bool = _env("SIDEBAND_WS_COMPRESSION", False)
     reattach_attempts: int = Field(default=5, ge=0, validation_alias="SIDEBAND_REATTACH_ATTEMPTS")
@@ -110,6 +113,7 @@ class Settings(BaseSettings):
         "log_format",
         "log_level",
         "routes_file",
+        "redis_url",
         "vowel_core_url",
         "vowel_engine_url",
         "vowel_service_id",
@@ -147,6 +151,16 @@ class Settings(BaseSettings):
                 raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
         elif any(c.isspace() for c in raw):
             raise ValueError("must be an API key (no spaces)")
+        return SecretStr(raw)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value().strip()
+        if not raw.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return SecretStr(raw)
 
     @field_validator("openai_webhook_secret")

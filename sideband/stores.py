@@ -1,13 +1,25 @@
-"""Claims: atomic set-if-absent keys with a TTL. One small interface; in-memory default."""
+"""Claims: atomic set-if-absent keys with a TTL. One small interface; in memory for one instance, Redis
+for several."""
 
 from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
-__all__ = ["ClaimStore", "MemoryStore"]
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
+
+__all__ = ["ClaimStore", "MemoryStore", "RedisStore", "StoreUnavailable"]
+
+_T = TypeVar("_T")
+
+
+class StoreUnavailable(Exception):
+    """The claim store could not be reached or did not answer in time. The message names the store
+    (never its credentials) and the reason; the webhook then answers 503, and OpenAI delivers again."""
 
 
 class ClaimStore(Protocol):
@@ -36,6 +48,10 @@ class ClaimStore(Protocol):
         """Give ``key`` back (used when the work it guarded could not be done)."""
         ...
 
+    async def open(self) -> None:
+        """Check the store can be used (at start); raise :class:`StoreUnavailable` if not."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...
@@ -43,6 +59,9 @@ class ClaimStore(Protocol):
 
 class MemoryStore:
     """Claims in this process's memory: right for one instance. Expired keys are purged lazily."""
+
+    where = "memory"
+    """The store, for logs."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -68,6 +87,9 @@ class MemoryStore:
     async def release(self, key: str) -> None:
         self._keys.pop(key, None)
 
+    async def open(self) -> None:
+        return None
+
     async def close(self) -> None:
         self._keys.clear()
         self._expiries.clear()
@@ -86,3 +108,72 @@ class MemoryStore:
             held = keys.get(key)
             if held is not None and held[0] == expiry:
                 del keys[key]
+
+
+class RedisStore:
+    """Claims in Redis, shared by every instance that serves the same webhook URL.
+
+    A claim is ``SET key p NX PX ttl``; settling it ``SET key s PX ttl``; keys are prefixed (``sideband:``
+    by default) so the server can be shared. Every command is bounded by ``timeout`` seconds, and at most
+    ``max_connections`` are open (a request waits up to ``timeout`` for one): a Redis that is down, slow or
+    saturated makes the request that needs it fail with :class:`StoreUnavailable`, quickly, instead of
+    hanging it. ``url`` is a ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL, credentials included.
+    """
+
+    def __init__(
+        self, url: str, *, prefix: str = "sideband:", timeout: float = 2.0, max_connections: int = 64
+    ) -> None:
+        self.where = redacted(url)
+        """The store for logs and errors: the URL without its credentials."""
+        self._prefix = prefix
+        self._pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        self._redis: Redis = Redis(connection_pool=self._pool)
+
+    async def claim(self, key: str, ttl: float) -> bool:
+        return bool(await self._call(self._redis.set(self._prefix + key, b"p", nx=True, px=_ms(ttl))))
+
+    async def settle(self, key: str, ttl: float) -> None:
+        await self._call(self._redis.set(self._prefix + key, b"s", px=_ms(ttl)))
+
+    async def settled(self, key: str) -> bool:
+        return bool(await self._call(self._redis.get(self._prefix + key)) == b"s")
+
+    async def release(self, key: str) -> None:
+        await self._call(self._redis.delete(self._prefix + key))
+
+    async def open(self) -> None:
+        await self._call(self._redis.ping())
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+        await self._pool.disconnect()
+
+    async def _call(self, command: Awaitable[_T]) -> _T:
+        try:
+            return await command
+        except (RedisError, OSError) as exc:  # (its text names host and port, never the password)
+            raise StoreUnavailable(f"redis at {self.where}: {exc or type(exc).__name__}") from None
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def redacted(url: str) -> str:
+    """``url`` without user and password: ``redis://:secret@cache:6379/0`` → ``redis://cache:6379/0``."""
+    parts = urlsplit(url)
+    host: Any = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host + (f":{port}" if port is not None else "")
+    return f"{parts.scheme}://{netloc}{parts.path}"

@@ -20,7 +20,7 @@ from sideband.logs import failure_fields
 from sideband.service import Reply, Service, WebhookEvent
 from sideband.session import SessionConfigError
 from sideband.settings import Settings, SettingsError
-from sideband.stores import ClaimStore
+from sideband.stores import ClaimStore, StoreUnavailable
 from sideband.tools import own_cancellation
 from sideband.upstream.openai import UpstreamError
 
@@ -305,6 +305,10 @@ async def _errors(
         return await handler(request)
     except web.HTTPException:
         raise
+    except StoreUnavailable as exc:  # the sender tries again later (perhaps on another instance)
+        log.warning("store.unavailable", path=request.path, error=str(exc))
+        request.app[SERVICE].refused["store.unavailable", 503] += 1
+        return _json(503, {"error": "claim store unavailable"}, {"Retry-After": "1"})
     except Exception:
         log.exception("http.internal_error", path=request.path)
         return _json(500, {"error": "internal error"})
