@@ -52,6 +52,7 @@ def pending_ttl(settings: Settings) -> float:
     an instance that died mid-work free the call for a redelivery soon."""
     return settings.route_budget + 2 * settings.accept_budget + 10.0
 
+
 _UNCERTAIN_TTL = 3700.0
 """Seconds an accept that may have gone through (an attempt went unanswered) is remembered for the
 call's redeliveries: longer than any call lasts."""
@@ -208,16 +209,17 @@ class Service:
                     f"the proxy for {base} (from {names}) is a {proxy.scheme} proxy: sideband reaches "
                     "OpenAI through HTTP proxies only"
                 )
+        try:
+            await self.store.open()
+        except StoreUnavailable as exc:
+            await self.store.close()
+            raise SettingsError(f"cannot use the claim store: {exc}") from None
         # built here, off the answer path, and shared by every sideband
         self._tls = self.app.tls_context() if self._sideband_url.startswith("wss://") else None
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
         )
         self._control = CallControl(self._http, base, key.get_secret_value() if key else "", proxy)
-        try:
-            await self.store.open()
-        except StoreUnavailable as exc:
-            raise SettingsError(f"cannot use the claim store: {exc}") from None
 
     def start_draining(self) -> None:
         """Refuse new calls from now on (webhooks and WebRTC get 503) and start the one drain window:

@@ -1,0 +1,256 @@
+"""The shared claim store on a real redis-server: semantics, failures, and two instances behind one URL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import redis
+
+from sideband.stores import RedisStore, StoreUnavailable
+from sideband.testing import Script, Simulator, pause, run_app
+
+from .conftest import TEST_SETTINGS, capture_logs, make_app
+from .test_cli import clean_env, free_port, read_until, run_cli, serve_env, start_serve
+
+PASSWORD = "s3cret-redis-pass"
+
+
+class RedisServer:
+    """A redis-server of the test's own, on a free loopback port, with a password, no persistence."""
+
+    def __init__(self, binary: str, folder: Path) -> None:
+        self.binary, self.folder = binary, folder
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--requirepass", PASSWORD),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.folder)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:  # ready once it answers
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def flush(self) -> None:
+        client = redis.Redis.from_url(self.url)
+        client.flushall()
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing (.ci/run installs it with apt-get)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    if redis_server.proc is None:
+        redis_server.start()
+    redis_server.flush()
+    store = RedisStore(redis_server.url)
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_claims_are_atomic_pending_then_settled(store: RedisStore, redis_server: RedisServer) -> None:
+    results = await asyncio.gather(*(store.claim("webhook:wh_1", 30) for _ in range(20)))
+    assert results.count(True) == 1
+    assert not await store.settled("webhook:wh_1")  # pending: being handled
+    await store.settle("webhook:wh_1", 3600)
+    assert await store.settled("webhook:wh_1")
+    assert not await store.claim("webhook:wh_1", 30)
+    await store.release("webhook:wh_1")
+    assert not await store.settled("webhook:wh_1") and await store.claim("webhook:wh_1", 30)
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        assert 0 < raw.pttl("sideband:webhook:wh_1") <= 30_000  # pending: the short TTL
+        await store.settle("call:c1", 3600)
+        assert 3_590_000 < raw.pttl("sideband:call:c1") <= 3_600_000  # under the prefix, with its TTL
+        assert raw.get("call:c1") is None
+    finally:
+        raw.close()
+
+
+async def test_a_pending_claim_expires(store: RedisStore) -> None:
+    assert await store.claim("call:c2", 0.2)
+    deadline = time.monotonic() + 5
+    while not await store.claim("call:c2", 30):  # free again once its TTL ran out
+        assert time.monotonic() < deadline, "the pending claim never expired"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_unreachable_store_fails_fast_and_names_no_password() -> None:
+    port = free_port()  # nothing listens there
+    store = RedisStore(f"redis://:{PASSWORD}@127.0.0.1:{port}/0", timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as info:
+        await store.claim("webhook:x", 30)
+    assert time.monotonic() - started < 3
+    assert f"redis://127.0.0.1:{port}/0" in str(info.value) and PASSWORD not in str(info.value)
+    await store.close()
+
+
+async def test_a_wrong_password_is_unavailable_not_a_crash(redis_server: RedisServer) -> None:
+    if redis_server.proc is None:
+        redis_server.start()
+    store = RedisStore(f"redis://:wrong@127.0.0.1:{redis_server.port}/0")
+    with pytest.raises(StoreUnavailable) as info:
+        await store.open()
+    assert "wrong" not in str(info.value)
+    await store.close()
+
+
+def accepts(sim: Simulator, call_id: str) -> int:
+    return sum(1 for r in sim.requests if r.path.endswith(f"/{call_id}/accept"))
+
+
+async def test_two_instances_sharing_redis_accept_a_call_once(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer
+) -> None:
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url}
+    async with (
+        run_app(make_app(), simulator, **settings) as a,
+        run_app(make_app(), simulator, **settings) as b,
+    ):
+        call = simulator.create_call(Script([pause(30)]))
+        event = simulator.incoming_event(call)
+        results = await asyncio.gather(
+            *(h.sender.deliver(event, webhook_id="wh_both", max_attempts=1) for h in (a, b, a, b, a, b))
+        )
+        assert all(r.status in (200, 409) for r in results) and accepts(simulator, call.call_id) == 1
+        await call.wait_connected(1, timeout=5)
+        again = await b.sender.deliver(event, webhook_id="wh_again", max_attempts=1)  # another delivery
+        assert again.status == 200 and json.loads(again.bodies[-1] or b"{}")["status"] == "duplicate"
+        assert accepts(simulator, call.call_id) == 1 and call.sideband_connects == 1
+        assert len(a.service.registry) + len(b.service.registry) == 1
+        await simulator.hang_up(call)
+
+
+async def test_a_redelivery_to_another_instance_attaches_after_an_uncertain_accept(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer
+) -> None:
+    """A's accept went through but its answer never came (its retries found the call no longer ringing
+    only after its budget): the redelivery lands on B, whose accept gets 404; the shared store tells B
+    that an accept may have gone through, so B attaches instead of taking the call for gone."""
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url}
+    async with (
+        run_app(make_app(), simulator, **settings) as a,
+        run_app(make_app(), simulator, **settings) as b,
+    ):
+        call = simulator.create_call(Script([pause(30)]))
+        simulator.fail_accept(call.call_id, "late", "timeout", "timeout", "timeout", "timeout")
+        event = simulator.incoming_event(call)
+        first = await a.sender.deliver(event, webhook_id="wh_u", max_attempts=1)
+        assert first.status == 503 and call.status == "accepted"
+        simulator.calls[call.call_id].accept_faults.clear()
+        second = await b.sender.deliver(event, webhook_id="wh_u", max_attempts=1)
+        assert second.status == 200, second.bodies
+        await call.wait_connected(1, timeout=5)
+        assert call.sideband_connects == 1 and len(b.service.registry) == 1
+        await simulator.hang_up(call)
+
+
+async def test_a_store_outage_answers_503_and_the_server_recovers(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer
+) -> None:
+    async with run_app(make_app(), simulator, **{**TEST_SETTINGS, "redis_url": redis_server.url}) as h:
+        redis_server.stop()
+        try:
+            call = simulator.create_call(Script([pause(30)]))
+            with capture_logs() as logs:
+                result = await h.sender.deliver(simulator.incoming_event(call), max_attempts=1)
+            assert result.status == 503 and json.loads(result.bodies[-1] or b"{}") == {
+                "error": "claim store unavailable"
+            }
+            assert accepts(simulator, call.call_id) == 0  # nothing happened: OpenAI delivers again
+            down = [e for e in logs if e["event"] == "store.unavailable"]
+            assert down and PASSWORD not in json.dumps(logs, default=str)
+            assert not [e for e in logs if e["event"] == "http.internal_error"]
+        finally:
+            redis_server.start()
+        again = await h.sender.deliver(simulator.incoming_event(call), max_attempts=1)
+        assert again.status == 200 and accepts(simulator, call.call_id) == 1
+        await call.wait_connected(1, timeout=5)
+        await simulator.hang_up(call)
+
+
+async def test_serve_uses_redis_and_logs_it_without_the_password(
+    simulator: Simulator, redis_server: RedisServer
+) -> None:
+    if redis_server.proc is None:
+        redis_server.start()
+    port = free_port()
+    proc = await start_serve(port, serve_env(simulator, SIDEBAND_REDIS_URL=redis_server.url))
+    assert proc.stdout is not None
+    lines: list[dict[str, object]] = []
+    try:
+        started = await read_until(proc.stdout, "server.started", lines)
+        assert started["store"] == f"redis://127.0.0.1:{redis_server.port}/0"
+        assert PASSWORD not in json.dumps(lines)
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://cache:6379", "sideband: SIDEBAND_REDIS_URL: Value error, must be a redis://"),
+        (
+            "redis://:pw@127.0.0.1:{port}/0",
+            "sideband: cannot use the claim store: redis at redis://127.0.0.1:",
+        ),
+    ],
+)
+def test_a_bad_or_unreachable_store_stops_serve_with_one_line(url: str, message: str) -> None:
+    env = clean_env(
+        OPENAI_API_KEY="sk-test",
+        OPENAI_WEBHOOK_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        SIDEBAND_REDIS_URL=url.format(port=free_port()),
+    )
+    done = run_cli("serve", "examples.app:app", "--host", "127.0.0.1", "--port", "0", env=env)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), done.stderr
+    assert "pw@" not in done.stderr
