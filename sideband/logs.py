@@ -10,6 +10,7 @@ from typing import Any, Literal, TextIO
 
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 __all__ = ["configure_logging", "describe", "failure_fields"]
 
@@ -69,24 +70,33 @@ def configure_logging(
     )
 
 
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
-    0x2028: "\\u2028",
-    0x2029: "\\u2029",
-}
-_CONTROLS_IN_BLOCKS = {c: e for c, e in _CONTROLS.items() if c not in (0x09, 0x0A)}
-"""For the fields the console prints as blocks of lines (``stack``, ``exception``): tabs and newlines kept."""
 _BLOCKS = frozenset({"stack", "exception"})
+"""The fields the console prints as blocks of lines: tabs and newlines kept."""
+
+
+def _escaped(value: str, block: bool) -> str:
+    out = []
+    for ch in value:
+        if ch.isprintable() or (block and ch in "\t\n"):
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(
+                f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+            )
+    return "".join(out)
 
 
 def _escape_controls(
     logger: Any, method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """Console lines: control characters in text values (a caller's SIP ``From``, a transcript, a tool
-    name the model chose) shown escaped, never sent raw to the operator's terminal, where an escape
-    sequence could retitle the window, clear the screen or write the clipboard."""
+    """Console lines: control and other invisible characters in text values (a caller's SIP ``From``, a
+    transcript, a tool name the model chose) shown escaped, never sent raw to the operator's terminal,
+    where an escape sequence could retitle the window, clear the screen or write the clipboard, and a
+    right-to-left override or a zero-width space could make a number read as another."""
     for key, value in event_dict.items():
         if isinstance(value, str) and not value.isprintable():
-            event_dict[key] = value.translate(_CONTROLS_IN_BLOCKS if key in _BLOCKS else _CONTROLS)
+            event_dict[key] = _escaped(value, key in _BLOCKS)
     return event_dict
 
 
@@ -99,8 +109,9 @@ def _client_faults(record: logging.LogRecord) -> bool:
     the client's fault, yet aiohttp logs it as an error with a traceback: any client could flood the log
     and page the on-call with those. They become one warning line, without the traceback."""
     exc = record.exc_info[1] if record.exc_info else None
-    if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500:
-        text = f"{type(exc).__name__}: {exc.message}"
+    client = isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500
+    if client or isinstance(exc, RequestPayloadError):  # (a body that is not the gzip it claims)
+        text = f"{type(exc).__name__}: {getattr(exc, 'message', None) or exc}"
         record.msg, record.args = f"bad request: {text[:200]}", ()
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info = record.exc_text = None

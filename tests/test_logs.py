@@ -104,3 +104,27 @@ async def test_a_request_aiohttp_cannot_parse_is_a_warning_without_traceback(
         ("warning", "bad request: ContentEncodingError: ")
     ]
     assert "exception" not in mine[0]
+
+
+def test_console_lines_escape_invisible_characters_too(restored: None) -> None:
+    """A right-to-left override or a zero-width space in a caller's number would show it as another."""
+    out = io.StringIO()
+    configure_logging("console", "info", stream=out)
+    structlog.get_logger().info("call.incoming", from_number="\u202e0010-555-1415+\u200b")
+    line = out.getvalue()
+    assert "\u202e" not in line and "\u200b" not in line
+    assert "\\u202e0010-555-1415+\\u200b" in line
+
+
+def test_a_body_aiohttp_fails_to_decode_is_a_warning_without_traceback(restored: None) -> None:
+    from aiohttp.web_protocol import RequestPayloadError
+
+    out = io.StringIO()
+    configure_logging("json", "info", stream=out)
+    try:
+        raise RequestPayloadError("400, message: Can not decode content-encoding: gzip")
+    except RequestPayloadError:
+        logging.getLogger("aiohttp.server").exception("Unhandled exception")
+    (line,) = lines(out)
+    assert line["level"] == "warning" and str(line["event"]).startswith("bad request: RequestPayloadError")
+    assert "exception" not in line

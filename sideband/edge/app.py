@@ -330,8 +330,11 @@ def create_app(
         middlewares=[_errors],
         client_max_size=max(settings.webhook_max_body, _MAX_SDP),
         # Idle keep-alive connections close after 75 s: longer than load balancers' usual 60 s (so they
-        # never reuse one being closed), far shorter than aiohttp's hour.
-        handler_args={"keepalive_timeout": 75.0},
+        # never reuse one being closed), far shorter than aiohttp's hour. A request answered without its
+        # body being read (a refusal, a 404) closes its connection at once: aiohttp would otherwise read
+        # (and decompress, on the event loop) the rest for 10 s more, and a small gzip body can inflate
+        # to gigabytes. At most 64 header lines (aiohttp allows 128 of 8 KiB each, held per connection).
+        handler_args={"keepalive_timeout": 75.0, "lingering_time": 0.0, "max_headers": 64},
     )
     svc = service or Service(settings, app, store=store)
     web_app[SERVICE] = svc
