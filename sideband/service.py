@@ -147,7 +147,10 @@ class Service:
         self.app = app
         if store is None:
             url = settings.redis_url
-            store = RedisStore(url.get_secret_value()) if url is not None else MemoryStore()
+            try:
+                store = RedisStore(url.get_secret_value()) if url is not None else MemoryStore()
+            except ValueError as exc:  # (redis-py's words name the part at fault, not the password)
+                raise SettingsError(f"SIDEBAND_REDIS_URL: not a valid Redis URL ({exc})") from None
         self.store: ClaimStore = store
         self._pending_ttl = pending_ttl(settings)
         self.registry = CallRegistry()
@@ -384,12 +387,19 @@ class Service:
 
         try:
             if plan is not None:
+                # Marked before the first attempt: should this instance die after an accept went through
+                # but before it answered, the redelivery (on any instance) that finds the call no longer
+                # ringing attaches instead of taking it for gone. Held already: an earlier delivery's
+                # accept may have gone through.
+                marker = _uncertain_key(call_id)
+                inherited = not await self.store.claim(marker, _UNCERTAIN_TTL)
                 try:
                     await self._retrying(
                         lambda t: control.accept(call_id, plan.session, timeout=t), on_retry=accept_retry
                     )
                 except CallGone as exc:
-                    if not uncertain and not await self.store.settled(_uncertain_key(call_id)):
+                    if not uncertain and not inherited:
+                        await self.store.release(marker)  # gone while ringing: nothing to remember
                         raise
                     # Not ringing any more: maybe because an unanswered attempt (of this delivery or an
                     # earlier one) accepted it. Attaching tells (a call that is really gone refuses the
@@ -411,7 +421,7 @@ class Service:
             self.log.info("call.referred", target=decision.target_uri)
             return Reply(200, {"status": "referred"})
         except CallGone:
-            if plan is None and await self.store.settled(_uncertain_key(call_id)):
+            if plan is None and await self._accept_may_have_gone_through(call_id):
                 # An earlier delivery's unanswered accept may have answered the call this one rejects
                 # or refers: hang it up rather than leave it answered with nothing behind it.
                 return await self._hang_up_uncertain(call_id)
@@ -424,16 +434,22 @@ class Service:
                 "call.accept_failed" if plan else "call.answer_failed", status=exc.status, error=str(exc)
             )
             if exc.retryable:
-                if plan is not None and (uncertain or exc.status is None):
-                    # An attempt went unanswered and may have accepted the call: the redelivery that
-                    # then finds it no longer ringing must attach, not take it for gone.
-                    key = _uncertain_key(call_id)
-                    await self.store.claim(key, _UNCERTAIN_TTL)
-                    await self.store.settle(key, _UNCERTAIN_TTL)
+                if plan is not None and not (uncertain or exc.status is None):
+                    # Every attempt was answered, and refused: the call was not accepted. (Otherwise the
+                    # mark stays: the redelivery that finds the call no longer ringing must attach.)
+                    await self.store.release(_uncertain_key(call_id))
                 return Reply(503, {"status": "retry", "error": "upstream unavailable"}, {"Retry-After": "1"})
             if isinstance(decision, Reject):
                 return Reply(200, {"status": "failed", "error": f"upstream answered {exc.status}"})
             return await self._reject_instead(call_id, exc)
+
+    async def _accept_may_have_gone_through(self, call_id: str) -> bool:
+        """Whether an earlier delivery's accept of ``call_id`` may have gone through (it holds the mark)."""
+        key = _uncertain_key(call_id)
+        if await self.store.claim(key, 1.0):
+            await self.store.release(key)
+            return False
+        return True
 
     async def _hang_up_uncertain(self, call_id: str) -> Reply:
         self.log.warning("call.accept_uncertain", status=404, action="hangup")

@@ -10,6 +10,9 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 __all__ = ["ClaimStore", "MemoryStore", "RedisStore", "StoreUnavailable"]
@@ -117,7 +120,9 @@ class RedisStore:
     by default) so the server can be shared. Every command is bounded by ``timeout`` seconds, and at most
     ``max_connections`` are open (a request waits up to ``timeout`` for one): a Redis that is down, slow or
     saturated makes the request that needs it fail with :class:`StoreUnavailable`, quickly, instead of
-    hanging it. ``url`` is a ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL, credentials included.
+    hanging it. A command that meets a connection the server closed (it restarted) is tried once more on
+    a new one. ``url`` is a ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL, credentials included;
+    raises ``ValueError`` if it cannot be parsed.
     """
 
     def __init__(
@@ -132,6 +137,8 @@ class RedisStore:
             timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
         )
         self._redis: Redis = Redis(connection_pool=self._pool)
 
@@ -142,7 +149,7 @@ class RedisStore:
         await self._call(self._redis.set(self._prefix + key, b"s", px=_ms(ttl)))
 
     async def settled(self, key: str) -> bool:
-        return bool(await self._call(self._redis.get(self._prefix + key)) == b"s")
+        return await self._call(self._redis.get(self._prefix + key)) in (b"s", "s")
 
     async def release(self, key: str) -> None:
         await self._call(self._redis.delete(self._prefix + key))

@@ -500,3 +500,30 @@ async def test_tool_round_over_permessage_deflate() -> None:
         assert client_types(call).count("response.create") == 2
         summary = await stack.ended(call)
         assert summary.reason == "remote_closed" and [t.outcome for t in summary.tools] == ["ok"]
+
+
+async def test_a_redelivery_attaches_when_the_instance_that_accepted_died_before_answering(
+    stack: Stack,
+) -> None:
+    """The mark goes into the (shared) store before the first accept attempt: an instance killed after
+    its accept went through leaves it, and the redelivery that finds the call no longer ringing attaches
+    instead of leaving an answered call with nobody on it."""
+    answered = stack.sim.create_call(Script([GREETING]))
+    assert (await stack.sender.deliver(stack.sim.incoming_event(answered))).status == 200
+    mark = f"accept_uncertain:{answered.call_id}"
+    assert not await stack.service.store.claim(mark, 1.0)  # held from before its accept
+
+    gone = stack.sim.create_call(Script([GREETING]))
+    stack.sim.fail_accept(gone.call_id, 404)  # the caller left while it rang
+    result = await stack.sender.deliver(stack.sim.incoming_event(gone), max_attempts=1)
+    assert json.loads(result.bodies[-1] or b"{}")["status"] == "call_gone"
+    assert await stack.service.store.claim(f"accept_uncertain:{gone.call_id}", 1.0)  # nothing kept
+
+    call = stack.sim.create_call(Script([GREETING]))
+    # what a dying instance leaves: its mark, and its accept, gone through upstream
+    assert await stack.service.store.claim(f"accept_uncertain:{call.call_id}", 3700)
+    await stack.service.control.accept(call.call_id, stack.app.plan().session, timeout=2)
+    result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert result.status == 200 and json.loads(result.bodies[-1] or b"{}")["status"] == "accepted"
+    await call.wait_done(timeout=5)
+    assert call.sideband_connects == 1

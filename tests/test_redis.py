@@ -112,6 +112,25 @@ async def test_claims_are_atomic_pending_then_settled(store: RedisStore, redis_s
         raw.close()
 
 
+async def test_a_restarted_redis_costs_no_request(store: RedisStore, redis_server: RedisServer) -> None:
+    """Pooled connections the server closed when it restarted are replaced, not failed on."""
+    assert await asyncio.gather(*(store.claim(f"webhook:before{n}", 30) for n in range(8))) == [True] * 8
+    redis_server.stop()
+    redis_server.start()
+    assert await asyncio.gather(*(store.claim(f"webhook:after{n}", 30) for n in range(8))) == [True] * 8
+
+
+async def test_a_url_asking_for_decoded_replies_still_reads_settled_claims(redis_server: RedisServer) -> None:
+    if redis_server.proc is None:
+        redis_server.start()
+    store = RedisStore(redis_server.url + "?decode_responses=true")
+    try:
+        await store.settle("webhook:decoded", 30)
+        assert await store.settled("webhook:decoded")
+    finally:
+        await store.close()
+
+
 async def test_a_pending_claim_expires(store: RedisStore) -> None:
     assert await store.claim("call:c2", 0.2)
     deadline = time.monotonic() + 5
@@ -237,6 +256,7 @@ async def test_serve_uses_redis_and_logs_it_without_the_password(
     ("url", "message"),
     [
         ("http://cache:6379", "sideband: SIDEBAND_REDIS_URL: Value error, must be a redis://"),
+        ("redis://:pw@127.0.0.1:notaport/0", "sideband: SIDEBAND_REDIS_URL: not a valid Redis URL (Port"),
         (
             "redis://:pw@127.0.0.1:{port}/0",
             "sideband: cannot use the claim store: redis at redis://127.0.0.1:",
