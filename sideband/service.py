@@ -54,8 +54,9 @@ def pending_ttl(settings: Settings) -> float:
 
 
 _UNCERTAIN_TTL = 3700.0
-"""Seconds an accept that may have gone through (an attempt went unanswered) is remembered for the
-call's redeliveries: longer than any call lasts."""
+"""Seconds the mark an accept sets before its first attempt is kept: it may have gone through (an attempt
+went unanswered, or the instance died), and the call's redeliveries must know it, for longer than any
+call lasts."""
 
 HANGUP_BUDGET = 30.0
 """Seconds a hangup is retried for (5xx, timeouts) before the call ends as ``hangup_failed``: a call
