@@ -864,16 +864,18 @@ async def test_outputs_lost_in_a_silently_dead_socket_are_sent_again(simulator: 
     assert [t.name for t in rt.summary.tools] == ["slow"] and not call.script_error
 
 
-async def test_an_output_queued_while_detached_goes_out_once_after_the_reattach(simulator: Simulator) -> None:
-    tools, call, started, release = gated_tool_call(simulator, "queued")
+def held_reattach(
+    simulator: Simulator, call: SimCall, tools: ToolRegistry, machine: CallMachine
+) -> tuple[CallRuntime, Connector, asyncio.Event]:
+    """A runtime whose re-attach, once begun, is held up until ``connect.gate`` is set (then refused
+    once, then made); ``finished`` is set as a tool finishes. Returns (runtime, connect, finished)."""
     finished = asyncio.Event()
-    # the re-attach is held up (then refused once) until the tool has finished
     connect = Connector(simulator, call.call_id, [None, SidebandRefused("sideband refused with 503", 503)])
     connect.gate = asyncio.Event()
     hooks = CallHooks()
     hooks.on_tool.append(lambda ctx, record: finished.set())
     rt = CallRuntime(
-        machine=CallMachine(MachineConfig(session={"type": "realtime", "instructions": "x"})),
+        machine=machine,
         ctx=CallContext(call.call_id),
         tools=tools,
         connect=connect,
@@ -881,6 +883,13 @@ async def test_an_output_queued_while_detached_goes_out_once_after_the_reattach(
         reattach_attempts=3,
         ping_interval=None,
     )
+    return rt, connect, finished
+
+
+async def test_an_output_queued_while_detached_goes_out_once_after_the_reattach(simulator: Simulator) -> None:
+    tools, call, started, release = gated_tool_call(simulator, "queued")
+    machine = CallMachine(MachineConfig(session={"type": "realtime", "instructions": "x"}))
+    rt, connect, finished = held_reattach(simulator, call, tools, machine)
     run = asyncio.ensure_future(rt.run())
     await asyncio.wait_for(started.wait(), 5)
     connect.changed.clear()
@@ -909,24 +918,11 @@ async def test_a_filler_queued_while_detached_is_not_said_after_the_answer(simul
     stale filler does not, and one create follows the output: nothing is refused, no late "still
     working on it"."""
     tools, call, started, release = gated_tool_call(simulator, "queued")
-    finished = asyncio.Event()
-    connect = Connector(simulator, call.call_id, [None, SidebandRefused("sideband refused with 503", 503)])
-    connect.gate = asyncio.Event()
-    hooks = CallHooks()
-    hooks.on_tool.append(lambda ctx, record: finished.set())
     machine = CallMachine(
         MachineConfig(session={"type": "realtime", "instructions": "x"}, filler_after={"slow": 60.0})
     )
     with capture_logs() as logs:
-        rt = CallRuntime(
-            machine=machine,
-            ctx=CallContext(call.call_id),
-            tools=tools,
-            connect=connect,
-            hooks=hooks,
-            reattach_attempts=3,
-            ping_interval=None,
-        )
+        rt, connect, finished = held_reattach(simulator, call, tools, machine)
         run = asyncio.ensure_future(rt.run())
         await asyncio.wait_for(started.wait(), 5)
         tool_call = call.sent_of_type("response.function_call_arguments.done")[0]["call_id"]
