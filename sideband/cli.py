@@ -130,7 +130,7 @@ async def serve(settings: Settings, app: Sideband) -> None:
         app=app.name,
         tools=app.tools.names(),
         openai_base_url=settings.openai_base_url,
-        store=getattr(service.store, "where", type(service.store).__name__),
+        store=service.store.where,
         event_loop=type(loop).__module__.partition(".")[0],  # uvloop, or asyncio where it is missing
         max_open_files=open_files,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -34,6 +34,9 @@ class ClaimStore(Protocol):
     "handled" (acknowledge it and do nothing). A pending claim gets a short TTL, so the claims of an
     instance that died mid-work expire soon; :meth:`settle` gives it the long one.
     """
+
+    where: str
+    """The store, for logs: ``memory``, or its address without credentials."""
 
     async def claim(self, key: str, ttl: float) -> bool:
         """Atomically take ``key`` (pending) for ``ttl`` seconds. True if this caller got it."""
@@ -175,7 +178,7 @@ def _ms(seconds: float) -> int:
 def redacted(url: str) -> str:
     """``url`` without user and password: ``redis://:secret@cache:6379/0`` → ``redis://cache:6379/0``."""
     parts = urlsplit(url)
-    host: Any = parts.hostname or ""
+    host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
     try:
