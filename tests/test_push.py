@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import structlog
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import InvalidMessage, InvalidStatus
 
 from sideband.context import CallContext
 from sideband.runtime.driver import CallRuntime
@@ -246,3 +247,154 @@ async def test_a_full_write_buffer_holds_send_until_it_drains(peer: Any) -> None
         assert got == ['{"n":1}']
     finally:
         await ws.close()
+
+
+# --------------------------------------------------------------------------- opening handshake
+async def raw_server(
+    answer: Callable[[bytes], bytes | None],
+) -> tuple[asyncio.AbstractServer, str, list[bytes]]:
+    """A TCP server that reads one HTTP request and writes ``answer(request)`` (None: closes at once)."""
+    requests: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        requests.append(request)
+        reply = answer(request)
+        if reply is not None:
+            writer.write(reply)
+            await writer.drain()
+            if reply:
+                await reader.read()  # hold the connection until the client closes it
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"ws://127.0.0.1:{port}/v1/realtime?call_id=rtc_1", requests
+
+
+async def test_the_request_carries_the_credential_the_agent_and_the_websocket_headers(peer: Any) -> None:
+    seen: list[dict[str, str]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        seen.append({k.lower(): v for k, v in ws.request.headers.raw_items()})
+        await ws.send("hello")
+        await ws.wait_closed()
+
+    url = await peer(handler)
+    ws = await connect(url + "v1/realtime?call_id=rtc_1")
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    ws.start(lambda data: got.done() or got.set_result(data), lambda: None)
+    try:
+        assert await asyncio.wait_for(got, 5) == b"hello"
+    finally:
+        await ws.close()
+    (headers,) = seen
+    assert headers["authorization"] == "Bearer sk-test"
+    assert headers["user-agent"] == "sideband"
+    assert headers["upgrade"] == "websocket" and headers["sec-websocket-version"] == "13"
+    assert "sec-websocket-extensions" not in headers  # compression is off
+    assert "openai-beta" not in headers
+
+
+async def test_compression_is_negotiated_when_asked(peer: Any) -> None:
+    offered: list[str | None] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        offered.append(ws.request.headers.get("Sec-WebSocket-Extensions"))
+        await ws.send("x" * 10_000)
+        await ws.wait_closed()
+
+    url = await peer(handler)
+    ws = await open_socket(url, "sk-test", compression=True, open_timeout=5, max_size=1 << 20, proxy=None)
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    ws.start(lambda data: got.done() or got.set_result(data), lambda: None)
+    try:
+        assert await asyncio.wait_for(got, 5) == b"x" * 10_000
+        assert [e.name for e in ws.protocol.extensions] == ["permessage-deflate"]
+    finally:
+        await ws.close()
+    assert offered and offered[0] is not None and "permessage-deflate" in offered[0]
+
+
+async def test_a_refusal_raises_invalid_status_with_its_body() -> None:
+    body = b'{"error":{"message":"call not found"}}'
+    server, url, _ = await raw_server(
+        lambda _: (
+            b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+    )
+    try:
+        with pytest.raises(InvalidStatus) as caught:
+            await connect(url)
+    finally:
+        server.close()
+    assert caught.value.response.status_code == 404
+    assert caught.value.response.body == body
+
+
+async def test_a_redirect_is_followed(peer: Any) -> None:
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send("here")
+        await ws.wait_closed()
+
+    target = await peer(handler)
+    server, url, requests = await raw_server(
+        lambda _: (
+            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: "
+            + target.encode()
+            + b"\r\nContent-Length: 0\r\n\r\n"
+        )
+    )
+    try:
+        ws = await connect(url)
+    finally:
+        server.close()
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    ws.start(lambda data: got.done() or got.set_result(data), lambda: None)
+    try:
+        assert await asyncio.wait_for(got, 5) == b"here"
+    finally:
+        await ws.close()
+    assert len(requests) >= 1
+
+
+async def test_a_connection_closed_during_the_handshake_fails_at_once() -> None:
+    server, url, requests = await raw_server(lambda _: None)
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(InvalidMessage):
+            await open_socket(url, "sk-test", compression=False, open_timeout=30, max_size=1024, proxy=None)
+        assert asyncio.get_running_loop().time() - started < 5  # not the 30 s open timeout
+    finally:
+        server.close()
+    assert len(requests) == 1
+
+
+async def test_a_server_that_never_answers_times_out_and_the_socket_is_closed() -> None:
+    closed = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # returns once the client has closed its end
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(TimeoutError, match="opening handshake"):
+            await open_socket(
+                f"ws://127.0.0.1:{port}/",
+                "sk-test",
+                compression=False,
+                open_timeout=0.3,
+                max_size=1024,
+                proxy=None,
+            )
+        await asyncio.wait_for(closed.wait(), 5)
+    finally:
+        server.close()

@@ -17,21 +17,34 @@ from sideband.upstream.openai import CallGone
 
 
 async def test_open_socket_passes_the_shared_context_for_wss_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[dict[str, Any]] = []
+    direct: list[tuple[Any, ...]] = []
+    proxied: list[dict[str, Any]] = []
 
-    async def fake_connect(url: str, **kwargs: Any) -> Any:
-        seen.append(kwargs)
+    async def fake_create_connection(factory: Any, host: str, port: int, **kwargs: Any) -> Any:
+        direct.append((host, port, kwargs))
         raise OSError("no network in this test")
 
+    async def fake_connect(url: str, **kwargs: Any) -> Any:
+        proxied.append(kwargs)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "create_connection", fake_create_connection)
     monkeypatch.setattr(ws_module, "connect", fake_connect)
     tls = ws_module.client_tls()
-    for url in ("wss://api.example.com/v1/realtime", "ws://127.0.0.1:9/v1/realtime"):
-        with pytest.raises(OSError):
-            await ws_module.open_socket(
-                url, "sk-test", compression=False, open_timeout=1, max_size=1024, proxy=None, tls=tls
-            )
-    assert seen[0]["ssl"] is tls
-    assert "ssl" not in seen[1]  # websockets refuses ssl= for ws://
+    for proxy in (None, "http://proxy.example:3128"):
+        for url in ("wss://api.example.com/v1/realtime", "ws://127.0.0.1:9/v1/realtime"):
+            with pytest.raises(OSError):
+                await ws_module.open_socket(
+                    url, "sk-test", compression=False, open_timeout=1, max_size=1024, proxy=proxy, tls=tls
+                )
+    # Direct: the shared context, checked against the URL's host; none for ws://.
+    assert direct == [
+        ("api.example.com", 443, {"ssl": tls, "server_hostname": "api.example.com"}),
+        ("127.0.0.1", 9, {}),
+    ]
+    # Through a proxy (websockets' connect): the same context, and none for ws:// (websockets refuses it).
+    assert proxied[0]["ssl"] is tls and proxied[0]["proxy"] == "http://proxy.example:3128"
+    assert "ssl" not in proxied[1]
     assert tls.verify_mode is ssl.CERT_REQUIRED and tls.check_hostname
 
 
