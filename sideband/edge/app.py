@@ -61,6 +61,12 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     :data:`BODY_TIMEOUT`."""
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    content = request.content
+    if content.is_eof() and content.exception() is None:  # all of it came with the headers: no waiting
+        data = content.read_nowait()
+        if len(data) > limit:  # (decoded: a small gzip body may inflate past the limit)
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(data))
+        return data
     body = bytearray()
     try:
         async with asyncio.timeout(BODY_TIMEOUT):
