@@ -13,8 +13,9 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import structlog
 from aiohttp import web
@@ -46,6 +47,8 @@ def load_app(spec: str | None) -> Sideband:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise CliError(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module raised while it was imported (a registration refused…)
+        raise CliError(f"cannot import {module_name!r}: {_raised(exc)}") from None
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
@@ -53,7 +56,10 @@ def load_app(spec: str | None) -> Sideband:
             raise CliError(f"{module_name!r} has no attribute {attr!r}")
     if not isinstance(obj, Sideband):
         if callable(obj):
-            obj = obj()
+            try:
+                obj = obj()
+            except Exception as exc:
+                raise CliError(f"{spec} raised: {_raised(exc)}") from None
         if not isinstance(obj, Sideband):
             raise CliError(f"{spec} is not a sideband.Sideband app")
     return obj
@@ -70,6 +76,23 @@ def _reason(exc: OSError) -> str:
     if exc.errno is not None and exc.errno > 0:
         return os.strerror(exc.errno).lower()
     return str(exc) or type(exc).__name__
+
+
+def _raised(exc: Exception) -> str:
+    """``Type: message (file:line)``, the line being the app's innermost frame that raised it."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, SyntaxError):  # (its message names the file and line already)
+        return text
+    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith((ours, "<frozen"))  # the app's line, not sideband's own or importlib's
+    ]
+    if not frames:
+        return text
+    where = frames[-1]
+    return f"{text} ({os.path.relpath(where.filename)}:{where.lineno})"
 
 
 def raise_open_files_limit() -> int | None:
@@ -116,9 +139,22 @@ async def serve(settings: Settings, app: Sideband) -> None:
     except OSError as exc:
         await runner.cleanup()
         raise CliError(f"cannot listen on {_address(settings.host, settings.port)}: {_reason(exc)}") from None
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:  # the first drains, the second ends the drain, the third exits at once
+        nonlocal signals
+        signals += 1
+        if signals == 2:
+            log.warning("server.hurried", detail="second signal: live calls are hung up now")
+            hurry.set()
+        elif signals > 2:
+            log.warning("server.killed", detail="third signal: exiting now, calls left as they are")
+            _exit(1)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     # Everything loaded so far lives for the whole process: keep it out of the collector's way, so its
     # pauses scale with live calls only.
     gc.collect()
@@ -145,15 +181,47 @@ async def serve(settings: Settings, app: Sideband) -> None:
     finally:
         service.start_draining()
         log.info("server.draining", calls=len(service.registry), timeout_s=settings.drain_timeout)
-        # Still listening: /readyz and new webhooks answer 503 while live calls finish on their own.
+        # Still listening: /readyz and new webhooks answer 503 while live calls finish on their own and
+        # requests in flight are answered (a call one of them accepts gets the rest of the window).
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(settings.drain_timeout):
-                await service.registry.wait_idle()
-        # Closes the listener, waits for in-flight requests, then Service.close() ends whatever is still
-        # live at the end of the same window (a call an in-flight webhook accepted gets no fresh one).
+                await service.wait_quiet(hurry)
+        # The window is over: what is still live is hung up now, while the listener closes and waits
+        # for the requests still in flight; Service.close() then ends any call they started meanwhile.
+        service.end_calls()
         await runner.cleanup()
         app.close()
         log.info("server.stopped")
+
+
+async def _serve_process(settings: Settings, app: Sideband) -> None:
+    """:func:`serve` as the whole process: what is still running after it is left behind."""
+    await serve(settings, app)
+    await _leave_stuck_tasks()
+
+
+async def _leave_stuck_tasks(grace: float = 1.0) -> None:
+    """Exit now, past tasks still running after the server stopped: a tool that ignores its
+    cancellation would otherwise keep the process alive (the event loop waits for every task at its
+    close) until the supervisor kills it. They are cancelled and get ``grace`` seconds to finish
+    first; then ``server.tasks_abandoned``."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _, stuck = await asyncio.wait(tasks, timeout=grace)
+    if stuck:
+        names = sorted(t.get_name() for t in stuck)
+        structlog.get_logger(component="sideband.cli").warning("server.tasks_abandoned", tasks=names)
+        _exit(0)
+
+
+def _exit(code: int) -> NoReturn:
+    """Leave the process now (the event loop and worker threads as they are), output flushed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _leave_stuck_threads(grace: float = 1.0) -> None:
@@ -167,9 +235,7 @@ def _leave_stuck_threads(grace: float = 1.0) -> None:
     stuck = [t.name for t in workers if t.is_alive()]
     if stuck:
         structlog.get_logger(component="sideband.cli").warning("server.threads_abandoned", threads=stuck)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        _exit(0)
 
 
 T = TypeVar("T")
@@ -228,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             configure_logging(settings.log_format, settings.log_level or "info")
             app = load_app(args.app)
-            _run(serve(settings, app))
+            _run(_serve_process(settings, app))
             _leave_stuck_threads()
             return 0
         if args.command == "demo":

@@ -23,7 +23,7 @@ from sideband.app import CallPlan, IncomingCall, Sideband
 from sideband.context import CallContext, SipHeader
 from sideband.logs import failure_fields
 from sideband.routing import RouteTable, session_problem
-from sideband.runtime.driver import CallRegistry, CallRuntime
+from sideband.runtime.driver import SHUTDOWN_GRACE, CallRegistry, CallRuntime
 from sideband.runtime.machine import CallMachine, MachineConfig
 from sideband.session import (
     Accept,
@@ -157,6 +157,11 @@ class Service:
         self.registry = CallRegistry()
         self.draining = False
         self._drain_deadline: float | None = None
+        self._ending: asyncio.Future[None] | None = None  # the end of the drain window: calls hung up
+        self.requests = 0
+        """Requests being handled (kept by the edge): a shutdown lets them finish before it stops."""
+        self._no_requests = asyncio.Event()
+        self._no_requests.set()
         self.counters: Counter[str] = Counter()
         self.refused: Counter[tuple[str, int]] = Counter()
         """Requests the edge refused: (log event, HTTP status) → count (``/metrics``)."""
@@ -232,11 +237,54 @@ class Service:
             self._drain_deadline = time.monotonic() + self.settings.drain_timeout
         self.draining = True
 
+    def _hangup_budget(self) -> float:
+        """:data:`HANGUP_BUDGET`; while the server stops, what is left of the drain window and the calls'
+        shutdown grace (a hangup still retrying past it is cut short: ``hangup_failed``)."""
+        if self._drain_deadline is None:
+            return HANGUP_BUDGET
+        left = self._drain_deadline - time.monotonic() + SHUTDOWN_GRACE - 1.0
+        return max(1.0, min(HANGUP_BUDGET, left))
+
+    def request_started(self) -> None:
+        """A request came in (the edge calls this, and :meth:`request_done` once it is answered)."""
+        self.requests += 1
+        self._no_requests.clear()
+
+    def request_done(self) -> None:
+        self.requests -= 1
+        if not self.requests:
+            self._no_requests.set()
+
+    async def wait_quiet(self, hurry: asyncio.Event) -> None:
+        """Wait until no call is live and no request is in flight (one may be accepting a call), or
+        until ``hurry`` is set."""
+        while not hurry.is_set() and (len(self.registry) or self.requests):
+            waits = [
+                asyncio.ensure_future(w)
+                for w in (self.registry.wait_idle(), self._no_requests.wait(), hurry.wait())
+            ]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+
+    def end_calls(self) -> asyncio.Future[None]:
+        """End the drain window now: calls still live are hung up (see :meth:`CallRegistry.drain`),
+        while requests still in flight finish. Returns the future of that end (the same one each time)."""
+        self.start_draining()
+        if self._ending is None:
+            self._drain_deadline = time.monotonic()
+            self._ending = asyncio.ensure_future(self.registry.drain(0.0))
+        return self._ending
+
     async def close(self) -> None:
         """End every call (at the end of the drain window) and release connections."""
         self.start_draining()
         assert self._drain_deadline is not None
-        await self.registry.drain(max(0.0, self._drain_deadline - time.monotonic()))
+        if self._ending is not None:
+            await self._ending
+        await self.registry.drain(max(0.0, self._drain_deadline - time.monotonic()))  # (started since)
         if self._http is not None:
             await self._http.close()
         await self.store.close()
@@ -526,7 +574,7 @@ class Service:
 
             # A failed refer falls back to a hangup at once (the caller waits in silence meanwhile); a
             # hangup that fails leaves the call up, so it is tried for longer.
-            await self._retrying(attempt, budget=None if name == "refer" else HANGUP_BUDGET)
+            await self._retrying(attempt, budget=None if name == "refer" else self._hangup_budget())
 
         runtime = CallRuntime(
             machine=CallMachine(config),

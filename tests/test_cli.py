@@ -364,3 +364,176 @@ async def test_serve_raises_its_open_files_limit(simulator: Simulator) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 15)
+
+
+STUBBORN_APP = """
+import asyncio
+from sideband import Sideband
+
+app = Sideband(instructions="x", greeting=None)
+
+@app.tool(timeout=600, filler_after=None)
+async def stubborn() -> str:
+    \"\"\"A tool that will not stop.\"\"\"
+    while True:
+        try:
+            await asyncio.sleep(600)
+        except asyncio.CancelledError:
+            pass  # swallowed, every time
+"""
+
+
+async def test_a_tool_that_ignores_cancellation_does_not_keep_the_process_alive(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    (tmp_path / "stubborn_app.py").write_text(STUBBORN_APP)
+    port = free_port()
+    env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="0.5", PYTHONPATH=str(tmp_path))
+    proc = await start_serve(port, env, app="stubborn_app:app")
+    assert proc.stdout is not None
+    lines: list[dict[str, object]] = []
+    try:
+        await read_until(proc.stdout, "server.started", lines)
+        call = simulator.create_call(Script([model_calls("stubborn", {}), pause(60)]))
+        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
+        assert (await sender.deliver(simulator.incoming_event(call))).status == 200
+        await read_until(proc.stdout, "tool.started", lines)
+        proc.send_signal(signal.SIGTERM)
+        # drain 0.5 s + the call's tools' grace (5 s) + a second for what is left: not the tool's forever
+        code = await asyncio.wait_for(proc.wait(), timeout=20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    err = (await proc.stderr.read()).decode() if proc.stderr else ""
+    assert code == 0, err
+    rest = (await proc.stdout.read()).decode().splitlines()
+    lines.extend(json.loads(line) for line in rest if line.strip())
+    events = [e.get("event") for e in lines]
+    assert events[-2:] == ["server.stopped", "server.tasks_abandoned"]
+    tasks = lines[-1]["tasks"]
+    assert isinstance(tasks, list) and len(tasks) == 1 and str(tasks[0]).startswith("tool:call_")
+    ended = [e for e in lines if e.get("event") == "call.ended"]
+    assert [e["reason"] for e in ended] == ["shutdown"]
+
+
+async def test_a_second_signal_ends_the_drain_at_once(simulator: Simulator) -> None:
+    port = free_port()
+    proc = await start_serve(port, serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="60"))
+    assert proc.stdout is not None
+    lines: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    try:
+        await read_until(proc.stdout, "server.started", lines)
+        call = simulator.create_call(Script([pause(60)]))
+        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
+        assert (await sender.deliver(simulator.incoming_event(call))).status == 200
+        await read_until(proc.stdout, "sideband.attached", lines)
+        proc.send_signal(signal.SIGTERM)
+        await read_until(proc.stdout, "server.draining", lines)
+        started = loop.time()
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), timeout=15)  # not the 60 s window
+        elapsed = loop.time() - started
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 0 and elapsed < 5
+    rest = (await proc.stdout.read()).decode().splitlines()
+    lines.extend(json.loads(line) for line in rest if line.strip())
+    events = [e.get("event") for e in lines]
+    assert "server.hurried" in events
+    assert [e["reason"] for e in lines if e.get("event") == "call.ended"] == ["shutdown"]
+    assert [r.path for r in simulator.requests if r.path.endswith("/hangup")] == [
+        f"/v1/realtime/calls/{call.call_id}/hangup"
+    ]
+
+
+async def test_a_webhook_in_flight_keeps_the_listener_and_its_call_gets_the_window(
+    simulator: Simulator,
+) -> None:
+    """No call is live at SIGTERM, but a webhook is mid-accept: the server goes on listening (readyz says
+    503) until it is answered, and the call it accepts is served for the rest of the window."""
+    drain = 2.0
+    port = free_port()
+    env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT=str(drain), SIDEBAND_ACCEPT_TIMEOUT="1")
+    proc = await start_serve(port, env)
+    assert proc.stdout is not None
+    lines: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    delivery: asyncio.Task[DeliveryResult] | None = None
+    try:
+        await read_until(proc.stdout, "server.started", lines)
+        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
+        late = simulator.create_call(Script([pause(60)]))
+        simulator.fail_accept(late.call_id, "timeout")  # the first attempt hangs for SIDEBAND_ACCEPT_TIMEOUT
+        delivery = asyncio.create_task(sender.deliver(simulator.incoming_event(late), max_attempts=1))
+        accept_path = f"/v1/realtime/calls/{late.call_id}/accept"
+        await simulator.wait_for(
+            lambda sim: any(r.path == accept_path for r in sim.requests), timeout=10, what="accept"
+        )
+        started = loop.time()
+        proc.send_signal(signal.SIGTERM)
+        await read_until(proc.stdout, "server.draining", lines)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/readyz") as resp,
+        ):
+            assert resp.status == 503  # still listening, and saying it drains
+        assert (await delivery).status == 200
+        await read_until(proc.stdout, "sideband.attached", lines)
+        code = await asyncio.wait_for(proc.wait(), timeout=4 * drain)
+        elapsed = loop.time() - started
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if delivery is not None and not delivery.done():
+            delivery.cancel()
+    assert code == 0
+    rest = (await proc.stdout.read()).decode().splitlines()
+    lines.extend(json.loads(line) for line in rest if line.strip())
+    ended = [e for e in lines if e.get("event") == "call.ended"]
+    assert [e["reason"] for e in ended] == ["shutdown"] and ended[0]["call_id"] == late.call_id
+    assert drain <= elapsed < drain + 3, f"exited {elapsed:.2f}s after SIGTERM (drain window {drain}s)"
+
+
+@pytest.mark.parametrize(
+    "source, spec, expected",
+    [
+        (
+            "raise RuntimeError('no database')\n",
+            "broken_app:app",
+            "RuntimeError: no database (broken_app.py:1)",
+        ),
+        (
+            "from sideband import Sideband\napp = Sideband()\n@app.tool\ndef gen():\n    yield 1\n",
+            "broken_app:app",
+            "a generator function cannot be a tool",
+        ),
+        (
+            "def make():\n    return 1 / 0\n",
+            "broken_app:make",
+            "ZeroDivisionError: division by zero (broken_app.py:2)",
+        ),
+        ("app = (\n", "broken_app:app", "SyntaxError"),
+    ],
+)
+def test_an_app_that_fails_to_load_is_one_line(tmp_path: Path, source: str, spec: str, expected: str) -> None:
+    (tmp_path / "broken_app.py").write_text(source)
+    env = clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "sideband.cli", "serve", spec, "--port", "0"],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("sideband: ") and expected in done.stderr
+    if "generator" in expected:
+        assert "(broken_app.py:3)" in done.stderr  # the app's line, not sideband's own

@@ -307,17 +307,21 @@ def _label(value: str) -> str:
 async def _errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    service.request_started()  # (a shutdown lets requests in flight finish: one may be accepting a call)
     try:
         return await handler(request)
     except web.HTTPException:
         raise
     except StoreUnavailable as exc:  # the sender tries again later (perhaps on another instance)
         log.warning("store.unavailable", path=request.path, error=str(exc))
-        request.app[SERVICE].refused["store.unavailable", 503] += 1
+        service.refused["store.unavailable", 503] += 1
         return _json(503, {"error": "claim store unavailable"}, {"Retry-After": "1"})
     except Exception:
         log.exception("http.internal_error", path=request.path)
         return _json(500, {"error": "internal error"})
+    finally:
+        service.request_done()
 
 
 def create_app(

@@ -69,6 +69,7 @@ END_HOOK_TIMEOUT = 10.0
 TASK_GRACE = 5.0
 """Seconds a call's cancelled tools get to stop when it ends; one that ignores its cancellation is left
 behind (``call.tasks_abandoned``)."""
+_CLOSE_TIMEOUT = 2.0  # seconds an ended call's socket gets for its closing handshake
 SHUTDOWN_GRACE = 5.0
 """Seconds the calls still live at the end of a drain get for their hangup before they are cancelled."""
 
@@ -175,6 +176,7 @@ class CallRuntime:
         "_targets",
         "_tool_tasks",
         "_verb_call",
+        "_verb_task",
         "_ws",
         "attached",
         "ctx",
@@ -207,6 +209,7 @@ class CallRuntime:
         self.tools = tools
         self._connect = connect
         self._verb_call = verb
+        self._verb_task: asyncio.Task[None] | None = None  # the hangup or refer under way
         self.hooks = hooks or CallHooks()
         self._targets = dict(transfer_targets or {})
         self._reattach_attempts = reattach_attempts
@@ -294,7 +297,11 @@ class CallRuntime:
         try:
             await self._main()
         except asyncio.CancelledError:
+            # Cut short (a shutdown past its grace): a hangup or refer still under way is given up too,
+            # and the end says so (hangup_failed).
             self._apply(self.machine.fail("shutdown"))
+            if self._verb_task is not None:
+                self._verb_task.cancel()
             raise
         except Exception:
             self.log.exception("call.crashed")
@@ -303,15 +310,17 @@ class CallRuntime:
             self._apply(self.machine.fail("internal_error"))
         finally:
             try:
-                await self._cleanup()
-                self.summary.reason = self.machine.closed or "internal_error"
-                self.summary.duration = time.monotonic() - started
-                self.log.info(
-                    "call.ended",
-                    reason=self.summary.reason,
-                    duration_s=round(self.summary.duration, 3),
-                    tool_calls=len(self.summary.tools),
-                )
+                try:
+                    await self._cleanup()
+                finally:  # (logged even if the cleanup is cut short)
+                    self.summary.reason = self.machine.closed or "internal_error"
+                    self.summary.duration = time.monotonic() - started
+                    self.log.info(
+                        "call.ended",
+                        reason=self.summary.reason,
+                        duration_s=round(self.summary.duration, 3),
+                        tool_calls=len(self.summary.tools),
+                    )
                 for hook in self.hooks.on_call_end:
                     try:
                         async with asyncio.timeout(END_HOOK_TIMEOUT):
@@ -494,7 +503,7 @@ class CallRuntime:
             elif isinstance(action, Withdraw):
                 self._outbox[:] = [f for f in self._outbox if not _carries(f, action.event_id)]
             elif isinstance(action, Verb):
-                self._spawn(self._run_verb(action.verb, action.target))
+                self._verb_task = self._spawn(self._run_verb(action.verb, action.target))
             elif isinstance(action, Close):
                 if self._ws is not None:
                     self._spawn(self._close_ws(self._ws))
@@ -507,10 +516,11 @@ class CallRuntime:
         if self._outbox and not self._flushing and self.machine.closed is None:
             self._spawn(self._flush())
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
+        return task
 
     def _spawn_hooks(self, hooks: list[Callable[..., Any]], *args: Any) -> None:
         """Run ``hooks`` in a task of their own, owned by the call (see :meth:`_settle_hooks`)."""
@@ -806,11 +816,12 @@ class CallRuntime:
         self._deadlines.clear()
         tasks = list(self._tool_tasks.values())
         for task in tasks:
-            task.cancel()
+            if not task.cancelling():  # cancelled once already by the end (CancelTool): its cleanup runs
+                task.cancel()
         ws = self._ws
         if ws is not None:
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(2.0):
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
                     await ws.close()
         await self._await_tasks(tasks)
         for call_id in list(self._tool_tasks):  # cancelled before they ever started, or stuck
@@ -856,6 +867,11 @@ class CallRuntime:
                 task.cancel()
             if left:
                 await asyncio.gather(*left, return_exceptions=True)
+
+    def end_bound(self) -> float:
+        """Seconds this call's end may take once its machine has closed, at most: its tools' grace, the
+        socket's close, its hooks' grace and each ``on_call_end`` hook's limit (and a second to spare)."""
+        return TASK_GRACE + _CLOSE_TIMEOUT + HOOK_GRACE + END_HOOK_TIMEOUT * len(self.hooks.on_call_end) + 1.0
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`run` has finished."""
@@ -943,20 +959,29 @@ class CallRegistry:
 
     async def drain(self, timeout: float, *, grace: float = SHUTDOWN_GRACE) -> None:
         """Let live calls finish for up to ``timeout`` seconds; then hang up the rest (reason
-        ``shutdown``: a call left up would go on with nobody running its tools), give that up to
-        ``grace`` seconds, cancel what is left and await it all."""
-        tasks = list(self._tasks.values())
+        ``shutdown``: a call left up would go on with nobody running its tools) and give that up to
+        ``grace`` seconds. A call whose hangup is still unanswered then is cut short (``hangup_failed``);
+        one that is past its end (stopping its tools, running its end hooks) finishes within the bounds
+        each call keeps (:meth:`CallRuntime.end_bound`). Every call's task is awaited."""
+        tasks = dict(self._tasks)
         if not tasks:
             return
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        _, pending = await asyncio.wait(tasks.values(), timeout=timeout)
         if pending:
-            for runtime in list(self.calls.values()):
-                runtime.abandon("shutdown")
+            for live in list(self.calls.values()):
+                live.abandon("shutdown")
             _, pending = await asyncio.wait(pending, timeout=grace)
-        for task in pending:
-            task.cancel()
-        if pending:
-            _, stuck = await asyncio.wait(pending, timeout=grace)
-            if stuck:  # (each call bounds its own end: this would take a bug of ours)
-                log = structlog.get_logger(component="sideband.call")
-                log.error("calls.abandoned", calls=sorted(t.get_name() for t in stuck))
+        if not pending:
+            return
+        bound = 1.0
+        for call_id, task in tasks.items():
+            runtime = self.calls.get(call_id)
+            if task not in pending or runtime is None:
+                continue
+            bound = max(bound, runtime.end_bound())
+            if runtime.machine.closed is None:  # its hangup is still out: the window is over
+                task.cancel()
+        _, stuck = await asyncio.wait(pending, timeout=bound)
+        if stuck:  # (each call bounds its own end: this would take a bug of ours)
+            log = structlog.get_logger(component="sideband.call")
+            log.error("calls.abandoned", calls=sorted(t.get_name() for t in stuck))

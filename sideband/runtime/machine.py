@@ -538,11 +538,21 @@ class CallMachine:
         return self._close("remote_closed")
 
     def fail(self, reason: str) -> list[Action]:
-        """End now for a reason found by the driver (``call_not_found``, ``shutdown``…)."""
+        """End now for a reason found by the driver (``call_not_found``, ``shutdown``…).
+
+        A ``shutdown`` that cuts short a hangup or refer still unanswered ends ``hangup_failed``: the
+        call may still be up, and the end reason must not say otherwise."""
         if self._closed is not None:
             return []
-        if reason == "call_not_found" and self._end is not None and self._end.verb_sent:
-            reason = self._end.reason
+        end = self._end
+        if reason == "call_not_found" and end is not None and end.verb_sent:
+            reason = end.reason
+        elif reason == "shutdown" and end is not None and end.verb_sent:
+            detail = "cut short by the shutdown: the call may still be up"
+            return [
+                Notice("call.verb_failed", {"verb": end.verb, "detail": detail}),
+                *self._close("hangup_failed"),
+            ]
         return self._close(reason)
 
     def abandon(self, reason: str) -> list[Action]:

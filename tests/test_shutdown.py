@@ -1,0 +1,87 @@
+"""The end of the drain window, in process: hangups that fail, end hooks, tools' own cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sideband.service import HANGUP_BUDGET
+from sideband.testing import Script, caller_says, model_calls, pause, wait_for_greeting
+
+from .conftest import Stack, capture_logs
+
+GREETING = wait_for_greeting("Hello, test desk.")
+
+
+async def live_call(stack: Stack, script: Script | None = None) -> str:
+    call = stack.sim.create_call(script or Script([GREETING, pause(60)]))
+    assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    return call.call_id
+
+
+async def test_a_hangup_still_failing_when_the_grace_ends_is_hangup_failed(stack: Stack) -> None:
+    with capture_logs() as logs:  # (from the start: a call's logger is bound when it starts)
+        call_id = await live_call(stack)
+        stack.sim.fail_verb(call_id, "hangup", *[503] * 50)  # failing far longer than the grace
+        await asyncio.wait_for(stack.service.registry.drain(0.0, grace=0.5), 10)
+    assert stack.service.registry.recent[call_id].reason == "hangup_failed"  # the call may still be up
+    failed = [e for e in logs if e["event"] == "call.verb_failed"]
+    assert len(failed) == 1 and failed[0]["verb"] == "hangup" and "shutdown" in failed[0]["detail"]
+    ended = [e for e in logs if e["event"] == "call.ended"]
+    assert [e["reason"] for e in ended] == ["hangup_failed"]
+    assert not [e for e in logs if e["event"] == "calls.abandoned"]
+
+
+async def test_an_end_hook_longer_than_the_shutdown_grace_runs_to_its_end(stack: Stack) -> None:
+    finished: list[str] = []
+
+    async def slow_end_hook(ctx: object, summary: object) -> None:
+        await asyncio.sleep(1.0)  # past the grace the calls' hangups get
+        finished.append(getattr(summary, "reason", "?"))
+
+    stack.app.on_call_end(slow_end_hook)
+    with capture_logs() as logs:
+        call_id = await live_call(stack)
+        await asyncio.wait_for(stack.service.registry.drain(0.0, grace=0.3), 20)
+    assert finished == ["shutdown"]
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["shutdown"]
+    assert not [e for e in logs if e["event"] in ("hook.cancelled", "calls.abandoned")]
+    assert stack.service.registry.ended["shutdown"] == 1 and call_id not in stack.service.registry
+
+
+async def test_a_tool_cancelled_by_the_end_finishes_its_own_cleanup(stack: Stack) -> None:
+    """The end cancels a running tool once: its cleanup (in ``except CancelledError``) is not cut short
+    by a second cancellation."""
+    steps: list[str] = []
+    started = asyncio.Event()
+
+    @stack.app.tool(timeout=60, filler_after=None)
+    async def careful() -> str:
+        """Writes something that must be rolled back if the call ends."""
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            steps.append("cleanup started")
+            await asyncio.sleep(0.3)  # a rollback
+            steps.append("cleanup finished")
+            raise
+        return "done"
+
+    await live_call(stack, Script([GREETING, caller_says("Do it."), model_calls("careful", {}), pause(60)]))
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(stack.service.registry.drain(0.0), 20)
+    assert steps == ["cleanup started", "cleanup finished"]
+
+
+def test_a_hangup_while_the_server_stops_fits_in_what_is_left_of_the_window(stack: Stack) -> None:
+    service = stack.service
+    assert service._hangup_budget() == HANGUP_BUDGET  # serving: the full budget
+    try:
+        service._drain_deadline = time.monotonic() + 10.0  # 10 s of drain window left
+        assert 13.0 < service._hangup_budget() <= 14.0  # the window, then the shutdown grace less a second
+        service._drain_deadline = time.monotonic()  # the window is over: the grace only
+        assert 3.5 < service._hangup_budget() <= 4.0
+    finally:
+        service._drain_deadline = None
