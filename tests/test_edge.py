@@ -375,3 +375,18 @@ async def test_too_many_header_lines_are_refused(stack: Stack) -> None:
     headers = {f"x-filler-{n}": "y" * 100 for n in range(70)}
     async with aiohttp.ClientSession() as http, http.get(stack.url("/healthz"), headers=headers) as r:
         assert r.status == 400
+
+
+async def test_a_lone_surrogate_in_a_sip_header_does_not_sink_the_call(stack: Stack) -> None:
+    """Valid JSON that pydantic's parser refuses (Python's reads it, as OpenAI's SDK would): a caller's
+    odd header bytes must not make every delivery a 400 while the caller rings."""
+    call = stack.sim.create_call(Script([]))
+    event = stack.sim.incoming_event(call)
+    event["data"]["sip_headers"].append({"name": "X-Caller-Name", "value": "\udc80 odd"})
+    body = json.dumps(event).encode()  # ensure_ascii: the surrogate goes out escaped, \udc80
+    assert b"\\udc80" in body
+    with capture_logs() as logs:
+        status, answer = await post(stack, body, signed(stack, body, webhook_id="wh_surrogate"))
+        assert (status, answer) == (200, {"status": "accepted"})
+        await call.wait_connected(timeout=5)
+    assert not [e for e in logs if e["event"] in ("webhook.rejected", "http.internal_error")]

@@ -137,6 +137,15 @@ def _signature_headers(request: web.Request) -> dict[str, str]:
     return out
 
 
+def _webhook_event(body: bytes) -> WebhookEvent:
+    """The event in a verified body. pydantic's parser refuses what Python's reads (a lone surrogate
+    escaped in a caller's SIP header, say): such a body is read by :mod:`sideband.jsonio` instead."""
+    try:
+        return WebhookEvent.model_validate_json(body)
+    except ValidationError:
+        return WebhookEvent.model_validate(jsonio.loads(body))
+
+
 async def webhook(request: web.Request) -> web.Response:
     """``POST /webhooks/openai`` — verify, claim, decide, answer (see README for every status)."""
     received = time.monotonic()
@@ -154,8 +163,8 @@ async def webhook(request: web.Request) -> web.Response:
     except VerificationError as exc:
         return _refuse(service, exc.status, exc.reason)
     try:
-        event = WebhookEvent.model_validate_json(body)
-    except ValidationError:
+        event = _webhook_event(body)
+    except (ValidationError, ValueError):
         return _refuse(service, 400, "body is not a JSON webhook event")
     fields = {"webhook_id": webhook_id, "type": event.type, "event_id": event.id}
     call_id = event.data.get("call_id") if isinstance(event.data, dict) else None
