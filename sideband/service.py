@@ -58,6 +58,10 @@ _UNCERTAIN_TTL = 3700.0
 went unanswered, or the instance died), and the call's redeliveries must know it, for longer than any
 call lasts."""
 
+_REFUSED_AGAIN = frozenset({400, 409, 412, 422})
+"""Statuses an accept may get when an earlier attempt of it went through (PROTOCOL does not say which):
+after an unanswered attempt, the call is attached rather than refused."""
+
 HANGUP_BUDGET = 30.0
 """Seconds a hangup is retried for (5xx, timeouts) before the call ends as ``hangup_failed``: a call
 left up talks on with nobody running its tools, so it gets longer than the accept budget."""
@@ -442,10 +446,25 @@ class Service:
                 # accept may have gone through.
                 marker = _uncertain_key(call_id)
                 inherited = not await self.store.claim(marker, _UNCERTAIN_TTL)
+
+                async def accept(timeout: float) -> None:
+                    try:
+                        await control.accept(call_id, plan.session, timeout=timeout)
+                    except CallGone:
+                        raise
+                    except UpstreamError as exc:
+                        if (
+                            (uncertain or inherited)
+                            and exc.status is not None
+                            and exc.status in _REFUSED_AGAIN
+                        ):
+                            # Refused after an attempt that may have gone through (this delivery's, or an
+                            # earlier one's): most likely because it did. Attaching tells.
+                            raise CallGone(str(exc), exc.status, exc.body) from None
+                        raise
+
                 try:
-                    await self._retrying(
-                        lambda t: control.accept(call_id, plan.session, timeout=t), on_retry=accept_retry
-                    )
+                    await self._retrying(accept, on_retry=accept_retry)
                 except CallGone as exc:
                     if not uncertain and not inherited:
                         await self.store.release(marker)  # gone while ringing: nothing to remember

@@ -295,6 +295,41 @@ async def test_an_accept_that_went_through_unanswered_still_attaches(stack: Stac
     assert call.sideband_connects == 1 and client_types(call)[0] == "session.update"
 
 
+@pytest.mark.parametrize("again", [400, 409, 422])
+async def test_an_accept_refused_after_an_unanswered_attempt_attaches(stack: Stack, again: int) -> None:
+    """The service may refuse an accept of a call already accepted (PROTOCOL does not say how): after an
+    attempt that went unanswered, such a refusal attaches the call, it does not reject it."""
+    call = stack.sim.create_call(Script([GREETING]))
+    stack.sim.fail_accept(call.call_id, "late", again)  # accepted, unanswered; the retry is refused
+    result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert result.status == 200 and json.loads(result.bodies[-1] or b"{}")["status"] == "accepted"
+    assert accepts(stack, call.call_id) == 2
+    await call.wait_done(timeout=5)
+    assert call.sideband_connects == 1 and client_types(call)[0] == "session.update"
+    assert not [r for r in stack.sim.requests if r.path.endswith(("/reject", "/hangup"))]
+
+
+async def test_an_accept_answered_200_whose_body_is_cut_is_taken() -> None:
+    """The 200 is the answer: a body cut short after it must not make the accept look undone."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{")
+        await writer.drain()
+        writer.close()  # 1 byte of the 200 promised
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as http:
+            control = CallControl(http, f"http://127.0.0.1:{port}/v1", "sk-test")
+            await control.accept("rtc_x", {"type": "realtime"}, timeout=2)  # does not raise
+            with pytest.raises(UpstreamError):  # where the body is the answer, a cut one is an error
+                await control.client_secret({"type": "realtime"}, 600, timeout=2)
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("settings_overrides", [{"route_failure_status": 480}])
 async def test_a_refused_accept_or_refer_rejects_the_call_instead(
     stack: Stack, settings_overrides: dict[str, Any]

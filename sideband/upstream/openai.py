@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -106,6 +107,12 @@ class CallControl:
                 allow_redirects=False,
                 **self._via,
             ) as resp:
+                if resp.status < 300 and call_id is not None:
+                    # The verb was taken; its body says nothing more. Losing the body (cut, stalled) must
+                    # not make it look undone: an accept tried again could be refused, the call rejected.
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        await resp.read()
+                    return ""
                 text = (await resp.read()).decode("utf-8", "replace")  # a proxy's error page may be binary
                 if resp.status in (404, 410) and call_id is not None:
                     raise CallGone(f"call {call_id} not found", resp.status, text)
