@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -24,7 +25,7 @@ from sideband.testing import (
     run_app,
     wait_for_greeting,
 )
-from sideband.upstream.openai import CallControl, UpstreamError
+from sideband.upstream.openai import CallControl, UpstreamError, retry_after, with_retries
 
 from .conftest import TEST_SETTINGS, Stack, make_app
 
@@ -562,3 +563,65 @@ async def test_a_redelivery_attaches_when_the_instance_that_accepted_died_before
     assert result.status == 200 and json.loads(result.bodies[-1] or b"{}")["status"] == "accepted"
     await call.wait_done(timeout=5)
     assert call.sideband_connects == 1
+
+
+async def test_call_control_retries_wait_as_the_server_asks() -> None:
+    loop = asyncio.get_running_loop()
+    tries: list[float] = []
+
+    async def attempt(timeout: float) -> str:
+        tries.append(loop.time())
+        if len(tries) == 1:
+            raise UpstreamError("POST /x answered 429", 429, retry_after=0.5)
+        return "ok"
+
+    assert await with_retries(attempt, budget=5.0, attempt_timeout=1.0) == "ok"
+    assert tries[1] - tries[0] >= 0.45  # not the usual 50 ms
+
+    tries.clear()
+
+    async def far_later(timeout: float) -> str:
+        tries.append(loop.time())
+        raise UpstreamError("POST /x answered 503", 503, retry_after=60)
+
+    with pytest.raises(UpstreamError):  # past the budget: given up at once, not after a minute
+        await asyncio.wait_for(with_retries(far_later, budget=2.0, attempt_timeout=1.0), 1.0)
+    assert len(tries) == 1
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("3", 3.0),
+        (" 120 ", 120.0),
+        ("Sun, 22 Nov 2026 10:00:05 GMT", 5.0),
+        ("Sun, 22 Nov 2026 09:59:00 GMT", 0.0),  # in the past: no wait
+        ("999999", 3600.0),  # capped at an hour
+        ("soon", None),
+        ("-1", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_retry_after_header_values(value: str | None, expected: float | None) -> None:
+    now = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC).timestamp()
+    assert retry_after(value, now=lambda: now) == expected
+
+
+async def test_a_rest_refusal_carries_its_retry_after() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Length: 4\r\n\r\nslow")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as http:
+            control = CallControl(http, f"http://127.0.0.1:{port}/v1", "sk-test")
+            with pytest.raises(UpstreamError) as caught:
+                await control.hangup("rtc_x", timeout=2)
+    finally:
+        server.close()
+    assert (caught.value.status, caught.value.retry_after, caught.value.body) == (429, 2.0, "slow")

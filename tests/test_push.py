@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,6 +18,7 @@ from sideband.runtime.driver import CallRuntime
 from sideband.runtime.machine import CallMachine, MachineConfig
 from sideband.tools import ToolRegistry
 from sideband.upstream._ws import PushConnection, open_socket
+from sideband.upstream.openai import connect_sideband
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
 
@@ -398,3 +400,102 @@ async def test_a_server_that_never_answers_times_out_and_the_socket_is_closed() 
         await asyncio.wait_for(closed.wait(), 5)
     finally:
         server.close()
+
+
+async def test_a_sideband_takes_a_message_of_several_mebibytes(peer: Any) -> None:
+    """The server echoes whole conversation items (an image, a long document): 5 MiB is no reason to
+    lose the socket, and a tool call behind it."""
+    big = json.dumps({"type": "conversation.item.done", "item": {"data": "a" * (5 << 20)}})
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(big)
+        await ws.send('{"type":"after"}')
+        await ws.wait_closed()
+
+    url = await peer(handler)
+    ws = await connect_sideband(url.rstrip("/"), "rtc_1", "sk-test")
+    got: list[bytes] = []
+    both = asyncio.Event()
+
+    def message(data: bytes) -> None:
+        got.append(data)
+        if len(got) == 2:
+            both.set()
+
+    ws.start(message, lambda: None)
+    try:
+        await asyncio.wait_for(both.wait(), 10)
+    finally:
+        await ws.close()
+    assert len(got[0]) == len(big) and got[1] == b'{"type":"after"}'
+
+
+async def test_sockets_dropped_at_once_again_and_again_end_the_call_not_a_loop(peer: Any) -> None:
+    """A server that takes each handshake and drops the socket at once (1011): the first loss re-attaches
+    at once, the next ones wait longer each time, and once SIDEBAND_REATTACH_ATTEMPTS re-attached sockets
+    in a row were lost so soon, the call is hung up (``reattach_failed``) instead of re-attaching hundreds of times a second."""
+    handshakes: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def handler(ws: ServerConnection) -> None:
+        handshakes.append(loop.time())
+        await ws.recv()  # our session.update
+        await ws.close(1011, "server error")
+
+    url = await peer(handler)
+    verbs: list[tuple[str, str | None]] = []
+
+    async def verb(name: str, target: str | None) -> None:
+        verbs.append((name, target))
+
+    runtime = CallRuntime(
+        machine=CallMachine(MachineConfig(session={"type": "realtime"})),
+        ctx=CallContext("rtc_storm"),
+        tools=ToolRegistry(),
+        connect=lambda: connect(url),
+        verb=verb,
+        reattach_attempts=4,
+    )
+    reason = await asyncio.wait_for(runtime.run(), 20)
+    assert reason == "reattach_failed"
+    assert verbs == [("hangup", None)]
+    assert len(handshakes) == 5  # the first socket and four re-attaches, not a storm
+    gaps = [b - a for a, b in itertools.pairwise(handshakes)]
+    assert gaps[1] >= 0.15 and gaps[2] >= 0.35 and gaps[3] >= 0.75  # waits of 0.2, 0.4, 0.8 s first
+
+
+async def test_an_attach_refused_with_retry_after_waits_as_asked(peer: Any) -> None:
+    """429 with ``Retry-After: 1``: the next attempt comes a second later, not after the usual 0.2 s
+    (which would spend the attempts and hang up a call the server was about to take)."""
+    loop = asyncio.get_running_loop()
+    attempts: list[float] = []
+
+    def process_request(connection: Any, request: Any) -> Any:
+        attempts.append(loop.time())
+        if len(attempts) == 1:
+            response = connection.respond(429, "slow down\n")
+            response.headers["Retry-After"] = "1"
+            return response
+        return None
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.wait_closed()
+
+    server = await serve(handler, "127.0.0.1", 0, process_request=process_request)
+    port = next(iter(server.sockets)).getsockname()[1]
+    runtime = CallRuntime(
+        machine=CallMachine(MachineConfig(session={"type": "realtime"})),
+        ctx=CallContext("rtc_later"),
+        tools=ToolRegistry(),
+        connect=lambda: connect_sideband(f"ws://127.0.0.1:{port}", "rtc_later", "sk-test"),
+        reattach_attempts=3,
+    )
+    task = asyncio.create_task(runtime.run())
+    try:
+        await asyncio.wait_for(runtime.attached.wait(), 10)
+    finally:
+        runtime.abandon("test over")
+        await asyncio.wait_for(task, 10)
+        server.close()
+        await server.wait_closed()
+    assert len(attempts) == 2 and attempts[1] - attempts[0] >= 0.9

@@ -69,6 +69,8 @@ END_HOOK_TIMEOUT = 10.0
 TASK_GRACE = 5.0
 """Seconds a call's cancelled tools get to stop when it ends; one that ignores its cancellation is left
 behind (``call.tasks_abandoned``)."""
+_STABLE_SOCKET = 10.0  # seconds a sideband must have lasted for its loss not to count as one in a row
+_MAX_RETRY_AFTER = 30.0  # seconds at most an attach waits when the server asks to (Retry-After)
 _CLOSE_TIMEOUT = 2.0  # seconds an ended call's socket gets for its closing handshake
 SHUTDOWN_GRACE = 5.0
 """Seconds the calls still live at the end of a drain get for their hangup before they are cancelled."""
@@ -342,8 +344,11 @@ class CallRuntime:
         self._apply(self.machine.start())  # our session.update (and greeting) go out first
         if self.hooks.on_call_start:
             self._spawn_hooks(self.hooks.on_call_start, self.ctx)
+        loop = asyncio.get_running_loop()
+        brief, delay = 0, 0.2  # sockets in a row lost soon after they opened; the wait before the next
         while self.machine.closed is None:
             await self._flush()
+            opened = loop.time()
             code = await self._pump(ws)
             if self.machine.closed is not None:
                 return
@@ -357,6 +362,22 @@ class CallRuntime:
                 self._apply(self.machine.fail(final or "connection_lost"))
                 return
             self.log.warning("sideband.lost", close_code=code)
+            # A socket the server takes and drops again at once must not make a re-attach loop: the first
+            # loss re-attaches at once, the next ones in a row wait longer each time, and once
+            # SIDEBAND_REATTACH_ATTEMPTS re-attached sockets in a row were lost so soon, the call is hung
+            # up (nobody can control it).
+            if loop.time() - opened >= _STABLE_SOCKET:
+                brief, delay = 0, 0.2
+            else:
+                brief += 1
+                if brief > max(self._reattach_attempts, 1):
+                    self._apply(self.machine.abandon("reattach_failed"))
+                    return
+                if brief > 1:
+                    await self._backoff(delay)
+                    delay = min(delay * 2, 5.0)
+                    if self.machine.closed is not None:
+                        return
             reopened = await self._open(first=False)
             if reopened is None:
                 return
@@ -398,7 +419,8 @@ class CallRuntime:
                 if not exc.retryable or machine.closed is not None:
                     break
                 if attempt < attempts:
-                    await self._backoff(delay)
+                    # (as long as the server asks, up to half a minute: better than hanging up the caller)
+                    await self._backoff(max(delay, min(exc.retry_after or 0.0, _MAX_RETRY_AFTER)))
                     delay = min(delay * 2, 5.0)
                 continue
             if machine.closed is not None:

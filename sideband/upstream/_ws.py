@@ -18,9 +18,22 @@ from websockets.protocol import CLOSED, OPEN, Event
 from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
-__all__ = ["PushConnection", "client_tls", "open_socket", "quiet_logger", "resolve_proxy", "ws_url"]
+__all__ = [
+    "MAX_MESSAGE",
+    "PushConnection",
+    "client_tls",
+    "open_socket",
+    "quiet_logger",
+    "resolve_proxy",
+    "ws_url",
+]
 
 _DATA = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
+
+MAX_MESSAGE = 64 * 1024 * 1024
+"""The largest message a sideband takes (bytes): the server echoes whole conversation items (an image a
+caller's app added, a long document) in its events. A larger one closes the socket (1009), and the call
+re-attaches."""
 
 
 def ws_url(http_url: str) -> str:

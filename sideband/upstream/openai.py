@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.proxy import Proxy
 
 from sideband import jsonio
-from sideband.upstream._ws import PushConnection, open_socket, ws_url
+from sideband.upstream._ws import MAX_MESSAGE, PushConnection, open_socket, ws_url
 
 __all__ = ["CallControl", "CallGone", "SidebandRefused", "UpstreamError", "connect_sideband"]
 
@@ -45,12 +46,16 @@ def why(exc: BaseException) -> str:
 
 
 class UpstreamError(Exception):
-    """OpenAI answered with an error status (``status``) or could not be reached (``status`` None)."""
+    """OpenAI answered with an error status (``status``) or could not be reached (``status`` None).
+    ``retry_after``: the seconds its ``Retry-After`` header asked to wait, if it sent one."""
 
-    def __init__(self, message: str, status: int | None = None, body: str = "") -> None:
+    def __init__(
+        self, message: str, status: int | None = None, body: str = "", *, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = body[:500]
+        self.retry_after = retry_after
 
     @property
     def retryable(self) -> bool:
@@ -117,7 +122,12 @@ class CallControl:
                 if resp.status in (404, 410) and call_id is not None:
                     raise CallGone(f"call {call_id} not found", resp.status, text)
                 if resp.status >= 300:
-                    raise UpstreamError(f"POST {path} answered {resp.status}", resp.status, text)
+                    raise UpstreamError(
+                        f"POST {path} answered {resp.status}",
+                        resp.status,
+                        text,
+                        retry_after=retry_after(resp.headers.get("Retry-After")),
+                    )
                 return text
         except TimeoutError:
             raise UpstreamError(f"POST {path} timed out after {timeout:g} s") from None
@@ -212,12 +222,32 @@ async def with_retries(
             raise
         except UpstreamError as exc:
             left = deadline - clock()
-            if not exc.retryable or left <= delay:
+            wait = max(delay * (0.5 + random.random() / 2), exc.retry_after or 0.0)  # as the server asks
+            if not exc.retryable or left <= wait:
                 raise
             if on_retry is not None:
                 on_retry(tries, exc)
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            await asyncio.sleep(wait)
             delay = min(delay * 2, 1.0)
+
+
+def retry_after(value: str | None, *, now: Callable[[], float] = time.time) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (delay-seconds or an HTTP date), at most an hour;
+    None when there is none or it cannot be read."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - now()
+    return min(max(seconds, 0.0), 3600.0)
 
 
 def sideband_url(base_url: str) -> str:
@@ -249,7 +279,7 @@ async def connect_sideband(
             api_key,
             compression=compression,
             open_timeout=open_timeout,
-            max_size=4 * 1024 * 1024,
+            max_size=MAX_MESSAGE,
             proxy=proxy,
             tls=tls,
         )
@@ -258,7 +288,8 @@ async def connect_sideband(
         body = exc.response.body.decode("utf-8", "replace") if exc.response.body else ""
         if status in (404, 410):
             raise CallGone(f"sideband refused: call {call_id} not found", status, body) from None
-        raise SidebandRefused(f"sideband refused with {status}", status, body) from None
+        wait = retry_after(exc.response.headers.get("Retry-After"))
+        raise SidebandRefused(f"sideband refused with {status}", status, body, retry_after=wait) from None
     except (OSError, TimeoutError) as exc:
         raise UpstreamError(f"sideband connect failed: {why(exc)}") from None
     except Exception as exc:  # websockets raises InvalidHandshake/InvalidMessage subclasses too

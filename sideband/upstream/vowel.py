@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from websockets.exceptions import InvalidMessage, InvalidStatus
 
-from sideband.upstream._ws import PushConnection, open_socket, resolve_proxy, ws_url
+from sideband.upstream._ws import MAX_MESSAGE, PushConnection, open_socket, resolve_proxy, ws_url
 from sideband.upstream.openai import UpstreamError, why
 
 __all__ = [
@@ -256,7 +256,7 @@ async def connect_engine(
             token.value,
             compression=False,
             open_timeout=open_timeout,
-            max_size=16 * 1024 * 1024,
+            max_size=MAX_MESSAGE,
             proxy=resolve_proxy(engine_socket_url(engine_url)),
             tls=tls,
         )
