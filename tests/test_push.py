@@ -433,7 +433,8 @@ async def test_a_sideband_takes_a_message_of_several_mebibytes(peer: Any) -> Non
 async def test_sockets_dropped_at_once_again_and_again_end_the_call_not_a_loop(peer: Any) -> None:
     """A server that takes each handshake and drops the socket at once (1011): the first loss re-attaches
     at once, the next ones wait longer each time, and once SIDEBAND_REATTACH_ATTEMPTS re-attached sockets
-    in a row were lost so soon, the call is hung up (``reattach_failed``) instead of re-attaching hundreds of times a second."""
+    in a row were lost so soon, the call is hung up (``reattach_failed``), instead of re-attaching
+    hundreds of times a second."""
     handshakes: list[float] = []
     loop = asyncio.get_running_loop()
 
