@@ -96,8 +96,10 @@ async def test_health_readiness_and_metrics(stack: Stack) -> None:
         async with http.get(stack.url("/readyz")) as resp:
             assert resp.status == 503
         body = event_body(stack)
-        status, _ = await post(stack, body, signed(stack, body))
+        with capture_logs() as logs:
+            status, _ = await post(stack, body, signed(stack, body))
         assert status == 503  # OpenAI redelivers to an instance that is not draining
+        assert [e["event"] for e in logs] == ["webhook.draining"]
         stack.service.draining = False
         status, _answer = await post(stack, body, signed(stack, body))
         assert status == 200

@@ -152,6 +152,7 @@ async def webhook(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     if service.draining:
         service.refused["webhook.draining", 503] += 1
+        log.info("webhook.draining")  # (OpenAI delivers it again, to another instance)
         return _json(503, {"error": "draining"}, {"Retry-After": "1"})
     if request.content_type != "application/json":
         return _refuse(service, 415, "content-type must be application/json")
@@ -272,6 +273,7 @@ async def _browser_gate(request: web.Request, service: Service) -> web.Response 
         return _refuse(service, 403, "not authorized", event="rtc.unauthorized")
     if service.draining:
         service.refused["rtc.draining", 503] += 1
+        log.info("rtc.draining", path=request.path)
         return _json(503, {"error": "draining"})
     return None
 
