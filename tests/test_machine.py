@@ -23,6 +23,7 @@ from sideband.runtime.machine import (
     Verb,
     Withdraw,
 )
+from sideband.vowel.session import ENGINE_CAPABILITIES
 
 SESSION = {"type": "realtime", "instructions": "hi"}
 
@@ -155,6 +156,52 @@ def test_engine_style_complete_call_in_output_item_added() -> None:
     assert [a for a in actions if isinstance(a, RunTool)] == [
         RunTool("call_9", "lookupOrder", '{"orderId":"1"}')
     ]
+
+
+def engine_machine() -> CallMachine:
+    m = machine(caps=ENGINE_CAPABILITIES)
+    m.start()
+    m.receive({"type": "session.created", "session": {"id": "sess_1"}})
+    return m
+
+
+def engine_call(call_id: str, resp: str, arguments: Any = '{"orderId":"1"}') -> dict[str, Any]:
+    item = {"type": "function_call", "status": "completed", "name": "lookupOrder", "call_id": call_id}
+    if arguments is not ...:
+        item["arguments"] = arguments
+    return {"type": "response.output_item.added", "response_id": resp, "item": item}
+
+
+def test_arguments_forwarded_as_an_object_are_run_and_missing_ones_answered() -> None:
+    """The engine forwards arguments as the model wrote them: an object is taken as its JSON text, and a
+    finished call without any gets an output all the same (the engine waits for one with no timeout)."""
+    m = engine_machine()
+    m.receive(engine_call("call_obj", "resp_1", {"orderId": "1"}))
+    m.receive(engine_call("call_none", "resp_1", ...))
+    runs = [a for a in m.receive(response_done("resp_1")) if isinstance(a, RunTool)]
+    assert runs == [
+        RunTool("call_obj", "lookupOrder", '{"orderId": "1"}'),
+        RunTool("call_none", "lookupOrder", "null"),  # refused by validation: invalid_arguments
+    ]
+
+
+@pytest.mark.parametrize("caps, runs_again", [(ENGINE_CAPABILITIES, True), (Capabilities(), False)])
+def test_a_call_id_back_in_a_later_response(caps: Capabilities, runs_again: bool) -> None:
+    """An engine passing on ids the model made up reuses them: a later response's call_1 is a new call,
+    which the engine waits on. OpenAI's ids are unique: one seen before is never run twice."""
+    m = machine(caps=caps)
+    m.start()
+    if caps.session_created_first:
+        m.receive({"type": "session.created", "session": {"id": "sess_1"}})
+    m.receive(engine_call("call_1", "resp_1"))
+    assert [a.call_id for a in m.receive(response_done("resp_1")) if isinstance(a, RunTool)] == ["call_1"]
+    m.tool_done("call_1", '{"ok":true}')
+    m.receive(
+        {"type": "conversation.item.added", "item": {"type": "function_call_output", "call_id": "call_1"}}
+    )
+    m.receive(engine_call("call_1", "resp_2"))
+    again = [a.call_id for a in m.receive(response_done("resp_2")) if isinstance(a, RunTool)]
+    assert again == (["call_1"] if runs_again else [])
 
 
 def test_output_while_response_active_waits_for_response_done() -> None:

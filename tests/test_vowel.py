@@ -8,6 +8,7 @@ import io
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -747,3 +748,39 @@ async def test_the_engine_calls_no_tool_that_session_update_did_not_declare(vowe
 def test_dial_with_a_blank_turn_is_one_line_before_anything_opens(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["dial", "--say", "hi", "--say", "  "]) == 2
     assert capsys.readouterr().err.strip() == "sideband: --say needs some text"
+
+
+async def test_a_slow_sync_hook_does_not_hold_the_reply_back(vowel: VowelSimulator, app: Sideband) -> None:
+    """The reply is handed to ``say()`` on the event loop, not after the app's sync hooks in the tools'
+    thread pool: a transcript hook that takes its time does not delay it."""
+    loop = asyncio.get_running_loop()
+    app.on_transcript(lambda ctx, role, text: time.sleep(1.0))
+    vowel.script([when("hello", reply="Hi there.")])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        started = loop.time()
+        reply = await session.say("hello")
+        elapsed = loop.time() - started
+    assert reply.text == "Hi there."
+    assert elapsed < 0.8, f"the reply took {elapsed:.2f}s"
+
+
+async def test_a_reply_timeout_ends_the_session_with_that_reason(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO
+) -> None:
+    @app.tool(timeout=5)
+    async def ponder() -> str:
+        """Takes its time."""
+        await asyncio.sleep(2)
+        return "done"
+
+    vowel.script([when("think", calls=[("ponder", {})], reply="Thought.")])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        with pytest.raises(EngineError) as caught:
+            await session.say("think", timeout=0.3)
+        assert caught.value.reason == "reply_timeout"
+        assert session.end_reason == "reply_timeout" and not session.live
+        with pytest.raises(EngineError) as again:  # a late reply would be taken for this turn's
+            await session.say("anything else?")
+        assert again.value.reason == "reply_timeout"
+    ended = [e for e in log_lines(logs) if e["event"] == "vowel.session_ended"]
+    assert [e["reason"] for e in ended] == ["reply_timeout"]

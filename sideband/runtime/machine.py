@@ -132,6 +132,9 @@ class Capabilities:
     nested_audio: bool = True
     """Voice, speed and turn detection live in the session's ``audio`` object (OpenAI); otherwise at its
     top level (vowel): where :meth:`CallMachine.update_session` puts ``voice=`` and the like."""
+    reused_call_ids: bool = False
+    """A call id may come back in a later response as a new call (an engine passing on ids the model made
+    up: ``call_1`` every turn), which waits for its output; otherwise a call id is run once, ever."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +197,14 @@ class _End:
     verb_sent: bool = False
     held: bool = False  # a re-attach happened meanwhile: the server's state shows itself first
     heard: bool = False  # playback events arrived on the new socket while held
+
+
+def _json_text(value: Any) -> str:
+    """Arguments that came as JSON values rather than text, as text (what cannot be written: ``null``)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return "null"
 
 
 def _output(call_id: str, output: str) -> dict[str, Any]:
@@ -695,7 +706,9 @@ class CallMachine:
                         },
                     )
                 )
-            elif call.arguments is not None:
+            else:
+                if call.arguments is None:  # none came with a finished response: never silence
+                    call.arguments = "null"  # (refused by validation: the model hears invalid_arguments)
                 actions += self._run(call)
         actions.append(
             Notice(
@@ -732,6 +745,17 @@ class CallMachine:
         if not isinstance(call_id, str) or not call_id:
             return
         call = self._calls.get(call_id)
+        if (
+            call is not None
+            and self.caps.reused_call_ids
+            and call.state in ("answered", "discarded")
+            and isinstance(response_id, str)
+            and call.response_id not in (None, response_id)
+            and call_id not in (self._unacked or ())
+        ):
+            # An id seen in an earlier response, done with: an engine that passes on ids the model
+            # made up (call_1, every turn) asks for a new call, and waits for its output forever.
+            call = None
         if call is None:
             call = _ToolCall(
                 call_id, str(item.get("name") or ""), response_id if isinstance(response_id, str) else None
@@ -742,8 +766,9 @@ class CallMachine:
         if not call.name and item.get("name"):
             call.name = str(item["name"])
         arguments = item.get("arguments")
-        if call.arguments is None and isinstance(arguments, str):
-            call.arguments = arguments
+        if call.arguments is None and arguments is not None:
+            # (a string as OpenAI sends it; an engine may forward the model's object as it is)
+            call.arguments = arguments if isinstance(arguments, str) else _json_text(arguments)
         status = item.get("status")
         if status == "completed":
             call.complete = True

@@ -52,6 +52,7 @@ ENGINE_CAPABILITIES = Capabilities(
     resumable=False,
     close_reasons={1011: "engine_error"},
     nested_audio=False,
+    reused_call_ids=True,
 )
 """What the vowel engine does, as the call machine sees it."""
 
@@ -340,9 +341,11 @@ class EngineSession:
                 runtime.user_text(text)
                 return await asyncio.wait_for(future, limit)
             except TimeoutError:
-                raise EngineError(
-                    "reply_timeout", f"no reply from the vowel engine within {limit:g} s"
-                ) from None
+                # The engine is stuck, or its late reply would be taken for the next turn's: this
+                # session is over (its logs and end_reason say so; close it).
+                message = f"no reply from the vowel engine within {limit:g} s"
+                self._set_end("reply_timeout", message)
+                raise EngineError("reply_timeout", message) from None
             finally:
                 self._turn = None
 
@@ -387,9 +390,9 @@ class EngineSession:
         self._check_live()
         if not ready.is_set():
             self._log.warning("vowel.session_not_ready", timeout_s=self.open_timeout)
-            raise EngineError(
-                "not_ready", f"vowel engine did not confirm the session within {self.open_timeout:g} s"
-            )
+            message = f"vowel engine did not confirm the session within {self.open_timeout:g} s"
+            self._set_end("not_ready", message)
+            raise EngineError("not_ready", message)
 
     def _check_live(self) -> None:
         if self._task is None:
@@ -397,11 +400,12 @@ class EngineSession:
         if self.end_reason is not None or self._task.done():
             raise self._error()
 
-    def _on_response(
+    async def _on_response(
         self, ctx: CallContext, response_id: str | None, status: str | None, tools_running: int
     ) -> None:
         """A turn ends at a ``completed`` ``response.done`` with no tool running and no response to come.
-        The hook runs once the runtime handled that event: nothing asked for since can be answered yet."""
+        The hook runs once the runtime handled that event: nothing asked for since can be answered yet.
+        (A coroutine: it runs on the event loop, never queued behind the app's sync hooks and tools.)"""
         turn, runtime = self._turn, self.runtime
         if turn is None or turn.future.done():
             return
