@@ -79,15 +79,21 @@ def _reason(exc: OSError) -> str:
 
 
 def _raised(exc: Exception) -> str:
-    """``Type: message (file:line)``, the line being the app's innermost frame that raised it."""
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    """``Type: message (file:line)`` on one line, the line being the app's innermost frame that raised it
+    (not sideband's, the standard library's or an installed package's)."""
+    message = " ".join(str(exc).split())
+    if len(message) > 300:
+        message = message[:299] + "…"
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     if isinstance(exc, SyntaxError):  # (its message names the file and line already)
         return text
-    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    installed = tuple(
+        {os.path.dirname(os.path.abspath(__file__)) + os.sep, sys.prefix + os.sep, sys.base_prefix + os.sep}
+    )
     frames = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
-        if not f.filename.startswith((ours, "<frozen"))  # the app's line, not sideband's own or importlib's
+        if not f.filename.startswith((*installed, "<")) and "site-packages" not in f.filename
     ]
     if not frames:
         return text

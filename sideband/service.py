@@ -263,10 +263,12 @@ class Service:
         """Wait until no call is live and no request is in flight (one may be accepting a call), or
         until ``hurry`` is set."""
         while not hurry.is_set() and (len(self.registry) or self.requests):
-            waits = [
-                asyncio.ensure_future(w)
-                for w in (self.registry.wait_idle(), self._no_requests.wait(), hurry.wait())
-            ]
+            # (only on what is still to come: a wait already over would make this loop spin)
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(hurry.wait())]
+            if len(self.registry):
+                waits.append(asyncio.ensure_future(self.registry.wait_idle()))
+            if self.requests:
+                waits.append(asyncio.ensure_future(self._no_requests.wait()))
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:

@@ -518,6 +518,8 @@ async def test_a_webhook_in_flight_keeps_the_listener_and_its_call_gets_the_wind
             "ZeroDivisionError: division by zero (broken_app.py:2)",
         ),
         ("app = (\n", "broken_app:app", "SyntaxError"),
+        ("import json\njson.loads('{not json')\n", "broken_app:app", "(broken_app.py:2)"),  # not json's
+        ("raise ValueError('first\\nsecond\\nthird')\n", "broken_app:app", "ValueError: first second third"),
     ],
 )
 def test_an_app_that_fails_to_load_is_one_line(tmp_path: Path, source: str, spec: str, expected: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from sideband.service import HANGUP_BUDGET
@@ -85,3 +86,78 @@ def test_a_hangup_while_the_server_stops_fits_in_what_is_left_of_the_window(stac
         assert 3.5 < service._hangup_budget() <= 4.0
     finally:
         service._drain_deadline = None
+
+
+async def test_waiting_for_the_drain_sleeps(stack: Stack) -> None:
+    """While a call is live and no request is in flight, the drain waits on the call, not in a loop."""
+    await live_call(stack)
+    registry, rounds = stack.service.registry, 0
+    wait_idle = registry.wait_idle
+
+    async def counted() -> None:
+        nonlocal rounds
+        rounds += 1
+        await wait_idle()
+
+    registry.wait_idle = counted  # type: ignore[method-assign]
+    hurry = asyncio.Event()
+    try:
+        waiting = asyncio.create_task(stack.service.wait_quiet(hurry))
+        await asyncio.sleep(0.3)  # the window being measured, not a wait for an outcome
+        assert not waiting.done() and rounds == 1
+        hurry.set()
+        await asyncio.wait_for(waiting, 5)
+    finally:
+        registry.wait_idle = wait_idle  # type: ignore[method-assign]
+
+
+async def test_a_hangup_cut_short_is_not_tried_again_after_the_grace(stack: Stack) -> None:
+    with capture_logs():
+        call_id = await live_call(stack)
+        stack.sim.fail_verb(call_id, "hangup", *["timeout"] * 50)  # each attempt hangs
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(stack.service.registry.drain(0.0, grace=0.5), 10)
+        took = loop.time() - started
+        tried = sum(1 for r in stack.sim.requests if r.path.endswith("/hangup"))
+        await asyncio.sleep(1.5)  # a hangup still retrying in the background would show up here
+    assert took < 2.0, f"the drain took {took:.2f}s"  # not the tools' 5 s grace waiting on the verb
+    assert sum(1 for r in stack.sim.requests if r.path.endswith("/hangup")) == tried
+
+
+async def test_a_hangup_while_the_server_stops_gives_up_within_the_grace(stack: Stack) -> None:
+    """The hangup a shutdown sends is bounded by what is left of the window and the grace (4 s here),
+    not the usual 30 s: it ends on its own terms (the 503s it got), before the grace cuts it short."""
+    with capture_logs() as logs:
+        call_id = await live_call(stack)
+        stack.sim.fail_verb(call_id, "hangup", *[503] * 200)
+        await asyncio.wait_for(stack.service.end_calls(), 15)
+    failed = [e for e in logs if e["event"] == "call.verb_failed"]
+    assert len(failed) == 1 and "503" in failed[0]["detail"], failed
+    assert stack.service.registry.recent[call_id].reason == "hangup_failed"
+
+
+async def test_call_ended_is_logged_even_when_the_end_is_cut_short(stack: Stack) -> None:
+    started, released = asyncio.Event(), asyncio.Event()
+
+    @stack.app.tool(timeout=60, filler_after=None)
+    async def stubborn() -> str:
+        """Ignores its cancellation (until the test is over)."""
+        started.set()
+        while not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await released.wait()
+        return "released"
+
+    with capture_logs() as logs:
+        call_id = await live_call(
+            stack, Script([GREETING, caller_says("Go."), model_calls("stubborn", {}), pause(60)])
+        )
+        await asyncio.wait_for(started.wait(), 5)
+        task = stack.service.registry._tasks[call_id]
+        task.cancel()  # the end begins: the tool is cancelled, and ignores it
+        await asyncio.sleep(0.2)
+        task.cancel()  # and the end itself is cut short
+        await asyncio.gather(task, return_exceptions=True)
+    released.set()  # (the tool task ends with the test)
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["shutdown"]

@@ -213,6 +213,7 @@ async def with_retries(
     deadline = clock() + budget
     delay = 0.05
     tries = 0
+    last = False  # the next attempt is the last one (a Retry-After asked for more than the budget)
     while True:
         tries += 1
         left = deadline - clock()
@@ -222,13 +223,23 @@ async def with_retries(
             raise
         except UpstreamError as exc:
             left = deadline - clock()
-            wait = max(delay * (0.5 + random.random() / 2), exc.retry_after or 0.0)  # as the server asks
-            if not exc.retryable or left <= wait:
+            if not exc.retryable or last:
+                raise
+            wait = delay * (0.5 + random.random() / 2)
+            if exc.retry_after:  # as long as the server asks; past the budget, one last try at its end
+                if exc.retry_after < left - _LAST_TRY:
+                    wait = max(wait, exc.retry_after)
+                else:
+                    wait, last = max(left - _LAST_TRY, 0.0), True
+            if left <= wait:
                 raise
             if on_retry is not None:
                 on_retry(tries, exc)
             await asyncio.sleep(wait)
             delay = min(delay * 2, 1.0)
+
+
+_LAST_TRY = 0.25  # seconds of a budget kept for the last attempt when a Retry-After asks for more
 
 
 def retry_after(value: str | None, *, now: Callable[[], float] = time.time) -> float | None:
@@ -237,7 +248,7 @@ def retry_after(value: str | None, *, now: Callable[[], float] = time.time) -> f
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         seconds = float(value)
     else:
         try:
