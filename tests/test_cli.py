@@ -288,32 +288,45 @@ def stuck_lookup() -> str:
 """
 
 
-async def test_a_stuck_sync_tool_does_not_keep_the_process_alive(
-    simulator: Simulator, tmp_path: Path
-) -> None:
-    (tmp_path / "hung_app.py").write_text(HUNG_APP)
+async def sigterm_during_tool(
+    simulator: Simulator, tmp_path: Path, source: str, tool: str, *, drain: float, wait_for: str
+) -> tuple[int, str, list[dict[str, object]]]:
+    """Serve the app in ``source``, place a call whose model calls ``tool``, wait for the log event
+    ``wait_for``, send SIGTERM; return the exit code, stderr and every log line."""
+    (tmp_path / f"{tool}_app.py").write_text(source)
     port = free_port()
-    env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="1", PYTHONPATH=str(tmp_path))
-    proc = await start_serve(port, env, app="hung_app:app")
+    env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT=str(drain), PYTHONPATH=str(tmp_path))
+    proc = await start_serve(port, env, app=f"{tool}_app:app")
     assert proc.stdout is not None
     lines: list[dict[str, object]] = []
     try:
         await read_until(proc.stdout, "server.started", lines)
-        call = simulator.create_call(Script([model_calls("stuck_lookup", {}), pause(60)]))
+        call = simulator.create_call(Script([model_calls(tool, {}), pause(60)]))
         sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
         assert (await sender.deliver(simulator.incoming_event(call))).status == 200
-        finished = await read_until(proc.stdout, "tool.finished", lines)
-        assert finished["outcome"] == "timeout"  # the model was answered; the thread still waits
+        await read_until(proc.stdout, wait_for, lines)
         proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), timeout=15)  # not the two minutes the thread waits
+        # the drain, the call's tools' grace (5 s) and a second for what is left: not the tool's forever
+        code = await asyncio.wait_for(proc.wait(), timeout=20)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
     err = (await proc.stderr.read()).decode() if proc.stderr else ""
-    assert code == 0, err
     rest = (await proc.stdout.read()).decode().splitlines()
     lines.extend(json.loads(line) for line in rest if line.strip())
+    return code, err, lines
+
+
+async def test_a_stuck_sync_tool_does_not_keep_the_process_alive(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    code, err, lines = await sigterm_during_tool(
+        simulator, tmp_path, HUNG_APP, "stuck_lookup", drain=1, wait_for="tool.finished"
+    )
+    assert code == 0, err
+    finished = next(e for e in lines if e.get("event") == "tool.finished")
+    assert finished["outcome"] == "timeout"  # the model was answered; the thread still waits
     abandoned = [line for line in lines if line.get("event") == "server.threads_abandoned"]
     assert len(abandoned) == 1 and [e.get("event") for e in lines][-2:] == [
         "server.stopped",
@@ -386,29 +399,10 @@ async def stubborn() -> str:
 async def test_a_tool_that_ignores_cancellation_does_not_keep_the_process_alive(
     simulator: Simulator, tmp_path: Path
 ) -> None:
-    (tmp_path / "stubborn_app.py").write_text(STUBBORN_APP)
-    port = free_port()
-    env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="0.5", PYTHONPATH=str(tmp_path))
-    proc = await start_serve(port, env, app="stubborn_app:app")
-    assert proc.stdout is not None
-    lines: list[dict[str, object]] = []
-    try:
-        await read_until(proc.stdout, "server.started", lines)
-        call = simulator.create_call(Script([model_calls("stubborn", {}), pause(60)]))
-        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
-        assert (await sender.deliver(simulator.incoming_event(call))).status == 200
-        await read_until(proc.stdout, "tool.started", lines)
-        proc.send_signal(signal.SIGTERM)
-        # drain 0.5 s + the call's tools' grace (5 s) + a second for what is left: not the tool's forever
-        code = await asyncio.wait_for(proc.wait(), timeout=20)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    err = (await proc.stderr.read()).decode() if proc.stderr else ""
+    code, err, lines = await sigterm_during_tool(
+        simulator, tmp_path, STUBBORN_APP, "stubborn", drain=0.5, wait_for="tool.started"
+    )
     assert code == 0, err
-    rest = (await proc.stdout.read()).decode().splitlines()
-    lines.extend(json.loads(line) for line in rest if line.strip())
     events = [e.get("event") for e in lines]
     assert events[-2:] == ["server.stopped", "server.tasks_abandoned"]
     tasks = lines[-1]["tasks"]
