@@ -44,6 +44,17 @@ async def connect(url: str) -> PushConnection:
     return await open_socket(url, "sk-test", compression=False, open_timeout=5, max_size=1 << 20, proxy=None)
 
 
+def plain_runtime(call_id: str, connect: Callable[[], Awaitable[Any]], **kw: Any) -> CallRuntime:
+    """A call runtime with a plain machine (a ``realtime`` session), no tools, and ``kw`` as given."""
+    return CallRuntime(
+        machine=CallMachine(MachineConfig(session={"type": "realtime"})),
+        ctx=CallContext(call_id),
+        tools=ToolRegistry(),
+        connect=connect,
+        **kw,
+    )
+
+
 class Sink:
     def __init__(self) -> None:
         self.messages: list[bytes] = []
@@ -206,13 +217,7 @@ async def test_frames_wait_while_an_aborted_socket_closes(peer: Any) -> None:
     async def connect_again() -> PushConnection:
         raise AssertionError("not re-attached in this test")
 
-    rt = CallRuntime(
-        machine=CallMachine(MachineConfig(session={"type": "realtime"})),
-        ctx=CallContext("rtc_abort"),
-        tools=ToolRegistry(),
-        connect=connect_again,
-        ping_interval=None,
-    )
+    rt = plain_runtime("rtc_abort", connect_again, ping_interval=None)
     rt._ws = ws
     rt._outbox = [b'{"type":"response.create"}']
     assert ws.transport is not None
@@ -449,14 +454,7 @@ async def test_sockets_dropped_at_once_again_and_again_end_the_call_not_a_loop(p
     async def verb(name: str, target: str | None) -> None:
         verbs.append((name, target))
 
-    runtime = CallRuntime(
-        machine=CallMachine(MachineConfig(session={"type": "realtime"})),
-        ctx=CallContext("rtc_storm"),
-        tools=ToolRegistry(),
-        connect=lambda: connect(url),
-        verb=verb,
-        reattach_attempts=4,
-    )
+    runtime = plain_runtime("rtc_storm", lambda: connect(url), verb=verb, reattach_attempts=4)
     reason = await asyncio.wait_for(runtime.run(), 20)
     assert reason == "reattach_failed"
     assert verbs == [("hangup", None)]
@@ -484,11 +482,9 @@ async def test_an_attach_refused_with_retry_after_waits_as_asked(peer: Any) -> N
 
     server = await serve(handler, "127.0.0.1", 0, process_request=process_request)
     port = next(iter(server.sockets)).getsockname()[1]
-    runtime = CallRuntime(
-        machine=CallMachine(MachineConfig(session={"type": "realtime"})),
-        ctx=CallContext("rtc_later"),
-        tools=ToolRegistry(),
-        connect=lambda: connect_sideband(f"ws://127.0.0.1:{port}", "rtc_later", "sk-test"),
+    runtime = plain_runtime(
+        "rtc_later",
+        lambda: connect_sideband(f"ws://127.0.0.1:{port}", "rtc_later", "sk-test"),
         reattach_attempts=3,
     )
     task = asyncio.create_task(runtime.run())

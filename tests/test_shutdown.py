@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 from sideband.service import HANGUP_BUDGET
@@ -138,15 +137,17 @@ async def test_a_hangup_while_the_server_stops_gives_up_within_the_grace(stack: 
 
 
 async def test_call_ended_is_logged_even_when_the_end_is_cut_short(stack: Stack) -> None:
-    started, released = asyncio.Event(), asyncio.Event()
+    started, ignored, released = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     @stack.app.tool(timeout=60, filler_after=None)
     async def stubborn() -> str:
         """Ignores its cancellation (until the test is over)."""
         started.set()
         while not released.is_set():
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await released.wait()
+            except asyncio.CancelledError:
+                ignored.set()
         return "released"
 
     with capture_logs() as logs:
@@ -156,7 +157,7 @@ async def test_call_ended_is_logged_even_when_the_end_is_cut_short(stack: Stack)
         await asyncio.wait_for(started.wait(), 5)
         task = stack.service.registry._tasks[call_id]
         task.cancel()  # the end begins: the tool is cancelled, and ignores it
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(ignored.wait(), 5)  # the end is under way, waiting on the tool
         task.cancel()  # and the end itself is cut short
         await asyncio.gather(task, return_exceptions=True)
     released.set()  # (the tool task ends with the test)
