@@ -178,7 +178,6 @@ class CallRuntime:
         "_targets",
         "_tool_tasks",
         "_verb_call",
-        "_verb_task",
         "_ws",
         "attached",
         "ctx",
@@ -211,7 +210,6 @@ class CallRuntime:
         self.tools = tools
         self._connect = connect
         self._verb_call = verb
-        self._verb_task: asyncio.Task[None] | None = None  # the hangup or refer under way
         self.hooks = hooks or CallHooks()
         self._targets = dict(transfer_targets or {})
         self._reattach_attempts = reattach_attempts
@@ -299,11 +297,11 @@ class CallRuntime:
         try:
             await self._main()
         except asyncio.CancelledError:
-            # Cut short (a shutdown past its grace): a hangup or refer still under way is given up too,
-            # and the end says so (hangup_failed).
+            # Cut short (a shutdown past its grace): what the call still had under way (a hangup or refer,
+            # a flush, a close) is given up too, and the end says so (hangup_failed).
             self._apply(self.machine.fail("shutdown"))
-            if self._verb_task is not None:
-                self._verb_task.cancel()
+            for task in self._side_tasks:
+                task.cancel()
             raise
         except Exception:
             self.log.exception("call.crashed")
@@ -525,7 +523,7 @@ class CallRuntime:
             elif isinstance(action, Withdraw):
                 self._outbox[:] = [f for f in self._outbox if not _carries(f, action.event_id)]
             elif isinstance(action, Verb):
-                self._verb_task = self._spawn(self._run_verb(action.verb, action.target))
+                self._spawn(self._run_verb(action.verb, action.target))
             elif isinstance(action, Close):
                 if self._ws is not None:
                     self._spawn(self._close_ws(self._ws))
@@ -538,11 +536,10 @@ class CallRuntime:
         if self._outbox and not self._flushing and self.machine.closed is None:
             self._spawn(self._flush())
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
-        return task
 
     def _spawn_hooks(self, hooks: list[Callable[..., Any]], *args: Any) -> None:
         """Run ``hooks`` in a task of their own, owned by the call (see :meth:`_settle_hooks`)."""
