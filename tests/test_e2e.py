@@ -367,6 +367,57 @@ async def test_an_upstream_error_page_that_is_not_utf8_is_an_upstream_error() ->
         await server.close()
 
 
+@pytest.mark.parametrize("request_kind", ["hangup", "accept", "create_call", "mint"])
+async def test_a_cancellation_landing_as_a_request_times_out_is_not_lost(
+    request_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shutdown cancelling a request just as its own timeout fires: the request ends cancelled, not
+    timed out (a hangup cut short by the shutdown must not try again). The cancel is delivered right
+    after the timer's own, in the same loop iteration, which is the race."""
+    from sideband.upstream.vowel import VowelCore
+
+    async def never(request: web.Request) -> web.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", never)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    loop = asyncio.get_running_loop()
+    limit, task = 0.3, None
+    call_at = loop.call_at
+
+    def racing_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        if task is None or abs(when - (loop.time() + limit)) > 0.05:
+            return call_at(when, callback, *args, **kwargs)
+
+        def fire(*a: Any) -> None:
+            callback(*a)
+            task.cancel()  # the shutdown's cancel, right behind the timer's
+
+        return call_at(when, fire, *args, **kwargs)
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            control = CallControl(http, str(server.make_url("/v1")), "sk-test")
+            core = VowelCore(http, str(server.make_url("")), "vk-test")
+            request = {
+                "hangup": lambda: control.hangup("rtc_x", timeout=limit),
+                "accept": lambda: control.accept("rtc_x", {"type": "realtime"}, timeout=limit),
+                "create_call": lambda: control.create_call("v=0", {"type": "realtime"}, timeout=limit),
+                "mint": lambda: core.mint({"tools": []}, timeout=limit),
+            }[request_kind]
+            monkeypatch.setattr(loop, "call_at", racing_call_at)
+            task = asyncio.ensure_future(request())
+            await asyncio.wait([task], timeout=5)
+            monkeypatch.undo()
+            assert task.done() and task.cancelled(), task
+    finally:
+        monkeypatch.undo()
+        await server.close()
+
+
 async def test_calls_still_live_when_the_drain_ends_are_hung_up(stack: Stack) -> None:
     call = await run_call(stack, Script([GREETING, pause(60)]))
     await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)

@@ -28,6 +28,11 @@ __all__ = ["CallControl", "CallGone", "SidebandRefused", "UpstreamError", "conne
 T = TypeVar("T")
 
 
+# aiohttp's own request timer swallows a cancellation that lands as it fires (its context is entered
+# twice per request, and each exit takes back one cancel request): a shutdown cutting a hangup short
+# would see the hangup try again. Requests run untimed by aiohttp, under ``asyncio.timeout``.
+UNTIMED = aiohttp.ClientTimeout()
+
 _USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)\S*@")  # up to the last @: a password may hold @ or /
 
 
@@ -103,19 +108,24 @@ class CallControl:
     async def _post(
         self, path: str, body: dict[str, Any] | None, timeout: float, call_id: str | None = None
     ) -> str:
+        taken = False
         try:
-            async with self._http.post(
-                self._base + path,
-                data=None if body is None else jsonio.dumps(body),
-                headers=self._headers if body is None else self._json_headers,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-                allow_redirects=False,
-                **self._via,
-            ) as resp:
+            async with (
+                asyncio.timeout(timeout),
+                self._http.post(
+                    self._base + path,
+                    data=None if body is None else jsonio.dumps(body),
+                    headers=self._headers if body is None else self._json_headers,
+                    timeout=UNTIMED,
+                    allow_redirects=False,
+                    **self._via,
+                ) as resp,
+            ):
                 if resp.status < 300 and call_id is not None:
                     # The verb was taken; its body says nothing more. Losing the body (cut, stalled) must
                     # not make it look undone: an accept tried again could be refused, the call rejected.
-                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    taken = True
+                    with contextlib.suppress(aiohttp.ClientError):
                         await resp.read()
                     return ""
                 text = (await resp.read()).decode("utf-8", "replace")  # a proxy's error page may be binary
@@ -130,6 +140,8 @@ class CallControl:
                     )
                 return text
         except TimeoutError:
+            if taken:
+                return ""
             raise UpstreamError(f"POST {path} timed out after {timeout:g} s") from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"POST {path} failed: {why(exc)}") from None
@@ -164,14 +176,17 @@ class CallControl:
         form.add_field("sdp", sdp, content_type="application/sdp")
         form.add_field("session", json.dumps(session), content_type="application/json")
         try:
-            async with self._http.post(
-                self._base + "/realtime/calls",
-                data=form,
-                headers=self._headers,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-                allow_redirects=False,
-                **self._via,
-            ) as resp:
+            async with (
+                asyncio.timeout(timeout),
+                self._http.post(
+                    self._base + "/realtime/calls",
+                    data=form,
+                    headers=self._headers,
+                    timeout=UNTIMED,
+                    allow_redirects=False,
+                    **self._via,
+                ) as resp,
+            ):
                 text = (await resp.read()).decode("utf-8", "replace")
                 if resp.status != 201:
                     raise UpstreamError(f"POST /realtime/calls answered {resp.status}", resp.status, text)

@@ -6,6 +6,7 @@ never appears in a ``repr``, a log line or an exception message.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import time
@@ -18,7 +19,7 @@ import aiohttp
 from websockets.exceptions import InvalidMessage, InvalidStatus
 
 from sideband.upstream._ws import MAX_MESSAGE, PushConnection, open_socket, resolve_proxy, ws_url
-from sideband.upstream.openai import UpstreamError, why
+from sideband.upstream.openai import UNTIMED, UpstreamError, why
 
 __all__ = [
     "EngineRefused",
@@ -199,12 +200,10 @@ class VowelCore:
         """Mint a token for one session. Raises :class:`MintRefused` on 401/403 and
         :class:`UpstreamError` on anything else that is not a token."""
         try:
-            async with self._http.post(
-                self._url,
-                json=dict(body),
-                headers=self._headers,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as resp:
+            async with (
+                asyncio.timeout(timeout),
+                self._http.post(self._url, json=dict(body), headers=self._headers, timeout=UNTIMED) as resp,
+            ):
                 text = await resp.text()
                 status = resp.status
         except TimeoutError:

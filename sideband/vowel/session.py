@@ -334,12 +334,13 @@ class EngineSession:
             await self._ready()
             runtime = self.runtime
             summary = runtime.summary
-            future = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
             self._turn = _Turn(future, len(summary.transcript), len(summary.tools))
             limit = self.reply_timeout if timeout is None else timeout
             try:
                 runtime.user_text(text)
-                return await asyncio.wait_for(future, limit)
+                async with asyncio.timeout(limit):  # (3.11's wait_for can lose a cancellation)
+                    return await future
             except TimeoutError:
                 # The engine is stuck, or its late reply would be taken for the next turn's: this
                 # session is over (its logs and end_reason say so; close it).
