@@ -411,7 +411,8 @@ class Service:
             if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc):
                 raise  # the server is stopping: not the hook's doing
             own = isinstance(exc, DecisionError)  # our message: no data of the hook's in it
-            fields = failure_fields(exc, message=own or self.settings.log_tool_arguments)
+            logged = self.settings.log_tool_arguments
+            fields = failure_fields(exc, message=own or logged, traceback_text=logged)
             self.log.error("call.route_failed", **fields)
         self.counters["route_failed"] += 1
         return Reject(self.settings.route_failure_status)

@@ -444,6 +444,46 @@ async def test_failures_in_user_code_are_logged_with_where_not_with_their_data(s
     assert "in broken" in tool[0]["stack"] and "exc_info" not in tool[0]
 
 
+async def test_a_tool_error_wrapping_another_exception_logs_its_own_message_only(stack: Stack) -> None:
+    """``raise ToolError("…") from exc``: the model's message is logged, the wrapped exception's text
+    (which may hold a secret) is not, chained or implied."""
+    from sideband import ToolError
+
+    @stack.app.tool
+    async def lookup(order_id: str) -> str:
+        """Look an order up."""
+        try:
+            raise RuntimeError("db password=hunter2 refused")
+        except RuntimeError as exc:
+            if order_id == "1":
+                raise ToolError("Lookup failed, try again.") from exc
+            raise ToolError("Lookup failed, sorry.")  # chained implicitly (__context__)
+
+    call = stack.sim.create_call(
+        Script(
+            [
+                HELLO,
+                model_calls("lookup", {"order_id": "1"}),
+                model_says("Sorry."),
+                model_calls("lookup", {"order_id": "2"}),
+                model_says("Sorry."),
+            ]
+        )
+    )
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await call.wait_for(lambda c: len(c.function_outputs) == 2, timeout=5)
+        stack.sim.hang_up(call)
+        await stack.ended(call)
+    tool = [e for e in logs if e["event"] == "tool.finished"]
+    assert [e["error"] for e in tool] == [
+        "ToolError: Lookup failed, try again.",
+        "ToolError: Lookup failed, sorry.",
+    ]
+    assert all("in lookup" in e["stack"] and "exc_info" not in e for e in tool), tool
+    assert "hunter2" not in repr(logs)
+
+
 @pytest.mark.parametrize("settings_overrides", [{"log_tool_arguments": True}])
 async def test_failures_are_logged_in_full_when_tool_data_may_be_logged(
     stack: Stack, settings_overrides: dict[str, Any]
