@@ -51,9 +51,9 @@ def load_app(spec: str | None) -> Sideband:
         raise CliError(f"cannot import {module_name!r}: {_raised(exc)}") from None
     obj: Any = module
     for part in attr.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
+        if not hasattr(obj, part):
             raise CliError(f"{module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
     if not isinstance(obj, Sideband):
         if callable(obj):
             try:
@@ -142,9 +142,10 @@ async def serve(settings: Settings, app: Sideband) -> None:
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     try:
         await site.start()
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # (a host name IDNA refuses: "bad..host", a label over 63)
         await runner.cleanup()
-        raise CliError(f"cannot listen on {_address(settings.host, settings.port)}: {_reason(exc)}") from None
+        reason = _reason(exc) if isinstance(exc, OSError) else "not a valid host name"
+        raise CliError(f"cannot listen on {_address(settings.host, settings.port)}: {reason}") from None
     stop, hurry = asyncio.Event(), asyncio.Event()
     signals = 0
 
@@ -264,7 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     p_serve = sub.add_parser("serve", help="serve webhooks, WebRTC doors and sidebands")
     p_serve.add_argument("app", nargs="?", help=f"module:attribute of your app (default {DEFAULT_APP})")
     p_serve.add_argument("--host", help="listen address (SIDEBAND_HOST, default 0.0.0.0)")
-    p_serve.add_argument("--port", type=int, help="listen port (SIDEBAND_PORT, default 8080)")
+    p_serve.add_argument("--port", help="listen port (SIDEBAND_PORT, default 8080)")  # (Settings checks it)
     p_demo = sub.add_parser(
         "demo", help="run simulated calls against the built-in simulator (no key, no network)"
     )

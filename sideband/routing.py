@@ -198,6 +198,8 @@ class RouteTable:
             raise RouteError(f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise RouteError(f"{path}: {' '.join(str(exc).split())}") from None
+        except UnicodeDecodeError as exc:  # (TOML is UTF-8)
+            raise RouteError(f"{path}: not UTF-8 (byte {exc.start})") from None
         return cls.from_dict(raw, tool_names, source=str(path))
 
     @classmethod

@@ -170,6 +170,24 @@ def test_serve_on_a_port_in_use_is_one_line() -> None:
 
 
 @pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (("--port", "abc"), "sideband: --port: "),
+        (
+            ("--host", "bad..host", "--port", "0"),
+            "sideband: cannot listen on bad..host:0: not a valid host name",
+        ),
+        (("--host", "x" * 64 + ".example", "--port", "0"), "not a valid host name"),
+    ],
+)
+def test_a_bad_host_or_port_flag_is_one_line(flags: tuple[str, ...], expected: str) -> None:
+    env = clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET)
+    proc = run_cli("serve", *flags, env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr  # no traceback, no warnings
+
+
+@pytest.mark.parametrize(
     ("host", "port", "exc", "expected"),
     [
         (
@@ -514,6 +532,7 @@ async def test_a_webhook_in_flight_keeps_the_listener_and_its_call_gets_the_wind
         ("app = (\n", "broken_app:app", "SyntaxError"),
         ("import json\njson.loads('{not json')\n", "broken_app:app", "(broken_app.py:2)"),  # not json's
         ("raise ValueError('first\\nsecond\\nthird')\n", "broken_app:app", "ValueError: first second third"),
+        ("app = None\n", "broken_app:app", "broken_app:app is not a sideband.Sideband app"),
     ],
 )
 def test_an_app_that_fails_to_load_is_one_line(tmp_path: Path, source: str, spec: str, expected: str) -> None:

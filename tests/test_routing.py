@@ -203,6 +203,13 @@ def test_check_says_when_the_app_config_is_the_cause() -> None:
     )
 
 
+def test_a_route_file_that_is_not_utf8_is_a_route_error(tmp_path: Path) -> None:
+    path = tmp_path / "routes.toml"
+    path.write_bytes(b'[default]\nvoice = "\xff\xfe"\n')
+    with pytest.raises(RouteError, match=r"routes\.toml: not UTF-8 \(byte 19\)$"):
+        RouteTable.load(path)
+
+
 def test_unknown_tools_are_errors_even_when_the_app_has_no_tools(tmp_path: Path) -> None:
     path = write(tmp_path, '[default]\ntools = ["lookup_order"]\n')
     with pytest.raises(RouteError, match=r"default\.tools: unknown tool lookup_order$"):

@@ -457,7 +457,7 @@ async def test_a_tool_error_wrapping_another_exception_logs_its_own_message_only
         except RuntimeError as exc:
             if order_id == "1":
                 raise ToolError("Lookup failed, try again.") from exc
-            raise ToolError("Lookup failed, sorry.")  # chained implicitly (__context__)
+            raise ToolError("Lookup failed, sorry.")  # noqa: B904  # chained implicitly (__context__)
 
     call = stack.sim.create_call(
         Script(
