@@ -19,7 +19,8 @@ class ForwardProxy:
     as bytes once the first request is read. Records each connection's first request line and its
     ``Proxy-Authorization``."""
 
-    def __init__(self) -> None:
+    def __init__(self, hosts: dict[str, str] | None = None) -> None:
+        self.hosts = hosts or {}  # names the proxy resolves (OpenAI's, in a test, is the loopback simulator)
         self.seen: list[tuple[str, str, str | None]] = []
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -46,12 +47,14 @@ class ForwardProxy:
             self.seen.append((method, target, auth))
             if method == "CONNECT":
                 host, port = target.rsplit(":", 1)
-                up_reader, up_writer = await asyncio.open_connection(host, int(port))
+                up_reader, up_writer = await asyncio.open_connection(self.hosts.get(host, host), int(port))
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
                 url = urlsplit(target)
                 assert url.hostname is not None and url.port is not None
-                up_reader, up_writer = await asyncio.open_connection(url.hostname, url.port)
+                up_reader, up_writer = await asyncio.open_connection(
+                    self.hosts.get(url.hostname, url.hostname), url.port
+                )
                 path = url.path + (f"?{url.query}" if url.query else "")
                 kept = [line for line in header_lines if line and not line.lower().startswith("proxy-")]
                 head_lines = [f"{method} {path} {version}", *kept, "", ""]
@@ -73,22 +76,30 @@ class ForwardProxy:
         sink.close()
 
 
+def behind_proxy(sim: Simulator) -> str:
+    """The simulator's base URL under a name only the proxy resolves (a loopback URL is never proxied)."""
+    return sim.base_url.replace("127.0.0.1", OPENAI_HOST)
+
+
+OPENAI_HOST = "openai.test"
+
+
 async def test_call_control_and_the_sideband_go_through_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    proxy = ForwardProxy()
+    proxy = ForwardProxy({OPENAI_HOST: "127.0.0.1"})
     await proxy.start()
     for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "WS_PROXY", "ws_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", f"http://svc:s3cret@127.0.0.1:{proxy.port}")
     expected_auth = "Basic " + base64.b64encode(b"svc:s3cret").decode()
     try:
-        async with Simulator() as sim, run_app(Sideband(), sim) as harness:
+        async with Simulator() as sim, run_app(Sideband(), sim, openai_base_url=behind_proxy(sim)) as harness:
             call = sim.create_call(Script([wait_for_greeting("Hello"), caller_hangs_up()]))
             result = await harness.sender.deliver(sim.incoming_event(call))
             assert result.status == 200
             await call.wait_done(timeout=10)
     finally:
         await proxy.close()
-    host = f"127.0.0.1:{urlsplit(sim.base_url).port}"
+    host = f"{OPENAI_HOST}:{urlsplit(sim.base_url).port}"
     accept = f"http://{host}/v1/realtime/calls/{call.call_id}/accept"
     assert ("POST", accept, expected_auth) in proxy.seen  # call control, credentials as a header
     assert ("CONNECT", host, expected_auth) in proxy.seen  # the sideband, tunnelled
@@ -111,11 +122,36 @@ async def test_a_proxy_call_control_or_the_sideband_cannot_use_stops_the_start(
     monkeypatch.setenv(variable, value)
     async with Simulator() as sim:
         with pytest.raises(SettingsError) as info:
-            async with run_app(Sideband(), sim):
+            async with run_app(Sideband(), sim, openai_base_url=behind_proxy(sim)):
                 pass
     message = str(info.value)
     assert says in message and "(from WS_PROXY, SOCKS_PROXY, HTTPS_PROXY or HTTP_PROXY)" in message
     assert "s3cret" not in message
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
+async def test_a_loopback_openai_is_never_reached_through_a_proxy(
+    monkeypatch: pytest.MonkeyPatch, host: str
+) -> None:
+    """The simulator ``sideband demo`` runs (or a local engine) on loopback: a proxy set for the host's
+    outbound traffic could not reach it, so it is not used (as Go's HTTP client does)."""
+    from sideband.upstream._ws import resolve_proxy
+
+    for name in ("NO_PROXY", "no_proxy", "WS_PROXY", "ws_proxy", "WSS_PROXY", "wss_proxy", "SOCKS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    assert resolve_proxy(f"ws://{host}:8000/v1/realtime") is None
+    assert resolve_proxy(f"wss://{host}/v1/realtime") is None
+    assert resolve_proxy("wss://api.openai.com/v1/realtime") == "http://127.0.0.1:9"
+    assert resolve_proxy("ws://127.example.com/v1/realtime") == "http://127.0.0.1:9"  # a name, not an address
+    if host != "127.0.0.1":
+        return
+    async with Simulator() as sim, run_app(Sideband(), sim) as harness:
+        call = sim.create_call(Script([wait_for_greeting("Hello"), caller_hangs_up()]))
+        assert (await harness.sender.deliver(sim.incoming_event(call))).status == 200
+        await call.wait_done(timeout=10)
+    assert call.sideband_connects == 1
 
 
 async def test_proxy_credentials_go_on_the_connect_only_for_an_https_base() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import ipaddress
 import logging
 import ssl
 from collections.abc import Callable, Sequence
@@ -67,8 +69,17 @@ def client_tls() -> ssl.SSLContext:
 
 def resolve_proxy(url: str) -> str | None:
     """The proxy for WebSocket connections to ``url`` (``HTTPS_PROXY``/``NO_PROXY``… as websockets reads
-    them), resolved once: websockets would read the whole environment again on every connect."""
-    return get_proxy(parse_uri(url))
+    them), resolved once: websockets would read the whole environment again on every connect. None for a
+    loopback host (``localhost``, ``127.0.0.0/8``, ``::1``), as Go's HTTP client does: a proxy elsewhere
+    cannot reach it (the simulator of ``sideband demo``, a local engine)."""
+    uri = parse_uri(url)
+    host = uri.host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return None
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    return get_proxy(uri)
 
 
 class PushConnection(ClientConnection):
