@@ -663,7 +663,7 @@ class Service:
         try:
             info = self.tickets.verify(ticket if isinstance(ticket, str) else "")
         except TicketError as exc:
-            self.log.warning("rtc.handoff_refused", reason=str(exc))
+            self.log.warning("rtc.handoff_refused", reason=str(exc), call_id=call_id)
             return Reply(403, {"error": str(exc)})
         ttl = max(info.expires_at - time.time(), 1.0) + 60
         with structlog.contextvars.bound_contextvars(call_id=call_id):

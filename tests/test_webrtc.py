@@ -109,8 +109,11 @@ async def test_browser_first_handoff_valid_forged_expired_reused(stack: Stack) -
 
     # Forged: signed with another key.
     forged, _ = TicketSigner(b"not the server key", 60).issue()
-    status, _ = await post_json(stack, "/rtc/handoff", {"call_id": other.call_id, "ticket": forged})
+    with capture_logs() as logs:
+        status, _ = await post_json(stack, "/rtc/handoff", {"call_id": other.call_id, "ticket": forged})
     assert status == 403
+    refused = [e for e in logs if e["event"] == "rtc.handoff_refused"]
+    assert [e.get("call_id") for e in refused] == [other.call_id]  # a line about a call names it
 
     # Expired: the server's own key, issued in the past.
     old, _ = TicketSigner(stack.settings.ticket_key(), 60, clock=lambda: time.time() - 3600).issue()
