@@ -272,9 +272,9 @@ def _parser() -> argparse.ArgumentParser:
     p_demo.add_argument("app", nargs="?", help="module:attribute of your app (default: the order desk)")
     p_demo.add_argument(
         "--calls",
-        type=int,
-        default=3,
-        help="how many answered calls to place (default 3; the bundled demo adds one that routing rejects)",
+        default="3",
+        help="how many answered calls to place, 1 to 100 (default 3; the bundled demo adds one that "
+        "routing rejects)",
     )
     p_dial = sub.add_parser(
         "dial", help="talk to a vowel engine through a trusted-server session with the app's tools"
@@ -305,9 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _leave_stuck_threads()
             return 0
         if args.command == "demo":
-            from sideband.demo import run_demo
+            from sideband.demo import MAX_CALLS, run_demo
 
-            return _run(run_demo(load_app(args.app) if args.app else None, calls=args.calls))
+            calls = args.calls.strip()
+            if not calls.isascii() or not calls.isdigit() or not 1 <= int(calls) <= MAX_CALLS:
+                raise CliError(f"--calls: must be a whole number from 1 to {MAX_CALLS}, got {args.calls!r}")
+            return _run(run_demo(load_app(args.app) if args.app else None, calls=int(calls)))
         if args.command == "dial":
             from sideband.vowel.dial import REQUIRED_SETTINGS, run_dial
 

@@ -91,13 +91,15 @@ def order_desk_scenarios() -> list[Scenario]:
 
 
 def generic_scenarios(app: Sideband) -> list[Scenario]:
-    """A plain call for an app the demo knows nothing about."""
+    """A plain call for an app the demo knows nothing about (greeted first if the app greets)."""
+    greets = app.plan().greeting is not None
+    opening = [wait_for_greeting("Hello, how can I help?")] if greets else []
     return [
         Scenario(
             "hello and goodbye",
             Script(
                 [
-                    wait_for_greeting("Hello, how can I help?"),
+                    *opening,
                     caller_says("Hello there."),
                     model_says("Hi! How can I help you today?"),
                     caller_hangs_up(),
@@ -105,6 +107,10 @@ def generic_scenarios(app: Sideband) -> list[Scenario]:
             ),
         )
     ]
+
+
+MAX_CALLS = 100
+"""The most calls one demo places (they run one after another)."""
 
 
 class _Printer:
@@ -139,7 +145,10 @@ class _Printer:
 
 
 async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO | None = None) -> int:
-    """Place ``calls`` simulated calls through a real server on loopback; print what happens."""
+    """Place ``calls`` simulated calls (answered ones: the bundled demo adds one that routing rejects)
+    through a real server on loopback; print what happens. Returns the exit status."""
+    if not 1 <= calls <= MAX_CALLS:
+        raise ValueError(f"--calls must be between 1 and {MAX_CALLS}")
     out = out or sys.stdout
     scenarios: list[Scenario]
     user_app = app
@@ -147,10 +156,11 @@ async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO |
         from sideband.examples.order_desk import app as order_desk
 
         app = order_desk
-        pool = order_desk_scenarios()
-        scenarios = [*pool[: max(calls, 1)], pool[-1]] if calls < len(pool) - 1 else pool
+        *answered, rejected = order_desk_scenarios()
+        scenarios = [*(answered[i % len(answered)] for i in range(calls)), rejected]
     else:
-        scenarios = (generic_scenarios(app) * max(calls, 1))[: max(calls, 1)]
+        pool = generic_scenarios(app)
+        scenarios = [pool[i % len(pool)] for i in range(calls)]
     configure_logging("console", "error", stream=sys.stderr)
     printer = _Printer(out)
     printer.install(app)

@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sideband import Sideband
 from sideband.cli import CliError, _address, _reason
 from sideband.demo import run_demo
 from sideband.testing import (
@@ -360,6 +361,24 @@ async def test_demo_runs_every_scenario() -> None:
     assert "lookup_order → ok" in text
     assert "transfer_call → ok" in text and "end_call → ok" in text
     assert "0 failed" in text
+
+
+async def test_demo_of_an_app_without_a_greeting_and_more_calls() -> None:
+    out = io.StringIO()
+    code = await run_demo(Sideband(instructions="You answer.", greeting=None), calls=2, out=out)
+    text = out.getvalue()
+    assert code == 0, text
+    assert text.count("hello and goodbye") == 2 and "2 calls and a trusted-server session, 0 failed." in text
+    out = io.StringIO()
+    assert await run_demo(calls=5, out=out) == 0, out.getvalue()
+    assert "6 calls and a trusted-server session, 0 failed." in out.getvalue()  # 5 answered, 1 rejected
+
+
+@pytest.mark.parametrize("calls", ["0", "-1", "abc", "101"])
+def test_demo_calls_out_of_range_is_one_line(calls: str) -> None:
+    proc = run_cli("demo", "--calls", calls, env=clean_env())
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"sideband: --calls: must be a whole number from 1 to 100, got {calls!r}\n"
 
 
 async def test_serve_raises_its_open_files_limit(simulator: Simulator) -> None:
