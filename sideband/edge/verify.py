@@ -27,7 +27,9 @@ class Verifier:
     """Checks ``webhook-id``/``webhook-timestamp``/``webhook-signature`` over the raw bytes.
 
     The HMAC is computed by the ``standardwebhooks`` package; header parsing, the time window (with an
-    injectable clock) and error classes are ours, so a garbled header is a 400 and never an exception.
+    injectable clock) and error classes are ours: a missing or malformed id or timestamp is a 400, a
+    signature list without a valid match (garbled entries are skipped, not fatal) a 401, never an
+    exception.
     """
 
     def __init__(self, secret: str, tolerance: float = 300.0, clock: Callable[[], float] = time.time) -> None:
