@@ -302,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_logging(settings.log_format, settings.log_level or "info")
             app = load_app(args.app)
             _run(_serve_process(settings, app))
+            for signum in (signal.SIGTERM, signal.SIGINT):  # (the loop's handlers left with it)
+                signal.signal(signum, lambda *_: _exit(1))
             _leave_stuck_threads()
             return 0
         if args.command == "demo":

@@ -353,6 +353,39 @@ async def test_a_stuck_sync_tool_does_not_keep_the_process_alive(
     ]
 
 
+async def test_a_signal_while_stuck_threads_are_waited_for_exits_at_once_with_status_1(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """Past the event loop's end (its signal handlers gone with it), a signal still exits with status 1,
+    not by the signal's default action."""
+    (tmp_path / "stuck_lookup_app.py").write_text(HUNG_APP)
+    port = free_port()
+    env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="0.5", PYTHONPATH=str(tmp_path))
+    proc = await start_serve(port, env, app="stuck_lookup_app:app")
+    assert proc.stdout is not None
+    lines: list[dict[str, object]] = []
+    try:
+        await read_until(proc.stdout, "server.started", lines)
+        call = simulator.create_call(Script([model_calls("stuck_lookup", {}), pause(60)]))
+        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
+        assert (await sender.deliver(simulator.incoming_event(call))).status == 200
+        await read_until(proc.stdout, "tool.finished", lines)
+        proc.send_signal(signal.SIGTERM)
+        await read_until(proc.stdout, "server.stopped", lines)
+        exited = asyncio.ensure_future(proc.wait())
+        while not exited.done():  # the thread is waited for 1 s: these land before and after the loop ends
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait([exited], timeout=0.1)
+        code = exited.result()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    rest = (await proc.stdout.read()).decode().splitlines()
+    events = [e.get("event") for e in lines] + [json.loads(line).get("event") for line in rest if line]
+    assert code == 1 and "server.threads_abandoned" not in events, (code, events)
+
+
 async def test_demo_runs_every_scenario() -> None:
     out = io.StringIO()
     code = await run_demo(out=out)
