@@ -58,10 +58,6 @@ _UNCERTAIN_TTL = 3700.0
 went unanswered, or the instance died), and the call's redeliveries must know it, for longer than any
 call lasts."""
 
-_REFUSED_AGAIN = frozenset({400, 409, 412, 422})
-"""Statuses an accept may get when an earlier attempt of it went through (PROTOCOL does not say which):
-after an unanswered attempt, the call is attached rather than refused."""
-
 HANGUP_BUDGET = 30.0
 """Seconds a hangup is retried for (5xx, timeouts) before the call ends as ``hangup_failed``: a call
 left up talks on with nobody running its tools, so it gets longer than the accept budget."""
@@ -456,11 +452,7 @@ class Service:
                     except CallGone:
                         raise
                     except UpstreamError as exc:
-                        if (
-                            (uncertain or inherited)
-                            and exc.status is not None
-                            and exc.status in _REFUSED_AGAIN
-                        ):
+                        if (uncertain or inherited) and exc.maybe_done_already:
                             # Refused after an attempt that may have gone through (this delivery's, or an
                             # earlier one's): most likely because it did. Attaching tells.
                             raise CallGone(str(exc), exc.status, exc.body) from None
@@ -645,11 +637,10 @@ class Service:
         secret = await self.control.client_secret(plan.session, self.settings.rtc_key_ttl)
         ticket, info = self.tickets.issue()
         self.log.info("rtc.session_minted", ticket_expires_at=info.expires_at)
-        base = self.settings.openai_base_url
         return {
             "client_secret": secret["value"],
             "expires_at": secret.get("expires_at"),
-            "calls_url": f"{base}/realtime/calls",
+            "calls_url": self.control.calls_url,
             "ticket": ticket,
             "ticket_expires_at": info.expires_at,
         }

@@ -203,7 +203,7 @@ async def rtc_calls(request: web.Request) -> web.Response:
         return _json(500, {"error": "session config invalid"})
     except UpstreamError as exc:
         log.error("rtc.relay_failed", status=exc.status, error=str(exc))
-        if exc.status in _OFFER_FAULTS:  # about the offer itself: the browser's to know
+        if exc.offer_refused and exc.status is not None:  # about the offer itself: the browser's to know
             return _json(exc.status, {"error": "upstream refused the offer"})
         # Anything else is the server's (its key refused, OpenAI down, a 201 without a call id)
         return _json(502, {"error": "upstream unavailable" if exc.status is None else "upstream error"})
@@ -246,9 +246,6 @@ async def rtc_handoff(request: web.Request) -> web.Response:
     if not isinstance(data, dict):
         return _refuse(service, 400, "body must be JSON {call_id, ticket}", event="rtc.rejected")
     return _reply(await service.rtc_handoff(data.get("call_id"), data.get("ticket")))
-
-
-_OFFER_FAULTS = frozenset({400, 413, 415, 422})
 
 
 async def _browser_gate(request: web.Request, service: Service) -> web.Response | None:

@@ -67,6 +67,19 @@ class UpstreamError(Exception):
         """Worth another attempt: no answer, 408, 409, 429 or 5xx."""
         return self.status is None or self.status in (408, 409, 429) or self.status >= 500
 
+    @property
+    def offer_refused(self) -> bool:
+        """A WebRTC offer relayed to ``/realtime/calls`` was refused for what it is (400, 413, 415, 422):
+        the browser's to know, not the server's fault."""
+        return self.status in (400, 413, 415, 422)
+
+    @property
+    def maybe_done_already(self) -> bool:
+        """A call verb refused the way it may be when an earlier attempt of it went through (400, 409,
+        412, 422; PROTOCOL does not say which): after an unanswered attempt, the call is not ringing any
+        more most likely because it was accepted."""
+        return self.status in (400, 409, 412, 422)
+
 
 class CallGone(UpstreamError):
     """The call no longer exists (404/410): stop, never retry."""
@@ -145,6 +158,11 @@ class CallControl:
             raise UpstreamError(f"POST {path} timed out after {timeout:g} s") from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"POST {path} failed: {why(exc)}") from None
+
+    @property
+    def calls_url(self) -> str:
+        """Where a browser creates a WebRTC call (``POST`` its SDP offer, with an ephemeral key)."""
+        return self._base + "/realtime/calls"
 
     def _call_path(self, call_id: str, verb: str) -> str:
         return f"/realtime/calls/{quote(call_id, safe='')}/{verb}"
