@@ -312,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             calls = args.calls.strip()
             if not calls.isascii() or not calls.isdigit() or not 1 <= int(calls) <= MAX_CALLS:
                 raise CliError(f"--calls: must be a whole number from 1 to {MAX_CALLS}, got {args.calls!r}")
+            configure_logging("console", "error", stream=sys.stderr)  # (the transcript is the output)
             return _run(run_demo(load_app(args.app) if args.app else None, calls=int(calls)))
         if args.command == "dial":
             from sideband.vowel.dial import REQUIRED_SETTINGS, run_dial

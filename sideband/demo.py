@@ -10,7 +10,6 @@ from typing import TextIO
 
 from sideband.app import Sideband
 from sideband.context import CallContext
-from sideband.logs import configure_logging
 from sideband.runtime.driver import CallSummary, ToolRecord
 from sideband.testing import (
     Script,
@@ -161,7 +160,6 @@ async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO |
     else:
         pool = generic_scenarios(app)
         scenarios = [pool[i % len(pool)] for i in range(calls)]
-    configure_logging("console", "error", stream=sys.stderr)
     printer = _Printer(out)
     printer.install(app)
     failures = 0
