@@ -1104,3 +1104,55 @@ async def test_a_refused_session_change_does_not_sink_the_others_on_a_reattach(s
     finally:
         runtime.abandon("test")
         await asyncio.wait_for(task, 5)
+
+
+async def test_a_call_whose_peer_stopped_reading_still_ends() -> None:
+    """A sideband peer (or a proxy) that no longer reads: the flush and the closing handshake stall on a
+    full socket. The call's end still comes, within the close timeout: the read loop stops at the end,
+    the close gives up and aborts the connection, and the stuck flush ends with it."""
+    from websockets.asyncio.server import serve
+
+    from sideband.runtime.driver import _CLOSE_TIMEOUT
+
+    stop = asyncio.Event()
+
+    async def handler(ws: Any) -> None:
+        ws.transport.pause_reading()
+        await stop.wait()
+
+    async with serve(handler, "127.0.0.1", 0, close_timeout=0.5) as server:  # (its own end: not ours)
+        port = server.sockets[0].getsockname()[1]
+        verbs: list[str] = []
+
+        async def verb(name: str, target: str | None) -> None:
+            verbs.append(name)
+
+        runtime = CallRuntime(
+            machine=CallMachine(MachineConfig(session={"type": "realtime", "instructions": "x"})),
+            ctx=CallContext("rtc_x"),
+            tools=ToolRegistry(),
+            connect=lambda: connect_sideband(f"ws://127.0.0.1:{port}/v1/realtime", "rtc_x", "sk"),
+            verb=verb,
+            hooks=CallHooks(),
+            ping_interval=None,
+        )
+        task = asyncio.ensure_future(runtime.run())
+        try:
+            await asyncio.wait_for(runtime.attached.wait(), 5)
+            chunk = "A" * (1 << 20)
+            for _ in range(64):  # audio a backend streams: fills the socket's buffers, then the flush waits
+                runtime.send_event({"type": "input_audio_buffer.append", "audio": chunk})
+                await asyncio.sleep(0.01)
+            assert runtime._outbox, "the peer read it all: nothing stalled"
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            runtime.abandon("shutdown")
+            reason = await asyncio.wait_for(task, runtime.end_bound())
+            took = loop.time() - started
+        finally:
+            stop.set()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    assert (reason, verbs) == ("shutdown", ["hangup"])
+    assert took < 2 * _CLOSE_TIMEOUT + 1, f"the end took {took:.2f} s"

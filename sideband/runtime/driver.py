@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import CLOSED
 
 from sideband import jsonio
 from sideband.context import NO_ACTIONS, CallContext
@@ -226,7 +227,9 @@ class CallRuntime:
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._hook_tasks: dict[asyncio.Future[None], str] | None = None  # → the hook it runs (for the log)
         self._sync_hooks: asyncio.Lock | None = None  # a call's sync hooks run one at a time, in order
-        self._stop: asyncio.Future[None] | None = None  # wakes a re-attach backoff when the call ends
+        # Woken when the call ends: a re-attach backoff, or the read loop (the socket may never close:
+        # a peer that stops reading stalls the closing handshake).
+        self._stop: asyncio.Future[Any] | None = None
         # The call's timers: name → loop time it fires, behind one loop timer for the earliest (a loop
         # timer handle per named timer would cost about 0.5 KiB each, per call).
         self._deadlines: dict[str, float] = {}
@@ -458,10 +461,11 @@ class CallRuntime:
                 if handle(message):
                     kick()
             except Exception as exc:
-                done.set_exception(exc)
+                if not done.done():
+                    done.set_exception(exc)
                 return
             if machine.closed is not None:
-                done.set_result(None)
+                _wake(done)
 
         def on_close() -> None:
             if not done.done():
@@ -469,9 +473,11 @@ class CallRuntime:
                 done.set_result(rcvd.code if rcvd is not None else None)
 
         ws.start(on_message, on_close)
+        self._stop = done  # (the call's end, from a timer or a verb, ends the read loop too)
         try:
             return await done
         finally:
+            self._stop = None
             ws.stop()
 
     def _handle(self, message: bytes) -> bool:
@@ -579,8 +585,14 @@ class CallRuntime:
             self._flushing = False
 
     async def _close_ws(self, ws: PushConnection) -> None:
-        await self._flush()
-        await ws.close()
+        """Flush what is left and close, within :data:`_CLOSE_TIMEOUT`; a peer that stopped reading gets
+        the connection aborted (a flush stuck on it then ends too)."""
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await self._flush()
+                await ws.close()
+        except TimeoutError:
+            _abort(ws)
 
     # ---------------------------------------------------------------------------------- timers
     def _set_timer(self, name: str, delay: float) -> None:
@@ -842,6 +854,7 @@ class CallRuntime:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(_CLOSE_TIMEOUT):
                     await ws.close()
+            _abort(ws)  # (closed already, unless the peer stalled the closing handshake)
         await self._await_tasks(tasks)
         for call_id in list(self._tool_tasks):  # cancelled before they ever started, or stuck
             del self._tool_tasks[call_id]
@@ -866,6 +879,9 @@ class CallRuntime:
                 names = sorted(t.get_name() if isinstance(t, asyncio.Task) else repr(t) for t in stuck)
                 self.log.error("call.tasks_abandoned", tasks=names, grace_s=TASK_GRACE)
                 self._side_tasks.difference_update(stuck)
+                for task in stuck:  # (each is cancelled once: what it does next no longer counts)
+                    if isinstance(task, asyncio.Task) and not task.cancelling():
+                        task.cancel()
                 return
             pending = set(self._side_tasks)  # started meanwhile (a flush, a verb)
 
@@ -901,9 +917,17 @@ def _hook_name(hook: Callable[..., Any]) -> str:
     return getattr(hook, "__name__", None) or repr(hook)
 
 
-def _wake(future: asyncio.Future[None]) -> None:
+def _wake(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _abort(ws: PushConnection) -> None:
+    """Drop the connection now, unless it is lost already: no closing handshake, and no waiting for a write
+    buffer the peer does not read (a transport closing with one would wait for it forever)."""
+    transport = ws.transport
+    if transport is not None and ws.protocol.state is not CLOSED:
+        transport.abort()
 
 
 def _answered(waiting: asyncio.Future[float], pong: asyncio.Future[float]) -> None:
