@@ -3,6 +3,7 @@ for several."""
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import time
 from collections.abc import Awaitable, Callable
@@ -134,11 +135,14 @@ class RedisStore:
         self.where = redacted(url)
         """The store for logs and errors: the URL without its credentials."""
         self._prefix = prefix
+        self._timeout = timeout
+        # Commands are bounded by asyncio.timeout in _call, not by redis-py's socket timeout: that one
+        # runs each write through Python 3.11's wait_for, which can lose a cancellation (a shutdown's).
         self._pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
             timeout=timeout,
-            socket_timeout=timeout,
+            socket_timeout=None,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[RedisConnectionError],
@@ -166,7 +170,10 @@ class RedisStore:
 
     async def _call(self, command: Awaitable[_T]) -> _T:
         try:
-            return await command
+            async with asyncio.timeout(self._timeout):
+                return await command
+        except TimeoutError:
+            raise StoreUnavailable(f"redis at {self.where}: no answer within {self._timeout:g} s") from None
         except (RedisError, OSError) as exc:  # (its text names host and port, never the password)
             raise StoreUnavailable(f"redis at {self.where}: {exc or type(exc).__name__}") from None
 

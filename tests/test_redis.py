@@ -150,6 +150,44 @@ async def test_an_unreachable_store_fails_fast_and_names_no_password() -> None:
     await store.close()
 
 
+async def test_a_redis_that_takes_commands_and_never_answers_is_unavailable_within_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stalled Redis (connected, silent): each command gives up after the store's timeout. It is
+    bounded by ``asyncio.timeout``, never by Python 3.11's ``wait_for`` (redis-py's socket timeout uses
+    it), which can lose a cancellation landing as a command's write completes: a handler cancelled by a
+    shutdown would go on."""
+    reads: list[bytes] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            reads.append(data)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    waits: list[object] = []
+    wait_for = asyncio.wait_for
+
+    async def recorded(aw: object, timeout: float | None) -> object:
+        waits.append(aw)
+        return await wait_for(aw, timeout)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio, "wait_for", recorded)
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", timeout=0.3)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(StoreUnavailable, match=r"no answer within 0\.3 s"):
+            await store.claim("webhook:x", 30)
+        assert loop.time() - started < 2
+        assert reads, "the command never reached the server"
+        assert waits == []  # no command went through wait_for
+    finally:
+        await store.close()
+        server.close()
+
+
 async def test_a_wrong_password_is_unavailable_not_a_crash(redis_server: RedisServer) -> None:
     if redis_server.proc is None:
         redis_server.start()
