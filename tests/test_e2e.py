@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 from aiohttp.test_utils import TestServer
 
 from sideband import Accept, IncomingCall, Refer, Reject
@@ -416,6 +418,94 @@ async def test_a_cancellation_landing_as_a_request_times_out_is_not_lost(
     finally:
         monkeypatch.undo()
         await server.close()
+
+
+class TwoAddresses(AbstractResolver):
+    """api.test has two addresses (say AAAA + A): the first never answers a SYN, the second works."""
+
+    def __init__(self, slow: str, good: str) -> None:
+        self.slow, self.good = slow, good
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        return [
+            {"hostname": host, "host": h, "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}
+            for h in (self.slow, self.good)
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_cancel_absorbed_by_happy_eyeballs_is_not_retried_past() -> None:
+    """A host with two addresses, the first silent: aiohttp races them (happy eyeballs) and cancels the
+    loser once the second connects. A shutdown's cancel landing then is absorbed by the loser; the
+    attempt goes on and fails (503): the retry loop sees the pending cancel and stops, cancelled."""
+    hangups: list[int] = []
+
+    async def hangup(request: web.Request) -> web.Response:
+        hangups.append(1)
+        return web.Response(status=503 if len(hangups) == 1 else 200)
+
+    app = web.Application()
+    app.router.add_post("/v1/realtime/calls/{cid}/hangup", hangup)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    port = server.port
+    # 127.0.0.3:port: a listener whose accept queue is full, so a SYN to it goes unanswered (a dead
+    # IPv6 route, a blackholed address).
+    clog = socket.socket()
+    clog.bind(("127.0.0.3", port))
+    clog.listen(0)
+    fill = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):  # (on loopback the handshake completes in the call)
+            s.connect(("127.0.0.3", port))
+        fill.append(s)
+
+    loop = asyncio.get_running_loop()
+    target: asyncio.Task[Any] | None = None
+
+    def watch() -> None:
+        # The request's task awaits a happy-eyeballs loser it just cancelled (staggered_race's finally):
+        # the shutdown's cancel lands now.
+        assert target is not None
+        if target.done():
+            return
+        waiter = getattr(target, "_fut_waiter", None)
+        if (
+            isinstance(waiter, asyncio.Task)
+            and waiter.get_coro().__name__ == "run_one_coro"
+            and waiter.cancelling()
+        ):
+            target.cancel()
+            return
+        loop.call_soon(watch)
+
+    connector = aiohttp.TCPConnector(
+        limit=0, ttl_dns_cache=300, keepalive_timeout=60, resolver=TwoAddresses("127.0.0.3", "127.0.0.1")
+    )
+    try:
+        async with aiohttp.ClientSession(connector=connector) as http:
+            control = CallControl(http, f"http://api.test:{port}/v1", "sk-test")
+
+            async def verb() -> str:  # service.launch's verb(): a hangup under with_retries
+                await with_retries(
+                    lambda t: control.hangup("rtc_x", timeout=t), budget=5.0, attempt_timeout=2.0
+                )
+                return "hung up"
+
+            target = asyncio.ensure_future(verb())
+            loop.call_soon(watch)
+            await asyncio.wait([target], timeout=10)
+    finally:
+        clog.close()
+        for s in fill:
+            s.close()
+        await server.close()
+    assert target.done()
+    assert target.cancelled() and len(hangups) == 1, (target, hangups)
 
 
 async def test_calls_still_live_when_the_drain_ends_are_hung_up(stack: Stack) -> None:

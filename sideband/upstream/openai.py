@@ -247,6 +247,8 @@ async def with_retries(
     delay = 0.05
     tries = 0
     last = False  # the next attempt is the last one (a Retry-After asked for more than the budget)
+    task = asyncio.current_task()
+    baseline = task.cancelling() if task is not None else 0
     while True:
         tries += 1
         left = deadline - clock()
@@ -255,6 +257,10 @@ async def with_retries(
         except CallGone:
             raise
         except UpstreamError as exc:
+            if task is not None and task.cancelling() > baseline:
+                # Cancelled meanwhile, and a library turned it into a failure (aiohttp's happy eyeballs
+                # reaping its losing connection attempts can absorb a cancel): no retry, the cancel stands.
+                raise asyncio.CancelledError from None
             left = deadline - clock()
             if not exc.retryable or last:
                 raise
