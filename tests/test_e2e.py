@@ -508,6 +508,50 @@ async def test_a_cancel_absorbed_by_happy_eyeballs_is_not_retried_past() -> None
     assert target.cancelled() and len(hangups) == 1, (target, hangups)
 
 
+async def test_the_webhook_sender_is_cancelled_even_as_an_attempt_times_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The testing kit's sender retries timeouts: a cancel landing as one fires stops it, not a retry."""
+    from sideband.testing import WebhookSender
+
+    posts: list[int] = []
+
+    async def never(request: web.Request) -> web.Response:
+        posts.append(1)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_post("/hook", never)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    loop = asyncio.get_running_loop()
+    limit, task = 0.3, None
+    call_at = loop.call_at
+
+    def racing_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        if task is None or abs(when - (loop.time() + limit)) > 0.05:
+            return call_at(when, callback, *args, **kwargs)
+
+        def fire(*a: Any) -> None:
+            callback(*a)
+            task.cancel()
+
+        return call_at(when, fire, *args, **kwargs)
+
+    sender = WebhookSender(str(server.make_url("/hook")), "whsec_" + "A" * 32)
+    try:
+        monkeypatch.setattr(loop, "call_at", racing_call_at)
+        task = asyncio.ensure_future(sender.deliver({"type": "x"}, timeout=limit, max_attempts=3))
+        await asyncio.wait([task], timeout=5)
+        monkeypatch.undo()
+        assert task.done() and task.cancelled() and posts == [1], (task, posts)
+    finally:
+        monkeypatch.undo()
+        await sender.close()
+        await server.close()
+
+
 async def test_calls_still_live_when_the_drain_ends_are_hung_up(stack: Stack) -> None:
     call = await run_call(stack, Script([GREETING, pause(60)]))
     await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)

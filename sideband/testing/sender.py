@@ -21,6 +21,8 @@ from typing import Any
 
 import aiohttp
 
+from sideband.upstream.openai import UNTIMED
+
 __all__ = ["OPENAI_WEBHOOK_USER_AGENT", "DeliveryResult", "WebhookSender", "decode_secret", "sign_webhook"]
 
 OPENAI_WEBHOOK_USER_AGENT = "OpenAI/1.0 (+https://platform.openai.com/docs/webhooks)"
@@ -141,10 +143,12 @@ class WebhookSender:
         timeout: float = 5.0,
     ) -> tuple[int, bytes]:
         """POST ``body`` with exactly ``headers`` once (no signing, no retry); return (status, body)."""
-        client_timeout = aiohttp.ClientTimeout(total=timeout)
-        async with self._client().post(
-            self.url, data=body, headers=dict(headers), timeout=client_timeout, allow_redirects=False
-        ) as response:
+        async with (
+            asyncio.timeout(timeout),  # (aiohttp's own timer can lose a cancellation landing as it fires)
+            self._client().post(
+                self.url, data=body, headers=dict(headers), timeout=UNTIMED, allow_redirects=False
+            ) as response,
+        ):
             return response.status, await response.read()
 
     async def deliver(
@@ -171,6 +175,8 @@ class WebhookSender:
         wid = webhook_id if webhook_id is not None else "wh_" + secrets.token_hex(16)
         result = DeliveryResult(webhook_id=wid, body=body)
         last = 0
+        task = asyncio.current_task()
+        baseline = task.cancelling() if task is not None else 0
         for attempt in range(max_attempts):
             if attempt:
                 await asyncio.sleep(backoff * (2 ** (attempt - 1)))
@@ -182,6 +188,8 @@ class WebhookSender:
             try:
                 status, answer = await self.post_raw(body, self.sign(body, wid, ts), timeout=timeout)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                if task is not None and task.cancelling() > baseline:
+                    raise asyncio.CancelledError from None  # (a cancel some library turned into this)
                 result.attempts.append(None)
                 result.errors.append(f"{type(exc).__name__}: {exc}".rstrip(": "))
                 result.bodies.append(None)
