@@ -434,6 +434,8 @@ class ToolRegistry:
         is a tool failure (outcome ``error``).
         """
         start = time.monotonic()
+        running = asyncio.current_task()
+        baseline = running.cancelling() if running is not None else 0
         tool = self._tools.get(name)
         if tool is None:
             return self._unknown(call_id, name, start)
@@ -480,16 +482,18 @@ class ToolRegistry:
                 )
         except _Unencodable as exc:
             return _unencodable(call_id, name, exc.__cause__ or exc, start)
-        except TimeoutError as exc:
-            if deadline.expired():
-                return _timed_out(call_id, name, limit, start, view)
-            return _failed(call_id, name, exc, start)
         except asyncio.CancelledError as exc:
-            if not own_cancellation(exc):
+            if not own_cancellation(exc, baseline):
                 raise  # the call is ending (or an outer timeout fired): not the tool's doing
             return _failed(call_id, name, exc, start)  # raised by the tool's own code
         except BaseException as exc:  # SystemExit from argparse in a tool is the tool's
             # failure, not the process's: it must neither stop the server nor leave the model unanswered.
+            if running is not None and running.cancelling() > baseline:
+                # The call's end cancelled it, and the tool's code (a TaskGroup whose child failed while
+                # cancelled, a library's timer) made that another exception: still a cancellation.
+                raise asyncio.CancelledError from None
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                return _timed_out(call_id, name, limit, start, view)
             return _failed(call_id, name, exc, start)
         return ToolResult(call_id, name, output, "ok", time.monotonic() - start)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gc
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -1156,3 +1157,83 @@ async def test_a_call_whose_peer_stopped_reading_still_ends() -> None:
                 await asyncio.gather(task, return_exceptions=True)
     assert (reason, verbs) == ("shutdown", ["hangup"])
     assert took < 2 * _CLOSE_TIMEOUT + 1, f"the end took {took:.2f} s"
+
+
+async def test_a_hook_that_ignores_its_cancellation_is_left_behind(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hook still running at the call's end is cancelled; one that carries on all the same (it retries
+    on any error) is left behind a second later: the call still ends."""
+    monkeypatch.setattr("sideband.runtime.driver.HOOK_GRACE", 0.2)
+    release = asyncio.Event()
+    cancels: list[int] = []
+
+    async def stubborn(ctx: CallContext, digit: str) -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                cancels.append(1)
+
+    stack.app.on_dtmf(stubborn)
+    try:
+        with capture_logs() as logs:
+            call = await stack.call(Script([HELLO, caller_presses("1"), caller_hangs_up()]))
+            summary = await stack.ended(call, timeout=5)
+    finally:
+        release.set()
+    assert summary.reason == "remote_closed" and cancels == [1]
+    assert [e["hook"] for e in logs if e["event"] == "hook.abandoned"] == ["stubborn"]
+
+
+async def test_an_end_hook_that_ignores_its_cancellation_is_left_behind(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sideband.runtime.driver.END_HOOK_TIMEOUT", 0.3)
+    release = asyncio.Event()
+    after: list[str] = []
+
+    async def stubborn(ctx: CallContext, summary: CallSummary) -> None:
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+
+    stack.app.on_call_end(stubborn)
+    stack.app.on_call_end(lambda ctx, summary: after.append(summary.reason))
+    try:
+        with capture_logs() as logs:
+            call = await stack.call(Script([HELLO, caller_hangs_up()]))
+            summary = await stack.ended(call, timeout=5)
+    finally:
+        release.set()
+    assert summary.reason == "remote_closed" and after == ["remote_closed"]  # the next end hook ran
+    events = [(e["event"], e.get("hook")) for e in logs if e["event"].startswith("hook.")]
+    assert events == [("hook.cancelled", "stubborn"), ("hook.abandoned", "stubborn")], events
+
+
+async def test_a_cancellation_a_hook_turns_into_an_error_stops_the_hooks_after_it(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hooks of one event run one after the other in one task; cancelled at the call's end while the
+    first turns its cancellation into an error (a library's timer), the next one does not start."""
+    monkeypatch.setattr("sideband.runtime.driver.HOOK_GRACE", 0.2)
+    ran: list[str] = []
+
+    async def crm(ctx: CallContext, digit: str) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise TimeoutError("crm request timed out") from None
+
+    async def audit(ctx: CallContext, digit: str) -> None:
+        ran.append("audit")
+
+    stack.app.on_dtmf(crm)
+    stack.app.on_dtmf(audit)
+    with capture_logs() as logs:
+        call = await stack.call(Script([HELLO, caller_presses("1"), caller_hangs_up()]))
+        await stack.ended(call, timeout=5)
+    assert ran == []
+    assert [(e["event"], e.get("hook")) for e in logs if e["event"] == "hook.failed"] == [
+        ("hook.failed", "crm")
+    ]

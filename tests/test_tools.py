@@ -1200,3 +1200,48 @@ def test_free_form_google_sections_stay_out_of_the_description() -> None:
     assert tool.description == "Look up an order by its ID."
     assert tool.parameters["properties"]["order_id"]["description"] == "The order number."
     assert tool.parameters["properties"]["region"]["description"] == "Sales region."
+
+
+async def test_a_cancellation_the_tool_turns_into_an_error_is_still_a_cancellation() -> None:
+    """The call's end cancels a tool whose TaskGroup child fails while cancelled: the group raises an
+    ExceptionGroup, not CancelledError. The run is cancelled all the same, not a tool failure."""
+    registry = ToolRegistry()
+    started = asyncio.Event()
+
+    @registry.tool
+    async def lookup(order_id: str) -> str:
+        """Look an order up."""
+
+        async def fetch() -> None:
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                raise ConnectionResetError("reset while closing")
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(fetch())
+            started.set()
+            await asyncio.sleep(3600)
+        return "never"
+
+    task = asyncio.ensure_future(registry.execute("c1", "lookup", '{"order_id":"1"}', make_ctx()))
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    await asyncio.wait([task], timeout=5)
+    assert task.done() and task.cancelled(), task
+
+
+async def test_a_tool_turning_its_own_timeout_into_an_error_still_times_out() -> None:
+    registry = ToolRegistry()
+
+    @registry.tool(timeout=0.1)
+    async def slow() -> str:
+        """Slow, and its client words a cancellation its own way."""
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise TimeoutError("backend timed out") from None
+        return "never"
+
+    result = await registry.execute("c1", "slow", "{}", make_ctx())
+    assert result.outcome == "timeout", result

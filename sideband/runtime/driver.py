@@ -72,6 +72,7 @@ TASK_GRACE = 5.0
 behind (``call.tasks_abandoned``)."""
 _STABLE_SOCKET = 10.0  # seconds a sideband must have lasted for its loss not to count as one in a row
 _MAX_RETRY_AFTER = 30.0  # seconds at most an attach waits when the server asks to (Retry-After)
+_LEFT_BEHIND = 1.0  # seconds a cancelled hook gets to end before the call's end goes on without it
 _CLOSE_TIMEOUT = 2.0  # seconds an ended call's socket gets for its closing handshake
 SHUTDOWN_GRACE = 5.0
 """Seconds the calls still live at the end of a drain get for their hangup before they are cancelled."""
@@ -325,11 +326,7 @@ class CallRuntime:
                         tool_calls=len(self.summary.tools),
                     )
                 for hook in self.hooks.on_call_end:
-                    try:
-                        async with asyncio.timeout(END_HOOK_TIMEOUT):
-                            await self._hooks((hook,), self.ctx, self.summary)
-                    except TimeoutError:
-                        self.log.warning("hook.cancelled", hook=_hook_name(hook), grace_s=END_HOOK_TIMEOUT)
+                    await self._end_hook(hook)
             finally:
                 # Break the context ↔ runtime cycle so an ended call is freed by reference counting,
                 # not by the cyclic collector (whose pauses grow with the number of ended calls).
@@ -337,6 +334,25 @@ class CallRuntime:
                 self._ws = None
                 self._closed.set()
         return self.summary.reason
+
+    async def _end_hook(self, hook: Callable[..., Any]) -> None:
+        """Run one ``on_call_end`` hook in a task of its own, for :data:`END_HOOK_TIMEOUT` seconds; then
+        cancel it, and leave it behind if it still runs a second later (it ignores its cancellation)."""
+        task = asyncio.ensure_future(self._hooks((hook,), self.ctx, self.summary))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=END_HOOK_TIMEOUT)
+            if done:
+                return
+            self.log.warning("hook.cancelled", hook=_hook_name(hook), grace_s=END_HOOK_TIMEOUT)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=_LEFT_BEHIND)
+            if not done:
+                self.log.error("hook.abandoned", hook=_hook_name(hook), grace_s=_LEFT_BEHIND)
+        finally:
+            if not task.done():
+                task.cancel()  # (the run cut short meanwhile: the hook goes with it)
+            elif not task.cancelled():
+                task.exception()  # (logged where it ran)
 
     async def _main(self) -> None:
         ws = await self._open(first=True)
@@ -794,6 +810,11 @@ class CallRuntime:
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc, baseline):
                     raise
+                if running is not None and running.cancelling() > baseline:
+                    # Cancelled (the call's end, a hook's limit), and the hook's code made that another
+                    # exception: the hooks after it must not run.
+                    self.log.error("hook.failed", hook=_hook_name(hook), **self._failure(exc))
+                    raise asyncio.CancelledError from None
                 self.log.error("hook.failed", hook=_hook_name(hook), **self._failure(exc))
 
     def _failure(self, exc: BaseException) -> dict[str, Any]:
@@ -895,18 +916,22 @@ class CallRuntime:
                     await asyncio.wait(list(self._hook_tasks))
         except TimeoutError:
             pass
-        finally:  # past the grace, or cancelled meanwhile: cancel what is left, and await it
+        finally:  # past the grace, or cancelled meanwhile: cancel what is left, and await it (a while)
             left = dict(self._hook_tasks or {})
             for task, hook in left.items():
                 self.log.warning("hook.cancelled", hook=hook, grace_s=HOOK_GRACE)
                 task.cancel()
             if left:
-                await asyncio.gather(*left, return_exceptions=True)
+                _, stuck = await asyncio.wait(left, timeout=_LEFT_BEHIND)
+                for task in stuck:  # it ignores its cancellation: the call's end goes on without it
+                    self.log.error("hook.abandoned", hook=left[task], grace_s=_LEFT_BEHIND)
 
     def end_bound(self) -> float:
         """Seconds this call's end may take once its machine has closed, at most: its tools' grace, the
         socket's close, its hooks' grace and each ``on_call_end`` hook's limit (and a second to spare)."""
-        return TASK_GRACE + _CLOSE_TIMEOUT + HOOK_GRACE + END_HOOK_TIMEOUT * len(self.hooks.on_call_end) + 1.0
+        per_end_hook = END_HOOK_TIMEOUT + _LEFT_BEHIND
+        hooks = HOOK_GRACE + _LEFT_BEHIND + per_end_hook * len(self.hooks.on_call_end)
+        return TASK_GRACE + _CLOSE_TIMEOUT + hooks + 1.0
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`run` has finished."""
