@@ -137,7 +137,9 @@ async def serve(settings: Settings, app: Sideband) -> None:
     open_files = raise_open_files_limit()
     web_app = create_app(settings, app)
     service = web_app[SERVICE]
-    runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
+    # Requests still in flight once the drain is over get a second (they had the window already), not
+    # aiohttp's default minute.
+    runner = web.AppRunner(web_app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     try:

@@ -386,6 +386,44 @@ async def test_a_signal_while_stuck_threads_are_waited_for_exits_at_once_with_st
     assert code == 1 and "server.threads_abandoned" not in events, (code, events)
 
 
+async def test_a_request_still_in_flight_after_the_drain_window_gets_a_second(simulator: Simulator) -> None:
+    """A client trickling a webhook's body (it would get its 408 after 10 s) does not hold the exit: once
+    the drain window is over, requests still in flight get a second, then the process exits."""
+    port = free_port()
+    proc = await start_serve(port, serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="0.5"))
+    assert proc.stdout is not None
+    lines: list[dict[str, object]] = []
+    writer: asyncio.StreamWriter | None = None
+    try:
+        await read_until(proc.stdout, "server.started", lines)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /webhooks/openai HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{"
+        )
+        await writer.drain()
+        async with aiohttp.ClientSession() as http:  # the request is in: /metrics counts it
+            for _ in range(100):
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                    if "sideband_requests_in_flight 2" in await resp.text():
+                        break
+            else:
+                raise AssertionError("the trickling request never showed as in flight")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), timeout=20)
+        took = loop.time() - started
+    finally:
+        if writer is not None:
+            writer.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 0
+    assert took < 0.5 + 1 + 2, f"exited {took:.2f} s after SIGTERM"  # the window, the second, start-up slack
+
+
 async def test_demo_runs_every_scenario() -> None:
     out = io.StringIO()
     code = await run_demo(out=out)

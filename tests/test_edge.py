@@ -118,6 +118,7 @@ async def test_health_readiness_and_metrics(stack: Stack) -> None:
     for line in (
         'sideband_calls_ended_total{reason="caller said \\"stop\\"\\n\\\\"} 1',
         'sideband_events_total{outcome="accepted"} 1',
+        "sideband_requests_in_flight 1",  # (the /metrics request itself)
         'sideband_calls_ended_total{reason="remote_closed"} 1',
         'sideband_requests_refused_total{event="webhook.draining",status="503"} 1',
         'sideband_requests_refused_total{event="webhook.rejected",status="401"} 1',

@@ -294,6 +294,8 @@ async def metrics(request: web.Request) -> web.Response:
     lines = [
         "# TYPE sideband_calls_live gauge",
         f"sideband_calls_live {len(service.registry)}",
+        "# TYPE sideband_requests_in_flight gauge",  # (this one included)
+        f"sideband_requests_in_flight {service.requests}",
         "# TYPE sideband_events_total counter",
     ]
     lines += [f'sideband_events_total{{outcome="{k}"}} {v}' for k, v in sorted(service.counters.items())]
