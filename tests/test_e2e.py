@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -369,6 +370,36 @@ async def test_an_upstream_error_page_that_is_not_utf8_is_an_upstream_error() ->
         await server.close()
 
 
+async def cancelled_as_its_timer_fires(
+    monkeypatch: pytest.MonkeyPatch, limit: float, start: Callable[[], Awaitable[Any]]
+) -> asyncio.Future[Any]:
+    """Run ``start()`` with every loop timer due ``limit`` seconds after it was set followed, in the same
+    loop iteration, by a cancel of the task (a shutdown's cancel landing as a request's timeout fires:
+    the race). Returns the task once it is done (5 s at most)."""
+    loop = asyncio.get_running_loop()
+    call_at = loop.call_at
+    task: asyncio.Future[Any] | None = None
+
+    def racing_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        if task is None or abs(when - (loop.time() + limit)) > 0.05:
+            return call_at(when, callback, *args, **kwargs)
+
+        def fire(*a: Any) -> None:
+            callback(*a)
+            assert task is not None
+            task.cancel()  # the shutdown's cancel, right behind the timer's
+
+        return call_at(when, fire, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", racing_call_at)
+    try:
+        task = asyncio.ensure_future(start())
+        await asyncio.wait([task], timeout=5)
+    finally:
+        monkeypatch.undo()
+    return task
+
+
 @pytest.mark.parametrize("request_kind", ["hangup", "accept", "create_call", "mint"])
 async def test_a_cancellation_landing_as_a_request_times_out_is_not_lost(
     request_kind: str, monkeypatch: pytest.MonkeyPatch
@@ -386,37 +417,20 @@ async def test_a_cancellation_landing_as_a_request_times_out_is_not_lost(
     app.router.add_post("/{tail:.*}", never)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    loop = asyncio.get_running_loop()
-    limit, task = 0.3, None
-    call_at = loop.call_at
-
-    def racing_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
-        if task is None or abs(when - (loop.time() + limit)) > 0.05:
-            return call_at(when, callback, *args, **kwargs)
-
-        def fire(*a: Any) -> None:
-            callback(*a)
-            task.cancel()  # the shutdown's cancel, right behind the timer's
-
-        return call_at(when, fire, *args, **kwargs)
-
+    limit = 0.3
     try:
         async with aiohttp.ClientSession() as http:
             control = CallControl(http, str(server.make_url("/v1")), "sk-test")
             core = VowelCore(http, str(server.make_url("")), "vk-test")
-            request = {
+            request: Callable[[], Awaitable[Any]] = {
                 "hangup": lambda: control.hangup("rtc_x", timeout=limit),
                 "accept": lambda: control.accept("rtc_x", {"type": "realtime"}, timeout=limit),
                 "create_call": lambda: control.create_call("v=0", {"type": "realtime"}, timeout=limit),
                 "mint": lambda: core.mint({"tools": []}, timeout=limit),
             }[request_kind]
-            monkeypatch.setattr(loop, "call_at", racing_call_at)
-            task = asyncio.ensure_future(request())
-            await asyncio.wait([task], timeout=5)
-            monkeypatch.undo()
+            task = await cancelled_as_its_timer_fires(monkeypatch, limit, request)
             assert task.done() and task.cancelled(), task
     finally:
-        monkeypatch.undo()
         await server.close()
 
 
@@ -525,29 +539,13 @@ async def test_the_webhook_sender_is_cancelled_even_as_an_attempt_times_out(
     app.router.add_post("/hook", never)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    loop = asyncio.get_running_loop()
-    limit, task = 0.3, None
-    call_at = loop.call_at
-
-    def racing_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
-        if task is None or abs(when - (loop.time() + limit)) > 0.05:
-            return call_at(when, callback, *args, **kwargs)
-
-        def fire(*a: Any) -> None:
-            callback(*a)
-            task.cancel()
-
-        return call_at(when, fire, *args, **kwargs)
-
     sender = WebhookSender(str(server.make_url("/hook")), "whsec_" + "A" * 32)
     try:
-        monkeypatch.setattr(loop, "call_at", racing_call_at)
-        task = asyncio.ensure_future(sender.deliver({"type": "x"}, timeout=limit, max_attempts=3))
-        await asyncio.wait([task], timeout=5)
-        monkeypatch.undo()
+        task = await cancelled_as_its_timer_fires(
+            monkeypatch, 0.3, lambda: sender.deliver({"type": "x"}, timeout=0.3, max_attempts=3)
+        )
         assert task.done() and task.cancelled() and posts == [1], (task, posts)
     finally:
-        monkeypatch.undo()
         await sender.close()
         await server.close()
 
