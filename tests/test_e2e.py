@@ -246,9 +246,12 @@ async def test_a_redelivery_that_rejects_a_call_an_earlier_attempt_may_have_answ
     assert call.end_reason == "hangup_verb" and call.sideband_connects == 0
 
 
-async def test_redelivery_while_the_first_is_in_flight_is_409_until_it_is_handled(stack: Stack) -> None:
+@pytest.mark.parametrize("settings_overrides", [{"accept_budget": 4.0}])  # (room for a slow machine)
+async def test_redelivery_while_the_first_is_in_flight_is_409_until_it_is_handled(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
     call = stack.sim.create_call(Script([GREETING]))
-    stack.sim.fail_accept(call.call_id, *([500] * 40))  # the first delivery retries for its whole budget
+    stack.sim.fail_accept(call.call_id, *([500] * 400))  # the first delivery retries for its whole budget
     event = stack.sim.incoming_event(call)
     first = asyncio.create_task(stack.sender.deliver(event, webhook_id="wh_a", max_attempts=1))
     async with asyncio.timeout(5):
@@ -289,7 +292,11 @@ async def test_an_unexpected_error_answering_releases_the_claims(stack: Stack) -
     assert second.status == 200 and call.status == "accepted"
 
 
-async def test_an_accept_that_went_through_unanswered_still_attaches(stack: Stack) -> None:
+# The budget is not what these test: room for a retry after the first attempt's timeout, on a slow machine.
+@pytest.mark.parametrize("settings_overrides", [{"accept_budget": 10.0}])
+async def test_an_accept_that_went_through_unanswered_still_attaches(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
     call = stack.sim.create_call(Script([GREETING]))
     stack.sim.fail_accept(call.call_id, "late")  # accepted upstream, but the answer never comes
     result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
@@ -299,8 +306,11 @@ async def test_an_accept_that_went_through_unanswered_still_attaches(stack: Stac
     assert call.sideband_connects == 1 and client_types(call)[0] == "session.update"
 
 
+@pytest.mark.parametrize("settings_overrides", [{"accept_budget": 10.0}])
 @pytest.mark.parametrize("again", [400, 409, 422])
-async def test_an_accept_refused_after_an_unanswered_attempt_attaches(stack: Stack, again: int) -> None:
+async def test_an_accept_refused_after_an_unanswered_attempt_attaches(
+    stack: Stack, again: int, settings_overrides: dict[str, Any]
+) -> None:
     """The service may refuse an accept of a call already accepted (PROTOCOL does not say how): after an
     attempt that went unanswered, such a refusal attaches the call, it does not reject it."""
     call = stack.sim.create_call(Script([GREETING]))

@@ -872,7 +872,7 @@ async def test_cancelled_tool_response_does_not_wait_for_outputs(
 
 
 async def test_wait_done_reports_a_timed_out_step(simulator: Simulator, http: aiohttp.ClientSession) -> None:
-    call = await live_call(simulator, http, Script([wait_for_greeting()], step_timeout=0.2))
+    call = await live_call(simulator, http, Script([wait_for_greeting()], step_timeout=1.0))
     async with ws_connect(simulator, call) as ws:
         await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
         with pytest.raises(ScriptError, match=r"wait_for_greeting.*response\.create"):
