@@ -168,12 +168,6 @@ async def serve(settings: Settings, app: Sideband) -> None:
     # pauses scale with live calls only.
     gc.collect()
     gc.freeze()
-    # Most objects that survive a young collection are a live call's: the middle generation is collected
-    # every 50 young collections, not 10. The same work, in a fifth as many pauses: at 20 calls/s about
-    # two pauses of some 13 ms per 600 calls answered, instead of eight of 3 ms, which held up one call
-    # in a hundred (benchmarks/RESULTS.md).
-    young, _, old = gc.get_threshold()
-    gc.set_threshold(young, 50, old)
     log.info(
         "server.started",
         host=settings.host,
