@@ -380,6 +380,22 @@ async def test_an_upstream_error_page_that_is_not_utf8_is_an_upstream_error() ->
         await server.close()
 
 
+async def silent_server() -> tuple[TestServer, list[str]]:
+    """A started server that takes every POST and never answers; the paths posted to, in order."""
+    posts: list[str] = []
+
+    async def never(request: web.Request) -> web.Response:
+        posts.append(request.path)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", never)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server, posts
+
+
 async def cancelled_as_its_timer_fires(
     monkeypatch: pytest.MonkeyPatch, limit: float, start: Callable[[], Awaitable[Any]]
 ) -> asyncio.Future[Any]:
@@ -419,14 +435,7 @@ async def test_a_cancellation_landing_as_a_request_times_out_is_not_lost(
     after the timer's own, in the same loop iteration, which is the race."""
     from sideband.upstream.vowel import VowelCore
 
-    async def never(request: web.Request) -> web.Response:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", never)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
+    server, _ = await silent_server()
     limit = 0.3
     try:
         async with aiohttp.ClientSession() as http:
@@ -538,23 +547,13 @@ async def test_the_webhook_sender_is_cancelled_even_as_an_attempt_times_out(
     """The testing kit's sender retries timeouts: a cancel landing as one fires stops it, not a retry."""
     from sideband.testing import WebhookSender
 
-    posts: list[int] = []
-
-    async def never(request: web.Request) -> web.Response:
-        posts.append(1)
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    app = web.Application()
-    app.router.add_post("/hook", never)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
+    server, posts = await silent_server()
     sender = WebhookSender(str(server.make_url("/hook")), "whsec_" + "A" * 32)
     try:
         task = await cancelled_as_its_timer_fires(
             monkeypatch, 0.3, lambda: sender.deliver({"type": "x"}, timeout=0.3, max_attempts=3)
         )
-        assert task.done() and task.cancelled() and posts == [1], (task, posts)
+        assert task.done() and task.cancelled() and posts == ["/hook"], (task, posts)
     finally:
         await sender.close()
         await server.close()

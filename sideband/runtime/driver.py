@@ -810,12 +810,11 @@ class CallRuntime:
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc, baseline):
                     raise
+                self.log.error("hook.failed", hook=_hook_name(hook), **self._failure(exc))
                 if running is not None and running.cancelling() > baseline:
                     # Cancelled (the call's end, a hook's limit), and the hook's code made that another
                     # exception: the hooks after it must not run.
-                    self.log.error("hook.failed", hook=_hook_name(hook), **self._failure(exc))
                     raise asyncio.CancelledError from None
-                self.log.error("hook.failed", hook=_hook_name(hook), **self._failure(exc))
 
     def _failure(self, exc: BaseException) -> dict[str, Any]:
         """Log fields for a tool's or hook's exception: its text only where it is ours (a ToolError's is
