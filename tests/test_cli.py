@@ -308,10 +308,18 @@ def stuck_lookup() -> str:
 
 
 async def sigterm_during_tool(
-    simulator: Simulator, tmp_path: Path, source: str, tool: str, *, drain: float, wait_for: str
+    simulator: Simulator,
+    tmp_path: Path,
+    source: str,
+    tool: str,
+    *,
+    drain: float,
+    wait_for: str,
+    signal_again_after: str | None = None,
 ) -> tuple[int, str, list[dict[str, object]]]:
     """Serve the app in ``source``, place a call whose model calls ``tool``, wait for the log event
-    ``wait_for``, send SIGTERM; return the exit code, stderr and every log line."""
+    ``wait_for``, send SIGTERM; return the exit code, stderr and every log line. With
+    ``signal_again_after``, once that event is logged, SIGTERM goes again every 0.1 s until the exit."""
     (tmp_path / f"{tool}_app.py").write_text(source)
     port = free_port()
     env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT=str(drain), PYTHONPATH=str(tmp_path))
@@ -325,8 +333,14 @@ async def sigterm_during_tool(
         assert (await sender.deliver(simulator.incoming_event(call))).status == 200
         await read_until(proc.stdout, wait_for, lines)
         proc.send_signal(signal.SIGTERM)
+        exited = asyncio.ensure_future(proc.wait())
+        if signal_again_after is not None:
+            await read_until(proc.stdout, signal_again_after, lines)
+            while not exited.done():
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.wait([exited], timeout=0.1)
         # the drain, the call's tools' grace (5 s) and a second for what is left: not the tool's forever
-        code = await asyncio.wait_for(proc.wait(), timeout=20)
+        code = await asyncio.wait_for(exited, timeout=20)
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -357,33 +371,19 @@ async def test_a_signal_while_stuck_threads_are_waited_for_exits_at_once_with_st
     simulator: Simulator, tmp_path: Path
 ) -> None:
     """Past the event loop's end (its signal handlers gone with it), a signal still exits with status 1,
-    not by the signal's default action."""
-    (tmp_path / "stuck_lookup_app.py").write_text(HUNG_APP)
-    port = free_port()
-    env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="0.5", PYTHONPATH=str(tmp_path))
-    proc = await start_serve(port, env, app="stuck_lookup_app:app")
-    assert proc.stdout is not None
-    lines: list[dict[str, object]] = []
-    try:
-        await read_until(proc.stdout, "server.started", lines)
-        call = simulator.create_call(Script([model_calls("stuck_lookup", {}), pause(60)]))
-        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
-        assert (await sender.deliver(simulator.incoming_event(call))).status == 200
-        await read_until(proc.stdout, "tool.finished", lines)
-        proc.send_signal(signal.SIGTERM)
-        await read_until(proc.stdout, "server.stopped", lines)
-        exited = asyncio.ensure_future(proc.wait())
-        while not exited.done():  # the thread is waited for 1 s: these land before and after the loop ends
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.wait([exited], timeout=0.1)
-        code = exited.result()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    rest = (await proc.stdout.read()).decode().splitlines()
-    events = [e.get("event") for e in lines] + [json.loads(line).get("event") for line in rest if line]
-    assert code == 1 and "server.threads_abandoned" not in events, (code, events)
+    not by the signal's default action. The stuck thread is waited for 1 s: signals sent every 0.1 s
+    from `server.stopped` on land both before and after the loop ends."""
+    code, err, lines = await sigterm_during_tool(
+        simulator,
+        tmp_path,
+        HUNG_APP,
+        "stuck_lookup",
+        drain=0.5,
+        wait_for="tool.finished",
+        signal_again_after="server.stopped",
+    )
+    events = [e.get("event") for e in lines]
+    assert code == 1 and "server.threads_abandoned" not in events, (code, err, events)
 
 
 async def test_a_request_still_in_flight_after_the_drain_window_gets_a_second(simulator: Simulator) -> None:
