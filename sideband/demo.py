@@ -147,7 +147,7 @@ async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO |
     """Place ``calls`` simulated calls (answered ones: the bundled demo adds one that routing rejects)
     through a real server on loopback; print what happens. Returns the exit status."""
     if not 1 <= calls <= MAX_CALLS:
-        raise ValueError(f"--calls must be between 1 and {MAX_CALLS}")
+        raise ValueError(f"calls must be between 1 and {MAX_CALLS}, got {calls}")
     out = out or sys.stdout
     scenarios: list[Scenario]
     user_app = app

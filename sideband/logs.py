@@ -162,17 +162,15 @@ def describe(exc: BaseException, *, message: bool) -> str:
     return described if len(described) <= 300 else described[:299] + "…"
 
 
-def failure_fields(
-    exc: BaseException, *, message: bool, traceback_text: bool | None = None
-) -> dict[str, Any]:
+def failure_fields(exc: BaseException, *, message: bool, full: bool) -> dict[str, Any]:
     """Log fields for a failure in user code: ``error`` (:func:`describe`) and where it was raised.
 
     ``message``: the exception's own message may be logged (sideband's own exceptions, a ``ToolError``,
-    or ``SIDEBAND_LOG_TOOL_ARGUMENTS``). ``traceback_text`` (default: ``message``): the full traceback
-    may be logged (``exc_info``), with the text of every exception chained to it (``raise ToolError(…)
-    from exc`` carries ``exc``'s message, which may hold a secret). Otherwise ``stack``: the traceback's
-    frames (file, line, function, source line) and the exception's type, no message."""
-    if traceback_text if traceback_text is not None else message:
+    or ``SIDEBAND_LOG_TOOL_ARGUMENTS``). ``full``: the whole traceback may be logged (``exc_info``), with
+    the text of every exception chained to it (``raise ToolError(…) from exc`` carries ``exc``'s message,
+    which may hold a secret). Otherwise ``stack``: the traceback's frames (file, line, function, source
+    line) and the exception's type, no message."""
+    if full:
         return {"error": describe(exc, message=True), "exc_info": exc}
     frames = traceback.extract_tb(exc.__traceback__)[-_STACK_FRAMES:]
     stack = "".join(traceback.format_list(frames)) + type(exc).__name__

@@ -408,7 +408,7 @@ class Service:
                 raise  # the server is stopping: not the hook's doing
             own = isinstance(exc, DecisionError)  # our message: no data of the hook's in it
             logged = self.settings.log_tool_arguments
-            fields = failure_fields(exc, message=own or logged, traceback_text=logged)
+            fields = failure_fields(exc, message=own or logged, full=logged)
             self.log.error("call.route_failed", **fields)
         self.counters["route_failed"] += 1
         return Reject(self.settings.route_failure_status)

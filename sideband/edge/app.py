@@ -263,7 +263,8 @@ async def _browser_gate(request: web.Request, service: Service) -> web.Response 
     except (Exception, asyncio.CancelledError) as exc:  # its backend (a session store…) failed
         if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc):
             raise
-        log.error("rtc.authorize_failed", **failure_fields(exc, message=service.settings.log_tool_arguments))
+        logged = service.settings.log_tool_arguments
+        log.error("rtc.authorize_failed", **failure_fields(exc, message=logged, full=logged))
         service.refused["rtc.authorize_failed", 503] += 1
         return _json(503, {"error": "authorization unavailable"})
     if not allowed:

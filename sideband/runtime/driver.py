@@ -820,7 +820,7 @@ class CallRuntime:
         """Log fields for a tool's or hook's exception: its text only where it is ours (a ToolError's is
         the model's anyway) or ``SIDEBAND_LOG_TOOL_ARGUMENTS`` allows it."""
         own = isinstance(exc, ToolError | SessionConfigError)
-        return failure_fields(exc, message=own or self._log_args, traceback_text=self._log_args)
+        return failure_fields(exc, message=own or self._log_args, full=self._log_args)
 
     async def _sync_hook(self, hook: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """A plain function runs in the tools' thread pool, so blocking work never stalls the loop; a
