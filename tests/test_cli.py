@@ -424,6 +424,32 @@ async def test_a_request_still_in_flight_after_the_drain_window_gets_a_second(si
     assert took < 0.5 + 1 + 2, f"exited {took:.2f} s after SIGTERM"  # the window, the second, start-up slack
 
 
+GC_APP = """
+import gc
+import structlog
+from sideband import Sideband
+
+app = Sideband(instructions="x", greeting=None)
+
+@app.tool
+def gc_settings() -> str:
+    \"\"\"What the collector runs with.\"\"\"
+    structlog.get_logger().info("app.gc", threshold=list(gc.get_threshold()), frozen=gc.get_freeze_count())
+    return "ok"
+"""
+
+
+async def test_serve_tunes_the_collector_for_live_calls(simulator: Simulator, tmp_path: Path) -> None:
+    code, err, lines = await sigterm_during_tool(
+        simulator, tmp_path, GC_APP, "gc_settings", drain=0.5, wait_for="app.gc"
+    )
+    assert code == 0, err
+    seen = next(e for e in lines if e.get("event") == "app.gc")
+    threshold, frozen = seen["threshold"], seen["frozen"]
+    assert isinstance(threshold, list) and threshold[1] == 50, threshold  # the middle generation: 5x rarer
+    assert isinstance(frozen, int) and frozen > 10_000  # what was loaded at start is out of the way
+
+
 async def test_demo_runs_every_scenario() -> None:
     out = io.StringIO()
     code = await run_demo(out=out)
