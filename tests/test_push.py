@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -179,6 +181,40 @@ async def test_a_live_socket_keeps_nothing_of_the_handshake_headers(peer: Any) -
         assert list(ws.response.headers.raw_items()) == []
     finally:
         await ws.close()
+
+
+async def test_an_idle_socket_keeps_nothing_of_the_last_message(peer: Any) -> None:
+    """websockets' parser holds its last frame until the next one: the push connection leaves it empty,
+    so an idle call does not keep its last (often largest) event."""
+    big = json.dumps({"type": "session.updated", "session": {"instructions": "x" * 400_000}})
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(big)
+        await ws.wait_closed()
+
+    ws = await connect(await peer(handler))
+    got = asyncio.Event()
+    received: list[int] = []
+
+    def on_message(data: bytes) -> None:
+        received.append(len(data))  # the message itself is not kept
+        got.set()
+
+    tracemalloc.start()
+    try:
+        ws.start(on_message, lambda: None)
+        await asyncio.wait_for(got.wait(), 5)
+        gc.collect()
+        held = sum(
+            stat.size
+            for stat in tracemalloc.take_snapshot().statistics("filename")
+            if "websockets" in stat.traceback[0].filename or "_ws.py" in stat.traceback[0].filename
+        )
+    finally:
+        tracemalloc.stop()
+        await ws.close()
+    assert received == [len(big)]
+    assert held < 64_000, f"{held} bytes still held by the connection after a {len(big)}-byte message"
 
 
 async def test_send_now_writes_text_frames_in_order_or_nothing(peer: Any) -> None:

@@ -145,7 +145,12 @@ class PushConnection(ClientConnection):
         if self.response is None or not isinstance(event, Frame) or event.opcode not in _DATA:
             super().process_event(event)  # the handshake response and control frames
             return
-        data = event.data if isinstance(event.data, bytes) else bytes(event.data)
+        payload = event.data
+        data = payload if isinstance(payload, bytes) else bytes(payload)
+        if isinstance(payload, bytearray):
+            # websockets' parser keeps its last frame until the next one arrives: while a call idles,
+            # often the whole session echo (KiBs per call). Its copy is ``data``; the frame keeps nothing.
+            payload.clear()
         if event.opcode is Opcode.CONT:
             if self._parts is None:  # websockets fails the connection on a stray continuation
                 return
