@@ -203,6 +203,18 @@ def test_several_signatures_none_valid() -> None:
     assert refused(verifier(), BODY, headers).status == 401
 
 
+def test_a_delivery_signed_during_a_secret_rotation_verifies_with_either_secret() -> None:
+    """While an old secret is kept active, each delivery carries one signature per secret: instances
+    still holding the old one and those with the new one both take it (README, Deploy)."""
+    new = "whsec_" + base64.b64encode(b"the rotated secret, 32 bytes!!!!").decode()
+    headers = sign(BODY)
+    headers["webhook-signature"] += " " + sign(BODY, secret=new)["webhook-signature"]
+    assert verifier(secret=SECRET).verify(BODY, headers) == "wh_1"
+    assert verifier(secret=new).verify(BODY, headers) == "wh_1"
+    third = "whsec_" + base64.b64encode(b"y" * 32).decode()
+    assert refused(verifier(secret=third), BODY, headers).status == 401
+
+
 def test_truncated_signature_is_refused() -> None:
     headers = sign(BODY)
     headers["webhook-signature"] = headers["webhook-signature"][:-6]
