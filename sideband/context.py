@@ -257,15 +257,19 @@ class CallContext:
 def _call_in(loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> T:
     """Run ``fn`` on ``loop`` (from another thread) and wait for its result or exception."""
     done: concurrent.futures.Future[T] = concurrent.futures.Future()
+    loop.call_soon_threadsafe(_settle, done, fn)
+    try:
+        return done.result(_HOP_TIMEOUT)
+    finally:
+        del done  # it holds fn's exception, whose traceback holds this frame: no cycle
 
-    def run() -> None:
-        try:
-            done.set_result(fn())
-        except BaseException as exc:
-            done.set_exception(exc)
 
-    loop.call_soon_threadsafe(run)
-    return done.result(_HOP_TIMEOUT)
+def _settle(done: concurrent.futures.Future[T], fn: Callable[[], T]) -> None:
+    try:
+        done.set_result(fn())
+    except BaseException as exc:
+        done.set_exception(exc)
+        del done  # (as in _call_in: the exception's traceback holds this frame)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -154,7 +154,7 @@ async def webhook(request: web.Request) -> web.Response:
         service.refused["webhook.draining", 503] += 1
         log.info("webhook.draining")  # (OpenAI delivers it again, to another instance)
         return _json(503, {"error": "draining"}, {"Retry-After": "1"})
-    if request.content_type != "application/json":
+    if _media_type(request) != "application/json":
         return _refuse(service, 415, "content-type must be application/json")
     body = await _body(request, service, service.settings.webhook_max_body)
     if isinstance(body, web.Response):
@@ -179,13 +179,21 @@ async def webhook(request: web.Request) -> web.Response:
     return _reply(reply)
 
 
+def _media_type(request: web.Request) -> str:
+    """The request's media type, lower-cased, without parameters. Not ``request.content_type``: aiohttp
+    parses each value it has not cached (the last 56) with the email package, whose header registry makes
+    new classes for every header it parses, cyclic garbage; and the sender chooses the parameters."""
+    media = request.headers.get("Content-Type", "").partition(";")[0]
+    return media.strip().lower() or "application/octet-stream"
+
+
 async def rtc_calls(request: web.Request) -> web.Response:
     """``POST /rtc/calls`` — the browser's SDP offer in, SDP answer out; the sideband attaches itself."""
     service = request.app[SERVICE]
     refused = await _browser_gate(request, service)
     if refused is not None:
         return refused
-    if request.content_type != "application/sdp":  # (not a type another site may POST without asking)
+    if _media_type(request) != "application/sdp":  # (not a type another site may POST without asking)
         return _refuse(service, 415, "content-type must be application/sdp", event="rtc.rejected")
     raw = await _body(request, service, _MAX_SDP, event="rtc.rejected")
     if isinstance(raw, web.Response):
@@ -218,7 +226,7 @@ async def rtc_sessions(request: web.Request) -> web.Response:
     refused = await _browser_gate(request, service)
     if refused is not None:
         return refused
-    if request.content_type != "application/json":
+    if _media_type(request) != "application/json":
         return _refuse(service, 415, "content-type must be application/json", event="rtc.rejected")
     try:
         body = await service.rtc_session()
@@ -234,7 +242,7 @@ async def rtc_handoff(request: web.Request) -> web.Response:
     refused = await _browser_gate(request, service)
     if refused is not None:
         return refused
-    if request.content_type != "application/json":
+    if _media_type(request) != "application/json":
         return _refuse(service, 415, "content-type must be application/json", event="rtc.rejected")
     raw = await _body(request, service, 8192, event="rtc.rejected")
     if isinstance(raw, web.Response):

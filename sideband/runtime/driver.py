@@ -307,8 +307,10 @@ class CallRuntime:
             for task in self._side_tasks:
                 task.cancel()
             raise
-        except Exception:
+        except Exception as exc:
             self.log.exception("call.crashed")
+            # Logged: its traceback (whose frames hold the future it came through, which holds it) goes.
+            exc.__traceback__ = None
             # Hang up (unless a verb is out already): the caller must not stay on a call nobody controls.
             self._apply(self.machine.abandon("internal_error"))
             self._apply(self.machine.fail("internal_error"))
@@ -339,6 +341,7 @@ class CallRuntime:
         """Run one ``on_call_end`` hook in a task of its own, for :data:`END_HOOK_TIMEOUT` seconds; then
         cancel it, and leave it behind if it still runs a second later (it ignores its cancellation)."""
         task = asyncio.ensure_future(self._hooks((hook,), self.ctx, self.summary))
+        task.add_done_callback(_drop_cancellation)
         try:
             done, _ = await asyncio.wait({task}, timeout=END_HOOK_TIMEOUT)
             if done:
@@ -530,6 +533,7 @@ class CallRuntime:
                     self._run_tool(action.call_id, action.name, action.arguments),
                     name=f"tool:{action.call_id}",
                 )
+                task.add_done_callback(_drop_cancellation)
                 if not task.done():  # (an eager task factory may have run it to its end already)
                     self._tool_tasks[action.call_id] = task
             elif isinstance(action, Notice):
@@ -571,6 +575,7 @@ class CallRuntime:
             tasks = self._hook_tasks = {}  # allocated only while hooks run
         tasks[task] = _hook_name(hooks[0])
         task.add_done_callback(self._hook_done)
+        task.add_done_callback(_drop_cancellation)
 
     def _hook_done(self, task: asyncio.Future[None]) -> None:
         tasks = self._hook_tasks
@@ -857,6 +862,8 @@ class CallRuntime:
         except asyncio.CancelledError:
             abandoned = True
             raise
+        finally:
+            del work  # it holds the hook's exception, whose traceback holds this frame: no cycle
         if inspect.isawaitable(result):  # a sync wrapper around a coroutine function
             await result
 
@@ -939,6 +946,16 @@ class CallRuntime:
 
 def _hook_name(hook: Callable[..., Any]) -> str:
     return getattr(hook, "__name__", None) or repr(hook)
+
+
+def _drop_cancellation(task: asyncio.Future[Any]) -> None:
+    """A task that ended cancelled keeps the ``CancelledError`` it raised, whose traceback holds every
+    frame the cancellation went through; one of them holding the task (``asyncio.current_task()``, an
+    ``asyncio.timeout``) makes a cycle only the collector frees. Taking the error drops it: the task stays
+    cancelled, and a later ``await`` or ``result()`` gets a fresh one."""
+    if task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            task.result()
 
 
 def _wake(future: asyncio.Future[Any]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import email.message
 import email.parser
 import email.policy
 import itertools
@@ -243,6 +244,23 @@ class _Attachment:
 
 _EPHEMERAL = web.RequestKey("sideband_simulator_ephemeral_key", _EphemeralKey)
 """Per-request storage: the ephemeral key a request authenticated with (immutable key object)."""
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Clear the tracebacks of ``exc`` and the exceptions it chains. aiohttp keeps a socket's last error
+    (``ws.exception()``: a write into an aborted transport, chained to the EOF before it), and the
+    tracebacks' frames hold the socket: cycles only the collector would free."""
+    while exc is not None and exc.__traceback__ is not None:
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
+def _media_type(request: web.Request) -> str:
+    """The request's media type, lower-cased, without parameters. Not ``request.content_type``: aiohttp
+    parses each Content-Type value it has not cached (a multipart body's boundary is new every time)
+    with the email package, whose header registry makes new classes per header: cyclic garbage."""
+    media = request.headers.get("Content-Type", "").partition(";")[0]
+    return media.strip().lower() or "application/octet-stream"
 
 
 def _error_body(
@@ -2200,7 +2218,7 @@ class Simulator:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         body = await request.read() if request.can_read_body else b""
         parsed: Any = None
-        if body and request.content_type == "application/json":
+        if body and _media_type(request) == "application/json":
             with contextlib.suppress(ValueError):
                 parsed = json.loads(body)
         record = RequestRecord(
@@ -2417,7 +2435,7 @@ class Simulator:
 
     async def _handle_webrtc_create(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
-        ctype = request.content_type
+        ctype = _media_type(request)
         session: Any
         if ctype == "multipart/form-data":
             parts = self._multipart_parts(request.headers.get("Content-Type", ""), raw)
@@ -2465,13 +2483,16 @@ class Simulator:
 
     @staticmethod
     def _multipart_parts(content_type: str, raw: bytes) -> dict[str, bytes]:
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        # compat32: the other policies' header registry makes new classes per header (cyclic garbage)
+        message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(
             b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw
         )
         parts: dict[str, bytes] = {}
         if not message.is_multipart():
             return parts
-        for part in message.iter_parts():
+        for part in message.get_payload():
+            if not isinstance(part, email.message.Message):
+                continue
             name = part.get_param("name", header="content-disposition")
             payload = part.get_payload(decode=True)
             if isinstance(name, str) and isinstance(payload, bytes):
@@ -2636,4 +2657,5 @@ class Simulator:
                         await call._error("invalid_json", "Binary frames are not supported: send JSON text.")
         finally:
             call._detach(attachment)
+            _drop_tracebacks(ws.exception())
         return ws

@@ -180,11 +180,27 @@ class PushConnection(ClientConnection):
         protocol.send_request(request)
         self.transport.writelines(protocol.data_to_send())
         await self.response_rcvd  # also done when the connection is lost first (see connection_lost)
-        if protocol.handshake_exc is not None:
-            raise protocol.handshake_exc
+        exc = protocol.handshake_exc
+        if exc is not None:
+            # websockets keeps the exception on the protocol (and, for a refusal, on the response:
+            # ``Response._exception``), and its traceback holds the parser's frame, which holds the
+            # protocol: cycles. It is ours to raise now; nothing else needs it.
+            protocol.handshake_exc = None
+            if isinstance(exc, InvalidStatus):
+                exc.response._exception = None
+            try:
+                raise exc
+            finally:
+                del exc
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        parser_exc = self.protocol.parser_exc
+        if parser_exc is not None:
+            # websockets keeps the parser's exception (an abnormal close's EOFError, a frame too big)
+            # for ConnectionClosed's __cause__; its traceback holds the parser's frame, which holds the
+            # protocol: a cycle. The exception itself is all the cause needs.
+            parser_exc.__traceback__ = None
         if not self.response_rcvd.done():  # lost during the handshake: handshake_exc says why
             self.response_rcvd.set_result(None)
         on_close, self._on_close = self._on_close, None
