@@ -3,11 +3,12 @@
 ``sideband serve`` runs the collector's middle generation rarely (``gc.set_threshold(700, 50, 10)`` after
 ``gc.freeze()``), on the claim that a call leaves no reference cycles: everything it allocates is freed by
 reference counting. Each path of a call (a tool that answers or fails, our own end of the call, lost
-sockets, refused accepts, routing decisions, the WebRTC doors, hooks) is checked here: one call of the
-scenario warms up (imports, caches, pools), then three calls run with ``gc.DEBUG_SAVEALL`` and a
-collection must find nothing. A failure names the garbage's types and the frames among it: the frame a
-kept exception's traceback holds is usually what closes the cycle. The simulator (OpenAI's stand-in)
-runs in this process too, so what it leaves behind counts as well.
+sockets, refused accepts, routing decisions, the WebRTC doors, hooks, trusted-server sessions on a
+vowel engine) is checked here: one call of the scenario warms up (imports, caches, pools), then three
+calls run with ``gc.DEBUG_SAVEALL`` and a collection must find nothing. A failure names the garbage's
+types and the frames among it: the frame a kept exception's traceback holds is usually what closes the
+cycle. The simulator (OpenAI's stand-in) runs in this process too, so what it leaves behind counts as
+well.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sideband import CallContext, CallSummary, IncomingCall, Reject, Sideband, T
 from sideband.runtime import driver
 from sideband.runtime.driver import CallRuntime
 from sideband.runtime.machine import CallMachine
+from sideband.settings import Settings, load_settings
 from sideband.testing import (
     Script,
     SimCall,
@@ -43,6 +45,8 @@ from sideband.testing import (
     pause,
     wait_for_greeting,
 )
+from sideband.testing.vowel import VowelSimulator, when
+from sideband.vowel import EngineError, EngineSession
 
 from .conftest import Stack, make_app
 
@@ -697,5 +701,47 @@ async def test_hooks_cut_off_by_the_end_of_the_call_leave_no_cycles(
         call = await start(stack, Script([HELLO, caller_hangs_up()]))
         await finish(stack, call)
         assert cancelled == ["hook", "hook"], cancelled
+
+    await assert_no_cycles(one_call)
+
+
+# -- trusted-server sessions on a vowel engine ---------------------------------------------------------
+
+
+def _vowel_settings(vowel: VowelSimulator) -> Settings:
+    return load_settings({**vowel.settings_values(), "max_idle_duration": 30.0}, environ={})
+
+
+VOWEL_TURNS = [
+    when(
+        "order",
+        calls=[("lookup_order", {"order_id": "7"})],
+        preamble="Let me check.",
+        reply=lambda outputs: f"Order 7: {json.loads(outputs['lookup_order'])['status']}.",
+    ),
+    when("fail", calls=[("broken", {}), ("nope", {}), ("lookup_order", "{not json")], reply="Sorry."),
+    when("boom", fatal=True),
+]
+
+
+@pytest.mark.parametrize("turn", ["order", "fail", "boom", "dropped"])
+async def test_an_engine_session_leaves_no_cycles(vowel: VowelSimulator, turn: str) -> None:
+    app = make_app()
+    vowel.script(VOWEL_TURNS)
+
+    async def one_call(n: int) -> None:
+        async with EngineSession.open(_vowel_settings(vowel), app) as session:
+            if turn == "dropped":
+                await vowel.drop(vowel.sessions[-1])  # no close frame: an abnormal close
+                assert await session.wait_closed(WAIT) == "connection_lost"
+            elif turn == "boom":
+                with pytest.raises(EngineError) as caught:
+                    await session.say("boom")
+                assert caught.value.reason == "engine_error"
+                del caught  # (the test's own frame would hold the error and its traceback)
+            else:
+                reply = await session.say(turn)
+                assert reply.tools and reply.text, reply
+        assert session.end_reason in ("closed", "engine_error", "connection_lost"), session.end_reason
 
     await assert_no_cycles(one_call)

@@ -320,6 +320,9 @@ class EngineSession:
             return await runtime.run()
         finally:
             self._finish(runtime)
+            # The runtime's hook is a method of this session, which holds the runtime: a cycle only the
+            # collector would free. The session has ended; nothing calls the hook again.
+            runtime.hooks.on_response = []
 
     # ------------------------------------------------------------------------------ driving
     async def say(self, text: str, *, timeout: float | None = None) -> Reply:
@@ -349,6 +352,7 @@ class EngineSession:
                 raise EngineError("reply_timeout", message) from None
             finally:
                 self._turn = None
+                del future  # it may hold the error raised here, whose traceback holds this frame
 
     async def send_audio(self, pcm16: bytes) -> None:
         """Send caller audio: PCM16 LE mono 24 kHz. Sent as ``input_audio_buffer.append`` chunks of at
