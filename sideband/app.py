@@ -247,6 +247,11 @@ class Sideband:
             )
         return fn
 
+    @property
+    def routes_calls(self) -> bool:
+        """Whether an :meth:`on_incoming` hook decides calls (else the route table or the app's config)."""
+        return self._route is not None
+
     def authorize_browser(self, fn: F) -> F:
         """Open the WebRTC doors (``/rtc/calls``, ``/rtc/sessions``, ``/rtc/handoff``) to the requests
         ``fn`` approves: it gets the :class:`aiohttp.web.Request` (cookies, headers: your own login) and

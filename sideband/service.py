@@ -188,6 +188,7 @@ class Service:
         self._http: aiohttp.ClientSession | None = None
         self._sideband_url = settings.sideband_url
         self._configs: dict[int, tuple[CallPlan, MachineConfig]] = {}
+        self._sip_checked: dict[int, CallPlan] = {}  # plans whose session a SIP accept may send
         self._proxy: str | None = None
         self._tls: ssl.SSLContext | None = None
         self._control: CallControl | None = None
@@ -398,6 +399,8 @@ class Service:
         )
 
     async def _decide(self, call: IncomingCall) -> Decision:
+        if not self.app.routes_calls:  # the route table's decision or the app's config: nothing to time
+            return await self.app.decide(call)
         try:
             async with asyncio.timeout(self.settings.route_budget):
                 return await self.app.decide(call)
@@ -419,7 +422,11 @@ class Service:
         if isinstance(decision, Accept):
             try:
                 plan = self.app.plan(decision)
-                validate_accept_payload(plan.session, sip=True)
+                if self._sip_checked.get(id(plan)) is not plan:  # (plans are cached and immutable)
+                    validate_accept_payload(plan.session, sip=True)
+                    if len(self._sip_checked) >= 256:
+                        self._sip_checked.clear()
+                    self._sip_checked[id(plan)] = plan
             except (SessionConfigError, ValueError, TypeError) as exc:  # e.g. Accept(session={"voice": …})
                 self.log.error("call.config_invalid", error=str(exc))
                 plan, decision = None, Reject(self.settings.route_failure_status)

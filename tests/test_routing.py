@@ -350,3 +350,27 @@ async def test_accept_with_values_only_pythons_json_encoder_writes(stack: Stack)
     assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
     assert call.status == "accepted" and call.accept_body["tracing"]["metadata"] == {"ticket": 2**70}
     await asyncio.wait_for(call.wait_done(), 5)
+
+
+async def test_a_hook_accepting_with_a_session_sip_refuses_is_rejected_on_every_call(stack: Stack) -> None:
+    """Validation of an accept's session is remembered only for a session that passed it: the same bad
+    decision is refused on every call, and a good one after it is accepted."""
+    bad = {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}}}  # SIP negotiates the codec
+    decisions = [Accept(session=bad), Accept(session=bad), Accept(instructions="Fine.")]
+
+    @stack.app.on_incoming
+    async def route(call: IncomingCall) -> Accept:
+        return decisions.pop(0)
+
+    with capture_logs() as logs:
+        calls = []
+        for _ in range(3):
+            call = stack.sim.create_call(Script([]))
+            assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+            calls.append(call)
+    status = stack.service.settings.route_failure_status
+    assert [c.status for c in calls[:2]] == ["rejected", "rejected"]
+    assert [c.reject_body for c in calls[:2]] == [{"status_code": status}] * 2
+    assert calls[2].status == "accepted" and calls[2].accept_body["instructions"] == "Fine."
+    invalid = [e for e in logs if e["event"] == "call.config_invalid"]
+    assert len(invalid) == 2 and all("format" in e["error"] for e in invalid), invalid
