@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import gc
 import json
 import socket
@@ -28,6 +29,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from websockets.exceptions import InvalidHandshake
 
 from sideband import CallContext, CallSummary, IncomingCall, Reject, Sideband, ToolError
 from sideband.runtime import driver
@@ -46,6 +48,7 @@ from sideband.testing import (
     wait_for_greeting,
 )
 from sideband.testing.vowel import VowelSimulator, when
+from sideband.upstream._ws import _open_connect, open_socket
 from sideband.vowel import EngineError, EngineSession
 
 from .conftest import Stack, make_app
@@ -745,3 +748,70 @@ async def test_an_engine_session_leaves_no_cycles(vowel: VowelSimulator, turn: s
         assert session.end_reason in ("closed", "engine_error", "connection_lost"), session.end_reason
 
     await assert_no_cycles(one_call)
+
+
+# -- sideband handshakes that fail ------------------------------------------------------------------------
+
+HANDSHAKE_REPLIES = {
+    "silent": None,  # the handshake times out
+    "bad_accept": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: nope\r\n\r\n",
+    "refused": b"HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\nnope",
+}
+
+
+@pytest.mark.parametrize("path", ["direct", "connect"])
+@pytest.mark.parametrize("reply", list(HANDSHAKE_REPLIES))
+async def test_a_failed_sideband_handshake_leaves_no_cycles(reply: str, path: str) -> None:
+    """A handshake that times out, gets a bad upgrade or is refused, on a direct connection or through
+    websockets' own ``connect()`` (proxies, redirects): websockets keeps the error on the protocol and
+    the response, with the parser's frames in its traceback."""
+    connections: asyncio.Queue[asyncio.Event] = asyncio.Queue()  # one per connection: set once it is gone
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        gone = asyncio.Event()
+        connections.put_nowait(gone)
+        await reader.readuntil(b"\r\n\r\n")
+        answer = HANDSHAKE_REPLIES[reply]
+        if answer is not None:
+            writer.write(answer)
+        await reader.read()  # until the client has dropped the connection
+        writer.close()
+        gone.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    opener = open_socket if path == "direct" else functools.partial(_open_connect, tls=None)
+
+    async def one_call(n: int) -> None:
+        with pytest.raises((InvalidHandshake, TimeoutError)):
+            await opener(url, "sk-test", compression=False, open_timeout=0.2, max_size=1 << 20, proxy=None)
+        gone = await asyncio.wait_for(connections.get(), WAIT)
+        await asyncio.wait_for(gone.wait(), WAIT)  # the client dropped it: its side is lost too
+
+    try:
+        await one_call(0)
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for n in range(1, 3):
+                await one_call(n)
+            gc.collect()
+            # (the test's own stream server makes cycles of its own: count websockets' and ours)
+            found = collections.Counter(
+                _where(o) if type(o) is types.FrameType else type(o).__qualname__
+                for o in gc.garbage
+                if (type(o) is types.FrameType and _ours(o.f_code.co_filename))
+                or _ours(type(o).__module__.replace(".", "/"))
+            )
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not found, f"reference cycles left behind by failed handshakes: {found.most_common(10)}"
+
+
+def _ours(where: str) -> bool:
+    return "websockets" in where or ("sideband" in where and "testing" not in where)

@@ -186,8 +186,8 @@ class PushConnection(ClientConnection):
             # ``Response._exception``), and its traceback holds the parser's frame, which holds the
             # protocol: cycles. It is ours to raise now; nothing else needs it.
             protocol.handshake_exc = None
-            if isinstance(exc, InvalidStatus):
-                exc.response._exception = None
+            if self.response is not None:  # any refused response (a status, a bad upgrade or accept)
+                self.response._exception = None
             try:
                 raise exc
             finally:
@@ -201,6 +201,16 @@ class PushConnection(ClientConnection):
             # for ConnectionClosed's __cause__; its traceback holds the parser's frame, which holds the
             # protocol: a cycle. The exception itself is all the cause needs.
             parser_exc.__traceback__ = None
+        # A handshake that failed (timed out, refused through websockets' connect()) keeps its error on the
+        # protocol, the response and the traceback's frames: the exception itself is all anyone reads.
+        if self.response is not None:
+            self.response._exception = None
+        failed: BaseException | None = self.protocol.handshake_exc
+        for _ in range(8):  # the error, and those it came from
+            if failed is None:
+                break
+            failed.__traceback__ = None
+            failed = failed.__cause__ or failed.__context__
         if not self.response_rcvd.done():  # lost during the handshake: handshake_exc says why
             self.response_rcvd.set_result(None)
         on_close, self._on_close = self._on_close, None
