@@ -446,7 +446,9 @@ async def test_serve_tunes_the_collector_for_live_calls(simulator: Simulator, tm
     assert code == 0, err
     seen = next(e for e in lines if e.get("event") == "app.gc")
     threshold, frozen = seen["threshold"], seen["frozen"]
-    assert isinstance(threshold, list) and threshold[1] == 50, threshold  # the middle generation: 5x rarer
+    assert isinstance(threshold, list), threshold
+    if sys.version_info < (3, 14):
+        assert threshold[1] == 50, threshold  # the middle generation: 5x rarer
     assert isinstance(frozen, int) and frozen > 10_000  # what was loaded at start is out of the way
 
 
