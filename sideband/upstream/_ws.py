@@ -180,18 +180,8 @@ class PushConnection(ClientConnection):
         protocol.send_request(request)
         self.transport.writelines(protocol.data_to_send())
         await self.response_rcvd  # also done when the connection is lost first (see connection_lost)
-        exc = protocol.handshake_exc
-        if exc is not None:
-            # websockets keeps the exception on the protocol (and, for a refusal, on the response:
-            # ``Response._exception``), and its traceback holds the parser's frame, which holds the
-            # protocol: cycles. It is ours to raise now; nothing else needs it.
-            protocol.handshake_exc = None
-            if self.response is not None:  # any refused response (a status, a bad upgrade or accept)
-                self.response._exception = None
-            try:
-                raise exc
-            finally:
-                del exc
+        if protocol.handshake_exc is not None:  # (its references are dropped in connection_lost)
+            raise protocol.handshake_exc
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -201,8 +191,9 @@ class PushConnection(ClientConnection):
             # for ConnectionClosed's __cause__; its traceback holds the parser's frame, which holds the
             # protocol: a cycle. The exception itself is all the cause needs.
             parser_exc.__traceback__ = None
-        # A handshake that failed (timed out, refused through websockets' connect()) keeps its error on the
-        # protocol, the response and the traceback's frames: the exception itself is all anyone reads.
+        # A handshake that failed (timed out, refused, a bad upgrade; ours or websockets' connect()) keeps
+        # its error on the protocol and the response, with the frames it was raised through: cycles. The
+        # connection is lost, and the exception itself (no traceback) is all anyone reads now.
         if self.response is not None:
             self.response._exception = None
         failed: BaseException | None = self.protocol.handshake_exc
