@@ -32,20 +32,29 @@ def cpu_seconds(pid: int) -> float:
     return user + system
 
 
-def cpu_seconds_precise(pid: int) -> float:
-    """Time on CPU of the process's live threads, in ns resolution (``/proc/<pid>/task/*/schedstat``)."""
-    total = 0
+def schedstat(pid: int) -> tuple[float, int]:
+    """(time on CPU in s, ns resolution; times put on a CPU) of the process's live threads, from
+    ``/proc/<pid>/task/*/schedstat``. The second figure counts every time a thread was scheduled in: for an
+    event loop, its wake-ups (plus the rare preemption)."""
+    total = slices = 0
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return float("nan")
+        return float("nan"), 0
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
+                fields = f.read().split()
+            total += int(fields[0])
+            slices += int(fields[2])
         except (OSError, ValueError, IndexError):
             continue
-    return total / 1e9
+    return total / 1e9, slices
+
+
+def cpu_seconds_precise(pid: int) -> float:
+    """Time on CPU of the process's live threads, in ns resolution (``/proc/<pid>/task/*/schedstat``)."""
+    return schedstat(pid)[0]
 
 
 def rss_bytes(pid: int) -> int:
@@ -62,20 +71,23 @@ class CpuWindow:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._a = (0.0, 0.0, 0.0)
+        self._a = (0.0, 0.0, 0.0, 0)
         self.seconds = 0.0
         self.user = 0.0
         self.system = 0.0
         self.precise = 0.0
+        self.slices = 0
+        """Times the process's threads were put on a CPU (its wake-ups, see :func:`schedstat`)."""
 
     def start(self) -> None:
-        self._a = (*cpu_times(self.pid), cpu_seconds_precise(self.pid))
+        self._a = (*cpu_times(self.pid), *schedstat(self.pid))
 
     def stop(self) -> None:
         user, system = cpu_times(self.pid)
         self.user, self.system = user - self._a[0], system - self._a[1]
         self.seconds = self.user + self.system
-        self.precise = cpu_seconds_precise(self.pid) - self._a[2]
+        precise, slices = schedstat(self.pid)
+        self.precise, self.slices = precise - self._a[2], slices - self._a[3]
 
 
 class MachineCpu:

@@ -749,6 +749,8 @@ async def drive_rounds(
         "max_ms": r(max(latencies) if latencies else float("nan"), 3),
         "cpu_us_per_round": r(cpu.precise * 1e6 / done, 1) if done else None,
         "cpu_us_per_round_ticks": r(cpu.seconds * 1e6 / done, 1) if done else None,
+        "wakeups_per_round": r(cpu.slices / done, 1) if done else None,
+        "cpu_us_per_wakeup": r(cpu.precise * 1e6 / cpu.slices, 1) if cpu.slices else None,
         "cpu_util": r(cpu.precise / elapsed, 3),
         "cpu_system_share": r(cpu.system / cpu.seconds, 3) if cpu.seconds else None,
         "simulator_cpu_util": r(sim_cpu.precise / elapsed, 3),
@@ -991,6 +993,7 @@ def print_tools_row(row: dict[str, Any]) -> None:
         f"{ratio_spread(row)}  "
         f"cpu/round {fmt(s['cpu_us_per_round'], 0)} µs (floor {fmt(f['cpu_us_per_round'], 0)}, "
         f"library-free {fmt(row['raw_floor']['cpu_us_per_round'] if row['raw_floor'] else None, 0)})  "
+        f"wake-ups/round {wakeups_cell(row)}  "
         f"RSS/call idle {fmt(s['rss_kib_per_idle_call'], 1)} KiB after "
         f"{fmt(s['rss_kib_per_call_after_traffic'], 1)} KiB"
         f"  errors {s['errors'] or '-'}",
@@ -1215,12 +1218,14 @@ def tools_markdown(tl: dict[str, Any], cfg: Config) -> list[str]:
         "sockets a second floor "
         "(`benchmarks/floor_tools_raw.py`) measures the harness itself: a client with no WebSocket library, "
         "cutting frames out of its read buffer in an `asyncio.Protocol` and decoding only the three events "
-        "it acts on.",
+        "it acts on. Wake-ups per round count the times the process was put on a CPU (the third field of "
+        "`schedstat`) over the window, divided by the rounds: a client that keeps up with the simulator "
+        "wakes for nearly every event it sends.",
         "",
         "| deflate | live calls | rate | rounds | floor p50 / p99 ms | sideband p50 / p99 ms | p99 ratio "
-        "| CPU / round (floor) | CPU / round, library-free floor | RSS / idle call (floor) "
-        "| RSS / call after traffic |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| CPU / round (floor) | CPU / round, library-free floor | wake-ups / round (floor, library-free) "
+        "| RSS / idle call (floor) | RSS / call after traffic |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in tl["rows"]:
         f, s = row["floor"], row["sideband"]
@@ -1229,7 +1234,7 @@ def tools_markdown(tl: dict[str, Any], cfg: Config) -> list[str]:
             f"{s['answered']}/{s['rounds']} | {fmt(f['p50_ms'], 2)} / {fmt(f['p99_ms'], 2)} | "
             f"{fmt(s['p50_ms'], 2)} / {fmt(s['p99_ms'], 2)} | {fmt(row['p99_ratio'])}x {ratio_spread(row)} | "
             f"{fmt(s['cpu_us_per_round'], 0)} µs ({fmt(f['cpu_us_per_round'], 0)} µs) | "
-            f"{raw_cpu_cell(row)} | "
+            f"{raw_cpu_cell(row)} | {wakeups_cell(row)} | "
             f"{fmt(s['rss_kib_per_idle_call'], 1)} KiB ({fmt(f['rss_kib_per_idle_call'], 1)} KiB) | "
             f"{fmt(s['rss_kib_per_call_after_traffic'], 1)} KiB |"
         )
@@ -1275,6 +1280,7 @@ def tools_markdown(tl: dict[str, Any], cfg: Config) -> list[str]:
         f"{fmt(t['rss_per_idle_call']['value'], 1)} KiB (floor: "
         f"{fmt(t['rss_per_idle_call'].get('floor'), 1)} "
         f"KiB) | {mark(t['rss_per_idle_call']['met'])} |",
+        *wakeup_note(tl["rows"]),
         "",
         f"<!-- {REFERENCE_TOOLS} -->",
         f"_{REFERENCE_TOOLS}_",
@@ -1286,6 +1292,35 @@ def tools_markdown(tl: dict[str, Any], cfg: Config) -> list[str]:
 def raw_cpu_cell(row: dict[str, Any]) -> str:
     raw = row.get("raw_floor")
     return f"{fmt(raw['cpu_us_per_round'], 0)} µs" if raw else "-"
+
+
+def wakeup_note(rows: list[dict[str, Any]]) -> list[str]:
+    """What one wake-up costs the library-free floor, and so what the harness alone costs per round."""
+    raws = [row["raw_floor"] for row in rows if row.get("raw_floor") and row["live_calls"] >= 100]
+    raws = [x for x in raws if x.get("wakeups_per_round") and x.get("cpu_us_per_wakeup")]
+    if not raws:
+        return []
+    wakeups = [x["wakeups_per_round"] for x in raws]
+    costs = [x["cpu_us_per_wakeup"] for x in raws]
+    room = [TARGET_CPU_PER_ROUND_US / x for x in costs]
+
+    def span(values: list[float], digits: int) -> str:
+        low, high = fmt(min(values), digits), fmt(max(values), digits)
+        return low if low == high else f"{low} to {high}"
+
+    return [
+        "",
+        f"The library-free floor wakes {span(wakeups, 1)} times per round and spends {span(costs, 0)} µs per "
+        "wake-up (the kernel's and the event loop's share, with caches gone cold while the simulator ran): "
+        f"at that price a round has room for {span(room, 1)} wake-ups in {TARGET_CPU_PER_ROUND_US:.0f} µs, "
+        "before any Python runs.",
+    ]
+
+
+def wakeups_cell(row: dict[str, Any]) -> str:
+    """Wake-ups per round of the server, then the floors': ``6.9 (6.5, 16.4)``."""
+    floors = [fmt(x.get("wakeups_per_round"), 1) for x in (row["floor"], row.get("raw_floor")) if x]
+    return f"{fmt(row['sideband'].get('wakeups_per_round'), 1)} ({', '.join(floors)})"
 
 
 def raw_range(span: list[float] | None) -> str:
