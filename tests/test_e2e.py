@@ -570,8 +570,16 @@ async def test_calls_still_live_when_the_drain_ends_are_hung_up(stack: Stack) ->
     assert call.ended
 
 
-@pytest.mark.parametrize("mode, reason", [("clean", "remote_closed"), ("abnormal", "call_not_found")])
-async def test_caller_hangup_ends_the_call(stack: Stack, mode: str, reason: str) -> None:
+@pytest.mark.parametrize(
+    "mode, gone_status, reason",
+    [
+        ("clean", 404, "remote_closed"),
+        ("abnormal", 404, "call_not_found"),
+        ("abnormal", 410, "call_not_found"),
+    ],
+)
+async def test_caller_hangup_ends_the_call(stack: Stack, mode: str, gone_status: int, reason: str) -> None:
+    stack.sim.gone_status = gone_status  # type: ignore[assignment]  # (the re-attach after a drop is refused)
     ended: list[str] = []
     stack.app.on_call_end(lambda ctx, summary: ended.append(summary.reason))
     call = await run_call(stack, Script([GREETING, caller_hangs_up(mode)]))
@@ -663,6 +671,41 @@ async def test_transfer_tool_refers_to_allow_listed_target(stack: Stack) -> None
     )
     await call.wait_ended(timeout=10)
     assert call.status == "referred" and call.refer_target == "tel:+14155550123"
+
+
+@pytest.mark.parametrize("mode", ["clean", "going_away", "abnormal", "silent"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("end_call", {}, "hangup", "end_call_tool"),
+        ("transfer_call", {"destination": "human"}, "refer", "transferred"),
+    ],
+    ids=["hangup", "refer"],
+)
+async def test_our_verb_ends_the_call_however_the_service_ends_the_sideband(
+    stack: Stack, mode: str, case: tuple[str, dict[str, str], str, str]
+) -> None:
+    """After our hangup or refer the real service closes the sideband cleanly, drops it, or leaves it
+    open: each time the call ends at once with our reason, one verb, and no re-attach to a finished call."""
+    tool, arguments, verb, reason = case
+    stack.sim.verb_close = mode  # type: ignore[assignment]
+    ended: list[str] = []
+    stack.app.on_call_end(lambda ctx, summary: ended.append(summary.reason))
+    call = await run_call(
+        stack,
+        Script([GREETING, caller_says("That's all."), model_calls(tool, arguments), model_says("Bye now.")]),
+    )
+    await call.wait_ended(timeout=10)
+    runtime = stack.service.registry.calls.get(call.call_id)
+    if runtime is not None:
+        await asyncio.wait_for(runtime.wait_closed(), 5)
+    await stack.wait_idle()
+    assert ended == [reason]
+    assert [r.path for r in stack.sim.requests if r.path.endswith(("/hangup", "/refer"))] == [
+        f"/v1/realtime/calls/{call.call_id}/{verb}"
+    ]
+    assert call.sideband_connects == 1
+    assert call.script_error is None
 
 
 async def test_transfer_to_unlisted_target_is_refused(stack: Stack) -> None:

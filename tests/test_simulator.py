@@ -422,6 +422,40 @@ async def test_sideband_refuses_unknown_ringing_and_ended_calls(
     await call.wait_ended(timeout=1)
     assert (await expect_refused(simulator, call)).status_code == 404
     assert call.sideband_connects == 0
+    simulator.gone_status = 410  # the other refusal seen for a call that ended
+    assert (await expect_refused(simulator, call)).status_code == 410
+    assert (await expect_refused(simulator, "rtc_" + "e" * 32)).status_code == 404  # never seen: still 404
+
+
+@pytest.mark.parametrize("mode", ["clean", "going_away", "abnormal", "silent"])
+async def test_the_verbs_end_the_sideband_as_configured(
+    simulator: Simulator, http: aiohttp.ClientSession, mode: str
+) -> None:
+    simulator.verb_close = mode  # type: ignore[assignment]
+    for verb, body in (("hangup", None), ("refer", {"target_uri": "tel:+14155550123"})):
+        call = await live_call(simulator, http)
+        async with ws_connect(simulator, call) as ws:
+            status, _ = await post(http, f"{simulator.base_url}/realtime/calls/{call.call_id}/{verb}", body)
+            assert status == 200
+            await call.wait_ended(timeout=1)
+            if mode == "silent":  # the call is over, the socket stays open (and still answers a ping)
+                await asyncio.wait_for(await ws.ping(), 1)
+                continue
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(recv(ws), 2)
+            if mode == "abnormal":
+                assert closed.value.rcvd is None
+            else:
+                assert closed.value.rcvd is not None
+                assert closed.value.rcvd.code == (1001 if mode == "going_away" else 1000)
+        assert call.end_reason == ("hangup_verb" if verb == "hangup" else "referred")
+
+
+def test_the_verb_close_and_gone_status_are_checked() -> None:
+    with pytest.raises(ValueError, match="verb_close"):
+        Simulator(verb_close="slammed")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gone_status"):
+        Simulator(gone_status=403)  # type: ignore[arg-type]
 
 
 async def test_beta_header_gets_error_and_close(simulator: Simulator, http: aiohttp.ClientSession) -> None:
@@ -740,6 +774,13 @@ async def test_full_scripted_tool_round(simulator: Simulator, http: aiohttp.Clie
         if e["type"] == "conversation.item.added" and e["item"]["type"] == "function_call_output"
     )
     assert ack["previous_item_id"] == added["item"]["id"] and "status" not in ack["item"]
+    # The call's own item.done names no predecessor (every tool round recorded in cassettes/ shows null).
+    call_done = next(
+        e
+        for e in controller.events
+        if e["type"] == "conversation.item.done" and e["item"]["type"] == "function_call"
+    )
+    assert call_done["item"]["id"] == added["item"]["id"] and call_done["previous_item_id"] is None
     assert call.function_outputs == [(done["call_id"], '{"status": "shipped"}')]
     assert call.transcript == [
         ("model", "Thanks for calling."),

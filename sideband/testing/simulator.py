@@ -1479,7 +1479,7 @@ class SimCall:
             outputs: list[dict[str, Any]] = []
             spoken = ""
             message_id: str | None = None
-            call_states: list[tuple[FunctionCallSpec, str, str, int, str | None]] = []
+            call_states: list[tuple[FunctionCallSpec, str, str, int]] = []
 
             async def announce_calls() -> None:
                 base = 0 if message_id is None else 1
@@ -1493,7 +1493,7 @@ class SimCall:
                     self._function_calls[call_id] = item_id
                     record.call_ids.append(call_id)
                     index = base + offset
-                    call_states.append((spec, item_id, call_id, index, previous))
+                    call_states.append((spec, item_id, call_id, index))
                     added = {
                         "id": item_id,
                         "type": "function_call",
@@ -1578,7 +1578,7 @@ class SimCall:
 
             final_status = status if self._cancel_reason is None else "cancelled"
             call_item_status = "completed" if final_status == "completed" else "incomplete"
-            for spec, item_id, call_id, index, previous in call_states:
+            for spec, item_id, call_id, index in call_states:
                 where = {
                     "response_id": response_id,
                     "item_id": item_id,
@@ -1608,7 +1608,8 @@ class SimCall:
                     "arguments": spec.arguments,
                 }
                 self._items[item_id] = done_call
-                await send("conversation.item.done", previous_item_id=previous, item=done_call)
+                # (the real service sends a model call's item.done with no predecessor, unlike its .added)
+                await send("conversation.item.done", previous_item_id=None, item=done_call)
                 await send(
                     "response.output_item.done", response_id=response_id, output_index=index, item=done_call
                 )
@@ -1873,6 +1874,13 @@ class Simulator:
     service streams a response over tens of milliseconds or more. A gap of a few milliseconds makes a
     client that acts too early (a ``response.create`` before ``response.done``) meet the error the real
     service gives it.
+
+    ``verb_close`` is how the service ends the sideband after a ``hangup`` or ``refer`` verb. The real one
+    has been seen to close it cleanly (``"clean"``, code 1000; ``"going_away"``, 1001), to drop it with no
+    close frame (``"abnormal"``), and to leave it open (``"silent"``): a controller must end its part
+    whichever comes. ``gone_status`` refuses a sideband handshake for a call that has ended: 404
+    (``call_id_not_found``, the default) or 410, both seen. A call id never seen is always 404. Both are
+    plain attributes, so a test can change them on a running simulator.
     """
 
     def __init__(
@@ -1889,7 +1897,13 @@ class Simulator:
         auto_create_calls: bool = False,
         auto_call_script: Script | None = None,
         event_gap: float = 0.0,
+        verb_close: Literal["clean", "going_away", "abnormal", "silent"] = "clean",
+        gone_status: Literal[404, 410] = 404,
     ) -> None:
+        if verb_close not in ("clean", "going_away", "abnormal", "silent"):
+            raise ValueError(f"verb_close must be clean, going_away, abnormal or silent, not {verb_close!r}")
+        if gone_status not in (404, 410):
+            raise ValueError(f"gone_status must be 404 or 410, not {gone_status!r}")
         self.api_key = api_key
         self.webhook_secret = webhook_secret
         self.host = host
@@ -1899,6 +1913,8 @@ class Simulator:
         self.ws_compression = ws_compression
         self.auto_create_calls = auto_create_calls
         self.event_gap = event_gap
+        self.verb_close: Literal["clean", "going_away", "abnormal", "silent"] = verb_close
+        self.gone_status: Literal[404, 410] = gone_status
         self.requests: list[RequestRecord] = []
         self.calls: dict[str, SimCall] = {}
         self.next_webrtc_script: Script = Script()
@@ -2359,10 +2375,10 @@ class Simulator:
                     400, "target_uri must be a tel: or sip: URI.", param="target_uri", code="invalid_value"
                 )
             call.refer_target = target
-            self._spawn(call._end("referred", "clean"))
+            self._spawn(call._end("referred", self.verb_close))
         else:
             call.hangup_requested = True
-            self._spawn(call._end("hangup_verb", "clean"))
+            self._spawn(call._end("hangup_verb", self.verb_close))
         return web.Response(status=200)
 
     async def _handle_accept(self, request: web.Request, call_id: str) -> web.StreamResponse:
@@ -2607,7 +2623,8 @@ class Simulator:
             )
         call = self.calls.get(call_id)
         if call is None or call.status != "accepted":
-            return _error_response(404, f"Call {call_id} not found.", code="call_id_not_found")
+            status = self.gone_status if call is not None and call.ended else 404
+            return _error_response(status, f"Call {call_id} not found.", code="call_id_not_found")
         ws: web.WebSocketResponse = web.WebSocketResponse(
             timeout=_CLOSE_TIMEOUT, compress=self.ws_compression, max_msg_size=16 * 1024 * 1024
         )
