@@ -556,6 +556,69 @@ async def test_everything_is_released_on_exit(vowel: VowelSimulator, app: Sideba
     assert leftover == []
 
 
+async def test_close_awaits_the_runtime_end_in_full(vowel: VowelSimulator, app: Sideband) -> None:
+    """A tool's cleanup after its cancellation, then an ``on_call_end`` hook: both within the runtime's
+    own bounds, and both past ``end_cap`` + 2 s, which close() once allowed before cancelling it all."""
+    started = asyncio.Event()
+    done: list[str] = []
+
+    @app.tool(timeout=30)
+    async def export() -> str:
+        """Exports, and rolls back when cancelled."""
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(1.6)  # a rollback, within the tools' grace (5 s)
+            done.append("rolled back")
+        return "never"
+
+    @app.on_call_end
+    async def file_ticket(ctx: CallContext, summary: Any) -> None:
+        await asyncio.sleep(1.0)  # within an on_call_end hook's 10 s
+        done.append(f"ticket: {summary.reason}")
+
+    vowel.script([when("export", calls=[("export", {})], reply="ok")])
+    session = EngineSession.open(settings_for(vowel), app, end_cap=0.1)
+    async with session:
+        turn = asyncio.create_task(session.say("export please"))
+        await asyncio.wait_for(started.wait(), 5)
+    with pytest.raises(EngineError):
+        await turn
+    assert done == ["rolled back", "ticket: closed"]
+    assert [t for t in asyncio.all_tasks() if (t.get_name() or "").startswith("tool:")] == []
+
+
+async def test_a_cancelled_turn_ends_the_session(vowel: VowelSimulator, app: Sideband) -> None:
+    """The turn went out; its reply, still to come, would be taken for the next turn's: the session is
+    over, as after a reply_timeout."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @app.tool(timeout=30)
+    async def wait_a_bit() -> str:
+        """Takes its time."""
+        started.set()
+        await release.wait()
+        return "ready"
+
+    vowel.script(
+        [when("wait", calls=[("wait_a_bit", {})], reply="It is ready."), when("next", reply="Next.")]
+    )
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        turn = asyncio.create_task(session.say("wait for it"))
+        await asyncio.wait_for(started.wait(), 5)
+        turn.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+        assert not session.live and session.end_reason == "reply_cancelled"
+        with pytest.raises(EngineError) as ended:
+            await session.say("next please")
+        assert ended.value.reason == "reply_cancelled"
+        release.set()
+    texts = [e for e in vowel.sessions[0].received if e.get("type") == "conversation.item.create"]
+    assert not any("next please" in json.dumps(e) for e in texts)  # the next turn never went out
+
+
 async def test_cancelling_the_owner_cancels_the_session(vowel: VowelSimulator, app: Sideband) -> None:
     opened = asyncio.Event()
     holder: list[EngineSession] = []

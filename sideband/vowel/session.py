@@ -350,6 +350,11 @@ class EngineSession:
                 message = f"no reply from the vowel engine within {limit:g} s"
                 self._set_end("reply_timeout", message)
                 raise EngineError("reply_timeout", message) from None
+            except asyncio.CancelledError:
+                # The turn is out and its reply still to come: the next turn would take it for its
+                # own. Over, as after a reply_timeout.
+                self._set_end("reply_cancelled", "a say() was cancelled before its reply came")
+                raise
             finally:
                 self._turn = None
                 del future  # it may hold the error raised here, whose traceback holds this frame
@@ -431,7 +436,10 @@ class EngineSession:
 
     async def close(self) -> str | None:
         """End the session (after in-flight tool outputs, at most ``end_cap`` seconds), close the socket,
-        cancel and await every task. Idempotent; returns the end reason."""
+        cancel and await every task. Idempotent; returns the end reason.
+
+        The runtime's own end (its tools' grace, the socket's close, each ``on_call_end`` hook's limit)
+        is awaited in full; only a runtime still running past all of that is cancelled."""
         task = self._task
         try:
             if task is not None and not task.done():
@@ -440,7 +448,7 @@ class EngineSession:
                     call_id=self.call_id, service_id=self.service_id
                 ):
                     await self.runtime.hangup("closed")
-                await asyncio.wait({task}, timeout=self.end_cap + 2.0)
+                await asyncio.wait({task}, timeout=self.end_cap + self.runtime.end_bound())
         finally:
             await self.abort()
         return self.end_reason
