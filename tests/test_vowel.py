@@ -589,6 +589,34 @@ async def test_close_awaits_the_runtime_end_in_full(vowel: VowelSimulator, app: 
     assert [t for t in asyncio.all_tasks() if (t.get_name() or "").startswith("tool:")] == []
 
 
+async def test_a_say_from_a_tool_waits_for_its_output(vowel: VowelSimulator, app: Sideband) -> None:
+    """The engine waits for every output of its tool turn before a response.create: a tool's
+    ``ctx.say()`` goes out after the output and the answer to it, never before."""
+
+    @app.tool
+    async def check_stock(item: str, ctx: CallContext) -> str:
+        """Checks the stock."""
+        ctx.say("Tell the caller you are still checking.")
+        await asyncio.sleep(0.2)
+        return "in stock"
+
+    vowel.script([when("stock", calls=[("check_stock", {"item": "x"})], reply="It is in stock.")])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        reply = await session.say("any stock?")
+    engine = vowel.sessions[0]
+    assert engine.notes == []
+    sent = [
+        (e.get("response") or {}).get("instructions", "answer")
+        if e["type"] == "response.create"
+        else e["item"]["type"]
+        for e in engine.received
+        if e["type"] == "response.create"
+        or (e["type"] == "conversation.item.create" and e["item"]["type"] == "function_call_output")
+    ]
+    assert sent == ["function_call_output", "answer", "Tell the caller you are still checking."]
+    assert [t.outcome for t in reply.tools] == ["ok"]
+
+
 async def test_a_cancelled_turn_ends_the_session(vowel: VowelSimulator, app: Sideband) -> None:
     """The turn went out; its reply, still to come, would be taken for the next turn's: the session is
     over, as after a reply_timeout."""

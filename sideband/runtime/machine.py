@@ -135,6 +135,10 @@ class Capabilities:
     reused_call_ids: bool = False
     """A call id may come back in a later response as a new call (an engine passing on ids the model made
     up: ``call_1`` every turn), which waits for its output; otherwise a call id is run once, ever."""
+    speaks_over_tools: bool = True
+    """A ``response.create`` may go out while a tool's output is still due, to say something meanwhile
+    (OpenAI); otherwise (vowel: the engine waits for every output of its tool turn) a ``say()`` waits for
+    the outputs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -972,7 +976,7 @@ class CallMachine:
                     self._without_tools = False
                     return [self._create(dict(_NO_TOOLS))]
                 return [self._create()]
-            if self._queued_say and self._end is None:
+            if self._queued_say and self._end is None and (self.caps.speaks_over_tools or not self._running):
                 return [self._create({"instructions": self._queued_say.pop(0)})]
         if self._end is not None:
             return self._fire_end(forced=False)

@@ -53,6 +53,7 @@ ENGINE_CAPABILITIES = Capabilities(
     close_reasons={1011: "engine_error"},
     nested_audio=False,
     reused_call_ids=True,
+    speaks_over_tools=False,
 )
 """What the vowel engine does, as the call machine sees it."""
 
