@@ -456,6 +456,25 @@ async def test_our_own_max_duration_ends_an_idle_session(vowel: VowelSimulator, 
     assert engine.closed_by == "client"
 
 
+async def test_the_engine_limits_end_the_session_with_our_goodbye_first(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """The engine acts on its limits only when a message arrives, and its clock starts before ours: our
+    timers fire a little before its limits, so the goodbye goes out in time, whether the token claims a
+    limit or the engine's defaults apply."""
+    async with EngineSession.open(settings_for(vowel, max_call_duration=3600.0), app) as session:
+        config = session.runtime.machine.config
+        assert (config.max_call_duration, config.max_idle_duration) == (30 * 60 - 5, 30.0)
+    vowel.max_call_duration, vowel.max_idle_duration, vowel.claim_limits = 1.0, 3600.0, True
+    session = EngineSession.open(settings_for(vowel), app)
+    async with session:
+        assert await session.wait_closed(5) == "max_duration"
+    engine = vowel.sessions[-1]
+    goodbye = engine.responses[-1]
+    assert goodbye.trigger == "response.create" and goodbye.instructions and goodbye.status == "completed"
+    assert engine.end_reason != "max_call_duration_exceeded" and engine.closed_by == "client"
+
+
 async def test_fatal_engine_error_ends_without_reattaching(vowel: VowelSimulator, app: Sideband) -> None:
     vowel.script([when("boom", fatal=True)])
     async with EngineSession.open(settings_for(vowel), app) as session:

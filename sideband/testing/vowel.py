@@ -226,7 +226,9 @@ class VowelSimulator:
 
     Keys: ``api_key`` carries ``mint_trusted_session``; ``browser_key`` only ``mint_ephemeral``;
     :meth:`add_key` adds more. Limits (seconds, on the simulator clock) are checked when a client message
-    arrives, as the engine does. ``refuse_handshake`` picks how a bad token is refused.
+    arrives, as the engine does; ``claim_limits=True`` also states them in the core's mint answers
+    (``maxCallDurationMs``, ``maxIdleDurationMs``), as a token's claims may. ``refuse_handshake`` picks how
+    a bad token is refused.
     """
 
     def __init__(
@@ -246,6 +248,7 @@ class VowelSimulator:
         instructed_reply: str = "Goodbye!",
         timeout_close_delay: float = 0.1,
         event_delay: float = 0.0,
+        claim_limits: bool = False,
     ) -> None:
         self.host = host
         self.api_key = api_key
@@ -260,6 +263,7 @@ class VowelSimulator:
         self.instructed_reply = instructed_reply
         self.timeout_close_delay = timeout_close_delay
         self.event_delay = event_delay
+        self.claim_limits = claim_limits
         self.keys: dict[str, set[str]] = {api_key: {TRUSTED_SCOPE}, browser_key: {EPHEMERAL_SCOPE}}
         self.rules: list[Rule] = []
         self.mints: list[MintRecord] = []
@@ -441,11 +445,15 @@ class VowelSimulator:
         ttl = max(round(token.expires_at - self.now()), 0)
         epoch = int(token.expires_at)
         if style == "core":
-            return {
+            answer: dict[str, Any] = {
                 "token": token.value,
                 "expiresAt": _iso(token.expires_at),
                 "connectionType": "trusted_server",
             }
+            if self.claim_limits:
+                answer["maxCallDurationMs"] = round(self.max_call_duration * 1000)
+                answer["maxIdleDurationMs"] = round(self.max_idle_duration * 1000)
+            return answer
         if style == "epoch":
             return {"token": token.value, "expires_at": epoch}
         if style == "expires_in":

@@ -65,9 +65,17 @@ MIN_AUDIO_CHUNK = 2048
 MAX_AUDIO_CHUNK = 32 * 1024
 
 _LIMITS = {
-    "max_duration": "the session reached SIDEBAND_MAX_CALL_SECONDS",
-    "idle_timeout": "the session was idle for SIDEBAND_MAX_IDLE_SECONDS",
+    "max_duration": "the session reached SIDEBAND_MAX_CALL_SECONDS, or the engine's call limit",
+    "idle_timeout": "the session was idle for SIDEBAND_MAX_IDLE_SECONDS, or the engine's idle limit",
 }
+ENGINE_CALL_LIMIT = 30 * 60.0
+"""The engine's call limit when the token carries no ``maxCallDurationMs`` claim (seconds)."""
+ENGINE_IDLE_LIMIT = 10 * 60.0
+"""The engine's idle limit when the token carries no ``maxIdleDurationMs`` claim (seconds)."""
+_LIMIT_MARGIN = 5.0
+"""Our timers fire this much (at most a tenth of the limit) before the engine's: it checks its limits only
+when a message arrives, so our goodbye's ``response.create`` must reach it in time, and its clock may
+have started before ours."""
 _ENGINE_LIMITS = frozenset({"max_call_duration_exceeded", "max_idle_duration_exceeded"})
 
 
@@ -290,10 +298,12 @@ class EngineSession:
             greeting=None,
             goodbye_instructions=app.goodbye_instructions,
             max_call_duration=_tightest(
-                app.max_call_duration or settings.max_call_duration, token.max_call_duration
+                app.max_call_duration or settings.max_call_duration,
+                _before(token.max_call_duration or ENGINE_CALL_LIMIT),
             ),
             max_idle_duration=_tightest(
-                app.max_idle_duration or settings.max_idle_duration, token.max_idle_duration
+                app.max_idle_duration or settings.max_idle_duration,
+                _before(token.max_idle_duration or ENGINE_IDLE_LIMIT),
             ),
             end_cap=self.end_cap,
             max_tool_calls=app.max_tool_calls,
@@ -508,6 +518,11 @@ class EngineSession:
             engine_error=error_code,
             engine_session_id=self.engine_session_id,
         )
+
+
+def _before(engine_limit: float) -> float:
+    """Our timer for one of the engine's limits: a little before it (see :data:`_LIMIT_MARGIN`)."""
+    return engine_limit - min(_LIMIT_MARGIN, engine_limit / 10)
 
 
 def _tightest(*values: float | None) -> float | None:
