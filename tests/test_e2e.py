@@ -657,6 +657,23 @@ async def test_end_call_tool_hangs_up_after_output_and_goodbye(stack: Stack) -> 
     assert (await stack.ended(call)).reason == "end_call_tool"
 
 
+async def test_the_hangup_waits_until_the_goodbye_has_been_heard(stack: Stack) -> None:
+    """The caller hears the goodbye after its response.done (0.6 s of speech here): the hangup waits for
+    the end of playback; one sent on response.done would cut the goodbye off (no stopped for it)."""
+    stack.sim.playback_rate = 100.0
+    goodbye = "Goodbye, and thank you for calling the order desk today."
+    call = await run_call(
+        stack,
+        Script([GREETING, caller_says("That's all."), model_calls("end_call", {}), model_says(goodbye)]),
+    )
+    await call.wait_ended(timeout=10)
+    last = call.responses[-1]
+    assert last.text == goodbye and last.status == "completed"
+    stops = [e["response_id"] for e in call.sent if e["type"] == "output_audio_buffer.stopped"]
+    assert stops[-1] == last.response_id
+    assert call.end_reason == "hangup_verb" and (await stack.ended(call)).reason == "end_call_tool"
+
+
 async def test_transfer_tool_refers_to_allow_listed_target(stack: Stack) -> None:
     call = await run_call(
         stack,

@@ -451,11 +451,59 @@ async def test_the_verbs_end_the_sideband_as_configured(
         assert call.end_reason == ("hangup_verb" if verb == "hangup" else "referred")
 
 
+async def test_playback_outlasts_the_response_and_a_clear_cuts_it(simulator: Simulator) -> None:
+    """With a playback rate the caller hears the model after its response.done: stopped comes once the
+    words have played; the controller's clear cuts them (cleared, and no stopped for them)."""
+    simulator.playback_rate = 100.0
+    simulator.auto_answer_text = "word " * 10  # 50 characters: 0.5 s of speech
+    loop = asyncio.get_running_loop()
+    call = simulator.create_webrtc_call(Script([]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "response.create"})
+        seen = await recv_until(ws, "response.done")
+        first_id = seen[-1]["response"]["id"]
+        await send(ws, {"type": "output_audio_buffer.clear"})
+        seen += await recv_until(ws, "output_audio_buffer.cleared")
+        assert seen[-1]["response_id"] == first_id
+        await send(ws, {"type": "response.create"})
+        seen += await recv_until(ws, "output_audio_buffer.started")
+        started = loop.time()
+        seen += await recv_until(ws, "response.done")
+        done = loop.time()
+        seen += await recv_until(ws, "output_audio_buffer.stopped")
+        stopped = loop.time()
+    second_id = seen[-1]["response_id"]
+    created = [e["response"]["id"] for e in seen if e["type"] == "response.created"]
+    assert created == [first_id, second_id]
+    assert stopped - started >= 0.45 and stopped - done >= 0.3  # heard after its response.done
+    # The first response's words would have stopped before the second's: they never did.
+    assert [e["response_id"] for e in seen if e["type"] == "output_audio_buffer.stopped"] == [second_id]
+
+
+async def test_a_caller_cutting_in_clears_the_model_audio() -> None:
+    """A barge-in cancels the response (turn_detected) and clears its audio: cleared, never stopped."""
+    async with Simulator(event_gap=0.02, auto_answer_text="word " * 30) as sim:
+        call = sim.create_webrtc_call(Script([pause(0.15), caller_says("Stop, please.")]))
+        async with ws_connect(sim, call) as ws:
+            await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+            await send(ws, {"type": "response.create"})  # answered, spoken, and still streaming at 0.15 s
+            events = await recv_until(ws, "response.done")
+            events += await recv_until(ws, "output_audio_buffer.cleared")
+            await call.wait_done(timeout=5)
+    done = next(e for e in events if e["type"] == "response.done")
+    assert done["response"]["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
+    assert events[-1]["response_id"] == done["response"]["id"]
+    assert "output_audio_buffer.stopped" not in [e["type"] for e in call.sent]
+
+
 def test_the_verb_close_and_gone_status_are_checked() -> None:
     with pytest.raises(ValueError, match="verb_close"):
         Simulator(verb_close="slammed")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="gone_status"):
         Simulator(gone_status=403)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="playback_rate"):
+        Simulator(playback_rate=0)
 
 
 async def test_beta_header_gets_error_and_close(simulator: Simulator, http: aiohttp.ClientSession) -> None:

@@ -773,6 +773,9 @@ class SimCall:
         self._grace_done = False
         self._audio_ms = 0
         self._assistant_audio = False
+        self._playing: str | None = None  # the response whose audio plays after its response.done
+        self._playback_cut: asyncio.Event | None = None
+        self._cleared: set[str] = set()  # responses whose audio the controller cleared
         self._response_count = 0
         self._awaiting_ids: list[str] = []
         self._vad_turn = False
@@ -1102,7 +1105,12 @@ class SimCall:
             case "conversation.item.retrieve" | "conversation.item.delete" | "conversation.item.truncate":
                 await self._on_item_op(etype, event, event_id)
             case "output_audio_buffer.clear":
-                await self._send("output_audio_buffer.cleared", response_id=self._active_response)
+                cleared = self._active_response or self._playing
+                if cleared is not None:
+                    self._cleared.add(cleared)
+                if self._playback_cut is not None:
+                    self._playback_cut.set()
+                await self._send("output_audio_buffer.cleared", response_id=cleared)
             case "input_audio_buffer.append":
                 pass  # media reaches the call by SIP/WebRTC; appended audio is ignored here
             case "input_audio_buffer.commit":
@@ -1469,6 +1477,8 @@ class SimCall:
         self._response_count += 1
         self._notify()
         buffer_started = False
+        audio_started = 0.0
+        interrupted = False
         try:
             await send(
                 "response.created",
@@ -1534,7 +1544,7 @@ class SimCall:
                 await send("response.content_part.added", **where, part={"type": part_type, key: ""})
                 if audio:
                     await send("output_audio_buffer.started", response_id=response_id)
-                    buffer_started = True
+                    buffer_started, audio_started = True, time.monotonic()
                     self._assistant_audio = True
                 delta_type = (
                     "response.output_audio_transcript.delta" if audio else "response.output_text.delta"
@@ -1577,6 +1587,7 @@ class SimCall:
                 await announce_calls()
 
             final_status = status if self._cancel_reason is None else "cancelled"
+            interrupted = self._cancel_reason == "turn_detected"
             call_item_status = "completed" if final_status == "completed" else "incomplete"
             for spec, item_id, call_id, index in call_states:
                 where = {
@@ -1657,7 +1668,7 @@ class SimCall:
         for previous_id, item in deferred:
             await self._ack_item(previous_id, item)
         if buffer_started:
-            await send("output_audio_buffer.stopped", response_id=response_id)
+            await self._play_out(response_id, audio_started, len(spoken), interrupted=interrupted)
         if self._response_count % 2 == 1:  # irregular on purpose: never rely on it
             await self._send_now(  # right after: the response's step is over once this is out
                 "rate_limits.updated",
@@ -1673,6 +1684,30 @@ class SimCall:
         return record
 
     # ------------------------------------------------------------------------------------ the script
+
+    async def _play_out(self, response_id: str, started: float, chars: int, *, interrupted: bool) -> None:
+        """The caller hears the response's audio to its end: ``output_audio_buffer.stopped`` once it has
+        played (``playback_rate`` characters a second after it started; at once without one), or
+        ``output_audio_buffer.cleared`` when the caller cut in. Nothing more once the controller cleared
+        it (its ``cleared`` is out) or the call ended."""
+        if interrupted:
+            await self._send("output_audio_buffer.cleared", response_id=response_id)
+            return
+        rate = self._sim.playback_rate
+        remaining = started + chars / rate - time.monotonic() if rate else 0.0
+        if remaining > 0 and response_id not in self._cleared:
+            cut = self._playback_cut = asyncio.Event()
+            self._playing = response_id
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await cut.wait()
+            finally:
+                self._playing = self._playback_cut = None
+        if response_id in self._cleared:
+            self._cleared.discard(response_id)
+            return
+        await self._send("output_audio_buffer.stopped", response_id=response_id)
 
     async def _run_script(self) -> None:
         script = self.script
@@ -1812,6 +1847,13 @@ class SimCall:
             and turn.get("interrupt_response", True)
         ):
             self._cancel_reason = "turn_detected"  # barge-in: the server cuts the model off
+        playing = self._playing
+        if playing is not None and isinstance(turn, dict) and turn.get("interrupt_response", True):
+            # The model's last words still play: the caller cutting in clears them.
+            self._cleared.add(playing)
+            if self._playback_cut is not None:
+                self._playback_cut.set()
+            await self._send("output_audio_buffer.cleared", response_id=playing)
         await self._send("input_audio_buffer.speech_stopped", audio_end_ms=end, item_id=item_id)
         previous = self._last_item_id
         self._last_item_id = item_id
@@ -1881,6 +1923,13 @@ class Simulator:
     whichever comes. ``gone_status`` refuses a sideband handshake for a call that has ended: 404
     (``call_id_not_found``, the default) or 410, both seen. A call id never seen is always 404. Both are
     plain attributes, so a test can change them on a running simulator.
+
+    ``playback_rate`` is how fast the caller hears the model, in characters of its transcript a second
+    (about 15 for real speech): ``output_audio_buffer.stopped`` goes out once a spoken response has played,
+    after its ``response.done``, as on the real service, so a controller that hangs up on ``response.done``
+    cuts its own goodbye short. By default (None) it has played as soon as it is sent. A caller cutting in
+    clears the model's audio (``output_audio_buffer.cleared``, no ``stopped``), as does the controller's
+    ``output_audio_buffer.clear``.
     """
 
     def __init__(
@@ -1899,11 +1948,16 @@ class Simulator:
         event_gap: float = 0.0,
         verb_close: Literal["clean", "going_away", "abnormal", "silent"] = "clean",
         gone_status: Literal[404, 410] = 404,
+        playback_rate: float | None = None,
     ) -> None:
         if verb_close not in ("clean", "going_away", "abnormal", "silent"):
             raise ValueError(f"verb_close must be clean, going_away, abnormal or silent, not {verb_close!r}")
         if gone_status not in (404, 410):
             raise ValueError(f"gone_status must be 404 or 410, not {gone_status!r}")
+        if playback_rate is not None and not playback_rate > 0:
+            raise ValueError(
+                f"playback_rate must be a positive number of characters a second, not {playback_rate!r}"
+            )
         self.api_key = api_key
         self.webhook_secret = webhook_secret
         self.host = host
@@ -1915,6 +1969,7 @@ class Simulator:
         self.event_gap = event_gap
         self.verb_close: Literal["clean", "going_away", "abnormal", "silent"] = verb_close
         self.gone_status: Literal[404, 410] = gone_status
+        self.playback_rate = playback_rate
         self.requests: list[RequestRecord] = []
         self.calls: dict[str, SimCall] = {}
         self.next_webrtc_script: Script = Script()
