@@ -445,6 +445,43 @@ def test_audio_a_backend_streams_is_no_new_caller_turn_for_the_loop_breaker() ->
     assert len(breaks) == 2
 
 
+def test_a_caller_transcript_completing_late_is_no_second_turn_for_the_loop_breaker() -> None:
+    """The caller's words are transcribed while the model answers, or after: their transcript is the
+    turn their speech began, and does not reset the count of identical calls in it."""
+    m = machine(max_identical_calls=2)
+    m.start()
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "item_u1"})
+    breaks = []
+    for n in range(3):
+        m.receive({"type": "response.created", "response": {"id": f"r{n}"}})
+        feed(m, call_events(f"c{n}", "same", "{}", resp=f"r{n}"))
+        actions = m.receive(response_done(f"r{n}"))
+        breaks += notices(actions, "tool.loop_breaker")
+        if any(isinstance(a, RunTool) for a in actions):
+            m.tool_done(f"c{n}", "x")
+        if n == 0:  # the transcript of the turn's speech, after the first call ran
+            done = m.receive(
+                {
+                    "type": "conversation.item.input_audio_transcription.completed",
+                    "item_id": "item_u1",
+                    "transcript": "Check it again and again.",
+                }
+            )
+            assert notices(done, "transcript") == [{"role": "caller", "text": "Check it again and again."}]
+    assert len(breaks) == 1  # the third identical call of the turn
+    # A transcript with no speech start of its own (another item) is a turn of its own.
+    m.receive(
+        {
+            "type": "conversation.item.input_audio_transcription.completed",
+            "item_id": "item_u2",
+            "transcript": "Hi",
+        }
+    )
+    m.receive({"type": "response.created", "response": {"id": "r9"}})
+    feed(m, call_events("c9", "same", "{}", resp="r9"))
+    assert not notices(m.receive(response_done("r9")), "tool.loop_breaker")
+
+
 def test_a_new_caller_turn_gets_its_tools_back_after_a_loop_breaker() -> None:
     m = machine(max_tool_calls=1)
     m.start()
