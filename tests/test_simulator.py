@@ -451,6 +451,48 @@ async def test_the_verbs_end_the_sideband_as_configured(
         assert call.end_reason == ("hangup_verb" if verb == "hangup" else "referred")
 
 
+async def test_the_caller_transcript_streams_while_speaking_and_completes_mid_answer(
+    simulator: Simulator,
+) -> None:
+    """As recorded (cassettes ws_three_server_vad_turns, ws_audio_in_server_vad_turn): transcription deltas
+    before the caller's item exists, the VAD response under way before the transcript completes, and the
+    transcript still before the model's own."""
+    call = simulator.create_webrtc_call(
+        Script([caller_says("Hello, my name is Marcelo."), model_says("Hi Marcelo."), caller_hangs_up()])
+    )
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": TRANSCRIBED})
+        events = await recv_until(ws, "response.done")
+    kinds = [e["type"] for e in events]
+    user_added = next(
+        i
+        for i, e in enumerate(events)
+        if e["type"] == "conversation.item.added" and e["item"].get("role") == "user"
+    )
+    first_delta = kinds.index("conversation.item.input_audio_transcription.delta")
+    assert (
+        kinds.index("input_audio_buffer.speech_started")
+        < first_delta
+        < kinds.index("input_audio_buffer.speech_stopped")
+    )
+    assert first_delta < user_added
+    completed = kinds.index("conversation.item.input_audio_transcription.completed")
+    assert kinds.index("response.created") < completed < kinds.index("response.output_audio_transcript.done")
+    assert events[completed]["transcript"] == "Hello, my name is Marcelo."
+
+
+async def test_without_a_response_to_come_the_transcript_completes_at_once(simulator: Simulator) -> None:
+    """No server VAD (the controller creates responses): nothing is on its way, the transcript is not held."""
+    call = simulator.create_webrtc_call(Script([caller_says("Just checking."), model_says("Okay.")]))
+    session = {**TRANSCRIBED, "audio": {"input": {**TRANSCRIBED["audio"]["input"], "turn_detection": None}}}
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": session})
+        # (the model's answer waits for a response.create, which is not sent here)
+        events = await recv_until(ws, "conversation.item.input_audio_transcription.completed")
+    assert "response.created" not in [e["type"] for e in events]
+    assert events[-1]["transcript"] == "Just checking."
+
+
 async def test_playback_outlasts_the_response_and_a_clear_cuts_it(simulator: Simulator) -> None:
     """With a playback rate the caller hears the model after its response.done: stopped comes once the
     words have played; the controller's clear cuts them (cleared, and no stopped for them)."""

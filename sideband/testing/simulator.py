@@ -776,6 +776,7 @@ class SimCall:
         self._playing: str | None = None  # the response whose audio plays after its response.done
         self._playback_cut: asyncio.Event | None = None
         self._cleared: set[str] = set()  # responses whose audio the controller cleared
+        self._pending_transcript: dict[str, Any] | None = None  # the caller's, completing mid-answer
         self._response_count = 0
         self._awaiting_ids: list[str] = []
         self._vad_turn = False
@@ -1516,6 +1517,7 @@ class SimCall:
                         "response.output_item.added", response_id=response_id, output_index=index, item=added
                     )
                     await send("conversation.item.added", previous_item_id=previous, item=dict(added))
+                    await self._flush_transcript()
 
             if text is not None:
                 message_id = new_id("item_")
@@ -1534,6 +1536,7 @@ class SimCall:
                 await send(
                     "conversation.item.added", previous_item_id=previous, item={**started, "content": []}
                 )
+                await self._flush_transcript()
                 where = {
                     "response_id": response_id,
                     "item_id": message_id,
@@ -1645,6 +1648,7 @@ class SimCall:
             record.status = final_status
             # Over once response.done is out: a response.create the client sends on reading it is fine
             # (and one sent before it, during the gap, is still refused).
+            await self._flush_transcript()  # (a response of neither words nor calls)
             if self._sim.event_gap:
                 await asyncio.sleep(self._sim.event_gap)
             self._active_response = None
@@ -1720,6 +1724,7 @@ class SimCall:
                 self._set_phase("wait_ready")
                 await self._run_step(step, script.step_timeout)
             self._step_index = len(script.steps)
+            await self._flush_transcript()
             self._set_phase("finished")
             if script.hang_up_at_end and not self._ended.is_set():
                 await self._end("script_done", "clean")
@@ -1730,7 +1735,16 @@ class SimCall:
             self._done.set()
             self._notify()
 
+    async def _flush_transcript(self) -> None:
+        """Send the caller's transcript still owed (it completes while the model answers, or before the
+        caller's next move)."""
+        pending, self._pending_transcript = self._pending_transcript, None
+        if pending is not None:
+            await self._send("conversation.item.input_audio_transcription.completed", **pending)
+
     async def _run_step(self, step: Step, limit: float) -> None:
+        if not isinstance(step, WaitForGreeting | ModelSays | ModelCalls):
+            await self._flush_transcript()
         match step:
             case WaitForGreeting(text=text):
                 await self._response_step(text, (), "completed", must_wait=True, limit=limit)
@@ -1854,6 +1868,16 @@ class SimCall:
             if self._playback_cut is not None:
                 self._playback_cut.set()
             await self._send("output_audio_buffer.cleared", response_id=playing)
+        transcribes = _transcribes(self.session)
+        if transcribes:  # the words are transcribed as they are spoken: before the item exists
+            for chunk in _chunks(text, 4):
+                await self._send(
+                    "conversation.item.input_audio_transcription.delta",
+                    item_id=item_id,
+                    content_index=0,
+                    delta=chunk,
+                    obfuscation=secrets.token_hex(4),
+                )
         await self._send("input_audio_buffer.speech_stopped", audio_end_ms=end, item_id=item_id)
         previous = self._last_item_id
         self._last_item_id = item_id
@@ -1868,24 +1892,19 @@ class SimCall:
         await self._send("conversation.item.added", previous_item_id=previous, item=item)
         await self._send("conversation.item.done", previous_item_id=previous, item=item)
         self.transcript.append(("caller", text))
-        if _transcribes(self.session):
-            for chunk in _chunks(text, 4):
-                await self._send(
-                    "conversation.item.input_audio_transcription.delta",
-                    item_id=item_id,
-                    content_index=0,
-                    delta=chunk,
-                    obfuscation=secrets.token_hex(4),
-                )
-            await self._send(
-                "conversation.item.input_audio_transcription.completed",
-                item_id=item_id,
-                content_index=0,
-                transcript=text,
-                usage={"type": "duration", "seconds": max(1, (end - start) // 1000)},
-            )
-        self._items[item_id] = {**item, "content": [{"type": "input_audio", "transcript": text}]}
         creates = _creates_response(self.session)
+        if transcribes:
+            completed = {
+                "item_id": item_id,
+                "content_index": 0,
+                "transcript": text,
+                "usage": {"type": "duration", "seconds": max(1, (end - start) // 1000)},
+            }
+            # With a response on its way (server VAD), the transcript completes while the model answers.
+            self._pending_transcript = completed
+            if not creates:
+                await self._flush_transcript()
+        self._items[item_id] = {**item, "content": [{"type": "input_audio", "transcript": text}]}
         self._next_needs_create = not creates
         self._vad_turn = creates
 
