@@ -240,6 +240,8 @@ async def test_anything_before_session_update_is_fatal_on_the_engine(vowel: Vowe
         await ws.send(json.dumps({"type": "response.create"}))
         error = json.loads(await ws.recv())
         assert error["error"]["message"] == "No agent available"
+        failed = json.loads(await ws.recv())  # a fatal error in full: error, response.done failed, 1011
+        assert failed["type"] == "response.done" and failed["response"]["status"] == "failed"
         with pytest.raises(ConnectionClosed) as closed:
             await ws.recv()
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
@@ -843,6 +845,23 @@ async def test_streamed_audio_keeps_the_session_from_idling(
         await session.send_audio(bytes(4800))  # 100 ms of PCM16 at 24 kHz
         await session.send_audio(bytes(4800))
     assert len(active) == 2
+
+
+async def test_the_engine_counts_idle_time_from_speech_not_from_silence(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """The engine's idle limit counts only after speech was detected: streamed silence starts no clock,
+    a spoken turn does."""
+    vowel.max_idle_duration = 60.0
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        await session.send_audio(bytes(4800))  # 100 ms of silence
+        await vowel.wait_for(lambda v: bool(v.sessions[0].audio_chunks), what="the audio")
+        vowel.advance(120)
+        assert (await session.say("hello")).text  # no speech yet: the engine's idle clock never started
+        vowel.advance(120)
+        with pytest.raises(EngineError) as caught:
+            await session.say("still there?")
+    assert caught.value.reason == "max_idle_duration_exceeded"
 
 
 async def test_the_engine_calls_no_tool_that_session_update_did_not_declare(vowel: VowelSimulator) -> None:

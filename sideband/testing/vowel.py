@@ -647,8 +647,7 @@ class VowelSimulator:
             return
         etype = event.get("type")
         if not session.configured and etype != "session.update":
-            await self._error(session, "server_error", "no_agent", "No agent available")
-            await self._close(session, 1011, "no_agent")
+            await self._fatal(session, "No agent available", code="no_agent")  # (a fatal error, in full)
             return
         if etype == "session.update":
             await self._on_session_update(session, event)
@@ -678,14 +677,19 @@ class VowelSimulator:
         await self._close(session, 1000, code)
 
     async def _fatal(
-        self, session: EngineSessionRecord, message: str, response: SimResponse | None = None
+        self,
+        session: EngineSessionRecord,
+        message: str,
+        response: SimResponse | None = None,
+        *,
+        code: str = "engine_error",
     ) -> None:
         if session._ending or session.closed:
             return
         session._ending = True
         response = response or session._active_response
         await self._stop_response(session, status=None)
-        await self._error(session, "server_error", "engine_error", message)
+        await self._error(session, "server_error", code, message)
         if response is None:
             response = SimResponse(self._id("resp_"), "response.create")
             session.responses.append(response)
@@ -702,7 +706,7 @@ class VowelSimulator:
                 },
             },
         )
-        await self._close(session, 1011, "engine_error")
+        await self._close(session, 1011, code)
 
     async def _on_session_update(self, session: EngineSessionRecord, event: dict[str, Any]) -> None:
         update = event.get("session")
@@ -775,7 +779,8 @@ class VowelSimulator:
             return
         session.audio_chunks.append(len(chunk))
         session.audio.extend(chunk)
-        session.last_speech = self.now()
+        if chunk.strip(b"\x00"):  # idle time counts from the last speech: silence is none
+            session.last_speech = self.now()
 
     # ------------------------------------------------------------------------------ responses
     async def _start_response(
