@@ -523,6 +523,77 @@ async def test_playback_outlasts_the_response_and_a_clear_cuts_it(simulator: Sim
     assert [e["response_id"] for e in seen if e["type"] == "output_audio_buffer.stopped"] == [second_id]
 
 
+async def test_a_create_while_the_model_is_still_heard_is_the_script_s_next_response(
+    simulator: Simulator,
+) -> None:
+    """Playback runs after its response, which is over: the controller's create during it (legal, after
+    response.done) is answered by the script's next step, and the preamble still plays to its end."""
+    simulator.playback_rate = 40.0  # the preamble plays for about a second after its response.done
+    call = simulator.create_webrtc_call(
+        Script(
+            [
+                model_calls(
+                    "lookup", {}, call_id="call_1", preamble="Let me check that for you, one moment."
+                ),
+                model_says("It has shipped."),
+            ]
+        )
+    )
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "response.create"})
+        seen = await recv_until(ws, "response.done")
+        item = {"type": "function_call_output", "call_id": "call_1", "output": "{}"}
+        await send(ws, {"type": "conversation.item.create", "item": item})
+        await send(ws, {"type": "response.create"})
+        seen += await recv_until(ws, "response.done")
+        seen += await recv_until(ws, "output_audio_buffer.stopped")
+        await call.wait_done(timeout=5)
+    assert [(r.text, r.trigger, r.source) for r in call.responses] == [
+        ("Let me check that for you, one moment.", "response.create", "script"),
+        ("It has shipped.", "response.create", "script"),
+    ]
+    first, second = (r.response_id for r in call.responses)
+    # One voice at a time: the preamble's playback ends as the answer's audio begins.
+    assert [(e["type"], e["response_id"]) for e in seen if e["type"].startswith("output_audio_buffer")] == [
+        ("output_audio_buffer.started", first),
+        ("output_audio_buffer.stopped", first),
+        ("output_audio_buffer.started", second),
+        ("output_audio_buffer.stopped", second),
+    ]
+
+
+async def test_a_scripted_caller_hears_the_model_out_before_speaking(simulator: Simulator) -> None:
+    simulator.playback_rate = 100.0
+    call = simulator.create_webrtc_call(
+        Script([model_says("Welcome to the desk, how can I help?"), caller_says("My order, please.")])
+    )
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "response.create"})
+        seen = await recv_until(ws, "input_audio_buffer.speech_started")
+    kinds = [e["type"] for e in seen]
+    assert kinds.index("response.done") < kinds.index("output_audio_buffer.stopped") < len(kinds) - 1
+
+
+async def test_a_clear_before_the_audio_starts_leaves_it_to_play() -> None:
+    """Nothing plays yet when the clear comes: the audio that starts later still ends with its stopped."""
+    async with Simulator(event_gap=0.02) as sim:
+        call = sim.create_webrtc_call(Script([]))
+        async with ws_connect(sim, call) as ws:
+            await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+            await send(ws, {"type": "response.create"})
+            seen = await recv_until(ws, "response.created")
+            await send(ws, {"type": "output_audio_buffer.clear"})
+            seen += await recv_until(ws, "output_audio_buffer.stopped")
+    kinds = [e["type"] for e in seen if e["type"].startswith("output_audio_buffer")]
+    assert kinds == [
+        "output_audio_buffer.cleared",
+        "output_audio_buffer.started",
+        "output_audio_buffer.stopped",
+    ]
+
+
 async def test_a_caller_cutting_in_clears_the_model_audio() -> None:
     """A barge-in cancels the response (turn_detected) and clears its audio: cleared, never stopped."""
     async with Simulator(event_gap=0.02, auto_answer_text="word " * 30) as sim:

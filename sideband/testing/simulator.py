@@ -773,9 +773,9 @@ class SimCall:
         self._grace_done = False
         self._audio_ms = 0
         self._assistant_audio = False
-        self._playing: str | None = None  # the response whose audio plays after its response.done
+        self._audio_response: str | None = None  # whose audio started and has not stopped or cleared
+        self._playback: asyncio.Task[None] | None = None  # its playing out, after its response.done
         self._playback_cut: asyncio.Event | None = None
-        self._cleared: set[str] = set()  # responses whose audio the controller cleared
         self._pending_transcript: dict[str, Any] | None = None  # the caller's, completing mid-answer
         self._response_count = 0
         self._awaiting_ids: list[str] = []
@@ -1106,12 +1106,10 @@ class SimCall:
             case "conversation.item.retrieve" | "conversation.item.delete" | "conversation.item.truncate":
                 await self._on_item_op(etype, event, event_id)
             case "output_audio_buffer.clear":
-                cleared = self._active_response or self._playing
-                if cleared is not None:
-                    self._cleared.add(cleared)
-                if self._playback_cut is not None:
+                cleared, self._audio_response = self._audio_response, None  # (no stopped for it now)
+                if cleared is not None and self._playback_cut is not None:
                     self._playback_cut.set()
-                await self._send("output_audio_buffer.cleared", response_id=cleared)
+                await self._send("output_audio_buffer.cleared", response_id=cleared or self._active_response)
             case "input_audio_buffer.append":
                 pass  # media reaches the call by SIP/WebRTC; appended audio is ignored here
             case "input_audio_buffer.commit":
@@ -1546,8 +1544,10 @@ class SimCall:
                 part_type, key = ("audio", "transcript") if audio else ("text", "text")
                 await send("response.content_part.added", **where, part={"type": part_type, key: ""})
                 if audio:
+                    await self._stop_playback()  # (one voice at a time: what still played is over)
                     await send("output_audio_buffer.started", response_id=response_id)
                     buffer_started, audio_started = True, time.monotonic()
+                    self._audio_response = response_id
                     self._assistant_audio = True
                 delta_type = (
                     "response.output_audio_transcript.delta" if audio else "response.output_text.delta"
@@ -1590,7 +1590,6 @@ class SimCall:
                 await announce_calls()
 
             final_status = status if self._cancel_reason is None else "cancelled"
-            interrupted = self._cancel_reason == "turn_detected"
             call_item_status = "completed" if final_status == "completed" else "incomplete"
             for spec, item_id, call_id, index in call_states:
                 where = {
@@ -1629,6 +1628,7 @@ class SimCall:
                 )
                 outputs.append(done_call)
             details: dict[str, Any] | None = None
+            interrupted = self._cancel_reason == "turn_detected"
             if self._cancel_reason is not None:
                 details = {"type": "cancelled", "reason": self._cancel_reason}
             elif status == "cancelled":
@@ -1671,8 +1671,17 @@ class SimCall:
         deferred, self._deferred = self._deferred, []
         for previous_id, item in deferred:
             await self._ack_item(previous_id, item)
-        if buffer_started:
-            await self._play_out(response_id, audio_started, len(spoken), interrupted=interrupted)
+        if buffer_started and self._audio_response == response_id:  # (not cleared by the controller)
+            if interrupted:  # the caller cut in: the rest of the model's audio is dropped
+                self._audio_response = None
+                await send("output_audio_buffer.cleared", response_id=response_id)
+            elif self._sim.playback_rate:  # heard after the response, which is over: not under its lock
+                remaining = audio_started + len(spoken) / self._sim.playback_rate - time.monotonic()
+                self._playback = task = self._sim._spawn(self._play_out(response_id, remaining))
+                self._response_tasks.add(task)
+                task.add_done_callback(self._response_tasks.discard)
+            else:
+                await self._play_out(response_id, 0.0)
         if self._response_count % 2 == 1:  # irregular on purpose: never rely on it
             await self._send_now(  # right after: the response's step is over once this is out
                 "rate_limits.updated",
@@ -1689,29 +1698,37 @@ class SimCall:
 
     # ------------------------------------------------------------------------------------ the script
 
-    async def _play_out(self, response_id: str, started: float, chars: int, *, interrupted: bool) -> None:
-        """The caller hears the response's audio to its end: ``output_audio_buffer.stopped`` once it has
-        played (``playback_rate`` characters a second after it started; at once without one), or
-        ``output_audio_buffer.cleared`` when the caller cut in. Nothing more once the controller cleared
-        it (its ``cleared`` is out) or the call ended."""
-        if interrupted:
-            await self._send("output_audio_buffer.cleared", response_id=response_id)
-            return
-        rate = self._sim.playback_rate
-        remaining = started + chars / rate - time.monotonic() if rate else 0.0
-        if remaining > 0 and response_id not in self._cleared:
+    async def _play_out(self, response_id: str, remaining: float) -> None:
+        """The caller hears the rest of the response's audio (``remaining`` seconds; with a
+        ``playback_rate`` this runs after the response, on its own), then ``output_audio_buffer.stopped``.
+        Cut short by a newer response's audio or a caller who speaks (stopped at once), or by the
+        controller's clear (its ``cleared`` is out: nothing more)."""
+        if remaining > 0:
             cut = self._playback_cut = asyncio.Event()
-            self._playing = response_id
             try:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await cut.wait()
             finally:
-                self._playing = self._playback_cut = None
-        if response_id in self._cleared:
-            self._cleared.discard(response_id)
-            return
-        await self._send("output_audio_buffer.stopped", response_id=response_id)
+                self._playback_cut = None
+        if self._audio_response == response_id:
+            self._audio_response = None
+            await self._send("output_audio_buffer.stopped", response_id=response_id)
+
+    async def _stop_playback(self) -> None:
+        """Let the audio still playing end now (its stopped goes out), before anything else is heard."""
+        task = self._playback
+        if task is not None and not task.done():
+            if self._playback_cut is not None:
+                self._playback_cut.set()
+            await asyncio.wait({task})
+        self._playback = None
+
+    async def _hear_out(self) -> None:
+        """A caller waits for the model to finish speaking before saying something."""
+        task = self._playback
+        if task is not None and not task.done():
+            await asyncio.wait({task})
 
     async def _run_script(self) -> None:
         script = self.script
@@ -1847,6 +1864,7 @@ class SimCall:
 
     async def _caller_says(self, text: str, limit: float) -> None:
         await self._wait_ready(limit)
+        await self._hear_out()
         self._set_phase("emitting")
         assert self.session is not None
         item_id = self._sim._new_id("item_")
@@ -1861,13 +1879,6 @@ class SimCall:
             and turn.get("interrupt_response", True)
         ):
             self._cancel_reason = "turn_detected"  # barge-in: the server cuts the model off
-        playing = self._playing
-        if playing is not None and isinstance(turn, dict) and turn.get("interrupt_response", True):
-            # The model's last words still play: the caller cutting in clears them.
-            self._cleared.add(playing)
-            if self._playback_cut is not None:
-                self._playback_cut.set()
-            await self._send("output_audio_buffer.cleared", response_id=playing)
         transcribes = _transcribes(self.session)
         if transcribes:  # the words are transcribed as they are spoken: before the item exists
             for chunk in _chunks(text, 4):
@@ -1946,9 +1957,11 @@ class Simulator:
     ``playback_rate`` is how fast the caller hears the model, in characters of its transcript a second
     (about 15 for real speech): ``output_audio_buffer.stopped`` goes out once a spoken response has played,
     after its ``response.done``, as on the real service, so a controller that hangs up on ``response.done``
-    cuts its own goodbye short. By default (None) it has played as soon as it is sent. A caller cutting in
-    clears the model's audio (``output_audio_buffer.cleared``, no ``stopped``), as does the controller's
-    ``output_audio_buffer.clear``.
+    cuts its own goodbye short. By default (None) it has played as soon as it is sent. One voice at a
+    time: a newer response's audio ends what still plays (its ``stopped`` first), and a scripted caller
+    hears the model out before speaking. A caller cutting in while a response streams clears the model's
+    audio (``output_audio_buffer.cleared``, no ``stopped``), as does the controller's
+    ``output_audio_buffer.clear`` once the audio has started.
     """
 
     def __init__(
