@@ -482,6 +482,30 @@ def test_a_caller_transcript_completing_late_is_no_second_turn_for_the_loop_brea
     assert not notices(m.receive(response_done("r9")), "tool.loop_breaker")
 
 
+def test_a_late_transcript_of_an_earlier_utterance_is_no_new_turn() -> None:
+    m = machine(max_identical_calls=2)
+    m.start()
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "item_a"})
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "item_b"})  # spoke again
+    breaks = []
+    for n in range(3):
+        m.receive({"type": "response.created", "response": {"id": f"r{n}"}})
+        feed(m, call_events(f"c{n}", "same", "{}", resp=f"r{n}"))
+        actions = m.receive(response_done(f"r{n}"))
+        breaks += notices(actions, "tool.loop_breaker")
+        if any(isinstance(a, RunTool) for a in actions):
+            m.tool_done(f"c{n}", "x")
+        if n == 0:  # the first utterance's transcript completes late, within item_b's turn
+            m.receive(
+                {
+                    "type": "conversation.item.input_audio_transcription.completed",
+                    "item_id": "item_a",
+                    "transcript": "Check my order.",
+                }
+            )
+    assert len(breaks) == 1  # the third identical call of item_b's turn
+
+
 def test_a_new_caller_turn_gets_its_tools_back_after_a_loop_breaker() -> None:
     m = machine(max_tool_calls=1)
     m.start()

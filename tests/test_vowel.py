@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import base64
+import contextlib
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -466,7 +469,8 @@ async def test_the_engine_limits_end_the_session_with_our_goodbye_first(
     limit or the engine's defaults apply."""
     async with EngineSession.open(settings_for(vowel, max_call_duration=3600.0), app) as session:
         config = session.runtime.machine.config
-        assert (config.max_call_duration, config.max_idle_duration) == (30 * 60 - 5, 30.0)
+        # (5 s, and end_cap's 5 s for the tools' outputs, before the engine's 30 minutes)
+        assert (config.max_call_duration, config.max_idle_duration) == (30 * 60 - 10, 30.0)
     vowel.max_call_duration, vowel.max_idle_duration, vowel.claim_limits = 1.0, 3600.0, True
     session = EngineSession.open(settings_for(vowel), app)
     async with session:
@@ -668,6 +672,60 @@ async def test_a_cancelled_turn_ends_the_session(vowel: VowelSimulator, app: Sid
     assert not any("next please" in json.dumps(e) for e in texts)  # the next turn never went out
 
 
+async def test_a_turn_cancelled_once_its_reply_came_leaves_the_session_live(
+    vowel: VowelSimulator, app: Sideband, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel lands after the reply did (before say() resumed): no reply is left to come, the
+    session carries on."""
+    turns: list[asyncio.Task[Any]] = []
+    answer = EngineSession._on_response
+
+    async def then_cancel(self: EngineSession, *args: Any) -> None:
+        await answer(self, *args)
+        if self._turn is not None and self._turn.future.done():
+            turns[0].cancel()
+
+    monkeypatch.setattr(EngineSession, "_on_response", then_cancel)
+    vowel.script([when("first", reply="First."), when("second", reply="Second.")])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        turns.append(asyncio.create_task(session.say("first")))
+        with pytest.raises(asyncio.CancelledError):
+            await turns[0]
+        assert session.live
+        monkeypatch.setattr(EngineSession, "_on_response", answer)
+        assert (await session.say("second")).text == "Second."
+
+
+async def test_an_owner_cancelled_mid_turn_ends_the_session_as_cancelled(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """Not ``reply_cancelled``: the whole session was cancelled with its owner (a shutdown)."""
+    started = asyncio.Event()
+
+    @app.tool(timeout=30)
+    async def wait_a_bit() -> str:
+        """Takes its time."""
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    vowel.script([when("wait", calls=[("wait_a_bit", {})], reply="ok")])
+    holder: list[EngineSession] = []
+
+    async def owner() -> None:
+        async with EngineSession.open(settings_for(vowel), app) as session:
+            holder.append(session)
+            await session.say("wait for it")
+
+    task = asyncio.create_task(owner())
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (session,) = holder
+    assert (session.end_reason, session.end_message) == ("shutdown", "the session was cancelled")
+
+
 async def test_cancelling_the_owner_cancels_the_session(vowel: VowelSimulator, app: Sideband) -> None:
     opened = asyncio.Event()
     holder: list[EngineSession] = []
@@ -836,15 +894,45 @@ async def test_a_reply_keeps_every_line_even_a_repeated_one(vowel: VowelSimulato
     assert reply.lines == ("One moment.", "One moment.")
 
 
-async def test_streamed_audio_keeps_the_session_from_idling(
+def speech(ms: int, amplitude: int = 8000) -> bytes:
+    """``ms`` of a 220 Hz tone, PCM16 LE mono 24 kHz: audio the engine would take for speech."""
+    samples = array.array(
+        "h", (round(amplitude * math.sin(2 * math.pi * 220 * n / 24000)) for n in range(24 * ms))
+    )
+    if sys.byteorder == "big":
+        samples.byteswap()
+    return samples.tobytes()
+
+
+async def test_streamed_speech_keeps_the_session_from_idling_and_silence_does_not(
     vowel: VowelSimulator, app: Sideband, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     active: list[int] = []
     monkeypatch.setattr(CallRuntime, "caller_active", lambda self: active.append(1))
     async with EngineSession.open(settings_for(vowel), app) as session:
-        await session.send_audio(bytes(4800))  # 100 ms of PCM16 at 24 kHz
-        await session.send_audio(bytes(4800))
+        await session.send_audio(speech(100))  # 100 ms of PCM16 at 24 kHz
+        await session.send_audio(speech(100))
+        await session.send_audio(bytes(4800))  # silence
+        await session.send_audio(speech(100, amplitude=300))  # line noise
     assert len(active) == 2
+
+
+async def test_a_caller_who_spoke_then_streams_silence_gets_our_goodbye_before_the_engine_cuts(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """The engine's idle clock runs from the last speech: ours too, so our goodbye comes first."""
+    vowel.max_idle_duration, vowel.claim_limits = 1.0, True  # the token claims 1 s: ours fires at 0.9 s
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        await session.send_audio(speech(100))
+        assert (await session.say("hello")).text
+        closed = asyncio.ensure_future(session.wait_closed(5))
+        while not closed.done():  # a caller on hold: 100 ms of silence every 50 ms until the end
+            with contextlib.suppress(EngineError):
+                await session.send_audio(bytes(4800))
+            await asyncio.wait({closed}, timeout=0.05)
+        assert await closed == "idle_timeout"
+    engine = vowel.sessions[0]
+    assert engine.end_reason != "max_idle_duration_exceeded" and engine.responses[-1].instructions
 
 
 async def test_the_engine_counts_idle_time_from_speech_not_from_silence(

@@ -249,7 +249,7 @@ class CallMachine:
         "_session_id",
         "_session_ready",
         "_started",
-        "_turn_item",
+        "_turn_items",
         "_unacked",
         "_updated",
         "_want_response",
@@ -280,7 +280,7 @@ class CallMachine:
         self._retry: tuple[tuple[dict[str, Any], str | None], ...] = ()
         self._want_response = False
         self._without_tools = False  # the next plain create follows a loop breaker: no tools in it
-        self._turn_item: object = None  # the caller's input item whose speech began the current turn
+        self._turn_items: tuple[object, ...] = ()  # the caller's last input items whose speech began a turn
         self._filler_spoken = False
         self._queued_say: list[str] = []
         self._playing = False
@@ -819,9 +819,9 @@ class CallMachine:
     def _on_caller_transcript(self, event: dict[str, Any]) -> list[Action]:
         text = event.get("transcript")
         item = event.get("item_id")
-        # The transcript of speech whose start began this turn (it often completes while the model
-        # answers, or after): the same turn, not a new one.
-        same_turn = item is not None and item == self._turn_item
+        # The transcript of speech whose start began a turn (it often completes while the model answers,
+        # or after the caller spoke again): that turn, not a new one.
+        same_turn = item is not None and item in self._turn_items
         actions = self._touch_idle() if same_turn else self._caller_turn()
         if isinstance(text, str) and text.strip():
             actions.append(Notice("transcript", {"role": "caller", "text": text.strip()}))
@@ -844,7 +844,9 @@ class CallMachine:
         return [Notice("transcript", {"role": "agent", "text": text.strip()})]
 
     def _on_caller_activity(self, event: dict[str, Any]) -> list[Action]:
-        self._turn_item = event.get("item_id")
+        item = event.get("item_id")
+        if item is not None:
+            self._turn_items = (*self._turn_items[-3:], item)
         return self._caller_turn()
 
     def _on_dtmf(self, event: dict[str, Any]) -> list[Action]:

@@ -779,7 +779,7 @@ class VowelSimulator:
             return
         session.audio_chunks.append(len(chunk))
         session.audio.extend(chunk)
-        if chunk.strip(b"\x00"):  # idle time counts from the last speech: silence is none
+        if _speech(chunk):  # idle time counts from the last speech: silence and line noise are none
             session.last_speech = self.now()
 
     # ------------------------------------------------------------------------------ responses
@@ -963,3 +963,10 @@ class VowelSimulator:
         if status == "incomplete":
             body["status_details"] = {"type": "incomplete", "reason": "tool_calls"}
         await self._send(session, {"type": "response.done", "response": body})
+
+
+def _speech(pcm16: bytes) -> bool:
+    """Whether PCM16 LE audio holds speech, as the engine's detector would say: a peak above about
+    -36 dBFS (500 of 32767); silence and line noise stay below it."""
+    samples = memoryview(pcm16[: len(pcm16) - len(pcm16) % 2]).cast("h")
+    return len(samples) > 0 and (max(samples) > 500 or min(samples) < -500)

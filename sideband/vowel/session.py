@@ -13,9 +13,11 @@ and never logged.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import base64
 import secrets
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -73,9 +75,12 @@ ENGINE_CALL_LIMIT = 30 * 60.0
 ENGINE_IDLE_LIMIT = 10 * 60.0
 """The engine's idle limit when the token carries no ``maxIdleDurationMs`` claim (seconds)."""
 _LIMIT_MARGIN = 5.0
-"""Our timers fire this much (at most a tenth of the limit) before the engine's: it checks its limits only
-when a message arrives, so our goodbye's ``response.create`` must reach it in time, and its clock may
-have started before ours."""
+"""Our timers fire this much plus ``end_cap`` (at most a tenth of the limit) before the engine's: it checks
+its limits only when a message arrives, so the outputs of tools still running and our goodbye's
+``response.create`` must reach it in time, and its clock may have started before ours."""
+SPEECH_PEAK = 500
+"""Streamed audio counts as the caller's activity when a sample rises above this (of 32767, about
+-36 dBFS): line noise and silence stay below it, speech does not."""
 _ENGINE_LIMITS = frozenset({"max_call_duration_exceeded", "max_idle_duration_exceeded"})
 
 
@@ -179,6 +184,10 @@ class EngineSession:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
         if exc_type is not None:
+            if issubclass(exc_type, asyncio.CancelledError) and self.end_reason == "reply_cancelled":
+                # The say() was cancelled with its owner (a shutdown): the session is cancelled, not
+                # a turn given up on.
+                self.end_reason = self.end_message = None
             await self.abort()  # the body failed, or was cancelled: do not wait for the engine
         else:
             await self.close()
@@ -299,11 +308,11 @@ class EngineSession:
             goodbye_instructions=app.goodbye_instructions,
             max_call_duration=_tightest(
                 app.max_call_duration or settings.max_call_duration,
-                _before(token.max_call_duration or ENGINE_CALL_LIMIT),
+                _before(token.max_call_duration or ENGINE_CALL_LIMIT, self.end_cap),
             ),
             max_idle_duration=_tightest(
                 app.max_idle_duration or settings.max_idle_duration,
-                _before(token.max_idle_duration or ENGINE_IDLE_LIMIT),
+                _before(token.max_idle_duration or ENGINE_IDLE_LIMIT, self.end_cap),
             ),
             end_cap=self.end_cap,
             max_tool_calls=app.max_tool_calls,
@@ -362,9 +371,10 @@ class EngineSession:
                 self._set_end("reply_timeout", message)
                 raise EngineError("reply_timeout", message) from None
             except asyncio.CancelledError:
-                # The turn is out and its reply still to come: the next turn would take it for its
-                # own. Over, as after a reply_timeout.
-                self._set_end("reply_cancelled", "a say() was cancelled before its reply came")
+                if future.cancelled() or not future.done():  # (cancelling the task cancels the future)
+                    # The turn is out and its reply still to come: the next turn would take it for its
+                    # own. Over, as after a reply_timeout.
+                    self._set_end("reply_cancelled", "a say() was cancelled before its reply came")
                 raise
             finally:
                 self._turn = None
@@ -374,7 +384,8 @@ class EngineSession:
         """Send caller audio: PCM16 LE mono 24 kHz. Sent as ``input_audio_buffer.append`` chunks of at
         least 2048 bytes; a smaller remainder waits for the next call (or :meth:`flush_audio`)."""
         await self._ready()
-        self.runtime.caller_active()  # a backend streaming the caller's audio is not idle
+        if _sounds(pcm16):  # the engine counts idle time from speech: streamed silence is not activity
+            self.runtime.caller_active()
         self._audio.extend(pcm16)
         while len(self._audio) >= MIN_AUDIO_CHUNK:
             size = min(len(self._audio), MAX_AUDIO_CHUNK)
@@ -520,9 +531,17 @@ class EngineSession:
         )
 
 
-def _before(engine_limit: float) -> float:
+def _before(engine_limit: float, end_cap: float) -> float:
     """Our timer for one of the engine's limits: a little before it (see :data:`_LIMIT_MARGIN`)."""
-    return engine_limit - min(_LIMIT_MARGIN, engine_limit / 10)
+    return engine_limit - min(end_cap + _LIMIT_MARGIN, engine_limit / 10)
+
+
+def _sounds(pcm16: bytes) -> bool:
+    """Whether PCM16 LE audio rises above near-silence (:data:`SPEECH_PEAK`)."""
+    samples = array.array("h", pcm16[: len(pcm16) - len(pcm16) % 2])
+    if sys.byteorder == "big":  # pragma: no cover - little-endian machines
+        samples.byteswap()
+    return bool(samples) and (max(samples) > SPEECH_PEAK or min(samples) < -SPEECH_PEAK)
 
 
 def _tightest(*values: float | None) -> float | None:
