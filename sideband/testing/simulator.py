@@ -1701,8 +1701,8 @@ class SimCall:
     async def _play_out(self, response_id: str, remaining: float) -> None:
         """The caller hears the rest of the response's audio (``remaining`` seconds; with a
         ``playback_rate`` this runs after the response, on its own), then ``output_audio_buffer.stopped``.
-        Cut short by a newer response's audio or a caller who speaks (stopped at once), or by the
-        controller's clear (its ``cleared`` is out: nothing more)."""
+        Cut short by a newer response's audio (stopped at once), or by the controller's clear (its
+        ``cleared`` is out: nothing more)."""
         if remaining > 0:
             cut = self._playback_cut = asyncio.Event()
             try:
