@@ -445,65 +445,56 @@ def test_audio_a_backend_streams_is_no_new_caller_turn_for_the_loop_breaker() ->
     assert len(breaks) == 2
 
 
-def test_a_caller_transcript_completing_late_is_no_second_turn_for_the_loop_breaker() -> None:
-    """The caller's words are transcribed while the model answers, or after: their transcript is the
-    turn their speech began, and does not reset the count of identical calls in it."""
+def identical_calls_with_a_late_transcript(
+    spoken: list[str], late: str
+) -> tuple[CallMachine, int, list[Action]]:
+    """The caller starts speaking (``spoken`` items, in order), then the model calls the same tool three
+    times; the transcript of ``late`` completes after the first call ran. Returns the machine, the loop
+    breaker's refusals and what the transcript produced."""
     m = machine(max_identical_calls=2)
     m.start()
-    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "item_u1"})
-    breaks = []
+    for item in spoken:
+        m.receive({"type": "input_audio_buffer.speech_started", "item_id": item})
+    breaks, transcript = 0, []
     for n in range(3):
         m.receive({"type": "response.created", "response": {"id": f"r{n}"}})
         feed(m, call_events(f"c{n}", "same", "{}", resp=f"r{n}"))
         actions = m.receive(response_done(f"r{n}"))
-        breaks += notices(actions, "tool.loop_breaker")
+        breaks += len(notices(actions, "tool.loop_breaker"))
         if any(isinstance(a, RunTool) for a in actions):
             m.tool_done(f"c{n}", "x")
-        if n == 0:  # the transcript of the turn's speech, after the first call ran
-            done = m.receive(
+        if n == 0:
+            transcript = m.receive(
                 {
                     "type": "conversation.item.input_audio_transcription.completed",
-                    "item_id": "item_u1",
+                    "item_id": late,
                     "transcript": "Check it again and again.",
                 }
             )
-            assert notices(done, "transcript") == [{"role": "caller", "text": "Check it again and again."}]
-    assert len(breaks) == 1  # the third identical call of the turn
+    return m, breaks, transcript
+
+
+@pytest.mark.parametrize(
+    "spoken", [["item_a"], ["item_a", "item_b"]], ids=["its-own-turn", "an-earlier-utterance"]
+)
+def test_a_caller_transcript_completing_late_is_no_new_turn_for_the_loop_breaker(spoken: list[str]) -> None:
+    """The caller's words are transcribed while the model answers, or after (even after the caller spoke
+    again): their transcript is the turn their speech began, and does not reset the count of identical
+    calls in the current one."""
+    m, breaks, transcript = identical_calls_with_a_late_transcript(spoken, "item_a")
+    assert notices(transcript, "transcript") == [{"role": "caller", "text": "Check it again and again."}]
+    assert breaks == 1  # the third identical call of the turn
     # A transcript with no speech start of its own (another item) is a turn of its own.
     m.receive(
         {
             "type": "conversation.item.input_audio_transcription.completed",
-            "item_id": "item_u2",
+            "item_id": "item_z",
             "transcript": "Hi",
         }
     )
     m.receive({"type": "response.created", "response": {"id": "r9"}})
     feed(m, call_events("c9", "same", "{}", resp="r9"))
     assert not notices(m.receive(response_done("r9")), "tool.loop_breaker")
-
-
-def test_a_late_transcript_of_an_earlier_utterance_is_no_new_turn() -> None:
-    m = machine(max_identical_calls=2)
-    m.start()
-    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "item_a"})
-    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "item_b"})  # spoke again
-    breaks = []
-    for n in range(3):
-        m.receive({"type": "response.created", "response": {"id": f"r{n}"}})
-        feed(m, call_events(f"c{n}", "same", "{}", resp=f"r{n}"))
-        actions = m.receive(response_done(f"r{n}"))
-        breaks += notices(actions, "tool.loop_breaker")
-        if any(isinstance(a, RunTool) for a in actions):
-            m.tool_done(f"c{n}", "x")
-        if n == 0:  # the first utterance's transcript completes late, within item_b's turn
-            m.receive(
-                {
-                    "type": "conversation.item.input_audio_transcription.completed",
-                    "item_id": "item_a",
-                    "transcript": "Check my order.",
-                }
-            )
-    assert len(breaks) == 1  # the third identical call of item_b's turn
 
 
 def test_a_new_caller_turn_gets_its_tools_back_after_a_loop_breaker() -> None:
