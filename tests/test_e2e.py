@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver
 from aiohttp.test_utils import TestServer
 
-from sideband import Accept, IncomingCall, Refer, Reject
+from sideband import Accept, CallContext, IncomingCall, Refer, Reject
 from sideband.testing import (
     Script,
     Simulator,
@@ -766,6 +766,51 @@ async def test_no_task_or_socket_left_behind(stack: Stack) -> None:
         assert runtime._ws is None or runtime._ws.state.name == "CLOSED"
         assert not runtime._tool_tasks and not runtime._side_tasks
         assert not runtime._deadlines and runtime._alarm is None
+
+
+async def test_a_tool_slower_than_the_idle_limit_is_waited_for_and_the_caller_hears_its_answer() -> None:
+    """The caller waits for a slow lookup, and listens to its answer: not idle. Their silence counts once
+    the model has finished speaking, and only then does the idle limit end the call."""
+    app = make_app()
+
+    @app.tool(filler_after=None)
+    async def slow_lookup(ctx: CallContext) -> str:
+        """Takes a while."""
+        await asyncio.sleep(0.8)
+        return "found it"
+
+    async with (
+        Simulator(playback_rate=100.0) as sim,
+        run_app(app, sim, **{**TEST_SETTINGS, "max_idle_duration": 0.4}) as stack,
+    ):
+        answer = "I found your order, it ships tomorrow morning."  # about 0.5 s of speech
+        call = await run_call(
+            stack,
+            Script(
+                [GREETING, caller_says("Find my order."), model_calls("slow_lookup", {}), model_says(answer)]
+            ),
+        )
+        await call.wait_ended(timeout=10)
+        assert call.script_error is None  # the answer was spoken: the limit did not cut the wait short
+        assert call.end_reason == "hangup_verb" and (await stack.ended(call)).reason == "idle_timeout"
+        said = [r for r in call.responses if r.text]
+        assert (
+            said[-2].text == answer and "goodbye" in (said[-1].request or {}).get("instructions", "").lower()
+        )
+        answered = next(
+            i for i, e in enumerate(call.sent) if e.get("response", {}).get("id") == said[-2].response_id
+        )
+        heard = next(
+            i
+            for i, e in enumerate(call.sent)
+            if e["type"] == "output_audio_buffer.stopped" and e["response_id"] == said[-2].response_id
+        )
+        goodbye = next(
+            i
+            for i, e in enumerate(call.sent)
+            if e["type"] == "response.created" and e["response"]["id"] == said[-1].response_id
+        )
+        assert answered < heard < goodbye  # the goodbye came after the answer had been heard
 
 
 async def test_tool_round_over_permessage_deflate() -> None:

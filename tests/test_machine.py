@@ -949,6 +949,27 @@ def test_once_the_end_verb_is_out_no_tool_starts_and_no_output_goes() -> None:
     assert isinstance(m.verb_done(True)[-1], Close)
 
 
+def test_the_line_is_not_idle_while_the_model_speaks_or_a_tool_works() -> None:
+    """The idle clock counts the caller's silence once the model has had its say: it starts again at the
+    end of each response and of its playback, and a limit that comes due meanwhile waits its turn."""
+    m = machine(max_idle_duration=10)
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "slow", "{}", resp="r1"))
+    actions = m.receive(response_done("r1"))
+    assert StartTimer("idle", 10) in actions and any(isinstance(a, RunTool) for a in actions)
+    assert m.timer("idle") == [StartTimer("idle", 10)]  # the tool still works for the caller
+    m.tool_done("c1", "x")  # its output, then our response.create
+    assert m.timer("idle") == [StartTimer("idle", 10)]  # the answer is on its way
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r2"})
+    assert StartTimer("idle", 10) in m.receive(response_done("r2"))
+    assert m.timer("idle") == [StartTimer("idle", 10)]  # still heard
+    assert m.receive({"type": "output_audio_buffer.stopped", "response_id": "r2"}) == [StartTimer("idle", 10)]
+    ending = m.timer("idle")  # the caller said nothing since the model finished: idle
+    assert notices(ending, "call.limit") == [{"limit": "idle"}]
+
+
 def test_caller_activity_other_than_speech_restarts_the_idle_limit() -> None:
     m = machine(max_idle_duration=30.0)
     m.start()

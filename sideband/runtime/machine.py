@@ -507,6 +507,10 @@ class CallMachine:
         if name in (_IDLE, _MAX_DURATION) and self._end is not None:
             return []  # the call is ending already: no limit to report
         if name == _IDLE:
+            if self._busy or self._running or self._playing:
+                # The model speaks, or a tool works for the caller: the line is not idle. Its end
+                # starts the clock again (and so does this, should that end never come).
+                return self._touch_idle()
             return [Notice("call.limit", {"limit": "idle"}), *self.request_end("idle_timeout", goodbye=True)]
         if name == _MAX_DURATION:
             return [
@@ -722,7 +726,8 @@ class CallMachine:
                 {"response_id": response_id, "status": status, "tools_running": self._running},
             )
         )
-        return actions + self._progress()
+        # The model has had its say: the caller's silence counts from here (or from the end of playback).
+        return actions + self._touch_idle() + self._progress()
 
     def _on_arguments_done(self, event: dict[str, Any]) -> list[Action]:
         item = {
@@ -875,7 +880,7 @@ class CallMachine:
         if self._end is not None:
             self._end.heard = True
             self._end.held = False  # the last words were heard to their end: nothing more to wait for
-        return self._progress()
+        return self._touch_idle() + self._progress()
 
     def _on_error(self, event: dict[str, Any]) -> list[Action]:
         error = _obj(event.get("error"))
