@@ -970,6 +970,19 @@ def test_the_line_is_not_idle_while_the_model_speaks_or_a_tool_works() -> None:
     assert notices(ending, "call.limit") == [{"limit": "idle"}]
 
 
+def test_on_an_engine_that_counts_idle_from_speech_the_idle_limit_keeps_to_the_caller() -> None:
+    """The vowel engine ends a session whose caller has not spoken for its limit, whatever the model
+    does: our clock keeps to the caller's activity alone, so our goodbye comes first."""
+    m = machine(max_idle_duration=10, caps=ENGINE_CAPABILITIES)
+    m.start()
+    m.receive({"type": "session.created", "session": {"id": "s"}})
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "slow", "{}", resp="r1"))
+    actions = m.receive(response_done("r1", status="incomplete"))
+    assert StartTimer("idle", 10) not in actions and any(isinstance(a, RunTool) for a in actions)
+    assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
+
+
 def test_caller_activity_other_than_speech_restarts_the_idle_limit() -> None:
     m = machine(max_idle_duration=30.0)
     m.start()

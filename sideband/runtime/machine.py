@@ -135,6 +135,11 @@ class Capabilities:
     reused_call_ids: bool = False
     """A call id may come back in a later response as a new call (an engine passing on ids the model made
     up: ``call_1`` every turn), which waits for its output; otherwise a call id is run once, ever."""
+    idle_after_answers: bool = True
+    """The idle limit counts the caller's silence from the end of the model's last answer (and its
+    playback), and never runs out while the model speaks or a tool works; otherwise (vowel, whose engine
+    counts idle time from the caller's last speech and acts on it) from the caller's last activity alone,
+    to stay ahead of the engine's limit."""
     speaks_over_tools: bool = True
     """A ``response.create`` may go out while a tool's output is still due, to say something meanwhile
     (OpenAI); otherwise (vowel: the engine waits for every output of its tool turn) a ``say()`` waits for
@@ -507,7 +512,7 @@ class CallMachine:
         if name in (_IDLE, _MAX_DURATION) and self._end is not None:
             return []  # the call is ending already: no limit to report
         if name == _IDLE:
-            if self._busy or self._running or self._playing:
+            if self.caps.idle_after_answers and (self._busy or self._running or self._playing):
                 # The model speaks, or a tool works for the caller: the line is not idle. Its end
                 # starts the clock again (and so does this, should that end never come).
                 return self._touch_idle()
@@ -727,7 +732,7 @@ class CallMachine:
             )
         )
         # The model has had its say: the caller's silence counts from here (or from the end of playback).
-        return actions + self._touch_idle() + self._progress()
+        return actions + self._answered() + self._progress()
 
     def _on_arguments_done(self, event: dict[str, Any]) -> list[Action]:
         item = {
@@ -864,6 +869,10 @@ class CallMachine:
         self._last_signature, self._repeat, self._without_tools = None, 0, False
         return self._touch_idle()
 
+    def _answered(self) -> list[Action]:
+        """The model has had its say (a response, or its playback, is over): the caller's turn to speak."""
+        return self._touch_idle() if self.caps.idle_after_answers else []
+
     def _touch_idle(self) -> list[Action]:
         if self.config.max_idle_duration and self._end is None:
             return [StartTimer(_IDLE, self.config.max_idle_duration)]
@@ -880,7 +889,7 @@ class CallMachine:
         if self._end is not None:
             self._end.heard = True
             self._end.held = False  # the last words were heard to their end: nothing more to wait for
-        return self._touch_idle() + self._progress()
+        return self._answered() + self._progress()
 
     def _on_error(self, event: dict[str, Any]) -> list[Action]:
         error = _obj(event.get("error"))

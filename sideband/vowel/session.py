@@ -56,6 +56,7 @@ ENGINE_CAPABILITIES = Capabilities(
     nested_audio=False,
     reused_call_ids=True,
     speaks_over_tools=False,
+    idle_after_answers=False,
 )
 """What the vowel engine does, as the call machine sees it."""
 
