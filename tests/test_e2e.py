@@ -776,12 +776,12 @@ async def test_a_tool_slower_than_the_idle_limit_is_waited_for_and_the_caller_he
     @app.tool(filler_after=None)
     async def slow_lookup(ctx: CallContext) -> str:
         """Takes a while."""
-        await asyncio.sleep(0.8)
+        await asyncio.sleep(1.0)
         return "found it"
 
     async with (
         Simulator(playback_rate=100.0) as sim,
-        run_app(app, sim, **{**TEST_SETTINGS, "max_idle_duration": 0.4}) as stack,
+        run_app(app, sim, **{**TEST_SETTINGS, "max_idle_duration": 0.75}) as stack,
     ):
         answer = "I found your order, it ships tomorrow morning."  # about 0.5 s of speech
         call = await run_call(

@@ -960,13 +960,33 @@ def test_the_line_is_not_idle_while_the_model_speaks_or_a_tool_works() -> None:
     assert StartTimer("idle", 10) in actions and any(isinstance(a, RunTool) for a in actions)
     assert m.timer("idle") == [StartTimer("idle", 10)]  # the tool still works for the caller
     m.tool_done("c1", "x")  # its output, then our response.create
-    assert m.timer("idle") == [StartTimer("idle", 10)]  # the answer is on its way
     m.receive({"type": "response.created", "response": {"id": "r2"}})
     m.receive({"type": "output_audio_buffer.started", "response_id": "r2"})
     assert StartTimer("idle", 10) in m.receive(response_done("r2"))
     assert m.timer("idle") == [StartTimer("idle", 10)]  # still heard
     assert m.receive({"type": "output_audio_buffer.stopped", "response_id": "r2"}) == [StartTimer("idle", 10)]
     ending = m.timer("idle")  # the caller said nothing since the model finished: idle
+    assert notices(ending, "call.limit") == [{"limit": "idle"}]
+
+
+@pytest.mark.parametrize(
+    "stuck",
+    [
+        [{"type": "response.created", "response": {"id": "r1"}}, {"type": "output_audio_buffer.started"}],
+        [{"type": "response.create"}],  # (ours, refused by an error naming no event: never answered)
+    ],
+    ids=["playback-never-stopped", "create-never-answered"],
+)
+def test_the_idle_limit_waits_once_for_a_busy_line_then_is_the_backstop(stuck: list[dict[str, Any]]) -> None:
+    m = machine(max_idle_duration=10)
+    m.start()
+    for event in stuck:
+        if event["type"] == "response.create":
+            m.say("Anyone there?")
+        else:
+            m.receive(event)
+    assert m.timer("idle") == [StartTimer("idle", 10)]  # busy: it waits one more period
+    ending = m.timer("idle")  # still busy a full period later: stuck, and the call is idle
     assert notices(ending, "call.limit") == [{"limit": "idle"}]
 
 

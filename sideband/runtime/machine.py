@@ -238,6 +238,7 @@ class CallMachine:
         "_filler_spoken",
         "_greeted",
         "_held",
+        "_idle_waited",
         "_last_error",
         "_last_signature",
         "_live",
@@ -286,6 +287,7 @@ class CallMachine:
         self._want_response = False
         self._without_tools = False  # the next plain create follows a loop breaker: no tools in it
         self._turn_items: tuple[object, ...] = ()  # the caller's last input items whose speech began a turn
+        self._idle_waited = False  # the idle limit came due once while the model or a tool was busy
         self._filler_spoken = False
         self._queued_say: list[str] = []
         self._playing = False
@@ -512,10 +514,14 @@ class CallMachine:
         if name in (_IDLE, _MAX_DURATION) and self._end is not None:
             return []  # the call is ending already: no limit to report
         if name == _IDLE:
-            if self.caps.idle_after_answers and (self._busy or self._running or self._playing):
-                # The model speaks, or a tool works for the caller: the line is not idle. Its end
-                # starts the clock again (and so does this, should that end never come).
-                return self._touch_idle()
+            busy = self.response_owed or self._running or self._playing
+            period = self.config.max_idle_duration
+            if self.caps.idle_after_answers and busy and not self._idle_waited and period:
+                # The model speaks, or a tool works for the caller: the line is not idle, and the end of
+                # that starts the clock again. Once only: still at it a full period later, it is stuck (a
+                # playback whose end never came, a refused create), and the limit is the backstop.
+                self._idle_waited = True
+                return [StartTimer(_IDLE, period)]
             return [Notice("call.limit", {"limit": "idle"}), *self.request_end("idle_timeout", goodbye=True)]
         if name == _MAX_DURATION:
             return [
@@ -874,6 +880,7 @@ class CallMachine:
         return self._touch_idle() if self.caps.idle_after_answers else []
 
     def _touch_idle(self) -> list[Action]:
+        self._idle_waited = False
         if self.config.max_idle_duration and self._end is None:
             return [StartTimer(_IDLE, self.config.max_idle_duration)]
         return []
