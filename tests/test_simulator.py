@@ -563,6 +563,23 @@ async def test_a_create_while_the_model_is_still_heard_is_the_script_s_next_resp
     ]
 
 
+async def test_a_newer_response_s_audio_ends_the_playback_at_once(simulator: Simulator) -> None:
+    simulator.playback_rate = 2.0  # the first answer would play for 20 s
+    call = simulator.create_webrtc_call(
+        Script([model_says("This is forty characters of speech, ok."), model_says("Second.")])
+    )
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        seen = await recv_until(ws, "response.done")
+        seen += await recv_until(ws, "response.done", timeout=5)  # well before the first has played
+    first, second = (r.response_id for r in call.responses)
+    assert [(e["type"], e["response_id"]) for e in seen if e["type"].startswith("output_audio_buffer")] == [
+        ("output_audio_buffer.started", first),
+        ("output_audio_buffer.stopped", first),
+        ("output_audio_buffer.started", second),
+    ]
+
+
 async def test_a_scripted_caller_hears_the_model_out_before_speaking(simulator: Simulator) -> None:
     simulator.playback_rate = 100.0
     call = simulator.create_webrtc_call(
@@ -578,7 +595,7 @@ async def test_a_scripted_caller_hears_the_model_out_before_speaking(simulator: 
 
 async def test_a_clear_before_the_audio_starts_leaves_it_to_play() -> None:
     """Nothing plays yet when the clear comes: the audio that starts later still ends with its stopped."""
-    async with Simulator(event_gap=0.02) as sim:
+    async with Simulator(event_gap=0.1) as sim:  # 0.3 s from response.created to the audio's start
         call = sim.create_webrtc_call(Script([]))
         async with ws_connect(sim, call) as ws:
             await send(ws, {"type": "session.update", "session": {"type": "realtime"}})

@@ -917,6 +917,58 @@ async def test_streamed_speech_keeps_the_session_from_idling_and_silence_does_no
     assert len(active) == 2
 
 
+async def test_audio_split_at_any_byte_is_judged_by_whole_samples(
+    vowel: VowelSimulator, app: Sideband, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend forwarding a socket's reads (any byte count, any bytes-like type): near-silent line noise
+    split at an odd byte is still silence, and speech in a memoryview is still speech."""
+    active: list[int] = []
+    monkeypatch.setattr(CallRuntime, "caller_active", lambda self: active.append(1))
+    dither = array.array("h", (1 if n % 2 else -1 for n in range(4800)))  # +-1 LSB: about -90 dBFS
+    if sys.byteorder == "big":
+        dither.byteswap()
+    noise = dither.tobytes()
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        await session.send_audio(noise[:4801])  # one byte into a sample
+        await session.send_audio(noise[4801:])
+        assert active == []
+        await session.send_audio(memoryview(speech(100)))  # type: ignore[arg-type]
+    assert active == [1]
+
+
+async def test_a_turn_given_up_on_keeps_its_end_reason_when_the_owner_is_cancelled_later(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    started, closed = asyncio.Event(), asyncio.Event()
+
+    @app.tool(timeout=30)
+    async def wait_a_bit() -> str:
+        """Takes its time."""
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    vowel.script([when("wait", calls=[("wait_a_bit", {})], reply="ok")])
+    holder: list[EngineSession] = []
+
+    async def owner() -> None:
+        async with EngineSession.open(settings_for(vowel), app, end_cap=0.2) as session:
+            holder.append(session)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(session.say("wait for it"), 0.3)  # (a task of its own, cancelled)
+            await session.close()
+            closed.set()
+            await asyncio.Event().wait()  # other work; the owner is cancelled here
+
+    task = asyncio.create_task(owner())
+    await asyncio.wait_for(closed.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (session,) = holder
+    assert (session.end_reason, session.failed) == ("reply_cancelled", True)
+
+
 async def test_a_caller_who_spoke_then_streams_silence_gets_our_goodbye_before_the_engine_cuts(
     vowel: VowelSimulator, app: Sideband
 ) -> None:

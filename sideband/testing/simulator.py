@@ -1677,11 +1677,12 @@ class SimCall:
                 await send("output_audio_buffer.cleared", response_id=response_id)
             elif self._sim.playback_rate:  # heard after the response, which is over: not under its lock
                 remaining = audio_started + len(spoken) / self._sim.playback_rate - time.monotonic()
-                self._playback = task = self._sim._spawn(self._play_out(response_id, remaining))
+                cut = self._playback_cut = asyncio.Event()  # (before the task runs: it can be cut at once)
+                self._playback = task = self._sim._spawn(self._play_out(response_id, remaining, cut))
                 self._response_tasks.add(task)
                 task.add_done_callback(self._response_tasks.discard)
             else:
-                await self._play_out(response_id, 0.0)
+                await self._play_out(response_id, 0.0, None)
         if self._response_count % 2 == 1:  # irregular on purpose: never rely on it
             await self._send_now(  # right after: the response's step is over once this is out
                 "rate_limits.updated",
@@ -1698,19 +1699,19 @@ class SimCall:
 
     # ------------------------------------------------------------------------------------ the script
 
-    async def _play_out(self, response_id: str, remaining: float) -> None:
+    async def _play_out(self, response_id: str, remaining: float, cut: asyncio.Event | None) -> None:
         """The caller hears the rest of the response's audio (``remaining`` seconds; with a
         ``playback_rate`` this runs after the response, on its own), then ``output_audio_buffer.stopped``.
         Cut short by a newer response's audio (stopped at once), or by the controller's clear (its
         ``cleared`` is out: nothing more)."""
-        if remaining > 0:
-            cut = self._playback_cut = asyncio.Event()
+        if cut is not None:
             try:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await cut.wait()
             finally:
-                self._playback_cut = None
+                if self._playback_cut is cut:
+                    self._playback_cut = None
         if self._audio_response == response_id:
             self._audio_response = None
             await self._send("output_audio_buffer.stopped", response_id=response_id)

@@ -168,6 +168,7 @@ class EngineSession:
         self._runtime: CallRuntime | None = None
         self._task: asyncio.Task[str] | None = None
         self._turn: _Turn | None = None
+        self._cancelled_turn: asyncio.Task[Any] | None = None  # the task whose cancel ended a turn
         self._turn_lock = asyncio.Lock()
         self._audio = bytearray()
         self._started = False
@@ -185,9 +186,17 @@ class EngineSession:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
         if exc_type is not None:
-            if issubclass(exc_type, asyncio.CancelledError) and self.end_reason == "reply_cancelled":
-                # The say() was cancelled with its owner (a shutdown): the session is cancelled, not
-                # a turn given up on.
+            task = self._task
+            cancelled_turn = self._cancelled_turn
+            if (
+                issubclass(exc_type, asyncio.CancelledError)
+                and cancelled_turn is not None
+                and cancelled_turn is asyncio.current_task()
+                and task is not None
+                and not task.done()
+            ):
+                # This very cancellation cut the say() short (its owner is being cancelled, a
+                # shutdown): the session is cancelled, not a turn given up on.
                 self.end_reason = self.end_message = None
             await self.abort()  # the body failed, or was cancelled: do not wait for the engine
         else:
@@ -372,10 +381,11 @@ class EngineSession:
                 self._set_end("reply_timeout", message)
                 raise EngineError("reply_timeout", message) from None
             except asyncio.CancelledError:
-                if future.cancelled() or not future.done():  # (cancelling the task cancels the future)
+                if (future.cancelled() or not future.done()) and self.end_reason is None:
                     # The turn is out and its reply still to come: the next turn would take it for its
-                    # own. Over, as after a reply_timeout.
+                    # own. Over, as after a reply_timeout. (Cancelling the task cancels the future.)
                     self._set_end("reply_cancelled", "a say() was cancelled before its reply came")
+                    self._cancelled_turn = asyncio.current_task()
                 raise
             finally:
                 self._turn = None
@@ -385,9 +395,10 @@ class EngineSession:
         """Send caller audio: PCM16 LE mono 24 kHz. Sent as ``input_audio_buffer.append`` chunks of at
         least 2048 bytes; a smaller remainder waits for the next call (or :meth:`flush_audio`)."""
         await self._ready()
-        if _sounds(pcm16):  # the engine counts idle time from speech: streamed silence is not activity
-            self.runtime.caller_active()
+        start = len(self._audio) & ~1  # (the buffer holds whole samples from its start)
         self._audio.extend(pcm16)
+        if _sounds(self._audio[start:]):  # the engine counts idle from speech: silence is no activity
+            self.runtime.caller_active()
         while len(self._audio) >= MIN_AUDIO_CHUNK:
             size = min(len(self._audio), MAX_AUDIO_CHUNK)
             size -= size % 2
@@ -478,6 +489,7 @@ class EngineSession:
 
     async def abort(self) -> None:
         """End at once: cancel the runtime (its socket and tools) and await it."""
+        self._cancelled_turn = None  # (a task, which may hold this session through its frames)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -537,9 +549,11 @@ def _before(engine_limit: float, end_cap: float) -> float:
     return engine_limit - min(end_cap + _LIMIT_MARGIN, engine_limit / 10)
 
 
-def _sounds(pcm16: bytes) -> bool:
-    """Whether PCM16 LE audio rises above near-silence (:data:`SPEECH_PEAK`)."""
-    samples = array.array("h", pcm16[: len(pcm16) - len(pcm16) % 2])
+def _sounds(pcm16: bytearray) -> bool:
+    """Whether PCM16 LE audio (whole samples from its start) rises above near-silence
+    (:data:`SPEECH_PEAK`)."""
+    samples = array.array("h")
+    samples.frombytes(pcm16[: len(pcm16) & ~1])
     if sys.byteorder == "big":  # pragma: no cover - little-endian machines
         samples.byteswap()
     return bool(samples) and (max(samples) > SPEECH_PEAK or min(samples) < -SPEECH_PEAK)
