@@ -161,7 +161,8 @@ class Sideband:
         filler_instructions: What the model is told to say as a holding phrase.
         goodbye_instructions: What the model is told when a limit ends the call.
         max_call_duration: Seconds before goodbye and hangup (default ``SIDEBAND_MAX_CALL_SECONDS``).
-        max_idle_duration: Seconds without caller speech before goodbye and hangup.
+        max_idle_duration: Seconds of caller silence (no speech, transcript or keypad) after the model
+            last finished speaking before goodbye and hangup.
         max_tool_calls: Tool calls allowed in one call before the model is told to stop.
         max_identical_calls: Identical consecutive tool calls allowed before the model is told to stop.
         name: Shown in logs.
