@@ -74,6 +74,22 @@ def settings_for(sim: VowelSimulator, **overrides: Any) -> Settings:
     return load_settings(values, environ={})
 
 
+def a_tool_that_never_answers(app: Sideband, vowel: VowelSimulator, name: str, trigger: str) -> asyncio.Event:
+    """Give ``app`` a tool ``name`` that the model calls on ``trigger`` and that never answers; the event
+    is set once it runs."""
+    started = asyncio.Event()
+
+    async def never_answers() -> str:
+        """Never answers."""
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    app.tool(name=name, timeout=60)(never_answers)
+    vowel.script([when(trigger, calls=[(name, {})], reply="Done.")])
+    return started
+
+
 @pytest.fixture
 def app() -> Sideband:
     return make_app()
@@ -700,16 +716,7 @@ async def test_an_owner_cancelled_mid_turn_ends_the_session_as_cancelled(
     vowel: VowelSimulator, app: Sideband
 ) -> None:
     """Not ``reply_cancelled``: the whole session was cancelled with its owner (a shutdown)."""
-    started = asyncio.Event()
-
-    @app.tool(timeout=30)
-    async def wait_a_bit() -> str:
-        """Takes its time."""
-        started.set()
-        await asyncio.Event().wait()
-        return "never"
-
-    vowel.script([when("wait", calls=[("wait_a_bit", {})], reply="ok")])
+    started = a_tool_that_never_answers(app, vowel, "wait_a_bit", "wait")
     holder: list[EngineSession] = []
 
     async def owner() -> None:
@@ -843,16 +850,7 @@ async def test_vowel_demo_leg() -> None:
 async def test_an_exception_in_the_body_aborts_instead_of_closing(
     vowel: VowelSimulator, app: Sideband
 ) -> None:
-    started = asyncio.Event()
-
-    @app.tool(timeout=60)
-    async def hang() -> str:
-        """Never answers."""
-        started.set()
-        await asyncio.Event().wait()
-        return "never"
-
-    vowel.script([when("hang", calls=[("hang", {})], reply="Done.")])
+    started = a_tool_that_never_answers(app, vowel, "hang", "hang")
     session = EngineSession.open(settings_for(vowel), app)
     with pytest.raises(ValueError, match="user bug"):
         async with session:
@@ -936,19 +934,12 @@ async def test_audio_split_at_any_byte_is_judged_by_whole_samples(
     assert active == [1]
 
 
+@pytest.mark.parametrize("close_first", [True, False], ids=["closed", "still-open"])
 async def test_a_turn_given_up_on_keeps_its_end_reason_when_the_owner_is_cancelled_later(
-    vowel: VowelSimulator, app: Sideband
+    vowel: VowelSimulator, app: Sideband, close_first: bool
 ) -> None:
-    started, closed = asyncio.Event(), asyncio.Event()
-
-    @app.tool(timeout=30)
-    async def wait_a_bit() -> str:
-        """Takes its time."""
-        started.set()
-        await asyncio.Event().wait()
-        return "never"
-
-    vowel.script([when("wait", calls=[("wait_a_bit", {})], reply="ok")])
+    closed = asyncio.Event()
+    a_tool_that_never_answers(app, vowel, "wait_a_bit", "wait")
     holder: list[EngineSession] = []
 
     async def owner() -> None:
@@ -956,7 +947,8 @@ async def test_a_turn_given_up_on_keeps_its_end_reason_when_the_owner_is_cancell
             holder.append(session)
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(session.say("wait for it"), 0.3)  # (a task of its own, cancelled)
-            await session.close()
+            if close_first:
+                await session.close()
             closed.set()
             await asyncio.Event().wait()  # other work; the owner is cancelled here
 
