@@ -813,6 +813,42 @@ async def test_a_tool_slower_than_the_idle_limit_is_waited_for_and_the_caller_he
         assert answered < heard < goodbye  # the goodbye came after the answer had been heard
 
 
+async def test_a_socket_lost_while_the_caller_listens_does_not_cut_the_answer_short() -> None:
+    """The sideband drops just after the model's answer is done, while the caller still hears it: the
+    re-attached call knows the answer plays on, so the idle limit waits for its stop (which comes on the
+    new socket) instead of saying goodbye over the model's last words."""
+    async with (
+        Simulator(playback_rate=40.0) as sim,
+        run_app(make_app(), sim, **{**TEST_SETTINGS, "max_idle_duration": 1.0}) as stack,
+    ):
+        answer = "Your order left our warehouse this morning and arrives on Friday."  # about 1.6 s
+        call = await run_call(
+            stack, Script([GREETING, caller_says("Where is my order?"), model_says(answer)])
+        )
+        await call.wait_for(
+            lambda c: any(r.text == answer and r.status == "completed" for r in c.responses),
+            timeout=10,
+            what="the answer's response.done",
+        )
+        await sim.drop_sideband(call, "abnormal")
+        await call.wait_ended(timeout=10)
+        assert call.sideband_connects == 2
+        assert call.end_reason == "hangup_verb" and (await stack.ended(call)).reason == "idle_timeout"
+        said = [r for r in call.responses if r.text]
+        assert said[-2].text == answer
+        heard = next(
+            i
+            for i, e in enumerate(call.sent)
+            if e["type"] == "output_audio_buffer.stopped" and e["response_id"] == said[-2].response_id
+        )
+        goodbye = next(
+            i
+            for i, e in enumerate(call.sent)
+            if e["type"] == "response.created" and e["response"]["id"] == said[-1].response_id
+        )
+        assert heard < goodbye  # the answer was heard to its end before the goodbye began
+
+
 async def test_tool_round_over_permessage_deflate() -> None:
     """With ``SIDEBAND_WS_COMPRESSION`` the sideband negotiates deflate; every event still arrives whole."""
     async with (

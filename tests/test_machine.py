@@ -990,6 +990,40 @@ def test_the_idle_limit_waits_once_for_a_busy_line_then_is_the_backstop(stuck: l
     assert notices(ending, "call.limit") == [{"limit": "idle"}]
 
 
+def test_playback_under_way_at_a_reattach_still_keeps_the_line_busy() -> None:
+    """The socket is lost while the caller hears the model: the audio plays on, so an idle limit due
+    meanwhile waits, and an end asked for then waits for the stop, until the stop shows on the new
+    socket or the re-attach grace ends (the stop may have gone out while no socket was attached)."""
+
+    def playing() -> CallMachine:
+        m = machine(max_idle_duration=10)
+        m.start()
+        m.receive({"type": "session.updated", "session": {}})
+        m.receive({"type": "response.created", "response": {"id": "r1"}})
+        m.receive({"type": "output_audio_buffer.started", "response_id": "r1"})
+        m.receive(response_done("r1"))
+        assert StartTimer("orphans", 2.0) in m.reattached()
+        m.receive({"type": "session.updated", "session": {}})
+        return m
+
+    m = playing()
+    assert m.timer("idle") == [StartTimer("idle", 10)]  # the caller still hears the model
+    assert m.receive({"type": "output_audio_buffer.stopped", "response_id": "r1"}) == [StartTimer("idle", 10)]
+    assert m.timer("orphans") == []  # the stop showed: nothing left to settle
+    assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
+
+    m = playing()  # no stop on the new socket: the grace ends the playback, and the caller's turn begins
+    assert m.timer("orphans") == [StartTimer("idle", 10)]
+    assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
+
+    m = playing()  # a hangup asked for meanwhile waits for the stop, or for the grace
+    assert not [a for a in m.request_end("hangup") if isinstance(a, Verb)]
+    assert Verb("hangup", None) in m.receive({"type": "output_audio_buffer.stopped", "response_id": "r1"})
+    m = playing()
+    assert not [a for a in m.request_end("hangup") if isinstance(a, Verb)]
+    assert Verb("hangup", None) in m.timer("orphans")
+
+
 def test_on_an_engine_that_counts_idle_from_speech_the_idle_limit_keeps_to_the_caller() -> None:
     """The vowel engine ends a session whose caller has not spoken for its limit, whatever the model
     does: our clock keeps to the caller's activity alone, so our goodbye comes first."""

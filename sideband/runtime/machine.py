@@ -205,7 +205,6 @@ class _End:
     goodbye: str | None
     verb_sent: bool = False
     held: bool = False  # a re-attach happened meanwhile: the server's state shows itself first
-    heard: bool = False  # playback events arrived on the new socket while held
 
 
 def _json_text(value: Any) -> str:
@@ -243,6 +242,7 @@ class CallMachine:
         "_last_signature",
         "_live",
         "_orphans",
+        "_play_unsure",
         "_playing",
         "_queued_say",
         "_recent_creates",
@@ -291,6 +291,9 @@ class CallMachine:
         self._filler_spoken = False
         self._queued_say: list[str] = []
         self._playing = False
+        # the model's audio was playing when the socket was lost, and nothing on the new one has shown
+        # it since: it plays on until its stop shows, or the re-attach grace ends
+        self._play_unsure = False
         self._agent_lines: set[tuple[Any, Any, Any]] = set()
         self._greeted = False
         self._live = False  # our session.update went out (vowel: was confirmed); code may send now
@@ -394,6 +397,9 @@ class CallMachine:
         it (a dead connection swallows what is written to it), or their acknowledgement may still come: the
         server holds it back while a response runs. Those still unacknowledged after the same grace, at a
         moment no response runs, are sent again, once, and one ``response.create`` follows.
+
+        The model's audio that was playing when the socket was lost plays on, for the idle limit and for
+        the end's verb, until its stop shows on the new socket or the same grace ends.
         """
         self._response_active = False
         self._create_sent = self._created_for = None
@@ -404,18 +410,17 @@ class CallMachine:
             self._resend, self._orphans = (), ()  # the call is going: nothing more to say
         end = self._end
         ending = end is not None and not end.verb_sent
-        if not ending:
-            self._playing = False
+        # Playback that had started counts as playing (the line is not idle, the end's verb waits) until
+        # its stop arrives or the grace ends: the stop may have gone out while no socket was attached,
+        # and only playback heard on the new socket holds on longer.
+        self._play_unsure = self._playing
         actions = [*self._requeued(queued), *self._attached()]
         if end is not None and ending:
             # Our goodbye (or the model's last words) may be queued for the new socket or still running
             # on the server: its events show it within the grace; only then may the verb go (the end cap
-            # still holds). Playback that had started counts as playing until its stop arrives or the
-            # grace ends: the stop may have gone out while no socket was attached, and only playback heard
-            # on the new socket holds the verb longer.
+            # still holds).
             end.held = True
-            end.heard = False
-        if self._orphans or self._resend or ending:
+        if self._orphans or self._resend or ending or self._play_unsure:
             actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
         actions += self._progress()
         return actions
@@ -887,14 +892,12 @@ class CallMachine:
 
     def _on_playback_started(self, event: dict[str, Any]) -> list[Action]:
         self._playing = True
-        if self._end is not None:
-            self._end.heard = True
+        self._play_unsure = False
         return []
 
     def _on_playback_stopped(self, event: dict[str, Any]) -> list[Action]:
-        self._playing = False
+        self._playing = self._play_unsure = False
         if self._end is not None:
-            self._end.heard = True
             self._end.held = False  # the last words were heard to their end: nothing more to wait for
         return self._answered() + self._progress()
 
@@ -1029,14 +1032,17 @@ class CallMachine:
         our outputs still unacknowledged since then (see :meth:`reattached`). Nothing once the end's verb
         is out: the call is going."""
         end = self._end
-        if end is not None and end.held:
+        if end is not None:
             end.held = False
-            if not end.heard and not self._response_active:
+        actions: list[Action] = []
+        if self._play_unsure:
+            self._play_unsure = False
+            if not self._response_active:  # (a response that runs now brings playback events of its own)
                 self._playing = False  # its stop may have come while no socket was attached
+                actions += self._answered()
         if self._going:
             self._resend, self._orphans = (), ()
-            return []
-        actions: list[Action] = []
+            return actions
         if self._resend:
             if self._response_active:  # it may hold their acknowledgements: look again after it
                 actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
