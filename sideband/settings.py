@@ -134,6 +134,9 @@ class Settings(BaseSettings):
         value = value.strip().rstrip("/")
         if not value.startswith(("http://", "https://", "ws://", "wss://")):
             raise ValueError("must be an http(s):// or ws(s):// URL")
+        if "@" in value.partition("://")[2].partition("/")[0]:
+            # (it would be logged, and its Basic credentials would clash with our bearer key)
+            raise ValueError("must not carry a user or password (user:password@host)")
         return value
 
     @field_validator("openai_api_key", "vowel_api_key", "rtc_ticket_secret")

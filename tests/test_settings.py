@@ -269,6 +269,8 @@ def test_required_present_loads() -> None:
         ("OPENAI_BASE_URL", "ftp://api.openai.com"),
         ("OPENAI_BASE_URL", ""),
         ("SIDEBAND_VOWEL_CORE_URL", "core.example.com"),
+        ("OPENAI_BASE_URL", "https://user:s3cret@gateway.example.com/v1"),
+        ("SIDEBAND_VOWEL_ENGINE_URL", "wss://token@engine.example.com"),
         ("OPENAI_WEBHOOK_SECRET", "whsec_"),
         ("OPENAI_WEBHOOK_SECRET", "whsec_!!!not base64!!!"),
         ("OPENAI_WEBHOOK_SECRET", "whsec_abc$def"),
@@ -297,6 +299,12 @@ def test_malformed_secret_is_not_echoed() -> None:
     message = error_for({"OPENAI_WEBHOOK_SECRET": raw})
     assert "OPENAI_WEBHOOK_SECRET" in message
     assert "sup3r" not in message
+
+
+def test_a_url_with_a_password_is_refused_without_echoing_it() -> None:
+    message = error_for({"OPENAI_BASE_URL": "https://user:s3cret@gateway.example.com/v1"})
+    assert "user or password" in message and "s3cret" not in message
+    assert load({"OPENAI_BASE_URL": "https://gateway.example.com/v1/@team"}).openai_base_url.endswith("@team")
 
 
 def test_settings_built_in_code_do_not_echo_a_malformed_secret_either() -> None:
