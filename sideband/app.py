@@ -281,14 +281,17 @@ class Sideband:
         hook = self._authorize_browser
         if hook is None:
             return False
-        async with asyncio.timeout(AUTHORIZE_TIMEOUT):
+        async with asyncio.timeout(AUTHORIZE_TIMEOUT) as timer:
             if inspect.iscoroutinefunction(hook):
-                return bool(await hook(request))
-            run = functools.partial(contextvars.copy_context().run, hook, request)
-            result = await asyncio.get_running_loop().run_in_executor(self._authorize_threads, run)
-            if inspect.isawaitable(result):
-                result = await result
-            return bool(result)
+                result = await hook(request)
+            else:
+                run = functools.partial(contextvars.copy_context().run, hook, request)
+                result = await asyncio.get_running_loop().run_in_executor(self._authorize_threads, run)
+                if inspect.isawaitable(result):
+                    result = await result
+        if timer.expired():  # a hook that swallowed its cancellation and answered late: not heard
+            raise TimeoutError
+        return bool(result)
 
     def close(self) -> None:
         """Stop the app's worker threads (sync tools and hooks, sync routing hooks) at process end: idle

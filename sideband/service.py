@@ -37,7 +37,6 @@ from sideband.session import (
 from sideband.settings import Settings, SettingsError
 from sideband.stores import ClaimStore, MemoryStore, RedisStore, StoreUnavailable
 from sideband.tickets import TicketError, TicketSigner
-from sideband.tools import own_cancellation
 from sideband.upstream._ws import resolve_proxy
 from sideband.upstream.openai import CallControl, CallGone, UpstreamError, connect_sideband, with_retries
 
@@ -127,6 +126,23 @@ class Reply:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+
+
+async def _contained(decision: Awaitable[Decision]) -> Decision | BaseException:
+    """The routing hook's decision, or what it raised other than a cancellation: a ``SystemExit`` or a
+    ``KeyboardInterrupt`` raised out of a task would stop the event loop, and every call with it."""
+    try:
+        return await decision
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        return exc
+
+
+def _drop_outcome(hook: asyncio.Future[Any]) -> None:
+    """The end of a routing hook left behind at its budget: nobody's (its late decision is dropped)."""
+    if not hook.cancelled():
+        hook.exception()
 
 
 def _uncertain_key(call_id: str) -> str:
@@ -401,17 +417,29 @@ class Service:
     async def _decide(self, call: IncomingCall) -> Decision:
         if not self.app.routes_calls:  # the route table's decision or the app's config: nothing to time
             return await self.app.decide(call)
+        # The hook runs as a task of its own, so that one that overruns is left behind at the budget
+        # even when it ignores its cancellation (the caller is ringing); its late decision is dropped.
+        hook = asyncio.ensure_future(_contained(self.app.decide(call)))
         try:
-            async with asyncio.timeout(self.settings.route_budget):
-                return await self.app.decide(call)
-        except TimeoutError:
+            await asyncio.wait((hook,), timeout=self.settings.route_budget)
+        except asyncio.CancelledError:  # the server is stopping: not the hook's doing
+            hook.cancel()
+            hook.add_done_callback(_drop_outcome)
+            raise
+        if not hook.done():
+            hook.cancel()
+            hook.add_done_callback(_drop_outcome)
             self.log.error("call.route_failed", error="timeout", budget_s=self.settings.route_budget)
-        except (Exception, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc):
-                raise  # the server is stopping: not the hook's doing
-            own = isinstance(exc, DecisionError)  # our message: no data of the hook's in it
+        else:
+            try:
+                outcome = hook.result()
+            except asyncio.CancelledError as exc:  # the hook's own (nobody cancelled it): a failure
+                outcome = exc
+            if not isinstance(outcome, BaseException):
+                return outcome
+            own = isinstance(outcome, DecisionError)  # our message: no data of the hook's in it
             logged = self.settings.log_tool_arguments
-            fields = failure_fields(exc, message=own or logged, full=logged)
+            fields = failure_fields(outcome, message=own or logged, full=logged)
             self.log.error("call.route_failed", **fields)
         self.counters["route_failed"] += 1
         return Reject(self.settings.route_failure_status)

@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
+import sys
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -302,7 +303,7 @@ async def test_a_call_that_does_not_end_names_the_script_step_that_failed(stack:
     await stack.ended(call)
 
 
-async def test_a_hook_that_raises_cancelled_error_of_its_own_is_a_failure_like_any_other(
+async def test_a_hook_that_raises_cancelled_error_or_system_exit_is_a_failure_like_any_other(
     stack: Stack,
 ) -> None:
     """A hook awaiting something cancelled (not the call being cancelled) is logged and the hooks after
@@ -321,6 +322,14 @@ async def test_a_hook_that_raises_cancelled_error_of_its_own_is_a_failure_like_a
     @stack.app.on_transcript
     def second_note(ctx: CallContext, role: str, text: str) -> None:
         ran.append(f"transcript:{role}")
+
+    @stack.app.on_transcript
+    def give_up(ctx: CallContext, role: str, text: str) -> None:
+        sys.exit("no CRM")  # out of a task, it would stop the server and every call
+
+    @stack.app.on_call_start
+    async def greet_crm(ctx: CallContext) -> None:
+        raise SystemExit(3)
 
     @stack.app.on_call_end
     async def archive(ctx: CallContext, summary: CallSummary) -> None:
@@ -342,6 +351,7 @@ async def test_a_hook_that_raises_cancelled_error_of_its_own_is_a_failure_like_a
         await asyncio.wait_for(runtime.wait_closed(), 5)  # the end hooks have all run
     failed = [(e["hook"], e["error"]) for e in logs if e["event"] == "hook.failed"]
     assert ("crm_note", "CancelledError") in failed and ("archive", "CancelledError") in failed
+    assert ("give_up", "SystemExit") in failed and ("greet_crm", "SystemExit") in failed
     assert "transcript:agent" in ran and ran[-1] == "end:remote_closed"
 
 

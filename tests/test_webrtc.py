@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import json
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -212,6 +213,8 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
             lookup: concurrent.futures.Future[bool] = concurrent.futures.Future()
             lookup.cancel()
             return lookup.result()
+        if request.cookies.get("session") == "quit":
+            sys.exit("session store client gave up")
         return request.cookies.get("session") == "alice"
 
     async with run_app(app, simulator, **TEST_SETTINGS) as stack:
@@ -222,6 +225,7 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
                 ("mallory", 403),
                 ("boom", 503),
                 ("gone", 503),
+                ("quit", 503),
                 (None, 403),
             ):
                 cookies = {"session": cookie} if cookie else {}
@@ -230,11 +234,33 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
                     http.post(stack.url("/rtc/sessions"), json={}) as resp,
                 ):
                     assert resp.status == expected, cookie
-    assert seen == ["alice", "mallory", "boom", "gone", None]
+    assert seen == ["alice", "mallory", "boom", "gone", "quit", None]
     failed = [e["error"] for e in logs if e["event"] == "rtc.authorize_failed"]
-    assert failed == ["RuntimeError", "CancelledError"]
+    assert failed == ["RuntimeError", "CancelledError", "SystemExit"]
     assert {name.split("_")[0] for name in threads} == {"sideband-authorize"}  # never the tools' threads
     assert sum(1 for r in simulator.requests if r.path == "/v1/realtime/client_secrets") == 1
+
+
+async def test_an_authorize_hook_that_answers_after_its_time_is_not_heard(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hook whose lookup swallows its cancellation and says yes late: the browser gets 503, not in."""
+    monkeypatch.setattr("sideband.app.AUTHORIZE_TIMEOUT", 0.2)
+    app = Sideband(instructions="x")
+
+    @app.authorize_browser
+    async def signed_in(request: web.Request) -> bool:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)
+        return True
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        with capture_logs() as logs:
+            assert (await post_json(stack, "/rtc/sessions", {}))[0] == 503
+    assert [e["error"] for e in logs if e["event"] == "rtc.authorize_failed"] == ["timeout"]
+    assert not [r for r in simulator.requests if r.path == "/v1/realtime/client_secrets"]
 
 
 async def test_only_requests_another_site_cannot_send_blind_are_served(stack: Stack) -> None:

@@ -268,7 +268,7 @@ async def _browser_gate(request: web.Request, service: Service) -> web.Response 
         log.error("rtc.authorize_failed", error="timeout")
         service.refused["rtc.authorize_failed", 503] += 1
         return _json(503, {"error": "authorization unavailable"})
-    except (Exception, asyncio.CancelledError) as exc:  # its backend (a session store…) failed
+    except BaseException as exc:  # its backend (a session store…) failed; a SystemExit is a failure too
         if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc):
             raise
         logged = service.settings.log_tool_arguments

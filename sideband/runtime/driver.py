@@ -812,7 +812,7 @@ class CallRuntime:
                     await hook(*args)
                 else:
                     await self._sync_hook(hook, args)
-            except (Exception, asyncio.CancelledError) as exc:
+            except BaseException as exc:  # (a SystemExit too: out of a task it would stop the server)
                 if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc, baseline):
                     raise
                 self.log.error("hook.failed", hook=_hook_name(hook), **self._failure(exc))
