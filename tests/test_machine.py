@@ -541,6 +541,11 @@ def test_transcripts_dtmf_unknown_events_and_recoverable_errors() -> None:
     assert notices(m.receive({"type": "input_audio_buffer.dtmf_event_received", "event": "9"}), "dtmf") == [
         {"digit": "9"}
     ]
+    for odd in ({}, {"event": None}, {"event": ""}, {"event": ["9"]}, {"event": "9" * 40}):
+        assert notices(m.receive({"type": "input_audio_buffer.dtmf_event_received", **odd}), "dtmf") == []
+    assert notices(m.receive({"type": "input_audio_buffer.dtmf_event_received", "event": 7}), "dtmf") == [
+        {"digit": "7"}
+    ]
     assert m.receive({"type": "some.future.event", "x": 1}) == []
     assert m.receive({"no": "type"}) == []
     err = m.receive({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_value"}})

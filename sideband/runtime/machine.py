@@ -872,7 +872,11 @@ class CallMachine:
 
     def _on_dtmf(self, event: dict[str, Any]) -> list[Action]:
         digit = event.get("event")
-        return [*self._caller_turn(), Notice("dtmf", {"digit": str(digit)})]
+        if isinstance(digit, int) and not isinstance(digit, bool):
+            digit = str(digit)
+        if not isinstance(digit, str) or not digit or len(digit) > 16:
+            return self._caller_turn()  # a key was pressed, but which one is not said: no digit to report
+        return [*self._caller_turn(), Notice("dtmf", {"digit": digit})]
 
     def _caller_turn(self) -> list[Action]:
         """The caller spoke, keyed or typed: a new turn. The same tool call asked for again is no loop,
