@@ -1043,5 +1043,7 @@ async def test_a_reply_timeout_ends_the_session_with_that_reason(
         with pytest.raises(EngineError) as again:  # a late reply would be taken for this turn's
             await session.say("anything else?")
         assert again.value.reason == "reply_timeout"
-    ended = [e for e in log_lines(logs) if e["event"] == "vowel.session_ended"]
-    assert [e["reason"] for e in ended] == ["reply_timeout"]
+    lines = log_lines(logs)
+    ended = [e for e in lines if e["event"] == "vowel.session_ended"]
+    assert [(e["reason"], e["level"]) for e in ended] == [("reply_timeout", "warning")]  # a failure
+    assert [e["reason"] for e in lines if e["event"] == "call.ended"] == ["reply_timeout"]  # one reason

@@ -481,7 +481,8 @@ class EngineSession:
                 with structlog.contextvars.bound_contextvars(
                     call_id=self.call_id, service_id=self.service_id
                 ):
-                    await self.runtime.hangup("closed")
+                    # (a session already over, say after a reply_timeout, ends with that reason)
+                    await self.runtime.hangup(self.end_reason or "closed")
                 await asyncio.wait({task}, timeout=self.end_cap + self.runtime.end_bound())
         finally:
             await self.abort()
@@ -535,7 +536,7 @@ class EngineSession:
         turn = self._turn
         if turn is not None and not turn.future.done():
             turn.future.set_exception(self._error())
-        (self._log.warning if message else self._log.info)(
+        (self._log.warning if self.failed else self._log.info)(
             "vowel.session_ended",
             reason=self.end_reason,
             close_code=code,
