@@ -45,6 +45,11 @@ __all__ = ["HANDOFF_GRACE", "Reply", "Service", "WebhookEvent"]
 _RTC_CALL_ID = re.compile(r"^rtc_[A-Za-z0-9_-]{1,128}$")
 
 
+def rtc_call_id(value: Any) -> str | None:
+    """``value`` if it has the form of a WebRTC call id (``rtc_…``), else None."""
+    return value if isinstance(value, str) and _RTC_CALL_ID.match(value) else None
+
+
 def pending_ttl(settings: Settings) -> float:
     """Seconds a claim stays pending at most: longer than any answer path (the route budget, then an
     accept and a reject or hangup, each within the accept budget), and short enough that the claims of
@@ -684,7 +689,7 @@ class Service:
         """Attach to a browser-started call, if the browser holds a valid, unused ticket."""
         if self.tickets is None:
             return Reply(503, {"error": "handoff not configured"})
-        if not isinstance(call_id, str) or not _RTC_CALL_ID.match(call_id):
+        if rtc_call_id(call_id) is None:
             return Reply(400, {"error": "call_id must look like rtc_…"})
         try:
             info = self.tickets.verify(ticket if isinstance(ticket, str) else "")

@@ -263,6 +263,7 @@ async def test_a_store_outage_answers_503_and_the_server_recovers(
             assert accepts(simulator, call.call_id) == 0  # nothing happened: OpenAI delivers again
             down = [e for e in logs if e["event"] == "store.unavailable"]
             assert down and PASSWORD not in json.dumps(logs, default=str)
+            assert down[-1]["call_id"] == call.call_id and down[-1]["webhook_id"]  # which call it failed
             assert not [e for e in logs if e["event"] == "http.internal_error"]
         finally:
             redis_server.start()

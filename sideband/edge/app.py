@@ -17,7 +17,7 @@ from sideband import jsonio
 from sideband.app import Sideband
 from sideband.edge.verify import VerificationError, Verifier
 from sideband.logs import failure_fields
-from sideband.service import Reply, Service, WebhookEvent
+from sideband.service import Reply, Service, WebhookEvent, rtc_call_id
 from sideband.session import SessionConfigError
 from sideband.settings import Settings, SettingsError
 from sideband.stores import ClaimStore, StoreUnavailable
@@ -32,6 +32,8 @@ _MAX_SDP = 64 * 1024
 
 log = structlog.get_logger(component="sideband.edge")
 _LOG = web.AppKey("sideband.log", FilteringBoundLogger)
+_LOG_IDS = web.RequestKey("sideband.log_ids", dict[str, str])
+"""The ids (``webhook_id``, ``call_id``) the error middleware's lines about a request carry."""
 """The same logger, bound once per app: a module-level proxy builds a logger on every call (the hot path
 uses this one)."""
 
@@ -172,6 +174,7 @@ async def webhook(request: web.Request) -> web.Response:
     if isinstance(call_id, str) and event.type == "realtime.call.incoming":
         fields["call_id"] = call_id
     request.app[_LOG].info("webhook.received", **fields)
+    request[_LOG_IDS] = {k: v for k, v in fields.items() if k in ("webhook_id", "call_id")}
     try:
         reply = await service.handle_webhook(webhook_id, event, received)
     except ValidationError:
@@ -253,6 +256,9 @@ async def rtc_handoff(request: web.Request) -> web.Response:
         return _refuse(service, 400, "body must be JSON {call_id, ticket}", event="rtc.rejected")
     if not isinstance(data, dict):
         return _refuse(service, 400, "body must be JSON {call_id, ticket}", event="rtc.rejected")
+    call_id = rtc_call_id(data.get("call_id"))
+    if call_id is not None:
+        request[_LOG_IDS] = {"call_id": call_id}
     return _reply(await service.rtc_handoff(data.get("call_id"), data.get("ticket")))
 
 
@@ -333,11 +339,11 @@ async def _errors(
     except web.HTTPException:
         raise
     except StoreUnavailable as exc:  # the sender tries again later (perhaps on another instance)
-        log.warning("store.unavailable", path=request.path, error=str(exc))
+        log.warning("store.unavailable", path=request.path, error=str(exc), **request.get(_LOG_IDS, {}))
         service.refused["store.unavailable", 503] += 1
         return _json(503, {"error": "claim store unavailable"}, {"Retry-After": "1"})
     except Exception:
-        log.exception("http.internal_error", path=request.path)
+        log.exception("http.internal_error", path=request.path, **request.get(_LOG_IDS, {}))
         return _json(500, {"error": "internal error"})
     finally:
         service.request_done()
