@@ -150,6 +150,12 @@ def _route_library_logging(out: TextIO, pre: list[Any], rendering: list[Any], le
         logger.propagate = False  # rendered here: not a second time by a root handler
 
 
+def clip(text: str | None, limit: int = 128) -> str | None:
+    """Untrusted text for a log line (a caller's number as written, a name the model chose): at most
+    ``limit`` characters, cut short with ``…``."""
+    return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
 def describe(exc: BaseException, *, message: bool) -> str:
     """What an operator needs from a failure in user code (tools, routing and call hooks), on one line:
     ``Type``, or ``Type: message`` (at most 300 characters) when ``message`` — only when the message is

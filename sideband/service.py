@@ -21,7 +21,7 @@ from websockets.proxy import Proxy, parse_proxy
 
 from sideband.app import CallPlan, IncomingCall, Sideband
 from sideband.context import CallContext, SipHeader
-from sideband.logs import failure_fields
+from sideband.logs import clip, failure_fields
 from sideband.routing import RouteTable, session_problem
 from sideband.runtime.driver import SHUTDOWN_GRACE, CallRegistry, CallRuntime
 from sideband.runtime.machine import CallMachine, MachineConfig
@@ -396,9 +396,9 @@ class Service:
         self.log.info(
             "call.incoming",
             webhook_id=webhook_id,
-            from_number=call.from_number,
-            to_number=call.to_number,
-            media_security=call.media_security,
+            from_number=clip(call.from_number),  # (as the caller's SIP address has it: untrusted)
+            to_number=clip(call.to_number),
+            media_security=clip(call.media_security),
         )
         return await self._answer(call, received)
 

@@ -252,6 +252,17 @@ async def test_accept_tools_may_be_a_list() -> None:
         Accept(tools="lookup_order")  # type: ignore[arg-type]
 
 
+async def test_a_caller_address_of_any_length_makes_a_bounded_log_line(stack: Stack) -> None:
+    long_user = "support-" + "x" * 50_000
+    call = stack.sim.create_call(Script([]), from_number=long_user)
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    incoming = next(e for e in logs if e["event"] == "call.incoming")
+    assert incoming["from_number"].startswith("support-xxx") and len(incoming["from_number"]) == 128
+    assert incoming["to_number"] == "+18005551212"
+    await stack.sim.hang_up(call)
+
+
 async def test_odd_envelopes_of_verified_events_are_tolerated(stack: Stack) -> None:
     call = stack.sim.create_call(Script([wait_for_greeting("Hi")]))
     event = stack.sim.incoming_event(call)

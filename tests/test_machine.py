@@ -529,6 +529,16 @@ def test_engine_session_timeout_error_closes_with_its_code() -> None:
     assert actions[-1] == Close("max_idle_duration_exceeded")
 
 
+def test_a_tool_name_longer_than_any_tool_is_cut_short() -> None:
+    """The model's made-up name is logged and shown back to it: no longer than 128 characters."""
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    feed(m, call_events("c1", "lookup_" + "x" * 50_000, "{}"))
+    run = [a for a in m.receive(response_done()) if isinstance(a, RunTool)]
+    assert len(run) == 1 and run[0].name.startswith("lookup_xx") and len(run[0].name) == 128
+
+
 def test_transcripts_dtmf_unknown_events_and_recoverable_errors() -> None:
     m = machine()
     m.start()

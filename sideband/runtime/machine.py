@@ -215,6 +215,13 @@ def _json_text(value: Any) -> str:
         return "null"
 
 
+def _tool_name(item: dict[str, Any]) -> str:
+    """The name of the tool a call asks for; a name longer than any tool's can be (OpenAI's are at most
+    64 characters) is cut short: it names no tool either way, and it is logged and shown to the model."""
+    name = str(item.get("name") or "")
+    return name if len(name) <= 128 else name[:127] + "…"
+
+
 def _output(call_id: str, output: str) -> dict[str, Any]:
     return {
         "type": "conversation.item.create",
@@ -784,14 +791,12 @@ class CallMachine:
             # made up (call_1, every turn) asks for a new call, and waits for its output forever.
             call = None
         if call is None:
-            call = _ToolCall(
-                call_id, str(item.get("name") or ""), response_id if isinstance(response_id, str) else None
-            )
+            call = _ToolCall(call_id, _tool_name(item), response_id if isinstance(response_id, str) else None)
             self._calls[call_id] = call
         if call.response_id is None and isinstance(response_id, str):
             call.response_id = response_id
-        if not call.name and item.get("name"):
-            call.name = str(item["name"])
+        if not call.name:
+            call.name = _tool_name(item)
         arguments = item.get("arguments")
         if call.arguments is None and arguments is not None:
             # (a string as OpenAI sends it; an engine may forward the model's object as it is)
