@@ -52,6 +52,8 @@ _VISUAL = re.compile(r"[\s\-.()]")
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')  # RFC 3261 quoted-string, \" escapes included
 _E164 = re.compile(r"\+[0-9]{7,15}")  # ASCII digits only (str.isdigit() takes any script's)
 _NATIONAL = re.compile(r"[0-9]{7,15}")
+# Caller "numbers" that carriers and RFC 3323 (``sip:anonymous@anonymous.invalid``) send for a withheld ID.
+_WITHHELD = frozenset({"anonymous", "restricted", "unavailable", "unknown", "private"})
 
 
 def parse_number(header_value: str | None) -> str | None:
@@ -97,6 +99,19 @@ class IncomingCall:
     raw: Mapping[str, Any] = field(default_factory=dict)
     route: Decision | None = None
     """What the static route table says for this dialed number (``None``: no table or no match)."""
+
+    @property
+    def caller_withheld(self) -> bool:
+        """Whether the caller's number is withheld: no ``From`` number, a ``From`` user part of
+        ``anonymous``, ``restricted``, ``unavailable``, ``unknown`` or ``private`` (any case), or a
+        ``Privacy`` header asking for ``id`` or ``user`` privacy (RFC 3323/3325). Untrusted like
+        everything from SIP: a caller may send any number, so this refuses callers who hide, it
+        authenticates no one."""
+        if self.from_number is None or self.from_number.lower() in _WITHHELD:
+            return True
+        privacy = (h.value for h in self.sip_headers if h.name.lower() == "privacy")
+        asked = {v.strip().lower() for value in privacy for v in re.split(r"[;,]", value)}
+        return not asked.isdisjoint(("id", "user"))
 
     def header(self, name: str) -> str | None:
         """First value of a SIP header (case-insensitive)."""

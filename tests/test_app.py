@@ -140,6 +140,55 @@ def test_header_lookup() -> None:
     assert call.header("missing") is None
 
 
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        (("From", '"Anonymous" <sip:Anonymous@anonymous.invalid>;tag=1'),),  # RFC 3261's own form
+        (("From", "<sip:anonymous@anonymous.invalid>;tag=1"),),
+        (("From", "<sip:restricted@carrier.example>;tag=1"),),
+        (("f", "sip:UNAVAILABLE@carrier.example"),),
+        (("From", "<tel:anonymous>;tag=1"),),
+        (("From", '"Private" <sip:Private@carrier.example>'),),
+        (("From", "<sip:unknown@carrier.example>"),),
+        (("From", "<sip:+14155550123@carrier.example>"), ("Privacy", "id")),
+        (("From", "<sip:+14155550123@carrier.example>"), ("privacy", "header; User")),
+        (("From", "<sip:+14155550123@carrier.example>"), ("Privacy", "none"), ("Privacy", "id;critical")),
+        (("Via", "SIP/2.0/TLS x"),),  # no From at all
+        (("From", "garbage"),),  # no number to be read
+    ],
+)
+def test_caller_withheld(pairs: tuple[tuple[str, str], ...]) -> None:
+    assert IncomingCall.from_sip("rtc_1", headers(*pairs)).caller_withheld
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        (("From", '"Anonymous" <sip:+14155550123@carrier.example>'),),  # only the display name says so
+        (("From", "<sip:+14155550123@anonymous.invalid>"), ("Privacy", "none")),
+        (("From", "<sip:alice@example.com>"), ("Privacy", "header;session")),
+        (("From", "<sip:anonymous.desk@example.com>"),),
+    ],
+)
+def test_caller_not_withheld(pairs: tuple[tuple[str, str], ...]) -> None:
+    assert not IncomingCall.from_sip("rtc_1", headers(*pairs)).caller_withheld
+
+
+async def test_order_desk_example_refuses_withheld_callers() -> None:
+    from sideband.examples.order_desk import app
+
+    def call(*pairs: tuple[str, str]) -> IncomingCall:
+        return IncomingCall.from_sip("rtc_1", headers(("To", "<sip:+18005550100@x>"), *pairs))
+
+    for withheld in (
+        call(("From", '"Anonymous" <sip:Anonymous@anonymous.invalid>;tag=1')),
+        call(("From", "<sip:restricted@carrier.example>")),
+        call(("From", "<sip:+14155550123@carrier.example>"), ("Privacy", "id")),
+    ):
+        assert await app.decide(withheld) == Reject(status_code=433)
+    assert await app.decide(call(("From", "<sip:+14155550123@carrier.example>"))) == Accept()
+
+
 def test_context_carries_the_call() -> None:
     hdrs = headers(("From", "sip:+14155550123@x"), ("X-Account", "42"))
     ctx = IncomingCall.from_sip("rtc_1", hdrs).context()

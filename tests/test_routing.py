@@ -318,19 +318,72 @@ def test_digits_only_dialed_numbers_match_e164_keys() -> None:
     assert table.match("+") == Reject(404) and table.match("") == Reject(404)
 
 
-def test_exact_keys_win_over_the_plus_form() -> None:
+def test_a_digits_only_key_and_its_plus_form_are_one_number() -> None:
+    with pytest.raises(RouteError) as info:
+        RouteTable.from_dict({"routes": {"+18005551212": {"reject": 486}, "18005551212": {"reject": 488}}})
+    assert str(info.value) == "routes: routes.18005551212: the same number as routes.+18005551212"
+    # A digits-only key matches the number whichever form the call brings, as an E.164 key does.
+    table = RouteTable.from_dict({"default": {"reject": 404}, "routes": {"18005551212": {"reject": 488}}})
+    assert table.match("18005551212") == table.match("+18005551212") == Reject(488)
+    national = RouteTable.from_dict({"default": {"reject": 404}, "routes": {"8005551212": {"reject": 486}}})
+    assert national.match("8005551212") == Reject(486) and national.match("18005551212") == Reject(404)
+    # Built directly, the table follows the same rule.
+    assert RouteTable({"18005551212": Reject(488)}).match("+18005551212") == Reject(488)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "tel:+18005551212",
+        "TEL:+1-800-555-1212",
+        "sip:+18005551212@pbx.example.com",
+        "sips:+18005551212@pbx.example.com;user=phone",  # the host and its parameters are ignored
+        "sip:18005551212@pbx.example.com",
+        "tel:%2B18005551212",
+    ],
+)
+def test_keys_written_as_uris_match_the_number(key: str) -> None:
+    table = RouteTable.from_dict({"default": {"reject": 404}, "routes": {key: {"reject": 486}}})
+    for to in ("<sip:+18005551212@sip.example.com;user=phone>", "<sip:18005551212@sip.example.com>"):
+        assert table.match(dialed(to)) == Reject(486), (key, to)
+    with pytest.raises(RouteError, match=re.escape(f"routes.{key}: the same number as routes.+18005551212")):
+        RouteTable.from_dict({"routes": {"+18005551212": {"reject": 486}, key: {"reject": 404}}})
+
+
+def test_sip_user_names_are_keys() -> None:
     table = RouteTable.from_dict(
         {
-            "routes": {
-                "+18005551212": {"reject": 486},
-                "18005551212": {"reject": 488},
-                "8005551212": {"reject": 404},
-            }
+            "default": {"reject": 404},
+            "routes": {"frontdesk": {"reject": 486}, "sip:sales@pbx": {"reject": 488}},
         }
     )
-    assert table.match("18005551212") == Reject(488)
-    assert table.match("+18005551212") == Reject(486)
-    assert table.match("8005551212") == Reject(404)
+    assert table.match(dialed("<sip:frontdesk@sip.example.com>")) == Reject(486)
+    assert table.match(dialed("<sip:sales@sip.example.com>")) == Reject(488)
+    assert table.match(dialed("<sip:Sales@sip.example.com>")) == Reject(404)  # user parts are case-sensitive
+
+
+@pytest.mark.parametrize(
+    "key, problem",
+    [
+        ("+18005551212;ext=22", "a key cannot carry URI parameters (;ext=22)"),
+        ("tel:+18005551212;phone-context=example.com", "URI parameters (;phone-context=example.com)"),
+        ("sip:+18005551212;isub=1@pbx.example.com", "URI parameters (;isub=1)"),
+        ("", "not an E.164 number, a number of digits or a SIP user name"),
+        ("tel:", "not an E.164 number"),
+        ("front desk", "not an E.164 number"),
+        ("+1 800 FLOWERS", "not an E.164 number"),
+        ("sip:+18005551212:5060@pbx.example.com", "not an E.164 number"),
+        ("+18005551212>", "not an E.164 number"),
+        ("http://example.com", "not an E.164 number"),
+    ],
+)
+def test_keys_no_call_could_match_are_refused(tmp_path: Path, key: str, problem: str) -> None:
+    path = write(tmp_path, f'[routes."{key}"]\nreject = 486\n')
+    with pytest.raises(RouteError) as info:
+        RouteTable.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: routes.{key}: ") and problem in message, message
+    assert "\n" not in message
 
 
 async def test_route_file_matches_a_to_without_plus(stack: Stack) -> None:

@@ -46,6 +46,6 @@ async def lookup_order(
 @app.on_incoming
 async def route(call: IncomingCall) -> Accept | Reject:
     """Refuse withheld numbers; everyone else reaches the order desk."""
-    if call.from_number in (None, "anonymous"):
+    if call.caller_withheld:
         return Reject(status_code=433)
     return Accept()
