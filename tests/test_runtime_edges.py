@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
+import json
 import sys
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -487,9 +488,9 @@ async def test_a_tool_error_wrapping_another_exception_logs_its_own_message_only
         stack.sim.hang_up(call)
         await stack.ended(call)
     tool = [e for e in logs if e["event"] == "tool.finished"]
-    assert [e["error"] for e in tool] == [
-        "ToolError: Lookup failed, try again.",
-        "ToolError: Lookup failed, sorry.",
+    assert [(e["error"], e["log_level"]) for e in tool] == [  # the tool's answer on purpose: no alert
+        ("ToolError: Lookup failed, try again.", "info"),
+        ("ToolError: Lookup failed, sorry.", "info"),
     ]
     assert all("in lookup" in e["stack"] and "exc_info" not in e for e in tool), tool
     assert "hunter2" not in repr(logs)
@@ -1246,4 +1247,23 @@ async def test_a_cancellation_a_hook_turns_into_an_error_stops_the_hooks_after_i
     assert ran == []
     assert [(e["event"], e.get("hook")) for e in logs if e["event"] == "hook.failed"] == [
         ("hook.failed", "crm")
+    ]
+
+
+async def test_a_create_that_crossed_a_response_is_no_alert_other_server_errors_are(
+    simulator: Simulator,
+) -> None:
+    rt = runtime(Connector(simulator, "rtc_x", []), [])
+
+    def error(code: str) -> bytes:
+        return json.dumps(
+            {"type": "error", "error": {"type": "invalid_request_error", "code": code}}
+        ).encode()
+
+    with capture_logs() as logs:
+        rt._handle(error("conversation_already_has_active_response"))  # sent again after that response
+        rt._handle(error("invalid_value"))
+    assert [(e["code"], e["log_level"]) for e in logs if e["event"] == "sideband.error"] == [
+        ("conversation_already_has_active_response", "info"),
+        ("invalid_value", "warning"),
     ]

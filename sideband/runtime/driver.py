@@ -711,7 +711,9 @@ class CallRuntime:
             record = ToolRecord(call_id, name, result.outcome, result.duration)
             self.summary.tools.append(record)
             # A tool that raised or overran is worth an operator's look (with where it raised).
-            log = self.log.info if result.outcome not in ("error", "timeout") else self.log.warning
+            # (A ToolError is the tool's answer on purpose, "no such order": not a fault.)
+            faulty = result.outcome in ("error", "timeout") and not isinstance(result.exception, ToolError)
+            log = self.log.warning if faulty else self.log.info
             failure = {"error": result.error} if result.exception is None else self._failure(result.exception)
             log(
                 "tool.finished",
@@ -794,6 +796,8 @@ class CallRuntime:
             self.summary.tools.append(record)
             if self.hooks.on_tool:
                 self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
+        elif event == "sideband.error" and fields.get("code") == "conversation_already_has_active_response":
+            self.log.info(event, **fields)  # a create that crossed a response: sent again after it
         elif event in ("sideband.error", "call.verb_failed", "call.end_forced"):
             self.log.warning(event, **fields)
         else:
