@@ -354,6 +354,14 @@ async def test_tool_round_trip(vowel: VowelSimulator, app: Sideband, logs: io.St
             assert line["call_id"] == session.call_id and line["service_id"] == "order-service", line
     ended = next(line for line in lines if line["event"] == "vowel.session_ended")
     assert ended["reason"] == "closed" and ended["engine_session_id"] == engine.id
+    # both sides of the conversation, as on a phone call: the backend's turn is the caller's line
+    said = [(t["role"], t.get("text")) for t in lines if t["event"] == "transcript"]
+    assert said == [
+        ("caller", "Where is order 1042?"),
+        ("agent", "Let me check."),
+        ("agent", "Order 1042: shipped."),
+    ]
+    assert session.summary is not None and session.summary.transcript[0] == ("caller", "Where is order 1042?")
 
 
 async def test_tool_failures_reach_the_model(vowel: VowelSimulator, app: Sideband) -> None:

@@ -651,6 +651,8 @@ class CallMachine:
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
         send = Send({"type": "conversation.item.create", "item": item})
         actions = self._caller_turn()
+        if text.strip():  # the caller's line of the transcript (no transcription event comes for text)
+            actions.append(Notice("transcript", {"role": "caller", "text": text.strip()}))
         if self._live:
             actions.append(send)
         else:
