@@ -685,21 +685,28 @@ class Service:
             "ticket_expires_at": info.expires_at,
         }
 
+    def _handoff_refused(self, status: int, reason: str, call_id: str | None = None) -> Reply:
+        """Refuse a handoff: logged (``rtc.handoff_refused``) and counted, so a stuck browser shows."""
+        self.refused["rtc.handoff_refused", status] += 1
+        self.log.warning(
+            "rtc.handoff_refused", status=status, reason=reason, **({"call_id": call_id} if call_id else {})
+        )
+        return Reply(status, {"error": reason})
+
     async def rtc_handoff(self, call_id: Any, ticket: Any, wait: float = 5.0) -> Reply:
         """Attach to a browser-started call, if the browser holds a valid, unused ticket."""
         if self.tickets is None:
-            return Reply(503, {"error": "handoff not configured"})
+            return self._handoff_refused(503, "handoff not configured")
         if rtc_call_id(call_id) is None:
-            return Reply(400, {"error": "call_id must look like rtc_…"})
+            return self._handoff_refused(400, "call_id must look like rtc_…")
         try:
             info = self.tickets.verify(ticket if isinstance(ticket, str) else "")
         except TicketError as exc:
-            self.log.warning("rtc.handoff_refused", reason=str(exc), call_id=call_id)
-            return Reply(403, {"error": str(exc)})
+            return self._handoff_refused(403, str(exc), call_id)
         ttl = max(info.expires_at - time.time(), 1.0) + 60
         with structlog.contextvars.bound_contextvars(call_id=call_id):
             if not await self.store.claim(f"call:{call_id}", self._pending_ttl):
-                return Reply(409, {"error": "call already attached"})  # (the ticket stays unused)
+                return self._handoff_refused(409, "call already attached", call_id)  # (the ticket stays unused)
             try:
                 fresh = await self.store.claim(f"ticket:{info.nonce}", ttl)
             except BaseException:
@@ -707,8 +714,7 @@ class Service:
                 raise
             if not fresh:
                 await self.store.release(f"call:{call_id}")
-                self.log.warning("rtc.handoff_refused", reason="ticket already used")
-                return Reply(403, {"error": "ticket already used"})
+                return self._handoff_refused(403, "ticket already used", call_id)
             await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)
             runtime = self.launch(CallContext(call_id, "webrtc"), self._rtc_plan())
             self.log.info("rtc.handoff")

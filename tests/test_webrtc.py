@@ -126,8 +126,25 @@ async def test_browser_first_handoff_valid_forged_expired_reused(stack: Stack) -
     status, _ = await post_json(stack, "/rtc/handoff", {"call_id": other.call_id})
     assert status == 403
     _, fresh = await post_json(stack, "/rtc/sessions", {})
-    status, _ = await post_json(stack, "/rtc/handoff", {"call_id": "../etc", "ticket": fresh["ticket"]})
-    assert status == 400
+    with capture_logs() as logs:
+        status, _ = await post_json(stack, "/rtc/handoff", {"call_id": "../etc", "ticket": fresh["ticket"]})
+        assert status == 400
+        # a call already attached: refused, the ticket left unused
+        status, _ = await post_json(
+            stack, "/rtc/handoff", {"call_id": call.call_id, "ticket": fresh["ticket"]}
+        )
+        assert status == 409
+    refused = [
+        (e["status"], e["reason"], e.get("call_id")) for e in logs if e["event"] == "rtc.handoff_refused"
+    ]
+    assert refused == [
+        (400, "call_id must look like rtc_…", None),
+        (409, "call already attached", call.call_id),
+    ]
+    async with aiohttp.ClientSession() as http, http.get(stack.url("/metrics")) as resp:
+        metrics = await resp.text()
+    for status in (400, 403, 409):  # every refusal is counted, so a stuck browser shows
+        assert f'sideband_requests_refused_total{{event="rtc.handoff_refused",status="{status}"}}' in metrics
     async with (
         aiohttp.ClientSession() as http,
         http.post(
