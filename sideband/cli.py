@@ -323,7 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             calls = args.calls.strip()
             if not calls.isascii() or not calls.isdigit() or not 1 <= int(calls) <= MAX_CALLS:
                 raise CliError(f"--calls: must be a whole number from 1 to {MAX_CALLS}, got {args.calls!r}")
-            configure_logging("console", "error", stream=sys.stderr)  # (the transcript is the output)
+            # The calls' story is the output (stdout); the log goes to stderr: errors only, unless
+            # SIDEBAND_LOG_LEVEL / SIDEBAND_LOG_FORMAT ask for more (to see what a server would log).
+            logged = {
+                k: v for k, v in os.environ.items() if k in ("SIDEBAND_LOG_LEVEL", "SIDEBAND_LOG_FORMAT")
+            }
+            wanted = load_settings(environ=logged)
+            configure_logging(wanted.log_format or "console", wanted.log_level or "error", stream=sys.stderr)
             return _run(run_demo(load_app(args.app) if args.app else None, calls=int(calls)))
         if args.command == "dial":
             from sideband.vowel.dial import REQUIRED_SETTINGS, run_dial

@@ -473,6 +473,23 @@ async def test_demo_of_an_app_without_a_greeting_and_more_calls() -> None:
     assert "6 calls and a trusted-server session, 0 failed." in out.getvalue()  # 5 answered, 1 rejected
 
 
+def test_demo_logs_as_a_server_would_when_asked() -> None:
+    """The story on stdout; with SIDEBAND_LOG_FORMAT/LEVEL the server's JSON log on stderr, each call's
+    lines from its webhook to its end."""
+    env = {**clean_env(), "SIDEBAND_LOG_FORMAT": "json", "SIDEBAND_LOG_LEVEL": "info"}
+    proc = run_cli("demo", "--calls", "1", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 failed" in proc.stdout and not proc.stdout.lstrip().startswith("{")
+    lines = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    ended = [e for e in lines if e.get("event") == "call.ended"]
+    assert ended and all(e.get("call_id") for e in ended)
+    assert {e["call_id"] for e in ended} <= {
+        e.get("call_id") for e in lines if e.get("event") == "call.incoming"
+    } | {e.get("call_id") for e in lines if e.get("event", "").startswith("vowel.")}
+    bad = run_cli("demo", env={**clean_env(), "SIDEBAND_LOG_LEVEL": "loud"})
+    assert bad.returncode == 2 and bad.stderr.startswith("sideband: SIDEBAND_LOG_LEVEL: ")
+
+
 @pytest.mark.parametrize("calls", ["0", "-1", "abc", "101"])
 def test_demo_calls_out_of_range_is_one_line(calls: str) -> None:
     proc = run_cli("demo", "--calls", calls, env=clean_env())
