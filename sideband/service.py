@@ -706,7 +706,8 @@ class Service:
         ttl = max(info.expires_at - time.time(), 1.0) + 60
         with structlog.contextvars.bound_contextvars(call_id=call_id):
             if not await self.store.claim(f"call:{call_id}", self._pending_ttl):
-                return self._handoff_refused(409, "call already attached", call_id)  # (the ticket stays unused)
+                # (the ticket stays unused)
+                return self._handoff_refused(409, "call already attached", call_id)
             try:
                 fresh = await self.store.claim(f"ticket:{info.nonce}", ttl)
             except BaseException:
