@@ -32,10 +32,10 @@ _MAX_SDP = 64 * 1024
 
 log = structlog.get_logger(component="sideband.edge")
 _LOG = web.AppKey("sideband.log", FilteringBoundLogger)
-_LOG_IDS = web.RequestKey("sideband.log_ids", dict[str, str])
-"""The ids (``webhook_id``, ``call_id``) the error middleware's lines about a request carry."""
 """The same logger, bound once per app: a module-level proxy builds a logger on every call (the hot path
 uses this one)."""
+_LOG_IDS = web.RequestKey("sideband.log_ids", dict[str, str])
+"""The ids (``webhook_id``, ``call_id``) the error middleware's lines about a request carry."""
 
 
 def _json(status: int, body: dict[str, object], headers: dict[str, str] | None = None) -> web.Response:
