@@ -1038,6 +1038,21 @@ def test_playback_under_way_at_a_reattach_still_keeps_the_line_busy() -> None:
     assert not [a for a in m.request_end("hangup") if isinstance(a, Verb)]
     assert Verb("hangup", None) in m.timer("orphans")
 
+    # A response runs on the new socket when the grace ends: its audio would show; it ends without any
+    # (failed, or only a tool call), so nothing plays any more and a hangup goes at once.
+    m = playing()
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    assert m.timer("orphans") == []
+    assert StartTimer("idle", 10) in m.receive(response_done("r2", status="failed"))
+    assert Verb("hangup", None) in m.request_end("hangup")
+    m = playing()  # … or it speaks: its own playback events settle it
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    m.timer("orphans")
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r2"})
+    m.receive(response_done("r2"))
+    assert not [a for a in m.request_end("hangup") if isinstance(a, Verb)]  # the caller hears r2
+    assert Verb("hangup", None) in m.receive({"type": "output_audio_buffer.stopped", "response_id": "r2"})
+
 
 def test_on_an_engine_that_counts_idle_from_speech_the_idle_limit_keeps_to_the_caller() -> None:
     """The vowel engine ends a session whose caller has not spoken for its limit, whatever the model

@@ -249,6 +249,7 @@ class CallMachine:
         "_last_signature",
         "_live",
         "_orphans",
+        "_play_overdue",
         "_play_unsure",
         "_playing",
         "_queued_say",
@@ -301,6 +302,7 @@ class CallMachine:
         # the model's audio was playing when the socket was lost, and nothing on the new one has shown
         # it since: it plays on until its stop shows, or the re-attach grace ends
         self._play_unsure = False
+        self._play_overdue = False  # the grace ended while a response ran: its end settles it
         self._agent_lines: set[tuple[Any, Any, Any]] = set()
         self._greeted = False
         self._live = False  # our session.update went out (vowel: was confirmed); code may send now
@@ -420,7 +422,7 @@ class CallMachine:
         # Playback that had started counts as playing (the line is not idle, the end's verb waits) until
         # its stop arrives or the grace ends: the stop may have gone out while no socket was attached,
         # and only playback heard on the new socket holds on longer.
-        self._play_unsure = self._playing
+        self._play_unsure, self._play_overdue = self._playing, False
         actions = [*self._requeued(queued), *self._attached()]
         if end is not None and ending:
             # Our goodbye (or the model's last words) may be queued for the new socket or still running
@@ -707,6 +709,8 @@ class CallMachine:
         self._response_active = False
         self._done_since_create = True
         self._agent_lines.clear()
+        if self._play_overdue:  # a response without audio ended past the grace: nothing plays any more
+            self._playing = self._play_unsure = self._play_overdue = False
         response = _obj(event.get("response"))
         response_id = response.get("id")
         status = response.get("status")
@@ -903,11 +907,11 @@ class CallMachine:
 
     def _on_playback_started(self, event: dict[str, Any]) -> list[Action]:
         self._playing = True
-        self._play_unsure = False
+        self._play_unsure = self._play_overdue = False
         return []
 
     def _on_playback_stopped(self, event: dict[str, Any]) -> list[Action]:
-        self._playing = self._play_unsure = False
+        self._playing = self._play_unsure = self._play_overdue = False
         if self._end is not None:
             self._end.held = False  # the last words were heard to their end: nothing more to wait for
         return self._answered() + self._progress()
@@ -1047,9 +1051,10 @@ class CallMachine:
             end.held = False
         actions: list[Action] = []
         if self._play_unsure:
-            self._play_unsure = False
-            if not self._response_active:  # (a response that runs now brings playback events of its own)
-                self._playing = False  # its stop may have come while no socket was attached
+            if self._response_active:  # its audio shows with playback events, else its end settles it
+                self._play_overdue = True
+            else:
+                self._playing = self._play_unsure = False  # its stop may have come with no socket attached
                 actions += self._answered()
         if self._going:
             self._resend, self._orphans = (), ()
