@@ -49,7 +49,8 @@ _USER = re.compile(r"[\w\-.!~*'()&=+$,?/]+", re.ASCII)  # RFC 3261 user characte
 
 def _route_key(key: str) -> str:
     """The dialed number a route key stands for, as :func:`parse_number` gives it (a ``tel:``/``sip:``
-    key without its scheme and host); ``ValueError`` (one line) for a key no call could match."""
+    key without its scheme and host: the host's parameters, ``;user=phone``, say nothing of the number);
+    ``ValueError`` (one line) for a key no call could match."""
     user = key.strip()
     scheme = _SCHEME.match(user)
     user = user[scheme.end() if scheme else 0 :].partition("@")[0]
@@ -60,12 +61,7 @@ def _route_key(key: str) -> str:
     number = parse_number(f"tel:{user}") if not set(user) & set('<>"') else None
     if number is None or not _USER.fullmatch(number):
         raise ValueError("not an E.164 number, a number of digits or a SIP user name")
-    return _same_number(number)
-
-
-def _same_number(number: str) -> str:
-    """One form for one number: digits only (``18005551212``, as many trunks send it) is its ``+`` form."""
-    return "+" + number if number.isascii() and number.isdigit() else number
+    return number
 
 
 # Session keys that have their own route field: in ``session`` they would clash with it at call time.
@@ -161,11 +157,11 @@ class RouteTable:
         source: str | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> None:
-        self._routes = {_same_number(k): d for k, d in routes.items()}
+        self._routes = dict(routes)
         self.default = default
         self.source = source
         """Where the table came from (the file path for :meth:`load`), for error messages."""
-        self._labels = {_same_number(k): v for k, v in (labels or {}).items()}
+        self._labels = dict(labels or {})
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -173,13 +169,18 @@ class RouteTable:
     def match(self, dialed: str | None) -> Decision | None:
         """The decision for a dialed number (E.164 or as parsed), else the default (or ``None``).
 
-        A number of digits only (``18005551212``, as many trunks send the ``To`` user part) is the same
-        number as its ``+`` form (``+18005551212``), in keys and dialed numbers alike: it must include
-        the country code to match an E.164 key. National forms (``8005551212``) are not rewritten: list
-        them as their own keys. One dict lookup.
+        An exact match wins. Failing that, a dialed number of digits only (``18005551212``, as many
+        trunks send the ``To`` user part) is tried as E.164 with a ``+`` (``+18005551212``): it must
+        include the country code. National forms (``8005551212``) are not rewritten: list them as their
+        own keys. Two dict lookups at most.
         """
-        found = self._routes.get(_same_number(dialed)) if dialed is not None else None
-        return self.default if found is None else found
+        if dialed is not None:
+            found = self._routes.get(dialed)
+            if found is None and dialed.isascii() and dialed.isdigit():
+                found = self._routes.get("+" + dialed)
+            if found is not None:
+                return found
+        return self.default
 
     def check(self, app: Sideband) -> None:
         """Build every accepting route's call plan for ``app`` as a SIP call would, at start.
