@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -134,7 +135,7 @@ class Settings(BaseSettings):
         value = value.strip().rstrip("/")
         if not value.startswith(("http://", "https://", "ws://", "wss://")):
             raise ValueError("must be an http(s):// or ws(s):// URL")
-        if "@" in value.partition("://")[2].partition("/")[0]:
+        if "@" in urllib.parse.urlsplit(value).netloc:
             # (it would be logged, and its Basic credentials would clash with our bearer key)
             raise ValueError("must not carry a user or password (user:password@host)")
         return value

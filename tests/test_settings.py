@@ -305,6 +305,8 @@ def test_a_url_with_a_password_is_refused_without_echoing_it() -> None:
     message = error_for({"OPENAI_BASE_URL": "https://user:s3cret@gateway.example.com/v1"})
     assert "user or password" in message and "s3cret" not in message
     assert load({"OPENAI_BASE_URL": "https://gateway.example.com/v1/@team"}).openai_base_url.endswith("@team")
+    for odd in ("https://gw.example.com?team=a@b", "https://gw.example.com#a@b"):  # not credentials
+        assert load({"OPENAI_BASE_URL": odd}).openai_base_url == odd
 
 
 def test_settings_built_in_code_do_not_echo_a_malformed_secret_either() -> None:
