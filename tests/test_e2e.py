@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 from sideband import Accept, CallContext, IncomingCall, Refer, Reject
 from sideband.testing import (
     Script,
+    SimCall,
     Simulator,
     caller_hangs_up,
     caller_says,
@@ -768,6 +769,16 @@ async def test_no_task_or_socket_left_behind(stack: Stack) -> None:
         assert not runtime._deadlines and runtime._alarm is None
 
 
+def sent_at(call: SimCall, event_type: str, response_id: str | None) -> int:
+    """Where the simulator sent the first ``event_type`` event of response ``response_id``."""
+    return next(
+        i
+        for i, e in enumerate(call.sent)
+        if e["type"] == event_type
+        and (e.get("response_id") or e.get("response", {}).get("id")) == response_id
+    )
+
+
 async def test_a_tool_slower_than_the_idle_limit_is_waited_for_and_the_caller_hears_its_answer() -> None:
     """The caller waits for a slow lookup, and listens to its answer: not idle. Their silence counts once
     the model has finished speaking, and only then does the idle limit end the call."""
@@ -800,16 +811,8 @@ async def test_a_tool_slower_than_the_idle_limit_is_waited_for_and_the_caller_he
         answered = next(
             i for i, e in enumerate(call.sent) if e.get("response", {}).get("id") == said[-2].response_id
         )
-        heard = next(
-            i
-            for i, e in enumerate(call.sent)
-            if e["type"] == "output_audio_buffer.stopped" and e["response_id"] == said[-2].response_id
-        )
-        goodbye = next(
-            i
-            for i, e in enumerate(call.sent)
-            if e["type"] == "response.created" and e["response"]["id"] == said[-1].response_id
-        )
+        heard = sent_at(call, "output_audio_buffer.stopped", said[-2].response_id)
+        goodbye = sent_at(call, "response.created", said[-1].response_id)
         assert answered < heard < goodbye  # the goodbye came after the answer had been heard
 
 
@@ -836,16 +839,8 @@ async def test_a_socket_lost_while_the_caller_listens_does_not_cut_the_answer_sh
         assert call.end_reason == "hangup_verb" and (await stack.ended(call)).reason == "idle_timeout"
         said = [r for r in call.responses if r.text]
         assert said[-2].text == answer
-        heard = next(
-            i
-            for i, e in enumerate(call.sent)
-            if e["type"] == "output_audio_buffer.stopped" and e["response_id"] == said[-2].response_id
-        )
-        goodbye = next(
-            i
-            for i, e in enumerate(call.sent)
-            if e["type"] == "response.created" and e["response"]["id"] == said[-1].response_id
-        )
+        heard = sent_at(call, "output_audio_buffer.stopped", said[-2].response_id)
+        goodbye = sent_at(call, "response.created", said[-1].response_id)
         assert heard < goodbye  # the answer was heard to its end before the goodbye began
 
 
