@@ -585,9 +585,7 @@ async def test_caller_hangup_ends_the_call(stack: Stack, mode: str, gone_status:
     stack.app.on_call_end(lambda ctx, summary: ended.append(summary.reason))
     call = await run_call(stack, Script([GREETING, caller_hangs_up(mode)]))
     await call.wait_ended(timeout=5)
-    runtime = stack.service.registry.calls.get(call.call_id)
-    if runtime is not None:
-        await asyncio.wait_for(runtime.wait_closed(), 5)
+    await stack.ended(call, timeout=5)  # (its end hooks have run)
     await stack.wait_idle()
     assert ended == [reason]
 
@@ -714,9 +712,7 @@ async def test_our_verb_ends_the_call_however_the_service_ends_the_sideband(
         Script([GREETING, caller_says("That's all."), model_calls(tool, arguments), model_says("Bye now.")]),
     )
     await call.wait_ended(timeout=10)
-    runtime = stack.service.registry.calls.get(call.call_id)
-    if runtime is not None:
-        await asyncio.wait_for(runtime.wait_closed(), 5)
+    await stack.ended(call, timeout=5)  # (its end hooks have run)
     await stack.wait_idle()
     assert ended == [reason]
     assert [r.path for r in stack.sim.requests if r.path.endswith(("/hangup", "/refer"))] == [
