@@ -11,6 +11,8 @@ and trusted-server sessions, behind one small API::
     async def lookup_order(order_id: str, ctx: CallContext) -> dict: ...
 """
 
+from importlib.metadata import version
+
 from sideband.app import IncomingCall, Sideband
 from sideband.context import CallContext, SipHeader
 from sideband.runtime.driver import CallSummary, ToolRecord
@@ -37,4 +39,4 @@ __all__ = [
     "load_settings",
 ]
 
-__version__ = "0.1.0"
+__version__ = version("sideband")  # as installed: pyproject.toml is the one place it is written

@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 import structlog
 from aiohttp import web
 
+from sideband import __version__
 from sideband.app import Sideband
 from sideband.logs import configure_logging
 from sideband.routing import RouteError
@@ -181,6 +182,7 @@ async def serve(settings: Settings, app: Sideband) -> None:
         "server.started",
         host=settings.host,
         port=settings.port,
+        version=__version__,
         app=app.name,
         tools=app.tools.names(),
         openai_base_url=settings.openai_base_url,
@@ -272,6 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sideband", description="Business logic beside live voice-AI calls."
     )
+    parser.add_argument("--version", action="version", version=f"sideband {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="serve webhooks, WebRTC doors and sidebands")
     p_serve.add_argument("app", nargs="?", help=f"module:attribute of your app (default {DEFAULT_APP})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -109,6 +110,7 @@ async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> 
     try:
         started = await read_until(proc.stdout, "server.started", lines)
         assert started["tools"] == ["opening_hours"]
+        assert started["version"] == importlib.metadata.version("sideband")
         assert started["event_loop"] == ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
         call = simulator.create_call(
             Script(
@@ -153,6 +155,12 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
         timeout=30,
         check=False,
     )
+
+
+def test_version_is_the_installed_packages() -> None:
+    done = run_cli("--version", env=clean_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"sideband {importlib.metadata.version('sideband')}\n"
 
 
 def test_serve_on_a_port_in_use_is_one_line() -> None:

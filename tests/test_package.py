@@ -1,0 +1,68 @@
+"""The package as an app's author sees it from their own project: its types reach their type checker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+GOOD_APP = '''
+from sideband import CallContext, Sideband
+
+app = Sideband(instructions="You are a helpful receptionist.", voice="marin")
+
+
+@app.tool
+async def opening_hours(day: str, ctx: CallContext) -> str:
+    """Opening hours for a day of the week."""
+    if day == "sunday":
+        await ctx.hangup()
+    return "9am to 5pm"
+'''
+
+# Two mistakes only sideband's own annotations can show: a number as the instructions, and a call
+# context used as if its hangup() were not awaitable.
+BAD_APP = '''
+from sideband import CallContext, Sideband
+
+app = Sideband(instructions=5)
+
+
+@app.tool
+async def opening_hours(day: str, ctx: CallContext) -> str:
+    """Opening hours for a day of the week."""
+    done: int = ctx.hangup()
+    return str(done)
+'''
+
+
+def mypy_outside_the_project(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
+    """mypy --strict on one file of an app's own project: sideband is found where it is installed,
+    as in any project that depends on it, not as a folder beside the file."""
+    (tmp_path / "app.py").write_text(source)
+    return subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / ".cache"), "app.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+def test_an_apps_type_checker_sees_sidebands_types(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    bad = tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    ok = mypy_outside_the_project(good, GOOD_APP)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "Success: no issues found in 1 source file" in ok.stdout
+    wrong = mypy_outside_the_project(bad, BAD_APP)
+    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+    assert 'Argument "instructions" to "Sideband" has incompatible type "int"' in wrong.stdout
+    assert (
+        'Incompatible types in assignment (expression has type "Awaitable[None]", variable has type "int")'
+        in wrong.stdout
+    )
+    assert "import-untyped" not in wrong.stdout
