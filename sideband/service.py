@@ -20,6 +20,7 @@ from websockets.exceptions import InvalidProxy
 from websockets.proxy import Proxy, parse_proxy
 
 from sideband.app import CallPlan, IncomingCall, Sideband
+from sideband.blocking import Stepwise, log_blocked
 from sideband.context import CallContext, SipHeader
 from sideband.logs import clip, failure_fields
 from sideband.routing import RouteTable, session_problem
@@ -424,7 +425,8 @@ class Service:
             return await self.app.decide(call)
         # The hook runs as a task of its own, so that one that overruns is left behind at the budget
         # even when it ignores its cancellation (the caller is ringing); its late decision is dropped.
-        hook = asyncio.ensure_future(_contained(self.app.decide(call)))
+        decision = Stepwise(self.app.decide(call), log_blocked(self.log, hook="on_incoming"))
+        hook = asyncio.ensure_future(_contained(decision))
         try:
             await asyncio.wait((hook,), timeout=self.settings.route_budget)
         except asyncio.CancelledError:  # the server is stopping: not the hook's doing

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import to_json
 
+from .blocking import Stepwise
 from .context import CallContext
 
 __all__ = ["Outcome", "Tool", "ToolError", "ToolRegistry", "ToolResult", "TransferNotAllowed"]
@@ -425,8 +426,19 @@ class ToolRegistry:
 
     # -- execution ------------------------------------------------------------------------------------
 
-    async def execute(self, call_id: str, name: str, arguments: str, ctx: CallContext) -> ToolResult:
+    async def execute(
+        self,
+        call_id: str,
+        name: str,
+        arguments: str,
+        ctx: CallContext,
+        *,
+        on_blocked: Callable[[float, int], None] | None = None,
+    ) -> ToolResult:
         """Validate ``arguments`` (the model's JSON string) and run tool ``name`` under its timeout.
+
+        ``on_blocked(longest, count)`` hears of an async tool whose code held the event loop (see
+        :class:`~sideband.blocking.Stepwise`), once, when it ends.
 
         Never raises for bad input or a failing tool: see :class:`ToolResult` ``outcome``. Cancellation from
         outside propagates (the tool is cancelled with it; a sync tool's thread runs on, result ignored); a
@@ -460,13 +472,18 @@ class ToolRegistry:
         try:
             async with deadline:
                 if tool.is_async:
-                    value = await tool.fn(**kwargs)
+                    value = tool.fn(**kwargs)
+                    if on_blocked is not None and inspect.iscoroutine(value):
+                        value = Stepwise(value, on_blocked)
+                    value = await value
                 else:
                     # Encoded in the thread too: a lazy iterator returned (``map(...)``) runs the tool's
                     # code while it is turned into JSON, and that must not happen on the event loop.
                     run = functools.partial(contextvars.copy_context().run, _call_encoded, tool.fn, kwargs)
                     value = await asyncio.get_running_loop().run_in_executor(self._executor, run)
                     if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
+                        if on_blocked is not None and inspect.iscoroutine(value):
+                            value = Stepwise(value, on_blocked)
                         value = await value
             if deadline.expired():  # it swallowed the cancellation and returned late: still an overrun
                 return _timed_out(call_id, name, limit, start, view)

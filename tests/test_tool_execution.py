@@ -283,7 +283,7 @@ async def test_an_unexpected_error_in_execute_still_answers_the_model(
     async def fetch() -> str:
         return "fine"
 
-    async def broken(self: ToolRegistry, *args: Any) -> Any:
+    async def broken(self: ToolRegistry, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a defect in execute")
 
     monkeypatch.setattr(ToolRegistry, "execute", broken)

@@ -15,6 +15,7 @@ from structlog.typing import FilteringBoundLogger
 
 from sideband import jsonio
 from sideband.app import Sideband
+from sideband.blocking import Stepwise, log_blocked
 from sideband.edge.verify import VerificationError, Verifier
 from sideband.logs import failure_fields
 from sideband.service import Reply, Service, WebhookEvent, rtc_call_id
@@ -269,7 +270,7 @@ async def _browser_gate(request: web.Request, service: Service) -> web.Response 
         service.refused["rtc.closed", 404] += 1
         return _json(404, {"error": "not found"})
     try:
-        allowed = await service.app.authorize(request)
+        allowed = await Stepwise(service.app.authorize(request), log_blocked(log, hook="authorize_browser"))
     except TimeoutError:
         log.error("rtc.authorize_failed", error="timeout")
         service.refused["rtc.authorize_failed", 503] += 1

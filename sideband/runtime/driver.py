@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import CLOSED
 
 from sideband import jsonio
+from sideband.blocking import Stepwise, log_blocked
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.logs import failure_fields
 from sideband.runtime.machine import (
@@ -699,7 +700,8 @@ class CallRuntime:
         started = time.monotonic()
         try:
             try:
-                result = await self.tools.execute(call_id, name, arguments, self.ctx)
+                blocked = log_blocked(self.log, tool=name, tool_call_id=call_id)
+                result = await self.tools.execute(call_id, name, arguments, self.ctx, on_blocked=blocked)
             except asyncio.CancelledError:
                 if self._owns(call_id):
                     self._tool_cancelled(call_id, name, time.monotonic() - started)
@@ -813,7 +815,7 @@ class CallRuntime:
                 tasks[task] = _hook_name(hook)
             try:
                 if inspect.iscoroutinefunction(hook):
-                    await hook(*args)
+                    await Stepwise(hook(*args), log_blocked(self.log, hook=_hook_name(hook)))
                 else:
                     await self._sync_hook(hook, args)
             except BaseException as exc:  # (a SystemExit too: out of a task it would stop the server)
