@@ -11,7 +11,7 @@ and trusted-server sessions, behind one small API::
     async def lookup_order(order_id: str, ctx: CallContext) -> dict: ...
 """
 
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 from sideband.app import IncomingCall, Sideband
 from sideband.context import CallContext, SipHeader
@@ -39,4 +39,7 @@ __all__ = [
     "load_settings",
 ]
 
-__version__ = version("sideband")  # as installed: pyproject.toml is the one place it is written
+try:
+    __version__ = version("sideband")  # as installed: pyproject.toml is the one place it is written
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "unknown"

@@ -12,6 +12,8 @@ import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from sideband import blocking
+
 __all__ = ["configure_logging", "describe", "failure_fields"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -178,9 +180,11 @@ def failure_fields(exc: BaseException, *, message: bool, full: bool) -> dict[str
     line) and the exception's type, no message."""
     if full:
         return {"error": describe(exc, message=True), "exc_info": exc}
-    frames = traceback.extract_tb(exc.__traceback__)[-_STACK_FRAMES:]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename != _STEPWISE]
+    frames = frames[-_STACK_FRAMES:]
     stack = "".join(traceback.format_list(frames)) + type(exc).__name__
     return {"error": describe(exc, message=message), "stack": stack}
 
 
 _STACK_FRAMES = 12
+_STEPWISE = blocking.__file__  # its frames (between a timed tool or hook and its caller) say nothing

@@ -44,7 +44,7 @@ async def test_stepwise_reports_the_steps_that_held_the_loop_once_when_the_corou
     assert len(reports) == 1
     longest, count = reports[0]
     assert count == 2
-    assert HOLD <= longest < HOLD + 0.25
+    assert HOLD <= longest < 2 * HOLD  # the awaited sleep is not in it
 
 
 async def test_stepwise_is_silent_for_code_that_awaits() -> None:
@@ -149,11 +149,43 @@ async def test_an_async_tool_that_blocks_is_named_and_still_answered(stack: Stac
     line = lines[0]
     assert line["tool"] == "slow_lookup" and line["call_id"] == call.call_id
     assert line["log_level"] == "warning" and line["steps"] == 1
-    assert HOLD * 1000 <= line["blocked_ms"] < (HOLD + 0.25) * 1000
+    assert line["blocked_ms"] >= HOLD * 1000
     assert "plain def" in line["detail"]
     finished = [e for e in logs if e["event"] == "tool.finished" and e["tool"] == "slow_lookup"]
     assert finished[0]["tool_call_id"] == line["tool_call_id"]
     assert logs.index(line) < logs.index(finished[0])
+
+
+async def test_an_async_tools_failure_shows_its_own_frames_not_the_timers(stack: Stack) -> None:
+    @stack.app.tool(filler_after=None)
+    async def flaky_lookup(order_id: str) -> str:
+        """Look an order up."""
+        await asyncio.sleep(0)
+        raise LookupError(order_id)
+
+    with capture_logs() as logs:
+        call = await start(
+            stack, Script([HELLO, caller_says("where?"), model_calls("flaky_lookup", {"order_id": "1"})])
+        )
+        await asyncio.wait_for(call.wait_done(), 10)
+        await stack.sim.hang_up(call)
+        await stack.ended(call)
+    finished = next(e for e in logs if e["event"] == "tool.finished")
+    assert finished["outcome"] == "error"
+    frames = [line for line in finished["stack"].splitlines() if line.startswith("  File ")]
+    assert finished["stack"].endswith("LookupError")
+    # the registry called it: nothing in between
+    assert frames[-1].endswith("in flaky_lookup") and frames[-2].endswith("in execute")
+    assert "sideband/blocking.py" not in finished["stack"] and "_collections_abc" not in finished["stack"]
+
+
+class Loader:
+    """A hook written as an object with an ``async __call__``: run like a sync hook, then awaited."""
+
+    __name__ = "loader"
+
+    async def __call__(self, ctx: CallContext) -> None:
+        time.sleep(HOLD)
 
 
 async def test_an_async_call_hook_that_blocks_is_named(stack: Stack) -> None:
@@ -161,14 +193,24 @@ async def test_an_async_call_hook_that_blocks_is_named(stack: Stack) -> None:
     async def load_customer(ctx: CallContext) -> None:
         time.sleep(HOLD)
 
+    async def load_history(ctx: CallContext) -> None:
+        time.sleep(HOLD)
+
+    stack.app.on_call_start(lambda ctx: load_history(ctx))  # noqa: PLW0108 - a sync function returning a coroutine
+    stack.app.on_call_start(Loader())
+
     with capture_logs() as logs:
         call = await start(stack, Script([HELLO, caller_says("hi"), model_says("Hello!")]))
         await asyncio.wait_for(call.wait_done(), 10)
         await stack.sim.hang_up(call)
         await stack.ended(call)
     lines = blocked(logs)
-    assert [(e["hook"], e["call_id"], e["steps"]) for e in lines] == [("load_customer", call.call_id, 1)]
-    assert lines[0]["blocked_ms"] >= HOLD * 1000
+    assert [(e["hook"], e["call_id"], e["steps"]) for e in lines] == [
+        ("load_customer", call.call_id, 1),
+        ("<lambda>", call.call_id, 1),
+        ("loader", call.call_id, 1),
+    ]
+    assert all(e["blocked_ms"] >= HOLD * 1000 for e in lines)
 
 
 async def test_an_async_routing_hook_that_blocks_is_named(stack: Stack) -> None:

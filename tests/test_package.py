@@ -36,13 +36,13 @@ async def opening_hours(day: str, ctx: CallContext) -> str:
 '''
 
 
-def mypy_outside_the_project(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
+def mypy_outside_the_project(folder: Path, source: str, cache: Path) -> subprocess.CompletedProcess[str]:
     """mypy --strict on one file of an app's own project: sideband is found where it is installed,
     as in any project that depends on it, not as a folder beside the file."""
-    (tmp_path / "app.py").write_text(source)
+    (folder / "app.py").write_text(source)
     return subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / ".cache"), "app.py"],
-        cwd=tmp_path,
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(cache), "app.py"],
+        cwd=folder,
         capture_output=True,
         text=True,
         timeout=240,
@@ -55,10 +55,10 @@ def test_an_apps_type_checker_sees_sidebands_types(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     good.mkdir()
     bad.mkdir()
-    ok = mypy_outside_the_project(good, GOOD_APP)
+    ok = mypy_outside_the_project(good, GOOD_APP, tmp_path / "cache")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "Success: no issues found in 1 source file" in ok.stdout
-    wrong = mypy_outside_the_project(bad, BAD_APP)
+    wrong = mypy_outside_the_project(bad, BAD_APP, tmp_path / "cache")
     assert wrong.returncode == 1, wrong.stdout + wrong.stderr
     assert 'Argument "instructions" to "Sideband" has incompatible type "int"' in wrong.stdout
     assert (
@@ -66,3 +66,21 @@ def test_an_apps_type_checker_sees_sidebands_types(tmp_path: Path) -> None:
         in wrong.stdout
     )
     assert "import-untyped" not in wrong.stdout
+
+
+def test_a_source_tree_never_installed_still_imports() -> None:
+    """Without the package's metadata (a vendored copy on PYTHONPATH), the version is unknown, not an
+    import error."""
+    source = (
+        "import importlib.metadata as metadata\n"
+        "def missing(name):\n"
+        "    raise metadata.PackageNotFoundError(name)\n"
+        "metadata.version = missing\n"
+        "import sideband\n"
+        "print(sideband.__version__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", source], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "unknown\n"
