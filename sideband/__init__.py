@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from sideband.app import IncomingCall, Sideband
 from sideband.context import CallContext, SipHeader
 from sideband.runtime.driver import CallSummary, ToolRecord
-from sideband.session import Accept, Refer, Reject, SessionConfig
+from sideband.session import Accept, DecisionError, Refer, Reject, SessionConfig, SessionConfigError
 from sideband.settings import Settings, SettingsError, load_settings
 from sideband.tools import ToolError, ToolResult, TransferNotAllowed
 
@@ -24,10 +24,12 @@ __all__ = [
     "Accept",
     "CallContext",
     "CallSummary",
+    "DecisionError",
     "IncomingCall",
     "Refer",
     "Reject",
     "SessionConfig",
+    "SessionConfigError",
     "Settings",
     "SettingsError",
     "Sideband",

@@ -202,6 +202,11 @@ class Sideband:
         max_identical_calls: int = 3,
         name: str = "sideband",
     ) -> None:
+        if session is not None and not isinstance(session, SessionConfig):
+            raise TypeError(
+                f"session must be a SessionConfig (SessionConfig.model_validate(...) reads a dict), "
+                f"not {type(session).__name__}"
+            )
         config = (session or SessionConfig()).merged(instructions=instructions, voice=voice)
         explicit = {k: v for k, v in (("model", model), ("greeting", greeting)) if not isinstance(v, _Unset)}
         self.config = config.model_copy(update=explicit) if explicit else config

@@ -181,7 +181,7 @@ async def serve(settings: Settings, app: Sideband) -> None:
     log.info(
         "server.started",
         host=settings.host,
-        port=settings.port,
+        port=runner.addresses[0][1],  # the one bound (with --port 0, the system's pick)
         version=__version__,
         app=app.name,
         tools=app.tools.names(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import hashlib
 import hmac
 import os
@@ -59,7 +60,7 @@ class Settings(BaseSettings):
 
     # (hide_input_in_errors: a malformed secret must not be quoted in the error that names it)
     model_config = SettingsConfigDict(
-        extra="ignore", frozen=True, populate_by_name=True, hide_input_in_errors=True, allow_inf_nan=False
+        extra="forbid", frozen=True, populate_by_name=True, hide_input_in_errors=True, allow_inf_nan=False
     )
 
     openai_api_key: SecretStr | None = _env("OPENAI_API_KEY")
@@ -217,6 +218,19 @@ def _alias(field: Any) -> str:
 _NAMES: dict[str, str] = {name: _alias(f) for name, f in Settings.model_fields.items()}
 
 
+_ALIASES = frozenset(_NAMES.values())
+
+
+def _unknown(key: str) -> str:
+    """The error for an override that names no setting, with the closest field names."""
+    # (a variable's name without its prefix is the usual slip: SIDEBAND_MAX_IDLE_SECONDS → max_idle_seconds)
+    by_env = {n.removeprefix("SIDEBAND_").removeprefix("OPENAI_").lower(): f for f, n in _NAMES.items()}
+    near = [by_env[key.lower()]] if key.lower() in by_env else []
+    near += [n for n in difflib.get_close_matches(key, _NAMES, n=3, cutoff=0.6) if n not in near]
+    hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+    return f"{key}: not a setting{hint}"
+
+
 def env_name(field: str) -> str:
     """The environment variable behind a settings field."""
     return str(_NAMES.get(field, field))
@@ -251,6 +265,9 @@ def load_settings(
     message naming the variable, or the option when the bad value came from one.
     """
     values = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = [k for k in values if k not in _NAMES and k not in _ALIASES]
+    if unknown:  # a misspelt override would otherwise leave the default in place, silently
+        raise SettingsError(_unknown(unknown[0]))
     try:
         if environ is None:
             settings: Settings = Settings(**values)

@@ -525,3 +525,9 @@ async def test_end_call_tool_hangs_up() -> None:
     result = await app.tools.execute("c1", "hang_up", "", CallContext("rtc_1", actions=Actions()))
     assert result.ok
     assert reasons == ["end_call_tool"]
+
+
+def test_a_session_given_as_a_dict_is_a_clear_type_error() -> None:
+    with pytest.raises(TypeError, match=r"session must be a SessionConfig .* not dict"):
+        Sideband(session={"voice": "marin"})  # type: ignore[arg-type]
+    assert Sideband(session=SessionConfig.model_validate({"voice": "marin"})).config.voice == "marin"

@@ -94,7 +94,6 @@ async def start_serve(
 
 
 async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> None:
-    port = free_port()
     env = serve_env(
         simulator,
         SIDEBAND_DRAIN_TIMEOUT="2",
@@ -104,11 +103,13 @@ async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> 
         DRAIN_TIMEOUT="-1",
         WEBHOOK_SECRET="not-a-whsec",
     )
-    proc = await start_serve(port, env)
+    proc = await start_serve(0, env)  # any free port: server.started says which
     assert proc.stdout is not None
     lines: list[dict[str, object]] = []
     try:
         started = await read_until(proc.stdout, "server.started", lines)
+        port = started["port"]
+        assert isinstance(port, int) and port > 0
         assert started["tools"] == ["opening_hours"]
         assert started["version"] == importlib.metadata.version("sideband")
         assert started["event_loop"] == ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")

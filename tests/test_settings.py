@@ -139,6 +139,25 @@ def test_unknown_variables_are_ignored() -> None:
     assert load({"SIDEBAND_NOT_A_THING": "x", "PATH": "/bin"}).port == 8080
 
 
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("max_idle_seconds", "max_idle_seconds: not a setting (did you mean max_idle_duration?)"),
+        ("api_key", "api_key: not a setting (did you mean openai_api_key"),
+        ("max_idle", "max_idle: not a setting (did you mean max_idle_duration?)"),
+        ("routes_fle", "routes_fle: not a setting (did you mean routes_file"),
+        ("colour", "colour: not a setting"),
+    ],
+)
+def test_an_override_that_names_no_setting_is_refused(key: str, message: str) -> None:
+    """A misspelt override (run_app(app, max_idle=5) in a test) would leave the default in place."""
+    with pytest.raises(SettingsError) as err:
+        load(overrides={key: 5})
+    assert str(err.value).startswith(message)
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        Settings(**{key: 5})  # type: ignore[arg-type]
+
+
 def test_reads_process_environment_when_environ_not_given(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SIDEBAND_PORT", "9123")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")

@@ -38,7 +38,7 @@ from .simulator import (
     SimCall,
     Simulator,
 )
-from .vowel import VowelSimulator as VowelSimulator
+from .vowel import VowelSimulator
 
 __all__ = [
     "DEFAULT_API_KEY",
@@ -53,6 +53,7 @@ __all__ = [
     "SimCall",
     "Simulator",
     "Step",
+    "VowelSimulator",
     "WebhookSender",
     "caller_hangs_up",
     "caller_presses",
