@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import importlib
+import inspect
 import os
 import signal
 import socket
@@ -61,6 +62,11 @@ def load_app(spec: str | None) -> Sideband:
                 obj = obj()
             except Exception as exc:
                 raise CliError(f"{spec} raised: {_raised(exc)}") from None
+            if inspect.iscoroutine(obj):  # an async factory: serve runs no loop yet to await it in
+                obj.close()
+                raise CliError(
+                    f"{spec} is an async function: a factory must be a plain def returning the app"
+                )
         if not isinstance(obj, Sideband):
             raise CliError(f"{spec} is not a sideband.Sideband app")
     return obj

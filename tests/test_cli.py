@@ -677,6 +677,7 @@ async def test_a_webhook_in_flight_keeps_the_listener_and_its_call_gets_the_wind
         ("import json\njson.loads('{not json')\n", "broken_app:app", "(broken_app.py:2)"),  # not json's
         ("raise ValueError('first\\nsecond\\nthird')\n", "broken_app:app", "ValueError: first second third"),
         ("app = None\n", "broken_app:app", "broken_app:app is not a sideband.Sideband app"),
+        ("async def make():\n    return None\n", "broken_app:make", "broken_app:make is an async function"),
     ],
 )
 def test_an_app_that_fails_to_load_is_one_line(tmp_path: Path, source: str, spec: str, expected: str) -> None:
