@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 from sideband.app import Sideband
 from sideband.context import CallContext
@@ -113,34 +114,58 @@ MAX_CALLS = 100
 
 
 class _Printer:
+    """Prints each call's story, and tells the demo when a call has ended.
+
+    Its hooks are coroutine functions: they run on the event loop, in the order they were triggered, so
+    they may touch loop objects (a plain hook would run in a worker thread, where an
+    :class:`asyncio.Event` must not be set)."""
+
     def __init__(self, out: TextIO) -> None:
         self.out = out
         self.ended: dict[str, asyncio.Event] = {}
         self.summaries: dict[str, CallSummary] = {}
         self.t0 = time.monotonic()
+        self._installed: list[tuple[list[Callable[..., Any]], Callable[..., Any]]] = []
 
     def line(self, tag: str, text: str) -> None:
+        """Write one timestamped line."""
         self.out.write(f"  {time.monotonic() - self.t0:6.2f}s  {tag:<7} {text}\n")
         self.out.flush()
 
     def install(self, app: Sideband) -> None:
-        def transcript(ctx: CallContext, role: str, text: str) -> None:
+        """Add the printing hooks to ``app`` (see :meth:`uninstall`)."""
+
+        async def transcript(ctx: CallContext, role: str, text: str) -> None:
             self.line(role, text)
 
-        def tool(ctx: CallContext, record: ToolRecord) -> None:
+        async def tool(ctx: CallContext, record: ToolRecord) -> None:
             self.line("tool", f"{record.name} → {record.outcome} in {record.duration * 1000:.1f} ms")
 
-        def dtmf(ctx: CallContext, digit: str) -> None:
+        async def dtmf(ctx: CallContext, digit: str) -> None:
             self.line("keypad", digit)
 
-        def ended(ctx: CallContext, summary: CallSummary) -> None:
+        async def ended(ctx: CallContext, summary: CallSummary) -> None:
             self.summaries[ctx.call_id] = summary
             self.ended.setdefault(ctx.call_id, asyncio.Event()).set()
 
-        app.on_transcript(transcript)
-        app.on_tool(tool)
-        app.on_dtmf(dtmf)
-        app.on_call_end(ended)
+        self._installed = [
+            (app.on_transcript_hooks, app.on_transcript(transcript)),
+            (app.on_tool_hooks, app.on_tool(tool)),
+            (app.on_dtmf_hooks, app.on_dtmf(dtmf)),
+            (app.on_call_end_hooks, app.on_call_end(ended)),
+        ]
+
+    def uninstall(self) -> None:
+        """Take the printing hooks off the app again: it may be run (or demonstrated) once more."""
+        for hooks, hook in self._installed:
+            if hook in hooks:
+                hooks.remove(hook)
+        self._installed = []
+
+
+def _plural(count: int, noun: str) -> str:
+    """``count`` and ``noun``, in the plural unless ``count`` is 1 (``1 call``, ``2 calls``)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO | None = None) -> int:
@@ -162,9 +187,22 @@ async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO |
         scenarios = [pool[i % len(pool)] for i in range(calls)]
     printer = _Printer(out)
     printer.install(app)
+    try:
+        failures = await _place_calls(app, scenarios, printer)
+    finally:
+        printer.uninstall()
+    failures += await run_vowel_demo(user_app, out)
+    out.write(f"\n{_plural(len(scenarios), 'call')} and a trusted-server session, {failures} failed.\n")
+    return 1 if failures else 0
+
+
+async def _place_calls(app: Sideband, scenarios: list[Scenario], printer: _Printer) -> int:
+    """Serve ``app`` against the simulator and place the ``scenarios`` one after another; returns how
+    many failed (a call that did not end in time or broke its script, or whose routing hook failed)."""
+    out = printer.out
     failures = 0
     async with run_app(app, max_idle_duration=30) as harness:
-        sim = harness.sim
+        sim, counters = harness.sim, harness.service.counters
         out.write(f"sideband demo: server on {harness.base_url}, simulator at {sim.base_url}\n")
         for n, scenario in enumerate(scenarios, 1):
             call = sim.create_call(
@@ -176,11 +214,21 @@ async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO |
                 f"{scenario.to_number})\n"
             )
             started = time.monotonic()
+            route_failed = counters["route_failed"]
             result = await harness.sender.deliver(sim.incoming_event(call))
             printer.line(
                 "webhook",
                 f"{result.status} in {(time.monotonic() - started) * 1000:.1f} ms, call {call.status}",
             )
+            if counters["route_failed"] > route_failed:
+                failures += 1
+                printer.line(
+                    "error",
+                    "the routing hook failed (it raised, overran its budget or decided something that "
+                    f"cannot be sent), so the call was {call.status} with "
+                    f"{harness.settings.route_failure_status}: see call.route_failed in the log",
+                )
+                continue
             if call.status != "accepted":
                 printer.line("end", f"{call.status} ({call.reject_body or call.refer_target or ''})")
                 continue
@@ -200,6 +248,4 @@ async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO |
             if call.script_error:
                 failures += 1
                 printer.line("error", call.script_error)
-    failures += await run_vowel_demo(user_app, out)
-    out.write(f"\n{len(scenarios)} calls and a trusted-server session, {failures} failed.\n")
-    return 1 if failures else 0
+    return failures

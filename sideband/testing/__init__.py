@@ -15,30 +15,36 @@ Point the code under test at ``sim.base_url`` (REST) with ``sim.api_key``; verif
 provides a ``simulator`` fixture.
 """
 
-from .harness import Harness, run_app
-from .script import (
-    Script,
-    Step,
-    caller_hangs_up,
-    caller_presses,
-    caller_says,
-    model_calls,
-    model_says,
-    pause,
-    wait_for_greeting,
-)
-from .sender import DeliveryResult, WebhookSender
-from .simulator import (
-    DEFAULT_API_KEY,
-    DEFAULT_WEBHOOK_SECRET,
-    InjectedCall,
-    RequestRecord,
-    ResponseRecord,
-    ScriptError,
-    SimCall,
-    Simulator,
-)
-from .vowel import VowelSimulator
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .harness import Harness, run_app
+    from .script import (
+        Script,
+        Step,
+        caller_hangs_up,
+        caller_presses,
+        caller_says,
+        model_calls,
+        model_says,
+        pause,
+        wait_for_greeting,
+    )
+    from .sender import DeliveryResult, WebhookSender
+    from .simulator import (
+        DEFAULT_API_KEY,
+        DEFAULT_WEBHOOK_SECRET,
+        InjectedCall,
+        RequestRecord,
+        ResponseRecord,
+        ScriptError,
+        SimCall,
+        Simulator,
+    )
+    from .vowel import VowelSimulator
 
 __all__ = [
     "DEFAULT_API_KEY",
@@ -64,3 +70,32 @@ __all__ = [
     "run_app",
     "wait_for_greeting",
 ]
+
+_HOMES = {
+    **dict.fromkeys(("Harness", "run_app"), ".harness"),
+    **dict.fromkeys(("DeliveryResult", "WebhookSender"), ".sender"),
+    **dict.fromkeys(
+        (
+            *("Script", "Step", "caller_hangs_up", "caller_presses", "caller_says", "model_calls"),
+            *("model_says", "pause", "wait_for_greeting"),
+        ),
+        ".script",
+    ),
+    **dict.fromkeys(
+        (
+            *("DEFAULT_API_KEY", "DEFAULT_WEBHOOK_SECRET", "InjectedCall", "RequestRecord"),
+            *("ResponseRecord", "ScriptError", "SimCall", "Simulator"),
+        ),
+        ".simulator",
+    ),
+    "VowelSimulator": ".vowel",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Each name is imported on first use (PEP 562): loading the pytest plugin, which lives in this
+    package, imports no simulator into a test run that uses none."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(home, __name__), name)

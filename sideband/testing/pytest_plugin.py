@@ -2,17 +2,20 @@
 
 ``simulator``: a started :class:`~sideband.testing.Simulator`, closed after the test. It needs an asyncio
 pytest plugin (pytest-asyncio, e.g. via pytest-aiohttp); without one the fixture is not defined, so loading
-this plugin never breaks an unrelated test suite.
+this plugin never breaks an unrelated test suite. The simulators are imported by the fixtures that start
+them, not when the plugin is loaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import pytest
 
-from .simulator import Simulator
-from .vowel import VowelSimulator
+if TYPE_CHECKING:
+    from .simulator import Simulator
+    from .vowel import VowelSimulator
 
 __all__ = ["simulator"]
 
@@ -26,6 +29,8 @@ else:
     async def simulator() -> AsyncIterator[Simulator]:
         """A started :class:`Simulator` on a free loopback port; closed afterwards, failing the test if the
         simulator itself hit an internal error."""
+        from .simulator import Simulator
+
         async with Simulator() as sim:
             yield sim
         broken = {cid: call.internal_errors for cid, call in sim.calls.items() if call.internal_errors}
@@ -35,5 +40,7 @@ else:
     @pytest_asyncio.fixture
     async def vowel() -> AsyncIterator[VowelSimulator]:
         """A started :class:`~sideband.testing.vowel.VowelSimulator` (vowel core + engine on loopback)."""
+        from .vowel import VowelSimulator
+
         async with VowelSimulator() as sim:
             yield sim
