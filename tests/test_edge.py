@@ -418,3 +418,15 @@ async def test_a_lone_surrogate_in_a_sip_header_does_not_sink_the_call(stack: St
         assert (status, answer) == (200, {"status": "accepted"})
         await call.wait_connected(timeout=5)
     assert not [e for e in logs if e["event"] in ("webhook.rejected", "http.internal_error")]
+
+
+@pytest.mark.parametrize("settings_overrides", [{"openai_api_key": "sk-not-this-projects"}])
+async def test_a_refused_api_key_is_named_in_the_log(stack: Stack) -> None:
+    """OpenAI answers 401 to a wrong key: the log says which setting to check, not only the status."""
+    call = stack.sim.create_call(Script([]))
+    with capture_logs() as logs:
+        result = await stack.sender.deliver(stack.sim.incoming_event(call))
+    assert result.status == 200 and call.status == "ringing"  # the reject instead was refused too
+    failed = [e for e in logs if e["event"] in ("call.accept_failed", "call.answer_failed")]
+    assert [e["status"] for e in failed] == [401, 401], failed
+    assert all("OpenAI refused the API key (check OPENAI_API_KEY)" in e["error"] for e in failed), failed

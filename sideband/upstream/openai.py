@@ -50,6 +50,18 @@ def why(exc: BaseException) -> str:
     return why if len(why) <= 300 else why[:299] + "…"
 
 
+def answered(what: str, status: int) -> str:
+    """``POST /x answered 503``; for a refused key (401, 403), what the operator should check too."""
+    if status == 401:
+        return f"{what} answered 401: OpenAI refused the API key (check OPENAI_API_KEY)"
+    if status == 403:
+        return (
+            f"{what} answered 403: the API key may not do this (is OPENAI_API_KEY a key of the project "
+            "whose webhook this is?)"
+        )
+    return f"{what} answered {status}"
+
+
 class UpstreamError(Exception):
     """OpenAI answered with an error status (``status``) or could not be reached (``status`` None).
     ``retry_after``: the seconds its ``Retry-After`` header asked to wait, if it sent one."""
@@ -146,7 +158,7 @@ class CallControl:
                     raise CallGone(f"call {call_id} not found", resp.status, text)
                 if resp.status >= 300:
                     raise UpstreamError(
-                        f"POST {path} answered {resp.status}",
+                        answered(f"POST {path}", resp.status),
                         resp.status,
                         text,
                         retry_after=retry_after(resp.headers.get("Retry-After")),
@@ -207,7 +219,7 @@ class CallControl:
             ):
                 text = (await resp.read()).decode("utf-8", "replace")
                 if resp.status != 201:
-                    raise UpstreamError(f"POST /realtime/calls answered {resp.status}", resp.status, text)
+                    raise UpstreamError(answered("POST /realtime/calls", resp.status), resp.status, text)
                 location = resp.headers.get("Location", "")
         except TimeoutError:
             raise UpstreamError("POST /realtime/calls timed out") from None
@@ -339,7 +351,8 @@ async def connect_sideband(
         if status in (404, 410):
             raise CallGone(f"sideband refused: call {call_id} not found", status, body) from None
         wait = retry_after(exc.response.headers.get("Retry-After"))
-        raise SidebandRefused(f"sideband refused with {status}", status, body, retry_after=wait) from None
+        message = answered("sideband connect", status)
+        raise SidebandRefused(message, status, body, retry_after=wait) from None
     except (OSError, TimeoutError) as exc:
         raise UpstreamError(f"sideband connect failed: {why(exc)}") from None
     except Exception as exc:  # websockets raises InvalidHandshake/InvalidMessage subclasses too
