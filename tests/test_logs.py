@@ -128,3 +128,33 @@ def test_a_body_aiohttp_fails_to_decode_is_a_warning_without_traceback(restored:
     (line,) = lines(out)
     assert line["level"] == "warning" and str(line["event"]).startswith("bad request: RequestPayloadError")
     assert "exception" not in line
+
+
+class Opaque:
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"call_id": "rtc_1", "duration_ms": 1.25, "tools": ["a", "b"], "ok": True, "none": None},
+        {"text": "Grüße, 東京 — ça va?"},  # non-ASCII: escaped, as the standard encoder writes it
+        {"text": "\x1b]0;owned\x07 and \u202e and \x7f and \x9b"},  # controls, bidi, DEL, C1
+        {"text": "rub\x7fout"},  # DEL alone: ASCII, yet not printable
+        {"text": "half a pair \ud83d"},  # a lone surrogate (the standard decoder lets them through)
+        {"big": 2**70, "keys": {1: "one"}},  # an int over 64 bits, a key that is not a string
+        {"thing": Opaque()},
+    ],
+)
+def test_json_lines_are_printable_ascii_json(restored: None, fields: dict[str, object]) -> None:
+    out = io.StringIO()
+    configure_logging("json", "info", out)
+    structlog.get_logger().info("probe", **fields)
+    line = out.getvalue()
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert line.isascii() and all(ch.isprintable() for ch in line[:-1]), line
+    parsed = json.loads(line)
+    expected = json.loads(json.dumps(fields, default=repr))
+    assert {k: parsed[k] for k in fields} == expected
+    assert parsed["event"] == "probe" and parsed["level"] == "info" and parsed["timestamp"].endswith("Z")
