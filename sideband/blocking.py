@@ -9,11 +9,12 @@ between two of its awaits that suspend, and reports the steps that held the loop
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
-__all__ = ["BLOCKED_AFTER", "Stepwise", "log_blocked"]
+__all__ = ["BLOCKED_AFTER", "Stepwise", "log_blocked", "timed"]
 
 T = TypeVar("T")
 
@@ -36,6 +37,14 @@ def log_blocked(log: Any, **by: str) -> Callable[[float, int], None]:
         )
 
     return report
+
+
+def timed(awaitable: Awaitable[T], report: Callable[[float, int], None] | None) -> Awaitable[T]:
+    """``awaitable`` as a :class:`Stepwise` when it is a coroutine and there is a ``report``; as it is
+    otherwise (a future, an object with ``__await__`` of its own: nothing to time step by step)."""
+    if report is not None and inspect.iscoroutine(awaitable):
+        return Stepwise(awaitable, report)
+    return awaitable
 
 
 class Stepwise(Generator[Any, Any, T]):

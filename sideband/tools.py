@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import to_json
 
-from .blocking import Stepwise
+from .blocking import timed
 from .context import CallContext
 
 __all__ = ["Outcome", "Tool", "ToolError", "ToolRegistry", "ToolResult", "TransferNotAllowed"]
@@ -472,19 +472,14 @@ class ToolRegistry:
         try:
             async with deadline:
                 if tool.is_async:
-                    value = tool.fn(**kwargs)
-                    if on_blocked is not None and inspect.iscoroutine(value):
-                        value = Stepwise(value, on_blocked)
-                    value = await value
+                    value = await timed(tool.fn(**kwargs), on_blocked)
                 else:
                     # Encoded in the thread too: a lazy iterator returned (``map(...)``) runs the tool's
                     # code while it is turned into JSON, and that must not happen on the event loop.
                     run = functools.partial(contextvars.copy_context().run, _call_encoded, tool.fn, kwargs)
                     value = await asyncio.get_running_loop().run_in_executor(self._executor, run)
                     if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
-                        if on_blocked is not None and inspect.iscoroutine(value):
-                            value = Stepwise(value, on_blocked)
-                        value = await value
+                        value = await timed(value, on_blocked)
             if deadline.expired():  # it swallowed the cancellation and returned late: still an overrun
                 return _timed_out(call_id, name, limit, start, view)
             output = value.text if isinstance(value, _Encoded) else _encode(value)

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import CLOSED
 
 from sideband import jsonio
-from sideband.blocking import Stepwise, log_blocked
+from sideband.blocking import log_blocked, timed
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.logs import failure_fields
 from sideband.runtime.machine import (
@@ -815,7 +815,7 @@ class CallRuntime:
                 tasks[task] = _hook_name(hook)
             try:
                 if inspect.iscoroutinefunction(hook):
-                    await self._timed(hook, hook(*args))
+                    await timed(hook(*args), log_blocked(self.log, hook=_hook_name(hook)))
                 else:
                     await self._sync_hook(hook, args)
             except BaseException as exc:  # (a SystemExit too: out of a task it would stop the server)
@@ -871,13 +871,7 @@ class CallRuntime:
         finally:
             del work  # it holds the hook's exception, whose traceback holds this frame: no cycle
         if inspect.isawaitable(result):  # a sync wrapper around a coroutine function
-            await self._timed(hook, result)
-
-    def _timed(self, hook: Callable[..., Any], awaitable: Awaitable[Any]) -> Awaitable[Any]:
-        """A hook's coroutine, timed step by step (``loop.blocked``); another awaitable as it is."""
-        if inspect.iscoroutine(awaitable):
-            return Stepwise(awaitable, log_blocked(self.log, hook=_hook_name(hook)))
-        return awaitable
+            await timed(result, log_blocked(self.log, hook=_hook_name(hook)))
 
     async def _cleanup(self) -> None:
         if self._alarm is not None:
