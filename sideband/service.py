@@ -70,6 +70,10 @@ left up talks on with nobody running its tools, so it gets longer than the accep
 HANDOFF_GRACE = 60.0
 """Seconds a handoff ticket outlives the ephemeral key minted with it (``SIDEBAND_RTC_KEY_TTL``)."""
 
+NONCE_MARGIN = 3600.0
+"""Seconds a spent ticket is remembered beyond the longest life a ticket has: a wall-clock step back, or
+instances' clocks apart, by less than this cannot make it valid and unspent again."""
+
 
 class _SipHeaderModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -705,7 +709,10 @@ class Service:
             info = self.tickets.verify(ticket if isinstance(ticket, str) else "")
         except TicketError as exc:
             return self._handoff_refused(403, str(exc), call_id)
-        ttl = max(info.expires_at - time.time(), 1.0) + 60
+        # A spent ticket is remembered for the longest life a ticket has, and an hour more: not for its
+        # remaining wall-clock life, which a clock stepped back (or another instance's clock running
+        # behind) would stretch past the claim, so that it could be spent twice.
+        ttl = self.settings.rtc_key_ttl + HANDOFF_GRACE + NONCE_MARGIN
         with structlog.contextvars.bound_contextvars(call_id=call_id):
             if not await self.store.claim(f"call:{call_id}", self._pending_ttl):
                 # (the ticket stays unused)

@@ -76,15 +76,23 @@ class Settings(BaseSettings):
     log_transcripts: bool = _env("SIDEBAND_LOG_TRANSCRIPTS", True)
     """False (say, on a payment line): ``transcript`` lines carry role and length, ``dtmf`` no digit."""
 
-    webhook_max_body: int = Field(default=256 * 1024, gt=0, validation_alias="SIDEBAND_WEBHOOK_MAX_BODY")
+    # (Every duration has a ceiling far above any sensible value: an absurd one, 1e16 s, would overflow
+    # the store's millisecond TTLs and refuse every webhook, after a clean start.)
+    webhook_max_body: int = Field(
+        default=256 * 1024, gt=0, le=64 * 2**20, validation_alias="SIDEBAND_WEBHOOK_MAX_BODY"
+    )
     webhook_tolerance: float = Field(  # (at most an hour: far inside the claims' 72 h)
         default=300.0, gt=0, le=3600.0, validation_alias="SIDEBAND_WEBHOOK_TOLERANCE"
     )
-    dedup_ttl: float = Field(default=72 * 3600.0, ge=72 * 3600.0, validation_alias="SIDEBAND_DEDUP_TTL")
+    dedup_ttl: float = Field(
+        default=72 * 3600.0, ge=72 * 3600.0, le=30 * 86400.0, validation_alias="SIDEBAND_DEDUP_TTL"
+    )
 
-    accept_attempt_timeout: float = Field(default=2.0, gt=0, validation_alias="SIDEBAND_ACCEPT_TIMEOUT")
-    accept_budget: float = Field(default=4.0, gt=0, validation_alias="SIDEBAND_ACCEPT_BUDGET")
-    route_budget: float = Field(default=1.0, gt=0, validation_alias="SIDEBAND_ROUTE_BUDGET")
+    accept_attempt_timeout: float = Field(
+        default=2.0, gt=0, le=60.0, validation_alias="SIDEBAND_ACCEPT_TIMEOUT"
+    )
+    accept_budget: float = Field(default=4.0, gt=0, le=60.0, validation_alias="SIDEBAND_ACCEPT_BUDGET")
+    route_budget: float = Field(default=1.0, gt=0, le=60.0, validation_alias="SIDEBAND_ROUTE_BUDGET")
     route_failure_status: int = Field(
         default=480, ge=400, le=699, validation_alias="SIDEBAND_ROUTE_FAILURE_STATUS"
     )
@@ -94,11 +102,15 @@ class Settings(BaseSettings):
     memory, for one instance. Secret: its password must not reach logs or errors."""
 
     ws_compression: bool = _env("SIDEBAND_WS_COMPRESSION", False)
-    reattach_attempts: int = Field(default=5, ge=0, validation_alias="SIDEBAND_REATTACH_ATTEMPTS")
+    reattach_attempts: int = Field(default=5, ge=0, le=100, validation_alias="SIDEBAND_REATTACH_ATTEMPTS")
     # (59 min: OpenAI cuts every session at 60 without a word; ours says goodbye first)
-    max_call_duration: float = Field(default=3540.0, gt=0, validation_alias="SIDEBAND_MAX_CALL_SECONDS")
-    max_idle_duration: float = Field(default=300.0, gt=0, validation_alias="SIDEBAND_MAX_IDLE_SECONDS")
-    drain_timeout: float = Field(default=30.0, ge=0, validation_alias="SIDEBAND_DRAIN_TIMEOUT")
+    max_call_duration: float = Field(
+        default=3540.0, gt=0, le=86400.0, validation_alias="SIDEBAND_MAX_CALL_SECONDS"
+    )
+    max_idle_duration: float = Field(
+        default=300.0, gt=0, le=86400.0, validation_alias="SIDEBAND_MAX_IDLE_SECONDS"
+    )
+    drain_timeout: float = Field(default=30.0, ge=0, le=3600.0, validation_alias="SIDEBAND_DRAIN_TIMEOUT")
 
     rtc_ticket_secret: SecretStr | None = _env("SIDEBAND_RTC_TICKET_SECRET")
     rtc_key_ttl: int = Field(default=600, ge=10, le=7200, validation_alias="SIDEBAND_RTC_KEY_TTL")

@@ -480,7 +480,10 @@ class ToolRegistry:
                     value = await asyncio.get_running_loop().run_in_executor(self._executor, run)
                     if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
                         value = await timed(value, on_blocked)
-            if deadline.expired():  # it swallowed the cancellation and returned late: still an overrun
+            due = deadline.when()
+            if deadline.expired() or (due is not None and asyncio.get_running_loop().time() >= due):
+                # It swallowed the cancellation and returned late, or it held the event loop past its
+                # deadline, whose timer never got to fire: an overrun all the same.
                 return _timed_out(call_id, name, limit, start, view)
             output = value.text if isinstance(value, _Encoded) else _encode(value)
             if len(output) > MAX_OUTPUT:

@@ -239,3 +239,27 @@ async def test_an_async_browser_gate_that_blocks_is_named(stack: Stack) -> None:
     lines = blocked(logs)
     assert [(e["hook"], e["steps"]) for e in lines] == [("authorize_browser", 1)]
     assert lines[0]["blocked_ms"] >= HOLD * 1000
+
+
+async def test_an_async_tool_that_blocks_past_its_timeout_has_timed_out(stack: Stack) -> None:
+    """Its timeout's timer cannot fire while it holds the loop: the overrun is seen when it returns."""
+
+    @stack.app.tool(filler_after=None, timeout=BLOCKED_AFTER)
+    async def stuck_lookup(order_id: str) -> str:
+        """Look an order up with a blocking client."""
+        time.sleep(HOLD)
+        return "shipped"
+
+    call = await start(
+        stack,
+        Script(
+            [HELLO, caller_says("where?"), model_calls("stuck_lookup", {"order_id": "1"}), model_says("Hm.")]
+        ),
+    )
+    await asyncio.wait_for(call.wait_done(), 10)
+    assert outputs(call) == [
+        {"error": "timeout", "message": f"The tool took longer than {BLOCKED_AFTER:g} s"}
+    ]
+    await stack.sim.hang_up(call)
+    summary = await stack.ended(call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("stuck_lookup", "timeout")]

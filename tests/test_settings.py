@@ -474,3 +474,24 @@ def test_cli_serve_without_api_key_fails_with_one_line() -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "OPENAI_API_KEY" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "SIDEBAND_DEDUP_TTL",
+        "SIDEBAND_ACCEPT_TIMEOUT",
+        "SIDEBAND_ACCEPT_BUDGET",
+        "SIDEBAND_ROUTE_BUDGET",
+        "SIDEBAND_MAX_CALL_SECONDS",
+        "SIDEBAND_MAX_IDLE_SECONDS",
+        "SIDEBAND_DRAIN_TIMEOUT",
+        "SIDEBAND_REATTACH_ATTEMPTS",
+        "SIDEBAND_WEBHOOK_MAX_BODY",
+    ],
+)
+def test_an_absurdly_large_value_is_refused_at_start(variable: str) -> None:
+    """1e16 seconds would overflow the store's millisecond TTLs and refuse every webhook after a clean
+    start: every duration, count and size has a ceiling."""
+    with pytest.raises(SettingsError, match=rf"^{variable}: Input should be less than or equal to"):
+        load({variable: "10000000000000000"})

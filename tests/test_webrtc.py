@@ -335,3 +335,35 @@ async def test_upstream_faults_map_to_what_the_browser_may_know(simulator: Simul
             )
     finally:
         await server.close()
+
+
+async def test_a_spent_ticket_stays_spent_when_the_wall_clock_steps_back(simulator: Simulator) -> None:
+    """The spent ticket is remembered by the store's clock for longer than any ticket lives, so a wall
+    clock stepped back (NTP) cannot make it unexpired and unspent at once."""
+    from sideband.service import Service
+    from sideband.stores import MemoryStore
+
+    from .conftest import settings_for
+
+    wall, steady = [time.time()], [1000.0]
+    settings = settings_for(simulator, rtc_ticket_secret="s" * 40)
+    service = Service(settings, make_app(), store=MemoryStore(clock=lambda: steady[0]), clock=lambda: wall[0])
+    await service.start()
+    try:
+        assert service.tickets is not None
+        ticket, info = service.tickets.issue()
+        first = simulator.create_webrtc_call(Script([]))
+        assert (await service.rtc_handoff(first.call_id, ticket, wait=2)).status == 200  # attached
+        again = simulator.create_webrtc_call(Script([]))
+        assert (await service.rtc_handoff(again.call_id, ticket, wait=2)).status == 403
+        # 12 minutes pass, while the wall clock is stepped back 5 of them: by the wall clock the ticket
+        # still has minutes to live.
+        steady[0] += 12 * 60
+        wall[0] += 12 * 60 - 300
+        assert info.expires_at > wall[0]
+        late = simulator.create_webrtc_call(Script([]))
+        refused = await service.rtc_handoff(late.call_id, ticket, wait=2)
+        assert (refused.status, refused.body) == (403, {"error": "ticket already used"})
+    finally:
+        await service.registry.drain(0.0)
+        await service.close()
