@@ -188,6 +188,8 @@ async def serve(settings: Settings, app: Sideband) -> None:
         "server.started",
         host=settings.host,
         port=runner.addresses[0][1],  # the one bound (with --port 0, the system's pick)
+        # (each socket: with --host "" and --port 0, IPv4 and IPv6 get a port each)
+        listening=[_address(str(a[0]), int(a[1])) for a in runner.addresses],
         version=__version__,
         app=app.name,
         tools=app.tools.names(),

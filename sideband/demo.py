@@ -214,19 +214,20 @@ async def _place_calls(app: Sideband, scenarios: list[Scenario], printer: _Print
                 f"{scenario.to_number})\n"
             )
             started = time.monotonic()
-            route_failed = counters["route_failed"]
+            failed_before = counters["route_failed"] + counters["config_invalid"]
             result = await harness.sender.deliver(sim.incoming_event(call))
             printer.line(
                 "webhook",
                 f"{result.status} in {(time.monotonic() - started) * 1000:.1f} ms, call {call.status}",
             )
-            if counters["route_failed"] > route_failed:
+            if counters["route_failed"] + counters["config_invalid"] > failed_before:
                 failures += 1
                 printer.line(
                     "error",
                     "the routing hook failed (it raised, overran its budget or decided something that "
                     f"cannot be sent), so the call was {call.status} with "
-                    f"{harness.settings.route_failure_status}: see call.route_failed in the log",
+                    f"{harness.settings.route_failure_status}: see call.route_failed or "
+                    "call.config_invalid in the log",
                 )
                 continue
             if call.status != "accepted":

@@ -467,6 +467,7 @@ class Service:
                         self._sip_checked.clear()
                     self._sip_checked[id(plan)] = plan
             except (SessionConfigError, ValueError, TypeError) as exc:  # e.g. Accept(session={"voice": …})
+                self.counters["config_invalid"] += 1
                 self.log.error("call.config_invalid", error=str(exc))
                 plan, decision = None, Reject(self.settings.route_failure_status)
         self.log.info(

@@ -230,7 +230,8 @@ def _alias(field: Any) -> str:
 _NAMES: dict[str, str] = {name: _alias(f) for name, f in Settings.model_fields.items()}
 
 
-_ALIASES = frozenset(_NAMES.values())
+_KNOWN = frozenset(n.lower() for pair in _NAMES.items() for n in pair)
+"""Field and variable names, in lower case: pydantic-settings takes either in any case."""
 
 
 def _unknown(key: str) -> str:
@@ -277,7 +278,7 @@ def load_settings(
     message naming the variable, or the option when the bad value came from one.
     """
     values = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = [k for k in values if k not in _NAMES and k not in _ALIASES]
+    unknown = [k for k in values if k.lower() not in _KNOWN]
     if unknown:  # a misspelt override would otherwise leave the default in place, silently
         raise SettingsError(_unknown(unknown[0]))
     try:

@@ -109,7 +109,7 @@ async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> 
     try:
         started = await read_until(proc.stdout, "server.started", lines)
         port = started["port"]
-        assert isinstance(port, int) and port > 0
+        assert isinstance(port, int) and port > 0 and started["listening"] == [f"127.0.0.1:{port}"]
         assert started["tools"] == ["opening_hours"]
         assert started["version"] == importlib.metadata.version("sideband")
         assert started["event_loop"] == ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")

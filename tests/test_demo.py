@@ -96,6 +96,21 @@ async def test_demo_counts_a_crashing_routing_hook_as_failed_calls() -> None:
     assert text.endswith("\n2 calls and a trusted-server session, 2 failed.\n"), text
 
 
+async def test_demo_counts_an_accept_that_cannot_be_sent_as_a_failed_call() -> None:
+    app = plain_app()
+
+    @app.on_incoming
+    async def route(call: IncomingCall) -> Accept:
+        return Accept(tools=("no_such_tool",))
+
+    out = io.StringIO()
+    code = await run_demo(app, calls=1, out=out)
+    text = out.getvalue()
+    assert code == 1, text
+    assert "error   the routing hook failed" in text and "call.config_invalid" in text, text
+    assert text.endswith("\n1 call and a trusted-server session, 1 failed.\n"), text
+
+
 async def test_demo_counts_a_routing_hook_past_its_budget_as_a_failed_call() -> None:
     app = plain_app()
     never = asyncio.Event()

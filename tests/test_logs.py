@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import datetime
+import enum
 import io
 import json
 import logging
+import uuid
 from collections.abc import Iterator
 
 import aiohttp
@@ -158,3 +163,46 @@ def test_json_lines_are_printable_ascii_json(restored: None, fields: dict[str, o
     expected = json.loads(json.dumps(fields, default=repr))
     assert {k: parsed[k] for k in fields} == expected
     assert parsed["event"] == "probe" and parsed["level"] == "info" and parsed["timestamp"].endswith("Z")
+
+
+def test_a_value_has_one_form_whatever_else_the_line_holds(restored: None) -> None:
+    """orjson renders a line; the standard encoder only one orjson refuses. A field's form must not hang
+    on its neighbours: dates, UUIDs, enums, dataclasses, named tuples and float subclasses come out the
+    same beside plain ASCII, beside a caller's non-ASCII text, and beside an integer orjson refuses."""
+
+    class Ratio(float):
+        pass
+
+    class Kind(enum.Enum):
+        SIP = "sip"
+
+    @dataclasses.dataclass
+    class Point:
+        x: int
+
+    pair = collections.namedtuple("pair", "a b")
+    fields = {
+        "when": datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+        "id": uuid.UUID(int=7),
+        "kind": Kind.SIP,
+        "at": Point(3),
+        "pair": pair(1, 2),
+        "ratio": Ratio(0.5),
+    }
+    out = io.StringIO()
+    configure_logging("json", "info", out)
+    log = structlog.get_logger()
+    for other in ({"caller": "Bob"}, {"caller": "Zoë 😀"}, {"caller": "Bob", "big": 2**70}):
+        log.info("probe", **fields, **other)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["caller"] for line in lines] == ["Bob", "Zoë 😀", "Bob"]
+    expected = {
+        "when": "2026-01-02T03:04:05+00:00",
+        "id": "00000000-0000-0000-0000-000000000007",
+        "kind": "sip",
+        "at": {"x": 3},
+        "pair": [1, 2],
+        "ratio": 0.5,
+    }
+    assert all({k: line[k] for k in fields} == expected for line in lines), lines
+    assert "\\u00eb \\ud83d\\ude00" in out.getvalue().splitlines()[1]  # escaped as the standard encoder does

@@ -24,6 +24,7 @@ async def opening_hours(day: str, ctx: CallContext) -> str:
 # context used as if its hangup() were not awaitable.
 BAD_APP = '''
 from sideband import CallContext, Sideband
+from sideband.testing import Simualtor
 
 app = Sideband(instructions=5)
 
@@ -65,6 +66,7 @@ def test_an_apps_type_checker_sees_sidebands_types(tmp_path: Path) -> None:
         'Incompatible types in assignment (expression has type "Awaitable[None]", variable has type "int")'
         in wrong.stdout
     )
+    assert 'Module "sideband.testing" has no attribute "Simualtor"; maybe "Simulator"?' in wrong.stdout
     assert "import-untyped" not in wrong.stdout
 
 
@@ -84,3 +86,25 @@ def test_a_source_tree_never_installed_still_imports() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "unknown\n"
+
+
+def test_the_testing_package_lists_and_reaches_its_names_and_submodules() -> None:
+    """Its names are imported on first use, and still listed (dir, *) and reachable as attributes."""
+    source = (
+        "import sideband.testing as t\n"
+        "names = dir(t)\n"
+        "assert {'Simulator', 'run_app', 'VowelSimulator', 'vowel', 'simulator'} <= set(names), names\n"
+        "assert t.vowel.when is not None and t.simulator.Simulator is t.Simulator\n"
+        "ns = {}\n"
+        "exec('from sideband.testing import *', ns)\n"
+        "assert set(t.__all__) <= ns.keys()\n"
+        "try:\n"
+        "    t.Simualtor\n"
+        "except AttributeError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", source], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "module 'sideband.testing' has no attribute 'Simualtor'\n"

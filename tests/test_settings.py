@@ -140,6 +140,14 @@ def test_unknown_variables_are_ignored() -> None:
 
 
 @pytest.mark.parametrize(
+    "key", ["MAX_IDLE_DURATION", "sideband_max_idle_seconds", "SIDEBAND_MAX_IDLE_SECONDS"]
+)
+def test_an_override_in_any_case_is_taken(key: str) -> None:
+    """pydantic-settings takes field and variable names in any case: so does the unknown-name check."""
+    assert load(overrides={key: 5}).max_idle_duration == 5
+
+
+@pytest.mark.parametrize(
     ("key", "message"),
     [
         ("max_idle_seconds", "max_idle_seconds: not a setting (did you mean max_idle_duration?)"),

@@ -92,10 +92,20 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Each name is imported on first use (PEP 562): loading the pytest plugin, which lives in this
-    package, imports no simulator into a test run that uses none."""
-    home = _HOMES.get(name)
-    if home is None:
+_SUBMODULES = frozenset({"harness", "pytest_plugin", "script", "sender", "simulator", "vowel"})
+
+if not TYPE_CHECKING:  # (type checkers read the imports above, and so still catch a misspelt name)
+
+    def __getattr__(name: str) -> Any:
+        """Each name is imported on first use (PEP 562): loading the pytest plugin, which lives in this
+        package, imports no simulator into a test run that uses none."""
+        home = _HOMES.get(name)
+        if home is not None:
+            return getattr(importlib.import_module(home, __name__), name)
+        if name in _SUBMODULES:
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(home, __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_SUBMODULES})

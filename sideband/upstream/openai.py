@@ -50,16 +50,15 @@ def why(exc: BaseException) -> str:
     return why if len(why) <= 300 else why[:299] + "…"
 
 
-def answered(what: str, status: int) -> str:
-    """``POST /x answered 503``; for a refused key (401, 403), what the operator should check too."""
+def key_hint(status: int) -> str:
+    """For a refused key (401, 403), what the operator should check, to follow an error's status."""
     if status == 401:
-        return f"{what} answered 401: OpenAI refused the API key (check OPENAI_API_KEY)"
+        return ": OpenAI refused the API key (check OPENAI_API_KEY)"
     if status == 403:
         return (
-            f"{what} answered 403: the API key may not do this (is OPENAI_API_KEY a key of the project "
-            "whose webhook this is?)"
+            ": the API key may not do this (check OPENAI_API_KEY: a key of another project or organization?)"
         )
-    return f"{what} answered {status}"
+    return ""
 
 
 class UpstreamError(Exception):
@@ -158,7 +157,7 @@ class CallControl:
                     raise CallGone(f"call {call_id} not found", resp.status, text)
                 if resp.status >= 300:
                     raise UpstreamError(
-                        answered(f"POST {path}", resp.status),
+                        f"POST {path} answered {resp.status}{key_hint(resp.status)}",
                         resp.status,
                         text,
                         retry_after=retry_after(resp.headers.get("Retry-After")),
@@ -219,7 +218,8 @@ class CallControl:
             ):
                 text = (await resp.read()).decode("utf-8", "replace")
                 if resp.status != 201:
-                    raise UpstreamError(answered("POST /realtime/calls", resp.status), resp.status, text)
+                    message = f"POST /realtime/calls answered {resp.status}{key_hint(resp.status)}"
+                    raise UpstreamError(message, resp.status, text)
                 location = resp.headers.get("Location", "")
         except TimeoutError:
             raise UpstreamError("POST /realtime/calls timed out") from None
@@ -351,7 +351,7 @@ async def connect_sideband(
         if status in (404, 410):
             raise CallGone(f"sideband refused: call {call_id} not found", status, body) from None
         wait = retry_after(exc.response.headers.get("Retry-After"))
-        message = answered("sideband connect", status)
+        message = f"sideband refused with {status}{key_hint(status)}"
         raise SidebandRefused(message, status, body, retry_after=wait) from None
     except (OSError, TimeoutError) as exc:
         raise UpstreamError(f"sideband connect failed: {why(exc)}") from None
