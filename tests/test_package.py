@@ -70,6 +70,15 @@ def test_an_apps_type_checker_sees_sidebands_types(tmp_path: Path) -> None:
     assert "import-untyped" not in wrong.stdout
 
 
+def python_prints(source: str) -> str:
+    """What ``source`` prints, run in a fresh interpreter (which must succeed)."""
+    done = subprocess.run(
+        [sys.executable, "-c", source], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_a_source_tree_never_installed_still_imports() -> None:
     """Without the package's metadata (a vendored copy on PYTHONPATH), the version is unknown, not an
     import error."""
@@ -81,11 +90,7 @@ def test_a_source_tree_never_installed_still_imports() -> None:
         "import sideband\n"
         "print(sideband.__version__)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", source], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "unknown\n"
+    assert python_prints(source) == "unknown\n"
 
 
 def test_the_testing_package_lists_and_reaches_its_names_and_submodules() -> None:
@@ -103,8 +108,4 @@ def test_the_testing_package_lists_and_reaches_its_names_and_submodules() -> Non
         "except AttributeError as exc:\n"
         "    print(exc)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", source], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "module 'sideband.testing' has no attribute 'Simualtor'\n"
+    assert python_prints(source) == "module 'sideband.testing' has no attribute 'Simualtor'\n"
