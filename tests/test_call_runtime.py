@@ -436,6 +436,45 @@ async def test_max_duration_says_goodbye_then_hangs_up(
     assert summary.reason == "max_duration"
 
 
+async def test_the_goodbye_comes_before_the_sessions_cut_however_late_the_attach() -> None:
+    """The session is cut at its expires_at (61.5 s after it started here); the call-duration limit
+    (3540 s from the attach) is brought forward to 60 s before the cut: the goodbye is said and the
+    call hung up before the session would have been cut without a word."""
+    from sideband.testing import Simulator, run_app
+
+    async with Simulator(session_seconds=61.5) as sim, run_app(make_app(), sim) as harness:
+        call = harness.sim.create_call(
+            Script([HELLO, caller_says("let me think"), model_says("Sure."), pause(60)])
+        )
+        assert (await harness.sender.deliver(harness.sim.incoming_event(call))).status == 200
+        await call.wait_ended(timeout=10)
+        assert call.end_reason == "hangup_verb"
+        creates = [e for e in call.received if e["type"] == "response.create"]
+        assert "goodbye" in creates[-1]["response"]["instructions"]
+        summary = await harness.ended(call)
+        assert summary.reason == "max_duration" and summary.duration < 5
+
+
+async def test_a_session_expiry_already_past_is_not_taken_as_the_end() -> None:
+    """An expires_at less than 60 s ahead when the session is confirmed says more of the clocks than of
+    the call: it is logged, not acted on (the call would otherwise say goodbye at once)."""
+    from sideband.testing import Simulator, run_app
+
+    from .conftest import capture_logs
+
+    async with Simulator(session_seconds=30) as sim, run_app(make_app(), sim) as harness:
+        call = harness.sim.create_call(
+            Script([HELLO, caller_says("hello"), model_says("Hi, how can I help?"), caller_hangs_up()])
+        )
+        with capture_logs() as logs:
+            assert (await harness.sender.deliver(harness.sim.incoming_event(call))).status == 200
+            summary = await harness.ended(call)
+        assert summary.reason == "remote_closed"
+        ignored = [e for e in logs if e["event"] == "sideband.expiry_ignored"]
+        assert [(e["timer"], e["log_level"]) for e in ignored] == [("max_duration", "warning")]
+        assert 29 <= ignored[0]["late_s"] <= 31
+
+
 async def test_hooks_get_start_end_dtmf_transcripts_and_one_greeting() -> None:
     from sideband.testing import Simulator
 

@@ -20,6 +20,7 @@ from sideband.runtime.machine import (
     RunTool,
     Send,
     StartTimer,
+    TimerBy,
     Verb,
     Withdraw,
 )
@@ -1443,3 +1444,32 @@ def test_a_queued_answer_waits_for_the_outputs_sent_again_after_the_grace() -> N
         ("conversation.item.create", "c1"),
         ("response.create", None),
     ]
+
+
+def test_the_sessions_expiry_brings_the_call_duration_goodbye_forward() -> None:
+    """OpenAI cuts the session at its ``expires_at``, counted from the session's start; our limit counts
+    from the attach. The first session.updated brings the limit's timer to 60 s before the cut at the
+    latest (the driver keeps it if it is due sooner); later ones, or an expiry that is no number, do not."""
+    m = machine(max_call_duration=3540)
+    m.start()
+    first = m.receive({"type": "session.updated", "session": {"expires_at": 1_800_003_600}})
+    assert [a for a in first if isinstance(a, TimerBy)] == [TimerBy("max_duration", 1_800_003_540)]
+    again = m.receive({"type": "session.updated", "session": {"expires_at": 1_800_000_000}})
+    assert not [a for a in again if isinstance(a, TimerBy)]
+    for session in ({}, {"expires_at": "soon"}, {"expires_at": True}, {"expires_at": None}):
+        other = machine(max_call_duration=3540)
+        other.start()
+        assert not [
+            a
+            for a in other.receive({"type": "session.updated", "session": session})
+            if isinstance(a, TimerBy)
+        ]
+    unlimited = machine()
+    unlimited.start()
+    updated = unlimited.receive({"type": "session.updated", "session": {"expires_at": 1_800_003_600}})
+    assert not [a for a in updated if isinstance(a, TimerBy)]
+    engine = machine(max_call_duration=3540, caps=ENGINE_CAPABILITIES)
+    engine.start()
+    engine.receive({"type": "session.created", "session": {"id": "s"}})
+    updated = engine.receive({"type": "session.updated", "session": {"expires_at": 1_800_003_600}})
+    assert not [a for a in updated if isinstance(a, TimerBy)]

@@ -1125,6 +1125,23 @@ async def test_hang_up_at_end_and_expire(simulator: Simulator, http: aiohttp.Cli
     assert expiring.end_reason == "session_expired" and expiring.status == "ended"
 
 
+async def test_a_session_is_cut_at_its_expiry(http: aiohttp.ClientSession) -> None:
+    """The session says when it ends (``expires_at``), and is cut then: session_expired, close 1001."""
+    async with Simulator(session_seconds=1.5) as sim:
+        call = await live_call(sim, http)
+        async with ws_connect(sim, call) as ws:
+            await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+            updated = (await recv_until(ws, "session.updated"))[-1]
+            assert 0 < updated["session"]["expires_at"] - time.time() <= 1.5
+            assert call.end_reason is None
+            error = (await recv_until(ws, "error"))[-1]
+            assert error["error"]["code"] == "session_expired"
+            with pytest.raises(websockets.ConnectionClosedOK):
+                await recv(ws)
+            assert ws.close_code == 1001
+    assert call.end_reason == "session_expired"
+
+
 async def test_reattach_after_a_dropped_sideband(simulator: Simulator, http: aiohttp.ClientSession) -> None:
     call = await live_call(simulator, http, Script([wait_for_greeting("Hi."), model_says("Still here.")]))
     async with ws_connect(simulator, call) as ws:

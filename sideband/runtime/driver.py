@@ -34,6 +34,7 @@ from sideband.runtime.machine import (
     RunTool,
     Send,
     StartTimer,
+    TimerBy,
     Verb,
     Withdraw,
 )
@@ -541,6 +542,8 @@ class CallRuntime:
                 self._notice(action)
             elif isinstance(action, StartTimer):
                 self._set_timer(action.name, action.delay)
+            elif isinstance(action, TimerBy):
+                self._timer_by(action.name, action.at)
             elif isinstance(action, CancelTimer):
                 self._deadlines.pop(action.name, None)  # the alarm, if it was this one, finds nothing due
             elif isinstance(action, CancelTool):
@@ -624,6 +627,26 @@ class CallRuntime:
         self._deadlines[name] = when
         if self._alarm is None or when < self._alarm_at:
             self._arm_alarm(loop, when)
+
+    def _timer_by(self, name: str, at: float) -> None:
+        """Bring the running timer ``name`` forward to the wall-clock time ``at``, if it is due later.
+
+        A time already past is not acted on: it says more of the clocks (a skewed one here, a stale
+        value there) than of the call, which would otherwise end at once."""
+        due = self._deadlines.get(name)
+        if due is None:  # not running (fired already, or no such limit)
+            return
+        delay = at - time.time()
+        if delay <= 0:
+            self.log.warning(
+                "sideband.expiry_ignored",
+                timer=name,
+                late_s=round(-delay, 1),
+                detail="the server's time for this timer is already past: is this machine's clock right?",
+            )
+            return
+        if asyncio.get_running_loop().time() + delay < due:
+            self._set_timer(name, delay)
 
     def _arm_alarm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._alarm is not None:

@@ -64,6 +64,14 @@ class StartTimer:
 
 
 @dataclass(frozen=True, slots=True)
+class TimerBy:
+    """Make the named timer, if it runs, fire no later than the wall-clock time ``at`` (epoch seconds)."""
+
+    name: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class CancelTimer:
     """Stop the named timer if it runs."""
 
@@ -101,7 +109,7 @@ class Withdraw:
     event_id: str
 
 
-Action = Send | RunTool | CancelTool | StartTimer | CancelTimer | Verb | Close | Notice | Withdraw
+Action = Send | RunTool | CancelTool | StartTimer | TimerBy | CancelTimer | Verb | Close | Notice | Withdraw
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -140,6 +148,10 @@ class Capabilities:
     playback), and never runs out while the model speaks or a tool works; otherwise (vowel, whose engine
     counts idle time from the caller's last speech and acts on it) from the caller's last activity alone,
     to stay ahead of the engine's limit."""
+    session_expires_at: bool = True
+    """The session object's ``expires_at`` (epoch seconds) is when the server cuts the session (OpenAI: 60
+    minutes from its start): the call-duration limit's goodbye comes :data:`BEFORE_THE_CUT` seconds
+    before it at the latest, however late the sideband attached."""
     speaks_over_tools: bool = True
     """A ``response.create`` may go out while a tool's output is still due, to say something meanwhile
     (OpenAI); otherwise (vowel: the engine waits for every output of its tool turn) a ``say()`` waits for
@@ -166,6 +178,10 @@ class MachineConfig:
     announced on the lost socket before treating those calls as interrupted (see
     :meth:`CallMachine.reattached`)."""
 
+
+BEFORE_THE_CUT = 60.0
+"""Seconds before the server cuts the session that the call-duration goodbye starts at the latest (the
+default limit, 3540 s, leaves as much of OpenAI's 60 minutes)."""
 
 _IDLE = "idle"
 _MAX_DURATION = "max_duration"
@@ -695,9 +711,14 @@ class CallMachine:
         if self._session_ready:
             return []
         self._session_ready = True
+        actions: list[Action] = [Notice("sideband.ready", {})]
+        if self.caps.session_expires_at and self.config.max_call_duration:
+            expires_at = _obj(event.get("session")).get("expires_at")
+            if isinstance(expires_at, int | float) and not isinstance(expires_at, bool):
+                actions.append(TimerBy(_MAX_DURATION, expires_at - BEFORE_THE_CUT))
         if not self._live:  # vowel: nothing but our session.update may precede session.updated
-            return [Notice("sideband.ready", {}), *self._go_live()]
-        return [Notice("sideband.ready", {})]
+            actions += self._go_live()
+        return actions
 
     def _on_response_created(self, event: dict[str, Any]) -> list[Action]:
         self._response_active = True

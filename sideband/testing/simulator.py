@@ -384,7 +384,9 @@ _CORS_PREFLIGHT = {
 }
 
 
-def _default_session(session_id: str, *, model: str, sip: bool) -> dict[str, Any]:
+def _default_session(
+    session_id: str, *, model: str, sip: bool, seconds: float = _SESSION_MAX_SECONDS
+) -> dict[str, Any]:
     fmt: dict[str, Any] = {"type": "audio/pcmu"} if sip else {"type": "audio/pcm", "rate": 24000}
     return {
         "type": "realtime",
@@ -399,7 +401,7 @@ def _default_session(session_id: str, *, model: str, sip: bool) -> dict[str, Any
         "tracing": None,
         "truncation": "auto",
         "prompt": None,
-        "expires_at": int(time.time()) + _SESSION_MAX_SECONDS,
+        "expires_at": int(time.time() + seconds),
         "audio": {
             "input": {
                 "format": dict(fmt),
@@ -971,8 +973,12 @@ class SimCall:
     def _accept(self, body: dict[str, Any]) -> None:
         self.status = "accepted"
         self.accept_body = body
-        base = _default_session(self._session_id, model=self._sim.model, sip=self.kind == "sip")
+        seconds = self._sim.session_seconds
+        base = _default_session(
+            self._session_id, model=self._sim.model, sip=self.kind == "sip", seconds=seconds
+        )
         self.session = _merge_session(base, body)
+        self._sim._spawn(self._expire_in(seconds))
         self._set_phase("wait_ready")
         if self.script.steps:
             self._runner = self._sim._spawn(self._run_script())
@@ -980,6 +986,13 @@ class SimCall:
             self._set_phase("finished")
             self._done.set()
         self._notify()
+
+    async def _expire_in(self, seconds: float) -> None:
+        """The session's maximum duration: cut when it is reached (``session_expired``), unless it ended."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), seconds)
+            return
+        await self._sim._expire(self)
 
     async def _end(self, reason: str, mode: str = "clean") -> None:
         """End the call once: record the reason, stop the script, close the sideband(s) per ``mode``."""
@@ -1982,7 +1995,10 @@ class Simulator:
         verb_close: Literal["clean", "going_away", "abnormal", "silent"] = "clean",
         gone_status: Literal[404, 410] = 404,
         playback_rate: float | None = None,
+        session_seconds: float = _SESSION_MAX_SECONDS,
     ) -> None:
+        if not session_seconds > 0:
+            raise ValueError(f"session_seconds must be a positive number, not {session_seconds!r}")
         if verb_close not in ("clean", "going_away", "abnormal", "silent"):
             raise ValueError(f"verb_close must be clean, going_away, abnormal or silent, not {verb_close!r}")
         if gone_status not in (404, 410):
@@ -2003,6 +2019,8 @@ class Simulator:
         self.verb_close: Literal["clean", "going_away", "abnormal", "silent"] = verb_close
         self.gone_status: Literal[404, 410] = gone_status
         self.playback_rate = playback_rate
+        self.session_seconds = session_seconds
+        """How long a call's session lasts (its ``expires_at``): then ``session_expired``, close 1001."""
         self.requests: list[RequestRecord] = []
         self.calls: dict[str, SimCall] = {}
         self.next_webrtc_script: Script = Script()

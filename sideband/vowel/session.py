@@ -57,6 +57,7 @@ ENGINE_CAPABILITIES = Capabilities(
     reused_call_ids=True,
     speaks_over_tools=False,
     idle_after_answers=False,
+    session_expires_at=False,
 )
 """What the vowel engine does, as the call machine sees it."""
 
