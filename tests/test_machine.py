@@ -1456,7 +1456,9 @@ def test_the_sessions_expiry_brings_the_call_duration_goodbye_forward() -> None:
     assert [a for a in first if isinstance(a, TimerBy)] == [TimerBy("max_duration", 1_800_003_540)]
     again = m.receive({"type": "session.updated", "session": {"expires_at": 1_800_000_000}})
     assert not [a for a in again if isinstance(a, TimerBy)]
-    for session in ({}, {"expires_at": "soon"}, {"expires_at": True}, {"expires_at": None}):
+    odd: list[dict[str, Any]] = [{}, {"expires_at": "soon"}, {"expires_at": True}, {"expires_at": None}]
+    odd += [{"expires_at": 10**400}, {"expires_at": float("inf")}, {"expires_at": float("nan")}]
+    for session in odd:
         other = machine(max_call_duration=3540)
         other.start()
         assert not [

@@ -1140,6 +1140,9 @@ async def test_a_session_is_cut_at_its_expiry(http: aiohttp.ClientSession) -> No
                 await recv(ws)
             assert ws.close_code == 1001
     assert call.end_reason == "session_expired"
+    for never in (0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="session_seconds must be a positive number of seconds"):
+            Simulator(session_seconds=never)
 
 
 async def test_reattach_after_a_dropped_sideband(simulator: Simulator, http: aiohttp.ClientSession) -> None:

@@ -645,8 +645,13 @@ class CallRuntime:
                 detail="the server's time for this timer is already past: is this machine's clock right?",
             )
             return
-        if asyncio.get_running_loop().time() + delay < due:
+        earlier = due - (asyncio.get_running_loop().time() + delay)
+        if earlier > 0:
             self._set_timer(name, delay)
+            # (on every call alike, the same amount would show a clock running ahead)
+            self.log.info(
+                "sideband.timer_moved", timer=name, earlier_s=round(earlier, 1), due_in_s=round(delay, 1)
+            )
 
     def _arm_alarm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._alarm is not None:

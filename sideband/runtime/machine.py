@@ -714,8 +714,8 @@ class CallMachine:
         actions: list[Action] = [Notice("sideband.ready", {})]
         if self.caps.session_expires_at and self.config.max_call_duration:
             expires_at = _obj(event.get("session")).get("expires_at")
-            if isinstance(expires_at, int | float) and not isinstance(expires_at, bool):
-                actions.append(TimerBy(_MAX_DURATION, expires_at - BEFORE_THE_CUT))
+            if isinstance(expires_at, int | float) and not isinstance(expires_at, bool) and expires_at < 1e15:
+                actions.append(TimerBy(_MAX_DURATION, float(expires_at) - BEFORE_THE_CUT))
         if not self._live:  # vowel: nothing but our session.update may precede session.updated
             actions += self._go_live()
         return actions

@@ -1997,8 +1997,8 @@ class Simulator:
         playback_rate: float | None = None,
         session_seconds: float = _SESSION_MAX_SECONDS,
     ) -> None:
-        if not session_seconds > 0:
-            raise ValueError(f"session_seconds must be a positive number, not {session_seconds!r}")
+        if not 0 < session_seconds < 10**9:
+            raise ValueError(f"session_seconds must be a positive number of seconds, not {session_seconds!r}")
         if verb_close not in ("clean", "going_away", "abnormal", "silent"):
             raise ValueError(f"verb_close must be clean, going_away, abnormal or silent, not {verb_close!r}")
         if gone_status not in (404, 410):
