@@ -13,16 +13,18 @@ import pytest
 from sideband import CallContext, CallSummary, Sideband
 from sideband.testing import (
     Script,
+    Simulator,
     caller_hangs_up,
     caller_presses,
     caller_says,
     model_calls,
     model_says,
     pause,
+    run_app,
     wait_for_greeting,
 )
 
-from .conftest import Stack, make_app
+from .conftest import Stack, capture_logs, make_app
 
 HELLO = wait_for_greeting("Hello.")
 
@@ -440,10 +442,6 @@ async def test_the_goodbye_comes_before_the_sessions_cut_however_late_the_attach
     """The session is cut at its expires_at (62.5 s after it started here); the call-duration limit
     (3540 s from the attach) is brought forward to 60 s before the cut: the goodbye is said and the
     call hung up before the session would have been cut without a word."""
-    from sideband.testing import Simulator, run_app
-
-    from .conftest import capture_logs
-
     with capture_logs() as logs:
         async with Simulator(session_seconds=62.5) as sim, run_app(make_app(), sim) as harness:
             call = harness.sim.create_call(
@@ -463,10 +461,6 @@ async def test_the_goodbye_comes_before_the_sessions_cut_however_late_the_attach
 async def test_a_session_expiry_already_past_is_not_taken_as_the_end() -> None:
     """An expires_at less than 60 s ahead when the session is confirmed says more of the clocks than of
     the call: it is logged, not acted on (the call would otherwise say goodbye at once)."""
-    from sideband.testing import Simulator, run_app
-
-    from .conftest import capture_logs
-
     async with Simulator(session_seconds=30) as sim, run_app(make_app(), sim) as harness:
         call = harness.sim.create_call(
             Script([HELLO, caller_says("hello"), model_says("Hi, how can I help?"), caller_hangs_up()])
