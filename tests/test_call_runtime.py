@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sideband import CallContext, CallSummary, Sideband
+from sideband import CallContext, CallSummary, SessionConfig, Sideband
 from sideband.testing import (
     Script,
     Simulator,
@@ -266,6 +266,96 @@ async def test_filler_is_spoken_while_a_slow_tool_runs(stack: Stack) -> None:
     assert filler < out and ks[out + 1 :] == ["create"]
     assert ks.count("create:filler") == 1
     assert not server_errors(call)  # never a response.create during an active response
+
+
+def timeline(call: Any) -> list[str]:
+    """Both directions in order: the caller's speech, the model's audio, and our creates and outputs."""
+    marks = {
+        "input_audio_buffer.speech_started": "speech_started",
+        "input_audio_buffer.speech_stopped": "speech_stopped",
+        "output_audio_buffer.stopped": "audio_stopped",
+    }
+    out = []
+    for way, e in call.timeline:
+        if way == "sent" and e["type"] in marks:
+            out.append(marks[e["type"]])
+        elif way == "received" and e["type"] in ("response.create", "conversation.item.create"):
+            instructions = (e.get("response") or {}).get("instructions") or ""
+            if e["type"] == "conversation.item.create":
+                out.append("output")
+            else:
+                out.append("create:filler" if "still working" in instructions else "create")
+    return out
+
+
+@pytest.mark.parametrize("server_answers", [True, False])
+async def test_the_answer_to_a_tool_waits_for_the_caller_to_stop_speaking(server_answers: bool) -> None:
+    app = Sideband(
+        session=SessionConfig(turn_detection={"type": "server_vad", "create_response": server_answers})
+    )
+
+    @app.tool(filler_after=None)
+    async def slow_lookup() -> str:
+        """The order's status."""
+        # The lookup finishes while the caller is mid-sentence ("hello? are you still there?").
+        await call.wait_for(lambda c: bool(c.sent_of_type("input_audio_buffer.speech_started")), 5)
+        return "found"
+
+    script = Script(
+        [
+            HELLO,
+            model_calls("slow_lookup", {}, await_outputs=False),
+            caller_says("hello? are you still there?", seconds=1.0),
+            model_says("Found it: it ships today."),
+            caller_hangs_up(),
+        ]
+    )
+    async with run_app(app) as stack:
+        call = await stack.call(script)
+        await call.wait_done(timeout=10)
+        await stack.ended(call)
+    assert call.script_error is None
+    marks = timeline(call)
+    # The output goes in at once. The model speaks it once the caller has finished: in the server's own
+    # answer to the caller's turn, or, when the server leaves turns to the controller, when asked.
+    heard = ["speech_started", "output", "speech_stopped"]
+    answer = ["audio_stopped"] if server_answers else ["create", "audio_stopped"]
+    assert marks[marks.index("speech_started") :] == heard + answer
+    assert [r.text for r in call.responses][-1] == "Found it: it ships today."
+    assert not server_errors(call)
+
+
+async def test_filler_waits_until_the_preamble_has_been_heard(stack: Stack) -> None:
+    stack.sim.playback_rate = 40.0  # the preamble plays for about a second after its response.done
+    release = asyncio.Event()
+
+    @stack.app.tool(filler_after=0.05)
+    async def slow_lookup() -> str:
+        async with asyncio.timeout(5):
+            await release.wait()
+        return "found"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("where are my orders?"),
+                model_calls("slow_lookup", {}, preamble="Let me pull up your account and your last orders."),
+                model_says("Still checking…"),  # answers the filler
+                model_says("Found them."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await call.wait_for(lambda c: "create:filler" in timeline(c), timeout=5)
+    release.set()
+    await call.wait_done(timeout=10)
+    marks = timeline(call)
+    # Not behind the preamble's words: after them, once the line has been quiet for the filler's wait.
+    assert marks.index("create:filler") == marks.index("audio_stopped", marks.index("speech_stopped")) + 1
+    assert marks.count("create:filler") == 1
+    assert not server_errors(call)
 
 
 async def test_loop_breaker_stops_identical_calls(stack: Stack) -> None:

@@ -233,6 +233,159 @@ def test_filler_not_sent_while_response_active() -> None:
     m.receive(response_done("resp_x"))
     m.receive({"type": "response.created", "response": {"id": "resp_y"}})
     assert m.timer("filler:call_1") == []
+    # Silence counts from the end of that response: the filler is timed again from there.
+    assert StartTimer("filler:call_1", 1.0) in m.receive(response_done("resp_y"))
+    assert types(m.timer("filler:call_1")) == ["response.create"]
+
+
+SPEECH_STARTED = {"type": "input_audio_buffer.speech_started", "item_id": "item_u"}
+SPEECH_STOPPED = {"type": "input_audio_buffer.speech_stopped", "item_id": "item_u"}
+
+
+def live_machine(**kw: Any) -> CallMachine:
+    """A machine past its greeting, its session confirmed."""
+    m = machine(**kw)
+    m.start()
+    m.receive({"type": "session.updated", "session": SESSION})
+    m.receive({"type": "response.created", "response": {"id": "r_greet"}})
+    m.receive(response_done("r_greet"))
+    return m
+
+
+def test_filler_is_timed_from_the_end_of_the_models_audio() -> None:
+    m = live_machine(filler_after={"slow": 1.5})
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r1"})  # a spoken preamble
+    feed(m, call_events("c1", "slow", "{}", resp="r1"))
+    assert StartTimer("filler:c1", 1.5) in m.receive(response_done("r1"))
+    assert m.timer("filler:c1") == []  # the preamble still plays: no holding phrase behind it
+    stopped = m.receive({"type": "output_audio_buffer.stopped", "response_id": "r1"})
+    assert StartTimer("filler:c1", 1.5) in stopped and types(stopped) == []
+    assert types(m.timer("filler:c1")) == ["response.create"]
+    assert m.timer("filler:c1") == []  # one filler per wait
+
+
+def test_filler_waits_for_a_caller_who_is_speaking() -> None:
+    m = live_machine(filler_after={"slow": 1.5})
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "slow", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    m.receive(SPEECH_STARTED)
+    assert m.timer("filler:c1") == []
+    stopped = m.receive(SPEECH_STOPPED)
+    assert StartTimer("turn", 1.0) in stopped and types(stopped) == []
+    m.receive({"type": "response.created", "response": {"id": "r2"}})  # the server answers the caller
+    answered = m.receive(response_done("r2"))
+    assert StartTimer("filler:c1", 1.5) in answered and types(answered) == []
+    # The tool answers first: the filler it no longer needs never goes.
+    done = m.tool_done("c1", "{}")
+    assert types(done) == ["conversation.item.create", "response.create"]
+    assert m.timer("filler:c1") == []
+
+
+def test_nothing_of_ours_starts_while_the_caller_speaks() -> None:
+    m = live_machine()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "lookup", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    started = m.receive(SPEECH_STARTED)
+    assert StartTimer("speaking", 15.0) in started
+    # The tool's output goes in at once; the response that speaks it waits for the caller to finish.
+    assert types(m.tool_done("c1", "{}")) == ["conversation.item.create"]
+    assert types(m.say("Mention the sale.")) == []
+    stopped = m.receive(SPEECH_STOPPED)
+    assert CancelTimer("speaking") in stopped
+    # Server VAD answers the caller's turn by itself, and that answer sees the output: no create of ours.
+    assert StartTimer("turn", 1.0) in stopped and types(stopped) == []
+    assert m.receive({"type": "response.created", "response": {"id": "r2"}}) == [CancelTimer("turn")]
+    after = m.receive(response_done("r2"))
+    assert [e["response"]["instructions"] for e in sends(after)] == ["Mention the sale."]
+    m.receive({"type": "response.created", "response": {"id": "r3"}})
+    assert types(m.receive(response_done("r3"))) == []  # the model spoke the output once
+
+
+@pytest.mark.parametrize(
+    "turn_detection", [{"type": "server_vad", "create_response": False}, {"type": "semantic_vad"}]
+)
+def test_outputs_held_by_a_caller_are_answered_once_they_stop(turn_detection: dict[str, Any]) -> None:
+    session = {**SESSION, "audio": {"input": {"turn_detection": turn_detection}}}
+    m = CallMachine(MachineConfig(session=session))
+    m.start()
+    m.receive({"type": "session.updated", "session": session})
+    m.receive({"type": "response.created", "response": {"id": "r_greet"}})
+    m.receive(response_done("r_greet"))
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "lookup", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    m.receive(SPEECH_STARTED)
+    assert types(m.tool_done("c1", "{}")) == ["conversation.item.create"]
+    stopped = m.receive(SPEECH_STOPPED)
+    if turn_detection.get("create_response") is False:  # nobody else answers the turn: we ask at once
+        assert types(stopped) == ["response.create"]
+    else:  # the server's answer is awaited for a moment; when none comes, we ask
+        assert types(stopped) == [] and StartTimer("turn", 1.0) in stopped
+        assert types(m.timer("turn")) == ["response.create"]
+    # Code that turns the server's own answers off is heeded too.
+    m.update_session({"turn_detection": {"type": "server_vad", "create_response": False}})
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    m.receive(response_done("r2"))
+    m.receive({"type": "response.created", "response": {"id": "r3"}})
+    feed(m, call_events("c2", "lookup", "{}", resp="r3"))
+    m.receive(response_done("r3"))
+    m.receive(SPEECH_STARTED)
+    m.tool_done("c2", "{}")
+    assert types(m.receive(SPEECH_STOPPED)) == ["response.create"]
+
+
+def test_goodbye_and_verb_wait_for_the_caller_to_finish() -> None:
+    m = live_machine(max_call_duration=600)
+    m.receive(SPEECH_STARTED)
+    limit = m.timer("max_duration")
+    assert notices(limit, "call.limit") == [{"limit": "max_duration"}] and types(limit) == []
+    assert types(m.receive(SPEECH_STOPPED)) == []  # the server answers the caller first
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    goodbye = sends(m.receive(response_done("r2")))
+    assert "goodbye" in goodbye[0]["response"]["instructions"]
+    m.receive({"type": "response.created", "response": {"id": "r_bye"}})
+    m.receive(SPEECH_STARTED)  # the caller cuts into the goodbye: the server cancels it
+    assert not [a for a in m.receive(response_done("r_bye", "cancelled")) if isinstance(a, Verb)]
+    assert not [a for a in m.receive(SPEECH_STOPPED) if isinstance(a, Verb)]
+    assert Verb("hangup", None) in m.timer("turn")  # no answer to that turn: the call ends
+
+
+def test_transfer_waits_for_the_caller_within_the_end_cap() -> None:
+    m = live_machine(end_cap=10.0)
+    m.receive(SPEECH_STARTED)
+    asked = m.request_end("transferred", verb="refer", target="tel:+14155550123")
+    assert not [a for a in asked if isinstance(a, Verb)]
+    assert Verb("refer", "tel:+14155550123") in m.timer("end_cap")  # the cap still holds
+
+
+def test_speech_cap_releases_what_a_lost_speech_stop_would_hold() -> None:
+    m = live_machine(max_idle_duration=30)
+    m.receive(SPEECH_STARTED)
+    assert types(m.say("Are you still there?")) == []
+    released = m.timer("speaking")
+    assert StartTimer("idle", 30) in released
+    assert [e["response"]["instructions"] for e in sends(released)] == ["Are you still there?"]
+    assert m.receive(SPEECH_STOPPED) == []  # a late stop changes nothing
+
+
+def test_idle_limit_waits_for_a_caller_still_speaking() -> None:
+    m = live_machine(max_idle_duration=20)
+    m.receive(SPEECH_STARTED)
+    assert m.timer("idle") == [StartTimer("idle", 20)]  # mid-utterance: not idle
+    assert StartTimer("idle", 20) in m.receive(SPEECH_STOPPED)  # silence counts from the stop
+    assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
+
+
+def test_a_reattach_forgets_an_utterance_in_progress() -> None:
+    m = live_machine()
+    m.receive(SPEECH_STARTED)
+    assert types(m.say("Hello?")) == []
+    again = sends(m.reattached())  # the stop may have been lost with the socket
+    assert [e["type"] for e in again] == ["session.update", "response.create"]
+    assert again[1]["response"]["instructions"] == "Hello?"
 
 
 def test_active_response_error_retries_after_done() -> None:
@@ -298,6 +451,8 @@ def test_idle_limit_says_goodbye_then_hangs_up() -> None:
     m = machine(max_idle_duration=20)
     m.start()
     assert StartTimer("idle", 20) in m.receive({"type": "input_audio_buffer.speech_started"})
+    assert StartTimer("idle", 20) in m.receive({"type": "input_audio_buffer.speech_stopped"})
+    m.timer("turn")  # no answer to that turn came
     actions = m.timer("idle")
     assert notices(actions, "call.limit") == [{"limit": "idle"}]
     create = sends(actions)
@@ -506,6 +661,8 @@ def test_a_new_caller_turn_gets_its_tools_back_after_a_loop_breaker() -> None:
     feed(m, call_events("c2", "slow", "{}", resp="r1"))
     m.receive(response_done("r1"))  # c1 runs, c2 is refused: "no tools" is owed once c1 is in
     m.receive({"type": "input_audio_buffer.speech_started"})  # the caller speaks meanwhile: a new turn
+    m.receive({"type": "input_audio_buffer.speech_stopped"})
+    m.timer("turn")  # no answer to that turn came
     creates = sends(m.tool_done("c1", "x"))
     assert [e.get("response") for e in creates if e["type"] == "response.create"] == [None]
 

@@ -138,6 +138,13 @@ def test_script_dsl_validates_and_encodes() -> None:
         caller_hangs_up("loud")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         model_calls("a", {}, status="weird")  # type: ignore[arg-type]
+    for seconds in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="seconds"):
+            caller_says("hi", seconds=seconds)
+    assert (
+        caller_says("hi", seconds=2, cut_in=True).describe() == "caller_says('hi', seconds=2.0, cut_in=True)"
+    )
+    assert not model_calls("a", {}, await_outputs=False).waits_for_outputs
     with pytest.raises(TypeError):
         Script(["not a step"])  # type: ignore[list-item]
     script = Script([wait_for_greeting(), pause(0.1)], step_timeout=1)
@@ -625,6 +632,66 @@ async def test_a_caller_cutting_in_clears_the_model_audio() -> None:
     assert done["response"]["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
     assert events[-1]["response_id"] == done["response"]["id"]
     assert "output_audio_buffer.stopped" not in [e["type"] for e in call.sent]
+
+
+async def test_a_caller_cutting_in_after_the_response_clears_what_still_plays(simulator: Simulator) -> None:
+    """The response is over but its audio still plays: a caller who does not wait for it speaks over it,
+    and the server clears the rest (cleared, never stopped); one who waits hears it out first."""
+    simulator.playback_rate = 4.0  # the answer would play for about ten seconds
+    call = simulator.create_webrtc_call(
+        Script([model_says("Your order shipped on Monday."), caller_says("Thanks!", cut_in=True)])
+    )
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "response.create"})
+        seen = await recv_until(ws, "input_audio_buffer.speech_stopped")
+        await call.wait_done(timeout=5)
+    kinds = [e["type"] for e in seen]
+    assert kinds.index("response.done") < kinds.index("input_audio_buffer.speech_started")
+    cleared = seen[kinds.index("input_audio_buffer.speech_started") + 1]
+    assert cleared == {
+        **cleared,
+        "type": "output_audio_buffer.cleared",
+        "response_id": call.responses[0].response_id,
+    }
+    assert "output_audio_buffer.stopped" not in [e["type"] for e in call.sent]
+
+
+async def test_a_caller_speaks_for_the_seconds_given_while_the_tools_run(simulator: Simulator) -> None:
+    """``seconds`` spaces speech_started and speech_stopped; ``await_outputs=False`` lets the caller speak
+    while the tool's output is still due; ``timeline`` holds both directions in order."""
+    call = simulator.create_webrtc_call(
+        Script(
+            [
+                model_calls("lookup", {}, call_id="call_1", await_outputs=False),
+                caller_says("Hello? Still there?", seconds=0.5),
+                model_says("Yes: it shipped."),
+            ]
+        )
+    )
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "response.create"})
+        await recv_until(ws, "input_audio_buffer.speech_started")
+        item = {"type": "function_call_output", "call_id": "call_1", "output": "{}"}
+        await send(ws, {"type": "conversation.item.create", "item": item})
+        stopped = await recv_until(ws, "input_audio_buffer.speech_stopped")
+        await recv_until(ws, "response.done")
+        await call.wait_done(timeout=5)
+    assert (
+        stopped[-1]["audio_end_ms"]
+        - call.sent_of_type("input_audio_buffer.speech_started")[0]["audio_start_ms"]
+        == 500
+    )
+    order = [(way, e["type"]) for way, e in call.timeline]
+    # The output arrived while the caller was still speaking.
+    assert (
+        order.index(("sent", "input_audio_buffer.speech_started"))
+        < order.index(("received", "conversation.item.create"))
+        < order.index(("sent", "input_audio_buffer.speech_stopped"))
+    )
+    assert [(r.text, r.trigger) for r in call.responses][-1] == ("Yes: it shipped.", "vad")
+    assert [w for w, _ in call.timeline].count("received") == len(call.received)
 
 
 def test_the_verb_close_and_gone_status_are_checked() -> None:

@@ -179,6 +179,14 @@ class MachineConfig:
     :meth:`CallMachine.reattached`)."""
 
 
+SPEECH_CAP = 15.0
+"""Longest a caller's utterance holds back what the sideband would start (see
+:meth:`CallMachine.receive`): a ``speech_stopped`` lost or never sent must not mute the call."""
+
+TURN_GRACE = 1.0
+"""After the caller stopped speaking, how long tool outputs wait for the server's own response to the
+caller's turn (which answers them too) before asking for one."""
+
 BEFORE_THE_CUT = 60.0
 """Seconds before the server cuts the session that the call-duration goodbye starts at the latest (the
 default limit, 3540 s, leaves as much of OpenAI's 60 minutes)."""
@@ -190,8 +198,11 @@ _ORPHANS = "orphans"
 _OUTPUT_EVENT = "sb_output_"
 _FILLER = "filler:"
 _GREETING = "greeting"
+_SPEAKING = "speaking"
+_TURN = "turn"
 
 _RUNNABLE = frozenset({"completed", "incomplete"})
+_DEFAULT: Any = object()  # a setting left to the server's default
 _NO_TOOLS: Mapping[str, Any] = MappingProxyType({"tool_choice": "none"})
 """The response a loop breaker's refusals are answered with: words, no more tool calls."""
 _INTERRUPTED = json.dumps(
@@ -257,6 +268,7 @@ class CallMachine:
         "_created_for",
         "_done_since_create",
         "_end",
+        "_filler_due",
         "_filler_spoken",
         "_greeted",
         "_held",
@@ -278,8 +290,10 @@ class CallMachine:
         "_seq",
         "_session_id",
         "_session_ready",
+        "_speaking",
         "_started",
         "_turn_items",
+        "_turn_wait",
         "_unacked",
         "_updated",
         "_want_response",
@@ -313,6 +327,9 @@ class CallMachine:
         self._turn_items: tuple[object, ...] = ()  # the caller's last input items whose speech began a turn
         self._idle_waited = False  # the idle limit came due once while the model or a tool was busy
         self._filler_spoken = False
+        self._filler_due: str | None = None  # a filler came due while the line was not quiet: its call
+        self._speaking = False  # the caller is mid-utterance (speech_started, no speech_stopped yet)
+        self._turn_wait = False  # the caller's speech ended: the server's answer to it may be on its way
         self._queued_say: list[str] = []
         self._playing = False
         # the model's audio was playing when the socket was lost, and nothing on the new one has shown
@@ -426,7 +443,7 @@ class CallMachine:
         The model's audio that was playing when the socket was lost plays on, for the idle limit and for
         the end's verb, until its stop shows on the new socket or the same grace ends.
         """
-        self._response_active = False
+        self._response_active = self._speaking = self._turn_wait = False
         self._create_sent = self._created_for = None
         queued_outputs = {e[len(_OUTPUT_EVENT) :] for e in queued if e.startswith(_OUTPUT_EVENT)}
         self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
@@ -544,7 +561,7 @@ class CallMachine:
         if name in (_IDLE, _MAX_DURATION) and self._end is not None:
             return []  # the call is ending already: no limit to report
         if name == _IDLE:
-            busy = self.response_owed or self._running or self._playing
+            busy = self.response_owed or self._running or self._playing or self._speaking
             period = self.config.max_idle_duration
             if self.caps.idle_after_answers and busy and not self._idle_waited and period:
                 # The model speaks, or a tool works for the caller: the line is not idle, and the end of
@@ -564,6 +581,11 @@ class CallMachine:
             return self._filler(name[len(_FILLER) :])
         if name == _ORPHANS:
             return self._after_reattach_grace()
+        if name == _SPEAKING:
+            return self._speech_over(stopped=False)
+        if name == _TURN:
+            self._turn_wait = False  # no answer to the caller's turn came: what waited may start
+            return self._progress() + self._rearm_filler()
         return []
 
     def verb_done(self, ok: bool, detail: str | None = None, *, gone: bool = False) -> list[Action]:
@@ -724,6 +746,11 @@ class CallMachine:
         self._response_active = True
         if self._create_sent is not None:
             self._created_for, self._create_sent = self._create_sent, None
+        elif self._turn_wait:
+            # The server's answer to the caller's turn: it sees our outputs, and answers them too.
+            self._turn_wait = False
+            self._want_response = self._want_response and self._running > 0
+            return [CancelTimer(_TURN)]
         return []
 
     def _on_response_done(self, event: dict[str, Any]) -> list[Action]:
@@ -777,7 +804,7 @@ class CallMachine:
             )
         )
         # The model has had its say: the caller's silence counts from here (or from the end of playback).
-        return actions + self._answered() + self._progress()
+        return actions + self._answered() + self._progress() + self._rearm_filler()
 
     def _on_arguments_done(self, event: dict[str, Any]) -> list[Action]:
         item = {
@@ -900,7 +927,43 @@ class CallMachine:
         item = event.get("item_id")
         if item is not None:
             self._turn_items = (*self._turn_items[-3:], item)
-        return self._caller_turn()
+        self._speaking = True  # nothing of ours starts over the caller's words (see _progress)
+        return [*self._caller_turn(), StartTimer(_SPEAKING, SPEECH_CAP)]
+
+    def _on_speech_stopped(self, event: dict[str, Any]) -> list[Action]:
+        if not self._speaking:
+            return []
+        return [CancelTimer(_SPEAKING), *self._speech_over(stopped=True)]
+
+    def _speech_over(self, *, stopped: bool) -> list[Action]:
+        """The caller finished speaking (``stopped``), or :data:`SPEECH_CAP` ran out: what was held back
+        may start, and the caller's silence counts from here."""
+        if not self._speaking or self._closed is not None:
+            return []
+        self._speaking = False
+        actions = self._touch_idle()
+        if stopped and self._turn_responds():
+            # The server answers the caller's turn by itself: what we would start now would be refused
+            # meanwhile, and tool outputs that came in while the caller spoke are answered by it too.
+            self._turn_wait = True
+            actions.append(StartTimer(_TURN, TURN_GRACE))
+        return actions + self._progress() + self._rearm_filler()
+
+    def _turn_responds(self) -> bool:
+        """Whether the server answers a caller's turn by itself: turn detection's ``create_response``, true
+        unless code set it false (or turned detection off)."""
+        path = ("audio", "input", "turn_detection") if self.caps.nested_audio else ("turn_detection",)
+        updated = self._updated or {}
+        if path in updated:
+            value = updated[path]
+        else:
+            value = self.config.session
+            for key in path:
+                if isinstance(value, Mapping):
+                    value = value.get(key, _DEFAULT)
+        if value is _DEFAULT:
+            return True  # the server's default: server VAD, which responds
+        return isinstance(value, Mapping) and value.get("create_response", True) is not False
 
     def _on_dtmf(self, event: dict[str, Any]) -> list[Action]:
         digit = event.get("event")
@@ -935,7 +998,7 @@ class CallMachine:
         self._playing = self._play_unsure = self._play_overdue = False
         if self._end is not None:
             self._end.held = False  # the last words were heard to their end: nothing more to wait for
-        return self._answered() + self._progress()
+        return self._answered() + self._progress() + self._rearm_filler()
 
     def _on_error(self, event: dict[str, Any]) -> list[Action]:
         error = _obj(event.get("error"))
@@ -1030,7 +1093,9 @@ class CallMachine:
         """Send the next response.create if one is owed and allowed; move a pending end along."""
         if self._closed is not None or self._busy or self._going:
             return []
-        if self._live:
+        if self._live and not (
+            self._speaking or self._turn_wait
+        ):  # (never over the caller, nor their answer)
             if self._retry:
                 (body, tag), self._retry = self._retry[0], self._retry[1:]
                 if tag is None or not self._stale(tag):
@@ -1100,12 +1165,22 @@ class CallMachine:
         self._orphans = ()
         if any(isinstance(a, Send) for a in actions):
             self._want_response = True
-        return actions + self._progress()
+        return actions + self._progress() + self._rearm_filler()
+
+    @property
+    def _quiet(self) -> bool:
+        """Nobody speaks: no response runs or is asked for, no audio of the model plays, the caller is
+        not mid-utterance."""
+        return not (self._busy or self._speaking or self._turn_wait or self._playing or self._play_unsure)
 
     def _filler(self, call_id: str) -> list[Action]:
         call = self._calls.get(call_id)
-        if call is None or call.state != "running" or self._busy or self._filler_spoken or self._end:
+        if call is None or call.state != "running" or self._filler_spoken or self._end:
             return []
+        if not self._quiet:  # the holding phrase fills silence: timed again once the line goes quiet
+            self._filler_due = call_id
+            return []
+        self._filler_due = None
         self._filler_spoken = True
         return [
             Notice("tool.filler", {"tool_call_id": call_id, "tool": call.name}),
@@ -1114,6 +1189,24 @@ class CallMachine:
             ),
         ]
 
+    def _rearm_filler(self) -> list[Action]:
+        """The line went quiet while a filler was due: its wait starts again from here."""
+        call_id = self._filler_due
+        if call_id is None or not self._quiet:
+            return []
+        self._filler_due = None
+        call = self._calls.get(call_id)
+        after = self.config.filler_after.get(call.name) if call is not None else None
+        if (
+            call is None
+            or call.state != "running"
+            or self._filler_spoken
+            or self._end is not None
+            or not after
+        ):
+            return []
+        return [StartTimer(_FILLER + call_id, after)]
+
     def _fire_end(self, *, forced: bool) -> list[Action]:
         end = self._end
         if end is None or end.verb_sent or self._closed is not None:
@@ -1121,6 +1214,8 @@ class CallMachine:
         if not forced:
             if self._running or self._want_response or self._busy or self._resend or end.held:
                 return []  # (outputs that may have to be sent again after a re-attach go first)
+            if self._speaking or self._turn_wait:
+                return []  # the caller speaks, or the server's answer to them is on its way
             if end.goodbye is not None:
                 if not self._live:
                     return []  # not a word before our session config (the end cap still holds)
@@ -1159,6 +1254,8 @@ _HANDLERS: Mapping[str, _Handler] = MappingProxyType(
         "response.output_text.done": CallMachine._on_agent_text,
         "response.text.done": CallMachine._on_agent_text,
         "input_audio_buffer.speech_started": CallMachine._on_caller_activity,
+        "input_audio_buffer.speech_stopped": CallMachine._on_speech_stopped,
+        "input_audio_buffer.committed": CallMachine._on_speech_stopped,  # (a stop the server skipped)
         "input_audio_buffer.dtmf_event_received": CallMachine._on_dtmf,
         "output_audio_buffer.started": CallMachine._on_playback_started,
         "output_audio_buffer.stopped": CallMachine._on_playback_stopped,

@@ -22,6 +22,7 @@ that follows a :func:`caller_says` when the session's turn detection does not cr
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
@@ -72,13 +73,18 @@ class WaitForGreeting:
 
 @dataclass(frozen=True, slots=True)
 class CallerSays:
-    """The caller speaks ``text`` (server VAD events, the user item, and the transcript if configured)."""
+    """The caller speaks ``text`` (server VAD events, the user item, and the transcript if configured),
+    for ``seconds`` between ``speech_started`` and ``speech_stopped`` (None: at once), after hearing the
+    model out unless ``cut_in``."""
 
     text: str
+    seconds: float | None = None
+    cut_in: bool = False
 
     def describe(self) -> str:
         """A short human description, used in failure messages."""
-        return f"caller_says({self.text!r})"
+        extra = "" if self.seconds is None else f", seconds={self.seconds}"
+        return f"caller_says({self.text!r}{extra}{', cut_in=True' if self.cut_in else ''})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +118,13 @@ class ModelCalls:
     calls: tuple[FunctionCallSpec, ...]
     preamble: str | None = None
     status: ResponseStatus = "completed"
+    await_outputs: bool = True
 
     @property
     def waits_for_outputs(self) -> bool:
-        """Whether the step waits for a ``function_call_output`` per call (not for cancelled/failed)."""
-        return self.status not in ("cancelled", "failed")
+        """Whether the step waits for a ``function_call_output`` per call (not for cancelled/failed, nor
+        with ``await_outputs=False``)."""
+        return self.await_outputs and self.status not in ("cancelled", "failed")
 
     def describe(self) -> str:
         """A short human description, used in failure messages."""
@@ -209,9 +217,18 @@ def wait_for_greeting(text: str = "Hello, thanks for calling.") -> WaitForGreeti
     return WaitForGreeting(text)
 
 
-def caller_says(text: str) -> CallerSays:
-    """The caller says ``text``; server VAD then starts the next model step by itself."""
-    return CallerSays(text)
+def caller_says(text: str, *, seconds: float | None = None, cut_in: bool = False) -> CallerSays:
+    """The caller says ``text``; server VAD then starts the next model step by itself.
+
+    ``seconds``: how long the caller speaks, from ``input_audio_buffer.speech_started`` to
+    ``speech_stopped`` (by default they follow each other at once), so a controller's behaviour while the
+    caller is mid-utterance can be tested. ``cut_in=True``: the caller does not wait for the model's audio
+    to finish playing (see ``Simulator(playback_rate=…)``) but speaks over it, and the server clears it
+    (``output_audio_buffer.cleared``), as on a barge-in; a response still streaming is cancelled either
+    way (``turn_detected``)."""
+    if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError("seconds must be a non-negative number")
+    return CallerSays(text, None if seconds is None else float(seconds), cut_in)
 
 
 def model_says(text: str) -> ModelSays:
@@ -234,6 +251,7 @@ def model_calls(
     call_id: str | None = None,
     preamble: str | None = None,
     status: ResponseStatus = "completed",
+    await_outputs: bool = True,
 ) -> ModelCalls:
     """The model calls one function (``model_calls("lookup", {"id": 1})``) or several in parallel
     (``model_calls([("a", {...}), ("b", {...})])``).
@@ -241,7 +259,8 @@ def model_calls(
     ``arguments``: a dict is sent as compact JSON, a str verbatim (so malformed or pretty-printed arguments
     can be tested). ``preamble`` adds a spoken message before the call(s) in the same response.
     ``status`` sets the ``response.done`` status; for ``"cancelled"``/``"failed"`` the step does not wait
-    for outputs.
+    for outputs. ``await_outputs=False``: the script goes on once the response is done, while the tools
+    run (the caller speaks meanwhile, say); the model answers the outputs at the next response step.
     """
     if status not in _RESPONSE_STATUSES:
         raise ValueError(f"status must be one of {_RESPONSE_STATUSES}, not {status!r}")
@@ -261,7 +280,7 @@ def model_calls(
             raise ValueError("a function call needs a name")
         if spec.call_id is not None and not spec.call_id:
             raise ValueError("call_id may not be empty")
-    return ModelCalls(tuple(specs), preamble, status)
+    return ModelCalls(tuple(specs), preamble, status, await_outputs)
 
 
 def caller_presses(digits: str) -> CallerPresses:

@@ -689,7 +689,8 @@ class SimCall:
       ``"session_expired"``, ``"script_done"``);
     - ``accept_body``, ``reject_body``, ``refer_target``, ``hangup_requested``, ``session`` (the full
       effective session), ``sdp_offer``/``ephemeral_key`` (WebRTC);
-    - ``received`` (client events, in order), ``sent`` (server events, in order), ``bad_frames`` (frames that
+    - ``received`` (client events, in order), ``sent`` (server events, in order), ``timeline`` (both, as
+      ``("received" | "sent", event)`` in the order they arrived or left), ``bad_frames`` (frames that
       were not JSON objects), ``sideband_connects``;
     - ``responses`` (:class:`ResponseRecord` per model response), ``function_outputs`` (``(call_id,
       output)`` in arrival order), ``transcript`` (``(role, text)`` lines);
@@ -732,6 +733,7 @@ class SimCall:
         self.session: dict[str, Any] | None = None
         self.received: list[dict[str, Any]] = []
         self.sent: list[dict[str, Any]] = []
+        self.timeline: list[tuple[Literal["received", "sent"], dict[str, Any]]] = []
         self.bad_frames: list[str | bytes] = []
         self.internal_errors: list[str] = []
         self.sideband_connects = 0
@@ -947,6 +949,7 @@ class SimCall:
         if not sockets:
             return False
         self.sent.append(event)
+        self.timeline.append(("sent", event))
         data = json.dumps(event)
         for attachment in sockets:
             with contextlib.suppress(ConnectionError, RuntimeError):
@@ -1092,6 +1095,7 @@ class SimCall:
                 await self._error("invalid_json", "A client event must be a JSON object.")
             return
         self.received.append(event)
+        self.timeline.append(("received", event))
         self._first_event.set()
         self._notify()
         if self._ended.is_set():
@@ -1785,8 +1789,8 @@ class SimCall:
                 )
             case ModelCalls():
                 await self._model_calls(step, limit)
-            case CallerSays(text=text):
-                await self._caller_says(text, limit)
+            case CallerSays(text=text, seconds=seconds, cut_in=cut_in):
+                await self._caller_says(text, limit, seconds=seconds, cut_in=cut_in)
             case CallerPresses(digits=digits):
                 await self._wait_ready(limit)
                 self._set_phase("emitting")
@@ -1857,7 +1861,13 @@ class SimCall:
             step.preamble, step.calls, step.status, must_wait=self._next_needs_create, limit=limit
         )
         if record is None or not step.waits_for_outputs or record.status in ("cancelled", "failed"):
-            self._next_needs_create = False
+            # (with calls left to answer, the model speaks again only when asked)
+            self._next_needs_create = (
+                record is not None
+                and not step.await_outputs
+                and record.status not in ("cancelled", "failed")
+                and bool(record.call_ids)
+            )
             return
         call_ids = list(record.call_ids)
         self._awaiting_ids = call_ids
@@ -1876,23 +1886,29 @@ class SimCall:
             raise _StepTimeout(f"no function_call_output for {', '.join(missing)} within {limit}s") from None
         self._next_needs_create = True
 
-    async def _caller_says(self, text: str, limit: float) -> None:
+    async def _caller_says(
+        self, text: str, limit: float, *, seconds: float | None = None, cut_in: bool = False
+    ) -> None:
         await self._wait_ready(limit)
-        await self._hear_out()
+        if not cut_in:
+            await self._hear_out()
         self._set_phase("emitting")
         assert self.session is not None
         item_id = self._sim._new_id("item_")
         start = self._audio_ms + 400
-        end = start + 300 + 60 * len(text)
+        end = start + (300 + 60 * len(text) if seconds is None else int(seconds * 1000))
         self._audio_ms = end + 200
         await self._send("input_audio_buffer.speech_started", audio_start_ms=start, item_id=item_id)
         turn = self.session["audio"]["input"].get("turn_detection")
-        if (
-            self._active_response is not None
-            and isinstance(turn, dict)
-            and turn.get("interrupt_response", True)
-        ):
+        interrupts = isinstance(turn, dict) and turn.get("interrupt_response", True)
+        if self._active_response is not None and interrupts:
             self._cancel_reason = "turn_detected"  # barge-in: the server cuts the model off
+        elif self._audio_response is not None and interrupts:
+            # The response is over but its audio still plays: the server drops the rest of it.
+            cleared, self._audio_response = self._audio_response, None
+            if self._playback_cut is not None:
+                self._playback_cut.set()
+            await self._send("output_audio_buffer.cleared", response_id=cleared)
         transcribes = _transcribes(self.session)
         if transcribes:  # the words are transcribed as they are spoken: before the item exists
             for chunk in _chunks(text, 4):
@@ -1903,6 +1919,12 @@ class SimCall:
                     delta=chunk,
                     obfuscation=secrets.token_hex(4),
                 )
+        if seconds:
+            self._set_phase("caller_speaking")
+            await asyncio.sleep(seconds)  # (what the controller sends meanwhile is served as it comes)
+            if self._ended.is_set():
+                return
+            self._set_phase("emitting")
         await self._send("input_audio_buffer.speech_stopped", audio_end_ms=end, item_id=item_id)
         previous = self._last_item_id
         self._last_item_id = item_id
