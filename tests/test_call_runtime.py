@@ -358,6 +358,35 @@ async def test_filler_waits_until_the_preamble_has_been_heard(stack: Stack) -> N
     assert not server_errors(call)
 
 
+async def test_a_line_the_caller_cut_off_is_marked_in_the_summary(stack: Stack) -> None:
+    stack.sim.playback_rate = 20.0  # the answer plays for about three seconds after its response.done
+    answer = "Your order shipped on Monday and should reach you by Friday."
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("where is my order?"),
+                model_says(answer),
+                caller_says("Thanks, bye!", cut_in=True),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    with capture_logs() as logs:
+        await call.wait_done(timeout=10)
+        summary = await ended(stack, call)
+    assert summary.transcript == [
+        ("agent", "Hello."),
+        ("caller", "where is my order?"),
+        ("agent", answer),
+        ("caller", "Thanks, bye!"),
+    ]
+    assert summary.interrupted == (2,)  # the words are the model's: the caller heard less of them
+    cut = [e for e in logs if e["event"] == "agent.interrupted"]
+    assert [e["response_id"] for e in cut] == [call.responses[1].response_id]
+
+
 async def test_loop_breaker_stops_identical_calls(stack: Stack) -> None:
     runs: list[int] = []
 

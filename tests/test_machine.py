@@ -388,6 +388,48 @@ def test_a_reattach_forgets_an_utterance_in_progress() -> None:
     assert again[1]["response"]["instructions"] == "Hello?"
 
 
+def agent_line(resp: str, text: str) -> dict[str, Any]:
+    return {
+        "type": "response.output_audio_transcript.done",
+        "response_id": resp,
+        "item_id": "item_" + resp,
+        "content_index": 0,
+        "transcript": text,
+    }
+
+
+def test_a_line_the_caller_cut_off_is_marked_whenever_its_words_come() -> None:
+    m = live_machine()
+    # The words first, then the caller cuts into the audio still playing after the response.
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r1"})
+    assert notices(m.receive(agent_line("r1", "Your order shipped on Monday.")), "transcript")
+    m.receive(response_done("r1"))
+    m.receive(SPEECH_STARTED)
+    cleared = m.receive({"type": "output_audio_buffer.cleared", "response_id": "r1"})
+    assert notices(cleared, "agent.interrupted") == [{"response_id": "r1"}]
+    # The audio cleared before the (partial) words of a cancelled response arrive: marked with them.
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r2"})
+    m.receive(SPEECH_STARTED)
+    assert (
+        notices(m.receive({"type": "output_audio_buffer.cleared", "response_id": "r2"}), "agent.interrupted")
+        == []
+    )
+    late = m.receive(agent_line("r2", "Let me"))
+    assert [a.event for a in late if isinstance(a, Notice)] == ["transcript", "agent.interrupted"]
+    # Heard to the end: nothing to mark.
+    m.receive(response_done("r2", "cancelled"))
+    m.receive({"type": "response.created", "response": {"id": "r3"}})
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r3"})
+    m.receive(agent_line("r3", "Goodbye."))
+    m.receive(response_done("r3"))
+    assert (
+        notices(m.receive({"type": "output_audio_buffer.stopped", "response_id": "r3"}), "agent.interrupted")
+        == []
+    )
+
+
 def test_active_response_error_retries_after_done() -> None:
     m = machine()
     m.start()

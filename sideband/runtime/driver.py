@@ -131,7 +131,11 @@ class CallSummary:
     duration: float = 0.0
     tools: list[ToolRecord] = field(default_factory=list)
     transcript: list[tuple[str, str]] = field(default_factory=list)
+    """``(role, text)`` lines in order: ``caller`` (the input transcription) and ``agent`` (what the model
+    said, as it wrote it: a line in :attr:`interrupted` holds more than the caller heard)."""
     dtmf: str = ""
+    interrupted: tuple[int, ...] = ()
+    """Indices in :attr:`transcript` of the agent's lines the caller cut off (barge-in)."""
 
 
 @dataclass(slots=True)
@@ -802,6 +806,12 @@ class CallRuntime:
                 self.log.info("transcript", role=fields["role"], chars=len(fields["text"]))
             if self.hooks.on_transcript:
                 self._spawn_hooks(self.hooks.on_transcript, self.ctx, fields["role"], fields["text"])
+        elif event == "agent.interrupted":
+            self.log.info(event, **fields)
+            transcript = self.summary.transcript
+            line = next((i for i in range(len(transcript) - 1, -1, -1) if transcript[i][0] == "agent"), None)
+            if line is not None and line not in self.summary.interrupted:
+                self.summary.interrupted = (*self.summary.interrupted, line)
         elif event == "dtmf":
             self.summary.dtmf += fields["digit"]
             self.log.info("dtmf", **(fields if self._log_said else {}))

@@ -266,6 +266,7 @@ class CallMachine:
         "_closed",
         "_create_sent",
         "_created_for",
+        "_cut_response",
         "_done_since_create",
         "_end",
         "_filler_due",
@@ -274,6 +275,7 @@ class CallMachine:
         "_held",
         "_idle_waited",
         "_last_error",
+        "_last_line_response",
         "_last_signature",
         "_live",
         "_orphans",
@@ -337,6 +339,8 @@ class CallMachine:
         self._play_unsure = False
         self._play_overdue = False  # the grace ended while a response ran: its end settles it
         self._agent_lines: set[tuple[Any, Any, Any]] = set()
+        self._last_line_response: object = None  # the response the agent's last transcript line is of
+        self._cut_response: object = None  # the response whose audio the caller cut off, its line unseen
         self._greeted = False
         self._live = False  # our session.update went out (vowel: was confirmed); code may send now
         self._held: tuple[Action, ...] = ()  # sends asked for by code before that
@@ -921,7 +925,13 @@ class CallMachine:
         if key in self._agent_lines:
             return []
         self._agent_lines.add(key)
-        return [Notice("transcript", {"role": "agent", "text": text.strip()})]
+        response_id = event.get("response_id")
+        self._last_line_response = response_id
+        line = Notice("transcript", {"role": "agent", "text": text.strip()})
+        if response_id is not None and response_id == self._cut_response:
+            self._cut_response = None  # (its words came after the caller had cut its audio off)
+            return [line, Notice("agent.interrupted", {"response_id": response_id})]
+        return [line]
 
     def _on_caller_activity(self, event: dict[str, Any]) -> list[Action]:
         item = event.get("item_id")
@@ -993,6 +1003,17 @@ class CallMachine:
         self._playing = True
         self._play_unsure = self._play_overdue = False
         return []
+
+    def _on_playback_cleared(self, event: dict[str, Any]) -> list[Action]:
+        """The caller cut in: the rest of the model's audio was dropped. Its line of the transcript holds
+        words the caller never heard: it is marked (now, or when it comes)."""
+        response_id = event.get("response_id")
+        actions: list[Action] = []
+        if response_id is not None and response_id == self._last_line_response:
+            actions.append(Notice("agent.interrupted", {"response_id": response_id}))
+        elif response_id is not None:
+            self._cut_response = response_id
+        return actions + self._on_playback_stopped(event)
 
     def _on_playback_stopped(self, event: dict[str, Any]) -> list[Action]:
         self._playing = self._play_unsure = self._play_overdue = False
@@ -1259,7 +1280,7 @@ _HANDLERS: Mapping[str, _Handler] = MappingProxyType(
         "input_audio_buffer.dtmf_event_received": CallMachine._on_dtmf,
         "output_audio_buffer.started": CallMachine._on_playback_started,
         "output_audio_buffer.stopped": CallMachine._on_playback_stopped,
-        "output_audio_buffer.cleared": CallMachine._on_playback_stopped,  # the caller cut in
+        "output_audio_buffer.cleared": CallMachine._on_playback_cleared,  # the caller cut in
         "error": CallMachine._on_error,
         "conversation.item.added": CallMachine._on_item_ack,
         "conversation.item.done": CallMachine._on_item_ack,
