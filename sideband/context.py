@@ -31,6 +31,7 @@ class CallActions(Protocol):
     def hangup(self, reason: str = ...) -> Awaitable[None]: ...
     def transfer(self, target: str) -> Awaitable[None]: ...
     def say(self, instructions: str) -> None: ...
+    def send_text(self, text: str) -> None: ...
     def update_session(self, **fields: Any) -> None: ...
 
 
@@ -44,6 +45,9 @@ class _NoActions:
         raise RuntimeError("no live call behind this context")
 
     def say(self, instructions: str) -> None:
+        raise RuntimeError("no live call behind this context")
+
+    def send_text(self, text: str) -> None:
         raise RuntimeError("no live call behind this context")
 
     def update_session(self, **fields: Any) -> None:
@@ -72,6 +76,9 @@ class _Through:
     def say(self, instructions: str) -> None:
         self._ctx._actions.say(instructions)
 
+    def send_text(self, text: str) -> None:
+        self._ctx._actions.send_text(text)
+
     def update_session(self, **fields: Any) -> None:
         self._ctx._actions.update_session(**fields)
 
@@ -95,6 +102,9 @@ class _Overrun:
         self._refuse()
 
     def say(self, instructions: str) -> None:
+        self._refuse()
+
+    def send_text(self, text: str) -> None:
         self._refuse()
 
     def update_session(self, **fields: Any) -> None:
@@ -122,10 +132,10 @@ class CallContext:
     possible). Like ``sip_headers`` they come from the caller's side of the call and are **untrusted**:
     use them to personalise, never to authorise.
 
-    The actions (:meth:`say`, :meth:`update_session`, :meth:`hangup`, :meth:`transfer`) may be used from
-    any thread, e.g. from a sync tool, which runs in a worker thread. Called off the call's event loop
-    (:attr:`loop`, captured when the call's actions are bound), an action hops onto that loop
-    (``loop.call_soon_threadsafe``), and the calling thread waits until the loop has carried it out: it
+    The actions (:meth:`say`, :meth:`send_text`, :meth:`update_session`, :meth:`hangup`, :meth:`transfer`)
+    may be used from any thread, e.g. from a sync tool, which runs in a worker thread. Called off the
+    call's event loop (:attr:`loop`, captured when the call's actions are bound), an action hops onto that
+    loop (``loop.call_soon_threadsafe``), and the calling thread waits until the loop has carried it out: it
     then behaves exactly as on the loop, in the same order with the call's other events, and returns or
     raises the same (e.g. ``ValueError`` for a transfer target outside the allow-list). Off the loop,
     ``hangup()`` and ``transfer()`` have been requested by the time they return; the awaitable they return
@@ -235,6 +245,16 @@ class CallContext:
             self._actions.say(instructions)
         else:
             _call_in(loop, lambda: self._actions.say(instructions))
+
+    def send_text(self, text: str) -> None:
+        """Add ``text`` to the conversation as the caller's (a user text item, e.g. what they keyed on
+        the keypad: the model does not hear tones), and have the model answer it. It is a caller line of
+        the transcript too."""
+        loop = self._foreign_loop()
+        if loop is None:
+            self._actions.send_text(text)
+        else:
+            _call_in(loop, lambda: self._actions.send_text(text))
 
     def update_session(self, **fields: Any) -> None:
         """Send a ``session.update`` with these fields (``type`` is added). Names as for

@@ -653,6 +653,48 @@ async def test_hooks_get_start_end_dtmf_transcripts_and_one_greeting() -> None:
     assert len(greetings) == 1
 
 
+async def test_keyed_digits_reach_the_model_through_send_text(stack: Stack) -> None:
+    @stack.app.on_dtmf
+    def keypad(ctx: CallContext, digit: str) -> None:  # (sync: in a worker thread, the action hops over)
+        keyed = ctx.state.setdefault("keyed", [])
+        if digit != "#":
+            keyed.append(digit)
+            return
+        ctx.send_text(f"[keypad] {''.join(keyed)}")
+        keyed.clear()
+
+    call = await start(
+        stack,
+        Script(
+            [
+                wait_for_greeting("Please key in your order number, then the hash key."),
+                caller_presses("42#"),
+                wait_for_greeting("Order 42: it shipped today."),  # (waits for the controller's create)
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await call.wait_done(timeout=10)
+    summary = await ended(stack, call)
+    items = [e["item"] for e in call.received if e["type"] == "conversation.item.create"]
+    assert items == [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "[keypad] 42"}]}
+    ]
+    marks = [e["type"] for e in call.received]
+    assert marks[marks.index("conversation.item.create") + 1] == "response.create"  # one answer follows
+    assert [(r.trigger, r.text) for r in call.responses][-1] == (
+        "response.create",
+        "Order 42: it shipped today.",
+    )
+    assert summary.dtmf == "42#" and ("caller", "[keypad] 42") in summary.transcript
+    assert not server_errors(call)
+
+
+def test_send_text_needs_a_live_call() -> None:
+    with pytest.raises(RuntimeError, match="no live call"):
+        CallContext("rtc_x").send_text("42")
+
+
 async def test_hangup_verb_is_retried_after_a_server_error(stack: Stack) -> None:
     @stack.app.tool
     async def finish(ctx: CallContext) -> str:

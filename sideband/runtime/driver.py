@@ -275,7 +275,7 @@ class CallRuntime:
         self._apply(self.machine.say(instructions))
         self._kick()
 
-    def user_text(self, text: str) -> None:
+    def send_text(self, text: str) -> None:
         """Add a user text turn; one response follows it."""
         self._apply(self.machine.user_text(text))
         self._kick()

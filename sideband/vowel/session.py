@@ -372,7 +372,7 @@ class EngineSession:
             self._turn = _Turn(future, len(summary.transcript), len(summary.tools))
             limit = self.reply_timeout if timeout is None else timeout
             try:
-                runtime.user_text(text)
+                runtime.send_text(text)
                 async with asyncio.timeout(limit):  # (3.11's wait_for can lose a cancellation)
                     return await future
             except TimeoutError:
