@@ -385,6 +385,9 @@ async def test_a_line_the_caller_cut_off_is_marked_in_the_summary(stack: Stack) 
     assert summary.interrupted == (2,)  # the words are the model's: the caller heard less of them
     cut = [e for e in logs if e["event"] == "agent.interrupted"]
     assert [e["response_id"] for e in cut] == [call.responses[1].response_id]
+    # Each caller line names the conversation item it transcribes.
+    spoken = [e["item_id"] for e in call.sent_of_type("input_audio_buffer.speech_started")]
+    assert [e.get("item_id") for e in logs if e["event"] == "transcript" and e["role"] == "caller"] == spoken
 
 
 async def test_loop_breaker_stops_identical_calls(stack: Stack) -> None:

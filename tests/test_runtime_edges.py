@@ -421,6 +421,7 @@ async def test_a_payment_line_keeps_what_callers_say_and_key_out_of_the_logs(
     assert len([e for e in logs if e["event"] == "dtmf"]) == 5  # that keys were pressed, not which
     lines = [e for e in logs if e["event"] == "transcript"]
     assert {"role": "caller", "chars": len("my card is 4111 1111")}.items() <= lines[1].items()
+    assert lines[1]["item_id"].startswith("item_")  # the item it transcribes, to place it
     assert summary.dtmf == "4111#" and ("caller", "my card is 4111 1111") in summary.transcript  # hooks
 
 

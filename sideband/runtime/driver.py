@@ -803,7 +803,11 @@ class CallRuntime:
             if self._log_said:
                 self.log.info("transcript", **fields)
             else:
-                self.log.info("transcript", role=fields["role"], chars=len(fields["text"]))
+                self.log.info(
+                    "transcript",
+                    **{k: v for k, v in fields.items() if k != "text"},
+                    chars=len(fields["text"]),
+                )
             if self.hooks.on_transcript:
                 self._spawn_hooks(self.hooks.on_transcript, self.ctx, fields["role"], fields["text"])
         elif event == "agent.interrupted":

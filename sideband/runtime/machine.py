@@ -908,7 +908,10 @@ class CallMachine:
         same_turn = item is not None and item in self._turn_items
         actions = self._touch_idle() if same_turn else self._caller_turn()
         if isinstance(text, str) and text.strip():
-            actions.append(Notice("transcript", {"role": "caller", "text": text.strip()}))
+            fields = {"role": "caller", "text": text.strip()}
+            if isinstance(item, str):
+                fields["item_id"] = item  # (the item it transcribes: its place in the conversation)
+            actions.append(Notice("transcript", fields))
         return actions
 
     def _on_agent_transcript(self, event: dict[str, Any]) -> list[Action]:
