@@ -680,7 +680,9 @@ def test_a_caller_transcript_completing_late_is_no_new_turn_for_the_loop_breaker
     again): their transcript is the turn their speech began, and does not reset the count of identical
     calls in the current one."""
     m, breaks, transcript = identical_calls_with_a_late_transcript(spoken, "item_a")
-    assert notices(transcript, "transcript") == [{"role": "caller", "text": "Check it again and again."}]
+    assert notices(transcript, "transcript") == [
+        {"role": "caller", "text": "Check it again and again.", "item_id": "item_a"}
+    ]
     assert breaks == 1  # the third identical call of the turn
     # A transcript with no speech start of its own (another item) is a turn of its own.
     m.receive(
