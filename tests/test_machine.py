@@ -238,6 +238,12 @@ def test_filler_not_sent_while_response_active() -> None:
     assert types(m.timer("filler:call_1")) == ["response.create"]
 
 
+def output_ack(call_id: str) -> dict[str, Any]:
+    """The server's acknowledgement of our output for ``call_id``."""
+    item = {"type": "function_call_output", "call_id": call_id, "output": "{}"}
+    return {"type": "conversation.item.done", "item": item}
+
+
 SPEECH_STARTED = {"type": "input_audio_buffer.speech_started", "item_id": "item_u"}
 SPEECH_STOPPED = {"type": "input_audio_buffer.speech_stopped", "item_id": "item_u"}
 
@@ -292,6 +298,7 @@ def test_nothing_of_ours_starts_while_the_caller_speaks() -> None:
     assert StartTimer("speaking", 15.0) in started
     # The tool's output goes in at once; the response that speaks it waits for the caller to finish.
     assert types(m.tool_done("c1", "{}")) == ["conversation.item.create"]
+    m.receive(output_ack("c1"))
     assert types(m.say("Mention the sale.")) == []
     stopped = m.receive(SPEECH_STOPPED)
     assert CancelTimer("speaking") in stopped
@@ -302,6 +309,78 @@ def test_nothing_of_ours_starts_while_the_caller_speaks() -> None:
     assert [e["response"]["instructions"] for e in sends(after)] == ["Mention the sale."]
     m.receive({"type": "response.created", "response": {"id": "r3"}})
     assert types(m.receive(response_done("r3"))) == []  # the model spoke the output once
+
+
+def test_outputs_the_turn_answer_may_not_have_seen_are_answered_after_it() -> None:
+    m = live_machine()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "lookup", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    m.receive(SPEECH_STARTED)
+    m.receive(SPEECH_STOPPED)
+    # The tool answers after the caller stopped: the server's answer to the turn began without it.
+    assert types(m.tool_done("c1", "{}")) == ["conversation.item.create"]
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    m.receive(output_ack("c1"))  # acknowledged only after that answer had begun
+    assert [e.get("response") for e in sends(m.receive(response_done("r2")))] == [None]
+
+
+def test_a_turn_answer_that_failed_leaves_the_outputs_to_be_answered() -> None:
+    m = live_machine(max_tool_calls=1)
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "lookup", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    m.receive(SPEECH_STARTED)
+    m.tool_done("c1", "{}")
+    m.receive(output_ack("c1"))
+    m.receive(SPEECH_STOPPED)
+    m.receive({"type": "response.created", "response": {"id": "r2"}})  # the turn's answer covers it...
+    assert types(m.receive(response_done("r2", "failed"))) == ["response.create"]  # ...until it fails
+
+
+def test_a_turn_answer_takes_over_a_loop_breakers_no_tools() -> None:
+    m = live_machine(max_identical_calls=1)
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "lookup", "{}", resp="r1"))
+    feed(m, call_events("c2", "lookup", "{}", resp="r1"))  # the same call again: refused...
+    m.receive(SPEECH_STARTED)
+    m.receive(response_done("r1"))  # ...once the caller had started speaking
+    m.tool_done("c1", "{}")
+    m.receive(output_ack("c1"))
+    m.receive(output_ack("c2"))
+    m.receive(SPEECH_STOPPED)
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    m.receive(response_done("r2"))
+    # The model's next tool call is answered with tools on again: "no tools" was owed to a turn gone by.
+    m.receive({"type": "response.created", "response": {"id": "r3"}})
+    feed(m, call_events("c3", "other", "{}", resp="r3"))
+    m.receive(response_done("r3"))
+    assert [e.get("response") for e in sends(m.tool_done("c3", "{}")) if e["type"] == "response.create"] == [
+        None
+    ]
+
+
+def test_code_text_is_answered_after_a_turn_answer_that_may_not_have_seen_it() -> None:
+    m = live_machine()
+    m.receive(SPEECH_STARTED)
+    assert types(m.user_text("[keypad] 42")) == ["conversation.item.create"]
+    m.receive(SPEECH_STOPPED)
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    assert types(m.receive(response_done("r1"))) == ["response.create"]
+
+
+def test_a_filler_is_timed_for_the_tool_still_running_when_its_sibling_finished() -> None:
+    m = live_machine(filler_after={"fast": 1.5, "slow": 1.5})
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r1"})  # a long spoken preamble
+    feed(m, call_events("c_fast", "fast", "{}", resp="r1"))
+    feed(m, call_events("c_slow", "slow", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    assert m.timer("filler:c_slow") == [] and m.timer("filler:c_fast") == []  # both due mid-preamble
+    m.tool_done("c_fast", "{}")
+    stopped = m.receive({"type": "output_audio_buffer.stopped", "response_id": "r1"})
+    assert StartTimer("filler:c_slow", 1.5) in stopped
+    assert types(m.timer("filler:c_slow")) == ["response.create"]
 
 
 @pytest.mark.parametrize(

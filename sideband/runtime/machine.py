@@ -180,8 +180,8 @@ class MachineConfig:
 
 
 SPEECH_CAP = 15.0
-"""Longest a caller's utterance holds back what the sideband would start (see
-:meth:`CallMachine.receive`): a ``speech_stopped`` lost or never sent must not mute the call."""
+"""Longest a caller's utterance (``input_audio_buffer.speech_started`` until ``speech_stopped``) holds back
+what the sideband would start: a ``speech_stopped`` lost or never sent must not mute the call."""
 
 TURN_GRACE = 1.0
 """After the caller stopped speaking, how long tool outputs wait for the server's own response to the
@@ -264,6 +264,7 @@ class CallMachine:
         "_answered_total",
         "_calls",
         "_closed",
+        "_covered_by",
         "_create_sent",
         "_created_for",
         "_cut_response",
@@ -294,6 +295,7 @@ class CallMachine:
         "_session_ready",
         "_speaking",
         "_started",
+        "_text_owed",
         "_turn_items",
         "_turn_wait",
         "_unacked",
@@ -329,9 +331,11 @@ class CallMachine:
         self._turn_items: tuple[object, ...] = ()  # the caller's last input items whose speech began a turn
         self._idle_waited = False  # the idle limit came due once while the model or a tool was busy
         self._filler_spoken = False
-        self._filler_due: str | None = None  # a filler came due while the line was not quiet: its call
+        self._filler_due = False  # a filler came due while the line was not quiet
         self._speaking = False  # the caller is mid-utterance (speech_started, no speech_stopped yet)
         self._turn_wait = False  # the caller's speech ended: the server's answer to it may be on its way
+        self._covered_by: object = None  # the server's answer to a turn, taken to answer our outputs too
+        self._text_owed = False  # code's user text awaits its answer (no acknowledgement tells it arrived)
         self._queued_say: list[str] = []
         self._playing = False
         # the model's audio was playing when the socket was lost, and nothing on the new one has shown
@@ -448,7 +452,7 @@ class CallMachine:
         the end's verb, until its stop shows on the new socket or the same grace ends.
         """
         self._response_active = self._speaking = self._turn_wait = False
-        self._create_sent = self._created_for = None
+        self._create_sent = self._created_for = self._covered_by = None
         queued_outputs = {e[len(_OUTPUT_EVENT) :] for e in queued if e.startswith(_OUTPUT_EVENT)}
         self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
         self._orphans = tuple(c.call_id for c in self._calls.values() if c.state == "pending")
@@ -702,7 +706,7 @@ class CallMachine:
         else:
             self._held = (*self._held, send)
         if not self.caps.responds_to_user_text:
-            self._want_response = True
+            self._want_response = self._text_owed = True
         return actions + self._progress()
 
     def update_session(self, fields: Mapping[str, Any]) -> list[Action]:
@@ -751,9 +755,19 @@ class CallMachine:
         if self._create_sent is not None:
             self._created_for, self._create_sent = self._create_sent, None
         elif self._turn_wait:
-            # The server's answer to the caller's turn: it sees our outputs, and answers them too.
+            # The server's answer to the caller's turn. It answers our outputs too if it sees them all:
+            # each acknowledged before it began (one still unacknowledged, or code's text, may have come
+            # too late for it: then ours follows it, better twice than never).
             self._turn_wait = False
-            self._want_response = self._want_response and self._running > 0
+            if (
+                self._want_response
+                and not self._running
+                and self.caps.resumable
+                and self._unacked is None
+                and not self._text_owed
+            ):
+                self._want_response = self._without_tools = False
+                self._covered_by = _obj(event.get("response")).get("id")
             return [CancelTimer(_TURN)]
         return []
 
@@ -767,6 +781,9 @@ class CallMachine:
         response_id = response.get("id")
         status = response.get("status")
         status = status if isinstance(status, str) else None
+        covered_by, self._covered_by = self._covered_by, None
+        if covered_by is not None and covered_by == response_id and status != "completed":
+            self._want_response = True  # it did not get to answer our outputs: we still ask
         if status == "completed":
             self._last_error = None  # the session got past it: not the cause of a later close
         actions: list[Action] = []
@@ -1129,7 +1146,7 @@ class CallMachine:
                 return [Notice("response.dropped", {"purpose": tag}), *self._progress()]
             if self._want_response and self._running == 0 and not self._resend:
                 # (held while outputs may still have to be sent again after a re-attach: it follows them)
-                self._want_response = False
+                self._want_response = self._text_owed = False
                 if self._without_tools:
                     self._without_tools = False
                     return [self._create(dict(_NO_TOOLS))]
@@ -1202,9 +1219,9 @@ class CallMachine:
         if call is None or call.state != "running" or self._filler_spoken or self._end:
             return []
         if not self._quiet:  # the holding phrase fills silence: timed again once the line goes quiet
-            self._filler_due = call_id
+            self._filler_due = True
             return []
-        self._filler_due = None
+        self._filler_due = False
         self._filler_spoken = True
         return [
             Notice("tool.filler", {"tool_call_id": call_id, "tool": call.name}),
@@ -1214,22 +1231,18 @@ class CallMachine:
         ]
 
     def _rearm_filler(self) -> list[Action]:
-        """The line went quiet while a filler was due: its wait starts again from here."""
-        call_id = self._filler_due
-        if call_id is None or not self._quiet:
+        """The line went quiet while a filler was due: the wait of a tool still running starts again from
+        here (the one that came due may have finished meanwhile, its sibling not)."""
+        if not self._filler_due or not self._quiet:
             return []
-        self._filler_due = None
-        call = self._calls.get(call_id)
-        after = self.config.filler_after.get(call.name) if call is not None else None
-        if (
-            call is None
-            or call.state != "running"
-            or self._filler_spoken
-            or self._end is not None
-            or not after
-        ):
+        self._filler_due = False
+        if self._filler_spoken or self._end is not None:
             return []
-        return [StartTimer(_FILLER + call_id, after)]
+        for call in self._calls.values():
+            after = self.config.filler_after.get(call.name) if call.state == "running" else None
+            if after:
+                return [StartTimer(_FILLER + call.call_id, after)]
+        return []
 
     def _fire_end(self, *, forced: bool) -> list[Action]:
         end = self._end
