@@ -184,8 +184,9 @@ SPEECH_CAP = 15.0
 what the sideband would start: a ``speech_stopped`` lost or never sent must not mute the call."""
 
 TURN_GRACE = 1.0
-"""After the caller stopped speaking, how long tool outputs wait for the server's own response to the
-caller's turn (which answers them too) before asking for one."""
+"""After the caller stopped speaking, how long what the sideband would start (the response that speaks
+tool outputs, a ``say()``, a goodbye…) waits for the server's own answer to the caller's turn, which
+speaks the outputs it has seen (see :meth:`CallMachine._on_response_created`)."""
 
 BEFORE_THE_CUT = 60.0
 """Seconds before the server cuts the session that the call-duration goodbye starts at the latest (the
@@ -1134,9 +1135,8 @@ class CallMachine:
         """Send the next response.create if one is owed and allowed; move a pending end along."""
         if self._closed is not None or self._busy or self._going:
             return []
-        if self._live and not (
-            self._speaking or self._turn_wait
-        ):  # (never over the caller, nor their answer)
+        caller_done = not (self._speaking or self._turn_wait)  # never over the caller, nor their answer
+        if self._live and caller_done:
             if self._retry:
                 (body, tag), self._retry = self._retry[0], self._retry[1:]
                 if tag is None or not self._stale(tag):
