@@ -16,6 +16,7 @@ import pytest
 from multidict import CIMultiDict
 
 from sideband import Accept, IncomingCall, Refer, Reject
+from sideband.stores import ClaimStore, StoreUnavailable
 from sideband.testing import Script, wait_for_greeting
 
 from .conftest import Stack, capture_logs
@@ -430,3 +431,181 @@ async def test_a_refused_api_key_is_named_in_the_log(stack: Stack) -> None:
     failed = [e for e in logs if e["event"] in ("call.accept_failed", "call.answer_failed")]
     assert [e["status"] for e in failed] == [401, 401], failed
     assert all("OpenAI refused the API key (check OPENAI_API_KEY)" in e["error"] for e in failed), failed
+
+
+def padded_event_body(stack: Stack, size: int) -> bytes:
+    """A new call's event, padded with whitespace inside its JSON object to exactly ``size`` bytes."""
+    body = event_body(stack)
+    assert body.endswith(b"}") and len(body) < size
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"webhook_max_body": 4096}])
+async def test_a_body_of_exactly_the_size_limit_is_taken_and_one_byte_more_is_413(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    limit = stack.settings.webhook_max_body
+    exact = padded_event_body(stack, limit)
+    status, answer = await post(stack, exact, signed(stack, exact, webhook_id="wh_exact"))
+    assert (status, answer) == (200, {"status": "accepted"})
+    over = padded_event_body(stack, limit + 1)
+    status, answer = await post(stack, over, signed(stack, over, webhook_id="wh_over"))
+    assert (status, answer) == (413, {"error": f"body over {limit} bytes"})
+
+
+@pytest.mark.parametrize("settings_overrides", [{"webhook_max_body": 4096}])
+async def test_a_chunked_body_of_exactly_the_size_limit_is_taken_while_it_streams_in(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    """Without a Content-Length, the limit is counted as the chunks arrive: reaching it is not passing it."""
+    body = padded_event_body(stack, stack.settings.webhook_max_body)
+    rest = asyncio.Event()
+
+    async def chunks() -> Any:
+        yield body
+        await rest.wait()  # the end of the body comes once the server is reading it
+
+    async with aiohttp.ClientSession() as http:
+        sending = asyncio.create_task(
+            http.post(stack.webhook_url, data=chunks(), headers=signed(stack, body, webhook_id="wh_chunked"))
+        )
+        try:
+            async with asyncio.timeout(5):  # until the handler reads the body (or answers without it)
+                while not stack.service.requests and not sending.done():
+                    await asyncio.sleep(0.01)
+            rest.set()
+            async with asyncio.timeout(10), await sending as resp:
+                assert (resp.status, await resp.json()) == (200, {"status": "accepted"})
+        finally:
+            rest.set()
+            sending.cancel()
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json; charset=utf-8", "Application/JSON", " application/json ;charset=UTF-8"],
+)
+async def test_the_webhook_media_type_is_matched_without_case_or_parameters(
+    stack: Stack, content_type: str
+) -> None:
+    body = event_body(stack)
+    status, answer = await post(stack, body, {**signed(stack, body), "content-type": content_type})
+    assert (status, answer) == (200, {"status": "accepted"})
+
+
+async def test_a_webhook_refused_while_draining_asks_to_be_sent_again_after_a_second(stack: Stack) -> None:
+    body = event_body(stack)
+    stack.service.draining = True
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(stack.webhook_url, data=body, headers=signed(stack, body)) as resp,
+    ):
+        assert (resp.status, resp.headers.get("Retry-After"), await resp.json()) == (
+            503,
+            "1",
+            {"error": "draining"},
+        )
+    assert not [r for r in stack.sim.requests if r.path.endswith("/accept")]
+
+
+async def test_a_redelivered_event_of_another_type_is_acknowledged_as_a_duplicate(stack: Stack) -> None:
+    event = {"object": "event", "id": "evt_9", "type": "response.completed", "created_at": 1, "data": {}}
+    first = await stack.sender.deliver(event, webhook_id="wh_not_a_call", max_attempts=1)
+    again = await stack.sender.deliver(event, webhook_id="wh_not_a_call", max_attempts=1)
+    assert [(r.status, json.loads(r.bodies[-1] or b"{}")) for r in (first, again)] == [
+        (200, {"status": "ignored"}),
+        (200, {"status": "duplicate"}),
+    ]
+
+
+class StoreFailingOnce:
+    """The service's claim store, but the first claim of a key starting with ``prefix`` fails as an
+    unreachable Redis would."""
+
+    def __init__(self, inner: ClaimStore, prefix: str) -> None:
+        self.inner, self.prefix, self.failed = inner, prefix, False
+        self.where = inner.where
+
+    async def claim(self, key: str, ttl: float) -> bool:
+        if key.startswith(self.prefix) and not self.failed:
+            self.failed = True
+            raise StoreUnavailable("redis at redis://cache:6379/0: Connection reset by peer")
+        return await self.inner.claim(key, ttl)
+
+    async def settle(self, key: str, ttl: float) -> None:
+        await self.inner.settle(key, ttl)
+
+    async def settled(self, key: str) -> bool:
+        return await self.inner.settled(key)
+
+    async def release(self, key: str) -> None:
+        await self.inner.release(key)
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_store_failing_as_the_call_is_claimed_frees_the_delivery_for_its_redelivery(
+    stack: Stack,
+) -> None:
+    stack.service.store = StoreFailingOnce(stack.service.store, "call:")
+    call = stack.sim.create_call(Script([wait_for_greeting("Hi")]))
+    event = stack.sim.incoming_event(call)
+    first = await stack.sender.deliver(event, webhook_id="wh_flaky", max_attempts=1)
+    assert (first.status, json.loads(first.bodies[-1] or b"{}")) == (
+        503,
+        {"error": "claim store unavailable"},
+    )
+    assert not [r for r in stack.sim.requests if r.path.endswith("/accept")]
+    again = await stack.sender.deliver(event, webhook_id="wh_flaky", max_attempts=1)
+    assert (again.status, json.loads(again.bodies[-1] or b"{}")) == (200, {"status": "accepted"})
+    await call.wait_connected(timeout=5)
+
+
+# Room for exactly one attempt: it goes unanswered, and the budget is spent with no retry after it.
+@pytest.mark.parametrize("settings_overrides", [{"accept_budget": 1.0, "accept_attempt_timeout": 1.0}])
+async def test_a_lone_accept_attempt_that_went_unanswered_is_remembered_for_the_redelivery(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    call = stack.sim.create_call(Script([wait_for_greeting("Hi")]))
+    stack.sim.fail_accept(call.call_id, "late")  # accepted upstream, but the answer never comes
+    event = stack.sim.incoming_event(call)
+    first = await stack.sender.deliver(event, webhook_id="wh_lone", max_attempts=1)
+    assert first.status == 503 and call.status == "accepted"
+    second = await stack.sender.deliver(event, webhook_id="wh_lone", max_attempts=1)
+    assert (second.status, json.loads(second.bodies[-1] or b"{}")) == (200, {"status": "accepted"})
+    await call.wait_connected(timeout=5)
+    assert call.sideband_connects == 1
+
+
+async def test_accepts_refused_by_every_attempt_leave_nothing_for_a_redelivery_to_attach_to(
+    stack: Stack,
+) -> None:
+    """Every attempt was answered (500): the call was not accepted. When the redelivery finds it gone
+    (the caller left meanwhile), it is gone: nothing attaches to it."""
+    call = stack.sim.create_call(Script([wait_for_greeting("Hi")]))
+    stack.sim.fail_accept(call.call_id, *([500] * 60))
+    event = stack.sim.incoming_event(call)
+    first = await stack.sender.deliver(event, webhook_id="wh_refused", max_attempts=1)
+    assert first.status == 503 and call.status == "ringing"
+    stack.sim.calls[call.call_id].accept_faults.clear()
+    stack.sim.fail_accept(call.call_id, 404)  # the caller left before the redelivery
+    second = await stack.sender.deliver(event, webhook_id="wh_refused", max_attempts=1)
+    assert (second.status, json.loads(second.bodies[-1] or b"{}")) == (200, {"status": "call_gone"})
+    assert call.sideband_connects == 0 and call.call_id not in stack.service.registry
+
+
+async def test_a_reject_refused_with_a_4xx_is_reported_failed_and_not_sent_again(stack: Stack) -> None:
+    stack.app.on_incoming(lambda call: Reject(486))
+    call = stack.sim.create_call(Script([]))
+    stack.sim.fail_verb(call.call_id, "reject", 400)
+    result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert (result.status, json.loads(result.bodies[-1] or b"{}")) == (
+        200,
+        {"status": "failed", "error": "upstream answered 400"},
+    )
+    assert len([r for r in stack.sim.requests if r.path.endswith(f"/{call.call_id}/reject")]) == 1
+    assert call.status == "ringing"

@@ -131,6 +131,11 @@ async def test_a_url_asking_for_decoded_replies_still_reads_settled_claims(redis
         await store.close()
 
 
+async def test_a_claim_shorter_than_a_millisecond_is_taken_for_one(store: RedisStore) -> None:
+    assert await store.claim("call:brief", 0.0004)  # (Redis counts in whole milliseconds)
+    await store.settle("call:brief", 0.0004)
+
+
 async def test_a_pending_claim_expires(store: RedisStore) -> None:
     assert await store.claim("call:c2", 0.2)
     deadline = time.monotonic() + 5
@@ -245,6 +250,32 @@ async def test_a_redelivery_to_another_instance_attaches_after_an_uncertain_acce
         assert second.status == 200, second.bodies
         await call.wait_connected(1, timeout=5)
         assert call.sideband_connects == 1 and len(b.service.registry) == 1
+        await simulator.hang_up(call)
+
+
+async def test_a_redelivery_whose_accept_is_refused_after_another_instances_uncertain_accept_attaches(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer
+) -> None:
+    """A's accept may have gone through (unanswered, then its budget ran out); B's accept of the
+    redelivery is refused as one of a call already accepted may be (422): B attaches, it does not
+    reject the call."""
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url}
+    async with (
+        run_app(make_app(), simulator, **settings) as a,
+        run_app(make_app(), simulator, **settings) as b,
+    ):
+        call = simulator.create_call(Script([pause(30)]))
+        simulator.fail_accept(call.call_id, "late", "timeout", "timeout", "timeout", "timeout")
+        event = simulator.incoming_event(call)
+        first = await a.sender.deliver(event, webhook_id="wh_u", max_attempts=1)
+        assert first.status == 503 and call.status == "accepted"
+        simulator.calls[call.call_id].accept_faults.clear()
+        simulator.fail_accept(call.call_id, 422)
+        second = await b.sender.deliver(event, webhook_id="wh_u", max_attempts=1)
+        assert (second.status, json.loads(second.bodies[-1] or b"{}")) == (200, {"status": "accepted"})
+        await call.wait_connected(1, timeout=5)
+        assert call.sideband_connects == 1 and len(b.service.registry) == 1
+        assert not [r for r in simulator.requests if r.path.endswith(("/reject", "/hangup"))]
         await simulator.hang_up(call)
 
 

@@ -65,6 +65,8 @@ def test_table_matches_numbers_and_default(tmp_path: Path) -> None:
     [
         ('[routes."+1"]\ntools = ["nope"]\n', "unknown tool nope"),
         ('[routes."+1"]\nreject = 200\n', "reject"),
+        ('[routes."+1"]\nreject = 399\n', "routes.+1.reject: Input should be"),
+        ('[routes."+1"]\nreject = 700\n', "routes.+1.reject: Input should be"),
         ('[routes."+1"]\nreject = 486\nrefer = "tel:+1"\n', "not both"),
         ('[routes."+1"]\nrefer = "http://x"\n', "tel: or sip:"),
         ('[routes."+1"]\ncolour = "red"\n', "colour"),
@@ -88,6 +90,19 @@ def test_invalid_files_are_one_line_errors(tmp_path: Path, text: str, fragment: 
     with pytest.raises(RouteError) as info:
         RouteTable.load(write(tmp_path, text), ["lookup_order"])
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_route_without_tools_offers_every_tool_and_one_with_an_empty_list_none() -> None:
+    app = make_app()
+    table = RouteTable.from_dict(
+        {"routes": {"+18005551212": {"instructions": "Billing desk."}, "+18005550000": {"tools": []}}},
+        app.tools.names(),
+    )
+    every, none = table.match("+18005551212"), table.match("+18005550000")
+    assert isinstance(every, Accept) and every.tools is None
+    assert app.plan(every).tools.names() == app.tools.names()
+    assert isinstance(none, Accept) and none.tools == ()
+    assert list(app.plan(none).tools.names()) == []
 
 
 def test_missing_file_is_refused_at_start(tmp_path: Path) -> None:

@@ -311,6 +311,7 @@ def test_required_present_loads() -> None:
         ("SIDEBAND_MAX_CALL_SECONDS", "inf"),
         ("SIDEBAND_ACCEPT_BUDGET", "inf"),
         ("SIDEBAND_RTC_TICKET_SECRET", "short"),
+        ("SIDEBAND_RTC_TICKET_SECRET", "x" * 31),
         ("SIDEBAND_ROUTE_FAILURE_STATUS", "200"),
         ("SIDEBAND_RTC_KEY_TTL", "7201"),
         ("OPENAI_API_KEY", "sk-one sk-two"),

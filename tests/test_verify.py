@@ -215,6 +215,15 @@ def test_a_delivery_signed_during_a_secret_rotation_verifies_with_either_secret(
     assert refused(verifier(secret=third), BODY, headers).status == 401
 
 
+@pytest.mark.parametrize("noise", ["!", "\n", "*", "-"])
+def test_a_right_signature_with_characters_outside_base64_is_not_a_match(noise: str) -> None:
+    headers = sign(BODY)
+    value = headers["webhook-signature"].split(",", 1)[1]
+    headers["webhook-signature"] = "v1," + value[:10] + noise + value[10:]
+    err = refused(verifier(), BODY, headers)
+    assert (err.status, err.reason) == (401, "no matching signature")
+
+
 def test_truncated_signature_is_refused() -> None:
     headers = sign(BODY)
     headers["webhook-signature"] = headers["webhook-signature"][:-6]
@@ -237,6 +246,7 @@ ARABIC_INDIC_NOW = "\u0661\u0667\u0665" + "\u0660" * 7  # NOW in Arabic-Indic di
         "0x1a",
         ARABIC_INDIC_NOW,
         "9" * 40,
+        "000" + str(NOW),  # 13 characters, though the number is inside the window
     ],
 )
 def test_malformed_timestamp(stamp: str) -> None:
@@ -283,6 +293,13 @@ def test_other_timestamp_in_window_is_refused() -> None:
 def test_oversized_webhook_id() -> None:
     headers = sign(BODY, msg_id="w" * 1000)
     assert refused(verifier(), BODY, headers).status == 400
+
+
+def test_a_webhook_id_of_256_characters_verifies_and_one_of_257_is_refused() -> None:
+    longest = "w" * 256
+    assert verifier().verify(BODY, sign(BODY, msg_id=longest)) == longest
+    err = refused(verifier(), BODY, sign(BODY, msg_id=longest + "w"))
+    assert (err.status, err.reason) == (400, "oversized webhook header")
 
 
 def test_webhook_id_with_undecodable_bytes_is_a_clean_refusal() -> None:

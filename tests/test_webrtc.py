@@ -24,11 +24,13 @@ from sideband.testing import (
     caller_says,
     model_calls,
     model_says,
+    pause,
     run_app,
 )
 from sideband.tickets import TicketSigner
 
 from .conftest import TEST_SETTINGS, Stack, capture_logs, make_app
+from .test_edge import StoreFailingOnce
 
 OFFER = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
 
@@ -364,6 +366,86 @@ async def test_a_spent_ticket_stays_spent_when_the_wall_clock_steps_back(simulat
         late = simulator.create_webrtc_call(Script([]))
         refused = await service.rtc_handoff(late.call_id, ticket, wait=2)
         assert (refused.status, refused.body) == (403, {"error": "ticket already used"})
+    finally:
+        await service.registry.drain(0.0)
+        await service.close()
+
+
+@pytest.mark.parametrize("body", [[], ["rtc_x", "v1.a.b"], "rtc_x", 7, None])
+async def test_a_handoff_body_that_is_json_but_not_an_object_is_400(stack: Stack, body: Any) -> None:
+    assert await _post(stack, "/rtc/handoff", json.dumps(body), "application/json") == (
+        400,
+        {"error": "body must be JSON {call_id, ticket}"},
+    )
+
+
+async def test_a_ticket_refused_as_used_leaves_the_call_free_for_its_own_ticket(stack: Stack) -> None:
+    _, spent = await post_json(stack, "/rtc/sessions", {})
+    _, own = await post_json(stack, "/rtc/sessions", {})
+    first = stack.sim.create_webrtc_call(Script([]))
+    assert (await post_json(stack, "/rtc/handoff", {"call_id": first.call_id, "ticket": spent["ticket"]}))[
+        0
+    ] == 200
+    call = stack.sim.create_webrtc_call(Script([]))
+    assert await post_json(stack, "/rtc/handoff", {"call_id": call.call_id, "ticket": spent["ticket"]}) == (
+        403,
+        {"error": "ticket already used"},
+    )
+    status, body = await post_json(stack, "/rtc/handoff", {"call_id": call.call_id, "ticket": own["ticket"]})
+    assert (status, body) == (200, {"status": "attached", "call_id": call.call_id})
+    assert call.sideband_connects == 1
+
+
+async def test_a_store_failing_as_the_ticket_is_claimed_leaves_call_and_ticket_free(stack: Stack) -> None:
+    stack.service.store = StoreFailingOnce(stack.service.store, "ticket:")
+    _, minted = await post_json(stack, "/rtc/sessions", {})
+    call = stack.sim.create_webrtc_call(Script([]))
+    handoff = {"call_id": call.call_id, "ticket": minted["ticket"]}
+    assert await post_json(stack, "/rtc/handoff", handoff) == (503, {"error": "claim store unavailable"})
+    assert call.sideband_connects == 0
+    status, body = await post_json(stack, "/rtc/handoff", handoff)
+    assert (status, body) == (200, {"status": "attached", "call_id": call.call_id})
+
+
+async def test_a_call_the_sdp_relay_created_cannot_be_handed_off_again(stack: Stack) -> None:
+    stack.sim.next_webrtc_script = Script([pause(30)])
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(stack.url("/rtc/calls"), data=OFFER, headers={"content-type": "application/sdp"}) as resp,
+    ):
+        assert resp.status == 201
+        call = stack.sim.calls[resp.headers["Location"].rsplit("/", 1)[-1]]
+    await call.wait_connected(timeout=5)
+    _, minted = await post_json(stack, "/rtc/sessions", {})
+    assert await post_json(stack, "/rtc/handoff", {"call_id": call.call_id, "ticket": minted["ticket"]}) == (
+        409,
+        {"error": "call already attached"},
+    )
+    assert call.sideband_connects == 1
+
+
+async def test_a_handed_off_call_stays_attached_past_the_pending_claims_life(simulator: Simulator) -> None:
+    """Once attached, the call is held for ``SIDEBAND_DEDUP_TTL``: another ticket cannot attach a second
+    sideband to it once the few seconds a claim pending its work may last have passed."""
+    from sideband.service import Service, pending_ttl
+    from sideband.stores import MemoryStore
+
+    from .conftest import settings_for
+
+    steady = [1000.0]
+    settings = settings_for(simulator, rtc_ticket_secret="s" * 40)
+    service = Service(settings, make_app(), store=MemoryStore(clock=lambda: steady[0]))
+    await service.start()
+    try:
+        assert service.tickets is not None
+        call = simulator.create_webrtc_call(Script([pause(30)]))
+        first, _ = service.tickets.issue()
+        assert (await service.rtc_handoff(call.call_id, first, wait=2)).status == 200
+        steady[0] += pending_ttl(settings) + 1
+        second, _ = service.tickets.issue()
+        refused = await service.rtc_handoff(call.call_id, second, wait=2)
+        assert (refused.status, refused.body) == (409, {"error": "call already attached"})
+        assert call.sideband_connects == 1
     finally:
         await service.registry.drain(0.0)
         await service.close()
