@@ -9,6 +9,7 @@ import pytest
 
 from sideband.runtime.machine import (
     DEFAULT_FILLER,
+    DEFAULT_GOODBYE,
     Action,
     CallMachine,
     CancelTimer,
@@ -203,6 +204,29 @@ def test_a_call_id_back_in_a_later_response(caps: Capabilities, runs_again: bool
     m.receive(engine_call("call_1", "resp_2"))
     again = [a.call_id for a in m.receive(response_done("resp_2")) if isinstance(a, RunTool)]
     assert again == (["call_1"] if runs_again else [])
+
+
+def test_a_reused_call_id_is_a_new_call_only_once_its_output_was_acknowledged() -> None:
+    """Until the server acknowledged our output for a call id, that id in a later response is the call
+    already answered, not a new one to run."""
+    m = machine(caps=Capabilities(reused_call_ids=True))
+    m.start()
+    m.receive(engine_call("call_1", "resp_1"))
+    assert [a.call_id for a in m.receive(response_done("resp_1")) if isinstance(a, RunTool)] == ["call_1"]
+    m.tool_done("call_1", '{"ok":true}')  # not acknowledged yet
+    m.receive(engine_call("call_1", "resp_2"))
+    assert not [a for a in m.receive(response_done("resp_2")) if isinstance(a, RunTool)]
+    m.receive(ack("call_1"))
+    m.receive(engine_call("call_1", "resp_3"))
+    assert [a.call_id for a in m.receive(response_done("resp_3")) if isinstance(a, RunTool)] == ["call_1"]
+
+
+def test_a_call_announced_without_its_response_id_runs_at_the_next_response_done() -> None:
+    m = engine_machine()
+    item = {"type": "function_call", "status": "completed", "name": "lookupOrder", "call_id": "call_1"}
+    m.receive({"type": "response.output_item.added", "item": {**item, "arguments": '{"orderId":"1"}'}})
+    runs = [a for a in m.receive(response_done("resp_1")) if isinstance(a, RunTool)]
+    assert runs == [RunTool("call_1", "lookupOrder", '{"orderId":"1"}')]
 
 
 def test_output_while_response_active_waits_for_response_done() -> None:
@@ -856,6 +880,27 @@ def test_clean_close_and_driver_failures_end_once() -> None:
     assert m3.transport_closed(1000) == [Close("hangup")]
 
 
+def test_a_close_before_the_end_verb_went_out_is_the_remote_side_ending_the_call() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})  # the model still speaks
+    assert not [a for a in m.request_end("hangup") if isinstance(a, Verb)]
+    assert m.transport_closed(1000) == [Close("remote_closed")]
+
+
+def test_a_call_found_gone_ends_as_call_not_found_unless_our_verb_ended_it() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.request_end("idle_timeout", goodbye=True)  # the goodbye waits for r1: no verb yet
+    assert m.fail("call_not_found") == [Close("call_not_found")]
+    # After our hangup went out, the call being gone is the hangup's doing.
+    m2 = machine()
+    m2.start()
+    assert Verb("hangup", None) in m2.request_end("hangup")
+    assert m2.fail("call_not_found") == [Close("hangup")]
+
+
 def test_say_is_queued_behind_an_active_response() -> None:
     m = machine()
     m.start()
@@ -865,6 +910,19 @@ def test_say_is_queued_behind_an_active_response() -> None:
     assert sends(out)[0]["response"] == {"instructions": "Tell them about the sale"}
     upd = m.update_session({"instructions": "new"})
     assert sends(upd) == [{"type": "session.update", "session": {"instructions": "new", "type": "realtime"}}]
+
+
+def test_a_queued_say_is_not_said_once_the_call_is_ending() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    assert m.say("Tell them about the sale") == []
+    m.request_end("idle_timeout", goodbye=True)
+    assert creates(m.receive(response_done("r1"))) == [DEFAULT_GOODBYE]
+    m.receive({"type": "response.created", "response": {"id": "r_bye"}})
+    done = m.receive(response_done("r_bye"))
+    assert creates(done) == [] and Verb("hangup", None) in done
 
 
 def test_update_session_moves_session_config_names_where_the_server_has_them() -> None:
@@ -984,6 +1042,15 @@ def test_code_actions_before_the_session_config_follow_it() -> None:
     assert creates(ready) == ["Welcome back"]
 
 
+def test_a_goodbye_asked_for_before_the_engine_confirmed_the_session_waits_for_it() -> None:
+    m = machine(caps=ENGINE_CAPABILITIES)
+    assert m.start() == []
+    assert sends(m.request_end("idle_timeout", goodbye=True)) == []
+    assert types(m.receive({"type": "session.created", "session": {"id": "sess_1"}})) == ["session.update"]
+    ready = m.receive({"type": "session.updated", "session": {}})
+    assert creates(ready) == [DEFAULT_GOODBYE] and m.closed is None
+
+
 def test_failed_refer_falls_back_to_hangup_and_ends_as_transfer_failed() -> None:
     m = machine()
     m.start()
@@ -1042,6 +1109,20 @@ def test_refused_filler_is_dropped_once_its_tool_finished() -> None:
     m2.receive({"type": "response.created", "response": {"id": "resp_vad"}})
     m2.receive(refusal(filler["event_id"]))
     assert creates(m2.receive(response_done("resp_vad"))) == [DEFAULT_FILLER]
+
+
+def test_a_refused_filler_is_dropped_once_the_call_is_ending_though_its_tool_still_runs() -> None:
+    m = machine(filler_after={"slow": 1.5})
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    feed(m, [*call_events("call_1", "slow", "{}"), response_done()])
+    filler = sends(m.timer("filler:call_1"))[0]
+    m.receive({"type": "response.created", "response": {"id": "resp_vad"}})  # the caller spoke meanwhile
+    m.receive(refusal(filler["event_id"]))
+    m.request_end("hangup")
+    after = m.receive(response_done("resp_vad"))
+    assert creates(after) == [] and notices(after, "response.dropped") == [{"purpose": "filler:call_1"}]
+    assert not [a for a in after if isinstance(a, Verb)]  # the tool still runs: its output goes first
 
 
 def test_refused_greeting_is_never_replayed() -> None:
@@ -1224,6 +1305,18 @@ def test_a_refusal_naming_no_event_after_the_callers_turn_was_announced_is_sent_
     late.receive({"type": "response.created", "response": {"id": "r_vad"}})
     assert types(late.receive(response_done("r_vad"))) == []
     assert types(late.receive(refusal(None))) == ["response.create"]
+
+
+def test_an_other_error_naming_no_event_leaves_our_unanswered_create_awaited() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    assert creates(m.say("first")) == ["first"]
+    error = {"type": "invalid_request_error", "code": "invalid_value", "message": "Bad value."}
+    assert sends(m.receive({"type": "error", "error": error})) == []
+    assert m.say("second") == [] and m.response_owed  # still waiting on "first"
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    assert creates(m.receive(response_done("r1"))) == ["second"]
 
 
 def test_once_the_end_verb_is_out_no_tool_starts_and_no_output_goes() -> None:
@@ -1409,6 +1502,23 @@ def test_unacknowledged_outputs_are_sent_again_after_the_reattach_grace() -> Non
     assert types(m.reattached()) == ["session.update"] and m.timer("orphans") == []
 
 
+def test_the_answer_goes_at_once_when_every_output_in_doubt_is_acknowledged_within_the_grace() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    feed(m, [*call_events("c1", "look", "{}"), *call_events("c2", "book", "{}"), response_done()])
+    m.tool_done("c1", "one")
+    queued = sends(m.tool_done("c2", "two"))
+    create = queued[-1]
+    assert create["type"] == "response.create"
+    after = m.reattached([create["event_id"]])  # the outputs left on the lost socket, the create did not
+    assert withdrawn(after) == [create["event_id"]]
+    m.receive({"type": "session.updated", "session": {}})
+    assert creates(m.receive(ack("c1"))) == []  # c2's output may still be lost
+    assert creates(m.receive(ack("c2"))) == [""]  # both arrived after all: no wait for the grace
+    assert m.timer("orphans") == []
+
+
 def test_an_output_is_sent_again_once_however_many_times_the_socket_is_lost() -> None:
     """An output the server cannot take (its echo outgrows a frame, say) would otherwise go out again on
     every re-attach, each time followed by a create: duplicates, and a socket lost over and over."""
@@ -1526,6 +1636,17 @@ def test_nothing_is_sent_again_once_the_end_verb_is_out() -> None:
     late.receive(response_done("r3"))
     assert Verb("hangup", None) in late.request_end("hangup")
     back = late.reattached()
+    assert types(back) == ["session.update"] and not any(isinstance(a, StartTimer) for a in back)
+
+
+def test_a_reattach_once_the_end_verb_is_out_starts_no_grace() -> None:
+    m = announced("c1")
+    m.tool_done("c1", "one")  # never acknowledged
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    feed(m, call_events("c2", "lookup", "{}", resp="r2"))  # announced, its response unfinished
+    m.request_end("hangup")
+    assert Verb("hangup", None) in m.timer("end_cap")
+    back = m.reattached()
     assert types(back) == ["session.update"] and not any(isinstance(a, StartTimer) for a in back)
 
 

@@ -159,6 +159,21 @@ def test_schema_nested_model_is_inlined_without_titles() -> None:
     }
 
 
+def test_schema_data_next_to_an_inlined_model_is_kept_as_written() -> None:
+    class Template(BaseModel):
+        name: str
+        layout: dict[str, Any] = {}
+
+    example = {"name": "address", "layout": {"$ref": "#/$defs/Template"}}
+
+    def save(template: Annotated[Template, Field(examples=[example])]) -> None:
+        """Save a form template."""
+
+    prop = schema_of(save)["properties"]["template"]
+    assert prop["examples"] == [example]  # data, not a schema: its "$ref" is not resolved
+    assert prop["properties"]["name"] == {"type": "string"}
+
+
 def test_schema_recursive_model_keeps_valid_defs() -> None:
     def plant(tree: Node) -> None:
         """Plant a tree."""
@@ -415,6 +430,14 @@ def test_decorator_forms_and_registry_protocol() -> None:
     assert reg.get("plain").filler_after is None  # type: ignore[union-attr]
 
 
+def test_a_filler_delay_of_zero_means_never() -> None:
+    reg = ToolRegistry(default_filler_after=0)
+    assert reg.default_filler_after is None
+    quick = reg.add(lambda: None, name="quick", filler_after=0)
+    assert quick.filler_after == 0.0 and reg.filler_after_for("quick") is None
+    assert reg.filler_after_for(reg.add(lambda: None, name="plain")) is None
+
+
 @pytest.mark.parametrize("bad", [{"timeout": 0}, {"timeout": -1}, {"filler_after": -0.5}])
 def test_bad_timing_options(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -452,6 +475,14 @@ def test_definitions_styles_and_selection() -> None:
     # definitions are copies: mutating them does not change the registry
     reg.definitions()[0]["parameters"]["properties"]["x"]["type"] = "string"
     assert reg.definitions()[0]["parameters"] == params_a
+
+
+def test_selections_keep_registration_order() -> None:
+    reg = ToolRegistry()
+    for n in ("zeta", "alpha", "mid"):
+        reg.add(lambda: None, name=n)
+    assert [d["name"] for d in reg.definitions(["alpha", "mid", "zeta"])] == ["zeta", "alpha", "mid"]
+    assert reg.subset(["mid", "zeta"]).names() == ["zeta", "mid"]
 
 
 def test_subset() -> None:
@@ -667,6 +698,23 @@ async def test_invalid_arguments_never_echo_values(order_registry: ToolRegistry)
     assert res.error is not None and secret not in res.error
 
 
+async def test_invalid_arguments_show_at_most_ten_details_and_log_three() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    def total(values: list[int]) -> int:
+        return sum(values)
+
+    msg = "Input should be a valid integer, unable to parse string as an integer"
+    res = await reg.execute("c", "total", json.dumps({"values": ["x"] * 12}), make_ctx())
+    assert res.outcome == "invalid_arguments"
+    assert loads(res)["details"] == [{"loc": f"values.{i}", "msg": msg} for i in range(10)]
+    assert res.error == f"invalid arguments: values.0: {msg}; values.1: {msg}; values.2: {msg}; and 9 more"
+    three = await reg.execute("c", "total", json.dumps({"values": ["x"] * 3}), make_ctx())
+    assert len(loads(three)["details"]) == 3
+    assert three.error == f"invalid arguments: values.0: {msg}; values.1: {msg}; values.2: {msg}"
+
+
 async def test_tool_not_called_on_invalid_arguments() -> None:
     reg = ToolRegistry()
     calls: list[int] = []
@@ -810,6 +858,17 @@ async def test_unknown_tool() -> None:
     assert res.outcome == "unknown_tool"
     assert res.name == "zzz"
     assert loads(res) == {"error": "unknown_tool", "message": "No tool named zzz. Available: a, b"}
+
+
+async def test_an_unknown_tool_name_is_cut_short_and_an_empty_registry_says_so() -> None:
+    reg = ToolRegistry()
+    shown = "x" * 80 + "…"
+    res = await reg.execute("c", "x" * 200, "{}", make_ctx())
+    assert res.outcome == "unknown_tool" and res.name == "x" * 200
+    assert loads(res) == {"error": "unknown_tool", "message": f"No tool named {shown}. Available: (none)"}
+    assert res.error == f"unknown tool {shown!r}"
+    exact = await reg.execute("c", "y" * 80, "{}", make_ctx())
+    assert loads(exact)["message"] == f"No tool named {'y' * 80}. Available: (none)"
 
 
 async def test_external_cancellation_propagates() -> None:
@@ -1027,6 +1086,39 @@ async def test_a_validator_raising_any_exception_is_a_failure_output() -> None:
     assert res.outcome == "error"
     assert loads(res) == {"error": "tool_failed", "message": "KeyError"}
     assert isinstance(res.exception, KeyError)
+
+
+async def test_a_validator_raising_cancelled_error_is_a_failure_unless_the_call_is_being_cancelled() -> None:
+    from pydantic import AfterValidator
+
+    def interrupted(value: str) -> str:
+        raise asyncio.CancelledError
+
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def lookup(order_id: Annotated[str, AfterValidator(interrupted)]) -> str:
+        return order_id
+
+    res = await reg.execute("c", "lookup", '{"order_id": "1"}', make_ctx())
+    assert (res.outcome, loads(res)) == ("error", {"error": "tool_failed", "message": "CancelledError"})
+
+    seen: list[str] = []
+
+    async def ending_call() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # the call ends: the request is pending while the arguments are validated
+        try:
+            result = await reg.execute("c", "lookup", '{"order_id": "1"}', make_ctx())
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        seen.append(result.outcome)
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.create_task(ending_call()), 5)
+    assert seen == ["cancelled"]
 
 
 async def test_output_that_cannot_be_encoded_says_the_tool_ran() -> None:
