@@ -23,6 +23,7 @@ from sideband.app import CallPlan, IncomingCall, Sideband
 from sideband.blocking import Stepwise, log_blocked
 from sideband.context import CallContext, SipHeader
 from sideband.logs import clip, failure_fields
+from sideband.metrics import Histogram
 from sideband.routing import RouteTable, session_problem
 from sideband.runtime.driver import SHUTDOWN_GRACE, CallRegistry, CallRuntime
 from sideband.runtime.machine import CallMachine, MachineConfig
@@ -191,6 +192,8 @@ class Service:
         self.counters: Counter[str] = Counter()
         self.refused: Counter[tuple[str, int]] = Counter()
         """Requests the edge refused: (log event, HTTP status) → count (``/metrics``)."""
+        self.accept_seconds = Histogram()
+        """From a webhook's arrival to OpenAI's answer to the accept, per call accepted (``/metrics``)."""
         self.tickets = (
             # A ticket outlives the key it came with: a call started with the key just before it
             # expired can still be handed over.
@@ -516,7 +519,9 @@ class Service:
                     # sideband and the runtime ends).
                     self.log.warning("call.accept_uncertain", status=exc.status)
                 else:
-                    self.log.info("call.accepted", latency_ms=round((time.monotonic() - received) * 1000, 2))
+                    latency = time.monotonic() - received
+                    self.accept_seconds.observe(latency)
+                    self.log.info("call.accepted", latency_ms=round(latency * 1000, 2))
                 self.counters["accepted"] += 1
                 self.launch(call.context(), plan)
                 return Reply(200, {"status": "accepted"})
@@ -649,6 +654,7 @@ class Service:
             log_tool_arguments=settings.log_tool_arguments,
             log_transcripts=settings.log_transcripts,
             log_fields=log_fields,
+            stats=self.registry.tools,
         )
         self.registry.start(runtime)
         return runtime

@@ -18,6 +18,7 @@ from sideband.app import Sideband
 from sideband.blocking import Stepwise, log_blocked
 from sideband.edge.verify import VerificationError, Verifier
 from sideband.logs import failure_fields
+from sideband.metrics import label
 from sideband.service import Reply, Service, WebhookEvent, rtc_call_id
 from sideband.session import SessionConfigError
 from sideband.settings import Settings, SettingsError
@@ -317,16 +318,13 @@ async def metrics(request: web.Request) -> web.Response:
     lines += [f'sideband_events_total{{outcome="{k}"}} {v}' for k, v in sorted(service.counters.items())]
     lines.append("# TYPE sideband_calls_ended_total counter")
     ended = sorted(service.registry.ended.items())  # reasons may come from app code: escaped
-    lines += [f'sideband_calls_ended_total{{reason="{_label(k)}"}} {v}' for k, v in ended]
+    lines += [f'sideband_calls_ended_total{{reason="{label(k)}"}} {v}' for k, v in ended]
     lines.append("# TYPE sideband_requests_refused_total counter")
     refused = sorted(service.refused.items())
     lines += [f'sideband_requests_refused_total{{event="{e}",status="{c}"}} {v}' for (e, c), v in refused]
+    lines += service.accept_seconds.lines("sideband_accept_seconds")
+    lines += service.registry.tools.lines()
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
-
-
-def _label(value: str) -> str:
-    """A Prometheus label value: backslash, double quote and newline escaped."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 @web.middleware

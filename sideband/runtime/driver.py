@@ -22,6 +22,7 @@ from sideband import jsonio
 from sideband.blocking import log_blocked, timed
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.logs import failure_fields
+from sideband.metrics import UNKNOWN_TOOL, ToolStats
 from sideband.runtime.machine import (
     ACK_TYPES,
     HANDLED_TYPES,
@@ -181,6 +182,7 @@ class CallRuntime:
         "_pong",
         "_reattach_attempts",
         "_side_tasks",
+        "_stats",
         "_stop",
         "_sync_hooks",
         "_targets",
@@ -212,6 +214,7 @@ class CallRuntime:
         log_tool_arguments: bool = False,
         log_transcripts: bool = True,
         log_fields: Mapping[str, Any] | None = None,
+        stats: ToolStats | None = None,
     ) -> None:
         self.machine = machine
         self.ctx = ctx
@@ -226,6 +229,7 @@ class CallRuntime:
         self._log_args = log_tool_arguments
         self._log_said = log_transcripts  # False: transcript text and keypad digits stay out of logs
         self._log_fields = dict(log_fields or {})
+        self._stats = stats
         self._ws: PushConnection | None = None
         self._outbox: list[bytes] = []  # JSON text frames, a few at most (a deque: 760 bytes per call)
         self._flushing = False
@@ -743,7 +747,7 @@ class CallRuntime:
             if not self._owns(call_id):
                 return  # left behind by the call's end (it ignored its cancellation): nothing of it counts
             record = ToolRecord(call_id, name, result.outcome, result.duration)
-            self.summary.tools.append(record)
+            self._record(record)
             # A tool that raised or overran is worth an operator's look (with where it raised).
             # (A ToolError is the tool's answer on purpose, "no such order": not a fault.)
             faulty = result.outcome in ("error", "timeout") and not isinstance(result.exception, ToolError)
@@ -764,6 +768,13 @@ class CallRuntime:
         finally:
             self._tool_tasks.pop(call_id, None)  # the task's last step: nothing of it runs on
 
+    def _record(self, record: ToolRecord) -> None:
+        """A tool round, in the call's summary and the process's counts."""
+        self.summary.tools.append(record)
+        if self._stats is not None:
+            name = record.name if record.name in self.tools else UNKNOWN_TOOL
+            self._stats.record(name, record.outcome, record.duration)
+
     def _owns(self, call_id: str) -> bool:
         """Whether a tool task still counts for the call: not once the call's end abandoned it (it
         ignored its cancellation, and the end recorded it as cancelled)."""
@@ -771,7 +782,7 @@ class CallRuntime:
 
     def _tool_cancelled(self, call_id: str, name: str, duration: float) -> None:
         """A tool cancelled by the call's end (or the machine): in the summary and the log all the same."""
-        self.summary.tools.append(ToolRecord(call_id, name, "cancelled", duration))
+        self._record(ToolRecord(call_id, name, "cancelled", duration))
         self.log.info(
             "tool.finished",
             tool=name,
@@ -837,7 +848,7 @@ class CallRuntime:
         elif event == "tool.loop_breaker":  # a tool call answered with a refusal: in the record too
             self.log.warning(event, **fields)
             record = ToolRecord(fields["tool_call_id"], fields["tool"], "loop_breaker", 0.0)
-            self.summary.tools.append(record)
+            self._record(record)
             if self.hooks.on_tool:
                 self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
         elif event == "sideband.error" and fields.get("code") == "conversation_already_has_active_response":
@@ -1055,6 +1066,8 @@ class CallRegistry:
         """Summaries of the last :attr:`RECENT` calls that ended (for tests and diagnostics)."""
         self.ended: Counter[str] = Counter()
         """Calls that ended, per end reason (``/metrics``)."""
+        self.tools = ToolStats()
+        """The tool rounds of the calls it ran (``/metrics``), given to each call's runtime."""
 
     def start(self, runtime: CallRuntime) -> asyncio.Task[str]:
         """Run ``runtime`` in its own task, in a fresh logging context."""

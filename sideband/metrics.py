@@ -1,0 +1,104 @@
+"""Latency histograms and tool-round counts for ``GET /metrics`` (Prometheus text format).
+
+Counters of the answer path live where their events happen (plain :class:`collections.Counter` s); this
+module holds what needs more than a count: :class:`Histogram` (durations in cumulative buckets) and
+:class:`ToolStats` (each tool round of the process's calls, per tool and outcome).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import Counter
+
+__all__ = ["BUCKETS", "UNKNOWN_TOOL", "Histogram", "ToolStats", "label"]
+
+BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Bucket bounds in seconds (Prometheus' defaults): a tool's default timeout is the last one."""
+
+UNKNOWN_TOOL = "(unknown)"
+"""The ``tool`` label of a call naming no tool of the call's: the model's made-up names are not labels
+(each would start a series of its own)."""
+
+
+def label(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+_NOT_RUN = frozenset({"invalid_arguments", "unknown_tool", "loop_breaker"})
+
+
+class _Series:
+    __slots__ = ("counts", "total")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * size  # per bucket, not cumulative; the last one is +Inf's
+        self.total = 0.0
+
+
+class Histogram:
+    """Observed durations (seconds) per label value, rendered as a Prometheus histogram: cumulative
+    ``_bucket`` counts (``le`` inclusive), ``_sum`` and ``_count``. Observing costs one bisection."""
+
+    __slots__ = ("_bounds", "_series")
+
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self._bounds = bounds
+        self._series: dict[str, _Series] = {}
+
+    def observe(self, seconds: float, key: str = "") -> None:
+        """Count one duration under the label value ``key``."""
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(len(self._bounds) + 1)
+        series.counts[bisect_left(self._bounds, seconds)] += 1
+        series.total += seconds
+
+    def count(self, key: str = "") -> int:
+        """How many durations were observed under ``key``."""
+        series = self._series.get(key)
+        return 0 if series is None else sum(series.counts)
+
+    def lines(self, name: str, label_name: str | None = None) -> list[str]:
+        """The exposition of the histogram ``name``; with ``label_name``, one series per label value."""
+        out = [f"# TYPE {name} histogram"]
+        bounds = [*(f"{b:g}" for b in self._bounds), "+Inf"]
+        for key, series in sorted(self._series.items()):
+            own = f'{label_name}="{label(key)}"' if label_name is not None else ""
+            sep = "," if own else ""
+            cumulative = 0
+            for bound, count in zip(bounds, series.counts, strict=True):
+                cumulative += count
+                out.append(f'{name}_bucket{{{own}{sep}le="{bound}"}} {cumulative}')
+            braces = f"{{{own}}}" if own else ""
+            out.append(f"{name}_sum{braces} {series.total:.6f}")
+            out.append(f"{name}_count{braces} {cumulative}")
+        return out
+
+
+class ToolStats:
+    """The tool rounds of a process's calls: how each ended, per tool (``outcomes``), and how long the
+    ones that ran took (``seconds``: outcomes ``ok``, ``error``, ``timeout`` and ``cancelled``; a call
+    refused before its function ran, as ``invalid_arguments``, ``unknown_tool`` or ``loop_breaker``, is
+    counted but not timed)."""
+
+    __slots__ = ("outcomes", "seconds")
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.seconds = Histogram()
+
+    def record(self, tool: str, outcome: str, duration: float) -> None:
+        """Count one tool round (``tool``: a name of the call's tools, or :data:`UNKNOWN_TOOL`)."""
+        self.outcomes[tool, outcome] += 1
+        if outcome not in _NOT_RUN:
+            self.seconds.observe(duration, tool)
+
+    def lines(self) -> list[str]:
+        """``sideband_tool_calls_total{tool,outcome}`` and the ``sideband_tool_seconds{tool}`` histogram."""
+        out = ["# TYPE sideband_tool_calls_total counter"]
+        out += [
+            f'sideband_tool_calls_total{{tool="{label(tool)}",outcome="{outcome}"}} {count}'
+            for (tool, outcome), count in sorted(self.outcomes.items())
+        ]
+        return out + self.seconds.lines("sideband_tool_seconds", "tool")

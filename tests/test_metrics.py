@@ -1,0 +1,107 @@
+"""Histograms and tool-round counts as ``/metrics`` renders them (Prometheus text format)."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+
+from sideband.metrics import UNKNOWN_TOOL, Histogram, ToolStats
+from sideband.testing import Script, caller_hangs_up, caller_says, model_calls, model_says, wait_for_greeting
+
+from .conftest import Stack
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
+    hist = Histogram((0.1, 1.0))
+    for seconds in (0.05, 0.1, 0.5, 1.0, 3.0):
+        hist.observe(seconds)
+    assert hist.lines("t_seconds") == [
+        "# TYPE t_seconds histogram",
+        't_seconds_bucket{le="0.1"} 2',  # (a bound is inclusive: 0.1 counts in it)
+        't_seconds_bucket{le="1"} 4',
+        't_seconds_bucket{le="+Inf"} 5',
+        "t_seconds_sum 4.650000",
+        "t_seconds_count 5",
+    ]
+    assert hist.count() == 5
+
+
+def test_histogram_series_per_label_sorted_and_escaped() -> None:
+    hist = Histogram((1.0,))
+    hist.observe(2.0, 'b"\\')
+    hist.observe(0.5, "a")
+    assert hist.lines("x", "tool") == [
+        "# TYPE x histogram",
+        'x_bucket{tool="a",le="1"} 1',
+        'x_bucket{tool="a",le="+Inf"} 1',
+        'x_sum{tool="a"} 0.500000',
+        'x_count{tool="a"} 1',
+        'x_bucket{tool="b\\"\\\\",le="1"} 0',
+        'x_bucket{tool="b\\"\\\\",le="+Inf"} 1',
+        'x_sum{tool="b\\"\\\\"} 2.000000',
+        'x_count{tool="b\\"\\\\"} 1',
+    ]
+    assert Histogram().lines("empty") == ["# TYPE empty histogram"]  # no series before a first value
+
+
+def test_tool_stats_time_only_the_runs() -> None:
+    stats = ToolStats()
+    stats.record("lookup", "ok", 0.02)
+    stats.record("lookup", "timeout", 10.0)
+    stats.record("lookup", "cancelled", 0.3)
+    for outcome in ("invalid_arguments", "loop_breaker"):
+        stats.record("lookup", outcome, 0.0)
+    stats.record(UNKNOWN_TOOL, "unknown_tool", 0.0)
+    assert stats.outcomes == {
+        ("lookup", "ok"): 1,
+        ("lookup", "timeout"): 1,
+        ("lookup", "cancelled"): 1,
+        ("lookup", "invalid_arguments"): 1,
+        ("lookup", "loop_breaker"): 1,
+        (UNKNOWN_TOOL, "unknown_tool"): 1,
+    }
+    assert stats.seconds.count("lookup") == 3  # the function ran three times
+    assert stats.seconds.count(UNKNOWN_TOOL) == 0
+    lines = stats.lines()
+    assert 'sideband_tool_calls_total{tool="lookup",outcome="timeout"} 1' in lines
+    assert 'sideband_tool_seconds_bucket{tool="lookup",le="10"} 3' in lines
+
+
+async def test_metrics_count_tool_rounds_and_time_the_accept(stack: Stack) -> None:
+    script = Script(
+        [
+            wait_for_greeting("Hello."),
+            caller_says("Order 42, and anything else you have."),
+            model_calls([("lookup_order", {"order_id": "42"}), ("broken", {}), ("made_up_tool", {})]),
+            model_says("Here is what I found."),
+            caller_hangs_up(),
+        ]
+    )
+    call = stack.sim.create_call(script)
+    result = await stack.sender.deliver(stack.sim.incoming_event(call))
+    assert result.status == 200, result
+    await call.wait_done(timeout=10)
+    await stack.ended(call)
+    outputs = [e["item"] for e in call.received if e["type"] == "conversation.item.create"]
+    assert sorted(json.loads(o["output"]).get("error", "ok") for o in outputs) == [
+        "ok",
+        "tool_failed",
+        "unknown_tool",
+    ]
+    async with aiohttp.ClientSession() as http, http.get(stack.url("/metrics")) as resp:
+        lines = (await resp.text()).splitlines()
+    for line in (
+        'sideband_tool_calls_total{tool="lookup_order",outcome="ok"} 1',
+        'sideband_tool_calls_total{tool="broken",outcome="error"} 1',
+        # The model's made-up name is no label: it would start a series of its own.
+        'sideband_tool_calls_total{tool="(unknown)",outcome="unknown_tool"} 1',
+        'sideband_tool_seconds_count{tool="lookup_order"} 1',
+        'sideband_tool_seconds_count{tool="broken"} 1',
+        'sideband_accept_seconds_bucket{le="+Inf"} 1',
+        "sideband_accept_seconds_count 1",
+    ):
+        assert line in lines, "\n".join(lines)
+    assert not [line for line in lines if "made_up_tool" in line or 'seconds_count{tool="(unknown)"' in line]
+    accept_sum = next(line for line in lines if line.startswith("sideband_accept_seconds_sum "))
+    assert 0 < float(accept_sum.split()[1]) < 10
