@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 
 from sideband import Accept, IncomingCall, Refer, Reject
 from sideband.stores import ClaimStore, StoreUnavailable
@@ -127,6 +128,15 @@ async def test_health_readiness_and_metrics(stack: Stack) -> None:
         'sideband_requests_refused_total{event="webhook.rejected",status="415"} 1',
     ):
         assert line in text.splitlines(), text
+    # The whole text is valid exposition, and the escaped reason reads back as it was.
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    ended = families["sideband_calls_ended"]
+    assert ended.type == "counter"
+    assert {s.labels["reason"]: s.value for s in ended.samples if s.name.endswith("_total")} == {
+        'caller said "stop"\n\\': 1,
+        "remote_closed": 1,
+    }
+    assert families["sideband_calls_live"].type == "gauge"
 
 
 async def test_routing_reject_refer_and_accept_overrides(stack: Stack) -> None:

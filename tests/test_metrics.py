@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from sideband.metrics import UNKNOWN_TOOL, Histogram, ToolStats
 from sideband.testing import Script, caller_hangs_up, caller_says, model_calls, model_says, wait_for_greeting
@@ -103,5 +104,12 @@ async def test_metrics_count_tool_rounds_and_time_the_accept(stack: Stack) -> No
     ):
         assert line in lines, "\n".join(lines)
     assert not [line for line in lines if "made_up_tool" in line or 'seconds_count{tool="(unknown)"' in line]
-    accept_sum = next(line for line in lines if line.startswith("sideband_accept_seconds_sum "))
-    assert 0 < float(accept_sum.split()[1]) < 10
+    families = {f.name: f for f in text_string_to_metric_families("\n".join(lines) + "\n")}
+    accept = families["sideband_accept_seconds"]
+    assert accept.type == "histogram"
+    total = next(s.value for s in accept.samples if s.name == "sideband_accept_seconds_sum")
+    assert 0 < total < 10
+    tool_seconds = families["sideband_tool_seconds"]
+    assert tool_seconds.type == "histogram"
+    assert {s.labels["tool"] for s in tool_seconds.samples} == {"lookup_order", "broken"}
+    assert families["sideband_tool_calls"].type == "counter"
