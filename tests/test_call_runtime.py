@@ -18,6 +18,7 @@ from sideband.testing import (
     caller_presses,
     caller_says,
     model_calls,
+    model_fails,
     model_says,
     pause,
     run_app,
@@ -126,6 +127,48 @@ async def test_cancelled_response_calls_are_not_run(stack: Stack) -> None:
     await call.wait_done(timeout=10)
     await ended(stack, call)
     assert runs == [] and not outputs(call)
+
+
+async def test_a_failed_answer_to_the_outputs_is_asked_for_again_once(stack: Stack) -> None:
+    script = Script(
+        [
+            HELLO,
+            caller_says("Where is order 42?"),
+            model_calls("lookup_order", {"order_id": "42"}, call_id="call_a"),
+            model_fails(),  # the response that was to speak the output
+            model_says("It shipped."),  # answers the one create sent again
+            caller_says("And order 43?"),
+            model_calls("lookup_order", {"order_id": "43"}, call_id="call_b"),
+            model_fails(),
+            model_fails(),  # a second failure in a row: nothing more is asked
+            caller_says("Hello?"),
+            model_says("Sorry, order 43 shipped too."),
+            caller_hangs_up(),
+        ]
+    )
+    with capture_logs() as logs:
+        call = await start(stack, script)
+        await call.wait_done(timeout=10)
+        summary = await ended(stack, call)
+    assert call.script_error is None, call.script_error
+    assert kinds(call)[1:] == [
+        "create",  # the greeting
+        "output:call_a",
+        "create",
+        "create",  # once more, after the failure
+        "output:call_b",
+        "create",
+        "create",
+    ]
+    failed = [e for e in logs if e["event"] == "response.failed"]
+    assert [(e["log_level"], e["retry"], e["error_type"]) for e in failed] == [
+        ("warning", True, "server_error"),
+        ("warning", True, "server_error"),
+        ("warning", False, "server_error"),
+    ]
+    assert all(e["message"] and e["response_id"] for e in failed)
+    assert ("agent", "It shipped.") in summary.transcript
+    assert summary.transcript[-1] == ("agent", "Sorry, order 43 shipped too.")
 
 
 async def test_parallel_calls_run_concurrently_one_create_after_all_outputs(stack: Stack) -> None:

@@ -362,6 +362,69 @@ def test_a_turn_answer_that_failed_leaves_the_outputs_to_be_answered() -> None:
     assert types(m.receive(response_done("r2", "failed"))) == ["response.create"]  # ...until it fails
 
 
+def failed(resp: str, code: str | None = None, error_type: str = "server_error") -> dict[str, Any]:
+    """A ``response.done`` that ended failed, with the reason the server gives."""
+    event = response_done(resp, "failed")
+    error = {"type": error_type, "code": code, "message": "The server had an error."}
+    event["response"]["status_details"] = {"type": "failed", "error": error}
+    return event
+
+
+def test_a_failed_greeting_is_asked_for_again_once_as_it_was() -> None:
+    m = machine(greeting="Say hello")
+    greeting = sends(m.start())[1]
+    m.receive({"type": "session.updated", "session": SESSION})
+    m.receive({"type": "response.created", "response": {"id": "r_greet"}})
+    actions = m.receive(failed("r_greet"))
+    again = sends(actions)
+    assert [e["type"] for e in again] == ["response.create"]
+    assert again[0]["response"] == greeting["response"] and again[0]["event_id"] != greeting["event_id"]
+    assert notices(actions, "response.failed") == [
+        {
+            "response_id": "r_greet",
+            "code": None,
+            "error_type": "server_error",
+            "message": "The server had an error.",
+            "param": None,
+            "retry": True,
+        }
+    ]
+    assert m.last_error is not None and m.last_error["error_type"] == "server_error"
+    m.receive({"type": "response.created", "response": {"id": "r_again"}})
+    actions = m.receive(failed("r_again", "insufficient_quota", "insufficient_quota"))
+    assert types(actions) == []  # twice in a row: left to the caller's next words
+    assert notices(actions, "response.failed")[0]["retry"] is False
+    m.receive({"type": "response.created", "response": {"id": "r_turn"}})
+    m.receive(response_done("r_turn"))  # a completed response: the session got past it
+    assert m.last_error is None
+    m.receive({"type": "response.created", "response": {"id": "r_next"}})
+    assert types(m.receive(failed("r_next"))) == ["response.create"]  # a new run of failures
+
+
+def test_a_failed_answer_to_the_callers_turn_is_asked_for() -> None:
+    m = live_machine()
+    m.receive(SPEECH_STARTED)
+    m.receive(SPEECH_STOPPED)
+    m.receive({"type": "response.created", "response": {"id": "r_vad"}})  # the server's own answer
+    again = sends(m.receive(failed("r_vad")))
+    assert again == [{"type": "response.create", "event_id": again[0]["event_id"]}]
+
+
+def test_a_failed_say_is_said_again_but_nothing_once_the_call_is_ending() -> None:
+    m = live_machine()
+    said = sends(m.say("Mention the sale."))
+    m.receive({"type": "response.created", "response": {"id": "r_say"}})
+    again = sends(m.receive(failed("r_say")))
+    assert [e.get("response") for e in again] == [said[0]["response"]]
+    m.receive({"type": "response.created", "response": {"id": "r_say2"}})
+    m.receive(response_done("r_say2"))
+    assert types(m.request_end("idle_timeout", goodbye=True)) == ["response.create"]  # the goodbye
+    m.receive({"type": "response.created", "response": {"id": "r_last"}})
+    actions = m.receive(failed("r_last"))
+    assert "response.create" not in types(actions)  # (the hangup follows; no second goodbye)
+    assert notices(actions, "response.failed")[0]["retry"] is False
+
+
 def test_a_turn_answer_takes_over_a_loop_breakers_no_tools() -> None:
     m = live_machine(max_identical_calls=1)
     m.receive({"type": "response.created", "response": {"id": "r1"}})
@@ -1413,11 +1476,11 @@ def test_playback_under_way_at_a_reattach_still_keeps_the_line_busy() -> None:
     assert Verb("hangup", None) in m.timer("orphans")
 
     # A response runs on the new socket when the grace ends: its audio would show; it ends without any
-    # (failed, or only a tool call), so nothing plays any more and a hangup goes at once.
+    # (cancelled, or only a tool call), so nothing plays any more and a hangup goes at once.
     m = playing()
     m.receive({"type": "response.created", "response": {"id": "r2"}})
     assert m.timer("orphans") == []
-    assert StartTimer("idle", 10) in m.receive(response_done("r2", status="failed"))
+    assert StartTimer("idle", 10) in m.receive(response_done("r2", status="cancelled"))
     assert Verb("hangup", None) in m.request_end("hangup")
     m = playing()  # … or it speaks: its own playback events settle it
     m.receive({"type": "response.created", "response": {"id": "r2"}})

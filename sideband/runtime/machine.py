@@ -271,6 +271,7 @@ class CallMachine:
         "_cut_response",
         "_done_since_create",
         "_end",
+        "_failed_in_row",
         "_filler_due",
         "_filler_spoken",
         "_greeted",
@@ -281,6 +282,7 @@ class CallMachine:
         "_last_signature",
         "_live",
         "_orphans",
+        "_ours",
         "_play_overdue",
         "_play_unsure",
         "_playing",
@@ -321,6 +323,8 @@ class CallMachine:
         # (server VAD), and a refusal that names no event then means that create
         self._created_for: str | None = None
         self._done_since_create = False  # a response.done arrived since our last create went out
+        self._ours: tuple[str, str] | None = None  # (response id, create event_id) of ours that runs
+        self._failed_in_row = 0  # responses that ended failed since the last completed one
         # event_id → (body, tag), the last few; the tag says what a create was for: the greeting, a
         # filler ("filler:<call_id>"), or None for anything that stays owed until it is answered.
         self._recent_creates: dict[str, tuple[dict[str, Any], str | None]] = {}
@@ -453,7 +457,7 @@ class CallMachine:
         the end's verb, until its stop shows on the new socket or the same grace ends.
         """
         self._response_active = self._speaking = self._turn_wait = False
-        self._create_sent = self._created_for = self._covered_by = None
+        self._create_sent = self._created_for = self._covered_by = self._ours = None
         queued_outputs = {e[len(_OUTPUT_EVENT) :] for e in queued if e.startswith(_OUTPUT_EVENT)}
         self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
         self._orphans = tuple(c.call_id for c in self._calls.values() if c.state == "pending")
@@ -755,6 +759,8 @@ class CallMachine:
         self._response_active = True
         if self._create_sent is not None:
             self._created_for, self._create_sent = self._create_sent, None
+            response_id = _obj(event.get("response")).get("id")
+            self._ours = (response_id, self._created_for) if isinstance(response_id, str) else None
         elif self._turn_wait:
             # The server's answer to the caller's turn. It answers our outputs too if it sees them all:
             # each acknowledged before it began (one still unacknowledged, or code's text, may have come
@@ -783,11 +789,17 @@ class CallMachine:
         status = response.get("status")
         status = status if isinstance(status, str) else None
         covered_by, self._covered_by = self._covered_by, None
+        ours, self._ours = self._ours, None
         if covered_by is not None and covered_by == response_id and status != "completed":
             self._want_response = True  # it did not get to answer our outputs: we still ask
+        actions: list[Action] = []
         if status == "completed":
             self._last_error = None  # the session got past it: not the cause of a later close
-        actions: list[Action] = []
+            self._failed_in_row = 0
+        elif status == "failed":
+            actions += self._response_failed(
+                response, ours[1] if ours is not None and ours[0] == response_id else None
+            )
         output = response.get("output")
         for item in output if isinstance(output, list) else ():
             if isinstance(item, dict) and item.get("type") == "function_call":
@@ -827,6 +839,31 @@ class CallMachine:
         )
         # The model has had its say: the caller's silence counts from here (or from the end of playback).
         return actions + self._answered() + self._progress() + self._rearm_filler()
+
+    def _response_failed(self, response: dict[str, Any], create: str | None) -> list[Action]:
+        """A response ended ``failed`` (a server error, a quota, a rate limit): nothing was said. It is
+        asked for again once, as it was asked (``create``: the event_id of our create it answered, else
+        the caller's turn went unanswered); a second failure in a row is left to the caller's next words.
+        Either way it is reported, with the server's reason."""
+        error = _obj(_obj(response.get("status_details")).get("error"))
+        fields = {
+            "code": error.get("code"),
+            "error_type": error.get("type"),
+            "message": error.get("message"),
+            "param": None,
+        }
+        if error:  # (else the error event before it, if any, says more: the engine fails so)
+            self._last_error = fields
+        self._failed_in_row += 1
+        retry = self._failed_in_row == 1 and self._end is None
+        if retry:
+            asked = self._recent_creates.get(create) if create is not None else None
+            if asked is not None:
+                body, tag = asked
+                self._owe((body, None if tag == _GREETING else tag))  # (a greeting that failed was none)
+            else:
+                self._want_response = True
+        return [Notice("response.failed", {"response_id": response.get("id"), **fields, "retry": retry})]
 
     def _on_arguments_done(self, event: dict[str, Any]) -> list[Action]:
         item = {

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         caller_presses,
         caller_says,
         model_calls,
+        model_fails,
         model_says,
         pause,
         wait_for_greeting,
@@ -65,6 +66,7 @@ __all__ = [
     "caller_presses",
     "caller_says",
     "model_calls",
+    "model_fails",
     "model_says",
     "pause",
     "run_app",
@@ -77,7 +79,7 @@ _HOMES = {
     **dict.fromkeys(
         (
             *("Script", "Step", "caller_hangs_up", "caller_presses", "caller_says", "model_calls"),
-            *("model_says", "pause", "wait_for_greeting"),
+            *("model_fails", "model_says", "pause", "wait_for_greeting"),
         ),
         ".script",
     ),

@@ -44,6 +44,7 @@ __all__ = [
     "caller_presses",
     "caller_says",
     "model_calls",
+    "model_fails",
     "model_says",
     "pause",
     "wait_for_greeting",
@@ -89,13 +90,15 @@ class CallerSays:
 
 @dataclass(frozen=True, slots=True)
 class ModelSays:
-    """One spoken model response whose transcript is ``text``."""
+    """One spoken model response whose transcript is ``text``; with ``failed``, one that ends ``failed``
+    (a ``server_error``) before it says anything."""
 
     text: str
+    failed: bool = False
 
     def describe(self) -> str:
         """A short human description, used in failure messages."""
-        return f"model_says({self.text!r})"
+        return "model_fails()" if self.failed else f"model_says({self.text!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +237,14 @@ def caller_says(text: str, *, seconds: float | None = None, cut_in: bool = False
 def model_says(text: str) -> ModelSays:
     """The model speaks ``text`` in one response."""
     return ModelSays(text)
+
+
+def model_fails() -> ModelSays:
+    """The next response ends ``failed`` before a word is said (``status_details.error``: a
+    ``server_error``), as when the service errs mid-call. Like a spontaneous one, it answers the
+    controller's ``response.create`` if one is pending; afterwards the model says nothing more until
+    asked: the next response step waits for the controller's ``response.create``."""
+    return ModelSays("", failed=True)
 
 
 def _encode_arguments(arguments: Mapping[str, Any] | str) -> str:

@@ -1783,6 +1783,11 @@ class SimCall:
         match step:
             case WaitForGreeting(text=text):
                 await self._response_step(text, (), "completed", must_wait=True, limit=limit)
+            case ModelSays(text=text, failed=True):
+                record = await self._response_step(
+                    None, (), "failed", must_wait=self._next_needs_create, limit=limit
+                )
+                self._next_needs_create = record is not None  # (the model is silent until asked)
             case ModelSays(text=text):
                 await self._response_step(
                     text, (), "completed", must_wait=self._next_needs_create, limit=limit
