@@ -171,6 +171,32 @@ async def test_a_failed_answer_to_the_outputs_is_asked_for_again_once(stack: Sta
     assert summary.transcript[-1] == ("agent", "Sorry, order 43 shipped too.")
 
 
+async def test_a_caller_line_that_could_not_be_transcribed_is_a_warning(stack: Stack) -> None:
+    script = Script(
+        [
+            HELLO,
+            caller_says("Where is my order?", untranscribed=True),
+            model_says("Which order?"),
+            caller_says("Forty-two."),
+            model_says("It shipped."),
+            caller_hangs_up(),
+        ]
+    )
+    with capture_logs() as logs:
+        call = await start(stack, script)
+        await call.wait_done(timeout=10)
+        summary = await ended(stack, call)
+    assert call.script_error is None, call.script_error
+    failed = [e for e in logs if e["event"] == "transcript.failed"]
+    assert [(e["log_level"], e["code"], e["error_type"]) for e in failed] == [
+        ("warning", "model_not_found", "invalid_request_error")
+    ]
+    assert "gpt-4o-mini-transcribe" in failed[0]["message"]  # (the model the session asked for)
+    lost = next(e for e in call.sent if e["type"] == "conversation.item.input_audio_transcription.failed")
+    assert failed[0]["item_id"] == lost["item_id"]
+    assert [text for role, text in summary.transcript if role == "caller"] == ["Forty-two."]
+
+
 async def test_parallel_calls_run_concurrently_one_create_after_all_outputs(stack: Stack) -> None:
     barrier = asyncio.Barrier(3)  # deadlocks unless all three run at once
 

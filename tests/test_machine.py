@@ -425,6 +425,29 @@ def test_a_failed_say_is_said_again_but_nothing_once_the_call_is_ending() -> Non
     assert notices(actions, "response.failed")[0]["retry"] is False
 
 
+def test_a_caller_line_that_could_not_be_transcribed_is_reported() -> None:
+    m = live_machine()
+    m.receive(SPEECH_STARTED)
+    m.receive(SPEECH_STOPPED)
+    error = {"type": "invalid_request_error", "code": "model_not_found", "message": "No such model."}
+    event = {
+        "type": "conversation.item.input_audio_transcription.failed",
+        "item_id": "item_u",
+        "content_index": 0,
+        "error": error,
+    }
+    actions = m.receive(event)
+    assert notices(actions, "transcript.failed") == [
+        {
+            "item_id": "item_u",
+            "code": "model_not_found",
+            "error_type": "invalid_request_error",
+            "message": "No such model.",
+        }
+    ]
+    assert not notices(actions, "transcript")
+
+
 def test_a_turn_answer_takes_over_a_loop_breakers_no_tools() -> None:
     m = live_machine(max_identical_calls=1)
     m.receive({"type": "response.created", "response": {"id": "r1"}})

@@ -853,7 +853,13 @@ class CallRuntime:
                 self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
         elif event == "sideband.error" and fields.get("code") == "conversation_already_has_active_response":
             self.log.info(event, **fields)  # a create that crossed a response: sent again after it
-        elif event in ("sideband.error", "response.failed", "call.verb_failed", "call.end_forced"):
+        elif event in (
+            "sideband.error",
+            "response.failed",
+            "transcript.failed",
+            "call.verb_failed",
+            "call.end_forced",
+        ):
             self.log.warning(event, **fields)
         else:
             self.log.info(event, **fields)

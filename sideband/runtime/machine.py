@@ -969,6 +969,18 @@ class CallMachine:
             actions.append(Notice("transcript", fields))
         return actions
 
+    def _on_transcript_failed(self, event: dict[str, Any]) -> list[Action]:
+        """The caller's words of ``item_id`` could not be transcribed (the transcription model refused,
+        say): the model heard them, but no transcript line will come for them."""
+        error = _obj(event.get("error"))
+        fields = {
+            "item_id": event.get("item_id"),
+            "code": error.get("code"),
+            "error_type": error.get("type"),
+            "message": error.get("message"),
+        }
+        return [Notice("transcript.failed", fields)]
+
     def _on_agent_transcript(self, event: dict[str, Any]) -> list[Action]:
         return self._agent_line(event, event.get("transcript"))
 
@@ -1324,6 +1336,7 @@ _HANDLERS: Mapping[str, _Handler] = MappingProxyType(
         "response.output_item.added": CallMachine._on_output_item,
         "response.output_item.done": CallMachine._on_output_item,
         "conversation.item.input_audio_transcription.completed": CallMachine._on_caller_transcript,
+        "conversation.item.input_audio_transcription.failed": CallMachine._on_transcript_failed,
         "response.output_audio_transcript.done": CallMachine._on_agent_transcript,
         "response.output_text.done": CallMachine._on_agent_text,
         "response.text.done": CallMachine._on_agent_text,

@@ -76,16 +76,19 @@ class WaitForGreeting:
 class CallerSays:
     """The caller speaks ``text`` (server VAD events, the user item, and the transcript if configured),
     for ``seconds`` between ``speech_started`` and ``speech_stopped`` (None: at once), after hearing the
-    model out unless ``cut_in``."""
+    model out unless ``cut_in``; with ``untranscribed``, the transcription fails instead of completing."""
 
     text: str
     seconds: float | None = None
     cut_in: bool = False
+    untranscribed: bool = False
 
     def describe(self) -> str:
         """A short human description, used in failure messages."""
         extra = "" if self.seconds is None else f", seconds={self.seconds}"
-        return f"caller_says({self.text!r}{extra}{', cut_in=True' if self.cut_in else ''})"
+        extra += ", cut_in=True" if self.cut_in else ""
+        extra += ", untranscribed=True" if self.untranscribed else ""
+        return f"caller_says({self.text!r}{extra})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +223,9 @@ def wait_for_greeting(text: str = "Hello, thanks for calling.") -> WaitForGreeti
     return WaitForGreeting(text)
 
 
-def caller_says(text: str, *, seconds: float | None = None, cut_in: bool = False) -> CallerSays:
+def caller_says(
+    text: str, *, seconds: float | None = None, cut_in: bool = False, untranscribed: bool = False
+) -> CallerSays:
     """The caller says ``text``; server VAD then starts the next model step by itself.
 
     ``seconds``: how long the caller speaks, from ``input_audio_buffer.speech_started`` to
@@ -228,10 +233,12 @@ def caller_says(text: str, *, seconds: float | None = None, cut_in: bool = False
     caller is mid-utterance can be tested. ``cut_in=True``: the caller does not wait for the model's audio
     to finish playing (see ``Simulator(playback_rate=…)``) but speaks over it, and the server clears it
     (``output_audio_buffer.cleared``), as on a barge-in; a response still streaming is cancelled either
-    way (``turn_detected``)."""
+    way (``turn_detected``). ``untranscribed=True``: where the session transcribes the caller, the
+    transcription fails (``conversation.item.input_audio_transcription.failed``, as when the project may
+    not use the transcription model); the model still hears the words."""
     if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
         raise ValueError("seconds must be a non-negative number")
-    return CallerSays(text, None if seconds is None else float(seconds), cut_in)
+    return CallerSays(text, None if seconds is None else float(seconds), cut_in, untranscribed)
 
 
 def model_says(text: str) -> ModelSays:

@@ -1794,8 +1794,10 @@ class SimCall:
                 )
             case ModelCalls():
                 await self._model_calls(step, limit)
-            case CallerSays(text=text, seconds=seconds, cut_in=cut_in):
-                await self._caller_says(text, limit, seconds=seconds, cut_in=cut_in)
+            case CallerSays(text=text, seconds=seconds, cut_in=cut_in, untranscribed=untranscribed):
+                await self._caller_says(
+                    text, limit, seconds=seconds, cut_in=cut_in, untranscribed=untranscribed
+                )
             case CallerPresses(digits=digits):
                 await self._wait_ready(limit)
                 self._set_phase("emitting")
@@ -1892,7 +1894,13 @@ class SimCall:
         self._next_needs_create = True
 
     async def _caller_says(
-        self, text: str, limit: float, *, seconds: float | None = None, cut_in: bool = False
+        self,
+        text: str,
+        limit: float,
+        *,
+        seconds: float | None = None,
+        cut_in: bool = False,
+        untranscribed: bool = False,
     ) -> None:
         await self._wait_ready(limit)
         if not cut_in:
@@ -1915,7 +1923,7 @@ class SimCall:
                 self._playback_cut.set()
             await self._send("output_audio_buffer.cleared", response_id=cleared)
         transcribes = _transcribes(self.session)
-        if transcribes:  # the words are transcribed as they are spoken: before the item exists
+        if transcribes and not untranscribed:  # transcribed as they are spoken: before the item exists
             for chunk in _chunks(text, 4):
                 await self._send(
                     "conversation.item.input_audio_transcription.delta",
@@ -1945,7 +1953,21 @@ class SimCall:
         await self._send("conversation.item.done", previous_item_id=previous, item=item)
         self.transcript.append(("caller", text))
         creates = _creates_response(self.session)
-        if transcribes:
+        if transcribes and untranscribed:
+            model = self.session["audio"]["input"]["transcription"].get("model")
+            error = {
+                "type": "invalid_request_error",
+                "code": "model_not_found",
+                "message": f"The model `{model}` does not exist or you do not have access to it.",
+                "param": None,
+            }
+            await self._send(
+                "conversation.item.input_audio_transcription.failed",
+                item_id=item_id,
+                content_index=0,
+                error=error,
+            )
+        elif transcribes:
             completed = {
                 "item_id": item_id,
                 "content_index": 0,
