@@ -846,12 +846,7 @@ class CallMachine:
         the caller's turn went unanswered); a second failure in a row is left to the caller's next words.
         Either way it is reported, with the server's reason."""
         error = _obj(_obj(response.get("status_details")).get("error"))
-        fields = {
-            "code": error.get("code"),
-            "error_type": error.get("type"),
-            "message": error.get("message"),
-            "param": None,
-        }
+        fields = {**_error_fields(error), "param": None}
         if error:  # (else the error event before it, if any, says more: the engine fails so)
             self._last_error = fields
         self._failed_in_row += 1
@@ -972,13 +967,7 @@ class CallMachine:
     def _on_transcript_failed(self, event: dict[str, Any]) -> list[Action]:
         """The caller's words of ``item_id`` could not be transcribed (the transcription model refused,
         say): the model heard them, but no transcript line will come for them."""
-        error = _obj(event.get("error"))
-        fields = {
-            "item_id": event.get("item_id"),
-            "code": error.get("code"),
-            "error_type": error.get("type"),
-            "message": error.get("message"),
-        }
+        fields = {"item_id": event.get("item_id"), **_error_fields(_obj(event.get("error")))}
         return [Notice("transcript.failed", fields)]
 
     def _on_agent_transcript(self, event: dict[str, Any]) -> list[Action]:
@@ -1094,12 +1083,7 @@ class CallMachine:
     def _on_error(self, event: dict[str, Any]) -> list[Action]:
         error = _obj(event.get("error"))
         code = error.get("code")
-        fields = {
-            "code": code,
-            "error_type": error.get("type"),
-            "message": error.get("message"),
-            "param": error.get("param"),
-        }
+        fields = {**_error_fields(error), "param": error.get("param")}
         self._last_error = fields
         if code == "session_expired":
             return [Notice("sideband.error", fields), *self._close("session_expired")]
@@ -1383,6 +1367,11 @@ def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
     for key in reversed(path):
         value = {key: value}
     return {"type": "realtime", **value}
+
+
+def _error_fields(error: Mapping[str, Any]) -> dict[str, Any]:
+    """What a server error object says, as the notices name it: code, error_type, message."""
+    return {"code": error.get("code"), "error_type": error.get("type"), "message": error.get("message")}
 
 
 def _obj(value: Any) -> dict[str, Any]:
