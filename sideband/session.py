@@ -116,6 +116,7 @@ _SESSION_KEYS = frozenset(
         "tracing",
         "prompt",
         "include",
+        "reasoning",
         "voice",
         "speed",
         "transcription_model",
@@ -129,6 +130,21 @@ _AUDIO_KEYS = {
     "output": frozenset({"format", "voice", "speed"}),
 }
 _AUDIO_SIDES = frozenset(_AUDIO_KEYS)
+# Turn detection's keys, by kind: a key of the other kind is refused (``unknown_parameter``).
+_TURN_KEYS = {
+    "server_vad": frozenset(
+        {
+            "type",
+            "create_response",
+            "interrupt_response",
+            "threshold",
+            "prefix_padding_ms",
+            "silence_duration_ms",
+            "idle_timeout_ms",
+        }
+    ),
+    "semantic_vad": frozenset({"type", "create_response", "interrupt_response", "eagerness"}),
+}
 
 
 def _typo(key: Any, known: frozenset[str], where: str) -> None:
@@ -195,6 +211,14 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
                 f"audio.{side}.format must not be set for SIP calls (the codec is negotiated)"
             )
     td = (audio.get("input") or {}).get("turn_detection") or {}
+    known = _TURN_KEYS.get(str(td.get("type"))) if isinstance(td, dict) else None
+    if known is not None:
+        other = _TURN_KEYS["semantic_vad" if td["type"] == "server_vad" else "server_vad"] - known
+        for key in td:
+            where = "audio.input.turn_detection."
+            if key in other:
+                raise SessionConfigError(f"{where}{key} is not a setting of {td['type']} turn detection")
+            _typo(key, known, where)
     if sip and isinstance(td, dict):
         for key in _FORBIDDEN_TURN_DETECTION:
             if key in td:

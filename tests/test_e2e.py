@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver
 from aiohttp.test_utils import TestServer
 
-from sideband import Accept, CallContext, IncomingCall, Refer, Reject
+from sideband import Accept, CallContext, IncomingCall, Refer, Reject, SessionConfig
 from sideband.testing import (
     Script,
     SimCall,
@@ -810,6 +810,32 @@ async def test_a_tool_slower_than_the_idle_limit_is_waited_for_and_the_caller_he
         heard = sent_at(call, "output_audio_buffer.stopped", said[-2].response_id)
         goodbye = sent_at(call, "response.created", said[-1].response_id)
         assert answered < heard < goodbye  # the goodbye came after the answer had been heard
+
+
+async def test_the_servers_idle_prompts_do_not_keep_a_silent_call_up() -> None:
+    """With server VAD's ``idle_timeout_ms``, the model asks a silent caller "are you still there?" on its
+    own, again and again. Those prompts are not the caller: our idle limit still ends the call, after the
+    prompt being said when it came due, with the goodbye and a hangup."""
+    app = make_app(session=SessionConfig(turn_detection={"type": "server_vad", "idle_timeout_ms": 250}))
+    async with (
+        Simulator(playback_rate=100.0) as sim,
+        run_app(app, sim, **{**TEST_SETTINGS, "max_idle_duration": 1.2}) as stack,
+    ):
+        call = await run_call(stack, Script([GREETING]))
+        await call.wait_ended(timeout=10)
+        assert call.end_reason == "hangup_verb" and (await stack.ended(call)).reason == "idle_timeout"
+        prompts = [r for r in call.responses if r.trigger == "idle"]
+        assert len(prompts) >= 2 and all(r.text == sim.idle_prompt_text for r in prompts)
+        assert len([e for e in call.sent if e["type"] == "input_audio_buffer.timeout_triggered"]) == len(
+            prompts
+        )
+        goodbye = call.responses[-1]
+        assert "goodbye" in (goodbye.request or {}).get("instructions", "").lower()
+        last = next(r for r in reversed(call.responses[:-1]) if r.trigger == "idle")
+        assert sent_at(call, "output_audio_buffer.stopped", last.response_id) < sent_at(
+            call, "response.created", goodbye.response_id
+        )  # the prompt under way was heard to its end first
+        assert client_types(call).count("response.create") == 2  # the greeting and the goodbye
 
 
 async def test_a_socket_lost_while_the_caller_listens_does_not_cut_the_answer_short() -> None:

@@ -1527,6 +1527,78 @@ def test_on_an_engine_that_counts_idle_from_speech_the_idle_limit_keeps_to_the_c
     assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
 
 
+def idle_prompt(m: CallMachine, resp: str, item: str, *, then_caller: str | None = None) -> list[Action]:
+    """The server's turn detection prompts a silent caller (``idle_timeout_ms``): the silence committed as
+    an empty item (transcribed as nothing), then a spoken response of its own, played out."""
+    return feed(
+        m,
+        [
+            {
+                "type": "input_audio_buffer.timeout_triggered",
+                "item_id": item,
+                "audio_start_ms": 0,
+                "audio_end_ms": 4000,
+            },
+            {"type": "input_audio_buffer.committed", "item_id": item},
+            {
+                "type": "conversation.item.input_audio_transcription.completed",
+                "item_id": item,
+                "transcript": then_caller or "",
+            },
+            {"type": "response.created", "response": {"id": resp}},
+            {"type": "output_audio_buffer.started", "response_id": resp},
+            response_done(resp),
+            {"type": "output_audio_buffer.stopped", "response_id": resp},
+        ],
+    )
+
+
+def test_the_servers_prompts_to_a_silent_caller_do_not_restart_the_idle_limit() -> None:
+    """Server VAD's ``idle_timeout_ms`` makes the model ask "are you still there?" on its own: the caller
+    is no less silent for it, so the limit still comes (it would otherwise never come while the prompts
+    repeat), and one due while a prompt is said waits for its last word."""
+    m = machine(max_idle_duration=10)
+    m.start()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    assert StartTimer("idle", 10) in m.receive(response_done("r1"))  # the model's own answer counts
+    for n in range(3):
+        actions = idle_prompt(m, f"p{n}", f"item_silence{n}")
+        assert not [a for a in actions if isinstance(a, StartTimer)]
+        assert notices(actions, "call.idle_prompt") == [{"item_id": f"item_silence{n}", "silent_ms": 4000}]
+        assert notices(actions, "transcript") == []  # nothing was said
+    assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
+
+    # Due while a prompt is said: the limit waits for its end (not one more full period).
+    m = machine(max_idle_duration=10)
+    m.start()
+    feed(
+        m,
+        [
+            {"type": "input_audio_buffer.timeout_triggered", "item_id": "i1"},
+            {"type": "response.created", "response": {"id": "p1"}},
+            {"type": "output_audio_buffer.started", "response_id": "p1"},
+        ],
+    )
+    assert m.timer("idle") == []
+    assert notices(m.receive(response_done("p1")), "call.limit") == []  # still heard
+    ending = m.receive({"type": "output_audio_buffer.stopped", "response_id": "p1"})
+    assert notices(ending, "call.limit") == [{"limit": "idle"}]
+    assert sends(ending)[0]["response"]["instructions"] == DEFAULT_GOODBYE
+
+    # Words the model caught in the silence (no VAD turn) are the caller's: the clock starts again, and
+    # our own answers count as before.
+    m = machine(max_idle_duration=10)
+    m.start()
+    assert StartTimer("idle", 10) in idle_prompt(m, "p1", "i1", then_caller="yes, still here")
+    m = machine(max_idle_duration=10)
+    m.start()
+    idle_prompt(m, "p1", "i1")
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "i2"})
+    assert StartTimer("idle", 10) in m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": "i2"})
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    assert StartTimer("idle", 10) in m.receive(response_done("r2"))
+
+
 def test_caller_activity_other_than_speech_restarts_the_idle_limit() -> None:
     m = machine(max_idle_duration=30.0)
     m.start()

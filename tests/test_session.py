@@ -222,6 +222,38 @@ def test_turn_detection_type_alone_is_fine() -> None:
         validate_accept_payload(SessionConfig(turn_detection=td).payload([]))
 
 
+@pytest.mark.parametrize(
+    "td, message",
+    [
+        (
+            {"type": "semantic_vad", "idle_timeout_ms": 5000},
+            "idle_timeout_ms is not a setting of semantic_vad",
+        ),
+        ({"type": "semantic_vad", "threshold": 0.5}, "threshold is not a setting of semantic_vad"),
+        ({"type": "server_vad", "eagerness": "low"}, "eagerness is not a setting of server_vad"),
+        (
+            {"type": "server_vad", "idle_timeout": 5000},
+            "did you mean 'audio.input.turn_detection.idle_timeout_ms'",
+        ),
+    ],
+)
+def test_turn_detection_keys_of_the_other_kind_or_misspelt_are_refused(
+    td: dict[str, Any], message: str
+) -> None:
+    body = SessionConfig(turn_detection=td).payload([])
+    with pytest.raises(SessionConfigError, match=message):
+        validate_accept_payload(body, sip=False)
+
+
+def test_idle_timeout_and_reasoning_pass() -> None:
+    cfg = SessionConfig(
+        turn_detection={"type": "server_vad", "idle_timeout_ms": 6000}, reasoning={"effort": "low"}
+    )  # type: ignore[call-arg]
+    validate_accept_payload(cfg.payload([]))
+    with pytest.raises(SessionConfigError, match="did you mean 'reasoning'"):
+        validate_accept_payload({"type": "realtime", "reasonning": {"effort": "low"}})
+
+
 def test_audio_must_be_an_object() -> None:
     with pytest.raises(SessionConfigError):
         validate_accept_payload({"type": "realtime", "audio": "pcmu"})

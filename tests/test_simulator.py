@@ -280,6 +280,36 @@ async def test_accept_success_stores_the_session(simulator: Simulator, http: aio
             },
             "audio.input.turn_detection.silence_duration_ms",
         ),
+        (
+            {
+                "type": "realtime",
+                "audio": {"input": {"turn_detection": {"type": "semantic_vad", "idle_timeout_ms": 5000}}},
+            },
+            "audio.input.turn_detection.idle_timeout_ms",  # (server VAD's only)
+        ),
+        (
+            {
+                "type": "realtime",
+                "audio": {"input": {"turn_detection": {"type": "server_vad", "eagerness": "low"}}},
+            },
+            "audio.input.turn_detection.eagerness",  # (semantic VAD's only)
+        ),
+        (
+            {
+                "type": "realtime",
+                "audio": {"input": {"turn_detection": {"type": "semantic_vad", "eagerness": "x"}}},
+            },
+            "audio.input.turn_detection.eagerness",
+        ),
+        (
+            {
+                "type": "realtime",
+                "audio": {"input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": "5"}}},
+            },
+            "audio.input.turn_detection.idle_timeout_ms",
+        ),
+        ({"type": "realtime", "reasoning": {"effort": "max"}}, "reasoning.effort"),
+        ({"type": "realtime", "reasoning": {"effort": "low", "summary": "auto"}}, "reasoning"),
         ({"type": "realtime", "voice": "alloy"}, "voice"),  # beta-shaped field
         ({"type": "realtime", "output_modalities": ["audio", "text"]}, "output_modalities"),
         ({"type": "realtime", "tools": [{"type": "function"}]}, "tools[0].name"),
@@ -498,6 +528,66 @@ async def test_without_a_response_to_come_the_transcript_completes_at_once(simul
         events = await recv_until(ws, "conversation.item.input_audio_transcription.completed")
     assert "response.created" not in [e["type"] for e in events]
     assert events[-1]["transcript"] == "Just checking."
+
+
+async def test_accept_takes_each_turn_detection_s_own_keys_and_reasoning(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    for turn in (
+        {"type": "server_vad", "idle_timeout_ms": 6000, "create_response": True},
+        {"type": "semantic_vad", "eagerness": "high", "interrupt_response": False},
+    ):
+        body = {
+            "type": "realtime",
+            "reasoning": {"effort": "low"},
+            "audio": {"input": {"turn_detection": turn}},
+        }
+        call = await live_call(simulator, http, body=body)
+        assert call.session is not None
+        assert call.session["audio"]["input"]["turn_detection"].items() >= turn.items()
+
+
+async def test_server_vad_idle_timeout_prompts_a_silent_caller_again_and_again(simulator: Simulator) -> None:
+    """``idle_timeout_ms`` of silence after the model's audio: the silence is committed as an empty user
+    item (transcribed as nothing) and the model prompts the caller in a response of its own; the timer
+    starts again once that has played."""
+    loop = asyncio.get_running_loop()
+    call = simulator.create_webrtc_call(Script([]))
+    input_ = {
+        "transcription": {"model": "gpt-realtime-whisper"},
+        "turn_detection": {"type": "server_vad", "idle_timeout_ms": 200},
+    }
+    async with ws_connect(simulator, call) as ws:
+        await send(
+            ws, {"type": "session.update", "session": {"type": "realtime", "audio": {"input": input_}}}
+        )
+        begun = loop.time()
+        first = await recv_until(ws, "output_audio_buffer.stopped")
+        heard = loop.time()
+        second = await recv_until(ws, "output_audio_buffer.stopped")
+        again = loop.time()
+    for events in (first, second):
+        kinds = [e["type"] for e in events if e["type"] not in ("session.updated", "rate_limits.updated")]
+        assert kinds[:5] == [
+            "input_audio_buffer.timeout_triggered",
+            "input_audio_buffer.committed",
+            "conversation.item.added",
+            "conversation.item.done",
+            "response.created",
+        ]
+        trigger = next(e for e in events if e["type"] == "input_audio_buffer.timeout_triggered")
+        assert trigger["audio_end_ms"] - trigger["audio_start_ms"] == 200
+        item = next(e for e in events if e["type"] == "conversation.item.added")["item"]
+        assert item["id"] == trigger["item_id"] and item["role"] == "user"
+        transcript = next(
+            e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"
+        )
+        assert transcript["item_id"] == trigger["item_id"] and transcript["transcript"] == ""
+        said = next(e for e in events if e["type"] == "response.output_audio_transcript.done")
+        assert said["transcript"] == simulator.idle_prompt_text
+    assert heard - begun >= 0.2 and again - heard >= 0.2
+    assert [r.trigger for r in call.responses[:2]] == ["idle", "idle"]
+    assert all(r.request is None for r in call.responses)  # nobody asked for them
 
 
 async def test_playback_outlasts_the_response_and_a_clear_cuts_it(simulator: Simulator) -> None:

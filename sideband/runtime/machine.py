@@ -276,6 +276,7 @@ class CallMachine:
         "_filler_spoken",
         "_greeted",
         "_held",
+        "_idle_due",
         "_idle_waited",
         "_last_error",
         "_last_line_response",
@@ -286,6 +287,8 @@ class CallMachine:
         "_play_overdue",
         "_play_unsure",
         "_playing",
+        "_prompt",
+        "_prompt_due",
         "_queued_say",
         "_recent_creates",
         "_repeat",
@@ -335,6 +338,13 @@ class CallMachine:
         self._without_tools = False  # the next plain create follows a loop breaker: no tools in it
         self._turn_items: tuple[object, ...] = ()  # the caller's last input items whose speech began a turn
         self._idle_waited = False  # the idle limit came due once while the model or a tool was busy
+        # The server's own prompts to a silent caller (server VAD's idle_timeout_ms): one is announced
+        # (input_audio_buffer.timeout_triggered) until its response starts; then that response's id, until
+        # the caller is heard or another response starts. Neither restarts the idle limit, which, come due
+        # while the prompt is said, waits for its last word.
+        self._prompt_due = False
+        self._prompt: object = None
+        self._idle_due = False
         self._filler_spoken = False
         self._filler_due = False  # a filler came due while the line was not quiet
         self._speaking = False  # the caller is mid-utterance (speech_started, no speech_stopped yet)
@@ -574,6 +584,13 @@ class CallMachine:
         if name in (_IDLE, _MAX_DURATION) and self._end is not None:
             return []  # the call is ending already: no limit to report
         if name == _IDLE:
+            if self._prompt is not None and not (self._running or self._speaking):
+                # The caller stayed silent through the server's prompts: the limit is reached, once the
+                # prompt being said is over.
+                if self._response_active or self._playing:
+                    self._idle_due = True
+                    return []
+                return self._idle_reached()
             busy = self.response_owed or self._running or self._playing or self._speaking
             period = self.config.max_idle_duration
             if self.caps.idle_after_answers and busy and not self._idle_waited and period:
@@ -582,7 +599,7 @@ class CallMachine:
                 # playback whose end never came, a refused create), and the limit is the backstop.
                 self._idle_waited = True
                 return [StartTimer(_IDLE, period)]
-            return [Notice("call.limit", {"limit": "idle"}), *self.request_end("idle_timeout", goodbye=True)]
+            return self._idle_reached()
         if name == _MAX_DURATION:
             return [
                 Notice("call.limit", {"limit": "max_duration"}),
@@ -757,6 +774,8 @@ class CallMachine:
 
     def _on_response_created(self, event: dict[str, Any]) -> list[Action]:
         self._response_active = True
+        prompted, self._prompt_due = self._prompt_due and self._create_sent is None, False
+        self._prompt = _obj(event.get("response")).get("id") if prompted else None
         if self._create_sent is not None:
             self._created_for, self._create_sent = self._create_sent, None
             response_id = _obj(event.get("response")).get("id")
@@ -838,7 +857,7 @@ class CallMachine:
             )
         )
         # The model has had its say: the caller's silence counts from here (or from the end of playback).
-        return actions + self._answered() + self._progress() + self._rearm_filler()
+        return actions + self._answered(response_id) + self._progress() + self._rearm_filler()
 
     def _response_failed(self, response: dict[str, Any], create: str | None) -> list[Action]:
         """A response ended ``failed`` (a server error, a quota, a rate limit): nothing was said. It is
@@ -956,9 +975,12 @@ class CallMachine:
         # The transcript of speech whose start began a turn (it often completes while the model answers,
         # or after the caller spoke again): that turn, not a new one.
         same_turn = item is not None and item in self._turn_items
+        said = text.strip() if isinstance(text, str) else ""
+        if not (same_turn or said):
+            return []  # nothing was said (the silence the server committed for its idle prompt, noise)
         actions = self._touch_idle() if same_turn else self._caller_turn()
-        if isinstance(text, str) and text.strip():
-            fields = {"role": "caller", "text": text.strip()}
+        if said:
+            fields = {"role": "caller", "text": said}
             if isinstance(item, str):
                 fields["item_id"] = item  # (the item it transcribes: its place in the conversation)
             actions.append(Notice("transcript", fields))
@@ -1048,12 +1070,31 @@ class CallMachine:
         self._last_signature, self._repeat, self._without_tools = None, 0, False
         return self._touch_idle()
 
-    def _answered(self) -> list[Action]:
-        """The model has had its say (a response, or its playback, is over): the caller's turn to speak."""
+    def _answered(self, response_id: object = None) -> list[Action]:
+        """The model has had its say (``response_id``'s response, or its playback, is over): the caller's
+        turn to speak. Not after the server's prompt to a silent caller: they are no less silent for it
+        (and an idle limit that came due while it was said is reached now)."""
+        if self._prompt is not None and response_id == self._prompt:
+            if self._idle_due and not (self._response_active or self._playing):
+                self._idle_due = False
+                return self._idle_reached()
+            return []
         return self._touch_idle() if self.caps.idle_after_answers else []
 
+    def _on_idle_prompt(self, event: dict[str, Any]) -> list[Action]:
+        """The server's turn detection found the caller silent for its ``idle_timeout_ms``: it commits the
+        silence and answers it with a response of its own. Our idle limit keeps counting."""
+        self._prompt_due = True
+        start, end = event.get("audio_start_ms"), event.get("audio_end_ms")
+        silent = end - start if isinstance(start, int) and isinstance(end, int) else None
+        return [Notice("call.idle_prompt", {"item_id": event.get("item_id"), "silent_ms": silent})]
+
+    def _idle_reached(self) -> list[Action]:
+        return [Notice("call.limit", {"limit": "idle"}), *self.request_end("idle_timeout", goodbye=True)]
+
     def _touch_idle(self) -> list[Action]:
-        self._idle_waited = False
+        self._idle_waited = self._idle_due = self._prompt_due = False
+        self._prompt = None
         if self.config.max_idle_duration and self._end is None:
             return [StartTimer(_IDLE, self.config.max_idle_duration)]
         return []
@@ -1078,7 +1119,7 @@ class CallMachine:
         self._playing = self._play_unsure = self._play_overdue = False
         if self._end is not None:
             self._end.held = False  # the last words were heard to their end: nothing more to wait for
-        return self._answered() + self._progress() + self._rearm_filler()
+        return self._answered(event.get("response_id")) + self._progress() + self._rearm_filler()
 
     def _on_error(self, event: dict[str, Any]) -> list[Action]:
         error = _obj(event.get("error"))
@@ -1328,6 +1369,7 @@ _HANDLERS: Mapping[str, _Handler] = MappingProxyType(
         "input_audio_buffer.speech_stopped": CallMachine._on_speech_stopped,
         "input_audio_buffer.committed": CallMachine._on_speech_stopped,  # (a stop the server skipped)
         "input_audio_buffer.dtmf_event_received": CallMachine._on_dtmf,
+        "input_audio_buffer.timeout_triggered": CallMachine._on_idle_prompt,
         "output_audio_buffer.started": CallMachine._on_playback_started,
         "output_audio_buffer.stopped": CallMachine._on_playback_stopped,
         "output_audio_buffer.cleared": CallMachine._on_playback_cleared,  # the caller cut in

@@ -98,6 +98,7 @@ _SESSION_KEYS = frozenset(
         "tracing",
         "prompt",
         "include",
+        "reasoning",
     }
 )
 _AUDIO_INPUT_KEYS = frozenset({"format", "transcription", "noise_reduction", "turn_detection"})
@@ -114,6 +115,15 @@ _TURN_DETECTION_KEYS = frozenset(
         "eagerness",
     }
 )
+# Keys of one kind of turn detection only: refused in the other.
+_TURN_KEYS_OF: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        "server_vad": frozenset({"threshold", "prefix_padding_ms", "silence_duration_ms", "idle_timeout_ms"}),
+        "semantic_vad": frozenset({"eagerness"}),
+    }
+)
+_EAGERNESS = ("low", "medium", "high", "auto")
+_REASONING_EFFORTS = ("minimal", "low", "medium", "high", "xhigh")
 _SIP_FORBIDDEN_TURN_KEYS = ("threshold", "prefix_padding_ms", "silence_duration_ms")
 _AUDIO_FORMATS = frozenset({"audio/pcm", "audio/pcmu", "audio/pcma"})
 _CLIENT_EVENT_TYPES = (
@@ -170,7 +180,8 @@ class RequestRecord:
 class ResponseRecord:
     """One model response on a call.
 
-    ``trigger``: ``"response.create"`` (answering the controller), ``"vad"`` (after the caller spoke) or
+    ``trigger``: ``"response.create"`` (answering the controller), ``"vad"`` (after the caller spoke),
+    ``"idle"`` (the server prompting a silent caller: turn detection's ``idle_timeout_ms``) or
     ``"spontaneous"``. ``source``: ``"script"``, ``"auto"`` (a generic answer to an unscripted
     ``response.create``) or ``"injected"`` (:meth:`SimCall.inject_function_call`). ``request`` is the
     ``response`` object of that ``response.create`` (``{}`` if it had none, ``None`` when not triggered by the
@@ -178,7 +189,7 @@ class ResponseRecord:
     """
 
     response_id: str
-    trigger: Literal["response.create", "vad", "spontaneous"]
+    trigger: Literal["response.create", "vad", "idle", "spontaneous"]
     source: Literal["script", "auto", "injected"]
     request: dict[str, Any] | None
     status: str = "in_progress"
@@ -538,6 +549,18 @@ def _check_session(session: Mapping[str, Any], prefix: str, *, sip: bool, accept
                 "invalid_value",
                 "max_output_tokens must be an integer between 1 and 4096, or 'inf'.",
             )
+    if "reasoning" in session:
+        reasoning = session["reasoning"]
+        if reasoning is not None and (not isinstance(reasoning, dict) or set(reasoning) - {"effort"}):
+            return _Problem(
+                f"{prefix}reasoning", "invalid_value", f"'{prefix}reasoning' takes one field: 'effort'."
+            )
+        if isinstance(reasoning, dict) and reasoning.get("effort", "low") not in _REASONING_EFFORTS:
+            return _Problem(
+                f"{prefix}reasoning.effort",
+                "invalid_value",
+                "Invalid value. Supported values are: 'minimal', 'low', 'medium', 'high' and 'xhigh'.",
+            )
     if "audio" in session:
         return _check_audio(session["audio"], f"{prefix}audio", sip=sip, accept=accept)
     return None
@@ -613,9 +636,21 @@ def _check_audio_input(part: Mapping[str, Any], here: str, *, sip: bool, accept:
             "invalid_value",
             "Invalid value. Supported values are: 'server_vad' and 'semantic_vad'.",
         )
+    other = "semantic_vad" if turn["type"] == "server_vad" else "server_vad"
     for key in turn:
-        if key not in _TURN_DETECTION_KEYS:
+        if key not in _TURN_DETECTION_KEYS or key in _TURN_KEYS_OF[other]:
             return _Problem(f"{where}.{key}", "unknown_parameter", f"Unknown parameter: '{where}.{key}'.")
+    idle = turn.get("idle_timeout_ms")
+    if idle is not None and (not isinstance(idle, int) or isinstance(idle, bool) or idle <= 0):
+        return _Problem(
+            f"{where}.idle_timeout_ms", "invalid_value", "idle_timeout_ms must be a positive integer or null."
+        )
+    if "eagerness" in turn and turn["eagerness"] not in _EAGERNESS:
+        return _Problem(
+            f"{where}.eagerness",
+            "invalid_value",
+            "Invalid value. Supported values are: 'low', 'medium', 'high' and 'auto'.",
+        )
     if sip and accept:
         for key in _SIP_FORBIDDEN_TURN_KEYS:
             if key in turn:
@@ -785,6 +820,7 @@ class SimCall:
         self._awaiting_ids: list[str] = []
         self._vad_turn = False
         self._injected: dict[str, InjectedCall] = {}
+        self._idle_task: asyncio.Task[None] | None = None  # the server's idle timer (idle_timeout_ms)
 
     def __repr__(self) -> str:
         return f"<SimCall {self.call_id} {self.kind} status={self.status} end_reason={self.end_reason}>"
@@ -1070,6 +1106,8 @@ class SimCall:
     def _attach(self, attachment: _Attachment) -> None:
         self._sockets.append(attachment)
         self._attached.set()
+        if self._idle_task is None:
+            self._arm_idle()
         self._notify()
 
     def _detach(self, attachment: _Attachment) -> None:
@@ -1127,6 +1165,8 @@ class SimCall:
                 if cleared is not None and self._playback_cut is not None:
                     self._playback_cut.set()
                 await self._send("output_audio_buffer.cleared", response_id=cleared or self._active_response)
+                if cleared is not None and self._active_response is None:
+                    self._arm_idle()  # the model's audio ended here
             case "input_audio_buffer.append":
                 pass  # media reaches the call by SIP/WebRTC; appended audio is ignored here
             case "input_audio_buffer.commit":
@@ -1193,8 +1233,11 @@ class SimCall:
                 event_id=event_id,
             )
             return
+        before = self._idle_timeout()
         self.session = _merge_session(self.session, update)
         await self._send("session.updated", session=self.session)
+        if self._idle_timeout() != before:
+            self._arm_idle()
 
     def _response_busy(self) -> bool:
         return self._active_response is not None or self._pending_create is not None
@@ -1473,7 +1516,7 @@ class SimCall:
         calls: tuple[FunctionCallSpec, ...],
         status: str,
         create: dict[str, Any] | None,
-        trigger: Literal["response.create", "vad", "spontaneous"],
+        trigger: Literal["response.create", "vad", "idle", "spontaneous"],
         source: Literal["script", "auto", "injected"],
         injected: InjectedCall | None = None,
     ) -> ResponseRecord:
@@ -1490,6 +1533,7 @@ class SimCall:
         record = ResponseRecord(response_id, trigger, source, overrides if create is not None else None)
         self.responses.append(record)
         self._active_response = response_id
+        self._disarm_idle()  # (the server's idle timer counts from the end of the model's audio)
         self._response_count += 1
         self._notify()
         buffer_started = False
@@ -1700,6 +1744,8 @@ class SimCall:
                 task.add_done_callback(self._response_tasks.discard)
             else:
                 await self._play_out(response_id, 0.0, None)
+        elif not buffer_started:
+            self._arm_idle()  # nothing to hear: the idle timer counts from the response's end
         if self._response_count % 2 == 1:  # irregular on purpose: never rely on it
             await self._send_now(  # right after: the response's step is over once this is out
                 "rate_limits.updated",
@@ -1732,6 +1778,86 @@ class SimCall:
         if self._audio_response == response_id:
             self._audio_response = None
             await self._send("output_audio_buffer.stopped", response_id=response_id)
+            if self._active_response is None:
+                self._arm_idle()
+
+    def _idle_timeout(self) -> int | None:
+        """The session's server VAD ``idle_timeout_ms`` (None: not set, or not server VAD)."""
+        turn = (self.session or {}).get("audio", {}).get("input", {}).get("turn_detection")
+        if not isinstance(turn, dict) or turn.get("type") != "server_vad":
+            return None
+        value = turn.get("idle_timeout_ms")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    def _arm_idle(self) -> None:
+        """The server's idle timer starts (again): the caller is silent from now on, until they speak or
+        the model does."""
+        self._disarm_idle()
+        timeout = self._idle_timeout()
+        if timeout is None or self._ended.is_set() or self.session is None:
+            return
+        self._idle_task = task = self._sim._spawn(self._idle_prompt(timeout))
+        self._response_tasks.add(task)
+        task.add_done_callback(self._response_tasks.discard)
+
+    def _disarm_idle(self) -> None:
+        task, self._idle_task = self._idle_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _idle_prompt(self, timeout_ms: int) -> None:
+        """``idle_timeout_ms`` of silence: the server commits the silent audio as an empty user item and
+        answers it (``input_audio_buffer.timeout_triggered``, then a response of its own: a prompt to go
+        on, :attr:`Simulator.idle_prompt_text`). The timer starts again once that prompt has played."""
+        await asyncio.sleep(timeout_ms / 1000)
+        async with self._response_lock:
+            if self._idle_task is not asyncio.current_task():
+                return  # disarmed meanwhile
+            self._idle_task = None
+            if (
+                self._ended.is_set()
+                or self._response_busy()
+                or self._audio_response is not None
+                or self._phase == "caller_speaking"
+            ):
+                return  # someone speaks, or is about to: the silence is over
+            assert self.session is not None
+            item_id = self._sim._new_id("item_")
+            start = self._audio_ms
+            self._audio_ms = end = start + timeout_ms
+            await self._send(
+                "input_audio_buffer.timeout_triggered",
+                audio_start_ms=start,
+                audio_end_ms=end,
+                item_id=item_id,
+            )
+            previous, self._last_item_id = self._last_item_id, item_id
+            await self._send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
+            item = {
+                "id": item_id,
+                "type": "message",
+                "status": "completed",
+                "role": "user",
+                "content": [{"type": "input_audio", "transcript": None}],
+            }
+            await self._send("conversation.item.added", previous_item_id=previous, item=item)
+            await self._send("conversation.item.done", previous_item_id=previous, item=item)
+            self._items[item_id] = {**item, "content": [{"type": "input_audio", "transcript": ""}]}
+            if _transcribes(self.session):  # (nothing was said: an empty transcript, mid-answer)
+                self._pending_transcript = {
+                    "item_id": item_id,
+                    "content_index": 0,
+                    "transcript": "",
+                    "usage": {"type": "duration", "seconds": max(1, timeout_ms // 1000)},
+                }
+            await self._emit_response(
+                text=self._sim.idle_prompt_text,
+                calls=(),
+                status="completed",
+                create=None,
+                trigger="idle",
+                source="auto",
+            )
 
     async def _stop_playback(self) -> None:
         """Let the audio still playing end now (its stopped goes out), before anything else is heard."""
@@ -1911,6 +2037,7 @@ class SimCall:
         start = self._audio_ms + 400
         end = start + (300 + 60 * len(text) if seconds is None else int(seconds * 1000))
         self._audio_ms = end + 200
+        self._disarm_idle()
         await self._send("input_audio_buffer.speech_started", audio_start_ms=start, item_id=item_id)
         turn = self.session["audio"]["input"].get("turn_detection")
         interrupts = isinstance(turn, dict) and turn.get("interrupt_response", True)
@@ -1939,6 +2066,8 @@ class SimCall:
                 return
             self._set_phase("emitting")
         await self._send("input_audio_buffer.speech_stopped", audio_end_ms=end, item_id=item_id)
+        if self._active_response is None:
+            self._arm_idle()
         previous = self._last_item_id
         self._last_item_id = item_id
         await self._send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
@@ -1994,6 +2123,9 @@ class Simulator:
     ``ws://127.0.0.1:PORT/v1/realtime?call_id=…``.
 
     ``auto_answer_text`` is what the model says to a ``response.create`` no script step answers;
+    ``idle_prompt_text`` what it says, unasked, when the session's server VAD has an ``idle_timeout_ms`` and
+    the caller stays silent that long after the model's audio ended (``input_audio_buffer.timeout_triggered``
+    first, and an empty user item; again after each prompt, for as long as the silence lasts);
     ``ready_grace`` is how long a script waits, after the first attach, for the controller's first event
     before the caller acts.
 
@@ -2036,6 +2168,7 @@ class Simulator:
         port: int = 0,
         model: str = _DEFAULT_MODEL,
         auto_answer_text: str = "Okay.",
+        idle_prompt_text: str = "Are you still there?",
         ready_grace: float = 1.0,
         ws_compression: bool = False,
         auto_create_calls: bool = False,
@@ -2061,6 +2194,7 @@ class Simulator:
         self.host = host
         self.model = model
         self.auto_answer_text = auto_answer_text
+        self.idle_prompt_text = idle_prompt_text
         self.ready_grace = ready_grace
         self.ws_compression = ws_compression
         self.auto_create_calls = auto_create_calls
