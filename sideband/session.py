@@ -35,7 +35,12 @@ class DecisionError(TypeError, ValueError):
 
 class SessionConfig(BaseModel):
     """The Realtime session a call gets. ``extra`` fields are passed through untouched, so new
-    OpenAI fields need no release of ours."""
+    OpenAI fields need no release of ours.
+
+    A ``tools`` list given here holds tools the server runs itself, such as remote MCP servers
+    (``{"type": "mcp", "server_label": …, "server_url": …, "require_approval": "never"}``): they are sent
+    beside the app's own function tools. A function the model calls must be answered by the app, so it is
+    declared with ``@app.tool``, not here."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -79,14 +84,25 @@ class SessionConfig(BaseModel):
             audio_out["speed"] = self.speed
         if audio_in or audio_out:
             body["audio"] = {k: v for k, v in (("input", audio_in), ("output", audio_out)) if v}
+        extra = dict(self.model_extra or {})
+        served = extra.pop("tools", None)  # the server's own tools (MCP), beside the app's functions
+        if isinstance(served, list):
+            for tool in served:
+                if isinstance(tool, dict) and tool.get("type", "function") == "function":
+                    raise SessionConfigError(
+                        f"function tool {tool.get('name')!r} in the session config: a function the model "
+                        "calls must be answered by the app; declare it with @app.tool"
+                    )
+            tools = [*tools, *served]
+        elif served is not None:
+            raise SessionConfigError("tools in the session config must be a list")
         if tools:
             body["tools"] = tools
         for key in ("tool_choice", "max_output_tokens", "tracing", "prompt", "include"):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
-        if self.model_extra:
-            body.update(self.model_extra)
+        body.update(extra)
         return body
 
     def merged(self, **overrides: Any) -> SessionConfig:
@@ -224,8 +240,16 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
             if key in td:
                 raise SessionConfigError(f"audio.input.turn_detection.{key} is refused by the calls API")
     for tool in body.get("tools") or []:
+        if not isinstance(tool, dict):
+            raise SessionConfigError("every tool must be an object")
         if tool.get("type") == "function" and not tool.get("name"):
             raise SessionConfigError("every function tool needs a name")
+        if tool.get("type") == "mcp" and tool.get("require_approval") != "never":
+            # (unset, it is "always") Nobody is there to approve: the model would wait on every call.
+            raise SessionConfigError(
+                f'MCP tool {tool.get("server_label")!r} needs "require_approval": "never": a call has '
+                'nobody to approve its tool calls (choose the server\'s tools with "allowed_tools")'
+            )
 
 
 def check_seconds(name: str, value: object) -> float | None:

@@ -197,6 +197,18 @@ async def test_a_caller_line_that_could_not_be_transcribed_is_a_warning(stack: S
     assert [text for role, text in summary.transcript if role == "caller"] == ["Forty-two."]
 
 
+async def test_a_failing_mcp_server_is_a_warning(stack: Stack) -> None:
+    call = await start(stack, Script([HELLO, pause(30), caller_hangs_up()]))
+    await call.wait_received("session.update")
+    with capture_logs() as logs:
+        await call._send("mcp_list_tools.failed", item_id="item_tools")
+        await call._send("response.mcp_call.failed", item_id="item_mcp", output_index=0)
+        stack.sim.hang_up(call)
+        await ended(stack, call)
+    failed = [(e["log_level"], e["what"], e["item_id"]) for e in logs if e["event"] == "mcp.failed"]
+    assert failed == [("warning", "list_tools", "item_tools"), ("warning", "call", "item_mcp")]
+
+
 async def test_parallel_calls_run_concurrently_one_create_after_all_outputs(stack: Stack) -> None:
     barrier = asyncio.Barrier(3)  # deadlocks unless all three run at once
 

@@ -1599,6 +1599,19 @@ def test_the_servers_prompts_to_a_silent_caller_do_not_restart_the_idle_limit() 
     assert StartTimer("idle", 10) in m.receive(response_done("r2"))
 
 
+def test_a_failing_mcp_server_is_reported() -> None:
+    m = machine()
+    m.start()
+    failed = [
+        {"type": "mcp_list_tools.failed", "item_id": "item_tools"},
+        {"type": "response.mcp_call.failed", "item_id": "item_mcp", "output_index": 0},
+    ]
+    assert [notices(m.receive(e), "mcp.failed") for e in failed] == [
+        [{"what": "list_tools", "item_id": "item_tools"}],
+        [{"what": "call", "item_id": "item_mcp"}],
+    ]
+
+
 def test_caller_activity_other_than_speech_restarts_the_idle_limit() -> None:
     m = machine(max_idle_duration=30.0)
     m.start()

@@ -268,6 +268,21 @@ def test_service_refuses_to_start_with_an_app_config_every_call_would_fail(simul
     )
 
 
+def test_service_refuses_to_start_with_an_mcp_server_whose_calls_wait_for_approval(
+    simulator: Simulator,
+) -> None:
+    from sideband.service import Service
+    from sideband.session import SessionConfigError
+
+    mcp = {"type": "mcp", "server_label": "crm", "server_url": "https://mcp.example.com"}
+    app = Sideband(session=SessionConfig(tools=[mcp]))  # type: ignore[call-arg]
+    app.authorize_browser(lambda request: True)  # (WebRTC calls have nobody to approve either)
+    with pytest.raises(SessionConfigError, match='MCP tool \'crm\' needs "require_approval": "never"'):
+        Service(settings_for(simulator), app)
+    app = Sideband(session=SessionConfig(tools=[{**mcp, "require_approval": "never"}]))  # type: ignore[call-arg]
+    Service(settings_for(simulator), app)
+
+
 def test_a_config_only_sip_refuses_is_a_warning_where_webrtc_calls_are_taken(simulator: Simulator) -> None:
     from sideband.service import Service
 

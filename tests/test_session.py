@@ -272,8 +272,37 @@ def test_nameless_function_tool_refused(tool: dict[str, Any]) -> None:
         validate_accept_payload({"type": "realtime", "tools": [TOOL, tool]})
 
 
+MCP = {
+    "type": "mcp",
+    "server_label": "crm",
+    "server_url": "https://mcp.example.com",
+    "require_approval": "never",
+}
+
+
 def test_named_tools_and_other_tool_types_pass() -> None:
-    validate_accept_payload({"type": "realtime", "tools": [TOOL, {"type": "mcp", "server_label": "x"}]})
+    validate_accept_payload({"type": "realtime", "tools": [TOOL, MCP, {"type": "web_search_preview"}]})
+
+
+@pytest.mark.parametrize("approval", [None, "always", {"never": {"tool_names": ["read"]}}])
+def test_an_mcp_server_whose_calls_wait_for_an_approval_is_refused(approval: Any) -> None:
+    """Unset, require_approval is "always": the model would ask, and wait, at every MCP call, and a phone
+    call has nobody to approve."""
+    tool = {k: v for k, v in MCP.items() if k != "require_approval"}
+    if approval is not None:
+        tool["require_approval"] = approval
+    with pytest.raises(SessionConfigError, match='\'crm\' needs "require_approval": "never"'):
+        validate_accept_payload({"type": "realtime", "tools": [TOOL, tool]})
+
+
+def test_the_servers_own_tools_in_the_session_config_go_beside_the_apps_functions() -> None:
+    cfg = SessionConfig(tools=[MCP])  # type: ignore[call-arg]
+    assert cfg.payload([TOOL])["tools"] == [TOOL, MCP]
+    assert cfg.merged(instructions="x").payload([])["tools"] == [MCP]
+    with pytest.raises(SessionConfigError, match=r"'lookup' in the session config.*@app\.tool"):
+        SessionConfig(tools=[MCP, {"type": "function", "name": "lookup"}]).payload([])  # type: ignore[call-arg]
+    with pytest.raises(SessionConfigError, match="must be a list"):
+        SessionConfig(tools={"crm": MCP}).payload([])  # type: ignore[call-arg]
 
 
 # -- decisions -------------------------------------------------------------------------------------------

@@ -857,6 +857,7 @@ class CallRuntime:
             "sideband.error",
             "response.failed",
             "transcript.failed",
+            "mcp.failed",
             "call.verb_failed",
             "call.end_forced",
         ):

@@ -992,6 +992,12 @@ class CallMachine:
         fields = {"item_id": event.get("item_id"), **_error_fields(_obj(event.get("error")))}
         return [Notice("transcript.failed", fields)]
 
+    def _on_mcp_failed(self, event: dict[str, Any]) -> list[Action]:
+        """A remote MCP server of the session failed the model: listing its tools, or one call. The server
+        tells the model; operations hear of it here."""
+        what = "list_tools" if event.get("type") == "mcp_list_tools.failed" else "call"
+        return [Notice("mcp.failed", {"what": what, "item_id": event.get("item_id")})]
+
     def _on_agent_transcript(self, event: dict[str, Any]) -> list[Action]:
         return self._agent_line(event, event.get("transcript"))
 
@@ -1374,6 +1380,8 @@ _HANDLERS: Mapping[str, _Handler] = MappingProxyType(
         "output_audio_buffer.stopped": CallMachine._on_playback_stopped,
         "output_audio_buffer.cleared": CallMachine._on_playback_cleared,  # the caller cut in
         "error": CallMachine._on_error,
+        "mcp_list_tools.failed": CallMachine._on_mcp_failed,
+        "response.mcp_call.failed": CallMachine._on_mcp_failed,
         "conversation.item.added": CallMachine._on_item_ack,
         "conversation.item.done": CallMachine._on_item_ack,
         "conversation.item.created": CallMachine._on_item_ack,  # the beta name, from older servers
