@@ -244,12 +244,31 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
             raise SessionConfigError("every tool must be an object")
         if tool.get("type") == "function" and not tool.get("name"):
             raise SessionConfigError("every function tool needs a name")
-        if tool.get("type") == "mcp" and tool.get("require_approval") != "never":
-            # (unset, it is "always") Nobody is there to approve: the model would wait on every call.
+        if tool.get("type") == "mcp" and _asks_approval(tool):
+            # Nobody is there to approve: the model would wait, silent, at every such call.
             raise SessionConfigError(
-                f'MCP tool {tool.get("server_label")!r} needs "require_approval": "never": a call has '
-                'nobody to approve its tool calls (choose the server\'s tools with "allowed_tools")'
+                f'MCP tool {tool.get("server_label")!r} needs "require_approval": "never" (or a '
+                '"never" list holding all its "allowed_tools"): a call has nobody to approve its tool '
+                'calls (choose the server\'s tools with "allowed_tools")'
             )
+
+
+def _asks_approval(tool: Mapping[str, Any]) -> bool:
+    """Whether an MCP tool's calls may wait for an approval: unless ``require_approval`` is ``"never"``
+    (unset, it is ``"always"``), or a filter that asks for none and names every allowed tool ``never``."""
+    approval = tool.get("require_approval")
+    if approval == "never":
+        return False
+    if not isinstance(approval, dict) or approval.get("always"):
+        return True
+    never = approval.get("never")
+    exempt = never.get("tool_names") if isinstance(never, dict) else None
+    allowed = tool.get("allowed_tools")
+    if isinstance(allowed, dict):
+        allowed = allowed.get("tool_names")
+    if not (isinstance(exempt, list) and isinstance(allowed, list) and allowed):
+        return True
+    return not all(isinstance(name, str) and name in exempt for name in allowed)
 
 
 def check_seconds(name: str, value: object) -> float | None:

@@ -1563,7 +1563,7 @@ def test_the_servers_prompts_to_a_silent_caller_do_not_restart_the_idle_limit() 
     assert StartTimer("idle", 10) in m.receive(response_done("r1"))  # the model's own answer counts
     for n in range(3):
         actions = idle_prompt(m, f"p{n}", f"item_silence{n}")
-        assert not [a for a in actions if isinstance(a, StartTimer)]
+        assert not [a for a in actions if isinstance(a, StartTimer) and a.name == "idle"]
         assert notices(actions, "call.idle_prompt") == [{"item_id": f"item_silence{n}", "silent_ms": 4000}]
         assert notices(actions, "transcript") == []  # nothing was said
     assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
@@ -1579,17 +1579,20 @@ def test_the_servers_prompts_to_a_silent_caller_do_not_restart_the_idle_limit() 
             {"type": "output_audio_buffer.started", "response_id": "p1"},
         ],
     )
-    assert m.timer("idle") == []
+    assert m.timer("idle") == [StartTimer("idle", 10)]  # (a backstop, should the prompt's end not show)
     assert notices(m.receive(response_done("p1")), "call.limit") == []  # still heard
     ending = m.receive({"type": "output_audio_buffer.stopped", "response_id": "p1"})
     assert notices(ending, "call.limit") == [{"limit": "idle"}]
     assert sends(ending)[0]["response"]["instructions"] == DEFAULT_GOODBYE
 
-    # Words the model caught in the silence (no VAD turn) are the caller's: the clock starts again, and
-    # our own answers count as before.
+    # Words found in the committed silence are shown, but too faint for turn detection (or made up from
+    # line noise): they restart nothing. The caller's speech does, and our own answers count as before.
     m = machine(max_idle_duration=10)
     m.start()
-    assert StartTimer("idle", 10) in idle_prompt(m, "p1", "i1", then_caller="yes, still here")
+    actions = idle_prompt(m, "p1", "i1", then_caller="Thank you.")
+    assert notices(actions, "transcript") == [{"role": "caller", "text": "Thank you.", "item_id": "i1"}]
+    assert StartTimer("idle", 10) not in actions
+    assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
     m = machine(max_idle_duration=10)
     m.start()
     idle_prompt(m, "p1", "i1")
@@ -1597,6 +1600,60 @@ def test_the_servers_prompts_to_a_silent_caller_do_not_restart_the_idle_limit() 
     assert StartTimer("idle", 10) in m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": "i2"})
     m.receive({"type": "response.created", "response": {"id": "r2"}})
     assert StartTimer("idle", 10) in m.receive(response_done("r2"))
+
+
+def test_around_the_servers_prompt_what_is_ours_comes_first() -> None:
+    """Between the prompt's announcement and its response, what we would start would cross it: it waits
+    (as after the caller's words, 1 s at most). Something of ours owed when the limit comes (a say(), a
+    tool) is not cut off by it: the limit waits as for any busy line, a full period at most. A prompt that
+    never shows its end is no reason to wait for ever, and a limit due at the prompt's end of a call that is
+    ending already says nothing."""
+    m = live_machine(max_idle_duration=10)
+    m.receive({"type": "input_audio_buffer.timeout_triggered", "item_id": "i1"})
+    assert sends(m.say("Still looking for your order.")) == []  # the prompt's response is on its way
+    assert notices(m.timer("idle"), "call.limit") == []  # and ours after it: not idle
+    m.receive({"type": "response.created", "response": {"id": "p1"}})
+    assert types(m.receive(response_done("p1"))) == ["response.create"]  # the say(), once it is over
+    assert (
+        notices(m.receive({"type": "output_audio_buffer.stopped", "response_id": "p1"}), "call.limit") == []
+    )
+
+    m = live_machine(max_idle_duration=10)  # no response ever follows the announcement
+    m.receive({"type": "input_audio_buffer.timeout_triggered", "item_id": "i1"})
+    assert m.timer("turn") == []
+    assert m.timer("idle") == [StartTimer("idle", 10)]
+    assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
+
+    m = live_machine(max_idle_duration=10)  # due while a prompt is said; the app hangs up meanwhile
+    feed(
+        m,
+        [
+            {"type": "input_audio_buffer.timeout_triggered", "item_id": "i1"},
+            {"type": "response.created", "response": {"id": "p1"}},
+            {"type": "output_audio_buffer.started", "response_id": "p1"},
+        ],
+    )
+    m.timer("idle")
+    m.request_end("hangup")
+    m.receive(response_done("p1"))
+    ending = m.receive({"type": "output_audio_buffer.stopped", "response_id": "p1"})
+    assert notices(ending, "call.limit") == [] and Verb("hangup", None) in ending
+
+    # The socket is lost while a prompt plays: its end, by the re-attach grace, restarts nothing either.
+    m = live_machine(max_idle_duration=10)
+    feed(
+        m,
+        [
+            {"type": "input_audio_buffer.timeout_triggered", "item_id": "i1"},
+            {"type": "response.created", "response": {"id": "p1"}},
+            {"type": "output_audio_buffer.started", "response_id": "p1"},
+            response_done("p1"),
+        ],
+    )
+    m.reattached()
+    m.receive({"type": "session.updated", "session": {}})
+    assert StartTimer("idle", 10) not in m.timer("orphans")
+    assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
 
 
 def test_a_failing_mcp_server_is_reported() -> None:

@@ -284,15 +284,36 @@ def test_named_tools_and_other_tool_types_pass() -> None:
     validate_accept_payload({"type": "realtime", "tools": [TOOL, MCP, {"type": "web_search_preview"}]})
 
 
-@pytest.mark.parametrize("approval", [None, "always", {"never": {"tool_names": ["read"]}}])
-def test_an_mcp_server_whose_calls_wait_for_an_approval_is_refused(approval: Any) -> None:
+@pytest.mark.parametrize(
+    "approval, allowed",
+    [
+        (None, None),
+        ("always", ["read"]),
+        ({"never": {"tool_names": ["read"]}}, None),  # every tool but "read" asks
+        ({"never": {"tool_names": ["read"]}}, ["read", "write"]),
+        ({"never": {"tool_names": ["read"]}, "always": {"tool_names": ["read"]}}, ["read"]),
+        ({"never": {"read_only": True}}, ["read"]),
+    ],
+)
+def test_an_mcp_server_whose_calls_wait_for_an_approval_is_refused(approval: Any, allowed: Any) -> None:
     """Unset, require_approval is "always": the model would ask, and wait, at every MCP call, and a phone
     call has nobody to approve."""
     tool = {k: v for k, v in MCP.items() if k != "require_approval"}
-    if approval is not None:
-        tool["require_approval"] = approval
+    for key, value in (("require_approval", approval), ("allowed_tools", allowed)):
+        if value is not None:
+            tool[key] = value
     with pytest.raises(SessionConfigError, match='\'crm\' needs "require_approval": "never"'):
         validate_accept_payload({"type": "realtime", "tools": [TOOL, tool]})
+
+
+def test_an_mcp_server_whose_allowed_tools_never_ask_passes() -> None:
+    for allowed in (["read", "find"], {"tool_names": ["read"]}):
+        tool = {
+            **MCP,
+            "allowed_tools": allowed,
+            "require_approval": {"never": {"tool_names": ["read", "find"]}},
+        }
+        validate_accept_payload({"type": "realtime", "tools": [tool]})
 
 
 def test_the_servers_own_tools_in_the_session_config_go_beside_the_apps_functions() -> None:

@@ -590,6 +590,31 @@ async def test_server_vad_idle_timeout_prompts_a_silent_caller_again_and_again(s
     assert all(r.request is None for r in call.responses)  # nobody asked for them
 
 
+async def test_the_idle_timer_starts_again_after_audio_the_controller_cleared(simulator: Simulator) -> None:
+    """The controller clears the model's audio while its response still streams: the silence after that
+    response is timed as after any other."""
+    simulator.event_gap = 0.01  # (the clear arrives while the response streams)
+    simulator.auto_answer_text = "word " * 10
+    call = simulator.create_webrtc_call(Script([]))
+    turn = {"type": "server_vad", "idle_timeout_ms": 200}
+    async with ws_connect(simulator, call) as ws:
+        await send(
+            ws,
+            {
+                "type": "session.update",
+                "session": {"type": "realtime", "audio": {"input": {"turn_detection": turn}}},
+            },
+        )
+        await recv_until(ws, "session.updated")
+        await send(ws, {"type": "response.create"})
+        await recv_until(ws, "output_audio_buffer.started")
+        await send(ws, {"type": "output_audio_buffer.clear"})
+        events = await recv_until(ws, "input_audio_buffer.timeout_triggered")
+    kinds = [e["type"] for e in events]
+    assert kinds.index("output_audio_buffer.cleared") < kinds.index("response.done")  # (cleared mid-response)
+    assert "output_audio_buffer.stopped" not in kinds
+
+
 async def test_playback_outlasts_the_response_and_a_clear_cuts_it(simulator: Simulator) -> None:
     """With a playback rate the caller hears the model after its response.done: stopped comes once the
     words have played; the controller's clear cuts them (cleared, and no stopped for them)."""

@@ -275,6 +275,7 @@ class CallMachine:
         "_filler_due",
         "_filler_spoken",
         "_greeted",
+        "_heard",
         "_held",
         "_idle_due",
         "_idle_waited",
@@ -289,6 +290,7 @@ class CallMachine:
         "_playing",
         "_prompt",
         "_prompt_due",
+        "_prompt_items",
         "_queued_say",
         "_recent_creates",
         "_repeat",
@@ -344,7 +346,9 @@ class CallMachine:
         # while the prompt is said, waits for its last word.
         self._prompt_due = False
         self._prompt: object = None
+        self._prompt_items: tuple[object, ...] = ()  # the silences committed for the last prompts
         self._idle_due = False
+        self._heard: object = None  # the response whose audio started last
         self._filler_spoken = False
         self._filler_due = False  # a filler came due while the line was not quiet
         self._speaking = False  # the caller is mid-utterance (speech_started, no speech_stopped yet)
@@ -584,15 +588,20 @@ class CallMachine:
         if name in (_IDLE, _MAX_DURATION) and self._end is not None:
             return []  # the call is ending already: no limit to report
         if name == _IDLE:
-            if self._prompt is not None and not (self._running or self._speaking):
-                # The caller stayed silent through the server's prompts: the limit is reached, once the
-                # prompt being said is over.
-                if self._response_active or self._playing:
-                    self._idle_due = True
-                    return []
+            period = self.config.max_idle_duration
+            if self._prompt is not None or self._prompt_due:
+                # The caller stayed silent through the server's prompts to them, which restart nothing:
+                # the limit is reached now, or at the last word of the prompt being said. Something of
+                # ours under way (a tool, a say()) waits as below; the caller mid-word too.
+                ours = self._running or self._speaking or self._owed_ours
+                if not (ours or self._prompt_due or self._response_active or self._playing):
+                    return self._idle_reached()
+                if not self._idle_waited and period:
+                    self._idle_waited = True
+                    self._idle_due = not ours
+                    return [StartTimer(_IDLE, period)]  # the backstop, should the prompt's end not show
                 return self._idle_reached()
             busy = self.response_owed or self._running or self._playing or self._speaking
-            period = self.config.max_idle_duration
             if self.caps.idle_after_answers and busy and not self._idle_waited and period:
                 # The model speaks, or a tool works for the caller: the line is not idle, and the end of
                 # that starts the clock again. Once only: still at it a full period later, it is stuck (a
@@ -978,7 +987,12 @@ class CallMachine:
         said = text.strip() if isinstance(text, str) else ""
         if not (same_turn or said):
             return []  # nothing was said (the silence the server committed for its idle prompt, noise)
-        actions = self._touch_idle() if same_turn else self._caller_turn()
+        if item is not None and item in self._prompt_items and not same_turn:
+            # Words found in the silence the server committed for its prompt: shown, but too faint for
+            # its turn detection (or made up from line noise) to count as the caller being there.
+            actions: list[Action] = []
+        else:
+            actions = self._touch_idle() if same_turn else self._caller_turn()
         if said:
             fields = {"role": "caller", "text": said}
             if isinstance(item, str):
@@ -1081,21 +1095,40 @@ class CallMachine:
         turn to speak. Not after the server's prompt to a silent caller: they are no less silent for it
         (and an idle limit that came due while it was said is reached now)."""
         if self._prompt is not None and response_id == self._prompt:
-            if self._idle_due and not (self._response_active or self._playing):
-                self._idle_due = False
+            busy = self._response_active or self._playing or self._running or self._speaking
+            if self._idle_due and not (busy or self._owed_ours):
                 return self._idle_reached()
             return []
         return self._touch_idle() if self.caps.idle_after_answers else []
 
+    @property
+    def _owed_ours(self) -> bool:
+        """A response of ours is asked for, or will be (outputs answered, a refused create, a say())."""
+        return (
+            self._want_response
+            or bool(self._retry)
+            or self._create_sent is not None
+            or (bool(self._queued_say) and self._end is None)
+        )
+
     def _on_idle_prompt(self, event: dict[str, Any]) -> list[Action]:
         """The server's turn detection found the caller silent for its ``idle_timeout_ms``: it commits the
-        silence and answers it with a response of its own. Our idle limit keeps counting."""
-        self._prompt_due = True
+        silence and answers it with a response of its own, which what we would start now would cross
+        (it waits, as after the caller's words). Our idle limit keeps counting."""
+        item = event.get("item_id")
+        self._prompt_due = self._turn_wait = True
+        self._prompt_items = (*self._prompt_items[-3:], item)
         start, end = event.get("audio_start_ms"), event.get("audio_end_ms")
         silent = end - start if isinstance(start, int) and isinstance(end, int) else None
-        return [Notice("call.idle_prompt", {"item_id": event.get("item_id"), "silent_ms": silent})]
+        return [
+            Notice("call.idle_prompt", {"item_id": item, "silent_ms": silent}),
+            StartTimer(_TURN, TURN_GRACE),
+        ]
 
     def _idle_reached(self) -> list[Action]:
+        self._idle_due = False
+        if self._end is not None:
+            return []  # the call is ending for another reason already
         return [Notice("call.limit", {"limit": "idle"}), *self.request_end("idle_timeout", goodbye=True)]
 
     def _touch_idle(self) -> list[Action]:
@@ -1107,6 +1140,7 @@ class CallMachine:
 
     def _on_playback_started(self, event: dict[str, Any]) -> list[Action]:
         self._playing = True
+        self._heard = event.get("response_id")
         self._play_unsure = self._play_overdue = False
         return []
 
@@ -1262,7 +1296,7 @@ class CallMachine:
                 self._play_overdue = True
             else:
                 self._playing = self._play_unsure = False  # its stop may have come with no socket attached
-                actions += self._answered()
+                actions += self._answered(self._heard)
         if self._going:
             self._resend, self._orphans = (), ()
             return actions

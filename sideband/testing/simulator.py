@@ -1744,8 +1744,8 @@ class SimCall:
                 task.add_done_callback(self._response_tasks.discard)
             else:
                 await self._play_out(response_id, 0.0, None)
-        elif not buffer_started:
-            self._arm_idle()  # nothing to hear: the idle timer counts from the response's end
+        if self._audio_response is None and self._phase != "caller_speaking" and not self._vad_turn:
+            self._arm_idle()  # nothing plays on: the idle timer counts from the response's end
         if self._response_count % 2 == 1:  # irregular on purpose: never rely on it
             await self._send_now(  # right after: the response's step is over once this is out
                 "rate_limits.updated",
@@ -1794,7 +1794,7 @@ class SimCall:
         the model does."""
         self._disarm_idle()
         timeout = self._idle_timeout()
-        if timeout is None or self._ended.is_set() or self.session is None:
+        if timeout is None or self._ended.is_set() or self.session is None or self._sim._closed:
             return
         self._idle_task = task = self._sim._spawn(self._idle_prompt(timeout))
         self._response_tasks.add(task)
@@ -1819,45 +1819,52 @@ class SimCall:
                 or self._response_busy()
                 or self._audio_response is not None
                 or self._phase == "caller_speaking"
+                or self._vad_turn
             ):
                 return  # someone speaks, or is about to: the silence is over
             assert self.session is not None
-            item_id = self._sim._new_id("item_")
-            start = self._audio_ms
-            self._audio_ms = end = start + timeout_ms
-            await self._send(
-                "input_audio_buffer.timeout_triggered",
-                audio_start_ms=start,
-                audio_end_ms=end,
-                item_id=item_id,
-            )
-            previous, self._last_item_id = self._last_item_id, item_id
-            await self._send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
-            item = {
-                "id": item_id,
-                "type": "message",
-                "status": "completed",
-                "role": "user",
-                "content": [{"type": "input_audio", "transcript": None}],
-            }
-            await self._send("conversation.item.added", previous_item_id=previous, item=item)
-            await self._send("conversation.item.done", previous_item_id=previous, item=item)
-            self._items[item_id] = {**item, "content": [{"type": "input_audio", "transcript": ""}]}
-            if _transcribes(self.session):  # (nothing was said: an empty transcript, mid-answer)
-                self._pending_transcript = {
-                    "item_id": item_id,
-                    "content_index": 0,
-                    "transcript": "",
-                    "usage": {"type": "duration", "seconds": max(1, timeout_ms // 1000)},
+            await self._flush_transcript()
+            self._active_response = "pending"  # (the caller speaking from here on cuts the prompt off)
+            try:
+                item_id = self._sim._new_id("item_")
+                start = self._audio_ms
+                self._audio_ms = end = start + timeout_ms
+                await self._send(
+                    "input_audio_buffer.timeout_triggered",
+                    audio_start_ms=start,
+                    audio_end_ms=end,
+                    item_id=item_id,
+                )
+                previous, self._last_item_id = self._last_item_id, item_id
+                await self._send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
+                item = {
+                    "id": item_id,
+                    "type": "message",
+                    "status": "completed",
+                    "role": "user",
+                    "content": [{"type": "input_audio", "transcript": None}],
                 }
-            await self._emit_response(
-                text=self._sim.idle_prompt_text,
-                calls=(),
-                status="completed",
-                create=None,
-                trigger="idle",
-                source="auto",
-            )
+                await self._send("conversation.item.added", previous_item_id=previous, item=item)
+                await self._send("conversation.item.done", previous_item_id=previous, item=item)
+                self._items[item_id] = {**item, "content": [{"type": "input_audio", "transcript": ""}]}
+                if _transcribes(self.session):  # (nothing was said: an empty transcript, mid-answer)
+                    self._pending_transcript = {
+                        "item_id": item_id,
+                        "content_index": 0,
+                        "transcript": "",
+                        "usage": {"type": "duration", "seconds": max(1, timeout_ms // 1000)},
+                    }
+                await self._emit_response(
+                    text=self._sim.idle_prompt_text,
+                    calls=(),
+                    status="completed",
+                    create=None,
+                    trigger="idle",
+                    source="auto",
+                )
+            finally:
+                if self._active_response == "pending":  # (cut short before its response began)
+                    self._active_response = None
 
     async def _stop_playback(self) -> None:
         """Let the audio still playing end now (its stopped goes out), before anything else is heard."""
@@ -2066,8 +2073,8 @@ class SimCall:
                 return
             self._set_phase("emitting")
         await self._send("input_audio_buffer.speech_stopped", audio_end_ms=end, item_id=item_id)
-        if self._active_response is None:
-            self._arm_idle()
+        if self._active_response is None and not _creates_response(self.session):
+            self._arm_idle()  # (else the server's answer comes, and the timer counts from its end)
         previous = self._last_item_id
         self._last_item_id = item_id
         await self._send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
