@@ -1835,18 +1835,7 @@ class SimCall:
                     audio_end_ms=end,
                     item_id=item_id,
                 )
-                previous, self._last_item_id = self._last_item_id, item_id
-                await self._send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
-                item = {
-                    "id": item_id,
-                    "type": "message",
-                    "status": "completed",
-                    "role": "user",
-                    "content": [{"type": "input_audio", "transcript": None}],
-                }
-                await self._send("conversation.item.added", previous_item_id=previous, item=item)
-                await self._send("conversation.item.done", previous_item_id=previous, item=item)
-                self._items[item_id] = {**item, "content": [{"type": "input_audio", "transcript": ""}]}
+                await self._commit_audio(item_id, "")
                 if _transcribes(self.session):  # (nothing was said: an empty transcript, mid-answer)
                     self._pending_transcript = {
                         "item_id": item_id,
@@ -1865,6 +1854,22 @@ class SimCall:
             finally:
                 if self._active_response == "pending":  # (cut short before its response began)
                     self._active_response = None
+
+    async def _commit_audio(self, item_id: str, text: str) -> None:
+        """The caller's audio (``text`` was said in it) becomes user item ``item_id``: committed, added,
+        done (its transcript is not in it: that comes on its own, if the session transcribes)."""
+        previous, self._last_item_id = self._last_item_id, item_id
+        await self._send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
+        item = {
+            "id": item_id,
+            "type": "message",
+            "status": "completed",
+            "role": "user",
+            "content": [{"type": "input_audio", "transcript": None}],
+        }
+        await self._send("conversation.item.added", previous_item_id=previous, item=item)
+        await self._send("conversation.item.done", previous_item_id=previous, item=item)
+        self._items[item_id] = {**item, "content": [{"type": "input_audio", "transcript": text}]}
 
     async def _stop_playback(self) -> None:
         """Let the audio still playing end now (its stopped goes out), before anything else is heard."""
@@ -2075,18 +2080,7 @@ class SimCall:
         await self._send("input_audio_buffer.speech_stopped", audio_end_ms=end, item_id=item_id)
         if self._active_response is None and not _creates_response(self.session):
             self._arm_idle()  # (else the server's answer comes, and the timer counts from its end)
-        previous = self._last_item_id
-        self._last_item_id = item_id
-        await self._send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
-        item = {
-            "id": item_id,
-            "type": "message",
-            "status": "completed",
-            "role": "user",
-            "content": [{"type": "input_audio", "transcript": None}],
-        }
-        await self._send("conversation.item.added", previous_item_id=previous, item=item)
-        await self._send("conversation.item.done", previous_item_id=previous, item=item)
+        await self._commit_audio(item_id, text)
         self.transcript.append(("caller", text))
         creates = _creates_response(self.session)
         if transcribes and untranscribed:
@@ -2114,7 +2108,6 @@ class SimCall:
             self._pending_transcript = completed
             if not creates:
                 await self._flush_transcript()
-        self._items[item_id] = {**item, "content": [{"type": "input_audio", "transcript": text}]}
         self._next_needs_create = not creates
         self._vad_turn = creates
 
