@@ -585,7 +585,9 @@ async def test_server_vad_idle_timeout_prompts_a_silent_caller_again_and_again(s
         assert transcript["item_id"] == trigger["item_id"] and transcript["transcript"] == ""
         said = next(e for e in events if e["type"] == "response.output_audio_transcript.done")
         assert said["transcript"] == simulator.idle_prompt_text
-    assert heard - begun >= 0.2 and again - heard >= 0.2
+    # Each wait is the full 200 ms; a few ms of slack, as the timer starts when the simulator sends the
+    # stop (before this end reads it) and asyncio runs a timer up to its clock resolution early.
+    assert heard - begun >= 0.19 and again - heard >= 0.19
     assert [r.trigger for r in call.responses[:2]] == ["idle", "idle"]
     assert all(r.request is None for r in call.responses)  # nobody asked for them
 
