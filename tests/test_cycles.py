@@ -93,10 +93,10 @@ def cycle_app() -> Sideband:
         """Returns what JSON cannot carry."""
         return object()
 
-    @app.tool(timeout=0.1, filler_after=None)
+    @app.tool(timeout=0.3, filler_after=None)  # (time for a worker thread to pick it up on a busy machine)
     def stuck() -> str:
         """A sync tool that overruns its timeout (its thread runs on, then ends)."""
-        time.sleep(0.3)
+        time.sleep(0.5)
         STUCK_DONE.set()
         return "late"
 

@@ -889,7 +889,7 @@ async def test_outputs_lost_in_a_silently_dead_socket_are_sent_again(simulator: 
             connect=Connector(simulator, call.call_id, []),
             hooks=CallHooks(),
             reattach_attempts=2,
-            ping_interval=0.2,
+            ping_interval=0.5,  # (a pong late by a busy machine's pause is no timeout of a healthy socket)
         )
         run = asyncio.ensure_future(rt.run())
         await asyncio.wait_for(started.wait(), 5)

@@ -120,7 +120,7 @@ async def test_a_hangup_cut_short_is_not_tried_again_after_the_grace(stack: Stac
         took = loop.time() - started
         tried = sum(1 for r in stack.sim.requests if r.path.endswith("/hangup"))
         await asyncio.sleep(1.5)  # a hangup still retrying in the background would show up here
-    assert took < 2.0, f"the drain took {took:.2f}s"  # not the tools' 5 s grace waiting on the verb
+    assert took < 3.5, f"the drain took {took:.2f}s"  # not the tools' 5 s grace waiting on the verb
     assert sum(1 for r in stack.sim.requests if r.path.endswith("/hangup")) == tried
 
 

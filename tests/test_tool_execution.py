@@ -196,7 +196,7 @@ async def test_hung_sync_tools_do_not_starve_the_default_executor() -> None:
     release = threading.Event()
     finished = threading.Semaphore(0)
     threads: list[threading.Thread] = []
-    reg = ToolRegistry(default_timeout=0.1)
+    reg = ToolRegistry(default_timeout=0.3)  # (a job no worker thread took before its timeout never runs)
 
     @reg.tool
     def legacy_lookup() -> str:
@@ -247,7 +247,7 @@ async def test_a_sync_tool_that_timed_out_can_no_longer_transfer_the_call(stack:
     attempted: list[str] = []
     done = threading.Event()
 
-    @stack.app.tool(timeout=0.2, filler_after=None)
+    @stack.app.tool(timeout=0.5, filler_after=None)
     def slow_transfer(ctx: CallContext) -> str:
         release.wait(10)
         try:
@@ -267,7 +267,7 @@ async def test_a_sync_tool_that_timed_out_can_no_longer_transfer_the_call(stack:
     assert json.loads(call.function_outputs[0][1])["error"] == "timeout"
     release.set()
     assert await asyncio.get_running_loop().run_in_executor(None, done.wait, 5)
-    assert attempted == ["slow_transfer timed out after 0.2 s: its call actions no longer apply"]
+    assert attempted == ["slow_transfer timed out after 0.5 s: its call actions no longer apply"]
     assert not [r for r in stack.sim.requests if r.path.endswith("/refer")]
     stack.sim.hang_up(call)
     assert (await stack.ended(call)).reason == "remote_closed"

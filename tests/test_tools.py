@@ -1207,7 +1207,7 @@ async def test_a_sync_tool_returning_a_lazy_iterator_is_consumed_in_its_thread_u
 
     reg = ToolRegistry()
 
-    @reg.tool(timeout=0.2)
+    @reg.tool(timeout=0.5)  # (a job no worker thread took before its timeout never runs)
     def numbers() -> Any:
         return map(slow, [1, 2])
 
