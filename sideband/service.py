@@ -182,6 +182,7 @@ class Service:
         self.store: ClaimStore = store
         self._pending_ttl = pending_ttl(settings)
         self.registry = CallRegistry()
+        self._admitting = 0  # webhooks being answered that may still launch a call (see :meth:`full`)
         self.draining = False
         self._drain_deadline: float | None = None
         self._ending: asyncio.Future[None] | None = None  # the end of the drain window: calls hung up
@@ -321,6 +322,12 @@ class Service:
             await self._http.close()
         await self.store.close()
 
+    def full(self) -> bool:
+        """Whether this instance has taken ``SIDEBAND_MAX_CALLS`` calls: the live ones, and those whose
+        webhooks are being answered (any of them may yet be accepted)."""
+        cap = self.settings.max_calls
+        return cap > 0 and len(self.registry) + self._admitting >= cap
+
     @property
     def control(self) -> CallControl:
         """The call-control client (after :meth:`start`)."""
@@ -408,7 +415,15 @@ class Service:
             to_number=clip(call.to_number),
             media_security=clip(call.media_security),
         )
-        return await self._answer(call, received)
+        if self.full():  # before the routing hook: the caller hears busy at once
+            self.counters["busy"] += 1
+            self.log.warning("call.busy", live=len(self.registry), max_calls=self.settings.max_calls)
+            return await self._answer(call, received, Reject(self.settings.busy_status))
+        self._admitting += 1
+        try:
+            return await self._answer(call, received)
+        finally:
+            self._admitting -= 1  # (a call it accepted is in the registry by now)
 
     async def _retrying(
         self,
@@ -458,8 +473,9 @@ class Service:
         self.counters["route_failed"] += 1
         return Reject(self.settings.route_failure_status)
 
-    async def _answer(self, call: IncomingCall, received: float) -> Reply:
-        decision = await self._decide(call)
+    async def _answer(self, call: IncomingCall, received: float, decision: Decision | None = None) -> Reply:
+        if decision is None:
+            decision = await self._decide(call)
         plan: CallPlan | None = None
         if isinstance(decision, Accept):
             try:
@@ -672,14 +688,18 @@ class Service:
     async def rtc_relay(self, sdp: str) -> tuple[str, str]:
         """Unified interface: relay the browser's offer, attach to the new call. Returns (call_id, answer)."""
         plan = self._rtc_plan()
-        call_id, answer = await self.control.create_call(sdp, plan.session)
-        with structlog.contextvars.bound_contextvars(call_id=call_id):
-            try:
-                await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)  # a new call: ours
-            except StoreUnavailable as exc:  # the call exists now: serve it all the same
-                self.log.warning("store.unavailable", error=str(exc))
-            self.log.info("call.webrtc_created")
-            self.launch(CallContext(call_id, "webrtc"), plan)
+        self._admitting += 1
+        try:
+            call_id, answer = await self.control.create_call(sdp, plan.session)
+            with structlog.contextvars.bound_contextvars(call_id=call_id):
+                try:
+                    await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)  # a new call: ours
+                except StoreUnavailable as exc:  # the call exists now: serve it all the same
+                    self.log.warning("store.unavailable", error=str(exc))
+                self.log.info("call.webrtc_created")
+                self.launch(CallContext(call_id, "webrtc"), plan)
+        finally:
+            self._admitting -= 1  # (a call it created is in the registry by now)
         return call_id, answer
 
     async def rtc_session(self) -> dict[str, Any]:

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
         default=480, ge=400, le=699, validation_alias="SIDEBAND_ROUTE_FAILURE_STATUS"
     )
     routes_file: Path | None = _env("SIDEBAND_ROUTES_FILE")
+    max_calls: int = Field(default=0, ge=0, le=1_000_000, validation_alias="SIDEBAND_MAX_CALLS")
+    """Live calls this instance takes at most (0: no cap): more are rejected with :attr:`busy_status`."""
+    busy_status: int = Field(default=486, ge=400, le=699, validation_alias="SIDEBAND_BUSY_STATUS")
     redis_url: SecretStr | None = _env("SIDEBAND_REDIS_URL")
     """The shared claim store of several instances (``redis://``, ``rediss://``, ``unix://``); unset: in
     memory, for one instance. Secret: its password must not reach logs or errors."""

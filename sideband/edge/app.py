@@ -209,6 +209,9 @@ async def rtc_calls(request: web.Request) -> web.Response:
         return _refuse(service, 400, "SDP offer is not readable UTF-8", event="rtc.rejected")
     if not sdp.startswith("v=0"):
         return _refuse(service, 400, "body is not an SDP offer", event="rtc.rejected")
+    busy = _busy(service)
+    if busy is not None:
+        return busy
     try:
         call_id, answer = await service.rtc_relay(sdp)
     except SessionConfigError as exc:
@@ -233,6 +236,9 @@ async def rtc_sessions(request: web.Request) -> web.Response:
         return refused
     if _media_type(request) != "application/json":
         return _refuse(service, 415, "content-type must be application/json", event="rtc.rejected")
+    busy = _busy(service)
+    if busy is not None:
+        return busy
     try:
         body = await service.rtc_session()
     except UpstreamError as exc:
@@ -290,6 +296,16 @@ async def _browser_gate(request: web.Request, service: Service) -> web.Response 
         log.info("rtc.draining", path=request.path)
         return _json(503, {"error": "draining"})
     return None
+
+
+def _busy(service: Service) -> web.Response | None:
+    """``503`` for a browser's new call while this instance has ``SIDEBAND_MAX_CALLS`` calls (a handoff
+    is served all the same: its call was started with a key minted while there was room)."""
+    if not service.full():
+        return None
+    service.refused["rtc.busy", 503] += 1
+    log.warning("rtc.busy", live=len(service.registry), max_calls=service.settings.max_calls)
+    return _json(503, {"error": "busy"}, {"Retry-After": "5"})
 
 
 async def healthz(request: web.Request) -> web.Response:
