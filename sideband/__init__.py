@@ -19,6 +19,7 @@ from sideband.runtime.driver import CallSummary, ToolRecord
 from sideband.session import Accept, DecisionError, Refer, Reject, SessionConfig, SessionConfigError
 from sideband.settings import Settings, SettingsError, load_settings
 from sideband.tools import ToolError, ToolResult, TransferNotAllowed
+from sideband.usage import Usage
 
 __all__ = [
     "Accept",
@@ -38,6 +39,7 @@ __all__ = [
     "ToolRecord",
     "ToolResult",
     "TransferNotAllowed",
+    "Usage",
     "load_settings",
 ]
 

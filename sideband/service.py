@@ -671,6 +671,7 @@ class Service:
             log_transcripts=settings.log_transcripts,
             log_fields=log_fields,
             stats=self.registry.tools,
+            usage=self.registry.usage,
         )
         self.registry.start(runtime)
         return runtime

@@ -340,6 +340,7 @@ async def metrics(request: web.Request) -> web.Response:
     lines += [f'sideband_requests_refused_total{{event="{e}",status="{c}"}} {v}' for (e, c), v in refused]
     lines += service.accept_seconds.lines("sideband_accept_seconds")
     lines += service.registry.tools.lines()
+    lines += service.registry.usage.lines()
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 

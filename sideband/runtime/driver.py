@@ -43,6 +43,7 @@ from sideband.session import SessionConfigError
 from sideband.tools import ToolError, TransferNotAllowed, failed_result, own_cancellation
 from sideband.upstream._ws import PushConnection
 from sideband.upstream.openai import CallGone, UpstreamError
+from sideband.usage import Usage
 
 if TYPE_CHECKING:
     from sideband.tools import ToolRegistry
@@ -137,6 +138,8 @@ class CallSummary:
     dtmf: str = ""
     interrupted: tuple[int, ...] = ()
     """Indices in :attr:`transcript` of the agent's lines the caller cut off (barge-in)."""
+    usage: Usage = field(default_factory=Usage)
+    """The tokens the call's responses used and the caller audio transcribed, as the server reported them."""
 
 
 @dataclass(slots=True)
@@ -187,6 +190,7 @@ class CallRuntime:
         "_sync_hooks",
         "_targets",
         "_tool_tasks",
+        "_usage",
         "_verb_call",
         "_ws",
         "attached",
@@ -215,6 +219,7 @@ class CallRuntime:
         log_transcripts: bool = True,
         log_fields: Mapping[str, Any] | None = None,
         stats: ToolStats | None = None,
+        usage: Usage | None = None,
     ) -> None:
         self.machine = machine
         self.ctx = ctx
@@ -230,6 +235,7 @@ class CallRuntime:
         self._log_said = log_transcripts  # False: transcript text and keypad digits stay out of logs
         self._log_fields = dict(log_fields or {})
         self._stats = stats
+        self._usage = usage  # the process's (``/metrics``), counted along with the call's own
         self._ws: PushConnection | None = None
         self._outbox: list[bytes] = []  # JSON text frames, a few at most (a deque: 760 bytes per call)
         self._flushing = False
@@ -336,6 +342,8 @@ class CallRuntime:
                         reason=self.summary.reason,
                         duration_s=round(self.summary.duration, 3),
                         tool_calls=len(self.summary.tools),
+                        input_tokens=self.summary.usage.input_tokens,
+                        output_tokens=self.summary.usage.output_tokens,
                     )
                 for hook in self.hooks.on_call_end:
                     await self._end_hook(hook)
@@ -809,7 +817,14 @@ class CallRuntime:
 
     def _notice(self, notice: Notice) -> None:
         event, fields = notice.event, notice.fields
-        if event == "transcript":
+        if event == "usage":
+            for usage in (self.summary.usage, self._usage):
+                if usage is not None:
+                    if fields["of"] == "response":
+                        usage.add_response(fields["usage"])
+                    else:
+                        usage.add_transcription(fields["usage"])
+        elif event == "transcript":
             self.summary.transcript.append((fields["role"], fields["text"]))
             if self._log_said:
                 self.log.info("transcript", **fields)
@@ -1075,6 +1090,8 @@ class CallRegistry:
         """Calls that ended, per end reason (``/metrics``)."""
         self.tools = ToolStats()
         """The tool rounds of the calls it ran (``/metrics``), given to each call's runtime."""
+        self.usage = Usage()
+        """The tokens and transcription of the calls it ran (``/metrics``), given to each call's runtime."""
 
     def start(self, runtime: CallRuntime) -> asyncio.Task[str]:
         """Run ``runtime`` in its own task, in a fresh logging context."""

@@ -820,7 +820,10 @@ class CallMachine:
         ours, self._ours = self._ours, None
         if covered_by is not None and covered_by == response_id and status != "completed":
             self._want_response = True  # it did not get to answer our outputs: we still ask
-        actions: list[Action] = []
+        usage = response.get("usage")
+        actions: list[Action] = (
+            [Notice("usage", {"of": "response", "usage": usage})] if isinstance(usage, dict) else []
+        )
         if status == "completed":
             self._last_error = None  # the session got past it: not the cause of a later close
             self._failed_in_row = 0
@@ -979,6 +982,13 @@ class CallMachine:
         return actions
 
     def _on_caller_transcript(self, event: dict[str, Any]) -> list[Action]:
+        usage = event.get("usage")  # (billed, words or not)
+        used: list[Action] = (
+            [Notice("usage", {"of": "transcription", "usage": usage})] if isinstance(usage, dict) else []
+        )
+        return used + self._caller_words(event)
+
+    def _caller_words(self, event: dict[str, Any]) -> list[Action]:
         text = event.get("transcript")
         item = event.get("item_id")
         # The transcript of speech whose start began a turn (it often completes while the model answers,

@@ -350,6 +350,22 @@ def _creates_response(session: Mapping[str, Any]) -> bool:
     return isinstance(turn, dict) and bool(turn.get("create_response", True))
 
 
+def _transcript_usage(session: Mapping[str, Any], seconds: int, text: str) -> dict[str, Any]:
+    """A transcript's usage as the server reports it: by duration for whisper models (as recorded), by
+    tokens for the ``*-transcribe`` ones (their audio heard, their text written)."""
+    model = session.get("audio", {}).get("input", {}).get("transcription", {}).get("model")
+    if not (isinstance(model, str) and "transcribe" in model):
+        return {"type": "duration", "seconds": seconds}
+    heard, wrote = 10 * seconds, len(text) // 4 + 1
+    return {
+        "type": "tokens",
+        "input_tokens": heard,
+        "output_tokens": wrote,
+        "total_tokens": heard + wrote,
+        "input_token_details": {"text_tokens": 0, "audio_tokens": heard},
+    }
+
+
 def _transcribes(session: Mapping[str, Any]) -> bool:
     return isinstance(session.get("audio", {}).get("input", {}).get("transcription"), dict)
 
@@ -1841,7 +1857,7 @@ class SimCall:
                         "item_id": item_id,
                         "content_index": 0,
                         "transcript": "",
-                        "usage": {"type": "duration", "seconds": max(1, timeout_ms // 1000)},
+                        "usage": _transcript_usage(self.session, max(1, timeout_ms // 1000), ""),
                     }
                 await self._emit_response(
                     text=self._sim.idle_prompt_text,
@@ -2102,7 +2118,7 @@ class SimCall:
                 "item_id": item_id,
                 "content_index": 0,
                 "transcript": text,
-                "usage": {"type": "duration", "seconds": max(1, (end - start) // 1000)},
+                "usage": _transcript_usage(self.session, max(1, (end - start) // 1000), text),
             }
             # With a response on its way (server VAD), the transcript completes while the model answers.
             self._pending_transcript = completed
