@@ -259,7 +259,13 @@ class CallContext:
     def update_session(self, **fields: Any) -> None:
         """Send a ``session.update`` with these fields (``type`` is added). Names as for
         :class:`~sideband.SessionConfig` work too (``voice="cedar"`` becomes ``audio.output.voice``); a
-        field name that is a typo of a known one raises ``SessionConfigError`` (a ``ValueError``)."""
+        field name that is a typo of a known one raises ``SessionConfigError`` (a ``ValueError``).
+
+        ``tools=["refund", "lookup_order"]`` changes the tools the model is offered to these of the app's
+        (by name; tools the server runs itself, such as MCP, as objects beside them), and what sideband
+        runs with them: a withdrawn tool called later gets ``unknown_tool``, while the calls of a response
+        under way at the change still run with the tools it was offered. A name the call cannot offer, or
+        a function tool given as an object, raises ``SessionConfigError``."""
         loop = self._foreign_loop()
         if loop is None:
             self._actions.update_session(**fields)

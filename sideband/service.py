@@ -617,10 +617,11 @@ class Service:
         cached = self._configs.get(id(plan))
         if cached is not None and cached[0] is plan:
             return cached[1]
-        settings, app, tools = self.settings, self.app, plan.tools
+        settings, app, tools = self.settings, self.app, self.app.tools
         config = MachineConfig(
             session=plan.session,
             greeting=plan.greeting,
+            # (every tool of the app's: code may offer the call others than the plan's, update_session)
             filler_after={t.name: tools.filler_after_for(t) for t in tools},
             max_call_duration=plan.max_call_duration or settings.max_call_duration,
             max_idle_duration=plan.max_idle_duration or settings.max_idle_duration,
@@ -638,6 +639,8 @@ class Service:
         """Start the call runtime (sideband attach happens in its own task)."""
         app, settings = self.app, self.settings
         tools = plan.tools
+        # The tools code may offer the call later (update_session): the app's, but a REFER off a phone call.
+        catalog = app.tools if ctx.source == "sip" else self._rtc_plan().tools
         config = self._machine_config(plan)
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
         call_id, control = ctx.call_id, self.control
@@ -662,6 +665,7 @@ class Service:
             machine=CallMachine(config),
             ctx=ctx,
             tools=tools,
+            catalog=catalog,
             connect=connect,
             verb=verb,
             hooks=app.hooks(),

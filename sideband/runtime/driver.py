@@ -172,6 +172,8 @@ class CallRuntime:
         "_abandoned",
         "_alarm",
         "_alarm_at",
+        "_before",
+        "_catalog",
         "_closed",
         "_connect",
         "_deadlines",
@@ -210,6 +212,7 @@ class CallRuntime:
         ctx: CallContext,
         tools: ToolRegistry,
         connect: Connect,
+        catalog: ToolRegistry | None = None,
         verb: VerbCall | None = None,
         hooks: CallHooks | None = None,
         transfer_targets: Mapping[str, str] | None = None,
@@ -224,6 +227,10 @@ class CallRuntime:
         self.machine = machine
         self.ctx = ctx
         self.tools = tools
+        """The tools the model is offered now (``update_session(tools=…)`` changes them)."""
+        self._catalog = tools if catalog is None else catalog  # what ``update_session(tools=…)`` may name
+        # After a change of tools, those the response then under way was offered (it may still call them).
+        self._before: tuple[ToolRegistry, str] | None = None
         self._connect = connect
         self._verb_call = verb
         self.hooks = hooks or CallHooks()
@@ -300,9 +307,44 @@ class CallRuntime:
         self._kick()
 
     def update_session(self, **fields: Any) -> None:
-        """Send a partial ``session.update`` (see :meth:`CallMachine.update_session`)."""
+        """Send a partial ``session.update`` (see :meth:`CallMachine.update_session`). ``tools`` lists the
+        names of the call's tools the model is offered from now on (and any tools the server runs itself,
+        as objects); a response already under way may still call those it was offered."""
+        offered = None
+        if "tools" in fields:
+            offered, fields["tools"] = self._offer(fields["tools"])
         self._apply(self.machine.update_session(fields))
+        if offered is not None and not self.machine.closed:
+            under_way = self.machine.responding
+            if under_way is None:
+                self._before = None
+            elif self._before is None or self._before[1] != under_way:
+                self._before = (self.tools, under_way)
+            self.tools = offered
         self._kick()
+
+    def _offer(self, tools: Any) -> tuple[ToolRegistry, list[dict[str, Any]]]:
+        """The registry and session ``tools`` for ``update_session(tools=…)``: names of the call's tools,
+        and objects of tools the server runs itself (MCP)."""
+        if isinstance(tools, str | bytes) or not isinstance(tools, Sequence):
+            raise SessionConfigError("tools must be a list of tool names (and server tools, such as MCP)")
+        names = [t for t in tools if isinstance(t, str)]
+        served = [t for t in tools if not isinstance(t, str)]
+        unknown = [n for n in names if n not in self._catalog]
+        if unknown:
+            offered = ", ".join(self._catalog.names()) or "none"
+            raise SessionConfigError(
+                f"tools: {', '.join(map(repr, unknown))} not among the call's tools ({offered})"
+            )
+        for tool in served:
+            if not isinstance(tool, Mapping):
+                raise SessionConfigError("tools: each is a tool name, or an object of a tool the server runs")
+            if tool.get("type", "function") == "function":
+                raise SessionConfigError(
+                    f"tools: function tool {tool.get('name')!r} given as an object: name a tool of the "
+                    "call's instead (a function the model calls must be answered by the app: @app.tool)"
+                )
+        return self._catalog.subset(names), [*self._catalog.definitions(names), *served]
 
     def abandon(self, reason: str) -> None:
         """Hang up now, without waiting for outputs or the model's last words, and end with ``reason``."""
@@ -547,8 +589,13 @@ class CallRuntime:
             if isinstance(action, Send):
                 self._outbox.append(jsonio.dumps(action.event))
             elif isinstance(action, RunTool):
+                # The tools in force as its response ended (a sibling's run may change them), or those a
+                # response under way when they changed was offered.
+                tools, before = self.tools, self._before
+                if action.name not in tools and before is not None and action.response_id == before[1]:
+                    tools = before[0]
                 task = asyncio.create_task(
-                    self._run_tool(action.call_id, action.name, action.arguments),
+                    self._run_tool(action.call_id, action.name, action.arguments, tools),
                     name=f"tool:{action.call_id}",
                 )
                 task.add_done_callback(_drop_cancellation)
@@ -736,7 +783,7 @@ class CallRuntime:
         self._apply(self.machine.timer(name))
         self._kick()
 
-    async def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
+    async def _run_tool(self, call_id: str, name: str, arguments: str, tools: ToolRegistry) -> None:
         fields: dict[str, Any] = {"tool": name, "tool_call_id": call_id}
         if self._log_args:
             fields["arguments"] = arguments
@@ -745,7 +792,7 @@ class CallRuntime:
         try:
             try:
                 blocked = log_blocked(self.log, tool=name, tool_call_id=call_id)
-                result = await self.tools.execute(call_id, name, arguments, self.ctx, on_blocked=blocked)
+                result = await tools.execute(call_id, name, arguments, self.ctx, on_blocked=blocked)
             except asyncio.CancelledError:
                 if self._owns(call_id):
                     self._tool_cancelled(call_id, name, time.monotonic() - started)
@@ -780,7 +827,7 @@ class CallRuntime:
         """A tool round, in the call's summary and the process's counts."""
         self.summary.tools.append(record)
         if self._stats is not None:
-            name = record.name if record.name in self.tools else UNKNOWN_TOOL
+            name = record.name if record.name in self._catalog else UNKNOWN_TOOL
             self._stats.record(name, record.outcome, record.duration)
 
     def _owns(self, call_id: str) -> bool:

@@ -46,6 +46,8 @@ class RunTool:
     call_id: str
     name: str
     arguments: str
+    response_id: str | None = field(default=None, compare=False)
+    """The response that made the call, when known."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +314,7 @@ class CallMachine:
         "_without_tools",
         "caps",
         "config",
+        "responding",
     )
 
     def __init__(self, config: MachineConfig, caps: Capabilities | None = None) -> None:
@@ -323,6 +326,8 @@ class CallMachine:
         self._last_signature: tuple[str, str] | None = None
         self._repeat = 0
         self._response_active = False
+        self.responding: str | None = None
+        """The id of the response under way, if any (as the server announced it)."""
         self._create_sent: str | None = None  # event_id of our response.create not yet seen created
         # the create the last response.created was taken to answer: it may have been the caller's turn
         # (server VAD), and a refusal that names no event then means that create
@@ -471,7 +476,7 @@ class CallMachine:
         the end's verb, until its stop shows on the new socket or the same grace ends.
         """
         self._response_active = self._speaking = self._turn_wait = False
-        self._create_sent = self._created_for = self._covered_by = self._ours = None
+        self._create_sent = self._created_for = self._covered_by = self._ours = self.responding = None
         queued_outputs = {e[len(_OUTPUT_EVENT) :] for e in queued if e.startswith(_OUTPUT_EVENT)}
         self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
         self._orphans = tuple(c.call_id for c in self._calls.values() if c.state == "pending")
@@ -783,6 +788,8 @@ class CallMachine:
 
     def _on_response_created(self, event: dict[str, Any]) -> list[Action]:
         self._response_active = True
+        created = _obj(event.get("response")).get("id")
+        self.responding = created if isinstance(created, str) else None
         prompted, self._prompt_due = self._prompt_due and self._create_sent is None, False
         self._prompt = _obj(event.get("response")).get("id") if prompted else None
         if self._create_sent is not None:
@@ -808,6 +815,7 @@ class CallMachine:
 
     def _on_response_done(self, event: dict[str, Any]) -> list[Action]:
         self._response_active = False
+        self.responding = None
         self._done_since_create = True
         self._agent_lines.clear()
         if self._play_overdue:  # a response without audio ended past the grace: nothing plays any more
@@ -975,7 +983,7 @@ class CallMachine:
             ]
         call.state = "running"
         self._running += 1
-        actions: list[Action] = [RunTool(call.call_id, call.name, call.arguments or "")]
+        actions: list[Action] = [RunTool(call.call_id, call.name, call.arguments or "", call.response_id)]
         filler = self.config.filler_after.get(call.name)
         if filler:
             actions.append(StartTimer(_FILLER + call.call_id, filler))

@@ -1,0 +1,254 @@
+"""Changing the tools a call offers mid-call (``ctx.update_session(tools=[names])``): what the model is
+offered and what sideband runs change together."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from sideband import Accept, CallContext, IncomingCall, SessionConfigError, Sideband
+from sideband.runtime.driver import CallRuntime
+from sideband.runtime.machine import CallMachine, MachineConfig
+from sideband.testing import (
+    Script,
+    caller_hangs_up,
+    caller_says,
+    model_calls,
+    model_says,
+    run_app,
+    wait_for_greeting,
+)
+
+
+def desk() -> Sideband:
+    """A desk that offers ``verify`` and ``lookup_order`` first; a verified caller is offered ``refund`` (and
+    a CRM the server runs) instead."""
+    app = Sideband(instructions="You are the order desk.", transfer_targets={"human": "tel:+14155550123"})
+    app.enable_transfer()
+
+    @app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        return Accept(tools=("verify", "lookup_order"))
+
+    @app.tool
+    async def verify(pin: str, ctx: CallContext) -> str:
+        """Check the caller's PIN."""
+        ctx.update_session(
+            instructions="The caller is verified.",
+            tools=["refund", {"type": "mcp", "server_label": "crm",
+                                              "server_url": "https://crm.example.com/mcp",
+                                              "require_approval": "never"}],
+        )  # fmt: skip
+        return "verified"
+
+    @app.tool
+    async def lookup_order(order_id: str) -> str:
+        """Look up an order."""
+        return f"order {order_id} shipped"
+
+    @app.tool
+    async def refund(order_id: str) -> str:
+        """Refund an order."""
+        return f"order {order_id} refunded"
+
+    return app
+
+
+def outputs(call: Any) -> dict[str, str]:
+    """Each function output the controller sent, by the name of the tool the model called."""
+    names = {e["call_id"]: e["name"] for e in call.sent_of_type("response.function_call_arguments.done")}
+    return {
+        names[e["item"]["call_id"]]: e["item"]["output"]
+        for e in call.received
+        if e["type"] == "conversation.item.create" and e["item"]["type"] == "function_call_output"
+    }
+
+
+def errors(output: str) -> str | None:
+    try:
+        decoded = json.loads(output)
+    except ValueError:
+        return None
+    return decoded.get("error") if isinstance(decoded, dict) else None
+
+
+async def test_a_tool_offers_the_next_stage_and_withdraws_the_last() -> None:
+    async with run_app(desk()) as h:
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Order desk."),
+                    caller_says("Refund order 7."),
+                    model_calls("refund", {"order_id": "7"}),  # not offered yet: not run
+                    model_says("First your PIN."),
+                    caller_says("1234."),
+                    model_calls("verify", {"pin": "1234"}),
+                    model_says("Thanks."),
+                    caller_says("Refund order 7."),
+                    model_calls("refund", {"order_id": "7"}),
+                    model_says("Done."),
+                    caller_says("And verify me again."),
+                    model_calls("verify", {"pin": "1234"}),  # withdrawn: not run
+                    model_says("You are verified already."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        summary = await h.ended(call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [
+        ("refund", "unknown_tool"),
+        ("verify", "ok"),
+        ("refund", "ok"),
+        ("verify", "unknown_tool"),
+    ]
+    updates = [e["session"] for e in call.received if e["type"] == "session.update"]
+    offered = [u for u in updates if "tools" in u]
+    assert [[t.get("name", t.get("server_label")) for t in u["tools"]] for u in offered] == [
+        ["verify", "lookup_order"],  # the route's, with the session config
+        ["refund", "crm"],  # the stage's, and the server's own tool
+    ]
+    stage = offered[1]
+    assert stage["instructions"] == "The caller is verified."
+    assert stage["tools"][0] == {
+        "type": "function",
+        "name": "refund",
+        "description": "Refund an order.",
+        "parameters": stage["tools"][0]["parameters"],
+    }
+    assert stage["tools"][0]["parameters"]["required"] == ["order_id"]
+    # The stage went out before verify's output, so the model answering that output has the new tools.
+    kinds = [
+        "stage" if e["type"] == "session.update" and "tools" in e["session"] else e["type"]
+        for e in call.received
+    ]
+    verified = next(
+        i
+        for i, e in enumerate(call.received)
+        if e["type"] == "conversation.item.create" and "verified" in str(e)
+    )
+    assert kinds.index("stage") < verified
+    assert outputs(call)["refund"] == "order 7 refunded"
+
+
+async def test_the_calls_of_one_response_run_with_the_tools_it_was_offered() -> None:
+    """verify changes the tools as it runs; lookup_order, called beside it in the same response, was
+    offered to that response and runs. Called again later, it is not offered any more."""
+    async with run_app(desk()) as h:
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Order desk."),
+                    caller_says("PIN 1234, and where is order 9?"),
+                    model_calls([("verify", {"pin": "1234"}), ("lookup_order", {"order_id": "9"})]),
+                    model_says("Verified; order 9 shipped."),
+                    caller_says("Where is order 10?"),
+                    model_calls([("lookup_order", {"order_id": "10"}), ("refund", {"order_id": "9"})]),
+                    model_says("I can no longer look orders up."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        summary = await h.ended(call)
+    outcomes = [(t.name, t.outcome) for t in summary.tools]
+    assert sorted(outcomes[:2]) == [("lookup_order", "ok"), ("verify", "ok")]
+    assert sorted(outcomes[2:]) == [("lookup_order", "unknown_tool"), ("refund", "ok")]
+
+
+@pytest.mark.parametrize(
+    ("tools", "message"),
+    [
+        (["refund", "made_up"], "'made_up' not among the call's tools"),
+        ("refund", "tools must be a list"),
+        (
+            [{"type": "function", "name": "refund", "parameters": {}}],
+            "function tool 'refund' given as an object",
+        ),
+        ([{"name": "refund"}], "function tool 'refund' given as an object"),
+        ([3], "each is a tool name"),
+        ([{"type": "mcp", "server_label": "crm", "server_url": "https://x"}], 'needs "require_approval"'),
+    ],
+)
+async def test_tools_that_cannot_be_offered_are_refused_and_change_nothing(tools: Any, message: str) -> None:
+    app = desk()
+    refusals: list[str] = []
+
+    @app.tool
+    async def try_stage(ctx: CallContext) -> str:
+        """Try to change the tools."""
+        try:
+            ctx.update_session(tools=tools)
+        except SessionConfigError as exc:
+            refusals.append(str(exc))
+            raise
+        return "changed"
+
+    @app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        return Accept(tools=("try_stage", "lookup_order"))
+
+    async with run_app(app) as h:
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Order desk."),
+                    caller_says("Go."),
+                    model_calls("try_stage", {}),
+                    model_says("That did not work."),
+                    caller_says("Where is order 3?"),
+                    model_calls("lookup_order", {"order_id": "3"}),
+                    model_says("Shipped."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        summary = await h.ended(call)
+    assert len(refusals) == 1 and message in refusals[0], refusals
+    assert [(t.name, t.outcome) for t in summary.tools] == [("try_stage", "error"), ("lookup_order", "ok")]
+    assert sum(1 for e in call.received if e["type"] == "session.update") == 1  # the session config only
+
+
+async def test_a_response_under_way_when_the_tools_change_may_still_call_those_it_was_offered() -> None:
+    """The tools change while a response streams (a hook, a slow tool of an earlier response): that
+    response was offered the old ones, and its call of one withdrawn still runs; the next response's
+    does not."""
+    app = desk()
+    machine = CallMachine(MachineConfig(session={"type": "realtime"}))
+
+    async def connect() -> Any:
+        raise AssertionError("no socket in this test")
+
+    runtime = CallRuntime(
+        machine=machine,
+        ctx=CallContext("rtc_x"),
+        tools=app.tools.subset(["verify", "lookup_order"]),
+        catalog=app.tools,
+        connect=connect,
+    )
+    for event in (
+        {"type": "session.updated", "session": {"type": "realtime"}},
+        {"type": "response.created", "response": {"id": "r1"}},
+    ):
+        runtime._apply(machine.receive(event))
+    runtime.update_session(tools=["refund"])  # while r1 streams
+    assert runtime.tools.names() == ["refund"]
+
+    def call(call_id: str, name: str, response_id: str) -> list[dict[str, Any]]:
+        return [
+            {"type": "response.created", "response": {"id": response_id}},
+            {
+                "type": "response.function_call_arguments.done",
+                "response_id": response_id,
+                "call_id": call_id,
+                "name": name,
+                "arguments": '{"order_id": "5"}',
+            },
+            {"type": "response.done", "response": {"id": response_id, "status": "completed", "output": []}},
+        ]
+
+    for event in call("c1", "lookup_order", "r1")[1:] + call("c2", "lookup_order", "r2"):
+        runtime._apply(machine.receive(event))
+        await asyncio.gather(*runtime._tool_tasks.values())
+    assert [(t.call_id, t.outcome) for t in runtime.summary.tools] == [("c1", "ok"), ("c2", "unknown_tool")]
