@@ -539,7 +539,10 @@ class Service:
                     self.accept_seconds.observe(latency)
                     self.log.info("call.accepted", latency_ms=round(latency * 1000, 2))
                 self.counters["accepted"] += 1
-                self.launch(call.context(), plan)
+                ctx = call.context()
+                if isinstance(decision, Accept):  # (a plan is an accept's)
+                    ctx.state.update(decision.state)
+                self.launch(ctx, plan)
                 return Reply(200, {"status": "accepted"})
             if isinstance(decision, Reject):
                 await self._retrying(lambda t: control.reject(call_id, decision.status_code, timeout=t))

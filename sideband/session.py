@@ -299,8 +299,13 @@ class Accept:
     """Seconds before the model says goodbye and the call is hung up (default: app, then settings)."""
     max_idle_duration: float | None = None
     """Seconds without caller speech before goodbye and hangup (default: app, then settings)."""
+    state: Mapping[str, Any] = field(default_factory=dict)
+    """Put in the call's ``ctx.state`` before anything of it runs (what the routing hook looked up about
+    the caller, so tools and hooks need not look it up again)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.state, Mapping):
+            raise DecisionError(f"Accept(state=...) takes a mapping, not {type(self.state).__name__}")
         if self.tools is not None:
             if isinstance(self.tools, str) or not all(isinstance(t, str) for t in self.tools):
                 raise DecisionError("Accept(tools=...) takes tool names, e.g. ('lookup_order',)")

@@ -11,11 +11,19 @@ from typing import Any
 
 import pytest
 
-from sideband import Accept, IncomingCall, Refer, Reject, Sideband
+from sideband import Accept, CallContext, IncomingCall, Refer, Reject, Sideband
 from sideband.context import SipHeader
 from sideband.routing import RouteError, RouteTable
 from sideband.session import SessionConfig
-from sideband.testing import Script, Simulator, caller_says, model_says, wait_for_greeting
+from sideband.testing import (
+    Script,
+    Simulator,
+    caller_hangs_up,
+    caller_says,
+    model_calls,
+    model_says,
+    wait_for_greeting,
+)
 
 from .conftest import Stack, capture_logs, make_app, settings_for
 
@@ -464,3 +472,52 @@ async def test_a_hook_accepting_with_a_session_sip_refuses_is_rejected_on_every_
     assert calls[2].status == "accepted" and calls[2].accept_body["instructions"] == "Fine."
     invalid = [e for e in logs if e["event"] == "call.config_invalid"]
     assert len(invalid) == 2 and all("format" in e["error"] for e in invalid), invalid
+
+
+async def test_an_accept_hands_what_the_hook_looked_up_to_the_calls_state(stack: Stack) -> None:
+    seen: list[tuple[str, Any]] = []
+
+    @stack.app.on_incoming
+    async def route(call: IncomingCall) -> Accept:
+        return Accept(state={"customer": {"name": "Ada", "tier": "gold"}, "number": call.from_number})
+
+    @stack.app.on_call_start
+    def started(ctx: CallContext) -> None:
+        seen.append(("start", dict(ctx.state)))
+
+    @stack.app.tool
+    async def whoami(ctx: CallContext) -> str:
+        """Who is calling."""
+        seen.append(("tool", ctx.state["customer"]["name"]))
+        return ctx.state["customer"]["name"]
+
+    call = stack.sim.create_call(
+        Script(
+            [
+                wait_for_greeting("Hi"),
+                caller_says("Who am I?"),
+                model_calls("whoami", {}),
+                model_says("Ada."),
+                caller_hangs_up(),
+            ]
+        ),
+        from_number="+15550001111",
+    )
+    assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    await asyncio.wait_for(call.wait_done(), 5)
+    await stack.ended(call)
+    customer = {"name": "Ada", "tier": "gold"}
+    assert seen == [("start", {"customer": customer, "number": "+15550001111"}), ("tool", "Ada")]
+
+
+async def test_an_accept_whose_state_is_no_mapping_fails_closed(stack: Stack) -> None:
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        return Accept(state=[("customer", "Ada")])  # type: ignore[arg-type]
+
+    call = stack.sim.create_call(Script([caller_says("x")]))
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    assert call.status == "rejected" and call.reject_body == {"status_code": 480}
+    failed = next(e for e in logs if e["event"] == "call.route_failed")
+    assert "Accept(state=...) takes a mapping, not list" in failed["error"]
