@@ -679,6 +679,7 @@ class Service:
             log_fields=log_fields,
             stats=self.registry.tools,
             usage=self.registry.usage,
+            turn_seconds=self.registry.turn_seconds,
         )
         self.registry.start(runtime)
         return runtime

@@ -2104,3 +2104,42 @@ def test_the_sessions_expiry_brings_the_call_duration_goodbye_forward() -> None:
     engine.receive({"type": "session.created", "session": {"id": "s"}})
     updated = engine.receive({"type": "session.updated", "session": {"expires_at": 1_800_003_600}})
     assert not [a for a in updated if isinstance(a, TimerBy)]
+
+
+def test_a_turn_is_answered_by_the_models_next_audio_not_by_a_server_prompt() -> None:
+    m = live_machine()
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "i1"})
+    assert notices(
+        m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": "i1"}), "turn.stopped"
+    ) == [{}]
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.receive(response_done("r1"))  # (no audio: a tool call, say)
+    # Silence: the server prompts the caller. Its audio answers nothing.
+    m.receive({"type": "input_audio_buffer.timeout_triggered", "item_id": "i_silence"})
+    m.receive({"type": "response.created", "response": {"id": "p1"}})
+    assert (
+        notices(m.receive({"type": "output_audio_buffer.started", "response_id": "p1"}), "turn.answered")
+        == []
+    )
+    m.receive(response_done("p1"))
+    m.receive({"type": "output_audio_buffer.stopped", "response_id": "p1"})
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    started = m.receive({"type": "output_audio_buffer.started", "response_id": "r2"})
+    assert notices(started, "turn.answered") == [{"response_id": "r2"}]
+    m.receive(response_done("r2"))
+    m.receive({"type": "output_audio_buffer.stopped", "response_id": "r2"})
+    m.receive({"type": "response.created", "response": {"id": "r3"}})
+    assert (
+        notices(m.receive({"type": "output_audio_buffer.started", "response_id": "r3"}), "turn.answered")
+        == []
+    )
+    # A caller whose end the server never showed (speech cut off by the cap) starts no wait to time.
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "i2"})
+    assert notices(m.timer("speaking"), "turn.stopped") == []
+    m.receive(response_done("r3"))
+    m.receive({"type": "output_audio_buffer.stopped", "response_id": "r3"})
+    m.receive({"type": "response.created", "response": {"id": "r4"}})
+    assert (
+        notices(m.receive({"type": "output_audio_buffer.started", "response_id": "r4"}), "turn.answered")
+        == []
+    )

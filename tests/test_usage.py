@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -155,3 +156,42 @@ async def test_a_calls_usage_is_in_its_summary_its_end_line_and_the_metrics(stac
     )
     assert samples["sideband_transcription_seconds_total", ()] == 0
     assert samples["sideband_cached_tokens_total", (("modality", "audio"),)] == 0
+
+
+async def test_each_answered_turn_is_timed_from_the_callers_stop_to_the_models_audio(stack: Stack) -> None:
+    @stack.app.tool
+    async def slow_lookup(order_id: str) -> str:
+        """Look an order up, slowly."""
+        await asyncio.sleep(0.3)  # (the wait being measured)
+        return "shipped"
+
+    script = Script(
+        [
+            wait_for_greeting("Hello."),  # no turn before it: not timed
+            caller_says("Where is order 42?"),
+            model_calls("slow_lookup", {"order_id": "42"}),  # no audio: the caller still waits
+            model_says("It shipped."),
+            caller_says("Thanks."),
+            model_says("Goodbye."),
+            caller_hangs_up(),
+        ]
+    )
+    with capture_logs() as logs:
+        call = stack.sim.create_call(script)
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await call.wait_done(timeout=10)
+        summary = await stack.ended(call)
+    first, second = summary.turn_seconds
+    assert first >= 0.3 and second >= 0
+    answered = [e for e in logs if e["event"] == "turn.answered"]
+    assert [e["latency_ms"] for e in answered] == [round(t * 1000, 1) for t in summary.turn_seconds]
+    said = {text: r["id"] for r in (e["response"] for e in call.sent_of_type("response.done"))
+            for text in ("It shipped.", "Goodbye.") if text in json.dumps(r["output"])}  # fmt: skip
+    assert [e["response_id"] for e in answered] == [said["It shipped."], said["Goodbye."]]
+    async with aiohttp.ClientSession() as http, http.get(stack.url("/metrics")) as resp:
+        text = await resp.text()
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "sideband_turn_seconds")
+    assert family.type == "histogram"
+    values = {s.name: s.value for s in family.samples if not s.labels}
+    assert values["sideband_turn_seconds_count"] == 2
+    assert abs(values["sideband_turn_seconds_sum"] - (first + second)) < 1e-5

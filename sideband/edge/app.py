@@ -341,6 +341,7 @@ async def metrics(request: web.Request) -> web.Response:
     lines += service.accept_seconds.lines("sideband_accept_seconds")
     lines += service.registry.tools.lines()
     lines += service.registry.usage.lines()
+    lines += service.registry.turn_seconds.lines("sideband_turn_seconds")
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 

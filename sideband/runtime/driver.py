@@ -22,7 +22,7 @@ from sideband import jsonio
 from sideband.blocking import log_blocked, timed
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.logs import failure_fields
-from sideband.metrics import UNKNOWN_TOOL, ToolStats
+from sideband.metrics import UNKNOWN_TOOL, Histogram, ToolStats
 from sideband.runtime.machine import (
     ACK_TYPES,
     HANDLED_TYPES,
@@ -140,6 +140,9 @@ class CallSummary:
     """Indices in :attr:`transcript` of the agent's lines the caller cut off (barge-in)."""
     usage: Usage = field(default_factory=Usage)
     """The tokens the call's responses used and the caller audio transcribed, as the server reported them."""
+    turn_seconds: list[float] = field(default_factory=list)
+    """For each caller turn answered with audio: seconds from the caller's stop (``speech_stopped``) to the
+    start of the model's audio (``output_audio_buffer.started``), as both reached sideband."""
 
 
 @dataclass(slots=True)
@@ -192,6 +195,8 @@ class CallRuntime:
         "_sync_hooks",
         "_targets",
         "_tool_tasks",
+        "_turn_mark",
+        "_turns",
         "_usage",
         "_verb_call",
         "_ws",
@@ -223,6 +228,7 @@ class CallRuntime:
         log_fields: Mapping[str, Any] | None = None,
         stats: ToolStats | None = None,
         usage: Usage | None = None,
+        turn_seconds: Histogram | None = None,
     ) -> None:
         self.machine = machine
         self.ctx = ctx
@@ -243,6 +249,8 @@ class CallRuntime:
         self._log_fields = dict(log_fields or {})
         self._stats = stats
         self._usage = usage  # the process's (``/metrics``), counted along with the call's own
+        self._turns = turn_seconds  # the process's answer times (``/metrics``)
+        self._turn_mark: float | None = None  # when the caller last stopped speaking, unanswered so far
         self._ws: PushConnection | None = None
         self._outbox: list[bytes] = []  # JSON text frames, a few at most (a deque: 760 bytes per call)
         self._flushing = False
@@ -864,7 +872,17 @@ class CallRuntime:
 
     def _notice(self, notice: Notice) -> None:
         event, fields = notice.event, notice.fields
-        if event == "usage":
+        if event == "turn.stopped":
+            self._turn_mark = time.monotonic()
+        elif event == "turn.answered":
+            if self._turn_mark is not None:
+                seconds = time.monotonic() - self._turn_mark
+                self._turn_mark = None
+                self.summary.turn_seconds.append(seconds)
+                if self._turns is not None:
+                    self._turns.observe(seconds)
+                self.log.info(event, latency_ms=round(seconds * 1000, 1), **fields)
+        elif event == "usage":
             for usage in (self.summary.usage, self._usage):
                 if usage is not None:
                     if fields["of"] == "response":
@@ -1139,6 +1157,8 @@ class CallRegistry:
         """The tool rounds of the calls it ran (``/metrics``), given to each call's runtime."""
         self.usage = Usage()
         """The tokens and transcription of the calls it ran (``/metrics``), given to each call's runtime."""
+        self.turn_seconds = Histogram()
+        """Their callers' waits for an answer (``/metrics``), given to each call's runtime."""
 
     def start(self, runtime: CallRuntime) -> asyncio.Task[str]:
         """Run ``runtime`` in its own task, in a fresh logging context."""

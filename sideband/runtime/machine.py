@@ -309,6 +309,7 @@ class CallMachine:
         "_turn_items",
         "_turn_wait",
         "_unacked",
+        "_unanswered",
         "_updated",
         "_want_response",
         "_without_tools",
@@ -326,6 +327,7 @@ class CallMachine:
         self._last_signature: tuple[str, str] | None = None
         self._repeat = 0
         self._response_active = False
+        self._unanswered = False  # the caller stopped speaking, and no audio of the model's started since
         self.responding: str | None = None
         """The id of the response under way, if any (as the server announced it)."""
         self._create_sent: str | None = None  # event_id of our response.create not yet seen created
@@ -475,7 +477,7 @@ class CallMachine:
         The model's audio that was playing when the socket was lost plays on, for the idle limit and for
         the end's verb, until its stop shows on the new socket or the same grace ends.
         """
-        self._response_active = self._speaking = self._turn_wait = False
+        self._response_active = self._speaking = self._turn_wait = self._unanswered = False
         self._create_sent = self._created_for = self._covered_by = self._ours = self.responding = None
         queued_outputs = {e[len(_OUTPUT_EVENT) :] for e in queued if e.startswith(_OUTPUT_EVENT)}
         self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
@@ -1071,6 +1073,9 @@ class CallMachine:
             return []
         self._speaking = False
         actions = self._touch_idle()
+        if stopped:
+            self._unanswered = True
+            actions.append(Notice("turn.stopped", {}))  # (the driver times the answer from here)
         if stopped and self._turn_responds():
             # The server answers the caller's turn by itself: what we would start now would be refused
             # meanwhile, and tool outputs that came in while the caller spoke are answered by it too.
@@ -1160,6 +1165,9 @@ class CallMachine:
         self._playing = True
         self._heard = event.get("response_id")
         self._play_unsure = self._play_overdue = False
+        if self._unanswered and (self._prompt is None or self._heard != self._prompt):
+            self._unanswered = False  # (the server's idle prompt is no answer: it comes after silence)
+            return [Notice("turn.answered", {"response_id": self._heard})]
         return []
 
     def _on_playback_cleared(self, event: dict[str, Any]) -> list[Action]:
