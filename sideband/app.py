@@ -19,7 +19,7 @@ from aiohttp import web
 
 from sideband.context import CallContext, SipHeader
 from sideband.runtime.driver import CallHooks
-from sideband.runtime.machine import DEFAULT_FILLER, DEFAULT_GOODBYE
+from sideband.runtime.machine import DEFAULT_FILLER, DEFAULT_GOODBYE, DEFAULT_STILL_THERE
 from sideband.session import (
     Accept,
     Decision,
@@ -175,6 +175,9 @@ class Sideband:
         filler_after: Default seconds before a holding phrase while a tool runs (``None``: never).
         filler_instructions: What the model is told to say as a holding phrase.
         goodbye_instructions: What the model is told when a limit ends the call.
+        idle_prompts: How many times a silent caller is asked whether they are still there, each after
+            ``max_idle_duration`` of silence, before the idle limit's goodbye (default 0: goodbye at once).
+        idle_prompt_instructions: What the model is told for that question.
         max_call_duration: Seconds before goodbye and hangup (default ``SIDEBAND_MAX_CALL_SECONDS``).
         max_idle_duration: Seconds of caller silence (no speech, transcript or keypad) after the model
             last finished speaking before goodbye and hangup.
@@ -196,6 +199,8 @@ class Sideband:
         filler_after: float | None = 1.5,
         filler_instructions: str | None = None,
         goodbye_instructions: str | None = None,
+        idle_prompts: int = 0,
+        idle_prompt_instructions: str | None = None,
         max_call_duration: float | None = None,
         max_idle_duration: float | None = None,
         max_tool_calls: int = 64,
@@ -220,6 +225,10 @@ class Sideband:
                 raise ValueError(f"transfer target {label!r} must be a tel: or sip: URI, got {uri!r}")
         self.filler_instructions = filler_instructions or DEFAULT_FILLER
         self.goodbye_instructions = goodbye_instructions or DEFAULT_GOODBYE
+        if type(idle_prompts) is not int or not 0 <= idle_prompts <= 10:
+            raise ValueError(f"idle_prompts must be a whole number 0-10, got {idle_prompts!r}")
+        self.idle_prompts = idle_prompts
+        self.idle_prompt_instructions = idle_prompt_instructions or DEFAULT_STILL_THERE
         self.max_call_duration = check_seconds("max_call_duration", max_call_duration)
         self.max_idle_duration = check_seconds("max_idle_duration", max_idle_duration)
         self.max_tool_calls = max_tool_calls

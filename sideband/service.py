@@ -630,6 +630,8 @@ class Service:
             max_idle_duration=plan.max_idle_duration or settings.max_idle_duration,
             filler_instructions=app.filler_instructions,
             goodbye_instructions=app.goodbye_instructions,
+            idle_prompts=app.idle_prompts,
+            idle_prompt_instructions=app.idle_prompt_instructions,
             max_tool_calls=app.max_tool_calls,
             max_identical_calls=app.max_identical_calls,
         )

@@ -812,6 +812,30 @@ async def test_a_tool_slower_than_the_idle_limit_is_waited_for_and_the_caller_he
         assert answered < heard < goodbye  # the goodbye came after the answer had been heard
 
 
+async def test_a_silent_caller_is_asked_whether_they_are_still_there_then_bid_goodbye() -> None:
+    """``Sideband(idle_prompts=1)``: after a silent idle period the model asks once whether the caller is
+    still there; a caller who answers is asked again after the next silence; one who stays silent a
+    period after the question gets the goodbye and the hangup."""
+    app = make_app(idle_prompts=1, idle_prompt_instructions="Ask if the caller is still on the line.")
+    async with (
+        Simulator(playback_rate=100.0) as sim,
+        run_app(app, sim, **{**TEST_SETTINGS, "max_idle_duration": 1.0}) as stack,
+    ):
+        # The caller answers about 0.5 s after the first question, 0.5 s before the second silence ends.
+        call = await run_call(stack, Script([GREETING, pause(1.5), caller_says("Yes, I am here.")]))
+        await call.wait_ended(timeout=10)
+        assert call.end_reason == "hangup_verb" and (await stack.ended(call)).reason == "idle_timeout"
+    asked = [r for r in call.responses if r.source == "auto"]  # (what no script step asked for)
+    assert [(r.request or {}).get("instructions") for r in asked] == [
+        "Ask if the caller is still on the line.",  # after the greeting's silence
+        "Ask if the caller is still on the line.",  # after the silence that followed the caller's words
+        app.goodbye_instructions,
+    ]
+    spoke = next(i for i, e in enumerate(call.sent) if e["type"] == "input_audio_buffer.speech_started")
+    assert sent_at(call, "response.created", asked[0].response_id) < spoke
+    assert spoke < sent_at(call, "response.created", asked[1].response_id)
+
+
 async def test_the_servers_idle_prompts_do_not_keep_a_silent_call_up() -> None:
     """With server VAD's ``idle_timeout_ms``, the model asks a silent caller "are you still there?" on its
     own, again and again. Those prompts are not the caller: our idle limit still ends the call, after the

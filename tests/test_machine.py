@@ -10,6 +10,7 @@ import pytest
 from sideband.runtime.machine import (
     DEFAULT_FILLER,
     DEFAULT_GOODBYE,
+    DEFAULT_STILL_THERE,
     Action,
     CallMachine,
     CancelTimer,
@@ -2143,3 +2144,39 @@ def test_a_turn_is_answered_by_the_models_next_audio_not_by_a_server_prompt() ->
         notices(m.receive({"type": "output_audio_buffer.started", "response_id": "r4"}), "turn.answered")
         == []
     )
+
+
+def test_a_silent_caller_is_asked_whether_they_are_still_there_before_the_goodbye() -> None:
+    m = live_machine(max_idle_duration=10, idle_prompts=2)
+
+    def answer(response_id: str) -> list[Action]:
+        m.receive({"type": "response.created", "response": {"id": response_id}})
+        return m.receive(response_done(response_id))
+
+    for n in (1, 2):
+        fired = m.timer("idle")
+        assert notices(fired, "call.idle_nudge") == [{"nudge": n}]
+        assert notices(fired, "call.limit") == []
+        assert [s["response"]["instructions"] for s in sends(fired)] == [DEFAULT_STILL_THERE]
+        assert StartTimer("idle", 10) in answer(f"still{n}")  # the clock runs again from its answer
+    # The caller speaks up: asked again after the next silence, as often.
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "i1"})
+    m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": "i1"})
+    answer("r_turn")
+    for n in (1, 2):
+        assert notices(m.timer("idle"), "call.idle_nudge") == [{"nudge": n}]
+        answer(f"again{n}")
+    ending = m.timer("idle")
+    assert notices(ending, "call.limit") == [{"limit": "idle"}] and notices(ending, "call.idle_nudge") == []
+    assert sends(ending)[0]["response"]["instructions"] == DEFAULT_GOODBYE
+    # Off by default: the goodbye at the first silence.
+    assert notices(live_machine(max_idle_duration=10).timer("idle"), "call.limit") == [{"limit": "idle"}]
+
+
+def test_a_caller_the_server_prompted_already_is_not_asked_again() -> None:
+    m = live_machine(max_idle_duration=10, idle_prompts=1)
+    m.receive({"type": "input_audio_buffer.timeout_triggered", "item_id": "i_silence"})
+    m.receive({"type": "response.created", "response": {"id": "p1"}})
+    m.receive(response_done("p1"))
+    ending = m.timer("idle")
+    assert notices(ending, "call.idle_nudge") == [] and notices(ending, "call.limit") == [{"limit": "idle"}]

@@ -24,6 +24,7 @@ app = Sideband(
     voice="marin",
     greeting="Greet the caller as the Example Corp order desk and ask for their order number.",
     transfer_targets={"human": "tel:+14155550123", "billing": "sip:billing@example.com"},
+    idle_prompts=1,  # a silent caller is asked whether they are still there before the goodbye
 )
 app.enable_transfer()
 app.enable_end_call()

@@ -119,6 +119,9 @@ DEFAULT_FILLER = (
     "Briefly tell the caller you are still working on it. One short sentence. Do not call any tool."
 )
 DEFAULT_GOODBYE = "Say a short, polite goodbye to the caller. Do not call any tool."
+DEFAULT_STILL_THERE = (
+    "The caller has said nothing for a while. Ask briefly whether they are still there. Do not call any tool."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,10 @@ class MachineConfig:
     filler_after: Mapping[str, float | None] = field(default_factory=dict)
     filler_instructions: str = DEFAULT_FILLER
     goodbye_instructions: str = DEFAULT_GOODBYE
+    idle_prompts: int = 0
+    """How many times a silent caller is asked whether they are still there (each after a full idle
+    period) before the idle limit's goodbye."""
+    idle_prompt_instructions: str = DEFAULT_STILL_THERE
     max_call_duration: float | None = None
     max_idle_duration: float | None = None
     max_tool_calls: int = 64
@@ -285,6 +292,7 @@ class CallMachine:
         "_last_line_response",
         "_last_signature",
         "_live",
+        "_nudged",
         "_orphans",
         "_ours",
         "_play_overdue",
@@ -328,6 +336,7 @@ class CallMachine:
         self._repeat = 0
         self._response_active = False
         self._unanswered = False  # the caller stopped speaking, and no audio of the model's started since
+        self._nudged = 0  # times the silent caller was asked whether they are still there
         self.responding: str | None = None
         """The id of the response under way, if any (as the server announced it)."""
         self._create_sent: str | None = None  # event_id of our response.create not yet seen created
@@ -727,6 +736,7 @@ class CallMachine:
         streams): the idle limit starts again."""
         if self._closed is not None:
             return []
+        self._nudged = 0
         return self._touch_idle()
 
     def user_text(self, text: str) -> list[Action]:
@@ -1111,6 +1121,7 @@ class CallMachine:
         """The caller spoke, keyed or typed: a new turn. The same tool call asked for again is no loop,
         and a loop breaker's "no tools" is not owed to this turn; the idle limit starts again."""
         self._last_signature, self._repeat, self._without_tools = None, 0, False
+        self._nudged = 0
         return self._touch_idle()
 
     def _answered(self, response_id: object = None) -> list[Action]:
@@ -1152,6 +1163,16 @@ class CallMachine:
         self._idle_due = False
         if self._end is not None:
             return []  # the call is ending for another reason already
+        server_prompts = self._prompt is not None or self._prompt_due  # (the server asked them already)
+        if self._nudged < self.config.idle_prompts and not server_prompts:
+            # Asked whether they are still there; the model's answer starts the clock again (and the
+            # period, once more, where answers do not: the vowel engine).
+            self._nudged += 1
+            self._idle_waited = False
+            actions: list[Action] = [Notice("call.idle_nudge", {"nudge": self._nudged})]
+            if self.config.max_idle_duration:
+                actions.append(StartTimer(_IDLE, self.config.max_idle_duration))
+            return actions + self.say(self.config.idle_prompt_instructions)
         return [Notice("call.limit", {"limit": "idle"}), *self.request_end("idle_timeout", goodbye=True)]
 
     def _touch_idle(self) -> list[Action]:

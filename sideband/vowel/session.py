@@ -317,6 +317,8 @@ class EngineSession:
             session=session,
             greeting=None,
             goodbye_instructions=app.goodbye_instructions,
+            idle_prompts=app.idle_prompts,
+            idle_prompt_instructions=app.idle_prompt_instructions,
             max_call_duration=_tightest(
                 app.max_call_duration or settings.max_call_duration,
                 _before(token.max_call_duration or ENGINE_CALL_LIMIT, self.end_cap),
