@@ -15,7 +15,7 @@ from sideband.testing import Script, caller_hangs_up, caller_says, model_calls, 
 
 from .conftest import Stack, capture_logs
 
-CASSETTES = Path(__file__).resolve().parents[2] / "shared" / "cassettes" / "openai"
+CASSETTES = Path(__file__).parent / "data" / "cassettes" / "openai"
 
 
 def _recorded(event_type: str) -> list[dict[str, object]]:
