@@ -645,7 +645,7 @@ class Service:
         app, settings = self.app, self.settings
         tools = plan.tools
         # The tools code may offer the call later (update_session): the app's, but a REFER off a phone call.
-        catalog = app.tools if ctx.source == "sip" else self._rtc_plan().tools
+        catalog = app.tools if ctx.source == "sip" else self._rtc_plan(checked=False).tools
         config = self._machine_config(plan)
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
         call_id, control = ctx.call_id, self.control
@@ -687,13 +687,14 @@ class Service:
         return runtime
 
     # ------------------------------------------------------------------------------ WebRTC
-    def _rtc_plan(self) -> CallPlan:
+    def _rtc_plan(self, *, checked: bool = True) -> CallPlan:
         """The app's session for a browser's call: all its tools but the transfer (a REFER needs a phone
-        call)."""
+        call). ``checked``: its session is validated (as it is sent)."""
         app, transfer = self.app, self.app.transfer_tool
         tools = None if transfer is None else tuple(n for n in app.tools.names() if n != transfer)
         plan = app.plan(Accept(tools=tools))
-        validate_accept_payload(plan.session, sip=False)
+        if checked:
+            validate_accept_payload(plan.session, sip=False)
         return plan
 
     async def rtc_relay(self, sdp: str) -> tuple[str, str]:

@@ -819,11 +819,11 @@ async def test_a_silent_caller_is_asked_whether_they_are_still_there_then_bid_go
     app = make_app(idle_prompts=1, idle_prompt_instructions="Ask if the caller is still on the line.")
     async with (
         Simulator(playback_rate=100.0) as sim,
-        run_app(app, sim, **{**TEST_SETTINGS, "max_idle_duration": 1.0}) as stack,
+        run_app(app, sim, **{**TEST_SETTINGS, "max_idle_duration": 2.0}) as stack,
     ):
-        # The caller answers about 0.5 s after the first question, 0.5 s before the second silence ends.
-        call = await run_call(stack, Script([GREETING, pause(1.5), caller_says("Yes, I am here.")]))
-        await call.wait_ended(timeout=10)
+        # The caller answers about 1 s after the first question, 1 s before the second silence ends.
+        call = await run_call(stack, Script([GREETING, pause(3.0), caller_says("Yes, I am here.")]))
+        await call.wait_ended(timeout=15)
         assert call.end_reason == "hangup_verb" and (await stack.ended(call)).reason == "idle_timeout"
     asked = [r for r in call.responses if r.source == "auto"]  # (what no script step asked for)
     assert [(r.request or {}).get("instructions") for r in asked] == [

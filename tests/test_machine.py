@@ -2180,3 +2180,27 @@ def test_a_caller_the_server_prompted_already_is_not_asked_again() -> None:
     m.receive(response_done("p1"))
     ending = m.timer("idle")
     assert notices(ending, "call.idle_nudge") == [] and notices(ending, "call.limit") == [{"limit": "idle"}]
+
+
+def test_a_line_still_busy_a_period_later_gets_the_goodbye_not_a_question() -> None:
+    """A response that runs on (or a playback whose stop never came) holds the idle limit off one period;
+    still busy after it, the call is stuck: the goodbye, as without idle prompts, never a question."""
+    m = live_machine(max_idle_duration=10, idle_prompts=2)
+    m.receive({"type": "response.created", "response": {"id": "long"}})
+    assert m.timer("idle") == [StartTimer("idle", 10)]
+    stuck = m.timer("idle")
+    assert notices(stuck, "call.idle_nudge") == [] and notices(stuck, "call.limit") == [{"limit": "idle"}]
+
+
+def test_an_unanswered_turn_is_not_timed_by_the_goodbye() -> None:
+    m = live_machine(max_idle_duration=10)
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "i1"})
+    m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": "i1"})
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.receive(response_done("r1", status="cancelled"))  # no audio answered the turn
+    assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
+    m.receive({"type": "response.created", "response": {"id": "bye"}})
+    assert (
+        notices(m.receive({"type": "output_audio_buffer.started", "response_id": "bye"}), "turn.answered")
+        == []
+    )

@@ -252,3 +252,43 @@ async def test_a_response_under_way_when_the_tools_change_may_still_call_those_i
         runtime._apply(machine.receive(event))
         await asyncio.gather(*runtime._tool_tasks.values())
     assert [(t.call_id, t.outcome) for t in runtime.summary.tools] == [("c1", "ok"), ("c2", "unknown_tool")]
+
+
+async def test_a_response_asked_for_before_the_tools_change_may_call_those_it_was_offered() -> None:
+    """Our response.create is out (answering a tool's output) when code changes the tools (an on_tool
+    hook, say): the server takes the create first, so the response it starts was offered the old tools."""
+    app = desk()
+    machine = CallMachine(MachineConfig(session={"type": "realtime"}))
+
+    async def connect() -> Any:
+        raise AssertionError("no socket in this test")
+
+    runtime = CallRuntime(
+        machine=machine,
+        ctx=CallContext("rtc_y"),
+        tools=app.tools.subset(["verify", "lookup_order"]),
+        catalog=app.tools,
+        connect=connect,
+    )
+
+    def receive(event: dict[str, Any]) -> None:
+        runtime._handle(json.dumps(event).encode())
+
+    receive({"type": "session.updated", "session": {"type": "realtime"}})
+    runtime.say("Tell the caller their order shipped.")  # a create goes out; no response yet
+    assert machine.response_pending and machine.responding is None
+    runtime.update_session(tools=["refund"])
+    for event in (
+        {"type": "response.created", "response": {"id": "r1"}},
+        {
+            "type": "response.function_call_arguments.done",
+            "response_id": "r1",
+            "call_id": "c1",
+            "name": "lookup_order",
+            "arguments": '{"order_id": "5"}',
+        },
+        {"type": "response.done", "response": {"id": "r1", "status": "completed", "output": []}},
+    ):
+        receive(event)
+    await asyncio.gather(*runtime._tool_tasks.values())
+    assert [(t.call_id, t.outcome) for t in runtime.summary.tools] == [("c1", "ok")]

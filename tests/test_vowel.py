@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ORDERS = {"1042": {"status": "shipped", "carrier": "UPS"}}
 
 
-def make_app() -> Sideband:
-    app = Sideband(instructions="You are the test desk.", voice="marin")
+def make_app(**kw: Any) -> Sideband:
+    app = Sideband(instructions="You are the test desk.", voice="marin", **kw)
     app.enable_end_call()
 
     @app.tool
@@ -970,10 +970,14 @@ async def test_a_turn_given_up_on_keeps_its_end_reason_when_the_owner_is_cancell
     assert (session.end_reason, session.failed) == ("reply_cancelled", True)
 
 
+@pytest.mark.parametrize("idle_prompts", [0, 1])
 async def test_a_caller_who_spoke_then_streams_silence_gets_our_goodbye_before_the_engine_cuts(
-    vowel: VowelSimulator, app: Sideband
+    vowel: VowelSimulator, idle_prompts: int
 ) -> None:
-    """The engine's idle clock runs from the last speech: ours too, so our goodbye comes first."""
+    """The engine's idle clock runs from the last speech: ours too, so our goodbye comes first. An app's
+    idle prompts are not asked on the engine: they restart none of its clock, and it would cut the caller
+    off before the goodbye."""
+    app = make_app(idle_prompts=idle_prompts)
     vowel.max_idle_duration, vowel.claim_limits = 3.0, True  # the token claims 3 s: ours fires at 2.7 s
     async with EngineSession.open(settings_for(vowel), app) as session:
         await session.send_audio(speech(100))

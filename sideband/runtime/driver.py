@@ -138,11 +138,19 @@ class CallSummary:
     dtmf: str = ""
     interrupted: tuple[int, ...] = ()
     """Indices in :attr:`transcript` of the agent's lines the caller cut off (barge-in)."""
-    usage: Usage = field(default_factory=Usage)
-    """The tokens the call's responses used and the caller audio transcribed, as the server reported them."""
-    turn_seconds: list[float] = field(default_factory=list)
-    """For each caller turn answered with audio: seconds from the caller's stop (``speech_stopped``) to the
-    start of the model's audio (``output_audio_buffer.started``), as both reached sideband."""
+    turn_seconds: tuple[float, ...] = ()
+    """For each caller turn: seconds from the caller's stop (``speech_stopped``) until the model's audio
+    started (``output_audio_buffer.started``; a holding phrase counts: it ends the silence), as both
+    reached sideband. Empty on a vowel engine (no playback events)."""
+    _usage: Usage | None = field(default=None, repr=False)
+
+    @property
+    def usage(self) -> Usage:
+        """The tokens the call's responses used and the caller audio transcribed, as the server reported
+        them (made on first use: a call that reported none holds none)."""
+        if self._usage is None:
+            self._usage = Usage()
+        return self._usage
 
 
 @dataclass(slots=True)
@@ -317,13 +325,16 @@ class CallRuntime:
     def update_session(self, **fields: Any) -> None:
         """Send a partial ``session.update`` (see :meth:`CallMachine.update_session`). ``tools`` lists the
         names of the call's tools the model is offered from now on (and any tools the server runs itself,
-        as objects); a response already under way may still call those it was offered."""
+        as objects); a response under way, or already asked for, may still call those it was offered."""
         offered = None
         if "tools" in fields:
             offered, fields["tools"] = self._offer(fields["tools"])
         self._apply(self.machine.update_session(fields))
-        if offered is not None and not self.machine.closed:
-            under_way = self.machine.responding
+        machine = self.machine
+        if offered is not None and not machine.closed:
+            # The response under way, or about to start ("": ours is asked for, or the server answers
+            # the caller's turn), was offered the tools in force until now.
+            under_way = machine.responding or ("" if machine.response_pending else None)
             if under_way is None:
                 self._before = None
             elif self._before is None or self._before[1] != under_way:
@@ -392,8 +403,8 @@ class CallRuntime:
                         reason=self.summary.reason,
                         duration_s=round(self.summary.duration, 3),
                         tool_calls=len(self.summary.tools),
-                        input_tokens=self.summary.usage.input_tokens,
-                        output_tokens=self.summary.usage.output_tokens,
+                        input_tokens=self.summary._usage.input_tokens if self.summary._usage else 0,
+                        output_tokens=self.summary._usage.output_tokens if self.summary._usage else 0,
                     )
                 for hook in self.hooks.on_call_end:
                     await self._end_hook(hook)
@@ -587,19 +598,24 @@ class CallRuntime:
         if not isinstance(event, dict):
             return False
         actions = self.machine.receive(event)
+        before = self._before
+        if before is not None and not before[1] and self.machine.responding is not None:
+            self._before = (before[0], self.machine.responding)  # the response that was about to start
         if actions:
             self._apply(actions)
         return bool(self._outbox)
 
     # ------------------------------------------------------------------------------- actions
     def _apply(self, actions: list[Action]) -> None:
+        # The tools in force as the batch began: the calls of one response run with those, whatever a
+        # sibling that runs first (an eager task factory) changes.
+        offered, before = self.tools, self._before
         for action in actions:
             if isinstance(action, Send):
                 self._outbox.append(jsonio.dumps(action.event))
             elif isinstance(action, RunTool):
-                # The tools in force as its response ended (a sibling's run may change them), or those a
-                # response under way when they changed was offered.
-                tools, before = self.tools, self._before
+                # Or those a response under way when they changed was offered.
+                tools = offered
                 if action.name not in tools and before is not None and action.response_id == before[1]:
                     tools = before[0]
                 task = asyncio.create_task(
@@ -878,7 +894,7 @@ class CallRuntime:
             if self._turn_mark is not None:
                 seconds = time.monotonic() - self._turn_mark
                 self._turn_mark = None
-                self.summary.turn_seconds.append(seconds)
+                self.summary.turn_seconds = (*self.summary.turn_seconds, seconds)
                 if self._turns is not None:
                     self._turns.observe(seconds)
                 self.log.info(event, latency_ms=round(seconds * 1000, 1), **fields)

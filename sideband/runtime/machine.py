@@ -624,7 +624,8 @@ class CallMachine:
                 # playback whose end never came, a refused create), and the limit is the backstop.
                 self._idle_waited = True
                 return [StartTimer(_IDLE, period)]
-            return self._idle_reached()
+            # Still busy a period later: stuck (see above), and no question would be heard or answered.
+            return self._idle_reached(nudge=not busy)
         if name == _MAX_DURATION:
             return [
                 Notice("call.limit", {"limit": "max_duration"}),
@@ -712,6 +713,7 @@ class CallMachine:
         """Hang up (or refer) once in-flight outputs and the model's last words are out. Idempotent."""
         if self._closed is not None or self._end is not None:
             return []
+        self._unanswered = False  # (the goodbye, or the last words, answer no turn of the caller's)
         self._end = _End(
             reason=reason,
             verb=verb if self.caps.call_verbs else None,
@@ -736,7 +738,7 @@ class CallMachine:
         streams): the idle limit starts again."""
         if self._closed is not None:
             return []
-        self._nudged = 0
+        self._unnudge()
         return self._touch_idle()
 
     def user_text(self, text: str) -> list[Action]:
@@ -1121,8 +1123,14 @@ class CallMachine:
         """The caller spoke, keyed or typed: a new turn. The same tool call asked for again is no loop,
         and a loop breaker's "no tools" is not owed to this turn; the idle limit starts again."""
         self._last_signature, self._repeat, self._without_tools = None, 0, False
-        self._nudged = 0
+        self._unnudge()
         return self._touch_idle()
+
+    def _unnudge(self) -> None:
+        """The caller is there: a question whether they are still there, not yet asked, is not asked."""
+        if self._nudged and self.config.idle_prompt_instructions in self._queued_say:
+            self._queued_say.remove(self.config.idle_prompt_instructions)
+        self._nudged = 0
 
     def _answered(self, response_id: object = None) -> list[Action]:
         """The model has had its say (``response_id``'s response, or its playback, is over): the caller's
@@ -1134,6 +1142,12 @@ class CallMachine:
                 return self._idle_reached()
             return []
         return self._touch_idle() if self.caps.idle_after_answers else []
+
+    @property
+    def response_pending(self) -> bool:
+        """Whether a response is about to start: our create is out, unanswered so far, or the server is
+        expected to answer the caller's turn (or a silence) by itself."""
+        return self._create_sent is not None or self._turn_wait or self._prompt_due
 
     @property
     def _owed_ours(self) -> bool:
@@ -1159,16 +1173,16 @@ class CallMachine:
             StartTimer(_TURN, TURN_GRACE),
         ]
 
-    def _idle_reached(self) -> list[Action]:
+    def _idle_reached(self, *, nudge: bool = True) -> list[Action]:
         self._idle_due = False
         if self._end is not None:
             return []  # the call is ending for another reason already
+        self._unanswered = False  # a turn unanswered for a whole period: no wait worth timing
         server_prompts = self._prompt is not None or self._prompt_due  # (the server asked them already)
-        if self._nudged < self.config.idle_prompts and not server_prompts:
+        if nudge and self._nudged < self.config.idle_prompts and not server_prompts:
             # Asked whether they are still there; the model's answer starts the clock again (and the
-            # period, once more, where answers do not: the vowel engine).
+            # period, once more, where answers do not).
             self._nudged += 1
-            self._idle_waited = False
             actions: list[Action] = [Notice("call.idle_nudge", {"nudge": self._nudged})]
             if self.config.max_idle_duration:
                 actions.append(StartTimer(_IDLE, self.config.max_idle_duration))

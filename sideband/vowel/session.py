@@ -317,8 +317,9 @@ class EngineSession:
             session=session,
             greeting=None,
             goodbye_instructions=app.goodbye_instructions,
-            idle_prompts=app.idle_prompts,
-            idle_prompt_instructions=app.idle_prompt_instructions,
+            # None: the engine times idleness from the caller's last words, which a question of ours
+            # does not restart; asked, the caller would be cut off by the engine before our goodbye.
+            idle_prompts=0,
             max_call_duration=_tightest(
                 app.max_call_duration or settings.max_call_duration,
                 _before(token.max_call_duration or ENGINE_CALL_LIMIT, self.end_cap),
