@@ -264,8 +264,8 @@ class CallContext:
         ``tools=["refund", "lookup_order"]`` changes the tools the model is offered to these of the app's
         (by name; tools the server runs itself, such as MCP, as objects beside them), and what sideband
         runs with them: a withdrawn tool called later gets ``unknown_tool``, while the calls of a response
-        under way at the change (or already asked for) still run with the tools it was offered. A name the call cannot offer, or
-        a function tool given as an object, raises ``SessionConfigError``."""
+        under way at the change (or already asked for) still run with the tools it was offered. A name
+        the call cannot offer, or a function tool given as an object, raises ``SessionConfigError``."""
         loop = self._foreign_loop()
         if loop is None:
             self._actions.update_session(**fields)

@@ -210,23 +210,28 @@ async def test_tools_that_cannot_be_offered_are_refused_and_change_nothing(tools
     assert sum(1 for e in call.received if e["type"] == "session.update") == 1  # the session config only
 
 
-async def test_a_response_under_way_when_the_tools_change_may_still_call_those_it_was_offered() -> None:
-    """The tools change while a response streams (a hook, a slow tool of an earlier response): that
-    response was offered the old ones, and its call of one withdrawn still runs; the next response's
-    does not."""
+def bare_runtime() -> CallRuntime:
+    """The desk's call runtime with no socket: tests feed it events and read what it ran."""
     app = desk()
-    machine = CallMachine(MachineConfig(session={"type": "realtime"}))
 
     async def connect() -> Any:
         raise AssertionError("no socket in this test")
 
-    runtime = CallRuntime(
-        machine=machine,
-        ctx=CallContext("rtc_x"),
+    return CallRuntime(
+        machine=CallMachine(MachineConfig(session={"type": "realtime"})),
+        ctx=CallContext("rtc_bare"),
         tools=app.tools.subset(["verify", "lookup_order"]),
         catalog=app.tools,
         connect=connect,
     )
+
+
+async def test_a_response_under_way_when_the_tools_change_may_still_call_those_it_was_offered() -> None:
+    """The tools change while a response streams (a hook, a slow tool of an earlier response): that
+    response was offered the old ones, and its call of one withdrawn still runs; the next response's
+    does not."""
+    runtime = bare_runtime()
+    machine = runtime.machine
     for event in (
         {"type": "session.updated", "session": {"type": "realtime"}},
         {"type": "response.created", "response": {"id": "r1"}},
@@ -257,19 +262,8 @@ async def test_a_response_under_way_when_the_tools_change_may_still_call_those_i
 async def test_a_response_asked_for_before_the_tools_change_may_call_those_it_was_offered() -> None:
     """Our response.create is out (answering a tool's output) when code changes the tools (an on_tool
     hook, say): the server takes the create first, so the response it starts was offered the old tools."""
-    app = desk()
-    machine = CallMachine(MachineConfig(session={"type": "realtime"}))
-
-    async def connect() -> Any:
-        raise AssertionError("no socket in this test")
-
-    runtime = CallRuntime(
-        machine=machine,
-        ctx=CallContext("rtc_y"),
-        tools=app.tools.subset(["verify", "lookup_order"]),
-        catalog=app.tools,
-        connect=connect,
-    )
+    runtime = bare_runtime()
+    machine = runtime.machine
 
     def receive(event: dict[str, Any]) -> None:
         runtime._handle(json.dumps(event).encode())
