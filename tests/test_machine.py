@@ -2109,6 +2109,17 @@ def test_the_sessions_expiry_brings_the_call_duration_goodbye_forward() -> None:
 
 def test_a_turn_is_answered_by_the_models_next_audio_not_by_a_server_prompt() -> None:
     m = live_machine()
+
+    def answers(response_id: str) -> list[dict[str, Any]]:
+        """The turns response ``response_id``'s audio answered as it started to play."""
+        m.receive({"type": "response.created", "response": {"id": response_id}})
+        started = m.receive({"type": "output_audio_buffer.started", "response_id": response_id})
+        return notices(started, "turn.answered")
+
+    def played(response_id: str) -> None:
+        m.receive(response_done(response_id))
+        m.receive({"type": "output_audio_buffer.stopped", "response_id": response_id})
+
     m.receive({"type": "input_audio_buffer.speech_started", "item_id": "i1"})
     assert notices(
         m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": "i1"}), "turn.stopped"
@@ -2117,33 +2128,16 @@ def test_a_turn_is_answered_by_the_models_next_audio_not_by_a_server_prompt() ->
     m.receive(response_done("r1"))  # (no audio: a tool call, say)
     # Silence: the server prompts the caller. Its audio answers nothing.
     m.receive({"type": "input_audio_buffer.timeout_triggered", "item_id": "i_silence"})
-    m.receive({"type": "response.created", "response": {"id": "p1"}})
-    assert (
-        notices(m.receive({"type": "output_audio_buffer.started", "response_id": "p1"}), "turn.answered")
-        == []
-    )
-    m.receive(response_done("p1"))
-    m.receive({"type": "output_audio_buffer.stopped", "response_id": "p1"})
-    m.receive({"type": "response.created", "response": {"id": "r2"}})
-    started = m.receive({"type": "output_audio_buffer.started", "response_id": "r2"})
-    assert notices(started, "turn.answered") == [{"response_id": "r2"}]
-    m.receive(response_done("r2"))
-    m.receive({"type": "output_audio_buffer.stopped", "response_id": "r2"})
-    m.receive({"type": "response.created", "response": {"id": "r3"}})
-    assert (
-        notices(m.receive({"type": "output_audio_buffer.started", "response_id": "r3"}), "turn.answered")
-        == []
-    )
+    assert answers("p1") == []
+    played("p1")
+    assert answers("r2") == [{"response_id": "r2"}]
+    played("r2")
+    assert answers("r3") == []
     # A caller whose end the server never showed (speech cut off by the cap) starts no wait to time.
     m.receive({"type": "input_audio_buffer.speech_started", "item_id": "i2"})
     assert notices(m.timer("speaking"), "turn.stopped") == []
-    m.receive(response_done("r3"))
-    m.receive({"type": "output_audio_buffer.stopped", "response_id": "r3"})
-    m.receive({"type": "response.created", "response": {"id": "r4"}})
-    assert (
-        notices(m.receive({"type": "output_audio_buffer.started", "response_id": "r4"}), "turn.answered")
-        == []
-    )
+    played("r3")
+    assert answers("r4") == []
 
 
 def test_a_silent_caller_is_asked_whether_they_are_still_there_before_the_goodbye() -> None:
