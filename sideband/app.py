@@ -19,7 +19,12 @@ from aiohttp import web
 
 from sideband.context import CallContext, SipHeader
 from sideband.runtime.driver import CallHooks
-from sideband.runtime.machine import DEFAULT_FILLER, DEFAULT_GOODBYE, DEFAULT_STILL_THERE
+from sideband.runtime.machine import (
+    DEFAULT_FILLER,
+    DEFAULT_GOODBYE,
+    DEFAULT_GUARDRAIL_NOTE,
+    DEFAULT_STILL_THERE,
+)
 from sideband.session import (
     Accept,
     Decision,
@@ -178,6 +183,8 @@ class Sideband:
         idle_prompts: How many times a silent caller is asked whether they are still there, each after
             ``max_idle_duration`` of silence, before the idle limit's goodbye (default 0: goodbye at once).
         idle_prompt_instructions: What the model is told for that question.
+        guardrail_note: The system message the model gets when an output guardrail stops its reply (the
+            guardrail's reason follows it), before it answers again.
         max_call_duration: Seconds before goodbye and hangup (default ``SIDEBAND_MAX_CALL_SECONDS``).
         max_idle_duration: Seconds of caller silence (no speech, transcript or keypad) after the model
             last finished speaking before goodbye and hangup.
@@ -201,6 +208,7 @@ class Sideband:
         goodbye_instructions: str | None = None,
         idle_prompts: int = 0,
         idle_prompt_instructions: str | None = None,
+        guardrail_note: str | None = None,
         max_call_duration: float | None = None,
         max_idle_duration: float | None = None,
         max_tool_calls: int = 64,
@@ -229,6 +237,7 @@ class Sideband:
             raise ValueError(f"idle_prompts must be a whole number 0-10, got {idle_prompts!r}")
         self.idle_prompts = idle_prompts
         self.idle_prompt_instructions = idle_prompt_instructions or DEFAULT_STILL_THERE
+        self.guardrail_note = guardrail_note or DEFAULT_GUARDRAIL_NOTE
         self.max_call_duration = check_seconds("max_call_duration", max_call_duration)
         self.max_idle_duration = check_seconds("max_idle_duration", max_idle_duration)
         self.max_tool_calls = max_tool_calls
@@ -244,6 +253,8 @@ class Sideband:
         self.on_transcript_hooks: list[Callable[..., Any]] = []
         self.on_dtmf_hooks: list[Callable[..., Any]] = []
         self.on_tool_hooks: list[Callable[..., Any]] = []
+        self.guardrails: list[Callable[..., Any]] = []
+        """Output guardrails (:meth:`guardrail`), in the order they run."""
         self._plans: dict[tuple[Any, ...], CallPlan] = {}
 
     # ------------------------------------------------------------------------------ decorators
@@ -356,14 +367,32 @@ class Sideband:
         self.on_tool_hooks.append(fn)
         return fn
 
+    def guardrail(self, fn: F) -> F:
+        """Check what the model says, as it says it: ``fn(ctx, text)`` gets the words of the model's
+        reply so far, and returns a falsy value to let them pass, or the reason (a string, or ``True``:
+        its name is the reason) to stop the reply. The model writes its words ahead of the caller hearing
+        them, so a reply is usually stopped before the caller hears the words that broke the rule.
+
+        A stopped reply is cancelled (the tool calls it made are not run), the audio the caller has not
+        heard is dropped, and the model is told, by a system message (``guardrail_note`` and the reason),
+        to answer again within the rules (``guardrail.tripped``, ``CallSummary.guardrails``). A plain
+        function runs on the event loop, once per batch of streamed words: keep it quick (a word list, a
+        regular expression); make a slow check (a moderation model) ``async def``: one check runs at a
+        time, and the words that arrive meanwhile are checked together next. A guardrail that raises
+        lets the words pass (``guardrail.failed``). Guardrails check words, not tool calls: a tool checks
+        its own arguments."""
+        self.guardrails.append(fn)
+        return fn
+
     def hooks(self) -> CallHooks:
-        """The call hooks registered on this app."""
+        """The call hooks registered on this app (and its output guardrails)."""
         return CallHooks(
             self.on_call_start_hooks,
             self.on_call_end_hooks,
             self.on_transcript_hooks,
             self.on_dtmf_hooks,
             self.on_tool_hooks,
+            guardrails=self.guardrails,
         )
 
     def tls_context(self) -> ssl.SSLContext:

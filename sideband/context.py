@@ -31,6 +31,7 @@ class CallActions(Protocol):
     def hangup(self, reason: str = ...) -> Awaitable[None]: ...
     def transfer(self, target: str) -> Awaitable[None]: ...
     def say(self, instructions: str) -> None: ...
+    def interrupt(self) -> None: ...
     def send_text(self, text: str) -> None: ...
     def update_session(self, **fields: Any) -> None: ...
 
@@ -45,6 +46,9 @@ class _NoActions:
         raise RuntimeError("no live call behind this context")
 
     def say(self, instructions: str) -> None:
+        raise RuntimeError("no live call behind this context")
+
+    def interrupt(self) -> None:
         raise RuntimeError("no live call behind this context")
 
     def send_text(self, text: str) -> None:
@@ -76,6 +80,9 @@ class _Through:
     def say(self, instructions: str) -> None:
         self._ctx._actions.say(instructions)
 
+    def interrupt(self) -> None:
+        self._ctx._actions.interrupt()
+
     def send_text(self, text: str) -> None:
         self._ctx._actions.send_text(text)
 
@@ -102,6 +109,9 @@ class _Overrun:
         self._refuse()
 
     def say(self, instructions: str) -> None:
+        self._refuse()
+
+    def interrupt(self) -> None:
         self._refuse()
 
     def send_text(self, text: str) -> None:
@@ -132,15 +142,15 @@ class CallContext:
     possible). Like ``sip_headers`` they come from the caller's side of the call and are **untrusted**:
     use them to personalise, never to authorise.
 
-    The actions (:meth:`say`, :meth:`send_text`, :meth:`update_session`, :meth:`hangup`, :meth:`transfer`)
-    may be used from any thread, e.g. from a sync tool, which runs in a worker thread. Called off the
-    call's event loop (:attr:`loop`, captured when the call's actions are bound), an action hops onto that
-    loop (``loop.call_soon_threadsafe``), and the calling thread waits until the loop has carried it out: it
-    then behaves exactly as on the loop, in the same order with the call's other events, and returns or
-    raises the same (e.g. ``ValueError`` for a transfer target outside the allow-list). Off the loop,
-    ``hangup()`` and ``transfer()`` have been requested by the time they return; the awaitable they return
-    is already done, so a sync tool simply calls ``ctx.hangup()`` (awaiting it anyway is harmless). On the
-    loop, ``await ctx.hangup()`` as usual.
+    The actions (:meth:`say`, :meth:`interrupt`, :meth:`send_text`, :meth:`update_session`, :meth:`hangup`,
+    :meth:`transfer`) may be used from any thread, e.g. from a sync tool, which runs in a worker thread.
+    Called off the call's event loop (:attr:`loop`, captured when the call's actions are bound), an action
+    hops onto that loop (``loop.call_soon_threadsafe``), and the calling thread waits until the loop has
+    carried it out: it then behaves exactly as on the loop, in the same order with the call's other events,
+    and returns or raises the same (e.g. ``ValueError`` for a transfer target outside the allow-list). Off the
+    loop, ``hangup()`` and ``transfer()`` have been requested by the time they return; the awaitable they
+    return is already done, so a sync tool simply calls ``ctx.hangup()`` (awaiting it anyway is harmless). On
+    the loop, ``await ctx.hangup()`` as usual.
     """
 
     call_id: str
@@ -245,6 +255,18 @@ class CallContext:
             self._actions.say(instructions)
         else:
             _call_in(loop, lambda: self._actions.say(instructions))
+
+    def interrupt(self) -> None:
+        """Stop what the model is saying now: the response under way is cancelled (the tool calls it
+        made are not run) and, on phone and browser calls, the audio the caller has not heard yet is
+        dropped. A response already asked for (a :meth:`say` sent, not started yet) is cancelled as it
+        starts; a ``say()`` still queued is not, so ``ctx.interrupt(); ctx.say("…")`` replaces what the
+        model was saying. With nothing being said, it does nothing."""
+        loop = self._foreign_loop()
+        if loop is None:
+            self._actions.interrupt()
+        else:
+            _call_in(loop, self._actions.interrupt)
 
     def send_text(self, text: str) -> None:
         """Add ``text`` to the conversation as the caller's (a user text item, e.g. what they keyed on

@@ -632,6 +632,7 @@ class Service:
             goodbye_instructions=app.goodbye_instructions,
             idle_prompts=app.idle_prompts,
             idle_prompt_instructions=app.idle_prompt_instructions,
+            guardrail_note=app.guardrail_note,
             max_tool_calls=app.max_tool_calls,
             max_identical_calls=app.max_identical_calls,
         )
@@ -682,6 +683,7 @@ class Service:
             stats=self.registry.tools,
             usage=self.registry.usage,
             turn_seconds=self.registry.turn_seconds,
+            guardrail_trips=self.registry.guardrail_trips,
         )
         self.registry.start(runtime)
         return runtime

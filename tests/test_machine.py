@@ -1038,9 +1038,9 @@ def test_agent_line_reported_once_when_sent_as_text_and_transcript() -> None:
     first = m.receive({"type": "response.output_audio_transcript.done", **part, "transcript": "Hi."})
     again = m.receive({"type": "response.text.done", **part, "text": "Hi."})
     other = m.receive({"type": "response.text.done", **part, "content_index": 1, "text": "More."})
-    assert notices(first, "transcript") == [{"role": "agent", "text": "Hi."}]
+    assert notices(first, "transcript") == [{"role": "agent", "text": "Hi.", "response_id": "r1"}]
     assert notices(again, "transcript") == []
-    assert notices(other, "transcript") == [{"role": "agent", "text": "More."}]
+    assert notices(other, "transcript") == [{"role": "agent", "text": "More.", "response_id": "r1"}]
 
 
 def test_session_id_last_error_and_response_owed() -> None:

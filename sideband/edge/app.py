@@ -342,6 +342,9 @@ async def metrics(request: web.Request) -> web.Response:
     lines += service.registry.tools.lines()
     lines += service.registry.usage.lines()
     lines += service.registry.turn_seconds.lines("sideband_turn_seconds")
+    lines.append("# TYPE sideband_guardrail_trips_total counter")
+    trips = sorted(service.registry.guardrail_trips.items())  # (names from app code: escaped)
+    lines += [f'sideband_guardrail_trips_total{{guardrail="{label(k)}"}} {v}' for k, v in trips]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 

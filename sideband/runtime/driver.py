@@ -23,6 +23,7 @@ from sideband.blocking import log_blocked, timed
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.logs import failure_fields
 from sideband.metrics import UNKNOWN_TOOL, Histogram, ToolStats
+from sideband.runtime.guard import GUARDED_DELTAS, GUARDED_DONE, OutputGuard
 from sideband.runtime.machine import (
     ACK_TYPES,
     HANDLED_TYPES,
@@ -64,6 +65,7 @@ VerbCall = Callable[[str, str | None], Awaitable[None]]
 _CLEAN_CLOSES = frozenset({1000, 1001})
 _HANDLED = frozenset(t.encode() for t in HANDLED_TYPES)
 _ACKS = frozenset(t.encode() for t in ACK_TYPES)
+_DELTAS = frozenset(t.encode() for t in GUARDED_DELTAS)
 _KEEPALIVE = "\x00keepalive"  # a driver timer name no machine timer can take
 
 HOOK_GRACE = 2.0
@@ -142,6 +144,11 @@ class CallSummary:
     """For each caller turn: seconds from the caller's stop (``speech_stopped``) until the model's audio
     started (``output_audio_buffer.started``; a holding phrase counts: it ends the silence), as both
     reached sideband. Empty on a vowel engine (no playback events)."""
+    guardrails: tuple[tuple[str, str], ...] = ()
+    """``(guardrail, reason)`` for each reply of the model's an output guardrail stopped."""
+    stopped: tuple[int, ...] = ()
+    """Indices in :attr:`transcript` of the agent's lines an output guardrail stopped (what the model
+    wrote before it was stopped: the caller heard some of it, or none)."""
     _usage: Usage | None = field(default=None, repr=False)
 
     @property
@@ -171,6 +178,9 @@ class CallHooks:
     on_tool: list[Callable[..., Any]] = field(default_factory=list)
     on_response: list[Callable[..., Any]] = field(default_factory=list)
     """Called with ``(ctx, response_id, status, tools_running)`` after each ``response.done``."""
+    guardrails: list[Callable[..., Any]] = field(default_factory=list)
+    """Output guardrails: called with ``(ctx, text)`` as the model's words stream in (see
+    :class:`~sideband.runtime.guard.OutputGuard`)."""
 
 
 class CallRuntime:
@@ -189,6 +199,7 @@ class CallRuntime:
         "_connect",
         "_deadlines",
         "_flushing",
+        "_guard",
         "_hook_tasks",
         "_log_args",
         "_log_fields",
@@ -203,6 +214,7 @@ class CallRuntime:
         "_sync_hooks",
         "_targets",
         "_tool_tasks",
+        "_trips",
         "_turn_mark",
         "_turns",
         "_usage",
@@ -237,6 +249,7 @@ class CallRuntime:
         stats: ToolStats | None = None,
         usage: Usage | None = None,
         turn_seconds: Histogram | None = None,
+        guardrail_trips: Counter[str] | None = None,
     ) -> None:
         self.machine = machine
         self.ctx = ctx
@@ -259,6 +272,7 @@ class CallRuntime:
         self._usage = usage  # the process's (``/metrics``), counted along with the call's own
         self._turns = turn_seconds  # the process's answer times (``/metrics``)
         self._turn_mark: float | None = None  # when the caller last stopped speaking, unanswered so far
+        self._trips = guardrail_trips  # the process's replies stopped, per guardrail (``/metrics``)
         self._ws: PushConnection | None = None
         self._outbox: list[bytes] = []  # JSON text frames, a few at most (a deque: 760 bytes per call)
         self._flushing = False
@@ -284,6 +298,11 @@ class CallRuntime:
         self.log = structlog.get_logger(component="sideband.call").bind(
             call_id=ctx.call_id, **self._log_fields
         )
+        self._guard = (
+            OutputGuard(self.hooks.guardrails, ctx, self._stopped, self.log, self._failure)
+            if self.hooks.guardrails
+            else None
+        )
         ctx.actions = self
 
     # ----------------------------------------------------------------------- CallActions API
@@ -306,6 +325,33 @@ class CallRuntime:
     def say(self, instructions: str) -> None:
         """Ask the model to speak (after the current response, if any)."""
         self._apply(self.machine.say(instructions))
+        self._kick()
+
+    def interrupt(self) -> None:
+        """Stop what the model is saying now (see :meth:`CallMachine.interrupt`)."""
+        self._apply(self.machine.interrupt())
+        self._kick()
+
+    async def guarded(self) -> None:
+        """Wait until the output guardrails have checked every word of the model's so far (at once
+        without guardrails)."""
+        if self._guard is not None:
+            await self._guard.settled()
+
+    def _stopped(self, guardrail: str, reason: str, response_id: str | None) -> None:
+        """An output guardrail objected to the words of ``response_id``: stop the reply, tell the model
+        why (:meth:`CallMachine.correct`) and let it answer again."""
+        if self.machine.closed is not None:
+            return
+        self.log.warning("guardrail.tripped", guardrail=guardrail, reason=reason, response_id=response_id)
+        self.summary.guardrails = (*self.summary.guardrails, (guardrail, reason))
+        guard = self._guard
+        line = guard.line_of(response_id) if guard is not None else None
+        if line is not None:  # (else its line, still to come, is marked as it comes)
+            self.summary.stopped = (*self.summary.stopped, line)
+        if self._trips is not None:
+            self._trips[guardrail] += 1
+        self._apply(self.machine.correct(f"{self.machine.config.guardrail_note}\nThe rule: {reason}"))
         self._kick()
 
     def send_text(self, text: str) -> None:
@@ -583,10 +629,12 @@ class CallRuntime:
         nor the event stays referenced afterwards (while a call idles, the last one is often the whole
         session echo)."""
         etype = _leading_type(message)
+        guard = self._guard
         if (
             etype is not None
             and etype not in _HANDLED
             and not (etype in _ACKS and self.machine.awaiting_acks)
+            and (guard is None or etype not in _DELTAS)
         ):
             # Deltas and other events the machine ignores; acknowledgements while no output awaits one.
             return False
@@ -597,6 +645,8 @@ class CallRuntime:
             return False
         if not isinstance(event, dict):
             return False
+        if guard is not None and (event.get("type") in GUARDED_DELTAS or event.get("type") in GUARDED_DONE):
+            guard.feed(event)
         actions = self.machine.receive(event)
         before = self._before
         if before is not None and not before[1] and self.machine.responding is not None:
@@ -906,7 +956,14 @@ class CallRuntime:
                     else:
                         usage.add_transcription(fields["usage"])
         elif event == "transcript":
-            self.summary.transcript.append((fields["role"], fields["text"]))
+            transcript, guard = self.summary.transcript, self._guard
+            if (
+                guard is not None
+                and fields["role"] == "agent"
+                and guard.line(len(transcript), fields.get("response_id"))
+            ):
+                self.summary.stopped = (*self.summary.stopped, len(transcript))
+            transcript.append((fields["role"], fields["text"]))
             if self._log_said:
                 self.log.info("transcript", **fields)
             else:
@@ -947,6 +1004,8 @@ class CallRuntime:
             self._record(record)
             if self.hooks.on_tool:
                 self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
+        elif event == "response.cancel_late":
+            self.log.debug(event, **fields)  # the reply ended before our cancel arrived: nothing to stop
         elif event == "sideband.error" and fields.get("code") == "conversation_already_has_active_response":
             self.log.info(event, **fields)  # a create that crossed a response: sent again after it
         elif event in (
@@ -956,6 +1015,7 @@ class CallRuntime:
             "mcp.failed",
             "call.verb_failed",
             "call.end_forced",
+            "guardrail.silenced",
         ):
             self.log.warning(event, **fields)
         else:
@@ -1038,6 +1098,9 @@ class CallRuntime:
         for task in tasks:
             if not task.cancelling():  # cancelled once already by the end (CancelTool): its cleanup runs
                 task.cancel()
+        checking = self._guard.stop() if self._guard is not None else None
+        if checking is not None:
+            tasks.append(checking)
         ws = self._ws
         if ws is not None:
             with contextlib.suppress(Exception):
@@ -1175,6 +1238,8 @@ class CallRegistry:
         """The tokens and transcription of the calls it ran (``/metrics``), given to each call's runtime."""
         self.turn_seconds = Histogram()
         """Their callers' waits for an answer (``/metrics``), given to each call's runtime."""
+        self.guardrail_trips: Counter[str] = Counter()
+        """Replies output guardrails stopped, per guardrail (``/metrics``), given to each call's runtime."""
 
     def start(self, runtime: CallRuntime) -> asyncio.Task[str]:
         """Run ``runtime`` in its own task, in a fresh logging context."""

@@ -122,6 +122,10 @@ DEFAULT_GOODBYE = "Say a short, polite goodbye to the caller. Do not call any to
 DEFAULT_STILL_THERE = (
     "The caller has said nothing for a while. Ask briefly whether they are still there. Do not call any tool."
 )
+DEFAULT_GUARDRAIL_NOTE = (
+    "Your last reply was stopped before the caller heard all of it, because it broke a rule of this service. "
+    "Do not repeat it or refer to what was cut. Continue helping the caller within the rules."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +180,9 @@ class MachineConfig:
     """How many times a silent caller is asked whether they are still there (each after a full idle
     period) before the idle limit's goodbye."""
     idle_prompt_instructions: str = DEFAULT_STILL_THERE
+    guardrail_note: str = DEFAULT_GUARDRAIL_NOTE
+    """The system message added to the conversation when an output guardrail stops a reply (the rule's
+    reason follows it), before the model answers again."""
     max_call_duration: float | None = None
     max_idle_duration: float | None = None
     max_tool_calls: int = 64
@@ -197,6 +204,10 @@ TURN_GRACE = 1.0
 tool outputs, a ``say()``, a goodbye…) waits for the server's own answer to the caller's turn, which
 speaks the outputs it has seen (see :meth:`CallMachine._on_response_created`)."""
 
+CORRECTIONS = 2
+"""Replies stopped by output guardrails that the model is asked to say again, per caller turn: a model that
+keeps breaking the rule is then stopped and left silent until the caller speaks (no loop of cut replies)."""
+
 BEFORE_THE_CUT = 60.0
 """Seconds before the server cuts the session that the call-duration goodbye starts at the latest (the
 default limit, 3540 s, leaves as much of OpenAI's 60 minutes)."""
@@ -206,6 +217,7 @@ _MAX_DURATION = "max_duration"
 _END_CAP = "end_cap"
 _ORPHANS = "orphans"
 _OUTPUT_EVENT = "sb_output_"
+_CANCEL_EVENT = "sb_cancel_"
 _FILLER = "filler:"
 _GREETING = "greeting"
 _SPEAKING = "speaking"
@@ -273,7 +285,9 @@ class CallMachine:
         "_agent_lines",
         "_answered_total",
         "_calls",
+        "_cancel_next",
         "_closed",
+        "_corrections",
         "_covered_by",
         "_create_sent",
         "_created_for",
@@ -340,6 +354,8 @@ class CallMachine:
         self.responding: str | None = None
         """The id of the response under way, if any (as the server announced it)."""
         self._create_sent: str | None = None  # event_id of our response.create not yet seen created
+        self._cancel_next: str | None = None  # event_id of our create to cancel as it starts (interrupt)
+        self._corrections = 0  # replies stopped by a guardrail and asked for again since the caller's turn
         # the create the last response.created was taken to answer: it may have been the caller's turn
         # (server VAD), and a refusal that names no event then means that create
         self._created_for: str | None = None
@@ -733,6 +749,55 @@ class CallMachine:
         self._queued_say.append(instructions)
         return self._progress()
 
+    def interrupt(self) -> list[Action]:
+        """Stop the model now: cancel the response under way (the tool calls it made are not run) and,
+        where the server plays the audio (SIP, WebRTC), clear what of it the caller has not heard yet. A
+        response of ours asked for and not started yet is cancelled as it starts. With nothing to stop,
+        nothing is sent. Queued :meth:`say` requests stay queued: they follow once the response has ended.
+        Ignored once the call's hangup or transfer went out."""
+        if self._closed is not None or self._going:
+            return []
+        actions: list[Action] = []
+        if self._response_active:
+            actions.append(self._cancel(self.responding))
+        elif self._create_sent is not None:
+            self._cancel_next = self._create_sent
+        if self.caps.audio_playback_events and (actions or self._playing or self._play_unsure):
+            self._seq += 1  # (an error about it names this)
+            actions.append(
+                Send({"type": "output_audio_buffer.clear", "event_id": f"{_CANCEL_EVENT}{self._seq}"})
+            )
+        return actions
+
+    def correct(self, note: str) -> list[Action]:
+        """The model's reply broke a rule of the app's (an output guardrail): stop it (:meth:`interrupt`),
+        add ``note`` to the conversation as a system message, and have the model answer again (once the
+        tools still running are answered), up to :data:`CORRECTIONS` times per caller turn; past that it
+        is left silent until the caller speaks (``guardrail.silenced``). Ignored once the call's hangup or
+        transfer went out."""
+        if self._closed is not None or self._going:
+            return []
+        actions = self.interrupt()
+        self._corrections += 1
+        again = self._corrections <= CORRECTIONS
+        item = {"type": "message", "role": "system", "content": [{"type": "input_text", "text": note}]}
+        send = Send({"type": "conversation.item.create", "item": item})
+        if self._live:
+            actions.append(send)
+        else:
+            self._held = (*self._held, send)
+        if not again:
+            return [*actions, Notice("guardrail.silenced", {"stopped": self._corrections})]
+        self._want_response = True
+        return actions + self._progress()
+
+    def _cancel(self, response_id: str | None) -> Send:
+        self._seq += 1
+        event: dict[str, Any] = {"type": "response.cancel", "event_id": f"{_CANCEL_EVENT}{self._seq}"}
+        if response_id is not None:
+            event["response_id"] = response_id
+        return Send(event)
+
     def caller_active(self) -> list[Action]:
         """The caller is active by other means than speech the server detects (e.g. audio a backend
         streams): the idle limit starts again."""
@@ -810,6 +875,10 @@ class CallMachine:
             self._created_for, self._create_sent = self._create_sent, None
             response_id = _obj(event.get("response")).get("id")
             self._ours = (response_id, self._created_for) if isinstance(response_id, str) else None
+            if self._cancel_next is not None:
+                stop, self._cancel_next = self._cancel_next == self._created_for, None
+                if stop:  # interrupted before it started
+                    return [self._cancel(self.responding)]
         elif self._turn_wait:
             # The server's answer to the caller's turn. It answers our outputs too if it sees them all:
             # each acknowledged before it began (one still unacknowledged, or code's text, may have come
@@ -1060,7 +1129,10 @@ class CallMachine:
         self._agent_lines.add(key)
         response_id = event.get("response_id")
         self._last_line_response = response_id
-        line = Notice("transcript", {"role": "agent", "text": text.strip()})
+        fields = {"role": "agent", "text": text.strip()}
+        if isinstance(response_id, str):
+            fields["response_id"] = response_id  # (the reply it is of)
+        line = Notice("transcript", fields)
         if response_id is not None and response_id == self._cut_response:
             self._cut_response = None  # (its words came after the caller had cut its audio off)
             return [line, Notice("agent.interrupted", {"response_id": response_id})]
@@ -1123,6 +1195,7 @@ class CallMachine:
         """The caller spoke, keyed or typed: a new turn. The same tool call asked for again is no loop,
         and a loop breaker's "no tools" is not owed to this turn; the idle limit starts again."""
         self._last_signature, self._repeat, self._without_tools = None, 0, False
+        self._corrections = 0
         self._unnudge()
         return self._touch_idle()
 
@@ -1226,13 +1299,16 @@ class CallMachine:
         error = _obj(event.get("error"))
         code = error.get("code")
         fields = {**_error_fields(error), "param": error.get("param")}
+        event_id = error.get("event_id")
+        if isinstance(event_id, str) and event_id.startswith(_CANCEL_EVENT):
+            # Our cancel or clear came after the response, or its audio, had ended: nothing to stop.
+            return [Notice("response.cancel_late", {"code": code})]
         self._last_error = fields
         if code == "session_expired":
             return [Notice("sideband.error", fields), *self._close("session_expired")]
         if error.get("type") == "session_timeout":
             return [Notice("sideband.error", fields), *self._close(str(code or "session_timeout"))]
         actions: list[Action] = [Notice("sideband.error", fields)]
-        event_id = error.get("event_id")
         if event_id is None and code == "conversation_already_has_active_response":
             # The error names no event: our unanswered create, else the one a response.created was taken
             # to answer (that response was then the caller's turn, started before ours arrived).

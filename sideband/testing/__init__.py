@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         caller_hangs_up,
         caller_presses,
         caller_says,
+        model_answers,
         model_calls,
         model_fails,
         model_says,
@@ -65,6 +66,7 @@ __all__ = [
     "caller_hangs_up",
     "caller_presses",
     "caller_says",
+    "model_answers",
     "model_calls",
     "model_fails",
     "model_says",
@@ -79,7 +81,7 @@ _HOMES = {
     **dict.fromkeys(
         (
             *("Script", "Step", "caller_hangs_up", "caller_presses", "caller_says", "model_calls"),
-            *("model_fails", "model_says", "pause", "wait_for_greeting"),
+            *("model_answers", "model_fails", "model_says", "pause", "wait_for_greeting"),
         ),
         ".script",
     ),

@@ -94,14 +94,18 @@ class CallerSays:
 @dataclass(frozen=True, slots=True)
 class ModelSays:
     """One spoken model response whose transcript is ``text``; with ``failed``, one that ends ``failed``
-    (a ``server_error``) before it says anything."""
+    (a ``server_error``) before it says anything; with ``asked``, one that waits for the controller's
+    ``response.create`` and answers it."""
 
     text: str
     failed: bool = False
+    asked: bool = False
 
     def describe(self) -> str:
         """A short human description, used in failure messages."""
-        return "model_fails()" if self.failed else f"model_says({self.text!r})"
+        if self.failed:
+            return "model_fails()"
+        return f"model_answers({self.text!r})" if self.asked else f"model_says({self.text!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +248,13 @@ def caller_says(
 def model_says(text: str) -> ModelSays:
     """The model speaks ``text`` in one response."""
     return ModelSays(text)
+
+
+def model_answers(text: str) -> ModelSays:
+    """The model speaks ``text`` in answer to the controller's next ``response.create`` (a ``say()``, the
+    answer after an interrupted reply…): the step waits for it, where :func:`model_says` speaks at once
+    unless a create is pending."""
+    return ModelSays(text, asked=True)
 
 
 def model_fails() -> ModelSays:

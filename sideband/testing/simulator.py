@@ -1942,9 +1942,9 @@ class SimCall:
                     None, (), "failed", must_wait=self._next_needs_create, limit=limit
                 )
                 self._next_needs_create = record is not None  # (the model is silent until asked)
-            case ModelSays(text=text):
+            case ModelSays(text=text, asked=asked):
                 await self._response_step(
-                    text, (), "completed", must_wait=self._next_needs_create, limit=limit
+                    text, (), "completed", must_wait=self._next_needs_create or asked, limit=limit
                 )
             case ModelCalls():
                 await self._model_calls(step, limit)

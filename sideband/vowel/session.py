@@ -320,6 +320,7 @@ class EngineSession:
             # None: the engine times idleness from the caller's last words, which a question of ours
             # does not restart; asked, the caller would be cut off by the engine before our goodbye.
             idle_prompts=0,
+            guardrail_note=app.guardrail_note,
             max_call_duration=_tightest(
                 app.max_call_duration or settings.max_call_duration,
                 _before(token.max_call_duration or ENGINE_CALL_LIMIT, self.end_cap),
@@ -336,7 +337,7 @@ class EngineSession:
         async def connect() -> PushConnection:
             return ws  # opened already; an engine session is never resumed on another socket
 
-        hooks = app.hooks() if self.app_hooks else CallHooks()
+        hooks = app.hooks() if self.app_hooks else CallHooks(guardrails=app.guardrails)  # (rules still hold)
         hooks.on_response = [self._on_response]
         return CallRuntime(
             machine=CallMachine(config, ENGINE_CAPABILITIES),
@@ -459,8 +460,16 @@ class EngineSession:
             return
         if status != "completed" or tools_running or runtime.machine.response_owed:
             return
+        await runtime.guarded()  # (the reply's words are checked before it is handed back)
+        if turn.future.done() or runtime.machine.response_owed:
+            return  # (a guardrail stopped it: the model answers again)
         summary = runtime.summary
-        lines = tuple(t for role, t in summary.transcript[turn.transcript_at :] if role == "agent")
+        at, stopped = turn.transcript_at, summary.stopped
+        lines = tuple(
+            t
+            for i, (role, t) in enumerate(summary.transcript[at:], at)
+            if role == "agent" and i not in stopped
+        )
         tools = tuple(summary.tools[turn.tools_at :])  # recorded before their outputs went out
         turn.future.set_result(Reply(" ".join(lines), lines, tools, response_id, runtime.machine.closed))
 

@@ -1,0 +1,192 @@
+"""Output guardrails: the app's checks on what the model says, run while its words stream in.
+
+The model writes its words faster than the caller hears them (the transcript runs ahead of the audio), so a
+check on the words so far can stop a reply before the caller hears the part that broke a rule. An
+:class:`OutputGuard` runs the call's guardrails over the text of the model's reply as its transcript deltas
+arrive: one check at a time, each on all the words so far (deltas that arrive meanwhile are checked
+together next), and once more on the reply's final text. The first guardrail that objects *trips*: the
+guard reports it (the call driver then stops the reply and has the model answer again) and checks nothing
+more of that reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sideband.blocking import BLOCKED_AFTER, log_blocked, timed
+from sideband.context import CallContext
+
+__all__ = ["GUARDED_DELTAS", "GUARDED_DONE", "OutputGuard", "guardrail_name"]
+
+GUARDED_DELTAS = frozenset(
+    {"response.output_audio_transcript.delta", "response.output_text.delta", "response.text.delta"}
+)
+"""The events that carry the model's words as they stream (audio transcript; text; text's beta name)."""
+
+GUARDED_DONE = frozenset(
+    {"response.output_audio_transcript.done", "response.output_text.done", "response.text.done"}
+)
+"""The events that carry a part's final text (``transcript``, or ``text``)."""
+
+Trip = Callable[[str, str, str | None], None]
+"""What a guard calls when a guardrail objects: ``(guardrail, reason, response_id)``."""
+
+
+def guardrail_name(fn: Callable[..., Any]) -> str:
+    """How logs and metrics name a guardrail: its function's name."""
+    return str(getattr(fn, "__name__", None) or type(fn).__name__)
+
+
+class OutputGuard:
+    """One call's output guardrails, fed the model's transcript events (see the module docstring).
+
+    A guardrail is called with ``(ctx, text)``: the call's context and the words of the reply so far. It
+    returns a falsy value to let them pass; a string (the reason, which the model is told) or ``True``
+    (its name is the reason) to stop the reply. A plain function runs on the event loop: keep it quick (a
+    word list, a regular expression); slower checks (a moderation model) are ``async def``. A guardrail that
+    raises lets the words pass, and is logged (``guardrail.failed``).
+    """
+
+    __slots__ = (
+        "_checked",
+        "_checks",
+        "_ctx",
+        "_failure",
+        "_line",
+        "_log",
+        "_parts",
+        "_pending",
+        "_response",
+        "_task",
+        "_trip",
+        "_tripped",
+    )
+
+    def __init__(
+        self,
+        guardrails: Sequence[Callable[..., Any]],
+        ctx: CallContext,
+        trip: Trip,
+        log: Any,
+        failure: Callable[[BaseException], dict[str, Any]],
+    ) -> None:
+        self._checks = tuple(guardrails)
+        self._ctx = ctx
+        self._trip = trip
+        self._log = log
+        self._failure = failure  # the log fields for a guardrail's exception
+        self._response: str | None = None  # the reply being said
+        self._parts: dict[tuple[Any, ...], str] = {}  # its content parts (item, part, kind) → words so far
+        # content part → (its reply, its words) not checked yet
+        self._pending: dict[tuple[Any, ...], tuple[str | None, str]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._tripped: str | None = None  # the last reply stopped (its later words are not checked)
+        self._checked: tuple[str | None, str] | None = None  # the last words checked, and their reply
+        self._line: tuple[int, str | None] | None = None  # the last agent line of the transcript, its reply
+
+    @property
+    def tripped(self) -> str | None:
+        """The id of the last reply a guardrail stopped."""
+        return self._tripped
+
+    def line(self, index: int, response_id: str | None) -> bool:
+        """The agent's line ``index`` of the transcript, of reply ``response_id``, was written: whether
+        that reply was stopped (else the line is remembered, should it be stopped later)."""
+        if response_id is not None and response_id == self._tripped:
+            return True
+        self._line = (index, response_id)
+        return False
+
+    def line_of(self, response_id: str | None) -> int | None:
+        """The index of the transcript's last agent line if it is of reply ``response_id``."""
+        line = self._line
+        return line[0] if line is not None and response_id is not None and line[1] == response_id else None
+
+    async def settled(self) -> None:
+        """Wait until the words fed so far are checked (at once when they are)."""
+        task = self._task
+        if task is not None:
+            await asyncio.wait({task})
+
+    def feed(self, event: dict[str, Any]) -> None:
+        """A transcript delta or done event of the model's (``GUARDED_DELTAS``, ``GUARDED_DONE``)."""
+        response_id = event.get("response_id")
+        response_id = response_id if isinstance(response_id, str) else None
+        if response_id is not None and response_id == self._tripped:
+            return
+        if response_id != self._response:
+            self._response, self._parts = response_id, {}
+        etype = str(event.get("type"))
+        # (a server may send both the text and the audio transcript of one part: each is checked)
+        key = (event.get("item_id"), event.get("content_index"), etype.rsplit(".", 1)[0])
+        said = self._parts.get(key, "")
+        if etype in GUARDED_DONE:
+            final = event.get("transcript", event.get("text"))
+            if not isinstance(final, str) or final == said:
+                return  # (the words checked, or being checked, already)
+            said = final
+        else:
+            delta = event.get("delta")
+            if not isinstance(delta, str) or not delta:
+                return
+            said += delta
+        self._parts[key] = said
+        self._pending[key] = (response_id, said)
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    def stop(self) -> asyncio.Task[None] | None:
+        """Cancel the check under way (the call ends); returns its task, to await."""
+        task, self._task = self._task, None
+        self._pending.clear()
+        if task is not None:
+            task.cancel()
+        return task
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                key = next(iter(self._pending))
+                response_id, text = self._pending.pop(key)
+                if (response_id is not None and response_id == self._tripped) or self._checked == (
+                    response_id,
+                    text,
+                ):
+                    continue  # (a server that sends a part as text and as transcript: checked once)
+                self._checked = (response_id, text)
+                for check in self._checks:
+                    reason = await self._check(check, text)
+                    if reason is not None:
+                        self._tripped = response_id
+                        self._trip(guardrail_name(check), reason, response_id)
+                        break
+        finally:
+            if self._task is asyncio.current_task():
+                self._task = None
+
+    async def _check(self, check: Callable[..., Any], text: str) -> str | None:
+        """Run one guardrail; its reason if it objects, else ``None``."""
+        name = guardrail_name(check)
+        try:
+            if inspect.iscoroutinefunction(check):
+                verdict = await timed(check(self._ctx, text), log_blocked(self._log, guardrail=name))
+            else:
+                started = time.perf_counter()
+                verdict = check(self._ctx, text)
+                took = time.perf_counter() - started
+                if took >= BLOCKED_AFTER:
+                    log_blocked(self._log, guardrail=name)(took, 1)
+                if inspect.isawaitable(verdict):
+                    verdict = await verdict
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._log.error("guardrail.failed", guardrail=name, **self._failure(exc))
+            return None
+        if not verdict:
+            return None
+        return verdict if isinstance(verdict, str) else name

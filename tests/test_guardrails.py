@@ -1,0 +1,430 @@
+"""Stopping the model: ``ctx.interrupt()`` and output guardrails (``@app.guardrail``), from the call machine
+to whole calls against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+from sideband import CallContext, Sideband
+from sideband.runtime.machine import CORRECTIONS, CallMachine, MachineConfig, Notice, Send
+from sideband.settings import load_settings
+from sideband.testing import (
+    Script,
+    Simulator,
+    caller_hangs_up,
+    caller_presses,
+    caller_says,
+    model_answers,
+    model_calls,
+    model_says,
+    run_app,
+    wait_for_greeting,
+)
+from sideband.testing.vowel import VowelSimulator, when
+from sideband.vowel import EngineSession
+from sideband.vowel.session import ENGINE_CAPABILITIES
+
+from .conftest import capture_logs
+
+SESSION = {"type": "realtime", "instructions": "hi"}
+PROMISE = (
+    "Of course. I guarantee you a full refund today, no questions asked, and I will make sure the money is "
+    "back on your card before the end of the week, whatever the terms of your order say."
+)
+
+
+def live(**caps: Any) -> CallMachine:
+    m = CallMachine(MachineConfig(session=SESSION), ENGINE_CAPABILITIES if caps.get("engine") else None)
+    m.start()
+    if caps.get("engine"):
+        m.receive({"type": "session.created", "session": {"id": "sess_1"}})
+        m.receive({"type": "session.updated", "session": {}})
+    return m
+
+
+def sent(actions: list[Any]) -> list[dict[str, Any]]:
+    return [a.event for a in actions if isinstance(a, Send)]
+
+
+# ------------------------------------------------------------------------------------------ machine
+def test_interrupt_cancels_the_response_under_way_and_clears_its_audio() -> None:
+    m = live()
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    m.receive({"type": "output_audio_buffer.started", "response_id": "resp_1"})
+    out = sent(m.interrupt())
+    assert [e["type"] for e in out] == ["response.cancel", "output_audio_buffer.clear"]
+    assert out[0]["response_id"] == "resp_1"
+    # The reply ends cancelled: the calls it made are not run, and nothing is asked for in its place.
+    done = m.receive({"type": "response.done", "response": {"id": "resp_1", "status": "cancelled"}})
+    assert sent(done) == []
+
+
+def test_interrupt_after_the_reply_was_written_clears_only_the_audio_still_playing() -> None:
+    m = live()
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    m.receive({"type": "output_audio_buffer.started", "response_id": "resp_1"})
+    m.receive({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
+    assert [e["type"] for e in sent(m.interrupt())] == ["output_audio_buffer.clear"]
+    m.receive({"type": "output_audio_buffer.cleared", "response_id": "resp_1"})
+    assert m.interrupt() == []  # nothing is said any more
+
+
+def test_interrupt_cancels_a_reply_asked_for_as_it_starts_and_keeps_a_queued_say() -> None:
+    m = live()
+    assert [e["type"] for e in sent(m.say("first"))] == ["response.create"]
+    m.say("second")  # queued behind the first
+    assert m.interrupt() == []  # nothing started yet: it is cancelled as it starts
+    created = m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    assert sent(created) == [{"type": "response.cancel", "event_id": sent(created)[0]["event_id"],
+                              "response_id": "resp_1"}]  # fmt: skip
+    done = m.receive({"type": "response.done", "response": {"id": "resp_1", "status": "cancelled"}})
+    assert [e.get("response") for e in sent(done)] == [{"instructions": "second"}]
+    # The next reply of ours is not cancelled.
+    assert sent(m.receive({"type": "response.created", "response": {"id": "resp_2"}})) == []
+
+
+def test_interrupt_on_an_engine_only_cancels() -> None:
+    m = live(engine=True)
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    assert [e["type"] for e in sent(m.interrupt())] == ["response.cancel"]
+
+
+def test_a_cancel_that_came_late_is_no_error() -> None:
+    m = live()
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    cancel = sent(m.interrupt())[0]
+    error = {
+        "type": "invalid_request_error",
+        "code": "response_cancel_not_active",
+        "event_id": cancel["event_id"],
+    }
+    actions = m.receive({"type": "error", "error": error})
+    assert [a.event for a in actions if isinstance(a, Notice)] == ["response.cancel_late"]
+    assert m.last_error is None
+
+
+def test_correct_stops_the_reply_and_has_the_model_answer_again_after_the_tools() -> None:
+    m = live()
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    for event in (
+        {"type": "response.function_call_arguments.done", "response_id": "resp_1", "call_id": "c1",
+         "name": "lookup", "arguments": "{}"},
+    ):  # fmt: skip
+        m.receive(event)
+    out = sent(m.correct("Stay polite.\nThe rule: no promises"))
+    assert [e["type"] for e in out] == [
+        "response.cancel",
+        "output_audio_buffer.clear",
+        "conversation.item.create",
+    ]
+    assert out[2]["item"] == {
+        "type": "message",
+        "role": "system",
+        "content": [{"type": "input_text", "text": "Stay polite.\nThe rule: no promises"}],
+    }
+    done = m.receive({"type": "response.done", "response": {"id": "resp_1", "status": "cancelled"}})
+    assert [e["type"] for e in sent(done)] == ["response.create"]  # (its call was not run)
+    assert "response" not in sent(done)[0]  # the session's own instructions: the persona stays
+
+
+def test_a_model_that_keeps_breaking_the_rule_is_left_silent_until_the_caller_speaks() -> None:
+    m = live()
+    creates = []
+    for n in range(CORRECTIONS + 1):
+        m.receive({"type": "response.created", "response": {"id": f"resp_{n}"}})
+        actions = m.correct("note")
+        actions += m.receive(
+            {"type": "response.done", "response": {"id": f"resp_{n}", "status": "cancelled"}}
+        )
+        creates.append([e for e in sent(actions) if e["type"] == "response.create"])
+        if n < CORRECTIONS:
+            m.receive({"type": "response.created", "response": {"id": f"again_{n}"}})
+            m.receive({"type": "response.done", "response": {"id": f"again_{n}", "status": "completed"}})
+    assert [len(c) for c in creates] == [1] * CORRECTIONS + [0]
+    assert [a.fields for a in actions if isinstance(a, Notice) and a.event == "guardrail.silenced"] == [
+        {"stopped": CORRECTIONS + 1}
+    ]
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "item_9"})  # the caller speaks
+    m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": "item_9"})
+    m.receive({"type": "response.created", "response": {"id": "resp_turn"}})
+    actions = m.correct("note")
+    actions += m.receive({"type": "response.done", "response": {"id": "resp_turn", "status": "cancelled"}})
+    assert [e["type"] for e in sent(actions)].count("response.create") == 1
+
+
+# --------------------------------------------------------------------------------------- whole calls
+def guarded_app(**kw: Any) -> tuple[Sideband, list[str]]:
+    """An app whose guardrail stops promises of refunds; returns it and the texts the guardrail saw."""
+    app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.", **kw)
+    seen: list[str] = []
+
+    @app.guardrail
+    def no_refund_promises(ctx: CallContext, text: str) -> str | None:
+        seen.append(text)
+        return "never promise a refund" if "guarantee" in text else None
+
+    return app, seen
+
+
+async def test_a_reply_that_breaks_a_rule_is_stopped_as_it_streams_and_said_again() -> None:
+    app, seen = guarded_app()
+    async with Simulator(event_gap=0.02) as sim, run_app(app, sim) as h:
+        with capture_logs() as logs:
+            call = await h.call(
+                Script(
+                    [
+                        wait_for_greeting("Order desk."),
+                        caller_says("Can I have my money back?"),
+                        model_says(PROMISE),
+                        model_answers("I can look into a refund for you. What is your order number?"),
+                        caller_hangs_up(),
+                    ]
+                )
+            )
+            summary = await h.ended(call)
+        async with aiohttp.ClientSession() as http, http.get(h.url("/metrics")) as r:
+            metrics = await r.text()
+    stopped, again = call.responses[1], call.responses[2]
+    assert stopped.status == "cancelled"
+    assert stopped.text is not None and "guarantee" in stopped.text and len(stopped.text) < len(PROMISE)
+    assert again.status == "completed" and again.text is not None and again.text.startswith("I can look")
+    assert again.request == {}  # asked for plainly: the session's persona stays
+    # In order: the cancel of that reply, the clear of its audio, the note, and one new response.
+    sent_types = [e["type"] for e in call.received]
+    start = sent_types.index("response.cancel")
+    assert sent_types[start : start + 4] == [
+        "response.cancel",
+        "output_audio_buffer.clear",
+        "conversation.item.create",
+        "response.create",
+    ]
+    assert call.received[start]["response_id"] == stopped.response_id
+    note = call.received[start + 2]["item"]
+    assert note["role"] == "system" and note["content"][0]["text"].endswith(
+        "The rule: never promise a refund"
+    )
+    assert summary.guardrails == (("no_refund_promises", "never promise a refund"),)
+    assert [summary.transcript[i] for i in summary.stopped] == [("agent", stopped.text)]
+    tripped = [e for e in logs if e["event"] == "guardrail.tripped"]
+    assert [(e["guardrail"], e["reason"], e["response_id"]) for e in tripped] == [
+        ("no_refund_promises", "never promise a refund", stopped.response_id)
+    ]
+    assert 'sideband_guardrail_trips_total{guardrail="no_refund_promises"} 1' in metrics.splitlines()
+    # The words were checked as they streamed (not only whole), and the stopped reply's later words not.
+    assert any(PROMISE.startswith(t) and t != PROMISE for t in seen)
+    assert not any(t.startswith(stopped.text) and len(t) > len(stopped.text) for t in seen)
+
+
+async def test_a_reply_written_before_its_check_ends_still_has_its_unheard_audio_dropped() -> None:
+    app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
+    checked = asyncio.Event()
+
+    @app.guardrail
+    async def moderation(ctx: CallContext, text: str) -> bool:
+        if "guarantee" not in text:
+            return False
+        await asyncio.sleep(0)  # (a slow check: the reply is written meanwhile)
+        checked.set()
+        return True
+
+    # 10 characters a second: the reply plays for many seconds after it was written.
+    async with Simulator(playback_rate=10) as sim, run_app(app, sim) as h:
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Hi."),
+                    caller_says("Refund?"),
+                    model_says(PROMISE),
+                    model_answers("Let me check your order."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        summary = await h.ended(call)
+    stopped = call.responses[1]
+    assert stopped.status == "completed" and stopped.text == PROMISE  # written whole before the check
+    assert checked.is_set()
+    types = [e["type"] for e in call.received]
+    assert "response.cancel" not in types  # nothing to cancel: only the audio still playing goes
+    cleared = [
+        e for e in call.sent_of_type("output_audio_buffer.cleared") if e["response_id"] == stopped.response_id
+    ]
+    assert len(cleared) == 1
+    assert not [
+        e for e in call.sent_of_type("output_audio_buffer.stopped") if e["response_id"] == stopped.response_id
+    ]
+    assert summary.guardrails == (("moderation", "moderation"),)  # True: the guardrail's name is the reason
+    line = summary.transcript.index(("agent", PROMISE))
+    assert line in summary.interrupted  # its line says the caller did not hear it all
+    assert summary.stopped == (line,)  # (marked as the guardrail tripped: the line was written already)
+
+
+async def test_a_guardrail_that_raises_lets_the_words_pass_and_is_logged() -> None:
+    app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
+
+    @app.guardrail
+    def broken(ctx: CallContext, text: str) -> bool:
+        raise RuntimeError("the word list is missing")
+
+    async with Simulator(event_gap=0.005) as sim, run_app(app, sim) as h:
+        with capture_logs() as logs:
+            call = await h.call(
+                Script(
+                    [wait_for_greeting("Hi."), caller_says("Refund?"), model_says(PROMISE), caller_hangs_up()]
+                )
+            )
+            summary = await h.ended(call)
+    assert all(r.status == "completed" for r in call.responses)
+    assert "response.cancel" not in [e["type"] for e in call.received]
+    assert summary.guardrails == ()
+    failed = [e for e in logs if e["event"] == "guardrail.failed"]
+    assert failed and failed[0]["guardrail"] == "broken" and failed[0]["error"].startswith("RuntimeError")
+
+
+async def test_replies_that_pass_are_checked_whole_and_left_alone() -> None:
+    app, seen = guarded_app()
+    async with Simulator(event_gap=0.005) as sim, run_app(app, sim) as h:
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Welcome to the order desk."),
+                    caller_says("Where is my order?"),
+                    model_says("It left the warehouse this morning and arrives tomorrow."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        summary = await h.ended(call)
+    assert summary.guardrails == ()
+    assert "Welcome to the order desk." in seen
+    assert "It left the warehouse this morning and arrives tomorrow." in seen
+    assert "response.cancel" not in [e["type"] for e in call.received]
+    assert [e["item"]["role"] for e in call.received if e["type"] == "conversation.item.create"] == []
+
+
+async def test_a_hook_interrupts_the_model_and_says_something_else() -> None:
+    app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
+
+    @app.on_dtmf
+    def operator(ctx: CallContext, digit: str) -> None:
+        if digit == "0":
+            ctx.interrupt()
+            ctx.say("Tell the caller you are putting them through to an operator.")
+
+    async with Simulator(playback_rate=10) as sim, run_app(app, sim) as h:
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Hi."),
+                    caller_says("What are your opening hours?"),
+                    model_says(PROMISE),  # still playing when the caller presses 0
+                    caller_presses("0"),
+                    model_answers("Putting you through to an operator."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        await h.ended(call)
+    long_reply = call.responses[1]
+    types = [e["type"] for e in call.received]
+    clear = types.index("output_audio_buffer.clear")
+    assert "response.cancel" not in types  # (the reply was written already)
+    create = types.index("response.create", clear)
+    assert call.received[create]["response"] == {
+        "instructions": "Tell the caller you are putting them through to an operator."
+    }
+    assert [e["response_id"] for e in call.sent_of_type("output_audio_buffer.cleared")] == [
+        long_reply.response_id
+    ]
+    assert call.responses[2].text == "Putting you through to an operator."
+
+
+async def test_a_tool_interrupts_from_its_worker_thread() -> None:
+    app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
+
+    @app.tool
+    def stop_talking(ctx: CallContext) -> str:
+        """Stop."""
+        ctx.interrupt()  # its response was written whole: what of it still plays is dropped
+        return "stopped"
+
+    async with Simulator(playback_rate=10) as sim, run_app(app, sim) as h:
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Hi."),
+                    caller_says("Stop."),
+                    model_calls("stop_talking", {}, preamble=PROMISE),
+                    model_says("Stopped."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        summary = await h.ended(call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("stop_talking", "ok")]
+    types = [e["type"] for e in call.received]
+    assert "response.cancel" not in types
+    assert types.index("output_audio_buffer.clear") < types.index(
+        "conversation.item.create"
+    )  # before its output
+    preamble = call.responses[1]
+    assert [e["response_id"] for e in call.sent_of_type("output_audio_buffer.cleared")] == [
+        preamble.response_id
+    ]
+
+
+async def test_an_engine_session_hands_back_the_answer_given_after_a_stopped_reply() -> None:
+    app, seen = guarded_app()
+    replies = iter(["I guarantee a full refund, today.", "Let me look at your order first."])
+    async with VowelSimulator(event_delay=0.05) as vowel:  # (a word every 50 ms)
+        vowel.script([when("refund", reply=lambda outputs: next(replies))])
+        settings = load_settings({**vowel.settings_values(), "max_idle_duration": 30.0}, environ={})
+        async with EngineSession.open(settings, app) as session:
+            reply = await session.say("Can I get a refund?")
+            summary = session.runtime.summary
+        engine = vowel.sessions[0]
+    assert reply.text == "Let me look at your order first."
+    assert summary.guardrails == (("no_refund_promises", "never promise a refund"),)
+    # After the caller's words: the stopped reply's cancel (no audio clear: the engine plays none of its own),
+    # the note, and one new response.
+    after = engine.received[[e["type"] for e in engine.received].index("conversation.item.create") + 1 :]
+    assert [(e["type"], e.get("item", {}).get("role")) for e in after] == [
+        ("response.cancel", None),
+        ("conversation.item.create", "system"),
+        ("response.create", None),
+    ]
+    assert [r.status for r in engine.responses] == ["cancelled", "completed"]
+    assert any(t.startswith("I guarantee") for t in seen)
+
+
+async def test_an_engine_turn_waits_for_the_check_of_its_reply_before_handing_it_back() -> None:
+    """The check ends after the reply was written whole (a slow moderation call): the turn is not handed
+    back with the words that broke the rule, but with the answer given instead."""
+    app = Sideband(instructions="You are the order desk.")
+    sessions: list[EngineSession] = []
+
+    @app.guardrail
+    async def moderation(ctx: CallContext, text: str) -> str | None:
+        if "guarantee" not in text:
+            return None
+        machine = sessions[0].runtime.machine
+        async with asyncio.timeout(5):
+            while machine.responding is not None:  # until the reply's response.done was handled
+                await asyncio.sleep(0.001)
+        return "no promises"
+
+    replies = iter(["I guarantee a refund.", "Let me check your order."])
+    async with VowelSimulator() as vowel:
+        vowel.script([when("refund", reply=lambda outputs: next(replies))])
+        settings = load_settings({**vowel.settings_values(), "max_idle_duration": 30.0}, environ={})
+        async with EngineSession.open(settings, app) as session:
+            sessions.append(session)
+            reply = await session.say("Can I get a refund?")
+            summary = session.runtime.summary
+    assert reply.text == "Let me check your order."
+    assert reply.lines == ("Let me check your order.",)
+    assert [summary.transcript[i] for i in summary.stopped] == [("agent", "I guarantee a refund.")]
+    assert summary.guardrails == (("moderation", "no promises"),)
