@@ -32,6 +32,7 @@ class CallActions(Protocol):
     def transfer(self, target: str) -> Awaitable[None]: ...
     def say(self, instructions: str) -> None: ...
     def interrupt(self) -> None: ...
+    def collect_digits(self, max_digits: int | None, end: str | None, timeout: float) -> Awaitable[str]: ...
     def send_text(self, text: str) -> None: ...
     def update_session(self, **fields: Any) -> None: ...
 
@@ -49,6 +50,9 @@ class _NoActions:
         raise RuntimeError("no live call behind this context")
 
     def interrupt(self) -> None:
+        raise RuntimeError("no live call behind this context")
+
+    async def collect_digits(self, max_digits: int | None, end: str | None, timeout: float) -> str:
         raise RuntimeError("no live call behind this context")
 
     def send_text(self, text: str) -> None:
@@ -83,6 +87,9 @@ class _Through:
     def interrupt(self) -> None:
         self._ctx._actions.interrupt()
 
+    def collect_digits(self, max_digits: int | None, end: str | None, timeout: float) -> Awaitable[str]:
+        return self._ctx._actions.collect_digits(max_digits, end, timeout)
+
     def send_text(self, text: str) -> None:
         self._ctx._actions.send_text(text)
 
@@ -113,6 +120,10 @@ class _Overrun:
 
     def interrupt(self) -> None:
         self._refuse()
+
+    async def collect_digits(self, max_digits: int | None, end: str | None, timeout: float) -> str:
+        self._refuse()
+        return ""
 
     def send_text(self, text: str) -> None:
         self._refuse()
@@ -268,6 +279,29 @@ class CallContext:
         else:
             _call_in(loop, self._actions.interrupt)
 
+    async def collect_digits(
+        self, max_digits: int | None = None, *, end: str | None = "#", timeout: float = 5.0
+    ) -> str:
+        """Collect what the caller keys on the keypad from now on (SIP calls), as a phone menu does:
+        ``pin = await ctx.collect_digits(4)``.
+
+        It returns the keys pressed, in order, once ``max_digits`` keys are in, a key of ``end`` is
+        pressed (it is not included: ``"#"`` by default, ``None`` for none), or ``timeout`` seconds pass
+        without a key (the wait starts again at each key); then with what was keyed so far, possibly
+        ``""``. Keys the caller typed ahead (after they last spoke, before the collection began: while
+        the model was still asking, say) come first; keys from before they last spoke, or taken by an
+        earlier collection, are not collected. The :meth:`~sideband.Sideband.on_dtmf` hooks see every key
+        all the same. A coroutine: from an ``async def`` tool or hook. A tool that
+        collects keys waits for the caller: give it a ``timeout`` of its own long enough, and
+        ``filler_after=None`` (the caller is keying, not waiting)."""
+        if max_digits is not None and (type(max_digits) is not int or max_digits < 1):
+            raise ValueError(f"max_digits must be a whole number of 1 or more, or None, not {max_digits!r}")
+        if end is not None and (not isinstance(end, str) or not end or set(end) - _KEYS):
+            raise ValueError(f"end must be keypad keys (0-9, *, #, A-D), or None, not {end!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < 3600:
+            raise ValueError(f"timeout must be a number of seconds above 0 (below 3600), not {timeout!r}")
+        return await self._actions.collect_digits(max_digits, end, float(timeout))
+
     def send_text(self, text: str) -> None:
         """Add ``text`` to the conversation as the caller's (a user text item, e.g. what they keyed on
         the keypad: the model does not hear tones), and have the model answer it. It is a caller line of
@@ -300,6 +334,9 @@ class CallContext:
         if loop is None or _running_loop() is loop or not loop.is_running():
             return None
         return loop
+
+
+_KEYS = frozenset("0123456789*#ABCD")
 
 
 def _call_in(loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> T:

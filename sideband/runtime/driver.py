@@ -67,6 +67,7 @@ _HANDLED = frozenset(t.encode() for t in HANDLED_TYPES)
 _ACKS = frozenset(t.encode() for t in ACK_TYPES)
 _DELTAS = frozenset(t.encode() for t in GUARDED_DELTAS)
 _KEEPALIVE = "\x00keepalive"  # a driver timer name no machine timer can take
+_TYPE_AHEAD = 32  # keys kept for the next collection at most (the last ones)
 
 HOOK_GRACE = 2.0
 """Seconds hooks still running when a call ends get to finish before they are cancelled (and awaited,
@@ -201,6 +202,7 @@ class CallRuntime:
         "_flushing",
         "_guard",
         "_hook_tasks",
+        "_keypad",
         "_log_args",
         "_log_fields",
         "_log_said",
@@ -217,6 +219,7 @@ class CallRuntime:
         "_trips",
         "_turn_mark",
         "_turns",
+        "_typed",
         "_usage",
         "_verb_call",
         "_ws",
@@ -273,6 +276,9 @@ class CallRuntime:
         self._turns = turn_seconds  # the process's answer times (``/metrics``)
         self._turn_mark: float | None = None  # when the caller last stopped speaking, unanswered so far
         self._trips = guardrail_trips  # the process's replies stopped, per guardrail (``/metrics``)
+        self._keypad: list[asyncio.Queue[str]] | None = None  # the collections of keys under way
+        # keys pressed while none was under way (typed ahead), each with the caller's turn it came in
+        self._typed: list[tuple[int, str]] | None = None
         self._ws: PushConnection | None = None
         self._outbox: list[bytes] = []  # JSON text frames, a few at most (a deque: 760 bytes per call)
         self._flushing = False
@@ -337,6 +343,38 @@ class CallRuntime:
         without guardrails)."""
         if self._guard is not None:
             await self._guard.settled()
+
+    async def collect_digits(self, max_digits: int | None, end: str | None, timeout: float) -> str:
+        """The keys the caller presses from now on (see :meth:`CallContext.collect_digits`)."""
+        keys: asyncio.Queue[str] = asyncio.Queue()
+        turn, typed, self._typed = self.machine.caller_turns, self._typed or (), None
+        for keyed_in, key in typed:  # typed ahead since the caller last spoke: first in line
+            if keyed_in == turn:
+                keys.put_nowait(key)
+        if self._keypad is None:
+            self._keypad = []
+        self._keypad.append(keys)
+        keyed: list[str] = []
+        ended_by = "max_digits"
+        try:
+            while max_digits is None or len(keyed) < max_digits:
+                try:
+                    async with asyncio.timeout(timeout):
+                        key = await keys.get()
+                except TimeoutError:
+                    ended_by = "timeout"
+                    break
+                if end is not None and key in end:
+                    ended_by = "end_key"
+                    break
+                keyed.append(key)
+        finally:
+            if self._keypad is not None:
+                self._keypad.remove(keys)
+                if not self._keypad:
+                    self._keypad = None
+        self.log.info("dtmf.collected", keys=len(keyed), ended_by=ended_by)
+        return "".join(keyed)
 
     def _stopped(self, guardrail: str, reason: str, response_id: str | None) -> None:
         """An output guardrail objected to the words of ``response_id``: stop the reply, tell the model
@@ -982,6 +1020,13 @@ class CallRuntime:
                 self.summary.interrupted = (*self.summary.interrupted, line)
         elif event == "dtmf":
             self.summary.dtmf += fields["digit"]
+            if self._keypad is not None:
+                for keys in self._keypad:
+                    keys.put_nowait(fields["digit"])
+            else:  # typed ahead: the next collection takes it, unless the caller speaks first
+                typed = self._typed = self._typed or []
+                typed.append((self.machine.caller_turns, fields["digit"]))
+                del typed[:-_TYPE_AHEAD]
             self.log.info("dtmf", **(fields if self._log_said else {}))
             if self.hooks.on_dtmf:
                 self._spawn_hooks(self.hooks.on_dtmf, self.ctx, fields["digit"])

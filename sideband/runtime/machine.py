@@ -335,6 +335,7 @@ class CallMachine:
         "_updated",
         "_want_response",
         "_without_tools",
+        "caller_turns",
         "caps",
         "config",
         "responding",
@@ -353,6 +354,8 @@ class CallMachine:
         self._nudged = 0  # times the silent caller was asked whether they are still there
         self.responding: str | None = None
         """The id of the response under way, if any (as the server announced it)."""
+        self.caller_turns = 0
+        """How many times the caller began to speak (or code added their words: :meth:`user_text`)."""
         self._create_sent: str | None = None  # event_id of our response.create not yet seen created
         self._cancel_next: str | None = None  # event_id of our create to cancel as it starts (interrupt)
         self._corrections = 0  # replies stopped by a guardrail and asked for again since the caller's turn
@@ -813,6 +816,7 @@ class CallMachine:
             return []
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
         send = Send({"type": "conversation.item.create", "item": item})
+        self.caller_turns += 1
         actions = self._caller_turn()
         if text.strip():  # the caller's line of the transcript (no transcription event comes for text)
             actions.append(Notice("transcript", {"role": "caller", "text": text.strip()}))
@@ -1143,6 +1147,7 @@ class CallMachine:
         if item is not None:
             self._turn_items = (*self._turn_items[-3:], item)
         self._speaking = True  # nothing of ours starts over the caller's words (see _progress)
+        self.caller_turns += 1
         return [*self._caller_turn(), StartTimer(_SPEAKING, SPEECH_CAP)]
 
     def _on_speech_stopped(self, event: dict[str, Any]) -> list[Action]:
