@@ -7,8 +7,10 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import pytest
 
 from sideband import CallContext, Sideband
+from sideband.runtime import guard
 from sideband.runtime.machine import CORRECTIONS, CallMachine, MachineConfig, Notice, Send
 from sideband.settings import load_settings
 from sideband.testing import (
@@ -428,3 +430,38 @@ async def test_an_engine_turn_waits_for_the_check_of_its_reply_before_handing_it
     assert reply.lines == ("Let me check your order.",)
     assert [summary.transcript[i] for i in summary.stopped] == [("agent", "I guarantee a refund.")]
     assert summary.guardrails == (("moderation", "no promises"),)
+
+
+async def test_a_check_that_hangs_lets_the_words_pass_and_the_next_ones_are_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(guard, "CHECK_TIMEOUT", 0.2)
+    app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
+
+    @app.guardrail
+    async def moderation(ctx: CallContext, text: str) -> str | None:
+        if text.startswith("Your order"):
+            await asyncio.Event().wait()  # a moderation service that never answers
+        return "no promises" if "guarantee" in text else None
+
+    async with run_app(app) as h:
+        with capture_logs() as logs:
+            call = await h.call(
+                Script(
+                    [
+                        wait_for_greeting("Hi."),
+                        caller_says("Where is my order?"),
+                        model_says("Your order ships today."),
+                        caller_says("And a refund?"),
+                        model_says("I guarantee one."),
+                        model_answers("A colleague will decide on refunds."),
+                        caller_hangs_up(),
+                    ]
+                )
+            )
+            summary = await h.ended(call)
+    failed = [e for e in logs if e["event"] == "guardrail.failed"]
+    assert [(e["guardrail"], e["error"]) for e in failed] == [("moderation", "timeout")]
+    assert summary.guardrails == (("moderation", "no promises"),)
+    assert [summary.transcript[i] for i in summary.stopped] == [("agent", "I guarantee one.")]
+    assert call.responses[-1].text == "A colleague will decide on refunds."

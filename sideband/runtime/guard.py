@@ -20,7 +20,7 @@ from typing import Any
 from sideband.blocking import BLOCKED_AFTER, log_blocked, timed
 from sideband.context import CallContext
 
-__all__ = ["GUARDED_DELTAS", "GUARDED_DONE", "OutputGuard", "guardrail_name"]
+__all__ = ["CHECK_TIMEOUT", "GUARDED_DELTAS", "GUARDED_DONE", "OutputGuard", "guardrail_name"]
 
 GUARDED_DELTAS = frozenset(
     {"response.output_audio_transcript.delta", "response.output_text.delta", "response.text.delta"}
@@ -31,6 +31,10 @@ GUARDED_DONE = frozenset(
     {"response.output_audio_transcript.done", "response.output_text.done", "response.text.done"}
 )
 """The events that carry a part's final text (``transcript``, or ``text``)."""
+
+CHECK_TIMEOUT = 5.0
+"""Seconds an ``async def`` guardrail may take over one check: then the words pass (``guardrail.failed``
+with ``error`` ``timeout``), and the next words are checked."""
 
 Trip = Callable[[str, str, str | None], None]
 """What a guard calls when a guardrail objects: ``(guardrail, reason, response_id)``."""
@@ -47,8 +51,9 @@ class OutputGuard:
     A guardrail is called with ``(ctx, text)``: the call's context and the words of the reply so far. It
     returns a falsy value to let them pass; a string (the reason, which the model is told) or ``True``
     (its name is the reason) to stop the reply. A plain function runs on the event loop: keep it quick (a
-    word list, a regular expression); slower checks (a moderation model) are ``async def``. A guardrail that
-    raises lets the words pass, and is logged (``guardrail.failed``).
+    word list, a regular expression); slower checks (a moderation model) are ``async def``, and get
+    :data:`CHECK_TIMEOUT` seconds. A guardrail that raises or overruns lets the words pass, and is logged
+    (``guardrail.failed``).
     """
 
     __slots__ = (
@@ -171,9 +176,11 @@ class OutputGuard:
     async def _check(self, check: Callable[..., Any], text: str) -> str | None:
         """Run one guardrail; its reason if it objects, else ``None``."""
         name = guardrail_name(check)
+        limit = asyncio.timeout(CHECK_TIMEOUT)
         try:
             if inspect.iscoroutinefunction(check):
-                verdict = await timed(check(self._ctx, text), log_blocked(self._log, guardrail=name))
+                async with limit:
+                    verdict = await timed(check(self._ctx, text), log_blocked(self._log, guardrail=name))
             else:
                 started = time.perf_counter()
                 verdict = check(self._ctx, text)
@@ -181,11 +188,15 @@ class OutputGuard:
                 if took >= BLOCKED_AFTER:
                     log_blocked(self._log, guardrail=name)(took, 1)
                 if inspect.isawaitable(verdict):
-                    verdict = await verdict
+                    async with limit:
+                        verdict = await verdict
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._log.error("guardrail.failed", guardrail=name, **self._failure(exc))
+            if isinstance(exc, TimeoutError) and limit.expired():
+                self._log.error("guardrail.failed", guardrail=name, error="timeout", timeout_s=CHECK_TIMEOUT)
+            else:
+                self._log.error("guardrail.failed", guardrail=name, **self._failure(exc))
             return None
         if not verdict:
             return None
