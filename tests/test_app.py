@@ -531,3 +531,14 @@ def test_a_session_given_as_a_dict_is_a_clear_type_error() -> None:
     with pytest.raises(TypeError, match=r"session must be a SessionConfig .* not dict"):
         Sideband(session={"voice": "marin"})  # type: ignore[arg-type]
     assert Sideband(session=SessionConfig.model_validate({"voice": "marin"})).config.voice == "marin"
+
+
+def test_order_desk_example_stops_a_promised_refund() -> None:
+    from sideband.examples.order_desk import app, no_refund_promises
+
+    assert app.guardrails == [no_refund_promises]
+    ctx = CallContext("rtc_1")
+    assert no_refund_promises(ctx, "I can promise you a full refund today.")
+    assert no_refund_promises(ctx, "We GUARANTEE a\nrefund.")
+    assert no_refund_promises(ctx, "Your order ships Thursday. Refunds are handled by billing.") is None
+    assert no_refund_promises(ctx, "I promise to check.") is None

@@ -1,8 +1,10 @@
-"""The order desk of Example Corp: look up an order, transfer to a human, end the call."""
+"""The order desk of Example Corp: look up an order, transfer to a human, end the call; never promise a
+refund."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -42,6 +44,17 @@ async def lookup_order(
         raise ToolError(f"No order {order_id}. Ask the caller to repeat the number.")
     ctx.state.setdefault("orders_checked", []).append(order_id)
     return {"order_id": order_id, **order}
+
+
+_REFUND_PROMISE = re.compile(r"\b(guarantee|promise)\w*\b.*\brefund", re.IGNORECASE | re.DOTALL)
+
+
+@app.guardrail
+def no_refund_promises(ctx: CallContext, text: str) -> str | None:
+    """Refunds are decided by the billing team: a reply that promises one is stopped."""
+    if _REFUND_PROMISE.search(text):
+        return "never promise a refund: offer to transfer the caller to billing"
+    return None
 
 
 @app.on_incoming
