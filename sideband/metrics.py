@@ -25,7 +25,7 @@ def label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-_NOT_RUN = frozenset({"invalid_arguments", "unknown_tool", "loop_breaker"})
+_NOT_RUN = frozenset({"invalid_arguments", "unknown_tool", "loop_breaker", "stopped"})
 
 
 class _Series:
@@ -79,8 +79,8 @@ class Histogram:
 class ToolStats:
     """The tool rounds of a process's calls: how each ended, per tool (``outcomes``), and how long the
     ones that ran took (``seconds``: outcomes ``ok``, ``error``, ``timeout`` and ``cancelled``; a call
-    refused before its function ran, as ``invalid_arguments``, ``unknown_tool`` or ``loop_breaker``, is
-    counted but not timed)."""
+    refused before its function ran, as ``invalid_arguments``, ``unknown_tool``, ``loop_breaker`` or
+    ``stopped``, is counted but not timed)."""
 
     __slots__ = ("outcomes", "seconds")
 

@@ -4,6 +4,7 @@ to whole calls against the simulator."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import aiohttp
@@ -11,7 +12,7 @@ import pytest
 
 from sideband import CallContext, Sideband
 from sideband.runtime import guard
-from sideband.runtime.machine import CORRECTIONS, CallMachine, MachineConfig, Notice, Send
+from sideband.runtime.machine import CORRECTIONS, CallMachine, MachineConfig, Notice, Send, Verb
 from sideband.settings import load_settings
 from sideband.testing import (
     Script,
@@ -465,3 +466,138 @@ async def test_a_check_that_hangs_lets_the_words_pass_and_the_next_ones_are_chec
     assert summary.guardrails == (("moderation", "no promises"),)
     assert [summary.transcript[i] for i in summary.stopped] == [("agent", "I guarantee one.")]
     assert call.responses[-1].text == "A colleague will decide on refunds."
+
+
+# ------------------------------------------------------------------------------ what a stop leaves alone
+def test_a_stopped_goodbye_is_asked_for_again_before_the_hangup() -> None:
+    m = live()
+    create = sent(m.request_end("idle_timeout", goodbye=True))
+    assert create[0]["response"]["tool_choice"] == "none"
+    m.receive({"type": "response.created", "response": {"id": "resp_bye"}})
+    out = sent(m.correct("note", "resp_bye"))
+    assert [e["type"] for e in out] == [
+        "response.cancel",
+        "output_audio_buffer.clear",
+        "conversation.item.create",
+    ]
+    again = sent(m.receive({"type": "response.done", "response": {"id": "resp_bye", "status": "cancelled"}}))
+    assert [e.get("response") for e in again] == [create[0]["response"]]  # the goodbye, not a plain answer
+    m.receive({"type": "response.created", "response": {"id": "resp_bye2"}})
+    done = m.receive({"type": "response.done", "response": {"id": "resp_bye2", "status": "completed"}})
+    assert [a.verb for a in done if isinstance(a, Verb)] == ["hangup"]
+
+
+def test_an_interrupted_create_that_is_refused_is_not_asked_for_again() -> None:
+    m = live()
+    create = sent(m.say("first"))[0]
+    m.interrupt()
+    error = {"type": "invalid_request_error", "code": "conversation_already_has_active_response"}
+    refused = m.receive({"type": "error", "error": {**error, "event_id": create["event_id"]}})
+    assert sent(refused) == []
+    assert not m.response_owed
+
+
+def test_code_sending_text_is_no_turn_of_the_callers_for_typed_ahead_keys() -> None:
+    m = live()
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "item_1"})
+    m.user_text("The caller keyed: 12")
+    assert m.caller_turns == 1
+
+
+async def test_the_tool_calls_of_a_stopped_reply_are_not_run() -> None:
+    app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
+    ran: list[str] = []
+
+    @app.guardrail
+    async def moderation(ctx: CallContext, text: str) -> str | None:
+        await asyncio.sleep(0)  # (a check that takes its time: the reply and its call are in by now)
+        return "no promises" if "guarantee" in text else None
+
+    @app.tool
+    async def issue_refund(ctx: CallContext) -> str:
+        """Refund the order."""
+        ran.append("refund")
+        return "refunded"
+
+    async with run_app(app) as h:  # (the simulator sends a whole reply at once)
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Hi."),
+                    caller_says("Refund?"),
+                    model_calls("issue_refund", {}, preamble=PROMISE),
+                    model_answers("A colleague decides on refunds."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        summary = await h.ended(call)
+    assert ran == []
+    assert [(t.name, t.outcome) for t in summary.tools] == [("issue_refund", "stopped")]
+    output = call.output_for(call.responses[1].call_ids[0])
+    assert output is not None and json.loads(output)["error"] == "reply_stopped"
+    creates = [e for e in call.received if e["type"] == "response.create"]
+    assert len(creates) == 2  # the greeting, then one answer for the note and the output together
+    assert call.responses[-1].text == "A colleague decides on refunds."
+
+
+async def test_a_stop_that_comes_after_the_next_reply_began_leaves_that_reply_alone() -> None:
+    app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
+    calls: list[Any] = []
+    placed = asyncio.Event()
+
+    @app.guardrail
+    async def moderation(ctx: CallContext, text: str) -> str | None:
+        if "guarantee" not in text:
+            return None
+        await placed.wait()
+        await calls[0].wait_for(lambda c: len(c.responses) >= 3, 5.0, "the next reply")
+        return "no promises"
+
+    async with Simulator(playback_rate=40) as sim, run_app(app, sim) as h:
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Hi."),
+                    caller_says("Refund?"),
+                    model_says(PROMISE),
+                    caller_says("Hello?", cut_in=True),
+                    model_says("Sorry, where were we? " * 8),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        calls.append(call)
+        placed.set()
+        summary = await h.ended(call)
+    promise, following = call.responses[1], call.responses[2]
+    assert following.status == "completed"
+    cancels = [e.get("response_id") for e in call.received if e["type"] == "response.cancel"]
+    assert following.response_id not in cancels
+    assert [c["response_id"] for c in call.sent_of_type("output_audio_buffer.cleared")] == [
+        promise.response_id
+    ]
+    notes = [
+        e for e in call.received if e["type"] == "conversation.item.create" and e["item"]["role"] == "system"
+    ]
+    assert len(notes) == 1  # the model is told
+    assert [
+        r.request for r in call.responses[3:]
+    ] == []  # and not asked to answer again: the reply that follows does
+    assert summary.guardrails == (("moderation", "no promises"),)
+    assert [summary.transcript[i] for i in summary.stopped] == [("agent", PROMISE)]
+
+
+async def test_an_engine_turn_whose_replies_keep_breaking_the_rule_comes_back_empty() -> None:
+    app, _ = guarded_app()
+    async with VowelSimulator(event_delay=0.02) as vowel:
+        vowel.script([when("refund", reply="I guarantee a full refund, today, for sure.")])
+        settings = load_settings({**vowel.settings_values(), "max_idle_duration": 30.0}, environ={})
+        with capture_logs() as logs:
+            async with EngineSession.open(settings, app) as session:
+                reply = await session.say("Can I get a refund?", timeout=8)
+                assert session.live
+        engine = vowel.sessions[0]
+    assert reply.text == "" and reply.lines == ()
+    assert [r.status for r in engine.responses] == ["cancelled"] * (CORRECTIONS + 1)
+    assert [e["stopped"] for e in logs if e["event"] == "guardrail.silenced"] == [CORRECTIONS + 1]

@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import json
 import re
 import time
 from collections import Counter, OrderedDict
@@ -67,7 +68,14 @@ _HANDLED = frozenset(t.encode() for t in HANDLED_TYPES)
 _ACKS = frozenset(t.encode() for t in ACK_TYPES)
 _DELTAS = frozenset(t.encode() for t in GUARDED_DELTAS)
 _KEEPALIVE = "\x00keepalive"  # a driver timer name no machine timer can take
-_TYPE_AHEAD = 32  # keys kept for the next collection at most (the last ones)
+_TYPE_AHEAD = 16  # keys kept for the next collection at most (the last ones)
+_STOPPED = json.dumps(
+    {
+        "error": "reply_stopped",
+        "message": "Not run: the reply that made this call broke a rule of this service and was stopped. "
+        "Call the tool again if it is still needed and allowed.",
+    }
+)
 
 HOOK_GRACE = 2.0
 """Seconds hooks still running when a call ends get to finish before they are cancelled (and awaited,
@@ -118,7 +126,8 @@ class Flag:
 class ToolRecord:
     """One tool call, as the call-end summary reports it: ``outcome`` is the tool's (``ok``, ``error``,
     ``timeout``, ``invalid_arguments``, ``unknown_tool``), ``cancelled`` when the call's end cut it off,
-    or ``loop_breaker`` when the breaker refused to run it."""
+    ``loop_breaker`` when the breaker refused to run it, or ``stopped`` when an output guardrail stopped
+    the reply that made it (not run)."""
 
     call_id: str
     name: str
@@ -379,18 +388,42 @@ class CallRuntime:
     def _stopped(self, guardrail: str, reason: str, response_id: str | None) -> None:
         """An output guardrail objected to the words of ``response_id``: stop the reply, tell the model
         why (:meth:`CallMachine.correct`) and let it answer again."""
-        if self.machine.closed is not None:
-            return
+        machine = self.machine
+        if machine.closed is not None or machine.verb_sent:
+            return  # the call is going: nothing more is said, nothing to stop
         self.log.warning("guardrail.tripped", guardrail=guardrail, reason=reason, response_id=response_id)
         self.summary.guardrails = (*self.summary.guardrails, (guardrail, reason))
-        guard = self._guard
-        line = guard.line_of(response_id) if guard is not None else None
-        if line is not None:  # (else its line, still to come, is marked as it comes)
-            self.summary.stopped = (*self.summary.stopped, line)
+        if (
+            self._guard is not None
+        ):  # its lines written so far (the ones still to come are marked as they come)
+            self.summary.stopped += tuple(self._guard.lines_of(response_id))
         if self._trips is not None:
             self._trips[guardrail] += 1
-        self._apply(self.machine.correct(f"{self.machine.config.guardrail_note}\nThe rule: {reason}"))
+        self._apply(machine.correct(f"{machine.config.guardrail_note}\nThe rule: {reason}", response_id))
         self._kick()
+
+    @property
+    def stopped_reply(self) -> str | None:
+        """The id of the last reply an output guardrail stopped."""
+        return self._guard.tripped if self._guard is not None else None
+
+    async def _checked_tool(
+        self, call_id: str, name: str, arguments: str, tools: ToolRegistry, response_id: str | None
+    ) -> None:
+        """Run a tool call once the words of the reply that made it are checked: not if a guardrail
+        stopped that reply (the model is told so)."""
+        if self._guard is not None:
+            await self._guard.settled()
+        if self._guard is None or response_id is None or response_id != self._guard.tripped:
+            await self._run_tool(call_id, name, arguments, tools)
+            return
+        try:
+            self.log.info("tool.discarded", tool=name, tool_call_id=call_id, reason="reply_stopped")
+            self._record(ToolRecord(call_id, name, "stopped", 0.0))
+            self._apply(self.machine.tool_done(call_id, _STOPPED))
+            await self._flush()
+        finally:
+            self._tool_tasks.pop(call_id, None)
 
     def send_text(self, text: str) -> None:
         """Add a user text turn; one response follows it."""
@@ -706,10 +739,15 @@ class CallRuntime:
                 tools = offered
                 if action.name not in tools and before is not None and action.response_id == before[1]:
                     tools = before[0]
-                task = asyncio.create_task(
-                    self._run_tool(action.call_id, action.name, action.arguments, tools),
-                    name=f"tool:{action.call_id}",
-                )
+                guard = self._guard
+                if guard is not None and (not guard.idle or action.response_id == guard.tripped):
+                    # Its reply's words are still being checked, or were stopped: held until that is known.
+                    run = self._checked_tool(
+                        action.call_id, action.name, action.arguments, tools, action.response_id
+                    )
+                else:
+                    run = self._run_tool(action.call_id, action.name, action.arguments, tools)
+                task = asyncio.create_task(run, name=f"tool:{action.call_id}")
                 task.add_done_callback(_drop_cancellation)
                 if not task.done():  # (an eager task factory may have run it to its end already)
                     self._tool_tasks[action.call_id] = task

@@ -50,22 +50,24 @@ class OutputGuard:
 
     A guardrail is called with ``(ctx, text)``: the call's context and the words of the reply so far. It
     returns a falsy value to let them pass; a string (the reason, which the model is told) or ``True``
-    (its name is the reason) to stop the reply. A plain function runs on the event loop: keep it quick (a
-    word list, a regular expression); slower checks (a moderation model) are ``async def``, and get
-    :data:`CHECK_TIMEOUT` seconds. A guardrail that raises or overruns lets the words pass, and is logged
-    (``guardrail.failed``).
+    (its name is the reason) to stop the reply. A plain function runs on the event loop as the words
+    arrive, before the next event of the call is read: keep it quick (a word list, a regular
+    expression). Slower checks (a moderation model) are ``async def``: they run one at a time, on the
+    words so far, and get :data:`CHECK_TIMEOUT` seconds. A guardrail that raises or overruns lets the
+    words pass, and is logged (``guardrail.failed``).
     """
 
     __slots__ = (
+        "_async",
         "_checked",
-        "_checks",
         "_ctx",
         "_failure",
-        "_line",
+        "_lines",
         "_log",
         "_parts",
         "_pending",
         "_response",
+        "_sync",
         "_task",
         "_trip",
         "_tripped",
@@ -79,37 +81,44 @@ class OutputGuard:
         log: Any,
         failure: Callable[[BaseException], dict[str, Any]],
     ) -> None:
-        self._checks = tuple(guardrails)
+        self._sync = tuple(g for g in guardrails if not _is_async(g))
+        self._async = tuple(g for g in guardrails if _is_async(g))
         self._ctx = ctx
         self._trip = trip
         self._log = log
         self._failure = failure  # the log fields for a guardrail's exception
         self._response: str | None = None  # the reply being said
         self._parts: dict[tuple[Any, ...], str] = {}  # its content parts (item, part, kind) → words so far
-        # content part → (its reply, its words) not checked yet
+        # content part → (its reply, its words) not checked yet by the async guardrails
         self._pending: dict[tuple[Any, ...], tuple[str | None, str]] = {}
         self._task: asyncio.Task[None] | None = None
         self._tripped: str | None = None  # the last reply stopped (its later words are not checked)
-        self._checked: tuple[str | None, str] | None = None  # the last words checked, and their reply
-        self._line: tuple[int, str | None] | None = None  # the last agent line of the transcript, its reply
+        # the last words each kind of guardrail checked, with their reply (a server that sends a part as
+        # text and as transcript has it checked once)
+        self._checked: list[tuple[str | None, str] | None] = [None, None]
+        self._lines: tuple[tuple[str | None, int], ...] = ()  # the last agent lines: (reply, index)
 
     @property
     def tripped(self) -> str | None:
         """The id of the last reply a guardrail stopped."""
         return self._tripped
 
+    @property
+    def idle(self) -> bool:
+        """No check is under way or waiting: every word fed so far has been checked."""
+        return self._task is None
+
     def line(self, index: int, response_id: str | None) -> bool:
         """The agent's line ``index`` of the transcript, of reply ``response_id``, was written: whether
-        that reply was stopped (else the line is remembered, should it be stopped later)."""
+        that reply was stopped (else the line is remembered, should its reply be stopped later)."""
         if response_id is not None and response_id == self._tripped:
             return True
-        self._line = (index, response_id)
+        self._lines = (*self._lines[-7:], (response_id, index))
         return False
 
-    def line_of(self, response_id: str | None) -> int | None:
-        """The index of the transcript's last agent line if it is of reply ``response_id``."""
-        line = self._line
-        return line[0] if line is not None and response_id is not None and line[1] == response_id else None
+    def lines_of(self, response_id: str | None) -> list[int]:
+        """The indices of the transcript's recent agent lines of reply ``response_id``."""
+        return [i for r, i in self._lines if response_id is not None and r == response_id]
 
     async def settled(self) -> None:
         """Wait until the words fed so far are checked (at once when they are)."""
@@ -126,7 +135,6 @@ class OutputGuard:
         if response_id != self._response:
             self._response, self._parts = response_id, {}
         etype = str(event.get("type"))
-        # (a server may send both the text and the audio transcript of one part: each is checked)
         key = (event.get("item_id"), event.get("content_index"), etype.rsplit(".", 1)[0])
         said = self._parts.get(key, "")
         if etype in GUARDED_DONE:
@@ -140,9 +148,16 @@ class OutputGuard:
                 return
             said += delta
         self._parts[key] = said
-        self._pending[key] = (response_id, said)
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._run())
+        if self._sync and self._fresh(0, response_id, said):
+            for check in self._sync:
+                reason = self._verdict(check, self._run_sync(check, said))
+                if reason is not None:
+                    self._stop(check, reason, response_id)
+                    return
+        if self._async:
+            self._pending[key] = (response_id, said)
+            if self._task is None:
+                self._task = asyncio.ensure_future(self._run())
 
     def stop(self) -> asyncio.Task[None] | None:
         """Cancel the check under way (the call ends); returns its task, to await."""
@@ -152,44 +167,69 @@ class OutputGuard:
             task.cancel()
         return task
 
+    def _fresh(self, kind: int, response_id: str | None, text: str) -> bool:
+        """Whether ``text`` of ``response_id`` is new to the guardrails of ``kind`` (0 sync, 1 async)."""
+        if self._checked[kind] == (response_id, text):
+            return False
+        self._checked[kind] = (response_id, text)
+        return True
+
+    def _stop(self, check: Callable[..., Any], reason: str, response_id: str | None) -> None:
+        self._tripped = response_id
+        try:
+            self._trip(guardrail_name(check), reason, response_id)
+        except Exception:  # (a bug of ours: the call goes on, its next words are checked)
+            self._log.exception("guardrail.trip_failed", guardrail=guardrail_name(check))
+
     async def _run(self) -> None:
         try:
             while self._pending:
                 key = next(iter(self._pending))
                 response_id, text = self._pending.pop(key)
-                if (response_id is not None and response_id == self._tripped) or self._checked == (
-                    response_id,
-                    text,
-                ):
-                    continue  # (a server that sends a part as text and as transcript: checked once)
-                self._checked = (response_id, text)
-                for check in self._checks:
-                    reason = await self._check(check, text)
+                if response_id is not None and response_id == self._tripped:
+                    continue
+                if not self._fresh(1, response_id, text):
+                    continue
+                for check in self._async:
+                    reason = await self._run_async(check, text)
                     if reason is not None:
-                        self._tripped = response_id
-                        self._trip(guardrail_name(check), reason, response_id)
+                        if response_id is None or response_id != self._tripped:  # (sync ones may have)
+                            self._stop(check, reason, response_id)
                         break
         finally:
             if self._task is asyncio.current_task():
                 self._task = None
 
-    async def _check(self, check: Callable[..., Any], text: str) -> str | None:
-        """Run one guardrail; its reason if it objects, else ``None``."""
+    def _run_sync(self, check: Callable[..., Any], text: str) -> Any:
+        name = guardrail_name(check)
+        started = time.perf_counter()
+        try:
+            verdict = check(self._ctx, text)
+        except Exception as exc:
+            self._log.error("guardrail.failed", guardrail=name, **self._failure(exc))
+            return None
+        finally:
+            took = time.perf_counter() - started
+            if took >= BLOCKED_AFTER:
+                log_blocked(self._log, guardrail=name)(took, 1)
+        if inspect.isawaitable(verdict):
+            if inspect.iscoroutine(verdict):
+                verdict.close()
+            self._log.error(
+                "guardrail.failed",
+                guardrail=name,
+                error="a plain function returned an awaitable: make the guardrail async def",
+            )
+            return None
+        return verdict
+
+    async def _run_async(self, check: Callable[..., Any], text: str) -> str | None:
+        """Run one async guardrail; its reason if it objects, else ``None``."""
         name = guardrail_name(check)
         limit = asyncio.timeout(CHECK_TIMEOUT)
         try:
-            if inspect.iscoroutinefunction(check):
-                async with limit:
-                    verdict = await timed(check(self._ctx, text), log_blocked(self._log, guardrail=name))
-            else:
-                started = time.perf_counter()
-                verdict = check(self._ctx, text)
-                took = time.perf_counter() - started
-                if took >= BLOCKED_AFTER:
-                    log_blocked(self._log, guardrail=name)(took, 1)
-                if inspect.isawaitable(verdict):
-                    async with limit:
-                        verdict = await verdict
+            async with limit:
+                verdict = await timed(check(self._ctx, text), log_blocked(self._log, guardrail=name))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -198,6 +238,16 @@ class OutputGuard:
             else:
                 self._log.error("guardrail.failed", guardrail=name, **self._failure(exc))
             return None
+        return self._verdict(check, verdict)
+
+    @staticmethod
+    def _verdict(check: Callable[..., Any], verdict: Any) -> str | None:
+        """A guardrail's answer as the reason it objects (its name for ``True``), or ``None``."""
         if not verdict:
             return None
-        return verdict if isinstance(verdict, str) else name
+        return verdict if isinstance(verdict, str) else guardrail_name(check)
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is ``async def`` (a function, or an object whose ``__call__`` is)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)

@@ -123,8 +123,8 @@ DEFAULT_STILL_THERE = (
     "The caller has said nothing for a while. Ask briefly whether they are still there. Do not call any tool."
 )
 DEFAULT_GUARDRAIL_NOTE = (
-    "Your last reply was stopped before the caller heard all of it, because it broke a rule of this service. "
-    "Do not repeat it or refer to what was cut. Continue helping the caller within the rules."
+    "Your last reply broke a rule of this service and was cut off; the caller may have heard part of it. "
+    "Do not repeat it. Continue helping the caller within the rules."
 )
 
 
@@ -355,7 +355,7 @@ class CallMachine:
         self.responding: str | None = None
         """The id of the response under way, if any (as the server announced it)."""
         self.caller_turns = 0
-        """How many times the caller began to speak (or code added their words: :meth:`user_text`)."""
+        """How many times the caller began to speak."""
         self._create_sent: str | None = None  # event_id of our response.create not yet seen created
         self._cancel_next: str | None = None  # event_id of our create to cancel as it starts (interrupt)
         self._corrections = 0  # replies stopped by a guardrail and asked for again since the caller's turn
@@ -422,6 +422,11 @@ class CallMachine:
     def closed(self) -> str | None:
         """The end reason once :class:`Close` was emitted."""
         return self._closed
+
+    @property
+    def verb_sent(self) -> bool:
+        """The end's hangup/refer went out: nothing more is started or said."""
+        return self._going
 
     @property
     def ending(self) -> bool:
@@ -755,43 +760,61 @@ class CallMachine:
     def interrupt(self) -> list[Action]:
         """Stop the model now: cancel the response under way (the tool calls it made are not run) and,
         where the server plays the audio (SIP, WebRTC), clear what of it the caller has not heard yet. A
-        response of ours asked for and not started yet is cancelled as it starts. With nothing to stop,
-        nothing is sent. Queued :meth:`say` requests stay queued: they follow once the response has ended.
-        Ignored once the call's hangup or transfer went out."""
+        response of ours asked for and not started yet is cancelled as it starts (and not asked for again
+        if refused). With nothing to stop, nothing is sent. Queued :meth:`say` requests stay queued: they
+        follow once the response has ended. Ignored once the call's hangup or transfer went out."""
         if self._closed is not None or self._going:
             return []
-        actions: list[Action] = []
-        if self._response_active:
-            actions.append(self._cancel(self.responding))
-        elif self._create_sent is not None:
+        if not self._response_active and self._create_sent is not None:
             self._cancel_next = self._create_sent
-        if self.caps.audio_playback_events and (actions or self._playing or self._play_unsure):
+        return self._stop(None)
+
+    def _stop(self, response_id: str | None) -> list[Action]:
+        """Cancel the response under way and clear the audio playing, if they are ``response_id``'s (any,
+        for ``None``)."""
+        actions: list[Action] = []
+        if self._response_active and response_id in (None, self.responding):
+            actions.append(self._cancel(self.responding))
+        playing = (self._playing or self._play_unsure) and response_id in (None, self._heard)
+        if self.caps.audio_playback_events and (actions or playing):
             self._seq += 1  # (an error about it names this)
             actions.append(
                 Send({"type": "output_audio_buffer.clear", "event_id": f"{_CANCEL_EVENT}{self._seq}"})
             )
         return actions
 
-    def correct(self, note: str) -> list[Action]:
-        """The model's reply broke a rule of the app's (an output guardrail): stop it (:meth:`interrupt`),
-        add ``note`` to the conversation as a system message, and have the model answer again (once the
-        tools still running are answered), up to :data:`CORRECTIONS` times per caller turn; past that it
-        is left silent until the caller speaks (``guardrail.silenced``). Ignored once the call's hangup or
-        transfer went out."""
+    def correct(self, note: str, response_id: str | None = None) -> list[Action]:
+        """Reply ``response_id`` (the current one, for ``None``) broke a rule of the app's (an output
+        guardrail): stop what of it is still under way or playing, add ``note`` to the conversation as a
+        system message, and have the model answer again (once the tools still running are answered; when
+        the call is ending, its goodbye is asked for again), up to :data:`CORRECTIONS` times per caller
+        turn; past that it is left silent until the caller speaks (``guardrail.silenced``). A reply
+        already followed by another (one under way, asked for, or playing) gets the note alone: the one
+        that follows is not stopped, and answers. Ignored once the call's hangup or transfer went out."""
         if self._closed is not None or self._going:
             return []
-        actions = self.interrupt()
-        self._corrections += 1
-        again = self._corrections <= CORRECTIONS
+        later = response_id is not None and (
+            self.responding not in (None, response_id)
+            or (self._create_sent is not None and not self._response_active)
+            or (self._playing and self._heard not in (None, response_id))
+        )
+        actions = [] if later else self._stop(response_id)
         item = {"type": "message", "role": "system", "content": [{"type": "input_text", "text": note}]}
         send = Send({"type": "conversation.item.create", "item": item})
         if self._live:
             actions.append(send)
         else:
             self._held = (*self._held, send)
-        if not again:
+        if later:
+            return actions
+        self._corrections += 1
+        if self._corrections > CORRECTIONS:
             return [*actions, Notice("guardrail.silenced", {"stopped": self._corrections})]
-        self._want_response = True
+        end = self._end
+        if end is not None:
+            end.goodbye = self.config.goodbye_instructions  # (the last words were what broke the rule)
+        else:
+            self._want_response = True
         return actions + self._progress()
 
     def _cancel(self, response_id: str | None) -> Send:
@@ -816,7 +839,6 @@ class CallMachine:
             return []
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
         send = Send({"type": "conversation.item.create", "item": item})
-        self.caller_turns += 1
         actions = self._caller_turn()
         if text.strip():  # the caller's line of the transcript (no transcription event comes for text)
             actions.append(Notice("transcript", {"role": "caller", "text": text.strip()}))
@@ -1323,6 +1345,12 @@ class CallMachine:
             # An output the server refused (e.g. an unknown call id) will never be acknowledged.
             actions += self._settled_output(event_id[len(_OUTPUT_EVENT) :])
         refused = self._recent_creates.pop(str(event_id), None)
+        if refused is not None and event_id == self._cancel_next:
+            # Interrupted before it started: refused, it is not asked for again.
+            self._cancel_next = None
+            if self._create_sent == event_id:
+                self._create_sent = None
+            return actions + self._progress()
         if refused is not None:
             # One of our response.create was refused (a response.created we saw may not have been ours).
             unanswered = self._create_sent == event_id

@@ -452,13 +452,16 @@ class EngineSession:
     async def _on_response(
         self, ctx: CallContext, response_id: str | None, status: str | None, tools_running: int
     ) -> None:
-        """A turn ends at a ``completed`` ``response.done`` with no tool running and no response to come.
+        """A turn ends at a ``completed`` ``response.done`` (or one an output guardrail stopped) with no tool
+        running and no response to come; its reply's words checked, without a stopped reply's lines.
         The hook runs once the runtime handled that event: nothing asked for since can be answered yet.
         (A coroutine: it runs on the event loop, never queued behind the app's sync hooks and tools.)"""
         turn, runtime = self._turn, self.runtime
         if turn is None or turn.future.done():
             return
-        if status != "completed" or tools_running or runtime.machine.response_owed:
+        # (a reply an output guardrail stopped, with no answer to follow it, ends the turn too)
+        was_stopped = response_id is not None and response_id == runtime.stopped_reply
+        if (status != "completed" and not was_stopped) or tools_running or runtime.machine.response_owed:
             return
         await runtime.guarded()  # (the reply's words are checked before it is handed back)
         if turn.future.done() or runtime.machine.response_owed:
