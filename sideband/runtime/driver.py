@@ -740,7 +740,9 @@ class CallRuntime:
                 if action.name not in tools and before is not None and action.response_id == before[1]:
                     tools = before[0]
                 guard = self._guard
-                if guard is not None and (not guard.idle or action.response_id == guard.tripped):
+                if guard is not None and (
+                    guard.checking(action.response_id) or action.response_id == guard.tripped
+                ):
                     # Its reply's words are still being checked, or were stopped: held until that is known.
                     run = self._checked_tool(
                         action.call_id, action.name, action.arguments, tools, action.response_id

@@ -61,6 +61,7 @@ class OutputGuard:
         "_async",
         "_checked",
         "_ctx",
+        "_current",
         "_failure",
         "_lines",
         "_log",
@@ -92,6 +93,7 @@ class OutputGuard:
         # content part → (its reply, its words) not checked yet by the async guardrails
         self._pending: dict[tuple[Any, ...], tuple[str | None, str]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._current: str | None = None  # the reply whose words the async guardrails check now
         self._tripped: str | None = None  # the last reply stopped (its later words are not checked)
         # the last words each kind of guardrail checked, with their reply (a server that sends a part as
         # text and as transcript has it checked once)
@@ -103,10 +105,14 @@ class OutputGuard:
         """The id of the last reply a guardrail stopped."""
         return self._tripped
 
-    @property
-    def idle(self) -> bool:
-        """No check is under way or waiting: every word fed so far has been checked."""
-        return self._task is None
+    def checking(self, response_id: str | None) -> bool:
+        """Whether words of reply ``response_id`` are being checked, or wait to be (any reply's, for
+        ``None``)."""
+        if self._task is None:
+            return False
+        if response_id is None or self._current == response_id:
+            return True
+        return any(r == response_id for r, _ in self._pending.values())
 
     def line(self, index: int, response_id: str | None) -> bool:
         """The agent's line ``index`` of the transcript, of reply ``response_id``, was written: whether
@@ -190,6 +196,7 @@ class OutputGuard:
                     continue
                 if not self._fresh(1, response_id, text):
                     continue
+                self._current = response_id
                 for check in self._async:
                     reason = await self._run_async(check, text)
                     if reason is not None:
@@ -198,7 +205,7 @@ class OutputGuard:
                         break
         finally:
             if self._task is asyncio.current_task():
-                self._task = None
+                self._task, self._current = None, None
 
     def _run_sync(self, check: Callable[..., Any], text: str) -> Any:
         name = guardrail_name(check)
