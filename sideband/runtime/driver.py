@@ -393,9 +393,7 @@ class CallRuntime:
             return  # the call is going: nothing more is said, nothing to stop
         self.log.warning("guardrail.tripped", guardrail=guardrail, reason=reason, response_id=response_id)
         self.summary.guardrails = (*self.summary.guardrails, (guardrail, reason))
-        if (
-            self._guard is not None
-        ):  # its lines written so far (the ones still to come are marked as they come)
+        if self._guard is not None:  # its lines so far (the ones still to come are marked as they come)
             self.summary.stopped += tuple(self._guard.lines_of(response_id))
         if self._trips is not None:
             self._trips[guardrail] += 1
@@ -419,8 +417,11 @@ class CallRuntime:
             return
         try:
             self.log.info("tool.discarded", tool=name, tool_call_id=call_id, reason="reply_stopped")
-            self._record(ToolRecord(call_id, name, "stopped", 0.0))
+            record = ToolRecord(call_id, name, "stopped", 0.0)
+            self._record(record)
             self._apply(self.machine.tool_done(call_id, _STOPPED))
+            if self.hooks.on_tool:
+                self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
             await self._flush()
         finally:
             self._tool_tasks.pop(call_id, None)

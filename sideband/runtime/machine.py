@@ -1327,8 +1327,12 @@ class CallMachine:
         code = error.get("code")
         fields = {**_error_fields(error), "param": error.get("param")}
         event_id = error.get("event_id")
-        if isinstance(event_id, str) and event_id.startswith(_CANCEL_EVENT):
-            # Our cancel or clear came after the response, or its audio, had ended: nothing to stop.
+        if (
+            isinstance(event_id, str)
+            and event_id.startswith(_CANCEL_EVENT)
+            and code == "response_cancel_not_active"
+        ):
+            # Our cancel came after the response had ended: nothing to stop.
             return [Notice("response.cancel_late", {"code": code})]
         self._last_error = fields
         if code == "session_expired":
