@@ -375,12 +375,13 @@ class Sideband:
 
         A stopped reply is cancelled (the tool calls it made are not run), the audio the caller has not
         heard is dropped, and the model is told, by a system message (``guardrail_note`` and the reason),
-        to answer again within the rules (``guardrail.tripped``, ``CallSummary.guardrails``). A plain
-        function runs on the event loop, once per batch of streamed words: keep it quick (a word list, a
-        regular expression); make a slow check (a moderation model) ``async def``: one check runs at a
-        time, and the words that arrive meanwhile are checked together next. A guardrail that raises
-        lets the words pass (``guardrail.failed``). Guardrails check words, not tool calls: a tool checks
-        its own arguments."""
+        to answer again within the rules (``guardrail.tripped``, ``CallSummary.guardrails``); the tool calls
+        of a reply wait for its check, and a stopped reply's are not run. A plain function runs on the
+        event loop as the words arrive: keep it quick (a word list, a regular expression); make a slow
+        check (a moderation model) ``async def``: one check runs at a time, for 5 s at most, and the words
+        that arrive meanwhile are checked together next. A guardrail that raises or overruns lets the
+        words pass (``guardrail.failed``). Guardrails check words, not tool arguments: a tool checks its
+        own."""
         self.guardrails.append(fn)
         return fn
 

@@ -3,10 +3,10 @@
 The model writes its words faster than the caller hears them (the transcript runs ahead of the audio), so a
 check on the words so far can stop a reply before the caller hears the part that broke a rule. An
 :class:`OutputGuard` runs the call's guardrails over the text of the model's reply as its transcript deltas
-arrive: one check at a time, each on all the words so far (deltas that arrive meanwhile are checked
-together next), and once more on the reply's final text. The first guardrail that objects *trips*: the
-guard reports it (the call driver then stops the reply and has the model answer again) and checks nothing
-more of that reply.
+arrive, each time on all the words so far, and once more on the reply's final text: the plain functions at
+once, the ``async def`` ones in a task of their own, one check at a time (deltas that arrive meanwhile are
+checked together next). The first guardrail that objects *trips*: the guard reports it (the call driver
+then stops the reply and has the model answer again) and checks nothing more of that reply.
 """
 
 from __future__ import annotations
