@@ -285,15 +285,14 @@ class CallContext:
         """Collect what the caller keys on the keypad from now on (SIP calls), as a phone menu does:
         ``pin = await ctx.collect_digits(4)``.
 
-        It returns the keys pressed, in order, once ``max_digits`` keys are in, a key of ``end`` is
-        pressed (it is not included: ``"#"`` by default, ``None`` for none), or ``timeout`` seconds pass
-        without a key (the wait starts again at each key); then with what was keyed so far, possibly
-        ``""``. Keys the caller typed ahead (after they last spoke, before the collection began: while
-        the model was still asking, say) come first; keys from before they last spoke, or taken by an
-        earlier collection, are not collected. The :meth:`~sideband.Sideband.on_dtmf` hooks see every key
-        all the same. A coroutine: from an ``async def`` tool or hook. A tool that
-        collects keys waits for the caller: give it a ``timeout`` of its own long enough, and
-        ``filler_after=None`` (the caller is keying, not waiting)."""
+        It returns the keys pressed, in order, once ``max_digits`` keys are in, a key of ``end`` is pressed
+        (it is not included: ``"#"`` by default, ``None`` for none), or ``timeout`` seconds pass without a key
+        (the wait starts again at each key); then with what was keyed so far, possibly ``""``. Keys the caller
+        typed ahead (after they last spoke, before the collection began: while the model was still asking,
+        say) come first; keys from before they last spoke, or taken by an earlier collection, are not
+        collected. The :meth:`~sideband.Sideband.on_dtmf` hooks see every key all the same. A coroutine: from
+        an ``async def`` tool or hook. A tool that collects keys waits for the caller: give it a ``timeout``
+        of its own long enough, and ``filler_after=None`` (the caller is keying, not waiting)."""
         if max_digits is not None and (type(max_digits) is not int or max_digits < 1):
             raise ValueError(f"max_digits must be a whole number of 1 or more, or None, not {max_digits!r}")
         if end is not None and (not isinstance(end, str) or not end or set(end) - _KEYS):
