@@ -67,6 +67,7 @@ _CLEAN_CLOSES = frozenset({1000, 1001})
 _HANDLED = frozenset(t.encode() for t in HANDLED_TYPES)
 _ACKS = frozenset(t.encode() for t in ACK_TYPES)
 _DELTAS = frozenset(t.encode() for t in GUARDED_DELTAS)
+_GUARDED = GUARDED_DELTAS | GUARDED_DONE  # the events an output guard is fed
 _KEEPALIVE = "\x00keepalive"  # a driver timer name no machine timer can take
 _TYPE_AHEAD = 16  # keys kept for the next collection at most (the last ones)
 _STOPPED = json.dumps(
@@ -405,15 +406,13 @@ class CallRuntime:
         """The id of the last reply an output guardrail stopped."""
         return self._guard.tripped if self._guard is not None else None
 
-    async def _checked_tool(
-        self, call_id: str, name: str, arguments: str, tools: ToolRegistry, response_id: str | None
-    ) -> None:
-        """Run a tool call once the words of the reply that made it are checked: not if a guardrail
-        stopped that reply (the model is told so)."""
-        if self._guard is not None:
-            await self._guard.settled()
-        if self._guard is None or response_id is None or response_id != self._guard.tripped:
-            await self._run_tool(call_id, name, arguments, tools)
+    async def _checked_tool(self, guard: OutputGuard, run: RunTool, tools: ToolRegistry) -> None:
+        """Run a tool call once ``guard`` has checked the words of the reply that made it: not if a
+        guardrail stopped that reply (the model is told so)."""
+        await guard.settled()
+        call_id, name = run.call_id, run.name
+        if run.response_id is None or run.response_id != guard.tripped:
+            await self._run_tool(call_id, name, run.arguments, tools)
             return
         try:
             self.log.info("tool.discarded", tool=name, tool_call_id=call_id, reason="reply_stopped")
@@ -717,7 +716,7 @@ class CallRuntime:
             return False
         if not isinstance(event, dict):
             return False
-        if guard is not None and (event.get("type") in GUARDED_DELTAS or event.get("type") in GUARDED_DONE):
+        if guard is not None and event.get("type") in _GUARDED:
             guard.feed(event)
         actions = self.machine.receive(event)
         before = self._before
@@ -745,9 +744,7 @@ class CallRuntime:
                     guard.checking(action.response_id) or action.response_id == guard.tripped
                 ):
                     # Its reply's words are still being checked, or were stopped: held until that is known.
-                    run = self._checked_tool(
-                        action.call_id, action.name, action.arguments, tools, action.response_id
-                    )
+                    run = self._checked_tool(guard, action, tools)
                 else:
                     run = self._run_tool(action.call_id, action.name, action.arguments, tools)
                 task = asyncio.create_task(run, name=f"tool:{action.call_id}")
