@@ -33,8 +33,9 @@ from sideband.session import (
     Reject,
     SessionConfig,
     check_seconds,
+    check_transfer_targets,
 )
-from sideband.tools import ToolRegistry
+from sideband.tools import Tool, ToolRegistry
 from sideband.upstream._ws import client_tls
 
 __all__ = ["IncomingCall", "Sideband", "parse_number"]
@@ -160,6 +161,11 @@ class CallPlan:
     config: SessionConfig
     max_call_duration: float | None = None
     max_idle_duration: float | None = None
+    transfer_targets: Mapping[str, str] = field(default_factory=dict)
+    """Where this call may be transferred (label → URI): the decision's, else the app's."""
+    catalog: ToolRegistry | None = None
+    """The tools code may offer this call later (``ctx.update_session(tools=[…])``): the app's, with the
+    transfer tool offering this call's targets (or left out when it has none). ``None``: ``tools``."""
 
 
 class Sideband:
@@ -175,7 +181,8 @@ class Sideband:
         model: Realtime model (default ``gpt-realtime``).
         greeting: Instructions for the one greeting per call; ``None`` waits for the caller to speak.
         session: A full :class:`SessionConfig` to start from (the arguments above apply on top).
-        transfer_targets: Label → ``tel:``/``sip:`` URI; the only places ``transfer`` may send a call.
+        transfer_targets: Label → ``tel:``/``sip:`` URI; the only places ``transfer`` may send a call (a
+            route or ``Accept(transfer_targets=…)`` may give a call its own).
         tool_timeout: Default seconds a tool may run before the model gets a timeout output.
         filler_after: Default seconds before a holding phrase while a tool runs (``None``: never).
         filler_instructions: What the model is told to say as a holding phrase.
@@ -225,12 +232,9 @@ class Sideband:
         self.config = config.model_copy(update=explicit) if explicit else config
         self.name = name
         self.tools = ToolRegistry(default_timeout=tool_timeout, default_filler_after=filler_after)
-        self.transfer_targets: dict[str, str] = dict(transfer_targets or {})
+        self.transfer_targets: dict[str, str] = check_transfer_targets(transfer_targets or {})
         self.transfer_tool: str | None = None
         """The name of the tool :meth:`enable_transfer` added (SIP calls only: a REFER needs a phone call)."""
-        for label, uri in self.transfer_targets.items():
-            if not uri.startswith(("tel:", "sip:", "sips:")):
-                raise ValueError(f"transfer target {label!r} must be a tel: or sip: URI, got {uri!r}")
         self.filler_instructions = filler_instructions or DEFAULT_FILLER
         self.goodbye_instructions = goodbye_instructions or DEFAULT_GOODBYE
         if type(idle_prompts) is not int or not 0 <= idle_prompts <= 10:
@@ -415,26 +419,34 @@ class Sideband:
         self.tools.add(end_call, name=name, filler_after=None, timeout=5.0)
 
     def enable_transfer(self, *, name: str = "transfer_call") -> None:
-        """Offer the model a tool to transfer to one of ``transfer_targets`` (by label only)."""
-        labels = tuple(self.transfer_targets)
-        if not labels:
-            raise ValueError("enable_transfer needs transfer_targets")
+        """Offer the model a tool to transfer to one of the call's transfer targets (by label only).
+
+        The targets are the app's ``transfer_targets``, or those a route or ``Accept(transfer_targets=…)``
+        gives the call: the tool lists the call's labels, and a call with none is not offered it.
+        """
+        if self.transfer_tool is not None:
+            raise ValueError(f"enable_transfer was called already (its tool is {self.transfer_tool!r})")
+        self.tools._add_tool(self._transfer_call(name, tuple(self.transfer_targets)))
+        self.transfer_tool = name
+
+    @staticmethod
+    def _transfer_call(name: str, labels: tuple[str, ...]) -> Tool:
+        """The transfer tool offering ``labels`` (its schema's ``enum``: the model can name no other)."""
 
         async def transfer_call(destination: str, ctx: CallContext) -> dict[str, Any]:
             await ctx.transfer(destination)
             return {"ok": True, "message": f"Transferring to {destination}. Tell the caller in one sentence."}
 
         transfer_call.__annotations__ = {
-            "destination": Literal[labels],
+            "destination": Literal[labels] if labels else str,
             "ctx": CallContext,
             "return": dict[str, Any],
         }
         transfer_call.__doc__ = (
             "Transfer the caller to a human or another department.\n\n"
-            f"Args:\n    destination: Where to transfer: one of {', '.join(labels)}."
+            f"Args:\n    destination: Where to transfer: one of {', '.join(labels) or 'none'}."
         )
-        self.tools.add(transfer_call, name=name, filler_after=None, timeout=5.0)
-        self.transfer_tool = name
+        return Tool.from_function(transfer_call, name=name, filler_after=None, timeout=5.0)
 
     # ------------------------------------------------------------------------------- routing
     async def decide(self, call: IncomingCall) -> Decision:
@@ -469,6 +481,7 @@ class Sideband:
             json.dumps(accept.session, sort_keys=True, default=str) if accept.session else "",
             accept.max_call_duration,
             accept.max_idle_duration,
+            None if accept.transfer_targets is None else tuple(accept.transfer_targets.items()),
             id(self.config),
             len(self.tools),
         )
@@ -484,7 +497,14 @@ class Sideband:
         config = self.config.merged(
             instructions=accept.instructions, voice=accept.voice, greeting=accept.greeting, **accept.session
         )
-        tools = self.tools if accept.tools is None else self.tools.subset(accept.tools)
+        targets = self.transfer_targets if accept.transfer_targets is None else accept.transfer_targets
+        catalog = self._catalog(targets)
+        if accept.tools is None:
+            tools = catalog
+        elif self.transfer_tool in accept.tools and self.transfer_tool not in catalog:
+            raise ValueError(f"{self.transfer_tool!r} is offered, but the call has no transfer targets")
+        else:
+            tools = catalog.subset(accept.tools)
         payload = config.payload(tools.definitions(style="openai"))
         return CallPlan(
             payload,
@@ -493,4 +513,16 @@ class Sideband:
             config,
             accept.max_call_duration or self.max_call_duration,
             accept.max_idle_duration or self.max_idle_duration,
+            targets,
+            catalog,
         )
+
+    def _catalog(self, targets: Mapping[str, str]) -> ToolRegistry:
+        """The app's tools for a call that may be transferred to ``targets``: the transfer tool lists
+        their labels, and is left out when there are none."""
+        name = self.transfer_tool
+        if name is None or (targets and tuple(targets) == tuple(self.transfer_targets)):
+            return self.tools
+        if not targets:
+            return self.tools.subset(n for n in self.tools.names() if n != name)
+        return self.tools.replacing(self._transfer_call(name, tuple(targets)))

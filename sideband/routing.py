@@ -11,6 +11,7 @@ greeting = "Greet the caller as the billing desk."
 tools = ["lookup_order", "transfer_call"]
 max_call_seconds = 900
 max_idle_seconds = 60
+transfer_targets = { human = "tel:+14155550188" }   # instead of the app's, for this number
 
 [routes."+18005550000"]
 reject = 486                   # SIP status
@@ -31,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sideband.app import parse_number
-from sideband.session import Accept, Decision, Refer, Reject, validate_accept_payload
+from sideband.session import (
+    Accept,
+    Decision,
+    Refer,
+    Reject,
+    check_transfer_targets,
+    validate_accept_payload,
+)
 
 if TYPE_CHECKING:
     from sideband.app import Sideband
@@ -98,6 +106,7 @@ class _Route(BaseModel):
     max_call_seconds: float | None = Field(default=None, gt=0)
     max_idle_seconds: float | None = Field(default=None, gt=0)
     session: dict[str, Any] = Field(default_factory=dict)
+    transfer_targets: dict[str, str] | None = None
     reject: int | None = Field(default=None, ge=400, le=699)
     refer: str | None = None
 
@@ -114,6 +123,11 @@ class _Route(BaseModel):
         if self.refer is not None and not self.refer.startswith(("tel:", "sip:", "sips:")):
             raise ValueError("refer must be a tel: or sip: URI")
         return self
+
+    @field_validator("transfer_targets")
+    @classmethod
+    def _targets(cls, targets: dict[str, str] | None) -> dict[str, str] | None:
+        return None if targets is None else check_transfer_targets(targets)
 
     @field_validator("session")
     @classmethod
@@ -136,6 +150,7 @@ class _Route(BaseModel):
             session=dict(self.session),
             max_call_duration=self.max_call_seconds,
             max_idle_duration=self.max_idle_seconds,
+            transfer_targets=self.transfer_targets,
         )
 
 

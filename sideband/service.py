@@ -646,7 +646,10 @@ class Service:
         app, settings = self.app, self.settings
         tools = plan.tools
         # The tools code may offer the call later (update_session): the app's, but a REFER off a phone call.
-        catalog = app.tools if ctx.source == "sip" else self._rtc_plan(checked=False).tools
+        if ctx.source != "sip":
+            catalog = self._rtc_plan(checked=False).tools
+        else:
+            catalog = plan.catalog if plan.catalog is not None else plan.tools
         config = self._machine_config(plan)
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
         call_id, control = ctx.call_id, self.control
@@ -675,7 +678,7 @@ class Service:
             connect=connect,
             verb=verb,
             hooks=app.hooks(),
-            transfer_targets=app.transfer_targets,
+            transfer_targets=plan.transfer_targets,
             reattach_attempts=settings.reattach_attempts,
             log_tool_arguments=settings.log_tool_arguments,
             log_transcripts=settings.log_transcripts,

@@ -302,6 +302,9 @@ class Accept:
     state: Mapping[str, Any] = field(default_factory=dict)
     """Put in the call's ``ctx.state`` before anything of it runs (what the routing hook looked up about
     the caller, so tools and hooks need not look it up again)."""
+    transfer_targets: Mapping[str, str] | None = None
+    """Label → ``tel:``/``sip:`` URI: where this call may be transferred, instead of the app's
+    ``transfer_targets`` (``{}``: nowhere; the ``transfer_call`` tool is then not offered)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, Mapping):
@@ -312,6 +315,27 @@ class Accept:
             object.__setattr__(self, "tools", tuple(self.tools))  # a list is fine, stored hashable
         for name in ("max_call_duration", "max_idle_duration"):
             object.__setattr__(self, name, check_seconds(f"Accept {name}", getattr(self, name)))
+        if self.transfer_targets is not None:
+            try:
+                targets = check_transfer_targets(self.transfer_targets)
+            except ValueError as exc:
+                raise DecisionError(f"Accept(transfer_targets=...): {exc}") from None
+            object.__setattr__(self, "transfer_targets", targets)
+
+
+def check_transfer_targets(targets: Mapping[str, str]) -> dict[str, str]:
+    """``targets`` as a dict, checked: labels are non-empty strings, URIs ``tel:``/``sip:``/``sips:``.
+
+    Raises ``ValueError`` (one line naming the label) otherwise.
+    """
+    if not isinstance(targets, Mapping):
+        raise ValueError(f"takes a mapping of label to URI, not {type(targets).__name__}")
+    for label, uri in targets.items():
+        if not isinstance(label, str) or not label:
+            raise ValueError(f"a label must be a non-empty string, got {label!r}")
+        if not isinstance(uri, str) or not uri.startswith(("tel:", "sip:", "sips:")):
+            raise ValueError(f"transfer target {label!r} must be a tel: or sip: URI, got {uri!r}")
+    return dict(targets)
 
 
 @dataclass(frozen=True, slots=True)

@@ -419,6 +419,16 @@ class ToolRegistry:
             sub._add_tool(t)
         return sub
 
+    def replacing(self, tool: Tool) -> ToolRegistry:
+        """A new registry like :meth:`subset` of all the tools, with ``tool`` in place of the one of its
+        name (same position). An unknown name raises ``ValueError`` naming it."""
+        if tool.name not in self._tools:
+            raise ValueError(f"unknown tool name(s): {tool.name}")
+        sub = self.subset(())
+        for name, t in self._tools.items():
+            sub._add_tool(tool if name == tool.name else t)
+        return sub
+
     @property
     def executor(self) -> concurrent.futures.Executor:
         """The thread pool sync tools (and a call's sync hooks) run in."""
@@ -937,7 +947,9 @@ def _inline(node: Any, defs: dict[str, Any], stack: tuple[str, ...]) -> Any:
 
 
 def _strip(node: Any, *, names: bool) -> Any:
-    """Drop ``title`` and ``discriminator`` keywords (the latter is OpenAPI, and its refs may be gone)."""
+    """Drop ``title`` and ``discriminator`` keywords (the latter is OpenAPI, and its refs may be gone);
+    a ``const`` without ``enum`` (a one-value ``Literal``) is declared as a one-item ``enum``, the form
+    models are best at keeping to."""
     if isinstance(node, list):
         return [_strip(v, names=False) for v in node]
     if not isinstance(node, dict):
@@ -948,7 +960,9 @@ def _strip(node: Any, *, names: bool) -> Any:
     for k, v in node.items():
         if (k == "title" and isinstance(v, str)) or k == "discriminator":
             continue
-        if k in _DATA_KEYS:
+        if k == "const" and "enum" not in node:
+            out["enum"] = [v]
+        elif k in _DATA_KEYS:
             out[k] = v
         elif k in _NAMED_SCHEMAS_KEYS and isinstance(v, dict):
             out[k] = _strip(v, names=True)

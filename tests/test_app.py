@@ -464,11 +464,6 @@ def test_enable_transfer_custom_name() -> None:
     assert app.tools.names() == ["hand_off"]
 
 
-def test_enable_transfer_needs_targets() -> None:
-    with pytest.raises(ValueError, match="transfer_targets"):
-        Sideband().enable_transfer()
-
-
 @pytest.mark.parametrize("uri", ["+14155550100", "http://example.com", "mailto:x@example.com", ""])
 def test_bad_transfer_target_uri(uri: str) -> None:
     with pytest.raises(ValueError, match="bad"):

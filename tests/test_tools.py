@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.tools import MAX_OUTPUT, Tool, ToolError, ToolRegistry, ToolResult
@@ -212,6 +212,24 @@ def test_schema_enum_literal_and_list() -> None:
         "required": ["color", "finish", "sizes"],
         "additionalProperties": False,
     }
+
+
+def test_a_one_value_literal_is_declared_as_a_one_item_enum() -> None:
+    """pydantic writes ``Literal["human"]`` as ``const``; the model is given the ``enum`` form, as for two
+    values. A field named ``const`` is a name, not the keyword."""
+
+    def transfer(destination: Literal["human"], const: Literal["x", "y"] = "x") -> None:
+        """Transfer."""
+
+    schema = schema_of(transfer)
+    assert schema["properties"] == {
+        "destination": {"type": "string", "enum": ["human"]},
+        "const": {"type": "string", "enum": ["x", "y"], "default": "x"},
+    }
+    tool = Tool.from_function(transfer)
+    assert tool.parse_arguments('{"destination": "human"}') == {"destination": "human", "const": "x"}
+    with pytest.raises(ValidationError):
+        tool.parse_arguments('{"destination": "robot"}')
 
 
 def test_context_param_is_excluded_in_any_position() -> None:
