@@ -272,7 +272,8 @@ class Sideband:
         """Register a tool: ``@app.tool`` or ``@app.tool(timeout=3, filler_after=None)``.
 
         Options: ``name``, ``description``, ``timeout`` (seconds), ``filler_after`` (seconds before a
-        spoken holding phrase; ``None`` for never).
+        spoken holding phrase; ``None`` for never), ``respond`` (``False``: the model is not asked to
+        answer a successful output, when it spoke as it called the tool).
         """
         if fn is None:
             return self.tools.tool(**options)

@@ -626,6 +626,7 @@ class Service:
             greeting=plan.greeting,
             # (every tool of the app's: code may offer the call others than the plan's, update_session)
             filler_after={t.name: tools.filler_after_for(t) for t in tools},
+            quiet=frozenset(t.name for t in tools if not t.respond),
             max_call_duration=plan.max_call_duration or settings.max_call_duration,
             max_idle_duration=plan.max_idle_duration or settings.max_idle_duration,
             filler_instructions=app.filler_instructions,

@@ -142,6 +142,9 @@ class Tool:
     context_param: str | None
     arguments_model: type[BaseModel] = field(repr=False, compare=False)
     _fields: tuple[tuple[str, str], ...] = field(repr=False, compare=False)
+    respond: bool = True
+    """Whether the model is asked to answer this tool's output. ``False``: a successful output is added
+    to the conversation quietly (an error output is still answered)."""
 
     @classmethod
     def from_function(
@@ -152,11 +155,14 @@ class Tool:
         description: str | None = None,
         timeout: float | None = None,
         filler_after: float | Literal[False] | _Default | None = _DEFAULT,
+        respond: bool = True,
     ) -> Tool:
         """Introspect ``fn`` into a tool.
 
         ``name`` defaults to ``fn.__name__``, ``description`` to the docstring's text before its sections.
-        ``filler_after``: left out → registry default; ``None``, ``False`` or ``0`` → never.
+        ``filler_after``: left out → registry default (never, for a tool with ``respond=False``: the
+        caller waits for no answer of it); ``None``, ``False`` or ``0`` → never. ``respond``: see
+        :attr:`respond`.
 
         Raises ``TypeError`` for a function that cannot be a tool (``*args``/``**kwargs``, positional-only
         parameters, a type pydantic cannot validate or describe, unresolvable annotations, a generator
@@ -173,7 +179,11 @@ class Tool:
             raise ValueError(f"invalid tool name {name!r}: it must match ^{_NAME_RE.pattern}$")
         if timeout is not None and not (isinstance(timeout, int | float) and 0 < timeout < math.inf):
             raise ValueError(f"tool {name!r}: timeout must be a positive number of seconds, got {timeout!r}")
-        filler = _normalize_filler(name, filler_after)
+        if not isinstance(respond, bool):
+            raise TypeError(f"tool {name!r}: respond must be True or False, got {respond!r}")
+        filler = _normalize_filler(
+            name, None if not respond and isinstance(filler_after, _Default) else filler_after
+        )
         _refuse_generators(fn, name)
 
         doc_description, arg_docs = _parse_docstring(inspect.getdoc(_unwrap_partial(fn)))
@@ -194,6 +204,7 @@ class Tool:
             context_param=context_param,
             arguments_model=model,
             _fields=fields,
+            respond=respond,
         )
 
     def parse_arguments(self, arguments: str) -> dict[str, Any]:
@@ -285,6 +296,7 @@ class ToolRegistry:
         description: str | None = None,
         timeout: float | None = None,
         filler_after: float | Literal[False] | _Default | None = _DEFAULT,
+        respond: bool = True,
     ) -> Callable[[F], F]: ...
 
     def tool(
@@ -296,6 +308,7 @@ class ToolRegistry:
         description: str | None = None,
         timeout: float | None = None,
         filler_after: float | Literal[False] | _Default | None = _DEFAULT,
+        respond: bool = True,
     ) -> F | Callable[[F], F]:
         """Register a function as a tool; use as ``@registry.tool`` or ``@registry.tool(timeout=3, ...)``.
 
@@ -303,7 +316,14 @@ class ToolRegistry:
         """
 
         def register(f: F) -> F:
-            self.add(f, name=name, description=description, timeout=timeout, filler_after=filler_after)
+            self.add(
+                f,
+                name=name,
+                description=description,
+                timeout=timeout,
+                filler_after=filler_after,
+                respond=respond,
+            )
             return f
 
         if fn is None:
@@ -318,10 +338,16 @@ class ToolRegistry:
         description: str | None = None,
         timeout: float | None = None,
         filler_after: float | Literal[False] | _Default | None = _DEFAULT,
+        respond: bool = True,
     ) -> Tool:
         """Register ``fn`` and return its :class:`Tool`. A name already taken raises ``ValueError``."""
         tool = Tool.from_function(
-            fn, name=name, description=description, timeout=timeout, filler_after=filler_after
+            fn,
+            name=name,
+            description=description,
+            timeout=timeout,
+            filler_after=filler_after,
+            respond=respond,
         )
         self._add_tool(tool)
         return tool

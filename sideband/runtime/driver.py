@@ -966,7 +966,7 @@ class CallRuntime:
                 duration_ms=round(result.duration * 1000, 2),
                 **failure,
             )
-            self._apply(self.machine.tool_done(call_id, result.output))
+            self._apply(self.machine.tool_done(call_id, result.output, ok=result.ok))
             if self.hooks.on_tool:
                 self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
             await self._flush()

@@ -174,6 +174,9 @@ class MachineConfig:
     session: dict[str, Any]
     greeting: str | None = None
     filler_after: Mapping[str, float | None] = field(default_factory=dict)
+    quiet: frozenset[str] = frozenset()
+    """Tools whose successful output the model is not asked to answer when the response that called them
+    spoke (``@app.tool(respond=False)``): it goes into the conversation for the model's next turn."""
     filler_instructions: str = DEFAULT_FILLER
     goodbye_instructions: str = DEFAULT_GOODBYE
     idle_prompts: int = 0
@@ -244,6 +247,7 @@ class _ToolCall:
     arguments: str | None = None
     state: Literal["pending", "running", "answered", "discarded"] = "pending"
     complete: bool = False  # its arguments are known whole (arguments.done, or an item "completed")
+    quiet: bool = False  # its output asks for no answer (a quiet tool, its response spoke, it succeeded)
 
 
 @dataclass(slots=True)
@@ -283,6 +287,7 @@ class CallMachine:
 
     __slots__ = (
         "_agent_lines",
+        "_answer_due",
         "_answered_total",
         "_calls",
         "_cancel_next",
@@ -385,6 +390,7 @@ class CallMachine:
         self._idle_due = False
         self._heard: object = None  # the response whose audio started last
         self._filler_spoken = False
+        self._answer_due = False  # a finished tool of the running ones asks for an answer
         self._filler_due = False  # a filler came due while the line was not quiet
         self._speaking = False  # the caller is mid-utterance (speech_started, no speech_stopped yet)
         self._turn_wait = False  # the caller's speech ended: the server's answer to it may be on its way
@@ -602,13 +608,17 @@ class CallMachine:
             return []
         return handler(self, event)
 
-    def tool_done(self, call_id: str, output: str) -> list[Action]:
-        """A tool finished (ok or not: ``output`` is what the model sees). After the call's hangup or
-        transfer went out (an end forced while it ran), its output is not sent (``tool.output_dropped``)."""
+    def tool_done(self, call_id: str, output: str, *, ok: bool = False) -> list[Action]:
+        """A tool finished (``ok``: it returned normally; either way ``output`` is what the model sees).
+        After the call's hangup or transfer went out (an end forced while it ran), its output is not sent
+        (``tool.output_dropped``). Once no tool runs, the model is asked to answer the outputs, unless each
+        was a quiet tool's success (:attr:`MachineConfig.quiet`)."""
         call = self._calls.get(call_id)
         if call is None or call.state != "running" or self._closed is not None:
             return []
         call.state = "answered"
+        call.quiet = call.quiet and ok
+        self._answer_due = self._answer_due or not call.quiet
         self._running -= 1
         if self._going:
             return [
@@ -617,8 +627,8 @@ class CallMachine:
             ]
         actions: list[Action] = [CancelTimer(_FILLER + call_id), self._output(call_id, output)]
         if self._running == 0:
-            self._want_response = True
-            self._filler_spoken = False
+            self._want_response = self._want_response or self._answer_due
+            self._answer_due = self._filler_spoken = False
         return actions + self._progress()
 
     def timer(self, name: str) -> list[Action]:
@@ -949,9 +959,11 @@ class CallMachine:
                 response, ours[1] if ours is not None and ours[0] == response_id else None
             )
         output = response.get("output")
-        for item in output if isinstance(output, list) else ():
+        output = output if isinstance(output, list) else []
+        for item in output:
             if isinstance(item, dict) and item.get("type") == "function_call":
                 self._learn(item, response_id)
+        quiet = self.config.quiet
         for call in list(self._calls.values()):
             if call.state != "pending" or call.response_id not in (None, response_id):
                 continue
@@ -978,6 +990,8 @@ class CallMachine:
             else:
                 if call.arguments is None:  # none came with a finished response: never silence
                     call.arguments = "null"  # (refused by validation: the model hears invalid_arguments)
+                if call.name in quiet:  # quiet only if the response spoke: else the caller hears nothing
+                    call.quiet = any(isinstance(i, dict) and i.get("type") == "message" for i in output)
                 actions += self._run(call)
         actions.append(
             Notice(
@@ -1474,13 +1488,16 @@ class CallMachine:
         if self._going:
             self._resend, self._orphans = (), ()
             return actions
+        answer = False  # outputs go out that the model is to answer
         if self._resend:
             if self._response_active:  # it may hold their acknowledgements: look again after it
                 actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
             else:
                 unacked = self._unacked or {}
                 # Sent again once, and no more: a later re-attach does not send them a third time.
-                actions += [Send(unacked.pop(c)) for c in self._resend if c in unacked]
+                resent = [c for c in self._resend if c in unacked]
+                actions += [Send(unacked.pop(c)) for c in resent]
+                answer = any(c not in self._calls or not self._calls[c].quiet for c in resent)
                 if not unacked:
                     self._unacked = None
                 self._resend = ()
@@ -1491,8 +1508,9 @@ class CallMachine:
             call.state = "answered"
             actions.append(Notice("tool.interrupted", {"tool_call_id": call_id, "tool": call.name}))
             actions.append(self._output(call_id, _INTERRUPTED))
+            answer = True
         self._orphans = ()
-        if any(isinstance(a, Send) for a in actions):
+        if answer:
             self._want_response = True
         return actions + self._progress() + self._rearm_filler()
 
