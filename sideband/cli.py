@@ -222,6 +222,28 @@ async def serve(settings: Settings, app: Sideband) -> None:
         log.info("server.stopped")
 
 
+async def check(settings: Settings, app: Sideband) -> list[str]:
+    """Everything :func:`serve` checks before it listens, without listening: the app's session config,
+    the route file against the app, the proxy and the claim store (Redis answers). Returns what was
+    checked, a line each; raises as ``serve`` would (:class:`SettingsError`, :class:`RouteError`,
+    :class:`SessionConfigError`)."""
+    from sideband.edge import SERVICE, create_app
+
+    service = create_app(settings, app)[SERVICE]
+    await service.start()
+    await service.close()
+    tools = app.tools.names()
+    lines = [f"app {app.name}: {len(tools)} tool(s){': ' if tools else ''}{', '.join(tools)}"]
+    if settings.routes_file:
+        table = service.routes
+        default = " and a default" if table.default is not None else ""
+        lines.append(f"routes: {len(table)} number(s){default} from {settings.routes_file}")
+    else:
+        lines.append("routes: none (SIDEBAND_ROUTES_FILE is not set)")
+    lines.append("claims: Redis answered" if settings.redis_url else "claims: in memory (one instance)")
+    return lines
+
+
 async def _serve_process(settings: Settings, app: Sideband) -> None:
     """:func:`serve` as the whole process: what is still running after it is left behind."""
     await serve(settings, app)
@@ -288,6 +310,8 @@ def _parser() -> argparse.ArgumentParser:
     p_serve.add_argument("app", nargs="?", help=f"module:attribute of your app (default {DEFAULT_APP})")
     p_serve.add_argument("--host", help="listen address (SIDEBAND_HOST, default 0.0.0.0)")
     p_serve.add_argument("--port", help="listen port (SIDEBAND_PORT, default 8080)")  # (Settings checks it)
+    p_check = sub.add_parser("check", help="check the settings, the app and its route file, then exit")
+    p_check.add_argument("app", nargs="?", help=f"module:attribute of your app (default {DEFAULT_APP})")
     p_demo = sub.add_parser(
         "demo", help="run simulated calls against the built-in simulator (no key, no network)"
     )
@@ -327,6 +351,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for signum in (signal.SIGTERM, signal.SIGINT):  # (the loop's handlers left with it)
                 signal.signal(signum, lambda *_: _exit(1))
             _leave_stuck_threads()
+            return 0
+        if args.command == "check":
+            settings = load_settings(require=("openai_api_key", "openai_webhook_secret"))
+            configure_logging(settings.log_format, settings.log_level or "warning", stream=sys.stderr)
+            for line in _run(check(settings, load_app(args.app))):
+                print(line)
+            print("sideband: ready to serve")
             return 0
         if args.command == "demo":
             from sideband.demo import MAX_CALLS, run_demo

@@ -158,6 +158,59 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
     )
 
 
+def test_check_reports_what_serve_would_run_with_and_listens_on_nothing(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.toml"
+    routes.write_text('[default]\ninstructions = "Front."\n[routes."+18005551212"]\nreject = 486\n')
+    port = free_port()
+    env = clean_env(
+        OPENAI_API_KEY="sk-test",
+        OPENAI_WEBHOOK_SECRET=SECRET,
+        SIDEBAND_ROUTES_FILE=str(routes),
+        SIDEBAND_PORT=str(port),
+    )
+    done = run_cli("check", env=env)  # the bundled order desk
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "app sideband: 3 tool(s): transfer_call, end_call, lookup_order",
+        f"routes: 1 number(s) and a default from {routes}",
+        "claims: in memory (one instance)",
+        "sideband: ready to serve",
+    ]
+    with socket.socket() as s:  # nothing was left listening
+        s.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize(
+    ("routes", "env", "expected"),
+    [
+        (
+            '[routes."+1"]\ntools = ["nope"]\n',
+            {},
+            "sideband: SIDEBAND_ROUTES_FILE: {routes}: routes.+1.tools: ",
+        ),
+        ('[routes."+1"]\nreject = 486\n', {"OPENAI_API_KEY": ""}, "sideband: OPENAI_API_KEY is not set"),
+        (
+            '[routes."+1"]\nsession = { speed = -1 }\n',
+            {},
+            "sideband: SIDEBAND_ROUTES_FILE: {routes}: routes.+1: session.speed: ",
+        ),
+    ],
+)
+def test_check_stops_at_what_would_stop_serve_with_one_line(
+    tmp_path: Path, routes: str, env: dict[str, str], expected: str
+) -> None:
+    path = tmp_path / "routes.toml"
+    path.write_text(routes)
+    settings = {
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_WEBHOOK_SECRET": SECRET,
+        "SIDEBAND_ROUTES_FILE": str(path),
+    }
+    done = run_cli("check", env=clean_env(**{**settings, **env}))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(expected.format(routes=path)), done.stderr
+
+
 def test_version_is_the_installed_packages() -> None:
     done = run_cli("--version", env=clean_env())
     assert done.returncode == 0, done.stderr

@@ -333,14 +333,30 @@ async def test_serve_uses_redis_and_logs_it_without_the_password(
         ),
     ],
 )
-def test_a_bad_or_unreachable_store_stops_serve_with_one_line(url: str, message: str) -> None:
+@pytest.mark.parametrize("command", ["serve", "check"])
+def test_a_bad_or_unreachable_store_stops_serve_with_one_line(url: str, message: str, command: str) -> None:
     env = clean_env(
         OPENAI_API_KEY="sk-test",
         OPENAI_WEBHOOK_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
         SIDEBAND_REDIS_URL=url.format(port=free_port()),
     )
-    done = run_cli("serve", "examples.app:app", "--host", "127.0.0.1", "--port", "0", env=env)
-    assert done.returncode == 2
+    flags = ("--host", "127.0.0.1", "--port", "0") if command == "serve" else ()
+    done = run_cli(command, "examples.app:app", *flags, env=env)
+    assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), done.stderr
     assert "pw@" not in done.stderr
+
+
+def test_check_finds_the_redis_serve_would_use(redis_server: RedisServer) -> None:
+    if redis_server.proc is None:
+        redis_server.start()
+    env = clean_env(
+        OPENAI_API_KEY="sk-test",
+        OPENAI_WEBHOOK_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        SIDEBAND_REDIS_URL=redis_server.url,
+    )
+    done = run_cli("check", "examples.app:app", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "claims: Redis answered" in done.stdout.splitlines()
+    assert PASSWORD not in done.stdout + done.stderr
