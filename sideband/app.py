@@ -235,6 +235,7 @@ class Sideband:
         self.transfer_targets: dict[str, str] = check_transfer_targets(transfer_targets or {})
         self.transfer_tool: str | None = None
         """The name of the tool :meth:`enable_transfer` added (SIP calls only: a REFER needs a phone call)."""
+        self._transfer_labels: tuple[str, ...] = ()  # the labels that tool offers
         self.filler_instructions = filler_instructions or DEFAULT_FILLER
         self.goodbye_instructions = goodbye_instructions or DEFAULT_GOODBYE
         if type(idle_prompts) is not int or not 0 <= idle_prompts <= 10:
@@ -427,7 +428,8 @@ class Sideband:
         """
         if self.transfer_tool is not None:
             raise ValueError(f"enable_transfer was called already (its tool is {self.transfer_tool!r})")
-        self.tools._add_tool(self._transfer_call(name, tuple(self.transfer_targets)))
+        self._transfer_labels = tuple(self.transfer_targets)
+        self.tools._add_tool(self._transfer_call(name, self._transfer_labels))
         self.transfer_tool = name
 
     @staticmethod
@@ -522,8 +524,8 @@ class Sideband:
         """The app's tools for a call that may be transferred to ``targets``: the transfer tool lists
         their labels, and is left out when there are none."""
         name = self.transfer_tool
-        if name is None or (targets and tuple(targets) == tuple(self.transfer_targets)):
-            return self.tools
+        if name is None or (targets and tuple(targets) == self._transfer_labels):
+            return self.tools  # (the app's tool was built for these labels)
         if not targets:
             return self.tools.subset(n for n in self.tools.names() if n != name)
         return self.tools.replacing(self._transfer_call(name, tuple(targets)))

@@ -144,7 +144,9 @@ class Tool:
     _fields: tuple[tuple[str, str], ...] = field(repr=False, compare=False)
     respond: bool = True
     """Whether the model is asked to answer this tool's output. ``False``: a successful output is added
-    to the conversation quietly (an error output is still answered)."""
+    to the conversation without a ``response.create`` when the response that called the tool spoke; an
+    error output, a loud sibling's, a holding phrase said meanwhile, or a response without a word still
+    get an answer."""
 
     @classmethod
     def from_function(

@@ -117,6 +117,54 @@ def test_an_output_sent_again_after_a_reattach_is_answered_only_if_it_was_to_be(
     )
 
 
+def test_a_loud_siblings_answer_comes_again_with_the_quiet_output_it_followed() -> None:
+    """The create went out after the quiet output (the last of its batch), both lost with the socket;
+    the loud sibling's output was acknowledged: the quiet output sent again brings the answer again."""
+    m = machine()
+    respond_with(m, [("c1", "note"), ("c2", "lookup")], spoke=True)
+    assert sent(m.tool_done("c2", "shipped", ok=True)) == ["conversation.item.create"]
+    m.receive({"type": "conversation.item.added", "item": {"type": "function_call_output", "call_id": "c2"}})
+    assert sent(m.tool_done("c1", "saved", ok=True)) == ["conversation.item.create", "response.create"]
+    m.reattached()
+    m.receive({"type": "session.updated", "session": {}})
+    assert sent(m.timer("orphans")) == ["conversation.item.create", "response.create"]
+
+
+def test_a_loop_breakers_refusal_of_a_quiet_tool_is_answered_when_sent_again() -> None:
+    m = CallMachine(MachineConfig(session=SESSION, quiet=frozenset({"note"}), max_identical_calls=1))
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    respond_with(m, [("c1", "note")], spoke=True)
+    m.tool_done("c1", "saved", ok=True)
+    m.receive({"type": "conversation.item.added", "item": {"type": "function_call_output", "call_id": "c1"}})
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    output = [
+        SPOKE,
+        {"type": "function_call", "status": "completed", "call_id": "c2", "name": "note", "arguments": "{}"},
+    ]
+    refused = m.receive(
+        {"type": "response.done", "response": {"id": "r2", "status": "completed", "output": output}}
+    )
+    assert sent(refused) == ["conversation.item.create", "response.create"]  # loop_detected, answered
+    m.reattached()
+    m.receive({"type": "session.updated", "session": {}})
+    assert sent(m.timer("orphans")) == ["conversation.item.create", "response.create"]
+
+
+def test_a_quiet_tool_that_made_the_caller_wait_with_a_holding_phrase_is_answered() -> None:
+    """ "One moment…" promised an answer: the caller is not left waiting for it in silence."""
+    m = CallMachine(MachineConfig(session=SESSION, quiet=frozenset({"note"}), filler_after={"note": 1.0}))
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    respond_with(m, [("c1", "note")], spoke=True)
+    assert sent(m.timer("filler:c1")) == ["response.create"]
+    m.receive({"type": "response.created", "response": {"id": "r_filler"}})
+    m.receive(
+        {"type": "response.done", "response": {"id": "r_filler", "status": "completed", "output": [SPOKE]}}
+    )
+    assert sent(m.tool_done("c1", "saved", ok=True)) == ["conversation.item.create", "response.create"]
+
+
 # -- the tool declaration -------------------------------------------------------------------------------
 
 

@@ -99,6 +99,19 @@ def test_an_app_without_targets_of_its_own_offers_the_tool_only_to_calls_that_ha
     assert destinations(plan.session["tools"]) == ["billing"]
 
 
+def test_targets_the_app_gets_after_enable_transfer_are_offered_by_label() -> None:
+    """The tool is built when enabled; targets added to the app later get a tool of their own labels,
+    never the one built without any (which would take any text as its destination)."""
+    app = desk()
+    app.transfer_targets["human"] = "tel:+14155550123"
+    plan = app.plan()
+    assert destinations(plan.session["tools"]) == ["human"]
+    tool = plan.tools.get("transfer_call")
+    assert tool is not None
+    with pytest.raises(ValueError):
+        tool.parse_arguments('{"destination": "sip:attacker@example.com"}')
+
+
 def test_enable_transfer_twice_is_an_error() -> None:
     app = desk(human="tel:+14155550123")
     with pytest.raises(ValueError, match="enable_transfer was called already"):

@@ -625,10 +625,13 @@ class CallMachine:
                 CancelTimer(_FILLER + call_id),
                 Notice("tool.output_dropped", {"tool_call_id": call_id, "tool": call.name}),
             ]
-        actions: list[Action] = [CancelTimer(_FILLER + call_id), self._output(call_id, output)]
         if self._running == 0:
-            self._want_response = self._want_response or self._answer_due
+            if self._answer_due or self._filler_spoken:  # (a holding phrase promised an answer too)
+                # The answer follows this output: sent again after a re-attach, it brings the answer
+                # again, quiet or not.
+                self._want_response, call.quiet = True, False
             self._answer_due = self._filler_spoken = False
+        actions: list[Action] = [CancelTimer(_FILLER + call_id), self._output(call_id, output)]
         return actions + self._progress()
 
     def timer(self, name: str) -> list[Action]:
@@ -1090,7 +1093,7 @@ class CallMachine:
         elif self._repeat > self.config.max_identical_calls:
             breach = f"the same call repeated {self._repeat} times"
         if breach is not None:
-            call.state = "answered"
+            call.state, call.quiet = "answered", False  # (the model must hear it: it is answered)
             out = json.dumps(
                 {
                     "error": "loop_detected",
