@@ -22,6 +22,8 @@ from sideband.testing import (
     wait_for_greeting,
 )
 
+from .test_routing import write
+
 BILLING = "sip:billing@pbx.example.com"
 SUPPORT = "tel:+14155550188"
 
@@ -146,12 +148,6 @@ transfer_targets = {{ billing = "{BILLING}" }}
 [routes."+18005550100"]
 instructions = "Support desk."
 """
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "routes.toml"
-    path.write_text(text)
-    return path
 
 
 def test_a_route_gives_its_number_its_own_targets(tmp_path: Path) -> None:
