@@ -161,14 +161,17 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
 def test_check_reports_what_serve_would_run_with_and_listens_on_nothing(tmp_path: Path) -> None:
     routes = tmp_path / "routes.toml"
     routes.write_text('[default]\ninstructions = "Front."\n[routes."+18005551212"]\nreject = 486\n')
-    port = free_port()
-    env = clean_env(
-        OPENAI_API_KEY="sk-test",
-        OPENAI_WEBHOOK_SECRET=SECRET,
-        SIDEBAND_ROUTES_FILE=str(routes),
-        SIDEBAND_PORT=str(port),
-    )
-    done = run_cli("check", env=env)  # the bundled order desk
+    with socket.socket() as taken:  # the port serve would listen on is in use: check never listens
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = clean_env(
+            OPENAI_API_KEY="sk-test",
+            OPENAI_WEBHOOK_SECRET=SECRET,
+            SIDEBAND_ROUTES_FILE=str(routes),
+            SIDEBAND_HOST="127.0.0.1",
+            SIDEBAND_PORT=str(taken.getsockname()[1]),
+        )
+        done = run_cli("check", env=env)  # the bundled order desk
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "app sideband: 3 tool(s): transfer_call, end_call, lookup_order",
@@ -176,8 +179,6 @@ def test_check_reports_what_serve_would_run_with_and_listens_on_nothing(tmp_path
         "claims: in memory (one instance)",
         "sideband: ready to serve",
     ]
-    with socket.socket() as s:  # nothing was left listening
-        s.bind(("127.0.0.1", port))
 
 
 @pytest.mark.parametrize(
