@@ -135,6 +135,7 @@ def raise_open_files_limit() -> int | None:
 async def serve(settings: Settings, app: Sideband) -> None:
     """Serve until SIGTERM/SIGINT, then drain: /readyz answers 503, new calls are refused with 503
     (OpenAI redelivers them to another instance), live calls get ``SIDEBAND_DRAIN_TIMEOUT`` seconds.
+    SIGHUP reloads the route file (:meth:`sideband.service.Service.reload_routes`).
 
     Raises :class:`CliError` when the address cannot be listened on (in use, unresolvable, …)."""
     from sideband.edge import SERVICE, create_app
@@ -171,6 +172,14 @@ async def serve(settings: Settings, app: Sideband) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hangup() -> None:  # the route file again, for calls that ring from now on
+        task = loop.create_task(service.reload_routes())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     # Everything loaded so far lives for the whole process: keep it out of the collector's way, so its
     # pauses scale with live calls only.
     gc.collect()

@@ -1,4 +1,4 @@
-"""A static route table: dialed number → overrides or a refusal, loaded once from TOML at start.
+"""A static route table: dialed number → overrides or a refusal, loaded from TOML at start (and on SIGHUP).
 
 ```toml
 [default]                      # optional: calls to numbers not listed below

@@ -24,7 +24,7 @@ from sideband.blocking import Stepwise, log_blocked
 from sideband.context import CallContext, SipHeader
 from sideband.logs import clip, failure_fields
 from sideband.metrics import Histogram
-from sideband.routing import RouteTable, session_problem
+from sideband.routing import RouteError, RouteTable, session_problem
 from sideband.runtime.driver import SHUTDOWN_GRACE, CallRegistry, CallRuntime
 from sideband.runtime.machine import CallMachine, MachineConfig
 from sideband.session import (
@@ -210,11 +210,15 @@ class Service:
             if not app.browsers_allowed or session_problem(app, Accept(), sip=False) is not None:
                 raise SessionConfigError(f"the app's session config: {problem}")
             self.log.warning("server.config_warning", problem=problem, refused="sip calls")
-        routes_file = settings.routes_file
         self.routes = RouteTable({})
-        if routes_file:  # every route's session as a SIP accept would send it: fail at start
-            self.routes = RouteTable.load(routes_file, app.tools.names())
+        if settings.routes_file:  # every route's session as a SIP accept would send it: fail at start
+            self.routes = RouteTable.load(settings.routes_file, app.tools.names())
             self.routes.check(app)
+        self.route_reloads: Counter[str] = Counter()
+        """Route file reloads by outcome, ``ok`` or ``failed`` (``/metrics``)."""
+        self.routes_reload_ok = True
+        """Whether the last reload put the file in force (``False``: the table in force is older)."""
+        self._reloading = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
         self._sideband_url = settings.sideband_url
         self._configs: dict[int, tuple[CallPlan, MachineConfig]] = {}
@@ -260,6 +264,37 @@ class Service:
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
         )
         self._control = CallControl(self._http, base, key.get_secret_value() if key else "", proxy)
+
+    async def reload_routes(self) -> bool:
+        """Read ``SIDEBAND_ROUTES_FILE`` again and put it in force for the calls that ring from now on
+        (``SIGHUP`` under ``sideband serve``); calls already answered keep the route they were given.
+
+        The file is checked as at start (its tools, every route's session as a SIP accept would send
+        it). A file that fails the check (or cannot be read, or is half written) leaves the table in
+        force as it was: ``routes.reload_failed`` (error, one line), and ``False``. Reloads run one at a
+        time, the file read and parsed off the event loop.
+        """
+        async with self._reloading:
+            path, kept = self.settings.routes_file, self.routes
+            try:
+                if not path:
+                    raise RouteError("no route file to reload (SIDEBAND_ROUTES_FILE is not set)")
+                table = await asyncio.to_thread(RouteTable.load, path, self.app.tools.names())
+                table.check(self.app)  # (on the loop: it fills the app's plan cache)
+            except RouteError as exc:
+                self.route_reloads["failed"] += 1
+                self.routes_reload_ok = False
+                self.log.error(
+                    "routes.reload_failed", error=str(exc), routes=len(kept), default=kept.default is not None
+                )
+                return False
+            self.routes = table
+            self.route_reloads["ok"] += 1
+            self.routes_reload_ok = True
+            self.log.info(
+                "routes.reloaded", file=str(path), routes=len(table), default=table.default is not None
+            )
+            return True
 
     def start_draining(self) -> None:
         """Refuse new calls from now on (webhooks and WebRTC get 503) and start the one drain window:

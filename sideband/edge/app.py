@@ -345,6 +345,12 @@ async def metrics(request: web.Request) -> web.Response:
     lines.append("# TYPE sideband_guardrail_trips_total counter")
     trips = sorted(service.registry.guardrail_trips.items())  # (names from app code: escaped)
     lines += [f'sideband_guardrail_trips_total{{guardrail="{label(k)}"}} {v}' for k, v in trips]
+    lines.append("# TYPE sideband_route_reloads_total counter")
+    lines += [
+        f'sideband_route_reloads_total{{outcome="{k}"}} {v}' for k, v in sorted(service.route_reloads.items())
+    ]
+    lines.append("# TYPE sideband_routes_last_reload_successful gauge")
+    lines.append(f"sideband_routes_last_reload_successful {int(service.routes_reload_ok)}")
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
