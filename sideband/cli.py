@@ -247,6 +247,9 @@ async def check(settings: Settings, app: Sideband) -> list[str]:
         table = service.routes
         default = " and a default" if table.default is not None else ""
         lines.append(f"routes: {len(table)} number(s){default} from {settings.routes_file}")
+        if table.blocked or table.block_withheld:
+            withheld = " and withheld numbers" if table.block_withheld else ""
+            lines.append(f"blocked: {len(table.blocked)} caller number(s){withheld}")
     else:
         lines.append("routes: none (SIDEBAND_ROUTES_FILE is not set)")
     lines.append("claims: Redis answered" if settings.redis_url else "claims: in memory (one instance)")

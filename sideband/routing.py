@@ -1,6 +1,11 @@
 """A static route table: dialed number → overrides or a refusal, loaded from TOML at start (and on SIGHUP).
 
 ```toml
+[blocked]                      # optional: callers refused before any route or hook
+numbers = ["+14155550199"]
+withheld = true                # and callers who withhold their number
+status = 603                   # SIP status (the default)
+
 [default]                      # optional: calls to numbers not listed below
 instructions = "You are the front desk."
 
@@ -42,7 +47,7 @@ from sideband.session import (
 )
 
 if TYPE_CHECKING:
-    from sideband.app import Sideband
+    from sideband.app import IncomingCall, Sideband
 
 __all__ = ["RouteError", "RouteTable", "session_problem"]
 
@@ -154,9 +159,18 @@ class _Route(BaseModel):
         )
 
 
+class _Blocked(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    numbers: list[str] = Field(default_factory=list)
+    withheld: bool = False
+    status: int = Field(default=603, ge=400, le=699)
+
+
 class _File(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    blocked: _Blocked | None = None
     default: _Route | None = None
     routes: dict[str, _Route] = Field(default_factory=dict)
 
@@ -171,12 +185,20 @@ class RouteTable:
         *,
         source: str | None = None,
         labels: Mapping[str, str] | None = None,
+        blocked: Iterable[str] = (),
+        block_withheld: bool = False,
+        block_status: int = 603,
     ) -> None:
         self._routes = dict(routes)
         self.default = default
         self.source = source
         """Where the table came from (the file path for :meth:`load`), for error messages."""
         self._labels = dict(labels or {})
+        self.blocked = frozenset(blocked)
+        """Caller numbers refused before any route or hook (as :func:`parse_number` gives them)."""
+        self.block_withheld = block_withheld
+        """Whether callers who withhold their number are refused too."""
+        self._refusal = Reject(block_status) if self.blocked or block_withheld else None
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -196,6 +218,24 @@ class RouteTable:
             if found is not None:
                 return found
         return self.default
+
+    def blocks(self, call: IncomingCall) -> Reject | None:
+        """The refusal for a caller the ``[blocked]`` section names, else ``None``.
+
+        A caller's number matches as a dialed one does in :meth:`match` (exactly, or digits only as
+        E.164 with a ``+``); with ``withheld = true``, so does any caller who withholds their number
+        (:attr:`~sideband.IncomingCall.caller_withheld`). Caller numbers come from SIP and anyone can
+        send any: a block list turns away the callers it names, it lets no one in.
+        """
+        refusal = self._refusal
+        if refusal is None:
+            return None
+        caller = call.from_number
+        if caller is not None and (
+            caller in self.blocked or (caller.isascii() and caller.isdigit() and "+" + caller in self.blocked)
+        ):
+            return refusal
+        return refusal if self.block_withheld and call.caller_withheld else None
 
     def check(self, app: Sideband) -> None:
         """Build every accepting route's call plan for ``app`` as a SIP call would, at start.
@@ -269,4 +309,19 @@ class RouteTable:
             labels[key] = number
             routes[key] = route.decision()
         default = parsed.default.decision() if parsed.default else None
-        return cls(routes, default, source=source, labels=labels)
+        blocked: set[str] = set()
+        block = parsed.blocked or _Blocked()
+        for number in block.numbers:
+            try:
+                blocked.add(_route_key(number))
+            except ValueError as exc:
+                raise RouteError(f"{source}: blocked.numbers: {number}: {exc}") from None
+        return cls(
+            routes,
+            default,
+            source=source,
+            labels=labels,
+            blocked=blocked,
+            block_withheld=block.withheld,
+            block_status=block.status,
+        )

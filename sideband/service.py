@@ -292,7 +292,12 @@ class Service:
             self.route_reloads["ok"] += 1
             self.routes_reload_ok = True
             self.log.info(
-                "routes.reloaded", file=str(path), routes=len(table), default=table.default is not None
+                "routes.reloaded",
+                file=str(path),
+                routes=len(table),
+                default=table.default is not None,
+                blocked=len(table.blocked),
+                block_withheld=table.block_withheld,
             )
             return True
 
@@ -450,6 +455,11 @@ class Service:
             to_number=clip(call.to_number),
             media_security=clip(call.media_security),
         )
+        refusal = self.routes.blocks(call)
+        if refusal is not None:  # the route file's [blocked] callers: before everything else
+            self.counters["blocked"] += 1
+            self.log.info("call.blocked", status_code=refusal.status_code, withheld=call.caller_withheld)
+            return await self._answer(call, received, refusal)
         if self.full():  # before the routing hook: the caller hears busy at once
             self.counters["busy"] += 1
             self.log.warning("call.busy", live=len(self.registry), max_calls=self.settings.max_calls)

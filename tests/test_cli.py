@@ -160,7 +160,10 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
 
 def test_check_reports_what_serve_would_run_with_and_listens_on_nothing(tmp_path: Path) -> None:
     routes = tmp_path / "routes.toml"
-    routes.write_text('[default]\ninstructions = "Front."\n[routes."+18005551212"]\nreject = 486\n')
+    routes.write_text(
+        '[blocked]\nnumbers = ["+15551234567"]\nwithheld = true\n'
+        '[default]\ninstructions = "Front."\n[routes."+18005551212"]\nreject = 486\n'
+    )
     with socket.socket() as taken:  # the port serve would listen on is in use: check never listens
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -176,6 +179,7 @@ def test_check_reports_what_serve_would_run_with_and_listens_on_nothing(tmp_path
     assert done.stdout.splitlines() == [
         "app sideband: 3 tool(s): transfer_call, end_call, lookup_order",
         f"routes: 1 number(s) and a default from {routes}",
+        "blocked: 1 caller number(s) and withheld numbers",
         "claims: in memory (one instance)",
         "sideband: ready to serve",
     ]

@@ -47,13 +47,14 @@ def settings_overrides(tmp_path: Path) -> dict[str, Any]:
     return {"routes_file": write(tmp_path, BEFORE)}
 
 
-async def metrics(stack: Stack) -> dict[str, float]:
+async def metrics(stack: Stack, part: str = "route") -> dict[str, float]:
+    """The samples of ``/metrics`` whose names contain ``part``, as ``name[outcome]``."""
     async with aiohttp.ClientSession() as http, http.get(stack.base_url + "/metrics") as resp:
         text = await resp.text()
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if "route" in sample.name:
+            if part in sample.name:
                 outcome = sample.labels.get("outcome")
                 samples[sample.name + (f"[{outcome}]" if outcome else "")] = sample.value
     return samples

@@ -521,3 +521,16 @@ async def test_an_accept_whose_state_is_no_mapping_fails_closed(stack: Stack) ->
     assert call.status == "rejected" and call.reject_body == {"status_code": 480}
     failed = next(e for e in logs if e["event"] == "call.route_failed")
     assert "Accept(state=...) takes a mapping, not list" in failed["error"]
+
+
+def test_the_readmes_route_file_loads_and_passes_the_check_against_the_bundled_app(tmp_path: Path) -> None:
+    from sideband.examples.order_desk import app
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    routing = readme[readme.index("## Routing") : readme.index("## Limits")]
+    [example] = re.findall(r"```toml\n(.*?)```", routing, re.DOTALL)
+    text = "\n".join(line.removeprefix("   ") for line in example.splitlines())
+    table = RouteTable.load(write(tmp_path, text), app.tools.names())
+    table.check(app)
+    assert len(table) == 3 and table.default is not None
+    assert table.blocked == {"+14155550199", "+14155550142"} and table.block_withheld
