@@ -175,6 +175,8 @@ async def serve(settings: Settings, app: Sideband) -> None:
     reloads: set[asyncio.Task[bool]] = set()
 
     def on_hangup() -> None:  # the route file again, for calls that ring from now on
+        if stop.is_set():  # draining: no call rings here any more
+            return
         task = loop.create_task(service.reload_routes())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
@@ -218,6 +220,9 @@ async def serve(settings: Settings, app: Sideband) -> None:
     finally:
         service.start_draining()
         log.info("server.draining", calls=len(service.registry), timeout_s=settings.drain_timeout)
+        for reload in reloads:  # (one reading the file is of no use now)
+            reload.cancel()
+        await asyncio.gather(*reloads, return_exceptions=True)
         # Still listening: /readyz and new webhooks answer 503 while live calls finish on their own and
         # requests in flight are answered (a call one of them accepts gets the rest of the window).
         with contextlib.suppress(TimeoutError):
@@ -352,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
+            # A reload asked for before the server listens (or after it stopped) finds nothing to
+            # reload: ignored, not the signal's default, which ends the process.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             settings = load_settings(
                 {"host": args.host, "port": args.port},
                 require=("openai_api_key", "openai_webhook_secret"),
@@ -362,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run(_serve_process(settings, app))
             for signum in (signal.SIGTERM, signal.SIGINT):  # (the loop's handlers left with it)
                 signal.signal(signum, lambda *_: _exit(1))
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             _leave_stuck_threads()
             return 0
         if args.command == "check":

@@ -196,6 +196,11 @@ class RouteTable:
         self._labels = dict(labels or {})
         self.blocked = frozenset(blocked)
         """Caller numbers refused before any route or hook (as :func:`parse_number` gives them)."""
+        # Each digits-only or E.164 entry under both forms: a block list must not miss its caller for a
+        # trunk that sends (or a file that lists) the number without its "+".
+        self._blocked_forms = self.blocked | {
+            n[1:] if n.startswith("+") else "+" + n for n in self.blocked if n.lstrip("+").isdigit()
+        }
         self.block_withheld = block_withheld
         """Whether callers who withhold their number are refused too."""
         self._refusal = Reject(block_status) if self.blocked or block_withheld else None
@@ -222,18 +227,16 @@ class RouteTable:
     def blocks(self, call: IncomingCall) -> Reject | None:
         """The refusal for a caller the ``[blocked]`` section names, else ``None``.
 
-        A caller's number matches as a dialed one does in :meth:`match` (exactly, or digits only as
-        E.164 with a ``+``); with ``withheld = true``, so does any caller who withholds their number
+        A caller's number matches an entry written the same way, and E.164 and digits only match each
+        other either way (``+14155550199``, ``14155550199``); with ``withheld = true``, so does any
+        caller who withholds their number
         (:attr:`~sideband.IncomingCall.caller_withheld`). Caller numbers come from SIP and anyone can
         send any: a block list turns away the callers it names, it lets no one in.
         """
         refusal = self._refusal
         if refusal is None:
             return None
-        caller = call.from_number
-        if caller is not None and (
-            caller in self.blocked or (caller.isascii() and caller.isdigit() and "+" + caller in self.blocked)
-        ):
+        if call.from_number in self._blocked_forms:
             return refusal
         return refusal if self.block_withheld and call.caller_withheld else None
 

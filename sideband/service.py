@@ -281,11 +281,15 @@ class Service:
                     raise RouteError("no route file to reload (SIDEBAND_ROUTES_FILE is not set)")
                 table = await asyncio.to_thread(RouteTable.load, path, self.app.tools.names())
                 table.check(self.app)  # (on the loop: it fills the app's plan cache)
-            except RouteError as exc:
+            except Exception as exc:  # (a RouteError is one line; anything else, e.g. a TOML nested too deep)
+                error = str(exc) if isinstance(exc, RouteError) else f"{path}: {type(exc).__name__}: {exc}"
                 self.route_reloads["failed"] += 1
                 self.routes_reload_ok = False
                 self.log.error(
-                    "routes.reload_failed", error=str(exc), routes=len(kept), default=kept.default is not None
+                    "routes.reload_failed",
+                    error=" ".join(error.split()),
+                    routes=len(kept),
+                    default=kept.default is not None,
                 )
                 return False
             self.routes = table

@@ -10,9 +10,9 @@ import pytest
 from sideband import Accept, IncomingCall, Reject
 from sideband.context import SipHeader
 from sideband.routing import RouteError, RouteTable
-from sideband.testing import Script, caller_hangs_up, wait_for_greeting
+from sideband.testing import Script, Simulator, caller_hangs_up, pause, run_app, wait_for_greeting
 
-from .conftest import Stack, capture_logs
+from .conftest import TEST_SETTINGS, Stack, capture_logs, make_app
 from .test_route_reload import metrics
 from .test_routing import write
 
@@ -32,10 +32,11 @@ def caller(number: str | None, *headers: tuple[str, str]) -> IncomingCall:
 def test_numbers_match_as_dialed_numbers_do(tmp_path: Path) -> None:
     table = RouteTable.load(write(tmp_path, BLOCKING), [])
     assert table.blocked == {"+15551234567", "+15550001111", "+15550002222", "15559998888"}
-    for number in ("+15551234567", "15551234567", "+15550002222", "15559998888"):
+    # E.164 and digits only match each other both ways (a trunk may send either).
+    for number in ("+15551234567", "15551234567", "+15550002222", "15559998888", "+15559998888"):
         assert table.blocks(caller(number)) == Reject(603), number
     # Not listed; a withheld number is let through unless the section says otherwise.
-    for number in ("+15551234568", "+15559998888", None, "anonymous"):
+    for number in ("+15551234568", "5551234567", "+5551234567", None, "anonymous"):
         assert table.blocks(caller(number)) is None, number
     assert table.blocks(caller("+14155550100", ("Privacy", "id"))) is None
 
@@ -114,3 +115,21 @@ async def test_a_blocked_caller_is_refused_before_the_hook_and_others_are_not(
     assert again.status == "rejected" and asked == ["+15550003333"]
     counts = await metrics(stack, "sideband_events_total")
     assert counts["sideband_events_total[blocked]"] == 2 and counts["sideband_events_total[rejected]"] == 2
+
+
+async def test_a_blocked_caller_is_refused_as_blocked_even_when_the_instance_is_full(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    settings = {**TEST_SETTINGS, "routes_file": write(tmp_path, BLOCKING), "max_calls": 1}
+    async with run_app(make_app(), simulator, **settings) as h:
+        live = h.sim.create_call(Script([wait_for_greeting("Hi"), pause(5)]))
+        assert (await h.sender.deliver(h.sim.incoming_event(live))).status == 200
+        assert live.status == "accepted"
+        blocked = h.sim.create_call(Script([]), from_number="+15551234567")
+        assert (await h.sender.deliver(h.sim.incoming_event(blocked))).status == 200
+        assert blocked.reject_body == {"status_code": 603}
+        counts = await metrics(h, "sideband_events_total")
+        assert (
+            counts.get("sideband_events_total[blocked]") == 1 and "sideband_events_total[busy]" not in counts
+        )
+        await h.sim.hang_up(live)

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sideband.routing import RouteTable
-from sideband.testing import Script, Simulator, wait_for_greeting
+from sideband.testing import Script, Simulator, pause, wait_for_greeting
 
 from .conftest import Stack, capture_logs
 from .test_cli import read_until, serve_env, start_serve
@@ -99,6 +99,7 @@ BROKEN = [
         "turn_detection.threshold",
     ),
     ('[routes."+18005551212"]\nrejectt = 486\n', "rejectt"),
+    ("x = " + "[" * 5000 + "]" * 5000 + "\n", "RecursionError"),  # not a RouteError: still one line
     (None, "cannot read"),  # the file is gone
 ]
 
@@ -217,3 +218,31 @@ async def test_sighup_reloads_the_route_file_of_a_serving_process(
         err = (await proc.stderr.read()).decode() if proc.stderr else ""
     assert code == 0, err
     assert "Traceback" not in err
+
+
+async def test_a_sighup_while_draining_reloads_nothing_and_the_exit_stays_clean(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    path = write(tmp_path, '[routes."+18005550000"]\nreject = 486\n')
+    env = serve_env(simulator, SIDEBAND_ROUTES_FILE=str(path), SIDEBAND_DRAIN_TIMEOUT="1")
+    proc = await start_serve(0, env)
+    assert proc.stdout is not None
+    lines: list[dict[str, object]] = []
+    try:
+        port = (await read_until(proc.stdout, "server.started", lines))["port"]
+        call = simulator.create_call(Script([wait_for_greeting("Hi."), pause(10)]))
+        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
+        assert (await sender.deliver(simulator.incoming_event(call))).status == 200
+        await call.wait_received("session.update", timeout=5)
+        proc.send_signal(signal.SIGTERM)
+        await read_until(proc.stdout, "server.draining", lines)
+        for _ in range(3):
+            proc.send_signal(signal.SIGHUP)
+        await read_until(proc.stdout, "server.stopped", lines)
+    finally:
+        code = await asyncio.wait_for(proc.wait(), 15)
+        rest = (await proc.stdout.read()).decode() if proc.stdout else ""
+        err = (await proc.stderr.read()).decode() if proc.stderr else ""
+    assert code == 0, err
+    assert "Traceback" not in err + rest
+    assert not [line for line in lines if str(line.get("event", "")).startswith("routes.")]
