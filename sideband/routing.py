@@ -229,9 +229,9 @@ class RouteTable:
 
         A caller's number matches an entry written the same way, and E.164 and digits only match each
         other either way (``+14155550199``, ``14155550199``); with ``withheld = true``, so does any
-        caller who withholds their number
-        (:attr:`~sideband.IncomingCall.caller_withheld`). Caller numbers come from SIP and anyone can
-        send any: a block list turns away the callers it names, it lets no one in.
+        caller who withholds their number (:attr:`~sideband.IncomingCall.caller_withheld`). Caller
+        numbers come from SIP and anyone can send any: a block list turns away the callers it names, it
+        lets no one in.
         """
         refusal = self._refusal
         if refusal is None:

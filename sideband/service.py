@@ -270,7 +270,7 @@ class Service:
         (``SIGHUP`` under ``sideband serve``); calls already answered keep the route they were given.
 
         The file is checked as at start (its tools, every route's session as a SIP accept would send
-        it). A file that fails the check (or cannot be read, or is half written) leaves the table in
+        it). A file that fails the check (or cannot be read, or does not parse) leaves the table in
         force as it was: ``routes.reload_failed`` (error, one line), and ``False``. Reloads run one at a
         time, the file read and parsed off the event loop.
         """
