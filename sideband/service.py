@@ -139,6 +139,11 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def _retry_later() -> Reply:
+    """OpenAI could not be brought to answer the call: the webhook's sender delivers it again."""
+    return Reply(503, {"status": "retry", "error": "upstream unavailable"}, {"Retry-After": "1"})
+
+
 async def _contained(decision: Awaitable[Decision]) -> Decision | BaseException:
     """The routing hook's decision, or what it raised other than a cancellation: a ``SystemExit`` or a
     ``KeyboardInterrupt`` raised out of a task would stop the event loop, and every call with it."""
@@ -545,11 +550,14 @@ class Service:
             target=getattr(decision, "target_uri", None),
         )
         call_id, control = call.call_id, self.control
-        uncertain = False  # an accept attempt went unanswered: it may have gone through
+        uncertain = (
+            False  # an accept attempt went unanswered (or a gateway gave up): it may have gone through
+        )
+        inherited = False  # an earlier delivery's accept of the call may have gone through
 
         def accept_retry(attempt: int, exc: UpstreamError) -> None:
             nonlocal uncertain
-            uncertain = uncertain or exc.status is None
+            uncertain = uncertain or exc.maybe_carried_out
             self.log.warning("call.accept_retry", attempt=attempt, status=exc.status, error=str(exc))
 
         try:
@@ -616,12 +624,12 @@ class Service:
             self.log.error(
                 "call.accept_failed" if plan else "call.answer_failed", status=exc.status, error=str(exc)
             )
+            if plan is not None and not (uncertain or inherited or exc.maybe_carried_out):
+                # Every attempt was answered, and refused: the call was not accepted. (Otherwise the mark
+                # stays: the redelivery that finds the call no longer ringing must attach.)
+                await self.store.release(_uncertain_key(call_id))
             if exc.retryable:
-                if plan is not None and not (uncertain or exc.status is None):
-                    # Every attempt was answered, and refused: the call was not accepted. (Otherwise the
-                    # mark stays: the redelivery that finds the call no longer ringing must attach.)
-                    await self.store.release(_uncertain_key(call_id))
-                return Reply(503, {"status": "retry", "error": "upstream unavailable"}, {"Retry-After": "1"})
+                return _retry_later()
             if isinstance(decision, Reject):
                 return Reply(200, {"status": "failed", "error": f"upstream answered {exc.status}"})
             return await self._reject_instead(call_id, exc)
@@ -645,7 +653,7 @@ class Service:
         except UpstreamError as exc:
             self.counters["answer_failed"] += 1
             self.log.error("call.answer_failed", status=exc.status, error=str(exc))
-            return Reply(503, {"status": "retry", "error": "upstream unavailable"}, {"Retry-After": "1"})
+            return _retry_later()
         self.counters["hung_up"] += 1
         self.log.info("call.hung_up", target=None)
         return Reply(200, {"status": "hung_up"})
@@ -656,8 +664,14 @@ class Service:
         status_code = self.settings.route_failure_status
         try:
             await self._retrying(lambda t: self.control.reject(call_id, status_code, timeout=t))
+        except CallGone:
+            self.counters["call_gone"] += 1
+            self.log.info("call.gone")
+            return Reply(200, {"status": "call_gone"})
         except UpstreamError as exc:
             self.log.error("call.answer_failed", status=exc.status, error=str(exc))
+            if exc.retryable:  # the caller still rings: a redelivery tries again
+                return _retry_later()
             return Reply(200, {"status": "failed", "error": f"upstream answered {refused.status}"})
         self.counters["rejected"] += 1
         self.log.info("call.rejected", status_code=status_code, instead_of_status=refused.status)

@@ -79,6 +79,12 @@ class UpstreamError(Exception):
         return self.status is None or self.status in (408, 409, 429) or self.status >= 500
 
     @property
+    def maybe_carried_out(self) -> bool:
+        """The attempt may have been carried out all the same: it went unanswered, or a gateway in front
+        of OpenAI gave up on it (502, 504) after passing it on."""
+        return self.status is None or self.status in (502, 504)
+
+    @property
     def offer_refused(self) -> bool:
         """A WebRTC offer relayed to ``/realtime/calls`` was refused for what it is (400, 413, 415, 422):
         the browser's to know, not the server's fault."""

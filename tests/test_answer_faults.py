@@ -1,0 +1,105 @@
+"""The answer path when OpenAI's call control misbehaves: a ringing call is never left unanswered while the
+webhook says it was handled, and an accept that may have gone through is attached, not dropped."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from sideband.testing import Script, wait_for_greeting
+from sideband.upstream.openai import UpstreamError
+
+from .conftest import Stack, capture_logs
+
+
+def _status(result: Any) -> tuple[int, str]:
+    return result.status, json.loads(result.bodies[-1] or b"{}").get("status", "")
+
+
+async def test_a_refused_accept_whose_reject_keeps_failing_is_delivered_again(stack: Stack) -> None:
+    """An accept refused with a 4xx is replaced by a reject; when that reject cannot get through for the
+    whole budget, the caller still rings: the webhook is answered 503 and its claims released, so the
+    redelivery rejects the call."""
+    control = stack.service.control
+    real_reject = control.reject
+    rejects: list[int] = []
+
+    async def reject_unavailable(call_id: str, status_code: int, *, timeout: float = 2.0) -> None:
+        rejects.append(status_code)
+        if len(rejects) > 1 and outage:
+            raise UpstreamError(f"POST /realtime/calls/{call_id}/reject answered 503", 503)
+        await real_reject(call_id, status_code, timeout=timeout)
+
+    control.reject = reject_unavailable  # type: ignore[method-assign]
+    call = stack.sim.create_call(Script([]))
+    stack.sim.fail_accept(call.call_id, 422)
+    stack.sim.fail_verb(call.call_id, "reject", 503)  # answered by the simulator, then by the outage
+    outage = True
+    with capture_logs() as logs:
+        first = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert _status(first) == (503, "retry")
+    assert call.status == "ringing" and len(rejects) > 2  # tried again until the budget was spent
+    assert [e["event"] for e in logs if e["event"].startswith("call.") and e["log_level"] == "error"] == [
+        "call.accept_failed",
+        "call.answer_failed",
+    ]
+    outage = False
+    stack.sim.fail_accept(call.call_id, 422)  # refused again, for what it is
+    second = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert _status(second) == (200, "rejected")
+    assert call.status == "rejected"
+    assert call.reject_body == {"status_code": stack.settings.route_failure_status}
+    assert call.sideband_connects == 0
+
+
+async def test_a_refused_accept_whose_reject_finds_the_call_gone_is_call_gone(stack: Stack) -> None:
+    call = stack.sim.create_call(Script([]))
+    stack.sim.fail_accept(call.call_id, 422)
+    stack.sim.fail_verb(call.call_id, "reject", 404)  # the caller hung up meanwhile
+    result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert _status(result) == (200, "call_gone")
+    assert stack.service.counters["call_gone"] == 1 and stack.service.counters["rejected"] == 0
+
+
+async def test_a_refused_accept_leaves_no_mark_for_its_redeliveries(stack: Stack) -> None:
+    """Every attempt answered, and refused: the call was not accepted, so a redelivery whose accept is
+    refused again must reject the call, not take the refusal for a sign of an earlier accept."""
+    call = stack.sim.create_call(Script([]))
+    stack.sim.fail_accept(call.call_id, 422)
+    await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert await stack.service.store.claim(f"accept_uncertain:{call.call_id}", 1.0)  # nothing kept
+
+
+@pytest.mark.parametrize("gateway_status", [502, 504])
+async def test_an_accept_that_went_through_behind_a_gateway_error_is_attached(
+    stack: Stack, gateway_status: int
+) -> None:
+    """A gateway in front of OpenAI may answer 502/504 after passing the accept on: the retry then finds
+    the call no longer ringing. That is the unanswered attempt's case: attach (the call is up), never
+    ``call_gone``, which would leave an answered call with nothing behind it."""
+    control = stack.service.control
+    real_accept = control.accept
+    attempts = 0
+
+    async def accept_then_gateway_error(
+        call_id: str, session: dict[str, Any], *, timeout: float = 2.0
+    ) -> None:
+        nonlocal attempts
+        attempts += 1
+        await real_accept(call_id, session, timeout=timeout)
+        if attempts == 1:
+            raise UpstreamError(
+                f"POST /realtime/calls/{call_id}/accept answered {gateway_status}", gateway_status
+            )
+
+    control.accept = accept_then_gateway_error  # type: ignore[method-assign]
+    call = stack.sim.create_call(Script([wait_for_greeting("Hi")]))
+    with capture_logs() as logs:
+        result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert _status(result) == (200, "accepted")
+    assert attempts == 2 and call.status == "accepted"
+    await call.wait_connected(timeout=5)
+    assert any(e["event"] == "call.accept_uncertain" for e in logs)
+    assert stack.service.counters["call_gone"] == 0
