@@ -44,12 +44,12 @@ from sideband.upstream.openai import CallControl, CallGone, UpstreamError, conne
 
 __all__ = ["HANDOFF_GRACE", "Reply", "Service", "WebhookEvent"]
 
-_RTC_CALL_ID = re.compile(r"^rtc_[A-Za-z0-9_-]{1,128}$")
+_RTC_CALL_ID = re.compile(r"rtc_[A-Za-z0-9_-]{1,128}")
 
 
 def rtc_call_id(value: Any) -> str | None:
     """``value`` if it has the form of a WebRTC call id (``rtc_…``), else None."""
-    return value if isinstance(value, str) and _RTC_CALL_ID.match(value) else None
+    return value if isinstance(value, str) and _RTC_CALL_ID.fullmatch(value) else None
 
 
 def pending_ttl(settings: Settings) -> float:

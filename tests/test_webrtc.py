@@ -449,3 +449,11 @@ async def test_a_handed_off_call_stays_attached_past_the_pending_claims_life(sim
     finally:
         await service.registry.drain(0.0)
         await service.close()
+
+
+@pytest.mark.parametrize("value", ["rtc_x\n", "rtc_", "xrtc_abc", "rtc_a b", 7, None])
+def test_only_a_whole_rtc_call_id_is_one(value: object) -> None:
+    from sideband.service import rtc_call_id
+
+    assert rtc_call_id(value) is None
+    assert rtc_call_id("rtc_Ab9_-") == "rtc_Ab9_-"
