@@ -22,6 +22,8 @@ from sideband.tools import ToolRegistry
 from sideband.upstream._ws import PushConnection, open_socket
 from sideband.upstream.openai import connect_sideband
 
+from .conftest import capture_logs
+
 Handler = Callable[[ServerConnection], Awaitable[None]]
 
 
@@ -160,6 +162,40 @@ async def test_an_error_while_handling_a_message_ends_the_call_as_internal_error
     assert verbs == [("hangup", None)]  # the caller is not left on a call nobody controls any more
     events = [entry["event"] for entry in capture.entries]
     assert "call.crashed" in events and events.index("call.crashed") < events.index("call.ended")
+
+
+async def test_a_crashed_call_hangs_up_with_its_own_budget(
+    peer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sideband.runtime.driver.TASK_GRACE", 0.05)
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"type": "session.created", "session": {"id": "sess_1"}}))
+        await ws.wait_closed()
+
+    class Broken(CallMachine):
+        def receive(self, event: dict[str, Any]) -> Any:
+            raise RuntimeError("machine bug")
+
+    url = await peer(handler)
+    verbs: list[str] = []
+
+    async def slow_verb(name: str, target: str | None) -> None:
+        await asyncio.sleep(0.3)
+        verbs.append(name)
+
+    runtime = CallRuntime(
+        machine=Broken(MachineConfig(session={"type": "realtime"})),
+        ctx=CallContext("rtc_crash"),
+        tools=ToolRegistry(),
+        connect=lambda: connect(url),
+        verb=slow_verb,
+        reattach_attempts=0,
+    )
+    with capture_logs() as logs:
+        reason = await asyncio.wait_for(runtime.run(), 5)
+    assert reason == "internal_error" and verbs == ["hangup"]
+    assert not [e for e in logs if e["event"] == "call.tasks_abandoned"]
 
 
 async def test_a_live_socket_keeps_nothing_of_the_handshake_headers(peer: Any) -> None:

@@ -810,6 +810,38 @@ async def test_a_reattach_that_fails_for_good_hangs_up_at_once(simulator: Simula
     assert verbs == [("hangup", None)] and connect.attempts == 3
 
 
+@pytest.mark.parametrize("reattach", [False, True])
+async def test_a_hangup_after_an_attach_that_failed_gets_its_own_budget(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch, reattach: bool
+) -> None:
+    """The hangup of a call whose sideband cannot be attached is retried for as long as it takes (its own
+    budget), not cut off by the grace the call's end gives its other tasks: the caller must not stay on
+    a call nobody controls, and the end says what happened (not ``internal_error``)."""
+    monkeypatch.setattr("sideband.runtime.driver.TASK_GRACE", 0.05)
+    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [] if reattach else [refused(503)] * 2)
+    verbs: list[tuple[str, str | None]] = []
+
+    async def slow_verb(name: str, target: str | None) -> None:
+        await asyncio.sleep(0.3)  # a hangup answered 503 a few times before it goes through
+        verbs.append((name, target))
+
+    rt = runtime(connect, verbs, attempts=2, greeting="Say hello.")
+    rt._verb_call = slow_verb
+    with capture_logs() as logs:
+        task = asyncio.create_task(rt.run())
+        if reattach:
+            await call.wait_for(
+                lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5
+            )
+            connect.failures.extend(refused(503) for _ in range(2))
+            await simulator.drop_sideband(call, "abnormal")
+        reason = await asyncio.wait_for(task, 10)
+    assert reason == ("reattach_failed" if reattach else "connect_failed")
+    assert verbs == [("hangup", None)]
+    assert not [e for e in logs if e["event"] == "call.tasks_abandoned"]
+
+
 async def test_an_attempt_in_flight_when_the_call_ends_backs_off_no_more(simulator: Simulator) -> None:
     call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
     connect = Connector(simulator, call.call_id, [])

@@ -90,6 +90,7 @@ _STABLE_SOCKET = 10.0  # seconds a sideband must have lasted for its loss not to
 _MAX_RETRY_AFTER = 30.0  # seconds at most an attach waits when the server asks to (Retry-After)
 _LEFT_BEHIND = 1.0  # seconds a cancelled hook gets to end before the call's end goes on without it
 _CLOSE_TIMEOUT = 2.0  # seconds an ended call's socket gets for its closing handshake
+_VERB_BOUND = 120.0  # seconds a call hung up without its socket waits for the hangup (it has its own budget)
 SHUTDOWN_GRACE = 5.0
 """Seconds the calls still live at the end of a drain get for their hangup before they are cancelled."""
 
@@ -494,6 +495,7 @@ class CallRuntime:
         started = time.monotonic()
         try:
             await self._main()
+            await self._verb_out()
         except asyncio.CancelledError:
             # Cut short (a shutdown past its grace): what the call still had under way (a hangup or refer,
             # a flush, a close) is given up too, and the end says so (hangup_failed).
@@ -507,6 +509,8 @@ class CallRuntime:
             exc.__traceback__ = None
             # Hang up (unless a verb is out already): the caller must not stay on a call nobody controls.
             self._apply(self.machine.abandon("internal_error"))
+            with contextlib.suppress(Exception):  # (the machine may be what broke)
+                await self._verb_out()
             self._apply(self.machine.fail("internal_error"))
         finally:
             try:
@@ -650,6 +654,16 @@ class CallRuntime:
             return ws
         self._apply(machine.abandon("connect_failed" if first else "reattach_failed"))  # hangup, then closed
         return None
+
+    async def _verb_out(self) -> None:
+        """Wait until a call hung up without its socket (an attach that failed, sockets lost again and
+        again, a crash) has closed: its hangup is retried for its own budget (half a minute), which the
+        cleanup's :data:`TASK_GRACE` would otherwise cut short, leaving the caller on a call nobody
+        controls. (A call that ended any other way has closed already.)"""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _VERB_BOUND
+        while self.machine.closed is None and (left := deadline - loop.time()) > 0:
+            await self._backoff(left)  # (the machine's Close wakes it)
 
     async def _backoff(self, delay: float) -> None:
         """Sleep ``delay`` seconds, or less if the call ends meanwhile."""
