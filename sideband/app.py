@@ -411,17 +411,20 @@ class Sideband:
 
     # ------------------------------------------------------------------------ built-in tools
     def enable_end_call(self, *, name: str = "end_call") -> None:
-        """Offer the model a tool to end the call (after its goodbye)."""
+        """Offer the model a tool to end the call (after its goodbye). A quiet tool: called with a
+        goodbye in the same response, the call ends after it, without a second one."""
 
         async def end_call(ctx: CallContext) -> dict[str, Any]:
             """End the phone call. Use it when the caller is done or asks to hang up."""
             await ctx.hangup("end_call_tool")
             return {"ok": True, "message": "The call ends after your next sentence. Say a short goodbye now."}
 
-        self.tools.add(end_call, name=name, filler_after=None, timeout=5.0)
+        self.tools.add(end_call, name=name, filler_after=None, timeout=5.0, respond=False)
 
     def enable_transfer(self, *, name: str = "transfer_call") -> None:
-        """Offer the model a tool to transfer to one of the call's transfer targets (by label only).
+        """Offer the model a tool to transfer to one of the call's transfer targets (by label only). A
+        quiet tool, as ``end_call``: the caller hears what the model said as it called it, then the
+        transfer.
 
         The targets are the app's ``transfer_targets``, or those a route or ``Accept(transfer_targets=…)``
         gives the call: the tool lists the call's labels, and a call with none is not offered it.
@@ -449,7 +452,7 @@ class Sideband:
             "Transfer the caller to a human or another department.\n\n"
             f"Args:\n    destination: Where to transfer: one of {', '.join(labels) or 'none'}."
         )
-        return Tool.from_function(transfer_call, name=name, filler_after=None, timeout=5.0)
+        return Tool.from_function(transfer_call, name=name, filler_after=None, timeout=5.0, respond=False)
 
     # ------------------------------------------------------------------------------- routing
     async def decide(self, call: IncomingCall) -> Decision:

@@ -742,7 +742,7 @@ class Service:
             connect=connect,
             verb=verb,
             hooks=app.hooks(),
-            transfer_targets=plan.transfer_targets,
+            transfer_targets=plan.transfer_targets if ctx.source == "sip" else None,  # (a REFER: phone calls)
             reattach_attempts=settings.reattach_attempts,
             log_tool_arguments=settings.log_tool_arguments,
             log_transcripts=settings.log_transcripts,

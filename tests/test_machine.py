@@ -999,17 +999,36 @@ def test_say_is_queued_behind_an_active_response() -> None:
     assert sends(upd) == [{"type": "session.update", "session": {"instructions": "new", "type": "realtime"}}]
 
 
-def test_a_queued_say_is_not_said_once_the_call_is_ending() -> None:
+def test_a_say_queued_before_the_end_is_said_before_the_goodbye_and_a_later_one_not_at_all() -> None:
+    """What code asked the model to say before it asked for the end are the call's last words, whether
+    the model was talking at the time (queued) or not (sent at once); a say() after the end is not."""
     m = machine()
     m.start()
     m.receive({"type": "session.updated", "session": {}})
     m.receive({"type": "response.created", "response": {"id": "r1"}})
     assert m.say("Tell them about the sale") == []
     m.request_end("idle_timeout", goodbye=True)
-    assert creates(m.receive(response_done("r1"))) == [DEFAULT_GOODBYE]
+    assert m.say("Too late") == [] and m.response_owed
+    assert creates(m.receive(response_done("r1"))) == ["Tell them about the sale"]
+    m.receive({"type": "response.created", "response": {"id": "r_say"}})
+    assert creates(m.receive(response_done("r_say"))) == [DEFAULT_GOODBYE]
     m.receive({"type": "response.created", "response": {"id": "r_bye"}})
     done = m.receive(response_done("r_bye"))
     assert creates(done) == [] and Verb("hangup", None) in done
+
+
+def test_a_say_queued_before_a_transfer_is_said_before_the_refer() -> None:
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive({"type": "response.created", "response": {"id": "r1"}})  # the model is talking
+    assert m.say("Tell the caller you are connecting them to a person.") == []
+    m.request_end("transferred", verb="refer", target="tel:+14155550123")
+    done = m.receive(response_done("r1"))
+    assert creates(done) == ["Tell the caller you are connecting them to a person."]
+    assert not [a for a in done if isinstance(a, Verb)]
+    m.receive({"type": "response.created", "response": {"id": "r_say"}})
+    assert Verb("refer", "tel:+14155550123") in m.receive(response_done("r_say"))
 
 
 def test_update_session_moves_session_config_names_where_the_server_has_them() -> None:

@@ -233,3 +233,49 @@ async def test_a_call_notes_quietly_and_answers_the_rest() -> None:
     assert [names.get(k, k) for k in kinds] == ["take_note", "lookup_order", "create"]
     assert json.loads(call.output_for(kinds[1]) or "{}")["status"] == "shipped"
     assert [r.text for r in call.responses][-1] == "It shipped."
+
+
+def _creates_after_output(call: Any) -> list[str]:
+    kinds = [e["type"] for e in call.received]
+    return [k for k in kinds[kinds.index("conversation.item.create") :] if k == "response.create"]
+
+
+@pytest.mark.parametrize("preamble", ["You're welcome, goodbye!", None])
+async def test_end_call_after_a_spoken_goodbye_asks_for_no_second_one(preamble: str | None) -> None:
+    """The ready-made ``end_call`` is quiet: called with a goodbye in the same response, the call is hung
+    up after it; called without a word, the model is asked to say its goodbye first."""
+    app = Sideband(instructions="Front desk.")
+    app.enable_end_call()
+    async with run_app(app) as h:
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Front desk."),
+                    caller_says("That's all, thanks."),
+                    model_calls("end_call", {}, preamble=preamble),
+                ],
+                step_timeout=10,
+            )
+        )
+        summary = await h.ended(call)
+    assert summary.reason == "end_call_tool" and call.hangup_requested
+    assert _creates_after_output(call) == ([] if preamble else ["response.create"])
+
+
+async def test_transfer_call_after_a_spoken_preamble_asks_for_nothing_more() -> None:
+    app = Sideband(instructions="Front desk.", transfer_targets={"human": "tel:+14155550123"})
+    app.enable_transfer()
+    async with run_app(app) as h:
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Front desk."),
+                    caller_says("A person, please."),
+                    model_calls("transfer_call", {"destination": "human"}, preamble="Connecting you now."),
+                ],
+                step_timeout=10,
+            )
+        )
+        summary = await h.ended(call)
+    assert summary.reason == "transferred" and call.refer_target == "tel:+14155550123"
+    assert _creates_after_output(call) == []

@@ -233,7 +233,7 @@ async def test_a_call_to_a_number_without_targets_cannot_be_transferred(tmp_path
         )
         await h.ended(call)
     assert destinations(call.accept_body["tools"]) is None
-    assert outputs(call) == ["refused: transfer target 'human' is not allowed (allowed: none configured)"]
+    assert outputs(call) == ["refused: transfer target 'human' is not allowed (allowed: none for this call)"]
     assert call.refer_target is None
 
 

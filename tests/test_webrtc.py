@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sideband import Sideband
+from sideband import CallContext, Sideband
 from sideband.testing import (
     Script,
     Simulator,
@@ -457,3 +457,36 @@ def test_only_a_whole_rtc_call_id_is_one(value: object) -> None:
 
     assert rtc_call_id(value) is None
     assert rtc_call_id("rtc_Ab9_-") == "rtc_Ab9_-"
+
+
+async def test_a_browsers_call_cannot_be_transferred_from_code(simulator: Simulator) -> None:
+    """A REFER needs a phone call: ``ctx.transfer`` on a browser's call refuses, and the model is told,
+    instead of a REFER that fails and hangs the caller up."""
+    app = Sideband(instructions="Front desk.", transfer_targets={"human": "tel:+14155550123"})
+    app.authorize_browser(lambda request: True)
+
+    @app.tool
+    async def escalate(ctx: CallContext) -> str:
+        """Hand the caller to a person."""
+        await ctx.transfer("human")
+        return "transferring"
+
+    simulator.next_webrtc_script = Script(
+        [
+            caller_says("A person, please."),
+            model_calls("escalate", {}),
+            model_says("I cannot transfer you from here."),
+            caller_hangs_up(),
+        ]
+    )
+    async with (
+        run_app(app, simulator, **TEST_SETTINGS) as h,
+        aiohttp.ClientSession() as http,
+        http.post(h.url("/rtc/calls"), data=OFFER, headers={"content-type": "application/sdp"}) as resp,
+    ):
+        assert resp.status == 201
+        call = simulator.calls[resp.headers["Location"].rsplit("/", 1)[-1]]
+        summary = await h.ended(call)
+    assert summary.reason == "remote_closed" and call.refer_target is None
+    [output] = [e["item"]["output"] for e in call.received if e["type"] == "conversation.item.create"]
+    assert "not allowed" in output and "human" in output

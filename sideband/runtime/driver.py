@@ -334,7 +334,7 @@ class CallRuntime:
         if uri is None and target in self._targets.values():
             uri = target
         if uri is None:
-            allowed = ", ".join(sorted(self._targets)) or "none configured"
+            allowed = ", ".join(sorted(self._targets)) or "none for this call"
             raise TransferNotAllowed(f"transfer target {target!r} is not allowed (allowed: {allowed})")
         self._apply(self.machine.request_end("transferred", verb="refer", target=uri))
         self._kick()

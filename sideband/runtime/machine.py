@@ -258,6 +258,7 @@ class _End:
     goodbye: str | None
     verb_sent: bool = False
     held: bool = False  # a re-attach happened meanwhile: the server's state shows itself first
+    says: int = 0  # say() requests queued before the end was asked for: spoken before its verb
 
 
 def _json_text(value: Any) -> str:
@@ -459,12 +460,13 @@ class CallMachine:
     def response_owed(self) -> bool:
         """A response is active, our ``response.create`` is unanswered, or one will be asked for (once
         running tools finish, a refused create to send again, a queued :meth:`say`)."""
-        return (
-            self._busy
-            or self._want_response
-            or bool(self._retry)
-            or (bool(self._queued_say) and self._end is None)
-        )
+        return self._busy or self._want_response or bool(self._retry) or self._say_owed
+
+    @property
+    def _say_owed(self) -> bool:
+        """A :meth:`say` is queued that is still to be spoken: any before the call's end is asked for,
+        then those queued before it."""
+        return bool(self._queued_say) and (self._end is None or self._end.says > 0)
 
     @property
     def awaiting_acks(self) -> bool:
@@ -756,6 +758,7 @@ class CallMachine:
             verb=verb if self.caps.call_verbs else None,
             target=target,
             goodbye=self.config.goodbye_instructions if goodbye else None,
+            says=len(self._queued_say),
         )
         return [
             Notice("call.ending", {"reason": reason, "verb": verb, "target": target}),
@@ -764,8 +767,10 @@ class CallMachine:
         ]
 
     def say(self, instructions: str) -> list[Action]:
-        """Ask the model to speak now (queued while a response is active)."""
-        if self._closed is not None:
+        """Ask the model to speak now (queued while a response is active). Once the call's end is asked
+        for, what is queued before it is still said (before a goodbye, then the verb); a later say()
+        is not."""
+        if self._closed is not None or self._end is not None:
             return []
         self._queued_say.append(instructions)
         return self._progress()
@@ -1269,12 +1274,7 @@ class CallMachine:
     @property
     def _owed_ours(self) -> bool:
         """A response of ours is asked for, or will be (outputs answered, a refused create, a say())."""
-        return (
-            self._want_response
-            or bool(self._retry)
-            or self._create_sent is not None
-            or (bool(self._queued_say) and self._end is None)
-        )
+        return self._want_response or bool(self._retry) or self._create_sent is not None or self._say_owed
 
     def _on_idle_prompt(self, event: dict[str, Any]) -> list[Action]:
         """The server's turn detection found the caller silent for its ``idle_timeout_ms``: it commits the
@@ -1456,7 +1456,9 @@ class CallMachine:
                     self._without_tools = False
                     return [self._create(dict(_NO_TOOLS))]
                 return [self._create()]
-            if self._queued_say and self._end is None and (self.caps.speaks_over_tools or not self._running):
+            if self._say_owed and (self.caps.speaks_over_tools or not self._running):
+                if self._end is not None:
+                    self._end.says -= 1
                 return [self._create({"instructions": self._queued_say.pop(0)})]
         if self._end is not None:
             return self._fire_end(forced=False)
@@ -1558,7 +1560,7 @@ class CallMachine:
         if end is None or end.verb_sent or self._closed is not None:
             return []
         if not forced:
-            if self._running or self._want_response or self._busy or self._resend or end.held:
+            if self._running or self._want_response or self._busy or self._resend or end.held or end.says:
                 return []  # (outputs that may have to be sent again after a re-attach go first)
             if self._speaking or self._turn_wait:
                 return []  # the caller speaks, or the server's answer to them is on its way
