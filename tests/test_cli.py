@@ -216,6 +216,16 @@ def test_check_stops_at_what_would_stop_serve_with_one_line(
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(expected.format(routes=path)), done.stderr
 
 
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_a_route_file_nested_too_deeply_stops_the_start_with_one_line(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "routes.toml"
+    path.write_text("[default]\nsession = { x = " + "[" * 3000 + "]" * 3000 + " }\n")
+    env = clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET, SIDEBAND_ROUTES_FILE=str(path))
+    done = run_cli(command, env=env)
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-300:]
+    assert done.stderr == f"sideband: SIDEBAND_ROUTES_FILE: {path}: nested too deeply (RecursionError)\n"
+
+
 def test_version_is_the_installed_packages() -> None:
     done = run_cli("--version", env=clean_env())
     assert done.returncode == 0, done.stderr

@@ -92,6 +92,7 @@ def test_table_matches_numbers_and_default(tmp_path: Path) -> None:
         ('[routes."+1"]\nrefer = "tel:+1"\nmax_call_seconds = 60\n', "refers answers nothing: max_call"),
         ('[routes."+1"]\nmax_call_seconds = inf\n', "routes.+1.max_call_seconds"),
         ('[routes."+1"]\nmax_idle_seconds = nan\n', "routes.+1.max_idle_seconds"),
+        ("[default]\nsession = { x = " + "[" * 3000 + "]" * 3000 + " }\n", "nested too deeply"),
     ],
 )
 def test_invalid_files_are_one_line_errors(tmp_path: Path, text: str, fragment: str) -> None:
