@@ -7,6 +7,7 @@ import binascii
 import difflib
 import hashlib
 import hmac
+import ipaddress
 import os
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -151,9 +152,18 @@ class Settings(BaseSettings):
         value = value.strip().rstrip("/")
         if not value.startswith(("http://", "https://", "ws://", "wss://")):
             raise ValueError("must be an http(s):// or ws(s):// URL")
-        if "@" in urllib.parse.urlsplit(value).netloc:
+        if any(c.isspace() or not c.isprintable() for c in value):
+            raise ValueError("must not contain spaces or control characters")
+        if "?" in value or "#" in value:  # (paths are appended to it: /realtime, /realtime/calls/…)
+            raise ValueError("must not have a query or fragment (?… or #…)")
+        try:
+            netloc = urllib.parse.urlsplit(value).netloc
+        except ValueError:  # (an unbalanced or empty [IPv6 literal])
+            raise ValueError("must name a host ([…] holds no IPv6 address)") from None
+        if "@" in netloc:
             # (it would be logged, and its Basic credentials would clash with our bearer key)
             raise ValueError("must not carry a user or password (user:password@host)")
+        _host_and_port(netloc)
         return value
 
     @field_validator("openai_api_key", "vowel_api_key", "rtc_ticket_secret")
@@ -223,6 +233,29 @@ class Settings(BaseSettings):
         if seed is None:
             raise SettingsError("SIDEBAND_RTC_TICKET_SECRET is required")
         return hmac.new(seed.get_secret_value().encode(), b"sideband rtc ticket", hashlib.sha256).digest()
+
+
+def _host_and_port(netloc: str) -> None:
+    """Refuse a URL's ``host[:port]`` that no connection could be opened to (a :class:`ValueError`)."""
+    if netloc.startswith("["):  # an IPv6 literal: [::1], [::1]:8080
+        literal, _, port = netloc[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            raise ValueError("must name a host ([…] holds no IPv6 address)") from None
+        if port and not port.startswith(":"):
+            raise ValueError("must name a host ([IPv6 address] then at most :port)")
+        port = port[1:]
+    else:
+        host, _, port = netloc.partition(":")
+        if not host:
+            raise ValueError("must name a host (scheme://host/…)")
+        try:
+            host.encode("idna")
+        except UnicodeError:  # (an empty label, one over 63 characters: bad..host)
+            raise ValueError("must name a host (not a valid host name)") from None
+    if port and (not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535):
+        raise ValueError("must have a port from 1 to 65535 after the host, if any")
 
 
 def _alias(field: Any) -> str:

@@ -226,6 +226,25 @@ def test_a_route_file_nested_too_deeply_stops_the_start_with_one_line(tmp_path: 
     assert done.stderr == f"sideband: SIDEBAND_ROUTES_FILE: {path}: nested too deeply (RecursionError)\n"
 
 
+@pytest.mark.parametrize("command", ["check", "serve"])
+@pytest.mark.parametrize(
+    "base",
+    [
+        "https://api.openai.com:99999/v1",
+        "https://api.openai.com:abc/v1",
+        "https:///v1",
+        "https://api openai.com/v1",
+        "https://api.openai.com/v1?x=1",
+        "https://api.openai.com/v1#x",
+    ],
+)
+def test_a_malformed_openai_base_url_stops_the_start_with_one_line(command: str, base: str) -> None:
+    env = clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET, OPENAI_BASE_URL=base)
+    done = run_cli(command, "--port", "0", env=env) if command == "serve" else run_cli(command, env=env)
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-300:]
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("sideband: OPENAI_BASE_URL: "), done.stderr
+
+
 def test_version_is_the_installed_packages() -> None:
     done = run_cli("--version", env=clean_env())
     assert done.returncode == 0, done.stderr

@@ -298,6 +298,19 @@ def test_required_present_loads() -> None:
         ("SIDEBAND_VOWEL_CORE_URL", "core.example.com"),
         ("OPENAI_BASE_URL", "https://user:s3cret@gateway.example.com/v1"),
         ("SIDEBAND_VOWEL_ENGINE_URL", "wss://token@engine.example.com"),
+        ("OPENAI_BASE_URL", "https://api.openai.com:99999/v1"),
+        ("OPENAI_BASE_URL", "https://api.openai.com:abc/v1"),
+        ("OPENAI_BASE_URL", "https://api.openai.com:0/v1"),
+        ("OPENAI_BASE_URL", "https:///v1"),
+        ("OPENAI_BASE_URL", "https://:443/v1"),
+        ("OPENAI_BASE_URL", "https://api openai.com/v1"),
+        ("OPENAI_BASE_URL", "https://api.openai.com/v1\tx"),
+        ("OPENAI_BASE_URL", "https://bad..host/v1"),
+        ("OPENAI_BASE_URL", "https://[::1]x/v1"),
+        ("OPENAI_BASE_URL", "https://api.openai.com/v1?x=1"),
+        ("OPENAI_BASE_URL", "https://api.openai.com/v1#x"),
+        ("SIDEBAND_VOWEL_CORE_URL", "https://core.example.com:70000"),
+        ("SIDEBAND_VOWEL_ENGINE_URL", "wss://engine.example.com?token=x"),
         ("OPENAI_WEBHOOK_SECRET", "whsec_"),
         ("OPENAI_WEBHOOK_SECRET", "whsec_!!!not base64!!!"),
         ("OPENAI_WEBHOOK_SECRET", "whsec_abc$def"),
@@ -333,8 +346,9 @@ def test_a_url_with_a_password_is_refused_without_echoing_it() -> None:
     message = error_for({"OPENAI_BASE_URL": "https://user:s3cret@gateway.example.com/v1"})
     assert "user or password" in message and "s3cret" not in message
     assert load({"OPENAI_BASE_URL": "https://gateway.example.com/v1/@team"}).openai_base_url.endswith("@team")
-    for odd in ("https://gw.example.com?team=a@b", "https://gw.example.com#a@b"):  # not credentials
-        assert load({"OPENAI_BASE_URL": odd}).openai_base_url == odd
+    for odd in ("https://gw.example.com?team=a@b", "https://gw.example.com#a@b"):  # not credentials…
+        message = error_for({"OPENAI_BASE_URL": odd})  # …but paths are appended: no query or fragment
+        assert "query or fragment" in message and "user or password" not in message, message
 
 
 def test_settings_built_in_code_do_not_echo_a_malformed_secret_either() -> None:
@@ -430,6 +444,10 @@ def test_override_without_env() -> None:
         ("http://127.0.0.1:8765/v1///", "ws://127.0.0.1:8765/v1/realtime"),
         ("wss://gateway.example.com/v1", "wss://gateway.example.com/v1/realtime"),
         ("ws://localhost/v1/", "ws://localhost/v1/realtime"),
+        ("http://[::1]:8080/v1", "ws://[::1]:8080/v1/realtime"),
+        ("https://gw.example.com:443/v1", "wss://gw.example.com:443/v1/realtime"),
+        ("https://exa_mple.example.com", "wss://exa_mple.example.com/realtime"),
+        ("https://bücher.example/v1", "wss://bücher.example/v1/realtime"),
     ],
 )
 def test_sideband_url(base: str, expected: str) -> None:
