@@ -31,6 +31,31 @@ def _env(name: str, default: Any = None) -> Any:
     return Field(default=default, validation_alias=AliasChoices(name))
 
 
+_BLANK_IS_A_VALUE = frozenset({"SIDEBAND_HOST"})
+"""Variables whose blank value means something: ``SIDEBAND_HOST=`` listens on both address families."""
+
+
+class _Given(PydanticBaseSettingsSource):
+    """Another source's values, less the blank ones (``""``, whitespace): an optional setting set blank
+    (``SIDEBAND_PORT=``, ``${SIDEBAND_PORT:-}`` in a compose file) is not set and takes its default, and a
+    required one set blank is reported as not set. Both sources key their values by the variables'
+    names; those in :data:`_BLANK_IS_A_VALUE` keep a blank value."""
+
+    def __init__(self, source: PydanticBaseSettingsSource) -> None:
+        super().__init__(source.settings_cls)
+        self._source = source
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._source.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        return {
+            name: value
+            for name, value in self._source().items()
+            if name in _BLANK_IS_A_VALUE or not (isinstance(value, str) and not value.strip())
+        }
+
+
 class _ContractEnvironment(PydanticBaseSettingsSource):
     """The process environment under the documented names only (``OPENAI_API_KEY``,
     ``OPENAI_WEBHOOK_SECRET``, ``OPENAI_BASE_URL``, ``SIDEBAND_*``; exact case).
@@ -127,23 +152,6 @@ class Settings(BaseSettings):
     vowel_model: str | None = _env("SIDEBAND_VOWEL_MODEL")
     vowel_voice: str | None = _env("SIDEBAND_VOWEL_VOICE")
 
-    @field_validator(
-        "log_format",
-        "log_level",
-        "routes_file",
-        "redis_url",
-        "vowel_core_url",
-        "vowel_engine_url",
-        "vowel_service_id",
-        "vowel_model",
-        "vowel_voice",
-        mode="before",
-    )
-    @classmethod
-    def _blank(cls, value: Any) -> Any:
-        """A blank optional setting (``SIDEBAND_ROUTES_FILE=`` in a compose file) is not set."""
-        return None if isinstance(value, str) and not value.strip() else value
-
     @field_validator("openai_base_url", "vowel_core_url", "vowel_engine_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -217,7 +225,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, _ContractEnvironment(settings_cls))
+        return (_Given(init_settings), _Given(_ContractEnvironment(settings_cls)))
 
     @property
     def sideband_url(self) -> str:
@@ -297,7 +305,7 @@ class _ExplicitSettings(Settings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
+        return (_Given(init_settings),)
 
 
 def load_settings(

@@ -195,6 +195,11 @@ def test_check_reports_what_serve_would_run_with_and_listens_on_nothing(tmp_path
         ),
         ('[routes."+1"]\nreject = 486\n', {"OPENAI_API_KEY": ""}, "sideband: OPENAI_API_KEY is not set"),
         (
+            '[routes."+1"]\nreject = 486\n',
+            {"OPENAI_WEBHOOK_SECRET": "", "SIDEBAND_PORT": ""},
+            "sideband: OPENAI_WEBHOOK_SECRET is not set",
+        ),
+        (
             '[routes."+1"]\nsession = { speed = -1 }\n',
             {},
             "sideband: SIDEBAND_ROUTES_FILE: {routes}: routes.+1: session.speed: ",

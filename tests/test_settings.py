@@ -53,6 +53,7 @@ def error_for(env: Env | None = None, overrides: Overrides | None = None, **kw: 
             "https://proxy.example.com/v1",
         ),
         ("SIDEBAND_HOST", "127.0.0.1", "host", "127.0.0.1"),
+        ("SIDEBAND_HOST", "", "host", ""),  # (blank: both address families, not the default)
         ("SIDEBAND_PORT", "9001", "port", 9001),
         ("SIDEBAND_LOG_FORMAT", "json", "log_format", "json"),
         ("SIDEBAND_LOG_FORMAT", "console", "log_format", "console"),
@@ -266,10 +267,12 @@ def test_required_first_missing_is_reported() -> None:
     assert "OPENAI_WEBHOOK_SECRET" not in message
 
 
-def test_empty_required_secret_counts_as_missing() -> None:
-    for blank in ("", "   ", "\n"):
-        message = error_for({"OPENAI_API_KEY": blank}, require=("openai_api_key",))
-        assert message == "OPENAI_API_KEY is not set"
+@pytest.mark.parametrize("blank", ["", "   ", "\n"])
+@pytest.mark.parametrize("variable", ["OPENAI_API_KEY", "OPENAI_WEBHOOK_SECRET"])
+def test_empty_required_secret_counts_as_missing(variable: str, blank: str) -> None:
+    field = variable.lower()
+    message = error_for({variable: blank}, require=(field,))
+    assert message == f"{variable} is not set"
     assert load({"OPENAI_API_KEY": " "}).openai_api_key is None  # where the command does not need it
 
 
@@ -294,7 +297,6 @@ def test_required_present_loads() -> None:
         ("SIDEBAND_PORT", "80.5"),
         ("OPENAI_BASE_URL", "api.openai.com/v1"),
         ("OPENAI_BASE_URL", "ftp://api.openai.com"),
-        ("OPENAI_BASE_URL", ""),
         ("SIDEBAND_VOWEL_CORE_URL", "core.example.com"),
         ("OPENAI_BASE_URL", "https://user:s3cret@gateway.example.com/v1"),
         ("SIDEBAND_VOWEL_ENGINE_URL", "wss://token@engine.example.com"),
@@ -378,15 +380,22 @@ def test_a_bad_flag_is_named_as_the_flag_and_a_bad_variable_as_the_variable() ->
 
 
 @pytest.mark.parametrize(
-    "variable",
-    ["SIDEBAND_ROUTES_FILE", "SIDEBAND_LOG_LEVEL", "SIDEBAND_LOG_FORMAT", "SIDEBAND_VOWEL_CORE_URL"],
+    "variable", sorted(env_name(field) for field in Settings.model_fields if field != "host")
 )
-@pytest.mark.parametrize("blank", ["", "  "])
-def test_a_blank_optional_setting_is_not_set(variable: str, blank: str) -> None:
-    """``SIDEBAND_ROUTES_FILE=`` in a compose file means no table, not a file named ``.``."""
-    s = load({variable: blank})
+@pytest.mark.parametrize("blank", ["", "  ", "\n"])
+def test_a_blank_variable_is_not_set(variable: str, blank: str) -> None:
+    """``SIDEBAND_PORT: ${SIDEBAND_PORT:-}`` in a compose file means the default, not a bad port;
+    ``SIDEBAND_ROUTES_FILE=`` no table, not a file named ``.``. Every variable but SIDEBAND_HOST."""
+    assert load({variable: blank}) == load({})
     field = next(name for name in Settings.model_fields if env_name(name) == variable)
-    assert getattr(s, field) is None
+    assert load({}, {field: blank}) == load({})  # (as a blank override: `--port ""`)
+
+
+def test_a_blank_variable_falls_back_on_what_is_under_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDEBAND_PORT", "9000")
+    monkeypatch.setenv("SIDEBAND_MAX_CALLS", "")
+    s = load_settings({"port": ""})  # `sideband serve --port "$PORT"`, PORT unset: the environment's
+    assert (s.port, s.max_calls) == (9000, 0)
 
 
 def test_valid_whsec_secret_is_kept_and_stripped() -> None:
