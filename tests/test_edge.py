@@ -13,10 +13,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from sideband import Accept, IncomingCall, Refer, Reject
+from sideband.edge import app as edge
 from sideband.stores import ClaimStore, StoreUnavailable
 from sideband.testing import Script, wait_for_greeting
 
@@ -330,6 +333,61 @@ async def test_a_body_that_fails_to_decode_closes_its_connection_quietly(
                 statuses.append(resp.status)
                 assert resp.headers.get("Connection", "").lower() == "close"  # the rest is never read
     assert statuses == [400, 400, 400]
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelno >= 40]
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/webhooks/openai", "application/json"),
+        ("/rtc/calls", "application/sdp"),
+        ("/rtc/handoff", "application/json"),
+    ],
+)
+async def test_a_bad_body_from_a_client_that_left_is_no_internal_error(
+    stack: Stack,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    content_type: str,
+) -> None:
+    """A sender that gives up (a timeout, a proxy) right after a body that fails to decode: its 400
+    cannot be written, and that is no server error (no traceback, no 500 in the log)."""
+    route = "webhook" if path.startswith("/webhooks/") else "rtc"
+    host, port = stack.webhook_url.removeprefix("http://").split("/")[0].split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    seen_leave = asyncio.Event()
+    monkeypatch.setattr(RequestHandler, "eof_received", lambda self: seen_leave.set())
+    read_body = edge._read_body
+
+    async def read_as_the_client_leaves(request: web.Request, limit: int) -> bytes:
+        try:
+            return await read_body(request, limit)
+        finally:  # the body has failed to decode: the client is gone before the answer goes out
+            writer.close()
+            async with asyncio.timeout(5):
+                await seen_leave.wait()
+
+    monkeypatch.setattr(edge, "_read_body", read_as_the_client_leaves)
+    answered = asyncio.Event()
+    request_done = stack.service.request_done
+
+    def done() -> None:
+        request_done()
+        answered.set()
+
+    monkeypatch.setattr(stack.service, "request_done", done)
+    with capture_logs() as logs:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n".encode()
+            + b"Content-Encoding: gzip\r\nContent-Length: 100\r\n\r\n"
+            + b"x" * 100
+        )
+        async with asyncio.timeout(5):
+            await answered.wait()
+    assert not [e for e in logs if e["event"] == "http.internal_error"]
+    [left] = [e for e in logs if e["event"] == f"{route}.abandoned"]
+    assert left["log_level"] == "info" and "exc_info" not in left, left
     assert not [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelno >= 40]
 
 

@@ -91,29 +91,34 @@ async def _body(
     request: web.Request, service: Service, limit: int, *, event: str = "webhook.rejected"
 ) -> bytes | web.Response:
     """The request's body (see :func:`_read_body`), or the answer that refuses it."""
+    route = event.partition(".")[0]
     try:
         return await _read_body(request, limit)
     except web.HTTPRequestEntityTooLarge:
         return _refuse(service, 413, f"body over {limit} bytes", event=event)
     except _ClientGone:  # a sender timing out, a proxy giving up: it sends again (nothing happened)
-        route = event.partition(".")[0]
         log.info(f"{route}.abandoned", reason="client disconnected before the body was read")
         return _json(400, {"error": "incomplete body"})
     except _SlowBody:
         refusal = _refuse(service, 408, f"body not received within {BODY_TIMEOUT:g} s", event=event)
-        return await _closing(request, refusal)
+        return await _closing(request, refusal, route)
     except _BadBody:
         refusal = _refuse(service, 400, "body does not match its content or transfer encoding", event=event)
-        return await _closing(request, refusal)
+        return await _closing(request, refusal, route)
 
 
-async def _closing(request: web.Request, response: web.Response) -> web.Response:
+async def _closing(request: web.Request, response: web.Response, route: str) -> web.Response:
     """Send ``response``, then close the connection without reading the rest of the body: aiohttp would
     go on reading it (up to 10 s more of a trickle), and a body that failed to decode fails there again
-    and is logged as an unhandled error with a traceback, for any client that cares to send one."""
+    and is logged as an unhandled error with a traceback, for any client that cares to send one.
+
+    A client already gone (it gave up after sending such a body) gets nothing: ``{route}.abandoned``."""
     response.force_close()  # Connection: close
-    await response.prepare(request)
-    await response.write_eof()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:  # (aiohttp's "Cannot write to closing transport")
+        log.info(f"{route}.abandoned", reason="client disconnected before the answer was sent")
     request.protocol.force_close()
     return response
 
