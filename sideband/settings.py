@@ -187,8 +187,9 @@ class Settings(BaseSettings):
         if info.field_name == "rtc_ticket_secret":
             if len(raw) < 32:
                 raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
-        elif any(c.isspace() for c in raw):
-            raise ValueError("must be an API key (no spaces)")
+        elif not (raw.isascii() and raw.isprintable()) or any(c.isspace() for c in raw):
+            # (it goes out in an Authorization header: anything else fails every request it is sent with)
+            raise ValueError("must be an API key (printable ASCII, no spaces)")
         return SecretStr(raw)
 
     @field_validator("redis_url")

@@ -330,6 +330,9 @@ def test_required_present_loads() -> None:
         ("SIDEBAND_ROUTE_FAILURE_STATUS", "200"),
         ("SIDEBAND_RTC_KEY_TTL", "7201"),
         ("OPENAI_API_KEY", "sk-one sk-two"),
+        ("OPENAI_API_KEY", "sk-one\x01"),  # (every call's accept would fail: a 500 for each webhook)
+        ("OPENAI_API_KEY", "sk-ünï"),
+        ("SIDEBAND_VOWEL_API_KEY", "vk-one\x7f"),
     ],
 )
 def test_malformed_value_is_one_line_naming_the_variable(variable: str, raw: str) -> None:
