@@ -281,7 +281,7 @@ class RouteTable:
         except UnicodeDecodeError as exc:  # (TOML is UTF-8)
             raise RouteError(f"{path}: not UTF-8 (byte {exc.start})") from None
         except RecursionError:  # (tomllib parses arrays and tables recursively: a few hundred levels)
-            raise RouteError(f"{path}: nested too deeply (RecursionError)") from None
+            raise RouteError(f"{path}: nested too deeply") from None
         return cls.from_dict(raw, tool_names, source=str(path))
 
     @classmethod

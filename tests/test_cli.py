@@ -228,7 +228,7 @@ def test_a_route_file_nested_too_deeply_stops_the_start_with_one_line(tmp_path: 
     env = clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET, SIDEBAND_ROUTES_FILE=str(path))
     done = run_cli(command, env=env)
     assert done.returncode == 2 and done.stdout == "", done.stderr[-300:]
-    assert done.stderr == f"sideband: SIDEBAND_ROUTES_FILE: {path}: nested too deeply (RecursionError)\n"
+    assert done.stderr == f"sideband: SIDEBAND_ROUTES_FILE: {path}: nested too deeply\n"
 
 
 @pytest.mark.parametrize("command", ["check", "serve"])

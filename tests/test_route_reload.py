@@ -99,7 +99,7 @@ BROKEN = [
         "turn_detection.threshold",
     ),
     ('[routes."+18005551212"]\nrejectt = 486\n', "rejectt"),
-    ("x = " + "[" * 5000 + "]" * 5000 + "\n", "RecursionError"),  # not a RouteError: still one line
+    ("x = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
     (None, "cannot read"),  # the file is gone
 ]
 
