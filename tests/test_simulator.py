@@ -953,13 +953,15 @@ async def test_response_create_during_active_response_is_refused(
     assert call.responses[0].source == "script" and call.responses[1].source == "auto"
 
 
-async def test_with_an_event_gap_a_create_before_response_done_is_refused(
-    http: aiohttp.ClientSession,
+@pytest.mark.parametrize("options", [{}, {"event_gap": 0.05}], ids=["default", "event_gap"])
+async def test_a_create_before_response_done_is_refused(
+    http: aiohttp.ClientSession, options: dict[str, Any]
 ) -> None:
     """A client that answers a call and asks for a response before the response's response.done
-    (PROTOCOL A4.4 forbids it) meets the error when the response streams, as the real one does; one that
-    waits for response.done does not."""
-    async with Simulator(event_gap=0.05) as sim:  # (the early create goes a few gaps before response.done)
+    (PROTOCOL A4.4 forbids it) meets the error, as on the real service, whose responses stream over time:
+    with the default settings too (the response is held active a moment after its last event), not only
+    with an event gap; one that waits for response.done does not."""
+    async with Simulator(**options) as sim:
         script = Script(
             [wait_for_greeting("Hi."), model_calls("lookup", {"id": "42"}), model_says("Shipped.")]
         )

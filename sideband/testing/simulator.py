@@ -82,6 +82,7 @@ _DEFAULT_INSTRUCTIONS = (
 )
 _SESSION_MAX_SECONDS = 3600
 _CLOSE_TIMEOUT = 2.0
+_HOLD_TURNS = 10  # event-loop turns a response stays active, at least, after its last event before done
 
 _SESSION_KEYS = frozenset(
     {
@@ -1555,6 +1556,7 @@ class SimCall:
         buffer_started = False
         audio_started = 0.0
         interrupted = False
+        created = time.monotonic()
         try:
             await send(
                 "response.created",
@@ -1724,10 +1726,9 @@ class SimCall:
             out_tokens = 5 + len(spoken) // 4 + sum(len(s.arguments) // 4 for s in calls)
             record.status = final_status
             # Over once response.done is out: a response.create the client sends on reading it is fine
-            # (and one sent before it, during the gap, is still refused).
+            # (and one sent before it, while the response is held active, is still refused).
             await self._flush_transcript()  # (a response of neither words nor calls)
-            if self._sim.event_gap:
-                await asyncio.sleep(self._sim.event_gap)
+            await self._hold_active(created)
             self._active_response = None
             await self._send_now(
                 "response.done",
@@ -1775,6 +1776,21 @@ class SimCall:
                 ],
             )
         return record
+
+    async def _hold_active(self, created: float) -> None:
+        """Keep the response active a moment before its ``response.done``: the real service streams a
+        response over tens of milliseconds or more, so what a client sends on reading its events (an early
+        ``response.create``, a ``response.cancel``) reaches the service while the response is active.
+        Held for ``event_gap`` (if set), a few turns of the event loop (a client in this process reacts
+        within them) and until ``min_response_time`` has passed since ``response.created`` (one in
+        another process); client events arriving meanwhile are read and judged."""
+        if self._sim.event_gap:
+            await asyncio.sleep(self._sim.event_gap)
+        for _ in range(_HOLD_TURNS):
+            await asyncio.sleep(0)
+        remaining = created + self._sim.min_response_time - time.monotonic()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
 
     # ------------------------------------------------------------------------------------ the script
 
@@ -2152,11 +2168,14 @@ class Simulator:
     default), so webhooks for invented call ids can come from elsewhere (another process, a load
     generator). Other verbs on unknown ids still get 404.
 
-    ``event_gap`` is how long the simulator waits after each server event. By default (0) a response's
-    events go out back to back, and a client rarely gets a word in before its ``response.done``; the real
-    service streams a response over tens of milliseconds or more. A gap of a few milliseconds makes a
-    client that acts too early (a ``response.create`` before ``response.done``) meet the error the real
-    service gives it.
+    ``min_response_time`` is the least time a response stays active, from its ``response.created`` to its
+    ``response.done`` (5 ms by default; also a few turns of the event loop after its last other event,
+    whatever the setting): the real service streams a response over tens of milliseconds or more, and a
+    client that acts too early (a ``response.create`` sent on ``function_call_arguments.done``, before
+    ``response.done``) meets the error it gives (``conversation_already_has_active_response``).
+    ``event_gap`` is how long the simulator waits before each server event (0 by default: a response's
+    events go out back to back, then it is held active as above); a gap spreads a response out, so that
+    what a client sends mid-response arrives between its events.
 
     ``verb_close`` is how the service ends the sideband after a ``hangup`` or ``refer`` verb. The real one
     has been seen to close it cleanly (``"clean"``, code 1000; ``"going_away"``, 1001), to drop it with no
@@ -2190,6 +2209,7 @@ class Simulator:
         auto_create_calls: bool = False,
         auto_call_script: Script | None = None,
         event_gap: float = 0.0,
+        min_response_time: float = 0.005,
         verb_close: Literal["clean", "going_away", "abnormal", "silent"] = "clean",
         gone_status: Literal[404, 410] = 404,
         playback_rate: float | None = None,
@@ -2199,6 +2219,8 @@ class Simulator:
             raise ValueError(f"session_seconds must be a positive number of seconds, not {session_seconds!r}")
         if verb_close not in ("clean", "going_away", "abnormal", "silent"):
             raise ValueError(f"verb_close must be clean, going_away, abnormal or silent, not {verb_close!r}")
+        if not 0 <= min_response_time < 60:
+            raise ValueError(f"min_response_time must be 0 to 60 seconds, not {min_response_time!r}")
         if gone_status not in (404, 410):
             raise ValueError(f"gone_status must be 404 or 410, not {gone_status!r}")
         if playback_rate is not None and not playback_rate > 0:
@@ -2215,6 +2237,7 @@ class Simulator:
         self.ws_compression = ws_compression
         self.auto_create_calls = auto_create_calls
         self.event_gap = event_gap
+        self.min_response_time = min_response_time
         self.verb_close: Literal["clean", "going_away", "abnormal", "silent"] = verb_close
         self.gone_status: Literal[404, 410] = gone_status
         self.playback_rate = playback_rate
