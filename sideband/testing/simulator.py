@@ -1083,11 +1083,22 @@ class SimCall:
         await self._close_sockets(mode)
 
     def _last_step_complete(self) -> bool:
-        """The last step got everything it waited for (its outputs) but the runner has not resumed yet."""
+        """The last step got everything it waited for (its outputs) but the runner has not resumed yet,
+        or its response, every call of which was answered, has yet to end."""
+        steps = self.script.steps
+        if self._step_index != len(steps) - 1:
+            return False
+        if self._phase == "await_outputs":
+            return all(cid in self._answered_calls for cid in self._awaiting_ids)
+        step = steps[-1]
+        if self._phase != "emitting" or not isinstance(step, ModelCalls) or not step.waits_for_outputs:
+            return False
+        record = self.responses[-1] if self.responses else None
         return (
-            self._step_index == len(self.script.steps) - 1
-            and self._phase == "await_outputs"
-            and all(cid in self._answered_calls for cid in self._awaiting_ids)
+            record is not None
+            and record.source == "script"
+            and len(record.call_ids) == len(step.calls)
+            and all(cid in self._answered_calls for cid in record.call_ids)
         )
 
     async def _close_sockets(self, mode: str) -> None:
