@@ -518,6 +518,57 @@ async def test_the_caller_transcript_streams_while_speaking_and_completes_mid_an
     assert events[completed]["transcript"] == "Hello, my name is Marcelo."
 
 
+def transcript_order(events: list[dict[str, Any]]) -> set[str]:
+    """What the order of the first caller turn's transcript shows, among facts the recordings show."""
+    kinds = [e["type"] for e in events]
+    item = next(e["item_id"] for e in events if e["type"] == "input_audio_buffer.speech_started")
+    deltas = [
+        i
+        for i, e in enumerate(events)
+        if e["type"] == "conversation.item.input_audio_transcription.delta" and e["item_id"] == item
+    ]
+    completed = next(
+        i
+        for i, e in enumerate(events)
+        if e["type"] == "conversation.item.input_audio_transcription.completed" and e["item_id"] == item
+    )
+    user_done = next(
+        i for i, e in enumerate(events) if e["type"] == "conversation.item.done" and e["item"]["id"] == item
+    )
+    created = kinds.index("response.created")
+    answer_added = kinds.index("response.output_item.added")
+    answer_done = kinds.index("response.done")
+    facts = {
+        "deltas after speech_stopped": deltas[-1] > kinds.index("input_audio_buffer.speech_stopped"),
+        "deltas after the caller's item is done": deltas[-1] > user_done,
+        "deltas after response.created": deltas[-1] > created,
+        "completed after the last delta": completed > deltas[-1],
+        "completed after the answer's output_item.added": completed > answer_added,
+        "completed before response.done": completed < answer_done,
+    }
+    return {fact for fact, holds in facts.items() if holds}
+
+
+@pytest.mark.parametrize("cassette", ["ws_three_server_vad_turns", "ws_audio_in_server_vad_turn"])
+async def test_the_caller_transcript_trails_into_the_answer_as_recorded(
+    simulator: Simulator, cassette: str
+) -> None:
+    """The caller's transcript is behind the caller: its deltas go on after ``speech_stopped``, after the
+    caller's item is done and after the answer's ``response.created``; it completes mid-answer. Same order
+    as the recording."""
+    lines = [json.loads(line) for line in (CASSETTES / f"{cassette}.jsonl").read_text().splitlines()]
+    recorded = [line["event"] for line in lines if line["dir"] == "server"]
+    call = simulator.create_webrtc_call(
+        Script([caller_says("Hello, my name is Marcelo."), model_says("Hi Marcelo."), caller_hangs_up()])
+    )
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": TRANSCRIBED})
+        events = await recv_until(ws, "response.done")
+    expected = transcript_order(recorded)
+    assert len(expected) == 6  # (every fact holds in the recording)
+    assert transcript_order(events) == expected
+
+
 async def test_without_a_response_to_come_the_transcript_completes_at_once(simulator: Simulator) -> None:
     """No server VAD (the controller creates responses): nothing is on its way, the transcript is not held."""
     call = simulator.create_webrtc_call(Script([caller_says("Just checking."), model_says("Okay.")]))

@@ -833,6 +833,7 @@ class SimCall:
         self._playback: asyncio.Task[None] | None = None  # its playing out, after its response.done
         self._playback_cut: asyncio.Event | None = None
         self._pending_transcript: dict[str, Any] | None = None  # the caller's, completing mid-answer
+        self._pending_deltas: deque[dict[str, Any]] = deque()  # its deltas still to come (after the stop)
         self._response_count = 0
         self._awaiting_ids: list[str] = []
         self._vad_turn = False
@@ -1575,6 +1576,7 @@ class SimCall:
                     response_id, "in_progress", [], modalities, metadata=overrides.get("metadata")
                 ),
             )
+            await self._trickle_transcript()  # (the caller's transcript still streams, as recorded)
             outputs: list[dict[str, Any]] = []
             spoken = ""
             message_id: str | None = None
@@ -1624,7 +1626,7 @@ class SimCall:
                 await send(
                     "conversation.item.added", previous_item_id=previous, item={**started, "content": []}
                 )
-                await self._flush_transcript()
+                await self._trickle_transcript()
                 where = {
                     "response_id": response_id,
                     "item_id": message_id,
@@ -1649,8 +1651,11 @@ class SimCall:
                     await send(delta_type, **where, delta=chunk, obfuscation=secrets.token_hex(4))
                     if number == 0 and calls:
                         await announce_calls()  # a call may be announced while the preamble streams
+                    if not await self._trickle_transcript():
+                        await self._flush_transcript()  # (completed amid the model's words)
                 if calls and not call_states:
                     await announce_calls()
+                await self._flush_transcript()
                 item_status = "incomplete" if self._cancel_reason is not None else "completed"
                 if audio:
                     await send("response.output_audio.done", **where)
@@ -1952,11 +1957,21 @@ class SimCall:
             self._notify()
 
     async def _flush_transcript(self) -> None:
-        """Send the caller's transcript still owed (it completes while the model answers, or before the
-        caller's next move)."""
+        """Send the caller's transcript still owed, its last deltas then ``completed`` (it completes while
+        the model answers, or before the caller's next move)."""
+        while await self._trickle_transcript():
+            pass
         pending, self._pending_transcript = self._pending_transcript, None
         if pending is not None:
             await self._send("conversation.item.input_audio_transcription.completed", **pending)
+
+    async def _trickle_transcript(self) -> bool:
+        """Send the next delta of the caller's transcript still owed; False if none was."""
+        if not self._pending_deltas:
+            return False
+        fields = self._pending_deltas.popleft()
+        await self._send("conversation.item.input_audio_transcription.delta", **fields)
+        return True
 
     async def _run_step(self, step: Step, limit: float) -> None:
         if not isinstance(step, WaitForGreeting | ModelSays | ModelCalls):
@@ -2105,15 +2120,22 @@ class SimCall:
                 self._playback_cut.set()
             await self._send("output_audio_buffer.cleared", response_id=cleared)
         transcribes = _transcribes(self.session)
-        if transcribes and not untranscribed:  # transcribed as they are spoken: before the item exists
-            for chunk in _chunks(text, 4):
-                await self._send(
-                    "conversation.item.input_audio_transcription.delta",
-                    item_id=item_id,
-                    content_index=0,
-                    delta=chunk,
-                    obfuscation=secrets.token_hex(4),
-                )
+        if transcribes and not untranscribed:
+            # Transcribed as it is spoken, and behind: the first deltas come before the caller's item
+            # exists, the rest after it (once a response is on its way, amid the model's answer).
+            deltas = [
+                {
+                    "item_id": item_id,
+                    "content_index": 0,
+                    "delta": chunk,
+                    "obfuscation": secrets.token_hex(4),
+                }
+                for chunk in _chunks(text, 4)
+            ]
+            heard = len(deltas) // 2
+            for fields in deltas[:heard]:
+                await self._send("conversation.item.input_audio_transcription.delta", **fields)
+            self._pending_deltas.extend(deltas[heard:])
         if seconds:
             self._set_phase("caller_speaking")
             await asyncio.sleep(seconds)  # (what the controller sends meanwhile is served as it comes)
