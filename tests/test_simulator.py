@@ -1266,6 +1266,18 @@ async def test_vad_without_create_response_waits_for_the_controller(
     assert call.responses[0].trigger == "response.create"
 
 
+async def test_a_keypad_step_on_a_webrtc_call_fails_the_script(simulator: Simulator) -> None:
+    """DTMF reaches a sideband over SIP only (PROTOCOL A3): on a WebRTC call the step fails the script,
+    naming itself, and no dtmf event goes out."""
+    call = simulator.create_webrtc_call(Script([caller_says("Hi."), caller_presses("9")]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        with pytest.raises(ScriptError, match=r"step 1 caller_presses\('9'\): a WebRTC call has no keypad"):
+            await call.wait_done(timeout=5)
+    assert call.sent_of_type("input_audio_buffer.speech_stopped")  # (the steps before it were played)
+    assert not call.sent_of_type("input_audio_buffer.dtmf_event_received")
+
+
 async def test_parallel_calls_malformed_arguments_and_dtmf(
     simulator: Simulator, http: aiohttp.ClientSession
 ) -> None:

@@ -313,7 +313,11 @@ def model_calls(
 
 
 def caller_presses(digits: str) -> CallerPresses:
-    """The caller presses DTMF ``digits`` (``0-9``, ``*``, ``#``, ``A-D``), one event per digit."""
+    """The caller presses DTMF ``digits`` (``0-9``, ``*``, ``#``, ``A-D``), one event per digit.
+
+    SIP calls only, as on the real service (``input_audio_buffer.dtmf_event_received`` never comes on a
+    WebRTC call): on a WebRTC call the step fails the script (:class:`~sideband.testing.ScriptError`
+    from ``wait_done()``, naming the step) rather than send what the real service never would."""
     bad = sorted(set(digits) - _DTMF_DIGITS)
     if not digits or bad:
         raise ValueError(f"not DTMF digits: {digits!r}")

@@ -154,7 +154,11 @@ class ScriptError(AssertionError):
     """A call's script failed (a step timed out, or the call ended before the script finished)."""
 
 
-class _StepTimeout(Exception):
+class _StepFailed(Exception):
+    """Internal: a script step cannot go on (the script fails with this message)."""
+
+
+class _StepTimeout(_StepFailed):
     """Internal: one wait of a script step ran out of time."""
 
 
@@ -1949,7 +1953,7 @@ class SimCall:
             self._set_phase("finished")
             if script.hang_up_at_end and not self._ended.is_set():
                 await self._end("script_done", "clean")
-        except _StepTimeout as exc:
+        except _StepFailed as exc:
             self.script_error = f"step {self._step_index} {script.steps[self._step_index].describe()}: {exc}"
         finally:
             self._set_phase("finished")
@@ -1995,6 +1999,11 @@ class SimCall:
                     text, limit, seconds=seconds, cut_in=cut_in, untranscribed=untranscribed
                 )
             case CallerPresses(digits=digits):
+                if self.kind != "sip":  # (the keypad reaches a sideband over SIP only)
+                    raise _StepFailed(
+                        "a WebRTC call has no keypad: input_audio_buffer.dtmf_event_received comes on SIP "
+                        "calls only"
+                    )
                 await self._wait_ready(limit)
                 self._set_phase("emitting")
                 for digit in digits:
