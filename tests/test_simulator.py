@@ -325,6 +325,48 @@ async def test_accept_rejects_invalid_bodies(
     assert call.status == "ringing" and call.accept_body is None
 
 
+BAD_SIP_ACCEPTS = [
+    {"type": "realtime", "audio": {"input": {"format": None}}},
+    {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 0.6}}}},
+]
+
+
+@pytest.mark.parametrize("body", BAD_SIP_ACCEPTS, ids=["format", "threshold"])
+async def test_a_bad_accept_can_get_200_and_the_call_fail_soon_after(
+    http: aiohttp.ClientSession, body: dict[str, Any]
+) -> None:
+    """PROTOCOL A2: accept may answer 200 to a bad payload and the call then fails. With
+    ``bad_accept="fail_call"`` the simulator does that: the call ends, its sideband is refused, its script
+    never plays; a good accept is taken as ever."""
+    async with Simulator(bad_accept="fail_call") as sim:
+        good = sim.create_call()
+        assert (await post(http, f"{sim.base_url}/realtime/calls/{good.call_id}/accept", TRANSCRIBED))[
+            0
+        ] == 200
+        call = sim.create_call(Script([caller_says("Hello?")]))
+        status, raw = await post(http, f"{sim.base_url}/realtime/calls/{call.call_id}/accept", body)
+        assert (status, raw) == (200, b"")
+        await call.wait_ended(timeout=5)
+        assert (await expect_refused(sim, call)).status_code == 404
+        with pytest.raises(ScriptError, match="accept_failed"):
+            await call.wait_done(timeout=1)
+    assert (call.status, call.end_reason, call.accept_body) == ("ended", "accept_failed", body)
+    assert call.accept_problem is not None and "SIP" in call.accept_problem
+    assert (good.status, good.end_reason, good.accept_problem) == ("accepted", None, None)
+
+
+async def test_a_sideband_attached_after_a_bad_accept_s_200_is_closed(http: aiohttp.ClientSession) -> None:
+    async with Simulator(bad_accept="fail_call") as sim:
+        call = sim.create_call()
+        url = f"{sim.base_url}/realtime/calls/{call.call_id}/accept"
+        assert (await post(http, url, BAD_SIP_ACCEPTS[0]))[0] == 200
+        async with ws_connect(sim, call) as ws:
+            with pytest.raises(websockets.ConnectionClosedOK) as closed:
+                await recv(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+    assert call.end_reason == "accept_failed" and call.sideband_connects == 1 and not call.sent
+
+
 async def test_accept_rejects_non_json(simulator: Simulator, http: aiohttp.ClientSession) -> None:
     call = simulator.create_call()
     url = f"{simulator.base_url}/realtime/calls/{call.call_id}/accept"

@@ -82,6 +82,7 @@ _DEFAULT_INSTRUCTIONS = (
 )
 _SESSION_MAX_SECONDS = 3600
 _CLOSE_TIMEOUT = 2.0
+_BAD_ACCEPT_LIFETIME = 0.5  # how long a call accepted with a bad body lives (bad_accept="fail_call")
 _HOLD_TURNS = 10  # event-loop turns a response stays active, at least, after its last event before done
 
 _SESSION_KEYS = frozenset(
@@ -742,9 +743,10 @@ class SimCall:
       ``to_number``, ``sip_headers``, ``media_security``;
     - ``status`` (``"ringing"``, ``"accepted"``, ``"rejected"``, ``"referred"``, ``"ended"``) and
       ``end_reason`` (``"caller_hangup"``, ``"hangup_verb"``, ``"rejected"``, ``"referred"``,
-      ``"session_expired"``, ``"script_done"``);
-    - ``accept_body``, ``reject_body``, ``refer_target``, ``hangup_requested``, ``session`` (the full
-      effective session), ``sdp_offer``/``ephemeral_key`` (WebRTC);
+      ``"session_expired"``, ``"script_done"``, ``"accept_failed"``);
+    - ``accept_body``, ``accept_problem`` (what was wrong with an accept body taken with
+      ``bad_accept="fail_call"``, else ``None``), ``reject_body``, ``refer_target``, ``hangup_requested``,
+      ``session`` (the full effective session), ``sdp_offer``/``ephemeral_key`` (WebRTC);
     - ``received`` (client events, in order), ``sent`` (server events, in order), ``timeline`` (both, as
       ``("received" | "sent", event)`` in the order they arrived or left), ``bad_frames`` (frames that
       were not JSON objects), ``sideband_connects``;
@@ -783,6 +785,7 @@ class SimCall:
         self.status: CallStatus = "ringing"
         self.end_reason: str | None = None
         self.accept_body: dict[str, Any] | None = None
+        self.accept_problem: str | None = None
         self.reject_body: dict[str, Any] | None = None
         self.refer_target: str | None = None
         self.hangup_requested = False
@@ -1047,6 +1050,23 @@ class SimCall:
             self._set_phase("finished")
             self._done.set()
         self._notify()
+
+    def _accept_bad(self, body: dict[str, Any], problem: str) -> None:
+        """Accepted (200) with a body the service cannot use: the call fails soon after. A sideband that
+        attaches meanwhile is closed at once; later ones are refused, the call being gone."""
+        self.status = "accepted"
+        self.accept_body = body
+        self.accept_problem = problem
+        self.session = _default_session(
+            self._session_id, model=self._sim.model, sip=self.kind == "sip", seconds=self._sim.session_seconds
+        )
+        self._sim._spawn(self._fail_soon())
+        self._notify()
+
+    async def _fail_soon(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._attached.wait(), _BAD_ACCEPT_LIFETIME)
+        await self._end("accept_failed", "clean")
 
     async def _expire_in(self, seconds: float) -> None:
         """The session's maximum duration: cut when it is reached (``session_expired``), unless it ended."""
@@ -2226,6 +2246,13 @@ class Simulator:
     (``call_id_not_found``, the default) or 410, both seen. A call id never seen is always 404. Both are
     plain attributes, so a test can change them on a running simulator.
 
+    ``bad_accept`` is how an accept with a session config the service cannot use (``audio.*.format`` or
+    ``turn_detection.threshold`` on a SIP call, no ``type``, a bad value…) is answered. ``"refuse"`` (the
+    default): a 400 naming the problem. ``"fail_call"``: as the real service may, 200, then the call fails
+    soon after (half a second, or as soon as a sideband attaches, which is closed at once with 1000;
+    later handshakes are refused as for any ended call): ``end_reason`` ``"accept_failed"``, the problem
+    in ``accept_problem``, the script not played. A plain attribute, like ``verb_close``.
+
     ``playback_rate`` is how fast the caller hears the model, in characters of its transcript a second
     (about 15 for real speech): ``output_audio_buffer.stopped`` goes out once a spoken response has played,
     after its ``response.done``, as on the real service, so a controller that hangs up on ``response.done``
@@ -2256,6 +2283,7 @@ class Simulator:
         gone_status: Literal[404, 410] = 404,
         playback_rate: float | None = None,
         session_seconds: float = _SESSION_MAX_SECONDS,
+        bad_accept: Literal["refuse", "fail_call"] = "refuse",
     ) -> None:
         if not 0 < session_seconds < 10**9:
             raise ValueError(f"session_seconds must be a positive number of seconds, not {session_seconds!r}")
@@ -2263,6 +2291,8 @@ class Simulator:
             raise ValueError(f"verb_close must be clean, going_away, abnormal or silent, not {verb_close!r}")
         if not 0 <= min_response_time < 60:
             raise ValueError(f"min_response_time must be 0 to 60 seconds, not {min_response_time!r}")
+        if bad_accept not in ("refuse", "fail_call"):
+            raise ValueError(f"bad_accept must be refuse or fail_call, not {bad_accept!r}")
         if gone_status not in (404, 410):
             raise ValueError(f"gone_status must be 404 or 410, not {gone_status!r}")
         if playback_rate is not None and not playback_rate > 0:
@@ -2284,6 +2314,7 @@ class Simulator:
         self.gone_status: Literal[404, 410] = gone_status
         self.playback_rate = playback_rate
         self.session_seconds = session_seconds
+        self.bad_accept: Literal["refuse", "fail_call"] = bad_accept
         """How long a call's session lasts (its ``expires_at``): then ``session_expired``, close 1001."""
         self.requests: list[RequestRecord] = []
         self.calls: dict[str, SimCall] = {}
@@ -2769,13 +2800,17 @@ class Simulator:
         if isinstance(body, web.Response):
             return body
         if "type" not in body:
-            return _error_response(
-                400, "Missing required parameter: 'type'.", param="type", code="missing_required_parameter"
+            problem: _Problem | None = _Problem(
+                "type", "missing_required_parameter", "Missing required parameter: 'type'."
             )
-        problem = _check_session(body, "", sip=call.kind == "sip", accept=True)
-        if problem is not None:
+        else:
+            problem = _check_session(body, "", sip=call.kind == "sip", accept=True)
+        if problem is None:
+            call._accept(body)
+        elif self.bad_accept == "fail_call":
+            call._accept_bad(body, problem.message)
+        else:
             return _error_response(400, problem.message, param=problem.param, code=problem.code)
-        call._accept(body)
         if fault == "late":
             return await self._hold()
         return web.Response(status=200)
