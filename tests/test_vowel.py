@@ -266,6 +266,41 @@ async def test_anything_before_session_update_is_fatal_on_the_engine(vowel: Vowe
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
 
 
+@pytest.mark.parametrize("first", ["user_text", "audio"])
+async def test_input_before_session_updated_finds_no_agent(vowel: VowelSimulator, first: str) -> None:
+    """The engine builds its agent on session.update and confirms with session.updated (PROTOCOL C2):
+    input sent right after the update, without waiting for that, fails the session fatally."""
+    async with aiohttp.ClientSession() as http:
+        token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
+            trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
+        )
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]}
+    event = (
+        {"type": "conversation.item.create", "item": item}
+        if first == "user_text"
+        else {"type": "input_audio_buffer.append", "audio": base64.b64encode(speech(100)).decode()}
+    )
+    async with connect(
+        f"ws://127.0.0.1:{vowel.port}/engine/v1/realtime",
+        additional_headers={"Authorization": f"Bearer {token.value}"},
+    ) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        await ws.send(json.dumps({"type": "session.update", "session": {"instructions": "hi", "tools": []}}))
+        await ws.send(json.dumps(event))
+        kinds: list[str] = []
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(5):
+                while True:
+                    received = json.loads(await ws.recv())
+                    kinds.append(received["type"])
+                    if received["type"] == "error":
+                        assert received["error"]["message"] == "No agent available"
+    assert kinds == ["error", "response.done"]  # (no session.updated: the session failed first)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    engine = vowel.sessions[0]
+    assert (engine.close_code, engine.end_reason, engine.user_texts) == (1011, "no_agent", [])
+
+
 async def test_a_second_response_create_replaces_the_one_in_flight(vowel: VowelSimulator) -> None:
     vowel.event_delay = 0.01
     vowel.script([when("story", reply="once upon a time there was a very long story " * 3)])
@@ -280,6 +315,7 @@ async def test_a_second_response_create_replaces_the_one_in_flight(vowel: VowelS
     try:
         await ws.recv()  # session.created
         await ws.send(json.dumps({"type": "session.update", "session": {"instructions": "hi"}}))
+        assert json.loads(await ws.recv())["type"] == "session.updated"  # (input before it is fatal)
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a story"}]}
         await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
         statuses: list[str] = []

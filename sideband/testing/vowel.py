@@ -229,6 +229,12 @@ class VowelSimulator:
     arrives, as the engine does; ``claim_limits=True`` also states them in the core's mint answers
     (``maxCallDurationMs``, ``maxIdleDurationMs``), as a token's claims may. ``refuse_handshake`` picks how
     a bad token is refused.
+
+    The engine builds its agent on the first ``session.update`` and answers ``session.updated`` once it
+    is built, ``agent_build_time`` seconds later (5 ms by default): a client event other than
+    ``session.update`` arriving before that fails the session fatally ("No agent available": ``error``,
+    ``response.done`` failed, close 1011), as on the engine; wait for ``session.updated``. Later
+    updates are answered at once.
     """
 
     def __init__(
@@ -249,6 +255,7 @@ class VowelSimulator:
         timeout_close_delay: float = 0.1,
         event_delay: float = 0.0,
         claim_limits: bool = False,
+        agent_build_time: float = 0.005,
     ) -> None:
         self.host = host
         self.api_key = api_key
@@ -264,6 +271,7 @@ class VowelSimulator:
         self.timeout_close_delay = timeout_close_delay
         self.event_delay = event_delay
         self.claim_limits = claim_limits
+        self.agent_build_time = agent_build_time
         self.keys: dict[str, set[str]] = {api_key: {TRUSTED_SCOPE}, browser_key: {EPHEMERAL_SCOPE}}
         self.rules: list[Rule] = []
         self.mints: list[MintRecord] = []
@@ -720,7 +728,19 @@ class VowelSimulator:
             ]
         if isinstance(update.get("instructions"), str):
             session.instructions = update["instructions"]
+        if session.configured:
+            await self._session_updated(session)
+        else:  # the engine builds its agent first: input before session.updated finds none (fatal)
+            self._spawn(self._build_agent(session))
+
+    async def _build_agent(self, session: EngineSessionRecord) -> None:
+        await asyncio.sleep(self.agent_build_time)
+        if session._ending or session.closed:
+            return
         session.configured = True
+        await self._session_updated(session)
+
+    async def _session_updated(self, session: EngineSessionRecord) -> None:
         await self._send(
             session,
             {
