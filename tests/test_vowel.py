@@ -561,6 +561,19 @@ async def test_crash_while_idle_is_reported(vowel: VowelSimulator, app: Sideband
     assert session.end_message is not None and "disk on fire" in session.end_message
 
 
+async def test_a_bare_crash_is_reported_as_an_engine_error(vowel: VowelSimulator, app: Sideband) -> None:
+    """A crash (PROTOCOL C5): close 1011 and nothing before it, no error event to say why."""
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        await vowel.crash(vowel.sessions[0], bare=True)
+        assert await session.wait_closed(5) == "engine_error"
+        with pytest.raises(EngineError) as caught:
+            await session.say("hello?")
+    assert caught.value.reason == "engine_error" and session.failed
+    engine = vowel.sessions[0]
+    assert (engine.close_code, engine.closed_by) == (1011, "engine")
+    assert [e["type"] for e in engine.sent] == ["session.created", "session.updated"]  # (not a word)
+
+
 async def test_lost_engine_socket_ends_the_session_without_reattaching(
     vowel: VowelSimulator, app: Sideband
 ) -> None:

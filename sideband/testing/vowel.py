@@ -392,9 +392,19 @@ class VowelSimulator:
         """Move the simulator clock forward (token expiry and session limits use it)."""
         self._offset += seconds
 
-    async def crash(self, session: EngineSessionRecord, message: str = "Internal engine error") -> None:
-        """Fail ``session`` fatally: ``error``, ``response.done`` failed, close 1011."""
-        await self._fatal(session, message)
+    async def crash(
+        self, session: EngineSessionRecord, message: str = "Internal engine error", *, bare: bool = False
+    ) -> None:
+        """Fail ``session`` fatally: ``error``, ``response.done`` failed, close 1011. ``bare``: the engine
+        crashes without a word, a close 1011 and nothing before it."""
+        if not bare:
+            await self._fatal(session, message)
+            return
+        if session._ending or session.closed:
+            return
+        session._ending = True
+        await self._stop_response(session, status=None)
+        await self._close(session, 1011, "crash")
 
     async def drop(self, session: EngineSessionRecord) -> None:
         """Lose ``session``'s connection: the TCP connection is cut, no close frame (the client sees 1006)."""
