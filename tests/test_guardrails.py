@@ -229,7 +229,8 @@ async def test_a_reply_written_before_its_check_ends_still_has_its_unheard_audio
     async def moderation(ctx: CallContext, text: str) -> bool:
         if "guarantee" not in text:
             return False
-        await asyncio.sleep(0)  # (a slow check: the reply is written meanwhile)
+        (call,) = sim.calls.values()  # a slow check: the reply is written, its response over, meanwhile
+        await call.wait_for(lambda c: len(c.sent_of_type("response.done")) == 2, timeout=5)
         checked.set()
         return True
 
