@@ -226,9 +226,11 @@ class VowelSimulator:
 
     Keys: ``api_key`` carries ``mint_trusted_session``; ``browser_key`` only ``mint_ephemeral``;
     :meth:`add_key` adds more. Limits (seconds, on the simulator clock) are checked when a client message
-    arrives, as the engine does; ``claim_limits=True`` also states them in the core's mint answers
-    (``maxCallDurationMs``, ``maxIdleDurationMs``), as a token's claims may. ``refuse_handshake`` picks how
-    a bad token is refused.
+    arrives, as the engine does; the idle limit counts from the last speech, none until some was detected
+    (streamed silence is none; user text counts as speech here, the stricter reading, since whether the
+    engine's clock starts on text is not documented); ``claim_limits=True`` also states them in the
+    core's mint answers (``maxCallDurationMs``, ``maxIdleDurationMs``), as a token's claims may.
+    ``refuse_handshake`` picks how a bad token is refused.
 
     The engine builds its agent on the first ``session.update`` and answers ``session.updated`` once it
     is built, ``agent_build_time`` seconds later (5 ms by default): a client event other than
