@@ -525,7 +525,7 @@ async def answer_phase(
 async def answer_server(kind: str, cfg: Config, *, ramp: bool = True) -> dict[str, Any]:
     """``kind``: ``sideband`` (the server under test), ``floor`` (verify + accept) or ``floor_attach``
     (verify + accept + a bare websockets attach with session.update)."""
-    sim = Simulator(auto_create_calls=True)
+    sim = Simulator(auto_create_calls=True, min_response_time=None)
     await sim.start()
     port = free_port()
     label = f"answer-{kind}"
@@ -761,7 +761,7 @@ async def drive_rounds(
 
 
 async def tools_sideband(n: int, compression: bool, rate: float, cfg: Config) -> dict[str, Any]:
-    sim = Simulator(ws_compression=compression)
+    sim = Simulator(ws_compression=compression, min_response_time=None)
     await sim.start()
     port = free_port()
     label = f"tools-sideband-n{n}-{'deflate' if compression else 'plain'}"
@@ -830,7 +830,7 @@ async def tools_sideband(n: int, compression: bool, rate: float, cfg: Config) ->
 async def tools_floor(
     n: int, compression: bool, rate: float, cfg: Config, *, script: str = "floor_tools.py"
 ) -> dict[str, Any]:
-    sim = Simulator(ws_compression=compression)
+    sim = Simulator(ws_compression=compression, min_response_time=None)
     await sim.start()
     session = app_session()
     calls = [sim.create_call(accept_body=session) for _ in range(n)]  # the floor only holds sidebands

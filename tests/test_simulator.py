@@ -1075,6 +1075,26 @@ async def test_a_create_before_response_done_is_refused(
     assert answer[-1]["response"]["status"] == "completed"
 
 
+async def test_a_simulator_for_benchmarks_holds_no_response(http: aiohttp.ClientSession) -> None:
+    """``min_response_time=None``: ``response.done`` follows a response's other events at once (what a
+    benchmark's instrument needs), so a create sent on reading the arguments finds it over already."""
+    with pytest.raises(ValueError, match="min_response_time"):
+        Simulator(min_response_time=-1)
+    async with Simulator(min_response_time=None) as sim:
+        call = await live_call(
+            sim, http, Script([model_calls("lookup", {"id": "42"}), model_says("Shipped.")])
+        )
+        async with ws_connect(sim, call) as ws:
+            args = (await recv_until(ws, "response.function_call_arguments.done"))[-1]
+            item = {"type": "function_call_output", "call_id": args["call_id"], "output": "{}"}
+            await send(ws, {"type": "conversation.item.create", "item": item})
+            await send(ws, {"type": "response.create", "event_id": "evt_early"})
+            events = await recv_until(ws, "response.done")
+            answer = await recv_until(ws, "response.done")
+    assert not [e for e in events + answer if e["type"] == "error"]
+    assert answer[-1]["response"]["status"] == "completed"
+
+
 async def test_session_update_cannot_change_voice_or_model_after_audio(
     simulator: Simulator, http: aiohttp.ClientSession
 ) -> None:

@@ -1824,6 +1824,8 @@ class SimCall:
         Held for ``event_gap`` (if set), a few turns of the event loop (a client in this process reacts
         within them) and until ``min_response_time`` has passed since ``response.created`` (one in
         another process); client events arriving meanwhile are read and judged."""
+        if self._sim.min_response_time is None:
+            return
         if self._sim.event_gap:
             await asyncio.sleep(self._sim.event_gap)
         for _ in range(_HOLD_TURNS):
@@ -2231,10 +2233,12 @@ class Simulator:
     generator). Other verbs on unknown ids still get 404.
 
     ``min_response_time`` is the least time a response stays active, from its ``response.created`` to its
-    ``response.done`` (5 ms by default; also a few turns of the event loop after its last other event,
-    whatever the setting): the real service streams a response over tens of milliseconds or more, and a
-    client that acts too early (a ``response.create`` sent on ``function_call_arguments.done``, before
-    ``response.done``) meets the error it gives (``conversation_already_has_active_response``).
+    ``response.done`` (5 ms by default; also a few turns of the event loop after its last other event):
+    the real service streams a response over tens of milliseconds or more, and a client that acts too
+    early (a ``response.create`` sent on ``function_call_arguments.done``, before ``response.done``)
+    meets the error it gives (``conversation_already_has_active_response``). ``None`` holds no response
+    at all (``response.done`` follows its other events at once), for a benchmark whose instrument must
+    add nothing to the round it times.
     ``event_gap`` is how long the simulator waits before each server event (0 by default: a response's
     events go out back to back, then it is held active as above); a gap spreads a response out, so that
     what a client sends mid-response arrives between its events.
@@ -2278,7 +2282,7 @@ class Simulator:
         auto_create_calls: bool = False,
         auto_call_script: Script | None = None,
         event_gap: float = 0.0,
-        min_response_time: float = 0.005,
+        min_response_time: float | None = 0.005,
         verb_close: Literal["clean", "going_away", "abnormal", "silent"] = "clean",
         gone_status: Literal[404, 410] = 404,
         playback_rate: float | None = None,
@@ -2289,7 +2293,7 @@ class Simulator:
             raise ValueError(f"session_seconds must be a positive number of seconds, not {session_seconds!r}")
         if verb_close not in ("clean", "going_away", "abnormal", "silent"):
             raise ValueError(f"verb_close must be clean, going_away, abnormal or silent, not {verb_close!r}")
-        if not 0 <= min_response_time < 60:
+        if min_response_time is not None and not 0 <= min_response_time < 60:
             raise ValueError(f"min_response_time must be 0 to 60 seconds, not {min_response_time!r}")
         if bad_accept not in ("refuse", "fail_call"):
             raise ValueError(f"bad_accept must be refuse or fail_call, not {bad_accept!r}")
