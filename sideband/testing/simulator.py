@@ -1153,8 +1153,11 @@ class SimCall:
 
     @staticmethod
     async def _close_one(attachment: _Attachment, code: int) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
-            await attachment.ws.close(code=code)
+        try:
+            with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
+                await attachment.ws.close(code=code)
+        finally:  # (a close that met the peer's EOF keeps it, after the socket's handler let go of it)
+            _drop_tracebacks(attachment.ws.exception())
 
     def _attach(self, attachment: _Attachment) -> None:
         self._sockets.append(attachment)
