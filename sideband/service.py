@@ -665,6 +665,10 @@ class Service:
         try:
             await self._retrying(lambda t: self.control.reject(call_id, status_code, timeout=t))
         except CallGone:
+            if await self._accept_may_have_gone_through(call_id):
+                # Not ringing: maybe because an accept that went unanswered answered it. Hang it up
+                # rather than leave it answered with nothing behind it.
+                return await self._hang_up_uncertain(call_id)
             self.counters["call_gone"] += 1
             self.log.info("call.gone")
             return Reply(200, {"status": "call_gone"})

@@ -103,3 +103,29 @@ async def test_an_accept_that_went_through_behind_a_gateway_error_is_attached(
     await call.wait_connected(timeout=5)
     assert any(e["event"] == "call.accept_uncertain" for e in logs)
     assert stack.service.counters["call_gone"] == 0
+
+
+async def test_a_reject_instead_that_finds_a_maybe_accepted_call_not_ringing_hangs_it_up(
+    stack: Stack,
+) -> None:
+    """The first accept went through behind a gateway's 504; the retry is refused with a 4xx that says
+    nothing of an earlier accept (403), so the call is rejected instead, and the reject finds it no
+    longer ringing: it was answered, and is hung up rather than left up with nobody on it."""
+    control = stack.service.control
+    real_accept = control.accept
+    attempts = 0
+
+    async def accept(call_id: str, session: dict[str, Any], *, timeout: float = 2.0) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            await real_accept(call_id, session, timeout=timeout)
+            raise UpstreamError(f"POST /realtime/calls/{call_id}/accept answered 504", 504)
+        raise UpstreamError(f"POST /realtime/calls/{call_id}/accept answered 403", 403)
+
+    control.accept = accept  # type: ignore[method-assign]
+    call = stack.sim.create_call(Script([wait_for_greeting("Hi")]))
+    result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert attempts == 2
+    assert _status(result) == (200, "hung_up")
+    assert call.hangup_requested and call.sideband_connects == 0

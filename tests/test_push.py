@@ -198,6 +198,47 @@ async def test_a_crashed_call_hangs_up_with_its_own_budget(
     assert not [e for e in logs if e["event"] == "call.tasks_abandoned"]
 
 
+async def test_a_shutdown_cutting_short_a_crashed_calls_hangup_ends_hangup_failed(peer: Any) -> None:
+    """Cancelled (a shutdown past its grace) while it waits for the hangup a crash sent: the hangup is
+    cancelled at once, and the end says the call may still be up."""
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"type": "session.created", "session": {"id": "sess_1"}}))
+        await ws.wait_closed()
+
+    class Broken(CallMachine):
+        def receive(self, event: dict[str, Any]) -> Any:
+            raise RuntimeError("machine bug")
+
+    url = await peer(handler)
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow_verb(name: str, target: str | None) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    runtime = CallRuntime(
+        machine=Broken(MachineConfig(session={"type": "realtime"})),
+        ctx=CallContext("rtc_crash"),
+        tools=ToolRegistry(),
+        connect=lambda: connect(url),
+        verb=slow_verb,
+        reattach_attempts=0,
+    )
+    with capture_logs() as logs:
+        task = asyncio.create_task(runtime.run())
+        await asyncio.wait_for(started.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 2)  # (not the 5 s grace the cleanup gives what is left)
+    assert runtime.summary.reason == "hangup_failed" and cancelled.is_set()
+    assert not [e for e in logs if e["event"] == "call.tasks_abandoned"]
+
+
 async def test_a_live_socket_keeps_nothing_of_the_handshake_headers(peer: Any) -> None:
     seen: list[str | None] = []
     handled = asyncio.Event()

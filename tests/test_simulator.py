@@ -1075,6 +1075,25 @@ async def test_a_create_before_response_done_is_refused(
     assert answer[-1]["response"]["status"] == "completed"
 
 
+async def test_a_cancel_while_a_response_is_held_active_cancels_it(http: aiohttp.ClientSession) -> None:
+    """The response is still active until its ``response.done``: a ``response.cancel`` sent on reading its
+    last call's arguments ends it ``cancelled`` (so a controller must not run that call)."""
+    async with Simulator() as sim:
+        script = Script([wait_for_greeting("Hi."), model_calls("transfer", {"to": "x"}), model_says("Ok.")])
+        call = await live_call(sim, http, script)
+        async with ws_connect(sim, call) as ws:
+            await send(ws, {"type": "response.create", "event_id": "evt_greet"})
+            await recv_until(ws, "response.done")
+            await recv_until(ws, "response.function_call_arguments.done")
+            await send(ws, {"type": "response.cancel", "event_id": "evt_cancel"})
+            events = await recv_until(ws, "response.done")
+    assert not [e for e in events if e["type"] == "error"]
+    response = events[-1]["response"]
+    assert response["status"] == "cancelled"
+    assert response["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
+    assert [r.status for r in call.responses][:2] == ["completed", "cancelled"]
+
+
 async def test_a_simulator_for_benchmarks_holds_no_response(http: aiohttp.ClientSession) -> None:
     """``min_response_time=None``: ``response.done`` follows a response's other events at once (what a
     benchmark's instrument needs), so a create sent on reading the arguments finds it over already."""

@@ -494,7 +494,14 @@ class CallRuntime:
         structlog.contextvars.bind_contextvars(call_id=self.ctx.call_id, **self._log_fields)
         started = time.monotonic()
         try:
-            await self._main()
+            try:
+                await self._main()
+            except Exception as exc:
+                self.log.exception("call.crashed")
+                # Logged: its traceback (whose frames hold the future it came through, which holds it) goes.
+                exc.__traceback__ = None
+                # Hang up (unless a verb is out already): the caller must not stay on a call nobody controls.
+                self._apply(self.machine.abandon("internal_error"))
             await self._verb_out()
         except asyncio.CancelledError:
             # Cut short (a shutdown past its grace): what the call still had under way (a hangup or refer,
@@ -503,15 +510,6 @@ class CallRuntime:
             for task in self._side_tasks:
                 task.cancel()
             raise
-        except Exception as exc:
-            self.log.exception("call.crashed")
-            # Logged: its traceback (whose frames hold the future it came through, which holds it) goes.
-            exc.__traceback__ = None
-            # Hang up (unless a verb is out already): the caller must not stay on a call nobody controls.
-            self._apply(self.machine.abandon("internal_error"))
-            with contextlib.suppress(Exception):  # (the machine may be what broke)
-                await self._verb_out()
-            self._apply(self.machine.fail("internal_error"))
         finally:
             try:
                 try:

@@ -1560,7 +1560,14 @@ class CallMachine:
         if end is None or end.verb_sent or self._closed is not None:
             return []
         if not forced:
-            if self._running or self._want_response or self._busy or self._resend or end.held or end.says:
+            if (
+                self._running
+                or self._want_response
+                or self._busy
+                or self._resend
+                or end.held
+                or self._say_owed
+            ):
                 return []  # (outputs that may have to be sent again after a re-attach go first)
             if self._speaking or self._turn_wait:
                 return []  # the caller speaks, or the server's answer to them is on its way

@@ -1772,6 +1772,9 @@ class SimCall:
             # (and one sent before it, while the response is held active, is still refused).
             await self._flush_transcript()  # (a response of neither words nor calls)
             await self._hold_active(created)
+            if self._cancel_reason is not None and final_status != "cancelled":  # cancelled while held
+                final_status = record.status = "cancelled"
+                details = {"type": "cancelled", "reason": self._cancel_reason}
             self._active_response = None
             await self._send_now(
                 "response.done",
