@@ -124,16 +124,32 @@ async def test_live_messages_go_to_the_callback_and_stop_detaches_it(peer: Any) 
     assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1001
 
 
-async def test_an_error_while_handling_a_message_ends_the_call_as_internal_error(peer: Any) -> None:
+class Broken(CallMachine):
+    """A machine with a bug: every server event raises while it is handled (``call.crashed``)."""
+
+    def receive(self, event: dict[str, Any]) -> Any:
+        raise RuntimeError("machine bug")
+
+
+async def crashing_call(peer: Any, verb: Callable[[str, str | None], Awaitable[None]]) -> CallRuntime:
+    """A call whose sideband sends ``session.created`` to a :class:`Broken` machine; ``verb`` hangs up."""
+
     async def handler(ws: ServerConnection) -> None:
         await ws.send(json.dumps({"type": "session.created", "session": {"id": "sess_1"}}))
         await ws.wait_closed()
 
-    class Broken(CallMachine):
-        def receive(self, event: dict[str, Any]) -> Any:
-            raise RuntimeError("machine bug")
-
     url = await peer(handler)
+    return CallRuntime(
+        machine=Broken(MachineConfig(session={"type": "realtime"})),
+        ctx=CallContext("rtc_crash"),
+        tools=ToolRegistry(),
+        connect=lambda: connect(url),
+        verb=verb,
+        reattach_attempts=0,
+    )
+
+
+async def test_an_error_while_handling_a_message_ends_the_call_as_internal_error(peer: Any) -> None:
     verbs: list[tuple[str, str | None]] = []
 
     async def verb(name: str, target: str | None) -> None:
@@ -147,14 +163,7 @@ async def test_an_error_while_handling_a_message_ends_the_call_as_internal_error
         cache_logger_on_first_use=False,
     )
     try:
-        runtime = CallRuntime(
-            machine=Broken(MachineConfig(session={"type": "realtime"})),
-            ctx=CallContext("rtc_crash"),
-            tools=ToolRegistry(),
-            connect=lambda: connect(url),
-            verb=verb,
-            reattach_attempts=0,
-        )
+        runtime = await crashing_call(peer, verb)
         reason = await asyncio.wait_for(runtime.run(), 5)
     finally:
         structlog.configure(**old)
@@ -168,30 +177,13 @@ async def test_a_crashed_call_hangs_up_with_its_own_budget(
     peer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("sideband.runtime.driver.TASK_GRACE", 0.05)
-
-    async def handler(ws: ServerConnection) -> None:
-        await ws.send(json.dumps({"type": "session.created", "session": {"id": "sess_1"}}))
-        await ws.wait_closed()
-
-    class Broken(CallMachine):
-        def receive(self, event: dict[str, Any]) -> Any:
-            raise RuntimeError("machine bug")
-
-    url = await peer(handler)
     verbs: list[str] = []
 
     async def slow_verb(name: str, target: str | None) -> None:
         await asyncio.sleep(0.3)
         verbs.append(name)
 
-    runtime = CallRuntime(
-        machine=Broken(MachineConfig(session={"type": "realtime"})),
-        ctx=CallContext("rtc_crash"),
-        tools=ToolRegistry(),
-        connect=lambda: connect(url),
-        verb=slow_verb,
-        reattach_attempts=0,
-    )
+    runtime = await crashing_call(peer, slow_verb)
     with capture_logs() as logs:
         reason = await asyncio.wait_for(runtime.run(), 5)
     assert reason == "internal_error" and verbs == ["hangup"]
@@ -201,16 +193,6 @@ async def test_a_crashed_call_hangs_up_with_its_own_budget(
 async def test_a_shutdown_cutting_short_a_crashed_calls_hangup_ends_hangup_failed(peer: Any) -> None:
     """Cancelled (a shutdown past its grace) while it waits for the hangup a crash sent: the hangup is
     cancelled at once, and the end says the call may still be up."""
-
-    async def handler(ws: ServerConnection) -> None:
-        await ws.send(json.dumps({"type": "session.created", "session": {"id": "sess_1"}}))
-        await ws.wait_closed()
-
-    class Broken(CallMachine):
-        def receive(self, event: dict[str, Any]) -> Any:
-            raise RuntimeError("machine bug")
-
-    url = await peer(handler)
     started, cancelled = asyncio.Event(), asyncio.Event()
 
     async def slow_verb(name: str, target: str | None) -> None:
@@ -221,14 +203,7 @@ async def test_a_shutdown_cutting_short_a_crashed_calls_hangup_ends_hangup_faile
             cancelled.set()
             raise
 
-    runtime = CallRuntime(
-        machine=Broken(MachineConfig(session={"type": "realtime"})),
-        ctx=CallContext("rtc_crash"),
-        tools=ToolRegistry(),
-        connect=lambda: connect(url),
-        verb=slow_verb,
-        reattach_attempts=0,
-    )
+    runtime = await crashing_call(peer, slow_verb)
     with capture_logs() as logs:
         task = asyncio.create_task(runtime.run())
         await asyncio.wait_for(started.wait(), 5)
