@@ -550,10 +550,9 @@ class Service:
             target=getattr(decision, "target_uri", None),
         )
         call_id, control = call.call_id, self.control
-        uncertain = (
-            False  # an accept attempt went unanswered (or a gateway gave up): it may have gone through
-        )
-        inherited = False  # an earlier delivery's accept of the call may have gone through
+        # An accept attempt went unanswered (or a gateway gave up on it): it may have gone through. And an
+        # earlier delivery's accept of the call may have (its mark is held).
+        uncertain = inherited = False
 
         def accept_retry(attempt: int, exc: UpstreamError) -> None:
             nonlocal uncertain
