@@ -511,8 +511,11 @@ async def test_the_tool_calls_of_a_stopped_reply_are_not_run() -> None:
 
     @app.guardrail
     async def moderation(ctx: CallContext, text: str) -> str | None:
-        await asyncio.sleep(0)  # (a check that takes its time: the reply and its call are in by now)
-        return "no promises" if "guarantee" in text else None
+        if "guarantee" not in text:
+            return None
+        (call,) = h.sim.calls.values()  # a slow check: the reply and its call are in, its response over
+        await call.wait_for(lambda c: len(c.sent_of_type("response.done")) == 2, timeout=5)
+        return "no promises"
 
     @app.tool
     async def issue_refund(ctx: CallContext) -> str:
@@ -520,7 +523,7 @@ async def test_the_tool_calls_of_a_stopped_reply_are_not_run() -> None:
         ran.append("refund")
         return "refunded"
 
-    async with run_app(app) as h:  # (the simulator sends a whole reply at once)
+    async with run_app(app) as h:
         call = await h.call(
             Script(
                 [
