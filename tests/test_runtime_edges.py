@@ -736,9 +736,19 @@ class Connector:
 
 
 def runtime(
-    connect: Connector, verbs: list[tuple[str, str | None]], *, attempts: int = 3, **config: Any
+    connect: Connector,
+    verbs: list[tuple[str, str | None]],
+    *,
+    attempts: int = 3,
+    verb_takes: float = 0.0,
+    **config: Any,
 ) -> CallRuntime:
+    """A call over ``connect``; its hangups and refers are recorded in ``verbs``, each ``verb_takes``
+    seconds after it is asked for (an upstream answering 503 a few times before it goes through)."""
+
     async def verb(name: str, target: str | None) -> None:
+        if verb_takes:
+            await asyncio.sleep(verb_takes)
         verbs.append((name, target))
 
     machine = CallMachine(MachineConfig(session={"type": "realtime", "instructions": "x"}, **config))
@@ -821,13 +831,7 @@ async def test_a_hangup_after_an_attach_that_failed_gets_its_own_budget(
     call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
     connect = Connector(simulator, call.call_id, [] if reattach else [refused(503)] * 2)
     verbs: list[tuple[str, str | None]] = []
-
-    async def slow_verb(name: str, target: str | None) -> None:
-        await asyncio.sleep(0.3)  # a hangup answered 503 a few times before it goes through
-        verbs.append((name, target))
-
-    rt = runtime(connect, verbs, attempts=2, greeting="Say hello.")
-    rt._verb_call = slow_verb
+    rt = runtime(connect, verbs, attempts=2, verb_takes=0.3, greeting="Say hello.")
     with capture_logs() as logs:
         task = asyncio.create_task(rt.run())
         if reattach:
