@@ -111,3 +111,23 @@ def capture_logs() -> Iterator[list[MutableMapping[str, Any]]]:
     finally:
         processors[:] = saved
         structlog.configure(**{**old, "processors": processors})
+
+
+def untagged(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` without the tag sideband puts in a ``response.create`` (its ``response.metadata``, which
+    must name the create's own ``event_id``); any other event as it is."""
+    if event.get("type") != "response.create" or "metadata" not in (event.get("response") or {}):
+        return event
+    response = dict(event["response"])
+    assert response.pop("metadata") == {"sideband": event["event_id"]}
+    if response:
+        return {**event, "response": response}
+    return {k: v for k, v in event.items() if k != "response"}
+
+
+def asked(request: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A simulated response's ``request`` (the ``response`` object of the create it answered) without the
+    tag sideband puts in it."""
+    if request is None:
+        return None
+    return {k: v for k, v in request.items() if k != "metadata"}

@@ -25,7 +25,7 @@ from sideband.testing import (
     wait_for_greeting,
 )
 
-from .conftest import Stack, capture_logs, make_app
+from .conftest import Stack, capture_logs, make_app, untagged
 
 HELLO = wait_for_greeting("Hello.")
 
@@ -623,7 +623,7 @@ async def test_network_blip_reattaches_and_delivers_the_pending_output(stack: St
     release.set()
     await call.wait_done(timeout=10)
     assert list(outputs(call).values()) == ["after the blip"]
-    greetings = [e for e in call.received if e["type"] == "response.create" and e.get("response")]
+    greetings = [e for e in call.received if e["type"] == "response.create" and untagged(e).get("response")]
     assert len(greetings) == 1  # no second greeting after the re-attach
     assert [e["type"] for e in call.received].count("session.update") == 2
 
@@ -733,7 +733,7 @@ async def test_hooks_get_start_end_dtmf_transcripts_and_one_greeting() -> None:
     assert summary.reason == "remote_closed" and summary.dtmf == "12#" and summary.duration > 0
     assert [(t.name, t.outcome) for t in summary.tools] == [("lookup_order", "ok")]
     assert summary.transcript == lines
-    greetings = [e for e in call.received if e["type"] == "response.create" and (e.get("response") or {})]
+    greetings = [e for e in call.received if e["type"] == "response.create" and untagged(e).get("response")]
     assert len(greetings) == 1
 
 

@@ -30,7 +30,7 @@ from sideband.testing.vowel import VowelSimulator, when
 from sideband.vowel import EngineSession
 from sideband.vowel.session import ENGINE_CAPABILITIES
 
-from .conftest import capture_logs
+from .conftest import asked, capture_logs, untagged
 
 SESSION = {"type": "realtime", "instructions": "hi"}
 PROMISE = (
@@ -49,7 +49,7 @@ def live(**caps: Any) -> CallMachine:
 
 
 def sent(actions: list[Any]) -> list[dict[str, Any]]:
-    return [a.event for a in actions if isinstance(a, Send)]
+    return [untagged(a.event) for a in actions if isinstance(a, Send)]
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -194,7 +194,7 @@ async def test_a_reply_that_breaks_a_rule_is_stopped_as_it_streams_and_said_agai
     assert stopped.status == "cancelled"
     assert stopped.text is not None and "guarantee" in stopped.text and len(stopped.text) < len(PROMISE)
     assert again.status == "completed" and again.text is not None and again.text.startswith("I can look")
-    assert again.request == {}  # asked for plainly: the session's persona stays
+    assert asked(again.request) == {}  # asked for plainly: the session's persona stays
     # In order: the cancel of that reply, the clear of its audio, the note, and one new response.
     sent_types = [e["type"] for e in call.received]
     start = sent_types.index("response.cancel")
@@ -337,7 +337,7 @@ async def test_a_hook_interrupts_the_model_and_says_something_else() -> None:
     clear = types.index("output_audio_buffer.clear")
     assert "response.cancel" not in types  # (the reply was written already)
     create = types.index("response.create", clear)
-    assert call.received[create]["response"] == {
+    assert untagged(call.received[create])["response"] == {
         "instructions": "Tell the caller you are putting them through to an operator."
     }
     assert [e["response_id"] for e in call.sent_of_type("output_audio_buffer.cleared")] == [
@@ -440,10 +440,13 @@ async def test_a_check_that_hangs_lets_the_words_pass_and_the_next_ones_are_chec
     monkeypatch.setattr(guard, "CHECK_TIMEOUT", 0.2)
     app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
 
+    hung: list[str] = []
+
     @app.guardrail
     async def moderation(ctx: CallContext, text: str) -> str | None:
-        if text.startswith("Your order"):
-            await asyncio.Event().wait()  # a moderation service that never answers
+        if text.startswith("Your order") and not hung:  # (its words may come to it in one piece or more)
+            hung.append(text)
+            await asyncio.Event().wait()  # a moderation service that never answers this once
         return "no promises" if "guarantee" in text else None
 
     async with run_app(app) as h:

@@ -28,6 +28,8 @@ from sideband.runtime.machine import (
 )
 from sideband.vowel.session import ENGINE_CAPABILITIES
 
+from .conftest import untagged
+
 SESSION = {"type": "realtime", "instructions": "hi"}
 
 
@@ -37,7 +39,8 @@ def machine(**kw: Any) -> CallMachine:
 
 
 def sends(actions: list[Action]) -> list[dict[str, Any]]:
-    return [a.event for a in actions if isinstance(a, Send)]
+    """The events sent, each ``response.create`` without its tag (checked)."""
+    return [untagged(a.event) for a in actions if isinstance(a, Send)]
 
 
 def types(actions: list[Action]) -> list[str]:

@@ -21,6 +21,8 @@ from sideband.testing import (
 )
 from sideband.tools import Tool
 
+from .conftest import untagged
+
 SESSION = {"type": "realtime", "instructions": "hi"}
 SPOKE = {
     "type": "message",
@@ -226,7 +228,8 @@ async def test_a_call_notes_quietly_and_answers_the_rest() -> None:
     timeline = [
         e
         for e in call.received
-        if e["type"] == "conversation.item.create" or (e["type"] == "response.create" and "response" not in e)
+        if e["type"] == "conversation.item.create"
+        or (e["type"] == "response.create" and "response" not in untagged(e))
     ]  # (the greeting's create, which has instructions, aside)
     kinds = [e["item"]["call_id"] if e["type"] == "conversation.item.create" else "create" for e in timeline]
     names = {e["call_id"]: e["name"] for e in call.sent_of_type("response.function_call_arguments.done")}

@@ -37,7 +37,7 @@ from sideband.tools import ToolRegistry
 from sideband.upstream._ws import PushConnection
 from sideband.upstream.openai import CallGone, SidebandRefused, connect_sideband
 
-from .conftest import TEST_SETTINGS, Stack, capture_logs, make_app
+from .conftest import TEST_SETTINGS, Stack, asked, capture_logs, make_app, untagged
 
 HELLO = wait_for_greeting("Hello.")
 
@@ -79,7 +79,7 @@ async def test_on_call_start_actions_follow_the_session_config_and_the_greeting(
     assert first["instructions"] == "You are a test desk." and "tools" in first  # the machine's own config
     assert call.received[2]["session"] == {"instructions": "The caller is Alice, a VIP.", "type": "realtime"}
     assert creates(call) == [greeting, "Tell the caller this call is recorded."]  # one greeting, first
-    assert [r.request for r in call.responses] == [
+    assert [asked(r.request) for r in call.responses] == [
         {"instructions": greeting},
         {"instructions": "Tell the caller this call is recorded."},
     ]
@@ -1027,7 +1027,9 @@ async def test_a_filler_queued_while_detached_is_not_said_after_the_answer(simul
         assert await asyncio.wait_for(run, 10) == "remote_closed"
     assert call.sideband_connects == 2
     creates = [e for e in call.received if e["type"] == "response.create"]
-    assert len(creates) == 1 and "response" not in creates[0]  # the answer's create; no filler at all
+    assert len(creates) == 1 and "response" not in untagged(
+        creates[0]
+    )  # the answer's create; no filler at all
     assert [e["type"] for e in call.received][-3:] == [
         "conversation.item.create",
         "session.update",

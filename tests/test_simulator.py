@@ -30,6 +30,7 @@ from sideband.testing import (
     caller_says,
     model_calls,
     model_says,
+    model_says_first,
     pause,
     wait_for_greeting,
 )
@@ -1044,6 +1045,56 @@ async def test_response_create_during_active_response_is_refused(
         assert done["response"]["status"] == "completed"
     assert call.responses[0].request == {"instructions": "Greet the caller."}
     assert call.responses[0].source == "script" and call.responses[1].source == "auto"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "param", "code"),
+    [
+        ("x", "response.metadata", "invalid_type"),
+        ({"k": 1}, "response.metadata.k", "invalid_type"),
+        ({f"k{i}": "v" for i in range(17)}, "response.metadata", "object_above_max_properties"),
+        ({"k" * 65: "v"}, "response.metadata", "string_above_max_length"),
+        ({"k": "v" * 513}, "response.metadata.k", "string_above_max_length"),
+    ],
+)
+async def test_response_metadata_the_service_would_refuse_is_refused(
+    simulator: Simulator, http: aiohttp.ClientSession, metadata: Any, param: str, code: str
+) -> None:
+    call = await live_call(simulator, http)
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "response.create", "event_id": "e1", "response": {"metadata": metadata}})
+        error = (await recv_until(ws, "error"))[-1]["error"]
+    assert (error["code"], error["param"], error["event_id"]) == (code, param, "e1")
+    assert call.responses == []
+
+
+async def test_metadata_is_echoed_and_the_servers_answer_can_cross_a_create(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """``model_says_first``: the server's own answer starts as the controller's create arrives, and the
+    create is refused; only a response that answers a create carries its metadata."""
+    call = await live_call(simulator, http, Script([wait_for_greeting("Hi."), model_says_first("Sure.")]))
+    async with ws_connect(simulator, call) as ws:
+        greeting = {"instructions": "Greet.", "metadata": {"who": "greeting"}}
+        await send(ws, {"type": "response.create", "event_id": "e1", "response": greeting})
+        events = await recv_until(ws, "response.done")
+        await send(
+            ws, {"type": "response.create", "event_id": "e2", "response": {"metadata": {"who": "say"}}}
+        )
+        crossed = await recv_until(ws, "response.done")
+    (start,) = [e for e in events if e["type"] == "response.created"]
+    assert start["response"]["metadata"] == events[-1]["response"]["metadata"] == {"who": "greeting"}
+    kinds = [e["type"] for e in crossed]
+    assert kinds.index("response.created") < kinds.index("error")
+    (server,) = [e for e in crossed if e["type"] == "response.created"]
+    (error,) = [e["error"] for e in crossed if e["type"] == "error"]
+    assert server["response"]["metadata"] is None and crossed[-1]["response"]["metadata"] is None
+    assert (error["code"], error["event_id"]) == ("conversation_already_has_active_response", "e2")
+    assert [(r.trigger, r.request, r.text) for r in call.responses] == [
+        ("response.create", greeting, "Hi."),
+        ("vad", None, "Sure."),
+    ]
+    assert call.script_error is None
 
 
 @pytest.mark.parametrize("options", [{}, {"event_gap": 0.05}], ids=["default", "event_gap"])

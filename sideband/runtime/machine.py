@@ -165,6 +165,12 @@ class Capabilities:
     """A ``response.create`` may go out while a tool's output is still due, to say something meanwhile
     (OpenAI); otherwise (vowel: the engine waits for every output of its tool turn) a ``say()`` waits for
     the outputs."""
+    tags_responses: bool = True
+    """``response.create`` takes ``response.metadata``, which the server echoes on the response it starts
+    (OpenAI): our creates carry their event id there, and once a response has come back with one, a
+    response without ours is known to be the server's own (its answer to the caller's turn), even while a
+    create of ours is on its way. Otherwise the next response to start after our create is taken for
+    ours."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +226,9 @@ _MAX_DURATION = "max_duration"
 _END_CAP = "end_cap"
 _ORPHANS = "orphans"
 _OUTPUT_EVENT = "sb_output_"
+_CREATE_EVENT = "sb_create_"
+_TAG = "sideband"
+"""The ``response.metadata`` key our creates carry their event id in."""
 _CANCEL_EVENT = "sb_cancel_"
 _FILLER = "filler:"
 _GREETING = "greeting"
@@ -333,6 +342,7 @@ class CallMachine:
         "_session_ready",
         "_speaking",
         "_started",
+        "_tagged",
         "_text_owed",
         "_turn_items",
         "_turn_wait",
@@ -370,6 +380,7 @@ class CallMachine:
         self._created_for: str | None = None
         self._done_since_create = False  # a response.done arrived since our last create went out
         self._ours: tuple[str, str] | None = None  # (response id, create event_id) of ours that runs
+        self._tagged = False  # a response came back with our create's tag: the server echoes them
         self._failed_in_row = 0  # responses that ended failed since the last completed one
         # event_id → (body, tag), the last few; the tag says what a create was for: the greeting, a
         # filler ("filler:<call_id>"), or None for anything that stays owed until it is answered.
@@ -911,16 +922,19 @@ class CallMachine:
 
     def _on_response_created(self, event: dict[str, Any]) -> list[Action]:
         self._response_active = True
-        created = _obj(event.get("response")).get("id")
-        self.responding = created if isinstance(created, str) else None
-        prompted, self._prompt_due = self._prompt_due and self._create_sent is None, False
-        self._prompt = _obj(event.get("response")).get("id") if prompted else None
-        if self._create_sent is not None:
-            self._created_for, self._create_sent = self._create_sent, None
-            response_id = _obj(event.get("response")).get("id")
-            self._ours = (response_id, self._created_for) if isinstance(response_id, str) else None
+        response = _obj(event.get("response"))
+        response_id = response.get("id")
+        self.responding = response_id if isinstance(response_id, str) else None
+        create = self._answered_create(response)
+        prompted, self._prompt_due = self._prompt_due and create is None, False
+        self._prompt = response_id if prompted else None
+        if create is not None:
+            self._created_for = create
+            if self._create_sent == create:
+                self._create_sent = None
+            self._ours = (response_id, create) if isinstance(response_id, str) else None
             if self._cancel_next is not None:
-                stop, self._cancel_next = self._cancel_next == self._created_for, None
+                stop, self._cancel_next = self._cancel_next == create, None
                 if stop:  # interrupted before it started
                     return [self._cancel(self.responding)]
         elif self._turn_wait:
@@ -936,9 +950,21 @@ class CallMachine:
                 and not self._text_owed
             ):
                 self._want_response = self._without_tools = False
-                self._covered_by = _obj(event.get("response")).get("id")
+                self._covered_by = response_id
             return [CancelTimer(_TURN)]
         return []
+
+    def _answered_create(self, response: dict[str, Any]) -> str | None:
+        """The event id of our create that a starting ``response`` answers, or ``None`` for the server's
+        own: the create named by its tag, else (no tags seen on this session) the create still awaited."""
+        if self.caps.tags_responses:
+            tag = _obj(response.get("metadata")).get(_TAG)
+            if isinstance(tag, str) and tag.startswith(_CREATE_EVENT):
+                self._tagged = True
+                return tag
+            if self._tagged:
+                return None
+        return self._create_sent
 
     def _on_response_done(self, event: dict[str, Any]) -> list[Action]:
         self._response_active = False
@@ -1416,13 +1442,15 @@ class CallMachine:
 
     def _create(self, response: dict[str, Any] | None = None, tag: str | None = None) -> Send:
         self._seq += 1
-        event_id = f"sb_create_{self._seq}"
+        event_id = f"{_CREATE_EVENT}{self._seq}"
         self._create_sent, self._created_for = event_id, None
         self._done_since_create = False
         self._recent_creates[event_id] = (response or {}, tag)
         if len(self._recent_creates) > 8:
             del self._recent_creates[next(iter(self._recent_creates))]
         event: dict[str, Any] = {"type": "response.create", "event_id": event_id}
+        if self.caps.tags_responses:  # echoed on the response it starts: see _answered_create
+            response = {**(response or {}), "metadata": {_TAG: event_id}}
         if response:
             event["response"] = response
         return Send(event)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         model_calls,
         model_fails,
         model_says,
+        model_says_first,
         pause,
         wait_for_greeting,
     )
@@ -70,6 +71,7 @@ __all__ = [
     "model_calls",
     "model_fails",
     "model_says",
+    "model_says_first",
     "pause",
     "run_app",
     "wait_for_greeting",
@@ -81,7 +83,8 @@ _HOMES = {
     **dict.fromkeys(
         (
             *("Script", "Step", "caller_hangs_up", "caller_presses", "caller_says", "model_calls"),
-            *("model_answers", "model_fails", "model_says", "pause", "wait_for_greeting"),
+            *("model_answers", "model_fails", "model_says", "model_says_first", "pause"),
+            "wait_for_greeting",
         ),
         ".script",
     ),

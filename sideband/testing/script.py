@@ -95,16 +95,20 @@ class CallerSays:
 class ModelSays:
     """One spoken model response whose transcript is ``text``; with ``failed``, one that ends ``failed``
     (a ``server_error``) before it says anything; with ``asked``, one that waits for the controller's
-    ``response.create`` and answers it."""
+    ``response.create`` and answers it; with ``first``, one that waits for that create and starts before
+    it, refusing it (see :func:`model_says_first`)."""
 
     text: str
     failed: bool = False
     asked: bool = False
+    first: bool = False
 
     def describe(self) -> str:
         """A short human description, used in failure messages."""
         if self.failed:
             return "model_fails()"
+        if self.first:
+            return f"model_says_first({self.text!r})"
         return f"model_answers({self.text!r})" if self.asked else f"model_says({self.text!r})"
 
 
@@ -255,6 +259,15 @@ def model_answers(text: str) -> ModelSays:
     answer after an interrupted reply…): the step waits for it, where :func:`model_says` speaks at once
     unless a create is pending."""
     return ModelSays(text, asked=True)
+
+
+def model_says_first(text: str) -> ModelSays:
+    """The model answers the caller by itself (server VAD) in a response that starts just as the
+    controller's next ``response.create`` arrives, as when the two cross on the wire: the step waits for
+    that create, starts its own response, then refuses the create
+    (``conversation_already_has_active_response``). The response is the server's own: it carries none of
+    the create's ``metadata``."""
+    return ModelSays(text, first=True)
 
 
 def model_fails() -> ModelSays:

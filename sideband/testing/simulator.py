@@ -496,6 +496,10 @@ def _check_response(response: Mapping[str, Any]) -> _Problem | None:
     for key in response:
         if key not in _RESPONSE_KEYS:
             return _Problem(f"response.{key}", "unknown_parameter", f"Unknown parameter: 'response.{key}'.")
+    if "metadata" in response:
+        problem = _check_metadata(response["metadata"], "response.metadata")
+        if problem is not None:
+            return problem
     if "conversation" in response and response["conversation"] not in ("auto", "none"):
         return _Problem(
             "response.conversation",
@@ -508,6 +512,42 @@ def _check_response(response: Mapping[str, Any]) -> _Problem | None:
     if "max_output_tokens" in response:
         shared["max_output_tokens"] = response["max_output_tokens"]
     return _check_session({"type": "realtime", **shared}, "response.", sip=False, accept=False)
+
+
+def _check_metadata(metadata: Any, param: str) -> _Problem | None:
+    """What the real service would reject in a ``metadata`` map: up to 16 string values (≤ 512
+    characters) under keys of at most 64 characters; ``null`` clears it."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        return _Problem(param, "invalid_type", f"Invalid type for '{param}': expected an object.")
+    if len(metadata) > 16:
+        return _Problem(
+            param,
+            "object_above_max_properties",
+            f"Invalid '{param}': too many properties. Expected an object with at most 16 properties, but "
+            f"got an object with {len(metadata)} properties instead.",
+        )
+    for key, value in metadata.items():
+        if len(key) > 64:
+            return _Problem(
+                param,
+                "string_above_max_length",
+                f"Invalid '{param}': key too long. Expected a key with maximum length 64, but got a key "
+                f"with length {len(key)} instead.",
+            )
+        if not isinstance(value, str):
+            return _Problem(
+                f"{param}.{key}", "invalid_type", f"Invalid type for '{param}.{key}': expected a string."
+            )
+        if len(value) > 512:
+            return _Problem(
+                f"{param}.{key}",
+                "string_above_max_length",
+                f"Invalid '{param}.{key}': string too long. Expected a string with maximum length 512, "
+                f"but got a string with length {len(value)} instead.",
+            )
+    return None
 
 
 def _check_session(session: Mapping[str, Any], prefix: str, *, sip: bool, accept: bool) -> _Problem | None:
@@ -1313,13 +1353,7 @@ class SimCall:
             await self._error(problem.code, problem.message, param=problem.param, event_id=event_id)
             return
         if self._response_busy():
-            await self._error(
-                "conversation_already_has_active_response",
-                "Conversation already has an active response in progress: "
-                f"{self._active_response or 'pending'}. Wait until the response is finished before creating "
-                "a new one.",
-                event_id=event_id,
-            )
+            await self._refuse_busy(event_id)
             return
         self._pending_create = event
         if self._script_claims_create():
@@ -1328,6 +1362,16 @@ class SimCall:
             task = self._sim._spawn(self._auto_answer())
             self._response_tasks.add(task)
             task.add_done_callback(self._response_tasks.discard)
+
+    async def _refuse_busy(self, event_id: str | None) -> None:
+        """Refuse a ``response.create`` that met an active response (or another create)."""
+        await self._error(
+            "conversation_already_has_active_response",
+            "Conversation already has an active response in progress: "
+            f"{self._active_response or 'pending'}. Wait until the response is finished before creating "
+            "a new one.",
+            event_id=event_id,
+        )
 
     def _script_claims_create(self) -> bool:
         """Whether the script will answer a ``response.create`` arriving now (else it is auto-answered)."""
@@ -1575,10 +1619,13 @@ class SimCall:
         trigger: Literal["response.create", "vad", "idle", "spontaneous"],
         source: Literal["script", "auto", "injected"],
         injected: InjectedCall | None = None,
+        crossed: dict[str, Any] | None = None,
     ) -> ResponseRecord:
         """Stream one response. The caller holds the response lock. Returns its record (final status).
 
-        ``injected``: the record of the call among ``calls`` whose ``arguments.done`` is timestamped."""
+        ``injected``: the record of the call among ``calls`` whose ``arguments.done`` is timestamped.
+        ``crossed``: a ``response.create`` that arrived as this response began, refused once it is
+        announced."""
         assert self.session is not None
         overrides: dict[str, Any] = dict(create.get("response") or {}) if create is not None else {}
         modalities = overrides.get("output_modalities") or self.session["output_modalities"]
@@ -1603,6 +1650,9 @@ class SimCall:
                     response_id, "in_progress", [], modalities, metadata=overrides.get("metadata")
                 ),
             )
+            if crossed is not None:
+                crossed_id = crossed.get("event_id")
+                await self._refuse_busy(crossed_id if isinstance(crossed_id, str) else None)
             await self._trickle_transcript()  # (the caller's transcript still streams, as recorded)
             outputs: list[dict[str, Any]] = []
             spoken = ""
@@ -2016,6 +2066,8 @@ class SimCall:
                     None, (), "failed", must_wait=self._next_needs_create, limit=limit
                 )
                 self._next_needs_create = record is not None  # (the model is silent until asked)
+            case ModelSays(text=text, first=True):
+                await self._response_step(text, (), "completed", must_wait=True, limit=limit, first=True)
             case ModelSays(text=text, asked=asked):
                 await self._response_step(
                     text, (), "completed", must_wait=self._next_needs_create or asked, limit=limit
@@ -2071,7 +2123,10 @@ class SimCall:
         *,
         must_wait: bool,
         limit: float,
+        first: bool = False,
     ) -> ResponseRecord | None:
+        """One scripted response: the answer to the controller's pending create, else the server's own;
+        with ``first``, the server's own, started as that create arrives (which it then refuses)."""
         self._set_phase("wait_ready")
         await self._wait_ready(limit)
         if must_wait and self._pending_create is None:
@@ -2085,15 +2140,22 @@ class SimCall:
             if self._ended.is_set():
                 return None
             create = self._take_pending_create()
+            crossed, create = (create, None) if first else (None, create)
             if create is not None:
                 trigger: Literal["response.create", "vad", "spontaneous"] = "response.create"
             else:
-                trigger = "vad" if self._vad_turn else "spontaneous"
+                trigger = "vad" if self._vad_turn or first else "spontaneous"
             self._set_phase("emitting")
             self._next_needs_create = False
             self._vad_turn = False
             return await self._emit_response(
-                text=text, calls=calls, status=status, create=create, trigger=trigger, source="script"
+                text=text,
+                calls=calls,
+                status=status,
+                create=create,
+                trigger=trigger,
+                source="script",
+                crossed=crossed,
             )
 
     async def _model_calls(self, step: ModelCalls, limit: float) -> None:

@@ -58,6 +58,7 @@ ENGINE_CAPABILITIES = Capabilities(
     speaks_over_tools=False,
     idle_after_answers=False,
     session_expires_at=False,
+    tags_responses=False,
 )
 """What the vowel engine does, as the call machine sees it."""
 
