@@ -934,6 +934,63 @@ async def test_an_error_the_session_got_past_does_not_name_a_later_drop(
     assert "unknown_event" not in (session.end_message or "")
 
 
+async def test_an_error_before_a_cut_connection_does_not_name_it(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """A recoverable error, then the connection cut (no close frame): the error did not end the session."""
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        session.runtime.send_event({"type": "no.such.event"})  # the engine answers with a non-fatal error
+        await vowel.wait_for(lambda s: bool(s.sessions[0].sent_of_type("error")), 5)
+        await vowel.drop(vowel.sessions[0])
+        assert await session.wait_closed(5) == "connection_lost"
+    assert session.end_message == "connection to the vowel engine lost (close 1006)"
+
+
+async def test_a_reply_under_way_is_not_taken_for_the_next_turns() -> None:
+    """A hook's greeting is still being said as the first say() comes: the text, on its way, would reach
+    the engine after the greeting ended, which would then pass for its reply (and every reply after for
+    the turn before's). The turn waits for the greeting to end."""
+    app = make_app()
+    greeted = asyncio.Event()
+
+    @app.on_call_start
+    def greet(ctx: CallContext) -> None:
+        ctx.say("Greet the caller.")
+        greeted.set()
+
+    async with VowelSimulator(input_delay=0.05) as vowel:
+        vowel.instructed_reply = "Welcome to the order desk!"
+        vowel.script([when("1042", reply="Order 1042 has shipped.")])
+        async with EngineSession.open(settings_for(vowel), app) as session:
+            await asyncio.wait_for(greeted.wait(), 5)
+            first = await session.say("Where is order 1042?")
+            second = await session.say("Thanks.")
+        texts = vowel.sessions[0].user_texts
+        responses = [(r.trigger, r.status) for r in vowel.sessions[0].responses]
+    assert (first.text, second.text) == ("Order 1042 has shipped.", "I heard you.")
+    assert texts == ["Where is order 1042?", "Thanks."]
+    assert responses == [
+        ("response.create", "completed"),
+        ("user_text", "completed"),
+        ("user_text", "completed"),
+    ]
+
+
+async def test_a_say_that_finds_the_engine_answering_past_its_timeout_sends_nothing(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    started = a_tool_that_never_answers(app, vowel, "hold", "hold on")
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        session.runtime.send_text("hold on")  # (a hook's text: its reply's tool never answers)
+        await asyncio.wait_for(started.wait(), 5)
+        with pytest.raises(EngineError) as info:
+            await session.say("Are you there?", timeout=0.2)
+        assert info.value.reason == "reply_timeout" and "not sent" in str(info.value)
+        assert session.end_reason is None  # the session carries on
+        await session.abort()  # (not a close, which would wait for the tool)
+    assert "Are you there?" not in vowel.sessions[0].user_texts
+
+
 async def test_a_reply_keeps_every_line_even_a_repeated_one(vowel: VowelSimulator, app: Sideband) -> None:
     vowel.script(
         [

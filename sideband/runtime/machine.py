@@ -474,6 +474,11 @@ class CallMachine:
         return self._busy or self._want_response or bool(self._retry) or self._say_owed
 
     @property
+    def busy(self) -> bool:
+        """A tool runs, or a response is under way or owed (:attr:`response_owed`)."""
+        return bool(self._running) or self.response_owed
+
+    @property
     def _say_owed(self) -> bool:
         """A :meth:`say` is queued that is still to be spoken: any before the call's end is asked for,
         then those queued before it."""

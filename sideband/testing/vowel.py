@@ -237,6 +237,10 @@ class VowelSimulator:
     ``session.update`` arriving before that fails the session fatally ("No agent available": ``error``,
     ``response.done`` failed, close 1011), as on the engine; wait for ``session.updated``. Later
     updates are answered at once.
+
+    ``event_delay`` paces the engine's events within a response; ``input_delay`` is how long each
+    client message takes to reach the engine (in order), while what it already runs goes on: a reply
+    under way may end before a text sent meanwhile arrives.
     """
 
     def __init__(
@@ -256,6 +260,7 @@ class VowelSimulator:
         instructed_reply: str = "Goodbye!",
         timeout_close_delay: float = 0.1,
         event_delay: float = 0.0,
+        input_delay: float = 0.0,
         claim_limits: bool = False,
         agent_build_time: float = 0.005,
     ) -> None:
@@ -272,6 +277,7 @@ class VowelSimulator:
         self.instructed_reply = instructed_reply
         self.timeout_close_delay = timeout_close_delay
         self.event_delay = event_delay
+        self.input_delay = input_delay
         self.claim_limits = claim_limits
         self.agent_build_time = agent_build_time
         self.keys: dict[str, set[str]] = {api_key: {TRUSTED_SCOPE}, browser_key: {EPHEMERAL_SCOPE}}
@@ -596,6 +602,8 @@ class VowelSimulator:
                 },
             )
             async for message in ws:
+                if self.input_delay:  # (on its way: what the engine already runs goes on meanwhile)
+                    await asyncio.sleep(self.input_delay)
                 if message.type == WSMsgType.TEXT:
                     await self._on_message(session, message.data)
                 elif message.type == WSMsgType.BINARY:

@@ -172,6 +172,7 @@ class EngineSession:
         self._turn: _Turn | None = None
         self._cancelled_turn: asyncio.Task[Any] | None = None  # the task whose cancel ended a turn
         self._turn_lock = asyncio.Lock()
+        self._quiet = asyncio.Event()  # set at a response.done after which nothing runs or is owed
         self._audio = bytearray()
         self._started = False
         self._closing = False
@@ -364,18 +365,21 @@ class EngineSession:
     async def say(self, text: str, *, timeout: float | None = None) -> Reply:
         """Send a user text turn and wait for the assistant's reply (tools it ran included).
 
-        The engine answers user text by itself: no ``response.create`` is sent for it. Raises
-        :class:`EngineError` if the session ends first (or ``reply_timeout`` passes).
+        The engine answers user text by itself: no ``response.create`` is sent for it. A reply already
+        under way (a hook's ``ctx.say()``, the tools of an earlier reply) is waited for first: it is not
+        this turn's. Raises :class:`EngineError` if the session ends first (or ``reply_timeout``
+        passes).
         """
         if not text.strip():
             raise ValueError("say() needs some text")
         async with self._turn_lock:
             await self._ready()
             runtime = self.runtime
+            limit = self.reply_timeout if timeout is None else timeout
+            await self._until_quiet(limit)
             summary = runtime.summary
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
             self._turn = _Turn(future, len(summary.transcript), len(summary.tools))
-            limit = self.reply_timeout if timeout is None else timeout
             try:
                 runtime.send_text(text)
                 async with asyncio.timeout(limit):  # (3.11's wait_for can lose a cancellation)
@@ -396,6 +400,27 @@ class EngineSession:
             finally:
                 self._turn = None
                 del future  # it may hold the error raised here, whose traceback holds this frame
+
+    async def _until_quiet(self, limit: float) -> None:
+        """Wait until no response is under way or owed and no tool runs (a reply already under way would
+        be taken for the next turn's). Raises :class:`EngineError` once the session has ended, or
+        ``reply_timeout`` after ``limit`` seconds (the turn not sent: the session carries on)."""
+        machine, task = self.runtime.machine, self._task
+        assert task is not None
+        try:
+            async with asyncio.timeout(limit):
+                while machine.busy and not task.done():
+                    self._quiet.clear()
+                    waiter = asyncio.ensure_future(self._quiet.wait())
+                    try:
+                        await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiter.cancel()
+                        await asyncio.gather(waiter, return_exceptions=True)
+        except TimeoutError:
+            message = f"the vowel engine was still answering after {limit:g} s: the text was not sent"
+            raise EngineError("reply_timeout", message) from None
+        self._check_live()
 
     async def send_audio(self, pcm16: bytes) -> None:
         """Send caller audio: PCM16 LE mono 24 kHz. Sent as ``input_audio_buffer.append`` chunks of at
@@ -458,6 +483,8 @@ class EngineSession:
         The hook runs once the runtime handled that event: nothing asked for since can be answered yet.
         (A coroutine: it runs on the event loop, never queued behind the app's sync hooks and tools.)"""
         turn, runtime = self._turn, self.runtime
+        if not runtime.machine.busy:
+            self._quiet.set()
         if turn is None or turn.future.done():
             return
         # (a reply an output guardrail stopped, with no answer to follow it, ends the turn too)
@@ -541,7 +568,8 @@ class EngineSession:
             message = f"vowel engine failed and closed the session (1011){said}"
         elif reason == "remote_closed":  # a clean close (1000/1001) from the engine
             message = f"vowel engine closed the session ({code}){said}"
-        elif reason == "connection_lost" and error_code:
+        elif reason == "connection_lost" and error_code and code not in (None, 1006):
+            # (closed by the engine after an error: that error says why; a connection cut, no)
             reason, message = error_code, f"vowel engine closed the session ({code}): {error_code}{said}"
         elif reason == "connection_lost":
             message = f"connection to the vowel engine lost (close {code})"
