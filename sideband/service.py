@@ -836,7 +836,10 @@ class Service:
             if not fresh:
                 await self.store.release(f"call:{call_id}")
                 return self._handoff_refused(403, "ticket already used", call_id)
-            await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)
+            try:
+                await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)
+            except StoreUnavailable as exc:  # call and ticket are ours: serve the call all the same
+                self.log.warning("store.unavailable", error=str(exc))
             runtime = self.launch(CallContext(call_id, "webrtc"), self._rtc_plan())
             self.log.info("rtc.handoff")
             attached = asyncio.ensure_future(runtime.attached.wait())
@@ -846,6 +849,7 @@ class Service:
             finally:
                 attached.cancel()
                 ended.cancel()
+                await asyncio.gather(attached, ended, return_exceptions=True)
             if runtime.attached.is_set():
                 return Reply(200, {"status": "attached", "call_id": call_id})
             reason = runtime.summary.reason  # set once the runtime has ended

@@ -587,20 +587,24 @@ async def test_a_redelivered_event_of_another_type_is_acknowledged_as_a_duplicat
 
 
 class StoreFailingOnce:
-    """The service's claim store, but the first claim of a key starting with ``prefix`` fails as an
-    unreachable Redis would."""
+    """The service's claim store, but the first claim (or, ``at="settle"``, settle) of a key starting with
+    ``prefix`` fails as an unreachable Redis would."""
 
-    def __init__(self, inner: ClaimStore, prefix: str) -> None:
-        self.inner, self.prefix, self.failed = inner, prefix, False
+    def __init__(self, inner: ClaimStore, prefix: str, at: str = "claim") -> None:
+        self.inner, self.prefix, self.at, self.failed = inner, prefix, at, False
         self.where = inner.where
 
-    async def claim(self, key: str, ttl: float) -> bool:
-        if key.startswith(self.prefix) and not self.failed:
+    def _fail(self, at: str, key: str) -> None:
+        if at == self.at and key.startswith(self.prefix) and not self.failed:
             self.failed = True
             raise StoreUnavailable("redis at redis://cache:6379/0: Connection reset by peer")
+
+    async def claim(self, key: str, ttl: float) -> bool:
+        self._fail("claim", key)
         return await self.inner.claim(key, ttl)
 
     async def settle(self, key: str, ttl: float) -> None:
+        self._fail("settle", key)
         await self.inner.settle(key, ttl)
 
     async def settled(self, key: str) -> bool:

@@ -407,6 +407,24 @@ async def test_a_store_failing_as_the_ticket_is_claimed_leaves_call_and_ticket_f
     assert (status, body) == (200, {"status": "attached", "call_id": call.call_id})
 
 
+async def test_a_store_failing_as_the_handoff_settles_serves_the_call(stack: Stack) -> None:
+    """Call and ticket are claimed when the store fails to settle the call's claim: the call is served all
+    the same (a 503 would leave the browser's call without its sideband, its retry refused as attached)."""
+    stack.service.store = StoreFailingOnce(stack.service.store, "call:", at="settle")
+    _, minted = await post_json(stack, "/rtc/sessions", {})
+    call = stack.sim.create_webrtc_call(Script([pause(30)]))
+    with capture_logs() as logs:
+        status, body = await post_json(
+            stack, "/rtc/handoff", {"call_id": call.call_id, "ticket": minted["ticket"]}
+        )
+    assert (status, body) == (200, {"status": "attached", "call_id": call.call_id})
+    assert call.sideband_connects == 1
+    assert [e["event"] for e in logs if e["event"] in ("store.unavailable", "rtc.handoff")] == [
+        "store.unavailable",
+        "rtc.handoff",
+    ]
+
+
 async def test_a_call_the_sdp_relay_created_cannot_be_handed_off_again(stack: Stack) -> None:
     stack.sim.next_webrtc_script = Script([pause(30)])
     async with (
