@@ -6,12 +6,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import aiohttp
 import pytest
 
-from sideband.testing import Script, wait_for_greeting
-from sideband.upstream.openai import UpstreamError
+from sideband.testing import Script, Simulator, run_app, wait_for_greeting
+from sideband.upstream.openai import (
+    CallControl,
+    CallGone,
+    SidebandRefused,
+    UpstreamError,
+    connect_sideband,
+    sideband_url,
+)
 
-from .conftest import Stack, capture_logs
+from .conftest import TEST_SETTINGS, Stack, capture_logs, make_app
 
 
 def _status(result: Any) -> tuple[int, str]:
@@ -129,3 +137,42 @@ async def test_a_reject_instead_that_finds_a_maybe_accepted_call_not_ringing_han
     assert attempts == 2
     assert _status(result) == (200, "hung_up")
     assert call.hangup_requested and call.sideband_connects == 0
+
+
+async def test_a_base_url_the_service_does_not_serve_is_named_not_taken_for_a_gone_call(
+    simulator: Simulator,
+) -> None:
+    """``OPENAI_BASE_URL`` without its ``/v1``: OpenAI answers every path 404 ``Invalid URL (…)``. That is
+    not the call gone (every call would end ``call_gone``, quietly): the error names the setting."""
+    async with aiohttp.ClientSession() as http:
+        control = CallControl(http, simulator.base_url.removesuffix("/v1"), simulator.api_key)
+        call = simulator.create_call(Script([]))
+        with pytest.raises(UpstreamError) as accept:
+            await control.accept(call.call_id, {"type": "realtime"}, timeout=2)
+        gone = simulator.create_call(Script([]))
+        gone.status = "ended"
+        with pytest.raises(CallGone):  # (the right base: a 404 about the call itself is still that)
+            await CallControl(http, simulator.base_url, simulator.api_key).accept(
+                gone.call_id, {"type": "realtime"}, timeout=2
+            )
+    with pytest.raises(SidebandRefused) as attach:
+        await connect_sideband(
+            sideband_url(simulator.base_url.removesuffix("/v1")), call.call_id, simulator.api_key
+        )
+    for exc in (accept.value, attach.value):
+        assert not isinstance(exc, CallGone) and exc.status == 404
+        assert "Invalid URL" in str(exc) and "check OPENAI_BASE_URL" in str(exc), str(exc)
+    assert call.status == "ringing"
+
+
+async def test_a_server_pointed_at_the_wrong_base_url_says_so_on_every_call(simulator: Simulator) -> None:
+    settings = {**TEST_SETTINGS, "openai_base_url": simulator.base_url.removesuffix("/v1")}
+    async with run_app(make_app(), simulator, **settings) as h:
+        call = simulator.create_call(Script([]))
+        with capture_logs() as logs:
+            result = await h.sender.deliver(simulator.incoming_event(call), max_attempts=1)
+    assert _status(result) == (200, "failed")
+    events = [e for e in logs if e["event"].startswith("call.")]
+    assert "call.gone" not in [e["event"] for e in events]
+    (failed,) = [e for e in events if e["event"] == "call.accept_failed"]
+    assert failed["status"] == 404 and "check OPENAI_BASE_URL" in failed["error"]

@@ -61,6 +61,20 @@ def key_hint(status: int) -> str:
     return ""
 
 
+def wrong_url(status: int, body: str) -> str:
+    """For a 404 whose body is OpenAI's answer to a path it does not serve (``Invalid URL (POST /…)``),
+    what the operator should check: the base URL is wrong, the call is not gone. Else ``""``."""
+    if status != 404 or "Invalid URL" not in body:
+        return ""
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, TypeError, KeyError):
+        return ""
+    if not isinstance(message, str) or not message.startswith("Invalid URL"):
+        return ""
+    return f": {message[:200]} (check OPENAI_BASE_URL: OpenAI's is https://api.openai.com/v1)"
+
+
 class UpstreamError(Exception):
     """OpenAI answered with an error status (``status``) or could not be reached (``status`` None).
     ``retry_after``: the seconds its ``Retry-After`` header asked to wait, if it sent one."""
@@ -159,11 +173,12 @@ class CallControl:
                         await resp.read()
                     return ""
                 text = (await resp.read()).decode("utf-8", "replace")  # a proxy's error page may be binary
-                if resp.status in (404, 410) and call_id is not None:
+                misdirected = wrong_url(resp.status, text)
+                if resp.status in (404, 410) and call_id is not None and not misdirected:
                     raise CallGone(f"call {call_id} not found", resp.status, text)
                 if resp.status >= 300:
                     raise UpstreamError(
-                        f"POST {path} answered {resp.status}{key_hint(resp.status)}",
+                        f"POST {path} answered {resp.status}{key_hint(resp.status) or misdirected}",
                         resp.status,
                         text,
                         retry_after=retry_after(resp.headers.get("Retry-After")),
@@ -354,10 +369,11 @@ async def connect_sideband(
     except InvalidStatus as exc:
         status = exc.response.status_code
         body = exc.response.body.decode("utf-8", "replace") if exc.response.body else ""
-        if status in (404, 410):
+        misdirected = wrong_url(status, body)
+        if status in (404, 410) and not misdirected:
             raise CallGone(f"sideband refused: call {call_id} not found", status, body) from None
         wait = retry_after(exc.response.headers.get("Retry-After"))
-        message = f"sideband refused with {status}{key_hint(status)}"
+        message = f"sideband refused with {status}{key_hint(status) or misdirected}"
         raise SidebandRefused(message, status, body, retry_after=wait) from None
     except (OSError, TimeoutError) as exc:
         raise UpstreamError(f"sideband connect failed: {why(exc)}") from None
