@@ -4,13 +4,17 @@ when the two cross on the wire."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sideband import CallContext, Sideband
 from sideband.runtime.machine import CallMachine, MachineConfig, Send
 from sideband.testing import (
+    Harness,
     Script,
+    SimCall,
     caller_hangs_up,
+    caller_says,
     model_answers,
     model_says_first,
     run_app,
@@ -56,6 +60,16 @@ def tagged_machine() -> CallMachine:
     return m
 
 
+def after_an_unanswered_turn(m: CallMachine, instructions: str) -> dict[str, Any]:
+    """The caller spoke, the server's answer did not start within the turn's grace, then a ``say()``:
+    its create goes out, and the server's answer, late, may cross it. Returns the create."""
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "item_u"})
+    m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": "item_u"})
+    assert sent(m.say(instructions)) == []  # held for the server's answer to the caller
+    (create,) = sent(m.timer("turn"))
+    return create
+
+
 # ------------------------------------------------------------------------------------------ machine
 def test_each_create_carries_its_own_event_id_and_an_engines_none() -> None:
     m = CallMachine(MachineConfig(session=SESSION, greeting="Greet the caller."))
@@ -85,7 +99,7 @@ def test_the_callers_answer_that_crosses_our_create_is_not_taken_for_ours() -> N
     it. Its start is not ours (nothing else of ours goes out meanwhile), and when ours is answered after
     all (it reached the service as the other ended), its failure is asked for again as it was asked."""
     m = tagged_machine()
-    (say,) = sent(m.say("Mention the sale."))
+    say = after_an_unanswered_turn(m, "Mention the sale.")
     assert m.receive(created("r_vad")) == []
     assert m.response_pending  # ours is still on its way
     assert sent(m.say("Then say goodbye.")) == []  # one create at a time: ours is still out
@@ -97,7 +111,7 @@ def test_the_callers_answer_that_crosses_our_create_is_not_taken_for_ours() -> N
 
 def test_a_refused_create_is_asked_for_again_after_the_servers_answer() -> None:
     m = tagged_machine()
-    (say,) = sent(m.say("Mention the sale."))
+    say = after_an_unanswered_turn(m, "Mention the sale.")
     m.receive(created("r_vad"))
     assert sent(m.receive(refused(say))) == []  # the server's answer is still under way
     (again,) = sent(m.receive(done("r_vad")))
@@ -109,7 +123,7 @@ def test_interrupt_before_our_reply_starts_spares_the_servers_answer() -> None:
     """``interrupt()`` while our create is on its way: the server's own answer starting meanwhile is not
     cancelled, and ours, refused, is not asked for again."""
     m = tagged_machine()
-    (say,) = sent(m.say("Mention the sale."))
+    say = after_an_unanswered_turn(m, "Mention the sale.")
     assert m.interrupt() == []  # nothing under way yet
     assert sent(m.receive(created("r_vad"))) == []  # not ours: not cancelled
     assert sent(m.receive(refused(say))) == []
@@ -119,12 +133,61 @@ def test_interrupt_before_our_reply_starts_spares_the_servers_answer() -> None:
 
 def test_interrupt_cancels_our_reply_when_it_starts_after_the_servers() -> None:
     m = tagged_machine()
-    (say,) = sent(m.say("Mention the sale."))
+    say = after_an_unanswered_turn(m, "Mention the sale.")
     m.interrupt()
     assert sent(m.receive(created("r_vad"))) == []
     m.receive(done("r_vad"))
     (cancel,) = sent(m.receive(created("r_say", say)))
     assert cancel["type"] == "response.cancel" and cancel["response_id"] == "r_say"
+
+
+def test_interrupt_while_the_servers_answer_runs_stops_it_and_ours_on_its_way() -> None:
+    m = tagged_machine()
+    say = after_an_unanswered_turn(m, "Mention the sale.")
+    m.receive(created("r_vad"))  # the server's own answer starts; ours is still on its way
+    assert [e["type"] for e in sent(m.interrupt())] == ["response.cancel", "output_audio_buffer.clear"]
+    assert sent(m.receive(refused(say))) == []
+    assert sent(m.receive(done("r_vad", "cancelled"))) == []  # the interrupted say is not asked again
+
+
+def test_the_start_of_an_earlier_create_keeps_the_interrupt_of_a_later_one() -> None:
+    """A create that left on a lost socket is answered on the new one while a later create of ours,
+    interrupted, is on its way: that interrupt is for the later one."""
+    m = tagged_machine()
+    (first,) = sent(m.say("First."))
+    m.reattached(())  # the socket is lost with the first create out
+    m.receive({"type": "session.updated", "session": SESSION})
+    (second,) = sent(m.say("Second."))
+    assert m.interrupt() == []
+    assert sent(m.receive(created("r_first", first))) == []  # not the one interrupted
+    assert sent(m.receive(refused(second))) == []
+    assert sent(m.receive(done("r_first", create=first))) == []  # the second is not asked for again
+
+
+def test_an_untagged_start_with_no_turn_of_the_callers_to_answer_is_ours() -> None:
+    """The server answers by itself only a caller's turn (or an idle prompt): with none to answer, an
+    untagged response after our create is ours (a reply whose tag did not come back is not left owed)."""
+    m = tagged_machine()
+    sent(m.say("First."))
+    m.receive(created("r_1"))
+    assert not m.response_pending
+    assert sent(m.say("Second.")) == []  # queued behind it
+    (second,) = sent(m.receive(done("r_1")))
+    assert second["response"]["instructions"] == "Second."
+
+
+def test_an_untagged_start_after_the_servers_answer_ended_is_ours() -> None:
+    """Ours was neither refused while the server's answer ran nor answered since: the next response to
+    start is its answer, tag or not."""
+    m = tagged_machine()
+    after_an_unanswered_turn(m, "First.")
+    m.receive(created("r_vad"))
+    assert sent(m.say("Second.")) == []
+    assert sent(m.receive(done("r_vad"))) == []  # ours is still to start
+    m.receive(created("r_1"))  # (its tag did not come back)
+    assert not m.response_pending
+    (second,) = sent(m.receive(done("r_1")))
+    assert second["response"]["instructions"] == "Second."
 
 
 def test_without_echoed_tags_the_next_response_to_start_is_taken_for_ours() -> None:
@@ -141,6 +204,19 @@ def test_without_echoed_tags_the_next_response_to_start_is_taken_for_ours() -> N
 
 
 # ------------------------------------------------------------------------------------------ whole calls
+async def turn_left_unanswered(h: Harness, call: SimCall) -> None:
+    """Wait until the app's side of ``call`` has seen the caller's turn end (it expects the server's
+    answer to it: a response is pending) and then given up waiting for that answer (the turn's grace
+    is over; nothing is under way, owed or expected): a ``say()`` now goes out at once."""
+    await call.wait_for(lambda c: c.step_index == 2 and c.phase == "wait_create", 5, "the race's step")
+    machine = h.service.registry.calls[call.call_id].machine
+    async with asyncio.timeout(5):
+        while not machine.response_pending:
+            await asyncio.sleep(0.001)
+        while machine.response_pending or machine.busy:
+            await asyncio.sleep(0.001)
+
+
 async def test_an_interrupted_say_crossing_the_callers_answer_leaves_that_answer_whole() -> None:
     """A say() interrupted before it started, while the server's own answer to the caller starts first:
     that answer is said whole (no cancel), and the say, refused, is not asked for again."""
@@ -153,9 +229,16 @@ async def test_an_interrupted_say_crossing_the_callers_answer_leaves_that_answer
 
     async with run_app(app) as h:
         call = await h.call(
-            Script([wait_for_greeting("Hi."), model_says_first("Sure, I can help."), caller_hangs_up()])
+            Script(
+                [
+                    wait_for_greeting("Hi."),
+                    caller_says("Hello? Can you help me?"),
+                    model_says_first("Sure, I can help."),
+                    caller_hangs_up(),
+                ]
+            )
         )
-        await call.wait_for(lambda c: c.step_index == 1 and c.phase == "wait_create", 5, "the race's step")
+        await turn_left_unanswered(h, call)
         (ctx,) = contexts
         ctx.say("Mention the sale.")
         ctx.interrupt()  # (changed its mind at once: the say is on its way)
@@ -183,13 +266,14 @@ async def test_a_say_crossing_the_callers_answer_is_said_after_it() -> None:
             Script(
                 [
                     wait_for_greeting("Hi."),
+                    caller_says("Hello? Can you help me?"),
                     model_says_first("Sure, I can help."),
                     model_answers("We have a sale on."),
                     caller_hangs_up(),
                 ]
             )
         )
-        await call.wait_for(lambda c: c.step_index == 1 and c.phase == "wait_create", 5, "the race's step")
+        await turn_left_unanswered(h, call)
         contexts[0].say("Mention the sale.")
         await h.ended(call)
     assert [(r.trigger, r.status, r.text) for r in call.responses] == [

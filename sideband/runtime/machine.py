@@ -799,7 +799,7 @@ class CallMachine:
         follow once the response has ended. Ignored once the call's hangup or transfer went out."""
         if self._closed is not None or self._going:
             return []
-        if not self._response_active and self._create_sent is not None:
+        if self._create_sent is not None:  # (a response may run meanwhile: the server's own)
             self._cancel_next = self._create_sent
         return self._stop(None)
 
@@ -938,10 +938,9 @@ class CallMachine:
             if self._create_sent == create:
                 self._create_sent = None
             self._ours = (response_id, create) if isinstance(response_id, str) else None
-            if self._cancel_next is not None:
-                stop, self._cancel_next = self._cancel_next == create, None
-                if stop:  # interrupted before it started
-                    return [self._cancel(self.responding)]
+            if self._cancel_next == create:  # interrupted before it started
+                self._cancel_next = None
+                return [self._cancel(self.responding)]
         elif self._turn_wait:
             # The server's answer to the caller's turn. It answers our outputs too if it sees them all:
             # each acknowledged before it began (one still unacknowledged, or code's text, may have come
@@ -961,13 +960,21 @@ class CallMachine:
 
     def _answered_create(self, response: dict[str, Any]) -> str | None:
         """The event id of our create that a starting ``response`` answers, or ``None`` for the server's
-        own: the create named by its tag, else (no tags seen on this session) the create still awaited."""
+        own: the create named by its tag; else the create still awaited, unless this session echoes tags
+        and the server has a reason of its own to answer (a caller's turn it answers by itself, an idle
+        prompt) and has not ended a response since ours left (the ours, not refused meanwhile, would then
+        be the next to start: nothing is stuck waiting on a create whose answer came untagged)."""
         if self.caps.tags_responses:
             tag = _obj(response.get("metadata")).get(_TAG)
             if isinstance(tag, str) and tag.startswith(_CREATE_EVENT):
                 self._tagged = True
                 return tag
-            if self._tagged:
+            if (
+                self._tagged
+                and self._create_sent is not None
+                and not self._done_since_create
+                and (self._prompt_due or (self._unanswered and self._turn_responds()))
+            ):
                 return None
         return self._create_sent
 
