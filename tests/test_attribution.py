@@ -164,6 +164,17 @@ def test_the_start_of_an_earlier_create_keeps_the_interrupt_of_a_later_one() -> 
     assert sent(m.receive(done("r_first", create=first))) == []  # the second is not asked for again
 
 
+def test_a_refusal_naming_no_event_is_not_taken_for_a_create_whose_tag_came_back() -> None:
+    """Code's own raw ``response.create`` (no ``event_id``) refused while our reply runs: the error
+    names no event, and cannot be about our create, which its tag showed started."""
+    m = tagged_machine()
+    (say,) = sent(m.say("Mention the sale."))
+    m.receive(created("r_say", say))
+    error = {"type": "invalid_request_error", "code": BUSY, "message": "busy", "event_id": None}
+    assert sent(m.receive({"type": "error", "error": error})) == []
+    assert sent(m.receive(done("r_say", create=say))) == []  # said once
+
+
 def test_an_untagged_start_with_no_turn_of_the_callers_to_answer_is_ours() -> None:
     """The server answers by itself only a caller's turn (or an idle prompt): with none to answer, an
     untagged response after our create is ours (a reply whose tag did not come back is not left owed)."""

@@ -930,11 +930,12 @@ class CallMachine:
         response = _obj(event.get("response"))
         response_id = response.get("id")
         self.responding = response_id if isinstance(response_id, str) else None
-        create = self._answered_create(response)
+        create, known = self._answered_create(response)
         prompted, self._prompt_due = self._prompt_due and create is None, False
         self._prompt = response_id if prompted else None
         if create is not None:
-            self._created_for = create
+            # (a refusal naming no event may be about a create only taken to have started, not one known)
+            self._created_for = None if known else create
             if self._create_sent == create:
                 self._create_sent = None
             self._ours = (response_id, create) if isinstance(response_id, str) else None
@@ -958,25 +959,26 @@ class CallMachine:
             return [CancelTimer(_TURN)]
         return []
 
-    def _answered_create(self, response: dict[str, Any]) -> str | None:
-        """The event id of our create that a starting ``response`` answers, or ``None`` for the server's
-        own: the create named by its tag; else the create still awaited, unless this session echoes tags
-        and the server has a reason of its own to answer (a caller's turn it answers by itself, an idle
-        prompt) and has not ended a response since ours left (the ours, not refused meanwhile, would then
-        be the next to start: nothing is stuck waiting on a create whose answer came untagged)."""
+    def _answered_create(self, response: dict[str, Any]) -> tuple[str | None, bool]:
+        """The event id of our create that a starting ``response`` answers (``None`` for the server's own),
+        and whether its tag said so: the create named by its tag; else the create still awaited, unless
+        this session echoes tags and the server has a reason of its own to answer (a caller's turn it
+        answers by itself, an idle prompt) and has not ended a response since ours left (ours, not
+        refused meanwhile, would then be the next to start: nothing is stuck waiting on a create whose
+        answer came untagged)."""
         if self.caps.tags_responses:
             tag = _obj(response.get("metadata")).get(_TAG)
             if isinstance(tag, str) and tag.startswith(_CREATE_EVENT):
                 self._tagged = True
-                return tag
+                return tag, True
             if (
                 self._tagged
                 and self._create_sent is not None
                 and not self._done_since_create
                 and (self._prompt_due or (self._unanswered and self._turn_responds()))
             ):
-                return None
-        return self._create_sent
+                return None, False
+        return self._create_sent, False
 
     def _on_response_done(self, event: dict[str, Any]) -> list[Action]:
         self._response_active = False
