@@ -976,6 +976,29 @@ async def test_a_reply_under_way_is_not_taken_for_the_next_turns() -> None:
     ]
 
 
+async def test_a_hooks_text_whose_reply_has_not_started_is_not_taken_for_the_next_turn() -> None:
+    """A hook's user text: the engine answers it by itself, so its reply is on its way before it starts.
+    The first say() waits for it (and sends nothing that would replace it meanwhile)."""
+    app = make_app()
+    greeted = asyncio.Event()
+
+    @app.on_call_start
+    def greet(ctx: CallContext) -> None:
+        ctx.send_text("Hi there")
+        greeted.set()
+
+    async with VowelSimulator(input_delay=0.05) as vowel:
+        vowel.script([when("1042", reply="Order 1042 has shipped."), when("Hi there", reply="Hello!")])
+        async with EngineSession.open(settings_for(vowel), app) as session:
+            await asyncio.wait_for(greeted.wait(), 5)
+            first = await session.say("Where is order 1042?")
+        texts = vowel.sessions[0].user_texts
+        responses = [(r.trigger, r.status) for r in vowel.sessions[0].responses]
+    assert first.text == "Order 1042 has shipped."
+    assert texts == ["Hi there", "Where is order 1042?"]
+    assert responses == [("user_text", "completed"), ("user_text", "completed")]
+
+
 async def test_a_say_that_finds_the_engine_answering_past_its_timeout_sends_nothing(
     vowel: VowelSimulator, app: Sideband
 ) -> None:

@@ -867,8 +867,9 @@ class CallMachine:
         return self._touch_idle()
 
     def user_text(self, text: str) -> list[Action]:
-        """Add a user text turn (driving the conversation from code); one response follows it. Ignored
-        once the call's hangup or transfer went out."""
+        """Add a user text turn (driving the conversation from code); one response follows it (ours, or, on
+        an engine that answers text by itself, its own: what we would start waits for it to begin, as
+        for the caller's turn). Ignored once the call's hangup or transfer went out."""
         if self._closed is not None or self._going:
             return []
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
@@ -882,6 +883,9 @@ class CallMachine:
             self._held = (*self._held, send)
         if not self.caps.responds_to_user_text:
             self._want_response = self._text_owed = True
+        elif not self._turn_wait:  # its answer is on its way: what we would start would replace it
+            self._turn_wait = True
+            actions.append(StartTimer(_TURN, TURN_GRACE))
         return actions + self._progress()
 
     def update_session(self, fields: Mapping[str, Any]) -> list[Action]:

@@ -366,9 +366,9 @@ class EngineSession:
         """Send a user text turn and wait for the assistant's reply (tools it ran included).
 
         The engine answers user text by itself: no ``response.create`` is sent for it. A reply already
-        under way (a hook's ``ctx.say()``, the tools of an earlier reply) is waited for first: it is not
-        this turn's. Raises :class:`EngineError` if the session ends first (or ``reply_timeout``
-        passes).
+        under way or on its way (a hook's ``ctx.say()`` or text, the tools of an earlier reply) is waited
+        for first: it is not this turn's. Raises :class:`EngineError` if the session ends first (or
+        ``reply_timeout`` passes).
         """
         if not text.strip():
             raise ValueError("say() needs some text")
@@ -402,14 +402,15 @@ class EngineSession:
                 del future  # it may hold the error raised here, whose traceback holds this frame
 
     async def _until_quiet(self, limit: float) -> None:
-        """Wait until no response is under way or owed and no tool runs (a reply already under way would
-        be taken for the next turn's). Raises :class:`EngineError` once the session has ended, or
-        ``reply_timeout`` after ``limit`` seconds (the turn not sent: the session carries on)."""
+        """Wait until no response is under way, owed or expected (the engine's answer to a hook's text)
+        and no tool runs (a reply already under way would be taken for the next turn's). Raises
+        :class:`EngineError` once the session has ended, or ``reply_timeout`` after ``limit`` seconds (the
+        turn not sent: the session carries on)."""
         machine, task = self.runtime.machine, self._task
         assert task is not None
         try:
             async with asyncio.timeout(limit):
-                while machine.busy and not task.done():
+                while (machine.busy or machine.response_pending) and not task.done():
                     self._quiet.clear()
                     waiter = asyncio.ensure_future(self._quiet.wait())
                     try:
@@ -483,7 +484,7 @@ class EngineSession:
         The hook runs once the runtime handled that event: nothing asked for since can be answered yet.
         (A coroutine: it runs on the event loop, never queued behind the app's sync hooks and tools.)"""
         turn, runtime = self._turn, self.runtime
-        if not runtime.machine.busy:
+        if not (runtime.machine.busy or runtime.machine.response_pending):
             self._quiet.set()
         if turn is None or turn.future.done():
             return
