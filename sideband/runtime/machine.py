@@ -167,10 +167,11 @@ class Capabilities:
     the outputs."""
     tags_responses: bool = True
     """``response.create`` takes ``response.metadata``, which the server echoes on the response it starts
-    (OpenAI): our creates carry their event id there, and once a response has come back with one, a
-    response without ours is known to be the server's own (its answer to the caller's turn), even while a
-    create of ours is on its way. Otherwise the next response to start after our create is taken for
-    ours."""
+    (OpenAI): our creates carry their event id there, which names the create a response answers; once a
+    response has come back tagged, one without a tag, starting while the server has a caller's turn to
+    answer by itself, is its own answer, even while a create of ours is on its way (see
+    :meth:`CallMachine._answered_create`). Otherwise the next response to start after our create is taken
+    for ours."""
 
 
 @dataclass(frozen=True, slots=True)
