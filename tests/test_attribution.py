@@ -5,6 +5,7 @@ when the two cross on the wire."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from sideband import CallContext, Sideband
@@ -13,6 +14,7 @@ from sideband.testing import (
     Harness,
     Script,
     SimCall,
+    Step,
     caller_hangs_up,
     caller_says,
     model_answers,
@@ -228,16 +230,13 @@ async def turn_left_unanswered(h: Harness, call: SimCall) -> None:
             await asyncio.sleep(0.001)
 
 
-async def test_an_interrupted_say_crossing_the_callers_answer_leaves_that_answer_whole() -> None:
-    """A say() interrupted before it started, while the server's own answer to the caller starts first:
-    that answer is said whole (no cancel), and the say, refused, is not asked for again."""
+async def crossing(act: Callable[[CallContext], None], *answers: Step) -> SimCall:
+    """A whole call: the greeting, then the caller speaks and the server's answer is late; ``act`` runs
+    on the call's context once the app has given up waiting for it, and the server's answer starts just
+    as the create ``act`` makes arrives (``answers`` follow, then the caller hangs up)."""
     app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
     contexts: list[CallContext] = []
-
-    @app.on_call_start
-    def keep(ctx: CallContext) -> None:
-        contexts.append(ctx)
-
+    app.on_call_start(contexts.append)
     async with run_app(app) as h:
         call = await h.call(
             Script(
@@ -245,15 +244,27 @@ async def test_an_interrupted_say_crossing_the_callers_answer_leaves_that_answer
                     wait_for_greeting("Hi."),
                     caller_says("Hello? Can you help me?"),
                     model_says_first("Sure, I can help."),
+                    *answers,
                     caller_hangs_up(),
                 ]
             )
         )
         await turn_left_unanswered(h, call)
         (ctx,) = contexts
+        act(ctx)
+        await h.ended(call)
+    return call
+
+
+async def test_an_interrupted_say_crossing_the_callers_answer_leaves_that_answer_whole() -> None:
+    """A say() interrupted before it started, while the server's own answer to the caller starts first:
+    that answer is said whole (no cancel), and the say, refused, is not asked for again."""
+
+    def say_then_think_better(ctx: CallContext) -> None:
         ctx.say("Mention the sale.")
         ctx.interrupt()  # (changed its mind at once: the say is on its way)
-        await h.ended(call)
+
+    call = await crossing(say_then_think_better)
     assert [(r.trigger, r.status, r.text) for r in call.responses] == [
         ("response.create", "completed", "Hi."),
         ("vad", "completed", "Sure, I can help."),
@@ -265,28 +276,7 @@ async def test_an_interrupted_say_crossing_the_callers_answer_leaves_that_answer
 
 
 async def test_a_say_crossing_the_callers_answer_is_said_after_it() -> None:
-    app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
-    contexts: list[CallContext] = []
-
-    @app.on_call_start
-    def keep(ctx: CallContext) -> None:
-        contexts.append(ctx)
-
-    async with run_app(app) as h:
-        call = await h.call(
-            Script(
-                [
-                    wait_for_greeting("Hi."),
-                    caller_says("Hello? Can you help me?"),
-                    model_says_first("Sure, I can help."),
-                    model_answers("We have a sale on."),
-                    caller_hangs_up(),
-                ]
-            )
-        )
-        await turn_left_unanswered(h, call)
-        contexts[0].say("Mention the sale.")
-        await h.ended(call)
+    call = await crossing(lambda ctx: ctx.say("Mention the sale."), model_answers("We have a sale on."))
     assert [(r.trigger, r.status, r.text) for r in call.responses] == [
         ("response.create", "completed", "Hi."),
         ("vad", "completed", "Sure, I can help."),
