@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -946,18 +946,23 @@ async def test_an_error_before_a_cut_connection_does_not_name_it(
     assert session.end_message == "connection to the vowel engine lost (close 1006)"
 
 
+def app_starting_with(act: Callable[[CallContext], None]) -> tuple[Sideband, asyncio.Event]:
+    """:func:`make_app` whose ``on_call_start`` hook runs ``act``; the event is set once it has."""
+    app, done = make_app(), asyncio.Event()
+
+    @app.on_call_start
+    def start(ctx: CallContext) -> None:
+        act(ctx)
+        done.set()
+
+    return app, done
+
+
 async def test_a_reply_under_way_is_not_taken_for_the_next_turns() -> None:
     """A hook's greeting is still being said as the first say() comes: the text, on its way, would reach
     the engine after the greeting ended, which would then pass for its reply (and every reply after for
     the turn before's). The turn waits for the greeting to end."""
-    app = make_app()
-    greeted = asyncio.Event()
-
-    @app.on_call_start
-    def greet(ctx: CallContext) -> None:
-        ctx.say("Greet the caller.")
-        greeted.set()
-
+    app, greeted = app_starting_with(lambda ctx: ctx.say("Greet the caller."))
     async with VowelSimulator(input_delay=0.05) as vowel:
         vowel.instructed_reply = "Welcome to the order desk!"
         vowel.script([when("1042", reply="Order 1042 has shipped.")])
@@ -979,14 +984,7 @@ async def test_a_reply_under_way_is_not_taken_for_the_next_turns() -> None:
 async def test_a_hooks_text_whose_reply_has_not_started_is_not_taken_for_the_next_turn() -> None:
     """A hook's user text: the engine answers it by itself, so its reply is on its way before it starts.
     The first say() waits for it (and sends nothing that would replace it meanwhile)."""
-    app = make_app()
-    greeted = asyncio.Event()
-
-    @app.on_call_start
-    def greet(ctx: CallContext) -> None:
-        ctx.send_text("Hi there")
-        greeted.set()
-
+    app, greeted = app_starting_with(lambda ctx: ctx.send_text("Hi there"))
     async with VowelSimulator(input_delay=0.05) as vowel:
         vowel.script([when("1042", reply="Order 1042 has shipped."), when("Hi there", reply="Hello!")])
         async with EngineSession.open(settings_for(vowel), app) as session:
