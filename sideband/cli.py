@@ -236,16 +236,21 @@ async def serve(settings: Settings, app: Sideband) -> None:
         log.info("server.stopped")
 
 
-async def check(settings: Settings, app: Sideband) -> list[str]:
+async def check(settings: Settings, app: Sideband, *, online: bool = False) -> list[str]:
     """Everything :func:`serve` checks before it listens, without listening: the app's session config,
     the route file against the app, the proxy and the claim store (Redis answers). Returns what was
     checked, a line each; raises as ``serve`` would (:class:`SettingsError`, :class:`RouteError`,
-    :class:`SessionConfigError`)."""
+    :class:`SessionConfigError`). ``online``: then asks OpenAI too
+    (:func:`~sideband.preflight.check_openai`), which raises the same errors for what it refuses."""
     from sideband.edge import SERVICE, create_app
+    from sideband.preflight import check_openai
 
     service = create_app(settings, app)[SERVICE]
     await service.start()
-    await service.close()
+    try:
+        asked = await check_openai(service) if online else []
+    finally:
+        await service.close()
     tools = app.tools.names()
     lines = [f"app {app.name}: {len(tools)} tool(s){': ' if tools else ''}{', '.join(tools)}"]
     if settings.routes_file:
@@ -258,7 +263,7 @@ async def check(settings: Settings, app: Sideband) -> list[str]:
     else:
         lines.append("routes: none (SIDEBAND_ROUTES_FILE is not set)")
     lines.append("claims: Redis answered" if settings.redis_url else "claims: in memory (one instance)")
-    return lines
+    return lines + asked
 
 
 async def _serve_process(settings: Settings, app: Sideband) -> None:
@@ -329,6 +334,11 @@ def _parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--port", help="listen port (SIDEBAND_PORT, default 8080)")  # (Settings checks it)
     p_check = sub.add_parser("check", help="check the settings, the app and its route file, then exit")
     p_check.add_argument("app", nargs="?", help=f"module:attribute of your app (default {DEFAULT_APP})")
+    p_check.add_argument(
+        "--online",
+        action="store_true",
+        help="also ask OpenAI to take the key, the session configs and their models (starts no call)",
+    )
     p_demo = sub.add_parser(
         "demo", help="run simulated calls against the built-in simulator (no key, no network)"
     )
@@ -376,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             settings = load_settings(require=("openai_api_key", "openai_webhook_secret"))
             configure_logging(settings.log_format, settings.log_level or "warning", stream=sys.stderr)
-            for line in _run(check(settings, load_app(args.app))):
+            for line in _run(check(settings, load_app(args.app), online=args.online)):
                 print(line)
             print("sideband: ready to serve")
             return 0

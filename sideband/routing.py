@@ -249,11 +249,7 @@ class RouteTable:
         """
         known = set(app.tools.names())
         base = session_problem(app, Accept())
-        entries: list[tuple[str, Decision]] = [("default", self.default)] if self.default else []
-        entries += [(f"routes.{self._labels.get(k, k)}", d) for k, d in self._routes.items()]
-        for where, decision in entries:
-            if not isinstance(decision, Accept):
-                continue
+        for where, decision in self.accepting():
             unknown = sorted(set(decision.tools or ()) - known)
             if unknown:
                 self._fail(f"{where}.tools: unknown tool {', '.join(unknown)}")
@@ -261,6 +257,13 @@ class RouteTable:
             if problem is not None:
                 whose = " (in the app's own session config)" if problem == base else ""
                 self._fail(f"{where}: {problem}{whose}")
+
+    def accepting(self) -> list[tuple[str, Accept]]:
+        """The decisions that accept a call, each with where the file gives it (``default``,
+        ``routes.<number>``), in the file's order."""
+        entries: list[tuple[str, Decision]] = [("default", self.default)] if self.default else []
+        entries += [(f"routes.{self._labels.get(k, k)}", d) for k, d in self._routes.items()]
+        return [(where, d) for where, d in entries if isinstance(d, Accept)]
 
     def _fail(self, message: str) -> None:
         raise RouteError(f"{self.source}: {message}" if self.source else message)

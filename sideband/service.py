@@ -714,7 +714,7 @@ class Service:
         tools = plan.tools
         # The tools code may offer the call later (update_session): the app's, but a REFER off a phone call.
         if ctx.source != "sip":
-            catalog = self._rtc_plan(checked=False).tools
+            catalog = self.browser_plan(checked=False).tools
         else:
             catalog = plan.catalog if plan.catalog is not None else plan.tools
         config = self._machine_config(plan)
@@ -759,7 +759,7 @@ class Service:
         return runtime
 
     # ------------------------------------------------------------------------------ WebRTC
-    def _rtc_plan(self, *, checked: bool = True) -> CallPlan:
+    def browser_plan(self, *, checked: bool = True) -> CallPlan:
         """The app's session for a browser's call: all its tools but the transfer (a REFER needs a phone
         call). ``checked``: its session is validated (as it is sent)."""
         app, transfer = self.app, self.app.transfer_tool
@@ -771,7 +771,7 @@ class Service:
 
     async def rtc_relay(self, sdp: str) -> tuple[str, str]:
         """Unified interface: relay the browser's offer, attach to the new call. Returns (call_id, answer)."""
-        plan = self._rtc_plan()
+        plan = self.browser_plan()
         self._admitting += 1
         try:
             call_id, answer = await self.control.create_call(sdp, plan.session)
@@ -790,7 +790,7 @@ class Service:
         """Mint an ephemeral key for a browser-first call, with a handoff ticket."""
         if self.tickets is None:
             raise RuntimeError("no ticket key configured")
-        plan = self._rtc_plan()
+        plan = self.browser_plan()
         secret = await self.control.client_secret(plan.session, self.settings.rtc_key_ttl)
         ticket, info = self.tickets.issue()
         self.log.info("rtc.session_minted", ticket_expires_at=info.expires_at)
@@ -840,7 +840,7 @@ class Service:
                 await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)
             except StoreUnavailable as exc:  # call and ticket are ours: serve the call all the same
                 self.log.warning("store.unavailable", error=str(exc))
-            runtime = self.launch(CallContext(call_id, "webrtc"), self._rtc_plan())
+            runtime = self.launch(CallContext(call_id, "webrtc"), self.browser_plan())
             self.log.info("rtc.handoff")
             attached = asyncio.ensure_future(runtime.attached.wait())
             ended = asyncio.ensure_future(runtime.wait_closed())

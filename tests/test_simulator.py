@@ -312,6 +312,8 @@ async def test_accept_success_stores_the_session(simulator: Simulator, http: aio
         ({"type": "realtime", "reasoning": {"effort": "max"}}, "reasoning.effort"),
         ({"type": "realtime", "reasoning": {"effort": "low", "summary": "auto"}}, "reasoning"),
         ({"type": "realtime", "voice": "alloy"}, "voice"),  # beta-shaped field
+        ({"type": "realtime", "audio": {"output": {"voice": "marine"}}}, "audio.output.voice"),
+        ({"type": "realtime", "audio": {"output": {"voice": {"id": "marin"}}}}, "audio.output.voice"),
         ({"type": "realtime", "output_modalities": ["audio", "text"]}, "output_modalities"),
         ({"type": "realtime", "tools": [{"type": "function"}]}, "tools[0].name"),
     ],
@@ -324,6 +326,39 @@ async def test_accept_rejects_invalid_bodies(
     assert status == 400
     assert error_of(raw)["param"] == param
     assert call.status == "ringing" and call.accept_body is None
+
+
+@pytest.mark.parametrize("voice", ["cedar", {"id": "voice_1234"}])
+async def test_accept_takes_a_built_in_or_a_custom_voice(
+    simulator: Simulator, http: aiohttp.ClientSession, voice: str | dict[str, str]
+) -> None:
+    call = simulator.create_call()
+    body = {"type": "realtime", "audio": {"output": {"voice": voice}}}
+    status, _ = await post(http, f"{simulator.base_url}/realtime/calls/{call.call_id}/accept", body)
+    assert status == 200 and call.status == "accepted"
+
+
+async def test_models_answers_those_the_key_may_use(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    headers = {"Authorization": f"Bearer {simulator.api_key}"}
+
+    async def look_up(name: str) -> tuple[int, Any]:
+        async with http.get(f"{simulator.base_url}/models/{name}", headers=headers) as resp:
+            return resp.status, await resp.json()
+
+    status, body = await look_up("gpt-realtime")
+    assert status == 200 and (body["id"], body["object"]) == ("gpt-realtime", "model")
+    status, body = await look_up("gpt-realtime-9")
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert "`gpt-realtime-9` does not exist" in body["error"]["message"]
+    simulator.models.add("gpt-realtime-9")
+    assert (await look_up("gpt-realtime-9"))[0] == 200
+    simulator.key_reads_models = False
+    status, body = await look_up("gpt-realtime")
+    assert status == 403 and "api.model.read" in body["error"]["message"]
+    async with http.get(f"{simulator.base_url}/models/gpt-realtime") as resp:  # no key
+        assert resp.status == 401
 
 
 BAD_SIP_ACCEPTS = [

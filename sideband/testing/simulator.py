@@ -76,6 +76,12 @@ Fault: TypeAlias = int | Literal["timeout", "late"]
 ``"late"`` (do what was asked, then hold the answer: the client times out on a request that succeeded)."""
 
 _DEFAULT_MODEL = "gpt-realtime"
+_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+"""The built-in voices (a session may also name a custom one: ``{"id": "voice_…"}``)."""
+_MODELS = frozenset(
+    {"gpt-realtime", "gpt-realtime-mini", "gpt-4o-mini-transcribe", "gpt-4o-transcribe", "whisper-1"}
+)
+"""The models the simulated key may use by default (``GET /models/{model}``)."""
 _DEFAULT_INSTRUCTIONS = (
     "Your knowledge cutoff is 2023-10. You are a helpful, witty, and friendly AI. Act like a human, but "
     "remember that you aren't a human and that you can't do human things in the real world."
@@ -659,13 +665,33 @@ def _check_audio(audio: Any, where: str, *, sip: bool, accept: bool) -> _Problem
             if problem is not None:
                 return problem
         else:
-            if "voice" in part and not isinstance(part["voice"], str):
-                return _Problem(
-                    f"{here}.voice", "invalid_type", f"Invalid type for '{here}.voice': expected a string."
-                )
+            if "voice" in part:
+                problem = _check_voice(part["voice"], f"{here}.voice")
+                if problem is not None:
+                    return problem
             speed = part.get("speed", 1.0)
             if not isinstance(speed, int | float) or isinstance(speed, bool) or not 0.25 <= speed <= 1.5:
                 return _Problem(f"{here}.speed", "invalid_value", "speed must be between 0.25 and 1.5.")
+    return None
+
+
+def _check_voice(voice: Any, param: str) -> _Problem | None:
+    """A built-in voice's name, or a custom voice (``{"id": "voice_…"}``), as the service takes them."""
+    if isinstance(voice, dict):
+        if set(voice) != {"id"} or not isinstance(voice["id"], str) or not voice["id"].startswith("voice_"):
+            return _Problem(
+                param, "invalid_value", f'Invalid value for \'{param}\': expected {{"id": "voice_…"}}.'
+            )
+        return None
+    if not isinstance(voice, str):
+        return _Problem(param, "invalid_type", f"Invalid type for '{param}': expected a string or an object.")
+    if voice not in _VOICES:
+        names = ", ".join(f"'{v}'" for v in _VOICES[:-1])
+        return _Problem(
+            param,
+            "invalid_value",
+            f"Invalid value: '{voice}'. Supported values are: {names}, and '{_VOICES[-1]}'.",
+        )
     return None
 
 
@@ -2325,6 +2351,11 @@ class Simulator:
     later handshakes are refused as for any ended call): ``end_reason`` ``"accept_failed"``, the problem
     in ``accept_problem``, the script not played. A plain attribute, like ``verb_close``.
 
+    ``models`` (a set: the realtime and transcription models, and ``model``) is what the key may use:
+    ``GET /v1/models/{model}`` answers the model for those and 404 ``model_not_found`` for any other.
+    ``key_reads_models = False`` makes it a restricted key without the models scope: that lookup then
+    answers 403. Both are plain attributes.
+
     ``playback_rate`` is how fast the caller hears the model, in characters of its transcript a second
     (about 15 for real speech): ``output_audio_buffer.stopped`` goes out once a spoken response has played,
     after its ``response.done``, as on the real service, so a controller that hangs up on ``response.done``
@@ -2388,6 +2419,8 @@ class Simulator:
         self.session_seconds = session_seconds
         self.bad_accept: Literal["refuse", "fail_call"] = bad_accept
         """How long a call's session lasts (its ``expires_at``): then ``session_expired``, close 1001."""
+        self.models: set[str] = {*_MODELS, model}
+        self.key_reads_models = True
         self.requests: list[RequestRecord] = []
         self.calls: dict[str, SimCall] = {}
         self.next_webrtc_script: Script = Script()
@@ -2427,6 +2460,7 @@ class Simulator:
         app.router.add_post("/v1/realtime/calls/{call_id}/{verb}", self._handle_verb)
         app.router.add_post("/v1/realtime/client_secrets", self._handle_client_secrets)
         app.router.add_get("/v1/realtime", self._handle_sideband)
+        app.router.add_get("/v1/models/{model}", self._handle_model)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=_CLOSE_TIMEOUT)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self._port)
@@ -2886,6 +2920,24 @@ class Simulator:
         if fault == "late":
             return await self._hold()
         return web.Response(status=200)
+
+    async def _handle_model(self, request: web.Request) -> web.StreamResponse:
+        if not self.key_reads_models:
+            return _error_response(
+                403,
+                "You have insufficient permissions for this operation. Missing scopes: api.model.read. "
+                "Check that you have the correct role in your organization (Reader, Writer, Owner) and "
+                "project (Member, Owner), and if you're using a restricted API key, that it has the "
+                "necessary scopes.",
+            )
+        name = request.match_info["model"]
+        if name not in self.models:
+            return _error_response(
+                404,
+                f"The model `{name}` does not exist or you do not have access to it.",
+                code="model_not_found",
+            )
+        return web.json_response({"id": name, "object": "model", "created": 1756271701, "owned_by": "system"})
 
     async def _handle_client_secrets(self, request: web.Request) -> web.StreamResponse:
         body = await self._json_body(request, optional=True)

@@ -61,16 +61,26 @@ def key_hint(status: int) -> str:
     return ""
 
 
+def error_message(body: str) -> str | None:
+    """The ``error.message`` of an OpenAI error body (``{"error": {"message": …}}``) on one line, at most
+    300 characters; ``None`` for any other body (a proxy's page, an empty one)."""
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(message, str) or not message.strip():
+        return None
+    message = " ".join(message.split())
+    return message if len(message) <= 300 else message[:299] + "…"
+
+
 def wrong_url(status: int, body: str) -> str:
     """For a 404 whose body is OpenAI's answer to a path it does not serve (``Invalid URL (POST /…)``),
     what the operator should check: the base URL is wrong, the call is not gone. Else ``""``."""
     if status != 404 or "Invalid URL" not in body:
         return ""
-    try:
-        message = json.loads(body)["error"]["message"]
-    except (ValueError, TypeError, KeyError):
-        return ""
-    if not isinstance(message, str) or not message.startswith("Invalid URL"):
+    message = error_message(body)
+    if message is None or not message.startswith("Invalid URL"):
         return ""
     return f": {message[:200]} (check OPENAI_BASE_URL: OpenAI's is https://api.openai.com/v1)"
 
@@ -150,13 +160,20 @@ class CallControl:
                     self._json_headers.update(auth)
 
     async def _post(
-        self, path: str, body: dict[str, Any] | None, timeout: float, call_id: str | None = None
+        self,
+        path: str,
+        body: dict[str, Any] | None,
+        timeout: float,
+        call_id: str | None = None,
+        *,
+        method: str = "POST",
     ) -> str:
         taken = False
         try:
             async with (
                 asyncio.timeout(timeout),
-                self._http.post(
+                self._http.request(
+                    method,
                     self._base + path,
                     data=None if body is None else jsonio.dumps(body),
                     headers=self._headers if body is None else self._json_headers,
@@ -178,7 +195,7 @@ class CallControl:
                     raise CallGone(f"call {call_id} not found", resp.status, text)
                 if resp.status >= 300:
                     raise UpstreamError(
-                        f"POST {path} answered {resp.status}{key_hint(resp.status) or misdirected}",
+                        f"{method} {path} answered {resp.status}{key_hint(resp.status) or misdirected}",
                         resp.status,
                         text,
                         retry_after=retry_after(resp.headers.get("Retry-After")),
@@ -187,9 +204,9 @@ class CallControl:
         except TimeoutError:
             if taken:
                 return ""
-            raise UpstreamError(f"POST {path} timed out after {timeout:g} s") from None
+            raise UpstreamError(f"{method} {path} timed out after {timeout:g} s") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"POST {path} failed: {why(exc)}") from None
+            raise UpstreamError(f"{method} {path} failed: {why(exc)}") from None
 
     @property
     def calls_url(self) -> str:
@@ -264,6 +281,11 @@ class CallControl:
         if not isinstance(data, dict) or not isinstance(data.get("value"), str):
             raise UpstreamError("client_secrets answered without a value", 200)
         return data
+
+    async def model(self, name: str, *, timeout: float = 5.0) -> None:
+        """Whether the key may use the model ``name`` (``GET /models/{name}``): returns if it may, raises
+        :class:`UpstreamError` otherwise (404: no such model, or not for this key)."""
+        await self._post(f"/models/{quote(name, safe='')}", None, timeout, method="GET")
 
 
 async def with_retries(

@@ -1,0 +1,143 @@
+"""``sideband check --online``: what OpenAI itself says of the key, the session configs and the models
+before a rollout, by requests that start nothing (a client secret of the shortest life, a model lookup)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+from sideband.routing import RouteError
+from sideband.session import Accept, SessionConfigError
+from sideband.settings import SettingsError
+from sideband.upstream.openai import UpstreamError, error_message, wrong_url
+
+if TYPE_CHECKING:
+    from sideband.service import Service
+
+__all__ = ["check_openai"]
+
+APP_SESSION = "the app's session config"
+BROWSER_SESSION = "the session config of browsers' calls"
+PROBE_TTL = 10
+"""Seconds the probe's client secret lives: the shortest OpenAI allows. Nobody is given it."""
+CONCURRENCY = 8
+"""Requests in flight at once (a route file may hold hundreds of numbers)."""
+
+
+async def check_openai(service: Service) -> list[str]:
+    """Ask OpenAI, with the server's key, base URL and proxy, to take every session config the server
+    can send (the app's, each accepting route's, and the browsers' when :meth:`~sideband.Sideband.
+    authorize_browser` opened the WebRTC doors) and to name the models they use. Sessions a routing hook
+    builds at ring time are not known here.
+
+    Returns a line each for what was found. Raises, with one line naming what to fix:
+    :class:`~sideband.settings.SettingsError` for the key (401, 403), the base URL (``Invalid URL``,
+    unreachable) or OpenAI not answering (429, 5xx); :class:`~sideband.routing.RouteError` for a route's
+    session or model OpenAI refuses, :class:`~sideband.session.SessionConfigError` for the app's own.
+    """
+    sessions = _sessions(service)
+    models: dict[str, str] = {}  # each model, with the first config that names it
+    for where, session in sessions:
+        for name in _models(session):
+            models.setdefault(name, where)
+    control, limit = service.control, asyncio.Semaphore(CONCURRENCY)
+
+    async def one(request: Awaitable[Any]) -> None:
+        async with limit:
+            await request
+
+    minted = await asyncio.gather(
+        *(one(control.client_secret(s, PROBE_TTL)) for _, s in sessions), return_exceptions=True
+    )
+    looked_up = await asyncio.gather(*(one(control.model(name)) for name in models), return_exceptions=True)
+    outcomes = [*minted, *looked_up]
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, UpstreamError):
+            raise outcome
+    base = service.settings.openai_base_url
+    for outcome in outcomes:  # (what stops every request first: the key, the URL, the service)
+        if isinstance(outcome, UpstreamError):
+            _common(outcome, base)
+    for (where, _), outcome in zip(sessions, minted, strict=True):
+        if isinstance(outcome, UpstreamError):
+            if outcome.status == 403:
+                raise SettingsError(
+                    f"OPENAI_API_KEY: the key may not start Realtime sessions{_said(outcome)}"
+                )
+            _refused(service, where, f"OpenAI refused its session{_said(outcome)}")
+    unread: list[str] = []
+    for (name, where), outcome in zip(models.items(), looked_up, strict=True):
+        if isinstance(outcome, UpstreamError):
+            if outcome.status != 403:  # (a key restricted to Realtime may not read models: not a fault)
+                _refused(service, where, f"model {name}{_said(outcome)}")
+            unread.append(name)
+    lines = [f"openai: {base} accepted the key and {len(sessions)} session config(s)"]
+    available = [name for name in models if name not in unread]
+    if available:
+        lines.append(f"models: {', '.join(available)} available")
+    if unread:
+        lines.append(f"models: {', '.join(unread)} not checked (the key may not read models: 403)")
+    if service.app.routes_calls:
+        lines.append("routing hook: the sessions it builds at ring time are not checked")
+    return lines
+
+
+def _sessions(service: Service) -> list[tuple[str, dict[str, Any]]]:
+    """Every distinct session body the server can send, each with the first place it comes from."""
+    app, table = service.app, service.routes
+    found = [(APP_SESSION, app.plan(Accept()).session)]
+    found += [(where, app.plan(decision).session) for where, decision in table.accepting()]
+    if app.browsers_allowed:
+        found.append((BROWSER_SESSION, service.browser_plan().session))
+    seen: set[str] = set()
+    distinct = []
+    for where, session in found:
+        key = json.dumps(session, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            distinct.append((where, session))
+    return distinct
+
+
+def _models(session: dict[str, Any]) -> list[str]:
+    """The models a session body names: the realtime model and the input transcription's."""
+    names = [session.get("model")]
+    audio = session.get("audio")
+    audio_in = audio.get("input") if isinstance(audio, dict) else None
+    transcription = audio_in.get("transcription") if isinstance(audio_in, dict) else None
+    if isinstance(transcription, dict):
+        names.append(transcription.get("model"))
+    return [name for name in names if isinstance(name, str) and name]
+
+
+def _said(exc: UpstreamError) -> str:
+    """`` (status: OpenAI's message)``, or `` (what went wrong)`` without an answer."""
+    if exc.status is None:
+        return f" ({exc})"
+    message = error_message(exc.body)
+    return f" ({exc.status}: {message})" if message else f" ({exc.status})"
+
+
+def _common(exc: UpstreamError, base: str) -> None:
+    """Raise for what would fail every request alike, whichever it came from."""
+    status = exc.status
+    if status is None:
+        raise SettingsError(f"OPENAI_BASE_URL: {base} could not be reached{_said(exc)}")
+    if status == 401:
+        raise SettingsError(f"OPENAI_API_KEY: OpenAI refused the key{_said(exc)}")
+    if wrong_url(status, exc.body):
+        raise SettingsError(
+            f"OPENAI_BASE_URL: {base} is not the API's base{_said(exc)} (OpenAI's is https://api.openai.com/v1)"
+        )
+    if exc.retryable or status < 400:
+        raise SettingsError(f"OpenAI at {base} could not answer{_said(exc)}: try again")
+
+
+def _refused(service: Service, where: str, problem: str) -> None:
+    """Raise for a config OpenAI refused: a route's is the route file's error, else the app's."""
+    if where in (APP_SESSION, BROWSER_SESSION):
+        raise SessionConfigError(f"{where}: {problem}")
+    source = service.routes.source
+    raise RouteError(f"{source}: {where}: {problem}" if source else f"{where}: {problem}")

@@ -1,0 +1,224 @@
+"""``sideband check --online``: OpenAI's own word on the key, every session config and its models."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from sideband import Sideband
+from sideband.cli import check
+from sideband.routing import RouteError
+from sideband.session import SessionConfigError
+from sideband.settings import SettingsError
+from sideband.testing import Simulator
+from tests.conftest import make_app, settings_for
+from tests.test_cli import ROOT, clean_env
+
+MISSING_SCOPE = "You have insufficient permissions for this operation. Missing scopes: api.realtime.write."
+
+
+async def run_check(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sideband.cli",
+        "check",
+        *args,
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def check_env(sim: Simulator, routes: Path) -> dict[str, str]:
+    return clean_env(
+        OPENAI_API_KEY=sim.api_key,
+        OPENAI_WEBHOOK_SECRET=sim.webhook_secret,
+        OPENAI_BASE_URL=sim.base_url,
+        SIDEBAND_ROUTES_FILE=str(routes),
+    )
+
+
+def asked(sim: Simulator, method: str, prefix: str) -> list[Any]:
+    return [r for r in sim.requests if r.method == method and r.path.startswith(prefix)]
+
+
+ROUTES = """
+[default]
+instructions = "The front desk."
+[routes."+18005551212"]
+voice = "cedar"
+[routes."+18005551213"]
+instructions = "The front desk."
+[routes."+18005551214"]
+session = { model = "gpt-realtime-mini" }
+[routes."+18005551215"]
+reject = 486
+"""
+
+
+async def test_online_check_has_openai_take_every_session_the_server_can_send(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    routes = tmp_path / "routes.toml"
+    routes.write_text(ROUTES)
+    code, out, err = await run_check("--online", env=check_env(simulator, routes))  # the bundled order desk
+    assert code == 0, err
+    assert out.splitlines() == [
+        "app sideband: 3 tool(s): transfer_call, end_call, lookup_order",
+        f"routes: 4 number(s) and a default from {routes}",
+        "claims: in memory (one instance)",
+        # the app's, the default's, +…12's voice, +…14's model (+…13 is the default's, +…15 rejects)
+        f"openai: {simulator.base_url} accepted the key and 4 session config(s)",
+        "models: gpt-realtime, gpt-4o-mini-transcribe, gpt-realtime-mini available",
+        "routing hook: the sessions it builds at ring time are not checked",
+        "sideband: ready to serve",
+    ]
+    mints = [r.json for r in asked(simulator, "POST", "/v1/realtime/client_secrets")]
+    assert [m["expires_after"] for m in mints] == [{"anchor": "created_at", "seconds": 10}] * 4
+    sessions = sorted((m["session"]["model"], m["session"]["audio"]["output"]["voice"]) for m in mints)
+    assert sessions == [
+        ("gpt-realtime", "cedar"),
+        ("gpt-realtime", "marin"),
+        ("gpt-realtime", "marin"),
+        ("gpt-realtime-mini", "marin"),
+    ]
+    assert all(m["session"]["type"] == "realtime" and m["session"]["tools"] for m in mints)
+    looked_up = sorted(r.path for r in asked(simulator, "GET", "/v1/models/"))
+    assert looked_up == [
+        "/v1/models/gpt-4o-mini-transcribe",
+        "/v1/models/gpt-realtime",
+        "/v1/models/gpt-realtime-mini",
+    ]
+    assert not simulator.calls  # it starts nothing
+
+
+async def test_a_voice_openai_does_not_have_passes_offline_and_is_named_online(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    routes = tmp_path / "routes.toml"
+    routes.write_text('[routes."+18005551212"]\nvoice = "marine"\n')
+    env = check_env(simulator, routes)
+    code, out, err = await run_check(env=env)
+    assert code == 0, err  # offline: sideband keeps no list of OpenAI's voices (it would go stale)
+    code, out, err = await run_check("--online", env=env)
+    assert code == 2 and out == ""
+    assert err == (
+        f"sideband: SIDEBAND_ROUTES_FILE: {routes}: routes.+18005551212: OpenAI refused its session (400: "
+        "Invalid value: 'marine'. Supported values are: 'alloy', 'ash', 'ballad', 'coral', 'echo', 'sage', "
+        "'shimmer', 'verse', 'marin', and 'cedar'.)\n"
+    )
+
+
+async def check_online(sim: Simulator, app: Sideband | None = None, **settings: Any) -> list[str]:
+    return await check(settings_for(sim, **settings), app or make_app(), online=True)
+
+
+async def test_a_key_openai_refuses_is_named(simulator: Simulator) -> None:
+    with pytest.raises(SettingsError) as raised:
+        await check_online(simulator, openai_api_key="sk-not-the-key")
+    assert str(raised.value).startswith(
+        "OPENAI_API_KEY: OpenAI refused the key (401: Incorrect API key provided: sk-****-key."
+    )
+
+
+async def test_a_base_url_without_its_version_is_named(simulator: Simulator) -> None:
+    base = simulator.base_url.removesuffix("/v1")
+    with pytest.raises(SettingsError) as raised:
+        await check_online(simulator, openai_base_url=base)
+    assert str(raised.value) == (
+        f"OPENAI_BASE_URL: {base} is not the API's base (404: Invalid URL (POST /realtime/client_secrets)) "
+        "(OpenAI's is https://api.openai.com/v1)"
+    )
+
+
+async def test_a_base_url_nobody_answers_is_named(simulator: Simulator) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"  # bound, not listening: refused
+        with pytest.raises(SettingsError) as raised:
+            await check_online(simulator, openai_base_url=base)
+    assert str(raised.value).startswith(
+        f"OPENAI_BASE_URL: {base} could not be reached (POST /realtime/client_secrets failed: "
+    )
+
+
+async def test_a_model_the_key_may_not_use_is_named_with_the_config_that_names_it(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    simulator.models.discard("gpt-realtime")
+    with pytest.raises(SessionConfigError) as app_own:
+        await check_online(simulator)
+    assert str(app_own.value) == (
+        "the app's session config: model gpt-realtime (404: The model `gpt-realtime` does not exist or you "
+        "do not have access to it.)"
+    )
+    simulator.models.add("gpt-realtime")
+    routes = tmp_path / "routes.toml"
+    routes.write_text('[routes."+18005551212"]\nsession = { model = "gpt-realtime-preview" }\n')
+    with pytest.raises(RouteError) as route:
+        await check_online(simulator, routes_file=routes)
+    assert str(route.value) == (
+        f"{routes}: routes.+18005551212: model gpt-realtime-preview (404: The model `gpt-realtime-preview` "
+        "does not exist or you do not have access to it.)"
+    )
+
+
+async def test_a_key_that_may_not_read_models_passes_with_them_unchecked(simulator: Simulator) -> None:
+    simulator.key_reads_models = False  # a restricted key: Realtime only
+    lines = await check_online(simulator)
+    assert lines[-2:] == [
+        f"openai: {simulator.base_url} accepted the key and 2 session config(s)",  # phones' and browsers'
+        "models: gpt-realtime, gpt-4o-mini-transcribe not checked (the key may not read models: 403)",
+    ]
+
+
+@pytest.fixture
+async def stand_in(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """An OpenAI stand-in answering every request with ``(status, message)``."""
+    status, message = request.param
+
+    async def answer(_: web.Request) -> web.Response:
+        error = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+        return web.json_response(error, status=status)
+
+    web_app = web.Application()
+    web_app.router.add_route("*", "/{tail:.*}", answer)
+    server = TestServer(web_app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("/v1"))
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize(
+    ("stand_in", "expected"),
+    [
+        (
+            (403, MISSING_SCOPE),
+            f"OPENAI_API_KEY: the key may not start Realtime sessions (403: {MISSING_SCOPE})",
+        ),
+        ((503, "The engine is currently overloaded."), "could not answer (503: The engine is currently "),
+        ((429, "Rate limit reached."), "could not answer (429: Rate limit reached.): try again"),
+    ],
+    indirect=["stand_in"],
+)
+async def test_what_stops_every_request_is_one_line(
+    simulator: Simulator, stand_in: str, expected: str
+) -> None:
+    with pytest.raises(SettingsError) as raised:
+        await check_online(simulator, openai_base_url=stand_in)
+    assert expected in str(raised.value), raised.value
