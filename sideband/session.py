@@ -47,6 +47,8 @@ class SessionConfig(BaseModel):
     model: str | None = "gpt-realtime"
     instructions: str | None = None
     voice: str | None = None
+    """A built-in voice (``marin``, ``cedar``…) or a custom voice's id (``voice_…``: sent as ``{"id":
+    …}``)."""
     speed: float | None = Field(default=None, gt=0)
     output_modalities: list[str] | None = None
     transcription_model: str | None = "gpt-4o-mini-transcribe"
@@ -79,7 +81,7 @@ class SessionConfig(BaseModel):
             audio_in["noise_reduction"] = self.noise_reduction
         audio_out: dict[str, Any] = {}
         if self.voice is not None:
-            audio_out["voice"] = self.voice
+            audio_out["voice"] = voice_field(self.voice)
         if self.speed is not None:
             audio_out["speed"] = self.speed
         if audio_in or audio_out:
@@ -172,6 +174,12 @@ def _typo(key: Any, known: frozenset[str], where: str) -> None:
             )
 
 
+def voice_field(voice: Any) -> Any:
+    """A voice as the realtime session takes it: a custom voice's id (``voice_…``) as ``{"id": …}``,
+    a built-in voice's name (which never starts so) as it is."""
+    return {"id": voice} if isinstance(voice, str) and voice.startswith("voice_") else voice
+
+
 # SessionConfig's names for fields of the realtime session's ``audio`` object: side, key.
 _AUDIO_NAMES = {
     "voice": ("output", "voice"),
@@ -194,7 +202,7 @@ def session_update(fields: Mapping[str, Any]) -> dict[str, Any]:
     audio: dict[str, Any] = {side: dict(part) for side, part in (given or {}).items()}
     for name, (side, key) in _AUDIO_NAMES.items():
         if name in fields:
-            audio.setdefault(side, {})[key] = fields[name]
+            audio.setdefault(side, {})[key] = voice_field(fields[name]) if name == "voice" else fields[name]
     if "transcription_model" in fields:
         model = fields["transcription_model"]
         audio.setdefault("input", {})["transcription"] = None if model is None else {"model": model}

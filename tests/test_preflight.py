@@ -185,6 +185,18 @@ async def test_a_key_that_may_not_read_models_passes_with_them_unchecked(simulat
     ]
 
 
+async def test_a_custom_voice_goes_out_as_openai_takes_it(simulator: Simulator, tmp_path: Path) -> None:
+    routes = tmp_path / "routes.toml"
+    routes.write_text('[routes."+18005551212"]\nvoice = "voice_1234"\n')
+    lines = await check_online(simulator, routes_file=routes)
+    assert f"openai: {simulator.base_url} accepted the key and 3 session config(s)" in lines
+    voices = [
+        r.json["session"]["audio"]["output"]["voice"] for r in asked(simulator, "POST", "/v1/realtime/c")
+    ]
+    # the app's and the browsers', the route's
+    assert sorted(voices, key=str) == ["marin", "marin", {"id": "voice_1234"}]
+
+
 @pytest.fixture
 async def stand_in(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     """An OpenAI stand-in answering every request with ``(status, message)``."""

@@ -13,6 +13,7 @@ from sideband.session import (
     Reject,
     SessionConfig,
     SessionConfigError,
+    session_update,
     validate_accept_payload,
 )
 
@@ -97,6 +98,13 @@ def test_full_payload_shape() -> None:
 def test_voice_only_gives_output_without_input() -> None:
     body = SessionConfig(transcription_model=None, voice="cedar").payload([])
     assert body["audio"] == {"output": {"voice": "cedar"}}
+
+
+def test_a_custom_voice_is_sent_as_its_id_object() -> None:
+    body = SessionConfig(transcription_model=None, voice="voice_1234").payload([])
+    assert body["audio"] == {"output": {"voice": {"id": "voice_1234"}}}
+    assert session_update({"voice": "voice_1234"})["audio"] == {"output": {"voice": {"id": "voice_1234"}}}
+    assert session_update({"voice": "cedar"})["audio"] == {"output": {"voice": "cedar"}}
 
 
 def test_no_audio_when_nothing_audio_is_set() -> None:
