@@ -22,6 +22,7 @@ APP_SESSION = "the app's session config"
 BROWSER_SESSION = "the session config of browsers' calls"
 PROBE_TTL = 10
 """Seconds the probe's client secret lives: the shortest OpenAI allows. Nobody is given it."""
+OPENAI = "https://api.openai.com/v1"
 CONCURRENCY = 8
 """Requests in flight at once (a route file may hold hundreds of numbers)."""
 
@@ -33,9 +34,10 @@ async def check_openai(service: Service) -> list[str]:
     builds at ring time are not known here.
 
     Returns a line each for what was found. Raises, with one line naming what to fix:
-    :class:`~sideband.settings.SettingsError` for the key (401, 403), the base URL (``Invalid URL``,
-    unreachable) or OpenAI not answering (429, 5xx); :class:`~sideband.routing.RouteError` for a route's
-    session or model OpenAI refuses, :class:`~sideband.session.SessionConfigError` for the app's own.
+    :class:`~sideband.settings.SettingsError` for the key (401, 403), the base URL (``Invalid URL``, no
+    Realtime API there, a redirect, an answer that is not OpenAI's, unreachable) or OpenAI not answering
+    (429, 5xx); :class:`~sideband.routing.RouteError` for a route's session (400) or model (404) OpenAI
+    refuses, :class:`~sideband.session.SessionConfigError` for the app's own.
     """
     sessions = _sessions(service)
     models: dict[str, str] = {}  # each model, with the first config that names it
@@ -66,6 +68,12 @@ async def check_openai(service: Service) -> list[str]:
                 raise SettingsError(
                     f"OPENAI_API_KEY: the key may not start Realtime sessions{_said(outcome)}"
                 )
+            if outcome.status in (404, 405):  # (OpenAI's API has this endpoint: something else answered)
+                raise SettingsError(
+                    f"OPENAI_BASE_URL: {base} has no Realtime API{_said(outcome)} (OpenAI's is {OPENAI})"
+                )
+            if outcome.status not in (400, 422):
+                raise SettingsError(f"OpenAI at {base} answered the check with an error{_said(outcome)}")
             _refused(service, where, f"OpenAI refused its session{_said(outcome)}")
     unread: list[str] = []
     for (name, where), outcome in zip(models.items(), looked_up, strict=True):
@@ -129,9 +137,16 @@ def _common(exc: UpstreamError, base: str) -> None:
         raise SettingsError(f"OPENAI_API_KEY: OpenAI refused the key{_said(exc)}")
     if wrong_url(status, exc.body):
         raise SettingsError(
-            f"OPENAI_BASE_URL: {base} is not the API's base{_said(exc)} (OpenAI's is https://api.openai.com/v1)"
+            f"OPENAI_BASE_URL: {base} is not the API's base{_said(exc)} (OpenAI's is {OPENAI})"
         )
-    if exc.retryable or status < 400:
+    if status < 300:  # (a 200 that is no answer of OpenAI's: a web page, say)
+        raise SettingsError(f"OPENAI_BASE_URL: {base} does not answer as OpenAI's API ({exc})")
+    if status < 400:
+        raise SettingsError(
+            f"OPENAI_BASE_URL: {base} answered {status}, a redirect: sideband follows none (set the URL it "
+            "leads to)"
+        )
+    if exc.retryable:
         raise SettingsError(f"OpenAI at {base} could not answer{_said(exc)}: try again")
 
 

@@ -225,6 +225,10 @@ async def stand_in(request: pytest.FixtureRequest) -> AsyncIterator[str]:
         ),
         ((503, "The engine is currently overloaded."), "could not answer (503: The engine is currently "),
         ((429, "Rate limit reached."), "could not answer (429: Rate limit reached.): try again"),
+        ((404, "Not Found"), "has no Realtime API (404: Not Found) (OpenAI's is https://api.openai.com/v1)"),
+        ((200, "Welcome"), "does not answer as OpenAI's API (client_secrets answered without a value)"),
+        ((301, "Moved"), "answered 301, a redirect: sideband follows none (set the URL it leads to)"),
+        ((413, "Too large"), "answered the check with an error (413: Too large)"),
     ],
     indirect=["stand_in"],
 )
