@@ -182,8 +182,11 @@ class Service:
             url = settings.redis_url
             try:
                 store = RedisStore(url.get_secret_value()) if url is not None else MemoryStore()
-            except ValueError as exc:  # (redis-py's words name the part at fault, not the password)
-                raise SettingsError(f"SIDEBAND_REDIS_URL: not a valid Redis URL ({exc})") from None
+            except ValueError:  # (redis-py's words may quote the URL, password and all)
+                raise SettingsError(
+                    "SIDEBAND_REDIS_URL: not a valid Redis URL (redis://[:password@]host[:port][/db], "
+                    "rediss://… or unix:///path?db=N)"
+                ) from None
         self.store: ClaimStore = store
         self._pending_ttl = pending_ttl(settings)
         self.registry = CallRegistry()
@@ -253,6 +256,11 @@ class Service:
                 proxy = parse_proxy(self._proxy)
             except InvalidProxy as exc:  # its text would quote the URL, credentials and all
                 raise SettingsError(f"the proxy for {base} (from {names}) is not valid: {exc.msg}") from None
+            except ValueError:  # (urllib's words quote the part it could not read: a password, say)
+                raise SettingsError(
+                    f"the proxy for {base} (from {names}) is not valid: its port is not a number (a password "
+                    "holding / ? # or @ must be percent-encoded)"
+                ) from None
             if proxy.scheme not in ("http", "https"):
                 raise SettingsError(
                     f"the proxy for {base} (from {names}) is a {proxy.scheme} proxy: sideband reaches "

@@ -200,6 +200,24 @@ class Settings(BaseSettings):
         raw = value.get_secret_value().strip()
         if not raw.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        # (no message quotes the URL or a piece of it: it holds the password)
+        parts = urllib.parse.urlsplit(raw)
+        try:
+            parts.port  # noqa: B018 - parsed for its ValueError
+        except ValueError:
+            cut = True
+        else:  # a / ? or # in the password ends the host part early: the rest lands in the path
+            cut = "@" in parts.path or "@" in parts.query or "@" in parts.fragment
+        if cut:
+            raise ValueError(
+                "cannot be read: a user or password holding / ? # or @ must be percent-encoded (%2F %3F %23 "
+                "%40), or the port is not a number"
+            )
+        if raw.startswith(("redis://", "rediss://")):
+            if not parts.hostname:
+                raise ValueError("must name a host (redis://[:password@]host[:port][/db])")
+            if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+                raise ValueError("must end with a database number, if anything (/0)")
         return SecretStr(raw)
 
     @field_validator("openai_webhook_secret")

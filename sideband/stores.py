@@ -183,8 +183,12 @@ def _ms(seconds: float) -> int:
 
 
 def redacted(url: str) -> str:
-    """``url`` without user and password: ``redis://:secret@cache:6379/0`` → ``redis://cache:6379/0``."""
-    parts = urlsplit(url)
+    """``url`` without user and password: ``redis://:secret@cache:6379/0`` → ``redis://cache:6379/0``.
+
+    Everything up to the last ``@`` goes, wherever a password's unencoded ``/``, ``?`` or ``#`` would make
+    a URL parser end the host part; so does the query (``?password=…``)."""
+    scheme, _, rest = url.partition("://")
+    parts = urlsplit(f"{scheme}://{rest.rpartition('@')[2]}")
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"

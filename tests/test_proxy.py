@@ -112,6 +112,8 @@ async def test_call_control_and_the_sideband_go_through_the_proxy(monkeypatch: p
         ("SOCKS_PROXY", "socks5h://user:s3cret@127.0.0.1:1080", "is a socks5h proxy"),
         ("HTTP_PROXY", "http://user@127.0.0.1:3128", "is not valid: username provided without password"),
         ("HTTP_PROXY", "http://user:s3cret@127.0.0.1:3128/path", "is not valid: path is meaningless"),
+        ("HTTP_PROXY", "http://user:s3cret", "is not valid: its port is not a number"),
+        ("HTTP_PROXY", "http://user:ab/s3cret@127.0.0.1:3128", "is not valid: path is meaningless"),
     ],
 )
 async def test_a_proxy_call_control_or_the_sideband_cannot_use_stops_the_start(
@@ -168,7 +170,7 @@ async def test_proxy_credentials_go_on_the_connect_only_for_an_https_base() -> N
             return b"{}"
 
     class Session:
-        def post(self, url: str, **kwargs: Any) -> Any:
+        def request(self, method: str, url: str, **kwargs: Any) -> Any:
             sent.append({"url": url, **kwargs})
             response = Response()
 

@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 import redis
 
-from sideband.stores import RedisStore, StoreUnavailable
+from sideband.stores import RedisStore, StoreUnavailable, redacted
 from sideband.testing import Script, Simulator, pause, run_app
 
 from .conftest import TEST_SETTINGS, capture_logs, make_app
@@ -326,7 +326,19 @@ async def test_serve_uses_redis_and_logs_it_without_the_password(
     ("url", "message"),
     [
         ("http://cache:6379", "sideband: SIDEBAND_REDIS_URL: Value error, must be a redis://"),
-        ("redis://:pw@127.0.0.1:notaport/0", "sideband: SIDEBAND_REDIS_URL: not a valid Redis URL (Port"),
+        ("redis://:pw@127.0.0.1:notaport/0", "sideband: SIDEBAND_REDIS_URL: Value error, cannot be read: "),
+        # passwords not percent-encoded: no piece of them is quoted
+        (
+            "redis://:pw/s3cret@127.0.0.1:6379/0",
+            "sideband: SIDEBAND_REDIS_URL: Value error, cannot be read: ",
+        ),
+        (
+            "redis://:1234/s3cret@127.0.0.1:6379/0",
+            "sideband: SIDEBAND_REDIS_URL: Value error, cannot be read",
+        ),
+        ("redis://:pw#s3cret@127.0.0.1:6379/0", "sideband: SIDEBAND_REDIS_URL: Value error, cannot be read"),
+        ("redis://:pw@/0", "sideband: SIDEBAND_REDIS_URL: Value error, must name a host"),
+        ("redis://:pw@127.0.0.1/zero", "sideband: SIDEBAND_REDIS_URL: Value error, must end with a database"),
         (
             "redis://:pw@127.0.0.1:{port}/0",
             "sideband: cannot use the claim store: redis at redis://127.0.0.1:",
@@ -345,7 +357,22 @@ def test_a_bad_or_unreachable_store_stops_serve_with_one_line(url: str, message:
     assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), done.stderr
-    assert "pw@" not in done.stderr
+    assert "pw" not in done.stderr and "s3cret" not in done.stderr and "1234" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:pw/s3cret@cache:6379/0",
+        "redis://:1234/s3cret@cache:6379/0",
+        "redis://:pw?s3cret@cache:6379/0",
+        "redis://user:pw#s3cret@cache:6379/0",
+        "redis://:pw@s3cret@cache:6379/0",
+    ],
+)
+def test_a_store_is_named_without_any_piece_of_its_password(url: str) -> None:
+    assert redacted(url) == "redis://cache:6379/0"
+    assert redacted("unix://:pw@/run/redis.sock?db=1&password=s3cret") == "unix:///run/redis.sock"
 
 
 def test_check_finds_the_redis_serve_would_use(redis_server: RedisServer) -> None:
