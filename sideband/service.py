@@ -829,9 +829,11 @@ class Service:
         except TicketError as exc:
             return self._handoff_refused(403, str(exc), call_id)
         # A spent ticket is remembered for the longest life a ticket has, and an hour more: not for its
-        # remaining wall-clock life, which a clock stepped back (or another instance's clock running
-        # behind) would stretch past the claim, so that it could be spent twice.
-        ttl = self.settings.rtc_key_ttl + HANDOFF_GRACE + NONCE_MARGIN
+        # remaining wall-clock life alone, which a clock stepped back (or another instance's clock running
+        # behind) would stretch past the claim, so that it could be spent twice. Nor for this instance's
+        # longest life alone: one with a longer SIDEBAND_RTC_KEY_TTL (mid-rollout) may have signed it.
+        longest = max(self.settings.rtc_key_ttl + HANDOFF_GRACE, self.tickets.remaining(info))
+        ttl = longest + NONCE_MARGIN
         with structlog.contextvars.bound_contextvars(call_id=call_id):
             if not await self.store.claim(f"call:{call_id}", self._pending_ttl):
                 # (the ticket stays unused)

@@ -69,5 +69,9 @@ class TicketSigner:
             raise TicketError("ticket expired")
         return ticket
 
+    def remaining(self, ticket: Ticket) -> float:
+        """Seconds ``ticket`` stays valid from now (0 once expired), by this signer's clock."""
+        return max(0.0, ticket.expires_at - self._clock())
+
     def _mac(self, payload: str) -> str:
         return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())

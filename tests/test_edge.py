@@ -588,11 +588,12 @@ async def test_a_redelivered_event_of_another_type_is_acknowledged_as_a_duplicat
 
 class StoreFailingOnce:
     """The service's claim store, but the first claim (or, ``at="settle"``, settle) of a key starting with
-    ``prefix`` fails as an unreachable Redis would."""
+    ``prefix`` fails as an unreachable Redis would. ``ttls``: each key claimed, with its TTL."""
 
     def __init__(self, inner: ClaimStore, prefix: str, at: str = "claim") -> None:
         self.inner, self.prefix, self.at, self.failed = inner, prefix, at, False
         self.where = inner.where
+        self.ttls: dict[str, float] = {}
 
     def _fail(self, at: str, key: str) -> None:
         if at == self.at and key.startswith(self.prefix) and not self.failed:
@@ -601,6 +602,7 @@ class StoreFailingOnce:
 
     async def claim(self, key: str, ttl: float) -> bool:
         self._fail("claim", key)
+        self.ttls[key] = ttl
         return await self.inner.claim(key, ttl)
 
     async def settle(self, key: str, ttl: float) -> None:

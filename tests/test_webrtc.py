@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from sideband import CallContext, Sideband
+from sideband.service import NONCE_MARGIN
 from sideband.testing import (
     Script,
     Simulator,
@@ -118,6 +119,16 @@ async def test_browser_first_handoff_valid_forged_expired_reused(stack: Stack) -
     assert status == 403
     refused = [e for e in logs if e["event"] == "rtc.handoff_refused"]
     assert [e.get("call_id") for e in refused] == [other.call_id]  # a line about a call names it
+
+    # Signed by an instance with a longer SIDEBAND_RTC_KEY_TTL (same key, shared store): remembered as
+    # spent for as long as it stays valid, and an hour more.
+    claims = StoreFailingOnce(stack.service.store, "(no key)")
+    stack.service.store = claims
+    longer, info = TicketSigner(stack.settings.ticket_key(), 7260).issue()
+    status, body = await post_json(stack, "/rtc/handoff", {"call_id": other.call_id, "ticket": longer})
+    assert (status, body["status"]) == (200, "attached")
+    assert claims.ttls[f"ticket:{info.nonce}"] > 7259 + NONCE_MARGIN
+    other = stack.sim.create_webrtc_call(Script([]))
 
     # Expired: the server's own key, issued in the past.
     old, _ = TicketSigner(stack.settings.ticket_key(), 60, clock=lambda: time.time() - 3600).issue()
