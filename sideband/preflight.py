@@ -62,9 +62,12 @@ async def check_openai(service: Service) -> list[str]:
     for outcome in outcomes:  # (what stops every request first: the key, the URL, the service)
         if isinstance(outcome, UpstreamError):
             _common(outcome, base)
+    # A 403 for every config, naming no model, is the key's; for some only, or naming a model the
+    # project may not use (403 model_not_found), the configs'.
+    keys_fault = all(isinstance(m, UpstreamError) and m.status == 403 and not _of_model(m) for m in minted)
     for (where, _), outcome in zip(sessions, minted, strict=True):
         if isinstance(outcome, UpstreamError):
-            if outcome.status == 403:
+            if outcome.status == 403 and keys_fault:
                 raise SettingsError(
                     f"OPENAI_API_KEY: the key may not start Realtime sessions{_said(outcome)}"
                 )
@@ -72,15 +75,15 @@ async def check_openai(service: Service) -> list[str]:
                 raise SettingsError(
                     f"OPENAI_BASE_URL: {base} has no Realtime API{_said(outcome)} (OpenAI's is {OPENAI})"
                 )
-            if outcome.status not in (400, 422):
+            if outcome.status not in (400, 403, 422):
                 raise SettingsError(f"OpenAI at {base} answered the check with an error{_said(outcome)}")
             _refused(service, where, f"OpenAI refused its session{_said(outcome)}")
     unread: list[str] = []
     for (name, where), outcome in zip(models.items(), looked_up, strict=True):
         if isinstance(outcome, UpstreamError):
-            if outcome.status != 403:  # (a key restricted to Realtime may not read models: not a fault)
+            if outcome.status != 403 or _of_model(outcome):
                 _refused(service, where, f"model {name}{_said(outcome)}")
-            unread.append(name)
+            unread.append(name)  # (a key restricted to Realtime may not read models: not a fault)
     lines = [f"openai: {base} accepted the key and {len(sessions)} session config(s)"]
     available = [name for name in models if name not in unread]
     if available:
@@ -118,6 +121,16 @@ def _models(session: dict[str, Any]) -> list[str]:
     if isinstance(transcription, dict):
         names.append(transcription.get("model"))
     return [name for name in names if isinstance(name, str) and name]
+
+
+def _of_model(exc: UpstreamError) -> bool:
+    """Whether a refusal is of a model (``model_not_found``: one the project may not use), not of the
+    key or its scopes."""
+    try:
+        code = json.loads(exc.body)["error"]["code"]
+    except (ValueError, TypeError, KeyError):
+        return False
+    return isinstance(code, str) and code == "model_not_found"
 
 
 def _said(exc: UpstreamError) -> str:

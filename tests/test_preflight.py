@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from sideband import Sideband
 from sideband.cli import check
 from sideband.routing import RouteError
-from sideband.session import SessionConfigError
+from sideband.session import SessionConfig, SessionConfigError
 from sideband.settings import SettingsError
 from sideband.testing import Simulator
 from tests.conftest import make_app, settings_for
@@ -238,3 +238,70 @@ async def test_what_stops_every_request_is_one_line(
     with pytest.raises(SettingsError) as raised:
         await check_online(simulator, openai_base_url=stand_in)
     assert expected in str(raised.value), raised.value
+
+
+def no_access(model: str) -> dict[str, Any]:
+    """OpenAI's answer to a project that may not use ``model`` (403, not 404)."""
+    message = f"Project `proj_x` does not have access to model `{model}`"
+    return {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "model_not_found",
+        }
+    }
+
+
+@pytest.fixture
+async def project_without_mini() -> AsyncIterator[str]:
+    """An OpenAI stand-in whose project may not use gpt-realtime-mini: a mint naming it and its lookup get
+    403 ``model_not_found``; anything else is taken."""
+
+    async def mint(request: web.Request) -> web.Response:
+        model = (await request.json())["session"].get("model")
+        if model == "gpt-realtime-mini":
+            return web.json_response(no_access(model), status=403)
+        return web.json_response({"value": "ek_x", "expires_at": 0, "session": {}})
+
+    async def model(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name == "gpt-realtime-mini":
+            return web.json_response(no_access(name), status=403)
+        return web.json_response({"id": name, "object": "model", "created": 0, "owned_by": "system"})
+
+    web_app = web.Application()
+    web_app.router.add_post("/v1/realtime/client_secrets", mint)
+    web_app.router.add_get("/v1/models/{name}", model)
+    server = TestServer(web_app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("/v1"))
+    finally:
+        await server.close()
+
+
+async def test_a_model_the_project_may_not_use_is_the_routes_fault_not_the_keys(
+    simulator: Simulator, project_without_mini: str, tmp_path: Path
+) -> None:
+    routes = tmp_path / "routes.toml"
+    routes.write_text('[routes."+18005551212"]\nsession = { model = "gpt-realtime-mini" }\n')
+    with pytest.raises(RouteError) as raised:
+        await check_online(simulator, openai_base_url=project_without_mini, routes_file=routes)
+    assert str(raised.value) == (
+        f"{routes}: routes.+18005551212: OpenAI refused its session (403: Project `proj_x` does not have "
+        "access to model `gpt-realtime-mini`)"
+    )
+
+
+async def test_a_model_lookup_refused_for_the_model_is_no_missing_scope(
+    simulator: Simulator, project_without_mini: str
+) -> None:
+    # (a transcription model the stand-in's mints do not look at: only its lookup refuses it)
+    app = make_app(session=SessionConfig(transcription_model="gpt-realtime-mini"))
+    with pytest.raises(SessionConfigError) as raised:
+        await check_online(simulator, app, openai_base_url=project_without_mini)
+    assert str(raised.value) == (
+        "the app's session config: model gpt-realtime-mini (403: Project `proj_x` does not have access to "
+        "model `gpt-realtime-mini`)"
+    )
