@@ -835,7 +835,8 @@ class Service:
         longest = max(self.settings.rtc_key_ttl + HANDOFF_GRACE, self.tickets.remaining(info))
         ttl = longest + NONCE_MARGIN
         with structlog.contextvars.bound_contextvars(call_id=call_id):
-            if not await self.store.claim(f"call:{call_id}", self._pending_ttl):
+            # (live here: its claim may have run out, left pending by a store that failed to settle it)
+            if call_id in self.registry or not await self.store.claim(f"call:{call_id}", self._pending_ttl):
                 # (the ticket stays unused)
                 return self._handoff_refused(409, "call already attached", call_id)
             try:

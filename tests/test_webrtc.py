@@ -434,6 +434,15 @@ async def test_a_store_failing_as_the_handoff_settles_serves_the_call(stack: Sta
         "store.unavailable",
         "rtc.handoff",
     ]
+    # Its claim, left pending, runs out (as a Redis key's TTL does): the call is live here all the same,
+    # and a second handoff of it, with a fresh ticket, is refused without a second sideband.
+    await stack.service.store.release(f"call:{call.call_id}")
+    _, again = await post_json(stack, "/rtc/sessions", {})
+    status, body = await post_json(
+        stack, "/rtc/handoff", {"call_id": call.call_id, "ticket": again["ticket"]}
+    )
+    assert (status, body) == (409, {"error": "call already attached"})
+    assert call.sideband_connects == 1
 
 
 async def test_a_call_the_sdp_relay_created_cannot_be_handed_off_again(stack: Stack) -> None:
