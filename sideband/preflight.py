@@ -59,37 +59,38 @@ async def check_openai(service: Service) -> list[str]:
         if isinstance(outcome, BaseException) and not isinstance(outcome, UpstreamError):
             raise outcome
     base = service.settings.openai_base_url
-    for outcome in outcomes:  # (what stops every request first: the key, the URL, the service)
+    # What stops every request first: the key, the URL, the service. (A key restricted to Realtime may
+    # not read models: its lookups' refusals are no fault.)
+    for outcome in [*minted, *(m for m in looked_up if not _missing_scope(m))]:
         if isinstance(outcome, UpstreamError):
             _common(outcome, base)
     # A 403 for every config, naming no model, is the key's; for some only, or naming a model the
     # project may not use (403 model_not_found), the configs'.
     keys_fault = all(isinstance(m, UpstreamError) and m.status == 403 and not _of_model(m) for m in minted)
     for (where, _), outcome in zip(sessions, minted, strict=True):
-        if isinstance(outcome, UpstreamError):
-            if outcome.status == 403 and keys_fault:
-                raise SettingsError(
-                    f"OPENAI_API_KEY: the key may not start Realtime sessions{_said(outcome)}"
-                )
-            if outcome.status in (404, 405):  # (OpenAI's API has this endpoint: something else answered)
-                raise SettingsError(
-                    f"OPENAI_BASE_URL: {base} has no Realtime API{_said(outcome)} (OpenAI's is {OPENAI})"
-                )
-            if outcome.status not in (400, 403, 422):
-                raise SettingsError(f"OpenAI at {base} answered the check with an error{_said(outcome)}")
+        if not isinstance(outcome, UpstreamError):
+            continue
+        if _of_model(outcome) or outcome.status in (400, 422) or (outcome.status == 403 and not keys_fault):
             _refused(service, where, f"OpenAI refused its session{_said(outcome)}")
+        if outcome.status == 403:
+            raise SettingsError(f"OPENAI_API_KEY: the key may not start Realtime sessions{_said(outcome)}")
+        if outcome.status in (404, 405):  # (OpenAI's API has this endpoint: something else answered)
+            raise SettingsError(
+                f"OPENAI_BASE_URL: {base} has no Realtime API{_said(outcome)} (OpenAI's is {OPENAI})"
+            )
+        raise SettingsError(f"OpenAI at {base} answered the check with an error{_said(outcome)}")
     unread: list[str] = []
     for (name, where), outcome in zip(models.items(), looked_up, strict=True):
         if isinstance(outcome, UpstreamError):
-            if outcome.status != 403 or _of_model(outcome):
+            if not _missing_scope(outcome) and (outcome.status != 403 or _of_model(outcome)):
                 _refused(service, where, f"model {name}{_said(outcome)}")
-            unread.append(name)  # (a key restricted to Realtime may not read models: not a fault)
+            unread.append(name)
     lines = [f"openai: {base} accepted the key and {len(sessions)} session config(s)"]
     available = [name for name in models if name not in unread]
     if available:
         lines.append(f"models: {', '.join(available)} available")
     if unread:
-        lines.append(f"models: {', '.join(unread)} not checked (the key may not read models: 403)")
+        lines.append(f"models: {', '.join(unread)} not checked (the key may not read models)")
     if service.app.routes_calls:
         lines.append("routing hook: the sessions it builds at ring time are not checked")
     return lines
@@ -133,6 +134,14 @@ def _of_model(exc: UpstreamError) -> bool:
     return isinstance(code, str) and code == "model_not_found"
 
 
+def _missing_scope(outcome: object) -> bool:
+    """Whether a refusal is of a restricted key without the scope the request needs (``Missing scopes:
+    …``, answered 401 or 403)."""
+    if not isinstance(outcome, UpstreamError) or outcome.status not in (401, 403):
+        return False
+    return "Missing scopes" in (error_message(outcome.body) or "")
+
+
 def _said(exc: UpstreamError) -> str:
     """`` (status: OpenAI's message)``, or `` (what went wrong)`` without an answer."""
     if exc.status is None:
@@ -146,6 +155,8 @@ def _common(exc: UpstreamError, base: str) -> None:
     status = exc.status
     if status is None:
         raise SettingsError(f"OPENAI_BASE_URL: {base} could not be reached{_said(exc)}")
+    if _missing_scope(exc):
+        raise SettingsError(f"OPENAI_API_KEY: the key lacks a permission sideband needs{_said(exc)}")
     if status == 401:
         raise SettingsError(f"OPENAI_API_KEY: OpenAI refused the key{_said(exc)}")
     if wrong_url(status, exc.body):

@@ -181,7 +181,7 @@ async def test_a_key_that_may_not_read_models_passes_with_them_unchecked(simulat
     lines = await check_online(simulator)
     assert lines[-2:] == [
         f"openai: {simulator.base_url} accepted the key and 2 session config(s)",  # phones' and browsers'
-        "models: gpt-realtime, gpt-4o-mini-transcribe not checked (the key may not read models: 403)",
+        "models: gpt-realtime, gpt-4o-mini-transcribe not checked (the key may not read models)",
     ]
 
 
@@ -221,10 +221,18 @@ async def stand_in(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     [
         (
             (403, MISSING_SCOPE),
-            f"OPENAI_API_KEY: the key may not start Realtime sessions (403: {MISSING_SCOPE})",
+            f"OPENAI_API_KEY: the key lacks a permission sideband needs (403: {MISSING_SCOPE})",
+        ),
+        (
+            (403, "Not allowed."),
+            "OPENAI_API_KEY: the key may not start Realtime sessions (403: Not allowed.)",
         ),
         ((503, "The engine is currently overloaded."), "could not answer (503: The engine is currently "),
         ((429, "Rate limit reached."), "could not answer (429: Rate limit reached.): try again"),
+        (
+            (401, MISSING_SCOPE),
+            f"OPENAI_API_KEY: the key lacks a permission sideband needs (401: {MISSING_SCOPE})",
+        ),
         ((404, "Not Found"), "has no Realtime API (404: Not Found) (OpenAI's is https://api.openai.com/v1)"),
         ((200, "Welcome"), "does not answer as OpenAI's API (client_secrets answered without a value)"),
         ((301, "Moved"), "answered 301, a redirect: sideband follows none (set the URL it leads to)"),
@@ -262,6 +270,15 @@ async def project_without_mini() -> AsyncIterator[str]:
         model = (await request.json())["session"].get("model")
         if model == "gpt-realtime-mini":
             return web.json_response(no_access(model), status=403)
+        if model == "gpt-realtime-typo":
+            message = f"The model `{model}` does not exist or you do not have access to it."
+            error = {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "model_not_found",
+            }
+            return web.json_response({"error": error}, status=404)
         return web.json_response({"value": "ek_x", "expires_at": 0, "session": {}})
 
     async def model(request: web.Request) -> web.Response:
@@ -291,6 +308,14 @@ async def test_a_model_the_project_may_not_use_is_the_routes_fault_not_the_keys(
     assert str(raised.value) == (
         f"{routes}: routes.+18005551212: OpenAI refused its session (403: Project `proj_x` does not have "
         "access to model `gpt-realtime-mini`)"
+    )
+    # a model that does not exist, refused by the mint (404): that route's too, not the base URL's
+    routes.write_text('[routes."+18005551212"]\nsession = { model = "gpt-realtime-typo" }\n')
+    with pytest.raises(RouteError) as raised:
+        await check_online(simulator, openai_base_url=project_without_mini, routes_file=routes)
+    assert str(raised.value) == (
+        f"{routes}: routes.+18005551212: OpenAI refused its session (404: The model `gpt-realtime-typo` "
+        "does not exist or you do not have access to it.)"
     )
 
 

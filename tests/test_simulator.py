@@ -356,7 +356,7 @@ async def test_models_answers_those_the_key_may_use(
     assert (await look_up("gpt-realtime-9"))[0] == 200
     simulator.key_reads_models = False
     status, body = await look_up("gpt-realtime")
-    assert status == 403 and "api.model.read" in body["error"]["message"]
+    assert status == 401 and "Missing scopes: api.model.read" in body["error"]["message"]
     async with http.get(f"{simulator.base_url}/models/gpt-realtime") as resp:  # no key
         assert resp.status == 401
 

@@ -2354,7 +2354,7 @@ class Simulator:
     ``models`` (a set: the realtime and transcription models, and ``model``) is what the key may use:
     ``GET /v1/models/{model}`` answers the model for those and 404 ``model_not_found`` for any other.
     ``key_reads_models = False`` makes it a restricted key without the models scope: that lookup then
-    answers 403. Both are plain attributes.
+    answers 401 ``Missing scopes: api.model.read``. Both are plain attributes.
 
     ``playback_rate`` is how fast the caller hears the model, in characters of its transcript a second
     (about 15 for real speech): ``output_audio_buffer.stopped`` goes out once a spoken response has played,
@@ -2924,7 +2924,7 @@ class Simulator:
     async def _handle_model(self, request: web.Request) -> web.StreamResponse:
         if not self.key_reads_models:
             return _error_response(
-                403,
+                401,
                 "You have insufficient permissions for this operation. Missing scopes: api.model.read. "
                 "Check that you have the correct role in your organization (Reader, Writer, Owner) and "
                 "project (Member, Owner), and if you're using a restricted API key, that it has the "
