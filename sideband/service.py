@@ -258,8 +258,8 @@ class Service:
                 raise SettingsError(f"the proxy for {base} (from {names}) is not valid: {exc.msg}") from None
             except ValueError:  # (urllib's words quote the part it could not read: a password, say)
                 raise SettingsError(
-                    f"the proxy for {base} (from {names}) is not valid: its port is not a number (a password "
-                    "holding / ? # or @ must be percent-encoded)"
+                    f"the proxy for {base} (from {names}) is not valid: it cannot be read (a password "
+                    "holding / ? # @ [ or ] must be percent-encoded, and the port must be a number)"
                 ) from None
             if proxy.scheme not in ("http", "https"):
                 raise SettingsError(
@@ -271,6 +271,9 @@ class Service:
         except StoreUnavailable as exc:
             await self.store.close()
             raise SettingsError(f"cannot use the claim store: {exc}") from None
+        except TypeError as exc:  # an option of the URL's query redis-py does not take (its words name it)
+            await self.store.close()
+            raise SettingsError(f"SIDEBAND_REDIS_URL: an option redis cannot take ({exc})") from None
         # built here, off the answer path, and shared by every sideband
         self._tls = self.app.tls_context() if self._sideband_url.startswith("wss://") else None
         self._http = aiohttp.ClientSession(

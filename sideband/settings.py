@@ -201,17 +201,17 @@ class Settings(BaseSettings):
         if not raw.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         # (no message quotes the URL or a piece of it: it holds the password)
-        parts = urllib.parse.urlsplit(raw)
         try:
+            parts = urllib.parse.urlsplit(raw)
             parts.port  # noqa: B018 - parsed for its ValueError
-        except ValueError:
+        except ValueError:  # (its words quote what it could not read: a bracketed piece of a password)
             cut = True
         else:  # a / ? or # in the password ends the host part early: the rest lands in the path
             cut = "@" in parts.path or "@" in parts.query or "@" in parts.fragment
         if cut:
             raise ValueError(
-                "cannot be read: a user or password holding / ? # or @ must be percent-encoded (%2F %3F %23 "
-                "%40), or the port is not a number"
+                "cannot be read: a user or password holding / ? # @ [ or ] must be percent-encoded (%2F %3F "
+                "%23 %40 %5B %5D), or the port is not a number"
             )
         if raw.startswith(("redis://", "rediss://")):
             if not parts.hostname:

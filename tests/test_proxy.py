@@ -112,7 +112,8 @@ async def test_call_control_and_the_sideband_go_through_the_proxy(monkeypatch: p
         ("SOCKS_PROXY", "socks5h://user:s3cret@127.0.0.1:1080", "is a socks5h proxy"),
         ("HTTP_PROXY", "http://user@127.0.0.1:3128", "is not valid: username provided without password"),
         ("HTTP_PROXY", "http://user:s3cret@127.0.0.1:3128/path", "is not valid: path is meaningless"),
-        ("HTTP_PROXY", "http://user:s3cret", "is not valid: its port is not a number"),
+        ("HTTP_PROXY", "http://user:s3cret", "is not valid: it cannot be read"),
+        ("HTTP_PROXY", "http://user:a[s3cret]b@127.0.0.1:3128", "is not valid: it cannot be read"),
         ("HTTP_PROXY", "http://user:ab/s3cret@127.0.0.1:3128", "is not valid: path is meaningless"),
     ],
 )

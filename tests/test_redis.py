@@ -337,6 +337,11 @@ async def test_serve_uses_redis_and_logs_it_without_the_password(
             "sideband: SIDEBAND_REDIS_URL: Value error, cannot be read",
         ),
         ("redis://:pw#s3cret@127.0.0.1:6379/0", "sideband: SIDEBAND_REDIS_URL: Value error, cannot be read"),
+        ("redis://:pw[s3cret]@127.0.0.1:6379/0", "sideband: SIDEBAND_REDIS_URL: Value error, cannot be read"),
+        (
+            "redis://:pw@127.0.0.1:{port}/0?ssl_cert_reqs=none",
+            "sideband: SIDEBAND_REDIS_URL: an option redis cannot take (",
+        ),
         ("redis://:pw@/0", "sideband: SIDEBAND_REDIS_URL: Value error, must name a host"),
         ("redis://:pw@127.0.0.1/zero", "sideband: SIDEBAND_REDIS_URL: Value error, must end with a database"),
         (
