@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sideband.routing import RouteError
 from sideband.session import Accept, SessionConfigError
 from sideband.settings import SettingsError
-from sideband.upstream.openai import UpstreamError, error_message, wrong_url
+from sideband.upstream.openai import UpstreamError, error_code, error_message, wrong_url
 
 if TYPE_CHECKING:
     from sideband.service import Service
@@ -36,8 +36,9 @@ async def check_openai(service: Service) -> list[str]:
     Returns a line each for what was found. Raises, with one line naming what to fix:
     :class:`~sideband.settings.SettingsError` for the key (401, 403), the base URL (``Invalid URL``, no
     Realtime API there, a redirect, an answer that is not OpenAI's, unreachable) or OpenAI not answering
-    (429, 5xx); :class:`~sideband.routing.RouteError` for a route's session (400) or model (404) OpenAI
-    refuses, :class:`~sideband.session.SessionConfigError` for the app's own.
+    (429, 5xx); :class:`~sideband.routing.RouteError` for a route's session OpenAI refuses (400, or a
+    model the project may not use: ``model_not_found``), :class:`~sideband.session.SessionConfigError`
+    for the app's own.
     """
     sessions = _sessions(service)
     models: dict[str, str] = {}  # each model, with the first config that names it
@@ -127,11 +128,7 @@ def _models(session: dict[str, Any]) -> list[str]:
 def _of_model(exc: UpstreamError) -> bool:
     """Whether a refusal is of a model (``model_not_found``: one the project may not use), not of the
     key or its scopes."""
-    try:
-        code = json.loads(exc.body)["error"]["code"]
-    except (ValueError, TypeError, KeyError):
-        return False
-    return isinstance(code, str) and code == "model_not_found"
+    return error_code(exc.body) == "model_not_found"
 
 
 def _missing_scope(outcome: object) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,19 +127,37 @@ async def check_online(sim: Simulator, app: Sideband | None = None, **settings: 
     return await check(settings_for(sim, **settings), app or make_app(), online=True)
 
 
+async def refusal(
+    error: type[Exception], sim: Simulator, app: Sideband | None = None, **settings: Any
+) -> str:
+    """The one line of the ``error`` that :func:`check_online` raises."""
+    with pytest.raises(error) as raised:
+        await check_online(sim, app, **settings)
+    return str(raised.value)
+
+
+@asynccontextmanager
+async def serving(web_app: web.Application) -> AsyncIterator[str]:
+    """``web_app`` on a loopback port, as an OpenAI base URL."""
+    server = TestServer(web_app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("/v1"))
+    finally:
+        await server.close()
+
+
 async def test_a_key_openai_refuses_is_named(simulator: Simulator) -> None:
-    with pytest.raises(SettingsError) as raised:
-        await check_online(simulator, openai_api_key="sk-not-the-key")
-    assert str(raised.value).startswith(
+    line = await refusal(SettingsError, simulator, openai_api_key="sk-not-the-key")
+    assert line.startswith(
         "OPENAI_API_KEY: OpenAI refused the key (401: Incorrect API key provided: sk-****-key."
     )
 
 
 async def test_a_base_url_without_its_version_is_named(simulator: Simulator) -> None:
     base = simulator.base_url.removesuffix("/v1")
-    with pytest.raises(SettingsError) as raised:
-        await check_online(simulator, openai_base_url=base)
-    assert str(raised.value) == (
+    line = await refusal(SettingsError, simulator, openai_base_url=base)
+    assert line == (
         f"OPENAI_BASE_URL: {base} is not the API's base (404: Invalid URL (POST /realtime/client_secrets)) "
         "(OpenAI's is https://api.openai.com/v1)"
     )
@@ -148,9 +167,8 @@ async def test_a_base_url_nobody_answers_is_named(simulator: Simulator) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         base = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"  # bound, not listening: refused
-        with pytest.raises(SettingsError) as raised:
-            await check_online(simulator, openai_base_url=base)
-    assert str(raised.value).startswith(
+        line = await refusal(SettingsError, simulator, openai_base_url=base)
+    assert line.startswith(
         f"OPENAI_BASE_URL: {base} could not be reached (POST /realtime/client_secrets failed: "
     )
 
@@ -159,18 +177,16 @@ async def test_a_model_the_key_may_not_use_is_named_with_the_config_that_names_i
     simulator: Simulator, tmp_path: Path
 ) -> None:
     simulator.models.discard("gpt-realtime")
-    with pytest.raises(SessionConfigError) as app_own:
-        await check_online(simulator)
-    assert str(app_own.value) == (
+    line = await refusal(SessionConfigError, simulator)
+    assert line == (
         "the app's session config: model gpt-realtime (404: The model `gpt-realtime` does not exist or you "
         "do not have access to it.)"
     )
     simulator.models.add("gpt-realtime")
     routes = tmp_path / "routes.toml"
     routes.write_text('[routes."+18005551212"]\nsession = { model = "gpt-realtime-preview" }\n')
-    with pytest.raises(RouteError) as route:
-        await check_online(simulator, routes_file=routes)
-    assert str(route.value) == (
+    line = await refusal(RouteError, simulator, routes_file=routes)
+    assert line == (
         f"{routes}: routes.+18005551212: model gpt-realtime-preview (404: The model `gpt-realtime-preview` "
         "does not exist or you do not have access to it.)"
     )
@@ -208,12 +224,8 @@ async def stand_in(request: pytest.FixtureRequest) -> AsyncIterator[str]:
 
     web_app = web.Application()
     web_app.router.add_route("*", "/{tail:.*}", answer)
-    server = TestServer(web_app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield str(server.make_url("/v1"))
-    finally:
-        await server.close()
+    async with serving(web_app) as base:
+        yield base
 
 
 @pytest.mark.parametrize(
@@ -243,9 +255,8 @@ async def stand_in(request: pytest.FixtureRequest) -> AsyncIterator[str]:
 async def test_what_stops_every_request_is_one_line(
     simulator: Simulator, stand_in: str, expected: str
 ) -> None:
-    with pytest.raises(SettingsError) as raised:
-        await check_online(simulator, openai_base_url=stand_in)
-    assert expected in str(raised.value), raised.value
+    line = await refusal(SettingsError, simulator, openai_base_url=stand_in)
+    assert expected in line, line
 
 
 def no_access(model: str) -> dict[str, Any]:
@@ -290,12 +301,8 @@ async def project_without_mini() -> AsyncIterator[str]:
     web_app = web.Application()
     web_app.router.add_post("/v1/realtime/client_secrets", mint)
     web_app.router.add_get("/v1/models/{name}", model)
-    server = TestServer(web_app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield str(server.make_url("/v1"))
-    finally:
-        await server.close()
+    async with serving(web_app) as base:
+        yield base
 
 
 async def test_a_model_the_project_may_not_use_is_the_routes_fault_not_the_keys(
@@ -303,17 +310,15 @@ async def test_a_model_the_project_may_not_use_is_the_routes_fault_not_the_keys(
 ) -> None:
     routes = tmp_path / "routes.toml"
     routes.write_text('[routes."+18005551212"]\nsession = { model = "gpt-realtime-mini" }\n')
-    with pytest.raises(RouteError) as raised:
-        await check_online(simulator, openai_base_url=project_without_mini, routes_file=routes)
-    assert str(raised.value) == (
+    line = await refusal(RouteError, simulator, openai_base_url=project_without_mini, routes_file=routes)
+    assert line == (
         f"{routes}: routes.+18005551212: OpenAI refused its session (403: Project `proj_x` does not have "
         "access to model `gpt-realtime-mini`)"
     )
     # a model that does not exist, refused by the mint (404): that route's too, not the base URL's
     routes.write_text('[routes."+18005551212"]\nsession = { model = "gpt-realtime-typo" }\n')
-    with pytest.raises(RouteError) as raised:
-        await check_online(simulator, openai_base_url=project_without_mini, routes_file=routes)
-    assert str(raised.value) == (
+    line = await refusal(RouteError, simulator, openai_base_url=project_without_mini, routes_file=routes)
+    assert line == (
         f"{routes}: routes.+18005551212: OpenAI refused its session (404: The model `gpt-realtime-typo` "
         "does not exist or you do not have access to it.)"
     )
@@ -324,9 +329,8 @@ async def test_a_model_lookup_refused_for_the_model_is_no_missing_scope(
 ) -> None:
     # (a transcription model the stand-in's mints do not look at: only its lookup refuses it)
     app = make_app(session=SessionConfig(transcription_model="gpt-realtime-mini"))
-    with pytest.raises(SessionConfigError) as raised:
-        await check_online(simulator, app, openai_base_url=project_without_mini)
-    assert str(raised.value) == (
+    line = await refusal(SessionConfigError, simulator, app, openai_base_url=project_without_mini)
+    assert line == (
         "the app's session config: model gpt-realtime-mini (403: Project `proj_x` does not have access to "
         "model `gpt-realtime-mini`)"
     )

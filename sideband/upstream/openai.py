@@ -61,14 +61,25 @@ def key_hint(status: int) -> str:
     return ""
 
 
+def _error_field(body: str, name: str) -> str | None:
+    """``error.<name>`` of an OpenAI error body (``{"error": {"message", "code", …}}``) if it is a string."""
+    try:
+        value = json.loads(body)["error"][name]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def error_code(body: str) -> str | None:
+    """The ``error.code`` of an OpenAI error body (``model_not_found``…), else ``None``."""
+    return _error_field(body, "code")
+
+
 def error_message(body: str) -> str | None:
     """The ``error.message`` of an OpenAI error body (``{"error": {"message": …}}``) on one line, at most
     300 characters; ``None`` for any other body (a proxy's page, an empty one)."""
-    try:
-        message = json.loads(body)["error"]["message"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    if not isinstance(message, str) or not message.strip():
+    message = _error_field(body, "message")
+    if message is None or not message.strip():
         return None
     message = " ".join(message.split())
     return message if len(message) <= 300 else message[:299] + "…"
