@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 from sideband.routing import RouteError
 from sideband.session import Accept, SessionConfigError
 from sideband.settings import SettingsError
-from sideband.upstream.openai import UpstreamError, error_code, error_message, wrong_url
+from sideband.upstream.openai import (
+    QUOTA_SPENT,
+    REGION_REFUSED,
+    UpstreamError,
+    error_code,
+    error_message,
+    wrong_url,
+)
 
 if TYPE_CHECKING:
     from sideband.service import Service
@@ -34,11 +41,12 @@ async def check_openai(service: Service) -> list[str]:
     builds at ring time are not known here.
 
     Returns a line each for what was found. Raises, with one line naming what to fix:
-    :class:`~sideband.settings.SettingsError` for the key (401, 403), the base URL (``Invalid URL``, no
-    Realtime API there, a redirect, an answer that is not OpenAI's, unreachable) or OpenAI not answering
-    (429, 5xx); :class:`~sideband.routing.RouteError` for a route's session OpenAI refuses (400, or a
-    model the project may not use: ``model_not_found``), :class:`~sideband.session.SessionConfigError`
-    for the app's own.
+    :class:`~sideband.settings.SettingsError` for the key (401, 403, a project with no credit left), the
+    base URL (``Invalid URL``, no Realtime API there, a redirect, an answer that is not OpenAI's,
+    unreachable), a region OpenAI does not serve, or OpenAI not answering (429, 5xx);
+    :class:`~sideband.routing.RouteError` for a route's session OpenAI refuses (400, or a model the
+    project may not use: ``model_not_found``), :class:`~sideband.session.SessionConfigError` for the
+    app's own.
     """
     sessions = _sessions(service)
     models: dict[str, str] = {}  # each model, with the first config that names it
@@ -156,6 +164,16 @@ def _common(exc: UpstreamError, base: str) -> None:
         raise SettingsError(f"OPENAI_API_KEY: the key lacks a permission sideband needs{_said(exc)}")
     if status == 401:
         raise SettingsError(f"OPENAI_API_KEY: OpenAI refused the key{_said(exc)}")
+    code = error_code(exc.body)
+    if status == 429 and code == QUOTA_SPENT:
+        raise SettingsError(
+            f"OPENAI_API_KEY: the key's project has no credit left{_said(exc)}: check its plan and billing"
+        )
+    if status == 403 and code == REGION_REFUSED:
+        raise SettingsError(
+            f"OpenAI at {base} does not serve the country or region this server's requests come from"
+            f"{_said(exc)}: check the host's network or proxy"
+        )
     if wrong_url(status, exc.body):
         raise SettingsError(
             f"OPENAI_BASE_URL: {base} is not the API's base{_said(exc)} (OpenAI's is {OPENAI})"

@@ -176,3 +176,50 @@ async def test_a_server_pointed_at_the_wrong_base_url_says_so_on_every_call(simu
     assert "call.gone" not in [e["event"] for e in events]
     (failed,) = [e for e in events if e["event"] == "call.accept_failed"]
     assert failed["status"] == 404 and "check OPENAI_BASE_URL" in failed["error"]
+
+
+@pytest.mark.parametrize(
+    ("account", "status", "hint"),
+    [
+        (
+            "no_credit",
+            429,
+            "the OpenAI project of OPENAI_API_KEY has no credit left (check its plan and billing)",
+        ),
+        (
+            "region_refused",
+            403,
+            "OpenAI does not serve the country or region this server's requests come from (check the host's "
+            "network or proxy)",
+        ),
+    ],
+)
+async def test_an_account_refused_is_one_attempt_and_says_why(
+    stack: Stack, account: Any, status: int, hint: str
+) -> None:
+    """OpenAI answers every request of a project whose credit is spent 429 ``insufficient_quota``, and of
+    a place it does not serve 403 ``unsupported_country_region_territory``: no retry mends either, so the
+    accept is tried once (then a reject, refused alike), the webhook is not asked again, and the error
+    line says what to check."""
+    call = stack.sim.create_call(Script([]))
+    stack.sim.account = account
+    with capture_logs() as logs:
+        result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert _status(result) == (200, "failed")
+    verbs = [
+        r.path.rsplit("/", 1)[-1] for r in stack.sim.requests if r.path.startswith("/v1/realtime/calls/")
+    ]
+    assert verbs == ["accept", "reject"]
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert [e["event"] for e in errors] == ["call.accept_failed", "call.answer_failed"]
+    assert errors[0]["status"] == status
+    assert errors[0]["error"] == f"POST /realtime/calls/{call.call_id}/accept answered {status}: {hint}"
+
+
+def test_a_rate_limit_is_tried_again_a_spent_quota_is_not() -> None:
+    def answer(code: str) -> str:
+        return json.dumps({"error": {"message": "…", "type": code, "param": None, "code": code}})
+
+    assert UpstreamError("limited", 429, answer("rate_limit_exceeded")).retryable
+    assert UpstreamError("limited", 429, "<html>Too Many Requests</html>").retryable
+    assert not UpstreamError("spent", 429, answer("insufficient_quota")).retryable

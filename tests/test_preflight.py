@@ -154,6 +154,25 @@ async def test_a_key_openai_refuses_is_named(simulator: Simulator) -> None:
     )
 
 
+async def test_a_project_with_no_credit_left_is_named_not_retried(simulator: Simulator) -> None:
+    simulator.account = "no_credit"
+    line = await refusal(SettingsError, simulator)
+    assert line == (
+        "OPENAI_API_KEY: the key's project has no credit left (429: You exceeded your current quota, please "
+        "check your plan and billing details. For more information on this error, read the docs: "
+        "https://platform.openai.com/docs/guides/error-codes/api-errors.): check its plan and billing"
+    )
+
+
+async def test_a_region_openai_does_not_serve_is_named_not_blamed_on_the_key(simulator: Simulator) -> None:
+    simulator.account = "region_refused"
+    line = await refusal(SettingsError, simulator)
+    assert line == (
+        f"OpenAI at {simulator.base_url} does not serve the country or region this server's requests come "
+        "from (403: Country, region, or territory not supported): check the host's network or proxy"
+    )
+
+
 async def test_a_base_url_without_its_version_is_named(simulator: Simulator) -> None:
     base = simulator.base_url.removesuffix("/v1")
     line = await refusal(SettingsError, simulator, openai_base_url=base)

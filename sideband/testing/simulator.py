@@ -2356,6 +2356,11 @@ class Simulator:
     ``key_reads_models = False`` makes it a restricted key without the models scope: that lookup then
     answers 401 ``Missing scopes: api.model.read``. Both are plain attributes.
 
+    ``account`` (a plain attribute) is the standing of the key's project: ``"ok"``; ``"no_credit"``, every
+    request with the key (call control, the sideband handshake) answered 429 ``insufficient_quota``, as
+    for a project whose credit is spent; ``"region_refused"``, answered 403
+    ``unsupported_country_region_territory``, as for requests from where OpenAI does not serve.
+
     ``playback_rate`` is how fast the caller hears the model, in characters of its transcript a second
     (about 15 for real speech): ``output_audio_buffer.stopped`` goes out once a spoken response has played,
     after its ``response.done``, as on the real service, so a controller that hangs up on ``response.done``
@@ -2421,6 +2426,7 @@ class Simulator:
         """How long a call's session lasts (its ``expires_at``): then ``session_expired``, close 1001."""
         self.models: set[str] = {*_MODELS, model}
         self.key_reads_models = True
+        self.account: Literal["ok", "no_credit", "region_refused"] = "ok"
         self.requests: list[RequestRecord] = []
         self.calls: dict[str, SimCall] = {}
         self.next_webrtc_script: Script = Script()
@@ -2784,6 +2790,22 @@ class Simulator:
                 "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
             )
         if secrets.compare_digest(token, self.api_key):
+            if self.account == "no_credit":
+                return _error_response(
+                    429,
+                    "You exceeded your current quota, please check your plan and billing details. For more "
+                    "information on this error, read the docs: "
+                    "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+                    type_="insufficient_quota",
+                    code="insufficient_quota",
+                )
+            if self.account == "region_refused":
+                return _error_response(
+                    403,
+                    "Country, region, or territory not supported",
+                    type_="request_forbidden",
+                    code="unsupported_country_region_territory",
+                )
             return None
         key = self._ephemeral.get(token)
         if key is not None and key.expires_at > time.time():

@@ -50,15 +50,30 @@ def why(exc: BaseException) -> str:
     return why if len(why) <= 300 else why[:299] + "…"
 
 
-def key_hint(status: int) -> str:
-    """For a refused key (401, 403), what the operator should check, to follow an error's status."""
+QUOTA_SPENT = "insufficient_quota"
+"""The code of OpenAI's 429 to every request of a project with no credit left (not a rate limit)."""
+REGION_REFUSED = "unsupported_country_region_territory"
+"""The code of OpenAI's 403 to requests from a country or region it does not serve."""
+
+
+def hint(status: int, body: str) -> str:
+    """For a refusal no retry mends, what the operator should check, to follow an error's status: the
+    key (401, 403), the project's credit (429 ``insufficient_quota``), where requests come from (403
+    ``unsupported_country_region_territory``), the base URL (404 ``Invalid URL``). Else ``""``."""
+    if status == 403 and error_code(body) == REGION_REFUSED:
+        return (
+            ": OpenAI does not serve the country or region this server's requests come from (check the "
+            "host's network or proxy)"
+        )
+    if status == 429 and error_code(body) == QUOTA_SPENT:
+        return ": the OpenAI project of OPENAI_API_KEY has no credit left (check its plan and billing)"
     if status == 401:
         return ": OpenAI refused the API key (check OPENAI_API_KEY)"
     if status == 403:
         return (
             ": the API key may not do this (check OPENAI_API_KEY: a key of another project or organization?)"
         )
-    return ""
+    return wrong_url(status, body)
 
 
 def _error_field(body: str, name: str) -> str | None:
@@ -110,8 +125,11 @@ class UpstreamError(Exception):
 
     @property
     def retryable(self) -> bool:
-        """Worth another attempt: no answer, 408, 409, 429 or 5xx."""
-        return self.status is None or self.status in (408, 409, 429) or self.status >= 500
+        """Worth another attempt: no answer, 408, 409, 429 (but a project with no credit left) or 5xx."""
+        status = self.status
+        if status == 429:
+            return error_code(self.body) != QUOTA_SPENT
+        return status is None or status in (408, 409) or status >= 500
 
     @property
     def maybe_carried_out(self) -> bool:
@@ -206,7 +224,7 @@ class CallControl:
                     raise CallGone(f"call {call_id} not found", resp.status, text)
                 if resp.status >= 300:
                     raise UpstreamError(
-                        f"{method} {path} answered {resp.status}{key_hint(resp.status) or misdirected}",
+                        f"{method} {path} answered {resp.status}{hint(resp.status, text)}",
                         resp.status,
                         text,
                         retry_after=retry_after(resp.headers.get("Retry-After")),
@@ -267,7 +285,7 @@ class CallControl:
             ):
                 text = (await resp.read()).decode("utf-8", "replace")
                 if resp.status != 201:
-                    message = f"POST /realtime/calls answered {resp.status}{key_hint(resp.status)}"
+                    message = f"POST /realtime/calls answered {resp.status}{hint(resp.status, text)}"
                     raise UpstreamError(message, resp.status, text)
                 location = resp.headers.get("Location", "")
         except TimeoutError:
@@ -406,7 +424,7 @@ async def connect_sideband(
         if status in (404, 410) and not misdirected:
             raise CallGone(f"sideband refused: call {call_id} not found", status, body) from None
         wait = retry_after(exc.response.headers.get("Retry-After"))
-        message = f"sideband refused with {status}{key_hint(status) or misdirected}"
+        message = f"sideband refused with {status}{hint(status, body)}"
         raise SidebandRefused(message, status, body, retry_after=wait) from None
     except (OSError, TimeoutError) as exc:
         raise UpstreamError(f"sideband connect failed: {why(exc)}") from None
