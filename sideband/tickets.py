@@ -6,12 +6,18 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["Ticket", "TicketError", "TicketSigner"]
+
+LONGEST_LIFE = 86_400.0
+"""A ticket valid longer than this from now is refused as malformed: no instance signs one (their life
+is at most ``SIDEBAND_RTC_KEY_TTL``'s 7,200 s and a grace), and its single use must be remembered that
+long."""
 
 
 class TicketError(Exception):
@@ -65,7 +71,10 @@ class TicketSigner:
             ticket = Ticket(str(data["n"]), float(data["e"]))
         except (ValueError, KeyError, TypeError):
             raise TicketError("malformed ticket") from None
-        if ticket.expires_at < self._clock():
+        now = self._clock()
+        if not math.isfinite(ticket.expires_at) or ticket.expires_at - now > LONGEST_LIFE:
+            raise TicketError("malformed ticket")
+        if ticket.expires_at < now:
             raise TicketError("ticket expired")
         return ticket
 

@@ -181,3 +181,14 @@ def test_non_ascii_garbage(text: str) -> None:
     signer, _ = make()
     with pytest.raises(TicketError):
         signer.verify(text)
+
+
+@pytest.mark.parametrize("life", ["Infinity", "NaN", "1e308", str(86_400 + 1)])
+def test_a_well_signed_ticket_valid_too_long_is_refused(life: str) -> None:
+    """Its single use could not be remembered as long as it lives (a store TTL of that size overflows)."""
+    signer, clock = make()
+    expires = life if life.isalpha() else repr(clock.now + float(life))
+    with pytest.raises(TicketError, match="malformed"):
+        signer.verify(forge(b64(('{"n": "nonce-1", "e": ' + expires + "}").encode())))
+    day = b64(json.dumps({"n": "nonce-1", "e": clock.now + 86_400}).encode())
+    assert signer.verify(forge(day)).expires_at == clock.now + 86_400
