@@ -41,7 +41,7 @@ import re
 import time
 import types
 import typing
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, ValuesView
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, TypeVar, overload
 
@@ -188,7 +188,7 @@ class Tool:
         )
         _refuse_generators(fn, name)
 
-        doc_description, arg_docs = _parse_docstring(inspect.getdoc(_unwrap_partial(fn)))
+        doc_description, arg_docs = _docs(fn)
         model, fields, context_param = _build_arguments_model(fn, name, arg_docs)
         try:
             raw_schema = model.model_json_schema()
@@ -623,7 +623,8 @@ def _encode(value: Any) -> str:
         return value
     if value is None:
         return _OK_OUTPUT
-    if isinstance(value, Iterator):  # map(...), a generator: the tool's own code runs (and may raise) here
+    if isinstance(value, Iterator | KeysView | ValuesView | ItemsView | range):
+        # map(...), a generator (the tool's own code runs, and may raise, here), d.values(), range(…)
         value = list(value)
     try:
         return to_json(value, inf_nan_mode="null").decode()
@@ -690,7 +691,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 
 
 def _invalid(call_id: str, tool: Tool, exc: ValidationError, start: float) -> ToolResult:
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    errors = exc.errors(include_url=False, include_input=False)
     if errors and errors[0]["type"] == "json_invalid":
         message = "The arguments are not valid JSON; send a JSON object and call the tool again."
     else:
@@ -698,7 +699,11 @@ def _invalid(call_id: str, tool: Tool, exc: ValidationError, start: float) -> To
     details = []
     for err in errors[:_MAX_DETAILS]:
         loc = _loc(err["loc"])
-        details.append({"loc": loc, "msg": err["msg"]} if loc else {"msg": err["msg"]})
+        raised = err.get("ctx", {}).get("error")
+        # A validator's own ValueError or assertion: its text is the app's (it may hold secrets), shown
+        # only from a ToolError, as for an exception the tool raises.
+        msg = err["msg"] if not isinstance(raised, BaseException) or _message(raised) else "invalid value"
+        details.append({"loc": loc, "msg": msg} if loc else {"msg": msg})
     summary = "; ".join(f"{d['loc']}: {d['msg']}" if "loc" in d else d["msg"] for d in details[:3])
     if len(errors) > 3:
         summary += f"; and {len(errors) - 3} more"
@@ -732,6 +737,28 @@ def _unwrap_partial(fn: Any) -> Any:
     return fn
 
 
+def _introspected(fn: Any) -> Any:
+    """What ``fn``'s signature is read from, and so its annotations and docstring: past its
+    :func:`functools.partial` layers and the decorators that name what they wrap (``__wrapped__``, set by
+    :func:`functools.wraps`), as :func:`inspect.signature` reads it; a callable object's ``__call__``."""
+    target = inspect.unwrap(_unwrap_partial(fn))
+    if not inspect.isroutine(target) and callable(target):
+        return target.__call__
+    return target
+
+
+def _docs(fn: Any) -> tuple[str, dict[str, str]]:
+    """The tool's description and its parameters' from the docstrings: a callable object's class may
+    describe it, and its ``__call__`` the parameters."""
+    target = inspect.unwrap(_unwrap_partial(fn))
+    description, args = _parse_docstring(inspect.getdoc(target))
+    call = _introspected(fn)
+    if call is not target and not args:
+        call_description, args = _parse_docstring(inspect.getdoc(call))
+        description = description or call_description
+    return description, args
+
+
 def _bound_keywords(fn: Any) -> frozenset[str]:
     """Names bound by keyword in ``fn``'s :func:`functools.partial` layers (the app's values)."""
     names: set[str] = set()
@@ -742,9 +769,7 @@ def _bound_keywords(fn: Any) -> frozenset[str]:
 
 
 def _refuse_generators(fn: Any, name: str) -> None:
-    target = _unwrap_partial(fn)
-    if not inspect.isroutine(target) and callable(target):
-        target = getattr(target, "__call__", target)  # noqa: B004
+    target = _introspected(fn)
     if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
         raise TypeError(
             f"tool {name!r}: a generator function cannot be a tool; return the result (a list, say)"
@@ -778,11 +803,17 @@ def _has_description(annotation: Any) -> bool:
 
 
 def _type_hints(fn: Callable[..., Any], name: str) -> dict[str, Any]:
-    target = _unwrap_partial(fn)
-    if not inspect.isroutine(target) and callable(target):
-        target = target.__call__
+    """The parameters' annotations, resolved (the return annotation, which sideband never reads, is
+    left alone: it may name a type imported for type checkers only)."""
+    target = _introspected(fn)
+    annotations = getattr(target, "__annotations__", None) or {}
+    parameters = types.SimpleNamespace(
+        __annotations__={k: v for k, v in annotations.items() if k != "return"}
+    )
     try:
-        return typing.get_type_hints(target, include_extras=True)
+        return typing.get_type_hints(
+            parameters, globalns=getattr(target, "__globals__", None) or {}, include_extras=True
+        )
     except Exception as exc:
         raise TypeError(
             f"tool {name!r}: cannot resolve its type annotations ({type(exc).__name__}: {exc}); "
@@ -969,9 +1000,20 @@ def _inline(node: Any, defs: dict[str, Any], stack: tuple[str, ...]) -> Any:
         target = dict(_inline(defs[key], defs, (*stack, key)))
         for k, v in node.items():
             if k != "$ref":
-                target[k] = v if k in _DATA_KEYS else _inline(v, defs, stack)
+                target[k] = _inline_member(k, v, defs, stack)
         return target
-    return {k: v if k in _DATA_KEYS else _inline(v, defs, stack) for k, v in node.items()}
+    return {k: _inline_member(k, v, defs, stack) for k, v in node.items()}
+
+
+def _inline_member(key: str, value: Any, defs: dict[str, Any], stack: tuple[str, ...]) -> Any:
+    """A schema keyword's value, its refs inlined: data (``default``, ``enum``…) is left as it is, and a
+    map of names to schemas (``properties``…) has every schema inlined, whatever its name (a parameter
+    may be called ``default``)."""
+    if key in _DATA_KEYS:
+        return value
+    if key in _NAMED_SCHEMAS_KEYS and isinstance(value, dict):
+        return {name: _inline(schema, defs, stack) for name, schema in value.items()}
+    return _inline(value, defs, stack)
 
 
 def _strip(node: Any, *, names: bool) -> Any:

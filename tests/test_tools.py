@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
+import inspect
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -1355,3 +1356,146 @@ async def test_a_tool_turning_its_own_timeout_into_an_error_still_times_out() ->
 
     result = await registry.execute("c1", "slow", "{}", make_ctx())
     assert result.outcome == "timeout", result
+
+
+# -- what a tool is read from ---------------------------------------------------------------------------
+
+
+class traced:
+    """Not the tool's description."""
+
+    def __init__(self, fn: Any) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+async def test_a_decorator_class_keeps_the_wrapped_functions_types_and_context() -> None:
+    reg = ToolRegistry()
+
+    @reg.tool
+    @traced
+    def refund(order_id: int, amount_cents: Annotated[int, Field(ge=0)], ctx: CallContext) -> str:
+        """Refund an order."""
+        return f"{order_id!r} {amount_cents!r} {type(ctx).__name__}"
+
+    tool = reg.get("refund")
+    assert tool is not None and tool.context_param == "ctx" and tool.description == "Refund an order."
+    assert tool.parameters["properties"] == {
+        "order_id": {"type": "integer"},
+        "amount_cents": {"type": "integer", "minimum": 0},
+    }
+    ok = await reg.execute("c", "refund", '{"order_id": 7, "amount_cents": 5}', make_ctx())
+    assert ok.output == "7 5 CallContext"
+    bad = await reg.execute(
+        "c", "refund", '{"order_id": "12abc", "amount_cents": -5, "ctx": "x"}', make_ctx()
+    )
+    assert bad.outcome == "invalid_arguments"
+    assert [d["loc"] for d in loads(bad)["details"]] == ["order_id", "amount_cents", "ctx"]
+
+
+def test_a_callable_objects_call_docstring_describes_it_and_its_parameters() -> None:
+    class OrderLookup:
+        def __call__(self, order_id: int) -> dict[str, Any]:
+            """Look up an order by id.
+
+            Args:
+                order_id: The number printed on the receipt.
+            """
+            return {}
+
+    tool = Tool.from_function(OrderLookup(), name="lookup_order")
+    assert tool.description == "Look up an order by id."
+    assert tool.parameters["properties"]["order_id"]["description"] == "The number printed on the receipt."
+
+
+def test_a_return_annotation_is_not_resolved() -> None:
+    """It may name a type imported for type checkers only; sideband never reads it."""
+
+    def quote(sku: str) -> "NoSuchType":  # type: ignore[name-defined]  # noqa: F821
+        """Price an item."""
+
+    assert Tool.from_function(quote).parameters["properties"] == {"sku": {"type": "string"}}
+
+
+@pytest.mark.parametrize("name", ["default", "enum", "const", "examples", "example", "properties"])
+def test_a_parameter_named_like_a_schema_keyword_has_its_model_inlined(name: str) -> None:
+    def set_address(**kwargs: Any) -> str:
+        return ""
+
+    set_address.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Address)]
+    )
+    set_address.__annotations__ = {name: Address}
+    schema = Tool.from_function(set_address).parameters
+    assert "$defs" not in schema and "$ref" not in json.dumps(schema)
+    assert schema["properties"][name]["properties"]["street"] == {"type": "string"}
+
+
+# -- what the model is told ---------------------------------------------------------------------------------
+
+
+async def test_a_validators_own_error_text_is_not_shown_a_tool_errors_is() -> None:
+    from pydantic import AfterValidator
+
+    class UnknownCustomer(ToolError, ValueError):
+        pass
+
+    def known(value: str) -> str:
+        if value == "bob":
+            raise ValueError("lookup failed on postgres://admin:hunter2@db.internal/crm")
+        if value == "eve":
+            raise UnknownCustomer("No customer of that name; ask for their account number.")
+        assert value != "mallory", "secret assertion text"
+        return value
+
+    reg = ToolRegistry()
+
+    @reg.tool
+    def greet(customer: Annotated[str, AfterValidator(known)]) -> str:
+        return customer
+
+    for name, shown in [
+        ("bob", "invalid value"),
+        ("mallory", "invalid value"),
+        ("eve", "Value error, No customer of that name; ask for their account number."),
+    ]:
+        res = await reg.execute("c", "greet", json.dumps({"customer": name}), make_ctx())
+        assert res.outcome == "invalid_arguments"
+        assert loads(res)["details"] == [{"loc": "customer", "msg": shown}]
+        assert "hunter2" not in res.output + str(res.error) and "secret" not in res.output + str(res.error)
+    res = await reg.execute("c", "greet", '{"customer": [5]}', make_ctx())
+    assert loads(res)["details"] == [{"loc": "customer", "msg": "Input should be a valid string"}]
+
+
+async def test_views_and_ranges_returned_are_lists() -> None:
+    orders = {"1": "shipped", "2": "open"}
+    reg = ToolRegistry()
+
+    @reg.tool
+    def values() -> Any:
+        return orders.values()
+
+    @reg.tool
+    def keys() -> Any:
+        return orders.keys()
+
+    @reg.tool
+    def items() -> Any:
+        return orders.items()
+
+    @reg.tool
+    async def numbers() -> Any:
+        return range(3)
+
+    async def out(name: str) -> Any:
+        res = await reg.execute("c", name, "", make_ctx())
+        assert res.outcome == "ok", res
+        return json.loads(res.output)
+
+    assert await out("values") == ["shipped", "open"]
+    assert await out("keys") == ["1", "2"]
+    assert await out("items") == [["1", "shipped"], ["2", "open"]]
+    assert await out("numbers") == [0, 1, 2]
