@@ -14,7 +14,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import ReadOnlyError, RedisError
 
 __all__ = ["ClaimStore", "MemoryStore", "RedisStore", "StoreUnavailable"]
 
@@ -56,7 +56,7 @@ class ClaimStore(Protocol):
         ...
 
     async def open(self) -> None:
-        """Check the store can be used (at start); raise :class:`StoreUnavailable` if not."""
+        """Check the store can be used at start (it takes a write); raise :class:`StoreUnavailable` if not."""
         ...
 
     async def close(self) -> None:
@@ -124,8 +124,9 @@ class RedisStore:
     by default) so the server can be shared. Every command is bounded by ``timeout`` seconds, and at most
     ``max_connections`` are open (a request waits up to ``timeout`` for one): a Redis that is down, slow or
     saturated makes the request that needs it fail with :class:`StoreUnavailable`, quickly, instead of
-    hanging it. A command that meets a connection the server closed (it restarted) is tried once more on
-    a new one. ``url`` is a ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL, credentials included;
+    hanging it. A command that meets a connection the server closed (it restarted), or a server that is
+    now a read-only replica (a failover behind the same address moved the primary), is tried once more on
+    a new connection. ``url`` is a ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL, credentials included;
     raises ``ValueError`` if it cannot be parsed.
     """
 
@@ -145,7 +146,7 @@ class RedisStore:
             socket_timeout=None,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError],
+            retry_on_error=[RedisConnectionError, ReadOnlyError],
         )
         self._redis: Redis = Redis(connection_pool=self._pool)
 
@@ -162,7 +163,8 @@ class RedisStore:
         await self._call(self._redis.delete(self._prefix + key))
 
     async def open(self) -> None:
-        await self._call(self._redis.ping())
+        # A write, not a ping: a read-only replica (a reader endpoint named by mistake) answers pings.
+        await self._call(self._redis.set(self._prefix + "probe", b"1", px=1000))
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -118,6 +119,48 @@ async def test_a_restarted_redis_costs_no_request(store: RedisStore, redis_serve
     redis_server.stop()
     redis_server.start()
     assert await asyncio.gather(*(store.claim(f"webhook:after{n}", 30) for n in range(8))) == [True] * 8
+
+
+async def test_a_failover_behind_the_same_address_costs_no_request(
+    store: RedisStore, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A primary demoted to a read-only replica while the address moves to the new one (a managed
+    Redis's endpoint, a DNS name): pooled connections to the old primary are replaced, not failed on
+    for good; and a store that is a replica is refused at start (a reader endpoint named by mistake)."""
+    promoted = RedisServer(redis_server.binary, tmp_path)
+    promoted.start()
+    target = {"port": redis_server.port}
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target["port"])
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    forwarder = await asyncio.start_server(forward, "127.0.0.1", 0)
+    port = forwarder.sockets[0].getsockname()[1]
+    behind = RedisStore(f"redis://:{PASSWORD}@127.0.0.1:{port}/0")
+    demoted = redis.Redis.from_url(redis_server.url)
+    try:
+        await behind.open()
+        assert await asyncio.gather(*(behind.claim(f"webhook:before{n}", 30) for n in range(4))) == [True] * 4
+        target["port"] = promoted.port  # new connections reach the new primary
+        demoted.config_set("masterauth", PASSWORD)
+        demoted.replicaof("127.0.0.1", promoted.port)
+        with pytest.raises(StoreUnavailable, match="read only replica"):
+            await store.open()  # the old primary, named directly: a replica now
+        assert await asyncio.gather(*(behind.claim(f"webhook:after{n}", 30) for n in range(4))) == [True] * 4
+    finally:
+        demoted.replicaof("NO", "ONE")
+        demoted.close()
+        await behind.close()
+        forwarder.close()
+        promoted.stop()
 
 
 async def test_a_url_asking_for_decoded_replies_still_reads_settled_claims(redis_server: RedisServer) -> None:
