@@ -75,6 +75,11 @@ NONCE_MARGIN = 3600.0
 """Seconds a spent ticket is remembered beyond the longest life a ticket has: a wall-clock step back, or
 instances' clocks apart, by less than this cannot make it valid and unspent again."""
 
+SETTLE_RETRY = 0.5
+SETTLE_RETRY_MAX = 10.0
+"""Seconds before the first retry of a settle the store failed, and the longest wait between retries
+(the wait doubles)."""
+
 
 class _SipHeaderModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -194,6 +199,7 @@ class Service:
         self.draining = False
         self._drain_deadline: float | None = None
         self._ending: asyncio.Future[None] | None = None  # the end of the drain window: calls hung up
+        self._settling: set[asyncio.Task[None]] = set()  # claims whose settle the store failed, retried
         self.requests = 0
         """Requests being handled (kept by the edge): a shutdown lets them finish before it stops."""
         self._no_requests = asyncio.Event()
@@ -378,6 +384,9 @@ class Service:
         if self._ending is not None:
             await self._ending
         await self.registry.drain(max(0.0, self._drain_deadline - time.monotonic()))  # (started since)
+        for task in self._settling:
+            task.cancel()
+        await asyncio.gather(*self._settling, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
         await self.store.close()
@@ -410,6 +419,10 @@ class Service:
         fields: dict[str, Any] = {"webhook_id": webhook_id, "type": event.type}
         if data is not None:
             fields["call_id"] = data.call_id
+            if data.call_id in self.registry:  # live here (its claims may have gone unsettled)
+                self.counters["webhook_duplicate"] += 1
+                self.log.info("webhook.duplicate", **fields)
+                return Reply(200, {"status": "duplicate"})
         if not await store.claim(wkey, self._pending_ttl):
             return await self._duplicate(wkey, fields)
         if data is None:
@@ -433,19 +446,44 @@ class Service:
             reply = await self._incoming(webhook_id, data, event, received)
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
+            done = reply is not None and reply.status < 500
             try:
-                if reply is not None and reply.status < 500:
+                if done:
                     await store.settle(ckey, ttl)
                     await store.settle(wkey, ttl)
                 else:  # failed (or crashed): let a redelivery try again
                     await store.release(ckey)
                     await store.release(wkey)
             except StoreUnavailable as exc:
-                # The work is done (or failed) either way; the pending claims expire on their own.
                 self.log.warning(
                     "store.unavailable", error=str(exc), call_id=data.call_id, webhook_id=webhook_id
                 )
+                # A failure's pending claims expire on their own. The work done must not be done again
+                # once they have: a later delivery would answer the call twice.
+                if done:
+                    self._settle_later(ckey, wkey, call_id=data.call_id)
         return reply
+
+    def _settle_later(self, *keys: str, call_id: str) -> None:
+        """Settle ``keys``, which the store failed to settle, once it answers again (until it does or
+        the service closes): their pending claims would run out, and the work they guard be done again."""
+        task = asyncio.ensure_future(self._settle_until_done(keys, call_id))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_until_done(self, keys: tuple[str, ...], call_id: str) -> None:
+        delay, tries = SETTLE_RETRY, 0
+        while True:
+            await asyncio.sleep(delay)
+            tries += 1
+            try:
+                for key in keys:
+                    await self.store.settle(key, self.settings.dedup_ttl)
+            except StoreUnavailable:
+                delay = min(delay * 2, SETTLE_RETRY_MAX)
+                continue
+            self.log.info("store.settled", call_id=call_id, tries=tries)
+            return
 
     async def _duplicate(self, key: str, fields: dict[str, Any]) -> Reply:
         if await self.store.settled(key):
@@ -791,6 +829,7 @@ class Service:
                     await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)  # a new call: ours
                 except StoreUnavailable as exc:  # the call exists now: serve it all the same
                     self.log.warning("store.unavailable", error=str(exc))
+                    self._settle_later(f"call:{call_id}", call_id=call_id)
                 self.log.info("call.webrtc_created")
                 self.launch(CallContext(call_id, "webrtc"), plan)
         finally:
@@ -854,6 +893,7 @@ class Service:
                 await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)
             except StoreUnavailable as exc:  # call and ticket are ours: serve the call all the same
                 self.log.warning("store.unavailable", error=str(exc))
+                self._settle_later(f"call:{call_id}", call_id=call_id)
             runtime = self.launch(CallContext(call_id, "webrtc"), self.browser_plan())
             self.log.info("rtc.handoff")
             attached = asyncio.ensure_future(runtime.attached.wait())

@@ -21,6 +21,7 @@ from sideband.testing import Script, Simulator, pause, run_app
 
 from .conftest import TEST_SETTINGS, capture_logs, make_app
 from .test_cli import clean_env, free_port, read_until, run_cli, serve_env, start_serve
+from .test_edge import StoreFailingOnce
 
 PASSWORD = "s3cret-redis-pass"
 
@@ -269,6 +270,42 @@ async def test_two_instances_sharing_redis_accept_a_call_once(
         assert again.status == 200 and json.loads(again.bodies[-1] or b"{}")["status"] == "duplicate"
         assert accepts(simulator, call.call_id) == 1 and call.sideband_connects == 1
         assert len(a.service.registry) + len(b.service.registry) == 1
+        await simulator.hang_up(call)
+
+
+async def test_claims_a_settle_failed_to_keep_are_settled_once_the_store_answers(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer
+) -> None:
+    """A answers a call, and the store fails as A settles its claims: left pending, they would run out,
+    and a later delivery (OpenAI's rare duplicate after a 2xx) answer the call a second time on B. A
+    settles them once the store answers again; and a delivery landing on A itself meanwhile finds the
+    call live there."""
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url}
+    async with (
+        run_app(make_app(), simulator, **settings) as a,
+        run_app(make_app(), simulator, **settings) as b,
+    ):
+        a.service.store = StoreFailingOnce(a.service.store, "call:", at="settle")
+        call = simulator.create_call(Script([pause(30)]))
+        event = simulator.incoming_event(call)
+        with capture_logs() as logs:
+            first = await a.sender.deliver(event, webhook_id="wh_s", max_attempts=1)
+            assert first.status == 200
+            await call.wait_connected(1, timeout=5)
+            assert not await store.settled(f"call:{call.call_id}")  # pending, for now
+            await store.release(f"call:{call.call_id}")  # as its TTL would
+            await store.release("webhook:wh_s")
+            same = await a.sender.deliver(event, webhook_id="wh_s", max_attempts=1)
+            assert json.loads(same.bodies[-1] or b"{}") == {"status": "duplicate"}
+            await asyncio.wait_for(asyncio.gather(*a.service._settling), 5)
+        assert [e["event"] for e in logs if e["event"].startswith("store.")] == [
+            "store.unavailable",
+            "store.settled",
+        ]
+        assert await store.settled(f"call:{call.call_id}") and await store.settled("webhook:wh_s")
+        other = await b.sender.deliver(event, webhook_id="wh_s", max_attempts=1)
+        assert json.loads(other.bodies[-1] or b"{}") == {"status": "duplicate"}
+        assert accepts(simulator, call.call_id) == 1 and call.sideband_connects == 1
         await simulator.hang_up(call)
 
 
