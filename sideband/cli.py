@@ -206,6 +206,7 @@ async def serve(settings: Settings, app: Sideband) -> None:
         tools=app.tools.names(),
         openai_base_url=settings.openai_base_url,
         store=service.store.where,
+        instance=service.instance_id,
         event_loop=type(loop).__module__.partition(".")[0],  # uvloop, or asyncio where it is missing
         max_open_files=open_files,
     )

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import re
+import secrets
 import ssl
 import time
 from collections import Counter
@@ -37,7 +38,7 @@ from sideband.session import (
     validate_accept_payload,
 )
 from sideband.settings import Settings, SettingsError
-from sideband.stores import ClaimStore, MemoryStore, RedisStore, StoreUnavailable
+from sideband.stores import CallLedger, ClaimStore, MemoryStore, RedisStore, StoreUnavailable
 from sideband.tickets import TicketError, TicketSigner
 from sideband.upstream._ws import resolve_proxy
 from sideband.upstream.openai import CallControl, CallGone, UpstreamError, connect_sideband, with_retries
@@ -79,6 +80,12 @@ SETTLE_RETRY = 0.5
 SETTLE_RETRY_MAX = 10.0
 """Seconds before the first retry of a settle the store failed, and the longest wait between retries
 (the wait doubles)."""
+
+LEDGER_TICK = 1.0
+"""Seconds between an instance's records of its live calls (each renews its lease)."""
+
+ORPHANS_AT_ONCE = 16
+"""Orphaned calls hung up at once, by the instance that found them."""
 
 
 class _SipHeaderModel(BaseModel):
@@ -200,6 +207,11 @@ class Service:
         self._drain_deadline: float | None = None
         self._ending: asyncio.Future[None] | None = None  # the end of the drain window: calls hung up
         self._settling: set[asyncio.Task[None]] = set()  # claims whose settle the store failed, retried
+        self.instance_id = secrets.token_hex(6)
+        """This instance's name in a shared store's ledger of live calls (new at each start)."""
+        self._ledger: asyncio.Task[None] | None = None  # records this instance's calls, finds orphans
+        self._sweeping: asyncio.Task[None] | None = None  # hangs up the calls of a dead instance
+        self._launched = asyncio.Event()  # a call started since the ledger's last record
         self.requests = 0
         """Requests being handled (kept by the edge): a shutdown lets them finish before it stops."""
         self._no_requests = asyncio.Event()
@@ -286,6 +298,8 @@ class Service:
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
         )
         self._control = CallControl(self._http, base, key.get_secret_value() if key else "", proxy)
+        if isinstance(self.store, CallLedger):
+            self._ledger = asyncio.ensure_future(self._keep_ledger(self.store))
 
     async def reload_routes(self) -> bool:
         """Read ``SIDEBAND_ROUTES_FILE`` again and put it in force for the calls that ring from now on
@@ -384,9 +398,13 @@ class Service:
         if self._ending is not None:
             await self._ending
         await self.registry.drain(max(0.0, self._drain_deadline - time.monotonic()))  # (started since)
-        for task in self._settling:
+        stopping = [*self._settling, *(t for t in (self._ledger, self._sweeping) if t is not None)]
+        for task in stopping:
             task.cancel()
-        await asyncio.gather(*self._settling, return_exceptions=True)
+        await asyncio.gather(*stopping, return_exceptions=True)
+        if isinstance(self.store, CallLedger) and self._ledger is not None:
+            with contextlib.suppress(StoreUnavailable):  # (else its lease runs out: swept, with no call)
+                await self.store.forget(self.instance_id)
         if self._http is not None:
             await self._http.close()
         await self.store.close()
@@ -463,6 +481,63 @@ class Service:
                 if done:
                     self._settle_later(ckey, wkey, call_id=data.call_id)
         return reply
+
+    # ------------------------------------------------------------------------ orphaned calls
+    async def _keep_ledger(self, ledger: CallLedger) -> None:
+        """Record this instance's live calls in the shared store as calls start, and at least every
+        :data:`LEDGER_TICK` (each record renews its lease of ``SIDEBAND_ORPHAN_AFTER`` seconds); look
+        for the calls of instances
+        whose lease ran out. Only after this instance's own records have gone through for a whole lease:
+        after a store outage, every live instance has had the time to renew its lease first."""
+        lease = self.settings.orphan_after
+        loop = asyncio.get_running_loop()
+        synced: set[str] = set()
+        since: float | None = None  # since when records go through without a break
+        while True:
+            self._launched.clear()
+            live = set(self.registry.calls)
+            try:
+                await ledger.record(self.instance_id, live - synced, synced - live, lease)
+            except StoreUnavailable as exc:
+                if since is not None:
+                    self.log.warning("store.unavailable", error=str(exc), ledger=self.instance_id)
+                since = None
+            else:
+                synced = live
+                now = loop.time()
+                since = now if since is None else since
+                if now - since >= lease and (self._sweeping is None or self._sweeping.done()):
+                    self._sweeping = asyncio.ensure_future(self._sweep(ledger))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._launched.wait(), LEDGER_TICK)
+
+    async def _sweep(self, ledger: CallLedger) -> None:
+        """Hang up the calls of instances whose lease ran out (nobody runs their tools), then drop them
+        from the ledger."""
+        try:
+            found = await ledger.orphans(self.instance_id, HANGUP_BUDGET + 10.0)
+        except StoreUnavailable:
+            return
+        limit = asyncio.Semaphore(ORPHANS_AT_ONCE)
+        for owner, calls in found.items():
+            await asyncio.gather(*(self._hang_up_orphan(owner, call_id, limit) for call_id in calls))
+            with contextlib.suppress(StoreUnavailable):
+                await ledger.forget(owner)
+
+    async def _hang_up_orphan(self, owner: str, call_id: str, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            try:
+                await self._retrying(
+                    lambda t: self.control.hangup(call_id, timeout=t), budget=self._hangup_budget()
+                )
+            except CallGone:  # (it ended meanwhile)
+                self.log.info("call.orphaned", call_id=call_id, owner=owner, outcome="gone")
+            except UpstreamError as exc:
+                self.log.error(
+                    "call.orphaned", call_id=call_id, owner=owner, outcome="hangup_failed", error=str(exc)
+                )
+            else:
+                self.log.warning("call.orphaned", call_id=call_id, owner=owner, outcome="hung_up")
 
     def _settle_later(self, *keys: str, call_id: str) -> None:
         """Settle ``keys``, which the store failed to settle, once it answers again (until it does or
@@ -805,6 +880,7 @@ class Service:
             guardrail_trips=self.registry.guardrail_trips,
         )
         self.registry.start(runtime)
+        self._launched.set()  # (the ledger records it now: an instance dying just after leaves it known)
         return runtime
 
     # ------------------------------------------------------------------------------ WebRTC

@@ -140,6 +140,7 @@ class Settings(BaseSettings):
         default=300.0, gt=0, le=86400.0, validation_alias="SIDEBAND_MAX_IDLE_SECONDS"
     )
     drain_timeout: float = Field(default=30.0, ge=0, le=3600.0, validation_alias="SIDEBAND_DRAIN_TIMEOUT")
+    orphan_after: float = Field(default=30.0, ge=1.0, le=600.0, validation_alias="SIDEBAND_ORPHAN_AFTER")
 
     rtc_ticket_secret: SecretStr | None = _env("SIDEBAND_RTC_TICKET_SECRET")
     rtc_key_ttl: int = Field(default=600, ge=10, le=7200, validation_alias="SIDEBAND_RTC_KEY_TTL")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Collection
+from typing import Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -16,7 +16,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 
-__all__ = ["ClaimStore", "MemoryStore", "RedisStore", "StoreUnavailable"]
+__all__ = ["CallLedger", "ClaimStore", "MemoryStore", "RedisStore", "StoreUnavailable"]
+
+LEDGER_KEEP = 7200.0
+"""Seconds an instance's list of live calls outlives its last record: past any call's life (OpenAI ends a
+session at 60 minutes), so the calls of an instance that died are still found."""
 
 _T = TypeVar("_T")
 
@@ -61,6 +65,29 @@ class ClaimStore(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+        ...
+
+
+@runtime_checkable
+class CallLedger(Protocol):
+    """Which instance runs which calls, in a store every instance shares: an instance that dies (killed,
+    its host lost) leaves its calls up at OpenAI with nobody running their tools; another finds them
+    and hangs them up. An instance is alive while its records keep coming (each renews its lease)."""
+
+    async def record(
+        self, instance: str, added: Collection[str], removed: Collection[str], lease: float
+    ) -> None:
+        """Note the calls ``instance`` started and ended since its last record, and renew its lease for
+        ``lease`` seconds."""
+        ...
+
+    async def orphans(self, instance: str, sweep: float) -> dict[str, list[str]]:
+        """The calls of every other instance whose lease ran out, by instance: each dead instance is
+        given to one caller for ``sweep`` seconds (the others get nothing of it meanwhile)."""
+        ...
+
+    async def forget(self, instance: str) -> None:
+        """Drop ``instance`` and its calls (swept, or at its own clean stop)."""
         ...
 
 
@@ -170,6 +197,47 @@ class RedisStore:
         await self._redis.aclose()
         await self._pool.disconnect()
 
+    async def record(
+        self, instance: str, added: Collection[str], removed: Collection[str], lease: float
+    ) -> None:
+        p, calls = self._prefix, f"{self._prefix}calls:{instance}"
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(f"{p}alive:{instance}", b"1", px=_ms(lease))
+        pipe.sadd(f"{p}instances", instance)
+        if added:
+            pipe.sadd(calls, *added)
+        if removed:
+            pipe.srem(calls, *removed)
+        pipe.pexpire(calls, _ms(LEDGER_KEEP))
+        await self._call(pipe.execute())
+
+    async def orphans(self, instance: str, sweep: float) -> dict[str, list[str]]:
+        p = self._prefix
+        others = sorted(_text(i) for i in await self._call(self._redis.smembers(f"{p}instances")))
+        others = [i for i in others if i != instance]
+        if not others:
+            return {}
+        pipe = self._redis.pipeline(transaction=False)
+        for other in others:
+            pipe.exists(f"{p}alive:{other}")
+        alive = await self._call(pipe.execute())
+        found: dict[str, list[str]] = {}
+        for other, up in zip(others, alive, strict=True):
+            if up:
+                continue
+            if await self._call(self._redis.set(f"{p}sweep:{other}", instance, nx=True, px=_ms(sweep))):
+                found[other] = sorted(
+                    _text(c) for c in await self._call(self._redis.smembers(f"{p}calls:{other}"))
+                )
+        return found
+
+    async def forget(self, instance: str) -> None:
+        p = self._prefix
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.delete(f"{p}alive:{instance}", f"{p}calls:{instance}", f"{p}sweep:{instance}")
+        pipe.srem(f"{p}instances", instance)
+        await self._call(pipe.execute())
+
     async def _call(self, command: Awaitable[_T]) -> _T:
         try:
             async with asyncio.timeout(self._timeout):
@@ -178,6 +246,10 @@ class RedisStore:
             raise StoreUnavailable(f"redis at {self.where}: no answer within {self._timeout:g} s") from None
         except (RedisError, OSError) as exc:  # (its text names host and port, never the password)
             raise StoreUnavailable(f"redis at {self.where}: {exc or type(exc).__name__}") from None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _ms(seconds: float) -> int:

@@ -309,6 +309,53 @@ async def test_claims_a_settle_failed_to_keep_are_settled_once_the_store_answers
         await simulator.hang_up(call)
 
 
+async def test_the_calls_of_an_instance_that_died_are_hung_up_by_another(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer
+) -> None:
+    """A dies (its records stop: killed, its host lost) with a call up: nobody runs that call's tools.
+    Once A's lease has run out, B hangs the call up (``call.orphaned``) and drops A from the ledger;
+    a call of B's own, and B itself, are left alone."""
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url, "orphan_after": 1.0}
+    async with (
+        run_app(make_app(), simulator, **settings) as a,
+        run_app(make_app(), simulator, **settings) as b,
+    ):
+        orphan, kept = (simulator.create_call(Script([pause(30)])) for _ in range(2))
+        assert (await a.sender.deliver(simulator.incoming_event(orphan), max_attempts=1)).status == 200
+        assert (await b.sender.deliver(simulator.incoming_event(kept), max_attempts=1)).status == 200
+        await orphan.wait_connected(timeout=5)
+        await kept.wait_connected(timeout=5)
+        ledger = redis.Redis.from_url(redis_server.url)
+        deadline = asyncio.get_running_loop().time() + 5
+        while not ledger.sismember(f"sideband:calls:{a.service.instance_id}", orphan.call_id):
+            assert asyncio.get_running_loop().time() < deadline, "A never recorded its call"
+            await asyncio.sleep(0.01)
+        assert a.service._ledger is not None
+        with capture_logs() as logs:
+            a.service._ledger.cancel()  # A stops living, as far as the ledger can tell
+            await orphan.wait_for(lambda c: c.hangup_requested, 10, "the orphan's hangup")
+            await orphan.wait_ended(timeout=5)
+            assert b.service._sweeping is not None  # the sweep that hung it up, then drops A
+            await asyncio.wait_for(asyncio.shield(b.service._sweeping), 5)
+        swept = [e for e in logs if e["event"] == "call.orphaned"]
+        assert [(e["call_id"], e["owner"], e["outcome"], e["log_level"]) for e in swept] == [
+            (orphan.call_id, a.service.instance_id, "hung_up", "warning")
+        ]
+        assert not kept.ended and not kept.hangup_requested
+        try:
+            assert ledger.smembers("sideband:instances") == {b.service.instance_id.encode()}
+            assert ledger.smembers(f"sideband:calls:{b.service.instance_id}") == {kept.call_id.encode()}
+            assert not ledger.exists(f"sideband:calls:{a.service.instance_id}")
+        finally:
+            ledger.close()
+        await simulator.hang_up(kept)
+    keys = redis.Redis.from_url(redis_server.url)
+    try:  # B, stopped cleanly, left nothing behind
+        assert not keys.smembers("sideband:instances")
+    finally:
+        keys.close()
+
+
 async def test_a_redelivery_to_another_instance_attaches_after_an_uncertain_accept(
     simulator: Simulator, store: RedisStore, redis_server: RedisServer
 ) -> None:
