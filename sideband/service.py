@@ -486,9 +486,9 @@ class Service:
     async def _keep_ledger(self, ledger: CallLedger) -> None:
         """Record this instance's live calls in the shared store as calls start, and at least every
         :data:`LEDGER_TICK` (each record renews its lease of ``SIDEBAND_ORPHAN_AFTER`` seconds); look
-        for the calls of instances
-        whose lease ran out. Only after this instance's own records have gone through for a whole lease:
-        after a store outage, every live instance has had the time to renew its lease first."""
+        for the calls of instances whose lease ran out, but only once this instance's own records have
+        gone through for a whole lease: after a store outage, every live instance has had the time to
+        renew its lease first."""
         lease = self.settings.orphan_after
         loop = asyncio.get_running_loop()
         synced: set[str] = set()
@@ -501,6 +501,10 @@ class Service:
             except StoreUnavailable as exc:
                 if since is not None:
                     self.log.warning("store.unavailable", error=str(exc), ledger=self.instance_id)
+                since = None
+            except Exception:  # (a bug of ours: the loop must go on, or the others hang up our calls)
+                if since is not None:
+                    self.log.exception("ledger.failed", ledger=self.instance_id)
                 since = None
             else:
                 synced = live
@@ -517,6 +521,9 @@ class Service:
         try:
             found = await ledger.orphans(self.instance_id, HANGUP_BUDGET + 10.0)
         except StoreUnavailable:
+            return
+        except Exception:  # (a bug of ours)
+            self.log.exception("ledger.failed", ledger=self.instance_id)
             return
         limit = asyncio.Semaphore(ORPHANS_AT_ONCE)
         for owner, calls in found.items():

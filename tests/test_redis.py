@@ -11,15 +11,17 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 import redis
 
-from sideband.stores import RedisStore, StoreUnavailable, redacted
+from sideband.service import Service
+from sideband.stores import MemoryStore, RedisStore, StoreUnavailable, redacted
 from sideband.testing import Script, Simulator, pause, run_app
 
-from .conftest import TEST_SETTINGS, capture_logs, make_app
+from .conftest import TEST_SETTINGS, capture_logs, make_app, settings_for
 from .test_cli import clean_env, free_port, read_until, run_cli, serve_env, start_serve
 from .test_edge import StoreFailingOnce
 
@@ -519,3 +521,39 @@ def test_check_finds_the_redis_serve_would_use(redis_server: RedisServer) -> Non
     assert done.returncode == 0, done.stderr
     assert "claims: Redis answered" in done.stdout.splitlines()
     assert PASSWORD not in done.stdout + done.stderr
+
+
+class LedgerBreakingOnce(MemoryStore):
+    """A claim store with a ledger whose first record fails the way a bug would (not the store's
+    outage), and whose later records are kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[str, set[str], set[str]]] = []
+        self.recorded = asyncio.Event()
+
+    async def record(self, instance: str, added: Any, removed: Any, lease: float) -> None:
+        if not self.records:
+            self.records.append((instance, set(), set()))
+            raise TypeError("a bug")
+        self.records.append((instance, set(added), set(removed)))
+        self.recorded.set()
+
+    async def orphans(self, instance: str, sweep: float) -> dict[str, list[str]]:
+        return {}
+
+    async def forget(self, instance: str) -> None:
+        return None
+
+
+async def test_a_ledger_that_fails_once_goes_on_recording(simulator: Simulator) -> None:
+    """A record failing for a reason of ours must not end the ledger: its lease would run out, and
+    the other instances hang up every call of this one."""
+    store = LedgerBreakingOnce()
+    service = Service(settings_for(simulator), make_app(), store=store)
+    await service.start()
+    try:
+        await asyncio.wait_for(store.recorded.wait(), 5)
+        assert [r[0] for r in store.records] == [service.instance_id] * 2
+    finally:
+        await service.close()
