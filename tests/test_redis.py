@@ -323,15 +323,20 @@ async def test_the_calls_of_an_instance_that_died_are_hung_up_by_another(
         run_app(make_app(), simulator, **settings) as b,
     ):
         orphan, kept = (simulator.create_call(Script([pause(30)])) for _ in range(2))
+        recorded, record = asyncio.Event(), a.service.store.record  # (A's ledger: its RedisStore)
+
+        async def noted(instance: str, added: Any, removed: Any, lease: float) -> None:
+            await record(instance, added, removed, lease)
+            if orphan.call_id in added:
+                recorded.set()
+
+        a.service.store.record = noted  # type: ignore[method-assign]
         assert (await a.sender.deliver(simulator.incoming_event(orphan), max_attempts=1)).status == 200
         assert (await b.sender.deliver(simulator.incoming_event(kept), max_attempts=1)).status == 200
         await orphan.wait_connected(timeout=5)
         await kept.wait_connected(timeout=5)
+        await asyncio.wait_for(recorded.wait(), 5)  # A's ledger holds the call
         ledger = redis.Redis.from_url(redis_server.url)
-        deadline = asyncio.get_running_loop().time() + 5
-        while not ledger.sismember(f"sideband:calls:{a.service.instance_id}", orphan.call_id):
-            assert asyncio.get_running_loop().time() < deadline, "A never recorded its call"
-            await asyncio.sleep(0.01)
         assert a.service._ledger is not None
         with capture_logs() as logs:
             a.service._ledger.cancel()  # A stops living, as far as the ledger can tell
