@@ -207,18 +207,21 @@ class Settings(BaseSettings):
             parts.port  # noqa: B018 - parsed for its ValueError
         except ValueError:  # (its words quote what it could not read: a bracketed piece of a password)
             cut = True
-        else:  # a / ? or # in the password ends the host part early: the rest lands in the path
-            cut = "@" in parts.path or "@" in parts.query or "@" in parts.fragment
+        else:  # a / ? or # in the password ends the host part early: the rest lands in the path, and
+            # the credentials' @ with it (an @ of a socket's path, after unix:///, is the path's own)
+            cut = (
+                bool(parts.netloc)
+                and "@" not in parts.netloc
+                and "@" in raw.partition("://")[2][len(parts.netloc) :]
+            )
         if cut:
             raise ValueError(
                 "cannot be read: a user or password holding / ? # @ [ or ] must be percent-encoded (%2F %3F "
                 "%23 %40 %5B %5D), or the port is not a number"
             )
-        if raw.startswith(("redis://", "rediss://")):
-            if not parts.hostname:
-                raise ValueError("must name a host (redis://[:password@]host[:port][/db])")
-            if parts.path.strip("/") and not parts.path.strip("/").isdigit():
-                raise ValueError("must end with a database number, if anything (/0)")
+        db = parts.path.strip("/")  # (no host: redis-py's localhost)
+        if raw.startswith(("redis://", "rediss://")) and db and not db.isdigit():
+            raise ValueError("must end with a database number, if anything (/0)")
         return SecretStr(raw)
 
     @field_validator("openai_webhook_secret")

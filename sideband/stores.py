@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import re
 import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Protocol, TypeVar, runtime_checkable
@@ -259,16 +260,22 @@ def _ms(seconds: float) -> int:
 def redacted(url: str) -> str:
     """``url`` without user and password: ``redis://:secret@cache:6379/0`` → ``redis://cache:6379/0``.
 
-    Everything up to the last ``@`` goes, wherever a password's unencoded ``/``, ``?`` or ``#`` would make
-    a URL parser end the host part; so does the query (``?password=…``)."""
+    The credentials go even where a password's unencoded ``/``, ``?`` or ``#`` would make a URL parser
+    end the host part (everything up to the last ``@`` goes then); so does the query (``?password=…``).
+    A socket's path keeps its own ``@`` (``unix:///run/redis@main/redis.sock``); no host is redis-py's
+    ``localhost``."""
     scheme, _, rest = url.partition("://")
-    parts = urlsplit(f"{scheme}://{rest.rpartition('@')[2]}")
-    host = parts.hostname or ""
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in netloc:
+        rest = rest[netloc.rindex("@") + 1 :]
+    elif netloc:  # no credentials, or a password the host part ends inside
+        rest = rest.rpartition("@")[2]
+    parts = urlsplit(f"{scheme}://{rest}")
+    host = parts.hostname or ("" if scheme == "unix" else "localhost")
     if ":" in host:
         host = f"[{host}]"
     try:
         port = parts.port
     except ValueError:
         port = None
-    netloc = host + (f":{port}" if port is not None else "")
-    return f"{parts.scheme}://{netloc}{parts.path}"
+    return f"{parts.scheme}://{host}{'' if port is None else f':{port}'}{parts.path}"

@@ -40,11 +40,17 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
 
+    @property
+    def socket(self) -> Path:
+        """Its Unix socket, in a folder whose name holds an ``@``."""
+        return self.folder / "redis.sock"
+
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [
                 *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--requirepass", PASSWORD),
                 *("--save", "", "--appendonly", "no", "--dir", str(self.folder)),
+                *("--unixsocket", str(self.socket)),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -80,7 +86,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         if os.environ.get("CI"):
             pytest.fail("redis-server is missing (.ci/run installs it with apt-get)")
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis@main"))
     server.start()
     yield server
     server.stop()
@@ -476,7 +482,7 @@ async def test_serve_uses_redis_and_logs_it_without_the_password(
             "redis://:pw@127.0.0.1:{port}/0?ssl_cert_reqs=none",
             "sideband: SIDEBAND_REDIS_URL: an option redis cannot take (",
         ),
-        ("redis://:pw@/0", "sideband: SIDEBAND_REDIS_URL: Value error, must name a host"),
+        ("redis://:pw@/0", "sideband: cannot use the claim store: redis at redis://localhost/0: "),
         ("redis://:pw@127.0.0.1/zero", "sideband: SIDEBAND_REDIS_URL: Value error, must end with a database"),
         (
             "redis://:pw@127.0.0.1:{port}/0",
@@ -512,6 +518,27 @@ def test_a_bad_or_unreachable_store_stops_serve_with_one_line(url: str, message:
 def test_a_store_is_named_without_any_piece_of_its_password(url: str) -> None:
     assert redacted(url) == "redis://cache:6379/0"
     assert redacted("unix://:pw@/run/redis.sock?db=1&password=s3cret") == "unix:///run/redis.sock"
+
+
+def test_a_socket_path_keeps_its_own_at_sign() -> None:
+    assert redacted("unix:///run/redis@main/redis.sock") == "unix:///run/redis@main/redis.sock"
+    assert redacted("unix://:pw@/run/redis@main/redis.sock?db=1") == "unix:///run/redis@main/redis.sock"
+    assert redacted("redis://:pw@/0") == "redis://localhost/0"
+
+
+def test_check_reaches_redis_by_a_socket_whose_path_holds_an_at_sign(redis_server: RedisServer) -> None:
+    if redis_server.proc is None:
+        redis_server.start()
+    assert "@" in str(redis_server.socket)
+    env = clean_env(
+        OPENAI_API_KEY="sk-test",
+        OPENAI_WEBHOOK_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        SIDEBAND_REDIS_URL=f"unix://:{PASSWORD}@{redis_server.socket}?db=0",
+    )
+    done = run_cli("check", "examples.app:app", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "claims: Redis answered" in done.stdout.splitlines()
+    assert PASSWORD not in done.stdout + done.stderr
 
 
 def test_check_finds_the_redis_serve_would_use(redis_server: RedisServer) -> None:
