@@ -804,21 +804,73 @@ def _has_description(annotation: Any) -> bool:
 
 def _type_hints(fn: Callable[..., Any], name: str) -> dict[str, Any]:
     """The parameters' annotations, resolved (the return annotation, which sideband never reads, is
-    left alone: it may name a type imported for type checkers only)."""
+    left alone: it may name a type imported for type checkers only).
+
+    A name the tool's module does not hold (under ``from __future__ import annotations``, a model class
+    defined in the function that registers the tool) is looked up in the frame that registered it."""
     target = _introspected(fn)
     annotations = getattr(target, "__annotations__", None) or {}
     parameters = types.SimpleNamespace(
         __annotations__={k: v for k, v in annotations.items() if k != "return"}
     )
+    globalns = getattr(target, "__globals__", None) or {}
     try:
-        return typing.get_type_hints(
-            parameters, globalns=getattr(target, "__globals__", None) or {}, include_extras=True
-        )
+        try:
+            return typing.get_type_hints(parameters, globalns=globalns, include_extras=True)
+        except NameError:
+            return typing.get_type_hints(
+                parameters, globalns=globalns, localns=_registering_locals(), include_extras=True
+            )
     except Exception as exc:
         raise TypeError(
             f"tool {name!r}: cannot resolve its type annotations ({type(exc).__name__}: {exc}); "
-            "types used in a tool's signature must be importable from its module"
+            "types used in a tool's signature must be importable from its module, or defined where the "
+            "tool is registered"
         ) from exc
+
+
+def _registering_locals() -> dict[str, Any]:
+    """The local names of the nearest frame outside sideband: the code that registers the tool."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None and str(frame.f_globals.get("__name__", "")).partition(".")[0] == "sideband":
+            frame = frame.f_back
+        return dict(frame.f_locals) if frame is not None else {}
+    finally:
+        del frame
+
+
+def _admits_none(annotation: Any) -> bool:
+    if annotation is Any or annotation is object or annotation is None or annotation is type(None):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _admits_none(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits_none(a) for a in typing.get_args(annotation))
+    return origin is Literal and None in typing.get_args(annotation)
+
+
+def _or_none(annotation: Any) -> Any:
+    """``annotation | None``, inside ``Annotated`` so its constraints and description stay on it."""
+    if typing.get_origin(annotation) is Annotated:
+        base, *metadata = typing.get_args(annotation)
+        return Annotated[(_or_none(base), *metadata)]
+    return typing.Optional[annotation]  # noqa: UP045  (any form: a type, a generic, a Literal)
+
+
+def _refuse_unbound_methods(fn: Any, name: str, sig: inspect.Signature) -> None:
+    """A function decorated in a class body is not yet a method: its ``self`` would be asked of the
+    model."""
+    first = next(iter(sig.parameters), None)
+    target = _introspected(fn)
+    qualname = str(getattr(target, "__qualname__", ""))
+    owner = qualname.rpartition(".")[0]
+    if first in ("self", "cls") and inspect.isfunction(target) and owner and not owner.endswith("<locals>"):
+        raise TypeError(
+            f"tool {name!r}: {qualname} is a method: register it bound, from an instance "
+            f"(registry.add(obj.{target.__name__})), not in its class body"
+        )
 
 
 def _build_arguments_model(
@@ -834,6 +886,7 @@ def _build_arguments_model(
     definitions: dict[str, Any] = {}
     fields: list[tuple[str, str]] = []
     bound = _bound_keywords(fn)
+    _refuse_unbound_methods(fn, name, sig)
     for param in sig.parameters.values():
         if param.name in bound:
             continue  # the app's value (an API key, a tenant): neither shown to the model nor set by it
@@ -842,6 +895,9 @@ def _build_arguments_model(
         if param.kind is param.POSITIONAL_ONLY:
             raise TypeError(f"tool {name!r}: positional-only parameters are not supported ({param.name})")
         annotation = hints.get(param.name, Any)
+        default = param.default.default if isinstance(param.default, FieldInfo) else param.default
+        if default is None and not _admits_none(annotation):
+            annotation = _or_none(annotation)  # ``x: int = None``: the null it advertises is taken
         if _is_context_type(annotation):
             if context_param is not None:
                 raise TypeError(f"tool {name!r}: more than one CallContext parameter")

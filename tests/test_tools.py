@@ -288,6 +288,71 @@ def test_unresolvable_annotation_is_a_type_error() -> None:
         Tool.from_function(f)
 
 
+def test_a_model_class_defined_where_the_tool_is_registered_resolves() -> None:
+    # (a string annotation is what `from __future__ import annotations` makes of every annotation)
+    class Order(BaseModel):
+        order_id: str
+
+    registry = ToolRegistry()
+
+    @registry.tool
+    def lookup(order: "Order") -> str:
+        """Look up an order."""
+        return order.order_id
+
+    tool = registry.get("lookup")
+    assert tool is not None
+    assert tool.parameters["properties"]["order"]["properties"] == {"order_id": {"type": "string"}}
+    assert tool.parse_arguments('{"order": {"order_id": "A1"}}') == {"order": Order(order_id="A1")}
+
+
+def test_a_method_decorated_in_its_class_body_is_refused_and_a_bound_one_is_taken() -> None:
+    registry = ToolRegistry()
+    with pytest.raises(TypeError, match=r"Desk\.find is a method: register it bound"):
+
+        class Desk:
+            @registry.tool
+            def find(self, order_id: str) -> str:
+                return order_id
+
+    class Counter:
+        def find(self, order_id: str) -> str:
+            """Find an order."""
+            return order_id
+
+    tool = registry.add(Counter().find)
+    assert tool.parameters["properties"] == {"order_id": {"type": "string"}}
+    assert tool.description == "Find an order."
+
+
+def test_a_none_default_takes_the_null_it_advertises() -> None:
+    def pick(
+        size: int = None,  # type: ignore[assignment]  # noqa: RUF013
+        floor: Annotated[int, Field(ge=1, description="Which floor.")] = None,  # type: ignore[assignment]  # noqa: RUF013
+        kind: Literal["table", "bar"] = Field(None, description="Where to sit."),  # type: ignore[assignment]
+    ) -> str:
+        return f"{size} {floor} {kind}"
+
+    tool = Tool.from_function(pick)
+    props = tool.parameters["properties"]
+    assert props["size"] == {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None}
+    assert props["floor"]["anyOf"] == [{"minimum": 1, "type": "integer"}, {"type": "null"}]
+    assert props["floor"]["description"] == "Which floor."
+    assert props["kind"]["description"] == "Where to sit."
+    assert tool.parse_arguments('{"size": null, "floor": null, "kind": null}') == {
+        "size": None,
+        "floor": None,
+        "kind": None,
+    }
+    assert tool.parse_arguments('{"size": 2, "floor": 3, "kind": "bar"}') == {
+        "size": 2,
+        "floor": 3,
+        "kind": "bar",
+    }
+    with pytest.raises(ValidationError):
+        tool.parse_arguments('{"floor": 0}')
+
+
 def numpy_style(query: str, limit: int = 5) -> str:
     """Search the catalogue.
 
