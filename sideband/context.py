@@ -28,8 +28,8 @@ class SipHeader:
 class CallActions(Protocol):
     """What a tool or hook may ask of the live call (implemented by the call driver)."""
 
-    def hangup(self, reason: str = ...) -> Awaitable[None]: ...
-    def transfer(self, target: str) -> Awaitable[None]: ...
+    def hangup(self, reason: str = ...) -> None: ...
+    def transfer(self, target: str) -> None: ...
     def say(self, instructions: str) -> None: ...
     def interrupt(self) -> None: ...
     def collect_digits(self, max_digits: int | None, end: str | None, timeout: float) -> Awaitable[str]: ...
@@ -40,10 +40,10 @@ class CallActions(Protocol):
 class _NoActions:
     """Actions for a context with no live call behind it (unit tests, dry runs)."""
 
-    async def hangup(self, reason: str = "hangup") -> None:
+    def hangup(self, reason: str = "hangup") -> None:
         raise RuntimeError("no live call behind this context")
 
-    async def transfer(self, target: str) -> None:
+    def transfer(self, target: str) -> None:
         raise RuntimeError("no live call behind this context")
 
     def say(self, instructions: str) -> None:
@@ -75,11 +75,11 @@ class _Through:
     def __init__(self, ctx: CallContext) -> None:
         self._ctx = ctx
 
-    def hangup(self, reason: str = "hangup") -> Awaitable[None]:
-        return self._ctx._actions.hangup(reason)
+    def hangup(self, reason: str = "hangup") -> None:
+        self._ctx._actions.hangup(reason)
 
-    def transfer(self, target: str) -> Awaitable[None]:
-        return self._ctx._actions.transfer(target)
+    def transfer(self, target: str) -> None:
+        self._ctx._actions.transfer(target)
 
     def say(self, instructions: str) -> None:
         self._ctx._actions.say(instructions)
@@ -109,10 +109,10 @@ class _Overrun:
     def _refuse(self) -> None:
         raise RuntimeError(self._why)
 
-    async def hangup(self, reason: str = "hangup") -> None:
+    def hangup(self, reason: str = "hangup") -> None:
         self._refuse()
 
-    async def transfer(self, target: str) -> None:
+    def transfer(self, target: str) -> None:
         self._refuse()
 
     def say(self, instructions: str) -> None:
@@ -133,7 +133,8 @@ class _Overrun:
 
 
 class _Done:
-    """An awaitable that is already done: what ``hangup``/``transfer`` return when called off the loop."""
+    """An awaitable that is already done: what ``hangup``/``transfer`` return (they act as they are
+    called)."""
 
     __slots__ = ()
 
@@ -159,9 +160,9 @@ class CallContext:
     hops onto that loop (``loop.call_soon_threadsafe``), and the calling thread waits until the loop has
     carried it out: it then behaves exactly as on the loop, in the same order with the call's other events,
     and returns or raises the same (e.g. ``ValueError`` for a transfer target outside the allow-list). Off the
-    loop, ``hangup()`` and ``transfer()`` have been requested by the time they return; the awaitable they
-    return is already done, so a sync tool simply calls ``ctx.hangup()`` (awaiting it anyway is harmless). On
-    the loop, ``await ctx.hangup()`` as usual.
+    loop as on it, ``hangup()`` and ``transfer()`` have been requested by the time they return; the
+    awaitable they return is already done, so a sync tool simply calls ``ctx.hangup()``, and an ``async
+    def`` one that leaves out the ``await`` still ends the call.
     """
 
     call_id: str
@@ -234,30 +235,27 @@ class CallContext:
     def hangup(self, reason: str = "hangup") -> Awaitable[None]:
         """End the call once in-flight tool outputs and the model's last words are out.
 
-        On the loop: ``await ctx.hangup()``. From another thread: carried out before it returns.
+        The end is asked for as this is called, from an ``async def`` tool or hook (``await
+        ctx.hangup()``; without the ``await`` it is asked for all the same) or from a sync one's thread.
         """
-        loop = self._foreign_loop()
-        if loop is None:
-            return self._hangup(reason)
-        asyncio.run_coroutine_threadsafe(self._hangup(reason), loop).result(_HOP_TIMEOUT)
+        self._act(lambda: self._actions.hangup(reason))
         return _DONE
-
-    async def _hangup(self, reason: str) -> None:
-        await self._actions.hangup(reason)
 
     def transfer(self, target: str) -> Awaitable[None]:
-        """Transfer (SIP REFER) to ``target``, which must be in the app's allow-list.
+        """Transfer (SIP REFER) to ``target``, which must be in the app's allow-list (else
+        :class:`~sideband.TransferNotAllowed`, raised by this call).
 
-        On the loop: ``await ctx.transfer(target)``. From another thread: carried out before it returns.
+        The transfer is asked for as this is called, as :meth:`hangup` is: ``await ctx.transfer(target)``.
         """
-        loop = self._foreign_loop()
-        if loop is None:
-            return self._transfer(target)
-        asyncio.run_coroutine_threadsafe(self._transfer(target), loop).result(_HOP_TIMEOUT)
+        self._act(lambda: self._actions.transfer(target))
         return _DONE
 
-    async def _transfer(self, target: str) -> None:
-        await self._actions.transfer(target)
+    def _act(self, action: Callable[[], None]) -> None:
+        loop = self._foreign_loop()
+        if loop is None:
+            action()
+        else:
+            _call_in(loop, action)
 
     def say(self, instructions: str) -> None:
         """Ask the model to speak now, following ``instructions``."""

@@ -476,8 +476,8 @@ async def test_transfer_tool_runs_through_context() -> None:
     transfers: list[str] = []
 
     class Actions:
-        async def hangup(self, reason: str = "hangup") -> None: ...
-        async def transfer(self, target: str) -> None:
+        def hangup(self, reason: str = "hangup") -> None: ...
+        def transfer(self, target: str) -> None:
             transfers.append(target)
 
         def say(self, instructions: str) -> None: ...
@@ -510,10 +510,10 @@ async def test_end_call_tool_hangs_up() -> None:
     reasons: list[str] = []
 
     class Actions:
-        async def hangup(self, reason: str = "hangup") -> None:
+        def hangup(self, reason: str = "hangup") -> None:
             reasons.append(reason)
 
-        async def transfer(self, target: str) -> None: ...
+        def transfer(self, target: str) -> None: ...
         def say(self, instructions: str) -> None: ...
         def update_session(self, **fields: Any) -> None: ...
 

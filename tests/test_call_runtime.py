@@ -524,6 +524,20 @@ async def test_context_actions_say_update_session_and_idempotent_hangup(stack: S
     assert summary.reason == "hangup"
 
 
+async def test_a_hangup_left_unawaited_still_ends_the_call(stack: Stack) -> None:
+    @stack.app.tool
+    async def wrap_up(ctx: CallContext) -> str:
+        ctx.hangup()  # (no await: asked for all the same)
+        return "wrapping up"
+
+    call = await start(
+        stack, Script([HELLO, caller_says("bye"), model_calls("wrap_up", {}), model_says("Bye!")])
+    )
+    await call.wait_ended(timeout=10)
+    assert call.end_reason == "hangup_verb"
+    assert (await ended(stack, call)).reason == "hangup"
+
+
 async def test_update_session_takes_session_config_names_and_refuses_typos(stack: Stack) -> None:
     @stack.app.tool
     async def slow_down(ctx: CallContext) -> str:

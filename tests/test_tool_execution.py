@@ -108,10 +108,10 @@ async def test_context_actions_from_a_worker_thread_run_on_the_loop() -> None:
     seen: list[tuple[str, Any, int]] = []
 
     class Actions:
-        async def hangup(self, reason: str = "hangup") -> None:
+        def hangup(self, reason: str = "hangup") -> None:
             seen.append(("hangup", reason, threading.get_ident()))
 
-        async def transfer(self, target: str) -> None:
+        def transfer(self, target: str) -> None:
             seen.append(("transfer", target, threading.get_ident()))
             if target != "human":
                 raise ValueError(f"transfer target {target!r} is not allowed")

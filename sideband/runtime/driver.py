@@ -323,12 +323,12 @@ class CallRuntime:
         ctx.actions = self
 
     # ----------------------------------------------------------------------- CallActions API
-    async def hangup(self, reason: str = "hangup") -> None:
+    def hangup(self, reason: str = "hangup") -> None:
         """Request the end of the call; returns at once (the end waits for in-flight outputs)."""
         self._apply(self.machine.request_end(reason))
         self._kick()
 
-    async def transfer(self, target: str) -> None:
+    def transfer(self, target: str) -> None:
         """Request a SIP REFER to an allow-listed target (a name from ``transfer_targets`` or its URI)."""
         uri = self._targets.get(target)
         if uri is None and target in self._targets.values():

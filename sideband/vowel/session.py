@@ -527,7 +527,7 @@ class EngineSession:
                     call_id=self.call_id, service_id=self.service_id
                 ):
                     # (a session already over, say after a reply_timeout, ends with that reason)
-                    await self.runtime.hangup(self.end_reason or "closed")
+                    self.runtime.hangup(self.end_reason or "closed")
                 await asyncio.wait({task}, timeout=self.end_cap + self.runtime.end_bound())
         finally:
             await self.abort()
