@@ -119,6 +119,15 @@ class IncomingCall:
         asked = {v.strip().lower() for value in privacy for v in re.split(r"[;,]", value)}
         return not asked.isdisjoint(("id", "user"))
 
+    def dialed(self, number: str) -> bool:
+        """Whether the dialed number is ``number`` as the route table matches it: written the same way,
+        or E.164 against digits only either way (``+18005551212`` and ``18005551212``, as trunks send
+        either). Untrusted, like all of SIP."""
+        to, number = self.to_number, _VISUAL.sub("", number)
+        if to is None:
+            return False
+        return to == number or (to.lstrip("+").isdigit() and to.lstrip("+") == number.lstrip("+"))
+
     def header(self, name: str) -> str | None:
         """First value of a SIP header (case-insensitive)."""
         lname = name.lower()
@@ -456,7 +465,10 @@ class Sideband:
 
     # ------------------------------------------------------------------------------- routing
     async def decide(self, call: IncomingCall) -> Decision:
-        """Run the routing hook; without one, the route table's decision or accept with the app's config."""
+        """Run the routing hook; without one, the route table's decision or accept with the app's config.
+
+        A hook's :class:`Accept` is layered over the route table's (:meth:`Accept.over`): the fields it
+        leaves out are the route's, then the app's."""
         if self._route is None:
             return call.route or Accept()
         result: Any
@@ -470,6 +482,8 @@ class Sideband:
             result = await result
         if not isinstance(result, Accept | Reject | Refer):
             raise DecisionError(f"on_incoming returned {type(result).__name__}, not Accept/Reject/Refer")
+        if isinstance(result, Accept) and isinstance(call.route, Accept):
+            return result.over(call.route)  # what the hook leaves out, the call's route gives
         return result
 
     def plan(self, accept: Accept | None = None) -> CallPlan:

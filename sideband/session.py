@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -301,8 +301,11 @@ class Accept:
     instructions: str | None = None
     voice: str | None = None
     greeting: str | None = None
-    tools: tuple[str, ...] | None = None
+    tools: Sequence[str] | None = None
+    """Names of the app's tools the call is offered (a list or tuple; kept as a tuple)."""
     session: dict[str, Any] = field(default_factory=dict)
+    """Other session fields, as :class:`SessionConfig` takes them (``instructions``, ``voice`` or
+    ``greeting`` given here are taken as the fields of the same name)."""
     max_call_duration: float | None = None
     """Seconds before the model says goodbye and the call is hung up (default: app, then settings)."""
     max_idle_duration: float | None = None
@@ -317,6 +320,17 @@ class Accept:
     def __post_init__(self) -> None:
         if not isinstance(self.state, Mapping):
             raise DecisionError(f"Accept(state=...) takes a mapping, not {type(self.state).__name__}")
+        if not isinstance(self.session, Mapping):
+            raise DecisionError(f"Accept(session=...) takes a mapping, not {type(self.session).__name__}")
+        session = dict(self.session)
+        for name in ("instructions", "voice", "greeting"):  # Accept's own fields, given in session
+            if name in session:
+                value = session.pop(name)
+                if getattr(self, name) is not None and value is not None:
+                    raise DecisionError(f"Accept: {name} is given twice, as {name}=... and in session")
+                if value is not None:
+                    object.__setattr__(self, name, value)
+        object.__setattr__(self, "session", session)
         if self.tools is not None:
             if isinstance(self.tools, str) or not all(isinstance(t, str) for t in self.tools):
                 raise DecisionError("Accept(tools=...) takes tool names, e.g. ('lookup_order',)")
@@ -329,6 +343,29 @@ class Accept:
             except ValueError as exc:
                 raise DecisionError(f"Accept(transfer_targets=...): {exc}") from None
             object.__setattr__(self, "transfer_targets", targets)
+
+    def over(self, base: Accept) -> Accept:
+        """This decision layered over ``base`` (the route table's, for a routing hook's ``Accept``): what
+        this one leaves out (``None``), ``base`` gives; ``session`` and ``state`` are merged, this one's
+        entries winning."""
+        return Accept(
+            instructions=_given(self.instructions, base.instructions),
+            voice=_given(self.voice, base.voice),
+            greeting=_given(self.greeting, base.greeting),
+            tools=_given(self.tools, base.tools),
+            session={**base.session, **self.session},
+            max_call_duration=_given(self.max_call_duration, base.max_call_duration),
+            max_idle_duration=_given(self.max_idle_duration, base.max_idle_duration),
+            state={**base.state, **self.state},
+            transfer_targets=_given(self.transfer_targets, base.transfer_targets),
+        )
+
+
+_T = TypeVar("_T")
+
+
+def _given(value: _T | None, otherwise: _T | None) -> _T | None:
+    return otherwise if value is None else value
 
 
 def check_transfer_targets(targets: Mapping[str, str]) -> dict[str, str]:

@@ -180,6 +180,39 @@ async def test_hook_sees_the_route_and_can_override_it(stack: Stack) -> None:
     await asyncio.wait_for(call.wait_done(), 5)
 
 
+async def test_a_hooks_accept_is_layered_over_the_route(stack: Stack) -> None:
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        if not call.dialed("1 (800) 555-1212"):  # the trunk's digits match the route's E.164 either way
+            return Accept()
+        return Accept(voice="marin", session={"max_output_tokens": 200, "greeting": "Billing, hello."})
+
+    call = stack.sim.create_call(Script([wait_for_greeting("Billing.")]), to_number="18005551212")
+    assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    body = call.accept_body
+    assert body["instructions"] == "Billing desk."  # the route's, left out by the hook
+    assert [t["name"] for t in body["tools"]] == ["lookup_order"]
+    assert body["audio"]["output"]["voice"] == "marin"  # the hook's
+    assert body["max_output_tokens"] == 200
+    await call.wait_ended(timeout=5)  # the route's idle limit (0.3 s) holds too
+    assert call.end_reason == "hangup_verb"
+    greeting = next(e for e in call.received if e["type"] == "response.create")
+    assert greeting["response"]["instructions"] == "Billing, hello."
+
+
+def test_accept_takes_its_own_fields_from_session_once() -> None:
+    accept = Accept(session={"voice": "cedar", "greeting": None, "max_output_tokens": 9})
+    assert (accept.voice, accept.greeting, accept.session) == ("cedar", None, {"max_output_tokens": 9})
+    assert make_app().plan(accept).config.voice == "cedar"
+    with pytest.raises(ValueError, match="voice is given twice"):
+        Accept(voice="marin", session={"voice": "cedar"})
+    route = Accept(instructions="Billing.", tools=["a"], session={"x": 1}, state={"k": 1})
+    mine = Accept(tools=["b"], session={"y": 2}, state={"k": 2})
+    assert mine.over(route) == Accept(
+        instructions="Billing.", tools=("b",), session={"x": 1, "y": 2}, state={"k": 2}
+    )
+
+
 # -- checked against the app at start (a bad file stops the process, not every call) -------------------
 
 SIP_REFUSED = [
@@ -503,6 +536,7 @@ async def test_an_accept_hands_what_the_hook_looked_up_to_the_calls_state(stack:
             ]
         ),
         from_number="+15550001111",
+        to_number="+18005550001",  # the default route: every tool
     )
     assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
     await asyncio.wait_for(call.wait_done(), 5)
