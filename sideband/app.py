@@ -259,6 +259,8 @@ class Sideband:
         self._route: RouteHook | None = None
         self._route_is_async = False
         self._route_threads: concurrent.futures.ThreadPoolExecutor | None = None
+        # Sync hooks' own threads (started on demand): a hook stuck in one holds no thread a tool needs.
+        self._hook_threads = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="sideband-hook")
         self._authorize_browser: Callable[[web.Request], Any] | None = None
         self._authorize_threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._tls: ssl.SSLContext | None = None
@@ -353,7 +355,7 @@ class Sideband:
         ones exit, queued work is dropped, running work is not waited for. The app runs no sync code after.
         """
         self.tools.executor.shutdown(wait=False, cancel_futures=True)
-        for pool in (self._route_threads, self._authorize_threads):
+        for pool in (self._hook_threads, self._route_threads, self._authorize_threads):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
 
@@ -409,6 +411,7 @@ class Sideband:
             self.on_dtmf_hooks,
             self.on_tool_hooks,
             guardrails=self.guardrails,
+            executor=self._hook_threads,
         )
 
     def tls_context(self) -> ssl.SSLContext:

@@ -17,7 +17,7 @@ import pytest
 import structlog
 
 from sideband import CallContext, CallSummary, Sideband
-from sideband.runtime.driver import CallHooks, CallRuntime
+from sideband.runtime.driver import HOOK_GRACE, CallHooks, CallRuntime
 from sideband.runtime.machine import CallMachine, CancelTimer, MachineConfig, StartTimer
 from sideband.testing import (
     Script,
@@ -284,7 +284,7 @@ async def test_a_tool_that_ignores_its_cancellation_does_not_keep_the_call_alive
     assert summary.reason == "remote_closed"
     assert [(t.name, t.outcome) for t in summary.tools] == [("stubborn", "cancelled")]
     assert [e["outcome"] for e in logs if e["event"] == "tool.finished"] == ["cancelled"]
-    assert late_hooks == []  # no on_tool after the call's end
+    assert late_hooks == ["cancelled"]  # the end's record; nothing of its late finish
     abandoned = [e["tasks"] for e in logs if e["event"] == "call.tasks_abandoned"]
     assert len(abandoned) == 1 and abandoned[0][0].startswith("tool:")
 
@@ -860,7 +860,7 @@ async def test_an_attempt_in_flight_when_the_call_ends_backs_off_no_more(simulat
         while connect.attempts < 4:  # 1 attach + 2 failed re-attaches (backoff 0.2 s, 0.4 s) + 1 in flight
             connect.changed.clear()
             await connect.changed.wait()
-    await rt.hangup()  # the call ends while that attempt is in flight (after the 0.1 s end cap)
+    rt.hangup()  # the call ends while that attempt is in flight (after the 0.1 s end cap)
     async with asyncio.timeout(5):
         while rt.machine.closed is None:
             await asyncio.sleep(0.01)
@@ -883,7 +883,7 @@ async def test_reattach_stops_as_soon_as_the_call_has_ended(simulator: Simulator
         while connect.attempts < 2:  # the first re-attach attempt failed: the driver backs off
             connect.changed.clear()
             await connect.changed.wait()
-    await rt.hangup()
+    rt.hangup()
     assert await asyncio.wait_for(task, 1.0) == "hangup"  # not after 20 attempts
     assert verbs == [("hangup", None)] and connect.attempts == 2
 
@@ -1058,7 +1058,7 @@ async def test_code_frames_queued_while_detached_go_out_in_order_after_the_reatt
     await call.wait_for(lambda c: any(e.get("event_id") == "app_clear_1" for e in c.received), timeout=5)
     mine = [e.get("event_id") for e in call.received if str(e.get("event_id")).startswith("app_")]
     assert mine == ["app_create_1", "app_clear_1"]
-    await rt.hangup()
+    rt.hangup()
     assert await asyncio.wait_for(run, 10) in ("hangup", "remote_closed")
 
 
@@ -1306,3 +1306,120 @@ async def test_a_create_that_crossed_a_response_is_no_alert_other_server_errors_
         ("conversation_already_has_active_response", "info"),
         ("invalid_value", "warning"),
     ]
+
+
+# -- hooks: their own threads, the call's time, what on_tool sees --------------------------------------
+
+
+async def test_on_tool_sees_the_tools_the_calls_end_cancelled(stack: Stack) -> None:
+    started = asyncio.Event()
+    seen: list[tuple[str, str]] = []
+
+    @stack.app.tool(filler_after=None)
+    async def long_job() -> str:
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    @stack.app.on_tool
+    def audit(ctx: CallContext, record: Any) -> None:
+        seen.append((record.name, record.outcome))
+
+    call = await stack.call(Script([HELLO, caller_says("go"), model_calls("long_job", {})], step_timeout=10))
+    await asyncio.wait_for(started.wait(), 5)
+    await stack.sim.hang_up(call)
+    summary = await stack.ended(call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("long_job", "cancelled")]
+    assert seen == [("long_job", "cancelled")]
+
+
+async def test_the_calls_duration_leaves_out_the_teardown(stack: Stack) -> None:
+    @stack.app.on_transcript
+    async def slow(ctx: CallContext, role: str, text: str) -> None:
+        await asyncio.Event().wait()  # cancelled only once the end's grace for hooks (2 s) is over
+
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    call = await stack.call(Script([HELLO, caller_says("hi"), model_says("Hello there."), caller_hangs_up()]))
+    await call.wait_done(timeout=10)
+    hung_up = loop.time() - began
+    summary = await stack.ended(call, timeout=15)
+    assert summary.duration < hung_up + 0.5 < HOOK_GRACE + 0.5
+
+
+async def test_sync_hooks_stuck_in_their_threads_leave_the_tools_threads_alone(stack: Stack) -> None:
+    release = threading.Event()
+    stack.app.tools._executor = concurrent.futures.ThreadPoolExecutor(1)  # (one thread: any taken shows)
+
+    @stack.app.on_transcript
+    def store(ctx: CallContext, role: str, text: str) -> None:
+        release.wait(30)  # a write to a database that hangs
+
+    @stack.app.tool(timeout=2.0, filler_after=None)
+    def quick_sync() -> str:
+        """Quick."""
+        return "ok"
+
+    try:
+        first = await stack.call(Script([HELLO, caller_hangs_up()]))
+        await stack.ended(first, timeout=15)  # its hook is left behind, stuck in its thread
+        call = await stack.call(
+            Script(
+                [
+                    HELLO,
+                    caller_says("go"),
+                    model_calls("quick_sync", {}),
+                    model_says("done"),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        summary = await stack.ended(call, timeout=15)
+        assert [(t.name, t.outcome) for t in summary.tools] == [("quick_sync", "ok")]
+    finally:
+        release.set()
+        stack.app.tools.executor.shutdown(wait=False)
+
+
+async def test_a_sync_hook_that_runs_long_is_logged_as_slow(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sideband.runtime.driver.HOOK_SLOW", 0.2)
+    loop = asyncio.get_running_loop()
+    release, keyed, slow_seen = threading.Event(), asyncio.Event(), asyncio.Event()
+    keys: list[str] = []
+
+    @stack.app.on_transcript
+    def store(ctx: CallContext, role: str, text: str) -> None:
+        release.wait(20)
+
+    @stack.app.on_dtmf
+    def keypad(ctx: CallContext, digit: str) -> None:
+        keys.append(digit)
+        loop.call_soon_threadsafe(keyed.set)
+
+    with capture_logs() as logs:
+        processors = structlog.get_config()["processors"]
+        capture = processors[0]
+
+        def watch(logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:
+            if event["event"] == "hook.slow":
+                slow_seen.set()
+            return capture(logger, name, event)
+
+        processors[0] = watch
+        call = await stack.call(Script([HELLO, caller_presses("1"), pause(30)]))
+        try:
+            await asyncio.wait_for(slow_seen.wait(), 5)
+            slow = next(e for e in logs if e["event"] == "hook.slow")
+            assert (
+                slow["hook"].endswith("store") and slow["running_s"] >= 0.2 and slow["log_level"] == "warning"
+            )
+            assert keys == []  # waiting behind it: the call's sync hooks run one at a time, in order
+            release.set()
+            await asyncio.wait_for(keyed.wait(), 5)
+            assert keys == ["1"]
+        finally:
+            release.set()
+            await stack.sim.hang_up(call)
+            await stack.ended(call)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import functools
@@ -83,6 +84,8 @@ HOOK_GRACE = 2.0
 with a ``hook.cancelled`` warning naming the hook)."""
 END_HOOK_TIMEOUT = 10.0
 """Seconds each ``on_call_end`` hook may run before it is cancelled (``hook.cancelled``)."""
+HOOK_SLOW = 5.0
+"""Seconds a sync hook may run before ``hook.slow`` is logged: the call's next sync hooks wait behind it."""
 TASK_GRACE = 5.0
 """Seconds a call's cancelled tools get to stop when it ends; one that ignores its cancellation is left
 behind (``call.tasks_abandoned``)."""
@@ -193,6 +196,9 @@ class CallHooks:
     guardrails: list[Callable[..., Any]] = field(default_factory=list)
     """Output guardrails: called with ``(ctx, text)`` as the model's words stream in (see
     :class:`~sideband.runtime.guard.OutputGuard`)."""
+    executor: concurrent.futures.Executor | None = None
+    """Where sync hooks run (``None``: the tools' thread pool). The app gives its own: a hook stuck in
+    its thread then holds no thread a sync tool needs."""
 
 
 class CallRuntime:
@@ -511,12 +517,13 @@ class CallRuntime:
                 task.cancel()
             raise
         finally:
+            ended = time.monotonic()  # (the call's own time: not its teardown's)
             try:
                 try:
                     await self._cleanup()
                 finally:  # (logged even if the cleanup is cut short)
                     self.summary.reason = self.machine.closed or "internal_error"
-                    self.summary.duration = time.monotonic() - started
+                    self.summary.duration = ended - started
                     self.log.info(
                         "call.ended",
                         reason=self.summary.reason,
@@ -998,8 +1005,12 @@ class CallRuntime:
         return self._abandoned is None or call_id not in self._abandoned
 
     def _tool_cancelled(self, call_id: str, name: str, duration: float) -> None:
-        """A tool cancelled by the call's end (or the machine): in the summary and the log all the same."""
-        self._record(ToolRecord(call_id, name, "cancelled", duration))
+        """A tool cancelled by the call's end (or the machine): in the summary, the log and ``on_tool``
+        all the same."""
+        record = ToolRecord(call_id, name, "cancelled", duration)
+        self._record(record)
+        if self.hooks.on_tool:
+            self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
         self.log.info(
             "tool.finished",
             tool=name,
@@ -1157,15 +1168,23 @@ class CallRuntime:
             if self.ctx._loop is None:
                 self.ctx._loop = loop
             run = functools.partial(contextvars.copy_context().run, hook, *args)
-            work = loop.run_in_executor(self.tools.executor, run)
+            work = loop.run_in_executor(self.hooks.executor or self.tools.executor, run)
         except BaseException:
             lock.release()
             raise
         abandoned = False
+        started = loop.time()
+        slow = loop.call_later(
+            HOOK_SLOW,
+            lambda: self.log.warning(
+                "hook.slow", hook=_hook_name(hook), running_s=round(loop.time() - started, 1)
+            ),
+        )
 
         def finished(done: asyncio.Future[Any]) -> None:
             # Released when the thread is done, not when this task is cancelled (the end's grace, the
             # on_call_end bound): the next sync hook of the call never runs beside one still running.
+            slow.cancel()
             lock.release()
             if done.cancelled():
                 return
