@@ -168,6 +168,24 @@ async def test_browser_first_handoff_valid_forged_expired_reused(stack: Stack) -
     assert other.sideband_connects == 0
 
 
+async def test_a_handoff_while_draining_is_served_and_new_browser_calls_are_not(stack: Stack) -> None:
+    _, minted = await post_json(stack, "/rtc/sessions", {})
+    call = stack.sim.create_webrtc_call(Script([]))
+    stack.service.draining = True
+    try:
+        status, body = await post_json(stack, "/rtc/sessions", {})
+        assert (status, body) == (503, {"error": "draining"})
+        # its call is up at OpenAI already: without its sideband, nobody would run its tools
+        status, body = await post_json(
+            stack, "/rtc/handoff", {"call_id": call.call_id, "ticket": minted["ticket"]}
+        )
+        assert (status, body["status"]) == (200, "attached")
+        await call.wait_connected(timeout=5)
+        assert call.sideband_connects == 1
+    finally:
+        stack.service.draining = False
+
+
 async def test_handoff_to_unknown_call_is_404(stack: Stack) -> None:
     _, minted = await post_json(stack, "/rtc/sessions", {})
     status, body = await post_json(

@@ -255,7 +255,9 @@ async def rtc_sessions(request: web.Request) -> web.Response:
 async def rtc_handoff(request: web.Request) -> web.Response:
     """``POST /rtc/handoff`` ``{call_id, ticket}`` — attach to a browser-started call."""
     service = request.app[SERVICE]
-    refused = await _browser_gate(request, service)
+    # (served while draining: its call is up at OpenAI already, and gets the rest of the window, as a
+    # call a webhook in flight accepts does)
+    refused = await _browser_gate(request, service, draining_refused=False)
     if refused is not None:
         return refused
     if _media_type(request) != "application/json":
@@ -275,9 +277,11 @@ async def rtc_handoff(request: web.Request) -> web.Response:
     return _reply(await service.rtc_handoff(data.get("call_id"), data.get("ticket")))
 
 
-async def _browser_gate(request: web.Request, service: Service) -> web.Response | None:
+async def _browser_gate(
+    request: web.Request, service: Service, *, draining_refused: bool = True
+) -> web.Response | None:
     """The refusal for a WebRTC request, or ``None`` to serve it: closed without the app's
-    ``authorize_browser`` hook (404), refused by it (403), or draining (503)."""
+    ``authorize_browser`` hook (404), refused by it (403), or draining (503, for a new call)."""
     if not service.app.browsers_allowed:
         service.refused["rtc.closed", 404] += 1
         return _json(404, {"error": "not found"})
@@ -296,7 +300,7 @@ async def _browser_gate(request: web.Request, service: Service) -> web.Response 
         return _json(503, {"error": "authorization unavailable"})
     if not allowed:
         return _refuse(service, 403, "not authorized", event="rtc.unauthorized")
-    if service.draining:
+    if service.draining and draining_refused:
         service.refused["rtc.draining", 503] += 1
         log.info("rtc.draining", path=request.path)
         return _json(503, {"error": "draining"})
