@@ -8,11 +8,12 @@ import dataclasses
 import re
 import secrets
 import ssl
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -46,6 +47,8 @@ from sideband.upstream.openai import CallControl, CallGone, UpstreamError, conne
 __all__ = ["HANDOFF_GRACE", "Reply", "Service", "WebhookEvent"]
 
 _RTC_CALL_ID = re.compile(r"rtc_[A-Za-z0-9_-]{1,128}")
+
+_T = TypeVar("_T")
 
 
 def rtc_call_id(value: Any) -> str | None:
@@ -315,7 +318,7 @@ class Service:
             try:
                 if not path:
                     raise RouteError("no route file to reload (SIDEBAND_ROUTES_FILE is not set)")
-                table = await asyncio.to_thread(RouteTable.load, path, self.app.tools.names())
+                table = await _in_daemon_thread(RouteTable.load, path, self.app.tools.names())
                 table.check(self.app)  # (on the loop: it fills the app's plan cache)
             except Exception as exc:  # (a RouteError is one line; anything else, e.g. a TOML nested too deep)
                 error = str(exc) if isinstance(exc, RouteError) else f"{path}: {type(exc).__name__}: {exc}"
@@ -995,3 +998,30 @@ class Service:
             if reason:  # refused or unreachable for good: the call was hung up
                 return Reply(502, {"error": "could not attach", "reason": reason})
             return Reply(202, {"status": "attaching", "call_id": call_id})
+
+
+async def _in_daemon_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` in a daemon thread of its own: a read that hangs (a route file on a stalled network
+    volume) must not hold up the process's exit, as a thread of the loop's default executor would."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[_T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # (the loop closed meanwhile)
+            loop.call_soon_threadsafe(_settle, done, result, error)
+
+    threading.Thread(target=run, name="sideband-routes", daemon=True).start()
+    return await done
+
+
+def _settle(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if done.done():  # (given up on: cancelled)
+        return
+    if error is None:
+        done.set_result(result)
+    else:
+        done.set_exception(error)

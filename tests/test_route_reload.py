@@ -4,6 +4,8 @@ route, and a file that fails the start's checks changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import signal
 import threading
 from pathlib import Path
@@ -246,3 +248,37 @@ async def test_a_sighup_while_draining_reloads_nothing_and_the_exit_stays_clean(
     assert code == 0, err
     assert "Traceback" not in err + rest
     assert not [line for line in lines if str(line.get("event", "")).startswith("routes.")]
+
+
+async def test_a_reload_stuck_on_its_file_does_not_hold_up_the_exit(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    path = write(tmp_path, '[routes."+18005550000"]\nreject = 486\n')
+    env = serve_env(simulator, SIDEBAND_ROUTES_FILE=str(path), SIDEBAND_DRAIN_TIMEOUT="1")
+    proc = await start_serve(0, env)
+    assert proc.stdout is not None
+    lines: list[dict[str, object]] = []
+    writer: int | None = None
+    try:
+        await read_until(proc.stdout, "server.started", lines)
+        path.unlink()
+        os.mkfifo(path)  # the file's volume stops answering (a stalled network mount): its read blocks
+        proc.send_signal(signal.SIGHUP)
+        deadline = asyncio.get_running_loop().time() + 10
+        while writer is None:  # the reload has the file open once a writer can open it without waiting
+            try:
+                writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO and asyncio.get_running_loop().time() < deadline, exc
+                await asyncio.sleep(0.02)
+        # (the writer stays open and writes nothing: the reload's read waits on)
+        proc.send_signal(signal.SIGTERM)
+        await read_until(proc.stdout, "server.stopped", lines)
+        code = await asyncio.wait_for(proc.wait(), 10)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 0
