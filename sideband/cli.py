@@ -132,6 +132,12 @@ def raise_open_files_limit() -> int | None:
     return soft
 
 
+SIGNAL_ECHO = 1.0
+"""Seconds after a SIGTERM/SIGINT in which another counts as the same one: a Ctrl-C reaches the server
+from the terminal and again from a wrapper that forwards it (``uv run``, ``./dev``), and a supervisor
+that signals the whole process group (systemd's default) reaches it twice the same way."""
+
+
 async def serve(settings: Settings, app: Sideband) -> None:
     """Serve until SIGTERM/SIGINT, then drain: /readyz answers 503, new calls are refused with 503
     (OpenAI redelivers them to another instance), live calls get ``SIDEBAND_DRAIN_TIMEOUT`` seconds.
@@ -157,11 +163,14 @@ async def serve(settings: Settings, app: Sideband) -> None:
         reason = _reason(exc) if isinstance(exc, OSError) else "not a valid host name"
         raise CliError(f"cannot listen on {_address(settings.host, settings.port)}: {reason}") from None
     stop, hurry = asyncio.Event(), asyncio.Event()
-    signals = 0
+    signals, last = 0, 0.0
 
     def on_signal() -> None:  # the first drains, the second ends the drain, the third exits at once
-        nonlocal signals
-        signals += 1
+        nonlocal signals, last
+        now = loop.time()
+        if signals and now - last < SIGNAL_ECHO:
+            return  # the same signal again, not another: a terminal's and a wrapper's (uv run, tini -g)
+        signals, last = signals + 1, now
         if signals == 2:
             log.warning("server.hurried", detail="second signal: live calls are hung up now")
             hurry.set()

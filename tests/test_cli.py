@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from sideband import Sideband
-from sideband.cli import CliError, _address, _reason
+from sideband.cli import SIGNAL_ECHO, CliError, _address, _reason
 from sideband.demo import run_demo
 from sideband.testing import (
     Script,
@@ -681,7 +681,9 @@ async def test_a_second_signal_ends_the_drain_at_once(simulator: Simulator) -> N
         assert (await sender.deliver(simulator.incoming_event(call))).status == 200
         await read_until(proc.stdout, "sideband.attached", lines)
         proc.send_signal(signal.SIGTERM)
+        first = loop.time()
         await read_until(proc.stdout, "server.draining", lines)
+        await asyncio.sleep(first + SIGNAL_ECHO + 0.1 - loop.time())  # (sooner, it is the same signal)
         started = loop.time()
         proc.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(proc.wait(), timeout=15)  # not the 60 s window
@@ -699,6 +701,40 @@ async def test_a_second_signal_ends_the_drain_at_once(simulator: Simulator) -> N
     assert [r.path for r in simulator.requests if r.path.endswith("/hangup")] == [
         f"/v1/realtime/calls/{call.call_id}/hangup"
     ]
+
+
+async def test_one_signal_that_arrives_twice_drains_all_the_same(simulator: Simulator) -> None:
+    """A Ctrl-C under a wrapper that forwards it (or a SIGTERM to the whole process group) reaches the
+    server twice at once: that is one signal, not the second that ends the drain."""
+    drain = 2.0
+    port = free_port()
+    proc = await start_serve(port, serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT=str(drain)))
+    assert proc.stdout is not None
+    lines: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    try:
+        await read_until(proc.stdout, "server.started", lines)
+        call = simulator.create_call(Script([pause(60)]))
+        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
+        assert (await sender.deliver(simulator.incoming_event(call))).status == 200
+        await read_until(proc.stdout, "sideband.attached", lines)
+        started = loop.time()
+        proc.send_signal(signal.SIGINT)  # the terminal's
+        proc.send_signal(signal.SIGINT)  # the wrapper's
+        proc.send_signal(signal.SIGTERM)  # and a supervisor's to the group
+        code = await asyncio.wait_for(proc.wait(), timeout=15)
+        elapsed = loop.time() - started
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 0
+    rest = (await proc.stdout.read()).decode().splitlines()
+    lines.extend(json.loads(line) for line in rest if line.strip())
+    events = [e.get("event") for e in lines]
+    assert "server.hurried" not in events and "server.killed" not in events
+    assert elapsed >= drain  # the live call had the whole window
+    assert [e["reason"] for e in lines if e.get("event") == "call.ended"] == ["shutdown"]
 
 
 async def test_a_webhook_in_flight_keeps_the_listener_and_its_call_gets_the_window(
