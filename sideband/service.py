@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import re
 import secrets
 import ssl
@@ -89,6 +90,13 @@ LEDGER_TICK = 1.0
 
 ORPHANS_AT_ONCE = 16
 """Orphaned calls hung up at once, by the instance that found them."""
+
+STRANDED_RETRY = 10.0
+STRANDED_RETRY_MAX = 300.0
+STRANDED_FOR = 3600.0
+"""A call whose hangup failed (``hangup_failed``: it may still be up, with nobody running its tools) is
+hung up again after ``STRANDED_RETRY`` seconds, the wait doubling up to ``STRANDED_RETRY_MAX``, for
+``STRANDED_FOR`` seconds (no call lasts longer)."""
 
 
 class _SipHeaderModel(BaseModel):
@@ -215,6 +223,7 @@ class Service:
         self._ledger: asyncio.Task[None] | None = None  # records this instance's calls, finds orphans
         self._sweeping: asyncio.Task[None] | None = None  # hangs up the calls of a dead instance
         self._launched = asyncio.Event()  # a call started since the ledger's last record
+        self._stranded: dict[str, asyncio.Task[None]] = {}  # calls whose hangup failed, hung up again
         self.requests = 0
         """Requests being handled (kept by the edge): a shutdown lets them finish before it stops."""
         self._no_requests = asyncio.Event()
@@ -401,13 +410,23 @@ class Service:
         if self._ending is not None:
             await self._ending
         await self.registry.drain(max(0.0, self._drain_deadline - time.monotonic()))  # (started since)
-        stopping = [*self._settling, *(t for t in (self._ledger, self._sweeping) if t is not None)]
+        stranded = sorted(self._stranded)
+        stopping = [
+            *self._settling,
+            *self._stranded.values(),
+            *(t for t in (self._ledger, self._sweeping) if t is not None),
+        ]
         for task in stopping:
             task.cancel()
         await asyncio.gather(*stopping, return_exceptions=True)
-        if isinstance(self.store, CallLedger) and self._ledger is not None:
+        ledger = self.store if isinstance(self.store, CallLedger) and self._ledger is not None else None
+        if ledger is not None:
             with contextlib.suppress(StoreUnavailable):  # (else its lease runs out: swept, with no call)
-                await self.store.forget(self.instance_id)
+                await ledger.forget(self.instance_id)
+                if stranded:  # left to another instance, once this one's lease has run out
+                    await ledger.record(self.instance_id, stranded, (), self.settings.orphan_after)
+        for call_id in stranded:
+            self.log.warning("call.stranded", call_id=call_id, outcome="left", ledger=ledger is not None)
         if self._http is not None:
             await self._http.close()
         await self.store.close()
@@ -498,7 +517,7 @@ class Service:
         since: float | None = None  # since when records go through without a break
         while True:
             self._launched.clear()
-            live = set(self.registry.calls)
+            live = set(self.registry.calls) | self._stranded.keys()  # (a stranded call may still be up)
             try:
                 await ledger.record(self.instance_id, live - synced, synced - live, lease)
             except StoreUnavailable as exc:
@@ -513,7 +532,8 @@ class Service:
                 synced = live
                 now = loop.time()
                 since = now if since is None else since
-                if now - since >= lease and (self._sweeping is None or self._sweeping.done()):
+                sweep_done = self._sweeping is None or self._sweeping.done()
+                if now - since >= lease and sweep_done and not self.draining:  # (one it could not finish)
                     self._sweeping = asyncio.ensure_future(self._sweep(ledger))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._launched.wait(), LEDGER_TICK)
@@ -889,9 +909,38 @@ class Service:
             turn_seconds=self.registry.turn_seconds,
             guardrail_trips=self.registry.guardrail_trips,
         )
-        self.registry.start(runtime)
+        self.registry.start(runtime).add_done_callback(functools.partial(self._ended, call_id))
         self._launched.set()  # (the ledger records it now: an instance dying just after leaves it known)
         return runtime
+
+    def _ended(self, call_id: str, task: asyncio.Task[str]) -> None:
+        """A call's end: one whose hangup failed may still be up, and is hung up again later."""
+        if task.cancelled() or task.exception() is not None or task.result() != "hangup_failed":
+            return
+        self._stranded[call_id] = asyncio.ensure_future(self._hang_up_later(call_id))  # (or left at close)
+
+    async def _hang_up_later(self, call_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        delay, until = STRANDED_RETRY, loop.time() + STRANDED_FOR
+        try:
+            while loop.time() < until:
+                await asyncio.sleep(delay)
+                try:
+                    await self._retrying(
+                        lambda t: self.control.hangup(call_id, timeout=t), budget=self._hangup_budget()
+                    )
+                except CallGone:
+                    self.log.info("call.stranded", call_id=call_id, outcome="gone")
+                    return
+                except UpstreamError as exc:
+                    self.log.debug("call.stranded", call_id=call_id, outcome="retrying", error=str(exc))
+                    delay = min(delay * 2, STRANDED_RETRY_MAX)
+                else:
+                    self.log.warning("call.stranded", call_id=call_id, outcome="hung_up")
+                    return
+            self.log.error("call.stranded", call_id=call_id, outcome="given_up", tried_for_s=STRANDED_FOR)
+        finally:
+            self._stranded.pop(call_id, None)
 
     # ------------------------------------------------------------------------------ WebRTC
     def browser_plan(self, *, checked: bool = True) -> CallPlan:

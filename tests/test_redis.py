@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 import redis
 
+from sideband import CallContext
 from sideband.service import Service
 from sideband.stores import MemoryStore, RedisStore, StoreUnavailable, redacted
 from sideband.testing import Script, Simulator, pause, run_app
@@ -367,6 +368,81 @@ async def test_the_calls_of_an_instance_that_died_are_hung_up_by_another(
         assert not keys.smembers("sideband:instances")
     finally:
         keys.close()
+
+
+async def test_an_instance_that_drains_starts_no_sweep(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer
+) -> None:
+    """A draining instance is on its way out: a sweep it started would be cut short at its close, and
+    its lock would keep the others from that dead instance's calls for a while."""
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url, "orphan_after": 1.0}
+    async with (
+        run_app(make_app(), simulator, **settings) as a,
+        run_app(make_app(), simulator, **settings) as b,
+    ):
+        orphan = simulator.create_call(Script([pause(30)]))
+        recorded, record_a = asyncio.Event(), a.service.store.record
+        ticks, record_b = asyncio.Queue[None](), b.service.store.record
+
+        async def noted_a(instance: str, added: Any, removed: Any, lease: float) -> None:
+            await record_a(instance, added, removed, lease)
+            if orphan.call_id in added:
+                recorded.set()
+
+        async def noted_b(instance: str, added: Any, removed: Any, lease: float) -> None:
+            await record_b(instance, added, removed, lease)
+            ticks.put_nowait(None)
+
+        a.service.store.record = noted_a  # type: ignore[method-assign]
+        b.service.store.record = noted_b  # type: ignore[method-assign]
+        assert (await a.sender.deliver(simulator.incoming_event(orphan), max_attempts=1)).status == 200
+        await asyncio.wait_for(recorded.wait(), 5)
+        b.service.draining = True
+        assert a.service._ledger is not None
+        a.service._ledger.cancel()  # A stops living, as far as the ledger can tell
+        while not ticks.empty():
+            ticks.get_nowait()
+        for _ in range(4):  # B records on: past A's lease (1 s), a running B would have swept by now
+            await asyncio.wait_for(ticks.get(), 5)
+        assert b.service._sweeping is None and not orphan.hangup_requested
+        b.service.draining = False  # (and once it takes calls again, it sweeps)
+        await orphan.wait_for(lambda c: c.hangup_requested, 10, "the orphan's hangup")
+
+
+async def test_a_call_whose_hangup_failed_is_left_in_the_ledger_for_another_instance(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stops cleanly, but the hangup of its call kept failing (``hangup_failed``: it may be up): the
+    call stays in A's ledger, and once A's lease has run out B hangs it up."""
+    monkeypatch.setattr("sideband.service.HANGUP_BUDGET", 1.0)
+    monkeypatch.setattr("sideband.service.STRANDED_RETRY", 60.0)  # (A stops before it tries again)
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url, "orphan_after": 1.0}
+    hanging_up = make_app()
+
+    @hanging_up.on_call_start
+    def bye(ctx: CallContext) -> None:
+        ctx.hangup()
+
+    call = simulator.create_call(Script([pause(30)]))
+    simulator.fail_verb(call.call_id, "hangup", *([503] * 500))
+    async with run_app(make_app(), simulator, **settings):  # B
+        with capture_logs() as logs:
+            async with run_app(hanging_up, simulator, **settings) as a:
+                assert (await a.sender.deliver(simulator.incoming_event(call), max_attempts=1)).status == 200
+                assert (await a.ended(call, timeout=10)).reason == "hangup_failed"
+                owner = a.service.instance_id
+            left = [e for e in logs if e["event"] == "call.stranded"]
+            assert [(e["call_id"], e["outcome"], e["ledger"]) for e in left] == [(call.call_id, "left", True)]
+            ledger = redis.Redis.from_url(redis_server.url)
+            try:
+                assert ledger.smembers(f"sideband:calls:{owner}") == {call.call_id.encode()}
+            finally:
+                ledger.close()
+            simulator.clear_verb_faults(call.call_id, "hangup")
+            await call.wait_ended(timeout=15)
+        assert call.end_reason == "hangup_verb"
+        swept = [(e["call_id"], e["owner"], e["outcome"]) for e in logs if e["event"] == "call.orphaned"]
+        assert swept == [(call.call_id, owner, "hung_up")]
 
 
 async def test_a_redelivery_to_another_instance_attaches_after_an_uncertain_accept(

@@ -678,6 +678,27 @@ async def test_a_hangup_that_keeps_failing_ends_as_hangup_failed(
     assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["hangup_failed"]
 
 
+async def test_a_call_whose_hangup_failed_is_hung_up_again_later(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``hangup_failed``: the call may still be up, the model talking on with nobody running its tools."""
+    monkeypatch.setattr("sideband.service.HANGUP_BUDGET", 1.5)
+    monkeypatch.setattr("sideband.service.STRANDED_RETRY", 0.2)
+    call = _hanging_up_call(stack)
+    stack.sim.fail_verb(call.call_id, "hangup", *([503] * 500))
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        assert (await stack.ended(call)).reason == "hangup_failed"
+        assert not call.ended
+        stack.sim.clear_verb_faults(call.call_id, "hangup")  # OpenAI answers again
+        await call.wait_ended(timeout=15)
+    assert call.end_reason == "hangup_verb"
+    stranded = [(e["outcome"], e["log_level"]) for e in logs if e["event"] == "call.stranded"]
+    assert stranded[-1] == ("hung_up", "warning")
+    assert {o for o, _ in stranded[:-1]} <= {"retrying"}
+    assert not stack.service._stranded
+
+
 async def test_a_verb_that_raises_something_unexpected_still_ends_the_call(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2699,6 +2699,10 @@ class Simulator:
             raise ValueError("the 'late' fault applies to accept only")
         self._verb_faults.setdefault((call_id, verb), deque()).extend(self._check_faults(answers))
 
+    def clear_verb_faults(self, call_id: str, verb: Literal["reject", "refer", "hangup"]) -> None:
+        """Drop the faults still queued for ``verb`` on that call: OpenAI answers again."""
+        self._verb_faults.pop((call_id, verb), None)
+
     def fail_next_accepts(self, *answers: Fault) -> None:
         """Queue faults for the next accept attempts, whichever call they are for."""
         self._next_faults.extend(self._check_faults(answers))
