@@ -84,6 +84,9 @@ HOOK_GRACE = 2.0
 with a ``hook.cancelled`` warning naming the hook)."""
 END_HOOK_TIMEOUT = 10.0
 """Seconds each ``on_call_end`` hook may run before it is cancelled (``hook.cancelled``)."""
+TIMER_MOVED_NOTABLE = 5.0
+"""Seconds by which the session's ``expires_at`` must bring a limit forward for ``sideband.timer_moved``
+to be logged at ``info`` (less is every call's: ``debug``)."""
 HOOK_SLOW = 5.0
 """Seconds a sync hook may run before ``hook.slow`` is logged: the call's next sync hooks wait behind it."""
 TASK_GRACE = 5.0
@@ -880,10 +883,11 @@ class CallRuntime:
         earlier = due - (asyncio.get_running_loop().time() + delay)
         if earlier > 0:
             self._set_timer(name, delay)
-            # (on every call alike, the same amount would show a clock running ahead)
-            self.log.info(
-                "sideband.timer_moved", timer=name, earlier_s=round(earlier, 1), due_in_s=round(delay, 1)
-            )
+            # Logged when it says something: a late attach, or (the same amount on every call) a clock
+            # running ahead. A second or two is every call's: the session starts at the accept, before
+            # the attach, and its expires_at is in whole seconds.
+            log = self.log.info if earlier >= TIMER_MOVED_NOTABLE else self.log.debug
+            log("sideband.timer_moved", timer=name, earlier_s=round(earlier, 1), due_in_s=round(delay, 1))
 
     def _arm_alarm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._alarm is not None:
