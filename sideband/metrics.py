@@ -2,22 +2,126 @@
 
 Counters of the answer path live where their events happen (plain :class:`collections.Counter` s); this
 module holds what needs more than a count: :class:`Histogram` (durations in cumulative buckets) and
-:class:`ToolStats` (each tool round of the process's calls, per tool and outcome).
+:class:`ToolStats` (each tool round of the process's calls, per tool and outcome), and the label values
+known before anything happens (:data:`END_REASONS`, :data:`EVENT_OUTCOMES`, :data:`TOOL_OUTCOMES`,
+:data:`REFUSALS`…). A counter starts with those at 0: a series that first appears at 1 has no increase
+in Prometheus (``rate()``, ``increase()``), so the first failure after each start would not show.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
+from collections.abc import Iterable
+from typing import TypeVar
 
-__all__ = ["BUCKETS", "UNKNOWN_TOOL", "Histogram", "ToolStats", "label"]
+__all__ = [
+    "BROWSER_REFUSALS",
+    "BUCKETS",
+    "END_REASONS",
+    "EVENT_OUTCOMES",
+    "REFUSALS",
+    "TOOL_OUTCOMES",
+    "UNKNOWN_TOOL",
+    "UNKNOWN_TOOL_OUTCOMES",
+    "Histogram",
+    "ToolStats",
+    "label",
+    "zeros",
+]
 
 BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Bucket bounds in seconds (Prometheus' defaults): a tool's default timeout is the last one."""
 
+_K = TypeVar("_K")
+
 UNKNOWN_TOOL = "(unknown)"
 """The ``tool`` label of a call naming no tool of the call's: the model's made-up names are not labels
 (each would start a series of its own)."""
+
+
+END_REASONS: tuple[str, ...] = (
+    "remote_closed",
+    "call_not_found",
+    "session_expired",
+    "end_call_tool",
+    "hangup",
+    "transferred",
+    "transfer_failed",
+    "hangup_failed",
+    "idle_timeout",
+    "max_duration",
+    "connect_failed",
+    "reattach_failed",
+    "shutdown",
+    "internal_error",
+)
+"""The end reasons of ``sideband_calls_ended_total{reason}`` (README: end reasons)."""
+
+EVENT_OUTCOMES: tuple[str, ...] = (
+    "accepted",
+    "rejected",
+    "referred",
+    "call_gone",
+    "busy",
+    "blocked",
+    "route_failed",
+    "config_invalid",
+    "answer_failed",
+    "webhook_duplicate",
+    "webhook_in_progress",
+    "webhook_ignored",
+    "hung_up",
+)
+"""The outcomes of ``sideband_events_total{outcome}``: what became of each webhook event."""
+
+TOOL_OUTCOMES: tuple[str, ...] = (
+    "ok",
+    "error",
+    "timeout",
+    "cancelled",
+    "invalid_arguments",
+    "unknown_tool",
+    "loop_breaker",
+    "stopped",
+)
+"""The outcomes of a tool round (``ToolRecord.outcome``), ``sideband_tool_calls_total{outcome}``."""
+
+UNKNOWN_TOOL_OUTCOMES: tuple[str, ...] = ("unknown_tool", "loop_breaker", "stopped")
+"""The outcomes a round naming no tool of the call's may have (:data:`UNKNOWN_TOOL`): it never runs."""
+
+REFUSALS: tuple[tuple[str, int], ...] = (
+    ("webhook.rejected", 400),
+    ("webhook.rejected", 401),
+    ("webhook.rejected", 408),
+    ("webhook.rejected", 413),
+    ("webhook.rejected", 415),
+    ("webhook.draining", 503),
+    ("store.unavailable", 503),
+)
+"""The ``(event, status)`` of ``sideband_requests_refused_total`` any instance may count (webhooks, and
+a claim store that failed under any request)."""
+
+BROWSER_REFUSALS: tuple[tuple[str, int], ...] = (
+    ("rtc.rejected", 400),
+    ("rtc.rejected", 408),
+    ("rtc.rejected", 413),
+    ("rtc.rejected", 415),
+    ("rtc.unauthorized", 403),
+    ("rtc.authorize_failed", 503),
+    ("rtc.draining", 503),
+    ("rtc.busy", 503),
+    ("rtc.handoff_refused", 400),
+    ("rtc.handoff_refused", 403),
+    ("rtc.handoff_refused", 409),
+)
+"""The refusals of WebRTC requests where the app opened the WebRTC doors (without them, each is
+``("rtc.closed", 404)``)."""
+
+
+def zeros(keys: Iterable[_K]) -> Counter[_K]:
+    """A counter holding each of ``keys`` at 0: their series are on ``/metrics`` from the start."""
+    return Counter(dict.fromkeys(keys, 0))
 
 
 def label(value: str) -> str:
@@ -84,8 +188,13 @@ class ToolStats:
 
     __slots__ = ("outcomes", "seconds")
 
-    def __init__(self) -> None:
-        self.outcomes: Counter[tuple[str, str]] = Counter()
+    def __init__(self, tools: Iterable[str] = ()) -> None:
+        """``tools``: the names a call's tools may have (the app's), whose counts start at 0 for each
+        outcome, as :data:`UNKNOWN_TOOL`'s do for :data:`UNKNOWN_TOOL_OUTCOMES`."""
+        known = [(tool, outcome) for tool in tools for outcome in TOOL_OUTCOMES]
+        self.outcomes: Counter[tuple[str, str]] = zeros(
+            [*known, *((UNKNOWN_TOOL, outcome) for outcome in UNKNOWN_TOOL_OUTCOMES)]
+        )
         self.seconds = Histogram()
 
     def record(self, tool: str, outcome: str, duration: float) -> None:

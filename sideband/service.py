@@ -26,9 +26,10 @@ from sideband.app import CallPlan, IncomingCall, Sideband
 from sideband.blocking import Stepwise, log_blocked
 from sideband.context import CallContext, SipHeader
 from sideband.logs import clip, failure_fields
-from sideband.metrics import Histogram
+from sideband.metrics import BROWSER_REFUSALS, EVENT_OUTCOMES, REFUSALS, Histogram, zeros
 from sideband.routing import RouteError, RouteTable, session_problem
 from sideband.runtime.driver import SHUTDOWN_GRACE, CallRegistry, CallRuntime
+from sideband.runtime.guard import guardrail_name
 from sideband.runtime.machine import CallMachine, MachineConfig
 from sideband.session import (
     Accept,
@@ -212,7 +213,9 @@ class Service:
                 ) from None
         self.store: ClaimStore = store
         self._pending_ttl = pending_ttl(settings)
-        self.registry = CallRegistry()
+        # The app's tools and guardrails are known now (routes name tools of these only; a reload
+        # adds none): their counts, and the others' known labels, start at 0 (see sideband.metrics).
+        self.registry = CallRegistry(app.tools.names(), (guardrail_name(g) for g in app.guardrails))
         self._admitting = 0  # webhooks being answered that may still launch a call (see :meth:`full`)
         self.draining = False
         self._drain_deadline: float | None = None
@@ -228,8 +231,9 @@ class Service:
         """Requests being handled (kept by the edge): a shutdown lets them finish before it stops."""
         self._no_requests = asyncio.Event()
         self._no_requests.set()
-        self.counters: Counter[str] = Counter()
-        self.refused: Counter[tuple[str, int]] = Counter()
+        self.counters: Counter[str] = zeros(EVENT_OUTCOMES)
+        """What became of webhook events, per outcome (``/metrics``)."""
+        self.refused: Counter[tuple[str, int]] = zeros(REFUSALS)
         """Requests the edge refused: (log event, HTTP status) → count (``/metrics``)."""
         self.accept_seconds = Histogram()
         """From a webhook's arrival to OpenAI's answer to the accept, per call accepted (``/metrics``)."""
@@ -240,6 +244,8 @@ class Service:
             if (settings.rtc_ticket_secret or settings.openai_webhook_secret or settings.openai_api_key)
             else None
         )
+        # Where the app keeps the WebRTC doors closed, each of their requests is refused as rtc.closed.
+        self.refused.update(zeros(BROWSER_REFUSALS if app.browsers_allowed else [("rtc.closed", 404)]))
         self.log = structlog.get_logger(component="sideband.service").bind()  # bound once, not per call
         # A config every call would be refused with stops the start. One only SIP refuses (e.g. a
         # turn_detection.threshold) is a warning where the app takes WebRTC calls, which allow it.

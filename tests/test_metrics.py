@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import json
+from typing import Any, get_args
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from sideband.metrics import UNKNOWN_TOOL, Histogram, ToolStats
-from sideband.testing import Script, caller_hangs_up, caller_says, model_calls, model_says, wait_for_greeting
+from sideband import CallContext, Sideband
+from sideband.metrics import (
+    BROWSER_REFUSALS,
+    END_REASONS,
+    EVENT_OUTCOMES,
+    REFUSALS,
+    TOOL_OUTCOMES,
+    UNKNOWN_TOOL,
+    UNKNOWN_TOOL_OUTCOMES,
+    Histogram,
+    ToolStats,
+)
+from sideband.testing import (
+    Script,
+    Simulator,
+    caller_hangs_up,
+    caller_says,
+    model_calls,
+    model_says,
+    run_app,
+    wait_for_greeting,
+)
+from sideband.tools import Outcome
 
-from .conftest import Stack
+from .conftest import TEST_SETTINGS, Stack, make_app
 
 
 def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
@@ -54,7 +76,7 @@ def test_tool_stats_time_only_the_runs() -> None:
     for outcome in ("invalid_arguments", "loop_breaker"):
         stats.record("lookup", outcome, 0.0)
     stats.record(UNKNOWN_TOOL, "unknown_tool", 0.0)
-    assert stats.outcomes == {
+    assert +stats.outcomes == {  # (the counts above 0)
         ("lookup", "ok"): 1,
         ("lookup", "timeout"): 1,
         ("lookup", "cancelled"): 1,
@@ -113,3 +135,56 @@ async def test_metrics_count_tool_rounds_and_time_the_accept(stack: Stack) -> No
     assert tool_seconds.type == "histogram"
     assert {s.labels["tool"] for s in tool_seconds.samples} == {"lookup_order", "broken"}
     assert families["sideband_tool_calls"].type == "counter"
+
+
+async def counters(url: str) -> dict[str, dict[tuple[str, ...], float]]:
+    """The ``_total`` samples of ``/metrics``, per family, as ``{label values: value}``."""
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        text = await resp.text()
+    return {
+        f.name: {tuple(s.labels.values()): s.value for s in f.samples if s.name.endswith("_total")}
+        for f in text_string_to_metric_families(text)
+        if f.type == "counter"
+    }
+
+
+async def test_a_fresh_instance_shows_the_known_series_of_its_counters_at_zero(simulator: Simulator) -> None:
+    # A series that first appears at 1 has no increase in Prometheus: the first failure after a start
+    # would not show in rate() or increase(), nor in an alert on them.
+    app = make_app()
+
+    @app.guardrail
+    def no_promises(ctx: CallContext, text: str) -> bool:
+        return "guarantee" in text
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as h:
+        found = await counters(h.url("/metrics"))
+    tools = app.tools.names()
+    assert set(tools) == {"end_call", "transfer_call", "lookup_order", "broken", "refuse"}
+    assert found["sideband_calls_ended"] == {(reason,): 0 for reason in END_REASONS}
+    assert found["sideband_events"] == {(outcome,): 0 for outcome in EVENT_OUTCOMES}
+    assert found["sideband_tool_calls"] == {
+        **{(tool, outcome): 0 for tool in tools for outcome in TOOL_OUTCOMES},
+        **{(UNKNOWN_TOOL, outcome): 0 for outcome in UNKNOWN_TOOL_OUTCOMES},
+    }
+    assert found["sideband_guardrail_trips"] == {("no_promises",): 0}
+    refusals = {(event, str(status)): 0 for event, status in (*REFUSALS, *BROWSER_REFUSALS)}
+    assert found["sideband_requests_refused"] == refusals
+    assert {"accepted", "busy", "route_failed", "answer_failed"} <= set(EVENT_OUTCOMES)
+    assert set(get_args(Outcome)) <= set(TOOL_OUTCOMES)  # (each outcome a tool's run may have)
+
+
+async def test_an_app_without_webrtc_starts_with_its_refusals_as_rtc_closed(simulator: Simulator) -> None:
+    app = Sideband(instructions="A desk.")
+
+    @app.tool
+    def lookup(order_id: str) -> dict[str, Any]:
+        """Look up an order."""
+        return {"order_id": order_id}
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as h:
+        found = await counters(h.url("/metrics"))
+    refused = found["sideband_requests_refused"]
+    assert refused == {**{(e, str(s)): 0 for e, s in REFUSALS}, ("rtc.closed", "404"): 0}
+    assert found["sideband_tool_calls"][("lookup", "timeout")] == 0
+    assert found.get("sideband_guardrail_trips", {}) == {}

@@ -12,7 +12,7 @@ import json
 import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ from sideband import jsonio
 from sideband.blocking import log_blocked, timed
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.logs import failure_fields
-from sideband.metrics import UNKNOWN_TOOL, Histogram, ToolStats
+from sideband.metrics import END_REASONS, UNKNOWN_TOOL, Histogram, ToolStats, zeros
 from sideband.runtime.guard import GUARDED_DELTAS, GUARDED_DONE, OutputGuard
 from sideband.runtime.machine import (
     ACK_TYPES,
@@ -1341,22 +1341,23 @@ class CallRegistry:
 
     RECENT = 256
 
-    def __init__(self) -> None:
+    def __init__(self, tools: Iterable[str] = (), guardrails: Iterable[str] = ()) -> None:
+        """``tools`` and ``guardrails``: the names the app's calls count under (their series start at 0)."""
         self._tasks: dict[str, asyncio.Task[str]] = {}
         self.calls: dict[str, CallRuntime] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self.recent: OrderedDict[str, CallSummary] = OrderedDict()
         """Summaries of the last :attr:`RECENT` calls that ended (for tests and diagnostics)."""
-        self.ended: Counter[str] = Counter()
+        self.ended: Counter[str] = zeros(END_REASONS)
         """Calls that ended, per end reason (``/metrics``)."""
-        self.tools = ToolStats()
+        self.tools = ToolStats(tools)
         """The tool rounds of the calls it ran (``/metrics``), given to each call's runtime."""
         self.usage = Usage()
         """The tokens and transcription of the calls it ran (``/metrics``), given to each call's runtime."""
         self.turn_seconds = Histogram()
         """Their callers' waits for an answer (``/metrics``), given to each call's runtime."""
-        self.guardrail_trips: Counter[str] = Counter()
+        self.guardrail_trips: Counter[str] = zeros(guardrails)
         """Replies output guardrails stopped, per guardrail (``/metrics``), given to each call's runtime."""
 
     def start(self, runtime: CallRuntime) -> asyncio.Task[str]:
