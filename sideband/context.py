@@ -235,6 +235,9 @@ class CallContext:
     def hangup(self, reason: str = "hangup") -> Awaitable[None]:
         """End the call once in-flight tool outputs and the model's last words are out.
 
+        ``reason`` is the call's end reason (``CallSummary.reason``, ``call.ended``); ``/metrics`` counts
+        one that is none of sideband's end reasons as ``reason="app"``.
+
         The end is asked for as this is called, from an ``async def`` tool or hook (``await
         ctx.hangup()``; without the ``await`` it is asked for all the same) or from a sync one's thread.
         """

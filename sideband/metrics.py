@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 __all__ = [
+    "APP_END_REASON",
     "BROWSER_REFUSALS",
     "BUCKETS",
     "END_REASONS",
@@ -26,6 +27,7 @@ __all__ = [
     "UNKNOWN_TOOL_OUTCOMES",
     "Histogram",
     "ToolStats",
+    "end_reason",
     "label",
     "zeros",
 ]
@@ -57,6 +59,20 @@ END_REASONS: tuple[str, ...] = (
     "internal_error",
 )
 """The end reasons of ``sideband_calls_ended_total{reason}`` (README: end reasons)."""
+
+APP_END_REASON = "app"
+"""The ``reason`` label of a call that ended with a reason of the app's own, given to
+``ctx.hangup(reason)`` (any text, perhaps the caller's or the model's: as labels, a series each). The
+reason itself is in the call's summary and its ``call.ended`` line."""
+
+_END_LABELS = frozenset(END_REASONS)
+
+
+def end_reason(reason: str) -> str:
+    """The ``reason`` label a call that ended with ``reason`` counts under: itself when it is one of
+    :data:`END_REASONS`, else :data:`APP_END_REASON`."""
+    return reason if reason in _END_LABELS else APP_END_REASON
+
 
 EVENT_OUTCOMES: tuple[str, ...] = (
     "accepted",

@@ -21,6 +21,7 @@ from sideband.metrics import (
     ToolStats,
 )
 from sideband.testing import (
+    Harness,
     Script,
     Simulator,
     caller_hangs_up,
@@ -32,7 +33,7 @@ from sideband.testing import (
 )
 from sideband.tools import Outcome
 
-from .conftest import TEST_SETTINGS, Stack, make_app
+from .conftest import TEST_SETTINGS, Stack, capture_logs, make_app
 
 
 def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
@@ -161,7 +162,7 @@ async def test_a_fresh_instance_shows_the_known_series_of_its_counters_at_zero(s
         found = await counters(h.url("/metrics"))
     tools = app.tools.names()
     assert set(tools) == {"end_call", "transfer_call", "lookup_order", "broken", "refuse"}
-    assert found["sideband_calls_ended"] == {(reason,): 0 for reason in END_REASONS}
+    assert found["sideband_calls_ended"] == {(reason,): 0 for reason in (*END_REASONS, "app")}
     assert found["sideband_events"] == {(outcome,): 0 for outcome in EVENT_OUTCOMES}
     assert found["sideband_tool_calls"] == {
         **{(tool, outcome): 0 for tool in tools for outcome in TOOL_OUTCOMES},
@@ -188,3 +189,42 @@ async def test_an_app_without_webrtc_starts_with_its_refusals_as_rtc_closed(simu
     assert refused == {**{(e, str(s)): 0 for e, s in REFUSALS}, ("rtc.closed", "404"): 0}
     assert found["sideband_tool_calls"][("lookup", "timeout")] == 0
     assert found.get("sideband_guardrail_trips", {}) == {}
+
+
+async def test_a_reason_of_the_apps_own_is_counted_as_app(simulator: Simulator) -> None:
+    # ctx.hangup(reason) takes any text, perhaps the caller's words: as a label, each would start a
+    # series of its own. The end reasons count as themselves, any other under "app"; the text itself is
+    # in the summary and the call.ended line.
+    app = make_app()
+    said = 'caller said "stop"\nand hung up \\ '
+
+    @app.tool(filler_after=None)
+    async def give_up(why: str, ctx: CallContext) -> str:
+        """Ends the call, saying why."""
+        await ctx.hangup(why)
+        return "bye"
+
+    @app.tool(filler_after=None)
+    async def plain_hangup(ctx: CallContext) -> str:
+        """Ends the call."""
+        await ctx.hangup()
+        return "bye"
+
+    async def one_call(h: Harness, tool: str, arguments: dict[str, Any]) -> str:
+        script = Script(
+            [wait_for_greeting("Hi."), caller_says("Stop."), model_calls(tool, arguments), model_says("Bye!")]
+        )
+        call = h.sim.create_call(script)
+        assert (await h.sender.deliver(h.sim.incoming_event(call))).status == 200
+        return (await h.ended(call)).reason
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as h:
+        with capture_logs() as logs:
+            assert await one_call(h, "give_up", {"why": said}) == said
+            assert await one_call(h, "give_up", {"why": "something else"}) == "something else"
+            assert await one_call(h, "plain_hangup", {}) == "hangup"
+        found = await counters(h.url("/metrics"))
+    ended = found["sideband_calls_ended"]
+    assert {reason: n for (reason,), n in ended.items() if n} == {"app": 2, "hangup": 1}
+    assert set(ended) == {(reason,) for reason in (*END_REASONS, "app")}
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == [said, "something else", "hangup"]

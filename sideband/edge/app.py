@@ -342,7 +342,7 @@ async def metrics(request: web.Request) -> web.Response:
     ]
     lines += [f'sideband_events_total{{outcome="{k}"}} {v}' for k, v in sorted(service.counters.items())]
     lines.append("# TYPE sideband_calls_ended_total counter")
-    ended = sorted(service.registry.ended.items())  # reasons may come from app code: escaped
+    ended = sorted(service.registry.ended.items())  # (the end reasons, and "app" for an app's own)
     lines += [f'sideband_calls_ended_total{{reason="{label(k)}"}} {v}' for k, v in ended]
     lines.append("# TYPE sideband_requests_refused_total counter")
     refused = sorted(service.refused.items())

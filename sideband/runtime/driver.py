@@ -24,7 +24,15 @@ from sideband import jsonio
 from sideband.blocking import log_blocked, timed
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.logs import failure_fields
-from sideband.metrics import END_REASONS, UNKNOWN_TOOL, Histogram, ToolStats, zeros
+from sideband.metrics import (
+    APP_END_REASON,
+    END_REASONS,
+    UNKNOWN_TOOL,
+    Histogram,
+    ToolStats,
+    end_reason,
+    zeros,
+)
 from sideband.runtime.guard import GUARDED_DELTAS, GUARDED_DONE, OutputGuard
 from sideband.runtime.machine import (
     ACK_TYPES,
@@ -1349,8 +1357,8 @@ class CallRegistry:
         self._idle.set()
         self.recent: OrderedDict[str, CallSummary] = OrderedDict()
         """Summaries of the last :attr:`RECENT` calls that ended (for tests and diagnostics)."""
-        self.ended: Counter[str] = zeros(END_REASONS)
-        """Calls that ended, per end reason (``/metrics``)."""
+        self.ended: Counter[str] = zeros((*END_REASONS, APP_END_REASON))
+        """Calls that ended, per end reason (``/metrics``): an app's own reason counts as ``app``."""
         self.tools = ToolStats(tools)
         """The tool rounds of the calls it ran (``/metrics``), given to each call's runtime."""
         self.usage = Usage()
@@ -1377,7 +1385,7 @@ class CallRegistry:
             self._tasks.pop(runtime.ctx.call_id, None)
             self.calls.pop(runtime.ctx.call_id, None)
             self.recent[runtime.ctx.call_id] = runtime.summary
-            self.ended[runtime.summary.reason or "internal_error"] += 1
+            self.ended[end_reason(runtime.summary.reason or "internal_error")] += 1
             if len(self.recent) > self.RECENT:
                 self.recent.popitem(last=False)
             if not self._tasks:
