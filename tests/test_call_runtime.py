@@ -18,6 +18,7 @@ from sideband.testing import (
     caller_hangs_up,
     caller_presses,
     caller_says,
+    model_answers,
     model_calls,
     model_fails,
     model_says,
@@ -654,6 +655,72 @@ async def test_max_duration_says_goodbye_then_hangs_up(
     assert "goodbye" in creates[-1]["response"]["instructions"]
     summary = await ended(stack, call)
     assert summary.reason == "max_duration"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_idle_duration": 1.0}])
+async def test_a_caller_who_speaks_over_the_idle_goodbye_keeps_the_call(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    stack.sim.playback_rate = 30.0  # the goodbye plays for about two seconds: the caller cuts into it
+    with capture_logs() as logs:
+        call = await start(
+            stack,
+            Script(
+                [
+                    HELLO,
+                    model_answers("Thank you for calling the order desk, goodbye."),
+                    caller_says("Wait, I'm still here! Where is order 42?", cut_in=True),
+                    model_calls("lookup_order", {"order_id": "42"}),
+                    model_answers("Order 42 has shipped."),
+                    caller_hangs_up(),
+                ],
+                step_timeout=10,
+            ),
+        )
+        await call.wait_done(timeout=15)
+        summary = await ended(stack, call)
+    assert summary.reason == "remote_closed"  # the caller hung up, not the idle limit
+    assert [(t.name, t.outcome) for t in summary.tools] == [("lookup_order", "ok")]
+    assert [e["limit"] for e in logs if e["event"] == "call.limit_withdrawn"] == ["idle"]
+    assert not [e for e in logs if e["event"] == "call.hung_up"]
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_call_duration": 1.0}])
+async def test_a_duration_goodbye_the_caller_talks_over_is_said_again_and_their_answer_runs_no_tool(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    stack.sim.playback_rate = 30.0
+    ran: list[str] = []
+
+    @stack.app.tool
+    async def book_visit(ctx: CallContext) -> str:
+        """Book a technician's visit."""
+        ran.append("book")
+        return "booked"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                model_answers("We have reached the time limit of this call, goodbye."),
+                caller_says("No wait, book me a visit first!", cut_in=True),
+                model_calls("book_visit", {}, await_outputs=False),  # the server's own answer
+                model_answers("I'm sorry, we have to end here. Goodbye."),
+            ],
+            step_timeout=10,
+        ),
+    )
+    await call.wait_ended(timeout=15)
+    summary = await ended(stack, call)
+    assert call.end_reason == "hangup_verb" and summary.reason == "max_duration"
+    assert ran == [] and summary.tools == []
+    goodbyes = [
+        e["response"]["instructions"]
+        for e in call.received
+        if e["type"] == "response.create" and "goodbye" in str(e.get("response", {}).get("instructions"))
+    ]
+    assert len(goodbyes) == 2  # the one the caller cut off, then once more
 
 
 async def test_the_goodbye_comes_before_the_sessions_cut_however_late_the_attach() -> None:

@@ -543,7 +543,123 @@ def test_goodbye_and_verb_wait_for_the_caller_to_finish() -> None:
     m.receive(SPEECH_STARTED)  # the caller cuts into the goodbye: the server cancels it
     assert not [a for a in m.receive(response_done("r_bye", "cancelled")) if isinstance(a, Verb)]
     assert not [a for a in m.receive(SPEECH_STOPPED) if isinstance(a, Verb)]
-    assert Verb("hangup", None) in m.timer("turn")  # no answer to that turn: the call ends
+    # No answer to that turn came: the goodbye the caller cut off is asked for once more, then the verb.
+    again = sends(m.timer("turn"))
+    assert [e["response"]["instructions"] for e in again] == [DEFAULT_GOODBYE]
+    m.receive({"type": "response.created", "response": {"id": "r_bye2"}})
+    m.receive(SPEECH_STARTED)  # cut off again: not asked for a third time
+    m.receive(response_done("r_bye2", "cancelled"))
+    m.receive(SPEECH_STOPPED)
+    assert Verb("hangup", None) in m.timer("turn")
+
+
+def started(m: CallMachine, create: dict[str, Any], response_id: str) -> list[Action]:
+    """The response ``response_id`` starts, answering our ``create`` (its tag echoed)."""
+    return m.receive(
+        {"type": "response.created", "response": {"id": response_id, "metadata": create["metadata"]}}
+    )
+
+
+def test_a_caller_who_speaks_over_the_idle_goodbye_is_back_and_the_call_goes_on() -> None:
+    m = live_machine(max_idle_duration=30)
+    bye = [a.event for a in m.timer("idle") if isinstance(a, Send)][-1]
+    assert bye["response"]["instructions"] == DEFAULT_GOODBYE
+    started(m, bye["response"], "r_bye")
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r_bye"})
+    # "Wait, I'm still here, I need my order status!"
+    back = m.receive(SPEECH_STARTED)
+    assert notices(back, "call.limit_withdrawn") == [{"limit": "idle"}]
+    assert CancelTimer("end_cap") in back and StartTimer("idle", 30) in back
+    assert types(back) == []  # the caller's speech cuts the goodbye off: the server's turn detection does
+    assert not m.ending
+    m.receive({"type": "output_audio_buffer.cleared", "response_id": "r_bye"})
+    m.receive(response_done("r_bye", "cancelled"))
+    m.receive(SPEECH_STOPPED)
+    # The server answers the caller, as on any turn: its tool calls run.
+    m.receive({"type": "response.created", "response": {"id": "r_ans"}})
+    feed(m, call_events("c1", "lookup", "{}", resp="r_ans"))
+    done = m.receive(response_done("r_ans"))
+    assert [a.call_id for a in done if isinstance(a, RunTool)] == ["c1"]
+    answer = [a.event for a in m.tool_done("c1", "{}") if isinstance(a, Send)]
+    assert [e["type"] for e in answer] == ["conversation.item.create", "response.create"]
+    assert m.timer("end_cap") == []  # nothing forced later either
+    started(m, answer[1]["response"], "r_out")
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r_out"})
+    m.receive(response_done("r_out"))
+    out = m.receive({"type": "output_audio_buffer.stopped", "response_id": "r_out"})
+    assert not [a for a in out if isinstance(a, Verb | Close)]
+    # A silence as long again is the limit again: a new goodbye.
+    again = m.timer("idle")
+    assert notices(again, "call.limit") == [{"limit": "idle"}] and m.ending
+
+
+def test_keys_pressed_during_the_idle_goodbye_withdraw_it_and_stop_it() -> None:
+    m = live_machine(max_idle_duration=30)
+    bye = [a.event for a in m.timer("idle") if isinstance(a, Send)][-1]
+    started(m, bye["response"], "r_bye")
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r_bye"})
+    back = m.receive({"type": "input_audio_buffer.dtmf_event_received", "event": "1"})
+    assert notices(back, "call.limit_withdrawn") == [{"limit": "idle"}]
+    # No speech cut it off: the goodbye is stopped, and what of it the caller has not heard is dropped.
+    assert types(back) == ["response.cancel", "output_audio_buffer.clear"]
+    # A goodbye asked for and not started yet is cancelled as it starts.
+    m = live_machine(max_idle_duration=30)
+    bye = [a.event for a in m.timer("idle") if isinstance(a, Send)][-1]
+    assert types(m.receive({"type": "input_audio_buffer.dtmf_event_received", "event": "1"})) == []
+    assert types(started(m, bye["response"], "r_bye")) == ["response.cancel"]
+    assert not [a for a in m.receive(response_done("r_bye", "cancelled")) if isinstance(a, Verb)]
+    # One refused is not sent again.
+    m = live_machine(max_idle_duration=30)
+    bye = [a.event for a in m.timer("idle") if isinstance(a, Send)][-1]
+    m.receive({"type": "response.created", "response": {"id": "r_other"}})
+    error = {"type": "invalid_request_error", "code": "conversation_already_has_active_response"}
+    m.receive({"type": "error", "error": {**error, "event_id": bye["event_id"]}})
+    m.receive({"type": "input_audio_buffer.dtmf_event_received", "event": "1"})
+    done = m.receive(response_done("r_other"))
+    assert types(done) == [] and notices(done, "response.dropped") == [{"purpose": "goodbye"}]
+
+
+def test_other_ends_stand_when_the_caller_speaks_over_the_goodbye() -> None:
+    m = live_machine(max_call_duration=600)
+    bye = [a.event for a in m.timer("max_duration") if isinstance(a, Send)][-1]
+    started(m, bye["response"], "r_bye")
+    assert notices(m.receive(SPEECH_STARTED), "call.limit_withdrawn") == []
+    assert m.ending
+    m.receive(response_done("r_bye", "cancelled"))
+    m.receive(SPEECH_STOPPED)
+    # The server's own answer to the caller, while the call ends, starts no tool.
+    m.receive({"type": "response.created", "response": {"id": "r_ans"}})
+    feed(m, call_events("c1", "lookup", "{}", resp="r_ans"))
+    done = m.receive(response_done("r_ans"))
+    assert not [a for a in done if isinstance(a, RunTool)]
+    assert notices(done, "tool.discarded") == [
+        {"tool_call_id": "c1", "tool": "lookup", "response_status": "completed", "reason": "call_ending"}
+    ]
+    # The goodbye the caller cut off is asked for again, after that answer, then the verb.
+    again = [a.event for a in done if isinstance(a, Send)]
+    assert [e["response"]["instructions"] for e in again] == [DEFAULT_GOODBYE]
+    started(m, again[0]["response"], "r_bye2")
+    assert Verb("hangup", None) in m.receive(response_done("r_bye2"))
+
+
+def test_a_goodbye_whose_audio_the_caller_cuts_off_is_asked_for_again_once() -> None:
+    m = live_machine(max_call_duration=600)
+    bye = [a.event for a in m.timer("max_duration") if isinstance(a, Send)][-1]
+    started(m, bye["response"], "r_bye")
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r_bye"})
+    assert not [a for a in m.receive(response_done("r_bye")) if isinstance(a, Verb)]  # still heard
+    m.receive(SPEECH_STARTED)
+    m.receive({"type": "output_audio_buffer.cleared", "response_id": "r_bye"})  # written whole, heard in part
+    m.receive(SPEECH_STOPPED)
+    again = [a.event for a in m.timer("turn") if isinstance(a, Send)]  # (no answer to the caller came)
+    assert [e["response"]["instructions"] for e in again] == [DEFAULT_GOODBYE]
+    started(m, again[0]["response"], "r_bye2")
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r_bye2"})
+    m.receive(response_done("r_bye2"))
+    m.receive(SPEECH_STARTED)
+    m.receive({"type": "output_audio_buffer.cleared", "response_id": "r_bye2"})  # cut off again: no third
+    m.receive(SPEECH_STOPPED)
+    assert Verb("hangup", None) in m.timer("turn")
 
 
 def test_transfer_waits_for_the_caller_within_the_end_cap() -> None:

@@ -233,6 +233,8 @@ _TAG = "sideband"
 _CANCEL_EVENT = "sb_cancel_"
 _FILLER = "filler:"
 _GREETING = "greeting"
+_GOODBYE = "goodbye"
+_IDLE_TIMEOUT = "idle_timeout"
 _SPEAKING = "speaking"
 _TURN = "turn"
 
@@ -269,6 +271,8 @@ class _End:
     verb_sent: bool = False
     held: bool = False  # a re-attach happened meanwhile: the server's state shows itself first
     says: int = 0  # say() requests queued before the end was asked for: spoken before its verb
+    byes: int = 0  # goodbyes asked for (one cut off is asked for once more: see _goodbye_cut)
+    said: object = None  # the last goodbye's response, once it ended: its audio may still play
 
 
 def _json_text(value: Any) -> str:
@@ -384,7 +388,8 @@ class CallMachine:
         self._tagged = False  # a response came back with our create's tag: the server echoes them
         self._failed_in_row = 0  # responses that ended failed since the last completed one
         # event_id → (body, tag), the last few; the tag says what a create was for: the greeting, a
-        # filler ("filler:<call_id>"), or None for anything that stays owed until it is answered.
+        # filler ("filler:<call_id>"), the end's goodbye, or None for anything that stays owed until it
+        # is answered.
         self._recent_creates: dict[str, tuple[dict[str, Any], str | None]] = {}
         # refused creates (or ones that never left for a lost socket) to send again, first first; a plain
         # create among them is owed as _want_response instead
@@ -865,7 +870,8 @@ class CallMachine:
         if self._closed is not None:
             return []
         self._unnudge()
-        return self._touch_idle()
+        back = self._caller_back() if self._end is not None else []
+        return back + self._touch_idle()
 
     def user_text(self, text: str) -> list[Action]:
         """Add a user text turn (driving the conversation from code); one response follows it (ours, or, on
@@ -1016,6 +1022,18 @@ class CallMachine:
         for item in output:
             if isinstance(item, dict) and item.get("type") == "function_call":
                 self._learn(item, response_id)
+        end = self._end
+        ending = self._going
+        if end is not None and not ending:
+            mine = ours is not None and ours[0] == response_id
+            if mine and ours is not None and self._tag_of(ours[1]) == _GOODBYE:
+                end.said = response_id
+                if status == "cancelled":
+                    self._goodbye_cut(end)
+            # A response the call did not ask for while it ends (the server's answer to a caller who
+            # spoke over the goodbye) starts nothing either, where a create may go out with a call
+            # unanswered (an engine waits for every output before it speaks again).
+            ending = not mine and self.caps.speaks_over_tools
         quiet = self.config.quiet
         for call in list(self._calls.values()):
             if call.state != "pending" or call.response_id not in (None, response_id):
@@ -1023,12 +1041,12 @@ class CallMachine:
             # A response cut short (max_output_tokens, a content filter) may hold calls whose arguments
             # were cut too: "" would pass for {} and run a parameterless action nobody finished asking for.
             cut = status == "incomplete" and not call.complete
-            if status not in _RUNNABLE or self._going or cut:
+            if status not in _RUNNABLE or ending or cut:
                 call.state = "discarded"
                 if status not in _RUNNABLE:
                     reason = "response_ended"
-                else:  # the call's hangup/transfer is out: nothing starts any more
-                    reason = "call_ending" if self._going else "arguments_cut"
+                else:  # the call is going (see above): nothing starts any more
+                    reason = "call_ending" if ending else "arguments_cut"
                 actions.append(
                     Notice(
                         "tool.discarded",
@@ -1054,6 +1072,19 @@ class CallMachine:
         )
         # The model has had its say: the caller's silence counts from here (or from the end of playback).
         return actions + self._answered(response_id) + self._progress() + self._rearm_filler()
+
+    def _tag_of(self, create: str) -> str | None:
+        """What our create ``create`` (an event id) was for (see ``_recent_creates``)."""
+        asked = self._recent_creates.get(create)
+        return asked[1] if asked is not None else None
+
+    def _goodbye_cut(self, end: _End) -> None:
+        """The end's goodbye was cut off (its response cancelled, or its audio cleared: the caller spoke
+        over it). It is asked for once more, after the server's answer to the caller (whose tool calls do
+        not run); a caller who talks over that one too is not kept on the line for it (and the end cap
+        holds throughout)."""
+        if end.goodbye is None and end.byes < 2:
+            end.goodbye = self.config.goodbye_instructions
 
     def _response_failed(self, response: dict[str, Any], create: str | None) -> list[Action]:
         """A response ended ``failed`` (a server error, a quota, a rate limit): nothing was said. It is
@@ -1287,11 +1318,33 @@ class CallMachine:
 
     def _caller_turn(self) -> list[Action]:
         """The caller spoke, keyed or typed: a new turn. The same tool call asked for again is no loop,
-        and a loop breaker's "no tools" is not owed to this turn; the idle limit starts again."""
+        and a loop breaker's "no tools" is not owed to this turn; the idle limit starts again (and an
+        end it had asked for is withdrawn: see :meth:`_caller_back`)."""
         self._last_signature, self._repeat, self._without_tools = None, 0, False
         self._corrections = 0
         self._unnudge()
-        return self._touch_idle()
+        back = self._caller_back() if self._end is not None else []
+        return back + self._touch_idle()
+
+    def _caller_back(self) -> list[Action]:
+        """The caller is active while the idle limit ends the call, before its hangup went out: they are
+        back. The end is withdrawn (``call.limit_withdrawn``; the idle clock then starts again): a
+        goodbye not started yet is cancelled as it starts, one under way or still heard is stopped
+        (unless the caller's speech is what cuts it off: the server's turn detection does, as for any
+        reply), and a refused one is not sent again. Any other end stands."""
+        end = self._end
+        if end is None or end.reason != _IDLE_TIMEOUT or end.verb_sent:
+            return []
+        self._end = None
+        actions: list[Action] = [Notice("call.limit_withdrawn", {"limit": "idle"}), CancelTimer(_END_CAP)]
+        if self._create_sent is not None and self._tag_of(self._create_sent) == _GOODBYE:
+            self._cancel_next = self._create_sent
+        elif not self._speaking:
+            ours = self._ours
+            said = ours[0] if ours is not None and self._tag_of(ours[1]) == _GOODBYE else end.said
+            if isinstance(said, str):
+                actions += self._stop(said)
+        return actions
 
     def _unnudge(self) -> None:
         """The caller is there: a question whether they are still there, not yet asked, is not asked."""
@@ -1349,7 +1402,7 @@ class CallMachine:
             if self.config.max_idle_duration:
                 actions.append(StartTimer(_IDLE, self.config.max_idle_duration))
             return actions + self.say(self.config.idle_prompt_instructions)
-        return [Notice("call.limit", {"limit": "idle"}), *self.request_end("idle_timeout", goodbye=True)]
+        return [Notice("call.limit", {"limit": "idle"}), *self.request_end(_IDLE_TIMEOUT, goodbye=True)]
 
     def _touch_idle(self) -> list[Action]:
         self._idle_waited = self._idle_due = self._prompt_due = False
@@ -1371,6 +1424,9 @@ class CallMachine:
         """The caller cut in: the rest of the model's audio was dropped. Its line of the transcript holds
         words the caller never heard: it is marked (now, or when it comes)."""
         response_id = event.get("response_id")
+        end = self._end
+        if end is not None and response_id is not None and response_id == end.said:
+            self._goodbye_cut(end)  # (the goodbye had ended, its audio was playing)
         actions: list[Action] = []
         if response_id is not None and response_id == self._last_line_response:
             actions.append(Notice("agent.interrupted", {"response_id": response_id}))
@@ -1514,8 +1570,11 @@ class CallMachine:
     def _stale(self, tag: str) -> bool:
         """Whether a refused create is no longer worth sending again: the greeting (whatever response ran
         instead was the opening, and only the opening is a greeting), or a filler once no tool runs (a
-        late "still working on it" would come before, or after, the real answer) or the call is ending.
-        A filler stays apt while a tool of its response still runs, its own or a sibling."""
+        late "still working on it" would come before, or after, the real answer) or the call is ending;
+        the end's goodbye once the end was withdrawn (the caller is back: see :meth:`_caller_back`). A
+        filler stays apt while a tool of its response still runs, its own or a sibling."""
+        if tag == _GOODBYE:
+            return self._end is None
         if tag == _GREETING or self._end is not None:
             return True
         call = self._calls.get(tag[len(_FILLER) :])
@@ -1622,7 +1681,8 @@ class CallMachine:
                 if not self._live:
                     return []  # not a word before our session config (the end cap still holds)
                 goodbye, end.goodbye = end.goodbye, None
-                return [self._create({"instructions": goodbye, "tool_choice": "none"})]
+                end.byes += 1
+                return [self._create({"instructions": goodbye, "tool_choice": "none"}, _GOODBYE)]
             if self._playing and self.caps.audio_playback_events:
                 return []
         end.verb_sent = True
