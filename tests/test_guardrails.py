@@ -508,6 +508,83 @@ def test_code_sending_text_is_no_turn_of_the_callers_for_typed_ahead_keys() -> N
     assert m.caller_turns == 1
 
 
+def test_the_calls_of_a_reply_stopped_in_time_are_discarded_as_stopped() -> None:
+    m = live()
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    call = {"type": "function_call", "call_id": "c1", "name": "issue_refund", "arguments": "{}"}
+    m.receive({"type": "response.output_item.added", "response_id": "resp_1", "item": call})
+    assert [e["type"] for e in sent(m.correct("no promises", "resp_1"))] == [
+        "response.cancel",
+        "output_audio_buffer.clear",
+        "conversation.item.create",
+    ]
+    done = m.receive(
+        {"type": "response.done", "response": {"id": "resp_1", "status": "cancelled", "output": [call]}}
+    )
+    discarded = [a.fields for a in done if isinstance(a, Notice) and a.event == "tool.discarded"]
+    assert discarded == [
+        {
+            "tool_call_id": "c1",
+            "tool": "issue_refund",
+            "response_status": "cancelled",
+            "reason": "reply_stopped",
+        }
+    ]
+    assert [e["type"] for e in sent(done)] == ["response.create"]  # the answer within the rules; no output
+    # A reply cancelled otherwise (the caller cut in) is no stopped one.
+    m.receive({"type": "response.created", "response": {"id": "resp_2"}})
+    call = {**call, "call_id": "c2"}
+    m.receive({"type": "response.output_item.added", "response_id": "resp_2", "item": call})
+    done = m.receive(
+        {"type": "response.done", "response": {"id": "resp_2", "status": "cancelled", "output": [call]}}
+    )
+    assert [a.fields["reason"] for a in done if isinstance(a, Notice) and a.event == "tool.discarded"] == [
+        "response_ended"
+    ]
+
+
+async def test_the_tool_calls_of_a_reply_stopped_in_time_are_recorded_as_stopped() -> None:
+    app, _ = guarded_app()
+    ran: list[str] = []
+    seen: list[tuple[str, str]] = []
+
+    @app.tool
+    async def issue_refund(ctx: CallContext) -> str:
+        """Refund the order."""
+        ran.append("refund")
+        return "refunded"
+
+    app.on_tool(lambda ctx, record: seen.append((record.name, record.outcome)))
+    # (events a little apart: the reply is still streaming when the guardrail stops it)
+    async with Simulator(event_gap=0.01) as sim, run_app(app, sim) as h:
+        with capture_logs() as logs:
+            call = await h.call(
+                Script(
+                    [
+                        wait_for_greeting("Hi."),
+                        caller_says("Refund?"),
+                        model_calls("issue_refund", {}, preamble=PROMISE),
+                        model_answers("A colleague decides on refunds."),
+                        caller_hangs_up(),
+                    ],
+                    step_timeout=10,
+                )
+            )
+            summary = await h.ended(call)
+    stopped = call.responses[1]
+    assert stopped.status == "cancelled"
+    assert ran == []
+    assert [(t.name, t.outcome) for t in summary.tools] == [("issue_refund", "stopped")]
+    assert seen == [("issue_refund", "stopped")]
+    assert [(e["tool"], e["reason"]) for e in logs if e["event"] == "tool.discarded"] == [
+        ("issue_refund", "reply_stopped")
+    ]
+    # Its call ended with its response: no output for it, and the model answers the note.
+    assert call.output_for(stopped.call_ids[0]) is None
+    assert call.responses[-1].text == "A colleague decides on refunds."
+
+
 async def test_the_tool_calls_of_a_stopped_reply_are_not_run() -> None:
     app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
     ran: list[str] = []

@@ -434,14 +434,18 @@ class CallRuntime:
             return
         try:
             self.log.info("tool.discarded", tool=name, tool_call_id=call_id, reason="reply_stopped")
-            record = ToolRecord(call_id, name, "stopped", 0.0)
-            self._record(record)
+            self._stopped_tool(call_id, name)
             self._apply(self.machine.tool_done(call_id, _STOPPED))
-            if self.hooks.on_tool:
-                self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
             await self._flush()
         finally:
             self._tool_tasks.pop(call_id, None)
+
+    def _stopped_tool(self, call_id: str, name: str) -> None:
+        """A tool call of a reply an output guardrail stopped: not run, in the record all the same."""
+        record = ToolRecord(call_id, name, "stopped", 0.0)
+        self._record(record)
+        if self.hooks.on_tool:
+            self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
 
     def send_text(self, text: str) -> None:
         """Add a user text turn; one response follows it."""
@@ -1122,6 +1126,10 @@ class CallRuntime:
             self._record(record)
             if self.hooks.on_tool:
                 self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
+        elif event == "tool.discarded" and fields["reason"] == "reply_stopped":
+            # (a reply stopped in time: its response ended cancelled, and its calls with it)
+            self.log.info(event, **fields)
+            self._stopped_tool(fields["tool_call_id"], fields["tool"])
         elif event == "response.cancel_late":
             self.log.debug(event, **fields)  # the reply ended before our cancel arrived: nothing to stop
         elif event == "sideband.error" and fields.get("code") == "conversation_already_has_active_response":

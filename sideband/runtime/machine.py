@@ -347,6 +347,7 @@ class CallMachine:
         "_session_ready",
         "_speaking",
         "_started",
+        "_stopped_reply",
         "_tagged",
         "_text_owed",
         "_turn_items",
@@ -380,6 +381,7 @@ class CallMachine:
         self._create_sent: str | None = None  # event_id of our response.create not yet seen created
         self._cancel_next: str | None = None  # event_id of our create to cancel as it starts (interrupt)
         self._corrections = 0  # replies stopped by a guardrail and asked for again since the caller's turn
+        self._stopped_reply: object = None  # the last reply a guardrail stopped (see correct)
         # the create the last response.created was taken to answer: it may have been the caller's turn
         # (server VAD), and a refusal that names no event then means that create
         self._created_for: str | None = None
@@ -828,9 +830,11 @@ class CallMachine:
         guardrail): stop what of it is still under way or playing, add ``note`` to the conversation as a
         system message, and have the model answer again (once the tools still running are answered; when
         the call is ending, its goodbye is asked for again), up to :data:`CORRECTIONS` times per caller
-        turn; past that it is left silent until the caller speaks (``guardrail.silenced``). A reply
-        already followed by another (one under way, asked for, or playing) gets the note alone: the one
-        that follows is not stopped, and answers. Ignored once the call's hangup or transfer went out."""
+        turn; past that it is left silent until the caller speaks (``guardrail.silenced``). The tool
+        calls of a reply stopped in time (its response ends ``cancelled``) are discarded with reason
+        ``reply_stopped`` (no output: they end with their response). A reply already followed by another
+        (one under way, asked for, or playing) gets the note alone: the one that follows is not stopped,
+        and answers. Ignored once the call's hangup or transfer went out."""
         if self._closed is not None or self._going:
             return []
         later = response_id is not None and (
@@ -847,6 +851,8 @@ class CallMachine:
             self._held = (*self._held, send)
         if later:
             return actions
+        # (its calls, should it end cancelled, are discarded as stopped: see _on_response_done)
+        self._stopped_reply = response_id if response_id is not None else self.responding
         self._corrections += 1
         if self._corrections > CORRECTIONS:
             return [*actions, Notice("guardrail.silenced", {"stopped": self._corrections})]
@@ -1044,7 +1050,8 @@ class CallMachine:
             if status not in _RUNNABLE or ending or cut:
                 call.state = "discarded"
                 if status not in _RUNNABLE:
-                    reason = "response_ended"
+                    stopped = response_id is not None and response_id == self._stopped_reply
+                    reason = "reply_stopped" if stopped else "response_ended"
                 else:  # the call is going (see above): nothing starts any more
                     reason = "call_ending" if ending else "arguments_cut"
                 actions.append(
