@@ -1,11 +1,12 @@
 """Tests for sideband.stores.MemoryStore: claim, release, expiry, atomicity, purge."""
 
 import asyncio
+import inspect
 from typing import Any
 
 import pytest
 
-from sideband.stores import ClaimStore, MemoryStore
+from sideband.stores import ClaimStore, MemoryStore, RedisStore
 
 
 class FakeClock:
@@ -21,9 +22,18 @@ def make() -> tuple[MemoryStore, FakeClock]:
     return MemoryStore(clock), clock
 
 
-def test_memory_store_satisfies_protocol() -> None:
-    store: ClaimStore = MemoryStore()
-    assert callable(store.claim)
+@pytest.mark.parametrize("store", [MemoryStore(), RedisStore("redis://localhost/0")], ids=["memory", "redis"])
+def test_stores_have_every_method_of_the_protocol(store: ClaimStore) -> None:
+    """Checked at run time (the tests are not type-checked): each method the protocol names, a
+    coroutine function, with the protocol's parameters."""
+    methods = [n for n, v in vars(ClaimStore).items() if inspect.isfunction(v) and not n.startswith("_")]
+    assert {"claim", "settle", "settled", "release", "open", "close"} <= set(methods)
+    for name in methods:
+        method = getattr(store, name, None)
+        assert inspect.iscoroutinefunction(method), name
+        expected = list(inspect.signature(getattr(ClaimStore, name)).parameters)[1:]  # (not self)
+        assert list(inspect.signature(method).parameters) == expected, name
+    assert isinstance(store.where, str)
 
 
 async def test_claim_once() -> None:

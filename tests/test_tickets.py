@@ -103,15 +103,25 @@ def test_tampered_payload_rejected() -> None:
     signer, clock = make()
     text, ticket = signer.issue()
     _, _, mac = text.split(".")
-    later = b64(json.dumps({"n": ticket.nonce, "e": clock.now + 10**6}, separators=(",", ":")).encode())
-    with pytest.raises(TicketError):
+    # a plausible payload (ten minutes more), so that only the signature can refuse it
+    later = b64(json.dumps({"n": ticket.nonce, "e": clock.now + 600}, separators=(",", ":")).encode())
+    with pytest.raises(TicketError, match="signature"):
         signer.verify(f"v1.{later}.{mac}")
+
+
+def test_a_well_signed_ticket_over_512_characters_is_malformed() -> None:
+    signer, clock = make()
+    padded = b64(json.dumps({"n": "n" * 600, "e": clock.now + 60}, separators=(",", ":")).encode())
+    text = f"v1.{padded}.{signer._mac(padded)}"
+    assert len(text) > 512
+    with pytest.raises(TicketError, match="malformed"):
+        signer.verify(text)
 
 
 def test_other_version_rejected() -> None:
     signer, _ = make()
     text, _ = signer.issue()
-    with pytest.raises(TicketError):
+    with pytest.raises(TicketError, match="malformed"):
         signer.verify("v2" + text[2:])
 
 
