@@ -23,6 +23,7 @@ from sideband.cli import SIGNAL_ECHO, CliError, _address, _reason
 from sideband.demo import run_demo
 from sideband.testing import (
     Script,
+    SimCall,
     Simulator,
     caller_hangs_up,
     caller_says,
@@ -668,18 +669,31 @@ async def test_a_tool_that_ignores_cancellation_does_not_keep_the_process_alive(
     assert [e["reason"] for e in ended] == ["shutdown"]
 
 
-async def test_a_second_signal_ends_the_drain_at_once(simulator: Simulator) -> None:
-    port = free_port()
-    proc = await start_serve(port, serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="60"))
+async def serve_with_a_live_call(
+    simulator: Simulator, drain: float, lines: list[dict[str, object]]
+) -> tuple[asyncio.subprocess.Process, SimCall]:
+    """``sideband serve`` (drain window ``drain``) with one call attached, its caller silent a minute."""
+    proc = await start_serve(0, serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT=str(drain)))
     assert proc.stdout is not None
-    lines: list[dict[str, object]] = []
-    loop = asyncio.get_running_loop()
     try:
-        await read_until(proc.stdout, "server.started", lines)
+        port = (await read_until(proc.stdout, "server.started", lines))["port"]
         call = simulator.create_call(Script([pause(60)]))
         sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
         assert (await sender.deliver(simulator.incoming_event(call))).status == 200
         await read_until(proc.stdout, "sideband.attached", lines)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc, call
+
+
+async def test_a_second_signal_ends_the_drain_at_once(simulator: Simulator) -> None:
+    lines: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    proc, call = await serve_with_a_live_call(simulator, 60, lines)
+    assert proc.stdout is not None
+    try:
         proc.send_signal(signal.SIGTERM)
         first = loop.time()
         await read_until(proc.stdout, "server.draining", lines)
@@ -707,17 +721,11 @@ async def test_one_signal_that_arrives_twice_drains_all_the_same(simulator: Simu
     """A Ctrl-C under a wrapper that forwards it (or a SIGTERM to the whole process group) reaches the
     server twice at once: that is one signal, not the second that ends the drain."""
     drain = 2.0
-    port = free_port()
-    proc = await start_serve(port, serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT=str(drain)))
-    assert proc.stdout is not None
     lines: list[dict[str, object]] = []
     loop = asyncio.get_running_loop()
+    proc, _ = await serve_with_a_live_call(simulator, drain, lines)
+    assert proc.stdout is not None
     try:
-        await read_until(proc.stdout, "server.started", lines)
-        call = simulator.create_call(Script([pause(60)]))
-        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
-        assert (await sender.deliver(simulator.incoming_event(call))).status == 200
-        await read_until(proc.stdout, "sideband.attached", lines)
         started = loop.time()
         proc.send_signal(signal.SIGINT)  # the terminal's
         proc.send_signal(signal.SIGINT)  # the wrapper's

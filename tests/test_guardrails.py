@@ -39,6 +39,21 @@ PROMISE = (
 )
 
 
+def refund_asked(**options: Any) -> Script:
+    """The caller asks for a refund; the model promises one as it calls ``issue_refund`` (a rule breaks),
+    then answers within the rules."""
+    return Script(
+        [
+            wait_for_greeting("Hi."),
+            caller_says("Refund?"),
+            model_calls("issue_refund", {}, preamble=PROMISE),
+            model_answers("A colleague decides on refunds."),
+            caller_hangs_up(),
+        ],
+        **options,
+    )
+
+
 def live(**caps: Any) -> CallMachine:
     m = CallMachine(MachineConfig(session=SESSION), ENGINE_CAPABILITIES if caps.get("engine") else None)
     m.start()
@@ -559,18 +574,7 @@ async def test_the_tool_calls_of_a_reply_stopped_in_time_are_recorded_as_stopped
     # (events a little apart: the reply is still streaming when the guardrail stops it)
     async with Simulator(event_gap=0.01) as sim, run_app(app, sim) as h:
         with capture_logs() as logs:
-            call = await h.call(
-                Script(
-                    [
-                        wait_for_greeting("Hi."),
-                        caller_says("Refund?"),
-                        model_calls("issue_refund", {}, preamble=PROMISE),
-                        model_answers("A colleague decides on refunds."),
-                        caller_hangs_up(),
-                    ],
-                    step_timeout=10,
-                )
-            )
+            call = await h.call(refund_asked(step_timeout=10))
             summary = await h.ended(call)
     stopped = call.responses[1]
     assert stopped.status == "cancelled"
@@ -604,17 +608,7 @@ async def test_the_tool_calls_of_a_stopped_reply_are_not_run() -> None:
         return "refunded"
 
     async with run_app(app) as h:
-        call = await h.call(
-            Script(
-                [
-                    wait_for_greeting("Hi."),
-                    caller_says("Refund?"),
-                    model_calls("issue_refund", {}, preamble=PROMISE),
-                    model_answers("A colleague decides on refunds."),
-                    caller_hangs_up(),
-                ]
-            )
-        )
+        call = await h.call(refund_asked())
         summary = await h.ended(call)
     assert ran == []
     assert [(t.name, t.outcome) for t in summary.tools] == [("issue_refund", "stopped")]
