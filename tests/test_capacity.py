@@ -28,6 +28,11 @@ async def samples(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]],
     }
 
 
+async def readiness(stack: Stack) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.get(stack.url("/readyz")) as resp:
+        return resp.status, await resp.json()
+
+
 @pytest.mark.parametrize("settings_overrides", [{"max_calls": 1}])
 async def test_a_call_over_the_cap_is_rejected_busy_without_asking_the_routing_hook(
     stack: Stack, settings_overrides: dict[str, Any]
@@ -39,8 +44,11 @@ async def test_a_call_over_the_cap_is_rejected_busy_without_asking_the_routing_h
         return Accept()
 
     stack.app.on_incoming(route)
+    assert await readiness(stack) == (200, {"status": "ready", "calls": 0, "full": False})
     live = await stack.call(Script([pause(60)]))
     await live.wait_connected(timeout=5)
+    # Full, and still ready: out of the balancer, calls would ring out when every instance is full.
+    assert await readiness(stack) == (200, {"status": "ready", "calls": 1, "full": True})
     with capture_logs() as logs:
         busy = await stack.call(Script([]))
     assert busy.status == "rejected" and busy.reject_body == {"status_code": 486}

@@ -323,11 +323,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz`` — 200 while taking calls, 503 while draining."""
+    """``GET /readyz`` — 200 while taking calls, 503 while draining.
+
+    A full instance (``SIDEBAND_MAX_CALLS``) stays ready, saying ``"full": true``: taken out of a load
+    balancer, its webhooks would find no instance when all are full, and callers would ring out
+    instead of hearing busy at once. A claim store outage does not count either: the store is shared,
+    so every instance would go unready at once, while handoffs of live calls are still served."""
     service = request.app[SERVICE]
+    body = {"calls": len(service.registry), "full": service.full()}
     if service.draining:
-        return _json(503, {"status": "draining", "calls": len(service.registry)})
-    return _json(200, {"status": "ready", "calls": len(service.registry)})
+        return _json(503, {"status": "draining", **body})
+    return _json(200, {"status": "ready", **body})
 
 
 async def metrics(request: web.Request) -> web.Response:
