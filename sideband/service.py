@@ -426,13 +426,15 @@ class Service:
             task.cancel()
         await asyncio.gather(*stopping, return_exceptions=True)
         ledger = self.store if isinstance(self.store, CallLedger) and self._ledger is not None else None
+        recorded = False
         if ledger is not None:
             with contextlib.suppress(StoreUnavailable):  # (else its lease runs out: swept, with no call)
                 await ledger.forget(self.instance_id)
                 if stranded:  # left to another instance, once this one's lease has run out
                     await ledger.record(self.instance_id, stranded, (), self.settings.orphan_after)
+                    recorded = True
         for call_id in stranded:
-            self.log.warning("call.stranded", call_id=call_id, outcome="left", ledger=ledger is not None)
+            self.log.warning("call.stranded", call_id=call_id, outcome="left", ledger=recorded)
         if self._http is not None:
             await self._http.close()
         await self.store.close()
@@ -541,8 +543,9 @@ class Service:
                 sweep_done = self._sweeping is None or self._sweeping.done()
                 if now - since >= lease and sweep_done and not self.draining:  # (one it could not finish)
                     self._sweeping = asyncio.ensure_future(self._sweep(ledger))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._launched.wait(), LEDGER_TICK)
+            with contextlib.suppress(TimeoutError):  # (not wait_for: on 3.11 it may swallow a cancel)
+                async with asyncio.timeout(LEDGER_TICK):
+                    await self._launched.wait()
 
     async def _sweep(self, ledger: CallLedger) -> None:
         """Hang up the calls of instances whose lease ran out (nobody runs their tools), then drop them
@@ -572,6 +575,7 @@ class Service:
                 self.log.error(
                     "call.orphaned", call_id=call_id, owner=owner, outcome="hangup_failed", error=str(exc)
                 )
+                self._strand(call_id)  # (now in this instance's ledger: known if it goes too)
             else:
                 self.log.warning("call.orphaned", call_id=call_id, owner=owner, outcome="hung_up")
 
@@ -915,15 +919,21 @@ class Service:
             turn_seconds=self.registry.turn_seconds,
             guardrail_trips=self.registry.guardrail_trips,
         )
-        self.registry.start(runtime).add_done_callback(functools.partial(self._ended, call_id))
+        self.registry.start(runtime).add_done_callback(functools.partial(self._ended, runtime))
         self._launched.set()  # (the ledger records it now: an instance dying just after leaves it known)
         return runtime
 
-    def _ended(self, call_id: str, task: asyncio.Task[str]) -> None:
-        """A call's end: one whose hangup failed may still be up, and is hung up again later."""
-        if task.cancelled() or task.exception() is not None or task.result() != "hangup_failed":
-            return
-        self._stranded[call_id] = asyncio.ensure_future(self._hang_up_later(call_id))  # (or left at close)
+    def _ended(self, runtime: CallRuntime, _task: asyncio.Task[str]) -> None:
+        """A call's end: one whose hangup failed may still be up, and is hung up again later. Its task
+        may have been cancelled (a stop cut the hangup short): the summary says how it ended."""
+        if runtime.summary.reason == "hangup_failed":
+            self._strand(runtime.ctx.call_id)
+
+    def _strand(self, call_id: str) -> None:
+        """Hang ``call_id`` up again later (or leave it in the ledger at close): it may still be up."""
+        if call_id not in self._stranded:
+            self._stranded[call_id] = asyncio.ensure_future(self._hang_up_later(call_id))
+            self._launched.set()  # (the ledger records it now)
 
     async def _hang_up_later(self, call_id: str) -> None:
         loop = asyncio.get_running_loop()

@@ -409,12 +409,18 @@ async def test_an_instance_that_drains_starts_no_sweep(
         await orphan.wait_for(lambda c: c.hangup_requested, 10, "the orphan's hangup")
 
 
+@pytest.mark.parametrize("cut_short", [False, True])
 async def test_a_call_whose_hangup_failed_is_left_in_the_ledger_for_another_instance(
-    simulator: Simulator, store: RedisStore, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    simulator: Simulator,
+    store: RedisStore,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    cut_short: bool,
 ) -> None:
     """A stops cleanly, but the hangup of its call kept failing (``hangup_failed``: it may be up): the
-    call stays in A's ledger, and once A's lease has run out B hangs it up."""
-    monkeypatch.setattr("sideband.service.HANGUP_BUDGET", 1.0)
+    call stays in A's ledger, and once A's lease has run out B hangs it up. ``cut_short``: the hangup
+    is still being tried when A's drain window closes, and the stop cuts it short."""
+    monkeypatch.setattr("sideband.service.HANGUP_BUDGET", 60.0 if cut_short else 1.0)
     monkeypatch.setattr("sideband.service.STRANDED_RETRY", 60.0)  # (A stops before it tries again)
     settings = {**TEST_SETTINGS, "redis_url": redis_server.url, "orphan_after": 1.0}
     hanging_up = make_app()
@@ -429,8 +435,18 @@ async def test_a_call_whose_hangup_failed_is_left_in_the_ledger_for_another_inst
         with capture_logs() as logs:
             async with run_app(hanging_up, simulator, **settings) as a:
                 assert (await a.sender.deliver(simulator.incoming_event(call), max_attempts=1)).status == 200
-                assert (await a.ended(call, timeout=10)).reason == "hangup_failed"
+                if cut_short:
+                    hangups = [f"/v1/realtime/calls/{call.call_id}/hangup"]
+                    await simulator.wait_for(
+                        lambda sim: any(r.path in hangups and r.status for r in sim.requests),
+                        10,
+                        "a hangup refused",
+                    )
+                else:
+                    assert (await a.ended(call, timeout=10)).reason == "hangup_failed"
                 owner = a.service.instance_id
+            ended = [e["reason"] for e in logs if e["event"] == "call.ended"]
+            assert ended == ["hangup_failed"]
             left = [e for e in logs if e["event"] == "call.stranded"]
             assert [(e["call_id"], e["outcome"], e["ledger"]) for e in left] == [(call.call_id, "left", True)]
             ledger = redis.Redis.from_url(redis_server.url)
@@ -443,6 +459,51 @@ async def test_a_call_whose_hangup_failed_is_left_in_the_ledger_for_another_inst
         assert call.end_reason == "hangup_verb"
         swept = [(e["call_id"], e["owner"], e["outcome"]) for e in logs if e["event"] == "call.orphaned"]
         assert swept == [(call.call_id, owner, "hung_up")]
+
+
+async def test_an_orphan_whose_hangup_fails_is_hung_up_again_later_by_the_instance_that_swept_it(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B sweeps A's call while OpenAI refuses hangups: B keeps trying (``call.stranded``), with the call
+    in its own ledger meanwhile, instead of dropping it after one try."""
+    monkeypatch.setattr("sideband.service.HANGUP_BUDGET", 1.0)
+    monkeypatch.setattr("sideband.service.STRANDED_RETRY", 0.2)
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url, "orphan_after": 1.0}
+    async with (
+        run_app(make_app(), simulator, **settings) as a,
+        run_app(make_app(), simulator, **settings) as b,
+    ):
+        orphan = simulator.create_call(Script([pause(30)]))
+        simulator.fail_verb(orphan.call_id, "hangup", *([503] * 500))
+        taken_over = asyncio.Event()
+        recorded, record = asyncio.Event(), a.service.store.record
+
+        async def noted(instance: str, added: Any, removed: Any, lease: float) -> None:
+            await record(instance, added, removed, lease)
+            if orphan.call_id in added:
+                (recorded if instance == a.service.instance_id else taken_over).set()
+
+        a.service.store.record = noted  # type: ignore[method-assign]
+        b.service.store.record = noted  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            assert (await a.sender.deliver(simulator.incoming_event(orphan), max_attempts=1)).status == 200
+            await orphan.wait_connected(timeout=5)
+            await asyncio.wait_for(recorded.wait(), 5)
+            assert a.service._ledger is not None
+            a.service._ledger.cancel()  # A stops living, as far as the ledger can tell
+            await asyncio.wait_for(taken_over.wait(), 10)  # B's sweep failed to hang it up: B's now
+            ledger = redis.Redis.from_url(redis_server.url)
+            try:
+                assert orphan.call_id.encode() in ledger.smembers(f"sideband:calls:{b.service.instance_id}")
+            finally:
+                ledger.close()
+            simulator.clear_verb_faults(orphan.call_id, "hangup")  # OpenAI answers again
+            await orphan.wait_ended(timeout=15)
+        assert orphan.end_reason == "hangup_verb"
+        swept = [(e["call_id"], e["outcome"]) for e in logs if e["event"] == "call.orphaned"]
+        assert swept == [(orphan.call_id, "hangup_failed")]
+        stranded = [e["outcome"] for e in logs if e["event"] == "call.stranded"]
+        assert stranded[-1] == "hung_up" and set(stranded[:-1]) <= {"retrying"}
 
 
 async def test_a_redelivery_to_another_instance_attaches_after_an_uncertain_accept(
