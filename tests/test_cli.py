@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import importlib.metadata
 import importlib.util
@@ -13,7 +14,10 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -39,6 +43,9 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 def free_port() -> int:
+    """A port nothing listens on now. Racy (another process may take it before it is used): only for a
+    test that must know a port before what listens there starts, or that needs one where nothing does;
+    ``sideband serve`` itself starts on port 0 (see :func:`serving`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -75,8 +82,10 @@ def serve_env(simulator: Simulator, **extra: str) -> dict[str, str]:
 
 
 async def start_serve(
-    port: int, env: dict[str, str], app: str = "examples.app:app"
+    port: int, env: dict[str, str], app: str = "examples.app:app", **kwargs: Any
 ) -> asyncio.subprocess.Process:
+    """``sideband serve`` in a subprocess (``kwargs`` go to :func:`asyncio.create_subprocess_exec`). Use
+    :func:`serving`, which never leaves the process behind."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -91,7 +100,79 @@ async def start_serve(
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        **kwargs,
     )
+
+
+async def reap(proc: asyncio.subprocess.Process, timeout: float = 5) -> None:
+    """``proc`` has exited: if it still runs, SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+@dataclass
+class Served:
+    """A running ``sideband serve``: its process, the port it listens on, its JSON log lines read so far."""
+
+    proc: asyncio.subprocess.Process
+    started: dict[str, object]
+    """Its ``server.started`` line."""
+    lines: list[dict[str, object]]
+
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        port = self.started["port"]
+        assert isinstance(port, int) and port > 0, self.started
+        return port
+
+    @property
+    def url(self) -> str:
+        """Its webhook URL."""
+        return f"http://127.0.0.1:{self.port}/webhooks/openai"
+
+    async def until(self, event: str, timeout: float = 20) -> dict[str, object]:
+        """Read log lines up to the next ``event`` and return it."""
+        assert self.proc.stdout is not None
+        return await read_until(self.proc.stdout, event, self.lines, timeout)
+
+    async def exited(self, timeout: float = 15) -> int:
+        """The exit code, once it exits (within ``timeout`` seconds)."""
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    async def stop(self, timeout: float = 15) -> int:
+        """SIGTERM, and the exit code."""
+        self.proc.terminate()
+        return await self.exited(timeout)
+
+    async def rest(self) -> str:
+        """Once it exited: the rest of its log read into :attr:`lines`; its stderr."""
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        out = (await self.proc.stdout.read()).decode()
+        self.lines.extend(json.loads(line) for line in out.splitlines() if line.strip())
+        return (await self.proc.stderr.read()).decode()
+
+
+@contextlib.asynccontextmanager
+async def serving(env: dict[str, str], app: str = "examples.app:app", **kwargs: Any) -> AsyncIterator[Served]:
+    """``sideband serve`` on port 0 (``server.started`` says which it got: no port picked beforehand that
+    another process could take), from its ``server.started`` on. At the end, however the test went, a
+    process still running is stopped (SIGTERM, then SIGKILL): none is left holding its port."""
+    proc = await start_serve(0, env, app, **kwargs)
+    try:
+        assert proc.stdout is not None
+        lines: list[dict[str, object]] = []
+        yield Served(proc, await read_until(proc.stdout, "server.started", lines), lines)
+    finally:
+        await reap(proc)
 
 
 async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> None:
@@ -104,13 +185,9 @@ async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> 
         DRAIN_TIMEOUT="-1",
         WEBHOOK_SECRET="not-a-whsec",
     )
-    proc = await start_serve(0, env)  # any free port: server.started says which
-    assert proc.stdout is not None
-    lines: list[dict[str, object]] = []
-    try:
-        started = await read_until(proc.stdout, "server.started", lines)
-        port = started["port"]
-        assert isinstance(port, int) and port > 0 and started["listening"] == [f"127.0.0.1:{port}"]
+    async with serving(env) as served:
+        started, lines, port = served.started, served.lines, served.port
+        assert started["listening"] == [f"127.0.0.1:{port}"]
         assert started["tools"] == ["opening_hours"]
         assert started["version"] == importlib.metadata.version("sideband")
         assert started["event_loop"] == ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
@@ -125,11 +202,11 @@ async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> 
                 ]
             )
         )
-        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
+        sender = simulator.webhook_sender(served.url)
         result = await sender.deliver(simulator.incoming_event(call))
         assert result.status == 200
         await call.wait_done(timeout=10)
-        ended = await read_until(proc.stdout, "call.ended", lines)
+        ended = await served.until("call.ended")
         assert ended["call_id"] == call.call_id and ended["reason"] == "remote_closed"
         outputs = [e for e in call.received if e["type"] == "conversation.item.create"]
         assert outputs[0]["item"]["output"] == "closed"
@@ -139,10 +216,8 @@ async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> 
         assert call_lines and all(line.get("call_id") == call.call_id for line in call_lines)
         assert all({"event", "level", "timestamp"} <= line.keys() for line in lines)
         assert simulator.api_key not in json.dumps(lines)
-    finally:
-        proc.terminate()
-        code = await asyncio.wait_for(proc.wait(), 15)
-        err = (await proc.stderr.read()).decode() if proc.stderr else ""
+        code = await served.stop()
+        err = await served.rest()
     assert code == 0, err
     assert "Traceback" not in err
 
@@ -319,46 +394,37 @@ async def test_sigterm_gives_calls_one_drain_window(simulator: Simulator) -> Non
     # The late call starts 2.5 s into the 3 s window: in a window of its own the server would exit at about
     # 5.5 s; in the shared one at about 3 s, plus the hangups and the exit however busy the machine is.
     drain = 3.0
-    port = free_port()
     env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT=str(drain), SIDEBAND_ACCEPT_TIMEOUT="2.5")
-    proc = await start_serve(port, env)
-    assert proc.stdout is not None
     loop = asyncio.get_running_loop()
-    lines: list[dict[str, object]] = []
     delivery: asyncio.Task[DeliveryResult] | None = None
-    try:
-        await read_until(proc.stdout, "server.started", lines)
-        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
-        live = simulator.create_call(Script([pause(60)]))
-        assert (await sender.deliver(simulator.incoming_event(live))).status == 200
-        await live.wait_connected(timeout=10)
-        # The next call's first accept attempt hangs (retried after SIDEBAND_ACCEPT_TIMEOUT): SIGTERM lands
-        # while its webhook is in flight, so the call starts during the drain.
-        late = simulator.create_call(Script([pause(60)]))
-        simulator.fail_accept(late.call_id, "timeout")
-        delivery = asyncio.create_task(sender.deliver(simulator.incoming_event(late), max_attempts=1))
-        accept_path = f"/v1/realtime/calls/{late.call_id}/accept"
-        await simulator.wait_for(
-            lambda sim: any(r.path == accept_path for r in sim.requests), timeout=10, what="late accept"
-        )
-        started = loop.time()
-        proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), timeout=4 * drain)
-        elapsed = loop.time() - started
-        late_result = await delivery
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        if delivery is not None and not delivery.done():
-            delivery.cancel()
-    err = (await proc.stderr.read()).decode() if proc.stderr else ""
+    async with serving(env) as served:
+        try:
+            sender = simulator.webhook_sender(served.url)
+            live = simulator.create_call(Script([pause(60)]))
+            assert (await sender.deliver(simulator.incoming_event(live))).status == 200
+            await live.wait_connected(timeout=10)
+            # The next call's first accept attempt hangs (retried after SIDEBAND_ACCEPT_TIMEOUT): SIGTERM
+            # lands while its webhook is in flight, so the call starts during the drain.
+            late = simulator.create_call(Script([pause(60)]))
+            simulator.fail_accept(late.call_id, "timeout")
+            delivery = asyncio.create_task(sender.deliver(simulator.incoming_event(late), max_attempts=1))
+            accept_path = f"/v1/realtime/calls/{late.call_id}/accept"
+            await simulator.wait_for(
+                lambda sim: any(r.path == accept_path for r in sim.requests), timeout=10, what="late accept"
+            )
+            started = loop.time()
+            served.proc.send_signal(signal.SIGTERM)
+            code = await served.exited(timeout=4 * drain)
+            elapsed = loop.time() - started
+            late_result = await delivery
+        finally:
+            if delivery is not None and not delivery.done():
+                delivery.cancel()
+        err = await served.rest()
     assert code == 0, err
     assert late_result.status == 200, late_result
     assert sum(1 for r in simulator.requests if r.path == accept_path) == 2  # accepted on the retry
-    rest = (await proc.stdout.read()).decode().splitlines()
-    lines.extend(json.loads(line) for line in rest if line.strip())
-    ended = {line.get("call_id") for line in lines if line.get("event") == "call.ended"}
+    ended = {line.get("call_id") for line in served.lines if line.get("event") == "call.ended"}
     assert {live.call_id, late.call_id} <= ended
     assert drain <= elapsed < drain + 2, f"exited {elapsed:.2f}s after SIGTERM (drain window {drain}s)"
 
@@ -372,27 +438,21 @@ async def _raw_request(port: int, data: bytes) -> None:
 
 
 async def test_broken_requests_are_json_lines_and_no_internal_error(simulator: Simulator) -> None:
-    port = free_port()
-    proc = await start_serve(port, serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="0"))
-    assert proc.stdout is not None and proc.stderr is not None
-    lines: list[dict[str, object]] = []
     head = b"POST /webhooks/openai HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    try:
-        await read_until(proc.stdout, "server.started", lines)
+    async with serving(serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="0")) as served:
+        port = served.port
         await _raw_request(port, head + b'Content-Length: 1000\r\n\r\n{"type":')  # gone mid-body
-        await read_until(proc.stdout, "webhook.abandoned", lines)
+        await served.until("webhook.abandoned")
         await _raw_request(port, b"GARBAGE\r\n\r\n")
         async with (  # still serving, and says so
             aiohttp.ClientSession() as session,
             session.get(f"http://127.0.0.1:{port}/healthz") as resp,
         ):
             assert resp.status == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), 15)
-    err = (await proc.stderr.read()).decode()
+        code = await served.stop()
+        err = await served.rest()
     assert code == 0 and err == ""  # nothing on stderr: every line is on stdout, as JSON
-    lines += [json.loads(line) for line in (await proc.stdout.read()).decode().splitlines() if line.strip()]
+    lines = served.lines
     assert not [e for e in lines if e.get("event") == "http.internal_error"]
     assert next(e for e in lines if e.get("event") == "webhook.abandoned")["level"] == "info"
 
@@ -425,34 +485,24 @@ async def sigterm_during_tool(
     ``wait_for``, send SIGTERM; return the exit code, stderr and every log line. With
     ``signal_again_after``, once that event is logged, SIGTERM goes again every 0.1 s until the exit."""
     (tmp_path / f"{tool}_app.py").write_text(source)
-    port = free_port()
     env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT=str(drain), PYTHONPATH=str(tmp_path))
-    proc = await start_serve(port, env, app=f"{tool}_app:app")
-    assert proc.stdout is not None
-    lines: list[dict[str, object]] = []
-    try:
-        await read_until(proc.stdout, "server.started", lines)
+    async with serving(env, app=f"{tool}_app:app") as served:
+        proc = served.proc
         call = simulator.create_call(Script([model_calls(tool, {}), pause(60)]))
-        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
+        sender = simulator.webhook_sender(served.url)
         assert (await sender.deliver(simulator.incoming_event(call))).status == 200
-        await read_until(proc.stdout, wait_for, lines)
+        await served.until(wait_for)
         proc.send_signal(signal.SIGTERM)
         exited = asyncio.ensure_future(proc.wait())
         if signal_again_after is not None:
-            await read_until(proc.stdout, signal_again_after, lines)
+            await served.until(signal_again_after)
             while not exited.done():
                 proc.send_signal(signal.SIGTERM)
                 await asyncio.wait([exited], timeout=0.1)
         # the drain, the call's tools' grace (5 s) and a second for what is left: not the tool's forever
         code = await asyncio.wait_for(exited, timeout=20)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    err = (await proc.stderr.read()).decode() if proc.stderr else ""
-    rest = (await proc.stdout.read()).decode().splitlines()
-    lines.extend(json.loads(line) for line in rest if line.strip())
-    return code, err, lines
+        err = await served.rest()
+    return code, err, served.lines
 
 
 async def test_a_stuck_sync_tool_does_not_keep_the_process_alive(
@@ -493,37 +543,29 @@ async def test_a_signal_while_stuck_threads_are_waited_for_exits_at_once_with_st
 async def test_a_request_still_in_flight_after_the_drain_window_gets_a_second(simulator: Simulator) -> None:
     """A client trickling a webhook's body (it would get its 408 after 10 s) does not hold the exit: once
     the drain window is over, requests still in flight get a second, then the process exits."""
-    port = free_port()
-    proc = await start_serve(port, serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="0.5"))
-    assert proc.stdout is not None
-    lines: list[dict[str, object]] = []
     writer: asyncio.StreamWriter | None = None
-    try:
-        await read_until(proc.stdout, "server.started", lines)
-        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            b"POST /webhooks/openai HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000\r\n\r\n{"
-        )
-        await writer.drain()
-        async with aiohttp.ClientSession() as http:  # the request is in: /metrics counts it
-            for _ in range(100):
-                async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
-                    if "sideband_requests_in_flight 2" in await resp.text():
-                        break
-            else:
-                raise AssertionError("the trickling request never showed as in flight")
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), timeout=20)
-        took = loop.time() - started
-    finally:
-        if writer is not None:
-            writer.close()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with serving(serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="0.5")) as served:
+        try:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+            writer.write(
+                b"POST /webhooks/openai HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n{"
+            )
+            await writer.drain()
+            async with aiohttp.ClientSession() as http:  # the request is in: /metrics counts it
+                for _ in range(100):
+                    async with http.get(f"http://127.0.0.1:{served.port}/metrics") as resp:
+                        if "sideband_requests_in_flight 2" in await resp.text():
+                            break
+                else:
+                    raise AssertionError("the trickling request never showed as in flight")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            code = await served.stop(timeout=20)
+            took = loop.time() - started
+        finally:
+            if writer is not None:
+                writer.close()
     assert code == 0
     # the window, the second, exit slack (waiting the body's 10 s would take far longer)
     assert took < 0.5 + 1 + 4, f"exited {took:.2f} s after SIGTERM"
@@ -608,33 +650,16 @@ async def test_serve_raises_its_open_files_limit(simulator: Simulator) -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 256:
         pytest.skip("the hard limit of open files is too low to lower the soft one under it")
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sideband.cli",
-        "serve",
-        "examples.app:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        cwd=ROOT,
-        env=serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="1"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),  # systemd's 1024, smaller
-    )
-    assert proc.stdout is not None
-    lines: list[dict[str, object]] = []
-    try:
-        started = await read_until(proc.stdout, "server.started", lines)
+    env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="1")
+
+    def lower() -> None:  # systemd's 1024, smaller
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    async with serving(env, preexec_fn=lower) as served:
+        started = served.started
         assert started["max_open_files"] == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
-        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        limits = Path(f"/proc/{served.proc.pid}/limits").read_text()
         assert f"Max open files            {started['max_open_files']}" in limits
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 15)
 
 
 STUBBORN_APP = """
@@ -669,49 +694,33 @@ async def test_a_tool_that_ignores_cancellation_does_not_keep_the_process_alive(
     assert [e["reason"] for e in ended] == ["shutdown"]
 
 
-async def serve_with_a_live_call(
-    simulator: Simulator, drain: float, lines: list[dict[str, object]]
-) -> tuple[asyncio.subprocess.Process, SimCall]:
+@contextlib.asynccontextmanager
+async def serve_with_a_live_call(simulator: Simulator, drain: float) -> AsyncIterator[tuple[Served, SimCall]]:
     """``sideband serve`` (drain window ``drain``) with one call attached, its caller silent a minute."""
-    proc = await start_serve(0, serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT=str(drain)))
-    assert proc.stdout is not None
-    try:
-        port = (await read_until(proc.stdout, "server.started", lines))["port"]
+    async with serving(serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT=str(drain))) as served:
         call = simulator.create_call(Script([pause(60)]))
-        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
+        sender = simulator.webhook_sender(served.url)
         assert (await sender.deliver(simulator.incoming_event(call))).status == 200
-        await read_until(proc.stdout, "sideband.attached", lines)
-    except BaseException:
-        proc.kill()
-        await proc.wait()
-        raise
-    return proc, call
+        await served.until("sideband.attached")
+        yield served, call
 
 
 async def test_a_second_signal_ends_the_drain_at_once(simulator: Simulator) -> None:
-    lines: list[dict[str, object]] = []
     loop = asyncio.get_running_loop()
-    proc, call = await serve_with_a_live_call(simulator, 60, lines)
-    assert proc.stdout is not None
-    try:
-        proc.send_signal(signal.SIGTERM)
+    async with serve_with_a_live_call(simulator, 60) as (served, call):
+        served.proc.send_signal(signal.SIGTERM)
         first = loop.time()
-        await read_until(proc.stdout, "server.draining", lines)
+        await served.until("server.draining")
         await asyncio.sleep(first + SIGNAL_ECHO + 0.1 - loop.time())  # (sooner, it is the same signal)
         started = loop.time()
-        proc.send_signal(signal.SIGINT)
-        code = await asyncio.wait_for(proc.wait(), timeout=15)  # not the 60 s window
+        served.proc.send_signal(signal.SIGINT)
+        code = await served.exited(timeout=15)  # not the 60 s window
         elapsed = loop.time() - started
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await served.rest()
     assert code == 0 and elapsed < 5
-    rest = (await proc.stdout.read()).decode().splitlines()
-    lines.extend(json.loads(line) for line in rest if line.strip())
-    events = [e.get("event") for e in lines]
+    events = [e.get("event") for e in served.lines]
     assert "server.hurried" in events
-    assert [e["reason"] for e in lines if e.get("event") == "call.ended"] == ["shutdown"]
+    assert [e["reason"] for e in served.lines if e.get("event") == "call.ended"] == ["shutdown"]
     assert [r.path for r in simulator.requests if r.path.endswith("/hangup")] == [
         f"/v1/realtime/calls/{call.call_id}/hangup"
     ]
@@ -721,28 +730,20 @@ async def test_one_signal_that_arrives_twice_drains_all_the_same(simulator: Simu
     """A Ctrl-C under a wrapper that forwards it (or a SIGTERM to the whole process group) reaches the
     server twice at once: that is one signal, not the second that ends the drain."""
     drain = 2.0
-    lines: list[dict[str, object]] = []
     loop = asyncio.get_running_loop()
-    proc, _ = await serve_with_a_live_call(simulator, drain, lines)
-    assert proc.stdout is not None
-    try:
+    async with serve_with_a_live_call(simulator, drain) as (served, _):
         started = loop.time()
-        proc.send_signal(signal.SIGINT)  # the terminal's
-        proc.send_signal(signal.SIGINT)  # the wrapper's
-        proc.send_signal(signal.SIGTERM)  # and a supervisor's to the group
-        code = await asyncio.wait_for(proc.wait(), timeout=15)
+        served.proc.send_signal(signal.SIGINT)  # the terminal's
+        served.proc.send_signal(signal.SIGINT)  # the wrapper's
+        served.proc.send_signal(signal.SIGTERM)  # and a supervisor's to the group
+        code = await served.exited(timeout=15)
         elapsed = loop.time() - started
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await served.rest()
     assert code == 0
-    rest = (await proc.stdout.read()).decode().splitlines()
-    lines.extend(json.loads(line) for line in rest if line.strip())
-    events = [e.get("event") for e in lines]
+    events = [e.get("event") for e in served.lines]
     assert "server.hurried" not in events and "server.killed" not in events
     assert elapsed >= drain  # the live call had the whole window
-    assert [e["reason"] for e in lines if e.get("event") == "call.ended"] == ["shutdown"]
+    assert [e["reason"] for e in served.lines if e.get("event") == "call.ended"] == ["shutdown"]
 
 
 async def test_a_webhook_in_flight_keeps_the_listener_and_its_call_gets_the_window(
@@ -751,45 +752,39 @@ async def test_a_webhook_in_flight_keeps_the_listener_and_its_call_gets_the_wind
     """No call is live at SIGTERM, but a webhook is mid-accept: the server goes on listening (readyz says
     503) until it is answered, and the call it accepts is served for the rest of the window."""
     drain = 2.0
-    port = free_port()
     env = serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT=str(drain), SIDEBAND_ACCEPT_TIMEOUT="1")
-    proc = await start_serve(port, env)
-    assert proc.stdout is not None
-    lines: list[dict[str, object]] = []
     loop = asyncio.get_running_loop()
     delivery: asyncio.Task[DeliveryResult] | None = None
-    try:
-        await read_until(proc.stdout, "server.started", lines)
-        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
-        late = simulator.create_call(Script([pause(60)]))
-        simulator.fail_accept(late.call_id, "timeout")  # the first attempt hangs for SIDEBAND_ACCEPT_TIMEOUT
-        delivery = asyncio.create_task(sender.deliver(simulator.incoming_event(late), max_attempts=1))
-        accept_path = f"/v1/realtime/calls/{late.call_id}/accept"
-        await simulator.wait_for(
-            lambda sim: any(r.path == accept_path for r in sim.requests), timeout=10, what="accept"
-        )
-        started = loop.time()
-        proc.send_signal(signal.SIGTERM)
-        await read_until(proc.stdout, "server.draining", lines)
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://127.0.0.1:{port}/readyz") as resp,
-        ):
-            assert resp.status == 503  # still listening, and saying it drains
-        assert (await delivery).status == 200
-        await read_until(proc.stdout, "sideband.attached", lines)
-        code = await asyncio.wait_for(proc.wait(), timeout=4 * drain)
-        elapsed = loop.time() - started
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        if delivery is not None and not delivery.done():
-            delivery.cancel()
+    async with serving(env) as served:
+        try:
+            sender = simulator.webhook_sender(served.url)
+            late = simulator.create_call(Script([pause(60)]))
+            simulator.fail_accept(
+                late.call_id, "timeout"
+            )  # the first attempt hangs for SIDEBAND_ACCEPT_TIMEOUT
+            delivery = asyncio.create_task(sender.deliver(simulator.incoming_event(late), max_attempts=1))
+            accept_path = f"/v1/realtime/calls/{late.call_id}/accept"
+            await simulator.wait_for(
+                lambda sim: any(r.path == accept_path for r in sim.requests), timeout=10, what="accept"
+            )
+            started = loop.time()
+            served.proc.send_signal(signal.SIGTERM)
+            await served.until("server.draining")
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{served.port}/readyz") as resp,
+            ):
+                assert resp.status == 503  # still listening, and saying it drains
+            assert (await delivery).status == 200
+            await served.until("sideband.attached")
+            code = await served.exited(timeout=4 * drain)
+            elapsed = loop.time() - started
+        finally:
+            if delivery is not None and not delivery.done():
+                delivery.cancel()
+        await served.rest()
     assert code == 0
-    rest = (await proc.stdout.read()).decode().splitlines()
-    lines.extend(json.loads(line) for line in rest if line.strip())
-    ended = [e for e in lines if e.get("event") == "call.ended"]
+    ended = [e for e in served.lines if e.get("event") == "call.ended"]
     assert [e["reason"] for e in ended] == ["shutdown"] and ended[0]["call_id"] == late.call_id
     assert drain <= elapsed < drain + 3, f"exited {elapsed:.2f}s after SIGTERM (drain window {drain}s)"
 

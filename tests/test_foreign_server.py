@@ -27,7 +27,7 @@ import trustme
 from aiohttp import WSMsgType, web
 from standardwebhooks import Webhook
 
-from tests.test_cli import clean_env, free_port, read_until, start_serve
+from tests.test_cli import clean_env, serving
 
 CASSETTE = Path(__file__).parent / "data" / "cassettes" / "openai" / "ws_tool_round_gpt-realtime.jsonl"
 BASE_PATH = "/proxy/openai/v1"
@@ -172,7 +172,6 @@ async def test_serve_runs_a_recorded_tool_round_against_another_protocol_a_serve
     server = ReplayServer(key, frames, state={call_id: "ringing"})
     runner = web.AppRunner(server.app())
     await runner.setup()
-    upstream_port = free_port()
     server_tls: ssl.SSLContext | None = None
     trust: dict[str, str] = {}
     if scheme == "https":
@@ -181,33 +180,31 @@ async def test_serve_runs_a_recorded_tool_round_against_another_protocol_a_serve
         ca.issue_cert("127.0.0.1").configure_cert(server_tls)
         ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
         trust = {"SSL_CERT_FILE": str(tmp_path / "ca.pem")}
-    await web.TCPSite(runner, "127.0.0.1", upstream_port, ssl_context=server_tls).start()
-
-    port = free_port()
-    env = clean_env(
-        OPENAI_API_KEY=key,
-        OPENAI_WEBHOOK_SECRET=secret,
-        OPENAI_BASE_URL=f"{scheme}://127.0.0.1:{upstream_port}{BASE_PATH}",
-        SIDEBAND_LOG_FORMAT="json",
-        SIDEBAND_DRAIN_TIMEOUT="2",
-        **trust,
-    )
-    proc = await start_serve(port, env, "tests.weather_app:app")
-    assert proc.stdout is not None
-    lines: list[dict[str, Any]] = []
     try:
-        await read_until(proc.stdout, "server.started", lines)
-        body, headers = signed_incoming(secret, call_id)
-        url = f"http://127.0.0.1:{port}/webhooks/openai"
-        async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as r:
-            assert r.status == 200, await r.text()
-        ended = await read_until(proc.stdout, "call.ended", lines)
-        await asyncio.wait_for(server.dropped.wait(), 5)
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls).start()
+        upstream_port = runner.addresses[0][1]
+        env = clean_env(
+            OPENAI_API_KEY=key,
+            OPENAI_WEBHOOK_SECRET=secret,
+            OPENAI_BASE_URL=f"{scheme}://127.0.0.1:{upstream_port}{BASE_PATH}",
+            SIDEBAND_LOG_FORMAT="json",
+            SIDEBAND_DRAIN_TIMEOUT="2",
+            **trust,
+        )
+        async with serving(env, "tests.weather_app:app") as served:
+            body, headers = signed_incoming(secret, call_id)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(served.url, data=body, headers=headers) as r,
+            ):
+                assert r.status == 200, await r.text()
+            ended = await served.until("call.ended")
+            await asyncio.wait_for(server.dropped.wait(), 5)
+            code = await served.stop()
+            err = await served.rest()
     finally:
-        proc.terminate()
-        code = await asyncio.wait_for(proc.wait(), 15)
-        err = (await proc.stderr.read()).decode() if proc.stderr else ""
         await runner.cleanup()
+    lines = served.lines
     assert code == 0, err
     assert "Traceback" not in err
     assert server.replay_error == []

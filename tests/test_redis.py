@@ -23,7 +23,7 @@ from sideband.stores import MemoryStore, RedisStore, StoreUnavailable, redacted
 from sideband.testing import Script, Simulator, pause, run_app
 
 from .conftest import TEST_SETTINGS, capture_logs, make_app, settings_for
-from .test_cli import clean_env, free_port, read_until, run_cli, serve_env, start_serve
+from .test_cli import clean_env, free_port, run_cli, serve_env, serving
 from .test_edge import StoreFailingOnce
 
 PASSWORD = "s3cret-redis-pass"
@@ -34,6 +34,8 @@ class RedisServer:
 
     def __init__(self, binary: str, folder: Path) -> None:
         self.binary, self.folder = binary, folder
+        # Picked before the start (racy, but redis-server takes ``--port 0`` as "no TCP at all" and does
+        # not say which port it got), and kept across a stop and start again: the same URL.
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -71,7 +73,11 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.wait(timeout=10)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
             self.proc = None
 
     def flush(self) -> None:
@@ -88,9 +94,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
             pytest.fail("redis-server is missing (.ci/run installs it with apt-get)")
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     server = RedisServer(binary, tmp_path_factory.mktemp("redis@main"))
-    server.start()
-    yield server
-    server.stop()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest_asyncio.fixture
@@ -586,17 +594,10 @@ async def test_serve_uses_redis_and_logs_it_without_the_password(
 ) -> None:
     if redis_server.proc is None:
         redis_server.start()
-    port = free_port()
-    proc = await start_serve(port, serve_env(simulator, SIDEBAND_REDIS_URL=redis_server.url))
-    assert proc.stdout is not None
-    lines: list[dict[str, object]] = []
-    try:
-        started = await read_until(proc.stdout, "server.started", lines)
-        assert started["store"] == f"redis://127.0.0.1:{redis_server.port}/0"
-        assert PASSWORD not in json.dumps(lines)
-    finally:
-        proc.terminate()
-        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    async with serving(serve_env(simulator, SIDEBAND_REDIS_URL=redis_server.url)) as served:
+        assert served.started["store"] == f"redis://127.0.0.1:{redis_server.port}/0"
+        assert PASSWORD not in json.dumps(served.lines)
+        assert await served.stop() == 0
 
 
 @pytest.mark.parametrize(
@@ -632,7 +633,7 @@ def test_a_bad_or_unreachable_store_stops_serve_with_one_line(url: str, message:
     env = clean_env(
         OPENAI_API_KEY="sk-test",
         OPENAI_WEBHOOK_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-        SIDEBAND_REDIS_URL=url.format(port=free_port()),
+        SIDEBAND_REDIS_URL=url.format(port=free_port()),  # (a port nothing listens on: unreachable)
     )
     flags = ("--host", "127.0.0.1", "--port", "0") if command == "serve" else ()
     done = run_cli(command, "examples.app:app", *flags, env=env)

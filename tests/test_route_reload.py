@@ -19,7 +19,7 @@ from sideband.routing import RouteTable
 from sideband.testing import Script, Simulator, pause, wait_for_greeting
 
 from .conftest import Stack, capture_logs
-from .test_cli import read_until, serve_env, start_serve
+from .test_cli import serve_env, serving
 from .test_routing import write
 
 BEFORE = """
@@ -191,12 +191,8 @@ async def test_sighup_reloads_the_route_file_of_a_serving_process(
     simulator: Simulator, tmp_path: Path
 ) -> None:
     path = write(tmp_path, '[routes."+18005550000"]\nreject = 486\n')
-    proc = await start_serve(0, serve_env(simulator, SIDEBAND_ROUTES_FILE=str(path)))
-    assert proc.stdout is not None
-    lines: list[dict[str, object]] = []
-    try:
-        port = (await read_until(proc.stdout, "server.started", lines))["port"]
-        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
+    async with serving(serve_env(simulator, SIDEBAND_ROUTES_FILE=str(path))) as served:
+        sender = simulator.webhook_sender(served.url)
 
         async def ring() -> str:
             call = simulator.create_call(Script([]), to_number="+18005550000")
@@ -205,19 +201,17 @@ async def test_sighup_reloads_the_route_file_of_a_serving_process(
 
         assert await ring() == "rejected"
         path.write_text('[routes."+18005550000"]\nreject = 486\ntools = ["opening_hours"]\n')  # refused
-        proc.send_signal(signal.SIGHUP)
-        failed = await read_until(proc.stdout, "routes.reload_failed", lines)
+        served.proc.send_signal(signal.SIGHUP)
+        failed = await served.until("routes.reload_failed")
         assert failed["level"] == "error" and "reject" in str(failed["error"])
         assert await ring() == "rejected"  # still serving, the old table
         path.write_text('[routes."+18005550000"]\nrefer = "tel:+14155550123"\n')
-        proc.send_signal(signal.SIGHUP)
-        reloaded = await read_until(proc.stdout, "routes.reloaded", lines)
+        served.proc.send_signal(signal.SIGHUP)
+        reloaded = await served.until("routes.reloaded")
         assert reloaded["routes"] == 1 and reloaded["file"] == str(path)
         assert await ring() == "referred"
-    finally:
-        proc.terminate()
-        code = await asyncio.wait_for(proc.wait(), 15)
-        err = (await proc.stderr.read()).decode() if proc.stderr else ""
+        code = await served.stop()
+        err = await served.rest()
     assert code == 0, err
     assert "Traceback" not in err
 
@@ -227,27 +221,21 @@ async def test_a_sighup_while_draining_reloads_nothing_and_the_exit_stays_clean(
 ) -> None:
     path = write(tmp_path, '[routes."+18005550000"]\nreject = 486\n')
     env = serve_env(simulator, SIDEBAND_ROUTES_FILE=str(path), SIDEBAND_DRAIN_TIMEOUT="1")
-    proc = await start_serve(0, env)
-    assert proc.stdout is not None
-    lines: list[dict[str, object]] = []
-    try:
-        port = (await read_until(proc.stdout, "server.started", lines))["port"]
+    async with serving(env) as served:
         call = simulator.create_call(Script([wait_for_greeting("Hi."), pause(10)]))
-        sender = simulator.webhook_sender(f"http://127.0.0.1:{port}/webhooks/openai")
+        sender = simulator.webhook_sender(served.url)
         assert (await sender.deliver(simulator.incoming_event(call))).status == 200
         await call.wait_received("session.update", timeout=5)
-        proc.send_signal(signal.SIGTERM)
-        await read_until(proc.stdout, "server.draining", lines)
+        served.proc.send_signal(signal.SIGTERM)
+        await served.until("server.draining")
         for _ in range(3):
-            proc.send_signal(signal.SIGHUP)
-        await read_until(proc.stdout, "server.stopped", lines)
-    finally:
-        code = await asyncio.wait_for(proc.wait(), 15)
-        rest = (await proc.stdout.read()).decode() if proc.stdout else ""
-        err = (await proc.stderr.read()).decode() if proc.stderr else ""
+            served.proc.send_signal(signal.SIGHUP)
+        await served.until("server.stopped")
+        code = await served.exited()
+        err = await served.rest()  # (a line that is not JSON, a traceback say, fails it)
     assert code == 0, err
-    assert "Traceback" not in err + rest
-    assert not [line for line in lines if str(line.get("event", "")).startswith("routes.")]
+    assert "Traceback" not in err
+    assert not [line for line in served.lines if str(line.get("event", "")).startswith("routes.")]
 
 
 async def test_a_reload_stuck_on_its_file_does_not_hold_up_the_exit(
@@ -255,30 +243,24 @@ async def test_a_reload_stuck_on_its_file_does_not_hold_up_the_exit(
 ) -> None:
     path = write(tmp_path, '[routes."+18005550000"]\nreject = 486\n')
     env = serve_env(simulator, SIDEBAND_ROUTES_FILE=str(path), SIDEBAND_DRAIN_TIMEOUT="1")
-    proc = await start_serve(0, env)
-    assert proc.stdout is not None
-    lines: list[dict[str, object]] = []
     writer: int | None = None
-    try:
-        await read_until(proc.stdout, "server.started", lines)
-        path.unlink()
-        os.mkfifo(path)  # the file's volume stops answering (a stalled network mount): its read blocks
-        proc.send_signal(signal.SIGHUP)
-        deadline = asyncio.get_running_loop().time() + 10
-        while writer is None:  # the reload has the file open once a writer can open it without waiting
-            try:
-                writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                assert exc.errno == errno.ENXIO and asyncio.get_running_loop().time() < deadline, exc
-                await asyncio.sleep(0.02)
-        # (the writer stays open and writes nothing: the reload's read waits on)
-        proc.send_signal(signal.SIGTERM)
-        await read_until(proc.stdout, "server.stopped", lines)
-        code = await asyncio.wait_for(proc.wait(), 10)
-    finally:
-        if writer is not None:
-            os.close(writer)
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with serving(env) as served:
+        try:
+            path.unlink()
+            os.mkfifo(path)  # the file's volume stops answering (a stalled network mount): its read blocks
+            served.proc.send_signal(signal.SIGHUP)
+            deadline = asyncio.get_running_loop().time() + 10
+            while writer is None:  # the reload has the file open once a writer can open it without waiting
+                try:
+                    writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError as exc:
+                    assert exc.errno == errno.ENXIO and asyncio.get_running_loop().time() < deadline, exc
+                    await asyncio.sleep(0.02)
+            # (the writer stays open and writes nothing: the reload's read waits on)
+            served.proc.send_signal(signal.SIGTERM)
+            await served.until("server.stopped")
+            code = await served.exited(10)
+        finally:
+            if writer is not None:
+                os.close(writer)
     assert code == 0
