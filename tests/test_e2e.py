@@ -633,23 +633,35 @@ async def test_tool_failures_become_model_visible_outputs(stack: Stack) -> None:
 
 
 async def test_end_call_tool_hangs_up_after_output_and_goodbye(stack: Stack) -> None:
-    call = await run_call(
-        stack,
+    """The goodbye takes real time to play (0.2 s at 40 characters a second): a hangup sent with the
+    tool's output, or before the goodbye was heard, comes before the goodbye's ``stopped``."""
+    stack.sim.playback_rate = 40.0
+    call = stack.sim.create_call(
         Script(
-            [
-                GREETING,
-                caller_says("That's all, bye."),
-                model_calls("end_call", {}),
-                model_says("Goodbye!"),
-            ]
-        ),
+            [GREETING, caller_says("That's all, bye."), model_calls("end_call", {}), model_says("Goodbye!")]
+        )
     )
-    # The script ran to its end: the goodbye was spoken (in answer to our response.create after the
-    # tool output) before the hangup ended the call; a hangup that came first would fail the script.
-    await call.wait_done(timeout=10)
-    await call.wait_ended(timeout=10)
+    hangup_path = f"/v1/realtime/calls/{call.call_id}/hangup"
+    heard_at_hangup: list[list[str]] = []
+
+    async def at_the_hangup() -> None:  # what the simulator had sent when the hangup reached it
+        await stack.sim.wait_for(lambda sim: any(r.path == hangup_path for r in sim.requests), timeout=10)
+        heard_at_hangup.append(
+            [e["response_id"] for e in call.sent if e["type"] == "output_audio_buffer.stopped"]
+        )
+
+    watcher = asyncio.create_task(at_the_hangup())
+    try:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await call.wait_ended(timeout=10)
+        await asyncio.wait_for(watcher, 10)
+    finally:
+        watcher.cancel()
     assert call.end_reason == "hangup_verb"
-    assert sum(1 for r in stack.sim.requests if r.path.endswith("/hangup")) == 1
+    assert sum(1 for r in stack.sim.requests if r.path == hangup_path) == 1
+    goodbye = call.responses[-1]
+    assert goodbye.text == "Goodbye!" and goodbye.status == "completed"
+    assert heard_at_hangup == [[call.responses[0].response_id, goodbye.response_id]]  # greeting, goodbye
     types = client_types(call)
     output_at = types.index("conversation.item.create")
     assert types[output_at + 1 :] == ["response.create"]  # output, then the request for the goodbye
