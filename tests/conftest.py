@@ -15,7 +15,7 @@ from structlog.testing import LogCapture
 
 from sideband import CallContext, Sideband, ToolError
 from sideband.settings import Settings
-from sideband.testing import Harness, Simulator, run_app
+from sideband.testing import Harness, SimCall, Simulator, run_app
 from sideband.testing.harness import harness_settings
 
 
@@ -131,3 +131,16 @@ def asked(request: dict[str, Any] | None) -> dict[str, Any] | None:
     if request is None:
         return None
     return {k: v for k, v in request.items() if k != "metadata"}
+
+
+def heard_at_verb(sim: Simulator, call: SimCall, verb: str = "hangup") -> asyncio.Task[list[str]]:
+    """A task whose result is what the caller had heard to its end when the call's ``verb`` request
+    reached the simulator: the ids of the responses whose ``output_audio_buffer.stopped`` was out by
+    then, in order. Start it before the call can end; cancel it if the test stops early."""
+    path = f"/v1/realtime/calls/{call.call_id}/{verb}"
+
+    async def watch() -> list[str]:
+        await sim.wait_for(lambda s: any(r.path == path for r in s.requests), timeout=10, what=verb)
+        return [e["response_id"] for e in call.sent if e["type"] == "output_audio_buffer.stopped"]
+
+    return asyncio.create_task(watch())

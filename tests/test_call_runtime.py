@@ -27,7 +27,7 @@ from sideband.testing import (
     wait_for_greeting,
 )
 
-from .conftest import Stack, capture_logs, make_app, untagged
+from .conftest import Stack, capture_logs, heard_at_verb, make_app, untagged
 
 HELLO = wait_for_greeting("Hello.")
 
@@ -501,27 +501,33 @@ async def test_context_actions_say_update_session_and_idempotent_hangup(stack: S
         ctx.say("Mention our summer sale.")
         await ctx.hangup()
         await ctx.hangup()  # idempotent
+        ctx.say("Too late.")  # asked for after the hangup: ignored
         return "wrapping up"
 
-    call = await start(
-        stack,
-        Script(
-            [
-                HELLO,
-                caller_says("bye"),
-                model_calls("wrap_up", {}),
-                model_says("Bye!"),
-            ]
-        ),
+    stack.sim.playback_rate = 50.0  # (what the model says takes a moment to hear: 0.1 s for "Okay.")
+    call = stack.sim.create_call(
+        Script([HELLO, caller_says("bye"), model_calls("wrap_up", {}), model_says("Bye!")])
     )
-    await call.wait_ended(timeout=10)
+    heard = heard_at_verb(stack.sim, call)
+    try:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await call.wait_ended(timeout=10)
+        heard_at_hangup = await asyncio.wait_for(heard, 10)
+    finally:
+        heard.cancel()
     assert call.end_reason == "hangup_verb"
     assert sum(1 for r in stack.sim.requests if r.path.endswith("/hangup")) == 1
     updates = [e for e in call.received if e["type"] == "session.update"]
     assert updates[-1]["session"] == {"instructions": "Be brief.", "type": "realtime"}
-    ks = kinds(call)
-    # The hangup waited for the output and the model's reply; `say` does not run once the call is ending.
-    assert ks.index("output:" + next(iter(outputs(call)))) < len(ks) - 1
+    # The say asked for before the hangup is said, and so is the model's reply to the tool's output; the
+    # hangup waits until both were heard to their end. The say after the hangup is not sent.
+    asked = [(r.request or {}).get("instructions") for r in call.responses]
+    assert asked.count("Mention our summer sale.") == 1 and "Too late." not in asked
+    said = call.responses[asked.index("Mention our summer sale.")]
+    reply = call.responses[-1]
+    assert reply.text == "Bye!" and said is not reply
+    assert said.status == reply.status == "completed"
+    assert {said.response_id, reply.response_id} <= set(heard_at_hangup)
     summary = await ended(stack, call)
     assert summary.reason == "hangup"
 

@@ -31,7 +31,7 @@ from sideband.testing import (
 )
 from sideband.upstream.openai import CallControl, UpstreamError, retry_after, with_retries
 
-from .conftest import TEST_SETTINGS, Stack, make_app
+from .conftest import TEST_SETTINGS, Stack, heard_at_verb, make_app
 
 GREETING = wait_for_greeting("Hello, test desk.")
 
@@ -641,27 +641,18 @@ async def test_end_call_tool_hangs_up_after_output_and_goodbye(stack: Stack) -> 
             [GREETING, caller_says("That's all, bye."), model_calls("end_call", {}), model_says("Goodbye!")]
         )
     )
-    hangup_path = f"/v1/realtime/calls/{call.call_id}/hangup"
-    heard_at_hangup: list[list[str]] = []
-
-    async def at_the_hangup() -> None:  # what the simulator had sent when the hangup reached it
-        await stack.sim.wait_for(lambda sim: any(r.path == hangup_path for r in sim.requests), timeout=10)
-        heard_at_hangup.append(
-            [e["response_id"] for e in call.sent if e["type"] == "output_audio_buffer.stopped"]
-        )
-
-    watcher = asyncio.create_task(at_the_hangup())
+    heard = heard_at_verb(stack.sim, call)
     try:
         assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
         await call.wait_ended(timeout=10)
-        await asyncio.wait_for(watcher, 10)
+        heard_at_hangup = await asyncio.wait_for(heard, 10)
     finally:
-        watcher.cancel()
+        heard.cancel()
     assert call.end_reason == "hangup_verb"
-    assert sum(1 for r in stack.sim.requests if r.path == hangup_path) == 1
+    assert sum(1 for r in stack.sim.requests if r.path.endswith("/hangup")) == 1
     goodbye = call.responses[-1]
     assert goodbye.text == "Goodbye!" and goodbye.status == "completed"
-    assert heard_at_hangup == [[call.responses[0].response_id, goodbye.response_id]]  # greeting, goodbye
+    assert heard_at_hangup == [call.responses[0].response_id, goodbye.response_id]  # greeting, goodbye
     types = client_types(call)
     output_at = types.index("conversation.item.create")
     assert types[output_at + 1 :] == ["response.create"]  # output, then the request for the goodbye
