@@ -462,7 +462,21 @@ async def test_accept_timeout_fault_holds_until_the_client_gives_up(
             await resp.read()
     assert call.status == "ringing"
     assert (await post(http, url, {"type": "realtime"}))[0] == 200
-    # The held request is released (not leaked) when the simulator closes: see the fixture teardown.
+    # A client that waits on is held until the simulator closes, then answered 504: not left hanging.
+    other = simulator.create_call()
+    simulator.fail_accept(other.call_id, "timeout")
+    url = f"{simulator.base_url}/realtime/calls/{other.call_id}/accept"
+    held = asyncio.create_task(post(http, url, {"type": "realtime"}))
+    try:
+        path = f"/realtime/calls/{other.call_id}/accept"
+        await simulator.wait_for(lambda sim: any(r.path.endswith(path) for r in sim.requests), 5)
+        assert not held.done()
+        await simulator.close()  # (the fixture's close afterwards does nothing)
+        status, raw = await asyncio.wait_for(held, 5)
+    finally:
+        held.cancel()
+    assert status == 504 and error_of(raw)["type"] == "server_error"
+    assert other.status == "ringing"
 
 
 # ------------------------------------------------------------------------------------------ REST: verbs
