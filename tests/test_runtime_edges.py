@@ -182,6 +182,54 @@ async def test_a_blocking_sync_hook_runs_in_a_thread_and_holds_back_nothing(stac
     await stack.ended(call)
 
 
+async def test_a_calls_sync_hooks_run_one_at_a_time_in_order_mid_call(stack: Stack) -> None:
+    """While the greeting's line is in a sync transcript hook that blocks, the caller's next line is
+    left waiting (the call goes on: a tool round completes); it starts only once the first returns."""
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    blocked, all_in = asyncio.Event(), asyncio.Event()
+    inside: list[str] = []  # the lines whose hook runs now
+    started: list[tuple[str, list[str]]] = []  # each line as its hook starts, with the lines inside then
+
+    @stack.app.on_transcript
+    def store(ctx: CallContext, role: str, text: str) -> None:
+        started.append((text, list(inside)))
+        inside.append(text)
+        try:
+            if text == "Hello.":
+                loop.call_soon_threadsafe(blocked.set)
+                release.wait(10)
+        finally:
+            inside.remove(text)
+            if len(started) == 3:
+                loop.call_soon_threadsafe(all_in.set)
+
+    call = stack.sim.create_call(
+        Script(
+            [
+                HELLO,
+                caller_says("order 7"),
+                model_calls("lookup_order", {"order_id": "7"}),
+                model_says("Shipped."),
+                pause(30),
+            ]
+        )
+    )
+    try:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await asyncio.wait_for(blocked.wait(), 5)
+        # The caller's line came before the tool call: once the tool's output is back, its hook was
+        # asked for long ago, and waits behind the one that blocks.
+        await call.wait_for(lambda c: bool(c.function_outputs), timeout=5)
+        assert [line for line, _ in started] == ["Hello."]
+    finally:
+        release.set()
+    await asyncio.wait_for(all_in.wait(), 5)
+    assert started == [("Hello.", []), ("order 7", []), ("Shipped.", [])]
+    await stack.sim.hang_up(call)
+    await stack.ended(call)
+
+
 async def test_a_sync_hook_cut_off_by_the_end_still_runs_alone(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
