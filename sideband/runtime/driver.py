@@ -11,7 +11,7 @@ import inspect
 import json
 import re
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -88,15 +88,16 @@ _STOPPED = json.dumps(
 )
 
 HOOK_GRACE = 2.0
-"""Seconds hooks still running when a call ends get to finish before they are cancelled (and awaited,
-with a ``hook.cancelled`` warning naming the hook)."""
+"""Seconds a call's hooks still running or queued when it ends get to finish, in all: then the one running
+is cancelled (and awaited, with a ``hook.cancelled`` warning naming it) and the ones queued behind it are
+dropped (``hook.skipped``)."""
 END_HOOK_TIMEOUT = 10.0
 """Seconds each ``on_call_end`` hook may run before it is cancelled (``hook.cancelled``)."""
 TIMER_MOVED_NOTABLE = 5.0
 """Seconds by which the session's ``expires_at`` must bring a limit forward for ``sideband.timer_moved``
 to be logged at ``info`` (less is every call's: ``debug``)."""
 HOOK_SLOW = 5.0
-"""Seconds a sync hook may run before ``hook.slow`` is logged: the call's next sync hooks wait behind it."""
+"""Seconds a hook may run before ``hook.slow`` is logged: the call's next hooks wait behind it."""
 TASK_GRACE = 5.0
 """Seconds a call's cancelled tools get to stop when it ends; one that ignores its cancellation is left
 behind (``call.tasks_abandoned``)."""
@@ -190,11 +191,17 @@ class CallSummary:
 class CallHooks:
     """User callbacks (sync or async); an exception in one is logged and never ends the call.
 
-    Hooks run in tasks of their own and never hold back the call's traffic: ``on_call_start`` starts
-    once the session config (and greeting) are on their way, and what it asks for (``say``,
-    ``update_session``…) follows them. When the call ends, hooks still running get :data:`HOOK_GRACE`
-    seconds, then are cancelled; ``on_call_end`` runs after all of them, each hook for at most
-    :data:`END_HOOK_TIMEOUT` seconds.
+    A call's hooks run one at a time, in the order of the events that trigger them: an event's hooks in
+    the order they were registered, after every hook of the events before it. ``on_transcript``,
+    ``on_dtmf`` and ``on_tool`` hooks run only once ``on_call_start`` has returned, and transcript lines
+    reach them in order. They run beside the call, never holding back its traffic:
+    ``on_call_start`` starts once the session config (and greeting) are on their way, and what it asks
+    for (``say``, ``update_session``…) follows them; tool outputs and answers go out while hooks run. A
+    hook still running after :data:`HOOK_SLOW` seconds is logged (``hook.slow``): the next ones wait
+    behind it. When the call ends, the hooks still running or queued get :data:`HOOK_GRACE` seconds in
+    all; then the one running is cancelled and the rest are dropped. ``on_call_end`` runs after all of
+    them, each hook for at most :data:`END_HOOK_TIMEOUT` seconds. Output guardrails are no part of this
+    order: they check the model's words as they stream in, beside the hooks.
     """
 
     on_call_start: list[Callable[..., Any]] = field(default_factory=list)
@@ -203,7 +210,9 @@ class CallHooks:
     on_dtmf: list[Callable[..., Any]] = field(default_factory=list)
     on_tool: list[Callable[..., Any]] = field(default_factory=list)
     on_response: list[Callable[..., Any]] = field(default_factory=list)
-    """Called with ``(ctx, response_id, status, tools_running)`` after each ``response.done``."""
+    """Called with ``(ctx, response_id, status, tools_running)`` after each ``response.done``, at once, in
+    a task of its own: outside the order of the other hooks (an engine session's turns end on it, never
+    behind the app's hooks; apps have no decorator for it)."""
     guardrails: list[Callable[..., Any]] = field(default_factory=list)
     """Output guardrails: called with ``(ctx, text)`` as the model's words stream in (see
     :class:`~sideband.runtime.guard.OutputGuard`)."""
@@ -229,7 +238,7 @@ class CallRuntime:
         "_deadlines",
         "_flushing",
         "_guard",
-        "_hook_tasks",
+        "_hook_queue",
         "_keypad",
         "_log_args",
         "_log_fields",
@@ -313,8 +322,9 @@ class CallRuntime:
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._abandoned: set[str] | None = None  # tool call ids the call's end gave up on
         self._side_tasks: set[asyncio.Task[Any]] = set()
-        self._hook_tasks: dict[asyncio.Future[None], str] | None = None  # → the hook it runs (for the log)
-        self._sync_hooks: asyncio.Lock | None = None  # a call's sync hooks run one at a time, in order
+        self._hook_queue: _HookQueue | None = None  # the hooks running and waiting their turn, while any
+        # Held by a sync hook's thread: one cut off by the call's end still runs alone (on_call_end waits).
+        self._sync_hooks: asyncio.Lock | None = None
         # Woken when the call ends: a re-attach backoff, or the read loop (the socket may never close:
         # a peer that stops reading stalls the closing handshake).
         self._stop: asyncio.Future[Any] | None = None
@@ -560,7 +570,7 @@ class CallRuntime:
     async def _end_hook(self, hook: Callable[..., Any]) -> None:
         """Run one ``on_call_end`` hook in a task of its own, for :data:`END_HOOK_TIMEOUT` seconds; then
         cancel it, and leave it behind if it still runs a second later (it ignores its cancellation)."""
-        task = asyncio.ensure_future(self._hooks((hook,), self.ctx, self.summary))
+        task = asyncio.ensure_future(self._hooks((hook,), (self.ctx, self.summary)))
         task.add_done_callback(_drop_cancellation)
         try:
             done, _ = await asyncio.wait({task}, timeout=END_HOOK_TIMEOUT)
@@ -818,22 +828,40 @@ class CallRuntime:
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
-    def _spawn_hooks(self, hooks: list[Callable[..., Any]], *args: Any) -> None:
-        """Run ``hooks`` in a task of their own, owned by the call (see :meth:`_settle_hooks`)."""
-        task = asyncio.ensure_future(self._hooks(hooks, *args))
-        tasks = self._hook_tasks
-        if tasks is None:
-            tasks = self._hook_tasks = {}  # allocated only while hooks run
-        tasks[task] = _hook_name(hooks[0])
-        task.add_done_callback(self._hook_done)
+    def _spawn_hooks(self, hooks: list[Callable[..., Any]], *args: Any, queued: bool = True) -> None:
+        """Queue an event's ``hooks``: they run after those of the events before it, in the task that runs
+        the call's hooks (started when one is queued, ended once none is left; see
+        :meth:`_settle_hooks`). Returns at once: the call's traffic never waits for its hooks. Not
+        ``queued``: they start at once, in a task of their own (the call still owns it)."""
+        queue = self._hook_queue
+        if queue is None:
+            queue = self._hook_queue = _HookQueue()
+        if queued:
+            queue.pending.append((hooks, args))
+            if queue.draining:
+                return
+            queue.draining = True  # (before the task starts: an eager task factory runs it at once)
+            task = asyncio.ensure_future(self._run_hooks(queue))
+        else:
+            task = asyncio.ensure_future(self._hooks(hooks, args))
+        if not task.done():  # (an eager task factory may have run it to its end already)
+            queue.tasks[task] = _hook_name(hooks[0])
+        task.add_done_callback(functools.partial(self._hook_done, queue))
         task.add_done_callback(_drop_cancellation)
 
-    def _hook_done(self, task: asyncio.Future[None]) -> None:
-        tasks = self._hook_tasks
-        if tasks is not None:
-            tasks.pop(task, None)
-            if not tasks:
-                self._hook_tasks = None
+    async def _run_hooks(self, queue: _HookQueue) -> None:
+        """Run the queued hooks, each event's after those of the event before, until none is left."""
+        try:
+            while queue.pending:
+                hooks, args = queue.pending.popleft()
+                await self._hooks(hooks, args)
+        finally:
+            queue.draining = False
+
+    def _hook_done(self, queue: _HookQueue, task: asyncio.Future[None]) -> None:
+        queue.tasks.pop(task, None)
+        if not (queue.tasks or queue.pending or queue.draining) and self._hook_queue is queue:
+            self._hook_queue = None  # (allocated again when a hook is next queued)
 
     async def _flush(self) -> None:
         if self._flushing or self._ws is None:
@@ -1116,6 +1144,7 @@ class CallRuntime:
                     fields["response_id"],
                     fields["status"],
                     fields["tools_running"],
+                    queued=False,
                 )
         elif event == "sideband.ready":
             self.ready.set()
@@ -1147,17 +1176,21 @@ class CallRuntime:
         else:
             self.log.info(event, **fields)
 
-    async def _hooks(self, hooks: Sequence[Callable[..., Any]], *args: Any) -> None:
+    async def _hooks(self, hooks: Sequence[Callable[..., Any]], args: tuple[Any, ...]) -> None:
+        """Run one event's ``hooks``, one after the other."""
         running = asyncio.current_task()
         baseline = running.cancelling() if running is not None else 0  # (a call's end runs cancelled)
-        task = running if len(hooks) > 1 else None
+        queue = self._hook_queue
         for hook in hooks:
-            tasks = self._hook_tasks
-            if task is not None and tasks is not None and task in tasks:
-                tasks[task] = _hook_name(hook)
+            if queue is not None and running in queue.tasks:
+                queue.tasks[running] = _hook_name(hook)  # (the one a cancellation would name)
             try:
                 if inspect.iscoroutinefunction(hook):
-                    await timed(hook(*args), log_blocked(self.log, hook=_hook_name(hook)))
+                    slow = self._slow_after(hook)
+                    try:
+                        await timed(hook(*args), log_blocked(self.log, hook=_hook_name(hook)))
+                    finally:
+                        slow.cancel()
                 else:
                     await self._sync_hook(hook, args)
             except BaseException as exc:  # (a SystemExit too: out of a task it would stop the server)
@@ -1175,10 +1208,23 @@ class CallRuntime:
         own = isinstance(exc, ToolError | SessionConfigError)
         return failure_fields(exc, message=own or self._log_args, full=self._log_args)
 
+    def _slow_after(self, hook: Callable[..., Any]) -> asyncio.TimerHandle:
+        """Log ``hook.slow`` should ``hook`` still run in :data:`HOOK_SLOW` seconds (cancel the handle
+        once it is done): the call's next hooks wait behind it."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        return loop.call_later(
+            HOOK_SLOW,
+            lambda: self.log.warning(
+                "hook.slow", hook=_hook_name(hook), running_s=round(loop.time() - started, 1)
+            ),
+        )
+
     async def _sync_hook(self, hook: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        """A plain function runs in the tools' thread pool, so blocking work never stalls the loop; a
-        call's sync hooks run one at a time, in the order they were triggered (transcript lines stay in
-        order). Context actions from the thread hop to the loop."""
+        """A plain function runs in a worker thread (:attr:`CallHooks.executor`), so blocking work never
+        stalls the loop; it holds the call's sync-hook lock until its thread is done, so that one cut off
+        by the call's end (its task cancelled) never runs beside the next (``on_call_end``). Context
+        actions from the thread hop to the loop."""
         lock = self._sync_hooks
         if lock is None:
             lock = self._sync_hooks = asyncio.Lock()
@@ -1193,13 +1239,7 @@ class CallRuntime:
             lock.release()
             raise
         abandoned = False
-        started = loop.time()
-        slow = loop.call_later(
-            HOOK_SLOW,
-            lambda: self.log.warning(
-                "hook.slow", hook=_hook_name(hook), running_s=round(loop.time() - started, 1)
-            ),
-        )
+        slow = self._slow_after(hook)
 
         def finished(done: asyncio.Future[Any]) -> None:
             # Released when the thread is done, not when this task is cancelled (the end's grace, the
@@ -1272,24 +1312,38 @@ class CallRuntime:
             pending = set(self._side_tasks)  # started meanwhile (a flush, a verb)
 
     async def _settle_hooks(self) -> None:
-        """Give hooks still running :data:`HOOK_GRACE` seconds, then cancel and await them."""
-        if not self._hook_tasks:
+        """Give the hooks still running or queued :data:`HOOK_GRACE` seconds in all; then drop the queued
+        ones (``hook.skipped``), cancel those running (``hook.cancelled``) and await them (a while)."""
+        if self._hook_queue is None:
             return
         try:
             async with asyncio.timeout(HOOK_GRACE):
-                while self._hook_tasks:
-                    await asyncio.wait(list(self._hook_tasks))
+                while (queue := self._hook_queue) is not None and queue.tasks:
+                    await asyncio.wait(list(queue.tasks))
         except TimeoutError:
             pass
-        finally:  # past the grace, or cancelled meanwhile: cancel what is left, and await it (a while)
-            left = dict(self._hook_tasks or {})
-            for task, hook in left.items():
-                self.log.warning("hook.cancelled", hook=hook, grace_s=HOOK_GRACE)
-                task.cancel()
-            if left:
-                _, stuck = await asyncio.wait(left, timeout=_LEFT_BEHIND)
-                for task in stuck:  # it ignores its cancellation: the call's end goes on without it
-                    self.log.error("hook.abandoned", hook=left[task], grace_s=_LEFT_BEHIND)
+        finally:  # past the grace, or cancelled meanwhile
+            queue, self._hook_queue = self._hook_queue, None
+            if queue is not None:
+                await self._drop_hooks(queue)
+
+    async def _drop_hooks(self, queue: _HookQueue) -> None:
+        """Drop the hooks ``queue`` holds, cancel those running and await them, for :data:`_LEFT_BEHIND`
+        seconds at most (one that ignores its cancellation is left behind)."""
+        skipped = [_hook_name(hook) for hooks, _ in queue.pending for hook in hooks]
+        queue.pending.clear()
+        left = dict(queue.tasks)
+        for task, hook in left.items():
+            self.log.warning("hook.cancelled", hook=hook, grace_s=HOOK_GRACE)
+            task.cancel()
+        if skipped:
+            self.log.warning(
+                "hook.skipped", hooks=list(dict.fromkeys(skipped)), count=len(skipped), grace_s=HOOK_GRACE
+            )
+        if left:
+            _, stuck = await asyncio.wait(left, timeout=_LEFT_BEHIND)
+            for task in stuck:  # it ignores its cancellation: the call's end goes on without it
+                self.log.error("hook.abandoned", hook=left[task], grace_s=_LEFT_BEHIND)
 
     def end_bound(self) -> float:
         """Seconds this call's end may take once its machine has closed, at most: its tools' grace, the
@@ -1305,6 +1359,21 @@ class CallRuntime:
 
 def _hook_name(hook: Callable[..., Any]) -> str:
     return getattr(hook, "__name__", None) or repr(hook)
+
+
+class _HookQueue:
+    """A call's hooks waiting their turn, and the tasks running hooks (made when a hook is queued, dropped
+    once none is left: an idle call holds none)."""
+
+    __slots__ = ("draining", "pending", "tasks")
+
+    def __init__(self) -> None:
+        self.pending: deque[tuple[Sequence[Callable[..., Any]], tuple[Any, ...]]] = deque()
+        """Each event's hooks, with their arguments, in the order of the events."""
+        self.tasks: dict[asyncio.Future[None], str] = {}
+        """The tasks running hooks (the one running the queue, those not queued) → the hook each runs."""
+        self.draining = False
+        """Whether a task runs the queue."""
 
 
 def _drop_cancellation(task: asyncio.Future[Any]) -> None:
