@@ -9,9 +9,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 
 from sideband import CallContext, Sideband
 from sideband.runtime import guard
+from sideband.runtime.driver import CallHooks, CallRuntime
 from sideband.runtime.machine import CORRECTIONS, CallMachine, MachineConfig, Notice, Send, Verb
 from sideband.settings import load_settings
 from sideband.testing import (
@@ -27,6 +29,7 @@ from sideband.testing import (
     wait_for_greeting,
 )
 from sideband.testing.vowel import VowelSimulator, when
+from sideband.tools import ToolRegistry
 from sideband.vowel import EngineSession
 from sideband.vowel.session import ENGINE_CAPABILITIES
 
@@ -679,3 +682,143 @@ async def test_an_engine_turn_whose_replies_keep_breaking_the_rule_comes_back_em
     assert reply.text == "" and reply.lines == ()
     assert [r.status for r in engine.responses] == ["cancelled"] * (CORRECTIONS + 1)
     assert [e["stopped"] for e in logs if e["event"] == "guardrail.silenced"] == [CORRECTIONS + 1]
+
+
+@pytest.mark.parametrize("until", ["hangup_out", "call_closed"])
+async def test_a_verdict_that_comes_once_the_call_is_ending_is_recorded(until: str) -> None:
+    """A slow check of the model's last words answers after the hangup went out (or the call closed): too
+    late to stop anything, and nothing is sent; the verdict is logged, counted and in the summary."""
+    app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
+
+    @app.guardrail
+    async def moderation(ctx: CallContext, text: str) -> str | None:
+        if "guarantee" not in text:
+            return None
+        (call,) = h.sim.calls.values()
+        await call.wait_for(lambda c: c.hangup_requested, timeout=5)  # the caller is being hung up
+        if until == "call_closed":
+            machine = h.service.registry.calls[ctx.call_id].machine
+            async with asyncio.timeout(5):
+                while machine.closed is None:  # until the call's end has begun
+                    await asyncio.sleep(0.001)
+        return "no promises"
+
+    @app.on_dtmf
+    def leave(ctx: CallContext, digit: str) -> None:
+        ctx.hangup("caller_left")
+
+    async with run_app(app) as h:
+        with capture_logs() as logs:
+            call = await h.call(
+                Script(
+                    [
+                        wait_for_greeting("Hi."),
+                        caller_says("Refund?"),
+                        model_says(PROMISE),
+                        caller_presses("9"),
+                    ]
+                )
+            )
+            summary = await h.ended(call)
+        trips = dict(h.service.registry.guardrail_trips)
+    tripped = [e for e in logs if e["event"] == "guardrail.tripped"]
+    assert [(e["guardrail"], e["reason"], e["stopped"], e["log_level"]) for e in tripped] == [
+        ("moderation", "no promises", False, "warning")
+    ]
+    assert tripped[0]["response_id"] == call.responses[1].response_id
+    assert trips == {"moderation": 1}
+    assert summary.reason == "caller_left"
+    assert summary.late_guardrails == (("moderation", "no promises"),)
+    assert summary.guardrails == () and summary.stopped == ()  # nothing was stopped
+    # Nothing was sent for it: no cancel, no note to the model.
+    assert not [e for e in call.received if e["type"] in ("response.cancel", "conversation.item.create")]
+    assert not [e for e in logs if e["event"] in ("guardrail.trip_failed", "guardrail.cancelled")]
+
+
+async def test_the_checks_left_when_the_call_ends_get_their_time_and_no_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At the call's end the words fed so far are still checked, for one check's time: then what is left
+    is cancelled (``guardrail.cancelled``), and the call's end goes on."""
+    monkeypatch.setattr(guard, "CHECK_TIMEOUT", 0.3)
+    first, ending = asyncio.Event(), asyncio.Event()
+    checked: list[str] = []
+
+    async def moderation(ctx: CallContext, text: str) -> str | None:
+        checked.append(text)
+        if len(checked) == 1:
+            first.set()
+            await ending.wait()  # answers as the call's end begins: the later words are checked next
+            return None
+        await asyncio.Event().wait()  # a moderation service that stopped answering
+        return None
+
+    async def connect() -> Any:
+        raise AssertionError("not attached")
+
+    runtime = CallRuntime(
+        machine=CallMachine(MachineConfig(session=SESSION)),
+        ctx=CallContext("rtc_end"),
+        tools=ToolRegistry(),
+        connect=connect,
+        hooks=CallHooks(guardrails=[moderation]),
+    )
+
+    def said(delta: str) -> None:
+        runtime._handle(
+            json.dumps(
+                {
+                    "type": "response.output_audio_transcript.delta",
+                    "response_id": "resp_1",
+                    "item_id": "item_1",
+                    "content_index": 0,
+                    "delta": delta,
+                }
+            ).encode()
+        )
+
+    said("I guarantee")
+    await asyncio.wait_for(first.wait(), 5)
+    said(" a refund.")  # (waits its turn)
+
+    async def end() -> None:
+        ending.set()
+        await runtime._cleanup()  # (its grace for the checks starts before the first check answers)
+
+    with capture_logs() as logs:
+        await asyncio.wait_for(end(), 5)
+    assert checked == ["I guarantee", "I guarantee a refund."]
+    cancelled = [e for e in logs if e["event"] == "guardrail.cancelled"]
+    assert [(e["grace_s"], e["log_level"]) for e in cancelled] == [(0.3, "warning")]
+    assert not [e for e in logs if e["event"] in ("guardrail.failed", "call.tasks_abandoned")]
+    assert not runtime._guard.checking(None)  # type: ignore[union-attr]
+
+
+def test_a_reply_objected_to_too_late_to_stop_has_no_stopped_lines() -> None:
+    """Once the call is ending the driver stops nothing (its trip answers ``False``): the reply's words are
+    checked no further, but its lines are no stopped ones."""
+    verdicts: list[tuple[str, str, str | None]] = []
+
+    def no_promises(ctx: CallContext, text: str) -> str | None:
+        return "no promises" if "guarantee" in text else None
+
+    def trip(guardrail: str, reason: str, response_id: str | None) -> bool:
+        verdicts.append((guardrail, reason, response_id))
+        return False  # the call's hangup is out
+
+    checks = guard.OutputGuard(
+        [no_promises], CallContext("rtc_x"), trip, structlog.get_logger(), lambda e: {}
+    )
+    for delta in ("I guarantee", " a refund."):
+        checks.feed(
+            {
+                "type": "response.output_audio_transcript.delta",
+                "response_id": "resp_1",
+                "item_id": "item_1",
+                "content_index": 0,
+                "delta": delta,
+            }
+        )
+    assert verdicts == [("no_promises", "no promises", "resp_1")]  # once
+    assert checks.tripped == "resp_1"
+    assert checks.line(1, "resp_1") is False and checks.lines_of("resp_1") == []

@@ -33,6 +33,7 @@ from sideband.metrics import (
     end_reason,
     zeros,
 )
+from sideband.runtime import guard as guards
 from sideband.runtime.guard import GUARDED_DELTAS, GUARDED_DONE, OutputGuard
 from sideband.runtime.machine import (
     ACK_TYPES,
@@ -176,6 +177,10 @@ class CallSummary:
     stopped: tuple[int, ...] = ()
     """Indices in :attr:`transcript` of the agent's lines an output guardrail stopped (what the model
     wrote before it was stopped: the caller heard some of it, or none)."""
+    late_guardrails: tuple[tuple[str, str], ...] = ()
+    """``(guardrail, reason)`` for each reply of the model's an output guardrail objected to only once the
+    call was ending (its hangup or transfer out, or the call over): too late to stop, the caller may have
+    heard it all (not in :attr:`guardrails`)."""
     _usage: Usage | None = field(default=None, repr=False)
 
     @property
@@ -414,20 +419,27 @@ class CallRuntime:
         self.log.info("dtmf.collected", keys=len(keyed), ended_by=ended_by)
         return "".join(keyed)
 
-    def _stopped(self, guardrail: str, reason: str, response_id: str | None) -> None:
+    def _stopped(self, guardrail: str, reason: str, response_id: str | None) -> bool:
         """An output guardrail objected to the words of ``response_id``: stop the reply, tell the model
-        why (:meth:`CallMachine.correct`) and let it answer again."""
+        why (:meth:`CallMachine.correct`) and let it answer again; returns whether it was stopped. Once
+        the call is ending (its hangup or transfer out, or the call over) nothing more is said: the
+        verdict is logged (``stopped`` false), counted and kept in ``summary.late_guardrails``."""
         machine = self.machine
-        if machine.closed is not None or machine.verb_sent:
-            return  # the call is going: nothing more is said, nothing to stop
-        self.log.warning("guardrail.tripped", guardrail=guardrail, reason=reason, response_id=response_id)
+        stopping = machine.closed is None and not machine.verb_sent
+        self.log.warning(
+            "guardrail.tripped", guardrail=guardrail, reason=reason, response_id=response_id, stopped=stopping
+        )
+        if self._trips is not None:
+            self._trips[guardrail] += 1
+        if not stopping:
+            self.summary.late_guardrails = (*self.summary.late_guardrails, (guardrail, reason))
+            return False
         self.summary.guardrails = (*self.summary.guardrails, (guardrail, reason))
         if self._guard is not None:  # its lines so far (the ones still to come are marked as they come)
             self.summary.stopped += tuple(self._guard.lines_of(response_id))
-        if self._trips is not None:
-            self._trips[guardrail] += 1
         self._apply(machine.correct(f"{machine.config.guardrail_note}\nThe rule: {reason}", response_id))
         self._kick()
+        return True
 
     @property
     def stopped_reply(self) -> str | None:
@@ -1264,6 +1276,7 @@ class CallRuntime:
             await timed(result, log_blocked(self.log, hook=_hook_name(hook)))
 
     async def _cleanup(self) -> None:
+        checks_until = asyncio.get_running_loop().time() + guards.CHECK_TIMEOUT
         if self._alarm is not None:
             self._alarm.cancel()
             self._alarm = None
@@ -1272,9 +1285,6 @@ class CallRuntime:
         for task in tasks:
             if not task.cancelling():  # cancelled once already by the end (CancelTool): its cleanup runs
                 task.cancel()
-        checking = self._guard.stop() if self._guard is not None else None
-        if checking is not None:
-            tasks.append(checking)
         ws = self._ws
         if ws is not None:
             with contextlib.suppress(Exception):
@@ -1282,6 +1292,8 @@ class CallRuntime:
                     await ws.close()
             _abort(ws)  # (closed already, unless the peer stalled the closing handshake)
         await self._await_tasks(tasks)
+        if self._guard is not None:
+            await self._settle_guard(self._guard, checks_until)
         for call_id in list(self._tool_tasks):  # cancelled before they ever started, or stuck
             del self._tool_tasks[call_id]
             if self._abandoned is None:
@@ -1310,6 +1322,23 @@ class CallRuntime:
                         task.cancel()
                 return
             pending = set(self._side_tasks)  # started meanwhile (a flush, a verb)
+
+    async def _settle_guard(self, guard: OutputGuard, until: float) -> None:
+        """Let the output guardrails finish checking the words they were fed, until ``until`` (loop time):
+        a verdict on the call's last words is recorded (nothing more is said). Then cancel the check
+        (``guardrail.cancelled``), and await it (a while)."""
+        try:
+            if guard.checking(None):
+                async with asyncio.timeout_at(until):
+                    await guard.settled()
+        except TimeoutError:
+            self.log.warning("guardrail.cancelled", grace_s=guards.CHECK_TIMEOUT)
+        finally:  # past the grace, or cancelled meanwhile
+            checking = guard.stop()
+            if checking is not None:
+                _, stuck = await asyncio.wait({checking}, timeout=_LEFT_BEHIND)
+                if stuck:  # a guardrail that ignores its cancellation: the call's end goes on without it
+                    self.log.error("call.tasks_abandoned", tasks=[checking.get_name()], grace_s=_LEFT_BEHIND)
 
     async def _settle_hooks(self) -> None:
         """Give the hooks still running or queued :data:`HOOK_GRACE` seconds in all; then drop the queued
@@ -1346,11 +1375,15 @@ class CallRuntime:
                 self.log.error("hook.abandoned", hook=left[task], grace_s=_LEFT_BEHIND)
 
     def end_bound(self) -> float:
-        """Seconds this call's end may take once its machine has closed, at most: its tools' grace, the
-        socket's close, its hooks' grace and each ``on_call_end`` hook's limit (and a second to spare)."""
+        """Seconds this call's end may take once its machine has closed, at most: the socket's close and
+        its tools' grace (or the output guardrails' last check), its hooks' grace and each
+        ``on_call_end`` hook's limit (and a second to spare)."""
+        tasks = TASK_GRACE + _CLOSE_TIMEOUT
+        if self._guard is not None:
+            tasks = max(tasks, guards.CHECK_TIMEOUT) + _LEFT_BEHIND
         per_end_hook = END_HOOK_TIMEOUT + _LEFT_BEHIND
         hooks = HOOK_GRACE + _LEFT_BEHIND + per_end_hook * len(self.hooks.on_call_end)
-        return TASK_GRACE + _CLOSE_TIMEOUT + hooks + 1.0
+        return tasks + hooks + 1.0
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`run` has finished."""

@@ -6,7 +6,8 @@ check on the words so far can stop a reply before the caller hears the part that
 arrive, each time on all the words so far, and once more on the reply's final text: the plain functions at
 once, the ``async def`` ones in a task of their own, one check at a time (deltas that arrive meanwhile are
 checked together next). The first guardrail that objects *trips*: the guard reports it (the call driver
-then stops the reply and has the model answer again) and checks nothing more of that reply.
+then stops the reply and has the model answer again, or, once the call is ending, only records it) and
+checks nothing more of that reply.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ CHECK_TIMEOUT = 5.0
 """Seconds an ``async def`` guardrail may take over one check: then the words pass (``guardrail.failed``
 with ``error`` ``timeout``), and the next words are checked."""
 
-Trip = Callable[[str, str, str | None], None]
-"""What a guard calls when a guardrail objects: ``(guardrail, reason, response_id)``."""
+Trip = Callable[[str, str, str | None], bool]
+"""What a guard calls when a guardrail objects: ``(guardrail, reason, response_id)``; returns whether the
+reply was stopped (``False``: too late, the call is ending)."""
 
 
 def guardrail_name(fn: Callable[..., Any]) -> str:
@@ -63,6 +65,7 @@ class OutputGuard:
         "_ctx",
         "_current",
         "_failure",
+        "_late",
         "_lines",
         "_log",
         "_parts",
@@ -94,7 +97,8 @@ class OutputGuard:
         self._pending: dict[tuple[Any, ...], tuple[str | None, str]] = {}
         self._task: asyncio.Task[None] | None = None
         self._current: str | None = None  # the reply whose words the async guardrails check now
-        self._tripped: str | None = None  # the last reply stopped (its later words are not checked)
+        self._tripped: str | None = None  # the last reply tripped on (its later words are not checked)
+        self._late = False  # that reply was not stopped: the call was ending (its lines are no stopped ones)
         # the last words each kind of guardrail checked, with their reply (a server that sends a part as
         # text and as transcript has it checked once)
         self._checked: list[tuple[str | None, str] | None] = [None, None]
@@ -102,7 +106,8 @@ class OutputGuard:
 
     @property
     def tripped(self) -> str | None:
-        """The id of the last reply a guardrail stopped."""
+        """The id of the last reply a guardrail objected to (stopped, or too late to stop: its tool calls
+        are not run either way)."""
         return self._tripped
 
     def checking(self, response_id: str | None) -> bool:
@@ -118,7 +123,7 @@ class OutputGuard:
         """The agent's line ``index`` of the transcript, of reply ``response_id``, was written: whether
         that reply was stopped (else the line is remembered, should its reply be stopped later)."""
         if response_id is not None and response_id == self._tripped:
-            return True
+            return not self._late
         self._lines = (*self._lines[-7:], (response_id, index))
         return False
 
@@ -163,7 +168,7 @@ class OutputGuard:
         if self._async:
             self._pending[key] = (response_id, said)
             if self._task is None:
-                self._task = asyncio.ensure_future(self._run())
+                self._task = asyncio.get_running_loop().create_task(self._run(), name="guardrails")
 
     def stop(self) -> asyncio.Task[None] | None:
         """Cancel the check under way (the call ends); returns its task, to await."""
@@ -181,9 +186,9 @@ class OutputGuard:
         return True
 
     def _stop(self, check: Callable[..., Any], reason: str, response_id: str | None) -> None:
-        self._tripped = response_id
+        self._tripped, self._late = response_id, False
         try:
-            self._trip(guardrail_name(check), reason, response_id)
+            self._late = not self._trip(guardrail_name(check), reason, response_id)
         except Exception:  # (a bug of ours: the call goes on, its next words are checked)
             self._log.exception("guardrail.trip_failed", guardrail=guardrail_name(check))
 
