@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, overload
 from aiohttp import web
 
 from sideband.context import CallContext, SipHeader
-from sideband.runtime.driver import CallHooks
+from sideband.runtime.driver import CallHooks, CallSummary, ToolRecord
 from sideband.runtime.machine import (
     DEFAULT_FILLER,
     DEFAULT_GOODBYE,
@@ -42,6 +42,17 @@ __all__ = ["IncomingCall", "Sideband", "parse_number"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 RouteHook = Callable[["IncomingCall"], Awaitable[Decision] | Decision]
+
+# What each hook is called with, for type checkers: a plain function or an ``async def`` one (its return
+# value, or what it awaits to, is not read, except a routing hook's and a guardrail's).
+RouteHookT = TypeVar("RouteHookT", bound=RouteHook)
+AuthorizeHookT = TypeVar("AuthorizeHookT", bound=Callable[[web.Request], object])
+StartHookT = TypeVar("StartHookT", bound=Callable[[CallContext], object])
+EndHookT = TypeVar("EndHookT", bound=Callable[[CallContext, CallSummary], object])
+TranscriptHookT = TypeVar("TranscriptHookT", bound=Callable[[CallContext, str, str], object])
+DtmfHookT = TypeVar("DtmfHookT", bound=Callable[[CallContext, str], object])
+ToolHookT = TypeVar("ToolHookT", bound=Callable[[CallContext, ToolRecord], object])
+GuardrailT = TypeVar("GuardrailT", bound=Callable[[CallContext, str], object])
 
 
 class _Unset:
@@ -90,6 +101,37 @@ def parse_number(header_value: str | None) -> str | None:
     if _E164.fullmatch(digits) or _NATIONAL.fullmatch(digits):
         return digits
     return user
+
+
+def _check_hook(kind: str, fn: object, params: tuple[str, ...]) -> None:
+    """Refuse, as it is registered, a ``kind`` hook that cannot be called with ``params`` (positionally, as
+    sideband calls it): ``TypeError`` naming the hook and what it must take. Defaults, ``*args``, bound
+    methods, :func:`functools.partial` and callable objects are read from the signature; a callable whose
+    signature cannot be read (some builtins) is taken as it is."""
+    if not callable(fn):
+        raise TypeError(f"{kind} takes a function, not {type(fn).__name__}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*params)
+    except TypeError as exc:
+        bare = signature.replace(  # (its parameters as written, without their annotations)
+            parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+            return_annotation=signature.empty,
+        )
+        raise TypeError(
+            f"the {kind} hook {_describe(fn)}{bare} cannot be called with ({', '.join(params)}): {exc}"
+        ) from None
+
+
+def _describe(fn: object) -> str:
+    """How a registration error names a hook: ``end``, ``Desk.end``, ``functools.partial(end)``…"""
+    if isinstance(fn, functools.partial):
+        return f"functools.partial({_describe(fn.func)})"
+    name = getattr(fn, "__qualname__", None)
+    return name if isinstance(name, str) else f"{type(fn).__qualname__} object"
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,10 +333,14 @@ class Sideband:
             return self.tools.tool(**options)
         return self.tools.tool(**options)(fn)
 
-    def on_incoming(self, fn: F) -> F:
+    def on_incoming(self, fn: RouteHookT) -> RouteHookT:
         """Route each ringing call: the hook gets an :class:`IncomingCall` and returns
         :class:`Accept`, :class:`Reject` or :class:`Refer` (sync or async; a sync hook runs in a worker
-        thread, so a slow one cannot stall other calls and the route budget still applies)."""
+        thread, so a slow one cannot stall other calls and the route budget still applies).
+
+        A hook that cannot be called with ``(call)`` raises ``TypeError`` here, as do those of the other
+        hook decorators that cannot take what they are called with."""
+        _check_hook("on_incoming", fn, ("call",))
         self._route = fn
         self._route_is_async = inspect.iscoroutinefunction(fn)
         if not self._route_is_async and self._route_threads is None:
@@ -310,7 +356,7 @@ class Sideband:
         """Whether an :meth:`on_incoming` hook decides calls (else the route table or the app's config)."""
         return self._route is not None
 
-    def authorize_browser(self, fn: F) -> F:
+    def authorize_browser(self, fn: AuthorizeHookT) -> AuthorizeHookT:
         """Open the WebRTC doors (``/rtc/calls``, ``/rtc/sessions``, ``/rtc/handoff``) to the requests
         ``fn`` approves: it gets the :class:`aiohttp.web.Request` (cookies, headers: your own login) and
         returns true to let it through (sync or async; a sync one runs in threads of its own, never the
@@ -319,6 +365,7 @@ class Sideband:
         start a call, or mint a key, with its API key. ``app.authorize_browser(lambda request: True)``
         opens them to anyone.
         """
+        _check_hook("authorize_browser", fn, ("request",))
         self._authorize_browser = fn
         if not inspect.iscoroutinefunction(fn) and self._authorize_threads is None:
             # Strangers' requests run it: they must not take the threads live calls' tools need.
@@ -359,32 +406,37 @@ class Sideband:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
 
-    def on_call_start(self, fn: F) -> F:
-        """Called with the :class:`CallContext` once the sideband is attached."""
+    def on_call_start(self, fn: StartHookT) -> StartHookT:
+        """Called with ``(ctx)``, the :class:`CallContext`, once the sideband is attached."""
+        _check_hook("on_call_start", fn, ("ctx",))
         self.on_call_start_hooks.append(fn)
         return fn
 
-    def on_call_end(self, fn: F) -> F:
-        """Called with ``(ctx, summary)`` when the call has ended."""
+    def on_call_end(self, fn: EndHookT) -> EndHookT:
+        """Called with ``(ctx, summary)`` when the call has ended (:class:`~sideband.CallSummary`)."""
+        _check_hook("on_call_end", fn, ("ctx", "summary"))
         self.on_call_end_hooks.append(fn)
         return fn
 
-    def on_transcript(self, fn: F) -> F:
+    def on_transcript(self, fn: TranscriptHookT) -> TranscriptHookT:
         """Called with ``(ctx, role, text)`` for each caller or agent transcript line."""
+        _check_hook("on_transcript", fn, ("ctx", "role", "text"))
         self.on_transcript_hooks.append(fn)
         return fn
 
-    def on_dtmf(self, fn: F) -> F:
+    def on_dtmf(self, fn: DtmfHookT) -> DtmfHookT:
         """Called with ``(ctx, digit)`` for each keypad digit (SIP calls)."""
+        _check_hook("on_dtmf", fn, ("ctx", "digit"))
         self.on_dtmf_hooks.append(fn)
         return fn
 
-    def on_tool(self, fn: F) -> F:
+    def on_tool(self, fn: ToolHookT) -> ToolHookT:
         """Called with ``(ctx, record)`` after each tool call (:class:`~sideband.ToolRecord`)."""
+        _check_hook("on_tool", fn, ("ctx", "record"))
         self.on_tool_hooks.append(fn)
         return fn
 
-    def guardrail(self, fn: F) -> F:
+    def guardrail(self, fn: GuardrailT) -> GuardrailT:
         """Check what the model says, as it says it: ``fn(ctx, text)`` gets the words of the model's
         reply so far, and returns a falsy value to let them pass, or the reason (a string, or ``True``:
         its name is the reason) to stop the reply. The model writes its words ahead of the caller hearing
@@ -399,6 +451,7 @@ class Sideband:
         that arrive meanwhile are checked together next. A guardrail that raises or overruns lets the
         words pass (``guardrail.failed``). Guardrails check words, not tool arguments: a tool checks its
         own."""
+        _check_hook("guardrail", fn, ("ctx", "text"))
         self.guardrails.append(fn)
         return fn
 

@@ -1,5 +1,7 @@
 """Tests for sideband.app: SIP number parsing, IncomingCall, and the Sideband app object."""
 
+import functools
+import re
 from typing import Any
 
 import pytest
@@ -432,6 +434,98 @@ def test_call_hooks_registered_in_order() -> None:
     assert app.on_dtmf_hooks == [dtmf]
     assert app.on_tool_hooks == [tool]
     assert app.hooks() is not None
+
+
+def test_a_hook_that_cannot_take_its_arguments_is_refused_as_it_is_registered() -> None:
+    app = Sideband()
+
+    def end(ctx: CallContext) -> None: ...
+
+    with pytest.raises(TypeError) as refused:
+        app.on_call_end(end)
+    assert str(refused.value) == (
+        "the on_call_end hook test_a_hook_that_cannot_take_its_arguments_is_refused_as_it_is_registered."
+        "<locals>.end(ctx) cannot be called with (ctx, summary): "
+        "too many positional arguments"
+    )
+    assert app.on_call_end_hooks == []
+
+
+@pytest.mark.parametrize(
+    ("register", "expected"),
+    [
+        ("on_call_start", "(ctx)"),
+        ("on_call_end", "(ctx, summary)"),
+        ("on_transcript", "(ctx, role, text)"),
+        ("on_dtmf", "(ctx, digit)"),
+        ("on_tool", "(ctx, record)"),
+        ("guardrail", "(ctx, text)"),
+        ("on_incoming", "(call)"),
+        ("authorize_browser", "(request)"),
+    ],
+)
+def test_every_hook_decorator_checks_the_hooks_parameters(register: str, expected: str) -> None:
+    app = Sideband()
+
+    async def too_many(a: Any, b: Any, c: Any, d: Any) -> None: ...
+
+    def keyword_only(*, ctx: Any) -> None: ...
+
+    for hook in (too_many, keyword_only):
+        with pytest.raises(
+            TypeError, match=rf"the {register} hook .* cannot be called with {re.escape(expected)}"
+        ):
+            getattr(app, register)(hook)
+    with pytest.raises(TypeError, match=f"{register} takes a function, not int"):
+        getattr(app, register)(5)
+    hooks = app.hooks()
+    registered = (hooks.on_call_start, hooks.on_call_end, hooks.on_transcript, hooks.on_dtmf, hooks.on_tool)
+    assert registered == ([], [], [], [], []) and hooks.guardrails == []
+    assert not app.routes_calls and not app.browsers_allowed
+
+
+class Desk:
+    def end(self, ctx: CallContext, summary: Any) -> None: ...
+
+    def end_late(self, ctx: CallContext) -> None: ...
+
+    async def __call__(self, ctx: CallContext, summary: Any) -> None: ...
+
+
+def test_hooks_of_every_form_that_can_take_their_arguments_are_registered() -> None:
+    app = Sideband()
+    desk = Desk()
+
+    def sync(ctx: CallContext, summary: Any) -> None: ...
+    async def asynchronous(ctx: CallContext, summary: Any) -> None: ...
+    def defaulted(ctx: CallContext, summary: Any, extra: int = 0, *, flag: bool = False) -> None: ...
+    def anything(*args: Any) -> None: ...
+    def tagged(tag: str, ctx: CallContext, summary: Any) -> None: ...
+    async def keyed(ctx: CallContext, summary: Any, tag: str) -> None: ...
+
+    hooks = [
+        sync,
+        asynchronous,
+        defaulted,
+        anything,
+        lambda ctx, summary: None,
+        desk.end,
+        desk,
+        functools.partial(tagged, "billing"),
+        functools.partial(keyed, tag="billing"),
+    ]
+    for hook in hooks:
+        assert app.on_call_end(hook) is hook
+    assert app.on_call_end_hooks == hooks
+    with pytest.raises(
+        TypeError, match=r"the on_call_end hook Desk\.end_late\(ctx\) cannot be called with \(ctx, summary\)"
+    ):
+        app.on_call_end(desk.end_late)
+    with pytest.raises(
+        TypeError,
+        match=r"hook functools\.partial\(.*<locals>\.tagged\)\(summary\) cannot be called with \(ctx, summ",
+    ):
+        app.on_call_end(functools.partial(tagged, "billing", CallContext("c1")))
 
 
 # -- Sideband: built-in tools ------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 GOOD_APP = '''
-from sideband import CallContext, Sideband
+from sideband import CallContext, CallSummary, Sideband
 
 app = Sideband(instructions="You are a helpful receptionist.", voice="marin")
 
@@ -18,10 +18,20 @@ async def opening_hours(day: str, ctx: CallContext) -> str:
     if day == "sunday":
         await ctx.hangup()
     return "9am to 5pm"
+
+
+@app.on_call_end
+async def file_ticket(ctx: CallContext, summary: CallSummary) -> None:
+    print(ctx.call_id, summary.reason)
+
+
+@app.on_transcript
+def print_line(ctx: CallContext, role: str, text: str) -> None:
+    print(role, text)
 '''
 
-# Two mistakes only sideband's own annotations can show: a number as the instructions, and a call
-# context used as if its hangup() were not awaitable.
+# Mistakes only sideband's own annotations can show: a number as the instructions, a call context used
+# as if its hangup() were not awaitable, and an end hook that does not take the summary.
 BAD_APP = '''
 from sideband import CallContext, Sideband
 from sideband.testing import Simualtor
@@ -34,6 +44,11 @@ async def opening_hours(day: str, ctx: CallContext) -> str:
     """Opening hours for a day of the week."""
     done: int = ctx.hangup()
     return str(done)
+
+
+@app.on_call_end
+async def file_ticket(ctx: CallContext) -> None:
+    print(ctx.call_id)
 '''
 
 
@@ -67,6 +82,10 @@ def test_an_apps_type_checker_sees_sidebands_types(tmp_path: Path) -> None:
         in wrong.stdout
     )
     assert 'Module "sideband.testing" has no attribute "Simualtor"; maybe "Simulator"?' in wrong.stdout
+    assert (
+        'Value of type variable "EndHookT" of "on_call_end" of "Sideband" cannot be '
+        '"Callable[[CallContext], Coroutine[Any, Any, None]]"' in wrong.stdout
+    )
     assert "import-untyped" not in wrong.stdout
 
 
