@@ -35,7 +35,7 @@ from sideband.session import (
     check_seconds,
     check_transfer_targets,
 )
-from sideband.tools import Tool, ToolRegistry
+from sideband.tools import _DEFAULT, Tool, ToolRegistry, _Default
 from sideband.upstream._ws import client_tls
 
 __all__ = ["IncomingCall", "Sideband", "parse_number"]
@@ -317,21 +317,63 @@ class Sideband:
 
     # ------------------------------------------------------------------------------ decorators
     @overload
-    def tool(self, fn: F, /, **options: Any) -> F: ...
+    def tool(
+        self,
+        fn: F,
+        /,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        timeout: float | None = None,
+        filler_after: float | Literal[False] | _Default | None = _DEFAULT,
+        respond: bool = True,
+    ) -> F: ...
 
     @overload
-    def tool(self, fn: None = None, /, **options: Any) -> Callable[[F], F]: ...
+    def tool(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        timeout: float | None = None,
+        filler_after: float | Literal[False] | _Default | None = _DEFAULT,
+        respond: bool = True,
+    ) -> Callable[[F], F]: ...
 
-    def tool(self, fn: F | None = None, /, **options: Any) -> F | Callable[[F], F]:
-        """Register a tool: ``@app.tool`` or ``@app.tool(timeout=3, filler_after=None)``.
+    def tool(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        timeout: float | None = None,
+        filler_after: float | Literal[False] | _Default | None = _DEFAULT,
+        respond: bool = True,
+    ) -> F | Callable[[F], F]:
+        """Register a tool: ``@app.tool``, ``@app.tool(timeout=3, filler_after=None)`` or
+        ``app.tool(fn, name=...)``. Returns the function unchanged.
 
-        Options: ``name``, ``description``, ``timeout`` (seconds), ``filler_after`` (seconds before a
-        spoken holding phrase; ``None`` for never), ``respond`` (``False``: the model is not asked to
-        answer a successful output, when it spoke as it called the tool).
+        Args:
+            fn: The tool's function (sync or ``async def``); left out, a decorator taking it is returned.
+            name: The name the model calls it by (default: the function's name).
+            description: What the model is told it does (default: its docstring, before its sections).
+            timeout: Seconds it may run before the model gets a timeout output (default: the app's
+                ``tool_timeout``).
+            filler_after: Seconds before a spoken holding phrase while it runs; ``None``, ``False`` or
+                ``0`` for never (default: the app's ``filler_after``; never for ``respond=False``).
+            respond: ``False``: the model is not asked to answer a successful output when it spoke as it
+                called the tool (a quiet tool, such as ``end_call``).
+
+        Raises ``TypeError`` for an option it does not take, or a function that cannot be a tool, and
+        ``ValueError`` for a bad name, timeout or filler delay, or a name already taken.
         """
-        if fn is None:
-            return self.tools.tool(**options)
-        return self.tools.tool(**options)(fn)
+        register = self.tools.tool(
+            name=name, description=description, timeout=timeout, filler_after=filler_after, respond=respond
+        )
+        return register if fn is None else register(fn)
 
     def on_incoming(self, fn: RouteHookT) -> RouteHookT:
         """Route each ringing call: the hook gets an :class:`IncomingCall` and returns

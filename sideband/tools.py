@@ -286,7 +286,17 @@ class ToolRegistry:
     # -- registration ---------------------------------------------------------------------------------
 
     @overload
-    def tool(self, fn: F, /) -> F: ...
+    def tool(
+        self,
+        fn: F,
+        /,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        timeout: float | None = None,
+        filler_after: float | Literal[False] | _Default | None = _DEFAULT,
+        respond: bool = True,
+    ) -> F: ...
 
     @overload
     def tool(

@@ -335,6 +335,19 @@ def test_tool_options_apply_when_the_function_is_passed_directly() -> None:
     assert app.tools.filler_after_for("renamed") is None
 
 
+def test_a_tool_option_it_does_not_take_is_a_clear_type_error() -> None:
+    app = Sideband()
+
+    async def fn() -> None:
+        """Ignored."""
+
+    with pytest.raises(TypeError, match=r"^Sideband\.tool\(\) got an unexpected keyword argument 'filler'$"):
+        app.tool(filler=None)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"^Sideband\.tool\(\) got an unexpected keyword argument 'timout'$"):
+        app.tool(fn, timout=3)  # type: ignore[call-overload]
+    assert app.tools.names() == []
+
+
 # -- Sideband: routing -------------------------------------------------------------------------------------
 
 

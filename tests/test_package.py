@@ -31,7 +31,8 @@ def print_line(ctx: CallContext, role: str, text: str) -> None:
 '''
 
 # Mistakes only sideband's own annotations can show: a number as the instructions, a call context used
-# as if its hangup() were not awaitable, and an end hook that does not take the summary.
+# as if its hangup() were not awaitable, an end hook that does not take the summary, and a tool option
+# misspelt.
 BAD_APP = '''
 from sideband import CallContext, Sideband
 from sideband.testing import Simualtor
@@ -49,6 +50,11 @@ async def opening_hours(day: str, ctx: CallContext) -> str:
 @app.on_call_end
 async def file_ticket(ctx: CallContext) -> None:
     print(ctx.call_id)
+
+
+@app.tool(filler=None)
+def store_hours() -> str:
+    return "9am to 5pm"
 '''
 
 
@@ -86,6 +92,7 @@ def test_an_apps_type_checker_sees_sidebands_types(tmp_path: Path) -> None:
         'Value of type variable "EndHookT" of "on_call_end" of "Sideband" cannot be '
         '"Callable[[CallContext], Coroutine[Any, Any, None]]"' in wrong.stdout
     )
+    assert 'Unexpected keyword argument "filler" for overloaded function "tool" of "Sideband"' in wrong.stdout
     assert "import-untyped" not in wrong.stdout
 
 
