@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from sideband.app import IncomingCall, Sideband
 from sideband.context import CallContext, SipHeader
-from sideband.runtime.driver import CallSummary, ToolRecord
+from sideband.runtime.driver import CallSummary, EndReason, ToolOutcome, ToolRecord, TranscriptRole
 from sideband.session import Accept, DecisionError, Refer, Reject, SessionConfig, SessionConfigError
 from sideband.settings import Settings, SettingsError, load_settings
 from sideband.tools import ToolError, ToolResult, TransferNotAllowed
@@ -26,6 +26,7 @@ __all__ = [
     "CallContext",
     "CallSummary",
     "DecisionError",
+    "EndReason",
     "IncomingCall",
     "Refer",
     "Reject",
@@ -36,8 +37,10 @@ __all__ = [
     "Sideband",
     "SipHeader",
     "ToolError",
+    "ToolOutcome",
     "ToolRecord",
     "ToolResult",
+    "TranscriptRole",
     "TransferNotAllowed",
     "Usage",
     "load_settings",

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, overload
 from aiohttp import web
 
 from sideband.context import CallContext, SipHeader
-from sideband.runtime.driver import CallHooks, CallSummary, ToolRecord
+from sideband.runtime.driver import CallHooks, CallSummary, ToolRecord, TranscriptRole
 from sideband.runtime.machine import (
     DEFAULT_FILLER,
     DEFAULT_GOODBYE,
@@ -49,7 +49,7 @@ RouteHookT = TypeVar("RouteHookT", bound=RouteHook)
 AuthorizeHookT = TypeVar("AuthorizeHookT", bound=Callable[[web.Request], object])
 StartHookT = TypeVar("StartHookT", bound=Callable[[CallContext], object])
 EndHookT = TypeVar("EndHookT", bound=Callable[[CallContext, CallSummary], object])
-TranscriptHookT = TypeVar("TranscriptHookT", bound=Callable[[CallContext, str, str], object])
+TranscriptHookT = TypeVar("TranscriptHookT", bound=Callable[[CallContext, TranscriptRole, str], object])
 DtmfHookT = TypeVar("DtmfHookT", bound=Callable[[CallContext, str], object])
 ToolHookT = TypeVar("ToolHookT", bound=Callable[[CallContext, ToolRecord], object])
 GuardrailT = TypeVar("GuardrailT", bound=Callable[[CallContext, str], object])
@@ -461,7 +461,8 @@ class Sideband:
         return fn
 
     def on_transcript(self, fn: TranscriptHookT) -> TranscriptHookT:
-        """Called with ``(ctx, role, text)`` for each caller or agent transcript line."""
+        """Called with ``(ctx, role, text)`` for each transcript line: ``role`` is ``"caller"`` or
+        ``"agent"`` (:data:`~sideband.TranscriptRole`)."""
         _check_hook("on_transcript", fn, ("ctx", "role", "text"))
         self.on_transcript_hooks.append(fn)
         return fn

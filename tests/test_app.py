@@ -2,12 +2,15 @@
 
 import functools
 import re
+import typing
 from typing import Any
 
 import pytest
 
+from sideband import EndReason, ToolOutcome
 from sideband.app import IncomingCall, Sideband, parse_number
 from sideband.context import CallContext, SipHeader
+from sideband.metrics import END_REASONS, TOOL_OUTCOMES
 from sideband.session import Accept, Refer, Reject, SessionConfig, validate_accept_payload
 
 # -- parse_number ----------------------------------------------------------------------------------------
@@ -539,6 +542,11 @@ def test_hooks_of_every_form_that_can_take_their_arguments_are_registered() -> N
         match=r"hook functools\.partial\(.*<locals>\.tagged\)\(summary\) cannot be called with \(ctx, summ",
     ):
         app.on_call_end(functools.partial(tagged, "billing", CallContext("c1")))
+
+
+def test_the_summarys_types_name_every_end_reason_and_tool_outcome_the_metrics_count() -> None:
+    assert typing.get_args(EndReason) == END_REASONS
+    assert sorted(typing.get_args(ToolOutcome)) == sorted(TOOL_OUTCOMES)
 
 
 # -- Sideband: built-in tools ------------------------------------------------------------------------------

@@ -31,10 +31,10 @@ def print_line(ctx: CallContext, role: str, text: str) -> None:
 '''
 
 # Mistakes only sideband's own annotations can show: a number as the instructions, a call context used
-# as if its hangup() were not awaitable, an end hook that does not take the summary, and a tool option
-# misspelt.
+# as if its hangup() were not awaitable, an end hook that does not take the summary, a tool option
+# misspelt, and a tool outcome no tool call has.
 BAD_APP = '''
-from sideband import CallContext, Sideband
+from sideband import CallContext, Sideband, ToolRecord
 from sideband.testing import Simualtor
 
 app = Sideband(instructions=5)
@@ -55,6 +55,12 @@ async def file_ticket(ctx: CallContext) -> None:
 @app.tool(filler=None)
 def store_hours() -> str:
     return "9am to 5pm"
+
+
+@app.on_tool
+def count_timeouts(ctx: CallContext, record: ToolRecord) -> None:
+    if record.outcome == "timed_out":
+        print(record.name)
 '''
 
 
@@ -93,6 +99,8 @@ def test_an_apps_type_checker_sees_sidebands_types(tmp_path: Path) -> None:
         '"Callable[[CallContext], Coroutine[Any, Any, None]]"' in wrong.stdout
     )
     assert 'Unexpected keyword argument "filler" for overloaded function "tool" of "Sideband"' in wrong.stdout
+    assert "Non-overlapping equality check" in wrong.stdout
+    assert "right operand type: \"Literal['timed_out']\")  [comparison-overlap]" in wrong.stdout
     assert "import-untyped" not in wrong.stdout
 
 

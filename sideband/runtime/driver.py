@@ -14,7 +14,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from websockets.exceptions import ConnectionClosed
@@ -52,7 +52,7 @@ from sideband.runtime.machine import (
     Withdraw,
 )
 from sideband.session import SessionConfigError
-from sideband.tools import ToolError, TransferNotAllowed, failed_result, own_cancellation
+from sideband.tools import Outcome, ToolError, TransferNotAllowed, failed_result, own_cancellation
 from sideband.upstream._ws import PushConnection
 from sideband.upstream.openai import CallGone, UpstreamError
 from sideband.usage import Usage
@@ -67,7 +67,10 @@ __all__ = [
     "CallRegistry",
     "CallRuntime",
     "CallSummary",
+    "EndReason",
+    "ToolOutcome",
     "ToolRecord",
+    "TranscriptRole",
 ]
 
 Connect = Callable[[], Awaitable[PushConnection]]
@@ -140,6 +143,33 @@ class Flag:
         return True
 
 
+ToolOutcome = Literal[Outcome, "cancelled", "loop_breaker", "stopped"]
+"""How a tool call ended, as its :class:`ToolRecord` says: the tool's own outcome (``ok``, ``error``,
+``timeout``, ``invalid_arguments``, ``unknown_tool``), or ``cancelled``, ``loop_breaker``, ``stopped``."""
+
+EndReason = Literal[
+    "remote_closed",
+    "call_not_found",
+    "session_expired",
+    "end_call_tool",
+    "hangup",
+    "transferred",
+    "transfer_failed",
+    "hangup_failed",
+    "idle_timeout",
+    "max_duration",
+    "connect_failed",
+    "reattach_failed",
+    "shutdown",
+    "internal_error",
+]
+"""The reasons sideband ends a call with (README: end reasons). :attr:`CallSummary.reason` may also be an
+app's own (``ctx.hangup(reason)``) or, on a trusted-server session, the engine's: it is any string."""
+
+TranscriptRole = Literal["caller", "agent"]
+"""Who said a transcript line: ``caller`` (the input transcription) or ``agent`` (the model)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ToolRecord:
     """One tool call, as the call-end summary reports it: ``outcome`` is the tool's (``ok``, ``error``,
@@ -149,7 +179,7 @@ class ToolRecord:
 
     call_id: str
     name: str
-    outcome: str
+    outcome: ToolOutcome
     duration: float
 
 
@@ -159,10 +189,12 @@ class CallSummary:
 
     call_id: str
     source: str
-    reason: str = ""
+    reason: EndReason | str = ""
+    """Why the call ended: one of :data:`EndReason`, or a reason of the app's own (``ctx.hangup(reason)``);
+    empty until it has ended."""
     duration: float = 0.0
     tools: list[ToolRecord] = field(default_factory=list)
-    transcript: list[tuple[str, str]] = field(default_factory=list)
+    transcript: list[tuple[TranscriptRole, str]] = field(default_factory=list)
     """``(role, text)`` lines in order: ``caller`` (the input transcription) and ``agent`` (what the model
     said, as it wrote it: a line in :attr:`interrupted` holds more than the caller heard)."""
     dtmf: str = ""
