@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
+import typing
 from typing import Any
 
 import pytest
 
-from sideband import CallContext, CallSummary, SessionConfig, Sideband
+from sideband import CallContext, CallSummary, SessionConfig, Sideband, TranscriptRole
 from sideband.runtime.driver import TIMER_MOVED_NOTABLE
 from sideband.testing import (
     Script,
@@ -835,6 +837,20 @@ async def test_hooks_get_start_end_dtmf_transcripts_and_one_greeting() -> None:
     assert summary.transcript == lines
     greetings = [e for e in call.received if e["type"] == "response.create" and untagged(e).get("response")]
     assert len(greetings) == 1
+
+
+async def test_the_summary_says_when_the_call_started_by_the_wall_clock(stack: Stack) -> None:
+    summaries: list[CallSummary] = []
+    stack.app.on_call_end(lambda ctx, summary: summaries.append(summary))
+    before = time.time()
+    call = await start(
+        stack, Script([HELLO, caller_says("Is it open?"), model_says("Yes, until five."), caller_hangs_up()])
+    )
+    summary = await ended(stack, call)
+    after = time.time()
+    assert summaries == [summary] and summary.reason == "remote_closed"
+    assert before <= summary.started_at < summary.started_at + summary.duration <= after
+    assert {role for role, _ in summary.transcript} == set(typing.get_args(TranscriptRole))
 
 
 async def test_keyed_digits_reach_the_model_through_send_text(stack: Stack) -> None:

@@ -193,6 +193,7 @@ class CallSummary:
     """Why the call ended: one of :data:`EndReason`, or a reason of the app's own (``ctx.hangup(reason)``);
     empty until it has ended."""
     duration: float = 0.0
+    """Seconds the call lasted, from :attr:`started_at` to its end (by the monotonic clock)."""
     tools: list[ToolRecord] = field(default_factory=list)
     transcript: list[tuple[TranscriptRole, str]] = field(default_factory=list)
     """``(role, text)`` lines in order: ``caller`` (the input transcription) and ``agent`` (what the model
@@ -213,6 +214,11 @@ class CallSummary:
     """``(guardrail, reason)`` for each reply of the model's an output guardrail objected to only once the
     call was ending (its hangup or transfer out, or the call over): too late to stop, the caller may have
     heard it all (not in :attr:`guardrails`)."""
+    started_at: float = 0.0
+    """When the call started, by the wall clock: seconds since the epoch (UTC, as :func:`time.time`;
+    ``datetime.fromtimestamp(summary.started_at, UTC)`` makes it a datetime). It is when sideband began
+    running the call, once answered, as :attr:`duration` counts from: the call ended at ``started_at +
+    duration``. 0 until it runs."""
     _usage: Usage | None = field(default=None, repr=False)
 
     @property
@@ -568,6 +574,7 @@ class CallRuntime:
         """Drive the call to its end; return the end reason. Never raises except on cancellation."""
         structlog.contextvars.bind_contextvars(call_id=self.ctx.call_id, **self._log_fields)
         started = time.monotonic()
+        self.summary.started_at = time.time()
         try:
             try:
                 await self._main()
