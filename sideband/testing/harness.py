@@ -70,7 +70,9 @@ class Harness:
         """Wait until our side of ``call`` has ended; return its summary.
 
         Raises :class:`TimeoutError` when it has not ended within ``timeout`` seconds, naming the script
-        step that failed, if one did (a step that times out does not end the call)."""
+        step that failed, if one did (a step that times out does not end the call), and
+        :class:`AssertionError` at once when it never ran on the server: rejected at ring time (the
+        message gives the SIP status and the reject body), transferred (the target) or never answered."""
         registry = self.service.registry
         runtime = registry.calls.get(call.call_id)
         if runtime is not None:
@@ -82,8 +84,34 @@ class Harness:
             return runtime.summary
         summary = registry.recent.get(call.call_id)
         if summary is None:
-            raise AssertionError(f"call {call.call_id} never ran on the server (not accepted?)")
+            raise AssertionError(self._never_ran(call))
         return summary
+
+    def _never_ran(self, call: SimCall) -> str:
+        """Why ``call`` has no summary on the server: it was answered without being accepted."""
+        where = f"call {call.call_id} never ran on the server"
+        if call.status == "rejected":
+            body = call.reject_body or {}
+            code = body.get("status_code", 603)  # (the calls API's default)
+            why = ""
+            if code == self.settings.route_failure_status:
+                why = (
+                    f"; {code} is the route failure status: did the routing hook raise, overrun its "
+                    "budget or decide something that cannot be sent? (call.route_failed or "
+                    "call.config_invalid in the log)"
+                )
+            return (
+                f"{where}: it was rejected at ring time with SIP {code} (reject body {body}){why}. "
+                "A rejected call has no end to wait for: check call.status and call.reject_body"
+            )
+        if call.status == "referred":
+            return (
+                f"{where}: it was transferred at ring time to {call.refer_target} (a refer, not "
+                "accepted). Check call.status and call.refer_target"
+            )
+        if call.status == "ringing":
+            return f"{where}: it is still ringing (no accept, reject or refer reached the simulator)"
+        return f"{where} (simulator status {call.status}, end reason {call.end_reason})"
 
 
 def harness_settings(sim: Simulator, **overrides: Any) -> Settings:
