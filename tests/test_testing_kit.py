@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import logging
+from typing import Any
 
-from sideband import Accept, IncomingCall, Refer, Reject
-from sideband.testing import Script, caller_hangs_up
+import pytest
+import structlog
+
+from sideband import Accept, IncomingCall, Refer, Reject, Sideband
+from sideband.testing import Script, caller_hangs_up, caller_says, model_says, run_app, wait_for_greeting
 
 from .conftest import Stack
 
@@ -48,3 +53,26 @@ async def test_ended_says_a_call_was_transferred_at_ring_time_and_where(stack: S
     with pytest.raises(AssertionError) as failed:
         await stack.ended(call, timeout=5)
     assert "transferred at ring time to tel:+14155550123" in str(failed.value)
+
+
+def log_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+async def test_run_app_logs_the_run_at_the_level_it_is_given_then_puts_logging_back(
+    app: Sideband, capsys: pytest.CaptureFixture[str]
+) -> None:
+    structlog_config = structlog.get_config()
+    libraries = [logging.getLogger(name) for name in ("aiohttp", "asyncio", "websockets")]
+    library_setup = [(list(lg.handlers), lg.propagate) for lg in libraries]
+    script = Script([wait_for_greeting(), caller_says("Hello?"), model_says("Hi."), caller_hangs_up()])
+    capsys.readouterr()
+    for level in ("debug", "info"):
+        async with run_app(app, log_level=level, log_format="json") as h:
+            await h.ended(await h.call(script))
+        lines = log_lines(capsys.readouterr().out)
+        assert ("call.accepted", "info") in {(line["event"], line["level"]) for line in lines}
+        debug = [line["event"] for line in lines if line["level"] == "debug"]
+        assert ("response.done" in debug) == (level == "debug"), debug
+        assert structlog.get_config() == structlog_config
+        assert [(list(lg.handlers), lg.propagate) for lg in libraries] == library_setup

@@ -14,15 +14,18 @@ and a signed webhook sender between them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from sideband.app import Sideband
 from sideband.edge import SERVICE, create_app
+from sideband.logs import _LIBRARIES, configure_logging
 from sideband.runtime.driver import CallSummary
 from sideband.service import Service
 from sideband.settings import Settings, load_settings
@@ -126,34 +129,61 @@ def harness_settings(sim: Simulator, **overrides: Any) -> Settings:
     return load_settings(values, environ={})
 
 
+@contextmanager
+def _logging_as(settings: Settings) -> Iterator[None]:
+    """Log as ``sideband serve`` would with ``settings.log_level``/``log_format`` (on stdout) while the
+    block runs, then put the process's logging back as it was. Neither set: logging is left alone."""
+    if settings.log_level is None and settings.log_format is None:
+        yield
+        return
+    config = structlog.get_config()
+    saved = [(lg, list(lg.handlers), lg.propagate) for lg in map(logging.getLogger, _LIBRARIES)]
+    configure_logging(settings.log_format, settings.log_level or "info")
+    try:
+        yield
+    finally:
+        structlog.configure(**config)
+        for logger, handlers, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+
+
 @asynccontextmanager
 async def run_app(app: Sideband, sim: Simulator | None = None, **settings: Any) -> AsyncIterator[Harness]:
     """Serve ``app`` on a free loopback port against ``sim`` (a new one if not given); ``settings``
-    are :class:`~sideband.Settings` field overrides (e.g. ``max_idle_duration=5``)."""
+    are :class:`~sideband.Settings` field overrides (e.g. ``max_idle_duration=5``).
+
+    ``log_level`` (and ``log_format``) log the run as ``sideband serve`` would: the lines at that level
+    and above, on stdout (where pytest captures them), JSON unless stdout is a terminal. Logging being
+    the process's, that holds for all that logs while the app runs; it is put back as it was
+    afterwards. Given neither, the process's logging is left as it is."""
     own = sim is None
     simulator = sim or Simulator()
     if own:
         await simulator.start()
-    runner: web.AppRunner | None = None
     try:
         config = harness_settings(simulator, **settings)
-        web_app = create_app(config, app)
-        runner = web.AppRunner(web_app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        base = f"http://{host}:{port}"
-        yield Harness(
-            simulator,
-            app,
-            config,
-            base,
-            simulator.webhook_sender(base + "/webhooks/openai"),
-            web_app[SERVICE],
-        )
+        with _logging_as(config):
+            runner: web.AppRunner | None = None
+            try:
+                web_app = create_app(config, app)
+                runner = web.AppRunner(web_app, access_log=None)
+                await runner.setup()
+                site = web.TCPSite(runner, "127.0.0.1", 0)
+                await site.start()
+                host, port = runner.addresses[0][:2]
+                base = f"http://{host}:{port}"
+                yield Harness(
+                    simulator,
+                    app,
+                    config,
+                    base,
+                    simulator.webhook_sender(base + "/webhooks/openai"),
+                    web_app[SERVICE],
+                )
+            finally:
+                if runner is not None:
+                    await runner.cleanup()
     finally:
-        if runner is not None:
-            await runner.cleanup()
         if own:
             await simulator.close()
