@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
 import logging
+import re
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +18,45 @@ from sideband import Accept, IncomingCall, Refer, Reject, Sideband
 from sideband.testing import Script, caller_hangs_up, caller_says, model_says, run_app, wait_for_greeting
 
 from .conftest import Stack
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+
+
+def load_module(name: str, path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Import ``path`` as module ``name``, registered in ``sys.modules`` for this test only."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_the_readmes_testing_examples_pass_against_its_quickstart_app(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's tests of an app, run as written against the Quickstart's ``myapp.py``."""
+    readme = README.read_text()
+    [myapp] = [block for block in python_blocks(readme) if block.startswith("# myapp.py\n")]
+    (tmp_path / "myapp.py").write_text(myapp)
+    section = readme[
+        readme.index("## Testing your own tools") : readme.index("\n## ", readme.index("## Testing"))
+    ]
+    examples = [block for block in python_blocks(section) if "async def test_" in block]
+    assert len(examples) == 2, examples
+    (tmp_path / "readme_examples.py").write_text("\n\n".join(examples))
+    load_module("myapp", tmp_path / "myapp.py", monkeypatch)
+    module = load_module("readme_examples", tmp_path / "readme_examples.py", monkeypatch)
+    tests = [
+        f for name, f in vars(module).items() if name.startswith("test_") and inspect.iscoroutinefunction(f)
+    ]
+    assert len(tests) == 2
+    for test in tests:
+        await test()
 
 
 async def test_ended_says_a_call_was_rejected_at_ring_time_and_with_what(stack: Stack) -> None:
