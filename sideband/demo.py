@@ -92,7 +92,7 @@ def order_desk_scenarios() -> list[Scenario]:
 
 def generic_scenarios(app: Sideband) -> list[Scenario]:
     """A plain call for an app the demo knows nothing about (greeted first if the app greets)."""
-    greets = app.plan().greeting is not None
+    greets = bool(app.plan().greeting)  # ("": no greeting, as None)
     opening = [wait_for_greeting("Hello, how can I help?")] if greets else []
     return [
         Scenario(

@@ -80,6 +80,15 @@ async def test_demo_of_one_call_says_call_and_leaves_the_app_as_it_was() -> None
     assert hooks == ([], [], [], [])  # the demo's printing hooks are gone again
 
 
+async def test_demo_of_an_app_whose_greeting_is_empty_does_not_wait_for_one() -> None:
+    """``greeting=""`` means no greeting, as ``None`` does: the caller speaks first."""
+    out = io.StringIO()
+    assert await run_demo(Sideband(instructions="You answer.", greeting=""), calls=1, out=out) == 0, (
+        out.getvalue()
+    )
+    assert out.getvalue().endswith("\n1 call and a trusted-server session, 0 failed.\n"), out.getvalue()
+
+
 async def test_demo_counts_a_crashing_routing_hook_as_failed_calls() -> None:
     app = plain_app()
 
