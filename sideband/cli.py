@@ -359,6 +359,15 @@ def _parser() -> argparse.ArgumentParser:
         help="how many answered calls to place, 1 to 100 (default 3; the bundled demo adds one that "
         "routing rejects)",
     )
+    p_demo.add_argument(
+        "--to", metavar="NUMBER", help="the number your app's calls dial (default +18005551212)"
+    )
+    p_demo.add_argument(
+        "--from",
+        dest="from_number",
+        metavar="NUMBER",
+        help="the number your app's calls come from (default +14255550100)",
+    )
     p_dial = sub.add_parser(
         "dial", help="talk to a vowel engine through a trusted-server session with the app's tools"
     )
@@ -401,19 +410,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("sideband: ready to serve")
             return 0
         if args.command == "demo":
-            from sideband.demo import MAX_CALLS, run_demo
+            from sideband.demo import MAX_CALLS, run_demo, valid_number
 
             calls = args.calls.strip()
             if not calls.isascii() or not calls.isdigit() or not 1 <= int(calls) <= MAX_CALLS:
                 raise CliError(f"--calls: must be a whole number from 1 to {MAX_CALLS}, got {args.calls!r}")
+            for flag, number in (("--to", args.to), ("--from", args.from_number)):
+                if number is not None and not valid_number(number):
+                    raise CliError(
+                        f"{flag}: must be a phone number or a SIP user name (+18005551212, frontdesk), "
+                        f"got {number!r}"
+                    )
+                if number is not None and not args.app:
+                    raise CliError(
+                        f"{flag}: the bundled demo's calls have numbers of their own; name your app "
+                        f"(sideband demo module:attribute {flag} …)"
+                    )
             # The calls' story is the output (stdout); the log goes to stderr: errors only, unless
             # SIDEBAND_LOG_LEVEL / SIDEBAND_LOG_FORMAT ask for more (to see what a server would log).
-            logged = {
-                k: v for k, v in os.environ.items() if k in ("SIDEBAND_LOG_LEVEL", "SIDEBAND_LOG_FORMAT")
-            }
-            wanted = load_settings(environ=logged)
+            # SIDEBAND_ROUTES_FILE answers your app's calls, as it would for serve.
+            read = ("SIDEBAND_LOG_LEVEL", "SIDEBAND_LOG_FORMAT", "SIDEBAND_ROUTES_FILE")
+            wanted = load_settings(environ={k: v for k, v in os.environ.items() if k in read})
             configure_logging(wanted.log_format or "console", wanted.log_level or "error", stream=sys.stderr)
-            return _run(run_demo(load_app(args.app) if args.app else None, calls=int(calls)))
+            demo = run_demo(
+                load_app(args.app) if args.app else None,
+                calls=int(calls),
+                routes_file=wanted.routes_file,
+                from_number=args.from_number,
+                to_number=args.to,
+            )
+            return _run(demo)
         if args.command == "dial":
             from sideband.vowel.dial import REQUIRED_SETTINGS, run_dial
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
-from sideband.app import Sideband
+from sideband.app import Sideband, parse_number
 from sideband.context import CallContext
+from sideband.routing import RouteTable
 from sideband.runtime.driver import CallSummary, ToolRecord
+from sideband.session import Accept
 from sideband.testing import (
     Script,
     caller_hangs_up,
@@ -24,7 +28,20 @@ from sideband.testing import (
 )
 from sideband.vowel.dial import run_vowel_demo
 
-__all__ = ["Scenario", "order_desk_scenarios", "run_demo"]
+__all__ = ["Scenario", "order_desk_scenarios", "run_demo", "valid_number"]
+
+FROM_NUMBER = "+14255550100"
+"""Who calls, unless told otherwise."""
+TO_NUMBER = "+18005551212"
+"""The number called, unless told otherwise."""
+
+_NUMBER = re.compile(r"[A-Za-z0-9+*#._-]{1,64}")
+
+
+def valid_number(text: str) -> bool:
+    """Whether ``text`` can be a demo call's number: a phone number (``+18005551212``, ``18005551212``)
+    or a SIP user name (``frontdesk``, ``anonymous``), written into the call's ``From`` or ``To``."""
+    return _NUMBER.fullmatch(text) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +50,8 @@ class Scenario:
 
     title: str
     script: Script
-    from_number: str = "+14255550100"
-    to_number: str = "+18005551212"
+    from_number: str = FROM_NUMBER
+    to_number: str = TO_NUMBER
 
 
 def order_desk_scenarios() -> list[Scenario]:
@@ -90,9 +107,18 @@ def order_desk_scenarios() -> list[Scenario]:
     ]
 
 
-def generic_scenarios(app: Sideband) -> list[Scenario]:
-    """A plain call for an app the demo knows nothing about (greeted first if the app greets)."""
-    greets = bool(app.plan().greeting)  # ("": no greeting, as None)
+def generic_scenarios(
+    app: Sideband,
+    routes: RouteTable | None = None,
+    *,
+    from_number: str = FROM_NUMBER,
+    to_number: str = TO_NUMBER,
+) -> list[Scenario]:
+    """A plain call for an app the demo knows nothing about, from ``from_number`` to ``to_number``:
+    greeted first if the call's route (in ``routes``, by the number dialed), else the app, greets."""
+    route = None if routes is None else routes.match(parse_number(f"sip:{to_number}@sip.example.com"))
+    plan = app.plan(route if isinstance(route, Accept) else None)
+    greets = bool(plan.greeting)  # ("": no greeting, as None)
     opening = [wait_for_greeting("Hello, how can I help?")] if greets else []
     return [
         Scenario(
@@ -105,6 +131,8 @@ def generic_scenarios(app: Sideband) -> list[Scenario]:
                     caller_hangs_up(),
                 ]
             ),
+            from_number=from_number,
+            to_number=to_number,
         )
     ]
 
@@ -168,43 +196,94 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-async def run_demo(app: Sideband | None = None, *, calls: int = 3, out: TextIO | None = None) -> int:
+async def run_demo(
+    app: Sideband | None = None,
+    *,
+    calls: int = 3,
+    out: TextIO | None = None,
+    routes_file: Path | str | None = None,
+    from_number: str | None = None,
+    to_number: str | None = None,
+) -> int:
     """Place ``calls`` simulated calls (answered ones: the bundled demo adds one that routing rejects)
-    through a real server on loopback; print what happens. Returns the exit status."""
+    through a real server on loopback; print what happens. Returns the exit status.
+
+    ``routes_file`` (``SIDEBAND_ROUTES_FILE`` for ``sideband demo``): the route table that answers
+    ``app``'s calls, loaded and checked as ``sideband serve`` does (:class:`~sideband.routing.RouteError`
+    if it fails). ``from_number``/``to_number``: the numbers of ``app``'s calls (``+14255550100`` calls
+    ``+18005551212`` by default). The bundled demo's calls are scripted for the order desk as it stands,
+    with numbers of their own: it takes no numbers (:class:`ValueError`), and says that it does not
+    apply a route file."""
     if not 1 <= calls <= MAX_CALLS:
         raise ValueError(f"calls must be between 1 and {MAX_CALLS}, got {calls}")
+    for name, number in (("from_number", from_number), ("to_number", to_number)):
+        if number is not None and not valid_number(number):
+            raise ValueError(f"{name} must be a phone number or a SIP user name, got {number!r}")
     out = out or sys.stdout
-    scenarios: list[Scenario]
     user_app = app
+    scenarios: Callable[[RouteTable], list[Scenario]]
     if app is None:
+        if from_number is not None or to_number is not None:
+            raise ValueError("the bundled demo's calls have numbers of their own: give your app to set them")
         from sideband.examples.order_desk import app as order_desk
 
         app = order_desk
         *answered, rejected = order_desk_scenarios()
-        scenarios = [*(answered[i % len(answered)] for i in range(calls)), rejected]
+        bundled = [*(answered[i % len(answered)] for i in range(calls)), rejected]
+
+        def scenarios(routes: RouteTable) -> list[Scenario]:
+            return bundled
+
     else:
-        pool = generic_scenarios(app)
-        scenarios = [pool[i % len(pool)] for i in range(calls)]
+        caller, dialed = from_number or FROM_NUMBER, to_number or TO_NUMBER
+
+        def scenarios(routes: RouteTable) -> list[Scenario]:
+            pool = generic_scenarios(app, routes, from_number=caller, to_number=dialed)
+            return [pool[i % len(pool)] for i in range(calls)]
+
     printer = _Printer(out)
     printer.install(app)
     try:
-        failures = await _place_calls(app, scenarios, printer)
+        placed, failures = await _place_calls(
+            app, scenarios, printer, routes_file=routes_file, apply_routes=user_app is not None
+        )
     finally:
         printer.uninstall()
     failures += await run_vowel_demo(user_app, out)
-    out.write(f"\n{_plural(len(scenarios), 'call')} and a trusted-server session, {failures} failed.\n")
+    out.write(f"\n{_plural(placed, 'call')} and a trusted-server session, {failures} failed.\n")
     return 1 if failures else 0
 
 
-async def _place_calls(app: Sideband, scenarios: list[Scenario], printer: _Printer) -> int:
-    """Serve ``app`` against the simulator and place the ``scenarios`` one after another; returns how
-    many failed (a call that did not end in time or broke its script, or whose routing hook failed)."""
+async def _place_calls(
+    app: Sideband,
+    scenarios: Callable[[RouteTable], list[Scenario]],
+    printer: _Printer,
+    *,
+    routes_file: Path | str | None = None,
+    apply_routes: bool = True,
+) -> tuple[int, int]:
+    """Serve ``app`` (with ``routes_file`` if ``apply_routes``) against the simulator and place the
+    ``scenarios`` (made for the server's route table) one after another; returns how many calls it
+    placed, and how many failed (a call that did not end in time or broke its script, or whose routing
+    hook failed)."""
     out = printer.out
     failures = 0
-    async with run_app(app, max_idle_duration=30) as harness:
-        sim, counters = harness.sim, harness.service.counters
+    settings: dict[str, Any] = {"max_idle_duration": 30}
+    if routes_file and apply_routes:
+        settings["routes_file"] = routes_file
+    async with run_app(app, **settings) as harness:
+        sim, counters, routes = harness.sim, harness.service.counters, harness.service.routes
         out.write(f"sideband demo: server on {harness.base_url}, simulator at {sim.base_url}\n")
-        for n, scenario in enumerate(scenarios, 1):
+        if routes_file and apply_routes:
+            default = " and a default" if routes.default is not None else ""
+            out.write(f"routes: {routes_file} ({_plural(len(routes), 'route')}{default})\n")
+        elif routes_file:
+            out.write(
+                f"routes: {routes_file} is not applied: the bundled order desk's calls are scripted for "
+                "its own routing (name your app, sideband demo module:attribute, to try a route file)\n"
+            )
+        placed = scenarios(routes)
+        for n, scenario in enumerate(placed, 1):
             call = sim.create_call(
                 scenario.script, from_number=scenario.from_number, to_number=scenario.to_number
             )
@@ -249,4 +328,4 @@ async def _place_calls(app: Sideband, scenarios: list[Scenario], printer: _Print
             if call.script_error:
                 failures += 1
                 printer.line("error", call.script_error)
-    return failures
+    return len(placed), failures

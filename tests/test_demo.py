@@ -10,7 +10,10 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from sideband import Accept, IncomingCall, Reject, Sideband
+from sideband.cli import main
 from sideband.demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +153,106 @@ async def test_demo_takes_a_deliberate_reject_as_a_success() -> None:
     assert code == 0, text
     assert "end     rejected ({'status_code': 486})" in text and "error" not in text, text
     assert text.endswith("\n1 call and a trusted-server session, 0 failed.\n"), text
+
+
+ROUTES = """
+[blocked]
+numbers = ["+14155550199"]
+
+[default]
+reject = 486
+
+[routes."+18005550000"]
+instructions = "You are the billing desk."
+greeting = ""
+"""
+
+
+def greeting_app() -> Sideband:
+    """An app that greets every call, unless its route says otherwise."""
+    return Sideband(instructions="You answer.")
+
+
+async def test_demo_answers_an_apps_calls_by_its_route_file_and_numbers(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.toml"
+    routes.write_text(ROUTES)
+    out = io.StringIO()
+    code = await run_demo(greeting_app(), calls=1, out=out, routes_file=routes, to_number="+18005550000")
+    text = out.getvalue()
+    assert code == 0, text
+    assert f"routes: {routes} (1 route and a default)\n" in text
+    call = text[text.index("call 1:") : text.index("trusted-server session")]
+    assert "+14255550100 → +18005550000" in call
+    # the billing route's empty greeting: the caller speaks first, and the call goes its whole course
+    tags = [line.split()[1] for line in call.splitlines()[1:] if line.strip()]
+    assert tags == ["webhook", "caller", "agent", "end"], call
+
+    out = io.StringIO()
+    code = await run_demo(greeting_app(), calls=1, out=out, routes_file=routes, from_number="14155550199")
+    text = out.getvalue()
+    assert code == 0, text
+    assert "14155550199 → +18005551212" in text and "end     rejected ({'status_code': 603})" in text
+
+
+async def test_the_bundled_demo_says_it_does_not_apply_a_route_file(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.toml"
+    routes.write_text("[default]\nreject = 486\n")
+    out = io.StringIO()
+    assert await run_demo(calls=1, out=out, routes_file=routes) == 0, out.getvalue()
+    text = out.getvalue()
+    assert f"routes: {routes} is not applied: the bundled order desk's calls are scripted" in text
+    assert "{'status_code': 486}" not in text
+    with pytest.raises(ValueError, match="numbers of their own"):
+        await run_demo(calls=1, out=io.StringIO(), to_number="+18005550000")
+
+
+def run_demo_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sideband.cli", "demo", *args],
+        check=False,
+        cwd=cwd,
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_demo_reads_the_route_file_from_the_environment_and_takes_the_numbers_to_call(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "desk.py").write_text('from sideband import Sideband\napp = Sideband(instructions="Hi.")\n')
+    (tmp_path / "routes.toml").write_text(ROUTES)
+    broken = run_demo_cli(tmp_path, "desk:app", "--calls", "1", SIDEBAND_ROUTES_FILE="missing.toml")
+    assert broken.returncode == 2 and broken.stdout == ""
+    assert broken.stderr.startswith("sideband: SIDEBAND_ROUTES_FILE: cannot read missing.toml"), broken.stderr
+    args = ("desk:app", "--calls", "1", "--to", "+18005550001", "--from", "+14155550100")
+    proc = run_demo_cli(tmp_path, *args, SIDEBAND_ROUTES_FILE="routes.toml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "routes: routes.toml (1 route and a default)\n" in proc.stdout
+    assert "+14155550100 → +18005550001" in proc.stdout
+    assert "end     rejected ({'status_code': 486})" in proc.stdout  # the file's [default]
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("--to", "+18005550000"), "--to: the bundled demo's calls have numbers of their own; name your app"),
+        (
+            ("--from", "anonymous"),
+            "--from: the bundled demo's calls have numbers of their own; name your app",
+        ),
+        (("x:app", "--to", "sip:a@b"), "--to: must be a phone number or a SIP user name"),
+        (("x:app", "--from", ""), "--from: must be a phone number or a SIP user name"),
+    ],
+)
+def test_demo_numbers_it_cannot_use_are_one_line(
+    args: tuple[str, ...], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"sideband: {error}"), captured.err
+    assert captured.err.count("\n") == 1
 
 
 def imported_after(code: str) -> list[str]:
