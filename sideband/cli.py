@@ -169,7 +169,9 @@ async def serve(settings: Settings, app: Sideband) -> None:
         nonlocal signals, last
         now = loop.time()
         if signals and now - last < SIGNAL_ECHO:
-            return  # the same signal again, not another: a terminal's and a wrapper's (uv run, tini -g)
+            # The same signal again, not another: a terminal's and a wrapper's (uv run, tini -g).
+            log.info("server.signal_repeated", detail=f"within {SIGNAL_ECHO:g} s: taken for the same one")
+            return
         signals, last = signals + 1, now
         if signals == 2:
             log.warning("server.hurried", detail="second signal: live calls are hung up now")

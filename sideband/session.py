@@ -332,9 +332,13 @@ class Accept:
                     object.__setattr__(self, name, value)
         object.__setattr__(self, "session", session)
         if self.tools is not None:
-            if isinstance(self.tools, str) or not all(isinstance(t, str) for t in self.tools):
+            try:
+                names: tuple[object, ...] = tuple(self.tools)  # (read once: it may be an iterator)
+            except TypeError:
+                names = (self.tools,)  # (not names at all)
+            if isinstance(self.tools, str) or not all(isinstance(t, str) for t in names):
                 raise DecisionError("Accept(tools=...) takes tool names, e.g. ('lookup_order',)")
-            object.__setattr__(self, "tools", tuple(self.tools))  # a list is fine, stored hashable
+            object.__setattr__(self, "tools", names)  # a list is fine, stored hashable
         for name in ("max_call_duration", "max_idle_duration"):
             object.__setattr__(self, name, check_seconds(f"Accept {name}", getattr(self, name)))
         if self.transfer_targets is not None:

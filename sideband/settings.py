@@ -208,12 +208,16 @@ class Settings(BaseSettings):
         except ValueError:  # (its words quote what it could not read: a bracketed piece of a password)
             cut = True
         else:  # a / ? or # in the password ends the host part early: the rest lands in the path, and
-            # the credentials' @ with it (an @ of a socket's path, after unix:///, is the path's own)
-            cut = (
-                bool(parts.netloc)
-                and "@" not in parts.netloc
-                and "@" in raw.partition("://")[2][len(parts.netloc) :]
-            )
+            # the credentials' @ with it (an @ of a socket's path, after unix://…@ or unix:///, is the
+            # path's own; in a query or fragment it is a password's, cut short)
+            rest = raw.partition("://")[2][len(parts.netloc) :]
+            if raw.startswith("unix://"):
+                path = rest.partition("?")[0].partition("#")[0]
+                cut = "@" in rest[len(path) :] or (
+                    bool(parts.netloc) and "@" not in parts.netloc and "@" in path
+                )
+            else:
+                cut = "@" in rest
         if cut:
             raise ValueError(
                 "cannot be read: a user or password holding / ? # @ [ or ] must be percent-encoded (%2F %3F "

@@ -869,10 +869,12 @@ def _or_none(annotation: Any) -> Any:
     return typing.Optional[annotation]  # noqa: UP045  (any form: a type, a generic, a Literal)
 
 
-def _refuse_unbound_methods(fn: Any, name: str, sig: inspect.Signature) -> None:
+def _refuse_unbound_methods(fn: Any, name: str, sig: inspect.Signature, bound: frozenset[str]) -> None:
     """A function decorated in a class body is not yet a method: its ``self`` would be asked of the
-    model."""
+    model (unless the app gives it, ``functools.partial(Desk.find, self=desk)``)."""
     first = next(iter(sig.parameters), None)
+    if first in bound:
+        return
     target = _introspected(fn)
     qualname = str(getattr(target, "__qualname__", ""))
     owner = qualname.rpartition(".")[0]
@@ -896,7 +898,7 @@ def _build_arguments_model(
     definitions: dict[str, Any] = {}
     fields: list[tuple[str, str]] = []
     bound = _bound_keywords(fn)
-    _refuse_unbound_methods(fn, name, sig)
+    _refuse_unbound_methods(fn, name, sig, bound)
     for param in sig.parameters.values():
         if param.name in bound:
             continue  # the app's value (an API key, a tenant): neither shown to the model nor set by it

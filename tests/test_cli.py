@@ -742,6 +742,7 @@ async def test_one_signal_that_arrives_twice_drains_all_the_same(simulator: Simu
     assert code == 0
     events = [e.get("event") for e in served.lines]
     assert "server.hurried" not in events and "server.killed" not in events
+    assert "server.signal_repeated" in events  # (said: one who presses Ctrl-C again sees why)
     assert elapsed >= drain  # the live call had the whole window
     assert [e["reason"] for e in served.lines if e.get("event") == "call.ended"] == ["shutdown"]
 

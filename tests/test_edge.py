@@ -255,10 +255,13 @@ async def test_an_impossible_decision_fails_closed(
     assert not [r for r in stack.sim.requests if r.path.endswith(("/refer", "/accept"))]
 
 
-async def test_accept_tools_may_be_a_list() -> None:
+async def test_accept_tools_may_be_a_list_or_any_iterable_of_names() -> None:
     assert Accept(tools=["lookup_order"]).tools == ("lookup_order",)
-    with pytest.raises(TypeError):
-        Accept(tools="lookup_order")  # type: ignore[arg-type]
+    names = (n for n in ("lookup_order", "transfer_call"))  # read once, and kept
+    assert Accept(tools=names).tools == ("lookup_order", "transfer_call")  # type: ignore[arg-type]
+    for wrong in ("lookup_order", 3, [1]):
+        with pytest.raises(TypeError, match="takes tool names"):
+            Accept(tools=wrong)  # type: ignore[arg-type]
 
 
 async def test_a_caller_address_of_any_length_makes_a_bounded_log_line(stack: Stack) -> None:

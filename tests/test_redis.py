@@ -19,6 +19,7 @@ import redis
 
 from sideband import CallContext
 from sideband.service import Service
+from sideband.settings import SettingsError, load_settings
 from sideband.stores import MemoryStore, RedisStore, StoreUnavailable, redacted
 from sideband.testing import Script, Simulator, pause, run_app
 
@@ -662,6 +663,31 @@ def test_a_socket_path_keeps_its_own_at_sign() -> None:
     assert redacted("unix:///run/redis@main/redis.sock") == "unix:///run/redis@main/redis.sock"
     assert redacted("unix://:pw@/run/redis@main/redis.sock?db=1") == "unix:///run/redis@main/redis.sock"
     assert redacted("redis://:pw@/0") == "redis://localhost/0"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:a@b?s3cret@cache:6379/0",
+        "rediss://user:a@b#s3cret@cache:6379/0",
+        "redis://:a@b/s3cret@cache:6379/0",
+        "unix://:a@b?s3cret@/run/redis.sock",
+        "unix://:pw/s3cret@/run/redis.sock",
+    ],
+)
+def test_a_password_holding_an_at_sign_then_a_delimiter_is_refused_unquoted(url: str) -> None:
+    """The host part ends at the password's / ? or #: redis-py would connect to a piece of the
+    password (and the logs would name it) instead of refusing the URL."""
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"redis_url": url})
+    assert "must be percent-encoded" in str(refused.value)
+    assert "s3cret" not in str(refused.value) and "a@b" not in str(refused.value)
+
+
+def test_a_socket_path_and_a_password_may_each_hold_an_at_sign() -> None:
+    for url in ("unix:///run/redis@main/redis.sock", "unix://:p%40w@/run/redis@main/redis.sock?db=1"):
+        settings = load_settings({"redis_url": url})
+        assert settings.redis_url is not None and settings.redis_url.get_secret_value() == url
 
 
 def test_check_reaches_redis_by_a_socket_whose_path_holds_an_at_sign(redis_server: RedisServer) -> None:

@@ -323,6 +323,10 @@ def test_a_method_decorated_in_its_class_body_is_refused_and_a_bound_one_is_take
     tool = registry.add(Counter().find)
     assert tool.parameters["properties"] == {"order_id": {"type": "string"}}
     assert tool.description == "Find an order."
+    # A method whose self the app gives by keyword is bound too.
+    given = registry.add(functools.partial(Counter.find, self=Counter()), name="find_given")
+    assert given.parameters["properties"] == {"order_id": {"type": "string"}}
+    assert given.parse_arguments('{"order_id": "A1"}') == {"order_id": "A1"}
 
 
 def test_a_none_default_takes_the_null_it_advertises() -> None:
