@@ -8,6 +8,7 @@ import contextlib
 import gc
 import importlib
 import inspect
+import io
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import threading
 import time
 import traceback
 from collections.abc import Coroutine, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar, cast
 
 import structlog
 from aiohttp import web
@@ -130,6 +131,35 @@ def raise_open_files_limit() -> int | None:
             continue
         return limit
     return soft
+
+
+class _UntilReaderGone(io.TextIOBase):
+    """A stream for a command's story (``sideband demo``): once its reader is gone (``| head``), the
+    rest goes nowhere, instead of a ``BrokenPipeError`` for each line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def _gone(self) -> None:
+        # (what is still buffered, and the flush at exit, go to /dev/null: no "Exception ignored")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
 
 
 SIGNAL_ECHO = 1.0
@@ -437,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             demo = run_demo(
                 load_app(args.app) if args.app else None,
                 calls=int(calls),
+                out=cast(TextIO, _UntilReaderGone(sys.stdout)),
                 routes_file=wanted.routes_file,
                 from_number=args.from_number,
                 to_number=args.to,

@@ -11,7 +11,8 @@ import re
 import sys
 import traceback
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any, Literal, TextIO
 
 import orjson
@@ -21,7 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from sideband import blocking
 
-__all__ = ["configure_logging", "describe", "failure_fields"]
+__all__ = ["configure_logging", "describe", "failure_fields", "logging_configured"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -209,6 +210,24 @@ def _route_library_logging(out: TextIO, pre: list[Any], rendering: list[Any], le
             logger.removeHandler(old)
         logger.addHandler(handler)
         logger.propagate = False  # rendered here: not a second time by a root handler
+
+
+@contextmanager
+def logging_configured(
+    fmt: Literal["json", "console"] | None = None, level: str = "info", stream: TextIO | None = None
+) -> Iterator[None]:
+    """:func:`configure_logging` while the block runs, then structlog's configuration and the library
+    loggers it took over are put back as they were."""
+    config = structlog.get_config()
+    saved = [(lg, list(lg.handlers), lg.propagate) for lg in map(logging.getLogger, _LIBRARIES)]
+    configure_logging(fmt, level, stream)
+    try:
+        yield
+    finally:
+        structlog.configure(**config)
+        for logger, handlers, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
 
 
 def clip(text: str | None, limit: int = 128) -> str | None:

@@ -206,6 +206,30 @@ async def test_the_bundled_demo_says_it_does_not_apply_a_route_file(tmp_path: Pa
         await run_demo(calls=1, out=io.StringIO(), to_number="+18005550000")
 
 
+def test_demo_piped_to_a_reader_that_stops_early_ends_quietly() -> None:
+    """``sideband demo | head -1``: the rest of the story goes nowhere, without a traceback per line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sideband.cli", "demo", "--calls", "1"],
+        cwd=ROOT,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().startswith("sideband demo: server on ")
+        proc.stdout.close()  # the reader is gone
+        err = proc.stderr.read()
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "BrokenPipeError" not in err and "Traceback" not in err and "hook.failed" not in err, err
+    assert code == 0
+
+
 def run_demo_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sideband.cli", "demo", *args],

@@ -14,18 +14,16 @@ and a signed webhook sender between them.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from sideband.app import Sideband
 from sideband.edge import SERVICE, create_app
-from sideband.logs import _LIBRARIES, configure_logging
+from sideband.logs import logging_configured
 from sideband.runtime.driver import CallSummary
 from sideband.service import Service
 from sideband.settings import Settings, load_settings
@@ -136,16 +134,8 @@ def _logging_as(settings: Settings) -> Iterator[None]:
     if settings.log_level is None and settings.log_format is None:
         yield
         return
-    config = structlog.get_config()
-    saved = [(lg, list(lg.handlers), lg.propagate) for lg in map(logging.getLogger, _LIBRARIES)]
-    configure_logging(settings.log_format, settings.log_level or "info")
-    try:
+    with logging_configured(settings.log_format, settings.log_level or "info"):
         yield
-    finally:
-        structlog.configure(**config)
-        for logger, handlers, propagate in saved:
-            logger.handlers[:] = handlers
-            logger.propagate = propagate
 
 
 @asynccontextmanager
