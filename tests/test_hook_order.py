@@ -1,4 +1,5 @@
-"""The order a call's hooks run in: one event's after the event's before, beside the call's traffic."""
+"""The order a call's hooks run in: each kind's events in order, after on_call_start, beside the call's
+traffic."""
 
 from __future__ import annotations
 
@@ -99,8 +100,8 @@ async def test_sync_hooks_after_an_async_one_see_the_lines_in_order() -> None:
 
 
 async def test_hooks_wait_for_an_async_on_call_start(stack: Stack) -> None:
-    """What ``on_call_start`` sets up (a CRM record) is there for every hook after it, however long it
-    takes."""
+    """What ``on_call_start`` sets up (a CRM record) is there for every hook after it (if it takes less
+    than ``HOOK_SLOW``)."""
     release = asyncio.Event()
     seen: list[tuple[str, Any]] = []
     heard = asyncio.Event()
@@ -126,28 +127,58 @@ async def test_hooks_wait_for_an_async_on_call_start(stack: Stack) -> None:
     assert seen == [("Hello.", f"crm:{call.call_id}")]
 
 
-async def test_a_slow_hook_holds_back_neither_the_tools_nor_the_answers(stack: Stack) -> None:
-    """The first line's hook hangs: the tool round and the model's answer go on, the hooks after it wait
-    their turn, and then run in the order the call met their events."""
-    release = asyncio.Event()
-    ran: list[str] = []
-    loop = asyncio.get_running_loop()
-    all_ran = asyncio.Event()
+async def test_an_on_call_start_that_runs_on_holds_the_other_hooks_back_a_while_only(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``on_call_start`` that lasts the call (a watcher loop): the other hooks start once it has run
+    ``HOOK_SLOW`` seconds, logged, instead of waiting for the call's end and being dropped."""
+    monkeypatch.setattr("sideband.runtime.driver.HOOK_SLOW", 0.2)
+    watching = asyncio.Event()
+    lines: list[str] = []
+    heard = asyncio.Event()
 
-    def record(entry: str) -> None:
-        ran.append(entry)
-        if len(ran) == 4:  # the greeting, the caller, the tool, the answer
-            loop.call_soon_threadsafe(all_ran.set)
+    @stack.app.on_call_start
+    async def watch(ctx: CallContext) -> None:
+        watching.set()
+        await asyncio.Event().wait()  # until the call's end cancels it
+
+    @stack.app.on_transcript
+    async def note(ctx: CallContext, role: str, text: str) -> None:
+        lines.append(text)
+        heard.set()
+
+    with capture_logs() as logs:
+        slow_logged = seen_in_log("hook.slow")
+        call = await stack.call(Script([HELLO, pause(30)]))
+        await asyncio.wait_for(heard.wait(), 5)
+        assert watching.is_set() and lines == ["Hello."]
+        await asyncio.wait_for(slow_logged.wait(), 5)
+        assert [e["hook"] for e in logs if e["event"] == "hook.slow"] == ["watch"]
+    stack.sim.hang_up(call)
+    await stack.ended(call)
+
+
+async def test_a_slow_hook_holds_back_neither_the_tools_nor_the_answers_nor_other_hooks(
+    stack: Stack,
+) -> None:
+    """The first line's hook hangs: the tool round, the model's answer and the ``on_tool`` hook go on,
+    the transcript hooks after it wait their turn, and then run in the order of the lines."""
+    release = asyncio.Event()
+    lines: list[str] = []
+    loop = asyncio.get_running_loop()
+    audited, all_lines = asyncio.Event(), asyncio.Event()
 
     @stack.app.on_transcript
     async def store(ctx: CallContext, role: str, text: str) -> None:
-        if not ran:
+        if not lines:
             await release.wait()  # a database write that hangs until the test lets it go
-        record(f"{role}: {text}")
+        lines.append(f"{role}: {text}")
+        if len(lines) == 3:  # the greeting, the caller, the answer
+            all_lines.set()
 
     @stack.app.on_tool
     def audit(ctx: CallContext, tool: Any) -> None:
-        record(f"tool: {tool.name}")
+        loop.call_soon_threadsafe(audited.set)
 
     with capture_logs() as logs:
         call = await stack.call(
@@ -164,17 +195,14 @@ async def test_a_slow_hook_holds_back_neither_the_tools_nor_the_answers(stack: S
         )
         await call.wait_for(lambda c: len(c.responses) == 3 and c.responses[2].status == "completed", 5)
         assert call.function_outputs and json.loads(call.function_outputs[0][1])["status"] == "shipped"
-        assert ran == []  # the first hook still hangs; the ones after it wait
+        await asyncio.wait_for(audited.wait(), 5)  # another kind of hook: not held back
+        assert lines == []  # the first line's hook still hangs; the lines after it wait
         release.set()
-        await asyncio.wait_for(all_ran.wait(), 5)
+        await asyncio.wait_for(all_lines.wait(), 5)
     stack.sim.hang_up(call)
     await stack.ended(call)
-    met = [
-        f"{e['role']}: {e['text']}" if e["event"] == "transcript" else f"tool: {e['tool']}"
-        for e in logs
-        if e["event"] in ("transcript", "tool.finished")
-    ]
-    assert ran == met and len(met) == 4
+    met = [f"{e['role']}: {e['text']}" for e in logs if e["event"] == "transcript"]
+    assert lines == met and len(met) == 3
 
 
 async def test_an_async_hook_that_runs_long_is_logged_as_slow(

@@ -234,15 +234,16 @@ class CallSummary:
 class CallHooks:
     """User callbacks (sync or async); an exception in one is logged and never ends the call.
 
-    A call's hooks run one at a time, in the order of the events that trigger them: an event's hooks in
-    the order they were registered, after every hook of the events before it. ``on_transcript``,
-    ``on_dtmf`` and ``on_tool`` hooks run only once ``on_call_start`` has returned, and transcript lines
-    reach them in order. They run beside the call, never holding back its traffic:
-    ``on_call_start`` starts once the session config (and greeting) are on their way, and what it asks
-    for (``say``, ``update_session``…) follows them; tool outputs and answers go out while hooks run. A
-    hook still running after :data:`HOOK_SLOW` seconds is logged (``hook.slow``): the next ones wait
-    behind it. When the call ends, the hooks still running or queued get :data:`HOOK_GRACE` seconds in
-    all; then the one running is cancelled and the rest are dropped. ``on_call_end`` runs after all of
+    Each kind of hook gets the call's events in order, one at a time: an event's hooks in the order they
+    were registered, after those of the kind's events before it; kinds run apart. ``on_transcript``,
+    ``on_dtmf`` and ``on_tool`` hooks start once ``on_call_start`` has returned, or has run
+    :data:`HOOK_SLOW` seconds. A call's sync hooks run one at a time, whatever their kind. Hooks run
+    beside the call, never holding back its traffic: ``on_call_start`` starts once the session config
+    (and greeting) are on their way, and what it asks for (``say``, ``update_session``…) follows them;
+    tool outputs and answers go out while hooks run. A hook still running after :data:`HOOK_SLOW`
+    seconds is logged (``hook.slow``): its kind's next events wait behind it. When the call ends, the
+    hooks still running or queued get :data:`HOOK_GRACE` seconds in all; then those running are
+    cancelled and the rest are dropped. ``on_call_end`` runs after all of
     them, each hook for at most :data:`END_HOOK_TIMEOUT` seconds. Output guardrails are no part of this
     order: they check the model's words as they stream in, beside the hooks.
     """
@@ -880,19 +881,27 @@ class CallRuntime:
         task.add_done_callback(self._side_tasks.discard)
 
     def _spawn_hooks(self, hooks: list[Callable[..., Any]], *args: Any, queued: bool = True) -> None:
-        """Queue an event's ``hooks``: they run after those of the events before it, in the task that runs
-        the call's hooks (started when one is queued, ended once none is left; see
-        :meth:`_settle_hooks`). Returns at once: the call's traffic never waits for its hooks. Not
-        ``queued``: they start at once, in a task of their own (the call still owns it)."""
+        """Queue an event's ``hooks`` behind the earlier events of the same kind (``on_transcript``,
+        ``on_dtmf``…): each kind's events are run in order by a task of its own, started when one is
+        queued and ended once none is left (see :meth:`_settle_hooks`). Returns at once: the call's
+        traffic never waits for its hooks. Not ``queued``: they start at once, in a task of their own
+        (the call still owns it)."""
         queue = self._hook_queue
         if queue is None:
             queue = self._hook_queue = _HookQueue()
         if queued:
-            queue.pending.append((hooks, args))
-            if queue.draining:
+            key = id(hooks)
+            line = queue.pending.get(key)
+            if line is None:
+                line = queue.pending[key] = (hooks, deque())
+            line[1].append(args)
+            if key in queue.draining:
                 return
-            queue.draining = True  # (before the task starts: an eager task factory runs it at once)
-            task = asyncio.ensure_future(self._run_hooks(queue))
+            if hooks is self.hooks.on_call_start and queue.gate is None:
+                queue.gate = asyncio.Event()  # the other kinds wait for it (a while at most)
+                queue.gate_until = asyncio.get_running_loop().time() + HOOK_SLOW
+            queue.draining.add(key)  # (before the task starts: an eager task factory runs it at once)
+            task = asyncio.ensure_future(self._run_hooks(queue, hooks))
         else:
             task = asyncio.ensure_future(self._hooks(hooks, args))
         if not task.done():  # (an eager task factory may have run it to its end already)
@@ -900,14 +909,26 @@ class CallRuntime:
         task.add_done_callback(functools.partial(self._hook_done, queue))
         task.add_done_callback(_drop_cancellation)
 
-    async def _run_hooks(self, queue: _HookQueue) -> None:
-        """Run the queued hooks, each event's after those of the event before, until none is left."""
+    async def _run_hooks(self, queue: _HookQueue, hooks: list[Callable[..., Any]]) -> None:
+        """Run the queued events of ``hooks``' kind, in order, until none is left: after
+        ``on_call_start`` has returned, or has run :data:`HOOK_SLOW` seconds (``hook.slow``)."""
+        key = id(hooks)
+        starting = hooks is self.hooks.on_call_start
         try:
-            while queue.pending:
-                hooks, args = queue.pending.popleft()
-                await self._hooks(hooks, args)
+            gate = queue.gate
+            if not starting and gate is not None and not gate.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(queue.gate_until):
+                        await gate.wait()
+            while (line := queue.pending.get(key)) is not None and line[1]:
+                await self._hooks(hooks, line[1].popleft())
         finally:
-            queue.draining = False
+            queue.draining.discard(key)
+            line = queue.pending.get(key)
+            if line is not None and not line[1]:
+                del queue.pending[key]
+            if starting and queue.gate is not None:
+                queue.gate.set()
 
     def _hook_done(self, queue: _HookQueue, task: asyncio.Future[None]) -> None:
         queue.tasks.pop(task, None)
@@ -1384,6 +1405,8 @@ class CallRuntime:
         ones (``hook.skipped``), cancel those running (``hook.cancelled``) and await them (a while)."""
         if self._hook_queue is None:
             return
+        if self._hook_queue.gate is not None:
+            self._hook_queue.gate.set()  # (the hooks waiting for on_call_start get the grace too)
         try:
             async with asyncio.timeout(HOOK_GRACE):
                 while (queue := self._hook_queue) is not None and queue.tasks:
@@ -1398,7 +1421,9 @@ class CallRuntime:
     async def _drop_hooks(self, queue: _HookQueue) -> None:
         """Drop the hooks ``queue`` holds, cancel those running and await them, for :data:`_LEFT_BEHIND`
         seconds at most (one that ignores its cancellation is left behind)."""
-        skipped = [_hook_name(hook) for hooks, _ in queue.pending for hook in hooks]
+        skipped = [
+            _hook_name(hook) for hooks, waiting in queue.pending.values() for _ in waiting for hook in hooks
+        ]
         queue.pending.clear()
         left = dict(queue.tasks)
         for task, hook in left.items():
@@ -1434,18 +1459,22 @@ def _hook_name(hook: Callable[..., Any]) -> str:
 
 
 class _HookQueue:
-    """A call's hooks waiting their turn, and the tasks running hooks (made when a hook is queued, dropped
-    once none is left: an idle call holds none)."""
+    """A call's hooks waiting their turn, by kind, and the tasks running hooks (made when a hook is
+    queued, dropped once none is left: an idle call holds none)."""
 
-    __slots__ = ("draining", "pending", "tasks")
+    __slots__ = ("draining", "gate", "gate_until", "pending", "tasks")
 
     def __init__(self) -> None:
-        self.pending: deque[tuple[Sequence[Callable[..., Any]], tuple[Any, ...]]] = deque()
-        """Each event's hooks, with their arguments, in the order of the events."""
+        self.pending: dict[int, tuple[list[Callable[..., Any]], deque[tuple[Any, ...]]]] = {}
+        """For each kind of hook (its list's ``id``): its hooks, and each event's arguments in order."""
         self.tasks: dict[asyncio.Future[None], str] = {}
-        """The tasks running hooks (the one running the queue, those not queued) → the hook each runs."""
-        self.draining = False
-        """Whether a task runs the queue."""
+        """The tasks running hooks (one per kind being run, those not queued) → the hook each runs."""
+        self.draining: set[int] = set()
+        """The kinds a task runs."""
+        self.gate: asyncio.Event | None = None
+        """Set once ``on_call_start`` has returned (or the call ends): the other kinds wait for it."""
+        self.gate_until = 0.0
+        """When the other kinds stop waiting for ``on_call_start`` all the same (loop time)."""
 
 
 def _drop_cancellation(task: asyncio.Future[Any]) -> None:
