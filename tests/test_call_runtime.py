@@ -731,6 +731,53 @@ async def test_a_duration_goodbye_the_caller_talks_over_is_said_again_and_their_
     assert len(goodbyes) == 2  # the one the caller cut off, then once more
 
 
+async def until(done: Any, timeout: float = 5.0) -> None:
+    """Wait until ``done()`` holds (what the sideband logs shows no other way)."""
+    async with asyncio.timeout(timeout):
+        while not done():
+            await asyncio.sleep(0.01)
+
+
+def limits(logs: list[Any]) -> list[str]:
+    return [e["limit"] for e in logs if e["event"] == "call.limit"]
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_idle_duration": 0.2}])
+async def test_a_transfer_asked_for_while_the_idle_limit_ends_the_call_is_made(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    release = asyncio.Event()
+
+    @stack.app.tool(filler_after=None)
+    async def escalate(ctx: CallContext) -> str:
+        """File the case, then hand the caller to a person."""
+        async with asyncio.timeout(5):
+            await release.wait()
+        await ctx.transfer("human")
+        return "transferring"
+
+    with capture_logs() as logs:
+        call = await start(
+            stack,
+            Script(
+                [
+                    HELLO,
+                    caller_says("I want to speak to a person."),
+                    model_calls("escalate", {}),
+                    model_answers("Connecting you to a colleague now."),
+                ],
+                step_timeout=10,
+            ),
+        )
+        await until(lambda: limits(logs) == ["idle"])  # the tool is stuck past the idle limit
+        release.set()
+        await call.wait_ended(timeout=5)
+        summary = await ended(stack, call)
+    assert call.end_reason == "referred" and summary.reason == "transferred"
+    creates = [untagged(e) for e in call.received if e["type"] == "response.create"]
+    assert not [e for e in creates if "goodbye" in json.dumps(e).lower()]  # no goodbye before the transfer
+
+
 async def test_the_goodbye_comes_before_the_sessions_cut_however_late_the_attach() -> None:
     """The session is cut at its expires_at (62.5 s after it started here); the call-duration limit
     (3540 s from the attach) is brought forward to 60 s before the cut: the goodbye is said and the

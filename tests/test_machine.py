@@ -662,6 +662,70 @@ def test_a_goodbye_whose_audio_the_caller_cuts_off_is_asked_for_again_once() -> 
     assert Verb("hangup", None) in m.timer("turn")
 
 
+DTMF = {"type": "input_audio_buffer.dtmf_event_received", "event": "1"}
+
+
+def test_a_hangup_asked_for_during_the_idle_goodbye_takes_its_place() -> None:
+    m = live_machine(max_idle_duration=30)
+    bye = [a.event for a in m.timer("idle") if isinstance(a, Send)][-1]
+    started(m, bye["response"], "r_bye")
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r_bye"})
+    asked = m.request_end("end_call_tool")  # the app's ctx.hangup() (or the end_call tool)
+    assert notices(asked, "call.ending") == [{"reason": "end_call_tool", "verb": "hangup", "target": None}]
+    assert types(asked) == []  # the goodbye under way is let finish
+    assert m.request_end("again") == []  # an explicit end stays terminal: no other replaces it
+    back = m.receive(SPEECH_STARTED)
+    assert notices(back, "call.limit_withdrawn") == [] and m.ending
+    m.receive({"type": "output_audio_buffer.cleared", "response_id": "r_bye"})
+    m.receive(response_done("r_bye", "cancelled"))
+    m.receive(SPEECH_STOPPED)
+    # The server's answer to the caller runs no tool, and the hangup, which says no goodbye of its own,
+    # follows it: the idle goodbye the caller cut off is not asked for again.
+    m.receive({"type": "response.created", "response": {"id": "r_ans"}})
+    feed(m, call_events("c1", "lookup", "{}", resp="r_ans"))
+    done = m.receive(response_done("r_ans"))
+    assert not [a for a in done if isinstance(a, RunTool)] and types(done) == []
+    assert Verb("hangup", None) in done
+    assert m.verb_done(True) == [Close("end_call_tool")]
+    # An idle goodbye refused (another response ran) is not sent again for the hangup.
+    m = live_machine(max_idle_duration=30)
+    bye = [a.event for a in m.timer("idle") if isinstance(a, Send)][-1]
+    m.receive({"type": "response.created", "response": {"id": "r_other"}})
+    error = {"type": "invalid_request_error", "code": "conversation_already_has_active_response"}
+    m.receive({"type": "error", "error": {**error, "event_id": bye["event_id"]}})
+    m.request_end("end_call_tool")
+    done = m.receive(response_done("r_other"))
+    assert types(done) == [] and notices(done, "response.dropped") == [{"purpose": "goodbye"}]
+    assert Verb("hangup", None) in done
+
+
+def test_a_transfer_asked_for_before_the_idle_goodbye_is_said_replaces_it() -> None:
+    m = live_machine(max_idle_duration=30)
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "escalate", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    m.timer("idle")
+    assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]  # the goodbye waits for the tool
+    # The tool transfers the caller as it finishes: no goodbye, the model's answer, then the REFER.
+    m.request_end("transferred", verb="refer", target="tel:+14155550123")
+    assert notices(m.receive(DTMF), "call.limit_withdrawn") == []
+    answer = [a.event for a in m.tool_done("c1", '"transferring"', ok=True) if isinstance(a, Send)]
+    assert [e["type"] for e in answer] == ["conversation.item.create", "response.create"]
+    assert "instructions" not in untagged(answer[1]).get("response", {})
+    started(m, answer[1]["response"], "r_ans")
+    done = m.receive(response_done("r_ans"))
+    assert types(done) == [] and Verb("refer", "tel:+14155550123") in done
+    assert m.verb_done(True) == [Close("transferred")]
+
+
+def test_code_hanging_up_with_the_idle_limits_reason_is_not_withdrawn() -> None:
+    m = live_machine(max_idle_duration=30)
+    m.receive({"type": "response.created", "response": {"id": "r1"}})  # (the verb waits for it)
+    m.request_end("idle_timeout")  # ctx.hangup("idle_timeout"): the app's own end, not the limit's
+    assert notices(m.receive(DTMF), "call.limit_withdrawn") == [] and m.ending
+    assert Verb("hangup", None) in m.receive(response_done("r1"))
+
+
 def test_transfer_waits_for_the_caller_within_the_end_cap() -> None:
     m = live_machine(end_cap=10.0)
     m.receive(SPEECH_STARTED)

@@ -267,7 +267,9 @@ class _End:
     reason: str
     verb: Literal["hangup", "refer"] | None
     target: str | None
-    goodbye: str | None
+    goodbye: str | None  # the goodbye still to ask for
+    parting: bool = False  # the end says a goodbye of its own (a limit's)
+    withdrawable: bool = False  # the caller's return withdraws it (the idle limit's: see _caller_back)
     verb_sent: bool = False
     held: bool = False  # a re-attach happened meanwhile: the server's state shows itself first
     says: int = 0  # say() requests queued before the end was asked for: spoken before its verb
@@ -761,8 +763,9 @@ class CallMachine:
     def abandon(self, reason: str) -> list[Action]:
         """The sideband cannot be (re-)attached while the call may still be up: hang up at once (there is
         no socket to wait on for outputs or the model's last words), then end with ``reason``. A hangup
-        or transfer already under way is sent now instead."""
-        return [*self.request_end(reason), *self._fire_end(forced=True)]
+        or transfer already under way is sent now instead (the idle limit's end too)."""
+        asked = self.request_end(reason) if self._end is None else []
+        return [*asked, *self._fire_end(forced=True)]
 
     # ---------------------------------------------------------------------- requests from code
     def request_end(
@@ -773,17 +776,41 @@ class CallMachine:
         target: str | None = None,
         goodbye: bool = False,
     ) -> list[Action]:
-        """Hang up (or refer) once in-flight outputs and the model's last words are out. Idempotent."""
-        if self._closed is not None or self._end is not None:
+        """Hang up (or refer) once in-flight outputs and the model's last words are out (with a
+        ``goodbye`` first, for a limit). Terminal and idempotent: once an end is asked for, another is
+        ignored, except while the end is the idle limit's, which the caller's return would withdraw (see
+        :meth:`_caller_back`): the new end replaces it and stands. A goodbye the idle limit already asked
+        for is let finish, and serves a new end that says one (the call-duration limit's); one not asked
+        for yet is asked only by such an end."""
+        return self._ask_end(reason, verb, target, goodbye=goodbye)
+
+    def _ask_end(
+        self,
+        reason: str,
+        verb: Literal["hangup", "refer"] | None,
+        target: str | None,
+        *,
+        goodbye: bool,
+        withdrawable: bool = False,
+    ) -> list[Action]:
+        old = self._end
+        if self._closed is not None or (old is not None and (old.verb_sent or not old.withdrawable)):
             return []
         self._unanswered = False  # (the goodbye, or the last words, answer no turn of the caller's)
-        self._end = _End(
+        end = _End(
             reason=reason,
             verb=verb if self.caps.call_verbs else None,
             target=target,
             goodbye=self.config.goodbye_instructions if goodbye else None,
+            parting=goodbye,
+            withdrawable=withdrawable,
             says=len(self._queued_say),
         )
+        if old is not None:  # it takes the idle limit's place: what of that end is under way stays so
+            end.says, end.held = old.says, old.held
+            if goodbye:
+                end.goodbye, end.byes, end.said = old.goodbye, old.byes, old.said
+        self._end = end
         return [
             Notice("call.ending", {"reason": reason, "verb": verb, "target": target}),
             StartTimer(_END_CAP, self.config.end_cap),
@@ -1090,7 +1117,7 @@ class CallMachine:
         over it). It is asked for once more, after the server's answer to the caller (whose tool calls do
         not run); a caller who talks over that one too is not kept on the line for it (and the end cap
         holds throughout)."""
-        if end.goodbye is None and end.byes < 2:
+        if end.parting and end.goodbye is None and end.byes < 2:
             end.goodbye = self.config.goodbye_instructions
 
     def _response_failed(self, response: dict[str, Any], create: str | None) -> list[Action]:
@@ -1340,7 +1367,7 @@ class CallMachine:
         (unless the caller's speech is what cuts it off: the server's turn detection does, as for any
         reply), and a refused one is not sent again. Any other end stands."""
         end = self._end
-        if end is None or end.reason != _IDLE_TIMEOUT or end.verb_sent:
+        if end is None or not end.withdrawable or end.verb_sent:
             return []
         self._end = None
         actions: list[Action] = [Notice("call.limit_withdrawn", {"limit": "idle"}), CancelTimer(_END_CAP)]
@@ -1409,7 +1436,8 @@ class CallMachine:
             if self.config.max_idle_duration:
                 actions.append(StartTimer(_IDLE, self.config.max_idle_duration))
             return actions + self.say(self.config.idle_prompt_instructions)
-        return [Notice("call.limit", {"limit": "idle"}), *self.request_end(_IDLE_TIMEOUT, goodbye=True)]
+        ending = self._ask_end(_IDLE_TIMEOUT, "hangup", None, goodbye=True, withdrawable=True)
+        return [Notice("call.limit", {"limit": "idle"}), *ending]
 
     def _touch_idle(self) -> list[Action]:
         self._idle_waited = self._idle_due = self._prompt_due = False
@@ -1578,10 +1606,11 @@ class CallMachine:
         """Whether a refused create is no longer worth sending again: the greeting (whatever response ran
         instead was the opening, and only the opening is a greeting), or a filler once no tool runs (a
         late "still working on it" would come before, or after, the real answer) or the call is ending;
-        the end's goodbye once the end was withdrawn (the caller is back: see :meth:`_caller_back`). A
+        the end's goodbye once the end was withdrawn (the caller is back: see :meth:`_caller_back`), or
+        replaced by one that says none (see :meth:`request_end`). A
         filler stays apt while a tool of its response still runs, its own or a sibling."""
         if tag == _GOODBYE:
-            return self._end is None
+            return self._end is None or not self._end.parting
         if tag == _GREETING or self._end is not None:
             return True
         call = self._calls.get(tag[len(_FILLER) :])
