@@ -742,6 +742,50 @@ def limits(logs: list[Any]) -> list[str]:
     return [e["limit"] for e in logs if e["event"] == "call.limit"]
 
 
+@pytest.mark.parametrize("settings_overrides", [{"max_idle_duration": 0.2, "max_call_duration": 2.0}])
+async def test_the_call_limit_due_during_the_idle_end_still_ends_a_caller_who_comes_back(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    stack.sim.playback_rate = 30.0  # the goodbye plays for about two seconds: the caller cuts into it
+    release = asyncio.Event()
+
+    @stack.app.tool(filler_after=None)
+    async def check_stock() -> str:
+        """Check the stock (a slow back end)."""
+        async with asyncio.timeout(5):
+            await release.wait()
+        return "in stock"
+
+    with capture_logs() as logs:
+        call = await start(
+            stack,
+            Script(
+                [
+                    HELLO,
+                    caller_says("Is the blue kettle in stock?"),
+                    model_calls("check_stock", {}),
+                    model_answers("Yes, it is in stock."),
+                    model_answers("Thank you for calling the kitchen shop, goodbye."),
+                    caller_says("Wait, can I order it now?", cut_in=True),
+                    model_says("I'm sorry, we have to end the call here."),  # the server's own answer
+                    model_answers("Goodbye."),
+                ],
+                step_timeout=10,
+            ),
+        )
+        # The tool is stuck past the idle limit, which then ends the call, and past the call limit.
+        await until(lambda: limits(logs) == ["idle", "max_duration"])
+        release.set()
+        await call.wait_ended(timeout=15)
+        summary = await ended(stack, call)
+    assert call.end_reason == "hangup_verb" and summary.reason == "max_duration"
+    assert not [e for e in logs if e["event"] == "call.limit_withdrawn"]
+    goodbyes = [
+        e for e in call.received if e["type"] == "response.create" and "goodbye" in json.dumps(e).lower()
+    ]
+    assert len(goodbyes) == 2  # the one the caller cut off, then once more
+
+
 @pytest.mark.parametrize("settings_overrides", [{"max_idle_duration": 0.2}])
 async def test_a_transfer_asked_for_while_the_idle_limit_ends_the_call_is_made(
     stack: Stack, settings_overrides: dict[str, Any]

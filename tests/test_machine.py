@@ -665,8 +665,74 @@ def test_a_goodbye_whose_audio_the_caller_cuts_off_is_asked_for_again_once() -> 
 DTMF = {"type": "input_audio_buffer.dtmf_event_received", "event": "1"}
 
 
+def test_the_call_limit_due_during_the_idle_goodbye_stands_when_the_caller_comes_back() -> None:
+    m = live_machine(max_idle_duration=30, max_call_duration=600)
+    bye = [a.event for a in m.timer("idle") if isinstance(a, Send)][-1]
+    started(m, bye["response"], "r_bye")
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r_bye"})
+    # The call's time runs out while the idle goodbye is said: that goodbye is the call limit's now.
+    due = m.timer("max_duration")
+    assert notices(due, "call.limit") == [{"limit": "max_duration"}]
+    assert notices(due, "call.ending") == [{"reason": "max_duration", "verb": "hangup", "target": None}]
+    assert types(due) == []  # one goodbye: the one under way
+    # "Wait, I'm still here!": the call-duration limit is not withdrawn.
+    back = m.receive(SPEECH_STARTED)
+    assert notices(back, "call.limit_withdrawn") == [] and m.ending
+    m.receive({"type": "output_audio_buffer.cleared", "response_id": "r_bye"})
+    m.receive(response_done("r_bye", "cancelled"))
+    m.receive(SPEECH_STOPPED)
+    # The server's answer to the caller runs no tool; the goodbye they cut off is asked for once more.
+    m.receive({"type": "response.created", "response": {"id": "r_ans"}})
+    feed(m, call_events("c1", "lookup", "{}", resp="r_ans"))
+    done = m.receive(response_done("r_ans"))
+    assert not [a for a in done if isinstance(a, RunTool)]
+    again = [a.event for a in done if isinstance(a, Send)]
+    assert [e["response"]["instructions"] for e in again] == [DEFAULT_GOODBYE]
+    started(m, again[0]["response"], "r_bye2")
+    assert Verb("hangup", None) in m.receive(response_done("r_bye2"))
+    assert m.verb_done(True) == [Close("max_duration")]
+
+
+def test_the_call_limit_due_during_the_idle_end_keeps_to_one_goodbye() -> None:
+    # Keys pressed once the call's time is up do not stop the goodbye under way.
+    m = live_machine(max_idle_duration=30, max_call_duration=600)
+    bye = [a.event for a in m.timer("idle") if isinstance(a, Send)][-1]
+    started(m, bye["response"], "r_bye")
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r_bye"})
+    m.timer("max_duration")
+    keyed = m.receive(DTMF)
+    assert notices(keyed, "call.limit_withdrawn") == [] and types(keyed) == []
+    assert types(m.receive(response_done("r_bye"))) == []
+    assert Verb("hangup", None) in m.receive({"type": "output_audio_buffer.stopped", "response_id": "r_bye"})
+    # The idle limit reached while a tool is stuck: its goodbye waits for the tool. The call limit due
+    # meanwhile asks for no second one.
+    m = live_machine(max_idle_duration=30, max_call_duration=600)
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "lookup", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    assert m.timer("idle") == [StartTimer("idle", 30)]  # a tool works: one more period
+    assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
+    assert types(m.timer("max_duration")) == []
+    assert notices(m.receive(DTMF), "call.limit_withdrawn") == []
+    answer = [a.event for a in m.tool_done("c1", "{}") if isinstance(a, Send)]
+    assert [e["type"] for e in answer] == ["conversation.item.create", "response.create"]
+    started(m, answer[1]["response"], "r_ans")
+    byes = [a.event for a in m.receive(response_done("r_ans")) if isinstance(a, Send)]
+    assert [e["response"]["instructions"] for e in byes] == [DEFAULT_GOODBYE]
+    started(m, byes[0]["response"], "r_bye")
+    assert Verb("hangup", None) in m.receive(response_done("r_bye"))
+    assert m.verb_done(True) == [Close("max_duration")]
+    # Once the idle end's hangup went out, the call limit has nothing left to take over.
+    m = live_machine(max_idle_duration=30, max_call_duration=600)
+    bye = [a.event for a in m.timer("idle") if isinstance(a, Send)][-1]
+    started(m, bye["response"], "r_bye")
+    assert Verb("hangup", None) in m.receive(response_done("r_bye"))
+    assert m.timer("max_duration") == []
+    assert m.verb_done(True) == [Close("idle_timeout")]
+
+
 def test_a_hangup_asked_for_during_the_idle_goodbye_takes_its_place() -> None:
-    m = live_machine(max_idle_duration=30)
+    m = live_machine(max_idle_duration=30, max_call_duration=600)
     bye = [a.event for a in m.timer("idle") if isinstance(a, Send)][-1]
     started(m, bye["response"], "r_bye")
     m.receive({"type": "output_audio_buffer.started", "response_id": "r_bye"})
@@ -674,6 +740,7 @@ def test_a_hangup_asked_for_during_the_idle_goodbye_takes_its_place() -> None:
     assert notices(asked, "call.ending") == [{"reason": "end_call_tool", "verb": "hangup", "target": None}]
     assert types(asked) == []  # the goodbye under way is let finish
     assert m.request_end("again") == []  # an explicit end stays terminal: no other replaces it
+    assert m.timer("max_duration") == []  # nor the call limit
     back = m.receive(SPEECH_STARTED)
     assert notices(back, "call.limit_withdrawn") == [] and m.ending
     m.receive({"type": "output_audio_buffer.cleared", "response_id": "r_bye"})

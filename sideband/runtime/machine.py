@@ -666,8 +666,15 @@ class CallMachine:
         """The named timer fired."""
         if self._closed is not None:
             return []
-        if name in (_IDLE, _MAX_DURATION) and self._end is not None:
-            return []  # the call is ending already: no limit to report
+        end = self._end
+        # The call is ending already: no limit to report, but the call-duration limit's end takes the place
+        # of the idle limit's, which the caller's return would withdraw (see request_end).
+        if (
+            name in (_IDLE, _MAX_DURATION)
+            and end is not None
+            and (name == _IDLE or end.verb_sent or not end.withdrawable)
+        ):
+            return []
         if name == _IDLE:
             period = self.config.max_idle_duration
             if self._prompt is not None or self._prompt_due:
