@@ -35,7 +35,7 @@ from sideband.session import (
     check_seconds,
     check_transfer_targets,
 )
-from sideband.tools import _DEFAULT, Tool, ToolRegistry, _Default
+from sideband.tools import _DEFAULT, Tool, ToolRegistry, _Default, is_async_callable
 from sideband.upstream._ws import client_tls
 
 __all__ = ["IncomingCall", "Sideband", "parse_number"]
@@ -117,6 +117,12 @@ def _check_hook(kind: str, fn: object, params: tuple[str, ...]) -> None:
     try:
         signature.bind(*params)
     except TypeError as exc:
+        try:  # a decorator's wrapper (functools.wraps) may take other parameters than the function it wraps
+            inspect.signature(fn, follow_wrapped=False).bind(*params)
+        except (TypeError, ValueError):
+            pass
+        else:
+            return
         bare = signature.replace(  # (its parameters as written, without their annotations)
             parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
             return_annotation=signature.empty,
@@ -384,7 +390,7 @@ class Sideband:
         hook decorators that cannot take what they are called with."""
         _check_hook("on_incoming", fn, ("call",))
         self._route = fn
-        self._route_is_async = inspect.iscoroutinefunction(fn)
+        self._route_is_async = is_async_callable(fn)
         if not self._route_is_async and self._route_threads is None:
             # Its own threads, not the loop's default executor: hooks stuck past the route budget must
             # not starve DNS lookups (the default resolver's threads) on the answer path.
@@ -409,7 +415,7 @@ class Sideband:
         """
         _check_hook("authorize_browser", fn, ("request",))
         self._authorize_browser = fn
-        if not inspect.iscoroutinefunction(fn) and self._authorize_threads is None:
+        if not is_async_callable(fn) and self._authorize_threads is None:
             # Strangers' requests run it: they must not take the threads live calls' tools need.
             self._authorize_threads = concurrent.futures.ThreadPoolExecutor(
                 4, thread_name_prefix="sideband-authorize"
@@ -428,7 +434,7 @@ class Sideband:
         if hook is None:
             return False
         async with asyncio.timeout(AUTHORIZE_TIMEOUT) as timer:
-            if inspect.iscoroutinefunction(hook):
+            if is_async_callable(hook):
                 result = await hook(request)
             else:
                 run = functools.partial(contextvars.copy_context().run, hook, request)

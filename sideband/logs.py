@@ -217,14 +217,19 @@ def logging_configured(
     fmt: Literal["json", "console"] | None = None, level: str = "info", stream: TextIO | None = None
 ) -> Iterator[None]:
     """:func:`configure_logging` while the block runs, then structlog's configuration and the library
-    loggers it took over are put back as they were."""
+    loggers it took over are put back as they were (structlog left unconfigured if it was). Blocks may
+    nest; two that overlap otherwise leave the one that ends last's setting behind."""
+    configured = structlog.is_configured()
     config = structlog.get_config()
     saved = [(lg, list(lg.handlers), lg.propagate) for lg in map(logging.getLogger, _LIBRARIES)]
     configure_logging(fmt, level, stream)
     try:
         yield
     finally:
-        structlog.configure(**config)
+        if configured:
+            structlog.configure(**config)
+        else:
+            structlog.reset_defaults()
         for logger, handlers, propagate in saved:
             logger.handlers[:] = handlers
             logger.propagate = propagate

@@ -202,7 +202,7 @@ class Tool:
             timeout=None if timeout is None else float(timeout),
             filler_after=filler,
             fn=fn,
-            is_async=_is_async_callable(fn),
+            is_async=is_async_callable(fn),
             context_param=context_param,
             arguments_model=model,
             _fields=fields,
@@ -786,7 +786,9 @@ def _refuse_generators(fn: Any, name: str) -> None:
         )
 
 
-def _is_async_callable(fn: Any) -> bool:
+def is_async_callable(fn: Any) -> bool:
+    """Whether calling ``fn`` runs a coroutine: an ``async def`` function, a :func:`functools.partial` of
+    one, or an object whose ``__call__`` is ``async def``."""
     fn = _unwrap_partial(fn)
     if inspect.iscoroutinefunction(fn):
         return True

@@ -3,6 +3,7 @@
 import functools
 import re
 import typing
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -518,6 +519,14 @@ def test_hooks_of_every_form_that_can_take_their_arguments_are_registered() -> N
     def anything(*args: Any) -> None: ...
     def tagged(tag: str, ctx: CallContext, summary: Any) -> None: ...
     async def keyed(ctx: CallContext, summary: Any, tag: str) -> None: ...
+    async def filed(ctx: CallContext, summary: Any, db: str) -> None: ...
+
+    def with_db(fn: Callable[[CallContext, Any, str], Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        @functools.wraps(fn)  # (its signature reads as fn's: the wrapper's own is what is called)
+        async def wrapper(ctx: CallContext, summary: Any) -> None:
+            await fn(ctx, summary, "db")
+
+        return wrapper
 
     hooks = [
         sync,
@@ -529,6 +538,7 @@ def test_hooks_of_every_form_that_can_take_their_arguments_are_registered() -> N
         desk,
         functools.partial(tagged, "billing"),
         functools.partial(keyed, tag="billing"),
+        with_db(filed),
     ]
     for hook in hooks:
         assert app.on_call_end(hook) is hook

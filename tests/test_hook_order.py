@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import threading
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -154,6 +155,34 @@ async def test_an_on_call_start_that_runs_on_holds_the_other_hooks_back_a_while_
         assert watching.is_set() and lines == ["Hello."]
         await asyncio.wait_for(slow_logged.wait(), 5)
         assert [e["hook"] for e in logs if e["event"] == "hook.slow"] == ["watch"]
+    stack.sim.hang_up(call)
+    await stack.ended(call)
+
+
+async def test_an_object_with_an_async_call_is_an_async_hook(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It runs on the event loop (no hook thread taken to make its coroutine), timed as it runs."""
+    monkeypatch.setattr("sideband.runtime.driver.HOOK_SLOW", 0.2)
+    release = asyncio.Event()
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+
+    class Archive:
+        async def __call__(self, ctx: CallContext, role: str, text: str) -> None:
+            threads.append(threading.get_ident())
+            await release.wait()
+
+    stack.app.on_transcript(Archive())
+    with capture_logs() as logs:
+        slow_logged = seen_in_log("hook.slow")
+        call = await stack.call(Script([HELLO, pause(30)]))
+        try:
+            await asyncio.wait_for(slow_logged.wait(), 5)
+        finally:
+            release.set()
+        assert threads == [loop_thread]
+        assert len([e for e in logs if e["event"] == "hook.slow"]) == 1
     stack.sim.hang_up(call)
     await stack.ended(call)
 

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import structlog
 
-from sideband.logs import configure_logging
+from sideband.logs import configure_logging, logging_configured
 
 from .conftest import Stack
 
@@ -206,3 +206,16 @@ def test_a_value_has_one_form_whatever_else_the_line_holds(restored: None) -> No
     }
     assert all({k: line[k] for k in fields} == expected for line in lines), lines
     assert "\\u00eb \\ud83d\\ude00" in out.getvalue().splitlines()[1]  # escaped as the standard encoder does
+
+
+def test_logging_configured_leaves_structlog_as_it_found_it_even_unconfigured() -> None:
+    """An app that configures structlog only ``if not structlog.is_configured()`` still gets to."""
+    suite = structlog.get_config()
+    try:
+        structlog.reset_defaults()
+        assert not structlog.is_configured()
+        with logging_configured("json", "info", io.StringIO()):
+            assert structlog.is_configured()
+        assert not structlog.is_configured()
+    finally:
+        structlog.configure(**suite)

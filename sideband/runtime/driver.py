@@ -52,7 +52,14 @@ from sideband.runtime.machine import (
     Withdraw,
 )
 from sideband.session import SessionConfigError
-from sideband.tools import Outcome, ToolError, TransferNotAllowed, failed_result, own_cancellation
+from sideband.tools import (
+    Outcome,
+    ToolError,
+    TransferNotAllowed,
+    failed_result,
+    is_async_callable,
+    own_cancellation,
+)
 from sideband.upstream._ws import PushConnection
 from sideband.upstream.openai import CallGone, UpstreamError
 from sideband.usage import Usage
@@ -1257,7 +1264,7 @@ class CallRuntime:
             if queue is not None and running in queue.tasks:
                 queue.tasks[running] = _hook_name(hook)  # (the one a cancellation would name)
             try:
-                if inspect.iscoroutinefunction(hook):
+                if is_async_callable(hook):
                     slow = self._slow_after(hook)
                     try:
                         await timed(hook(*args), log_blocked(self.log, hook=_hook_name(hook)))

@@ -20,6 +20,7 @@ from typing import Any
 
 from sideband.blocking import BLOCKED_AFTER, log_blocked, timed
 from sideband.context import CallContext
+from sideband.tools import is_async_callable
 
 __all__ = ["CHECK_TIMEOUT", "GUARDED_DELTAS", "GUARDED_DONE", "OutputGuard", "guardrail_name"]
 
@@ -85,8 +86,8 @@ class OutputGuard:
         log: Any,
         failure: Callable[[BaseException], dict[str, Any]],
     ) -> None:
-        self._sync = tuple(g for g in guardrails if not _is_async(g))
-        self._async = tuple(g for g in guardrails if _is_async(g))
+        self._sync = tuple(g for g in guardrails if not is_async_callable(g))
+        self._async = tuple(g for g in guardrails if is_async_callable(g))
         self._ctx = ctx
         self._trip = trip
         self._log = log
@@ -258,8 +259,3 @@ class OutputGuard:
         if not verdict:
             return None
         return verdict if isinstance(verdict, str) else guardrail_name(check)
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` is ``async def`` (a function, or an object whose ``__call__`` is)."""
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
