@@ -10,10 +10,11 @@ in Prometheus (``rate()``, ``increase()``), so the first failure after each star
 
 from __future__ import annotations
 
+import typing
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 __all__ = [
     "APP_END_REASON",
@@ -25,6 +26,7 @@ __all__ = [
     "TOOL_OUTCOMES",
     "UNKNOWN_TOOL",
     "UNKNOWN_TOOL_OUTCOMES",
+    "EndReason",
     "Histogram",
     "ToolStats",
     "end_reason",
@@ -42,7 +44,7 @@ UNKNOWN_TOOL = "(unknown)"
 (each would start a series of its own)."""
 
 
-END_REASONS: tuple[str, ...] = (
+EndReason = Literal[
     "remote_closed",
     "call_not_found",
     "session_expired",
@@ -57,7 +59,11 @@ END_REASONS: tuple[str, ...] = (
     "reattach_failed",
     "shutdown",
     "internal_error",
-)
+]
+"""The reasons sideband ends a call with (README: end reasons). A call summary's ``reason`` may also be
+an app's own (``ctx.hangup(reason)``) or, on a trusted-server session, the engine's: any string."""
+
+END_REASONS: tuple[str, ...] = typing.get_args(EndReason)
 """The end reasons of ``sideband_calls_ended_total{reason}`` (README: end reasons)."""
 
 APP_END_REASON = "app"

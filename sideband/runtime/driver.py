@@ -28,6 +28,7 @@ from sideband.metrics import (
     APP_END_REASON,
     END_REASONS,
     UNKNOWN_TOOL,
+    EndReason,
     Histogram,
     ToolStats,
     end_reason,
@@ -153,25 +154,6 @@ class Flag:
 ToolOutcome = Literal[Outcome, "cancelled", "loop_breaker", "stopped"]
 """How a tool call ended, as its :class:`ToolRecord` says: the tool's own outcome (``ok``, ``error``,
 ``timeout``, ``invalid_arguments``, ``unknown_tool``), or ``cancelled``, ``loop_breaker``, ``stopped``."""
-
-EndReason = Literal[
-    "remote_closed",
-    "call_not_found",
-    "session_expired",
-    "end_call_tool",
-    "hangup",
-    "transferred",
-    "transfer_failed",
-    "hangup_failed",
-    "idle_timeout",
-    "max_duration",
-    "connect_failed",
-    "reattach_failed",
-    "shutdown",
-    "internal_error",
-]
-"""The reasons sideband ends a call with (README: end reasons). :attr:`CallSummary.reason` may also be an
-app's own (``ctx.hangup(reason)``) or, on a trusted-server session, the engine's: it is any string."""
 
 TranscriptRole = Literal["caller", "agent"]
 """Who said a transcript line: ``caller`` (the input transcription) or ``agent`` (the model)."""
