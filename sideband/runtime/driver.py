@@ -100,16 +100,17 @@ _STOPPED = json.dumps(
 )
 
 HOOK_GRACE = 2.0
-"""Seconds a call's hooks still running or queued when it ends get to finish, in all: then the one running
-is cancelled (and awaited, with a ``hook.cancelled`` warning naming it) and the ones queued behind it are
-dropped (``hook.skipped``)."""
+"""Seconds a call's hooks still running or queued when it ends get to finish, in all: then those running
+are cancelled (and awaited, with a ``hook.cancelled`` warning naming each) and the ones queued behind them
+are dropped (``hook.skipped``)."""
 END_HOOK_TIMEOUT = 10.0
 """Seconds each ``on_call_end`` hook may run before it is cancelled (``hook.cancelled``)."""
 TIMER_MOVED_NOTABLE = 5.0
 """Seconds by which the session's ``expires_at`` must bring a limit forward for ``sideband.timer_moved``
 to be logged at ``info`` (less is every call's: ``debug``)."""
 HOOK_SLOW = 5.0
-"""Seconds a hook may run before ``hook.slow`` is logged: the call's next hooks wait behind it."""
+"""Seconds a hook may run before ``hook.slow`` is logged (its kind's next events wait behind it), and
+that the other kinds wait for ``on_call_start`` at most."""
 TASK_GRACE = 5.0
 """Seconds a call's cancelled tools get to stop when it ends; one that ignores its cancellation is left
 behind (``call.tasks_abandoned``)."""
@@ -1271,7 +1272,7 @@ class CallRuntime:
 
     def _slow_after(self, hook: Callable[..., Any]) -> asyncio.TimerHandle:
         """Log ``hook.slow`` should ``hook`` still run in :data:`HOOK_SLOW` seconds (cancel the handle
-        once it is done): the call's next hooks wait behind it."""
+        once it is done): its kind's next events wait behind it."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         return loop.call_later(
