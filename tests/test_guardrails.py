@@ -689,15 +689,17 @@ async def test_a_verdict_that_comes_once_the_call_is_ending_is_recorded(until: s
     """A slow check of the model's last words answers after the hangup went out (or the call closed): too
     late to stop anything, and nothing is sent; the verdict is logged, counted and in the summary."""
     app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
+    runtimes: list[CallRuntime] = []
 
     @app.guardrail
     async def moderation(ctx: CallContext, text: str) -> str | None:
         if "guarantee" not in text:
             return None
         (call,) = h.sim.calls.values()
+        runtimes.append(h.service.registry.calls[ctx.call_id])
         await call.wait_for(lambda c: c.hangup_requested, timeout=5)  # the caller is being hung up
         if until == "call_closed":
-            machine = h.service.registry.calls[ctx.call_id].machine
+            machine = runtimes[0].machine
             async with asyncio.timeout(5):
                 while machine.closed is None:  # until the call's end has begun
                     await asyncio.sleep(0.001)
@@ -730,6 +732,7 @@ async def test_a_verdict_that_comes_once_the_call_is_ending_is_recorded(until: s
     assert summary.reason == "caller_left"
     assert summary.late_guardrails == (("moderation", "no promises"),)
     assert summary.guardrails == () and summary.stopped == ()  # nothing was stopped
+    assert runtimes[0].stopped_reply is None  # (an engine turn would read that reply as stopped)
     # Nothing was sent for it: no cancel, no note to the model.
     assert not [e for e in call.received if e["type"] in ("response.cancel", "conversation.item.create")]
     assert not [e for e in logs if e["event"] in ("guardrail.trip_failed", "guardrail.cancelled")]

@@ -26,6 +26,7 @@ from websockets.protocol import State
 from sideband import CallContext, Sideband
 from sideband.cli import main
 from sideband.runtime.driver import CallRuntime
+from sideband.runtime.machine import TURN_GRACE
 from sideband.settings import Settings, load_settings
 from sideband.testing.vowel import DEFAULT_ENGINE_KEY, VowelSimulator, when
 from sideband.upstream.openai import UpstreamError
@@ -995,6 +996,41 @@ async def test_a_hooks_text_whose_reply_has_not_started_is_not_taken_for_the_nex
     assert first.text == "Order 1042 has shipped."
     assert texts == ["Hi there", "Where is order 1042?"]
     assert responses == [("user_text", "completed"), ("user_text", "completed")]
+
+
+async def test_a_say_after_speech_the_engine_left_unanswered_goes_out_once_the_turn_wait_ends() -> None:
+    """The engine heard the caller speak and never answered: no response.done ever comes, and the turn
+    wait ends by its own timer (TURN_GRACE). A say() meanwhile goes out then, not at its timeout."""
+    app = Sideband(instructions="You are the test desk.")
+    heard = asyncio.Event()
+
+    @app.on_transcript
+    async def on_transcript(ctx: CallContext, role: str, text: str) -> None:
+        heard.set()
+
+    async with VowelSimulator() as vowel:
+        vowel.script([when("1042", reply="Order 1042 has shipped.")])
+        async with EngineSession.open(settings_for(vowel), app) as session:
+            engine = vowel.sessions[0]
+            await vowel.send(engine, {"type": "input_audio_buffer.speech_started", "item_id": "item_1"})
+            await vowel.send(engine, {"type": "input_audio_buffer.speech_stopped", "item_id": "item_1"})
+            await vowel.send(
+                engine,
+                {
+                    "type": "conversation.item.input_audio_transcription.completed",
+                    "item_id": "item_1",
+                    "transcript": "Um.",
+                },
+            )
+            await asyncio.wait_for(heard.wait(), 5)  # (the events before it were handled too)
+            assert session.runtime.machine.response_pending  # its answer may be on its way
+            started = time.monotonic()
+            reply = await session.say("Where is order 1042?", timeout=4 * TURN_GRACE)
+            waited = time.monotonic() - started
+        texts = engine.user_texts
+    assert reply.text == "Order 1042 has shipped."
+    assert texts == ["Where is order 1042?"]
+    assert waited < 3 * TURN_GRACE, waited
 
 
 async def test_a_say_that_finds_the_engine_answering_past_its_timeout_sends_nothing(

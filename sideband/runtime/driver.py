@@ -280,6 +280,7 @@ class CallRuntime:
         "_outbox",
         "_ping_interval",
         "_pong",
+        "_quiet",
         "_reattach_attempts",
         "_side_tasks",
         "_stats",
@@ -357,6 +358,7 @@ class CallRuntime:
         self._abandoned: set[str] | None = None  # tool call ids the call's end gave up on
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._hook_queue: _HookQueue | None = None  # the hooks running and waiting their turn, while any
+        self._quiet: asyncio.Event | None = None  # see quiet_signal(): made for whoever waits on it
         # Held by a sync hook's thread: one cut off by the call's end still runs alone (on_call_end waits).
         self._sync_hooks: asyncio.Lock | None = None
         # Woken when the call ends: a re-attach backoff, or the read loop (the socket may never close:
@@ -409,6 +411,15 @@ class CallRuntime:
         """Stop what the model is saying now (see :meth:`CallMachine.interrupt`)."""
         self._apply(self.machine.interrupt())
         self._kick()
+
+    def quiet_signal(self) -> asyncio.Event:
+        """An event set each time the machine has handled something and is quiet after it: no response
+        under way, owed or expected, and no tool running. Its waiter clears it and checks
+        :attr:`CallMachine.busy` and :attr:`CallMachine.response_pending` again. Quiet comes without a
+        ``response.done`` too: the caller's turn went unanswered, a quiet tool finished."""
+        if self._quiet is None:
+            self._quiet = asyncio.Event()
+        return self._quiet
 
     async def guarded(self) -> None:
         """Wait until the output guardrails have checked every word of the model's so far (at once
@@ -472,8 +483,9 @@ class CallRuntime:
 
     @property
     def stopped_reply(self) -> str | None:
-        """The id of the last reply an output guardrail stopped."""
-        return self._guard.tripped if self._guard is not None else None
+        """The id of the last reply an output guardrail stopped (not one it objected to too late: the call
+        was ending)."""
+        return self._guard.stopped if self._guard is not None else None
 
     async def _checked_tool(self, guard: OutputGuard, run: RunTool, tools: ToolRegistry) -> None:
         """Run a tool call once ``guard`` has checked the words of the reply that made it: not if a
@@ -858,6 +870,9 @@ class CallRuntime:
                     self._spawn(self._close_ws(self._ws))
                 if self._stop is not None:
                     _wake(self._stop)
+        quiet = self._quiet
+        if quiet is not None and not (self.machine.busy or self.machine.response_pending):
+            quiet.set()
 
     def _kick(self) -> None:
         """Flush the outbox from a context that is not the read loop (never once the call has ended:

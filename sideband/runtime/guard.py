@@ -111,6 +111,12 @@ class OutputGuard:
         are not run either way)."""
         return self._tripped
 
+    @property
+    def stopped(self) -> str | None:
+        """The id of the last reply a guardrail stopped (``None`` when the last objection came too late to
+        stop its reply: the call was ending)."""
+        return None if self._late else self._tripped
+
     def checking(self, response_id: str | None) -> bool:
         """Whether words of reply ``response_id`` are being checked, or wait to be (any reply's, for
         ``None``)."""

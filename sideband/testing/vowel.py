@@ -437,6 +437,11 @@ class VowelSimulator:
         except TimeoutError:
             raise TimeoutError(f"vowel simulator: {what} not met within {timeout}s") from None
 
+    async def send(self, session: EngineSessionRecord, event: dict[str, Any]) -> None:
+        """Send ``session`` a server event of your own (an ``event_id`` is added): what no script plays,
+        such as the engine's turn detection (``input_audio_buffer.speech_started`` / ``speech_stopped``)."""
+        await self._send(session, event)
+
     async def wait_session(self, index: int = 0, timeout: float = 5.0) -> EngineSessionRecord:
         """The ``index``-th engine session, once it exists."""
         await self.wait_for(lambda s: len(s.sessions) > index, timeout, f"engine session #{index}")

@@ -172,7 +172,6 @@ class EngineSession:
         self._turn: _Turn | None = None
         self._cancelled_turn: asyncio.Task[Any] | None = None  # the task whose cancel ended a turn
         self._turn_lock = asyncio.Lock()
-        self._quiet = asyncio.Event()  # set at a response.done after which nothing runs or is owed
         self._audio = bytearray()
         self._started = False
         self._closing = False
@@ -406,13 +405,13 @@ class EngineSession:
         and no tool runs (a reply already under way would be taken for the next turn's). Raises
         :class:`EngineError` once the session has ended, or ``reply_timeout`` after ``limit`` seconds (the
         turn not sent: the session carries on)."""
-        machine, task = self.runtime.machine, self._task
+        machine, task, quiet = self.runtime.machine, self._task, self.runtime.quiet_signal()
         assert task is not None
         try:
             async with asyncio.timeout(limit):
                 while (machine.busy or machine.response_pending) and not task.done():
-                    self._quiet.clear()
-                    waiter = asyncio.ensure_future(self._quiet.wait())
+                    quiet.clear()
+                    waiter = asyncio.ensure_future(quiet.wait())
                     try:
                         await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
                     finally:
@@ -484,8 +483,6 @@ class EngineSession:
         The hook runs once the runtime handled that event: nothing asked for since can be answered yet.
         (A coroutine: it runs on the event loop, never queued behind the app's sync hooks and tools.)"""
         turn, runtime = self._turn, self.runtime
-        if not (runtime.machine.busy or runtime.machine.response_pending):
-            self._quiet.set()
         if turn is None or turn.future.done():
             return
         # (a reply an output guardrail stopped, with no answer to follow it, ends the turn too)
