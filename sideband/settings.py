@@ -153,6 +153,14 @@ class Settings(BaseSettings):
     vowel_model: str | None = _env("SIDEBAND_VOWEL_MODEL")
     vowel_voice: str | None = _env("SIDEBAND_VOWEL_VOICE")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _trimmed(cls, value: Any) -> Any:
+        """A value's surrounding whitespace is no part of it (a stray newline from a secrets file, a
+        space after ``=``): ``SIDEBAND_HOST="127.0.0.1\n"`` would fail to listen, a routes file path
+        would name no file."""
+        return value.strip() if isinstance(value, str) else value
+
     @field_validator("openai_base_url", "vowel_core_url", "vowel_engine_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:

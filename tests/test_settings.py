@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,6 +117,24 @@ def test_secret_env_variables_map_to_secret_fields(variable: str, field: str) ->
 def test_an_api_key_read_from_a_file_loses_its_newline() -> None:
     key = load({"OPENAI_API_KEY": "sk-test\n"}).openai_api_key
     assert key is not None and key.get_secret_value() == "sk-test"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field", "expected"),
+    [
+        ("SIDEBAND_HOST", " 127.0.0.1\n", "host", "127.0.0.1"),
+        ("SIDEBAND_HOST", " ", "host", ""),  # (blank: both address families)
+        ("SIDEBAND_LOG_FORMAT", "json\n", "log_format", "json"),
+        ("SIDEBAND_ROUTES_FILE", "routes.toml\n", "routes_file", Path("routes.toml")),
+        ("SIDEBAND_VOWEL_SERVICE_ID", "order-service\n", "vowel_service_id", "order-service"),
+        ("SIDEBAND_PORT", " 8081\n", "port", 8081),
+    ],
+)
+def test_values_lose_their_surrounding_whitespace(
+    variable: str, value: str, field: str, expected: Any
+) -> None:
+    """A value read from a file (a secret mount, a compose file) often ends in a newline."""
+    assert getattr(load({variable: value}), field) == expected
 
 
 def test_defaults() -> None:
