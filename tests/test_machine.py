@@ -11,6 +11,7 @@ from sideband.runtime.machine import (
     DEFAULT_FILLER,
     DEFAULT_GOODBYE,
     DEFAULT_STILL_THERE,
+    TURN_GRACE,
     Action,
     CallMachine,
     CancelTimer,
@@ -808,7 +809,57 @@ def test_speech_cap_releases_what_a_lost_speech_stop_would_hold() -> None:
     released = m.timer("speaking")
     assert StartTimer("idle", 30) in released
     assert [e["response"]["instructions"] for e in sends(released)] == ["Are you still there?"]
-    assert m.receive(SPEECH_STOPPED) == []  # a late stop changes nothing
+    late = m.receive(SPEECH_STOPPED)  # a long utterance's real end after all: nothing is sent again
+    assert sends(late) == [] and notices(late, "turn.stopped") == [{}]
+    assert m.receive(SPEECH_STOPPED) == []  # (once)
+
+
+def test_the_real_end_of_an_utterance_longer_than_the_speech_cap_is_its_turns_end() -> None:
+    """The caller spoke past SPEECH_CAP (an address, a complaint): the cap took the utterance for over,
+    but its speech_stopped still ends the turn, which the server answers by itself. A tool output that
+    comes meanwhile waits for that answer rather than racing it with a create of its own."""
+    m = live_machine()
+    feed(m, [{"type": "response.created", "response": {"id": "resp_1"}}, *call_events("c1", "lookup", "{}")])
+    assert any(isinstance(a, RunTool) for a in m.receive(response_done("resp_1")))
+    m.receive(SPEECH_STARTED)
+    assert notices(m.timer("speaking"), "turn.stopped") == []  # (the cap is no stop of the caller's)
+    stopped = m.receive(SPEECH_STOPPED)
+    assert notices(stopped, "turn.stopped") == [{}]
+    assert StartTimer("turn", TURN_GRACE) in stopped
+    assert m.response_pending  # the server's answer to the turn may be on its way
+    assert [e["type"] for e in sends(m.tool_done("c1", '{"ok": true}'))] == ["conversation.item.create"]
+
+
+def test_a_failed_greeting_is_not_said_once_the_caller_has_spoken() -> None:
+    """The greeting failed and was asked again; the caller spoke meanwhile and the server answered them,
+    which refused our create: that answer was the opening, and the greeting is not said after it."""
+    m = machine(greeting="Say hello")
+    m.start()
+    m.receive({"type": "session.updated", "session": SESSION})
+    m.receive({"type": "response.created", "response": {"id": "r_greet"}})
+    (again,) = sends(m.receive(failed("r_greet")))
+    assert again["response"]["instructions"] == "Say hello"
+    feed(m, [SPEECH_STARTED, SPEECH_STOPPED, {"type": "response.created", "response": {"id": "r_turn"}}])
+    refused = {
+        "type": "error",
+        "error": {"code": "conversation_already_has_active_response", "event_id": again["event_id"]},
+    }
+    assert sends(m.receive(refused)) == []
+    after = m.receive(response_done("r_turn")) + m.timer("turn")
+    assert sends(after) == []
+    assert notices(after, "response.dropped") == [{"purpose": "greeting"}]
+
+
+def test_a_failed_greeting_asked_again_waits_for_the_caller_and_is_dropped_if_they_spoke() -> None:
+    m = machine(greeting="Say hello")
+    m.start()
+    m.receive({"type": "session.updated", "session": SESSION})
+    m.receive({"type": "response.created", "response": {"id": "r_greet"}})
+    m.receive(SPEECH_STARTED)  # the caller speaks over the greeting, which then fails
+    assert sends(m.receive(failed("r_greet"))) == []  # (never over the caller)
+    m.receive(SPEECH_STOPPED)
+    later = m.timer("turn")  # the server did not answer: still no greeting after the caller
+    assert sends(later) == [] and notices(later, "response.dropped") == [{"purpose": "greeting"}]
 
 
 def test_idle_limit_waits_for_a_caller_still_speaking() -> None:

@@ -233,6 +233,7 @@ _TAG = "sideband"
 _CANCEL_EVENT = "sb_cancel_"
 _FILLER = "filler:"
 _GREETING = "greeting"
+_GREETING_AGAIN = "greeting_again"
 _GOODBYE = "goodbye"
 _IDLE_TIMEOUT = "idle_timeout"
 _SPEAKING = "speaking"
@@ -348,6 +349,7 @@ class CallMachine:
         "_session_id",
         "_session_ready",
         "_speaking",
+        "_speech_capped",
         "_started",
         "_stopped_reply",
         "_tagged",
@@ -415,6 +417,7 @@ class CallMachine:
         self._answer_due = False  # a finished tool of the running ones asks for an answer
         self._filler_due = False  # a filler came due while the line was not quiet
         self._speaking = False  # the caller is mid-utterance (speech_started, no speech_stopped yet)
+        self._speech_capped = False  # SPEECH_CAP ended the utterance before its speech_stopped came
         self._turn_wait = False  # the caller's speech ended: the server's answer to it may be on its way
         self._covered_by: object = None  # the server's answer to a turn, taken to answer our outputs too
         self._text_owed = False  # code's user text awaits its answer (no acknowledgement tells it arrived)
@@ -545,6 +548,7 @@ class CallMachine:
         the end's verb, until its stop shows on the new socket or the same grace ends.
         """
         self._response_active = self._speaking = self._turn_wait = self._unanswered = False
+        self._speech_capped = False
         self._create_sent = self._created_for = self._covered_by = self._ours = self.responding = None
         queued_outputs = {e[len(_OUTPUT_EVENT) :] for e in queued if e.startswith(_OUTPUT_EVENT)}
         self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
@@ -1142,7 +1146,7 @@ class CallMachine:
             asked = self._recent_creates.get(create) if create is not None else None
             if asked is not None:
                 body, tag = asked
-                self._owe((body, None if tag == _GREETING else tag))  # (a greeting that failed was none)
+                self._owe((body, _GREETING_AGAIN if tag == _GREETING else tag))
             else:
                 self._want_response = True
         return [Notice("response.failed", {"response_id": response.get("id"), **fields, "retry": retry})]
@@ -1308,12 +1312,17 @@ class CallMachine:
         if item is not None:
             self._turn_items = (*self._turn_items[-3:], item)
         self._speaking = True  # nothing of ours starts over the caller's words (see _progress)
+        self._speech_capped = False
         self.caller_turns += 1
         return [*self._caller_turn(), StartTimer(_SPEAKING, SPEECH_CAP)]
 
     def _on_speech_stopped(self, event: dict[str, Any]) -> list[Action]:
         if not self._speaking:
-            return []
+            if not self._speech_capped:
+                return []
+            # A long utterance SPEECH_CAP took for over: this is its real end, which the server answers.
+            self._speaking = True
+        self._speech_capped = False
         return [CancelTimer(_SPEAKING), *self._speech_over(stopped=True)]
 
     def _speech_over(self, *, stopped: bool) -> list[Action]:
@@ -1322,6 +1331,7 @@ class CallMachine:
         if not self._speaking or self._closed is not None:
             return []
         self._speaking = False
+        self._speech_capped = not stopped
         actions = self._touch_idle()
         if stopped:
             self._unanswered = True
@@ -1526,7 +1536,8 @@ class CallMachine:
                 # for it. If it came and ended already (the error can arrive late), send again now.
                 if unanswered and not self._done_since_create:
                     self._response_active = True
-                self._owe(refused)
+                # (a greeting asked again after it failed is a refused greeting now: see _stale)
+                self._owe(refused if refused[1] != _GREETING_AGAIN else (refused[0], _GREETING))
             actions += self._progress()
         return actions
 
@@ -1593,7 +1604,8 @@ class CallMachine:
                     if tag is not None and tag.startswith(_FILLER):
                         self._filler_spoken = True  # one filler per wait
                     return [self._create(body, tag)]
-                return [Notice("response.dropped", {"purpose": tag}), *self._progress()]
+                purpose = _GREETING if tag == _GREETING_AGAIN else tag
+                return [Notice("response.dropped", {"purpose": purpose}), *self._progress()]
             if self._want_response and self._running == 0 and not self._resend:
                 # (held while outputs may still have to be sent again after a re-attach: it follows them)
                 self._want_response = self._text_owed = False
@@ -1611,13 +1623,16 @@ class CallMachine:
 
     def _stale(self, tag: str) -> bool:
         """Whether a refused create is no longer worth sending again: the greeting (whatever response ran
-        instead was the opening, and only the opening is a greeting), or a filler once no tool runs (a
+        instead was the opening, and only the opening is a greeting; one asked again after it failed,
+        once the caller has spoken: the answer to them opens), or a filler once no tool runs (a
         late "still working on it" would come before, or after, the real answer) or the call is ending;
         the end's goodbye once the end was withdrawn (the caller is back: see :meth:`_caller_back`), or
         replaced by one that says none (see :meth:`request_end`). A
         filler stays apt while a tool of its response still runs, its own or a sibling."""
         if tag == _GOODBYE:
             return self._end is None or not self._end.parting
+        if tag == _GREETING_AGAIN:  # one that failed: said unless the caller spoke since (their answer opens)
+            return self.caller_turns > 0 or self._end is not None
         if tag == _GREETING or self._end is not None:
             return True
         call = self._calls.get(tag[len(_FILLER) :])
