@@ -381,6 +381,45 @@ async def test_an_upstream_error_page_that_is_not_utf8_is_an_upstream_error() ->
         await server.close()
 
 
+@pytest.mark.parametrize("answer", ["nested", "nested_error", "redirect"])
+async def test_a_vowel_mint_answer_that_is_no_token_is_an_upstream_error(answer: str) -> None:
+    """A body nested deeper than Python's parser goes (a broken proxy), or a redirect: an UpstreamError
+    that says what happened, never another exception; the redirect is not followed (it would repeat the
+    POST as a GET)."""
+    from sideband.upstream.vowel import VowelCore
+
+    posts: list[str] = []
+
+    async def mint(request: web.Request) -> web.Response:
+        posts.append(request.method)
+        if answer == "redirect":
+            raise web.HTTPFound("/elsewhere/v1/realtime/sessions")
+        body = "[" * 100_000 + "]" * 100_000
+        return web.Response(
+            status=200 if answer == "nested" else 500, text=body, content_type="application/json"
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/realtime/sessions", mint)
+    app.router.add_route("*", "/elsewhere/v1/realtime/sessions", mint)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            core = VowelCore(http, str(server.make_url("")), "vk-test")
+            with pytest.raises(UpstreamError) as caught:
+                await core.mint({"tools": []})
+    finally:
+        await server.close()
+    assert posts == ["POST"]
+    expected = {
+        "nested": "non-JSON",
+        "nested_error": "answered 500",
+        "redirect": "redirecting to /elsewhere/v1/realtime/sessions",
+    }[answer]
+    assert expected in str(caught.value)
+
+
 async def silent_server() -> tuple[TestServer, list[str]]:
     """A started server that takes every POST and never answers; the paths posted to, in order."""
     posts: list[str] = []

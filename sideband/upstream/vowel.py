@@ -7,7 +7,6 @@ never appears in a ``repr``, a log line or an exception message.
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +17,7 @@ from typing import Any
 import aiohttp
 from websockets.exceptions import InvalidMessage, InvalidStatus
 
+from sideband import jsonio
 from sideband.upstream._ws import MAX_MESSAGE, PushConnection, open_socket, resolve_proxy, ws_url
 from sideband.upstream.openai import UNTIMED, UpstreamError, why
 
@@ -170,7 +170,7 @@ def parse_mint_answer(data: Any, now: float | None = None) -> Token:
 
 def _error_message(text: str) -> str:
     try:
-        body = json.loads(text)
+        body = jsonio.loads(text)
     except ValueError:
         return ""
     message: Any = None
@@ -202,10 +202,14 @@ class VowelCore:
         try:
             async with (
                 asyncio.timeout(timeout),
-                self._http.post(self._url, json=dict(body), headers=self._headers, timeout=UNTIMED) as resp,
+                # (a redirect is not followed: it would repeat the POST as a GET, the API key with it)
+                self._http.post(
+                    self._url, json=dict(body), headers=self._headers, timeout=UNTIMED, allow_redirects=False
+                ) as resp,
             ):
                 text = await resp.text()
                 status = resp.status
+                location = resp.headers.get("Location")
         except TimeoutError:
             raise UpstreamError(f"vowel core did not answer the mint request within {timeout:g} s") from None
         except aiohttp.ClientError as exc:
@@ -222,10 +226,17 @@ class VowelCore:
                 "mint_forbidden",
                 text,
             )
+        if 300 <= status < 400 and location:
+            raise UpstreamError(
+                f"vowel core answered {status} to the mint request, redirecting to {location}: "
+                "redirects are not followed; SIDEBAND_VOWEL_CORE_URL must name the core's own address",
+                status,
+                text,
+            )
         if status >= 300:
             raise UpstreamError(f"vowel core answered {status} to the mint request{suffix}", status, text)
         try:
-            data = json.loads(text)
+            data = jsonio.loads(text)
         except ValueError:
             raise UpstreamError("vowel core answered the mint request with non-JSON", status) from None
         return parse_mint_answer(data, clock())
