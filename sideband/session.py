@@ -104,14 +104,36 @@ class SessionConfig(BaseModel):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
-        body.update(extra)
-        return body
+        return merge_session(body, extra)
 
     def merged(self, **overrides: Any) -> SessionConfig:
-        """A copy with ``overrides`` applied (``None`` values are ignored)."""
+        """A copy with ``overrides`` applied (``None`` values are ignored; an ``audio`` object is merged
+        into this one's as :func:`merge_session` does)."""
         data = self.model_dump(exclude_unset=False)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return SessionConfig.model_validate(data)
+        return SessionConfig.model_validate(
+            merge_session(data, {k: v for k, v in overrides.items() if v is not None})
+        )
+
+
+def merge_session(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over``'s session fields on top of ``base``'s: an ``audio`` object in both is merged per side
+    (``input``, ``output``) and per key, so ``{"audio": {"output": {"voice": …}}}`` changes the voice
+    alone; any other field of ``over`` replaces ``base``'s whole."""
+    merged = {**base, **over}
+    if "audio" in base and "audio" in over:
+        merged["audio"] = _merge_audio(base["audio"], over["audio"])
+    return merged
+
+
+def _merge_audio(base: Any, over: Any) -> Any:
+    if not isinstance(base, Mapping) or not isinstance(over, Mapping):
+        return over
+    audio = {**base, **over}
+    for side in ("input", "output"):
+        below, above = base.get(side), over.get(side)
+        if isinstance(below, Mapping) and isinstance(above, Mapping):
+            audio[side] = {**below, **above}
+    return audio
 
 
 _FORBIDDEN_TURN_DETECTION = ("threshold", "prefix_padding_ms", "silence_duration_ms")
@@ -350,14 +372,14 @@ class Accept:
 
     def over(self, base: Accept) -> Accept:
         """This decision layered over ``base`` (the route table's, for a routing hook's ``Accept``): what
-        this one leaves out (``None``), ``base`` gives; ``session`` and ``state`` are merged, this one's
-        entries winning."""
+        this one leaves out (``None``), ``base`` gives; ``session`` (as :func:`merge_session` does) and
+        ``state`` are merged, this one's entries winning."""
         return Accept(
             instructions=_given(self.instructions, base.instructions),
             voice=_given(self.voice, base.voice),
             greeting=_given(self.greeting, base.greeting),
             tools=_given(self.tools, base.tools),
-            session={**base.session, **self.session},
+            session=merge_session(base.session, self.session),
             max_call_duration=_given(self.max_call_duration, base.max_call_duration),
             max_idle_duration=_given(self.max_idle_duration, base.max_idle_duration),
             state={**base.state, **self.state},

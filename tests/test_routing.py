@@ -213,6 +213,27 @@ def test_accept_takes_its_own_fields_from_session_once() -> None:
     )
 
 
+def test_a_routes_custom_voice_in_openais_shape_keeps_the_rest_of_the_apps_audio(tmp_path: Path) -> None:
+    app = Sideband(
+        instructions="Desk.", voice="marin", session=SessionConfig(turn_detection={"type": "semantic_vad"})
+    )
+    path = write(
+        tmp_path,
+        '[routes."+18005551212"]\nsession = { audio = { output = { voice = { id = "voice_1234" } } } }\n',
+    )
+    table = RouteTable.load(path, app.tools.names())
+    table.check(app)
+    route = table.match("+18005551212")
+    assert isinstance(route, Accept)
+    assert app.plan(route).session["audio"] == {
+        "input": {
+            "transcription": {"model": "gpt-4o-mini-transcribe"},
+            "turn_detection": {"type": "semantic_vad"},
+        },
+        "output": {"voice": {"id": "voice_1234"}},
+    }
+
+
 # -- checked against the app at start (a bad file stops the process, not every call) -------------------
 
 SIP_REFUSED = [

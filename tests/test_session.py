@@ -140,6 +140,50 @@ def test_extra_fields_pass_through() -> None:
     assert body["type"] == "realtime"
 
 
+def test_an_audio_object_in_the_extra_fields_is_merged_into_the_built_one_per_side_and_key() -> None:
+    audio = {"output": {"voice": {"id": "voice_1234"}}, "input": {"turn_detection": {"type": "server_vad"}}}
+    cfg = SessionConfig(
+        voice="marin",
+        speed=1.1,
+        turn_detection={"type": "semantic_vad"},
+        noise_reduction={"type": "near_field"},
+        audio=audio,  # type: ignore[call-arg]
+    )
+    assert cfg.payload([])["audio"] == {
+        "input": {
+            "transcription": {"model": "gpt-4o-mini-transcribe"},
+            "turn_detection": {"type": "server_vad"},  # a key given whole replaces the built one
+            "noise_reduction": {"type": "near_field"},
+        },
+        "output": {"voice": {"id": "voice_1234"}, "speed": 1.1},
+    }
+    # still checked as a whole: a SIP-refused key the merge brings in is refused
+    tuned = {"type": "server_vad", "threshold": 0.5}
+    bad = SessionConfig(turn_detection=tuned, audio={"output": {}})  # type: ignore[call-arg]
+    with pytest.raises(SessionConfigError, match="threshold"):
+        validate_accept_payload(bad.payload([]))
+
+
+def test_merged_and_layered_decisions_merge_audio_objects() -> None:
+    app = SessionConfig(audio={"input": {"noise_reduction": {"type": "far_field"}}})  # type: ignore[call-arg]
+    out = app.merged(audio={"output": {"voice": {"id": "voice_1234"}}})
+    assert out.payload([])["audio"] == {
+        "input": {
+            "transcription": {"model": "gpt-4o-mini-transcribe"},
+            "noise_reduction": {"type": "far_field"},
+        },
+        "output": {"voice": {"id": "voice_1234"}},
+    }
+    route = Accept(
+        session={"audio": {"output": {"voice": {"id": "voice_1234"}, "speed": 1.2}}, "x": {"a": 1}}
+    )
+    hook = Accept(session={"audio": {"output": {"speed": 0.9}}, "x": {"b": 2}})
+    assert hook.over(route).session == {
+        "audio": {"output": {"voice": {"id": "voice_1234"}, "speed": 0.9}},
+        "x": {"b": 2},  # other fields are replaced whole
+    }
+
+
 def test_payload_is_fresh_each_time() -> None:
     cfg = SessionConfig(voice="marin")
     first = cfg.payload([])
