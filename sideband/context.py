@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from sideband.session import check_update_fields
+
 __all__ = ["NO_ACTIONS", "CallActions", "CallContext", "SipHeader"]
 
 T = TypeVar("T")
@@ -315,13 +317,15 @@ class CallContext:
     def update_session(self, **fields: Any) -> None:
         """Send a ``session.update`` with these fields (``type`` is added). Names as for
         :class:`~sideband.SessionConfig` work too (``voice="cedar"`` becomes ``audio.output.voice``); a
-        field name that is a typo of a known one raises ``SessionConfigError`` (a ``ValueError``).
+        field name that is a typo of a known one, or ``greeting`` (said once, as the call starts: use
+        :meth:`say`), raises ``SessionConfigError`` (a ``ValueError``).
 
         ``tools=["refund", "lookup_order"]`` changes the tools the model is offered to these of the app's
         (by name; tools the server runs itself, such as MCP, as objects beside them), and what sideband
         runs with them: a withdrawn tool called later gets ``unknown_tool``, while the calls of a response
         under way at the change (or already asked for) still run with the tools it was offered. A name
         the call cannot offer, or a function tool given as an object, raises ``SessionConfigError``."""
+        check_update_fields(fields)
         loop = self._foreign_loop()
         if loop is None:
             self._actions.update_session(**fields)

@@ -211,12 +211,29 @@ _AUDIO_NAMES = {
 }
 
 
+# SessionConfig's names that are sideband's own, no field of the realtime session, with what to use.
+_OWN_NAMES = {
+    "greeting": "the greeting is said once, as the call starts; ctx.say(instructions) has the model say "
+    "something now",
+}
+
+
+def check_update_fields(fields: Mapping[str, Any]) -> None:
+    """Raise :class:`SessionConfigError` for a name of ``fields`` that :class:`SessionConfig` takes but no
+    ``session.update`` does (``greeting``): the server would refuse the whole update."""
+    for name, instead in _OWN_NAMES.items():
+        if name in fields:
+            raise SessionConfigError(f"{name} is not a session field ({instead})")
+
+
 def session_update(fields: Mapping[str, Any]) -> dict[str, Any]:
     """The ``session`` of a partial ``session.update``: :class:`SessionConfig`'s names (``voice=``,
     ``speed=``, ``turn_detection=``, ``noise_reduction=``, ``transcription_model=``) moved to where the
     realtime session has them (``audio.output.voice``…), other fields as given, ``type`` added.
 
-    Raises :class:`SessionConfigError` for a field name that is a typo of a known one."""
+    Raises :class:`SessionConfigError` for a field name that is a typo of a known one, or that is
+    sideband's own (:func:`check_update_fields`)."""
+    check_update_fields(fields)
     session: dict[str, Any] = {
         k: v for k, v in fields.items() if k not in _AUDIO_NAMES and k != "transcription_model"
     }

@@ -595,6 +595,49 @@ async def test_update_session_takes_session_config_names_and_refuses_typos(stack
     }
 
 
+async def test_update_session_refuses_a_greeting_and_sends_nothing(stack: Stack) -> None:
+    @stack.app.tool
+    async def to_billing(ctx: CallContext) -> str:
+        try:
+            ctx.update_session(instructions="You are billing.", greeting="Greet the caller as billing.")
+        except ValueError as exc:
+            return str(exc)
+        return "no error"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("billing"),
+                model_calls("to_billing", {}),
+                model_says("Sure."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await call.wait_done(timeout=10)
+    updates = [e["session"] for e in call.received if e["type"] == "session.update"]
+    assert not any("greeting" in u or u.get("instructions") == "You are billing." for u in updates), updates
+    assert not server_errors(call)
+    [result] = outputs(call).values()
+    assert result.startswith("greeting is not a session field (") and "ctx.say(instructions)" in result
+
+
+def test_update_session_refuses_a_greeting_before_the_call_is_asked_on_any_engine() -> None:
+    asked: list[dict[str, Any]] = []
+
+    class Actions:
+        def update_session(self, **fields: Any) -> None:
+            asked.append(fields)
+
+    ctx = CallContext("sess_1", actions=Actions())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="greeting is not a session field"):
+        ctx.update_session(greeting="Greet the caller as billing.")
+    ctx.update_session(instructions="You are billing.")
+    assert asked == [{"instructions": "You are billing."}]
+
+
 async def test_hangup_during_a_tool_cancels_it_and_sends_nothing(stack: Stack) -> None:
     started, cancelled = asyncio.Event(), asyncio.Event()
 

@@ -100,6 +100,17 @@ def test_voice_only_gives_output_without_input() -> None:
     assert body["audio"] == {"output": {"voice": "cedar"}}
 
 
+def test_session_update_refuses_the_greeting_which_is_no_session_field() -> None:
+    with pytest.raises(
+        SessionConfigError, match=r"^greeting is not a session field \(.*ctx\.say\(instructions\)"
+    ):
+        session_update({"instructions": "You are billing.", "greeting": "Greet the caller as billing."})
+    assert session_update({"instructions": "You are billing."}) == {
+        "instructions": "You are billing.",
+        "type": "realtime",
+    }
+
+
 def test_a_custom_voice_is_sent_as_its_id_object() -> None:
     body = SessionConfig(transcription_model=None, voice="voice_1234").payload([])
     assert body["audio"] == {"output": {"voice": {"id": "voice_1234"}}}
