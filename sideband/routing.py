@@ -101,8 +101,10 @@ def session_problem(app: Sideband, decision: Accept, *, sip: bool = True) -> str
     return None
 
 
+# Strict: a TOML value of the wrong type is refused, not converted (``max_call_seconds = true`` is no
+# 1-second limit, ``reject = "486"`` no status); an integer is still a number of seconds.
 class _Route(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     instructions: str | None = None
     voice: str | None = None
@@ -160,7 +162,7 @@ class _Route(BaseModel):
 
 
 class _Blocked(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     numbers: list[str] = Field(default_factory=list)
     withheld: bool = False
@@ -168,7 +170,7 @@ class _Blocked(BaseModel):
 
 
 class _File(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     blocked: _Blocked | None = None
     default: _Route | None = None

@@ -7,9 +7,9 @@ import difflib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
 __all__ = [
     "Accept",
@@ -49,14 +49,14 @@ class SessionConfig(BaseModel):
     voice: str | None = None
     """A built-in voice (``marin``, ``cedar``…) or a custom voice's id (``voice_…``: sent as ``{"id":
     …}``)."""
-    speed: float | None = Field(default=None, gt=0)
+    speed: Annotated[float, Strict()] | None = Field(default=None, gt=0)
     output_modalities: list[str] | None = None
     transcription_model: str | None = "gpt-4o-mini-transcribe"
     """Input transcription model (``None`` disables caller transcripts)."""
     turn_detection: dict[str, Any] | None = None
     noise_reduction: dict[str, Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    max_output_tokens: int | Literal["inf"] | None = None
+    max_output_tokens: Annotated[int, Strict()] | Literal["inf"] | None = None
     tracing: Any = None
     prompt: dict[str, Any] | None = None
     include: list[str] | None = None

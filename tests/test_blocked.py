@@ -66,6 +66,11 @@ def test_without_the_section_nobody_is_blocked(tmp_path: Path) -> None:
         ("[blocked]\nstatus = 200\n", "blocked.status: Input should be greater than or equal to 400"),
         ('[blocked]\nnumber = ["+15551234567"]\n', "blocked.number: Extra inputs are not permitted"),
         ('[blocked]\nnumbers = "+15551234567"\n', "blocked.numbers: Input should be a valid list"),
+        # values of the wrong type are refused, not converted
+        ("[blocked]\nwithheld = 1\n", "blocked.withheld: Input should be a valid boolean"),
+        ('[blocked]\nwithheld = "false"\n', "blocked.withheld: Input should be a valid boolean"),
+        ('[blocked]\nstatus = "486"\n', "blocked.status: Input should be a valid integer"),
+        ("[blocked]\nnumbers = [14155550199]\n", "blocked.numbers.0: Input should be a valid string"),
     ],
 )
 def test_a_bad_section_is_a_one_line_error(tmp_path: Path, text: str, fragment: str) -> None:

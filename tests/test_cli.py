@@ -280,6 +280,11 @@ def test_check_reports_what_serve_would_run_with_and_listens_on_nothing(tmp_path
             {},
             "sideband: SIDEBAND_ROUTES_FILE: {routes}: routes.+1: session.speed: ",
         ),
+        (
+            '[routes."+1"]\nmax_call_seconds = true\n',
+            {},
+            "sideband: SIDEBAND_ROUTES_FILE: {routes}: routes.+1.max_call_seconds: Input should be a valid",
+        ),
     ],
 )
 def test_check_stops_at_what_would_stop_serve_with_one_line(

@@ -92,6 +92,19 @@ def test_table_matches_numbers_and_default(tmp_path: Path) -> None:
         ('[routes."+1"]\nrefer = "tel:+1"\nmax_call_seconds = 60\n', "refers answers nothing: max_call"),
         ('[routes."+1"]\nmax_call_seconds = inf\n', "routes.+1.max_call_seconds"),
         ('[routes."+1"]\nmax_idle_seconds = nan\n', "routes.+1.max_idle_seconds"),
+        # values of the wrong type are refused, not converted (true is no 1-second limit)
+        (
+            '[routes."+1"]\nmax_call_seconds = true\n',
+            "routes.+1.max_call_seconds: Input should be a valid number",
+        ),
+        (
+            '[routes."+1"]\nmax_idle_seconds = "60"\n',
+            "routes.+1.max_idle_seconds: Input should be a valid number",
+        ),
+        ('[routes."+1"]\nreject = "486"\n', "routes.+1.reject: Input should be a valid integer"),
+        ('[routes."+1"]\nreject = 486.0\n', "routes.+1.reject: Input should be a valid integer"),
+        ('[routes."+1"]\ntools = [1]\n', "routes.+1.tools.0: Input should be a valid string"),
+        ("[default]\nvoice = 1\n", "default.voice: Input should be a valid string"),
         ("[default]\nsession = { x = " + "[" * 3000 + "]" * 3000 + " }\n", "nested too deeply"),
     ],
 )
@@ -99,6 +112,18 @@ def test_invalid_files_are_one_line_errors(tmp_path: Path, text: str, fragment: 
     with pytest.raises(RouteError) as info:
         RouteTable.load(write(tmp_path, text), ["lookup_order"])
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_whole_numbers_are_seconds_and_decisions_take_them_as_the_file_does(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, '[routes."+1"]\nmax_call_seconds = 900\nmax_idle_seconds = 0.5\nsession = { speed = 1 }\n'
+    )
+    table = RouteTable.load(path)
+    route = table.match("+1")
+    assert isinstance(route, Accept)
+    assert (route.max_call_duration, route.max_idle_duration) == (900.0, 0.5)
+    table.check(make_app())
+    assert make_app().plan(route).session["audio"]["output"]["speed"] == 1.0
 
 
 def test_a_route_without_tools_offers_every_tool_and_one_with_an_empty_list_none() -> None:
@@ -246,6 +271,9 @@ SIP_REFUSED = [
     ("session = { speed = -1 }", "session.speed: Input should be greater than 0"),
     # a typo the calls API refuses (unknown_parameter) at every call to the number
     ("session = { max_output_token = 400 }", "'max_output_token' (did you mean 'max_output_tokens'?)"),
+    # a value of the wrong type is refused, not converted (true is no 1-token limit)
+    ("session = { max_output_tokens = true }", "session.max_output_tokens"),
+    ('session = { speed = "1.2" }', "session.speed: Input should be a valid number"),
 ]
 
 
