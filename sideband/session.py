@@ -107,12 +107,20 @@ class SessionConfig(BaseModel):
         return merge_session(body, extra)
 
     def merged(self, **overrides: Any) -> SessionConfig:
-        """A copy with ``overrides`` applied (``None`` values are ignored; an ``audio`` object is merged
-        into this one's as :func:`merge_session` does)."""
-        data = self.model_dump(exclude_unset=False)
-        return SessionConfig.model_validate(
-            merge_session(data, {k: v for k, v in overrides.items() if v is not None})
+        """A copy with ``overrides`` applied, an ``audio`` object merged into this one's as
+        :func:`merge_session` does. ``None`` for ``instructions``, ``voice`` or ``greeting`` is ignored
+        (not given: a decision's fields); for another field it is that field's ``None``
+        (``transcription_model=None``: no caller transcripts), and a field of the extra ones is dropped."""
+        data = merge_session(
+            self.model_dump(exclude_unset=False),
+            {k: v for k, v in overrides.items() if v is not None or k not in _NOT_GIVEN_IF_NONE},
         )
+        fields = type(self).model_fields
+        return SessionConfig.model_validate({k: v for k, v in data.items() if v is not None or k in fields})
+
+
+# A decision's own fields (Accept's): ``None`` there is "not given", the value below stays.
+_NOT_GIVEN_IF_NONE = frozenset({"instructions", "voice", "greeting"})
 
 
 def merge_session(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -344,7 +352,8 @@ class Accept:
     """Names of the app's tools the call is offered (a list or tuple; kept as a tuple)."""
     session: dict[str, Any] = field(default_factory=dict)
     """Other session fields, as :class:`SessionConfig` takes them (``instructions``, ``voice`` or
-    ``greeting`` given here are taken as the fields of the same name)."""
+    ``greeting`` given here are taken as the fields of the same name). A field given ``None`` is unset
+    for this call (``{"transcription_model": None}``: no caller transcripts)."""
     max_call_duration: float | None = None
     """Seconds before the model says goodbye and the call is hung up (default: app, then settings)."""
     max_idle_duration: float | None = None

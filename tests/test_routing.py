@@ -259,6 +259,16 @@ def test_a_routes_custom_voice_in_openais_shape_keeps_the_rest_of_the_apps_audio
     }
 
 
+def test_an_accept_turns_caller_transcription_off_for_its_call() -> None:
+    app = make_app()
+    route = Accept(instructions="Billing.", session={"max_output_tokens": 400})
+    off = Accept(session={"transcription_model": None}).over(route)
+    session = app.plan(off).session
+    assert "transcription" not in session.get("audio", {}).get("input", {}), session
+    assert (session["instructions"], session["max_output_tokens"]) == ("Billing.", 400)
+    assert app.plan(route).session["audio"]["input"]["transcription"] == {"model": "gpt-4o-mini-transcribe"}
+
+
 # -- checked against the app at start (a bad file stops the process, not every call) -------------------
 
 SIP_REFUSED = [

@@ -234,6 +234,13 @@ def test_merged_ignores_none() -> None:
     assert (out.instructions, out.voice, out.greeting) == ("a", "marin", base.greeting)
 
 
+def test_merged_unsets_a_field_given_none_other_than_a_decisions_own() -> None:
+    base = SessionConfig(turn_detection={"type": "semantic_vad"}, truncation="auto")  # type: ignore[call-arg]
+    out = base.merged(transcription_model=None, turn_detection=None, truncation=None, instructions=None)
+    assert (out.transcription_model, out.turn_detection, out.instructions) == (None, None, None)
+    assert out.payload([]) == {"type": "realtime", "model": "gpt-realtime"}  # no null sent for truncation
+
+
 def test_merged_accepts_new_extra_fields() -> None:
     out = SessionConfig().merged(temperature=0.9)
     assert out.payload([])["temperature"] == 0.9
