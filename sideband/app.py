@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextvars
 import functools
 import inspect
 import json
@@ -17,6 +16,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from aiohttp import web
 
+from sideband.blocking import in_thread
 from sideband.context import CallContext, SipHeader
 from sideband.runtime.driver import CallHooks, CallSummary, ToolRecord, TranscriptRole
 from sideband.runtime.machine import (
@@ -437,7 +437,7 @@ class Sideband:
             if is_async_callable(hook):
                 result = await hook(request)
             else:
-                run = functools.partial(contextvars.copy_context().run, hook, request)
+                run = in_thread(hook, request)
                 result = await asyncio.get_running_loop().run_in_executor(self._authorize_threads, run)
                 if inspect.isawaitable(result):
                     result = await result
@@ -581,7 +581,7 @@ class Sideband:
             result = self._route(call)
         else:  # a plain function may block: in a thread, so the route budget still applies
             # (in a copy of this context, so what the hook logs still carries the call_id)
-            run = functools.partial(contextvars.copy_context().run, self._route, call)
+            run = in_thread(self._route, call)
             result = await asyncio.get_running_loop().run_in_executor(self._route_threads, run)
         if inspect.isawaitable(result):
             result = await result

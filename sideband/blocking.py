@@ -9,12 +9,14 @@ between two of its awaits that suspend, and reports the steps that held the loop
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
-__all__ = ["BLOCKED_AFTER", "Stepwise", "log_blocked", "timed"]
+__all__ = ["BLOCKED_AFTER", "Stepwise", "in_thread", "log_blocked", "timed"]
 
 T = TypeVar("T")
 
@@ -45,6 +47,24 @@ def timed(awaitable: Awaitable[T], report: Callable[[float, int], None] | None) 
     if report is not None and inspect.iscoroutine(awaitable):
         return Stepwise(awaitable, report)
     return awaitable
+
+
+def in_thread(fn: Callable[..., T], /, *args: Any) -> Callable[[], T]:
+    """``fn(*args)`` as a worker thread runs it (``loop.run_in_executor(pool, in_thread(fn, …))``): in a
+    copy of the caller's context (what it logs carries the call's fields), and with a ``StopIteration``
+    it raises (``next()`` on an exhausted iterator) turned into a ``RuntimeError``, as Python does for a
+    coroutine: asyncio cannot put a ``StopIteration`` into a future, which would never finish."""
+    return functools.partial(contextvars.copy_context().run, _no_stop_iteration, fn, *args)
+
+
+def _no_stop_iteration(fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except StopIteration as exc:
+        # Its traceback from the function's own frame on: the log's stack names the line that raised.
+        raise RuntimeError("function raised StopIteration").with_traceback(
+            exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        ) from exc
 
 
 class Stepwise(Generator[Any, Any, T]):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextvars
 import copy
 import functools
 import inspect
@@ -51,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import to_json
 
-from .blocking import timed
+from .blocking import in_thread, timed
 from .context import CallContext
 
 __all__ = ["Outcome", "Tool", "ToolError", "ToolRegistry", "ToolResult", "TransferNotAllowed"]
@@ -524,7 +523,7 @@ class ToolRegistry:
                 else:
                     # Encoded in the thread too: a lazy iterator returned (``map(...)``) runs the tool's
                     # code while it is turned into JSON, and that must not happen on the event loop.
-                    run = functools.partial(contextvars.copy_context().run, _call_encoded, tool.fn, kwargs)
+                    run = in_thread(_call_encoded, tool.fn, kwargs)
                     value = await asyncio.get_running_loop().run_in_executor(self._executor, run)
                     if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
                         value = await timed(value, on_blocked)

@@ -239,6 +239,24 @@ async def test_a_blocking_sync_hook_is_bounded_and_blocks_nothing(
         release.set()
 
 
+@pytest.mark.parametrize("settings_overrides", [{"route_budget": 30, "route_failure_status": 503}])
+async def test_a_sync_hook_raising_stop_iteration_fails_closed_at_once(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        return next(Accept() for number in ["+18005550000"] if number == call.to_number)  # none found
+
+    call = stack.sim.create_call(Script([]))
+    with capture_logs() as logs:
+        delivery = stack.sender.deliver(stack.sim.incoming_event(call))
+        assert (await asyncio.wait_for(delivery, 5)).status == 200  # not at the budget
+    assert call.status == "rejected" and call.reject_body == {"status_code": 503}
+    failed = [e for e in logs if e["event"] == "call.route_failed"]
+    assert [e["error"] for e in failed] == ["RuntimeError"]
+    assert "in route" in failed[0]["stack"]
+
+
 @pytest.mark.parametrize(
     "decide",
     [lambda: Reject(status_code=200), lambda: Reject(status_code=1000), lambda: Refer("https://example.com")],

@@ -492,6 +492,30 @@ async def _failing_call(stack: Stack) -> list[MutableMapping[str, Any]]:
     return logs
 
 
+async def test_a_sync_hook_raising_stop_iteration_fails_and_the_next_hooks_run(stack: Stack) -> None:
+    """A lookup that found nothing (``next()`` on an empty iterator) in a sync hook: ``hook.failed`` at
+    once, naming the line, and the call's later sync hooks (``on_call_end``) run."""
+    ended = asyncio.Event()
+
+    @stack.app.on_call_start
+    def start(ctx: CallContext) -> None:
+        next(iter(()))
+
+    @stack.app.on_call_end
+    def end(ctx: CallContext, summary: CallSummary) -> None:
+        stack_loop.call_soon_threadsafe(ended.set)
+
+    stack_loop = asyncio.get_running_loop()
+    call = stack.sim.create_call(Script([HELLO, caller_hangs_up()]))
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await stack.ended(call)
+        await asyncio.wait_for(ended.wait(), 5)
+    hook = [e for e in logs if e["event"] == "hook.failed"]
+    assert [(e["hook"], e["error"]) for e in hook] == [("start", "RuntimeError")]
+    assert "in start" in hook[0]["stack"] and "next(iter(()))" in hook[0]["stack"]
+
+
 async def test_failures_in_user_code_are_logged_with_where_not_with_their_data(stack: Stack) -> None:
     logs = await _failing_call(stack)
     hook = [e for e in logs if e["event"] == "hook.failed"]

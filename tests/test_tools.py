@@ -1024,6 +1024,26 @@ async def test_base_exceptions_from_a_tool_are_its_failure(exc_type: type[BaseEx
     assert isinstance(res.exception, exc_type)
 
 
+@pytest.mark.parametrize("sync", [True, False])
+async def test_a_tool_raising_stop_iteration_fails_at_once(sync: bool) -> None:
+    """``next(o for o in orders if …)`` finding nothing: a failure the model hears of at once, not a tool
+    that hangs until its timeout (asyncio cannot carry a StopIteration out of a worker thread)."""
+    orders: list[dict[str, str]] = []
+    reg = ToolRegistry(default_timeout=60)
+
+    def find(order_id: str) -> dict[str, str]:
+        return next(o for o in orders if o["id"] == order_id)
+
+    async def find_async(order_id: str) -> dict[str, str]:
+        return next(o for o in orders if o["id"] == order_id)
+
+    reg.add(find if sync else find_async, name="find")
+    res = await asyncio.wait_for(reg.execute("c", "find", '{"order_id": "1"}', make_ctx()), 5)
+    assert (res.outcome, loads(res)) == ("error", {"error": "tool_failed", "message": "RuntimeError"})
+    assert isinstance(res.exception, RuntimeError)
+    assert isinstance(res.exception.__cause__, StopIteration)
+
+
 async def test_a_tool_that_swallows_its_timeout_and_returns_late_still_timed_out() -> None:
     reg = ToolRegistry()
 

@@ -264,6 +264,8 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
             return lookup.result()
         if request.cookies.get("session") == "quit":
             sys.exit("session store client gave up")
+        if request.cookies.get("session") == "unknown":  # a lookup that found nothing
+            return next(s for s in ("alice",) if s == request.cookies.get("session"))
         return request.cookies.get("session") == "alice"
 
     async with run_app(app, simulator, **TEST_SETTINGS) as stack:
@@ -275,6 +277,7 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
                 ("boom", 503),
                 ("gone", 503),
                 ("quit", 503),
+                ("unknown", 503),
                 (None, 403),
             ):
                 cookies = {"session": cookie} if cookie else {}
@@ -283,9 +286,9 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
                     http.post(stack.url("/rtc/sessions"), json={}) as resp,
                 ):
                     assert resp.status == expected, cookie
-    assert seen == ["alice", "mallory", "boom", "gone", "quit", None]
+    assert seen == ["alice", "mallory", "boom", "gone", "quit", "unknown", None]
     failed = [e["error"] for e in logs if e["event"] == "rtc.authorize_failed"]
-    assert failed == ["RuntimeError", "CancelledError", "SystemExit"]
+    assert failed == ["RuntimeError", "CancelledError", "SystemExit", "RuntimeError"]
     assert {name.split("_")[0] for name in threads} == {"sideband-authorize"}  # never the tools' threads
     assert sum(1 for r in simulator.requests if r.path == "/v1/realtime/client_secrets") == 1
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import contextvars
 import functools
 import inspect
 import json
@@ -21,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import CLOSED
 
 from sideband import jsonio
-from sideband.blocking import log_blocked, timed
+from sideband.blocking import in_thread, log_blocked, timed
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.logs import failure_fields
 from sideband.metrics import (
@@ -1310,8 +1309,7 @@ class CallRuntime:
             loop = asyncio.get_running_loop()
             if self.ctx._loop is None:
                 self.ctx._loop = loop
-            run = functools.partial(contextvars.copy_context().run, hook, *args)
-            work = loop.run_in_executor(self.hooks.executor or self.tools.executor, run)
+            work = loop.run_in_executor(self.hooks.executor or self.tools.executor, in_thread(hook, *args))
         except BaseException:
             lock.release()
             raise
