@@ -16,9 +16,10 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
-__all__ = ["BLOCKED_AFTER", "Stepwise", "in_thread", "log_blocked", "timed"]
+__all__ = ["BLOCKED_AFTER", "Stepwise", "in_thread", "log_blocked", "then", "timed"]
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 BLOCKED_AFTER = 0.1
 """Seconds one step may run before it counts as blocking (asyncio's debug mode warns at the same)."""
@@ -47,6 +48,13 @@ def timed(awaitable: Awaitable[T], report: Callable[[float, int], None] | None) 
     if report is not None and inspect.iscoroutine(awaitable):
         return Stepwise(awaitable, report)
     return awaitable
+
+
+async def then(awaitable: Awaitable[T], fn: Callable[[T], U]) -> U:
+    """``fn`` of what ``awaitable`` gives, called in the same step as its end: a :class:`Stepwise`
+    around it times ``fn`` with that step (like :class:`Stepwise`, its frame is left out of the stacks a
+    failure logs)."""
+    return fn(await awaitable)
 
 
 def in_thread(fn: Callable[..., T], /, *args: Any) -> Callable[[], T]:

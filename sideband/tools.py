@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import to_json
 
-from .blocking import in_thread, timed
+from .blocking import in_thread, then, timed
 from .context import CallContext
 
 __all__ = ["Outcome", "Tool", "ToolError", "ToolRegistry", "ToolResult", "TransferNotAllowed"]
@@ -519,20 +519,22 @@ class ToolRegistry:
         try:
             async with deadline:
                 if tool.is_async:
-                    value = await timed(tool.fn(**kwargs), on_blocked)
+                    # Encoded as its last step: a lazy result (a generator) runs the tool's code while
+                    # it is read, under the timeout and timed like the rest of it.
+                    value = await timed(then(tool.fn(**kwargs), _encoded), on_blocked)
                 else:
                     # Encoded in the thread too: a lazy iterator returned (``map(...)``) runs the tool's
                     # code while it is turned into JSON, and that must not happen on the event loop.
                     run = in_thread(_call_encoded, tool.fn, kwargs)
                     value = await asyncio.get_running_loop().run_in_executor(self._executor, run)
                     if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
-                        value = await timed(value, on_blocked)
+                        value = await timed(then(value, _encoded), on_blocked)
             due = deadline.when()
             if deadline.expired() or (due is not None and asyncio.get_running_loop().time() >= due):
                 # It swallowed the cancellation and returned late, or it held the event loop past its
                 # deadline, whose timer never got to fire: an overrun all the same.
                 return _timed_out(call_id, name, limit, start, view)
-            output = value.text if isinstance(value, _Encoded) else _encode(value)
+            output = value.text
             if len(output) > MAX_OUTPUT:
                 return _error(
                     call_id,
@@ -643,7 +645,11 @@ def _encode(value: Any) -> str:
 
 def _call_encoded(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     value = fn(**kwargs)
-    return value if inspect.isawaitable(value) else _Encoded(_encode(value))
+    return value if inspect.isawaitable(value) else _encoded(value)
+
+
+def _encoded(value: Any) -> _Encoded:
+    return _Encoded(_encode(value))
 
 
 MAX_MESSAGE = 4096

@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
@@ -1329,6 +1330,26 @@ async def test_a_sync_tool_returning_a_lazy_iterator_is_consumed_in_its_thread_u
         return map(str, [1, 2])
 
     assert loads(await reg.execute("c", "quick", "{}", make_ctx())) == ["1", "2"]
+
+
+async def test_an_async_tools_lazy_result_is_read_under_its_timeout_and_timed() -> None:
+    """A generator an async tool returns is read on the event loop: a slow one (a sync driver's cursor)
+    is an overrun like the tool's own code, and named as holding the loop."""
+    reg = ToolRegistry()
+    blocked: list[tuple[float, int]] = []
+
+    def cursor() -> Any:
+        for i in range(3):
+            time.sleep(0.15)  # blocks the loop: together past the timeout
+            yield i
+
+    @reg.tool(timeout=0.2)
+    async def rows() -> Any:
+        return cursor()
+
+    res = await reg.execute("c", "rows", "{}", make_ctx(), on_blocked=lambda s, n: blocked.append((s, n)))
+    assert (res.outcome, loads(res)["error"]) == ("timeout", "timeout")
+    assert len(blocked) == 1 and blocked[0][0] >= 0.45
 
 
 async def test_a_validator_raising_system_exit_is_the_tools_failure_not_the_servers() -> None:
