@@ -225,6 +225,16 @@ class CallPlan:
     transfer tool offering this call's targets (or left out when it has none). ``None``: ``tools``."""
 
 
+def _count(name: str, value: object) -> int:
+    """``value`` as a whole number >= 1: ``TypeError`` for anything else (``None``, a string, a float, a
+    bool), ``ValueError`` below 1."""
+    if type(value) is not int:
+        raise TypeError(f"{name} must be a whole number >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
 class Sideband:
     """A voice agent: its session config, its tools, its routing and its hooks.
 
@@ -302,8 +312,8 @@ class Sideband:
         self.guardrail_note = guardrail_note or DEFAULT_GUARDRAIL_NOTE
         self.max_call_duration = check_seconds("max_call_duration", max_call_duration)
         self.max_idle_duration = check_seconds("max_idle_duration", max_idle_duration)
-        self.max_tool_calls = max_tool_calls
-        self.max_identical_calls = max_identical_calls
+        self.max_tool_calls = _count("max_tool_calls", max_tool_calls)
+        self.max_identical_calls = _count("max_identical_calls", max_identical_calls)
         self._route: RouteHook | None = None
         self._route_is_async = False
         self._route_threads: concurrent.futures.ThreadPoolExecutor | None = None

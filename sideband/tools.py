@@ -178,7 +178,9 @@ class Tool:
                 raise TypeError(f"cannot take a tool name from {fn!r}: pass name=...")
         if not _NAME_RE.fullmatch(name):
             raise ValueError(f"invalid tool name {name!r}: it must match ^{_NAME_RE.pattern}$")
-        if timeout is not None and not (isinstance(timeout, int | float) and 0 < timeout < math.inf):
+        if timeout is not None and (
+            isinstance(timeout, bool) or not (isinstance(timeout, int | float) and 0 < timeout < math.inf)
+        ):
             raise ValueError(f"tool {name!r}: timeout must be a positive number of seconds, got {timeout!r}")
         if not isinstance(respond, bool):
             raise TypeError(f"tool {name!r}: respond must be True or False, got {respond!r}")
@@ -261,10 +263,13 @@ class ToolRegistry:
         executor: concurrent.futures.Executor | None = None,
         max_threads: int = 32,
     ) -> None:
-        if not (isinstance(default_timeout, int | float) and 0 < default_timeout < math.inf):
+        if isinstance(default_timeout, bool) or not (
+            isinstance(default_timeout, int | float) and 0 < default_timeout < math.inf
+        ):
             raise ValueError(f"default_timeout must be a positive number of seconds, got {default_timeout!r}")
-        if default_filler_after is not None and not (
-            isinstance(default_filler_after, int | float) and 0 <= default_filler_after < math.inf
+        if default_filler_after is not None and (
+            default_filler_after is True
+            or not (isinstance(default_filler_after, int | float) and 0 <= default_filler_after < math.inf)
         ):
             raise ValueError(
                 f"default_filler_after must be None or seconds >= 0, got {default_filler_after!r}"

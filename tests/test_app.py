@@ -235,6 +235,33 @@ def test_constructor_config() -> None:
     assert app.config.greeting == "Say hello."
 
 
+@pytest.mark.parametrize("option", ["max_tool_calls", "max_identical_calls"])
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (None, TypeError),
+        ("64", TypeError),
+        (2.5, TypeError),
+        (True, TypeError),
+        (0, ValueError),
+        (-1, ValueError),
+    ],
+)
+def test_a_loop_limit_that_is_no_whole_number_from_1_is_refused(
+    option: str, value: object, error: type[Exception]
+) -> None:
+    """Taken, it would end every call at its first tool call (``internal_error``)."""
+    with pytest.raises(error, match=option):
+        Sideband(**{option: value})
+    assert getattr(Sideband(**{option: 1}), option) == 1
+
+
+@pytest.mark.parametrize("bad", [{"tool_timeout": True}, {"filler_after": True}])
+def test_true_is_no_number_of_seconds(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Sideband(**bad)
+
+
 def test_default_greeting_and_no_greeting() -> None:
     assert Sideband().config.greeting == SessionConfig().greeting
     assert Sideband(greeting=None).config.greeting is None

@@ -527,10 +527,22 @@ def test_a_filler_delay_of_zero_means_never() -> None:
     assert reg.filler_after_for(reg.add(lambda: None, name="plain")) is None
 
 
-@pytest.mark.parametrize("bad", [{"timeout": 0}, {"timeout": -1}, {"filler_after": -0.5}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"timeout": 0}, {"timeout": -1}, {"timeout": True}, {"filler_after": -0.5}, {"filler_after": True}],
+)
 def test_bad_timing_options(bad: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(bad))):
         ToolRegistry().add(lambda: None, name="t", **bad)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"default_timeout": True}, {"default_timeout": 0}, {"default_filler_after": True}]
+)
+def test_bad_registry_defaults(bad: dict[str, Any]) -> None:
+    """``True`` is no number of seconds (it would be taken as 1)."""
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ToolRegistry(**bad)
 
 
 def test_definitions_styles_and_selection() -> None:
