@@ -9,6 +9,7 @@ import inspect
 import json
 import re
 import ssl
+import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,11 @@ class _Unset:
 
 
 _UNSET = _Unset()
+
+HOOK_THREADS = 32
+"""Worker threads of each of the app's pools for sync hooks (call hooks, the routing hook and the
+``authorize_browser`` hook each have their own), as many as the tools' (started on demand): a burst of
+calls whose routing hook blocks a while waits for no thread until more than this many run at once."""
 
 AUTHORIZE_TIMEOUT = 5.0
 """Seconds an ``authorize_browser`` hook may take before the request is answered 503."""
@@ -318,7 +324,9 @@ class Sideband:
         self._route_is_async = False
         self._route_threads: concurrent.futures.ThreadPoolExecutor | None = None
         # Sync hooks' own threads (started on demand): a hook stuck in one holds no thread a tool needs.
-        self._hook_threads = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="sideband-hook")
+        self._hook_threads = concurrent.futures.ThreadPoolExecutor(
+            HOOK_THREADS, thread_name_prefix="sideband-hook"
+        )
         self._authorize_browser: Callable[[web.Request], Any] | None = None
         self._authorize_threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._tls: ssl.SSLContext | None = None
@@ -394,7 +402,8 @@ class Sideband:
     def on_incoming(self, fn: RouteHookT) -> RouteHookT:
         """Route each ringing call: the hook gets an :class:`IncomingCall` and returns
         :class:`Accept`, :class:`Reject` or :class:`Refer` (sync or async; a sync hook runs in a worker
-        thread, so a slow one cannot stall other calls and the route budget still applies).
+        thread, one of :data:`HOOK_THREADS`, so a slow one cannot stall other calls and the route budget
+        still applies).
 
         A hook that cannot be called with ``(call)`` raises ``TypeError`` here, as do those of the other
         hook decorators that cannot take what they are called with."""
@@ -405,7 +414,7 @@ class Sideband:
             # Its own threads, not the loop's default executor: hooks stuck past the route budget must
             # not starve DNS lookups (the default resolver's threads) on the answer path.
             self._route_threads = concurrent.futures.ThreadPoolExecutor(
-                8, thread_name_prefix="sideband-route"
+                HOOK_THREADS, thread_name_prefix="sideband-route"
             )
         return fn
 
@@ -428,7 +437,7 @@ class Sideband:
         if not is_async_callable(fn) and self._authorize_threads is None:
             # Strangers' requests run it: they must not take the threads live calls' tools need.
             self._authorize_threads = concurrent.futures.ThreadPoolExecutor(
-                4, thread_name_prefix="sideband-authorize"
+                HOOK_THREADS, thread_name_prefix="sideband-authorize"
             )
         return fn
 
@@ -579,19 +588,22 @@ class Sideband:
         return Tool.from_function(transfer_call, name=name, filler_after=None, timeout=5.0, respond=False)
 
     # ------------------------------------------------------------------------------- routing
-    async def decide(self, call: IncomingCall) -> Decision:
+    async def decide(self, call: IncomingCall, *, started: threading.Event | None = None) -> Decision:
         """Run the routing hook; without one, the route table's decision or accept with the app's config.
 
         A hook's :class:`Accept` is layered over the route table's (:meth:`Accept.over`): the fields it
-        leaves out are the route's, then the app's."""
+        leaves out are the route's, then the app's. ``started`` is set as the hook starts to run (a sync
+        one waits for a worker thread first, should all :data:`HOOK_THREADS` be busy)."""
         if self._route is None:
             return call.route or Accept()
         result: Any
         if self._route_is_async:
+            if started is not None:
+                started.set()
             result = self._route(call)
         else:  # a plain function may block: in a thread, so the route budget still applies
             # (in a copy of this context, so what the hook logs still carries the call_id)
-            run = in_thread(self._route, call)
+            run = in_thread(self._route, call, started=started)
             result = await asyncio.get_running_loop().run_in_executor(self._route_threads, run)
         if inspect.isawaitable(result):
             result = await result

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
@@ -57,15 +58,18 @@ async def then(awaitable: Awaitable[T], fn: Callable[[T], U]) -> U:
     return fn(await awaitable)
 
 
-def in_thread(fn: Callable[..., T], /, *args: Any) -> Callable[[], T]:
+def in_thread(fn: Callable[..., T], /, *args: Any, started: threading.Event | None = None) -> Callable[[], T]:
     """``fn(*args)`` as a worker thread runs it (``loop.run_in_executor(pool, in_thread(fn, …))``): in a
     copy of the caller's context (what it logs carries the call's fields), and with a ``StopIteration``
     it raises (``next()`` on an exhausted iterator) turned into a ``RuntimeError``, as Python does for a
-    coroutine: asyncio cannot put a ``StopIteration`` into a future, which would never finish."""
-    return functools.partial(contextvars.copy_context().run, _no_stop_iteration, fn, *args)
+    coroutine: asyncio cannot put a ``StopIteration`` into a future, which would never finish.
+    ``started`` is set as a thread takes it up (a busy pool queues it until then)."""
+    return functools.partial(contextvars.copy_context().run, _no_stop_iteration, started, fn, *args)
 
 
-def _no_stop_iteration(fn: Callable[..., T], *args: Any) -> T:
+def _no_stop_iteration(started: threading.Event | None, fn: Callable[..., T], *args: Any) -> T:
+    if started is not None:
+        started.set()
     try:
         return fn(*args)
     except StopIteration as exc:

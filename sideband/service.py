@@ -665,7 +665,8 @@ class Service:
             return await self.app.decide(call)
         # The hook runs as a task of its own, so that one that overruns is left behind at the budget
         # even when it ignores its cancellation (the caller is ringing); its late decision is dropped.
-        decision = Stepwise(self.app.decide(call), log_blocked(self.log, hook="on_incoming"))
+        started = threading.Event()  # (a sync hook may wait for a thread: then it never overran)
+        decision = Stepwise(self.app.decide(call, started=started), log_blocked(self.log, hook="on_incoming"))
         hook = asyncio.ensure_future(_contained(decision))
         try:
             await asyncio.wait((hook,), timeout=self.settings.route_budget)
@@ -676,7 +677,12 @@ class Service:
         if not hook.done():
             hook.cancel()
             hook.add_done_callback(_drop_outcome)
-            self.log.error("call.route_failed", error="timeout", budget_s=self.settings.route_budget)
+            self.log.error(
+                "call.route_failed",
+                error="timeout",
+                budget_s=self.settings.route_budget,
+                started=started.is_set(),
+            )
         else:
             try:
                 outcome = hook.result()

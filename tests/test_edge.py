@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sideband import Accept, IncomingCall, Refer, Reject
 from sideband.edge import app as edge
 from sideband.stores import ClaimStore, StoreUnavailable
-from sideband.testing import Script, wait_for_greeting
+from sideband.testing import Script, caller_hangs_up, wait_for_greeting
 
 from .conftest import Stack, capture_logs
 
@@ -237,6 +237,54 @@ async def test_a_blocking_sync_hook_is_bounded_and_blocks_nothing(
         assert result.status == 200 and call.status == "rejected" and call.reject_body == {"status_code": 503}
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("settings_overrides", [{"route_budget": 5}])
+async def test_a_burst_of_calls_whose_sync_hook_blocks_a_while_runs_their_hooks_together(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    """24 calls ring at once, each hook's lookup blocking a while: none waits for a worker thread (and
+    runs out of its budget in a queue) while the others run."""
+    together = threading.Barrier(24, timeout=10)
+
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        together.wait()  # passes once all 24 hooks run at the same time
+        return Accept()
+
+    with capture_logs() as logs:
+        calls = await asyncio.gather(*(stack.call(Script([caller_hangs_up()])) for _ in range(24)))
+        for call in calls:
+            await stack.ended(call)  # (an AssertionError for a call rejected at ring time)
+    assert all(c.accept_body for c in calls)
+    assert not [e for e in logs if e["event"] == "call.route_failed"]
+
+
+@pytest.mark.parametrize("settings_overrides", [{"route_budget": 0.3, "route_failure_status": 503}])
+async def test_a_sync_hook_that_never_got_a_thread_is_told_from_one_that_overran(
+    stack: Stack, settings_overrides: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sideband.app.HOOK_THREADS", 1)
+    release, entered = threading.Event(), threading.Event()
+
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        entered.set()
+        release.wait(10)  # a lookup that hangs, holding the one thread
+        return Accept()
+
+    slow, queued = stack.sim.create_call(Script([])), stack.sim.create_call(Script([]))
+    try:
+        with capture_logs() as logs:
+            first = asyncio.create_task(stack.sender.deliver(stack.sim.incoming_event(slow)))
+            assert await asyncio.to_thread(entered.wait, 5)
+            second = await asyncio.wait_for(stack.sender.deliver(stack.sim.incoming_event(queued)), 5)
+            assert (await asyncio.wait_for(first, 5)).status == second.status == 200
+    finally:
+        release.set()
+    assert slow.status == queued.status == "rejected"
+    failed = [(e["error"], e["started"]) for e in logs if e["event"] == "call.route_failed"]
+    assert failed == [("timeout", True), ("timeout", False)]
 
 
 @pytest.mark.parametrize("settings_overrides", [{"route_budget": 30, "route_failure_status": 503}])

@@ -293,6 +293,22 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
     assert sum(1 for r in simulator.requests if r.path == "/v1/realtime/client_secrets") == 1
 
 
+async def test_browsers_arriving_together_are_authorized_together(simulator: Simulator) -> None:
+    """A sync hook's session lookup takes a while: a burst of browsers does not queue for its threads
+    (and run into the hook's 5 s there)."""
+    app = Sideband(instructions="x")
+    together = threading.Barrier(12, timeout=10)
+
+    @app.authorize_browser
+    def signed_in(request: web.Request) -> bool:
+        together.wait()  # passes once all 12 lookups run at the same time
+        return True
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        answers = await asyncio.gather(*(post_json(stack, "/rtc/sessions", {}) for _ in range(12)))
+    assert [status for status, _ in answers] == [200] * 12
+
+
 async def test_an_authorize_hook_that_answers_after_its_time_is_not_heard(
     simulator: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
