@@ -667,9 +667,12 @@ class Service:
         # even when it ignores its cancellation (the caller is ringing); its late decision is dropped.
         started = threading.Event()  # (a sync hook may wait for a thread: then it never overran)
         decision = Stepwise(self.app.decide(call, started=started), log_blocked(self.log, hook="on_incoming"))
+        loop = asyncio.get_running_loop()
+        budget = self.settings.route_budget
+        until = loop.time() + budget
         hook = asyncio.ensure_future(_contained(decision))
         try:
-            await asyncio.wait((hook,), timeout=self.settings.route_budget)
+            await asyncio.wait((hook,), timeout=budget)
         except asyncio.CancelledError:  # the server is stopping: not the hook's doing
             hook.cancel()
             hook.add_done_callback(_drop_outcome)
@@ -677,23 +680,23 @@ class Service:
         if not hook.done():
             hook.cancel()
             hook.add_done_callback(_drop_outcome)
-            self.log.error(
-                "call.route_failed",
-                error="timeout",
-                budget_s=self.settings.route_budget,
-                started=started.is_set(),
-            )
+            self.log.error("call.route_failed", error="timeout", budget_s=budget, started=started.is_set())
         else:
             try:
                 outcome = hook.result()
             except asyncio.CancelledError as exc:  # the hook's own (nobody cancelled it): a failure
                 outcome = exc
             if not isinstance(outcome, BaseException):
-                return outcome
-            own = isinstance(outcome, DecisionError)  # our message: no data of the hook's in it
-            logged = self.settings.log_tool_arguments
-            fields = failure_fields(outcome, message=own or logged, full=logged)
-            self.log.error("call.route_failed", **fields)
+                if loop.time() < until:
+                    return outcome
+                # It held the event loop past the budget, whose timer never got to fire meanwhile: an
+                # overrun all the same, its decision dropped.
+                self.log.error("call.route_failed", error="timeout", budget_s=budget, started=True)
+            else:
+                own = isinstance(outcome, DecisionError)  # our message: no data of the hook's in it
+                logged = self.settings.log_tool_arguments
+                fields = failure_fields(outcome, message=own or logged, full=logged)
+                self.log.error("call.route_failed", **fields)
         self.counters["route_failed"] += 1
         return Reject(self.settings.route_failure_status)
 

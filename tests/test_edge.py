@@ -239,6 +239,27 @@ async def test_a_blocking_sync_hook_is_bounded_and_blocks_nothing(
         release.set()
 
 
+@pytest.mark.parametrize("settings_overrides", [{"route_budget": 0.2, "route_failure_status": 503}])
+async def test_an_async_hook_holding_the_loop_past_its_budget_is_an_overrun(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    """Blocking code in an async hook keeps the budget's timer from firing: its decision, late all the
+    same, is not obeyed."""
+
+    @stack.app.on_incoming
+    async def route(call: IncomingCall) -> Accept:
+        time.sleep(0.3)  # a sync client's lookup, on the event loop
+        return Accept()
+
+    call = stack.sim.create_call(Script([]))
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    assert call.status == "rejected" and call.reject_body == {"status_code": 503}
+    failed = [(e["error"], e["started"]) for e in logs if e["event"] == "call.route_failed"]
+    assert failed == [("timeout", True)]
+    assert [e["hook"] for e in logs if e["event"] == "loop.blocked"] == ["on_incoming"]
+
+
 @pytest.mark.parametrize("settings_overrides", [{"route_budget": 5}])
 async def test_a_burst_of_calls_whose_sync_hook_blocks_a_while_runs_their_hooks_together(
     stack: Stack, settings_overrides: dict[str, Any]
