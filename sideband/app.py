@@ -460,7 +460,10 @@ class Sideband:
                 result = await asyncio.get_running_loop().run_in_executor(self._authorize_threads, run)
                 if inspect.isawaitable(result):
                     result = await result
-        if timer.expired():  # a hook that swallowed its cancellation and answered late: not heard
+        due = timer.when()
+        if timer.expired() or (due is not None and asyncio.get_running_loop().time() >= due):
+            # It swallowed its cancellation and answered late, or its blocking code held the event loop
+            # past its time (whose timer could not fire meanwhile): not heard.
             raise TimeoutError
         return bool(result)
 

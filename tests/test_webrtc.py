@@ -331,6 +331,24 @@ async def test_an_authorize_hook_that_answers_after_its_time_is_not_heard(
     assert not [r for r in simulator.requests if r.path == "/v1/realtime/client_secrets"]
 
 
+async def test_an_authorize_hook_holding_the_loop_past_its_time_is_not_heard(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sideband.app.AUTHORIZE_TIMEOUT", 0.2)
+    app = Sideband(instructions="x")
+
+    @app.authorize_browser
+    async def signed_in(request: web.Request) -> bool:
+        time.sleep(0.3)  # a sync session store's client, on the event loop
+        return True
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        with capture_logs() as logs:
+            assert (await post_json(stack, "/rtc/sessions", {}))[0] == 503
+    assert [e["error"] for e in logs if e["event"] == "rtc.authorize_failed"] == ["timeout"]
+    assert not [r for r in simulator.requests if r.path == "/v1/realtime/client_secrets"]
+
+
 async def test_only_requests_another_site_cannot_send_blind_are_served(stack: Stack) -> None:
     # text/plain and form bodies are what a page on another origin may POST without a preflight
     assert (await _post(stack, "/rtc/calls", OFFER, "text/plain"))[0] == 415
