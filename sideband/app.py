@@ -174,9 +174,10 @@ class IncomingCall:
         return not asked.isdisjoint(("id", "user"))
 
     def dialed(self, number: str) -> bool:
-        """Whether the dialed number is ``number`` as the route table matches it: written the same way,
-        or E.164 against digits only either way (``+18005551212`` and ``18005551212``, as trunks send
-        either). Untrusted, like all of SIP."""
+        """Whether the dialed number is ``number``: written the same way, or E.164 against digits only
+        either way (``+18005551212`` and ``18005551212``, as trunks send either). Looser than the route
+        table, where a key of digits only is not taken for a dialed ``+`` number. Untrusted, like all of
+        SIP."""
         to, number = self.to_number, _VISUAL.sub("", number)
         if to is None:
             return False
