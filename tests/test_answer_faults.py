@@ -8,6 +8,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from sideband.testing import Script, Simulator, run_app, wait_for_greeting
 from sideband.upstream.openai import (
@@ -223,3 +225,25 @@ def test_a_rate_limit_is_tried_again_a_spent_quota_is_not() -> None:
     assert UpstreamError("limited", 429, answer("rate_limit_exceeded")).retryable
     assert UpstreamError("limited", 429, "<html>Too Many Requests</html>").retryable
     assert not UpstreamError("spent", 429, answer("insufficient_quota")).retryable
+
+
+async def test_an_error_body_nested_too_deeply_is_an_upstream_error() -> None:
+    """An error body (a proxy's, say) nested deeper than Python's parser goes is no OpenAI error: the
+    refusal is an :class:`UpstreamError` like any other, never a ``RecursionError`` (a 500 on a webhook)."""
+    deep = "[" * 5000 + "]" * 5000
+
+    async def refuse(request: web.Request) -> web.Response:
+        status = 429 if request.method == "POST" else 403
+        return web.Response(status=status, text=deep, content_type="application/json")
+
+    server = web.Application()
+    server.router.add_route("*", "/v1/{tail:.*}", refuse)
+    async with TestServer(server) as srv, aiohttp.ClientSession() as http:
+        base = str(srv.make_url("/v1"))
+        control = CallControl(http, base, "sk-test")
+        with pytest.raises(UpstreamError) as accept:
+            await control.accept("rtc_1", {"type": "realtime"}, timeout=2)
+        with pytest.raises(SidebandRefused) as attach:
+            await connect_sideband(sideband_url(base), "rtc_1", "sk-test")
+    assert accept.value.status == 429 and accept.value.retryable  # (a rate limit, not a spent quota)
+    assert attach.value.status == 403 and "check OPENAI_API_KEY" in str(attach.value)

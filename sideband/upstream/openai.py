@@ -77,9 +77,10 @@ def hint(status: int, body: str) -> str:
 
 
 def _error_field(body: str, name: str) -> str | None:
-    """``error.<name>`` of an OpenAI error body (``{"error": {"message", "code", …}}``) if it is a string."""
+    """``error.<name>`` of an OpenAI error body (``{"error": {"message", "code", …}}``) if it is a string.
+    Any other body (not JSON, nested too deeply for the parser, another shape) has none."""
     try:
-        value = json.loads(body)["error"][name]
+        value = jsonio.loads(body)["error"][name]
     except (ValueError, TypeError, KeyError):
         return None
     return value if isinstance(value, str) else None
