@@ -649,16 +649,48 @@ class Service:
         on_retry: Callable[[int, UpstreamError], None] | None = None,
         *,
         budget: float | None = None,
-    ) -> None:
+        once: bool = False,
+    ) -> UpstreamError | None:
         """A call-control verb under ``budget`` (default: the accept budget): retried on 5xx/timeouts,
-        never on 404."""
+        never on 404. Each attempt gets ``SIDEBAND_ACCEPT_TIMEOUT``.
+
+        ``once``: a verb that must not be carried out twice (a REFER reaches the carrier each time). An
+        attempt that may have been carried out (unanswered, or a gateway's 502/504) is not tried again,
+        so its one attempt gets the whole budget; only failures that did nothing (no connection, another
+        5xx, 408, 409, 429) are tried again.
+
+        Returns None when OpenAI said the verb was done; else the failure that leaves it likely done but
+        unconfirmed: the unanswered attempt's (``once``), or the 404/410 of an attempt after one that may
+        have been carried out (the call is gone most likely because of it). Raises :class:`CallGone` when
+        no attempt may have been carried out, :class:`UpstreamError` when the verb failed."""
         settings = self.settings
-        await with_retries(
-            attempt,
-            budget=settings.accept_budget if budget is None else budget,
-            attempt_timeout=settings.accept_attempt_timeout,
-            on_retry=on_retry,
-        )
+        budget = settings.accept_budget if budget is None else budget
+        timeout = settings.accept_attempt_timeout
+        if once:  # (within the budget still: the claims' pending time counts on it)
+            timeout = budget
+        unanswered = False
+
+        async def tracked(seconds: float) -> None:
+            nonlocal unanswered
+            try:
+                await attempt(seconds)
+            except CallGone:
+                raise
+            except UpstreamError as exc:
+                unanswered = unanswered or exc.maybe_carried_out
+                raise
+
+        try:
+            await with_retries(tracked, budget=budget, attempt_timeout=timeout, on_retry=on_retry, once=once)
+        except CallGone as exc:
+            if not unanswered:
+                raise
+            return exc
+        except UpstreamError as exc:
+            if not (once and exc.maybe_carried_out):
+                raise
+            return exc
+        return None
 
     async def _decide(self, call: IncomingCall) -> Decision:
         if not self.app.routes_calls:  # the route table's decision or the app's config: nothing to time
@@ -754,15 +786,17 @@ class Service:
                         raise
 
                 try:
-                    await self._retrying(accept, on_retry=accept_retry)
+                    gone = await self._retrying(accept, on_retry=accept_retry)
                 except CallGone as exc:
                     if not uncertain and not inherited:
                         await self.store.release(marker)  # gone while ringing: nothing to remember
                         raise
+                    gone = exc
+                if gone is not None:
                     # Not ringing any more: maybe because an unanswered attempt (of this delivery or an
                     # earlier one) accepted it. Attaching tells (a call that is really gone refuses the
                     # sideband and the runtime ends).
-                    self.log.warning("call.accept_uncertain", status=exc.status)
+                    self.log.warning("call.accept_uncertain", status=gone.status)
                 else:
                     latency = time.monotonic() - received
                     self.accept_seconds.observe(latency)
@@ -773,15 +807,29 @@ class Service:
                     ctx.state.update(decision.state)
                 self.launch(ctx, plan)
                 return Reply(200, {"status": "accepted"})
+            # A reject or refer that may have been carried out unanswered is taken as done: a later attempt
+            # that finds the call gone finds it gone because of it most likely, and a REFER is not sent
+            # again (each reaches the carrier). Unless an earlier delivery's accept may have answered the
+            # call: then the one that is gone may be the ringing call, and the call up (hung up below).
             if isinstance(decision, Reject):
-                await self._retrying(lambda t: control.reject(call_id, decision.status_code, timeout=t))
+                unsure = await self._retrying(
+                    lambda t: control.reject(call_id, decision.status_code, timeout=t)
+                )
+                if isinstance(unsure, CallGone) and await self._accept_may_have_gone_through(call_id):
+                    return await self._hang_up_uncertain(call_id)
                 self.counters["rejected"] += 1
-                self.log.info("call.rejected", status_code=decision.status_code)
+                self.log.info("call.rejected", status_code=decision.status_code, uncertain=unsure is not None)
                 return Reply(200, {"status": "rejected"})
             assert isinstance(decision, Refer)
-            await self._retrying(lambda t: control.refer(call_id, decision.target_uri, timeout=t))
+            unsure = await self._retrying(
+                lambda t: control.refer(call_id, decision.target_uri, timeout=t), once=True
+            )
+            if unsure is not None:
+                # It may have reached the carrier: not sent again. If it did not, the call rings on until
+                # OpenAI gives up on it.
+                self.log.warning("call.refer_uncertain", status=unsure.status, error=str(unsure))
             self.counters["referred"] += 1
-            self.log.info("call.referred", target=decision.target_uri)
+            self.log.info("call.referred", target=decision.target_uri, uncertain=unsure is not None)
             return Reply(200, {"status": "referred"})
         except CallGone:
             if plan is None and await self._accept_may_have_gone_through(call_id):
@@ -834,23 +882,31 @@ class Service:
         """An accept or refer refused with a 4xx would be refused again: reject the call with
         ``SIDEBAND_ROUTE_FAILURE_STATUS`` rather than leave the caller ringing."""
         status_code = self.settings.route_failure_status
+        gone = False
         try:
-            await self._retrying(lambda t: self.control.reject(call_id, status_code, timeout=t))
-        except CallGone:
-            if await self._accept_may_have_gone_through(call_id):
-                # Not ringing: maybe because an accept that went unanswered answered it. Hang it up
-                # rather than leave it answered with nothing behind it.
-                return await self._hang_up_uncertain(call_id)
-            self.counters["call_gone"] += 1
-            self.log.info("call.gone")
-            return Reply(200, {"status": "call_gone"})
+            unsure = await self._retrying(lambda t: self.control.reject(call_id, status_code, timeout=t))
+        except CallGone as exc:
+            unsure, gone = exc, True
         except UpstreamError as exc:
             self.log.error("call.answer_failed", status=exc.status, error=str(exc))
             if exc.retryable:  # the caller still rings: a redelivery tries again
                 return _retry_later()
             return Reply(200, {"status": "failed", "error": f"upstream answered {refused.status}"})
+        # Not ringing (gone, or gone after an attempt that may have rejected it): maybe because an accept
+        # that went unanswered answered it. Hang it up rather than leave it answered with nothing behind it.
+        if isinstance(unsure, CallGone) and await self._accept_may_have_gone_through(call_id):
+            return await self._hang_up_uncertain(call_id)
+        if gone:
+            self.counters["call_gone"] += 1
+            self.log.info("call.gone")
+            return Reply(200, {"status": "call_gone"})
         self.counters["rejected"] += 1
-        self.log.info("call.rejected", status_code=status_code, instead_of_status=refused.status)
+        self.log.info(
+            "call.rejected",
+            status_code=status_code,
+            instead_of_status=refused.status,
+            uncertain=unsure is not None,
+        )
         return Reply(200, {"status": "rejected", "error": f"upstream answered {refused.status}"})
 
     # ------------------------------------------------------------------------------- calls
@@ -895,23 +951,43 @@ class Service:
         call_id, control = ctx.call_id, self.control
 
         url, proxy, tls, compression = self._sideband_url, self._proxy, self._tls, settings.ws_compression
+        machine = CallMachine(config)
 
         async def connect() -> Any:
             return await connect_sideband(url, call_id, key, compression=compression, proxy=proxy, tls=tls)
 
         async def verb(name: str, target: str | None) -> None:
-            async def attempt(timeout: float) -> None:
-                if name == "refer" and target is not None:
-                    await control.refer(call_id, target, timeout=timeout)
-                else:
-                    await control.hangup(call_id, timeout=timeout)
-
-            # A failed refer falls back to a hangup at once (the caller waits in silence meanwhile); a
-            # hangup that fails leaves the call up, so it is tried for longer.
-            await self._retrying(attempt, budget=None if name == "refer" else self._hangup_budget())
+            if name != "refer" or target is None:
+                # A hangup that fails leaves the call up: it is tried for longer.
+                await self._retrying(
+                    lambda t: control.hangup(call_id, timeout=t), budget=self._hangup_budget()
+                )
+                return
+            # A failed refer falls back to a hangup at once (the caller waits in silence meanwhile).
+            unsure = await self._retrying(lambda t: control.refer(call_id, target, timeout=t), once=True)
+            if unsure is None:
+                return
+            # Unanswered: it may have reached the carrier, and is not sent again. The caller must not stay
+            # on a call nobody controls: unless the call has ended meanwhile (the transfer went through),
+            # it is hung up, and a hangup that finds it gone says the transfer went through.
+            unanswered = {"status": unsure.status, "error": str(unsure)}
+            outcome = "ended"
+            if machine.closed is None:
+                try:
+                    await self._retrying(lambda t: control.hangup(call_id, timeout=t))
+                except CallGone:
+                    outcome = "transferred"
+                except UpstreamError:
+                    self.log.warning("call.refer_uncertain", outcome="hangup_failed", **unanswered)
+                    raise  # (the call ends as transfer_failed, hung up by its own fallback)
+                else:  # (found gone only after a hangup attempt of its own went unanswered: hung up too)
+                    # The call was still up: the transfer did not go through, or was cut short.
+                    self.log.warning("call.refer_uncertain", outcome="hung_up", **unanswered)
+                    raise UpstreamError(f"{unsure} (the call was still up: hung up)", unsure.status)
+            self.log.warning("call.refer_uncertain", outcome=outcome, **unanswered)
 
         runtime = CallRuntime(
-            machine=CallMachine(config),
+            machine=machine,
             ctx=ctx,
             tools=tools,
             catalog=catalog,

@@ -4,6 +4,7 @@ webhook says it was handled, and an accept that may have gone through is attache
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import aiohttp
@@ -11,6 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from sideband import Refer, Reject
 from sideband.testing import Script, Simulator, run_app, wait_for_greeting
 from sideband.upstream.openai import (
     CallControl,
@@ -115,12 +117,16 @@ async def test_an_accept_that_went_through_behind_a_gateway_error_is_attached(
     assert stack.service.counters["call_gone"] == 0
 
 
+@pytest.mark.parametrize(
+    "reject_fault", [None, "timeout"], ids=["refused_at_once", "after_an_unanswered_one"]
+)
 async def test_a_reject_instead_that_finds_a_maybe_accepted_call_not_ringing_hangs_it_up(
-    stack: Stack,
+    stack: Stack, reject_fault: Any
 ) -> None:
     """The first accept went through behind a gateway's 504; the retry is refused with a 4xx that says
     nothing of an earlier accept (403), so the call is rejected instead, and the reject finds it no
-    longer ringing: it was answered, and is hung up rather than left up with nobody on it."""
+    longer ringing: it was answered, and is hung up rather than left up with nobody on it. (Also when an
+    unanswered reject came first: its retry's 404 need not be its doing.)"""
     control = stack.service.control
     real_accept = control.accept
     attempts = 0
@@ -135,10 +141,139 @@ async def test_a_reject_instead_that_finds_a_maybe_accepted_call_not_ringing_han
 
     control.accept = accept  # type: ignore[method-assign]
     call = stack.sim.create_call(Script([wait_for_greeting("Hi")]))
+    if reject_fault is not None:
+        stack.sim.fail_verb(call.call_id, "reject", reject_fault)
     result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
     assert attempts == 2
     assert _status(result) == (200, "hung_up")
+    assert _verbs(stack, call.call_id).count("reject") == (1 if reject_fault is None else 2)
     assert call.hangup_requested and call.sideband_connects == 0
+
+
+def _verbs(stack: Stack, call_id: str) -> list[str]:
+    prefix = f"/v1/realtime/calls/{call_id}/"
+    return [r.path.rsplit("/", 1)[-1] for r in stack.sim.requests if r.path.startswith(prefix)]
+
+
+@pytest.mark.parametrize(
+    ("fault", "verbs", "uncertain", "status"),
+    [
+        pytest.param(503, ["refer", "refer"], False, "referred", id="503_did_nothing_tried_again"),
+        pytest.param(504, ["refer"], True, "ringing", id="504_maybe_passed_on_not_sent_again"),
+        pytest.param("late", ["refer"], True, "referred", id="carried_out_answered_late"),
+    ],
+)
+async def test_a_refer_that_may_have_reached_the_carrier_is_not_sent_again(
+    stack: Stack, fault: Any, verbs: list[str], uncertain: bool, status: str
+) -> None:
+    """A REFER reaches the carrier each time it is sent. One that went unanswered (its answer held past
+    the budget) or that a gateway gave up on (502/504) may have been handed over: it is taken as done,
+    not sent again (a retry would transfer the caller twice, or find the call gone and call it gone).
+    Only a failure that did nothing (a 503) is tried again."""
+    stack.app.on_incoming(lambda call: Refer("tel:+14155550123"))
+    call = stack.sim.create_call(Script([]))
+    stack.sim.fail_verb(call.call_id, "refer", fault)
+    with capture_logs() as logs:
+        result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert _status(result) == (200, "referred")
+    assert _verbs(stack, call.call_id) == verbs
+    assert call.status == status  # (a 504 that passed nothing on leaves the call ringing: not known here)
+    counters = stack.service.counters
+    assert counters["referred"] == 1 and counters["call_gone"] == 0
+    (referred,) = [e for e in logs if e["event"] == "call.referred"]
+    assert referred["uncertain"] is uncertain
+    unsure = [e for e in logs if e["event"] == "call.refer_uncertain"]
+    assert len(unsure) == uncertain and all(e["log_level"] == "warning" for e in unsure)
+
+
+async def test_a_refer_attempt_gets_the_whole_budget(stack: Stack) -> None:
+    """A REFER is answered once it is handed to the SIP provider, which may take longer than an accept:
+    its one attempt is given the whole answer budget, not ``SIDEBAND_ACCEPT_TIMEOUT``."""
+    stack.app.on_incoming(lambda call: Refer("tel:+14155550123"))
+    control = stack.service.control
+    real_refer = control.refer
+    timeouts: list[float] = []
+
+    async def refer(call_id: str, target_uri: str, *, timeout: float = 5.0) -> None:
+        timeouts.append(timeout)
+        await real_refer(call_id, target_uri, timeout=timeout)
+
+    control.refer = refer  # type: ignore[method-assign]
+    call = stack.sim.create_call(Script([]))
+    result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert _status(result) == (200, "referred") and call.status == "referred"
+    settings = stack.settings
+    assert len(timeouts) == 1 and settings.accept_attempt_timeout < settings.accept_budget
+    assert timeouts[0] == pytest.approx(settings.accept_budget, abs=0.1)  # (what is left of it)
+
+
+async def test_a_refer_that_could_not_connect_is_tried_again(stack: Stack) -> None:
+    """No connection could be made: the REFER never left, and is tried again."""
+    with socket.socket() as probe:  # an address nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with aiohttp.ClientSession() as http:
+        control = CallControl(http, f"http://127.0.0.1:{port}/v1", "sk-test")
+        with pytest.raises(UpstreamError) as refused:
+            await control.refer("rtc_1", "tel:+14155550123", timeout=2)
+    assert refused.value.unsent and not refused.value.maybe_carried_out and refused.value.retryable
+
+    stack.app.on_incoming(lambda call: Refer("tel:+14155550123"))
+    real_refer = stack.service.control.refer
+    attempts = 0
+
+    async def refer(call_id: str, target_uri: str, *, timeout: float = 5.0) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise refused.value
+        await real_refer(call_id, target_uri, timeout=timeout)
+
+    stack.service.control.refer = refer  # type: ignore[method-assign]
+    call = stack.sim.create_call(Script([]))
+    with capture_logs() as logs:
+        result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert _status(result) == (200, "referred") and call.status == "referred" and attempts == 2
+    assert not [e for e in logs if e["event"] == "call.refer_uncertain"]
+
+
+async def test_an_accept_that_could_not_connect_then_finds_the_call_gone_is_call_gone(stack: Stack) -> None:
+    """An attempt that never left accepted nothing: a retry's 404 means the caller left (not an attach)."""
+    call = stack.sim.create_call(Script([]))
+    real_accept = stack.service.control.accept
+
+    async def accept(call_id: str, session: dict[str, Any], *, timeout: float = 2.0) -> None:
+        if call.status == "ringing":
+            call.status = "ended"  # the caller hangs up as the connection fails
+            raise UpstreamError("POST …/accept failed: ClientConnectorError", unsent=True)
+        await real_accept(call_id, session, timeout=timeout)
+
+    stack.service.control.accept = accept  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert _status(result) == (200, "call_gone") and call.sideband_connects == 0
+    assert not [e for e in logs if e["event"] == "call.accept_uncertain"]
+    assert await stack.service.store.claim(f"accept_uncertain:{call.call_id}", 1.0)  # nothing kept
+
+
+@pytest.mark.parametrize("instead", [False, True], ids=["rejected", "rejected_instead_of_accept"])
+async def test_a_reject_answered_late_then_found_gone_is_rejected(stack: Stack, instead: bool) -> None:
+    """The first reject rejected the call but its answer came too late; the retry finds the call no
+    longer ringing. The call was rejected (most likely by that attempt), not gone."""
+    call = stack.sim.create_call(Script([]))
+    if instead:
+        stack.sim.fail_accept(call.call_id, 422)
+    else:
+        stack.app.on_incoming(lambda call: Reject(486))
+    stack.sim.fail_verb(call.call_id, "reject", "late")
+    with capture_logs() as logs:
+        result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert _status(result) == (200, "rejected")
+    assert _verbs(stack, call.call_id)[-2:] == ["reject", "reject"] and call.status == "rejected"
+    counters = stack.service.counters
+    assert counters["rejected"] == 1 and counters["call_gone"] == 0
+    (rejected,) = [e for e in logs if e["event"] == "call.rejected"]
+    assert rejected["uncertain"] is True
 
 
 async def test_a_base_url_the_service_does_not_serve_is_named_not_taken_for_a_gone_call(

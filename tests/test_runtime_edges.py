@@ -723,6 +723,51 @@ async def test_a_transfer_that_finds_the_call_gone_is_not_reported_as_transferre
     assert not [e for e in logs if e["event"] == "call.referred"]
 
 
+@pytest.mark.parametrize(
+    ("close", "verbs", "outcome"),
+    [
+        pytest.param("clean", ["refer"], "ended", id="sideband_closed_by_the_transfer"),
+        pytest.param("silent", ["refer", "hangup"], "transferred", id="hangup_finds_the_call_gone"),
+    ],
+)
+async def test_a_transfer_whose_refer_is_answered_late_is_sent_once_and_ends_transferred(
+    stack: Stack, close: Any, verbs: list[str], outcome: str
+) -> None:
+    """The REFER was handed over but its answer came too late: it is not sent again (each reaches the
+    carrier). The call ended meanwhile (its sideband closed), or a hangup finds it gone: transferred."""
+    stack.sim.verb_close = close
+    call = transfer_call(stack)
+    stack.sim.fail_verb(call.call_id, "refer", "late")
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        summary = await stack.ended(call)
+    assert _call_verbs(stack) == verbs
+    assert call.status == "referred" and summary.reason == "transferred"
+    unsure = [(e["outcome"], e["log_level"]) for e in logs if e["event"] == "call.refer_uncertain"]
+    assert unsure == [(outcome, "warning")]
+    assert not [e for e in logs if e["event"] == "call.verb_failed"]
+
+
+async def test_a_transfer_whose_refer_goes_unanswered_hangs_up_the_call_still_up(stack: Stack) -> None:
+    """The REFER went unanswered and the call is still up: it may yet have reached the carrier, so it is
+    not sent again, and the caller must not stay on a call nobody controls: hung up, transfer_failed."""
+    stack.sim.verb_close = "silent"
+    call = transfer_call(stack)
+    stack.sim.fail_verb(call.call_id, "refer", "timeout")
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        summary = await stack.ended(call)
+    assert _call_verbs(stack)[:2] == ["refer", "hangup"]  # (the fallback's own hangup finds it gone)
+    assert call.end_reason == "hangup_verb" and summary.reason == "transfer_failed"
+    unsure = [e["outcome"] for e in logs if e["event"] == "call.refer_uncertain"]
+    assert unsure == ["hung_up"]
+    assert [e["verb"] for e in logs if e["event"] == "call.verb_failed"] == ["refer"]
+
+
+def _call_verbs(stack: Stack) -> list[str]:
+    return [r.path.rsplit("/", 1)[1] for r in stack.sim.requests if r.path.endswith(("/refer", "/hangup"))]
+
+
 def _hanging_up_call(stack: Stack) -> SimCall:
     """A call whose tool hangs up after the caller says they are done."""
 
@@ -793,7 +838,7 @@ async def test_a_verb_that_raises_something_unexpected_still_ends_the_call(
 
 async def test_a_tool_the_model_calls_once_the_transfer_is_out_neither_runs_nor_answers(stack: Stack) -> None:
     call = transfer_call(stack)
-    stack.sim.fail_verb(call.call_id, "refer", "timeout")  # the REFER is handed over slowly
+    stack.sim.fail_verb(call.call_id, "refer", "timeout")  # the REFER goes unanswered
     with capture_logs() as logs:
         assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
         await stack.sim.wait_for(
@@ -802,7 +847,8 @@ async def test_a_tool_the_model_calls_once_the_transfer_is_out_neither_runs_nor_
         # The caller speaks on while the REFER is under way, and the model calls a tool.
         late = await call.inject_function_call("lookup_order", {"order_id": "42"})
         summary = await stack.ended(call)
-    assert [t.name for t in summary.tools] == ["to_human"] and summary.reason == "transferred"
+    # (an unanswered REFER is not sent again: the call, still up, is hung up)
+    assert [t.name for t in summary.tools] == ["to_human"] and summary.reason == "transfer_failed"
     answered = [e["item"].get("call_id") for e in call.received if e["type"] == "conversation.item.create"]
     assert late.call_id not in answered
     discarded = [(e["tool"], e["reason"]) for e in logs if e["event"] == "tool.discarded"]

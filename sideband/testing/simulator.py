@@ -2694,9 +2694,8 @@ class Simulator:
             self._call_faults.setdefault(call_id, deque()).extend(faults)
 
     def fail_verb(self, call_id: str, verb: Literal["reject", "refer", "hangup"], *answers: Fault) -> None:
-        """Queue faults (HTTP status or ``"timeout"``) for the next ``verb`` requests on that call."""
-        if "late" in answers:
-            raise ValueError("the 'late' fault applies to accept only")
+        """Queue faults for the next ``verb`` requests on that call: an HTTP status, ``"timeout"`` or
+        ``"late"`` (the verb is carried out, its answer held: see :data:`Fault`)."""
         self._verb_faults.setdefault((call_id, verb), deque()).extend(self._check_faults(answers))
 
     def clear_verb_faults(self, call_id: str, verb: Literal["reject", "refer", "hangup"]) -> None:
@@ -2870,10 +2869,10 @@ class Simulator:
         if verb not in ("reject", "refer", "hangup"):
             raise web.HTTPNotFound()
         faults = self._verb_faults.get((call_id, verb))
-        if faults:
-            fault = faults.popleft()
-            if isinstance(fault, str):  # "timeout" ("late" is refused by fail_verb)
-                return await self._hold()
+        fault = faults.popleft() if faults else None
+        if fault == "timeout":
+            return await self._hold()
+        if isinstance(fault, int):
             return _fault_response(fault)
         call = self.calls.get(call_id)
         if call is None or call.ended:
@@ -2912,6 +2911,8 @@ class Simulator:
         else:
             call.hangup_requested = True
             self._spawn(call._end("hangup_verb", self.verb_close))
+        if fault == "late":
+            return await self._hold()
         return web.Response(status=200)
 
     async def _handle_accept(self, request: web.Request, call_id: str) -> web.StreamResponse:

@@ -114,15 +114,23 @@ def wrong_url(status: int, body: str) -> str:
 
 class UpstreamError(Exception):
     """OpenAI answered with an error status (``status``) or could not be reached (``status`` None).
-    ``retry_after``: the seconds its ``Retry-After`` header asked to wait, if it sent one."""
+    ``retry_after``: the seconds its ``Retry-After`` header asked to wait, if it sent one. ``unsent``: the
+    request never left (no connection could be made to OpenAI or the proxy)."""
 
     def __init__(
-        self, message: str, status: int | None = None, body: str = "", *, retry_after: float | None = None
+        self,
+        message: str,
+        status: int | None = None,
+        body: str = "",
+        *,
+        retry_after: float | None = None,
+        unsent: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.body = body[:500]
         self.retry_after = retry_after
+        self.unsent = unsent
 
     @property
     def retryable(self) -> bool:
@@ -134,9 +142,10 @@ class UpstreamError(Exception):
 
     @property
     def maybe_carried_out(self) -> bool:
-        """The attempt may have been carried out all the same: it went unanswered, or a gateway in front
-        of OpenAI gave up on it (502, 504) after passing it on."""
-        return self.status is None or self.status in (502, 504)
+        """The attempt may have been carried out all the same: it went unanswered (sent, or maybe sent,
+        but no answer came), or a gateway in front of OpenAI gave up on it (502, 504) after passing it on."""
+        status = self.status
+        return (status is None and not self.unsent) or status in (502, 504)
 
     @property
     def offer_refused(self) -> bool:
@@ -235,6 +244,8 @@ class CallControl:
             if taken:
                 return ""
             raise UpstreamError(f"{method} {path} timed out after {timeout:g} s") from None
+        except aiohttp.ClientConnectorError as exc:  # (no connection: the request never left)
+            raise UpstreamError(f"{method} {path} failed: {why(exc)}", unsent=True) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"{method} {path} failed: {why(exc)}") from None
 
@@ -325,9 +336,14 @@ async def with_retries(
     attempt_timeout: float,
     on_retry: Callable[[int, UpstreamError], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    once: bool = False,
 ) -> T:
     """Run ``attempt(timeout)`` until it succeeds, a non-retryable error occurs, or ``budget`` seconds
-    are spent. Backoff 50 ms doubling with jitter; each attempt's timeout is clipped to what is left."""
+    are spent. Backoff 50 ms doubling with jitter; each attempt's timeout is clipped to what is left.
+
+    ``once``: what the attempt asks must not be carried out twice (a REFER reaches the carrier each time):
+    an attempt that may have been carried out (:attr:`UpstreamError.maybe_carried_out`) is not tried
+    again; its error is raised."""
     deadline = clock() + budget
     delay = 0.05
     tries = 0
@@ -347,7 +363,7 @@ async def with_retries(
                 # reaping its losing connection attempts can absorb a cancel): no retry, the cancel stands.
                 raise asyncio.CancelledError from None
             left = deadline - clock()
-            if not exc.retryable or last:
+            if not exc.retryable or last or (once and exc.maybe_carried_out):
                 raise
             wait = delay * (0.5 + random.random() / 2)
             if exc.retry_after:  # as long as the server asks; past the budget, one last try at its end
