@@ -420,6 +420,31 @@ async def test_a_vowel_mint_answer_that_is_no_token_is_an_upstream_error(answer:
     assert expected in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "location",
+    [
+        "/v1/realtime/calls/rtc_abc",
+        "/v1/realtime/calls/rtc_abc/",
+        "/v1/realtime/calls/rtc_abc?region=eu",
+        "https://api.example/v1/realtime/calls/rtc_abc#x",
+    ],
+)
+async def test_the_call_id_is_the_last_segment_of_the_locations_path(location: str) -> None:
+    async def created(request: web.Request) -> web.Response:
+        return web.Response(status=201, text="v=0 answer", headers={"Location": location})
+
+    app = web.Application()
+    app.router.add_post("/v1/realtime/calls", created)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            control = CallControl(http, str(server.make_url("/v1")), "sk-test")
+            assert await control.create_call("v=0", {"type": "realtime"}) == ("rtc_abc", "v=0 answer")
+    finally:
+        await server.close()
+
+
 async def silent_server() -> tuple[TestServer, list[str]]:
     """A started server that takes every POST and never answers; the paths posted to, in order."""
     posts: list[str] = []

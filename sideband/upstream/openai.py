@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from websockets.exceptions import InvalidStatus
@@ -304,7 +304,7 @@ class CallControl:
             raise UpstreamError("POST /realtime/calls timed out") from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"POST /realtime/calls failed: {why(exc)}") from None
-        call_id = location.rstrip("/").rsplit("/", 1)[-1]
+        call_id = urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1]  # (a query is no part of it)
         if not call_id.startswith("rtc_"):
             raise UpstreamError(f"POST /realtime/calls gave no call id in Location ({location!r})", 201)
         return call_id, text
