@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -363,22 +363,31 @@ async def test_a_refused_accept_or_refer_rejects_the_call_instead(
     assert result.status == 200 and moved.status == "rejected" and moved.reject_body == {"status_code": 480}
 
 
-async def test_an_upstream_error_page_that_is_not_utf8_is_an_upstream_error() -> None:
-    async def proxy_page(request: web.Request) -> web.Response:
-        return web.Response(status=502, body=b"\xff\xfe<html>bad gateway\x00", content_type="text/html")
-
+@contextlib.asynccontextmanager
+async def local_server(*routes: tuple[str, str, Any]) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
+    """A server on loopback answering ``(method, path, handler)`` routes: its base URL and a client
+    session, both closed afterwards."""
     app = web.Application()
-    app.router.add_post("/v1/realtime/calls/{call_id}/accept", proxy_page)
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
         async with aiohttp.ClientSession() as http:
-            control = CallControl(http, str(server.make_url("/v1")), "sk-test")
-            with pytest.raises(UpstreamError) as caught:
-                await control.accept("rtc_x", {"type": "realtime"})
-        assert caught.value.status == 502 and caught.value.retryable and "bad gateway" in caught.value.body
+            yield str(server.make_url("")).rstrip("/"), http
     finally:
         await server.close()
+
+
+async def test_an_upstream_error_page_that_is_not_utf8_is_an_upstream_error() -> None:
+    async def proxy_page(request: web.Request) -> web.Response:
+        return web.Response(status=502, body=b"\xff\xfe<html>bad gateway\x00", content_type="text/html")
+
+    async with local_server(("POST", "/v1/realtime/calls/{call_id}/accept", proxy_page)) as (url, http):
+        control = CallControl(http, url + "/v1", "sk-test")
+        with pytest.raises(UpstreamError) as caught:
+            await control.accept("rtc_x", {"type": "realtime"})
+    assert caught.value.status == 502 and caught.value.retryable and "bad gateway" in caught.value.body
 
 
 @pytest.mark.parametrize("answer", ["nested", "nested_error", "redirect"])
@@ -399,18 +408,10 @@ async def test_a_vowel_mint_answer_that_is_no_token_is_an_upstream_error(answer:
             status=200 if answer == "nested" else 500, text=body, content_type="application/json"
         )
 
-    app = web.Application()
-    app.router.add_route("*", "/v1/realtime/sessions", mint)
-    app.router.add_route("*", "/elsewhere/v1/realtime/sessions", mint)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession() as http:
-            core = VowelCore(http, str(server.make_url("")), "vk-test")
-            with pytest.raises(UpstreamError) as caught:
-                await core.mint({"tools": []})
-    finally:
-        await server.close()
+    routes = [("*", "/v1/realtime/sessions", mint), ("*", "/elsewhere/v1/realtime/sessions", mint)]
+    async with local_server(*routes) as (url, http):
+        with pytest.raises(UpstreamError) as caught:
+            await VowelCore(http, url, "vk-test").mint({"tools": []})
     assert posts == ["POST"]
     expected = {
         "nested": "non-JSON",
@@ -433,16 +434,9 @@ async def test_the_call_id_is_the_last_segment_of_the_locations_path(location: s
     async def created(request: web.Request) -> web.Response:
         return web.Response(status=201, text="v=0 answer", headers={"Location": location})
 
-    app = web.Application()
-    app.router.add_post("/v1/realtime/calls", created)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession() as http:
-            control = CallControl(http, str(server.make_url("/v1")), "sk-test")
-            assert await control.create_call("v=0", {"type": "realtime"}) == ("rtc_abc", "v=0 answer")
-    finally:
-        await server.close()
+    async with local_server(("POST", "/v1/realtime/calls", created)) as (url, http):
+        control = CallControl(http, url + "/v1", "sk-test")
+        assert await control.create_call("v=0", {"type": "realtime"}) == ("rtc_abc", "v=0 answer")
 
 
 async def silent_server() -> tuple[TestServer, list[str]]:
