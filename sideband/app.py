@@ -70,6 +70,17 @@ calls whose routing hook blocks a while waits for no thread until more than this
 AUTHORIZE_TIMEOUT = 5.0
 """Seconds an ``authorize_browser`` hook may take before the request is answered 503."""
 
+
+class HookTimeout(TimeoutError):
+    """A hook overran its ``budget`` (seconds). ``started``: whether it ran at all (a sync one may have
+    waited all that time for a thread of its pool, every one busy)."""
+
+    def __init__(self, *, budget: float, started: bool) -> None:
+        super().__init__("timeout")
+        self.budget = budget
+        self.started = started
+
+
 _URI = re.compile(r"(?:sips?|tel):([^@;>]+)", re.IGNORECASE)
 _VISUAL = re.compile(r"[\s\-.()]")
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')  # RFC 3261 quoted-string, \" escapes included
@@ -449,23 +460,32 @@ class Sideband:
 
     async def authorize(self, request: web.Request) -> bool:
         """Run the :meth:`authorize_browser` hook under :data:`AUTHORIZE_TIMEOUT` (``False`` without
-        one). Its exceptions propagate; an overrun raises :class:`TimeoutError`."""
+        one). Its exceptions propagate; an overrun raises :class:`HookTimeout`."""
         hook = self._authorize_browser
         if hook is None:
             return False
-        async with asyncio.timeout(AUTHORIZE_TIMEOUT) as timer:
-            if is_async_callable(hook):
-                result = await hook(request)
-            else:
-                run = in_thread(hook, request)
-                result = await asyncio.get_running_loop().run_in_executor(self._authorize_threads, run)
-                if inspect.isawaitable(result):
-                    result = await result
+        started: threading.Event | None = None
+        try:
+            async with asyncio.timeout(AUTHORIZE_TIMEOUT) as timer:
+                if is_async_callable(hook):
+                    result = await hook(request)
+                else:
+                    started = threading.Event()
+                    run = in_thread(hook, request, started=started)
+                    result = await asyncio.get_running_loop().run_in_executor(self._authorize_threads, run)
+                    if inspect.isawaitable(result):
+                        result = await result
+        except TimeoutError as exc:
+            if timer.expired():
+                raise HookTimeout(
+                    budget=AUTHORIZE_TIMEOUT, started=started is None or started.is_set()
+                ) from exc
+            raise  # the hook's own TimeoutError: its failure
         due = timer.when()
         if timer.expired() or (due is not None and asyncio.get_running_loop().time() >= due):
             # It swallowed its cancellation and answered late, or its blocking code held the event loop
             # past its time (whose timer could not fire meanwhile): not heard.
-            raise TimeoutError
+            raise HookTimeout(budget=AUTHORIZE_TIMEOUT, started=True)
         return bool(result)
 
     def close(self) -> None:

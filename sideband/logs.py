@@ -263,7 +263,13 @@ def failure_fields(exc: BaseException, *, message: bool, full: bool) -> dict[str
     line) and the exception's type, no message."""
     if full:
         return {"error": describe(exc, message=True), "exc_info": exc}
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename != _STEPWISE]
+    frames: list[traceback.FrameSummary] = list(traceback.extract_tb(exc.__traceback__))
+    cause = exc.__cause__
+    if isinstance(exc, RuntimeError) and isinstance(cause, StopIteration):
+        # A coroutine's StopIteration, which Python turns into a RuntimeError where it is awaited: the
+        # frames that raised it are the StopIteration's.
+        frames.extend(traceback.extract_tb(cause.__traceback__))
+    frames = [f for f in frames if f.filename != _STEPWISE]
     frames = frames[-_STACK_FRAMES:]
     stack = "".join(traceback.format_list(frames)) + type(exc).__name__
     return {"error": describe(exc, message=message), "stack": stack}

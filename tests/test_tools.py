@@ -18,6 +18,7 @@ import pytest
 from pydantic import BaseModel, Field, ValidationError
 
 from sideband.context import NO_ACTIONS, CallContext
+from sideband.logs import failure_fields
 from sideband.tools import MAX_OUTPUT, Tool, ToolError, ToolRegistry, ToolResult
 
 # -- helpers and module-level types ------------------------------------------------------------------
@@ -1055,6 +1056,9 @@ async def test_a_tool_raising_stop_iteration_fails_at_once(sync: bool) -> None:
     assert (res.outcome, loads(res)) == ("error", {"error": "tool_failed", "message": "RuntimeError"})
     assert isinstance(res.exception, RuntimeError)
     assert isinstance(res.exception.__cause__, StopIteration)
+    # The logged stack names the line that raised, not only where the tool was awaited.
+    stack = failure_fields(res.exception, message=False, full=False)["stack"]
+    assert "return next(o for o in orders" in stack and stack.endswith("RuntimeError")
 
 
 async def test_a_tool_that_swallows_its_timeout_and_returns_late_still_timed_out() -> None:

@@ -266,6 +266,8 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
             sys.exit("session store client gave up")
         if request.cookies.get("session") == "unknown":  # a lookup that found nothing
             return next(s for s in ("alice",) if s == request.cookies.get("session"))
+        if request.cookies.get("session") == "slow":  # its store client's own timeout: a failure, no overrun
+            raise TimeoutError("session store timed out")
         return request.cookies.get("session") == "alice"
 
     async with run_app(app, simulator, **TEST_SETTINGS) as stack:
@@ -278,6 +280,7 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
                 ("gone", 503),
                 ("quit", 503),
                 ("unknown", 503),
+                ("slow", 503),
                 (None, 403),
             ):
                 cookies = {"session": cookie} if cookie else {}
@@ -286,9 +289,9 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
                     http.post(stack.url("/rtc/sessions"), json={}) as resp,
                 ):
                     assert resp.status == expected, cookie
-    assert seen == ["alice", "mallory", "boom", "gone", "quit", "unknown", None]
+    assert seen == ["alice", "mallory", "boom", "gone", "quit", "unknown", "slow", None]
     failed = [e["error"] for e in logs if e["event"] == "rtc.authorize_failed"]
-    assert failed == ["RuntimeError", "CancelledError", "SystemExit", "RuntimeError"]
+    assert failed == ["RuntimeError", "CancelledError", "SystemExit", "RuntimeError", "TimeoutError"]
     assert {name.split("_")[0] for name in threads} == {"sideband-authorize"}  # never the tools' threads
     assert sum(1 for r in simulator.requests if r.path == "/v1/realtime/client_secrets") == 1
 
@@ -332,8 +335,42 @@ async def test_an_authorize_hook_that_answers_after_its_time_is_not_heard(
     async with run_app(app, simulator, **TEST_SETTINGS) as stack:
         with capture_logs() as logs:
             assert (await post_json(stack, "/rtc/sessions", {}))[0] == 503
-    assert [e["error"] for e in logs if e["event"] == "rtc.authorize_failed"] == ["timeout"]
+    failed = [(e["error"], e["budget_s"], e["started"]) for e in logs if e["event"] == "rtc.authorize_failed"]
+    assert failed == [("timeout", 0.2, True)]
     assert not [r for r in simulator.requests if r.path == "/v1/realtime/client_secrets"]
+
+
+async def test_an_authorize_hook_that_waited_for_a_thread_all_its_time_says_so(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every thread of the hook's pool busy: the overrun says the hook never started (the pool is too
+    small for the lookups' pace), not that it was slow."""
+    monkeypatch.setattr("sideband.app.HOOK_THREADS", 1)
+    monkeypatch.setattr("sideband.app.AUTHORIZE_TIMEOUT", 0.3)
+    app = Sideband(instructions="x")
+    holding = threading.Event()
+    release = threading.Event()
+
+    @app.authorize_browser
+    def signed_in(request: web.Request) -> bool:
+        if request.cookies.get("session") == "first":
+            holding.set()
+            release.wait(10)
+        return True
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        with capture_logs() as logs:
+            async with aiohttp.ClientSession(cookies={"session": "first"}) as http:
+                first = asyncio.create_task(http.post(stack.url("/rtc/sessions"), json={}))
+                await asyncio.to_thread(holding.wait, 10)
+                try:
+                    assert (await post_json(stack, "/rtc/sessions", {}))[0] == 503
+                finally:
+                    release.set()
+                async with await first as resp:
+                    assert resp.status == 503  # its own overrun: it held its thread past its time
+    failed = [e["started"] for e in logs if e["event"] == "rtc.authorize_failed"]
+    assert sorted(failed) == [False, True]
 
 
 async def test_only_requests_another_site_cannot_send_blind_are_served(stack: Stack) -> None:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from structlog.typing import FilteringBoundLogger
 
 from sideband import jsonio
-from sideband.app import Sideband
+from sideband.app import HookTimeout, Sideband
 from sideband.blocking import Stepwise, log_blocked
 from sideband.edge.verify import VerificationError, Verifier
 from sideband.logs import failure_fields
@@ -287,8 +287,8 @@ async def _browser_gate(
         return _json(404, {"error": "not found"})
     try:
         allowed = await Stepwise(service.app.authorize(request), log_blocked(log, hook="authorize_browser"))
-    except TimeoutError:
-        log.error("rtc.authorize_failed", error="timeout")
+    except HookTimeout as exc:
+        log.error("rtc.authorize_failed", error="timeout", budget_s=exc.budget, started=exc.started)
         service.refused["rtc.authorize_failed", 503] += 1
         return _json(503, {"error": "authorization unavailable"})
     except BaseException as exc:  # its backend (a session store…) failed; a SystemExit is a failure too
