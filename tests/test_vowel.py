@@ -1048,6 +1048,33 @@ async def test_a_say_that_finds_the_engine_answering_past_its_timeout_sends_noth
     assert "Are you there?" not in vowel.sessions[0].user_texts
 
 
+async def test_a_says_timeout_bounds_the_whole_turn_the_wait_for_quiet_included(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """A reply under way takes most of the turn's time: the reply to the text, which takes as long,
+    is not given the whole timeout again (the say() would then wait up to twice what it was told)."""
+    spent = asyncio.Event()
+
+    @app.tool(timeout=5)
+    async def ponder() -> str:
+        """Takes its time."""
+        await asyncio.sleep(0.3)
+        spent.set()
+        return "done"
+
+    vowel.script([when("think", calls=[("ponder", {})], reply="Thought.")])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        session.runtime.send_text("think")  # (a hook's text: its reply's tool takes 0.3 s)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(EngineError) as caught:
+            await session.say("think again", timeout=0.45)  # its own reply takes 0.3 s more
+        waited = loop.time() - started
+        assert caught.value.reason == "reply_timeout" and "not sent" not in str(caught.value)
+        assert spent.is_set() and waited < 1.0, waited  # (not the 0.6 s the two replies take)
+    assert vowel.sessions[0].user_texts == ["think", "think again"]
+
+
 async def test_a_reply_keeps_every_line_even_a_repeated_one(vowel: VowelSimulator, app: Sideband) -> None:
     vowel.script(
         [

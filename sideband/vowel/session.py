@@ -362,7 +362,8 @@ class EngineSession:
 
     # ------------------------------------------------------------------------------ driving
     async def say(self, text: str, *, timeout: float | None = None) -> Reply:
-        """Send a user text turn and wait for the assistant's reply (tools it ran included).
+        """Send a user text turn and wait for the assistant's reply (tools it ran included), for at most
+        ``timeout`` seconds in all (``reply_timeout`` by default).
 
         The engine answers user text by itself: no ``response.create`` is sent for it. A reply already
         under way or on its way (a hook's ``ctx.say()`` or text, the tools of an earlier reply) is waited
@@ -375,13 +376,15 @@ class EngineSession:
             await self._ready()
             runtime = self.runtime
             limit = self.reply_timeout if timeout is None else timeout
-            await self._until_quiet(limit)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + limit  # (the whole turn's: the wait for quiet counts)
+            await self._until_quiet(limit, deadline)
             summary = runtime.summary
-            future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[Reply] = loop.create_future()
             self._turn = _Turn(future, len(summary.transcript), len(summary.tools))
             try:
                 runtime.send_text(text)
-                async with asyncio.timeout(limit):  # (3.11's wait_for can lose a cancellation)
+                async with asyncio.timeout_at(deadline):  # (3.11's wait_for can lose a cancellation)
                     return await future
             except TimeoutError:
                 # The engine is stuck, or its late reply would be taken for the next turn's: this
@@ -400,15 +403,15 @@ class EngineSession:
                 self._turn = None
                 del future  # it may hold the error raised here, whose traceback holds this frame
 
-    async def _until_quiet(self, limit: float) -> None:
+    async def _until_quiet(self, limit: float, deadline: float) -> None:
         """Wait until no response is under way, owed or expected (the engine's answer to a hook's text)
         and no tool runs (a reply already under way would be taken for the next turn's). Raises
-        :class:`EngineError` once the session has ended, or ``reply_timeout`` after ``limit`` seconds (the
-        turn not sent: the session carries on)."""
+        :class:`EngineError` once the session has ended, or ``reply_timeout`` at ``deadline`` (the
+        loop's time; ``limit`` seconds after the turn began: the turn not sent, the session carries on)."""
         machine, task, quiet = self.runtime.machine, self._task, self.runtime.quiet_signal()
         assert task is not None
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout_at(deadline):
                 while (machine.busy or machine.response_pending) and not task.done():
                     quiet.clear()
                     waiter = asyncio.ensure_future(quiet.wait())
