@@ -1017,17 +1017,27 @@ async def test_call_control_retries_wait_as_the_server_asks() -> None:
     assert tries[1] - tries[0] >= 0.45  # not the usual 50 ms
 
     tries.clear()
+    timeouts: list[float] = []
 
     async def far_later(timeout: float) -> str:
         tries.append(loop.time())
+        timeouts.append(timeout)
         raise UpstreamError("POST /x answered 503", 503, retry_after=60)
 
     started = loop.time()
     with pytest.raises(UpstreamError):  # past the budget: one last try at its end, not a minute later
+        await asyncio.wait_for(with_retries(far_later, budget=4.0, attempt_timeout=1.5), 6.0)
+    # The last try keeps time enough to be answered (an attempt's timeout, or half of what is left).
+    assert len(tries) == 2 and 2.3 <= tries[1] - started <= 3.0, tries[1] - started  # (about 2.5 s)
+    assert 1.2 <= timeouts[1] <= 1.5, timeouts
+
+    tries.clear()
+    timeouts.clear()
+    started = loop.time()
+    with pytest.raises(UpstreamError):
         await asyncio.wait_for(with_retries(far_later, budget=1.0, attempt_timeout=1.0), 3.0)
-    assert (
-        len(tries) == 2 and 0.6 <= tries[1] - started <= 1.3
-    )  # (about 0.75 s: the budget less a last try's)
+    assert len(tries) == 2 and 0.4 <= tries[1] - started <= 0.9, tries[1] - started  # (about 0.5 s)
+    assert 0.3 <= timeouts[1] <= 0.5, timeouts
 
     tries.clear()
 

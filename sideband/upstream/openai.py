@@ -367,10 +367,11 @@ async def with_retries(
                 raise
             wait = delay * (0.5 + random.random() / 2)
             if exc.retry_after:  # as long as the server asks; past the budget, one last try at its end
-                if exc.retry_after < left - _LAST_TRY:
+                keep = max(min(attempt_timeout, left / 2), _LAST_TRY)  # (time enough to be answered)
+                if exc.retry_after < left - keep:
                     wait = max(wait, exc.retry_after)
                 else:
-                    wait, last = max(left - _LAST_TRY, 0.0), True
+                    wait, last = max(left - keep, 0.0), True
             if left <= wait:
                 raise
             if on_retry is not None:
@@ -379,7 +380,9 @@ async def with_retries(
             delay = min(delay * 2, 1.0)
 
 
-_LAST_TRY = 0.25  # seconds of a budget kept for the last attempt when a Retry-After asks for more
+# When a Retry-After asks for more than the budget has left, the last attempt keeps half of what is left
+# (at most an attempt's timeout, at least this many seconds).
+_LAST_TRY = 0.25
 
 
 def retry_after(value: str | None, *, now: Callable[[], float] = time.time) -> float | None:
