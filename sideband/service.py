@@ -489,9 +489,13 @@ class Service:
             await store.release(wkey)  # this delivery did nothing: a redelivery must not look handled
             return await self._duplicate(ckey, fields)
         reply: Reply | None = None
+        store_down = False  # the answer path itself found the store down (the edge logs that)
         tokens = structlog.contextvars.bind_contextvars(call_id=data.call_id)
         try:
             reply = await self._incoming(webhook_id, data, event, received)
+        except StoreUnavailable:
+            store_down = True
+            raise
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
             done = reply is not None and reply.status < 500
@@ -503,9 +507,10 @@ class Service:
                     await store.release(ckey)
                     await store.release(wkey)
             except StoreUnavailable as exc:
-                self.log.warning(
-                    "store.unavailable", error=str(exc), call_id=data.call_id, webhook_id=webhook_id
-                )
+                if not store_down:  # (one line per outage met: the edge logs the one raised on)
+                    self.log.warning(
+                        "store.unavailable", error=str(exc), call_id=data.call_id, webhook_id=webhook_id
+                    )
                 # A failure's pending claims expire on their own. The work done must not be done again
                 # once they have: a later delivery would answer the call twice.
                 if done:

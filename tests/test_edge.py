@@ -724,6 +724,31 @@ async def test_a_store_failing_as_the_call_is_claimed_frees_the_delivery_for_its
     await call.wait_connected(timeout=5)
 
 
+async def test_a_store_lost_in_the_middle_of_an_answer_is_one_line(stack: Stack) -> None:
+    """Redis goes away after the call is claimed: the answer path's next claim fails, and so does the
+    release of the claims it holds. One ``store.unavailable`` line says so, not one per command."""
+
+    class LostAfterTheCallClaim(StoreFailingOnce):
+        async def claim(self, key: str, ttl: float) -> bool:
+            if self.failed:
+                raise StoreUnavailable("redis at redis://cache:6379/0: Connection refused")
+            self.failed = key.startswith("call:")
+            return await self.inner.claim(key, ttl)
+
+        async def release(self, key: str) -> None:
+            if self.failed:
+                raise StoreUnavailable("redis at redis://cache:6379/0: Connection refused")
+            await self.inner.release(key)
+
+    stack.service.store = LostAfterTheCallClaim(stack.service.store, "call:")
+    call = stack.sim.create_call(Script([]))  # (an accept claims its own mark before it goes out)
+    with capture_logs() as logs:
+        result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert result.status == 503
+    down = [e for e in logs if e["event"] == "store.unavailable"]
+    assert len(down) == 1 and down[0]["call_id"] == call.call_id, down
+
+
 # Room for exactly one attempt: it goes unanswered, and the budget is spent with no retry after it.
 @pytest.mark.parametrize("settings_overrides", [{"accept_budget": 1.0, "accept_attempt_timeout": 1.0}])
 async def test_a_lone_accept_attempt_that_went_unanswered_is_remembered_for_the_redelivery(
