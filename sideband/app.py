@@ -440,9 +440,11 @@ class Sideband:
         ``fn`` approves: it gets the :class:`aiohttp.web.Request` (cookies, headers: your own login) and
         returns true to let it through (sync or async; a sync one runs in threads of its own, never the
         tools'). It has :data:`AUTHORIZE_TIMEOUT` seconds; one that raises or overruns gets the request a
-        503. Without it, those routes answer 404: a server that only takes phone calls offers no way to
-        start a call, or mint a key, with its API key. ``app.authorize_browser(lambda request: True)``
-        opens them to anyone.
+        503, but an aiohttp ``HTTPException`` of 3xx/4xx it raises (``check_authorized``'s 401, a redirect
+        to a login page) is the answer given. It may read the body (``await request.json()``). Without
+        it, those routes answer 404: a server that only takes phone calls offers no way to start a call,
+        or mint a key, with its API key. ``app.authorize_browser(lambda request: True)`` opens them to
+        anyone.
         """
         _check_hook("authorize_browser", fn, ("request",))
         self._authorize_browser = fn

@@ -129,6 +129,7 @@ BROWSER_REFUSALS: tuple[tuple[str, int], ...] = (
     ("rtc.rejected", 408),
     ("rtc.rejected", 413),
     ("rtc.rejected", 415),
+    ("rtc.unauthorized", 401),
     ("rtc.unauthorized", 403),
     ("rtc.authorize_failed", 503),
     ("rtc.draining", 503),

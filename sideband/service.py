@@ -258,7 +258,7 @@ class Service:
         if settings.routes_file:  # every route's session as a SIP accept would send it: fail at start
             self.routes = RouteTable.load(settings.routes_file, app.tools.names())
             self.routes.check(app)
-        self.route_reloads: Counter[str] = Counter()
+        self.route_reloads: Counter[str] = zeros(("ok", "failed"))
         """Route file reloads by outcome, ``ok`` or ``failed`` (``/metrics``)."""
         self.routes_reload_ok = True
         """Whether the last reload put the file in force (``False``: the table in force is older)."""

@@ -169,6 +169,7 @@ async def test_a_fresh_instance_shows_the_known_series_of_its_counters_at_zero(s
         **{(UNKNOWN_TOOL, outcome): 0 for outcome in UNKNOWN_TOOL_OUTCOMES},
     }
     assert found["sideband_guardrail_trips"] == {("no_promises",): 0}
+    assert found["sideband_route_reloads"] == {("ok",): 0, ("failed",): 0}
     refusals = {(event, str(status)): 0 for event, status in (*REFUSALS, *BROWSER_REFUSALS)}
     assert found["sideband_requests_refused"] == refusals
     assert {"accepted", "busy", "route_failed", "answer_failed"} <= set(EVENT_OUTCOMES)

@@ -266,6 +266,8 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
             sys.exit("session store client gave up")
         if request.cookies.get("session") == "unknown":  # a lookup that found nothing
             return next(s for s in ("alice",) if s == request.cookies.get("session"))
+        if request.cookies.get("session") == "expired":  # aiohttp-security's check_authorized
+            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
         if request.cookies.get("session") == "slow":  # its store client's own timeout: a failure, no overrun
             raise TimeoutError("session store timed out")
         return request.cookies.get("session") == "alice"
@@ -281,6 +283,7 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
                 ("quit", 503),
                 ("unknown", 503),
                 ("slow", 503),
+                ("expired", 401),  # the hook's own answer, headers and all
                 (None, 403),
             ):
                 cookies = {"session": cookie} if cookie else {}
@@ -289,11 +292,49 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
                     http.post(stack.url("/rtc/sessions"), json={}) as resp,
                 ):
                     assert resp.status == expected, cookie
-    assert seen == ["alice", "mallory", "boom", "gone", "quit", "unknown", "slow", None]
+                    assert (resp.headers.get("WWW-Authenticate") == "Bearer") == (cookie == "expired")
+            async with aiohttp.ClientSession() as http, http.get(stack.url("/metrics")) as resp:
+                metrics = await resp.text()
+    assert seen == ["alice", "mallory", "boom", "gone", "quit", "unknown", "slow", "expired", None]
+    refused = 'sideband_requests_refused_total{event="rtc.unauthorized",status="%d"} %d'
+    assert refused % (401, 1) in metrics and refused % (403, 2) in metrics  # (mallory, None)
     failed = [e["error"] for e in logs if e["event"] == "rtc.authorize_failed"]
     assert failed == ["RuntimeError", "CancelledError", "SystemExit", "RuntimeError", "TimeoutError"]
     assert {name.split("_")[0] for name in threads} == {"sideband-authorize"}  # never the tools' threads
     assert sum(1 for r in simulator.requests if r.path == "/v1/realtime/client_secrets") == 1
+
+
+async def test_an_authorize_hook_may_read_the_body(simulator: Simulator) -> None:
+    """A CSRF token in the JSON body: the hook reads it, and the route still gets the whole body."""
+    app = Sideband(instructions="x")
+    tokens: list[object] = []
+
+    @app.authorize_browser
+    async def csrf(request: web.Request) -> bool:
+        if request.content_type == "application/json":
+            data = await request.json()
+        else:
+            data = {"csrf": "sdp" if (await request.text()).startswith("v=0") else None}
+        tokens.append(data.get("csrf"))
+        return data.get("csrf") in ("t", "sdp")
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        status, minted = await post_json(stack, "/rtc/sessions", {"csrf": "t"})
+        assert status == 200
+        call = stack.sim.create_webrtc_call(Script([]))
+        body = {"call_id": call.call_id, "ticket": minted["ticket"], "csrf": "t"}
+        assert (await post_json(stack, "/rtc/handoff", body))[0] == 200
+        await call.wait_connected(timeout=5)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                stack.url("/rtc/calls"), data=OFFER, headers={"content-type": "application/sdp"}
+            ) as resp,
+        ):
+            assert resp.status == 201 and (await resp.text()).startswith("v=0")
+        too_big = {"call_id": call.call_id, "ticket": "t" * 9000, "csrf": "t"}  # (read whole by the hook)
+        assert (await post_json(stack, "/rtc/handoff", too_big))[0] == 413
+    assert tokens == ["t", "t", "sdp", "t"]
 
 
 async def test_browsers_arriving_together_are_authorized_together(simulator: Simulator) -> None:

@@ -65,6 +65,13 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     :data:`BODY_TIMEOUT`."""
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    # The body an authorize_browser hook read already (``await request.json()``): aiohttp keeps it for
+    # ``read()``, and the stream has nothing left.
+    read = request._read_bytes
+    if read is not None:
+        if len(read) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(read))
+        return read
     content = request.content
     if content.is_eof() and content.exception() is None:  # all of it came with the headers: no waiting
         data = content.read_nowait()
@@ -292,6 +299,12 @@ async def _browser_gate(
         service.refused["rtc.authorize_failed", 503] += 1
         return _json(503, {"error": "authorization unavailable"})
     except BaseException as exc:  # its backend (a session store…) failed; a SystemExit is a failure too
+        if isinstance(exc, web.HTTPException) and 300 <= exc.status < 500:
+            # Its own answer (aiohttp-security's ``check_authorized`` raises 401; a login check may
+            # redirect): given as it is, headers and all.
+            log.warning("rtc.unauthorized", status=exc.status, reason=exc.reason)
+            service.refused["rtc.unauthorized", exc.status] += 1
+            raise
         if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc):
             raise
         logged = service.settings.log_tool_arguments
