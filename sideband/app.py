@@ -316,7 +316,11 @@ class Sideband:
         explicit = {k: v for k, v in (("model", model), ("greeting", greeting)) if not isinstance(v, _Unset)}
         self.config = config.model_copy(update=explicit) if explicit else config
         self.name = name
-        self.tools = ToolRegistry(default_timeout=tool_timeout, default_filler_after=filler_after)
+        try:
+            self.tools = ToolRegistry(default_timeout=tool_timeout, default_filler_after=filler_after)
+        except ValueError as exc:  # (said with this constructor's names)
+            message = str(exc).replace("default_timeout", "tool_timeout")
+            raise ValueError(message.replace("default_filler_after", "filler_after")) from None
         self.transfer_targets: dict[str, str] = check_transfer_targets(transfer_targets or {})
         self.transfer_tool: str | None = None
         """The name of the tool :meth:`enable_transfer` added (SIP calls only: a REFER needs a phone call)."""

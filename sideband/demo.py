@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from sideband.app import Sideband, parse_number
+from sideband.app import IncomingCall, Sideband
 from sideband.context import CallContext
-from sideband.routing import RouteTable
 from sideband.runtime.driver import CallSummary, ToolRecord
-from sideband.session import Accept
+from sideband.session import Accept, Decision
 from sideband.testing import (
+    Harness,
     Script,
     caller_hangs_up,
     caller_presses,
@@ -26,6 +28,7 @@ from sideband.testing import (
     run_app,
     wait_for_greeting,
 )
+from sideband.testing.script import WaitForGreeting
 from sideband.vowel.dial import run_vowel_demo
 
 __all__ = ["Scenario", "order_desk_scenarios", "run_demo", "valid_number"]
@@ -52,6 +55,10 @@ class Scenario:
     script: Script
     from_number: str = FROM_NUMBER
     to_number: str = TO_NUMBER
+    greeting: WaitForGreeting | None = None
+    """The caller's first step when the call is greeted: the server's decision for the call (the route
+    file, the routing hook, the app) says whether it is, as the call is answered. ``None``: ``script``
+    says it all."""
 
 
 def order_desk_scenarios() -> list[Scenario]:
@@ -107,25 +114,14 @@ def order_desk_scenarios() -> list[Scenario]:
     ]
 
 
-def generic_scenarios(
-    app: Sideband,
-    routes: RouteTable | None = None,
-    *,
-    from_number: str = FROM_NUMBER,
-    to_number: str = TO_NUMBER,
-) -> list[Scenario]:
+def generic_scenarios(*, from_number: str = FROM_NUMBER, to_number: str = TO_NUMBER) -> list[Scenario]:
     """A plain call for an app the demo knows nothing about, from ``from_number`` to ``to_number``:
-    greeted first if the call's route (in ``routes``, by the number dialed), else the app, greets."""
-    route = None if routes is None else routes.match(parse_number(f"sip:{to_number}@sip.example.com"))
-    plan = app.plan(route if isinstance(route, Accept) else None)
-    greets = bool(plan.greeting)  # ("": no greeting, as None)
-    opening = [wait_for_greeting("Hello, how can I help?")] if greets else []
+    greeted first if the server's decision for it greets."""
     return [
         Scenario(
             "hello and goodbye",
             Script(
                 [
-                    *opening,
                     caller_says("Hello there."),
                     model_says("Hi! How can I help you today?"),
                     caller_hangs_up(),
@@ -133,6 +129,7 @@ def generic_scenarios(
             ),
             from_number=from_number,
             to_number=to_number,
+            greeting=wait_for_greeting("Hello, how can I help?"),
         )
     ]
 
@@ -221,7 +218,7 @@ async def run_demo(
             raise ValueError(f"{name} must be a phone number or a SIP user name, got {number!r}")
     out = out or sys.stdout
     user_app = app
-    scenarios: Callable[[RouteTable], list[Scenario]]
+    scenarios: list[Scenario]
     if app is None:
         if from_number is not None or to_number is not None:
             raise ValueError("the bundled demo's calls have numbers of their own: give your app to set them")
@@ -229,17 +226,10 @@ async def run_demo(
 
         app = order_desk
         *answered, rejected = order_desk_scenarios()
-        bundled = [*(answered[i % len(answered)] for i in range(calls)), rejected]
-
-        def scenarios(routes: RouteTable) -> list[Scenario]:
-            return bundled
-
+        scenarios = [*(answered[i % len(answered)] for i in range(calls)), rejected]
     else:
-        caller, dialed = from_number or FROM_NUMBER, to_number or TO_NUMBER
-
-        def scenarios(routes: RouteTable) -> list[Scenario]:
-            pool = generic_scenarios(app, routes, from_number=caller, to_number=dialed)
-            return [pool[i % len(pool)] for i in range(calls)]
+        pool = generic_scenarios(from_number=from_number or FROM_NUMBER, to_number=to_number or TO_NUMBER)
+        scenarios = [pool[i % len(pool)] for i in range(calls)]
 
     printer = _Printer(out)
     printer.install(app)
@@ -256,23 +246,21 @@ async def run_demo(
 
 async def _place_calls(
     app: Sideband,
-    scenarios: Callable[[RouteTable], list[Scenario]],
+    placed: list[Scenario],
     printer: _Printer,
     *,
     routes_file: Path | str | None = None,
     apply_routes: bool = True,
 ) -> tuple[int, int]:
     """Serve ``app`` (with ``routes_file`` if ``apply_routes``) against the simulator and place the
-    ``scenarios`` (made for the server's route table) one after another; returns how many calls it
-    placed, and how many failed (a call that did not end in time or broke its script, or whose routing
-    hook failed)."""
+    ``placed`` calls one after another; returns how many calls it placed, and how many failed (a call
+    that did not end in time or broke its script, or whose routing hook failed)."""
     out = printer.out
-    failures = 0
     settings: dict[str, Any] = {"max_idle_duration": 30}
     if routes_file and apply_routes:
         settings["routes_file"] = routes_file
     async with run_app(app, **settings) as harness:
-        sim, counters, routes = harness.sim, harness.service.counters, harness.service.routes
+        sim, routes = harness.sim, harness.service.routes
         out.write(f"sideband demo: server on {harness.base_url}, simulator at {sim.base_url}\n")
         if routes_file and apply_routes:
             default = " and a default" if routes.default is not None else ""
@@ -282,50 +270,86 @@ async def _place_calls(
                 f"routes: {routes_file} is not applied: the bundled order desk's calls are scripted for "
                 "its own routing (name your app, sideband demo module:attribute, to try a route file)\n"
             )
-        placed = scenarios(routes)
-        for n, scenario in enumerate(placed, 1):
-            call = sim.create_call(
-                scenario.script, from_number=scenario.from_number, to_number=scenario.to_number
-            )
-            printer.ended.setdefault(call.call_id, asyncio.Event())
-            out.write(
-                f"\ncall {n}: {scenario.title}  ({call.call_id}, {scenario.from_number} → "
-                f"{scenario.to_number})\n"
-            )
-            started = time.monotonic()
-            failed_before = counters["route_failed"] + counters["config_invalid"]
-            result = await harness.sender.deliver(sim.incoming_event(call))
+        openings: dict[str, WaitForGreeting] = {}  # call id → the step a greeted call opens with
+        decide = app.decide
+
+        async def deciding(call: IncomingCall, *, started: threading.Event | None = None) -> Decision:
+            # The server's decision for the call (route file, routing hook, app), as it is answered: a
+            # greeted call's caller waits for the greeting first (its sideband attaches after this).
+            decision = await decide(call, started=started)
+            opening, simulated = openings.pop(call.call_id, None), sim.calls.get(call.call_id)
+            if opening is not None and simulated is not None and isinstance(decision, Accept):
+                with contextlib.suppress(Exception):  # (a decision it cannot plan: the server says so)
+                    if app.plan(decision).greeting:  # ("": no greeting, as None)
+                        script = simulated.script
+                        simulated.script = Script(
+                            (opening, *script.steps),
+                            step_timeout=script.step_timeout,
+                            hang_up_at_end=script.hang_up_at_end,
+                        )
+            return decision
+
+        app.decide = deciding  # type: ignore[method-assign]
+        try:
+            return await _place(app, placed, openings, harness, printer)
+        finally:
+            del app.decide  # (the instance's own, the class's method again)
+
+
+async def _place(
+    app: Sideband,
+    placed: list[Scenario],
+    openings: dict[str, WaitForGreeting],
+    harness: Harness,
+    printer: _Printer,
+) -> tuple[int, int]:
+    """Place the ``placed`` calls one after another (see :func:`_place_calls`)."""
+    out, sim, counters = printer.out, harness.sim, harness.service.counters
+    failures = 0
+    for n, scenario in enumerate(placed, 1):
+        call = sim.create_call(
+            scenario.script, from_number=scenario.from_number, to_number=scenario.to_number
+        )
+        if scenario.greeting is not None:
+            openings[call.call_id] = scenario.greeting
+        printer.ended.setdefault(call.call_id, asyncio.Event())
+        out.write(
+            f"\ncall {n}: {scenario.title}  ({call.call_id}, {scenario.from_number} → {scenario.to_number})\n"
+        )
+        started = time.monotonic()
+        failed_before = counters["route_failed"] + counters["config_invalid"]
+        result = await harness.sender.deliver(sim.incoming_event(call))
+        printer.line(
+            "webhook",
+            f"{result.status} in {(time.monotonic() - started) * 1000:.1f} ms, call {call.status}",
+        )
+        if counters["route_failed"] + counters["config_invalid"] > failed_before:
+            failures += 1
             printer.line(
-                "webhook",
-                f"{result.status} in {(time.monotonic() - started) * 1000:.1f} ms, call {call.status}",
+                "error",
+                "the routing hook failed (it raised, overran its budget or decided something that "
+                f"cannot be sent), so the call was {call.status} with "
+                f"{harness.settings.route_failure_status}: see call.route_failed or "
+                "call.config_invalid in the log",
             )
-            if counters["route_failed"] + counters["config_invalid"] > failed_before:
-                failures += 1
-                printer.line(
-                    "error",
-                    "the routing hook failed (it raised, overran its budget or decided something that "
-                    f"cannot be sent), so the call was {call.status} with "
-                    f"{harness.settings.route_failure_status}: see call.route_failed or "
-                    "call.config_invalid in the log",
-                )
-                continue
-            if call.status != "accepted":
-                printer.line("end", f"{call.status} ({call.reject_body or call.refer_target or ''})")
-                continue
-            try:
-                await asyncio.wait_for(printer.ended[call.call_id].wait(), 10)
-                await call.wait_ended(timeout=5)
-            except TimeoutError:
-                failures += 1
-                printer.line("error", f"call did not end in time ({call.script_error or 'no script error'})")
-                continue
-            summary = printer.summaries[call.call_id]
-            printer.line(
-                "end",
-                f"{summary.reason} after {summary.duration:.2f} s, "
-                f"{len(summary.tools)} tool call(s); simulator: {call.end_reason}",
-            )
-            if call.script_error:
-                failures += 1
-                printer.line("error", call.script_error)
+            continue
+        if call.status != "accepted":
+            printer.line("end", f"{call.status} ({call.reject_body or call.refer_target or ''})")
+            continue
+        try:
+            await asyncio.wait_for(printer.ended[call.call_id].wait(), 10)
+            await call.wait_ended(timeout=5)
+        except TimeoutError:
+            failures += 1
+            printer.line("error", f"call did not end in time ({call.script_error or 'no script error'})")
+            continue
+        summary = printer.summaries[call.call_id]
+        printer.line(
+            "end",
+            f"{summary.reason} after {summary.duration:.2f} s, "
+            f"{len(summary.tools)} tool call(s); simulator: {call.end_reason}",
+        )
+        if call.script_error:
+            failures += 1
+            printer.line("error", call.script_error)
     return len(placed), failures

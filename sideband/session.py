@@ -260,6 +260,19 @@ def session_update(fields: Mapping[str, Any]) -> dict[str, Any]:
     return session
 
 
+def check_sip_audio(audio: Any) -> None:
+    """Refuse an ``audio`` object that sets a format, which a SIP call negotiates (OpenAI refuses the
+    whole accept or ``session.update`` that carries one, ``null`` included)."""
+    if not isinstance(audio, Mapping):
+        return
+    for side in ("input", "output"):
+        part = audio.get(side)
+        if isinstance(part, Mapping) and "format" in part:
+            raise SessionConfigError(
+                f"audio.{side}.format must not be set for SIP calls (the codec is negotiated)"
+            )
+
+
 def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
     """Refuse locally what OpenAI would refuse or silently break on, and field names that
     are a typo of a known one (``max_output_token``)."""
@@ -277,10 +290,8 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
         if isinstance(part, dict):
             for key in part:
                 _typo(key, _AUDIO_KEYS[side], f"audio.{side}.")
-        if sip and "format" in part:
-            raise SessionConfigError(
-                f"audio.{side}.format must not be set for SIP calls (the codec is negotiated)"
-            )
+    if sip:
+        check_sip_audio(audio)
     td = (audio.get("input") or {}).get("turn_detection") or {}
     known = _TURN_KEYS.get(str(td.get("type"))) if isinstance(td, dict) else None
     if known is not None:

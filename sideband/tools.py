@@ -893,7 +893,7 @@ def _refuse_unbound_methods(fn: Any, name: str, sig: inspect.Signature, bound: f
     if first in ("self", "cls") and inspect.isfunction(target) and owner and not owner.endswith("<locals>"):
         raise TypeError(
             f"tool {name!r}: {qualname} is a method: register it bound, from an instance "
-            f"(registry.add(obj.{target.__name__})), not in its class body"
+            f"(app.tool(obj.{target.__name__})), not in its class body"
         )
 
 

@@ -256,9 +256,12 @@ def test_a_loop_limit_that_is_no_whole_number_from_1_is_refused(
     assert getattr(Sideband(**{option: 1}), option) == 1
 
 
-@pytest.mark.parametrize("bad", [{"tool_timeout": True}, {"filler_after": True}])
+@pytest.mark.parametrize(
+    "bad", [{"tool_timeout": True}, {"filler_after": True}, {"tool_timeout": 0}, {"filler_after": -1}]
+)
 def test_true_is_no_number_of_seconds(bad: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+    (option,) = bad
+    with pytest.raises(ValueError, match=rf"^{option} must be"):  # (the name the app was given it by)
         Sideband(**bad)
 
 

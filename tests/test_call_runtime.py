@@ -624,6 +624,40 @@ async def test_update_session_refuses_a_greeting_and_sends_nothing(stack: Stack)
     assert result.startswith("greeting is not a session field (") and "ctx.say(instructions)" in result
 
 
+async def test_update_session_refuses_an_audio_format_on_a_phone_call(stack: Stack) -> None:
+    """A SIP call's codec is negotiated: OpenAI refuses a session.update that sets a format, and with it
+    the rest of that update (the voice here). The tool is told at once; nothing goes out."""
+
+    @stack.app.tool
+    async def hi_fi(ctx: CallContext) -> str:
+        try:
+            ctx.update_session(
+                voice="cedar", audio={"output": {"format": {"type": "audio/pcm", "rate": 24000}}}
+            )
+        except ValueError as exc:
+            return str(exc)
+        return "no error"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("better sound"),
+                model_calls("hi_fi", {}),
+                model_says("Sure."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await call.wait_done(timeout=10)
+    updates = [e["session"] for e in call.received if e["type"] == "session.update"]
+    assert not any("cedar" in json.dumps(u) for u in updates), updates
+    assert not server_errors(call)
+    [result] = outputs(call).values()
+    assert result == "audio.output.format must not be set for SIP calls (the codec is negotiated)"
+
+
 def test_update_session_refuses_a_greeting_before_the_call_is_asked_on_any_engine() -> None:
     asked: list[dict[str, Any]] = []
 

@@ -155,6 +155,25 @@ async def test_demo_takes_a_deliberate_reject_as_a_success() -> None:
     assert text.endswith("\n1 call and a trusted-server session, 0 failed.\n"), text
 
 
+@pytest.mark.parametrize("app_greets", [True, False])
+async def test_demo_waits_for_a_greeting_as_the_routing_hook_decides(app_greets: bool) -> None:
+    """The hook turns the app's greeting off (or gives one to an app without): the demo's caller waits
+    for a greeting only when the server's decision for the call has one."""
+    app = Sideband(instructions="You answer.", greeting=None if not app_greets else "Greet the caller.")
+
+    @app.on_incoming
+    async def route(call: IncomingCall) -> Accept:
+        return Accept(greeting="" if app_greets else "Greet the caller warmly.")
+
+    out = io.StringIO()
+    code = await run_demo(app, calls=2, out=out)
+    text = out.getvalue()
+    assert code == 0, text
+    assert text.endswith("\n2 calls and a trusted-server session, 0 failed.\n"), text
+    assert ("Hello, how can I help?" in text) == (not app_greets), text  # (the simulated greeting)
+    assert "decide" not in vars(app)  # (the app is left as it was)
+
+
 ROUTES = """
 [blocked]
 numbers = ["+14155550199"]

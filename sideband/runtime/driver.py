@@ -51,7 +51,7 @@ from sideband.runtime.machine import (
     Verb,
     Withdraw,
 )
-from sideband.session import SessionConfigError
+from sideband.session import SessionConfigError, check_sip_audio
 from sideband.tools import (
     Outcome,
     ToolError,
@@ -527,6 +527,8 @@ class CallRuntime:
         """Send a partial ``session.update`` (see :meth:`CallMachine.update_session`). ``tools`` lists the
         names of the call's tools the model is offered from now on (and any tools the server runs itself,
         as objects); a response under way, or already asked for, may still call those it was offered."""
+        if self.summary.source == "sip" and "audio" in fields:
+            check_sip_audio(fields["audio"])  # (the server would refuse the whole update)
         offered = None
         if "tools" in fields:
             offered, fields["tools"] = self._offer(fields["tools"])
