@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import hashlib
 import itertools
 import json
 import tracemalloc
@@ -549,6 +551,50 @@ async def test_sockets_dropped_at_once_again_and_again_end_the_call_not_a_loop(p
     assert len(handshakes) == 5  # the first socket and four re-attaches, not a storm
     gaps = [b - a for a, b in itertools.pairwise(handshakes)]
     assert gaps[1] >= 0.15 and gaps[2] >= 0.35 and gaps[3] >= 0.75  # waits of 0.2, 0.4, 0.8 s first
+
+
+def _upgrade(request: bytes) -> bytes:
+    """The ``101 Switching Protocols`` answer to a WebSocket handshake ``request``."""
+    key = next(
+        line.split(b":", 1)[1].strip()
+        for line in request.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    )
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+
+
+async def test_a_close_frame_ends_the_call_though_the_server_keeps_the_connection_open() -> None:
+    """The server sends its close frame (1000) and never closes the TCP connection (OpenAI's close is
+    not always followed by one): the call ends once the close timeout (2 s) is up, not at the next
+    keepalive ping (here: never)."""
+    got_eof = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_upgrade(await reader.readuntil(b"\r\n\r\n")))
+        await reader.read(1)  # our session.update has started to arrive
+        writer.write(b"\x88\x02\x03\xe8")  # close 1000; the TCP connection stays open
+        while await reader.read(65536):  # (our close frame answers it)
+            pass
+        got_eof.set()  # our side ended the connection
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    runtime = plain_runtime(
+        "rtc_nofin",
+        lambda: connect_sideband(f"ws://127.0.0.1:{port}", "rtc_nofin", "sk-test"),
+        reattach_attempts=1,
+        ping_interval=None,
+    )
+    try:
+        assert await asyncio.wait_for(runtime.run(), 10) == "remote_closed"
+        await asyncio.wait_for(got_eof.wait(), 5)
+    finally:
+        server.close()
 
 
 async def test_an_attach_refused_with_retry_after_waits_as_asked(peer: Any) -> None:

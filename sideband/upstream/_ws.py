@@ -88,14 +88,16 @@ class PushConnection(ClientConnection):
     websockets' ``recv()`` path queues every message and wakes a reader task for each one. A call driver
     that decodes and dispatches events synchronously needs neither: with :meth:`start`, every data
     message (text or binary, as ``bytes``; fragments joined) goes to ``on_message`` from the transport's
-    ``data_received``, and ``on_close`` runs once the connection is lost. Messages that arrive before
-    :meth:`start` (between the handshake and the driver's first read) are held and delivered first.
+    ``data_received``, and ``on_close`` runs once the connection is lost (at the latest when the close
+    timeout is up after the server's close frame, if the server leaves the TCP connection open).
+    Messages that arrive before :meth:`start` (between the handshake and the driver's first read) are
+    held and delivered first.
     Control frames (ping, pong, close) keep websockets' own handling; ``send``, ``ping`` and ``close``
     work as usual. Pass the class as ``create_connection`` to :func:`websockets.asyncio.client.connect`.
     """
 
-    # Slots: four more keys in the inherited instance dict would make it resize (1.5 KiB per call).
-    __slots__ = ("_held", "_on_close", "_on_message", "_parts")
+    # Slots: more keys in the inherited instance dict would make it resize (1.5 KiB per call).
+    __slots__ = ("_closer", "_held", "_on_close", "_on_message", "_parts")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -107,6 +109,7 @@ class PushConnection(ClientConnection):
         self._on_close: Callable[[], None] | None = None
         self._held: list[bytes] | None = []  # None once stopped: later messages are dropped
         self._parts: list[bytes] | None = None  # a fragmented message being joined
+        self._closer: asyncio.TimerHandle | None = None  # aborts a peer slow to close after its close frame
 
     def start(self, on_message: Callable[[bytes], None], on_close: Callable[[], None]) -> None:
         """Deliver the held messages, then every later one, to ``on_message``; ``on_close`` when lost.
@@ -144,6 +147,8 @@ class PushConnection(ClientConnection):
     def process_event(self, event: Event) -> None:
         if self.response is None or not isinstance(event, Frame) or event.opcode not in _DATA:
             super().process_event(event)  # the handshake response and control frames
+            if isinstance(event, Frame) and event.opcode is Opcode.CLOSE:
+                self._close_by_deadline()
             return
         payload = event.data
         data = payload if isinstance(payload, bytes) else bytes(payload)
@@ -166,6 +171,17 @@ class PushConnection(ClientConnection):
         elif self._held is not None:
             self._held.append(data)
 
+    def _close_by_deadline(self) -> None:
+        """The server's close frame came (and ours answered it): websockets now waits for the server to
+        close the TCP connection, checking its close timeout only when something is sent, and a push
+        connection sends nothing. A server that never closes it (OpenAI's close is not always followed
+        by one) would hold the call until the next keepalive ping; the connection is aborted at the
+        close deadline instead, and ``on_close`` runs."""
+        deadline = self.close_deadline
+        if deadline is None or self._closer is not None or self.protocol.state is CLOSED:
+            return
+        self._closer = self.loop.call_at(deadline, self.transport.abort)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.recv_messages.frames.queue = []  # type: ignore[assignment]  # never read (see __init__)
@@ -185,6 +201,9 @@ class PushConnection(ClientConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self._closer is not None:
+            self._closer.cancel()
+            self._closer = None
         parser_exc = self.protocol.parser_exc
         if parser_exc is not None:
             # websockets keeps the parser's exception (an abnormal close's EOFError, a frame too big)
