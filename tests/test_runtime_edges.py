@@ -1030,6 +1030,70 @@ async def test_reattach_stops_as_soon_as_the_call_has_ended(simulator: Simulator
     assert verbs == [("hangup", None)] and connect.attempts == 2
 
 
+@pytest.mark.parametrize("attempt", ["fails", "succeeds"])
+async def test_a_call_hung_up_during_its_first_attach_is_not_started(
+    simulator: Simulator, attempt: str
+) -> None:
+    """A shutdown while the first attach is under way sends the hangup at once. The attempt in flight
+    then failing makes no further attempt; succeeding starts nothing (no session config, no greeting, no
+    ``on_call_start``): its socket is closed. The call ends with the shutdown's reason once the hangup is
+    done, ``on_call_end`` as on any call."""
+    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
+    gate, tried, connected = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    hanging_up, hung_up = asyncio.Event(), asyncio.Event()
+    attempts: list[PushConnection | None] = []
+
+    async def connect() -> PushConnection:
+        attempts.append(None)
+        tried.set()
+        await gate.wait()
+        if attempt == "fails" and len(attempts) == 1:
+            raise refused(503)
+        ws = await connect_sideband(simulator.realtime_url, call.call_id, simulator.api_key)
+        attempts[-1] = ws
+        connected.set()
+        return ws
+
+    async def verb(name: str, target: str | None) -> None:
+        hanging_up.set()
+        await hung_up.wait()
+
+    started: list[str] = []
+    ended: list[str] = []
+    rt = CallRuntime(
+        machine=CallMachine(MachineConfig(session={"type": "realtime", "instructions": "x"}, greeting="Hi.")),
+        ctx=CallContext(call.call_id),
+        tools=ToolRegistry(),
+        connect=connect,
+        verb=verb,
+        hooks=CallHooks(
+            on_call_start=[lambda ctx: started.append(ctx.call_id)],
+            on_call_end=[lambda ctx, summary: ended.append(summary.reason)],
+        ),
+        reattach_attempts=3,
+        ping_interval=None,
+    )
+    task = asyncio.create_task(rt.run())
+    await asyncio.wait_for(tried.wait(), 5)
+    rt.abandon("shutdown")  # as a shutdown's drain does
+    await asyncio.wait_for(hanging_up.wait(), 5)
+    tried.clear()
+    gate.set()
+    if attempt == "succeeds":
+        await asyncio.wait_for(connected.wait(), 5)
+        assert attempts[0] is not None
+        await asyncio.wait_for(attempts[0].wait_closed(), 5)  # closed, not started
+    else:
+        # (the next attempt would come after a 0.2 s backoff)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(tried.wait(), 1)
+    hung_up.set()
+    assert await asyncio.wait_for(task, 5) == "shutdown"
+    assert len(attempts) == 1
+    assert [e["type"] for e in call.received] == []
+    assert not rt.attached.is_set() and started == [] and ended == ["shutdown"]
+
+
 # ----------------------------------------------------------------------------- silently dead socket
 def gated_tool_call(
     simulator: Simulator, result: str

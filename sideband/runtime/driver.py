@@ -702,14 +702,15 @@ class CallRuntime:
     async def _open(self, *, first: bool) -> PushConnection | None:
         """Attach (or re-attach) the sideband: retryable failures are tried again with backoff, up to
         ``reattach_attempts`` attempts (the first attach at least once); 404/410 ends the call at once
-        (``call_not_found``). Gives up as soon as the call has ended meanwhile (a timer, a hook). An attach
-        that finally fails hangs the call up (``connect_failed``, ``reattach_failed``): the caller must not
-        stay on a call nobody controls."""
+        (``call_not_found``). Gives up as soon as the call has ended meanwhile (a timer, a hook), and the
+        first attach as soon as its hangup is out (a shutdown): a call being hung up is not started. An
+        attach that finally fails hangs the call up (``connect_failed``, ``reattach_failed``): the caller
+        must not stay on a call nobody controls."""
         attempts = max(self._reattach_attempts, 1 if first else 0)
         delay = 0.2
         machine = self.machine
         for attempt in range(1, attempts + 1):
-            if machine.closed is not None:
+            if machine.closed is not None or (first and machine.verb_sent):
                 return None
             try:
                 ws = await self._connect()
@@ -721,14 +722,16 @@ class CallRuntime:
                 self.log.warning(
                     "sideband.connect_failed", status=exc.status, error=str(exc), attempt=attempt
                 )
-                if not exc.retryable or machine.closed is not None:
+                if machine.closed is not None or (first and machine.verb_sent):
+                    return None
+                if not exc.retryable:
                     break
                 if attempt < attempts:
                     # (as long as the server asks, up to half a minute: better than hanging up the caller)
                     await self._backoff(max(delay, min(exc.retry_after or 0.0, _MAX_RETRY_AFTER)))
                     delay = min(delay * 2, 5.0)
                 continue
-            if machine.closed is not None:
+            if machine.closed is not None or (first and machine.verb_sent):
                 self._spawn(ws.close())
                 return None
             self._ws = ws
