@@ -41,7 +41,14 @@ from sideband.session import (
     validate_accept_payload,
 )
 from sideband.settings import Settings, SettingsError
-from sideband.stores import CallLedger, ClaimStore, MemoryStore, RedisStore, StoreUnavailable
+from sideband.stores import (
+    STORE_TIMEOUT,
+    CallLedger,
+    ClaimStore,
+    MemoryStore,
+    RedisStore,
+    StoreUnavailable,
+)
 from sideband.tickets import TicketError, TicketSigner
 from sideband.upstream._ws import resolve_proxy
 from sideband.upstream.openai import CallControl, CallGone, UpstreamError, connect_sideband, with_retries
@@ -87,7 +94,15 @@ SETTLE_RETRY_MAX = 10.0
 (the wait doubles)."""
 
 LEDGER_TICK = 1.0
-"""Seconds between an instance's records of its live calls (each renews its lease)."""
+"""Seconds between the starts of an instance's records of its live calls (each renews its lease)."""
+
+
+def ledger_lease(settings: Settings) -> float:
+    """Seconds each record of an instance's live calls renews its lease for: ``SIDEBAND_ORPHAN_AFTER``
+    past the next record's latest arrival (:data:`LEDGER_TICK` later, and given the store's timeout to
+    go through), so only an instance whose records stop, or fall that far behind, loses its calls."""
+    return settings.orphan_after + LEDGER_TICK + STORE_TIMEOUT
+
 
 ORPHANS_AT_ONCE = 16
 """Orphaned calls hung up at once, by the instance that found them."""
@@ -520,16 +535,17 @@ class Service:
     # ------------------------------------------------------------------------ orphaned calls
     async def _keep_ledger(self, ledger: CallLedger) -> None:
         """Record this instance's live calls in the shared store as calls start, and at least every
-        :data:`LEDGER_TICK` (each record renews its lease of ``SIDEBAND_ORPHAN_AFTER`` seconds); look
-        for the calls of instances whose lease ran out, but only once this instance's own records have
-        gone through for a whole lease: after a store outage, every live instance has had the time to
-        renew its lease first."""
-        lease = self.settings.orphan_after
+        :data:`LEDGER_TICK` (each record renews its lease, see :func:`ledger_lease`); look for the
+        calls of instances whose lease ran out, but only once this instance's own records have gone
+        through for a whole lease: after a store outage, every live instance has had the time to renew
+        its lease first."""
+        lease = ledger_lease(self.settings)
         loop = asyncio.get_running_loop()
         synced: set[str] = set()
         since: float | None = None  # since when records go through without a break
         while True:
             self._launched.clear()
+            next_at = loop.time() + LEDGER_TICK  # (from this record's start: a slow one delays no lease)
             live = set(self.registry.calls) | self._stranded.keys()  # (a stranded call may still be up)
             try:
                 await ledger.record(self.instance_id, live - synced, synced - live, lease)
@@ -549,7 +565,7 @@ class Service:
                 if now - since >= lease and sweep_done and not self.draining:  # (one it could not finish)
                     self._sweeping = asyncio.ensure_future(self._sweep(ledger))
             with contextlib.suppress(TimeoutError):  # (not wait_for: on 3.11 it may swallow a cancel)
-                async with asyncio.timeout(LEDGER_TICK):
+                async with asyncio.timeout_at(next_at):
                     await self._launched.wait()
 
     async def _sweep(self, ledger: CallLedger) -> None:

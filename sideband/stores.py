@@ -17,7 +17,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 
-__all__ = ["CallLedger", "ClaimStore", "MemoryStore", "RedisStore", "StoreUnavailable"]
+__all__ = ["STORE_TIMEOUT", "CallLedger", "ClaimStore", "MemoryStore", "RedisStore", "StoreUnavailable"]
+
+STORE_TIMEOUT = 2.0
+"""Seconds a :class:`RedisStore` command gets (by default) before it fails with :class:`StoreUnavailable`."""
 
 LEDGER_KEEP = 7200.0
 """Seconds an instance's list of live calls outlives its last record: past any call's life (OpenAI ends a
@@ -159,7 +162,12 @@ class RedisStore:
     """
 
     def __init__(
-        self, url: str, *, prefix: str = "sideband:", timeout: float = 2.0, max_connections: int = 64
+        self,
+        url: str,
+        *,
+        prefix: str = "sideband:",
+        timeout: float = STORE_TIMEOUT,
+        max_connections: int = 64,
     ) -> None:
         self.where = redacted(url)
         """The store for logs and errors: the URL without its credentials."""

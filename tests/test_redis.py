@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import redis
+import redis.asyncio as aioredis
 
 from sideband import CallContext
 from sideband.service import Service
@@ -379,6 +380,42 @@ async def test_the_calls_of_an_instance_that_died_are_hung_up_by_another(
         keys.close()
 
 
+async def test_a_slow_store_lets_no_lease_of_a_live_instance_run_out(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer
+) -> None:
+    """The shortest ``SIDEBAND_ORPHAN_AFTER`` (1 s), and a store whose every record of A takes half a
+    second to go through (further away, or busy): A's lease is still held each time a record renews
+    it, and B hangs up none of A's calls."""
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url, "orphan_after": 1.0}
+    async with (
+        run_app(make_app(), simulator, **settings) as a,
+        run_app(make_app(), simulator, **settings) as b,
+    ):
+        call = simulator.create_call(Script([pause(30)]))
+        assert (await a.sender.deliver(simulator.incoming_event(call), max_attempts=1)).status == 200
+        await call.wait_connected(timeout=5)
+        raw = aioredis.Redis.from_url(redis_server.url)
+        held: list[bool] = []
+        enough, record = asyncio.Event(), a.service.store.record
+
+        async def slow(*args: Any) -> None:
+            await asyncio.sleep(0.5)  # (the round trip)
+            held.append(bool(await raw.exists(f"sideband:alive:{a.service.instance_id}")))
+            await record(*args)
+            if len(held) >= 8:
+                enough.set()
+
+        a.service.store.record = slow  # type: ignore[method-assign]
+        try:
+            await asyncio.wait_for(enough.wait(), 20)
+        finally:
+            await raw.aclose()
+        assert held and all(held), held
+        assert b.service._sweeping is not None  # (B looked for orphans meanwhile)
+        assert not call.hangup_requested
+        await simulator.hang_up(call)
+
+
 async def test_an_instance_that_drains_starts_no_sweep(
     simulator: Simulator, store: RedisStore, redis_server: RedisServer
 ) -> None:
@@ -409,9 +446,15 @@ async def test_an_instance_that_drains_starts_no_sweep(
         b.service.draining = True
         assert a.service._ledger is not None
         a.service._ledger.cancel()  # A stops living, as far as the ledger can tell
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:  # B records on until A's lease has run out, and two records more: a running B sweeps then
+            while await raw.exists(f"sideband:alive:{a.service.instance_id}"):
+                await asyncio.wait_for(ticks.get(), 10)
+        finally:
+            await raw.aclose()
         while not ticks.empty():
             ticks.get_nowait()
-        for _ in range(4):  # B records on: past A's lease (1 s), a running B would have swept by now
+        for _ in range(2):
             await asyncio.wait_for(ticks.get(), 5)
         assert b.service._sweeping is None and not orphan.hangup_requested
         b.service.draining = False  # (and once it takes calls again, it sweeps)
