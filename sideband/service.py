@@ -446,7 +446,7 @@ class Service:
             with contextlib.suppress(StoreUnavailable):  # (else its lease runs out: swept, with no call)
                 await ledger.forget(self.instance_id)
                 if stranded:  # left to another instance, once this one's lease has run out
-                    await ledger.record(self.instance_id, stranded, (), self.settings.orphan_after)
+                    await ledger.record(self.instance_id, stranded, self.settings.orphan_after)
                     recorded = True
         for call_id in stranded:
             self.log.warning("call.stranded", call_id=call_id, outcome="left", ledger=recorded)
@@ -541,14 +541,13 @@ class Service:
         its lease first."""
         lease = ledger_lease(self.settings)
         loop = asyncio.get_running_loop()
-        synced: set[str] = set()
         since: float | None = None  # since when records go through without a break
         while True:
             self._launched.clear()
             next_at = loop.time() + LEDGER_TICK  # (from this record's start: a slow one delays no lease)
             live = set(self.registry.calls) | self._stranded.keys()  # (a stranded call may still be up)
             try:
-                await ledger.record(self.instance_id, live - synced, synced - live, lease)
+                await ledger.record(self.instance_id, live, lease)  # (all of them: see CallLedger.record)
             except StoreUnavailable as exc:
                 if since is not None:
                     self.log.warning("store.unavailable", error=str(exc), ledger=self.instance_id)
@@ -558,7 +557,6 @@ class Service:
                     self.log.exception("ledger.failed", ledger=self.instance_id)
                 since = None
             else:
-                synced = live
                 now = loop.time()
                 since = now if since is None else since
                 sweep_done = self._sweeping is None or self._sweeping.done()

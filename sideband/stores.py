@@ -78,11 +78,10 @@ class CallLedger(Protocol):
     its host lost) leaves its calls up at OpenAI with nobody running their tools; another finds them
     and hangs them up. An instance is alive while its records keep coming (each renews its lease)."""
 
-    async def record(
-        self, instance: str, added: Collection[str], removed: Collection[str], lease: float
-    ) -> None:
-        """Note the calls ``instance`` started and ended since its last record, and renew its lease for
-        ``lease`` seconds."""
+    async def record(self, instance: str, calls: Collection[str], lease: float) -> None:
+        """Note the calls ``instance`` runs now, all of them (they replace those noted before: a store
+        that lost its data, restarted or failed over, has them all again at the next record), and renew
+        its lease for ``lease`` seconds."""
         ...
 
     async def orphans(self, instance: str, sweep: float) -> dict[str, list[str]]:
@@ -206,18 +205,16 @@ class RedisStore:
         await self._redis.aclose()
         await self._pool.disconnect()
 
-    async def record(
-        self, instance: str, added: Collection[str], removed: Collection[str], lease: float
-    ) -> None:
-        p, calls = self._prefix, f"{self._prefix}calls:{instance}"
-        pipe = self._redis.pipeline(transaction=False)
+    async def record(self, instance: str, calls: Collection[str], lease: float) -> None:
+        # One transaction, one round trip: nobody sees the list of calls between its delete and its write.
+        p, key = self._prefix, f"{self._prefix}calls:{instance}"
+        pipe = self._redis.pipeline(transaction=True)
         pipe.set(f"{p}alive:{instance}", b"1", px=_ms(lease))
         pipe.sadd(f"{p}instances", instance)
-        if added:
-            pipe.sadd(calls, *added)
-        if removed:
-            pipe.srem(calls, *removed)
-        pipe.pexpire(calls, _ms(LEDGER_KEEP))
+        pipe.delete(key)
+        if calls:
+            pipe.sadd(key, *calls)
+            pipe.pexpire(key, _ms(LEDGER_KEEP))
         await self._call(pipe.execute())
 
     async def orphans(self, instance: str, sweep: float) -> dict[str, list[str]]:

@@ -342,9 +342,9 @@ async def test_the_calls_of_an_instance_that_died_are_hung_up_by_another(
         orphan, kept = (simulator.create_call(Script([pause(30)])) for _ in range(2))
         recorded, record = asyncio.Event(), a.service.store.record  # (A's ledger: its RedisStore)
 
-        async def noted(instance: str, added: Any, removed: Any, lease: float) -> None:
-            await record(instance, added, removed, lease)
-            if orphan.call_id in added:
+        async def noted(instance: str, calls: Any, lease: float) -> None:
+            await record(instance, calls, lease)
+            if orphan.call_id in calls:
                 recorded.set()
 
         a.service.store.record = noted  # type: ignore[method-assign]
@@ -378,6 +378,43 @@ async def test_the_calls_of_an_instance_that_died_are_hung_up_by_another(
         assert not keys.smembers("sideband:instances")
     finally:
         keys.close()
+
+
+async def test_the_ledger_is_written_again_after_redis_lost_it(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer
+) -> None:
+    """Redis restarts with nothing kept (no persistence; a failover to a replica behind on writes is
+    the same): the store replaces its connections, and A's next record writes all of its live calls
+    again. Once A then dies, B hangs its call up."""
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url, "orphan_after": 1.0}
+    async with (
+        run_app(make_app(), simulator, **settings) as a,
+        run_app(make_app(), simulator, **settings) as b,
+    ):
+        call = simulator.create_call(Script([pause(30)]))
+        records, record = asyncio.Queue[None](), a.service.store.record
+
+        async def noted(*args: Any) -> None:
+            await record(*args)
+            records.put_nowait(None)
+
+        a.service.store.record = noted  # type: ignore[method-assign]
+        assert (await a.sender.deliver(simulator.incoming_event(call), max_attempts=1)).status == 200
+        await call.wait_connected(timeout=5)
+        await asyncio.wait_for(records.get(), 5)
+        redis_server.stop()
+        redis_server.start()  # (empty)
+        while not records.empty():
+            records.get_nowait()
+        await asyncio.wait_for(records.get(), 5)  # a record that went through since
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            assert await raw.smembers(f"sideband:calls:{a.service.instance_id}") == {call.call_id.encode()}
+        finally:
+            await raw.aclose()
+        assert a.service._ledger is not None and b.service._ledger is not None
+        a.service._ledger.cancel()  # A stops living, as far as the ledger can tell
+        await call.wait_for(lambda c: c.hangup_requested, 20, "the orphan's hangup")
 
 
 async def test_a_slow_store_lets_no_lease_of_a_live_instance_run_out(
@@ -430,13 +467,13 @@ async def test_an_instance_that_drains_starts_no_sweep(
         recorded, record_a = asyncio.Event(), a.service.store.record
         ticks, record_b = asyncio.Queue[None](), b.service.store.record
 
-        async def noted_a(instance: str, added: Any, removed: Any, lease: float) -> None:
-            await record_a(instance, added, removed, lease)
-            if orphan.call_id in added:
+        async def noted_a(instance: str, calls: Any, lease: float) -> None:
+            await record_a(instance, calls, lease)
+            if orphan.call_id in calls:
                 recorded.set()
 
-        async def noted_b(instance: str, added: Any, removed: Any, lease: float) -> None:
-            await record_b(instance, added, removed, lease)
+        async def noted_b(instance: str, calls: Any, lease: float) -> None:
+            await record_b(instance, calls, lease)
             ticks.put_nowait(None)
 
         a.service.store.record = noted_a  # type: ignore[method-assign]
@@ -530,9 +567,9 @@ async def test_an_orphan_whose_hangup_fails_is_hung_up_again_later_by_the_instan
         taken_over = asyncio.Event()
         recorded, record = asyncio.Event(), a.service.store.record
 
-        async def noted(instance: str, added: Any, removed: Any, lease: float) -> None:
-            await record(instance, added, removed, lease)
-            if orphan.call_id in added:
+        async def noted(instance: str, calls: Any, lease: float) -> None:
+            await record(instance, calls, lease)
+            if orphan.call_id in calls:
                 (recorded if instance == a.service.instance_id else taken_over).set()
 
         a.service.store.record = noted  # type: ignore[method-assign]
@@ -768,14 +805,14 @@ class LedgerBreakingOnce(MemoryStore):
 
     def __init__(self) -> None:
         super().__init__()
-        self.records: list[tuple[str, set[str], set[str]]] = []
+        self.records: list[tuple[str, set[str]]] = []
         self.recorded = asyncio.Event()
 
-    async def record(self, instance: str, added: Any, removed: Any, lease: float) -> None:
+    async def record(self, instance: str, calls: Any, lease: float) -> None:
         if not self.records:
-            self.records.append((instance, set(), set()))
+            self.records.append((instance, set()))
             raise TypeError("a bug")
-        self.records.append((instance, set(added), set(removed)))
+        self.records.append((instance, set(calls)))
         self.recorded.set()
 
     async def orphans(self, instance: str, sweep: float) -> dict[str, list[str]]:
