@@ -568,7 +568,7 @@ class Service:
 
     async def _sweep(self, ledger: CallLedger) -> None:
         """Hang up the calls of instances whose lease ran out (nobody runs their tools), then drop them
-        from the ledger."""
+        from the ledger (and each such instance, unless it came back meanwhile)."""
         try:
             found = await ledger.orphans(self.instance_id, HANGUP_BUDGET + 10.0)
         except StoreUnavailable:
@@ -579,8 +579,8 @@ class Service:
         limit = asyncio.Semaphore(ORPHANS_AT_ONCE)
         for owner, calls in found.items():
             await asyncio.gather(*(self._hang_up_orphan(owner, call_id, limit) for call_id in calls))
-            with contextlib.suppress(StoreUnavailable):
-                await ledger.forget(owner)
+            with contextlib.suppress(StoreUnavailable):  # (else the owner's calls are found again)
+                await ledger.swept(self.instance_id, owner, calls)
 
     async def _hang_up_orphan(self, owner: str, call_id: str, limit: asyncio.Semaphore) -> None:
         async with limit:

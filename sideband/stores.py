@@ -89,8 +89,14 @@ class CallLedger(Protocol):
         given to one caller for ``sweep`` seconds (the others get nothing of it meanwhile)."""
         ...
 
+    async def swept(self, instance: str, owner: str, calls: Collection[str]) -> None:
+        """``instance`` is done with the ``calls`` of ``owner`` that :meth:`orphans` gave it (hung up,
+        or its own now): drop them; drop ``owner`` too unless it has renewed its lease since (it came
+        back, and may have calls it recorded since); and let go of ``owner`` for another sweep."""
+        ...
+
     async def forget(self, instance: str) -> None:
-        """Drop ``instance`` and its calls (swept, or at its own clean stop)."""
+        """Drop ``instance`` and its calls (at its own clean stop)."""
         ...
 
 
@@ -184,6 +190,7 @@ class RedisStore:
             retry_on_error=[RedisConnectionError, ReadOnlyError],
         )
         self._redis: Redis = Redis(connection_pool=self._pool)
+        self._swept = self._redis.register_script(_SWEPT)
 
     async def claim(self, key: str, ttl: float) -> bool:
         return bool(await self._call(self._redis.set(self._prefix + key, b"p", nx=True, px=_ms(ttl))))
@@ -237,6 +244,11 @@ class RedisStore:
                 )
         return found
 
+    async def swept(self, instance: str, owner: str, calls: Collection[str]) -> None:
+        p = self._prefix
+        keys = [f"{p}alive:{owner}", f"{p}calls:{owner}", f"{p}sweep:{owner}", f"{p}instances"]
+        await self._call(self._swept(keys=keys, args=[instance, owner, *calls]))
+
     async def forget(self, instance: str) -> None:
         p = self._prefix
         pipe = self._redis.pipeline(transaction=False)
@@ -252,6 +264,23 @@ class RedisStore:
             raise StoreUnavailable(f"redis at {self.where}: no answer within {self._timeout:g} s") from None
         except (RedisError, OSError) as exc:  # (its text names host and port, never the password)
             raise StoreUnavailable(f"redis at {self.where}: {exc or type(exc).__name__}") from None
+
+
+_SWEPT = """
+for i = 3, #ARGV do
+  redis.call('SREM', KEYS[2], ARGV[i])
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2])
+  redis.call('SREM', KEYS[4], ARGV[2])
+end
+if redis.call('GET', KEYS[3]) == ARGV[1] then
+  redis.call('DEL', KEYS[3])
+end
+return 0
+"""
+"""The end of a sweep, at once. KEYS: the owner's alive, calls and sweep keys, the instances; ARGV: the
+instance that swept, the owner, the calls swept. Only an owner whose lease is still out is dropped."""
 
 
 def _text(value: bytes | str) -> str:

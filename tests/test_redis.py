@@ -266,6 +266,41 @@ async def test_a_wrong_password_is_unavailable_not_a_crash(redis_server: RedisSe
     await store.close()
 
 
+async def orphans_found(store: RedisStore, instance: str) -> dict[str, list[str]]:
+    """What ``instance`` finds, once there is something to find (a lease runs out)."""
+    deadline = time.monotonic() + 5
+    while not (found := await store.orphans(instance, 30)):
+        assert time.monotonic() < deadline, "no lease ran out"
+        await asyncio.sleep(0.02)
+    return found
+
+
+async def test_a_sweep_drops_what_it_found_and_an_instance_only_if_still_dead(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    """B takes A's calls once A's lease has run out; A comes back meanwhile (it could not reach Redis
+    for a while) with a new call. The end of B's sweep drops the call it found, not the new one, nor
+    A, and lets go of A (a sweep may take it again if A dies). An instance still dead is dropped."""
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await store.record("b", [], 30)
+        await store.record("a", ["c1"], 0.05)
+        assert await orphans_found(store, "b") == {"a": ["c1"]}
+        await store.record("a", ["c1", "c2"], 30)  # back
+        await store.swept("b", "a", ["c1"])
+        assert await raw.smembers("sideband:calls:a") == {b"c2"}
+        assert await raw.smembers("sideband:instances") == {b"a", b"b"}
+        assert not await raw.exists("sideband:sweep:a")
+
+        await store.record("a", ["c2"], 0.05)  # A dies
+        assert await orphans_found(store, "b") == {"a": ["c2"]}
+        await store.swept("b", "a", ["c2"])
+        assert await raw.smembers("sideband:instances") == {b"b"}
+        assert not await raw.exists("sideband:calls:a", "sideband:alive:a", "sideband:sweep:a")
+    finally:
+        await raw.aclose()
+
+
 def accepts(sim: Simulator, call_id: str) -> int:
     return sum(1 for r in sim.requests if r.path.endswith(f"/{call_id}/accept"))
 
@@ -817,6 +852,9 @@ class LedgerBreakingOnce(MemoryStore):
 
     async def orphans(self, instance: str, sweep: float) -> dict[str, list[str]]:
         return {}
+
+    async def swept(self, instance: str, owner: str, calls: Any) -> None:
+        return None
 
     async def forget(self, instance: str) -> None:
         return None
