@@ -432,6 +432,8 @@ class Service:
             await self._ending
         await self.registry.drain(max(0.0, self._drain_deadline - time.monotonic()))  # (started since)
         stranded = sorted(self._stranded)
+        # Calls whose hangup failed, and those whose task did not stop (calls.abandoned): may be up.
+        left = sorted(self._stranded.keys() | self.registry.calls.keys())
         stopping = [
             *self._settling,
             *self._stranded.values(),
@@ -444,10 +446,11 @@ class Service:
         recorded = False
         if ledger is not None:
             with contextlib.suppress(StoreUnavailable):  # (else its lease runs out: swept, with no call)
-                await ledger.forget(self.instance_id)
-                if stranded:  # left to another instance, once this one's lease has run out
-                    await ledger.record(self.instance_id, stranded, self.settings.orphan_after)
+                if left:  # to another instance, once this one's lease has run out (they replace the rest)
+                    await ledger.record(self.instance_id, left, self.settings.orphan_after)
                     recorded = True
+                else:
+                    await ledger.forget(self.instance_id)
         for call_id in stranded:
             self.log.warning("call.stranded", call_id=call_id, outcome="left", ledger=recorded)
         if self._http is not None:

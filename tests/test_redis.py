@@ -19,6 +19,7 @@ import redis
 import redis.asyncio as aioredis
 
 from sideband import CallContext
+from sideband.runtime.driver import CallRegistry, CallRuntime
 from sideband.service import Service
 from sideband.settings import SettingsError, load_settings
 from sideband.stores import MemoryStore, RedisStore, StoreUnavailable, redacted
@@ -583,6 +584,55 @@ async def test_a_call_whose_hangup_failed_is_left_in_the_ledger_for_another_inst
         assert call.end_reason == "hangup_verb"
         swept = [(e["call_id"], e["owner"], e["outcome"]) for e in logs if e["event"] == "call.orphaned"]
         assert swept == [(call.call_id, owner, "hung_up")]
+
+
+async def test_a_call_abandoned_at_a_stop_is_left_in_the_ledger_for_another_instance(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stops, and a call's task does not stop with it (``calls.abandoned``: a bug; the call's hangup
+    was refused, it may be up): the call stays in A's ledger, and once A's lease has run out B hangs
+    it up."""
+    monkeypatch.setitem(CallRegistry.drain.__kwdefaults__, "grace", 0.2)  # (5 s otherwise)
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url, "orphan_after": 1.0}
+    call = simulator.create_call(Script([pause(30)]))
+    simulator.fail_verb(call.call_id, "hangup", *([503] * 500))
+    let_go = asyncio.Event()
+    run = CallRuntime.run
+
+    async def stubborn(runtime: CallRuntime) -> str:  # (a call task that will not stop)
+        try:
+            return await run(runtime)
+        finally:
+            while not let_go.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await let_go.wait()
+
+    monkeypatch.setattr(CallRuntime, "run", stubborn)
+    monkeypatch.setattr(CallRuntime, "end_bound", lambda _: 0.0)
+
+    try:
+        async with run_app(make_app(), simulator, **settings):  # B
+            with capture_logs() as logs:
+                async with run_app(make_app(), simulator, **settings) as a:
+                    assert (
+                        await a.sender.deliver(simulator.incoming_event(call), max_attempts=1)
+                    ).status == 200
+                    await call.wait_connected(timeout=5)
+                    owner = a.service.instance_id
+                abandoned = [e["calls"] for e in logs if e["event"] == "calls.abandoned"]
+                assert abandoned == [[f"call:{call.call_id}"]]
+                raw = aioredis.Redis.from_url(redis_server.url)
+                try:
+                    assert await raw.smembers(f"sideband:calls:{owner}") == {call.call_id.encode()}
+                finally:
+                    await raw.aclose()
+                simulator.clear_verb_faults(call.call_id, "hangup")
+                await call.wait_ended(timeout=15)
+            assert call.end_reason == "hangup_verb"
+            swept = [(e["call_id"], e["owner"], e["outcome"]) for e in logs if e["event"] == "call.orphaned"]
+            assert swept == [(call.call_id, owner, "hung_up")]
+    finally:
+        let_go.set()
 
 
 async def test_an_orphan_whose_hangup_fails_is_hung_up_again_later_by_the_instance_that_swept_it(
