@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Protocol, TypeVar, runtime_checkable
@@ -60,7 +61,8 @@ class ClaimStore(Protocol):
         ...
 
     async def release(self, key: str) -> None:
-        """Give ``key`` back (used when the work it guarded could not be done)."""
+        """Give ``key`` back (used when the work it guarded could not be done): this store's claim of it
+        only. One another instance took since (this one's had run out) stays, pending or settled."""
         ...
 
     async def open(self) -> None:
@@ -156,14 +158,17 @@ class MemoryStore:
 class RedisStore:
     """Claims in Redis, shared by every instance that serves the same webhook URL.
 
-    A claim is ``SET key p NX PX ttl``; settling it ``SET key s PX ttl``; keys are prefixed (``sideband:``
-    by default) so the server can be shared. Every command is bounded by ``timeout`` seconds, and at most
-    ``max_connections`` are open (a request waits up to ``timeout`` for one): a Redis that is down, slow or
-    saturated makes the request that needs it fail with :class:`StoreUnavailable`, quickly, instead of
-    hanging it. A command that meets a connection the server closed (it restarted), or a server that is
-    now a read-only replica (a failover behind the same address moved the primary), is tried once more on
-    a new connection. ``url`` is a ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL, credentials included;
-    raises ``ValueError`` if it cannot be parsed.
+    A claim is ``SET key p:<token> NX PX ttl``; settling it ``SET key s:<token> PX ttl`` (over any claim:
+    the work is done); the token is this store's own, and a release deletes the key only while it holds that
+    token (a Lua script), so an answer path that outlived its pending claim does not give back one another
+    instance took since. Keys are prefixed (``sideband:`` by default) so the server can be shared. Every
+    command is bounded by ``timeout`` seconds, and at most ``max_connections`` are open (a request waits up
+    to ``timeout`` for one): a Redis that is down, slow or saturated makes the request that needs it fail
+    with :class:`StoreUnavailable`, quickly, instead of hanging it. A command that meets a connection the
+    server closed (it restarted), or a server that is now a read-only replica (a failover behind the same
+    address moved the primary), is tried once more on a new connection. ``url`` is a ``redis://``,
+    ``rediss://`` (TLS) or ``unix://`` URL, credentials included; raises ``ValueError`` if it cannot be
+    parsed.
     """
 
     def __init__(
@@ -178,6 +183,8 @@ class RedisStore:
         """The store for logs and errors: the URL without its credentials."""
         self._prefix = prefix
         self._timeout = timeout
+        token = secrets.token_hex(8)
+        self._pending, self._settled = f"p:{token}".encode(), f"s:{token}".encode()
         # Commands are bounded by asyncio.timeout in _call, not by redis-py's socket timeout: that one
         # runs each write through Python 3.11's wait_for, which can lose a cancellation (a shutdown's).
         self._pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
@@ -191,18 +198,22 @@ class RedisStore:
         )
         self._redis: Redis = Redis(connection_pool=self._pool)
         self._swept = self._redis.register_script(_SWEPT)
+        self._release = self._redis.register_script(_RELEASE)
 
     async def claim(self, key: str, ttl: float) -> bool:
-        return bool(await self._call(self._redis.set(self._prefix + key, b"p", nx=True, px=_ms(ttl))))
+        return bool(
+            await self._call(self._redis.set(self._prefix + key, self._pending, nx=True, px=_ms(ttl)))
+        )
 
     async def settle(self, key: str, ttl: float) -> None:
-        await self._call(self._redis.set(self._prefix + key, b"s", px=_ms(ttl)))
+        await self._call(self._redis.set(self._prefix + key, self._settled, px=_ms(ttl)))
 
     async def settled(self, key: str) -> bool:
-        return await self._call(self._redis.get(self._prefix + key)) in (b"s", "s")
+        value = await self._call(self._redis.get(self._prefix + key))
+        return value is not None and value[:1] in (b"s", "s")
 
     async def release(self, key: str) -> None:
-        await self._call(self._redis.delete(self._prefix + key))
+        await self._call(self._release(keys=[self._prefix + key], args=[self._pending, self._settled]))
 
     async def open(self) -> None:
         # A write, not a ping: a read-only replica (a reader endpoint named by mistake) answers pings.
@@ -265,6 +276,16 @@ class RedisStore:
         except (RedisError, OSError) as exc:  # (its text names host and port, never the password)
             raise StoreUnavailable(f"redis at {self.where}: {exc or type(exc).__name__}") from None
 
+
+_RELEASE = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] or held == ARGV[2] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+"""A release: the key is deleted only while it holds this store's claim (ARGV: its pending and settled
+values)."""
 
 _SWEPT = """
 for i = 3, #ARGV do

@@ -134,6 +134,34 @@ async def test_claims_are_atomic_pending_then_settled(store: RedisStore, redis_s
         raw.close()
 
 
+async def test_a_late_release_leaves_the_claim_another_instance_took_since(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    """A's answer outlived its pending claim (a Redis slow to answer each of the path's commands, a
+    stalled process) and B claimed the key since: A's release gives back its own claim only, B's
+    stays. A settle still marks the work done over B's claim, and B's release leaves that."""
+    other = RedisStore(redis_server.url)
+    try:
+        for settled_by_a in (False, True):
+            key = f"call:late{settled_by_a}"
+            assert await store.claim(key, 0.05)
+            deadline = time.monotonic() + 5
+            while not await other.claim(key, 30):  # once A's claim has run out
+                assert time.monotonic() < deadline, "the pending claim never expired"
+                await asyncio.sleep(0.02)
+            if settled_by_a:
+                await store.settle(key, 30)  # (A's work was done)
+                await other.release(key)  # B's failed
+                assert await store.settled(key) and await other.settled(key)
+            else:
+                await store.release(key)  # A's failed
+                assert not await store.claim(key, 30) and not await other.settled(key)  # B's, pending
+                await other.release(key)
+                assert await store.claim(key, 30)
+    finally:
+        await other.close()
+
+
 async def test_a_restarted_redis_costs_no_request(store: RedisStore, redis_server: RedisServer) -> None:
     """Pooled connections the server closed when it restarted are replaced, not failed on."""
     assert await asyncio.gather(*(store.claim(f"webhook:before{n}", 30) for n in range(8))) == [True] * 8
@@ -348,8 +376,11 @@ async def test_claims_a_settle_failed_to_keep_are_settled_once_the_store_answers
             assert first.status == 200
             await call.wait_connected(1, timeout=5)
             assert not await store.settled(f"call:{call.call_id}")  # pending, for now
-            await store.release(f"call:{call.call_id}")  # as its TTL would
-            await store.release("webhook:wh_s")
+            raw = aioredis.Redis.from_url(redis_server.url)
+            try:  # as their TTL would
+                await raw.delete(f"sideband:call:{call.call_id}", "sideband:webhook:wh_s")
+            finally:
+                await raw.aclose()
             same = await a.sender.deliver(event, webhook_id="wh_s", max_attempts=1)
             assert json.loads(same.bodies[-1] or b"{}") == {"status": "duplicate"}
             await asyncio.wait_for(asyncio.gather(*a.service._settling), 5)
