@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from sideband.stores import ClaimStore, MemoryStore, RedisStore
+from sideband.stores import CallLedger, ClaimStore, MemoryStore, RedisStore
 
 
 class FakeClock:
@@ -34,6 +34,20 @@ def test_stores_have_every_method_of_the_protocol(store: ClaimStore) -> None:
         expected = list(inspect.signature(getattr(ClaimStore, name)).parameters)[1:]  # (not self)
         assert list(inspect.signature(method).parameters) == expected, name
     assert isinstance(store.where, str)
+
+
+def test_the_redis_store_is_a_call_ledger() -> None:
+    """Each method :class:`CallLedger` names, with its parameters (the in-memory store, one instance
+    alone, keeps no ledger)."""
+    store = RedisStore("redis://localhost/0")
+    assert isinstance(store, CallLedger) and not isinstance(MemoryStore(), CallLedger)
+    methods = [n for n, v in vars(CallLedger).items() if inspect.isfunction(v) and not n.startswith("_")]
+    assert {"record", "orphans", "swept", "forget"} <= set(methods)
+    for name in methods:
+        method = getattr(store, name)
+        assert inspect.iscoroutinefunction(method), name
+        expected = list(inspect.signature(getattr(CallLedger, name)).parameters)[1:]  # (not self)
+        assert list(inspect.signature(method).parameters) == expected, name
 
 
 async def test_claim_once() -> None:
