@@ -88,6 +88,7 @@ async def test_a_reload_routes_new_calls_and_live_calls_keep_theirs(stack: Stack
     assert live.end_reason == "hangup_verb" and live.accept_body["instructions"] == "Billing desk."
     assert billing.status == "accepted" and billing.end_reason is None
     assert await metrics(stack) == {
+        "sideband_route_reloads_total[failed]": 0,
         "sideband_route_reloads_total[ok]": 1,
         "sideband_routes_last_reload_successful": 1,
     }
@@ -128,6 +129,7 @@ async def test_a_file_that_fails_the_checks_leaves_the_table_in_force(
     assert rejected.status == "rejected" and rejected.reject_body == {"status_code": 486}
     assert await metrics(stack) == {
         "sideband_route_reloads_total[failed]": 1,
+        "sideband_route_reloads_total[ok]": 0,
         "sideband_routes_last_reload_successful": 0,
     }
     # Mended: in force, and the gauge says so again.
