@@ -216,6 +216,13 @@ async def test_a_model_the_key_may_not_use_is_named_with_the_config_that_names_i
     )
 
 
+async def test_an_app_on_the_newest_realtime_model_passes_online(simulator: Simulator) -> None:
+    lines = await check_online(simulator, make_app(model="gpt-realtime-2.1"))
+    assert "models: gpt-realtime-2.1, gpt-4o-mini-transcribe available" in lines
+    looked_up = {r.path for r in asked(simulator, "GET", "/v1/models/")}
+    assert "/v1/models/gpt-realtime-2.1" in looked_up
+
+
 async def test_a_key_that_may_not_read_models_passes_with_them_unchecked(simulator: Simulator) -> None:
     simulator.key_reads_models = False  # a restricted key: Realtime only
     lines = await check_online(simulator)

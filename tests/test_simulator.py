@@ -361,6 +361,38 @@ async def test_models_answers_those_the_key_may_use(
         assert resp.status == 401
 
 
+def recorded_models() -> set[str]:
+    """Every model named anywhere in the real recordings (session, transcription, client events)."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("model"), str):
+                found.add(value["model"])
+            for inner in value.values():
+                walk(inner)
+        elif isinstance(value, list):
+            for inner in value:
+                walk(inner)
+
+    for path in CASSETTES.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                walk(json.loads(line))
+    return found
+
+
+async def test_every_model_of_the_recordings_is_one_the_key_may_use(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    models = recorded_models()
+    assert {"gpt-realtime", "gpt-realtime-2.1", "gpt-realtime-whisper", "whisper-1"} <= models
+    for name in sorted(models):
+        async with http.get(f"{simulator.base_url}/models/{name}", headers=AUTH) as resp:
+            assert resp.status == 200, name
+            assert (await resp.json())["id"] == name
+
+
 BAD_SIP_ACCEPTS = [
     {"type": "realtime", "audio": {"input": {"format": None}}},
     {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 0.6}}}},

@@ -79,9 +79,19 @@ _DEFAULT_MODEL = "gpt-realtime"
 _VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 """The built-in voices (a session may also name a custom one: ``{"id": "voice_…"}``)."""
 _MODELS = frozenset(
-    {"gpt-realtime", "gpt-realtime-mini", "gpt-4o-mini-transcribe", "gpt-4o-transcribe", "whisper-1"}
+    {
+        "gpt-realtime",
+        "gpt-realtime-2.1",
+        "gpt-realtime-mini",
+        "gpt-4o-realtime-preview",
+        "gpt-realtime-whisper",
+        "gpt-4o-mini-transcribe",
+        "gpt-4o-transcribe",
+        "whisper-1",
+    }
 )
-"""The models the simulated key may use by default (``GET /models/{model}``)."""
+"""The models the simulated key may use by default (``GET /models/{model}``): the realtime and
+transcription models of the real recordings among them."""
 _DEFAULT_INSTRUCTIONS = (
     "Your knowledge cutoff is 2023-10. You are a helpful, witty, and friendly AI. Act like a human, but "
     "remember that you aren't a human and that you can't do human things in the real world."
