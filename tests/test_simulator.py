@@ -552,6 +552,26 @@ async def test_refer(simulator: Simulator, http: aiohttp.ClientSession) -> None:
     assert (await post(http, f"{base}/realtime/calls/rtc_nope/refer", {"target_uri": "tel:+1555"}))[0] == 404
 
 
+async def test_refer_on_a_webrtc_call_is_refused_and_the_call_stays_up(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """A REFER goes to the SIP provider: a browser's call has none, and only hangup applies to it."""
+    call = simulator.create_webrtc_call()
+    base = f"{simulator.base_url}/realtime/calls/{call.call_id}"
+    async with ws_connect(simulator, call) as ws:
+        status, raw = await post(http, f"{base}/refer", {"target_uri": "tel:+14155550123"})
+        assert status == 400
+        error = error_of(raw)
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_value")
+        assert "SIP" in error["message"]
+        assert (call.status, call.end_reason, call.refer_target) == ("accepted", None, None)
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        assert (await recv(ws))["type"] == "session.updated"  # the sideband is still up
+        assert (await post(http, f"{base}/hangup"))[0] == 200
+        await call.wait_ended(timeout=1)
+    assert call.end_reason == "hangup_verb"
+
+
 async def test_hangup(simulator: Simulator, http: aiohttp.ClientSession) -> None:
     base = simulator.base_url
     call = await live_call(simulator, http)

@@ -2887,6 +2887,13 @@ class Simulator:
         call = self.calls.get(call_id)
         if call is None or call.ended:
             return _error_response(404, f"Call {call_id} not found.", code="call_not_found")
+        if verb == "refer" and call.kind != "sip":
+            # A REFER goes to the SIP provider: a browser's call has none (hangup is the one verb for it).
+            return _error_response(
+                400,
+                f"Call {call_id} is a WebRTC call: refer is only supported for SIP calls.",
+                code="invalid_value",
+            )
         body = await self._json_body(request, optional=verb != "refer")
         if isinstance(body, web.Response):
             return body
