@@ -1119,6 +1119,81 @@ async def test_client_event_errors_keep_the_socket_open(
     assert len(call.bad_frames) == 1 and call.status == "accepted"
 
 
+def user_text(text: Any = "hi", **fields: Any) -> dict[str, Any]:
+    part = {"type": "input_text"} if text is None else {"type": "input_text", "text": text}
+    return {
+        "type": "conversation.item.create",
+        "item": {"type": "message", "role": "user", "content": [part]},
+        **fields,
+    }
+
+
+@pytest.mark.parametrize(
+    ("event", "param", "code"),
+    [
+        (user_text(previous_item_id="item_unknown"), "previous_item_id", "invalid_value"),
+        (user_text(previous_item_id=7), "previous_item_id", "invalid_type"),
+        (user_text(None), "item.content[0].text", "missing_required_parameter"),
+        (user_text(5), "item.content[0].text", "invalid_type"),
+        (
+            {
+                "type": "conversation.item.create",
+                "item": {"type": "message", "role": "assistant", "content": [{"type": "output_text"}]},
+            },
+            "item.content[0].text",
+            "missing_required_parameter",
+        ),
+    ],
+    ids=["unknown_previous", "previous_not_string", "text_missing", "text_not_string", "output_text_missing"],
+)
+async def test_an_item_the_service_would_refuse_gets_an_error_and_only_it_is_dropped(
+    simulator: Simulator, http: aiohttp.ClientSession, event: dict[str, Any], param: str, code: str
+) -> None:
+    call = await live_call(simulator, http)
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {**event, "event_id": "evt_bad"})
+        await send(ws, user_text("fine", event_id="evt_good"))
+        error = await recv(ws)
+        assert error["type"] == "error"
+        assert {k: v for k, v in error["error"].items() if k != "message"} == {
+            "type": "invalid_request_error",
+            "code": code,
+            "param": param,
+            "event_id": "evt_bad",
+        }
+        added = await recv(ws)  # the next event is taken as usual
+        assert added["type"] == "conversation.item.added"
+        assert added["item"]["content"] == [{"type": "input_text", "text": "fine"}]
+    assert call.status == "accepted"
+
+
+async def test_previous_item_id_places_the_item(simulator: Simulator, http: aiohttp.ClientSession) -> None:
+    """After a known item (one of the model's still streaming too), first (``root``), or last."""
+    call = await live_call(simulator, http)
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, user_text("one"))
+        first = (await recv_until(ws, "conversation.item.done"))[-1]["item"]["id"]
+        await send(ws, user_text("two"))
+        second = (await recv_until(ws, "conversation.item.done"))[-1]
+        assert second["previous_item_id"] == first
+        await send(ws, user_text("zero", previous_item_id="root"))
+        assert (await recv_until(ws, "conversation.item.done"))[-1]["previous_item_id"] is None
+        await send(ws, user_text("between", previous_item_id=first))
+        assert (await recv_until(ws, "conversation.item.done"))[-1]["previous_item_id"] == first
+        await send(ws, user_text("three", previous_item_id=None))  # (null: last, after "two")
+        assert (await recv_until(ws, "conversation.item.done"))[-1]["previous_item_id"] == second["item"][
+            "id"
+        ]
+        simulator.event_gap = 0.02  # (the model's answer streams on while the next item arrives)
+        await send(ws, {"type": "response.create"})
+        started = (await recv_until(ws, "conversation.item.added"))[-1]["item"]
+        assert started["status"] == "in_progress"
+        await send(ws, user_text("aside", previous_item_id=started["id"]))
+        events = await recv_until(ws, "conversation.item.done")
+    assert events[-1]["item"]["role"] == "user" and events[-1]["previous_item_id"] == started["id"]
+    assert "response.done" not in [e["type"] for e in events]  # (taken while the answer streamed)
+
+
 async def test_response_create_during_active_response_is_refused(
     simulator: Simulator, http: aiohttp.ClientSession
 ) -> None:

@@ -530,6 +530,21 @@ def _check_response(response: Mapping[str, Any]) -> _Problem | None:
     return _check_session({"type": "realtime", **shared}, "response.", sip=False, accept=False)
 
 
+def _check_text_part(part: Mapping[str, Any], where: str) -> _Problem | None:
+    """What the service refuses in a message's ``input_text`` / ``output_text`` part: no ``text`` string."""
+    if part["type"] not in ("input_text", "output_text"):
+        return None
+    if "text" not in part:
+        return _Problem(
+            f"{where}.text", "missing_required_parameter", f"Missing required parameter: '{where}.text'."
+        )
+    if not isinstance(part["text"], str):
+        return _Problem(
+            f"{where}.text", "invalid_type", f"Invalid type for '{where}.text': expected a string."
+        )
+    return None
+
+
 def _check_metadata(metadata: Any, param: str) -> _Problem | None:
     """What the real service would reject in a ``metadata`` map: up to 16 string values (≤ 512
     characters) under keys of at most 64 characters; ``null`` clears it."""
@@ -1446,6 +1461,11 @@ class SimCall:
                 event_id=event_id,
             )
             return
+        if "previous_item_id" in event:
+            problem = self._check_previous_item(event["previous_item_id"])
+            if problem is not None:
+                await self._error(problem.code, problem.message, param=problem.param, event_id=event_id)
+                return
         raw_id = item.get("id")
         item_id = raw_id if isinstance(raw_id, str) and raw_id else self._sim._new_id("item_")
         itype = item.get("type")
@@ -1528,6 +1548,10 @@ class SimCall:
                         event_id=event_id,
                     )
                     return
+                problem = _check_text_part(part, f"item.content[{index}]")
+                if problem is not None:
+                    await self._error(problem.code, problem.message, param=problem.param, event_id=event_id)
+                    return
             new = {
                 "id": item_id,
                 "type": "message",
@@ -1563,10 +1587,35 @@ class SimCall:
                 event_id=event_id,
             )
             return
-        previous = event.get("previous_item_id", self._last_item_id)
+        # No previous_item_id: the item goes last; "root": first (nothing before it); else after that one.
+        asked = event.get("previous_item_id")
+        after: str | None = self._last_item_id if asked is None else None if asked == "root" else asked
         self._items[item_id] = new
-        self._last_item_id = item_id
-        await self._ack_item(previous if isinstance(previous, str) else None, new)
+        if asked is None or asked == self._last_item_id or self._last_item_id is None:
+            self._last_item_id = item_id
+        await self._ack_item(after, new)
+
+    def _check_previous_item(self, previous: Any) -> _Problem | None:
+        """What the service refuses in ``conversation.item.create``'s ``previous_item_id``: an item the
+        conversation does not have (``"root"`` is the start; ``null`` the end)."""
+        if previous is None or previous == "root":
+            return None
+        if not isinstance(previous, str):
+            return _Problem(
+                "previous_item_id", "invalid_type", "Invalid type for 'previous_item_id': expected a string."
+            )
+        # (an item of the model's still streaming is known too: the last one, or a function call's)
+        if (
+            previous in self._items
+            or previous == self._last_item_id
+            or previous in self._function_calls.values()
+        ):
+            return None
+        return _Problem(
+            "previous_item_id",
+            "invalid_value",
+            f"Invalid value for 'previous_item_id': no item with id '{previous}' in the conversation.",
+        )
 
     async def _ack_item(self, previous: str | None, item: dict[str, Any]) -> None:
         await self._send("conversation.item.added", previous_item_id=previous, item=item)
