@@ -316,6 +316,16 @@ async def test_accept_success_stores_the_session(simulator: Simulator, http: aio
         ({"type": "realtime", "audio": {"output": {"voice": {"id": "marin"}}}}, "audio.output.voice"),
         ({"type": "realtime", "output_modalities": ["audio", "text"]}, "output_modalities"),
         ({"type": "realtime", "tools": [{"type": "function"}]}, "tools[0].name"),
+        ({"type": "realtime", "tools": [{"type": "function", "name": "look up"}]}, "tools[0].name"),
+        ({"type": "realtime", "tools": [{"type": "function", "name": "lookup.order"}]}, "tools[0].name"),
+        ({"type": "realtime", "tools": [{"type": "function", "name": "x" * 65}]}, "tools[0].name"),
+        ({"type": "realtime", "tool_choice": "sometimes"}, "tool_choice"),
+        ({"type": "realtime", "tool_choice": {"nonsense": 1}}, "tool_choice.type"),
+        ({"type": "realtime", "tool_choice": {"type": "tool", "name": "x"}}, "tool_choice.type"),
+        ({"type": "realtime", "tool_choice": {"type": "function"}}, "tool_choice.name"),
+        ({"type": "realtime", "tool_choice": {"type": "function", "name": 5}}, "tool_choice.name"),
+        ({"type": "realtime", "tool_choice": {"type": "function", "name": "x", "x": 1}}, "tool_choice.x"),
+        ({"type": "realtime", "tool_choice": {"type": "mcp", "name": "x"}}, "tool_choice.server_label"),
     ],
 )
 async def test_accept_rejects_invalid_bodies(
@@ -326,6 +336,21 @@ async def test_accept_rejects_invalid_bodies(
     assert status == 400
     assert error_of(raw)["param"] == param
     assert call.status == "ringing" and call.accept_body is None
+
+
+@pytest.mark.parametrize(
+    "tool_choice",
+    ["required", {"type": "function", "name": "look_up-order2"}, {"type": "mcp", "server_label": "crm"}],
+)
+async def test_accept_takes_each_kind_of_tool_choice(
+    simulator: Simulator, http: aiohttp.ClientSession, tool_choice: Any
+) -> None:
+    call = simulator.create_call()
+    tools = [{"type": "function", "name": "look_up-order2" + "x" * 50, "parameters": {}}]
+    body = {"type": "realtime", "tools": tools, "tool_choice": tool_choice}
+    status, raw = await post(http, f"{simulator.base_url}/realtime/calls/{call.call_id}/accept", body)
+    assert status == 200, raw
+    assert call.session is not None and call.session["tool_choice"] == tool_choice
 
 
 @pytest.mark.parametrize("voice", ["cedar", {"id": "voice_1234"}])
@@ -1388,14 +1413,43 @@ async def test_response_create_overrides_are_checked_like_the_ga_service(
             ({"output_modalities": ["text", "audio"]}, "response.output_modalities", "invalid_value"),
             ({"instructions": 42}, "response.instructions", "invalid_type"),
             ({"conversation": "default"}, "response.conversation", "invalid_value"),
+            (
+                {"audio": {"output": {"voice": "no-such-voice"}}},
+                "response.audio.output.voice",
+                "invalid_value",
+            ),
+            (
+                {"audio": {"output": {"voice": {"id": "marin"}}}},
+                "response.audio.output.voice",
+                "invalid_value",
+            ),
+            ({"audio": {"output": {"speed": 1.2}}}, "response.audio.output.speed", "unknown_parameter"),
+            ({"audio": {"input": {}}}, "response.audio.input", "unknown_parameter"),
+            ({"audio": "cedar"}, "response.audio", "invalid_type"),
+            ({"tool_choice": {"nonsense": 1}}, "response.tool_choice.type", "missing_required_parameter"),
+            (
+                {"tools": [{"type": "function", "name": "bad name!"}]},
+                "response.tools[0].name",
+                "invalid_value",
+            ),
         ):
             await send(ws, {"type": "response.create", "response": response})
             error = (await recv_until(ws, "error"))[-1]["error"]
             assert (error["param"], error["code"]) == (param, code), response
+        for session, param in (
+            ({"tool_choice": {"nonsense": 1}}, "session.tool_choice.type"),
+            ({"tools": [{"type": "function", "name": "bad name!"}]}, "session.tools[0].name"),
+        ):
+            await send(ws, {"type": "session.update", "session": {"type": "realtime", **session}})
+            assert (await recv_until(ws, "error"))[-1]["error"]["param"] == param
         assert not call.responses  # a refused create starts nothing
-        await send(
-            ws, {"type": "response.create", "response": {"instructions": "Greet.", "conversation": "auto"}}
-        )
+        response = {
+            "instructions": "Greet.",
+            "conversation": "auto",
+            "audio": {"output": {"voice": "cedar", "format": {"type": "audio/pcm", "rate": 24000}}},
+            "tool_choice": {"type": "function", "name": "end_call"},
+        }
+        await send(ws, {"type": "response.create", "response": response})
         assert (await recv_until(ws, "response.done"))[-1]["response"]["status"] == "completed"
 
 

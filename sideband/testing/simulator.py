@@ -165,6 +165,11 @@ _MESSAGE_CONTENT_TYPES: Mapping[str, frozenset[str]] = MappingProxyType(
     }
 )
 _WORDS = re.compile(r"\s*\S+")
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
+# A dict tool choice's kinds: the fields each requires, and those it may have besides.
+_TOOL_CHOICE_FIELDS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = MappingProxyType(
+    {"function": (("name",), ()), "mcp": (("server_label",), ("name",))}
+)
 
 
 class ScriptError(AssertionError):
@@ -522,12 +527,84 @@ def _check_response(response: Mapping[str, Any]) -> _Problem | None:
             "invalid_value",
             f"Invalid value: {response['conversation']!r}. Supported values are: 'auto' and 'none'.",
         )
+    if "audio" in response:
+        problem = _check_response_audio(response["audio"])
+        if problem is not None:
+            return problem
     shared = {
         k: response[k] for k in ("instructions", "output_modalities", "tools", "tool_choice") if k in response
     }
     if "max_output_tokens" in response:
         shared["max_output_tokens"] = response["max_output_tokens"]
     return _check_session({"type": "realtime", **shared}, "response.", sip=False, accept=False)
+
+
+def _check_response_audio(audio: Any) -> _Problem | None:
+    """What the service refuses in ``response.create``'s ``response.audio``: it takes ``output`` with a
+    ``format`` and a ``voice`` (checked as a session's voice)."""
+    where = "response.audio"
+    if not isinstance(audio, dict):
+        return _Problem(where, "invalid_type", f"Invalid type for '{where}': expected an object.")
+    for key in audio:
+        if key != "output":
+            return _Problem(f"{where}.{key}", "unknown_parameter", f"Unknown parameter: '{where}.{key}'.")
+    if "output" not in audio:
+        return None
+    output, here = audio["output"], f"{where}.output"
+    if not isinstance(output, dict):
+        return _Problem(here, "invalid_type", f"Invalid type for '{here}': expected an object.")
+    for key in output:
+        if key not in ("format", "voice"):
+            return _Problem(f"{here}.{key}", "unknown_parameter", f"Unknown parameter: '{here}.{key}'.")
+    if "format" in output:
+        fmt = output["format"]
+        if not isinstance(fmt, dict) or fmt.get("type") not in _AUDIO_FORMATS:
+            return _Problem(f"{here}.format", "invalid_value", f"Invalid value for '{here}.format'.")
+    if "voice" in output:
+        return _check_voice(output["voice"], f"{here}.voice")
+    return None
+
+
+def _check_tool_choice(choice: Any, where: str) -> _Problem | None:
+    """A tool choice as the service takes it: ``"auto"``, ``"none"``, ``"required"``, one function
+    (``{"type": "function", "name": …}``) or an MCP server's tool (``{"type": "mcp", "server_label": …}``)."""
+    if not isinstance(choice, dict):
+        if isinstance(choice, str) and choice in ("auto", "none", "required"):
+            return None
+        return _Problem(
+            where,
+            "invalid_value",
+            f"Invalid value: {choice!r}. Supported values are: 'auto', 'none', and 'required'.",
+        )
+    kind = choice.get("type")
+    if kind is None:
+        return _Problem(
+            f"{where}.type", "missing_required_parameter", f"Missing required parameter: '{where}.type'."
+        )
+    fields = _TOOL_CHOICE_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        return _Problem(
+            f"{where}.type",
+            "invalid_value",
+            f"Invalid value: {kind!r}. Supported values are: 'function' and 'mcp'.",
+        )
+    required, optional = fields
+    for key in choice:
+        if key != "type" and key not in required and key not in optional:
+            return _Problem(f"{where}.{key}", "unknown_parameter", f"Unknown parameter: '{where}.{key}'.")
+    for key in required:
+        if key not in choice:
+            return _Problem(
+                f"{where}.{key}",
+                "missing_required_parameter",
+                f"Missing required parameter: '{where}.{key}'.",
+            )
+    for key in (*required, *optional):
+        if key in choice and not isinstance(choice[key], str):
+            return _Problem(
+                f"{where}.{key}", "invalid_type", f"Invalid type for '{where}.{key}': expected a string."
+            )
+    return None
 
 
 def _check_text_part(part: Mapping[str, Any], where: str) -> _Problem | None:
@@ -622,6 +699,20 @@ def _check_session(session: Mapping[str, Any], prefix: str, *, sip: bool, accept
                         "missing_required_parameter",
                         f"Missing required parameter: '{where}.name'.",
                     )
+                if len(tool["name"]) > 64:
+                    return _Problem(
+                        f"{where}.name",
+                        "string_above_max_length",
+                        f"Invalid '{where}.name': string too long. Expected a string with maximum length 64, "
+                        f"but got a string with length {len(tool['name'])} instead.",
+                    )
+                if not _TOOL_NAME.fullmatch(tool["name"]):
+                    return _Problem(
+                        f"{where}.name",
+                        "invalid_value",
+                        f"Invalid '{where}.name': string does not match pattern. Expected a string that "
+                        f"matches the pattern '{_TOOL_NAME.pattern}'.",
+                    )
                 if "parameters" in tool and not isinstance(tool["parameters"], dict):
                     return _Problem(
                         f"{where}.parameters",
@@ -629,9 +720,9 @@ def _check_session(session: Mapping[str, Any], prefix: str, *, sip: bool, accept
                         f"Invalid type for '{where}.parameters': expected an object.",
                     )
     if "tool_choice" in session:
-        choice = session["tool_choice"]
-        if not (choice in ("auto", "none", "required") or isinstance(choice, dict)):
-            return _Problem(f"{prefix}tool_choice", "invalid_value", f"Invalid value: {choice!r}.")
+        problem = _check_tool_choice(session["tool_choice"], f"{prefix}tool_choice")
+        if problem is not None:
+            return problem
     if "max_output_tokens" in session:
         limit = session["max_output_tokens"]
         if not (
