@@ -812,6 +812,50 @@ async def test_server_vad_idle_timeout_prompts_a_silent_caller_again_and_again(s
     assert all(r.request is None for r in call.responses)  # nobody asked for them
 
 
+async def test_no_made_up_response_id_before_the_idle_prompt_is_announced(simulator: Simulator) -> None:
+    """Between ``timeout_triggered`` and the prompt's ``response.created`` the prompt is under way: a
+    create is refused naming the id the prompt then has, and a clear names no response (none plays, and
+    the client has not seen that id yet)."""
+    simulator.event_gap = 0.05  # (the client's events reach the server before the prompt is announced)
+    call = simulator.create_webrtc_call(Script([]))
+    turn = {"type": "server_vad", "idle_timeout_ms": 100}
+    async with ws_connect(simulator, call) as ws:
+        await send(
+            ws,
+            {
+                "type": "session.update",
+                "session": {"type": "realtime", "audio": {"input": {"turn_detection": turn}}},
+            },
+        )
+        await recv_until(ws, "input_audio_buffer.timeout_triggered")
+        await send(ws, {"type": "output_audio_buffer.clear", "event_id": "evt_clear"})
+        await send(ws, {"type": "response.create", "event_id": "evt_create"})
+        events = await recv_until(ws, "response.done")
+    order = [(way, e.get("event_id"), e["type"]) for way, e in call.timeline]
+    user_done = next(i for i, (way, _, t) in enumerate(order) if t == "conversation.item.done")
+    assert order.index(("received", "evt_create", "response.create")) < user_done  # (as meant: in the gap)
+    created = next(e for e in events if e["type"] == "response.created")["response"]["id"]
+    assert created.startswith("resp_")
+    cleared = next(e for e in events if e["type"] == "output_audio_buffer.cleared")
+    assert cleared["response_id"] is None
+    error = next(e for e in events if e["type"] == "error")["error"]
+    assert (error["code"], error["event_id"]) == ("conversation_already_has_active_response", "evt_create")
+    assert f"in progress: {created}." in error["message"]
+    assert [r.trigger for r in call.responses] == ["idle"]
+
+
+async def test_a_create_refused_for_a_pending_one_names_the_response_that_comes(simulator: Simulator) -> None:
+    call = simulator.create_webrtc_call(Script([]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "response.create", "event_id": "evt_1"})
+        await send(ws, {"type": "response.create", "event_id": "evt_2"})
+        events = await recv_until(ws, "response.done")
+    created = next(e for e in events if e["type"] == "response.created")["response"]["id"]
+    error = next(e for e in events if e["type"] == "error")["error"]
+    assert error["event_id"] == "evt_2" and f"in progress: {created}." in error["message"]
+    assert [r.request for r in call.responses] == [{}]
+
+
 async def test_the_idle_timer_starts_again_after_audio_the_controller_cleared(simulator: Simulator) -> None:
     """The controller clears the model's audio while its response still streams: the silence after that
     response is timed as after any other."""

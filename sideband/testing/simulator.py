@@ -1004,6 +1004,8 @@ class SimCall:
         self._response_lock = asyncio.Lock()
         self._active_response: str | None = None
         self._pending_create: dict[str, Any] | None = None
+        self._pending_response_id: str | None = None  # the id the pending create's response will have
+        self._unannounced: str | None = None  # the active response's id while its response.created is due
         self._create_arrived = asyncio.Event()
         self._cancel_reason: str | None = None
         self._deferred: list[tuple[str, dict[str, Any]]] = []
@@ -1402,7 +1404,9 @@ class SimCall:
                 cleared, self._audio_response = self._audio_response, None  # (no stopped for it now)
                 if cleared is not None and self._playback_cut is not None:
                     self._playback_cut.set()
-                await self._send("output_audio_buffer.cleared", response_id=cleared or self._active_response)
+                # (a response not announced yet is not named: the client has never seen its id)
+                named = self._active_response if self._active_response != self._unannounced else None
+                await self._send("output_audio_buffer.cleared", response_id=cleared or named)
                 if cleared is not None and self._active_response is None:
                     self._arm_idle()  # the model's audio ended here
             case "input_audio_buffer.append":
@@ -1498,6 +1502,7 @@ class SimCall:
             await self._refuse_busy(event_id)
             return
         self._pending_create = event
+        self._pending_response_id = self._sim._new_id("resp_")  # (its response is under way from now)
         if self._script_claims_create():
             self._create_arrived.set()
         else:
@@ -1510,8 +1515,8 @@ class SimCall:
         await self._error(
             "conversation_already_has_active_response",
             "Conversation already has an active response in progress: "
-            f"{self._active_response or 'pending'}. Wait until the response is finished before creating "
-            "a new one.",
+            f"{self._active_response or self._pending_response_id}. Wait until the response is finished "
+            "before creating a new one.",
             event_id=event_id,
         )
 
@@ -1737,18 +1742,23 @@ class SimCall:
 
     # ------------------------------------------------------------------------------------ responses
 
-    def _take_pending_create(self) -> dict[str, Any] | None:
+    def _take_pending_create(self) -> tuple[dict[str, Any], str] | None:
+        """The pending ``response.create`` and the id its response takes (``None`` if none is pending)."""
         create, self._pending_create = self._pending_create, None
+        response_id, self._pending_response_id = self._pending_response_id, None
         self._create_arrived.clear()
-        return create
+        if create is None or response_id is None:
+            return None
+        return create, response_id
 
     async def _auto_answer(self) -> None:
         async with self._response_lock:
             if self._ended.is_set():
                 return
-            create = self._take_pending_create()
-            if create is None:
+            taken = self._take_pending_create()
+            if taken is None:
                 return  # the script answered it meanwhile
+            create, response_id = taken
             await self._emit_response(
                 text=self._sim.auto_answer_text,
                 calls=(),
@@ -1756,6 +1766,7 @@ class SimCall:
                 create=create,
                 trigger="response.create",
                 source="auto",
+                response_id=response_id,
             )
 
     def _response_object(
@@ -1796,22 +1807,24 @@ class SimCall:
         source: Literal["script", "auto", "injected"],
         injected: InjectedCall | None = None,
         crossed: dict[str, Any] | None = None,
+        response_id: str | None = None,
     ) -> ResponseRecord:
         """Stream one response. The caller holds the response lock. Returns its record (final status).
 
         ``injected``: the record of the call among ``calls`` whose ``arguments.done`` is timestamped.
         ``crossed``: a ``response.create`` that arrived as this response began, refused once it is
-        announced."""
+        announced. ``response_id``: the id set aside for it (a refusal may have named it), else a new one."""
         assert self.session is not None
         overrides: dict[str, Any] = dict(create.get("response") or {}) if create is not None else {}
         modalities = overrides.get("output_modalities") or self.session["output_modalities"]
         audio = "audio" in modalities
         send = self._send
         new_id = self._sim._new_id
-        response_id = new_id("resp_")
+        response_id = response_id or new_id("resp_")
         record = ResponseRecord(response_id, trigger, source, overrides if create is not None else None)
         self.responses.append(record)
         self._active_response = response_id
+        self._unannounced = None  # (its response.created goes out next)
         self._disarm_idle()  # (the server's idle timer counts from the end of the model's audio)
         self._response_count += 1
         self._notify()
@@ -2130,7 +2143,8 @@ class SimCall:
                 return  # someone speaks, or is about to: the silence is over
             assert self.session is not None
             await self._flush_transcript()
-            self._active_response = "pending"  # (the caller speaking from here on cuts the prompt off)
+            # Under way from here (the caller speaking now cuts the prompt off), announced a little later.
+            response_id = self._active_response = self._unannounced = self._sim._new_id("resp_")
             try:
                 item_id = self._sim._new_id("item_")
                 start = self._audio_ms
@@ -2156,10 +2170,11 @@ class SimCall:
                     create=None,
                     trigger="idle",
                     source="auto",
+                    response_id=response_id,
                 )
             finally:
-                if self._active_response == "pending":  # (cut short before its response began)
-                    self._active_response = None
+                if self._unannounced == response_id:  # (cut short before its response began)
+                    self._active_response = self._unannounced = None
 
     async def _commit_audio(self, item_id: str, text: str) -> None:
         """The caller's audio (``text`` was said in it) becomes user item ``item_id``: committed, added,
@@ -2315,7 +2330,9 @@ class SimCall:
         async with self._response_lock:
             if self._ended.is_set():
                 return None
-            create = self._take_pending_create()
+            taken = self._take_pending_create()
+            create, response_id = taken if taken is not None else (None, None)
+            # (crossed: the server's own response, under way as the create came, takes the create's id)
             crossed, create = (create, None) if first else (None, create)
             if create is not None:
                 trigger: Literal["response.create", "vad", "spontaneous"] = "response.create"
@@ -2332,6 +2349,7 @@ class SimCall:
                 trigger=trigger,
                 source="script",
                 crossed=crossed,
+                response_id=response_id,
             )
 
     async def _model_calls(self, step: ModelCalls, limit: float) -> None:
