@@ -34,6 +34,7 @@ from sideband.testing import (
     pause,
     wait_for_greeting,
 )
+from sideband.testing.script import HangupMode
 from sideband.testing.simulator import InjectedCall
 
 AUTH = {"Authorization": "Bearer sk-test"}
@@ -1534,15 +1535,17 @@ class Controller:
             return exc
 
 
-@pytest.mark.parametrize("mode", ["clean", "abnormal"])
-async def test_full_scripted_tool_round(simulator: Simulator, http: aiohttp.ClientSession, mode: str) -> None:
+@pytest.mark.parametrize("mode", ["clean", "going_away", "abnormal"])
+async def test_full_scripted_tool_round(
+    simulator: Simulator, http: aiohttp.ClientSession, mode: HangupMode
+) -> None:
     script = Script(
         [
             wait_for_greeting("Thanks for calling."),
             caller_says("Where is order 42?"),
             model_calls("lookup_order", {"order_id": "42"}, preamble="Let me check."),
             model_says("It shipped yesterday."),
-            caller_hangs_up(mode),  # type: ignore[arg-type]
+            caller_hangs_up(mode),
         ]
     )
     call = await live_call(simulator, http, script, body=TRANSCRIBED)
@@ -1553,9 +1556,9 @@ async def test_full_scripted_tool_round(simulator: Simulator, http: aiohttp.Clie
         closed = await asyncio.wait_for(controller.run(), 10)
     await call.wait_done(timeout=5)
     assert call.end_reason == "caller_hangup" and call.status == "ended"
-    if mode == "clean":
+    if mode in ("clean", "going_away"):
         assert isinstance(closed, websockets.ConnectionClosedOK) and closed.rcvd is not None
-        assert closed.rcvd.code == 1000
+        assert closed.rcvd.code == (1000 if mode == "clean" else 1001)
     else:
         assert isinstance(closed, websockets.ConnectionClosedError) and closed.rcvd is None
     types = [e["type"] for e in controller.events]

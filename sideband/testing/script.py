@@ -50,13 +50,14 @@ __all__ = [
     "wait_for_greeting",
 ]
 
-HangupMode: TypeAlias = Literal["clean", "abnormal", "silent"]
-"""How the caller's hangup shows on the sideband: close 1000, TCP drop with no close frame, or nothing."""
+HangupMode: TypeAlias = Literal["clean", "going_away", "abnormal", "silent"]
+"""How the caller's hangup shows on the sideband: close 1000, close 1001, TCP drop with no close frame, or
+nothing."""
 
 ResponseStatus: TypeAlias = Literal["completed", "cancelled", "failed", "incomplete"]
 """The ``response.done`` status a scripted response ends with."""
 
-_HANGUP_MODES: tuple[str, ...] = ("clean", "abnormal", "silent")
+_HANGUP_MODES: tuple[str, ...] = ("clean", "going_away", "abnormal", "silent")
 _RESPONSE_STATUSES: tuple[str, ...] = ("completed", "cancelled", "failed", "incomplete")
 _DTMF_DIGITS = frozenset("0123456789*#ABCD")
 
@@ -345,10 +346,11 @@ def pause(seconds: float) -> Pause:
 
 
 def caller_hangs_up(mode: HangupMode = "clean") -> CallerHangsUp:
-    """The caller hangs up. ``mode``: ``"clean"`` closes the sideband with 1000, ``"abnormal"`` drops the
-    TCP connection without a close frame, ``"silent"`` sends nothing and leaves the socket open (the
-    controller must notice by its own idle timer). The call ends either way. The step first waits (up to
-    the step timeout) for a sideband to be attached, so the hangup is seen on it."""
+    """The caller hangs up. ``mode``: ``"clean"`` closes the sideband with 1000, ``"going_away"`` with
+    1001 (both seen on the real service), ``"abnormal"`` drops the TCP connection without a close frame,
+    ``"silent"`` sends nothing and leaves the socket open (the controller must notice by its own idle
+    timer). The call ends either way. The step first waits (up to the step timeout) for a sideband to be
+    attached, so the hangup is seen on it."""
     if mode not in _HANGUP_MODES:
         raise ValueError(f"mode must be one of {_HANGUP_MODES}, not {mode!r}")
     return CallerHangsUp(mode)
