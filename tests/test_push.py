@@ -597,6 +597,34 @@ async def test_a_close_frame_ends_the_call_though_the_server_keeps_the_connectio
         server.close()
 
 
+async def test_a_frame_too_big_ends_the_connection_though_the_server_keeps_it_open() -> None:
+    """The server starts a frame larger than the sideband takes (a TiB) and never closes the TCP
+    connection: our close (1009) goes out, and the connection is lost once the close timeout (2 s) is
+    up, not at the next keepalive ping (here: never)."""
+    got_eof = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_upgrade(await reader.readuntil(b"\r\n\r\n")))
+        writer.write(b"\x81\x7f" + (2**40).to_bytes(8, "big"))  # the TCP connection stays open
+        while await reader.read(65536):  # (our close frame)
+            pass
+        got_eof.set()  # our side ended the connection
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    closed = asyncio.Event()
+    ws = await connect_sideband(f"ws://127.0.0.1:{port}", "rtc_toobig", "sk-test")
+    try:
+        ws.start(lambda data: None, closed.set)
+        await asyncio.wait_for(closed.wait(), 5)
+        await asyncio.wait_for(got_eof.wait(), 5)
+        assert ws.protocol.close_sent is not None and ws.protocol.close_sent.code == 1009
+    finally:
+        ws.transport.abort()
+        server.close()
+
+
 async def test_an_attach_refused_with_retry_after_waits_as_asked(peer: Any) -> None:
     """429 with ``Retry-After: 1``: the next attempt comes a second later, not after the usual 0.2 s
     (which would spend the attempts and hang up a call the server was about to take)."""

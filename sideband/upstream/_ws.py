@@ -147,8 +147,6 @@ class PushConnection(ClientConnection):
     def process_event(self, event: Event) -> None:
         if self.response is None or not isinstance(event, Frame) or event.opcode not in _DATA:
             super().process_event(event)  # the handshake response and control frames
-            if isinstance(event, Frame) and event.opcode is Opcode.CLOSE:
-                self._close_by_deadline()
             return
         payload = event.data
         data = payload if isinstance(payload, bytes) else bytes(payload)
@@ -171,14 +169,20 @@ class PushConnection(ClientConnection):
         elif self._held is not None:
             self._held.append(data)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.close_deadline is not None and self._closer is None:
+            self._close_by_deadline()
+
     def _close_by_deadline(self) -> None:
-        """The server's close frame came (and ours answered it): websockets now waits for the server to
-        close the TCP connection, checking its close timeout only when something is sent, and a push
-        connection sends nothing. A server that never closes it (OpenAI's close is not always followed
-        by one) would hold the call until the next keepalive ping; the connection is aborted at the
-        close deadline instead, and ``on_close`` runs."""
+        """A close is under way from what was received: the server's close frame (ours answered it), or
+        a frame we could not read (our close, 1002/1007/1009, went out). websockets now waits for the
+        server to close the TCP connection, checking its close timeout only when something is sent, and
+        a push connection sends nothing. A server that never closes it (OpenAI's close is not always
+        followed by one) would hold the call until the next keepalive ping; the connection is aborted
+        at the close deadline instead, and ``on_close`` runs."""
         deadline = self.close_deadline
-        if deadline is None or self._closer is not None or self.protocol.state is CLOSED:
+        if deadline is None or self.protocol.state is CLOSED:
             return
         self._closer = self.loop.call_at(deadline, self.transport.abort)
 
