@@ -1493,9 +1493,19 @@ async def test_response_create_overrides_are_checked_like_the_ga_service(
             "conversation": "auto",
             "audio": {"output": {"voice": "cedar", "format": {"type": "audio/pcm", "rate": 24000}}},
             "tool_choice": {"type": "function", "name": "end_call"},
+            "max_output_tokens": 200,
         }
         await send(ws, {"type": "response.create", "response": response})
-        assert (await recv_until(ws, "response.done"))[-1]["response"]["status"] == "completed"
+        events = await recv_until(ws, "response.done")
+        assert events[-1]["response"]["status"] == "completed"
+        # The response's own voice and token limit are the ones it reports, not the session's.
+        for shown in (events[-1], next(e for e in events if e["type"] == "response.created")):
+            assert shown["response"]["audio"]["output"]["voice"] == "cedar"
+            assert shown["response"]["max_output_tokens"] == 200
+        await send(ws, {"type": "response.create"})
+        events = await recv_until(ws, "response.done")
+        assert events[-1]["response"]["audio"]["output"]["voice"] == "alloy"
+        assert events[-1]["response"]["max_output_tokens"] == "inf"
 
 
 # ------------------------------------------------------------------------------------------ scripted calls

@@ -1778,10 +1778,13 @@ class SimCall:
         *,
         details: dict[str, Any] | None = None,
         usage: dict[str, Any] | None = None,
-        metadata: Any = None,
+        overrides: dict[str, Any],
     ) -> dict[str, Any]:
+        """The ``response`` object of ``response.created`` / ``response.done``: the session's settings,
+        with the ``response.create``'s own (``overrides``: voice, ``max_output_tokens``) in their place."""
         assert self.session is not None
         out_audio = self.session["audio"]["output"]
+        voice = (overrides.get("audio") or {}).get("output", {}).get("voice", out_audio.get("voice"))
         return {
             "object": "realtime.response",
             "id": response_id,
@@ -1790,10 +1793,12 @@ class SimCall:
             "output": output,
             "conversation_id": self._conversation_id,
             "output_modalities": list(modalities),
-            "max_output_tokens": self.session.get("max_output_tokens", "inf"),
-            "audio": {"output": {"format": dict(out_audio["format"]), "voice": out_audio.get("voice")}},
+            "max_output_tokens": overrides.get(
+                "max_output_tokens", self.session.get("max_output_tokens", "inf")
+            ),
+            "audio": {"output": {"format": dict(out_audio["format"]), "voice": voice}},
             "usage": usage,
-            "metadata": metadata,
+            "metadata": overrides.get("metadata"),
         }
 
     async def _emit_response(
@@ -1836,7 +1841,7 @@ class SimCall:
             await send(
                 "response.created",
                 response=self._response_object(
-                    response_id, "in_progress", [], modalities, metadata=overrides.get("metadata")
+                    response_id, "in_progress", [], modalities, overrides=overrides
                 ),
             )
             if crossed is not None:
@@ -2024,7 +2029,7 @@ class SimCall:
                     modalities,
                     details=details,
                     usage=_usage(40 + 10 * self._response_count, out_tokens, audio=audio),
-                    metadata=overrides.get("metadata"),
+                    overrides=overrides,
                 ),
             )
         finally:
