@@ -1629,3 +1629,19 @@ async def test_a_sync_hook_that_runs_long_is_logged_as_slow(
             release.set()
             await stack.sim.hang_up(call)
             await stack.ended(call)
+
+
+async def test_a_sideband_lost_while_our_hangup_is_out_is_not_attached_again(stack: Stack) -> None:
+    """The service drops the sideband as it carries out our hangup, whose answer is held (the hangup
+    is retried, and finds the call gone): the call ends on that answer, and no handshake goes out for a
+    call being hung up."""
+    stack.sim.verb_close = "abnormal"
+    call = _hanging_up_call(stack)
+    stack.sim.fail_verb(call.call_id, "hangup", "late")
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        summary = await stack.ended(call)
+    assert summary.reason == "hangup"
+    handshakes = [r for r in stack.sim.requests if r.path == "/v1/realtime"]
+    assert len(handshakes) == 1
+    assert not [e for e in logs if e["event"] in ("sideband.reattached", "sideband.refused")]

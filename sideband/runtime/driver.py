@@ -660,6 +660,12 @@ class CallRuntime:
             if code in _CLEAN_CLOSES:
                 self._apply(self.machine.transport_closed(code))
                 return
+            if self.machine.verb_sent:
+                # Our hangup or refer is out (the service drops the sideband as it carries it out): its
+                # answer ends the call (``run`` waits for it), and a call being hung up is not attached
+                # again.
+                self.log.info("sideband.lost", close_code=code)
+                return
             caps = self.machine.caps
             final = caps.close_reasons.get(code) if code is not None else None
             if final is not None or not caps.resumable:
