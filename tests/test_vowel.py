@@ -162,6 +162,41 @@ async def test_bad_key_is_refused_with_401(vowel: VowelSimulator, app: Sideband)
     assert refused.value.status == 401
 
 
+@pytest.mark.parametrize("failure", ["refused", "failed"])
+async def test_a_session_whose_mint_fails_logs_every_line_with_its_call_id(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO, failure: str
+) -> None:
+    """Every line about a session carries its call_id, those of a session that never got a token too."""
+    settings = (
+        settings_for(vowel, vowel_api_key=vowel.browser_key)  # 403
+        if failure == "refused"
+        else settings_for(vowel, vowel_core_url=f"{vowel.base_url}/nowhere")  # 404
+    )
+    session = EngineSession.open(settings, app)
+    assert session.call_id.startswith("vowel_")  # known before anything is sent
+    with pytest.raises(EngineError):
+        await session.start()
+    lines = log_lines(logs)
+    assert {line["event"] for line in lines} == {f"vowel.mint_{failure}", "vowel.session_failed"}
+    assert all(line["call_id"] == session.call_id for line in lines), lines
+
+
+async def test_every_line_of_a_session_carries_one_call_id(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO
+) -> None:
+    vowel.script([when("1042", calls=[("lookup_order", {"order_id": "1042"})], reply="Shipped.")])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        call_id = session.call_id
+        await session.say("Where is order 1042?")
+    lines = log_lines(logs)
+    assert len(lines) > 5
+    assert {line.get("call_id") for line in lines} == {call_id}, [
+        line for line in lines if line.get("call_id") != call_id
+    ]
+    created = next(line for line in lines if line["event"] == "vowel.session_created")
+    assert created["engine_session_id"] == vowel.sessions[0].id != call_id
+
+
 @pytest.mark.parametrize("style", ["core", "epoch", "expires_in", "client_secret", "engine"])
 async def test_every_expiry_form_is_understood(vowel: VowelSimulator, style: Any) -> None:
     vowel.mint_answer = style

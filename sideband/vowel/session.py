@@ -158,8 +158,9 @@ class EngineSession:
         self.end_cap = end_cap
         self.app_hooks = app_hooks
         self.service_id: str = settings.vowel_service_id or ""
-        self.call_id: str | None = None
-        """The session's id in our logs: the engine's session id when the mint gave one, else a local id."""
+        self.call_id: str = f"vowel_{secrets.token_hex(8)}"
+        """The session's id in our logs, on every line about it from the mint on (a local id: the
+        engine's own ids are logged beside it, ``token_session_id`` and ``engine_session_id``)."""
         self.token_expires_at: float | None = None
         self.end_reason: str | None = None
         self.end_message: str | None = None
@@ -175,7 +176,9 @@ class EngineSession:
         self._audio = bytearray()
         self._started = False
         self._closing = False
-        self._log: Any = structlog.get_logger(component="sideband.vowel").bind(service_id=self.service_id)
+        self._log: Any = structlog.get_logger(component="sideband.vowel").bind(
+            call_id=self.call_id, service_id=self.service_id
+        )
 
     @classmethod
     def open(cls, settings: Settings, app: Sideband, **options: Any) -> EngineSession:
@@ -278,8 +281,6 @@ class EngineSession:
         except UpstreamError as exc:
             self._log.warning("vowel.mint_failed", status=exc.status, error=str(exc))
             raise
-        self.call_id = token.session_id or f"vowel_{secrets.token_hex(8)}"
-        self._log = self._log.bind(call_id=self.call_id)
         self.token_expires_at = token.expires_at
         expires_in = token.expires_in()
         self._log.info(
@@ -342,7 +343,7 @@ class EngineSession:
         hooks.on_response = [self._on_response]
         return CallRuntime(
             machine=CallMachine(config, ENGINE_CAPABILITIES),
-            ctx=CallContext(self.call_id or "", "vowel"),
+            ctx=CallContext(self.call_id, "vowel"),
             tools=self.tools,
             connect=connect,
             hooks=hooks,
