@@ -197,6 +197,61 @@ async def test_every_line_of_a_session_carries_one_call_id(
     assert created["engine_session_id"] == vowel.sessions[0].id != call_id
 
 
+async def test_a_mint_the_core_could_not_take_is_tried_again(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO
+) -> None:
+    vowel.fail_next_mints(503, "drop", "timeout", 500)
+    session = EngineSession.open(settings_for(vowel), app, mint_timeout=0.3, mint_budget=10)
+    async with session:
+        reply = await session.say("hello")
+    assert reply.text == "I heard you."
+    assert [m.status for m in vowel.mints] == [503, 0, 0, 500, 200]
+    assert not session.failed
+    lines = log_lines(logs)
+    retries = [line for line in lines if line["event"] == "vowel.mint_retry"]
+    assert [(r["attempt"], r["status"]) for r in retries] == [(1, 503), (2, None), (3, None), (4, 500)]
+    assert all(r["call_id"] == session.call_id for r in retries)
+    assert "vowel.mint_failed" not in {line["event"] for line in lines}
+
+
+async def test_a_mint_retry_waits_as_long_as_the_core_asks(vowel: VowelSimulator, app: Sideband) -> None:
+    vowel.fail_next_mints(429, retry_after=1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with EngineSession.open(settings_for(vowel), app, mint_budget=5) as session:
+        elapsed = loop.time() - started
+    assert [m.status for m in vowel.mints] == [429, 200]
+    assert elapsed >= 1.0 and session.end_reason == "closed"
+
+
+@pytest.mark.parametrize("status", [400, 404, 408, 409, 422, 401, 403])
+async def test_a_mint_refused_for_what_it_is_is_not_tried_again(
+    vowel: VowelSimulator, app: Sideband, status: int
+) -> None:
+    vowel.fail_next_mints(status)
+    with pytest.raises(EngineError) as caught:
+        await EngineSession.open(settings_for(vowel), app, mint_budget=5).start()
+    assert [m.status for m in vowel.mints] == [status]
+    reason = {401: "mint_unauthorized", 403: "mint_forbidden"}.get(status, "connect_failed")
+    assert caught.value.reason == reason and f"{status}" in str(caught.value)
+
+
+async def test_a_core_that_keeps_failing_fails_the_session_within_the_budget(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO
+) -> None:
+    vowel.fail_next_mints(*[503] * 100)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(EngineError) as caught:
+        await EngineSession.open(settings_for(vowel), app, mint_budget=0.5).start()
+    assert loop.time() - started < 2.0
+    assert caught.value.reason == "connect_failed" and "503" in str(caught.value)
+    assert len(vowel.mints) > 1 and {m.status for m in vowel.mints} == {503}
+    failed = [line for line in log_lines(logs) if line["event"] == "vowel.mint_failed"]
+    assert [(f["status"], f["attempts"]) for f in failed] == [(503, len(vowel.mints))]
+    assert vowel.handshakes == []
+
+
 @pytest.mark.parametrize("style", ["core", "epoch", "expires_in", "client_secret", "engine"])
 async def test_every_expiry_form_is_understood(vowel: VowelSimulator, style: Any) -> None:
     vowel.mint_answer = style

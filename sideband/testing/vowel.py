@@ -27,6 +27,7 @@ import json
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_VOWEL_KEY",
     "EngineSessionRecord",
     "HandshakeRecord",
+    "MintFault",
     "MintRecord",
     "Rule",
     "SimResponse",
@@ -63,6 +65,10 @@ MintAnswer: TypeAlias = Literal["core", "engine", "epoch", "expires_in", "client
 engine's own shape: ``client_secret``, ``value``, ``token``, ``expires_in``), ``epoch``
 ``{"token", "expires_at"}``, ``expires_in`` ``{"token", "expires_in"}``, ``client_secret``
 ``{"client_secret": {"value", "expires_at"}}``."""
+MintFault: TypeAlias = int | Literal["timeout", "drop"]
+"""A queued fault of the core's mint: an HTTP status to answer (300-599, with a ``{"message": …}`` body),
+``"timeout"`` (hold the request, unanswered, until the simulator closes) or ``"drop"`` (cut the
+connection with no answer)."""
 Refusal: TypeAlias = Literal["401", "drop"]
 """How the engine refuses a bad token at the handshake: HTTP 401, or closing TCP with no HTTP answer."""
 Match: TypeAlias = "str | re.Pattern[str] | Callable[[str], bool]"
@@ -114,7 +120,8 @@ def when(
 # ------------------------------------------------------------------------------------------ records
 @dataclass(slots=True)
 class MintRecord:
-    """One mint request (core or engine endpoint) and what it got."""
+    """One mint request (core or engine endpoint) and what it got (``status`` 0: no answer, a
+    ``"timeout"`` or ``"drop"`` fault)."""
 
     endpoint: Literal["core", "engine"]
     api_key: str | None
@@ -294,6 +301,8 @@ class VowelSimulator:
         self._changed = asyncio.Event()
         self._counter = itertools.count(1)
         self._closed = False
+        self._closing = asyncio.Event()
+        self._mint_faults: deque[tuple[MintFault, int | None]] = deque()
 
     # ------------------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> VowelSimulator:
@@ -327,6 +336,7 @@ class VowelSimulator:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()  # (held mint requests are answered)
         for session in self.sessions:
             if session._ws is not None and not session._ws.closed:
                 with contextlib.suppress(Exception):
@@ -387,6 +397,19 @@ class VowelSimulator:
     def add_key(self, key: str, *scopes: str) -> None:
         """Accept ``key`` with these scopes (e.g. ``mint_trusted_session``, ``mint_ephemeral``)."""
         self.keys[key] = set(scopes)
+
+    def fail_next_mints(self, *answers: MintFault, retry_after: int | None = None) -> None:
+        """Queue faults for the next mint requests to the core (see :data:`MintFault`), one per request, in
+        order; then it mints again. ``retry_after``: the whole seconds a status fault's ``Retry-After``
+        header asks to wait (none by default)."""
+        for answer in answers:
+            if answer in ("timeout", "drop"):
+                continue
+            if not isinstance(answer, int) or isinstance(answer, bool) or not 300 <= answer <= 599:
+                raise ValueError(
+                    f"a mint fault is an HTTP status 300-599, 'timeout' or 'drop', not {answer!r}"
+                )
+        self._mint_faults.extend((answer, retry_after) for answer in answers)
 
     def script(self, rules: Sequence[Rule]) -> None:
         """Replace the model's rules (first match wins; unmatched text gets ``default_reply``)."""
@@ -507,6 +530,8 @@ class VowelSimulator:
         record = MintRecord("core", key, body, 0)
         self.mints.append(record)
         try:
+            if self._mint_faults:
+                return await self._mint_fault(request, record, *self._mint_faults.popleft())
             if key is None or key not in self.keys:
                 record.status = 401
                 return web.json_response({"message": "Invalid API key"}, status=401)
@@ -536,6 +561,24 @@ class VowelSimulator:
             return web.json_response(self._answer(token, self.mint_answer))
         finally:
             self._notify()
+
+    async def _mint_fault(
+        self, request: web.Request, record: MintRecord, fault: MintFault, retry_after: int | None
+    ) -> web.StreamResponse:
+        if fault == "drop":
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError  # nothing more to say on a dropped connection
+        if fault == "timeout":
+            self._notify()  # (the request is recorded: a test may wait for it)
+            await self._closing.wait()
+            return web.json_response({"message": "Gateway timeout"}, status=504)
+        record.status = fault
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        message = {429: "Too many requests", 503: "Service unavailable"}.get(
+            fault, f"Simulated failure ({fault})"
+        )
+        return web.json_response({"message": message}, status=fault, headers=headers)
 
     async def _handle_engine_mint(self, request: web.Request) -> web.StreamResponse:
         key = self._bearer(request)

@@ -19,10 +19,11 @@ from websockets.exceptions import InvalidMessage, InvalidStatus
 
 from sideband import jsonio
 from sideband.upstream._ws import MAX_MESSAGE, PushConnection, open_socket, resolve_proxy, ws_url
-from sideband.upstream.openai import UNTIMED, UpstreamError, why
+from sideband.upstream.openai import UNTIMED, UpstreamError, retry_after, why
 
 __all__ = [
     "EngineRefused",
+    "MintFailed",
     "MintRefused",
     "Token",
     "VowelCore",
@@ -33,6 +34,18 @@ __all__ = [
 ]
 
 TRUSTED_SCOPE = "mint_trusted_session"
+
+
+class MintFailed(UpstreamError):
+    """The core answered the mint with an error status other than 401/403 (``status``), honouring its
+    ``Retry-After`` (``retry_after``). Only a 429 or a 5xx is worth another attempt: any other 4xx is
+    the request's own fault, and a redirect is not followed."""
+
+    @property
+    def retryable(self) -> bool:
+        """429 or 5xx."""
+        status = self.status
+        return status is not None and (status == 429 or status >= 500)
 
 
 class MintRefused(UpstreamError):
@@ -197,8 +210,11 @@ class VowelCore:
     async def mint(
         self, body: Mapping[str, Any], *, timeout: float = 10.0, clock: Callable[[], float] = time.time
     ) -> Token:
-        """Mint a token for one session. Raises :class:`MintRefused` on 401/403 and
-        :class:`UpstreamError` on anything else that is not a token."""
+        """Mint a token for one session, in one attempt (:func:`~sideband.upstream.openai.with_retries`
+        tries again when the error is :attr:`~UpstreamError.retryable`). Raises :class:`MintRefused` on
+        401/403, :class:`MintFailed` on another error status, and :class:`UpstreamError` when the core
+        could not be reached, did not answer within ``timeout`` seconds (both retryable) or answered no
+        token (not retryable)."""
         try:
             async with (
                 asyncio.timeout(timeout),
@@ -210,6 +226,7 @@ class VowelCore:
                 text = await resp.text()
                 status = resp.status
                 location = resp.headers.get("Location")
+                wait = retry_after(resp.headers.get("Retry-After"))
         except TimeoutError:
             raise UpstreamError(f"vowel core did not answer the mint request within {timeout:g} s") from None
         except aiohttp.ClientError as exc:
@@ -227,14 +244,16 @@ class VowelCore:
                 text,
             )
         if 300 <= status < 400 and location:
-            raise UpstreamError(
+            raise MintFailed(
                 f"vowel core answered {status} to the mint request, redirecting to {location}: "
                 "redirects are not followed; SIDEBAND_VOWEL_CORE_URL must name the core's own address",
                 status,
                 text,
             )
         if status >= 300:
-            raise UpstreamError(f"vowel core answered {status} to the mint request{suffix}", status, text)
+            raise MintFailed(
+                f"vowel core answered {status} to the mint request{suffix}", status, text, retry_after=wait
+            )
         try:
             data = jsonio.loads(text)
         except ValueError:

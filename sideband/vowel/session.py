@@ -33,7 +33,7 @@ from sideband.runtime.machine import CallMachine, Capabilities, MachineConfig
 from sideband.settings import Settings, env_name
 from sideband.tools import ToolRegistry
 from sideband.upstream._ws import PushConnection
-from sideband.upstream.openai import UpstreamError
+from sideband.upstream.openai import UpstreamError, with_retries
 from sideband.upstream.vowel import (
     EngineRefused,
     MintRefused,
@@ -136,6 +136,8 @@ class EngineSession:
         instructions: str | None = None,
         http: aiohttp.ClientSession | None = None,
         open_timeout: float = 10.0,
+        mint_timeout: float = 5.0,
+        mint_budget: float = 10.0,
         reply_timeout: float = 60.0,
         end_cap: float = 5.0,
         app_hooks: bool = True,
@@ -154,6 +156,8 @@ class EngineSession:
         self.tools: ToolRegistry = app.tools if tools is None else app.tools.subset(tools)
         self.instructions = instructions if instructions is not None else app.config.instructions
         self.open_timeout = open_timeout
+        self.mint_timeout = mint_timeout
+        self.mint_budget = mint_budget
         self.reply_timeout = reply_timeout
         self.end_cap = end_cap
         self.app_hooks = app_hooks
@@ -273,13 +277,31 @@ class EngineSession:
             model=settings.vowel_model,
             voice=settings.vowel_voice,
         )
+        attempts = 0
+
+        async def attempt(timeout: float) -> Token:
+            nonlocal attempts
+            attempts += 1
+            return await core.mint(body, timeout=timeout)
+
+        def on_retry(attempt: int, exc: UpstreamError) -> None:
+            self._log.info(
+                "vowel.mint_retry",
+                attempt=attempt,
+                status=exc.status,
+                error=str(exc),
+                retry_after=exc.retry_after,
+            )
+
         try:
-            token = await core.mint(body)
+            token = await with_retries(
+                attempt, budget=self.mint_budget, attempt_timeout=self.mint_timeout, on_retry=on_retry
+            )
         except MintRefused as exc:
             self._log.warning("vowel.mint_refused", status=exc.status, reason=exc.reason)
             raise
         except UpstreamError as exc:
-            self._log.warning("vowel.mint_failed", status=exc.status, error=str(exc))
+            self._log.warning("vowel.mint_failed", status=exc.status, error=str(exc), attempts=attempts)
             raise
         self.token_expires_at = token.expires_at
         expires_in = token.expires_in()
