@@ -491,6 +491,67 @@ async def test_tool_round_trip(vowel: VowelSimulator, app: Sideband, logs: io.St
     assert session.summary is not None and session.summary.transcript[0] == ("caller", "Where is order 1042?")
 
 
+async def test_a_turn_the_engine_refuses_fails_at_once_and_the_session_carries_on(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO
+) -> None:
+    vowel.script([when("forbidden", refuse="Message content is not allowed")])
+    async with EngineSession.open(settings_for(vowel), app, reply_timeout=30) as session:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(EngineError) as caught:
+            await session.say("something forbidden")
+        assert loop.time() - started < 1.0  # not at the reply timeout
+        assert caught.value.reason == "turn_refused" and caught.value.code == "invalid_value"
+        assert caught.value.engine_message == "Message content is not allowed"
+        assert "Message content is not allowed" in str(caught.value) and "\n" not in str(caught.value)
+        assert session.live and session.end_reason is None
+        reply = await session.say("hello again")  # the next turn goes through
+    assert reply.text == "I heard you."
+    assert session.end_reason == "closed" and not session.failed
+    engine = vowel.sessions[0]
+    assert engine.user_texts == ["hello again"] and len(engine.responses) == 1
+    refused = [line for line in log_lines(logs) if line["event"] == "vowel.turn_refused"]
+    assert [(r["engine_error"], r["call_id"]) for r in refused] == [("invalid_value", session.call_id)]
+
+
+@pytest.mark.parametrize("names_an_event", [True, False])
+async def test_an_error_before_the_turns_answer_fails_it_unless_it_names_another_event(
+    vowel: VowelSimulator, app: Sideband, names_an_event: bool
+) -> None:
+    """An error while the turn's answer has yet to start is the engine's answer to the turn's text, unless
+    it names the client event it answers (``error.event_id``): the turn's text carries no event id."""
+    sent = asyncio.Event()
+    app.on_transcript(lambda ctx, role, text: sent.set() if role == "caller" else None)
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        engine = await vowel.wait_session()
+        vowel.input_delay = 0.2  # the text is on its way: the error below comes before its answer
+        turn = asyncio.ensure_future(session.say("hello"))
+        await asyncio.wait_for(sent.wait(), 5)
+        error: dict[str, Any] = {"type": "invalid_request_error", "code": "invalid_value", "message": "No."}
+        if names_an_event:
+            error["event_id"] = "evt_elsewhere"
+        await vowel.send(engine, {"type": "error", "error": error})
+        if names_an_event:
+            assert (await turn).text == "I heard you."
+        else:
+            with pytest.raises(EngineError) as caught:
+                await turn
+            assert (caught.value.reason, caught.value.code) == ("turn_refused", "invalid_value")
+    assert session.end_reason == "closed"
+
+
+async def test_a_fatal_error_on_a_turn_ends_the_session_with_the_engines_reason(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    vowel.script([when("crash", fatal=True)])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        with pytest.raises(EngineError) as caught:
+            await session.say("crash now")
+        await session.wait_closed(5)
+    assert caught.value.reason == "engine_error" and caught.value.code is None
+    assert session.end_reason == "engine_error" and session.failed
+
+
 async def test_tool_failures_reach_the_model(vowel: VowelSimulator, app: Sideband) -> None:
     vowel.script(
         [

@@ -86,6 +86,9 @@ class Rule:
     the outputs are in and the client sent ``response.create`` (a callable gets ``{tool name: output}``).
     ``preamble``: text said in the same response as the calls. ``repeat_calls``: announce each call twice
     (same ``call_id``). ``fatal``: the engine fails (``error``, ``response.done`` failed, close 1011).
+    ``refuse``: the engine refuses the text itself with this message: an ``error``
+    (``invalid_request_error``, code ``invalid_value``), no item created and no response; the session
+    carries on.
     """
 
     match: Match
@@ -94,6 +97,7 @@ class Rule:
     preamble: str | None = None
     repeat_calls: bool = False
     fatal: bool = False
+    refuse: str | None = None
 
     def matches(self, text: str) -> bool:
         """Whether this rule applies to the user's ``text``."""
@@ -112,9 +116,10 @@ def when(
     preamble: str | None = None,
     repeat_calls: bool = False,
     fatal: bool = False,
+    refuse: str | None = None,
 ) -> Rule:
     """Build a :class:`Rule`: ``when("order", calls=[("lookup_order", {"order_id": "1"})], reply="…")``."""
-    return Rule(match, tuple((n, a) for n, a in calls), reply, preamble, repeat_calls, fatal)
+    return Rule(match, tuple((n, a) for n, a in calls), reply, preamble, repeat_calls, fatal, refuse)
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -177,6 +182,7 @@ class EngineSessionRecord:
     """Function tools from the last ``session.update`` with tools (what the model may call)."""
     instructions: str | None = None
     user_texts: list[str] = field(default_factory=list)
+    """The text of each user message the engine took (one it refused is in ``received`` only)."""
     audio_chunks: list[int] = field(default_factory=list)
     """Decoded size in bytes of each accepted ``input_audio_buffer.append``."""
     audio: bytearray = field(default_factory=bytearray)
@@ -843,6 +849,10 @@ class VowelSimulator:
                 if isinstance(c, dict) and c.get("type") == "input_text"
             ]
             text = " ".join(t for t in texts if isinstance(t, str)).strip()
+            rule = self._rule(text)
+            if rule is not None and rule.refuse is not None:  # refused as it is: no item, no response
+                await self._error(session, "invalid_request_error", "invalid_value", rule.refuse)
+                return
             session.user_texts.append(text)
             session.last_speech = self.now()
             session._turn_text, session._turn_calls, session._turn_issued = text, {}, False

@@ -18,7 +18,7 @@ import asyncio
 import base64
 import secrets
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from pydantic import SecretStr
 from sideband.app import Sideband
 from sideband.context import CallContext
 from sideband.runtime.driver import CallHooks, CallRuntime, CallSummary, ToolRecord
-from sideband.runtime.machine import CallMachine, Capabilities, MachineConfig
+from sideband.runtime.machine import Action, CallMachine, Capabilities, MachineConfig
 from sideband.settings import Settings, env_name
 from sideband.tools import ToolRegistry
 from sideband.upstream._ws import PushConnection
@@ -88,13 +88,20 @@ _ENGINE_LIMITS = frozenset({"max_call_duration_exceeded", "max_idle_duration_exc
 
 
 class EngineError(Exception):
-    """A trusted-server session could not start or ended badly. ``str(err)`` is one line; ``reason`` is
-    the end reason (``mint_forbidden``, ``mint_unauthorized``, ``token_rejected``, ``engine_error``,
-    ``max_call_duration_exceeded``, ``max_idle_duration_exceeded``, ``max_duration``, ``idle_timeout``…)."""
+    """A trusted-server session could not start or ended badly, or the engine refused a turn.
+    ``str(err)`` is one line; ``reason`` is the end reason (``mint_forbidden``, ``mint_unauthorized``,
+    ``token_rejected``, ``engine_error``, ``max_call_duration_exceeded``, ``max_idle_duration_exceeded``,
+    ``max_duration``, ``idle_timeout``…), or ``turn_refused`` (the session carries on)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(
+        self, reason: str, message: str, *, code: str | None = None, engine_message: str | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
+        self.code = code
+        """The code of the engine's ``error`` event that refused the turn (``turn_refused``)."""
+        self.engine_message = engine_message
+        """That error's message."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +117,30 @@ class Reply:
     response_id: str | None
     ended: str | None = None
     """The end reason when the session ended with this reply (e.g. the agent ended the call)."""
+
+
+class _EngineMachine(CallMachine):
+    """The call machine of an engine session, which hands the session an ``error`` event that arrives
+    while its turn's text waits for the engine's answer to start (:attr:`on_turn_error`, set only then:
+    otherwise an event costs one attribute check more)."""
+
+    __slots__ = ("on_turn_error",)
+
+    def __init__(self, config: MachineConfig, caps: Capabilities) -> None:
+        super().__init__(config, caps)
+        self.on_turn_error: Callable[[dict[str, Any]], None] | None = None
+
+    def receive(self, event: dict[str, Any]) -> list[Action]:
+        """A server event arrived (see :meth:`CallMachine.receive`)."""
+        actions = super().receive(event)
+        if self.on_turn_error is not None:
+            kind = event.get("type")
+            if kind == "response.created":  # the turn's answer started: an error now is not about its text
+                self.on_turn_error = None
+            elif kind == "error":
+                error = event.get("error")
+                self.on_turn_error(error if isinstance(error, dict) else {})
+        return actions
 
 
 @dataclass(slots=True)
@@ -173,6 +204,7 @@ class EngineSession:
         self._own_http = http is None
         self._ws: PushConnection | None = None
         self._runtime: CallRuntime | None = None
+        self._machine: _EngineMachine | None = None
         self._task: asyncio.Task[str] | None = None
         self._turn: _Turn | None = None
         self._cancelled_turn: asyncio.Task[Any] | None = None  # the task whose cancel ended a turn
@@ -363,8 +395,9 @@ class EngineSession:
 
         hooks = app.hooks() if self.app_hooks else CallHooks(guardrails=app.guardrails)  # (rules still hold)
         hooks.on_response = [self._on_response]
+        self._machine = _EngineMachine(config, ENGINE_CAPABILITIES)
         return CallRuntime(
-            machine=CallMachine(config, ENGINE_CAPABILITIES),
+            machine=self._machine,
             ctx=CallContext(self.call_id, "vowel"),
             tools=self.tools,
             connect=connect,
@@ -391,7 +424,9 @@ class EngineSession:
         The engine answers user text by itself: no ``response.create`` is sent for it. A reply already
         under way or on its way (a hook's ``ctx.say()`` or text, the tools of an earlier reply) is waited
         for first: it is not this turn's. Raises :class:`EngineError` if the session ends first (or
-        ``reply_timeout`` passes).
+        ``reply_timeout`` passes), or at once with ``turn_refused`` (the engine's ``code`` and
+        ``engine_message``) when the engine answers the text with an ``error`` instead of a reply: the
+        session carries on, unless that error ended it too.
         """
         if not text.strip():
             raise ValueError("say() needs some text")
@@ -405,7 +440,10 @@ class EngineSession:
             summary = runtime.summary
             future: asyncio.Future[Reply] = loop.create_future()
             self._turn = _Turn(future, len(summary.transcript), len(summary.tools))
+            machine = self._machine
+            assert machine is not None
             try:
+                machine.on_turn_error = self._turn_refused  # until the engine's answer starts
                 runtime.send_text(text)
                 async with asyncio.timeout_at(deadline):  # (3.11's wait_for can lose a cancellation)
                     return await future
@@ -423,8 +461,34 @@ class EngineSession:
                     self._cancelled_turn = asyncio.current_task()
                 raise
             finally:
+                machine.on_turn_error = None  # (the machine would hold this session)
                 self._turn = None
                 del future  # it may hold the error raised here, whose traceback holds this frame
+
+    def _turn_refused(self, error: dict[str, Any]) -> None:
+        """An ``error`` event came while the turn's text waited for its answer to start: the engine's
+        answer to that text, unless it names the client event it answers (``event_id``: the text carries
+        none). The turn fails at once with the engine's code and message. An error that ended the session
+        (a limit's) is left to the session's end, which names it."""
+        turn, machine = self._turn, self._machine
+        event_id = error.get("event_id")
+        if turn is None or turn.future.done() or machine is None or (isinstance(event_id, str) and event_id):
+            return
+        machine.on_turn_error = None
+        if machine.closed is not None:
+            return
+        code = str(error.get("code") or error.get("type") or "") or None
+        said = " ".join(str(error.get("message") or "").split())[:200] or None
+        self._log.warning("vowel.turn_refused", engine_error=code, message=said)
+        detail = ": ".join(part for part in (code, said) if part) or "no reason given"
+        turn.future.set_exception(
+            EngineError(
+                "turn_refused",
+                f"vowel engine refused the turn's text ({detail})",
+                code=code,
+                engine_message=said,
+            )
+        )
 
     async def _until_quiet(self, limit: float, deadline: float) -> None:
         """Wait until no response is under way, owed or expected (the engine's answer to a hook's text)
