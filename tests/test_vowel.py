@@ -28,7 +28,7 @@ from sideband.cli import main
 from sideband.runtime.driver import CallRuntime
 from sideband.runtime.machine import TURN_GRACE
 from sideband.settings import Settings, load_settings
-from sideband.testing.vowel import DEFAULT_ENGINE_KEY, VowelSimulator, when
+from sideband.testing.vowel import DEFAULT_ENGINE_KEY, ToolOutputs, VowelSimulator, when
 from sideband.upstream.openai import UpstreamError
 from sideband.upstream.vowel import (
     EngineRefused,
@@ -550,6 +550,25 @@ async def test_a_fatal_error_on_a_turn_ends_the_session_with_the_engines_reason(
         await session.wait_closed(5)
     assert caught.value.reason == "engine_error" and caught.value.code is None
     assert session.end_reason == "engine_error" and session.failed
+
+
+async def test_a_reply_callable_gets_every_output_of_a_tool_called_twice(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    def both(outputs: ToolOutputs) -> str:
+        each = " / ".join(f"{name} {json.loads(output)['status']}" for name, output in outputs.calls)
+        last = json.loads(outputs["lookup_order"])["status"]  # (by name: the last call's, as before)
+        return f"{each} ({len(outputs.of('lookup_order'))}, last {last})"
+
+    ORDERS["7"] = {"status": "packed"}
+    try:
+        calls = [("lookup_order", {"order_id": "1042"}), ("lookup_order", {"order_id": "7"})]
+        vowel.script([when("both", calls=calls, reply=both)])
+        async with EngineSession.open(settings_for(vowel), app) as session:
+            reply = await session.say("Where are both orders?", timeout=5)
+    finally:
+        del ORDERS["7"]
+    assert reply.text == "lookup_order shipped / lookup_order packed (2, last packed)"
 
 
 async def test_tool_failures_reach_the_model(vowel: VowelSimulator, app: Sideband) -> None:

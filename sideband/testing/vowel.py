@@ -28,7 +28,7 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeAlias
@@ -45,6 +45,7 @@ __all__ = [
     "MintRecord",
     "Rule",
     "SimResponse",
+    "ToolOutputs",
     "VowelSimulator",
     "when",
 ]
@@ -72,10 +73,26 @@ connection with no answer)."""
 Refusal: TypeAlias = Literal["401", "drop"]
 """How the engine refuses a bad token at the handshake: HTTP 401, or closing TCP with no HTTP answer."""
 Match: TypeAlias = "str | re.Pattern[str] | Callable[[str], bool]"
-Reply: TypeAlias = "str | Callable[[Mapping[str, str]], str]"
+Reply: TypeAlias = "str | Callable[[ToolOutputs], str]"
 
 
 # ------------------------------------------------------------------------------------------ scripting
+class ToolOutputs(dict[str, str]):
+    """What a rule's ``reply`` callable gets: the outputs of the turn's tool calls. As a mapping, each
+    tool's name gives the output of its last call (``outputs["lookup_order"]``); :attr:`calls` holds
+    every call's ``(name, output)`` in the order they were made, and :meth:`of` one tool's outputs."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, calls: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(calls)
+        self.calls: tuple[tuple[str, str], ...] = tuple(calls)
+
+    def of(self, name: str) -> list[str]:
+        """The outputs of every call to the tool ``name``, in call order."""
+        return [output for called, output in self.calls if called == name]
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """What the simulated model does when the user's utterance matches ``match``.
@@ -83,7 +100,8 @@ class Rule:
     ``match``: a case-insensitive substring, a compiled regex (searched) or a predicate. ``calls``: tools
     to call first (name, arguments as a dict or a raw JSON string), announced complete in
     ``response.output_item.added``; the response then ends ``incomplete``. ``reply``: the text said once
-    the outputs are in and the client sent ``response.create`` (a callable gets ``{tool name: output}``).
+    the outputs are in and the client sent ``response.create`` (a callable gets the outputs,
+    :class:`ToolOutputs`: ``{tool name: output}``, and every call's in ``calls``).
     ``preamble``: text said in the same response as the calls. ``repeat_calls``: announce each call twice
     (same ``call_id``). ``fatal``: the engine fails (``error``, ``response.done`` failed, close 1011).
     ``refuse``: the engine refuses the text itself with this message: an ``error``
@@ -955,7 +973,9 @@ class VowelSimulator:
                 await self._call_tools(session, response, rule)
                 return
             session.notes.append("no tools declared in session.update: the model called none")
-        outputs = {name: (session.outputs.get(cid) or [""])[-1] for cid, name in session._turn_calls.items()}
+        outputs = ToolOutputs(
+            [(name, (session.outputs.get(cid) or [""])[-1]) for cid, name in session._turn_calls.items()]
+        )
         reply = self.default_reply if rule is None else rule.reply
         text = reply(outputs) if callable(reply) else reply
         await self._say(session, response, text)
