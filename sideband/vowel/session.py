@@ -122,7 +122,7 @@ class Reply:
 class _EngineMachine(CallMachine):
     """The call machine of an engine session, which hands the session an ``error`` event that arrives
     while its turn's text waits for the engine's answer to start (:attr:`on_turn_error`, set only then:
-    otherwise an event costs one attribute check more)."""
+    otherwise a handled event costs one call and one attribute check more)."""
 
     __slots__ = ("on_turn_error",)
 
