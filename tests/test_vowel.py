@@ -392,6 +392,29 @@ async def test_input_before_session_updated_finds_no_agent(vowel: VowelSimulator
     assert (engine.close_code, engine.end_reason, engine.user_texts) == (1011, "no_agent", [])
 
 
+async def test_each_session_update_is_answered_once_the_agent_is_built(vowel: VowelSimulator) -> None:
+    """A second session.update before the agent is built is no input (PROTOCOL C2): each update gets its
+    session.updated, both once the agent is built, and input may follow."""
+    vowel.agent_build_time = 0.05
+    async with aiohttp.ClientSession() as http:
+        token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
+            trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
+        )
+    async with connect(
+        f"ws://127.0.0.1:{vowel.port}/engine/v1/realtime",
+        additional_headers={"Authorization": f"Bearer {token.value}"},
+    ) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        for instructions in ("one", "two"):
+            await ws.send(json.dumps({"type": "session.update", "session": {"instructions": instructions}}))
+        answers = [json.loads(await ws.recv()) for _ in range(2)]
+        assert [a["type"] for a in answers] == ["session.updated", "session.updated"]
+        await ws.send(json.dumps({"type": "response.create"}))
+        assert json.loads(await ws.recv())["type"] == "response.created"
+    engine = vowel.sessions[0]
+    assert engine.instructions == "two" and engine.end_reason is None
+
+
 async def test_a_second_response_create_replaces_the_one_in_flight(vowel: VowelSimulator) -> None:
     vowel.event_delay = 0.01
     vowel.script([when("story", reply="once upon a time there was a very long story " * 3)])
