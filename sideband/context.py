@@ -242,7 +242,14 @@ class CallContext:
 
         The end is asked for as this is called, from an ``async def`` tool or hook (``await
         ctx.hangup()``; without the ``await`` it is asked for all the same) or from a sync one's thread.
+
+        Raises ``TypeError`` for a ``reason`` that is not a string and ``ValueError`` for a blank one,
+        asking for nothing.
         """
+        if not isinstance(reason, str):
+            raise TypeError(f"hangup reason must be a string, not {type(reason).__name__}")
+        if not reason.strip():
+            raise ValueError("hangup reason must not be blank")
         self._act(lambda: self._actions.hangup(reason))
         return _DONE
 

@@ -548,6 +548,59 @@ async def test_a_hangup_left_unawaited_still_ends_the_call(stack: Stack) -> None
     assert (await ended(stack, call)).reason == "hangup"
 
 
+@pytest.mark.parametrize(
+    ("reason", "error"), [(None, TypeError), (123, TypeError), ("", ValueError), ("  ", ValueError)]
+)
+def test_hangup_refuses_a_reason_that_is_no_text_and_asks_for_nothing(
+    reason: object, error: type[Exception]
+) -> None:
+    asked: list[object] = []
+
+    class Actions:
+        def hangup(self, reason: str = "hangup") -> None:
+            asked.append(reason)
+
+    ctx = CallContext("sess_1", actions=Actions())  # type: ignore[arg-type]
+    with pytest.raises(error, match="hangup reason must"):
+        ctx.hangup(reason)  # type: ignore[arg-type]
+    assert asked == []
+    ctx.hangup("caller_verified")
+    assert asked == ["caller_verified"]
+
+
+@pytest.mark.parametrize("reason", [None, ""])
+async def test_a_hangup_with_no_reason_is_the_tools_error_and_the_call_goes_on(
+    stack: Stack, reason: str | None
+) -> None:
+    """``ctx.hangup(None)`` once hung the caller up and left our side of the call open until shutdown,
+    and ``ctx.hangup("")`` ended it as ``internal_error``: the tool now fails, and the call goes on."""
+
+    @stack.app.tool
+    async def wrap_up(ctx: CallContext) -> str:
+        await ctx.hangup(reason)  # type: ignore[arg-type]
+        return "wrapping up"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("bye"),
+                model_calls("wrap_up", {}, call_id="c1"),
+                model_says("Something went wrong."),
+                caller_says("still there?"),
+                model_says("Yes."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    summary = await ended(stack, call)
+    assert call.end_reason != "hangup_verb" and summary.reason == "remote_closed"
+    assert not any(r.path.endswith("/hangup") for r in stack.sim.requests)
+    assert outputs(call)["c1"]["error"] == "tool_failed"
+    assert [(t.name, t.outcome) for t in summary.tools] == [("wrap_up", "error")]
+
+
 async def test_update_session_takes_session_config_names_and_refuses_typos(stack: Stack) -> None:
     @stack.app.tool
     async def slow_down(ctx: CallContext) -> str:
