@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from sideband.session import check_update_fields
+from sideband.session import SessionConfigError, check_update_fields
 
 __all__ = ["NO_ACTIONS", "CallActions", "CallContext", "SipHeader"]
 
@@ -270,7 +270,8 @@ class CallContext:
             _call_in(loop, action)
 
     def say(self, instructions: str) -> None:
-        """Ask the model to speak now, following ``instructions``."""
+        """Ask the model to speak now, following ``instructions`` (a string, else ``TypeError``)."""
+        _check_text("say", "instructions", instructions)
         loop = self._foreign_loop()
         if loop is None:
             self._actions.say(instructions)
@@ -314,7 +315,8 @@ class CallContext:
     def send_text(self, text: str) -> None:
         """Add ``text`` to the conversation as the caller's (a user text item, e.g. what they keyed on
         the keypad: the model does not hear tones), and have the model answer it. It is a caller line of
-        the transcript too."""
+        the transcript too. ``text`` that is not a string raises ``TypeError``."""
+        _check_text("send_text", "text", text)
         loop = self._foreign_loop()
         if loop is None:
             self._actions.send_text(text)
@@ -331,13 +333,26 @@ class CallContext:
         (by name; tools the server runs itself, such as MCP, as objects beside them), and what sideband
         runs with them: a withdrawn tool called later gets ``unknown_tool``, while the calls of a response
         under way at the change (or already asked for) still run with the tools it was offered. A name
-        the call cannot offer, or a function tool given as an object, raises ``SessionConfigError``."""
+        the call cannot offer, or a function tool given as an object, raises ``SessionConfigError``.
+
+        So does a value OpenAI would refuse, with the rest of the update: ``instructions`` that are not a
+        string, a ``voice`` that names none, a ``speed`` outside 0.25-1.5, a ``tool_choice`` other than
+        ``"auto"``, ``"none"``, ``"required"`` or one of the call's tools (``{"type": "function", "name":
+        "refund"}``). OpenAI also refuses to change the voice once the model has spoken in the call (the
+        greeting counts): the voice is the app's, the route's or ``Accept``'s."""
         check_update_fields(fields)
-        loop = self._foreign_loop()
-        if loop is None:
-            self._actions.update_session(**fields)
-        else:
-            _call_in(loop, lambda: self._actions.update_session(**fields))
+        self._act(lambda: self._update(fields))
+
+    def _update(self, fields: dict[str, Any]) -> None:
+        choice = fields.get("tool_choice")
+        if "tools" not in fields and isinstance(choice, dict) and choice.get("type") == "function":
+            offered = _offered(self._actions)
+            if offered is not None and choice.get("name") not in offered:
+                raise SessionConfigError(
+                    f"tool_choice names the tool {choice.get('name')!r}, which the call does not offer "
+                    f"({', '.join(offered) or 'none'})"
+                )
+        self._actions.update_session(**fields)
 
     def _foreign_loop(self) -> asyncio.AbstractEventLoop | None:
         """The call's loop when called from another thread while it runs, else ``None`` (call directly)."""
@@ -348,6 +363,20 @@ class CallContext:
 
 
 _KEYS = frozenset("0123456789*#ABCD")
+
+
+def _check_text(action: str, name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{action}() takes {name} as a string, not {type(value).__name__}")
+
+
+def _offered(actions: CallActions) -> list[str] | None:
+    """The names of the tools a live call offers the model now (``None`` where that is not known: a
+    context with no call behind it). The call driver keeps them as ``tools``, a registry."""
+    while isinstance(actions, _Through):
+        actions = actions._ctx._actions
+    names = getattr(getattr(actions, "tools", None), "names", None)
+    return list(names()) if callable(names) else None
 
 
 def _call_in(loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> T:

@@ -292,6 +292,7 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
                 _typo(key, _AUDIO_KEYS[side], f"audio.{side}.")
     if sip:
         check_sip_audio(audio)
+    _check_values(body, audio)
     td = (audio.get("input") or {}).get("turn_detection") or {}
     known = _TURN_KEYS.get(str(td.get("type"))) if isinstance(td, dict) else None
     if known is not None:
@@ -317,6 +318,65 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
                 '"never" list holding all its "allowed_tools"): a call has nobody to approve its tool '
                 'calls (choose the server\'s tools with "allowed_tools")'
             )
+
+
+_TOOL_CHOICES = ("auto", "none", "required")
+_SPEED = (0.25, 1.5)
+"""The slowest and fastest speech OpenAI takes (``audio.output.speed``; 1.0 is the voice's own pace)."""
+
+
+def _check_values(body: Mapping[str, Any], audio: Mapping[str, Any]) -> None:
+    """Refuse a value of the wrong type or out of range that OpenAI would refuse (the whole update or
+    accept with it): ``instructions``, the output voice and speed, ``tool_choice``. No list of the
+    built-in voices is kept (it would go stale): a name is only checked to be one."""
+    if "instructions" in body and not isinstance(body["instructions"], str):
+        raise SessionConfigError(f"instructions must be a string, not {_kind(body['instructions'])}")
+    output = audio.get("output")
+    if isinstance(output, Mapping):
+        if "voice" in output:
+            voice = output["voice"]
+            named = isinstance(voice, str) and voice.strip()
+            custom = isinstance(voice, Mapping) and set(voice) == {"id"} and isinstance(voice["id"], str)
+            if not (named or custom):
+                raise SessionConfigError(
+                    f"voice must be a voice's name (\"marin\") or a custom voice's id, not {voice!r}"
+                )
+        if "speed" in output:
+            speed = output["speed"]
+            low, high = _SPEED
+            if isinstance(speed, bool) or not isinstance(speed, int | float) or not low <= speed <= high:
+                raise SessionConfigError(f"speed must be a number from {low} to {high}, not {speed!r}")
+    if "tool_choice" in body:
+        _check_tool_choice(body["tool_choice"], body.get("tools"))
+
+
+def _check_tool_choice(choice: Any, tools: Any) -> None:
+    """A ``tool_choice`` as OpenAI takes it: ``"auto"``, ``"none"``, ``"required"``, one function tool
+    (``{"type": "function", "name": …}``: one of ``tools``, when they are given) or an MCP server's
+    (``{"type": "mcp", "server_label": …}``)."""
+    if isinstance(choice, str) and choice in _TOOL_CHOICES:
+        return
+    kind = choice.get("type") if isinstance(choice, Mapping) else None
+    if kind == "function":
+        name = choice.get("name")
+        if not isinstance(name, str) or not name:
+            raise SessionConfigError('tool_choice {"type": "function"} needs the tool\'s "name"')
+        if isinstance(tools, list) and not any(
+            isinstance(t, Mapping) and t.get("type") == "function" and t.get("name") == name for t in tools
+        ):
+            raise SessionConfigError(f"tool_choice names the tool {name!r}, which the session does not offer")
+        return
+    if kind == "mcp" and isinstance(choice.get("server_label"), str):
+        return
+    name = choice if isinstance(choice, str) else "…"
+    one = f'{{"type": "function", "name": "{name}"}}'
+    raise SessionConfigError(
+        f'tool_choice must be "auto", "none", "required" or one tool ({one}), not {choice!r}'
+    )
+
+
+def _kind(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
 
 
 def _asks_approval(tool: Mapping[str, Any]) -> bool:

@@ -601,6 +601,103 @@ async def test_a_hangup_with_no_reason_is_the_tools_error_and_the_call_goes_on(
     assert [(t.name, t.outcome) for t in summary.tools] == [("wrap_up", "error")]
 
 
+REFUSED_ACTIONS: dict[str, Any] = {
+    "say(None)": lambda ctx: ctx.say(None),
+    "say(123)": lambda ctx: ctx.say(123),
+    "send_text(None)": lambda ctx: ctx.send_text(None),
+    "voice=5": lambda ctx: ctx.update_session(voice=5),
+    "voice=''": lambda ctx: ctx.update_session(voice=""),
+    "instructions=None": lambda ctx: ctx.update_session(instructions=None),
+    "speed=10": lambda ctx: ctx.update_session(audio={"output": {"speed": 10}}),
+    "speed=0.1": lambda ctx: ctx.update_session(speed=0.1),
+    "tool_choice='lookup_order'": lambda ctx: ctx.update_session(tool_choice="lookup_order"),
+    "tool_choice=unknown": lambda ctx: ctx.update_session(tool_choice={"type": "function", "name": "nope"}),
+    "tool_choice=withdrawn": lambda ctx: ctx.update_session(
+        tools=["end_call"], tool_choice={"type": "function", "name": "lookup_order"}
+    ),
+}
+
+
+@pytest.mark.parametrize("action", list(REFUSED_ACTIONS))
+async def test_an_action_openai_would_refuse_fails_the_tool_and_sends_nothing(
+    stack: Stack, action: str
+) -> None:
+    """An action with a value OpenAI refuses went out, OpenAI answered an error the tool never saw, and the
+    caller heard nothing of it: the tool now fails (the model is told), and nothing is sent."""
+
+    @stack.app.tool
+    async def act(ctx: CallContext) -> str:
+        REFUSED_ACTIONS[action](ctx)
+        return "done"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("go"),
+                model_calls("act", {}, call_id="c1"),
+                model_says("That did not work."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    summary = await ended(stack, call)
+    assert outputs(call)["c1"]["error"] == "tool_failed"
+    assert [(t.name, t.outcome) for t in summary.tools] == [("act", "error")]
+    assert not server_errors(call)
+    assert len([e for e in call.received if e["type"] == "session.update"]) == 1  # the call's own config
+    assert len(call.responses) == 3  # the greeting, the one calling the tool, the answer to its output
+
+
+def test_say_and_send_text_refuse_what_is_not_text_and_ask_for_nothing() -> None:
+    asked: list[tuple[str, object]] = []
+
+    class Actions:
+        def say(self, instructions: str) -> None:
+            asked.append(("say", instructions))
+
+        def send_text(self, text: str) -> None:
+            asked.append(("send_text", text))
+
+    ctx = CallContext("sess_1", actions=Actions())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^say\(\) takes instructions as a string, not NoneType$"):
+        ctx.say(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^send_text\(\) takes text as a string, not int$"):
+        ctx.send_text(42)  # type: ignore[arg-type]
+    ctx.say("Mention the sale.")
+    ctx.send_text("1234")
+    assert asked == [("say", "Mention the sale."), ("send_text", "1234")]
+
+
+async def test_update_session_takes_a_tool_choice_of_the_calls_tools(stack: Stack) -> None:
+    @stack.app.tool
+    async def focus(ctx: CallContext) -> str:
+        ctx.update_session(tool_choice={"type": "function", "name": "lookup_order"})
+        ctx.update_session(tool_choice="auto", speed=1.5)
+        return "done"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("go"),
+                model_calls("focus", {}, call_id="c1"),
+                model_says("Ok."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    await ended(stack, call)
+    assert outputs(call)["c1"] == "done" and not server_errors(call)
+    updates = [e["session"] for e in call.received if e["type"] == "session.update"][1:]
+    assert updates == [
+        {"type": "realtime", "tool_choice": {"type": "function", "name": "lookup_order"}},
+        {"type": "realtime", "tool_choice": "auto", "audio": {"output": {"speed": 1.5}}},
+    ]
+
+
 async def test_update_session_takes_session_config_names_and_refuses_typos(stack: Stack) -> None:
     @stack.app.tool
     async def slow_down(ctx: CallContext) -> str:

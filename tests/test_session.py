@@ -324,6 +324,40 @@ def test_idle_timeout_and_reasoning_pass() -> None:
         validate_accept_payload({"type": "realtime", "reasonning": {"effort": "low"}})
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (SessionConfig(speed=2.0), "speed must be a number from 0.25 to 1.5, not 2.0"),
+        (SessionConfig(voice=""), "voice must be a voice's name"),
+        (SessionConfig(audio={"output": {"voice": 5}}), "voice must be a voice's name"),  # type: ignore[call-arg]
+        (SessionConfig(tool_choice="lookup_order"), '"name": "lookup_order"}), not \'lookup_order\''),
+        (SessionConfig(tool_choice={"type": "function"}), 'needs the tool\'s "name"'),
+        (
+            SessionConfig(tool_choice={"type": "function", "name": "refund"}),
+            "tool_choice names the tool 'refund', which the session does not offer",
+        ),
+        (SessionConfig(tool_choice={"name": "lookup_order"}), "tool_choice must be"),
+    ],
+)
+def test_values_openai_refuses_are_refused(config: SessionConfig, message: str) -> None:
+    """A session config's value of the wrong kind, or out of range, fails every call it is sent with."""
+    with pytest.raises(SessionConfigError) as info:
+        validate_accept_payload(config.payload([TOOL]))
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SessionConfig(speed=0.25, voice="voice_1234", tool_choice="required"),
+        SessionConfig(speed=1.5, tool_choice={"type": "function", "name": "lookup_order"}),
+        SessionConfig(tool_choice={"type": "mcp", "server_label": "crm"}),
+    ],
+)
+def test_values_openai_takes_pass(config: SessionConfig) -> None:
+    validate_accept_payload(config.payload([TOOL]))
+
+
 def test_audio_must_be_an_object() -> None:
     with pytest.raises(SessionConfigError):
         validate_accept_payload({"type": "realtime", "audio": "pcmu"})
