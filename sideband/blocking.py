@@ -62,19 +62,21 @@ def in_thread(fn: Callable[..., T], /, *args: Any, started: threading.Event | No
     """``fn(*args)`` as a worker thread runs it (``loop.run_in_executor(pool, in_thread(fn, …))``): in a
     copy of the caller's context (what it logs carries the call's fields), and with a ``StopIteration``
     it raises (``next()`` on an exhausted iterator) turned into a ``RuntimeError``, as Python does for a
-    coroutine: asyncio cannot put a ``StopIteration`` into a future, which would never finish.
-    ``started`` is set as a thread takes it up (a busy pool queues it until then)."""
-    return functools.partial(contextvars.copy_context().run, _no_stop_iteration, started, fn, *args)
+    coroutine: asyncio cannot put a ``StopIteration`` into a future, which would never finish. So is a
+    ``GeneratorExit``: awaited from the future, it would end the coroutine awaiting it whatever that
+    catches (the task's result lost). ``started`` is set as a thread takes it up (a busy pool queues it
+    until then)."""
+    return functools.partial(contextvars.copy_context().run, _carried, started, fn, *args)
 
 
-def _no_stop_iteration(started: threading.Event | None, fn: Callable[..., T], *args: Any) -> T:
+def _carried(started: threading.Event | None, fn: Callable[..., T], *args: Any) -> T:
     if started is not None:
         started.set()
     try:
         return fn(*args)
-    except StopIteration as exc:
+    except (StopIteration, GeneratorExit) as exc:
         # Its traceback from the function's own frame on: the log's stack names the line that raised.
-        raise RuntimeError("function raised StopIteration").with_traceback(
+        raise RuntimeError(f"function raised {type(exc).__name__}").with_traceback(
             exc.__traceback__.tb_next if exc.__traceback__ is not None else None
         ) from exc
 

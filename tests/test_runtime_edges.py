@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import structlog
 
-from sideband import CallContext, CallSummary, Sideband
+from sideband import CallContext, CallSummary, Sideband, TranscriptRole
 from sideband.runtime.driver import HOOK_GRACE, CallHooks, CallRuntime
 from sideband.runtime.machine import CallMachine, CancelTimer, MachineConfig, StartTimer
 from sideband.testing import (
@@ -514,6 +514,28 @@ async def test_a_sync_hook_raising_stop_iteration_fails_and_the_next_hooks_run(s
     hook = [e for e in logs if e["event"] == "hook.failed"]
     assert [(e["hook"], e["error"]) for e in hook] == [("start", "RuntimeError")]
     assert "in start" in hook[0]["stack"] and "next(iter(()))" in hook[0]["stack"]
+
+
+async def test_a_sync_hook_raising_generator_exit_fails_and_its_later_events_still_come(stack: Stack) -> None:
+    """A ``GeneratorExit`` out of a sync hook's thread ended the task running that kind of hook: the later
+    lines of the transcript never reached the hook (``hook.skipped``). Each now fails on its own."""
+    lines: list[str] = []
+
+    @stack.app.on_transcript
+    def record(ctx: CallContext, role: TranscriptRole, text: str) -> None:
+        lines.append(text)
+        raise GeneratorExit
+
+    call = stack.sim.create_call(
+        Script([HELLO, caller_says("hi"), model_says("Hi there."), caller_says("bye"), caller_hangs_up()])
+    )
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await stack.ended(call)
+    assert lines == ["Hello.", "hi", "Hi there.", "bye"]
+    failed = [(e["hook"], e["error"]) for e in logs if e["event"] == "hook.failed"]
+    assert failed == [("record", "RuntimeError")] * 4
+    assert not [e for e in logs if e["event"] == "hook.skipped"]
 
 
 async def test_failures_in_user_code_are_logged_with_where_not_with_their_data(stack: Stack) -> None:

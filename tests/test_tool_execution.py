@@ -100,6 +100,30 @@ async def test_tool_raising_cancelled_error_gets_an_output_and_a_response(stack:
     assert [(t.name, t.outcome) for t in summary.tools] == [("fetch", "error")]
 
 
+async def test_sync_tool_raising_generator_exit_gets_an_output_and_a_response(stack: Stack) -> None:
+    """A ``GeneratorExit`` out of a sync tool's thread ended the task awaiting it: the model waited for
+    an output that never came. It is the tool's failure, as any exception."""
+
+    @stack.app.tool(filler_after=None)
+    def close_all() -> str:
+        raise GeneratorExit
+
+    call = await start(
+        stack,
+        Script(
+            [HELLO, caller_says("close"), model_calls("close_all", {}), model_says("Sorry, that failed.")]
+        ),
+    )
+    await call.wait_done(timeout=10)
+    assert outputs(call) == [{"error": "tool_failed", "message": "RuntimeError"}]
+    ks = kinds(call)
+    out = next(i for i, k in enumerate(ks) if k.startswith("output:"))
+    assert ks[out + 1 :] == ["create"]
+    await stack.sim.hang_up(call)
+    summary = await stack.ended(call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("close_all", "error")]
+
+
 # -- context actions from a sync tool's worker thread ---------------------------------------------------
 
 

@@ -1061,6 +1061,23 @@ async def test_a_tool_raising_stop_iteration_fails_at_once(sync: bool) -> None:
     assert "return next(o for o in orders" in stack and stack.endswith("RuntimeError")
 
 
+async def test_a_sync_tool_raising_generator_exit_fails_at_once() -> None:
+    """A ``GeneratorExit`` out of a worker thread ended the coroutine awaiting it whatever it caught: the
+    model never got an output. It fails as a ``RuntimeError`` from it, as a ``StopIteration`` does."""
+    reg = ToolRegistry(default_timeout=60)
+
+    @reg.tool
+    def close_all() -> str:
+        raise GeneratorExit
+
+    res = await asyncio.wait_for(reg.execute("c", "close_all", "", make_ctx()), 5)
+    assert (res.outcome, loads(res)) == ("error", {"error": "tool_failed", "message": "RuntimeError"})
+    assert isinstance(res.exception, RuntimeError)
+    assert isinstance(res.exception.__cause__, GeneratorExit)
+    stack = failure_fields(res.exception, message=False, full=False)["stack"]
+    assert "raise GeneratorExit" in stack
+
+
 async def test_a_tool_that_swallows_its_timeout_and_returns_late_still_timed_out() -> None:
     reg = ToolRegistry()
 
