@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import dataclasses
 import functools
 import inspect
 import json
@@ -769,14 +770,35 @@ def _introspected(fn: Any) -> Any:
 
 def _docs(fn: Any) -> tuple[str, dict[str, str]]:
     """The tool's description and its parameters' from the docstrings: a callable object's class may
-    describe it, and its ``__call__`` the parameters."""
+    describe it, and its ``__call__`` the parameters (their own docstrings only: not Python's, ``Call
+    self as a function.``, nor the signature a dataclass gets as one)."""
     target = inspect.unwrap(_unwrap_partial(fn))
-    description, args = _parse_docstring(inspect.getdoc(target))
-    call = _introspected(fn)
-    if call is not target and not args:
-        call_description, args = _parse_docstring(inspect.getdoc(call))
+    if inspect.isroutine(target) or not callable(target):
+        return _parse_docstring(inspect.getdoc(target))
+    description, args = _parse_docstring(_own_doc(target))
+    if not args:
+        call = getattr(_introspected(fn), "__func__", None)
+        call_description, args = _parse_docstring(
+            inspect.cleandoc(call.__doc__) if inspect.isfunction(call) and call.__doc__ else None
+        )
         description = description or call_description
     return description, args
+
+
+def _own_doc(obj: Any) -> str | None:
+    """The docstring of a callable object's class as written (``None`` for a class without one)."""
+    cls = type(obj)
+    doc = cls.__dict__.get("__doc__")
+    if not isinstance(doc, str):
+        return None
+    if dataclasses.is_dataclass(cls):
+        try:
+            generated = cls.__name__ + str(inspect.signature(cls)).replace(" -> None", "")
+        except (TypeError, ValueError):
+            generated = None
+        if doc == generated:
+            return None
+    return inspect.cleandoc(doc)
 
 
 def _bound_keywords(fn: Any) -> frozenset[str]:

@@ -1554,6 +1554,35 @@ def test_a_callable_objects_call_docstring_describes_it_and_its_parameters() -> 
     assert tool.parameters["properties"]["order_id"]["description"] == "The number printed on the receipt."
 
 
+def test_a_callable_object_without_docstrings_has_no_description_of_pythons() -> None:
+    """Python's own docstrings (``Call self as a function.`` for ``__call__``, a dataclass's generated
+    ``Lookup(region: str = 'eu')``) are not the tool's description."""
+
+    class Plain:
+        async def __call__(self, order_id: str) -> str:
+            return order_id
+
+    @dataclasses.dataclass
+    class Lookup:
+        region: str = "eu"
+
+        def __call__(self, order_id: str) -> str:
+            return order_id
+
+    @dataclasses.dataclass
+    class Described:
+        """Look up an order in one region."""
+
+        region: str = "eu"
+
+        def __call__(self, order_id: str) -> str:
+            return order_id
+
+    assert Tool.from_function(Plain(), name="plain").description == ""
+    assert Tool.from_function(Lookup(), name="lookup").description == ""
+    assert Tool.from_function(Described(), name="described").description == "Look up an order in one region."
+
+
 def test_a_return_annotation_is_not_resolved() -> None:
     """It may name a type imported for type checkers only; sideband never reads it."""
 
