@@ -149,6 +149,12 @@ def _check_hook(kind: str, fn: object, params: tuple[str, ...]) -> None:
         ) from None
 
 
+def _one_hook(kind: str, registered: object, why: str) -> None:
+    """Refuse a second hook of a ``kind`` an app has one of: it would replace the first unseen."""
+    if registered is not None:
+        raise ValueError(f"an app has one {kind} hook, and {_describe(registered)} is registered ({why})")
+
+
 def _describe(fn: object) -> str:
     """How a registration error names a hook: ``end``, ``Desk.end``, ``functools.partial(end)``…"""
     if isinstance(fn, functools.partial):
@@ -422,8 +428,10 @@ class Sideband:
         still applies).
 
         A hook that cannot be called with ``(call)`` raises ``TypeError`` here, as do those of the other
-        hook decorators that cannot take what they are called with."""
+        hook decorators that cannot take what they are called with. An app has one routing hook: a second
+        raises ``ValueError`` (the first stays)."""
         _check_hook("on_incoming", fn, ("call",))
+        _one_hook("on_incoming", self._route, "it decides every call: route them all in one")
         self._route = fn
         self._route_is_async = is_async_callable(fn)
         if not self._route_is_async and self._route_threads is None:
@@ -448,9 +456,12 @@ class Sideband:
         to a login page) is the answer given. It may read the body (``await request.json()``). Without
         it, those routes answer 404: a server that only takes phone calls offers no way to start a call,
         or mint a key, with its API key. ``app.authorize_browser(lambda request: True)`` opens them to
-        anyone.
+        anyone. An app has one such hook: a second raises ``ValueError`` (the first stays).
         """
         _check_hook("authorize_browser", fn, ("request",))
+        _one_hook(
+            "authorize_browser", self._authorize_browser, "it decides every request: check them all in one"
+        )
         self._authorize_browser = fn
         if not is_async_callable(fn) and self._authorize_threads is None:
             # Strangers' requests run it: they must not take the threads live calls' tools need.

@@ -19,8 +19,9 @@ from sideband.testing import Harness, SimCall, Simulator, run_app
 from sideband.testing.harness import harness_settings
 
 
-def make_app(**kw: Any) -> Sideband:
-    """A small app with tools that cover the interesting outcomes."""
+def make_app(*, browsers: bool = True, **kw: Any) -> Sideband:
+    """A small app with tools that cover the interesting outcomes (``browsers``: with the WebRTC doors
+    open to anyone; without, a test opens them with an ``authorize_browser`` hook of its own)."""
     app = Sideband(
         instructions="You are a test desk.",
         voice="marin",
@@ -29,7 +30,8 @@ def make_app(**kw: Any) -> Sideband:
     )
     app.enable_end_call()
     app.enable_transfer()
-    app.authorize_browser(lambda request: True)  # the WebRTC doors, open to the tests
+    if browsers:
+        app.authorize_browser(lambda request: True)  # the WebRTC doors, open to the tests
 
     @app.tool
     async def lookup_order(order_id: str, ctx: CallContext) -> dict[str, Any]:
@@ -73,8 +75,10 @@ def pytest_asyncio_loop_factories(
 
 
 @pytest.fixture
-def app() -> Sideband:
-    return make_app()
+def app(request: pytest.FixtureRequest) -> Sideband:
+    """:func:`make_app`'s app; a test may give its options: ``@pytest.mark.parametrize("app",
+    [{"browsers": False}], indirect=True)``."""
+    return make_app(**getattr(request, "param", {}))
 
 
 @pytest.fixture

@@ -418,11 +418,25 @@ async def test_decide_async_hook() -> None:
     assert await app.decide(IncomingCall("rtc_2", None, None)) == Accept()
 
 
-async def test_decide_last_hook_wins() -> None:
+async def test_a_second_routing_or_browser_hook_is_refused_and_the_first_stays() -> None:
+    """A second hook of a kind an app has one of replaced the first unseen (two modules each adding
+    theirs, say): it is refused as it is registered."""
     app = Sideband()
-    app.on_incoming(lambda call: Reject())
-    app.on_incoming(lambda call: Accept(voice="cedar"))
-    assert await app.decide(CALL) == Accept(voice="cedar")
+
+    @app.on_incoming
+    def front_desk(call: IncomingCall) -> Reject:
+        return Reject()
+
+    with pytest.raises(ValueError, match=r"^an app has one on_incoming hook, and .*front_desk is registered"):
+        app.on_incoming(lambda call: Accept(voice="cedar"))
+    assert await app.decide(CALL) == Reject()
+
+    app.authorize_browser(lambda request: True)
+    with pytest.raises(
+        ValueError, match=r"^an app has one authorize_browser hook, and .*<lambda> is registered"
+    ):
+        app.authorize_browser(lambda request: False)
+    assert await app.authorize(None) is True  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("value", [None, "accept", 42, {"accept": True}])

@@ -227,6 +227,7 @@ async def test_an_async_routing_hook_that_blocks_is_named(stack: Stack) -> None:
     assert lines[0]["blocked_ms"] >= HOLD * 1000
 
 
+@pytest.mark.parametrize("app", [{"browsers": False}], indirect=True)
 async def test_an_async_browser_gate_that_blocks_is_named(stack: Stack) -> None:
     @stack.app.authorize_browser
     async def check(request: Any) -> bool:

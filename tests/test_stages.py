@@ -23,15 +23,15 @@ from sideband.testing import (
 )
 
 
-def desk() -> Sideband:
-    """A desk that offers ``verify`` and ``lookup_order`` first; a verified caller is offered ``refund`` (and
-    a CRM the server runs) instead."""
+def desk(first: tuple[str, ...] = ("verify", "lookup_order")) -> Sideband:
+    """A desk that offers ``first`` (``verify`` and ``lookup_order``); a verified caller is offered
+    ``refund`` (and a CRM the server runs) instead."""
     app = Sideband(instructions="You are the order desk.", transfer_targets={"human": "tel:+14155550123"})
     app.enable_transfer()
 
     @app.on_incoming
     def route(call: IncomingCall) -> Accept:
-        return Accept(tools=("verify", "lookup_order"))
+        return Accept(tools=first)
 
     @app.tool
     async def verify(pin: str, ctx: CallContext) -> str:
@@ -172,7 +172,7 @@ async def test_the_calls_of_one_response_run_with_the_tools_it_was_offered() -> 
     ],
 )
 async def test_tools_that_cannot_be_offered_are_refused_and_change_nothing(tools: Any, message: str) -> None:
-    app = desk()
+    app = desk(first=("try_stage", "lookup_order"))
     refusals: list[str] = []
 
     @app.tool
@@ -184,10 +184,6 @@ async def test_tools_that_cannot_be_offered_are_refused_and_change_nothing(tools
             refusals.append(str(exc))
             raise
         return "changed"
-
-    @app.on_incoming
-    def route(call: IncomingCall) -> Accept:
-        return Accept(tools=("try_stage", "lookup_order"))
 
     async with run_app(app) as h:
         call = await h.call(
