@@ -43,6 +43,7 @@ from sideband.session import (
     Refer,
     Reject,
     check_transfer_targets,
+    is_target_uri,
     validate_accept_payload,
 )
 
@@ -127,8 +128,8 @@ class _Route(BaseModel):
             if unused:
                 verb = "rejects" if self.reject is not None else "refers"
                 raise ValueError(f"a route that {verb} answers nothing: {', '.join(unused)} would be ignored")
-        if self.refer is not None and not self.refer.startswith(("tel:", "sip:", "sips:")):
-            raise ValueError("refer must be a tel: or sip: URI")
+        if self.refer is not None and not is_target_uri(self.refer):
+            raise ValueError("refer must be a tel: or sip: URI with a number or address")
         return self
 
     @field_validator("transfer_targets")

@@ -491,8 +491,19 @@ def _given(value: _T | None, otherwise: _T | None) -> _T | None:
     return otherwise if value is None else value
 
 
+def is_target_uri(uri: object) -> bool:
+    """Whether ``uri`` is a place a REFER can send a call: ``tel:``, ``sip:`` or ``sips:`` and something
+    after it (OpenAI refuses a bare ``tel:``)."""
+    return (
+        isinstance(uri, str)
+        and uri.startswith(("tel:", "sip:", "sips:"))
+        and bool(uri[4:].strip(":").strip())
+    )
+
+
 def check_transfer_targets(targets: Mapping[str, str]) -> dict[str, str]:
-    """``targets`` as a dict, checked: labels are non-empty strings, URIs ``tel:``/``sip:``/``sips:``.
+    """``targets`` as a dict, checked: labels are non-empty strings, URIs ``tel:``/``sip:``/``sips:``
+    with a number or address (:func:`is_target_uri`).
 
     Raises ``ValueError`` (one line naming the label) otherwise.
     """
@@ -501,8 +512,10 @@ def check_transfer_targets(targets: Mapping[str, str]) -> dict[str, str]:
     for label, uri in targets.items():
         if not isinstance(label, str) or not label:
             raise ValueError(f"a label must be a non-empty string, got {label!r}")
-        if not isinstance(uri, str) or not uri.startswith(("tel:", "sip:", "sips:")):
-            raise ValueError(f"transfer target {label!r} must be a tel: or sip: URI, got {uri!r}")
+        if not is_target_uri(uri):
+            raise ValueError(
+                f"transfer target {label!r} must be a tel: or sip: URI with a number or address, got {uri!r}"
+            )
     return dict(targets)
 
 
@@ -526,14 +539,18 @@ class Reject:
 class Refer:
     """Send the call elsewhere (SIP REFER) without answering it: ``tel:+1…`` or ``sip:…``.
 
-    Raises :class:`DecisionError` (a ``ValueError``) for any other kind of URI.
+    Raises :class:`DecisionError` (a ``ValueError``) for any other kind of URI, or one with nothing after
+    its scheme (``tel:``).
     """
 
     target_uri: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.target_uri, str) or not self.target_uri.startswith(("tel:", "sip:", "sips:")):
-            raise DecisionError(f"Refer target_uri must be a tel: or sip: URI, got {self.target_uri!r}")
+        if not is_target_uri(self.target_uri):
+            raise DecisionError(
+                "Refer target_uri must be a tel: or sip: URI with a number or address, "
+                f"got {self.target_uri!r}"
+            )
 
 
 Decision = Accept | Reject | Refer

@@ -77,6 +77,15 @@ def test_table_matches_numbers_and_default(tmp_path: Path) -> None:
         ('[routes."+1"]\nreject = 700\n', "routes.+1.reject: Input should be"),
         ('[routes."+1"]\nreject = 486\nrefer = "tel:+1"\n', "not both"),
         ('[routes."+1"]\nrefer = "http://x"\n', "tel: or sip:"),
+        (
+            '[routes."+1"]\nrefer = "tel:"\n',
+            "routes.+1: Value error, refer must be a tel: or sip: URI with a number",
+        ),
+        ('[routes."+1"]\nrefer = "sip: "\n', "refer must be a tel: or sip: URI with a number or address"),
+        (
+            '[routes."+1"]\ntransfer_targets = { billing = "tel:" }\n',
+            "'billing' must be a tel: or sip: URI with",
+        ),
         ('[routes."+1"]\ncolour = "red"\n', "colour"),
         (
             '[routes."+1"]\nsession = { voice = "cedar" }\n',

@@ -447,6 +447,20 @@ def test_decision_defaults() -> None:
     assert Refer("tel:+14155550123").target_uri == "tel:+14155550123"
 
 
+@pytest.mark.parametrize("uri", ["tel:", "sip:", "sips:", "tel: ", "https://example.com", None])
+def test_a_refer_or_transfer_target_needs_a_number_or_address(uri: Any) -> None:
+    """OpenAI answers a REFER to a bare ``tel:`` with 400: the decision fails closed instead."""
+    with pytest.raises(DecisionError, match=r"^Refer target_uri must be a tel: or sip: URI with a number or"):
+        Refer(uri)
+    with pytest.raises(DecisionError, match=r"'human' must be a tel: or sip: URI with a number or address"):
+        Accept(transfer_targets={"human": uri})
+    with pytest.raises(ValueError, match=r"'human' must be a tel: or sip: URI with a number or address"):
+        Sideband(transfer_targets={"human": uri})
+    for good in ("tel:+14155550123", "sip:agent@example.com", "sips:desk@pbx.example.com"):
+        assert Refer(good).target_uri == good
+        assert Accept(transfer_targets={"human": good}).transfer_targets == {"human": good}
+
+
 @pytest.mark.parametrize("value", ["60", -1, 0, float("inf"), float("nan"), True])
 def test_accept_limits_must_be_seconds(value: Any) -> None:
     """A limit the runtime could not arm (a string from config) or that would end the call at once is
