@@ -153,13 +153,14 @@ def test_interrupt_while_the_servers_answer_runs_stops_it_and_ours_on_its_way() 
 
 
 def test_the_start_of_an_earlier_create_keeps_the_interrupt_of_a_later_one() -> None:
-    """A create that left on a lost socket is answered on the new one while a later create of ours,
-    interrupted, is on its way: that interrupt is for the later one."""
+    """A create that left on a lost socket is answered on the new one, late, while a later create of
+    ours, interrupted, is on its way: that interrupt is for the later one."""
     m = tagged_machine()
     (first,) = sent(m.say("First."))
     m.reattached(())  # the socket is lost with the first create out
     m.receive({"type": "session.updated", "session": SESSION})
-    (second,) = sent(m.say("Second."))
+    (second,) = sent(m.timer("orphans"))  # nothing of it showed: asked for again
+    assert second["response"]["instructions"] == "First."
     assert m.interrupt() == []
     assert sent(m.receive(created("r_first", first))) == []  # not the one interrupted
     assert sent(m.receive(refused(second))) == []

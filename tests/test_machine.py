@@ -1612,13 +1612,19 @@ def test_an_end_pending_at_a_reattach_lets_the_goodbye_be_said_before_the_verb()
     m.receive({"type": "response.created", "response": {"id": "r_bye"}})  # the goodbye, on the new socket
     assert not [a for a in m.timer("orphans") if isinstance(a, Verb)]  # being said
     assert Verb("hangup", None) in m.receive(response_done("r_bye"))
-    # Nothing shows on the new socket within the grace: the verb goes then.
+    # The goodbye had left for the lost socket, and nothing of it shows on the new one within the grace:
+    # it is asked for again, and the verb follows it.
     m2 = machine(max_call_duration=60)
     m2.start()
     m2.receive({"type": "session.updated", "session": {}})
-    m2.timer("max_duration")
+    lost = sends(m2.timer("max_duration"))[-1]
     assert not [a for a in m2.reattached() if isinstance(a, Verb)]
-    assert Verb("hangup", None) in m2.timer("orphans")
+    again = m2.timer("orphans")
+    assert not [a for a in again if isinstance(a, Verb)]
+    assert [e["response"] for e in sends(again)] == [lost["response"]]
+    assert notices(again, "response.lost") == [{"purpose": "goodbye"}]
+    m2.receive({"type": "response.created", "response": {"id": "r_bye"}})
+    assert Verb("hangup", None) in m2.receive(response_done("r_bye"))
 
 
 def test_playback_started_before_a_reattach_still_holds_the_verb() -> None:
@@ -2050,7 +2056,8 @@ def test_unacknowledged_outputs_are_sent_again_after_the_reattach_grace() -> Non
     assert fresh["event_id"] != create["event_id"]
     m.receive(ack("c2", "conversation.item.done"))
     assert not m.awaiting_acks
-    assert types(m.reattached()) == ["session.update"] and m.timer("orphans") == []
+    assert types(m.reattached()) == ["session.update"]
+    assert types(m.timer("orphans")) == ["response.create"]  # (that create, lost too: no output again)
 
 
 def test_the_answer_goes_at_once_when_every_output_in_doubt_is_acknowledged_within_the_grace() -> None:
@@ -2114,7 +2121,7 @@ def test_an_output_the_server_refused_is_never_sent_again() -> None:
     m.receive(ack("c2"))
     assert not m.awaiting_acks
     m.reattached()
-    assert m.timer("orphans") == []
+    assert types(m.timer("orphans")) == ["response.create"]  # (the create, lost with the socket: no output)
 
 
 def test_a_refused_plain_create_is_one_create_once_no_tool_runs() -> None:
@@ -2304,6 +2311,115 @@ def test_a_create_that_never_left_keeps_its_place_at_a_reattach() -> None:
     m = machine()
     m.start()
     assert withdrawn(m.reattached(["app_create_1"])) == [] and not m.response_owed
+
+
+def tag_of(create: dict[str, Any]) -> dict[str, Any]:
+    """The ``response.metadata`` our create ``create`` (as sent, tagged) has the server echo."""
+    return {"sideband": create["event_id"]}
+
+
+def raw(actions: list[Action]) -> list[dict[str, Any]]:
+    """The events sent, as they are (a ``response.create`` with its tag)."""
+    return [a.event for a in actions if isinstance(a, Send)]
+
+
+def test_a_greeting_lost_with_the_first_socket_is_asked_for_again_once() -> None:
+    # The path dies as the call starts: the session config and the greeting, written, never arrive.
+    m = machine(greeting="Welcome")
+    greeting = raw(m.start())[-1]
+    back = m.reattached(())  # nothing queued: it had left
+    assert types(back) == ["session.update"]  # no second greeting at once: the first may have arrived
+    assert StartTimer("orphans", MachineConfig(session=SESSION).reattach_grace) in back
+    m.receive({"type": "session.updated", "session": {}})
+    assert sends(m.say("Mention the sale")) == []  # nothing crosses it meanwhile
+    again = m.timer("orphans")  # nothing of it showed on the new socket
+    assert [e.get("response") for e in sends(again)] == [{"instructions": "Welcome"}]
+    assert notices(again, "response.lost") == [{"purpose": "greeting"}]
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    said = m.receive(response_done("r1"))
+    assert [e.get("response") for e in sends(said)] == [{"instructions": "Mention the sale"}]
+    assert m.timer("orphans") == []  # once
+
+    # It arrived: its response shows on the new socket, by its start or by its end alone (the start
+    # went to the lost socket). One greeting, never two.
+    for shown in ("response.created", "response.done"):
+        m = machine(greeting="Welcome")
+        greeting = raw(m.start())[-1]
+        m.reattached(())
+        m.receive({"type": "session.updated", "session": {}})
+        response = {"id": "r1", "status": "completed", "output": [], "metadata": tag_of(greeting)}
+        m.receive({"type": shown, "response": response})
+        if shown == "response.created":
+            m.receive(response_done("r1"))
+        assert not m.response_owed
+        assert sends(m.timer("orphans")) == []
+
+    # The caller speaks on the new socket first: their words open the call, the greeting is not said.
+    m = machine(greeting="Welcome")
+    m.start()
+    m.reattached(())
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "i1"})
+    assert sends(m.timer("orphans")) == []  # never over the caller
+    m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": "i1"})
+    dropped = m.timer("turn")
+    assert sends(dropped) == [] and notices(dropped, "response.dropped") == [{"purpose": "greeting"}]
+
+
+def test_a_create_lost_with_the_socket_after_its_outputs_arrived_is_asked_for_again() -> None:
+    # A slow tool: its filler speaks as it finishes; the output goes and is acknowledged; at the filler's
+    # end the answer's create is written alone, and the path dies before the server reads it.
+    m = live_machine(filler_after={"slow": 1.0})
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "slow", "{}", resp="r1"))
+    assert RunTool("c1", "slow", "{}") in m.receive(response_done("r1"))
+    (filler,) = raw(m.timer("filler:c1"))
+    m.receive({"type": "response.created", "response": {"id": "r_filler", "metadata": tag_of(filler)}})
+    m.tool_done("c1", '{"ok": 1}', ok=True)
+    m.receive(output_ack("c1"))
+    assert creates(m.receive(response_done("r_filler"))) == [""]  # the answer's create, then the loss
+    back = m.reattached(())
+    assert types(back) == ["session.update"] and m.response_owed  # still awaited
+    again = m.timer("orphans")
+    assert creates(again) == [""] and notices(again, "response.lost") == [{"purpose": "response"}]
+    assert not any(e["type"] == "conversation.item.create" for e in sends(again))  # (it had arrived)
+
+    # A say(): asked for again as it was asked, after the response that runs meanwhile (the server's
+    # answer to the caller, untagged: this server echoes tags).
+    m = live_machine()
+    (hello,) = raw(m.say("Say hello"))
+    m.receive({"type": "response.created", "response": {"id": "r_hello", "metadata": tag_of(hello)}})
+    m.receive(response_done("r_hello"))
+    m.say("Mention the sale")
+    m.reattached(())
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "i1"})
+    m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": "i1"})
+    m.receive({"type": "response.created", "response": {"id": "r_turn"}})  # the server's answer to them
+    assert creates(m.timer("orphans")) == []  # not while a response runs
+    assert creates(m.receive(response_done("r_turn"))) == ["Mention the sale"]
+
+    # One cancelled by interrupt() before anything of it showed is not asked for again.
+    m = live_machine()
+    m.say("Mention the sale")
+    m.reattached(())
+    m.interrupt()
+    assert sends(m.timer("orphans")) == [] and not m.response_owed
+
+
+def test_a_goodbye_lost_with_the_socket_whose_end_shows_alone_is_not_said_twice() -> None:
+    m = machine(max_call_duration=60)
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    (goodbye,) = raw(m.timer("max_duration"))
+    m.reattached(())
+    m.receive({"type": "session.updated", "session": {}})
+    done = {"id": "r_bye", "status": "completed", "output": [], "metadata": tag_of(goodbye)}
+    m.receive({"type": "response.done", "response": done})  # its start went to the lost socket
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r_bye"})
+    assert sends(m.timer("orphans")) == []  # said: not asked for again
+    ended = m.receive({"type": "output_audio_buffer.stopped", "response_id": "r_bye"})
+    assert Verb("hangup", None) in ended
 
 
 def test_a_queued_filler_is_withdrawn_only_once_no_tool_runs() -> None:

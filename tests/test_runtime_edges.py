@@ -1181,6 +1181,45 @@ async def test_outputs_lost_in_a_silently_dead_socket_are_sent_again(simulator: 
     assert [t.name for t in rt.summary.tools] == ["slow"] and not call.script_error
 
 
+async def test_a_greeting_lost_with_a_socket_dead_from_the_start_is_said_after_the_reattach(
+    simulator: Simulator,
+) -> None:
+    """The network path dies as the sideband opens: the session config and the greeting are written into
+    it and never arrive. The keepalive notices, the call re-attaches, and once nothing of the greeting
+    has shown on the new socket within the grace it is asked for again: the caller is greeted, once."""
+    call = simulator.create_call(Script([HELLO, caller_hangs_up()]), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [])
+
+    async def dead_at_first() -> PushConnection:
+        ws = await connect()
+        if connect.attempts == 1:  # what is written to this one is never read
+            await simulator.drop_sideband(call, "unreachable")
+        return ws
+
+    with capture_logs() as logs:
+        rt = CallRuntime(
+            machine=CallMachine(
+                MachineConfig(
+                    session={"type": "realtime", "instructions": "x"},
+                    greeting="Greet the caller.",
+                    reattach_grace=0.3,
+                )
+            ),
+            ctx=CallContext(call.call_id),
+            tools=ToolRegistry(),
+            connect=dead_at_first,
+            hooks=CallHooks(),
+            reattach_attempts=2,
+            ping_interval=0.5,
+        )
+        assert await asyncio.wait_for(rt.run(), 10) == "remote_closed"
+    assert call.sideband_connects == 2 and not call.script_error
+    creates = [untagged(e) for e in call.received if e["type"] == "response.create"]
+    assert [e.get("response") for e in creates] == [{"instructions": "Greet the caller."}]
+    assert rt.summary.transcript == [("agent", "Hello.")]
+    assert [e["purpose"] for e in logs if e["event"] == "response.lost"] == ["greeting"]
+
+
 def held_reattach(
     simulator: Simulator, call: SimCall, tools: ToolRegistry, machine: CallMachine
 ) -> tuple[CallRuntime, Connector, asyncio.Event]:

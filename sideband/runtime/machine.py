@@ -201,8 +201,9 @@ class MachineConfig:
     """Longest wait for in-flight tools and the model's last words before hangup/refer."""
     reattach_grace: float = 2.0
     """After a re-attach, how long to wait for the ``response.done`` of a response whose tool calls were
-    announced on the lost socket before treating those calls as interrupted (see
-    :meth:`CallMachine.reattached`)."""
+    announced on the lost socket before treating those calls as interrupted, for the acknowledgements of
+    our outputs before sending them again, and for the response of our create that left for the lost
+    socket before asking for it again (see :meth:`CallMachine.reattached`)."""
 
 
 SPEECH_CAP = 15.0
@@ -329,6 +330,7 @@ class CallMachine:
         "_last_line_response",
         "_last_signature",
         "_live",
+        "_lost",
         "_nudged",
         "_orphans",
         "_ours",
@@ -383,6 +385,9 @@ class CallMachine:
         self.caller_turns = 0
         """How many times the caller began to speak."""
         self._create_sent: str | None = None  # event_id of our response.create not yet seen created
+        # That create, when it left for a socket since lost (with the response under way then), until the
+        # new socket shows it arrived or the re-attach grace ends (see reattached)
+        self._lost: tuple[str, object] | None = None
         self._cancel_next: str | None = None  # event_id of our create to cancel as it starts (interrupt)
         self._corrections = 0  # replies stopped by a guardrail and asked for again since the caller's turn
         self._stopped_reply: object = None  # the last reply a guardrail stopped (see correct)
@@ -544,9 +549,20 @@ class CallMachine:
         server holds it back while a response runs. Those still unacknowledged after the same grace, at a
         moment no response runs, are sent again, once, and one ``response.create`` follows.
 
+        Our ``response.create`` that had left for the lost socket, unanswered, may have been lost with it
+        (the greeting, the answer to outputs acknowledged already, a :meth:`say`, the end's goodbye). The
+        machine waits on it as before (nothing of ours crosses it) until the new socket shows it arrived:
+        the response it started, by its ``response.created`` or, when that went to the lost socket, its
+        ``response.done`` (each tagged with the create). Nothing of it within the same grace: it is
+        asked for again, once (``response.lost``), as the rules for any create say (never over the
+        caller, never while a response runs; a greeting not once the caller has spoken, a filler not once
+        its tools are done); one that :meth:`interrupt` cancelled is not.
+
         The model's audio that was playing when the socket was lost plays on, for the idle limit and for
         the end's verb, until its stop shows on the new socket or the same grace ends.
         """
+        sent = self._create_sent
+        lost = None if sent is None or sent in queued or self._going else (sent, self.responding)
         self._response_active = self._speaking = self._turn_wait = self._unanswered = False
         self._speech_capped = False
         self._create_sent = self._created_for = self._covered_by = self._ours = self.responding = None
@@ -562,12 +578,15 @@ class CallMachine:
         # and only playback heard on the new socket holds on longer.
         self._play_unsure, self._play_overdue = self._playing, False
         actions = [*self._requeued(queued), *self._attached()]
+        self._lost = lost if self._create_sent is None else None
+        if self._lost is not None:
+            self._create_sent = sent  # still awaited: it may have arrived (see _seen_lost)
         if end is not None and ending:
             # Our goodbye (or the model's last words) may be queued for the new socket or still running
             # on the server: its events show it within the grace; only then may the verb go (the end cap
             # still holds).
             end.held = True
-        if self._orphans or self._resend or ending or self._play_unsure:
+        if self._orphans or self._resend or ending or self._play_unsure or self._lost is not None:
             actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
         actions += self._progress()
         return actions
@@ -1048,6 +1067,10 @@ class CallMachine:
         status = status if isinstance(status, str) else None
         covered_by, self._covered_by = self._covered_by, None
         ours, self._ours = self._ours, None
+        if ours is None and self._lost is not None and isinstance(response_id, str):
+            create = self._seen_lost(response)  # (its response.created went to the lost socket)
+            if create is not None:
+                ours = (response_id, create)
         if covered_by is not None and covered_by == response_id and status != "completed":
             self._want_response = True  # it did not get to answer our outputs: we still ask
         usage = response.get("usage")
@@ -1654,6 +1677,9 @@ class CallMachine:
             else:
                 self._playing = self._play_unsure = False  # its stop may have come with no socket attached
                 actions += self._answered(self._heard)
+        lost, self._lost = self._lost, None
+        if lost is not None and self._create_sent == lost[0]:
+            actions += self._ask_again(lost[0])
         if self._going:
             self._resend, self._orphans = (), ()
             return actions
@@ -1682,6 +1708,35 @@ class CallMachine:
         if answer:
             self._want_response = True
         return actions + self._progress() + self._rearm_filler()
+
+    def _ask_again(self, event_id: str) -> list[Action]:
+        """Our create ``event_id`` left for a lost socket, and nothing on the new one showed it arrived
+        within the re-attach grace: it is owed again, once (see :meth:`reattached`), unless it was
+        cancelled before it started (:meth:`interrupt`) or the call is going."""
+        self._create_sent = None
+        create = self._recent_creates.get(event_id)
+        if self._cancel_next == event_id:
+            self._cancel_next = None
+            return []
+        if create is None or self._going:
+            return []
+        body, tag = create
+        # (a greeting asked for again is said unless the caller has spoken since: see _stale)
+        self._owe((body, _GREETING_AGAIN if tag == _GREETING else tag))
+        return [Notice("response.lost", {"purpose": tag or "response"})]
+
+    def _seen_lost(self, response: dict[str, Any]) -> str | None:
+        """The event id of our create lost with a socket, still awaited, if ``response``, ending on the
+        new one without its ``response.created`` seen, answers it (tagged with it; where the server echoes
+        no tags, any but the one under way at the loss: the next to start after our create is taken for
+        ours). That create is then no longer awaited."""
+        lost = self._lost
+        if lost is None or self._create_sent != lost[0] or response.get("id") == lost[1]:
+            return None  # (not awaited any more: its response.created came, or it was refused)
+        if self.caps.tags_responses and _obj(response.get("metadata")).get(_TAG) != lost[0]:
+            return None
+        self._lost = self._create_sent = None
+        return lost[0]
 
     @property
     def _quiet(self) -> bool:
