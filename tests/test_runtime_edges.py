@@ -26,6 +26,7 @@ from sideband.testing import (
     caller_hangs_up,
     caller_presses,
     caller_says,
+    model_answers,
     model_calls,
     model_says,
     pause,
@@ -1218,6 +1219,40 @@ async def test_a_greeting_lost_with_a_socket_dead_from_the_start_is_said_after_t
     assert [e.get("response") for e in creates] == [{"instructions": "Greet the caller."}]
     assert rt.summary.transcript == [("agent", "Hello.")]
     assert [e["purpose"] for e in logs if e["event"] == "response.lost"] == ["greeting"]
+
+
+async def test_a_caller_active_by_other_means_stops_the_idle_goodbye_at_once(simulator: Simulator) -> None:
+    """The idle limit's goodbye has been said and still plays when code reports the caller active
+    (``caller_active``: audio a backend streams): the end is withdrawn and the goodbye's audio cleared at
+    once, not when the next server event or timer happens to come (here: the end of its playback, a
+    second on; the idle limit started again would come later)."""
+    simulator.playback_rate = 24.0  # the goodbye plays on for about a second after its response is done
+    call = simulator.create_call(
+        Script([model_answers("Thank you, goodbye now."), pause(30)]),
+        accept_body={"type": "realtime"},
+    )
+    said = asyncio.Event()
+    hooks = CallHooks(on_response=[lambda ctx, response_id, status, running: said.set()])
+    with capture_logs() as logs:
+        rt = CallRuntime(
+            machine=CallMachine(
+                MachineConfig(session={"type": "realtime", "instructions": "x"}, max_idle_duration=1.5)
+            ),
+            ctx=CallContext(call.call_id),
+            tools=ToolRegistry(),
+            connect=Connector(simulator, call.call_id, []),
+            hooks=hooks,
+            ping_interval=None,
+        )
+        run = asyncio.ensure_future(rt.run())
+        await asyncio.wait_for(said.wait(), 5)  # the goodbye's response is done; its audio plays
+        rt.caller_active()
+        await call.wait_received("output_audio_buffer.clear", timeout=5)
+        sent = [e["type"] for e in call.sent]
+        assert "output_audio_buffer.cleared" in sent and "output_audio_buffer.stopped" not in sent
+        await simulator.hang_up(call)
+        assert await asyncio.wait_for(run, 5) == "remote_closed"
+    assert [e["limit"] for e in logs if e["event"] == "call.limit_withdrawn"] == ["idle"]
 
 
 def held_reattach(

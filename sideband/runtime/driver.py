@@ -515,8 +515,10 @@ class CallRuntime:
         self._kick()
 
     def caller_active(self) -> None:
-        """The caller is active (e.g. audio streamed by a backend): the idle limit starts again."""
+        """The caller is active (e.g. audio streamed by a backend): the idle limit starts again (and an
+        idle goodbye under way is stopped at once)."""
         self._apply(self.machine.caller_active())
+        self._kick()
 
     def send_event(self, event: dict[str, Any]) -> None:
         """Send a raw client event (e.g. ``input_audio_buffer.append``) in order with the rest."""
