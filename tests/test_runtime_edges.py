@@ -1035,6 +1035,62 @@ async def test_an_attempt_in_flight_when_the_call_ends_backs_off_no_more(simulat
     assert connect.attempts == 4
 
 
+async def test_a_reattach_under_way_when_the_call_ends_is_given_up_at_once(simulator: Simulator) -> None:
+    """The call ends (code hangs up) while a re-attach's handshake is under way: the end does not wait
+    for that attempt (up to its open timeout), which is given up."""
+    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [])
+    verbs: list[tuple[str, str | None]] = []
+    rt = runtime(connect, verbs, greeting="Say hello.", end_cap=0.1)
+    task = asyncio.create_task(rt.run())
+    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    connect.gate = asyncio.Event()  # the re-attach's handshake hangs until it is set
+    connect.failures.append(refused(503))
+    await simulator.drop_sideband(call, "abnormal")
+    try:
+        async with asyncio.timeout(5):
+            while connect.attempts < 2:
+                connect.changed.clear()
+                await connect.changed.wait()
+        rt.hangup()
+        assert await asyncio.wait_for(asyncio.shield(task), 2) == "hangup"
+    finally:
+        connect.gate.set()
+        await asyncio.wait_for(task, 5)
+    assert verbs == [("hangup", None)] and connect.attempts == 2
+
+
+async def test_a_run_cut_short_during_an_attach_takes_the_attempt_with_it(simulator: Simulator) -> None:
+    """A shutdown past its grace cancels the call's run while its attach is in its handshake: the
+    attempt is cancelled too, and over by the time the run is."""
+    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
+    tried, given_up = asyncio.Event(), asyncio.Event()
+
+    async def connect() -> PushConnection:
+        tried.set()
+        try:
+            await asyncio.Event().wait()  # a handshake that never ends
+        except asyncio.CancelledError:
+            given_up.set()
+            raise
+        raise AssertionError("unreachable")
+
+    rt = CallRuntime(
+        machine=CallMachine(MachineConfig(session={"type": "realtime", "instructions": "x"})),
+        ctx=CallContext(call.call_id),
+        tools=ToolRegistry(),
+        connect=connect,
+        hooks=CallHooks(),
+        ping_interval=None,
+    )
+    task = asyncio.create_task(rt.run())
+    await asyncio.wait_for(tried.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert given_up.is_set() and rt.summary.reason == "shutdown"
+
+
 async def test_reattach_stops_as_soon_as_the_call_has_ended(simulator: Simulator) -> None:
     call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
     connect = Connector(simulator, call.call_id, [])

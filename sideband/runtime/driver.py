@@ -710,10 +710,10 @@ class CallRuntime:
     async def _open(self, *, first: bool) -> PushConnection | None:
         """Attach (or re-attach) the sideband: retryable failures are tried again with backoff, up to
         ``reattach_attempts`` attempts (the first attach at least once); 404/410 ends the call at once
-        (``call_not_found``). Gives up as soon as the call has ended meanwhile (a timer, a hook), and the
-        first attach as soon as its hangup is out (a shutdown): a call being hung up is not started. An
-        attach that finally fails hangs the call up (``connect_failed``, ``reattach_failed``): the caller
-        must not stay on a call nobody controls."""
+        (``call_not_found``). Gives up as soon as the call has ended meanwhile (a timer, a hook; an attempt
+        under way is given up then too), and the first attach as soon as its hangup is out (a shutdown):
+        a call being hung up is not started. An attach that finally fails hangs the call up
+        (``connect_failed``, ``reattach_failed``): the caller must not stay on a call nobody controls."""
         attempts = max(self._reattach_attempts, 1 if first else 0)
         delay = 0.2
         machine = self.machine
@@ -721,7 +721,7 @@ class CallRuntime:
             if machine.closed is not None or (first and machine.verb_sent):
                 return None
             try:
-                ws = await self._connect()
+                ws = await self._attempt()
             except CallGone as exc:
                 self.log.info("sideband.refused", status=exc.status, attempt=attempt)
                 self._apply(machine.fail("call_not_found"))
@@ -739,8 +739,9 @@ class CallRuntime:
                     await self._backoff(max(delay, min(exc.retry_after or 0.0, _MAX_RETRY_AFTER)))
                     delay = min(delay * 2, 5.0)
                 continue
-            if machine.closed is not None or (first and machine.verb_sent):
-                self._spawn(ws.close())
+            if ws is None or machine.closed is not None or (first and machine.verb_sent):
+                if ws is not None:
+                    self._spawn(ws.close())
                 return None
             self._ws = ws
             self._pong = None
@@ -750,6 +751,35 @@ class CallRuntime:
             return ws
         self._apply(machine.abandon("connect_failed" if first else "reattach_failed"))  # hangup, then closed
         return None
+
+    async def _attempt(self) -> PushConnection | None:
+        """One attach attempt; None if the call ends meanwhile (its :class:`Close` wakes this, as it
+        wakes a backoff): the attempt is then given up, cancelled and awaited, as when the run is cut
+        short (a socket it made all the same is dropped)."""
+        attempt = asyncio.ensure_future(self._connect())
+        attempt.add_done_callback(_drop_cancellation)
+        stop = self._stop = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait((attempt, stop), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the run cut short (a shutdown): the attempt goes with it
+            await _give_up(attempt)
+            if not attempt.cancelled() and attempt.exception() is None:
+                _abort(attempt.result())
+            raise
+        finally:
+            self._stop = None
+        await _give_up(attempt)  # (the call has ended, if it still runs)
+        if attempt.cancelled():
+            return None
+        error = attempt.exception()
+        if error is None:
+            return attempt.result()
+        # Raised from here, the error's traceback holds this frame: not the task, which holds the error.
+        del attempt
+        try:
+            raise error
+        finally:
+            del error
 
     async def _verb_out(self) -> None:
         """Wait until a call hung up without its socket (an attach that failed, sockets lost again and
@@ -1501,6 +1531,13 @@ def _drop_cancellation(task: asyncio.Future[Any]) -> None:
     if task.cancelled():
         with contextlib.suppress(asyncio.CancelledError):
             task.result()
+
+
+async def _give_up(attempt: asyncio.Future[Any]) -> None:
+    """Cancel ``attempt`` unless it is done, and wait until it is."""
+    if not attempt.done():
+        attempt.cancel()
+        await asyncio.wait((attempt,))
 
 
 def _wake(future: asyncio.Future[Any]) -> None:
