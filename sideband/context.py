@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from sideband.session import SessionConfigError, check_update_fields
+from sideband.session import check_update_fields
 
 __all__ = ["NO_ACTIONS", "CallActions", "CallContext", "SipHeader"]
 
@@ -341,18 +341,7 @@ class CallContext:
         "refund"}``). OpenAI also refuses to change the voice once the model has spoken in the call (the
         greeting counts): the voice is the app's, the route's or ``Accept``'s."""
         check_update_fields(fields)
-        self._act(lambda: self._update(fields))
-
-    def _update(self, fields: dict[str, Any]) -> None:
-        choice = fields.get("tool_choice")
-        if "tools" not in fields and isinstance(choice, dict) and choice.get("type") == "function":
-            offered = _offered(self._actions)
-            if offered is not None and choice.get("name") not in offered:
-                raise SessionConfigError(
-                    f"tool_choice names the tool {choice.get('name')!r}, which the call does not offer "
-                    f"({', '.join(offered) or 'none'})"
-                )
-        self._actions.update_session(**fields)
+        self._act(lambda: self._actions.update_session(**fields))
 
     def _foreign_loop(self) -> asyncio.AbstractEventLoop | None:
         """The call's loop when called from another thread while it runs, else ``None`` (call directly)."""
@@ -368,15 +357,6 @@ _KEYS = frozenset("0123456789*#ABCD")
 def _check_text(action: str, name: str, value: object) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{action}() takes {name} as a string, not {type(value).__name__}")
-
-
-def _offered(actions: CallActions) -> list[str] | None:
-    """The names of the tools a live call offers the model now (``None`` where that is not known: a
-    context with no call behind it). The call driver keeps them as ``tools``, a registry."""
-    while isinstance(actions, _Through):
-        actions = actions._ctx._actions
-    names = getattr(getattr(actions, "tools", None), "names", None)
-    return list(names()) if callable(names) else None
 
 
 def _call_in(loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> T:

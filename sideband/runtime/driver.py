@@ -534,6 +534,15 @@ class CallRuntime:
         offered = None
         if "tools" in fields:
             offered, fields["tools"] = self._offer(fields["tools"])
+        else:  # (with tools, the session's check holds the choice to them)
+            choice = fields.get("tool_choice")
+            if isinstance(choice, Mapping) and choice.get("type") == "function":
+                names = self.tools.names()
+                if choice.get("name") not in names:
+                    raise SessionConfigError(
+                        f"tool_choice names the tool {choice.get('name')!r}, which the call does not offer "
+                        f"({', '.join(names) or 'none'})"
+                    )
         self._apply(self.machine.update_session(fields))
         machine = self.machine
         if offered is not None and not machine.closed:
