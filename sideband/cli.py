@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TextIO, TypeVar, cast
 
 import structlog
@@ -310,8 +311,19 @@ async def check(settings: Settings, app: Sideband, *, online: bool = False) -> l
 
 async def _serve_process(settings: Settings, app: Sideband) -> None:
     """:func:`serve` as the whole process: what is still running after it is left behind."""
-    await serve(settings, app)
-    await _leave_stuck_tasks()
+    loop = asyncio.get_running_loop()
+    # The event loop's default executor (asyncio.to_thread, run_in_executor(None, …)), held here: the
+    # loop's close waits for its threads, and would wait forever for one stuck on a backend.
+    workers = ThreadPoolExecutor(thread_name_prefix="asyncio")
+    loop.set_default_executor(workers)
+    try:
+        await serve(settings, app)
+        await _leave_stuck_tasks()
+    finally:
+        # Its idle threads leave now; one still running is waited for, and left behind, with the
+        # others (_leave_stuck_threads). The loop's close shuts down an executor that ran nothing.
+        workers.shutdown(wait=False)
+        loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="asyncio"))
 
 
 async def _leave_stuck_tasks(grace: float = 1.0) -> None:
@@ -340,8 +352,9 @@ def _exit(code: int) -> NoReturn:
 
 def _leave_stuck_threads(grace: float = 1.0) -> None:
     """Exit now, past worker threads still running after the drain: a sync tool or hook whose backend
-    hangs would otherwise keep the process alive (Python waits for such threads at exit) until the
-    supervisor kills it. They get ``grace`` seconds to finish first; then ``server.threads_abandoned``."""
+    hangs (or an async one's ``asyncio.to_thread``) would otherwise keep the process alive (Python waits
+    for such threads at exit) until the supervisor kills it. They get ``grace`` seconds to finish first;
+    then ``server.threads_abandoned``."""
     deadline = time.monotonic() + grace
     workers = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     for thread in workers:

@@ -526,6 +526,37 @@ async def test_a_stuck_sync_tool_does_not_keep_the_process_alive(
     ]
 
 
+TO_THREAD_APP = """
+import asyncio
+import threading
+from sideband import Sideband
+
+app = Sideband(instructions="x", greeting=None)
+
+@app.tool(timeout=1, filler_after=None)
+async def db_lookup() -> str:
+    \"\"\"A blocking client called in asyncio's default executor, whose backend never answers.\"\"\"
+    return await asyncio.to_thread(threading.Event().wait, 120)
+"""
+
+
+async def test_an_async_tool_stuck_in_the_default_executor_does_not_keep_the_process_alive(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """``asyncio.to_thread`` (or ``run_in_executor(None, …)``) stuck on a backend: the event loop's close
+    would wait for the default executor's thread forever; it is left behind like any stuck thread."""
+    code, err, lines = await sigterm_during_tool(
+        simulator, tmp_path, TO_THREAD_APP, "db_lookup", drain=0.5, wait_for="tool.finished"
+    )
+    assert code == 0, err
+    finished = next(e for e in lines if e.get("event") == "tool.finished")
+    assert finished["outcome"] == "timeout"
+    events = [e.get("event") for e in lines]
+    assert events[-2:] == ["server.stopped", "server.threads_abandoned"], events
+    threads = lines[-1]["threads"]
+    assert isinstance(threads, list) and len(threads) == 1, threads
+
+
 async def test_a_signal_while_stuck_threads_are_waited_for_exits_at_once_with_status_1(
     simulator: Simulator, tmp_path: Path
 ) -> None:
