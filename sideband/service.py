@@ -236,6 +236,8 @@ class Service:
         self._drain_deadline: float | None = None
         self._ending: asyncio.Future[None] | None = None  # the end of the drain window: calls hung up
         self._settling: set[asyncio.Task[None]] = set()  # claims whose settle the store failed, retried
+        self._answering: set[asyncio.Task[Reply]] = set()  # webhooks being answered (see handle_webhook)
+        self._cut_short: set[asyncio.Task[Reply]] = set()  # those whose request was cut short
         self.instance_id = secrets.token_hex(6)
         """This instance's name in a shared store's ledger of live calls (new at each start)."""
         self._ledger: asyncio.Task[None] | None = None  # records this instance's calls, finds orphans
@@ -430,6 +432,8 @@ class Service:
         assert self._drain_deadline is not None
         if self._ending is not None:
             await self._ending
+        if self._answering:  # (each within its budgets: the route's, then the accept's and a hangup's)
+            await asyncio.wait(list(self._answering), timeout=self._pending_ttl)
         await self.registry.drain(max(0.0, self._drain_deadline - time.monotonic()))  # (started since)
         stranded = sorted(self._stranded)
         # Calls whose hangup failed, and those whose task did not stop (calls.abandoned): may be up.
@@ -478,7 +482,46 @@ class Service:
         A duplicate of a delivery that was handled gets 200 and nothing else; a duplicate that arrives
         while the first delivery is still being handled gets 409, so the sender delivers it again later
         (if the first one then fails, its claims are released and the redelivery does the work).
+
+        The answer runs to its end even when the request is cancelled (the server stopping: requests
+        still in flight a second after the drain window are): an accept cut short may have gone through,
+        and would leave the call up at OpenAI with nobody attached. :meth:`close` waits for such answers
+        (each within its budgets), then hangs up the calls they started. One that has sent nothing to
+        OpenAI yet (its routing hook still running) sends nothing: the call rings on, for a redelivery.
         """
+        answer = asyncio.ensure_future(self._handle_webhook(webhook_id, event, received))
+        self._answering.add(answer)
+        answer.add_done_callback(self._answered)
+        try:
+            return await asyncio.shield(answer)
+        except asyncio.CancelledError:
+            if not answer.done():
+                call_id = event.data.get("call_id") if isinstance(event.data, dict) else None
+                self.log.warning(
+                    "webhook.unanswered",
+                    webhook_id=webhook_id,
+                    call_id=call_id if isinstance(call_id, str) else None,
+                    detail="the server stopped first: the answer goes on, a call it accepts is hung up",
+                )
+                self._cut_short.add(answer)
+                answer.add_done_callback(self._answered_late)
+            raise
+
+    def _answered(self, answer: asyncio.Task[Reply]) -> None:
+        self._answering.discard(answer)
+        self._cut_short.discard(answer)
+
+    def _answered_late(self, answer: asyncio.Task[Reply]) -> None:
+        """The end of an answer whose request was cut short: nobody awaits it, a failure is logged here."""
+        if answer.cancelled():
+            return
+        exc = answer.exception()
+        if isinstance(exc, StoreUnavailable):
+            self.log.warning("store.unavailable", error=str(exc))
+        elif exc is not None:
+            self.log.error("webhook.failed", exc_info=exc)
+
+    async def _handle_webhook(self, webhook_id: str, event: WebhookEvent, received: float) -> Reply:
         data = call_data(event) if event.type == "realtime.call.incoming" else None
         store, ttl = self.store, self.settings.dedup_ttl
         wkey = f"webhook:{webhook_id}"
@@ -776,6 +819,11 @@ class Service:
             status_code=getattr(decision, "status_code", None),
             target=getattr(decision, "target_uri", None),
         )
+        if asyncio.current_task() in self._cut_short:
+            # The server stopped before the webhook was answered, and nothing was sent to OpenAI yet: the
+            # call rings on, for OpenAI's redelivery to another instance (the claims are released).
+            self.log.info("call.left_ringing", detail="the server stopped before the call was answered")
+            return _retry_later()
         call_id, control = call.call_id, self.control
         # An accept attempt went unanswered (or a gateway gave up on it): it may have gone through. And an
         # earlier delivery's accept of the call may have (its mark is held).

@@ -826,6 +826,45 @@ async def test_a_webhook_in_flight_keeps_the_listener_and_its_call_gets_the_wind
     assert drain <= elapsed < drain + 3, f"exited {elapsed:.2f}s after SIGTERM (drain window {drain}s)"
 
 
+@pytest.mark.parametrize("drain", ["0", "0.5"])
+async def test_a_webhook_whose_accept_is_out_when_the_window_ends_leaves_no_call_up(
+    simulator: Simulator, drain: str
+) -> None:
+    """The window ends while a webhook's accept is out (it went through, its answer is slow): the request
+    is cut short a second later, the answer is not. The call is attached, then hung up, and the process
+    exits."""
+    env = serve_env(
+        simulator, SIDEBAND_DRAIN_TIMEOUT=drain, SIDEBAND_ACCEPT_TIMEOUT="3", SIDEBAND_ACCEPT_BUDGET="6"
+    )
+    delivery: asyncio.Task[DeliveryResult] | None = None
+    async with serving(env) as served:
+        try:
+            sender = simulator.webhook_sender(served.url)
+            call = simulator.create_call(Script([pause(60)]))
+            simulator.fail_accept(call.call_id, "late")  # carried out, its answer held (3 s here)
+            delivery = asyncio.create_task(sender.deliver(simulator.incoming_event(call), max_attempts=1))
+            accept_path = f"/v1/realtime/calls/{call.call_id}/accept"
+            await simulator.wait_for(
+                lambda sim: any(r.path == accept_path for r in sim.requests), timeout=10, what="accept"
+            )
+            served.proc.send_signal(signal.SIGTERM)
+            code = await served.exited(timeout=20)
+            await asyncio.gather(delivery, return_exceptions=True)  # (no answer: the request was cut short)
+        finally:
+            if delivery is not None and not delivery.done():
+                delivery.cancel()
+        err = await served.rest()
+    assert code == 0, err
+    assert call.status == "ended"
+    assert [r.path for r in simulator.requests if r.path.endswith("/hangup")] == [
+        f"/v1/realtime/calls/{call.call_id}/hangup"
+    ]
+    events = [e.get("event") for e in served.lines]
+    assert "webhook.unanswered" in events and "server.tasks_abandoned" not in events, events
+    ended = [e for e in served.lines if e.get("event") == "call.ended"]
+    assert [(e["call_id"], e["reason"]) for e in ended] == [(call.call_id, "shutdown")]
+
+
 @pytest.mark.parametrize(
     "source, spec, expected",
     [

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from sideband.service import HANGUP_BUDGET
+import pytest
+
+from sideband.service import HANGUP_BUDGET, WebhookEvent
+from sideband.session import Accept
 from sideband.testing import Script, caller_says, model_calls, pause, wait_for_greeting
 
 from .conftest import Stack, capture_logs
@@ -162,3 +165,64 @@ async def test_call_ended_is_logged_even_when_the_end_is_cut_short(stack: Stack)
         await asyncio.gather(task, return_exceptions=True)
     released.set()  # (the tool task ends with the test)
     assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["shutdown"]
+
+
+async def test_a_webhook_cut_short_mid_accept_is_answered_all_the_same_and_its_call_hung_up(
+    stack: Stack,
+) -> None:
+    """The server stops while a webhook's accept is out, and cancels the request (aiohttp does, a second
+    after the drain window). The accept went through, its answer slow: the answer goes on to its end, and
+    the call it started is hung up at close, not left up at OpenAI with nobody on it."""
+    call = stack.sim.create_call(Script([pause(60)]))
+    stack.sim.fail_accept(call.call_id, "late")  # carried out; its answer held past the attempt's timeout
+    event = WebhookEvent.model_validate(stack.sim.incoming_event(call))
+    accept = f"/v1/realtime/calls/{call.call_id}/accept"
+    with capture_logs() as logs:
+        request = asyncio.create_task(stack.service.handle_webhook("wh_cut_short", event, time.monotonic()))
+        await stack.sim.wait_for(
+            lambda sim: any(r.path == accept for r in sim.requests), timeout=5, what="accept"
+        )
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await asyncio.wait_for(stack.service.close(), 20)
+    assert [r.path for r in stack.sim.requests if r.path.endswith("/hangup")] == [
+        f"/v1/realtime/calls/{call.call_id}/hangup"
+    ]
+    assert call.status == "ended"  # (accepted at OpenAI, then hung up)
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["shutdown"]
+    [cut] = [e for e in logs if e["event"] == "webhook.unanswered"]
+    assert cut["call_id"] == call.call_id and cut["webhook_id"] == "wh_cut_short"
+    assert stack.service._answering == set()
+
+
+async def test_a_webhook_cut_short_before_its_answer_leaves_the_call_ringing_for_a_redelivery(
+    stack: Stack,
+) -> None:
+    """Cut short while its routing hook still runs, a webhook's answer sends nothing to OpenAI: the call
+    rings on, and its claims are released for the redelivery (to another instance)."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def route(call: object) -> Accept:
+        started.set()
+        await release.wait()
+        return Accept()
+
+    stack.app.on_incoming(route)
+    call = stack.sim.create_call(Script([pause(60)]))
+    event = WebhookEvent.model_validate(stack.sim.incoming_event(call))
+    with capture_logs() as logs:
+        request = asyncio.create_task(stack.service.handle_webhook("wh_early", event, time.monotonic()))
+        await asyncio.wait_for(started.wait(), 5)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        release.set()  # the hook decides within its budget: to accept
+        await asyncio.wait_for(stack.service.close(), 20)
+    assert not [r.path for r in stack.sim.requests if r.path.startswith("/v1/realtime/calls/")]
+    assert [e["event"] for e in logs if e["event"] in ("webhook.unanswered", "call.left_ringing")] == [
+        "webhook.unanswered",
+        "call.left_ringing",
+    ]
+    assert await stack.service.store.claim("webhook:wh_early", 1.0)  # released: a redelivery does the work
+    assert await stack.service.store.claim(f"call:{call.call_id}", 1.0)
