@@ -28,7 +28,7 @@ from sideband.app import Sideband
 from sideband.logs import configure_logging
 from sideband.routing import RouteError
 from sideband.session import SessionConfigError
-from sideband.settings import Settings, SettingsError, load_settings
+from sideband.settings import Settings, SettingsError, env_name, load_settings
 
 __all__ = ["load_app", "main"]
 
@@ -473,9 +473,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
             # The calls' story is the output (stdout); the log goes to stderr: errors only, unless
             # SIDEBAND_LOG_LEVEL / SIDEBAND_LOG_FORMAT ask for more (to see what a server would log).
-            # SIDEBAND_ROUTES_FILE answers your app's calls, as it would for serve.
+            # SIDEBAND_ROUTES_FILE answers your app's calls, as it would for serve. The other settings are
+            # the simulator's (a misspelt name is refused all the same).
             read = ("SIDEBAND_LOG_LEVEL", "SIDEBAND_LOG_FORMAT", "SIDEBAND_ROUTES_FILE")
-            wanted = load_settings(environ={k: v for k, v in os.environ.items() if k in read})
+            ignored = {env_name(field) for field in Settings.model_fields}.difference(read)
+            wanted = load_settings(environ={k: v for k, v in os.environ.items() if k not in ignored})
             configure_logging(wanted.log_format or "console", wanted.log_level or "error", stream=sys.stderr)
             demo = run_demo(
                 load_app(args.app) if args.app else None,

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -313,14 +314,50 @@ _KNOWN = frozenset(n.lower() for pair in _NAMES.items() for n in pair)
 """Field and variable names, in lower case: pydantic-settings takes either in any case."""
 
 
-def _unknown(key: str) -> str:
-    """The error for an override that names no setting, with the closest field names."""
-    # (a variable's name without its prefix is the usual slip: SIDEBAND_MAX_IDLE_SECONDS → max_idle_seconds)
-    by_env = {n.removeprefix("SIDEBAND_").removeprefix("OPENAI_").lower(): f for f, n in _NAMES.items()}
-    near = [by_env[key.lower()]] if key.lower() in by_env else []
-    near += [n for n in difflib.get_close_matches(key, _NAMES, n=3, cutoff=0.6) if n not in near]
-    hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+def _unknown(key: str, *, variable: bool = False) -> str:
+    """The error for an override that names no setting, with the closest field names; for an
+    environment variable (``variable``), with the closest variable's name."""
+    if variable:
+        # (compared without the prefix they share, which would make any two look alike; a field's name
+        # as a variable is a slip too: SIDEBAND_MAX_IDLE_DURATION → SIDEBAND_MAX_IDLE_SECONDS)
+        names = {n.removeprefix("SIDEBAND_"): n for n in _NAMES.values()}
+        by_other = {f.upper(): n for f, n in _NAMES.items()}
+        word, most = key.removeprefix("SIDEBAND_").upper(), 1
+    else:
+        # (a variable's name without its prefix is the usual slip: SIDEBAND_MAX_IDLE_SECONDS →
+        # max_idle_seconds)
+        names = {f: f for f in _NAMES}
+        by_other = {n.removeprefix("SIDEBAND_").removeprefix("OPENAI_").lower(): f for f, n in _NAMES.items()}
+        word, most = key.lower(), 3
+    near = [by_other[word]] if word in by_other else []
+    near += [
+        names[n] for n in difflib.get_close_matches(word, names, n=3, cutoff=0.6) if names[n] not in near
+    ]
+    hint = f" (did you mean {' or '.join(near[:most])}?)" if near else ""
     return f"{key}: not a setting{hint}"
+
+
+_VARIABLES = frozenset(_NAMES.values())
+
+_SERVICE_LINK = re.compile(
+    r"SIDEBAND(?:_[A-Z0-9_]+)?_"
+    r"(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)"
+)
+"""What Kubernetes sets for each service of the namespace (``sideband-redis``:
+``SIDEBAND_REDIS_SERVICE_HOST``, ``SIDEBAND_REDIS_PORT_6379_TCP``…), besides ``…_PORT=tcp://…``: no
+misspelt setting."""
+
+
+def _unknown_variable(environ: Mapping[str, str]) -> str | None:
+    """The error for the first ``SIDEBAND_`` variable of ``environ`` that names no setting (a misspelt one
+    would leave the default in place, silently), or ``None``."""
+    for name in sorted(environ):
+        if not name.startswith("SIDEBAND_") or name in _VARIABLES or _SERVICE_LINK.fullmatch(name):
+            continue
+        if name.endswith("_PORT") and environ[name].startswith(("tcp://", "udp://", "sctp://")):
+            continue  # (a service's link, too)
+        return _unknown(name, variable=True)
+    return None
 
 
 def env_name(field: str) -> str:
@@ -354,12 +391,17 @@ def load_settings(
 
     ``require`` names fields that must be set for the command at hand; ``flags`` the command-line option
     each override came from (``{"port": "--port"}``). Raises :class:`SettingsError` with a one-line
-    message naming the variable, or the option when the bad value came from one.
+    message naming the variable, or the option when the bad value came from one; a ``SIDEBAND_`` variable
+    of the environment (``environ`` when given) that names no setting is refused too, with the closest
+    names (Kubernetes' service links aside: ``SIDEBAND_REDIS_SERVICE_HOST``…).
     """
     values = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = [k for k in values if k.lower() not in _KNOWN]
     if unknown:  # a misspelt override would otherwise leave the default in place, silently
         raise SettingsError(_unknown(unknown[0]))
+    misspelt = _unknown_variable(os.environ if environ is None else environ)
+    if misspelt is not None:
+        raise SettingsError(misspelt)
     try:
         if environ is None:
             settings: Settings = Settings(**values)

@@ -331,6 +331,16 @@ def test_a_malformed_openai_base_url_stops_the_start_with_one_line(command: str,
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("sideband: OPENAI_BASE_URL: "), done.stderr
 
 
+@pytest.mark.parametrize("command", ["check", "serve", "demo", "dial"])
+def test_a_misspelt_variable_stops_every_command_with_one_line(command: str) -> None:
+    env = clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET, SIDEBAND_DRAIN_TIMOUT="120")
+    done = run_cli(command, "--port", "0", env=env) if command == "serve" else run_cli(command, env=env)
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-300:]
+    assert done.stderr == (
+        "sideband: SIDEBAND_DRAIN_TIMOUT: not a setting (did you mean SIDEBAND_DRAIN_TIMEOUT?)\n"
+    )
+
+
 def test_version_is_the_installed_packages() -> None:
     done = run_cli("--version", env=clean_env())
     assert done.returncode == 0, done.stderr

@@ -155,8 +155,70 @@ def test_defaults() -> None:
     assert s.sideband_url == "wss://api.openai.com/v1/realtime"
 
 
-def test_unknown_variables_are_ignored() -> None:
-    assert load({"SIDEBAND_NOT_A_THING": "x", "PATH": "/bin"}).port == 8080
+def test_variables_of_other_prefixes_are_ignored() -> None:
+    assert load({"PATH": "/bin", "OPENAI_ORG_ID": "org-1", "SIDEBANDX": "1"}).port == 8080
+
+
+@pytest.mark.parametrize(
+    ("variable", "message"),
+    [
+        (
+            "SIDEBAND_LOG_TRANSCRIPT",
+            "SIDEBAND_LOG_TRANSCRIPT: not a setting (did you mean SIDEBAND_LOG_TRANSCRIPTS?)",
+        ),
+        (
+            "SIDEBAND_DRAIN_TIMOUT",
+            "SIDEBAND_DRAIN_TIMOUT: not a setting (did you mean SIDEBAND_DRAIN_TIMEOUT?)",
+        ),
+        (
+            "SIDEBAND_Drain_Timeout",
+            "SIDEBAND_Drain_Timeout: not a setting (did you mean SIDEBAND_DRAIN_TIMEOUT?)",
+        ),
+        # a field's name as a variable
+        (
+            "SIDEBAND_MAX_IDLE_DURATION",
+            "SIDEBAND_MAX_IDLE_DURATION: not a setting (did you mean SIDEBAND_MAX_IDLE_SECONDS",
+        ),
+        ("SIDEBAND_OPENAI_API_KEY", "SIDEBAND_OPENAI_API_KEY: not a setting (did you mean OPENAI_API_KEY"),
+        ("SIDEBAND_NOT_A_THING", "SIDEBAND_NOT_A_THING: not a setting"),
+    ],
+)
+def test_a_variable_that_names_no_setting_is_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, message: str
+) -> None:
+    """A misspelt SIDEBAND_ variable would leave the default in place, silently."""
+    assert error_for({variable: "false"}).startswith(message)
+    monkeypatch.setenv(variable, "false")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        # Kubernetes' links to the services of the namespace (sideband-redis, sideband, sideband-web)
+        "SIDEBAND_REDIS_SERVICE_HOST",
+        "SIDEBAND_REDIS_SERVICE_PORT",
+        "SIDEBAND_REDIS_SERVICE_PORT_REDIS",
+        "SIDEBAND_REDIS_PORT",
+        "SIDEBAND_REDIS_PORT_6379_TCP",
+        "SIDEBAND_REDIS_PORT_6379_TCP_PROTO",
+        "SIDEBAND_REDIS_PORT_6379_TCP_PORT",
+        "SIDEBAND_REDIS_PORT_6379_TCP_ADDR",
+        "SIDEBAND_SERVICE_HOST",
+        "SIDEBAND_SERVICE_PORT_HTTP",
+        "SIDEBAND_PORT_8080_TCP",
+        "SIDEBAND_WEB_PORT_53_UDP_PROTO",
+    ],
+)
+def test_kubernetes_service_links_are_no_misspelt_settings(variable: str) -> None:
+    value = "tcp://10.0.0.7:6379" if variable.endswith(("_PORT", "_TCP")) else "6379"
+    assert load({variable: value}).port == 8080
+
+
+def test_a_port_variable_that_is_no_service_link_is_refused() -> None:
+    assert error_for({"SIDEBAND_METRICS_PORT": "9090"}).startswith("SIDEBAND_METRICS_PORT: not a setting")
 
 
 @pytest.mark.parametrize(
