@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import enum
 import json
 import logging
+import os
 import re
 import sys
+import threading
 import traceback
 import uuid
 from collections.abc import Iterator, MutableMapping
@@ -27,13 +30,53 @@ __all__ = ["configure_logging", "describe", "failure_fields", "logging_configure
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class _Output:
+    """The one logger of the process, writing each line to its stream as structlog's ``PrintLogger`` does,
+    but a line the stream cannot take (its reader gone: ``sideband serve | head``, a log collector that
+    died; a full disk) is dropped, never raised into the call or request that logged it. Once the reader
+    is gone the stream goes to /dev/null (what is buffered too, flushed at exit); stderr says so once."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._lock = threading.Lock()
+        self._told = False
+
+    def msg(self, message: str) -> None:
+        """Write ``message`` as a line."""
+        with self._lock:
+            try:
+                self.stream.write(message + "\n")
+                self.stream.flush()
+            except OSError as exc:
+                self.lost(exc)
+
+    log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
+
+    def lost(self, exc: OSError) -> None:
+        """A line was dropped: the stream failed with ``exc``."""
+        if isinstance(exc, BrokenPipeError):  # the reader is gone for good
+            with contextlib.suppress(OSError, ValueError):  # (a stream without a file descriptor)
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                try:
+                    os.dup2(devnull, self.stream.fileno())
+                finally:
+                    os.close(devnull)
+        if not self._told:
+            self._told = True
+            if sys.stderr is not None and sys.stderr is not self.stream:
+                with contextlib.suppress(OSError, ValueError):  # (gone too, say with 2>&1)
+                    print(
+                        f"sideband: log lines are dropped: {exc.strerror or exc}", file=sys.stderr, flush=True
+                    )
+
+
 class _Shared:
     """A logger factory that hands out the same logger every time."""
 
-    def __init__(self, logger: structlog.PrintLogger) -> None:
+    def __init__(self, logger: _Output) -> None:
         self._logger = logger
 
-    def __call__(self, *args: Any) -> structlog.PrintLogger:
+    def __call__(self, *args: Any) -> _Output:
         return self._logger
 
 
@@ -67,15 +110,16 @@ def configure_logging(
             structlog.dev.ConsoleRenderer(colors=out.isatty()),
         ]
     processors += rendering
+    output = _Output(out)
     _route_library_logging(
-        out, processors[:3], rendering, max(_LEVELS.get(level, logging.INFO), logging.WARNING)
+        output, processors[:3], rendering, max(_LEVELS.get(level, logging.INFO), logging.WARNING)
     )
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         # One logger for the process: structlog's factory would build one (and look up its file lock)
         # on every call of a module-level logger.
-        logger_factory=_Shared(structlog.PrintLogger(out)),
+        logger_factory=_Shared(output),
         cache_logger_on_first_use=False,
     )
 
@@ -163,7 +207,19 @@ def _escape_controls(
 
 
 class _LibraryLines(logging.StreamHandler):  # type: ignore[type-arg]
-    """What libraries log through :mod:`logging` (aiohttp's "Error handling request"…), as our lines."""
+    """What libraries log through :mod:`logging` (aiohttp's "Error handling request"…), as our lines. A
+    line the stream cannot take is dropped as ours are (not reported with a traceback on stderr)."""
+
+    def __init__(self, output: _Output) -> None:
+        super().__init__(output.stream)
+        self.output = output
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            self.output.lost(exc)
+        else:
+            super().handleError(record)
 
 
 def _client_faults(record: logging.LogRecord) -> bool:
@@ -191,7 +247,7 @@ _LIBRARIES = ("aiohttp", "asyncio", "websockets")
 """The libraries whose log records the server renders as its own lines."""
 
 
-def _route_library_logging(out: TextIO, pre: list[Any], rendering: list[Any], level: int) -> None:
+def _route_library_logging(out: _Output, pre: list[Any], rendering: list[Any], level: int) -> None:
     """Render the warnings and errors of the libraries the server runs on (aiohttp's "Error handling
     request"…) like our lines, on the same stream, instead of plain text on stderr. Only their loggers
     are touched: the root logger, and the app's own ``logging`` setup, stay the app's. Idempotent."""

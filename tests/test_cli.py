@@ -98,9 +98,7 @@ async def start_serve(
         str(port),
         cwd=ROOT,
         env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        **kwargs,
+        **{"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.PIPE, **kwargs},
     )
 
 
@@ -834,6 +832,51 @@ async def test_a_webhook_in_flight_keeps_the_listener_and_its_call_gets_the_wind
     ended = [e for e in served.lines if e.get("event") == "call.ended"]
     assert [e["reason"] for e in ended] == ["shutdown"] and ended[0]["call_id"] == late.call_id
     assert drain <= elapsed < drain + 3, f"exited {elapsed:.2f}s after SIGTERM (drain window {drain}s)"
+
+
+async def test_a_log_whose_reader_is_gone_fails_no_call_and_no_exit(simulator: Simulator) -> None:
+    """``sideband serve | head``, or a log collector that died: calls are answered and run as before,
+    their lines dropped, and the process drains and exits 0, saying once on stderr that lines are lost."""
+    read, write = os.pipe()
+    proc = await start_serve(0, serve_env(simulator, SIDEBAND_DRAIN_TIMEOUT="5"), stdout=write)
+    os.close(write)
+    try:
+        with open(read, "rb") as log:  # (closed, the reader is gone)
+            started = json.loads(await asyncio.to_thread(log.readline))
+        assert started["event"] == "server.started", started
+        call = simulator.create_call(
+            Script(
+                [
+                    wait_for_greeting("Hello"),
+                    caller_says("Are you open on Sunday?"),
+                    model_calls("opening_hours", {"day": "sunday"}),
+                    model_says("We are closed on Sunday."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        base = f"http://127.0.0.1:{started['port']}"
+        sender = simulator.webhook_sender(f"{base}/webhooks/openai")
+        assert (await sender.deliver(simulator.incoming_event(call))).status == 200
+        await call.wait_done(timeout=10)
+        outputs = [e for e in call.received if e["type"] == "conversation.item.create"]
+        assert outputs[0]["item"]["output"] == "closed"  # the tool ran, its output went out
+        ended = 'sideband_calls_ended_total{reason="remote_closed"} 1'
+        async with aiohttp.ClientSession() as http:  # the call's end was run through, not cut short
+            for _ in range(100):
+                async with http.get(f"{base}/metrics") as resp:
+                    if ended in await resp.text():
+                        break
+            else:
+                raise AssertionError("the call never ended at the server")
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 15)
+        assert proc.stderr is not None
+        err = (await proc.stderr.read()).decode()
+    finally:
+        await reap(proc)
+    assert code == 0, err
+    assert err == "sideband: log lines are dropped: Broken pipe\n"
 
 
 @pytest.mark.parametrize("drain", ["0", "0.5"])

@@ -219,3 +219,54 @@ def test_logging_configured_leaves_structlog_as_it_found_it_even_unconfigured() 
         assert not structlog.is_configured()
     finally:
         structlog.configure(**suite)
+
+
+class FailingStream(io.StringIO):
+    """A stream whose writes fail with ``error`` from the ``after``-th on (the reader gone, a disk full)."""
+
+    def __init__(self, error: OSError, after: int = 0) -> None:
+        super().__init__()
+        self.error, self.after = error, after
+
+    def write(self, text: str) -> int:
+        if self.after <= 0:
+            raise self.error
+        self.after -= 1
+        return super().write(text)
+
+
+@pytest.mark.parametrize(
+    "error", [BrokenPipeError(32, "Broken pipe"), OSError(28, "No space left on device")]
+)
+def test_a_line_the_stream_cannot_take_is_dropped_not_raised(
+    restored: None, error: OSError, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A log call must never fail what logged it (a call's task, a request): the line is dropped, and
+    stderr says so once."""
+    out = FailingStream(error, after=1)
+    configure_logging("json", "info", stream=out)
+    log = structlog.get_logger(component="sideband.test")
+    log.info("first")
+    log.info("lost")
+    log.error("lost too")
+    logging.getLogger("aiohttp.server").error("a library's, lost")
+    assert [e["event"] for e in lines(out)] == ["first"]
+    assert capsys.readouterr().err.splitlines() == [f"sideband: log lines are dropped: {error.strerror}"]
+
+
+def test_a_log_whose_reader_is_gone_goes_nowhere_from_then_on(restored: None) -> None:
+    """``sideband serve | head``: once the pipe's reader is gone, its lines (and what is still buffered,
+    flushed at exit) go to /dev/null instead of failing every write."""
+    import os
+
+    read, write = os.pipe()
+    with open(write, "w") as out:
+        configure_logging("json", "info", stream=out)
+        log = structlog.get_logger(component="sideband.test")
+        log.info("read")
+        assert b'"event":"read"' in os.read(read, 1000)
+        os.close(read)  # the reader is gone
+        log.info("gone")
+        assert os.path.samestat(os.fstat(out.fileno()), os.stat(os.devnull))
+        log.info("gone too")
+        out.write("buffered")  # and flushed as the stream closes: no BrokenPipeError either
