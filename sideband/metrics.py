@@ -165,13 +165,17 @@ class _Series:
 
 class Histogram:
     """Observed durations (seconds) per label value, rendered as a Prometheus histogram: cumulative
-    ``_bucket`` counts (``le`` inclusive), ``_sum`` and ``_count``. Observing costs one bisection."""
+    ``_bucket`` counts (``le`` inclusive), ``_sum`` and ``_count``. Observing costs one bisection.
+
+    ``keys``: the label values whose series show from the start, at 0 (``""`` for a histogram without a
+    label): a series that first appears with its first value has no increase in Prometheus, so that
+    value would not show in ``rate()`` or ``histogram_quantile()``."""
 
     __slots__ = ("_bounds", "_series")
 
-    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS, *, keys: Iterable[str] = ()) -> None:
         self._bounds = bounds
-        self._series: dict[str, _Series] = {}
+        self._series: dict[str, _Series] = {key: _Series(len(bounds) + 1) for key in keys}
 
     def observe(self, seconds: float, key: str = "") -> None:
         """Count one duration under the label value ``key``."""
@@ -214,11 +218,12 @@ class ToolStats:
     def __init__(self, tools: Iterable[str] = ()) -> None:
         """``tools``: the names a call's tools may have (the app's), whose counts start at 0 for each
         outcome, as :data:`UNKNOWN_TOOL`'s do for :data:`UNKNOWN_TOOL_OUTCOMES`."""
+        tools = tuple(tools)
         known = [(tool, outcome) for tool in tools for outcome in TOOL_OUTCOMES]
         self.outcomes: Counter[tuple[str, str]] = zeros(
             [*known, *((UNKNOWN_TOOL, outcome) for outcome in UNKNOWN_TOOL_OUTCOMES)]
         )
-        self.seconds = Histogram()
+        self.seconds = Histogram(keys=tools)
 
     def record(self, tool: str, outcome: str, duration: float) -> None:
         """Count one tool round (``tool``: a name of the call's tools, or :data:`UNKNOWN_TOOL`)."""

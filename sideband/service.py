@@ -252,7 +252,7 @@ class Service:
         """What became of webhook events, per outcome (``/metrics``)."""
         self.refused: Counter[tuple[str, int]] = zeros(REFUSALS)
         """Requests the edge refused: (log event, HTTP status) → count (``/metrics``)."""
-        self.accept_seconds = Histogram()
+        self.accept_seconds = Histogram(keys=("",))
         """From a webhook's arrival to OpenAI's answer to the accept, per call accepted (``/metrics``)."""
         self.tickets = (
             # A ticket outlives the key it came with: a call started with the key just before it

@@ -134,18 +134,25 @@ async def test_metrics_count_tool_rounds_and_time_the_accept(stack: Stack) -> No
     assert 0 < total < 10
     tool_seconds = families["sideband_tool_seconds"]
     assert tool_seconds.type == "histogram"
-    assert {s.labels["tool"] for s in tool_seconds.samples} == {"lookup_order", "broken"}
+    timed = {s.labels["tool"]: s.value for s in tool_seconds.samples if s.name.endswith("_count")}
+    assert timed == {tool: 1 if tool in ("lookup_order", "broken") else 0 for tool in stack.app.tools.names()}
     assert families["sideband_tool_calls"].type == "counter"
 
 
 async def counters(url: str) -> dict[str, dict[tuple[str, ...], float]]:
-    """The ``_total`` samples of ``/metrics``, per family, as ``{label values: value}``."""
+    """The ``_total`` samples of ``/metrics`` (and the histograms' ``_count``), per family, as
+    ``{label values: value}``."""
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
         text = await resp.text()
+    families = text_string_to_metric_families(text)
     return {
-        f.name: {tuple(s.labels.values()): s.value for s in f.samples if s.name.endswith("_total")}
-        for f in text_string_to_metric_families(text)
-        if f.type == "counter"
+        f.name: {
+            tuple(s.labels.values()): s.value
+            for s in f.samples
+            if s.name.endswith("_total") or s.name.endswith("_count")
+        }
+        for f in families
+        if f.type in ("counter", "histogram")
     }
 
 
@@ -174,6 +181,10 @@ async def test_a_fresh_instance_shows_the_known_series_of_its_counters_at_zero(s
     assert found["sideband_requests_refused"] == refusals
     assert {"accepted", "busy", "route_failed", "answer_failed"} <= set(EVENT_OUTCOMES)
     assert set(get_args(Outcome)) <= set(TOOL_OUTCOMES)  # (each outcome a tool's run may have)
+    # The histograms too: the first accept, turn or tool round after a start shows in rate().
+    assert found["sideband_accept_seconds"] == {(): 0}
+    assert found["sideband_turn_seconds"] == {(): 0}
+    assert found["sideband_tool_seconds"] == {(tool,): 0 for tool in tools}
 
 
 async def test_an_app_without_webrtc_starts_with_its_refusals_as_rtc_closed(simulator: Simulator) -> None:

@@ -1603,7 +1603,7 @@ class CallRegistry:
         """The tool rounds of the calls it ran (``/metrics``), given to each call's runtime."""
         self.usage = Usage()
         """The tokens and transcription of the calls it ran (``/metrics``), given to each call's runtime."""
-        self.turn_seconds = Histogram()
+        self.turn_seconds = Histogram(keys=("",))
         """Their callers' waits for an answer (``/metrics``), given to each call's runtime."""
         self.guardrail_trips: Counter[str] = zeros(guardrails)
         """Replies output guardrails stopped, per guardrail (``/metrics``), given to each call's runtime."""
