@@ -254,7 +254,8 @@ async def _place_calls(
 ) -> tuple[int, int]:
     """Serve ``app`` (with ``routes_file`` if ``apply_routes``) against the simulator and place the
     ``placed`` calls one after another; returns how many calls it placed, and how many failed (a call
-    that did not end in time or broke its script, or whose routing hook failed)."""
+    that did not end in time or broke its script, whose routing hook failed, or that OpenAI refused to
+    answer as decided)."""
     out = printer.out
     settings: dict[str, Any] = {"max_idle_duration": 30}
     if routes_file and apply_routes:
@@ -318,6 +319,7 @@ async def _place(
         )
         started = time.monotonic()
         failed_before = counters["route_failed"] + counters["config_invalid"]
+        refused_before = counters["answer_failed"]
         result = await harness.sender.deliver(sim.incoming_event(call))
         printer.line(
             "webhook",
@@ -331,6 +333,19 @@ async def _place(
                 f"cannot be sent), so the call was {call.status} with "
                 f"{harness.settings.route_failure_status}: see call.route_failed or "
                 "call.config_invalid in the log",
+            )
+            continue
+        if counters["answer_failed"] > refused_before:
+            # OpenAI refused the accept (a session it does not take: a voice, a model...), reject or
+            # refer: the server answered the call otherwise, which is no decision of the app's.
+            failures += 1
+            outcome: str = call.status
+            if call.status == "rejected":
+                outcome += f" with {(call.reject_body or {}).get('status_code', 603)}"
+            printer.line(
+                "error",
+                f"OpenAI refused to answer the call as decided, so the call was {outcome}: see "
+                "call.accept_failed or call.answer_failed in the log",
             )
             continue
         if call.status != "accepted":

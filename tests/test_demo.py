@@ -123,6 +123,20 @@ async def test_demo_counts_an_accept_that_cannot_be_sent_as_a_failed_call() -> N
     assert text.endswith("\n1 call and a trusted-server session, 1 failed.\n"), text
 
 
+async def test_demo_counts_an_accept_openai_refuses_as_a_failed_call() -> None:
+    """OpenAI refuses every accept of this app (a voice it does not have): the server rejects the call
+    instead, which is no reject of the app's own."""
+    app = Sideband(instructions="You answer.", greeting=None, voice="nonexistent-voice-zzz")
+    out = io.StringIO()
+    code = await run_demo(app, calls=2, out=out)
+    text = out.getvalue()
+    assert code == 1, text
+    assert text.count("error   OpenAI refused to answer the call as decided") == 2, text
+    assert "the call was rejected with 480" in text and "call.accept_failed" in text, text
+    assert "end     rejected" not in text, text
+    assert text.endswith("\n2 calls and a trusted-server session, 2 failed.\n"), text
+
+
 async def test_demo_counts_a_routing_hook_past_its_budget_as_a_failed_call() -> None:
     app = plain_app()
     never = asyncio.Event()
