@@ -697,12 +697,40 @@ def test_a_session_given_as_a_dict_is_a_clear_type_error() -> None:
     assert Sideband(session=SessionConfig.model_validate({"voice": "marin"})).config.voice == "marin"
 
 
-def test_order_desk_example_stops_a_promised_refund() -> None:
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "I can promise you a full refund today.",
+        "I promise you a full refund.",
+        "We GUARANTEE a\nrefund.",
+        "We guarantee a refund.",
+        "Don't worry, we'll guarantee your refund.",
+        "Your order is late. I will personally guarantee that you get a refund.",
+    ],
+)
+def test_order_desk_example_stops_a_promised_refund(reply: str) -> None:
     from sideband.examples.order_desk import app, no_refund_promises
 
     assert app.guardrails == [no_refund_promises]
-    ctx = CallContext("rtc_1")
-    assert no_refund_promises(ctx, "I can promise you a full refund today.")
-    assert no_refund_promises(ctx, "We GUARANTEE a\nrefund.")
-    assert no_refund_promises(ctx, "Your order ships Thursday. Refunds are handled by billing.") is None
-    assert no_refund_promises(ctx, "I promise to check.") is None
+    assert no_refund_promises(CallContext("rtc_1"), reply)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "Your order ships Thursday. Refunds are handled by billing.",
+        "I promise to check.",
+        "I can't promise a refund, but I can transfer you to billing, who decide refunds.",
+        "I cannot guarantee a refund, but billing can look at it.",
+        "I can not promise a refund. We don't guarantee refunds on the phone.",
+        "We won't promise a refund; I will never guarantee refunds.",
+        "Your order is guaranteed to arrive Thursday. For refunds, I can transfer you to billing.",
+        "I promise you won't lose anything: a refund is for billing to decide.",
+    ],
+)
+def test_order_desk_example_lets_a_reply_that_promises_no_refund_pass(reply: str) -> None:
+    """The rule is to promise no refund: a reply that says so, or promises something else in a sentence
+    of its own, keeps to it."""
+    from sideband.examples.order_desk import no_refund_promises
+
+    assert no_refund_promises(CallContext("rtc_1"), reply) is None

@@ -825,3 +825,29 @@ def test_a_reply_objected_to_too_late_to_stop_has_no_stopped_lines() -> None:
     assert verdicts == [("no_promises", "no promises", "resp_1")]  # once
     assert checks.tripped == "resp_1"
     assert checks.line(1, "resp_1") is False and checks.lines_of("resp_1") == []
+
+
+async def test_order_desk_lets_a_reply_that_refuses_a_refund_be_heard() -> None:
+    """The bundled order desk's rule is to promise no refund: a reply saying it cannot promise one, and
+    offering billing, is heard whole, not stopped and asked again."""
+    from sideband.examples.order_desk import app as order_desk
+
+    refusal = "I can't promise a refund, but I can transfer you to billing, who decide refunds."
+    async with Simulator(event_gap=0.02) as sim, run_app(order_desk, sim) as h:
+        with capture_logs() as logs:
+            call = await h.call(
+                Script(
+                    [
+                        wait_for_greeting("Example Corp order desk."),
+                        caller_says("Can I have my money back for order 1042?"),
+                        model_says(refusal),
+                        caller_hangs_up(),
+                    ]
+                )
+            )
+            summary = await h.ended(call)
+    assert call.script_error is None
+    assert not [e for e in logs if e["event"] == "guardrail.tripped"]
+    assert summary.guardrails == ()
+    assert [r.status for r in call.responses] == ["completed", "completed"]
+    assert ("model", refusal) in call.transcript

@@ -46,7 +46,18 @@ async def lookup_order(
     return {"order_id": order_id, **order}
 
 
-_REFUND_PROMISE = re.compile(r"\b(guarantee|promise)\w*\b.*\brefund", re.IGNORECASE | re.DOTALL)
+_REFUND_PROMISE = re.compile(
+    r"""
+    \b(?:I|we)(?:['’]ll|\s+(?:will|can|do))?(?:\s+(?:personally|absolutely|definitely))?
+    \s+(?:promise|guarantee)\w*\b                     # I promise, we'll guarantee, I can promise...
+    (?:(?!\b(?:not|no|never|cannot)\b|n['’]t)[^.!?])*  # ...then, in the same sentence, no negation...
+    \brefund                                          # ...before "refund"
+    """,
+    re.IGNORECASE | re.VERBOSE,
+)
+"""An affirmative promise of a refund, in one sentence. Not "I can't promise a refund", "I cannot
+guarantee a refund" (what the rule asks the model to say), nor a promise of something else ("Your order is
+guaranteed to arrive Thursday. For refunds, ...")."""
 
 
 @app.guardrail
