@@ -136,6 +136,11 @@ def generic_scenarios(*, from_number: str = FROM_NUMBER, to_number: str = TO_NUM
 
 MAX_CALLS = 100
 """The most calls one demo places (they run one after another)."""
+CALL_TIMEOUT = 10.0
+"""Seconds a demo call's script gets to run to its end (the caller's or the model's hangup)."""
+END_NOTICED = 5.0
+"""Seconds the server gets to see a call's end, beyond the time its end may take once it has
+(:meth:`~sideband.runtime.driver.CallRuntime.end_bound`: its ``on_call_end`` hooks' limits and more)."""
 
 
 class _Printer:
@@ -352,8 +357,12 @@ async def _place(
             printer.line("end", f"{call.status} ({call.reject_body or call.refer_target or ''})")
             continue
         try:
-            await asyncio.wait_for(printer.ended[call.call_id].wait(), 10)
-            await call.wait_ended(timeout=5)
+            await call.wait_ended(timeout=CALL_TIMEOUT)
+            # Then its end on the server: its tools stopped, each end hook run for up to its time limit
+            # (the demo's own, which hands over the summary, comes last), within the runtime's own bound.
+            runtime = harness.service.registry.calls.get(call.call_id)
+            bound = runtime.end_bound() if runtime is not None else 0.0
+            await asyncio.wait_for(printer.ended[call.call_id].wait(), bound + END_NOTICED)
         except TimeoutError:
             failures += 1
             printer.line("error", f"call did not end in time ({call.script_error or 'no script error'})")

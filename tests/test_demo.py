@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sideband import Accept, IncomingCall, Reject, Sideband
+from sideband import Accept, CallContext, CallSummary, IncomingCall, Reject, Sideband
 from sideband.cli import main
 from sideband.demo import run_demo
 
@@ -152,6 +152,30 @@ async def test_demo_counts_a_routing_hook_past_its_budget_as_a_failed_call() -> 
     assert code == 1, text
     assert text.count("error   the routing hook failed") == 1, text
     assert text.endswith("\n1 call and a trusted-server session, 1 failed.\n"), text
+
+
+async def test_demo_waits_for_an_end_hook_that_takes_all_of_its_time() -> None:
+    """An ``on_call_end`` hook may run ``END_HOOK_TIMEOUT`` seconds (a slow CRM write); the demo's own
+    end hook runs after it, and the demo waits as long as the call's end may take, not less."""
+    app = plain_app()
+    cut_off = asyncio.Event()
+
+    @app.on_call_end
+    async def crm(ctx: CallContext, summary: CallSummary) -> None:
+        try:
+            await asyncio.Event().wait()  # (until the hook's time is up)
+        except asyncio.CancelledError:
+            cut_off.set()
+            raise
+
+    out = io.StringIO()
+    code = await run_demo(app, calls=1, out=out)
+    text = out.getvalue()
+    assert cut_off.is_set()  # it ran the whole of its time
+    assert code == 0, text
+    assert "did not end in time" not in text and "error" not in text, text
+    assert "0 tool call(s); simulator: caller_hangup\n" in text, text
+    assert text.endswith("\n1 call and a trusted-server session, 0 failed.\n"), text
 
 
 async def test_demo_takes_a_deliberate_reject_as_a_success() -> None:
