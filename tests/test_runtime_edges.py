@@ -448,7 +448,8 @@ async def _card_call(stack: Stack) -> tuple[list[MutableMapping[str, Any]], Call
     )
     with capture_logs() as logs:
         assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
-        await call.wait_for(lambda c: len(c.responses) >= 2, timeout=5)
+        # (the answer done: the caller's transcript, which streams on into it, has been sent whole)
+        await call.wait_for(lambda c: len(c.responses) >= 2 and c.responses[1].status != "in_progress", 5)
         stack.sim.hang_up(call)
         summary = await stack.ended(call)
     return logs, summary
