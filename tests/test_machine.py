@@ -2422,6 +2422,144 @@ def test_a_goodbye_lost_with_the_socket_whose_end_shows_alone_is_not_said_twice(
     assert Verb("hangup", None) in ended
 
 
+def refused_active(create: dict[str, Any]) -> dict[str, Any]:
+    """The server's refusal of ``create``: a response is under way."""
+    error = {
+        "type": "invalid_request_error",
+        "code": "conversation_already_has_active_response",
+        "event_id": create["event_id"],
+    }
+    return {"type": "error", "error": error}
+
+
+def lost_create(kind: str) -> tuple[CallMachine, dict[str, Any], str]:
+    """Our create (the greeting, or a say()) left for a socket that died, and the re-attach grace is
+    over with nothing of it shown on the new one. Returns the machine, the lost create (as sent,
+    tagged) and the instructions it asked for."""
+    if kind == "greeting":
+        m = machine(greeting="Welcome")
+        lost = raw(m.start())[-1]
+    else:
+        m = live_machine()
+        (hello,) = raw(m.say("Say hello"))
+        m.receive({"type": "response.created", "response": {"id": "r_hello", "metadata": tag_of(hello)}})
+        m.receive(response_done("r_hello"))
+        (lost,) = raw(m.say("Mention the sale"))
+    m.reattached(())
+    m.receive({"type": "session.updated", "session": {}})
+    return m, lost, lost["response"]["instructions"]
+
+
+@pytest.mark.parametrize("kind", ["greeting", "say"])
+def test_a_lost_create_whose_response_outlives_the_grace_is_said_once(kind: str) -> None:
+    # It had arrived: its response (its start went to the lost socket) still runs as the grace ends. The
+    # copy asked for is refused (that response is active); the response then ends, tagged with the
+    # lost create: the copy is not asked for again.
+    m, lost, said = lost_create(kind)
+    (copy,) = raw(m.timer("orphans"))
+    assert copy["response"]["instructions"] == said and copy["event_id"] != lost["event_id"]
+    assert sends(m.receive(refused_active(copy))) == []
+    done = {"id": "r_lost", "status": "completed", "output": [], "metadata": tag_of(lost)}
+    ended = m.receive({"type": "response.done", "response": done})
+    assert sends(ended) == [] and not m.response_owed
+    assert notices(ended, "response.done")[0]["response_id"] == "r_lost"
+
+    # It ends before the copy reaches the server: the copy is cancelled as it starts.
+    m, lost, said = lost_create(kind)
+    (copy,) = raw(m.timer("orphans"))
+    assert sends(m.receive({"type": "response.done", "response": done})) == []
+    started = {"type": "response.created", "response": {"id": "r_copy", "metadata": tag_of(copy)}}
+    assert types(m.receive(started)) == ["response.cancel"]
+    assert sends(m.receive(response_done("r_copy", "cancelled"))) == [] and not m.response_owed
+
+    # Its start shows on the new socket, late: the copy, refused meanwhile, is not asked for again.
+    m, lost, said = lost_create(kind)
+    (copy,) = raw(m.timer("orphans"))
+    m.receive(refused_active(copy))
+    m.receive({"type": "response.created", "response": {"id": "r_lost", "metadata": tag_of(lost)}})
+    assert sends(m.receive(response_done("r_lost"))) == [] and not m.response_owed
+
+    # The response that runs is another (its start unseen too, untagged): the copy goes once it ends (a
+    # greeting not: that response opened the call).
+    m, lost, said = lost_create(kind)
+    (copy,) = raw(m.timer("orphans"))
+    m.receive(refused_active(copy))
+    other = {"type": "response.done", "response": {"id": "r_other", "status": "completed", "output": []}}
+    assert creates(m.receive(other)) == ([] if kind == "greeting" else [said])
+
+
+def test_a_lost_goodbye_whose_response_outlives_the_grace_is_said_once_then_the_verb() -> None:
+    m = machine(max_call_duration=60)
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    (goodbye,) = raw(m.timer("max_duration"))
+    m.reattached(())
+    m.receive({"type": "session.updated", "session": {}})
+    (copy,) = raw(m.timer("orphans"))
+    assert copy["response"]["instructions"] == DEFAULT_GOODBYE
+    m.receive(refused_active(copy))
+    done = {"id": "r_bye", "status": "completed", "output": [], "metadata": tag_of(goodbye)}
+    ended = m.receive({"type": "response.done", "response": done})
+    assert sends(ended) == [] and Verb("hangup", None) in ended  # said once: the verb follows it
+
+    # It ends before the copy reaches the server: the copy, cancelled as it starts, is no goodbye cut
+    # short (none is asked for again), and the verb follows it.
+    m = machine(max_call_duration=60)
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    (goodbye,) = raw(m.timer("max_duration"))
+    m.reattached(())
+    m.receive({"type": "session.updated", "session": {}})
+    (copy,) = raw(m.timer("orphans"))
+    done = {"id": "r_bye", "status": "completed", "output": [], "metadata": tag_of(goodbye)}
+    assert m.receive({"type": "response.done", "response": done})[-1] == Notice(
+        "response.done", {"response_id": "r_bye", "status": "completed", "tools_running": 0}
+    )  # (nothing yet: the copy is on its way)
+    started = {"type": "response.created", "response": {"id": "r_copy", "metadata": tag_of(copy)}}
+    assert types(m.receive(started)) == ["response.cancel"]
+    ended = m.receive(response_done("r_copy", "cancelled"))
+    assert sends(ended) == [] and Verb("hangup", None) in ended
+
+
+def lost_answer(*, acked: bool = True) -> tuple[CallMachine, dict[str, Any]]:
+    """The answer to a tool output (acknowledged, or not) was asked for, and the socket died with its
+    create out. Returns the machine, re-attached, and that create (as sent, tagged)."""
+    m = live_machine()
+    (hello,) = raw(m.say("Say hello"))
+    m.receive({"type": "response.created", "response": {"id": "r_hello", "metadata": tag_of(hello)}})
+    m.receive(response_done("r_hello"))  # (the server echoes tags)
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    feed(m, call_events("c1", "look", "{}", resp="r1"))
+    m.receive(response_done("r1"))
+    (answer,) = raw(m.tool_done("c1", '{"ok": 1}', ok=True))[1:]
+    if acked:
+        m.receive(output_ack("c1"))
+    m.reattached(())
+    m.receive({"type": "session.updated", "session": {}})
+    return m, answer
+
+
+def caller_turn(m: CallMachine, item: str = "i1") -> None:
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": item})
+    m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": item})
+
+
+def test_a_lost_answer_whose_response_outlives_the_grace_is_not_asked_for_twice() -> None:
+    m, answer = lost_answer()
+    (copy,) = raw(m.timer("orphans"))
+    assert creates([Send(copy)]) == [""]
+    m.receive(refused_active(copy))
+    done = {"id": "r_answer", "status": "completed", "output": [], "metadata": tag_of(answer)}
+    assert sends(m.receive({"type": "response.done", "response": done})) == [] and not m.response_owed
+
+    # Code's text came meanwhile: the answer asked for then answers it.
+    m, answer = lost_answer()
+    (copy,) = raw(m.timer("orphans"))
+    m.receive(refused_active(copy))
+    m.user_text("And the weather?")
+    assert creates(m.receive({"type": "response.done", "response": done})) == [""]
+
+
 def test_a_queued_filler_is_withdrawn_only_once_no_tool_runs() -> None:
     m = machine(filler_after={"look": 1.0, "book": 1.0})
     m.start()

@@ -341,6 +341,7 @@ class CallMachine:
         "_prompt_due",
         "_prompt_items",
         "_queued_say",
+        "_reasked",
         "_recent_creates",
         "_repeat",
         "_resend",
@@ -388,6 +389,10 @@ class CallMachine:
         # That create, when it left for a socket since lost (with the response under way then), until the
         # new socket shows it arrived or the re-attach grace ends (see reattached)
         self._lost: tuple[str, object] | None = None
+        # That create, once asked for again (see _ask_again), and the body of its copy owed (None: a plain
+        # create, owed as _want_response), until a response starts: the lost one's, which drops the copy,
+        # or another, after which the lost one can no longer show
+        self._reasked: tuple[str, dict[str, Any] | None] | None = None
         self._cancel_next: str | None = None  # event_id of our create to cancel as it starts (interrupt)
         self._corrections = 0  # replies stopped by a guardrail and asked for again since the caller's turn
         self._stopped_reply: object = None  # the last reply a guardrail stopped (see correct)
@@ -556,7 +561,9 @@ class CallMachine:
         ``response.done`` (each tagged with the create). Nothing of it within the same grace: it is
         asked for again, once (``response.lost``), as the rules for any create say (never over the
         caller, never while a response runs; a greeting not once the caller has spoken, a filler not once
-        its tools are done); one that :meth:`interrupt` cancelled is not.
+        its tools are done); one that :meth:`interrupt` cancelled is not. Its response may still show
+        after that (it ran on past the grace): the copy is then dropped, or, on its way, cancelled as it
+        starts (see :meth:`_drop_copy`).
 
         The model's audio that was playing when the socket was lost plays on, for the idle limit and for
         the end's verb, until its stop shows on the new socket or the same grace ends.
@@ -600,8 +607,8 @@ class CallMachine:
             create = self._recent_creates.get(event_id)
             if create is None:
                 continue  # not a create of ours (code's own raw frames stay as they are)
-            body, tag = create
-            plain = tag is None and (not body or body == _NO_TOOLS)
+            tag = create[1]
+            plain = _plain(create)
             if self._going or (tag is not None and tag.startswith(_FILLER) and self._stale(tag)):
                 del self._recent_creates[event_id]
                 actions += [Withdraw(event_id), Notice("response.dropped", {"purpose": tag or "response"})]
@@ -616,10 +623,9 @@ class CallMachine:
     def _owe(self, create: tuple[dict[str, Any], str | None]) -> None:
         """A create of ours was refused or never went out: it is sent again (see :meth:`_progress`). A
         plain create answers outputs: it goes once no tool runs, as one create for all."""
-        body, tag = create
-        if tag is None and (not body or body == _NO_TOOLS):
+        if _plain(create):
             self._want_response = True
-            self._without_tools = self._without_tools or bool(body)
+            self._without_tools = self._without_tools or bool(create[0])
         else:
             self._retry = (*self._retry, create)
 
@@ -953,6 +959,8 @@ class CallMachine:
             self._held = (*self._held, send)
         if not self.caps.responds_to_user_text:
             self._want_response = self._text_owed = True
+            if self._reasked is not None and self._reasked[1] is None:
+                self._reasked = None  # (the lost create's response, should it show, does not answer it)
         elif not self._turn_wait:  # its answer is on its way: what we would start would replace it
             self._turn_wait = True
             actions.append(StartTimer(_TURN, TURN_GRACE))
@@ -1005,6 +1013,12 @@ class CallMachine:
         response_id = response.get("id")
         self.responding = response_id if isinstance(response_id, str) else None
         create, known = self._answered_create(response)
+        reasked = self._reasked
+        if reasked is not None:
+            # The lost create's response, shown after all, or one after which it can no longer start.
+            self._reasked = None
+            if create == reasked[0]:
+                self._drop_copy(reasked[1])
         prompted, self._prompt_due = self._prompt_due and create is None, False
         self._prompt = response_id if prompted else None
         if create is not None:
@@ -1071,6 +1085,13 @@ class CallMachine:
             create = self._seen_lost(response)  # (its response.created went to the lost socket)
             if create is not None:
                 ours = (response_id, create)
+        if ours is None and self._reasked is not None and isinstance(response_id, str):
+            # (the lost create's response, its start unseen, outlived the grace: see _ask_again)
+            reasked = self._reasked
+            if _obj(response.get("metadata")).get(_TAG) == reasked[0]:
+                self._reasked = None
+                self._drop_copy(reasked[1])
+                ours = (response_id, reasked[0])
         if covered_by is not None and covered_by == response_id and status != "completed":
             self._want_response = True  # it did not get to answer our outputs: we still ask
         usage = response.get("usage")
@@ -1707,6 +1728,8 @@ class CallMachine:
         self._orphans = ()
         if answer:
             self._want_response = True
+            if self._reasked is not None and self._reasked[1] is None:
+                self._reasked = None  # (the lost create's response, should it show, did not see these)
         return actions + self._progress() + self._rearm_filler()
 
     def _ask_again(self, event_id: str) -> list[Action]:
@@ -1721,9 +1744,32 @@ class CallMachine:
         if create is None or self._going:
             return []
         body, tag = create
+        plain = _plain(create)
+        if not (plain and self._want_response):  # (merged with an answer owed anyway, it is that answer)
+            self._reasked = (event_id, None if plain else body)
         # (a greeting asked for again is said unless the caller has spoken since: see _stale)
         self._owe((body, _GREETING_AGAIN if tag == _GREETING else tag))
         return [Notice("response.lost", {"purpose": tag or "response"})]
+
+    def _drop_copy(self, body: dict[str, Any] | None) -> None:
+        """The response of our create lost with a socket shows after all, once it was asked for again
+        (its copy's ``body``; ``None``: a plain create): the copy is not asked for, or, on its way, is
+        cancelled as it starts (and not asked for again if refused). A plain one stays owed while what
+        it answers may go beyond what the lost one saw (a tool runs, an output is unacknowledged, code's
+        text awaits its answer)."""
+        sent = self._create_sent
+        asked = self._recent_creates.get(sent) if sent is not None else None
+        if body is None:
+            if self._running or self._unacked is not None or self._text_owed:
+                return
+            self._want_response = self._without_tools = False
+            copy = _plain(asked)
+        else:
+            self._retry = tuple(c for c in self._retry if c[0] is not body)
+            copy = asked is not None and asked[0] is body
+        if copy and sent is not None and asked is not None:
+            self._cancel_next = sent
+            self._recent_creates[sent] = (asked[0], None)  # (cut at its start: no greeting, no goodbye)
 
     def _seen_lost(self, response: dict[str, Any]) -> str | None:
         """The event id of our create lost with a socket, still awaited, if ``response``, ending on the
@@ -1880,6 +1926,11 @@ def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
 def _error_fields(error: Mapping[str, Any]) -> dict[str, Any]:
     """What a server error object says, as the notices name it: code, error_type, message."""
     return {"code": error.get("code"), "error_type": error.get("type"), "message": error.get("message")}
+
+
+def _plain(create: tuple[Mapping[str, Any], str | None] | None) -> bool:
+    """Whether a create of ours (body, tag) is a plain one: it answers outputs (see ``_owe``)."""
+    return create is not None and create[1] is None and (not create[0] or create[0] == _NO_TOOLS)
 
 
 def _obj(value: Any) -> dict[str, Any]:
