@@ -2544,6 +2544,34 @@ def caller_turn(m: CallMachine, item: str = "i1") -> None:
     m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": item})
 
 
+def test_a_lost_answer_the_servers_answer_to_the_caller_covers_is_not_asked_for_again() -> None:
+    # The caller speaks on the new socket: the server's answer to them sees the output (acknowledged), and
+    # answers it too.
+    m, _ = lost_answer()
+    caller_turn(m)
+    m.receive({"type": "response.created", "response": {"id": "r_turn"}})
+    out = m.receive(response_done("r_turn"))
+    out += m.timer("orphans")
+    assert creates(out) == [] and not m.response_owed and notices(out, "response.lost") == []
+
+    # That answer was cut short: it did not get to answer the output, which is asked for.
+    m, _ = lost_answer()
+    caller_turn(m)
+    m.receive({"type": "response.created", "response": {"id": "r_turn"}})
+    assert creates(m.receive(response_done("r_turn", "cancelled"))) == [""]
+
+    # The output was not acknowledged: that answer may not have seen it. Once the grace ends, the output
+    # goes again, and one answer follows it.
+    m, _ = lost_answer(acked=False)
+    caller_turn(m)
+    m.receive({"type": "response.created", "response": {"id": "r_turn"}})
+    assert m.response_owed
+    m.receive(response_done("r_turn"))
+    again = m.timer("orphans")
+    assert types(again) == ["conversation.item.create", "response.create"]
+    assert notices(again, "response.lost") == [{"purpose": "response"}]
+
+
 def test_a_lost_answer_whose_response_outlives_the_grace_is_not_asked_for_twice() -> None:
     m, answer = lost_answer()
     (copy,) = raw(m.timer("orphans"))

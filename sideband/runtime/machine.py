@@ -1033,17 +1033,21 @@ class CallMachine:
         elif self._turn_wait:
             # The server's answer to the caller's turn. It answers our outputs too if it sees them all:
             # each acknowledged before it began (one still unacknowledged, or code's text, may have come
-            # too late for it: then ours follows it, better twice than never).
+            # too late for it: then ours follows it, better twice than never). On the same terms it answers
+            # our plain create lost with a socket and still awaited (see reattached): it is not asked again.
             self._turn_wait = False
-            if (
-                self._want_response
-                and not self._running
-                and self.caps.resumable
-                and self._unacked is None
-                and not self._text_owed
-            ):
-                self._want_response = self._without_tools = False
-                self._covered_by = response_id
+            if not self._running and self.caps.resumable and self._unacked is None and not self._text_owed:
+                if self._want_response:
+                    self._want_response = self._without_tools = False
+                    self._covered_by = response_id
+                lost = self._lost
+                if (
+                    lost is not None
+                    and self._create_sent == lost[0]
+                    and _plain(self._recent_creates.get(lost[0]))
+                ):
+                    self._lost = self._create_sent = None
+                    self._covered_by = response_id
             return [CancelTimer(_TURN)]
         return []
 
