@@ -31,7 +31,7 @@ import pytest
 import pytest_asyncio
 from websockets.exceptions import InvalidHandshake
 
-from sideband import CallContext, CallSummary, IncomingCall, Reject, Sideband, ToolError
+from sideband import CallContext, CallSummary, IncomingCall, Reject, Sideband, ToolError, service
 from sideband.runtime import driver
 from sideband.runtime.driver import CallRuntime
 from sideband.runtime.machine import CallMachine
@@ -49,6 +49,7 @@ from sideband.testing import (
 )
 from sideband.testing.vowel import VowelSimulator, when
 from sideband.upstream._ws import _open_connect, open_socket
+from sideband.upstream.openai import connect_sideband
 from sideband.vowel import EngineError, EngineSession
 
 from .conftest import Stack, make_app
@@ -391,6 +392,34 @@ async def test_a_sideband_that_cannot_be_reached_leaves_no_cycles(stack: Stack) 
         assert summary.reason == "connect_failed", summary
 
     await assert_no_cycles(one_call)
+
+
+async def test_a_sideband_handshake_that_times_out_leaves_no_cycles(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sideband's handshake gets no answer: each attempt times out in the call driver (its error,
+    raised from an ``asyncio.timeout`` that holds the attempt's task, is no part of that task)."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()  # never answers the upgrade
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    stack.service._sideband_url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/realtime"
+    monkeypatch.setattr(service, "connect_sideband", functools.partial(connect_sideband, open_timeout=0.1))
+
+    async def one_call(n: int) -> None:
+        call = await start(stack, Script([]))
+        summary = await finish(stack, call)
+        assert summary.reason == "connect_failed", summary
+
+    try:
+        await assert_no_cycles(one_call)
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_silent_sideband_found_by_the_keepalive_leaves_no_cycles(

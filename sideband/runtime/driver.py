@@ -765,26 +765,28 @@ class CallRuntime:
         """One attach attempt; None if the call ends meanwhile (its :class:`Close` wakes this, as it
         wakes a backoff): the attempt is then given up, cancelled and awaited, as when the run is cut
         short (a socket it made all the same is dropped)."""
-        attempt = asyncio.ensure_future(self._connect())
+        failed: list[Exception] = []  # what the attempt raised: kept here, never by its task (see _boxed)
+        attempt = asyncio.ensure_future(_boxed(self._connect(), failed))
         attempt.add_done_callback(_drop_cancellation)
         stop = self._stop = asyncio.get_running_loop().create_future()
         try:
             await asyncio.wait((attempt, stop), return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # the run cut short (a shutdown): the attempt goes with it
             await _give_up(attempt)
-            if not attempt.cancelled() and attempt.exception() is None:
-                _abort(attempt.result())
+            failed.clear()
+            ws = None if attempt.cancelled() else attempt.result()
+            if ws is not None:
+                _abort(ws)
             raise
         finally:
             self._stop = None
         await _give_up(attempt)  # (the call has ended, if it still runs)
         if attempt.cancelled():
             return None
-        error = attempt.exception()
-        if error is None:
+        if not failed:
             return attempt.result()
-        # Raised from here, the error's traceback holds this frame: not the task, which holds the error.
-        del attempt
+        # Raised from here, the error's traceback holds this frame, which then holds nothing of it.
+        error = failed.pop()
         try:
             raise error
         finally:
@@ -1540,6 +1542,17 @@ def _drop_cancellation(task: asyncio.Future[Any]) -> None:
     if task.cancelled():
         with contextlib.suppress(asyncio.CancelledError):
             task.result()
+
+
+async def _boxed(connect: Awaitable[PushConnection], failed: list[Exception]) -> PushConnection | None:
+    """``connect``'s result; what it raises goes into ``failed`` instead, and ``None`` is returned. A task
+    that kept the error would make a cycle: its context (the ``TimeoutError`` of an ``asyncio.timeout``
+    whose handshake ran out) has a traceback whose frames hold that timeout, which holds the task."""
+    try:
+        return await connect
+    except Exception as exc:
+        failed.append(exc)
+        return None
 
 
 async def _give_up(attempt: asyncio.Future[Any]) -> None:
