@@ -563,15 +563,29 @@ async def test_an_error_before_the_turns_answer_fails_it_unless_it_names_another
     assert session.end_reason == "closed"
 
 
+@pytest.mark.parametrize("answer_started", [True, False])
 async def test_a_fatal_error_on_a_turn_ends_the_session_with_the_engines_reason(
-    vowel: VowelSimulator, app: Sideband
+    vowel: VowelSimulator, app: Sideband, answer_started: bool
 ) -> None:
+    """The engine fails (``error``, then ``response.done`` failed and close 1011) during the turn's
+    answer, or before it starts: no refusal of the turn's text (that is an ``invalid_request_error``),
+    the session's end."""
     vowel.script([when("crash", fatal=True)])
+    sent = asyncio.Event()
+    app.on_transcript(lambda ctx, role, text: sent.set() if role == "caller" else None)
     async with EngineSession.open(settings_for(vowel), app) as session:
+        engine = await vowel.wait_session()
+        if not answer_started:
+            vowel.input_delay = 0.2  # the text is on its way: the engine fails before its answer
+        turn = asyncio.ensure_future(session.say("crash now" if answer_started else "hello"))
+        if not answer_started:
+            await asyncio.wait_for(sent.wait(), 5)
+            await vowel.crash(engine, "The model provider failed")
         with pytest.raises(EngineError) as caught:
-            await session.say("crash now")
+            await turn
         await session.wait_closed(5)
     assert caught.value.reason == "engine_error" and caught.value.code is None
+    assert "The model provider failed" in str(caught.value)
     assert session.end_reason == "engine_error" and session.failed
 
 

@@ -85,6 +85,7 @@ SPEECH_PEAK = 500
 """Streamed audio counts as the caller's activity when a sample rises above this (of 32767, about
 -36 dBFS): line noise and silence stay below it, speech does not."""
 _ENGINE_LIMITS = frozenset({"max_call_duration_exceeded", "max_idle_duration_exceeded"})
+_REFUSAL = "invalid_request_error"  # the type of the engine's error refusing one client event
 
 
 class EngineError(Exception):
@@ -425,8 +426,9 @@ class EngineSession:
         under way or on its way (a hook's ``ctx.say()`` or text, the tools of an earlier reply) is waited
         for first: it is not this turn's. Raises :class:`EngineError` if the session ends first (or
         ``reply_timeout`` passes), or at once with ``turn_refused`` (the engine's ``code`` and
-        ``engine_message``) when the engine answers the text with an ``error`` instead of a reply: the
-        session carries on, unless that error ended it too.
+        ``engine_message``) when the engine refuses the text (an ``invalid_request_error`` instead of a
+        reply): the session carries on. Any other error (the engine failing, a limit) ends the session,
+        whose end reason is raised.
         """
         if not text.strip():
             raise ValueError("say() needs some text")
@@ -467,12 +469,20 @@ class EngineSession:
 
     def _turn_refused(self, error: dict[str, Any]) -> None:
         """An ``error`` event came while the turn's text waited for its answer to start: the engine's
-        answer to that text, unless it names the client event it answers (``event_id``: the text carries
-        none). The turn fails at once with the engine's code and message. An error that ended the session
-        (a limit's) is left to the session's end, which names it."""
+        answer to that text if it is a refusal of one client event (``invalid_request_error``), unless it
+        names the client event it answers (``event_id``: the text carries none). The turn fails at once
+        with the engine's code and message. Any other error (the engine failing: ``error``, then
+        ``response.done`` failed and close 1011; a limit's ``session_timeout``), or one that ended the
+        session, is left to the session's end, which names it."""
         turn, machine = self._turn, self._machine
         event_id = error.get("event_id")
-        if turn is None or turn.future.done() or machine is None or (isinstance(event_id, str) and event_id):
+        if (
+            turn is None
+            or turn.future.done()
+            or machine is None
+            or error.get("type") != _REFUSAL
+            or (isinstance(event_id, str) and event_id)
+        ):
             return
         machine.on_turn_error = None
         if machine.closed is not None:
