@@ -135,8 +135,8 @@ def raise_open_files_limit() -> int | None:
 
 
 class _UntilReaderGone(io.TextIOBase):
-    """A stream for a command's story (``sideband demo``): once its reader is gone (``| head``), the
-    rest goes nowhere, instead of a ``BrokenPipeError`` for each line."""
+    """A stream for a command's story (``sideband demo``, ``check``): once its reader is gone
+    (``| head``), the rest goes nowhere, instead of a ``BrokenPipeError`` for each line."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
@@ -450,9 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             settings = load_settings(require=("openai_api_key", "openai_webhook_secret"))
             configure_logging(settings.log_format, settings.log_level or "warning", stream=sys.stderr)
+            out = _UntilReaderGone(sys.stdout)  # (``sideband check | head -1``)
             for line in _run(check(settings, load_app(args.app), online=args.online)):
-                print(line)
-            print("sideband: ready to serve")
+                print(line, file=out)
+            print("sideband: ready to serve", file=out)
             return 0
         if args.command == "demo":
             from sideband.demo import MAX_CALLS, run_demo, valid_number

@@ -399,9 +399,15 @@ def load_settings(
     unknown = [k for k in values if k.lower() not in _KNOWN]
     if unknown:  # a misspelt override would otherwise leave the default in place, silently
         raise SettingsError(_unknown(unknown[0]))
-    misspelt = _unknown_variable(os.environ if environ is None else environ)
+    source = os.environ if environ is None else environ
+    misspelt = _unknown_variable(source)
     if misspelt is not None:
         raise SettingsError(misspelt)
+    if "port" not in values and source.get("SIDEBAND_PORT", "").startswith(("tcp://", "udp://")):
+        raise SettingsError(
+            f"SIDEBAND_PORT: {source['SIDEBAND_PORT']!r} is Kubernetes' link to a Service named sideband, "
+            "not a port: set SIDEBAND_PORT in the pod spec, or enableServiceLinks: false"
+        )
     try:
         if environ is None:
             settings: Settings = Settings(**values)

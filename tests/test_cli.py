@@ -259,6 +259,23 @@ def test_check_reports_what_serve_would_run_with_and_listens_on_nothing(tmp_path
     ]
 
 
+def test_check_piped_to_a_reader_already_gone_ends_quietly() -> None:
+    """``sideband check | head -0``: its report goes nowhere, without a traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sideband.cli", "check"],
+        cwd=ROOT,
+        env=clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before a line is written
+    _, err = proc.communicate(timeout=30)
+    assert "BrokenPipeError" not in err and "Traceback" not in err, err
+    assert proc.returncode == 0
+
+
 @pytest.mark.parametrize(
     ("routes", "env", "expected"),
     [

@@ -217,6 +217,17 @@ def test_kubernetes_service_links_are_no_misspelt_settings(variable: str) -> Non
     assert load({variable: value}).port == 8080
 
 
+def test_a_service_named_sideband_is_named_for_what_it_is() -> None:
+    """A Service named ``sideband`` sets ``SIDEBAND_PORT=tcp://…`` in each pod: the error says so, not
+    only that an integer was expected; a ``--port`` given wins over it."""
+    link = {"SIDEBAND_PORT": "tcp://10.0.0.7:8080"}
+    assert error_for(link) == (
+        "SIDEBAND_PORT: 'tcp://10.0.0.7:8080' is Kubernetes' link to a Service named sideband, not a port: "
+        "set SIDEBAND_PORT in the pod spec, or enableServiceLinks: false"
+    )
+    assert load(link, overrides={"port": 9000}).port == 9000
+
+
 def test_a_port_variable_that_is_no_service_link_is_refused() -> None:
     assert error_for({"SIDEBAND_METRICS_PORT": "9090"}).startswith("SIDEBAND_METRICS_PORT: not a setting")
 
