@@ -2432,6 +2432,66 @@ def refused_active(create: dict[str, Any]) -> dict[str, Any]:
     return {"type": "error", "error": error}
 
 
+def refused_by(create: dict[str, Any], error_type: str, code: str) -> dict[str, Any]:
+    error = {"type": error_type, "code": code, "message": "no", "event_id": create["event_id"]}
+    return {"type": "error", "error": error}
+
+
+def answer_to_an_output(m: CallMachine) -> dict[str, Any]:
+    """A tool round on ``m``, up to the create that answers its output (returned, as sent)."""
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    feed(m, call_events("call_1", "lookup", "{}"))
+    m.receive(response_done(output=[{"type": "function_call", "call_id": "call_1", "name": "lookup"}]))
+    creates = [a.event for a in m.tool_done("call_1", "x") if isinstance(a, Send)][1:]
+    assert [c["type"] for c in creates] == ["response.create"]
+    return creates[0]
+
+
+@pytest.mark.parametrize(
+    ("error_type", "code"), [("server_error", "server_error"), ("rate_limit_error", "rate_limit_exceeded")]
+)
+def test_an_answer_the_server_refuses_for_its_own_fault_is_asked_for_again_once(
+    error_type: str, code: str
+) -> None:
+    """A ``response.create`` refused by an ``error`` of the server's own (not of the request): the
+    caller would hear nothing until they spoke again; it is sent again, once."""
+    m = machine()
+    m.start()
+    create = answer_to_an_output(m)
+    actions = m.receive(refused_by(create, error_type, code))
+    assert notices(actions, "response.refused") == [{"purpose": "response", "code": code, "retry": True}]
+    again = [a.event for a in actions if isinstance(a, Send)]
+    assert [e["type"] for e in again] == ["response.create"] and "response" not in untagged(again[0])
+    assert again[0]["event_id"] != create["event_id"]
+    second = m.receive(refused_by(again[0], error_type, code))  # twice in a row: left to the caller
+    assert notices(second, "response.refused") == [{"purpose": "response", "code": code, "retry": False}]
+    assert sends(second) == []
+
+
+def test_an_answer_refused_as_invalid_is_not_sent_again() -> None:
+    m = machine()
+    m.start()
+    actions = m.receive(refused_by(answer_to_an_output(m), "invalid_request_error", "invalid_value"))
+    assert notices(actions, "response.refused") == [
+        {"purpose": "response", "code": "invalid_value", "retry": False}
+    ]
+    assert sends(actions) == []
+
+
+def test_a_refused_goodbye_lets_the_end_go_on() -> None:
+    m = machine(max_idle_duration=20)
+    m.start()
+    m.receive({"type": "input_audio_buffer.speech_started"})
+    m.receive({"type": "input_audio_buffer.speech_stopped"})
+    m.timer("turn")
+    goodbye = next(a.event for a in m.timer("idle") if isinstance(a, Send))
+    actions = m.receive(refused_by(goodbye, "server_error", "server_error"))
+    assert notices(actions, "response.refused") == [
+        {"purpose": "goodbye", "code": "server_error", "retry": False}
+    ]
+    assert sends(actions) == [] and actions[-1] == Verb("hangup", None)
+
+
 def lost_create(kind: str) -> tuple[CallMachine, dict[str, Any], str]:
     """Our create (the greeting, or a say()) left for a socket that died, and the re-attach grace is
     over with nothing of it shown on the new one. Returns the machine, the lost create (as sent,

@@ -1296,6 +1296,7 @@ class CallRuntime:
         elif event in (
             "sideband.error",
             "response.failed",
+            "response.refused",
             "transcript.failed",
             "mcp.failed",
             "call.verb_failed",

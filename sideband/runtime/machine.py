@@ -1586,8 +1586,25 @@ class CallMachine:
                     self._response_active = True
                 # (a greeting asked again after it failed is a refused greeting now: see _stale)
                 self._owe(refused if refused[1] != _GREETING_AGAIN else (refused[0], _GREETING))
+            else:
+                actions += self._refused(refused, error)
             actions += self._progress()
         return actions
+
+    def _refused(self, create: tuple[dict[str, Any], str | None], error: dict[str, Any]) -> list[Action]:
+        """Our ``create`` was refused for another reason than a response under way. A fault of the
+        server's (``server_error``, a rate limit) is asked for again once, as a response that ended
+        ``failed`` is; a request it found invalid is not (it would be refused again). Either way it is
+        reported, with what it was for."""
+        body, tag = create
+        self._failed_in_row += 1
+        retry = (
+            error.get("type") != "invalid_request_error" and self._failed_in_row == 1 and self._end is None
+        )
+        if retry:
+            self._owe((body, _GREETING_AGAIN if tag == _GREETING else tag))
+        purpose = _GREETING if tag == _GREETING_AGAIN else tag or "response"
+        return [Notice("response.refused", {"purpose": purpose, "code": error.get("code"), "retry": retry})]
 
     def _on_item_ack(self, event: dict[str, Any]) -> list[Action]:
         item = event.get("item")
