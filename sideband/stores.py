@@ -158,10 +158,13 @@ class MemoryStore:
 class RedisStore:
     """Claims in Redis, shared by every instance that serves the same webhook URL.
 
-    A claim is ``SET key p:<token> NX PX ttl``; settling it ``SET key s:<token> PX ttl`` (over any claim:
-    the work is done); the token is this store's own, and a release deletes the key only while it holds that
-    token (a Lua script), so an answer path that outlived its pending claim does not give back one another
-    instance took since. Keys are prefixed (``sideband:`` by default) so the server can be shared. Every
+    A claim sets ``key`` to ``p:<token>:<nonce>`` with a TTL unless it exists (a Lua script: a claim whose
+    reply was lost with its connection, tried again, finds its own value and has won, not lost to itself);
+    settling it ``SET key s:<token> PX ttl`` (over any claim: the work is done); the token is this store's
+    own, and a release deletes the key only while it holds one of this store's claims (a Lua script), so an
+    answer path that outlived its pending claim does not give back one another instance took since. Keys are
+    prefixed (``sideband:`` by default) so the server can be shared with other users (not with another
+    deployment of sideband: see the README). Every
     command is bounded by ``timeout`` seconds, and at most ``max_connections`` are open (a request waits up
     to ``timeout`` for one): a Redis that is down, slow or saturated makes the request that needs it fail
     with :class:`StoreUnavailable`, quickly, instead of hanging it. A command that meets a connection the
@@ -184,7 +187,7 @@ class RedisStore:
         self._prefix = prefix
         self._timeout = timeout
         token = secrets.token_hex(8)
-        self._pending, self._settled = f"p:{token}".encode(), f"s:{token}".encode()
+        self._pending, self._settled = f"p:{token}:".encode(), f"s:{token}".encode()
         # Commands are bounded by asyncio.timeout in _call, not by redis-py's socket timeout: that one
         # runs each write through Python 3.11's wait_for, which can lose a cancellation (a shutdown's).
         self._pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
@@ -199,11 +202,11 @@ class RedisStore:
         self._redis: Redis = Redis(connection_pool=self._pool)
         self._swept = self._redis.register_script(_SWEPT)
         self._release = self._redis.register_script(_RELEASE)
+        self._claim = self._redis.register_script(_CLAIM)
 
     async def claim(self, key: str, ttl: float) -> bool:
-        return bool(
-            await self._call(self._redis.set(self._prefix + key, self._pending, nx=True, px=_ms(ttl)))
-        )
+        mine = self._pending + secrets.token_hex(6).encode()
+        return bool(await self._call(self._claim(keys=[self._prefix + key], args=[mine, _ms(ttl)])))
 
     async def settle(self, key: str, ttl: float) -> None:
         await self._call(self._redis.set(self._prefix + key, self._settled, px=_ms(ttl)))
@@ -277,15 +280,29 @@ class RedisStore:
             raise StoreUnavailable(f"redis at {self.where}: {exc or type(exc).__name__}") from None
 
 
+_CLAIM = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
+  return 1
+end
+if held then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+"""A claim: ``KEYS[1]`` set to ``ARGV[1]`` for ``ARGV[2]`` ms unless it holds something else. Holding
+``ARGV[1]`` already is winning: the same claim, tried again after its reply was lost."""
+
 _RELEASE = """
 local held = redis.call('GET', KEYS[1])
-if held == ARGV[1] or held == ARGV[2] then
+if held == ARGV[2] or (held and string.sub(held, 1, #ARGV[1]) == ARGV[1]) then
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
-"""A release: the key is deleted only while it holds this store's claim (ARGV: its pending and settled
-values)."""
+"""A release: the key is deleted only while it holds one of this store's claims (ARGV: the prefix of its
+pending values, its settled value)."""
 
 _SWEPT = """
 for i = 3, #ARGV do

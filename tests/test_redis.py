@@ -952,3 +952,65 @@ async def test_a_ledger_that_fails_once_goes_on_recording(simulator: Simulator) 
         assert [r[0] for r in store.records] == [service.instance_id] * 2
     finally:
         await service.close()
+
+
+async def test_a_claim_whose_reply_was_lost_is_still_won(redis_server: RedisServer) -> None:
+    """Redis carried the claim out, then the connection dropped before its reply came back (a network
+    blip, a proxy's reset): the store tries it again on a new connection, and that finds the store's
+    own claim. It has won; it has not lost to itself (every redelivery of the webhook would be answered
+    409 until the claim ran out, with nobody answering the call)."""
+    if redis_server.proc is None:
+        redis_server.start()
+    redis_server.flush()
+    armed = asyncio.Event()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", redis_server.port)
+
+        async def replies() -> None:
+            with contextlib.suppress(OSError):
+                while data := await up_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+
+        back = asyncio.ensure_future(replies())
+        try:
+            while data := await reader.read(65536):
+                if armed.is_set() and b"wh_lost" in data:
+                    armed.clear()
+                    back.cancel()  # its reply never reaches the client...
+                    up_writer.write(data)  # ...but redis carries the claim out
+                    await up_writer.drain()
+                    raw = aioredis.Redis.from_url(redis_server.url)
+                    try:  # (carried out before the connection drops)
+                        async with asyncio.timeout(5):
+                            while not await raw.exists("sideband:webhook:wh_lost"):
+                                await asyncio.sleep(0.005)
+                    finally:
+                        await raw.aclose()
+                    writer.transport.abort()
+                    return
+                up_writer.write(data)
+                await up_writer.drain()
+        finally:
+            back.cancel()
+            up_writer.close()
+
+    forwarder = await asyncio.start_server(forward, "127.0.0.1", 0)
+    port = forwarder.sockets[0].getsockname()[1]
+    behind = RedisStore(f"redis://:{PASSWORD}@127.0.0.1:{port}/0")
+    other = RedisStore(redis_server.url)
+    try:
+        await behind.open()
+        assert await behind.claim("webhook:warm", 30)  # (redis knows the script now)
+        armed.set()
+        assert await behind.claim("webhook:wh_lost", 30)
+        assert not armed.is_set()  # (the reply was lost)
+        assert not await other.claim("webhook:wh_lost", 30)  # another store's claim is still refused
+        assert not await behind.claim("webhook:wh_lost", 30)  # and so is a second claim of the same store
+        await behind.release("webhook:wh_lost")
+        assert await other.claim("webhook:wh_lost", 30)
+    finally:
+        await behind.close()
+        await other.close()
+        forwarder.close()
