@@ -192,6 +192,18 @@ def test_valid_signature_last_of_several() -> None:
     assert verifier().verify(BODY, headers) == "wh_1"
 
 
+@pytest.mark.parametrize("joint", [", ", ",  ", ",\t"])
+def test_signature_lines_a_proxy_merged_with_commas_still_verify(joint: str) -> None:
+    """Repeated ``webhook-signature`` lines a proxy merged into one (RFC 9110 joins them with ", "):
+    each entry but the last then ends with a comma, and the right one may be any of them."""
+    headers = sign(BODY)
+    good = headers["webhook-signature"]
+    headers["webhook-signature"] = joint.join([good, "v1,AAAA"])
+    assert verifier().verify(BODY, headers) == "wh_1"
+    headers["webhook-signature"] = joint.join(["v1,AAAA", good, "v1,BBBB"])
+    assert verifier().verify(BODY, headers) == "wh_1"
+
+
 def test_valid_signature_first_of_several() -> None:
     headers = sign(BODY)
     headers["webhook-signature"] += " v1,AAAA v1,garbage"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -12,6 +13,9 @@ from datetime import UTC, datetime
 from standardwebhooks import Webhook
 
 __all__ = ["VerificationError", "Verifier"]
+
+_ENTRIES = re.compile(r",?\s+")
+"""Between two entries of a signature list: a space, or a comma and a space (lines a proxy merged)."""
 
 
 class VerificationError(Exception):
@@ -64,7 +68,8 @@ class Verifier:
             raise VerificationError("body is not UTF-8") from None
         expected = self._hook.sign(msg_id, datetime.fromtimestamp(ts, tz=UTC), text)
         expected_raw = base64.b64decode(expected.split(",", 1)[1])
-        for entry in signatures.split(" "):
+        # Space-separated; a proxy that merged repeated header lines joined them with ", " (RFC 9110).
+        for entry in _ENTRIES.split(signatures):
             version, sep, value = entry.partition(",")
             if version != "v1" or not sep or not value or "," in value:
                 continue  # malformed or other versions: never an exception, just not a match
