@@ -67,9 +67,10 @@ def rtc_call_id(value: Any) -> str | None:
 
 def pending_ttl(settings: Settings) -> float:
     """Seconds a claim stays pending at most: longer than any answer path (the route budget, then an
-    accept and a reject or hangup, each within the accept budget), and short enough that the claims of
-    an instance that died mid-work free the call for a redelivery soon."""
-    return settings.route_budget + 2 * settings.accept_budget + 10.0
+    accept refused, the reject instead, and a hangup when that finds the call no longer ringing, each
+    within the accept budget; and the store's commands between them), and short enough that the claims
+    of an instance that died mid-work free the call for a redelivery soon."""
+    return settings.route_budget + 3 * settings.accept_budget + 10.0
 
 
 _UNCERTAIN_TTL = 3700.0

@@ -217,12 +217,13 @@ def test_a_service_keeps_the_store_it_is_given_even_while_it_is_empty() -> None:
     [{}, {"route_budget": 0.1, "accept_budget": 0.1}, {"route_budget": 60.0, "accept_budget": 60.0}],
 )
 def test_a_pending_claim_outlives_the_longest_answer_path(budgets: dict[str, Any]) -> None:
-    """A delivery's claims stay pending while its routing hook runs, then an accept and a reject (or a
-    hangup), each within the accept budget: they must not expire under it, or a redelivery would do
-    the same work again."""
+    """A delivery's claims stay pending while its routing hook runs, then an accept refused, the reject
+    instead and a hangup (the reject found the call gone after an accept that may have gone through),
+    each within the accept budget: they must not expire under it, or a redelivery would do the same
+    work again."""
     from sideband.service import pending_ttl
     from sideband.settings import Settings
 
     settings = Settings(openai_api_key="sk-test", openai_webhook_secret="whsec_" + "A" * 32, **budgets)
-    longest = settings.route_budget + 2 * settings.accept_budget
+    longest = settings.route_budget + 3 * settings.accept_budget
     assert pending_ttl(settings) > longest
