@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
-__all__ = ["BLOCKED_AFTER", "Stepwise", "in_thread", "log_blocked", "then", "timed"]
+__all__ = ["BLOCKED_AFTER", "PLAIN_GUARDRAIL_DETAIL", "Stepwise", "in_thread", "log_blocked", "then", "timed"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -31,14 +31,19 @@ BLOCKED_DETAIL = (
 )
 
 
-def log_blocked(log: Any, **by: str) -> Callable[[float, int], None]:
+PLAIN_GUARDRAIL_DETAIL = (
+    "the event loop ran nothing else meanwhile, so every call waited: a plain guardrail runs on the loop; "
+    "keep it quick, or make it async def and await its slow work"
+)
+
+
+def log_blocked(log: Any, detail: str = BLOCKED_DETAIL, **by: str) -> Callable[[float, int], None]:
     """A :class:`Stepwise` report that logs ``loop.blocked`` (a warning) on ``log``, with the fields
-    ``by`` naming the tool or hook, the longest step in ms and the number of such steps."""
+    ``by`` naming the tool, hook or guardrail, the longest step in ms, the number of such steps and
+    ``detail`` (what to do about it)."""
 
     def report(longest: float, count: int) -> None:
-        log.warning(
-            "loop.blocked", **by, blocked_ms=round(longest * 1000), steps=count, detail=BLOCKED_DETAIL
-        )
+        log.warning("loop.blocked", **by, blocked_ms=round(longest * 1000), steps=count, detail=detail)
 
     return report
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -851,3 +852,27 @@ async def test_order_desk_lets_a_reply_that_refuses_a_refund_be_heard() -> None:
     assert summary.guardrails == ()
     assert [r.status for r in call.responses] == ["completed", "completed"]
     assert ("model", refusal) in call.transcript
+
+
+async def test_a_plain_guardrail_that_blocks_the_loop_is_told_what_to_do_about_it() -> None:
+    """A plain guardrail runs on the event loop (not in a thread, as a plain tool or hook does): the
+    ``loop.blocked`` line names it and tells to keep it quick or make it ``async def``."""
+    app = Sideband(instructions="Be brief.")
+
+    @app.guardrail
+    def slow_rule(ctx: CallContext, text: str) -> None:
+        deadline = time.perf_counter() + 0.15
+        while time.perf_counter() < deadline:  # (busy: what a blocking call does to the loop)
+            pass
+
+    async with Simulator() as sim, run_app(app, sim) as h:
+        with capture_logs() as logs:
+            call = await h.call(
+                Script(
+                    [wait_for_greeting("Hi."), caller_says("Hello"), model_says("Hello."), caller_hangs_up()]
+                )
+            )
+            await h.ended(call)
+    blocked = [e for e in logs if e["event"] == "loop.blocked"]
+    assert blocked and {e["guardrail"] for e in blocked} == {"slow_rule"}
+    assert all("make it async def" in e["detail"] and "plain def" not in e["detail"] for e in blocked)

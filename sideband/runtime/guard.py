@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sideband.blocking import BLOCKED_AFTER, log_blocked, timed
+from sideband.blocking import BLOCKED_AFTER, PLAIN_GUARDRAIL_DETAIL, log_blocked, timed
 from sideband.context import CallContext
 from sideband.tools import is_async_callable
 
@@ -230,7 +230,7 @@ class OutputGuard:
         finally:
             took = time.perf_counter() - started
             if took >= BLOCKED_AFTER:
-                log_blocked(self._log, guardrail=name)(took, 1)
+                log_blocked(self._log, PLAIN_GUARDRAIL_DETAIL, guardrail=name)(took, 1)
         if inspect.isawaitable(verdict):
             if inspect.iscoroutine(verdict):
                 verdict.close()
