@@ -2216,6 +2216,55 @@ async def test_event_shapes_match_real_recordings(simulator: Simulator, http: ai
     }
 
 
+def _item_links(events: list[dict[str, Any]]) -> list[tuple[str, str, str | None, int | None]]:
+    """The conversation's ``item.added`` / ``item.done`` events in order: the event, the item's type and
+    role, and which item (by order of first appearance) the event names as ``previous_item_id``."""
+    order: dict[str, int] = {}
+    links: list[tuple[str, str, str | None, int | None]] = []
+    for event in events:
+        if event["type"] in ("conversation.item.added", "conversation.item.done"):
+            item = event["item"]
+            order.setdefault(item["id"], len(order))
+            previous = event["previous_item_id"]
+            links.append(
+                (event["type"], item["type"], item.get("role"), None if previous is None else order[previous])
+            )
+    return links
+
+
+@pytest.mark.parametrize(
+    "cassette",
+    [
+        "sideband_text_turn",
+        "ws_text_in_audio_out_turn",
+        "ws_history_seeding",
+        "ws_audio_in_server_vad_turn",
+        "ws_three_server_vad_turns",
+    ],
+)
+async def test_items_name_their_predecessors_as_recorded(simulator: Simulator, cassette: str) -> None:
+    """Each item event names the item before it as the recording does: the answer to the conversation's
+    first item has a ``conversation.item.done`` with ``previous_item_id`` null (its ``.added`` names
+    that item), the answer to any later one names it in both."""
+    frames = [json.loads(line) for line in (CASSETTES / f"{cassette}.jsonl").read_text().splitlines()]
+    client = [
+        f["event"]
+        for f in frames
+        if f["dir"] == "client" and f["event"]["type"] != "input_audio_buffer.append"
+    ]
+    recorded = [f["event"] for f in frames if f["dir"] == "server"]
+    turns = sum(e["type"] == "response.done" for e in recorded)
+    spoken = "input_audio_buffer.speech_started" in {e["type"] for e in recorded}
+    steps = [step for n in range(turns) for step in (caller_says(f"Turn {n}."), model_says(f"Reply {n}."))]
+    call = simulator.create_webrtc_call(Script(steps if spoken else []))
+    async with ws_connect(simulator, call) as ws:
+        for event in client:
+            await send(ws, event)
+        for _ in range(turns):
+            await recv_until(ws, "response.done")
+    assert _item_links(call.sent) == _item_links(recorded)
+
+
 # ------------------------------------------------------------------------------------------ load-test hooks
 
 

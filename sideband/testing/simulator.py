@@ -1014,6 +1014,7 @@ class SimCall:
         self._outputs_changed = asyncio.Event()
         self._items: dict[str, dict[str, Any]] = {}
         self._last_item_id: str | None = None
+        self._first_item_id: str | None = None  # the item at the start of the conversation
         self._step_index = 0
         self._phase_value = "idle"
         self._next_needs_create = False
@@ -1689,6 +1690,8 @@ class SimCall:
         self._items[item_id] = new
         if asked is None or asked == self._last_item_id or self._last_item_id is None:
             self._last_item_id = item_id
+        if after is None:
+            self._first_item_id = item_id
         await self._ack_item(after, new)
 
     def _check_previous_item(self, previous: Any) -> _Problem | None:
@@ -1862,6 +1865,8 @@ class SimCall:
                     call_id = spec.call_id or "call_" + secrets.token_hex(8)
                     previous = self._last_item_id
                     self._last_item_id = item_id
+                    if previous is None:
+                        self._first_item_id = item_id
                     self._function_calls[call_id] = item_id
                     record.call_ids.append(call_id)
                     index = base + offset
@@ -1884,6 +1889,8 @@ class SimCall:
                 message_id = new_id("item_")
                 previous = self._last_item_id
                 self._last_item_id = message_id
+                if previous is None:
+                    self._first_item_id = message_id
                 started = {
                     "id": message_id,
                     "type": "message",
@@ -1944,7 +1951,10 @@ class SimCall:
                     "content": [content],
                 }
                 self._items[message_id] = done_item
-                await send("conversation.item.done", previous_item_id=previous, item=done_item)
+                # (as recorded: the item.done of an answer to the conversation's first item names no
+                # predecessor, unlike its .added; one to any later item names it)
+                done_previous = None if previous == self._first_item_id else previous
+                await send("conversation.item.done", previous_item_id=done_previous, item=done_item)
                 await send(
                     "response.output_item.done", response_id=response_id, output_index=0, item=done_item
                 )
@@ -2185,6 +2195,8 @@ class SimCall:
         """The caller's audio (``text`` was said in it) becomes user item ``item_id``: committed, added,
         done (its transcript is not in it: that comes on its own, if the session transcribes)."""
         previous, self._last_item_id = self._last_item_id, item_id
+        if previous is None:
+            self._first_item_id = item_id
         await self._send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
         item = {
             "id": item_id,
