@@ -1000,6 +1000,25 @@ async def test_a_clear_before_the_audio_starts_leaves_it_to_play() -> None:
     ]
 
 
+async def test_a_response_cancelled_before_it_began_plays_no_audio(simulator: Simulator) -> None:
+    """A ``response.cancel`` right behind its ``response.create``: the response ends cancelled before a
+    word, and no audio plays for it (no ``output_audio_buffer`` event names it); the next one plays."""
+    call = simulator.create_webrtc_call(Script([]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "response.create"})
+        await send(ws, {"type": "response.cancel"})
+        seen = await recv_until(ws, "response.done")
+        cancelled = seen[-1]["response"]
+        await send(ws, {"type": "response.create"})
+        answered = (await recv_until(ws, "response.created"))[-1]["response"]["id"]
+        seen += await recv_until(ws, "output_audio_buffer.stopped")
+    assert cancelled["status"] == "cancelled" and not [e for e in seen if e["type"] == "error"]
+    assert cancelled["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
+    played = [(e["type"], e["response_id"]) for e in seen if e["type"].startswith("output_audio_buffer")]
+    assert played == [("output_audio_buffer.started", answered), ("output_audio_buffer.stopped", answered)]
+
+
 async def test_a_caller_cutting_in_clears_the_model_audio() -> None:
     """A barge-in cancels the response (turn_detected) and clears its audio: cleared, never stopped."""
     # (the pause counts from the call's creation, not from the socket's attach)

@@ -1913,7 +1913,7 @@ class SimCall:
                 }
                 part_type, key = ("audio", "transcript") if audio else ("text", "text")
                 await send("response.content_part.added", **where, part={"type": part_type, key: ""})
-                if audio:
+                if audio and self._cancel_reason is None:  # (cancelled before it began: nothing plays)
                     await self._stop_playback()  # (one voice at a time: what still played is over)
                     await send("output_audio_buffer.started", response_id=response_id)
                     buffer_started, audio_started = True, time.monotonic()
