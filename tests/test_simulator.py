@@ -419,6 +419,63 @@ async def test_every_model_of_the_recordings_is_one_the_key_may_use(
             assert (await resp.json())["id"] == name
 
 
+@pytest.mark.parametrize("model", ["gpt-realtime-9", "whisper-1", "gpt-4o-mini-transcribe"])
+async def test_a_session_must_run_on_a_realtime_model_the_key_may_use(
+    http: aiohttp.ClientSession, model: str
+) -> None:
+    """A model ``GET /v1/models`` calls nonexistent, or one that only transcribes, is refused wherever a
+    session names it: the accept (400, or 200 and the call failing, as for any bad payload), the WebRTC
+    call's session, and ``session.update`` (an ``error``; the session unchanged)."""
+    async with Simulator() as sim:
+        call = sim.create_call()
+        url = f"{sim.base_url}/realtime/calls/{call.call_id}/accept"
+        status, raw = await post(http, url, {"type": "realtime", "model": model})
+        assert status == 400 and call.status == "ringing"
+        error = error_of(raw)
+        assert (error["type"], error["code"], error["param"]) == (
+            "invalid_request_error",
+            "invalid_value",
+            "model",
+        )
+        assert f"'{model}'" in error["message"] and "'gpt-realtime-2.1'" in error["message"]
+        with pytest.raises(ValueError, match=model):
+            sim.create_call(accept_body={"type": "realtime", "model": model})
+        form = multipart(OFFER, {"type": "realtime", "model": model})
+        async with http.post(f"{sim.base_url}/realtime/calls", data=form, headers=AUTH) as resp:
+            assert resp.status == 400 and error_of(await resp.read())["param"] == "session.model"
+        with pytest.raises(ValueError, match=model):
+            sim.create_webrtc_call(session={"type": "realtime", "model": model})
+
+        await accept(sim, http, call, {"type": "realtime", "model": "gpt-realtime-2.1"})
+        assert call.session is not None and call.session["model"] == "gpt-realtime-2.1"
+        async with ws_connect(sim, call) as ws:
+            update = {"type": "realtime", "model": model, "instructions": "Be brief."}
+            await send(ws, {"type": "session.update", "event_id": "evt_model", "session": update})
+            error = (await recv_until(ws, "error"))[-1]["error"]
+            await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+            session = (await recv_until(ws, "session.updated"))[-1]["session"]
+        assert (error["type"], error["code"], error["param"], error["event_id"]) == (
+            "invalid_request_error",
+            "invalid_value",
+            "session.model",
+            "evt_model",
+        )
+        assert session["model"] == "gpt-realtime-2.1" and session["instructions"] != "Be brief."
+        assert [e["type"] for e in call.sent].count("session.updated") == 1
+
+        sim.models.add("gpt-realtime-9")  # (a realtime model the key may use now)
+        if model == "gpt-realtime-9":
+            await accept(sim, http, sim.create_call(), {"type": "realtime", "model": model})
+
+    async with Simulator(bad_accept="fail_call") as sim:
+        call = sim.create_call(Script([caller_says("Hello?")]))
+        url = f"{sim.base_url}/realtime/calls/{call.call_id}/accept"
+        assert await post(http, url, {"type": "realtime", "model": model}) == (200, b"")
+        await call.wait_ended(timeout=5)
+        assert call.end_reason == "accept_failed" and call.accept_problem is not None
+        assert f"'{model}'" in call.accept_problem
+
+
 BAD_SIP_ACCEPTS = [
     {"type": "realtime", "audio": {"input": {"format": None}}},
     {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 0.6}}}},

@@ -78,16 +78,17 @@ Fault: TypeAlias = int | Literal["timeout", "late"]
 _DEFAULT_MODEL = "gpt-realtime"
 _VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 """The built-in voices (a session may also name a custom one: ``{"id": "voice_…"}``)."""
+_TRANSCRIPTION_MODELS = frozenset(
+    {"gpt-realtime-whisper", "gpt-4o-mini-transcribe", "gpt-4o-transcribe", "whisper-1"}
+)
+"""Models that transcribe and do nothing else: no session may run on one."""
 _MODELS = frozenset(
     {
         "gpt-realtime",
         "gpt-realtime-2.1",
         "gpt-realtime-mini",
         "gpt-4o-realtime-preview",
-        "gpt-realtime-whisper",
-        "gpt-4o-mini-transcribe",
-        "gpt-4o-transcribe",
-        "whisper-1",
+        *_TRANSCRIPTION_MODELS,
     }
 )
 """The models the simulated key may use by default (``GET /models/{model}``): the realtime and
@@ -1449,7 +1450,9 @@ class SimCall:
                 event_id=event_id,
             )
             return
-        problem = _check_session(update, "session.", sip=self.kind == "sip", accept=False)
+        problem = _check_session(
+            update, "session.", sip=self.kind == "sip", accept=False
+        ) or self._sim._check_model(update, "session.")
         if problem is not None:
             await self._error(problem.code, problem.message, param=problem.param, event_id=event_id)
             return
@@ -2539,7 +2542,10 @@ class Simulator:
     ``models`` (a set: the realtime and transcription models, and ``model``) is what the key may use:
     ``GET /v1/models/{model}`` answers the model for those and 404 ``model_not_found`` for any other.
     ``key_reads_models = False`` makes it a restricted key without the models scope: that lookup then
-    answers 401 ``Missing scopes: api.model.read``. Both are plain attributes.
+    answers 401 ``Missing scopes: api.model.read``. Both are plain attributes. A session's ``model`` (an
+    accept's, a WebRTC call's, a ``session.update``'s) must be one of ``models`` that is no transcription
+    model: another is refused as a bad payload is (``bad_accept`` applies), with an ``error`` event
+    (``session.model``) for a ``session.update``.
 
     ``account`` (a plain attribute) is the standing of the key's project: ``"ok"``; ``"no_credit"``, every
     request with the key (call control, the sideband handshake) answered 429 ``insufficient_quota``, as
@@ -2757,7 +2763,7 @@ class Simulator:
             body = dict(accept_body)
             if "type" not in body:
                 raise ValueError("invalid accept body: missing required parameter 'type'")
-            problem = _check_session(body, "", sip=True, accept=True)
+            problem = _check_session(body, "", sip=True, accept=True) or self._check_model(body, "")
             if problem is not None:
                 raise ValueError(f"invalid accept body: {problem.message}")
         call = self._register_sip_call(
@@ -2845,7 +2851,9 @@ class Simulator:
     ) -> SimCall:
         """A WebRTC call as if a browser had created it with an ephemeral key (status ``"accepted"``)."""
         body = dict(session) if session is not None else {"type": "realtime"}
-        problem = _check_session(body, "session.", sip=False, accept=True)
+        problem = _check_session(body, "session.", sip=False, accept=True) or self._check_model(
+            body, "session."
+        )
         if problem is not None:
             raise ValueError(f"invalid session: {problem.message}")
         key = self.mint_ephemeral_key(body)
@@ -3016,6 +3024,19 @@ class Simulator:
         await self._closing.wait()
         return _error_response(504, "Gateway timeout.", type_="server_error")
 
+    def _check_model(self, session: Mapping[str, Any], prefix: str) -> _Problem | None:
+        """A session's ``model`` the service would refuse: one the key may not use (see :attr:`models`),
+        or one that only transcribes."""
+        model = session.get("model")
+        if not isinstance(model, str) or (model in self.models and model not in _TRANSCRIPTION_MODELS):
+            return None
+        names = ", ".join(f"'{m}'" for m in sorted(self.models - _TRANSCRIPTION_MODELS))
+        return _Problem(
+            f"{prefix}model",
+            "invalid_value",
+            f"Invalid value: '{model}'. Supported values are: {names}.",
+        )
+
     def _take_fault(self, call_id: str) -> Fault | None:
         call = self.calls.get(call_id)
         queue = call.accept_faults if call is not None else self._call_faults.get(call_id)
@@ -3129,7 +3150,9 @@ class Simulator:
                 "type", "missing_required_parameter", "Missing required parameter: 'type'."
             )
         else:
-            problem = _check_session(body, "", sip=call.kind == "sip", accept=True)
+            problem = _check_session(body, "", sip=call.kind == "sip", accept=True) or self._check_model(
+                body, ""
+            )
         if problem is None:
             call._accept(body)
         elif self.bad_accept == "fail_call":
@@ -3233,6 +3256,9 @@ class Simulator:
         refused = _refuse_webrtc_session(session, accept=True)
         if refused is not None:
             return refused
+        problem = self._check_model(session, "session.")
+        if problem is not None:
+            return _error_response(400, problem.message, param=problem.param, code=problem.code)
         call = self._new_webrtc_call(self.next_webrtc_script, session)
         call.sdp_offer = sdp
         used = request.get(_EPHEMERAL)
