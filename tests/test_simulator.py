@@ -543,6 +543,90 @@ async def test_accept_unknown_or_not_ringing_is_404(
     ] == 404
 
 
+async def test_a_call_nobody_accepts_rings_out(http: aiohttp.ClientSession) -> None:
+    """PROTOCOL A1: a call accepted late fails (the caller hears ringing, then the leg is dropped). Once
+    ``ring_timeout`` passes unaccepted the call ends (``ring_timeout``): every verb gets 404
+    ``call_not_found`` and a sideband handshake is refused as for any call gone."""
+    assert Simulator().ring_timeout == 30.0
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="ring_timeout"):
+            Simulator(ring_timeout=bad)
+    async with Simulator(ring_timeout=0.1, gone_status=410) as sim:
+        call = sim.create_call(Script([caller_says("Hello?")]))
+        answered = sim.create_call()
+        await accept(sim, http, answered)
+        await call.wait_ended(timeout=5)
+        assert (call.status, call.end_reason) == ("ended", "ring_timeout")
+        with pytest.raises(ScriptError, match="ring_timeout"):
+            await call.wait_done(timeout=1)
+        base = f"{sim.base_url}/realtime/calls/{call.call_id}"
+        for verb, body in (
+            ("accept", {"type": "realtime"}),
+            ("reject", None),
+            ("refer", {"target_uri": "tel:+14155550123"}),
+            ("hangup", None),
+        ):
+            status, raw = await post(http, f"{base}/{verb}", body)
+            assert (status, error_of(raw)["code"]) == (404, "call_not_found"), verb
+        response = await expect_refused(sim, call)
+        assert response.status_code == 410 and b"call_id_not_found" in response.body
+        assert call.accept_body is None and call.sideband_connects == 0
+        assert (answered.status, answered.end_reason) == ("accepted", None)  # (an accepted call stays)
+
+
+async def test_an_accept_in_flight_when_the_ring_timeout_passes_keeps_the_call(
+    http: aiohttp.ClientSession,
+) -> None:
+    """An accept whose request came in before the ring timeout, its body still on the way, keeps the
+    call: taken, it is accepted; refused, the call then ends (``ring_timeout``). One held without an
+    answer (a ``timeout`` fault: nothing done) keeps nothing."""
+    sent = {name: asyncio.Event() for name in ("kept", "failed")}
+    finish = asyncio.Event()
+
+    async def slow_body(name: str) -> AsyncIterator[bytes]:
+        yield b'{"type": '
+        sent[name].set()
+        await finish.wait()
+        yield b'"realtime"}'
+
+    async def slow_accept(sim: Simulator, call: SimCall, name: str) -> int:
+        headers = {**AUTH, "Content-Type": "application/json"}
+        url = f"{sim.base_url}/realtime/calls/{call.call_id}/accept"
+        async with http.post(url, data=slow_body(name), headers=headers) as resp:
+            return resp.status
+
+    async with Simulator(ring_timeout=0.5) as sim:
+        kept, failed, held = sim.create_call(), sim.create_call(), sim.create_call()
+        silent = sim.create_call()  # (created last: once it rang out, so had the others)
+        sim.fail_accept(failed.call_id, 503)
+        sim.fail_accept(held.call_id, "timeout")
+        answers = [
+            asyncio.create_task(slow_accept(sim, kept, "kept")),
+            asyncio.create_task(slow_accept(sim, failed, "failed")),
+        ]
+        holding = asyncio.create_task(
+            post(http, f"{sim.base_url}/realtime/calls/{held.call_id}/accept", {"type": "realtime"})
+        )
+        await asyncio.gather(*(event.wait() for event in sent.values()))
+        await sim.wait_for(
+            lambda _: (
+                kept._accepts_in_flight == failed._accepts_in_flight == 1
+                and held.accept_received_ns is not None
+            ),
+            what="accepts in flight",
+        )
+        await silent.wait_ended(timeout=5)
+        assert (kept.status, failed.status) == ("ringing", "ringing")
+        assert (held.end_reason, silent.end_reason) == ("ring_timeout", "ring_timeout")
+        finish.set()
+        assert await asyncio.gather(*answers) == [200, 503]
+        await failed.wait_ended(timeout=5)
+        holding.cancel()
+        await asyncio.gather(holding, return_exceptions=True)
+    assert (kept.status, kept.end_reason) == ("accepted", None)
+    assert (failed.status, failed.end_reason) == ("ended", "ring_timeout")
+
+
 async def test_accept_faults_apply_first_in_order(simulator: Simulator, http: aiohttp.ClientSession) -> None:
     call = simulator.create_call()
     url = f"{simulator.base_url}/realtime/calls/{call.call_id}/accept"

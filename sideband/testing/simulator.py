@@ -98,6 +98,7 @@ _DEFAULT_INSTRUCTIONS = (
     "remember that you aren't a human and that you can't do human things in the real world."
 )
 _SESSION_MAX_SECONDS = 3600
+_RING_TIMEOUT = 30.0
 _CLOSE_TIMEOUT = 2.0
 _BAD_ACCEPT_LIFETIME = 0.5  # how long a call accepted with a bad body lives (bad_accept="fail_call")
 _HOLD_TURNS = 10  # event-loop turns a response stays active, at least, after its last event before done
@@ -926,7 +927,7 @@ class SimCall:
       ``to_number``, ``sip_headers``, ``media_security``;
     - ``status`` (``"ringing"``, ``"accepted"``, ``"rejected"``, ``"referred"``, ``"ended"``) and
       ``end_reason`` (``"caller_hangup"``, ``"hangup_verb"``, ``"rejected"``, ``"referred"``,
-      ``"session_expired"``, ``"script_done"``, ``"accept_failed"``);
+      ``"session_expired"``, ``"script_done"``, ``"accept_failed"``, ``"ring_timeout"``);
     - ``accept_body``, ``accept_problem`` (what was wrong with an accept body taken with
       ``bad_accept="fail_call"``, else ``None``), ``reject_body``, ``refer_target``, ``hangup_requested``,
       ``session`` (the full effective session), ``sdp_offer``/``ephemeral_key`` (WebRTC);
@@ -1032,6 +1033,9 @@ class SimCall:
         self._vad_turn = False
         self._injected: dict[str, InjectedCall] = {}
         self._idle_task: asyncio.Task[None] | None = None  # the server's idle timer (idle_timeout_ms)
+        self._ring_task: asyncio.Task[None] | None = None  # ends the call if nobody accepts it in time
+        self._rung_out = False  # the ring timeout passed while an accept was in flight
+        self._accepts_in_flight = 0  # accept requests received, not yet decided
 
     def __repr__(self) -> str:
         return f"<SimCall {self.call_id} {self.kind} status={self.status} end_reason={self.end_reason}>"
@@ -1221,6 +1225,7 @@ class SimCall:
     # ------------------------------------------------------------------------------------ lifecycle
 
     def _accept(self, body: dict[str, Any]) -> None:
+        self._stop_ringing()
         self.status = "accepted"
         self.accept_body = body
         seconds = self._sim.session_seconds
@@ -1240,6 +1245,7 @@ class SimCall:
     def _accept_bad(self, body: dict[str, Any], problem: str) -> None:
         """Accepted (200) with a body the service cannot use: the call fails soon after. A sideband that
         attaches meanwhile is closed at once; later ones are refused, the call being gone."""
+        self._stop_ringing()
         self.status = "accepted"
         self.accept_body = body
         self.accept_problem = problem
@@ -1248,6 +1254,35 @@ class SimCall:
         )
         self._sim._spawn(self._fail_soon())
         self._notify()
+
+    def _stop_ringing(self) -> None:
+        task, self._ring_task = self._ring_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _ring_out(self, seconds: float) -> None:
+        """Nobody accepted the call within ``seconds``: the caller heard it ring, then the leg is dropped
+        (``ring_timeout``). An accept in flight then keeps the call: it ends only if that accept fails."""
+        await asyncio.sleep(seconds)
+        self._ring_task = None
+        if self.status != "ringing" or self._ended.is_set():
+            return
+        if self._accepts_in_flight:
+            self._rung_out = True  # (decided when the accept is)
+            return
+        await self._end("ring_timeout")
+
+    def _accept_arrived(self) -> None:
+        """An accept request for the ringing call came in (its body may still be on its way)."""
+        self._accepts_in_flight += 1
+
+    def _accept_decided(self) -> None:
+        """That accept was carried out or refused: a call that rang out meanwhile and is still not
+        accepted ends now."""
+        self._accepts_in_flight -= 1
+        if self._accepts_in_flight or not self._rung_out or self.status != "ringing" or self._sim._closed:
+            return
+        self._sim._spawn(self._end("ring_timeout"))
 
     async def _fail_soon(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -1265,6 +1300,7 @@ class SimCall:
         """End the call once: record the reason, stop the script, close the sideband(s) per ``mode``."""
         if self._ended.is_set():
             return
+        self._stop_ringing()
         if reason == "rejected":
             self.status = "rejected"
         elif reason == "referred":
@@ -2493,6 +2529,10 @@ class SimCall:
         await self._end("caller_hangup", mode)
 
 
+_ACCEPTING = web.RequestKey("sideband_simulator_accepting", SimCall)
+"""Per-request storage: the ringing call an accept request is for, until the accept is decided."""
+
+
 class Simulator:
     """An in-process OpenAI Realtime (SIP/WebRTC) service on a loopback port.
 
@@ -2539,6 +2579,13 @@ class Simulator:
     later handshakes are refused as for any ended call): ``end_reason`` ``"accept_failed"``, the problem
     in ``accept_problem``, the script not played. A plain attribute, like ``verb_close``.
 
+    ``ring_timeout`` is how long a SIP call rings before the caller's leg is dropped, if nobody accepts
+    it (30 s by default; ``None``: for ever): as on the real service, a call accepted too late fails. The
+    call then ends (``end_reason`` ``"ring_timeout"``): accept, reject, refer and hangup get 404
+    ``call_not_found`` and a sideband handshake is refused as for any call gone. An accept whose request
+    came in before then keeps the call (it ends only if that accept fails). A plain attribute, read when
+    a call is created.
+
     ``models`` (a set: the realtime and transcription models, and ``model``) is what the key may use:
     ``GET /v1/models/{model}`` answers the model for those and 404 ``model_not_found`` for any other.
     ``key_reads_models = False`` makes it a restricted key without the models scope: that lookup then
@@ -2583,9 +2630,14 @@ class Simulator:
         playback_rate: float | None = None,
         session_seconds: float = _SESSION_MAX_SECONDS,
         bad_accept: Literal["refuse", "fail_call"] = "refuse",
+        ring_timeout: float | None = _RING_TIMEOUT,
     ) -> None:
         if not 0 < session_seconds < 10**9:
             raise ValueError(f"session_seconds must be a positive number of seconds, not {session_seconds!r}")
+        if ring_timeout is not None and not 0 < ring_timeout < 10**9:
+            raise ValueError(
+                f"ring_timeout must be a positive number of seconds or None, not {ring_timeout!r}"
+            )
         if verb_close not in ("clean", "going_away", "abnormal", "silent"):
             raise ValueError(f"verb_close must be clean, going_away, abnormal or silent, not {verb_close!r}")
         if min_response_time is not None and not 0 <= min_response_time < 60:
@@ -2615,6 +2667,7 @@ class Simulator:
         self.session_seconds = session_seconds
         self.bad_accept: Literal["refuse", "fail_call"] = bad_accept
         """How long a call's session lasts (its ``expires_at``): then ``session_expired``, close 1001."""
+        self.ring_timeout = ring_timeout
         self.models: set[str] = {*_MODELS, model}
         self.key_reads_models = True
         self.account: Literal["ok", "no_credit", "region_refused"] = "ok"
@@ -2812,6 +2865,8 @@ class Simulator:
             media_security=media_security,
         )
         self.calls[call_id] = call
+        if self.ring_timeout is not None and not self._closed:
+            call._ring_task = self._spawn(call._ring_out(self.ring_timeout))
         self._notify()
         return call
 
@@ -2941,6 +2996,28 @@ class Simulator:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.match_info.get("verb") != "accept":
+            return await self._serve(request, handler)
+        # An accept in flight (its body may still be coming) keeps a ringing call past its ring timeout.
+        call = self.calls.get(request.match_info.get("call_id", ""))
+        if call is not None and call.status == "ringing":
+            call._accept_arrived()
+            request[_ACCEPTING] = call
+            self._notify()
+        try:
+            return await self._serve(request, handler)
+        finally:
+            self._accept_decided(request)
+
+    @staticmethod
+    def _accept_decided(request: web.Request) -> None:
+        """The accept request was carried out or refused (once per request; no-op for other requests)."""
+        call = request.get(_ACCEPTING)
+        if call is not None:
+            del request[_ACCEPTING]
+            call._accept_decided()
+
+    async def _serve(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         body = await request.read() if request.can_read_body else b""
         parsed: Any = None
         if body and _media_type(request) == "application/json":
@@ -3129,6 +3206,15 @@ class Simulator:
         return web.Response(status=200)
 
     async def _handle_accept(self, request: web.Request, call_id: str) -> web.StreamResponse:
+        try:
+            answer = await self._decide_accept(request, call_id)
+        finally:
+            self._accept_decided(request)
+        return await self._hold() if answer is None else answer
+
+    async def _decide_accept(self, request: web.Request, call_id: str) -> web.Response | None:
+        """Carry out or refuse an accept: the answer, or ``None`` to hold it (a ``timeout`` fault; a
+        ``late`` one once the call is accepted)."""
         received_ns = time.monotonic_ns()
         call = self.calls.get(call_id)
         if call is None and self.auto_create_calls:
@@ -3137,7 +3223,7 @@ class Simulator:
             call.accept_received_ns = received_ns
         fault = self._take_fault(call_id)
         if fault == "timeout":
-            return await self._hold()
+            return None
         if fault is not None and fault != "late":
             return _fault_response(fault)
         if call is None or call.status != "ringing":
@@ -3160,7 +3246,7 @@ class Simulator:
         else:
             return _error_response(400, problem.message, param=problem.param, code=problem.code)
         if fault == "late":
-            return await self._hold()
+            return None
         return web.Response(status=200)
 
     async def _handle_model(self, request: web.Request) -> web.StreamResponse:
