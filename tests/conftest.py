@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any
@@ -14,6 +15,8 @@ import uvloop
 from structlog.testing import LogCapture
 
 from sideband import CallContext, Sideband, ToolError
+from sideband.runtime.machine import MachineConfig
+from sideband.service import Service
 from sideband.settings import Settings
 from sideband.testing import Harness, SimCall, Simulator, run_app
 from sideband.testing.harness import harness_settings
@@ -61,6 +64,17 @@ TEST_SETTINGS: dict[str, Any] = {
     "accept_attempt_timeout": 0.5,
     "reattach_attempts": 2,
 }
+
+
+def transfer_window(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Make the calls the service starts wait ``seconds`` (45 by default) after a refer's 200 for the
+    server to end them before taking the transfer as failed (``MachineConfig.transfer_confirm``)."""
+    made = Service._machine_config
+
+    def config(service: Service, plan: Any) -> MachineConfig:
+        return dataclasses.replace(made(service, plan), transfer_confirm=seconds)
+
+    monkeypatch.setattr(Service, "_machine_config", config)
 
 
 def settings_for(sim: Simulator, **overrides: Any) -> Settings:

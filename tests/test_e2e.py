@@ -31,7 +31,7 @@ from sideband.testing import (
 )
 from sideband.upstream.openai import CallControl, UpstreamError, retry_after, with_retries
 
-from .conftest import TEST_SETTINGS, Stack, heard_at_verb, make_app
+from .conftest import TEST_SETTINGS, Stack, heard_at_verb, make_app, transfer_window
 
 GREETING = wait_for_greeting("Hello, test desk.")
 
@@ -760,11 +760,14 @@ async def test_transfer_tool_refers_to_allow_listed_target(stack: Stack) -> None
     ids=["hangup", "refer"],
 )
 async def test_our_verb_ends_the_call_however_the_service_ends_the_sideband(
-    stack: Stack, mode: str, case: tuple[str, dict[str, str], str, str]
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, mode: str, case: tuple[str, dict[str, str], str, str]
 ) -> None:
     """After our hangup or refer the real service closes the sideband cleanly, drops it, or leaves it
-    open: each time the call ends at once with our reason, one verb, and no re-attach to a finished call."""
+    open: each time the call ends with our reason, one verb, and no re-attach to a finished call. (A
+    transfer whose sideband is left open confirms nothing: once its window is over the call is hung up,
+    and that hangup finding the call gone says it was transferred.)"""
     tool, arguments, verb, reason = case
+    transfer_window(monkeypatch, 0.2)
     stack.sim.verb_close = mode  # type: ignore[assignment]
     ended: list[str] = []
     stack.app.on_call_end(lambda ctx, summary: ended.append(summary.reason))
@@ -776,8 +779,9 @@ async def test_our_verb_ends_the_call_however_the_service_ends_the_sideband(
     await stack.ended(call, timeout=5)  # (its end hooks have run)
     await stack.wait_idle()
     assert ended == [reason]
+    verbs = [verb, "hangup"] if (verb, mode) == ("refer", "silent") else [verb]
     assert [r.path for r in stack.sim.requests if r.path.endswith(("/hangup", "/refer"))] == [
-        f"/v1/realtime/calls/{call.call_id}/{verb}"
+        f"/v1/realtime/calls/{call.call_id}/{v}" for v in verbs
     ]
     assert call.sideband_connects == 1
     assert call.script_error is None

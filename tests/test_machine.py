@@ -783,7 +783,8 @@ def test_a_transfer_asked_for_before_the_idle_goodbye_is_said_replaces_it() -> N
     started(m, answer[1]["response"], "r_ans")
     done = m.receive(response_done("r_ans"))
     assert types(done) == [] and Verb("refer", "tel:+14155550123") in done
-    assert m.verb_done(True) == [Close("transferred")]
+    assert m.verb_done(True) == [StartTimer("transfer", 45.0)]  # the server's close ends it
+    assert m.transport_closed(1000) == [Close("transferred")]
 
 
 def test_code_hanging_up_with_the_idle_limits_reason_is_not_withdrawn() -> None:
@@ -1493,6 +1494,81 @@ def test_failed_refer_falls_back_to_hangup_and_ends_as_transfer_failed() -> None
     m5.start()
     m5.request_end("hangup")
     assert m5.verb_done(True, "call already gone", gone=True) == [Close("hangup")]
+
+
+def transferring(**kw: Any) -> CallMachine:
+    """A live machine whose transfer's REFER was answered 200."""
+    m = live_machine(**kw)
+    assert Verb("refer", "tel:+14155550123") in m.request_end(
+        "transferred", verb="refer", target="tel:+14155550123"
+    )
+    assert m.verb_done(True) == [StartTimer("transfer", kw.get("transfer_confirm", 45.0))]
+    return m
+
+
+@pytest.mark.parametrize("close", ["clean", "lost"])
+def test_a_refers_200_keeps_the_call_until_the_server_ends_it(close: str) -> None:
+    """The 200 only says the REFER was handed over: the call stays ours, going (nothing started or said,
+    tool calls discarded, code's hangup and the limits ignored), until the server closes the sideband."""
+    m = transferring(max_call_duration=600, max_idle_duration=30)
+    assert m.closed is None and m.verb_sent and m.transferring
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    feed(m, call_events("c2", "lookup", "{}", resp="r2"))
+    done = m.receive(response_done("r2"))
+    assert not [a for a in done if isinstance(a, (RunTool, Send))]
+    assert [n["reason"] for n in notices(done, "tool.discarded")] == ["call_ending"]
+    assert m.request_end("hangup") == [] and m.say("one more thing") == []
+    assert m.timer("end_cap") == [] and m.timer("max_duration") == [] and m.timer("idle") == []
+    assert m.closed is None
+    ended = m.transport_closed(1000) if close == "clean" else m.sideband_lost()
+    assert ended == [Close("transferred")] and not m.transferring
+    assert m.timer("transfer") == []  # (the window's timer, should it fire still, finds the call over)
+
+
+def test_a_transfer_the_server_does_not_end_within_the_window_is_hung_up() -> None:
+    m = transferring(transfer_confirm=5.0)
+    fallback = m.timer("transfer")
+    assert notices(fallback, "call.transfer_unconfirmed") == [{"target": "tel:+14155550123", "waited_s": 5.0}]
+    assert notices(fallback, "call.ending") == [
+        {"reason": "transfer_failed", "verb": "hangup", "target": None}
+    ]
+    assert fallback[-1] == Verb("hangup") and m.closed is None and not m.transferring
+    assert m.timer("transfer") == [] and m.request_end("hangup") == []
+    assert m.sideband_lost() == []  # the hangup's answer ends the call
+    assert m.verb_done(True) == [Close("transfer_failed")]
+    # Its sideband closed by the hangup; the hangup failing; the call gone by then (it ended without us).
+    m2 = transferring()
+    m2.timer("transfer")
+    assert m2.transport_closed(1000) == [Close("transfer_failed")]
+    m3 = transferring()
+    m3.timer("transfer")
+    assert m3.verb_done(False, "503")[-1] == Close("hangup_failed")
+    m4 = transferring()
+    m4.timer("transfer")
+    assert m4.verb_done(True, "call already gone", gone=True) == [Close("transferred")]
+
+
+def test_a_shutdown_while_a_transfer_is_awaited_ends_it_as_transferred() -> None:
+    m = transferring()
+    assert m.abandon("internal_error") == [] and m.closed is None  # the window still decides
+    assert m.abandon("shutdown") == [Close("transferred")]
+    m2 = transferring()
+    assert m2.fail("shutdown") == [Close("transferred")]  # (the run cut short: no hangup_failed)
+    m3 = transferring()
+    m3.timer("transfer")  # its hangup is out: a shutdown cuts it short, the call may still be up
+    assert m3.fail("shutdown")[-1] == Close("hangup_failed")
+
+
+def test_a_sideband_lost_before_the_refers_200_ends_the_call_as_transferred_at_once() -> None:
+    m = live_machine()
+    m.request_end("transferred", verb="refer", target="tel:+14155550123")
+    assert m.sideband_lost() == [] and m.closed is None  # (not re-attached: the answer decides)
+    assert m.verb_done(True) == [Close("transferred")]
+    m2 = live_machine()
+    m2.request_end("transferred", verb="refer", target="tel:+14155550123")
+    m2.sideband_lost()
+    assert m2.verb_done(False, "400")[-1] == Verb("hangup")  # a refused REFER: hung up as ever
+    assert m2.verb_done(True) == [Close("transfer_failed")]
 
 
 def test_refused_filler_is_dropped_once_its_tool_finished() -> None:

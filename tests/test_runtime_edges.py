@@ -38,7 +38,7 @@ from sideband.tools import ToolRegistry
 from sideband.upstream._ws import PushConnection
 from sideband.upstream.openai import CallGone, SidebandRefused, connect_sideband
 
-from .conftest import TEST_SETTINGS, Stack, asked, capture_logs, make_app, untagged
+from .conftest import TEST_SETTINGS, Stack, asked, capture_logs, make_app, transfer_window, untagged
 
 HELLO = wait_for_greeting("Hello.")
 
@@ -751,14 +751,18 @@ async def test_a_transfer_that_finds_the_call_gone_is_not_reported_as_transferre
     ("close", "verbs", "outcome"),
     [
         pytest.param("clean", ["refer"], "ended", id="sideband_closed_by_the_transfer"),
-        pytest.param("silent", ["refer", "hangup"], "transferred", id="hangup_finds_the_call_gone"),
+        pytest.param("abnormal", ["refer", "hangup"], "transferred", id="sideband_dropped_by_the_transfer"),
+        pytest.param("silent", ["refer", "hangup", "hangup"], "transferred", id="hangup_finds_the_call_gone"),
     ],
 )
 async def test_a_transfer_whose_refer_is_answered_late_is_sent_once_and_ends_transferred(
-    stack: Stack, close: Any, verbs: list[str], outcome: str
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, close: Any, verbs: list[str], outcome: str
 ) -> None:
     """The REFER was handed over but its answer came too late: it is not sent again (each reaches the
-    carrier). The call ended meanwhile (its sideband closed), or a hangup finds it gone: transferred."""
+    carrier). The call ended meanwhile (its sideband closed), or a hangup finds it gone: transferred.
+    (A sideband the service leaves open confirms nothing: the call ends once the transfer's window is
+    over, its hangup finding the call gone.)"""
+    transfer_window(monkeypatch, 0.2)
     stack.sim.verb_close = close
     call = transfer_call(stack)
     stack.sim.fail_verb(call.call_id, "refer", "late")

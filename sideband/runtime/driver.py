@@ -673,9 +673,10 @@ class CallRuntime:
                 return
             if self.machine.verb_sent:
                 # Our hangup or refer is out (the service drops the sideband as it carries it out): its
-                # answer ends the call (``run`` waits for it), and a call being hung up is not attached
-                # again.
+                # answer ends the call (``run`` waits for it), or ended it already (a refer's 200: the
+                # call waited for this close), and a call being hung up is not attached again.
                 self.log.info("sideband.lost", close_code=code)
+                self._apply(self.machine.sideband_lost())
                 return
             caps = self.machine.caps
             final = caps.close_reasons.get(code) if code is not None else None
@@ -796,9 +797,13 @@ class CallRuntime:
         """Wait until a call hung up without its socket (an attach that failed, sockets lost again and
         again, a crash) has closed: its hangup is retried for its own budget (half a minute), which the
         cleanup's :data:`TASK_GRACE` would otherwise cut short, leaving the caller on a call nobody
-        controls. (A call that ended any other way has closed already.)"""
+        controls. (A call that ended any other way has closed already.) A transfer still waiting for the
+        server to end the call gets its window on top (its hangup follows it)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + _VERB_BOUND
+        machine = self.machine
+        deadline = (
+            loop.time() + _VERB_BOUND + (machine.config.transfer_confirm if machine.transferring else 0.0)
+        )
         while self.machine.closed is None and (left := deadline - loop.time()) > 0:
             await self._backoff(left)  # (the machine's Close wakes it)
 
@@ -1301,6 +1306,7 @@ class CallRuntime:
             "mcp.failed",
             "call.verb_failed",
             "call.end_forced",
+            "call.transfer_unconfirmed",
             "guardrail.silenced",
         ):
             self.log.warning(event, **fields)

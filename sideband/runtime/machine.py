@@ -199,6 +199,10 @@ class MachineConfig:
     max_identical_calls: int = 3
     end_cap: float = 10.0
     """Longest wait for in-flight tools and the model's last words before hangup/refer."""
+    transfer_confirm: float = 45.0
+    """After a refer's 200 (the REFER was handed to the SIP provider: nothing tells how the transfer went),
+    how long the call waits for the server to end it (close the sideband) before taking the transfer as
+    failed: ``call.transfer_unconfirmed``, a hangup, and the end reason ``transfer_failed``."""
     reattach_grace: float = 2.0
     """After a re-attach, how long to wait for the ``response.done`` of a response whose tool calls were
     announced on the lost socket before treating those calls as interrupted, for the acknowledgements of
@@ -226,6 +230,7 @@ default limit, 3540 s, leaves as much of OpenAI's 60 minutes)."""
 _IDLE = "idle"
 _MAX_DURATION = "max_duration"
 _END_CAP = "end_cap"
+_TRANSFER = "transfer"
 _ORPHANS = "orphans"
 _OUTPUT_EVENT = "sb_output_"
 _CREATE_EVENT = "sb_create_"
@@ -273,6 +278,8 @@ class _End:
     parting: bool = False  # the end says a goodbye of its own (a limit's)
     withdrawable: bool = False  # the caller's return withdraws it (the idle limit's: see _caller_back)
     verb_sent: bool = False
+    referred: bool = False  # the refer was answered 200: the server's close of the sideband ends the call
+    lost: bool = False  # the socket was lost once the verb was out (it is not re-attached)
     held: bool = False  # a re-attach happened meanwhile: the server's state shows itself first
     says: int = 0  # say() requests queued before the end was asked for: spoken before its verb
     byes: int = 0  # goodbyes asked for (one cut off is asked for once more: see _goodbye_cut)
@@ -468,6 +475,13 @@ class CallMachine:
     def verb_sent(self) -> bool:
         """The end's hangup/refer went out: nothing more is started or said."""
         return self._going
+
+    @property
+    def transferring(self) -> bool:
+        """The refer was answered (handed to the SIP provider) and the call waits for the server to end
+        it: the sideband's close says the transfer took (see :meth:`verb_done`)."""
+        end = self._end
+        return end is not None and end.referred and end.verb == "refer" and self._closed is None
 
     @property
     def ending(self) -> bool:
@@ -734,6 +748,8 @@ class CallMachine:
             ]
         if name == _END_CAP:
             return self._fire_end(forced=True)
+        if name == _TRANSFER:
+            return self._transfer_unconfirmed()
         if name.startswith(_FILLER):
             return self._filler(name[len(_FILLER) :])
         if name == _ORPHANS:
@@ -748,6 +764,14 @@ class CallMachine:
     def verb_done(self, ok: bool, detail: str | None = None, *, gone: bool = False) -> list[Action]:
         """The hangup/refer verb finished (``ok``; ``gone``: answered 404, the call had ended) or failed.
 
+        A refer's 200 only says the REFER was handed to the SIP provider: the call stays ours (nothing
+        more is started or said) until the server ends it, closing the sideband (:meth:`transport_closed`,
+        :meth:`sideband_lost`): then it ends ``transferred``. Still open after
+        :attr:`MachineConfig.transfer_confirm` seconds, the transfer is taken as failed
+        (``call.transfer_unconfirmed``): the call is hung up and ends ``transfer_failed``, unless that
+        hangup finds it gone (it ended without us: ``transferred``). A socket lost while the refer was
+        still unanswered was the server's close: its 200 ends the call ``transferred`` at once.
+
         A failed refer falls back to a hangup (the caller must not stay on a call nobody controls) and
         the call ends with reason ``transfer_failed``. A refer that finds the call gone transferred
         nothing: ``call_not_found``. A hangup that fails (its retries spent) ends our part with reason
@@ -757,6 +781,11 @@ class CallMachine:
         if self._closed is not None or end is None:
             return []
         if ok and not (gone and end.verb == "refer"):
+            if end.verb == "refer" and not end.lost:
+                end.referred = True
+                return [StartTimer(_TRANSFER, self.config.transfer_confirm)]
+            if gone and end.referred:  # the hangup after an unconfirmed transfer: the call had ended
+                return self._close("transferred")
             return self._close(end.reason)
         actions: list[Action] = [Notice("call.verb_failed", {"verb": end.verb, "detail": detail})]
         if ok:  # a refer answered 404
@@ -771,21 +800,39 @@ class CallMachine:
         return [*actions, *self._close("hangup_failed")]
 
     def transport_closed(self, code: int | None, reason: str = "") -> list[Action]:
-        """The socket closed for good (the driver gave up re-attaching or the close was clean)."""
+        """The socket closed for good (the driver gave up re-attaching or the close was clean). Once the
+        end's verb is out, the call ends with the end's reason (``transferred`` after a refer's 200)."""
         if self._closed is not None:
             return []
         if self._end is not None and self._end.verb_sent:
             return self._close(self._end.reason)
         return self._close("remote_closed")
 
+    def sideband_lost(self) -> list[Action]:
+        """The socket was lost (no clean close) once the end's verb was out: the call is going, and it is
+        not re-attached. After a refer's 200 the server ended the call: ``transferred``. A verb still
+        unanswered ends the call when it is answered (a refer's 200 then ends it ``transferred`` at
+        once: the server dropped the sideband as it carried the REFER out)."""
+        end = self._end
+        if self._closed is not None or end is None or not end.verb_sent:
+            return []
+        if self.transferring:
+            return self._close(end.reason)
+        end.lost = True
+        return []
+
     def fail(self, reason: str) -> list[Action]:
         """End now for a reason found by the driver (``call_not_found``, ``shutdown``…).
 
         A ``shutdown`` that cuts short a hangup or refer still unanswered ends ``hangup_failed``: the
-        call may still be up, and the end reason must not say otherwise."""
+        call may still be up, and the end reason must not say otherwise. One while the call waits for
+        the server to end a transfer (:attr:`transferring`) ends ``transferred``: the refer was carried
+        out."""
         if self._closed is not None:
             return []
         end = self._end
+        if self.transferring and end is not None:
+            return self._close(end.reason)
         if reason == "call_not_found" and end is not None and end.verb_sent:
             reason = end.reason
         elif reason == "shutdown" and end is not None and end.verb_sent:
@@ -799,7 +846,11 @@ class CallMachine:
     def abandon(self, reason: str) -> list[Action]:
         """The sideband cannot be (re-)attached while the call may still be up: hang up at once (there is
         no socket to wait on for outputs or the model's last words), then end with ``reason``. A hangup
-        or transfer already under way is sent now instead (the idle limit's end too)."""
+        or transfer already under way is sent now instead (the idle limit's end too). A transfer the
+        call waits on (:attr:`transferring`) is left to its window, but a ``shutdown`` ends it at once
+        (``transferred``: the refer was carried out)."""
+        if self.transferring:
+            return self.fail(reason) if reason == "shutdown" else []
         asked = self.request_end(reason) if self._end is None else []
         return [*asked, *self._fire_end(forced=True)]
 
@@ -1872,6 +1923,20 @@ class CallMachine:
         if end.verb is None:
             return actions + self._close(end.reason)
         return [*actions, Verb(end.verb, end.target)]
+
+    def _transfer_unconfirmed(self) -> list[Action]:
+        """The server has not ended the call :attr:`MachineConfig.transfer_confirm` seconds after the
+        refer's 200: the transfer is taken as failed, and the call hung up (``transfer_failed``)."""
+        end = self._end
+        if end is None or not self.transferring:
+            return []
+        target = end.target
+        end.reason, end.verb, end.target = "transfer_failed", "hangup", None
+        return [
+            Notice("call.transfer_unconfirmed", {"target": target, "waited_s": self.config.transfer_confirm}),
+            Notice("call.ending", {"reason": end.reason, "verb": "hangup", "target": None}),
+            Verb("hangup"),
+        ]
 
     def _close(self, reason: str) -> list[Action]:
         self._closed = reason
