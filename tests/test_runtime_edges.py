@@ -796,6 +796,104 @@ def _call_verbs(stack: Stack) -> list[str]:
     return [r.path.rsplit("/", 1)[1] for r in stack.sim.requests if r.path.endswith(("/refer", "/hangup"))]
 
 
+async def _awaiting_transfer(stack: Stack, call: SimCall) -> CallRuntime:
+    """The call's runtime, once its REFER was answered 200 and it waits for the server to end the call."""
+    await stack.sim.wait_for(
+        lambda s: any(r.path.endswith("/refer") and r.status == 200 for r in s.requests),
+        timeout=10,
+        what="a REFER",
+    )
+    runtime = stack.service.registry.calls[call.call_id]  # (still live: the server has not ended it)
+    async with asyncio.timeout(5):
+        while not runtime.machine.transferring:
+            await asyncio.sleep(0.01)
+    return runtime
+
+
+@pytest.mark.parametrize("close", ["clean", "abnormal"])
+async def test_a_transfer_ends_as_transferred_once_the_server_has_ended_the_call(
+    stack: Stack, close: Any
+) -> None:
+    """A refer's 200 only says the REFER was handed to the carrier: the call is ours until the server
+    ends it (the transfer took: its sideband closes), and ends ``transferred`` then, not before."""
+    stack.sim.verb_close = close
+    stack.sim.transfer_delay = 0.5
+    call = transfer_call(stack)
+    at_end: list[tuple[str, str | None, list[str]]] = []
+    stack.app.on_call_end(
+        lambda ctx, summary: at_end.append((call.status, call.end_reason, _call_verbs(stack)))
+    )
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        summary = await stack.ended(call)
+    # The REFER, then the carrier's transfer and the sideband's close, then the end of our call.
+    assert at_end == [("referred", "referred", ["refer"])]
+    assert summary.reason == "transferred" and call.sideband_connects == 1
+    order = [e["event"] for e in logs if e["event"] in ("call.referred", "sideband.lost", "call.ended")]
+    assert order == ["call.referred", *(["sideband.lost"] if close == "abnormal" else []), "call.ended"]
+    assert not [e for e in logs if e["event"] in ("call.transfer_unconfirmed", "call.verb_failed")]
+
+
+async def test_a_transfer_the_carrier_fails_is_hung_up_once_its_window_is_over(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The REFER is answered 200 but the transfer fails at the carrier (the caller stays on the line with
+    the model): with the sideband still open at the end of the window, the call is hung up."""
+    transfer_window(monkeypatch, 0.3)
+    call = transfer_call(stack)
+    stack.sim.fail_transfer(call.call_id)
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        summary = await stack.ended(call)
+    assert _call_verbs(stack) == ["refer", "hangup"] and call.hangup_requested
+    assert call.refer_target == "tel:+14155550123" and call.end_reason == "hangup_verb"
+    assert summary.reason == "transfer_failed"
+    unconfirmed = [e for e in logs if e["event"] == "call.transfer_unconfirmed"]
+    assert [(e["log_level"], e["target"], e["waited_s"]) for e in unconfirmed] == [
+        ("warning", "tel:+14155550123", 0.3)
+    ]
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["transfer_failed"]
+    assert not [e for e in logs if e["event"] == "call.verb_failed"]
+
+
+@pytest.mark.parametrize("end", ["caller_hangs_up", "sideband_lost", "code_hangs_up_first"])
+async def test_a_transfer_awaited_ends_as_transferred_whichever_way_its_sideband_ends(
+    stack: Stack, end: str
+) -> None:
+    """While the call waits for the server to end it, the caller hanging up or the sideband lost end it
+    ``transferred`` (no re-attach, no hangup); a hangup code asks for meanwhile is ignored: it is going."""
+    call = transfer_call(stack)
+    stack.sim.fail_transfer(call.call_id)  # (nothing ends the call but what the test does)
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        runtime = await _awaiting_transfer(stack, call)
+        if end == "code_hangs_up_first":
+            runtime.hangup()
+            assert runtime.machine.transferring
+        if end == "sideband_lost":
+            await stack.sim.drop_sideband(call, "abnormal")
+        else:
+            await stack.sim.hang_up(call)
+        summary = await stack.ended(call)
+    assert summary.reason == "transferred" and _call_verbs(stack) == ["refer"]
+    assert call.sideband_connects == 1
+    assert not [e for e in logs if e["event"] in ("call.transfer_unconfirmed", "call.verb_failed")]
+
+
+async def test_a_shutdown_while_a_transfer_is_awaited_ends_it_as_transferred_at_once(stack: Stack) -> None:
+    """The refer was carried out: a shutdown does not wait for the transfer's window, nor hangs up."""
+    call = transfer_call(stack)
+    stack.sim.fail_transfer(call.call_id)
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await _awaiting_transfer(stack, call)
+        await asyncio.wait_for(stack.service.registry.drain(0.0), 5)  # (the window is 45 s)
+    assert stack.service.registry.recent[call.call_id].reason == "transferred"
+    assert _call_verbs(stack) == ["refer"]
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["transferred"]
+    assert not [e for e in logs if e["event"] in ("call.transfer_unconfirmed", "call.verb_failed")]
+
+
 def _hanging_up_call(stack: Stack) -> SimCall:
     """A call whose tool hangs up after the caller says they are done."""
 

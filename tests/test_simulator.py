@@ -719,6 +719,35 @@ async def test_refer(simulator: Simulator, http: aiohttp.ClientSession) -> None:
     assert (await post(http, f"{base}/realtime/calls/rtc_nope/refer", {"target_uri": "tel:+1555"}))[0] == 404
 
 
+async def test_a_transfer_takes_after_its_delay_or_fails_at_the_carrier(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """A refer's 200 says the REFER was handed to the carrier: the answered call is transferred (ends
+    ``referred``, its sideband closed) ``transfer_delay`` seconds later; one whose transfer fails stays up,
+    its sideband open."""
+    simulator.transfer_delay = 1.0
+    call = await live_call(simulator, http)
+    url = f"{simulator.base_url}/realtime/calls/{call.call_id}/refer"
+    async with ws_connect(simulator, call) as ws:
+        simulator.fail_transfer(call.call_id)
+        assert (await post(http, url, {"target_uri": "tel:+14155550123"}))[0] == 200
+        assert (call.status, call.refer_target) == ("accepted", "tel:+14155550123")
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        assert (await recv(ws))["type"] == "session.updated"  # the sideband is still up
+        assert (await post(http, url, {"target_uri": "sip:agent@example.com"}))[0] == 200  # this one takes
+        assert call.status == "accepted"  # (not yet: the carrier takes its time)
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await recv(ws, timeout=5)
+        assert ws.close_code == 1000
+    assert (call.status, call.end_reason, call.refer_target) == (
+        "referred",
+        "referred",
+        "sip:agent@example.com",
+    )
+    with pytest.raises(ValueError, match="transfer_delay"):
+        Simulator(transfer_delay=-1)
+
+
 async def test_refer_on_a_webrtc_call_is_refused_and_the_call_stays_up(
     simulator: Simulator, http: aiohttp.ClientSession
 ) -> None:

@@ -25,7 +25,7 @@ import secrets
 import time
 import traceback
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -1295,6 +1295,14 @@ class SimCall:
             await asyncio.wait_for(self._ended.wait(), seconds)
             return
         await self._sim._expire(self)
+
+    async def _transfer_in(self, seconds: float, mode: str) -> None:
+        """The carrier's transfer takes after ``seconds``: the call ends ``referred`` and its sideband
+        closes per ``mode``, unless it ended meanwhile (the caller hung up, a hangup verb…)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), seconds)
+            return
+        await self._end("referred", mode)
 
     async def _end(self, reason: str, mode: str = "clean") -> None:
         """End the call once: record the reason, stop the script, close the sideband(s) per ``mode``."""
@@ -2568,9 +2576,13 @@ class Simulator:
     ``verb_close`` is how the service ends the sideband after a ``hangup`` or ``refer`` verb. The real one
     has been seen to close it cleanly (``"clean"``, code 1000; ``"going_away"``, 1001), to drop it with no
     close frame (``"abnormal"``), and to leave it open (``"silent"``): a controller must end its part
-    whichever comes. ``gone_status`` refuses a sideband handshake for a call that has ended: 404
-    (``call_id_not_found``, the default) or 410, both seen. A call id never seen is always 404. Both are
-    plain attributes, so a test can change them on a running simulator.
+    whichever comes. A refer's 200 only says the REFER was handed to the carrier: the transfer of an
+    answered call takes ``transfer_delay`` seconds later (0.1 by default; a plain attribute), and the call
+    then ends ``referred``, its sideband ended per ``verb_close``; until then it is still ``accepted``
+    and its script goes on. A ringing call is referred at once (no sideband). :meth:`fail_transfer`
+    makes a call's next transfer fail at the carrier. ``gone_status`` refuses a sideband handshake for a
+    call that has ended: 404 (``call_id_not_found``, the default) or 410, both seen. A call id never seen
+    is always 404. Both are plain attributes, so a test can change them on a running simulator.
 
     ``bad_accept`` is how an accept with a session config the service cannot use (``audio.*.format`` or
     ``turn_detection.threshold`` on a SIP call, no ``type``, a bad value…) is answered. ``"refuse"`` (the
@@ -2631,6 +2643,7 @@ class Simulator:
         session_seconds: float = _SESSION_MAX_SECONDS,
         bad_accept: Literal["refuse", "fail_call"] = "refuse",
         ring_timeout: float | None = _RING_TIMEOUT,
+        transfer_delay: float = 0.1,
     ) -> None:
         if not 0 < session_seconds < 10**9:
             raise ValueError(f"session_seconds must be a positive number of seconds, not {session_seconds!r}")
@@ -2644,6 +2657,8 @@ class Simulator:
             raise ValueError(f"min_response_time must be 0 to 60 seconds, not {min_response_time!r}")
         if bad_accept not in ("refuse", "fail_call"):
             raise ValueError(f"bad_accept must be refuse or fail_call, not {bad_accept!r}")
+        if not 0 <= transfer_delay < 3600:
+            raise ValueError(f"transfer_delay must be 0 to 3600 seconds, not {transfer_delay!r}")
         if gone_status not in (404, 410):
             raise ValueError(f"gone_status must be 404 or 410, not {gone_status!r}")
         if playback_rate is not None and not playback_rate > 0:
@@ -2663,6 +2678,7 @@ class Simulator:
         self.min_response_time = min_response_time
         self.verb_close: Literal["clean", "going_away", "abnormal", "silent"] = verb_close
         self.gone_status: Literal[404, 410] = gone_status
+        self.transfer_delay = transfer_delay
         self.playback_rate = playback_rate
         self.session_seconds = session_seconds
         self.bad_accept: Literal["refuse", "fail_call"] = bad_accept
@@ -2682,6 +2698,7 @@ class Simulator:
         self._senders: list[WebhookSender] = []
         self._call_faults: dict[str, deque[Fault]] = {}
         self._verb_faults: dict[tuple[str, str], deque[Fault]] = {}
+        self._failed_transfers: Counter[str] = Counter()
         self._next_faults: deque[Fault] = deque()
         self._ephemeral: dict[str, _EphemeralKey] = {}
         self._closing = asyncio.Event()
@@ -2946,6 +2963,13 @@ class Simulator:
         ``"late"`` (the verb is carried out, its answer held: see :data:`Fault`)."""
         self._verb_faults.setdefault((call_id, verb), deque()).extend(self._check_faults(answers))
 
+    def fail_transfer(self, call_id: str) -> None:
+        """Make the next transfer of that call fail at the carrier (the target busy or not answering, the
+        REFER refused further on): its refer is answered 200 all the same, as OpenAI answers once the
+        REFER is handed over, and the call stays as it was (answered: its sideband open, its script going
+        on). Each call queues one more failed transfer."""
+        self._failed_transfers[call_id] += 1
+
     def clear_verb_faults(self, call_id: str, verb: Literal["reject", "refer", "hangup"]) -> None:
         """Drop the faults still queued for ``verb`` on that call: OpenAI answers again."""
         self._verb_faults.pop((call_id, verb), None)
@@ -3197,7 +3221,12 @@ class Simulator:
                     400, "target_uri must be a tel: or sip: URI.", param="target_uri", code="invalid_value"
                 )
             call.refer_target = target
-            self._spawn(call._end("referred", self.verb_close))
+            if self._failed_transfers[call_id] > 0:
+                self._failed_transfers[call_id] -= 1  # the carrier could not reach the target
+            elif call.status == "ringing":
+                self._spawn(call._end("referred", self.verb_close))
+            else:
+                self._spawn(call._transfer_in(self.transfer_delay, self.verb_close))
         else:
             call.hangup_requested = True
             self._spawn(call._end("hangup_verb", self.verb_close))
