@@ -155,6 +155,18 @@ def test_script_dsl_validates_and_encodes() -> None:
         script.step_timeout = 3
 
 
+def test_script_durations_must_be_finite() -> None:
+    """A NaN or infinite pause or step timeout is refused where it is written (as ``caller_says``'s
+    ``seconds``), not left to fail, or hang, mid-call."""
+    for seconds in (-1.0, float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match="pause needs a non-negative number of seconds"):
+            pause(seconds)
+    for timeout in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="step_timeout must be a positive number of seconds"):
+            Script([caller_hangs_up()], step_timeout=timeout)
+    assert pause(0).seconds == 0.0 and Script(step_timeout=0.5).step_timeout == 0.5
+
+
 # ------------------------------------------------------------------------------------------ webhook event
 
 
@@ -1960,6 +1972,27 @@ async def test_wait_done_reports_a_timed_out_step(simulator: Simulator, http: ai
     await post(http, f"{simulator.base_url}/realtime/calls/{rejected.call_id}/reject")
     with pytest.raises(ScriptError, match="rejected"):
         await rejected.wait_done(timeout=1)
+
+
+async def test_a_step_that_raises_fails_the_script(
+    http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step that crashes fails the script, named, and the steps after it do not run: wait_done()
+    raises, and the traceback is kept with the simulator's own errors (which the ``simulator`` fixture
+    fails a test on)."""
+
+    async def crash(self: SimCall, text: str, limit: float, **options: Any) -> None:
+        raise RuntimeError(f"cannot say {text!r}")
+
+    monkeypatch.setattr(SimCall, "_caller_says", crash)
+    async with Simulator() as sim:
+        call = await live_call(sim, http, Script([caller_says("hello"), caller_hangs_up()]))
+        async with ws_connect(sim, call) as ws:
+            await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+            with pytest.raises(ScriptError, match=r"step 0 caller_says\('hello'\).*RuntimeError: cannot say"):
+                await call.wait_done(timeout=5)
+        assert call.status == "accepted"  # the hangup after it never ran
+    assert len(call.internal_errors) == 1 and "RuntimeError" in call.internal_errors[0]
 
 
 async def test_hang_up_at_end_and_expire(simulator: Simulator, http: aiohttp.ClientSession) -> None:

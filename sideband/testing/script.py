@@ -210,8 +210,8 @@ class Script:
         for index, step in enumerate(steps_tuple):
             if not isinstance(step, _STEP_TYPES):
                 raise TypeError(f"script step {index} is not a step: {step!r}")
-        if step_timeout <= 0:
-            raise ValueError("step_timeout must be positive")
+        if not (math.isfinite(step_timeout) and step_timeout > 0):
+            raise ValueError("step_timeout must be a positive number of seconds")
         object.__setattr__(self, "steps", steps_tuple)
         object.__setattr__(self, "step_timeout", float(step_timeout))
         object.__setattr__(self, "hang_up_at_end", bool(hang_up_at_end))
@@ -339,9 +339,9 @@ def caller_presses(digits: str) -> CallerPresses:
 
 
 def pause(seconds: float) -> Pause:
-    """Nothing happens for ``seconds``."""
-    if seconds < 0:
-        raise ValueError("pause needs a non-negative duration")
+    """Nothing happens for ``seconds`` (a finite, non-negative number)."""
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError("pause needs a non-negative number of seconds")
     return Pause(float(seconds))
 
 

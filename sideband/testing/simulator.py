@@ -2288,6 +2288,9 @@ class SimCall:
                 await self._end("script_done", "clean")
         except _StepFailed as exc:
             self.script_error = f"step {self._step_index} {script.steps[self._step_index].describe()}: {exc}"
+        except Exception as exc:  # a step that crashed: the script failed (never a silent success)
+            self.internal_errors.append(traceback.format_exc())
+            self.script_error = f"{self._describe_position()}: {type(exc).__name__}: {exc}"
         finally:
             self._set_phase("finished")
             self._done.set()
