@@ -1959,6 +1959,65 @@ async def test_cancelled_tool_response_does_not_wait_for_outputs(
     assert dones[1]["response"]["status"] == "completed" and call.function_outputs == []
 
 
+async def test_an_incomplete_tool_response_completes_the_calls_written_whole(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """A response cut short (``incomplete``) after its calls were written whole completes their items
+    (PROTOCOL A4: their arguments.done came), and the step waits for their outputs."""
+    script = Script(
+        [
+            caller_says("Go."),
+            model_calls("lookup", {"order_id": "42"}, status="incomplete"),
+            model_says("Ok."),
+        ]
+    )
+    call = await live_call(simulator, http, script)
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        controller = Controller(ws, {"lookup": "shipped"})
+        task = asyncio.create_task(controller.run())
+        await call.wait_done(timeout=5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    done = call.sent_of_type("response.done")[0]["response"]
+    assert done["status"] == "incomplete"
+    assert [(i["status"], i["arguments"]) for i in done["output"]] == [("completed", '{"order_id":"42"}')]
+    [item_done] = [
+        e for e in call.sent_of_type("response.output_item.done") if e["item"]["type"] == "function_call"
+    ]
+    assert item_done["item"]["status"] == "completed"
+    assert [output for _, output in call.function_outputs] == ["shipped"]
+    assert model_calls("lookup", {}, status="incomplete").waits_for_outputs
+
+
+async def test_arguments_cut_leaves_the_last_call_incomplete_and_waits_for_no_output(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """``arguments_cut=True``: the response ends inside the last call's arguments: half of them are
+    written, its item ends ``incomplete``, and the step goes on without an output."""
+    step = model_calls(
+        [("first", {"a": 1}), ("second", {"order_id": "42"})], status="incomplete", arguments_cut=True
+    )
+    assert not step.waits_for_outputs and "arguments_cut=True" in step.describe()
+    with pytest.raises(ValueError, match="arguments_cut needs status"):
+        model_calls("lookup", {}, arguments_cut=True)
+    call = await live_call(simulator, http, Script([caller_says("Go."), step, model_says("Sorry?")]))
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await call.wait_done(timeout=5)
+    done = call.sent_of_type("response.done")[0]["response"]
+    assert done["status"] == "incomplete"
+    assert [(i["name"], i["status"], i["arguments"]) for i in done["output"]] == [
+        ("first", "completed", '{"a":1}'),
+        ("second", "incomplete", '{"order_'),
+    ]
+    args_done = call.sent_of_type("response.function_call_arguments.done")
+    assert [e["arguments"] for e in args_done] == ['{"a":1}', '{"order_']
+    deltas = [e["delta"] for e in call.sent_of_type("response.function_call_arguments.delta")]
+    assert "".join(deltas) == '{"a":1}{"order_'
+    assert call.responses[-1].text == "Sorry?" and call.function_outputs == []
+
+
 async def test_wait_done_reports_a_timed_out_step(simulator: Simulator, http: aiohttp.ClientSession) -> None:
     call = await live_call(simulator, http, Script([wait_for_greeting()], step_timeout=1.0))
     async with ws_connect(simulator, call) as ws:

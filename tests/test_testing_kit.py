@@ -15,9 +15,17 @@ import pytest
 import structlog
 
 from sideband import Accept, IncomingCall, Refer, Reject, Sideband
-from sideband.testing import Script, caller_hangs_up, caller_says, model_says, run_app, wait_for_greeting
+from sideband.testing import (
+    Script,
+    caller_hangs_up,
+    caller_says,
+    model_calls,
+    model_says,
+    run_app,
+    wait_for_greeting,
+)
 
-from .conftest import Stack
+from .conftest import Stack, capture_logs
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -120,3 +128,41 @@ async def test_run_app_logs_the_run_at_the_level_it_is_given_then_puts_logging_b
         assert ("response.done" in debug) == (level == "debug"), debug
         assert structlog.get_config() == structlog_config
         assert [(list(lg.handlers), lg.propagate) for lg in libraries] == library_setup
+
+
+async def test_an_incomplete_tool_response_runs_the_calls_written_whole(stack: Stack) -> None:
+    """``model_calls(..., status="incomplete")``: the calls were written whole, so the app runs them and
+    the step gets its output; ``arguments_cut=True`` cuts the last call's arguments, which the app must
+    not run (``tool.discarded``), and the step waits for no output."""
+    whole = await stack.call(
+        Script(
+            [
+                caller_says("Where is order 42?"),
+                model_calls("lookup_order", {"order_id": "42"}, call_id="call_42", status="incomplete"),
+                model_says("It shipped."),
+                caller_hangs_up(),
+            ],
+            step_timeout=3,
+        )
+    )
+    await whole.wait_done(timeout=5)
+    summary = await stack.ended(whole)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("lookup_order", "ok")]
+    assert json.loads(whole.output_for("call_42") or "null") == {"order_id": "42", "status": "shipped"}
+
+    with capture_logs() as logs:
+        cut = await stack.call(
+            Script(
+                [
+                    caller_says("Where is order 42?"),
+                    model_calls("lookup_order", {"order_id": "42"}, status="incomplete", arguments_cut=True),
+                    caller_hangs_up(),
+                ],
+                step_timeout=3,
+            )
+        )
+        await cut.wait_done(timeout=5)
+        summary = await stack.ended(cut)
+    assert summary.tools == [] and cut.function_outputs == []
+    discarded = [e for e in logs if e["event"] == "tool.discarded"]
+    assert [(e["tool"], e["reason"]) for e in discarded] == [("lookup_order", "arguments_cut")]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeAlias
 
 __all__ = [
@@ -118,12 +118,14 @@ class FunctionCallSpec:
     """One function call inside a :class:`ModelCalls` response.
 
     ``arguments`` is the exact string the model "writes" (compact JSON for a dict, verbatim for a str).
-    ``call_id`` is generated (``call_…``) when not given.
+    ``call_id`` is generated (``call_…``) when not given. ``cut``: the response ends before the arguments
+    are whole (only their first half is written, and the call's item ends ``incomplete``).
     """
 
     name: str
     arguments: str
     call_id: str | None = None
+    cut: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,15 +138,21 @@ class ModelCalls:
     await_outputs: bool = True
 
     @property
+    def arguments_cut(self) -> bool:
+        """Whether the response ends with a call's arguments cut short (see :func:`model_calls`)."""
+        return any(call.cut for call in self.calls)
+
+    @property
     def waits_for_outputs(self) -> bool:
         """Whether the step waits for a ``function_call_output`` per call (not for cancelled/failed, nor
-        with ``await_outputs=False``)."""
-        return self.await_outputs and self.status not in ("cancelled", "failed")
+        with arguments cut short, nor with ``await_outputs=False``)."""
+        return self.await_outputs and self.status not in ("cancelled", "failed") and not self.arguments_cut
 
     def describe(self) -> str:
         """A short human description, used in failure messages."""
         names = ", ".join(c.name for c in self.calls)
-        return f"model_calls({names}, status={self.status!r})"
+        cut = ", arguments_cut=True" if self.arguments_cut else ""
+        return f"model_calls({names}, status={self.status!r}{cut})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +303,7 @@ def model_calls(
     preamble: str | None = None,
     status: ResponseStatus = "completed",
     await_outputs: bool = True,
+    arguments_cut: bool = False,
 ) -> ModelCalls:
     """The model calls one function (``model_calls("lookup", {"id": 1})``) or several in parallel
     (``model_calls([("a", {...}), ("b", {...})])``).
@@ -302,11 +311,18 @@ def model_calls(
     ``arguments``: a dict is sent as compact JSON, a str verbatim (so malformed or pretty-printed arguments
     can be tested). ``preamble`` adds a spoken message before the call(s) in the same response.
     ``status`` sets the ``response.done`` status; for ``"cancelled"``/``"failed"`` the step does not wait
-    for outputs. ``await_outputs=False``: the script goes on once the response is done, while the tools
-    run (the caller speaks meanwhile, say); the model answers the outputs at the next response step.
+    for outputs (the calls' items end ``incomplete``). ``"incomplete"`` is a response cut short (say, by
+    ``max_output_tokens``) after the calls were written whole: their items end ``completed``, so they
+    run, and the step waits for their outputs as for ``"completed"``. ``arguments_cut=True`` (with
+    ``status="incomplete"`` only) cuts the response inside the last call's arguments: only their first
+    half is written and its item ends ``incomplete``, so a controller must not run it; the step does not
+    wait for outputs. ``await_outputs=False``: the script goes on once the response is done, while the
+    tools run (the caller speaks meanwhile, say); the model answers the outputs at the next response step.
     """
     if status not in _RESPONSE_STATUSES:
         raise ValueError(f"status must be one of {_RESPONSE_STATUSES}, not {status!r}")
+    if arguments_cut and status != "incomplete":
+        raise ValueError('arguments_cut needs status="incomplete" (a response cut short)')
     specs: list[FunctionCallSpec]
     if isinstance(name, str):
         if arguments is None:
@@ -323,6 +339,8 @@ def model_calls(
             raise ValueError("a function call needs a name")
         if spec.call_id is not None and not spec.call_id:
             raise ValueError("call_id may not be empty")
+    if arguments_cut:
+        specs[-1] = replace(specs[-1], cut=True)
     return ModelCalls(tuple(specs), preamble, status, await_outputs)
 
 

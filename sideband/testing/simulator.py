@@ -2013,8 +2013,12 @@ class SimCall:
                 await announce_calls()
 
             final_status = status if self._cancel_reason is None else "cancelled"
-            call_item_status = "completed" if final_status == "completed" else "incomplete"
+            # A response cut short (incomplete) after a call's arguments were written whole completes
+            # that call's item (it runs); one cut inside them (spec.cut) leaves it incomplete.
+            whole = final_status in ("completed", "incomplete")
             for spec, item_id, call_id, index in call_states:
+                call_item_status = "completed" if whole and not spec.cut else "incomplete"
+                arguments = spec.arguments[: len(spec.arguments) // 2] if spec.cut else spec.arguments
                 where = {
                     "response_id": response_id,
                     "item_id": item_id,
@@ -2022,7 +2026,7 @@ class SimCall:
                     "call_id": call_id,
                 }
                 if self._cancel_reason is None:
-                    for chunk in _arg_chunks(spec.arguments):
+                    for chunk in _arg_chunks(arguments):
                         await send(
                             "response.function_call_arguments.delta",
                             **where,
@@ -2031,7 +2035,7 @@ class SimCall:
                         )
                 stamp = time.monotonic_ns() if injected is not None and injected.call_id == call_id else None
                 delivered = await send(
-                    "response.function_call_arguments.done", **where, name=spec.name, arguments=spec.arguments
+                    "response.function_call_arguments.done", **where, name=spec.name, arguments=arguments
                 )
                 if stamp is not None and delivered and injected is not None:
                     injected.arguments_done_ns = stamp
@@ -2041,7 +2045,7 @@ class SimCall:
                     "status": call_item_status,
                     "name": spec.name,
                     "call_id": call_id,
-                    "arguments": spec.arguments,
+                    "arguments": arguments,
                 }
                 self._items[item_id] = done_call
                 # (the real service sends a model call's item.done with no predecessor, unlike its .added)
