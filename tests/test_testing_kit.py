@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,28 @@ async def test_an_incomplete_tool_response_runs_the_calls_written_whole(stack: S
     assert summary.tools == [] and cut.function_outputs == []
     discarded = [e for e in logs if e["event"] == "tool.discarded"]
     assert [(e["tool"], e["reason"]) for e in discarded] == [("lookup_order", "arguments_cut")]
+
+
+async def test_call_checks_every_webhook_attempt_and_keeps_the_delivery(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 500 on the first attempt hidden by a 200 on the retry fails ``expect_status=200``; the
+    delivery, attempt by attempt, is on the call."""
+    call = await stack.call(Script([caller_hangs_up()]))
+    assert call.webhook_delivery is not None and call.webhook_delivery.attempts == [200]
+    await stack.ended(call)
+
+    post_raw = stack.sender.post_raw
+    failing = [(500, b'{"error": "internal"}')]  # the first attempt's answer, then the server's own
+
+    async def flaky(body: bytes, headers: Mapping[str, str], *, timeout: float = 5.0) -> tuple[int, bytes]:
+        return failing.pop() if failing else await post_raw(body, headers, timeout=timeout)
+
+    monkeypatch.setattr(stack.sender, "post_raw", flaky)
+    with pytest.raises(
+        AssertionError, match=r"webhook answered 500, then 200, expected 200 on every attempt"
+    ):
+        await stack.call(Script([caller_hangs_up()]))
+    [retried] = [c for c in stack.sim.calls.values() if c is not call]
+    assert retried.webhook_delivery is not None and retried.webhook_delivery.attempts == [500, 200]
+    await stack.ended(retried)

@@ -60,11 +60,22 @@ class Harness:
         return self.base_url + path
 
     async def call(self, script: Script, *, expect_status: int = 200, **call_options: Any) -> SimCall:
-        """Place a SIP call running ``script`` and deliver its signed webhook."""
+        """Place a SIP call running ``script`` and deliver its signed webhook, retried as OpenAI does
+        after a non-2xx answer; the delivery is kept as ``call.webhook_delivery`` (every attempt).
+
+        Raises :class:`AssertionError` unless every attempt was answered ``expect_status``: a retry
+        does not hide an earlier answer (a 500, then a 200 on the retry, fails ``expect_status=200``)."""
         call = self.sim.create_call(script, **call_options)
-        result = await self.sender.deliver(self.sim.incoming_event(call))
-        if result.status != expect_status:
-            raise AssertionError(f"webhook answered {result.status}, expected {expect_status}")
+        result = call.webhook_delivery = await self.sender.deliver(self.sim.incoming_event(call))
+        if not result.attempts or any(status != expect_status for status in result.attempts):
+            answers = ", then ".join(
+                str(status) if status is not None else f"nothing ({error})"
+                for status, error in zip(result.attempts, result.errors, strict=True)
+            )
+            raise AssertionError(
+                f"call {call.call_id}: webhook answered {answers or 'nothing'}, expected {expect_status} "
+                "on every attempt"
+            )
         return call
 
     async def ended(self, call: SimCall, timeout: float = 10.0) -> CallSummary:
