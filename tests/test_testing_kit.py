@@ -192,3 +192,24 @@ async def test_call_checks_every_webhook_attempt_and_keeps_the_delivery(
     [retried] = [c for c in stack.sim.calls.values() if c is not call]
     assert retried.webhook_delivery is not None and retried.webhook_delivery.attempts == [500, 200]
     await stack.ended(retried)
+
+
+async def test_ended_finds_a_call_however_many_ended_since(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server keeps the summaries of its last few calls only (``registry.RECENT``); the harness keeps
+    those of the calls ``h.call`` placed. A call placed otherwise, gone from the server's record, is
+    not said to have never run."""
+    monkeypatch.setattr(stack.service.registry, "RECENT", 1)
+    first = await stack.call(Script([caller_says("Hello?"), caller_hangs_up()]))
+    summary = await stack.ended(first)
+    other = await stack.sim.place_call(stack.webhook_url, Script([caller_hangs_up()]))
+    await stack.ended(other)
+    for _ in range(2):
+        await stack.ended(await stack.call(Script([caller_hangs_up()])))
+    assert first.call_id not in stack.service.registry.recent
+    assert await stack.ended(first) is summary and summary.call_id == first.call_id
+    with pytest.raises(AssertionError) as failed:
+        await stack.ended(other)
+    message = str(failed.value)
+    assert "the server keeps only its last 1 calls'" in message and "never ran on the server" not in message

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -45,6 +45,9 @@ class Harness:
     base_url: str
     sender: WebhookSender
     service: Service
+    _summaries: dict[str, CallSummary] = field(default_factory=dict, init=False, repr=False)
+    """The summary of each call :meth:`call` placed that ran on the server (filled in as it runs), so
+    :meth:`ended` finds it however many calls ended since (the server keeps only its last few)."""
 
     @property
     def webhook_url(self) -> str:
@@ -67,6 +70,11 @@ class Harness:
         does not hide an earlier answer (a 500, then a 200 on the retry, fails ``expect_status=200``)."""
         call = self.sim.create_call(script, **call_options)
         result = call.webhook_delivery = await self.sender.deliver(self.sim.incoming_event(call))
+        registry = self.service.registry  # (a call accepted is in the registry once its webhook is answered)
+        runtime = registry.calls.get(call.call_id)
+        summary = runtime.summary if runtime is not None else registry.recent.get(call.call_id)
+        if summary is not None:
+            self._summaries[call.call_id] = summary
         if not result.attempts or any(status != expect_status for status in result.attempts):
             answers = ", then ".join(
                 str(status) if status is not None else f"nothing ({error})"
@@ -94,7 +102,7 @@ class Harness:
                 why = f"; the script failed: {call.script_error}" if call.script_error else ""
                 raise TimeoutError(f"call {call.call_id} did not end within {timeout:g} s{why}") from None
             return runtime.summary
-        summary = registry.recent.get(call.call_id)
+        summary = self._summaries.get(call.call_id) or registry.recent.get(call.call_id)
         if summary is None:
             raise AssertionError(self._never_ran(call))
         return summary
@@ -123,6 +131,13 @@ class Harness:
             )
         if call.status == "ringing":
             return f"{where}: it is still ringing (no accept, reject or refer reached the simulator)"
+        if call.accept_body is not None:  # (placed otherwise than by h.call: only the server's record)
+            return (
+                f"call {call.call_id} has no summary on the server: the server keeps only its last "
+                f"{self.service.registry.RECENT} calls' (it may have run and ended before them), or it never "
+                f"ran there (simulator status {call.status}, end reason {call.end_reason}). Place calls "
+                "with h.call, whose summaries the harness keeps"
+            )
         return f"{where} (simulator status {call.status}, end reason {call.end_reason})"
 
 
