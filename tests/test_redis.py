@@ -599,7 +599,7 @@ async def test_a_call_whose_hangup_failed_is_left_in_the_ledger_for_another_inst
                         "a hangup refused",
                     )
                 else:
-                    assert (await a.ended(call, timeout=10)).reason == "hangup_failed"
+                    assert (await a.ended(call, timeout=10, check_script=False)).reason == "hangup_failed"
                 owner = a.service.instance_id
             ended = [e["reason"] for e in logs if e["event"] == "call.ended"]
             assert ended == ["hangup_failed"]

@@ -132,7 +132,7 @@ async def test_a_slow_on_call_start_hook_does_not_hold_back_the_session(simulato
         await asyncio.wait_for(hook_done.wait(), 5)
         await call.wait_for(lambda c: len(c.received) == 3, timeout=5)
         await simulator.hang_up(call)
-        await h.ended(call)
+        await h.ended(call, check_script=False)
     assert [e["type"] for e in call.received] == ["session.update", "response.create", "session.update"]
     assert call.received[2]["session"]["instructions"] == "Found the caller's account."
 
@@ -180,7 +180,7 @@ async def test_a_blocking_sync_hook_runs_in_a_thread_and_holds_back_nothing(stac
     await asyncio.wait_for(in_order.wait(), 5)  # a call's sync hooks run one at a time, in order
     assert lines == ["Hello.", "order 7", "Shipped."]
     stack.sim.hang_up(call)
-    await stack.ended(call)
+    await stack.ended(call, check_script=False)
 
 
 async def test_a_calls_sync_hooks_run_one_at_a_time_in_order_mid_call(stack: Stack) -> None:
@@ -228,7 +228,7 @@ async def test_a_calls_sync_hooks_run_one_at_a_time_in_order_mid_call(stack: Sta
     await asyncio.wait_for(all_in.wait(), 5)
     assert started == [("Hello.", []), ("order 7", []), ("Shipped.", [])]
     await stack.sim.hang_up(call)
-    await stack.ended(call)
+    await stack.ended(call, check_script=False)
 
 
 async def test_a_sync_hook_cut_off_by_the_end_still_runs_alone(
@@ -325,7 +325,7 @@ async def test_a_tool_that_ignores_its_cancellation_does_not_keep_the_call_alive
             await asyncio.wait_for(started.wait(), 5)
             stuck = next(t for t in asyncio.all_tasks() if t.get_name().startswith("tool:"))
             stack.sim.hang_up(call)
-            summary = await stack.ended(call, timeout=5)  # ends all the same
+            summary = await stack.ended(call, timeout=5, check_script=False)  # ends all the same
             stop.set()
             assert await asyncio.wait_for(stuck, 5) is None  # it finished at last: nothing of it counts
     finally:
@@ -350,7 +350,7 @@ async def test_a_call_that_does_not_end_names_the_script_step_that_failed(stack:
         await stack.ended(call, timeout=3)
     assert "the script failed: step 1 model_calls(slow_lookup" in str(failed.value)
     stack.sim.hang_up(call)
-    await stack.ended(call)
+    await stack.ended(call, check_script=False)
 
 
 async def test_a_hook_that_raises_cancelled_error_or_system_exit_is_a_failure_like_any_other(
@@ -397,7 +397,7 @@ async def test_a_hook_that_raises_cancelled_error_or_system_exit_is_a_failure_li
         runtime = stack.service.registry.calls[call.call_id]
         await call.wait_for(lambda c: bool(c.responses), timeout=5)
         stack.sim.hang_up(call)
-        await stack.ended(call)
+        await stack.ended(call, check_script=False)
         await asyncio.wait_for(runtime.wait_closed(), 5)  # the end hooks have all run
     failed = [(e["hook"], e["error"]) for e in logs if e["event"] == "hook.failed"]
     assert ("crm_note", "CancelledError") in failed and ("archive", "CancelledError") in failed
@@ -451,7 +451,7 @@ async def _card_call(stack: Stack) -> tuple[list[MutableMapping[str, Any]], Call
         # (the answer done: the caller's transcript, which streams on into it, has been sent whole)
         await call.wait_for(lambda c: len(c.responses) >= 2 and c.responses[1].status != "in_progress", 5)
         stack.sim.hang_up(call)
-        summary = await stack.ended(call)
+        summary = await stack.ended(call, check_script=False)
     return logs, summary
 
 
@@ -489,7 +489,7 @@ async def _failing_call(stack: Stack) -> list[MutableMapping[str, Any]]:
         assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
         await call.wait_for(lambda c: bool(c.function_outputs), timeout=5)
         stack.sim.hang_up(call)
-        await stack.ended(call)
+        await stack.ended(call, check_script=False)
     assert "secret" not in call.function_outputs[0][1]  # never the model's to see
     return logs
 
@@ -583,7 +583,7 @@ async def test_a_tool_error_wrapping_another_exception_logs_its_own_message_only
         assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
         await call.wait_for(lambda c: len(c.function_outputs) == 2, timeout=5)
         stack.sim.hang_up(call)
-        await stack.ended(call)
+        await stack.ended(call, check_script=False)
     tool = [e for e in logs if e["event"] == "tool.finished"]
     assert [(e["error"], e["log_level"]) for e in tool] == [  # the tool's answer on purpose: no alert
         ("ToolError: Lookup failed, try again.", "info"),
@@ -695,7 +695,7 @@ async def test_tools_cancelled_by_the_call_end_are_in_the_summary(stack: Stack) 
         )
         await asyncio.wait_for(started.wait(), 5)
         await stack.sim.hang_up(call)
-        summary = await stack.ended(call)
+        summary = await stack.ended(call, check_script=False)
     assert summary.reason == "remote_closed"
     assert [(t.name, t.outcome) for t in summary.tools] == [("long_job", "cancelled")]
     assert summary.tools[0].duration > 0
@@ -1789,7 +1789,7 @@ async def test_on_tool_sees_the_tools_the_calls_end_cancelled(stack: Stack) -> N
     call = await stack.call(Script([HELLO, caller_says("go"), model_calls("long_job", {})], step_timeout=10))
     await asyncio.wait_for(started.wait(), 5)
     await stack.sim.hang_up(call)
-    summary = await stack.ended(call)
+    summary = await stack.ended(call, check_script=False)
     assert [(t.name, t.outcome) for t in summary.tools] == [("long_job", "cancelled")]
     assert seen == [("long_job", "cancelled")]
 
@@ -1883,7 +1883,7 @@ async def test_a_sync_hook_that_runs_long_is_logged_as_slow(
         finally:
             release.set()
             await stack.sim.hang_up(call)
-            await stack.ended(call)
+            await stack.ended(call, check_script=False)
 
 
 async def test_a_sideband_lost_while_our_hangup_is_out_is_not_attached_again(stack: Stack) -> None:

@@ -22,6 +22,7 @@ from sideband.testing import (
     caller_says,
     model_calls,
     model_says,
+    pause,
     run_app,
     wait_for_greeting,
 )
@@ -213,3 +214,30 @@ async def test_ended_finds_a_call_however_many_ended_since(
         await stack.ended(other)
     message = str(failed.value)
     assert "the server keeps only its last 1 calls'" in message and "never ran on the server" not in message
+
+
+async def test_ended_fails_when_the_call_ended_before_its_script_did() -> None:
+    """A call the app ended while its script still had steps to play (here: hung up for the caller's
+    silence during a pause) is no pass: ``h.ended`` raises, naming the step the script broke at.
+    ``check_script=False`` is for a test that expects it, and returns the summary."""
+    app = Sideband(instructions="desk", voice="marin", greeting="Order desk, how can I help?")
+    script = Script(
+        [
+            wait_for_greeting("Order desk, how can I help?"),
+            pause(2.0),
+            caller_says("Where is order 42?"),
+            model_says("It shipped yesterday."),
+            caller_hangs_up(),
+        ]
+    )
+    async with run_app(app, max_idle_duration=0.3) as h:
+        broken = await h.call(script)
+        with pytest.raises(AssertionError) as failed:
+            await h.ended(broken)
+        expected = await h.call(script)
+        summary = await h.ended(expected, check_script=False)
+    message = str(failed.value)
+    assert f"call {broken.call_id} ended (idle_timeout), but its script broke" in message
+    assert "the call ended (hangup_verb) at step 1 pause(2.0)" in message and "check_script=False" in message
+    assert summary.reason == "idle_timeout" and expected.script_error is not None
+    assert not broken.sent_of_type("input_audio_buffer.speech_started")  # (the caller never spoke)

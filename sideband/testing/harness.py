@@ -86,13 +86,22 @@ class Harness:
             )
         return call
 
-    async def ended(self, call: SimCall, timeout: float = 10.0) -> CallSummary:
-        """Wait until our side of ``call`` has ended; return its summary.
+    async def ended(self, call: SimCall, timeout: float = 10.0, *, check_script: bool = True) -> CallSummary:
+        """Wait until our side of ``call`` has ended and its script has finished; return its summary.
 
-        Raises :class:`TimeoutError` when it has not ended within ``timeout`` seconds, naming the script
-        step that failed, if one did (a step that times out does not end the call), and
-        :class:`AssertionError` at once when it never ran on the server: rejected at ring time (the
-        message gives the SIP status and the reject body), transferred (the target) or never answered."""
+        The script must have run whole: when it broke (a step failed, or the call ended before its
+        last step, so steps never ran: ``call.script_error``), :class:`AssertionError` says how. A test
+        that expects the call to end mid-script (the app hangs up or transfers while the caller still
+        has steps to play) passes ``check_script=False``: the script is then neither waited for nor
+        checked (``call.script_error`` says where it stopped).
+
+        Raises :class:`TimeoutError` when the call has not ended, or its script not finished, within
+        ``timeout`` seconds, naming the script step that failed, if one did (a step that times out does
+        not end the call), and :class:`AssertionError` at once when it never ran on the server: rejected
+        at ring time (the message gives the SIP status and the reject body), transferred (the target) or
+        never answered."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
         registry = self.service.registry
         runtime = registry.calls.get(call.call_id)
         if runtime is not None:
@@ -101,11 +110,31 @@ class Harness:
             except TimeoutError:
                 why = f"; the script failed: {call.script_error}" if call.script_error else ""
                 raise TimeoutError(f"call {call.call_id} did not end within {timeout:g} s{why}") from None
-            return runtime.summary
-        summary = self._summaries.get(call.call_id) or registry.recent.get(call.call_id)
-        if summary is None:
-            raise AssertionError(self._never_ran(call))
+            summary = runtime.summary
+        else:
+            found = self._summaries.get(call.call_id) or registry.recent.get(call.call_id)
+            if found is None:
+                raise AssertionError(self._never_ran(call))
+            summary = found
+        if check_script:
+            await self._script_finished(call, summary, until - loop.time(), timeout)
         return summary
+
+    @staticmethod
+    async def _script_finished(call: SimCall, summary: CallSummary, left: float, timeout: float) -> None:
+        """Wait up to ``left`` seconds for ``call``'s script to finish; raise if it broke."""
+        try:
+            await call.wait_for(lambda c: c.script_done, max(left, 0.0), "script finished")
+        except TimeoutError:
+            raise TimeoutError(
+                f"call {call.call_id} ended on the server ({summary.reason}), but its script did not finish "
+                f"within {timeout:g} s ({call._describe_position()}, simulator status {call.status})"
+            ) from None
+        if call.script_error is not None:
+            raise AssertionError(
+                f"call {call.call_id} ended ({summary.reason}), but its script broke: {call.script_error}. "
+                "Pass check_script=False to h.ended if the call is meant to end mid-script"
+            )
 
     def _never_ran(self, call: SimCall) -> str:
         """Why ``call`` has no summary on the server: it was answered without being accepted."""
