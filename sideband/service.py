@@ -1027,17 +1027,17 @@ class Service:
         async def connect() -> Any:
             return await connect_sideband(url, call_id, key, compression=compression, proxy=proxy, tls=tls)
 
-        async def verb(name: str, target: str | None) -> None:
+        async def verb(name: str, target: str | None) -> bool:
             if name != "refer" or target is None:
                 # A hangup that fails leaves the call up: it is tried for longer.
                 await self._retrying(
                     lambda t: control.hangup(call_id, timeout=t), budget=self._hangup_budget()
                 )
-                return
+                return False
             # A failed refer falls back to a hangup at once (the caller waits in silence meanwhile).
             unsure = await self._retrying(lambda t: control.refer(call_id, target, timeout=t), once=True)
             if unsure is None:
-                return
+                return False
             # Unanswered: it may have reached the carrier, and is not sent again. The caller must not stay
             # on a call nobody controls: unless the call has ended meanwhile (the transfer went through),
             # it is hung up, and a hangup that finds it gone says the transfer went through.
@@ -1056,6 +1056,7 @@ class Service:
                     self.log.warning("call.refer_uncertain", outcome="hung_up", **unanswered)
                     raise UpstreamError(f"{unsure} (the call was still up: hung up)", unsure.status)
             self.log.warning("call.refer_uncertain", outcome=outcome, **unanswered)
+            return True  # the call has ended: nothing to wait for
 
         runtime = CallRuntime(
             machine=machine,

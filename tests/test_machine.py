@@ -1520,15 +1520,24 @@ def test_a_refers_200_keeps_the_call_until_the_server_ends_it(close: str) -> Non
     assert m.request_end("hangup") == [] and m.say("one more thing") == []
     assert m.timer("end_cap") == [] and m.timer("max_duration") == [] and m.timer("idle") == []
     assert m.closed is None
-    ended = m.transport_closed(1000) if close == "clean" else m.sideband_lost()
-    assert ended == [Close("transferred")] and not m.transferring
+    if close == "clean":
+        assert m.transport_closed(1000) == [Close("transferred")] and not m.transferring
+    else:  # dropped: maybe a blip with the caller still on; a hangup tells
+        probe = m.sideband_lost()
+        assert notices(probe, "call.transfer_unconfirmed") == [
+            {"target": "tel:+14155550123", "why": "sideband_lost", "waited_s": None}
+        ]
+        assert probe[-1] == Verb("hangup") and not m.transferring
+        assert m.verb_done(True, "call already gone", gone=True) == [Close("transferred")]
     assert m.timer("transfer") == []  # (the window's timer, should it fire still, finds the call over)
 
 
 def test_a_transfer_the_server_does_not_end_within_the_window_is_hung_up() -> None:
     m = transferring(transfer_confirm=5.0)
     fallback = m.timer("transfer")
-    assert notices(fallback, "call.transfer_unconfirmed") == [{"target": "tel:+14155550123", "waited_s": 5.0}]
+    assert notices(fallback, "call.transfer_unconfirmed") == [
+        {"target": "tel:+14155550123", "why": "window", "waited_s": 5.0}
+    ]
     assert notices(fallback, "call.ending") == [
         {"reason": "transfer_failed", "verb": "hangup", "target": None}
     ]
@@ -1548,15 +1557,39 @@ def test_a_transfer_the_server_does_not_end_within_the_window_is_hung_up() -> No
     assert m4.verb_done(True, "call already gone", gone=True) == [Close("transferred")]
 
 
-def test_a_shutdown_while_a_transfer_is_awaited_ends_it_as_transferred() -> None:
+def test_a_shutdown_while_a_transfer_is_awaited_hangs_it_up() -> None:
+    """The transfer may have failed, the caller still on: a drain hangs the call up rather than leave
+    it to nobody; its run cut short (no verb can go any more), it ends ``transferred``."""
     m = transferring()
     assert m.abandon("internal_error") == [] and m.closed is None  # the window still decides
-    assert m.abandon("shutdown") == [Close("transferred")]
+    probe = m.abandon("shutdown")
+    assert [n["why"] for n in notices(probe, "call.transfer_unconfirmed")] == ["shutdown"]
+    assert probe[-1] == Verb("hangup")
+    assert m.verb_done(True) == [Close("transfer_failed")]
     m2 = transferring()
     assert m2.fail("shutdown") == [Close("transferred")]  # (the run cut short: no hangup_failed)
     m3 = transferring()
     m3.timer("transfer")  # its hangup is out: a shutdown cuts it short, the call may still be up
     assert m3.fail("shutdown")[-1] == Close("hangup_failed")
+
+
+def test_a_refer_found_ended_by_its_own_follow_up_ends_the_call_at_once() -> None:
+    """The REFER's answer was lost and the hangup after it found the call gone: the call is over, and
+    no transfer window is waited out."""
+    m = live_machine()
+    m.request_end("transferred", verb="refer", target="tel:+14155550123")
+    assert m.verb_done(True, ended=True) == [Close("transferred")] and not m.transferring
+
+
+def test_an_invalid_create_breaks_no_run_of_server_failures() -> None:
+    """A ``say()`` refused as invalid (the app's mistake) is not the server failing: a response the
+    server then fails is still asked for again."""
+    m = live_machine()
+    said = next(a.event for a in m.say("x") if isinstance(a, Send))
+    m.receive(refused_by(said, "invalid_request_error", "invalid_value"))
+    m.receive({"type": "response.created", "response": {"id": "r_vad"}})
+    failed = m.receive(response_done("r_vad", status="failed"))
+    assert [n["retry"] for n in notices(failed, "response.failed")] == [True]
 
 
 def test_a_sideband_lost_before_the_refers_200_ends_the_call_as_transferred_at_once() -> None:

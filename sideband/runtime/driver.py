@@ -81,7 +81,9 @@ __all__ = [
 ]
 
 Connect = Callable[[], Awaitable[PushConnection]]
-VerbCall = Callable[[str, str | None], Awaitable[None]]
+VerbCall = Callable[[str, str | None], Awaitable[bool | None]]
+"""Carries out a hangup or refer (the verb, the refer's target); ``True`` when it found the call ended
+meanwhile (a REFER whose answer was lost, the hangup that followed it finding the call gone)."""
 
 _CLEAN_CLOSES = frozenset({1000, 1001})
 _HANDLED = frozenset(t.encode() for t in HANDLED_TYPES)
@@ -1200,10 +1202,10 @@ class CallRuntime:
         )
 
     async def _run_verb(self, verb: str, target: str | None) -> None:
-        ok, gone, detail = True, False, None
+        ok, gone, ended, detail = True, False, False, None
         if self._verb_call is not None:
             try:
-                await self._verb_call(verb, target)
+                ended = bool(await self._verb_call(verb, target))
                 self.log.info("call.referred" if verb == "refer" else "call.hung_up", target=target)
             except CallGone:
                 gone, detail = True, "call already gone"
@@ -1211,7 +1213,7 @@ class CallRuntime:
                 ok, detail = False, str(exc)
             except Exception as exc:  # say, the HTTP client closed under a shutdown: the call still ends
                 ok, detail = False, f"{type(exc).__name__}: {exc}"
-        self._apply(self.machine.verb_done(ok, detail, gone=gone))
+        self._apply(self.machine.verb_done(ok, detail, gone=gone, ended=ended))
         await self._flush()
 
     def _notice(self, notice: Notice) -> None:

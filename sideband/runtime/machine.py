@@ -761,8 +761,12 @@ class CallMachine:
             return self._progress() + self._rearm_filler()
         return []
 
-    def verb_done(self, ok: bool, detail: str | None = None, *, gone: bool = False) -> list[Action]:
-        """The hangup/refer verb finished (``ok``; ``gone``: answered 404, the call had ended) or failed.
+    def verb_done(
+        self, ok: bool, detail: str | None = None, *, gone: bool = False, ended: bool = False
+    ) -> list[Action]:
+        """The hangup/refer verb finished (``ok``; ``gone``: answered 404, the call had ended; ``ended``:
+        carried out, and the call found ended since, as a REFER whose answer was lost and the hangup
+        after it finding the call gone) or failed.
 
         A refer's 200 only says the REFER was handed to the SIP provider: the call stays ours (nothing
         more is started or said) until the server ends it, closing the sideband (:meth:`transport_closed`,
@@ -770,7 +774,8 @@ class CallMachine:
         :attr:`MachineConfig.transfer_confirm` seconds, the transfer is taken as failed
         (``call.transfer_unconfirmed``): the call is hung up and ends ``transfer_failed``, unless that
         hangup finds it gone (it ended without us: ``transferred``). A socket lost while the refer was
-        still unanswered was the server's close: its 200 ends the call ``transferred`` at once.
+        still unanswered was the server's close: its 200 ends the call ``transferred`` at once, as does
+        a refer that was ``ended``.
 
         A failed refer falls back to a hangup (the caller must not stay on a call nobody controls) and
         the call ends with reason ``transfer_failed``. A refer that finds the call gone transferred
@@ -781,7 +786,7 @@ class CallMachine:
         if self._closed is not None or end is None:
             return []
         if ok and not (gone and end.verb == "refer"):
-            if end.verb == "refer" and not end.lost:
+            if end.verb == "refer" and not end.lost and not ended:
                 end.referred = True
                 return [StartTimer(_TRANSFER, self.config.transfer_confirm)]
             if gone and end.referred:  # the hangup after an unconfirmed transfer: the call had ended
@@ -810,14 +815,16 @@ class CallMachine:
 
     def sideband_lost(self) -> list[Action]:
         """The socket was lost (no clean close) once the end's verb was out: the call is going, and it is
-        not re-attached. After a refer's 200 the server ended the call: ``transferred``. A verb still
-        unanswered ends the call when it is answered (a refer's 200 then ends it ``transferred`` at
-        once: the server dropped the sideband as it carried the REFER out)."""
+        not re-attached. After a refer's 200 the server may have ended the call, or the socket dropped
+        while the transfer failed and the caller is still on: a hangup tells (``transferred`` when it
+        finds the call gone, else ``transfer_failed``), and the caller is not left on a call nobody
+        controls. A verb still unanswered ends the call when it is answered (a refer's 200 then ends it
+        ``transferred`` at once: the server dropped the sideband as it carried the REFER out)."""
         end = self._end
         if self._closed is not None or end is None or not end.verb_sent:
             return []
         if self.transferring:
-            return self._close(end.reason)
+            return self._transfer_unconfirmed("sideband_lost")
         end.lost = True
         return []
 
@@ -826,8 +833,8 @@ class CallMachine:
 
         A ``shutdown`` that cuts short a hangup or refer still unanswered ends ``hangup_failed``: the
         call may still be up, and the end reason must not say otherwise. One while the call waits for
-        the server to end a transfer (:attr:`transferring`) ends ``transferred``: the refer was carried
-        out."""
+        the server to end a transfer (:attr:`transferring`), its run cut short, ends ``transferred``: the
+        refer was carried out (a drain hangs such a call up first: see :meth:`abandon`)."""
         if self._closed is not None:
             return []
         end = self._end
@@ -847,10 +854,11 @@ class CallMachine:
         """The sideband cannot be (re-)attached while the call may still be up: hang up at once (there is
         no socket to wait on for outputs or the model's last words), then end with ``reason``. A hangup
         or transfer already under way is sent now instead (the idle limit's end too). A transfer the
-        call waits on (:attr:`transferring`) is left to its window, but a ``shutdown`` ends it at once
-        (``transferred``: the refer was carried out)."""
+        call waits on (:attr:`transferring`) is left to its window, but a ``shutdown`` hangs it up now
+        (``transferred`` when the hangup finds the call gone, else ``transfer_failed``): the transfer may
+        have failed, and nobody would control the call after."""
         if self.transferring:
-            return self.fail(reason) if reason == "shutdown" else []
+            return self._transfer_unconfirmed("shutdown") if reason == "shutdown" else []
         asked = self.request_end(reason) if self._end is None else []
         return [*asked, *self._fire_end(forced=True)]
 
@@ -1648,10 +1656,10 @@ class CallMachine:
         ``failed`` is; a request it found invalid is not (it would be refused again). Either way it is
         reported, with what it was for."""
         body, tag = create
-        self._failed_in_row += 1
-        retry = (
-            error.get("type") != "invalid_request_error" and self._failed_in_row == 1 and self._end is None
-        )
+        retry = False
+        if error.get("type") != "invalid_request_error":  # (the app's own mistake breaks no run)
+            self._failed_in_row += 1
+            retry = self._failed_in_row == 1 and self._end is None
         if retry:
             self._owe((body, _GREETING_AGAIN if tag == _GREETING else tag))
         purpose = _GREETING if tag == _GREETING_AGAIN else tag or "response"
@@ -1924,16 +1932,18 @@ class CallMachine:
             return actions + self._close(end.reason)
         return [*actions, Verb(end.verb, end.target)]
 
-    def _transfer_unconfirmed(self) -> list[Action]:
+    def _transfer_unconfirmed(self, why: str = "window") -> list[Action]:
         """The server has not ended the call :attr:`MachineConfig.transfer_confirm` seconds after the
-        refer's 200: the transfer is taken as failed, and the call hung up (``transfer_failed``)."""
+        refer's 200 (``why``: ``window``), or the wait was cut short (``sideband_lost``, ``shutdown``):
+        the call is hung up (``transfer_failed``, or ``transferred`` when the hangup finds it gone)."""
         end = self._end
         if end is None or not self.transferring:
             return []
         target = end.target
         end.reason, end.verb, end.target = "transfer_failed", "hangup", None
+        waited = self.config.transfer_confirm if why == "window" else None
         return [
-            Notice("call.transfer_unconfirmed", {"target": target, "waited_s": self.config.transfer_confirm}),
+            Notice("call.transfer_unconfirmed", {"target": target, "why": why, "waited_s": waited}),
             Notice("call.ending", {"reason": end.reason, "verb": "hangup", "target": None}),
             Verb("hangup"),
         ]
