@@ -337,6 +337,39 @@ async def test_an_authorize_hook_may_read_the_body(simulator: Simulator) -> None
     assert tokens == ["t", "t", "sdp", "t"]
 
 
+async def test_a_body_that_is_not_json_is_refused_not_a_failing_hook(simulator: Simulator) -> None:
+    """A stranger's malformed body, read by a hook that looks for a CSRF token: a ``400`` at warning,
+    as often as they like; the hook's backend answering something that is not JSON is still its
+    failure."""
+    app = Sideband(instructions="x")
+
+    @app.authorize_browser
+    async def csrf(request: web.Request) -> bool:
+        if request.headers.get("X-Backend") == "html":
+            json.loads("<html>")  # (its session store answered an error page)
+        return bool((await request.json()).get("csrf"))
+
+    sent = [("{not json", None), ("\xff\xfe", None), ("", None), ('{"csrf": 1}', "html")]
+    answers: list[tuple[int, Any]] = []
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        with capture_logs() as logs:
+            async with aiohttp.ClientSession() as http:
+                for body, backend in sent:
+                    headers = {"Content-Type": "application/json"} | (
+                        {"X-Backend": backend} if backend else {}
+                    )
+                    for path in ("/rtc/sessions", "/rtc/handoff"):
+                        async with http.post(
+                            stack.url(path), data=body.encode("latin-1"), headers=headers
+                        ) as r:
+                            answers.append((r.status, (await r.json())["error"]))
+    assert answers == [(400, "body is not JSON")] * 6 + [(503, "authorization unavailable")] * 2
+    failed = [e for e in logs if e["event"] == "rtc.authorize_failed"]
+    assert [e["error"] for e in failed] == ["JSONDecodeError"] * 2
+    rejected = [e for e in logs if e["event"] == "rtc.rejected"]
+    assert [(e["status"], e["log_level"]) for e in rejected] == [(400, "warning")] * 6
+
+
 async def test_browsers_arriving_together_are_authorized_together(simulator: Simulator) -> None:
     """A sync hook's session lookup takes a while: a burst of browsers does not queue for its threads
     (and run into the hook's 5 s there)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -307,6 +308,8 @@ async def _browser_gate(
             raise
         if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc):
             raise
+        if _body_not_json(request, exc):  # (the sender's doing, as often as it likes: not an error)
+            return _refuse(service, 400, "body is not JSON", event="rtc.rejected")
         logged = service.settings.log_tool_arguments
         log.error("rtc.authorize_failed", **failure_fields(exc, message=logged, full=logged))
         service.refused["rtc.authorize_failed", 503] += 1
@@ -318,6 +321,19 @@ async def _browser_gate(
         log.info("rtc.draining", path=request.path)
         return _json(503, {"error": "draining"})
     return None
+
+
+def _body_not_json(request: web.Request, exc: BaseException) -> bool:
+    """Whether an ``authorize_browser`` hook failed on ``await request.json()`` of a body that is not
+    JSON: the request's fault, not the hook's (a hook's backend answering something that is not JSON
+    still fails the hook)."""
+    if not isinstance(exc, json.JSONDecodeError | UnicodeDecodeError) or request._read_bytes is None:
+        return False
+    try:
+        jsonio.loads(request._read_bytes)
+    except (ValueError, UnicodeDecodeError):
+        return True
+    return False
 
 
 def _busy(service: Service) -> web.Response | None:
