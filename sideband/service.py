@@ -282,6 +282,7 @@ class Service:
         """Whether the last reload put the file in force (``False``: the table in force is older)."""
         self._reloading = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
+        self._unshared: aiohttp.ClientSession | None = None
         self._sideband_url = settings.sideband_url
         self._configs: dict[int, tuple[CallPlan, MachineConfig]] = {}
         self._sip_checked: dict[int, CallPlan] = {}  # plans whose session a SIP accept may send
@@ -333,7 +334,11 @@ class Service:
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
         )
-        self._control = CallControl(self._http, base, key.get_secret_value() if key else "", proxy)
+        self._unshared = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, force_close=True),
+        )
+        secret = key.get_secret_value() if key else ""
+        self._control = CallControl(self._http, base, secret, proxy, unshared=self._unshared)
         if isinstance(self.store, CallLedger):
             self._ledger = asyncio.ensure_future(self._keep_ledger(self.store))
 
@@ -458,8 +463,9 @@ class Service:
                     await ledger.forget(self.instance_id)
         for call_id in stranded:
             self.log.warning("call.stranded", call_id=call_id, outcome="left", ledger=recorded)
-        if self._http is not None:
-            await self._http.close()
+        for http in (self._http, self._unshared):
+            if http is not None:
+                await http.close()
         await self.store.close()
 
     def full(self) -> bool:

@@ -1092,3 +1092,46 @@ async def test_a_rest_refusal_carries_its_retry_after() -> None:
     finally:
         server.close()
     assert (caught.value.status, caught.value.retry_after, caught.value.body) == (429, 2.0, "slow")
+
+
+async def test_requests_never_sent_twice_do_not_go_on_a_connection_the_server_may_have_closed() -> None:
+    """A server closes a keep-alive connection it finds idle, as a request goes out on it: a hangup is
+    tried again, but a REFER or a WebRTC call's creation, lost that way, cannot be. Those open a
+    connection of their own; the others keep theirs."""
+    served: dict[object, int] = {}  # requests per connection (its client's port)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        peer = request.transport.get_extra_info("peername")
+        seen = served[peer] = served.get(peer, 0) + 1
+        if seen > 1 and request.path.endswith(("/refer", "/realtime/calls")):
+            request.transport.abort()  # (its idle timer fired as the request came in)
+            return web.Response()
+        if request.path == "/v1/realtime/calls":
+            await request.read()
+            return web.Response(status=201, text="v=0", headers={"Location": "/v1/realtime/calls/rtc_n"})
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_route("POST", "/{tail:.*}", handle)
+    async with TestServer(app, port=0) as server:
+        shared = aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=60))
+        unshared = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        async with shared, unshared:
+            control = CallControl(shared, str(server.make_url("/v1")), "sk-test", unshared=unshared)
+            for _ in range(2):
+                await control.hangup("rtc_a", timeout=2)
+                await control.refer("rtc_a", "tel:+14155550100", timeout=2)
+                assert await control.create_call("v=0", {"type": "realtime"}, timeout=2) == ("rtc_n", "v=0")
+    assert sorted(served.values()) == [1, 1, 1, 1, 2]  # the hangups on one connection
+
+
+async def test_the_service_sends_a_refer_on_a_connection_of_its_own(stack: Stack) -> None:
+    """A phone call's REFER does not go on the connection the accept left in the pool; a hangup does."""
+    call = stack.sim.create_call(Script([GREETING]))
+    assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    await stack.service.control.refer(call.call_id, "tel:+14155550100", timeout=2)
+    await stack.service.control.hangup(call.call_id, timeout=2)
+    peers = {r.path.rsplit("/", 1)[-1]: r.peer for r in stack.sim.requests if r.method == "POST"}
+    assert set(peers) == {"accept", "refer", "hangup"} and None not in peers.values()
+    assert peers["accept"] == peers["hangup"] != peers["refer"]

@@ -203,6 +203,8 @@ class RequestRecord:
     body: bytes
     json: Any = None
     status: int = 0
+    peer: tuple[Any, ...] | None = None
+    """The sender's address and port: requests with the same one came on the same connection."""
 
 
 @dataclass(slots=True)
@@ -3061,6 +3063,7 @@ class Simulator:
             CIMultiDictProxy(CIMultiDict(request.headers)),
             body,
             parsed,
+            peer=None if request.transport is None else request.transport.get_extra_info("peername"),
         )
         self.requests.append(record)
         self._notify()

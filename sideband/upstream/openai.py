@@ -175,12 +175,24 @@ class CallControl:
     ``proxy``: the HTTP(S) proxy for every request (parsed by :func:`websockets.proxy.parse_proxy`, as
     for the sideband WebSockets; its credentials become ``Proxy-Authorization``); ``None`` for a direct
     connection.
+
+    ``unshared``: the session for the requests never sent twice (a REFER, a WebRTC call's creation), whose
+    connector should open a connection for each (``force_close``): on a pooled connection the server
+    closes, idle, as the request goes out, the request is lost unanswered, and could not be sent again.
+    ``http`` by default.
     """
 
     def __init__(
-        self, http: aiohttp.ClientSession, base_url: str, api_key: str, proxy: Proxy | None = None
+        self,
+        http: aiohttp.ClientSession,
+        base_url: str,
+        api_key: str,
+        proxy: Proxy | None = None,
+        *,
+        unshared: aiohttp.ClientSession | None = None,
     ) -> None:
         self._http = http
+        self._unshared = http if unshared is None else unshared
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
@@ -206,12 +218,13 @@ class CallControl:
         call_id: str | None = None,
         *,
         method: str = "POST",
+        once: bool = False,
     ) -> str:
         taken = False
         try:
             async with (
                 asyncio.timeout(timeout),
-                self._http.request(
+                (self._unshared if once else self._http).request(
                     method,
                     self._base + path,
                     data=None if body is None else jsonio.dumps(body),
@@ -267,7 +280,8 @@ class CallControl:
 
     async def refer(self, call_id: str, target_uri: str, *, timeout: float = 5.0) -> None:
         """Transfer the call (SIP REFER) to ``tel:…`` or ``sip:…``."""
-        await self._post(self._call_path(call_id, "refer"), {"target_uri": target_uri}, timeout, call_id)
+        body = {"target_uri": target_uri}
+        await self._post(self._call_path(call_id, "refer"), body, timeout, call_id, once=True)
 
     async def hangup(self, call_id: str, *, timeout: float = 5.0) -> None:
         """End the call (SIP or WebRTC)."""
@@ -286,7 +300,7 @@ class CallControl:
         try:
             async with (
                 asyncio.timeout(timeout),
-                self._http.post(
+                self._unshared.post(
                     self._base + "/realtime/calls",
                     data=form,
                     headers=self._headers,
