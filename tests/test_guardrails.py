@@ -453,19 +453,28 @@ async def test_an_engine_turn_waits_for_the_check_of_its_reply_before_handing_it
     assert summary.guardrails == (("moderation", "no promises"),)
 
 
+@pytest.mark.parametrize("hangs", ["awaiting", "swallowing_its_cancel"])
 async def test_a_check_that_hangs_lets_the_words_pass_and_the_next_ones_are_checked(
-    monkeypatch: pytest.MonkeyPatch,
+    hangs: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A moderation service that never answers this once; or one behind a client that retries on any
+    exception, its cancellation included (left behind: the next words are checked all the same)."""
     monkeypatch.setattr(guard, "CHECK_TIMEOUT", 0.2)
     app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
 
     hung: list[str] = []
+    over = asyncio.Event()
 
     @app.guardrail
     async def moderation(ctx: CallContext, text: str) -> str | None:
         if text.startswith("Your order") and not hung:  # (its words may come to it in one piece or more)
             hung.append(text)
-            await asyncio.Event().wait()  # a moderation service that never answers this once
+            while not over.is_set():
+                try:
+                    await over.wait()
+                except asyncio.CancelledError:
+                    if hangs == "awaiting":
+                        raise
         return "no promises" if "guarantee" in text else None
 
     async with run_app(app) as h:
@@ -484,6 +493,7 @@ async def test_a_check_that_hangs_lets_the_words_pass_and_the_next_ones_are_chec
                 )
             )
             summary = await h.ended(call)
+    over.set()
     failed = [e for e in logs if e["event"] == "guardrail.failed"]
     assert [(e["guardrail"], e["error"]) for e in failed] == [("moderation", "timeout")]
     assert summary.guardrails == (("moderation", "no promises"),)

@@ -243,21 +243,34 @@ class OutputGuard:
         return verdict
 
     async def _run_async(self, check: Callable[..., Any], text: str) -> str | None:
-        """Run one async guardrail; its reason if it objects, else ``None``."""
+        """Run one async guardrail; its reason if it objects, else ``None``. It runs as a task of its own,
+        left behind (cancelled) at :data:`CHECK_TIMEOUT`: one that swallows its cancellation must not
+        hold the checks of every later word, and the tool calls waiting on them."""
         name = guardrail_name(check)
-        limit = asyncio.timeout(CHECK_TIMEOUT)
         try:
-            async with limit:
-                verdict = await timed(check(self._ctx, text), log_blocked(self._log, guardrail=name))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if isinstance(exc, TimeoutError) and limit.expired():
-                self._log.error("guardrail.failed", guardrail=name, error="timeout", timeout_s=CHECK_TIMEOUT)
-            else:
-                self._log.error("guardrail.failed", guardrail=name, **self._failure(exc))
+            check_task = asyncio.ensure_future(
+                timed(check(self._ctx, text), log_blocked(self._log, guardrail=name))
+            )
+        except Exception as exc:  # (calling it raised before any await)
+            self._log.error("guardrail.failed", guardrail=name, **self._failure(exc))
             return None
-        return self._verdict(check, verdict)
+        try:
+            await asyncio.wait({check_task}, timeout=CHECK_TIMEOUT)
+        finally:  # (cancelled too when the guard stops: the call ends)
+            if not check_task.done():
+                check_task.cancel()
+                check_task.add_done_callback(_retrieved)
+        if not check_task.done():
+            self._log.error("guardrail.failed", guardrail=name, error="timeout", timeout_s=CHECK_TIMEOUT)
+            return None
+        if check_task.cancelled():  # (its own doing: the words pass)
+            self._log.error("guardrail.failed", guardrail=name, error="cancelled")
+            return None
+        failure = check_task.exception()
+        if failure is not None:
+            self._log.error("guardrail.failed", guardrail=name, **self._failure(failure))
+            return None
+        return self._verdict(check, check_task.result())
 
     @staticmethod
     def _verdict(check: Callable[..., Any], verdict: Any) -> str | None:
@@ -265,3 +278,9 @@ class OutputGuard:
         if not verdict:
             return None
         return verdict if isinstance(verdict, str) else guardrail_name(check)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Take a left-behind check's outcome, so that asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
