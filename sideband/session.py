@@ -311,6 +311,12 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
             raise SessionConfigError("every tool must be an object")
         if tool.get("type") == "function" and not tool.get("name"):
             raise SessionConfigError("every function tool needs a name")
+        if tool.get("type") == "function":
+            itemless = _itemless_array(tool.get("parameters"), "parameters")
+            if itemless is not None:
+                raise SessionConfigError(
+                    f"tool {tool['name']!r}: {itemless} is an array schema without items (OpenAI refuses it)"
+                )
         if tool.get("type") == "mcp" and _asks_approval(tool):
             # Nobody is there to approve: the model would wait, silent, at every such call.
             raise SessionConfigError(
@@ -318,6 +324,39 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
                 '"never" list holding all its "allowed_tools"): a call has nobody to approve its tool '
                 'calls (choose the server\'s tools with "allowed_tools")'
             )
+
+
+# Schema keywords whose value is data, not a schema (an array there is no array schema).
+_SCHEMA_DATA = frozenset({"default", "examples", "example", "const", "enum"})
+# Schema keywords whose value maps names (any: a parameter may be called "default") to schemas.
+_SCHEMA_NAMES = frozenset({"properties", "$defs", "definitions", "patternProperties"})
+
+
+def _itemless_array(schema: Any, where: str) -> str | None:
+    """Where in a tool's parameter ``schema`` an array schema has no ``items`` (OpenAI refuses the
+    whole session then: ``array schema missing items``), else ``None``."""
+    if isinstance(schema, list):
+        for i, item in enumerate(schema):
+            found = _itemless_array(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if not isinstance(schema, Mapping):
+        return None
+    kind = schema.get("type")
+    if (kind == "array" or (isinstance(kind, list) and "array" in kind)) and "items" not in schema:
+        return where
+    for key, value in schema.items():
+        if key in _SCHEMA_NAMES and isinstance(value, Mapping):  # names → schemas, whatever the names
+            for name, sub in value.items():
+                found = _itemless_array(sub, f"{where}.{key}.{name}")
+                if found is not None:
+                    return found
+        elif key not in _SCHEMA_DATA and isinstance(value, Mapping | list):
+            found = _itemless_array(value, f"{where}.{key}")
+            if found is not None:
+                return found
+    return None
 
 
 _TOOL_CHOICES = ("auto", "none", "required")

@@ -1121,7 +1121,8 @@ def _inline_member(key: str, value: Any, defs: dict[str, Any], stack: tuple[str,
 def _strip(node: Any, *, names: bool) -> Any:
     """Drop ``title`` and ``discriminator`` keywords (the latter is OpenAPI, and its refs may be gone);
     a ``const`` without ``enum`` (a one-value ``Literal``) is declared as a one-item ``enum``, the form
-    models are best at keeping to."""
+    models are best at keeping to; an array without ``items`` (a fixed-length tuple, a ``NamedTuple``:
+    ``prefixItems`` only, which OpenAI refuses) is given one (:func:`_tuple_items`)."""
     if isinstance(node, list):
         return [_strip(v, names=False) for v in node]
     if not isinstance(node, dict):
@@ -1140,4 +1141,19 @@ def _strip(node: Any, *, names: bool) -> Any:
             out[k] = _strip(v, names=True)
         else:
             out[k] = _strip(v, names=False)
+    if out.get("type") == "array" and "items" not in out:
+        out["items"] = _tuple_items(out.get("prefixItems"))
     return out
+
+
+def _tuple_items(prefix: Any) -> Any:
+    """The ``items`` of a tuple's array schema: the one schema its positions share, else ``anyOf`` the
+    distinct ones (each position's own stays in ``prefixItems``, the length in ``minItems``/``maxItems``;
+    the arguments are still validated as the tuple). ``{}`` for an empty tuple."""
+    distinct: list[Any] = []
+    for item in prefix if isinstance(prefix, list) else []:
+        if item not in distinct:
+            distinct.append(item)
+    if len(distinct) == 1:
+        return distinct[0]
+    return {"anyOf": distinct} if distinct else {}

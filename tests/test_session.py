@@ -1,5 +1,6 @@
 """Tests for sideband.session: the session payload, merging, and local accept-payload validation."""
 
+import re
 from typing import Any
 
 import pytest
@@ -374,6 +375,41 @@ def test_audio_must_be_an_object() -> None:
 def test_nameless_function_tool_refused(tool: dict[str, Any]) -> None:
     with pytest.raises(SessionConfigError, match="name"):
         validate_accept_payload({"type": "realtime", "tools": [TOOL, tool]})
+
+
+@pytest.mark.parametrize(
+    "parameters, where",
+    [
+        ({"type": "object", "properties": {"xy": {"type": "array"}}}, "parameters.properties.xy"),
+        (
+            {"type": "object", "properties": {"default": {"anyOf": [{"type": "null"}, {"type": "array"}]}}},
+            "parameters.properties.default.anyOf[1]",
+        ),
+        (
+            {"type": "object", "properties": {"xy": {"type": "array", "items": {"type": ["array", "null"]}}}},
+            "parameters.properties.xy.items",
+        ),
+        ({"type": "object", "$defs": {"P": {"type": "array", "prefixItems": [{}]}}}, "parameters.$defs.P"),
+    ],
+)
+def test_an_array_schema_without_items_in_a_tools_parameters_is_refused(
+    parameters: dict[str, Any], where: str
+) -> None:
+    """OpenAI refuses the whole session for it (``array schema missing items``)."""
+    tool = {**TOOL, "parameters": parameters}
+    with pytest.raises(SessionConfigError, match=rf"'lookup_order': {re.escape(where)} is an array schema"):
+        validate_accept_payload({"type": "realtime", "tools": [tool]})
+
+
+def test_arrays_with_items_and_array_data_in_a_tools_parameters_pass() -> None:
+    parameters = {
+        "type": "object",
+        "properties": {
+            "xy": {"type": "array", "items": {}, "default": {"type": "array"}},
+            "kind": {"enum": [{"type": "array"}]},
+        },
+    }
+    validate_accept_payload({"type": "realtime", "tools": [{**TOOL, "parameters": parameters}]})
 
 
 MCP = {

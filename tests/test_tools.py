@@ -12,13 +12,14 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.logs import failure_fields
+from sideband.session import validate_accept_payload
 from sideband.tools import MAX_OUTPUT, Tool, ToolError, ToolRegistry, ToolResult
 
 # -- helpers and module-level types ------------------------------------------------------------------
@@ -215,6 +216,62 @@ def test_schema_enum_literal_and_list() -> None:
         "required": ["color", "finish", "sizes"],
         "additionalProperties": False,
     }
+
+
+class LatLon(NamedTuple):
+    lat: float
+    lon: float
+
+
+def _arrays(node: Any) -> list[dict[str, Any]]:
+    """Every array schema in ``node``."""
+    if isinstance(node, list):
+        return [a for v in node for a in _arrays(v)]
+    if not isinstance(node, dict):
+        return []
+    own = [node] if node.get("type") == "array" else []
+    return own + [a for v in node.values() for a in _arrays(v)]
+
+
+def test_a_fixed_length_tuple_or_named_tuple_is_an_array_with_items() -> None:
+    """pydantic writes a fixed-length tuple with ``prefixItems`` alone; OpenAI refuses an array schema
+    without ``items`` (the whole session with it), so one is given: the positions' schema, or any of
+    them. The arguments are still validated as the tuple."""
+
+    def nearest_store(
+        coords: tuple[float, float],
+        where: LatLon,
+        pair: tuple[int, str],
+        route: list[tuple[int, int]] | None = None,
+        nothing: tuple[()] = (),
+    ) -> str:
+        """Find the nearest store."""
+        return "x"
+
+    tool = Tool.from_function(nearest_store)
+    props = tool.parameters["properties"]
+    number = {"type": "number"}
+    for name in ("coords", "where"):
+        assert props[name] == {
+            "type": "array",
+            "prefixItems": [number, number],
+            "items": number,
+            "minItems": 2,
+            "maxItems": 2,
+        }
+    assert props["pair"]["items"] == {"anyOf": [{"type": "integer"}, {"type": "string"}]}
+    assert props["pair"]["prefixItems"] == [{"type": "integer"}, {"type": "string"}]
+    assert props["route"]["anyOf"][0]["items"]["items"] == {"type": "integer"}
+    assert props["nothing"]["items"] == {} and props["nothing"]["maxItems"] == 0
+    assert all("items" in array for array in _arrays(tool.parameters))
+    validate_accept_payload({"type": "realtime", "tools": [tool.definition()]})
+    args = tool.parse_arguments('{"coords": [1, 2.5], "where": [3, 4], "pair": [1, "a"]}')
+    assert args["coords"] == (1.0, 2.5) and args["where"] == LatLon(3.0, 4.0) and args["pair"] == (1, "a")
+    for wrong in ("[1, 2, 3]", "[1]", '["a", "b"]'):
+        with pytest.raises(ValidationError):
+            tool.parse_arguments(f'{{"coords": {wrong}, "where": [3, 4], "pair": [1, "a"]}}')
+    with pytest.raises(ValidationError):
+        tool.parse_arguments('{"coords": [1, 2], "where": [3, 4], "pair": ["a", 1]}')
 
 
 def test_a_one_value_literal_is_declared_as_a_one_item_enum() -> None:
