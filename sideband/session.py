@@ -110,11 +110,14 @@ class SessionConfig(BaseModel):
         """A copy with ``overrides`` applied, an ``audio`` object merged into this one's as
         :func:`merge_session` does. ``None`` for ``instructions``, ``voice`` or ``greeting`` is ignored
         (not given: a decision's fields); for another field it is that field's ``None``
-        (``transcription_model=None``: no caller transcripts), and a field of the extra ones is dropped."""
-        data = merge_session(
-            self.model_dump(exclude_unset=False),
-            {k: v for k, v in overrides.items() if v is not None or k not in _NOT_GIVEN_IF_NONE},
-        )
+        (``transcription_model=None``: no caller transcripts), and a field of the extra ones is dropped.
+
+        An override named for a key of the ``audio`` object (``voice``, ``speed``, ``turn_detection``,
+        ``noise_reduction``, ``transcription_model``) replaces that key of this one's ``audio``: the later
+        layer's setting wins (an ``audio`` object among the overrides still wins over their named
+        fields, as within one config)."""
+        given = {k: v for k, v in overrides.items() if v is not None or k not in _NOT_GIVEN_IF_NONE}
+        data = merge_session(_without_audio_keys(self.model_dump(exclude_unset=False), given), given)
         fields = type(self).model_fields
         return SessionConfig.model_validate({k: v for k, v in data.items() if v is not None or k in fields})
 
@@ -217,6 +220,31 @@ _AUDIO_NAMES = {
     "turn_detection": ("input", "turn_detection"),
     "noise_reduction": ("input", "noise_reduction"),
 }
+
+
+# Every SessionConfig name for a key of the realtime session's ``audio`` object: side, key.
+_AUDIO_KEY_OF = {**_AUDIO_NAMES, "transcription_model": ("input", "transcription")}
+
+
+def _without_audio_keys(base: Mapping[str, Any], over: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``base`` without the keys of its ``audio`` object that a name of ``over`` sets (``voice`` sets
+    ``audio.output.voice``…), so that ``over``, a later layer, wins with them; ``base`` itself when there
+    are none."""
+    audio = base.get("audio")
+    names = [name for name in over if name in _AUDIO_KEY_OF]
+    if not names or not isinstance(audio, Mapping):
+        return base
+    audio = dict(audio)
+    for name in names:
+        side, key = _AUDIO_KEY_OF[name]
+        part = audio.get(side)
+        if isinstance(part, Mapping) and key in part:
+            rest = {k: v for k, v in part.items() if k != key}
+            if rest:
+                audio[side] = rest
+            else:
+                del audio[side]
+    return {**base, "audio": audio} if audio else {k: v for k, v in base.items() if k != "audio"}
 
 
 # SessionConfig's names that are sideband's own, no field of the realtime session, with what to use.
@@ -515,12 +543,16 @@ class Accept:
             voice=_given(self.voice, base.voice),
             greeting=_given(self.greeting, base.greeting),
             tools=_given(self.tools, base.tools),
-            session=merge_session(base.session, self.session),
+            session=merge_session(_without_audio_keys(base.session, self._named()), self.session),
             max_call_duration=_given(self.max_call_duration, base.max_call_duration),
             max_idle_duration=_given(self.max_idle_duration, base.max_idle_duration),
             state={**base.state, **self.state},
             transfer_targets=_given(self.transfer_targets, base.transfer_targets),
         )
+
+    def _named(self) -> Mapping[str, Any]:
+        """This decision's named settings: its ``session``, and ``voice`` when given."""
+        return self.session if self.voice is None else {**self.session, "voice": self.voice}
 
 
 _T = TypeVar("_T")

@@ -196,6 +196,56 @@ def test_merged_and_layered_decisions_merge_audio_objects() -> None:
     }
 
 
+def test_a_later_layers_named_setting_wins_over_an_earlier_layers_audio_object() -> None:
+    """App, then route, then hook: a voice, speed, turn detection, noise reduction or transcription
+    model given by name in a later layer replaces that key of an earlier layer's ``audio`` object (the
+    rest of which stays); an ``audio`` object still wins over the named settings of its own layer and
+    of the layers before."""
+    app = Sideband(
+        session=SessionConfig(
+            audio={  # type: ignore[call-arg]
+                "input": {
+                    "transcription": {"model": "gpt-4o-transcribe", "language": "de"},
+                    "noise_reduction": {"type": "near_field"},
+                    "turn_detection": {"type": "server_vad"},
+                },
+                "output": {"voice": "ash", "speed": 0.8},
+            }
+        )
+    )
+    transcription = {"model": "gpt-4o-transcribe", "language": "de"}
+
+    def audio(accept: Accept) -> Any:
+        return app.plan(accept).session["audio"]
+
+    assert audio(Accept(voice="marin"))["output"] == {"voice": "marin", "speed": 0.8}
+    assert audio(Accept(session={"speed": 1.2}))["output"] == {"voice": "ash", "speed": 1.2}
+    off = audio(Accept(session={"transcription_model": None, "noise_reduction": None}))
+    assert off["input"] == {"turn_detection": {"type": "server_vad"}}
+    semantic = {"type": "semantic_vad"}
+    swapped = audio(Accept(session={"transcription_model": "whisper-1", "turn_detection": semantic}))
+    assert swapped["input"]["transcription"] == {"model": "whisper-1"}
+    assert swapped["input"]["turn_detection"] == semantic
+    # an audio object of the same layer wins over its named setting
+    both = Accept(voice="marin", session={"audio": {"output": {"voice": "cedar"}}})
+    assert audio(both)["output"] == {"voice": "cedar", "speed": 0.8}
+    # route, then hook: the hook's voice over the route's audio object, and the other way round
+    route = Accept(session={"audio": {"output": {"voice": "ash", "speed": 1.1}}})
+    layered = Accept(voice="marin").over(route)
+    assert audio(layered) == {
+        "input": {**audio(Accept())["input"], "transcription": transcription},
+        "output": {"voice": "marin", "speed": 1.1},
+    }
+    hook = Accept(session={"audio": {"output": {"voice": "cedar"}}})
+    assert audio(hook.over(Accept(voice="ash", session={"speed": 1.3})))["output"] == {
+        "voice": "cedar",
+        "speed": 1.3,
+    }
+    # a named setting given to the app itself over its own session's audio object
+    own = Sideband(voice="marin", session=SessionConfig(audio={"output": {"voice": "ash"}}))  # type: ignore[call-arg]
+    assert own.plan().session["audio"]["output"] == {"voice": "marin"}
+
+
 def test_payload_is_fresh_each_time() -> None:
     cfg = SessionConfig(voice="marin")
     first = cfg.payload([])
