@@ -758,11 +758,30 @@ def _unwrap_partial(fn: Any) -> Any:
     return fn
 
 
+def _layers(fn: Any) -> tuple[Any, frozenset[str]]:
+    """The callable at the bottom of ``fn``'s :func:`functools.partial` layers and the decorators that
+    name what they wrap (``__wrapped__``, set by :func:`functools.wraps`), in any order and number, as
+    :func:`inspect.signature` walks them; and the names bound by keyword in those partials (the app's
+    values)."""
+    names: set[str] = set()
+    seen: set[int] = set()
+    while id(fn) not in seen:  # (a chain that loops back stops where it does)
+        seen.add(id(fn))
+        if isinstance(fn, functools.partial):
+            names.update(fn.keywords)
+            fn = fn.func
+        elif hasattr(fn, "__wrapped__"):
+            fn = fn.__wrapped__
+        else:
+            break
+    return fn, frozenset(names)
+
+
 def _introspected(fn: Any) -> Any:
     """What ``fn``'s signature is read from, and so its annotations and docstring: past its
-    :func:`functools.partial` layers and the decorators that name what they wrap (``__wrapped__``, set by
-    :func:`functools.wraps`), as :func:`inspect.signature` reads it; a callable object's ``__call__``."""
-    target = inspect.unwrap(_unwrap_partial(fn))
+    :func:`functools.partial` layers and the decorators that name what they wrap (:func:`_layers`), as
+    :func:`inspect.signature` reads it; a callable object's ``__call__``."""
+    target = _layers(fn)[0]
     if not inspect.isroutine(target) and callable(target):
         return target.__call__
     return target
@@ -772,7 +791,7 @@ def _docs(fn: Any) -> tuple[str, dict[str, str]]:
     """The tool's description and its parameters' from the docstrings: a callable object's class may
     describe it, and its ``__call__`` the parameters (their own docstrings only: not Python's, ``Call
     self as a function.``, nor the signature a dataclass gets as one)."""
-    target = inspect.unwrap(_unwrap_partial(fn))
+    target = _layers(fn)[0]
     if inspect.isroutine(target) or not callable(target):
         return _parse_docstring(inspect.getdoc(target))
     description, args = _parse_docstring(_own_doc(target))
@@ -802,12 +821,9 @@ def _own_doc(obj: Any) -> str | None:
 
 
 def _bound_keywords(fn: Any) -> frozenset[str]:
-    """Names bound by keyword in ``fn``'s :func:`functools.partial` layers (the app's values)."""
-    names: set[str] = set()
-    while isinstance(fn, functools.partial):
-        names.update(fn.keywords)
-        fn = fn.func
-    return frozenset(names)
+    """Names bound by keyword in ``fn``'s :func:`functools.partial` layers (the app's values), those
+    under a decorator included (:func:`_layers`)."""
+    return _layers(fn)[1]
 
 
 def _refuse_generators(fn: Any, name: str) -> None:

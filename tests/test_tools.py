@@ -1378,6 +1378,53 @@ async def test_keywords_bound_with_partial_are_hidden_from_the_model_and_fixed()
     assert forged.outcome == "invalid_arguments"
 
 
+def _logged(fn: Any) -> Any:
+    """A decorator that says what it wraps (functools.wraps)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+async def test_keywords_bound_with_partial_under_a_decorator_stay_hidden_and_fixed() -> None:
+    """A decorator around a partial (and a partial around that): the schema, description and call are
+    those of the bare partial, every bound keyword out of the model's reach."""
+
+    def search(query: str, limit: int = 3, api_key: str = "", tenant: str = "") -> str:
+        """Search the catalog.
+
+        Args:
+            query: What to look for.
+        """
+        return f"{query}|{limit}|{api_key}|{tenant}"
+
+    bare = Tool.from_function(functools.partial(search, api_key="sk-SECRET"), name="search")
+    decorated = _logged(functools.partial(search, api_key="sk-SECRET"))
+    layered = functools.partial(_logged(decorated), tenant="acme")
+    for fn, bound in ((decorated, ("api_key",)), (layered, ("api_key", "tenant"))):
+        tool = Tool.from_function(fn, name="search")
+        assert "sk-SECRET" not in json.dumps(tool.definition())
+        assert tool.parameters["properties"] == {
+            k: v for k, v in bare.parameters["properties"].items() if k not in bound
+        }
+        assert tool.parameters["properties"]["query"] == {
+            "type": "string",
+            "description": "What to look for.",
+        }
+        assert tool.description == "Search the catalog."
+        reg = ToolRegistry()
+        reg.add(fn, name="search")
+        done = await reg.execute("c", "search", '{"query": "x", "limit": "two"}', make_ctx())
+        assert done.outcome == "invalid_arguments"  # typed: limit is an int
+        done = await reg.execute("c", "search", '{"query": "x", "limit": 2}', make_ctx())
+        assert done.output == ("x|2|sk-SECRET|acme" if fn is layered else "x|2|sk-SECRET|")
+        for name in bound:
+            forged = await reg.execute("c", "search", f'{{"query": "x", "{name}": "z"}}', make_ctx())
+            assert forged.outcome == "invalid_arguments"
+
+
 def test_generator_functions_are_refused_at_registration() -> None:
     def rows() -> Any:
         yield 1
