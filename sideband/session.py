@@ -273,14 +273,27 @@ def session_update(fields: Mapping[str, Any]) -> dict[str, Any]:
     session: dict[str, Any] = {
         k: v for k, v in fields.items() if k not in _AUDIO_NAMES and k != "transcription_model"
     }
-    given = session.pop("audio", None)
-    audio: dict[str, Any] = {side: dict(part) for side, part in (given or {}).items()}
+    given = session.pop("audio", None) or {}
+    if not isinstance(given, Mapping):
+        raise SessionConfigError(f"audio must be an object, not {_kind(given)}")
+    audio: dict[str, Any] = {
+        side: dict(part) if isinstance(part, Mapping) else part for side, part in given.items()
+    }
+
+    def side_of(side: str) -> dict[str, Any]:
+        part = audio.get(side)
+        if part is None:
+            part = audio[side] = {}
+        elif not isinstance(part, dict):
+            raise SessionConfigError(f"audio.{side} must be an object, not {_kind(part)}")
+        return part
+
     for name, (side, key) in _AUDIO_NAMES.items():
         if name in fields:
-            audio.setdefault(side, {})[key] = voice_field(fields[name]) if name == "voice" else fields[name]
+            side_of(side)[key] = voice_field(fields[name]) if name == "voice" else fields[name]
     if "transcription_model" in fields:
         model = fields["transcription_model"]
-        audio.setdefault("input", {})["transcription"] = None if model is None else {"model": model}
+        side_of("input")["transcription"] = None if model is None else {"model": model}
     if audio:
         session["audio"] = audio
     session["type"] = "realtime"
@@ -310,14 +323,15 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
         _typo(key, _SESSION_KEYS, "")
     audio = body.get("audio") or {}
     if not isinstance(audio, dict):
-        raise SessionConfigError("audio must be an object")
+        raise SessionConfigError(f"audio must be an object, not {_kind(audio)}")
     for key in audio:
         _typo(key, _AUDIO_SIDES, "audio.")
     for side in ("input", "output"):
         part = audio.get(side) or {}
-        if isinstance(part, dict):
-            for key in part:
-                _typo(key, _AUDIO_KEYS[side], f"audio.{side}.")
+        if not isinstance(part, dict):
+            raise SessionConfigError(f"audio.{side} must be an object, not {_kind(part)}")
+        for key in part:
+            _typo(key, _AUDIO_KEYS[side], f"audio.{side}.")
     if sip:
         check_sip_audio(audio)
     _check_values(body, audio)

@@ -808,6 +808,36 @@ async def test_update_session_refuses_an_audio_format_on_a_phone_call(stack: Sta
     assert result == "audio.output.format must not be set for SIP calls (the codec is negotiated)"
 
 
+@pytest.mark.parametrize(
+    "audio, message",
+    [
+        ("loud", "audio must be an object, not str"),
+        ({"input": "loud"}, "audio.input must be an object, not str"),
+        ({"output": 3}, "audio.output must be an object, not int"),
+    ],
+)
+async def test_update_session_refuses_a_malformed_audio_object_as_a_session_config_error(
+    stack: Stack, audio: Any, message: str
+) -> None:
+    """A SessionConfigError, its message logged (not an AttributeError or ValueError the update made of
+    it); nothing is sent."""
+
+    @stack.app.tool
+    async def tune(ctx: CallContext) -> str:
+        ctx.update_session(instructions="Tuned.", audio=audio)
+        return "no error"
+
+    steps = [HELLO, caller_says("tune it"), model_calls("tune", {}), model_says("Sure."), caller_hangs_up()]
+    with capture_logs() as logs:
+        call = await start(stack, Script(steps))
+        await call.wait_done(timeout=10)
+    updates = [e["session"] for e in call.received if e["type"] == "session.update"]
+    assert not any(u.get("instructions") == "Tuned." for u in updates), updates
+    assert list(outputs(call).values()) == [{"error": "tool_failed", "message": "SessionConfigError"}]
+    [failed] = [e for e in logs if e["event"] == "tool.finished"]
+    assert failed["error"] == f"SessionConfigError: {message}"
+
+
 def test_update_session_refuses_a_greeting_before_the_call_is_asked_on_any_engine() -> None:
     asked: list[dict[str, Any]] = []
 

@@ -415,6 +415,29 @@ def test_audio_must_be_an_object() -> None:
 
 
 @pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"audio": "pcmu"}, "audio must be an object, not str"),
+        ({"audio": {"input": "pcmu"}}, "audio.input must be an object, not str"),
+        ({"audio": {"output": ["x"]}}, "audio.output must be an object, not list"),
+        ({"audio": {"output": "x"}, "voice": "marin"}, "audio.output must be an object, not str"),
+        ({"audio": {"input": 1}, "transcription_model": None}, "audio.input must be an object, not int"),
+    ],
+)
+def test_a_malformed_audio_object_is_a_session_config_error(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(SessionConfigError, match=f"^{re.escape(message)}$"):
+        session_update(fields)
+    if "audio" in fields:
+        with pytest.raises(SessionConfigError, match=f"^{re.escape(message)}$"):
+            validate_accept_payload({"type": "realtime", "audio": fields["audio"]})
+
+
+def test_an_audio_side_given_none_takes_the_named_settings() -> None:
+    update = session_update({"audio": {"input": None}, "voice": "marin", "transcription_model": "m"})
+    assert update["audio"] == {"input": {"transcription": {"model": "m"}}, "output": {"voice": "marin"}}
+
+
+@pytest.mark.parametrize(
     "tool",
     [
         {"type": "function"},
