@@ -81,13 +81,13 @@ class HookTimeout(TimeoutError):
         self.started = started
 
 
-_URI = re.compile(r"(?:sips?|tel):([^@;>]+)", re.IGNORECASE)
+_URI = re.compile(r"(sips?|tel):([^>]*)", re.IGNORECASE)
 _VISUAL = re.compile(r"[\s\-.()]")
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')  # RFC 3261 quoted-string, \" escapes included
 _E164 = re.compile(r"\+[0-9]{7,15}")  # ASCII digits only (str.isdigit() takes any script's)
 _NATIONAL = re.compile(r"[0-9]{7,15}")
 # Caller "numbers" that carriers and RFC 3323 (``sip:anonymous@anonymous.invalid``) send for a withheld ID.
-_WITHHELD = frozenset({"anonymous", "restricted", "unavailable", "unknown", "private"})
+_WITHHELD = frozenset({"anonymous", "restricted", "unavailable", "unknown", "private", "withheld"})
 
 
 def parse_number(header_value: str | None) -> str | None:
@@ -95,6 +95,9 @@ def parse_number(header_value: str | None) -> str | None:
 
     ``"Alice" <sip:+1 (425) 555-0100@example.com>;tag=x`` → ``+14255550100``; a non-numeric user part
     (``sip:alice@example.com``) is returned as is (``alice``). Untrusted either way.
+
+    A ``sip:``/``sips:`` address without a user part (``<sip:10.0.0.1:5060>``: a host alone) has no
+    number (``None``); a password in the user part (``sip:+14155550100:pw@host``) is dropped.
     """
     if not header_value:
         return None
@@ -113,7 +116,15 @@ def parse_number(header_value: str | None) -> str | None:
     match = _URI.search(value)
     if match is None:
         return None
-    user = urllib.parse.unquote(match.group(1)).strip()
+    scheme, rest = match.group(1).lower(), match.group(2)
+    if scheme == "tel":
+        raw = re.split(r"[@;]", rest, maxsplit=1)[0]
+    else:  # sip:user[:password][;user-params]@host…: no "@", no user, a host alone
+        userinfo, at, _ = rest.partition("@")
+        raw = re.split(r"[:;]", userinfo, maxsplit=1)[0] if at else ""
+    user = urllib.parse.unquote(raw).strip()
+    if not user:
+        return None
     digits = _VISUAL.sub("", user)
     if _E164.fullmatch(digits) or _NATIONAL.fullmatch(digits):
         return digits
@@ -179,11 +190,11 @@ class IncomingCall:
 
     @property
     def caller_withheld(self) -> bool:
-        """Whether the caller's number is withheld: no ``From`` number, a ``From`` user part of
-        ``anonymous``, ``restricted``, ``unavailable``, ``unknown`` or ``private`` (any case), or a
-        ``Privacy`` header asking for ``id`` or ``user`` privacy (RFC 3323/3325). Untrusted like
-        everything from SIP: a caller may send any number, so this refuses callers who hide, it
-        authenticates no one."""
+        """Whether the caller's number is withheld: no ``From`` number (none, or an address without a
+        user part), a ``From`` user part of ``anonymous``, ``restricted``, ``unavailable``, ``unknown``,
+        ``private`` or ``withheld`` (any case), or a ``Privacy`` header asking for ``id`` or ``user``
+        privacy (RFC 3323/3325). Untrusted like everything from SIP: a caller may send any number, so
+        this refuses callers who hide, it authenticates no one."""
         if self.from_number is None or self.from_number.lower() in _WITHHELD:
             return True
         privacy = (h.value for h in self.sip_headers if h.name.lower() == "privacy")

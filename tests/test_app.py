@@ -52,6 +52,25 @@ def test_parse_number_with_spaces_in_user_part(value: str) -> None:
     assert parse_number(value) == "+14255550100"
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        # no user part: a host (and port) is no number
+        ("<sip:10.0.0.1:5060>", None),
+        ("<sips:carrier.example>;tag=1", None),
+        ("sip:carrier.example;transport=tcp", None),
+        ("<sip:@carrier.example>", None),
+        # a password is no part of the user
+        ("<sip:+14155550100:pw@carrier.example>", "+14155550100"),
+        ("<sips:alice:secret@example.com>", "alice"),
+        ("<sip:+14155550100;isub=12:pw@carrier.example>", "+14155550100"),
+        ("tel:+14155550100;phone-context=example.com", "+14155550100"),
+    ],
+)
+def test_parse_number_takes_the_user_part_alone(value: str, expected: str | None) -> None:
+    assert parse_number(value) == expected
+
+
 def test_parse_number_ignores_uri_like_display_name() -> None:
     assert parse_number('"Hotel:Lobby" <sip:+14155550123@example.com>;tag=1') == "+14155550123"
 
@@ -156,6 +175,8 @@ def test_header_lookup() -> None:
         (("From", "<tel:anonymous>;tag=1"),),
         (("From", '"Private" <sip:Private@carrier.example>'),),
         (("From", "<sip:unknown@carrier.example>"),),
+        (("From", "<sip:Withheld@carrier.example>;tag=1"),),
+        (("From", "<sip:10.0.0.1:5060>;tag=1"),),  # an address without a user part
         (("From", "<sip:+14155550123@carrier.example>"), ("Privacy", "id")),
         (("From", "<sip:+14155550123@carrier.example>"), ("privacy", "header; User")),
         (("From", "<sip:+14155550123@carrier.example>"), ("Privacy", "none"), ("Privacy", "id;critical")),
