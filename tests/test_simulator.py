@@ -42,6 +42,12 @@ CASSETTES = Path(__file__).parent / "data" / "cassettes" / "openai"
 OFFER = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
 TRANSCRIBED = {"type": "realtime", "audio": {"input": {"transcription": {"model": "gpt-realtime-whisper"}}}}
 
+ITEMLESS = {
+    "type": "object",
+    "properties": {"where": {"anyOf": [{"type": "array", "prefixItems": [{}]}, {"type": "null"}]}},
+}
+"""Parameters with an array schema that has no ``items`` (a fixed-length tuple, as pydantic writes it)."""
+
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -265,6 +271,35 @@ async def test_accept_success_stores_the_session(simulator: Simulator, http: aio
     assert call.session["id"] == "sess_" + call.call_id.removeprefix("rtc_")
 
 
+async def test_an_array_schema_without_items_is_refused_as_the_service_refuses_it(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = simulator.create_call()
+    tools = [{"type": "function", "name": "near", "parameters": ITEMLESS}]
+    status, raw = await post(
+        http,
+        f"{simulator.base_url}/realtime/calls/{call.call_id}/accept",
+        {"type": "realtime", "tools": tools},
+    )
+    assert status == 400
+    error = error_of(raw)
+    assert (error["code"], error["param"]) == ("invalid_function_parameters", "tools[0].parameters")
+    assert error["message"] == (
+        "Invalid schema for function 'near': In context=('properties', 'where', 'anyOf', '0'), array schema "
+        "missing items."
+    )
+    fine = {
+        "type": "object",
+        "properties": {"at": {"type": "array", "items": {"type": "number"}, "default": []}},
+    }
+    status, raw = await post(
+        http,
+        f"{simulator.base_url}/realtime/calls/{call.call_id}/accept",
+        {"type": "realtime", "tools": [{"type": "function", "name": "near", "parameters": fine}]},
+    )
+    assert status == 200, raw
+
+
 @pytest.mark.parametrize(
     "body, param",
     [
@@ -332,6 +367,10 @@ async def test_accept_success_stores_the_session(simulator: Simulator, http: aio
         ({"type": "realtime", "tools": [{"type": "function", "name": "look up"}]}, "tools[0].name"),
         ({"type": "realtime", "tools": [{"type": "function", "name": "lookup.order"}]}, "tools[0].name"),
         ({"type": "realtime", "tools": [{"type": "function", "name": "x" * 65}]}, "tools[0].name"),
+        (
+            {"type": "realtime", "tools": [{"type": "function", "name": "f", "parameters": ITEMLESS}]},
+            "tools[0].parameters",
+        ),
         ({"type": "realtime", "tool_choice": "sometimes"}, "tool_choice"),
         ({"type": "realtime", "tool_choice": {"nonsense": 1}}, "tool_choice.type"),
         ({"type": "realtime", "tool_choice": {"type": "tool", "name": "x"}}, "tool_choice.type"),

@@ -569,6 +569,32 @@ def _check_response_audio(audio: Any) -> _Problem | None:
     return None
 
 
+def _itemless_array(schema: Any, context: tuple[str, ...]) -> tuple[str, ...] | None:
+    """Where in a function's parameters an array schema has no ``items``, as the service names it
+    (``('properties', 'coords')``); ``None`` when every array schema has them."""
+    if not isinstance(schema, dict):
+        return None
+    kind = schema.get("type")
+    if (kind == "array" or (isinstance(kind, list) and "array" in kind)) and "items" not in schema:
+        return context
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            for name, sub in value.items():
+                found = _itemless_array(sub, (*context, key, str(name)))
+                if found is not None:
+                    return found
+        elif key in ("items", "additionalProperties", "not"):
+            found = _itemless_array(value, (*context, key))
+            if found is not None:
+                return found
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems") and isinstance(value, list):
+            for i, sub in enumerate(value):
+                found = _itemless_array(sub, (*context, key, str(i)))
+                if found is not None:
+                    return found
+    return None
+
+
 def _check_tool_choice(choice: Any, where: str) -> _Problem | None:
     """A tool choice as the service takes it: ``"auto"``, ``"none"``, ``"required"``, one function
     (``{"type": "function", "name": …}``) or an MCP server's tool (``{"type": "mcp", "server_label": …}``)."""
@@ -722,6 +748,14 @@ def _check_session(session: Mapping[str, Any], prefix: str, *, sip: bool, accept
                         f"{where}.parameters",
                         "invalid_type",
                         f"Invalid type for '{where}.parameters': expected an object.",
+                    )
+                itemless = _itemless_array(tool.get("parameters"), ())
+                if itemless is not None:
+                    return _Problem(
+                        f"{where}.parameters",
+                        "invalid_function_parameters",
+                        f"Invalid schema for function '{tool['name']}': In context={itemless!r}, "
+                        "array schema missing items.",
                     )
     if "tool_choice" in session:
         problem = _check_tool_choice(session["tool_choice"], f"{prefix}tool_choice")
