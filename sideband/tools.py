@@ -175,7 +175,7 @@ class Tool:
         """
         if name is None:
             name = getattr(fn, "__name__", None)
-            if not isinstance(name, str):
+            if not isinstance(name, str) or _names_nothing(fn):
                 raise TypeError(f"cannot take a tool name from {fn!r}: pass name=...")
         if not _NAME_RE.fullmatch(name):
             raise ValueError(f"invalid tool name {name!r}: it must match ^{_NAME_RE.pattern}$")
@@ -750,6 +750,15 @@ def _normalize_filler(name: str, filler_after: float | Literal[False] | _Default
             f"tool {name!r}: filler_after must be seconds >= 0, None or False, got {filler_after!r}"
         )
     return float(filler_after)
+
+
+def _names_nothing(fn: Any) -> bool:
+    """Whether ``fn`` is decorators (:func:`functools.wraps`) around a :func:`functools.partial` that has
+    no name to give them: their ``__name__`` is the decorator's own (``wrapper``), not the tool's."""
+    inner = getattr(fn, "__wrapped__", None)
+    while inner is not None and not isinstance(inner, functools.partial):
+        inner = getattr(inner, "__wrapped__", None)
+    return inner is not None and not isinstance(getattr(inner, "__name__", None), str)
 
 
 def _unwrap_partial(fn: Any) -> Any:

@@ -520,6 +520,12 @@ def test_name_required_when_not_derivable() -> None:
 
     with pytest.raises(TypeError, match="name="):
         ToolRegistry().add(functools.partial(f, 1))
+    with pytest.raises(TypeError, match="name="):  # (its name would be the decorator's own: "wrapper")
+        ToolRegistry().add(_logged(_logged(functools.partial(f))))
+    named = functools.partial(f)
+    named.__name__ = "echo"  # type: ignore[attr-defined]
+    assert ToolRegistry().add(_logged(named)).name == "echo"
+    assert ToolRegistry().add(_logged(f)).name == "f"
     tool = ToolRegistry().add(functools.partial(f), name="part")
     assert tool.parameters["required"] == ["x"]
     assert tool.description == "Echo x."
