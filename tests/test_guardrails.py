@@ -305,6 +305,7 @@ async def test_a_guardrail_that_raises_lets_the_words_pass_and_is_logged() -> No
     assert summary.guardrails == ()
     failed = [e for e in logs if e["event"] == "guardrail.failed"]
     assert failed and failed[0]["guardrail"] == "broken" and failed[0]["error"].startswith("RuntimeError")
+    assert len(failed) == len(call.responses) == 2  # once a reply, not at each of its deltas
 
 
 async def test_replies_that_pass_are_checked_whole_and_left_alone() -> None:
@@ -885,4 +886,5 @@ async def test_a_plain_guardrail_that_blocks_the_loop_is_told_what_to_do_about_i
             await h.ended(call)
     blocked = [e for e in logs if e["event"] == "loop.blocked"]
     assert blocked and {e["guardrail"] for e in blocked} == {"slow_rule"}
+    assert len(blocked) == len(call.responses) == 2  # once a reply, not at each of its deltas
     assert all("make it async def" in e["detail"] and "plain def" not in e["detail"] for e in blocked)

@@ -74,6 +74,7 @@ class OutputGuard:
         "_response",
         "_sync",
         "_task",
+        "_told",
         "_trip",
         "_tripped",
     )
@@ -104,6 +105,8 @@ class OutputGuard:
         # text and as transcript has it checked once)
         self._checked: list[tuple[str | None, str] | None] = [None, None]
         self._lines: tuple[tuple[str | None, int], ...] = ()  # the last agent lines: (reply, index)
+        # what the plain guardrails were logged for in a reply: (reply, {(what, guardrail)})
+        self._told: tuple[str | None, set[tuple[str, str]]] = (None, set())
 
     @property
     def tripped(self) -> str | None:
@@ -168,7 +171,7 @@ class OutputGuard:
         self._parts[key] = said
         if self._sync and self._fresh(0, response_id, said):
             for check in self._sync:
-                reason = self._verdict(check, self._run_sync(check, said))
+                reason = self._verdict(check, self._run_sync(check, said, response_id))
                 if reason is not None:
                     self._stop(check, reason, response_id)
                     return
@@ -219,28 +222,42 @@ class OutputGuard:
             if self._task is asyncio.current_task():
                 self._task, self._current = None, None
 
-    def _run_sync(self, check: Callable[..., Any], text: str) -> Any:
+    def _run_sync(self, check: Callable[..., Any], text: str, response_id: str | None) -> Any:
         name = guardrail_name(check)
         started = time.perf_counter()
         try:
             verdict = check(self._ctx, text)
         except Exception as exc:
-            self._log.error("guardrail.failed", guardrail=name, **self._failure(exc))
+            if self._first("failed", name, response_id):
+                self._log.error("guardrail.failed", guardrail=name, **self._failure(exc))
             return None
         finally:
             took = time.perf_counter() - started
-            if took >= BLOCKED_AFTER:
+            if took >= BLOCKED_AFTER and self._first("blocked", name, response_id):
                 log_blocked(self._log, PLAIN_GUARDRAIL_DETAIL, guardrail=name)(took, 1)
         if inspect.isawaitable(verdict):
             if inspect.iscoroutine(verdict):
                 verdict.close()
-            self._log.error(
-                "guardrail.failed",
-                guardrail=name,
-                error="a plain function returned an awaitable: make the guardrail async def",
-            )
+            if self._first("failed", name, response_id):
+                self._log.error(
+                    "guardrail.failed",
+                    guardrail=name,
+                    error="a plain function returned an awaitable: make the guardrail async def",
+                )
             return None
         return verdict
+
+    def _first(self, what: str, name: str, response_id: str | None) -> bool:
+        """Whether plain guardrail ``name`` is logged ``what`` (failed, blocked) for the first time in reply
+        ``response_id``: it runs at each of the reply's deltas, and is logged once a reply."""
+        reply, told = self._told
+        if reply != response_id:
+            told = set()
+            self._told = (response_id, told)
+        if (what, name) in told:
+            return False
+        told.add((what, name))
+        return True
 
     async def _run_async(self, check: Callable[..., Any], text: str) -> str | None:
         """Run one async guardrail; its reason if it objects, else ``None``. It runs as a task of its own,
