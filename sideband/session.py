@@ -408,10 +408,19 @@ _SPEED = (0.25, 1.5)
 
 def _check_values(body: Mapping[str, Any], audio: Mapping[str, Any]) -> None:
     """Refuse a value of the wrong type or out of range that OpenAI would refuse (the whole update or
-    accept with it): ``instructions``, the output voice and speed, ``tool_choice``. No list of the
+    accept with it): ``instructions``, ``model``, ``max_output_tokens``, the output voice and speed,
+    ``tool_choice``. No list of the
     built-in voices is kept (it would go stale): a name is only checked to be one."""
     if "instructions" in body and not isinstance(body["instructions"], str):
         raise SessionConfigError(f"instructions must be a string, not {_kind(body['instructions'])}")
+    if "model" in body and not (isinstance(body["model"], str) and body["model"].strip()):
+        raise SessionConfigError(f'model must be a model\'s name ("gpt-realtime"), not {body["model"]!r}')
+    if "max_output_tokens" in body:
+        limit = body["max_output_tokens"]
+        if limit != "inf" and (
+            isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 4096
+        ):
+            raise SessionConfigError(f'max_output_tokens must be from 1 to 4096, or "inf", not {limit!r}')
     output = audio.get("output")
     if isinstance(output, Mapping):
         if "voice" in output:
