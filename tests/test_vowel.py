@@ -6,6 +6,8 @@ import array
 import asyncio
 import base64
 import contextlib
+import hashlib
+import hmac
 import io
 import json
 import math
@@ -33,6 +35,7 @@ from sideband.upstream.openai import UpstreamError
 from sideband.upstream.vowel import (
     EngineRefused,
     MintRefused,
+    Token,
     VowelCore,
     connect_engine,
     parse_mint_answer,
@@ -282,6 +285,113 @@ def test_mint_answer_parsing_vectors() -> None:
     with pytest.raises(UpstreamError, match="no token") as caught:
         parse_mint_answer({"expires_in": 300, "secret": "do-not-echo"})
     assert "do-not-echo" not in str(caught.value)
+
+
+def engine_token(claims: dict[str, Any], *, header: str | None = None) -> str:
+    """An engine-shaped token: ``ek_`` + a JWT with these claims (signed with a key nobody checks here)."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    head = header if header is not None else b64(b'{"alg":"HS256"}')
+    return f"ek_{head}.{b64(json.dumps(claims).encode())}.{b64(os.urandom(32))}"
+
+
+def test_the_limits_the_engine_enforces_come_from_the_tokens_claims() -> None:
+    """The engine's token is ``ek_`` + a JWT whose payload carries the session's limits: they are read
+    from it (no signature check: the engine's secret signs it), and win over limits the answer states."""
+    token = engine_token(
+        {"sub": "s-1", "maxCallDurationMs": 120_000, "maxIdleDurationMs": 45_000, "iat": 1000, "exp": 1300}
+    )
+    parsed = parse_mint_answer({"token": token, "expiresAt": "2026-05-15T12:05:00.000Z"})
+    assert (parsed.max_call_duration, parsed.max_idle_duration) == (120.0, 45.0)
+    assert parsed.session_id == "s-1" and parsed.expires_at == 1778846700.0  # (the answer's expiry first)
+    both = parse_mint_answer({"token": token, "maxCallDurationMs": 600_000, "maxIdleDurationMs": 1})
+    assert (both.max_call_duration, both.max_idle_duration) == (120.0, 45.0)  # what the engine enforces
+    assert both.expires_at == 1300.0  # the token's exp, when the answer states no expiry
+    bare = parse_mint_answer({"token": engine_token({"sub": "s-2", "exp": 1300}), "maxIdleDurationMs": 9000})
+    assert (bare.max_call_duration, bare.max_idle_duration) == (None, 9.0)  # the answer's, as a fallback
+    padded = token.split(".")
+    padded[1] += "=" * (-len(padded[1]) % 4)
+    assert parse_mint_answer({"token": ".".join(padded)}).max_call_duration == 120.0
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "ek_opaque",
+        "ek_a.b",
+        "ek_a.b.c.d",
+        "ek_a.%%%%.c",
+        "ek_a..c",
+        "ek_a.bm90IGpzb24.c",  # "not json"
+        "ek_a.WzEsMl0.c",  # [1,2]
+        "ek_a._w.c",  # not UTF-8
+        engine_token({"maxCallDurationMs": True, "maxIdleDurationMs": -5, "exp": "soon", "sub": 7}),
+        engine_token({"maxCallDurationMs": 1e400, "maxIdleDurationMs": 10**400}),
+        "xk_" + engine_token({"maxCallDurationMs": 60_000})[3:],
+    ],
+)
+def test_a_token_whose_claims_cannot_be_read_is_taken_as_it_is(value: str) -> None:
+    parsed = parse_mint_answer({"token": value, "expires_in": 300}, now=0)
+    assert (parsed.value, parsed.expires_at, parsed.session_id) == (value, 300.0, None)
+    assert (parsed.max_call_duration, parsed.max_idle_duration) == (None, None)
+
+
+async def test_the_simulator_mints_signed_engine_tokens_and_checks_them(vowel: VowelSimulator) -> None:
+    vowel.claim_limits = True
+    vowel.max_call_duration, vowel.max_idle_duration = 90.0, 30.0
+    async with aiohttp.ClientSession() as http:
+        token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
+            trusted_session_request(
+                service_id="s", provider="vowel-prime", tools=[], model="m1", voice="Ashley"
+            )
+        )
+    header, payload, signature = token.value.removeprefix("ek_").split(".")
+    expected = hmac.new(vowel.token_secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    assert base64.urlsafe_b64decode(signature + "==") == expected
+    assert json.loads(base64.urlsafe_b64decode(header + "==")) == {"alg": "HS256"}
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert {"sub", "iat", "exp", "jti"} <= claims.keys()
+    assert (claims["model"], claims["voice"]) == ("m1", "Ashley")
+    assert (claims["maxCallDurationMs"], claims["maxIdleDurationMs"]) == (90_000, 30_000)
+    assert claims["exp"] - claims["iat"] == 300 and token.expires_at == claims["exp"]
+    assert "maxCallDurationMs" not in json.dumps(vowel.mints[-1].body)  # (in the token, not the answer)
+    assert (token.session_id, token.max_call_duration, token.max_idle_duration) == (claims["sub"], 90.0, 30.0)
+    forged = {**claims, "maxCallDurationMs": 10**9}
+    with pytest.raises(EngineRefused):
+        await connect_engine(vowel.engine_url, Token(engine_token(forged), None))
+    assert (vowel.handshakes[-1].status, vowel.handshakes[-1].reason) == (401, "invalid token signature")
+    vowel.max_call_duration = 3600.0  # the engine's default changes: the token's claim still holds
+    async with connect(
+        f"ws://127.0.0.1:{vowel.port}/engine/v1/realtime",
+        additional_headers={"Authorization": f"Bearer {token.value}"},
+    ) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        engine = vowel.sessions[0]
+        assert engine.claims == claims and engine.max_call_duration == 90.0
+        await ws.send(json.dumps({"type": "session.update", "session": {"instructions": "hi"}}))
+        assert json.loads(await ws.recv())["type"] == "session.updated"
+        vowel.advance(91)
+        await ws.send(json.dumps({"type": "response.create"}))  # (limits are checked on a message)
+        error = json.loads(await ws.recv())
+        assert error["error"]["code"] == "max_call_duration_exceeded"
+        await engine.wait_closed()
+    assert engine.end_reason == "max_call_duration_exceeded"
+
+
+async def test_a_session_plans_for_the_limits_its_token_claims(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO
+) -> None:
+    """The engine cuts a session at its token's limits without a goodbye: our timers fire before them."""
+    vowel.claim_limits = True
+    vowel.max_call_duration, vowel.max_idle_duration = 120.0, 60.0
+    async with EngineSession.open(settings_for(vowel, max_idle_duration=3600.0), app) as session:
+        config = session.runtime.machine.config
+        assert (config.max_call_duration, config.max_idle_duration) == (110.0, 54.0)  # (a tenth before)
+    claims = vowel.sessions[0].claims
+    minted = next(line for line in log_lines(logs) if line["event"] == "vowel.session_minted")
+    assert minted["token_session_id"] == claims["sub"]
 
 
 async def test_engine_own_mint_endpoint(vowel: VowelSimulator) -> None:

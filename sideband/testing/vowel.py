@@ -12,8 +12,10 @@ the *engine* (the realtime WebSocket), on one loopback port, behaving as the vow
         assert sim.sessions[0].outputs  # every client and server event is recorded
 
 ``sim.core_url`` (``…/core``) serves ``POST /v1/realtime/sessions``; ``sim.engine_url`` (``…/engine``)
-serves ``GET /v1/realtime`` (WebSocket) and the engine's own ``POST /v1/realtime/sessions``. Tokens live
-``token_ttl`` seconds on the simulator's clock, which tests move with :meth:`VowelSimulator.advance`.
+serves ``GET /v1/realtime`` (WebSocket) and the engine's own ``POST /v1/realtime/sessions``. Tokens are
+the engine's: ``ek_`` + a JWT (HS256, signed with the simulator's ``token_secret``) whose claims the
+engine reads back at the handshake; they live ``token_ttl`` seconds on the simulator's clock, which tests
+move with :meth:`VowelSimulator.advance`.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
+import hmac
 import itertools
 import json
 import re
 import secrets
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -181,6 +186,7 @@ class _Token:
     expires_at: float
     service_id: str | None
     server_tools: list[Any]
+    claims: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)
@@ -192,7 +198,11 @@ class EngineSessionRecord:
     service_id: str | None
     connected_at: float
     max_call_duration: float
+    """Seconds: the token's ``maxCallDurationMs`` claim, else the simulator's ``max_call_duration``."""
     max_idle_duration: float
+    """Seconds: the token's ``maxIdleDurationMs`` claim, else the simulator's ``max_idle_duration``."""
+    claims: dict[str, Any] = field(default_factory=dict)
+    """The claims of the token the session was opened with (``sub``, ``iat``, ``exp``, ``jti``…)."""
     received: list[dict[str, Any]] = field(default_factory=list)
     sent: list[dict[str, Any]] = field(default_factory=list)
     configured: bool = False
@@ -243,6 +253,25 @@ class EngineSessionRecord:
             await self._closed.wait()
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64url(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64url") from None
+
+
+def _claimed(claims: dict[str, Any], name: str, default: float) -> float:
+    """A limit of the token's claims in seconds (milliseconds there), else the engine's default."""
+    value = claims.get(name)
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value) / 1000
+    return default
+
+
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(epoch % 1 * 1000):03d}Z"
 
@@ -259,9 +288,11 @@ class VowelSimulator:
     :meth:`add_key` adds more. Limits (seconds, on the simulator clock) are checked when a client message
     arrives, as the engine does; the idle limit counts from the last speech, none until some was detected
     (streamed silence is none; user text counts as speech here, the stricter reading, since whether the
-    engine's clock starts on text is not documented); ``claim_limits=True`` also states them in the
-    core's mint answers (``maxCallDurationMs``, ``maxIdleDurationMs``), as a token's claims may.
-    ``refuse_handshake`` picks how a bad token is refused.
+    engine's clock starts on text is not documented). A session's limits are its token's claims
+    (``maxCallDurationMs``, ``maxIdleDurationMs``), else ``max_call_duration`` / ``max_idle_duration``
+    (the engine's defaults). ``claim_limits=True`` puts those two in the tokens the core mints; the
+    engine's own mint always does, as the engine does. ``refuse_handshake`` picks how a bad token (a
+    signature that does not check out, an ``exp`` past) is refused.
 
     The engine builds its agent on the first ``session.update`` and answers ``session.updated`` once it
     is built, ``agent_build_time`` seconds later (5 ms by default): a client event other than
@@ -294,6 +325,7 @@ class VowelSimulator:
         input_delay: float = 0.0,
         claim_limits: bool = False,
         agent_build_time: float = 0.005,
+        token_secret: bytes | None = None,
     ) -> None:
         self.host = host
         self.api_key = api_key
@@ -311,6 +343,8 @@ class VowelSimulator:
         self.input_delay = input_delay
         self.claim_limits = claim_limits
         self.agent_build_time = agent_build_time
+        self.token_secret = token_secret or secrets.token_bytes(32)
+        """The key that signs the engine tokens (HMAC-SHA256), as the engine's JWT secret does."""
         self.keys: dict[str, set[str]] = {api_key: {TRUSTED_SCOPE}, browser_key: {EPHEMERAL_SCOPE}}
         self.rules: list[Rule] = []
         self.mints: list[MintRecord] = []
@@ -513,25 +547,71 @@ class VowelSimulator:
         scheme, _, value = header.partition(" ")
         return value.strip() or None if scheme.lower() == "bearer" else None
 
-    def _issue(self, service_id: str | None, tools: list[Any]) -> _Token:
-        value = "ek_" + secrets.token_hex(24)
-        token = _Token(value, self.now() + self.token_ttl, service_id, tools)
+    def _issue(
+        self,
+        service_id: str | None,
+        tools: list[Any],
+        *,
+        limits: bool,
+        voice_config: Any = None,
+    ) -> _Token:
+        """Mint a token as the engine does: ``ek_`` + a JWT (HS256) whose payload carries ``sub`` (the
+        session id), the model and voice asked for, the limits (``limits``), ``iat``, ``exp``, ``jti``."""
+        iat = int(self.now())
+        claims: dict[str, Any] = {"sub": str(uuid.uuid4())}
+        if isinstance(voice_config, dict):
+            claims.update(
+                {k: voice_config[k] for k in ("model", "voice") if isinstance(voice_config.get(k), str)}
+            )
+        if limits:
+            claims["maxCallDurationMs"] = round(self.max_call_duration * 1000)
+            claims["maxIdleDurationMs"] = round(self.max_idle_duration * 1000)
+        claims.update(iat=iat, exp=iat + int(self.token_ttl), jti=str(uuid.uuid4()))
+        value = "ek_" + self._sign(claims)
+        token = _Token(value, float(claims["exp"]), service_id, tools, claims)
         self._tokens[value] = token
         return token
+
+    def _sign(self, claims: dict[str, Any]) -> str:
+        header = _b64url(json.dumps({"alg": "HS256"}, separators=(",", ":")).encode())
+        payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+        signature = hmac.new(self.token_secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+        return f"{header}.{payload}.{_b64url(signature)}"
+
+    def _verify(self, value: str | None) -> tuple[dict[str, Any], str | None]:
+        """A token's claims, checked as the engine checks them (the ``ek_`` prefix, the HS256 signature,
+        ``exp``), or what is wrong with it."""
+        if value is None:
+            return {}, "missing token"
+        parts = value[3:].split(".") if value.startswith("ek_") else []
+        if len(parts) != 3:
+            return {}, "invalid token format"
+        expected = _b64url(
+            hmac.new(self.token_secret, f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest()
+        )
+        if not hmac.compare_digest(expected.encode(), parts[2].encode()):
+            return {}, "invalid token signature"
+        try:
+            header = json.loads(_unb64url(parts[0]))
+            claims = json.loads(_unb64url(parts[1]))
+        except ValueError:
+            return {}, "invalid token"
+        if not isinstance(header, dict) or header.get("alg") != "HS256" or not isinstance(claims, dict):
+            return {}, "invalid token"
+        exp = claims.get("exp")
+        if not isinstance(exp, int | float) or exp <= self.now():
+            return claims, "token expired"
+        return claims, None
 
     def _answer(self, token: _Token, style: MintAnswer) -> dict[str, Any]:
         ttl = max(round(token.expires_at - self.now()), 0)
         epoch = int(token.expires_at)
         if style == "core":
-            answer: dict[str, Any] = {
+            return {
                 "token": token.value,
                 "expiresAt": _iso(token.expires_at),
                 "connectionType": "trusted_server",
             }
-            if self.claim_limits:
-                answer["maxCallDurationMs"] = round(self.max_call_duration * 1000)
-                answer["maxIdleDurationMs"] = round(self.max_idle_duration * 1000)
-            return answer
         if style == "epoch":
             return {"token": token.value, "expires_at": epoch}
         if style == "expires_in":
@@ -580,7 +660,9 @@ class VowelSimulator:
                     {"message": "config.serverTools must be a list of {name, description, parameters}"},
                     status=400,
                 )
-            token = self._issue(config["serviceId"], tools)
+            token = self._issue(
+                config["serviceId"], tools, limits=self.claim_limits, voice_config=config.get("voiceConfig")
+            )
             record.status, record.token, record.expires_at = 200, token.value, token.expires_at
             return web.json_response(self._answer(token, self.mint_answer))
         finally:
@@ -616,7 +698,7 @@ class VowelSimulator:
             if key != self.engine_api_key:
                 record.status = 401
                 return web.json_response({"error": {"message": "Invalid API key"}}, status=401)
-            token = self._issue(None, [])
+            token = self._issue(None, [], limits=True)  # (the engine's mint states its limits)
             record.status, record.token, record.expires_at = 200, token.value, token.expires_at
             return web.json_response(self._answer(token, "engine"))
         finally:
@@ -625,17 +707,8 @@ class VowelSimulator:
     # ------------------------------------------------------------------------------ engine socket
     async def _handle_engine(self, request: web.Request) -> web.StreamResponse:
         value = self._bearer(request)
-        token = self._tokens.get(value or "")
-        problem = (
-            "missing token"
-            if value is None
-            else "unknown token"
-            if token is None
-            else "token expired"
-            if token.expires_at <= self.now()
-            else None
-        )
-        if problem is not None or token is None:
+        claims, problem = self._verify(value)
+        if problem is not None:
             if self.refuse_handshake == "drop":
                 self.handshakes.append(HandshakeRecord(value, 0, problem or ""))
                 self._notify()
@@ -648,13 +721,15 @@ class VowelSimulator:
         ws = web.WebSocketResponse(max_msg_size=16 * 1024 * 1024, compress=False, timeout=2.0)
         await ws.prepare(request)
         self.handshakes.append(HandshakeRecord(value, 101))
+        issued = self._tokens.get(value or "")
         session = EngineSessionRecord(
             id=self._id("sess_"),
-            token=token.value,
-            service_id=token.service_id,
+            token=value or "",
+            service_id=issued.service_id if issued is not None else None,
             connected_at=self.now(),
-            max_call_duration=self.max_call_duration,
-            max_idle_duration=self.max_idle_duration,
+            max_call_duration=_claimed(claims, "maxCallDurationMs", self.max_call_duration),
+            max_idle_duration=_claimed(claims, "maxIdleDurationMs", self.max_idle_duration),
+            claims=claims,
             _ws=ws,
             _transport=request.transport,
         )

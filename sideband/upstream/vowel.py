@@ -7,7 +7,10 @@ never appears in a ``repr``, a log line or an exception message.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import ssl
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ __all__ = [
     "connect_engine",
     "engine_socket_url",
     "parse_mint_answer",
+    "token_claims",
     "trusted_session_request",
 ]
 
@@ -70,9 +74,12 @@ class Token:
     expires_at: float | None
     """Epoch seconds (``None`` when the core did not say)."""
     session_id: str | None = None
+    """The session the token is for: the mint answer's, else the token's ``sub`` claim."""
     max_call_duration: float | None = None
-    """Seconds, from the token claims when the core returns them."""
+    """Seconds: the token's ``maxCallDurationMs`` claim (what the engine enforces), else the mint
+    answer's; ``None`` when neither says (the engine's default applies)."""
     max_idle_duration: float | None = None
+    """Seconds: the token's ``maxIdleDurationMs`` claim, else the mint answer's (as above)."""
 
     def expires_in(self, now: float | None = None) -> float | None:
         """Seconds left (negative once expired)."""
@@ -120,14 +127,37 @@ def _epoch(value: Any) -> float | None:
 
 
 def _seconds_from_ms(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= sys.float_info.max:
         return float(value) / 1000
     return None
+
+
+def token_claims(value: str) -> dict[str, Any]:
+    """The claims of an engine token, ``ek_`` + a JWT (``<header>.<payload>.<signature>``, base64url),
+    read without checking the signature (the engine's secret signs it; the engine checks it). Any other
+    shape, or a payload that is not a base64url JSON object, gives ``{}``."""
+    if not value.startswith("ek_"):
+        return {}
+    parts = value[3:].split(".")
+    if len(parts) != 3 or not parts[1] or len(parts[1]) > 16384:
+        return {}
+    payload = parts[1].rstrip("=")
+    try:
+        raw = base64.b64decode(payload + "=" * (-len(payload) % 4), altchars=b"-_", validate=True)
+        claims = jsonio.loads(raw)
+    except (binascii.Error, ValueError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
 
 
 def parse_mint_answer(data: Any, now: float | None = None) -> Token:
     """Read a mint answer from the core or the engine: ``token`` or ``client_secret.value`` (or ``value``),
     and ``expiresAt`` (ISO-8601) / ``expires_at`` (epoch) / ``client_secret.expires_at`` / ``expires_in``.
+
+    The token's own claims (:func:`token_claims`) give the session limits, ``maxCallDurationMs`` and
+    ``maxIdleDurationMs``: the engine enforces those. Limits in the answer (at its top level or in
+    ``claims``) count only where the token carries none. The token's ``exp`` is the expiry when the answer
+    states none, and its ``sub`` the session id when the answer names none.
 
     Raises :class:`UpstreamError` when no token is in it (the message never contains the answer).
     """
@@ -142,6 +172,7 @@ def parse_mint_answer(data: Any, now: float | None = None) -> Token:
     if value is None:
         raise UpstreamError("vowel mint answer has no token (expected token or client_secret.value)", 200)
     now = time.time() if now is None else now
+    claimed = token_claims(value)
     expires_at = next(
         (
             e
@@ -158,6 +189,8 @@ def parse_mint_answer(data: Any, now: float | None = None) -> Token:
         expires_in = data.get("expires_in", data.get("expiresIn"))
         if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
             expires_at = now + float(expires_in)
+    if expires_at is None:
+        expires_at = _epoch(claimed.get("exp"))
     session = data.get("session")
     session_id = next(
         (
@@ -166,19 +199,26 @@ def parse_mint_answer(data: Any, now: float | None = None) -> Token:
                 data.get("sessionId"),
                 data.get("session_id"),
                 session.get("id") if isinstance(session, dict) else None,
+                claimed.get("sub"),
             )
             if isinstance(s, str) and s
         ),
         None,
     )
-    claims: dict[str, Any] = data["claims"] if isinstance(data.get("claims"), dict) else data
+    stated: dict[str, Any] = data["claims"] if isinstance(data.get("claims"), dict) else data
     return Token(
         value,
         expires_at,
         session_id,
-        _seconds_from_ms(claims.get("maxCallDurationMs")),
-        _seconds_from_ms(claims.get("maxIdleDurationMs")),
+        _limit(claimed, stated, "maxCallDurationMs"),
+        _limit(claimed, stated, "maxIdleDurationMs"),
     )
+
+
+def _limit(claimed: Mapping[str, Any], stated: Mapping[str, Any], name: str) -> float | None:
+    """A session limit in seconds: the token's claim, else the mint answer's."""
+    seconds = _seconds_from_ms(claimed.get(name))
+    return seconds if seconds is not None else _seconds_from_ms(stated.get(name))
 
 
 def _error_message(text: str) -> str:
