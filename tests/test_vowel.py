@@ -447,6 +447,57 @@ async def test_session_reports_a_refused_token_as_one_error(
     assert len(vowel.handshakes) == 1  # one attempt, no retry loop
 
 
+async def test_a_session_update_the_engine_answers_with_an_error_fails_the_start_at_once(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO
+) -> None:
+    """The engine answers a session.update it cannot take (a tool schema, say) with an error, sends no
+    session.updated and leaves the socket open: the start fails at once, with the engine's reason."""
+    said = "Invalid tool schema for lookup_order: parameters.properties must be an object"
+    vowel.refuse_session_update = said
+    session = EngineSession.open(settings_for(vowel), app, open_timeout=60)
+    with pytest.raises(EngineError) as caught:
+        async with asyncio.timeout(10):  # (not the open_timeout)
+            await session.start()
+    assert (caught.value.reason, caught.value.code, caught.value.engine_message) == (
+        "setup_failed",
+        "server_error",
+        said,
+    )
+    assert f"server_error: {said}" in str(caught.value) and "\n" not in str(caught.value)
+    assert session.end_reason == "setup_failed" and session.failed and not session.live
+    engine = vowel.sessions[0]
+    await engine.wait_closed()
+    assert engine.closed_by == "client" and not engine.sent_of_type("session.updated")
+    lines = log_lines(logs)
+    refused = [line for line in lines if line["event"] == "vowel.setup_failed"]
+    assert [(r["engine_error"], r["message"]) for r in refused] == [("server_error", said)]
+    ended = [line["reason"] for line in lines if line["event"] == "vowel.session_ended"]
+    assert ended == ["setup_failed"]
+
+
+@pytest.mark.parametrize("bare", [False, True])
+async def test_an_engine_failing_before_it_confirms_the_session_fails_the_start_with_its_reason(
+    vowel: VowelSimulator, app: Sideband, bare: bool
+) -> None:
+    """A fatal error while the engine builds its agent: its error (then response.done failed, close
+    1011) fails the start at once with the engine's words; a bare 1011 close, as an engine failure."""
+    vowel.agent_build_time = 60.0
+    session = EngineSession.open(settings_for(vowel), app, open_timeout=60)
+    start = asyncio.ensure_future(session.start())
+    engine = await vowel.wait_session()
+    await vowel.wait_for(lambda _: bool(engine.received_of_type("session.update")), what="session.update")
+    await vowel.crash(engine, "Model provider unavailable", bare=bare)
+    with pytest.raises(EngineError) as caught:
+        async with asyncio.timeout(10):
+            await start
+    if bare:
+        assert caught.value.reason == "engine_error" and "1011" in str(caught.value)
+    else:
+        assert (caught.value.reason, caught.value.code) == ("setup_failed", "engine_error")
+        assert "Model provider unavailable" in str(caught.value)
+    assert session.end_reason == caught.value.reason
+
+
 async def test_anything_before_session_update_is_fatal_on_the_engine(vowel: VowelSimulator) -> None:
     async with aiohttp.ClientSession() as http:
         token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
@@ -1199,6 +1250,17 @@ async def test_dial_reports_an_engine_timeout(vowel: VowelSimulator) -> None:
     assert code != 0 and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("sideband:")]
     assert len(errors) == 1 and "max_call_duration_exceeded" in errors[0]
+
+
+async def test_dial_reports_the_engines_answer_to_a_session_update_it_could_not_take(
+    vowel: VowelSimulator,
+) -> None:
+    vowel.refuse_session_update = "Invalid tool schema for lookup_order"
+    code, _, err = await _dial(vowel, "--say", "hi")
+    assert code != 0 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("sideband:")]
+    assert len(errors) == 1 and "server_error: Invalid tool schema for lookup_order" in errors[0]
+    assert vowel.sessions[0].user_texts == []
 
 
 def test_dial_names_a_missing_setting(

@@ -298,7 +298,9 @@ class VowelSimulator:
     is built, ``agent_build_time`` seconds later (5 ms by default): a client event other than
     ``session.update`` arriving before that fails the session fatally ("No agent available": ``error``,
     ``response.done`` failed, close 1011), as on the engine; wait for ``session.updated``. Later
-    updates are answered at once.
+    updates are answered at once. With ``refuse_session_update`` set (a message), each ``session.update``
+    is answered as the engine answers one whose handling fails (a tool schema it cannot take): an
+    ``error`` (``server_error``, that message), no ``session.updated`` and no agent; the socket stays open.
 
     ``event_delay`` paces the engine's events within a response; ``input_delay`` is how long each
     client message takes to reach the engine (in order), while what it already runs goes on: a reply
@@ -326,6 +328,7 @@ class VowelSimulator:
         claim_limits: bool = False,
         agent_build_time: float = 0.005,
         token_secret: bytes | None = None,
+        refuse_session_update: str | None = None,
     ) -> None:
         self.host = host
         self.api_key = api_key
@@ -345,6 +348,7 @@ class VowelSimulator:
         self.agent_build_time = agent_build_time
         self.token_secret = token_secret or secrets.token_bytes(32)
         """The key that signs the engine tokens (HMAC-SHA256), as the engine's JWT secret does."""
+        self.refuse_session_update = refuse_session_update
         self.keys: dict[str, set[str]] = {api_key: {TRUSTED_SCOPE}, browser_key: {EPHEMERAL_SCOPE}}
         self.rules: list[Rule] = []
         self.mints: list[MintRecord] = []
@@ -887,6 +891,9 @@ class VowelSimulator:
         update = event.get("session")
         if not isinstance(update, dict):
             await self._error(session, "invalid_request_error", "invalid_value", "session must be an object")
+            return
+        if self.refuse_session_update is not None:  # the engine's handler threw: its catch-all answer
+            await self._error(session, "server_error", None, self.refuse_session_update)
             return
         if "tools" in update and isinstance(update["tools"], list):
             # Like the engine: only {"type": "function", name, …} entries become tools.

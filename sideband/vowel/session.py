@@ -91,8 +91,9 @@ _REFUSAL = "invalid_request_error"  # the type of the engine's error refusing on
 class EngineError(Exception):
     """A trusted-server session could not start or ended badly, or the engine refused a turn.
     ``str(err)`` is one line; ``reason`` is the end reason (``mint_forbidden``, ``mint_unauthorized``,
-    ``token_rejected``, ``engine_error``, ``max_call_duration_exceeded``, ``max_idle_duration_exceeded``,
-    ``max_duration``, ``idle_timeout``…), or ``turn_refused`` (the session carries on)."""
+    ``token_rejected``, ``setup_failed``, ``engine_error``, ``max_call_duration_exceeded``,
+    ``max_idle_duration_exceeded``, ``max_duration``, ``idle_timeout``…), or ``turn_refused`` (the
+    session carries on)."""
 
     def __init__(
         self, reason: str, message: str, *, code: str | None = None, engine_message: str | None = None
@@ -100,7 +101,8 @@ class EngineError(Exception):
         super().__init__(message)
         self.reason = reason
         self.code = code
-        """The code of the engine's ``error`` event that refused the turn (``turn_refused``)."""
+        """The code (else the type) of the engine's ``error`` event that refused the turn
+        (``turn_refused``) or the session's ``session.update`` (``setup_failed``)."""
         self.engine_message = engine_message
         """That error's message."""
 
@@ -122,25 +124,32 @@ class Reply:
 
 class _EngineMachine(CallMachine):
     """The call machine of an engine session, which hands the session an ``error`` event that arrives
-    while its turn's text waits for the engine's answer to start (:attr:`on_turn_error`, set only then:
-    otherwise a handled event costs one call and one attribute check more)."""
+    while the session waits for the engine's answer to what it sent (:attr:`on_error`, set only then:
+    otherwise a handled event costs one call and one attribute check more): ``session.updated`` as the
+    session starts, or the start of a turn's reply (:attr:`until_reply`: that watch ends at
+    ``response.created``, after which an error is not about the turn's text)."""
 
-    __slots__ = ("on_turn_error",)
+    __slots__ = ("on_error", "until_reply")
 
     def __init__(self, config: MachineConfig, caps: Capabilities) -> None:
         super().__init__(config, caps)
-        self.on_turn_error: Callable[[dict[str, Any]], None] | None = None
+        self.on_error: Callable[[dict[str, Any]], None] | None = None
+        self.until_reply = False
+
+    def watch(self, on_error: Callable[[dict[str, Any]], None] | None, *, until_reply: bool = False) -> None:
+        """Hand ``error`` events to ``on_error`` from now on (``None``: no more)."""
+        self.on_error, self.until_reply = on_error, until_reply
 
     def receive(self, event: dict[str, Any]) -> list[Action]:
         """A server event arrived (see :meth:`CallMachine.receive`)."""
         actions = super().receive(event)
-        if self.on_turn_error is not None:
+        if self.on_error is not None:
             kind = event.get("type")
-            if kind == "response.created":  # the turn's answer started: an error now is not about its text
-                self.on_turn_error = None
+            if kind == "response.created" and self.until_reply:
+                self.on_error = None
             elif kind == "error":
                 error = event.get("error")
-                self.on_turn_error(error if isinstance(error, dict) else {})
+                self.on_error(error if isinstance(error, dict) else {})
         return actions
 
 
@@ -200,6 +209,7 @@ class EngineSession:
         self.token_expires_at: float | None = None
         self.end_reason: str | None = None
         self.end_message: str | None = None
+        self._end_error: tuple[str | None, str | None] = (None, None)  # the engine's code and message
         self.summary: CallSummary | None = None
         self._http = http
         self._own_http = http is None
@@ -290,16 +300,41 @@ class EngineSession:
             await self.abort()
             raise
         self._runtime = self._build_runtime(self._ws, token)
+        machine, refused = self._machine, asyncio.Event()
+        assert machine is not None
+        machine.watch(lambda error: self._setup_refused(error, refused))
         self._task = asyncio.create_task(self._run(self._runtime), name=f"vowel:{self.call_id}")
         try:
-            await self._ready()
+            await self._ready(refused)
         except BaseException as exc:
             if isinstance(exc, EngineError):
                 self._set_end(exc.reason, str(exc))  # a no-op when the session had ended already
             await self.abort()
             raise
+        finally:
+            machine.watch(None)  # (the machine would hold this session)
         self._log.info("vowel.session_created", engine_session_id=self.engine_session_id)
         return self
+
+    def _setup_refused(self, error: dict[str, Any], refused: asyncio.Event) -> None:
+        """An ``error`` event came while the session waited for ``session.updated``: the engine's answer
+        to our ``session.update`` (the only event sent by then), such as a tool schema it could not take,
+        after which no ``session.updated`` comes and the socket stays open. The start fails at once with
+        the engine's code and message (``setup_failed``). An error that ended the session (a limit) is
+        left to the session's end, which names it."""
+        machine = self._machine
+        if machine is None or machine.session_ready or machine.closed is not None or self.end_reason:
+            return
+        code = str(error.get("code") or error.get("type") or "") or None
+        said = " ".join(str(error.get("message") or "").split())[:200] or None
+        self._log.warning("vowel.setup_failed", engine_error=code, message=said)
+        detail = ": ".join(part for part in (code, said) if part) or "no reason given"
+        message = (
+            f"vowel engine could not set up the session: session.update answered with an error ({detail})"
+        )
+        self._set_end("setup_failed", message)
+        self._end_error = (code, said)
+        refused.set()
 
     async def _mint(self, core: VowelCore) -> Token:
         settings = self.settings
@@ -445,7 +480,7 @@ class EngineSession:
             machine = self._machine
             assert machine is not None
             try:
-                machine.on_turn_error = self._turn_refused  # until the engine's answer starts
+                machine.watch(self._turn_refused, until_reply=True)  # until the engine's answer starts
                 runtime.send_text(text)
                 async with asyncio.timeout_at(deadline):  # (3.11's wait_for can lose a cancellation)
                     return await future
@@ -463,7 +498,7 @@ class EngineSession:
                     self._cancelled_turn = asyncio.current_task()
                 raise
             finally:
-                machine.on_turn_error = None  # (the machine would hold this session)
+                machine.watch(None)  # (the machine would hold this session)
                 self._turn = None
                 del future  # it may hold the error raised here, whose traceback holds this frame
 
@@ -484,7 +519,7 @@ class EngineSession:
             or (isinstance(event_id, str) and event_id)
         ):
             return
-        machine.on_turn_error = None
+        machine.watch(None)
         if machine.closed is not None:
             return
         code = str(error.get("code") or error.get("type") or "") or None
@@ -546,22 +581,26 @@ class EngineSession:
         self._audio.extend(bytes(MIN_AUDIO_CHUNK - len(self._audio)))
         await self.send_audio(b"")
 
-    async def _ready(self) -> None:
+    async def _ready(self, refused: asyncio.Event | None = None) -> None:
         """Input goes out only once the engine confirmed the session (anything before ``session.update``
-        is fatal on the engine). Raises :class:`EngineError` once the session has ended."""
+        is fatal on the engine). Raises :class:`EngineError` once the session has ended, or was
+        ``refused`` (set as the session starts: see :meth:`_setup_refused`)."""
         self._check_live()
         ready = self.runtime.ready
         if ready.is_set():
             return
         assert self._task is not None
-        waiter = asyncio.ensure_future(ready.wait())
+        waiters = [asyncio.ensure_future(ready.wait())]
+        if refused is not None:
+            waiters.append(asyncio.ensure_future(refused.wait()))
         try:
             await asyncio.wait(
-                {waiter, self._task}, timeout=self.open_timeout, return_when=asyncio.FIRST_COMPLETED
+                {*waiters, self._task}, timeout=self.open_timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            waiter.cancel()
-            await asyncio.gather(waiter, return_exceptions=True)
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
         self._check_live()
         if not ready.is_set():
             self._log.warning("vowel.session_not_ready", timeout_s=self.open_timeout)
@@ -642,7 +681,13 @@ class EngineSession:
 
     def _error(self) -> EngineError:
         reason = self.end_reason or "closed"
-        return EngineError(reason, self.end_message or f"the vowel session has ended ({reason})")
+        code, said = self._end_error
+        return EngineError(
+            reason,
+            self.end_message or f"the vowel session has ended ({reason})",
+            code=code,
+            engine_message=said,
+        )
 
     def _set_end(self, reason: str, message: str | None) -> None:
         if self.end_reason is None:
