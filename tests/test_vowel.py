@@ -750,6 +750,41 @@ async def test_a_fatal_error_on_a_turn_ends_the_session_with_the_engines_reason(
     assert session.end_reason == "engine_error" and session.failed
 
 
+@pytest.mark.parametrize("ends", ["cancelled", "incomplete"])
+async def test_a_reply_cut_short_that_nothing_follows_ends_the_turn(
+    vowel: VowelSimulator, app: Sideband, ends: Any
+) -> None:
+    """The engine's turn detection stops a reply on a noise (``cancelled``), or a reply is cut short with
+    no tool call (``incomplete``), and no response follows: the turn ends there, the session carries on."""
+    vowel.script([when("noise", reply="Let me", ends=ends)])
+    async with EngineSession.open(settings_for(vowel), app, reply_timeout=60) as session:
+        async with asyncio.timeout(10):  # (not the reply_timeout)
+            reply = await session.say("noise")
+            assert (reply.status, reply.tools) == (ends, ())
+            assert reply.response_id == vowel.sessions[0].responses[-1].id
+            after = await session.say("hello again")
+        assert (after.text, after.status) == ("I heard you.", "completed")
+        assert session.live
+    assert [r.status for r in vowel.sessions[0].responses] == [ends, "completed"]
+
+
+async def test_a_cancelled_reply_another_follows_does_not_end_the_turn(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """A reply cancelled by a response of ours asked for meanwhile (a hook's text) is not the turn's end:
+    the answer that follows is waited for."""
+    vowel.event_delay = 0.01
+    vowel.script([when("story", reply="once upon a time " * 4), when("also", reply="Noted.")])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        turn = asyncio.ensure_future(session.say("a story"))
+        engine = vowel.sessions[0]
+        await vowel.wait_for(lambda _: bool(engine.sent_of_type("response.text.delta")), what="the reply")
+        session.runtime.send_text("also this")  # the engine answers it, cancelling the story
+        reply = await asyncio.wait_for(turn, 10)
+    assert reply.status == "completed" and reply.text.endswith("Noted.")
+    assert [r.status for r in engine.responses] == ["cancelled", "completed"]
+
+
 async def test_a_reply_callable_gets_every_output_of_a_tool_called_twice(
     vowel: VowelSimulator, app: Sideband
 ) -> None:
@@ -1261,6 +1296,15 @@ async def test_dial_reports_the_engines_answer_to_a_session_update_it_could_not_
     errors = [line for line in err.splitlines() if line.startswith("sideband:")]
     assert len(errors) == 1 and "server_error: Invalid tool schema for lookup_order" in errors[0]
     assert vowel.sessions[0].user_texts == []
+
+
+async def test_dial_shows_a_reply_cut_short(vowel: VowelSimulator) -> None:
+    vowel.script([when("noise", reply="Let me", ends="cancelled")])
+    code, out, err = await _dial(vowel, "--say", "noise", "--say", "Where is order 1042?")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[lines.index("agent: Let me") + 1] == "reply: cancelled"
+    assert "agent: I heard you." in lines and lines[-1] == "end: closed"
 
 
 def test_dial_names_a_missing_setting(

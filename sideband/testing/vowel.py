@@ -48,6 +48,7 @@ __all__ = [
     "HandshakeRecord",
     "MintFault",
     "MintRecord",
+    "ReplyEnd",
     "Rule",
     "SimResponse",
     "ToolOutputs",
@@ -77,6 +78,8 @@ MintFault: TypeAlias = int | Literal["timeout", "drop"]
 connection with no answer)."""
 Refusal: TypeAlias = Literal["401", "drop"]
 """How the engine refuses a bad token at the handshake: HTTP 401, or closing TCP with no HTTP answer."""
+ReplyEnd: TypeAlias = Literal["completed", "cancelled", "incomplete"]
+"""How a rule's reply ends (:attr:`Rule.ends`)."""
 Match: TypeAlias = "str | re.Pattern[str] | Callable[[str], bool]"
 Reply: TypeAlias = "str | Callable[[ToolOutputs], str]"
 
@@ -111,7 +114,9 @@ class Rule:
     (same ``call_id``). ``fatal``: the engine fails (``error``, ``response.done`` failed, close 1011).
     ``refuse``: the engine refuses the text itself with this message: an ``error``
     (``invalid_request_error``, code ``invalid_value``), no item created and no response; the session
-    carries on.
+    carries on. ``ends``: how the reply's response ends, ``completed``, or cut short with nothing to
+    follow it: ``cancelled`` (as when the engine's turn detection stops a reply on a noise,
+    ``status_details.reason`` ``turn_detected``) or ``incomplete`` (no tool call, ``max_output_tokens``).
     """
 
     match: Match
@@ -121,6 +126,7 @@ class Rule:
     repeat_calls: bool = False
     fatal: bool = False
     refuse: str | None = None
+    ends: ReplyEnd = "completed"
 
     def matches(self, text: str) -> bool:
         """Whether this rule applies to the user's ``text``."""
@@ -140,9 +146,10 @@ def when(
     repeat_calls: bool = False,
     fatal: bool = False,
     refuse: str | None = None,
+    ends: ReplyEnd = "completed",
 ) -> Rule:
     """Build a :class:`Rule`: ``when("order", calls=[("lookup_order", {"order_id": "1"})], reply="…")``."""
-    return Rule(match, tuple((n, a) for n, a in calls), reply, preamble, repeat_calls, fatal, refuse)
+    return Rule(match, tuple((n, a) for n, a in calls), reply, preamble, repeat_calls, fatal, refuse, ends)
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -1060,7 +1067,7 @@ class VowelSimulator:
         )
         reply = self.default_reply if rule is None else rule.reply
         text = reply(outputs) if callable(reply) else reply
-        await self._say(session, response, text)
+        await self._say(session, response, text, "completed" if rule is None else rule.ends)
 
     async def _message(
         self, session: EngineSessionRecord, response: SimResponse, text: str, index: int
@@ -1109,9 +1116,11 @@ class VowelSimulator:
         response.text = f"{response.text} {text}".strip()
         return done
 
-    async def _say(self, session: EngineSessionRecord, response: SimResponse, text: str) -> None:
+    async def _say(
+        self, session: EngineSessionRecord, response: SimResponse, text: str, ends: ReplyEnd = "completed"
+    ) -> None:
         item = await self._message(session, response, text, 0)
-        await self._finish(session, response, "completed", [item])
+        await self._finish(session, response, ends, [item] if ends == "completed" else [])
 
     async def _call_tools(self, session: EngineSessionRecord, response: SimResponse, rule: Rule) -> None:
         index = 0
@@ -1161,7 +1170,10 @@ class VowelSimulator:
             "output": output,
         }
         if status == "incomplete":
-            body["status_details"] = {"type": "incomplete", "reason": "tool_calls"}
+            reason = "tool_calls" if response.call_ids else "max_output_tokens"
+            body["status_details"] = {"type": "incomplete", "reason": reason}
+        elif status == "cancelled":
+            body["status_details"] = {"type": "cancelled", "reason": "turn_detected"}
         await self._send(session, {"type": "response.done", "response": body})
 
 

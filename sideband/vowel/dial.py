@@ -38,6 +38,8 @@ class _Printer:
             self.line("tool", f"{tool.name} → {tool.outcome} {tool.duration * 1000:.1f} ms")
         for text in reply.lines or ("(no text)",):
             self.line("agent", text)
+        if reply.status != "completed":  # (cut short, and nothing followed it)
+            self.line("reply", str(reply.status))
 
 
 async def _lines(stdin: TextIO) -> asyncio.Queue[str | None]:

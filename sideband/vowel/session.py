@@ -86,6 +86,7 @@ SPEECH_PEAK = 500
 -36 dBFS): line noise and silence stay below it, speech does not."""
 _ENGINE_LIMITS = frozenset({"max_call_duration_exceeded", "max_idle_duration_exceeded"})
 _REFUSAL = "invalid_request_error"  # the type of the engine's error refusing one client event
+_CUT_SHORT = frozenset({"cancelled", "incomplete"})  # a reply's end that may have nothing follow it
 
 
 class EngineError(Exception):
@@ -120,6 +121,9 @@ class Reply:
     response_id: str | None
     ended: str | None = None
     """The end reason when the session ended with this reply (e.g. the agent ended the call)."""
+    status: str | None = "completed"
+    """The status of the response that ended the turn: ``completed``, or ``cancelled`` / ``incomplete``
+    for a reply cut short that nothing followed (the engine's turn detection stopped it, say)."""
 
 
 class _EngineMachine(CallMachine):
@@ -618,18 +622,26 @@ class EngineSession:
         self, ctx: CallContext, response_id: str | None, status: str | None, tools_running: int
     ) -> None:
         """A turn ends at a ``completed`` ``response.done`` (or one an output guardrail stopped) with no tool
-        running and no response to come; its reply's words checked, without a stopped reply's lines.
-        The hook runs once the runtime handled that event: nothing asked for since can be answered yet.
+        running and no response to come; its reply's words checked, without a stopped reply's lines. A
+        reply that ended ``cancelled`` or ``incomplete`` ends it too when no response is owed or about to
+        start (nothing follows a reply the engine's turn detection stopped on a noise). The hook runs
+        once the runtime handled that event: nothing asked for since can be answered yet.
         (A coroutine: it runs on the event loop, never queued behind the app's sync hooks and tools.)"""
         turn, runtime = self._turn, self.runtime
         if turn is None or turn.future.done():
             return
+        machine = runtime.machine
         # (a reply an output guardrail stopped, with no answer to follow it, ends the turn too)
         was_stopped = response_id is not None and response_id == runtime.stopped_reply
-        if (status != "completed" and not was_stopped) or tools_running or runtime.machine.response_owed:
+        cut_short = status in _CUT_SHORT and not machine.response_pending
+        if (
+            (status != "completed" and not was_stopped and not cut_short)
+            or tools_running
+            or machine.response_owed
+        ):
             return
         await runtime.guarded()  # (the reply's words are checked before it is handed back)
-        if turn.future.done() or runtime.machine.response_owed:
+        if turn.future.done() or machine.response_owed or (cut_short and machine.response_pending):
             return  # (a guardrail stopped it: the model answers again)
         summary = runtime.summary
         at, stopped = turn.transcript_at, summary.stopped
@@ -639,7 +651,7 @@ class EngineSession:
             if role == "agent" and i not in stopped
         )
         tools = tuple(summary.tools[turn.tools_at :])  # recorded before their outputs went out
-        turn.future.set_result(Reply(" ".join(lines), lines, tools, response_id, runtime.machine.closed))
+        turn.future.set_result(Reply(" ".join(lines), lines, tools, response_id, machine.closed, status))
 
     # ------------------------------------------------------------------------------ ending
     async def wait_closed(self, timeout: float | None = None) -> str | None:
