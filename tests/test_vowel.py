@@ -154,6 +154,23 @@ async def test_mint_without_the_scope_is_refused_naming_it(vowel: VowelSimulator
     assert vowel.handshakes == []  # nothing was attempted with a token
 
 
+async def test_a_403_about_something_else_than_the_scope_says_what_it_is_about(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    vowel.add_key("vkey_limited", "mint_trusted_session", providers=["another-provider"])
+    settings = settings_for(vowel, vowel_api_key="vkey_limited")
+    with pytest.raises(EngineError) as caught:
+        await EngineSession.open(settings, app).start()
+    assert caught.value.reason == "mint_forbidden" and [m.status for m in vowel.mints] == [403]
+    assert str(caught.value) == (
+        "vowel core refused to mint a trusted-server token (403): "
+        "core said: Provider 'vowel-prime' is not allowed for this API key"
+    )
+    vowel.add_key("vkey_limited", "mint_trusted_session", providers=["vowel-prime"])
+    async with EngineSession.open(settings, app) as session:
+        assert session.live
+
+
 async def test_bad_key_is_refused_with_401(vowel: VowelSimulator, app: Sideband) -> None:
     with pytest.raises(EngineError) as caught:
         await EngineSession.open(settings_for(vowel, vowel_api_key="vkey_wrong"), app).start()

@@ -357,6 +357,8 @@ class VowelSimulator:
         """The key that signs the engine tokens (HMAC-SHA256), as the engine's JWT secret does."""
         self.refuse_session_update = refuse_session_update
         self.keys: dict[str, set[str]] = {api_key: {TRUSTED_SCOPE}, browser_key: {EPHEMERAL_SCOPE}}
+        self.key_providers: dict[str, frozenset[str]] = {}
+        """The providers a key may mint for, for the keys :meth:`add_key` limited (others: any)."""
         self.rules: list[Rule] = []
         self.mints: list[MintRecord] = []
         self.handshakes: list[HandshakeRecord] = []
@@ -463,9 +465,15 @@ class VowelSimulator:
         }
 
     # ------------------------------------------------------------------------------ control
-    def add_key(self, key: str, *scopes: str) -> None:
-        """Accept ``key`` with these scopes (e.g. ``mint_trusted_session``, ``mint_ephemeral``)."""
+    def add_key(self, key: str, *scopes: str, providers: Sequence[str] | None = None) -> None:
+        """Accept ``key`` with these scopes (e.g. ``mint_trusted_session``, ``mint_ephemeral``).
+        ``providers``: the only ``config.provider`` values it may mint for (any by default); another
+        is refused with a 403 that says so."""
         self.keys[key] = set(scopes)
+        if providers is None:
+            self.key_providers.pop(key, None)
+        else:
+            self.key_providers[key] = frozenset(providers)
 
     def fail_next_mints(self, *answers: MintFault, retry_after: int | None = None) -> None:
         """Queue faults for the next mint requests to the core (see :data:`MintFault`), one per request, in
@@ -662,6 +670,11 @@ class VowelSimulator:
             if not isinstance(config, dict) or not isinstance(config.get("serviceId"), str):
                 record.status = 400
                 return web.json_response({"message": "config.serviceId is required"}, status=400)
+            allowed = self.key_providers.get(key)
+            if allowed is not None and config.get("provider") not in allowed:
+                record.status = 403
+                message = f"Provider {config.get('provider')!r} is not allowed for this API key"
+                return web.json_response({"message": message}, status=403)
             tools = config.get("serverTools", [])
             if not isinstance(tools, list) or not all(
                 isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools

@@ -53,7 +53,8 @@ class MintFailed(UpstreamError):
 
 
 class MintRefused(UpstreamError):
-    """The core refused to mint (401 bad key, 403 missing scope). ``reason`` is a short machine name."""
+    """The core refused to mint (401 bad key, 403 missing scope or another refusal the core's message
+    names). ``reason`` is a short machine name."""
 
     def __init__(self, message: str, status: int, reason: str, body: str = "") -> None:
         super().__init__(message, status, body)
@@ -276,9 +277,14 @@ class VowelCore:
         if status == 401:
             raise MintRefused("vowel core refused the API key (401)", 401, "mint_unauthorized", text)
         if status == 403:
+            # (a 403 is the missing scope unless the core says it is about something else)
+            why_not = (
+                f"the API key lacks the {TRUSTED_SCOPE} scope{suffix}"
+                if not detail or "scope" in detail.lower()
+                else f"core said: {detail}"
+            )
             raise MintRefused(
-                "vowel core refused to mint a trusted-server token (403): the API key lacks the "
-                f"{TRUSTED_SCOPE} scope{suffix}",
+                f"vowel core refused to mint a trusted-server token (403): {why_not}",
                 403,
                 "mint_forbidden",
                 text,
