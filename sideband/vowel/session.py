@@ -463,11 +463,12 @@ class EngineSession:
 
         The engine answers user text by itself: no ``response.create`` is sent for it. A reply already
         under way or on its way (a hook's ``ctx.say()`` or text, the tools of an earlier reply) is waited
-        for first: it is not this turn's. Raises :class:`EngineError` if the session ends first (or
-        ``reply_timeout`` passes), or at once with ``turn_refused`` (the engine's ``code`` and
-        ``engine_message``) when the engine refuses the text (an ``invalid_request_error`` instead of a
-        reply): the session carries on. Any other error (the engine failing, a limit) ends the session,
-        whose end reason is raised.
+        for first: it is not this turn's. A reply cut short (``cancelled``, or ``incomplete`` with no tool
+        call) that no other response follows ends the turn, as :attr:`Reply.status` says. Raises
+        :class:`EngineError` if the session ends first (or ``reply_timeout`` passes), or at once with
+        ``turn_refused`` (the engine's ``code`` and ``engine_message``) when the engine refuses the text
+        (an ``invalid_request_error`` instead of a reply): the session carries on. Any other error (the
+        engine failing, a limit) ends the session, whose end reason is raised.
         """
         if not text.strip():
             raise ValueError("say() needs some text")
