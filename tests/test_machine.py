@@ -11,6 +11,7 @@ from sideband.runtime.machine import (
     DEFAULT_FILLER,
     DEFAULT_GOODBYE,
     DEFAULT_STILL_THERE,
+    OUTPUT_RESENDS,
     TURN_GRACE,
     Action,
     CallMachine,
@@ -2186,21 +2187,49 @@ def test_the_answer_goes_at_once_when_every_output_in_doubt_is_acknowledged_with
     assert m.timer("orphans") == []
 
 
-def test_an_output_is_sent_again_once_however_many_times_the_socket_is_lost() -> None:
-    """An output the server cannot take (its echo outgrows a frame, say) would otherwise go out again on
-    every re-attach, each time followed by a create: duplicates, and a socket lost over and over."""
+def outputs_sent(actions: list[Action]) -> list[str]:
+    """The call ids of the tool outputs among the events sent."""
+    return [e["item"]["call_id"] for e in sends(actions) if e["type"] == "conversation.item.create"]
+
+
+def test_an_output_sent_again_into_a_dead_socket_is_sent_again_after_the_next_reattach() -> None:
     m, _, _ = _answered_two_outputs()
+    m.receive(ack("c1"))
     m.reattached()
-    first = m.timer("orphans")
-    assert [e["item"]["call_id"] for e in sends(first) if e["type"] == "conversation.item.create"] == [
-        "c1",
-        "c2",
+    m.receive({"type": "session.updated", "session": {}})
+    assert types(m.timer("orphans")) == ["conversation.item.create", "response.create"]
+    assert m.awaiting_acks  # kept until acknowledged: that socket may be dead too
+    back = m.reattached()  # it was: neither the output nor its create arrived
+    assert StartTimer("orphans", MachineConfig(session=SESSION).reattach_grace) in back
+    m.receive({"type": "session.updated", "session": {}})
+    again = m.timer("orphans")
+    assert outputs_sent(again) == ["c2"] and creates(again) == [""]
+    m.receive(ack("c2"))
+    assert not m.awaiting_acks
+    m.reattached()
+    assert outputs_sent(m.timer("orphans")) == []  # (acknowledged: never sent again)
+
+
+def test_an_output_the_server_never_takes_is_given_up_after_a_few_resends() -> None:
+    """An output the server cannot take (each socket it goes out on is lost) must not go out again on
+    every re-attach, each time followed by a create, for as long as the call lasts."""
+    m, _, _ = _answered_two_outputs()
+    m.receive(ack("c1"))
+    for _ in range(OUTPUT_RESENDS):
+        m.reattached()
+        m.receive({"type": "session.updated", "session": {}})
+        resent = m.timer("orphans")
+        assert outputs_sent(resent) == ["c2"] and notices(resent, "tool.output_lost") == []
+        m.receive({"type": "response.created", "response": {"id": "r_again"}})
+        m.receive(response_done("r_again"))
+    m.reattached()
+    m.receive({"type": "session.updated", "session": {}})
+    last = m.timer("orphans")
+    assert outputs_sent(last) == [] and creates(last) == [] and not m.awaiting_acks
+    assert notices(last, "tool.output_lost") == [
+        {"tool_call_id": "c2", "tool": "t", "sent": OUTPUT_RESENDS + 1}
     ]
-    m.receive({"type": "response.created", "response": {"id": "r2"}})
-    m.receive(response_done("r2"))
-    back = m.reattached()  # lost again, no acknowledgement seen
-    assert types(back) == ["session.update"] and not m.awaiting_acks
-    assert not [a for a in back if isinstance(a, StartTimer) and a.name == "orphans"]
+    assert not [a for a in m.reattached() if isinstance(a, StartTimer) and a.name == "orphans"]
 
 
 def test_acknowledgements_held_back_by_a_running_response_are_waited_for() -> None:

@@ -1310,6 +1310,7 @@ class CallRuntime:
             "call.end_forced",
             "call.transfer_unconfirmed",
             "guardrail.silenced",
+            "tool.output_lost",
         ):
             self.log.warning(event, **fields)
         else:

@@ -223,6 +223,10 @@ CORRECTIONS = 2
 """Replies stopped by output guardrails that the model is asked to say again, per caller turn: a model that
 keeps breaking the rule is then stopped and left silent until the caller speaks (no loop of cut replies)."""
 
+OUTPUT_RESENDS = 3
+"""Times a tool output still unacknowledged after a re-attach is sent again, at most (once after each
+re-attach): an output the server never takes is then given up (``tool.output_lost``)."""
+
 BEFORE_THE_CUT = 60.0
 """Seconds before the server cuts the session that the call-duration goodbye starts at the latest (the
 default limit, 3540 s, leaves as much of OpenAI's 60 minutes)."""
@@ -454,8 +458,9 @@ class CallMachine:
         # re-attach: ("instructions",) → "…", ("audio", "output", "voice") → "cedar"…
         self._updated: dict[tuple[str, ...], Any] | None = None
         self._orphans: tuple[str, ...] = ()  # calls announced on a lost socket, their response unfinished
-        # call_id → our function_call_output the server has not acknowledged yet (None when empty)
-        self._unacked: dict[str, dict[str, Any]] | None = None
+        # call_id → our function_call_output the server has not acknowledged yet, and how many times it
+        # was sent again after a re-attach (None when empty)
+        self._unacked: dict[str, tuple[dict[str, Any], int]] | None = None
         self._resend: tuple[str, ...] = ()  # of those, the ones unacknowledged when a socket was lost
         self._started = False
         self._session_ready = False
@@ -566,7 +571,10 @@ class CallMachine:
         Our tool outputs the server had not acknowledged when the socket was lost may have been lost with
         it (a dead connection swallows what is written to it), or their acknowledgement may still come: the
         server holds it back while a response runs. Those still unacknowledged after the same grace, at a
-        moment no response runs, are sent again, once, and one ``response.create`` follows.
+        moment no response runs, are sent again, and one ``response.create`` follows. Each stays kept
+        until it is acknowledged: the socket it went out on again may be lost too, and the next re-attach
+        sends it once more, up to :data:`OUTPUT_RESENDS` times in all (one the server never takes is then
+        given up: ``tool.output_lost``).
 
         Our ``response.create`` that had left for the lost socket, unanswered, may have been lost with it
         (the greeting, the answer to outputs acknowledged already, a :meth:`say`, the end's goodbye). The
@@ -1689,7 +1697,7 @@ class CallMachine:
             event["event_id"] = _OUTPUT_EVENT + call_id  # an error about it names this
             if self._unacked is None:
                 self._unacked = {}
-            self._unacked[call_id] = event
+            self._unacked[call_id] = (event, 0)
         return Send(event)
 
     def _create(self, response: dict[str, Any] | None = None, tag: str | None = None) -> Send:
@@ -1789,13 +1797,10 @@ class CallMachine:
             if self._response_active:  # it may hold their acknowledgements: look again after it
                 actions.append(StartTimer(_ORPHANS, self.config.reattach_grace))
             else:
-                unacked = self._unacked or {}
-                # Sent again once, and no more: a later re-attach does not send them a third time.
-                resent = [c for c in self._resend if c in unacked]
-                actions += [Send(unacked.pop(c)) for c in resent]
-                answer = any(c not in self._calls or not self._calls[c].quiet for c in resent)
-                if not unacked:
-                    self._unacked = None
+                due = [c for c in self._resend if c in (self._unacked or ())]
+                actions += self._send_again(due)
+                sent = [c for c in due if c in (self._unacked or ())]  # (not those given up)
+                answer = any(c not in self._calls or not self._calls[c].quiet for c in sent)
                 self._resend = ()
         for call_id in self._orphans:
             call = self._calls.get(call_id)
@@ -1811,6 +1816,31 @@ class CallMachine:
             if self._reasked is not None and self._reasked[1] is None:
                 self._reasked = None  # (the lost create's response, should it show, did not see these)
         return actions + self._progress() + self._rearm_filler()
+
+    def _send_again(self, due: list[str]) -> list[Action]:
+        """Send again our outputs ``due``, unacknowledged since a re-attach (see :meth:`reattached`): each
+        stays kept until the server acknowledges it, and is sent again after each re-attach, up to
+        :data:`OUTPUT_RESENDS` times; then it is given up (``tool.output_lost``)."""
+        unacked = self._unacked or {}
+        actions: list[Action] = []
+        for call_id in due:
+            event, resends = unacked[call_id]
+            if resends < OUTPUT_RESENDS:
+                unacked[call_id] = (event, resends + 1)
+                actions.append(Send(event))
+                continue
+            # An output the server never takes (each socket it goes out on is lost) must not be sent
+            # again and again, a create after it every time.
+            del unacked[call_id]
+            actions.append(
+                Notice(
+                    "tool.output_lost",
+                    {"tool_call_id": call_id, "tool": self.tool_name(call_id), "sent": resends + 1},
+                )
+            )
+        if not unacked:
+            self._unacked = None
+        return actions
 
     def _ask_again(self, event_id: str) -> list[Action]:
         """Our create ``event_id`` left for a lost socket, and nothing on the new one showed it arrived
