@@ -2630,6 +2630,83 @@ def test_a_refused_goodbye_lets_the_end_go_on() -> None:
     assert sends(actions) == [] and actions[-1] == Verb("hangup", None)
 
 
+ACTIVE = ("invalid_request_error", "conversation_already_has_active_response")
+
+
+def function_call(call_id: str, name: str = "lookup") -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "call_id": call_id,
+        "name": name,
+        "arguments": "{}",
+        "status": "completed",
+    }
+
+
+def test_a_response_taken_for_a_goodbye_the_server_refused_is_not_ours() -> None:
+    """Before any response has come back tagged, the next one to start after our create is taken for
+    ours: here the server's own, starting as the limit's goodbye goes out. The goodbye's refusal says it
+    was not: its tool calls do not run while the call ends, and it is not the goodbye."""
+    m = machine(max_call_duration=60)
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    bye = raw(m.timer("max_duration"))[-1]
+    assert untagged(bye)["response"]["instructions"] == DEFAULT_GOODBYE
+    m.receive({"type": "response.created", "response": {"id": "r_own"}})  # taken for the goodbye
+    m.receive(refused_by(bye, *ACTIVE))
+    feed(m, call_events("c1", "lookup", "{}", resp="r_own"))
+    done = m.receive(response_done("r_own", output=[function_call("c1")]))
+    assert not [a for a in done if isinstance(a, RunTool)]
+    assert [n["reason"] for n in notices(done, "tool.discarded")] == ["call_ending"]
+    again = raw(done)
+    assert creates(done) == [DEFAULT_GOODBYE]  # asked for again: none was said
+    # A caller cutting off r_own's audio cuts off no goodbye: none is asked for a third time.
+    m.receive({"type": "output_audio_buffer.cleared", "response_id": "r_own"})
+    started(m, again[0]["response"], "r_bye")
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r_bye"})
+    said = m.receive(response_done("r_bye"))
+    assert creates(said) == [] and not [a for a in said if isinstance(a, Verb)]  # its audio plays
+    assert Verb("hangup", None) in m.receive({"type": "output_audio_buffer.stopped", "response_id": "r_bye"})
+
+
+def greeted_then_caller_spoke(**kw: Any) -> CallMachine:
+    """A machine whose greeting came back tagged (the server echoes tags) and whose caller has just
+    stopped speaking: the server's answer to them is awaited."""
+    m = machine(greeting="Hi", **kw)
+    greeting = raw(m.start())[-1]
+    m.receive({"type": "session.updated", "session": {}})
+    started(m, greeting["response"], "r_greet")
+    m.receive(response_done("r_greet"))
+    m.receive(SPEECH_STARTED)
+    m.receive(SPEECH_STOPPED)
+    return m
+
+
+def test_the_servers_answer_to_the_caller_while_the_call_ends_is_its_own_and_answers_the_turn() -> None:
+    m = greeted_then_caller_spoke(max_call_duration=60)
+    assert creates(m.timer("max_duration")) == []  # the goodbye waits for the server's answer
+    bye = raw(m.timer("turn"))[-1]  # none came within the grace: the goodbye goes
+    # The server's answer starts all the same, untagged, as the goodbye arrives: it is the server's own.
+    m.receive({"type": "response.created", "response": {"id": "r_own"}})
+    heard = m.receive({"type": "output_audio_buffer.started", "response_id": "r_own"})
+    assert notices(heard, "turn.answered") == [{"response_id": "r_own"}]  # the caller's wait, timed
+    m.receive(refused_by(bye, *ACTIVE))
+    feed(m, call_events("c1", "lookup", "{}", resp="r_own"))
+    done = m.receive(response_done("r_own", output=[function_call("c1")]))
+    assert not [a for a in done if isinstance(a, RunTool)]
+    m.receive({"type": "output_audio_buffer.stopped", "response_id": "r_own"})
+    assert creates(done) == [DEFAULT_GOODBYE]
+
+
+def test_a_goodbye_said_once_no_answer_came_to_the_caller_answers_no_turn() -> None:
+    m = greeted_then_caller_spoke(max_call_duration=60)
+    m.timer("max_duration")
+    bye = raw(m.timer("turn"))[-1]
+    started(m, bye["response"], "r_bye")
+    heard = m.receive({"type": "output_audio_buffer.started", "response_id": "r_bye"})
+    assert notices(heard, "turn.answered") == []
+
+
 def lost_create(kind: str) -> tuple[CallMachine, dict[str, Any], str]:
     """Our create (the greeting, or a say()) left for a socket that died, and the re-attach grace is
     over with nothing of it shown on the new one. Returns the machine, the lost create (as sent,

@@ -899,7 +899,8 @@ class CallMachine:
         old = self._end
         if self._closed is not None or (old is not None and (old.verb_sent or not old.withdrawable)):
             return []
-        self._unanswered = False  # (the goodbye, or the last words, answer no turn of the caller's)
+        if not self._turn_wait:  # (else the server's answer to the caller's turn is on its way)
+            self._unanswered = False  # (the goodbye, or the last words, answer no turn of the caller's)
         end = _End(
             reason=reason,
             verb=verb if self.caps.call_verbs else None,
@@ -1584,8 +1585,17 @@ class CallMachine:
         self._play_unsure = self._play_overdue = False
         if self._unanswered and (self._prompt is None or self._heard != self._prompt):
             self._unanswered = False  # (the server's idle prompt is no answer: it comes after silence)
+            if self._end is not None and self._is_goodbye(self._heard):
+                return []  # (nor is the goodbye, said once no answer to the caller came)
             return [Notice("turn.answered", {"response_id": self._heard})]
         return []
+
+    def _is_goodbye(self, response_id: object) -> bool:
+        """Whether ``response_id`` is the end's goodbye (under way, or ended)."""
+        ours, end = self._ours, self._end
+        if ours is not None and ours[0] == response_id:
+            return self._tag_of(ours[1]) == _GOODBYE
+        return end is not None and response_id is not None and response_id == end.said
 
     def _on_playback_cleared(self, event: dict[str, Any]) -> list[Action]:
         """The caller cut in: the rest of the model's audio was dropped. Its line of the transcript holds
@@ -1645,6 +1655,10 @@ class CallMachine:
             unanswered = self._create_sent == event_id
             if unanswered:
                 self._create_sent = None
+            if self._ours is not None and self._ours[1] == event_id:
+                # The response taken for its answer is someone else's (the server's answer to the caller,
+                # untagged): not ours, its calls are not run while the call ends, nor is it the goodbye.
+                self._ours = None
             if code == "conversation_already_has_active_response":
                 # Someone else's response runs; ours goes out again after its response.done. If no
                 # response.created came since ours was sent, that response is yet to be announced: wait
