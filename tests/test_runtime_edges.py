@@ -36,7 +36,7 @@ from sideband.testing import (
 from sideband.testing.vowel import VowelSimulator
 from sideband.tools import ToolRegistry
 from sideband.upstream._ws import PushConnection
-from sideband.upstream.openai import CallGone, SidebandRefused, connect_sideband
+from sideband.upstream.openai import CallGone, SidebandRefused, UpstreamError, connect_sideband
 
 from .conftest import TEST_SETTINGS, Stack, asked, capture_logs, make_app, transfer_window, untagged
 
@@ -750,7 +750,7 @@ async def test_a_transfer_that_finds_the_call_gone_is_not_reported_as_transferre
 @pytest.mark.parametrize(
     ("close", "verbs", "outcome"),
     [
-        pytest.param("clean", ["refer"], "ended", id="sideband_closed_by_the_transfer"),
+        pytest.param("clean", ["refer", "hangup"], "transferred", id="sideband_closed_by_the_transfer"),
         pytest.param("abnormal", ["refer", "hangup"], "transferred", id="sideband_dropped_by_the_transfer"),
         pytest.param("silent", ["refer", "hangup"], "transferred", id="hangup_finds_the_call_gone"),
     ],
@@ -759,8 +759,9 @@ async def test_a_transfer_whose_refer_is_answered_late_is_sent_once_and_ends_tra
     stack: Stack, monkeypatch: pytest.MonkeyPatch, close: Any, verbs: list[str], outcome: str
 ) -> None:
     """The REFER was handed over but its answer came too late: it is not sent again (each reaches the
-    carrier). The call ended meanwhile (its sideband closed), or a hangup finds it gone: transferred,
-    at once (no transfer window to wait out, no second hangup: the call is known to be over)."""
+    carrier). A hangup finds the call gone (its sideband closed or dropped meanwhile, or not: a close
+    alone may be the caller hanging up): transferred, at once (no transfer window to wait out, no
+    second hangup: the call is known to be over)."""
     transfer_window(monkeypatch, 0.2)
     stack.sim.verb_close = close
     call = transfer_call(stack)
@@ -992,6 +993,67 @@ async def test_a_tool_the_model_calls_once_the_transfer_is_out_neither_runs_nor_
     discarded = [(e["tool"], e["reason"]) for e in logs if e["event"] == "tool.discarded"]
     assert discarded == [("lookup_order", "call_ending")]
     assert not [e for e in logs if e["event"] == "tool.started" and e["tool"] == "lookup_order"]
+
+
+class ClosesSeen(CallMachine):
+    """A call machine that tells when the driver has handed it the sideband's clean close."""
+
+    def __init__(self, config: MachineConfig) -> None:
+        super().__init__(config)
+        self.close_seen = asyncio.Event()
+
+    def transport_closed(self, code: int | None, reason: str = "") -> list[Any]:
+        self.close_seen.set()
+        return super().transport_closed(code, reason)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason", "verbs"),
+    [
+        pytest.param(404, "call_not_found", ["refer"], id="refer_finds_the_call_gone"),
+        pytest.param(400, "transfer_failed", ["refer", "hangup"], id="refer_refused"),
+        pytest.param(200, "transferred", ["refer"], id="refer_carried_out"),
+    ],
+)
+async def test_a_clean_close_while_the_refer_is_unanswered_waits_for_its_answer(
+    simulator: Simulator, answer: int, reason: str, verbs: list[str]
+) -> None:
+    """The sideband closes cleanly as the REFER goes out: the server carried it out, or the caller hung
+    up meanwhile. Only the refer's answer tells which: a call it finds gone, or a refer refused, is no
+    transfer (and its failure is logged)."""
+    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
+    machine = ClosesSeen(MachineConfig(session={"type": "realtime", "instructions": "x"}, greeting="Hi."))
+    sent: list[str] = []
+
+    async def verb(name: str, target: str | None) -> None:
+        sent.append(name)
+        if name != "refer":
+            return
+        await simulator.hang_up(call)  # the caller hangs up as the REFER goes out
+        await asyncio.wait_for(machine.close_seen.wait(), 5)  # the close is handled before the answer
+        if answer == 404:
+            raise CallGone("refer: call not found", 404)
+        if answer == 400:
+            raise UpstreamError("refer refused with 400", 400)
+
+    rt = CallRuntime(
+        machine=machine,
+        ctx=CallContext(call.call_id),
+        tools=ToolRegistry(),
+        connect=Connector(simulator, call.call_id, []),
+        verb=verb,
+        transfer_targets={"human": "tel:+14155550123"},
+        ping_interval=None,
+    )
+    task = asyncio.create_task(rt.run())
+    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    with capture_logs() as logs:
+        rt.transfer("human")
+        assert await asyncio.wait_for(task, 10) == reason  # (a 200: at once, no transfer window)
+    assert sent == verbs
+    failed = [e["verb"] for e in logs if e["event"] == "call.verb_failed"]
+    assert failed == ([] if answer == 200 else ["refer"])
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == [reason]
 
 
 # ---------------------------------------------------------------------------------------- attach

@@ -814,11 +814,19 @@ class CallMachine:
 
     def transport_closed(self, code: int | None, reason: str = "") -> list[Action]:
         """The socket closed for good (the driver gave up re-attaching or the close was clean). Once the
-        end's verb is out, the call ends with the end's reason (``transferred`` after a refer's 200)."""
+        end's verb is out, the call ends with the end's reason (``transferred`` after a refer's 200). A
+        refer still unanswered is waited for, as after a socket lost (see :meth:`sideband_lost`): the
+        server may have closed the sideband as it carried the REFER out (its 200 then ends the call
+        ``transferred``), or because the caller hung up meanwhile (the refer finds the call gone:
+        ``call_not_found``; refused: ``transfer_failed``)."""
         if self._closed is not None:
             return []
-        if self._end is not None and self._end.verb_sent:
-            return self._close(self._end.reason)
+        end = self._end
+        if end is not None and end.verb_sent:
+            if end.verb == "refer" and not end.referred:
+                end.lost = True
+                return []
+            return self._close(end.reason)
         return self._close("remote_closed")
 
     def sideband_lost(self) -> list[Action]:
