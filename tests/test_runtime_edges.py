@@ -1056,6 +1056,51 @@ async def test_a_clean_close_while_the_refer_is_unanswered_waits_for_its_answer(
     assert [e["reason"] for e in logs if e["event"] == "call.ended"] == [reason]
 
 
+@pytest.mark.parametrize("answer", ["after_the_close", "never"])
+async def test_a_hangup_answered_after_the_servers_close_ends_the_call_without_waiting_on_it(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch, answer: str
+) -> None:
+    """The server closes the sideband cleanly as it carries out the hangup, before the hangup's HTTP
+    answer (slow, or retried after a 503) comes: the call has ended. The answer is given a moment, then
+    cut short, not waited for as long as a stuck tool (nor reported as one): the hangup is logged, and
+    ``on_call_end`` runs at once."""
+    monkeypatch.setattr("sideband.runtime.driver.TASK_GRACE", 60.0)  # (a wait that long fails the test)
+    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
+    machine = ClosesSeen(MachineConfig(session={"type": "realtime", "instructions": "x"}, greeting="Hi."))
+    cut: list[str] = []
+
+    async def verb(name: str, target: str | None) -> None:
+        await simulator.hang_up(call)  # the server ends the call (a clean close) as it hangs it up
+        await asyncio.wait_for(machine.close_seen.wait(), 5)
+        if answer == "never":
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cut.append(name)
+                raise
+
+    ended: list[str] = []
+    rt = CallRuntime(
+        machine=machine,
+        ctx=CallContext(call.call_id),
+        tools=ToolRegistry(),
+        connect=Connector(simulator, call.call_id, []),
+        verb=verb,
+        hooks=CallHooks(on_call_end=[lambda ctx, summary: ended.append(summary.reason)]),
+        ping_interval=None,
+    )
+    task = asyncio.create_task(rt.run())
+    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    with capture_logs() as logs:
+        rt.hangup()
+        assert await asyncio.wait_for(task, 10) == "hangup"
+    assert ended == ["hangup"]
+    assert not [e for e in logs if e["event"] in ("call.tasks_abandoned", "call.verb_failed")]
+    hung_up = [(e["log_level"], e.get("answered")) for e in logs if e["event"] == "call.hung_up"]
+    assert hung_up == [("info", False if answer == "never" else None)]
+    assert cut == (["hangup"] if answer == "never" else [])
+
+
 # ---------------------------------------------------------------------------------------- attach
 class Connector:
     """Connects to the simulator's sideband, after failing as told (an exception per attempt)."""

@@ -120,6 +120,7 @@ _MAX_RETRY_AFTER = 30.0  # seconds at most an attach waits when the server asks 
 _LEFT_BEHIND = 1.0  # seconds a cancelled hook gets to end before the call's end goes on without it
 _CLOSE_TIMEOUT = 2.0  # seconds an ended call's socket gets for its closing handshake
 _VERB_BOUND = 120.0  # seconds a call hung up without its socket waits for the hangup (it has its own budget)
+_LATE_ANSWER = 1.0  # seconds a hangup's or refer's answer may still take once the call has ended
 SHUTDOWN_GRACE = 5.0
 """Seconds the calls still live at the end of a drain get for their hangup before they are cancelled."""
 
@@ -295,6 +296,7 @@ class CallRuntime:
         "_typed",
         "_usage",
         "_verb_call",
+        "_verb_waiting",
         "_ws",
         "attached",
         "ctx",
@@ -336,6 +338,8 @@ class CallRuntime:
         self._before: tuple[ToolRegistry, str] | None = None
         self._connect = connect
         self._verb_call = verb
+        # The hangup or refer under way, unanswered so far: its task, the verb and its target.
+        self._verb_waiting: tuple[asyncio.Task[Any] | None, str, str | None] | None = None
         self.hooks = hooks or CallHooks()
         self._targets = dict(transfer_targets or {})
         self._reattach_attempts = reattach_attempts
@@ -753,7 +757,7 @@ class CallRuntime:
                 continue
             if ws is None or machine.closed is not None or (first and machine.verb_sent):
                 if ws is not None:
-                    self._spawn(ws.close())
+                    self._spawn(ws.close(), "close")
                 return None
             self._ws = ws
             self._pong = None
@@ -924,10 +928,10 @@ class CallRuntime:
             elif isinstance(action, Withdraw):
                 self._outbox[:] = [f for f in self._outbox if not _carries(f, action.event_id)]
             elif isinstance(action, Verb):
-                self._spawn(self._run_verb(action.verb, action.target))
+                self._spawn(self._run_verb(action.verb, action.target), f"verb:{action.verb}")
             elif isinstance(action, Close):
                 if self._ws is not None:
-                    self._spawn(self._close_ws(self._ws))
+                    self._spawn(self._close_ws(self._ws), "close")
                 if self._stop is not None:
                     _wake(self._stop)
         quiet = self._quiet
@@ -938,10 +942,13 @@ class CallRuntime:
         """Flush the outbox from a context that is not the read loop (never once the call has ended:
         :class:`Close` flushes what is left, and a hook acting late must not start a task nobody awaits)."""
         if self._outbox and not self._flushing and self.machine.closed is None:
-            self._spawn(self._flush())
+            self._spawn(self._flush(), "flush")
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        """Run ``coro`` in a side task named ``name`` (the call's end awaits it)."""
         task = asyncio.ensure_future(coro)
+        if isinstance(task, asyncio.Task):
+            task.set_name(name)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
@@ -1110,7 +1117,7 @@ class CallRuntime:
         # Pending until the ping is written *and* answered: a ping stuck behind a full write buffer (the
         # peer reads nothing) counts as unanswered at the next interval, as a lost pong does.
         waiting = self._pong = asyncio.get_running_loop().create_future()
-        self._spawn(self._ping(ws, waiting))
+        self._spawn(self._ping(ws, waiting), "ping")
         self._arm_keepalive()
 
     @staticmethod
@@ -1204,6 +1211,7 @@ class CallRuntime:
     async def _run_verb(self, verb: str, target: str | None) -> None:
         ok, gone, ended, detail = True, False, False, None
         if self._verb_call is not None:
+            waiting = self._verb_waiting = (asyncio.current_task(), verb, target)
             try:
                 ended = bool(await self._verb_call(verb, target))
                 self.log.info("call.referred" if verb == "refer" else "call.hung_up", target=target)
@@ -1213,8 +1221,28 @@ class CallRuntime:
                 ok, detail = False, str(exc)
             except Exception as exc:  # say, the HTTP client closed under a shutdown: the call still ends
                 ok, detail = False, f"{type(exc).__name__}: {exc}"
+            finally:
+                if self._verb_waiting is waiting:
+                    self._verb_waiting = None
+            if not ok and self.machine.closed is not None:  # (the machine has nothing more to say of it)
+                self.log.warning("call.verb_failed", verb=verb, detail=detail)
         self._apply(self.machine.verb_done(ok, detail, gone=gone, ended=ended))
         await self._flush()
+
+    def _cut_verb(self, waiting: tuple[asyncio.Task[Any] | None, str, str | None]) -> None:
+        """The call's end gave the verb under way :data:`_LATE_ANSWER` seconds for its answer, which has
+        not come: its task is cancelled, and what is known of it logged. A call that has ended (the
+        server closed it, as it does once it carries out a hangup) was hung up: ``call.hung_up``
+        (``answered`` false); else ``call.verb_unanswered``."""
+        task, verb, target = waiting
+        if self._verb_waiting is not waiting or task is None or task.done() or task.cancelling():
+            return
+        self._verb_waiting = None
+        if verb == "hangup" and self.machine.closed is not None:
+            self.log.info("call.hung_up", target=target, answered=False)
+        else:
+            self.log.warning("call.verb_unanswered", verb=verb, target=target, reason=self.machine.closed)
+        task.cancel()
 
     def _notice(self, notice: Notice) -> None:
         event, fields = notice.event, notice.fields
@@ -1403,7 +1431,22 @@ class CallRuntime:
             await timed(result, log_blocked(self.log, hook=_hook_name(hook)))
 
     async def _cleanup(self) -> None:
-        checks_until = asyncio.get_running_loop().time() + guards.CHECK_TIMEOUT
+        loop = asyncio.get_running_loop()
+        checks_until = loop.time() + guards.CHECK_TIMEOUT
+        # A hangup or refer still unanswered once the call has ended (the server closed it): its answer
+        # changes nothing any more. Given a moment for it, it is then cut short, neither waited for as
+        # long as the tools nor left behind as one of them.
+        waiting = self._verb_waiting
+        cut = loop.call_later(_LATE_ANSWER, self._cut_verb, waiting) if waiting is not None else None
+        try:
+            await self._end_tasks(checks_until)
+        finally:
+            if cut is not None:
+                cut.cancel()
+
+    async def _end_tasks(self, checks_until: float) -> None:
+        """Stop the call's timers, tools and socket, and await them, the side tasks, the output
+        guardrails' last checks and the hooks (each within its bound)."""
         if self._alarm is not None:
             self._alarm.cancel()
             self._alarm = None
