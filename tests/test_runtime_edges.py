@@ -1056,14 +1056,14 @@ async def test_a_clean_close_while_the_refer_is_unanswered_waits_for_its_answer(
     assert [e["reason"] for e in logs if e["event"] == "call.ended"] == [reason]
 
 
-@pytest.mark.parametrize("answer", ["after_the_close", "never"])
+@pytest.mark.parametrize("answer", ["after_the_close", "failed_after_the_close", "never"])
 async def test_a_hangup_answered_after_the_servers_close_ends_the_call_without_waiting_on_it(
     simulator: Simulator, monkeypatch: pytest.MonkeyPatch, answer: str
 ) -> None:
     """The server closes the sideband cleanly as it carries out the hangup, before the hangup's HTTP
     answer (slow, or retried after a 503) comes: the call has ended. The answer is given a moment, then
     cut short, not waited for as long as a stuck tool (nor reported as one): the hangup is logged, and
-    ``on_call_end`` runs at once."""
+    ``on_call_end`` runs at once. A failure it answers is logged all the same."""
     monkeypatch.setattr("sideband.runtime.driver.TASK_GRACE", 60.0)  # (a wait that long fails the test)
     call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
     machine = ClosesSeen(MachineConfig(session={"type": "realtime", "instructions": "x"}, greeting="Hi."))
@@ -1072,6 +1072,8 @@ async def test_a_hangup_answered_after_the_servers_close_ends_the_call_without_w
     async def verb(name: str, target: str | None) -> None:
         await simulator.hang_up(call)  # the server ends the call (a clean close) as it hangs it up
         await asyncio.wait_for(machine.close_seen.wait(), 5)
+        if answer == "failed_after_the_close":
+            raise UpstreamError("hangup refused with 400", 400)
         if answer == "never":
             try:
                 await asyncio.Event().wait()
@@ -1095,9 +1097,13 @@ async def test_a_hangup_answered_after_the_servers_close_ends_the_call_without_w
         rt.hangup()
         assert await asyncio.wait_for(task, 10) == "hangup"
     assert ended == ["hangup"]
-    assert not [e for e in logs if e["event"] in ("call.tasks_abandoned", "call.verb_failed")]
+    assert not [e for e in logs if e["event"] == "call.tasks_abandoned"]
+    failed = [(e["verb"], e["detail"]) for e in logs if e["event"] == "call.verb_failed"]
     hung_up = [(e["log_level"], e.get("answered")) for e in logs if e["event"] == "call.hung_up"]
-    assert hung_up == [("info", False if answer == "never" else None)]
+    if answer == "failed_after_the_close":
+        assert failed == [("hangup", "hangup refused with 400")] and hung_up == []
+    else:
+        assert failed == [] and hung_up == [("info", False if answer == "never" else None)]
     assert cut == (["hangup"] if answer == "never" else [])
 
 
