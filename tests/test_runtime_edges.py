@@ -1111,7 +1111,7 @@ async def test_a_hangup_answered_after_the_servers_close_ends_the_call_without_w
 class Connector:
     """Connects to the simulator's sideband, after failing as told (an exception per attempt)."""
 
-    def __init__(self, sim: Simulator, call_id: str, failures: list[Exception | None]) -> None:
+    def __init__(self, sim: Simulator, call_id: str, failures: list[BaseException | None]) -> None:
         self.sim, self.call_id, self.failures = sim, call_id, failures
         self.attempts = 0
         self.changed = asyncio.Event()
@@ -1197,6 +1197,25 @@ async def test_first_attach_that_fails_for_good(
     assert connect.attempts == attempts and call.sideband_connects == 0
     assert verbs == verbs_sent
     assert [e["reason"] for e in logs if e["event"] == "call.ended"] == [reason]
+
+
+@pytest.mark.parametrize(("cancelled", "reason"), [(1, "remote_closed"), (3, "connect_failed")])
+async def test_an_attach_attempt_that_ends_cancelled_by_itself_is_a_failed_attempt(
+    simulator: Simulator, cancelled: int, reason: str
+) -> None:
+    """A connect that ends cancelled with nobody cancelling it (a library making its own timeout a
+    cancellation) is not the call's end: it is tried again, and the call hung up once the attempts
+    are spent (it was ended as if over: nobody hung up, and the caller was left on the line)."""
+    call = simulator.create_call(Script([HELLO, caller_hangs_up()]), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [asyncio.CancelledError() for _ in range(cancelled)])
+    verbs: list[tuple[str, str | None]] = []
+    with capture_logs() as logs:
+        rt = runtime(connect, verbs, attempts=3, greeting="Say hello.")
+        assert await asyncio.wait_for(rt.run(), 10) == reason
+    assert connect.attempts == min(cancelled + 1, 3)
+    assert verbs == ([("hangup", None)] if reason == "connect_failed" else [])
+    failed = [(e["status"], e["attempt"]) for e in logs if e["event"] == "sideband.connect_failed"]
+    assert failed == [(None, n) for n in range(1, cancelled + 1)]
 
 
 async def test_a_reattach_that_fails_for_good_hangs_up_at_once(simulator: Simulator) -> None:

@@ -771,7 +771,8 @@ class CallRuntime:
     async def _attempt(self) -> PushConnection | None:
         """One attach attempt; None if the call ends meanwhile (its :class:`Close` wakes this, as it
         wakes a backoff): the attempt is then given up, cancelled and awaited, as when the run is cut
-        short (a socket it made all the same is dropped)."""
+        short (a socket it made all the same is dropped). An attempt that ends cancelled by itself
+        raises :class:`UpstreamError` (no status: tried again)."""
         failed: list[Exception] = []  # what the attempt raised: kept here, never by its task (see _boxed)
         attempt = asyncio.ensure_future(_boxed(self._connect(), failed))
         attempt.add_done_callback(_drop_cancellation)
@@ -789,7 +790,11 @@ class CallRuntime:
             self._stop = None
         await _give_up(attempt)  # (the call has ended, if it still runs)
         if attempt.cancelled():
-            return None
+            if stop.done():
+                return None
+            # Ended cancelled by itself (a library making its own timeout a cancellation): a failed
+            # attempt, tried again or given up as any other, never taken for the call's end.
+            raise UpstreamError("the sideband attach was cancelled")
         if not failed:
             return attempt.result()
         # Raised from here, the error's traceback holds this frame, which then holds nothing of it.
