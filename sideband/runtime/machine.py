@@ -298,6 +298,19 @@ def _json_text(value: Any) -> str:
         return "null"
 
 
+def _canonical(arguments: str) -> str:
+    """A call's arguments written one way, whatever way the model wrote them (compact, pretty-printed,
+    keys in any order): the loop breaker's "same call". Text that is not JSON stays as it is."""
+    try:
+        value = json.loads(arguments)
+    except (ValueError, RecursionError):
+        return arguments
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return arguments
+
+
 def _tool_name(item: dict[str, Any]) -> str:
     """The name of the tool a call asks for; a name longer than any tool's can be (OpenAI's are at most
     64 characters) is cut short: it names no tool either way, and it is logged and shown to the model."""
@@ -1331,7 +1344,7 @@ class CallMachine:
             call.complete = False  # the item's own word wins over an earlier arguments.done
 
     def _run(self, call: _ToolCall) -> list[Action]:
-        signature = (call.name, call.arguments or "")
+        signature = (call.name, _canonical(call.arguments or ""))
         if signature == self._last_signature:
             self._repeat += 1
         else:
