@@ -25,7 +25,7 @@ from aiohttp import web
 
 from sideband import __version__
 from sideband.app import Sideband
-from sideband.logs import configure_logging
+from sideband.logs import configure_logging, encodable
 from sideband.routing import RouteError
 from sideband.session import SessionConfigError
 from sideband.settings import Settings, SettingsError, env_name, load_settings
@@ -135,15 +135,20 @@ def raise_open_files_limit() -> int | None:
 
 
 class _UntilReaderGone(io.TextIOBase):
-    """A stream for a command's story (``sideband demo``, ``check``): once its reader is gone
-    (``| head``), the rest goes nowhere, instead of a ``BrokenPipeError`` for each line."""
+    """A stream for a command's story (``sideband demo``, ``check``, ``dial``): once its reader is gone
+    (``| head``), the rest goes nowhere, instead of a ``BrokenPipeError`` for each line. A character the
+    stream's encoding cannot hold (the demo's ``→`` on an ASCII locale, ``PYTHONIOENCODING``, a cp1252
+    console) is written escaped (``\\u2192``), not raised."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
 
     def write(self, text: str) -> int:
         try:
-            self._stream.write(text)
+            try:
+                self._stream.write(text)
+            except UnicodeEncodeError as exc:
+                self._stream.write(encodable(text, exc.encoding))
         except BrokenPipeError:
             self._gone()
         return len(text)
@@ -496,7 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise CliError("--say needs some text")
             settings = load_settings(require=REQUIRED_SETTINGS)
             configure_logging(settings.log_format, settings.log_level or "warning", stream=sys.stderr)
-            return _run(run_dial(settings, load_app(args.app), args.say))
+            out = _UntilReaderGone(sys.stdout)
+            return _run(run_dial(settings, load_app(args.app), args.say, out=cast(TextIO, out)))
     except (SettingsError, CliError) as exc:
         print(f"sideband: {exc}", file=sys.stderr)
         return 2

@@ -47,8 +47,22 @@ class _Output:
             try:
                 self.stream.write(message + "\n")
                 self.stream.flush()
+            except UnicodeEncodeError as exc:
+                self._write_escaped(message + "\n", exc.encoding)
             except OSError as exc:
                 self.lost(exc)
+
+    def _write_escaped(self, line: str, encoding: str) -> None:
+        """A stream whose encoding cannot hold a character of ``line`` (a console line of a caller's
+        "José" on an ASCII or Latin-1 locale, ``PYTHONIOENCODING``, a cp1252 console): ``line`` with
+        those characters escaped."""
+        try:
+            self.stream.write(encodable(line, encoding))
+            self.stream.flush()
+        except OSError as exc:
+            self.lost(exc)
+        except UnicodeError:  # (a codec that cannot take its own escapes: the line is dropped)
+            pass
 
     log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
 
@@ -176,6 +190,15 @@ def _plain(obj: Any) -> Any:
     return structlog_form() if callable(structlog_form) else repr(obj)
 
 
+def encodable(text: str, encoding: str) -> str:
+    """``text`` with what ``encoding`` cannot hold escaped as Python writes it (``\\xe9``,
+    ``\\u2192``), for a stream in that encoding."""
+    try:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    except (LookupError, UnicodeError):  # (an encoding without a codec here, or one that refuses)
+        return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
 _BLOCKS = frozenset({"stack", "exception"})
 """The fields the console prints as blocks of lines: tabs and newlines kept."""
 
@@ -206,20 +229,23 @@ def _escape_controls(
     return event_dict
 
 
-class _LibraryLines(logging.StreamHandler):  # type: ignore[type-arg]
-    """What libraries log through :mod:`logging` (aiohttp's "Error handling request"…), as our lines. A
-    line the stream cannot take is dropped as ours are (not reported with a traceback on stderr)."""
+class _LibraryLines(logging.Handler):
+    """What libraries log through :mod:`logging` (aiohttp's "Error handling request"…), as our lines,
+    written as ours are: a line the stream cannot take is dropped, one it cannot encode written escaped
+    (not reported with a traceback on stderr)."""
 
     def __init__(self, output: _Output) -> None:
-        super().__init__(output.stream)
+        super().__init__()
         self.output = output
 
-    def handleError(self, record: logging.LogRecord) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError):
-            self.output.lost(exc)
-        else:
-            super().handleError(record)
+    def emit(self, record: logging.LogRecord) -> None:
+        """Render ``record`` and write it as a line."""
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self.output.msg(line)
 
 
 def _client_faults(record: logging.LogRecord) -> bool:

@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,6 +38,9 @@ from sideband.testing import (
     wait_for_greeting,
 )
 from sideband.testing.sender import DeliveryResult
+from sideband.testing.vowel import VowelSimulator, when
+
+from .test_vowel import _dial as dial
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -894,6 +898,87 @@ async def test_a_log_whose_reader_is_gone_fails_no_call_and_no_exit(simulator: S
         await reap(proc)
     assert code == 0, err
     assert err == "sideband: log lines are dropped: Broken pipe\n"
+
+
+async def console_until(
+    stream: asyncio.StreamReader, event: str, seen: list[str], timeout: float = 20
+) -> str:
+    """Read console log lines (``SIDEBAND_LOG_FORMAT=console``) into ``seen`` up to one of ``event``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            raw = await stream.readline()
+            assert raw, f"server exited before logging {event}; saw {seen}"
+            seen.append(raw.decode("ascii").rstrip("\n"))  # (any other byte fails the test)
+            if f" {event} " in seen[-1]:
+                return seen[-1]
+
+
+async def test_a_console_log_that_cannot_encode_a_callers_words_fails_no_call(simulator: Simulator) -> None:
+    """``SIDEBAND_LOG_FORMAT=console`` on a stdout that is not UTF-8 (an ASCII locale, a cp1252 redirect):
+    a caller saying "José" is logged escaped, and the call goes on as any other."""
+    env = {
+        **serve_env(simulator, PYTHONIOENCODING="ascii", SIDEBAND_DRAIN_TIMEOUT="5"),
+        "SIDEBAND_LOG_FORMAT": "console",
+    }
+    proc = await start_serve(0, env)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        seen: list[str] = []
+        started = await console_until(proc.stdout, "server.started", seen)
+        port = re.search(r" port=(\d+)", started)
+        assert port, started
+        call = simulator.create_call(
+            Script(
+                [
+                    wait_for_greeting("Hello"),
+                    caller_says("Hola, soy José → cuenta 42"),
+                    model_says("Hola José, ¿qué tal?"),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        sender = simulator.webhook_sender(f"http://127.0.0.1:{port.group(1)}/webhooks/openai")
+        assert (await sender.deliver(simulator.incoming_event(call))).status == 200
+        await call.wait_done(timeout=10)
+        ended = await console_until(proc.stdout, "call.ended", seen)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 15)
+        err = (await proc.stderr.read()).decode()
+    finally:
+        await reap(proc)
+    assert code == 0, err
+    assert call.script_error is None and "reason=remote_closed" in ended, seen
+    assert not [line for line in seen if "call.crashed" in line]
+    transcript = [line for line in seen if " transcript " in line]
+    assert any("Hola, soy Jos\\xe9 \\u2192 cuenta 42" in line for line in transcript), transcript
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "cp1252"])
+def test_demo_on_a_stdout_that_cannot_encode_its_arrows_escapes_them(encoding: str) -> None:
+    """``sideband demo > out.txt`` on Windows (cp1252), or on an ASCII locale: the story is all there, with
+    what the encoding cannot hold escaped."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sideband.cli", "demo", "--calls", "1"],
+        env=clean_env(PYTHONIOENCODING=encoding),
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    out, err = proc.stdout.decode(encoding), proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "lookup_order \\u2192 ok" in out and "0 failed." in out
+    assert err == ""
+
+
+async def test_dial_on_a_stdout_that_cannot_encode_the_turns_escapes_them(vowel: VowelSimulator) -> None:
+    vowel.script([when("1042", calls=[("lookup_order", {"order_id": "1042"})], reply="Order 1042: café.")])
+    code, out, err = await dial(vowel, "--say", "¿Dónde está 1042?", PYTHONIOENCODING="ascii")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "you: \\xbfD\\xf3nde est\\xe1 1042?" in lines and "agent: Order 1042: caf\\xe9." in lines
+    assert any(line.startswith("tool: lookup_order \\u2192 ok ") for line in lines), lines
 
 
 @pytest.mark.parametrize("drain", ["0", "0.5"])

@@ -270,3 +270,30 @@ def test_a_log_whose_reader_is_gone_goes_nowhere_from_then_on(restored: None) ->
         assert os.path.samestat(os.fstat(out.fileno()), os.stat(os.devnull))
         log.info("gone too")
         out.write("buffered")  # and flushed as the stream closes: no BrokenPipeError either
+
+
+@pytest.mark.parametrize(
+    ("encoding", "written"),
+    [
+        ("ascii", "Jos\\xe9 \\u2192 caf\\xe9"),
+        ("latin-1", "José \\u2192 café"),
+        ("cp1252", "José \\u2192 café"),
+    ],
+)
+def test_a_console_line_the_stream_cannot_encode_is_written_escaped(
+    restored: None, encoding: str, written: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A caller's "José" on an ASCII or Latin-1 locale (or ``PYTHONIOENCODING``, a cp1252 console):
+    what the stream's encoding cannot hold is escaped, never raised into the call that logged it."""
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding=encoding)
+    configure_logging("console", "info", stream=out)
+    structlog.get_logger(component="sideband.test").info("transcript", text="José → café")
+    logging.getLogger("aiohttp.server").error("a library's: José → café")
+    structlog.get_logger(component="sideband.test").info("after")
+    text = raw.getvalue().decode(encoding)
+    mine, library, after = text.splitlines()
+    assert "transcript" in mine and written in mine
+    assert "a library's: " + written in library and "aiohttp.server" in library
+    assert "after" in after
+    assert capsys.readouterr().err == ""  # no "--- Logging error ---", no line said to be dropped
