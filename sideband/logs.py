@@ -8,6 +8,7 @@ import datetime
 import enum
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -144,11 +145,12 @@ def _dumps(event_dict: Any, **_: Any) -> str:
 
     orjson renders it (a fifth of the standard encoder's cost); only a line orjson refuses (a lone
     surrogate, an integer over 64 bits) goes to the standard encoder, with the same field types given
-    the same form wherever :func:`_plain` can (NaN aside: ``null`` from orjson)."""
+    the same form wherever :func:`_plain` can, and a float that is not finite ``null`` in both (the
+    standard encoder would write ``NaN``, which is not JSON)."""
     try:
         data = orjson.dumps(event_dict, default=_plain, option=orjson.OPT_NON_STR_KEYS)
     except TypeError:  # (orjson.JSONEncodeError is one)
-        return json.dumps(event_dict, default=_plain, separators=(",", ":"))
+        return json.dumps(_finite(event_dict), default=_plain_finite, separators=(",", ":"), allow_nan=False)
     text = data.decode()
     if data.isascii() and b"\x7f" not in data:
         return text
@@ -188,6 +190,25 @@ def _plain(obj: Any) -> Any:
         return dataclasses.asdict(obj)
     structlog_form = getattr(obj, "__structlog__", None)
     return structlog_form() if callable(structlog_form) else repr(obj)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with each float that is not finite (NaN, infinities), as a value or a key, as orjson
+    writes it: ``null``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {
+            "null" if isinstance(k, float) and not math.isfinite(k) else k: _finite(v) for k, v in obj.items()
+        }
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _plain_finite(obj: Any) -> Any:
+    """:func:`_plain`, then :func:`_finite` (a dataclass's NaN field)."""
+    return _finite(_plain(obj))
 
 
 def encodable(text: str, encoding: str) -> str:

@@ -297,3 +297,35 @@ def test_a_console_line_the_stream_cannot_encode_is_written_escaped(
     assert "a library's: " + written in library and "aiohttp.server" in library
     assert "after" in after
     assert capsys.readouterr().err == ""  # no "--- Logging error ---", no line said to be dropped
+
+
+def test_a_json_line_the_standard_encoder_renders_holds_no_nan(restored: None) -> None:
+    """A line orjson refuses (a lone surrogate) goes to the standard encoder, which would write ``NaN``
+    and ``Infinity``: not JSON. A float that is not finite is ``null`` there, as orjson writes it."""
+
+    @dataclasses.dataclass
+    class Param:
+        value: float
+
+    fields = {
+        "param": float("nan"),
+        "limits": [float("inf"), -float("inf"), 1.5],
+        "nested": {"at": Param(float("nan")), "pair": (float("nan"), 2)},
+    }
+    out = io.StringIO()
+    configure_logging("json", "info", out)
+    log = structlog.get_logger()
+    log.info("probe", **fields, text="fine")  # orjson renders it
+    log.info("probe", **fields, text="half a pair \ud83d")  # the standard encoder renders it
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not JSON: {constant}")
+
+    parsed = [json.loads(line, parse_constant=refuse) for line in out.getvalue().splitlines()]
+    expected = {
+        "param": None,
+        "limits": [None, None, 1.5],
+        "nested": {"at": {"value": None}, "pair": [None, 2]},
+    }
+    assert [{k: line[k] for k in fields} for line in parsed] == [expected, expected]
+    assert parsed[1]["text"] == "half a pair \ud83d"
