@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1062,3 +1063,156 @@ def test_an_app_that_fails_to_load_is_one_line(tmp_path: Path, source: str, spec
     assert done.stderr.startswith("sideband: ") and expected in done.stderr
     if "generator" in expected:
         assert "(broken_app.py:3)" in done.stderr  # the app's line, not sideband's own
+
+
+# ------------------------------------------------------------------------------------------ ./dev
+FAKE_PYTHON = """#!/bin/sh
+# python3 as Debian's and Ubuntu's: its pip refuses to install anything (PEP 668); no uv module unless
+# FAKE_UV_MODULE is set; a virtualenv (unless FAKE_NO_VENV is set) whose pip installs the fake uv.
+echo "python3 $*" >>"$FAKE_LOG"
+[ "$1" = -m ] || exit 1
+case "$2" in
+    uv) [ -n "${FAKE_UV_MODULE:-}" ] || { echo "No module named uv" >&2; exit 1; }
+        shift 2
+        exec "$FAKE_BIN/uv" "$@" ;;
+    pip) echo "error: externally-managed-environment" >&2; exit 1 ;;
+    venv) if [ -n "${FAKE_NO_VENV:-}" ]; then
+              mkdir -p "$3"
+              echo "ensurepip is not available" >&2
+              exit 1
+          fi
+          mkdir -p "$3/bin" && cp "$FAKE_BIN/venv-python" "$3/bin/python" ;;
+    *) exit 1 ;;
+esac
+"""
+FAKE_VENV_PYTHON = """#!/bin/sh
+echo "venv-python $*" >>"$FAKE_LOG"
+[ "$1 $2 $3" = "-m pip install" ] && cp "$FAKE_BIN/uv" "$(dirname "$0")/uv"
+"""
+FAKE_UV = """#!/bin/sh
+echo "uv $* (in $PWD)" >>"$FAKE_LOG"
+"""
+
+
+@dataclass
+class FakeMachine:
+    """A copy of ``dev`` in ``checkout``, run from ``app`` with nothing on ``PATH`` but basic tools and a
+    fake python3 (and uv, if asked): what ``dev`` ran, in order, is :meth:`ran`."""
+
+    checkout: Path
+    app: Path
+    env: dict[str, str]
+
+    def dev(self, *args: str) -> subprocess.CompletedProcess[str]:
+        self.log.write_text("")
+        return subprocess.run(
+            [str(self.checkout / "dev"), *args],
+            cwd=self.app,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    @property
+    def log(self) -> Path:
+        return Path(self.env["FAKE_LOG"])
+
+    def ran(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> FakeMachine:
+    checkout, app, fake, tools = (tmp_path.resolve() / name for name in ("checkout", "app", "fake", "tools"))
+    for folder in (checkout, app, fake, tools):
+        folder.mkdir()
+    shutil.copy2(ROOT / "dev", checkout / "dev")
+    for name, text in (("python3", FAKE_PYTHON), ("venv-python", FAKE_VENV_PYTHON), ("uv", FAKE_UV)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    for tool in ("cat", "cp", "dirname", "grep", "mkdir", "paste", "rm", "sed", "tr"):
+        found = shutil.which(tool, path="/usr/bin:/bin")
+        assert found, tool
+        (tools / tool).symlink_to(found)
+    (tools / "python3").symlink_to(fake / "python3")
+    env = {
+        "PATH": str(tools),
+        "HOME": str(tmp_path),
+        "FAKE_BIN": str(fake),
+        "FAKE_LOG": str(tmp_path / "log"),
+    }
+    return FakeMachine(checkout, app, env)
+
+
+def test_dev_installs_uv_into_a_virtualenv_of_its_own_where_pip_refuses(machine: FakeMachine) -> None:
+    """A stock Debian or Ubuntu Python refuses ``pip install`` and ``pip install --user`` (PEP 668): uv
+    goes into a git-ignored virtualenv in the checkout, made once."""
+    bootstrap = machine.checkout / ".dev-uv"
+    done = machine.dev("sideband", "serve", "myapp:app")
+    assert done.returncode == 0, done.stderr
+    ran = machine.ran()
+    assert ran[:3] == [
+        "python3 -m uv --version",
+        "python3 -m pip install --quiet --disable-pip-version-check uv==0.13.8",
+        "python3 -m pip install --quiet --disable-pip-version-check uv==0.13.8 --user",
+    ]
+    assert ran[3:6] == [
+        f"python3 -m venv {bootstrap}",
+        "venv-python -m pip install --quiet --disable-pip-version-check uv==0.13.8",
+        "python3 -m uv --version",
+    ]
+    assert ran[6:] == [
+        f"uv run --project {machine.checkout} --frozen sideband serve myapp:app (in {machine.app})"
+    ]
+    assert (bootstrap / ".gitignore").read_text() == "*\n"
+    assert "externally-managed" not in done.stderr  # (pip's refusals are said only if nothing works)
+    again = machine.dev("sideband", "--version")  # the same uv, nothing installed again
+    assert again.returncode == 0, again.stderr
+    assert machine.ran() == [
+        "python3 -m uv --version",
+        f"uv --version (in {machine.checkout})",
+        f"uv run --project {machine.checkout} --frozen sideband --version (in {machine.app})",
+    ]
+
+
+@pytest.mark.parametrize("where", ["module", "path"])
+def test_dev_takes_the_uv_there_is_first(machine: FakeMachine, where: str) -> None:
+    """``python3 -m uv``, else ``uv`` on PATH, as before: nothing installed. A command runs from the
+    caller's directory, ``test`` from the checkout."""
+    if where == "module":
+        machine.env["FAKE_UV_MODULE"] = "1"
+    else:
+        (Path(machine.env["PATH"]) / "uv").symlink_to(Path(machine.env["FAKE_BIN"]) / "uv")
+    steps = (
+        "sync --frozen --quiet",
+        "run --frozen ruff check",
+        "run --frozen mypy",
+        "run --frozen pytest -x",
+    )
+    for args, runs in (
+        (
+            ("sideband", "--version"),
+            [f"run --project {machine.checkout} --frozen sideband --version (in {machine.app})"],
+        ),
+        (("test", "-x"), [f"{step} (in {machine.checkout})" for step in steps]),
+    ):
+        done = machine.dev(*args)
+        assert done.returncode == 0, done.stderr
+        uv = [line.removeprefix("uv ") for line in machine.ran() if line.startswith("uv ")]
+        assert uv == ([f"--version (in {machine.checkout})"] if where == "module" else []) + runs
+        assert machine.ran()[0] == "python3 -m uv --version"
+        assert not any("pip" in line or "venv" in line for line in machine.ran())
+    assert not (machine.checkout / ".dev-uv").exists()
+
+
+def test_dev_without_pip_or_virtualenv_names_what_to_install(machine: FakeMachine) -> None:
+    machine.env["FAKE_NO_VENV"] = "1"
+    done = machine.dev("demo")
+    assert done.returncode == 1
+    err = done.stderr.splitlines()
+    assert "error: externally-managed-environment" in err and "ensurepip is not available" in err
+    assert any("apt install python3-venv" in line for line in err), err
+    assert "install uv (https://docs.astral.sh/uv/)" in err[-1]
+    assert not (machine.checkout / ".dev-uv").exists()
