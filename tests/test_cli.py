@@ -1216,3 +1216,14 @@ def test_dev_without_pip_or_virtualenv_names_what_to_install(machine: FakeMachin
     assert any("apt install python3-venv" in line for line in err), err
     assert "install uv (https://docs.astral.sh/uv/)" in err[-1]
     assert not (machine.checkout / ".dev-uv").exists()
+
+
+def test_dev_demo_runs_from_the_callers_directory(machine: FakeMachine) -> None:
+    """``path/to/dev demo myapp:app`` from the app's directory: the demo imports the app, and reads a
+    relative ``SIDEBAND_ROUTES_FILE``, from there, as ``serve`` does."""
+    machine.env["FAKE_UV_MODULE"] = "1"
+    done = machine.dev("demo", "myapp:app", "--calls", "1")
+    assert done.returncode == 0, done.stderr
+    assert machine.ran()[-1] == (
+        f"uv run --project {machine.checkout} --frozen sideband demo myapp:app --calls 1 (in {machine.app})"
+    )
