@@ -93,8 +93,9 @@ class CallLedger(Protocol):
 
     async def swept(self, instance: str, owner: str, calls: Collection[str]) -> None:
         """``instance`` is done with the ``calls`` of ``owner`` that :meth:`orphans` gave it (hung up,
-        or its own now): drop them; drop ``owner`` too unless it has renewed its lease since (it came
-        back, and may have calls it recorded since); and let go of ``owner`` for another sweep."""
+        or its own now): drop them; drop ``owner`` too if its lease is still out and it has no other call
+        (it may have come back and recorded calls since, and died again); and let go of ``owner``, for
+        another sweep (of those other calls, or if it dies again)."""
         ...
 
     async def forget(self, instance: str) -> None:
@@ -308,7 +309,7 @@ _SWEPT = """
 for i = 3, #ARGV do
   redis.call('SREM', KEYS[2], ARGV[i])
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('SCARD', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[2])
   redis.call('SREM', KEYS[4], ARGV[2])
 end
@@ -318,7 +319,8 @@ end
 return 0
 """
 """The end of a sweep, at once. KEYS: the owner's alive, calls and sweep keys, the instances; ARGV: the
-instance that swept, the owner, the calls swept. Only an owner whose lease is still out is dropped."""
+instance that swept, the owner, the calls swept. Only those calls are dropped, and the owner only while
+its lease is out and it has no other call."""
 
 
 def _text(value: bytes | str) -> str:

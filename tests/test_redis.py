@@ -330,6 +330,35 @@ async def test_a_sweep_drops_what_it_found_and_an_instance_only_if_still_dead(
         await raw.aclose()
 
 
+async def lease_out(raw: aioredis.Redis, instance: str) -> None:
+    """Once ``instance``'s lease has run out."""
+    deadline = time.monotonic() + 5
+    while await raw.exists(f"sideband:alive:{instance}"):
+        assert time.monotonic() < deadline, "the lease never ran out"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_call_recorded_after_a_sweep_began_outlives_it(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    """B takes A's calls once A's lease has run out; A comes back with a new call, and dies again while
+    B still hangs up the first. The end of B's sweep drops the call it found, not the new one, nor A:
+    the next sweep finds that call (up at OpenAI, with nobody running its tools)."""
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await store.record("b", [], 30)
+        await store.record("a", ["c1"], 0.05)
+        assert await orphans_found(store, "b") == {"a": ["c1"]}
+        await store.record("a", ["c1", "c2"], 0.05)  # back, with a new call...
+        await lease_out(raw, "a")  # ...and gone again
+        await store.swept("b", "a", ["c1"])
+        assert await raw.smembers("sideband:calls:a") == {b"c2"}
+        assert await raw.smembers("sideband:instances") == {b"a", b"b"}
+        assert await store.orphans("b", 30) == {"a": ["c2"]}
+    finally:
+        await raw.aclose()
+
+
 def accepts(sim: Simulator, call_id: str) -> int:
     return sum(1 for r in sim.requests if r.path.endswith(f"/{call_id}/accept"))
 
