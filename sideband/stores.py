@@ -88,7 +88,9 @@ class CallLedger(Protocol):
 
     async def orphans(self, instance: str, sweep: float) -> dict[str, list[str]]:
         """The calls of every other instance whose lease ran out, by instance: each dead instance is
-        given to one caller for ``sweep`` seconds (the others get nothing of it meanwhile)."""
+        given to one caller for ``sweep`` seconds (the others get nothing of it meanwhile). Its lease
+        being out, its taking and the reading of its calls are one step: an instance that renews its
+        lease meanwhile is not taken."""
         ...
 
     async def swept(self, instance: str, owner: str, calls: Collection[str]) -> None:
@@ -201,6 +203,7 @@ class RedisStore:
             retry_on_error=[RedisConnectionError, ReadOnlyError],
         )
         self._redis: Redis = Redis(connection_pool=self._pool)
+        self._take = self._redis.register_script(_TAKE)
         self._swept = self._redis.register_script(_SWEPT)
         self._release = self._redis.register_script(_RELEASE)
         self._claim = self._redis.register_script(_CLAIM)
@@ -249,14 +252,16 @@ class RedisStore:
         for other in others:
             pipe.exists(f"{p}alive:{other}")
         alive = await self._call(pipe.execute())
+        # This sweep's own lock value: the script, tried again after its reply was lost, finds it and wins.
+        mine = f"{secrets.token_hex(6)}:{instance}"
         found: dict[str, list[str]] = {}
         for other, up in zip(others, alive, strict=True):
-            if up:
+            if up:  # (the script looks again: this read is only a filter)
                 continue
-            if await self._call(self._redis.set(f"{p}sweep:{other}", instance, nx=True, px=_ms(sweep))):
-                found[other] = sorted(
-                    _text(c) for c in await self._call(self._redis.smembers(f"{p}calls:{other}"))
-                )
+            keys = [f"{p}alive:{other}", f"{p}sweep:{other}", f"{p}calls:{other}"]
+            calls = await self._call(self._take(keys=keys, args=[mine, _ms(sweep)]))
+            if calls is not None:
+                found[other] = sorted(_text(c) for c in calls)
         return found
 
     async def swept(self, instance: str, owner: str, calls: Collection[str]) -> None:
@@ -305,6 +310,21 @@ return 0
 """A release: the key is deleted only while it holds one of this store's claims (ARGV: the prefix of its
 pending values, its settled value)."""
 
+_TAKE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return false
+end
+local held = redis.call('GET', KEYS[2])
+if held and held ~= ARGV[1] then
+  return false
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return redis.call('SMEMBERS', KEYS[3])
+"""
+"""The taking of a dead instance for a sweep, at once. KEYS: its alive, sweep and calls keys; ARGV: this
+sweep's lock value, the ms it holds. Nil while the instance is alive or another sweep holds it; else its
+calls. Holding ``ARGV[1]`` already is taking it: the same script, tried again after its reply was lost."""
+
 _SWEPT = """
 for i = 3, #ARGV do
   redis.call('SREM', KEYS[2], ARGV[i])
@@ -313,14 +333,16 @@ if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('SCARD', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[2])
   redis.call('SREM', KEYS[4], ARGV[2])
 end
-if redis.call('GET', KEYS[3]) == ARGV[1] then
+local held = redis.call('GET', KEYS[3])
+if held and string.sub(held, 14) == ARGV[1] then
   redis.call('DEL', KEYS[3])
 end
 return 0
 """
 """The end of a sweep, at once. KEYS: the owner's alive, calls and sweep keys, the instances; ARGV: the
 instance that swept, the owner, the calls swept. Only those calls are dropped, and the owner only while
-its lease is out and it has no other call."""
+its lease is out and it has no other call; the lock goes if the instance that swept holds it (its value
+is a 12-digit nonce, ``:`` and the instance)."""
 
 
 def _text(value: bytes | str) -> str:

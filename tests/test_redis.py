@@ -359,6 +359,38 @@ async def test_a_call_recorded_after_a_sweep_began_outlives_it(
         await raw.aclose()
 
 
+async def test_an_instance_that_renews_its_lease_while_another_looks_for_orphans_is_not_taken(
+    store: RedisStore, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B reads that A's lease is out, and A's next record lands right then (A was slow, not dead) with
+    a call it started since: B takes neither A nor its live calls."""
+    a = RedisStore(redis_server.url)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await store.record("b", [], 30)
+        await a.record("a", ["c1"], 0.05)
+        await lease_out(raw, "a")
+        call, renewed = store._call, False
+
+        async def renewing_meanwhile(command: Any) -> Any:
+            nonlocal renewed
+            result = await call(command)
+            if result == [0] and not renewed:  # B has just read that A's lease is out
+                renewed = True
+                await a.record("a", ["c1", "c2"], 30)
+            return result
+
+        monkeypatch.setattr(store, "_call", renewing_meanwhile)
+        assert await store.orphans("b", 30) == {}
+        assert renewed
+        assert not await raw.exists("sideband:sweep:a")
+        await a.record("a", ["c1", "c2"], 0.05)  # A dies: then it is taken, with all of its calls
+        assert await orphans_found(store, "b") == {"a": ["c1", "c2"]}
+    finally:
+        await a.close()
+        await raw.aclose()
+
+
 def accepts(sim: Simulator, call_id: str) -> int:
     return sum(1 for r in sim.requests if r.path.endswith(f"/{call_id}/accept"))
 
@@ -983,11 +1015,13 @@ async def test_a_ledger_that_fails_once_goes_on_recording(simulator: Simulator) 
         await service.close()
 
 
-async def test_a_claim_whose_reply_was_lost_is_still_won(redis_server: RedisServer) -> None:
-    """Redis carried the claim out, then the connection dropped before its reply came back (a network
-    blip, a proxy's reset): the store tries it again on a new connection, and that finds the store's
-    own claim. It has won; it has not lost to itself (every redelivery of the webhook would be answered
-    409 until the claim ran out, with nobody answering the call)."""
+@contextlib.asynccontextmanager
+async def reply_lost_once(
+    redis_server: RedisServer, marker: bytes, key: str
+) -> AsyncIterator[tuple[RedisStore, asyncio.Event]]:
+    """A store reaching the server through a proxy, and an event: once it is set, the first command
+    holding ``marker`` is carried out (``key`` is written) but its reply never comes back, and its
+    connection drops."""
     if redis_server.proc is None:
         redis_server.start()
     redis_server.flush()
@@ -1005,15 +1039,15 @@ async def test_a_claim_whose_reply_was_lost_is_still_won(redis_server: RedisServ
         back = asyncio.ensure_future(replies())
         try:
             while data := await reader.read(65536):
-                if armed.is_set() and b"wh_lost" in data:
+                if armed.is_set() and marker in data:
                     armed.clear()
                     back.cancel()  # its reply never reaches the client...
-                    up_writer.write(data)  # ...but redis carries the claim out
+                    up_writer.write(data)  # ...but redis carries the command out
                     await up_writer.drain()
                     raw = aioredis.Redis.from_url(redis_server.url)
                     try:  # (carried out before the connection drops)
                         async with asyncio.timeout(5):
-                            while not await raw.exists("sideband:webhook:wh_lost"):
+                            while not await raw.exists(key):
                                 await asyncio.sleep(0.005)
                     finally:
                         await raw.aclose()
@@ -1028,18 +1062,55 @@ async def test_a_claim_whose_reply_was_lost_is_still_won(redis_server: RedisServ
     forwarder = await asyncio.start_server(forward, "127.0.0.1", 0)
     port = forwarder.sockets[0].getsockname()[1]
     behind = RedisStore(f"redis://:{PASSWORD}@127.0.0.1:{port}/0")
-    other = RedisStore(redis_server.url)
     try:
         await behind.open()
-        assert await behind.claim("webhook:warm", 30)  # (redis knows the script now)
-        armed.set()
-        assert await behind.claim("webhook:wh_lost", 30)
-        assert not armed.is_set()  # (the reply was lost)
-        assert not await other.claim("webhook:wh_lost", 30)  # another store's claim is still refused
-        assert not await behind.claim("webhook:wh_lost", 30)  # and so is a second claim of the same store
-        await behind.release("webhook:wh_lost")
-        assert await other.claim("webhook:wh_lost", 30)
+        yield behind, armed
     finally:
         await behind.close()
-        await other.close()
         forwarder.close()
+
+
+async def test_a_claim_whose_reply_was_lost_is_still_won(redis_server: RedisServer) -> None:
+    """Redis carried the claim out, then the connection dropped before its reply came back (a network
+    blip, a proxy's reset): the store tries it again on a new connection, and that finds the store's
+    own claim. It has won; it has not lost to itself (every redelivery of the webhook would be answered
+    409 until the claim ran out, with nobody answering the call)."""
+    async with reply_lost_once(redis_server, b"wh_lost", "sideband:webhook:wh_lost") as (behind, armed):
+        other = RedisStore(redis_server.url)
+        try:
+            assert await behind.claim("webhook:warm", 30)  # (redis knows the script now)
+            armed.set()
+            assert await behind.claim("webhook:wh_lost", 30)
+            assert not armed.is_set()  # (the reply was lost)
+            assert not await other.claim("webhook:wh_lost", 30)  # another store's claim is still refused
+            assert not await behind.claim("webhook:wh_lost", 30)  # and so is a second claim of the same store
+            await behind.release("webhook:wh_lost")
+            assert await other.claim("webhook:wh_lost", 30)
+        finally:
+            await other.close()
+
+
+async def test_a_dead_instance_taken_by_a_sweep_whose_reply_was_lost_is_still_taken(
+    redis_server: RedisServer,
+) -> None:
+    """Redis took A for B's sweep, then the connection dropped before the reply came back: tried again,
+    the taking finds B's own hold of A, and B has A's calls (not nothing, until its hold ran out)."""
+    async with reply_lost_once(redis_server, b"sweep:lost", "sideband:sweep:lost") as (behind, armed):
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await behind.record("b", [], 30)
+            await behind.record("warm", ["w1"], 0.05)
+            await lease_out(raw, "warm")
+            assert await behind.orphans("b", 30) == {"warm": ["w1"]}  # (redis knows the script now)
+            await behind.swept("b", "warm", ["w1"])
+            await behind.record("lost", ["c1"], 0.05)
+            await lease_out(raw, "lost")
+            armed.set()
+            assert await behind.orphans("b", 30) == {"lost": ["c1"]}
+            assert not armed.is_set()  # (the reply was lost)
+            assert await behind.orphans("c", 30) == {}  # another sweep gets nothing of it
+            assert await behind.orphans("b", 30) == {}  # nor does a later one of the same instance
+            await behind.swept("b", "lost", ["c1"])
+            assert not await raw.exists("sideband:sweep:lost", "sideband:calls:lost")
+        finally:
+            await raw.aclose()
