@@ -108,6 +108,10 @@ def ledger_lease(settings: Settings) -> float:
 ORPHANS_AT_ONCE = 16
 """Orphaned calls hung up at once, by the instance that found them."""
 
+SWEEP_MARGIN = 10.0
+"""Seconds added to :data:`HANGUP_BUDGET` for each :data:`ORPHANS_AT_ONCE` calls of a dead instance, in
+the time the instance sweeping it holds it (a hangup's last attempt, the ledger's own commands)."""
+
 STRANDED_RETRY = 10.0
 STRANDED_RETRY_MAX = 300.0
 STRANDED_FOR = 3600.0
@@ -620,20 +624,30 @@ class Service:
                     await self._launched.wait()
 
     async def _sweep(self, ledger: CallLedger) -> None:
-        """Hang up the calls of instances whose lease ran out (nobody runs their tools), then drop them
-        from the ledger (and each such instance, unless it came back meanwhile)."""
-        try:
-            found = await ledger.orphans(self.instance_id, HANGUP_BUDGET + 10.0)
-        except StoreUnavailable:
-            return
-        except Exception:  # (a bug of ours)
-            self.log.exception("ledger.failed", ledger=self.instance_id)
-            return
+        """Hang up the calls of instances whose lease ran out (nobody runs their tools), one instance
+        after another, then drop them from the ledger (and each such instance, unless it came back
+        meanwhile). Each instance is taken from the ledger as its turn comes, for as long as hanging up
+        its calls :data:`ORPHANS_AT_ONCE` at a time may take (:data:`HANGUP_BUDGET` and
+        :data:`SWEEP_MARGIN` per batch): another instance sweeps none of them meanwhile."""
         limit = asyncio.Semaphore(ORPHANS_AT_ONCE)
-        for owner, calls in found.items():
-            await asyncio.gather(*(self._hang_up_orphan(owner, call_id, limit) for call_id in calls))
-            with contextlib.suppress(StoreUnavailable):  # (else the owner's calls are found again)
-                await ledger.swept(self.instance_id, owner, calls)
+        taken: set[str] = set()
+        while not self.draining:  # (a draining instance takes no more: its close would cut it short)
+            try:
+                found = await ledger.orphans(
+                    self.instance_id, HANGUP_BUDGET + SWEEP_MARGIN, at_once=ORPHANS_AT_ONCE
+                )
+            except StoreUnavailable:
+                return
+            except Exception:  # (a bug of ours)
+                self.log.exception("ledger.failed", ledger=self.instance_id)
+                return
+            for owner, calls in found.items():
+                await asyncio.gather(*(self._hang_up_orphan(owner, call_id, limit) for call_id in calls))
+                with contextlib.suppress(StoreUnavailable):  # (else the owner's calls are found again)
+                    await ledger.swept(self.instance_id, owner, calls)
+            if found.keys() <= taken:  # (none left, or one taken before: what it recorded since, next time)
+                return
+            taken |= found.keys()
 
     async def _hang_up_orphan(self, owner: str, call_id: str, limit: asyncio.Semaphore) -> None:
         async with limit:

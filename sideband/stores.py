@@ -86,9 +86,14 @@ class CallLedger(Protocol):
         its lease for ``lease`` seconds."""
         ...
 
-    async def orphans(self, instance: str, sweep: float) -> dict[str, list[str]]:
-        """The calls of every other instance whose lease ran out, by instance: each dead instance is
-        given to one caller for ``sweep`` seconds (the others get nothing of it meanwhile). Its lease
+    async def orphans(
+        self, instance: str, sweep: float, *, at_once: int | None = None
+    ) -> dict[str, list[str]]:
+        """The calls of another instance whose lease ran out, as ``{instance: calls}``, or ``{}`` when
+        none is left to take. One such instance at most per call, taken for this caller alone (the
+        others get nothing of it meanwhile) as its sweep begins, not while another instance's runs: call
+        again for the next. It is held for ``sweep`` seconds; with ``at_once``, for ``sweep`` seconds per
+        ``at_once`` of its calls, rounded up (a sweep that hangs them up that many at a time). Its lease
         being out, its taking and the reading of its calls are one step: an instance that renews its
         lease meanwhile is not taken."""
         ...
@@ -242,7 +247,9 @@ class RedisStore:
             pipe.pexpire(key, _ms(LEDGER_KEEP))
         await self._call(pipe.execute())
 
-    async def orphans(self, instance: str, sweep: float) -> dict[str, list[str]]:
+    async def orphans(
+        self, instance: str, sweep: float, *, at_once: int | None = None
+    ) -> dict[str, list[str]]:
         p = self._prefix
         others = sorted(_text(i) for i in await self._call(self._redis.smembers(f"{p}instances")))
         others = [i for i in others if i != instance]
@@ -254,15 +261,14 @@ class RedisStore:
         alive = await self._call(pipe.execute())
         # This sweep's own lock value: the script, tried again after its reply was lost, finds it and wins.
         mine = f"{secrets.token_hex(6)}:{instance}"
-        found: dict[str, list[str]] = {}
         for other, up in zip(others, alive, strict=True):
             if up:  # (the script looks again: this read is only a filter)
                 continue
             keys = [f"{p}alive:{other}", f"{p}sweep:{other}", f"{p}calls:{other}"]
-            calls = await self._call(self._take(keys=keys, args=[mine, _ms(sweep)]))
+            calls = await self._call(self._take(keys=keys, args=[mine, _ms(sweep), at_once or 0]))
             if calls is not None:
-                found[other] = sorted(_text(c) for c in calls)
-        return found
+                return {other: sorted(_text(c) for c in calls)}
+        return {}
 
     async def swept(self, instance: str, owner: str, calls: Collection[str]) -> None:
         p = self._prefix
@@ -318,12 +324,19 @@ local held = redis.call('GET', KEYS[2])
 if held and held ~= ARGV[1] then
   return false
 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return redis.call('SMEMBERS', KEYS[3])
+local calls = redis.call('SMEMBERS', KEYS[3])
+local batches = 1
+local at_once = tonumber(ARGV[3])
+if at_once > 0 then
+  batches = math.max(1, math.ceil(#calls / at_once))
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', batches * tonumber(ARGV[2]))
+return calls
 """
 """The taking of a dead instance for a sweep, at once. KEYS: its alive, sweep and calls keys; ARGV: this
-sweep's lock value, the ms it holds. Nil while the instance is alive or another sweep holds it; else its
-calls. Holding ``ARGV[1]`` already is taking it: the same script, tried again after its reply was lost."""
+sweep's lock value, the ms it holds per batch of calls, the calls in a batch (0: one batch). Nil while
+the instance is alive or another sweep holds it; else its calls. Holding ``ARGV[1]`` already is taking
+it: the same script, tried again after its reply was lost."""
 
 _SWEPT = """
 for i = 3, #ARGV do

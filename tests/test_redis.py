@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from sideband import CallContext
 from sideband.runtime.driver import CallRegistry, CallRuntime
-from sideband.service import Service
+from sideband.service import HANGUP_BUDGET, ORPHANS_AT_ONCE, Service
 from sideband.settings import SettingsError, load_settings
 from sideband.stores import MemoryStore, RedisStore, StoreUnavailable, redacted
 from sideband.testing import Script, Simulator, pause, run_app
@@ -391,6 +391,32 @@ async def test_an_instance_that_renews_its_lease_while_another_looks_for_orphans
         await raw.aclose()
 
 
+async def test_dead_instances_are_taken_one_at_a_time_for_as_long_as_their_calls_need(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    """Each look for orphans takes one dead instance: the next stays free for another sweep until this
+    one's turn comes. With ``at_once``, the instance is held for ``sweep`` seconds per ``at_once`` of its
+    calls (a sweep that hangs them up that many at a time), ``sweep`` for none; without, ``sweep``."""
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await store.record("b", [], 30)
+        await store.record("a1", [f"c{i}" for i in range(9)], 0.05)
+        await store.record("a2", [], 0.05)
+        await store.record("a3", ["d1"], 0.05)
+        for dead in ("a1", "a2", "a3"):
+            await lease_out(raw, dead)
+        assert await store.orphans("b", 2.0, at_once=4) == {"a1": sorted(f"c{i}" for i in range(9))}
+        assert not await raw.exists("sideband:sweep:a2", "sideband:sweep:a3")
+        assert 5000 < await raw.pttl("sideband:sweep:a1") <= 6000  # (9 calls, 4 at a time: 3 rounds)
+        assert await store.orphans("c", 2.0, at_once=4) == {"a2": []}  # (another instance: the next one)
+        assert 1000 < await raw.pttl("sideband:sweep:a2") <= 2000
+        assert await store.orphans("b", 2.0) == {"a3": ["d1"]}
+        assert 1000 < await raw.pttl("sideband:sweep:a3") <= 2000
+        assert await store.orphans("c", 2.0, at_once=4) == {}  # (all taken)
+    finally:
+        await raw.aclose()
+
+
 def accepts(sim: Simulator, call_id: str) -> int:
     return sum(1 for r in sim.requests if r.path.endswith(f"/{call_id}/accept"))
 
@@ -506,6 +532,53 @@ async def test_the_calls_of_an_instance_that_died_are_hung_up_by_another(
         assert not keys.smembers("sideband:instances")
     finally:
         keys.close()
+
+
+async def test_a_sweep_takes_each_dead_instance_in_its_turn_for_as_long_as_its_calls_need(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer
+) -> None:
+    """Three instances died, the first with 17 calls: OpenAI is slow to take their hangups (up to the
+    hangup budget each, 16 at once: two rounds). B holds the first for both rounds and more, so no other
+    instance hangs the same calls up again meanwhile; the others are not held while B is busy with the
+    first: another instance takes the second, and B the third once done with the first."""
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url, "orphan_after": 1.0}
+    many = [f"rtc_many{i:02}" for i in range(17)]
+    await store.record("dead1", many, 0.05)
+    await store.record("dead2", ["rtc_other"], 0.05)
+    await store.record("dead3", ["rtc_third"], 0.05)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    async with run_app(make_app(), simulator, **settings) as b:
+        hung_up: list[str] = []
+        round_one, go = asyncio.Event(), asyncio.Event()
+
+        async def slow_hangup(call_id: str, *, timeout: float) -> None:
+            hung_up.append(call_id)
+            if len(hung_up) == ORPHANS_AT_ONCE:
+                round_one.set()
+            await go.wait()
+
+        assert b.service._control is not None
+        b.service._control.hangup = slow_hangup  # type: ignore[method-assign]
+        try:
+            with capture_logs() as logs:
+                await asyncio.wait_for(round_one.wait(), 15)
+                assert set(hung_up) <= set(many)
+                held = await raw.pttl("sideband:sweep:dead1")
+                assert held > 2 * HANGUP_BUDGET * 1000  # (both rounds, each up to the hangup budget)
+                assert await store.orphans("c", 30) == {"dead2": ["rtc_other"]}  # free for another
+                go.set()
+                assert b.service._sweeping is not None
+                await asyncio.wait_for(asyncio.shield(b.service._sweeping), 5)
+            assert sorted(hung_up) == [*many, "rtc_third"]  # each once, none of dead2's (taken by C)
+            orphaned = sorted(e["call_id"] for e in logs if e["event"] == "call.orphaned")
+            assert orphaned == [*many, "rtc_third"]
+            assert not await raw.exists(
+                *(f"sideband:{k}:dead{i}" for k in ("calls", "sweep") for i in (1, 3))
+            )
+            assert await raw.smembers("sideband:instances") == {b"dead2", b.service.instance_id.encode()}
+        finally:
+            go.set()
+            await raw.aclose()
 
 
 async def test_the_ledger_is_written_again_after_redis_lost_it(
