@@ -82,6 +82,10 @@ HANGUP_BUDGET = 30.0
 """Seconds a hangup is retried for (5xx, timeouts) before the call ends as ``hangup_failed``: a call
 left up talks on with nobody running its tools, so it gets longer than the accept budget."""
 
+ROUTES_READ_TIMEOUT = 10.0
+"""Seconds a reload of the route file waits for its read (a file on a stalled network volume) before it
+fails: the next reload may then run."""
+
 HANDOFF_GRACE = 60.0
 """Seconds a handoff ticket outlives the ephemeral key minted with it (``SIDEBAND_RTC_KEY_TTL``)."""
 
@@ -349,21 +353,30 @@ class Service:
     async def reload_routes(self) -> bool:
         """Read ``SIDEBAND_ROUTES_FILE`` again and put it in force for the calls that ring from now on
         (``SIGHUP`` under ``sideband serve``); calls already answered keep the route they were given.
+        Returns whether a file was put in force.
 
         The file is checked as at start (its tools, every route's session as a SIP accept would send
         it). A file that fails the check (or cannot be read, or does not parse) leaves the table in
-        force as it was: ``routes.reload_failed`` (error, one line), and ``False``. Reloads run one at a
-        time, the file read and parsed off the event loop.
+        force as it was: ``routes.reload_failed`` (error, one line), and ``False``; so does a read that
+        takes longer than :data:`ROUTES_READ_TIMEOUT` (a stalled network volume: what it reads later is
+        dropped). Reloads run one at a time, the file read and parsed off the event loop.
         """
         async with self._reloading:
             path, kept = self.settings.routes_file, self.routes
+            reading = asyncio.timeout(ROUTES_READ_TIMEOUT)  # (a read past it is left behind, dropped)
             try:
                 if not path:
                     raise RouteError("no route file to reload (SIDEBAND_ROUTES_FILE is not set)")
-                table = await _in_daemon_thread(RouteTable.load, path, self.app.tools.names())
+                async with reading:
+                    table = await _in_daemon_thread(RouteTable.load, path, self.app.tools.names())
                 table.check(self.app)  # (on the loop: it fills the app's plan cache)
             except Exception as exc:  # (a RouteError is one line; anything else, e.g. a TOML nested too deep)
-                error = str(exc) if isinstance(exc, RouteError) else f"{path}: {type(exc).__name__}: {exc}"
+                if reading.expired():
+                    error = f"{path}: timed out reading it ({ROUTES_READ_TIMEOUT:g} s)"
+                elif isinstance(exc, RouteError):
+                    error = str(exc)
+                else:
+                    error = f"{path}: {type(exc).__name__}: {exc}"
                 self.route_reloads["failed"] += 1
                 self.routes_reload_ok = False
                 self.log.error(

@@ -177,6 +177,51 @@ async def test_reloads_run_one_at_a_time_so_a_slow_stale_one_cannot_win(
     assert rejected.status == "rejected"
 
 
+async def test_a_read_that_stalls_fails_the_reload_and_the_next_one_runs(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's volume stops answering (a stalled network mount) while a reload reads it: at the read's
+    timeout that reload fails (``routes.reload_failed``, counted), and the next reload runs. What the
+    stalled read returns later is dropped."""
+    monkeypatch.setattr("sideband.service.ROUTES_READ_TIMEOUT", 0.3)
+    stale = tmp_path / "stale.toml"
+    stale.write_text('[routes."+18005550000"]\nreject = 603\n')
+    let_go, load = threading.Event(), RouteTable.load
+    stalled: list[threading.Thread] = []
+
+    def stalling_once(path: Path, names: Any = None) -> RouteTable:
+        if stalled:
+            return load(path, names)
+        stalled.append(threading.current_thread())
+        let_go.wait(10)
+        return load(stale, names)
+
+    monkeypatch.setattr(RouteTable, "load", staticmethod(stalling_once))
+    path = write(tmp_path, AFTER)
+    try:
+        with capture_logs() as logs:
+            assert await asyncio.wait_for(stack.service.reload_routes(), 5) is False
+        [failed] = [e for e in logs if e["event"].startswith("routes.")]
+        assert failed["event"] == "routes.reload_failed" and failed["log_level"] == "error"
+        assert failed["error"] == f"{path}: timed out reading it (0.3 s)"
+        assert await metrics(stack) == {
+            "sideband_route_reloads_total[failed]": 1,
+            "sideband_route_reloads_total[ok]": 0,
+            "sideband_routes_last_reload_successful": 0,
+        }
+        assert await asyncio.wait_for(stack.service.reload_routes(), 5) is True
+        in_force = stack.service.routes
+    finally:
+        let_go.set()
+    await asyncio.to_thread(stalled[0].join, 5)  # the stalled read returns, and hands its table back
+    await asyncio.sleep(0)  # (to the loop, where it is dropped)
+    assert stack.service.routes is in_force
+    referred = stack.sim.create_call(Script([]), to_number="+18005550000")
+    assert (await stack.sender.deliver(stack.sim.incoming_event(referred))).status == 200
+    assert referred.status == "referred"
+    assert (await metrics(stack))["sideband_routes_last_reload_successful"] == 1
+
+
 async def test_without_a_route_file_a_reload_says_so(simulator: Simulator) -> None:
     from sideband.testing import run_app
 
