@@ -359,14 +359,16 @@ class Service:
         it). A file that fails the check (or cannot be read, or does not parse) leaves the table in
         force as it was: ``routes.reload_failed`` (error, one line), and ``False``; so does a read that
         takes longer than :data:`ROUTES_READ_TIMEOUT` (a stalled network volume: what it reads later is
-        dropped). Reloads run one at a time, the file read and parsed off the event loop.
+        dropped). Without a route file there is nothing to reload: ``routes.reload_skipped`` (info), no
+        failure. Reloads run one at a time, the file read and parsed off the event loop.
         """
         async with self._reloading:
             path, kept = self.settings.routes_file, self.routes
+            if not path:
+                self.log.info("routes.reload_skipped", reason="SIDEBAND_ROUTES_FILE is not set")
+                return False
             reading = asyncio.timeout(ROUTES_READ_TIMEOUT)  # (a read past it is left behind, dropped)
             try:
-                if not path:
-                    raise RouteError("no route file to reload (SIDEBAND_ROUTES_FILE is not set)")
                 async with reading:
                     table = await _in_daemon_thread(RouteTable.load, path, self.app.tools.names())
                 table.check(self.app)  # (on the loop: it fills the app's plan cache)

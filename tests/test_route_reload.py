@@ -222,7 +222,9 @@ async def test_a_read_that_stalls_fails_the_reload_and_the_next_one_runs(
     assert (await metrics(stack))["sideband_routes_last_reload_successful"] == 1
 
 
-async def test_without_a_route_file_a_reload_says_so(simulator: Simulator) -> None:
+async def test_without_a_route_file_a_reload_says_there_is_nothing_to_reload(simulator: Simulator) -> None:
+    """A SIGHUP where no route file is set fails nothing: one info line, and the reload metrics stay
+    as they were (0 for the last reload would read as a file refused)."""
     from sideband.testing import run_app
 
     from .conftest import TEST_SETTINGS, make_app
@@ -230,8 +232,11 @@ async def test_without_a_route_file_a_reload_says_so(simulator: Simulator) -> No
     async with run_app(make_app(), simulator, **TEST_SETTINGS) as h:
         with capture_logs() as logs:
             assert await h.service.reload_routes() is False
-    [failed] = [e for e in logs if e["event"] == "routes.reload_failed"]
-    assert "SIDEBAND_ROUTES_FILE is not set" in failed["error"] and failed["routes"] == 0
+        assert h.service.routes_reload_ok is True
+        assert h.service.route_reloads == {"ok": 0, "failed": 0}
+    [skipped] = [e for e in logs if e["event"].startswith("routes.")]
+    assert skipped["event"] == "routes.reload_skipped" and skipped["log_level"] == "info"
+    assert skipped["reason"] == "SIDEBAND_ROUTES_FILE is not set"
 
 
 async def test_sighup_reloads_the_route_file_of_a_serving_process(
