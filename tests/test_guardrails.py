@@ -464,18 +464,24 @@ async def test_a_check_that_hangs_lets_the_words_pass_and_the_next_ones_are_chec
     app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
 
     hung: list[str] = []
-    over = asyncio.Event()
+    over, gone = asyncio.Event(), asyncio.Event()
+    cancels = 0
 
     @app.guardrail
     async def moderation(ctx: CallContext, text: str) -> str | None:
+        nonlocal cancels
         if text.startswith("Your order") and not hung:  # (its words may come to it in one piece or more)
             hung.append(text)
-            while not over.is_set():
-                try:
-                    await over.wait()
-                except asyncio.CancelledError:
-                    if hangs == "awaiting":
-                        raise
+            try:
+                while not over.is_set():
+                    try:
+                        await over.wait()
+                    except asyncio.CancelledError:
+                        cancels += 1
+                        if hangs == "awaiting" or cancels > 1:  # (the second: the call's end)
+                            raise
+            finally:
+                gone.set()
         return "no promises" if "guarantee" in text else None
 
     async with run_app(app) as h:
@@ -494,7 +500,8 @@ async def test_a_check_that_hangs_lets_the_words_pass_and_the_next_ones_are_chec
                 )
             )
             summary = await h.ended(call)
-    over.set()
+            await asyncio.wait_for(gone.wait(), 5)  # (left behind, cancelled again as the call ended)
+    assert cancels == (1 if hangs == "awaiting" else 2)
     failed = [e for e in logs if e["event"] == "guardrail.failed"]
     assert [(e["guardrail"], e["error"]) for e in failed] == [("moderation", "timeout")]
     assert summary.guardrails == (("moderation", "no promises"),)

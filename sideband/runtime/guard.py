@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from sideband.blocking import BLOCKED_AFTER, PLAIN_GUARDRAIL_DETAIL, log_blocked, timed
@@ -67,6 +67,7 @@ class OutputGuard:
         "_current",
         "_failure",
         "_late",
+        "_left",
         "_lines",
         "_log",
         "_parts",
@@ -98,6 +99,7 @@ class OutputGuard:
         # content part → (its reply, its words) not checked yet by the async guardrails
         self._pending: dict[tuple[Any, ...], tuple[str | None, str]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._left: set[asyncio.Task[Any]] = set()  # checks left behind at their time, not over yet
         self._current: str | None = None  # the reply whose words the async guardrails check now
         self._tripped: str | None = None  # the last reply tripped on (its later words are not checked)
         self._late = False  # that reply was not stopped: the call was ending (its lines are no stopped ones)
@@ -186,6 +188,8 @@ class OutputGuard:
         self._pending.clear()
         if task is not None:
             task.cancel()
+        for left in self._left:  # (once more: they may heed it now)
+            left.cancel()
         return task
 
     def _fresh(self, kind: int, response_id: str | None, text: str) -> bool:
@@ -265,18 +269,18 @@ class OutputGuard:
         hold the checks of every later word, and the tool calls waiting on them."""
         name = guardrail_name(check)
         try:
-            check_task = asyncio.ensure_future(
-                timed(check(self._ctx, text), log_blocked(self._log, guardrail=name))
-            )
+            checked = timed(check(self._ctx, text), log_blocked(self._log, guardrail=name))
         except Exception as exc:  # (calling it raised before any await)
             self._log.error("guardrail.failed", guardrail=name, **self._failure(exc))
             return None
+        check_task = asyncio.get_running_loop().create_task(_awaited(checked), name=f"guardrail:{name}")
         try:
             await asyncio.wait({check_task}, timeout=CHECK_TIMEOUT)
         finally:  # (cancelled too when the guard stops: the call ends)
             if not check_task.done():
                 check_task.cancel()
-                check_task.add_done_callback(_retrieved)
+                self._left.add(check_task)
+                check_task.add_done_callback(self._left_over)
         if not check_task.done():
             self._log.error("guardrail.failed", guardrail=name, error="timeout", timeout_s=CHECK_TIMEOUT)
             return None
@@ -289,6 +293,12 @@ class OutputGuard:
             return None
         return self._verdict(check, check_task.result())
 
+    def _left_over(self, task: asyncio.Task[Any]) -> None:
+        """A check left behind has ended: its outcome taken (asyncio would log it as never retrieved)."""
+        self._left.discard(task)
+        if not task.cancelled():
+            task.exception()
+
     @staticmethod
     def _verdict(check: Callable[..., Any], verdict: Any) -> str | None:
         """A guardrail's answer as the reason it objects (its name for ``True``), or ``None``."""
@@ -297,7 +307,5 @@ class OutputGuard:
         return verdict if isinstance(verdict, str) else guardrail_name(check)
 
 
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    """Take a left-behind check's outcome, so that asyncio does not log it as never retrieved."""
-    if not task.cancelled():
-        task.exception()
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
