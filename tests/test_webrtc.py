@@ -349,25 +349,33 @@ async def test_a_body_that_is_not_json_is_refused_not_a_failing_hook(simulator: 
             json.loads("<html>")  # (its session store answered an error page)
         return bool((await request.json()).get("csrf"))
 
-    sent = [("{not json", None), ("\xff\xfe", None), ("", None), ('{"csrf": 1}', "html")]
+    json_as = "application/json"
+    sent = [
+        ("{not json", json_as, None),
+        ("\xff\xfe", json_as, None),
+        ("", json_as, None),
+        ("[" * 50000, json_as, None),  # (nested deeper than Python's parser goes)
+        ("1" * 5000, json_as, None),  # (more digits than Python reads in an integer)
+        ('{"csrf": 1}', "application/json; charset=no-such-codec", None),
+        ('{"csrf": 1}', "application/json; charset=utf-16", None),  # (its bytes are no UTF-16)
+        ('{"csrf": 1}', json_as, "html"),
+    ]
     answers: list[tuple[int, Any]] = []
     async with run_app(app, simulator, **TEST_SETTINGS) as stack:
         with capture_logs() as logs:
             async with aiohttp.ClientSession() as http:
-                for body, backend in sent:
-                    headers = {"Content-Type": "application/json"} | (
-                        {"X-Backend": backend} if backend else {}
-                    )
+                for body, kind, backend in sent:
+                    headers = {"Content-Type": kind} | ({"X-Backend": backend} if backend else {})
                     for path in ("/rtc/sessions", "/rtc/handoff"):
                         async with http.post(
                             stack.url(path), data=body.encode("latin-1"), headers=headers
                         ) as r:
                             answers.append((r.status, (await r.json())["error"]))
-    assert answers == [(400, "body is not JSON")] * 6 + [(503, "authorization unavailable")] * 2
+    assert answers == [(400, "body is not JSON")] * 14 + [(503, "authorization unavailable")] * 2
     failed = [e for e in logs if e["event"] == "rtc.authorize_failed"]
     assert [e["error"] for e in failed] == ["JSONDecodeError"] * 2
     rejected = [e for e in logs if e["event"] == "rtc.rejected"]
-    assert [(e["status"], e["log_level"]) for e in rejected] == [(400, "warning")] * 6
+    assert [(e["status"], e["log_level"]) for e in rejected] == [(400, "warning")] * 14
 
 
 async def test_browsers_arriving_together_are_authorized_together(simulator: Simulator) -> None:

@@ -324,14 +324,18 @@ async def _browser_gate(
 
 
 def _body_not_json(request: web.Request, exc: BaseException) -> bool:
-    """Whether an ``authorize_browser`` hook failed on ``await request.json()`` of a body that is not
-    JSON: the request's fault, not the hook's (a hook's backend answering something that is not JSON
-    still fails the hook)."""
-    if not isinstance(exc, json.JSONDecodeError | UnicodeDecodeError) or request._read_bytes is None:
+    """Whether an ``authorize_browser`` hook failed on ``await request.json()`` of a JSON request whose
+    body is not JSON: the request's fault, not the hook's. The body is read as aiohttp's ``json()``
+    reads it (its declared charset, Python's parser and its limits); a hook whose backend answered
+    something that is not JSON, about a body that is, still failed."""
+    body = request._read_bytes
+    if not isinstance(exc, ValueError | RecursionError | LookupError) or body is None:
+        return False
+    if _media_type(request) != "application/json":
         return False
     try:
-        jsonio.loads(request._read_bytes)
-    except (ValueError, UnicodeDecodeError):
+        json.loads(body.decode(request.charset or "utf-8"))
+    except (ValueError, RecursionError, LookupError):  # (UnicodeDecodeError, a charset unknown)
         return True
     return False
 
