@@ -49,7 +49,7 @@ class _Output:
                 self.stream.write(message + "\n")
                 self.stream.flush()
             except UnicodeEncodeError as exc:
-                self._write_escaped(message + "\n", exc.encoding)
+                self._write_escaped(message + "\n", stream_encoding(self.stream, exc))
             except OSError as exc:
                 self.lost(exc)
 
@@ -58,11 +58,14 @@ class _Output:
         "José" on an ASCII or Latin-1 locale, ``PYTHONIOENCODING``, a cp1252 console): ``line`` with
         those characters escaped."""
         try:
-            self.stream.write(encodable(line, encoding))
+            try:
+                self.stream.write(encodable(line, encoding))
+            except UnicodeError:  # (a codec that cannot take its own escapes)
+                self.stream.write(encodable(line, "ascii"))
             self.stream.flush()
         except OSError as exc:
             self.lost(exc)
-        except UnicodeError:  # (a codec that cannot take its own escapes: the line is dropped)
+        except UnicodeError:  # (not even ASCII: the line is dropped)
             pass
 
     log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
@@ -209,6 +212,13 @@ def _finite(obj: Any) -> Any:
 def _plain_finite(obj: Any) -> Any:
     """:func:`_plain`, then :func:`_finite` (a dataclass's NaN field)."""
     return _finite(_plain(obj))
+
+
+def stream_encoding(stream: Any, exc: UnicodeEncodeError) -> str:
+    """The encoding of a ``stream`` that refused a character: its own name for it (an 8-bit code page
+    such as cp437 or KOI8-R reports itself as ``charmap`` in the error, which is no codec's name)."""
+    encoding = getattr(stream, "encoding", None)
+    return encoding if isinstance(encoding, str) and encoding else exc.encoding
 
 
 def encodable(text: str, encoding: str) -> str:

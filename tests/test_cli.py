@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 from sideband import Sideband
-from sideband.cli import SIGNAL_ECHO, CliError, _address, _reason
+from sideband.cli import SIGNAL_ECHO, CliError, _address, _reason, _UntilReaderGone
 from sideband.demo import run_demo
 from sideband.testing import (
     Script,
@@ -971,6 +971,23 @@ def test_demo_on_a_stdout_that_cannot_encode_its_arrows_escapes_them(encoding: s
     assert proc.returncode == 0, err
     assert "lookup_order \\u2192 ok" in out and "0 failed." in out
     assert err == ""
+
+
+@pytest.mark.parametrize(
+    ("encoding", "written"),
+    [("ascii", "Jo\\xe3o \\u2192 ok"), ("cp437", "Jo\\xe3o \\u2192 ok"), ("koi8_r", "Jo\\xe3o \\u2192 ok")],
+)
+def test_a_commands_output_escapes_what_its_streams_code_page_cannot_hold(
+    encoding: str, written: str
+) -> None:
+    """An 8-bit code page (cp437, KOI8-R) calls itself ``charmap`` in its errors: the escaping goes by the
+    stream's own encoding, and the line is written whole."""
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding=encoding)
+    out = _UntilReaderGone(stream)
+    out.write("João → ok\n")
+    out.flush()
+    assert raw.getvalue().decode(encoding) == written + "\n"
 
 
 async def test_dial_on_a_stdout_that_cannot_encode_the_turns_escapes_them(vowel: VowelSimulator) -> None:

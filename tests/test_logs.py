@@ -278,6 +278,8 @@ def test_a_log_whose_reader_is_gone_goes_nowhere_from_then_on(restored: None) ->
         ("ascii", "Jos\\xe9 \\u2192 caf\\xe9"),
         ("latin-1", "José \\u2192 café"),
         ("cp1252", "José \\u2192 café"),
+        ("cp437", "José \\u2192 café"),
+        ("koi8_r", "Jos\\xe9 \\u2192 caf\\xe9"),  # (a code page its error calls "charmap")
     ],
 )
 def test_a_console_line_the_stream_cannot_encode_is_written_escaped(
