@@ -273,7 +273,8 @@ def session_update(fields: Mapping[str, Any]) -> dict[str, Any]:
     session: dict[str, Any] = {
         k: v for k, v in fields.items() if k not in _AUDIO_NAMES and k != "transcription_model"
     }
-    given = session.pop("audio", None) or {}
+    given = session.pop("audio", None)
+    given = {} if given is None else given
     if not isinstance(given, Mapping):
         raise SessionConfigError(f"audio must be an object, not {_kind(given)}")
     audio: dict[str, Any] = {
@@ -321,13 +322,15 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
         raise SessionConfigError('session config needs "type": "realtime"')
     for key in body:
         _typo(key, _SESSION_KEYS, "")
-    audio = body.get("audio") or {}
+    audio = body.get("audio")
+    audio = {} if audio is None else audio
     if not isinstance(audio, dict):
         raise SessionConfigError(f"audio must be an object, not {_kind(audio)}")
     for key in audio:
         _typo(key, _AUDIO_SIDES, "audio.")
     for side in ("input", "output"):
-        part = audio.get(side) or {}
+        part = audio.get(side)
+        part = {} if part is None else part
         if not isinstance(part, dict):
             raise SessionConfigError(f"audio.{side} must be an object, not {_kind(part)}")
         for key in part:

@@ -431,6 +431,11 @@ def test_audio_must_be_an_object() -> None:
         ({"audio": {"output": ["x"]}}, "audio.output must be an object, not list"),
         ({"audio": {"output": "x"}, "voice": "marin"}, "audio.output must be an object, not str"),
         ({"audio": {"input": 1}, "transcription_model": None}, "audio.input must be an object, not int"),
+        ({"audio": []}, "audio must be an object, not list"),  # (an empty one is no object either)
+        ({"audio": ""}, "audio must be an object, not str"),
+        ({"audio": {"output": []}}, "audio.output must be an object, not list"),
+        ({"audio": {"input": ""}}, "audio.input must be an object, not str"),
+        ({"audio": {"input": False}, "voice": "marin"}, "audio.input must be an object, not bool"),
     ],
 )
 def test_a_malformed_audio_object_is_a_session_config_error(fields: dict[str, Any], message: str) -> None:
