@@ -754,11 +754,16 @@ def _normalize_filler(name: str, filler_after: float | Literal[False] | _Default
 
 def _names_nothing(fn: Any) -> bool:
     """Whether ``fn`` is decorators (:func:`functools.wraps`) around a :func:`functools.partial` that has
-    no name to give them: their ``__name__`` is the decorator's own (``wrapper``), not the tool's."""
-    inner = getattr(fn, "__wrapped__", None)
-    while inner is not None and not isinstance(inner, functools.partial):
+    no name to give them: their ``__name__`` is the decorator's own (``wrapper``), not the tool's
+    (unless the decorator set one: a ``__name__`` that is not its function's own)."""
+    own = getattr(getattr(fn, "__code__", None), "co_name", None)
+    if own is not None and own != getattr(fn, "__name__", None):
+        return False
+    inner, seen = getattr(fn, "__wrapped__", None), {id(fn)}
+    while inner is not None and not isinstance(inner, functools.partial) and id(inner) not in seen:
+        seen.add(id(inner))
         inner = getattr(inner, "__wrapped__", None)
-    return inner is not None and not isinstance(getattr(inner, "__name__", None), str)
+    return isinstance(inner, functools.partial) and not isinstance(getattr(inner, "__name__", None), str)
 
 
 def _unwrap_partial(fn: Any) -> Any:

@@ -526,6 +526,16 @@ def test_name_required_when_not_derivable() -> None:
     named.__name__ = "echo"  # type: ignore[attr-defined]
     assert ToolRegistry().add(_logged(named)).name == "echo"
     assert ToolRegistry().add(_logged(f)).name == "f"
+    renamed = _logged(functools.partial(f))
+    renamed.__name__ = "echo"  # (the decorator named it)
+    assert ToolRegistry().add(_logged(renamed)).name == "echo"
+
+    def looped(x: int) -> int:
+        return x
+
+    looped.__wrapped__ = looped  # type: ignore[attr-defined]  # (a loop: refused, not followed forever)
+    with pytest.raises(TypeError, match="cannot read the signature"):
+        ToolRegistry().add(looped)
     tool = ToolRegistry().add(functools.partial(f), name="part")
     assert tool.parameters["required"] == ["x"]
     assert tool.description == "Echo x."
