@@ -299,6 +299,14 @@ def test_mint_answer_parsing_vectors() -> None:
     assert (engine.value, engine.expires_at) == ("ek_b", 1747310700.0)
     relative = parse_mint_answer({"value": "ek_c", "expires_in": 300, "maxCallDurationMs": 60000}, now=1000)
     assert (relative.value, relative.expires_at, relative.max_call_duration) == ("ek_c", 1300.0, 60.0)
+    for beyond in (
+        {"expires_at": 10**400},
+        {"expiresAt": "1e999"},
+        {"expires_in": 10**400},
+        {"expires_at": "nan"},
+    ):
+        odd = parse_mint_answer({"token": "ek_d", "expires_in": 300, **beyond}, now=1000)  # (no crash)
+        assert odd.expires_at == (None if "expires_in" in beyond else 1300.0)
     with pytest.raises(UpstreamError, match="no token") as caught:
         parse_mint_answer({"expires_in": 300, "secret": "do-not-echo"})
     assert "do-not-echo" not in str(caught.value)

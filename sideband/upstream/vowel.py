@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import math
 import ssl
 import sys
 import time
@@ -110,7 +111,10 @@ def _epoch(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value) / 1000 if value > 1e11 else float(value)  # milliseconds if implausibly large
+        seconds = _finite(value)
+        if seconds is None:
+            return None
+        return seconds / 1000 if seconds > 1e11 else seconds  # milliseconds if implausibly large
     if isinstance(value, str) and value.strip():
         text = value.strip()
         try:
@@ -125,6 +129,15 @@ def _epoch(value: Any) -> float | None:
             return None
         return parsed.timestamp()
     return None
+
+
+def _finite(value: int | float) -> float | None:
+    """``value`` as a float, or ``None`` when no float holds it (an integer past 1e308, infinity, NaN)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _seconds_from_ms(value: Any) -> float | None:
@@ -188,8 +201,9 @@ def parse_mint_answer(data: Any, now: float | None = None) -> Token:
     )
     if expires_at is None:
         expires_in = data.get("expires_in", data.get("expiresIn"))
-        if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
-            expires_at = now + float(expires_in)
+        seconds = _finite(expires_in) if isinstance(expires_in, int | float) else None
+        if seconds is not None and not isinstance(expires_in, bool):
+            expires_at = now + seconds
     if expires_at is None:
         expires_at = _epoch(claimed.get("exp"))
     session = data.get("session")
