@@ -25,7 +25,7 @@ from aiohttp import web
 
 from sideband import __version__
 from sideband.app import Sideband
-from sideband.logs import configure_logging, encodable, stream_encoding
+from sideband.logs import configure_logging, write_escaped
 from sideband.routing import RouteError
 from sideband.session import SessionConfigError
 from sideband.settings import Settings, SettingsError, env_name, load_settings
@@ -148,10 +148,7 @@ class _UntilReaderGone(io.TextIOBase):
             try:
                 self._stream.write(text)
             except UnicodeEncodeError as exc:
-                try:
-                    self._stream.write(encodable(text, stream_encoding(self._stream, exc)))
-                except UnicodeError:  # (a codec that cannot take its own escapes)
-                    self._stream.write(encodable(text, "ascii"))
+                write_escaped(self._stream, text, exc)
         except BrokenPipeError:
             self._gone()
         return len(text)

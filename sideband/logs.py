@@ -48,25 +48,16 @@ class _Output:
             try:
                 self.stream.write(message + "\n")
                 self.stream.flush()
-            except UnicodeEncodeError as exc:
-                self._write_escaped(message + "\n", stream_encoding(self.stream, exc))
+            except UnicodeEncodeError as exc:  # (a caller's "José" on an ASCII or Latin-1 console)
+                try:
+                    write_escaped(self.stream, message + "\n", exc)
+                    self.stream.flush()
+                except OSError as lost:
+                    self.lost(lost)
+                except UnicodeError:  # (not even ASCII: the line is dropped)
+                    pass
             except OSError as exc:
                 self.lost(exc)
-
-    def _write_escaped(self, line: str, encoding: str) -> None:
-        """A stream whose encoding cannot hold a character of ``line`` (a console line of a caller's
-        "José" on an ASCII or Latin-1 locale, ``PYTHONIOENCODING``, a cp1252 console): ``line`` with
-        those characters escaped."""
-        try:
-            try:
-                self.stream.write(encodable(line, encoding))
-            except UnicodeError:  # (a codec that cannot take its own escapes)
-                self.stream.write(encodable(line, "ascii"))
-            self.stream.flush()
-        except OSError as exc:
-            self.lost(exc)
-        except UnicodeError:  # (not even ASCII: the line is dropped)
-            pass
 
     log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
 
@@ -214,11 +205,16 @@ def _plain_finite(obj: Any) -> Any:
     return _finite(_plain(obj))
 
 
-def stream_encoding(stream: Any, exc: UnicodeEncodeError) -> str:
-    """The encoding of a ``stream`` that refused a character: its own name for it (an 8-bit code page
-    such as cp437 or KOI8-R reports itself as ``charmap`` in the error, which is no codec's name)."""
+def write_escaped(stream: TextIO, text: str, exc: UnicodeEncodeError) -> None:
+    """Write ``text`` to ``stream``, whose encoding refused a character of it (``exc``), with what that
+    encoding cannot hold escaped (``\\xe9``, ``\\u2192``); as ASCII when even that is refused. The
+    encoding is the stream's own: an 8-bit code page (cp437, KOI8-R) calls itself ``charmap`` in the
+    error, which is no codec's name. Raises what the stream raises otherwise."""
     encoding = getattr(stream, "encoding", None)
-    return encoding if isinstance(encoding, str) and encoding else exc.encoding
+    try:
+        stream.write(encodable(text, encoding if isinstance(encoding, str) and encoding else exc.encoding))
+    except UnicodeError:  # (a codec that cannot take its own escapes)
+        stream.write(encodable(text, "ascii"))
 
 
 def encodable(text: str, encoding: str) -> str:
