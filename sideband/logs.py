@@ -35,7 +35,8 @@ class _Output:
     """The one logger of the process, writing each line to its stream as structlog's ``PrintLogger`` does,
     but a line the stream cannot take (its reader gone: ``sideband serve | head``, a log collector that
     died; a full disk) is dropped, never raised into the call or request that logged it. Once the reader
-    is gone the stream goes to /dev/null (what is buffered too, flushed at exit); stderr says so once."""
+    is gone the stream goes to /dev/null (what is buffered too, flushed at exit); stderr says so once. A
+    closed stream drops its lines the same way."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
@@ -56,8 +57,12 @@ class _Output:
                     self.lost(lost)
                 except UnicodeError:  # (not even ASCII: the line is dropped)
                     pass
+                except ValueError as closed:
+                    self.lost(OSError(f"the stream is closed ({closed})"))
             except OSError as exc:
                 self.lost(exc)
+            except ValueError as exc:  # (closed by code of the app's, or at interpreter exit)
+                self.lost(OSError(f"the stream is closed ({exc})"))
 
     log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
 

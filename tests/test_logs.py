@@ -254,6 +254,24 @@ def test_a_line_the_stream_cannot_take_is_dropped_not_raised(
     assert capsys.readouterr().err.splitlines() == [f"sideband: log lines are dropped: {error.strerror}"]
 
 
+def test_a_line_to_a_closed_stream_is_dropped_not_raised(
+    restored: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The log stream closed under the server (by an app's code, or at interpreter exit): a call that
+    logs goes on, its lines dropped, and stderr says so once."""
+    out = io.StringIO()
+    configure_logging("console", "info", stream=out)
+    log = structlog.get_logger(component="sideband.test")
+    log.info("first")
+    assert "first" in out.getvalue()
+    out.close()
+    log.info("lost", text="José")
+    log.error("lost too")
+    logging.getLogger("aiohttp.server").error("a library's, lost")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("sideband: log lines are dropped: the stream is closed")
+
+
 def test_a_log_whose_reader_is_gone_goes_nowhere_from_then_on(restored: None) -> None:
     """``sideband serve | head``: once the pipe's reader is gone, its lines (and what is still buffered,
     flushed at exit) go to /dev/null instead of failing every write."""
