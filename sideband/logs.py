@@ -15,7 +15,7 @@ import sys
 import threading
 import traceback
 import uuid
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Any, Literal, TextIO
 
@@ -121,7 +121,7 @@ def configure_logging(
         rendering = [
             structlog.processors.format_exc_info,
             _escape_controls,
-            structlog.dev.ConsoleRenderer(colors=out.isatty()),
+            _Guarded(structlog.dev.ConsoleRenderer(colors=out.isatty())),
         ]
     processors += rendering
     output = _Output(out)
@@ -145,11 +145,17 @@ def _dumps(event_dict: Any, **_: Any) -> str:
     orjson renders it (a fifth of the standard encoder's cost); only a line orjson refuses (a lone
     surrogate, an integer over 64 bits) goes to the standard encoder, with the same field types given
     the same form wherever :func:`_plain` can, and a float that is not finite ``null`` in both (the
-    standard encoder would write ``NaN``, which is not JSON)."""
+    standard encoder would write ``NaN``, which is not JSON). A field neither can render (a cyclic
+    structure, an object whose ``repr`` raises) is written as its ``repr``, or as ``<unrenderable T>``."""
     try:
         data = orjson.dumps(event_dict, default=_plain, option=orjson.OPT_NON_STR_KEYS)
     except TypeError:  # (orjson.JSONEncodeError is one)
-        return json.dumps(_finite(event_dict), default=_plain_finite, separators=(",", ":"), allow_nan=False)
+        try:
+            return json.dumps(
+                _finite(event_dict), default=_plain_finite, separators=(",", ":"), allow_nan=False
+            )
+        except Exception:  # (a cyclic field, a repr that raises: never raised into what logged)
+            return json.dumps(_renderable(event_dict), default=_plain_finite, separators=(",", ":"))
     text = data.decode()
     if data.isascii() and b"\x7f" not in data:
         return text
@@ -203,6 +209,41 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_finite(v) for v in obj]
     return obj
+
+
+def _renderable(event_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``event_dict`` with each field no renderer would choke on: text, a finite number, a boolean or
+    None as it is, anything else as its ``repr`` (a cyclic structure's marks its cycles), or
+    ``<unrenderable T>`` when even that raises."""
+    out: dict[str, Any] = {}
+    for key, value in event_dict.items():
+        if (
+            value is None
+            or isinstance(value, str | bool | int)
+            or (isinstance(value, float) and math.isfinite(value))
+        ):
+            out[str(key)] = value
+            continue
+        try:
+            out[str(key)] = repr(value)
+        except Exception:
+            out[str(key)] = f"<unrenderable {type(value).__qualname__}>"
+    return out
+
+
+class _Guarded:
+    """The console renderer, which never raises into what logged: a line it cannot render (a field
+    whose ``repr`` raises) is rendered again with such fields made safe (:func:`_renderable`)."""
+
+    def __init__(self, render: Callable[..., Any]) -> None:
+        self._render = render
+
+    def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        kept = dict(event_dict)  # (the renderer takes fields out of the one it is given)
+        try:
+            return self._render(logger, method, event_dict)
+        except Exception:
+            return self._render(logger, method, _renderable(kept))
 
 
 def _plain_finite(obj: Any) -> Any:

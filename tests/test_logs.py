@@ -254,6 +254,36 @@ def test_a_line_the_stream_cannot_take_is_dropped_not_raised(
     assert capsys.readouterr().err.splitlines() == [f"sideband: log lines are dropped: {error.strerror}"]
 
 
+class _BadRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_field_no_renderer_can_take_is_written_as_a_note_not_raised(restored: None, fmt: str) -> None:
+    """A tool's own log line with a cyclic structure, or an object whose ``repr`` raises, must not fail
+    the tool: the line is written, such a field as its ``repr`` or a note naming its type."""
+    out = io.StringIO()
+    configure_logging(fmt, "info", stream=out)  # type: ignore[arg-type]
+    cyclic: dict[str, object] = {"order": 7}
+    cyclic["self"] = cyclic
+    log = structlog.get_logger(component="sideband.test")
+    log.info("cyclic", field=cyclic, n=3)
+    log.info("bad repr", field=_BadRepr(), n=4)
+    log.info("after")
+    written = out.getvalue().splitlines()
+    assert len(written) == 3, written
+    if fmt == "json":
+        first, second, third = (json.loads(line) for line in written)
+        assert first["event"] == "cyclic" and first["n"] == 3 and "{...}" in first["field"]
+        assert second["event"] == "bad repr" and second["field"] == "<unrenderable _BadRepr>"
+        assert second["n"] == 4 and third["event"] == "after"
+    else:
+        assert "cyclic" in written[0] and "{...}" in written[0]
+        assert "bad repr" in written[1] and "<unrenderable _BadRepr>" in written[1]
+        assert "after" in written[2]
+
+
 def test_a_line_to_a_closed_stream_is_dropped_not_raised(
     restored: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
