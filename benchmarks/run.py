@@ -1,6 +1,6 @@
 """sideband benchmarks: the answer path and tool rounds, each beside a raw floor.
 
-    ./dev bench                     # full run, ~6 min
+    ./dev bench                     # full run, ~14 min
     ./dev bench --quick             # ~30 s smoke run
     ./dev bench --only answer|tools
     ./dev bench --profile           # also run the server under cProfile (slower; numbers not comparable)
@@ -720,7 +720,12 @@ async def drive_rounds(
     injected = [
         x for x in await asyncio.gather(*tasks, return_exceptions=True) if isinstance(x, InjectedCall)
     ]
-    await asyncio.gather(*(x.wait_output(timeout=10) for x in injected), return_exceptions=True)
+    # One wait at a time, in injection order: a burst of waiting tasks created at once would run on the
+    # simulator's loop while the last round's output is in flight, and stamp its arrival late.
+    deadline = time.monotonic() + 10
+    for x in injected:
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            await x.wait_output(timeout=max(0.01, deadline - time.monotonic()))
 
     # the model's answer to each output (response.create → response) completes right after
     def answered(call: SimCall) -> bool:
