@@ -143,3 +143,29 @@ def test_the_testing_package_lists_and_reaches_its_names_and_submodules() -> Non
         "    print(exc)\n"
     )
     assert python_prints(source) == "module 'sideband.testing' has no attribute 'Simualtor'\n"
+
+
+def test_each_testing_name_is_listed_by_the_module_it_comes_from() -> None:
+    """What ``sideband.testing`` exports is in its home module's ``__all__`` too (``from
+    sideband.testing.script import *`` gives it), and each public class and function a testing module
+    defines is listed there."""
+    import importlib
+    import inspect
+
+    from sideband import testing
+
+    for name in testing.__all__:
+        home = importlib.import_module(testing._HOMES[name], testing.__name__)
+        assert name in home.__all__, f"{name} is missing from {home.__name__}.__all__"
+    for module_name in ("harness", "script", "sender"):
+        module = importlib.import_module(f"sideband.testing.{module_name}")
+        defined = {
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_")
+            and (inspect.isclass(value) or inspect.isfunction(value))
+            and value.__module__ == module.__name__
+        }
+        assert defined <= set(module.__all__), (
+            f"{module.__name__}.__all__ lacks {defined - set(module.__all__)}"
+        )

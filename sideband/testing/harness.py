@@ -32,7 +32,7 @@ from .script import Script
 from .sender import WebhookSender
 from .simulator import SimCall, Simulator
 
-__all__ = ["Harness", "run_app"]
+__all__ = ["Harness", "harness_settings", "run_app"]
 
 
 @dataclass

@@ -43,9 +43,11 @@ __all__ = [
     "caller_hangs_up",
     "caller_presses",
     "caller_says",
+    "model_answers",
     "model_calls",
     "model_fails",
     "model_says",
+    "model_says_first",
     "pause",
     "wait_for_greeting",
 ]
