@@ -241,3 +241,46 @@ async def test_ended_fails_when_the_call_ended_before_its_script_did() -> None:
     assert "the call ended (hangup_verb) at step 1 pause(2.0)" in message and "check_script=False" in message
     assert summary.reason == "idle_timeout" and expected.script_error is not None
     assert not broken.sent_of_type("input_audio_buffer.speech_started")  # (the caller never spoke)
+
+
+def test_a_script_copies_and_pickles_as_the_immutable_value_it_is() -> None:
+    """``copy``/``deepcopy`` give the script itself (nothing in it can change); a pickled one comes back
+    with the same steps and options; so does an object holding one."""
+    import copy
+    import pickle
+    from dataclasses import dataclass
+
+    from sideband.testing import caller_presses, model_answers, model_fails, model_says_first
+
+    script = Script(
+        [
+            wait_for_greeting("Hi."),
+            caller_says("Order 42?", seconds=0.5, cut_in=True),
+            model_calls([("lookup", {"id": "42"}), ("audit", "{")], preamble="One moment."),
+            model_calls("lookup", {"id": 1}, status="incomplete", arguments_cut=True),
+            model_answers("Shipped."),
+            model_says_first("Hello?"),
+            model_fails(),
+            caller_presses("12#"),
+            pause(0.25),
+            caller_hangs_up("silent"),
+        ],
+        step_timeout=2.5,
+        hang_up_at_end=True,
+    )
+    assert copy.copy(script) is script and copy.deepcopy(script) is script
+
+    @dataclass
+    class Case:
+        name: str
+        script: Script
+
+    case = Case("lookup", script)
+    assert copy.deepcopy(case).script is script
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        back = pickle.loads(pickle.dumps(script, protocol))
+        assert isinstance(back, Script) and back is not script
+        assert (back.steps, back.step_timeout, back.hang_up_at_end) == (script.steps, 2.5, True)
+        assert repr(back) == repr(script)
+    with pytest.raises(AttributeError, match="Script is immutable"):
+        script.step_timeout = 1.0  # type: ignore[misc]

@@ -200,6 +200,7 @@ _STEP_TYPES = (WaitForGreeting, CallerSays, ModelSays, ModelCalls, CallerPresses
 
 class Script:
     """An ordered list of steps for one simulated call (immutable; reusable for any number of calls).
+    ``copy.copy``/``copy.deepcopy`` give the script itself; it pickles.
 
     ``step_timeout`` bounds every wait of a step (for the sideband to attach, for the controller's
     ``response.create``, for function outputs); a step that times out fails the script with a message naming
@@ -229,12 +230,26 @@ class Script:
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Script is immutable")
 
+    def __copy__(self) -> Script:
+        return self  # (immutable: a copy would be the same value)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Script:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_script, (self.steps, self.step_timeout, self.hang_up_at_end))
+
     def __len__(self) -> int:
         return len(self.steps)
 
     def __repr__(self) -> str:
         steps = ", ".join(step.describe() for step in self.steps)
         return f"Script([{steps}], step_timeout={self.step_timeout}, hang_up_at_end={self.hang_up_at_end})"
+
+
+def _script(steps: tuple[Step, ...], step_timeout: float, hang_up_at_end: bool) -> Script:
+    """A :class:`Script` rebuilt from its parts (how a pickled one comes back)."""
+    return Script(steps, step_timeout=step_timeout, hang_up_at_end=hang_up_at_end)
 
 
 def wait_for_greeting(text: str = "Hello, thanks for calling.") -> WaitForGreeting:
