@@ -18,6 +18,7 @@ import structlog
 from sideband import Accept, IncomingCall, Refer, Reject, Sideband
 from sideband.testing import (
     Script,
+    Simulator,
     caller_hangs_up,
     caller_says,
     model_calls,
@@ -27,7 +28,7 @@ from sideband.testing import (
     wait_for_greeting,
 )
 
-from .conftest import Stack, capture_logs
+from .conftest import TEST_SETTINGS, Stack, capture_logs
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -284,3 +285,19 @@ def test_a_script_copies_and_pickles_as_the_immutable_value_it_is() -> None:
         assert repr(back) == repr(script)
     with pytest.raises(AttributeError, match="Script is immutable"):
         script.step_timeout = 1.0  # type: ignore[misc]
+
+
+async def test_run_app_closes_its_webhook_sender_on_a_simulator_that_outlives_it(
+    simulator: Simulator, app: Sideband
+) -> None:
+    """Each run on a simulator of the test's own leaves no HTTP session open behind it, and the
+    simulator keeps none of the runs' senders."""
+    for _ in range(2):
+        async with run_app(app, simulator, **TEST_SETTINGS) as h:
+            await h.ended(await h.call(Script([caller_hangs_up()])))
+            session = h.sender._session
+            assert session is not None and not session.closed
+        assert session.closed
+        assert h.sender not in simulator._senders
+        with pytest.raises(RuntimeError, match="WebhookSender is closed"):
+            await h.sender.deliver(simulator.incoming_event(simulator.create_call(Script())))

@@ -201,7 +201,10 @@ async def run_app(app: Sideband, sim: Simulator | None = None, **settings: Any) 
     ``log_level`` (and ``log_format``) log the run as ``sideband serve`` would: the lines at that level
     and above, on stdout (where pytest captures them), JSON unless stdout is a terminal. Logging being
     the process's, that holds for all that logs while the app runs; it is put back as it was
-    afterwards. Given neither, the process's logging is left as it is."""
+    afterwards. Given neither, the process's logging is left as it is.
+
+    The harness's webhook sender (``h.sender``) is the run's: it is closed when the block ends, also on
+    a ``sim`` that outlives the run."""
     own = sim is None
     simulator = sim or Simulator()
     if own:
@@ -210,6 +213,7 @@ async def run_app(app: Sideband, sim: Simulator | None = None, **settings: Any) 
         config = harness_settings(simulator, **settings)
         with _logging_as(config):
             runner: web.AppRunner | None = None
+            sender: WebhookSender | None = None
             try:
                 web_app = create_app(config, app)
                 runner = web.AppRunner(web_app, access_log=None)
@@ -218,17 +222,17 @@ async def run_app(app: Sideband, sim: Simulator | None = None, **settings: Any) 
                 await site.start()
                 host, port = runner.addresses[0][:2]
                 base = f"http://{host}:{port}"
-                yield Harness(
-                    simulator,
-                    app,
-                    config,
-                    base,
-                    simulator.webhook_sender(base + "/webhooks/openai"),
-                    web_app[SERVICE],
-                )
+                # The run's own sender (not the simulator's, which would keep it until it closes): a
+                # simulator that outlives many runs is left no HTTP session of theirs.
+                sender = WebhookSender(base + "/webhooks/openai", simulator.webhook_secret)
+                yield Harness(simulator, app, config, base, sender, web_app[SERVICE])
             finally:
-                if runner is not None:
-                    await runner.cleanup()
+                try:
+                    if sender is not None:
+                        await sender.close()
+                finally:
+                    if runner is not None:
+                        await runner.cleanup()
     finally:
         if own:
             await simulator.close()
