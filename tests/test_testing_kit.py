@@ -96,7 +96,69 @@ async def test_ended_points_at_the_routing_hook_when_the_call_was_rejected_with_
         await stack.ended(call, timeout=5)
     message = str(failed.value)
     assert "rejected at ring time with SIP 480" in message
-    assert "480 is the route failure status: did the routing hook raise" in message
+    assert "480 is the route failure status: the routing hook raised, overran its budget" in message
+    assert "(call.route_failed in the log)" in message and "config_invalid" not in message, message
+
+
+async def test_ended_says_openai_refused_the_accept_of_a_call_rejected_with_the_failure_status(
+    simulator: Simulator,
+) -> None:
+    """OpenAI refuses the accept (a voice it does not have): the server rejects the call with the route
+    failure status instead, and ``h.ended`` says so, not that the routing hook failed."""
+    app = Sideband(instructions="desk", voice="nonexistent-voice-zzz")
+    async with run_app(app, simulator, **TEST_SETTINGS) as h:
+        call = await h.call(Script())
+        with pytest.raises(AssertionError) as failed:
+            await h.ended(call, timeout=5)
+    message = str(failed.value)
+    assert "rejected at ring time with SIP 480" in message
+    assert "OpenAI refused its accept (400), so the server rejected the call" in message, message
+    assert "call.accept_failed in the log" in message and "routing hook" not in message, message
+
+
+async def test_ended_says_openai_refused_the_refer_of_a_call_rejected_with_the_failure_status(
+    stack: Stack,
+) -> None:
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Refer:
+        stack.sim.fail_verb(call.call_id, "refer", 403)
+        return Refer("tel:+14155550123")
+
+    call = await stack.call(Script())
+    with pytest.raises(AssertionError) as failed:
+        await stack.ended(call, timeout=5)
+    message = str(failed.value)
+    assert "OpenAI refused its refer (403), so the server rejected the call" in message, message
+    assert "call.answer_failed in the log" in message and "routing hook" not in message, message
+
+
+async def test_ended_says_the_session_config_of_a_call_rejected_with_the_failure_status_is_invalid(
+    stack: Stack,
+) -> None:
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        return Accept(tools=("no_such_tool",))
+
+    call = await stack.call(Script())
+    with pytest.raises(AssertionError) as failed:
+        await stack.ended(call, timeout=5)
+    message = str(failed.value)
+    assert "480 is the route failure status: the session config it was accepted with is invalid" in message
+    assert "(call.config_invalid in the log)" in message and "routing hook" not in message, message
+
+
+async def test_ended_takes_a_reject_with_the_failure_status_as_the_apps_own(stack: Stack) -> None:
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Reject:
+        return Reject(status_code=480)
+
+    call = await stack.call(Script())
+    with pytest.raises(AssertionError) as failed:
+        await stack.ended(call, timeout=5)
+    message = str(failed.value)
+    assert "rejected at ring time with SIP 480" in message
+    assert "no failure was counted for it: the decision for the call was that reject" in message, message
+    assert "route_failed" not in message and "config_invalid" not in message, message
 
 
 async def test_ended_says_a_call_was_transferred_at_ring_time_and_where(stack: Stack) -> None:

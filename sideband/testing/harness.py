@@ -34,6 +34,19 @@ from .simulator import SimCall, Simulator
 
 __all__ = ["Harness", "harness_settings", "run_app"]
 
+_RING_FAILURES: dict[str, str] = {
+    "route_failed": (
+        "the routing hook raised, overran its budget or decided something that cannot be sent "
+        "(call.route_failed in the log)"
+    ),
+    "config_invalid": "the session config it was accepted with is invalid (call.config_invalid in the log)",
+    "answer_failed": (
+        "OpenAI refused to answer it as decided, so the server rejected the call with that status instead "
+        "(call.accept_failed or call.answer_failed in the log)"
+    ),
+}
+"""Why the server rejects a call with the route failure status, by the counter each failure moves."""
+
 
 @dataclass
 class Harness:
@@ -48,6 +61,9 @@ class Harness:
     _summaries: dict[str, CallSummary] = field(default_factory=dict, init=False, repr=False)
     """The summary of each call :meth:`call` placed that ran on the server (filled in as it runs), so
     :meth:`ended` finds it however many calls ended since (the server keeps only its last few)."""
+    _ring_failures: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
+    """Which failure counters of the server's (:data:`_RING_FAILURES`) each call :meth:`call` placed
+    moved while its webhook was answered: how a call rejected with the route failure status came to be."""
 
     @property
     def webhook_url(self) -> str:
@@ -69,7 +85,12 @@ class Harness:
         Raises :class:`AssertionError` unless every attempt was answered ``expect_status``: a retry
         does not hide an earlier answer (a 500, then a 200 on the retry, fails ``expect_status=200``)."""
         call = self.sim.create_call(script, **call_options)
+        counters = self.service.counters
+        before = [counters[name] for name in _RING_FAILURES]
         result = call.webhook_delivery = await self.sender.deliver(self.sim.incoming_event(call))
+        self._ring_failures[call.call_id] = tuple(
+            name for name, count in zip(_RING_FAILURES, before, strict=True) if counters[name] > count
+        )
         registry = self.service.registry  # (a call accepted is in the registry once its webhook is answered)
         runtime = registry.calls.get(call.call_id)
         summary = runtime.summary if runtime is not None else registry.recent.get(call.call_id)
@@ -144,11 +165,7 @@ class Harness:
             code = body.get("status_code", 603)  # (the calls API's default)
             why = ""
             if code == self.settings.route_failure_status:
-                why = (
-                    f"; {code} is the route failure status: did the routing hook raise, overrun its "
-                    "budget or decide something that cannot be sent? (call.route_failed or "
-                    "call.config_invalid in the log)"
-                )
+                why = f"; {code} is the route failure status: {self._failure_status_cause(call)}"
             return (
                 f"{where}: it was rejected at ring time with SIP {code} (reject body {body}){why}. "
                 "A rejected call has no end to wait for: check call.status and call.reject_body"
@@ -168,6 +185,40 @@ class Harness:
                 "with h.call, whose summaries the harness keeps"
             )
         return f"{where} (simulator status {call.status}, end reason {call.end_reason})"
+
+    def _failure_status_cause(self, call: SimCall) -> str:
+        """Why ``call`` was rejected with the route failure status: what OpenAI refused of it (the
+        simulator's record), else what the server counted while its webhook was answered."""
+        for record in reversed(self.sim.requests):
+            verb = record.path.rpartition("/")[2]
+            if (
+                verb in ("accept", "refer")
+                and 400 <= record.status < 500  # (refused: a 5xx is retried, not rejected instead)
+                and record.path.endswith(f"/calls/{call.call_id}/{verb}")
+            ):
+                event = "call.accept_failed" if verb == "accept" else "call.answer_failed"
+                return (
+                    f"OpenAI refused its {verb} ({record.status}), so the server rejected the call with "
+                    f"that status instead ({event} in the log)"
+                )
+        moved = self._ring_failures.get(call.call_id)
+        if moved is None:  # (placed otherwise than by h.call)
+            return (
+                "did the routing hook raise, overrun its budget or decide something that cannot be sent, "
+                "or OpenAI refuse to answer it as decided? (call.route_failed, call.config_invalid, "
+                "call.accept_failed or call.answer_failed in the log)"
+            )
+        causes = [_RING_FAILURES[name] for name in moved]
+        if not causes:
+            return (
+                "no failure was counted for it: the decision for the call was that reject (the app's, its "
+                "routing hook's or the route file's)"
+            )
+        if len(causes) == 1:
+            return causes[0]
+        return "one of these, counted while its webhook was answered (with other calls'): " + "; or ".join(
+            causes
+        )
 
 
 def harness_settings(sim: Simulator, **overrides: Any) -> Settings:
