@@ -259,8 +259,8 @@ async def _place_calls(
 ) -> tuple[int, int]:
     """Serve ``app`` (with ``routes_file`` if ``apply_routes``) against the simulator and place the
     ``placed`` calls one after another; returns how many calls it placed, and how many failed (a call
-    that did not end in time or broke its script, whose routing hook failed, or that OpenAI refused to
-    answer as decided)."""
+    that did not end in time or broke its script, whose routing hook failed, that OpenAI refused to
+    answer as decided, or whose webhook the server never answered with a 2xx)."""
     out = printer.out
     settings: dict[str, Any] = {"max_idle_duration": 30}
     if routes_file and apply_routes:
@@ -351,6 +351,17 @@ async def _place(
                 "error",
                 f"OpenAI refused to answer the call as decided, so the call was {outcome}: see "
                 "call.accept_failed or call.answer_failed in the log",
+            )
+            continue
+        if not result.ok:
+            # Not answered (an error of the server's own, say): the call is left ringing, as a rule.
+            failures += 1
+            answers = ", ".join("no answer" if status is None else str(status) for status in result.attempts)
+            left = (
+                "so the call was left ringing" if call.status == "ringing" else f"the call is {call.status}"
+            )
+            printer.line(
+                "error", f"the webhook was never answered 2xx ({answers}), {left}: see the server's log"
             )
             continue
         if call.status != "accepted":

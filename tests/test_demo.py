@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sideband import Accept, CallContext, CallSummary, IncomingCall, Reject, Sideband
+from sideband.app import CallPlan
 from sideband.cli import main
 from sideband.demo import run_demo
 
@@ -134,6 +135,33 @@ async def test_demo_counts_an_accept_openai_refuses_as_a_failed_call() -> None:
     assert text.count("error   OpenAI refused to answer the call as decided") == 2, text
     assert "the call was rejected with 480" in text and "call.accept_failed" in text, text
     assert "end     rejected" not in text, text
+    assert text.endswith("\n2 calls and a trusted-server session, 2 failed.\n"), text
+
+
+async def test_demo_counts_a_call_whose_webhook_was_never_answered_2xx_as_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server answers every attempt of a call's webhook 500 (an error of its own: no counter of a
+    routing or answer failure moves): the call is left ringing, never answered, which is a failure."""
+    app = plain_app()
+
+    def unplannable(accept: Accept | None = None) -> CallPlan:
+        raise RuntimeError("the plan cache is corrupt")
+
+    @app.on_incoming
+    async def route(call: IncomingCall) -> Accept:
+        monkeypatch.setattr(app, "plan", unplannable)  # (the server planned the app's own calls at start)
+        return Accept()
+
+    out = io.StringIO()
+    code = await run_demo(app, calls=2, out=out)
+    text = out.getvalue()
+    assert code == 1, text
+    assert (
+        text.count("error   the webhook was never answered 2xx (500, 500, 500), so the call was left ringing")
+        == 2
+    )
+    assert "end     ringing" not in text, text
     assert text.endswith("\n2 calls and a trusted-server session, 2 failed.\n"), text
 
 
