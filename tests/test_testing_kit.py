@@ -306,6 +306,24 @@ async def test_ended_fails_when_the_call_ended_before_its_script_did() -> None:
     assert not broken.sent_of_type("input_audio_buffer.speech_started")  # (the caller never spoke)
 
 
+async def test_ended_says_a_silent_hangup_is_noticed_by_the_idle_limit_whose_goodbye_waits() -> None:
+    """A caller who hangs up with nothing on the sideband: the simulator's call has ended, the server's
+    not yet (its idle limit notices, then its goodbye waits, unanswered, up to the end cap): the
+    timeout says so, and what timeout the test needs."""
+    app = Sideband(instructions="desk", voice="marin", greeting="Order desk.")
+    script = Script([wait_for_greeting("Order desk."), caller_hangs_up("silent")])
+    async with run_app(app, max_idle_duration=0.3) as h:
+        call = await h.call(script)
+        await call.wait_ended(timeout=5)
+        with pytest.raises(TimeoutError) as failed:
+            await h.ended(call, timeout=0.5)
+    message = str(failed.value)
+    assert f"call {call.call_id} did not end within 0.5 s" in message, message
+    assert "the simulator's call has ended (caller_hangup), the server's not yet" in message, message
+    assert 'caller_hangs_up("silent")' in message and "idle limit (0.3 s)" in message, message
+    assert "a timeout above 10.3 s" in message, message
+
+
 def test_a_script_copies_and_pickles_as_the_immutable_value_it_is() -> None:
     """``copy``/``deepcopy`` give the script itself (nothing in it can change); a pickled one comes back
     with the same steps and options; so does an object holding one."""

@@ -25,10 +25,11 @@ from sideband.app import Sideband
 from sideband.edge import SERVICE, create_app
 from sideband.logs import logging_configured
 from sideband.runtime.driver import CallSummary
+from sideband.runtime.machine import MachineConfig
 from sideband.service import Service
 from sideband.settings import Settings, load_settings
 
-from .script import Script
+from .script import CallerHangsUp, Script
 from .sender import WebhookSender
 from .simulator import SimCall, Simulator
 
@@ -118,9 +119,10 @@ class Harness:
 
         Raises :class:`TimeoutError` when the call has not ended, or its script not finished, within
         ``timeout`` seconds, naming the script step that failed, if one did (a step that times out does
-        not end the call), and :class:`AssertionError` at once when it never ran on the server: rejected
-        at ring time (the message gives the SIP status and the reject body), transferred (the target) or
-        never answered."""
+        not end the call), or saying that the simulator has ended the call and the server not yet (after
+        ``caller_hangs_up("silent")``: the app's idle limit, then up to 10 s for an unanswered goodbye),
+        and :class:`AssertionError` at once when it never ran on the server: rejected at ring time (the
+        message gives the SIP status and the reject body), transferred (the target) or never answered."""
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout
         registry = self.service.registry
@@ -130,6 +132,8 @@ class Harness:
                 await asyncio.wait_for(runtime.wait_closed(), timeout)
             except TimeoutError:
                 why = f"; the script failed: {call.script_error}" if call.script_error else ""
+                if call.status == "ended":
+                    why += self._end_unseen(call, runtime.machine.config)
                 raise TimeoutError(f"call {call.call_id} did not end within {timeout:g} s{why}") from None
             summary = runtime.summary
         else:
@@ -140,6 +144,25 @@ class Harness:
         if check_script:
             await self._script_finished(call, summary, until - loop.time(), timeout)
         return summary
+
+    @staticmethod
+    def _end_unseen(call: SimCall, config: MachineConfig) -> str:
+        """Why the server may not have seen the end of ``call``, which has ended on the simulator."""
+        why = f"; the simulator's call has ended ({call.end_reason}), the server's not yet"
+        silent = any(isinstance(step, CallerHangsUp) and step.mode == "silent" for step in call.script.steps)
+        if not silent:
+            return why
+        idle, cap = config.max_idle_duration, config.end_cap
+        if not idle:
+            return (
+                f'{why}: a caller who hangs up with nothing on the sideband (caller_hangs_up("silent")) is '
+                "noticed by the app's idle limit, and this call has none"
+            )
+        return (
+            f'{why}: a caller who hangs up with nothing on the sideband (caller_hangs_up("silent")) is '
+            f"noticed by the app's idle limit ({idle:g} s), whose goodbye then waits, unanswered, up to "
+            f"{cap:g} s: give h.ended a timeout above {idle + cap:g} s"
+        )
 
     @staticmethod
     async def _script_finished(call: SimCall, summary: CallSummary, left: float, timeout: float) -> None:
