@@ -7,6 +7,7 @@ import base64
 import contextlib
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 
 from sideband import Sideband
@@ -157,7 +158,8 @@ async def test_a_loopback_openai_is_never_reached_through_a_proxy(
     assert call.sideband_connects == 1
 
 
-async def test_proxy_credentials_go_on_the_connect_only_for_an_https_base() -> None:
+@pytest.mark.parametrize("base", ["https://api.openai.com/v1", "wss://api.openai.com/v1"])
+async def test_proxy_credentials_go_on_the_connect_only_for_an_https_base(base: str) -> None:
     from typing import Any
 
     from sideband.upstream.openai import CallControl
@@ -187,7 +189,7 @@ async def test_proxy_credentials_go_on_the_connect_only_for_an_https_base() -> N
     from websockets.proxy import parse_proxy
 
     proxy = parse_proxy("http://u:p@proxy.internal:3128")
-    control = CallControl(Session(), "https://api.openai.com/v1", "sk-test", proxy)  # type: ignore[arg-type]
+    control = CallControl(Session(), base, "sk-test", proxy)  # type: ignore[arg-type]
     await control.accept("rtc_1", {"type": "realtime"})
     await control.hangup("rtc_1")
     for request in sent:
@@ -196,3 +198,58 @@ async def test_proxy_credentials_go_on_the_connect_only_for_an_https_base() -> N
             "Proxy-Authorization": "Basic " + base64.b64encode(b"u:p").decode()
         }
         assert "Proxy-Authorization" not in request["headers"]  # never inside the tunnel, to OpenAI
+
+
+class RefusingProxy:
+    """An HTTP proxy that opens no tunnel: it answers each ``CONNECT`` with ``status``, or 407 to one
+    without the ``Proxy-Authorization`` it asks for (``auth``). Records each request line and its
+    ``Proxy-Authorization``."""
+
+    def __init__(self, status: int, reason: str, *, auth: str | None = None) -> None:
+        self.status, self.reason, self.auth = status, reason, auth
+        self.seen: list[tuple[str, str, str | None]] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> RefusingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, ValueError):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            request_line, *header_lines = head.split("\r\n")
+            method, target, _ = request_line.split(" ")
+            headers = dict(line.split(": ", 1) for line in header_lines if line)
+            auth = next((v for k, v in headers.items() if k.lower() == "proxy-authorization"), None)
+            self.seen.append((method, target, auth))
+            status, reason = (self.status, self.reason)
+            if self.auth is not None and auth != self.auth:
+                status, reason = 407, "Proxy Authentication Required"
+            writer.write(
+                f'HTTP/1.1 {status} {reason}\r\nProxy-Authenticate: Basic realm="proxy"\r\n'
+                "Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+        writer.close()
+
+
+async def test_proxy_credentials_go_on_the_connect_for_a_wss_base() -> None:
+    """A ``wss://`` OPENAI_BASE_URL is reached over TLS as an ``https://`` one: through a proxy, its
+    credentials go on the ``CONNECT``, never inside the tunnel to OpenAI."""
+    from websockets.proxy import parse_proxy
+
+    from sideband.upstream.openai import CallControl, UpstreamError
+
+    expected = "Basic " + base64.b64encode(b"svc:s3cret").decode()
+    async with RefusingProxy(502, "Bad Gateway", auth=expected) as proxy, aiohttp.ClientSession() as http:
+        proxy_url = f"http://svc:s3cret@127.0.0.1:{proxy.port}"
+        control = CallControl(http, "wss://openai.test/v1", "sk-test", parse_proxy(proxy_url))
+        with pytest.raises(UpstreamError):  # (the proxy opens no tunnel)
+            await control.hangup("rtc_1", timeout=5)
+    assert proxy.seen == [("CONNECT", "openai.test:443", expected)]

@@ -197,6 +197,8 @@ class CallControl:
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._via: dict[str, Any] = {}
+        # (a wss:// base is sent as https://: through a proxy, tunnelled as well)
+        tunnelled = self._base.startswith(("https://", "wss://"))
         if proxy is not None:
             if proxy.scheme not in ("http", "https"):
                 raise ValueError(f"a {proxy.scheme} proxy cannot carry HTTP requests")
@@ -204,7 +206,7 @@ class CallControl:
             self._via["proxy"] = f"{proxy.scheme}://{host}:{proxy.port}"
             if proxy.user_info is not None:
                 auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(*proxy.user_info)}
-                if self._base.startswith("https://"):
+                if tunnelled:
                     self._via["proxy_headers"] = auth  # on the CONNECT only, never inside the tunnel
                 else:  # a plain-HTTP request goes to the proxy itself, which reads it off the request
                     self._headers.update(auth)
