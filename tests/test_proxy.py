@@ -10,9 +10,11 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from sideband import Sideband
+from sideband import Refer, Sideband
 from sideband.settings import SettingsError
 from sideband.testing import Script, Simulator, caller_hangs_up, run_app, wait_for_greeting
+
+from .conftest import capture_logs
 
 
 class ForwardProxy:
@@ -83,6 +85,7 @@ def behind_proxy(sim: Simulator) -> str:
 
 
 OPENAI_HOST = "openai.test"
+PROXIED_OPENAI = f"https://{OPENAI_HOST}/v1"  # (reached through the proxy only)
 
 
 async def test_call_control_and_the_sideband_go_through_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -239,6 +242,105 @@ class RefusingProxy:
         writer.close()
 
 
+def _proxied(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """``url`` is the proxy for OpenAI (and nothing exempts it)."""
+    for name in (
+        "NO_PROXY",
+        "no_proxy",
+        "WSS_PROXY",
+        "wss_proxy",
+        "SOCKS_PROXY",
+        "socks_proxy",
+        "https_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", url)
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "retryable", "says"),
+    [
+        (
+            407,
+            "Proxy Authentication Required",
+            False,
+            "check the user:password of its URL: WSS_PROXY or HTTPS_PROXY",
+        ),
+        (403, "Forbidden", False, "check its rules"),
+        (502, "Bad Gateway", True, ""),
+        (503, "Service Unavailable", True, ""),
+    ],
+)
+async def test_a_tunnel_the_proxy_refuses_sent_nothing_to_openai(
+    status: int, reason: str, retryable: bool, says: str
+) -> None:
+    """A proxy that will not open the tunnel (its credentials, its rules, OpenAI out of its reach) let
+    nothing through: no verb may have been carried out (a REFER is tried again), and what no retry mends
+    (407, 403) is not tried again and names the proxy setting to check."""
+    from websockets.proxy import parse_proxy
+
+    from sideband.upstream.openai import CallControl, UpstreamError, connect_sideband
+
+    async with RefusingProxy(status, reason) as proxy, aiohttp.ClientSession() as http:
+        proxy_url = f"http://svc:s3cret@127.0.0.1:{proxy.port}"
+        control = CallControl(http, PROXIED_OPENAI, "sk-test", parse_proxy(proxy_url))
+        with pytest.raises(UpstreamError) as refer:
+            await control.refer("rtc_1", "tel:+14155550123", timeout=5)
+        with pytest.raises(UpstreamError) as created:
+            await control.create_call("v=0", {"type": "realtime"}, timeout=5)
+        with pytest.raises(UpstreamError) as attached:
+            await connect_sideband(f"wss://{OPENAI_HOST}/v1/realtime", "rtc_1", "sk-test", proxy=proxy_url)
+    assert [method for method, _, _ in proxy.seen] == ["CONNECT"] * 3
+    for error in (refer.value, created.value, attached.value):
+        assert error.unsent and not error.maybe_carried_out and error.retryable is retryable
+        assert error.status == status and not error.offer_refused and not error.maybe_done_already
+        message = str(error)
+        assert f"the proxy did not open the tunnel to OpenAI: {status} {reason}" in message
+        assert says in message and "s3cret" not in message
+
+
+async def test_a_refer_the_proxy_would_not_tunnel_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxy could not reach OpenAI (502): the REFER went nowhere, so it is tried again for the budget
+    (not taken as maybe handed to the carrier), and the webhook is answered for a redelivery."""
+    async with RefusingProxy(502, "Bad Gateway") as proxy:
+        _proxied(monkeypatch, f"http://127.0.0.1:{proxy.port}")
+        app = Sideband()
+        app.on_incoming(lambda call: Refer("tel:+14155550123"))
+        async with (
+            Simulator() as sim,
+            run_app(app, sim, openai_base_url=PROXIED_OPENAI, accept_budget=1.0) as harness,
+        ):
+            call = sim.create_call(Script([]))
+            with capture_logs() as logs:
+                result = await harness.sender.deliver(sim.incoming_event(call), max_attempts=1)
+    assert result.status == 503
+    assert len(proxy.seen) > 1 and all(method == "CONNECT" for method, _, _ in proxy.seen)
+    events = [e["event"] for e in logs]
+    assert "call.refer_uncertain" not in events and "call.referred" not in events
+    assert "call.answer_failed" in events
+
+
+async def test_an_accept_the_proxy_refuses_credentials_for_is_not_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proxy refused its credentials (407): no retry mends that, so the accept is not tried again, nor
+    taken as maybe carried out (the call was never answered: nothing is kept for a redelivery to attach
+    to); the error line names the proxy setting."""
+    async with RefusingProxy(407, "Proxy Authentication Required") as proxy:
+        _proxied(monkeypatch, f"http://svc:wrong@127.0.0.1:{proxy.port}")
+        async with Simulator() as sim, run_app(Sideband(), sim, openai_base_url=PROXIED_OPENAI) as harness:
+            call = sim.create_call(Script([]))
+            with capture_logs() as logs:
+                result = await harness.sender.deliver(sim.incoming_event(call), max_attempts=1)
+            assert await harness.service.store.claim(f"accept_uncertain:{call.call_id}", 1.0)  # nothing kept
+    assert result.status == 200
+    assert [target for _, target, _ in proxy.seen] == ["openai.test:443", "openai.test:443"]  # accept, reject
+    (failed,) = [e for e in logs if e["event"] == "call.accept_failed"]
+    assert failed["status"] == 407 and "WSS_PROXY or HTTPS_PROXY" in failed["error"]
+    assert "wrong" not in failed["error"]
+    assert not [e for e in logs if e["event"] in ("call.accept_retry", "call.accept_uncertain")]
+
+
 async def test_proxy_credentials_go_on_the_connect_for_a_wss_base() -> None:
     """A ``wss://`` OPENAI_BASE_URL is reached over TLS as an ``https://`` one: through a proxy, its
     credentials go on the ``CONNECT``, never inside the tunnel to OpenAI."""
@@ -253,3 +355,22 @@ async def test_proxy_credentials_go_on_the_connect_for_a_wss_base() -> None:
         with pytest.raises(UpstreamError):  # (the proxy opens no tunnel)
             await control.hangup("rtc_1", timeout=5)
     assert proxy.seen == [("CONNECT", "openai.test:443", expected)]
+
+
+async def test_a_407_to_a_plain_http_request_names_the_proxy_setting() -> None:
+    """For a plain-``http`` base the proxy answers the request itself: its 407 (never OpenAI's) is not
+    tried again and names the proxy variables to check."""
+    from websockets.proxy import parse_proxy
+
+    from sideband.upstream.openai import CallControl, UpstreamError
+
+    async with RefusingProxy(407, "Proxy Authentication Required") as proxy, aiohttp.ClientSession() as http:
+        proxy_url = f"http://svc:wrong@127.0.0.1:{proxy.port}"
+        control = CallControl(http, f"http://{OPENAI_HOST}/v1", "sk-test", parse_proxy(proxy_url))
+        with pytest.raises(UpstreamError) as refused:
+            await control.hangup("rtc_1", timeout=5)
+    assert [(method, target) for method, target, _ in proxy.seen] == [
+        ("POST", f"http://{OPENAI_HOST}/v1/realtime/calls/rtc_1/hangup")
+    ]
+    assert refused.value.status == 407 and not refused.value.retryable
+    assert "check the user:password of its URL: WS_PROXY, HTTPS_PROXY or HTTP_PROXY" in str(refused.value)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import aiohttp
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import InvalidProxyStatus, InvalidStatus
 from websockets.proxy import Proxy
 
 from sideband import jsonio
@@ -112,10 +112,38 @@ def wrong_url(status: int, body: str) -> str:
     return f": {message[:200]} (check OPENAI_BASE_URL: OpenAI's is https://api.openai.com/v1)"
 
 
+def proxy_names(url: str) -> str:
+    """The variables that name the proxy for ``url`` (OpenAI's base or sideband URL), for a message."""
+    if url.startswith(("https://", "wss://")):
+        return "WSS_PROXY or HTTPS_PROXY"
+    return "WS_PROXY, HTTPS_PROXY or HTTP_PROXY"
+
+
+def proxy_hint(status: int, names: str) -> str:
+    """For a proxy's refusal no retry mends (407: its credentials, 403: its rules), what the operator
+    should check, ``names`` the variables that name it (:func:`proxy_names`). Else ``""``."""
+    if status == 407:
+        return f": the proxy refused its credentials (check the user:password of its URL: {names})"
+    if status == 403:
+        return f": the proxy does not let this host reach OpenAI (check its rules, or the proxy URL: {names})"
+    return ""
+
+
+def refused_tunnel(what: str, status: int, reason: str, names: str) -> UpstreamError:
+    """The error for a proxy that answered the ``CONNECT`` to OpenAI with ``status``: nothing reached
+    OpenAI (``unsent``); its 407 or 403 is not tried again (:attr:`UpstreamError.retryable`)."""
+    message = f"{what} failed: the proxy did not open the tunnel to OpenAI: {status}"
+    if reason := " ".join(reason.split())[:100]:
+        message += f" {reason}"
+    return UpstreamError(message + proxy_hint(status, names), status, unsent=True)
+
+
 class UpstreamError(Exception):
     """OpenAI answered with an error status (``status``) or could not be reached (``status`` None).
     ``retry_after``: the seconds its ``Retry-After`` header asked to wait, if it sent one. ``unsent``: the
-    request never left (no connection could be made to OpenAI or the proxy)."""
+    request never left (no connection could be made to OpenAI or the proxy, or the proxy refused to open
+    the tunnel to OpenAI: ``status`` is then the proxy's, 407 for its credentials, 403 for its policy,
+    502 or 503 when it could not reach OpenAI)."""
 
     def __init__(
         self,
@@ -134,7 +162,8 @@ class UpstreamError(Exception):
 
     @property
     def retryable(self) -> bool:
-        """Worth another attempt: no answer, 408, 409, 429 (but a project with no credit left) or 5xx."""
+        """Worth another attempt: no answer, 408, 409, 429 (but a project with no credit left) or 5xx (a
+        proxy's refusal of the tunnel as well: its 407 or 403 is no more worth another attempt)."""
         status = self.status
         if status == 429:
             return error_code(self.body) != QUOTA_SPENT
@@ -143,22 +172,22 @@ class UpstreamError(Exception):
     @property
     def maybe_carried_out(self) -> bool:
         """The attempt may have been carried out all the same: it went unanswered (sent, or maybe sent,
-        but no answer came), or a gateway in front of OpenAI gave up on it (502, 504) after passing it on."""
-        status = self.status
-        return (status is None and not self.unsent) or status in (502, 504)
+        but no answer came), or a gateway in front of OpenAI gave up on it (502, 504) after passing it on.
+        Never one that was not sent (:attr:`unsent`)."""
+        return not self.unsent and (self.status is None or self.status in (502, 504))
 
     @property
     def offer_refused(self) -> bool:
         """A WebRTC offer relayed to ``/realtime/calls`` was refused for what it is (400, 413, 415, 422):
-        the browser's to know, not the server's fault."""
-        return self.status in (400, 413, 415, 422)
+        the browser's to know, not the server's fault. (Not a proxy's refusal of the tunnel.)"""
+        return not self.unsent and self.status in (400, 413, 415, 422)
 
     @property
     def maybe_done_already(self) -> bool:
         """A call verb refused the way it may be when an earlier attempt of it went through (400, 409,
         412, 422; PROTOCOL does not say which): after an unanswered attempt, the call is not ringing any
-        more most likely because it was accepted."""
-        return self.status in (400, 409, 412, 422)
+        more most likely because it was accepted. (Not a proxy's refusal of the tunnel.)"""
+        return not self.unsent and self.status in (400, 409, 412, 422)
 
 
 class CallGone(UpstreamError):
@@ -199,6 +228,7 @@ class CallControl:
         self._via: dict[str, Any] = {}
         # (a wss:// base is sent as https://: through a proxy, tunnelled as well)
         tunnelled = self._base.startswith(("https://", "wss://"))
+        self._proxy_names = proxy_names(self._base)
         if proxy is not None:
             if proxy.scheme not in ("http", "https"):
                 raise ValueError(f"a {proxy.scheme} proxy cannot carry HTTP requests")
@@ -211,6 +241,10 @@ class CallControl:
                 else:  # a plain-HTTP request goes to the proxy itself, which reads it off the request
                     self._headers.update(auth)
                     self._json_headers.update(auth)
+
+    def _hint(self, status: int, body: str) -> str:
+        """:func:`hint`, and for a 407 (only ever a proxy's) the proxy setting to check."""
+        return proxy_hint(407, self._proxy_names) if status == 407 else hint(status, body)
 
     async def _post(
         self,
@@ -249,7 +283,7 @@ class CallControl:
                     raise CallGone(f"call {call_id} not found", resp.status, text)
                 if resp.status >= 300:
                     raise UpstreamError(
-                        f"{method} {path} answered {resp.status}{hint(resp.status, text)}",
+                        f"{method} {path} answered {resp.status}{self._hint(resp.status, text)}",
                         resp.status,
                         text,
                         retry_after=retry_after(resp.headers.get("Retry-After")),
@@ -261,6 +295,8 @@ class CallControl:
             raise UpstreamError(f"{method} {path} timed out after {timeout:g} s") from None
         except aiohttp.ClientConnectorError as exc:  # (no connection: the request never left)
             raise UpstreamError(f"{method} {path} failed: {why(exc)}", unsent=True) from None
+        except aiohttp.ClientHttpProxyError as exc:  # (the proxy refused the tunnel: the same)
+            raise refused_tunnel(f"{method} {path}", exc.status, exc.message, self._proxy_names) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"{method} {path} failed: {why(exc)}") from None
 
@@ -313,11 +349,13 @@ class CallControl:
             ):
                 text = (await resp.read()).decode("utf-8", "replace")
                 if resp.status != 201:
-                    message = f"POST /realtime/calls answered {resp.status}{hint(resp.status, text)}"
+                    message = f"POST /realtime/calls answered {resp.status}{self._hint(resp.status, text)}"
                     raise UpstreamError(message, resp.status, text)
                 location = resp.headers.get("Location", "")
         except TimeoutError:
             raise UpstreamError("POST /realtime/calls timed out") from None
+        except aiohttp.ClientHttpProxyError as exc:
+            raise refused_tunnel("POST /realtime/calls", exc.status, exc.message, self._proxy_names) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"POST /realtime/calls failed: {why(exc)}") from None
         call_id = urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1]  # (a query is no part of it)
@@ -462,6 +500,12 @@ async def connect_sideband(
         wait = retry_after(exc.response.headers.get("Retry-After"))
         message = f"sideband refused with {status}{hint(status, body)}"
         raise SidebandRefused(message, status, body, retry_after=wait) from None
+    except InvalidProxyStatus as exc:  # (the proxy refused the tunnel: nothing reached OpenAI)
+        response = exc.response
+        names = proxy_names(url)
+        raise refused_tunnel(
+            "sideband connect", response.status_code, response.reason_phrase, names
+        ) from None
     except (OSError, TimeoutError) as exc:
         raise UpstreamError(f"sideband connect failed: {why(exc)}") from None
     except Exception as exc:  # websockets raises InvalidHandshake/InvalidMessage subclasses too
