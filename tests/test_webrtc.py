@@ -378,6 +378,81 @@ async def test_a_body_that_is_not_json_is_refused_not_a_failing_hook(simulator: 
     assert [(e["status"], e["log_level"]) for e in rejected] == [(400, "warning")] * 14
 
 
+async def test_a_body_a_hook_cannot_read_is_refused_as_the_routes_refuse_it(
+    simulator: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stranger's body that does not match its ``Content-Encoding``, or is larger than any route
+    takes, read by a hook that looks for a CSRF token: refused as the routes refuse such a body (400,
+    its connection closed; 413), in JSON at warning, as often as they like. Not a failing hook (503, an
+    error line), nor aiohttp's plain-text 413 counted as unauthorized."""
+    app = Sideband(instructions="x")
+
+    @app.authorize_browser
+    async def csrf(request: web.Request) -> bool:
+        return bool((await request.json()).get("csrf"))
+
+    answers: list[tuple[int, str, str]] = []
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        limit = max(stack.settings.webhook_max_body, 64 * 1024)  # (aiohttp's client_max_size)
+        sent = [
+            (b"x" * 100, {"Content-Type": "application/json", "Content-Encoding": "gzip"}),
+            (b'{"csrf": "' + b"t" * limit + b'"}', {"Content-Type": "application/json"}),
+        ]
+        with capture_logs() as logs:
+            async with aiohttp.ClientSession() as http:
+                for path in ("/rtc/sessions", "/rtc/handoff", "/rtc/calls"):
+                    for body, headers in sent:
+                        async with http.post(stack.url(path), data=body, headers=headers) as r:
+                            error = (await r.json())["error"]
+                            answers.append((r.status, error, r.headers.get("Connection", "").lower()))
+    bad = (400, "body does not match its content or transfer encoding", "close")
+    assert [answer[:2] for answer in answers[1::2]] == [(413, f"body over {limit} bytes")] * 3
+    assert answers[0::2] == [bad] * 3
+    assert not [e for e in logs if e["event"] in ("rtc.authorize_failed", "rtc.unauthorized")]
+    rejected = [(e["status"], e["log_level"]) for e in logs if e["event"] == "rtc.rejected"]
+    assert rejected == [(400, "warning"), (413, "warning")] * 3
+    counted = {key: n for key, n in stack.service.refused.items() if n}
+    assert counted == {("rtc.rejected", 400): 3, ("rtc.rejected", 413): 3}
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelno >= 40]
+
+
+async def test_a_client_gone_while_a_hook_reads_its_body_is_no_failing_hook(simulator: Simulator) -> None:
+    """The browser leaves before its whole body came, as the hook reads it: the request is abandoned
+    (info), as when the route reads a body; the hook did not fail."""
+    app = Sideband(instructions="x")
+    reading = asyncio.Event()
+
+    @app.authorize_browser
+    async def csrf(request: web.Request) -> bool:
+        reading.set()
+        return bool((await request.json()).get("csrf"))
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        answered = asyncio.Event()
+        request_done = stack.service.request_done
+
+        def done() -> None:
+            request_done()
+            answered.set()
+
+        stack.service.request_done = done  # type: ignore[method-assign]
+        host, port = stack.url("/").removeprefix("http://").split("/")[0].split(":")
+        with capture_logs() as logs:
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                b"POST /rtc/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"csrf": '
+            )
+            async with asyncio.timeout(5):
+                await reading.wait()
+                writer.close()
+                await answered.wait()
+    assert not [e for e in logs if e["event"] in ("rtc.authorize_failed", "http.internal_error")]
+    [left] = [e for e in logs if e["event"] == "rtc.abandoned"]
+    assert left["log_level"] == "info"
+    assert stack.service.refused["rtc.authorize_failed", 503] == 0
+
+
 async def test_browsers_arriving_together_are_authorized_together(simulator: Simulator) -> None:
     """A sync hook's session lookup takes a while: a burst of browsers does not queue for its threads
     (and run into the hook's 5 s there)."""

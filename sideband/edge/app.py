@@ -99,20 +99,31 @@ async def _body(
     request: web.Request, service: Service, limit: int, *, event: str = "webhook.rejected"
 ) -> bytes | web.Response:
     """The request's body (see :func:`_read_body`), or the answer that refuses it."""
-    route = event.partition(".")[0]
     try:
         return await _read_body(request, limit)
-    except web.HTTPRequestEntityTooLarge:
+    except (web.HTTPRequestEntityTooLarge, _BadBody) as exc:
+        return await _unread(request, service, exc, limit, event)
+
+
+async def _unread(
+    request: web.Request,
+    service: Service,
+    exc: web.HTTPRequestEntityTooLarge | _BadBody,
+    limit: int,
+    event: str,
+) -> web.Response:
+    """The answer to a body that could not be read (:func:`_read_body`'s errors, over ``limit`` bytes)."""
+    route = event.partition(".")[0]
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return _refuse(service, 413, f"body over {limit} bytes", event=event)
-    except _ClientGone:  # a sender timing out, a proxy giving up: it sends again (nothing happened)
+    if isinstance(exc, _ClientGone):  # a sender timing out, a proxy giving up: it sends again
         log.info(f"{route}.abandoned", reason="client disconnected before the body was read")
         return _json(400, {"error": "incomplete body"})
-    except _SlowBody:
+    if isinstance(exc, _SlowBody):
         refusal = _refuse(service, 408, f"body not received within {BODY_TIMEOUT:g} s", event=event)
         return await _closing(request, refusal, route)
-    except _BadBody:
-        refusal = _refuse(service, 400, "body does not match its content or transfer encoding", event=event)
-        return await _closing(request, refusal, route)
+    refusal = _refuse(service, 400, "body does not match its content or transfer encoding", event=event)
+    return await _closing(request, refusal, route)
 
 
 async def _closing(request: web.Request, response: web.Response, route: str) -> web.Response:
@@ -289,7 +300,9 @@ async def _browser_gate(
     request: web.Request, service: Service, *, draining_refused: bool = True
 ) -> web.Response | None:
     """The refusal for a WebRTC request, or ``None`` to serve it: closed without the app's
-    ``authorize_browser`` hook (404), refused by it (403), or draining (503, for a new call)."""
+    ``authorize_browser`` hook (404), refused by it (403), or draining (503, for a new call). A body
+    the hook could not read (not JSON, not the encoding it claims, too large) is refused as a route
+    refuses it (400, 413)."""
     if not service.app.browsers_allowed:
         service.refused["rtc.closed", 404] += 1
         return _json(404, {"error": "not found"})
@@ -300,6 +313,9 @@ async def _browser_gate(
         service.refused["rtc.authorize_failed", 503] += 1
         return _json(503, {"error": "authorization unavailable"})
     except BaseException as exc:  # its backend (a session store…) failed; a SystemExit is a failure too
+        unread = _unread_by_hook(request, exc)
+        if unread is not None:  # (the sender's doing, as often as it likes: not the hook's failure)
+            return await _unread(request, service, unread, _max_body(service.settings), "rtc.rejected")
         if isinstance(exc, web.HTTPException) and 300 <= exc.status < 500:
             # Its own answer (aiohttp-security's ``check_authorized`` raises 401; a login check may
             # redirect): given as it is, headers and all.
@@ -321,6 +337,29 @@ async def _browser_gate(
         log.info("rtc.draining", path=request.path)
         return _json(503, {"error": "draining"})
     return None
+
+
+def _unread_by_hook(
+    request: web.Request, exc: BaseException
+) -> web.HTTPRequestEntityTooLarge | _BadBody | None:
+    """What an ``authorize_browser`` hook's ``await request.json()`` (or ``read()``, ``text()``…) of the
+    request's body failed on, as :func:`_read_body` would have: a body over the app's
+    ``client_max_size``, one that does not match its encoding, a client gone before sending all of it.
+    ``None`` for any other failure (the hook's own)."""
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return exc
+    if not isinstance(exc, Exception) or exc is not request.content.exception():  # (not the body's)
+        return None
+    if isinstance(exc, ConnectionError):
+        return _ClientGone()
+    if isinstance(exc, RequestPayloadError | HttpProcessingError):
+        return _BadBody()
+    return None
+
+
+def _max_body(settings: Settings) -> int:
+    """The largest body aiohttp reads for a handler (``client_max_size``): the largest a route takes."""
+    return max(settings.webhook_max_body, _MAX_SDP)
 
 
 def _body_not_json(request: web.Request, exc: BaseException) -> bool:
@@ -437,7 +476,7 @@ def create_app(
         raise SettingsError("OPENAI_WEBHOOK_SECRET is not set")
     web_app = web.Application(
         middlewares=[_errors],
-        client_max_size=max(settings.webhook_max_body, _MAX_SDP),
+        client_max_size=_max_body(settings),
         # Idle keep-alive connections close after 75 s: longer than load balancers' usual 60 s (so they
         # never reuse one being closed), far shorter than aiohttp's hour. A request answered without its
         # body being read (a refusal, a 404) closes its connection at once: aiohttp would otherwise read
