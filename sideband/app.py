@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import functools
 import inspect
-import json
 import re
 import ssl
 import threading
@@ -17,6 +16,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from aiohttp import web
 
+from sideband import jsonio
 from sideband.blocking import in_thread
 from sideband.context import CallContext, SipHeader
 from sideband.runtime.driver import CallHooks, CallSummary, ToolRecord, TranscriptRole
@@ -35,6 +35,7 @@ from sideband.session import (
     SessionConfig,
     check_seconds,
     check_transfer_targets,
+    encode_session,
 )
 from sideband.tools import _DEFAULT, Tool, ToolRegistry, _Default, is_async_callable
 from sideband.upstream._ws import client_tls
@@ -669,15 +670,19 @@ class Sideband:
         """The session and tools for an accepted call (``accept`` overrides on top of the app).
 
         Plans are cached per distinct decision (the answer path builds each one once); the returned
-        session payload is shared and must not be mutated.
+        session payload is shared and must not be mutated. It holds what JSON carries alone (as
+        :func:`sideband.jsonio.loads` gives it back): a value JSON cannot carry (a ``Decimal``, ``bytes``,
+        a set, an object of the app's own) raises :class:`SessionConfigError` here, naming where it is,
+        rather than failing as the call is answered.
         """
         accept = accept or Accept()
+        session = encode_session(accept.session) if accept.session else b""
         key = (
             accept.instructions,
             accept.voice,
             accept.greeting,
             accept.tools,
-            json.dumps(accept.session, sort_keys=True, default=str) if accept.session else "",
+            session,
             accept.max_call_duration,
             accept.max_idle_duration,
             None if accept.transfer_targets is None else tuple(accept.transfer_targets.items()),
@@ -686,15 +691,16 @@ class Sideband:
         )
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._build_plan(accept)
+            # (from the session as JSON carries it: the same key, the same plan, whatever types wrote it)
+            plan = self._build_plan(accept, jsonio.loads(session) if session else {})
             if len(self._plans) >= 256:
                 self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan
         return plan
 
-    def _build_plan(self, accept: Accept) -> CallPlan:
+    def _build_plan(self, accept: Accept, session: dict[str, Any]) -> CallPlan:
         config = self.config.merged(
-            instructions=accept.instructions, voice=accept.voice, greeting=accept.greeting, **accept.session
+            instructions=accept.instructions, voice=accept.voice, greeting=accept.greeting, **session
         )
         targets = self.transfer_targets if accept.transfer_targets is None else accept.transfer_targets
         catalog = self._catalog(targets)
@@ -704,7 +710,9 @@ class Sideband:
             raise ValueError(f"{self.transfer_tool!r} is offered, but the call has no transfer targets")
         else:
             tools = catalog.subset(accept.tools)
-        payload = config.payload(tools.definitions(style="openai"))
+        # As JSON and back, once per plan: what is sent (the accept, the first session.update) is then
+        # plain JSON, and a value JSON cannot carry fails here, a config error, not as the call is answered.
+        payload = jsonio.loads(encode_session(config.payload(tools.definitions(style="openai"))))
         return CallPlan(
             payload,
             tools,

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from sideband.session import check_update_fields
+from sideband.session import check_update_fields, encode_session
 
 __all__ = ["NO_ACTIONS", "CallActions", "CallContext", "SipHeader"]
 
@@ -338,9 +338,11 @@ class CallContext:
         So does a value OpenAI would refuse, with the rest of the update: ``instructions`` that are not a
         string, a ``voice`` that names none, a ``speed`` outside 0.25-1.5, a ``tool_choice`` other than
         ``"auto"``, ``"none"``, ``"required"`` or one of the call's tools (``{"type": "function", "name":
-        "refund"}``). OpenAI also refuses to change the voice once the model has spoken in the call (the
-        greeting counts): the voice is the app's, the route's or ``Accept``'s."""
+        "refund"}``), or a value JSON cannot carry (a ``Decimal``, ``bytes``, a set, an object of the app's
+        own: the error names where it is). OpenAI also refuses to change the voice once the model has
+        spoken in the call (the greeting counts): the voice is the app's, the route's or ``Accept``'s."""
         check_update_fields(fields)
+        encode_session(fields)  # (a value JSON cannot carry is refused here, not where the update is sent)
         self._act(lambda: self._actions.update_session(**fields))
 
     def _foreign_loop(self) -> asyncio.AbstractEventLoop | None:

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
+from sideband import jsonio
+
 __all__ = [
     "Accept",
     "Decision",
@@ -470,6 +472,53 @@ def _check_tool_choice(choice: Any, tools: Any) -> None:
 
 def _kind(value: Any) -> str:
     return "None" if value is None else type(value).__name__
+
+
+def encode_session(fields: Mapping[str, Any]) -> bytes:
+    """``fields`` (session fields) as JSON, as :func:`sideband.jsonio.dumps` writes them.
+
+    Raises :class:`SessionConfigError` for a value JSON cannot carry (a ``Decimal``, ``bytes``, a set, an
+    object of the app's own), naming where it is and its type (not its value), rather than leave it to
+    fail where the session is sent."""
+    try:
+        return jsonio.dumps(fields)
+    except (TypeError, ValueError, RecursionError):  # (a cycle is a ValueError of Python's encoder)
+        problem = _unencodable(fields, "", set()) or "a value JSON cannot carry"
+        raise SessionConfigError(f"session {problem}") from None
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _unencodable(value: Any, where: str, seen: set[int]) -> str | None:
+    """What in ``value`` (at ``where``) JSON cannot carry, said with its path and type, else ``None``.
+    Only run after an encoding failed (it is slow)."""
+    at = f"field {where}" if where else "config"
+    if isinstance(value, _SCALARS):
+        return None
+    if isinstance(value, Mapping | list | tuple):
+        if id(value) in seen:
+            return f"{at} contains itself, which JSON cannot carry"
+        if len(seen) >= 200:
+            return f"{at} is nested too deeply for JSON"
+        seen = seen | {id(value)}
+        items = value.items() if isinstance(value, Mapping) else enumerate(value)
+        for key, item in items:
+            if isinstance(value, Mapping):
+                if not isinstance(key, _SCALARS):
+                    return f"{at} has a key of type {type(key).__name__}, which JSON cannot carry"
+                inner = f"{where}.{key}" if where else str(key)
+            else:
+                inner = f"{where}[{key}]"
+            found = _unencodable(item, inner, seen)
+            if found is not None:
+                return found
+        return None
+    try:
+        jsonio.dumps(value)  # (orjson writes some types of its own: a datetime, a dataclass…)
+    except (TypeError, ValueError, RecursionError):
+        return f"{at} holds a value of type {type(value).__name__}, which JSON cannot carry"
+    return None
 
 
 def _asks_approval(tool: Mapping[str, Any]) -> bool:

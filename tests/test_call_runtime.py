@@ -4,6 +4,7 @@ events the sideband sends and their order."""
 from __future__ import annotations
 
 import asyncio
+import decimal
 import json
 import threading
 import time
@@ -1305,3 +1306,59 @@ async def test_text_only_pythons_json_encoder_writes_still_goes_out(stack: Stack
     await ended(stack, call)
     assert list(outputs(call).values()) == [name]  # escaped on the wire, the same text once decoded
     assert kinds(call)[-1] == "create" and kinds(call)[-2].startswith("output:") and not server_errors(call)
+
+
+async def test_update_session_refuses_a_value_json_cannot_carry_and_sends_nothing(stack: Stack) -> None:
+    """A value JSON cannot carry is refused as update_session is called, naming where it is: the tool
+    is told, nothing goes out, and the call goes on (a later update is sent as usual)."""
+    refused: list[str] = []
+
+    @stack.app.on_call_start
+    def started(ctx: CallContext) -> None:  # (before the session is live: the update would be held)
+        try:
+            ctx.update_session(tracing={"workflow_name": "desk", "metadata": {"raw": b"\xff"}})
+        except ValueError as exc:
+            refused.append(str(exc))
+
+    @stack.app.tool
+    async def stage(ctx: CallContext) -> str:
+        try:
+            ctx.update_session(
+                tracing={"workflow_name": "desk", "metadata": {"amount": decimal.Decimal("12.50")}}
+            )
+        except ValueError as exc:
+            return str(exc)
+        return "no error"
+
+    @stack.app.tool
+    async def brief(ctx: CallContext) -> str:
+        ctx.update_session(instructions="Be brief.")
+        return "done"
+
+    call = await start(
+        stack,
+        Script(
+            [
+                HELLO,
+                caller_says("go"),
+                model_calls("stage", {}, call_id="c1"),
+                model_says("Done."),
+                caller_says("shorter"),
+                model_calls("brief", {}, call_id="c2"),
+                model_says("Ok."),
+                caller_hangs_up(),
+            ]
+        ),
+    )
+    summary = await ended(stack, call)
+    assert refused == [
+        "session field tracing.metadata.raw holds a value of type bytes, which JSON cannot carry"
+    ]
+    assert outputs(call) == {
+        "c1": "session field tracing.metadata.amount holds a value of type Decimal, which JSON cannot carry",
+        "c2": "done",
+    }
+    updates = [e["session"] for e in call.received if e["type"] == "session.update"][1:]
+    assert updates == [{"type": "realtime", "instructions": "Be brief."}]
+    assert not server_errors(call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("stage", "ok"), ("brief", "ok")]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import decimal
+import json
 import re
 import subprocess
 import sys
@@ -14,7 +17,7 @@ import pytest
 from sideband import Accept, CallContext, IncomingCall, Refer, Reject, Sideband
 from sideband.context import SipHeader
 from sideband.routing import RouteError, RouteTable
-from sideband.session import SessionConfig
+from sideband.session import SessionConfig, SessionConfigError
 from sideband.testing import (
     Script,
     Simulator,
@@ -550,6 +553,53 @@ async def test_accept_with_values_only_pythons_json_encoder_writes(stack: Stack)
     assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
     assert call.status == "accepted" and call.accept_body["tracing"]["metadata"] == {"ticket": 2**70}
     await asyncio.wait_for(call.wait_done(), 5)
+
+
+class _Ticket:
+    """An object of the app's own, which JSON cannot carry."""
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [(_Ticket(), "_Ticket"), (b"\xff", "bytes"), ({1, 2}, "set"), (decimal.Decimal("12.50"), "Decimal")],
+)
+async def test_an_accept_with_a_value_json_cannot_carry_fails_closed(
+    stack: Stack, value: Any, kind: str
+) -> None:
+    """The accept could not be sent: the call is rejected (config_invalid, naming where the value is and
+    its type), not answered 500 at every redelivery while the caller rings."""
+
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        return Accept(session={"tracing": {"workflow_name": "desk", "metadata": {"x": value}}})
+
+    call = stack.sim.create_call(Script([]))
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    assert call.status == "rejected" and call.reject_body == {"status_code": 480}
+    [invalid] = [e for e in logs if e["event"] == "call.config_invalid"]
+    assert invalid["error"] == (
+        f"session field tracing.metadata.x holds a value of type {kind}, which JSON cannot carry"
+    )
+    assert stack.service.counters["config_invalid"] == 1
+
+
+def test_a_plan_is_the_same_for_a_value_and_its_look_alike_string() -> None:
+    """A session is cached by what it is as JSON: a value JSON cannot carry is refused even after a
+    string that reads the same was planned, and one JSON writes its own way (a datetime, as ISO 8601)
+    is planned, and sent, as the string it is written as."""
+    app = make_app()
+    plain = Accept(session={"tracing": {"workflow_name": "desk", "metadata": {"amount": "12.50"}}})
+    assert app.plan(plain).session["tracing"]["metadata"] == {"amount": "12.50"}
+    money = Accept(
+        session={"tracing": {"workflow_name": "desk", "metadata": {"amount": decimal.Decimal("12.50")}}}
+    )
+    with pytest.raises(SessionConfigError, match=r"tracing\.metadata\.amount holds a value of type Decimal"):
+        app.plan(money)
+    when = datetime.datetime(2026, 3, 1, 9, 30, tzinfo=datetime.UTC)
+    dated = app.plan(Accept(session={"tracing": {"workflow_name": "desk", "metadata": {"at": when}}}))
+    assert dated.session["tracing"]["metadata"] == {"at": "2026-03-01T09:30:00+00:00"}
+    assert json.loads(json.dumps(dated.session)) == dated.session  # (what the accept is sent with)
 
 
 async def test_a_hook_accepting_with_a_session_sip_refuses_is_rejected_on_every_call(stack: Stack) -> None:

@@ -14,6 +14,7 @@ from sideband.session import (
     Reject,
     SessionConfig,
     SessionConfigError,
+    encode_session,
     session_update,
     validate_accept_payload,
 )
@@ -598,3 +599,25 @@ def test_accept_limits_must_be_seconds(value: Any) -> None:
 def test_accept_limits_are_kept_as_seconds() -> None:
     accept = Accept(max_call_duration=90, max_idle_duration=12.5)
     assert (accept.max_call_duration, accept.max_idle_duration) == (90.0, 12.5)
+
+
+def test_encode_session_names_what_json_cannot_carry_and_where() -> None:
+    looped: dict[str, Any] = {"workflow_name": "desk"}
+    looped["self"] = looped
+    cases: list[tuple[dict[str, Any], str]] = [
+        (
+            {"tools": [{"type": "mcp"}, {"type": "mcp", "headers": {"k": {1, 2}}}]},
+            "field tools[1].headers.k holds a value of type set",
+        ),
+        ({"tracing": looped}, "field tracing.self contains itself"),
+        ({"prompt": {("a", "b"): 1}}, "field prompt has a key of type tuple"),
+    ]
+    for fields, problem in cases:
+        with pytest.raises(
+            SessionConfigError, match=re.escape(f"session {problem}, which JSON cannot carry")
+        ):
+            encode_session(fields)
+    assert (
+        encode_session({"tracing": {"metadata": {"n": 2**70}}})
+        == b'{"tracing":{"metadata":{"n":1180591620717411303424}}}'
+    )
