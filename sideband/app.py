@@ -463,11 +463,13 @@ class Sideband:
         """Open the WebRTC doors (``/rtc/calls``, ``/rtc/sessions``, ``/rtc/handoff``) to the requests
         ``fn`` approves: it gets the :class:`aiohttp.web.Request` (cookies, headers: your own login) and
         returns true to let it through (sync or async; a sync one runs in threads of its own, never the
-        tools'). It has :data:`AUTHORIZE_TIMEOUT` seconds; one that raises or overruns gets the request a
-        503, but an aiohttp ``HTTPException`` of 3xx/4xx it raises (``check_authorized``'s 401, a redirect
-        to a login page) is the answer given. It may read the body (``await request.json()``). Without
-        it, those routes answer 404: a server that only takes phone calls offers no way to start a call,
-        or mint a key, with its API key. ``app.authorize_browser(lambda request: True)`` opens them to
+        tools'). An awaitable it returns (an ``await`` left out) is awaited, and what that gives decides.
+        It has :data:`AUTHORIZE_TIMEOUT` seconds; one that raises or overruns gets the request a 503, as
+        does one that returns an aiohttp response or exception instead of raising it, but an aiohttp
+        ``HTTPException`` of 3xx/4xx it raises (``check_authorized``'s 401, a redirect to a login page)
+        is the answer given. It may read the body (``await request.json()``). Without it, those routes
+        answer 404: a server that only takes phone calls offers no way to start a call, or mint a key,
+        with its API key. ``app.authorize_browser(lambda request: True)`` opens them to
         anyone. An app has one such hook: a second raises ``ValueError`` (the first stays).
         """
         _check_hook("authorize_browser", fn, ("request",))
@@ -489,7 +491,8 @@ class Sideband:
 
     async def authorize(self, request: web.Request) -> bool:
         """Run the :meth:`authorize_browser` hook under :data:`AUTHORIZE_TIMEOUT` (``False`` without
-        one). Its exceptions propagate; an overrun raises :class:`HookTimeout`."""
+        one). Its exceptions propagate; an overrun raises :class:`HookTimeout`. An awaitable it returns is
+        awaited (in the same time); an aiohttp response or an exception it returns raises ``TypeError``."""
         hook = self._authorize_browser
         if hook is None:
             return False
@@ -502,8 +505,8 @@ class Sideband:
                     started = threading.Event()
                     run = in_thread(hook, request, started=started)
                     result = await asyncio.get_running_loop().run_in_executor(self._authorize_threads, run)
-                    if inspect.isawaitable(result):
-                        result = await result
+                while inspect.isawaitable(result):  # (an ``await`` left out in the hook: bool(it) is True)
+                    result = await result
         except TimeoutError as exc:
             if timer.expired():
                 raise HookTimeout(
@@ -515,6 +518,11 @@ class Sideband:
             # It swallowed its cancellation and answered late, or its blocking code held the event loop
             # past its time (whose timer could not fire meanwhile): not heard.
             raise HookTimeout(budget=AUTHORIZE_TIMEOUT, started=True)
+        if isinstance(result, web.StreamResponse | BaseException):  # (true, both: a refusal let through)
+            raise TypeError(
+                f"the authorize_browser hook returned {type(result).__name__}: it returns true or false "
+                "(an aiohttp HTTPException is raised to answer with it)"
+            )
         return bool(result)
 
     def close(self) -> None:

@@ -304,6 +304,68 @@ async def test_the_authorize_browser_hook_decides_who_gets_in(simulator: Simulat
     assert sum(1 for r in simulator.requests if r.path == "/v1/realtime/client_secrets") == 1
 
 
+async def _signed_in(request: web.Request) -> bool:
+    """The app's own async session-store check."""
+    await asyncio.sleep(0)
+    return request.cookies.get("session") == "alice"
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_an_awaitable_an_authorize_hook_returns_is_awaited(simulator: Simulator, kind: str) -> None:
+    """An ``await`` left out in the hook (``return is_signed_in(request)``): the coroutine it returns is
+    what decides, not its truth (a coroutine is true, so everyone got in)."""
+    app = Sideband(instructions="x")
+    if kind == "async":
+
+        async def signed_in(request: web.Request) -> Any:
+            return _signed_in(request)  # (its await left out)
+
+    else:
+
+        def signed_in(request: web.Request) -> Any:
+            return _signed_in(request)
+
+    app.authorize_browser(signed_in)
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        answers = []
+        for cookie in ("mallory", "alice", None):
+            cookies = {"session": cookie} if cookie else {}
+            async with (
+                aiohttp.ClientSession(cookies=cookies) as http,
+                http.post(stack.url("/rtc/sessions"), json={}) as resp,
+            ):
+                answers.append(resp.status)
+    assert answers == [403, 200, 403]
+    assert sum(1 for r in simulator.requests if r.path == "/v1/realtime/client_secrets") == 1
+
+
+async def test_an_authorize_hook_returning_a_refusal_instead_of_raising_it_fails_closed(
+    simulator: Simulator,
+) -> None:
+    """``return web.HTTPForbidden()`` (a response, true) in place of ``raise``: not let in, a 503."""
+    app = Sideband(instructions="x")
+
+    @app.authorize_browser
+    async def signed_in(request: web.Request) -> Any:
+        if request.cookies.get("session") == "alice":
+            return True
+        return web.HTTPForbidden() if request.cookies.get("session") else web.Response(status=401)
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        with capture_logs() as logs:
+            answers = []
+            for cookie in ("mallory", None, "alice"):
+                cookies = {"session": cookie} if cookie else {}
+                async with (
+                    aiohttp.ClientSession(cookies=cookies) as http,
+                    http.post(stack.url("/rtc/sessions"), json={}) as resp,
+                ):
+                    answers.append(resp.status)
+    assert answers == [503, 503, 200]
+    failed = [e["error"] for e in logs if e["event"] == "rtc.authorize_failed"]
+    assert failed == ["TypeError", "TypeError"]
+
+
 async def test_an_authorize_hook_may_read_the_body(simulator: Simulator) -> None:
     """A CSRF token in the JSON body: the hook reads it, and the route still gets the whole body."""
     app = Sideband(instructions="x")
