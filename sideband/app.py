@@ -9,6 +9,7 @@ import inspect
 import re
 import ssl
 import threading
+import unicodedata
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -98,7 +99,9 @@ def parse_number(header_value: str | None) -> str | None:
     (``sip:alice@example.com``) is returned as is (``alice``). Untrusted either way.
 
     A ``sip:``/``sips:`` address without a user part (``<sip:10.0.0.1:5060>``: a host alone) has no
-    number (``None``); a password in the user part (``sip:+14155550100:pw@host``) is dropped.
+    number (``None``); a password in the user part (``sip:+14155550100:pw@host``) is dropped, and so
+    are URI headers (``<sip:10.0.0.1?subject=a@b>`` is a host alone). A user part holding control
+    characters (``%00``, a line break) is no number (``None``).
     """
     if not header_value:
         return None
@@ -118,14 +121,15 @@ def parse_number(header_value: str | None) -> str | None:
     if match is None:
         return None
     scheme, rest = match.group(1).lower(), match.group(2)
+    rest = rest.partition("?")[0]  # URI headers (``?subject=a@b``) are no part of the address
     if scheme == "tel":
         raw = re.split(r"[@;]", rest, maxsplit=1)[0]
     else:  # sip:user[:password][;user-params]@host…: no "@", no user, a host alone
         userinfo, at, _ = rest.partition("@")
         raw = re.split(r"[:;]", userinfo, maxsplit=1)[0] if at else ""
     user = urllib.parse.unquote(raw).strip()
-    if not user:
-        return None
+    if not user or any(unicodedata.category(c)[0] == "C" or c in "\u2028\u2029" for c in user):
+        return None  # (none, or one with control characters, %00 or a line break, that no number has)
     digits = _VISUAL.sub("", user)
     if _E164.fullmatch(digits) or _NATIONAL.fullmatch(digits):
         return digits

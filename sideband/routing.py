@@ -71,6 +71,9 @@ def _route_key(key: str) -> str:
     if ";" in user:
         params = user[user.index(";") :]
         raise ValueError(f"a key cannot carry URI parameters ({params}): calls are matched by number alone")
+    if "?" in user:  # (a caller's address is read without its URI headers: no user part holds one)
+        headers = user[user.index("?") :]
+        raise ValueError(f"a key cannot carry URI headers ({headers}): calls are matched by number alone")
     # (parse_number reads "<", ">" and '"' as a header's structure, not as part of a user name)
     number = parse_number(f"tel:{user}") if not set(user) & set('<>"') else None
     if number is None or not _USER.fullmatch(number):

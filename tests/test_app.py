@@ -65,10 +65,27 @@ def test_parse_number_with_spaces_in_user_part(value: str) -> None:
         ("<sips:alice:secret@example.com>", "alice"),
         ("<sip:+14155550100;isub=12:pw@carrier.example>", "+14155550100"),
         ("tel:+14155550100;phone-context=example.com", "+14155550100"),
+        # URI headers are no part of the address: an "@" there is no user part's end
+        ("<sip:10.0.0.1?subject=a@b>", None),
+        ("<sip:carrier.example;transport=tcp?x=1@y>", None),
+        ("<sip:+14155550100@carrier.example?subject=a@b>", "+14155550100"),
+        ("sip:+14155550100@carrier.example?x=y@z", "+14155550100"),
+        ("<tel:+14155550100?x=a@b>", "+14155550100"),
+        # control characters are in no number
+        ("<sip:+1415555%000100@carrier.example>", None),
+        ("<sip:alice%0D%0AX-Injected:%201@example.com>", None),
+        ("<sip:%E2%80%AEalice@example.com>", None),  # (a right-to-left override)
+        ("<sip:alice%E2%80%A8x@example.com>", None),  # (a line separator)
+        ("<tel:+1415%7F5550100>", None),
     ],
 )
 def test_parse_number_takes_the_user_part_alone(value: str, expected: str | None) -> None:
     assert parse_number(value) == expected
+
+
+def test_an_address_whose_uri_headers_hold_an_at_sign_is_a_withheld_caller() -> None:
+    call = IncomingCall.from_sip("rtc_1", headers(("From", "<sip:10.0.0.1?subject=a@b>;tag=1")))
+    assert call.from_number is None and call.caller_withheld
 
 
 def test_parse_number_ignores_uri_like_display_name() -> None:

@@ -518,6 +518,8 @@ def test_sip_user_names_are_keys() -> None:
         ("+18005551212;ext=22", "a key cannot carry URI parameters (;ext=22)"),
         ("tel:+18005551212;phone-context=example.com", "URI parameters (;phone-context=example.com)"),
         ("sip:+18005551212;isub=1@pbx.example.com", "URI parameters (;isub=1)"),
+        ("sales?x=1", "a key cannot carry URI headers (?x=1)"),
+        ("sip:+18005551212?subject=a@pbx.example.com", "URI headers (?subject=a)"),
         ("", "not an E.164 number, a number of digits or a SIP user name"),
         ("tel:", "not an E.164 number"),
         ("front desk", "not an E.164 number"),
