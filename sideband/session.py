@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
@@ -637,14 +638,32 @@ def _given(value: _T | None, otherwise: _T | None) -> _T | None:
     return otherwise if value is None else value
 
 
+# A SIP URI's host (a name, an IPv4 or a bracketed IPv6 address), its port and parameters after it.
+_SIP_HOST = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?(?:;.*)?"
+)
+
+
 def is_target_uri(uri: object) -> bool:
-    """Whether ``uri`` is a place a REFER can send a call: ``tel:``, ``sip:`` or ``sips:`` and something
-    after it (OpenAI refuses a bare ``tel:``)."""
-    return (
-        isinstance(uri, str)
-        and uri.startswith(("tel:", "sip:", "sips:"))
-        and bool(uri[4:].strip(":").strip())
-    )
+    """Whether ``uri`` is a place a REFER can send a call: a ``tel:`` URI with a number (a digit at
+    least: OpenAI refuses a bare ``tel:``, and ``tel:+`` reaches no one), or a ``sip:``/``sips:`` URI with
+    a host and, when it has an ``@``, a user before it (``sip:agent@pbx.example.com``,
+    ``sip:pbx.example.com``; not ``sip:@pbx.example.com``)."""
+    if not isinstance(uri, str):
+        return False
+    scheme, _, rest = uri.partition(":")
+    if scheme == "tel":
+        return any(c in _DIGITS for c in rest.partition(";")[0])
+    if scheme not in ("sip", "sips"):
+        return False
+    address = rest.partition("?")[0]  # (its headers aside)
+    userinfo, at, host = address.partition("@") if "@" in address else ("", "", address)
+    if at and not userinfo.partition(":")[0].strip():
+        return False
+    return _SIP_HOST.fullmatch(host) is not None
+
+
+_DIGITS = frozenset("0123456789")
 
 
 def check_transfer_targets(targets: Mapping[str, str]) -> dict[str, str]:

@@ -85,6 +85,12 @@ def test_table_matches_numbers_and_default(tmp_path: Path) -> None:
             "routes.+1: Value error, refer must be a tel: or sip: URI with a number",
         ),
         ('[routes."+1"]\nrefer = "sip: "\n', "refer must be a tel: or sip: URI with a number or address"),
+        ('[routes."+1"]\nrefer = "tel:+"\n', "refer must be a tel: or sip: URI with a number or address"),
+        ('[routes."+1"]\nrefer = "sip:@pbx.example.com"\n', "refer must be a tel: or sip: URI with a number"),
+        (
+            '[routes."+1"]\ntransfer_targets = { billing = "tel:+" }\n',
+            "'billing' must be a tel: or sip: URI with",
+        ),
         (
             '[routes."+1"]\ntransfer_targets = { billing = "tel:" }\n',
             "'billing' must be a tel: or sip: URI with",

@@ -571,16 +571,45 @@ def test_decision_defaults() -> None:
     assert Refer("tel:+14155550123").target_uri == "tel:+14155550123"
 
 
-@pytest.mark.parametrize("uri", ["tel:", "sip:", "sips:", "tel: ", "https://example.com", None])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "tel:",
+        "sip:",
+        "sips:",
+        "tel: ",
+        "https://example.com",
+        None,
+        "tel:+",
+        "tel:+ ;phone-context=example.com",
+        "sip:@",
+        "sip:@pbx.example.com",
+        "sips::pw@pbx.example.com",
+        "sip:agent@",
+        "sip:agent@;transport=tls",
+        "sip:agent@pbx@example.com",
+    ],
+)
 def test_a_refer_or_transfer_target_needs_a_number_or_address(uri: Any) -> None:
-    """OpenAI answers a REFER to a bare ``tel:`` with 400: the decision fails closed instead."""
+    """OpenAI answers a REFER to a bare ``tel:`` with 400, and ``tel:+`` or ``sip:@host`` reaches no one:
+    the decision fails closed instead of failing at every call."""
     with pytest.raises(DecisionError, match=r"^Refer target_uri must be a tel: or sip: URI with a number or"):
         Refer(uri)
     with pytest.raises(DecisionError, match=r"'human' must be a tel: or sip: URI with a number or address"):
         Accept(transfer_targets={"human": uri})
     with pytest.raises(ValueError, match=r"'human' must be a tel: or sip: URI with a number or address"):
         Sideband(transfer_targets={"human": uri})
-    for good in ("tel:+14155550123", "sip:agent@example.com", "sips:desk@pbx.example.com"):
+    for good in (
+        "tel:+14155550123",
+        "tel:911",
+        "tel:+1-415-555-0123;ext=22",
+        "sip:agent@example.com",
+        "sips:desk@pbx.example.com",
+        "sip:pbx.example.com",
+        "sip:+14155550123@10.0.0.1:5060;transport=tls",
+        "sips:desk:secret@[2001:db8::1]:5061",
+        "sip:desk@pbx.example.com?subject=transfer",
+    ):
         assert Refer(good).target_uri == good
         assert Accept(transfer_targets={"human": good}).transfer_targets == {"human": good}
 
