@@ -16,7 +16,8 @@ T = TypeVar("T")
 
 _HOP_TIMEOUT = 10.0
 """Seconds a thread waits for the call's loop to carry out an action (it never waits for the call to end;
-only a loop that stopped meanwhile would leave it waiting): then ``TimeoutError``."""
+only a loop that stopped, or was held by blocking code, meanwhile would leave it waiting): then
+``TimeoutError``, and the action is withdrawn, never carried out later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +165,9 @@ class CallContext:
     and returns or raises the same (e.g. ``ValueError`` for a transfer target outside the allow-list). Off the
     loop as on it, ``hangup()`` and ``transfer()`` have been requested by the time they return; the
     awaitable they return is already done, so a sync tool simply calls ``ctx.hangup()``, and an ``async
-    def`` one that leaves out the ``await`` still ends the call.
+    def`` one that leaves out the ``await`` still ends the call. A loop that does not take the action
+    within 10 s (blocking code holding it) raises ``TimeoutError`` in the calling thread, and the action
+    is withdrawn: it is never carried out later.
     """
 
     call_id: str
@@ -362,16 +365,29 @@ def _check_text(action: str, name: str, value: object) -> None:
 
 
 def _call_in(loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on ``loop`` (from another thread) and wait for its result or exception."""
+    """Run ``fn`` on ``loop`` (from another thread) and wait for its result or exception.
+
+    A loop that has not started it within :data:`_HOP_TIMEOUT` raises ``TimeoutError`` here, and ``fn``
+    is withdrawn: it never runs (the caller was told it failed). One the loop started meanwhile is waited
+    for, its outcome the caller's."""
     done: concurrent.futures.Future[T] = concurrent.futures.Future()
     loop.call_soon_threadsafe(_settle, done, fn)
     try:
-        return done.result(_HOP_TIMEOUT)
+        try:
+            return done.result(_HOP_TIMEOUT)
+        except TimeoutError:
+            if not done.cancel():  # (fn's own TimeoutError, or the loop started it just now)
+                return done.result()
+            raise TimeoutError(
+                f"the call's event loop did not take the action within {_HOP_TIMEOUT:g} s: it was withdrawn"
+            ) from None
     finally:
         del done  # it holds fn's exception, whose traceback holds this frame: no cycle
 
 
 def _settle(done: concurrent.futures.Future[T], fn: Callable[[], T]) -> None:
+    if not done.set_running_or_notify_cancel():
+        return  # withdrawn: the thread that asked gave up waiting, and said it failed
     try:
         done.set_result(fn())
     except BaseException as exc:

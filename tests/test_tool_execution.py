@@ -181,6 +181,54 @@ async def test_context_actions_from_a_worker_thread_run_on_the_loop() -> None:
     assert seen[-1] == ("hangup", "again", loop_thread)
 
 
+@pytest.mark.parametrize("action", ["transfer", "hangup", "say"])
+async def test_an_action_the_held_loop_did_not_take_in_time_is_never_carried_out(
+    monkeypatch: pytest.MonkeyPatch, action: str
+) -> None:
+    """Blocking code holds the call's loop past the hop's time: the sync tool's ``ctx.transfer()`` raises
+    ``TimeoutError`` (the model is told the tool failed), and the transfer never happens, not even once the
+    loop is free again."""
+    monkeypatch.setattr("sideband.context._HOP_TIMEOUT", 0.05)
+    carried_out: list[str] = []
+
+    class Actions:
+        def hangup(self, reason: str = "hangup") -> None:
+            carried_out.append("hangup")
+
+        def transfer(self, target: str) -> None:
+            carried_out.append("transfer")
+
+        def say(self, instructions: str) -> None:
+            carried_out.append("say")
+
+    ctx = CallContext("call_1", actions=Actions())  # type: ignore[arg-type]
+    gave_up = threading.Event()
+    raised: list[BaseException] = []
+
+    def sync_tool() -> None:
+        try:
+            {"transfer": lambda: ctx.transfer("human"), "hangup": ctx.hangup, "say": lambda: ctx.say("Hi")}[
+                action
+            ]()
+        except BaseException as exc:
+            raised.append(exc)
+        finally:
+            gave_up.set()
+
+    thread = threading.Thread(target=sync_tool)
+    thread.start()
+    assert gave_up.wait(10)  # (this blocks the loop: the tool's hop waits behind it, and times out)
+    thread.join(10)
+    free = asyncio.Event()
+    asyncio.get_running_loop().call_soon(free.set)  # (after the hop's callback, were it still queued)
+    await asyncio.wait_for(free.wait(), 5)
+    assert carried_out == []
+    assert [type(exc) for exc in raised] == [TimeoutError]
+    assert "withdrawn" in str(raised[0])
+    ctx.transfer("human")  # (the loop free: the context still acts)
+    assert carried_out == ["transfer"]
+
+
 async def test_sync_tool_uses_context_actions_on_a_live_call(stack: Stack) -> None:
     @stack.app.tool(filler_after=None)
     def wrap_up_sync(ctx: CallContext) -> dict[str, Any]:
