@@ -387,6 +387,20 @@ def test_service_refuses_to_start_with_an_app_config_every_call_would_fail(simul
     )
 
 
+def test_service_refuses_to_start_with_an_app_config_json_cannot_carry(simulator: Simulator) -> None:
+    from sideband.service import Service
+
+    app = Sideband(
+        session=SessionConfig(tracing={"workflow_name": "desk", "metadata": {"rate": decimal.Decimal(1)}})
+    )
+    with pytest.raises(SessionConfigError) as info:
+        Service(settings_for(simulator), app)
+    assert str(info.value) == (
+        "the app's session config: session field tracing.metadata.rate holds a value of type Decimal, which "
+        "JSON cannot carry"
+    )
+
+
 def test_service_refuses_to_start_with_an_mcp_server_whose_calls_wait_for_approval(
     simulator: Simulator,
 ) -> None:
