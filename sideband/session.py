@@ -482,19 +482,26 @@ def encode_session(fields: Mapping[str, Any]) -> bytes:
     object of the app's own), naming where it is and its type (not its value), rather than leave it to
     fail where the session is sent."""
     try:
-        return jsonio.dumps(fields)
+        encoded = jsonio.dumps(fields)
     except (TypeError, ValueError, RecursionError):  # (a cycle is a ValueError of Python's encoder)
         problem = _unencodable(fields, "", set()) or "a value JSON cannot carry"
         raise SessionConfigError(f"session {problem}") from None
+    if b"null" in encoded:  # (orjson writes a NaN or an infinity as null: a field unset, unseen)
+        non_finite = _unencodable(fields, "", set())
+        if non_finite is not None:
+            raise SessionConfigError(f"session {non_finite}")
+    return encoded
 
 
 _SCALARS = (str, int, float, bool, type(None))
 
 
 def _unencodable(value: Any, where: str, seen: set[int]) -> str | None:
-    """What in ``value`` (at ``where``) JSON cannot carry, said with its path and type, else ``None``.
-    Only run after an encoding failed (it is slow)."""
+    """What in ``value`` (at ``where``) JSON cannot carry (a NaN or an infinity included), said with its
+    path and type, else ``None``. Only run after an encoding failed, or wrote a null (it is slow)."""
     at = f"field {where}" if where else "config"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{at} is {value!r}, which JSON cannot carry"
     if isinstance(value, _SCALARS):
         return None
     if isinstance(value, Mapping | list | tuple):

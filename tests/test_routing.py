@@ -622,6 +622,13 @@ def test_a_plan_is_the_same_for_a_value_and_its_look_alike_string() -> None:
     dated = app.plan(Accept(session={"tracing": {"workflow_name": "desk", "metadata": {"at": when}}}))
     assert dated.session["tracing"]["metadata"] == {"at": "2026-03-01T09:30:00+00:00"}
     assert json.loads(json.dumps(dated.session)) == dated.session  # (what the accept is sent with)
+    # orjson writes NaN as null, which unsets a field: a NaN is refused, not taken for the None before it
+    unset = app.plan(Accept(session={"transcription_model": None})).session["audio"]
+    assert "transcription" not in unset.get("input", {})
+    with pytest.raises(
+        SessionConfigError, match=r"field transcription_model is nan, which JSON cannot carry"
+    ):
+        app.plan(Accept(session={"transcription_model": float("nan")}))
 
 
 async def test_a_hook_accepting_with_a_session_sip_refuses_is_rejected_on_every_call(stack: Stack) -> None:

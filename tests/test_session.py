@@ -640,12 +640,21 @@ def test_encode_session_names_what_json_cannot_carry_and_where() -> None:
         ),
         ({"tracing": looped}, "field tracing.self contains itself"),
         ({"prompt": {("a", "b"): 1}}, "field prompt has a key of type tuple"),
+        ({"audio": {"output": {"speed": float("nan")}}}, "field audio.output.speed is nan"),
+        (
+            {"tracing": {"metadata": {"rate": None, "cap": float("-inf")}}},
+            "field tracing.metadata.cap is -inf",
+        ),
     ]
     for fields, problem in cases:
         with pytest.raises(
             SessionConfigError, match=re.escape(f"session {problem}, which JSON cannot carry")
         ):
             encode_session(fields)
+    assert (
+        encode_session({"transcription_model": None, "x": "null"})
+        == b'{"transcription_model":null,"x":"null"}'
+    )
     assert (
         encode_session({"tracing": {"metadata": {"n": 2**70}}})
         == b'{"tracing":{"metadata":{"n":1180591620717411303424}}}'
