@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sideband import Refer, Reject
+from sideband import Refer, Reject, Sideband
 from sideband.testing import Script, Simulator, run_app, wait_for_greeting
 from sideband.upstream.openai import (
     CallControl,
@@ -351,6 +351,20 @@ async def test_an_account_refused_is_one_attempt_and_says_why(
     assert [e["event"] for e in errors] == ["call.accept_failed", "call.answer_failed"]
     assert errors[0]["status"] == status
     assert errors[0]["error"] == f"POST /realtime/calls/{call.call_id}/accept answered {status}: {hint}"
+
+
+async def test_an_accept_refused_for_its_session_logs_what_openai_refused(simulator: Simulator) -> None:
+    """OpenAI refuses an accept for what it holds (a voice it does not have): the error line carries
+    OpenAI's own message, so the operator reads which voice, model or field to mend."""
+    app = Sideband(instructions="You answer.", greeting=None, voice="nonexistent-voice-zzz")
+    async with run_app(app, simulator, **TEST_SETTINGS) as h:
+        call = simulator.create_call(Script([]))
+        with capture_logs() as logs:
+            await h.sender.deliver(simulator.incoming_event(call), max_attempts=1)
+    (failed,) = [e for e in logs if e["event"] == "call.accept_failed"]
+    assert failed["status"] == 400
+    prefix = f"POST /realtime/calls/{call.call_id}/accept answered 400: "
+    assert failed["error"].startswith(prefix + "Invalid value: 'nonexistent-voice-zzz'."), failed
 
 
 def test_a_rate_limit_is_tried_again_a_spent_quota_is_not() -> None:

@@ -59,7 +59,8 @@ REGION_REFUSED = "unsupported_country_region_territory"
 def hint(status: int, body: str) -> str:
     """For a refusal no retry mends, what the operator should check, to follow an error's status: the
     key (401, 403), the project's credit (429 ``insufficient_quota``), where requests come from (403
-    ``unsupported_country_region_territory``), the base URL (404 ``Invalid URL``). Else ``""``."""
+    ``unsupported_country_region_territory``), the base URL (404 ``Invalid URL``). Else OpenAI's own
+    ``error.message`` (which voice, model or field it refused), or ``""`` for a body without one."""
     if status == 403 and error_code(body) == REGION_REFUSED:
         return (
             ": OpenAI does not serve the country or region this server's requests come from (check the "
@@ -73,7 +74,11 @@ def hint(status: int, body: str) -> str:
         return (
             ": the API key may not do this (check OPENAI_API_KEY: a key of another project or organization?)"
         )
-    return wrong_url(status, body)
+    misdirected = wrong_url(status, body)
+    if misdirected:
+        return misdirected
+    message = error_message(body)
+    return f": {message}" if message else ""
 
 
 def _error_field(body: str, name: str) -> str | None:
