@@ -670,7 +670,7 @@ class Sideband:
             # (in a copy of this context, so what the hook logs still carries the call_id)
             run = in_thread(self._route, call, started=started)
             result = await asyncio.get_running_loop().run_in_executor(self._route_threads, run)
-        if inspect.isawaitable(result):
+        while inspect.isawaitable(result):  # (an ``await`` left out in the hook: the lookup it returns)
             result = await result
         if not isinstance(result, Accept | Reject | Refer):
             raise DecisionError(f"on_incoming returned {type(result).__name__}, not Accept/Reject/Refer")

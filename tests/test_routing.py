@@ -223,6 +223,34 @@ async def test_hook_sees_the_route_and_can_override_it(stack: Stack) -> None:
     await asyncio.wait_for(call.wait_done(), 5)
 
 
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_decision_the_hook_returns_unawaited_is_awaited(stack: Stack, kind: str) -> None:
+    """An ``await`` left out in the hook (``return lookup(call)``, ``lookup`` a coroutine function): the
+    decision it returns is awaited, not refused as no decision (and left never awaited)."""
+
+    async def lookup(call: IncomingCall) -> Accept:
+        await asyncio.sleep(0)
+        return Accept(instructions="Looked up.")
+
+    if kind == "async":
+
+        @stack.app.on_incoming
+        async def route(call: IncomingCall) -> Any:
+            return lookup(call)
+
+    else:
+
+        @stack.app.on_incoming
+        def route(call: IncomingCall) -> Any:
+            return lookup(call)
+
+    call = stack.sim.create_call(Script([]))
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    assert call.status == "accepted" and call.accept_body["instructions"] == "Looked up."
+    assert not [e for e in logs if e["event"] == "call.route_failed"]
+
+
 async def test_a_hooks_accept_is_layered_over_the_route(stack: Stack) -> None:
     @stack.app.on_incoming
     def route(call: IncomingCall) -> Accept:
