@@ -1372,6 +1372,60 @@ async def test_attach_has_no_session_created_and_session_update_echoes(
     assert call.sideband_connects == 1 and [e["type"] for e in call.sent] == ["error", "session.updated"]
 
 
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type": "response.create", "response": {"max_output_tokens": NaN}}',
+        '{"type": "response.create", "response": {"max_output_tokens": Infinity}}',
+        '{"type": "response.create", "response": {"max_output_tokens": -Infinity}}',
+        '{"type": "response.create", "response": {"max_output_tokens": 1e999}}',
+        '{"type": "response.create", "response": {"instructions": "Say \\ud83d"}}',
+        '{"type": "response.create", "response": {"instructions": "Say \\ude00 then"}}',
+        "[" * 5000 + "]" * 5000,
+    ],
+    ids=["nan", "infinity", "-infinity", "out-of-range", "lone-high-surrogate", "lone-low-surrogate", "deep"],
+)
+async def test_a_frame_that_is_not_strict_json_is_refused(
+    simulator: Simulator, http: aiohttp.ClientSession, frame: str
+) -> None:
+    """What Python's parser reads but is not JSON (``NaN``, ``Infinity``, a lone surrogate escape) is
+    refused as malformed JSON is: an ``error``, the frame dropped, the socket open."""
+    call = await live_call(simulator, http)
+    async with ws_connect(simulator, call) as ws:
+        await ws.send(frame)
+        error = (await recv(ws))["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_json")
+        assert error["message"].startswith("Failed to parse client event")
+        # A surrogate pair written as two escapes is JSON: the socket goes on.
+        await ws.send('{"type": "response.create", "response": {"instructions": "Say \\ud83d\\ude00"}}')
+        assert (await recv(ws))["type"] == "response.created"
+    assert call.bad_frames == [frame]
+    assert [e["type"] for e in call.received] == ["response.create"]
+    assert call.received[0]["response"]["instructions"] == "Say \U0001f600"
+
+
+async def test_a_body_that_is_not_strict_json_is_refused(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = simulator.create_call()
+    url = f"{simulator.base_url}/realtime/calls/{call.call_id}/accept"
+    headers = {**AUTH, "Content-Type": "application/json"}
+    for body in (
+        '{"type": "realtime", "max_output_tokens": NaN}',
+        '{"type": "realtime", "instructions": "\\ud83d"}',
+    ):
+        status, raw = await post(http, url, body, headers)
+        assert status == 400 and "could not parse the JSON body" in error_of(raw)["message"]
+    assert call.status == "ringing"
+    form = aiohttp.FormData()
+    form.add_field("sdp", OFFER, content_type="application/sdp")
+    form.add_field(
+        "session", '{"type": "realtime", "max_output_tokens": Infinity}', content_type="application/json"
+    )
+    async with http.post(f"{simulator.base_url}/realtime/calls", data=form, headers=AUTH) as resp:
+        assert resp.status == 400 and error_of(await resp.read())["code"] == "invalid_json"
+
+
 async def test_client_event_errors_keep_the_socket_open(
     simulator: Simulator, http: aiohttp.ClientSession
 ) -> None:

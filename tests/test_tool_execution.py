@@ -371,3 +371,26 @@ async def test_an_unexpected_error_in_execute_still_answers_the_model(
     await stack.sim.hang_up(call)
     summary = await stack.ended(call)
     assert [(t.name, t.outcome) for t in summary.tools] == [("fetch", "error")]
+
+
+# -- what a tool returns reaches the model as JSON the service reads ------------------------------------
+
+
+async def test_an_output_holding_half_an_emoji_reaches_the_model(stack: Stack) -> None:
+    """A string cut inside a surrogate pair (text from a UTF-16 source, half an emoji) cannot be UTF-8:
+    the frame carrying it is written with U+FFFD in its place, as strict JSON the service takes, rather
+    than with a ``\\ud83d`` escape it refuses (the model would get no output, and wait)."""
+
+    @stack.app.tool(filler_after=None)
+    async def status() -> str:
+        return "Shipped \ud83d"
+
+    call = await start(
+        stack, Script([HELLO, caller_says("status?"), model_calls("status", {}), model_says("It shipped.")])
+    )
+    await call.wait_done(timeout=10)
+    assert call.bad_frames == []
+    assert [out for _, out in call.function_outputs] == ["Shipped \ufffd"]
+    await stack.sim.hang_up(call)
+    summary = await stack.ended(call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("status", "ok")]

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple, TypeAlias
 
+import orjson
 from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -303,6 +304,13 @@ def _media_type(request: web.Request) -> str:
     with the email package, whose header registry makes new classes per header: cyclic garbage."""
     media = request.headers.get("Content-Type", "").partition(";")[0]
     return media.strip().lower() or "application/octet-stream"
+
+
+def _strict_json(data: str | bytes) -> Any:
+    """``data`` parsed as the service parses JSON: strictly. ``NaN`` / ``Infinity``, a number out of a
+    double's range and a lone surrogate escape (``"\\ud83d"``: half an emoji) are refused, as anything else
+    that is not JSON is, with :exc:`ValueError`."""
+    return orjson.loads(data)
 
 
 def _error_body(
@@ -1443,7 +1451,7 @@ class SimCall:
 
     async def _on_text(self, data: str) -> None:
         try:
-            event = json.loads(data)
+            event = _strict_json(data)
         except ValueError as exc:
             self.bad_frames.append(data)
             if not self._ended.is_set():
@@ -3201,7 +3209,7 @@ class Simulator:
                 400, "We could not parse the JSON body of your request: the body is empty."
             )
         try:
-            body = json.loads(raw)
+            body = _strict_json(raw)
         except ValueError:
             return _error_response(
                 400,
@@ -3392,7 +3400,7 @@ class Simulator:
             sdp = parts["sdp"].decode("utf-8", "replace")
             if "session" in parts:
                 try:
-                    session = json.loads(parts["session"])
+                    session = _strict_json(parts["session"])
                 except ValueError:
                     return _error_response(
                         400, "The 'session' part is not valid JSON.", param="session", code="invalid_json"
