@@ -168,11 +168,14 @@ async def finish(stack: Stack, call: SimCall) -> CallSummary:
     return summary
 
 
-async def injected(stack: Stack, name: str, arguments: dict[str, Any] | str) -> Any:
-    """One call: the model calls ``name(arguments)``, the output comes back, the caller hangs up."""
+async def injected(
+    stack: Stack, name: str, arguments: dict[str, Any] | str, *, undeclared: bool = False
+) -> Any:
+    """One call: the model calls ``name(arguments)`` (a tool the app does not have, with ``undeclared``),
+    the output comes back, the caller hangs up."""
     call = await start(stack, Script([pause(30)]))
     await call.wait_received("session.update", timeout=WAIT)
-    pending = await call.inject_function_call(name, arguments)
+    pending = await call.inject_function_call(name, arguments, undeclared=undeclared)
     output = json.loads(await pending.wait_output(WAIT))
     await stack.sim.hang_up(call)
     await finish(stack, call)
@@ -207,7 +210,7 @@ async def test_a_tool_path_leaves_no_cycles(
     stack: Stack, name: str, arguments: dict[str, Any] | str, error: str | None
 ) -> None:
     async def one_call(n: int) -> None:
-        output = await injected(stack, name, arguments)
+        output = await injected(stack, name, arguments, undeclared=error == "unknown_tool")
         assert output.get("error") == error if error else output == ANSWERS[name], output
 
     await assert_no_cycles(one_call)

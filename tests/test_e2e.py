@@ -670,7 +670,8 @@ async def test_tool_failures_become_model_visible_outputs(stack: Stack) -> None:
                         ("broken", {}),
                         ("lookup_order", '{"order_id": '),
                         ("refuse", {"reason": "policy"}),
-                    ]
+                    ],
+                    undeclared=True,  # (the model makes "nope" up)
                 ),
                 model_says("Sorry."),
                 caller_hangs_up(),

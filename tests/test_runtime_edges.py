@@ -1437,7 +1437,7 @@ def gated_tool_call(
     tools.add(slow)
     call = simulator.create_call(
         Script([caller_says("go"), model_calls("slow", {}), model_says("Done."), caller_hangs_up()]),
-        accept_body={"type": "realtime"},
+        accept_body={"type": "realtime", "tools": tools.definitions()},
     )
     return tools, call, started, release
 

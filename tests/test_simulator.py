@@ -42,6 +42,14 @@ CASSETTES = Path(__file__).parent / "data" / "cassettes" / "openai"
 OFFER = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
 TRANSCRIBED = {"type": "realtime", "audio": {"input": {"transcription": {"model": "gpt-realtime-whisper"}}}}
 
+
+def declaring(*names: str, **session: Any) -> dict[str, Any]:
+    """A session config (``session``'s fields besides) declaring function tools ``names``: the model calls
+    only tools in effect."""
+    tools = [{"type": "function", "name": n, "parameters": {"type": "object"}} for n in names]
+    return {"type": "realtime", **session, "tools": tools}
+
+
 ITEMLESS = {
     "type": "object",
     "properties": {"where": {"anyOf": [{"type": "array", "prefixItems": [{}]}, {"type": "null"}]}},
@@ -1150,7 +1158,7 @@ async def test_a_create_while_the_model_is_still_heard_is_the_script_s_next_resp
         )
     )
     async with ws_connect(simulator, call) as ws:
-        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "session.update", "session": declaring("lookup")})
         await send(ws, {"type": "response.create"})
         seen = await recv_until(ws, "response.done")
         item = {"type": "function_call_output", "call_id": "call_1", "output": "{}"}
@@ -1293,7 +1301,7 @@ async def test_a_caller_speaks_for_the_seconds_given_while_the_tools_run(simulat
         )
     )
     async with ws_connect(simulator, call) as ws:
-        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "session.update", "session": declaring("lookup")})
         await send(ws, {"type": "response.create"})
         await recv_until(ws, "input_audio_buffer.speech_started")
         item = {"type": "function_call_output", "call_id": "call_1", "output": "{}"}
@@ -1649,7 +1657,7 @@ async def test_a_create_before_response_done_is_refused(
         script = Script(
             [wait_for_greeting("Hi."), model_calls("lookup", {"id": "42"}), model_says("Shipped.")]
         )
-        call = await live_call(sim, http, script)
+        call = await live_call(sim, http, script, declaring("lookup"))
         async with ws_connect(sim, call) as ws:
             await send(ws, {"type": "response.create", "event_id": "evt_greet"})
             args = (await recv_until(ws, "response.function_call_arguments.done"))[-1]
@@ -1671,7 +1679,7 @@ async def test_a_cancel_while_a_response_is_held_active_cancels_it(http: aiohttp
     last call's arguments ends it ``cancelled`` (so a controller must not run that call)."""
     async with Simulator() as sim:
         script = Script([wait_for_greeting("Hi."), model_calls("transfer", {"to": "x"}), model_says("Ok.")])
-        call = await live_call(sim, http, script)
+        call = await live_call(sim, http, script, declaring("transfer"))
         async with ws_connect(sim, call) as ws:
             await send(ws, {"type": "response.create", "event_id": "evt_greet"})
             await recv_until(ws, "response.done")
@@ -1692,7 +1700,10 @@ async def test_a_simulator_for_benchmarks_holds_no_response(http: aiohttp.Client
         Simulator(min_response_time=-1)
     async with Simulator(min_response_time=None) as sim:
         call = await live_call(
-            sim, http, Script([model_calls("lookup", {"id": "42"}), model_says("Shipped.")])
+            sim,
+            http,
+            Script([model_calls("lookup", {"id": "42"}), model_says("Shipped.")]),
+            declaring("lookup"),
         )
         async with ws_connect(sim, call) as ws:
             args = (await recv_until(ws, "response.function_call_arguments.done"))[-1]
@@ -1852,7 +1863,7 @@ async def test_full_scripted_tool_round(
             caller_hangs_up(mode),
         ]
     )
-    call = await live_call(simulator, http, script, body=TRANSCRIBED)
+    call = await live_call(simulator, http, script, body=declaring("lookup_order", **TRANSCRIBED))
     async with ws_connect(simulator, call) as ws:
         await send(ws, {"type": "session.update", "session": TRANSCRIBED})
         await send(ws, {"type": "response.create"})
@@ -2004,7 +2015,7 @@ async def test_parallel_calls_malformed_arguments_and_dtmf(
     )
     call = await live_call(simulator, http, script)
     async with ws_connect(simulator, call) as ws:
-        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "session.update", "session": declaring("first", "second")})
         controller = Controller(ws, {"first": "1", "second": "2"})
         task = asyncio.create_task(controller.run())
         await call.wait_done(timeout=5)
@@ -2042,7 +2053,7 @@ async def test_cancelled_tool_response_does_not_wait_for_outputs(
         ),
     )
     async with ws_connect(simulator, call) as ws:
-        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "session.update", "session": declaring("slow")})
         await call.wait_done(timeout=5)
         assert ws.state is websockets.State.OPEN
     dones = call.sent_of_type("response.done")
@@ -2066,7 +2077,7 @@ async def test_an_incomplete_tool_response_completes_the_calls_written_whole(
     )
     call = await live_call(simulator, http, script)
     async with ws_connect(simulator, call) as ws:
-        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "session.update", "session": declaring("lookup")})
         controller = Controller(ws, {"lookup": "shipped"})
         task = asyncio.create_task(controller.run())
         await call.wait_done(timeout=5)
@@ -2096,7 +2107,7 @@ async def test_arguments_cut_leaves_the_last_call_incomplete_and_waits_for_no_ou
         model_calls("lookup", {}, arguments_cut=True)
     call = await live_call(simulator, http, Script([caller_says("Go."), step, model_says("Sorry?")]))
     async with ws_connect(simulator, call) as ws:
-        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "session.update", "session": declaring("first", "second")})
         await call.wait_done(timeout=5)
     done = call.sent_of_type("response.done")[0]["response"]
     assert done["status"] == "incomplete"
@@ -2224,7 +2235,7 @@ async def test_hangup_right_after_the_last_output_completes_the_script(
 ) -> None:
     call = await live_call(simulator, http, Script([caller_says("Bye."), model_calls("end_call", {})]))
     async with ws_connect(simulator, call) as ws:
-        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "session.update", "session": declaring("end_call")})
         done = (await recv_until(ws, "response.function_call_arguments.done"))[-1]
         await send(
             ws,
@@ -2658,7 +2669,7 @@ async def test_inject_function_call_streams_like_model_calls(
 ) -> None:
     call = await live_call(simulator, http, Script([model_calls("lookup", {"order_id": "42"})]))
     async with ws_connect(simulator, call) as ws:
-        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        await send(ws, {"type": "session.update", "session": declaring("lookup")})
         scripted = await recv_until(ws, "response.done")
         done = next(e for e in scripted if e["type"] == "response.function_call_arguments.done")
         await answer_output(ws, done["call_id"], "{}")
@@ -2704,7 +2715,7 @@ async def test_inject_function_call_ids_and_refusals(
     ringing = simulator.create_call()
     with pytest.raises(RuntimeError, match="not live"):
         await ringing.inject_function_call("echo")
-    call = await live_call(simulator, http)
+    call = await live_call(simulator, http, body=declaring("echo"))
     async with ws_connect(simulator, call) as ws:
         first = await call.inject_function_call("echo", "not json", call_id="call_mine")
         events = await recv_until(ws, "response.done")
@@ -2737,10 +2748,112 @@ async def test_inject_function_call_ids_and_refusals(
         await InjectedCall("call_x", "echo", "{}").wait_output(timeout=0.01)
 
 
+@pytest.mark.parametrize(
+    ("session", "response", "refusal"),
+    [
+        ({"type": "realtime"}, {}, "it is not among the session's tools (none)"),
+        (declaring("other"), {}, "it is not among the session's tools ('other')"),
+        (declaring("lookup", tool_choice="none"), {}, 'the session\'s tool_choice is "none"'),
+        (declaring("lookup"), {"tool_choice": "none"}, 'the response.create\'s tool_choice is "none"'),
+        (declaring("lookup"), {"tools": []}, "it is not among the response.create's tools (none)"),
+        (
+            declaring("lookup", "other"),
+            {"tool_choice": {"type": "function", "name": "other"}},
+            "the response.create's tool_choice forces 'other'",
+        ),
+        (
+            declaring("lookup"),
+            {"tool_choice": {"type": "mcp", "server_label": "crm"}},
+            "the response.create's tool_choice forces a tool of MCP server 'crm'",
+        ),
+    ],
+    ids=["no-tools", "another-tool", "session-none", "create-none", "create-no-tools", "forced", "mcp"],
+)
+async def test_the_model_calls_only_tools_in_effect(
+    simulator: Simulator,
+    http: aiohttp.ClientSession,
+    session: dict[str, Any],
+    response: dict[str, Any],
+    refusal: str,
+) -> None:
+    """A scripted call to a tool the response may not call (not declared by the session or by the
+    ``response.create`` it answers, or under ``tool_choice: "none"``, or not the forced one) fails the
+    step, naming why: the real model cannot make it. The create is answered as an unscripted one."""
+    call = await live_call(
+        simulator, http, Script([model_calls("lookup", {}), model_says("Shipped.")]), session
+    )
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "response.create", "response": response})
+        events = await recv_until(ws, "response.done")
+    with pytest.raises(
+        ScriptError, match=r"step 0 model_calls\(lookup.*\): the model cannot call 'lookup'"
+    ) as info:
+        await call.wait_done(timeout=5)
+    assert refusal in str(info.value) and "undeclared=True" in str(info.value)
+    assert "response.function_call_arguments.done" not in [e["type"] for e in events]
+    assert [(r.source, r.text) for r in call.responses] == [("auto", simulator.auto_answer_text)]
+
+
+@pytest.mark.parametrize(
+    ("session", "response"),
+    [
+        (declaring("lookup"), {}),
+        (declaring("lookup", tool_choice={"type": "function", "name": "lookup"}), {}),
+        (declaring("lookup", tool_choice="none"), {"tool_choice": "required"}),
+        ({"type": "realtime"}, {"tools": declaring("lookup")["tools"]}),
+    ],
+    ids=["declared", "forced", "create-choice", "create-tools"],
+)
+async def test_a_call_to_a_tool_in_effect_is_made(
+    simulator: Simulator, http: aiohttp.ClientSession, session: dict[str, Any], response: dict[str, Any]
+) -> None:
+    call = await live_call(simulator, http, Script([model_calls("lookup", {}, call_id="call_1")]), session)
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "response.create", "response": response})
+        await answer_output(
+            ws, (await recv_until(ws, "response.function_call_arguments.done"))[-1]["call_id"], "{}"
+        )
+        await call.wait_done(timeout=5)
+    assert call.responses[0].call_ids == ["call_1"]
+
+
+async def test_undeclared_calls_are_made_when_the_script_says_so(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """``undeclared=True``: the model calls a tool nobody declared (a hallucination, a withdrawn tool)."""
+    step = model_calls("made_up", {}, undeclared=True)
+    assert "undeclared=True" in step.describe()
+    call = await live_call(simulator, http, Script([step]), declaring("lookup", tool_choice="none"))
+    async with ws_connect(simulator, call) as ws:
+        done = (await recv_until(ws, "response.function_call_arguments.done"))[-1]
+        await answer_output(ws, done["call_id"], '{"error": "unknown_tool"}')
+        await call.wait_done(timeout=5)
+    assert done["name"] == "made_up"
+
+
+async def test_inject_function_call_refuses_a_tool_not_in_effect(
+    simulator: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call = await live_call(simulator, http, body=declaring("echo"))
+    async with ws_connect(simulator, call) as ws:
+        with pytest.raises(
+            ScriptError, match=r"cannot call 'lookup': it is not among the session's tools \('echo'\)"
+        ):
+            await call.inject_function_call("lookup", {})
+        await send(ws, {"type": "session.update", "session": {"type": "realtime", "tool_choice": "none"}})
+        await recv_until(ws, "session.updated")
+        with pytest.raises(ScriptError, match='the session\'s tool_choice is "none"'):
+            await call.inject_function_call("echo", {})
+        assert not call.responses
+        made_up = await call.inject_function_call("lookup", {}, undeclared=True)
+        done = (await recv_until(ws, "response.function_call_arguments.done"))[-1]
+    assert (done["name"], done["call_id"]) == ("lookup", made_up.call_id)
+
+
 async def test_inject_function_call_without_a_sideband_has_no_send_time(
     simulator: Simulator, http: aiohttp.ClientSession
 ) -> None:
-    call = await live_call(simulator, http)
+    call = await live_call(simulator, http, body=declaring("echo"))
     injected = await call.inject_function_call("echo")
     assert injected.arguments_done_ns is None and injected.response_id is not None and not call.sent
 

@@ -82,7 +82,7 @@ async def test_a_tool_offers_the_next_stage_and_withdraws_the_last() -> None:
                 [
                     wait_for_greeting("Order desk."),
                     caller_says("Refund order 7."),
-                    model_calls("refund", {"order_id": "7"}),  # not offered yet: not run
+                    model_calls("refund", {"order_id": "7"}, undeclared=True),  # not offered yet: not run
                     model_says("First your PIN."),
                     caller_says("1234."),
                     model_calls("verify", {"pin": "1234"}),
@@ -91,7 +91,7 @@ async def test_a_tool_offers_the_next_stage_and_withdraws_the_last() -> None:
                     model_calls("refund", {"order_id": "7"}),
                     model_says("Done."),
                     caller_says("And verify me again."),
-                    model_calls("verify", {"pin": "1234"}),  # withdrawn: not run
+                    model_calls("verify", {"pin": "1234"}, undeclared=True),  # withdrawn: not run
                     model_says("You are verified already."),
                     caller_hangs_up(),
                 ]
@@ -145,7 +145,9 @@ async def test_the_calls_of_one_response_run_with_the_tools_it_was_offered() -> 
                     model_calls([("verify", {"pin": "1234"}), ("lookup_order", {"order_id": "9"})]),
                     model_says("Verified; order 9 shipped."),
                     caller_says("Where is order 10?"),
-                    model_calls([("lookup_order", {"order_id": "10"}), ("refund", {"order_id": "9"})]),
+                    model_calls(  # (lookup_order is withdrawn)
+                        [("lookup_order", {"order_id": "10"}), ("refund", {"order_id": "9"})], undeclared=True
+                    ),
                     model_says("I can no longer look orders up."),
                     caller_hangs_up(),
                 ]

@@ -138,6 +138,7 @@ class ModelCalls:
     preamble: str | None = None
     status: ResponseStatus = "completed"
     await_outputs: bool = True
+    undeclared: bool = False
 
     @property
     def arguments_cut(self) -> bool:
@@ -154,6 +155,7 @@ class ModelCalls:
         """A short human description, used in failure messages."""
         names = ", ".join(c.name for c in self.calls)
         cut = ", arguments_cut=True" if self.arguments_cut else ""
+        cut += ", undeclared=True" if self.undeclared else ""
         return f"model_calls({names}, status={self.status!r}{cut})"
 
 
@@ -321,6 +323,7 @@ def model_calls(
     status: ResponseStatus = "completed",
     await_outputs: bool = True,
     arguments_cut: bool = False,
+    undeclared: bool = False,
 ) -> ModelCalls:
     """The model calls one function (``model_calls("lookup", {"id": 1})``) or several in parallel
     (``model_calls([("a", {...}), ("b", {...})])``).
@@ -335,6 +338,12 @@ def model_calls(
     half is written and its item ends ``incomplete``, so a controller must not run it; the step does not
     wait for outputs. ``await_outputs=False``: the script goes on once the response is done, while the
     tools run (the caller speaks meanwhile, say); the model answers the outputs at the next response step.
+
+    As on the real service, the model calls only the tools in effect for its response: the session's
+    ``tools`` and ``tool_choice``, or those of the ``response.create`` it answers. A call to another
+    (or any call under ``tool_choice: "none"``, or to another tool than a forced one) fails the script
+    at this step, naming the tools in effect. ``undeclared=True`` lets the model call tools nobody
+    declared, to test a call to a tool that was withdrawn or never existed (a model's hallucination).
     """
     if status not in _RESPONSE_STATUSES:
         raise ValueError(f"status must be one of {_RESPONSE_STATUSES}, not {status!r}")
@@ -358,7 +367,7 @@ def model_calls(
             raise ValueError("call_id may not be empty")
     if arguments_cut:
         specs[-1] = replace(specs[-1], cut=True)
-    return ModelCalls(tuple(specs), preamble, status, await_outputs)
+    return ModelCalls(tuple(specs), preamble, status, await_outputs, undeclared)
 
 
 def caller_presses(digits: str) -> CallerPresses:

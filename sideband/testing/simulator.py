@@ -176,7 +176,9 @@ _TOOL_CHOICE_FIELDS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = Map
 
 
 class ScriptError(AssertionError):
-    """A call's script failed (a step timed out, or the call ended before the script finished)."""
+    """A call's script failed (a step timed out, the model was to call a tool not in effect, or the call
+    ended before the script finished); also raised by :meth:`SimCall.inject_function_call` for a tool not
+    in effect."""
 
 
 class _StepFailed(Exception):
@@ -931,6 +933,48 @@ def _refuse_webrtc_session(session: Any, *, accept: bool) -> web.Response | None
     return None
 
 
+def _refused_calls(
+    calls: Sequence[FunctionCallSpec], session: Mapping[str, Any], create: Mapping[str, Any] | None
+) -> str | None:
+    """Why the model could not make ``calls`` in a response to ``create`` (``None``: a response of its own,
+    under the session's settings), or ``None`` if it could: it calls only the function tools in effect
+    (the ``response.create``'s ``tools`` / ``tool_choice``, else the session's), none under
+    ``tool_choice: "none"``, and only the forced one under a tool choice naming one."""
+    if not calls:
+        return None
+    overrides = (create.get("response") or {}) if create is not None else {}
+    tools, tools_from = (
+        (overrides["tools"], "the response.create's")
+        if "tools" in overrides
+        else (session.get("tools") or [], "the session's")
+    )
+    choice, choice_from = (
+        (overrides["tool_choice"], "the response.create's")
+        if "tool_choice" in overrides
+        else (session.get("tool_choice", "auto"), "the session's")
+    )
+    declared = [
+        t.get("name") for t in tools if isinstance(t, Mapping) and t.get("type", "function") == "function"
+    ]
+    for spec in calls:
+        if choice == "none":
+            reason = f'{choice_from} tool_choice is "none": the model calls no tool'
+        elif isinstance(choice, Mapping) and choice.get("type") == "mcp":
+            reason = f"{choice_from} tool_choice forces a tool of MCP server {choice.get('server_label')!r}"
+        elif isinstance(choice, Mapping) and choice.get("name") != spec.name:
+            reason = f"{choice_from} tool_choice forces {choice.get('name')!r}"
+        elif spec.name not in declared:
+            names = ", ".join(repr(n) for n in declared) or "none"
+            reason = f"it is not among {tools_from} tools ({names})"
+        else:
+            continue
+        return (
+            f"the model cannot call {spec.name!r}: {reason} (undeclared=True scripts a call to a tool "
+            "that is not in effect)"
+        )
+    return None
+
+
 def _is_response_step(step: Step) -> bool:
     return isinstance(step, WaitForGreeting | ModelSays | ModelCalls)
 
@@ -1180,7 +1224,12 @@ class SimCall:
     # ------------------------------------------------------------------------------------ on demand
 
     async def inject_function_call(
-        self, name: str, arguments: Mapping[str, Any] | str | None = None, *, call_id: str | None = None
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | str | None = None,
+        *,
+        call_id: str | None = None,
+        undeclared: bool = False,
     ) -> InjectedCall:
         """The model calls ``name(arguments)`` now, whatever the script is doing, in a response of its own.
 
@@ -1196,6 +1245,11 @@ class SimCall:
         not wait for injected calls and the call's :attr:`responses` records the response with
         ``source="injected"``.
 
+        As on the real service, the model calls only a tool the session declares (its ``tools``), and none
+        under its ``tool_choice`` ``"none"`` (or another than the one a ``tool_choice`` forces): another
+        call raises :class:`ScriptError` naming the tools in effect. ``undeclared=True`` makes the call
+        anyway, to test a call to a tool that was withdrawn or never existed (a model's hallucination).
+
         Raises :class:`RuntimeError` if the call is not live (never accepted, or ended), :class:`ValueError`
         if ``call_id`` is already in the conversation.
         """
@@ -1209,6 +1263,10 @@ class SimCall:
                 raise RuntimeError(f"call {self.call_id} is not live (status {self.status})")
             if spec.call_id in self._function_calls or spec.call_id in self._injected:
                 raise ValueError(f"call {self.call_id}: function call_id {spec.call_id!r} is already in use")
+            assert self.session is not None
+            refused = None if undeclared else _refused_calls((spec,), self.session, None)
+            if refused is not None:
+                raise ScriptError(f"call {self.call_id}: {refused}")
             self._injected[spec.call_id] = injected
             record = await self._emit_response(
                 text=None,
@@ -1598,9 +1656,13 @@ class SimCall:
         if self._script_claims_create():
             self._create_arrived.set()
         else:
-            task = self._sim._spawn(self._auto_answer())
-            self._response_tasks.add(task)
-            task.add_done_callback(self._response_tasks.discard)
+            self._answer_unscripted()
+
+    def _answer_unscripted(self) -> None:
+        """Answer the pending ``response.create`` with :meth:`_auto_answer`, in a task of its own."""
+        task = self._sim._spawn(self._auto_answer())
+        self._response_tasks.add(task)
+        task.add_done_callback(self._response_tasks.discard)
 
     async def _refuse_busy(self, event_id: str | None) -> None:
         """Refuse a ``response.create`` that met an active response (or another create)."""
@@ -2342,6 +2404,8 @@ class SimCall:
         finally:
             self._set_phase("finished")
             self._done.set()
+            if self._pending_create is not None and not self._ended.is_set():
+                self._answer_unscripted()  # (a create the failed step was to answer: the model answers it)
             self._notify()
 
     async def _flush_transcript(self) -> None:
@@ -2430,9 +2494,12 @@ class SimCall:
         must_wait: bool,
         limit: float,
         first: bool = False,
+        undeclared: bool = False,
     ) -> ResponseRecord | None:
         """One scripted response: the answer to the controller's pending create, else the server's own;
-        with ``first``, the server's own, started as that create arrives (which it then refuses)."""
+        with ``first``, the server's own, started as that create arrives (which it then refuses). Its
+        ``calls`` must be to tools in effect for it, unless ``undeclared`` (else the step fails, the
+        create left to the auto-answer)."""
         self._set_phase("wait_ready")
         await self._wait_ready(limit)
         if must_wait and self._pending_create is None:
@@ -2445,6 +2512,11 @@ class SimCall:
         async with self._response_lock:
             if self._ended.is_set():
                 return None
+            assert self.session is not None
+            answering = None if first else self._pending_create
+            refused = None if undeclared else _refused_calls(calls, self.session, answering)
+            if refused is not None:
+                raise _StepFailed(refused)
             taken = self._take_pending_create()
             create, response_id = taken if taken is not None else (None, None)
             # (crossed: the server's own response, under way as the create came, takes the create's id)
@@ -2469,7 +2541,12 @@ class SimCall:
 
     async def _model_calls(self, step: ModelCalls, limit: float) -> None:
         record = await self._response_step(
-            step.preamble, step.calls, step.status, must_wait=self._next_needs_create, limit=limit
+            step.preamble,
+            step.calls,
+            step.status,
+            must_wait=self._next_needs_create,
+            limit=limit,
+            undeclared=step.undeclared,
         )
         if record is None or not step.waits_for_outputs or record.status in ("cancelled", "failed"):
             # (with calls left to answer, the model speaks again only when asked)
