@@ -968,16 +968,79 @@ async def test_the_caller_transcript_trails_into_the_answer_as_recorded(
     assert transcript_order(events) == expected
 
 
-async def test_without_a_response_to_come_the_transcript_completes_at_once(simulator: Simulator) -> None:
-    """No server VAD (the controller creates responses): nothing is on its way, the transcript is not held."""
-    call = simulator.create_webrtc_call(Script([caller_says("Just checking."), model_says("Okay.")]))
-    session = {**TRANSCRIBED, "audio": {"input": {**TRANSCRIBED["audio"]["input"], "turn_detection": None}}}
+@pytest.mark.parametrize("transcribed", [True, False], ids=["transcribed", "untranscribed"])
+async def test_without_turn_detection_the_caller_is_heard_once_the_controller_commits(
+    simulator: Simulator, transcribed: bool
+) -> None:
+    """No turn detection: nobody listens for speech, so the server sends nothing as the caller speaks (no
+    speech_started / stopped, no commit, no item, no barge-in); the audio waits in the input buffer. The
+    controller's input_audio_buffer.commit makes it the caller's item, transcribed at once (nothing is on
+    its way to hold the transcript back); the model answers when asked."""
+    simulator.playback_rate = 40.0  # (the caller speaks over the preamble, still playing: no barge-in)
+    call = simulator.create_webrtc_call(
+        Script(
+            [
+                model_calls("lookup", {}, call_id="call_1", preamble="Let me check.", await_outputs=False),
+                caller_says("Just checking.", cut_in=True, untranscribed=not transcribed),
+                caller_says("Hello?"),
+                model_says("Okay."),
+            ]
+        )
+    )
+    session = declaring("lookup", audio={"input": {**TRANSCRIBED["audio"]["input"], "turn_detection": None}})
     async with ws_connect(simulator, call) as ws:
         await send(ws, {"type": "session.update", "session": session})
-        # (the model's answer waits for a response.create, which is not sent here)
-        events = await recv_until(ws, "conversation.item.input_audio_transcription.completed")
-    assert "response.created" not in [e["type"] for e in events]
-    assert events[-1]["transcript"] == "Just checking."
+        await recv_until(ws, "response.done")  # the model's, ahead of the caller
+        await call.wait_for(lambda c: c.step_index == 3 and c.phase == "wait_create", what="the caller spoke")
+        vad = {"input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped"}
+        assert not vad & {e["type"] for e in call.sent}
+        assert not [e for e in call.sent if e["type"].startswith(("input_audio", "conversation.item.input"))]
+        assert call.transcript == [("model", "Let me check.")] and call.responses[0].status == "completed"
+        await send(ws, {"type": "input_audio_buffer.commit", "event_id": "e1"})
+        last = (
+            "conversation.item.input_audio_transcription.completed"
+            if transcribed
+            else "conversation.item.input_audio_transcription.failed"
+        )
+        heard = await recv_until(ws, last)
+        heard = heard[[e["type"] for e in heard].index("input_audio_buffer.committed") :]
+        await send(ws, {"type": "input_audio_buffer.commit", "event_id": "e2"})  # nothing new was said
+        error = (await recv(ws))["error"]
+        item = {"type": "function_call_output", "call_id": "call_1", "output": "{}"}
+        await send(ws, {"type": "conversation.item.create", "item": item})
+        await send(ws, {"type": "response.create"})
+        answer = await recv_until(ws, "response.done")
+        await call.wait_done(timeout=5)
+    kinds = [e["type"] for e in heard]
+    assert kinds[:3] == ["input_audio_buffer.committed", "conversation.item.added", "conversation.item.done"]
+    assert not vad & set(kinds) and "response.created" not in kinds
+    assert not call.sent_of_type("output_audio_buffer.cleared")
+    assert call.sent_of_type("output_audio_buffer.stopped")[0]["response_id"] == call.responses[0].response_id
+    assert heard[1]["item"]["role"] == "user"
+    said = "Just checking. Hello?"
+    assert heard[-1]["item_id"] == heard[0]["item_id"]
+    if transcribed:
+        deltas = [e["delta"] for e in heard if e["type"].endswith("transcription.delta")]
+        assert "".join(deltas) == said == heard[-1]["transcript"]
+    else:
+        assert heard[-1]["error"]["code"] == "model_not_found"
+    assert (error["code"], error["event_id"]) == ("input_audio_buffer_commit_empty", "e2")
+    assert answer[0]["type"] == "conversation.item.added"  # (the output's acknowledgement)
+    assert call.transcript == [("model", "Let me check."), ("caller", said), ("model", "Okay.")]
+    assert [(r.trigger, r.text) for r in call.responses][1:] == [("response.create", "Okay.")]
+
+
+async def test_without_turn_detection_a_clear_drops_what_the_caller_said(simulator: Simulator) -> None:
+    call = simulator.create_webrtc_call(Script([caller_says("Never mind."), model_says("Okay.")]))
+    session = {"type": "realtime", "audio": {"input": {"turn_detection": None}}}
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "session.update", "session": session})
+        await call.wait_for(lambda c: c.step_index == 1 and c.phase == "wait_create", what="the caller spoke")
+        await send(ws, {"type": "input_audio_buffer.clear"})
+        await send(ws, {"type": "input_audio_buffer.commit"})
+        events = await recv_until(ws, "error")
+    assert [e["type"] for e in events][-2:] == ["input_audio_buffer.cleared", "error"]
+    assert events[-1]["error"]["code"] == "input_audio_buffer_commit_empty" and call.transcript == []
 
 
 async def test_accept_takes_each_turn_detection_s_own_keys_and_reasoning(

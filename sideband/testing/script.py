@@ -79,7 +79,9 @@ class WaitForGreeting:
 class CallerSays:
     """The caller speaks ``text`` (server VAD events, the user item, and the transcript if configured),
     for ``seconds`` between ``speech_started`` and ``speech_stopped`` (None: at once), after hearing the
-    model out unless ``cut_in``; with ``untranscribed``, the transcription fails instead of completing."""
+    model out unless ``cut_in``; with ``untranscribed``, the transcription fails instead of completing.
+    With the session's turn detection off, none of that comes until the controller commits the input
+    buffer (see :func:`caller_says`)."""
 
     text: str
     seconds: float | None = None
@@ -271,7 +273,14 @@ def caller_says(
     (``output_audio_buffer.cleared``), as on a barge-in; a response still streaming is cancelled either
     way (``turn_detected``). ``untranscribed=True``: where the session transcribes the caller, the
     transcription fails (``conversation.item.input_audio_transcription.failed``, as when the project may
-    not use the transcription model); the model still hears the words."""
+    not use the transcription model); the model still hears the words.
+
+    With the session's turn detection off (``turn_detection: null``), nobody listens for speech, as on the
+    real service: the server sends nothing (no VAD events, no commit, no user item, no barge-in) and the
+    caller's words wait in the input buffer until the controller sends ``input_audio_buffer.commit``;
+    then they become one user item (with what else the caller said since the last commit), transcribed
+    at once if the session transcribes. ``input_audio_buffer.clear`` drops them. The next response
+    step waits for the controller's ``response.create``."""
     if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
         raise ValueError("seconds must be a non-negative number")
     return CallerSays(text, None if seconds is None else float(seconds), cut_in, untranscribed)

@@ -1119,6 +1119,8 @@ class SimCall:
         self._response_count = 0
         self._awaiting_ids: list[str] = []
         self._vad_turn = False
+        # What the caller said with turn detection off, not committed yet: (text, seconds, untranscribed)
+        self._input_buffer: list[tuple[str, int, bool]] = []
         self._injected: dict[str, InjectedCall] = {}
         self._idle_task: asyncio.Task[None] | None = None  # the server's idle timer (idle_timeout_ms)
         self._ring_task: asyncio.Task[None] | None = None  # ends the call if nobody accepts it in time
@@ -1560,12 +1562,16 @@ class SimCall:
             case "input_audio_buffer.append":
                 pass  # media reaches the call by SIP/WebRTC; appended audio is ignored here
             case "input_audio_buffer.commit":
-                await self._error(
-                    "input_audio_buffer_commit_empty",
-                    "Error committing input audio buffer: buffer is empty.",
-                    event_id=event_id,
-                )
+                if not self._input_buffer:
+                    await self._error(
+                        "input_audio_buffer_commit_empty",
+                        "Error committing input audio buffer: buffer is empty.",
+                        event_id=event_id,
+                    )
+                else:
+                    await self._commit_buffer()
             case "input_audio_buffer.clear":
+                self._input_buffer.clear()  # (what the caller said, unheard, is gone)
                 await self._send("input_audio_buffer.cleared")
             case _:
                 supported = ", ".join(f"'{t}'" for t in _CLIENT_EVENT_TYPES)
@@ -2592,10 +2598,13 @@ class SimCall:
         start = self._audio_ms + 400
         end = start + (300 + 60 * len(text) if seconds is None else int(seconds * 1000))
         self._audio_ms = end + 200
+        turn = self.session["audio"]["input"].get("turn_detection")
+        if not isinstance(turn, dict):
+            await self._caller_unheard(text, seconds, (end - start) // 1000, untranscribed)
+            return
         self._disarm_idle()
         await self._send("input_audio_buffer.speech_started", audio_start_ms=start, item_id=item_id)
-        turn = self.session["audio"]["input"].get("turn_detection")
-        interrupts = isinstance(turn, dict) and turn.get("interrupt_response", True)
+        interrupts = turn.get("interrupt_response", True)
         if self._active_response is not None and interrupts:
             self._cancel_reason = "turn_detected"  # barge-in: the server cuts the model off
         elif self._audio_response is not None and interrupts:
@@ -2634,18 +2643,11 @@ class SimCall:
         self.transcript.append(("caller", text))
         creates = _creates_response(self.session)
         if transcribes and untranscribed:
-            model = self.session["audio"]["input"]["transcription"].get("model")
-            error = {
-                "type": "invalid_request_error",
-                "code": "model_not_found",
-                "message": f"The model `{model}` does not exist or you do not have access to it.",
-                "param": None,
-            }
             await self._send(
                 "conversation.item.input_audio_transcription.failed",
                 item_id=item_id,
                 content_index=0,
-                error=error,
+                error=self._transcription_error(),
             )
         elif transcribes:
             completed = {
@@ -2660,6 +2662,69 @@ class SimCall:
                 await self._flush_transcript()
         self._next_needs_create = not creates
         self._vad_turn = creates
+
+    async def _caller_unheard(
+        self, text: str, seconds: float | None, whole_seconds: int, untranscribed: bool
+    ) -> None:
+        """The caller speaks while the session has no turn detection: nobody listens for speech, so the
+        server sends nothing (no ``speech_started`` / ``stopped``, no commit, no item, no barge-in). The
+        audio waits in the input buffer for the controller's ``input_audio_buffer.commit``."""
+        if seconds:
+            self._set_phase("caller_speaking")
+            await asyncio.sleep(seconds)
+            if self._ended.is_set():
+                return
+            self._set_phase("emitting")
+        self._input_buffer.append((text, max(1, whole_seconds), untranscribed))
+        self._next_needs_create = True  # (the model answers when asked)
+        self._vad_turn = False
+
+    async def _commit_buffer(self) -> None:
+        """The controller commits the input buffer: what the caller said in it becomes one user item
+        (``input_audio_buffer.committed``, the item), transcribed at once if the session transcribes."""
+        assert self.session is not None
+        said, self._input_buffer = self._input_buffer, []
+        text = " ".join(t for t, _, _ in said)
+        item_id = self._sim._new_id("item_")
+        await self._commit_audio(item_id, text)
+        self.transcript.append(("caller", text))
+        if not _transcribes(self.session):
+            return
+        if any(untranscribed for _, _, untranscribed in said):
+            await self._send(
+                "conversation.item.input_audio_transcription.failed",
+                item_id=item_id,
+                content_index=0,
+                error=self._transcription_error(),
+            )
+            return
+        for chunk in _chunks(text, 4):
+            await self._send(
+                "conversation.item.input_audio_transcription.delta",
+                item_id=item_id,
+                content_index=0,
+                delta=chunk,
+                obfuscation=secrets.token_hex(4),
+            )
+        seconds = sum(s for _, s, _ in said)
+        await self._send(
+            "conversation.item.input_audio_transcription.completed",
+            item_id=item_id,
+            content_index=0,
+            transcript=text,
+            usage=_transcript_usage(self.session, seconds, text),
+        )
+
+    def _transcription_error(self) -> dict[str, Any]:
+        """The error of a transcription that failed (the project may not use the model)."""
+        assert self.session is not None
+        model = self.session["audio"]["input"]["transcription"].get("model")
+        return {
+            "type": "invalid_request_error",
+            "code": "model_not_found",
+            "message": f"The model `{model}` does not exist or you do not have access to it.",
+            "param": None,
+        }
 
     async def _caller_hangs_up(self, mode: HangupMode) -> None:
         await self._end("caller_hangup", mode)
