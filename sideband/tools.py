@@ -49,8 +49,9 @@ import docstring_parser
 import pydantic
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
-from pydantic_core import to_json
+from pydantic_core import to_json, to_jsonable_python
 
+from . import jsonio
 from .blocking import in_thread, then, timed
 from .context import CallContext
 
@@ -645,8 +646,11 @@ def _encode(value: Any) -> str:
         value = list(value)
     try:
         return to_json(value, inf_nan_mode="null").decode()
-    except Exception as exc:  # a type JSON has no form for, non-UTF-8 bytes, a cycle…
-        raise _Unencodable from exc
+    except Exception as exc:  # a type JSON has no form for, non-UTF-8 bytes, a cycle, half an emoji…
+        try:  # (a text cut inside a surrogate pair: written with U+FFFD in its place)
+            return jsonio.dumps(to_jsonable_python(value, inf_nan_mode="null")).decode()
+        except Exception:
+            raise _Unencodable from exc
 
 
 def _call_encoded(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:

@@ -394,3 +394,23 @@ async def test_an_output_holding_half_an_emoji_reaches_the_model(stack: Stack) -
     await stack.sim.hang_up(call)
     summary = await stack.ended(call)
     assert [(t.name, t.outcome) for t in summary.tools] == [("status", "ok")]
+
+
+async def test_a_structured_output_holding_half_an_emoji_reaches_the_model(stack: Stack) -> None:
+    """The same inside what a tool returns as data (a dict, a list): its JSON has U+FFFD in place of the
+    half, not an ``output_unencodable`` error for the model."""
+
+    @stack.app.tool(filler_after=None)
+    async def status() -> dict[str, Any]:
+        return {"status": "Shipped \ud83d", "items": ["\udc4d", 2], "weight": float("nan")}
+
+    call = await start(
+        stack, Script([HELLO, caller_says("status?"), model_calls("status", {}), model_says("It shipped.")])
+    )
+    await call.wait_done(timeout=10)
+    assert call.bad_frames == []
+    (output,) = [out for _, out in call.function_outputs]
+    assert json.loads(output) == {"status": "Shipped \ufffd", "items": ["\ufffd", 2], "weight": None}
+    await stack.sim.hang_up(call)
+    summary = await stack.ended(call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("status", "ok")]
