@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import json
 import os
 import random
 import re
@@ -339,7 +338,7 @@ class CallControl:
         """
         form = aiohttp.FormData()
         form.add_field("sdp", sdp, content_type="application/sdp")
-        form.add_field("session", json.dumps(session), content_type="application/json")
+        form.add_field("session", jsonio.dumps(session).decode(), content_type="application/json")
         try:
             async with (
                 asyncio.timeout(timeout),
