@@ -581,6 +581,95 @@ def test_the_calls_of_a_reply_stopped_in_time_are_discarded_as_stopped() -> None
     ]
 
 
+def test_on_an_engine_that_waits_for_outputs_the_calls_of_a_cut_reply_are_answered_before_it_speaks() -> None:
+    """The vowel engine waits for the output of every call it announced, with no timeout: a call discarded
+    with its reply gets an error saying it did not run, before the create that asks the model again."""
+    m = live(engine=True)
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    call = {
+        "type": "function_call",
+        "status": "completed",
+        "call_id": "c1",
+        "name": "issue_refund",
+        "arguments": "{}",
+    }
+    m.receive({"type": "response.output_item.added", "response_id": "resp_1", "item": call})
+    m.correct("no promises", "resp_1")
+    done = m.receive(
+        {"type": "response.done", "response": {"id": "resp_1", "status": "cancelled", "output": []}}
+    )
+    discarded = [a.fields for a in done if isinstance(a, Notice) and a.event == "tool.discarded"]
+    assert [(d["tool_call_id"], d["reason"]) for d in discarded] == [("c1", "reply_stopped")]
+    first, create = sent(done)
+    assert first["item"]["type"] == "function_call_output" and first["item"]["call_id"] == "c1"
+    assert json.loads(first["item"]["output"])["error"] == "reply_stopped"
+    assert create["type"] == "response.create"  # the answer within the rules, after the output
+    # A reply cut off otherwise (code interrupted it): its call is answered too, and nothing more is asked.
+    m.receive({"type": "response.created", "response": {"id": "resp_2"}})
+    m.receive(
+        {"type": "response.output_item.added", "response_id": "resp_2", "item": {**call, "call_id": "c2"}}
+    )
+    m.interrupt()
+    done = m.receive(
+        {"type": "response.done", "response": {"id": "resp_2", "status": "cancelled", "output": []}}
+    )
+    (output,) = sent(done)
+    assert output["item"]["call_id"] == "c2"
+    assert json.loads(output["item"]["output"])["error"] == "not_run"
+
+
+async def test_an_engine_tool_turn_stopped_in_time_answers_its_calls_and_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The verdict on an engine's preamble comes once its call was announced, before its response ended:
+    the response ends cancelled, and the call still gets its output (the engine would wait for it
+    forever), before the create that has the model answer again within the rules."""
+    app = Sideband(instructions="You are the order desk.")
+    ran: list[str] = []
+
+    @app.guardrail
+    async def moderation(ctx: CallContext, text: str) -> str | None:
+        if "guarantee" not in text:
+            return None
+        await vowel.wait_for(lambda v: bool(v.sessions[0].sent_of_type("response.output_item.added")[1:]))
+        return "never promise a refund"
+
+    @app.tool
+    async def lookup_order(order_id: str) -> str:
+        """Look up an order."""
+        ran.append(order_id)
+        return "shipped"
+
+    finish = VowelSimulator._finish
+
+    async def ends_once_cancelled(self: VowelSimulator, session: Any, response: Any, *args: Any) -> None:
+        if response.call_ids:  # the tool turn's end waits for the client's cancel, which ends it first
+            await self.wait_for(lambda v: bool(session.received_of_type("response.cancel")))
+        await finish(self, session, response, *args)
+
+    monkeypatch.setattr(VowelSimulator, "_finish", ends_once_cancelled)
+    async with VowelSimulator() as vowel:
+        rule = when("refund", preamble="I guarantee it.", calls=[("lookup_order", {"order_id": "1"})])
+        vowel.script([rule])
+        settings = load_settings({**vowel.settings_values(), "max_idle_duration": 30.0}, environ={})
+        async with EngineSession.open(settings, app, reply_timeout=5) as session:
+            reply = await session.say("A refund, please")
+        engine = vowel.sessions[0]
+    assert reply.text == "Okay." and [(t.name, t.outcome) for t in reply.tools] == [
+        ("lookup_order", "stopped")
+    ]
+    assert ran == []
+    stopped, answer = engine.responses
+    assert stopped.status == "cancelled" and answer.status == "completed"
+    (call_id,) = stopped.call_ids
+    assert json.loads(engine.outputs[call_id][0])["error"] == "reply_stopped"
+    kinds = [
+        e["type"] if e["type"] != "conversation.item.create" else e["item"]["type"] for e in engine.received
+    ]
+    assert kinds[-2:] == ["function_call_output", "response.create"]  # the output first
+    assert engine.notes == []
+
+
 async def test_the_tool_calls_of_a_reply_stopped_in_time_are_recorded_as_stopped() -> None:
     app, _ = guarded_app()
     ran: list[str] = []

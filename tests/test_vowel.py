@@ -634,6 +634,100 @@ async def test_a_second_response_create_replaces_the_one_in_flight(vowel: VowelS
     assert statuses == ["created", "cancelled", "completed"]
 
 
+async def test_the_engine_answers_a_create_only_once_every_announced_call_has_its_output(
+    vowel: VowelSimulator,
+) -> None:
+    """PROTOCOL C3: the engine waits for the output of each call it announced, with no timeout. A
+    response.create sent before them is not answered until the last output is in (and is noted)."""
+    vowel.script([when("two", calls=[("a", {}), ("b", {})], reply="Both done.")])
+    async with aiohttp.ClientSession() as http:
+        token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
+            trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
+        )
+    tools = [{"type": "function", "name": n, "parameters": {"type": "object"}} for n in ("a", "b")]
+    async with connect(
+        f"ws://127.0.0.1:{vowel.port}/engine/v1/realtime",
+        additional_headers={"Authorization": f"Bearer {token.value}"},
+    ) as ws:
+
+        async def until(kind: str) -> dict[str, Any]:
+            async with asyncio.timeout(5):
+                while (event := json.loads(await ws.recv()))["type"] != kind:
+                    pass
+            return event
+
+        await ws.recv()  # session.created
+        await ws.send(json.dumps({"type": "session.update", "session": {"tools": tools}}))
+        await until("session.updated")
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "do two"}]}
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        assert (await until("response.done"))["response"]["status"] == "incomplete"
+        first, second = vowel.sessions[0].responses[0].call_ids
+
+        def output(call_id: str) -> str:
+            item = {"type": "function_call_output", "call_id": call_id, "output": "ok"}
+            return json.dumps({"type": "conversation.item.create", "item": item})
+
+        await ws.send(output(first))
+        await ws.send(json.dumps({"type": "response.create"}))  # one output still due
+        await until("conversation.item.created")
+        await vowel.wait_for(lambda v: bool(v.sessions[0].notes), what="the create noted")
+        assert len(vowel.sessions[0].responses) == 1  # not answered
+        await ws.send(output(second))
+        await until("conversation.item.created")
+        assert (await until("response.created"))["response"]["status"] == "in_progress"
+        assert (await until("response.done"))["response"]["status"] == "completed"
+    engine = vowel.sessions[0]
+    assert [r.text for r in engine.responses] == ["", "Both done."]
+    assert engine.notes == [
+        f"response.create before function_call_output for {second}: held until the outputs are in"
+    ]
+
+
+async def test_a_tool_turn_cancelled_before_its_call_was_announced_leaves_no_output_due(
+    vowel: VowelSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a call the engine announced awaits its output: one its response never got to announce (it
+    was cancelled first) holds back no create."""
+    vowel.script([when("look", preamble="Looking.", calls=[("a", {})], reply="Looked.")])
+    paces, gate = [0], asyncio.Event()
+
+    async def pace(self: VowelSimulator) -> None:
+        paces[0] += 1
+        if paces[0] == 3:  # after response.created and the preamble's word: the call's own
+            await gate.wait()
+
+    monkeypatch.setattr(VowelSimulator, "_pace", pace)
+    async with aiohttp.ClientSession() as http:
+        token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
+            trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
+        )
+    tools = [{"type": "function", "name": "a", "parameters": {"type": "object"}}]
+    async with connect(
+        f"ws://127.0.0.1:{vowel.port}/engine/v1/realtime",
+        additional_headers={"Authorization": f"Bearer {token.value}"},
+    ) as ws:
+
+        async def until(kind: str) -> dict[str, Any]:
+            async with asyncio.timeout(5):
+                while (event := json.loads(await ws.recv()))["type"] != kind:
+                    pass
+            return event
+
+        await ws.recv()  # session.created
+        await ws.send(json.dumps({"type": "session.update", "session": {"tools": tools}}))
+        await until("session.updated")
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "look"}]}
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        await until("response.output_item.done")  # the preamble, said whole
+        await ws.send(json.dumps({"type": "response.cancel"}))
+        assert (await until("response.done"))["response"]["status"] == "cancelled"
+        await ws.send(json.dumps({"type": "response.create"}))
+        assert (await until("response.done"))["response"]["status"] == "completed"  # answered at once
+    engine = vowel.sessions[0]
+    assert engine.responses[0].call_ids == [] and engine.notes == []
+
+
 # ------------------------------------------------------------------------------------ conversation
 async def test_tool_round_trip(vowel: VowelSimulator, app: Sideband, logs: io.StringIO) -> None:
     vowel.script(

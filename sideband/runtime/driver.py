@@ -7,7 +7,6 @@ import concurrent.futures
 import contextlib
 import functools
 import inspect
-import json
 import re
 import time
 from collections import Counter, OrderedDict, deque
@@ -38,6 +37,7 @@ from sideband.runtime.guard import GUARDED_DELTAS, GUARDED_DONE, OutputGuard
 from sideband.runtime.machine import (
     ACK_TYPES,
     HANDLED_TYPES,
+    STOPPED_OUTPUT,
     Action,
     CallMachine,
     CancelTimer,
@@ -92,13 +92,6 @@ _DELTAS = frozenset(t.encode() for t in GUARDED_DELTAS)
 _GUARDED = GUARDED_DELTAS | GUARDED_DONE  # the events an output guard is fed
 _KEEPALIVE = "\x00keepalive"  # a driver timer name no machine timer can take
 _TYPE_AHEAD = 16  # keys kept for the next collection at most (the last ones)
-_STOPPED = json.dumps(
-    {
-        "error": "reply_stopped",
-        "message": "Not run: the reply that made this call broke a rule of this service and was stopped. "
-        "Call the tool again if it is still needed and allowed.",
-    }
-)
 
 HOOK_GRACE = 2.0
 """Seconds a call's hooks still running or queued when it ends get to finish, in all: then those running
@@ -503,7 +496,7 @@ class CallRuntime:
         try:
             self.log.info("tool.discarded", tool=name, tool_call_id=call_id, reason="reply_stopped")
             self._stopped_tool(call_id, name)
-            self._apply(self.machine.tool_done(call_id, _STOPPED))
+            self._apply(self.machine.tool_done(call_id, STOPPED_OUTPUT))
             await self._flush()
         finally:
             self._tool_tasks.pop(call_id, None)

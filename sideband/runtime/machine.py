@@ -163,8 +163,9 @@ class Capabilities:
     before it at the latest, however late the sideband attached."""
     speaks_over_tools: bool = True
     """A ``response.create`` may go out while a tool's output is still due, to say something meanwhile
-    (OpenAI); otherwise (vowel: the engine waits for every output of its tool turn) a ``say()`` waits for
-    the outputs."""
+    (OpenAI), and a call discarded with its response (cancelled, failed) gets no output; otherwise (vowel:
+    the engine waits for every output of the calls it announced) a ``say()`` waits for the outputs, and a
+    discarded call is answered with an error saying it did not run, before the next ``response.create``."""
     tags_responses: bool = True
     """``response.create`` takes ``response.metadata``, which the server echoes on the response it starts
     (OpenAI): our creates carry their event id there, which names the create a response answers; once a
@@ -253,6 +254,36 @@ _RUNNABLE = frozenset({"completed", "incomplete"})
 _DEFAULT: Any = object()  # a setting left to the server's default
 _NO_TOOLS: Mapping[str, Any] = MappingProxyType({"tool_choice": "none"})
 """The response a loop breaker's refusals are answered with: words, no more tool calls."""
+STOPPED_OUTPUT = json.dumps(
+    {
+        "error": "reply_stopped",
+        "message": "Not run: the reply that made this call broke a rule of this service and was stopped. "
+        "Call the tool again if it is still needed and allowed.",
+    }
+)
+"""The output of a tool call whose reply an output guardrail stopped: the call was not run."""
+_NOT_RUN: Mapping[str, str] = MappingProxyType(
+    {
+        "reply_stopped": STOPPED_OUTPUT,
+        "response_ended": json.dumps(
+            {
+                "error": "not_run",
+                "message": "Not run: the reply that made this call was cut off before it ended. "
+                "Call the tool again if it is still needed.",
+            }
+        ),
+        "arguments_cut": json.dumps(
+            {
+                "error": "not_run",
+                "message": "Not run: the reply that made this call was cut off before its arguments were "
+                "whole. Call the tool again if it is still needed.",
+            }
+        ),
+        "call_ending": json.dumps({"error": "not_run", "message": "Not run: the call is ending."}),
+    }
+)
+"""The output of a discarded call, by the reason it was discarded, for a server that waits for every
+output of the calls it announced (see :attr:`Capabilities.speaks_over_tools`)."""
 _INTERRUPTED = json.dumps(
     {
         "error": "interrupted",
@@ -1240,6 +1271,10 @@ class CallMachine:
                         },
                     )
                 )
+                if not self.caps.speaks_over_tools:
+                    # The server waits for this call's output before it speaks again (the vowel engine,
+                    # with no timeout): it hears the call did not run, before any create of ours.
+                    actions.append(self._output(call.call_id, _NOT_RUN[reason]))
             else:
                 if call.arguments is None:  # none came with a finished response: never silence
                     call.arguments = "null"  # (refused by validation: the model hears invalid_arguments)

@@ -225,7 +225,7 @@ class EngineSessionRecord:
     """``function_call_output`` items by ``call_id`` (a list: duplicates show)."""
     responses: list[SimResponse] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    """Protocol misuse seen (e.g. ``response.create`` before a tool's output)."""
+    """Protocol misuse seen (e.g. ``response.create`` before a tool's output: held until it comes)."""
     close_code: int | None = None
     closed_by: Literal["engine", "client"] | None = None
     end_reason: str | None = None
@@ -233,6 +233,7 @@ class EngineSessionRecord:
     _turn_text: str | None = None
     _turn_calls: dict[str, str] = field(default_factory=dict)  # call_id → tool name, this turn
     _turn_issued: bool = False
+    _held: tuple[str | None] | None = None  # a response.create (its instructions) awaiting the outputs
     _ws: web.WebSocketResponse | None = None
     _transport: asyncio.Transport | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -308,6 +309,10 @@ class VowelSimulator:
     updates are answered at once. With ``refuse_session_update`` set (a message), each ``session.update``
     is answered as the engine answers one whose handling fails (a tool schema it cannot take): an
     ``error`` (``server_error``, that message), no ``session.updated`` and no agent; the socket stays open.
+
+    The engine waits for the output of every call it announced, with no timeout: a ``response.create``
+    sent while one is still due is not answered until the last arrives (and is noted in the session's
+    ``notes``); a response cancelled before it announced a call leaves nothing due.
 
     ``event_delay`` paces the engine's events within a response; ``input_delay`` is how long each
     client message takes to reach the engine (in order), while what it already runs goes on: a reply
@@ -855,9 +860,7 @@ class VowelSimulator:
         elif etype == "response.create":
             response = event.get("response") if isinstance(event.get("response"), dict) else {}
             instructions = response.get("instructions") if isinstance(response, dict) else None
-            await self._start_response(
-                session, "response.create", instructions if isinstance(instructions, str) else None
-            )
+            await self._create(session, instructions if isinstance(instructions, str) else None)
         elif etype == "response.cancel":
             await self._stop_response(session, status="cancelled")
         elif etype == "input_audio_buffer.append":
@@ -961,6 +964,10 @@ class VowelSimulator:
                 return
             session.outputs.setdefault(call_id, []).append(str(item.get("output", "")))
             await self._send(session, {"type": "conversation.item.created", "item": item})
+            held = session._held
+            if held is not None and all(cid in session.outputs for cid in session._turn_calls):
+                session._held = None  # the last output is in: the create that waited for it goes on
+                await self._start_response(session, "response.create", held[0])
             return
         if item.get("type") == "message" and item.get("role") == "user":
             texts = [
@@ -976,6 +983,7 @@ class VowelSimulator:
             session.user_texts.append(text)
             session.last_speech = self.now()
             session._turn_text, session._turn_calls, session._turn_issued = text, {}, False
+            session._held = None  # (the text's own response answers it)
             await self._send(session, {"type": "conversation.item.created", "item": item})
             await self._start_response(session, "user_text", None)  # the engine answers user text by itself
             return
@@ -1008,14 +1016,23 @@ class VowelSimulator:
         instructions: str | None,
     ) -> None:
         await self._stop_response(session, status="cancelled")  # a new response replaces the one in flight
-        if trigger == "response.create":
-            pending = [cid for cid in session._turn_calls if cid not in session.outputs]
-            if pending:
-                session.notes.append(f"response.create before function_call_output for {', '.join(pending)}")
         response = SimResponse(self._id("resp_"), trigger, instructions)
         session.responses.append(response)
         session._active_response = response
         session._active = self._spawn(self._respond(session, response))
+
+    async def _create(self, session: EngineSessionRecord, instructions: str | None) -> None:
+        """A ``response.create``. The engine waits for the output of every call its tool turn announced,
+        with no timeout: one sent before them all is held (and noted) until the last arrives."""
+        pending = [cid for cid in session._turn_calls if cid not in session.outputs]
+        if pending:
+            session.notes.append(
+                f"response.create before function_call_output for {', '.join(pending)}: "
+                "held until the outputs are in"
+            )
+            session._held = (instructions,)
+            return
+        await self._start_response(session, "response.create", instructions)
 
     async def _stop_response(self, session: EngineSessionRecord, *, status: str | None) -> None:
         task, response = session._active, session._active_response
@@ -1144,8 +1161,6 @@ class VowelSimulator:
         for name, args in rule.calls:
             call_id = "call_" + secrets.token_hex(8)
             arguments = args if isinstance(args, str) else json.dumps(args, separators=(",", ":"))
-            session._turn_calls[call_id] = name
-            response.call_ids.append(call_id)
             item = {
                 "id": self._id("item_"),
                 "object": "realtime.item",
@@ -1157,6 +1172,9 @@ class VowelSimulator:
             }
             for _ in range(2 if rule.repeat_calls else 1):
                 await self._pace()
+                if call_id not in session._turn_calls:  # announced: the engine waits for its output
+                    session._turn_calls[call_id] = name
+                    response.call_ids.append(call_id)
                 await self._send(
                     session,
                     {
