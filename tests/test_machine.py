@@ -1994,6 +1994,32 @@ def test_on_an_engine_that_counts_idle_from_speech_the_idle_limit_keeps_to_the_c
     assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
 
 
+def test_the_speech_idle_limit_runs_from_the_callers_speech_alone_and_only_speech_withdraws_its_end() -> None:
+    """The vowel engine counts idle time only after speech was detected, from the last: text restarts
+    none of it. Our clock for it neither; its end, once due, is not withdrawn by text (the engine would cut
+    the session anyway), only by speech."""
+    m = machine(max_idle_duration=300, speech_idle_duration=10, caps=ENGINE_CAPABILITIES)
+    assert StartTimer("speech_idle", 10) not in m.start()  # no speech yet: no clock
+    m.receive({"type": "session.created", "session": {"id": "s"}})
+    m.receive({"type": "session.updated", "session": {}})
+    assert StartTimer("speech_idle", 10) in m.caller_active()  # speech in audio the backend streams
+    typed = m.user_text("hello")
+    assert StartTimer("idle", 300) in typed and StartTimer("speech_idle", 10) not in typed
+    assert StartTimer("speech_idle", 10) in m.receive(SPEECH_STARTED)  # speech the engine detected
+    m.receive(SPEECH_STOPPED)
+    assert notices(m.timer("speech_idle"), "call.limit") == [{"limit": "idle"}]
+    assert m.ending
+    assert notices(m.user_text("still here"), "call.limit_withdrawn") == []  # the engine's clock runs on
+    assert m.ending
+    back = m.caller_active()
+    assert notices(back, "call.limit_withdrawn") == [{"limit": "idle"}] and not m.ending
+    assert StartTimer("speech_idle", 10) in back
+    # Our own idle end came first: the speech limit coming due too keeps text from withdrawing it.
+    assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
+    assert m.timer("speech_idle") == []
+    assert notices(m.user_text("here"), "call.limit_withdrawn") == [] and m.ending
+
+
 def idle_prompt(m: CallMachine, resp: str, item: str, *, then_caller: str | None = None) -> list[Action]:
     """The server's turn detection prompts a silent caller (``idle_timeout_ms``): the silence committed as
     an empty item (transcribed as nothing), then a spoken response of its own, played out."""

@@ -1023,7 +1023,8 @@ async def test_engine_limits_end_the_session(
 ) -> None:
     vowel.max_idle_duration = 10 * 60
     async with EngineSession.open(settings_for(vowel), app) as session:
-        await session.say("hello")  # speech: idle time starts counting
+        await session.send_audio(speech(100))  # speech: idle time starts counting
+        await vowel.wait_for(lambda v: bool(v.sessions[0].audio_chunks), what="the speech")
         vowel.advance(advance)
         with pytest.raises(EngineError) as caught:
             await session.say("still there?")  # limits are checked when a client message arrives
@@ -1724,11 +1725,11 @@ async def test_a_caller_who_spoke_then_streams_silence_gets_our_goodbye_before_t
     assert engine.end_reason != "max_idle_duration_exceeded" and engine.responses[-1].instructions
 
 
-async def test_the_engine_counts_idle_time_from_speech_not_from_silence(
+async def test_the_engine_counts_idle_time_from_speech_not_from_silence_or_text(
     vowel: VowelSimulator, app: Sideband
 ) -> None:
-    """The engine's idle limit counts only after speech was detected: streamed silence starts no clock,
-    a spoken turn does."""
+    """The engine's idle limit counts only after speech was detected (PROTOCOL C5): streamed silence and
+    user text start no clock and restart none; speech does."""
     vowel.max_idle_duration = 60.0
     async with EngineSession.open(settings_for(vowel), app) as session:
         await session.send_audio(bytes(4800))  # 100 ms of silence
@@ -1736,9 +1737,35 @@ async def test_the_engine_counts_idle_time_from_speech_not_from_silence(
         vowel.advance(120)
         assert (await session.say("hello")).text  # no speech yet: the engine's idle clock never started
         vowel.advance(120)
+        assert (await session.say("hello again")).text  # text started none
+        await session.send_audio(speech(100))
+        await vowel.wait_for(lambda v: len(v.sessions[0].audio_chunks) == 2, what="the speech")
+        vowel.advance(40)
+        assert (await session.say("still there?")).text  # 40 s after the speech
+        vowel.advance(40)  # 80 s after it, 40 after the text: the text restarted nothing
         with pytest.raises(EngineError) as caught:
-            await session.say("still there?")
+            await session.say("and now?")
     assert caught.value.reason == "max_idle_duration_exceeded"
+
+
+async def test_a_caller_who_spoke_then_only_types_gets_our_goodbye_before_the_engine_cuts(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """The engine's idle clock runs from the caller's last speech, which text does not restart: ours for
+    it neither, so our goodbye comes before the engine's cut however busily the caller types meanwhile."""
+    vowel.max_idle_duration, vowel.claim_limits = 3.0, True  # the token claims 3 s: ours fires at 2.7 s
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        await session.send_audio(speech(100))
+        machine = session.runtime.machine
+        closed = asyncio.ensure_future(session.wait_closed(10))
+        while not closed.done():  # a turn of text every 200 ms, until the end
+            if not machine.ending:
+                with contextlib.suppress(EngineError):
+                    await session.say("still here")
+            await asyncio.wait({closed}, timeout=0.2)
+        assert await closed == "idle_timeout"
+    engine = vowel.sessions[0]
+    assert engine.end_reason != "max_idle_duration_exceeded" and engine.responses[-1].instructions
 
 
 async def test_the_engine_calls_no_tool_that_session_update_did_not_declare(vowel: VowelSimulator) -> None:

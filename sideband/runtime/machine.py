@@ -196,6 +196,11 @@ class MachineConfig:
     reason follows it), before the model answers again."""
     max_call_duration: float | None = None
     max_idle_duration: float | None = None
+    speech_idle_duration: float | None = None
+    """A second idle limit, counted from the caller's last speech alone and only once some was heard: the
+    far side's own idle limit, less a margin (the vowel engine counts idle time only after speech was
+    detected, and text, keys or the model's answers restart none of it). Its end is the idle limit's
+    (``idle_timeout``), which only the caller's speech then withdraws."""
     max_tool_calls: int = 64
     max_identical_calls: int = 3
     end_cap: float = 10.0
@@ -233,6 +238,7 @@ BEFORE_THE_CUT = 60.0
 default limit, 3540 s, leaves as much of OpenAI's 60 minutes)."""
 
 _IDLE = "idle"
+_SPEECH_IDLE = "speech_idle"
 _MAX_DURATION = "max_duration"
 _END_CAP = "end_cap"
 _TRANSFER = "transfer"
@@ -312,6 +318,7 @@ class _End:
     goodbye: str | None  # the goodbye still to ask for
     parting: bool = False  # the end says a goodbye of its own (a limit's)
     withdrawable: bool = False  # the caller's return withdraws it (the idle limit's: see _caller_back)
+    by_speech: bool = False  # the speech idle limit ran out too: only the caller's speech withdraws it
     verb_sent: bool = False
     referred: bool = False  # the refer was answered 200: the server's close of the sideband ends the call
     lost: bool = False  # the socket was lost once the verb was out (it is not re-attached)
@@ -762,6 +769,8 @@ class CallMachine:
         if self._closed is not None:
             return []
         end = self._end
+        if name == _SPEECH_IDLE:
+            return self._speech_idle_reached()
         # The call is ending already: no limit to report, but the call-duration limit's end takes the place
         # of the idle limit's, which the caller's return would withdraw (see request_end).
         if (
@@ -1054,13 +1063,14 @@ class CallMachine:
         return Send(event)
 
     def caller_active(self) -> list[Action]:
-        """The caller is active by other means than speech the server detects (e.g. audio a backend
-        streams): the idle limit starts again."""
+        """The caller speaks by other means than speech the server reports (e.g. in audio a backend
+        streams): the idle limit starts again, and so does the speech idle limit
+        (:attr:`MachineConfig.speech_idle_duration`)."""
         if self._closed is not None:
             return []
         self._unnudge()
-        back = self._caller_back() if self._end is not None else []
-        return back + self._touch_idle()
+        back = self._caller_back(speech=True) if self._end is not None else []
+        return back + self._touch_idle() + self._heard_speech()
 
     def user_text(self, text: str) -> list[Action]:
         """Add a user text turn (driving the conversation from code); one response follows it (ours, or, on
@@ -1486,7 +1496,7 @@ class CallMachine:
         self._speaking = True  # nothing of ours starts over the caller's words (see _progress)
         self._speech_capped = False
         self.caller_turns += 1
-        return [*self._caller_turn(), StartTimer(_SPEAKING, SPEECH_CAP)]
+        return [*self._caller_turn(speech=True), StartTimer(_SPEAKING, SPEECH_CAP)]
 
     def _on_speech_stopped(self, event: dict[str, Any]) -> list[Action]:
         if not self._speaking:
@@ -1539,24 +1549,27 @@ class CallMachine:
             return self._caller_turn()  # a key was pressed, but which one is not said: no digit to report
         return [*self._caller_turn(), Notice("dtmf", {"digit": digit})]
 
-    def _caller_turn(self) -> list[Action]:
-        """The caller spoke, keyed or typed: a new turn. The same tool call asked for again is no loop,
-        and a loop breaker's "no tools" is not owed to this turn; the idle limit starts again (and an
-        end it had asked for is withdrawn: see :meth:`_caller_back`)."""
+    def _caller_turn(self, *, speech: bool = False) -> list[Action]:
+        """The caller spoke (``speech``: their speech was detected), keyed or typed: a new turn. The same
+        tool call asked for again is no loop, and a loop breaker's "no tools" is not owed to this turn;
+        the idle limit starts again, the speech idle limit on speech alone (and an end they had asked for
+        is withdrawn: see :meth:`_caller_back`)."""
         self._last_signature, self._repeat, self._without_tools = None, 0, False
         self._corrections = 0
         self._unnudge()
-        back = self._caller_back() if self._end is not None else []
-        return back + self._touch_idle()
+        back = self._caller_back(speech=speech) if self._end is not None else []
+        return back + self._touch_idle() + (self._heard_speech() if speech else [])
 
-    def _caller_back(self) -> list[Action]:
+    def _caller_back(self, *, speech: bool = False) -> list[Action]:
         """The caller is active while the idle limit ends the call, before its hangup went out: they are
         back. The end is withdrawn (``call.limit_withdrawn``; the idle clock then starts again): a
         goodbye not started yet is cancelled as it starts, one under way or still heard is stopped
         (unless the caller's speech is what cuts it off: the server's turn detection does, as for any
-        reply), and a refused one is not sent again. Any other end stands."""
+        reply), and a refused one is not sent again. Once the speech idle limit ran out too, only the
+        caller's ``speech`` withdraws it (the far side's clock would cut the call anyway). Any other end
+        stands."""
         end = self._end
-        if end is None or not end.withdrawable or end.verb_sent:
+        if end is None or not end.withdrawable or end.verb_sent or (end.by_speech and not speech):
             return []
         self._end = None
         actions: list[Action] = [Notice("call.limit_withdrawn", {"limit": "idle"}), CancelTimer(_END_CAP)]
@@ -1627,6 +1640,27 @@ class CallMachine:
             return actions + self.say(self.config.idle_prompt_instructions)
         ending = self._ask_end(_IDLE_TIMEOUT, "hangup", None, goodbye=True, withdrawable=True)
         return [Notice("call.limit", {"limit": "idle"}), *ending]
+
+    def _speech_idle_reached(self) -> list[Action]:
+        """The far side's idle limit, which only the caller's speech restarts, comes due: the idle limit's
+        end (no question first: it would restart none of that clock), which text or keys no longer
+        withdraw. An idle end under way already stands for it too."""
+        end = self._end
+        if end is None:
+            actions = self._idle_reached(nudge=False)
+            end = self._end
+        else:
+            actions = []
+        if end is not None and end.withdrawable:
+            end.by_speech = True
+        return actions
+
+    def _heard_speech(self) -> list[Action]:
+        """The caller spoke: the speech idle limit (:attr:`MachineConfig.speech_idle_duration`) starts
+        again."""
+        if self.config.speech_idle_duration and self._end is None:
+            return [StartTimer(_SPEECH_IDLE, self.config.speech_idle_duration)]
+        return []
 
     def _touch_idle(self) -> list[Action]:
         self._idle_waited = self._idle_due = self._prompt_due = False

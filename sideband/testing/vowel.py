@@ -295,8 +295,8 @@ class VowelSimulator:
     Keys: ``api_key`` carries ``mint_trusted_session``; ``browser_key`` only ``mint_ephemeral``;
     :meth:`add_key` adds more. Limits (seconds, on the simulator clock) are checked when a client message
     arrives, as the engine does; the idle limit counts from the last speech, none until some was detected
-    (streamed silence is none; user text counts as speech here, the stricter reading, since whether the
-    engine's clock starts on text is not documented). A session's limits are its token's claims
+    (streamed silence is none, and neither is user text: the engine counts idle time only after speech
+    was detected, by its turn detection on the audio). A session's limits are its token's claims
     (``maxCallDurationMs``, ``maxIdleDurationMs``), else ``max_call_duration`` / ``max_idle_duration``
     (the engine's defaults). ``claim_limits=True`` puts those two in the tokens the core mints; the
     engine's own mint always does, as the engine does. ``refuse_handshake`` picks how a bad token (a
@@ -981,7 +981,6 @@ class VowelSimulator:
                 await self._error(session, "invalid_request_error", "invalid_value", rule.refuse)
                 return
             session.user_texts.append(text)
-            session.last_speech = self.now()
             session._turn_text, session._turn_calls, session._turn_issued = text, {}, False
             session._held = None  # (the text's own response answers it)
             await self._send(session, {"type": "conversation.item.created", "item": item})

@@ -409,6 +409,7 @@ class EngineSession:
             session["voice"] = settings.vowel_voice
         if settings.vowel_model:
             session["model"] = settings.vowel_model
+        engine_idle = _before(token.max_idle_duration or ENGINE_IDLE_LIMIT, self.end_cap)
         config = MachineConfig(
             session=session,
             greeting=None,
@@ -421,10 +422,10 @@ class EngineSession:
                 app.max_call_duration or settings.max_call_duration,
                 _before(token.max_call_duration or ENGINE_CALL_LIMIT, self.end_cap),
             ),
-            max_idle_duration=_tightest(
-                app.max_idle_duration or settings.max_idle_duration,
-                _before(token.max_idle_duration or ENGINE_IDLE_LIMIT, self.end_cap),
-            ),
+            max_idle_duration=_tightest(app.max_idle_duration or settings.max_idle_duration, engine_idle),
+            # The engine counts idle time only after speech was detected, from the last: text restarts
+            # none of its clock, so ours for it runs from the caller's speech alone.
+            speech_idle_duration=engine_idle,
             end_cap=self.end_cap,
             max_tool_calls=app.max_tool_calls,
             max_identical_calls=app.max_identical_calls,
