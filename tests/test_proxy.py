@@ -374,3 +374,64 @@ async def test_a_407_to_a_plain_http_request_names_the_proxy_setting() -> None:
     ]
     assert refused.value.status == 407 and not refused.value.retryable
     assert "check the user:password of its URL: WS_PROXY, HTTPS_PROXY or HTTP_PROXY" in str(refused.value)
+
+
+VOWEL_HOST = "vowel.test"
+
+
+async def test_an_engine_sessions_mint_and_socket_both_go_through_the_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host that reaches its vowel stack only through a proxy: the core's mint takes the proxy the
+    engine's socket takes (the same variables), credentials as ``Proxy-Authorization``."""
+    from sideband.settings import load_settings
+    from sideband.testing.vowel import VowelSimulator, when
+    from sideband.vowel import EngineSession
+
+    proxy = ForwardProxy({VOWEL_HOST: "127.0.0.1"})
+    await proxy.start()
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "WS_PROXY", "ws_proxy", "SOCKS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://svc:s3cret@127.0.0.1:{proxy.port}")
+    expected_auth = "Basic " + base64.b64encode(b"svc:s3cret").decode()
+    try:
+        async with VowelSimulator() as vowel:
+            vowel.script([when("hello", reply="Hi there.")])
+            values = {
+                **vowel.settings_values(),
+                "vowel_core_url": vowel.core_url.replace("127.0.0.1", VOWEL_HOST),
+                "vowel_engine_url": vowel.engine_url.replace("127.0.0.1", VOWEL_HOST),
+            }
+            settings = load_settings(values, environ={})
+            async with EngineSession.open(settings, Sideband(), mint_budget=2) as session:
+                assert (await session.say("hello")).text == "Hi there."
+    finally:
+        await proxy.close()
+    host = f"{VOWEL_HOST}:{vowel.port}"
+    assert ("POST", f"http://{host}/core/v1/realtime/sessions", expected_auth) in proxy.seen  # the mint
+    assert ("CONNECT", host, expected_auth) in proxy.seen  # the engine's socket, tunnelled
+    assert [m.status for m in vowel.mints] == [200]
+
+
+async def test_a_proxy_the_mint_cannot_use_fails_the_engine_session_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sideband.settings import load_settings
+    from sideband.testing.vowel import VowelSimulator
+    from sideband.vowel import EngineError, EngineSession
+
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "WS_PROXY", "ws_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SOCKS_PROXY", "socks5h://user:s3cret@127.0.0.1:1080")
+    async with VowelSimulator() as vowel:
+        values = {**vowel.settings_values(), "vowel_core_url": f"http://{VOWEL_HOST}:{vowel.port}/core"}
+        with pytest.raises(EngineError) as info:
+            async with EngineSession.open(load_settings(values, environ={}), Sideband()):
+                pass
+    assert info.value.reason == "not_configured"
+    message = str(info.value)
+    assert (
+        "is a socks5h proxy" in message
+        and "(from WS_PROXY, SOCKS_PROXY, HTTPS_PROXY or HTTP_PROXY)" in message
+    )
+    assert "s3cret" not in message and vowel.mints == []

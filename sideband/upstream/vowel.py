@@ -19,7 +19,8 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
-from websockets.exceptions import InvalidMessage, InvalidStatus
+from websockets.exceptions import InvalidMessage, InvalidProxy, InvalidStatus
+from websockets.proxy import Proxy, parse_proxy
 
 from sideband import jsonio
 from sideband.upstream._ws import MAX_MESSAGE, PushConnection, open_socket, resolve_proxy, ws_url
@@ -32,6 +33,7 @@ __all__ = [
     "Token",
     "VowelCore",
     "connect_engine",
+    "core_proxy",
     "engine_socket_url",
     "parse_mint_answer",
     "token_claims",
@@ -254,13 +256,59 @@ def _error_message(text: str) -> str:
     return str(message) if len(message) <= 200 else message[:200] + "…"
 
 
-class VowelCore:
-    """The vowel core's mint endpoint, with an API key that carries ``mint_trusted_session``."""
+def core_proxy(core_url: str) -> Proxy | None:
+    """The proxy for requests to the vowel core at ``core_url``: the one websockets picks for a socket to
+    that host, as the engine's socket gets (``HTTPS_PROXY``, ``NO_PROXY``…; none for a loopback host, see
+    :func:`~sideband.upstream._ws.resolve_proxy`). Raises :class:`ValueError` for one that is malformed
+    or not an HTTP proxy; its message names the variables, never the proxy's credentials."""
+    url = ws_url(core_url)
+    found = resolve_proxy(url)
+    if found is None:
+        return None
+    names = (
+        "WSS_PROXY, SOCKS_PROXY or HTTPS_PROXY"
+        if url.startswith("wss://")
+        else "WS_PROXY, SOCKS_PROXY, HTTPS_PROXY or HTTP_PROXY"
+    )
+    what = f"the proxy for the vowel core (from {names})"
+    try:
+        proxy = parse_proxy(found)
+    except InvalidProxy as exc:  # its text would quote the URL, credentials and all
+        raise ValueError(f"{what} is not valid: {exc.msg}") from None
+    except ValueError:  # (urllib's words quote the part it could not read: a password, say)
+        raise ValueError(
+            f"{what} is not valid: it cannot be read (a password holding / ? # @ [ or ] must be "
+            "percent-encoded, and the port must be a number)"
+        ) from None
+    if proxy.scheme not in ("http", "https"):
+        raise ValueError(f"{what} is a {proxy.scheme} proxy: the mint goes through HTTP proxies only")
+    return proxy
 
-    def __init__(self, http: aiohttp.ClientSession, core_url: str, api_key: str) -> None:
+
+class VowelCore:
+    """The vowel core's mint endpoint, with an API key that carries ``mint_trusted_session``.
+
+    ``proxy``: the HTTP(S) proxy for the mint (see :func:`core_proxy`; its credentials become
+    ``Proxy-Authorization``), ``None`` for a direct connection."""
+
+    def __init__(
+        self, http: aiohttp.ClientSession, core_url: str, api_key: str, proxy: Proxy | None = None
+    ) -> None:
         self._http = http
         self._url = core_url.rstrip("/") + "/v1/realtime/sessions"
         self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._via: dict[str, Any] = {}
+        if proxy is not None:
+            if proxy.scheme not in ("http", "https"):
+                raise ValueError(f"a {proxy.scheme} proxy cannot carry HTTP requests")
+            host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
+            self._via["proxy"] = f"{proxy.scheme}://{host}:{proxy.port}"
+            if proxy.user_info is not None:
+                auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(*proxy.user_info)}
+                if self._url.startswith("https://"):
+                    self._via["proxy_headers"] = auth  # on the CONNECT only, never inside the tunnel
+                else:  # a plain-HTTP request goes to the proxy itself, which reads it off the request
+                    self._headers.update(auth)
 
     async def mint(
         self, body: Mapping[str, Any], *, timeout: float = 10.0, clock: Callable[[], float] = time.time
@@ -275,7 +323,12 @@ class VowelCore:
                 asyncio.timeout(timeout),
                 # (a redirect is not followed: it would repeat the POST as a GET, the API key with it)
                 self._http.post(
-                    self._url, json=dict(body), headers=self._headers, timeout=UNTIMED, allow_redirects=False
+                    self._url,
+                    json=dict(body),
+                    headers=self._headers,
+                    timeout=UNTIMED,
+                    allow_redirects=False,
+                    **self._via,
                 ) as resp,
             ):
                 text = await resp.text()

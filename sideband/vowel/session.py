@@ -40,6 +40,7 @@ from sideband.upstream.vowel import (
     Token,
     VowelCore,
     connect_engine,
+    core_proxy,
     engine_socket_url,
     trusted_session_request,
 )
@@ -289,10 +290,17 @@ class EngineSession:
         self._started = True
         settings = self.settings
         api_key = settings.vowel_api_key.get_secret_value() if settings.vowel_api_key else ""
+        core_url = settings.vowel_core_url or ""
+        try:  # (the proxy the engine's socket takes: a host behind one reaches the core through it too)
+            proxy = core_proxy(core_url)
+        except ValueError as exc:
+            self._set_end("not_configured", str(exc))
+            self._log.warning("vowel.session_failed", reason="not_configured", error=str(exc))
+            raise EngineError("not_configured", str(exc)) from None
         if self._http is None:
             self._http = aiohttp.ClientSession()
         try:
-            token = await self._mint(VowelCore(self._http, settings.vowel_core_url or "", api_key))
+            token = await self._mint(VowelCore(self._http, core_url, api_key, proxy))
             self._ws = await self._connect(token)
         except UpstreamError as exc:
             await self.abort()
