@@ -435,3 +435,42 @@ async def test_a_proxy_the_mint_cannot_use_fails_the_engine_session_in_one_line(
         and "(from WS_PROXY, SOCKS_PROXY, HTTPS_PROXY or HTTP_PROXY)" in message
     )
     assert "s3cret" not in message and vowel.mints == []
+
+
+@pytest.mark.parametrize("core_url", ["https://vowel.test/core", "wss://vowel.test/core"])
+async def test_a_mint_through_a_proxy_sends_its_credentials_on_the_connect(core_url: str) -> None:
+    """The vowel core at an ``https://`` or ``wss://`` URL is reached over TLS: through a proxy, its
+    credentials go on the ``CONNECT``, never inside the tunnel to the core."""
+    from websockets.proxy import parse_proxy
+
+    from sideband.upstream.openai import UpstreamError
+    from sideband.upstream.vowel import VowelCore
+
+    expected = "Basic " + base64.b64encode(b"svc:s3cret").decode()
+    async with RefusingProxy(502, "Bad Gateway", auth=expected) as proxy, aiohttp.ClientSession() as http:
+        core = VowelCore(http, core_url, "vk-test", parse_proxy(f"http://svc:s3cret@127.0.0.1:{proxy.port}"))
+        with pytest.raises(UpstreamError) as refused:  # (the proxy opens no tunnel)
+            await core.mint({"model": "m"}, timeout=5)
+    assert proxy.seen == [("CONNECT", "vowel.test:443", expected)]
+    assert refused.value.retryable and refused.value.unsent  # (its 502: the core out of its reach)
+
+
+@pytest.mark.parametrize(("status", "reason"), [(407, "Proxy Authentication Required"), (403, "Forbidden")])
+async def test_a_mint_the_proxy_refuses_is_not_tried_again_and_names_the_proxy(
+    monkeypatch: pytest.MonkeyPatch, status: int, reason: str
+) -> None:
+    """A proxy that will not open the tunnel to the vowel core for its credentials or its rules: nothing
+    reached the core, no retry mends it, and the error names the proxy variables (not the password)."""
+    from sideband.upstream.openai import UpstreamError
+    from sideband.upstream.vowel import VowelCore, core_proxy
+
+    async with RefusingProxy(status, reason) as proxy, aiohttp.ClientSession() as http:
+        _proxied(monkeypatch, f"http://svc:wrong@127.0.0.1:{proxy.port}")
+        core_url = "https://vowel.test/core"
+        core = VowelCore(http, core_url, "vk-test", core_proxy(core_url))
+        with pytest.raises(UpstreamError) as refused:
+            await core.mint({"model": "m"}, timeout=5)
+    error = refused.value
+    assert (error.status, error.retryable, error.unsent) == (status, False, True)
+    assert "the proxy did not open the tunnel to the vowel core" in str(error)
+    assert "WSS_PROXY, SOCKS_PROXY or HTTPS_PROXY" in str(error) and "wrong" not in str(error)

@@ -123,23 +123,23 @@ def proxy_names(url: str) -> str:
     return "WS_PROXY, HTTPS_PROXY or HTTP_PROXY"
 
 
-def proxy_hint(status: int, names: str) -> str:
+def proxy_hint(status: int, names: str, *, to: str = "OpenAI") -> str:
     """For a proxy's refusal no retry mends (407: its credentials, 403: its rules), what the operator
     should check, ``names`` the variables that name it (:func:`proxy_names`). Else ``""``."""
     if status == 407:
         return f": the proxy refused its credentials (check the user:password of its URL: {names})"
     if status == 403:
-        return f": the proxy does not let this host reach OpenAI (check its rules, or the proxy URL: {names})"
+        return f": the proxy does not let this host reach {to} (check its rules, or the proxy URL: {names})"
     return ""
 
 
-def refused_tunnel(what: str, status: int, reason: str, names: str) -> UpstreamError:
-    """The error for a proxy that answered the ``CONNECT`` to OpenAI with ``status``: nothing reached
-    OpenAI (``unsent``); its 407 or 403 is not tried again (:attr:`UpstreamError.retryable`)."""
-    message = f"{what} failed: the proxy did not open the tunnel to OpenAI: {status}"
+def refused_tunnel(what: str, status: int, reason: str, names: str, *, to: str = "OpenAI") -> UpstreamError:
+    """The error for a proxy that answered the ``CONNECT`` to ``to`` with ``status``: nothing reached it
+    (``unsent``); its 407 or 403 is not tried again (:attr:`UpstreamError.retryable`)."""
+    message = f"{what} failed: the proxy did not open the tunnel to {to}: {status}"
     if reason := " ".join(reason.split())[:100]:
         message += f" {reason}"
-    return UpstreamError(message + proxy_hint(status, names), status, unsent=True)
+    return UpstreamError(message + proxy_hint(status, names, to=to), status, unsent=True)
 
 
 class UpstreamError(Exception):

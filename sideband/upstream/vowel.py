@@ -24,7 +24,7 @@ from websockets.proxy import Proxy, parse_proxy
 
 from sideband import jsonio
 from sideband.upstream._ws import MAX_MESSAGE, PushConnection, open_socket, resolve_proxy, ws_url
-from sideband.upstream.openai import UNTIMED, UpstreamError, retry_after, why
+from sideband.upstream.openai import UNTIMED, UpstreamError, refused_tunnel, retry_after, why
 
 __all__ = [
     "EngineRefused",
@@ -256,6 +256,13 @@ def _error_message(text: str) -> str:
     return str(message) if len(message) <= 200 else message[:200] + "…"
 
 
+def _proxy_names(url: str) -> str:
+    """The variables that name the proxy for the vowel core at ``url``, in the order they are read."""
+    if ws_url(url).startswith("wss://"):
+        return "WSS_PROXY, SOCKS_PROXY or HTTPS_PROXY"
+    return "WS_PROXY, SOCKS_PROXY, HTTPS_PROXY or HTTP_PROXY"
+
+
 def core_proxy(core_url: str) -> Proxy | None:
     """The proxy for requests to the vowel core at ``core_url``: the one websockets picks for a socket to
     that host, as the engine's socket gets (``HTTPS_PROXY``, ``NO_PROXY``…; none for a loopback host, see
@@ -265,12 +272,7 @@ def core_proxy(core_url: str) -> Proxy | None:
     found = resolve_proxy(url)
     if found is None:
         return None
-    names = (
-        "WSS_PROXY, SOCKS_PROXY or HTTPS_PROXY"
-        if url.startswith("wss://")
-        else "WS_PROXY, SOCKS_PROXY, HTTPS_PROXY or HTTP_PROXY"
-    )
-    what = f"the proxy for the vowel core (from {names})"
+    what = f"the proxy for the vowel core (from {_proxy_names(url)})"
     try:
         proxy = parse_proxy(found)
     except InvalidProxy as exc:  # its text would quote the URL, credentials and all
@@ -305,7 +307,7 @@ class VowelCore:
             self._via["proxy"] = f"{proxy.scheme}://{host}:{proxy.port}"
             if proxy.user_info is not None:
                 auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(*proxy.user_info)}
-                if self._url.startswith("https://"):
+                if self._url.startswith(("https://", "wss://")):  # (aiohttp sends both over TLS)
                     self._via["proxy_headers"] = auth  # on the CONNECT only, never inside the tunnel
                 else:  # a plain-HTTP request goes to the proxy itself, which reads it off the request
                     self._headers.update(auth)
@@ -337,6 +339,13 @@ class VowelCore:
                 wait = retry_after(resp.headers.get("Retry-After"))
         except TimeoutError:
             raise UpstreamError(f"vowel core did not answer the mint request within {timeout:g} s") from None
+        except (
+            aiohttp.ClientHttpProxyError
+        ) as exc:  # (the proxy refused the tunnel: nothing reached the core)
+            names = _proxy_names(self._url)
+            raise refused_tunnel(
+                "vowel core mint", exc.status, exc.message, names, to="the vowel core"
+            ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"vowel core unreachable: {why(exc)}") from None
         detail = _error_message(text)
