@@ -647,7 +647,7 @@ def _given(value: _T | None, otherwise: _T | None) -> _T | None:
 
 # A SIP URI's host (a name, an IPv4 or a bracketed IPv6 address), its port and parameters after it.
 _SIP_HOST = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?(?:;.*)?"
+    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.\-]*[A-Za-z0-9_])?\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?(?:;.*)?"
 )
 
 
@@ -655,7 +655,8 @@ def is_target_uri(uri: object) -> bool:
     """Whether ``uri`` is a place a REFER can send a call: a ``tel:`` URI with a number (a digit at
     least: OpenAI refuses a bare ``tel:``, and ``tel:+`` reaches no one), or a ``sip:``/``sips:`` URI with
     a host and, when it has an ``@``, a user before it (``sip:agent@pbx.example.com``,
-    ``sip:pbx.example.com``; not ``sip:@pbx.example.com``)."""
+    ``sip:pbx.example.com``, a fully qualified ``pbx.example.com.``, a service name such as
+    ``sip:agent@pbx_internal``; not ``sip:@pbx.example.com``)."""
     if not isinstance(uri, str):
         return False
     scheme, _, rest = uri.partition(":")

@@ -588,6 +588,8 @@ def test_decision_defaults() -> None:
         "sip:agent@",
         "sip:agent@;transport=tls",
         "sip:agent@pbx@example.com",
+        "sip:agent@pbx..",
+        "sip:agent@.pbx",
     ],
 )
 def test_a_refer_or_transfer_target_needs_a_number_or_address(uri: Any) -> None:
@@ -609,6 +611,8 @@ def test_a_refer_or_transfer_target_needs_a_number_or_address(uri: Any) -> None:
         "sip:+14155550123@10.0.0.1:5060;transport=tls",
         "sips:desk:secret@[2001:db8::1]:5061",
         "sip:desk@pbx.example.com?subject=transfer",
+        "sip:agent@pbx.example.com.",  # (fully qualified)
+        "sip:agent@pbx_internal:5060",  # (a container's service name)
     ):
         assert Refer(good).target_uri == good
         assert Accept(transfer_targets={"human": good}).transfer_targets == {"human": good}
