@@ -19,8 +19,7 @@ from typing import Any, TypeVar
 import aiohttp
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from websockets.exceptions import InvalidProxy
-from websockets.proxy import Proxy, parse_proxy
+from websockets.proxy import Proxy
 
 from sideband.app import CallPlan, IncomingCall, Sideband
 from sideband.blocking import Stepwise, log_blocked
@@ -50,7 +49,7 @@ from sideband.stores import (
     StoreUnavailable,
 )
 from sideband.tickets import TicketError, TicketSigner
-from sideband.upstream._ws import resolve_proxy
+from sideband.upstream._ws import http_proxy, resolve_proxy, ws_proxy_names
 from sideband.upstream.openai import CallControl, CallGone, UpstreamError, connect_sideband, with_retries
 
 __all__ = ["HANDOFF_GRACE", "Reply", "Service", "WebhookEvent"]
@@ -310,25 +309,11 @@ class Service:
         self._proxy = resolve_proxy(self._sideband_url)
         proxy: Proxy | None = None
         if self._proxy is not None:
-            names = (
-                "WSS_PROXY, SOCKS_PROXY or HTTPS_PROXY"
-                if self._sideband_url.startswith("wss://")
-                else "WS_PROXY, SOCKS_PROXY, HTTPS_PROXY or HTTP_PROXY"
-            )
+            what = f"the proxy for {base} (from {ws_proxy_names(self._sideband_url)})"
             try:
-                proxy = parse_proxy(self._proxy)
-            except InvalidProxy as exc:  # its text would quote the URL, credentials and all
-                raise SettingsError(f"the proxy for {base} (from {names}) is not valid: {exc.msg}") from None
-            except ValueError:  # (urllib's words quote the part it could not read: a password, say)
-                raise SettingsError(
-                    f"the proxy for {base} (from {names}) is not valid: it cannot be read (a password "
-                    "holding / ? # @ [ or ] must be percent-encoded, and the port must be a number)"
-                ) from None
-            if proxy.scheme not in ("http", "https"):
-                raise SettingsError(
-                    f"the proxy for {base} (from {names}) is a {proxy.scheme} proxy: sideband reaches "
-                    "OpenAI through HTTP proxies only"
-                )
+                proxy = http_proxy(self._proxy, what, "sideband reaches OpenAI")
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
         try:
             await self.store.open()
         except StoreUnavailable as exc:

@@ -13,11 +13,11 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import InvalidProxy, InvalidStatus
 from websockets.extensions.permessage_deflate import enable_client_permessage_deflate
 from websockets.frames import Frame, Opcode
 from websockets.protocol import CLOSED, OPEN, Event
-from websockets.proxy import get_proxy
+from websockets.proxy import Proxy, get_proxy, parse_proxy
 from websockets.uri import parse_uri
 
 __all__ = [
@@ -80,6 +80,32 @@ def resolve_proxy(url: str) -> str | None:
         if ipaddress.ip_address(host).is_loopback:
             return None
     return get_proxy(uri)
+
+
+def ws_proxy_names(url: str) -> str:
+    """The variables that may name the proxy for the WebSocket URL ``url``, in the order websockets reads
+    them (for a message)."""
+    if url.startswith("wss://"):
+        return "WSS_PROXY, SOCKS_PROXY or HTTPS_PROXY"
+    return "WS_PROXY, SOCKS_PROXY, HTTPS_PROXY or HTTP_PROXY"
+
+
+def http_proxy(found: str, what: str, carried: str) -> Proxy:
+    """``found``, the proxy URL :func:`resolve_proxy` picked, parsed; ``what`` names it in messages (``the
+    proxy for … (from …)``), ``carried`` what goes through HTTP proxies only. Raises :class:`ValueError`
+    for one that is malformed or not an HTTP proxy, whose message never quotes its credentials."""
+    try:
+        proxy = parse_proxy(found)
+    except InvalidProxy as exc:  # its text would quote the URL, credentials and all
+        raise ValueError(f"{what} is not valid: {exc.msg}") from None
+    except ValueError:  # (urllib's words quote the part it could not read: a password, say)
+        raise ValueError(
+            f"{what} is not valid: it cannot be read (a password holding / ? # @ [ or ] must be "
+            "percent-encoded, and the port must be a number)"
+        ) from None
+    if proxy.scheme not in ("http", "https"):
+        raise ValueError(f"{what} is a {proxy.scheme} proxy: {carried} through HTTP proxies only")
+    return proxy
 
 
 class PushConnection(ClientConnection):

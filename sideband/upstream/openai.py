@@ -133,6 +133,28 @@ def proxy_hint(status: int, names: str, *, to: str = "OpenAI") -> str:
     return ""
 
 
+def proxy_route(proxy: Proxy | None, url: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """How aiohttp's requests to ``url`` go through ``proxy`` (``None``: directly): the keyword arguments
+    of each request (``proxy``, and its credentials as ``proxy_headers``, on the ``CONNECT`` only, for a
+    URL reached over TLS: ``https://``, or ``wss://``, which aiohttp sends alike), and the headers each
+    request carries itself (the credentials, for a plain-HTTP URL: such a request goes to the proxy
+    itself, which reads them off it). Never the credentials inside a tunnel. Raises :class:`ValueError`
+    for a proxy that cannot carry HTTP requests (SOCKS)."""
+    if proxy is None:
+        return {}, {}
+    if proxy.scheme not in ("http", "https"):
+        raise ValueError(f"a {proxy.scheme} proxy cannot carry HTTP requests")
+    host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
+    via: dict[str, Any] = {"proxy": f"{proxy.scheme}://{host}:{proxy.port}"}
+    if proxy.user_info is None:
+        return via, {}
+    auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(*proxy.user_info)}
+    if url.startswith(("https://", "wss://")):
+        via["proxy_headers"] = auth
+        return via, {}
+    return via, auth
+
+
 def refused_tunnel(what: str, status: int, reason: str, names: str, *, to: str = "OpenAI") -> UpstreamError:
     """The error for a proxy that answered the ``CONNECT`` to ``to`` with ``status``: nothing reached it
     (``unsent``); its 407 or 403 is not tried again (:attr:`UpstreamError.retryable`)."""
@@ -229,22 +251,10 @@ class CallControl:
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
-        self._via: dict[str, Any] = {}
-        # (a wss:// base is sent as https://: through a proxy, tunnelled as well)
-        tunnelled = self._base.startswith(("https://", "wss://"))
         self._proxy_names = proxy_names(self._base)
-        if proxy is not None:
-            if proxy.scheme not in ("http", "https"):
-                raise ValueError(f"a {proxy.scheme} proxy cannot carry HTTP requests")
-            host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
-            self._via["proxy"] = f"{proxy.scheme}://{host}:{proxy.port}"
-            if proxy.user_info is not None:
-                auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(*proxy.user_info)}
-                if tunnelled:
-                    self._via["proxy_headers"] = auth  # on the CONNECT only, never inside the tunnel
-                else:  # a plain-HTTP request goes to the proxy itself, which reads it off the request
-                    self._headers.update(auth)
-                    self._json_headers.update(auth)
+        self._via, auth = proxy_route(proxy, self._base)
+        self._headers.update(auth)
+        self._json_headers.update(auth)
 
     def _hint(self, status: int, body: str) -> str:
         """:func:`hint`, and for a 407 (only ever a proxy's) the proxy setting to check."""

@@ -19,12 +19,20 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
-from websockets.exceptions import InvalidMessage, InvalidProxy, InvalidStatus
-from websockets.proxy import Proxy, parse_proxy
+from websockets.exceptions import InvalidMessage, InvalidStatus
+from websockets.proxy import Proxy
 
 from sideband import jsonio
-from sideband.upstream._ws import MAX_MESSAGE, PushConnection, open_socket, resolve_proxy, ws_url
-from sideband.upstream.openai import UNTIMED, UpstreamError, refused_tunnel, retry_after, why
+from sideband.upstream._ws import (
+    MAX_MESSAGE,
+    PushConnection,
+    http_proxy,
+    open_socket,
+    resolve_proxy,
+    ws_proxy_names,
+    ws_url,
+)
+from sideband.upstream.openai import UNTIMED, UpstreamError, proxy_route, refused_tunnel, retry_after, why
 
 __all__ = [
     "EngineRefused",
@@ -256,13 +264,6 @@ def _error_message(text: str) -> str:
     return str(message) if len(message) <= 200 else message[:200] + "…"
 
 
-def _proxy_names(url: str) -> str:
-    """The variables that name the proxy for the vowel core at ``url``, in the order they are read."""
-    if ws_url(url).startswith("wss://"):
-        return "WSS_PROXY, SOCKS_PROXY or HTTPS_PROXY"
-    return "WS_PROXY, SOCKS_PROXY, HTTPS_PROXY or HTTP_PROXY"
-
-
 def core_proxy(core_url: str) -> Proxy | None:
     """The proxy for requests to the vowel core at ``core_url``: the one websockets picks for a socket to
     that host, as the engine's socket gets (``HTTPS_PROXY``, ``NO_PROXY``…; none for a loopback host, see
@@ -272,19 +273,8 @@ def core_proxy(core_url: str) -> Proxy | None:
     found = resolve_proxy(url)
     if found is None:
         return None
-    what = f"the proxy for the vowel core (from {_proxy_names(url)})"
-    try:
-        proxy = parse_proxy(found)
-    except InvalidProxy as exc:  # its text would quote the URL, credentials and all
-        raise ValueError(f"{what} is not valid: {exc.msg}") from None
-    except ValueError:  # (urllib's words quote the part it could not read: a password, say)
-        raise ValueError(
-            f"{what} is not valid: it cannot be read (a password holding / ? # @ [ or ] must be "
-            "percent-encoded, and the port must be a number)"
-        ) from None
-    if proxy.scheme not in ("http", "https"):
-        raise ValueError(f"{what} is a {proxy.scheme} proxy: the mint goes through HTTP proxies only")
-    return proxy
+    what = f"the proxy for the vowel core (from {ws_proxy_names(url)})"
+    return http_proxy(found, what, "the mint goes")
 
 
 class VowelCore:
@@ -299,18 +289,8 @@ class VowelCore:
         self._http = http
         self._url = core_url.rstrip("/") + "/v1/realtime/sessions"
         self._headers = {"Authorization": f"Bearer {api_key}"}
-        self._via: dict[str, Any] = {}
-        if proxy is not None:
-            if proxy.scheme not in ("http", "https"):
-                raise ValueError(f"a {proxy.scheme} proxy cannot carry HTTP requests")
-            host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
-            self._via["proxy"] = f"{proxy.scheme}://{host}:{proxy.port}"
-            if proxy.user_info is not None:
-                auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(*proxy.user_info)}
-                if self._url.startswith(("https://", "wss://")):  # (aiohttp sends both over TLS)
-                    self._via["proxy_headers"] = auth  # on the CONNECT only, never inside the tunnel
-                else:  # a plain-HTTP request goes to the proxy itself, which reads it off the request
-                    self._headers.update(auth)
+        self._via, auth = proxy_route(proxy, self._url)
+        self._headers.update(auth)
 
     async def mint(
         self, body: Mapping[str, Any], *, timeout: float = 10.0, clock: Callable[[], float] = time.time
@@ -342,7 +322,7 @@ class VowelCore:
         except (
             aiohttp.ClientHttpProxyError
         ) as exc:  # (the proxy refused the tunnel: nothing reached the core)
-            names = _proxy_names(self._url)
+            names = ws_proxy_names(ws_url(self._url))
             raise refused_tunnel(
                 "vowel core mint", exc.status, exc.message, names, to="the vowel core"
             ) from None
