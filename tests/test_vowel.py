@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -634,17 +634,17 @@ async def test_a_second_response_create_replaces_the_one_in_flight(vowel: VowelS
     assert statuses == ["created", "cancelled", "completed"]
 
 
-async def test_the_engine_answers_a_create_only_once_every_announced_call_has_its_output(
-    vowel: VowelSimulator,
-) -> None:
-    """PROTOCOL C3: the engine waits for the output of each call it announced, with no timeout. A
-    response.create sent before them is not answered until the last output is in (and is noted)."""
-    vowel.script([when("two", calls=[("a", {}), ("b", {})], reply="Both done.")])
+@contextlib.asynccontextmanager
+async def _engine_with_tools(
+    vowel: VowelSimulator, *names: str
+) -> AsyncIterator[tuple[Any, Callable[[str], Awaitable[dict[str, Any]]]]]:
+    """A raw engine socket with a minted token, the functions ``names`` declared and their
+    ``session.updated`` read; with ``until(kind)``, which reads up to the next event of that type."""
     async with aiohttp.ClientSession() as http:
         token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
             trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
         )
-    tools = [{"type": "function", "name": n, "parameters": {"type": "object"}} for n in ("a", "b")]
+    tools = [{"type": "function", "name": n, "parameters": {"type": "object"}} for n in names]
     async with connect(
         f"ws://127.0.0.1:{vowel.port}/engine/v1/realtime",
         additional_headers={"Authorization": f"Bearer {token.value}"},
@@ -659,6 +659,16 @@ async def test_the_engine_answers_a_create_only_once_every_announced_call_has_it
         await ws.recv()  # session.created
         await ws.send(json.dumps({"type": "session.update", "session": {"tools": tools}}))
         await until("session.updated")
+        yield ws, until
+
+
+async def test_the_engine_answers_a_create_only_once_every_announced_call_has_its_output(
+    vowel: VowelSimulator,
+) -> None:
+    """PROTOCOL C3: the engine waits for the output of each call it announced, with no timeout. A
+    response.create sent before them is not answered until the last output is in (and is noted)."""
+    vowel.script([when("two", calls=[("a", {}), ("b", {})], reply="Both done.")])
+    async with _engine_with_tools(vowel, "a", "b") as (ws, until):
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "do two"}]}
         await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
         assert (await until("response.done"))["response"]["status"] == "incomplete"
@@ -698,25 +708,7 @@ async def test_a_tool_turn_cancelled_before_its_call_was_announced_leaves_no_out
             await gate.wait()
 
     monkeypatch.setattr(VowelSimulator, "_pace", pace)
-    async with aiohttp.ClientSession() as http:
-        token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
-            trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
-        )
-    tools = [{"type": "function", "name": "a", "parameters": {"type": "object"}}]
-    async with connect(
-        f"ws://127.0.0.1:{vowel.port}/engine/v1/realtime",
-        additional_headers={"Authorization": f"Bearer {token.value}"},
-    ) as ws:
-
-        async def until(kind: str) -> dict[str, Any]:
-            async with asyncio.timeout(5):
-                while (event := json.loads(await ws.recv()))["type"] != kind:
-                    pass
-            return event
-
-        await ws.recv()  # session.created
-        await ws.send(json.dumps({"type": "session.update", "session": {"tools": tools}}))
-        await until("session.updated")
+    async with _engine_with_tools(vowel, "a") as (ws, until):
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "look"}]}
         await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
         await until("response.output_item.done")  # the preamble, said whole
