@@ -809,6 +809,24 @@ async def test_a_turn_the_engine_refuses_fails_at_once_and_the_session_carries_o
     assert [(r["engine_error"], r["call_id"]) for r in refused] == [("invalid_value", session.call_id)]
 
 
+@pytest.mark.parametrize("code", [1012, 1000])
+async def test_a_refused_turn_is_not_named_as_the_cause_of_a_later_close(
+    vowel: VowelSimulator, code: int
+) -> None:
+    """The session carried on past a refused turn: the engine closing later (a restart) is not that
+    refusal's doing, and its end names no refusal."""
+    vowel.script([when("forbidden", refuse="Message content is not allowed")])
+    async with EngineSession.open(settings_for(vowel), make_app()) as session:
+        with pytest.raises(EngineError) as caught:
+            await session.say("something forbidden")
+        assert caught.value.reason == "turn_refused"
+        assert session.live
+        await vowel._close(vowel.sessions[0], code, "service restart")
+        reason = await session.wait_closed(5)
+    assert reason == ("remote_closed" if code == 1000 else "connection_lost")
+    assert "not allowed" not in (session.end_message or "")
+
+
 @pytest.mark.parametrize("names_an_event", [True, False])
 async def test_an_error_before_the_turns_answer_fails_it_unless_it_names_another_event(
     vowel: VowelSimulator, app: Sideband, names_an_event: bool

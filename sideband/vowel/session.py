@@ -18,7 +18,7 @@ import asyncio
 import base64
 import secrets
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,6 +224,8 @@ class EngineSession:
         self._task: asyncio.Task[str] | None = None
         self._turn: _Turn | None = None
         self._cancelled_turn: asyncio.Task[Any] | None = None  # the task whose cancel ended a turn
+        # The engine's refusal of a turn's text (the session carried on): not the cause of a later close.
+        self._excused: Mapping[str, Any] | None = None
         self._turn_lock = asyncio.Lock()
         self._audio = bytearray()
         self._started = False
@@ -536,6 +538,7 @@ class EngineSession:
         machine.watch(None)
         if machine.closed is not None:
             return
+        self._excused = machine.last_error
         code = str(error.get("code") or error.get("type") or "") or None
         said = " ".join(str(error.get("message") or "").split())[:200] or None
         self._log.warning("vowel.turn_refused", engine_error=code, message=said)
@@ -720,7 +723,9 @@ class EngineSession:
         self.summary = runtime.summary
         reason = runtime.summary.reason or "shutdown"
         code = self._ws.close_code if self._ws is not None else None
-        error = runtime.machine.last_error or {}
+        error = runtime.machine.last_error
+        if error is None or error is self._excused:
+            error = {}
         error_code = str(error.get("code") or error.get("error_type") or "") or None
         error_message = " ".join(str(error.get("message") or "").split())[:200]
         said = f": {error_message}" if error_message else ""
