@@ -33,6 +33,8 @@ def _env(name: str, default: Any = None) -> Any:
 
 
 _BLANK_IS_A_VALUE = frozenset({"SIDEBAND_HOST"})
+# A Redis URL's query options that would replace the claim store's own bounds (see RedisStore).
+_STORE_BOUNDS = frozenset({"socket_timeout", "socket_connect_timeout", "max_connections", "timeout"})
 """Variables whose blank value means something: ``SIDEBAND_HOST=`` listens on both address families."""
 
 
@@ -231,6 +233,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "cannot be read: a user or password holding / ? # @ [ or ] must be percent-encoded (%2F %3F "
                 "%23 %40 %5B %5D), or the port is not a number"
+            )
+        own = sorted(_STORE_BOUNDS.intersection(urllib.parse.parse_qs(parts.query, keep_blank_values=True)))
+        if own:  # (redis-py lets the URL's options replace the store's own bounds)
+            raise ValueError(
+                f"must not set {', '.join(own)}: sideband sets its own bounds on each command and on its "
+                "connections"
             )
         db = parts.path.strip("/")  # (no host: redis-py's localhost)
         if raw.startswith(("redis://", "rediss://")) and db and not db.isdigit():

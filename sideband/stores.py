@@ -228,8 +228,10 @@ class RedisStore:
         await self._call(self._release(keys=[self._prefix + key], args=[self._pending, self._settled]))
 
     async def open(self) -> None:
-        # A write, not a ping: a read-only replica (a reader endpoint named by mistake) answers pings.
-        await self._call(self._redis.set(self._prefix + "probe", b"1", px=1000))
+        # A claim and its release, not a ping: a read-only replica (a reader endpoint named by mistake)
+        # answers pings, and a user refused scripting (an ACL without EVALSHA) may SET but claim nothing.
+        await self.claim("probe", 1.0)
+        await self.release("probe")
 
     async def close(self) -> None:
         await self._redis.aclose()

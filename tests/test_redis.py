@@ -212,6 +212,25 @@ async def test_a_failover_behind_the_same_address_costs_no_request(
         promoted.stop()
 
 
+async def test_a_user_refused_scripting_is_refused_at_start(redis_server: RedisServer) -> None:
+    """An ACL user that may read and write but not run scripts: every claim would fail, so the start
+    check fails, naming the command refused."""
+    if redis_server.proc is None:
+        redis_server.start()
+    raw = redis.Redis.from_url(redis_server.url)
+    raw.acl_setuser(
+        "noscript", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-@scripting"]
+    )
+    store = RedisStore(f"redis://noscript:pw@127.0.0.1:{redis_server.port}/0")
+    try:
+        with pytest.raises(StoreUnavailable, match="evalsha"):
+            await store.open()
+    finally:
+        await store.close()
+        raw.acl_deluser("noscript")
+        raw.close()
+
+
 async def test_a_url_asking_for_decoded_replies_still_reads_settled_claims(redis_server: RedisServer) -> None:
     if redis_server.proc is None:
         redis_server.start()
@@ -950,6 +969,10 @@ async def test_serve_uses_redis_and_logs_it_without_the_password(
         (
             "redis://:pw@127.0.0.1:{port}/0?ssl_cert_reqs=none",
             "sideband: SIDEBAND_REDIS_URL: an option redis cannot take (",
+        ),
+        (
+            "redis://:pw@127.0.0.1:{port}/0?timeout=30&socket_timeout=5",
+            "sideband: SIDEBAND_REDIS_URL: Value error, must not set socket_timeout, timeout: sideband sets",
         ),
         ("redis://:pw@/0", "sideband: cannot use the claim store: redis at redis://localhost/0: "),
         ("redis://:pw@127.0.0.1/zero", "sideband: SIDEBAND_REDIS_URL: Value error, must end with a database"),
