@@ -2324,6 +2324,32 @@ async def test_place_call_delivers_the_signed_webhook(simulator: Simulator, rece
     await simulator.wait_for(lambda s: call.call_id in s.calls, timeout=1)
 
 
+async def test_place_call_delivers_every_call_to_one_url_over_one_client(simulator: Simulator) -> None:
+    """Calls placed to the same webhook URL share one sender (one HTTP client, its connection kept
+    alive), not a client each left open until the simulator closes."""
+    peers: list[Any] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    app.router.add_post("/other", hook)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        calls = [await simulator.place_call(str(server.make_url("/hook")), Script([])) for _ in range(5)]
+        assert all(c.webhook_delivery is not None and c.webhook_delivery.ok for c in calls)
+        assert len(peers) == 5 and len(set(peers)) == 1  # one connection: one client, kept alive
+        other = await simulator.place_call(str(server.make_url("/other")), Script([]))
+        assert other.webhook_delivery is not None and other.webhook_delivery.ok
+        assert len(peers) == 6 and len(set(peers)) == 2  # another URL: a sender of its own
+    finally:
+        await server.close()
+
+
 # ------------------------------------------------------------------------------------------ WebRTC
 
 

@@ -2889,6 +2889,7 @@ class Simulator:
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._senders: list[WebhookSender] = []
+        self._call_senders: dict[str, WebhookSender] = {}  # place_call's, one per webhook URL
         self._call_faults: dict[str, deque[Fault]] = {}
         self._verb_faults: dict[tuple[str, str], deque[Fault]] = {}
         self._failed_transfers: Counter[str] = Counter()
@@ -2952,6 +2953,7 @@ class Simulator:
             await self._runner.cleanup()
             self._runner = None
         senders, self._senders = self._senders, []
+        self._call_senders.clear()  # (each is in _senders too)
         await asyncio.gather(*(s.close() for s in senders), return_exceptions=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -3104,10 +3106,13 @@ class Simulator:
     ) -> SimCall:
         """Create a ringing call and deliver its signed ``realtime.call.incoming`` webhook to ``webhook_url``.
 
-        The delivery result is stored as ``call.webhook_delivery``.
+        The delivery result is stored as ``call.webhook_delivery``. Calls placed to the same URL share one
+        sender (one HTTP client, its connections kept alive), closed when the simulator closes.
         """
         call = self.create_call(script, **call_options)
-        sender = self.webhook_sender(webhook_url)
+        sender = self._call_senders.get(webhook_url)
+        if sender is None:
+            sender = self._call_senders[webhook_url] = self.webhook_sender(webhook_url)
         call.webhook_delivery = await sender.deliver(self.incoming_event(call))
         return call
 
