@@ -694,6 +694,36 @@ async def test_the_engine_answers_a_create_only_once_every_announced_call_has_it
     ]
 
 
+async def test_a_response_cancel_withdraws_a_create_held_for_the_outputs(vowel: VowelSimulator) -> None:
+    """A response.create held until every announced call has its output is withdrawn by a
+    response.cancel sent before the outputs are in: the last output starts no response."""
+    vowel.script([when("two", calls=[("a", {}), ("b", {})], reply="Both done.")])
+    async with _engine_with_tools(vowel, "a", "b") as (ws, until):
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "do two"}]}
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        assert (await until("response.done"))["response"]["status"] == "incomplete"
+        first, second = vowel.sessions[0].responses[0].call_ids
+
+        def output(call_id: str) -> str:
+            item = {"type": "function_call_output", "call_id": call_id, "output": "ok"}
+            return json.dumps({"type": "conversation.item.create", "item": item})
+
+        await ws.send(output(first))
+        await ws.send(json.dumps({"type": "response.create"}))  # held: one output still due
+        await ws.send(json.dumps({"type": "response.cancel"}))  # withdrawn
+        await ws.send(output(second))
+        await until("conversation.item.created")
+        await until("conversation.item.created")
+        await ws.send(json.dumps({"type": "response.create"}))  # the one the client means now
+        assert (await until("response.created"))["response"]["status"] == "in_progress"
+        assert (await until("response.done"))["response"]["status"] == "completed"
+    engine = vowel.sessions[0]
+    assert [(r.trigger, r.status) for r in engine.responses] == [
+        ("user_text", "incomplete"),
+        ("response.create", "completed"),
+    ]
+
+
 async def test_a_tool_turn_cancelled_before_its_call_was_announced_leaves_no_output_due(
     vowel: VowelSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:

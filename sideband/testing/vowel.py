@@ -312,7 +312,8 @@ class VowelSimulator:
 
     The engine waits for the output of every call it announced, with no timeout: a ``response.create``
     sent while one is still due is not answered until the last arrives (and is noted in the session's
-    ``notes``); a response cancelled before it announced a call leaves nothing due.
+    ``notes``), and a ``response.cancel`` sent meanwhile withdraws it; a response cancelled before it
+    announced a call leaves nothing due.
 
     ``event_delay`` paces the engine's events within a response; ``input_delay`` is how long each
     client message takes to reach the engine (in order), while what it already runs goes on: a reply
@@ -862,6 +863,7 @@ class VowelSimulator:
             instructions = response.get("instructions") if isinstance(response, dict) else None
             await self._create(session, instructions if isinstance(instructions, str) else None)
         elif etype == "response.cancel":
+            session._held = None  # (a create held for the outputs is withdrawn with it)
             await self._stop_response(session, status="cancelled")
         elif etype == "input_audio_buffer.append":
             await self._on_audio(session, event)
