@@ -688,7 +688,8 @@ class Sideband:
         rather than failing as the call is answered.
         """
         accept = accept or Accept()
-        session = encode_session(accept.session) if accept.session else b""
+        # (keys sorted: an equal session written in another order is the same plan, not another build)
+        session = encode_session(accept.session, sort_keys=True) if accept.session else b""
         key = (
             accept.instructions,
             accept.voice,

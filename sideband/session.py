@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
 from sideband import jsonio
@@ -475,14 +476,16 @@ def _kind(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 
 
-def encode_session(fields: Mapping[str, Any]) -> bytes:
-    """``fields`` (session fields) as JSON, as :func:`sideband.jsonio.dumps` writes them.
+def encode_session(fields: Mapping[str, Any], *, sort_keys: bool = False) -> bytes:
+    """``fields`` (session fields) as JSON, as :func:`sideband.jsonio.dumps` writes them; with
+    ``sort_keys``, each object's keys in sorted order (equal sessions written in another order encode
+    alike, as a cache key).
 
     Raises :class:`SessionConfigError` for a value JSON cannot carry (a ``Decimal``, ``bytes``, a set, an
     object of the app's own), naming where it is and its type (not its value), rather than leave it to
     fail where the session is sent."""
     try:
-        encoded = jsonio.dumps(fields)
+        encoded = _sorted_json(fields) if sort_keys else jsonio.dumps(fields)
     except (TypeError, ValueError, RecursionError):  # (a cycle is a ValueError of Python's encoder)
         problem = _unencodable(fields, "", set()) or "a value JSON cannot carry"
         raise SessionConfigError(f"session {problem}") from None
@@ -491,6 +494,15 @@ def encode_session(fields: Mapping[str, Any]) -> bytes:
         if non_finite is not None:
             raise SessionConfigError(f"session {non_finite}")
     return encoded
+
+
+def _sorted_json(fields: Mapping[str, Any]) -> bytes:
+    """``fields`` as JSON with sorted keys; what orjson refuses (a non-string key, an integer over 64
+    bits, a lone surrogate) as :func:`sideband.jsonio.dumps` writes it, in its own order."""
+    try:
+        return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return jsonio.dumps(fields)
 
 
 _SCALARS = (str, int, float, bool, type(None))

@@ -359,6 +359,23 @@ def test_plan_with_accept_overrides() -> None:
     assert app.plan().session["audio"]["output"] == {"voice": "marin"}
 
 
+def test_equal_sessions_in_another_key_order_share_one_plan() -> None:
+    """The plan cache is keyed on the session's content, not on the order its keys were written in."""
+    app = make_app()
+    tracing = {"workflow_name": "desk", "metadata": {"line": "sales", "region": "eu"}}
+    audio = {"output": {"speed": 1.1, "voice": "cedar"}, "input": {"noise_reduction": None}}
+    one = app.plan(Accept(session={"temperature": 0.7, "tracing": tracing, "audio": audio}))
+    reordered = {
+        "audio": {"input": {"noise_reduction": None}, "output": {"voice": "cedar", "speed": 1.1}},
+        "tracing": {"metadata": {"region": "eu", "line": "sales"}, "workflow_name": "desk"},
+        "temperature": 0.7,
+    }
+    assert app.plan(Accept(session=reordered)) is one
+    assert app.plan(Accept(session={**reordered, "temperature": 0.8})) is not one
+    assert one.session["tracing"] == tracing
+    assert one.session["audio"]["output"] == {"voice": "cedar", "speed": 1.1}
+
+
 def test_plan_with_tool_subset() -> None:
     app = make_app()
     plan = app.plan(Accept(tools=("cancel_order",)))
