@@ -81,6 +81,19 @@ def _route_key(key: str) -> str:
     return number
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _where(data: bytes, begin: int, offset: int) -> str:
+    """Where byte ``offset`` of a file's ``data`` (its text from ``begin``, after a byte order mark) is,
+    as tomllib's errors say it, with the byte: ``at line 2, column 10, byte 19`` (the column counts the
+    characters before it on its line, as an editor does)."""
+    start = max(begin, data.rfind(b"\n", 0, offset) + 1)
+    line = data.count(b"\n", 0, offset) + 1
+    column = len(data[start:offset].decode(errors="replace")) + 1
+    return f"at line {line}, column {column}, byte {offset}"
+
+
 # Session keys that have their own route field: in ``session`` they would clash with it at call time.
 _OWN_FIELDS = ("instructions", "voice", "greeting", "tools")
 
@@ -282,13 +295,17 @@ class RouteTable:
         """
         try:
             with open(path, "rb") as fh:
-                raw = tomllib.load(fh)
+                data = fh.read()
         except OSError as exc:
             raise RouteError(f"cannot read {path}: {exc.strerror}") from None
+        # (a byte order mark, as some editors write at the start of a UTF-8 file, is no part of the TOML)
+        mark = len(_BOM) if data.startswith(_BOM) else 0
+        try:
+            raw = tomllib.loads(data[mark:].decode())
         except tomllib.TOMLDecodeError as exc:
             raise RouteError(f"{path}: {' '.join(str(exc).split())}") from None
         except UnicodeDecodeError as exc:  # (TOML is UTF-8)
-            raise RouteError(f"{path}: not UTF-8 (byte {exc.start})") from None
+            raise RouteError(f"{path}: not UTF-8 ({_where(data, mark, mark + exc.start)})") from None
         except RecursionError:  # (tomllib parses arrays and tables recursively: a few hundred levels)
             raise RouteError(f"{path}: nested too deeply") from None
         return cls.from_dict(raw, tool_names, source=str(path))

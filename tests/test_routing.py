@@ -365,10 +365,28 @@ def test_check_says_when_the_app_config_is_the_cause() -> None:
     )
 
 
-def test_a_route_file_that_is_not_utf8_is_a_route_error(tmp_path: Path) -> None:
+def test_a_route_file_that_is_not_utf8_is_a_route_error_naming_the_line(tmp_path: Path) -> None:
     path = tmp_path / "routes.toml"
     path.write_bytes(b'[default]\nvoice = "\xff\xfe"\n')
-    with pytest.raises(RouteError, match=r"routes\.toml: not UTF-8 \(byte 19\)$"):
+    with pytest.raises(RouteError, match=r"routes\.toml: not UTF-8 \(at line 2, column 10, byte 19\)$"):
+        RouteTable.load(path)
+    path.write_bytes(b'[default]\ninstructions = "caf\xe9"\n')  # (Latin-1)
+    with pytest.raises(RouteError, match=r"not UTF-8 \(at line 2, column 20, byte 29\)$"):
+        RouteTable.load(path)
+
+
+def test_a_route_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Some editors (Notepad) start a UTF-8 file with a byte order mark: it is no part of the TOML."""
+    path = tmp_path / "routes.toml"
+    path.write_bytes("\ufeff".encode() + ROUTES.encode())
+    assert RouteTable.load(path).match("+18005551212") == RouteTable.load(write(tmp_path, ROUTES)).match(
+        "+18005551212"
+    )
+    path.write_bytes("\ufeff".encode() + b'[routes."+1"]\nvoice = \n')  # (a line still counts from 1)
+    with pytest.raises(RouteError, match=r"at line 2, column 9\)$"):
+        RouteTable.load(path)
+    path.write_bytes("\ufeff".encode() + b'x = "\xff"\n')  # (the file's byte; the mark is no column)
+    with pytest.raises(RouteError, match=r"not UTF-8 \(at line 1, column 6, byte 8\)$"):
         RouteTable.load(path)
 
 
