@@ -318,8 +318,8 @@ def _alias(field: Any) -> str:
 _NAMES: dict[str, str] = {name: _alias(f) for name, f in Settings.model_fields.items()}
 
 
-_KNOWN = frozenset(n.lower() for pair in _NAMES.items() for n in pair)
-"""Field and variable names, in lower case: pydantic-settings takes either in any case."""
+_FIELDS: dict[str, str] = {n.lower(): field for field, name in _NAMES.items() for n in (field, name)}
+"""Field and variable names, in lower case (pydantic-settings takes either in any case) → the field."""
 
 
 def _unknown(key: str, *, variable: bool = False) -> str:
@@ -398,15 +398,26 @@ def load_settings(
     """Build settings from the environment plus ``overrides`` (field names, e.g. from CLI flags).
 
     ``require`` names fields that must be set for the command at hand; ``flags`` the command-line option
-    each override came from (``{"port": "--port"}``). Raises :class:`SettingsError` with a one-line
-    message naming the variable, or the option when the bad value came from one; a ``SIDEBAND_`` variable
-    of the environment (``environ`` when given) that names no setting is refused too, with the closest
-    names (Kubernetes' service links aside: ``SIDEBAND_REDIS_SERVICE_HOST``…).
+    each override came from (``{"port": "--port"}``). An override wins over the environment by either of
+    its names (``port``, ``SIDEBAND_PORT``); a blank one (``""``, whitespace; ``host`` aside) is none, and
+    the variable, else the default, applies, from ``environ`` as from the process environment.
+
+    Raises :class:`SettingsError` with a one-line message naming the variable, or the option when the bad
+    value came from one; a ``SIDEBAND_`` variable of the environment (``environ`` when given) that names
+    no setting is refused too, with the closest names (Kubernetes' service links aside:
+    ``SIDEBAND_REDIS_SERVICE_HOST``…).
     """
-    values = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = [k for k in values if k.lower() not in _KNOWN]
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = [k for k in given if k.lower() not in _FIELDS]
     if unknown:  # a misspelt override would otherwise leave the default in place, silently
         raise SettingsError(_unknown(unknown[0]))
+    # By field name, whichever name it was given by (``SIDEBAND_PORT``, ``port``); a blank one is no
+    # override (``--port "$PORT"``, PORT unset): the variable, else the default, applies.
+    values = {
+        _FIELDS[k.lower()]: v
+        for k, v in given.items()
+        if _NAMES[_FIELDS[k.lower()]] in _BLANK_IS_A_VALUE or not (isinstance(v, str) and not v.strip())
+    }
     source = os.environ if environ is None else environ
     misspelt = _unknown_variable(source)
     if misspelt is not None:

@@ -226,6 +226,9 @@ def test_a_service_named_sideband_is_named_for_what_it_is() -> None:
         "set SIDEBAND_PORT in the pod spec, or enableServiceLinks: false"
     )
     assert load(link, overrides={"port": 9000}).port == 9000
+    assert load(link, overrides={"SIDEBAND_PORT": "9000"}).port == 9000  # (an override by its variable)
+    # a blank --port is no flag (`--port "$PORT"`, PORT unset): the link is still named for what it is
+    assert "is Kubernetes' link" in error_for(link, {"port": ""}, flags={"port": "--port"})
 
 
 def test_a_port_variable_that_is_no_service_link_is_refused() -> None:
@@ -491,6 +494,26 @@ def test_a_blank_variable_falls_back_on_what_is_under_it(monkeypatch: pytest.Mon
     monkeypatch.setenv("SIDEBAND_MAX_CALLS", "")
     s = load_settings({"port": ""})  # `sideband serve --port "$PORT"`, PORT unset: the environment's
     assert (s.port, s.max_calls) == (9000, 0)
+
+
+def test_a_blank_override_falls_back_on_the_given_environment() -> None:
+    """As over the process environment: ``load_settings(…, environ=…)`` with a blank override takes the
+    variable's value, not the default."""
+    env = {"SIDEBAND_PORT": "9000", "SIDEBAND_MAX_CALLS": "5", "SIDEBAND_HOST": "::"}
+    s = load(env, {"port": "", "SIDEBAND_MAX_CALLS": " "})
+    assert (s.port, s.max_calls, s.host) == (9000, 5, "::")
+    assert load(env, {"host": ""}).host == ""  # (a blank host is a value: both address families)
+
+
+@pytest.mark.parametrize("key", ["port", "SIDEBAND_PORT", "sideband_port", "PORT", "Port"])
+@pytest.mark.parametrize("given", [True, False], ids=["environ", "process"])
+def test_an_override_wins_over_the_environment_by_any_of_its_names(
+    key: str, given: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIDEBAND_PORT", "9000")
+    environ = {"SIDEBAND_PORT": "9000"} if given else None
+    assert load_settings({key: "7000"}, environ=environ).port == 7000
+    assert load_settings({key: ""}, environ=environ).port == 9000
 
 
 def test_valid_whsec_secret_is_kept_and_stripped() -> None:
