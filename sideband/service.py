@@ -191,15 +191,20 @@ def _retry_later() -> Reply:
     return Reply(503, {"status": "retry", "error": "upstream unavailable"}, {"Retry-After": "1"})
 
 
-async def _contained(decision: Awaitable[Decision]) -> Decision | BaseException:
-    """The routing hook's decision, or what it raised other than a cancellation: a ``SystemExit`` or a
-    ``KeyboardInterrupt`` raised out of a task would stop the event loop, and every call with it."""
+async def _contained(decision: Awaitable[Decision]) -> tuple[Decision | BaseException, float]:
+    """The routing hook's decision, or what it raised other than a cancellation (a ``SystemExit`` or a
+    ``KeyboardInterrupt`` raised out of a task would stop the event loop, and every call with it); and
+    the seconds from its start to its end, as its own task saw them: not the time the task waited to
+    start, or the time its decision waited to be read, while other code held the event loop."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     try:
-        return await decision
+        decided = await decision
     except asyncio.CancelledError:
         raise
-    except BaseException as exc:
-        return exc
+    except BaseException as exc:  # (returned from here: kept in a local, it would hold this frame)
+        return exc, loop.time() - start
+    return decided, loop.time() - start
 
 
 def _drop_outcome(hook: asyncio.Future[Any]) -> None:
@@ -785,9 +790,7 @@ class Service:
         # even when it ignores its cancellation (the caller is ringing); its late decision is dropped.
         started = threading.Event()  # (a sync hook may wait for a thread: then it never overran)
         decision = Stepwise(self.app.decide(call, started=started), log_blocked(self.log, hook="on_incoming"))
-        loop = asyncio.get_running_loop()
         budget = self.settings.route_budget
-        until = loop.time() + budget
         hook = asyncio.ensure_future(_contained(decision))
         try:
             await asyncio.wait((hook,), timeout=budget)
@@ -801,11 +804,11 @@ class Service:
             self.log.error("call.route_failed", error="timeout", budget_s=budget, started=started.is_set())
         else:
             try:
-                outcome = hook.result()
+                outcome, took = hook.result()
             except asyncio.CancelledError as exc:  # the hook's own (nobody cancelled it): a failure
-                outcome = exc
+                outcome, took = exc, 0.0
             if not isinstance(outcome, BaseException):
-                if loop.time() < until:
+                if took < budget:  # (its own time: another call's blocking code after it ended is not)
                     return outcome
                 # It held the event loop past the budget, whose timer never got to fire meanwhile: an
                 # overrun all the same, its decision dropped.

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sideband import Accept, IncomingCall, Refer, Reject
 from sideband.edge import app as edge
 from sideband.stores import ClaimStore, StoreUnavailable
-from sideband.testing import Script, caller_hangs_up, wait_for_greeting
+from sideband.testing import Script, caller_hangs_up, model_calls, pause, wait_for_greeting
 
 from .conftest import Stack, capture_logs
 
@@ -258,6 +258,44 @@ async def test_an_async_hook_holding_the_loop_past_its_budget_is_an_overrun(
     failed = [(e["error"], e["started"]) for e in logs if e["event"] == "call.route_failed"]
     assert failed == [("timeout", True)]
     assert [e["hook"] for e in logs if e["event"] == "loop.blocked"] == ["on_incoming"]
+
+
+@pytest.mark.parametrize("settings_overrides", [{"route_budget": 0.2, "route_failure_status": 503}])
+async def test_a_quick_hook_is_obeyed_when_another_calls_blocking_tool_held_the_loop(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    """The routing hook decides at once; a live call's tool then holds the event loop past the hook's
+    budget before its decision is read. The hook did not overrun: its decision stands (the tool's
+    blocking is the tool's, named as such)."""
+    waiting, routed = asyncio.Event(), asyncio.Event()
+
+    @stack.app.tool(timeout=10, filler_after=None)
+    async def sync_crm_lookup() -> str:
+        """Look the caller up with a blocking client."""
+        waiting.set()
+        await routed.wait()
+        time.sleep(0.4)  # a sync client's lookup, on the event loop, as the other call's hook returns
+        return "found"
+
+    @stack.app.on_incoming
+    async def route(call: IncomingCall) -> Accept:
+        if call.to_number == "+18005550021":
+            routed.set()  # the tool runs on right after this, before the decision is read
+        return Accept()
+
+    busy = await stack.call(
+        Script([wait_for_greeting("Hi."), model_calls("sync_crm_lookup", {}), pause(60)]),
+        to_number="+18005550020",
+    )
+    await asyncio.wait_for(waiting.wait(), 5)
+    call = stack.sim.create_call(Script([]), to_number="+18005550021")
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+    assert call.status != "rejected" and call.accept_body is not None
+    assert not [e for e in logs if e["event"] == "call.route_failed"]
+    assert [e.get("tool") for e in logs if e["event"] == "loop.blocked"] == ["sync_crm_lookup"]
+    assert stack.service.counters["route_failed"] == 0
+    await stack.sim.hang_up(busy)
 
 
 @pytest.mark.parametrize("settings_overrides", [{"route_budget": 5}])
