@@ -15,8 +15,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_protocol import RequestHandler
 
 from sideband import CallContext, Sideband
+from sideband.edge import app as edge
 from sideband.service import NONCE_MARGIN
 from sideband.testing import (
     Script,
@@ -478,15 +480,32 @@ async def test_a_body_a_hook_cannot_read_is_refused_as_the_routes_refuse_it(
     assert not [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelno >= 40]
 
 
-async def test_a_client_gone_while_a_hook_reads_its_body_is_no_failing_hook(simulator: Simulator) -> None:
-    """The browser leaves before its whole body came, as the hook reads it: the request is abandoned
-    (info), as when the route reads a body; the hook did not fail."""
+@pytest.mark.parametrize("sent", ["part", "all"])
+async def test_a_client_gone_before_a_hook_reads_its_body_is_no_failing_hook(
+    sent: str, simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The browser leaves before its whole body came (read for the hook, before it runs), or after
+    sending it, as the hook is about to read it: the request is abandoned (info), as when the route
+    reads a body; the hook did not fail."""
     app = Sideband(instructions="x")
-    reading = asyncio.Event()
+    deciding, lost, reading = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    connection_lost, read_body = RequestHandler.connection_lost, edge._read_body
+
+    def on_lost(handler: RequestHandler, exc: BaseException | None) -> None:
+        connection_lost(handler, exc)
+        lost.set()
+
+    async def read_as_told(request: web.Request, limit: int) -> bytes:
+        reading.set()
+        return await read_body(request, limit)
+
+    monkeypatch.setattr(RequestHandler, "connection_lost", on_lost)
+    monkeypatch.setattr(edge, "_read_body", read_as_told)
 
     @app.authorize_browser
     async def csrf(request: web.Request) -> bool:
-        reading.set()
+        deciding.set()
+        await lost.wait()  # (its session lookup, meanwhile)
         return bool((await request.json()).get("csrf"))
 
     async with run_app(app, simulator, **TEST_SETTINGS) as stack:
@@ -499,20 +518,98 @@ async def test_a_client_gone_while_a_hook_reads_its_body_is_no_failing_hook(simu
 
         stack.service.request_done = done  # type: ignore[method-assign]
         host, port = stack.url("/").removeprefix("http://").split("/")[0].split(":")
+        body = b'{"csrf": "t"}'
         with capture_logs() as logs:
             _, writer = await asyncio.open_connection(host, int(port))
             writer.write(
                 b"POST /rtc/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b'Content-Length: 100\r\n\r\n{"csrf": '
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + (body if sent == "all" else body[:5])
             )
             async with asyncio.timeout(5):
-                await reading.wait()
+                await (deciding if sent == "all" else reading).wait()
                 writer.close()
                 await answered.wait()
+    assert deciding.is_set() == (sent == "all")
     assert not [e for e in logs if e["event"] in ("rtc.authorize_failed", "http.internal_error")]
     [left] = [e for e in logs if e["event"] == "rtc.abandoned"]
     assert left["log_level"] == "info"
     assert stack.service.refused["rtc.authorize_failed", 503] == 0
+
+
+async def test_a_body_sent_slowly_to_a_hook_that_reads_it_is_408_as_at_the_routes(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stranger trickling the body a CSRF-checking hook reads: the routes' ``408`` (in JSON, at
+    warning, the connection closed), at the routes' deadline for a body, which is longer than the
+    hook's budget. Not a failing hook (503, an error line)."""
+    monkeypatch.setattr("sideband.app.AUTHORIZE_TIMEOUT", 0.2)
+    monkeypatch.setattr("sideband.edge.app.BODY_TIMEOUT", 0.5)
+    app = Sideband(instructions="x")
+
+    @app.authorize_browser
+    async def csrf(request: web.Request) -> bool:
+        return bool((await request.json()).get("csrf"))
+
+    answers: list[tuple[bytes, Any]] = []
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        host, port = stack.url("/").removeprefix("http://").split("/")[0].split(":")
+        with capture_logs() as logs:
+            for path, kind in [
+                ("/rtc/sessions", "application/json"),
+                ("/rtc/handoff", "application/json"),
+                ("/rtc/calls", "application/sdp"),
+            ]:
+                reader, writer = await asyncio.open_connection(host, int(port))
+                try:
+                    writer.write(
+                        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n".encode()
+                        + b'Content-Length: 100\r\n\r\n{"csrf": '  # the rest never comes
+                    )
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    answers.append(
+                        (head.split(b" ")[1], json.loads(await asyncio.wait_for(reader.read(), 5)))
+                    )
+                finally:
+                    writer.close()
+    assert answers == [(b"408", {"error": "body not received within 0.5 s"})] * 3
+    assert not [e for e in logs if e["event"] in ("rtc.authorize_failed", "http.internal_error")]
+    rejected = [(e["status"], e["log_level"]) for e in logs if e["event"] == "rtc.rejected"]
+    assert rejected == [(408, "warning")] * 3
+    assert {key: n for key, n in stack.service.refused.items() if n} == {("rtc.rejected", 408): 3}
+
+
+async def test_a_body_slower_than_the_hooks_budget_but_in_time_for_the_routes_is_served(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow uplink: the body the hook reads takes longer to come than the hook may take to decide, but
+    comes within the routes' deadline. The hook's time starts once it has it."""
+    monkeypatch.setattr("sideband.app.AUTHORIZE_TIMEOUT", 0.2)
+    app = Sideband(instructions="x")
+
+    @app.authorize_browser
+    async def csrf(request: web.Request) -> bool:
+        return bool((await request.json()).get("csrf"))
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        host, port = stack.url("/").removeprefix("http://").split("/")[0].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            body = b'{"csrf": "t"}'
+            writer.write(
+                b"POST /rtc/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body[:5]
+            )
+            await writer.drain()
+            await asyncio.sleep(0.5)  # (the slow uplink: the rest comes after the hook's whole budget)
+            writer.write(body[5:])
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            minted = json.loads(await asyncio.wait_for(reader.read(), 5))
+        finally:
+            writer.close()
+    assert head.split(b" ")[1] == b"200", head
+    assert minted["ticket"] and minted["client_secret"]
 
 
 async def test_browsers_arriving_together_are_authorized_together(simulator: Simulator) -> None:

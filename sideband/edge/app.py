@@ -301,11 +301,18 @@ async def _browser_gate(
 ) -> web.Response | None:
     """The refusal for a WebRTC request, or ``None`` to serve it: closed without the app's
     ``authorize_browser`` hook (404), refused by it (403), or draining (503, for a new call). A body
-    the hook could not read (not JSON, not the encoding it claims, too large) is refused as a route
-    refuses it (400, 413)."""
+    the hook could not read (not JSON, not the encoding it claims, too large, not all sent within
+    :data:`BODY_TIMEOUT`) is refused as a route refuses it (400, 413, 408)."""
     if not service.app.browsers_allowed:
         service.refused["rtc.closed", 404] += 1
         return _json(404, {"error": "not found"})
+    if not request.content.is_eof():
+        # A body still coming is read first, under the routes' deadline for a body: the hook's time is
+        # for its decision, and a body sent too slowly is the sender's doing (408), not a failing hook.
+        body = await _body(request, service, _max_body(service.settings), event="rtc.rejected")
+        if isinstance(body, web.Response):
+            return body
+        request._read_bytes = body  # (what the hook's ``await request.json()`` and the route read)
     try:
         allowed = await Stepwise(service.app.authorize(request), log_blocked(log, hook="authorize_browser"))
     except HookTimeout as exc:
