@@ -249,8 +249,9 @@ class Service:
         self._drain_deadline: float | None = None
         self._ending: asyncio.Future[None] | None = None  # the end of the drain window: calls hung up
         self._settling: set[asyncio.Task[None]] = set()  # claims whose settle the store failed, retried
-        self._answering: set[asyncio.Task[Reply]] = set()  # webhooks being answered (see handle_webhook)
-        self._cut_short: set[asyncio.Task[Reply]] = set()  # those whose request was cut short
+        # Webhooks being answered and browsers' offers being relayed (see handle_webhook, rtc_relay)
+        self._answering: set[asyncio.Task[Any]] = set()
+        self._cut_short: set[asyncio.Task[Reply]] = set()  # webhooks whose request was cut short
         self.instance_id = secrets.token_hex(6)
         """This instance's name in a shared store's ledger of live calls (new at each start)."""
         self._ledger: asyncio.Task[None] | None = None  # records this instance's calls, finds orphans
@@ -523,7 +524,7 @@ class Service:
                 answer.add_done_callback(self._answered_late)
             raise
 
-    def _answered(self, answer: asyncio.Task[Reply]) -> None:
+    def _answered(self, answer: asyncio.Task[Any]) -> None:
         self._answering.discard(answer)
         self._cut_short.discard(answer)
 
@@ -1150,9 +1151,39 @@ class Service:
         return plan
 
     async def rtc_relay(self, sdp: str) -> tuple[str, str]:
-        """Unified interface: relay the browser's offer, attach to the new call. Returns (call_id, answer)."""
+        """Unified interface: relay the browser's offer, attach to the new call. Returns (call_id, answer).
+
+        The relay runs to its end even when the request is cancelled (the server stopping, as for a
+        webhook's answer): the offer may have created the call at OpenAI already, which is then attached
+        and hung up at :meth:`close`, not left up with nobody on it."""
         plan = self.browser_plan()
-        self._admitting += 1
+        self._admitting += 1  # (from now: a browser checked before the relay's task runs finds no room)
+        relay = asyncio.ensure_future(self._rtc_relay(sdp, plan))
+        self._answering.add(relay)
+        relay.add_done_callback(self._answered)
+        try:
+            return await asyncio.shield(relay)
+        except asyncio.CancelledError:
+            if not relay.done():
+                self.log.warning(
+                    "rtc.unanswered",
+                    detail="the server stopped first: the relay goes on, a call it creates is hung up",
+                )
+                relay.add_done_callback(self._relayed_late)
+            raise
+
+    def _relayed_late(self, relay: asyncio.Task[tuple[str, str]]) -> None:
+        """The end of a relay whose request was cut short: nobody awaits it, a failure is logged here."""
+        if relay.cancelled():
+            return
+        exc = relay.exception()
+        if isinstance(exc, UpstreamError):
+            self.log.error("rtc.relay_failed", status=exc.status, error=str(exc))
+        elif exc is not None:
+            self.log.error("rtc.relay_failed", exc_info=exc)
+
+    async def _rtc_relay(self, sdp: str, plan: CallPlan) -> tuple[str, str]:
+        """:meth:`rtc_relay`'s work, in a task of its own; it is counted in ``_admitting`` already."""
         try:
             call_id, answer = await self.control.create_call(sdp, plan.session)
             with structlog.contextvars.bound_contextvars(call_id=call_id):

@@ -135,3 +135,15 @@ def test_the_cap_settings_are_checked() -> None:
     for name, value in (("SIDEBAND_MAX_CALLS", "-1"), ("SIDEBAND_BUSY_STATUS", "200")):
         with pytest.raises(SettingsError, match=name):
             load_settings({}, environ={**env, name: value})
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_calls": 1}])
+async def test_an_offer_being_relayed_counts_toward_the_cap_from_its_start(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    """A second browser's offer, checked while the first is on its way to OpenAI, finds no room."""
+    relay = asyncio.create_task(stack.service.rtc_relay(OFFER))
+    await asyncio.sleep(0)  # (one step of it: the offer is on its way)
+    assert not relay.done() and stack.service.full()
+    call_id, _ = await asyncio.wait_for(relay, 5)
+    assert stack.service.full() and call_id in stack.service.registry

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -12,6 +13,7 @@ from sideband.session import Accept
 from sideband.testing import Script, caller_says, model_calls, pause, wait_for_greeting
 
 from .conftest import Stack, capture_logs
+from .test_webrtc import OFFER
 
 GREETING = wait_for_greeting("Hello, test desk.")
 
@@ -226,3 +228,38 @@ async def test_a_webhook_cut_short_before_its_answer_leaves_the_call_ringing_for
     ]
     assert await stack.service.store.claim("webhook:wh_early", 1.0)  # released: a redelivery does the work
     assert await stack.service.store.claim(f"call:{call.call_id}", 1.0)
+
+
+async def test_a_browser_call_cut_short_mid_relay_is_attached_all_the_same_and_hung_up(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server stops while a browser's offer is out at OpenAI (the call created there, its answer
+    slow), and cancels the request: the relay goes on to its end, and the call it created is attached,
+    then hung up at close, not left up at OpenAI with nobody on it."""
+    created, answered = asyncio.Event(), asyncio.Event()
+    create_call = stack.service.control.create_call
+
+    async def slow_answer(sdp: str, session: dict[str, Any], **kw: Any) -> tuple[str, str]:
+        made = await create_call(sdp, session, **kw)
+        created.set()
+        await answered.wait()  # OpenAI's answer, on its way
+        return made
+
+    monkeypatch.setattr(stack.service.control, "create_call", slow_answer)
+    stack.sim.next_webrtc_script = Script([pause(60)])
+    with capture_logs() as logs:
+        request = asyncio.create_task(stack.service.rtc_relay(OFFER))
+        await asyncio.wait_for(created.wait(), 5)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        answered.set()
+        await asyncio.wait_for(stack.service.close(), 20)
+    [call] = stack.sim.calls.values()
+    assert call.sideband_connects == 1 and call.status == "ended"  # (attached, then hung up)
+    assert [r.path for r in stack.sim.requests if r.path.endswith("/hangup")] == [
+        f"/v1/realtime/calls/{call.call_id}/hangup"
+    ]
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["shutdown"]
+    [cut] = [e for e in logs if e["event"] == "rtc.unanswered"]
+    assert cut["log_level"] == "warning"
