@@ -2011,13 +2011,36 @@ def test_the_speech_idle_limit_runs_from_the_callers_speech_alone_and_only_speec
     assert m.ending
     assert notices(m.user_text("still here"), "call.limit_withdrawn") == []  # the engine's clock runs on
     assert m.ending
-    back = m.caller_active()
+    back = m.receive(SPEECH_STARTED)
     assert notices(back, "call.limit_withdrawn") == [{"limit": "idle"}] and not m.ending
     assert StartTimer("speech_idle", 10) in back
+    m.receive(SPEECH_STOPPED)
     # Our own idle end came first: the speech limit coming due too keeps text from withdrawing it.
     assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]
     assert m.timer("speech_idle") == []
     assert notices(m.user_text("here"), "call.limit_withdrawn") == [] and m.ending
+
+
+def test_once_the_engine_reports_speech_the_speech_idle_limit_runs_from_its_reports_alone() -> None:
+    """The vowel engine starts its idle clock at each start of speech its own detection finds, and says so
+    (``speech_started``): from then on our clock for it runs from those reports alone. Sound in the audio
+    streamed meanwhile (``caller_active``: a noisy line, louder than near-silence) restarts the idle limit
+    only: it neither restarts that clock (one timer per chunk) nor withdraws its end."""
+    m = machine(max_idle_duration=300, speech_idle_duration=10, caps=ENGINE_CAPABILITIES)
+    m.start()
+    m.receive({"type": "session.created", "session": {"id": "s"}})
+    m.receive({"type": "session.updated", "session": {}})
+    assert StartTimer("speech_idle", 10) in m.caller_active()  # no report yet: the audio's sound counts
+    assert StartTimer("speech_idle", 10) in m.receive(SPEECH_STARTED)
+    assert m.caller_active() == [StartTimer("idle", 300)]  # the caller's speech streams on
+    m.receive(SPEECH_STOPPED)
+    assert m.caller_active() == [StartTimer("idle", 300)]  # noise: the engine's clock runs on, ours too
+    assert notices(m.timer("speech_idle"), "call.limit") == [{"limit": "idle"}]
+    assert m.ending
+    assert notices(m.caller_active(), "call.limit_withdrawn") == [] and m.ending  # noise withdraws nothing
+    back = m.receive(SPEECH_STARTED)  # the caller speaks again: the engine's clock starts again
+    assert notices(back, "call.limit_withdrawn") == [{"limit": "idle"}] and not m.ending
+    assert StartTimer("speech_idle", 10) in back
 
 
 def idle_prompt(m: CallMachine, resp: str, item: str, *, then_caller: str | None = None) -> list[Action]:

@@ -1808,6 +1808,31 @@ async def test_a_caller_who_spoke_then_only_types_gets_our_goodbye_before_the_en
     assert engine.end_reason != "max_idle_duration_exceeded" and engine.responses[-1].instructions
 
 
+async def test_a_noisy_line_keeps_no_goodbye_from_coming_before_the_engines_idle_cut(
+    vowel: VowelSimulator, app: Sideband, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine starts its idle clock at each start of speech its own detection finds, and says so
+    (``speech_started``); a noisy line is no speech to it, however loud. Ours for its limit runs from its
+    reports, so the goodbye comes before its cut while the noise streams on."""
+    # The engine's detector: speech only where the test reports it (the street behind the caller is none).
+    monkeypatch.setattr("sideband.testing.vowel._speech", lambda chunk: False)
+    vowel.max_idle_duration, vowel.claim_limits = 3.0, True  # the token claims 3 s: ours fires at 2.7 s
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        engine = await vowel.wait_session()
+        await session.send_audio(speech(100))
+        await vowel.wait_for(lambda v: bool(engine.audio_chunks), what="the speech")
+        engine.last_speech = vowel.now()  # the engine finds speech starting: its clock starts, and it says so
+        await vowel.send(engine, {"type": "input_audio_buffer.speech_started", "item_id": "item_1"})
+        await vowel.send(engine, {"type": "input_audio_buffer.speech_stopped", "item_id": "item_1"})
+        closed = asyncio.ensure_future(session.wait_closed(10))
+        while not closed.done():  # the caller says no more; loud noise every 50 ms, until the end
+            with contextlib.suppress(EngineError):
+                await session.send_audio(speech(100, amplitude=3000))
+            await asyncio.wait({closed}, timeout=0.05)
+        assert await closed == "idle_timeout"
+    assert engine.end_reason != "max_idle_duration_exceeded" and engine.responses[-1].instructions
+
+
 async def test_the_engine_calls_no_tool_that_session_update_did_not_declare(vowel: VowelSimulator) -> None:
     app = Sideband(instructions="No tools here.")  # declares none: the mint-only mistake of PROTOCOL C1
     vowel.script([when("order", calls=[("lookup_order", {"order_id": "1"})], reply="I cannot look that up.")])

@@ -198,9 +198,13 @@ class MachineConfig:
     max_idle_duration: float | None = None
     speech_idle_duration: float | None = None
     """A second idle limit, counted from the caller's last speech alone and only once some was heard: the
-    far side's own idle limit, less a margin (the vowel engine counts idle time only after speech was
-    detected, and text, keys or the model's answers restart none of it). Its end is the idle limit's
-    (``idle_timeout``), which only the caller's speech then withdraws."""
+    far side's own idle limit, less a margin (the vowel engine starts its idle clock at each start of
+    speech its own detection finds, and text, keys or the model's answers restart none of it). Once the
+    server reports the caller's speech (``input_audio_buffer.speech_started``), the clock runs from its
+    last report alone: the engine says so as its clock starts, and sound it takes for no speech (a noisy
+    line) restarts none of it, however loud. Before any report, sound in the audio a backend streams
+    (:meth:`CallMachine.caller_active`) restarts it. Its end is the idle limit's (``idle_timeout``), which
+    only the caller's speech then withdraws."""
     max_tool_calls: int = 64
     max_identical_calls: int = 3
     end_cap: float = 10.0
@@ -415,6 +419,7 @@ class CallMachine:
         "_session_ready",
         "_speaking",
         "_speech_capped",
+        "_speech_reported",
         "_started",
         "_stopped_reply",
         "_tagged",
@@ -490,6 +495,7 @@ class CallMachine:
         self._filler_due = False  # a filler came due while the line was not quiet
         self._speaking = False  # the caller is mid-utterance (speech_started, no speech_stopped yet)
         self._speech_capped = False  # SPEECH_CAP ended the utterance before its speech_stopped came
+        self._speech_reported = False  # the server reports the caller's speech (speech_started)
         self._turn_wait = False  # the caller's speech ended: the server's answer to it may be on its way
         self._covered_by: object = None  # the server's answer to a turn, taken to answer our outputs too
         self._text_owed = False  # code's user text awaits its answer (no acknowledgement tells it arrived)
@@ -1065,12 +1071,14 @@ class CallMachine:
     def caller_active(self) -> list[Action]:
         """The caller speaks by other means than speech the server reports (e.g. in audio a backend
         streams): the idle limit starts again, and so does the speech idle limit
-        (:attr:`MachineConfig.speech_idle_duration`)."""
+        (:attr:`MachineConfig.speech_idle_duration`) until the server reports the caller's speech itself
+        (then that alone restarts it)."""
         if self._closed is not None:
             return []
         self._unnudge()
-        back = self._caller_back(speech=True) if self._end is not None else []
-        return back + self._touch_idle() + self._heard_speech()
+        speech = not self._speech_reported
+        back = self._caller_back(speech=speech) if self._end is not None else []
+        return back + self._touch_idle() + (self._heard_speech() if speech else [])
 
     def user_text(self, text: str) -> list[Action]:
         """Add a user text turn (driving the conversation from code); one response follows it (ours, or, on
@@ -1490,6 +1498,7 @@ class CallMachine:
         return [line]
 
     def _on_caller_activity(self, event: dict[str, Any]) -> list[Action]:
+        self._speech_reported = True  # (the speech idle limit then runs from these alone: caller_active)
         item = event.get("item_id")
         if item is not None:
             self._turn_items = (*self._turn_items[-3:], item)
