@@ -1481,6 +1481,26 @@ def test_code_actions_before_the_session_config_follow_it() -> None:
     assert creates(v.receive(response_done("r_text"))) == ["Welcome back"]
 
 
+def test_an_engine_say_refused_waits_for_the_outputs_of_the_calls_announced_since() -> None:
+    """The engine holds a ``response.create`` until every call it announced has its output: a say()
+    refused while a response of the engine's own ran (its answer to the caller) is asked for again as a
+    first one goes, once the tools that response started have answered."""
+    m = engine_machine()
+    m.receive({"type": "session.updated", "session": {}})
+    assert creates(m.say("Tell them about the sale.")) == ["Tell them about the sale."]
+    m.receive(refusal(None))
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    m.receive(engine_call("call_1", "resp_1"))
+    done = m.receive(response_done("resp_1", status="incomplete"))
+    assert [a.call_id for a in done if isinstance(a, RunTool)] == ["call_1"]
+    assert creates(done) == []  # call_1 owes its output: the engine would hold a create
+    answered = m.tool_done("call_1", '{"status":"shipped"}')
+    assert types(answered) == ["conversation.item.create", "response.create"]
+    assert creates(answered) == ["Tell them about the sale."]
+    m.receive({"type": "response.created", "response": {"id": "resp_2"}})
+    assert creates(m.receive(response_done("resp_2"))) == [""]  # then the answer to the output
+
+
 def test_a_goodbye_asked_for_before_the_engine_confirmed_the_session_waits_for_it() -> None:
     m = machine(caps=ENGINE_CAPABILITIES)
     assert m.start() == []

@@ -164,8 +164,9 @@ class Capabilities:
     speaks_over_tools: bool = True
     """A ``response.create`` may go out while a tool's output is still due, to say something meanwhile
     (OpenAI), and a call discarded with its response (cancelled, failed) gets no output; otherwise (vowel:
-    the engine waits for every output of the calls it announced) a ``say()`` waits for the outputs, and a
-    discarded call is answered with an error saying it did not run, before the next ``response.create``."""
+    the engine waits for every output of the calls it announced) a ``say()``, or any create asked for
+    again, waits for the outputs, and a discarded call is answered with an error saying it did not run,
+    before the next ``response.create``."""
     tags_responses: bool = True
     """``response.create`` takes ``response.metadata``, which the server echoes on the response it starts
     (OpenAI): our creates carry their event id there, which names the create a response answers; once a
@@ -1843,7 +1844,8 @@ class CallMachine:
             return []
         caller_done = not (self._speaking or self._turn_wait)  # never over the caller, nor their answer
         if self._live and caller_done:
-            if self._retry:
+            # (an engine that does not speak over tools holds any create until every output is in)
+            if self._retry and (self.caps.speaks_over_tools or not self._running):
                 (body, tag), self._retry = self._retry[0], self._retry[1:]
                 if tag is None or not self._stale(tag):
                     if tag is not None and tag.startswith(_FILLER):
