@@ -1307,6 +1307,71 @@ async def test_a_reattach_under_way_when_the_call_ends_is_given_up_at_once(simul
     assert verbs == [("hangup", None)] and connect.attempts == 2
 
 
+@pytest.mark.parametrize(
+    ("answer", "reason", "verbs"),
+    [
+        pytest.param(404, "call_not_found", ["refer"], id="refer_finds_the_call_gone"),
+        pytest.param(400, "transfer_failed", ["refer", "hangup"], id="refer_refused"),
+        pytest.param(200, "transferred", ["refer"], id="refer_carried_out"),
+    ],
+)
+async def test_a_reattach_refused_while_the_refer_is_unanswered_waits_for_its_answer(
+    simulator: Simulator, answer: int, reason: str, verbs: list[str]
+) -> None:
+    """The sideband is lost, and the REFER goes out while it is being attached again: a re-attach refused
+    as the call is gone (404) says the server ended the call, not why (the transfer went through, or the
+    caller hung up): as for a sideband closed meanwhile, the REFER's answer tells which."""
+    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [])
+    config = MachineConfig(session={"type": "realtime", "instructions": "x"}, greeting="Hi.", end_cap=0.1)
+    machine = CallMachine(config)
+    sent: list[str] = []
+    referred, release = asyncio.Event(), asyncio.Event()
+
+    async def verb(name: str, target: str | None) -> None:
+        sent.append(name)
+        if name != "refer":
+            return
+        referred.set()
+        await release.wait()
+        if answer == 404:
+            raise CallGone("refer: call not found", 404)
+        if answer == 400:
+            raise UpstreamError("refer refused with 400", 400)
+
+    rt = CallRuntime(
+        machine=machine,
+        ctx=CallContext(call.call_id),
+        tools=ToolRegistry(),
+        connect=connect,
+        verb=verb,
+        transfer_targets={"human": "tel:+14155550123"},
+        reattach_attempts=3,
+        ping_interval=None,
+    )
+    task = asyncio.create_task(rt.run())
+    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    connect.gate = asyncio.Event()  # the re-attach's handshake waits, then is refused: the call is gone
+    connect.failures.append(CallGone("sideband refused: call not found", 404))
+    with capture_logs() as logs:
+        await simulator.drop_sideband(call, "abnormal")
+        async with asyncio.timeout(5):
+            while connect.attempts < 2:
+                connect.changed.clear()
+                await connect.changed.wait()
+        rt.transfer("human")  # (the REFER goes out while the re-attach is under way: the end cap)
+        await asyncio.wait_for(referred.wait(), 5)
+        connect.gate.set()
+        async with asyncio.timeout(5):
+            while not [e for e in logs if e["event"] == "sideband.refused"]:
+                await asyncio.sleep(0.01)
+        assert machine.closed is None  # the refusal ends nothing yet
+        release.set()
+        assert await asyncio.wait_for(task, 10) == reason
+    assert sent == verbs and connect.attempts == 2
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == [reason]
+
+
 async def test_a_run_cut_short_during_an_attach_takes_the_attempt_with_it(simulator: Simulator) -> None:
     """A shutdown past its grace cancels the call's run while its attach is in its handshake: the
     attempt is cancelled too, and over by the time the run is."""
