@@ -1550,6 +1550,95 @@ async def test_outputs_lost_in_a_silently_dead_socket_are_sent_again(simulator: 
     assert [t.name for t in rt.summary.tools] == ["slow"] and not call.script_error
 
 
+@pytest.mark.parametrize("lost", [True, False])
+async def test_text_lost_in_a_silently_dead_socket_is_sent_again_before_its_answer(
+    simulator: Simulator, lost: bool
+) -> None:
+    """Code adds the caller's keyed digits as text (``send_text``) while the path is dead: the item is
+    written into the socket and lost, and the model would answer without it. After the re-attach it goes
+    again, once, before the response.create that answers it. (Text the server acknowledged before the
+    loss is not sent again.)"""
+    call = simulator.create_call(
+        Script([HELLO, model_answers("Order 42: it shipped today."), pause(30)]),
+        accept_body={"type": "realtime"},
+    )
+    rt = CallRuntime(
+        machine=CallMachine(
+            MachineConfig(
+                session={"type": "realtime", "instructions": "x"}, greeting="Hi", reattach_grace=0.3
+            )
+        ),
+        ctx=CallContext(call.call_id),
+        tools=ToolRegistry(),
+        connect=Connector(simulator, call.call_id, []),
+        hooks=CallHooks(),
+        reattach_attempts=2,
+        ping_interval=0.5,
+    )
+    with capture_logs() as logs:
+        run = asyncio.ensure_future(rt.run())
+        await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+        if lost:
+            await simulator.drop_sideband(call, "unreachable")
+        rt.send_text("[keypad] 42")
+        if not lost:  # answered, its acknowledgement seen; then the socket is lost
+            await call.wait_for(lambda c: len(c.responses) == 2 and c.responses[1].status == "completed", 5)
+            await simulator.drop_sideband(call, "abnormal")
+        await call.wait_for(lambda c: len(c.responses) == 2 and c.responses[1].status == "completed", 10)
+        await call.wait_connected(2, timeout=5)
+        await simulator.hang_up(call)
+        assert await asyncio.wait_for(run, 10) == "remote_closed"
+    kinds = [e["type"] for e in call.received]
+    text = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "[keypad] 42"}]}
+    assert [e["item"] for e in call.received if e["type"] == "conversation.item.create"] == [text]
+    assert kinds.index("conversation.item.create") < len(kinds) - 1 - kinds[::-1].index("response.create")
+    assert call.responses[1].text == "Order 42: it shipped today."
+    assert [e["items"] for e in logs if e["event"] == "sideband.items_resent"] == ([1] if lost else [])
+    assert ("caller", "[keypad] 42") in rt.summary.transcript
+
+
+async def test_text_lost_again_and_again_is_given_up(simulator: Simulator) -> None:
+    """Each socket the text goes out on again dies silently too: it is sent again after each of 3
+    re-attaches, then given up (``sideband.item_lost``), not sent after every re-attach for ever."""
+    call = simulator.create_call(Script([HELLO, pause(30)]), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [])
+
+    async def dead_for_a_while() -> PushConnection:
+        ws = await connect()
+        if 2 <= connect.attempts <= 4:  # what is written to these is never read
+            await simulator.drop_sideband(call, "unreachable")
+        return ws
+
+    rt = CallRuntime(
+        machine=CallMachine(
+            MachineConfig(
+                session={"type": "realtime", "instructions": "x"}, greeting="Hi", reattach_grace=0.1
+            )
+        ),
+        ctx=CallContext(call.call_id),
+        tools=ToolRegistry(),
+        connect=dead_for_a_while,
+        hooks=CallHooks(),
+        reattach_attempts=6,
+        ping_interval=0.3,
+    )
+    with capture_logs() as logs:
+        run = asyncio.ensure_future(rt.run())
+        await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+        await simulator.drop_sideband(call, "unreachable")
+        rt.send_text("[keypad] 42")
+        await call.wait_connected(5, timeout=15)
+        async with asyncio.timeout(5):
+            while not [e for e in logs if e["event"] == "sideband.item_lost"]:
+                await asyncio.sleep(0.01)
+        await simulator.hang_up(call)
+        assert await asyncio.wait_for(run, 10) == "remote_closed"
+    assert not [e for e in call.received if e["type"] == "conversation.item.create"]
+    assert [e["items"] for e in logs if e["event"] == "sideband.items_resent"] == [1, 1, 1]
+    lost = [(e["role"], e["sent"], e["log_level"]) for e in logs if e["event"] == "sideband.item_lost"]
+    assert lost == [("user", 4, "warning")]
+
+
 async def test_a_greeting_lost_with_a_socket_dead_from_the_start_is_said_after_the_reattach(
     simulator: Simulator,
 ) -> None:

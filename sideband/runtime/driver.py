@@ -37,6 +37,7 @@ from sideband.runtime.guard import GUARDED_DELTAS, GUARDED_DONE, OutputGuard
 from sideband.runtime.machine import (
     ACK_TYPES,
     HANDLED_TYPES,
+    OUTPUT_RESENDS,
     STOPPED_OUTPUT,
     Action,
     CallMachine,
@@ -92,6 +93,7 @@ _DELTAS = frozenset(t.encode() for t in GUARDED_DELTAS)
 _GUARDED = GUARDED_DELTAS | GUARDED_DONE  # the events an output guard is fed
 _KEEPALIVE = "\x00keepalive"  # a driver timer name no machine timer can take
 _TYPE_AHEAD = 16  # keys kept for the next collection at most (the last ones)
+_ITEMS_KEPT = 16  # conversation items of ours awaiting their acknowledgement, at most (the last ones)
 
 HOOK_GRACE = 2.0
 """Seconds a call's hooks still running or queued when it ends get to finish, in all: then those running
@@ -268,6 +270,7 @@ class CallRuntime:
         "_flushing",
         "_guard",
         "_hook_queue",
+        "_items",
         "_keypad",
         "_log_args",
         "_log_fields",
@@ -351,6 +354,9 @@ class CallRuntime:
         self._typed: list[tuple[int, str]] | None = None
         self._ws: PushConnection | None = None
         self._outbox: list[bytes] = []  # JSON text frames, a few at most (a deque: 760 bytes per call)
+        # Messages we added to the conversation (code's text, a guardrail's note), not acknowledged yet
+        # (see _resend_items); None when there are none
+        self._items: list[_SentItem] | None = None
         self._flushing = False
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._abandoned: set[str] | None = None  # tool call ids the call's end gave up on
@@ -704,7 +710,59 @@ class CallRuntime:
             if reopened is None:
                 return
             ws = reopened
-            self._apply(self.machine.reattached(self._queued_ids()))
+            queued = self._queued_ids()
+            self._resend_items()
+            self._apply(self.machine.reattached(queued))
+
+    def _resend_items(self) -> None:
+        """Put the messages we added to the conversation (``send_text()``, a guardrail's note, code's own
+        ``conversation.item.create`` of a message) that left for the socket just lost, and that the server
+        never acknowledged, first in the outbox: a dead connection swallows what is written to it, and
+        the model would answer without them. Each goes again after each re-attach until it is
+        acknowledged, up to ``OUTPUT_RESENDS`` times (then ``sideband.item_lost``)."""
+        items = self._items
+        if items is None:
+            return
+        if self.machine.verb_sent:  # the call is going: nothing more is said
+            self._items = None
+            return
+        outbox, kept, again = self._outbox, [], []
+        for item in items:
+            if not any(frame is item.frame for frame in outbox):  # (else it never left: it goes now)
+                if item.resends >= OUTPUT_RESENDS:
+                    self.log.warning("sideband.item_lost", role=item.role, sent=item.resends + 1)
+                    continue
+                item.resends += 1
+                again.append(item.frame)
+            kept.append(item)
+        self._items = kept or None
+        if again:
+            outbox[:0] = again  # (they left before what is still queued: they go first)
+            self.log.info("sideband.items_resent", items=len(again))
+
+    def _sent_item(self, frame: bytes, event: Mapping[str, Any]) -> None:
+        """Keep our ``conversation.item.create`` of a message until the server acknowledges it."""
+        item = event.get("item")
+        if not isinstance(item, Mapping) or item.get("type") != "message":
+            return
+        items = self._items
+        if items is None:
+            items = self._items = []
+        items.append(_SentItem(frame, _item_key(item), str(item.get("role"))))
+        del items[:-_ITEMS_KEPT]
+
+    def _acked_item(self, item: Any) -> None:
+        """The server acknowledged a conversation item: ours, if it is one we keep, is never sent again."""
+        items = self._items
+        if items is None or not isinstance(item, Mapping) or item.get("type") != "message":
+            return
+        key = _item_key(item)
+        for index, sent in enumerate(items):
+            if sent.key == key:
+                del items[index]
+                break
+        if not items:
+            self._items = None
 
     def _queued_ids(self) -> list[str]:
         """The ``event_id`` of each frame still in the outbox (they never left for the lost socket)."""
@@ -870,7 +928,7 @@ class CallRuntime:
         if (
             etype is not None
             and etype not in _HANDLED
-            and not (etype in _ACKS and self.machine.awaiting_acks)
+            and not (etype in _ACKS and (self.machine.awaiting_acks or self._items is not None))
             and (guard is None or etype not in _DELTAS)
         ):
             # Deltas and other events the machine ignores; acknowledgements while no output awaits one.
@@ -884,6 +942,8 @@ class CallRuntime:
             return False
         if guard is not None and event.get("type") in _GUARDED:
             guard.feed(event)
+        if self._items is not None and event.get("type") in ACK_TYPES:
+            self._acked_item(event.get("item"))
         actions = self.machine.receive(event)
         before = self._before
         if before is not None and not before[1] and self.machine.responding is not None:
@@ -899,7 +959,10 @@ class CallRuntime:
         offered, before = self.tools, self._before
         for action in actions:
             if isinstance(action, Send):
-                self._outbox.append(jsonio.dumps(action.event))
+                frame = jsonio.dumps(action.event)
+                self._outbox.append(frame)
+                if action.event.get("type") == "conversation.item.create" and self.machine.caps.resumable:
+                    self._sent_item(frame, action.event)
             elif isinstance(action, RunTool):
                 # Or those a response under way when they changed was offered.
                 tools = offered
@@ -1638,6 +1701,30 @@ def _answered(waiting: asyncio.Future[float], pong: asyncio.Future[float]) -> No
         pong.exception()  # retrieved: a ping lost with its connection is no error to report
     if not waiting.done():
         waiting.set_result(0.0)
+
+
+class _SentItem:
+    """A message we added to the conversation, awaiting the server's acknowledgement."""
+
+    __slots__ = ("frame", "key", "resends", "role")
+
+    def __init__(self, frame: bytes, key: tuple[Any, ...], role: str) -> None:
+        self.frame = frame
+        self.key = key
+        self.role = role
+        self.resends = 0
+
+
+def _item_key(item: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What tells a message item from another: its role, and each content part's type and text (as the
+    server's acknowledgement repeats them)."""
+    content = item.get("content")
+    parts = tuple(
+        (part.get("type"), part.get("text"))
+        for part in (content if isinstance(content, list) else ())
+        if isinstance(part, Mapping)
+    )
+    return (item.get("role"), parts)
 
 
 _TYPE_FIRST = re.compile(rb'\{"type": ?"([^"\\]+)"')
