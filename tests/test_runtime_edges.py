@@ -1372,6 +1372,73 @@ async def test_a_reattach_refused_while_the_refer_is_unanswered_waits_for_its_an
     assert [e["reason"] for e in logs if e["event"] == "call.ended"] == [reason]
 
 
+@pytest.mark.parametrize(
+    ("answered_first", "reason", "verbs"),
+    [
+        pytest.param(True, "transfer_failed", ["refer", "hangup"], id="refer_answered_before"),
+        pytest.param(False, "transferred", ["refer"], id="refer_answered_after"),
+    ],
+)
+async def test_a_reattach_given_up_while_a_transfer_is_out_does_not_wait_out_its_window(
+    simulator: Simulator, answered_first: bool, reason: str, verbs: list[str]
+) -> None:
+    """The REFER goes out while a lost sideband is being attached again, and the re-attach is given up:
+    as for a sideband lost once the REFER is out, a transfer awaited is hung up at once (nobody would
+    control the call, nor see its end), and a REFER answered 200 later ends the call ``transferred`` at
+    once; neither waits out the transfer's window with no socket."""
+    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [])
+    config = MachineConfig(
+        session={"type": "realtime", "instructions": "x"}, greeting="Hi.", end_cap=0.1, transfer_confirm=30
+    )
+    machine = CallMachine(config)
+    sent: list[str] = []
+    referred, release = asyncio.Event(), asyncio.Event()
+
+    async def verb(name: str, target: str | None) -> None:
+        sent.append(name)
+        if name == "refer":
+            referred.set()
+            await release.wait()
+
+    rt = CallRuntime(
+        machine=machine,
+        ctx=CallContext(call.call_id),
+        tools=ToolRegistry(),
+        connect=connect,
+        verb=verb,
+        transfer_targets={"human": "tel:+14155550123"},
+        reattach_attempts=2,
+        ping_interval=None,
+    )
+    task = asyncio.create_task(rt.run())
+    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    connect.gate = asyncio.Event()  # the last re-attach attempt waits for it, then fails: given up
+    connect.failures.extend(refused(503) for _ in range(2))
+    with capture_logs() as logs:
+        await simulator.drop_sideband(call, "abnormal")
+        async with asyncio.timeout(5):
+            while connect.attempts < 3:
+                connect.changed.clear()
+                await connect.changed.wait()
+        rt.transfer("human")  # (the REFER goes out while the re-attach is under way: the end cap)
+        await asyncio.wait_for(referred.wait(), 5)
+        if answered_first:
+            release.set()
+            async with asyncio.timeout(5):
+                while not machine.transferring:
+                    await asyncio.sleep(0.01)
+        connect.gate.set()
+        async with asyncio.timeout(5):  # (the attach given up as that attempt's failure is logged)
+            while not [e for e in logs if e["event"] == "sideband.connect_failed" and e["attempt"] == 2]:
+                await asyncio.sleep(0.01)
+        release.set()
+        assert await asyncio.wait_for(task, 5) == reason  # (not after the 30 s window)
+    assert sent == verbs and connect.attempts == 3
+    unconfirmed = [e["why"] for e in logs if e["event"] == "call.transfer_unconfirmed"]
+    assert unconfirmed == (["sideband_lost"] if answered_first else [])
+
+
 async def test_a_run_cut_short_during_an_attach_takes_the_attempt_with_it(simulator: Simulator) -> None:
     """A shutdown past its grace cancels the call's run while its attach is in its handshake: the
     attempt is cancelled too, and over by the time the run is."""

@@ -822,7 +822,12 @@ class CallRuntime:
             self.attached.set()
             self.log.info("sideband.attached" if first else "sideband.reattached", attempt=attempt)
             return ws
-        self._apply(machine.abandon("connect_failed" if first else "reattach_failed"))  # hangup, then closed
+        if not first and machine.verb_sent:
+            # The hangup or REFER went out meanwhile: the socket is lost as after it (see _main). A
+            # transfer awaited is hung up now; a REFER answered later ends the call at once.
+            self._apply(machine.sideband_lost())
+        else:
+            self._apply(machine.abandon("connect_failed" if first else "reattach_failed"))  # hangup
         return None
 
     async def _attempt(self) -> PushConnection | None:
