@@ -394,6 +394,9 @@ def _parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--port", help="listen port (SIDEBAND_PORT, default 8080)")  # (Settings checks it)
     p_check = sub.add_parser("check", help="check the settings, the app and its route file, then exit")
     p_check.add_argument("app", nargs="?", help=f"module:attribute of your app (default {DEFAULT_APP})")
+    # (serve's flags, so that a check sees the settings the server it vouches for would run with)
+    p_check.add_argument("--host", help="the listen address serve is given (as for serve)")
+    p_check.add_argument("--port", help="the listen port serve is given (as for serve)")
     p_check.add_argument(
         "--online",
         action="store_true",
@@ -431,6 +434,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _server_settings(args: argparse.Namespace) -> Settings:
+    """The settings ``serve`` runs with (``check`` vouches for them): the environment and the flags."""
+    return load_settings(
+        {"host": args.host, "port": args.port},
+        require=("openai_api_key", "openai_webhook_secret"),
+        flags={"host": "--host", "port": "--port"},
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sideband`` console script."""
     args = _parser().parse_args(argv)
@@ -439,11 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # A reload asked for before the server listens (or after it stopped) finds nothing to
             # reload: ignored, not the signal's default, which ends the process.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            settings = load_settings(
-                {"host": args.host, "port": args.port},
-                require=("openai_api_key", "openai_webhook_secret"),
-                flags={"host": "--host", "port": "--port"},
-            )
+            settings = _server_settings(args)
             configure_logging(settings.log_format, settings.log_level or "info")
             app = load_app(args.app)
             _run(_serve_process(settings, app))
@@ -453,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _leave_stuck_threads()
             return 0
         if args.command == "check":
-            settings = load_settings(require=("openai_api_key", "openai_webhook_secret"))
+            settings = _server_settings(args)
             configure_logging(settings.log_format, settings.log_level or "warning", stream=sys.stderr)
             out = _UntilReaderGone(sys.stdout)  # (``sideband check | head -1``)
             for line in _run(check(settings, load_app(args.app), online=args.online)):

@@ -160,6 +160,8 @@ def _common(exc: UpstreamError, base: str) -> None:
     status = exc.status
     if status is None:
         raise SettingsError(f"OPENAI_BASE_URL: {base} could not be reached{_said(exc)}")
+    if exc.unsent:  # a proxy that opened no tunnel answered (407, 403…): its words name it and its variables
+        raise SettingsError(str(exc))
     if _missing_scope(exc):
         raise SettingsError(f"OPENAI_API_KEY: the key lacks a permission sideband needs{_said(exc)}")
     if status == 401:

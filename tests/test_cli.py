@@ -264,6 +264,20 @@ def test_check_reports_what_serve_would_run_with_and_listens_on_nothing(tmp_path
     ]
 
 
+def test_check_takes_the_flags_serve_is_given() -> None:
+    """A Service named ``sideband`` puts its link in ``SIDEBAND_PORT`` (not a port): ``serve --port`` runs
+    all the same, so ``check --port`` vouches for it, and without the flag stops as serve would."""
+    env = clean_env(
+        OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET, SIDEBAND_PORT="tcp://10.0.0.7:8080"
+    )
+    done = run_cli("check", "--host", "127.0.0.1", "--port", "8080", env=env)
+    assert done.returncode == 0 and done.stdout.endswith("sideband: ready to serve\n"), done.stderr
+    alone = run_cli("check", env=env)
+    assert alone.returncode == 2 and "is Kubernetes' link to a Service named sideband" in alone.stderr
+    bad = run_cli("check", "--port", "http", env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("sideband: --port: "), bad.stderr
+
+
 def test_check_piped_to_a_reader_already_gone_ends_quietly() -> None:
     """``sideband check | head -0``: its report goes nowhere, without a traceback."""
     proc = subprocess.Popen(

@@ -14,7 +14,7 @@ from sideband import Refer, Sideband
 from sideband.settings import SettingsError
 from sideband.testing import Script, Simulator, caller_hangs_up, run_app, wait_for_greeting
 
-from .conftest import capture_logs
+from .conftest import capture_logs, settings_for
 
 
 class ForwardProxy:
@@ -474,3 +474,23 @@ async def test_a_mint_the_proxy_refuses_is_not_tried_again_and_names_the_proxy(
     assert (error.status, error.retryable, error.unsent) == (status, False, True)
     assert "the proxy did not open the tunnel to the vowel core" in str(error)
     assert "WSS_PROXY, SOCKS_PROXY or HTTPS_PROXY" in str(error) and "wrong" not in str(error)
+
+
+@pytest.mark.parametrize(("status", "reason"), [(407, "Proxy Authentication Required"), (403, "Forbidden")])
+async def test_check_online_names_the_proxy_that_refused_the_tunnel(
+    monkeypatch: pytest.MonkeyPatch, status: int, reason: str
+) -> None:
+    """``sideband check --online`` through a proxy that opens no tunnel blames the proxy and names its
+    variables, neither the key (a 403 for every config) nor OpenAI."""
+    from sideband.cli import check
+
+    async with RefusingProxy(status, reason) as proxy:
+        _proxied(monkeypatch, f"http://svc:s3cret@127.0.0.1:{proxy.port}")
+        async with Simulator() as sim:
+            with pytest.raises(SettingsError) as refused:
+                await check(settings_for(sim, openai_base_url=PROXIED_OPENAI), Sideband(), online=True)
+    message = str(refused.value)
+    assert f"the proxy did not open the tunnel to OpenAI: {status} {reason}" in message
+    assert "HTTPS_PROXY" in message and "s3cret" not in message
+    assert "OPENAI_API_KEY" not in message and "answered the check" not in message
+    assert proxy.seen and all(method == "CONNECT" for method, _, _ in proxy.seen)

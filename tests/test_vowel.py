@@ -199,6 +199,9 @@ async def test_a_session_whose_mint_fails_logs_every_line_with_its_call_id(
     lines = log_lines(logs)
     assert {line["event"] for line in lines} == {f"vowel.mint_{failure}", "vowel.session_failed"}
     assert all(line["call_id"] == session.call_id for line in lines), lines
+    (failed,) = [line for line in lines if line["event"] == "vowel.session_failed"]
+    assert failed["level"] == "warning" and failed["status"] == (403 if failure == "refused" else 404)
+    assert failed["reason"] == session.end_reason and "error" not in failed  # (the line before it says)
 
 
 async def test_every_line_of_a_session_carries_one_call_id(

@@ -297,7 +297,7 @@ class EngineSession:
             proxy = core_proxy(core_url)
         except ValueError as exc:
             self._set_end("not_configured", str(exc))
-            self._log.warning("vowel.session_failed", reason="not_configured", error=str(exc))
+            self._log.warning("vowel.session_failed", reason="not_configured", status=None, error=str(exc))
             raise EngineError("not_configured", str(exc)) from None
         if self._http is None:
             self._http = aiohttp.ClientSession()
