@@ -9,6 +9,7 @@ import inspect
 import re
 import ssl
 import threading
+import time
 import unicodedata
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -18,7 +19,7 @@ from typing import Any, Literal, TypeVar, overload
 from aiohttp import web
 
 from sideband import jsonio
-from sideband.blocking import in_thread
+from sideband.blocking import in_thread, timed
 from sideband.context import CallContext, SipHeader
 from sideband.runtime.driver import CallHooks, CallSummary, ToolRecord, TranscriptRole
 from sideband.runtime.machine import (
@@ -44,6 +45,7 @@ from sideband.upstream._ws import client_tls
 __all__ = ["IncomingCall", "Sideband", "parse_number"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 RouteHook = Callable[["IncomingCall"], Awaitable[Decision] | Decision]
 
 # What each hook is called with, for type checkers: a plain function or an ``async def`` one (its return
@@ -81,6 +83,119 @@ class HookTimeout(TimeoutError):
         super().__init__("timeout")
         self.budget = budget
         self.started = started
+
+
+class HookRun(threading.Event):
+    """One run of a hook, as its budget reads it: set as the hook starts (a sync one, once a worker
+    thread of its pool takes it up), and :attr:`ended`, the ``time.monotonic()`` at which it answered
+    (a sync one, as its thread returned: not when the event loop, held by other code, got to read it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended: float | None = None
+
+    def end(self, *_: object) -> None:
+        """Mark the hook's answer as given now (a future's done callback as well)."""
+        self.ended = time.monotonic()
+
+
+def _in_pool(
+    pool: concurrent.futures.Executor | None, work: Callable[[], Any], run: HookRun | None
+) -> asyncio.Future[Any]:
+    """``work`` run in a thread of ``pool``, as a future to await; ``run`` marked as answered as the
+    thread returns. (Not in the awaiting frame: the future holds what the hook raised, and its
+    traceback that frame, which would hold the future in turn.)"""
+    if pool is None:
+        raise RuntimeError("a sync hook runs in a pool of its own, and it has none")
+    thread = pool.submit(work)
+    if run is not None:
+        thread.add_done_callback(run.end)  # (in the thread, as it returns)
+    return asyncio.wrap_future(thread)
+
+
+async def call_hook(
+    fn: Callable[[Any], Any],
+    arg: object,
+    *,
+    is_async: bool,
+    pool: concurrent.futures.Executor | None,
+    started: threading.Event | None = None,
+) -> Any:
+    """What ``fn(arg)`` answers (an awaitable it returns, awaited): an async hook on the event loop, a
+    sync one in a thread of ``pool`` (in a copy of this context). ``started`` is set as it starts, and
+    a :class:`HookRun`'s :attr:`~HookRun.ended` as it answers."""
+    run = started if isinstance(started, HookRun) else None
+    if is_async:
+        if started is not None:
+            started.set()
+        result = fn(arg)
+    else:
+        result = await _in_pool(pool, in_thread(fn, arg, started=started), run)
+        if not inspect.isawaitable(result):
+            return result
+    while inspect.isawaitable(result):  # (an ``await`` left out in the hook: what it returns)
+        result = await result
+    if run is not None:
+        run.end()
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class _Raised:
+    """What a hook raised (not what it returned: a hook may return an exception)."""
+
+    exc: BaseException
+
+
+async def _contained(answer: Awaitable[T], run: HookRun) -> tuple[T | _Raised, float]:
+    """What a hook answered, or what it raised other than a cancellation (a ``SystemExit`` or a
+    ``KeyboardInterrupt`` raised out of a task would stop the event loop, and every call with it); and
+    the seconds from its start to its answer by its own clock (``run``): not the time its task waited to
+    start, or the time its answer waited to be read, while other code held the event loop."""
+    start = time.monotonic()
+    try:
+        answered = await answer
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # (returned from here: kept in a local, it would hold this frame)
+        return _Raised(exc), (run.ended or time.monotonic()) - start
+    return answered, (run.ended or time.monotonic()) - start
+
+
+def _drop_outcome(hook: asyncio.Future[Any]) -> None:
+    """The end of a hook left behind at its budget: nobody's (its late answer is dropped)."""
+    if not hook.cancelled():
+        hook.exception()
+
+
+async def within_budget(answer: Awaitable[T], budget: float, run: HookRun) -> T:
+    """What a hook answers (``answer``, the coroutine running it; ``run``, its :class:`HookRun`),
+    run as a task of its own under ``budget`` seconds of its own time. What it raises is raised (a
+    cancellation of its own included). :class:`HookTimeout` when it has not answered within the budget
+    (its task is cancelled and left behind, even when it ignores that: its late answer is dropped), or
+    answered past it by its own clock (its blocking code held the event loop past the budget, whose timer
+    could not fire meanwhile). Only its own time counts: a wait, after it answered, for other code holding
+    the event loop to let its answer be read is not its overrun. Cancelled, it cancels the hook."""
+    hook = asyncio.ensure_future(_contained(answer, run))
+    try:
+        await asyncio.wait((hook,), timeout=budget)
+    except asyncio.CancelledError:
+        hook.cancel()
+        hook.add_done_callback(_drop_outcome)
+        raise
+    if not hook.done():
+        hook.cancel()
+        hook.add_done_callback(_drop_outcome)
+        raise HookTimeout(budget=budget, started=run.is_set())
+    outcome, took = hook.result()  # (a cancellation of the hook's own is raised from here)
+    if isinstance(outcome, _Raised):
+        try:
+            raise outcome.exc
+        finally:
+            del outcome, hook  # (the exception, raised on, holds this frame: not it in turn)
+    if took >= budget:
+        raise HookTimeout(budget=budget, started=True)
+    return outcome
 
 
 _URI = re.compile(r"(sips?|tel):([^>]*)", re.IGNORECASE)
@@ -493,35 +608,22 @@ class Sideband:
         """Whether an :meth:`authorize_browser` hook opened the WebRTC doors."""
         return self._authorize_browser is not None
 
-    async def authorize(self, request: web.Request) -> bool:
+    async def authorize(
+        self, request: web.Request, *, report: Callable[[float, int], None] | None = None
+    ) -> bool:
         """Run the :meth:`authorize_browser` hook under :data:`AUTHORIZE_TIMEOUT` (``False`` without
         one). Its exceptions propagate; an overrun raises :class:`HookTimeout`. An awaitable it returns is
-        awaited (in the same time); an aiohttp response or an exception it returns raises ``TypeError``."""
+        awaited (in the same time); an aiohttp response or an exception it returns raises ``TypeError``.
+        Only the hook's own time counts (see :func:`within_budget`); ``report``, a
+        :class:`~sideband.blocking.Stepwise` report, hears of its steps that held the event loop."""
         hook = self._authorize_browser
         if hook is None:
             return False
-        started: threading.Event | None = None
-        try:
-            async with asyncio.timeout(AUTHORIZE_TIMEOUT) as timer:
-                if is_async_callable(hook):
-                    result = await hook(request)
-                else:
-                    started = threading.Event()
-                    run = in_thread(hook, request, started=started)
-                    result = await asyncio.get_running_loop().run_in_executor(self._authorize_threads, run)
-                while inspect.isawaitable(result):  # (an ``await`` left out in the hook: bool(it) is True)
-                    result = await result
-        except TimeoutError as exc:
-            if timer.expired():
-                raise HookTimeout(
-                    budget=AUTHORIZE_TIMEOUT, started=started is None or started.is_set()
-                ) from exc
-            raise  # the hook's own TimeoutError: its failure
-        due = timer.when()
-        if timer.expired() or (due is not None and asyncio.get_running_loop().time() >= due):
-            # It swallowed its cancellation and answered late, or its blocking code held the event loop
-            # past its time (whose timer could not fire meanwhile): not heard.
-            raise HookTimeout(budget=AUTHORIZE_TIMEOUT, started=True)
+        run = HookRun()
+        answer = call_hook(
+            hook, request, is_async=is_async_callable(hook), pool=self._authorize_threads, started=run
+        )
+        result = await within_budget(timed(answer, report), AUTHORIZE_TIMEOUT, run)
         if isinstance(result, web.StreamResponse | BaseException):  # (true, both: a refusal let through)
             raise TypeError(
                 f"the authorize_browser hook returned {type(result).__name__}: it returns true or false "
@@ -661,17 +763,11 @@ class Sideband:
         one waits for a worker thread first, should all :data:`HOOK_THREADS` be busy)."""
         if self._route is None:
             return call.route or Accept()
-        result: Any
-        if self._route_is_async:
-            if started is not None:
-                started.set()
-            result = self._route(call)
-        else:  # a plain function may block: in a thread, so the route budget still applies
-            # (in a copy of this context, so what the hook logs still carries the call_id)
-            run = in_thread(self._route, call, started=started)
-            result = await asyncio.get_running_loop().run_in_executor(self._route_threads, run)
-        while inspect.isawaitable(result):  # (an ``await`` left out in the hook: the lookup it returns)
-            result = await result
+        # (a plain function may block: in a thread, so the route budget still applies, in a copy of this
+        # context, so what the hook logs still carries the call_id)
+        result = await call_hook(
+            self._route, call, is_async=self._route_is_async, pool=self._route_threads, started=started
+        )
         if not isinstance(result, Accept | Reject | Refer):
             raise DecisionError(f"on_incoming returned {type(result).__name__}, not Accept/Reject/Refer")
         if isinstance(result, Accept) and isinstance(call.route, Accept):

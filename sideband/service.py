@@ -21,7 +21,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from websockets.proxy import Proxy
 
-from sideband.app import CallPlan, IncomingCall, Sideband
+from sideband.app import CallPlan, HookRun, HookTimeout, IncomingCall, Sideband, within_budget
 from sideband.blocking import Stepwise, log_blocked
 from sideband.context import CallContext, SipHeader
 from sideband.logs import clip, failure_fields
@@ -49,6 +49,7 @@ from sideband.stores import (
     StoreUnavailable,
 )
 from sideband.tickets import TicketError, TicketSigner
+from sideband.tools import own_cancellation
 from sideband.upstream._ws import http_proxy, resolve_proxy, ws_proxy_names
 from sideband.upstream.openai import CallControl, CallGone, UpstreamError, connect_sideband, with_retries
 
@@ -189,28 +190,6 @@ class Reply:
 def _retry_later() -> Reply:
     """OpenAI could not be brought to answer the call: the webhook's sender delivers it again."""
     return Reply(503, {"status": "retry", "error": "upstream unavailable"}, {"Retry-After": "1"})
-
-
-async def _contained(decision: Awaitable[Decision]) -> tuple[Decision | BaseException, float]:
-    """The routing hook's decision, or what it raised other than a cancellation (a ``SystemExit`` or a
-    ``KeyboardInterrupt`` raised out of a task would stop the event loop, and every call with it); and
-    the seconds from its start to its end, as its own task saw them: not the time the task waited to
-    start, or the time its decision waited to be read, while other code held the event loop."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    try:
-        decided = await decision
-    except asyncio.CancelledError:
-        raise
-    except BaseException as exc:  # (returned from here: kept in a local, it would hold this frame)
-        return exc, loop.time() - start
-    return decided, loop.time() - start
-
-
-def _drop_outcome(hook: asyncio.Future[Any]) -> None:
-    """The end of a routing hook left behind at its budget: nobody's (its late decision is dropped)."""
-    if not hook.cancelled():
-        hook.exception()
 
 
 def _uncertain_key(call_id: str) -> str:
@@ -789,36 +768,20 @@ class Service:
             return await self.app.decide(call)
         # The hook runs as a task of its own, so that one that overruns is left behind at the budget
         # even when it ignores its cancellation (the caller is ringing); its late decision is dropped.
-        started = threading.Event()  # (a sync hook may wait for a thread: then it never overran)
-        decision = Stepwise(self.app.decide(call, started=started), log_blocked(self.log, hook="on_incoming"))
+        # Only its own time counts: not another call's blocking code holding the loop after it decided.
+        run = HookRun()  # (a sync hook may wait for a thread: then it never overran)
+        decision = Stepwise(self.app.decide(call, started=run), log_blocked(self.log, hook="on_incoming"))
         budget = self.settings.route_budget
-        hook = asyncio.ensure_future(_contained(decision))
         try:
-            await asyncio.wait((hook,), timeout=budget)
-        except asyncio.CancelledError:  # the server is stopping: not the hook's doing
-            hook.cancel()
-            hook.add_done_callback(_drop_outcome)
-            raise
-        if not hook.done():
-            hook.cancel()
-            hook.add_done_callback(_drop_outcome)
-            self.log.error("call.route_failed", error="timeout", budget_s=budget, started=started.is_set())
-        else:
-            try:
-                outcome, took = hook.result()
-            except asyncio.CancelledError as exc:  # the hook's own (nobody cancelled it): a failure
-                outcome, took = exc, 0.0
-            if not isinstance(outcome, BaseException):
-                if took < budget:  # (its own time: another call's blocking code after it ended is not)
-                    return outcome
-                # It held the event loop past the budget, whose timer never got to fire meanwhile: an
-                # overrun all the same, its decision dropped.
-                self.log.error("call.route_failed", error="timeout", budget_s=budget, started=True)
-            else:
-                own = isinstance(outcome, DecisionError)  # our message: no data of the hook's in it
-                logged = self.settings.log_tool_arguments
-                fields = failure_fields(outcome, message=own or logged, full=logged)
-                self.log.error("call.route_failed", **fields)
+            return await within_budget(decision, budget, run)
+        except HookTimeout as exc:
+            self.log.error("call.route_failed", error="timeout", budget_s=budget, started=exc.started)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError) and not own_cancellation(exc):
+                raise  # the server is stopping: not the hook's doing
+            own = isinstance(exc, DecisionError)  # our message: no data of the hook's in it
+            logged = self.settings.log_tool_arguments
+            self.log.error("call.route_failed", **failure_fields(exc, message=own or logged, full=logged))
         self.counters["route_failed"] += 1
         return Reject(self.settings.route_failure_status)
 

@@ -260,14 +260,16 @@ async def test_an_async_hook_holding_the_loop_past_its_budget_is_an_overrun(
     assert [e["hook"] for e in logs if e["event"] == "loop.blocked"] == ["on_incoming"]
 
 
+@pytest.mark.parametrize("kind", ["async", "sync"])
 @pytest.mark.parametrize("settings_overrides", [{"route_budget": 0.2, "route_failure_status": 503}])
 async def test_a_quick_hook_is_obeyed_when_another_calls_blocking_tool_held_the_loop(
-    stack: Stack, settings_overrides: dict[str, Any]
+    stack: Stack, settings_overrides: dict[str, Any], kind: str
 ) -> None:
-    """The routing hook decides at once; a live call's tool then holds the event loop past the hook's
-    budget before its decision is read. The hook did not overrun: its decision stands (the tool's
-    blocking is the tool's, named as such)."""
+    """The routing hook decides at once (a sync one, in its thread); a live call's tool then holds the
+    event loop past the hook's budget before its decision is read. The hook did not overrun: its
+    decision stands (the tool's blocking is the tool's, named as such)."""
     waiting, routed = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
 
     @stack.app.tool(timeout=10, filler_after=None)
     async def sync_crm_lookup() -> str:
@@ -277,11 +279,21 @@ async def test_a_quick_hook_is_obeyed_when_another_calls_blocking_tool_held_the_
         time.sleep(0.4)  # a sync client's lookup, on the event loop, as the other call's hook returns
         return "found"
 
-    @stack.app.on_incoming
-    async def route(call: IncomingCall) -> Accept:
-        if call.to_number == "+18005550021":
-            routed.set()  # the tool runs on right after this, before the decision is read
-        return Accept()
+    if kind == "async":
+
+        @stack.app.on_incoming
+        async def route(call: IncomingCall) -> Accept:
+            if call.to_number == "+18005550021":
+                routed.set()  # the tool runs on right after this, before the decision is read
+            return Accept()
+
+    else:
+
+        @stack.app.on_incoming
+        def route_in_thread(call: IncomingCall) -> Accept:
+            if call.to_number == "+18005550021":
+                loop.call_soon_threadsafe(routed.set)  # (as above, from the hook's thread)
+            return Accept()
 
     busy = await stack.call(
         Script([wait_for_greeting("Hi."), model_calls("sync_crm_lookup", {}), pause(60)]),

@@ -689,6 +689,51 @@ async def test_an_authorize_hook_that_waited_for_a_thread_all_its_time_says_so(
     assert sorted(failed) == [False, True]
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_quick_authorize_hook_is_heard_when_another_calls_blocking_tool_held_the_loop(
+    kind: str, simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hook says yes at once; a live call's tool then holds the event loop past the hook's time
+    before its answer is read. The hook did not overrun: the browser gets in (the tool's blocking is the
+    tool's, named as such)."""
+    monkeypatch.setattr("sideband.app.AUTHORIZE_TIMEOUT", 0.2)
+    app = make_app(browsers=False)
+    waiting, decided = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    @app.tool(timeout=10, filler_after=None)
+    async def sync_crm_lookup() -> str:
+        """Look the caller up with a blocking client."""
+        waiting.set()
+        await decided.wait()
+        time.sleep(0.4)  # a sync client's lookup, on the event loop, as the hook answers
+        return "found"
+
+    if kind == "sync":
+
+        @app.authorize_browser
+        def signed_in(request: web.Request) -> bool:
+            loop.call_soon_threadsafe(decided.set)  # the tool runs on before the answer is read
+            return True
+
+    else:
+
+        @app.authorize_browser
+        async def signed_in(request: web.Request) -> bool:
+            decided.set()  # the tool runs on before the answer is read
+            return True
+
+    async with run_app(app, simulator, **TEST_SETTINGS) as stack:
+        busy = await stack.call(Script([model_calls("sync_crm_lookup", {}), pause(60)]))
+        await asyncio.wait_for(waiting.wait(), 5)
+        with capture_logs() as logs:
+            status, minted = await post_json(stack, "/rtc/sessions", {})
+        await stack.sim.hang_up(busy)
+    assert status == 200 and minted["ticket"]
+    assert not [e for e in logs if e["event"] == "rtc.authorize_failed"]
+    assert [e.get("tool") for e in logs if e["event"] == "loop.blocked"] == ["sync_crm_lookup"]
+
+
 async def test_only_requests_another_site_cannot_send_blind_are_served(stack: Stack) -> None:
     # text/plain and form bodies are what a page on another origin may POST without a preflight
     assert (await _post(stack, "/rtc/calls", OFFER, "text/plain"))[0] == 415

@@ -16,7 +16,7 @@ from structlog.typing import FilteringBoundLogger
 
 from sideband import jsonio
 from sideband.app import HookTimeout, Sideband
-from sideband.blocking import Stepwise, log_blocked
+from sideband.blocking import log_blocked
 from sideband.edge.verify import VerificationError, Verifier
 from sideband.logs import failure_fields
 from sideband.metrics import label
@@ -314,7 +314,7 @@ async def _browser_gate(
             return body
         request._read_bytes = body  # (what the hook's ``await request.json()`` and the route read)
     try:
-        allowed = await Stepwise(service.app.authorize(request), log_blocked(log, hook="authorize_browser"))
+        allowed = await service.app.authorize(request, report=log_blocked(log, hook="authorize_browser"))
     except HookTimeout as exc:
         log.error("rtc.authorize_failed", error="timeout", budget_s=exc.budget, started=exc.started)
         service.refused["rtc.authorize_failed", 503] += 1
