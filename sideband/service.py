@@ -1202,25 +1202,25 @@ class Service:
         longest = max(self.settings.rtc_key_ttl + HANDOFF_GRACE, self.tickets.remaining(info))
         ttl = longest + NONCE_MARGIN
         with structlog.contextvars.bound_contextvars(call_id=call_id):
-            # (live here: its claim may have run out, left pending by a store that failed to settle it)
-            if call_id in self.registry or not await self.store.claim(f"call:{call_id}", self._pending_ttl):
-                # (the ticket stays unused)
-                return self._handoff_refused(409, "call already attached", call_id)
+            # Claims to launch run to their end even when the request is cancelled (the server stopping,
+            # as for a webhook's answer): cut short between them, the ticket would be spent and the call
+            # left claimed, running with nobody attached. :meth:`close` waits for it, then hangs it up.
+            taking = asyncio.ensure_future(self._rtc_take(call_id, info.nonce, ttl))
+            self._answering.add(taking)
+            taking.add_done_callback(self._answered)
             try:
-                fresh = await self.store.claim(f"ticket:{info.nonce}", ttl)
-            except BaseException:
-                await self.store.release(f"call:{call_id}")
+                taken = await asyncio.shield(taking)
+            except asyncio.CancelledError:
+                if not taking.done():
+                    self.log.warning(
+                        "rtc.unanswered",
+                        detail="the server stopped first: the handoff goes on, its call is hung up",
+                    )
+                    taking.add_done_callback(self._handed_off_late)
                 raise
-            if not fresh:
-                await self.store.release(f"call:{call_id}")
-                return self._handoff_refused(403, "ticket already used", call_id)
-            try:
-                await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)
-            except StoreUnavailable as exc:  # call and ticket are ours: serve the call all the same
-                self.log.warning("store.unavailable", error=str(exc))
-                self._settle_later(f"call:{call_id}", call_id=call_id)
-            runtime = self.launch(CallContext(call_id, "webrtc"), self.browser_plan())
-            self.log.info("rtc.handoff")
+            if isinstance(taken, Reply):
+                return taken
+            runtime = taken
             attached = asyncio.ensure_future(runtime.attached.wait())
             ended = asyncio.ensure_future(runtime.wait_closed())
             try:
@@ -1237,6 +1237,39 @@ class Service:
             if reason:  # refused or unreachable for good: the call was hung up
                 return Reply(502, {"error": "could not attach", "reason": reason})
             return Reply(202, {"status": "attaching", "call_id": call_id})
+
+    async def _rtc_take(self, call_id: str, nonce: str, ttl: float) -> CallRuntime | Reply:
+        """:meth:`rtc_handoff`'s claims (the call's, then the ticket's) and its launch, in a task of its
+        own: the call's runtime, or the refusal."""
+        # (live here: its claim may have run out, left pending by a store that failed to settle it)
+        if call_id in self.registry or not await self.store.claim(f"call:{call_id}", self._pending_ttl):
+            return self._handoff_refused(409, "call already attached", call_id)  # (the ticket stays unused)
+        try:
+            fresh = await self.store.claim(f"ticket:{nonce}", ttl)
+        except BaseException:
+            await self.store.release(f"call:{call_id}")
+            raise
+        if not fresh:
+            await self.store.release(f"call:{call_id}")
+            return self._handoff_refused(403, "ticket already used", call_id)
+        try:
+            await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)
+        except StoreUnavailable as exc:  # call and ticket are ours: serve the call all the same
+            self.log.warning("store.unavailable", error=str(exc))
+            self._settle_later(f"call:{call_id}", call_id=call_id)
+        runtime = self.launch(CallContext(call_id, "webrtc"), self.browser_plan())
+        self.log.info("rtc.handoff")
+        return runtime
+
+    def _handed_off_late(self, taking: asyncio.Task[CallRuntime | Reply]) -> None:
+        """The end of a handoff whose request was cut short: nobody awaits it, a failure is logged here."""
+        if taking.cancelled():
+            return
+        exc = taking.exception()
+        if isinstance(exc, StoreUnavailable):  # (its claims released, or never taken: the call unserved)
+            self.log.warning("store.unavailable", error=str(exc))
+        elif exc is not None:
+            self.log.error("rtc.handoff_failed", exc_info=exc)
 
 
 async def _in_daemon_thread(fn: Callable[..., _T], *args: Any) -> _T:

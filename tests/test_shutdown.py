@@ -13,7 +13,8 @@ from sideband.session import Accept
 from sideband.testing import Script, caller_says, model_calls, pause, wait_for_greeting
 
 from .conftest import Stack, capture_logs
-from .test_webrtc import OFFER
+from .test_edge import StoreFailingOnce
+from .test_webrtc import OFFER, post_json
 
 GREETING = wait_for_greeting("Hello, test desk.")
 
@@ -256,6 +257,49 @@ async def test_a_browser_call_cut_short_mid_relay_is_attached_all_the_same_and_h
         answered.set()
         await asyncio.wait_for(stack.service.close(), 20)
     [call] = stack.sim.calls.values()
+    assert call.sideband_connects == 1 and call.status == "ended"  # (attached, then hung up)
+    assert [r.path for r in stack.sim.requests if r.path.endswith("/hangup")] == [
+        f"/v1/realtime/calls/{call.call_id}/hangup"
+    ]
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["shutdown"]
+    [cut] = [e for e in logs if e["event"] == "rtc.unanswered"]
+    assert cut["log_level"] == "warning"
+
+
+class StoreSlowToSettle(StoreFailingOnce):
+    """The service's claim store, but the first settle of a key starting with ``prefix`` waits for
+    ``go`` (``entered`` is set as it starts to)."""
+
+    def __init__(self, inner: Any, prefix: str) -> None:
+        super().__init__(inner, prefix, at="nowhere")
+        self.entered, self.go = asyncio.Event(), asyncio.Event()
+
+    async def settle(self, key: str, ttl: float) -> None:
+        if key.startswith(self.prefix) and not self.entered.is_set():
+            self.entered.set()
+            await self.go.wait()
+        await self.inner.settle(key, ttl)
+
+
+async def test_a_handoff_cut_short_between_its_claims_and_its_launch_attaches_and_hangs_up(
+    stack: Stack,
+) -> None:
+    """The server stops while a handoff's claims are being made (the ticket spent, the store slow to
+    settle the call's claim), and cancels the request: the handoff goes on to its end, and the call is
+    attached, then hung up at close, not left running with no tools until it ends."""
+    _, minted = await post_json(stack, "/rtc/sessions", {})
+    call = stack.sim.create_webrtc_call(Script([pause(60)]))
+    store = stack.service.store = StoreSlowToSettle(stack.service.store, "call:")
+    with capture_logs() as logs:
+        request = asyncio.create_task(stack.service.rtc_handoff(call.call_id, minted["ticket"]))
+        await asyncio.wait_for(store.entered.wait(), 5)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        stack.service.start_draining()  # (the server stopping, as close() begins)
+        closing = asyncio.create_task(stack.service.close())
+        store.go.set()  # the store answers as the server stops
+        await asyncio.wait_for(closing, 20)
     assert call.sideband_connects == 1 and call.status == "ended"  # (attached, then hung up)
     assert [r.path for r in stack.sim.requests if r.path.endswith("/hangup")] == [
         f"/v1/realtime/calls/{call.call_id}/hangup"
