@@ -235,6 +235,7 @@ class Service:
         """This instance's name in a shared store's ledger of live calls (new at each start)."""
         self._ledger: asyncio.Task[None] | None = None  # records this instance's calls, finds orphans
         self._sweeping: asyncio.Task[None] | None = None  # hangs up the calls of a dead instance
+        self._sweep_holds: str | None = None  # the dead instance the sweep holds (until it is swept)
         self._launched = asyncio.Event()  # a call started since the ledger's last record
         self._stranded: dict[str, asyncio.Task[None]] = {}  # calls whose hangup failed, hung up again
         self.requests = 0
@@ -443,6 +444,13 @@ class Service:
         await asyncio.gather(*stopping, return_exceptions=True)
         ledger = self.store if isinstance(self.store, CallLedger) and self._ledger is not None else None
         recorded = False
+        held, self._sweep_holds = self._sweep_holds, None
+        if ledger is not None and held is not None:
+            # A sweep cut short: the dead instance it held is let go of (none of its calls dropped), for
+            # another instance to sweep at once, not once the hold has run out. Best effort, within the
+            # store's timeout: else the hold runs out all the same.
+            with contextlib.suppress(StoreUnavailable):
+                await ledger.swept(self.instance_id, held, ())
         if ledger is not None:
             with contextlib.suppress(StoreUnavailable):  # (else its lease runs out: swept, with no call)
                 if left:  # to another instance, once this one's lease has run out (they replace the rest)
@@ -627,9 +635,11 @@ class Service:
                 self.log.exception("ledger.failed", ledger=self.instance_id)
                 return
             for owner, calls in found.items():
+                self._sweep_holds = owner  # (let go of at close if the sweep is cut short)
                 await asyncio.gather(*(self._hang_up_orphan(owner, call_id, limit) for call_id in calls))
                 with contextlib.suppress(StoreUnavailable):  # (else the owner's calls are found again)
                     await ledger.swept(self.instance_id, owner, calls)
+                self._sweep_holds = None
             if found.keys() <= taken:  # (none left, or one taken before: what it recorded since, next time)
                 return
             taken |= found.keys()

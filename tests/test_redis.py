@@ -600,6 +600,39 @@ async def test_a_sweep_takes_each_dead_instance_in_its_turn_for_as_long_as_its_c
             await raw.aclose()
 
 
+async def test_a_sweep_cut_short_by_its_instances_close_lets_go_of_the_dead_instance(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer
+) -> None:
+    """B is hanging up a dead instance's calls (OpenAI slow to take them) when B stops: its sweep is cut
+    short, and B lets go of that instance as it closes, so that another instance takes its calls at
+    once rather than once B's hold has run out (tens of seconds, with nobody running their tools)."""
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url, "orphan_after": 1.0}
+    calls = ["rtc_dead_a", "rtc_dead_b", "rtc_dead_c"]
+    await store.record("dead1", calls, 0.05)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    started, go = asyncio.Event(), asyncio.Event()
+    try:
+        async with run_app(make_app(), simulator, **settings) as b:
+            hung_up: list[str] = []
+
+            async def slow_hangup(call_id: str, *, timeout: float) -> None:
+                hung_up.append(call_id)
+                if len(hung_up) == len(calls):
+                    started.set()
+                await go.wait()  # (never: B stops first)
+
+            assert b.service._control is not None
+            b.service._control.hangup = slow_hangup  # type: ignore[method-assign]
+            await asyncio.wait_for(started.wait(), 15)
+            assert await raw.exists("sideband:sweep:dead1")  # held by B's sweep
+            assert await store.orphans("c", 30) == {}
+        assert not await raw.exists("sideband:sweep:dead1")
+        assert await store.orphans("c", 30) == {"dead1": calls}  # (another instance's turn, at once)
+    finally:
+        go.set()
+        await raw.aclose()
+
+
 async def test_the_ledger_is_written_again_after_redis_lost_it(
     simulator: Simulator, store: RedisStore, redis_server: RedisServer
 ) -> None:
