@@ -1791,6 +1791,65 @@ async def test_the_engine_counts_idle_time_from_speech_not_from_silence_or_text(
     assert caught.value.reason == "max_idle_duration_exceeded"
 
 
+async def test_the_engine_reports_speech_starting_and_stopping_and_counts_idle_time_from_its_start(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """The engine's turn detection on the streamed audio: speech after none starts the caller's speech
+    (``speech_started``, and the idle clock starts); half a second of audio without speech ends it
+    (``speech_stopped``, same item). Speech streaming on restarts no clock, as on the engine."""
+    vowel.max_idle_duration = 60.0
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        engine = await vowel.wait_session()
+
+        async def stream(pcm16: bytes) -> None:
+            count = len(engine.audio_chunks) + 1
+            await session.send_audio(pcm16)
+            await vowel.wait_for(lambda v: len(engine.audio_chunks) == count, what="the audio")
+
+        await stream(bytes(4800))  # 100 ms of silence: nothing
+        assert engine.sent_of_type("input_audio_buffer.speech_started") == [] and engine.last_speech is None
+        await stream(speech(100))
+        (started,) = engine.sent_of_type("input_audio_buffer.speech_started")
+        assert started["audio_start_ms"] == 100 and started["item_id"] and engine.speaking
+        assert engine.last_speech is not None
+        vowel.advance(40)
+        await stream(speech(100))  # the caller speaks on: no new start, the clock runs from the first
+        assert len(engine.sent_of_type("input_audio_buffer.speech_started")) == 1
+        for _ in range(4):
+            await stream(bytes(4800))
+        assert engine.sent_of_type("input_audio_buffer.speech_stopped") == []  # 400 ms: a pause only
+        await stream(bytes(4800))
+        (stopped,) = engine.sent_of_type("input_audio_buffer.speech_stopped")
+        assert stopped["audio_end_ms"] == 300 and stopped["item_id"] == started["item_id"]
+        assert not engine.speaking
+        vowel.advance(30)  # 70 s after the speech started, 30 after its last sound
+        with pytest.raises(EngineError) as caught:
+            await session.say("still there?")
+    assert caught.value.reason == "max_idle_duration_exceeded"
+
+
+async def test_what_the_engine_takes_for_speech_is_the_tests_to_say(app: Sideband) -> None:
+    """``detects_speech`` and ``silence_duration``: a test's own detector and pause; each start of speech
+    after an end is a new one, with a new item."""
+    said = VowelSimulator(detects_speech=lambda chunk: chunk[:1] == b"S", silence_duration=0.2)
+    async with said as vowel, EngineSession.open(settings_for(vowel), app) as session:
+        engine = await vowel.wait_session()
+        for chunk in (b"S" * 4800, bytes(4800), bytes(4800), b"S" * 4800, speech(100)):
+            await session.send_audio(chunk)
+        await vowel.wait_for(lambda v: len(engine.audio_chunks) == 5, what="the audio")
+    events = [
+        (e["type"].rpartition(".")[2], e.get("audio_start_ms", e.get("audio_end_ms")), e["item_id"])
+        for e in engine.sent
+        if e["type"].startswith("input_audio_buffer.speech_")
+    ]
+    assert [e[:2] for e in events] == [
+        ("speech_started", 0),
+        ("speech_stopped", 100),
+        ("speech_started", 300),
+    ]
+    assert events[0][2] == events[1][2] != events[2][2]
+
+
 async def test_a_caller_who_spoke_then_only_types_gets_our_goodbye_before_the_engine_cuts(
     vowel: VowelSimulator, app: Sideband
 ) -> None:
@@ -1799,6 +1858,7 @@ async def test_a_caller_who_spoke_then_only_types_gets_our_goodbye_before_the_en
     vowel.max_idle_duration, vowel.claim_limits = 3.0, True  # the token claims 3 s: ours fires at 2.7 s
     async with EngineSession.open(settings_for(vowel), app) as session:
         await session.send_audio(speech(100))
+        await session.send_audio(bytes(24000))  # then half a second of silence: the engine hears it end
         machine = session.runtime.machine
         closed = asyncio.ensure_future(session.wait_closed(10))
         while not closed.done():  # a turn of text every 200 ms, until the end
@@ -1812,27 +1872,26 @@ async def test_a_caller_who_spoke_then_only_types_gets_our_goodbye_before_the_en
 
 
 async def test_a_noisy_line_keeps_no_goodbye_from_coming_before_the_engines_idle_cut(
-    vowel: VowelSimulator, app: Sideband, monkeypatch: pytest.MonkeyPatch
+    vowel: VowelSimulator, app: Sideband
 ) -> None:
     """The engine starts its idle clock at each start of speech its own detection finds, and says so
     (``speech_started``); a noisy line is no speech to it, however loud. Ours for its limit runs from its
     reports, so the goodbye comes before its cut while the noise streams on."""
-    # The engine's detector: speech only where the test reports it (the street behind the caller is none).
-    monkeypatch.setattr("sideband.testing.vowel._speech", lambda chunk: False)
+    words = speech(100)
+    vowel.detects_speech = lambda chunk: chunk == words  # the street behind the caller is no speech
     vowel.max_idle_duration, vowel.claim_limits = 3.0, True  # the token claims 3 s: ours fires at 2.7 s
     async with EngineSession.open(settings_for(vowel), app) as session:
         engine = await vowel.wait_session()
-        await session.send_audio(speech(100))
-        await vowel.wait_for(lambda v: bool(engine.audio_chunks), what="the speech")
-        engine.last_speech = vowel.now()  # the engine finds speech starting: its clock starts, and it says so
-        await vowel.send(engine, {"type": "input_audio_buffer.speech_started", "item_id": "item_1"})
-        await vowel.send(engine, {"type": "input_audio_buffer.speech_stopped", "item_id": "item_1"})
+        await session.send_audio(words)
+        await vowel.wait_for(lambda v: bool(engine.sent_of_type("input_audio_buffer.speech_started")))
         closed = asyncio.ensure_future(session.wait_closed(10))
         while not closed.done():  # the caller says no more; loud noise every 50 ms, until the end
             with contextlib.suppress(EngineError):
                 await session.send_audio(speech(100, amplitude=3000))
             await asyncio.wait({closed}, timeout=0.05)
         assert await closed == "idle_timeout"
+    assert len(engine.sent_of_type("input_audio_buffer.speech_started")) == 1
+    assert engine.sent_of_type("input_audio_buffer.speech_stopped")  # the noise ended the speech for it
     assert engine.end_reason != "max_idle_duration_exceeded" and engine.responses[-1].instructions
 
 

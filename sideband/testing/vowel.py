@@ -221,6 +221,8 @@ class EngineSessionRecord:
     audio_chunks: list[int] = field(default_factory=list)
     """Decoded size in bytes of each accepted ``input_audio_buffer.append``."""
     audio: bytearray = field(default_factory=bytearray)
+    speaking: bool = False
+    """The engine's detector hears the caller speak: ``speech_started`` sent, ``speech_stopped`` not yet."""
     outputs: dict[str, list[str]] = field(default_factory=dict)
     """``function_call_output`` items by ``call_id`` (a list: duplicates show)."""
     responses: list[SimResponse] = field(default_factory=list)
@@ -230,6 +232,7 @@ class EngineSessionRecord:
     closed_by: Literal["engine", "client"] | None = None
     end_reason: str | None = None
     last_speech: float | None = None
+    """When the engine's detector last found speech starting (simulator clock): its idle clock's start."""
     _turn_text: str | None = None
     _turn_calls: dict[str, str] = field(default_factory=dict)  # call_id → tool name, this turn
     _turn_issued: bool = False
@@ -241,6 +244,8 @@ class EngineSessionRecord:
     _active_response: SimResponse | None = None
     _ending: bool = False
     _closed: asyncio.Event = field(default_factory=asyncio.Event)
+    _speech_item: str = ""  # the item_id of the speech under way
+    _speech_end: int = 0  # bytes of audio streamed when the last chunk of speech ended
 
     @property
     def closed(self) -> bool:
@@ -294,9 +299,9 @@ class VowelSimulator:
 
     Keys: ``api_key`` carries ``mint_trusted_session``; ``browser_key`` only ``mint_ephemeral``;
     :meth:`add_key` adds more. Limits (seconds, on the simulator clock) are checked when a client message
-    arrives, as the engine does; the idle limit counts from the last speech, none until some was detected
-    (streamed silence is none, and neither is user text: the engine counts idle time only after speech
-    was detected, by its turn detection on the audio). A session's limits are its token's claims
+    arrives, as the engine does; the idle limit counts from the last start of speech the engine's detector
+    found, none until it found one (see below: silence, line noise and user text start and restart none).
+    A session's limits are its token's claims
     (``maxCallDurationMs``, ``maxIdleDurationMs``), else ``max_call_duration`` / ``max_idle_duration``
     (the engine's defaults). ``claim_limits=True`` puts those two in the tokens the core mints; the
     engine's own mint always does, as the engine does. ``refuse_handshake`` picks how a bad token (a
@@ -314,6 +319,16 @@ class VowelSimulator:
     sent while one is still due is not answered until the last arrives (and is noted in the session's
     ``notes``), and a ``response.cancel`` sent meanwhile withdraws it; a response cancelled before it
     announced a call leaves nothing due.
+
+    The engine's turn detection runs on the streamed audio (``input_audio_buffer.append``, PCM16 LE mono
+    24 kHz), chunk by chunk: ``detects_speech(chunk)`` says whether a chunk holds speech (by default: a
+    peak above about -36 dBFS, 500 of 32767, which silence and line noise stay below; a test may set its
+    own, e.g. to make loud noise no speech). A chunk of speech after none starts the caller's speech: the
+    idle clock starts again and ``input_audio_buffer.speech_started`` goes out (``audio_start_ms``, the
+    audio streamed before that chunk, and a new ``item_id``). ``silence_duration`` seconds of audio with
+    no speech after it end it: ``input_audio_buffer.speech_stopped`` (``audio_end_ms``, where the speech
+    ended, and the same ``item_id``). Only the start of speech restarts the idle clock, as on the engine:
+    neither its end nor each chunk of speech does. Audio that stops coming ends no speech.
 
     ``event_delay`` paces the engine's events within a response; ``input_delay`` is how long each
     client message takes to reach the engine (in order), while what it already runs goes on: a reply
@@ -342,6 +357,8 @@ class VowelSimulator:
         agent_build_time: float = 0.005,
         token_secret: bytes | None = None,
         refuse_session_update: str | None = None,
+        detects_speech: Callable[[bytes], bool] | None = None,
+        silence_duration: float = 0.5,
     ) -> None:
         self.host = host
         self.api_key = api_key
@@ -362,6 +379,10 @@ class VowelSimulator:
         self.token_secret = token_secret or secrets.token_bytes(32)
         """The key that signs the engine tokens (HMAC-SHA256), as the engine's JWT secret does."""
         self.refuse_session_update = refuse_session_update
+        self.detects_speech: Callable[[bytes], bool] = detects_speech or _speech
+        """Whether a chunk of streamed PCM16 audio holds speech, to the engine's turn detection."""
+        self.silence_duration = silence_duration
+        """Seconds of streamed audio without speech that end the caller's speech (``speech_stopped``)."""
         self.keys: dict[str, set[str]] = {api_key: {TRUSTED_SCOPE}, browser_key: {EPHEMERAL_SCOPE}}
         self.key_providers: dict[str, frozenset[str]] = {}
         """The providers a key may mint for, for the keys :meth:`add_key` limited (others: any)."""
@@ -545,7 +566,8 @@ class VowelSimulator:
 
     async def send(self, session: EngineSessionRecord, event: dict[str, Any]) -> None:
         """Send ``session`` a server event of your own (an ``event_id`` is added): what no script plays,
-        such as the engine's turn detection (``input_audio_buffer.speech_started`` / ``speech_stopped``)."""
+        such as a transcript of the caller's speech. (The engine's ``speech_started`` / ``speech_stopped``
+        come from its turn detection on the streamed audio: see :attr:`detects_speech`.)"""
         await self._send(session, event)
 
     async def wait_session(self, index: int = 0, timeout: float = 5.0) -> EngineSessionRecord:
@@ -1005,9 +1027,31 @@ class VowelSimulator:
             await self._close(session, 1003, "invalid_audio_chunk")
             return
         session.audio_chunks.append(len(chunk))
+        start = len(session.audio)
         session.audio.extend(chunk)
-        if _speech(chunk):  # idle time counts from the last speech: silence and line noise are none
-            session.last_speech = self.now()
+        if self.detects_speech(chunk):
+            session._speech_end = len(session.audio)
+            if not session.speaking:  # speech starting: the engine's idle clock starts (nothing else does)
+                session.speaking, session.last_speech = True, self.now()
+                session._speech_item = self._id("item_")
+                await self._send(
+                    session,
+                    {
+                        "type": "input_audio_buffer.speech_started",
+                        "audio_start_ms": _ms(start),
+                        "item_id": session._speech_item,
+                    },
+                )
+        elif session.speaking and len(session.audio) - session._speech_end >= self.silence_duration * 48000:
+            session.speaking = False
+            await self._send(
+                session,
+                {
+                    "type": "input_audio_buffer.speech_stopped",
+                    "audio_end_ms": _ms(session._speech_end),
+                    "item_id": session._speech_item,
+                },
+            )
 
     # ------------------------------------------------------------------------------ responses
     async def _start_response(
@@ -1207,6 +1251,11 @@ class VowelSimulator:
         elif status == "cancelled":
             body["status_details"] = {"type": "cancelled", "reason": "turn_detected"}
         await self._send(session, {"type": "response.done", "response": body})
+
+
+def _ms(size: int) -> int:
+    """Milliseconds of PCM16 mono 24 kHz audio in ``size`` bytes (48 a millisecond)."""
+    return size // 48
 
 
 def _speech(pcm16: bytes) -> bool:
