@@ -1091,6 +1091,9 @@ def _parse_google(doc: str | None) -> tuple[str, dict[str, str]]:
 
 # Keywords whose value is data, not a schema: never rewritten.
 _DATA_KEYS: Final = frozenset({"default", "examples", "example", "const", "enum"})
+# Data keywords that only inform the model: one holding a NaN or an infinity (which JSON cannot carry) is
+# left out rather than sent as invalid JSON or as a null the type refuses.
+_SAMPLE_KEYS: Final = frozenset({"default", "examples", "example"})
 # Keywords whose value maps names to schemas: the names are kept even if one is called "title".
 _NAMED_SCHEMAS_KEYS: Final = frozenset({"properties", "$defs", "definitions", "patternProperties"})
 _DEFS_PREFIX: Final = "#/$defs/"
@@ -1153,8 +1156,9 @@ def _inline_member(key: str, value: Any, defs: dict[str, Any], stack: tuple[str,
 
 
 def _strip(node: Any, *, names: bool) -> Any:
-    """Drop ``title`` and ``discriminator`` keywords (the latter is OpenAPI, and its refs may be gone);
-    a ``const`` without ``enum`` (a one-value ``Literal``) is declared as a one-item ``enum``, the form
+    """Drop ``title`` and ``discriminator`` keywords (the latter is OpenAPI, and its refs may be gone),
+    and a ``default`` or ``examples`` holding a NaN or an infinity (``max_price: float = math.inf``); a
+    ``const`` without ``enum`` (a one-value ``Literal``) is declared as a one-item ``enum``, the form
     models are best at keeping to; an array without ``items`` (a fixed-length tuple, a ``NamedTuple``:
     ``prefixItems`` only, which OpenAI refuses) is given one (:func:`_tuple_items`)."""
     if isinstance(node, list):
@@ -1170,7 +1174,8 @@ def _strip(node: Any, *, names: bool) -> Any:
         if k == "const" and "enum" not in node:
             out["enum"] = [v]
         elif k in _DATA_KEYS:
-            out[k] = v
+            if k not in _SAMPLE_KEYS or _finite(v):
+                out[k] = v
         elif k in _NAMED_SCHEMAS_KEYS and isinstance(v, dict):
             out[k] = _strip(v, names=True)
         else:
@@ -1178,6 +1183,17 @@ def _strip(node: Any, *, names: bool) -> Any:
     if out.get("type") == "array" and "items" not in out:
         out["items"] = _tuple_items(out.get("prefixItems"))
     return out
+
+
+def _finite(value: Any) -> bool:
+    """Whether ``value`` holds no NaN or infinite float, at any depth."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def _tuple_items(prefix: Any) -> Any:

@@ -9,6 +9,7 @@ import enum
 import functools
 import inspect
 import json
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -386,6 +387,30 @@ def test_a_method_decorated_in_its_class_body_is_refused_and_a_bound_one_is_take
     given = registry.add(functools.partial(Counter.find, self=Counter()), name="find_given")
     assert given.parameters["properties"] == {"order_id": {"type": "string"}}
     assert given.parse_arguments('{"order_id": "A1"}') == {"order_id": "A1"}
+
+
+def test_a_non_finite_default_or_example_is_left_out_of_the_schema() -> None:
+    """JSON has no NaN or infinity: such a default would be written as invalid JSON (``Infinity``) or as
+    a null the number type refuses, so it is left out; the parameter keeps its default all the same."""
+
+    def find_flights(
+        max_price: float = math.inf,
+        min_price: float = -math.inf,
+        ratio: float = math.nan,
+        stops: Annotated[int, Field(examples=[1, 2])] = 0,
+        budget: float = Field(100.0, examples=[50.0, math.inf]),
+    ) -> str:
+        return "none"
+
+    tool = Tool.from_function(find_flights)
+    props = tool.parameters["properties"]
+    for name in ("max_price", "min_price", "ratio"):
+        assert "default" not in props[name], props[name]
+    assert props["max_price"]["type"] == "number"
+    assert props["stops"] == {"type": "integer", "default": 0, "examples": [1, 2]}
+    assert props["budget"] == {"type": "number", "default": 100.0}
+    assert json.loads(json.dumps(tool.definition(), allow_nan=False)) == tool.definition()
+    assert tool.parse_arguments("{}")["max_price"] == math.inf
 
 
 def test_a_none_default_takes_the_null_it_advertises() -> None:

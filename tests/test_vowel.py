@@ -21,6 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -289,6 +291,39 @@ async def test_every_expiry_form_is_understood(vowel: VowelSimulator, style: Any
         assert token.expires_in() == pytest.approx(300, abs=2)
     else:
         assert token.expires_at == pytest.approx(expected, abs=1.0)
+
+
+async def test_the_mint_body_is_strict_json(app: Sideband) -> None:
+    """JSON has no NaN or infinity: a float the body holds (a hand-written tool schema's default, say)
+    goes out as null, never as ``Infinity``, which the core's parser would refuse."""
+    seen: list[tuple[str, bytes]] = []
+
+    async def mint(request: web.Request) -> web.Response:
+        seen.append((request.content_type, await request.read()))
+        return web.json_response({"token": "ek_1", "expiresAt": 4102444800})
+
+    server = web.Application()
+    server.router.add_post("/v1/realtime/sessions", mint)
+    price = {"type": "number", "default": math.inf, "examples": [math.nan, -math.inf]}
+    tools = [
+        {"name": "find", "description": "", "parameters": {"type": "object", "properties": {"p": price}}}
+    ]
+    body = trusted_session_request(service_id="s", provider="vowel-prime", tools=tools)
+    async with TestServer(server, host="127.0.0.1") as srv, aiohttp.ClientSession() as http:
+        token = await VowelCore(http, str(srv.make_url("")), "vkey").mint(body)
+    assert token.value == "ek_1"
+    [(content_type, raw)] = seen
+    assert content_type == "application/json"
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"not JSON: {name}")
+
+    sent = json.loads(raw, parse_constant=refuse)
+    assert sent["config"]["serverTools"][0]["parameters"]["properties"]["p"] == {
+        "type": "number",
+        "default": None,
+        "examples": [None, None],
+    }
 
 
 def test_mint_answer_parsing_vectors() -> None:

@@ -288,7 +288,7 @@ class VowelCore:
     ) -> None:
         self._http = http
         self._url = core_url.rstrip("/") + "/v1/realtime/sessions"
-        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self._via, auth = proxy_route(proxy, self._url)
         self._headers.update(auth)
 
@@ -299,14 +299,15 @@ class VowelCore:
         tries again when the error is :attr:`~UpstreamError.retryable`). Raises :class:`MintRefused` on
         401/403, :class:`MintFailed` on another error status, and :class:`UpstreamError` when the core
         could not be reached, did not answer within ``timeout`` seconds (both retryable) or answered no
-        token (not retryable)."""
+        token (not retryable). The body goes out as strict JSON (a NaN or an infinity as ``null``)."""
+        data = jsonio.dumps(dict(body))  # always valid JSON (a NaN or an infinity is written as null)
         try:
             async with (
                 asyncio.timeout(timeout),
                 # (a redirect is not followed: it would repeat the POST as a GET, the API key with it)
                 self._http.post(
                     self._url,
-                    json=dict(body),
+                    data=data,
                     headers=self._headers,
                     timeout=UNTIMED,
                     allow_redirects=False,
