@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -647,10 +648,16 @@ def _encode(value: Any) -> str:
     try:
         return to_json(value, inf_nan_mode="null").decode()
     except Exception as exc:  # a type JSON has no form for, non-UTF-8 bytes, a cycle, half an emoji…
-        try:  # (a text cut inside a surrogate pair: written with U+FFFD in its place)
-            return jsonio.dumps(to_jsonable_python(value, inf_nan_mode="null")).decode()
-        except Exception:
-            raise _Unencodable from exc
+        # A text cut inside a surrogate pair is written with U+FFFD in its place; pydantic cannot take a
+        # dict key holding one, so plain data goes without it.
+        for fallback in (_jsonable, jsonio.dumps):
+            with contextlib.suppress(Exception):
+                return fallback(value).decode()
+        raise _Unencodable from exc
+
+
+def _jsonable(value: Any) -> bytes:
+    return jsonio.dumps(to_jsonable_python(value, inf_nan_mode="null"))
 
 
 def _call_encoded(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:

@@ -983,6 +983,26 @@ async def test_unserializable_return_is_an_error() -> None:
     assert res.error == "output not encodable: PydanticSerializationError"
 
 
+async def test_a_returned_key_holding_half_an_emoji_is_written_with_a_replacement_character() -> None:
+    """A dict key cut inside a surrogate pair (a name from a UTF-16 source) is written with U+FFFD in
+    place of the half, as such a value is, not refused as ``output_unencodable``."""
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def names() -> dict[str, Any]:
+        return {"caf\ud83d": 1, "ok": ["\udc4d", float("inf")], "when": dt.date(2025, 1, 2)}
+
+    @reg.tool
+    def sync_names() -> dict[str, Any]:
+        return {"caf\ud83d": {"x\udc4d": 2}}
+
+    res = await reg.execute("c", "names", "", make_ctx())
+    assert res.outcome == "ok", res
+    assert loads(res) == {"caf\ufffd": 1, "ok": ["\ufffd", None], "when": "2025-01-02"}
+    res = await reg.execute("c", "sync_names", "", make_ctx())
+    assert (res.outcome, loads(res)) == ("ok", {"caf\ufffd": {"x\ufffd": 2}})
+
+
 async def test_async_timeout() -> None:
     reg = ToolRegistry(default_timeout=5)
     started = asyncio.Event()
