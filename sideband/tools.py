@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import itertools
 import json
 import math
 import re
@@ -554,6 +555,10 @@ class ToolRegistry:
                 )
         except _Unencodable as exc:
             return _unencodable(call_id, name, exc.__cause__ or exc, start)
+        except _TooLarge:
+            message = _TOO_LARGE.format(f"over {MAX_OUTPUT}")
+            detail = f"lazy output of {_MAX_ITEMS} items or more, over {MAX_OUTPUT} characters"
+            return _error(call_id, name, start, "output_too_large", message, detail=detail)
         except asyncio.CancelledError as exc:
             if not own_cancellation(exc, baseline):
                 raise  # the call is ending (or an outer timeout fired): not the tool's doing
@@ -637,14 +642,26 @@ class _Unencodable(Exception):
     """The tool's return value could not be turned into an output (the cause is chained)."""
 
 
+class _TooLarge(Exception):
+    """The tool returned a lazy result (a generator) of more items than the output could hold."""
+
+
+_MAX_ITEMS: Final = MAX_OUTPUT // 2
+"""Items of a lazy result read at most: JSON of that many (each a character or more, a comma between
+them, in brackets) is over :data:`MAX_OUTPUT` characters."""
+
+
 def _encode(value: Any) -> str:
     if isinstance(value, str):
         return value
     if value is None:
         return _OK_OUTPUT
     if isinstance(value, Iterator | KeysView | ValuesView | ItemsView | range):
-        # map(...), a generator (the tool's own code runs, and may raise, here), d.values(), range(…)
-        value = list(value)
+        # map(...), a generator (the tool's own code runs, and may raise, here), d.values(), range(…):
+        # read no further than the output could fit (an endless one would hold its thread, or the loop)
+        value = list(itertools.islice(value, _MAX_ITEMS))
+        if len(value) == _MAX_ITEMS:
+            raise _TooLarge
     try:
         return to_json(value, inf_nan_mode="null").decode()
     except Exception as exc:  # a type JSON has no form for, non-UTF-8 bytes, a cycle, half an emoji…

@@ -8,6 +8,7 @@ import datetime as dt
 import enum
 import functools
 import inspect
+import itertools
 import json
 import math
 import threading
@@ -1548,6 +1549,38 @@ async def test_an_async_tools_lazy_result_is_read_under_its_timeout_and_timed() 
     res = await reg.execute("c", "rows", "{}", make_ctx(), on_blocked=lambda s, n: blocked.append((s, n)))
     assert (res.outcome, loads(res)["error"]) == ("timeout", "timeout")
     assert len(blocked) == 1 and blocked[0][0] >= 0.45
+
+
+async def test_an_endless_lazy_result_is_read_only_as_far_as_the_output_could_fit() -> None:
+    """A lazy result is read no further than the output could hold: an endless one (a cursor that never
+    ends, ``itertools.count()``) is ``output_too_large``, not a thread (or the event loop) held for good."""
+    reg = ToolRegistry()
+    pulled: list[int] = []
+
+    def numbers() -> Any:
+        for i in itertools.count():
+            pulled.append(i)
+            yield i
+
+    @reg.tool(timeout=60)
+    def sync_endless() -> Any:
+        return numbers()
+
+    @reg.tool(timeout=60)
+    async def endless() -> Any:
+        return map(str, itertools.count())
+
+    @reg.tool
+    def fits() -> Any:
+        return itertools.repeat(0, MAX_OUTPUT // 2 - 1)  # "[0,0,…]": 1 character short of the bound
+
+    for name in ("sync_endless", "endless"):
+        res = await asyncio.wait_for(reg.execute("c", name, "{}", make_ctx()), 30)
+        assert (res.outcome, loads(res)["error"]) == ("error", "output_too_large"), name
+        assert f"over {MAX_OUTPUT} characters" in loads(res)["message"]
+    assert len(pulled) <= MAX_OUTPUT // 2
+    res = await reg.execute("c", "fits", "{}", make_ctx())
+    assert res.outcome == "ok" and len(loads(res)) == MAX_OUTPUT // 2 - 1
 
 
 async def test_a_validator_raising_system_exit_is_the_tools_failure_not_the_servers() -> None:
