@@ -1699,6 +1699,119 @@ async def test_a_tool_turning_its_own_timeout_into_an_error_still_times_out() ->
     assert result.outcome == "timeout", result
 
 
+class CloseFailed(Exception):
+    """A client's close failing in a tool's cleanup."""
+
+
+async def test_a_cancellation_at_the_timeout_that_the_tools_cleanup_turns_into_an_error_is_a_timeout() -> (
+    None
+):
+    """Cancelled at its timeout, a tool whose cleanup raises (a connection's close failing, at once or
+    after an await) or that words the cancellation its own way still timed out: not ``tool_failed``."""
+    registry = ToolRegistry()
+
+    @registry.tool(timeout=0.1)
+    async def closing_fails() -> str:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            raise CloseFailed
+        return "never"
+
+    @registry.tool(timeout=0.1)
+    async def closing_fails_later() -> str:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0)
+            raise CloseFailed
+        return "never"
+
+    @registry.tool(timeout=0.1)
+    async def words_it() -> str:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise CloseFailed from None
+        return "never"
+
+    for name in ("closing_fails", "closing_fails_later", "words_it"):
+        result = await asyncio.wait_for(registry.execute("c1", name, "{}", make_ctx()), 5)
+        assert (result.outcome, loads(result)["error"]) == ("timeout", "timeout"), (name, result)
+        assert result.exception is None
+
+
+async def test_a_tool_that_swallows_its_timeout_and_waits_on_is_answered_at_its_timeout() -> None:
+    """A retry loop with a bare ``except`` swallows the timeout's cancellation and tries again: the
+    timeout output comes at the timeout all the same, not when the loop gives up, and the tool runs
+    on to its end in a task of its own (what it returns no longer counts)."""
+    registry = ToolRegistry()
+    attempts: list[int] = []
+    release = asyncio.Event()
+    ended: list[str] = []
+
+    @registry.tool(timeout=0.1)
+    async def fetch_with_retry(ctx: CallContext) -> str:
+        try:
+            for attempt in range(3):
+                attempts.append(attempt)
+                try:
+                    await release.wait() if attempt else await asyncio.sleep(3600)
+                    return "data"
+                except BaseException:  # (the bug: it eats the cancellation)
+                    continue
+            return "gave up"
+        finally:
+            try:
+                ctx.hangup()
+                ended.append("acted")
+            except RuntimeError:
+                ended.append("refused")
+
+    task = asyncio.ensure_future(registry.execute("c1", "fetch_with_retry", "{}", make_ctx()))
+    try:
+        await asyncio.wait([task], timeout=5)
+        assert task.done(), "no answer at the timeout: the model hears silence"
+        assert attempts == [0, 1] and ended == []  # answered while it still runs
+    finally:
+        release.set()
+    result = task.result()
+    assert (result.outcome, loads(result)["error"]) == ("timeout", "timeout")
+    (stray,) = registry._strays
+    assert stray.get_name() == "tool:c1 (timed out)"
+    await asyncio.wait_for(stray, 5)
+    assert ended == ["refused"]  # its run timed out: the call's actions are no longer its own
+    assert not registry._strays
+
+
+async def test_a_tool_run_on_past_its_timeout_goes_to_the_task_spawner_given() -> None:
+    """``spawn`` runs what is left of a tool that overran (a call's own task set, which awaits it at the
+    call's end); the model's answer does not wait for its cleanup."""
+    registry = ToolRegistry()
+    cleaning, cleaned = asyncio.Event(), asyncio.Event()
+    spawned: list[tuple[asyncio.Task[None], str]] = []
+
+    @registry.tool(timeout=0.1)
+    async def lookup() -> str:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cleaning.set()
+            await asyncio.sleep(0.05)  # a connection's orderly close
+            cleaned.set()
+        return "never"
+
+    def spawn(coro: Any, name: str) -> None:
+        spawned.append((asyncio.ensure_future(coro), name))
+
+    result = await asyncio.wait_for(registry.execute("c9", "lookup", "{}", make_ctx(), spawn=spawn), 5)
+    assert result.outcome == "timeout" and cleaning.is_set() and not cleaned.is_set()
+    [(task, name)] = spawned
+    assert name == "tool:c9 (timed out)" and not registry._strays
+    await asyncio.wait_for(task, 5)
+    assert cleaned.is_set() and task.result() is None
+
+
 # -- what a tool is read from ---------------------------------------------------------------------------
 
 
