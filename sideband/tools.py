@@ -265,11 +265,12 @@ class ToolRegistry:
     :meth:`subset` registries: up to ``max_threads`` worker threads (default 32), started on demand. It is
     never the event loop's default executor, so sync tools that hang past their timeout (their thread cannot
     be stopped and runs on) cannot starve ``loop.getaddrinfo`` or other users of that executor; at worst they
-    hold up other sync tools once all ``max_threads`` threads are stuck. A given ``executor`` is used as is
+    hold up other sync tools once all ``max_threads`` threads are stuck (a sync tool that times out
+    without having started says so in its result's ``error``). A given ``executor`` is used as is
     (``max_threads`` is then ignored).
     """
 
-    __slots__ = ("_default_filler_after", "_default_timeout", "_executor", "_strays", "_tools")
+    __slots__ = ("_default_filler_after", "_default_timeout", "_executor", "_overruns", "_strays", "_tools")
 
     def __init__(
         self,
@@ -302,7 +303,9 @@ class ToolRegistry:
             else executor
         )
         self._tools: dict[str, Tool] = {}
-        # The tasks running on the async tools that overran (when no call took them): shared with subsets.
+        # Sync tools' jobs still running past their timeout (their threads are not free), and the tasks
+        # running on the async tools that overran (when no call took them): shared with subsets.
+        self._overruns: set[concurrent.futures.Future[Any]] = set()
         self._strays: set[asyncio.Task[None]] = set()
 
     # -- registration ---------------------------------------------------------------------------------
@@ -475,7 +478,7 @@ class ToolRegistry:
             default_filler_after=self._default_filler_after,
             executor=self._executor,
         )
-        sub._strays = self._strays
+        sub._overruns, sub._strays = self._overruns, self._strays
         for t in self._select(names):
             sub._add_tool(t)
         return sub
@@ -546,6 +549,7 @@ class ToolRegistry:
             view = kwargs[tool.context_param] = ctx.for_run()
 
         deadline = asyncio.timeout(limit)
+        job: concurrent.futures.Future[Any] | None = None
         run: _Deadlined[_Encoded] | None = None
         try:
             async with deadline:
@@ -557,8 +561,8 @@ class ToolRegistry:
                 else:
                     # Encoded in the thread too: a lazy iterator returned (``map(...)``) runs the tool's
                     # code while it is turned into JSON, and that must not happen on the event loop.
-                    run_in = in_thread(_call_encoded, tool.fn, kwargs)
-                    value = await asyncio.get_running_loop().run_in_executor(self._executor, run_in)
+                    job = self._executor.submit(in_thread(_call_encoded, tool.fn, kwargs))
+                    value = await asyncio.wrap_future(job)
                     if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
                         run = _Deadlined(then(value, _encoded), on_blocked, deadline)
                         value = await run
@@ -584,6 +588,8 @@ class ToolRegistry:
                 )
         except BaseException as exc:  # SystemExit from argparse in a tool is the tool's
             # failure, not the process's: it must neither stop the server nor leave the model unanswered.
+            why = self._never_started(job, limit) if deadline.expired() else None
+            job = None  # (it holds what the tool raised, whose traceback holds this frame: no cycle)
             if running is not None and running.cancelling() > baseline:
                 if isinstance(exc, asyncio.CancelledError):
                     raise  # the call is ending (or an outer timeout fired): not the tool's doing
@@ -593,7 +599,7 @@ class ToolRegistry:
             if deadline.expired():
                 # Whatever its code made of the cancellation (a TimeoutError of its own, a cleanup that
                 # failed in turn), the tool overran.
-                return _timed_out(call_id, name, limit, start, view)
+                return _timed_out(call_id, name, limit, start, view, detail=why)
             if isinstance(exc, _Unencodable):
                 return _unencodable(call_id, name, exc.__cause__ or exc, start)
             if isinstance(exc, _TooLarge):
@@ -602,6 +608,25 @@ class ToolRegistry:
                 return _error(call_id, name, start, "output_too_large", message, detail=detail)
             return _failed(call_id, name, exc, start)  # (a CancelledError too: raised by its own code)
         return ToolResult(call_id, name, output, "ok", time.monotonic() - start)
+
+    def _never_started(self, job: concurrent.futures.Future[Any] | None, limit: float) -> str | None:
+        """Why a sync tool that timed out never ran (no thread of the pool was free), for the logs; and a
+        sync tool that runs on past its timeout is counted as holding a thread. ``None`` for an async
+        tool, or a sync tool that started."""
+        if job is None:
+            return None
+        for done in [f for f in self._overruns if f.done()]:
+            self._overruns.discard(done)
+        if not job.cancelled():
+            if not job.done():
+                self._overruns.add(job)  # its thread runs on: one fewer for the next sync tools
+            return None
+        size = getattr(self._executor, "_max_workers", None)  # (a ThreadPoolExecutor's)
+        pool = f"the tool pool ({size} in all)" if isinstance(size, int) else "the tool pool"
+        return (
+            f"timed out after {limit:g} s without starting: no thread of {pool} was free, "
+            f"{len(self._overruns)} held by sync tools that timed out and run on"
+        )
 
     def _run_on(
         self, rest: _Rest, name: str, spawn: Callable[[Coroutine[Any, Any, None], str], object] | None

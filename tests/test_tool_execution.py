@@ -309,6 +309,42 @@ async def test_hung_sync_tools_do_not_starve_the_default_executor() -> None:
         default.shutdown(wait=True)
 
 
+async def test_a_sync_tool_that_never_got_a_thread_says_why_it_timed_out() -> None:
+    """Sync tools hung past their timeout hold their threads: once none is free, the next sync tools
+    time out without ever running, and their result (logged as ``tool.finished``) says so."""
+    release = threading.Event()
+    reg = ToolRegistry(default_timeout=0.2, max_threads=2)
+    ran: list[str] = []
+
+    @reg.tool
+    def legacy_lookup() -> str:
+        release.wait(10)  # a blocking client with no timeout of its own
+        return "late"
+
+    @reg.tool
+    def trivial() -> str:
+        ran.append("trivial")
+        return "ok"
+
+    try:
+        hung = [reg.execute(f"a{i}", "legacy_lookup", "{}", CallContext("call_A")) for i in range(2)]
+        assert [r.error for r in await asyncio.wait_for(asyncio.gather(*hung), 5)] == [
+            "timed out after 0.2 s"
+        ] * 2
+        res = await asyncio.wait_for(
+            reg.subset(["trivial"]).execute("b1", "trivial", "{}", CallContext("B")), 5
+        )
+        assert res.outcome == "timeout" and ran == []
+        assert res.error == (
+            "timed out after 0.2 s without starting: no thread of the tool pool (2 in all) was free, "
+            "2 held by sync tools that timed out and run on"
+        )
+    finally:
+        release.set()
+    res = await asyncio.wait_for(reg.execute("b2", "trivial", "{}", CallContext("call_B")), 5)
+    assert (res.outcome, ran) == ("ok", ["trivial"])
+
+
 # -- a tool run that timed out no longer acts on the call ------------------------------------------------
 
 
