@@ -293,6 +293,17 @@ async def test_every_expiry_form_is_understood(vowel: VowelSimulator, style: Any
         assert token.expires_at == pytest.approx(expected, abs=1.0)
 
 
+async def test_the_simulated_core_refuses_a_mint_body_that_is_not_json(vowel: VowelSimulator) -> None:
+    """The core parses as ``JSON.parse`` does: ``NaN`` or ``Infinity`` in a body is no JSON, refused."""
+    body = b'{"connectionType": "trusted_server", "config": {"serviceId": "s", "x": NaN}}'
+    headers = {"Authorization": f"Bearer {vowel.api_key}", "Content-Type": "application/json"}
+    url = f"{vowel.core_url}/v1/realtime/sessions"
+    async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as answer:
+        assert answer.status == 400
+        assert await answer.json() == {"message": "Request body must be a JSON object"}
+    assert [record.body for record in vowel.mints] == [None]
+
+
 async def test_the_mint_body_is_strict_json(app: Sideband) -> None:
     """JSON has no NaN or infinity: a float the body holds (a hand-written tool schema's default, say)
     goes out as null, never as ``Infinity``, which the core's parser would refuse."""

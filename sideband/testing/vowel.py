@@ -266,6 +266,15 @@ class EngineSessionRecord:
             await self._closed.wait()
 
 
+def _engine_json(text: str) -> Any:
+    """``text`` parsed as the engine (``JSON.parse``) parses it: ``NaN`` and ``Infinity`` are no JSON."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -675,7 +684,7 @@ class VowelSimulator:
     async def _handle_core_mint(self, request: web.Request) -> web.StreamResponse:
         key = self._bearer(request)
         try:
-            body: Any = await request.json()
+            body: Any = _engine_json(await request.text())
         except ValueError:
             body = None
         record = MintRecord("core", key, body, 0)
@@ -741,7 +750,7 @@ class VowelSimulator:
     async def _handle_engine_mint(self, request: web.Request) -> web.StreamResponse:
         key = self._bearer(request)
         try:
-            body: Any = await request.json()
+            body: Any = _engine_json(await request.text())
         except ValueError:
             body = None
         record = MintRecord("engine", key, body, 0)
@@ -854,7 +863,7 @@ class VowelSimulator:
 
     async def _on_message(self, session: EngineSessionRecord, data: str) -> None:
         try:
-            event = json.loads(data)
+            event = _engine_json(data)
         except ValueError:
             await self._error(
                 session, "invalid_request_error", "invalid_json", "The message is not valid JSON."
