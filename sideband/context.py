@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -135,18 +135,30 @@ class _Overrun:
         self._refuse()
 
 
-class _Done:
-    """An awaitable that is already done: what ``hangup``/``transfer`` return (they act as they are
-    called)."""
+class _Done(Coroutine[Any, Any, None]):
+    """A coroutine that is already done: what ``hangup``/``transfer`` return (they act as they are
+    called). Awaited, or handed to ``asyncio.create_task``/``run_coroutine_threadsafe``, it finishes at
+    once; left alone, it is no coroutine never awaited (no warning)."""
 
     __slots__ = ()
+
+    def send(self, value: Any) -> Any:
+        """Finish at once (``StopIteration``), as a coroutine with nothing to wait for does."""
+        raise StopIteration
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None, /) -> Any:
+        """Raise what is thrown in: there is nothing under way to catch it."""
+        return super().throw(typ, val, tb)
+
+    def close(self) -> None:
+        """Nothing to close."""
 
     def __await__(self) -> Generator[Any, None, None]:
         return
         yield  # a generator that finishes at once
 
 
-_DONE: Awaitable[None] = _Done()
+_DONE: Coroutine[Any, Any, None] = _Done()
 
 
 @dataclass(init=False, slots=True)
@@ -237,7 +249,7 @@ class CallContext:
                 return h.value
         return None
 
-    def hangup(self, reason: str = "hangup") -> Awaitable[None]:
+    def hangup(self, reason: str = "hangup") -> Coroutine[Any, Any, None]:
         """End the call once in-flight tool outputs and the model's last words are out.
 
         ``reason`` is the call's end reason (``CallSummary.reason``, ``call.ended``); ``/metrics`` counts
@@ -245,6 +257,7 @@ class CallContext:
 
         The end is asked for as this is called, from an ``async def`` tool or hook (``await
         ctx.hangup()``; without the ``await`` it is asked for all the same) or from a sync one's thread.
+        What it returns is a coroutine already done: ``asyncio.create_task(ctx.hangup())`` takes it too.
 
         Raises ``TypeError`` for a ``reason`` that is not a string and ``ValueError`` for a blank one,
         asking for nothing.
@@ -256,7 +269,7 @@ class CallContext:
         self._act(lambda: self._actions.hangup(reason))
         return _DONE
 
-    def transfer(self, target: str) -> Awaitable[None]:
+    def transfer(self, target: str) -> Coroutine[Any, Any, None]:
         """Transfer (SIP REFER) to ``target``, which must be in the app's allow-list (else
         :class:`~sideband.TransferNotAllowed`, raised by this call).
 

@@ -90,8 +90,8 @@ def test_an_apps_type_checker_sees_sidebands_types(tmp_path: Path) -> None:
     assert wrong.returncode == 1, wrong.stdout + wrong.stderr
     assert 'Argument "instructions" to "Sideband" has incompatible type "int"' in wrong.stdout
     assert (
-        'Incompatible types in assignment (expression has type "Awaitable[None]", variable has type "int")'
-        in wrong.stdout
+        "Incompatible types in assignment "
+        '(expression has type "Coroutine[Any, Any, None]", variable has type "int")' in wrong.stdout
     )
     assert 'Module "sideband.testing" has no attribute "Simualtor"; maybe "Simulator"?' in wrong.stdout
     assert (

@@ -4,8 +4,10 @@ threads), and sync tools kept off the event loop's default executor."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -179,6 +181,46 @@ async def test_context_actions_from_a_worker_thread_run_on_the_loop() -> None:
     # On the loop the actions are called directly and hangup/transfer are awaited as before.
     await ctx.hangup("again")
     assert seen[-1] == ("hangup", "again", loop_thread)
+
+
+async def test_hangup_and_transfer_can_be_handed_to_create_task_or_another_thread() -> None:
+    """``ctx.transfer()``/``ctx.hangup()`` act as they are called, and what they return is a coroutine
+    already done: ``asyncio.create_task`` and ``run_coroutine_threadsafe`` take it (the tool does not fail
+    after its action was asked for), and one left alone warns of nothing."""
+    seen: list[tuple[str, str]] = []
+
+    class Actions:
+        def hangup(self, reason: str = "hangup") -> None:
+            seen.append(("hangup", reason))
+
+        def transfer(self, target: str) -> None:
+            seen.append(("transfer", target))
+
+    ctx = CallContext("call_1", actions=Actions())
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def hand_over(ctx: CallContext) -> str:
+        await asyncio.create_task(ctx.transfer("human"))
+        await asyncio.gather(ctx.hangup("later"))
+        return "transferring"
+
+    @reg.tool
+    def end_from_thread(ctx: CallContext) -> str:
+        assert ctx.loop is not None
+        asyncio.run_coroutine_threadsafe(ctx.hangup("done"), ctx.loop).result(timeout=5)
+        return "ended"
+
+    for name in ("hand_over", "end_from_thread"):
+        res = await asyncio.wait_for(reg.execute("c1", name, "{}", ctx), 5)
+        assert res.outcome == "ok", res.error
+    assert seen == [("transfer", "human"), ("hangup", "later"), ("hangup", "done")]
+
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        ctx.transfer("human")  # never awaited: no "coroutine … was never awaited"
+        gc.collect()
+    assert seen[-1] == ("transfer", "human") and not warned
 
 
 @pytest.mark.parametrize("action", ["transfer", "hangup", "say"])
