@@ -3,8 +3,11 @@ webhook says it was handled, and an accept that may have gone through is attache
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -396,3 +399,164 @@ async def test_an_error_body_nested_too_deeply_is_an_upstream_error() -> None:
             await connect_sideband(sideband_url(base), "rtc_1", "sk-test")
     assert accept.value.status == 429 and accept.value.retryable  # (a rate limit, not a spent quota)
     assert attach.value.status == 403 and "check OPENAI_API_KEY" in str(attach.value)
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(
+    answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A server on the loopback that runs ``answer`` on each connection; yields its port. A connection
+    ``answer`` leaves open (a stall) is closed on the way out."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await answer(reader, writer)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+
+
+def refusal_cut_short(
+    status: int, how: str, requests: list[bytes] | None = None
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """An answer with an error ``status`` whose JSON body stops after a few bytes: the connection then
+    closes (``how="cut"``) or stays silent (``"stalled"``). Records each request's head in ``requests``."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if requests is not None:
+            requests.append(head)
+        writer.write(
+            f"HTTP/1.1 {status} Refused\r\nContent-Type: application/json\r\nRetry-After: 1\r\n".encode()
+            + b'Content-Length: 200\r\n\r\n{"error": {"message": "overloa'
+        )
+        await writer.drain()
+        if how == "stalled":
+            await reader.read()  # (until the client gives up and closes)
+        writer.close()
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("how", "timeout"),
+    [("cut", 2.0), ("stalled", 0.3), ("stalled", 5.0)],
+    ids=["body_cut", "body_stalled_past_the_attempt", "body_stalled_past_its_own_wait"],
+)
+@pytest.mark.parametrize("status", [503, 400, 404])
+async def test_an_error_status_is_kept_when_its_body_is_cut_or_stalls(
+    status: int, how: str, timeout: float
+) -> None:
+    """The status line is the answer: an error whose body is then cut short or stalls is that error (a
+    503 did nothing, a 404 is the call gone), never taken for an attempt that went unanswered and may
+    have been carried out. The body is waited for a moment at most; what came of it is kept."""
+    async with raw_upstream(refusal_cut_short(status, how)) as port, aiohttp.ClientSession() as http:
+        control = CallControl(http, f"http://127.0.0.1:{port}/v1", "sk-test")
+        with pytest.raises(UpstreamError) as refused:
+            await control.refer("rtc_1", "tel:+14155550123", timeout=timeout)
+    exc = refused.value
+    assert exc.status == status and isinstance(exc, CallGone) is (status == 404)
+    assert not exc.maybe_carried_out and exc.retryable is (status == 503)
+    assert exc.body == '{"error": {"message": "overloa'
+    assert exc.retry_after == (None if status == 404 else 1.0)  # (the call gone waits for nothing)
+
+
+@pytest.mark.parametrize("cause", ["503_body_cut", "tls_handshake_stalls"])
+async def test_a_refer_failure_that_did_nothing_is_tried_again_though_its_answer_was_incomplete(
+    stack: Stack, cause: str
+) -> None:
+    """A REFER answered 503 whose body is then cut short, or one whose connection never opened (the TLS
+    handshake stalled): nothing reached the carrier, so the REFER is sent again, and the transfer is no
+    uncertain one."""
+    if cause == "503_body_cut":
+        answer = refusal_cut_short(503, "cut")
+        base = "http://127.0.0.1:{port}/v1"
+    else:
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # the TLS client hello, never answered
+
+        base = "https://127.0.0.1:{port}/v1"
+    stack.app.on_incoming(lambda call: Refer("tel:+14155550123"))
+    real_refer = stack.service.control.refer
+    failed: list[UpstreamError] = []
+
+    async with raw_upstream(answer) as port, aiohttp.ClientSession() as http:
+        broken = CallControl(http, base.format(port=port), "sk-test")
+
+        async def refer(call_id: str, target_uri: str, *, timeout: float = 5.0) -> None:
+            if not failed:
+                try:
+                    await broken.refer(call_id, target_uri, timeout=min(timeout, 0.3))
+                except UpstreamError as exc:
+                    failed.append(exc)
+                    raise
+            await real_refer(call_id, target_uri, timeout=timeout)
+
+        stack.service.control.refer = refer  # type: ignore[method-assign]
+        call = stack.sim.create_call(Script([]))
+        with capture_logs() as logs:
+            result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert len(failed) == 1 and failed[0].unsent is (cause == "tls_handshake_stalls")
+    assert _status(result) == (200, "referred") and call.status == "referred"
+    assert _verbs(stack, call.call_id) == ["refer"]  # (the first went to the broken upstream)
+    assert not [e for e in logs if e["event"] == "call.refer_uncertain"]
+    (referred,) = [e for e in logs if e["event"] == "call.referred"]
+    assert referred["uncertain"] is False
+
+
+async def test_an_accept_refused_503_with_its_body_cut_leaves_a_later_refusal_a_refusal(stack: Stack) -> None:
+    """The first accept is answered 503 (its body cut short): it accepted nothing. The retry's 400 is
+    then the accept refused, and the call is rejected, not taken for one an earlier attempt accepted."""
+    real_accept = stack.service.control.accept
+    first: list[UpstreamError] = []
+
+    async with raw_upstream(refusal_cut_short(503, "cut")) as port, aiohttp.ClientSession() as http:
+        broken = CallControl(http, f"http://127.0.0.1:{port}/v1", "sk-test")
+
+        async def accept(call_id: str, session: dict[str, Any], *, timeout: float = 2.0) -> None:
+            if not first:
+                try:
+                    await broken.accept(call_id, session, timeout=timeout)
+                except UpstreamError as exc:
+                    first.append(exc)
+                    raise
+            await real_accept(call_id, session, timeout=timeout)
+
+        stack.service.control.accept = accept  # type: ignore[method-assign]
+        call = stack.sim.create_call(Script([]))
+        stack.sim.fail_accept(call.call_id, 400)
+        with capture_logs() as logs:
+            result = await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
+    assert first[0].status == 503
+    assert _status(result) == (200, "rejected") and call.status == "rejected"
+    assert not [e for e in logs if e["event"] == "call.accept_uncertain"] and call.sideband_connects == 0
+
+
+async def test_a_request_whose_connection_never_opened_was_not_sent() -> None:
+    """An attempt that times out before its request left (the TLS handshake stalls) carried nothing out;
+    one that times out once the request is out may have."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads what comes (a TLS client hello, a request), answers nothing
+
+    async with raw_upstream(silent) as port, aiohttp.ClientSession() as http:
+        failures: dict[str, UpstreamError] = {}
+        for scheme in ("https", "http"):
+            control = CallControl(http, f"{scheme}://127.0.0.1:{port}/v1", "sk-test")
+            with pytest.raises(UpstreamError) as timed_out:
+                await control.refer("rtc_1", "tel:+14155550123", timeout=0.3)
+            failures[scheme] = timed_out.value
+    handshake, unanswered = failures["https"], failures["http"]
+    assert handshake.unsent and not handshake.maybe_carried_out and handshake.retryable
+    assert "before the request was sent" in str(handshake)
+    assert not unanswered.unsent and unanswered.maybe_carried_out
+    assert "before the request was sent" not in str(unanswered)

@@ -176,6 +176,9 @@ async def test_proxy_credentials_go_on_the_connect_only_for_an_https_base(base: 
             return b"{}"
 
     class Session:
+        def __init__(self) -> None:
+            self.trace_configs: list[Any] = []
+
         def request(self, method: str, url: str, **kwargs: Any) -> Any:
             sent.append({"url": url, **kwargs})
             response = Response()
@@ -297,6 +300,40 @@ async def test_a_tunnel_the_proxy_refuses_sent_nothing_to_openai(
         message = str(error)
         assert f"the proxy did not open the tunnel to OpenAI: {status} {reason}" in message
         assert says in message and "s3cret" not in message
+
+
+async def test_a_tunnel_the_proxy_never_opens_sent_nothing_to_openai() -> None:
+    """A proxy that takes the ``CONNECT`` and never answers it: the attempt times out with nothing sent to
+    OpenAI (a REFER is tried again), not as one that went unanswered and may have been carried out."""
+    from websockets.proxy import parse_proxy
+
+    from sideband.upstream.openai import CallControl, UpstreamError
+
+    heads: list[bytes] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+            await reader.read()  # never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    proxy_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            control = CallControl(http, PROXIED_OPENAI, "sk-test", parse_proxy(proxy_url))
+            with pytest.raises(UpstreamError) as refer:
+                await control.refer("rtc_1", "tel:+14155550123", timeout=0.3)
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+    assert [head.split(b" ", 1)[0] for head in heads] == [b"CONNECT"]
+    for error in (refer.value,):
+        assert error.unsent and not error.maybe_carried_out and error.retryable and error.status is None
+        assert "timed out" in str(error) and "before the request was sent" in str(error)
 
 
 async def test_a_refer_the_proxy_would_not_tunnel_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -164,12 +165,74 @@ def refused_tunnel(what: str, status: int, reason: str, names: str, *, to: str =
     return UpstreamError(message + proxy_hint(status, names, to=to), status, unsent=True)
 
 
+ERROR_BODY = 64 * 1024
+"""At most this much of an error's body is read (its message, a proxy's page)."""
+ERROR_BODY_WAIT = 1.0
+"""Seconds an error's body is waited for once its status is in (within the attempt's own time)."""
+
+
+async def error_body(resp: aiohttp.ClientResponse, into: bytearray) -> None:
+    """Read the body of an error answer into ``into``: at most :data:`ERROR_BODY`, for at most
+    :data:`ERROR_BODY_WAIT` seconds. A body cut short or stalled keeps what came of it: the status is
+    what counts, and must not be lost with it."""
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        async with asyncio.timeout(ERROR_BODY_WAIT):
+            while len(into) < ERROR_BODY:
+                chunk = await resp.content.read(ERROR_BODY - len(into))
+                if not chunk:
+                    break
+                into += chunk
+
+
+class _Sending:
+    """How far one request got, as its session's trace (:func:`trace_sending`) reports it: ``sent`` once
+    its headers are handed to a connection made (any proxy tunnel opened, any TLS handshake done). Until
+    then nothing reached OpenAI: a failure then (a resolver, a connection, a handshake or a proxy that
+    stalls) left nothing that could be carried out."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    @property
+    def unsent_note(self) -> str:
+        """What a failure's message adds when the request never left."""
+        return "" if self.sent else " (before the request was sent)"
+
+
+class _SendingTrace(aiohttp.TraceConfig):
+    """The trace that tells a :class:`_Sending` its request left."""
+
+
+async def _headers_sent(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: aiohttp.TraceRequestHeadersSentParams
+) -> None:
+    sending = context.trace_request_ctx
+    if isinstance(sending, _Sending):
+        sending.sent = True
+
+
+def trace_sending(session: aiohttp.ClientSession) -> None:
+    """Have ``session`` tell each request's :class:`_Sending` (its ``trace_request_ctx``) when it leaves
+    (once per session: a no-op on one that does already)."""
+    configs = session.trace_configs
+    if any(isinstance(config, _SendingTrace) for config in configs):
+        return
+    config = _SendingTrace()
+    config.on_request_headers_sent.append(_headers_sent)
+    config.freeze()
+    configs.append(config)
+
+
 class UpstreamError(Exception):
     """OpenAI answered with an error status (``status``) or could not be reached (``status`` None).
     ``retry_after``: the seconds its ``Retry-After`` header asked to wait, if it sent one. ``unsent``: the
-    request never left (no connection could be made to OpenAI or the proxy, or the proxy refused to open
-    the tunnel to OpenAI: ``status`` is then the proxy's, 407 for its credentials, 403 for its policy,
-    502 or 503 when it could not reach OpenAI)."""
+    request never left (no connection could be made to OpenAI or the proxy; the name lookup, connection,
+    TLS handshake or proxy tunnel stalled past the attempt's time; or the proxy refused to open the
+    tunnel to OpenAI: ``status`` is then the proxy's, 407 for its credentials, 403 for its policy, 502 or
+    503 when it could not reach OpenAI). An error status is kept even when its body is then cut short or
+    stalls (``body`` holds what came)."""
 
     def __init__(
         self,
@@ -248,6 +311,8 @@ class CallControl:
     ) -> None:
         self._http = http
         self._unshared = http if unshared is None else unshared
+        for session in {id(http): http, id(self._unshared): self._unshared}.values():
+            trace_sending(session)
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
@@ -271,6 +336,10 @@ class CallControl:
         once: bool = False,
     ) -> str:
         taken = False
+        sending = _Sending()
+        refused: int | None = None  # an error status, once it is in: losing its body must not lose it
+        wait: float | None = None
+        error = bytearray()
         try:
             async with (
                 asyncio.timeout(timeout),
@@ -281,6 +350,7 @@ class CallControl:
                     headers=self._headers if body is None else self._json_headers,
                     timeout=UNTIMED,
                     allow_redirects=False,
+                    trace_request_ctx=sending,
                     **self._via,
                 ) as resp,
             ):
@@ -291,28 +361,32 @@ class CallControl:
                     with contextlib.suppress(aiohttp.ClientError):
                         await resp.read()
                     return ""
-                text = (await resp.read()).decode("utf-8", "replace")  # a proxy's error page may be binary
-                misdirected = wrong_url(resp.status, text)
-                if resp.status in (404, 410) and call_id is not None and not misdirected:
-                    raise CallGone(f"call {call_id} not found", resp.status, text)
-                if resp.status >= 300:
-                    raise UpstreamError(
-                        f"{method} {path} answered {resp.status}{self._hint(resp.status, text)}",
-                        resp.status,
-                        text,
-                        retry_after=retry_after(resp.headers.get("Retry-After")),
-                    )
-                return text
+                if resp.status < 300:
+                    return (await resp.read()).decode("utf-8", "replace")
+                refused = resp.status
+                wait = retry_after(resp.headers.get("Retry-After"))
+                await error_body(resp, error)
         except TimeoutError:
             if taken:
                 return ""
-            raise UpstreamError(f"{method} {path} timed out after {timeout:g} s") from None
+            if refused is None:
+                message = f"{method} {path} timed out after {timeout:g} s"
+                raise UpstreamError(message + sending.unsent_note, unsent=not sending.sent) from None
         except aiohttp.ClientConnectorError as exc:  # (no connection: the request never left)
             raise UpstreamError(f"{method} {path} failed: {why(exc)}", unsent=True) from None
         except aiohttp.ClientHttpProxyError as exc:  # (the proxy refused the tunnel: the same)
             raise refused_tunnel(f"{method} {path}", exc.status, exc.message, self._proxy_names) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"{method} {path} failed: {why(exc)}") from None
+            if refused is None:
+                message = f"{method} {path} failed: {why(exc)}"
+                raise UpstreamError(message + sending.unsent_note, unsent=not sending.sent) from None
+        text = error.decode("utf-8", "replace")  # a proxy's error page may be binary
+        misdirected = wrong_url(refused, text)
+        if refused in (404, 410) and call_id is not None and not misdirected:
+            raise CallGone(f"call {call_id} not found", refused, text)
+        raise UpstreamError(
+            f"{method} {path} answered {refused}{self._hint(refused, text)}", refused, text, retry_after=wait
+        )
 
     @property
     def calls_url(self) -> str:
