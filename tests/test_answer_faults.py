@@ -469,6 +469,17 @@ async def test_an_error_status_is_kept_when_its_body_is_cut_or_stalls(
     assert exc.retry_after == (None if status == 404 else 1.0)  # (the call gone waits for nothing)
 
 
+@pytest.mark.parametrize("how", ["cut", "stalled"])
+async def test_a_relayed_offer_refused_keeps_its_status_when_its_body_is_cut_or_stalls(how: str) -> None:
+    """``POST /realtime/calls`` refused 400 (the offer itself), its body then cut short or stalled: the
+    refusal is still the offer's, the browser's to know, not an upstream that went unanswered."""
+    async with raw_upstream(refusal_cut_short(400, how)) as port, aiohttp.ClientSession() as http:
+        control = CallControl(http, f"http://127.0.0.1:{port}/v1", "sk-test")
+        with pytest.raises(UpstreamError) as refused:
+            await control.create_call("v=0", {"type": "realtime"}, timeout=0.5)
+    assert refused.value.status == 400 and refused.value.offer_refused
+
+
 @pytest.mark.parametrize("cause", ["503_body_cut", "tls_handshake_stalls"])
 async def test_a_refer_failure_that_did_nothing_is_tried_again_though_its_answer_was_incomplete(
     stack: Stack, cause: str

@@ -325,13 +325,15 @@ async def test_a_tunnel_the_proxy_never_opens_sent_nothing_to_openai() -> None:
             control = CallControl(http, PROXIED_OPENAI, "sk-test", parse_proxy(proxy_url))
             with pytest.raises(UpstreamError) as refer:
                 await control.refer("rtc_1", "tel:+14155550123", timeout=0.3)
+            with pytest.raises(UpstreamError) as created:
+                await control.create_call("v=0", {"type": "realtime"}, timeout=0.3)
     finally:
         server.close()
         for writer in writers:
             writer.close()
         await server.wait_closed()
-    assert [head.split(b" ", 1)[0] for head in heads] == [b"CONNECT"]
-    for error in (refer.value,):
+    assert [head.split(b" ", 1)[0] for head in heads] == [b"CONNECT"] * 2
+    for error in (refer.value, created.value):
         assert error.unsent and not error.maybe_carried_out and error.retryable and error.status is None
         assert "timed out" in str(error) and "before the request was sent" in str(error)
 

@@ -790,6 +790,90 @@ async def test_upstream_faults_map_to_what_the_browser_may_know(simulator: Simul
         await server.close()
 
 
+class CreatingUpstream:
+    """OpenAI's ``/realtime/calls`` that creates each call (201, its ``Location``) and then loses its SDP
+    answer: cut short (``answer="cut"``) or held (``"stalled"``); ``location`` replaces the Location.
+    Records the hangups it is sent."""
+
+    def __init__(self, answer: str, location: str = "/v1/realtime/calls/rtc_created1") -> None:
+        self.answer, self.location = answer, location
+        self.hangups: list[str] = []
+        self.release = asyncio.Event()
+        upstream = web.Application()
+        upstream.router.add_post("/v1/realtime/calls", self._create)
+        upstream.router.add_post("/v1/realtime/calls/{call_id}/hangup", self._hangup)
+        self.server = TestServer(upstream, host="127.0.0.1")
+
+    async def __aenter__(self) -> str:
+        await self.server.start_server()
+        return str(self.server.make_url("/v1"))
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release.set()
+        await self.server.close()
+
+    async def _create(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        headers = {"Location": self.location, "Content-Type": "application/sdp", "Content-Length": "500"}
+        response = web.StreamResponse(status=201, headers=headers)
+        await response.prepare(request)
+        await response.write(b"v=0\r\n")  # 5 bytes of the 500
+        if self.answer == "stalled":
+            await self.release.wait()
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    async def _hangup(self, request: web.Request) -> web.Response:
+        self.hangups.append(request.match_info["call_id"])
+        return web.json_response({})
+
+
+@pytest.mark.parametrize("answer", ["cut", "stalled"])
+async def test_a_call_created_whose_answer_is_lost_is_hung_up(answer: str) -> None:
+    """OpenAI created the call (201, its Location) but its SDP answer is cut short or held past the time:
+    no browser can join the call, and nobody would control it. It is hung up, and the error names it."""
+    from sideband.upstream.openai import CallControl, UpstreamError
+
+    upstream = CreatingUpstream(answer)
+    async with upstream as base, aiohttp.ClientSession() as http:
+        control = CallControl(http, base, "sk-test")
+        with pytest.raises(UpstreamError) as lost:
+            await control.create_call(OFFER, {"type": "realtime"}, timeout=0.5)
+    assert upstream.hangups == ["rtc_created1"]
+    message = str(lost.value)
+    assert "created call rtc_created1" in message and message.endswith(": hung up"), message
+    assert not lost.value.offer_refused and not lost.value.unsent
+
+
+@pytest.mark.parametrize(
+    ("location", "answer", "error"),
+    [
+        ("/v1/realtime/calls/rtc_created1", "cut", "upstream unavailable"),
+        ("http://[gw/v1/realtime/calls/rtc_abc", "cut", "upstream error"),
+    ],
+    ids=["answer_lost", "location_unreadable"],
+)
+async def test_a_relay_whose_created_call_cannot_be_served_fails_as_upstream(
+    simulator: Simulator, location: str, answer: str, error: str
+) -> None:
+    """``POST /rtc/calls`` whose call OpenAI created but whose answer was lost (the call hung up), or
+    whose Location no URL parser reads: a 502 to the browser and an error line, never a 500."""
+    upstream = CreatingUpstream(answer, location)
+    async with (
+        upstream as base,
+        run_app(make_app(), simulator, **TEST_SETTINGS, openai_base_url=base) as stack,
+    ):
+        with capture_logs() as logs:
+            assert await _post(stack, "/rtc/calls", OFFER, "application/sdp") == (502, {"error": error})
+    (failed,) = [e for e in logs if e["event"] == "rtc.relay_failed"]
+    if error == "upstream unavailable":
+        assert upstream.hangups == ["rtc_created1"] and "rtc_created1" in failed["error"]
+    else:
+        assert upstream.hangups == [] and failed["status"] == 201
+        assert "no call id in Location" in failed["error"]
+
+
 async def test_a_spent_ticket_stays_spent_when_the_wall_clock_steps_back(simulator: Simulator) -> None:
     """The spent ticket is remembered by the store's clock for longer than any ticket lives, so a wall
     clock stepped back (NTP) cannot make it unexpired and unspent at once."""

@@ -169,6 +169,8 @@ ERROR_BODY = 64 * 1024
 """At most this much of an error's body is read (its message, a proxy's page)."""
 ERROR_BODY_WAIT = 1.0
 """Seconds an error's body is waited for once its status is in (within the attempt's own time)."""
+DROP_BUDGET = 3.0
+"""Seconds spent hanging up a WebRTC call created whose SDP answer was lost."""
 
 
 async def error_body(resp: aiohttp.ClientResponse, into: bytearray) -> None:
@@ -182,6 +184,17 @@ async def error_body(resp: aiohttp.ClientResponse, into: bytearray) -> None:
                 if not chunk:
                     break
                 into += chunk
+
+
+def created_call_id(location: str) -> str | None:
+    """The call id at the end of a created call's ``Location`` (``/v1/realtime/calls/rtc_…``, a query
+    no part of it), or ``None`` for one without (or one no URL parser reads)."""
+    try:
+        path = urlsplit(location).path
+    except ValueError:  # (``http://[gw/…``)
+        return None
+    call_id = path.rstrip("/").rsplit("/", 1)[-1]
+    return call_id if call_id.startswith("rtc_") else None
 
 
 class _Sending:
@@ -418,11 +431,18 @@ class CallControl:
     ) -> tuple[str, str]:
         """Relay a browser's SDP offer (unified interface). Returns ``(call_id, sdp_answer)``.
 
-        Never retried: a retry could create a second call.
+        Never retried: a retry could create a second call. A call created whose SDP answer is then lost
+        (cut short, or late) is hung up (best effort, :data:`DROP_BUDGET` seconds): no browser can join it,
+        and nobody would control it; the error raised names it and says how its hangup went.
         """
         form = aiohttp.FormData()
         form.add_field("sdp", sdp, content_type="application/sdp")
         form.add_field("session", jsonio.dumps(session).decode(), content_type="application/json")
+        sending = _Sending()
+        refused: int | None = None
+        error = bytearray()
+        call_id: str | None = None  # the call created, once its Location is in
+        lost = ""  # how its SDP answer was lost
         try:
             async with (
                 asyncio.timeout(timeout),
@@ -432,24 +452,55 @@ class CallControl:
                     headers=self._headers,
                     timeout=UNTIMED,
                     allow_redirects=False,
+                    trace_request_ctx=sending,
                     **self._via,
                 ) as resp,
             ):
-                text = (await resp.read()).decode("utf-8", "replace")
-                if resp.status != 201:
-                    message = f"POST /realtime/calls answered {resp.status}{self._hint(resp.status, text)}"
-                    raise UpstreamError(message, resp.status, text)
-                location = resp.headers.get("Location", "")
+                if resp.status == 201:
+                    location = resp.headers.get("Location", "")
+                    call_id = created_call_id(location)
+                    if call_id is None:
+                        message = f"POST /realtime/calls gave no call id in Location ({location[:200]!r})"
+                        raise UpstreamError(message, 201)
+                    return call_id, (await resp.read()).decode("utf-8", "replace")
+                refused = resp.status
+                await error_body(resp, error)
         except TimeoutError:
-            raise UpstreamError("POST /realtime/calls timed out") from None
+            lost = f"timed out after {timeout:g} s"
+            if refused is None and call_id is None:
+                message = "POST /realtime/calls " + lost + sending.unsent_note
+                raise UpstreamError(message, unsent=not sending.sent) from None
         except aiohttp.ClientHttpProxyError as exc:
             raise refused_tunnel("POST /realtime/calls", exc.status, exc.message, self._proxy_names) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"POST /realtime/calls failed: {why(exc)}") from None
-        call_id = urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1]  # (a query is no part of it)
-        if not call_id.startswith("rtc_"):
-            raise UpstreamError(f"POST /realtime/calls gave no call id in Location ({location!r})", 201)
-        return call_id, text
+            lost = why(exc)
+            if refused is None and call_id is None:
+                unsent = isinstance(exc, aiohttp.ClientConnectorError) or not sending.sent
+                raise UpstreamError(f"POST /realtime/calls failed: {lost}", unsent=unsent) from None
+        if call_id is not None:
+            raise await self._drop_created(call_id, lost)
+        assert refused is not None  # (every other way out has returned or raised)
+        text = error.decode("utf-8", "replace")
+        raise UpstreamError(
+            f"POST /realtime/calls answered {refused}{self._hint(refused, text)}", refused, text
+        )
+
+    async def _drop_created(self, call_id: str, lost: str) -> UpstreamError:
+        """Hang up ``call_id``, created but its SDP answer ``lost``: the error to raise says how it went."""
+        message = f"POST /realtime/calls created call {call_id}, its SDP answer lost ({lost}): "
+        try:
+            await with_retries(
+                lambda seconds: self.hangup(call_id, timeout=seconds),
+                budget=DROP_BUDGET,
+                attempt_timeout=DROP_BUDGET / 2,
+            )
+        except CallGone:
+            message += "it is gone"
+        except UpstreamError as exc:
+            message += f"its hangup failed ({exc}): it may be up still"
+        else:
+            message += "hung up"
+        return UpstreamError(message)
 
     async def client_secret(
         self, session: dict[str, Any], ttl: int, *, timeout: float = 5.0
