@@ -90,14 +90,14 @@ class Stepwise(Generator[Any, Any, T]):
     """``await Stepwise(coro, report)`` runs ``coro`` as ``await coro`` would, timing each of its steps.
 
     When ``coro`` ends (it returns, raises or is cancelled) after one step or more of
-    :data:`BLOCKED_AFTER` seconds or longer, ``report(longest, count)`` is called once (unless it is
-    ``None``): the longest of those steps in seconds, and how many there were. Two clock reads per
-    step: cheap enough for every tool call.
+    :data:`BLOCKED_AFTER` seconds or longer, ``report(longest, count)`` is called once: the longest of
+    those steps in seconds, and how many there were. Two clock reads per step: cheap enough for every
+    tool call.
     """
 
     __slots__ = ("_coro", "_report", "count", "longest")
 
-    def __init__(self, coro: Coroutine[Any, Any, T], report: Callable[[float, int], None] | None) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, T], report: Callable[[float, int], None]) -> None:
         self._coro = coro
         self._report = report
         self.longest = 0.0
@@ -139,5 +139,5 @@ class Stepwise(Generator[Any, Any, T]):
         if took >= BLOCKED_AFTER:
             self.count += 1
             self.longest = max(self.longest, took)
-        if ended and self.count and self._report is not None:
+        if ended and self.count:
             self._report(self.longest, self.count)

@@ -11,9 +11,8 @@ what happened, so it can correct itself or tell the caller. Only cancellation fr
 propagates; a ``CancelledError`` raised by the tool's own code (say, it awaited a task it had cancelled)
 while nobody cancels the executing task is a failure like any other, and so are ``SystemExit`` (argparse in a
 tool) and ``KeyboardInterrupt`` raised by a tool: one call's tool never stops the server. A tool
-cancelled at its timeout gets the timeout output at its timeout, whatever its code makes of the
-cancellation: an error raised by its cleanup, or a cancellation swallowed (or a cleanup awaited) and
-waiting on, the rest of its run then going on in a task of its own.
+cancelled at its timeout gets the timeout output whatever its code makes of the cancellation (an error
+raised by its cleanup, say); one that swallows it and returns late still gets the timeout output.
 
 Sync tools run in a thread pool of their own (see :class:`ToolRegistry`), never in the event loop's default
 executor, so hung sync tools cannot starve ``loop.getaddrinfo`` or anything else that uses it.
@@ -45,16 +44,7 @@ import re
 import time
 import types
 import typing
-from collections.abc import (
-    Callable,
-    Coroutine,
-    Generator,
-    ItemsView,
-    Iterable,
-    Iterator,
-    KeysView,
-    ValuesView,
-)
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, ValuesView
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, TypeVar, overload
 
@@ -65,7 +55,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import to_json, to_jsonable_python
 
 from . import jsonio
-from .blocking import Stepwise, in_thread, then
+from .blocking import in_thread, then, timed
 from .context import CallContext
 
 __all__ = ["Outcome", "Tool", "ToolError", "ToolRegistry", "ToolResult", "TransferNotAllowed"]
@@ -76,7 +66,6 @@ Outcome = Literal["ok", "invalid_arguments", "error", "timeout", "unknown_tool"]
 DefinitionStyle = Literal["openai", "vowel"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-T = TypeVar("T")
 
 _NAME_RE: Final = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _OK_OUTPUT: Final = '{"ok":true}'
@@ -270,7 +259,7 @@ class ToolRegistry:
     (``max_threads`` is then ignored).
     """
 
-    __slots__ = ("_default_filler_after", "_default_timeout", "_executor", "_overruns", "_strays", "_tools")
+    __slots__ = ("_default_filler_after", "_default_timeout", "_executor", "_overruns", "_tools")
 
     def __init__(
         self,
@@ -303,10 +292,8 @@ class ToolRegistry:
             else executor
         )
         self._tools: dict[str, Tool] = {}
-        # Sync tools' jobs still running past their timeout (their threads are not free), and the tasks
-        # running on the async tools that overran (when no call took them): shared with subsets.
+        # Sync tools' jobs still running past their timeout (their threads are not free): shared with subsets.
         self._overruns: set[concurrent.futures.Future[Any]] = set()
-        self._strays: set[asyncio.Task[None]] = set()
 
     # -- registration ---------------------------------------------------------------------------------
 
@@ -478,7 +465,7 @@ class ToolRegistry:
             default_filler_after=self._default_filler_after,
             executor=self._executor,
         )
-        sub._overruns, sub._strays = self._overruns, self._strays
+        sub._overruns = self._overruns
         for t in self._select(names):
             sub._add_tool(t)
         return sub
@@ -508,17 +495,14 @@ class ToolRegistry:
         ctx: CallContext,
         *,
         on_blocked: Callable[[float, int], None] | None = None,
-        spawn: Callable[[Coroutine[Any, Any, None], str], object] | None = None,
     ) -> ToolResult:
         """Validate ``arguments`` (the model's JSON string) and run tool ``name`` under its timeout.
 
         ``on_blocked(longest, count)`` hears of an async tool whose code held the event loop (see
         :class:`~sideband.blocking.Stepwise`), once, when it ends.
 
-        At its timeout an async tool is cancelled, and its result is the timeout output at once, even
-        when its code swallows the cancellation (or awaits a cleanup) and waits on: the rest of its run
-        goes to ``spawn(coroutine, name)``, which runs it in a task (the call's own, awaited at its end),
-        or without ``spawn`` to a task of this registry; what it does next no longer counts.
+        At its timeout an async tool is cancelled, and its result is the timeout output, whatever its
+        code makes of the cancellation (an error raised by its cleanup, say).
 
         Never raises for bad input or a failing tool: see :class:`ToolResult` ``outcome``. Cancellation from
         outside propagates (the tool is cancelled with it; a sync tool's thread runs on, result ignored); a
@@ -550,31 +534,23 @@ class ToolRegistry:
 
         deadline = asyncio.timeout(limit)
         job: concurrent.futures.Future[Any] | None = None
-        run: _Deadlined[_Encoded] | None = None
         try:
             async with deadline:
                 if tool.is_async:
                     # Encoded as its last step: a lazy result (a generator) runs the tool's code while
                     # it is read, under the timeout and timed like the rest of it.
-                    run = _Deadlined(then(tool.fn(**kwargs), _encoded), on_blocked, deadline)
-                    value = await run
+                    value = await timed(then(tool.fn(**kwargs), _encoded), on_blocked)
                 else:
                     # Encoded in the thread too: a lazy iterator returned (``map(...)``) runs the tool's
                     # code while it is turned into JSON, and that must not happen on the event loop.
                     job = self._executor.submit(in_thread(_call_encoded, tool.fn, kwargs))
                     value = await asyncio.wrap_future(job)
                     if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
-                        run = _Deadlined(then(value, _encoded), on_blocked, deadline)
-                        value = await run
+                        value = await timed(then(value, _encoded), on_blocked)
             due = deadline.when()
             if deadline.expired() or (due is not None and asyncio.get_running_loop().time() >= due):
-                # It swallowed the cancellation (and returned late, or waits on: it runs on without the
-                # model waiting for it), or it held the event loop past its deadline, whose timer never
-                # got to fire: an overrun all the same.
-                if run is not None and run.rest is not None:
-                    self._run_on(run.rest, f"tool:{call_id} (timed out)", spawn)
-                    if running is not None and running.cancelling() > baseline:
-                        raise asyncio.CancelledError  # the call ended meanwhile too
+                # It swallowed the cancellation and returned late, or it held the event loop past its
+                # deadline, whose timer never got to fire: an overrun all the same.
                 return _timed_out(call_id, name, limit, start, view)
             output = value.text
             if len(output) > MAX_OUTPUT:
@@ -628,19 +604,6 @@ class ToolRegistry:
             f"{len(self._overruns)} held by sync tools that timed out and run on"
         )
 
-    def _run_on(
-        self, rest: _Rest, name: str, spawn: Callable[[Coroutine[Any, Any, None], str], object] | None
-    ) -> None:
-        """Let a tool that swallowed its timeout's cancellation and waits on run to its end, in a task
-        of ``spawn`` (the call's: it awaits it at its end) or of this registry; what it returns or
-        raises no longer counts."""
-        if spawn is not None:
-            spawn(_finish(rest), name)
-            return
-        task = asyncio.get_running_loop().create_task(_finish(rest), name=name)
-        self._strays.add(task)
-        task.add_done_callback(self._strays.discard)
-
     def _unknown(self, call_id: str, name: str, start: float) -> ToolResult:
         shown = name if len(name) <= 80 else name[:80] + "…"
         available = ", ".join(self._tools) or "(none)"
@@ -690,78 +653,6 @@ def _timed_out(
     message = f"The tool took longer than {limit:g} s"
     detail = detail or f"timed out after {limit:g} s"
     return _error(call_id, name, start, "timeout", message, outcome="timeout", detail=detail)
-
-
-class _Deadlined(Stepwise[T]):
-    """A tool's coroutine, run as :class:`~sideband.blocking.Stepwise` runs it (each step timed when
-    there is a ``report``), that is given up at its ``deadline``: when the cancellation the deadline
-    throws in leaves it waiting on (its code swallowed it, or awaits a cleanup), ``await`` ends at once
-    (with ``None``) and :attr:`rest` holds the rest of its run, for another task to go on with (an
-    ``asyncio.timeout`` or ``TaskGroup`` the tool entered before still names the first task). Only a
-    step that follows a thrown exception is looked at: nothing more per step than :class:`Stepwise`."""
-
-    __slots__ = ("_deadline", "rest")
-
-    def __init__(
-        self,
-        coro: Coroutine[Any, Any, T],
-        report: Callable[[float, int], None] | None,
-        deadline: asyncio.Timeout,
-    ) -> None:
-        super().__init__(coro, report)
-        self._deadline = deadline
-        self.rest: _Rest | None = None
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        cancelled = isinstance(val if val is not None else typ, asyncio.CancelledError) or (
-            isinstance(typ, type) and issubclass(typ, asyncio.CancelledError)
-        )
-        try:
-            step = super().throw(typ, val, tb)  # (it raising, or ending, is the run's end as usual)
-        finally:
-            typ = val = tb = None  # (as in Stepwise.throw: the exception must not hold its frame)
-        if cancelled and self.rest is None and self._deadline.expired():
-            self.rest = _Rest(self, step)
-            raise StopIteration
-        return step
-
-
-class _Rest(Generator[Any, Any, None]):
-    """``await`` it to run the rest of a :class:`_Deadlined` given up: first the step it was waiting on
-    when it was, then its own."""
-
-    __slots__ = ("_run", "_step")
-
-    _NONE: Final = object()
-
-    def __init__(self, run: _Deadlined[Any], step: Any) -> None:
-        self._run = run
-        self._step = step
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        return self
-
-    def __next__(self) -> Any:
-        return self.send(None)
-
-    def send(self, value: Any) -> Any:
-        step, self._step = self._step, _Rest._NONE
-        if step is not _Rest._NONE:
-            return step
-        return self._run.send(value)
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        self._step = _Rest._NONE
-        return self._run.throw(typ, val, tb)
-
-    def close(self) -> None:
-        self._run.close()
-
-
-async def _finish(rest: _Rest) -> None:
-    """Run the rest of a tool that overran; whatever it returns or raises no longer counts."""
-    with contextlib.suppress(BaseException):
-        await rest
 
 
 def own_cancellation(exc: BaseException, baseline: int = 0) -> bool:
