@@ -529,7 +529,7 @@ def test_outputs_held_by_a_caller_are_answered_once_they_stop(turn_detection: di
     m.receive(response_done("r3"))
     m.receive(SPEECH_STARTED)
     m.tool_done("c2", "{}")
-    assert types(m.receive(SPEECH_STOPPED)) == ["response.create"]
+    assert types(m.receive(SPEECH_STOPPED) + m.timer("turn")) == ["response.create"]
 
 
 def test_goodbye_and_verb_wait_for_the_caller_to_finish() -> None:
@@ -2061,6 +2061,68 @@ def test_once_the_engine_reports_speech_the_speech_idle_limit_runs_from_its_repo
     back = m.receive(SPEECH_STARTED)  # the caller speaks again: the engine's clock starts again
     assert notices(back, "call.limit_withdrawn") == [{"limit": "idle"}] and not m.ending
     assert StartTimer("speech_idle", 10) in back
+
+
+def test_the_speech_idle_limit_ends_an_utterance_whose_stop_never_came() -> None:
+    """The backend's audio stopped coming mid-speech: the engine hears no silence, so no ``speech_stopped``
+    comes, and its idle clock runs from the speech's start. Once ours for it runs out, the utterance holds
+    nothing back: what code asked to say, then the goodbye, go out at once (not after the speech cap,
+    nor never, once the end cap closes the session)."""
+    m = machine(max_idle_duration=300, speech_idle_duration=10, caps=ENGINE_CAPABILITIES)
+    m.start()
+    m.receive({"type": "session.created", "session": {"id": "s"}})
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive(SPEECH_STARTED)
+    assert sends(m.say("One more thing.")) == []  # (never over the caller)
+    due = m.timer("speech_idle")
+    assert notices(due, "call.limit") == [{"limit": "idle"}] and CancelTimer("speaking") in due
+    assert [e["response"]["instructions"] for e in sends(due)] == ["One more thing."]
+    m.receive({"type": "response.created", "response": {"id": "r_say"}})
+    (goodbye,) = sends(m.receive(response_done("r_say")))
+    assert goodbye["response"]["instructions"] == DEFAULT_GOODBYE
+    m.receive({"type": "response.created", "response": {"id": "r_bye"}})
+    assert Close("idle_timeout") in m.receive(response_done("r_bye"))
+
+
+def test_the_speech_idle_limit_lets_a_held_end_say_its_last_words() -> None:
+    """The call was ending already (our idle limit, code's hangup), held for a caller whose speech never
+    stopped: the speech idle limit coming due lets its goodbye go."""
+    m = machine(max_idle_duration=300, speech_idle_duration=10, caps=ENGINE_CAPABILITIES)
+    m.start()
+    m.receive({"type": "session.created", "session": {"id": "s"}})
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive(SPEECH_STARTED)
+    assert sends(m.request_end("done", goodbye=True)) == []
+    (goodbye,) = sends(m.timer("speech_idle"))
+    assert goodbye["response"]["instructions"] == DEFAULT_GOODBYE
+
+
+def test_text_the_engine_answers_ends_the_hold_of_an_utterance_whose_stop_never_came() -> None:
+    """The engine answers user text at once, whatever speech it heard: the rest of that answer (the create
+    after its tool's output) is not held for a caller whose speech never stopped (their audio stopped
+    coming). A stop that comes after all still ends the caller's turn. Where we ask for the answer to text
+    ourselves, it still waits for the caller."""
+    m = machine(caps=ENGINE_CAPABILITIES)
+    m.start()
+    m.receive({"type": "session.created", "session": {"id": "s"}})
+    m.receive({"type": "session.updated", "session": {}})
+    m.receive(SPEECH_STARTED)
+    typed = m.user_text("Where is order 1?")
+    assert "response.create" not in types(typed)
+    feed(m, [{"type": "response.created", "response": {"id": "r1"}}, engine_call("c1", "r1")])
+    assert any(isinstance(a, RunTool) for a in m.receive(response_done("r1")))
+    assert types(m.tool_done("c1", '{"status": "shipped"}')) == [
+        "conversation.item.create",
+        "response.create",
+    ]
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    m.receive(response_done("r2"))
+    assert notices(m.receive(SPEECH_STOPPED), "turn.stopped") == [{}]
+
+    m = live_machine()
+    m.receive(SPEECH_STARTED)
+    assert types(m.user_text("hello")) == ["conversation.item.create"]  # (our create waits for the caller)
+    assert types(m.receive(SPEECH_STOPPED) + m.timer("turn")) == ["response.create"]
 
 
 def idle_prompt(m: CallMachine, resp: str, item: str, *, then_caller: str | None = None) -> list[Action]:

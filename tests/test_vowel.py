@@ -1896,15 +1896,18 @@ async def test_what_the_engine_takes_for_speech_is_the_tests_to_say(app: Sideban
     assert events[0][2] == events[1][2] != events[2][2]
 
 
+@pytest.mark.parametrize("audio_stops_mid_speech", [False, True])
 async def test_a_caller_who_spoke_then_only_types_gets_our_goodbye_before_the_engine_cuts(
-    vowel: VowelSimulator, app: Sideband
+    vowel: VowelSimulator, app: Sideband, audio_stops_mid_speech: bool
 ) -> None:
     """The engine's idle clock runs from the caller's last speech, which text does not restart: ours for
-    it neither, so our goodbye comes before the engine's cut however busily the caller types meanwhile."""
+    it neither, so our goodbye comes before the engine's cut however busily the caller types meanwhile.
+    Audio that stops coming mid-speech (no ``speech_stopped`` ever comes) holds no goodbye back."""
     vowel.max_idle_duration, vowel.claim_limits = 3.0, True  # the token claims 3 s: ours fires at 2.7 s
     async with EngineSession.open(settings_for(vowel), app) as session:
         await session.send_audio(speech(100))
-        await session.send_audio(bytes(24000))  # then half a second of silence: the engine hears it end
+        if not audio_stops_mid_speech:
+            await session.send_audio(bytes(24000))  # half a second of silence: the engine hears it end
         machine = session.runtime.machine
         closed = asyncio.ensure_future(session.wait_closed(10))
         while not closed.done():  # a turn of text every 200 ms, until the end
@@ -1915,6 +1918,24 @@ async def test_a_caller_who_spoke_then_only_types_gets_our_goodbye_before_the_en
         assert await closed == "idle_timeout"
     engine = vowel.sessions[0]
     assert engine.end_reason != "max_idle_duration_exceeded" and engine.responses[-1].instructions
+
+
+async def test_a_caller_whose_audio_stops_mid_speech_gets_our_goodbye_before_the_engine_cuts(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """The backend's audio stops coming while the caller speaks: the engine hears no end of the speech (it
+    needs silence for that), and its idle clock runs from the speech's start. Ours for it ends the
+    utterance it still holds for the caller: the goodbye is said before the engine's cut, rather than held
+    until the end cap closes the session with none."""
+    vowel.max_idle_duration, vowel.claim_limits = 3.0, True  # the token claims 3 s: ours fires at 2.7 s
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        engine = await vowel.wait_session()
+        await session.send_audio(speech(100))  # and no more audio
+        await vowel.wait_for(lambda v: engine.speaking, what="the speech")
+        assert await session.wait_closed(8) == "idle_timeout"
+    assert engine.sent_of_type("input_audio_buffer.speech_stopped") == [] and engine.speaking
+    assert engine.end_reason != "max_idle_duration_exceeded"
+    assert [r.instructions for r in engine.responses] == [app.goodbye_instructions]
 
 
 async def test_a_noisy_line_keeps_no_goodbye_from_coming_before_the_engines_idle_cut(

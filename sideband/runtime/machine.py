@@ -1100,10 +1100,14 @@ class CallMachine:
             self._want_response = self._text_owed = True
             if self._reasked is not None and self._reasked[1] is None:
                 self._reasked = None  # (the lost create's response, should it show, does not answer it)
-        elif not self._turn_wait:  # its answer is on its way: what we would start would replace it
+            return actions + self._progress()
+        if not self._turn_wait:  # its answer is on its way: what we would start would replace it
             self._turn_wait = True
             actions.append(StartTimer(_TURN, TURN_GRACE))
-        return actions + self._progress()
+        # The server answers the text at once, caller's speech or not: the utterance it reported holds
+        # nothing of ours back any more (the rest of that answer, a goodbye), lest a stop that never
+        # comes (audio that stopped mid-speech) keep it waiting.
+        return actions + self._speech_dropped() + self._progress()
 
     def update_session(self, fields: Mapping[str, Any]) -> list[Action]:
         """Send a partial ``session.update`` (held until our own session config is out). Ignored once the
@@ -1517,6 +1521,14 @@ class CallMachine:
         self._speech_capped = False
         return [CancelTimer(_SPEAKING), *self._speech_over(stopped=True)]
 
+    def _speech_dropped(self) -> list[Action]:
+        """The caller is taken to have stopped speaking without the server saying so (as when
+        :data:`SPEECH_CAP` runs out): what was held back for them may start. Their speech's stop, should it
+        come after all, still ends their turn."""
+        if not self._speaking:
+            return []
+        return [CancelTimer(_SPEAKING), *self._speech_over(stopped=False)]
+
     def _speech_over(self, *, stopped: bool) -> list[Action]:
         """The caller finished speaking (``stopped``), or :data:`SPEECH_CAP` ran out: what was held back
         may start, and the caller's silence counts from here."""
@@ -1663,7 +1675,10 @@ class CallMachine:
             actions = []
         if end is not None and end.withdrawable:
             end.by_speech = True
-        return actions
+        # An utterance still under way started a whole period ago: the far side cuts the call from its
+        # start however long it goes on, and its stop may never come (the audio stopped coming mid-speech:
+        # the far side hears no silence to end it). Nothing waits for it any more: the goodbye goes now.
+        return actions + self._speech_dropped()
 
     def _heard_speech(self) -> list[Action]:
         """The caller spoke: the speech idle limit (:attr:`MachineConfig.speech_idle_duration`) starts
