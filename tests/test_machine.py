@@ -1052,6 +1052,53 @@ def test_the_same_call_written_another_way_is_the_same_call_for_the_loop_breaker
         m.tool_done(f"c{n}", "fine")
 
 
+@pytest.mark.parametrize(
+    "written",
+    [
+        ["", "{}", " \n"],  # no arguments, however said (a blank is run as {})
+        ['{"n":1}', '{"n": 1.0}', '{"n":1e0}'],  # the same number
+        ['{"a":[1,{"b":2}]}', '{"a": [1.0, {"b": 2.0}]}', '{"a":[1,{"b":2}]}'],
+    ],
+)
+def test_arguments_of_the_same_value_are_the_same_call_for_the_loop_breaker(written: list[str]) -> None:
+    """Arguments that differ as text but mean the same to the tool (no arguments as "" or "{}", 1 or 1.0)
+    are the same call: a model repeating itself that way is stopped all the same."""
+    m = machine(max_identical_calls=2)
+    m.start()
+    broken = []
+    for n, args in enumerate(written):
+        m.receive({"type": "response.created", "response": {"id": f"r{n}"}})
+        feed(m, call_events(f"c{n}", "status", args, resp=f"r{n}"))
+        done = m.receive(response_done(f"r{n}"))
+        broken += [f["tool_call_id"] for f in notices(done, "tool.loop_breaker")]
+        if any(isinstance(a, RunTool) for a in done):
+            m.tool_done(f"c{n}", "fine")
+    assert broken == ["c2"]
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        ['{"n":1}', '{"n":true}', '{"n":1}'],  # true is no number
+        ['{"n":0}', '{"n":false}', '{"n":0}'],
+        ['{"n":null}', '{"n":0}', '{"n":null}'],
+        ['{"n":[1]}', '{"n":1}', '{"n":[1]}'],
+        ['{"n":"1"}', '{"n":1}', '{"n":"1"}'],
+        ['{"n":1}', '{"n":1,"m":1}', '{"n":1}'],
+        ["", "null", ""],  # (null is refused as arguments; a blank is {})
+    ],
+)
+def test_arguments_of_other_values_are_other_calls_for_the_loop_breaker(written: list[str]) -> None:
+    m = machine(max_identical_calls=1)
+    m.start()
+    for n, args in enumerate(written):
+        m.receive({"type": "response.created", "response": {"id": f"r{n}"}})
+        feed(m, call_events(f"c{n}", "status", args, resp=f"r{n}"))
+        done = m.receive(response_done(f"r{n}"))
+        assert notices(done, "tool.loop_breaker") == [] and [a for a in done if isinstance(a, RunTool)]
+        m.tool_done(f"c{n}", "fine")
+
+
 def test_a_refused_create_after_a_loop_breaker_still_allows_no_tools() -> None:
     m = machine(max_tool_calls=0)
     m.start()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from sideband.jsonio import loads
 from sideband.session import session_update
 
 __all__ = [
@@ -341,17 +342,32 @@ def _json_text(value: Any) -> str:
         return "null"
 
 
-def _canonical(arguments: str) -> str:
-    """A call's arguments written one way, whatever way the model wrote them (compact, pretty-printed,
-    keys in any order): the loop breaker's "same call". Text that is not JSON stays as it is."""
+_UNREAD: Any = object()  # the last call's arguments, not parsed yet
+_NOT_JSON: Any = object()  # arguments that are not JSON
+
+
+def _json_value(arguments: str) -> Any:
+    """A call's arguments as a JSON value (:data:`_NOT_JSON` for text that is not JSON)."""
     try:
-        value = json.loads(arguments)
-    except (ValueError, RecursionError):
-        return arguments
-    try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    except (ValueError, RecursionError):
-        return arguments
+        return loads(arguments)
+    except ValueError:
+        return _NOT_JSON
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Whether two JSON values are the same to a tool, however the model wrote them: objects whatever
+    their keys' order, numbers by value (``1`` and ``1.0``); ``true`` and ``false`` are no numbers."""
+    if a.__class__ is bool or b.__class__ is bool:
+        return a is b
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict)
+            and len(a) == len(b)
+            and all(k in b and _same_json(v, b[k]) for k, v in a.items())
+        )
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same_json, a, b))
+    return not isinstance(b, dict | list) and bool(a == b)
 
 
 def _tool_name(item: dict[str, Any]) -> str:
@@ -396,6 +412,7 @@ class CallMachine:
         "_last_error",
         "_last_line_response",
         "_last_signature",
+        "_last_value",
         "_live",
         "_lost",
         "_nudged",
@@ -444,7 +461,10 @@ class CallMachine:
         self._calls: dict[str, _ToolCall] = {}
         self._running = 0
         self._answered_total = 0
+        # the last tool call run (name, arguments as written) and its arguments' JSON value, parsed only
+        # once a call of the same name is written otherwise (see _run)
         self._last_signature: tuple[str, str] | None = None
+        self._last_value: Any = _UNREAD
         self._repeat = 0
         self._response_active = False
         self._unanswered = False  # the caller stopped speaking, and no audio of the model's started since
@@ -1402,11 +1422,11 @@ class CallMachine:
             call.complete = False  # the item's own word wins over an earlier arguments.done
 
     def _run(self, call: _ToolCall) -> list[Action]:
-        signature = (call.name, _canonical(call.arguments or ""))
-        if signature == self._last_signature:
+        arguments = call.arguments or ""
+        if self._same_call(call.name, arguments):
             self._repeat += 1
         else:
-            self._last_signature, self._repeat = signature, 1
+            self._last_signature, self._last_value, self._repeat = (call.name, arguments), _UNREAD, 1
         self._answered_total += 1
         breach = None
         if self._answered_total > self.config.max_tool_calls:
@@ -1430,11 +1450,32 @@ class CallMachine:
             ]
         call.state = "running"
         self._running += 1
-        actions: list[Action] = [RunTool(call.call_id, call.name, call.arguments or "", call.response_id)]
+        actions: list[Action] = [RunTool(call.call_id, call.name, arguments, call.response_id)]
         filler = self.config.filler_after.get(call.name)
         if filler:
             actions.append(StartTimer(_FILLER + call.call_id, filler))
         return actions
+
+    def _same_call(self, name: str, arguments: str) -> bool:
+        """Whether a call is the last one run again, for the loop breaker: the same tool, its arguments
+        the same JSON value however the model wrote them (compact or pretty-printed, keys in any order,
+        ``1`` or ``1.0``; a blank, which runs as ``{}``, is ``{}``). Text that is not JSON is the same
+        only as written. Parsed only when the text differs."""
+        last = self._last_signature
+        if last is None or last[0] != name:
+            return False
+        if last[1] == arguments:
+            return True
+        value = self._last_value
+        if value is _UNREAD:
+            value = self._last_value = _json_value(last[1] if last[1].strip() else "{}")
+        other = _json_value(arguments if arguments.strip() else "{}")
+        if value is _NOT_JSON or other is _NOT_JSON:
+            return False
+        try:
+            return _same_json(value, other)
+        except RecursionError:  # (nested deeper than Python's stack: another call, as far as we can tell)
+            return False
 
     def _on_caller_transcript(self, event: dict[str, Any]) -> list[Action]:
         usage = event.get("usage")  # (billed, words or not)
