@@ -304,6 +304,30 @@ async def test_the_simulated_core_refuses_a_mint_body_that_is_not_json(vowel: Vo
     assert [record.body for record in vowel.mints] == [None]
 
 
+async def test_a_mint_refusal_whose_body_stalls_keeps_its_status() -> None:
+    """The core's 403 is in, its body stalls: the refusal is still a 403 (not tried again), not a core
+    that did not answer (which would be)."""
+    stalled = asyncio.Event()
+
+    async def mint(request: web.Request) -> web.StreamResponse:
+        answer = web.StreamResponse(status=403)
+        answer.content_length = 1000
+        await answer.prepare(request)
+        await answer.write(b'{"message": "API key lacks')
+        await stalled.wait()
+        return answer
+
+    server = web.Application()
+    server.router.add_post("/v1/realtime/sessions", mint)
+    body = trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
+    async with TestServer(server, host="127.0.0.1") as srv, aiohttp.ClientSession() as http:
+        core = VowelCore(http, str(srv.make_url("")), "vkey")
+        with pytest.raises(MintRefused) as refused:
+            await core.mint(body, timeout=5)
+        stalled.set()
+    assert refused.value.status == 403 and refused.value.reason == "mint_forbidden"
+
+
 async def test_the_mint_body_is_strict_json(app: Sideband) -> None:
     """JSON has no NaN or infinity: a float the body holds (a hand-written tool schema's default, say)
     goes out as null, never as ``Infinity``, which the core's parser would refuse."""

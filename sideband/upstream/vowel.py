@@ -32,7 +32,15 @@ from sideband.upstream._ws import (
     ws_proxy_names,
     ws_url,
 )
-from sideband.upstream.openai import UNTIMED, UpstreamError, proxy_route, refused_tunnel, retry_after, why
+from sideband.upstream.openai import (
+    UNTIMED,
+    UpstreamError,
+    error_body,
+    proxy_route,
+    refused_tunnel,
+    retry_after,
+    why,
+)
 
 __all__ = [
     "EngineRefused",
@@ -314,8 +322,13 @@ class VowelCore:
                     **self._via,
                 ) as resp,
             ):
-                text = await resp.text()
                 status = resp.status
+                if status >= 300:  # (a body cut short or stalled must not lose the status)
+                    raw = bytearray()
+                    await error_body(resp, raw)
+                    text = raw.decode("utf-8", "replace")
+                else:
+                    text = await resp.text()
                 location = resp.headers.get("Location")
                 wait = retry_after(resp.headers.get("Retry-After"))
         except TimeoutError:
