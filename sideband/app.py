@@ -800,8 +800,10 @@ class Sideband:
         )
         plan = self._plans.get(key)
         if plan is None:
-            # (from the session as JSON carries it: the same key, the same plan, whatever types wrote it)
-            plan = self._build_plan(accept, jsonio.loads(session) if session else {})
+            # (from the session as JSON carries it: the same key, the same plan, whatever types wrote it;
+            # in the order it was written: a tool schema's properties are the order the model fills them)
+            written = encode_session(accept.session) if accept.session else b""
+            plan = self._build_plan(accept, jsonio.loads(written) if written else {})
             if len(self._plans) >= 256:
                 self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan

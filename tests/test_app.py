@@ -374,6 +374,8 @@ def test_equal_sessions_in_another_key_order_share_one_plan() -> None:
     assert app.plan(Accept(session={**reordered, "temperature": 0.8})) is not one
     assert one.session["tracing"] == tracing
     assert one.session["audio"]["output"] == {"voice": "cedar", "speed": 1.1}
+    again = app.plan(Accept(session={"tracing": {"workflow_name": "desk", "metadata": {"z": 1, "a": 2}}}))
+    assert list(again.session["tracing"]["metadata"]) == ["z", "a"]  # the order written, not sorted
 
 
 def test_plan_with_tool_subset() -> None:
