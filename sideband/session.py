@@ -293,16 +293,17 @@ def session_update(fields: Mapping[str, Any]) -> dict[str, Any]:
             raise SessionConfigError(f"audio.{side} must be an object, not {_kind(part)}")
         return part
 
+    # (within one update, as within one config, a key the ``audio`` object gives wins over its named one)
     for name, (side, key) in _AUDIO_NAMES.items():
         if name in fields:
-            side_of(side)[key] = voice_field(fields[name]) if name == "voice" else fields[name]
+            side_of(side).setdefault(key, voice_field(fields[name]) if name == "voice" else fields[name])
     if "transcription_model" in fields:
         model = fields["transcription_model"]
-        side_of("input")["transcription"] = None if model is None else {"model": model}
+        side_of("input").setdefault("transcription", None if model is None else {"model": model})
     if audio:
         session["audio"] = audio
     session["type"] = "realtime"
-    validate_accept_payload(session, sip=False)
+    validate_accept_payload(session, sip=False, update=True)
     return session
 
 
@@ -319,38 +320,33 @@ def check_sip_audio(audio: Any) -> None:
             )
 
 
-def validate_accept_payload(body: dict[str, Any], *, sip: bool = True) -> None:
+def validate_accept_payload(body: dict[str, Any], *, sip: bool = True, update: bool = False) -> None:
     """Refuse locally what OpenAI would refuse or silently break on, and field names that
-    are a typo of a known one (``max_output_token``)."""
+    are a typo of a known one (``max_output_token``).
+
+    ``update``: ``body`` is a partial ``session.update``, whose ``tools`` left out stay as they are (in a
+    whole session, they are none: a ``tool_choice`` forcing one is refused)."""
     if body.get("type") != "realtime":
         raise SessionConfigError('session config needs "type": "realtime"')
     for key in body:
         _typo(key, _SESSION_KEYS, "")
-    audio = body.get("audio")
-    audio = {} if audio is None else audio
+    audio = body.get("audio", {})
     if not isinstance(audio, dict):
         raise SessionConfigError(f"audio must be an object, not {_kind(audio)}")
     for key in audio:
         _typo(key, _AUDIO_SIDES, "audio.")
     for side in ("input", "output"):
-        part = audio.get(side)
-        part = {} if part is None else part
+        part = audio.get(side, {})
         if not isinstance(part, dict):
             raise SessionConfigError(f"audio.{side} must be an object, not {_kind(part)}")
         for key in part:
             _typo(key, _AUDIO_KEYS[side], f"audio.{side}.")
     if sip:
         check_sip_audio(audio)
-    _check_values(body, audio)
-    td = (audio.get("input") or {}).get("turn_detection") or {}
-    known = _TURN_KEYS.get(str(td.get("type"))) if isinstance(td, dict) else None
-    if known is not None:
-        other = _TURN_KEYS["semantic_vad" if td["type"] == "server_vad" else "server_vad"] - known
-        for key in td:
-            where = "audio.input.turn_detection."
-            if key in other:
-                raise SessionConfigError(f"{where}{key} is not a setting of {td['type']} turn detection")
-            _typo(key, known, where)
+    _check_values(body, audio, update=update)
+    td = audio.get("input", {}).get("turn_detection")
+    if td is not None:
+        _check_turn_detection(td)
     if sip and isinstance(td, dict):
         for key in _FORBIDDEN_TURN_DETECTION:
             if key in td:
@@ -408,18 +404,69 @@ def _itemless_array(schema: Any, where: str) -> str | None:
     return None
 
 
+def _check_turn_detection(td: Any) -> None:
+    """``audio.input.turn_detection`` (not ``None``: the server's own) as OpenAI takes it: a kind
+    (``server_vad``, ``semantic_vad``) with that kind's settings only, in range."""
+    where = "audio.input.turn_detection"
+    if not isinstance(td, dict):
+        raise SessionConfigError(f"{where} must be an object, not {_kind(td)}")
+    kind = td.get("type")
+    known = _TURN_KEYS.get(kind) if isinstance(kind, str) else None
+    if known is None:
+        raise SessionConfigError(f'{where} needs a "type": "server_vad" or "semantic_vad", not {kind!r}')
+    other = _TURN_KEYS["semantic_vad" if kind == "server_vad" else "server_vad"] - known
+    for key in td:
+        if key in other:
+            raise SessionConfigError(f"{where}.{key} is not a setting of {kind} turn detection")
+        _typo(key, known, where + ".")
+    idle = td.get("idle_timeout_ms")
+    if idle is not None and (isinstance(idle, bool) or not isinstance(idle, int) or idle <= 0):
+        raise SessionConfigError(f"{where}.idle_timeout_ms must be a whole number of ms > 0, not {idle!r}")
+    if "eagerness" in td and td["eagerness"] not in _EAGERNESS:
+        raise SessionConfigError(
+            f'{where}.eagerness must be "low", "medium", "high" or "auto", not {td["eagerness"]!r}'
+        )
+
+
+_EAGERNESS = ("low", "medium", "high", "auto")
+_NOISE_REDUCTIONS = ("near_field", "far_field")
+_MODALITIES = ("audio", "text")
 _TOOL_CHOICES = ("auto", "none", "required")
+# A tool choice object's fields, by its type: the required, then the optional ones.
+_TOOL_CHOICE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "function": (("name",), ()),
+    "mcp": (("server_label",), ("name",)),
+}
 _SPEED = (0.25, 1.5)
 """The slowest and fastest speech OpenAI takes (``audio.output.speed``; 1.0 is the voice's own pace)."""
 
 
-def _check_values(body: Mapping[str, Any], audio: Mapping[str, Any]) -> None:
+def _check_values(body: Mapping[str, Any], audio: Mapping[str, Any], *, update: bool = False) -> None:
     """Refuse a value of the wrong type or out of range that OpenAI would refuse (the whole update or
-    accept with it): ``instructions``, ``model``, ``max_output_tokens``, the output voice and speed,
-    ``tool_choice``. No list of the
+    accept with it): ``instructions``, ``model``, ``output_modalities``, ``max_output_tokens``, the
+    input's transcription and noise reduction, the output voice and speed, ``tool_choice``. No list of the
     built-in voices is kept (it would go stale): a name is only checked to be one."""
     if "instructions" in body and not isinstance(body["instructions"], str):
         raise SessionConfigError(f"instructions must be a string, not {_kind(body['instructions'])}")
+    if "output_modalities" in body:
+        modalities = body["output_modalities"]
+        if not (isinstance(modalities, list) and len(modalities) == 1 and modalities[0] in _MODALITIES):
+            raise SessionConfigError(f'output_modalities must be ["audio"] or ["text"], not {modalities!r}')
+    heard = audio.get("input", {})
+    transcription = heard.get("transcription")
+    if transcription is not None and not (
+        isinstance(transcription, Mapping) and isinstance(transcription.get("model"), str)
+    ):
+        raise SessionConfigError(
+            'audio.input.transcription needs a "model" (a transcription model\'s name, as '
+            f'"gpt-4o-mini-transcribe"; None: no caller transcripts), not {transcription!r}'
+        )
+    noise = heard.get("noise_reduction")
+    if noise is not None and not (isinstance(noise, Mapping) and noise.get("type") in _NOISE_REDUCTIONS):
+        raise SessionConfigError(
+            'noise_reduction must be {"type": "near_field"} or {"type": "far_field"} (or None), '
+            f"not {noise!r}"
+        )
     if "model" in body and not (isinstance(body["model"], str) and body["model"].strip()):
         raise SessionConfigError(f'model must be a model\'s name ("gpt-realtime"), not {body["model"]!r}')
     if "max_output_tokens" in body:
@@ -444,16 +491,31 @@ def _check_values(body: Mapping[str, Any], audio: Mapping[str, Any]) -> None:
             if isinstance(speed, bool) or not isinstance(speed, int | float) or not low <= speed <= high:
                 raise SessionConfigError(f"speed must be a number from {low} to {high}, not {speed!r}")
     if "tool_choice" in body:
-        _check_tool_choice(body["tool_choice"], body.get("tools"))
+        # (a whole session without tools has none: a partial update's leaves them as they are)
+        _check_tool_choice(body["tool_choice"], body.get("tools", None if update else []))
 
 
 def _check_tool_choice(choice: Any, tools: Any) -> None:
-    """A ``tool_choice`` as OpenAI takes it: ``"auto"``, ``"none"``, ``"required"``, one function tool
-    (``{"type": "function", "name": …}``: one of ``tools``, when they are given) or an MCP server's
-    (``{"type": "mcp", "server_label": …}``)."""
+    """A ``tool_choice`` as OpenAI takes it: ``"auto"``, ``"none"``, ``"required"`` (with a tool to
+    call), one function tool (``{"type": "function", "name": …}``: one of ``tools``, unless they are
+    ``None``: not known) or an MCP server's (``{"type": "mcp", "server_label": …}``)."""
     if isinstance(choice, str) and choice in _TOOL_CHOICES:
+        if choice == "required" and isinstance(tools, list) and not tools:
+            raise SessionConfigError(
+                'tool_choice "required" with no tools: the model would have none to call'
+            )
         return
     kind = choice.get("type") if isinstance(choice, Mapping) else None
+    fields = _TOOL_CHOICE_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is not None:
+        required, optional = fields
+        for key in choice:
+            if key != "type" and key not in required and key not in optional:
+                takes = ", ".join(f'"{k}"' for k in ("type", *required, *optional))
+                raise SessionConfigError(f'tool_choice {{"type": "{kind}"}} takes {takes}, not {key!r}')
+        for key in optional:
+            if key in choice and not isinstance(choice[key], str):
+                raise SessionConfigError(f"tool_choice {key} must be a string, not {_kind(choice[key])}")
     if kind == "function":
         name = choice.get("name")
         if not isinstance(name, str) or not name:
@@ -547,8 +609,16 @@ def _asks_approval(tool: Mapping[str, Any]) -> bool:
     approval = tool.get("require_approval")
     if approval == "never":
         return False
-    if not isinstance(approval, dict) or approval.get("always"):
+    if not isinstance(approval, dict):
         return True
+    always = approval.get("always")
+    asked: Any = []  # the tools an "always" filter names (one that names none asks for none)
+    if always is not None:
+        asked = (
+            always.get("tool_names") if isinstance(always, dict) and set(always) == {"tool_names"} else None
+        )
+        if not isinstance(asked, list):
+            return True  # (a filter of another kind: it may match any tool)
     never = approval.get("never")
     exempt = never.get("tool_names") if isinstance(never, dict) else None
     allowed = tool.get("allowed_tools")
@@ -556,7 +626,7 @@ def _asks_approval(tool: Mapping[str, Any]) -> bool:
         allowed = allowed.get("tool_names")
     if not (isinstance(exempt, list) and isinstance(allowed, list) and allowed):
         return True
-    return not all(isinstance(name, str) and name in exempt for name in allowed)
+    return not all(isinstance(name, str) and name in exempt and name not in asked for name in allowed)
 
 
 def check_seconds(name: str, value: object) -> float | None:

@@ -330,6 +330,24 @@ SIP_REFUSED = [
     # a value of the wrong type is refused, not converted (true is no 1-token limit)
     ("session = { max_output_tokens = true }", "session.max_output_tokens"),
     ('session = { speed = "1.2" }', "session.speed: Input should be a valid number"),
+    # values the calls API refuses at every call to the number
+    (
+        'session = { output_modalities = ["audio", "text"] }',
+        'output_modalities must be ["audio"] or ["text"]',
+    ),
+    ('session = { turn_detection = { type = "semantic_vad", eagerness = "normal" } }', "eagerness must be"),
+    ("session = { turn_detection = { create_response = false } }", 'turn_detection needs a "type"'),
+    ('session = { turn_detection = { type = "server_vad", idle_timeout_ms = 0 } }', "idle_timeout_ms"),
+    ('session = { noise_reduction = { type = "nearfield" } }', "noise_reduction must be"),
+    (
+        'session = { audio = { input = { transcription = { language = "en" } } } }',
+        'transcription needs a "model"',
+    ),
+    # no tools to force: the session would go out forcing a tool it does not offer
+    (
+        'tools = []\nsession = { tool_choice = { type = "function", name = "lookup_order" } }',
+        "tool_choice names the tool 'lookup_order', which the session does not offer",
+    ),
 ]
 
 

@@ -419,6 +419,129 @@ def test_values_openai_takes_pass(config: SessionConfig) -> None:
     validate_accept_payload(config.payload([TOOL]))
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"output_modalities": ["audio", "text"]}, 'output_modalities must be ["audio"] or ["text"]'),
+        ({"output_modalities": []}, 'output_modalities must be ["audio"] or ["text"], not []'),
+        ({"output_modalities": ["speech"]}, "output_modalities must be"),
+        ({"turn_detection": {"create_response": False}}, 'turn_detection needs a "type": "server_vad" or'),
+        ({"turn_detection": {}}, 'turn_detection needs a "type"'),
+        ({"turn_detection": {"type": "vad"}}, "not 'vad'"),
+        ({"audio": {"input": {"turn_detection": "server_vad"}}}, "turn_detection must be an object, not str"),
+        (
+            {"turn_detection": {"type": "semantic_vad", "eagerness": "normal"}},
+            'eagerness must be "low", "medium", "high" or "auto", not \'normal\'',
+        ),
+        ({"turn_detection": {"type": "server_vad", "idle_timeout_ms": 0}}, "idle_timeout_ms must be"),
+        ({"turn_detection": {"type": "server_vad", "idle_timeout_ms": 1.5}}, "not 1.5"),
+        ({"turn_detection": {"type": "server_vad", "idle_timeout_ms": True}}, "not True"),
+        ({"turn_detection": {"type": "server_vad", "idle_timeout_ms": "6000"}}, "not '6000'"),
+        ({"noise_reduction": {"type": "nearfield"}}, 'noise_reduction must be {"type": "near_field"}'),
+        ({"audio": {"input": {"noise_reduction": "near_field"}}}, "noise_reduction must be"),
+        ({"noise_reduction": {}}, "noise_reduction must be"),
+        ({"audio": {"input": {"transcription": {"language": "en"}}}}, 'transcription needs a "model"'),
+        ({"audio": {"input": {"transcription": "whisper-1"}}}, 'transcription needs a "model"'),
+        ({"audio": {"output": None}}, "audio.output must be an object, not None"),
+        ({"audio": {"input": None}}, "audio.input must be an object, not None"),
+    ],
+)
+def test_values_the_calls_api_refuses_are_refused_before_any_call(
+    fields: dict[str, Any], message: str
+) -> None:
+    """Refused by OpenAI at every call (the accept, or the update, fails): refused here, at start."""
+    body = SessionConfig.model_validate(fields).payload([TOOL])
+    with pytest.raises(SessionConfigError) as info:
+        validate_accept_payload(body)
+    assert message in str(info.value)
+    with pytest.raises(SessionConfigError) as info:
+        session_update(fields)  # (an update mid-call: nothing is sent)
+    assert message in str(info.value)
+
+
+def test_an_audio_object_of_none_is_refused_in_a_session_and_left_out_of_an_update() -> None:
+    with pytest.raises(SessionConfigError, match=r"^audio must be an object, not None$"):
+        validate_accept_payload({"type": "realtime", "audio": None})
+    assert session_update({"audio": None}) == {"type": "realtime"}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"output_modalities": ["text"]},
+        {"turn_detection": None, "noise_reduction": None, "transcription_model": None},
+        {"turn_detection": {"type": "server_vad", "idle_timeout_ms": None}},
+        {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 1}},
+        {"turn_detection": {"type": "semantic_vad", "eagerness": "auto"}},
+        {"noise_reduction": {"type": "far_field"}},
+        {"audio": {"input": {"transcription": {"model": "whisper-1", "language": "en"}}}},
+    ],
+)
+def test_the_same_settings_in_range_pass(fields: dict[str, Any]) -> None:
+    validate_accept_payload(SessionConfig.model_validate(fields).payload([TOOL]))
+    session_update(fields)
+
+
+@pytest.mark.parametrize(
+    ("choice", "message"),
+    [
+        (
+            {"type": "function", "name": "lookup_order", "strict": True},
+            'takes "type", "name", not \'strict\'',
+        ),
+        ({"type": "mcp", "server_label": "crm", "tool": "read"}, "not 'tool'"),
+        ({"type": "mcp", "server_label": "crm", "name": 5}, "tool_choice name must be a string, not int"),
+    ],
+)
+def test_a_tool_choice_with_a_field_openai_does_not_take_is_refused(
+    choice: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(SessionConfigError) as info:
+        validate_accept_payload(SessionConfig(tool_choice=choice).payload([TOOL]))
+    assert message in str(info.value)
+    validate_accept_payload(
+        SessionConfig(tool_choice={"type": "mcp", "server_label": "crm", "name": "read"}).payload([])
+    )
+
+
+@pytest.mark.parametrize(
+    ("choice", "message"),
+    [
+        (
+            {"type": "function", "name": "lookup_order"},
+            "names the tool 'lookup_order', which the session does not",
+        ),
+        ("required", 'tool_choice "required" with no tools'),
+    ],
+)
+def test_a_session_without_tools_cannot_force_one(choice: Any, message: str) -> None:
+    """No tools (a route's ``tools = []``, ``Accept(tools=())``): the session has none to force."""
+    with pytest.raises(SessionConfigError, match=re.escape(message)):
+        validate_accept_payload(SessionConfig(tool_choice=choice).payload([]))
+    # An update that leaves the tools out keeps them: the choice is checked against the call's (elsewhere).
+    assert session_update({"tool_choice": choice})["tool_choice"] == choice
+    with pytest.raises(SessionConfigError, match=re.escape(message)):
+        session_update({"tool_choice": choice, "tools": []})
+
+
+def test_within_one_update_the_audio_object_wins_over_the_named_settings() -> None:
+    """As within one config: ``audio`` gives the key, its named setting does not replace it."""
+    update = session_update(
+        {
+            "voice": "cedar",
+            "speed": 1.2,
+            "transcription_model": None,
+            "audio": {"output": {"voice": "ash"}, "input": {"transcription": {"model": "whisper-1"}}},
+        }
+    )
+    assert update["audio"] == {
+        "output": {"voice": "ash", "speed": 1.2},
+        "input": {"transcription": {"model": "whisper-1"}},
+    }
+    config = SessionConfig(voice="cedar", audio={"output": {"voice": "ash"}})  # type: ignore[call-arg]
+    assert config.payload([])["audio"]["output"] == {"voice": "ash"}
+
+
 def test_audio_must_be_an_object() -> None:
     with pytest.raises(SessionConfigError):
         validate_accept_payload({"type": "realtime", "audio": "pcmu"})
@@ -541,6 +664,19 @@ def test_an_mcp_server_whose_allowed_tools_never_ask_passes() -> None:
             "allowed_tools": allowed,
             "require_approval": {"never": {"tool_names": ["read", "find"]}},
         }
+        validate_accept_payload({"type": "realtime", "tools": [tool]})
+
+
+def test_an_always_filter_naming_none_of_the_allowed_tools_asks_for_no_approval() -> None:
+    for always in ([], ["write"]):
+        tool = {
+            **MCP,
+            "allowed_tools": ["read"],
+            "require_approval": {"always": {"tool_names": always}, "never": {"tool_names": ["read"]}},
+        }
+        validate_accept_payload({"type": "realtime", "tools": [tool]})
+    tool["require_approval"] = {"always": {"read_only": True}, "never": {"tool_names": ["read"]}}
+    with pytest.raises(SessionConfigError, match='needs "require_approval": "never"'):
         validate_accept_payload({"type": "realtime", "tools": [tool]})
 
 
