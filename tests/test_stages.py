@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sideband import Accept, CallContext, IncomingCall, SessionConfigError, Sideband
+from sideband import Accept, CallContext, IncomingCall, SessionConfig, SessionConfigError, Sideband
 from sideband.runtime.driver import CallRuntime
 from sideband.runtime.machine import CallMachine, MachineConfig
 from sideband.testing import (
@@ -23,10 +23,17 @@ from sideband.testing import (
 )
 
 
-def desk(first: tuple[str, ...] = ("verify", "lookup_order")) -> Sideband:
+def desk(
+    first: tuple[str, ...] = ("verify", "lookup_order"), session: SessionConfig | None = None
+) -> Sideband:
     """A desk that offers ``first`` (``verify`` and ``lookup_order``); a verified caller is offered
     ``refund`` (and a CRM the server runs) instead."""
-    app = Sideband(instructions="You are the order desk.", transfer_targets={"human": "tel:+14155550123"})
+    app = Sideband(
+        instructions="You are the order desk.",
+        voice="marin",
+        session=session,
+        transfer_targets={"human": "tel:+14155550123"},
+    )
     app.enable_transfer()
 
     @app.on_incoming
@@ -208,7 +215,149 @@ async def test_tools_that_cannot_be_offered_are_refused_and_change_nothing(tools
     assert sum(1 for e in call.received if e["type"] == "session.update") == 1  # the session config only
 
 
-def bare_runtime() -> CallRuntime:
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"voice": "cedar", "instructions": "Verified.", "tools": ["refund"]},
+            "the voice cannot change once the model has spoken in the call",
+        ),
+        ({"audio": {"output": {"voice": "voice_1234"}}, "tools": ["refund"]}, "it stays 'marin'"),
+        ({"model": "gpt-realtime-mini", "tools": ["refund"]}, "the model cannot change once the model has"),
+    ],
+)
+async def test_a_new_voice_or_model_after_the_model_spoke_is_refused_and_the_tools_stay(
+    fields: dict[str, Any], message: str
+) -> None:
+    """OpenAI refuses the whole update then (``cannot_update_voice``): had it gone out, the call would run
+    the new tools while the model still had, and called, the old ones."""
+    app = desk(first=("try_stage", "lookup_order"))
+    refusals: list[str] = []
+
+    @app.tool
+    async def try_stage(ctx: CallContext) -> str:
+        """Move on to the next stage."""
+        try:
+            ctx.update_session(**fields)
+        except SessionConfigError as exc:
+            refusals.append(str(exc))
+            raise
+        return "changed"
+
+    async with run_app(app) as h:
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Order desk."),  # (the model has spoken)
+                    caller_says("Go."),
+                    model_calls("try_stage", {}),
+                    model_says("That did not work."),
+                    caller_says("Where is order 3?"),
+                    model_calls("lookup_order", {"order_id": "3"}),
+                    model_says("Shipped."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        summary = await h.ended(call)
+    assert len(refusals) == 1 and message in refusals[0], refusals
+    assert [(t.name, t.outcome) for t in summary.tools] == [("try_stage", "error"), ("lookup_order", "ok")]
+    assert sum(1 for e in call.received if e["type"] == "session.update") == 1  # the session config only
+    assert not call.sent_of_type("error")
+
+
+async def test_the_voice_may_change_before_the_model_speaks_and_be_given_again_after() -> None:
+    app = desk(first=("try_stage", "check_order"), session=SessionConfig(greeting=None))
+    refusals: list[str] = []
+
+    @app.tool
+    async def try_stage(ctx: CallContext) -> str:
+        """Change the voice."""
+        ctx.update_session(voice="cedar")  # (nothing said yet: taken)
+        return "changed"
+
+    @app.tool
+    async def check_order(order_id: str, ctx: CallContext) -> str:
+        """Look up an order."""
+        ctx.update_session(voice="cedar", instructions="Be brief.")  # (the same voice: taken)
+        try:
+            ctx.update_session(voice="marin")
+        except SessionConfigError as exc:
+            refusals.append(str(exc))
+        return "shipped"
+
+    async with run_app(app) as h:
+        call = await h.call(
+            Script(
+                [
+                    caller_says("Go."),
+                    model_calls("try_stage", {}),  # (no words with it: no audio yet)
+                    model_says("Done."),
+                    caller_says("Where is order 3?"),
+                    model_calls("check_order", {"order_id": "3"}),
+                    model_says("Shipped."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        await h.ended(call)
+    assert not call.sent_of_type("error")
+    updates = [e["session"] for e in call.received if e["type"] == "session.update"][1:]
+    assert updates == [
+        {"type": "realtime", "audio": {"output": {"voice": "cedar"}}},
+        {"type": "realtime", "instructions": "Be brief.", "audio": {"output": {"voice": "cedar"}}},
+    ]
+    assert len(refusals) == 1 and "it stays 'cedar'" in refusals[0], refusals
+
+
+@pytest.mark.parametrize("set_by", ["config", "update"])
+async def test_tools_that_leave_out_the_forced_tool_need_a_tool_choice_too(set_by: str) -> None:
+    """A ``tool_choice`` forcing a tool (the session config's, or an earlier update's) that new tools
+    leave out would force a tool the model no longer has: the update must say what is chosen now."""
+    forced = {"type": "function", "name": "try_stage"}
+    app = desk(
+        first=("try_stage", "lookup_order"),
+        session=SessionConfig(tool_choice=forced) if set_by == "config" else None,
+    )
+    refusals: list[str] = []
+
+    @app.tool
+    async def try_stage(ctx: CallContext) -> str:
+        """Move on to the next stage."""
+        if set_by == "update":
+            ctx.update_session(tool_choice=forced)
+        for fields in ({"tools": ["refund"]}, {"tools": ["refund"], "tool_choice": "auto"}):
+            try:
+                ctx.update_session(**fields)
+            except SessionConfigError as exc:
+                refusals.append(str(exc))
+        return "changed"
+
+    async with run_app(app) as h:
+        call = await h.call(
+            Script(
+                [
+                    caller_says("Go."),
+                    model_calls("try_stage", {}),
+                    model_says("Done."),
+                    caller_says("Refund order 3."),
+                    model_calls("refund", {"order_id": "3"}),
+                    model_says("Refunded."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        summary = await h.ended(call)
+    assert refusals == [
+        "tools: the session's tool_choice forces 'try_stage', which these tools leave out: give tool_choice "
+        'too ("auto", or one of these tools)'
+    ]
+    assert [(t.name, t.outcome) for t in summary.tools] == [("try_stage", "ok"), ("refund", "ok")]
+    assert call.session["tool_choice"] == "auto" and [t["name"] for t in call.session["tools"]] == ["refund"]
+    assert not call.sent_of_type("error")
+
+
+def bare_runtime(**session: Any) -> CallRuntime:
     """The desk's call runtime with no socket: tests feed it events and read what it ran."""
     app = desk()
 
@@ -216,7 +365,7 @@ def bare_runtime() -> CallRuntime:
         raise AssertionError("no socket in this test")
 
     return CallRuntime(
-        machine=CallMachine(MachineConfig(session={"type": "realtime"})),
+        machine=CallMachine(MachineConfig(session={"type": "realtime", **session})),
         ctx=CallContext("rtc_bare"),
         tools=app.tools.subset(["verify", "lookup_order"]),
         catalog=app.tools,
@@ -284,3 +433,12 @@ async def test_a_response_asked_for_before_the_tools_change_may_call_those_it_wa
         receive(event)
     await asyncio.gather(*runtime._tool_tasks.values())
     assert [(t.call_id, t.outcome) for t in runtime.summary.tools] == [("c1", "ok")]
+
+
+async def test_no_tools_left_while_a_tool_is_required_needs_a_tool_choice_too() -> None:
+    runtime = bare_runtime(tool_choice="required")
+    with pytest.raises(SessionConfigError, match='none left while the session\'s tool_choice is "required"'):
+        runtime.update_session(tools=[])
+    assert runtime.tools.names() == ["verify", "lookup_order"]  # unchanged
+    runtime.update_session(tools=[], tool_choice="auto")
+    assert runtime.tools.names() == []

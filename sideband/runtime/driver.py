@@ -52,7 +52,7 @@ from sideband.runtime.machine import (
     Verb,
     Withdraw,
 )
-from sideband.session import SessionConfigError, check_sip_audio
+from sideband.session import SessionConfigError, check_sip_audio, session_update
 from sideband.tools import (
     Outcome,
     ToolError,
@@ -275,12 +275,14 @@ class CallRuntime:
         "_log_args",
         "_log_fields",
         "_log_said",
+        "_now",
         "_outbox",
         "_ping_interval",
         "_pong",
         "_quiet",
         "_reattach_attempts",
         "_side_tasks",
+        "_spoken",
         "_stats",
         "_stop",
         "_sync_hooks",
@@ -332,6 +334,9 @@ class CallRuntime:
         self._catalog = tools if catalog is None else catalog  # what ``update_session(tools=…)`` may name
         # After a change of tools, those the response then under way was offered (it may still call them).
         self._before: tuple[ToolRegistry, str] | None = None
+        # The session's voice, model and tool_choice as updates set them since the config (None: none did)
+        self._now: dict[str, Any] | None = None
+        self._spoken = False  # the model's audio started in the call: its voice and model are set for good
         self._connect = connect
         self._verb_call = verb
         # The hangup or refer under way, unanswered so far: its task, the verb and its target.
@@ -533,13 +538,19 @@ class CallRuntime:
     def update_session(self, **fields: Any) -> None:
         """Send a partial ``session.update`` (see :meth:`CallMachine.update_session`). ``tools`` lists the
         names of the call's tools the model is offered from now on (and any tools the server runs itself,
-        as objects); a response under way, or already asked for, may still call those it was offered."""
+        as objects); a response under way, or already asked for, may still call those it was offered.
+
+        Raises :class:`SessionConfigError`, and sends nothing, for an update the server would refuse whole:
+        a new voice or model once the model's audio started, tools leaving out the one the session's
+        ``tool_choice`` forces (unless the update gives ``tool_choice`` too)."""
         if self.summary.source == "sip" and "audio" in fields:
             check_sip_audio(fields["audio"])  # (the server would refuse the whole update)
         offered = None
         if "tools" in fields:
             offered, fields["tools"] = self._offer(fields["tools"])
-        else:  # (with tools, the session's check holds the choice to them)
+            if "tool_choice" not in fields:  # (given, the session's check holds it to these tools)
+                self._check_choice_kept(fields["tools"])
+        else:
             choice = fields.get("tool_choice")
             if isinstance(choice, Mapping) and choice.get("type") == "function":
                 names = self.tools.names()
@@ -548,7 +559,13 @@ class CallRuntime:
                         f"tool_choice names the tool {choice.get('name')!r}, which the call does not offer "
                         f"({', '.join(names) or 'none'})"
                     )
+        fixed = self._voice_and_model(fields)
         self._apply(self.machine.update_session(fields))
+        if fixed or "tool_choice" in fields:
+            now = self._now = self._now or {}
+            now.update(fixed)
+            if "tool_choice" in fields:
+                now["tool_choice"] = fields["tool_choice"]
         machine = self.machine
         if offered is not None and not machine.closed:
             # The response under way, or about to start ("": ours is asked for, or the server answers
@@ -560,6 +577,63 @@ class CallRuntime:
                 self._before = (self.tools, under_way)
             self.tools = offered
         self._kick()
+
+    def _current(self, key: str) -> Any:
+        """The session's ``voice``, ``model`` or ``tool_choice`` as last sent (``None``: not known)."""
+        now = self._now
+        if now is not None and key in now:
+            return now[key]
+        session = self.machine.config.session
+        if key == "voice":
+            audio = session.get("audio")
+            output = audio.get("output") if isinstance(audio, Mapping) else None
+            return output.get("voice") if isinstance(output, Mapping) else None
+        return session.get(key)
+
+    def _voice_and_model(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """The voice and model ``fields`` set, as sent. Raises :class:`SessionConfigError` for a change of
+        either once the model's audio started: OpenAI refuses the whole update then (``cannot_update_voice``),
+        its tools and instructions too, and the call would go on with tools it no longer knows of."""
+        if (
+            not ("voice" in fields or "model" in fields or "audio" in fields)
+            or not self.machine.caps.nested_audio
+        ):
+            return {}
+        update = session_update(fields)
+        output = update.get("audio", {}).get("output")
+        fixed = {"voice": output["voice"]} if isinstance(output, Mapping) and "voice" in output else {}
+        if "model" in update:
+            fixed["model"] = update["model"]
+        if self._spoken:
+            for key, value in fixed.items():
+                now = self._current(key)
+                if now is not None and value != now:
+                    raise SessionConfigError(
+                        f"the {key} cannot change once the model has spoken in the call (OpenAI refuses the "
+                        f"whole update): it stays {now!r}; give the {key} with the app, the route or Accept"
+                    )
+        return fixed
+
+    def _check_choice_kept(self, tools: list[dict[str, Any]]) -> None:
+        """Raise :class:`SessionConfigError` if the session's ``tool_choice`` forces a tool that ``tools``
+        (the session's from now on) leave out, or is ``"required"`` with none: the update must give its
+        ``tool_choice`` too (``"auto"``, or one of ``tools``)."""
+        choice = self._current("tool_choice")
+        if choice == "required" and not tools:
+            raise SessionConfigError(
+                'tools: none left while the session\'s tool_choice is "required": '
+                'give tool_choice too ("auto")'
+            )
+        if not isinstance(choice, Mapping) or choice.get("type") not in ("function", "mcp"):
+            return
+        key = "name" if choice["type"] == "function" else "server_label"
+        if not any(
+            t.get("type", "function") == choice["type"] and t.get(key) == choice.get(key) for t in tools
+        ):
+            raise SessionConfigError(
+                f"tools: the session's tool_choice forces {choice.get(key)!r}, which these tools leave out: "
+                'give tool_choice too ("auto", or one of these tools)'
+            )
 
     def _offer(self, tools: Any) -> tuple[ToolRegistry, list[dict[str, Any]]]:
         """The registry and session ``tools`` for ``update_session(tools=…)``: names of the call's tools,
@@ -947,6 +1021,8 @@ class CallRuntime:
             return False
         if guard is not None and event.get("type") in _GUARDED:
             guard.feed(event)
+        if not self._spoken and event.get("type") == "output_audio_buffer.started":
+            self._spoken = True
         if self._items is not None and event.get("type") in ACK_TYPES:
             self._acked_item(event.get("item"))
         actions = self.machine.receive(event)
