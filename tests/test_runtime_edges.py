@@ -1664,6 +1664,84 @@ async def test_text_lost_in_a_silently_dead_socket_is_sent_again_before_its_answ
     assert ("caller", "[keypad] 42") in rt.summary.transcript
 
 
+async def test_the_same_text_twice_is_acknowledged_once_each(simulator: Simulator) -> None:
+    """The caller pressed 1 twice: two equal texts. The server acknowledges the first twice (added, then
+    done); that is one item's acknowledgement, not both's: the second, lost with the socket, goes again."""
+    call = simulator.create_call(Script([HELLO, pause(30)]), accept_body={"type": "realtime"})
+    original, dead_on = call._on_text, []
+
+    async def on_text(data: str) -> None:
+        if dead_on and call.sideband_connects == dead_on[0]:
+            return  # the dead path: what is written to it is lost
+        await original(data)
+        if json.loads(data).get("type") == "conversation.item.create" and not dead_on:
+            dead_on.append(call.sideband_connects)  # the path dies right after the first was acknowledged
+            await call._close_sockets("unreachable")
+
+    call._on_text = on_text  # type: ignore[method-assign]
+    rt = CallRuntime(
+        machine=CallMachine(
+            MachineConfig(
+                session={"type": "realtime", "instructions": "x"}, greeting="Hi", reattach_grace=0.3
+            )
+        ),
+        ctx=CallContext(call.call_id),
+        tools=ToolRegistry(),
+        connect=Connector(simulator, call.call_id, []),
+        hooks=CallHooks(),
+        reattach_attempts=2,
+        ping_interval=0.5,
+    )
+    with capture_logs() as logs:
+        run = asyncio.ensure_future(rt.run())
+        await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+        rt.send_text("[keypad] 1")
+        rt.send_text("[keypad] 1")
+        await call.wait_for(
+            lambda c: sum(e["type"] == "conversation.item.create" for e in c.received) == 2, timeout=10
+        )
+        await simulator.hang_up(call)
+        await asyncio.wait_for(run, 10)
+    assert [e["items"] for e in logs if e["event"] == "sideband.items_resent"] == [1]
+    assert call.sideband_connects == 2
+
+
+async def test_a_message_the_server_refused_is_not_sent_again_after_a_reattach(simulator: Simulator) -> None:
+    """The server refused code's message item (its error names the item's event_id): it is not kept to be
+    sent again after the re-attach, only to be refused again and reported lost."""
+    call = simulator.create_call(Script([HELLO, pause(30)]), accept_body={"type": "realtime"})
+    rt = CallRuntime(
+        machine=CallMachine(
+            MachineConfig(
+                session={"type": "realtime", "instructions": "x"}, greeting="Hi", reattach_grace=0.3
+            )
+        ),
+        ctx=CallContext(call.call_id),
+        tools=ToolRegistry(),
+        connect=Connector(simulator, call.call_id, []),
+        hooks=CallHooks(),
+        reattach_attempts=2,
+        ping_interval=0.5,
+    )
+    bad = {"type": "message", "role": "assistant", "content": [{"type": "text", "text": "Noted."}]}
+    with capture_logs() as logs:
+        run = asyncio.ensure_future(rt.run())
+        await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+        rt.send_event({"type": "conversation.item.create", "item": bad})
+        await call.wait_for(lambda c: any(e["type"] == "error" for e in c.sent), timeout=5)
+        updates = sum(e["type"] == "session.update" for e in call.received)
+        await simulator.drop_sideband(call, "abnormal")
+        await call.wait_connected(2, timeout=10)
+        # (the re-attached socket's session.update comes after anything sent again)
+        await call.wait_for(lambda c: sum(e["type"] == "session.update" for e in c.received) > updates, 10)
+        await simulator.hang_up(call)
+        await asyncio.wait_for(run, 10)
+    (refused,) = [e for e in call.sent if e["type"] == "error"]
+    (sent,) = [e for e in call.received if e["type"] == "conversation.item.create"]
+    assert refused["error"]["event_id"] == sent["event_id"]
+    assert not [e for e in logs if e["event"] in ("sideband.items_resent", "sideband.item_lost")]
+
+
 async def test_text_lost_again_and_again_is_given_up(simulator: Simulator) -> None:
     """Each socket the text goes out on again dies silently too: it is sent again after each of 3
     re-attaches, then given up (``sideband.item_lost``), not sent after every re-attach for ever."""

@@ -94,6 +94,9 @@ _GUARDED = GUARDED_DELTAS | GUARDED_DONE  # the events an output guard is fed
 _KEEPALIVE = "\x00keepalive"  # a driver timer name no machine timer can take
 _TYPE_AHEAD = 16  # keys kept for the next collection at most (the last ones)
 _ITEMS_KEPT = 16  # conversation items of ours awaiting their acknowledgement, at most (the last ones)
+# The one acknowledgement of each item (GA: added, then done; beta: created): one sent item per server item
+_ITEM_ACKS = frozenset({"conversation.item.added", "conversation.item.created"})
+_ITEM_EVENT = "sb_item_"  # the event_id prefix of our message items (an error names the one it refuses)
 
 HOOK_GRACE = 2.0
 """Seconds a call's hooks still running or queued when it ends get to finish, in all: then those running
@@ -270,6 +273,7 @@ class CallRuntime:
         "_flushing",
         "_guard",
         "_hook_queue",
+        "_item_count",
         "_items",
         "_keypad",
         "_log_args",
@@ -362,6 +366,7 @@ class CallRuntime:
         # Messages we added to the conversation (code's text, a guardrail's note), not acknowledged yet
         # (see _resend_items); None when there are none
         self._items: list[_SentItem] | None = None
+        self._item_count = 0  # (their event_ids)
         self._flushing = False
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._abandoned: set[str] | None = None  # tool call ids the call's end gave up on
@@ -814,16 +819,33 @@ class CallRuntime:
             outbox[:0] = again  # (they left before what is still queued: they go first)
             self.log.info("sideband.items_resent", items=len(again))
 
-    def _sent_item(self, frame: bytes, event: Mapping[str, Any]) -> None:
-        """Keep our ``conversation.item.create`` of a message until the server acknowledges it."""
+    def _sent_item(self, event: Mapping[str, Any]) -> bytes:
+        """The frame of our ``conversation.item.create``; one of a message is kept until the server
+        acknowledges it, or refuses it (it goes with an ``event_id`` that the refusal names)."""
         item = event.get("item")
         if not isinstance(item, Mapping) or item.get("type") != "message":
-            return
+            return jsonio.dumps(event)
+        event_id = event.get("event_id")
+        if not isinstance(event_id, str) or not event_id:
+            self._item_count += 1
+            event_id = f"{_ITEM_EVENT}{self._item_count}"
+            event = {**event, "event_id": event_id}
+        frame = jsonio.dumps(event)
         items = self._items
         if items is None:
             items = self._items = []
-        items.append(_SentItem(frame, _item_key(item), str(item.get("role"))))
+        items.append(_SentItem(frame, _item_key(item), str(item.get("role")), event_id))
         del items[:-_ITEMS_KEPT]
+        return frame
+
+    def _refused_item(self, error: Any) -> None:
+        """The server refused one of our client events: a message of ours, if it was one, is not kept to
+        be sent again (it would be refused again)."""
+        items = self._items
+        event_id = error.get("event_id") if isinstance(error, Mapping) else None
+        if items is None or not isinstance(event_id, str):
+            return
+        self._items = [sent for sent in items if sent.event_id != event_id] or None
 
     def _acked_item(self, item: Any) -> None:
         """The server acknowledged a conversation item: ours, if it is one we keep, is never sent again."""
@@ -1023,8 +1045,12 @@ class CallRuntime:
             guard.feed(event)
         if not self._spoken and event.get("type") == "output_audio_buffer.started":
             self._spoken = True
-        if self._items is not None and event.get("type") in ACK_TYPES:
-            self._acked_item(event.get("item"))
+        if self._items is not None:
+            kind = event.get("type")
+            if kind in _ITEM_ACKS:
+                self._acked_item(event.get("item"))
+            elif kind == "error":
+                self._refused_item(event.get("error"))
         actions = self.machine.receive(event)
         before = self._before
         if before is not None and not before[1] and self.machine.responding is not None:
@@ -1040,10 +1066,11 @@ class CallRuntime:
         offered, before = self.tools, self._before
         for action in actions:
             if isinstance(action, Send):
-                frame = jsonio.dumps(action.event)
-                self._outbox.append(frame)
-                if action.event.get("type") == "conversation.item.create" and self.machine.caps.resumable:
-                    self._sent_item(frame, action.event)
+                event = action.event
+                if event.get("type") == "conversation.item.create" and self.machine.caps.resumable:
+                    self._outbox.append(self._sent_item(event))
+                else:
+                    self._outbox.append(jsonio.dumps(event))
             elif isinstance(action, RunTool):
                 # Or those a response under way when they changed was offered.
                 tools = offered
@@ -1787,12 +1814,13 @@ def _answered(waiting: asyncio.Future[float], pong: asyncio.Future[float]) -> No
 class _SentItem:
     """A message we added to the conversation, awaiting the server's acknowledgement."""
 
-    __slots__ = ("frame", "key", "resends", "role")
+    __slots__ = ("event_id", "frame", "key", "resends", "role")
 
-    def __init__(self, frame: bytes, key: tuple[Any, ...], role: str) -> None:
+    def __init__(self, frame: bytes, key: tuple[Any, ...], role: str, event_id: str) -> None:
         self.frame = frame
         self.key = key
         self.role = role
+        self.event_id = event_id
         self.resends = 0
 
 
