@@ -1617,19 +1617,9 @@ async def test_outputs_lost_in_a_silently_dead_socket_are_sent_again(simulator: 
     assert [t.name for t in rt.summary.tools] == ["slow"] and not call.script_error
 
 
-@pytest.mark.parametrize("lost", [True, False])
-async def test_text_lost_in_a_silently_dead_socket_is_sent_again_before_its_answer(
-    simulator: Simulator, lost: bool
-) -> None:
-    """Code adds the caller's keyed digits as text (``send_text``) while the path is dead: the item is
-    written into the socket and lost, and the model would answer without it. After the re-attach it goes
-    again, once, before the response.create that answers it. (Text the server acknowledged before the
-    loss is not sent again.)"""
-    call = simulator.create_call(
-        Script([HELLO, model_answers("Order 42: it shipped today."), pause(30)]),
-        accept_body={"type": "realtime"},
-    )
-    rt = CallRuntime(
+def _reattaching(simulator: Simulator, call: SimCall) -> CallRuntime:
+    """A runtime for ``call`` with no tools, which attaches again twice at most after a loss."""
+    return CallRuntime(
         machine=CallMachine(
             MachineConfig(
                 session={"type": "realtime", "instructions": "x"}, greeting="Hi", reattach_grace=0.3
@@ -1642,6 +1632,21 @@ async def test_text_lost_in_a_silently_dead_socket_is_sent_again_before_its_answ
         reattach_attempts=2,
         ping_interval=0.5,
     )
+
+
+@pytest.mark.parametrize("lost", [True, False])
+async def test_text_lost_in_a_silently_dead_socket_is_sent_again_before_its_answer(
+    simulator: Simulator, lost: bool
+) -> None:
+    """Code adds the caller's keyed digits as text (``send_text``) while the path is dead: the item is
+    written into the socket and lost, and the model would answer without it. After the re-attach it goes
+    again, once, before the response.create that answers it. (Text the server acknowledged before the
+    loss is not sent again.)"""
+    call = simulator.create_call(
+        Script([HELLO, model_answers("Order 42: it shipped today."), pause(30)]),
+        accept_body={"type": "realtime"},
+    )
+    rt = _reattaching(simulator, call)
     with capture_logs() as logs:
         run = asyncio.ensure_future(rt.run())
         await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
@@ -1679,19 +1684,7 @@ async def test_the_same_text_twice_is_acknowledged_once_each(simulator: Simulato
             await call._close_sockets("unreachable")
 
     call._on_text = on_text  # type: ignore[method-assign]
-    rt = CallRuntime(
-        machine=CallMachine(
-            MachineConfig(
-                session={"type": "realtime", "instructions": "x"}, greeting="Hi", reattach_grace=0.3
-            )
-        ),
-        ctx=CallContext(call.call_id),
-        tools=ToolRegistry(),
-        connect=Connector(simulator, call.call_id, []),
-        hooks=CallHooks(),
-        reattach_attempts=2,
-        ping_interval=0.5,
-    )
+    rt = _reattaching(simulator, call)
     with capture_logs() as logs:
         run = asyncio.ensure_future(rt.run())
         await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
@@ -1710,19 +1703,7 @@ async def test_a_message_the_server_refused_is_not_sent_again_after_a_reattach(s
     """The server refused code's message item (its error names the item's event_id): it is not kept to be
     sent again after the re-attach, only to be refused again and reported lost."""
     call = simulator.create_call(Script([HELLO, pause(30)]), accept_body={"type": "realtime"})
-    rt = CallRuntime(
-        machine=CallMachine(
-            MachineConfig(
-                session={"type": "realtime", "instructions": "x"}, greeting="Hi", reattach_grace=0.3
-            )
-        ),
-        ctx=CallContext(call.call_id),
-        tools=ToolRegistry(),
-        connect=Connector(simulator, call.call_id, []),
-        hooks=CallHooks(),
-        reattach_attempts=2,
-        ping_interval=0.5,
-    )
+    rt = _reattaching(simulator, call)
     bad = {"type": "message", "role": "assistant", "content": [{"type": "text", "text": "Noted."}]}
     with capture_logs() as logs:
         run = asyncio.ensure_future(rt.run())
