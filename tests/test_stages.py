@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from sideband import Accept, CallContext, IncomingCall, SessionConfig, SessionConfigError, Sideband
-from sideband.runtime.driver import CallRuntime
+from sideband.runtime.driver import CallRuntime, CallSummary
 from sideband.runtime.machine import CallMachine, MachineConfig
 from sideband.testing import (
     Script,
+    SimCall,
     caller_hangs_up,
     caller_says,
     model_calls,
@@ -181,56 +182,15 @@ async def test_the_calls_of_one_response_run_with_the_tools_it_was_offered() -> 
     ],
 )
 async def test_tools_that_cannot_be_offered_are_refused_and_change_nothing(tools: Any, message: str) -> None:
-    app = desk(first=("try_stage", "lookup_order"))
-    refusals: list[str] = []
-
-    @app.tool
-    async def try_stage(ctx: CallContext) -> str:
-        """Try to change the tools."""
-        try:
-            ctx.update_session(tools=tools)
-        except SessionConfigError as exc:
-            refusals.append(str(exc))
-            raise
-        return "changed"
-
-    async with run_app(app) as h:
-        call = await h.call(
-            Script(
-                [
-                    wait_for_greeting("Order desk."),
-                    caller_says("Go."),
-                    model_calls("try_stage", {}),
-                    model_says("That did not work."),
-                    caller_says("Where is order 3?"),
-                    model_calls("lookup_order", {"order_id": "3"}),
-                    model_says("Shipped."),
-                    caller_hangs_up(),
-                ]
-            )
-        )
-        summary = await h.ended(call)
+    refusals, call, summary = await _refused_stage({"tools": tools})
     assert len(refusals) == 1 and message in refusals[0], refusals
     assert [(t.name, t.outcome) for t in summary.tools] == [("try_stage", "error"), ("lookup_order", "ok")]
     assert sum(1 for e in call.received if e["type"] == "session.update") == 1  # the session config only
 
 
-@pytest.mark.parametrize(
-    ("fields", "message"),
-    [
-        (
-            {"voice": "cedar", "instructions": "Verified.", "tools": ["refund"]},
-            "the voice cannot change once the model has spoken in the call",
-        ),
-        ({"audio": {"output": {"voice": "voice_1234"}}, "tools": ["refund"]}, "it stays 'marin'"),
-        ({"model": "gpt-realtime-mini", "tools": ["refund"]}, "the model cannot change once the model has"),
-    ],
-)
-async def test_a_new_voice_or_model_after_the_model_spoke_is_refused_and_the_tools_stay(
-    fields: dict[str, Any], message: str
-) -> None:
-    """OpenAI refuses the whole update then (``cannot_update_voice``): had it gone out, the call would run
-    the new tools while the model still had, and called, the old ones."""
+async def _refused_stage(fields: dict[str, Any]) -> tuple[list[str], SimCall, CallSummary]:
+    """A call whose ``try_stage`` tool asks for ``update_session(**fields)`` after the greeting (the model
+    has spoken), then looks up an order: what the update was refused with, the call and its summary."""
     app = desk(first=("try_stage", "lookup_order"))
     refusals: list[str] = []
 
@@ -260,6 +220,26 @@ async def test_a_new_voice_or_model_after_the_model_spoke_is_refused_and_the_too
             )
         )
         summary = await h.ended(call)
+    return refusals, call, summary
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"voice": "cedar", "instructions": "Verified.", "tools": ["refund"]},
+            "the voice cannot change once the model has spoken in the call",
+        ),
+        ({"audio": {"output": {"voice": "voice_1234"}}, "tools": ["refund"]}, "it stays 'marin'"),
+        ({"model": "gpt-realtime-mini", "tools": ["refund"]}, "the model cannot change once the model has"),
+    ],
+)
+async def test_a_new_voice_or_model_after_the_model_spoke_is_refused_and_the_tools_stay(
+    fields: dict[str, Any], message: str
+) -> None:
+    """OpenAI refuses the whole update then (``cannot_update_voice``): had it gone out, the call would run
+    the new tools while the model still had, and called, the old ones."""
+    refusals, call, summary = await _refused_stage(fields)
     assert len(refusals) == 1 and message in refusals[0], refusals
     assert [(t.name, t.outcome) for t in summary.tools] == [("try_stage", "error"), ("lookup_order", "ok")]
     assert sum(1 for e in call.received if e["type"] == "session.update") == 1  # the session config only
