@@ -1024,6 +1024,19 @@ def test_loop_breaker_answers_with_an_error_output() -> None:
     ]
 
 
+def _loop_broken(m: CallMachine, written: list[str]) -> list[str]:
+    """The calls of ``status`` the loop breaker stopped, one per response, with arguments ``written``."""
+    broken = []
+    for n, args in enumerate(written):
+        m.receive({"type": "response.created", "response": {"id": f"r{n}"}})
+        feed(m, call_events(f"c{n}", "status", args, resp=f"r{n}"))
+        done = m.receive(response_done(f"r{n}"))
+        broken += [f["tool_call_id"] for f in notices(done, "tool.loop_breaker")]
+        if any(isinstance(a, RunTool) for a in done):
+            m.tool_done(f"c{n}", "fine")
+    return broken
+
+
 def test_the_same_call_written_another_way_is_the_same_call_for_the_loop_breaker() -> None:
     """The model's arguments come compact or pretty-printed (with a trailing newline), their keys in any
     order: the same call all the same."""
@@ -1034,15 +1047,7 @@ def test_the_same_call_written_another_way_is_the_same_call_for_the_loop_breaker
         '{\n  "order": 42,\n  "full": true\n}\n',
         '{"full": true, "order": 42}',
     ]
-    broken = []
-    for n, args in enumerate(written):
-        m.receive({"type": "response.created", "response": {"id": f"r{n}"}})
-        feed(m, call_events(f"c{n}", "status", args, resp=f"r{n}"))
-        done = m.receive(response_done(f"r{n}"))
-        broken += [f["tool_call_id"] for f in notices(done, "tool.loop_breaker")]
-        if any(isinstance(a, RunTool) for a in done):
-            m.tool_done(f"c{n}", "fine")
-    assert broken == ["c2"]
+    assert _loop_broken(m, written) == ["c2"]
     # Other values, or a call whose arguments are not JSON, are other calls.
     for n, args in enumerate(['{"order": 43, "full": true}', "not json", "not json "], start=3):
         m.receive({"type": "response.created", "response": {"id": f"r{n}"}})
@@ -1065,15 +1070,7 @@ def test_arguments_of_the_same_value_are_the_same_call_for_the_loop_breaker(writ
     are the same call: a model repeating itself that way is stopped all the same."""
     m = machine(max_identical_calls=2)
     m.start()
-    broken = []
-    for n, args in enumerate(written):
-        m.receive({"type": "response.created", "response": {"id": f"r{n}"}})
-        feed(m, call_events(f"c{n}", "status", args, resp=f"r{n}"))
-        done = m.receive(response_done(f"r{n}"))
-        broken += [f["tool_call_id"] for f in notices(done, "tool.loop_breaker")]
-        if any(isinstance(a, RunTool) for a in done):
-            m.tool_done(f"c{n}", "fine")
-    assert broken == ["c2"]
+    assert _loop_broken(m, written) == ["c2"]
 
 
 @pytest.mark.parametrize(
