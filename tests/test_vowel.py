@@ -735,6 +735,23 @@ async def _engine_with_tools(
         yield ws, until
 
 
+async def _two_calls_announced(
+    vowel: VowelSimulator, ws: Any, until: Callable[[str], Awaitable[dict[str, Any]]]
+) -> tuple[str, str]:
+    """Ask the engine to "do two": its response announces calls of ``a`` and ``b``; their call ids."""
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "do two"}]}
+    await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+    assert (await until("response.done"))["response"]["status"] == "incomplete"
+    first, second = vowel.sessions[0].responses[0].call_ids
+    return first, second
+
+
+def _output(call_id: str) -> str:
+    """A ``function_call_output`` for ``call_id``, as a frame."""
+    item = {"type": "function_call_output", "call_id": call_id, "output": "ok"}
+    return json.dumps({"type": "conversation.item.create", "item": item})
+
+
 async def test_the_engine_answers_a_create_only_once_every_announced_call_has_its_output(
     vowel: VowelSimulator,
 ) -> None:
@@ -742,21 +759,14 @@ async def test_the_engine_answers_a_create_only_once_every_announced_call_has_it
     response.create sent before them is not answered until the last output is in (and is noted)."""
     vowel.script([when("two", calls=[("a", {}), ("b", {})], reply="Both done.")])
     async with _engine_with_tools(vowel, "a", "b") as (ws, until):
-        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "do two"}]}
-        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
-        assert (await until("response.done"))["response"]["status"] == "incomplete"
-        first, second = vowel.sessions[0].responses[0].call_ids
+        first, second = await _two_calls_announced(vowel, ws, until)
 
-        def output(call_id: str) -> str:
-            item = {"type": "function_call_output", "call_id": call_id, "output": "ok"}
-            return json.dumps({"type": "conversation.item.create", "item": item})
-
-        await ws.send(output(first))
+        await ws.send(_output(first))
         await ws.send(json.dumps({"type": "response.create"}))  # one output still due
         await until("conversation.item.created")
         await vowel.wait_for(lambda v: bool(v.sessions[0].notes), what="the create noted")
         assert len(vowel.sessions[0].responses) == 1  # not answered
-        await ws.send(output(second))
+        await ws.send(_output(second))
         await until("conversation.item.created")
         assert (await until("response.created"))["response"]["status"] == "in_progress"
         assert (await until("response.done"))["response"]["status"] == "completed"
@@ -772,19 +782,12 @@ async def test_a_response_cancel_withdraws_a_create_held_for_the_outputs(vowel: 
     response.cancel sent before the outputs are in: the last output starts no response."""
     vowel.script([when("two", calls=[("a", {}), ("b", {})], reply="Both done.")])
     async with _engine_with_tools(vowel, "a", "b") as (ws, until):
-        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "do two"}]}
-        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
-        assert (await until("response.done"))["response"]["status"] == "incomplete"
-        first, second = vowel.sessions[0].responses[0].call_ids
+        first, second = await _two_calls_announced(vowel, ws, until)
 
-        def output(call_id: str) -> str:
-            item = {"type": "function_call_output", "call_id": call_id, "output": "ok"}
-            return json.dumps({"type": "conversation.item.create", "item": item})
-
-        await ws.send(output(first))
+        await ws.send(_output(first))
         await ws.send(json.dumps({"type": "response.create"}))  # held: one output still due
         await ws.send(json.dumps({"type": "response.cancel"}))  # withdrawn
-        await ws.send(output(second))
+        await ws.send(_output(second))
         await until("conversation.item.created")
         await until("conversation.item.created")
         await ws.send(json.dumps({"type": "response.create"}))  # the one the client means now
