@@ -67,12 +67,13 @@ def _route_key(key: str) -> str:
     ``ValueError`` (one line) for a key no call could match."""
     user = key.strip()
     scheme = _SCHEME.match(user)
-    user = user[scheme.end() if scheme else 0 :].partition("@")[0]
+    rest = user[scheme.end() if scheme else 0 :]
+    user = rest.partition("@")[0]
     if ";" in user:
         params = user[user.index(";") :]
         raise ValueError(f"a key cannot carry URI parameters ({params}): calls are matched by number alone")
-    if "?" in user:  # (a caller's address is read without its URI headers: no user part holds one)
-        headers = user[user.index("?") :]
+    if "?" in rest:  # (after the user or the host: a caller's address is read without its URI headers)
+        headers = rest[rest.index("?") :]
         raise ValueError(f"a key cannot carry URI headers ({headers}): calls are matched by number alone")
     # (parse_number reads "<", ">" and '"' as a header's structure, not as part of a user name)
     number = parse_number(f"tel:{user}") if not set(user) & set('<>"') else None
