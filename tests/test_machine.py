@@ -664,6 +664,18 @@ def test_a_goodbye_whose_audio_the_caller_cuts_off_is_asked_for_again_once() -> 
     assert Verb("hangup", None) in m.timer("turn")
 
 
+def test_a_goodbye_the_app_interrupts_is_not_asked_for_again() -> None:
+    m = live_machine(max_call_duration=600)
+    bye = [a.event for a in m.timer("max_duration") if isinstance(a, Send)][-1]
+    started(m, bye["response"], "r_bye")
+    m.receive({"type": "output_audio_buffer.started", "response_id": "r_bye"})
+    assert types(m.interrupt()) == ["response.cancel", "output_audio_buffer.clear"]
+    done = m.receive(response_done("r_bye", "cancelled"))
+    done += m.receive({"type": "output_audio_buffer.cleared", "response_id": "r_bye"})
+    assert "response.create" not in types(done)  # the app stopped it: no second goodbye
+    assert Verb("hangup", None) in done
+
+
 DTMF = {"type": "input_audio_buffer.dtmf_event_received", "event": "1"}
 
 

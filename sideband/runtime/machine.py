@@ -1023,11 +1023,15 @@ class CallMachine:
         where the server plays the audio (SIP, WebRTC), clear what of it the caller has not heard yet. A
         response of ours asked for and not started yet is cancelled as it starts (and not asked for again
         if refused). With nothing to stop, nothing is sent. Queued :meth:`say` requests stay queued: they
-        follow once the response has ended. Ignored once the call's hangup or transfer went out."""
+        follow once the response has ended. A limit's goodbye stopped this way is not asked for again: the
+        call's end goes on to its verb. Ignored once the call's hangup or transfer went out."""
         if self._closed is not None or self._going:
             return []
         if self._create_sent is not None:  # (a response may run meanwhile: the server's own)
             self._cancel_next = self._create_sent
+        end = self._end
+        if end is not None and end.byes:  # a goodbye the app stops is not asked for again
+            end.byes = 2
         return self._stop(None)
 
     def _stop(self, response_id: str | None) -> list[Action]:
