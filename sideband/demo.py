@@ -155,6 +155,7 @@ class _Printer:
         self.ended: dict[str, asyncio.Event] = {}
         self.summaries: dict[str, CallSummary] = {}
         self.t0 = time.monotonic()
+        self._shown: dict[str, list[int]] = {}  # per call: transcript lines and tool rounds printed
         self._installed: list[tuple[list[Callable[..., Any]], Callable[..., Any]]] = []
 
     def line(self, tag: str, text: str) -> None:
@@ -166,15 +167,26 @@ class _Printer:
         """Add the printing hooks to ``app`` (see :meth:`uninstall`)."""
 
         async def transcript(ctx: CallContext, role: str, text: str) -> None:
-            self.line(role, text)
+            if ctx.call_id not in self.summaries:  # (once it ended, its summary printed the rest)
+                self._shown.setdefault(ctx.call_id, [0, 0])[0] += 1
+                self.line(role, text)
 
         async def tool(ctx: CallContext, record: ToolRecord) -> None:
-            self.line("tool", f"{record.name} → {record.outcome} in {record.duration * 1000:.1f} ms")
+            if ctx.call_id not in self.summaries:
+                self._shown.setdefault(ctx.call_id, [0, 0])[1] += 1
+                self._tool_line(record)
 
         async def dtmf(ctx: CallContext, digit: str) -> None:
             self.line("keypad", digit)
 
         async def ended(ctx: CallContext, summary: CallSummary) -> None:
+            # The app's own hooks of a kind run before ours: slow ones may have held our lines back
+            # until the call's end skipped them. The summary holds them all: the rest is printed here.
+            lines, rounds = self._shown.pop(ctx.call_id, (0, 0))
+            for role, text in summary.transcript[lines:]:
+                self.line(role, text)
+            for record in summary.tools[rounds:]:
+                self._tool_line(record)
             self.summaries[ctx.call_id] = summary
             self.ended.setdefault(ctx.call_id, asyncio.Event()).set()
 
@@ -184,6 +196,9 @@ class _Printer:
             (app.on_dtmf_hooks, app.on_dtmf(dtmf)),
             (app.on_call_end_hooks, app.on_call_end(ended)),
         ]
+
+    def _tool_line(self, record: ToolRecord) -> None:
+        self.line("tool", f"{record.name} → {record.outcome} in {record.duration * 1000:.1f} ms")
 
     def uninstall(self) -> None:
         """Take the printing hooks off the app again: it may be run (or demonstrated) once more."""

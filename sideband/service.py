@@ -304,7 +304,7 @@ class Service:
             await self.store.open()
         except StoreUnavailable as exc:
             await self.store.close()
-            raise SettingsError(f"cannot use the claim store: {exc}") from None
+            raise SettingsError(f"SIDEBAND_REDIS_URL: cannot use the claim store: {exc}") from None
         except TypeError as exc:  # an option of the URL's query redis-py does not take (its words name it)
             await self.store.close()
             raise SettingsError(f"SIDEBAND_REDIS_URL: an option redis cannot take ({exc})") from None

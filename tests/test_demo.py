@@ -84,6 +84,22 @@ async def test_demo_of_one_call_says_call_and_leaves_the_app_as_it_was() -> None
     assert hooks == ([], [], [], [])  # the demo's printing hooks are gone again
 
 
+async def test_demo_prints_the_lines_an_apps_slow_hooks_held_back() -> None:
+    app = plain_app()
+    never = asyncio.Event()
+
+    @app.on_transcript
+    async def crm_write(ctx: CallContext, role: str, text: str) -> None:
+        await never.wait()  # held until the call's end skips what is queued behind it
+
+    out = io.StringIO()
+    assert await run_demo(app, calls=1, out=out) == 0, out.getvalue()
+    text = out.getvalue()
+    call = text[text.index("call 1:") : text.index("trusted-server")]
+    tags = [line.split()[1] for line in call.splitlines()[1:] if line.strip()]
+    assert tags == ["webhook", "caller", "agent", "end"], call  # each line once, before the end
+
+
 async def test_demo_of_an_app_whose_greeting_is_empty_does_not_wait_for_one() -> None:
     """``greeting=""`` means no greeting, as ``None`` does: the caller speaks first."""
     out = io.StringIO()

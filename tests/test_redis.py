@@ -1007,11 +1007,14 @@ async def test_serve_uses_redis_and_logs_it_without_the_password(
             "redis://:pw@127.0.0.1:{port}/0?timeout=30&socket_timeout=5",
             "sideband: SIDEBAND_REDIS_URL: Value error, must not set socket_timeout, timeout: sideband sets",
         ),
-        ("redis://:pw@/0", "sideband: cannot use the claim store: redis at redis://localhost/0: "),
+        (
+            "redis://:pw@/0",
+            "sideband: SIDEBAND_REDIS_URL: cannot use the claim store: redis at redis://localhost/0: ",
+        ),
         ("redis://:pw@127.0.0.1/zero", "sideband: SIDEBAND_REDIS_URL: Value error, must end with a database"),
         (
             "redis://:pw@127.0.0.1:{port}/0",
-            "sideband: cannot use the claim store: redis at redis://127.0.0.1:",
+            "sideband: SIDEBAND_REDIS_URL: cannot use the claim store: redis at redis://127.0.0.1:",
         ),
     ],
 )
