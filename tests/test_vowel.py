@@ -1161,6 +1161,35 @@ async def test_our_own_max_duration_ends_an_idle_session(vowel: VowelSimulator, 
     assert engine.closed_by == "client"
 
 
+@pytest.mark.parametrize("ending", ["limit_goodbye", "agent_hangup"])
+async def test_an_end_with_last_words_closes_once_their_response_is_done_not_at_the_cap(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO, ending: str
+) -> None:
+    """The engine sends no playback events (its audio comes to us): an end that waits for the model's
+    last words (a limit's goodbye, or the reply after a tool hung up) closes at their ``response.done``,
+    never held until ``end_cap`` (an hour here, far past the wait)."""
+    if ending == "limit_goodbye":
+        session = EngineSession.open(settings_for(vowel, max_call_duration=0.2), app, end_cap=3600)
+        reason = "max_duration"
+    else:
+        vowel.script([when("bye", calls=[("end_call", {})], reply="Goodbye!")])
+        session = EngineSession.open(settings_for(vowel), app, end_cap=3600)
+        reason = "end_call_tool"
+    async with session:
+        if ending == "agent_hangup":
+            reply = await session.say("bye now")
+            assert reply.text == "Goodbye!" and reply.ended == reason
+        assert await session.wait_closed(5) == reason
+    engine = vowel.sessions[0]
+    last = engine.responses[-1]
+    assert last.trigger == "response.create" and last.status == "completed"
+    # The close came right after the last words were done; the end cap's timer did not force it.
+    assert engine.sent[-1]["type"] == "response.done" and engine.sent[-1]["response"]["id"] == last.id
+    assert engine.closed_by == "client"
+    events = [line["event"] for line in log_lines(logs)]
+    assert "call.ending" in events and "call.end_forced" not in events
+
+
 async def test_the_engine_limits_end_the_session_with_our_goodbye_first(
     vowel: VowelSimulator, app: Sideband
 ) -> None:
