@@ -4,6 +4,7 @@ for several."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import re
 import secrets
@@ -95,7 +96,8 @@ class CallLedger(Protocol):
         again for the next. It is held for ``sweep`` seconds; with ``at_once``, for ``sweep`` seconds per
         ``at_once`` of its calls, rounded up (a sweep that hangs them up that many at a time). Its lease
         being out, its taking and the reading of its calls are one step: an instance that renews its
-        lease meanwhile is not taken."""
+        lease meanwhile is not taken. A call cut short (cancelled) or failed while it takes one lets go
+        of it before it ends (within the store's timeout): the taking may have gone through."""
         ...
 
     async def swept(self, instance: str, owner: str, calls: Collection[str]) -> None:
@@ -267,7 +269,13 @@ class RedisStore:
             if up:  # (the script looks again: this read is only a filter)
                 continue
             keys = [f"{p}alive:{other}", f"{p}sweep:{other}", f"{p}calls:{other}"]
-            calls = await self._call(self._take(keys=keys, args=[mine, _ms(sweep), at_once or 0]))
+            try:
+                calls = await self._call(self._take(keys=keys, args=[mine, _ms(sweep), at_once or 0]))
+            except BaseException:
+                # Cut short (cancelled: the instance stops) or failed (no answer in time) while the
+                # script may have run: its hold would delay every other sweep until it ran out.
+                await self._let_go(keys[1], mine)
+                raise
             if calls is not None:
                 return {other: sorted(_text(c) for c in calls)}
         return {}
@@ -283,6 +291,14 @@ class RedisStore:
         pipe.delete(f"{p}alive:{instance}", f"{p}calls:{instance}", f"{p}sweep:{instance}")
         pipe.srem(f"{p}instances", instance)
         await self._call(pipe.execute())
+
+    async def _let_go(self, key: str, mine: str) -> None:
+        """Delete ``key`` if it holds ``mine``: within the store's timeout, to its end even if the caller
+        is cancelled (again) meanwhile; a failure is let be (the hold then runs out)."""
+        letting_go = asyncio.ensure_future(self._call(self._release(keys=[key], args=[mine, mine])))
+        letting_go.add_done_callback(_let_be)
+        with contextlib.suppress(StoreUnavailable):
+            await asyncio.shield(letting_go)
 
     async def _call(self, command: Awaitable[_T]) -> _T:
         try:
@@ -316,7 +332,7 @@ end
 return 0
 """
 """A release: the key is deleted only while it holds one of this store's claims (ARGV: the prefix of its
-pending values, its settled value)."""
+pending values, its settled value), or the caller's own hold of a dead instance (its value twice)."""
 
 _TAKE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -358,6 +374,12 @@ return 0
 instance that swept, the owner, the calls swept. Only those calls are dropped, and the owner only while
 its lease is out and it has no other call; the lock goes if the instance that swept holds it (its value
 is a 12-digit nonce, ``:`` and the instance)."""
+
+
+def _let_be(task: asyncio.Future[object]) -> None:
+    """Retrieve the failure of a command nobody waits for any more (else asyncio logs it)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _text(value: bytes | str) -> str:

@@ -22,7 +22,7 @@ from sideband import CallContext
 from sideband.runtime.driver import CallRegistry, CallRuntime
 from sideband.service import HANGUP_BUDGET, ORPHANS_AT_ONCE, Service
 from sideband.settings import SettingsError, load_settings
-from sideband.stores import MemoryStore, RedisStore, StoreUnavailable, redacted
+from sideband.stores import STORE_TIMEOUT, MemoryStore, RedisStore, StoreUnavailable, redacted
 from sideband.testing import Script, Simulator, pause, run_app
 
 from .conftest import TEST_SETTINGS, capture_logs, make_app, settings_for
@@ -1149,11 +1149,11 @@ async def test_a_ledger_that_fails_once_goes_on_recording(simulator: Simulator) 
 
 @contextlib.asynccontextmanager
 async def reply_lost_once(
-    redis_server: RedisServer, marker: bytes, key: str
+    redis_server: RedisServer, marker: bytes, key: str, *, drop: bool = True, timeout: float = STORE_TIMEOUT
 ) -> AsyncIterator[tuple[RedisStore, asyncio.Event]]:
     """A store reaching the server through a proxy, and an event: once it is set, the first command
     holding ``marker`` is carried out (``key`` is written) but its reply never comes back, and its
-    connection drops."""
+    connection drops (``drop``) or stays open, with no reply, until the store drops it."""
     if redis_server.proc is None:
         redis_server.start()
     redis_server.flush()
@@ -1183,7 +1183,11 @@ async def reply_lost_once(
                                 await asyncio.sleep(0.005)
                     finally:
                         await raw.aclose()
-                    writer.transport.abort()
+                    if drop:
+                        writer.transport.abort()
+                    else:
+                        while await reader.read(65536):  # (no reply, until the store drops the connection)
+                            pass
                     return
                 up_writer.write(data)
                 await up_writer.drain()
@@ -1193,7 +1197,7 @@ async def reply_lost_once(
 
     forwarder = await asyncio.start_server(forward, "127.0.0.1", 0)
     port = forwarder.sockets[0].getsockname()[1]
-    behind = RedisStore(f"redis://:{PASSWORD}@127.0.0.1:{port}/0")
+    behind = RedisStore(f"redis://:{PASSWORD}@127.0.0.1:{port}/0", timeout=timeout)
     try:
         await behind.open()
         yield behind, armed
@@ -1244,5 +1248,44 @@ async def test_a_dead_instance_taken_by_a_sweep_whose_reply_was_lost_is_still_ta
             assert await behind.orphans("b", 30) == {}  # nor does a later one of the same instance
             await behind.swept("b", "lost", ["c1"])
             assert not await raw.exists("sideband:sweep:lost", "sideband:calls:lost")
+        finally:
+            await raw.aclose()
+
+
+@pytest.mark.parametrize("end", ["cancelled", "timed out"])
+async def test_a_sweep_cut_short_while_it_takes_a_dead_instance_lets_go_of_it(
+    redis_server: RedisServer, end: str
+) -> None:
+    """Redis took A for B's sweep, and the reply is not back when B stops (the sweep cancelled) or
+    gives up on it (the store's timeout): B lets go of A as the sweep ends, so that another instance (or
+    B's next sweep) takes A's calls at once, not once B's hold has run out (tens of seconds, with nobody
+    running their tools)."""
+    async with reply_lost_once(
+        redis_server, b"sweep:held", "sideband:sweep:held", drop=False, timeout=0.5
+    ) as (behind, armed):
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await behind.record("b", [], 30)
+            await behind.record("warm", ["w1"], 0.05)
+            await lease_out(raw, "warm")
+            assert await behind.orphans("b", 30) == {"warm": ["w1"]}  # (redis knows the script now)
+            await behind.swept("b", "warm", ["w1"])
+            await behind.record("held", ["c1"], 0.05)
+            await lease_out(raw, "held")
+            armed.set()
+            sweep = asyncio.ensure_future(behind.orphans("b", 30))
+            if end == "cancelled":
+                async with asyncio.timeout(5):
+                    while not await raw.exists("sideband:sweep:held"):  # taken: its reply held back
+                        await asyncio.sleep(0.005)
+                assert not sweep.done()
+                sweep.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await sweep
+            else:
+                with pytest.raises(StoreUnavailable, match=r"no answer within 0\.5 s"):
+                    await sweep
+            assert not await raw.exists("sideband:sweep:held")
+            assert await behind.orphans("c", 30) == {"held": ["c1"]}  # another instance's turn, at once
         finally:
             await raw.aclose()
