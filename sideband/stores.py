@@ -10,10 +10,11 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -181,7 +182,11 @@ class RedisStore:
     server closed (it restarted), or a server that is now a read-only replica (a failover behind the same
     address moved the primary), is tried once more on a new connection. ``url`` is a ``redis://``,
     ``rediss://`` (TLS) or ``unix://`` URL, credentials included; raises ``ValueError`` if it cannot be
-    parsed.
+    parsed. Its query options go to redis-py, but for those that would replace the store's own bounds
+    and retry (``socket_timeout``, ``socket_connect_timeout``, ``timeout``, ``max_connections``,
+    ``retry``, ``retry_on_error``): :meth:`open` refuses them. ``protocol`` (2 or 3) and
+    ``legacy_responses`` change no reply the store reads; ``retry_on_timeout`` retries on redis-py's
+    socket timeouts only, which the store does not set (and each of its commands is safe to run twice).
     """
 
     def __init__(
@@ -200,15 +205,17 @@ class RedisStore:
         self._pending, self._settled = f"p:{token}:".encode(), f"s:{token}".encode()
         # Commands are bounded by asyncio.timeout in _call, not by redis-py's socket timeout: that one
         # runs each write through Python 3.11's wait_for, which can lose a cancellation (a shutdown's).
-        self._pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout,
-            socket_timeout=None,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError, ReadOnlyError],
-        )
+        own: dict[str, Any] = {
+            "max_connections": max_connections,
+            "timeout": timeout,
+            "socket_timeout": None,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 1),
+            "retry_on_error": [RedisConnectionError, ReadOnlyError],
+        }
+        options: dict[str, Any] = dict(parse_url(url))  # (as redis-py's from_url reads it)
+        self._replaced = sorted(own.keys() & options.keys())  # refused by open(); meanwhile, ours win
+        self._pool: BlockingConnectionPool = BlockingConnectionPool(**{**options, **own})
         self._redis: Redis = Redis(connection_pool=self._pool)
         self._take = self._redis.register_script(_TAKE)
         self._swept = self._redis.register_script(_SWEPT)
@@ -230,6 +237,11 @@ class RedisStore:
         await self._call(self._release(keys=[self._prefix + key], args=[self._pending, self._settled]))
 
     async def open(self) -> None:
+        if self._replaced:
+            raise StoreUnavailable(
+                f"redis at {self.where}: the URL must not set {', '.join(self._replaced)}: sideband sets its "
+                "own bounds on each command and on its connections, and tries a command once more itself"
+            )
         # A claim and its release, not a ping: a read-only replica (a reader endpoint named by mistake)
         # answers pings, and a user refused scripting (an ACL without EVALSHA) may SET but claim nothing.
         await self.claim("probe", 1.0)

@@ -242,6 +242,76 @@ async def test_a_url_asking_for_decoded_replies_still_reads_settled_claims(redis
         await store.close()
 
 
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("retry_on_error=TimeoutError", "retry_on_error"),
+        ("retry=3", "retry"),
+        ("db=0&retry_on_error=x&timeout=30", "retry_on_error, timeout"),
+    ],
+)
+async def test_a_url_replacing_the_stores_own_retry_or_bounds_is_refused_at_start(
+    redis_server: RedisServer, query: str, named: str
+) -> None:
+    """The store tries a command that met a closed connection (a restart) or a read-only replica (a
+    failover) once more on a new connection, and bounds each command: a URL option that would replace
+    that (redis-py lets the query win over the store's own) is refused at start, named."""
+    if redis_server.proc is None:
+        redis_server.start()
+    store = RedisStore(f"{redis_server.url}?{query}")
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            await store.open()
+        assert str(info.value).startswith(
+            f"redis at redis://127.0.0.1:{redis_server.port}/0: the URL must not set {named}: "
+        )
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "protocol=2",
+        "protocol=3",
+        "legacy_responses=false",
+        "protocol=2&legacy_responses=false",
+        "retry_on_timeout=true",
+    ],
+)
+async def test_a_url_choosing_the_protocol_reply_shapes_or_retry_on_timeout_keeps_every_guarantee(
+    redis_server: RedisServer, query: str
+) -> None:
+    """RESP2 or RESP3, redis-py's legacy reply shapes or its newer ones: the store reads its replies
+    the same (a claim lost or won, a dead instance taken or not). ``retry_on_timeout`` retries only on
+    redis-py's socket timeouts, which the store does not set (its commands are bounded otherwise), and
+    a command tried again is one that finds its own value: kept, as they are."""
+    if redis_server.proc is None:
+        redis_server.start()
+    redis_server.flush()
+    store = RedisStore(f"{redis_server.url}?{query}")
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await store.open()
+        assert await store.claim("call:q", 30) and not await store.claim("call:q", 30)
+        assert not await store.settled("call:q")
+        await store.settle("call:q", 30)
+        assert await store.settled("call:q")
+        await store.release("call:q")
+        assert await store.claim("call:q", 30)
+        await store.record("b", [], 30)
+        assert await store.orphans("b", 30) == {}  # (none dead)
+        await store.record("a", ["c1", "c2"], 0.05)
+        await lease_out(raw, "a")
+        assert await store.orphans("b", 30) == {"a": ["c1", "c2"]}
+        assert await store.orphans("c", 30) == {}  # (taken)
+        await store.swept("b", "a", ["c1", "c2"])
+        assert await raw.smembers("sideband:instances") == {b"b"}
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
 async def test_a_claim_shorter_than_a_millisecond_is_taken_for_one(store: RedisStore) -> None:
     assert await store.claim("call:brief", 0.0004)  # (Redis counts in whole milliseconds)
     await store.settle("call:brief", 0.0004)
@@ -1106,6 +1176,35 @@ def test_check_finds_the_redis_serve_would_use(redis_server: RedisServer) -> Non
     assert done.returncode == 0, done.stderr
     assert "claims: Redis answered" in done.stdout.splitlines()
     assert PASSWORD not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("query", "refused"),
+    [("protocol=2&legacy_responses=false&retry_on_timeout=true", ""), ("retry_on_error=x", "retry_on_error")],
+)
+def test_check_refuses_a_url_replacing_the_stores_retry_in_one_line(
+    redis_server: RedisServer, query: str, refused: str
+) -> None:
+    if redis_server.proc is None:
+        redis_server.start()
+    env = clean_env(
+        OPENAI_API_KEY="sk-test",
+        OPENAI_WEBHOOK_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        SIDEBAND_REDIS_URL=f"{redis_server.url}?{query}",
+    )
+    done = run_cli("check", "examples.app:app", env=env)
+    assert PASSWORD not in done.stdout + done.stderr
+    if not refused:
+        assert done.returncode == 0, done.stderr
+        assert "claims: Redis answered" in done.stdout.splitlines()
+        return
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(
+        f"sideband: cannot use the claim store: redis at redis://127.0.0.1:{redis_server.port}/0: "
+        f"the URL must not set {refused}: "
+    ), done.stderr
 
 
 class LedgerBreakingOnce(MemoryStore):
