@@ -1202,7 +1202,8 @@ def test_check_refuses_a_url_replacing_the_stores_retry_in_one_line(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(
-        f"sideband: cannot use the claim store: redis at redis://127.0.0.1:{redis_server.port}/0: "
+        "sideband: SIDEBAND_REDIS_URL: cannot use the claim store: "
+        f"redis at redis://127.0.0.1:{redis_server.port}/0: "
         f"the URL must not set {refused}: "
     ), done.stderr
 
