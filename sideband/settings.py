@@ -35,6 +35,16 @@ def _env(name: str, default: Any = None) -> Any:
 _BLANK_IS_A_VALUE = frozenset({"SIDEBAND_HOST"})
 # A Redis URL's query options that would replace the claim store's own bounds (see RedisStore).
 _STORE_BOUNDS = frozenset({"socket_timeout", "socket_connect_timeout", "max_connections", "timeout"})
+# Those it may set: redis-py reads the others as text, where it wants an object (a traceback at start).
+_URL_OPTIONS = frozenset(
+    {
+        *("db", "client_name", "lib_name", "lib_version", "username", "password", "encoding"),
+        *("encoding_errors", "health_check_interval", "legacy_responses", "protocol", "retry_on_timeout"),
+        *("socket_keepalive", "socket_read_size", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path"),
+        *("ssl_certfile", "ssl_cert_reqs", "ssl_check_hostname", "ssl_ciphers", "ssl_exclude_verify_flags"),
+        *("ssl_include_verify_flags", "ssl_keyfile", "ssl_min_version", "ssl_password"),
+    }
+)
 """Variables whose blank value means something: ``SIDEBAND_HOST=`` listens on both address families."""
 
 
@@ -234,11 +244,18 @@ class Settings(BaseSettings):
                 "cannot be read: a user or password holding / ? # @ [ or ] must be percent-encoded (%2F %3F "
                 "%23 %40 %5B %5D), or the port is not a number"
             )
-        own = sorted(_STORE_BOUNDS.intersection(urllib.parse.parse_qs(parts.query, keep_blank_values=True)))
+        options = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+        own = sorted(_STORE_BOUNDS.intersection(options))
         if own:  # (redis-py lets the URL's options replace the store's own bounds)
             raise ValueError(
                 f"must not set {', '.join(own)}: sideband sets its own bounds on each command and on its "
                 "connections"
+            )
+        other = sorted(options.keys() - _URL_OPTIONS - {"retry", "retry_on_error"})  # (those: at start)
+        if other:
+            shown = ", ".join(name if len(name) <= 40 else name[:40] + "…" for name in other)
+            raise ValueError(
+                f"cannot set {shown}: the options a URL may set are {', '.join(sorted(_URL_OPTIONS))}"
             )
         db = parts.path.strip("/")  # (no host: redis-py's localhost)
         if raw.startswith(("redis://", "rediss://")) and db and not db.isdigit():
