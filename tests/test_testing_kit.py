@@ -381,3 +381,24 @@ async def test_run_app_closes_its_webhook_sender_on_a_simulator_that_outlives_it
         assert h.sender not in simulator._senders
         with pytest.raises(RuntimeError, match="WebhookSender is closed"):
             await h.sender.deliver(simulator.incoming_event(simulator.create_call(Script())))
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_simulator_on_another_event_loop_than_the_test_is_refused_at_once(
+    simulator: Simulator, app: Sideband
+) -> None:
+    """The ``simulator`` fixture runs on the default fixture loop (function scope here), this test on its
+    module's: the simulator's loop is not running while the test is, so it could answer nothing.
+    ``run_app``, ``create_call`` and ``place_call`` say so at once, naming the cure."""
+    calls = dict(simulator.calls)
+    with pytest.raises(
+        RuntimeError, match="the simulator runs on another event loop than this test"
+    ) as failed:
+        async with run_app(app, simulator, **TEST_SETTINGS):
+            pytest.fail("run_app served a simulator whose event loop is not running")
+    assert "the same loop scope" in str(failed.value)
+    with pytest.raises(RuntimeError, match="another event loop"):
+        simulator.create_call(Script([caller_hangs_up()]))
+    with pytest.raises(RuntimeError, match="another event loop"):
+        await simulator.place_call("http://127.0.0.1:9/webhooks/openai", Script([caller_hangs_up()]))
+    assert simulator.calls == calls  # (no call was registered)

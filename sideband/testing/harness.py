@@ -278,11 +278,17 @@ async def run_app(app: Sideband, sim: Simulator | None = None, **settings: Any) 
     afterwards. Given neither, the process's logging is left as it is.
 
     The harness's webhook sender (``h.sender``) is the run's: it is closed when the block ends, also on
-    a ``sim`` that outlives the run."""
+    a ``sim`` that outlives the run.
+
+    A ``sim`` started on another event loop than the running one (a pytest fixture on a loop of another
+    scope than the test's) raises :class:`RuntimeError` at once: its loop is not running meanwhile, so
+    it would answer nothing."""
     own = sim is None
     simulator = sim or Simulator()
     if own:
         await simulator.start()
+    else:
+        simulator._check_loop()
     try:
         config = harness_settings(simulator, **settings)
         with _logging_as(config):

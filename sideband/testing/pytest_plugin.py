@@ -4,6 +4,11 @@
 pytest plugin (pytest-asyncio, e.g. via pytest-aiohttp); without one the fixture is not defined, so loading
 this plugin never breaks an unrelated test suite. The simulators are imported by the fixtures that start
 them, not when the plugin is loaded.
+
+The fixtures run on pytest-asyncio's default fixture loop (``asyncio_default_fixture_loop_scope``): a test
+using one must run on that same loop (its loop scope the same), or the simulator, whose loop is not running
+while the test is, answers nothing (the OpenAI simulator then refuses to be used, with a
+:class:`RuntimeError` saying so).
 """
 
 from __future__ import annotations

@@ -101,6 +101,15 @@ _DEFAULT_INSTRUCTIONS = (
 _SESSION_MAX_SECONDS = 3600
 _RING_TIMEOUT = 30.0
 _CLOSE_TIMEOUT = 2.0
+_OTHER_LOOP = (
+    "the simulator runs on another event loop than this test: the one it was started on is not running "
+    "now, so the simulator would answer nothing (every accept timing out). Give the fixture and the test "
+    'the same loop scope: e.g. a test marked @pytest.mark.asyncio(loop_scope="module") needs '
+    'asyncio_default_fixture_loop_scope = "module" in the pytest config (or a simulator fixture of its own, '
+    '@pytest_asyncio.fixture(loop_scope="module")), and asyncio_default_fixture_loop_scope = "session" '
+    'needs asyncio_default_test_loop_scope = "session"'
+)
+"""Why the simulator refuses to be used from another event loop than the one it was started on."""
 _BAD_ACCEPT_LIFETIME = 0.5  # how long a call accepted with a bad body lives (bad_accept="fail_call")
 _HOLD_TURNS = 10  # event-loop turns a response stays active, at least, after its last event before done
 
@@ -2897,6 +2906,7 @@ class Simulator:
         self._ephemeral: dict[str, _EphemeralKey] = {}
         self._closing = asyncio.Event()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one it was started on
         self._ticker = _Ticker()
         self._id_prefix = secrets.token_hex(6)
         self._counter = itertools.count(1)
@@ -2932,6 +2942,21 @@ class Simulator:
             raise
         self._runner = runner
         self._bound_port = int(runner.addresses[0][1])
+        self._loop = asyncio.get_running_loop()
+
+    def _check_loop(self) -> None:
+        """Raise :class:`RuntimeError` when the running event loop is not the one the simulator was started
+        on: that one is not running meanwhile (as under pytest-asyncio, when a fixture and the test that
+        uses it run on loops of different scopes), so the simulator would answer nothing, and every
+        request to it would time out."""
+        if self._loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:  # (no loop running here: nothing waits on the simulator from this code)
+            return
+        if running is not self._loop:
+            raise RuntimeError(_OTHER_LOOP)
 
     async def close(self) -> None:
         """Stop serving: cancel and await every task, close every socket and sender (idempotent)."""
@@ -3022,7 +3047,11 @@ class Simulator:
         ``accept_body`` registers the call already accepted with that body (checked as an accept request
         would be; :class:`ValueError` if invalid), as if a controller had accepted it: for clients that only
         hold sidebands. Its ``accept_received_ns`` stays ``None``.
+
+        Raises :class:`RuntimeError` when called on another event loop than the one the simulator was
+        started on (which is not running meanwhile, so the call could never be answered).
         """
+        self._check_loop()
         body: dict[str, Any] | None = None
         if accept_body is not None:
             body = dict(accept_body)
@@ -3107,7 +3136,8 @@ class Simulator:
         """Create a ringing call and deliver its signed ``realtime.call.incoming`` webhook to ``webhook_url``.
 
         The delivery result is stored as ``call.webhook_delivery``. Calls placed to the same URL share one
-        sender (one HTTP client, its connections kept alive), closed when the simulator closes.
+        sender (one HTTP client, its connections kept alive), closed when the simulator closes. As
+        :meth:`create_call`, raises :class:`RuntimeError` at once on another event loop than the simulator's.
         """
         call = self.create_call(script, **call_options)
         sender = self._call_senders.get(webhook_url)
