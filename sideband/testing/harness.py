@@ -84,7 +84,9 @@ class Harness:
         after a non-2xx answer; the delivery is kept as ``call.webhook_delivery`` (every attempt).
 
         Raises :class:`AssertionError` unless every attempt was answered ``expect_status``: a retry
-        does not hide an earlier answer (a 500, then a 200 on the retry, fails ``expect_status=200``)."""
+        does not hide an earlier answer (a 500, then a 200 on the retry, fails ``expect_status=200``);
+        :class:`TypeError` at once when ``script`` is no :class:`Script` (a list of steps: wrap it,
+        ``Script([...])``)."""
         call = self.sim.create_call(script, **call_options)
         counters = self.service.counters
         before = [counters[name] for name in _RING_FAILURES]

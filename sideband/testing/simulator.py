@@ -3048,9 +3048,14 @@ class Simulator:
         would be; :class:`ValueError` if invalid), as if a controller had accepted it: for clients that only
         hold sidebands. Its ``accept_received_ns`` stays ``None``.
 
-        Raises :class:`RuntimeError` when called on another event loop than the one the simulator was
-        started on (which is not running meanwhile, so the call could never be answered).
+        Raises :class:`TypeError` unless ``script`` is a :class:`Script` (or ``None``: no steps), and
+        :class:`RuntimeError` when called on another event loop than the one the simulator was started on
+        (which is not running meanwhile, so the call could never be answered).
         """
+        if script is not None and not isinstance(script, Script):
+            raise TypeError(
+                f"a call plays a Script, not {type(script).__name__}: wrap the steps, Script([...])"
+            )
         self._check_loop()
         body: dict[str, Any] | None = None
         if accept_body is not None:
@@ -3137,7 +3142,8 @@ class Simulator:
 
         The delivery result is stored as ``call.webhook_delivery``. Calls placed to the same URL share one
         sender (one HTTP client, its connections kept alive), closed when the simulator closes. As
-        :meth:`create_call`, raises :class:`RuntimeError` at once on another event loop than the simulator's.
+        :meth:`create_call`, raises :class:`TypeError` for a ``script`` that is no :class:`Script`, and
+        :class:`RuntimeError` on another event loop than the simulator's, before any webhook is sent.
         """
         call = self.create_call(script, **call_options)
         sender = self._call_senders.get(webhook_url)
