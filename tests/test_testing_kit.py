@@ -18,6 +18,7 @@ import structlog
 from sideband import Accept, IncomingCall, Refer, Reject, Sideband
 from sideband.testing import (
     Script,
+    SimCall,
     Simulator,
     caller_hangs_up,
     caller_says,
@@ -418,3 +419,38 @@ async def test_a_call_placed_with_anything_but_a_script_is_refused_at_once(stack
     assert not stack.sim.calls and not stack.sim.requests
     await stack.ended(await stack.call(Script(steps)))  # (a Script, and None, still place calls)
     stack.sim.create_call(None)
+
+
+async def test_ended_and_run_app_fail_on_an_internal_error_of_the_simulator(
+    app: Sideband, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulator crashing on a frame from the app (here: on its ``session.update``) answers it with a
+    ``server_error``, which the app may well survive: ``h.ended`` fails all the same, with the traceback,
+    and so does a ``run_app`` that owns its simulator as the block ends, for the calls nobody waited for."""
+    handle = SimCall._on_session_update
+
+    async def crash(self: SimCall, event: Mapping[str, Any], event_id: str | None) -> None:
+        await handle(self, event, event_id)
+        raise RuntimeError("simulator bug")
+
+    monkeypatch.setattr(SimCall, "_on_session_update", crash)
+    with pytest.raises(AssertionError) as at_exit:
+        async with run_app(app, **TEST_SETTINGS) as h:
+            call = await h.call(Script([wait_for_greeting(), caller_hangs_up()]))
+            with pytest.raises(AssertionError) as at_end:
+                await h.ended(call)
+            unwaited = await h.call(Script([wait_for_greeting(), caller_hangs_up()]))
+            await unwaited.wait_for(lambda c: bool(c.internal_errors), 5, "an internal error")
+    ended = str(at_end.value)
+    assert f"call {call.call_id}: the simulator hit an internal error" in ended, ended
+    assert 'raise RuntimeError("simulator bug")' in ended and "RuntimeError: simulator bug" in ended, ended
+    exited = str(at_exit.value)
+    assert exited.startswith("the simulator hit internal errors"), exited
+    assert f"call {unwaited.call_id}:\n" in exited and "RuntimeError: simulator bug" in exited, exited
+    with pytest.raises(AssertionError) as raised:  # the block's own failure is kept, the report noted on it
+        async with run_app(app, **TEST_SETTINGS) as h:
+            call = await h.call(Script([wait_for_greeting(), caller_hangs_up()]))
+            await h.ended(call)
+    assert str(raised.value).startswith(f"call {call.call_id}: the simulator hit an internal error")
+    [note] = raised.value.__notes__
+    assert note.startswith("the simulator hit internal errors") and f"call {call.call_id}:\n" in note

@@ -124,7 +124,9 @@ class Harness:
         not end the call), or saying that the simulator has ended the call and the server not yet (after
         ``caller_hangs_up("silent")``: the app's idle limit, then up to 10 s for an unanswered goodbye),
         and :class:`AssertionError` at once when it never ran on the server: rejected at ring time (the
-        message gives the SIP status and the reject body), transferred (the target) or never answered."""
+        message gives the SIP status and the reject body), transferred (the target) or never answered.
+        :class:`AssertionError` too when the simulator itself failed on the call (``call.internal_errors``:
+        a bug of the simulator's, not the app's; the message holds the traceback)."""
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout
         registry = self.service.registry
@@ -141,8 +143,11 @@ class Harness:
         else:
             found = self._summaries.get(call.call_id) or registry.recent.get(call.call_id)
             if found is None:
-                raise AssertionError(self._never_ran(call))
+                raise AssertionError(_internal_error(call) or self._never_ran(call))
             summary = found
+        broken = _internal_error(call)
+        if broken is not None:
+            raise AssertionError(broken)
         if check_script:
             await self._script_finished(call, summary, until - loop.time(), timeout)
         return summary
@@ -246,6 +251,27 @@ class Harness:
         )
 
 
+def _internal_error(call: SimCall) -> str | None:
+    """What the simulator's internal errors on ``call`` were (their tracebacks), or ``None``: none."""
+    if not call.internal_errors:
+        return None
+    return (
+        f"call {call.call_id}: the simulator hit an internal error (a bug of the simulator, not of your app: "
+        "what it was handling was answered with a server_error, or the call's script failed):\n"
+        + "\n".join(call.internal_errors)
+    )
+
+
+def _internal_errors(sim: Simulator) -> str | None:
+    """The internal errors the simulator hit on any of its calls (their tracebacks), or ``None``: none."""
+    broken = [call for call in sim.calls.values() if call.internal_errors]
+    if not broken:
+        return None
+    return "the simulator hit internal errors (bugs of the simulator, not of your app):\n" + "\n".join(
+        f"call {call.call_id}:\n" + "\n".join(call.internal_errors) for call in broken
+    )
+
+
 def harness_settings(sim: Simulator, **overrides: Any) -> Settings:
     """Settings pointing at ``sim`` (no process environment read)."""
     values: dict[str, Any] = {
@@ -284,13 +310,20 @@ async def run_app(app: Sideband, sim: Simulator | None = None, **settings: Any) 
 
     A ``sim`` started on another event loop than the running one (a pytest fixture on a loop of another
     scope than the test's) raises :class:`RuntimeError` at once: its loop is not running meanwhile, so
-    it would answer nothing."""
+    it would answer nothing.
+
+    Without a ``sim``, the run's own simulator is checked as it closes: if it hit an internal error on
+    any call (a bug of the simulator's, ``call.internal_errors``), the block raises
+    :class:`AssertionError` with the tracebacks (a note on the block's own exception, if it raised one),
+    as the ``simulator`` fixture fails its test."""
     own = sim is None
     simulator = sim or Simulator()
     if own:
         await simulator.start()
     else:
         simulator._check_loop()
+    failed: Exception | None = None
+    report: str | None = None
     try:
         config = harness_settings(simulator, **settings)
         with _logging_as(config):
@@ -315,6 +348,14 @@ async def run_app(app: Sideband, sim: Simulator | None = None, **settings: Any) 
                 finally:
                     if runner is not None:
                         await runner.cleanup()
+    except Exception as exc:
+        failed = exc
+        raise
     finally:
         if own:
             await simulator.close()
+            report = _internal_errors(simulator)
+            if report is not None and failed is not None:
+                failed.add_note(report)
+    if report is not None:
+        raise AssertionError(report)
