@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import inspect
 import json
@@ -454,3 +455,21 @@ async def test_ended_and_run_app_fail_on_an_internal_error_of_the_simulator(
     assert str(raised.value).startswith(f"call {call.call_id}: the simulator hit an internal error")
     [note] = raised.value.__notes__
     assert note.startswith("the simulator hit internal errors") and f"call {call.call_id}:\n" in note
+
+
+async def test_ended_reports_a_script_that_failed_on_a_live_call_at_once(stack: Stack) -> None:
+    """A step that fails while the call goes on (here: the model is to call a tool the app does not
+    have) fails the test whatever comes next: ``h.ended`` says so as soon as it failed, not when its
+    timeout has run out. A test expecting the call to go on (``check_script=False``) still waits for
+    its end."""
+    call = await stack.call(Script([model_calls("no_such_tool", {}), caller_hangs_up()]))
+    async with asyncio.timeout(5):  # (far below h.ended's own timeout)
+        with pytest.raises(TimeoutError) as failed:
+            await stack.ended(call, timeout=60)
+    message = str(failed.value)
+    assert f"call {call.call_id} has not ended; the script failed: step 0 model_calls(no_such_tool" in message
+    assert "the model cannot call 'no_such_tool'" in message, message
+    assert call.status == "accepted"  # (the call goes on)
+    stack.sim.hang_up(call)
+    summary = await stack.ended(call, check_script=False)
+    assert summary.reason == "remote_closed"

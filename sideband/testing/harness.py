@@ -17,14 +17,14 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
 from sideband.app import Sideband
 from sideband.edge import SERVICE, create_app
 from sideband.logs import logging_configured
-from sideband.runtime.driver import CallSummary
+from sideband.runtime.driver import CallRuntime, CallSummary
 from sideband.runtime.machine import MachineConfig
 from sideband.service import Service
 from sideband.settings import Settings, load_settings
@@ -121,8 +121,10 @@ class Harness:
 
         Raises :class:`TimeoutError` when the call has not ended, or its script not finished, within
         ``timeout`` seconds, naming the script step that failed, if one did (a step that times out does
-        not end the call), or saying that the simulator has ended the call and the server not yet (after
-        ``caller_hangs_up("silent")``: the app's idle limit, then up to 10 s for an unanswered goodbye),
+        not end the call; unless ``check_script=False``, a step that fails while the call goes on is
+        reported as soon as it failed, without waiting out ``timeout``), or saying that the simulator has
+        ended the call and the server not yet (after ``caller_hangs_up("silent")``: the app's idle limit,
+        then up to 10 s for an unanswered goodbye),
         and :class:`AssertionError` at once when it never ran on the server: rejected at ring time (the
         message gives the SIP status and the reject body), transferred (the target) or never answered.
         :class:`AssertionError` too when the simulator itself failed on the call (``call.internal_errors``:
@@ -132,13 +134,19 @@ class Harness:
         registry = self.service.registry
         runtime = registry.calls.get(call.call_id)
         if runtime is not None:
-            try:
-                await asyncio.wait_for(runtime.wait_closed(), timeout)
-            except TimeoutError:
+            outcome = await self._wait_closed(call, runtime, timeout, check_script)
+            if outcome != "closed":
+                broken = _internal_error(call)
+                if broken is not None:
+                    raise AssertionError(broken)
+                if outcome == "script_failed":
+                    raise TimeoutError(
+                        f"call {call.call_id} has not ended; the script failed: {call.script_error}"
+                    )
                 why = f"; the script failed: {call.script_error}" if call.script_error else ""
                 if call.status == "ended":
                     why += self._end_unseen(call, runtime.machine.config)
-                raise TimeoutError(f"call {call.call_id} did not end within {timeout:g} s{why}") from None
+                raise TimeoutError(f"call {call.call_id} did not end within {timeout:g} s{why}")
             summary = runtime.summary
         else:
             found = self._summaries.get(call.call_id) or registry.recent.get(call.call_id)
@@ -151,6 +159,33 @@ class Harness:
         if check_script:
             await self._script_finished(call, summary, until - loop.time(), timeout)
         return summary
+
+    @staticmethod
+    async def _wait_closed(
+        call: SimCall, runtime: CallRuntime, timeout: float, check_script: bool
+    ) -> Literal["closed", "script_failed", "timeout"]:
+        """Wait up to ``timeout`` seconds for ``runtime`` (``call``'s on the server) to close; with
+        ``check_script``, no longer than until the call's script failed while the call is still live (a
+        failure whatever comes next; a script that failed as the call ended waits for its end)."""
+        closed = asyncio.ensure_future(runtime.wait_closed())
+        waiting = {closed}
+        failed: asyncio.Future[None] | None = None
+        if check_script:
+            failed = asyncio.ensure_future(
+                call.wait_for(lambda c: c.script_error is not None and not c.ended, timeout, "script failed")
+            )
+            waiting.add(failed)
+        try:
+            await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+        if closed.done() and not closed.cancelled():
+            return "closed"
+        if failed is not None and failed.done() and not failed.cancelled() and failed.exception() is None:
+            return "script_failed"
+        return "timeout"
 
     @staticmethod
     def _end_unseen(call: SimCall, config: MachineConfig) -> str:
