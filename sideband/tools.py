@@ -12,7 +12,9 @@ propagates; a ``CancelledError`` raised by the tool's own code (say, it awaited 
 while nobody cancels the executing task is a failure like any other, and so are ``SystemExit`` (argparse in a
 tool) and ``KeyboardInterrupt`` raised by a tool: one call's tool never stops the server. A tool
 cancelled at its timeout gets the timeout output whatever its code makes of the cancellation (an error
-raised by its cleanup, say); one that swallows it and returns late still gets the timeout output.
+raised by its cleanup, say); one that swallows it and returns late still gets the timeout output. A caller
+that cannot wait for such a tool (the call driver: the caller would hear nothing meanwhile) learns its
+deadline and how to make its timeout result from ``execute(on_deadline=…)``, and answers with it itself.
 
 Sync tools run in a thread pool of their own (see :class:`ToolRegistry`), never in the event loop's default
 executor, so hung sync tools cannot starve ``loop.getaddrinfo`` or anything else that uses it.
@@ -495,11 +497,17 @@ class ToolRegistry:
         ctx: CallContext,
         *,
         on_blocked: Callable[[float, int], None] | None = None,
+        on_deadline: Callable[[float, Callable[[], ToolResult]], None] | None = None,
     ) -> ToolResult:
         """Validate ``arguments`` (the model's JSON string) and run tool ``name`` under its timeout.
 
         ``on_blocked(longest, count)`` hears of an async tool whose code held the event loop (see
         :class:`~sideband.blocking.Stepwise`), once, when it ends.
+
+        ``on_deadline(when, timed_out)`` hears, as the tool starts, the loop time of its deadline and how
+        to make its timeout result (``timed_out()``, which also withdraws the run's call actions): a
+        caller that will not wait for a tool that swallows its cancellation answers with that instead.
+        It is not called for a tool that never starts (unknown, or its arguments refused).
 
         At its timeout an async tool is cancelled, and its result is the timeout output, whatever its
         code makes of the cancellation (an error raised by its cleanup, say).
@@ -532,7 +540,10 @@ class ToolRegistry:
             # running on, or a tool that swallowed its cancellation, can no longer transfer or hang up.
             view = kwargs[tool.context_param] = ctx.for_run()
 
-        deadline = asyncio.timeout(limit)
+        due = asyncio.get_running_loop().time() + limit
+        deadline = asyncio.timeout_at(due)
+        if on_deadline is not None:
+            on_deadline(due, functools.partial(_timed_out, call_id, name, limit, start, view))
         job: concurrent.futures.Future[Any] | None = None
         try:
             async with deadline:
@@ -547,8 +558,7 @@ class ToolRegistry:
                     value = await asyncio.wrap_future(job)
                     if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
                         value = await timed(then(value, _encoded), on_blocked)
-            due = deadline.when()
-            if deadline.expired() or (due is not None and asyncio.get_running_loop().time() >= due):
+            if deadline.expired() or asyncio.get_running_loop().time() >= due:
                 # It swallowed the cancellation and returned late, or it held the event loop past its
                 # deadline, whose timer never got to fire: an overrun all the same.
                 return _timed_out(call_id, name, limit, start, view)

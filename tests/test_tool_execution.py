@@ -17,7 +17,7 @@ from sideband import CallContext
 from sideband.testing import Script, caller_says, model_calls, model_says, wait_for_greeting
 from sideband.tools import ToolRegistry
 
-from .conftest import Stack
+from .conftest import Stack, capture_logs
 from .test_call_runtime import kinds
 from .test_call_runtime import outputs as by_call_id
 
@@ -421,6 +421,154 @@ async def test_a_sync_tool_that_timed_out_can_no_longer_transfer_the_call(stack:
     assert not [r for r in stack.sim.requests if r.path.endswith("/refer")]
     stack.sim.hang_up(call)
     assert (await stack.ended(call, check_script=False)).reason == "remote_closed"
+
+
+# -- a tool that swallows its timeout's cancellation ----------------------------------------------------
+
+
+def stuck_tool() -> asyncio.Task[Any]:
+    return next(t for t in asyncio.all_tasks() if t.get_name().startswith("tool:"))
+
+
+async def test_a_tool_that_swallows_its_timeout_is_answered_at_its_deadline(stack: Stack) -> None:
+    """The model gets the timeout output a moment after the deadline, not when the tool at last returns
+    (the caller would hear nothing until then); what the tool does later counts for nothing."""
+    release, finished = asyncio.Event(), asyncio.Event()
+    late: list[str] = []
+
+    @stack.app.tool(timeout=0.2, filler_after=None)
+    async def lookup(ctx: CallContext) -> str:
+        for source in (asyncio.Event().wait, release.wait):  # the first hangs, the second answers late
+            try:
+                await source()
+            except BaseException:  # a bare except in a retry loop: the cancellation is swallowed
+                continue
+        try:
+            ctx.transfer("human")
+        except RuntimeError as exc:
+            late.append(str(exc))
+        finished.set()
+        return "found it, late"
+
+    stack.app.transfer_targets["human"] = "tel:+14155550123"
+    hooks: list[str] = []
+    stack.app.on_tool(lambda ctx, record: hooks.append(record.outcome))
+    with capture_logs() as logs:
+        call = await start(
+            stack,
+            Script(
+                [
+                    HELLO,
+                    caller_says("look it up"),
+                    model_calls("lookup", {}),
+                    model_says("Sorry, it timed out."),
+                ]
+            ),
+        )
+        await call.wait_done(timeout=5)  # the timeout output went out, and the response.create after it
+        stuck = stuck_tool()
+        assert not stuck.done() and not finished.is_set()
+        assert outputs(call) == [{"error": "timeout", "message": "The tool took longer than 0.2 s"}]
+        ks = kinds(call)
+        out = next(i for i, k in enumerate(ks) if k.startswith("output:"))
+        assert ks[out + 1 :] == ["create"]
+        release.set()
+        assert await asyncio.wait_for(stuck, 5) is None
+        assert finished.is_set()
+        await stack.sim.hang_up(call)
+        summary = await stack.ended(call)
+    assert kinds(call)[out:] == ks[out:]  # nothing more of it went out
+    assert late == ["lookup timed out after 0.2 s: its call actions no longer apply"]
+    assert not [r for r in stack.sim.requests if r.path.endswith("/refer")]
+    assert [(t.name, t.outcome) for t in summary.tools] == [("lookup", "timeout")]
+    assert [e["outcome"] for e in logs if e["event"] == "tool.finished"] == ["timeout"]
+    assert hooks == ["timeout"]
+    assert not [e for e in logs if e["event"] == "call.tasks_abandoned"]
+
+
+async def test_a_tool_answered_at_its_deadline_is_cancelled_again_and_left_behind_at_the_end(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sideband.runtime.driver.TASK_GRACE", 0.2)
+    monkeypatch.setattr("sideband.runtime.driver.OVERDUE_GRACE", 0.1)
+    stop = asyncio.Event()
+    cancels: list[int] = []
+
+    @stack.app.tool(timeout=0.2, filler_after=None)
+    async def stubborn() -> str:  # a buggy tool: swallows every cancellation until the test ends
+        while not stop.is_set():
+            try:
+                await stop.wait()
+            except asyncio.CancelledError:
+                cancels.append(len(cancels) + 1)
+        return "late"
+
+    hooks: list[str] = []
+    stack.app.on_tool(lambda ctx, record: hooks.append(record.outcome))
+    try:
+        with capture_logs() as logs:
+            call = await start(
+                stack, Script([HELLO, caller_says("go"), model_calls("stubborn", {}), model_says("Sorry.")])
+            )
+            await call.wait_done(timeout=5)
+            stuck = stuck_tool()
+            assert cancels == [1]  # its timeout's
+            stack.sim.hang_up(call)
+            summary = await stack.ended(call, timeout=5, check_script=False)  # ends all the same
+            assert cancels == [1, 2]  # the call's end cancelled it again
+            stop.set()
+            assert await asyncio.wait_for(stuck, 5) is None  # it finished at last: nothing of it counts
+    finally:
+        stop.set()
+    assert outputs(call) == [{"error": "timeout", "message": "The tool took longer than 0.2 s"}]
+    assert [(t.name, t.outcome) for t in summary.tools] == [("stubborn", "timeout")]
+    assert [e["outcome"] for e in logs if e["event"] == "tool.finished"] == ["timeout"]
+    assert hooks == ["timeout"]
+    abandoned = [e["tasks"] for e in logs if e["event"] == "call.tasks_abandoned"]
+    assert len(abandoned) == 1 and abandoned[0][0].startswith("tool:")
+
+
+async def test_tools_that_stop_at_their_timeout_are_answered_once(stack: Stack) -> None:
+    """An async tool that honours its cancellation and a sync tool (its thread runs on) are answered by
+    their own task, once."""
+    release, returned = threading.Event(), threading.Event()
+
+    @stack.app.tool(timeout=0.2, filler_after=None)
+    async def polite() -> str:
+        await asyncio.Event().wait()
+        return "never"
+
+    @stack.app.tool(timeout=0.2, filler_after=None)
+    def blocking() -> str:
+        release.wait(10)
+        returned.set()
+        return "late"
+
+    with capture_logs() as logs:
+        call = await start(
+            stack,
+            Script(
+                [
+                    HELLO,
+                    caller_says("one"),
+                    model_calls("polite", {}),
+                    model_says("Sorry."),
+                    caller_says("two"),
+                    model_calls("blocking", {}),
+                    model_says("Sorry again."),
+                ]
+            ),
+        )
+        await call.wait_done(timeout=5)
+        release.set()
+        assert await asyncio.get_running_loop().run_in_executor(None, returned.wait, 5)
+        await stack.sim.hang_up(call)
+        summary = await stack.ended(call)
+    timeout = {"error": "timeout", "message": "The tool took longer than 0.2 s"}
+    assert outputs(call) == [timeout, timeout]
+    assert [(t.name, t.outcome) for t in summary.tools] == [("polite", "timeout"), ("blocking", "timeout")]
+    assert [e["outcome"] for e in logs if e["event"] == "tool.finished"] == ["timeout", "timeout"]
+    assert not [e for e in logs if e["event"] == "call.tasks_abandoned"]
 
 
 # -- the driver's last line of defence ------------------------------------------------------------------

@@ -66,7 +66,7 @@ from sideband.upstream.openai import CallGone, UpstreamError
 from sideband.usage import Usage
 
 if TYPE_CHECKING:
-    from sideband.tools import ToolRegistry
+    from sideband.tools import ToolRegistry, ToolResult
 
 __all__ = [
     "END_HOOK_TIMEOUT",
@@ -113,6 +113,10 @@ that the other kinds wait for ``on_call_start`` at most."""
 TASK_GRACE = 5.0
 """Seconds a call's cancelled tools get to stop when it ends; one that ignores its cancellation is left
 behind (``call.tasks_abandoned``)."""
+OVERDUE_GRACE = 1.0
+"""Seconds past its timeout a tool's cleanup gets before the model is answered without it: a tool that
+swallows its cancellation (a bare ``except`` in a retry loop) gets the ``timeout`` output then, and what
+it does later no longer counts (its task is left to the call's end, which cancels it again)."""
 _STABLE_SOCKET = 10.0  # seconds a sideband must have lasted for its loss not to count as one in a row
 _MAX_RETRY_AFTER = 30.0  # seconds at most an attach waits when the server asks to (Retry-After)
 _LEFT_BEHIND = 1.0  # seconds a cancelled hook gets to end before the call's end goes on without it
@@ -369,7 +373,9 @@ class CallRuntime:
         self._item_count = 0  # (their event_ids)
         self._flushing = False
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
-        self._abandoned: set[str] | None = None  # tool call ids the call's end gave up on
+        # Tool call ids whose task no longer counts: answered past their deadline while they ran on, or
+        # given up by the call's end
+        self._abandoned: set[str] | None = None
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._hook_queue: _HookQueue | None = None  # the hooks running and waiting their turn, while any
         self._quiet: asyncio.Event | None = None  # see quiet_signal(): made for whoever waits on it
@@ -1321,10 +1327,21 @@ class CallRuntime:
             fields["arguments"] = arguments
         self.log.info("tool.started", **fields)
         started = time.monotonic()
+        watch: asyncio.TimerHandle | None = None
+
+        def on_deadline(when: float, timed_out: Callable[[], ToolResult]) -> None:
+            nonlocal watch
+            task = asyncio.current_task()
+            if task is not None:
+                loop = asyncio.get_running_loop()
+                watch = loop.call_at(when + OVERDUE_GRACE, self._overdue, call_id, name, task, timed_out)
+
         try:
             try:
                 blocked = log_blocked(self.log, tool=name, tool_call_id=call_id)
-                result = await tools.execute(call_id, name, arguments, self.ctx, on_blocked=blocked)
+                result = await tools.execute(
+                    call_id, name, arguments, self.ctx, on_blocked=blocked, on_deadline=on_deadline
+                )
             except asyncio.CancelledError:
                 if self._owns(call_id):
                     self._tool_cancelled(call_id, name, time.monotonic() - started)
@@ -1332,28 +1349,54 @@ class CallRuntime:
             except Exception as exc:  # never expected; the model must still get an answer
                 result = failed_result(call_id, name, exc, started)
             if not self._owns(call_id):
-                return  # left behind by the call's end (it ignored its cancellation): nothing of it counts
-            record = ToolRecord(call_id, name, result.outcome, result.duration)
-            self._record(record)
-            # A tool that raised or overran is worth an operator's look (with where it raised).
-            # (A ToolError is the tool's answer on purpose, "no such order": not a fault.)
-            faulty = result.outcome in ("error", "timeout") and not isinstance(result.exception, ToolError)
-            log = self.log.warning if faulty else self.log.info
-            failure = {"error": result.error} if result.exception is None else self._failure(result.exception)
-            log(
-                "tool.finished",
-                tool=name,
-                tool_call_id=call_id,
-                outcome=result.outcome,
-                duration_ms=round(result.duration * 1000, 2),
-                **failure,
-            )
-            self._apply(self.machine.tool_done(call_id, result.output, ok=result.ok))
-            if self.hooks.on_tool:
-                self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
+                # Answered at its deadline while it ran on, or left behind by the call's end (it ignored
+                # its cancellation): nothing of it counts.
+                return
+            self._answered(call_id, name, result)
             await self._flush()
         finally:
+            if watch is not None:
+                watch.cancel()
             self._tool_tasks.pop(call_id, None)  # the task's last step: nothing of it runs on
+
+    def _answered(self, call_id: str, name: str, result: ToolResult) -> None:
+        """A tool round's result: in the record and the log, and its output to the model."""
+        record = ToolRecord(call_id, name, result.outcome, result.duration)
+        self._record(record)
+        # A tool that raised or overran is worth an operator's look (with where it raised).
+        # (A ToolError is the tool's answer on purpose, "no such order": not a fault.)
+        faulty = result.outcome in ("error", "timeout") and not isinstance(result.exception, ToolError)
+        log = self.log.warning if faulty else self.log.info
+        failure = {"error": result.error} if result.exception is None else self._failure(result.exception)
+        log(
+            "tool.finished",
+            tool=name,
+            tool_call_id=call_id,
+            outcome=result.outcome,
+            duration_ms=round(result.duration * 1000, 2),
+            **failure,
+        )
+        self._apply(self.machine.tool_done(call_id, result.output, ok=result.ok))
+        if self.hooks.on_tool:
+            self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
+
+    def _overdue(
+        self, call_id: str, name: str, task: asyncio.Task[Any], timed_out: Callable[[], ToolResult]
+    ) -> None:
+        """A tool still running :data:`OVERDUE_GRACE` seconds past its deadline (it swallowed its
+        cancellation): the model gets its timeout output now, and its task, left running, no longer
+        counts (the call's end cancels it again, and leaves it behind if it still runs on)."""
+        if (
+            self.machine.closed is not None
+            or not self._owns(call_id)
+            or self._tool_tasks.get(call_id) is not task
+        ):
+            return  # the call's end deals with it
+        if self._abandoned is None:
+            self._abandoned = set()
+        self._abandoned.add(call_id)
+        self._answered(call_id, name, timed_out())
+        self._kick()
 
     def _record(self, record: ToolRecord) -> None:
         """A tool round, in the call's summary and the process's counts."""
@@ -1363,8 +1406,9 @@ class CallRuntime:
             self._stats.record(name, record.outcome, record.duration)
 
     def _owns(self, call_id: str) -> bool:
-        """Whether a tool task still counts for the call: not once the call's end abandoned it (it
-        ignored its cancellation, and the end recorded it as cancelled)."""
+        """Whether a tool task still counts for the call: not once it was answered past its deadline
+        (:meth:`_overdue`), nor once the call's end abandoned it (it ignored its cancellation, and the end
+        recorded it as cancelled)."""
         return self._abandoned is None or call_id not in self._abandoned
 
     def _tool_cancelled(self, call_id: str, name: str, duration: float) -> None:
@@ -1627,8 +1671,10 @@ class CallRuntime:
             self._alarm = None
         self._deadlines.clear()
         tasks = list(self._tool_tasks.values())
-        for task in tasks:
-            if not task.cancelling():  # cancelled once already by the end (CancelTool): its cleanup runs
+        for call_id, task in self._tool_tasks.items():
+            # Not one cancelled once already by the end (CancelTool): its cleanup runs. One answered past
+            # its deadline swallowed its timeout's cancellation: cancelled again.
+            if not task.cancelling() or not self._owns(call_id):
                 task.cancel()
         ws = self._ws
         if ws is not None:
@@ -1641,6 +1687,8 @@ class CallRuntime:
             await self._settle_guard(self._guard, checks_until)
         for call_id in list(self._tool_tasks):  # cancelled before they ever started, or stuck
             del self._tool_tasks[call_id]
+            if not self._owns(call_id):
+                continue  # answered past its deadline already (its timeout is in the record)
             if self._abandoned is None:
                 self._abandoned = set()
             self._abandoned.add(call_id)  # what a stuck one does later no longer counts
