@@ -422,3 +422,90 @@ async def test_no_tools_left_while_a_tool_is_required_needs_a_tool_choice_too() 
     assert runtime.tools.names() == ["verify", "lookup_order"]  # unchanged
     runtime.update_session(tools=[], tool_choice="auto")
     assert runtime.tools.names() == []
+
+
+async def test_an_update_the_server_refused_leaves_later_checks_to_the_session_as_it_is() -> None:
+    """The server refuses a whole ``session.update`` for a reason of its own (here a model the key may
+    not use): its voice and tool_choice never applied, and later updates are checked against the session
+    the server has, not against the refused one."""
+    app = desk(first=("try_stage", "check_order"), session=SessionConfig(greeting=None))
+    refusals: list[str] = []
+
+    @app.tool
+    async def try_stage(ctx: CallContext) -> str:
+        """Change the voice."""
+        forced = {"type": "function", "name": "check_order"}
+        ctx.update_session(voice="cedar", tool_choice=forced, model="gpt-realtime-nope")  # (refused)
+        return "changed"
+
+    @app.tool
+    async def check_order(order_id: str, ctx: CallContext) -> str:
+        """Look up an order."""
+        for fields in (
+            {"voice": "cedar", "instructions": "Be brief."},
+            {"voice": "marin"},
+            {"tools": ["refund"]},
+        ):
+            try:
+                ctx.update_session(**fields)
+            except SessionConfigError as exc:
+                refusals.append(str(exc))
+        return "shipped"
+
+    async with run_app(app) as h:
+        call = await h.call(
+            Script(
+                [
+                    caller_says("Go."),
+                    model_calls("try_stage", {}),  # (no words with it: no audio yet)
+                    model_says("Done."),
+                    caller_says("Where is order 3?"),
+                    model_calls("check_order", {"order_id": "3"}),
+                    model_says("Shipped."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        await h.ended(call)
+    assert [e["error"]["param"] for e in call.sent_of_type("error")] == ["session.model"]  # that one only
+    assert len(refusals) == 1 and "it stays 'marin'" in refusals[0], refusals
+    updates = [e["session"] for e in call.received if e["type"] == "session.update"][2:]
+    assert updates == [
+        {"type": "realtime", "audio": {"output": {"voice": "marin"}}},
+        {"type": "realtime", "tools": [json.loads(json.dumps(t)) for t in app.tools.definitions(["refund"])]},
+    ]
+    assert call.session["audio"]["output"]["voice"] == "marin" and call.session["tool_choice"] == "auto"
+
+
+async def test_a_refused_update_gives_way_to_the_updates_sent_after_it() -> None:
+    """An update sent before the server's refusal of an earlier one arrives: once that is refused, the
+    session's voice is the later update's (the server applies updates in order), not the config's; and a
+    refused tool_choice leaves the one the server has."""
+    runtime = bare_runtime(audio={"output": {"voice": "marin"}})
+
+    def receive(event: dict[str, Any]) -> None:
+        runtime._handle(json.dumps(event).encode())
+
+    def refuse(event_id: str) -> None:
+        receive({"type": "error", "error": {"type": "invalid_request_error", "event_id": event_id}})
+
+    def last_update() -> str:
+        event = json.loads(runtime._outbox[-1])
+        assert event["type"] == "session.update"
+        return str(event["event_id"])
+
+    receive({"type": "session.updated", "session": {"type": "realtime"}})
+    runtime.update_session(voice="cedar", model="gpt-realtime-nope")
+    first = last_update()
+    runtime.update_session(voice="sage")
+    refuse(first)
+    receive({"type": "output_audio_buffer.started", "response_id": "r1"})  # the model speaks
+    with pytest.raises(SessionConfigError, match="it stays 'sage'"):
+        runtime.update_session(voice="marin")
+    receive(
+        {"type": "session.updated", "session": {"type": "realtime", "audio": {"output": {"voice": "sage"}}}}
+    )
+    runtime.update_session(tool_choice={"type": "function", "name": "verify"}, instructions="Verify first.")
+    refuse(last_update())
+    runtime.update_session(tools=["refund"])  # (no tool_choice in force leaves it out)
+    assert runtime.tools.names() == ["refund"]

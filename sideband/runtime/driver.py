@@ -97,6 +97,9 @@ _ITEMS_KEPT = 16  # conversation items of ours awaiting their acknowledgement, a
 # The one acknowledgement of each item (GA: added, then done; beta: created): one sent item per server item
 _ITEM_ACKS = frozenset({"conversation.item.added", "conversation.item.created"})
 _ITEM_EVENT = "sb_item_"  # the event_id prefix of our message items (an error names the one it refuses)
+_UPDATE_EVENT = "sb_update_"  # the event_id prefix of our session.update (an error names the one it refuses)
+_UPDATES_KEPT = 16  # session.update events awaiting the server's answer, at most (the last ones)
+_UNSET: Any = object()
 
 HOOK_GRACE = 2.0
 """Seconds a call's hooks still running or queued when it ends get to finish, in all: then those running
@@ -272,12 +275,13 @@ class CallRuntime:
         "_before",
         "_catalog",
         "_closed",
+        "_confirmed",
         "_connect",
         "_deadlines",
+        "_event_count",
         "_flushing",
         "_guard",
         "_hook_queue",
-        "_item_count",
         "_items",
         "_keypad",
         "_log_args",
@@ -300,6 +304,7 @@ class CallRuntime:
         "_turn_mark",
         "_turns",
         "_typed",
+        "_updates",
         "_usage",
         "_verb_call",
         "_verb_waiting",
@@ -342,8 +347,13 @@ class CallRuntime:
         self._catalog = tools if catalog is None else catalog  # what ``update_session(tools=…)`` may name
         # After a change of tools, those the response then under way was offered (it may still call them).
         self._before: tuple[ToolRegistry, str] | None = None
-        # The session's voice, model and tool_choice as updates set them since the config (None: none did)
+        # The session's voice, model and tool_choice as updates set them since the config (None: none did),
+        # as sent: one the server refuses is taken back (see _update_refused)
         self._now: dict[str, Any] | None = None
+        self._confirmed: dict[str, Any] | None = None  # the same, as the server's session.updated confirmed
+        # Our session.update events the server has not answered yet, in order: each one's event_id, and the
+        # voice, model and tool_choice it sets (None when there are none)
+        self._updates: list[tuple[str, dict[str, Any]]] | None = None
         self._spoken = False  # the model's audio started in the call: its voice and model are set for good
         self._connect = connect
         self._verb_call = verb
@@ -370,7 +380,7 @@ class CallRuntime:
         # Messages we added to the conversation (code's text, a guardrail's note), not acknowledged yet
         # (see _resend_items); None when there are none
         self._items: list[_SentItem] | None = None
-        self._item_count = 0  # (their event_ids)
+        self._event_count = 0  # (their event_ids, and our session.update events')
         self._flushing = False
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         # Tool call ids whose task no longer counts: answered past their deadline while they ran on, or
@@ -833,8 +843,8 @@ class CallRuntime:
             return jsonio.dumps(event)
         event_id = event.get("event_id")
         if not isinstance(event_id, str) or not event_id:
-            self._item_count += 1
-            event_id = f"{_ITEM_EVENT}{self._item_count}"
+            self._event_count += 1
+            event_id = f"{_ITEM_EVENT}{self._event_count}"
             event = {**event, "event_id": event_id}
         frame = jsonio.dumps(event)
         items = self._items
@@ -843,6 +853,62 @@ class CallRuntime:
         items.append(_SentItem(frame, _item_key(item), str(item.get("role")), event_id))
         del items[:-_ITEMS_KEPT]
         return frame
+
+    def _sent_update(self, event: Mapping[str, Any]) -> bytes:
+        """The frame of a ``session.update``, with an ``event_id`` (the server's refusal names it). What it
+        sets of the session's voice, model and tool_choice awaits the server's answer (see
+        :meth:`_update_refused`)."""
+        event_id = event.get("event_id")
+        if not isinstance(event_id, str) or not event_id:
+            self._event_count += 1
+            event_id = f"{_UPDATE_EVENT}{self._event_count}"
+            event = {**event, "event_id": event_id}
+        updates = self._updates
+        if updates is None:
+            updates = self._updates = []
+        updates.append((event_id, _session_values(event.get("session"))))
+        del updates[:-_UPDATES_KEPT]
+        return jsonio.dumps(event)
+
+    def _update_confirmed(self) -> None:
+        """The server took our oldest ``session.update`` still unanswered (``session.updated``): what it set
+        is the session's now."""
+        updates = self._updates
+        if not updates:
+            return
+        _, values = updates.pop(0)
+        if not updates:
+            self._updates = None
+        if values:
+            confirmed = self._confirmed = self._confirmed or {}
+            confirmed.update(values)
+
+    def _update_refused(self, error: Any) -> None:
+        """The server refused one of our ``session.update`` events (an ``error`` naming it): none of it
+        applied, so the voice, model and tool_choice it set are what the server confirmed, or what the
+        updates sent after it set (it refuses a whole update: a later check must go by the session it
+        has)."""
+        updates = self._updates
+        event_id = error.get("event_id") if isinstance(error, Mapping) else None
+        if not updates or not isinstance(event_id, str):
+            return
+        index = next((i for i, (sent, _) in enumerate(updates) if sent == event_id), None)
+        if index is None:
+            return
+        _, values = updates.pop(index)
+        if not updates:
+            self._updates = None
+        now = self._now
+        if now is None:
+            return
+        for key in values:
+            value = (self._confirmed or {}).get(key, _UNSET)
+            for _, later in updates:
+                value = later.get(key, value)
+            if value is _UNSET:
+                now.pop(key, None)
+            else:
+                now[key] = value
 
     def _refused_item(self, error: Any) -> None:
         """The server refused one of our client events: a message of ours, if it was one, is not kept to
@@ -1051,6 +1117,12 @@ class CallRuntime:
             guard.feed(event)
         if not self._spoken and event.get("type") == "output_audio_buffer.started":
             self._spoken = True
+        if self._updates is not None:
+            kind = event.get("type")
+            if kind == "session.updated":
+                self._update_confirmed()
+            elif kind == "error":
+                self._update_refused(event.get("error"))
         if self._items is not None:
             kind = event.get("type")
             if kind in _ITEM_ACKS:
@@ -1073,8 +1145,11 @@ class CallRuntime:
         for action in actions:
             if isinstance(action, Send):
                 event = action.event
-                if event.get("type") == "conversation.item.create" and self.machine.caps.resumable:
+                kind = event.get("type")
+                if kind == "conversation.item.create" and self.machine.caps.resumable:
                     self._outbox.append(self._sent_item(event))
+                elif kind == "session.update":
+                    self._outbox.append(self._sent_update(event))
                 else:
                     self._outbox.append(jsonio.dumps(event))
             elif isinstance(action, RunTool):
@@ -1870,6 +1945,20 @@ class _SentItem:
         self.role = role
         self.event_id = event_id
         self.resends = 0
+
+
+def _session_values(session: Any) -> dict[str, Any]:
+    """The voice, model and tool_choice a ``session.update`` of ours sets."""
+    if not isinstance(session, Mapping):
+        return {}
+    values = {key: session[key] for key in ("model", "tool_choice") if key in session}
+    audio = session.get("audio")
+    output = audio.get("output") if isinstance(audio, Mapping) else None
+    if isinstance(output, Mapping) and "voice" in output:
+        values["voice"] = output["voice"]
+    elif "voice" in session:  # (at the session's top level: vowel)
+        values["voice"] = session["voice"]
+    return values
 
 
 def _item_key(item: Mapping[str, Any]) -> tuple[Any, ...]:
