@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import difflib
 import hashlib
 import hmac
@@ -252,6 +253,12 @@ class Settings(BaseSettings):
                 "connections"
             )
         other = sorted(options.keys() - _URL_OPTIONS - {"retry", "retry_on_error"})  # (those: at start)
+        for name, known in (("encoding", codecs.lookup), ("encoding_errors", codecs.lookup_error)):
+            for given in options.get(name, ()):
+                try:
+                    known(given)
+                except LookupError:
+                    raise ValueError(f"{name}: no such {name.replace('_', ' ')} in Python") from None
         if other:
             shown = ", ".join(name if len(name) <= 40 else name[:40] + "…" for name in other)
             raise ValueError(

@@ -220,6 +220,7 @@ class RedisStore:
         self._take = self._redis.register_script(_TAKE)
         self._swept = self._redis.register_script(_SWEPT)
         self._release = self._redis.register_script(_RELEASE)
+        self._let_go_script = self._redis.register_script(_LET_GO)
         self._claim = self._redis.register_script(_CLAIM)
 
     async def claim(self, key: str, ttl: float) -> bool:
@@ -280,13 +281,13 @@ class RedisStore:
         for other, up in zip(others, alive, strict=True):
             if up:  # (the script looks again: this read is only a filter)
                 continue
-            keys = [f"{p}alive:{other}", f"{p}sweep:{other}", f"{p}calls:{other}"]
+            keys = [f"{p}alive:{other}", f"{p}sweep:{other}", f"{p}calls:{other}", f"{p}letgo:{mine}"]
             try:
                 calls = await self._call(self._take(keys=keys, args=[mine, _ms(sweep), at_once or 0]))
             except BaseException:
                 # Cut short (cancelled: the instance stops) or failed (no answer in time) while the
                 # script may have run: its hold would delay every other sweep until it ran out.
-                await self._let_go(keys[1], mine)
+                await self._let_go(keys[1], keys[3], mine)
                 raise
             if calls is not None:
                 return {other: sorted(_text(c) for c in calls)}
@@ -304,10 +305,13 @@ class RedisStore:
         pipe.srem(f"{p}instances", instance)
         await self._call(pipe.execute())
 
-    async def _let_go(self, key: str, mine: str) -> None:
-        """Delete ``key`` if it holds ``mine``: within the store's timeout, to its end even if the caller
-        is cancelled (again) meanwhile; a failure is let be (the hold then runs out)."""
-        letting_go = asyncio.ensure_future(self._call(self._release(keys=[key], args=[mine, mine])))
+    async def _let_go(self, key: str, gone: str, mine: str) -> None:
+        """Let go of the hold ``key`` if it is ``mine``, and see that a taking of it still in flight (sent,
+        not yet carried out: it landed late) takes nothing (``gone`` marks ``mine`` let go): within the
+        store's timeout, to its end even if the caller is cancelled (again) meanwhile; a failure is let be
+        (the hold then runs out)."""
+        args: list[str | int] = [mine, _ms(_LET_GO_KEEP)]
+        letting_go = asyncio.ensure_future(self._call(self._let_go_script(keys=[key, gone], args=args)))
         letting_go.add_done_callback(_let_be)
         with contextlib.suppress(StoreUnavailable):
             await asyncio.shield(letting_go)
@@ -347,7 +351,7 @@ return 0
 pending values, its settled value), or the caller's own hold of a dead instance (its value twice)."""
 
 _TAKE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then
   return false
 end
 local held = redis.call('GET', KEYS[2])
@@ -363,10 +367,24 @@ end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', batches * tonumber(ARGV[2]))
 return calls
 """
-"""The taking of a dead instance for a sweep, at once. KEYS: its alive, sweep and calls keys; ARGV: this
-sweep's lock value, the ms it holds per batch of calls, the calls in a batch (0: one batch). Nil while
-the instance is alive or another sweep holds it; else its calls. Holding ``ARGV[1]`` already is taking
-it: the same script, tried again after its reply was lost."""
+"""The taking of a dead instance for a sweep, at once. KEYS: its alive, sweep and calls keys, and the mark
+of this sweep let go (see _LET_GO); ARGV: this sweep's lock value, the ms it holds per batch of calls, the
+calls in a batch (0: one batch). Nil while the instance is alive, another sweep holds it or this one was
+let go; else its calls. Holding ``ARGV[1]`` already is taking it: the same script, tried again after its
+reply was lost."""
+
+_LET_GO = """
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+"""A sweep cut short lets go of the dead instance it may have taken, at once. KEYS: the instance's sweep
+key, the mark of this sweep let go; ARGV: this sweep's lock value, the mark's life in ms. The mark makes
+the taking refuse if it lands after this (sent before, delivered late): it would hold the instance with
+nobody to let go of it."""
+_LET_GO_KEEP = 60.0  # seconds the mark of a sweep let go is kept: far longer than a command is in flight
 
 _SWEPT = """
 for i = 3, #ARGV do

@@ -1087,6 +1087,10 @@ async def test_serve_uses_redis_and_logs_it_without_the_password(
             "sideband: SIDEBAND_REDIS_URL: Value error, cannot set credential_provider, decode_responses: ",
         ),
         (
+            "redis://:pw@127.0.0.1:{port}/0?encoding=nope",
+            "sideband: SIDEBAND_REDIS_URL: Value error, encoding: no such encoding in Python",
+        ),
+        (
             "redis://:pw@127.0.0.1:{port}/0",
             "sideband: SIDEBAND_REDIS_URL: cannot use the claim store: redis at redis://127.0.0.1:",
         ),
@@ -1253,11 +1257,19 @@ async def test_a_ledger_that_fails_once_goes_on_recording(simulator: Simulator) 
 
 @contextlib.asynccontextmanager
 async def reply_lost_once(
-    redis_server: RedisServer, marker: bytes, key: str, *, drop: bool = True, timeout: float = STORE_TIMEOUT
+    redis_server: RedisServer,
+    marker: bytes,
+    key: str,
+    *,
+    drop: bool = True,
+    timeout: float = STORE_TIMEOUT,
+    late: tuple[asyncio.Event, asyncio.Event] | None = None,
 ) -> AsyncIterator[tuple[RedisStore, asyncio.Event]]:
     """A store reaching the server through a proxy, and an event: once it is set, the first command
     holding ``marker`` is carried out (``key`` is written) but its reply never comes back, and its
-    connection drops (``drop``) or stays open, with no reply, until the store drops it."""
+    connection drops (``drop``) or stays open, with no reply, until the store drops it. With ``late``
+    (``go``, ``landed``), the command is held back in flight instead, and reaches the server once ``go``
+    is set; ``landed`` is set once the server has carried it out (its reply, dropped, came back)."""
     if redis_server.proc is None:
         redis_server.start()
     redis_server.flush()
@@ -1272,9 +1284,21 @@ async def reply_lost_once(
                     writer.write(data)
                     await writer.drain()
 
+        async def held_back(data: bytes, go: asyncio.Event, landed: asyncio.Event) -> None:
+            await go.wait()
+            up_writer.write(data)
+            await up_writer.drain()
+            await up_reader.read(65536)  # (its reply: carried out)
+            landed.set()
+
         back = asyncio.ensure_future(replies())
         try:
             while data := await reader.read(65536):
+                if armed.is_set() and marker in data and late is not None:
+                    armed.clear()
+                    back.cancel()
+                    await held_back(data, *late)
+                    return
                 if armed.is_set() and marker in data:
                     armed.clear()
                     back.cancel()  # its reply never reaches the client...
@@ -1391,5 +1415,34 @@ async def test_a_sweep_cut_short_while_it_takes_a_dead_instance_lets_go_of_it(
                     await sweep
             assert not await raw.exists("sideband:sweep:held")
             assert await behind.orphans("c", 30) == {"held": ["c1"]}  # another instance's turn, at once
+        finally:
+            await raw.aclose()
+
+
+async def test_a_sweeps_taking_that_lands_after_its_let_go_takes_nothing(redis_server: RedisServer) -> None:
+    """B's taking of A is held up in flight past the store's timeout, and reaches Redis only after B let
+    go of A (a network stall: TCP delivers what was sent, late). It takes nothing: it would hold A for
+    tens of seconds with no sweep left to let go of it, and nobody would hang A's calls up meanwhile."""
+    go, landed = asyncio.Event(), asyncio.Event()
+    async with reply_lost_once(
+        redis_server, b"sweep:held", "sideband:sweep:held", timeout=0.5, late=(go, landed)
+    ) as (behind, armed):
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await behind.record("b", [], 30)
+            await behind.record("warm", ["w1"], 0.05)
+            await lease_out(raw, "warm")
+            assert await behind.orphans("b", 30) == {"warm": ["w1"]}  # (redis knows the script now)
+            await behind.swept("b", "warm", ["w1"])
+            await behind.record("held", ["c1"], 0.05)
+            await lease_out(raw, "held")
+            armed.set()
+            with pytest.raises(StoreUnavailable, match=r"no answer within 0\.5 s"):
+                await behind.orphans("b", 30)
+            go.set()
+            async with asyncio.timeout(5):
+                await landed.wait()
+            assert not await raw.exists("sideband:sweep:held")
+            assert await behind.orphans("c", 30) == {"held": ["c1"]}  # another instance's turn
         finally:
             await raw.aclose()
