@@ -4,6 +4,7 @@ threads), and sync tools kept off the event loop's default executor."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import threading
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from sideband import CallContext
+from sideband.runtime.driver import CallRuntime
 from sideband.testing import Script, caller_says, model_calls, model_says, wait_for_greeting
 from sideband.tools import ToolRegistry
 
@@ -526,6 +528,91 @@ async def test_a_tool_answered_at_its_deadline_is_cancelled_again_and_left_behin
     assert hooks == ["timeout"]
     abandoned = [e["tasks"] for e in logs if e["event"] == "call.tasks_abandoned"]
     assert len(abandoned) == 1 and abandoned[0][0].startswith("tool:")
+
+
+async def test_a_tool_answered_past_its_deadline_keeps_its_cleanup_when_the_call_ends(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tool that heeds its timeout's cancellation, but whose cleanup (a rollback) outlasts the grace:
+    the model is answered without it, and the call's end, which finds it still cleaning up, lets its
+    cleanup run (it was cancelled once already)."""
+    monkeypatch.setattr("sideband.runtime.driver.OVERDUE_GRACE", 0.1)
+    ending = asyncio.Event()
+    real = CallRuntime._await_tasks
+
+    async def await_tasks(self: CallRuntime, tasks: list[asyncio.Task[None]]) -> None:
+        ending.set()  # (the call's end has cancelled what it cancels)
+        await real(self, tasks)
+
+    monkeypatch.setattr(CallRuntime, "_await_tasks", await_tasks)
+    steps: list[str] = []
+
+    @stack.app.tool(timeout=0.2, filler_after=None)
+    async def book() -> str:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            steps.append("cleanup started")
+            try:
+                await ending.wait()  # a rollback still under way when the call ends
+            except asyncio.CancelledError:
+                steps.append("cleanup cut")
+                raise
+            steps.append("cleanup done")
+            raise
+        return "never"
+
+    call = await start(
+        stack, Script([HELLO, caller_says("book it"), model_calls("book", {}), model_says("Sorry.")])
+    )
+    await call.wait_done(timeout=5)  # (answered past its deadline, its cleanup still running)
+    stack.sim.hang_up(call)
+    summary = await stack.ended(call, timeout=10, check_script=False)
+    assert steps == ["cleanup started", "cleanup done"]
+    assert outputs(call) == [{"error": "timeout", "message": "The tool took longer than 0.2 s"}]
+    assert [(t.name, t.outcome) for t in summary.tools] == [("book", "timeout")]
+
+
+async def test_a_tool_whose_output_is_still_being_written_at_the_grace_is_answered_once(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tool stopped at its timeout and its result is being written to a congested socket when its
+    grace runs out: it is answered once (one record, one log line, one hook call)."""
+    monkeypatch.setattr("sideband.runtime.driver.OVERDUE_GRACE", 0.1)
+    overdue = asyncio.Event()
+    real_overdue, real_flush = CallRuntime._overdue, CallRuntime._flush
+
+    def watched_overdue(self: CallRuntime, *args: Any) -> None:
+        overdue.set()
+        real_overdue(self, *args)
+
+    async def congested_flush(self: CallRuntime) -> None:
+        if any(b"function_call_output" in frame for frame in self._outbox) and not self._flushing:
+            # (ws.send waiting for the transport to drain): until the grace has run out, if it fires
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(overdue.wait(), 1.0)
+        await real_flush(self)
+
+    monkeypatch.setattr(CallRuntime, "_overdue", watched_overdue)
+    monkeypatch.setattr(CallRuntime, "_flush", congested_flush)
+
+    @stack.app.tool(timeout=0.2, filler_after=None)
+    async def slow() -> str:
+        await asyncio.Event().wait()
+        return "never"
+
+    hooks: list[str] = []
+    stack.app.on_tool(lambda ctx, record: hooks.append(record.outcome))
+    with capture_logs() as logs:
+        call = await start(
+            stack, Script([HELLO, caller_says("go"), model_calls("slow", {}), model_says("Sorry.")])
+        )
+        await call.wait_done(timeout=5)
+        stack.sim.hang_up(call)
+        summary = await stack.ended(call, timeout=10, check_script=False)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("slow", "timeout")]
+    assert [e["outcome"] for e in logs if e["event"] == "tool.finished"] == ["timeout"]
+    assert hooks == ["timeout"]
 
 
 async def test_tools_that_stop_at_their_timeout_are_answered_once(stack: Stack) -> None:

@@ -98,7 +98,7 @@ _ITEMS_KEPT = 16  # conversation items of ours awaiting their acknowledgement, a
 _ITEM_ACKS = frozenset({"conversation.item.added", "conversation.item.created"})
 _ITEM_EVENT = "sb_item_"  # the event_id prefix of our message items (an error names the one it refuses)
 _UPDATE_EVENT = "sb_update_"  # the event_id prefix of our session.update (an error names the one it refuses)
-_UPDATES_KEPT = 16  # session.update events awaiting the server's answer, at most (the last ones)
+_UPDATES_KEPT = 64  # session.update events awaiting the server's answer, at most (the last ones)
 _UNSET: Any = object()
 
 HOOK_GRACE = 2.0
@@ -1423,6 +1423,8 @@ class CallRuntime:
                 raise
             except Exception as exc:  # never expected; the model must still get an answer
                 result = failed_result(call_id, name, exc, started)
+            if watch is not None:
+                watch.cancel()  # (answered now: not once more while the output is being written)
             if not self._owns(call_id):
                 # Answered at its deadline while it ran on, or left behind by the call's end (it ignored
                 # its cancellation): nothing of it counts.
@@ -1746,10 +1748,10 @@ class CallRuntime:
             self._alarm = None
         self._deadlines.clear()
         tasks = list(self._tool_tasks.values())
-        for call_id, task in self._tool_tasks.items():
-            # Not one cancelled once already by the end (CancelTool): its cleanup runs. One answered past
-            # its deadline swallowed its timeout's cancellation: cancelled again.
-            if not task.cancelling() or not self._owns(call_id):
+        for task in tasks:
+            # Not one cancelled already (by the end's CancelTool, or by its timeout: answered past its
+            # deadline, it may be running a slow cleanup): its cleanup runs, within TASK_GRACE.
+            if not task.cancelling():
                 task.cancel()
         ws = self._ws
         if ws is not None:
@@ -1785,9 +1787,8 @@ class CallRuntime:
                 names = sorted(t.get_name() if isinstance(t, asyncio.Task) else repr(t) for t in stuck)
                 self.log.error("call.tasks_abandoned", tasks=names, grace_s=TASK_GRACE)
                 self._side_tasks.difference_update(stuck)
-                for task in stuck:  # (each is cancelled once: what it does next no longer counts)
-                    if isinstance(task, asyncio.Task) and not task.cancelling():
-                        task.cancel()
+                for task in stuck:  # (once more: one that swallowed a cancellation may heed the next)
+                    task.cancel()
                 return
             pending = set(self._side_tasks)  # started meanwhile (a flush, a verb)
 
