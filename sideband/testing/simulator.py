@@ -3242,9 +3242,11 @@ class Simulator:
     def drop_sideband(
         self, call: SimCall, mode: Literal["abnormal", "clean", "going_away", "unreachable"] = "abnormal"
     ) -> asyncio.Task[None]:
-        """Lose the call's sideband socket(s) *without* ending the call (the controller should re-attach).
+        """Lose the call's sideband socket(s) *without* ending the call.
 
-        ``"abnormal"`` drops the TCP connection, ``"clean"`` / ``"going_away"`` close with 1000 / 1001, and
+        ``"abnormal"`` drops the TCP connection (the controller should re-attach), ``"clean"`` /
+        ``"going_away"`` close with 1000 / 1001 (as OpenAI closes the sideband of a call that ended: a
+        controller takes it for the call's end, and the call left up here shows what that does), and
         ``"unreachable"`` keeps the connection open but silent both ways: what the controller writes is
         never read (lost, like on a dead network path) and pings go unanswered, so only the controller's
         own keepalive can tell."""
