@@ -1383,7 +1383,9 @@ def test_say_is_queued_behind_an_active_response() -> None:
     out = m.receive(response_done("r"))
     assert sends(out)[0]["response"] == {"instructions": "Tell them about the sale"}
     upd = m.update_session({"instructions": "new"})
-    assert sends(upd) == [{"type": "session.update", "session": {"instructions": "new", "type": "realtime"}}]
+    assert [(e["type"], e["session"]) for e in sends(upd)] == [
+        ("session.update", {"instructions": "new", "type": "realtime"})
+    ]
 
 
 def test_a_say_queued_before_the_end_is_said_before_the_goodbye_and_a_later_one_not_at_all() -> None:
@@ -1516,8 +1518,8 @@ def test_code_actions_before_the_session_config_follow_it() -> None:
     m = machine(greeting="Say hello")
     first = m.start()
     assert types(first) == ["session.update", "response.create"]
-    assert m.update_session({"instructions": "VIP"}) == [
-        Send({"type": "session.update", "session": {"instructions": "VIP", "type": "realtime"}})
+    assert [(e["type"], e["session"]) for e in sends(m.update_session({"instructions": "VIP"}))] == [
+        ("session.update", {"instructions": "VIP", "type": "realtime"})
     ]
     assert m.say("Mention the recording") == []
     m.receive({"type": "response.created", "response": {"id": "r_greet"}})
@@ -1904,6 +1906,100 @@ def test_a_call_updating_its_session_every_turn_replays_one_update() -> None:
         m.update_session({"instructions": f"turn {turn}"})
     again = sends(m.reattached())
     assert [e["session"].get("instructions") for e in again[1:]] == ["turn 499"]
+
+
+def update_refused(event_id: str) -> dict[str, Any]:
+    """The server's ``error`` refusing our client event ``event_id`` (OpenAI names it)."""
+    error = {"type": "invalid_request_error", "code": "invalid_value", "event_id": event_id}
+    return {"type": "error", "error": {**error, "param": "session.model"}}
+
+
+def replayed(m: CallMachine) -> list[dict[str, Any]]:
+    """What a re-attach sends again after the base config."""
+    again = sends(m.reattached())
+    assert again[0]["session"] == m.config.session
+    return [e["session"] for e in again[1:]]
+
+
+def test_an_update_the_server_refused_is_not_sent_again_after_a_reattach() -> None:
+    """OpenAI refuses a session.update whole (here a model the key may not use): none of its fields
+    applied, so a re-attach must not send them again one by one, where the server would take those it
+    can (a forced tool_choice alone); the fields an earlier update set are back."""
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})  # (the base config)
+    m.update_session({"instructions": "Be brief."})
+    m.receive({"type": "session.updated", "session": {}})
+    forced = {"type": "function", "name": "check_order"}
+    (update,) = sends(m.update_session({"instructions": "Check first.", "tool_choice": forced, "model": "x"}))
+    assert m.updated_field(("tool_choice",)) == forced
+    out = m.receive(update_refused(update["event_id"]))
+    assert notices(out, "session.update_refused") == [
+        {"event_id": update["event_id"], "fields": ["instructions", "tool_choice", "model"]}
+    ]
+    assert m.updated_field(("tool_choice",), "none") == "none"
+    assert m.updated_field(("instructions",)) == "Be brief."
+    assert replayed(m) == [{"type": "realtime", "instructions": "Be brief."}]
+
+
+def test_a_refused_update_leaves_what_an_update_sent_after_it_sets() -> None:
+    """The server applies updates in order: one sent after the refused one, before its refusal arrived,
+    sets the session's field; refused too, the field is back to what it was before both."""
+    m = machine()
+    m.start()
+    m.update_session({"instructions": "A"})
+    (first,) = sends(m.update_session({"instructions": "B", "model": "x"}))
+    (second,) = sends(m.update_session({"instructions": "C", "tool_choice": "required"}))
+    assert notices(m.receive(update_refused(first["event_id"])), "session.update_refused") == [
+        {"event_id": first["event_id"], "fields": ["model"]}
+    ]
+    assert m.updated_field(("instructions",)) == "C"
+    m.receive(update_refused(second["event_id"]))
+    assert m.updated_field(("instructions",)) == "A" and m.updated_field(("tool_choice",)) is None
+    assert replayed(m) == [{"type": "realtime", "instructions": "A"}]
+
+
+def test_updates_answered_after_more_than_are_kept_still_find_a_refusal() -> None:
+    """Many updates go out before the server answers any: the answers of those no longer kept are not
+    taken for later ones', and the refusal of the last still takes it back."""
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    for step in range(100):
+        m.update_session({"instructions": f"step {step}"})
+    (last,) = sends(m.update_session({"tool_choice": "required", "model": "x"}))
+    for _ in range(100):
+        m.receive({"type": "session.updated", "session": {}})
+    m.receive(update_refused(last["event_id"]))
+    assert replayed(m) == [{"type": "realtime", "instructions": "step 99"}]
+
+
+def test_an_update_held_before_the_engine_confirmed_the_session_is_taken_back_when_refused() -> None:
+    """vowel: code's update is held until the engine confirmed our session config; then sent, it is
+    answered after it, and a refusal naming it takes it back."""
+    v = machine(caps=ENGINE_CAPABILITIES)
+    v.start()
+    assert v.update_session({"instructions": "VIP"}) == []
+    (config,) = sends(v.receive({"type": "session.created", "session": {"id": "sess_1"}}))
+    held = sends(v.receive({"type": "session.updated", "session": {}}))  # (the config's answer)
+    assert [e["session"] for e in held] == [{"type": "realtime", "instructions": "VIP"}]
+    assert config["event_id"] != held[0]["event_id"]
+    v.receive(update_refused(held[0]["event_id"]))
+    assert v.updated_field(("instructions",)) is None
+
+
+def test_code_raw_session_update_counts_among_the_answers_awaited() -> None:
+    """A raw session.update of code's gets its own event_id, and its answer is not taken for the answer
+    of an update of ours sent after it."""
+    m = machine()
+    m.start()
+    m.receive({"type": "session.updated", "session": {}})
+    (raw,) = sends(m.send_raw({"type": "session.update", "session": {"type": "realtime"}}))
+    assert raw["event_id"].startswith("sb_update_")
+    (ours,) = sends(m.update_session({"instructions": "B", "model": "x"}))
+    m.receive({"type": "session.updated", "session": {}})  # (the raw one's)
+    m.receive(update_refused(ours["event_id"]))
+    assert m.updated_field(("instructions",)) is None
 
 
 def test_a_refusal_that_names_no_event_is_taken_for_our_unanswered_create() -> None:

@@ -19,6 +19,7 @@ from sideband.testing import (
     caller_says,
     model_calls,
     model_says,
+    pause,
     run_app,
     wait_for_greeting,
 )
@@ -509,3 +510,145 @@ async def test_a_refused_update_gives_way_to_the_updates_sent_after_it() -> None
     refuse(last_update())
     runtime.update_session(tools=["refund"])  # (no tool_choice in force leaves it out)
     assert runtime.tools.names() == ["refund"]
+
+
+def feeder(runtime: CallRuntime) -> tuple[Any, Any, Any]:
+    """Feed ``runtime`` server events: any, a refusal of our event, and read our last session.update's id."""
+
+    def receive(event: dict[str, Any]) -> None:
+        runtime._handle(json.dumps(event).encode())
+
+    def refuse(event_id: str) -> None:
+        receive({"type": "error", "error": {"type": "invalid_request_error", "event_id": event_id}})
+
+    def last_update() -> str:
+        event = json.loads(runtime._outbox[-1])
+        assert event["type"] == "session.update"
+        return str(event["event_id"])
+
+    return receive, refuse, last_update
+
+
+async def test_a_refused_update_of_the_tools_leaves_the_tools_the_server_offers() -> None:
+    """The server refuses a whole update of the tools (with a model the key may not use): it still
+    offers the tools set before, which a tool_choice may force and the model may call."""
+    runtime = bare_runtime(audio={"output": {"voice": "marin"}})
+    receive, refuse, last_update = feeder(runtime)
+    receive({"type": "session.updated", "session": {"type": "realtime"}})
+    runtime.update_session(tools=["verify"])
+    receive({"type": "session.updated", "session": {"type": "realtime"}})
+    runtime.update_session(tools=["refund"], model="gpt-realtime-nope")
+    refuse(last_update())
+    assert runtime.tools.names() == ["verify"]
+    runtime.update_session(tool_choice={"type": "function", "name": "verify"})  # (no error)
+    runtime.update_session(tools=["refund", "lookup_order"], tool_choice="auto", model="gpt-realtime-nope")
+    refuse(last_update())
+    assert runtime.tools.names() == ["verify"]
+    runtime.update_session(tools=["lookup_order"], tool_choice="auto")
+    runtime.update_session(tools=["refund"], model="gpt-realtime-nope")
+    refuse(last_update())  # (answered before the update sent ahead of it)
+    assert runtime.tools.names() == ["lookup_order"]
+
+
+async def test_the_models_call_of_a_tool_a_refused_update_left_out_runs() -> None:
+    app = desk(first=("switch", "lookup_order"), session=SessionConfig(greeting=None))
+
+    @app.tool
+    async def switch(ctx: CallContext) -> str:
+        """Switch to refunds."""
+        ctx.update_session(tools=["refund"], model="gpt-realtime-nope")  # (refused whole)
+        return "ok"
+
+    async with run_app(app) as h:
+        call = await h.call(
+            Script(
+                [
+                    caller_says("Go."),
+                    model_calls("switch", {}),
+                    model_says("Done."),
+                    caller_says("Where is order 3?"),
+                    model_calls("lookup_order", {"order_id": "3"}),  # (the server still offers it)
+                    model_says("Shipped."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        await h.ended(call)
+    assert [e["error"]["param"] for e in call.sent_of_type("error")] == ["session.model"]
+    assert sorted(t["name"] for t in call.session["tools"]) == ["lookup_order", "switch"]
+    outputs = [
+        e["item"]["output"]
+        for e in call.received
+        if e["type"] == "conversation.item.create" and e["item"]["type"] == "function_call_output"
+    ]
+    assert outputs == ["ok", "order 3 shipped"]
+
+
+async def test_a_refused_update_is_not_sent_again_after_a_reattach() -> None:
+    """The server refused an update whole; the sideband is lost and re-attached: what code set since
+    the config is sent again, field by field, but nothing of the refused update (the server would take
+    its forced tool_choice alone), and later updates are checked against the session the server has."""
+    app = desk(first=("try_stage", "check_order", "lookup_order"), session=SessionConfig(greeting=None))
+    outcome: list[str] = []
+    forced = {"type": "function", "name": "check_order"}
+
+    @app.tool
+    async def try_stage(ctx: CallContext) -> str:
+        """Stage."""
+        ctx.update_session(instructions="Be brief.")
+        ctx.update_session(tool_choice=forced, instructions="Check.", model="gpt-realtime-nope")  # (refused)
+        return "changed"
+
+    @app.tool
+    async def check_order(order_id: str, ctx: CallContext) -> str:
+        """Look up an order."""
+        try:
+            ctx.update_session(tools=["refund"])
+            outcome.append("sent")
+        except SessionConfigError as exc:
+            outcome.append(f"raised: {exc}")
+        return "shipped"
+
+    async with run_app(app) as h:
+        call = await h.call(
+            Script(
+                [
+                    caller_says("Go."),
+                    model_calls("try_stage", {}),
+                    model_says("Done."),
+                    caller_says("And order 1?"),
+                    model_calls("lookup_order", {"order_id": "1"}),
+                    model_says("Shipped."),
+                    pause(1.5),  # (the sideband is lost and re-attached meanwhile)
+                    caller_says("Where is order 3?"),
+                    model_calls("check_order", {"order_id": "3"}),
+                    model_says("Shipped."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+
+        def answered(c: SimCall) -> bool:  # (sent after the refusal was read, on the same socket)
+            return any(
+                e["type"] == "conversation.item.create" and e["item"].get("output") == "order 1 shipped"
+                for e in c.received
+            )
+
+        await call.wait_for(answered, timeout=5)
+        await h.sim.drop_sideband(call, "abnormal")
+        await call.wait_for(lambda c: c.sideband_connects == 2, timeout=5)
+        await h.ended(call)
+    assert [e["error"]["param"] for e in call.sent_of_type("error")] == ["session.model"]
+    updates = [e["session"] for e in call.received if e["type"] == "session.update"]
+    refused = {
+        "type": "realtime",
+        "tool_choice": forced,
+        "instructions": "Check.",
+        "model": "gpt-realtime-nope",
+    }
+    assert [u for u in updates if "tool_choice" in u] == [refused]
+    assert [u for u in updates if u.get("model") == "gpt-realtime-nope"] == [refused]
+    assert {"type": "realtime", "instructions": "Be brief."} in updates[3:]  # (sent again)
+    assert outcome == ["sent"]
+    assert call.session["tool_choice"] == "auto" and call.session["instructions"] == "Be brief."
+    assert [t["name"] for t in call.session["tools"]] == ["refund"]

@@ -97,8 +97,6 @@ _ITEMS_KEPT = 16  # conversation items of ours awaiting their acknowledgement, a
 # The one acknowledgement of each item (GA: added, then done; beta: created): one sent item per server item
 _ITEM_ACKS = frozenset({"conversation.item.added", "conversation.item.created"})
 _ITEM_EVENT = "sb_item_"  # the event_id prefix of our message items (an error names the one it refuses)
-_UPDATE_EVENT = "sb_update_"  # the event_id prefix of our session.update (an error names the one it refuses)
-_UPDATES_KEPT = 64  # session.update events awaiting the server's answer, at most (the last ones)
 _UNSET: Any = object()
 
 HOOK_GRACE = 2.0
@@ -272,22 +270,21 @@ class CallRuntime:
         "_abandoned",
         "_alarm",
         "_alarm_at",
+        "_base_tools",
         "_before",
         "_catalog",
         "_closed",
-        "_confirmed",
         "_connect",
         "_deadlines",
-        "_event_count",
         "_flushing",
         "_guard",
         "_hook_queue",
+        "_item_count",
         "_items",
         "_keypad",
         "_log_args",
         "_log_fields",
         "_log_said",
-        "_now",
         "_outbox",
         "_ping_interval",
         "_pong",
@@ -304,7 +301,6 @@ class CallRuntime:
         "_turn_mark",
         "_turns",
         "_typed",
-        "_updates",
         "_usage",
         "_verb_call",
         "_verb_waiting",
@@ -347,13 +343,7 @@ class CallRuntime:
         self._catalog = tools if catalog is None else catalog  # what ``update_session(tools=…)`` may name
         # After a change of tools, those the response then under way was offered (it may still call them).
         self._before: tuple[ToolRegistry, str] | None = None
-        # The session's voice, model and tool_choice as updates set them since the config (None: none did),
-        # as sent: one the server refuses is taken back (see _update_refused)
-        self._now: dict[str, Any] | None = None
-        self._confirmed: dict[str, Any] | None = None  # the same, as the server's session.updated confirmed
-        # Our session.update events the server has not answered yet, in order: each one's event_id, and the
-        # voice, model and tool_choice it sets (None when there are none)
-        self._updates: list[tuple[str, dict[str, Any]]] | None = None
+        self._base_tools = tools  # (in force again when the server refuses each update of the tools)
         self._spoken = False  # the model's audio started in the call: its voice and model are set for good
         self._connect = connect
         self._verb_call = verb
@@ -380,7 +370,7 @@ class CallRuntime:
         # Messages we added to the conversation (code's text, a guardrail's note), not acknowledged yet
         # (see _resend_items); None when there are none
         self._items: list[_SentItem] | None = None
-        self._event_count = 0  # (their event_ids, and our session.update events')
+        self._item_count = 0  # (their event_ids)
         self._flushing = False
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         # Tool call ids whose task no longer counts: answered past their deadline while they ran on, or
@@ -553,7 +543,7 @@ class CallRuntime:
 
     def send_event(self, event: dict[str, Any]) -> None:
         """Send a raw client event (e.g. ``input_audio_buffer.append``) in order with the rest."""
-        self._apply([Send(event)])
+        self._apply(self.machine.send_raw(event))
         self._kick()
 
     def update_session(self, **fields: Any) -> None:
@@ -580,13 +570,8 @@ class CallRuntime:
                         f"tool_choice names the tool {choice.get('name')!r}, which the call does not offer "
                         f"({', '.join(names) or 'none'})"
                     )
-        fixed = self._voice_and_model(fields)
+        self._check_voice_and_model(fields)
         self._apply(self.machine.update_session(fields))
-        if fixed or "tool_choice" in fields:
-            now = self._now = self._now or {}
-            now.update(fixed)
-            if "tool_choice" in fields:
-                now["tool_choice"] = fields["tool_choice"]
         machine = self.machine
         if offered is not None and not machine.closed:
             # The response under way, or about to start ("": ours is asked for, or the server answers
@@ -600,40 +585,54 @@ class CallRuntime:
         self._kick()
 
     def _current(self, key: str) -> Any:
-        """The session's ``voice``, ``model`` or ``tool_choice`` as last sent (``None``: not known)."""
-        now = self._now
-        if now is not None and key in now:
-            return now[key]
-        session = self.machine.config.session
+        """The session's ``voice``, ``model`` or ``tool_choice`` as last sent, less what the server refused
+        (``None``: not known)."""
+        machine = self.machine
+        path = ("audio", "output", "voice") if key == "voice" and machine.caps.nested_audio else (key,)
+        value = machine.updated_field(path, _UNSET)
+        if value is not _UNSET:
+            return value
+        session = machine.config.session
         if key == "voice":
             audio = session.get("audio")
             output = audio.get("output") if isinstance(audio, Mapping) else None
             return output.get("voice") if isinstance(output, Mapping) else None
         return session.get(key)
 
-    def _voice_and_model(self, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """The voice and model ``fields`` set, as sent. Raises :class:`SessionConfigError` for a change of
-        either once the model's audio started: OpenAI refuses the whole update then (``cannot_update_voice``),
-        its tools and instructions too, and the call would go on with tools it no longer knows of."""
+    def _check_voice_and_model(self, fields: Mapping[str, Any]) -> None:
+        """Raises :class:`SessionConfigError` for a change of the voice or model once the model's audio
+        started: OpenAI refuses the whole update then (``cannot_update_voice``), its tools and instructions
+        too, and the call would go on with tools it no longer knows of."""
         if (
-            not ("voice" in fields or "model" in fields or "audio" in fields)
+            not self._spoken
+            or not ("voice" in fields or "model" in fields or "audio" in fields)
             or not self.machine.caps.nested_audio
         ):
-            return {}
+            return
         update = session_update(fields)
         output = update.get("audio", {}).get("output")
         fixed = {"voice": output["voice"]} if isinstance(output, Mapping) and "voice" in output else {}
         if "model" in update:
             fixed["model"] = update["model"]
-        if self._spoken:
-            for key, value in fixed.items():
-                now = self._current(key)
-                if now is not None and value != now:
-                    raise SessionConfigError(
-                        f"the {key} cannot change once the model has spoken in the call (OpenAI refuses the "
-                        f"whole update): it stays {now!r}; give the {key} with the app, the route or Accept"
-                    )
-        return fixed
+        for key, value in fixed.items():
+            now = self._current(key)
+            if now is not None and value != now:
+                raise SessionConfigError(
+                    f"the {key} cannot change once the model has spoken in the call (OpenAI refuses the "
+                    f"whole update): it stays {now!r}; give the {key} with the app, the route or Accept"
+                )
+
+    def _tools_refused(self) -> None:
+        """The server refused an update of the tools: those it offers are the ones set before it (see
+        :meth:`CallMachine.updated_field`), which the model may call and a ``tool_choice`` may name."""
+        tools = self.machine.updated_field(("tools",), _UNSET)
+        if tools is _UNSET:
+            self.tools = self._base_tools
+            return
+        names = [
+            t.get("name") for t in tools if isinstance(t, Mapping) and t.get("type", "function") == "function"
+        ]
+        self.tools = self._catalog.subset([n for n in names if isinstance(n, str) and n in self._catalog])
 
     def _check_choice_kept(self, tools: list[dict[str, Any]]) -> None:
         """Raise :class:`SessionConfigError` if the session's ``tool_choice`` forces a tool that ``tools``
@@ -843,8 +842,8 @@ class CallRuntime:
             return jsonio.dumps(event)
         event_id = event.get("event_id")
         if not isinstance(event_id, str) or not event_id:
-            self._event_count += 1
-            event_id = f"{_ITEM_EVENT}{self._event_count}"
+            self._item_count += 1
+            event_id = f"{_ITEM_EVENT}{self._item_count}"
             event = {**event, "event_id": event_id}
         frame = jsonio.dumps(event)
         items = self._items
@@ -853,62 +852,6 @@ class CallRuntime:
         items.append(_SentItem(frame, _item_key(item), str(item.get("role")), event_id))
         del items[:-_ITEMS_KEPT]
         return frame
-
-    def _sent_update(self, event: Mapping[str, Any]) -> bytes:
-        """The frame of a ``session.update``, with an ``event_id`` (the server's refusal names it). What it
-        sets of the session's voice, model and tool_choice awaits the server's answer (see
-        :meth:`_update_refused`)."""
-        event_id = event.get("event_id")
-        if not isinstance(event_id, str) or not event_id:
-            self._event_count += 1
-            event_id = f"{_UPDATE_EVENT}{self._event_count}"
-            event = {**event, "event_id": event_id}
-        updates = self._updates
-        if updates is None:
-            updates = self._updates = []
-        updates.append((event_id, _session_values(event.get("session"))))
-        del updates[:-_UPDATES_KEPT]
-        return jsonio.dumps(event)
-
-    def _update_confirmed(self) -> None:
-        """The server took our oldest ``session.update`` still unanswered (``session.updated``): what it set
-        is the session's now."""
-        updates = self._updates
-        if not updates:
-            return
-        _, values = updates.pop(0)
-        if not updates:
-            self._updates = None
-        if values:
-            confirmed = self._confirmed = self._confirmed or {}
-            confirmed.update(values)
-
-    def _update_refused(self, error: Any) -> None:
-        """The server refused one of our ``session.update`` events (an ``error`` naming it): none of it
-        applied, so the voice, model and tool_choice it set are what the server confirmed, or what the
-        updates sent after it set (it refuses a whole update: a later check must go by the session it
-        has)."""
-        updates = self._updates
-        event_id = error.get("event_id") if isinstance(error, Mapping) else None
-        if not updates or not isinstance(event_id, str):
-            return
-        index = next((i for i, (sent, _) in enumerate(updates) if sent == event_id), None)
-        if index is None:
-            return
-        _, values = updates.pop(index)
-        if not updates:
-            self._updates = None
-        now = self._now
-        if now is None:
-            return
-        for key in values:
-            value = (self._confirmed or {}).get(key, _UNSET)
-            for _, later in updates:
-                value = later.get(key, value)
-            if value is _UNSET:
-                now.pop(key, None)
-            else:
-                now[key] = value
 
     def _refused_item(self, error: Any) -> None:
         """The server refused one of our client events: a message of ours, if it was one, is not kept to
@@ -1117,12 +1060,6 @@ class CallRuntime:
             guard.feed(event)
         if not self._spoken and event.get("type") == "output_audio_buffer.started":
             self._spoken = True
-        if self._updates is not None:
-            kind = event.get("type")
-            if kind == "session.updated":
-                self._update_confirmed()
-            elif kind == "error":
-                self._update_refused(event.get("error"))
         if self._items is not None:
             kind = event.get("type")
             if kind in _ITEM_ACKS:
@@ -1145,11 +1082,8 @@ class CallRuntime:
         for action in actions:
             if isinstance(action, Send):
                 event = action.event
-                kind = event.get("type")
-                if kind == "conversation.item.create" and self.machine.caps.resumable:
+                if event.get("type") == "conversation.item.create" and self.machine.caps.resumable:
                     self._outbox.append(self._sent_item(event))
-                elif kind == "session.update":
-                    self._outbox.append(self._sent_update(event))
                 else:
                     self._outbox.append(jsonio.dumps(event))
             elif isinstance(action, RunTool):
@@ -1607,6 +1541,10 @@ class CallRuntime:
                     fields["tools_running"],
                     queued=False,
                 )
+        elif event == "session.update_refused":
+            if "tools" in fields["fields"]:
+                self._tools_refused()
+            self.log.info(event, **fields)
         elif event == "sideband.ready":
             self.ready.set()
             self.log.info(event)
@@ -1946,20 +1884,6 @@ class _SentItem:
         self.role = role
         self.event_id = event_id
         self.resends = 0
-
-
-def _session_values(session: Any) -> dict[str, Any]:
-    """The voice, model and tool_choice a ``session.update`` of ours sets."""
-    if not isinstance(session, Mapping):
-        return {}
-    values = {key: session[key] for key in ("model", "tool_choice") if key in session}
-    audio = session.get("audio")
-    output = audio.get("output") if isinstance(audio, Mapping) else None
-    if isinstance(output, Mapping) and "voice" in output:
-        values["voice"] = output["voice"]
-    elif "voice" in session:  # (at the session's top level: vowel)
-        values["voice"] = session["voice"]
-    return values
 
 
 def _item_key(item: Mapping[str, Any]) -> tuple[Any, ...]:

@@ -254,6 +254,8 @@ _CREATE_EVENT = "sb_create_"
 _TAG = "sideband"
 """The ``response.metadata`` key our creates carry their event id in."""
 _CANCEL_EVENT = "sb_cancel_"
+_UPDATE_EVENT = "sb_update_"  # our session.update events (an error names the one it refuses)
+_UPDATES_KEPT = 64  # session.update events of ours awaiting the server's answer, at most (the last ones)
 _FILLER = "filler:"
 _GREETING = "greeting"
 _GREETING_AGAIN = "greeting_again"
@@ -264,6 +266,8 @@ _TURN = "turn"
 
 _RUNNABLE = frozenset({"completed", "incomplete"})
 _DEFAULT: Any = object()  # a setting left to the server's default
+_ABSENT: Any = object()  # a field no update of code's had set
+_KEEP: Any = object()  # a field a replayed update sets: its refusal takes nothing back
 _NO_TOOLS: Mapping[str, Any] = MappingProxyType({"tool_choice": "none"})
 """The response a loop breaker's refusals are answered with: words, no more tool calls."""
 STOPPED_OUTPUT = json.dumps(
@@ -447,6 +451,10 @@ class CallMachine:
         "_unacked",
         "_unanswered",
         "_updated",
+        "_updates",
+        "_updates_held",
+        "_updates_owed",
+        "_updates_sent",
         "_want_response",
         "_without_tools",
         "caller_turns",
@@ -535,6 +543,13 @@ class CallMachine:
         # what code's session.updates set, field by field (the last value of each), replayed after a
         # re-attach: ("instructions",) → "…", ("audio", "output", "voice") → "cedar"…
         self._updated: dict[tuple[str, ...], Any] | None = None
+        # Our session.update events the server has not answered yet (session.updated, or an error naming
+        # one), in the order they went out: each one's event_id and, for code's, the value each field it
+        # sets had before it (_ABSENT: none), which a refusal puts back; None when there are none
+        self._updates: list[tuple[str, dict[tuple[str, ...], Any] | None]] | None = None
+        self._updates_sent = 0  # (their event_ids)
+        self._updates_owed = 0  # answers still due to updates no longer kept (beyond _UPDATES_KEPT)
+        self._updates_held: tuple[tuple[str, dict[tuple[str, ...], Any] | None], ...] = ()  # (with _held)
         self._orphans: tuple[str, ...] = ()  # calls announced on a lost socket, their response unfinished
         # call_id → our function_call_output the server has not acknowledged yet, and how many times it
         # was sent again after a re-attach (None when empty)
@@ -684,6 +699,10 @@ class CallMachine:
         # its stop arrives or the grace ends: the stop may have gone out while no socket was attached,
         # and only playback heard on the new socket holds on longer.
         self._play_unsure, self._play_overdue = self._playing, False
+        if self._updates is not None:
+            # Updates sent on the lost socket get no answer; those still queued go out first on the new one.
+            kept = [u for u in self._updates if u[0] in queued]
+            self._updates, self._updates_owed = kept or None, 0
         actions = [*self._requeued(queued), *self._attached()]
         self._lost = lost if self._create_sent is None else None
         if self._lost is not None:
@@ -736,12 +755,13 @@ class CallMachine:
         return self._configure()
 
     def _configure(self) -> list[Action]:
-        actions: list[Action] = [Send({"type": "session.update", "session": self.config.session})]
+        actions: list[Action] = [self._update_sent(self.config.session, None)]
         if self._live and self._updated is not None:
-            # a re-attach: what code changed since stands, so it follows the base config again (merged
-            # into one update: a call that updated its session every turn must not replay them all)
+            # a re-attach: what code changed since stands, so it follows the base config again (its last
+            # value of each field: a call that updated its session every turn must not replay them all;
+            # one field per update: one the server refuses leaves the others)
             for path, value in self._updated.items():
-                actions.append(Send({"type": "session.update", "session": _nested(path, value)}))
+                actions.append(self._update_sent(_nested(path, value), {path: _KEEP}))
         if self.config.greeting and not self._greeted:
             self._greeted = True
             actions.append(self._create({"instructions": self.config.greeting}, _GREETING))
@@ -753,6 +773,9 @@ class CallMachine:
         """Our session config is out (first in line): what code asked for meanwhile may follow it."""
         self._live = True
         held, self._held = self._held, ()
+        for update in self._updates_held:
+            self._track(update)
+        self._updates_held = ()
         return [*held, *self._progress()]
 
     def receive(self, event: dict[str, Any]) -> list[Action]:
@@ -1141,16 +1164,105 @@ class CallMachine:
         if self._closed is not None or self._going:
             return []
         session = session_update(fields) if self.caps.nested_audio else {**fields, "type": "realtime"}
-        send = Send({"type": "session.update", "session": session})
         updated = self._updated if self._updated is not None else {}
+        before: dict[tuple[str, ...], Any] = {}
         for path, value in _fields(session):
-            updated.pop(path, None)  # re-inserted last: replayed in the order code last set them
+            # re-inserted last: replayed in the order code last set them
+            before[path] = updated.pop(path, _ABSENT)
             updated[path] = value
         self._updated = updated
         if not self._live:
-            self._held = (*self._held, send)
+            event_id = self._update_id()
+            self._held = (
+                *self._held,
+                Send({"type": "session.update", "event_id": event_id, "session": session}),
+            )
+            self._updates_held = (*self._updates_held, (event_id, before))
             return []
-        return [send]
+        return [self._update_sent(session, before)]
+
+    def send_raw(self, event: dict[str, Any]) -> list[Action]:
+        """Code's own client event, sent as it is, in order with the rest. A ``session.update`` gets an
+        ``event_id`` if it has none and awaits the server's answer among ours (it changes nothing that
+        :meth:`updated_field` tells or a re-attach sends again)."""
+        if event.get("type") == "session.update":
+            event_id = event.get("event_id")
+            if not isinstance(event_id, str) or not event_id:
+                event_id = self._update_id()
+                event = {**event, "event_id": event_id}
+            self._track((event_id, None))
+        return [Send(event)]
+
+    def updated_field(self, path: tuple[str, ...], default: Any = None) -> Any:
+        """What code's updates set of one session field (by path: ``("audio", "output", "voice")``,
+        ``("tools",)``), as sent and not refused by the server: the value a re-attach sends again;
+        ``default`` when none set it (the config's stands)."""
+        updated = self._updated
+        return default if updated is None else updated.get(path, default)
+
+    def _update_id(self) -> str:
+        self._updates_sent += 1
+        return f"{_UPDATE_EVENT}{self._updates_sent}"
+
+    def _update_sent(self, session: dict[str, Any], before: dict[tuple[str, ...], Any] | None) -> Send:
+        """Our ``session.update`` of ``session``, awaiting the server's answer (``before``: see _updates)."""
+        event_id = self._update_id()
+        self._track((event_id, before))
+        return Send({"type": "session.update", "event_id": event_id, "session": session})
+
+    def _track(self, update: tuple[str, dict[tuple[str, ...], Any] | None]) -> None:
+        updates = self._updates
+        if updates is None:
+            updates = self._updates = []
+        updates.append(update)
+        if len(updates) > _UPDATES_KEPT:
+            del updates[0]  # (its answer, still due, is not taken for a later one's)
+            self._updates_owed += 1
+
+    def _update_answered(self) -> None:
+        """``session.updated``: the server took our oldest update still unanswered."""
+        updates = self._updates
+        if self._updates_owed:
+            self._updates_owed -= 1
+        elif updates:
+            del updates[0]
+        if not updates and not self._updates_owed:
+            self._updates = None
+
+    def _update_refused(self, event_id: str) -> list[Action]:
+        """An ``error`` naming one of our ``session.update`` events: the server refused it whole, so each
+        field it set of code's is back to its value before it (none set it: the config's stands), unless
+        an update sent after it sets that field too. Nothing of it is sent again after a re-attach."""
+        updates = self._updates
+        if updates is None:
+            return []
+        index = next((i for i, (sent, _) in enumerate(updates) if sent == event_id), None)
+        if index is None:
+            return []
+        _, before = updates.pop(index)
+        later = updates[index:]
+        if not updates and not self._updates_owed:
+            self._updates = None
+        updated = self._updated
+        if not before or updated is None:
+            return []
+        restored: list[str] = []
+        for path, value in before.items():
+            if value is _KEEP:
+                continue
+            heir = next((b for _, b in later if b is not None and path in b), None)
+            if heir is not None:
+                if heir[path] is not _KEEP:
+                    heir[path] = value  # (refused too, it puts back what this one found)
+                continue
+            if value is _ABSENT:
+                updated.pop(path, None)
+            else:
+                updated[path] = value
+            restored.append(".".join(path))
+        if not restored:
+            return []
+        return [Notice("session.update_refused", {"event_id": event_id, "fields": restored})]
 
     # ------------------------------------------------------------------------------- handlers
     def _on_session_created(self, event: dict[str, Any]) -> list[Action]:
@@ -1162,6 +1274,8 @@ class CallMachine:
         return []
 
     def _on_session_updated(self, event: dict[str, Any]) -> list[Action]:
+        if self._updates is not None:
+            self._update_answered()
         if self._session_ready:
             return []
         self._session_ready = True
@@ -1795,6 +1909,8 @@ class CallMachine:
         if error.get("type") == "session_timeout":
             return [Notice("sideband.error", fields), *self._close(str(code or "session_timeout"))]
         actions: list[Action] = [Notice("sideband.error", fields)]
+        if self._updates is not None and isinstance(event_id, str):
+            actions += self._update_refused(event_id)
         if event_id is None and code == "conversation_already_has_active_response":
             # The error names no event: our unanswered create, else the one a response.created was taken
             # to answer (that response was then the caller's turn, started before ours arrived).
