@@ -1942,6 +1942,21 @@ def test_an_update_the_server_refused_is_not_sent_again_after_a_reattach() -> No
     assert replayed(m) == [{"type": "realtime", "instructions": "Be brief."}]
 
 
+def test_a_refusal_after_a_session_updated_of_another_update_is_taken_back() -> None:
+    """A WebRTC call's browser updates the session too: its session.updated is no answer to ours."""
+    m = live_machine()
+    forced = {"type": "function", "name": "check_order"}
+    (update,) = sends(m.update_session({"tool_choice": forced, "model": "nope"}))
+    m.receive({"type": "session.updated", "session": {}})  # the browser's update
+    refused = m.receive(
+        {"type": "error", "error": {"type": "invalid_request_error", "event_id": update["event_id"]}}
+    )
+    assert notices(refused, "session.update_refused") == [
+        {"event_id": update["event_id"], "fields": ["tool_choice", "model"]}
+    ]
+    assert m.updated_field(("model",)) is None and m.updated_field(("tool_choice",)) is None
+
+
 def test_a_refused_update_leaves_what_an_update_sent_after_it_sets() -> None:
     """The server applies updates in order: one sent after the refused one, before its refusal arrived,
     sets the session's field; refused too, the field is back to what it was before both."""

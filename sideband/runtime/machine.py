@@ -255,7 +255,7 @@ _TAG = "sideband"
 """The ``response.metadata`` key our creates carry their event id in."""
 _CANCEL_EVENT = "sb_cancel_"
 _UPDATE_EVENT = "sb_update_"  # our session.update events (an error names the one it refuses)
-_UPDATES_KEPT = 64  # session.update events of ours awaiting the server's answer, at most (the last ones)
+_UPDATES_KEPT = 64  # session.update events of ours a refusal may still name, at most (the last ones)
 _FILLER = "filler:"
 _GREETING = "greeting"
 _GREETING_AGAIN = "greeting_again"
@@ -453,7 +453,6 @@ class CallMachine:
         "_updated",
         "_updates",
         "_updates_held",
-        "_updates_owed",
         "_updates_sent",
         "_want_response",
         "_without_tools",
@@ -543,12 +542,12 @@ class CallMachine:
         # what code's session.updates set, field by field (the last value of each), replayed after a
         # re-attach: ("instructions",) → "…", ("audio", "output", "voice") → "cedar"…
         self._updated: dict[tuple[str, ...], Any] | None = None
-        # Our session.update events the server has not answered yet (session.updated, or an error naming
-        # one), in the order they went out: each one's event_id and, for code's, the value each field it
-        # sets had before it (_ABSENT: none), which a refusal puts back; None when there are none
+        # Our last session.update events on this socket, in the order they went out (a refusal names one; a
+        # session.updated does not say whose update it answers: a browser's, on a WebRTC call, too): each
+        # one's event_id and, for code's, the value each field it sets had before it (_ABSENT: none),
+        # which a refusal puts back; None when there are none
         self._updates: list[tuple[str, dict[tuple[str, ...], Any] | None]] | None = None
         self._updates_sent = 0  # (their event_ids)
-        self._updates_owed = 0  # answers still due to updates no longer kept (beyond _UPDATES_KEPT)
         self._updates_held: tuple[tuple[str, dict[tuple[str, ...], Any] | None], ...] = ()  # (with _held)
         self._orphans: tuple[str, ...] = ()  # calls announced on a lost socket, their response unfinished
         # call_id → our function_call_output the server has not acknowledged yet, and how many times it
@@ -702,7 +701,7 @@ class CallMachine:
         if self._updates is not None:
             # Updates sent on the lost socket get no answer; those still queued go out first on the new one.
             kept = [u for u in self._updates if u[0] in queued]
-            self._updates, self._updates_owed = kept or None, 0
+            self._updates = kept or None
         actions = [*self._requeued(queued), *self._attached()]
         self._lost = lost if self._create_sent is None else None
         if self._lost is not None:
@@ -1216,18 +1215,7 @@ class CallMachine:
             updates = self._updates = []
         updates.append(update)
         if len(updates) > _UPDATES_KEPT:
-            del updates[0]  # (its answer, still due, is not taken for a later one's)
-            self._updates_owed += 1
-
-    def _update_answered(self) -> None:
-        """``session.updated``: the server took our oldest update still unanswered."""
-        updates = self._updates
-        if self._updates_owed:
-            self._updates_owed -= 1
-        elif updates:
-            del updates[0]
-        if not updates and not self._updates_owed:
-            self._updates = None
+            del updates[0]  # (refused so long after, it is taken for accepted)
 
     def _update_refused(self, event_id: str) -> list[Action]:
         """An ``error`` naming one of our ``session.update`` events: the server refused it whole, so each
@@ -1241,7 +1229,7 @@ class CallMachine:
             return []
         _, before = updates.pop(index)
         later = updates[index:]
-        if not updates and not self._updates_owed:
+        if not updates:
             self._updates = None
         updated = self._updated
         if not before or updated is None:
@@ -1274,8 +1262,6 @@ class CallMachine:
         return []
 
     def _on_session_updated(self, event: dict[str, Any]) -> list[Action]:
-        if self._updates is not None:
-            self._update_answered()
         if self._session_ready:
             return []
         self._session_ready = True
