@@ -1380,6 +1380,19 @@ async def test_a_dead_instance_taken_by_a_sweep_whose_reply_was_lost_is_still_ta
             await raw.aclose()
 
 
+async def _dead_instance_held_next(behind: RedisStore, raw: aioredis.Redis, armed: asyncio.Event) -> None:
+    """B (``behind``) has swept once (redis knows the script), and A ("held", call ``c1``) is dead: the
+    proxy holds back B's next taking (``armed`` set)."""
+    await behind.record("b", [], 30)
+    await behind.record("warm", ["w1"], 0.05)
+    await lease_out(raw, "warm")
+    assert await behind.orphans("b", 30) == {"warm": ["w1"]}
+    await behind.swept("b", "warm", ["w1"])
+    await behind.record("held", ["c1"], 0.05)
+    await lease_out(raw, "held")
+    armed.set()
+
+
 @pytest.mark.parametrize("end", ["cancelled", "timed out"])
 async def test_a_sweep_cut_short_while_it_takes_a_dead_instance_lets_go_of_it(
     redis_server: RedisServer, end: str
@@ -1393,14 +1406,7 @@ async def test_a_sweep_cut_short_while_it_takes_a_dead_instance_lets_go_of_it(
     ) as (behind, armed):
         raw = aioredis.Redis.from_url(redis_server.url)
         try:
-            await behind.record("b", [], 30)
-            await behind.record("warm", ["w1"], 0.05)
-            await lease_out(raw, "warm")
-            assert await behind.orphans("b", 30) == {"warm": ["w1"]}  # (redis knows the script now)
-            await behind.swept("b", "warm", ["w1"])
-            await behind.record("held", ["c1"], 0.05)
-            await lease_out(raw, "held")
-            armed.set()
+            await _dead_instance_held_next(behind, raw, armed)
             sweep = asyncio.ensure_future(behind.orphans("b", 30))
             if end == "cancelled":
                 async with asyncio.timeout(5):
@@ -1429,14 +1435,7 @@ async def test_a_sweeps_taking_that_lands_after_its_let_go_takes_nothing(redis_s
     ) as (behind, armed):
         raw = aioredis.Redis.from_url(redis_server.url)
         try:
-            await behind.record("b", [], 30)
-            await behind.record("warm", ["w1"], 0.05)
-            await lease_out(raw, "warm")
-            assert await behind.orphans("b", 30) == {"warm": ["w1"]}  # (redis knows the script now)
-            await behind.swept("b", "warm", ["w1"])
-            await behind.record("held", ["c1"], 0.05)
-            await lease_out(raw, "held")
-            armed.set()
+            await _dead_instance_held_next(behind, raw, armed)
             with pytest.raises(StoreUnavailable, match=r"no answer within 0\.5 s"):
                 await behind.orphans("b", 30)
             go.set()
