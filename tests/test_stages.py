@@ -247,6 +247,20 @@ async def test_a_new_voice_or_model_after_the_model_spoke_is_refused_and_the_too
     assert not call.sent_of_type("error")
 
 
+_BEFORE_AND_AFTER_SPEECH = Script(
+    [
+        caller_says("Go."),
+        model_calls("try_stage", {}),  # (no words with it: no audio yet)
+        model_says("Done."),
+        caller_says("Where is order 3?"),
+        model_calls("check_order", {"order_id": "3"}),
+        model_says("Shipped."),
+        caller_hangs_up(),
+    ]
+)
+"""A call whose tool ``try_stage`` runs before the model has spoken, and ``check_order`` after."""
+
+
 async def test_the_voice_may_change_before_the_model_speaks_and_be_given_again_after() -> None:
     app = desk(first=("try_stage", "check_order"), session=SessionConfig(greeting=None))
     refusals: list[str] = []
@@ -268,19 +282,7 @@ async def test_the_voice_may_change_before_the_model_speaks_and_be_given_again_a
         return "shipped"
 
     async with run_app(app) as h:
-        call = await h.call(
-            Script(
-                [
-                    caller_says("Go."),
-                    model_calls("try_stage", {}),  # (no words with it: no audio yet)
-                    model_says("Done."),
-                    caller_says("Where is order 3?"),
-                    model_calls("check_order", {"order_id": "3"}),
-                    model_says("Shipped."),
-                    caller_hangs_up(),
-                ]
-            )
-        )
+        call = await h.call(_BEFORE_AND_AFTER_SPEECH)
         await h.ended(call)
     assert not call.sent_of_type("error")
     updates = [e["session"] for e in call.received if e["type"] == "session.update"][1:]
@@ -454,19 +456,7 @@ async def test_an_update_the_server_refused_leaves_later_checks_to_the_session_a
         return "shipped"
 
     async with run_app(app) as h:
-        call = await h.call(
-            Script(
-                [
-                    caller_says("Go."),
-                    model_calls("try_stage", {}),  # (no words with it: no audio yet)
-                    model_says("Done."),
-                    caller_says("Where is order 3?"),
-                    model_calls("check_order", {"order_id": "3"}),
-                    model_says("Shipped."),
-                    caller_hangs_up(),
-                ]
-            )
-        )
+        call = await h.call(_BEFORE_AND_AFTER_SPEECH)
         await h.ended(call)
     assert [e["error"]["param"] for e in call.sent_of_type("error")] == ["session.model"]  # that one only
     assert len(refusals) == 1 and "it stays 'marin'" in refusals[0], refusals
