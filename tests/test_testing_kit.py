@@ -29,6 +29,7 @@ from sideband.testing import (
     run_app,
     wait_for_greeting,
 )
+from sideband.testing.vowel import VowelSimulator
 
 from .conftest import TEST_SETTINGS, Stack, capture_logs
 
@@ -404,6 +405,18 @@ async def test_a_simulator_on_another_event_loop_than_the_test_is_refused_at_onc
     with pytest.raises(RuntimeError, match="another event loop"):
         await simulator.place_call("http://127.0.0.1:9/webhooks/openai", Script([caller_hangs_up()]))
     assert simulator.calls == calls  # (no call was registered)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_vowel_simulator_on_another_event_loop_than_the_test_is_refused_at_once(
+    vowel: VowelSimulator,
+) -> None:
+    """As the OpenAI simulator: the engine simulator's settings and waits say at once that its loop is
+    not the test's (an engine session would never be answered)."""
+    with pytest.raises(RuntimeError, match="the simulator runs on another event loop than this test"):
+        vowel.settings_values()
+    with pytest.raises(RuntimeError, match="another event loop"):
+        await vowel.wait_session(timeout=30)
 
 
 async def test_a_call_placed_with_anything_but_a_script_is_refused_at_once(stack: Stack) -> None:

@@ -36,6 +36,8 @@ from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sideband.testing._loop import check_loop
+
 from .script import (
     CallerHangsUp,
     CallerPresses,
@@ -101,15 +103,6 @@ _DEFAULT_INSTRUCTIONS = (
 _SESSION_MAX_SECONDS = 3600
 _RING_TIMEOUT = 30.0
 _CLOSE_TIMEOUT = 2.0
-_OTHER_LOOP = (
-    "the simulator runs on another event loop than this test: the one it was started on is not running "
-    "now, so the simulator would answer nothing (every accept timing out). Give the fixture and the test "
-    'the same loop scope: e.g. a test marked @pytest.mark.asyncio(loop_scope="module") needs '
-    'asyncio_default_fixture_loop_scope = "module" in the pytest config (or a simulator fixture of its own, '
-    '@pytest_asyncio.fixture(loop_scope="module")), and asyncio_default_fixture_loop_scope = "session" '
-    'needs asyncio_default_test_loop_scope = "session"'
-)
-"""Why the simulator refuses to be used from another event loop than the one it was started on."""
 _BAD_ACCEPT_LIFETIME = 0.5  # how long a call accepted with a bad body lives (bad_accept="fail_call")
 _HOLD_TURNS = 10  # event-loop turns a response stays active, at least, after its last event before done
 
@@ -2945,18 +2938,8 @@ class Simulator:
         self._loop = asyncio.get_running_loop()
 
     def _check_loop(self) -> None:
-        """Raise :class:`RuntimeError` when the running event loop is not the one the simulator was started
-        on: that one is not running meanwhile (as under pytest-asyncio, when a fixture and the test that
-        uses it run on loops of different scopes), so the simulator would answer nothing, and every
-        request to it would time out."""
-        if self._loop is None:
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:  # (no loop running here: nothing waits on the simulator from this code)
-            return
-        if running is not self._loop:
-            raise RuntimeError(_OTHER_LOOP)
+        """See :func:`check_loop`."""
+        check_loop(self._loop)
 
     async def close(self) -> None:
         """Stop serving: cancel and await every task, close every socket and sender (idempotent)."""

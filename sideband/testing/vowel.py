@@ -40,6 +40,8 @@ from typing import Any, Literal, TypeAlias
 
 from aiohttp import WSMsgType, web
 
+from sideband.testing._loop import check_loop
+
 __all__ = [
     "DEFAULT_BROWSER_KEY",
     "DEFAULT_ENGINE_KEY",
@@ -404,6 +406,7 @@ class VowelSimulator:
         self._port = port
         self._bound_port: int | None = None
         self._runner: web.AppRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one it was started on
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
         self._counter = itertools.count(1)
@@ -437,6 +440,7 @@ class VowelSimulator:
             raise
         self._runner = runner
         self._bound_port = int(runner.addresses[0][1])
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
         """Close every engine socket (1001), cancel and await every task, stop serving. Idempotent."""
@@ -483,7 +487,9 @@ class VowelSimulator:
     def settings_values(
         self, *, api_key: str | None = None, service_id: str = "order-service"
     ) -> dict[str, Any]:
-        """Overrides for :func:`sideband.settings.load_settings` pointing at this simulator."""
+        """Overrides for :func:`sideband.settings.load_settings` pointing at this simulator.
+        :class:`RuntimeError` at once on another event loop than the one the simulator was started on."""
+        check_loop(self._loop)
         return {
             "vowel_core_url": self.core_url,
             "vowel_engine_url": self.engine_url,
@@ -564,7 +570,9 @@ class VowelSimulator:
     async def wait_for(
         self, predicate: Callable[[VowelSimulator], bool], timeout: float = 5.0, what: str = "condition"
     ) -> None:
-        """Wait until ``predicate(sim)`` holds (re-checked whenever something is recorded)."""
+        """Wait until ``predicate(sim)`` holds (re-checked whenever something is recorded).
+        :class:`RuntimeError` at once on another event loop than the one the simulator was started on."""
+        check_loop(self._loop)
         try:
             async with asyncio.timeout(timeout):
                 while not predicate(self):
