@@ -117,7 +117,8 @@ behind (``call.tasks_abandoned``)."""
 OVERDUE_GRACE = 1.0
 """Seconds past its timeout a tool's cleanup gets before the model is answered without it: a tool that
 swallows its cancellation (a bare ``except`` in a retry loop) gets the ``timeout`` output then, and what
-it does later no longer counts (its task is left to the call's end, which cancels it again)."""
+it does later no longer counts (its task is left to the call's end, which cancels it again once
+:data:`TASK_GRACE` is out)."""
 _STABLE_SOCKET = 10.0  # seconds a sideband must have lasted for its loss not to count as one in a row
 _MAX_RETRY_AFTER = 30.0  # seconds at most an attach waits when the server asks to (Retry-After)
 _LEFT_BEHIND = 1.0  # seconds a cancelled hook gets to end before the call's end goes on without it
