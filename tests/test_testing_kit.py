@@ -420,9 +420,9 @@ async def test_a_vowel_simulator_on_another_event_loop_than_the_test_is_refused_
 
 
 async def test_a_call_placed_with_anything_but_a_script_is_refused_at_once(stack: Stack) -> None:
-    """A list of steps is no script: ``h.call``, ``create_call`` and ``place_call`` raise ``TypeError``
-    before any call is registered or webhook sent (the simulator would crash on it once the call is
-    accepted)."""
+    """A list of steps is no script: ``h.call``, ``create_call``, ``place_call`` and ``create_webrtc_call``
+    raise ``TypeError`` before any call is registered or webhook sent (the simulator would crash on it
+    once the call is accepted)."""
     steps = [caller_hangs_up()]
     with pytest.raises(TypeError, match=r"a Script, not list: wrap the steps, Script\(\[\.\.\.\]\)"):
         await stack.call(steps)  # type: ignore[arg-type]
@@ -430,6 +430,8 @@ async def test_a_call_placed_with_anything_but_a_script_is_refused_at_once(stack
         stack.sim.create_call(steps)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="a Script, not tuple"):
         await stack.sim.place_call(stack.webhook_url, ())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a Script, not list"):
+        stack.sim.create_webrtc_call(steps)  # type: ignore[arg-type]
     assert not stack.sim.calls and not stack.sim.requests
     await stack.ended(await stack.call(Script(steps)))  # (a Script, and None, still place calls)
     stack.sim.create_call(None)

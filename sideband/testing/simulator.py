@@ -2736,6 +2736,12 @@ _ACCEPTING = web.RequestKey("sideband_simulator_accepting", SimCall)
 """Per-request storage: the ringing call an accept request is for, until the accept is decided."""
 
 
+def _check_script(script: object) -> None:
+    """:class:`TypeError` unless ``script`` is a :class:`Script` or ``None`` (a list of steps, say)."""
+    if script is not None and not isinstance(script, Script):
+        raise TypeError(f"a call plays a Script, not {type(script).__name__}: wrap the steps, Script([...])")
+
+
 class Simulator:
     """An in-process OpenAI Realtime (SIP/WebRTC) service on a loopback port.
 
@@ -3035,10 +3041,7 @@ class Simulator:
         :class:`RuntimeError` when called on another event loop than the one the simulator was started on
         (which is not running meanwhile, so the call could never be answered).
         """
-        if script is not None and not isinstance(script, Script):
-            raise TypeError(
-                f"a call plays a Script, not {type(script).__name__}: wrap the steps, Script([...])"
-            )
+        _check_script(script)
         self._check_loop()
         body: dict[str, Any] | None = None
         if accept_body is not None:
@@ -3138,7 +3141,9 @@ class Simulator:
     def create_webrtc_call(
         self, script: Script | None = None, *, session: Mapping[str, Any] | None = None
     ) -> SimCall:
-        """A WebRTC call as if a browser had created it with an ephemeral key (status ``"accepted"``)."""
+        """A WebRTC call as if a browser had created it with an ephemeral key (status ``"accepted"``).
+        :class:`TypeError` unless ``script`` is a :class:`Script` (or ``None``), as :meth:`create_call`."""
+        _check_script(script)
         body = dict(session) if session is not None else {"type": "realtime"}
         problem = _check_session(body, "session.", sip=False, accept=True) or self._check_model(
             body, "session."
