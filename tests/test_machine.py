@@ -1875,16 +1875,15 @@ def test_code_session_updates_survive_a_reattach() -> None:
     m.update_session({"tools": [{"type": "function", "name": "a"}]})
     m.update_session({"tools": [], "instructions": "The caller is Alice."})
     again = sends(m.reattached())
-    assert again[0]["session"] == m.config.session  # the base config, then what code changed, field by
-    # field (one update each: a field the server refuses, a voice once audio started, sinks no other)
+    # the base config without the fields code set, then code's updates, each as one update (the server
+    # takes or refuses one whole), with what no later one sets
+    assert again[0]["session"] == {"type": "realtime"}
     assert [e["session"] for e in again[1:]] == [
         {"type": "realtime", "audio": {"output": {"speed": 1.1}}},
-        {"type": "realtime", "audio": {"output": {"voice": "cedar"}}},
-        {"type": "realtime", "audio": {"input": {"noise_reduction": None}}},
-        {"type": "realtime", "tools": []},
-        {"type": "realtime", "instructions": "The caller is Alice."},
+        {"type": "realtime", "audio": {"output": {"voice": "cedar"}, "input": {"noise_reduction": None}}},
+        {"type": "realtime", "tools": [], "instructions": "The caller is Alice."},
     ]
-    assert [e["session"] for e in sends(m.reattached())[1:]] == [e["session"] for e in again[1:]]
+    assert [e["session"] for e in sends(m.reattached())] == [e["session"] for e in again]
 
 
 def test_a_replayed_nested_setting_is_replaced_whole() -> None:
@@ -1908,6 +1907,58 @@ def test_a_call_updating_its_session_every_turn_replays_one_update() -> None:
     assert [e["session"].get("instructions") for e in again[1:]] == ["turn 499"]
 
 
+def test_a_reattach_sends_the_base_config_without_the_fields_code_set() -> None:
+    """The server keeps the call's session: the config's voice sent again after code changed it and
+    the model spoke would get the whole update refused, the config's instructions would undo code's."""
+    audio = {"output": {"voice": "alloy", "speed": 1.0}, "input": {"noise_reduction": None}}
+    m = CallMachine(MachineConfig(session={**SESSION, "audio": audio}))
+    m.start()
+    m.update_session({"audio": {"output": {"voice": "cedar"}}})
+    again = sends(m.reattached())
+    assert again[0]["session"] == {**SESSION, "audio": {"output": {"speed": 1.0}, "input": audio["input"]}}
+    assert [e["session"] for e in again[1:]] == [
+        {"type": "realtime", "audio": {"output": {"voice": "cedar"}}}
+    ]
+    m.update_session(
+        {"instructions": "VIP", "audio": {"output": {"speed": 1.2}, "input": {"noise_reduction": None}}}
+    )
+    assert sends(m.reattached())[0]["session"] == {"type": "realtime"}
+    assert m.config.session["audio"] == audio  # (left as it was)
+
+
+def test_an_update_whose_answer_was_lost_is_sent_again_whole_and_taken_back_when_refused() -> None:
+    """Its answer, a refusal, may have been lost with the socket: sent again as one update, the server
+    refuses it whole again, and what it set is back (not kept, nor taken in part)."""
+    m = live_machine()
+    m.update_session({"instructions": "Be brief."})
+    m.receive({"type": "session.updated", "session": {}})
+    m.update_session({"instructions": "Check.", "tool_choice": "required", "model": "x"})
+    again = sends(m.reattached())  # (lost before its answer came)
+    assert [e["session"] for e in again[1:]] == [
+        {"type": "realtime", "instructions": "Check.", "tool_choice": "required", "model": "x"}
+    ]
+    refused = m.receive(update_refused(again[1]["event_id"]))
+    assert notices(refused, "session.update_refused") == [
+        {"event_id": again[1]["event_id"], "fields": ["instructions", "tool_choice", "model"]}
+    ]
+    assert m.updated_field(("instructions",)) == "Be brief." and m.updated_field(("tool_choice",)) is None
+    assert replayed(m) == []  # (the server has "Be brief.": the base config leaves it alone)
+
+
+def test_an_update_still_queued_at_a_reattach_is_not_sent_again() -> None:
+    """It never left: it goes out first on the new socket, as it is; the base config leaves its fields
+    alone, and its refusal there takes it back."""
+    m = live_machine()
+    (update,) = sends(m.update_session({"instructions": "Check.", "model": "x"}))
+    again = sends(m.reattached([update["event_id"]]))
+    assert [e["session"] for e in again] == [{"type": "realtime"}]
+    refused = m.receive(update_refused(update["event_id"]))
+    assert notices(refused, "session.update_refused") == [
+        {"event_id": update["event_id"], "fields": ["instructions", "model"]}
+    ]
+    assert m.updated_field(("instructions",)) is None
+
+
 def update_refused(event_id: str) -> dict[str, Any]:
     """The server's ``error`` refusing our client event ``event_id`` (OpenAI names it)."""
     error = {"type": "invalid_request_error", "code": "invalid_value", "event_id": event_id}
@@ -1915,9 +1966,10 @@ def update_refused(event_id: str) -> dict[str, Any]:
 
 
 def replayed(m: CallMachine) -> list[dict[str, Any]]:
-    """What a re-attach sends again after the base config."""
+    """What a re-attach sends again after the base config (which leaves out what code set)."""
     again = sends(m.reattached())
-    assert again[0]["session"] == m.config.session
+    base = {key: value for key, value in m.config.session.items() if m.updated_field((key,)) is None}
+    assert again[0]["session"] == base
     return [e["session"] for e in again[1:]]
 
 

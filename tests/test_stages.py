@@ -642,3 +642,55 @@ async def test_a_refused_update_is_not_sent_again_after_a_reattach() -> None:
     assert outcome == ["sent"]
     assert call.session["tool_choice"] == "auto" and call.session["instructions"] == "Be brief."
     assert [t["name"] for t in call.session["tools"]] == ["refund"]
+
+
+async def test_a_reattach_after_a_voice_change_and_speech_refuses_nothing() -> None:
+    """Code changed the voice before the model spoke; the sideband is lost after it spoke in that
+    voice: the re-attach sends the config without its voice (OpenAI would refuse the whole update) and
+    then code's change, the same voice, which the server takes."""
+    app = desk(first=("switch", "lookup_order"), session=SessionConfig(greeting=None))
+
+    @app.tool
+    async def switch(ctx: CallContext) -> str:
+        """Switch voices."""
+        ctx.update_session(voice="cedar", instructions="Be brief.")
+        return "ok"
+
+    async with run_app(app) as h:
+        call = await h.call(
+            Script(
+                [
+                    caller_says("Switch."),
+                    model_calls("switch", {}),
+                    model_says("Done."),
+                    caller_says("Order 1?"),
+                    model_calls("lookup_order", {"order_id": "1"}),
+                    model_says("Shipped."),
+                    pause(1.5),  # (the sideband is lost and re-attached meanwhile)
+                    caller_says("Thanks."),
+                    model_says("Bye."),
+                    caller_hangs_up(),
+                ]
+            )
+        )
+
+        def answered(c: SimCall) -> bool:  # (after "Done." was spoken in cedar)
+            return any(
+                e["type"] == "conversation.item.create" and e["item"].get("output") == "order 1 shipped"
+                for e in c.received
+            )
+
+        await call.wait_for(answered, timeout=5)
+        await h.sim.drop_sideband(call, "abnormal")
+        await call.wait_for(lambda c: c.sideband_connects == 2, timeout=5)
+        await h.ended(call)
+    assert call.sent_of_type("error") == []
+    updates = [e["session"] for e in call.received if e["type"] == "session.update"]
+    assert "voice" not in updates[-2].get("audio", {}).get("output", {})  # (the config, sent again)
+    assert updates[-1] == {
+        "type": "realtime",
+        "audio": {"output": {"voice": "cedar"}},
+        "instructions": "Be brief.",
+    }
+    assert call.session["audio"]["output"]["voice"] == "cedar"
+    assert call.session["instructions"] == "Be brief."

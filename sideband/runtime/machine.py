@@ -7,7 +7,7 @@ out the actions it returns, in order. Provider differences are data (:class:`Cap
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
@@ -267,7 +267,6 @@ _TURN = "turn"
 _RUNNABLE = frozenset({"completed", "incomplete"})
 _DEFAULT: Any = object()  # a setting left to the server's default
 _ABSENT: Any = object()  # a field no update of code's had set
-_KEEP: Any = object()  # a field a replayed update sets: its refusal takes nothing back
 _NO_TOOLS: Mapping[str, Any] = MappingProxyType({"tool_choice": "none"})
 """The response a loop breaker's refusals are answered with: words, no more tool calls."""
 STOPPED_OUTPUT = json.dumps(
@@ -432,6 +431,7 @@ class CallMachine:
         "_reasked",
         "_recent_creates",
         "_repeat",
+        "_replay",
         "_resend",
         "_response_active",
         "_retry",
@@ -549,6 +549,8 @@ class CallMachine:
         self._updates: list[tuple[str, dict[tuple[str, ...], Any] | None]] | None = None
         self._updates_sent = 0  # (their event_ids)
         self._updates_held: tuple[tuple[str, dict[tuple[str, ...], Any] | None], ...] = ()  # (with _held)
+        # code's updates to send again after a re-attach, each with its fields' values before it
+        self._replay: tuple[tuple[dict[str, Any], dict[tuple[str, ...], Any]], ...] = ()
         self._orphans: tuple[str, ...] = ()  # calls announced on a lost socket, their response unfinished
         # call_id → our function_call_output the server has not acknowledged yet, and how many times it
         # was sent again after a re-attach (None when empty)
@@ -681,6 +683,9 @@ class CallMachine:
 
         The model's audio that was playing when the socket was lost plays on, for the idle limit and for
         the end's verb, until its stop shows on the new socket or the same grace ends.
+
+        The server keeps the call's session: our session config goes again without the fields code's
+        updates set, and those updates follow as :meth:`_to_replay` says.
         """
         sent = self._create_sent
         lost = None if sent is None or sent in queued or self._going else (sent, self.responding)
@@ -700,6 +705,7 @@ class CallMachine:
         self._play_unsure, self._play_overdue = self._playing, False
         if self._updates is not None:
             # Updates sent on the lost socket get no answer; those still queued go out first on the new one.
+            self._replay = self._to_replay(queued)
             kept = [u for u in self._updates if u[0] in queued]
             self._updates = kept or None
         actions = [*self._requeued(queued), *self._attached()]
@@ -754,13 +760,15 @@ class CallMachine:
         return self._configure()
 
     def _configure(self) -> list[Action]:
-        actions: list[Action] = [self._update_sent(self.config.session, None)]
-        if self._live and self._updated is not None:
-            # a re-attach: what code changed since stands, so it follows the base config again (its last
-            # value of each field: a call that updated its session every turn must not replay them all;
-            # one field per update: one the server refuses leaves the others)
-            for path, value in self._updated.items():
-                actions.append(self._update_sent(_nested(path, value), {path: _KEEP}))
+        session = self.config.session
+        if self._live and self._updated:
+            # a re-attach: the server keeps the call's session, so the base config goes again without
+            # the fields code changed since (the config's voice would get the whole update refused once
+            # the model has spoken in another voice); code's own follow, where they may be lost
+            session = _without(session, self._updated)
+        actions: list[Action] = [self._update_sent(session, None)]
+        replay, self._replay = self._replay, ()
+        actions += [self._update_sent(fields, before) for fields, before in replay]
         if self.config.greeting and not self._greeted:
             self._greeted = True
             actions.append(self._create({"instructions": self.config.greeting}, _GREETING))
@@ -1199,6 +1207,30 @@ class CallMachine:
         updated = self._updated
         return default if updated is None else updated.get(path, default)
 
+    def _to_replay(
+        self, queued: Collection[str]
+    ) -> tuple[tuple[dict[str, Any], dict[tuple[str, ...], Any]], ...]:
+        """Code's updates that left for a socket just lost, to be sent again on the next (see
+        :meth:`reattached`): their answer, a refusal among them, may have been lost with it. Each goes
+        again as one update, as the server takes or refuses an update whole, with the fields no later
+        update sets (the last value of each: a call that updated its session every turn sends one) and
+        what each was before it, which its refusal puts back. One still queued goes out as it is."""
+        updated, updates = self._updated, self._updates
+        if not updated or updates is None:
+            return ()
+        setters: dict[str, list[tuple[str, ...]]] = {}
+        for path in updated:
+            setter = next((u for u in reversed(updates) if u[1] is not None and path in u[1]), None)
+            if setter is not None and setter[0] not in queued:
+                setters.setdefault(setter[0], []).append(path)
+        replay: list[tuple[dict[str, Any], dict[tuple[str, ...], Any]]] = []
+        for event_id, before in updates:
+            paths = setters.get(event_id)
+            if paths and before is not None:
+                fields = _session_of((path, updated[path]) for path in paths)
+                replay.append((fields, {path: before[path] for path in paths}))
+        return tuple(replay)
+
     def _update_id(self) -> str:
         self._updates_sent += 1
         return f"{_UPDATE_EVENT}{self._updates_sent}"
@@ -1236,12 +1268,9 @@ class CallMachine:
             return []
         restored: list[str] = []
         for path, value in before.items():
-            if value is _KEEP:
-                continue
             heir = next((b for _, b in later if b is not None and path in b), None)
             if heir is not None:
-                if heir[path] is not _KEEP:
-                    heir[path] = value  # (refused too, it puts back what this one found)
+                heir[path] = value  # (refused too, it puts back what this one found)
                 continue
             if value is _ABSENT:
                 updated.pop(path, None)
@@ -2319,11 +2348,37 @@ def _fields(session: Mapping[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
     return out
 
 
-def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
-    """A partial session setting one field: ``{"type": "realtime", "audio": {"output": {"voice": …}}}``."""
-    for key in reversed(path):
-        value = {key: value}
-    return {"type": "realtime", **value}
+def _session_of(fields: Iterable[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+    """A partial session setting these fields (by path, as :func:`_fields` gives them):
+    ``{"type": "realtime", "audio": {"output": {"voice": …}}}``."""
+    session: dict[str, Any] = {"type": "realtime"}
+    for path, value in fields:
+        part = session
+        for key in path[:-1]:
+            part = part.setdefault(key, {})
+        part[path[-1]] = value
+    return session
+
+
+def _without(session: Mapping[str, Any], paths: Iterable[tuple[str, ...]]) -> dict[str, Any]:
+    """``session`` without the fields at ``paths`` (an ``audio`` part they leave empty goes too)."""
+    out = dict(session)
+    for path in paths:
+        part, parents = out, []
+        for key in path[:-1]:
+            inner = part.get(key)
+            if not isinstance(inner, Mapping):
+                break
+            part[key] = inner = dict(inner)
+            parents.append((part, key))
+            part = inner
+        else:
+            part.pop(path[-1], None)
+            for parent, key in reversed(parents):
+                if parent[key]:
+                    break
+                del parent[key]
+    return out
 
 
 def _error_fields(error: Mapping[str, Any]) -> dict[str, Any]:
