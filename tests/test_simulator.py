@@ -3109,6 +3109,98 @@ async def test_close_cancels_tasks_and_closes_sockets(http: aiohttp.ClientSessio
         await sender.deliver({"type": "x"})
 
 
+async def test_a_request_a_handler_crashes_on_is_answered_500_and_kept_as_an_internal_error(
+    http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug of the simulator's in a request handler is answered 500 (``server_error``), as OpenAI answers
+    its own failures, and its traceback kept: with the call the request names (a verb, a sideband
+    handshake), else with the simulator's own (a client secret). A sideband handshake that crashes after
+    the upgrade has no 500 to give: its connection is cut."""
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("simulator bug")
+
+    async with Simulator() as sim:  # (not the fixture, which fails the test on these)
+        ringing = sim.create_call()
+        live = await live_call(sim, http)
+        with monkeypatch.context() as patched:
+            patched.setattr(Simulator, "_json_body", staticmethod(crash))
+            status, raw = await post(http, f"{sim.base_url}/realtime/calls/{ringing.call_id}/reject", {})
+            assert status == 500 and error_of(raw)["type"] == "server_error"
+            assert sim.requests[-1].status == 500 and ringing.status == "ringing"
+            assert len(ringing.internal_errors) == 1 and not sim.internal_errors
+            assert 'raise RuntimeError("simulator bug")' in ringing.internal_errors[0]
+            status, raw = await post(http, f"{sim.base_url}/realtime/client_secrets", {})
+            assert status == 500 and error_of(raw)["type"] == "server_error"
+            assert len(sim.internal_errors) == 1 and "RuntimeError: simulator bug" in sim.internal_errors[0]
+        with monkeypatch.context() as patched:
+            patched.setattr(SimCall, "_attach", crash)
+            async with ws_connect(sim, live) as ws:
+                with pytest.raises(websockets.ConnectionClosed):
+                    await recv(ws)
+            await live.wait_for(lambda c: bool(c.internal_errors), 5, "the handshake's internal error")
+        assert "RuntimeError: simulator bug" in live.internal_errors[0]
+        assert [len(c.internal_errors) for c in (ringing, live)] == [1, 1] and len(sim.internal_errors) == 1
+
+
+async def test_the_faults_a_simulator_is_told_to_make_are_no_internal_errors(
+    http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Faults queued (a 5xx, a held answer), a sideband dropped, aiohttp's own answers (an unknown
+    route, a handshake that is no WebSocket upgrade), a client gone mid-request and requests held
+    until the simulator closes: none of these is a bug of the simulator's, none is kept as one."""
+    served: asyncio.Queue[BaseException | None] = asyncio.Queue()
+    serve = Simulator._serve
+
+    async def watched(self: Simulator, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            response = await serve(self, request, handler)
+        except BaseException as exc:
+            served.put_nowait(exc)
+            raise
+        served.put_nowait(None)
+        return response
+
+    sim = Simulator()
+    await sim.start()
+    try:
+        call = sim.create_call()
+        sim.fail_accept(call.call_id, 500)
+        status, raw = await post(
+            http, f"{sim.base_url}/realtime/calls/{call.call_id}/accept", {"type": "realtime"}
+        )
+        assert status == 500 and error_of(raw)["type"] == "server_error"
+        await accept(sim, http, call)
+        sim.fail_verb(call.call_id, "hangup", 503, "timeout")
+        assert (await post(http, f"{sim.base_url}/realtime/calls/{call.call_id}/hangup"))[0] == 503
+        held = asyncio.create_task(post(http, f"{sim.base_url}/realtime/calls/{call.call_id}/hangup"))
+        status, _ = await post(http, f"{sim.base_url}/realtime/calls/{call.call_id}/transfer", {})
+        assert status == 404  # (an unknown verb: aiohttp's HTTPNotFound)
+        async with http.get(sim.sideband_url(call).replace("ws://", "http://"), headers=AUTH) as resp:
+            assert resp.status == 400  # (no WebSocket upgrade)
+        async with ws_connect(sim, call) as ws:
+            await sim.drop_sideband(call)
+            with pytest.raises(websockets.ConnectionClosed):
+                await recv(ws)
+        monkeypatch.setattr(Simulator, "_serve", watched)
+        _, writer = await asyncio.open_connection(sim.host, sim.port)
+        head = [f"POST /v1/realtime/calls/{call.call_id}/hangup HTTP/1.1", "Host: x", "Content-Length: 100"]
+        writer.write("\r\n".join([*head, f"Authorization: {AUTH['Authorization']}", "", "{"]).encode())
+        await writer.drain()
+        writer.close()  # gone before the body came
+        await writer.wait_closed()
+        assert isinstance(await asyncio.wait_for(served.get(), 5), ConnectionError)
+        await sim.wait_for(lambda s: sum(r.path.endswith("/hangup") for r in s.requests) == 2, 5)
+    finally:
+        await sim.close()
+    try:  # released on close: answered 504, or cut by the server shutdown
+        status, _ = await asyncio.wait_for(held, 5)
+        assert status == 504
+    except aiohttp.ServerDisconnectedError:
+        pass
+    assert sim.internal_errors == [] and call.internal_errors == []
+
+
 def test_the_sdp_answer_mirrors_the_offers_sections() -> None:
     offer = "\r\n".join(
         [

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import structlog
 
@@ -26,6 +27,7 @@ from sideband.testing import (
     model_calls,
     model_says,
     pause,
+    pytest_plugin,
     run_app,
     wait_for_greeting,
 )
@@ -470,6 +472,116 @@ async def test_ended_and_run_app_fail_on_an_internal_error_of_the_simulator(
     assert str(raised.value).startswith(f"call {call.call_id}: the simulator hit an internal error")
     [note] = raised.value.__notes__
     assert note.startswith("the simulator hit internal errors") and f"call {call.call_id}:\n" in note
+
+
+async def test_a_request_the_simulator_fails_on_is_a_500_that_fails_ended_and_run_app(
+    app: Sideband, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulator crashing in a request handler (here: on the call's first accept) answers 500, which
+    the app takes for OpenAI's and retries, so the call goes on as if nothing were wrong: the traceback
+    is kept with the call all the same, and ``h.ended`` and ``run_app`` fail on it; a crash on a request
+    that names no call (a WebRTC call's creation) is kept with the simulator's own, and fails them too."""
+    accept = SimCall._accept
+    crashed: list[str] = []
+
+    def crash_once(self: SimCall, body: dict[str, Any]) -> None:
+        if not crashed:
+            crashed.append(self.call_id)
+            raise RuntimeError("simulator bug in accept")
+        accept(self, body)
+
+    monkeypatch.setattr(SimCall, "_accept", crash_once)
+    with pytest.raises(AssertionError) as at_exit:
+        async with run_app(app, **TEST_SETTINGS) as h:
+            call = await h.call(Script([wait_for_greeting(), caller_hangs_up()]))
+            accepts = [r.status for r in h.sim.requests if r.path.endswith(f"/{call.call_id}/accept")]
+            assert accepts == [500, 200] and call.status == "accepted"  # (the app retried: the call runs)
+            assert len(call.internal_errors) == 1 and not h.sim.internal_errors
+            with pytest.raises(AssertionError) as at_end:
+                await h.ended(call)
+    ended = str(at_end.value)
+    assert ended.startswith(f"call {call.call_id}: the simulator hit an internal error"), ended
+    assert 'raise RuntimeError("simulator bug in accept")' in ended, ended
+    exited = str(at_exit.value)
+    assert f"call {call.call_id}:\n" in exited and "RuntimeError: simulator bug in accept" in exited, exited
+
+    monkeypatch.setattr(SimCall, "_accept", accept)
+    monkeypatch.setattr(Simulator, "_sdp_answer", staticmethod(lambda offer: 1 / 0))
+    with pytest.raises(AssertionError) as at_exit:
+        async with run_app(app, **TEST_SETTINGS) as h:
+            call = await h.call(Script([wait_for_greeting(), caller_hangs_up()]))
+            async with aiohttp.ClientSession() as http:
+                offer = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 RTP/SAVPF 111\r\n"
+                headers = {"Authorization": f"Bearer {h.sim.api_key}", "Content-Type": "application/sdp"}
+                async with http.post(h.sim.base_url + "/realtime/calls", data=offer, headers=headers) as resp:
+                    assert resp.status == 500
+                    assert (await resp.json())["error"]["type"] == "server_error"
+            assert h.sim.requests[-1].status == 500 and len(h.sim.internal_errors) == 1
+            with pytest.raises(AssertionError) as at_end:  # (its own call went well: no matter)
+                await h.ended(call)
+    ended = str(at_end.value)
+    assert ended.startswith("the simulator hit an internal error outside any call"), ended
+    assert "ZeroDivisionError" in ended, ended
+    exited = str(at_exit.value)
+    assert "outside any call:\n" in exited and "ZeroDivisionError" in exited, exited
+
+
+async def test_a_webhook_the_app_failed_on_a_simulator_bug_says_so(
+    app: Sideband, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every accept crashing in the simulator (answered 500), the app gives up on the call and answers
+    its webhook 503: ``h.call`` fails on that, and its message holds the simulator's traceback (the
+    cause), not only the statuses."""
+
+    def crash(self: SimCall, body: dict[str, Any]) -> None:
+        raise RuntimeError("simulator bug in accept")
+
+    monkeypatch.setattr(SimCall, "_accept", crash)
+    with pytest.raises(AssertionError):  # (and run_app, as its block ends)
+        async with run_app(app, **{**TEST_SETTINGS, "accept_budget": 0.2}) as h:
+            with pytest.raises(AssertionError) as placed:
+                await h.call(Script([wait_for_greeting(), caller_hangs_up()]))
+    message = str(placed.value)
+    assert "webhook answered 503" in message and "expected 200 on every attempt; call rtc_" in message
+    assert "the simulator hit an internal error" in message and "RuntimeError: simulator bug" in message
+
+
+async def test_the_simulator_fixtures_fail_their_test_on_a_request_the_simulator_crashed_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ``simulator`` fixture fails its test on a crash outside any call (here: a client secret's
+    mint), and the ``vowel`` fixture on one of the vowel simulator's (a token's mint): each was answered
+    500, which the test may well have taken for a server's failure and passed over."""
+
+    def crash(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("simulator bug")
+
+    monkeypatch.setattr(Simulator, "mint_ephemeral_key", crash)
+    monkeypatch.setattr(VowelSimulator, "_issue", crash)
+    fixtures = (
+        pytest_plugin.simulator.__wrapped__(),  # type: ignore[attr-defined]
+        pytest_plugin.vowel.__wrapped__(),  # type: ignore[attr-defined]
+    )
+    try:
+        simulator, vowel = [await anext(fixture) for fixture in fixtures]
+        async with aiohttp.ClientSession() as http:
+            headers = {"Authorization": f"Bearer {simulator.api_key}"}
+            url = simulator.base_url + "/realtime/client_secrets"
+            async with http.post(url, json={}, headers=headers) as resp:
+                assert resp.status == 500
+            headers = {"Authorization": f"Bearer {vowel.api_key}"}
+            body = {"connectionType": "trusted_server", "config": {"serviceId": "s"}}
+            async with http.post(
+                vowel.core_url + "/v1/realtime/sessions", json=body, headers=headers
+            ) as resp:
+                assert resp.status == 500
+        for fixture, name in zip(fixtures, ("the simulator", "the vowel simulator"), strict=True):
+            with pytest.raises(pytest.fail.Exception, match=f"^{name} hit internal errors") as failed:
+                await anext(fixture)
+            assert "RuntimeError: simulator bug" in str(failed.value)
+    finally:
+        for fixture in fixtures:
+            await fixture.aclose()
 
 
 async def test_ended_reports_a_script_that_failed_on_a_live_call_at_once(stack: Stack) -> None:

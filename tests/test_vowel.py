@@ -277,6 +277,81 @@ async def test_a_core_that_keeps_failing_fails_the_session_within_the_budget(
     assert vowel.handshakes == []
 
 
+async def test_a_request_the_vowel_simulator_crashes_on_is_answered_500_and_kept_as_an_internal_error(
+    app: Sideband, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug of the simulator's in a handler is answered 500, which a client takes for the core's own
+    failure and retries (the session then runs as if nothing were wrong): its traceback is kept in
+    ``internal_errors`` all the same. An engine socket that crashes on a message is cut, and kept too."""
+    issue = VowelSimulator._issue
+    crashed: list[str] = []
+
+    def crash_once(self: VowelSimulator, *args: Any, **kwargs: Any) -> Any:
+        if not crashed:
+            crashed.append("mint")
+            raise RuntimeError("simulator bug in mint")
+        return issue(self, *args, **kwargs)
+
+    async def crash(self: VowelSimulator, *args: Any) -> None:
+        raise RuntimeError("simulator bug in the engine")
+
+    monkeypatch.setattr(VowelSimulator, "_issue", crash_once)
+    async with VowelSimulator() as vowel:  # (not the fixture, which fails the test on these)
+        async with EngineSession.open(settings_for(vowel), app, mint_budget=5) as session:
+            reply = await session.say("hello")
+        assert reply.text == "I heard you." and [m.status for m in vowel.mints] == [500, 200]
+        [error] = vowel.internal_errors
+        assert 'raise RuntimeError("simulator bug in mint")' in error
+        monkeypatch.setattr(VowelSimulator, "_on_item", crash)
+        async with _engine_with_tools(vowel) as (ws, _):
+            item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+            with pytest.raises(ConnectionClosed):
+                async with asyncio.timeout(5):
+                    while True:
+                        await ws.recv()
+        await vowel.wait_for(lambda v: len(v.internal_errors) == 2, 5, "the engine's internal error")
+        assert "RuntimeError: simulator bug in the engine" in vowel.internal_errors[1]
+
+
+async def test_the_faults_the_vowel_simulator_is_told_to_make_are_no_internal_errors(app: Sideband) -> None:
+    """Mint faults (a 5xx, a dropped connection, a request held until the simulator closes), handshakes
+    dropped, a session's connection lost, and aiohttp's own answers (a handshake that is no WebSocket
+    upgrade): none of these is a bug of the simulator's, none is kept as one."""
+    vowel = VowelSimulator()
+    await vowel.start()
+    try:
+        vowel.fail_next_mints(503, "drop", "timeout")
+        async with EngineSession.open(settings_for(vowel), app, mint_timeout=0.3, mint_budget=10) as session:
+            await session.say("hello")
+            await vowel.drop(vowel.sessions[0])
+        assert [m.status for m in vowel.mints] == [503, 0, 0, 200]
+        vowel.fail_next_mints("timeout")
+        async with aiohttp.ClientSession() as http:
+            held = asyncio.create_task(http.post(f"{vowel.core_url}/v1/realtime/sessions", json={}))
+            await vowel.wait_for(lambda v: len(v.mints) == 5, 5, "the held mint")
+            async with http.get(
+                f"{vowel.engine_url}/v1/realtime", headers={"Authorization": "Bearer x"}
+            ) as resp:
+                assert resp.status == 401
+            token = vowel.mints[3].token
+            async with http.get(
+                f"{vowel.engine_url}/v1/realtime", headers={"Authorization": f"Bearer {token}"}
+            ) as resp:
+                assert resp.status == 400  # (no WebSocket upgrade)
+            vowel.refuse_handshake = "drop"
+            with pytest.raises(aiohttp.ServerDisconnectedError):
+                async with http.get(f"{vowel.engine_url}/v1/realtime") as resp:
+                    pass
+            await vowel.close()
+            with contextlib.suppress(aiohttp.ServerDisconnectedError):  # (answered 504, or cut)
+                async with await asyncio.wait_for(held, 5) as resp:
+                    assert resp.status == 504
+    finally:
+        await vowel.close()
+    assert vowel.internal_errors == []
+
+
 @pytest.mark.parametrize("style", ["core", "epoch", "expires_in", "client_secret", "engine"])
 async def test_every_expiry_form_is_understood(vowel: VowelSimulator, style: Any) -> None:
     vowel.mint_answer = style

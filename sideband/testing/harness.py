@@ -86,7 +86,9 @@ class Harness:
         Raises :class:`AssertionError` unless every attempt was answered ``expect_status``: a retry
         does not hide an earlier answer (a 500, then a 200 on the retry, fails ``expect_status=200``);
         :class:`TypeError` at once when ``script`` is no :class:`Script` (a list of steps: wrap it,
-        ``Script([...])``)."""
+        ``Script([...])``). The message of the :class:`AssertionError` holds the tracebacks of the
+        simulator's internal errors on the call or outside any call, if it had any (a 500 of its own
+        failure the app took for OpenAI's, say)."""
         call = self.sim.create_call(script, **call_options)
         counters = self.service.counters
         before = [counters[name] for name in _RING_FAILURES]
@@ -104,9 +106,10 @@ class Harness:
                 str(status) if status is not None else f"nothing ({error})"
                 for status, error in zip(result.attempts, result.errors, strict=True)
             )
+            broken = _internal_error(self.sim, call)
             raise AssertionError(
                 f"call {call.call_id}: webhook answered {answers or 'nothing'}, expected {expect_status} "
-                "on every attempt"
+                "on every attempt" + (f"; {broken}" if broken is not None else "")
             )
         return call
 
@@ -127,8 +130,9 @@ class Harness:
         then up to 10 s for an unanswered goodbye),
         and :class:`AssertionError` at once when it never ran on the server: rejected at ring time (the
         message gives the SIP status and the reject body), transferred (the target) or never answered.
-        :class:`AssertionError` too when the simulator itself failed on the call (``call.internal_errors``:
-        a bug of the simulator's, not the app's; the message holds the traceback)."""
+        :class:`AssertionError` too when the simulator itself failed on the call or outside any call
+        (``call.internal_errors``, ``sim.internal_errors``: a bug of the simulator's, not the app's, such
+        as a request it answered 500 for its own failure; the message holds the traceback)."""
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout
         registry = self.service.registry
@@ -136,7 +140,7 @@ class Harness:
         if runtime is not None:
             outcome = await self._wait_closed(call, runtime, timeout, check_script)
             if outcome != "closed":
-                broken = _internal_error(call)
+                broken = _internal_error(self.sim, call)
                 if broken is not None:
                     raise AssertionError(broken)
                 if outcome == "script_failed":
@@ -151,9 +155,9 @@ class Harness:
         else:
             found = self._summaries.get(call.call_id) or registry.recent.get(call.call_id)
             if found is None:
-                raise AssertionError(_internal_error(call) or self._never_ran(call))
+                raise AssertionError(_internal_error(self.sim, call) or self._never_ran(call))
             summary = found
-        broken = _internal_error(call)
+        broken = _internal_error(self.sim, call)
         if broken is not None:
             raise AssertionError(broken)
         if check_script:
@@ -286,25 +290,39 @@ class Harness:
         )
 
 
-def _internal_error(call: SimCall) -> str | None:
-    """What the simulator's internal errors on ``call`` were (their tracebacks), or ``None``: none."""
-    if not call.internal_errors:
-        return None
+def _internal_error(sim: Simulator, call: SimCall) -> str | None:
+    """What the simulator's internal errors on ``call``, and outside any call, were (their tracebacks),
+    or ``None``: none."""
+    parts = []
+    if call.internal_errors:
+        parts.append(
+            f"call {call.call_id}: the simulator hit an internal error (a bug of the simulator, not of your "
+            "app: what it was handling was answered with a server_error or a 500, or the call's script "
+            "failed):\n" + "\n".join(call.internal_errors)
+        )
+    if sim.internal_errors:
+        parts.append(_outside_calls(sim))
+    return "\n".join(parts) or None
+
+
+def _outside_calls(sim: Simulator) -> str:
+    """The simulator's internal errors outside any call (their tracebacks)."""
     return (
-        f"call {call.call_id}: the simulator hit an internal error (a bug of the simulator, not of your app: "
-        "what it was handling was answered with a server_error, or the call's script failed):\n"
-        + "\n".join(call.internal_errors)
+        "the simulator hit an internal error outside any call (a bug of the simulator, not of your app: "
+        "the request it was handling was answered 500):\n" + "\n".join(sim.internal_errors)
     )
 
 
 def _internal_errors(sim: Simulator) -> str | None:
-    """The internal errors the simulator hit on any of its calls (their tracebacks), or ``None``: none."""
+    """The internal errors the simulator hit on any of its calls or outside them (their tracebacks), or
+    ``None``: none."""
     broken = [call for call in sim.calls.values() if call.internal_errors]
-    if not broken:
+    if not broken and not sim.internal_errors:
         return None
-    return "the simulator hit internal errors (bugs of the simulator, not of your app):\n" + "\n".join(
-        f"call {call.call_id}:\n" + "\n".join(call.internal_errors) for call in broken
-    )
+    lines = [f"call {call.call_id}:\n" + "\n".join(call.internal_errors) for call in broken]
+    if sim.internal_errors:
+        lines.append("outside any call:\n" + "\n".join(sim.internal_errors))
+    return "the simulator hit internal errors (bugs of the simulator, not of your app):\n" + "\n".join(lines)
 
 
 def harness_settings(sim: Simulator, **overrides: Any) -> Settings:
@@ -348,7 +366,8 @@ async def run_app(app: Sideband, sim: Simulator | None = None, **settings: Any) 
     it would answer nothing.
 
     Without a ``sim``, the run's own simulator is checked as it closes: if it hit an internal error on
-    any call (a bug of the simulator's, ``call.internal_errors``), the block raises
+    any call or outside them (a bug of the simulator's, ``call.internal_errors``, ``sim.internal_errors``:
+    a request it answered 500 for its own failure, say), the block raises
     :class:`AssertionError` with the tracebacks (a note on the block's own exception, if it raised one),
     as the ``simulator`` fixture fails its test."""
     own = sim is None

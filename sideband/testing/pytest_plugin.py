@@ -33,19 +33,24 @@ else:
     @pytest_asyncio.fixture
     async def simulator() -> AsyncIterator[Simulator]:
         """A started :class:`Simulator` on a free loopback port; closed afterwards, failing the test if the
-        simulator itself hit an internal error."""
+        simulator itself hit an internal error (on a call or outside any)."""
         from .simulator import Simulator
 
         async with Simulator() as sim:
             yield sim
         broken = {cid: call.internal_errors for cid, call in sim.calls.items() if call.internal_errors}
+        if sim.internal_errors:
+            broken["outside any call"] = sim.internal_errors
         if broken:
             pytest.fail(f"the simulator hit internal errors: {broken}")
 
     @pytest_asyncio.fixture
     async def vowel() -> AsyncIterator[VowelSimulator]:
-        """A started :class:`~sideband.testing.vowel.VowelSimulator` (vowel core + engine on loopback)."""
+        """A started :class:`~sideband.testing.vowel.VowelSimulator` (vowel core + engine on loopback);
+        closed afterwards, failing the test if the simulator itself hit an internal error."""
         from .vowel import VowelSimulator
 
         async with VowelSimulator() as sim:
             yield sim
+        if sim.internal_errors:
+            pytest.fail("the vowel simulator hit internal errors:\n" + "\n".join(sim.internal_errors))

@@ -293,6 +293,15 @@ _EPHEMERAL = web.RequestKey("sideband_simulator_ephemeral_key", _EphemeralKey)
 """Per-request storage: the ephemeral key a request authenticated with (immutable key object)."""
 
 
+_RECORD = web.RequestKey("sideband_simulator_request_record", RequestRecord)
+"""Per-request storage: the request's record in :attr:`Simulator.requests`."""
+
+
+def _from_browser(request: web.Request) -> bool:
+    """Whether ``request`` is a page's (a WebRTC call started from a browser): answered with CORS headers."""
+    return request.path == "/v1/realtime/calls" and "Origin" in request.headers
+
+
 def _drop_tracebacks(exc: BaseException | None) -> None:
     """Clear the tracebacks of ``exc`` and the exceptions it chains. aiohttp keeps a socket's last error
     (``ws.exception()``: a write into an aborted transport, chained to the EOF before it), and the
@@ -1026,8 +1035,9 @@ class SimCall:
       were not JSON objects), ``sideband_connects``;
     - ``responses`` (:class:`ResponseRecord` per model response), ``function_outputs`` (``(call_id,
       output)`` in arrival order), ``transcript`` (``(role, text)`` lines);
-    - ``script_error`` (why the script failed, or ``None``), ``internal_errors`` (simulator bugs: tracebacks),
-      ``accept_faults`` (faults queued for the next accept attempts), ``webhook_delivery``;
+    - ``script_error`` (why the script failed, or ``None``), ``internal_errors`` (simulator bugs:
+      tracebacks, those of requests on the call it failed on included), ``accept_faults`` (faults queued
+      for the next accept attempts), ``webhook_delivery``;
     - ``accept_received_ns`` (when the first accept request for the call reached its handler) and
       ``first_session_update_ns`` (when the first ``session.update`` arrived): ``time.monotonic_ns()``, or
       ``None`` before that happened.
@@ -2820,6 +2830,13 @@ class Simulator:
     hears the model out before speaking. A caller cutting in while a response streams clears the model's
     audio (``output_audio_buffer.cleared``, no ``stopped``), as does the controller's
     ``output_audio_buffer.clear`` once the audio has started.
+
+    The simulator's own bugs are kept as tracebacks, never passed over: a request it fails on is
+    answered 500 (``server_error``), as a real server answers its own failures, and its traceback kept in
+    the ``internal_errors`` of the call it names (a verb, a sideband handshake) or else in the
+    simulator's ``internal_errors``. What it is told to do (a fault queued, a connection dropped) is no
+    bug, nor is aiohttp's own answer or a client that went away. ``run_app``, ``h.ended`` and the
+    ``simulator`` fixture fail on any.
     """
 
     def __init__(
@@ -2890,6 +2907,9 @@ class Simulator:
         self.account: Literal["ok", "no_credit", "region_refused"] = "ok"
         self.requests: list[RequestRecord] = []
         self.calls: dict[str, SimCall] = {}
+        self.internal_errors: list[str] = []
+        """Tracebacks of the simulator's own bugs outside any call: a request it failed on (answered
+        500) that names no call it knows. A call's are in its :attr:`SimCall.internal_errors`."""
         self.next_webrtc_script: Script = Script()
         self.auto_call_script: Script = auto_call_script or Script()
         self._port = port
@@ -3244,8 +3264,42 @@ class Simulator:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.match_info.get("verb") != "accept":
-            return await self._serve(request, handler)
+        """Every request: recorded, its key checked, then handled. An exception a handler did not mean
+        to raise (a bug of the simulator's) is kept in :attr:`internal_errors` (or its call's) and
+        answered 500, as a real server answers its own failures; aiohttp's answers (``HTTPException``)
+        and a client gone mid-request (``ConnectionError``) are no bug, nor is a request that met the
+        simulator closing."""
+        try:
+            if request.match_info.get("verb") != "accept":
+                return await self._serve(request, handler)
+            return await self._serve_accept(request, handler)
+        except (web.HTTPException, ConnectionError):
+            raise
+        except Exception:
+            if self._closed:
+                raise
+            trace = traceback.format_exc()
+            if request.writer.output_size:  # its answer had begun (a socket upgraded): no 500 to give
+                self._internal_error(request, trace)
+                raise
+            response = _fault_response(500)
+            if _from_browser(request):
+                response.headers.update(_CORS)
+            record = request.get(_RECORD)
+            if record is not None:
+                record.status = response.status
+            self._internal_error(request, trace)
+            return response
+
+    def _internal_error(self, request: web.Request, trace: str) -> None:
+        """Keep ``trace`` (a handler crashed on ``request``) with the call the request names, if it names
+        one the simulator knows, else with the simulator's own."""
+        call_id = request.match_info.get("call_id") or request.query.get("call_id")
+        call = self.calls.get(call_id) if call_id else None
+        (call.internal_errors if call is not None else self.internal_errors).append(trace)
+        self._notify()
+
+    async def _serve_accept(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         # An accept in flight (its body may still be coming) keeps a ringing call past its ring timeout.
         call = self.calls.get(request.match_info.get("call_id", ""))
         if call is not None and call.status == "ringing":
@@ -3281,8 +3335,9 @@ class Simulator:
             peer=None if request.transport is None else request.transport.get_extra_info("peername"),
         )
         self.requests.append(record)
+        request[_RECORD] = record
         self._notify()
-        browser = request.path == "/v1/realtime/calls" and "Origin" in request.headers
+        browser = _from_browser(request)
         if browser and request.method == "OPTIONS":  # a browser's preflight: no key needed for it
             record.status = 204
             self._notify()

@@ -31,6 +31,7 @@ import json
 import re
 import secrets
 import time
+import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TypeAlias
 
 from aiohttp import WSMsgType, web
+from aiohttp.typedefs import Handler
 
 from sideband.testing._loop import check_loop
 
@@ -166,6 +168,10 @@ class MintRecord:
     status: int
     token: str | None = None
     expires_at: float | None = None
+
+
+_MINT = web.RequestKey("sideband_vowel_mint_record", MintRecord)
+"""Per-request storage: a mint request's record in :attr:`VowelSimulator.mints`."""
 
 
 @dataclass(slots=True)
@@ -344,6 +350,10 @@ class VowelSimulator:
     ``event_delay`` paces the engine's events within a response; ``input_delay`` is how long each
     client message takes to reach the engine (in order), while what it already runs goes on: a reply
     under way may end before a text sent meanwhile arrives.
+
+    The simulator's own bugs are kept as tracebacks in ``internal_errors``, never passed over: a
+    request it fails on is answered 500 (an engine socket already open is cut). What it is told to do (a
+    mint fault, a dropped handshake) is no bug. The ``vowel`` fixture fails its test on any.
     """
 
     def __init__(
@@ -401,6 +411,9 @@ class VowelSimulator:
         self.mints: list[MintRecord] = []
         self.handshakes: list[HandshakeRecord] = []
         self.sessions: list[EngineSessionRecord] = []
+        self.internal_errors: list[str] = []
+        """Tracebacks of the simulator's own bugs: each request (a mint, an engine socket) it failed on,
+        answered 500 (or cut, once its socket was open)."""
         self._tokens: dict[str, _Token] = {}
         self._offset = 0.0
         self._port = port
@@ -426,7 +439,7 @@ class VowelSimulator:
         """Bind the loopback port and serve."""
         if self._runner is not None or self._closed:
             raise RuntimeError("a VowelSimulator starts once")
-        app = web.Application()
+        app = web.Application(middlewares=[self._middleware])
         app.router.add_post("/core/v1/realtime/sessions", self._handle_core_mint)
         app.router.add_post("/engine/v1/realtime/sessions", self._handle_engine_mint)
         app.router.add_get("/engine/v1/realtime", self._handle_engine)
@@ -605,6 +618,31 @@ class VowelSimulator:
         return task
 
     # ------------------------------------------------------------------------------ core
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """An exception a handler did not mean to raise (a bug of the simulator's) is kept in
+        :attr:`internal_errors` and answered 500, as the core and engine answer their own failures;
+        aiohttp's answers (``HTTPException``) and a client gone mid-request (``ConnectionError``) are
+        no bug, nor is a request that met the simulator closing."""
+        try:
+            return await handler(request)
+        except (web.HTTPException, ConnectionError):
+            raise
+        except Exception:
+            if self._closed:
+                raise
+            self.internal_errors.append(traceback.format_exc())
+            if request.writer.output_size:  # its answer had begun (a socket upgraded): no 500 to give
+                self._notify()
+                raise
+            mint = request.get(_MINT)
+            if mint is not None:
+                mint.status = 500
+            self._notify()
+            if request.path.startswith("/core/"):
+                return web.json_response({"message": "Internal server error"}, status=500)
+            return web.json_response({"error": {"message": "Internal server error"}}, status=500)
+
     @staticmethod
     def _bearer(request: web.Request) -> str | None:
         header = request.headers.get("Authorization", "")
@@ -695,7 +733,7 @@ class VowelSimulator:
             body: Any = _engine_json(await request.text())
         except ValueError:
             body = None
-        record = MintRecord("core", key, body, 0)
+        record = request[_MINT] = MintRecord("core", key, body, 0)
         self.mints.append(record)
         try:
             if self._mint_faults:
@@ -761,7 +799,7 @@ class VowelSimulator:
             body: Any = _engine_json(await request.text())
         except ValueError:
             body = None
-        record = MintRecord("engine", key, body, 0)
+        record = request[_MINT] = MintRecord("engine", key, body, 0)
         self.mints.append(record)
         try:
             if key != self.engine_api_key:
