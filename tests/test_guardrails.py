@@ -13,6 +13,7 @@ import pytest
 import structlog
 
 from sideband import CallContext, Sideband
+from sideband.logs import failure_fields
 from sideband.runtime import guard
 from sideband.runtime.driver import CallHooks, CallRuntime
 from sideband.runtime.machine import CORRECTIONS, CallMachine, MachineConfig, Notice, Send, Verb
@@ -933,6 +934,41 @@ def test_a_reply_objected_to_too_late_to_stop_has_no_stopped_lines() -> None:
     assert verdicts == [("no_promises", "no promises", "resp_1")]  # once
     assert checks.tripped == "resp_1"
     assert checks.line(1, "resp_1") is False and checks.lines_of("resp_1") == []
+
+
+def test_a_stop_that_fails_is_logged_with_where_it_failed() -> None:
+    """Stopping a tripped reply raised (a bug of ours): ``guardrail.trip_failed`` has the guardrail, the
+    error and its stack, as a guardrail's own failure has; the next words are checked."""
+    verdicts: list[str | None] = []
+
+    def no_promises(ctx: CallContext, text: str) -> str | None:
+        return "no promises" if "guarantee" in text else None
+
+    def trip(guardrail: str, reason: str, response_id: str | None) -> bool:
+        verdicts.append(response_id)
+        raise RuntimeError("the call's state is off")
+
+    def failure(exc: BaseException) -> dict[str, Any]:
+        return failure_fields(exc, message=False, full=False)
+
+    checks = guard.OutputGuard([no_promises], CallContext("rtc_x"), trip, structlog.get_logger(), failure)
+    with capture_logs() as logs:
+        for response_id in ("resp_1", "resp_2"):
+            checks.feed(
+                {
+                    "type": "response.output_audio_transcript.delta",
+                    "response_id": response_id,
+                    "item_id": "item_1",
+                    "content_index": 0,
+                    "delta": "I guarantee",
+                }
+            )
+    assert verdicts == ["resp_1", "resp_2"]
+    failed = [e for e in logs if e["event"] == "guardrail.trip_failed"]
+    assert [(e["guardrail"], e["error"], e["log_level"]) for e in failed] == [
+        ("no_promises", "RuntimeError", "error")
+    ] * 2
+    assert all("in trip" in e["stack"] and "exc_info" not in e for e in failed)
 
 
 async def test_order_desk_lets_a_reply_that_refuses_a_refund_be_heard() -> None:

@@ -203,8 +203,8 @@ class OutputGuard:
         self._tripped, self._late = response_id, False
         try:
             self._late = not self._trip(guardrail_name(check), reason, response_id)
-        except Exception:  # (a bug of ours: the call goes on, its next words are checked)
-            self._log.exception("guardrail.trip_failed", guardrail=guardrail_name(check))
+        except Exception as exc:  # (a bug of ours: the call goes on, its next words are checked)
+            self._log.error("guardrail.trip_failed", guardrail=guardrail_name(check), **self._failure(exc))
 
     async def _run(self) -> None:
         try:
