@@ -309,6 +309,43 @@ async def test_a_guardrail_that_raises_lets_the_words_pass_and_is_logged() -> No
     assert len(failed) == len(call.responses) == 2  # once a reply, not at each of its deltas
 
 
+class Ambiguous:
+    """A guardrail's answer with no truth value (as a numpy array of several elements has none)."""
+
+    def __bool__(self) -> bool:
+        raise ValueError("the truth value is ambiguous")
+
+
+@pytest.mark.parametrize("kind", ["plain", "async"])
+async def test_a_guardrail_whose_answer_has_no_truth_value_lets_the_words_pass(kind: str) -> None:
+    app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
+
+    def plain(ctx: CallContext, text: str) -> Any:
+        return Ambiguous()
+
+    async def scored(ctx: CallContext, text: str) -> Any:
+        return Ambiguous()
+
+    app.guardrail(plain if kind == "plain" else scored)
+    async with Simulator(event_gap=0.005) as sim, run_app(app, sim) as h:
+        with capture_logs() as logs:
+            call = await h.call(
+                Script(
+                    [wait_for_greeting("Hi."), caller_says("Refund?"), model_says(PROMISE), caller_hangs_up()]
+                )
+            )
+            summary = await h.ended(call)
+    assert summary.reason == "remote_closed"  # (the caller hung up: not internal_error)
+    assert all(r.status == "completed" for r in call.responses)
+    assert "response.cancel" not in [e["type"] for e in call.received]
+    assert summary.guardrails == ()
+    failed = [e for e in logs if e["event"] == "guardrail.failed"]
+    assert failed and {(e["guardrail"], e["error"]) for e in failed} == {
+        ("plain" if kind == "plain" else "scored", "ValueError")
+    }
+    assert all("in __bool__" in e["stack"] for e in failed)
+
+
 async def test_replies_that_pass_are_checked_whole_and_left_alone() -> None:
     app, seen = guarded_app()
     async with Simulator(event_gap=0.005) as sim, run_app(app, sim) as h:

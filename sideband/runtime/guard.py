@@ -56,8 +56,8 @@ class OutputGuard:
     (its name is the reason) to stop the reply. A plain function runs on the event loop as the words
     arrive, before the next event of the call is read: keep it quick (a word list, a regular
     expression). Slower checks (a moderation model) are ``async def``: they run one at a time, on the
-    words so far, and get :data:`CHECK_TIMEOUT` seconds. A guardrail that raises or overruns lets the
-    words pass, and is logged (``guardrail.failed``).
+    words so far, and get :data:`CHECK_TIMEOUT` seconds. A guardrail that raises (its answer's truth too:
+    a numpy array's) or overruns lets the words pass, and is logged (``guardrail.failed``).
     """
 
     __slots__ = (
@@ -173,7 +173,7 @@ class OutputGuard:
         self._parts[key] = said
         if self._sync and self._fresh(0, response_id, said):
             for check in self._sync:
-                reason = self._verdict(check, self._run_sync(check, said, response_id))
+                reason = self._run_sync(check, said, response_id)
                 if reason is not None:
                     self._stop(check, reason, response_id)
                     return
@@ -226,11 +226,14 @@ class OutputGuard:
             if self._task is asyncio.current_task():
                 self._task, self._current = None, None
 
-    def _run_sync(self, check: Callable[..., Any], text: str, response_id: str | None) -> Any:
+    def _run_sync(self, check: Callable[..., Any], text: str, response_id: str | None) -> str | None:
+        """Run one plain guardrail; its reason if it objects, else ``None``."""
         name = guardrail_name(check)
         started = time.perf_counter()
         try:
             verdict = check(self._ctx, text)
+            if not inspect.isawaitable(verdict):
+                return _reason(check, verdict)  # (its truth may raise too: a numpy array's)
         except Exception as exc:
             if self._first("failed", name, response_id):
                 self._log.error("guardrail.failed", guardrail=name, **self._failure(exc))
@@ -239,17 +242,15 @@ class OutputGuard:
             took = time.perf_counter() - started
             if took >= BLOCKED_AFTER and self._first("blocked", name, response_id):
                 log_blocked(self._log, PLAIN_GUARDRAIL_DETAIL, guardrail=name)(took, 1)
-        if inspect.isawaitable(verdict):
-            if inspect.iscoroutine(verdict):
-                verdict.close()
-            if self._first("failed", name, response_id):
-                self._log.error(
-                    "guardrail.failed",
-                    guardrail=name,
-                    error="a plain function returned an awaitable: make the guardrail async def",
-                )
-            return None
-        return verdict
+        if inspect.iscoroutine(verdict):
+            verdict.close()
+        if self._first("failed", name, response_id):
+            self._log.error(
+                "guardrail.failed",
+                guardrail=name,
+                error="a plain function returned an awaitable: make the guardrail async def",
+            )
+        return None
 
     def _first(self, what: str, name: str, response_id: str | None) -> bool:
         """Whether plain guardrail ``name`` is logged ``what`` (failed, blocked) for the first time in reply
@@ -273,7 +274,9 @@ class OutputGuard:
         except Exception as exc:  # (calling it raised before any await)
             self._log.error("guardrail.failed", guardrail=name, **self._failure(exc))
             return None
-        check_task = asyncio.get_running_loop().create_task(_awaited(checked), name=f"guardrail:{name}")
+        check_task = asyncio.get_running_loop().create_task(
+            _reason_of(check, checked), name=f"guardrail:{name}"
+        )
         try:
             await asyncio.wait({check_task}, timeout=CHECK_TIMEOUT)
         finally:  # (cancelled too when the guard stops: the call ends)
@@ -291,7 +294,7 @@ class OutputGuard:
         if failure is not None:
             self._log.error("guardrail.failed", guardrail=name, **self._failure(failure))
             return None
-        return self._verdict(check, check_task.result())
+        return check_task.result()
 
     def _left_over(self, task: asyncio.Task[Any]) -> None:
         """A check left behind has ended: its outcome taken (asyncio would log it as never retrieved)."""
@@ -299,13 +302,15 @@ class OutputGuard:
         if not task.cancelled():
             task.exception()
 
-    @staticmethod
-    def _verdict(check: Callable[..., Any], verdict: Any) -> str | None:
-        """A guardrail's answer as the reason it objects (its name for ``True``), or ``None``."""
-        if not verdict:
-            return None
-        return verdict if isinstance(verdict, str) else guardrail_name(check)
+
+def _reason(check: Callable[..., Any], verdict: Any) -> str | None:
+    """A guardrail's answer as the reason it objects (its name for ``True``), or ``None``; raises what the
+    answer's truth raises (a numpy array's, an object's ``__bool__``): the guardrail failed."""
+    if not verdict:
+        return None
+    return verdict if isinstance(verdict, str) else guardrail_name(check)
 
 
-async def _awaited(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
+async def _reason_of(check: Callable[..., Any], awaitable: Awaitable[Any]) -> str | None:
+    """An async guardrail's answer as :func:`_reason`, in its check's task (what raises is its failure)."""
+    return _reason(check, await awaitable)
