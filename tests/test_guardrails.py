@@ -815,6 +815,63 @@ async def test_a_stop_that_comes_after_the_next_reply_began_leaves_that_reply_al
     assert [summary.transcript[i] for i in summary.stopped] == [("agent", PROMISE)]
 
 
+async def test_the_tool_calls_of_a_stopped_reply_are_not_run_when_the_next_reply_is_stopped_too() -> None:
+    """A slow check of a reply that called a tool (held until it is known) ends after the caller cut in
+    and the next reply's words came: both replies are stopped, and the first one's call is not run."""
+    app = Sideband(instructions="You are the order desk.", greeting="Greet the caller.")
+    ran: list[str] = []
+    calls: list[Any] = []
+    placed = asyncio.Event()
+
+    @app.guardrail
+    async def moderation(ctx: CallContext, text: str) -> str | None:
+        if "guarantee" not in text.lower():
+            return None
+        if text.startswith("Of course"):  # the first reply: checked until the next one's words wait
+            await placed.wait()
+            (call,) = calls
+            await call.wait_for(lambda c: len(c.responses) >= 3, 5.0, "the next reply")
+            checks = h.service.registry.calls[ctx.call_id]._guard
+            following = call.responses[2].response_id
+            async with asyncio.timeout(5):
+                while not checks.checking(following):  # (its first word says it already)
+                    await asyncio.sleep(0.001)
+        return "no promises"
+
+    @app.tool
+    async def issue_refund(ctx: CallContext) -> str:
+        """Refund the order."""
+        ran.append("refund")
+        return "refunded"
+
+    async with Simulator(playback_rate=40) as sim, run_app(app, sim) as h:
+        with capture_logs() as logs:
+            call = await h.call(
+                Script(
+                    [
+                        wait_for_greeting("Hi."),
+                        caller_says("Refund?"),
+                        model_calls("issue_refund", {}, preamble=PROMISE, await_outputs=False),
+                        caller_says("Hello?", cut_in=True),
+                        model_says("Guaranteed, you get it all back, trust me on that one. " * 3),
+                        model_answers("A colleague decides on refunds."),
+                        caller_hangs_up(),
+                    ]
+                )
+            )
+            calls.append(call)
+            placed.set()
+            summary = await h.ended(call)
+    first, following = call.responses[1], call.responses[2]
+    assert ran == []
+    assert [(t.name, t.outcome) for t in summary.tools] == [("issue_refund", "stopped")]
+    output = call.output_for(first.call_ids[0])
+    assert output is not None and json.loads(output)["error"] == "reply_stopped"
+    tripped = [e["response_id"] for e in logs if e["event"] == "guardrail.tripped"]
+    assert tripped == [first.response_id, following.response_id]
+    assert summary.guardrails == (("moderation", "no promises"),) * 2
+
+
 async def test_an_engine_turn_whose_replies_keep_breaking_the_rule_comes_back_empty() -> None:
     app, _ = guarded_app()
     async with VowelSimulator(event_delay=0.02) as vowel:
@@ -969,7 +1026,7 @@ def test_a_reply_objected_to_too_late_to_stop_has_no_stopped_lines() -> None:
             }
         )
     assert verdicts == [("no_promises", "no promises", "resp_1")]  # once
-    assert checks.tripped == "resp_1"
+    assert checks.objected("resp_1") and checks.stopped is None
     assert checks.line(1, "resp_1") is False and checks.lines_of("resp_1") == []
 
 

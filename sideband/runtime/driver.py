@@ -513,7 +513,7 @@ class CallRuntime:
         guardrail stopped that reply (the model is told so)."""
         await guard.settled()
         call_id, name = run.call_id, run.name
-        if run.response_id is None or run.response_id != guard.tripped:
+        if not guard.objected(run.response_id):
             await self._run_tool(call_id, name, run.arguments, tools)
             return
         try:
@@ -1094,7 +1094,7 @@ class CallRuntime:
                     tools = before[0]
                 guard = self._guard
                 if guard is not None and (
-                    guard.checking(action.response_id) or action.response_id == guard.tripped
+                    guard.checking(action.response_id) or guard.objected(action.response_id)
                 ):
                     # Its reply's words are still being checked, or were stopped: held until that is known.
                     run = self._checked_tool(guard, action, tools)

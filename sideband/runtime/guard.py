@@ -38,6 +38,11 @@ CHECK_TIMEOUT = 5.0
 """Seconds an ``async def`` guardrail may take over one check: then the words pass (``guardrail.failed``
 with ``error`` ``timeout``), and the next words are checked."""
 
+_OBJECTIONS_KEPT = 16
+"""Replies a guard remembers it objected to (the latest): their later words are not checked, and their tool
+calls, held until the words fed so far are checked, are not run. Plenty: the model is stopped a few times a
+caller turn at most (``CORRECTIONS``), then left silent until the caller speaks."""
+
 Trip = Callable[[str, str, str | None], bool]
 """What a guard calls when a guardrail objects: ``(guardrail, reason, response_id)``; returns whether the
 reply was stopped (``False``: too late, the call is ending)."""
@@ -66,10 +71,10 @@ class OutputGuard:
         "_ctx",
         "_current",
         "_failure",
-        "_late",
         "_left",
         "_lines",
         "_log",
+        "_objected",
         "_parts",
         "_pending",
         "_response",
@@ -77,7 +82,6 @@ class OutputGuard:
         "_task",
         "_told",
         "_trip",
-        "_tripped",
     )
 
     def __init__(
@@ -101,8 +105,9 @@ class OutputGuard:
         self._task: asyncio.Task[None] | None = None
         self._left: set[asyncio.Task[Any]] = set()  # checks left behind at their time, not over yet
         self._current: str | None = None  # the reply whose words the async guardrails check now
-        self._tripped: str | None = None  # the last reply tripped on (its later words are not checked)
-        self._late = False  # that reply was not stopped: the call was ending (its lines are no stopped ones)
+        # the last replies tripped on, oldest first (their later words are not checked) → whether that came
+        # too late to stop them: the call was ending (their lines are no stopped ones)
+        self._objected: dict[str | None, bool] = {}
         # the last words each kind of guardrail checked, with their reply (a server that sends a part as
         # text and as transcript has it checked once)
         self._checked: list[tuple[str | None, str] | None] = [None, None]
@@ -110,17 +115,19 @@ class OutputGuard:
         # what the plain guardrails were logged for in a reply: (reply, {(what, guardrail)})
         self._told: tuple[str | None, set[tuple[str, str]]] = (None, set())
 
-    @property
-    def tripped(self) -> str | None:
-        """The id of the last reply a guardrail objected to (stopped, or too late to stop: its tool calls
-        are not run either way)."""
-        return self._tripped
+    def objected(self, response_id: str | None) -> bool:
+        """Whether a guardrail objected to reply ``response_id`` (stopped it, or too late to stop it: its
+        tool calls are not run either way). The latest such replies are remembered (16)."""
+        return response_id is not None and response_id in self._objected
 
     @property
     def stopped(self) -> str | None:
-        """The id of the last reply a guardrail stopped (``None`` when the last objection came too late to
-        stop its reply: the call was ending)."""
-        return None if self._late else self._tripped
+        """The id of the last reply a guardrail objected to, if it was stopped (``None`` when that
+        objection came too late to stop its reply: the call was ending)."""
+        if not self._objected:
+            return None
+        last = next(reversed(self._objected))
+        return None if self._objected[last] else last
 
     def checking(self, response_id: str | None) -> bool:
         """Whether words of reply ``response_id`` are being checked, or wait to be (any reply's, for
@@ -134,8 +141,8 @@ class OutputGuard:
     def line(self, index: int, response_id: str | None) -> bool:
         """The agent's line ``index`` of the transcript, of reply ``response_id``, was written: whether
         that reply was stopped (else the line is remembered, should its reply be stopped later)."""
-        if response_id is not None and response_id == self._tripped:
-            return not self._late
+        if self.objected(response_id):
+            return not self._objected[response_id]
         self._lines = (*self._lines[-7:], (response_id, index))
         return False
 
@@ -153,7 +160,7 @@ class OutputGuard:
         """A transcript delta or done event of the model's (``GUARDED_DELTAS``, ``GUARDED_DONE``)."""
         response_id = event.get("response_id")
         response_id = response_id if isinstance(response_id, str) else None
-        if response_id is not None and response_id == self._tripped:
+        if self.objected(response_id):
             return
         if response_id != self._response:
             self._response, self._parts = response_id, {}
@@ -200,9 +207,13 @@ class OutputGuard:
         return True
 
     def _stop(self, check: Callable[..., Any], reason: str, response_id: str | None) -> None:
-        self._tripped, self._late = response_id, False
+        objected = self._objected
+        objected.pop(response_id, None)  # (the latest last: see stopped)
+        objected[response_id] = False
+        if len(objected) > _OBJECTIONS_KEPT:
+            del objected[next(iter(objected))]
         try:
-            self._late = not self._trip(guardrail_name(check), reason, response_id)
+            objected[response_id] = not self._trip(guardrail_name(check), reason, response_id)
         except Exception as exc:  # (a bug of ours: the call goes on, its next words are checked)
             self._log.error("guardrail.trip_failed", guardrail=guardrail_name(check), **self._failure(exc))
 
@@ -211,7 +222,7 @@ class OutputGuard:
             while self._pending:
                 key = next(iter(self._pending))
                 response_id, text = self._pending.pop(key)
-                if response_id is not None and response_id == self._tripped:
+                if self.objected(response_id):
                     continue
                 if not self._fresh(1, response_id, text):
                     continue
@@ -219,7 +230,7 @@ class OutputGuard:
                 for check in self._async:
                     reason = await self._run_async(check, text)
                     if reason is not None:
-                        if response_id is None or response_id != self._tripped:  # (sync ones may have)
+                        if not self.objected(response_id):  # (sync ones may have)
                             self._stop(check, reason, response_id)
                         break
         finally:
