@@ -385,7 +385,7 @@ async def test_a_response_under_way_when_the_tools_change_may_still_call_those_i
 
     for event in call("c1", "lookup_order", "r1")[1:] + call("c2", "lookup_order", "r2"):
         runtime._apply(machine.receive(event))
-        await asyncio.gather(*runtime._tool_tasks.values())
+        await asyncio.gather(*runtime._tool_tasks)
     assert [(t.call_id, t.outcome) for t in runtime.summary.tools] == [("c1", "ok"), ("c2", "unknown_tool")]
 
 
@@ -414,7 +414,7 @@ async def test_a_response_asked_for_before_the_tools_change_may_call_those_it_wa
         {"type": "response.done", "response": {"id": "r1", "status": "completed", "output": []}},
     ):
         receive(event)
-    await asyncio.gather(*runtime._tool_tasks.values())
+    await asyncio.gather(*runtime._tool_tasks)
     assert [(t.call_id, t.outcome) for t in runtime.summary.tools] == [("c1", "ok")]
 
 

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -1166,6 +1167,118 @@ async def test_a_call_announced_twice_runs_once(vowel: VowelSimulator, app: Side
     assert ran == announced[:1]
     assert engine.outputs == {announced[0]: [engine.outputs[announced[0]][0]]}
     assert len(reply.tools) == 1
+
+
+class _ModelMadeIds:
+    """The simulator's ``secrets``, its call ids all ``call_1``: an engine that passes on the ids the model
+    made up gives the same one every turn."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(secrets, name)
+
+    @staticmethod
+    def token_hex(nbytes: int | None = None) -> str:
+        return "1" if nbytes == 8 else secrets.token_hex(nbytes)  # (8: a call id's)
+
+
+@pytest.fixture
+def model_made_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulated engine gives every tool call the id ``call_1``; a tool's round is answered past its
+    deadline at once (0.1 s grace)."""
+    monkeypatch.setattr("sideband.testing.vowel.secrets", _ModelMadeIds())
+    monkeypatch.setattr("sideband.runtime.driver.OVERDUE_GRACE", 0.1)
+
+
+def a_tool_that_swallows_its_timeout(app: Sideband) -> tuple[asyncio.Event, list[asyncio.Task[Any]]]:
+    """Give ``app`` a tool ``stubborn`` (0.2 s timeout) that swallows its cancellation and returns once the
+    event is set; the list gets its task."""
+    release = asyncio.Event()
+    running: list[asyncio.Task[Any]] = []
+
+    @app.tool(timeout=0.2, filler_after=None)
+    async def stubborn() -> str:
+        """Swallows its cancellation."""
+        task = asyncio.current_task()
+        assert task is not None
+        running.append(task)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await release.wait()
+        return "late"
+
+    return release, running
+
+
+@pytest.mark.usefixtures("model_made_ids")
+async def test_a_call_id_used_again_after_a_round_answered_past_its_deadline_is_answered(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """The first ``call_1`` swallows its timeout's cancellation: it is answered past its deadline and runs
+    on. The next turn's ``call_1`` is a new call, answered as any other; what the first does later counts
+    for nothing."""
+    release, running = a_tool_that_swallows_its_timeout(app)
+    vowel.script(
+        [
+            when("one", calls=[("stubborn", {})], reply="Sorry."),
+            when("two", calls=[("lookup_order", {"order_id": "1042"})], reply="Shipped."),
+        ]
+    )
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        first = await session.say("one", timeout=5)
+        second = await session.say("two", timeout=5)  # (the first call_1 still runs)
+        assert not running[0].done()
+        release.set()
+        assert await asyncio.wait_for(running[0], 5) is None
+        engine = vowel.sessions[0]
+        outputs = [json.loads(output) for output in engine.outputs["call_1"]]
+    assert [(t.call_id, t.outcome) for t in first.tools] == [("call_1", "timeout")]
+    assert [(t.call_id, t.outcome) for t in second.tools] == [("call_1", "ok")]
+    assert second.text == "Shipped."
+    assert outputs == [
+        {"error": "timeout", "message": "The tool took longer than 0.2 s"},
+        {"order_id": "1042", "status": "shipped", "carrier": "UPS"},
+    ]
+    assert [t.outcome for t in session.runtime.summary.tools] == ["timeout", "ok"]
+
+
+@pytest.mark.usefixtures("model_made_ids")
+async def test_a_round_answered_past_its_deadline_ending_late_leaves_a_later_run_of_its_id_to_the_end(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """The first ``call_1`` ends late while the next turn's ``call_1`` runs: the session's end still
+    cancels and awaits the later one."""
+    release, running = a_tool_that_swallows_its_timeout(app)
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    @app.tool(timeout=30, filler_after=None)
+    async def hang() -> str:
+        """Blocks until cancelled."""
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+        return "never"
+
+    vowel.script([when("one", calls=[("stubborn", {})], reply="Sorry."), when("two", calls=[("hang", {})])])
+    session = EngineSession.open(settings_for(vowel), app, end_cap=0.2)
+    async with session:
+        await session.say("one", timeout=5)
+        turn = asyncio.create_task(session.say("two", timeout=10))
+        await asyncio.wait_for(started.wait(), 5)
+        release.set()
+        assert await asyncio.wait_for(running[0], 5) is None  # its run is over: the later one runs on
+        assert not cancelled.is_set()
+    with pytest.raises(EngineError):
+        await turn
+    assert cancelled.is_set()
+    runtime = session.runtime
+    assert [(t.name, t.outcome) for t in runtime.summary.tools] == [
+        ("stubborn", "timeout"),
+        ("hang", "cancelled"),
+    ]
+    assert runtime._tool_tasks == {}
 
 
 async def test_app_hooks_can_be_left_out(vowel: VowelSimulator, app: Sideband) -> None:

@@ -373,10 +373,13 @@ class CallRuntime:
         self._items: list[_SentItem] | None = None
         self._item_count = 0  # (their event_ids)
         self._flushing = False
-        self._tool_tasks: dict[str, asyncio.Task[None]] = {}
-        # Tool call ids whose task no longer counts: answered past their deadline while they ran on, or
-        # given up by the call's end
-        self._abandoned: set[str] | None = None
+        # Each tool run under way, with its call id. By run, not by call id: an engine that passes on
+        # the ids the model made up (call_1, every turn) runs a call id again while an earlier run of it,
+        # answered past its deadline, may still be running.
+        self._tool_tasks: dict[asyncio.Task[Any], str] = {}
+        # The tool runs that no longer count: answered past their deadline while they ran on, or given
+        # up by the call's end
+        self._abandoned: set[asyncio.Task[Any]] | None = None
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._hook_queue: _HookQueue | None = None  # the hooks running and waiting their turn, while any
         self._quiet: asyncio.Event | None = None  # see quiet_signal(): made for whoever waits on it
@@ -522,7 +525,7 @@ class CallRuntime:
             self._apply(self.machine.tool_done(call_id, STOPPED_OUTPUT))
             await self._flush()
         finally:
-            self._tool_tasks.pop(call_id, None)
+            self._tool_ended()
 
     def _stopped_tool(self, call_id: str, name: str) -> None:
         """A tool call of a reply an output guardrail stopped: not run, in the record all the same."""
@@ -1103,7 +1106,7 @@ class CallRuntime:
                 task = asyncio.create_task(run, name=f"tool:{action.call_id}")
                 task.add_done_callback(_drop_cancellation)
                 if not task.done():  # (an eager task factory may have run it to its end already)
-                    self._tool_tasks[action.call_id] = task
+                    self._tool_tasks[task] = action.call_id
             elif isinstance(action, Notice):
                 self._notice(action)
             elif isinstance(action, StartTimer):
@@ -1113,9 +1116,7 @@ class CallRuntime:
             elif isinstance(action, CancelTimer):
                 self._deadlines.pop(action.name, None)  # the alarm, if it was this one, finds nothing due
             elif isinstance(action, CancelTool):
-                running = self._tool_tasks.get(action.call_id)
-                if running is not None:
-                    running.cancel()
+                self._cancel_tool(action.call_id)
             elif isinstance(action, Withdraw):
                 self._outbox[:] = [f for f in self._outbox if not _carries(f, action.event_id)]
             elif isinstance(action, Verb):
@@ -1338,13 +1339,13 @@ class CallRuntime:
         self.log.info("tool.started", **fields)
         started = time.monotonic()
         watch: asyncio.TimerHandle | None = None
+        run = asyncio.current_task()  # (this run of the call id: the engine may run the id again later)
 
         def on_deadline(when: float, timed_out: Callable[[], ToolResult]) -> None:
             nonlocal watch
-            task = asyncio.current_task()
-            if task is not None:
+            if run is not None:
                 loop = asyncio.get_running_loop()
-                watch = loop.call_at(when + OVERDUE_GRACE, self._overdue, call_id, name, task, timed_out)
+                watch = loop.call_at(when + OVERDUE_GRACE, self._overdue, call_id, name, run, timed_out)
 
         try:
             try:
@@ -1353,14 +1354,14 @@ class CallRuntime:
                     call_id, name, arguments, self.ctx, on_blocked=blocked, on_deadline=on_deadline
                 )
             except asyncio.CancelledError:
-                if self._owns(call_id):
+                if self._owns(run):
                     self._tool_cancelled(call_id, name, time.monotonic() - started)
                 raise
             except Exception as exc:  # never expected; the model must still get an answer
                 result = failed_result(call_id, name, exc, started)
             if watch is not None:
                 watch.cancel()  # (answered now: not once more while the output is being written)
-            if not self._owns(call_id):
+            if not self._owns(run):
                 # Answered at its deadline while it ran on, or left behind by the call's end (it ignored
                 # its cancellation): nothing of it counts.
                 return
@@ -1369,7 +1370,7 @@ class CallRuntime:
         finally:
             if watch is not None:
                 watch.cancel()
-            self._tool_tasks.pop(call_id, None)  # the task's last step: nothing of it runs on
+            self._tool_ended()  # the task's last step: nothing of it runs on
 
     def _answered(self, call_id: str, name: str, result: ToolResult) -> None:
         """A tool round's result: in the record and the log, and its output to the model."""
@@ -1398,15 +1399,11 @@ class CallRuntime:
         """A tool still running :data:`OVERDUE_GRACE` seconds past its deadline (it swallowed its
         cancellation): the model gets its timeout output now, and its task, left running, no longer
         counts (the call's end cancels it again, and leaves it behind if it still runs on)."""
-        if (
-            self.machine.closed is not None
-            or not self._owns(call_id)
-            or self._tool_tasks.get(call_id) is not task
-        ):
+        if self.machine.closed is not None or task not in self._tool_tasks or not self._owns(task):
             return  # the call's end deals with it
         if self._abandoned is None:
             self._abandoned = set()
-        self._abandoned.add(call_id)
+        self._abandoned.add(task)
         self._answered(call_id, name, timed_out())
         self._kick()
 
@@ -1417,11 +1414,28 @@ class CallRuntime:
             name = record.name if record.name in self._catalog else UNKNOWN_TOOL
             self._stats.record(name, record.outcome, record.duration)
 
-    def _owns(self, call_id: str) -> bool:
-        """Whether a tool task still counts for the call: not once it was answered past its deadline
-        (:meth:`_overdue`), nor once the call's end abandoned it (it ignored its cancellation, and the end
-        recorded it as cancelled)."""
-        return self._abandoned is None or call_id not in self._abandoned
+    def _owns(self, run: asyncio.Task[Any] | None) -> bool:
+        """Whether a tool run (its task) still counts for the call: not once it was answered past its
+        deadline (:meth:`_overdue`), nor once the call's end abandoned it (it ignored its cancellation, and
+        the end recorded it as cancelled). Another run of the same call id counts all the same."""
+        return self._abandoned is None or run not in self._abandoned
+
+    def _cancel_tool(self, call_id: str) -> None:
+        """Cancel the run of ``call_id`` that counts (the latest: an earlier one, answered past its
+        deadline, is the call's end's to cancel again)."""
+        for run, running in reversed(self._tool_tasks.items()):
+            if running == call_id:
+                if self._owns(run):
+                    run.cancel()
+                return
+
+    def _tool_ended(self) -> None:
+        """The current tool run is done: forgotten (a later run of its call id is not this one)."""
+        run = asyncio.current_task()
+        if run is not None:
+            self._tool_tasks.pop(run, None)
+            if self._abandoned is not None:
+                self._abandoned.discard(run)
 
     def _tool_cancelled(self, call_id: str, name: str, duration: float) -> None:
         """A tool cancelled by the call's end (or the machine): in the summary, the log and ``on_tool``
@@ -1686,7 +1700,7 @@ class CallRuntime:
             self._alarm.cancel()
             self._alarm = None
         self._deadlines.clear()
-        tasks = list(self._tool_tasks.values())
+        tasks = list(self._tool_tasks)
         for task in tasks:
             # Not one cancelled already (by the end's CancelTool, or by its timeout: answered past its
             # deadline, it may be running a slow cleanup): its cleanup runs, within TASK_GRACE.
@@ -1701,13 +1715,13 @@ class CallRuntime:
         await self._await_tasks(tasks)
         if self._guard is not None:
             await self._settle_guard(self._guard, checks_until)
-        for call_id in list(self._tool_tasks):  # cancelled before they ever started, or stuck
-            del self._tool_tasks[call_id]
-            if not self._owns(call_id):
+        for run, call_id in list(self._tool_tasks.items()):  # cancelled before they ever started, or stuck
+            del self._tool_tasks[run]
+            if not self._owns(run):
                 continue  # answered past its deadline already (its timeout is in the record)
             if self._abandoned is None:
                 self._abandoned = set()
-            self._abandoned.add(call_id)  # what a stuck one does later no longer counts
+            self._abandoned.add(run)  # what a stuck one does later no longer counts
             self._tool_cancelled(call_id, self.machine.tool_name(call_id), 0.0)
         await self._settle_hooks()
 
