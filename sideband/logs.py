@@ -396,6 +396,15 @@ def clip(text: str | None, limit: int = 128) -> str | None:
     return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
+def safe_str(value: object) -> str:
+    """``str(value)``, or ``<unprintable Type>`` when that raises (an exception whose message is an object
+    with a broken ``__str__``, say: a detached ORM instance)."""
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
 def describe(exc: BaseException, *, message: bool) -> str:
     """What an operator needs from a failure in user code (tools, routing and call hooks), on one line:
     ``Type``, or ``Type: message`` (at most 300 characters) when ``message`` — only when the message is
@@ -403,7 +412,7 @@ def describe(exc: BaseException, *, message: bool) -> str:
     code worked on (arguments, card numbers, keys)."""
     if not message:
         return type(exc).__name__
-    text = " ".join(str(exc).split())
+    text = " ".join(safe_str(exc).split())
     described = type(exc).__name__ + (f": {text}" if text else "")
     return described if len(described) <= 300 else described[:299] + "…"
 

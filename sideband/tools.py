@@ -59,6 +59,7 @@ from pydantic_core import to_json, to_jsonable_python
 from . import jsonio
 from .blocking import in_thread, then, timed
 from .context import CallContext
+from .logs import safe_str
 
 __all__ = ["Outcome", "Tool", "ToolError", "ToolRegistry", "ToolResult", "TransferNotAllowed"]
 
@@ -747,17 +748,10 @@ def _message(exc: BaseException) -> str | None:
         message = "; ".join(p for p in parts if p is not None)
     elif isinstance(exc, ToolError):
         said = getattr(exc, "message", None)  # a subclass may never have called ToolError.__init__
-        message = said if isinstance(said, str) else _safe_str(said if said is not None else exc)
+        message = said if isinstance(said, str) else safe_str(said if said is not None else exc)
     else:
         return None
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
-
-
-def _safe_str(value: object) -> str:
-    try:
-        return str(value)
-    except Exception:
-        return f"<{type(value).__name__}>"
 
 
 def _failed(call_id: str, name: str, exc: BaseException, start: float) -> ToolResult:

@@ -606,6 +606,72 @@ async def test_failures_are_logged_in_full_when_tool_data_may_be_logged(
     assert isinstance(tool["exc_info"], RuntimeError)
 
 
+class _Detached:
+    """An object whose ``str()`` raises, as a detached ORM instance's may."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("instance is not bound to a Session")
+
+
+@pytest.mark.parametrize(
+    "settings_overrides", [{}, {"log_tool_arguments": True}], ids=["types_logged", "messages_logged"]
+)
+async def test_a_failure_whose_text_cannot_be_had_is_answered_logged_and_the_next_hook_runs(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    """An exception whose message is an object with a broken ``__str__``: the model gets the tool's
+    output all the same, the log line says the text could not be had, and the hook after one that raised
+    such an exception runs."""
+    from sideband import ToolError
+
+    @stack.app.tool(filler_after=None)
+    async def fetch(which: str) -> str:
+        """Fetch something."""
+        if which == "own":
+            raise ToolError(_Detached())  # type: ignore[arg-type]
+        raise ValueError(_Detached())
+
+    ran: list[str] = []
+
+    @stack.app.on_tool
+    async def audit(ctx: CallContext, record: Any) -> None:
+        raise LookupError(_Detached())
+
+    @stack.app.on_tool
+    async def count(ctx: CallContext, record: Any) -> None:
+        ran.append(record.outcome)
+
+    call = stack.sim.create_call(
+        Script(
+            [
+                HELLO,
+                model_calls("fetch", {"which": "own"}),
+                model_says("Sorry."),
+                model_calls("fetch", {"which": "other"}),
+                model_says("Sorry again."),
+            ]
+        )
+    )
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        await call.wait_done(timeout=5)
+        stack.sim.hang_up(call)
+        await stack.ended(call, check_script=False)
+    assert [json.loads(o) for _, o in call.function_outputs] == [
+        {"error": "tool_failed", "message": "<unprintable _Detached>"},
+        {"error": "tool_failed", "message": "ValueError"},
+    ]
+    messages = bool(settings_overrides)
+    tool = [e["error"] for e in logs if e["event"] == "tool.finished"]
+    assert tool == [
+        "ToolError: <unprintable ToolError>",
+        "ValueError: <unprintable ValueError>" if messages else "ValueError",
+    ]
+    hook = [(e["hook"], e["error"]) for e in logs if e["event"] == "hook.failed"]
+    assert hook == [("audit", "LookupError: <unprintable LookupError>" if messages else "LookupError")] * 2
+    assert ran == ["error", "error"]
+
+
 async def test_on_tool_hooks_end_before_on_call_end(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sideband.runtime.driver.HOOK_GRACE", 0.2, raising=False)
     order: list[Any] = []

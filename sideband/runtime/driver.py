@@ -1380,6 +1380,8 @@ class CallRuntime:
         # (A ToolError is the tool's answer on purpose, "no such order": not a fault.)
         faulty = result.outcome in ("error", "timeout") and not isinstance(result.exception, ToolError)
         log = self.log.warning if faulty else self.log.info
+        # The output first, then the log line (which reads the exception, user code's object).
+        self._apply(self.machine.tool_done(call_id, result.output, ok=result.ok))
         failure = {"error": result.error} if result.exception is None else self._failure(result.exception)
         log(
             "tool.finished",
@@ -1389,7 +1391,6 @@ class CallRuntime:
             duration_ms=round(result.duration * 1000, 2),
             **failure,
         )
-        self._apply(self.machine.tool_done(call_id, result.output, ok=result.ok))
         if self.hooks.on_tool:
             self._spawn_hooks(self.hooks.on_tool, self.ctx, record)
 
