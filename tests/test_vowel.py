@@ -36,6 +36,7 @@ from sideband.settings import Settings, load_settings
 from sideband.testing.vowel import DEFAULT_ENGINE_KEY, ToolOutputs, VowelSimulator, when
 from sideband.upstream.openai import UpstreamError
 from sideband.upstream.vowel import (
+    MINT_ANSWER,
     EngineRefused,
     MintRefused,
     Token,
@@ -45,7 +46,7 @@ from sideband.upstream.vowel import (
     trusted_session_request,
 )
 from sideband.vowel import EngineError, EngineSession
-from sideband.vowel.dial import run_vowel_demo
+from sideband.vowel.dial import run_dial, run_vowel_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDERS = {"1042": {"status": "shipped", "carrier": "UPS"}}
@@ -402,6 +403,83 @@ async def test_a_mint_refusal_whose_body_stalls_keeps_its_status() -> None:
             await core.mint(body, timeout=5)
         stalled.set()
     assert refused.value.status == 403 and refused.value.reason == "mint_forbidden"
+
+
+@pytest.mark.parametrize("answer", [b'{"token": "ek_\xff\xfe"}', b'\xff{"token": "ek_1"}'])
+async def test_a_mint_answer_that_is_not_utf8_is_no_json(answer: bytes) -> None:
+    """A 200 whose body is not UTF-8 is no JSON: the non-JSON error (not tried again), never a decoding
+    error escaping, nor a token made of replacement characters."""
+
+    async def mint(request: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="application/json")
+
+    server = web.Application()
+    server.router.add_post("/v1/realtime/sessions", mint)
+    body = trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
+    async with TestServer(server, host="127.0.0.1") as srv, aiohttp.ClientSession() as http:
+        with pytest.raises(UpstreamError) as caught:
+            await VowelCore(http, str(srv.make_url("")), "vkey").mint(body, timeout=5)
+    assert type(caught.value) is UpstreamError and not caught.value.retryable
+    assert str(caught.value) == "vowel core answered the mint request with non-JSON"
+    assert caught.value.status == 200
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_a_mint_answer_too_large_is_refused(declared: bool) -> None:
+    """A 200 larger than any mint answer is refused, not read whole: one that says its length at once
+    (its body stalls here), one sent in chunks once :data:`MINT_ANSWER` is passed (valid JSON, padded)."""
+    stalled = asyncio.Event()
+    padded = b'{"token": "ek_1"}' + b" " * (2 * MINT_ANSWER)
+
+    async def mint(request: web.Request) -> web.StreamResponse:
+        answer = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if declared:
+            answer.content_length = len(padded)
+        await answer.prepare(request)
+        if declared:
+            await answer.write(padded[:100])
+            await stalled.wait()
+        else:
+            for start in range(0, len(padded), 64 * 1024):
+                await answer.write(padded[start : start + 64 * 1024])
+        await answer.write_eof()
+        return answer
+
+    server = web.Application()
+    server.router.add_post("/v1/realtime/sessions", mint)
+    body = trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
+    async with TestServer(server, host="127.0.0.1") as srv, aiohttp.ClientSession() as http:
+        try:
+            with pytest.raises(UpstreamError) as caught:
+                await VowelCore(http, str(srv.make_url("")), "vkey").mint(body, timeout=5)
+        finally:
+            stalled.set()
+    assert type(caught.value) is UpstreamError and not caught.value.retryable
+    assert str(caught.value) == (
+        "vowel core answered the mint request with more than 1024 KiB: no mint answer is that large"
+    )
+
+
+async def test_a_session_whose_mint_answer_is_not_utf8_fails_as_an_engine_error(
+    vowel: VowelSimulator,
+) -> None:
+    """The core's 200 that is not UTF-8 ends the session's start as an :class:`EngineError`, and
+    ``sideband dial`` in one ``sideband:`` line and status 1."""
+
+    async def mint(request: web.Request) -> web.Response:
+        return web.Response(body=b'\xff{"token": "ek_1"}', content_type="application/json")
+
+    server = web.Application()
+    server.router.add_post("/v1/realtime/sessions", mint)
+    async with TestServer(server, host="127.0.0.1") as srv:
+        settings = settings_for(vowel, vowel_core_url=str(srv.make_url("")).rstrip("/"))
+        with pytest.raises(EngineError) as caught:
+            await EngineSession.open(settings, make_app()).start()
+        assert "non-JSON" in str(caught.value)
+        out, err = io.StringIO(), io.StringIO()
+        assert await run_dial(settings, make_app(), ["hi"], out=out, err=err) == 1
+    assert err.getvalue() == "sideband: vowel core answered the mint request with non-JSON\n"
+    assert vowel.sessions == []
 
 
 async def test_the_mint_body_is_strict_json(app: Sideband) -> None:

@@ -272,6 +272,28 @@ def _error_message(text: str) -> str:
     return str(message) if len(message) <= 200 else message[:200] + "…"
 
 
+MINT_ANSWER = 1024 * 1024
+"""At most this many bytes of a mint answer are read: a token and its times take a few kilobytes, and a
+larger answer is refused rather than read whole."""
+
+
+async def _mint_answer(resp: aiohttp.ClientResponse, into: bytearray) -> None:
+    """Read the body of a mint answer into ``into``; raises :class:`UpstreamError` (not retryable) once it
+    is larger than :data:`MINT_ANSWER`, without reading the rest."""
+    size = resp.content_length
+    if size is None or size <= MINT_ANSWER:
+        while len(into) <= MINT_ANSWER:
+            chunk = await resp.content.read(MINT_ANSWER + 1 - len(into))
+            if not chunk:
+                return
+            into += chunk
+    raise UpstreamError(
+        f"vowel core answered the mint request with more than {MINT_ANSWER // 1024} KiB: "
+        "no mint answer is that large",
+        resp.status,
+    )
+
+
 def core_proxy(core_url: str) -> Proxy | None:
     """The proxy for requests to the vowel core at ``core_url``: the one websockets picks for a socket to
     that host, as the engine's socket gets (``HTTPS_PROXY``, ``NO_PROXY``…; none for a loopback host, see
@@ -307,7 +329,8 @@ class VowelCore:
         tries again when the error is :attr:`~UpstreamError.retryable`). Raises :class:`MintRefused` on
         401/403, :class:`MintFailed` on another error status, and :class:`UpstreamError` when the core
         could not be reached, did not answer within ``timeout`` seconds (both retryable) or answered no
-        token (not retryable). The body goes out as strict JSON (a NaN or an infinity as ``null``)."""
+        token (not retryable: an answer that is not JSON, or larger than :data:`MINT_ANSWER`, included).
+        The body goes out as strict JSON (a NaN or an infinity as ``null``)."""
         data = jsonio.dumps(dict(body))  # always valid JSON (a NaN or an infinity is written as null)
         try:
             async with (
@@ -323,12 +346,11 @@ class VowelCore:
                 ) as resp,
             ):
                 status = resp.status
+                raw = bytearray()
                 if status >= 300:  # (a body cut short or stalled must not lose the status)
-                    raw = bytearray()
                     await error_body(resp, raw)
-                    text = raw.decode("utf-8", "replace")
                 else:
-                    text = await resp.text()
+                    await _mint_answer(resp, raw)
                 location = resp.headers.get("Location")
                 wait = retry_after(resp.headers.get("Retry-After"))
         except TimeoutError:
@@ -342,6 +364,7 @@ class VowelCore:
             ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"vowel core unreachable: {why(exc)}") from None
+        text = raw.decode("utf-8", "replace")
         detail = _error_message(text)
         suffix = f" (core said: {detail})" if detail else ""
         if status == 401:
@@ -370,8 +393,8 @@ class VowelCore:
             raise MintFailed(
                 f"vowel core answered {status} to the mint request{suffix}", status, text, retry_after=wait
             )
-        try:
-            data = jsonio.loads(text)
+        try:  # (a body that is not UTF-8 is no JSON either)
+            data = jsonio.loads(raw.decode("utf-8"))
         except ValueError:
             raise UpstreamError("vowel core answered the mint request with non-JSON", status) from None
         return parse_mint_answer(data, clock())
