@@ -6,6 +6,7 @@ import array
 import asyncio
 import base64
 import contextlib
+import errno
 import hashlib
 import hmac
 import io
@@ -1799,6 +1800,48 @@ async def test_dial_reads_turns_from_stdin(vowel: VowelSimulator) -> None:
     assert code == 0, err
     assert "you: order 1042 please" in out and "agent: Order 1042 shipped with UPS." in out
     assert len(vowel.sessions[0].user_texts) == 1
+
+
+async def test_dial_reads_past_a_line_that_is_not_utf8(vowel: VowelSimulator) -> None:
+    """A byte stdin's encoding cannot decode is replaced: the line is sent, and the ones after it (a
+    stdin that decodes strictly, as it does in a UTF-8 locale)."""
+    turns = "first\ncafé latin-1\nthird\n".encode("latin-1")
+    code, out, err = await _dial(vowel, stdin=turns, PYTHONIOENCODING="utf-8:strict")
+    assert code == 0, err
+    assert vowel.sessions[0].user_texts == ["first", "caf\ufffd latin-1", "third"]
+    assert "you: third" in out.splitlines()
+
+
+class _FailingRead(io.RawIOBase):
+    """A stream whose first read gives one line and whose next read fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self.reads += 1
+        if self.reads > 1:
+            raise OSError(errno.EIO, "Input/output error")
+        buffer[:6] = b"first\n"
+        return 6
+
+
+async def test_dial_whose_stdin_cannot_be_read_fails_in_one_line(vowel: VowelSimulator) -> None:
+    """A read of stdin that fails is no end of the input: the session closes, one ``sideband:`` line
+    says why, and the status is 1."""
+    stdin = io.TextIOWrapper(io.BufferedReader(_FailingRead()), encoding="utf-8")
+    out, err = io.StringIO(), io.StringIO()
+    code = await run_dial(settings_for(vowel), make_app(), out=out, err=err, stdin=stdin)
+    assert code == 1
+    assert err.getvalue() == "sideband: could not read the standard input: [Errno 5] Input/output error\n"
+    assert out.getvalue().splitlines()[-1] == "end: closed"
+    assert vowel.sessions[0].user_texts == ["first"]
+    await vowel.sessions[0].wait_closed()
+    assert vowel.sessions[0].closed_by == "client"
 
 
 async def test_dial_without_the_scope_fails_in_one_line(vowel: VowelSimulator) -> None:

@@ -42,26 +42,42 @@ class _Printer:
             self.line("reply", str(reply.status))
 
 
-async def _lines(stdin: TextIO) -> asyncio.Queue[str | None]:
-    """Lines from ``stdin`` on a daemon thread (a blocked read never holds up the exit); ``None`` at EOF."""
+class InputFailed(Exception):
+    """The turns' input (``stdin``) could not be read; ``str(err)`` says why, on one line."""
+
+
+async def _lines(stdin: TextIO) -> asyncio.Queue[str | InputFailed | None]:
+    """Lines from ``stdin`` on a daemon thread (a blocked read never holds up the exit); ``None`` at EOF,
+    an :class:`InputFailed` when a read fails. Its bytes are decoded line by line with the stream's
+    encoding, what it cannot decode replaced (``U+FFFD``): an odd byte never ends the input."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    queue: asyncio.Queue[str | InputFailed | None] = asyncio.Queue()
 
     def read() -> None:
+        end: InputFailed | None = None
         try:
-            for raw in stdin:
-                loop.call_soon_threadsafe(queue.put_nowait, raw.rstrip("\r\n"))
-        except (OSError, ValueError, RuntimeError):
-            pass
+            binary = getattr(stdin, "buffer", None)
+            if binary is None:  # (a text stream with no bytes beneath: its lines as they come)
+                for text in stdin:
+                    loop.call_soon_threadsafe(queue.put_nowait, text.rstrip("\r\n"))
+            else:
+                encoding = getattr(stdin, "encoding", None) or "utf-8"
+                for raw in binary:
+                    text = raw.decode(encoding, "replace").rstrip("\r\n")
+                    loop.call_soon_threadsafe(queue.put_nowait, text)
+        except RuntimeError:  # the loop is gone
+            return
+        except (OSError, ValueError) as exc:
+            end = InputFailed(" ".join(str(exc).split()) or type(exc).__name__)
         finally:
             with contextlib.suppress(RuntimeError):  # the loop is gone
-                loop.call_soon_threadsafe(queue.put_nowait, None)
+                loop.call_soon_threadsafe(queue.put_nowait, end)
 
     threading.Thread(target=read, name="sideband-dial-stdin", daemon=True).start()
     return queue
 
 
-async def _next_line(queue: asyncio.Queue[str | None], session: EngineSession) -> str | None:
+async def _next_line(queue: asyncio.Queue[str | InputFailed | None], session: EngineSession) -> str | None:
     getter = asyncio.ensure_future(queue.get())
     ended = asyncio.ensure_future(session.wait_closed())
     try:
@@ -71,7 +87,10 @@ async def _next_line(queue: asyncio.Queue[str | None], session: EngineSession) -
             task.cancel()
         await asyncio.gather(getter, ended, return_exceptions=True)
     if getter.done() and not getter.cancelled():
-        return getter.result()
+        line = getter.result()
+        if isinstance(line, InputFailed):
+            raise line
+        return line
     raise EngineError(session.end_reason or "closed", session.end_message or "the session ended")
 
 
@@ -83,7 +102,8 @@ async def converse(
     stdin: TextIO | None = None,
     echo: bool = True,
 ) -> None:
-    """Send each of ``says`` (or each line of ``stdin``) as a user turn and print the replies."""
+    """Send each of ``says`` (or each line of ``stdin``) as a user turn and print the replies. Raises
+    :class:`InputFailed` when ``stdin`` cannot be read."""
     if says:
         for text in says:
             printer.line("you", text)
@@ -122,11 +142,13 @@ async def run_dial(
     stdin: TextIO | None = None,
 ) -> int:
     """Open a trusted-server session, hold the conversation, close. 0 on success; 1 (with one
-    ``sideband: …`` line on ``err``) when the session could not start or ended badly."""
+    ``sideband: …`` line on ``err``) when the session could not start or ended badly, or ``stdin`` could
+    not be read (the session is closed first)."""
     out = out or sys.stdout
     err = err or sys.stderr
     printer = _Printer(out)
     session = EngineSession.open(settings, app)
+    unread: InputFailed | None = None
     try:
         async with session:
             printer.line(
@@ -134,11 +156,17 @@ async def run_dial(
                 f"{session.call_id} (engine {session.engine_session_id}, service {session.service_id}, "
                 f"tools: {', '.join(session.tools.names()) or 'none'})",
             )
-            await converse(session, says, printer, stdin=stdin)
+            try:
+                await converse(session, says, printer, stdin=stdin)
+            except InputFailed as exc:
+                unread = exc
     except EngineError as exc:
         err.write(f"sideband: {exc}\n")
         return 1
     printer.line("end", session.end_reason or "closed")
+    if unread is not None:
+        err.write(f"sideband: could not read the standard input: {unread}\n")
+        return 1
     if session.failed:
         err.write(f"sideband: {session.end_message}\n")
         return 1
