@@ -1844,6 +1844,19 @@ async def test_dial_whose_stdin_cannot_be_read_fails_in_one_line(vowel: VowelSim
     assert vowel.sessions[0].closed_by == "client"
 
 
+async def test_dial_with_stdin_closed_fails_in_one_line(
+    vowel: VowelSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process started with its stdin closed has no ``sys.stdin``: one ``sideband:`` line and status 1."""
+    monkeypatch.setattr(sys, "stdin", None)
+    out, err = io.StringIO(), io.StringIO()
+    assert await run_dial(settings_for(vowel), make_app(), out=out, err=err) == 1
+    assert err.getvalue() == "sideband: could not read the standard input: it is closed\n"
+    assert out.getvalue().splitlines()[-1] == "end: closed"
+    await vowel.sessions[0].wait_closed()
+    assert vowel.sessions[0].closed_by == "client"
+
+
 async def test_dial_without_the_scope_fails_in_one_line(vowel: VowelSimulator) -> None:
     code, out, err = await _dial(vowel, "--say", "hi", SIDEBAND_VOWEL_API_KEY=vowel.browser_key)
     assert code != 0

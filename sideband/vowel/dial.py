@@ -112,8 +112,13 @@ async def converse(
             if reply.ended:
                 return
         return
-    source = stdin or sys.stdin
-    interactive = source.isatty()
+    source: TextIO | None = stdin or sys.stdin
+    if source is None:  # (the process was started with its stdin closed)
+        raise InputFailed("it is closed")
+    try:
+        interactive = source.isatty()
+    except (OSError, ValueError) as exc:  # (a stream closed)
+        raise InputFailed(" ".join(str(exc).split()) or type(exc).__name__) from None
     queue = await _lines(source)
     while True:
         if interactive:
