@@ -501,29 +501,30 @@ class Service:
         except asyncio.CancelledError:
             if not answer.done():
                 call_id = event.data.get("call_id") if isinstance(event.data, dict) else None
+                fields = {"webhook_id": webhook_id, "call_id": call_id if isinstance(call_id, str) else None}
                 self.log.warning(
                     "webhook.unanswered",
-                    webhook_id=webhook_id,
-                    call_id=call_id if isinstance(call_id, str) else None,
+                    **fields,
                     detail="the server stopped first: the answer goes on, a call it accepts is hung up",
                 )
                 self._cut_short.add(answer)
-                answer.add_done_callback(self._answered_late)
+                answer.add_done_callback(functools.partial(self._answered_late, fields))
             raise
 
     def _answered(self, answer: asyncio.Task[Any]) -> None:
         self._answering.discard(answer)
         self._cut_short.discard(answer)
 
-    def _answered_late(self, answer: asyncio.Task[Reply]) -> None:
-        """The end of an answer whose request was cut short: nobody awaits it, a failure is logged here."""
+    def _answered_late(self, fields: dict[str, str | None], answer: asyncio.Task[Reply]) -> None:
+        """The end of an answer whose request was cut short: nobody awaits it, a failure is logged here,
+        with the webhook's ``fields`` (its id and call id)."""
         if answer.cancelled():
             return
         exc = answer.exception()
         if isinstance(exc, StoreUnavailable):
-            self.log.warning("store.unavailable", error=str(exc))
+            self.log.warning("store.unavailable", error=str(exc), **fields)
         elif exc is not None:
-            self.log.error("webhook.failed", exc_info=exc)
+            self.log.error("webhook.failed", exc_info=exc, **fields)
 
     async def _handle_webhook(self, webhook_id: str, event: WebhookEvent, received: float) -> Reply:
         data = call_data(event) if event.type == "realtime.call.incoming" else None

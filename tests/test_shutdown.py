@@ -10,6 +10,7 @@ import pytest
 
 from sideband.service import HANGUP_BUDGET, WebhookEvent
 from sideband.session import Accept
+from sideband.stores import ClaimStore, StoreUnavailable
 from sideband.testing import Script, caller_says, model_calls, pause, wait_for_greeting
 
 from .conftest import Stack, capture_logs
@@ -229,6 +230,67 @@ async def test_a_webhook_cut_short_before_its_answer_leaves_the_call_ringing_for
     ]
     assert await stack.service.store.claim("webhook:wh_early", 1.0)  # released: a redelivery does the work
     assert await stack.service.store.claim(f"call:{call.call_id}", 1.0)
+
+
+class ClaimFailingLate:
+    """The service's claim store, but the claim of the call waits for ``go``, then fails with ``error``."""
+
+    def __init__(self, inner: ClaimStore, error: Exception) -> None:
+        self.inner, self.error, self.where = inner, error, inner.where
+        self.waiting, self.go = asyncio.Event(), asyncio.Event()
+
+    async def claim(self, key: str, ttl: float) -> bool:
+        if key.startswith("call:"):
+            self.waiting.set()
+            await self.go.wait()
+            raise self.error
+        return await self.inner.claim(key, ttl)
+
+    async def settle(self, key: str, ttl: float) -> None:
+        await self.inner.settle(key, ttl)
+
+    async def settled(self, key: str) -> bool:
+        return await self.inner.settled(key)
+
+    async def release(self, key: str) -> None:
+        await self.inner.release(key)
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "event"),
+    [
+        (StoreUnavailable("redis at redis://cache:6379/0: no answer within 2 s"), "store.unavailable"),
+        (RuntimeError("a bug"), "webhook.failed"),
+    ],
+)
+async def test_a_webhook_cut_short_whose_answer_then_fails_logs_it_with_its_call(
+    stack: Stack, error: Exception, event: str
+) -> None:
+    """The server stops while a webhook's answer waits for the store, and cancels the request; the answer
+    then fails (the store gave up on it, or a bug): the line that says so names the call and the webhook,
+    as every line about a call does."""
+    store = ClaimFailingLate(stack.service.store, error)
+    stack.service.store = store
+    call = stack.sim.create_call(Script([pause(60)]))
+    incoming = WebhookEvent.model_validate(stack.sim.incoming_event(call))
+    with capture_logs() as logs:
+        request = asyncio.create_task(stack.service.handle_webhook("wh_late", incoming, time.monotonic()))
+        await asyncio.wait_for(store.waiting.wait(), 5)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        store.go.set()
+        await asyncio.wait_for(stack.service.close(), 20)
+    lines = [e for e in logs if e["event"] in ("webhook.unanswered", event)]
+    assert [e["event"] for e in lines] == ["webhook.unanswered", event]
+    assert all(e.get("call_id") == call.call_id and e.get("webhook_id") == "wh_late" for e in lines), lines
+    assert not any(r.path.endswith("/accept") for r in stack.sim.requests)  # (nothing was sent)
 
 
 async def test_a_browser_call_cut_short_mid_relay_is_attached_all_the_same_and_hung_up(
