@@ -260,7 +260,8 @@ class Settings(BaseSettings):
                 except LookupError:
                     raise ValueError(f"{name}: no such {name.replace('_', ' ')} in Python") from None
         if other:
-            shown = ", ".join(name if len(name) <= 40 else name[:40] + "…" for name in other)
+            # (quoted, as decoded: a %0A or %1B in a name is shown escaped, and the message stays one line)
+            shown = ", ".join(repr(name) if len(name) <= 40 else repr(name[:40]) + "…" for name in other)
             raise ValueError(
                 f"cannot set {shown}: the options a URL may set are {', '.join(sorted(_URL_OPTIONS))}"
             )

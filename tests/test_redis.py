@@ -1084,7 +1084,10 @@ async def test_serve_uses_redis_and_logs_it_without_the_password(
         ("redis://:pw@127.0.0.1/zero", "sideband: SIDEBAND_REDIS_URL: Value error, must end with a database"),
         (
             "redis://:pw@127.0.0.1:{port}/0?client_name=a&credential_provider=x&decode_responses=false",
-            "sideband: SIDEBAND_REDIS_URL: Value error, cannot set credential_provider, decode_responses: ",
+            (
+                "sideband: SIDEBAND_REDIS_URL: Value error, cannot set 'credential_provider', "
+                "'decode_responses': "
+            ),
         ),
         (
             "redis://:pw@127.0.0.1:{port}/0?encoding=nope",

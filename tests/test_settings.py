@@ -231,6 +231,18 @@ def test_a_service_named_sideband_is_named_for_what_it_is() -> None:
     assert "is Kubernetes' link" in error_for(link, {"port": ""}, flags={"port": "--port"})
 
 
+def test_a_redis_url_option_no_url_may_set_is_named_quoted_in_one_line() -> None:
+    """The URL's option names are percent-decoded: one holding a line break or a terminal's escape is
+    shown escaped, so the error stays one line and paints nothing."""
+    url = "redis://cache:6379/0?a%0Ab%1b[31mRED=1&decode_responses=false&" + "x" * 50 + "=1"
+    message = error_for({"SIDEBAND_REDIS_URL": url})
+    assert message.startswith(
+        "SIDEBAND_REDIS_URL: Value error, cannot set 'a\\nb\\x1b[31mRED', 'decode_responses', "
+        f"'{'x' * 40}'…: the options a URL may set are "
+    ), message
+    assert "\x1b" not in message
+
+
 def test_a_port_variable_that_is_no_service_link_is_refused() -> None:
     assert error_for({"SIDEBAND_METRICS_PORT": "9090"}).startswith("SIDEBAND_METRICS_PORT: not a setting")
 
