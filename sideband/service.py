@@ -12,8 +12,9 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -83,8 +84,8 @@ HANGUP_BUDGET = 30.0
 left up talks on with nobody running its tools, so it gets longer than the accept budget."""
 
 ROUTES_READ_TIMEOUT = 10.0
-"""Seconds a reload of the route file waits for its read (a file on a stalled network volume) before it
-fails: the next reload may then run."""
+"""Seconds a read of the route file (at start, and at each reload) waits for it (a FIFO, a file on a
+stalled network volume) before it fails: the start stops with one line, or the next reload may run."""
 
 HANDOFF_GRACE = 60.0
 """Seconds a handoff ticket outlives the ephemeral key minted with it (``SIDEBAND_RTC_KEY_TTL``)."""
@@ -267,7 +268,7 @@ class Service:
             self.log.warning("server.config_warning", problem=problem, refused="sip calls")
         self.routes = RouteTable({})
         if settings.routes_file:  # every route's session as a SIP accept would send it: fail at start
-            self.routes = RouteTable.load(settings.routes_file, app.tools.names())
+            self.routes = _read_routes(settings.routes_file, app.tools.names())
             self.routes.check(app)
         self.route_reloads: Counter[str] = zeros(("ok", "failed"))
         """Route file reloads by outcome, ``ok`` or ``failed`` (``/metrics``)."""
@@ -338,18 +339,11 @@ class Service:
             if not path:
                 self.log.info("routes.reload_skipped", reason="SIDEBAND_ROUTES_FILE is not set")
                 return False
-            reading = asyncio.timeout(ROUTES_READ_TIMEOUT)  # (a read past it is left behind, dropped)
             try:
-                async with reading:
-                    table = await _in_daemon_thread(RouteTable.load, path, self.app.tools.names())
+                table = await _in_daemon_thread(_read_routes, path, self.app.tools.names())
                 table.check(self.app)  # (on the loop: it fills the app's plan cache)
             except Exception as exc:  # (a RouteError is one line; anything else, e.g. a TOML nested too deep)
-                if reading.expired():
-                    error = f"{path}: timed out reading it ({ROUTES_READ_TIMEOUT:g} s)"
-                elif isinstance(exc, RouteError):
-                    error = str(exc)
-                else:
-                    error = f"{path}: {type(exc).__name__}: {exc}"
+                error = str(exc) if isinstance(exc, RouteError) else f"{path}: {type(exc).__name__}: {exc}"
                 self.route_reloads["failed"] += 1
                 self.routes_reload_ok = False
                 self.log.error(
@@ -1281,6 +1275,30 @@ class Service:
             self.log.warning("store.unavailable", error=str(exc))
         elif exc is not None:
             self.log.error("rtc.handoff_failed", exc_info=exc)
+
+
+def _read_routes(path: Path | str, tool_names: Iterable[str]) -> RouteTable:
+    """:meth:`RouteTable.load` in a daemon thread of its own, waited for up to :data:`ROUTES_READ_TIMEOUT`
+    (at start and at each reload): a read that hangs (a FIFO, a stalled network volume) raises
+    :class:`RouteError` then, and is left behind (what it reads later is dropped); it holds up neither
+    the caller nor the process's exit."""
+    done = threading.Event()
+    outcome: list[RouteTable | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(RouteTable.load(path, tool_names))
+        except BaseException as exc:
+            outcome.append(exc)
+        done.set()
+
+    threading.Thread(target=run, name="sideband-routes", daemon=True).start()
+    if not done.wait(ROUTES_READ_TIMEOUT):
+        raise RouteError(f"{path}: timed out reading it ({ROUTES_READ_TIMEOUT:g} s)")
+    [result] = outcome
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 async def _in_daemon_thread(fn: Callable[..., _T], *args: Any) -> _T:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import decimal
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -525,6 +529,59 @@ def test_service_refuses_to_start_with_a_route_sip_would_refuse(simulator: Simul
     path = write(tmp_path, f'[routes."+18005551212"]\n{SIP_REFUSED[0][0]}\n')
     with pytest.raises(RouteError, match=r"audio\.input\.format"):
         Service(settings_for(simulator, routes_file=path), make_app())
+
+
+@contextlib.contextmanager
+def stalled_route_file(tmp_path: Path, after: float = 10.0) -> Iterator[Path]:
+    """A route file whose read hangs (a FIFO nobody writes to: as a file on a stalled network volume),
+    until the block ends, or ``after`` seconds (an empty file is read then)."""
+    path = tmp_path / "routes.toml"
+    os.mkfifo(path)
+
+    def write_nothing() -> None:  # (a read blocked opening the FIFO opens, and finds it empty)
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    timer = threading.Timer(after, write_nothing)
+    timer.start()
+    try:
+        yield path
+    finally:
+        timer.cancel()
+        write_nothing()
+
+
+def test_a_route_file_read_that_hangs_stops_the_service_start(
+    simulator: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A route file that never comes (a FIFO, a stalled network volume) stops the start at the read's
+    timeout, as a reload fails then: the start does not hang with no word."""
+    from sideband.service import Service
+
+    monkeypatch.setattr("sideband.service.ROUTES_READ_TIMEOUT", 0.3)
+    with stalled_route_file(tmp_path, after=5.0) as path, pytest.raises(RouteError) as info:
+        Service(settings_for(simulator, routes_file=path), make_app())
+    assert str(info.value) == f"{path}: timed out reading it (0.3 s)"
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_a_route_file_read_that_hangs_stops_the_command_with_one_line(tmp_path: Path, command: str) -> None:
+    with stalled_route_file(tmp_path, after=15.0) as path:
+        env = {
+            "OPENAI_API_KEY": "sk-x",
+            "OPENAI_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "SIDEBAND_ROUTES_FILE": str(path),
+            "PATH": "/usr/bin:/bin",
+        }
+        main = (
+            "import sideband.service, sideband.cli; sideband.service.ROUTES_READ_TIMEOUT = 0.5; "
+            f"raise SystemExit(sideband.cli.main([{command!r}, '--port', '0']))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", main], env=env, capture_output=True, text=True, timeout=30, check=False
+        )
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr == f"sideband: SIDEBAND_ROUTES_FILE: {path}: timed out reading it (0.5 s)\n"
 
 
 # -- dialed numbers without "+" ------------------------------------------------------------------------
