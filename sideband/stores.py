@@ -51,7 +51,10 @@ class ClaimStore(Protocol):
     """The store, for logs: ``memory``, or its address without credentials."""
 
     async def claim(self, key: str, ttl: float) -> bool:
-        """Atomically take ``key`` (pending) for ``ttl`` seconds. True if this caller got it."""
+        """Atomically take ``key`` (pending) for ``ttl`` seconds. True if this caller got it.
+
+        One that fails (:class:`StoreUnavailable`) or is cut short (cancelled) holds nothing: should the
+        store carry it out all the same (late), it is let go of, best effort (else it runs out)."""
         ...
 
     async def settle(self, key: str, ttl: float) -> None:
@@ -173,17 +176,20 @@ class RedisStore:
     reply was lost with its connection, tried again, finds its own value and has won, not lost to itself);
     settling it ``SET key s:<token> PX ttl`` (over any claim: the work is done); the token is this store's
     own, and a release deletes the key only while it holds one of this store's claims (a Lua script), so an
-    answer path that outlived its pending claim does not give back one another instance took since. Keys are
-    prefixed (``sideband:`` by default) so the server can be shared with other users (not with another
-    deployment of sideband: see the README). Every
-    command is bounded by ``timeout`` seconds, and at most ``max_connections`` are open (a request waits up
-    to ``timeout`` for one): a Redis that is down, slow or saturated makes the request that needs it fail
-    with :class:`StoreUnavailable`, quickly, instead of hanging it. A command that meets a connection the
-    server closed (it restarted), or a server that is now a read-only replica (a failover behind the same
-    address moved the primary), is tried once more on a new connection. ``url`` is a ``redis://``,
-    ``rediss://`` (TLS) or ``unix://`` URL, credentials included; raises ``ValueError`` if it cannot be
-    parsed. Its query options go to redis-py, but for those that would replace the store's own bounds
-    and retry (``socket_timeout``, ``socket_connect_timeout``, ``timeout``, ``max_connections``,
+    answer path that outlived its pending claim does not give back one another instance took since. A claim
+    that fails (no answer in time) or is cut short (cancelled) lets go of its own value, in the background
+    and within ``timeout``, and marks it let go so that the claim, should it reach Redis only after that,
+    takes nothing: carried out late, it would hold the key with nobody to settle or release it (every
+    redelivery of the webhook answered 409 until it ran out). Keys are prefixed (``sideband:`` by default)
+    so the server can be shared with other users (not with another deployment of sideband: see the
+    README). Every command is bounded by ``timeout`` seconds, and at most ``max_connections`` are open (a
+    request waits up to ``timeout`` for one): a Redis that is down, slow or saturated makes the request
+    that needs it fail with :class:`StoreUnavailable`, quickly, instead of hanging it. A command that meets
+    a connection the server closed (it restarted), or a server that is now a read-only replica (a failover
+    behind the same address moved the primary), is tried once more on a new connection. ``url`` is a
+    ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL, credentials included; raises ``ValueError`` if it
+    cannot be parsed. Its query options go to redis-py, but for those that would replace the store's own
+    bounds and retry (``socket_timeout``, ``socket_connect_timeout``, ``timeout``, ``max_connections``,
     ``retry``, ``retry_on_error``): :meth:`open` refuses them. ``protocol`` (2 or 3) and
     ``legacy_responses`` change no reply the store reads; ``retry_on_timeout`` retries on redis-py's
     socket timeouts only, which the store does not set (and each of its commands is safe to run twice).
@@ -222,10 +228,25 @@ class RedisStore:
         self._release = self._redis.register_script(_RELEASE)
         self._let_go_script = self._redis.register_script(_LET_GO)
         self._claim = self._redis.register_script(_CLAIM)
+        self._letting_go: set[asyncio.Future[object]] = set()  # claims that failed, let go of
 
     async def claim(self, key: str, ttl: float) -> bool:
+        return await self._take_claim(key, ttl, let_go=True)
+
+    async def _take_claim(self, key: str, ttl: float, *, let_go: bool) -> bool:
         mine = self._pending + secrets.token_hex(6).encode()
-        return bool(await self._call(self._claim(keys=[self._prefix + key], args=[mine, _ms(ttl)])))
+        keys = [self._prefix + key, f"{self._prefix}letgo:{mine.decode()}"]
+        try:
+            return bool(await self._call(self._claim(keys=keys, args=[mine, _ms(ttl)])))
+        except (StoreUnavailable, asyncio.CancelledError):
+            # It may have been carried out (its reply lost, or late), or may yet be (sent, in flight): its
+            # own value is let go of (never another's: not a claim of this store that did succeed), in
+            # the background (the request's answer waits for nothing more).
+            if let_go:
+                letting_go = self._letting_go_of(keys[0], keys[1], mine)
+                self._letting_go.add(letting_go)
+                letting_go.add_done_callback(self._letting_go.discard)
+            raise
 
     async def settle(self, key: str, ttl: float) -> None:
         await self._call(self._redis.set(self._prefix + key, self._settled, px=_ms(ttl)))
@@ -245,10 +266,12 @@ class RedisStore:
             )
         # A claim and its release, not a ping: a read-only replica (a reader endpoint named by mistake)
         # answers pings, and a user refused scripting (an ACL without EVALSHA) may SET but claim nothing.
-        await self.claim("probe", 1.0)
+        await self._take_claim("probe", 1.0, let_go=False)  # (one carried out late is gone in a second)
         await self.release("probe")
 
     async def close(self) -> None:
+        if self._letting_go:  # (each within the timeout)
+            await asyncio.wait(list(self._letting_go))
         await self._redis.aclose()
         await self._pool.disconnect()
 
@@ -306,15 +329,19 @@ class RedisStore:
         await self._call(pipe.execute())
 
     async def _let_go(self, key: str, gone: str, mine: str) -> None:
-        """Let go of the hold ``key`` if it is ``mine``, and see that a taking of it still in flight (sent,
-        not yet carried out: it landed late) takes nothing (``gone`` marks ``mine`` let go): within the
-        store's timeout, to its end even if the caller is cancelled (again) meanwhile; a failure is let be
-        (the hold then runs out)."""
-        args: list[str | int] = [mine, _ms(_LET_GO_KEEP)]
+        """:meth:`_letting_go_of`, waited for: to its end even if the caller is cancelled (again) meanwhile;
+        a failure is let be (the hold then runs out)."""
+        with contextlib.suppress(StoreUnavailable):
+            await asyncio.shield(self._letting_go_of(key, gone, mine))
+
+    def _letting_go_of(self, key: str, gone: str, mine: str | bytes) -> asyncio.Future[object]:
+        """Let go of ``key`` if it holds ``mine``, and see that a command taking it still in flight (sent,
+        not yet carried out: it lands late) takes nothing (``gone`` marks ``mine`` let go): within the
+        store's timeout; a failure nobody waits for is let be."""
+        args: list[str | bytes | int] = [mine, _ms(_LET_GO_KEEP)]
         letting_go = asyncio.ensure_future(self._call(self._let_go_script(keys=[key, gone], args=args)))
         letting_go.add_done_callback(_let_be)
-        with contextlib.suppress(StoreUnavailable):
-            await asyncio.shield(letting_go)
+        return letting_go
 
     async def _call(self, command: Awaitable[_T]) -> _T:
         try:
@@ -327,6 +354,9 @@ class RedisStore:
 
 
 _CLAIM = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
 local held = redis.call('GET', KEYS[1])
 if held == ARGV[1] then
   return 1
@@ -337,8 +367,9 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
-"""A claim: ``KEYS[1]`` set to ``ARGV[1]`` for ``ARGV[2]`` ms unless it holds something else. Holding
-``ARGV[1]`` already is winning: the same claim, tried again after its reply was lost."""
+"""A claim: ``KEYS[1]`` set to ``ARGV[1]`` for ``ARGV[2]`` ms unless it holds something else, or this claim
+was let go of (``KEYS[2]``, its mark: see _LET_GO). Holding ``ARGV[1]`` already is winning: the same claim,
+tried again after its reply was lost."""
 
 _RELEASE = """
 local held = redis.call('GET', KEYS[1])
@@ -380,11 +411,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-"""A sweep cut short lets go of the dead instance it may have taken, at once. KEYS: the instance's sweep
-key, the mark of this sweep let go; ARGV: this sweep's lock value, the mark's life in ms. The mark makes
-the taking refuse if it lands after this (sent before, delivered late): it would hold the instance with
-nobody to let go of it."""
-_LET_GO_KEEP = 60.0  # seconds the mark of a sweep let go is kept: far longer than a command is in flight
+"""A sweep (or a claim) cut short or failed lets go of the dead instance (the key) it may have taken, at
+once. KEYS: the instance's sweep key (the key claimed), the mark of this sweep (claim) let go; ARGV: this
+sweep's lock value (the claim's value), the mark's life in ms. The mark makes the taking (the claim) refuse
+if it lands after this (sent before, delivered late): it would hold the instance (the key) with nobody to
+let go of it."""
+# Seconds the mark of a sweep or claim let go is kept: far longer than a command is in flight.
+_LET_GO_KEEP = 60.0
 
 _SWEPT = """
 for i = 3, #ARGV do

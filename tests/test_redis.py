@@ -1448,3 +1448,127 @@ async def test_a_sweeps_taking_that_lands_after_its_let_go_takes_nothing(redis_s
             assert await behind.orphans("c", 30) == {"held": ["c1"]}  # another instance's turn
         finally:
             await raw.aclose()
+
+
+async def _gone(raw: aioredis.Redis, key: str) -> None:
+    """Wait until ``key`` is no longer held."""
+    async with asyncio.timeout(5):
+        while await raw.exists(key):
+            await asyncio.sleep(0.005)
+
+
+async def _let_go_of(raw: aioredis.Redis) -> None:
+    """Wait until a claim has been let go of (its mark is there)."""
+    async with asyncio.timeout(5):
+        while not await raw.keys("sideband:letgo:p:*"):
+            await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("end", ["cancelled", "timed out"])
+async def test_a_claim_carried_out_after_its_caller_gave_up_on_it_is_let_go_of(
+    redis_server: RedisServer, end: str
+) -> None:
+    """Redis carries a claim out, and its reply is not back when the store gives up on it (its timeout:
+    Redis stalled) or its caller is cut short: the store lets go of it at once, not once it has run out
+    (every redelivery of the webhook would be answered 409 meanwhile, with nobody answering the call)."""
+    key = "sideband:webhook:wh_slow"
+    async with reply_lost_once(redis_server, b"wh_slow", key, drop=False, timeout=0.5) as (behind, armed):
+        raw = aioredis.Redis.from_url(redis_server.url)
+        other = RedisStore(redis_server.url)
+        try:
+            assert await behind.claim("webhook:warm", 30)  # (redis knows the script now)
+            armed.set()
+            claim = asyncio.ensure_future(behind.claim("webhook:wh_slow", 30))
+            if end == "cancelled":
+                async with asyncio.timeout(5):
+                    while not await raw.exists(key):  # carried out: its reply held back
+                        await asyncio.sleep(0.005)
+                assert not claim.done()
+                claim.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await claim
+            else:
+                with pytest.raises(StoreUnavailable, match=r"no answer within 0\.5 s"):
+                    await claim
+            await _gone(raw, key)
+            assert await other.claim("webhook:wh_slow", 30)  # a redelivery's, on any instance
+            assert await raw.exists("sideband:webhook:warm")  # (the store's other claim stays)
+        finally:
+            await other.close()
+            await raw.aclose()
+
+
+async def test_a_claim_that_lands_after_it_was_let_go_of_takes_nothing(redis_server: RedisServer) -> None:
+    """A claim held up in flight past the store's timeout reaches Redis only after the store let go of it
+    (a network stall: TCP delivers what was sent, late). It takes nothing: it would hold the key for the
+    claim's whole TTL, with nobody to settle or release it."""
+    go, landed = asyncio.Event(), asyncio.Event()
+    key = "sideband:webhook:wh_late"
+    async with reply_lost_once(redis_server, b"wh_late", key, timeout=0.5, late=(go, landed)) as (
+        behind,
+        armed,
+    ):
+        raw = aioredis.Redis.from_url(redis_server.url)
+        other = RedisStore(redis_server.url)
+        try:
+            assert await behind.claim("webhook:warm", 30)
+            armed.set()
+            with pytest.raises(StoreUnavailable, match=r"no answer within 0\.5 s"):
+                await behind.claim("webhook:wh_late", 30)
+            await _let_go_of(raw)
+            go.set()
+            async with asyncio.timeout(5):
+                await landed.wait()
+            assert not await raw.exists(key)
+            assert await other.claim("webhook:wh_late", 30)
+        finally:
+            await other.close()
+            await raw.aclose()
+
+
+async def test_a_claim_that_failed_leaves_the_one_that_holds_the_key(redis_server: RedisServer) -> None:
+    """A claim of a key the store holds already (an earlier delivery's, still at work) fails for want of
+    an answer: what it lets go of is its own value only, never the claim that did succeed."""
+    key = "sideband:call:rtc_held"
+    async with reply_lost_once(redis_server, b"rtc_held", key, drop=False, timeout=0.5) as (behind, armed):
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            assert await behind.claim("call:rtc_held", 30)
+            held = await raw.get(key)
+            armed.set()
+            with pytest.raises(StoreUnavailable, match=r"no answer within 0\.5 s"):
+                await behind.claim("call:rtc_held", 30)
+            await _let_go_of(raw)
+            assert await raw.get(key) == held
+            assert not await behind.claim("call:rtc_held", 30)
+        finally:
+            await raw.aclose()
+
+
+async def test_a_webhook_whose_claim_redis_carried_out_late_is_answered_at_its_redelivery(
+    simulator: Simulator, redis_server: RedisServer
+) -> None:
+    """Redis stalls past the store's timeout while it takes a webhook's claim: that delivery is answered
+    503, and OpenAI's redelivery, once Redis answers again, answers the call (it found the claim pending
+    for its whole TTL, and got 409 each time, while the caller rang)."""
+    key = "sideband:webhook:wh_stall"
+    async with (
+        run_app(make_app(), simulator, **{**TEST_SETTINGS, "redis_url": redis_server.url}) as h,
+        reply_lost_once(redis_server, b"wh_stall", key, drop=False, timeout=0.5) as (behind, armed),
+    ):
+        raw = aioredis.Redis.from_url(redis_server.url)
+        kept, h.service.store = h.service.store, behind
+        try:
+            call = simulator.create_call(Script([pause(30)]))
+            event = simulator.incoming_event(call)
+            armed.set()
+            first = await h.sender.deliver(event, webhook_id="wh_stall", max_attempts=1)
+            assert first.status == 503
+            await _gone(raw, key)
+            again = await h.sender.deliver(event, webhook_id="wh_stall", max_attempts=1)
+            assert again.status == 200 and json.loads(again.bodies[-1] or b"{}") == {"status": "accepted"}
+            await call.wait_connected(1, timeout=5)
+            await simulator.hang_up(call)
+        finally:
+            h.service.store = kept
+            await raw.aclose()
