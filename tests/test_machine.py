@@ -1876,11 +1876,12 @@ def test_code_session_updates_survive_a_reattach() -> None:
     m.update_session({"tools": [], "instructions": "The caller is Alice."})
     again = sends(m.reattached())
     # the base config without the fields code set, then code's updates, each as one update (the server
-    # takes or refuses one whole), with what no later one sets
+    # takes or refuses one whole), with what no later one sets; a voice in one of its own
     assert again[0]["session"] == {"type": "realtime"}
     assert [e["session"] for e in again[1:]] == [
         {"type": "realtime", "audio": {"output": {"speed": 1.1}}},
-        {"type": "realtime", "audio": {"output": {"voice": "cedar"}, "input": {"noise_reduction": None}}},
+        {"type": "realtime", "audio": {"output": {"voice": "cedar"}}},
+        {"type": "realtime", "audio": {"input": {"noise_reduction": None}}},
         {"type": "realtime", "tools": [], "instructions": "The caller is Alice."},
     ]
     assert [e["session"] for e in sends(m.reattached())] == [e["session"] for e in again]
@@ -1932,17 +1933,36 @@ def test_an_update_whose_answer_was_lost_is_sent_again_whole_and_taken_back_when
     m = live_machine()
     m.update_session({"instructions": "Be brief."})
     m.receive({"type": "session.updated", "session": {}})
-    m.update_session({"instructions": "Check.", "tool_choice": "required", "model": "x"})
+    prompt = {"id": "pmpt_gone"}
+    m.update_session({"instructions": "Check.", "tool_choice": "required", "prompt": prompt})
     again = sends(m.reattached())  # (lost before its answer came)
     assert [e["session"] for e in again[1:]] == [
-        {"type": "realtime", "instructions": "Check.", "tool_choice": "required", "model": "x"}
+        {"type": "realtime", "instructions": "Check.", "tool_choice": "required", "prompt": prompt}
     ]
     refused = m.receive(update_refused(again[1]["event_id"]))
     assert notices(refused, "session.update_refused") == [
-        {"event_id": again[1]["event_id"], "fields": ["instructions", "tool_choice", "model"]}
+        {"event_id": again[1]["event_id"], "fields": ["instructions", "tool_choice", "prompt"]}
     ]
     assert m.updated_field(("instructions",)) == "Be brief." and m.updated_field(("tool_choice",)) is None
     assert replayed(m) == []  # (the server has "Be brief.": the base config leaves it alone)
+
+
+def test_a_voice_sent_again_after_a_reattach_goes_alone() -> None:
+    """The voice changed since code's update went (a WebRTC page's own update) and the model spoke: the
+    server refuses the voice sent again, and only it: the tools and instructions it came with stand."""
+    m = live_machine()
+    m.update_session({"audio": {"output": {"voice": "cedar"}}, "tools": [], "instructions": "VIP"})
+    m.receive({"type": "session.updated", "session": {}})
+    again = sends(m.reattached())
+    assert [e["session"] for e in again[1:]] == [
+        {"type": "realtime", "audio": {"output": {"voice": "cedar"}}},
+        {"type": "realtime", "tools": [], "instructions": "VIP"},
+    ]
+    refused = m.receive(update_refused(again[1]["event_id"]))
+    assert notices(refused, "session.update_refused") == [
+        {"event_id": again[1]["event_id"], "fields": ["audio.output.voice"]}
+    ]
+    assert m.updated_field(("tools",)) == [] and m.updated_field(("instructions",)) == "VIP"
 
 
 def test_an_update_still_queued_at_a_reattach_is_not_sent_again() -> None:
@@ -2546,6 +2566,32 @@ def test_unacknowledged_outputs_are_sent_again_after_the_reattach_grace() -> Non
     assert not m.awaiting_acks
     assert types(m.reattached()) == ["session.update"]
     assert types(m.timer("orphans")) == ["response.create"]  # (that create, lost too: no output again)
+
+
+@pytest.mark.parametrize("shown_by", ["response.created", "response.done"])
+def test_outputs_before_a_create_whose_response_shows_are_not_sent_again(shown_by: str) -> None:
+    """The socket is lost with the outputs' acknowledgements, after our create left on it: the response
+    it started shows on the new socket, so the outputs before it on the same socket arrived too (in
+    order). Sent again, the model would have each twice, and answer again."""
+    m, _, create = _answered_two_outputs()
+    m.reattached()
+    tagged = {"id": "r2", "metadata": {"sideband": create["event_id"]}}
+    if shown_by == "response.created":
+        m.receive({"type": "response.created", "response": tagged})
+    m.receive({"type": "response.done", "response": {**tagged, "status": "completed", "output": []}})
+    assert not m.awaiting_acks
+    assert sends(m.timer("orphans")) == []
+
+
+def test_outputs_sent_on_a_lost_socket_go_again_though_a_create_on_the_new_one_shows() -> None:
+    """A create that went out on the new socket says nothing of what the lost one swallowed."""
+    m, _, create = _answered_two_outputs()
+    m.reattached([create["event_id"]])  # (the create never left: it goes out on the new socket)
+    tagged = {"id": "r2", "metadata": {"sideband": create["event_id"]}}
+    m.receive({"type": "response.created", "response": tagged})
+    m.receive({"type": "response.done", "response": {**tagged, "status": "completed", "output": []}})
+    assert m.awaiting_acks
+    assert [e["item"]["call_id"] for e in sends(m.timer("orphans")) if "item" in e] == ["c1", "c2"]
 
 
 def test_the_answer_goes_at_once_when_every_output_in_doubt_is_acknowledged_within_the_grace() -> None:

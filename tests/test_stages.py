@@ -694,3 +694,36 @@ async def test_a_reattach_after_a_voice_change_and_speech_refuses_nothing() -> N
     }
     assert call.session["audio"]["output"]["voice"] == "cedar"
     assert call.session["instructions"] == "Be brief."
+
+
+async def test_an_output_whose_acknowledgement_was_lost_with_the_socket_reaches_the_model_once() -> None:
+    """The server takes the tool's output and our response.create after it, and the socket is lost just
+    as it acknowledges the output: the answer's response, shown on the new socket, says the output
+    arrived (it went before it, on the same socket). Sent again, the model would have it twice and
+    speak again after its answer (after its goodbye, on a call that is ending)."""
+    app = desk(first=("lookup_order",), session=SessionConfig(greeting=None))
+    async with run_app(app) as h:
+        call = h.sim.create_call(
+            Script(
+                [
+                    caller_says("Where is order 1?"),
+                    model_calls("lookup_order", {"order_id": "1"}),
+                    model_says("Shipped."),
+                    pause(3),  # (past the re-attach grace: what is sent again then is heard)
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        acknowledge = call._ack_item
+
+        async def lose_the_socket_first(previous: str | None, item: dict[str, Any]) -> None:
+            if item.get("type") == "function_call_output" and call.sideband_connects == 1:
+                await h.sim.drop_sideband(call, "abnormal")
+            await acknowledge(previous, item)
+
+        call._ack_item = lose_the_socket_first  # type: ignore[method-assign]
+        call.webhook_delivery = await h.sender.deliver(h.sim.incoming_event(call))
+        await h.ended(call)
+    assert call.sideband_connects == 2
+    assert [output for _, output in call.function_outputs] == ["order 1 shipped"]
+    assert [r.text for r in call.responses if r.trigger == "response.create"] == ["Shipped."]

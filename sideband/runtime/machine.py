@@ -267,6 +267,9 @@ _TURN = "turn"
 _RUNNABLE = frozenset({"completed", "incomplete"})
 _DEFAULT: Any = object()  # a setting left to the server's default
 _ABSENT: Any = object()  # a field no update of code's had set
+_APART = frozenset({("model",), ("voice",), ("audio", "output", "voice")})
+"""Fields a re-attach sends again each in an update of its own: once the model has spoken, the server
+refuses a whole update that changes one (another's change of it, a WebRTC page's, would sink the rest)."""
 _NO_TOOLS: Mapping[str, Any] = MappingProxyType({"tool_choice": "none"})
 """The response a loop breaker's refusals are answered with: words, no more tool calls."""
 STOPPED_OUTPUT = json.dumps(
@@ -421,6 +424,7 @@ class CallMachine:
         "_nudged",
         "_orphans",
         "_ours",
+        "_outputs_before",
         "_play_overdue",
         "_play_unsure",
         "_playing",
@@ -439,6 +443,7 @@ class CallMachine:
         "_seq",
         "_session_id",
         "_session_ready",
+        "_socket",
         "_speaking",
         "_speech_capped",
         "_speech_reported",
@@ -552,9 +557,13 @@ class CallMachine:
         # code's updates to send again after a re-attach, each with its fields' values before it
         self._replay: tuple[tuple[dict[str, Any], dict[tuple[str, ...], Any]], ...] = ()
         self._orphans: tuple[str, ...] = ()  # calls announced on a lost socket, their response unfinished
-        # call_id → our function_call_output the server has not acknowledged yet, and how many times it
-        # was sent again after a re-attach (None when empty)
-        self._unacked: dict[str, tuple[dict[str, Any], int]] | None = None
+        # call_id → our function_call_output the server has not acknowledged yet, how many times it was
+        # sent again after a re-attach, and the socket it last went out on (None when empty)
+        self._unacked: dict[str, tuple[dict[str, Any], int, int]] | None = None
+        self._socket = 0  # the sockets attached since the first (which one our frames go out on)
+        # our last create, and our outputs unacknowledged that went out before it on the same socket: a
+        # response it started shows they arrived too (their acknowledgements may have been lost)
+        self._outputs_before: tuple[str, frozenset[str]] | None = None
         self._resend: tuple[str, ...] = ()  # of those, the ones unacknowledged when a socket was lost
         self._started = False
         self._session_ready = False
@@ -694,6 +703,16 @@ class CallMachine:
         self._create_sent = self._created_for = self._covered_by = self._ours = self.responding = None
         queued_outputs = {e[len(_OUTPUT_EVENT) :] for e in queued if e.startswith(_OUTPUT_EVENT)}
         self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
+        self._socket += 1
+        unacked = self._unacked or {}
+        for call_id in queued_outputs & unacked.keys():
+            event, resends, _ = unacked[call_id]  # (it goes out on the new socket)
+            unacked[call_id] = (event, resends, self._socket)
+        before = self._outputs_before
+        if before is not None and before[0] in queued:  # (it goes out on the new socket: after those)
+            self._outputs_before = (
+                (before[0], before[1] & queued_outputs) if before[1] & queued_outputs else None
+            )
         self._orphans = tuple(c.call_id for c in self._calls.values() if c.state == "pending")
         if self._going:
             self._resend, self._orphans = (), ()  # the call is going: nothing more to say
@@ -1212,9 +1231,10 @@ class CallMachine:
     ) -> tuple[tuple[dict[str, Any], dict[tuple[str, ...], Any]], ...]:
         """Code's updates that left for a socket just lost, to be sent again on the next (see
         :meth:`reattached`): their answer, a refusal among them, may have been lost with it. Each goes
-        again as one update, as the server takes or refuses an update whole, with the fields no later
-        update sets (the last value of each: a call that updated its session every turn sends one) and
-        what each was before it, which its refusal puts back. One still queued goes out as it is."""
+        again as one update, as the server takes or refuses an update whole (but for its voice and model,
+        each in an update of its own: see _APART), with the fields no later update sets (the last value
+        of each: a call that updated its session every turn sends one) and what each was before it,
+        which its refusal puts back. One still queued goes out as it is."""
         updated, updates = self._updated, self._updates
         if not updated or updates is None:
             return ()
@@ -1226,9 +1246,15 @@ class CallMachine:
         replay: list[tuple[dict[str, Any], dict[tuple[str, ...], Any]]] = []
         for event_id, before in updates:
             paths = setters.get(event_id)
-            if paths and before is not None:
-                fields = _session_of((path, updated[path]) for path in paths)
-                replay.append((fields, {path: before[path] for path in paths}))
+            if not paths or before is None:
+                continue
+            groups = [[path] for path in paths if path in _APART]
+            rest = [path for path in paths if path not in _APART]
+            if rest:
+                groups.append(rest)
+            for group in groups:
+                fields = _session_of((path, updated[path]) for path in group)
+                replay.append((fields, {path: before[path] for path in group}))
         return tuple(replay)
 
     def _update_id(self) -> str:
@@ -1320,6 +1346,8 @@ class CallMachine:
         if create is not None:
             # (a refusal naming no event may be about a create only taken to have started, not one known)
             self._created_for = None if known else create
+            if known:
+                self._arrived(create)
             if self._create_sent == create:
                 self._create_sent = None
             self._ours = (response_id, create) if isinstance(response_id, str) else None
@@ -1385,6 +1413,7 @@ class CallMachine:
             create = self._seen_lost(response)  # (its response.created went to the lost socket)
             if create is not None:
                 ours = (response_id, create)
+                self._arrived(create)
         if ours is None and self._reasked is not None and isinstance(response_id, str):
             # (the lost create's response, its start unseen, outlived the grace: see _ask_again)
             reasked = self._reasked
@@ -1984,6 +2013,23 @@ class CallMachine:
             return self._settled_output(str(item.get("call_id")))
         return []
 
+    def _arrived(self, create: str) -> None:
+        """The server started a response for our create ``create``: our outputs that went out before it
+        on the same socket arrived too (in order), their acknowledgements lost with it or not: none of
+        them is sent again."""
+        before = self._outputs_before
+        if before is None or before[0] != create:
+            return
+        self._outputs_before = None
+        unacked = self._unacked
+        if unacked is None:
+            return
+        for call_id in before[1]:
+            unacked.pop(call_id, None)
+        if not unacked:
+            self._unacked = None
+        self._resend = tuple(c for c in self._resend if c in (self._unacked or ()))
+
     def _settled_output(self, call_id: str) -> list[Action]:
         """The server acknowledged (or refused) our output for ``call_id``: it is never sent again."""
         if not self._unacked or self._unacked.pop(call_id, None) is None:
@@ -2002,7 +2048,7 @@ class CallMachine:
             event["event_id"] = _OUTPUT_EVENT + call_id  # an error about it names this
             if self._unacked is None:
                 self._unacked = {}
-            self._unacked[call_id] = (event, 0)
+            self._unacked[call_id] = (event, 0, self._socket)
         return Send(event)
 
     def _create(self, response: dict[str, Any] | None = None, tag: str | None = None) -> Send:
@@ -2013,6 +2059,12 @@ class CallMachine:
         self._recent_creates[event_id] = (response or {}, tag)
         if len(self._recent_creates) > 8:
             del self._recent_creates[next(iter(self._recent_creates))]
+        unacked = self._unacked
+        if unacked is not None:
+            before = frozenset(c for c, (_, _, socket) in unacked.items() if socket == self._socket)
+            self._outputs_before = (event_id, before) if before else None
+        else:
+            self._outputs_before = None
         event: dict[str, Any] = {"type": "response.create", "event_id": event_id}
         if self.caps.tags_responses:  # echoed on the response it starts: see _answered_create
             response = {**(response or {}), "metadata": {_TAG: event_id}}
@@ -2130,9 +2182,9 @@ class CallMachine:
         unacked = self._unacked or {}
         actions: list[Action] = []
         for call_id in due:
-            event, resends = unacked[call_id]
+            event, resends, _ = unacked[call_id]
             if resends < OUTPUT_RESENDS:
-                unacked[call_id] = (event, resends + 1)
+                unacked[call_id] = (event, resends + 1, self._socket)
                 actions.append(Send(event))
                 continue
             # An output the server never takes (each socket it goes out on is lost) must not be sent
