@@ -33,10 +33,12 @@ A sync tool's return value is encoded in its worker thread (a lazy iterator runs
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import decimal
 import functools
 import inspect
 import itertools
@@ -52,6 +54,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar, overload
 
 import docstring_parser
 import pydantic
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import to_json, to_jsonable_python
@@ -221,11 +224,15 @@ class Tool:
     def parse_arguments(self, arguments: str) -> dict[str, Any]:
         """Validate the model's JSON ``arguments`` into keyword arguments (the context is not added).
 
-        An empty or blank string means ``{}``. Raises :class:`pydantic.ValidationError`.
+        An empty or blank string means ``{}``. A NaN or an infinity anywhere in them (a bare ``NaN``, a
+        ``"nan"`` or ``"-inf"`` for a number, a nested model's included) is refused: JSON has none, and a
+        check such as ``if amount > 500`` lets a NaN through. Raises :class:`pydantic.ValidationError`.
         """
         if not arguments or arguments.isspace():
             arguments = "{}"
-        values = self.arguments_model.model_validate_json(arguments).__dict__
+        model = self.arguments_model.model_validate_json(arguments)
+        _refuse_non_finite(model)
+        values = model.__dict__
         return {param: values[fname] for fname, param in self._fields}
 
     def definition(self, style: DefinitionStyle = "openai") -> dict[str, Any]:
@@ -775,6 +782,54 @@ def _unencodable(call_id: str, name: str, exc: BaseException, start: float) -> T
 def failed_result(call_id: str, name: str, exc: BaseException, start: float) -> ToolResult:
     """The ``tool_failed`` result for ``exc`` (``start``: ``time.monotonic()`` when the call began)."""
     return _failed(call_id, name, exc, start)
+
+
+def _refuse_non_finite(arguments: BaseModel) -> None:
+    """Raise a :class:`ValidationError` naming each NaN or infinite number the model gave in
+    ``arguments`` (a default is the app's, and left alone)."""
+    found: list[pydantic_core.InitErrorDetails] = []
+    _find_non_finite(arguments, (), found, set())
+    if found:
+        raise ValidationError.from_exception_data(type(arguments).__name__, found, input_type="json")
+
+
+def _find_non_finite(
+    value: Any, loc: tuple[int | str, ...], found: list[pydantic_core.InitErrorDetails], path: set[int]
+) -> None:
+    """Add to ``found`` each NaN or infinite float or ``Decimal`` in ``value``, a validated argument:
+    in models (the fields the model set), dataclasses, dicts (keys too) and sequences, at any depth."""
+    if isinstance(value, float | decimal.Decimal):
+        if not (math.isfinite(value) if isinstance(value, float) else value.is_finite()):
+            found.append({"type": "finite_number", "loc": loc, "input": value})
+        return
+    if isinstance(value, str | bytes | int | type(None)) or id(value) in path:
+        return
+    items: Iterable[tuple[Any, Any]]
+    if isinstance(value, BaseModel):
+        given = value.model_fields_set
+        items = [
+            (info.alias or name, getattr(value, name, None))
+            for name, info in type(value).model_fields.items()
+            if name in given
+        ]
+        items += (value.__pydantic_extra__ or {}).items()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [(f.name, getattr(value, f.name, None)) for f in dataclasses.fields(value)]
+    elif isinstance(value, dict):
+        items = value.items()
+        for key in value:
+            if isinstance(key, float | decimal.Decimal):
+                _find_non_finite(key, (*loc, str(key)), found, path)
+    elif isinstance(value, list | tuple | set | frozenset | collections.deque):
+        items = enumerate(value)
+    else:
+        return
+    path.add(id(value))
+    try:
+        for key, item in items:
+            _find_non_finite(item, (*loc, key if isinstance(key, int | str) else str(key)), found, path)
+    finally:
+        path.discard(id(value))
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

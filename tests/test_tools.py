@@ -14,6 +14,7 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 from typing import Annotated, Any, Literal, NamedTuple
 
 import pytest
@@ -926,6 +927,64 @@ async def test_tool_not_called_on_invalid_arguments() -> None:
 
     res = await reg.execute("c", "f", '{"x": "nope"}', make_ctx())
     assert res.outcome == "invalid_arguments" and calls == []
+
+
+class Line(BaseModel):
+    sku: str
+    price: float
+    discount: float = math.inf  # (a default is the app's: never refused)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "where"),
+    [
+        ('{"amount": NaN}', ["amount"]),
+        ('{"amount": Infinity}', ["amount"]),
+        ('{"amount": -Infinity}', ["amount"]),
+        ('{"amount": 1e400}', ["amount"]),
+        ('{"amount": "nan"}', ["amount"]),
+        ('{"amount": "-inf"}', ["amount"]),
+        ('{"amount": " Infinity "}', ["amount"]),
+        ('{"amount": 1, "cap": NaN}', ["cap"]),
+        (
+            '{"amount": 1, "lines": [{"sku": "a", "price": 2}, {"sku": "b", "price": "inf"}]}',
+            ["lines.1.price"],
+        ),
+        ('{"amount": 1, "lines": [{"sku": "a", "price": 1, "discount": NaN}]}', ["lines.0.discount"]),
+        ('{"amount": 1, "rates": {"eur": NaN, "usd": 1.1}, "meta": [1, [NaN]]}', ["rates.eur", "meta.1.0"]),
+        ('{"amount": NaN, "meta": {"x": Infinity}, "total": "NaN"}', ["amount", "meta.x", "total"]),
+    ],
+)
+async def test_a_nan_or_an_infinity_in_the_arguments_is_refused(arguments: str, where: list[str]) -> None:
+    """JSON has no NaN or infinity, and ``if amount > 500: raise`` lets a NaN through: none reaches the
+    tool, however it was sent (a bare token, a string for a number, a number too large for a float) and
+    however deep (a nested model, whose config is not ours, a dict, an ``Any``)."""
+    reg = ToolRegistry()
+    ran: list[float] = []
+
+    @reg.tool
+    def refund(
+        amount: float,
+        *,
+        cap: float = 100.0,
+        lines: list[Line] | None = None,
+        rates: dict[str, float] | None = None,
+        meta: Any = None,
+        total: Annotated[Decimal, Field(allow_inf_nan=True)] = Decimal(0),
+    ) -> str:
+        if amount > cap:
+            raise ToolError("too much")
+        ran.append(amount)
+        return "refunded"
+
+    res = await reg.execute("c", "refund", arguments, make_ctx())
+    assert res.outcome == "invalid_arguments" and ran == []
+    body = loads(res)
+    assert body["error"] == "invalid_arguments"
+    assert body["details"] == [{"loc": loc, "msg": "Input should be a finite number"} for loc in where]
+    assert res.error is not None and where[0] in res.error
+    ok = await reg.execute("c", "refund", '{"amount": 12.5, "lines": [{"sku": "a", "price": 1}]}', make_ctx())
+    assert (ok.outcome, ran) == ("ok", [12.5])
 
 
 # -- execute: failures -----------------------------------------------------------------------------------
