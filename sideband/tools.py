@@ -302,7 +302,8 @@ class ToolRegistry:
             else executor
         )
         self._tools: dict[str, Tool] = {}
-        # Sync tools' jobs still running past their timeout (their threads are not free): shared with subsets.
+        # Sync tools' jobs still running past their timeout or their call's end (their threads are not
+        # free): shared with subsets.
         self._overruns: set[concurrent.futures.Future[Any]] = set()
 
     # -- registration ---------------------------------------------------------------------------------
@@ -582,7 +583,7 @@ class ToolRegistry:
                 )
         except BaseException as exc:  # SystemExit from argparse in a tool is the tool's
             # failure, not the process's: it must neither stop the server nor leave the model unanswered.
-            why = self._never_started(job, limit) if deadline.expired() else None
+            why = self._left_behind(job, limit, timed_out=deadline.expired())
             job = None  # (it holds what the tool raised, whose traceback holds this frame: no cycle)
             if running is not None and running.cancelling() > baseline:
                 if isinstance(exc, asyncio.CancelledError):
@@ -603,10 +604,12 @@ class ToolRegistry:
             return _failed(call_id, name, exc, start)  # (a CancelledError too: raised by its own code)
         return ToolResult(call_id, name, output, "ok", time.monotonic() - start)
 
-    def _never_started(self, job: concurrent.futures.Future[Any] | None, limit: float) -> str | None:
-        """Why a sync tool that timed out never ran (no thread of the pool was free), for the logs; and a
-        sync tool that runs on past its timeout is counted as holding a thread. ``None`` for an async
-        tool, or a sync tool that started."""
+    def _left_behind(
+        self, job: concurrent.futures.Future[Any] | None, limit: float, *, timed_out: bool
+    ) -> str | None:
+        """Count a sync tool's job that runs on past its timeout or its call's end as holding a thread;
+        and say, for the logs, why a sync tool that timed out never ran (no thread of the pool was
+        free). ``None`` for an async tool, or a sync tool that started or was not timed out."""
         if job is None:
             return None
         for done in [f for f in self._overruns if f.done()]:
@@ -615,11 +618,13 @@ class ToolRegistry:
             if not job.done():
                 self._overruns.add(job)  # its thread runs on: one fewer for the next sync tools
             return None
+        if not timed_out:
+            return None
         size = getattr(self._executor, "_max_workers", None)  # (a ThreadPoolExecutor's)
         pool = f"the tool pool ({size} in all)" if isinstance(size, int) else "the tool pool"
         return (
             f"timed out after {limit:g} s without starting: no thread of {pool} was free, "
-            f"{len(self._overruns)} held by sync tools that timed out and run on"
+            f"{len(self._overruns)} held by sync tools running on past their timeout or their call's end"
         )
 
     def _unknown(self, call_id: str, name: str, start: float) -> ToolResult:

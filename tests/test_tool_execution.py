@@ -381,12 +381,52 @@ async def test_a_sync_tool_that_never_got_a_thread_says_why_it_timed_out() -> No
         assert res.outcome == "timeout" and ran == []
         assert res.error == (
             "timed out after 0.2 s without starting: no thread of the tool pool (2 in all) was free, "
-            "2 held by sync tools that timed out and run on"
+            "2 held by sync tools running on past their timeout or their call's end"
         )
     finally:
         release.set()
     res = await asyncio.wait_for(reg.execute("b2", "trivial", "{}", CallContext("call_B")), 5)
     assert (res.outcome, ran) == ("ok", ["trivial"])
+
+
+async def test_sync_tools_running_on_past_their_calls_end_are_counted_as_holding_threads() -> None:
+    """A call that ends cancels its sync tools' runs, but their threads run on: a sync tool that then
+    finds no thread free counts them among those held."""
+    release = threading.Event()
+    started = threading.Semaphore(0)
+    reg = ToolRegistry(default_timeout=0.2, max_threads=2)
+
+    @reg.tool(timeout=30)
+    def legacy_lookup() -> str:
+        started.release()
+        release.wait(10)  # a blocking client with no timeout of its own
+        return "late"
+
+    @reg.tool
+    def trivial() -> str:
+        return "ok"
+
+    try:
+        runs = [
+            asyncio.create_task(reg.execute(f"a{i}", "legacy_lookup", "{}", CallContext(f"call_{i}")))
+            for i in range(2)
+        ]
+        for _ in runs:
+            assert await asyncio.to_thread(started.acquire, True, 5)
+        for run in runs:
+            run.cancel()  # the caller hung up
+        results = await asyncio.gather(*runs, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results)
+        res = await asyncio.wait_for(reg.execute("b1", "trivial", "{}", CallContext("B")), 5)
+        assert res.outcome == "timeout"
+        assert res.error == (
+            "timed out after 0.2 s without starting: no thread of the tool pool (2 in all) was free, "
+            "2 held by sync tools running on past their timeout or their call's end"
+        )
+    finally:
+        release.set()
+    res = await asyncio.wait_for(reg.execute("b2", "trivial", "{}", CallContext("B")), 5)
+    assert res.outcome == "ok"
 
 
 # -- a tool run that timed out no longer acts on the call ------------------------------------------------
