@@ -19,7 +19,8 @@ deadline and how to make its timeout result from ``execute(on_deadline=…)``, a
 Sync tools run in a thread pool of their own (see :class:`ToolRegistry`), never in the event loop's default
 executor, so hung sync tools cannot starve ``loop.getaddrinfo`` or anything else that uses it.
 
-Return values become the output string like this:
+Return values become the output string like this (a coroutine returned, by a sync wrapper around a
+coroutine function or an async tool that forgot its ``await``, is awaited under the timeout first):
 
 - ``str`` — sent as is;
 - ``None`` — ``{"ok":true}`` (so the model knows the action happened);
@@ -559,14 +560,16 @@ class ToolRegistry:
                 if tool.is_async:
                     # Encoded as its last step: a lazy result (a generator) runs the tool's code while
                     # it is read, under the timeout and timed like the rest of it.
-                    value = await timed(then(tool.fn(**kwargs), _encoded), on_blocked)
+                    value = await timed(then(tool.fn(**kwargs), _encoded_unless_awaitable), on_blocked)
                 else:
                     # Encoded in the thread too: a lazy iterator returned (``map(...)``) runs the tool's
                     # code while it is turned into JSON, and that must not happen on the event loop.
                     job = self._executor.submit(in_thread(_call_encoded, tool.fn, kwargs))
                     value = await asyncio.wrap_future(job)
-                    if inspect.isawaitable(value):  # a sync wrapper around a coroutine function
-                        value = await timed(then(value, _encoded), on_blocked)
+                if inspect.isawaitable(value):
+                    # A sync wrapper around a coroutine function, or an async tool that returned a
+                    # coroutine (``return fetch(id)``, its await forgotten): awaited, as the result.
+                    value = await timed(then(value, _encoded), on_blocked)
             if deadline.expired() or asyncio.get_running_loop().time() >= due:
                 # It swallowed the cancellation and returned late, or it held the event loop past its
                 # deadline, whose timer never got to fire: an overrun all the same.
@@ -739,7 +742,11 @@ def _jsonable(value: Any) -> bytes:
 
 
 def _call_encoded(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-    value = fn(**kwargs)
+    return _encoded_unless_awaitable(fn(**kwargs))
+
+
+def _encoded_unless_awaitable(value: Any) -> Any:
+    """``value`` encoded, or as it is when it is awaitable (a coroutine returned: the caller awaits it)."""
     return value if inspect.isawaitable(value) else _encoded(value)
 
 

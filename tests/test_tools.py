@@ -801,6 +801,34 @@ async def test_sync_wrapper_returning_coroutine_is_awaited() -> None:
     assert (res.outcome, res.output) == ("ok", "42")
 
 
+async def test_an_async_tool_returning_a_coroutine_has_it_awaited_as_a_sync_one_does() -> None:
+    """``return fetch(order_id)`` with its await forgotten: the coroutine is awaited, under the tool's
+    timeout, as a sync tool's is (it gave ``output_unencodable``, the coroutine never run)."""
+    never = asyncio.Event()
+
+    async def fetch(order_id: str) -> dict[str, str]:
+        return {"order_id": order_id, "status": "shipped"}
+
+    async def hang() -> str:
+        await never.wait()
+        return "late"
+
+    reg = ToolRegistry()
+
+    @reg.tool
+    async def lookup(order_id: str) -> Any:
+        return fetch(order_id)
+
+    @reg.tool(timeout=0.2)
+    async def stuck() -> Any:
+        return hang()
+
+    res = await reg.execute("c", "lookup", '{"order_id": "A1"}', make_ctx())
+    assert (res.outcome, loads(res)) == ("ok", {"order_id": "A1", "status": "shipped"})
+    res = await asyncio.wait_for(reg.execute("c", "stuck", "{}", make_ctx()), 5)
+    assert (res.outcome, loads(res)["error"]) == ("timeout", "timeout")
+
+
 # -- execute: arguments --------------------------------------------------------------------------------
 
 
