@@ -29,6 +29,8 @@ coroutine function or an async tool that forgot its ``await``, is awaited under 
   ``{"error": "output_unencodable", …}``, which tells the model the tool ran.
 
 A sync tool's return value is encoded in its worker thread (a lazy iterator runs there, under the timeout).
+A lazy value (a generator, ``map(...)``, ``d.values()``), the result or inside its dicts, lists and
+tuples, is read into a list no further than the output could fit (``output_too_large`` beyond).
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ import dataclasses
 import decimal
 import functools
 import inspect
-import itertools
 import json
 import math
 import re
@@ -602,7 +603,7 @@ class ToolRegistry:
                 return _unencodable(call_id, name, exc.__cause__ or exc, start)
             if isinstance(exc, _TooLarge):
                 message = _TOO_LARGE.format(f"over {MAX_OUTPUT}")
-                detail = f"lazy output of {_MAX_ITEMS} items or more, over {MAX_OUTPUT} characters"
+                detail = f"output of {_MAX_ITEMS} items or more, over {MAX_OUTPUT} characters"
                 return _error(call_id, name, start, "output_too_large", message, detail=detail)
             return _failed(call_id, name, exc, start)  # (a CancelledError too: raised by its own code)
         return ToolResult(call_id, name, output, "ok", time.monotonic() - start)
@@ -707,12 +708,14 @@ class _Unencodable(Exception):
 
 
 class _TooLarge(Exception):
-    """The tool returned a lazy result (a generator) of more items than the output could hold."""
+    """The tool returned more items (a lazy result's, an endless one's) than the output could hold."""
 
 
 _MAX_ITEMS: Final = MAX_OUTPUT // 2
-"""Items of a lazy result read at most: JSON of that many (each a character or more, a comma between
-them, in brackets) is over :data:`MAX_OUTPUT` characters."""
+"""Items of a result read at most: JSON of that many (each a character or more, a comma or a bracket
+after each, and the container's own brackets) is over :data:`MAX_OUTPUT` characters."""
+
+_LAZY: Final = (Iterator, KeysView, ValuesView, ItemsView, range)
 
 
 def _encode(value: Any) -> str:
@@ -720,12 +723,10 @@ def _encode(value: Any) -> str:
         return value
     if value is None:
         return _OK_OUTPUT
-    if isinstance(value, Iterator | KeysView | ValuesView | ItemsView | range):
-        # map(...), a generator (the tool's own code runs, and may raise, here), d.values(), range(…):
-        # read no further than the output could fit (an endless one would hold its thread, or the loop)
-        value = list(itertools.islice(value, _MAX_ITEMS))
-        if len(value) == _MAX_ITEMS:
-            raise _TooLarge
+    try:
+        value = _read(value, [_MAX_ITEMS], set())
+    except RecursionError as exc:  # nested deeper than the encoder could go
+        raise _Unencodable from exc
     try:
         return to_json(value, inf_nan_mode="null").decode()
     except Exception as exc:  # a type JSON has no form for, non-UTF-8 bytes, a cycle, half an emoji…
@@ -735,6 +736,43 @@ def _encode(value: Any) -> str:
             with contextlib.suppress(Exception):
                 return fallback(value).decode()
         raise _Unencodable from exc
+
+
+def _read(value: Any, left: list[int], path: set[int]) -> Any:
+    """``value`` with each lazy value in it (``map(…)``, a generator: the tool's own code runs, and may
+    raise, here; ``d.values()``, ``range(…)``), at any depth in dicts, lists and tuples, read into a
+    list; the rest as it is. ``left[0]``: items (elements, entries) that may still be met before the
+    output could not fit (:exc:`_TooLarge`): an endless one holds neither its thread nor the loop, and
+    a huge result is not walked whole. ``path``: the containers being walked (one met again is a cycle,
+    left for the encoder to refuse)."""
+    if isinstance(value, str | int | float | type(None)):
+        return value
+    if isinstance(value, _LAZY):
+        return [_read(_counted(item, left), left, path) for item in value]
+    if isinstance(value, set | frozenset):
+        for _ in value:  # (written as a list, but what it holds is hashable: nothing lazy)
+            _counted(None, left)
+        return value
+    if not isinstance(value, dict | list | tuple) or id(value) in path:
+        return value
+    path.add(id(value))
+    try:
+        if isinstance(value, dict):
+            entries = {k: _read(_counted(v, left), left, path) for k, v in value.items()}
+            same = all(entries[k] is v for k, v in value.items())
+            return value if same else entries
+        items = [_read(_counted(v, left), left, path) for v in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    finally:
+        path.discard(id(value))
+
+
+def _counted(item: Any, left: list[int]) -> Any:
+    """``item``, one more of :func:`_read`'s: :exc:`_TooLarge` once the output could not hold them."""
+    left[0] -= 1
+    if left[0] <= 0:
+        raise _TooLarge
+    return item
 
 
 def _jsonable(value: Any) -> bytes:

@@ -1670,6 +1670,71 @@ async def test_an_endless_lazy_result_is_read_only_as_far_as_the_output_could_fi
     assert res.outcome == "ok" and len(loads(res)) == MAX_OUTPUT // 2 - 1
 
 
+async def test_a_lazy_value_inside_a_result_is_read_as_a_top_level_one_is() -> None:
+    """A generator inside a dict or a list (``{"results": (r for r in rows)}``) is read as a list, and
+    no further than the output could hold: an endless one is ``output_too_large``, not the event loop
+    (or a thread) held for good; one that raises is the tool's failure."""
+    reg = ToolRegistry()
+    pulled: list[int] = []
+
+    def numbers() -> Any:
+        for i in itertools.count():
+            pulled.append(i)
+            yield i
+
+    def failing() -> Any:
+        yield 1
+        raise ToolError("the cursor broke")
+
+    @reg.tool(timeout=60)
+    async def endless() -> Any:
+        return {"results": numbers(), "more": True}
+
+    @reg.tool(timeout=60)
+    def sync_endless() -> Any:
+        return [1, ("a", {"rows": map(str, itertools.count())})]
+
+    @reg.tool
+    async def rows() -> Any:
+        return {"results": (r * 2 for r in range(3)), "keys": {"x": 1}.keys(), "pairs": [range(2)]}
+
+    @reg.tool
+    async def broken() -> Any:
+        return {"results": failing()}
+
+    for name in ("endless", "sync_endless"):
+        res = await asyncio.wait_for(reg.execute("c", name, "{}", make_ctx()), 30)
+        assert (res.outcome, loads(res)["error"]) == ("error", "output_too_large"), name
+        assert f"over {MAX_OUTPUT} characters" in loads(res)["message"]
+    assert 0 < len(pulled) <= MAX_OUTPUT // 2
+    res = await reg.execute("c", "rows", "{}", make_ctx())
+    assert (res.outcome, loads(res)) == ("ok", {"results": [0, 2, 4], "keys": ["x"], "pairs": [[0, 1]]})
+    res = await reg.execute("c", "broken", "{}", make_ctx())
+    assert (res.outcome, loads(res)) == ("error", {"error": "tool_failed", "message": "the cursor broke"})
+
+
+async def test_a_result_of_more_items_than_the_output_can_hold_is_too_large_however_nested() -> None:
+    """Items count wherever they are: a result holding more than the output could (each item is a
+    character and a comma at least) is ``output_too_large``, its JSON never written; one just short of
+    that is written."""
+    reg = ToolRegistry()
+    half = MAX_OUTPUT // 4
+
+    @reg.tool
+    async def spread() -> Any:
+        return {"a": [0] * half, "b": [[0] * (half - 1)]}  # (its items: 2 + half + half - 1 + 1)
+
+    @reg.tool
+    async def fits() -> Any:
+        return {"a": [0] * half, "b": [[0] * (half - 10)]}
+
+    res = await reg.execute("c", "spread", "{}", make_ctx())
+    assert (res.outcome, loads(res)["error"]) == ("error", "output_too_large")
+    assert f"over {MAX_OUTPUT} characters" in loads(res)["message"]
+    res = await reg.execute("c", "fits", "{}", make_ctx())
+    assert res.outcome == "ok" and len(res.output) <= MAX_OUTPUT
+
+
 async def test_a_validator_raising_system_exit_is_the_tools_failure_not_the_servers() -> None:
     from pydantic import AfterValidator
 
