@@ -159,6 +159,8 @@ class Tool:
     to the conversation without a ``response.create`` when the response that called the tool spoke; an
     error output, a loud sibling's, a holding phrase said meanwhile, or a response without a word still
     get an answer."""
+    _null_is_default: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+    """Parameters with a default whose type takes no ``None``: a ``null`` for one means its default."""
 
     @classmethod
     def from_function(
@@ -203,7 +205,7 @@ class Tool:
         _refuse_generators(fn, name)
 
         doc_description, arg_docs = _docs(fn)
-        model, fields, context_param = _build_arguments_model(fn, name, arg_docs)
+        model, fields, context_param, null_is_default = _build_arguments_model(fn, name, arg_docs)
         try:
             raw_schema = model.model_json_schema()
         except pydantic.PydanticUserError as exc:
@@ -221,21 +223,38 @@ class Tool:
             arguments_model=model,
             _fields=fields,
             respond=respond,
+            _null_is_default=null_is_default,
         )
 
     def parse_arguments(self, arguments: str) -> dict[str, Any]:
         """Validate the model's JSON ``arguments`` into keyword arguments (the context is not added).
 
-        An empty or blank string means ``{}``. A NaN or an infinity anywhere in them (a bare ``NaN``, a
-        ``"nan"`` or ``"-inf"`` for a number, a nested model's included) is refused: JSON has none, and a
-        check such as ``if amount > 500`` lets a NaN through. Raises :class:`pydantic.ValidationError`.
+        An empty or blank string means ``{}``. A ``null`` for a parameter with a default that takes no
+        ``None`` (``limit: int = 10``) means its default. A NaN or an infinity anywhere in the
+        arguments (a bare ``NaN``, a ``"nan"`` or ``"-inf"`` for a number, a nested model's included) is
+        refused: JSON has none, and a check such as ``if amount > 500`` lets a NaN through. Raises
+        :class:`pydantic.ValidationError`.
         """
         if not arguments or arguments.isspace():
             arguments = "{}"
-        model = self.arguments_model.model_validate_json(arguments)
+        model = self.arguments_model.model_validate_json(self._conformed(arguments))
         _refuse_non_finite(model)
         values = model.__dict__
         return {param: values[fname] for fname, param in self._fields}
+
+    def _conformed(self, arguments: str) -> str | bytes:
+        """``arguments`` with a ``null`` that means a default left out; as they are when nothing
+        changes, or when they are not a JSON object (validation says what is wrong)."""
+        try:
+            given = pydantic_core.from_json(arguments)
+        except ValueError:
+            return arguments
+        if not isinstance(given, dict):
+            return arguments
+        kept = {k: v for k, v in given.items() if v is not None or k not in self._null_is_default}
+        if len(kept) == len(given):
+            return arguments
+        return to_json(kept, inf_nan_mode="constants")  # (a NaN kept for validation to refuse by name)
 
     def definition(self, style: DefinitionStyle = "openai") -> dict[str, Any]:
         """This tool's declaration for a session (a fresh copy each time).
@@ -1126,7 +1145,9 @@ def _refuse_unbound_methods(fn: Any, name: str, sig: inspect.Signature, bound: f
 
 def _build_arguments_model(
     fn: Callable[..., Any], name: str, arg_docs: dict[str, str]
-) -> tuple[type[BaseModel], tuple[tuple[str, str], ...], str | None]:
+) -> tuple[type[BaseModel], tuple[tuple[str, str], ...], str | None, frozenset[str]]:
+    """The model that validates ``fn``'s arguments, its fields' names with their parameters', the
+    context parameter's name, and the parameters with a default whose type takes no ``None``."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError) as exc:
@@ -1136,6 +1157,7 @@ def _build_arguments_model(
     context_param: str | None = None
     definitions: dict[str, Any] = {}
     fields: list[tuple[str, str]] = []
+    no_none: set[str] = set()
     bound = _bound_keywords(fn)
     _refuse_unbound_methods(fn, name, sig, bound)
     for param in sig.parameters.values():
@@ -1171,13 +1193,18 @@ def _build_arguments_model(
             kw["description"] = doc
         definitions[fname] = (annotation, pydantic.Field(**kw))
         fields.append((fname, param.name))
+        if not _admits_none(annotation):
+            no_none.add(fname)
 
     config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
     try:
         model: type[BaseModel] = pydantic.create_model(f"{name}_arguments", __config__=config, **definitions)
     except (pydantic.PydanticUserError, TypeError, NameError) as exc:
         raise TypeError(f"tool {name!r}: unsupported parameter types: {exc}") from exc
-    return model, tuple(fields), context_param
+    null_is_default = frozenset(
+        param for fname, param in fields if fname in no_none and not model.model_fields[fname].is_required()
+    )
+    return model, tuple(fields), context_param, null_is_default
 
 
 # -- docstrings -----------------------------------------------------------------------------------------

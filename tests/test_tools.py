@@ -443,6 +443,38 @@ def test_a_none_default_takes_the_null_it_advertises() -> None:
         tool.parse_arguments('{"floor": 0}')
 
 
+def test_a_null_for_a_parameter_whose_type_takes_none_not_means_its_default() -> None:
+    """Models often send ``null`` for an optional parameter they leave alone: for one whose type takes
+    no ``None`` it means its default (the schema stays as it was); one whose type takes ``None`` gets
+    it, and a required one is still refused."""
+
+    def find(
+        query: str,
+        *,
+        limit: int = 10,
+        tags: Annotated[list[str], Field(default_factory=list)],
+        sort: Literal["asc", "desc"] = "asc",
+        floor: int | None = 3,
+        meta: Any = "x",
+    ) -> str:
+        return query
+
+    tool = Tool.from_function(find)
+    given = '{"query": "a", "limit": null, "tags": null, "sort": null, "floor": null, "meta": null}'
+    assert tool.parse_arguments(given) == {
+        "query": "a",
+        "limit": 10,
+        "tags": [],
+        "sort": "asc",
+        "floor": None,
+        "meta": None,
+    }
+    assert tool.parse_arguments('{"query": "a", "limit": 3}')["limit"] == 3
+    assert tool.parameters["properties"]["limit"] == {"type": "integer", "default": 10}
+    with pytest.raises(ValidationError):
+        tool.parse_arguments('{"query": null}')
+
+
 def numpy_style(query: str, limit: int = 5) -> str:
     """Search the catalogue.
 
@@ -979,6 +1011,7 @@ class Line(BaseModel):
             ["lines.1.price"],
         ),
         ('{"amount": 1, "lines": [{"sku": "a", "price": 1, "discount": NaN}]}', ["lines.0.discount"]),
+        ('{"amount": NaN, "lines": [{"sku": "5", "price": 1}], "cap": null}', ["amount"]),
         ('{"amount": 1, "rates": {"eur": NaN, "usd": 1.1}, "meta": [1, [NaN]]}', ["rates.eur", "meta.1.0"]),
         ('{"amount": NaN, "meta": {"x": Infinity}, "total": "NaN"}', ["amount", "meta.x", "total"]),
     ],
