@@ -230,9 +230,7 @@ class Tool:
         """Validate the model's JSON ``arguments`` into keyword arguments (the context is not added).
 
         An empty or blank string means ``{}``. A ``null`` for a parameter with a default that takes no
-        ``None`` (``limit: int = 10``) means its default. An integer where the schema wants a string (a
-        ``str`` field of a nested model, a string ``Literal``: ``Literal["101", "102"]`` given ``102``)
-        is taken as that string, as it is for a ``str`` parameter. A NaN or an infinity anywhere in the
+        ``None`` (``limit: int = 10``) means its default. A NaN or an infinity anywhere in the
         arguments (a bare ``NaN``, a ``"nan"`` or ``"-inf"`` for a number, a nested model's included) is
         refused: JSON has none, and a check such as ``if amount > 500`` lets a NaN through. Raises
         :class:`pydantic.ValidationError`.
@@ -245,8 +243,7 @@ class Tool:
         return {param: values[fname] for fname, param in self._fields}
 
     def _conformed(self, arguments: str) -> str | bytes:
-        """``arguments`` with a ``null`` that means a default left out, and each integer the schema
-        wants as a string written as one (:func:`_strings_where_wanted`); as they are when nothing
+        """``arguments`` with a ``null`` that means a default left out; as they are when nothing
         changes, or when they are not a JSON object (validation says what is wrong)."""
         try:
             given = pydantic_core.from_json(arguments)
@@ -255,13 +252,9 @@ class Tool:
         if not isinstance(given, dict):
             return arguments
         kept = {k: v for k, v in given.items() if v is not None or k not in self._null_is_default}
-        try:
-            data = _strings_where_wanted(kept, self.parameters, self.parameters.get("$defs", {}))
-        except RecursionError:  # (nested deeper than validation takes anyway)
+        if len(kept) == len(given):
             return arguments
-        if data is kept and len(kept) == len(given):
-            return arguments
-        return to_json(data, inf_nan_mode="constants")  # (a NaN kept for validation to refuse by name)
+        return to_json(kept, inf_nan_mode="constants")  # (a NaN kept for validation to refuse by name)
 
     def definition(self, style: DefinitionStyle = "openai") -> dict[str, Any]:
         """This tool's declaration for a session (a fresh copy each time).
@@ -1388,132 +1381,6 @@ def _strip(node: Any, *, names: bool) -> Any:
     if out.get("type") == "array" and "items" not in out:
         out["items"] = _tuple_items(out.get("prefixItems"))
     return out
-
-
-_MAX_REFS: Final = 32
-"""``$ref``s followed in a row at most (a schema naming itself names nothing)."""
-
-
-def _resolved(schema: Any, defs: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` with a ``$ref`` into ``defs`` (a recursive model's) replaced by what it names, and a
-    one-schema ``allOf`` merged in; ``{}`` for what is not a schema."""
-    for _ in range(_MAX_REFS):
-        if not isinstance(schema, dict):
-            return {}
-        ref = schema.get("$ref")
-        if isinstance(ref, str) and ref.startswith(_DEFS_PREFIX) and ref[len(_DEFS_PREFIX) :] in defs:
-            rest = {k: v for k, v in schema.items() if k != "$ref"}
-            schema = {**defs[ref[len(_DEFS_PREFIX) :]], **rest}
-        elif isinstance(schema.get("allOf"), list) and len(schema["allOf"]) == 1:
-            rest = {k: v for k, v in schema.items() if k != "allOf"}
-            schema = {**_resolved(schema["allOf"][0], defs), **rest}
-        else:
-            return schema
-    return {}
-
-
-def _types(schema: dict[str, Any]) -> set[str]:
-    """The JSON types ``schema`` names (``type``: one, or a list)."""
-    kind = schema.get("type")
-    if isinstance(kind, str):
-        return {kind}
-    return {k for k in kind if isinstance(k, str)} if isinstance(kind, list) else set()
-
-
-def _branches(schema: dict[str, Any], defs: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The schemas of an ``anyOf`` or ``oneOf``, resolved; ``None`` for a schema that is neither."""
-    for key in ("anyOf", "oneOf"):
-        if isinstance(schema.get(key), list):
-            return [_resolved(b, defs) for b in schema[key]]
-    return None
-
-
-def _takes_number(value: int, schema: dict[str, Any]) -> bool:
-    """Whether ``schema`` (no ``anyOf``) takes the integer ``value`` as a number: a number type, an
-    ``enum`` or ``const`` holding it, or no type at all (``Any``)."""
-    if "enum" in schema:
-        enum = schema["enum"]
-        return isinstance(enum, list) and any(_same_number(value, e) for e in enum)
-    if "const" in schema:
-        return _same_number(value, schema["const"])
-    kinds = _types(schema)
-    return not kinds or bool(kinds & {"integer", "number"})
-
-
-def _same_number(value: int, item: Any) -> bool:
-    return isinstance(item, int | float) and not isinstance(item, bool) and item == value
-
-
-def _wants_string(value: int, schema: dict[str, Any]) -> bool:
-    """Whether ``schema`` (no ``anyOf``) wants the integer ``value`` as a string: a plain string (no
-    ``format``: a date, a UUID, bytes read a number their own way), or an ``enum`` or ``const`` holding
-    it written as one."""
-    text = str(value)
-    if "enum" in schema:
-        enum = schema["enum"]
-        return isinstance(enum, list) and text in enum
-    if "const" in schema:
-        return bool(schema["const"] == text)
-    return _types(schema) == {"string"} and "format" not in schema
-
-
-def _strings_where_wanted(value: Any, schema: Any, defs: dict[str, Any]) -> Any:
-    """``value`` (parsed JSON) with each integer that ``schema`` wants as a string, where it takes no
-    number (a ``str`` field of a nested model, a string ``Literal``), written as one: the tool's
-    arguments model turns a number into a string only for its own ``str`` parameters. ``value`` itself
-    when nothing changes. Where the schema does not say which of its ``anyOf`` the value is, the value
-    is left as it is."""
-    node = _resolved(schema, defs)
-    branches = _branches(node, defs)
-    if isinstance(value, bool) or value is None or isinstance(value, float | str):
-        return value
-    if isinstance(value, int):
-        if branches is None:
-            return str(value) if _wants_string(value, node) else value
-        if any(_takes_number(value, b) for b in branches if _branches(b, defs) is None):
-            return value
-        wanted = any(_wants_string(value, b) for b in branches if _branches(b, defs) is None)
-        return str(value) if wanted else value
-    if branches is not None:
-        fitting = [b for b in branches if _may_hold(value, b)]
-        return _strings_where_wanted(value, fitting[0], defs) if len(fitting) == 1 else value
-    if isinstance(value, dict):
-        properties = node.get("properties")
-        properties = properties if isinstance(properties, dict) else {}
-        others = node.get("additionalProperties")
-        out = {k: _strings_where_wanted(v, properties.get(k, others), defs) for k, v in value.items()}
-        return value if all(out[k] is v for k, v in value.items()) else out
-    if isinstance(value, list):
-        prefix = node.get("prefixItems")
-        prefix = prefix if isinstance(prefix, list) else []
-        items = [
-            _strings_where_wanted(v, prefix[i] if i < len(prefix) else node.get("items"), defs)
-            for i, v in enumerate(value)
-        ]
-        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
-    return value
-
-
-def _may_hold(value: Any, schema: dict[str, Any]) -> bool:
-    """Whether ``value`` (a JSON object or array) may be of ``schema``, one of an ``anyOf``: of its type,
-    and for an object, with no key it does not know of and each key it fixes (an ``enum`` or ``const``:
-    a tagged union's tag) as it fixes it."""
-    kinds = _types(schema)
-    if isinstance(value, list):
-        return "array" in kinds
-    if "object" not in kinds and "properties" not in schema:
-        return False
-    properties = schema.get("properties")
-    properties = properties if isinstance(properties, dict) else {}
-    if schema.get("additionalProperties") is False and any(k not in properties for k in value):
-        return False
-    for key, sub in properties.items():
-        if key in value and isinstance(sub, dict):
-            if "const" in sub and value[key] != sub["const"]:
-                return False
-            if isinstance(sub.get("enum"), list) and value[key] not in sub["enum"]:
-                return False
-    return True
 
 
 def _finite(value: Any) -> bool:

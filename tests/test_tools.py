@@ -898,71 +898,6 @@ async def test_number_for_string_param_is_coerced(order_registry: ToolRegistry) 
     assert loads(res)["order_id"] == "12345"
 
 
-class Office(BaseModel):
-    kind: Literal["office"]
-    floor: str
-
-
-class Home(BaseModel):
-    kind: Literal["home"]
-    floor: int
-
-
-class Parcel(BaseModel):
-    to: Address
-    ext: Literal["101", "102"] = "101"
-    codes: list[str] = []
-    labels: dict[str, str] = {}
-    where: Office | Home | None = None
-    at: dt.datetime | None = None
-
-
-async def test_an_integer_for_a_string_is_taken_at_any_depth() -> None:
-    """A number for a string is taken as the string at any depth, as it is for a ``str`` parameter: a
-    nested model's field (whose config is not ours), a string ``Literal`` (``Literal["101", "102"]``
-    given ``102``), a list's or a dict's; not where the schema takes the number too, nor for a string
-    of a format of its own (a date reads a number as a timestamp)."""
-    reg = ToolRegistry()
-
-    @reg.tool
-    def ship(parcel: Parcel, tree: Node | None = None, ext: Literal["101", "102"] = "101") -> Any:
-        return {"parcel": parcel.model_dump(mode="json"), "tree": tree and tree.model_dump(), "ext": ext}
-
-    given = {
-        "parcel": {
-            "to": {"street": "Main", "zip_code": 94107},
-            "ext": 102,
-            "codes": [7, "x"],
-            "labels": {"a": 1},
-            "where": {"kind": "office", "floor": 3},
-        },
-        "tree": {"label": 1, "children": [{"label": 2}]},
-        "ext": 101,
-    }
-    res = await reg.execute("c", "ship", json.dumps(given), make_ctx())
-    assert res.outcome == "ok", res.output
-    body = loads(res)
-    assert body["parcel"]["to"] == {"street": "Main", "zip_code": "94107"}
-    assert (body["parcel"]["ext"], body["parcel"]["codes"], body["parcel"]["labels"]) == (
-        "102",
-        ["7", "x"],
-        {"a": "1"},
-    )
-    assert body["parcel"]["where"] == {"kind": "office", "floor": "3"}
-    assert body["tree"] == {"label": "1", "children": [{"label": "2", "children": []}]}
-    assert body["ext"] == "101"
-
-    home = {"to": {"street": "Main"}, "where": {"kind": "home", "floor": 3}, "at": 1700000000}
-    res = await reg.execute("c", "ship", json.dumps({"parcel": home}), make_ctx())
-    assert res.outcome == "ok", res.output
-    assert loads(res)["parcel"]["where"] == {"kind": "home", "floor": 3}
-    assert loads(res)["parcel"]["at"] == "2023-11-14T22:13:20Z"
-
-    res = await reg.execute("c", "ship", '{"parcel": {"to": {"street": "Main"}, "ext": 103}}', make_ctx())
-    assert res.outcome == "invalid_arguments"
-    assert loads(res)["details"] == [{"loc": "parcel.ext", "msg": "Input should be '101' or '102'"}]
-
-
 @pytest.mark.parametrize("arguments", ["", "   ", "\n", "{}"])
 async def test_empty_arguments_mean_empty_object(order_registry: ToolRegistry, arguments: str) -> None:
     res = await order_registry.execute("c", "noargs", arguments, make_ctx())
@@ -1076,7 +1011,7 @@ class Line(BaseModel):
             ["lines.1.price"],
         ),
         ('{"amount": 1, "lines": [{"sku": "a", "price": 1, "discount": NaN}]}', ["lines.0.discount"]),
-        ('{"amount": NaN, "lines": [{"sku": 5, "price": 1}], "cap": null}', ["amount"]),
+        ('{"amount": NaN, "lines": [{"sku": "5", "price": 1}], "cap": null}', ["amount"]),
         ('{"amount": 1, "rates": {"eur": NaN, "usd": 1.1}, "meta": [1, [NaN]]}', ["rates.eur", "meta.1.0"]),
         ('{"amount": NaN, "meta": {"x": Infinity}, "total": "NaN"}', ["amount", "meta.x", "total"]),
     ],

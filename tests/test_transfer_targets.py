@@ -114,16 +114,6 @@ def test_targets_the_app_gets_after_enable_transfer_are_offered_by_label() -> No
         tool.parse_arguments('{"destination": "sip:attacker@example.com"}')
 
 
-def test_an_extension_number_given_as_a_number_names_its_label() -> None:
-    """Labels that are extension numbers: the model's ``102`` (a number) names the label ``"102"``."""
-    app = desk(**{"101": BILLING, "102": SUPPORT})
-    tool = app.plan().tools.get("transfer_call")
-    assert tool is not None
-    assert tool.parse_arguments('{"destination": 102}') == {"destination": "102"}
-    with pytest.raises(ValueError):
-        tool.parse_arguments('{"destination": 103}')
-
-
 def test_enable_transfer_twice_is_an_error() -> None:
     app = desk(human="tel:+14155550123")
     with pytest.raises(ValueError, match="enable_transfer was called already"):
