@@ -1119,6 +1119,19 @@ def _admits_none(annotation: Any) -> bool:
     return origin is Literal and None in typing.get_args(annotation)
 
 
+def _takes_none(field: FieldInfo) -> bool:
+    """Whether a field's validation takes a ``None`` (its type does, or a validator of its makes
+    something of it); when that cannot be told, it is taken to."""
+    annotation: Any = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    try:
+        pydantic.TypeAdapter(annotation).validate_python(None)
+    except pydantic.ValidationError:
+        return False
+    except Exception:  # (a type only the model can build, a validator that fails its own way)
+        return True
+    return True
+
+
 def _or_none(annotation: Any) -> Any:
     """``annotation | None``, inside ``Annotated`` so its constraints and description stay on it."""
     if typing.get_origin(annotation) is Annotated:
@@ -1157,7 +1170,6 @@ def _build_arguments_model(
     context_param: str | None = None
     definitions: dict[str, Any] = {}
     fields: list[tuple[str, str]] = []
-    no_none: set[str] = set()
     bound = _bound_keywords(fn)
     _refuse_unbound_methods(fn, name, sig, bound)
     for param in sig.parameters.values():
@@ -1193,8 +1205,6 @@ def _build_arguments_model(
             kw["description"] = doc
         definitions[fname] = (annotation, pydantic.Field(**kw))
         fields.append((fname, param.name))
-        if not _admits_none(annotation):
-            no_none.add(fname)
 
     config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
     try:
@@ -1202,7 +1212,9 @@ def _build_arguments_model(
     except (pydantic.PydanticUserError, TypeError, NameError) as exc:
         raise TypeError(f"tool {name!r}: unsupported parameter types: {exc}") from exc
     null_is_default = frozenset(
-        param for fname, param in fields if fname in no_none and not model.model_fields[fname].is_required()
+        param
+        for fname, param in fields
+        if not model.model_fields[fname].is_required() and not _takes_none(model.model_fields[fname])
     )
     return model, tuple(fields), context_param, null_is_default
 

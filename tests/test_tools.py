@@ -18,7 +18,8 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal, NamedTuple
 
 import pytest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from typing_extensions import TypeAliasType
 
 from sideband.context import NO_ACTIONS, CallContext
 from sideband.logs import failure_fields
@@ -473,6 +474,23 @@ def test_a_null_for_a_parameter_whose_type_takes_none_not_means_its_default() ->
     assert tool.parameters["properties"]["limit"] == {"type": "integer", "default": 10}
     with pytest.raises(ValidationError):
         tool.parse_arguments('{"query": null}')
+
+
+def test_a_null_a_validator_makes_something_of_is_left_to_it() -> None:
+    """Whether a parameter takes ``None`` is its validation's to say: an alias of an optional type, or
+    a validator that maps ``None`` to a value of its own, gets the null."""
+    maybe_int = TypeAliasType("maybe_int", int | None)  # type: ignore[misc]
+
+    def find(
+        query: str,
+        limit: maybe_int = 10,  # type: ignore[valid-type]
+        page: Annotated[int, BeforeValidator(lambda v: 0 if v is None else v)] = 1,
+    ) -> str:
+        return query
+
+    tool = Tool.from_function(find)
+    given = '{"query": "a", "limit": null, "page": null}'
+    assert tool.parse_arguments(given) == {"query": "a", "limit": None, "page": 0}
 
 
 def numpy_style(query: str, limit: int = 5) -> str:
