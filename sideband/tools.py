@@ -866,7 +866,8 @@ def _find_non_finite(
     value: Any, loc: tuple[int | str, ...], found: list[pydantic_core.InitErrorDetails], path: set[int]
 ) -> None:
     """Add to ``found`` each NaN or infinite float or ``Decimal`` in ``value``, a validated argument:
-    in models (the fields the model set), dataclasses, dicts (keys too) and sequences, at any depth."""
+    in models (the fields the model set), dataclasses and named tuples (but for a field left at its
+    default), dicts (keys too) and sequences, at any depth."""
     if isinstance(value, float | decimal.Decimal):
         if not (math.isfinite(value) if isinstance(value, float) else value.is_finite()):
             found.append({"type": "finite_number", "loc": loc, "input": value})
@@ -883,7 +884,20 @@ def _find_non_finite(
         ]
         items += (value.__pydantic_extra__ or {}).items()
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        items = [(f.name, getattr(value, f.name, None)) for f in dataclasses.fields(value)]
+        items = [
+            (f.name, item)
+            for f in dataclasses.fields(value)
+            if not _is_default(item := getattr(value, f.name, None), f.default)
+        ]
+    elif isinstance(value, tuple) and isinstance(
+        defaults := getattr(type(value), "_field_defaults", None), dict
+    ):
+        names: tuple[str, ...] = getattr(type(value), "_fields", ())  # (a NamedTuple)
+        items = [
+            (i, item)
+            for i, (name, item) in enumerate(zip(names, value, strict=False))
+            if not (name in defaults and _is_default(item, defaults[name]))
+        ]
     elif isinstance(value, dict):
         items = value.items()
         for key in value:
@@ -899,6 +913,11 @@ def _find_non_finite(
             _find_non_finite(item, (*loc, key if isinstance(key, int | str) else str(key)), found, path)
     finally:
         path.discard(id(value))
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """Whether a field's value is its default (the app's own ``math.inf``, not one the model sent)."""
+    return value is default or (type(value) is float and type(default) is float and value == default)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

@@ -1066,6 +1066,38 @@ async def test_a_nan_or_an_infinity_in_the_arguments_is_refused(arguments: str, 
     assert (ok.outcome, ran) == ("ok", [12.5])
 
 
+@dataclasses.dataclass
+class Filter:
+    query: str
+    max_price: float = math.inf
+    min_price: float = 0.0
+
+
+class Span(NamedTuple):
+    low: float
+    high: float = math.inf
+    step: float = 1.0
+
+
+def test_the_apps_own_infinite_defaults_inside_arguments_are_kept() -> None:
+    """A default of the app's is never refused, in a dataclass or a named tuple as at the top (nor the
+    same value sent for it: the app's code takes it); an infinity the model sent for another field is."""
+
+    def search(f: Filter, span: Span) -> str:
+        return f.query
+
+    tool = Tool.from_function(search)
+    args = tool.parse_arguments('{"f": {"query": "x"}, "span": [1]}')
+    assert args["f"].max_price == math.inf and args["span"].high == math.inf
+    for sent, where in [
+        ('{"f": {"query": "x", "min_price": "-inf"}, "span": [1]}', ("f", "min_price")),
+        ('{"f": {"query": "x"}, "span": [1, 5, Infinity]}', ("span", 2)),
+    ]:
+        with pytest.raises(ValidationError) as refused:
+            tool.parse_arguments(sent)
+        assert [e["loc"] for e in refused.value.errors()] == [where]
+
+
 # -- execute: failures -----------------------------------------------------------------------------------
 
 
