@@ -13,6 +13,7 @@ from sideband import Accept, CallContext, IncomingCall, SessionConfig, SessionCo
 from sideband.runtime.driver import CallRuntime, CallSummary
 from sideband.runtime.machine import CallMachine, MachineConfig
 from sideband.testing import (
+    Harness,
     Script,
     SimCall,
     caller_hangs_up,
@@ -574,6 +575,20 @@ async def test_the_models_call_of_a_tool_a_refused_update_left_out_runs() -> Non
     assert outputs == ["ok", "order 3 shipped"]
 
 
+async def lose_the_sideband_once_answered(h: Harness, call: SimCall) -> None:
+    """Once the output for order 1 is in, the sideband is lost (no close), and re-attached."""
+
+    def answered(c: SimCall) -> bool:
+        return any(
+            e["type"] == "conversation.item.create" and e["item"].get("output") == "order 1 shipped"
+            for e in c.received
+        )
+
+    await call.wait_for(answered, timeout=5)
+    await h.sim.drop_sideband(call, "abnormal")
+    await call.wait_for(lambda c: c.sideband_connects == 2, timeout=5)
+
+
 async def test_a_refused_update_is_not_sent_again_after_a_reattach() -> None:
     """The server refused an update whole; the sideband is lost and re-attached: what code set since
     the config is sent again, field by field, but nothing of the refused update (the server would take
@@ -618,15 +633,7 @@ async def test_a_refused_update_is_not_sent_again_after_a_reattach() -> None:
             )
         )
 
-        def answered(c: SimCall) -> bool:  # (sent after the refusal was read, on the same socket)
-            return any(
-                e["type"] == "conversation.item.create" and e["item"].get("output") == "order 1 shipped"
-                for e in c.received
-            )
-
-        await call.wait_for(answered, timeout=5)
-        await h.sim.drop_sideband(call, "abnormal")
-        await call.wait_for(lambda c: c.sideband_connects == 2, timeout=5)
+        await lose_the_sideband_once_answered(h, call)  # (the refusal was read before it, on that socket)
         await h.ended(call)
     assert [e["error"]["param"] for e in call.sent_of_type("error")] == ["session.model"]
     updates = [e["session"] for e in call.received if e["type"] == "session.update"]
@@ -674,15 +681,7 @@ async def test_a_reattach_after_a_voice_change_and_speech_refuses_nothing() -> N
             )
         )
 
-        def answered(c: SimCall) -> bool:  # (after "Done." was spoken in cedar)
-            return any(
-                e["type"] == "conversation.item.create" and e["item"].get("output") == "order 1 shipped"
-                for e in c.received
-            )
-
-        await call.wait_for(answered, timeout=5)
-        await h.sim.drop_sideband(call, "abnormal")
-        await call.wait_for(lambda c: c.sideband_connects == 2, timeout=5)
+        await lose_the_sideband_once_answered(h, call)  # (after "Done." was spoken in cedar)
         await h.ended(call)
     assert call.sent_of_type("error") == []
     updates = [e["session"] for e in call.received if e["type"] == "session.update"]
