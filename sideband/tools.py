@@ -764,34 +764,48 @@ def _read(value: Any, left: list[int], path: set[int]) -> Any:
     output could not fit (:exc:`_TooLarge`): an endless one holds neither its thread nor the loop, and
     a huge result is not walked whole. ``path``: the containers being walked (one met again is a cycle,
     left for the encoder to refuse)."""
-    if isinstance(value, str | int | float | type(None)):
+    if type(value) in _PLAIN:
         return value
     if isinstance(value, _LAZY):
-        return [_read(_counted(item, left), left, path) for item in value]
+        read = []
+        for item in value:
+            _counted(1, left)
+            read.append(item if type(item) in _PLAIN else _read(item, left, path))
+        return read
     if isinstance(value, set | frozenset):
-        for _ in value:  # (written as a list, but what it holds is hashable: nothing lazy)
-            _counted(None, left)
+        _counted(len(value), left)  # (written as a list, but what it holds is hashable: nothing lazy)
         return value
     if not isinstance(value, dict | list | tuple) or id(value) in path:
         return value
+    _counted(len(value), left)
     path.add(id(value))
     try:
         if isinstance(value, dict):
-            entries = {k: _read(_counted(v, left), left, path) for k, v in value.items()}
-            same = all(entries[k] is v for k, v in value.items())
-            return value if same else entries
-        items = [_read(_counted(v, left), left, path) for v in value]
-        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+            entries: dict[Any, Any] | None = None
+            for key, item in value.items():
+                if type(item) not in _PLAIN and (got := _read(item, left, path)) is not item:
+                    entries = dict(value) if entries is None else entries
+                    entries[key] = got
+            return value if entries is None else entries
+        items: list[Any] | None = None
+        for i, item in enumerate(value):
+            if type(item) not in _PLAIN and (got := _read(item, left, path)) is not item:
+                items = list(value) if items is None else items
+                items[i] = got
+        return value if items is None else items
     finally:
         path.discard(id(value))
 
 
-def _counted(item: Any, left: list[int]) -> Any:
-    """``item``, one more of :func:`_read`'s: :exc:`_TooLarge` once the output could not hold them."""
-    left[0] -= 1
+_PLAIN: Final = frozenset({str, int, float, bool, type(None)})
+"""Types :func:`_read` passes as they are (exactly these: a subclass may be anything)."""
+
+
+def _counted(items: int, left: list[int]) -> None:
+    """``items`` more of :func:`_read`'s: :exc:`_TooLarge` once the output could not hold them."""
+    left[0] -= items
     if left[0] <= 0:
         raise _TooLarge
-    return item
 
 
 def _jsonable(value: Any) -> bytes:
