@@ -16,6 +16,7 @@ from sideband.testing import (
     Harness,
     Script,
     SimCall,
+    Step,
     caller_hangs_up,
     caller_says,
     model_calls,
@@ -575,6 +576,20 @@ async def test_the_models_call_of_a_tool_a_refused_update_left_out_runs() -> Non
     assert outputs == ["ok", "order 3 shipped"]
 
 
+def order_1_after(tool: str) -> list[Step]:
+    """The caller has the model call ``tool``, then asks for order 1; a pause follows, during which
+    :func:`lose_the_sideband_once_answered` has the sideband lost and re-attached."""
+    return [
+        caller_says("Go."),
+        model_calls(tool, {}),
+        model_says("Done."),
+        caller_says("And order 1?"),
+        model_calls("lookup_order", {"order_id": "1"}),
+        model_says("Shipped."),
+        pause(1.5),
+    ]
+
+
 async def lose_the_sideband_once_answered(h: Harness, call: SimCall) -> None:
     """Once the output for order 1 is in, the sideband is lost (no close), and re-attached."""
 
@@ -618,13 +633,7 @@ async def test_a_refused_update_is_not_sent_again_after_a_reattach() -> None:
         call = await h.call(
             Script(
                 [
-                    caller_says("Go."),
-                    model_calls("try_stage", {}),
-                    model_says("Done."),
-                    caller_says("And order 1?"),
-                    model_calls("lookup_order", {"order_id": "1"}),
-                    model_says("Shipped."),
-                    pause(1.5),  # (the sideband is lost and re-attached meanwhile)
+                    *order_1_after("try_stage"),
                     caller_says("Where is order 3?"),
                     model_calls("check_order", {"order_id": "3"}),
                     model_says("Shipped."),
@@ -667,13 +676,7 @@ async def test_a_reattach_after_a_voice_change_and_speech_refuses_nothing() -> N
         call = await h.call(
             Script(
                 [
-                    caller_says("Switch."),
-                    model_calls("switch", {}),
-                    model_says("Done."),
-                    caller_says("Order 1?"),
-                    model_calls("lookup_order", {"order_id": "1"}),
-                    model_says("Shipped."),
-                    pause(1.5),  # (the sideband is lost and re-attached meanwhile)
+                    *order_1_after("switch"),
                     caller_says("Thanks."),
                     model_says("Bye."),
                     caller_hangs_up(),

@@ -13,6 +13,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Annotated, Any, Literal, NamedTuple
@@ -1721,16 +1722,19 @@ async def test_an_async_tools_lazy_result_is_read_under_its_timeout_and_timed() 
     assert len(blocked) == 1 and blocked[0][0] >= 0.45
 
 
+def counting(pulled: list[int]) -> Iterator[int]:
+    """An endless cursor (``itertools.count()``) that notes in ``pulled`` each number read from it."""
+    for i in itertools.count():
+        pulled.append(i)
+        yield i
+
+
 async def test_an_endless_lazy_result_is_read_only_as_far_as_the_output_could_fit() -> None:
     """A lazy result is read no further than the output could hold: an endless one (a cursor that never
     ends, ``itertools.count()``) is ``output_too_large``, not a thread (or the event loop) held for good."""
     reg = ToolRegistry()
     pulled: list[int] = []
-
-    def numbers() -> Any:
-        for i in itertools.count():
-            pulled.append(i)
-            yield i
+    numbers = functools.partial(counting, pulled)
 
     @reg.tool(timeout=60)
     def sync_endless() -> Any:
@@ -1759,11 +1763,7 @@ async def test_a_lazy_value_inside_a_result_is_read_as_a_top_level_one_is() -> N
     (or a thread) held for good; one that raises is the tool's failure."""
     reg = ToolRegistry()
     pulled: list[int] = []
-
-    def numbers() -> Any:
-        for i in itertools.count():
-            pulled.append(i)
-            yield i
+    numbers = functools.partial(counting, pulled)
 
     def failing() -> Any:
         yield 1
