@@ -684,6 +684,41 @@ async def test_expired_token_is_refused_at_the_handshake(vowel: VowelSimulator, 
     assert vowel.sessions == []
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/html\r\n\r\n<h1>Down</h1>",
+        b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: gzip\r\n\r\n",
+    ],
+)
+async def test_an_answer_the_handshake_cannot_read_is_the_engine_failing_not_a_refused_token(
+    answer: bytes,
+) -> None:
+    """A gateway's error page before the engine (an HTTP/1.0 status line, a compressed body) is an
+    answer all the same: the engine is out of reach, the token not refused (only a connection closed
+    with no answer at all stands for that)."""
+    asked = asyncio.Event()
+
+    async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        asked.set()
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(gateway, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            await connect_engine(f"http://127.0.0.1:{port}", Token("ek_x", None), open_timeout=5)
+    finally:
+        server.close()
+    assert asked.is_set()
+    assert not isinstance(caught.value, EngineRefused)
+    assert "unreadable handshake answer" in str(caught.value) and "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize("refusal", ["401", "drop"])
 async def test_session_reports_a_refused_token_as_one_error(
     vowel: VowelSimulator, app: Sideband, refusal: Any

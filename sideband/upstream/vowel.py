@@ -435,7 +435,13 @@ async def connect_engine(
                 f"vowel engine refused the token ({status} at the handshake): expired or invalid", status
             ) from None
         raise UpstreamError(f"vowel engine refused the connection with {status}", status) from None
-    except InvalidMessage:
+    except InvalidMessage as exc:
+        if not isinstance(exc.__cause__, EOFError):
+            # An answer came that is not one websockets reads (an HTTP/1.0 status line from a proxy's
+            # error page, a compressed body): the engine or a gateway before it failed, not the token.
+            raise UpstreamError(
+                f"vowel engine gave an unreadable handshake answer: {why(exc.__cause__ or exc)}"
+            ) from None
         raise EngineRefused(
             "vowel engine closed the connection during the handshake with no HTTP answer: "
             "token refused (expired or invalid)"
