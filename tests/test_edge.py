@@ -310,6 +310,40 @@ async def test_a_quick_hook_is_obeyed_when_another_calls_blocking_tool_held_the_
     await stack.sim.hang_up(busy)
 
 
+@pytest.mark.parametrize("settings_overrides", [{"route_budget": 0.3, "route_failure_status": 503}])
+async def test_a_sync_hook_that_answers_while_other_code_holds_the_loop_is_obeyed(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    """The sync hook's thread answers at once, but while other code (another call's) holds the event
+    loop past the budget: once the loop runs again, the budget's timer is due as the answer is. The
+    hook did not overrun (its own time was short): its decision stands."""
+    loop = asyncio.get_running_loop()
+    began, holding, answered = asyncio.Event(), threading.Event(), threading.Event()
+
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        loop.call_soon_threadsafe(began.set)
+        holding.wait(5)  # answers while the loop is held
+        answered.set()
+        return Accept(instructions="Decided in time.")
+
+    async def other_code() -> None:
+        await began.wait()
+        holding.set()
+        answered.wait(5)
+        time.sleep(0.45)  # blocking code of another call's, holding the loop past the hook's budget
+
+    call = stack.sim.create_call(Script([]))
+    with capture_logs() as logs:
+        hog = asyncio.ensure_future(other_code())
+        reply = await stack.sender.deliver(stack.sim.incoming_event(call))
+        await hog
+    assert answered.is_set() and reply.status == 200
+    assert not [e for e in logs if e["event"] == "call.route_failed"]
+    assert call.status != "rejected" and call.accept_body is not None
+    assert call.accept_body["instructions"] == "Decided in time."
+
+
 @pytest.mark.parametrize("settings_overrides", [{"route_budget": 5}])
 async def test_a_burst_of_calls_whose_sync_hook_blocks_a_while_runs_their_hooks_together(
     stack: Stack, settings_overrides: dict[str, Any]
