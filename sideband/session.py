@@ -738,8 +738,9 @@ def is_target_uri(uri: object) -> bool:
     least: OpenAI refuses a bare ``tel:``, and ``tel:+`` reaches no one), or a ``sip:``/``sips:`` URI with
     a host and, when it has an ``@``, a user before it (``sip:agent@pbx.example.com``,
     ``sip:pbx.example.com``, a fully qualified ``pbx.example.com.``, a service name such as
-    ``sip:agent@pbx_internal``; not ``sip:@pbx.example.com``)."""
-    if not isinstance(uri, str):
+    ``sip:agent@pbx_internal``; not ``sip:@pbx.example.com``). Never one with a space or a control
+    character (``tel:+1 415 555 0100``, a line break): no carrier takes it, written so."""
+    if not isinstance(uri, str) or not uri.isprintable() or any(c.isspace() for c in uri):
         return False
     scheme, _, rest = uri.partition(":")
     if scheme == "tel":

@@ -726,6 +726,12 @@ def test_decision_defaults() -> None:
         "sip:agent@pbx@example.com",
         "sip:agent@pbx..",
         "sip:agent@.pbx",
+        "tel:+1 415 555 0100",
+        "tel:+14155550100\nX-Evil: 1",
+        "sip:agent @pbx.example.com",
+        "sip:agent@pbx.example.com\r\n",
+        "sip:agent@pbx.example.com;transport=tls\x00",
+        "tel:+14155550100\u00a0",
     ],
 )
 def test_a_refer_or_transfer_target_needs_a_number_or_address(uri: Any) -> None:
