@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -96,13 +97,19 @@ def _raised(exc: Exception) -> str:
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     if isinstance(exc, SyntaxError):  # (its message names the file and line already)
         return text
+    # (the standard library's and the installed packages' own directories, not the whole prefix: an app in
+    # /usr/src/app runs on a Python whose prefix is /usr)
+    paths = sysconfig.get_paths()
     installed = tuple(
-        {os.path.dirname(os.path.abspath(__file__)) + os.sep, sys.prefix + os.sep, sys.base_prefix + os.sep}
+        {os.path.dirname(os.path.abspath(__file__)) + os.sep}
+        | {os.path.abspath(paths[k]) + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     )
     frames = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
-        if not f.filename.startswith((*installed, "<")) and "site-packages" not in f.filename
+        if not f.filename.startswith((*installed, "<"))
+        and "site-packages" not in f.filename
+        and "dist-packages" not in f.filename
     ]
     if not frames:
         return text

@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 from sideband import Sideband
-from sideband.cli import SIGNAL_ECHO, CliError, _address, _reason, _UntilReaderGone
+from sideband.cli import SIGNAL_ECHO, CliError, _address, _raised, _reason, _UntilReaderGone
 from sideband.demo import run_demo
 from sideband.testing import (
     Script,
@@ -1094,6 +1094,24 @@ def test_an_app_that_fails_to_load_is_one_line(tmp_path: Path, source: str, spec
     assert done.stderr.startswith("sideband: ") and expected in done.stderr
     if "generator" in expected:
         assert "(broken_app.py:3)" in done.stderr  # the app's line, not sideband's own
+
+
+def test_a_load_error_names_the_apps_line_when_the_app_lives_under_pythons_prefix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Python installed in /usr (a distribution's) runs an app in /usr/src/app: the app's frame is
+    still the one named, not dropped with the prefix as if it were the standard library's."""
+    app_file = tmp_path / "usr" / "src" / "app" / "desk.py"
+    app_file.parent.mkdir(parents=True)
+    app_file.write_text("def connect():\n    raise RuntimeError('no database')\n")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "usr"))
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path / "usr"))
+    space: dict[str, Any] = {}
+    exec(compile(app_file.read_text(), str(app_file), "exec"), space)  # (as the app's module runs)
+    with pytest.raises(RuntimeError) as raised:
+        space["connect"]()
+    said = _raised(raised.value)
+    assert said == f"RuntimeError: no database ({os.path.relpath(app_file)}:2)"
 
 
 # ------------------------------------------------------------------------------------------ ./dev
