@@ -96,6 +96,10 @@ _MODELS = frozenset(
 )
 """The models the simulated key may use by default (``GET /models/{model}``): the realtime and
 transcription models of the real recordings among them."""
+_REASONING_MODELS = ("gpt-realtime-2.1",)
+"""Models that reason before they answer (a dated snapshot of one too, ``gpt-realtime-2.1-…``): as
+recorded on ``gpt-realtime-2.1``, their assistant messages carry a ``phase`` and their usage counts
+``reasoning_tokens``."""
 _DEFAULT_INSTRUCTIONS = (
     "Your knowledge cutoff is 2023-10. You are a helpful, witty, and friendly AI. Act like a human, but "
     "remember that you aren't a human and that you can't do human things in the real world."
@@ -379,8 +383,18 @@ def _arg_chunks(arguments: str, limit: int = 12) -> list[str]:
     return [arguments[i : i + size] for i in range(0, len(arguments), size)]
 
 
-def _usage(input_tokens: int, output_tokens: int, *, audio: bool) -> dict[str, Any]:
+def _reasons(model: Any) -> bool:
+    """Whether the session's ``model`` is one of :data:`_REASONING_MODELS` (or a snapshot of one)."""
+    return isinstance(model, str) and any(model == m or model.startswith(m + "-") for m in _REASONING_MODELS)
+
+
+def _usage(input_tokens: int, output_tokens: int, *, audio: bool, reasoning: bool = False) -> dict[str, Any]:
+    """A ``response.done``'s ``usage``; a reasoning model's (``reasoning``) counts ``reasoning_tokens``
+    among its output tokens too, as recorded."""
     audio_out = output_tokens if audio else 0
+    made = {"text_tokens": output_tokens - audio_out, "audio_tokens": audio_out}
+    if reasoning:
+        made["reasoning_tokens"] = output_tokens // 2
     return {
         "total_tokens": input_tokens + output_tokens,
         "input_tokens": input_tokens,
@@ -392,7 +406,7 @@ def _usage(input_tokens: int, output_tokens: int, *, audio: bool) -> dict[str, A
             "cached_tokens": 0,
             "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0},
         },
-        "output_token_details": {"text_tokens": output_tokens - audio_out, "audio_tokens": audio_out},
+        "output_token_details": made,
     }
 
 
@@ -1992,8 +2006,12 @@ class SimCall:
 
         ``injected``: the record of the call among ``calls`` whose ``arguments.done`` is timestamped.
         ``crossed``: a ``response.create`` that arrived as this response began, refused once it is
-        announced. ``response_id``: the id set aside for it (a refusal may have named it), else a new one."""
+        announced. ``response_id``: the id set aside for it (a refusal may have named it), else a new one.
+
+        On a reasoning model (:data:`_REASONING_MODELS`) its message carries a ``phase``: ``"final_answer"``
+        (as recorded), or ``"commentary"`` for words before calls of the same response (the preamble)."""
         assert self.session is not None
+        reasoning = _reasons(self.session.get("model"))
         overrides: dict[str, Any] = dict(create.get("response") or {}) if create is not None else {}
         modalities = overrides.get("output_modalities") or self.session["output_modalities"]
         audio = "audio" in modalities
@@ -2062,13 +2080,15 @@ class SimCall:
                 self._last_item_id = message_id
                 if previous is None:
                     self._first_item_id = message_id
-                started = {
+                started: dict[str, Any] = {
                     "id": message_id,
                     "type": "message",
                     "status": "in_progress",
                     "role": "assistant",
                     "content": [],
                 }
+                if reasoning:
+                    started["phase"] = "commentary" if calls else "final_answer"
                 await send(
                     "response.output_item.added", response_id=response_id, output_index=0, item=started
                 )
@@ -2121,6 +2141,8 @@ class SimCall:
                     "role": "assistant",
                     "content": [content],
                 }
+                if reasoning:
+                    done_item["phase"] = started["phase"]
                 self._items[message_id] = done_item
                 # (as recorded: the item.done of an answer to the conversation's first item names no
                 # predecessor, unlike its .added; one to any later item names it)
@@ -2213,7 +2235,9 @@ class SimCall:
                     outputs,
                     modalities,
                     details=details,
-                    usage=_usage(40 + 10 * self._response_count, out_tokens, audio=audio),
+                    usage=_usage(
+                        40 + 10 * self._response_count, out_tokens, audio=audio, reasoning=reasoning
+                    ),
                     overrides=overrides,
                 ),
             )
