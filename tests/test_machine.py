@@ -1559,6 +1559,35 @@ def test_an_engine_say_refused_waits_for_the_outputs_of_the_calls_announced_sinc
     assert creates(m.receive(response_done("resp_2"))) == [""]  # then the answer to the output
 
 
+def test_speech_reported_before_the_engine_took_codes_text_holds_no_answer_back() -> None:
+    """Audio with speech, then at once code's text: the engine reports that speech as it reads the audio,
+    before it takes the text. The text went out over it: the answer to the outputs of the text's tool
+    calls is asked for at once, not held until SPEECH_CAP for a stop that audio ending mid-speech never
+    brings. Speech reported once the engine took a text is the caller's, and holds it back."""
+    user_item = {"type": "conversation.item.created", "item": {"type": "message", "role": "user"}}
+
+    def tool_round(resp: str, call_id: str) -> list[Action]:
+        m.receive({"type": "response.created", "response": {"id": resp}})
+        m.receive(engine_call(call_id, resp))
+        m.receive(response_done(resp, status="incomplete"))
+        return m.tool_done(call_id, '{"status":"shipped"}')
+
+    m = engine_machine()
+    m.receive({"type": "session.updated", "session": {}})
+    m.user_text("order 1042")
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "item_a"})
+    m.receive(user_item)
+    assert types(tool_round("resp_1", "call_1")) == ["conversation.item.create", "response.create"]
+    m.receive({"type": "response.created", "response": {"id": "resp_2"}})
+    m.receive(response_done("resp_2"))
+    m.user_text("order 7")
+    m.receive(user_item)
+    m.receive({"type": "input_audio_buffer.speech_started", "item_id": "item_b"})
+    assert types(tool_round("resp_3", "call_2")) == ["conversation.item.create"]  # (the caller speaks)
+    assert creates(m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": "item_b"})) == []
+    assert creates(m.timer("turn")) == [""]  # (the engine did not answer their turn: we ask)
+
+
 def test_a_goodbye_asked_for_before_the_engine_confirmed_the_session_waits_for_it() -> None:
     m = machine(caps=ENGINE_CAPABILITIES)
     assert m.start() == []

@@ -735,6 +735,22 @@ async def test_session_reports_a_refused_token_as_one_error(
     assert len(vowel.handshakes) == 1  # one attempt, no retry loop
 
 
+async def test_audio_with_speech_then_a_text_turn_at_once_is_answered_at_once(vowel: VowelSimulator) -> None:
+    """Loud audio, then at once a text turn whose reply calls a tool: the engine reports the audio's speech
+    after our text went out, and the audio ended mid-speech (no stop comes). The answer to the tool's
+    output is not held back for it (it waited SPEECH_CAP, past the turn's timeout)."""
+    vowel.script([when("1042", calls=[("lookup_order", {"order_id": "1042"})], reply="Shipped.")])
+    async with EngineSession.open(settings_for(vowel), make_app(), reply_timeout=5) as session:
+        await session.send_audio(array.array("h", [3000] * 1024).tobytes())
+        reply = await session.say("order 1042")
+        assert reply.text == "Shipped." and [t.outcome for t in reply.tools] == ["ok"]
+    engine = vowel.sessions[0]
+    assert [e["type"] for e in engine.sent_of_type("input_audio_buffer.speech_started")] == [
+        "input_audio_buffer.speech_started"
+    ]
+    assert engine.sent_of_type("input_audio_buffer.speech_stopped") == []
+
+
 async def test_a_session_update_the_engine_answers_with_an_error_fails_the_start_at_once(
     vowel: VowelSimulator, app: Sideband, logs: io.StringIO
 ) -> None:

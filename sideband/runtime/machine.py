@@ -450,6 +450,7 @@ class CallMachine:
         "_started",
         "_stopped_reply",
         "_tagged",
+        "_text_out",
         "_text_owed",
         "_turn_items",
         "_turn_wait",
@@ -528,6 +529,9 @@ class CallMachine:
         self._filler_due = False  # a filler came due while the line was not quiet
         self._speaking = False  # the caller is mid-utterance (speech_started, no speech_stopped yet)
         self._speech_capped = False  # SPEECH_CAP ended the utterance before its speech_stopped came
+        # Code's text went out, and the server has not shown it took it yet (its item, or a response): the
+        # caller's speech it reports meanwhile is of audio sent before the text (see _on_caller_activity).
+        self._text_out = False
         self._speech_reported = False  # the server reports the caller's speech (speech_started)
         self._turn_wait = False  # the caller's speech ended: the server's answer to it may be on its way
         self._covered_by: object = None  # the server's answer to a turn, taken to answer our outputs too
@@ -699,7 +703,7 @@ class CallMachine:
         sent = self._create_sent
         lost = None if sent is None or sent in queued or self._going else (sent, self.responding)
         self._response_active = self._speaking = self._turn_wait = self._unanswered = False
-        self._speech_capped = False
+        self._speech_capped = self._text_out = False
         self._create_sent = self._created_for = self._covered_by = self._ours = self.responding = None
         queued_outputs = {e[len(_OUTPUT_EVENT) :] for e in queued if e.startswith(_OUTPUT_EVENT)}
         self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
@@ -1163,6 +1167,7 @@ class CallMachine:
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
         send = Send({"type": "conversation.item.create", "item": item})
         actions = self._caller_turn()
+        self._text_out = True
         if text.strip():  # the caller's line of the transcript (no transcription event comes for text)
             actions.append(Notice("transcript", {"role": "caller", "text": text.strip()}))
         if self._live:
@@ -1331,6 +1336,7 @@ class CallMachine:
 
     def _on_response_created(self, event: dict[str, Any]) -> list[Action]:
         self._response_active = True
+        self._text_out = False
         response = _obj(event.get("response"))
         response_id = response.get("id")
         self.responding = response_id if isinstance(response_id, str) else None
@@ -1713,7 +1719,14 @@ class CallMachine:
         self._speaking = True  # nothing of ours starts over the caller's words (see _progress)
         self._speech_capped = False
         self.caller_turns += 1
-        return [*self._caller_turn(speech=True), StartTimer(_SPEAKING, SPEECH_CAP)]
+        actions = [*self._caller_turn(speech=True), StartTimer(_SPEAKING, SPEECH_CAP)]
+        if self._text_out:
+            # Speech in audio sent before code's text (the server reports it as it reads that audio, before
+            # the text): the text went out over it, and is answered at once, as for speech known before it
+            # (see user_text). Its stop, should it come, still ends the caller's turn; audio that ended
+            # mid-speech would bring none, and hold our answers back until SPEECH_CAP.
+            actions += self._speech_dropped()
+        return actions
 
     def _on_speech_stopped(self, event: dict[str, Any]) -> list[Action]:
         if not self._speaking:
@@ -2009,8 +2022,12 @@ class CallMachine:
 
     def _on_item_ack(self, event: dict[str, Any]) -> list[Action]:
         item = event.get("item")
-        if isinstance(item, dict) and item.get("type") == "function_call_output":
+        if not isinstance(item, dict):
+            return []
+        if item.get("type") == "function_call_output":
             return self._settled_output(str(item.get("call_id")))
+        if self._text_out and item.get("role") == "user":
+            self._text_out = False  # (the server took code's text: speech it reports from now on is after it)
         return []
 
     def _arrived(self, create: str) -> None:
