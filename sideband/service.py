@@ -1146,7 +1146,8 @@ class Service:
             return
         exc = relay.exception()
         if isinstance(exc, UpstreamError):
-            self.log.error("rtc.relay_failed", status=exc.status, error=str(exc))
+            created = {"call_id": exc.call_id} if exc.call_id else {}  # (created, then hung up)
+            self.log.error("rtc.relay_failed", status=exc.status, error=str(exc), **created)
         elif exc is not None:
             self.log.error("rtc.relay_failed", exc_info=exc)
 

@@ -799,6 +799,7 @@ class CreatingUpstream:
         self.answer, self.location = answer, location
         self.hangups: list[str] = []
         self.release = asyncio.Event()
+        self.created = asyncio.Event()  # a call created, its answer begun
         upstream = web.Application()
         upstream.router.add_post("/v1/realtime/calls", self._create)
         upstream.router.add_post("/v1/realtime/calls/{call_id}/hangup", self._hangup)
@@ -818,6 +819,7 @@ class CreatingUpstream:
         response = web.StreamResponse(status=201, headers=headers)
         await response.prepare(request)
         await response.write(b"v=0\r\n")  # 5 bytes of the 500
+        self.created.set()
         if self.answer == "stalled":
             await self.release.wait()
         assert request.transport is not None
@@ -869,9 +871,31 @@ async def test_a_relay_whose_created_call_cannot_be_served_fails_as_upstream(
     (failed,) = [e for e in logs if e["event"] == "rtc.relay_failed"]
     if error == "upstream unavailable":
         assert upstream.hangups == ["rtc_created1"] and "rtc_created1" in failed["error"]
+        assert failed["call_id"] == "rtc_created1"  # (a line about a call names it)
     else:
         assert upstream.hangups == [] and failed["status"] == 201
-        assert "no call id in Location" in failed["error"]
+        assert "no call id in Location" in failed["error"] and "call_id" not in failed
+
+
+async def test_a_relay_cut_short_whose_created_call_is_lost_names_the_call(simulator: Simulator) -> None:
+    """The server stops while OpenAI holds the answer to a call it created; the relay goes on, the answer
+    is then lost and the call hung up: the error line names the call."""
+    upstream = CreatingUpstream("stalled")
+    async with (
+        upstream as base,
+        run_app(make_app(), simulator, **TEST_SETTINGS, openai_base_url=base) as stack,
+    ):
+        with capture_logs() as logs:
+            request = asyncio.create_task(stack.service.rtc_relay(OFFER))
+            await asyncio.wait_for(upstream.created.wait(), 5)
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            upstream.release.set()  # (the answer cut short)
+            await asyncio.wait_for(stack.service.close(), 20)
+    assert upstream.hangups == ["rtc_created1"]
+    [failed] = [e for e in logs if e["event"] == "rtc.relay_failed"]
+    assert failed["call_id"] == "rtc_created1" and "created call rtc_created1" in failed["error"]
 
 
 async def test_a_spent_ticket_stays_spent_when_the_wall_clock_steps_back(simulator: Simulator) -> None:

@@ -242,7 +242,8 @@ async def rtc_calls(request: web.Request) -> web.Response:
         log.error("rtc.config_invalid", error=str(exc))
         return _json(500, {"error": "session config invalid"})
     except UpstreamError as exc:
-        log.error("rtc.relay_failed", status=exc.status, error=str(exc))
+        created = {"call_id": exc.call_id} if exc.call_id else {}  # (created, then hung up)
+        log.error("rtc.relay_failed", status=exc.status, error=str(exc), **created)
         if exc.offer_refused and exc.status is not None:  # about the offer itself: the browser's to know
             return _json(exc.status, {"error": "upstream refused the offer"})
         # Anything else is the server's (its key refused, OpenAI down, a 201 without a call id)

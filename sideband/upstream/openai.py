@@ -245,7 +245,8 @@ class UpstreamError(Exception):
     TLS handshake or proxy tunnel stalled past the attempt's time; or the proxy refused to open the
     tunnel to OpenAI: ``status`` is then the proxy's, 407 for its credentials, 403 for its policy, 502 or
     503 when it could not reach OpenAI). An error status is kept even when its body is then cut short or
-    stalls (``body`` holds what came)."""
+    stalls (``body`` holds what came). ``call_id``: the call a relayed offer created before its answer
+    was lost (the call then hung up, as the message says)."""
 
     def __init__(
         self,
@@ -255,12 +256,14 @@ class UpstreamError(Exception):
         *,
         retry_after: float | None = None,
         unsent: bool = False,
+        call_id: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.body = body[:500]
         self.retry_after = retry_after
         self.unsent = unsent
+        self.call_id = call_id
 
     @property
     def retryable(self) -> bool:
@@ -500,7 +503,7 @@ class CallControl:
             message += f"its hangup failed ({exc}): it may be up still"
         else:
             message += "hung up"
-        return UpstreamError(message)
+        return UpstreamError(message, call_id=call_id)
 
     async def client_secret(
         self, session: dict[str, Any], ttl: int, *, timeout: float = 5.0
