@@ -1245,19 +1245,31 @@ class Service:
             return Reply(202, {"status": "attaching", "call_id": call_id})
 
     async def _rtc_take(self, call_id: str, nonce: str, ttl: float) -> CallRuntime | Reply:
-        """:meth:`rtc_handoff`'s claims (the call's, then the ticket's) and its launch, in a task of its
-        own: the call's runtime, or the refusal."""
+        """:meth:`rtc_handoff`'s claims (the ticket's, then the call's) and its launch, in a task of its
+        own: the call's runtime, or the refusal.
+
+        The ticket is claimed first: a spent one is refused before it can hold the call's claim, which a
+        valid ticket for the same call would otherwise find taken. A ticket whose call turns out taken is
+        given back (it attached nothing)."""
         # (live here: its claim may have run out, left pending by a store that failed to settle it)
-        if call_id in self.registry or not await self.store.claim(f"call:{call_id}", self._pending_ttl):
+        if call_id in self.registry:
             return self._handoff_refused(409, "call already attached", call_id)  # (the ticket stays unused)
-        try:
-            fresh = await self.store.claim(f"ticket:{nonce}", ttl)
-        except BaseException:
-            await self.store.release(f"call:{call_id}")
-            raise
-        if not fresh:
-            await self.store.release(f"call:{call_id}")
+        if not await self.store.claim(f"ticket:{nonce}", ttl):
             return self._handoff_refused(403, "ticket already used", call_id)
+        try:
+            free = call_id not in self.registry and await self.store.claim(
+                f"call:{call_id}", self._pending_ttl
+            )
+        except BaseException:
+            with contextlib.suppress(StoreUnavailable):  # (else it stays spent)
+                await self.store.release(f"ticket:{nonce}")
+            raise
+        if not free:
+            try:
+                await self.store.release(f"ticket:{nonce}")  # it attached nothing: the browser's still
+            except StoreUnavailable as exc:  # (it stays spent: the call is attached all the same)
+                self.log.warning("store.unavailable", error=str(exc))
+            return self._handoff_refused(409, "call already attached", call_id)
         try:
             await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)
         except StoreUnavailable as exc:  # call and ticket are ours: serve the call all the same

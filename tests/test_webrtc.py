@@ -955,8 +955,13 @@ async def test_a_ticket_refused_as_used_leaves_the_call_free_for_its_own_ticket(
     assert call.sideband_connects == 1
 
 
-async def test_a_store_failing_as_the_ticket_is_claimed_leaves_call_and_ticket_free(stack: Stack) -> None:
-    stack.service.store = StoreFailingOnce(stack.service.store, "ticket:")
+@pytest.mark.parametrize("claim", ["ticket:", "call:"])
+async def test_a_store_failing_as_a_handoff_claims_leaves_call_and_ticket_free(
+    stack: Stack, claim: str
+) -> None:
+    """The ticket is claimed first, then the call: a store failing at either leaves both free (a ticket
+    spent by then is given back)."""
+    stack.service.store = StoreFailingOnce(stack.service.store, claim)
     _, minted = await post_json(stack, "/rtc/sessions", {})
     call = stack.sim.create_webrtc_call(Script([]))
     handoff = {"call_id": call.call_id, "ticket": minted["ticket"]}
@@ -964,6 +969,67 @@ async def test_a_store_failing_as_the_ticket_is_claimed_leaves_call_and_ticket_f
     assert call.sideband_connects == 0
     status, body = await post_json(stack, "/rtc/handoff", handoff)
     assert (status, body) == (200, {"status": "attached", "call_id": call.call_id})
+
+
+class StoreSlowToClaim(StoreFailingOnce):
+    """The service's claim store, but the first claim of ``key`` waits for ``go`` (``entered`` is set as it
+    starts to)."""
+
+    def __init__(self, inner: Any, key: str) -> None:
+        super().__init__(inner, key, at="nowhere")
+        self.entered, self.go = asyncio.Event(), asyncio.Event()
+
+    async def claim(self, key: str, ttl: float) -> bool:
+        if key == self.prefix and not self.entered.is_set():
+            self.entered.set()
+            await self.go.wait()
+        return await self.inner.claim(key, ttl)
+
+
+async def test_a_spent_ticket_being_checked_does_not_hold_up_a_valid_handoff_of_its_call(
+    stack: Stack,
+) -> None:
+    """A browser retries its handoff with a spent ticket while one with a valid ticket comes in for the same
+    call: the spent ticket is found spent before the call is claimed, and the valid one attaches the call
+    (it was refused as attached, and the call ran without its sideband)."""
+    _, spent = await post_json(stack, "/rtc/sessions", {})
+    _, fresh = await post_json(stack, "/rtc/sessions", {})
+    first = stack.sim.create_webrtc_call(Script([]))
+    status, _ = await post_json(stack, "/rtc/handoff", {"call_id": first.call_id, "ticket": spent["ticket"]})
+    assert status == 200
+    assert stack.service.tickets is not None
+    nonce = stack.service.tickets.verify(spent["ticket"]).nonce
+    store = stack.service.store = StoreSlowToClaim(stack.service.store, f"ticket:{nonce}")
+    call = stack.sim.create_webrtc_call(Script([pause(30)]))
+    stale = asyncio.create_task(
+        post_json(stack, "/rtc/handoff", {"call_id": call.call_id, "ticket": spent["ticket"]})
+    )
+    try:
+        await asyncio.wait_for(store.entered.wait(), 5)  # its ticket being checked (a round trip to Redis)
+        valid = await post_json(stack, "/rtc/handoff", {"call_id": call.call_id, "ticket": fresh["ticket"]})
+    finally:
+        store.go.set()
+    assert valid == (200, {"status": "attached", "call_id": call.call_id})
+    assert await stale == (403, {"error": "ticket already used"})
+    assert call.sideband_connects == 1
+
+
+async def test_a_handoff_of_a_call_another_instance_attached_leaves_the_ticket_unused(stack: Stack) -> None:
+    """The call is held in the shared store (attached elsewhere): 409, and the ticket, claimed before the
+    call, is given back for the browser's own call."""
+    _, minted = await post_json(stack, "/rtc/sessions", {})
+    call = stack.sim.create_webrtc_call(Script([]))
+    await stack.service.store.settle(f"call:{call.call_id}", 60)  # (another instance's handoff)
+    status, body = await post_json(
+        stack, "/rtc/handoff", {"call_id": call.call_id, "ticket": minted["ticket"]}
+    )
+    assert (status, body) == (409, {"error": "call already attached"})
+    assert call.sideband_connects == 0
+    own = stack.sim.create_webrtc_call(Script([]))
+    status, body = await post_json(
+        stack, "/rtc/handoff", {"call_id": own.call_id, "ticket": minted["ticket"]}
+    )
+    assert (status, body) == (200, {"status": "attached", "call_id": own.call_id})
 
 
 async def test_a_store_failing_as_the_handoff_settles_serves_the_call(stack: Stack) -> None:
