@@ -260,11 +260,15 @@ class Service:
         self.refused.update(zeros(BROWSER_REFUSALS if app.browsers_allowed else [("rtc.closed", 404)]))
         self.log = structlog.get_logger(component="sideband.service").bind()  # bound once, not per call
         # A config every call would be refused with stops the start. One only SIP refuses (e.g. a
-        # turn_detection.threshold) is a warning where the app takes WebRTC calls, which allow it.
+        # turn_detection.threshold) is a warning where the app takes WebRTC calls, which allow it. Those
+        # have a session of their own (no transfer tool): one only they would be refused with stops it too.
         problem = session_problem(app, Accept())
+        browser = session_problem(app, self._browser_accept(), sip=False) if app.browsers_allowed else None
+        if problem is not None and (browser is not None or not app.browsers_allowed):
+            raise SessionConfigError(f"the app's session config: {problem}")
+        if browser is not None:
+            raise SessionConfigError(f"the app's session config for browser calls: {browser}")
         if problem is not None:
-            if not app.browsers_allowed or session_problem(app, Accept(), sip=False) is not None:
-                raise SessionConfigError(f"the app's session config: {problem}")
             self.log.warning("server.config_warning", problem=problem, refused="sip calls")
         self.routes = RouteTable({})
         if settings.routes_file:  # every route's session as a SIP accept would send it: fail at start
@@ -1108,12 +1112,17 @@ class Service:
             self._stranded.pop(call_id, None)
 
     # ------------------------------------------------------------------------------ WebRTC
+    def _browser_accept(self) -> Accept:
+        """The decision a browser's call is answered with: all the app's tools but the transfer."""
+        app, transfer = self.app, self.app.transfer_tool
+        return Accept(
+            tools=None if transfer is None else tuple(n for n in app.tools.names() if n != transfer)
+        )
+
     def browser_plan(self, *, checked: bool = True) -> CallPlan:
         """The app's session for a browser's call: all its tools but the transfer (a REFER needs a phone
         call). ``checked``: its session is validated (as it is sent)."""
-        app, transfer = self.app, self.app.transfer_tool
-        tools = None if transfer is None else tuple(n for n in app.tools.names() if n != transfer)
-        plan = app.plan(Accept(tools=tools))
+        plan = self.app.plan(self._browser_accept())
         if checked:
             validate_accept_payload(plan.session, sip=False)
         return plan
@@ -1208,10 +1217,15 @@ class Service:
         longest = max(self.settings.rtc_key_ttl + HANDOFF_GRACE, self.tickets.remaining(info))
         ttl = longest + NONCE_MARGIN
         with structlog.contextvars.bound_contextvars(call_id=call_id):
+            try:  # (before any claim: a session that cannot be sent spends no ticket, holds no call)
+                plan = self.browser_plan()
+            except SessionConfigError as exc:
+                self.log.error("rtc.config_invalid", call_id=call_id, error=str(exc))
+                return Reply(500, {"error": "session config invalid"})
             # Claims to launch run to their end even when the request is cancelled (the server stopping,
             # as for a webhook's answer): cut short between them, the ticket would be spent and the call
             # left claimed, running with nobody attached. :meth:`close` waits for it, then hangs it up.
-            taking = asyncio.ensure_future(self._rtc_take(call_id, info.nonce, ttl))
+            taking = asyncio.ensure_future(self._rtc_take(call_id, info.nonce, ttl, plan))
             self._answering.add(taking)
             taking.add_done_callback(self._answered)
             try:
@@ -1244,7 +1258,7 @@ class Service:
                 return Reply(502, {"error": "could not attach", "reason": reason})
             return Reply(202, {"status": "attaching", "call_id": call_id})
 
-    async def _rtc_take(self, call_id: str, nonce: str, ttl: float) -> CallRuntime | Reply:
+    async def _rtc_take(self, call_id: str, nonce: str, ttl: float, plan: CallPlan) -> CallRuntime | Reply:
         """:meth:`rtc_handoff`'s claims (the ticket's, then the call's) and its launch, in a task of its
         own: the call's runtime, or the refusal.
 
@@ -1275,7 +1289,7 @@ class Service:
         except StoreUnavailable as exc:  # call and ticket are ours: serve the call all the same
             self.log.warning("store.unavailable", error=str(exc))
             self._settle_later(f"call:{call_id}", call_id=call_id)
-        runtime = self.launch(CallContext(call_id, "webrtc"), self.browser_plan())
+        runtime = self.launch(CallContext(call_id, "webrtc"), plan)
         self.log.info("rtc.handoff")
         return runtime
 

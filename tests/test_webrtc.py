@@ -1032,6 +1032,71 @@ async def test_a_handoff_of_a_call_another_instance_attached_leaves_the_ticket_u
     assert (status, body) == (200, {"status": "attached", "call_id": own.call_id})
 
 
+async def test_a_browser_session_that_cannot_be_sent_spends_no_ticket_and_holds_no_call(stack: Stack) -> None:
+    """The app's config changed after the start so that a browser's session cannot be sent (its forced
+    tool is the transfer, which a browser's call is not offered): the doors answer 500 with one error line,
+    not a traceback, and a handoff refused so leaves its ticket and its call free."""
+    _, minted = await post_json(stack, "/rtc/sessions", {})
+    call = stack.sim.create_webrtc_call(Script([pause(30)]))
+    handoff = {"call_id": call.call_id, "ticket": minted["ticket"]}
+    config = stack.app.config
+    stack.app.config = config.model_copy(
+        update={"tool_choice": {"type": "function", "name": "transfer_call"}}
+    )
+    try:
+        with capture_logs() as logs:
+            assert await post_json(stack, "/rtc/sessions", {}) == (500, {"error": "session config invalid"})
+            assert await post_json(stack, "/rtc/handoff", handoff) == (
+                500,
+                {"error": "session config invalid"},
+            )
+    finally:
+        stack.app.config = config
+    invalid = [e for e in logs if e["event"] == "rtc.config_invalid"]
+    assert [(e["log_level"], e.get("call_id")) for e in invalid] == [("error", None), ("error", call.call_id)]
+    assert all("'transfer_call'" in e["error"] for e in invalid), invalid
+    assert not [e for e in logs if e["event"] == "http.internal_error"]
+    assert await post_json(stack, "/rtc/handoff", handoff) == (
+        200,
+        {"status": "attached", "call_id": call.call_id},
+    )
+
+
+@pytest.mark.parametrize(
+    ("choice", "problem"),
+    [
+        ("required", 'tool_choice "required" with no tools: the model would have none to call'),
+        (
+            {"type": "function", "name": "transfer_call"},
+            "tool_choice names the tool 'transfer_call', which the session does not offer",
+        ),
+    ],
+    ids=["required", "forced_transfer"],
+)
+def test_an_app_whose_browser_calls_would_all_be_refused_does_not_start(
+    simulator: Simulator, choice: Any, problem: str
+) -> None:
+    """A browser's call is not offered the transfer tool: a config only its session cannot be sent with
+    stops the start where the app takes browser calls (every one of them would be refused)."""
+    from sideband import SessionConfig
+    from sideband.service import Service
+    from sideband.session import SessionConfigError
+
+    from .conftest import settings_for
+
+    app = Sideband(
+        instructions="Front desk: transfer every caller.",
+        transfer_targets={"human": "tel:+14155550123"},
+        session=SessionConfig(tool_choice=choice),
+    )
+    app.enable_transfer()
+    Service(settings_for(simulator), app)  # phone calls only: their session offers the transfer
+    app.authorize_browser(lambda request: True)
+    with pytest.raises(SessionConfigError) as info:
+        Service(settings_for(simulator), app)
+    assert str(info.value) == f"the app's session config for browser calls: {problem}"
+
+
 async def test_a_store_failing_as_the_handoff_settles_serves_the_call(stack: Stack) -> None:
     """Call and ticket are claimed when the store fails to settle the call's claim: the call is served all
     the same (a 503 would leave the browser's call without its sideband, its retry refused as attached)."""

@@ -266,6 +266,9 @@ async def rtc_sessions(request: web.Request) -> web.Response:
         return busy
     try:
         body = await service.rtc_session()
+    except SessionConfigError as exc:
+        log.error("rtc.config_invalid", error=str(exc))
+        return _json(500, {"error": "session config invalid"})
     except UpstreamError as exc:
         log.error("rtc.mint_failed", status=exc.status, error=str(exc))
         return _json(502, {"error": "could not mint a client secret"})
