@@ -1586,6 +1586,13 @@ def test_speech_reported_before_the_engine_took_codes_text_holds_no_answer_back(
     assert types(tool_round("resp_3", "call_2")) == ["conversation.item.create"]  # (the caller speaks)
     assert creates(m.receive({"type": "input_audio_buffer.speech_stopped", "item_id": "item_b"})) == []
     assert creates(m.timer("turn")) == [""]  # (the engine did not answer their turn: we ask)
+    # OpenAI answers no text by itself: the text's create waits for the caller's speech, whenever reported.
+    o = live_machine()
+    assert types(o.user_text("[keypad] 42")) == ["conversation.item.create", "response.create"]
+    o.receive({"type": "input_audio_buffer.speech_started", "item_id": "item_c"})
+    o.receive({"type": "response.created", "response": {"id": "resp_k"}})
+    o.receive(response_done("resp_k", output=[function_call("call_3")]))
+    assert types(o.tool_done("call_3", "{}")) == ["conversation.item.create"]
 
 
 def test_a_goodbye_asked_for_before_the_engine_confirmed_the_session_waits_for_it() -> None:

@@ -529,8 +529,9 @@ class CallMachine:
         self._filler_due = False  # a filler came due while the line was not quiet
         self._speaking = False  # the caller is mid-utterance (speech_started, no speech_stopped yet)
         self._speech_capped = False  # SPEECH_CAP ended the utterance before its speech_stopped came
-        # Code's text went out, and the server has not shown it took it yet (its item, or a response): the
-        # caller's speech it reports meanwhile is of audio sent before the text (see _on_caller_activity).
+        # Code's text went out to a server that answers it by itself, and it has not shown it took it yet
+        # (its item, or a response): the caller's speech it reports meanwhile is of audio sent before the
+        # text (see _on_caller_activity).
         self._text_out = False
         self._speech_reported = False  # the server reports the caller's speech (speech_started)
         self._turn_wait = False  # the caller's speech ended: the server's answer to it may be on its way
@@ -1167,7 +1168,6 @@ class CallMachine:
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
         send = Send({"type": "conversation.item.create", "item": item})
         actions = self._caller_turn()
-        self._text_out = True
         if text.strip():  # the caller's line of the transcript (no transcription event comes for text)
             actions.append(Notice("transcript", {"role": "caller", "text": text.strip()}))
         if self._live:
@@ -1182,6 +1182,7 @@ class CallMachine:
         if not self._turn_wait:  # its answer is on its way: what we would start would replace it
             self._turn_wait = True
             actions.append(StartTimer(_TURN, TURN_GRACE))
+        self._text_out = True  # (speech it reports before it takes the text is dropped too)
         # The server answers the text at once, caller's speech or not: the utterance it reported holds
         # nothing of ours back any more (the rest of that answer, a goodbye), lest a stop that never
         # comes (audio that stopped mid-speech) keep it waiting.
