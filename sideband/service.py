@@ -197,6 +197,14 @@ def _uncertain_key(call_id: str) -> str:
     return f"accept_uncertain:{call_id}"
 
 
+class _RunElsewhere(Exception):
+    """A redelivery found its call run by another live instance (its claims had run out, unsettled)."""
+
+    def __init__(self, owner: str) -> None:
+        super().__init__(owner)
+        self.owner = owner
+
+
 class Service:
     """Owns the store, the call-control client, the call registry and the app. One per process."""
 
@@ -557,6 +565,10 @@ class Service:
         tokens = structlog.contextvars.bind_contextvars(call_id=data.call_id)
         try:
             reply = await self._incoming(webhook_id, data, event, received)
+        except _RunElsewhere as exc:  # (settled below: the claims it found free are held again)
+            self.counters["webhook_duplicate"] += 1
+            self.log.info("webhook.duplicate", **fields, running_on=exc.owner)
+            reply = Reply(200, {"status": "duplicate"})
         except StoreUnavailable:
             store_down = True
             raise
@@ -860,6 +872,10 @@ class Service:
                         raise
                     gone = exc
                 if gone is not None:
+                    if inherited:
+                        # An earlier delivery's accept went through, and its instance runs the call (its
+                        # claims ran out unsettled): not a second time.
+                        await self._not_run_elsewhere(call_id)
                     # Not ringing any more: maybe because an unanswered attempt (of this delivery or an
                     # earlier one) accepted it. Attaching tells (a call that is really gone refuses the
                     # sideband and the runtime ends).
@@ -929,7 +945,17 @@ class Service:
             return False
         return True
 
+    async def _not_run_elsewhere(self, call_id: str) -> None:
+        """Raise :class:`_RunElsewhere` when a live instance runs ``call_id``, as the shared ledger has
+        it: a redelivery that reached this instance once the claims of the one that answered it ran out
+        (the store failed to settle them), or a stranded call being hung up."""
+        if isinstance(self.store, CallLedger):
+            owner = await self.store.running(call_id)
+            if owner is not None:
+                raise _RunElsewhere(owner)
+
     async def _hang_up_uncertain(self, call_id: str) -> Reply:
+        await self._not_run_elsewhere(call_id)  # (a call up, with someone behind it)
         self.log.warning("call.accept_uncertain", status=404, action="hangup")
         try:
             await self._retrying(lambda t: self.control.hangup(call_id, timeout=t))

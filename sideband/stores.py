@@ -115,6 +115,11 @@ class CallLedger(Protocol):
         """Drop ``instance`` and its calls (at its own clean stop)."""
         ...
 
+    async def running(self, call_id: str) -> str | None:
+        """The instance whose lease is live that records ``call_id`` among its calls (it runs the call,
+        or is hanging it up), or None."""
+        ...
+
 
 class MemoryStore:
     """Claims in this process's memory: right for one instance. Expired keys are purged lazily."""
@@ -327,6 +332,21 @@ class RedisStore:
         pipe.delete(f"{p}alive:{instance}", f"{p}calls:{instance}", f"{p}sweep:{instance}")
         pipe.srem(f"{p}instances", instance)
         await self._call(pipe.execute())
+
+    async def running(self, call_id: str) -> str | None:
+        p = self._prefix
+        instances = sorted(_text(i) for i in await self._call(self._redis.smembers(f"{p}instances")))
+        if not instances:
+            return None
+        pipe = self._redis.pipeline(transaction=False)
+        for instance in instances:
+            pipe.exists(f"{p}alive:{instance}")
+            pipe.sismember(f"{p}calls:{instance}", call_id)
+        found = await self._call(pipe.execute())
+        for instance, alive, runs in zip(instances, found[::2], found[1::2], strict=True):
+            if alive and runs:
+                return instance
+        return None
 
     async def _let_go(self, key: str, gone: str, mine: str) -> None:
         """:meth:`_letting_go_of`, waited for: to its end even if the caller is cancelled (again) meanwhile;

@@ -18,7 +18,7 @@ import pytest_asyncio
 import redis
 import redis.asyncio as aioredis
 
-from sideband import CallContext
+from sideband import CallContext, Reject
 from sideband.runtime.driver import CallRegistry, CallRuntime
 from sideband.service import HANGUP_BUDGET, ORPHANS_AT_ONCE, Service
 from sideband.settings import SettingsError, load_settings
@@ -569,6 +569,92 @@ async def test_claims_a_settle_failed_to_keep_are_settled_once_the_store_answers
         assert json.loads(other.bodies[-1] or b"{}") == {"status": "duplicate"}
         assert accepts(simulator, call.call_id) == 1 and call.sideband_connects == 1
         await simulator.hang_up(call)
+
+
+class SettleFailing:
+    """An instance's Redis store, but its settles fail until ``healed`` (it cannot reach Redis from the
+    moment it settles a call's claims); all else, its ledger too, as the store's."""
+
+    def __init__(self, inner: RedisStore) -> None:
+        self.inner, self.where, self.healed = inner, inner.where, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def settle(self, key: str, ttl: float) -> None:
+        if not self.healed:
+            raise StoreUnavailable("redis at redis://cache:6379/0: Connection refused")
+        await self.inner.settle(key, ttl)
+
+
+@pytest.mark.parametrize("b_decides", ["accept", "reject"])
+async def test_a_redelivery_of_a_call_another_instance_runs_is_a_duplicate_there(
+    simulator: Simulator, store: RedisStore, redis_server: RedisServer, b_decides: str
+) -> None:
+    """A accepts a call, and the store fails as A settles its claims for longer than they stay pending:
+    they run out while A runs the call, but A's ``accept_uncertain:`` mark stays. The webhook's
+    redelivery lands on B, whose accept (or reject: B is full, say) finds the call no longer ringing and
+    the mark held: the ledger says A runs the call, so B answers ``duplicate`` (and settles the claims)
+    rather than attach a second sideband, or hang up A's call."""
+    settings = {**TEST_SETTINGS, "redis_url": redis_server.url}
+    b_app = make_app()
+    if b_decides == "reject":
+        b_app.on_incoming(lambda call: Reject(486))
+    async with (
+        run_app(make_app(), simulator, **settings) as a,
+        run_app(b_app, simulator, **settings) as b,
+    ):
+        call = simulator.create_call(Script([pause(30)]))
+        recorded, record = asyncio.Event(), a.service.store.record  # (A's ledger: its RedisStore)
+
+        async def noted(instance: str, calls: Any, lease: float) -> None:
+            await record(instance, calls, lease)
+            if instance == a.service.instance_id and call.call_id in calls:
+                recorded.set()
+
+        a.service.store.record = noted  # type: ignore[method-assign]
+        a.service.store = SettleFailing(a.service.store)  # type: ignore[arg-type]
+        event = simulator.incoming_event(call)
+        first = await a.sender.deliver(event, webhook_id="wh_x", max_attempts=1)
+        assert json.loads(first.bodies[-1] or b"{}") == {"status": "accepted"}
+        await call.wait_connected(1, timeout=5)
+        await asyncio.wait_for(recorded.wait(), 5)  # A's ledger holds the call
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            claims = (f"sideband:call:{call.call_id}", "sideband:webhook:wh_x")
+            assert [(await raw.get(k) or b"")[:2] for k in claims] == [b"p:", b"p:"]  # unsettled
+            await raw.delete(*claims)  # as their TTL would
+            with capture_logs() as logs:
+                again = await b.sender.deliver(event, webhook_id="wh_x", max_attempts=1)
+            assert (again.status, json.loads(again.bodies[-1] or b"{}")) == (200, {"status": "duplicate"})
+            assert [(await raw.get(k) or b"")[:2] for k in claims] == [b"s:", b"s:"]  # settled by B
+        finally:
+            await raw.aclose()
+        duplicate = [e for e in logs if e["event"] == "webhook.duplicate"]
+        assert [(e["call_id"], e["webhook_id"], e["running_on"]) for e in duplicate] == [
+            (call.call_id, "wh_x", a.service.instance_id)
+        ]
+        assert not [e for e in logs if e["event"] == "call.accept_uncertain"]
+        assert call.call_id in a.service.registry and call.call_id not in b.service.registry
+        assert call.sideband_connects == 1 and not call.hangup_requested and call.status == "accepted"
+        assert b.service.counters["webhook_duplicate"] == 1 and b.service.counters["accepted"] == 0
+        a.service.store.healed = True  # type: ignore[attr-defined]
+        await simulator.hang_up(call)
+
+
+async def test_the_ledger_names_the_live_instance_that_runs_a_call(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await store.running("c1") is None  # (no instance at all)
+        await store.record("a", ["c1"], 30)
+        await store.record("b", ["c2"], 30)
+        assert [await store.running(c) for c in ("c1", "c2", "c3")] == ["a", "b", None]
+        await raw.delete("sideband:alive:a")  # A's lease ran out: its calls are nobody's
+        assert await store.running("c1") is None
+    finally:
+        await raw.aclose()
 
 
 async def test_the_calls_of_an_instance_that_died_are_hung_up_by_another(
@@ -1242,6 +1328,9 @@ class LedgerBreakingOnce(MemoryStore):
         return None
 
     async def forget(self, instance: str) -> None:
+        return None
+
+    async def running(self, call_id: str) -> str | None:
         return None
 
 
