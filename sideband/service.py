@@ -674,22 +674,45 @@ class Service:
     def _settle_later(self, *keys: str, call_id: str) -> None:
         """Settle ``keys``, which the store failed to settle, once it answers again (until it does or
         the service closes): their pending claims would run out, and the work they guard be done again."""
-        task = asyncio.ensure_future(self._settle_until_done(keys, call_id))
+
+        async def settle() -> None:
+            for key in keys:
+                await self.store.settle(key, self.settings.dedup_ttl)
+
+        self._store_later(settle, call_id, "store.settled")
+
+    async def _release_mark(self, call_id: str) -> None:
+        """Give back ``call_id``'s ``accept_uncertain:`` mark: its accept did not go through (refused, or
+        the call gone while ringing). Best effort: a store that fails leaves it to be released once it
+        answers again, and the answer goes on (the caller must not be left ringing for it)."""
+        key = _uncertain_key(call_id)
+        try:
+            await self.store.release(key)
+        except StoreUnavailable:
+            self._store_later(functools.partial(self.store.release, key), call_id, None)
+
+    def _store_later(self, command: Callable[[], Awaitable[None]], call_id: str, done: str | None) -> None:
+        """Run ``command``, which the store failed, once it answers again (tried after
+        :data:`SETTLE_RETRY` seconds, the wait doubling up to :data:`SETTLE_RETRY_MAX`), until it goes
+        through or the service closes; then log ``done`` (if any)."""
+        task = asyncio.ensure_future(self._until_stored(command, call_id, done))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _settle_until_done(self, keys: tuple[str, ...], call_id: str) -> None:
+    async def _until_stored(
+        self, command: Callable[[], Awaitable[None]], call_id: str, done: str | None
+    ) -> None:
         delay, tries = SETTLE_RETRY, 0
         while True:
             await asyncio.sleep(delay)
             tries += 1
             try:
-                for key in keys:
-                    await self.store.settle(key, self.settings.dedup_ttl)
+                await command()
             except StoreUnavailable:
                 delay = min(delay * 2, SETTLE_RETRY_MAX)
                 continue
-            self.log.info("store.settled", call_id=call_id, tries=tries)
+            if done is not None:
+                self.log.info(done, call_id=call_id, tries=tries)
             return
 
     async def _duplicate(self, key: str, fields: dict[str, Any]) -> Reply:
@@ -868,7 +891,7 @@ class Service:
                     gone = await self._retrying(accept, on_retry=accept_retry)
                 except CallGone as exc:
                     if not uncertain and not inherited:
-                        await self.store.release(marker)  # gone while ringing: nothing to remember
+                        await self._release_mark(call_id)  # gone while ringing: nothing to remember
                         raise
                     gone = exc
                 if gone is not None:
@@ -930,7 +953,7 @@ class Service:
             if plan is not None and not (uncertain or inherited or exc.maybe_carried_out):
                 # Every attempt was answered, and refused: the call was not accepted. (Otherwise the mark
                 # stays: the redelivery that finds the call no longer ringing must attach.)
-                await self.store.release(_uncertain_key(call_id))
+                await self._release_mark(call_id)
             if exc.retryable:
                 return _retry_later()
             if isinstance(decision, Reject):
@@ -941,7 +964,8 @@ class Service:
         """Whether an earlier delivery's accept of ``call_id`` may have gone through (it holds the mark)."""
         key = _uncertain_key(call_id)
         if await self.store.claim(key, 1.0):
-            await self.store.release(key)
+            with contextlib.suppress(StoreUnavailable):  # (else it runs out in a second)
+                await self.store.release(key)
             return False
         return True
 

@@ -27,6 +27,7 @@ from sideband.upstream.openai import (
 )
 
 from .conftest import TEST_SETTINGS, Stack, capture_logs, make_app
+from .test_edge import StoreFailingOnce
 
 
 def _status(result: Any) -> tuple[int, str]:
@@ -85,6 +86,32 @@ async def test_a_refused_accept_leaves_no_mark_for_its_redeliveries(stack: Stack
     stack.sim.fail_accept(call.call_id, 422)
     await stack.sender.deliver(stack.sim.incoming_event(call), max_attempts=1)
     assert await stack.service.store.claim(f"accept_uncertain:{call.call_id}", 1.0)  # nothing kept
+
+
+@pytest.mark.parametrize(("refusal", "answer"), [(400, "rejected"), (404, "call_gone")])
+async def test_a_refused_accept_whose_mark_the_store_fails_to_give_back_is_answered_all_the_same(
+    stack: Stack, refusal: int, answer: str
+) -> None:
+    """The accept is refused for good (400), or finds the call gone while ringing (404), and the store
+    fails as its ``accept_uncertain:`` mark is given back: the call is rejected (or the webhook answered
+    ``call_gone``) all the same, not answered 503 with the mark kept, for the redelivery to take the same
+    400 for an earlier accept that went through and attach to a call that still rings. The mark is given
+    back once the store answers."""
+    store = StoreFailingOnce(stack.service.store, "accept_uncertain:", at="release")
+    stack.service.store = store
+    call = stack.sim.create_call(Script([]))
+    stack.sim.fail_accept(call.call_id, refusal, refusal)
+    event = stack.sim.incoming_event(call)
+    first = await stack.sender.deliver(event, webhook_id="wh_m", max_attempts=1)
+    assert store.failed and _status(first) == (200, answer)
+    if refusal == 400:
+        assert call.status == "rejected"
+        assert call.reject_body == {"status_code": stack.settings.route_failure_status}
+    await asyncio.wait_for(asyncio.gather(*stack.service._settling), 5)
+    assert await store.claim(f"accept_uncertain:{call.call_id}", 1.0)  # given back
+    again = await stack.sender.deliver(event, webhook_id="wh_m", max_attempts=1)
+    assert _status(again) == (200, "duplicate")
+    assert call.sideband_connects == 0 and not stack.service.registry.recent
 
 
 @pytest.mark.parametrize("gateway_status", [502, 504])

@@ -756,8 +756,9 @@ async def test_a_redelivered_event_of_another_type_is_acknowledged_as_a_duplicat
 
 
 class StoreFailingOnce:
-    """The service's claim store, but the first claim (or, ``at="settle"``, settle) of a key starting with
-    ``prefix`` fails as an unreachable Redis would. ``ttls``: each key claimed, with its TTL."""
+    """The service's claim store, but the first claim (or, ``at="settle"`` or ``"release"``, settle or
+    release) of a key starting with ``prefix`` fails as an unreachable Redis would. ``ttls``: each key
+    claimed, with its TTL."""
 
     def __init__(self, inner: ClaimStore, prefix: str, at: str = "claim") -> None:
         self.inner, self.prefix, self.at, self.failed = inner, prefix, at, False
@@ -782,6 +783,7 @@ class StoreFailingOnce:
         return await self.inner.settled(key)
 
     async def release(self, key: str) -> None:
+        self._fail("release", key)
         await self.inner.release(key)
 
     async def open(self) -> None:
