@@ -247,6 +247,7 @@ class Service:
         self._sweep_holds: str | None = None  # the dead instance the sweep holds (until it is swept)
         self._launched = asyncio.Event()  # a call started since the ledger's last record
         self._stranded: dict[str, asyncio.Task[None]] = {}  # calls whose hangup failed, hung up again
+        self._left = False  # the close has taken the calls still up: none is hung up again from now
         self.requests = 0
         """Requests being handled (kept by the edge): a shutdown lets them finish before it stops."""
         self._no_requests = asyncio.Event()
@@ -440,6 +441,9 @@ class Service:
         stranded = sorted(self._stranded)
         # Calls whose hangup failed, and those whose task did not stop (calls.abandoned): may be up.
         left = sorted(self._stranded.keys() | self.registry.calls.keys())
+        # One of those that ends hangup_failed later is not hung up again (the HTTP session is closed
+        # by then): it is in the ledger, for another instance.
+        self._left = True
         stopping = [
             *self._settling,
             *self._stranded.values(),
@@ -1134,7 +1138,7 @@ class Service:
 
     def _strand(self, call_id: str) -> None:
         """Hang ``call_id`` up again later (or leave it in the ledger at close): it may still be up."""
-        if call_id not in self._stranded:
+        if call_id not in self._stranded and not self._left:
             self._stranded[call_id] = asyncio.ensure_future(self._hang_up_later(call_id))
             self._launched.set()  # (the ledger records it now)
 

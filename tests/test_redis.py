@@ -964,7 +964,8 @@ async def test_a_call_abandoned_at_a_stop_is_left_in_the_ledger_for_another_inst
 ) -> None:
     """A stops, and a call's task does not stop with it (``calls.abandoned``: a bug; the call's hangup
     was refused, it may be up): the call stays in A's ledger, and once A's lease has run out B hangs
-    it up."""
+    it up. When the task ends at last (``hangup_failed``), A, stopped, does not start hanging it up again
+    (its HTTP session is closed: that could only fail)."""
     monkeypatch.setitem(CallRegistry.drain.__kwdefaults__, "grace", 0.2)  # (5 s otherwise)
     settings = {**TEST_SETTINGS, "redis_url": redis_server.url, "orphan_after": 1.0}
     call = simulator.create_call(Script([pause(30)]))
@@ -992,6 +993,10 @@ async def test_a_call_abandoned_at_a_stop_is_left_in_the_ledger_for_another_inst
                     ).status == 200
                     await call.wait_connected(timeout=5)
                     owner = a.service.instance_id
+                    task, runtime = (
+                        a.service.registry._tasks[call.call_id],
+                        a.service.registry.calls[call.call_id],
+                    )
                 abandoned = [e["calls"] for e in logs if e["event"] == "calls.abandoned"]
                 assert abandoned == [[f"call:{call.call_id}"]]
                 raw = aioredis.Redis.from_url(redis_server.url)
@@ -1004,6 +1009,10 @@ async def test_a_call_abandoned_at_a_stop_is_left_in_the_ledger_for_another_inst
             assert call.end_reason == "hangup_verb"
             swept = [(e["call_id"], e["owner"], e["outcome"]) for e in logs if e["event"] == "call.orphaned"]
             assert swept == [(call.call_id, owner, "hung_up")]
+            let_go.set()
+            await asyncio.wait({task}, timeout=5)
+            assert task.done() and runtime.summary.reason == "hangup_failed"
+            assert not a.service._stranded
     finally:
         let_go.set()
 
