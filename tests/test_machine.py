@@ -2400,6 +2400,33 @@ def test_text_the_engine_answers_ends_the_hold_of_an_utterance_whose_stop_never_
     assert types(m.receive(SPEECH_STOPPED) + m.timer("turn")) == ["response.create"]
 
 
+def test_a_refused_text_is_waited_for_no_more() -> None:
+    """The engine refused code's text: no answer to it comes, so what waited for one starts now, not
+    after TURN_GRACE. The answer to a silence still due is waited for; where we ask for the answer to text
+    ourselves, nothing waited."""
+    m = machine(caps=ENGINE_CAPABILITIES)
+    m.start()
+    m.receive({"type": "session.created", "session": {"id": "s"}})
+    m.receive({"type": "session.updated", "session": {}})
+    m.user_text("something forbidden")
+    assert m.say("Anything else?") == [] and m.response_pending  # (held for the text's answer)
+    actions = m.text_refused()
+    assert CancelTimer("turn") in actions and types(actions) == ["response.create"]
+    assert m.text_refused() == []  # (our create is what is pending now)
+
+    m = machine(caps=ENGINE_CAPABILITIES)
+    m.start()
+    m.receive({"type": "session.created", "session": {"id": "s"}})
+    m.receive({"type": "session.updated", "session": {}})
+    m.user_text("hello")
+    m.receive({"type": "input_audio_buffer.timeout_triggered", "item_id": "i1"})  # (before the refusal)
+    assert m.text_refused() == [] and m.response_pending  # the engine's prompt is still on its way
+
+    m = live_machine()
+    assert types(m.user_text("hello")) == ["conversation.item.create", "response.create"]
+    assert m.text_refused() == []
+
+
 def idle_prompt(m: CallMachine, resp: str, item: str, *, then_caller: str | None = None) -> list[Action]:
     """The server's turn detection prompts a silent caller (``idle_timeout_ms``): the silence committed as
     an empty item (transcribed as nothing), then a spoken response of its own, played out."""

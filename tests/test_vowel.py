@@ -1121,6 +1121,22 @@ async def test_a_turn_the_engine_refuses_fails_at_once_and_the_session_carries_o
     assert [(r["engine_error"], r["call_id"]) for r in refused] == [("invalid_value", session.call_id)]
 
 
+async def test_the_turn_after_a_refused_one_does_not_wait_for_the_refused_texts_answer(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """No answer to a refused text will come: the next turn goes out at once, not after the grace a
+    turn's answer is given to start (which would take all of a short timeout: the text not sent)."""
+    vowel.script([when("forbidden", refuse="Message content is not allowed")])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        with pytest.raises(EngineError) as caught:
+            await session.say("something forbidden")
+        assert caught.value.reason == "turn_refused"
+        assert not session.runtime.machine.response_pending  # nothing is expected any more
+        reply = await session.say("hello again", timeout=TURN_GRACE / 2)
+    assert reply.text == "I heard you."
+    assert vowel.sessions[0].user_texts == ["hello again"]
+
+
 @pytest.mark.parametrize("code", [1012, 1000])
 async def test_a_refused_turn_is_not_named_as_the_cause_of_a_later_close(
     vowel: VowelSimulator, code: int

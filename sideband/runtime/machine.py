@@ -1225,6 +1225,18 @@ class CallMachine:
             self._track((event_id, None))
         return [Send(event)]
 
+    def text_refused(self) -> list[Action]:
+        """The server refused code's user text (an ``error`` in its answer's place, on a server that
+        answers text by itself): no answer to it will come, so what waited for one may start now rather
+        than after :data:`TURN_GRACE`. The wait for the answer to a silence (the server's idle prompt)
+        stands."""
+        if self._closed is not None or not self._turn_wait or self._prompt_due:
+            return []
+        if not self.caps.responds_to_user_text:  # (no wait was started for it)
+            return []
+        self._turn_wait = False
+        return [CancelTimer(_TURN), *self._progress(), *self._rearm_filler()]
+
     def updated_field(self, path: tuple[str, ...], default: Any = None) -> Any:
         """What code's updates set of one session field (by path: ``("audio", "output", "voice")``,
         ``("tools",)``), as sent and not refused by the server: the value a re-attach sends again;

@@ -132,16 +132,18 @@ class _EngineMachine(CallMachine):
     while the session waits for the engine's answer to what it sent (:attr:`on_error`, set only then:
     otherwise a handled event costs one call and one attribute check more): ``session.updated`` as the
     session starts, or the start of a turn's reply (:attr:`until_reply`: that watch ends at
-    ``response.created``, after which an error is not about the turn's text)."""
+    ``response.created``, after which an error is not about the turn's text). When ``on_error`` takes
+    the error for the engine's refusal of the turn's text (it returns ``True``), nothing waits for that
+    text's answer any more (:meth:`CallMachine.text_refused`)."""
 
     __slots__ = ("on_error", "until_reply")
 
     def __init__(self, config: MachineConfig, caps: Capabilities) -> None:
         super().__init__(config, caps)
-        self.on_error: Callable[[dict[str, Any]], None] | None = None
+        self.on_error: Callable[[dict[str, Any]], bool] | None = None
         self.until_reply = False
 
-    def watch(self, on_error: Callable[[dict[str, Any]], None] | None, *, until_reply: bool = False) -> None:
+    def watch(self, on_error: Callable[[dict[str, Any]], bool] | None, *, until_reply: bool = False) -> None:
         """Hand ``error`` events to ``on_error`` from now on (``None``: no more)."""
         self.on_error, self.until_reply = on_error, until_reply
 
@@ -154,7 +156,8 @@ class _EngineMachine(CallMachine):
                 self.on_error = None
             elif kind == "error":
                 error = event.get("error")
-                self.on_error(error if isinstance(error, dict) else {})
+                if self.on_error(error if isinstance(error, dict) else {}):
+                    actions = [*actions, *self.text_refused()]  # (applied with the rest)
         return actions
 
 
@@ -330,15 +333,15 @@ class EngineSession:
         self._log.info("vowel.session_created", engine_session_id=self.engine_session_id)
         return self
 
-    def _setup_refused(self, error: dict[str, Any], refused: asyncio.Event) -> None:
+    def _setup_refused(self, error: dict[str, Any], refused: asyncio.Event) -> bool:
         """An ``error`` event came while the session waited for ``session.updated``: the engine's answer
         to our ``session.update`` (the only event sent by then), such as a tool schema it could not take,
         after which no ``session.updated`` comes and the socket stays open. The start fails at once with
         the engine's code and message (``setup_failed``). An error that ended the session (a limit) is
-        left to the session's end, which names it."""
+        left to the session's end, which names it. Returns ``False``: no text was refused."""
         machine = self._machine
         if machine is None or machine.session_ready or machine.closed is not None or self.end_reason:
-            return
+            return False
         code = str(error.get("code") or error.get("type") or "") or None
         said = " ".join(str(error.get("message") or "").split())[:200] or None
         self._log.warning("vowel.setup_failed", engine_error=code, message=said)
@@ -349,6 +352,7 @@ class EngineSession:
         self._set_end("setup_failed", message)
         self._end_error = (code, said)
         refused.set()
+        return False
 
     async def _mint(self, core: VowelCore) -> Token:
         settings = self.settings
@@ -518,11 +522,12 @@ class EngineSession:
                 self._turn = None
                 del future  # it may hold the error raised here, whose traceback holds this frame
 
-    def _turn_refused(self, error: dict[str, Any]) -> None:
+    def _turn_refused(self, error: dict[str, Any]) -> bool:
         """An ``error`` event came while the turn's text waited for its answer to start: the engine's
         answer to that text if it is a refusal of one client event (``invalid_request_error``), unless it
         names the client event it answers (``event_id``: the text carries none). The turn fails at once
-        with the engine's code and message. Any other error (the engine failing: ``error``, then
+        with the engine's code and message, and ``True`` is returned: no answer to the text will come,
+        and the next turn need not wait for one. Any other error (the engine failing: ``error``, then
         ``response.done`` failed and close 1011; a limit's ``session_timeout``), or one that ended the
         session, is left to the session's end, which names it."""
         turn, machine = self._turn, self._machine
@@ -534,10 +539,10 @@ class EngineSession:
             or error.get("type") != _REFUSAL
             or (isinstance(event_id, str) and event_id)
         ):
-            return
+            return False
         machine.watch(None)
         if machine.closed is not None:
-            return
+            return False
         self._excused = machine.last_error
         code = str(error.get("code") or error.get("type") or "") or None
         said = " ".join(str(error.get("message") or "").split())[:200] or None
@@ -551,6 +556,7 @@ class EngineSession:
                 engine_message=said,
             )
         )
+        return True
 
     async def _until_quiet(self, limit: float, deadline: float) -> None:
         """Wait until no response is under way, owed or expected (the engine's answer to a hook's text)
