@@ -2125,6 +2125,25 @@ async def test_a_say_that_finds_the_engine_answering_past_its_timeout_sends_noth
     assert "Are you there?" not in vowel.sessions[0].user_texts
 
 
+async def test_a_say_queued_behind_another_turn_keeps_to_its_timeout(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """A say() waiting for another say()'s turn to end counts that wait in its timeout: once it is up,
+    its text is not sent and the session carries on."""
+    started = a_tool_that_never_answers(app, vowel, "hold", "hold on")
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        first = asyncio.ensure_future(session.say("hold on"))
+        await asyncio.wait_for(started.wait(), 5)
+        async with asyncio.timeout(5):  # (far past its own timeout)
+            with pytest.raises(EngineError) as caught:
+                await session.say("Are you there?", timeout=0.2)
+        assert caught.value.reason == "reply_timeout" and "not sent" in str(caught.value)
+        assert session.live and session.end_reason is None and not first.done()
+        await session.abort()  # (not a close, which would wait for the tool)
+        await asyncio.gather(first, return_exceptions=True)
+    assert "Are you there?" not in vowel.sessions[0].user_texts
+
+
 async def test_a_says_timeout_bounds_the_whole_turn_the_wait_for_quiet_included(
     vowel: VowelSimulator, app: Sideband
 ) -> None:

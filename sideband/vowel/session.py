@@ -474,7 +474,9 @@ class EngineSession:
     # ------------------------------------------------------------------------------ driving
     async def say(self, text: str, *, timeout: float | None = None) -> Reply:
         """Send a user text turn and wait for the assistant's reply (tools it ran included), for at most
-        ``timeout`` seconds in all (``reply_timeout`` by default).
+        ``timeout`` seconds in all (``reply_timeout`` by default), the wait for the turns before it
+        included: one still under way when the time is up leaves this one's text unsent
+        (``reply_timeout``; the session carries on).
 
         The engine answers user text by itself: no ``response.create`` is sent for it. A reply already
         under way or on its way (a hook's ``ctx.say()`` or text, the tools of an earlier reply) is waited
@@ -487,12 +489,20 @@ class EngineSession:
         """
         if not text.strip():
             raise ValueError("say() needs some text")
-        async with self._turn_lock:
+        limit = self.reply_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit  # (the whole turn's: the waits for the turns before it count)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._turn_lock.acquire()
+        except TimeoutError:
+            message = (
+                f"an earlier say() was still waiting for its reply after {limit:g} s: the text was not sent"
+            )
+            raise EngineError("reply_timeout", message) from None
+        try:
             await self._ready()
             runtime = self.runtime
-            limit = self.reply_timeout if timeout is None else timeout
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + limit  # (the whole turn's: the wait for quiet counts)
             await self._until_quiet(limit, deadline)
             summary = runtime.summary
             future: asyncio.Future[Reply] = loop.create_future()
@@ -521,6 +531,8 @@ class EngineSession:
                 machine.watch(None)  # (the machine would hold this session)
                 self._turn = None
                 del future  # it may hold the error raised here, whose traceback holds this frame
+        finally:
+            self._turn_lock.release()
 
     def _turn_refused(self, error: dict[str, Any]) -> bool:
         """An ``error`` event came while the turn's text waited for its answer to start: the engine's
