@@ -1961,6 +1961,39 @@ async def test_dial_shows_a_reply_cut_short(vowel: VowelSimulator) -> None:
     assert "agent: I heard you." in lines and lines[-1] == "end: closed"
 
 
+@pytest.mark.parametrize("from_stdin", [False, True])
+async def test_dial_carries_on_past_a_refused_turn(vowel: VowelSimulator, from_stdin: bool) -> None:
+    """A refused turn is one ``refused:`` line and the next turn follows (the session carries on); the
+    status then says a turn failed, the last refusal ending stderr."""
+    vowel.script([when("forbidden", refuse="Message content is not allowed")])
+    turns = ["something forbidden", "hello", "forbidden again", "bye"]
+    out, err = io.StringIO(), io.StringIO()
+    if from_stdin:
+        stdin = io.StringIO("".join(f"{turn}\n" for turn in turns))
+        code = await run_dial(settings_for(vowel), make_app(), out=out, err=err, stdin=stdin)
+    else:
+        code = await run_dial(settings_for(vowel), make_app(), turns, out=out, err=err)
+    assert code == 1
+    lines = out.getvalue().splitlines()
+    refusal = "refused: invalid_value: Message content is not allowed"
+    assert lines[1:] == [
+        "you: something forbidden",
+        refusal,
+        "you: hello",
+        "agent: I heard you.",
+        "you: forbidden again",
+        refusal,
+        "you: bye",
+        "agent: I heard you.",
+        "end: closed",
+    ]
+    assert vowel.sessions[0].user_texts == ["hello", "bye"]
+    assert err.getvalue().splitlines()[-1] == (
+        "sideband: vowel engine refused the turn's text (invalid_value: Message content is not allowed)"
+        " (2 turns refused)"
+    )
+
+
 def test_dial_names_a_missing_setting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

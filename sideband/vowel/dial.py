@@ -94,6 +94,23 @@ async def _next_line(queue: asyncio.Queue[str | InputFailed | None], session: En
     raise EngineError(session.end_reason or "closed", session.end_message or "the session ended")
 
 
+async def _turn(session: EngineSession, text: str, printer: _Printer, refused: list[EngineError]) -> bool:
+    """One user turn, its reply printed, or the engine's refusal of its text (``refused: …``, added to
+    ``refused``: the session carries on). ``True`` once the session ended with the reply."""
+    try:
+        reply = await session.say(text)
+    except EngineError as exc:
+        if exc.reason != "turn_refused":
+            raise
+        refused.append(exc)
+        printer.line(
+            "refused", ": ".join(part for part in (exc.code, exc.engine_message) if part) or str(exc)
+        )
+        return False
+    printer.reply(reply)
+    return reply.ended is not None
+
+
 async def converse(
     session: EngineSession,
     says: Sequence[str] | None,
@@ -101,17 +118,17 @@ async def converse(
     *,
     stdin: TextIO | None = None,
     echo: bool = True,
-) -> None:
-    """Send each of ``says`` (or each line of ``stdin``) as a user turn and print the replies. Raises
-    :class:`InputFailed` when ``stdin`` cannot be read."""
+) -> list[EngineError]:
+    """Send each of ``says`` (or each line of ``stdin``) as a user turn and print the replies; a turn the
+    engine refuses is printed as ``refused: …`` and the next follows. Returns those refusals
+    (``turn_refused``). Raises :class:`InputFailed` when ``stdin`` cannot be read."""
+    refused: list[EngineError] = []
     if says:
         for text in says:
             printer.line("you", text)
-            reply = await session.say(text)
-            printer.reply(reply)
-            if reply.ended:
-                return
-        return
+            if await _turn(session, text, printer, refused):
+                break
+        return refused
     source: TextIO | None = stdin or sys.stdin
     if source is None:  # (the process was started with its stdin closed)
         raise InputFailed("it is closed")
@@ -126,15 +143,13 @@ async def converse(
             printer.out.flush()
         line = await _next_line(queue, session)
         if line is None:
-            return
+            return refused
         if not line.strip():
             continue
         if echo and not interactive:
             printer.line("you", line)
-        reply = await session.say(line)
-        printer.reply(reply)
-        if reply.ended:
-            return
+        if await _turn(session, line, printer, refused):
+            return refused
 
 
 async def run_dial(
@@ -147,13 +162,15 @@ async def run_dial(
     stdin: TextIO | None = None,
 ) -> int:
     """Open a trusted-server session, hold the conversation, close. 0 on success; 1 (with one
-    ``sideband: …`` line on ``err``) when the session could not start or ended badly, or ``stdin`` could
-    not be read (the session is closed first)."""
+    ``sideband: …`` line on ``err``) when the session could not start or ended badly, ``stdin`` could
+    not be read (the session is closed first), or the engine refused a turn's text (the turns after it
+    were sent all the same)."""
     out = out or sys.stdout
     err = err or sys.stderr
     printer = _Printer(out)
     session = EngineSession.open(settings, app)
     unread: InputFailed | None = None
+    refused: list[EngineError] = []
     try:
         async with session:
             printer.line(
@@ -162,7 +179,7 @@ async def run_dial(
                 f"tools: {', '.join(session.tools.names()) or 'none'})",
             )
             try:
-                await converse(session, says, printer, stdin=stdin)
+                refused = await converse(session, says, printer, stdin=stdin)
             except InputFailed as exc:
                 unread = exc
     except EngineError as exc:
@@ -174,6 +191,10 @@ async def run_dial(
         return 1
     if session.failed:
         err.write(f"sideband: {session.end_message}\n")
+        return 1
+    if refused:
+        count = f" ({len(refused)} turns refused)" if len(refused) > 1 else ""
+        err.write(f"sideband: {refused[-1]}{count}\n")
         return 1
     return 0
 
@@ -221,7 +242,7 @@ async def run_vowel_demo(app: Sideband | None = None, out: TextIO | None = None)
         try:
             async with session:
                 printer.line("session", f"{session.call_id} (engine {session.engine_session_id})")
-                await converse(session, says, printer)
+                failures += len(await converse(session, says, printer))
         except EngineError as exc:
             failures += 1
             printer.line("error", str(exc))
