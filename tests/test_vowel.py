@@ -2510,3 +2510,41 @@ async def test_a_reply_timeout_ends_the_session_with_that_reason(
     ended = [e for e in lines if e["event"] == "vowel.session_ended"]
     assert [(e["reason"], e["level"]) for e in ended] == [("reply_timeout", "warning")]  # a failure
     assert [e["reason"] for e in lines if e["event"] == "call.ended"] == ["reply_timeout"]  # one reason
+
+
+@pytest.mark.parametrize("end", ["reply_timeout", "reply_cancelled"])
+async def test_a_session_over_before_its_body_raised_logs_one_end(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO, end: str
+) -> None:
+    """The session's end (a say()'s reply_timeout, or a say() cancelled before its reply) leaves the
+    ``async with`` body, which aborts the session: its call's end is the session's, not the
+    cancellation's (``shutdown``)."""
+    started = a_tool_that_never_answers(app, vowel, "hold", "hold on")
+    with pytest.raises(EngineError) as caught:
+        async with EngineSession.open(settings_for(vowel), app) as session:
+            if end == "reply_timeout":
+                await session.say("hold on", timeout=0.2)
+            turn = asyncio.ensure_future(session.say("hold on"))
+            await asyncio.wait_for(started.wait(), 5)
+            turn.cancel()  # (its reply is still to come: the session is over)
+            with contextlib.suppress(asyncio.CancelledError):
+                await turn
+            await session.say("anything else?")
+    assert caught.value.reason == end == session.end_reason
+    lines = log_lines(logs)
+    assert [e["reason"] for e in lines if e["event"] == "vowel.session_ended"] == [end]
+    assert [e["reason"] for e in lines if e["event"] == "call.ended"] == [end]
+    assert session.summary is not None and session.summary.reason == end
+
+
+async def test_a_session_whose_update_is_refused_logs_one_end(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO
+) -> None:
+    vowel.refuse_session_update = "Invalid tool schema for lookup_order"
+    session = EngineSession.open(settings_for(vowel), app)
+    with pytest.raises(EngineError) as caught:
+        await session.start()
+    assert caught.value.reason == "setup_failed"
+    lines = log_lines(logs)
+    assert [e["reason"] for e in lines if e["event"] == "vowel.session_ended"] == ["setup_failed"]
+    assert [e["reason"] for e in lines if e["event"] == "call.ended"] == ["setup_failed"]

@@ -136,12 +136,22 @@ class _EngineMachine(CallMachine):
     the error for the engine's refusal of the turn's text (it returns ``True``), nothing waits for that
     text's answer any more (:meth:`CallMachine.text_refused`)."""
 
-    __slots__ = ("on_error", "until_reply")
+    __slots__ = ("ended_as", "on_error", "until_reply")
 
     def __init__(self, config: MachineConfig, caps: Capabilities) -> None:
         super().__init__(config, caps)
         self.on_error: Callable[[dict[str, Any]], bool] | None = None
         self.until_reply = False
+        self.ended_as: str | None = None
+        """The session's end, found on its side (``reply_timeout``, ``setup_failed``…) before it cut the
+        runtime short: that cut ends the call with it, not ``shutdown`` (see :meth:`fail`)."""
+
+    def fail(self, reason: str) -> list[Action]:
+        """End now (see :meth:`CallMachine.fail`); a ``shutdown`` with :attr:`ended_as`, the session's
+        own end, ends with that."""
+        if reason == "shutdown" and self.ended_as is not None and not self.verb_sent:
+            reason = self.ended_as
+        return super().fail(reason)
 
     def watch(self, on_error: Callable[[dict[str, Any]], bool] | None, *, until_reply: bool = False) -> None:
         """Hand ``error`` events to ``on_error`` from now on (``None``: no more)."""
@@ -716,6 +726,8 @@ class EngineSession:
         """End at once: cancel the runtime (its socket and tools) and await it."""
         self._cancelled_turn = None  # (a task, which may hold this session through its frames)
         if self._task is not None:
+            if self._machine is not None and self.end_reason is not None:
+                self._machine.ended_as = self.end_reason  # (the call's end says the session's)
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         http, self._http = self._http, None
