@@ -2422,6 +2422,15 @@ def test_a_refused_text_is_waited_for_no_more() -> None:
     m.receive({"type": "input_audio_buffer.timeout_triggered", "item_id": "i1"})  # (before the refusal)
     assert m.text_refused() == [] and m.response_pending  # the engine's prompt is still on its way
 
+    m = machine(caps=ENGINE_CAPABILITIES)
+    m.start()
+    m.receive({"type": "session.created", "session": {"id": "s"}})
+    m.receive({"type": "session.updated", "session": {}})
+    m.user_text("hello")
+    m.receive({"type": "conversation.item.created", "item": {"type": "message", "role": "user"}})
+    assert m.say("Anything else?") == []
+    assert m.text_refused() == [] and m.response_pending  # (it took the text: its answer is on its way)
+
     m = live_machine()
     assert types(m.user_text("hello")) == ["conversation.item.create", "response.create"]
     assert m.text_refused() == []

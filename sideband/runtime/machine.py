@@ -1230,9 +1230,10 @@ class CallMachine:
         answers text by itself): no answer to it will come, so what waited for one may start now rather
         than after :data:`TURN_GRACE`. The wait for the answer to a silence (the server's idle prompt)
         stands."""
-        if self._closed is not None or not self._turn_wait or self._prompt_due:
+        if self._closed is not None or not self._text_out:  # (none went out, or the server took it)
             return []
-        if not self.caps.responds_to_user_text:  # (no wait was started for it)
+        self._text_out = False  # (speech it reports from now on is not of audio before a text)
+        if not self._turn_wait or self._prompt_due:
             return []
         self._turn_wait = False
         return [CancelTimer(_TURN), *self._progress(), *self._rearm_filler()]
