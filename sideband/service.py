@@ -1217,7 +1217,12 @@ class Service:
     async def _rtc_relay(self, sdp: str, plan: CallPlan) -> tuple[str, str]:
         """:meth:`rtc_relay`'s work, in a task of its own; it is counted in ``_admitting`` already."""
         try:
-            call_id, answer = await self.control.create_call(sdp, plan.session)
+            try:
+                call_id, answer = await self.control.create_call(sdp, plan.session)
+            except UpstreamError as exc:
+                if exc.call_id is not None and exc.call_up:
+                    self._strand(exc.call_id)  # (created with nobody on it, its hangup failed: again later)
+                raise
             with structlog.contextvars.bound_contextvars(call_id=call_id):
                 try:
                     await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)  # a new call: ours

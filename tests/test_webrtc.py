@@ -800,6 +800,7 @@ class CreatingUpstream:
         self.hangups: list[str] = []
         self.release = asyncio.Event()
         self.created = asyncio.Event()  # a call created, its answer begun
+        self.hangup_fails = False  # each hangup answered 503
         upstream = web.Application()
         upstream.router.add_post("/v1/realtime/calls", self._create)
         upstream.router.add_post("/v1/realtime/calls/{call_id}/hangup", self._hangup)
@@ -828,6 +829,8 @@ class CreatingUpstream:
 
     async def _hangup(self, request: web.Request) -> web.Response:
         self.hangups.append(request.match_info["call_id"])
+        if self.hangup_fails:
+            return web.json_response({"error": {"message": "overloaded"}}, status=503)
         return web.json_response({})
 
 
@@ -896,6 +899,36 @@ async def test_a_relay_cut_short_whose_created_call_is_lost_names_the_call(simul
     assert upstream.hangups == ["rtc_created1"]
     [failed] = [e for e in logs if e["event"] == "rtc.relay_failed"]
     assert failed["call_id"] == "rtc_created1" and "created call rtc_created1" in failed["error"]
+
+
+async def test_a_created_call_whose_answer_is_lost_and_whose_hangup_fails_is_hung_up_later(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenAI created the call but its answer was lost, and the hangup that follows fails too: the call
+    may be up with nobody on it. It is hung up again later, as a call whose hangup failed is."""
+    monkeypatch.setattr("sideband.upstream.openai.DROP_BUDGET", 0.3)
+    monkeypatch.setattr("sideband.service.STRANDED_RETRY", 0.2)
+    upstream = CreatingUpstream("cut")
+    upstream.hangup_fails = True
+    async with (
+        upstream as base,
+        run_app(make_app(), simulator, **TEST_SETTINGS, openai_base_url=base) as stack,
+    ):
+        with capture_logs() as logs:
+            assert await _post(stack, "/rtc/calls", OFFER, "application/sdp") == (
+                502,
+                {"error": "upstream unavailable"},
+            )
+            tried = len(upstream.hangups)
+            again = list(stack.service._stranded.values())
+            assert len(again) == 1
+            upstream.hangup_fails = False
+            await asyncio.wait_for(asyncio.gather(*again), 10)
+    [failed] = [e for e in logs if e["event"] == "rtc.relay_failed"]
+    assert failed["call_id"] == "rtc_created1" and "it may be up still" in failed["error"]
+    assert tried >= 1 and upstream.hangups[tried:] == ["rtc_created1"]
+    stranded = [(e["call_id"], e["outcome"]) for e in logs if e["event"] == "call.stranded"]
+    assert stranded[-1] == ("rtc_created1", "hung_up")
 
 
 async def test_a_spent_ticket_stays_spent_when_the_wall_clock_steps_back(simulator: Simulator) -> None:

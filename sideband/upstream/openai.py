@@ -246,7 +246,8 @@ class UpstreamError(Exception):
     tunnel to OpenAI: ``status`` is then the proxy's, 407 for its credentials, 403 for its policy, 502 or
     503 when it could not reach OpenAI). An error status is kept even when its body is then cut short or
     stalls (``body`` holds what came). ``call_id``: the call a relayed offer created before its answer
-    was lost (the call then hung up, as the message says)."""
+    was lost (the call then hung up, as the message says; ``call_up``: that hangup failed, and the call
+    may be up still)."""
 
     def __init__(
         self,
@@ -257,6 +258,7 @@ class UpstreamError(Exception):
         retry_after: float | None = None,
         unsent: bool = False,
         call_id: str | None = None,
+        call_up: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -264,6 +266,7 @@ class UpstreamError(Exception):
         self.retry_after = retry_after
         self.unsent = unsent
         self.call_id = call_id
+        self.call_up = call_up
 
     @property
     def retryable(self) -> bool:
@@ -491,6 +494,7 @@ class CallControl:
     async def _drop_created(self, call_id: str, lost: str) -> UpstreamError:
         """Hang up ``call_id``, created but its SDP answer ``lost``: the error to raise says how it went."""
         message = f"POST /realtime/calls created call {call_id}, its SDP answer lost ({lost}): "
+        up = False
         try:
             await with_retries(
                 lambda seconds: self.hangup(call_id, timeout=seconds),
@@ -501,9 +505,10 @@ class CallControl:
             message += "it is gone"
         except UpstreamError as exc:
             message += f"its hangup failed ({exc}): it may be up still"
+            up = True
         else:
             message += "hung up"
-        return UpstreamError(message, call_id=call_id)
+        return UpstreamError(message, call_id=call_id, call_up=up)
 
     async def client_secret(
         self, session: dict[str, Any], ttl: int, *, timeout: float = 5.0
