@@ -497,6 +497,7 @@ class Sideband:
         self.guardrails: list[Callable[..., Any]] = []
         """Output guardrails (:meth:`guardrail`), in the order they run."""
         self._plans: dict[tuple[Any, ...], CallPlan] = {}
+        self._plans_of: SessionConfig | None = None  # the config the cached plans were built from
 
     # ------------------------------------------------------------------------------ decorators
     @overload
@@ -801,9 +802,13 @@ class Sideband:
             accept.max_call_duration,
             accept.max_idle_duration,
             None if accept.transfer_targets is None else tuple(accept.transfer_targets.items()),
-            id(self.config),
             len(self.tools),
         )
+        if (
+            self._plans_of is not self.config
+        ):  # (replaced: by the object, not its id, which a new one may reuse)
+            self._plans.clear()
+            self._plans_of = self.config
         plan = self._plans.get(key)
         if plan is None:
             # (from the session as JSON carries it: the same key, the same plan, whatever types wrote it;

@@ -692,13 +692,17 @@ class Service:
         key = _uncertain_key(call_id)
         try:
             await self.store.release(key)
-        except StoreUnavailable:
-            self._store_later(functools.partial(self.store.release, key), call_id, None)
+        except StoreUnavailable as exc:
+            self.log.warning("store.unavailable", error=str(exc), call_id=call_id)
+            self._store_later(functools.partial(self.store.release, key), call_id, "store.released")
 
     def _store_later(self, command: Callable[[], Awaitable[None]], call_id: str, done: str | None) -> None:
         """Run ``command``, which the store failed, once it answers again (tried after
         :data:`SETTLE_RETRY` seconds, the wait doubling up to :data:`SETTLE_RETRY_MAX`), until it goes
-        through or the service closes; then log ``done`` (if any)."""
+        through or the service closes; then log ``done`` (if any). Once the service has closed, nothing
+        is tried again (a pending claim runs out on its own)."""
+        if self._left:
+            return
         task = asyncio.ensure_future(self._until_stored(command, call_id, done))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
@@ -977,8 +981,10 @@ class Service:
         """Raise :class:`_RunElsewhere` when a live instance runs ``call_id``, as the shared ledger has
         it: a redelivery that reached this instance once the claims of the one that answered it ran out
         (the store failed to settle them), or a stranded call being hung up."""
-        if isinstance(self.store, CallLedger):
-            owner = await self.store.running(call_id)
+        # (optional to a ledger: one of the app's own without it is a ledger all the same)
+        running: Callable[[str], Awaitable[str | None]] | None = getattr(self.store, "running", None)
+        if isinstance(self.store, CallLedger) and running is not None:
+            owner = await running(call_id)
             if owner is not None:
                 raise _RunElsewhere(owner)
 
@@ -1176,7 +1182,12 @@ class Service:
     def browser_plan(self, *, checked: bool = True) -> CallPlan:
         """The app's session for a browser's call: all its tools but the transfer (a REFER needs a phone
         call). ``checked``: its session is validated (as it is sent)."""
-        plan = self.app.plan(self._browser_accept())
+        try:
+            plan = self.app.plan(self._browser_accept())
+        except SessionConfigError:
+            raise
+        except (ValueError, TypeError) as exc:  # (the app's config changed since the start, say)
+            raise SessionConfigError(" ".join(str(exc).split())) from None
         if checked:
             validate_accept_payload(plan.session, sip=False)
         return plan
@@ -1317,6 +1328,16 @@ class Service:
                 return Reply(502, {"error": "could not attach", "reason": reason})
             return Reply(202, {"status": "attaching", "call_id": call_id})
 
+    async def _give_back_ticket(self, nonce: str, call_id: str) -> None:
+        """Give back a handoff's ticket, which attached nothing: once the store answers again if it fails
+        now (else the browser's retry would find it spent for as long as a ticket lives)."""
+        key = f"ticket:{nonce}"
+        try:
+            await self.store.release(key)
+        except StoreUnavailable as exc:
+            self.log.warning("store.unavailable", error=str(exc), call_id=call_id)
+            self._store_later(functools.partial(self.store.release, key), call_id, "store.released")
+
     async def _rtc_take(self, call_id: str, nonce: str, ttl: float, plan: CallPlan) -> CallRuntime | Reply:
         """:meth:`rtc_handoff`'s claims (the ticket's, then the call's) and its launch, in a task of its
         own: the call's runtime, or the refusal.
@@ -1328,20 +1349,19 @@ class Service:
         if call_id in self.registry:
             return self._handoff_refused(409, "call already attached", call_id)  # (the ticket stays unused)
         if not await self.store.claim(f"ticket:{nonce}", ttl):
+            if await self.store.settled(f"call:{call_id}"):
+                # (its handoff sent again, its answer lost: the call attached, here or on another instance)
+                return self._handoff_refused(409, "call already attached", call_id)
             return self._handoff_refused(403, "ticket already used", call_id)
         try:
             free = call_id not in self.registry and await self.store.claim(
                 f"call:{call_id}", self._pending_ttl
             )
         except BaseException:
-            with contextlib.suppress(StoreUnavailable):  # (else it stays spent)
-                await self.store.release(f"ticket:{nonce}")
+            await self._give_back_ticket(nonce, call_id)
             raise
         if not free:
-            try:
-                await self.store.release(f"ticket:{nonce}")  # it attached nothing: the browser's still
-            except StoreUnavailable as exc:  # (it stays spent: the call is attached all the same)
-                self.log.warning("store.unavailable", error=str(exc))
+            await self._give_back_ticket(nonce, call_id)  # it attached nothing: the browser's still
             return self._handoff_refused(409, "call already attached", call_id)
         try:
             await self.store.settle(f"call:{call_id}", self.settings.dedup_ttl)

@@ -115,11 +115,6 @@ class CallLedger(Protocol):
         """Drop ``instance`` and its calls (at its own clean stop)."""
         ...
 
-    async def running(self, call_id: str) -> str | None:
-        """The instance whose lease is live that records ``call_id`` among its calls (it runs the call,
-        or is hanging it up), or None."""
-        ...
-
 
 class MemoryStore:
     """Claims in this process's memory: right for one instance. Expired keys are purged lazily."""
@@ -334,6 +329,9 @@ class RedisStore:
         await self._call(pipe.execute())
 
     async def running(self, call_id: str) -> str | None:
+        """The instance whose lease is live that records ``call_id`` among its calls (it runs the call,
+        or is hanging it up), or None. (Optional to a :class:`CallLedger`: a ledger that has it lets a
+        redelivery that finds its call's claims run out tell a call another instance runs.)"""
         p = self._prefix
         instances = sorted(_text(i) for i in await self._call(self._redis.smembers(f"{p}instances")))
         if not instances:

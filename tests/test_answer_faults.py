@@ -102,13 +102,18 @@ async def test_a_refused_accept_whose_mark_the_store_fails_to_give_back_is_answe
     call = stack.sim.create_call(Script([]))
     stack.sim.fail_accept(call.call_id, refusal, refusal)
     event = stack.sim.incoming_event(call)
-    first = await stack.sender.deliver(event, webhook_id="wh_m", max_attempts=1)
-    assert store.failed and _status(first) == (200, answer)
-    if refusal == 400:
-        assert call.status == "rejected"
-        assert call.reject_body == {"status_code": stack.settings.route_failure_status}
-    await asyncio.wait_for(asyncio.gather(*stack.service._settling), 5)
+    with capture_logs() as logs:
+        first = await stack.sender.deliver(event, webhook_id="wh_m", max_attempts=1)
+        assert store.failed and _status(first) == (200, answer)
+        if refusal == 400:
+            assert call.status == "rejected"
+            assert call.reject_body == {"status_code": stack.settings.route_failure_status}
+        await asyncio.wait_for(asyncio.gather(*stack.service._settling), 5)
     assert await store.claim(f"accept_uncertain:{call.call_id}", 1.0)  # given back
+    # (an hour-long mark outstanding is told, and so is its end)
+    [down] = [e for e in logs if e["event"] == "store.unavailable"]
+    [released] = [e for e in logs if e["event"] == "store.released"]
+    assert down["call_id"] == released["call_id"] == call.call_id and released["tries"] >= 1
     again = await stack.sender.deliver(event, webhook_id="wh_m", max_attempts=1)
     assert _status(again) == (200, "duplicate")
     assert call.sideband_connects == 0 and not stack.service.registry.recent

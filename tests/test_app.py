@@ -791,3 +791,15 @@ def test_order_desk_example_lets_a_reply_that_promises_no_refund_pass(reply: str
     from sideband.examples.order_desk import no_refund_promises
 
     assert no_refund_promises(CallContext("rtc_1"), reply) is None
+
+
+def test_a_config_replaced_is_planned_from_even_where_it_takes_the_old_ones_place_in_memory() -> None:
+    """Plans are cached per config: one replaced (``app.config = …``), even by an object that takes the
+    freed old one's address, is planned from afresh, never given the old one's plan."""
+    app = Sideband(instructions="First.")
+    base = app.config
+    for n in range(20):
+        app.config = base.model_copy(update={"instructions": f"Desk {n}."})
+        assert app.plan().session["instructions"] == f"Desk {n}."
+        app.config = base  # (the copy freed: the next one may take its place)
+        assert app.plan().session["instructions"] == "First."

@@ -227,3 +227,39 @@ def test_a_pending_claim_outlives_the_longest_answer_path(budgets: dict[str, Any
     settings = Settings(openai_api_key="sk-test", openai_webhook_secret="whsec_" + "A" * 32, **budgets)
     longest = settings.route_budget + 3 * settings.accept_budget
     assert pending_ttl(settings) > longest
+
+
+async def test_a_ledger_of_the_apps_own_with_the_four_methods_is_kept(simulator: Any) -> None:
+    """A store of the app's own with a ledger's four methods (``record``, ``orphans``, ``swept``,
+    ``forget``) is a ledger: its instance's calls are recorded (a fifth, ``running``, is optional)."""
+    from sideband.service import Service
+
+    from .conftest import make_app, settings_for
+
+    class Ledger(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.recorded = asyncio.Event()
+
+        async def record(self, instance: str, calls: Any, lease: float) -> None:
+            self.recorded.set()
+
+        async def orphans(
+            self, instance: str, sweep: float, *, at_once: int | None = None
+        ) -> dict[str, list[str]]:
+            return {}
+
+        async def swept(self, instance: str, owner: str, calls: Any) -> None:
+            return None
+
+        async def forget(self, instance: str) -> None:
+            return None
+
+    store = Ledger()
+    assert isinstance(store, CallLedger)
+    service = Service(settings_for(simulator), make_app(), store=store)
+    await service.start()
+    try:
+        await asyncio.wait_for(store.recorded.wait(), 5)
+    finally:
+        await service.close()
