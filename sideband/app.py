@@ -95,8 +95,14 @@ class HookRun(threading.Event):
         self.ended: float | None = None
 
     def end(self, *_: object) -> None:
-        """Mark the hook's answer as given now (a future's done callback as well)."""
+        """Mark the hook's answer as given now."""
         self.ended = time.monotonic()
+
+    def returned(self, thread: concurrent.futures.Future[Any]) -> None:
+        """A sync hook's thread returned (its future's done callback): its answer is given now, unless
+        it is something still to be awaited (a coroutine, its ``await`` left out), which runs on."""
+        if thread.cancelled() or thread.exception() is not None or not inspect.isawaitable(thread.result()):
+            self.end()
 
 
 def _in_pool(
@@ -109,7 +115,7 @@ def _in_pool(
         raise RuntimeError("a sync hook runs in a pool of its own, and it has none")
     thread = pool.submit(work)
     if run is not None:
-        thread.add_done_callback(run.end)  # (in the thread, as it returns)
+        thread.add_done_callback(run.returned)  # (in the thread, as it returns)
     return asyncio.wrap_future(thread)
 
 

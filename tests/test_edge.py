@@ -344,6 +344,35 @@ async def test_a_sync_hook_that_answers_while_other_code_holds_the_loop_is_obeye
     assert call.accept_body["instructions"] == "Decided in time."
 
 
+@pytest.mark.parametrize("settings_overrides", [{"route_budget": 1.0, "route_failure_status": 503}])
+async def test_a_sync_hook_whose_answer_is_a_coroutine_keeps_to_the_budget(
+    stack: Stack, settings_overrides: dict[str, Any]
+) -> None:
+    """A sync hook returns at once, but what it returns is a coroutine (its ``await`` left out), which then
+    runs on past the budget: the hook has not answered by its thread's return, and fails closed at the
+    budget (it was given a second one)."""
+
+    async def slow() -> Accept:
+        await asyncio.Event().wait()  # (never)
+        return Accept()
+
+    @stack.app.on_incoming
+    def route(call: IncomingCall) -> Any:
+        return slow()
+
+    call = stack.sim.create_call(Script([]))
+    loop = asyncio.get_running_loop()
+    with capture_logs() as logs:
+        began = loop.time()
+        reply = await stack.sender.deliver(stack.sim.incoming_event(call))
+        took = loop.time() - began
+    assert reply.status == 200 and call.status == "rejected"
+    assert [(e["error"], e["started"]) for e in logs if e["event"] == "call.route_failed"] == [
+        ("timeout", True)
+    ]
+    assert 1.0 <= took < 1.7  # (one budget, not two)
+
+
 @pytest.mark.parametrize("settings_overrides", [{"route_budget": 5}])
 async def test_a_burst_of_calls_whose_sync_hook_blocks_a_while_runs_their_hooks_together(
     stack: Stack, settings_overrides: dict[str, Any]

@@ -2436,6 +2436,28 @@ def test_a_refused_text_is_waited_for_no_more() -> None:
     assert m.text_refused() == []
 
 
+def test_a_refused_text_leaves_the_wait_for_the_callers_turn_and_holds_no_later_speech_back() -> None:
+    """Caller audio, then code's text: the engine reports the speech and its stop (it reads the audio
+    first, and answers that turn by itself), then refuses the text. The answer to the caller's turn is
+    still waited for. And a text refused with nothing to say so (no say() watching: a hook's) holds no
+    speech reported once its wait is over: that is the caller's, and holds our answers back."""
+    m = engine_machine()
+    m.receive({"type": "session.updated", "session": {}})
+    m.user_text("something forbidden")
+    m.receive(SPEECH_STARTED)
+    m.receive(SPEECH_STOPPED)  # (the engine answers this turn by itself)
+    assert m.text_refused() == [] and m.response_pending
+    assert creates(m.say("Anything else?")) == []  # (not over the engine's answer to the caller)
+
+    m = engine_machine()
+    m.receive({"type": "session.updated", "session": {}})
+    m.user_text("something forbidden")
+    m.receive(refusal(None))
+    assert creates(m.timer("turn")) == []  # (no answer to it came)
+    m.receive(SPEECH_STARTED)  # the caller, later
+    assert creates(m.say("One moment please.")) == []  # (not over their words)
+
+
 def idle_prompt(m: CallMachine, resp: str, item: str, *, then_caller: str | None = None) -> list[Action]:
     """The server's turn detection prompts a silent caller (``idle_timeout_ms``): the silence committed as
     an empty item (transcribed as nothing), then a spoken response of its own, played out."""

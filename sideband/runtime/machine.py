@@ -452,6 +452,7 @@ class CallMachine:
         "_tagged",
         "_text_out",
         "_text_owed",
+        "_text_wait",
         "_turn_items",
         "_turn_wait",
         "_unacked",
@@ -533,6 +534,7 @@ class CallMachine:
         # (its item, or a response): the caller's speech it reports meanwhile is of audio sent before the
         # text (see _on_caller_activity).
         self._text_out = False
+        self._text_wait = False  # the wait for a turn's answer (_turn_wait) is code's text's alone
         self._speech_reported = False  # the server reports the caller's speech (speech_started)
         self._turn_wait = False  # the caller's speech ended: the server's answer to it may be on its way
         self._covered_by: object = None  # the server's answer to a turn, taken to answer our outputs too
@@ -900,6 +902,7 @@ class CallMachine:
             return self._speech_over(stopped=False)
         if name == _TURN:
             self._turn_wait = False  # no answer to the caller's turn came: what waited may start
+            self._text_out = False  # (nor to code's text: refused, say; speech reported now is after it)
             return self._progress() + self._rearm_filler()
         return []
 
@@ -1180,7 +1183,7 @@ class CallMachine:
                 self._reasked = None  # (the lost create's response, should it show, does not answer it)
             return actions + self._progress()
         if not self._turn_wait:  # its answer is on its way: what we would start would replace it
-            self._turn_wait = True
+            self._turn_wait = self._text_wait = True
             actions.append(StartTimer(_TURN, TURN_GRACE))
         self._text_out = True  # (speech it reports before it takes the text is dropped too)
         # The server answers the text at once, caller's speech or not: the utterance it reported holds
@@ -1233,8 +1236,8 @@ class CallMachine:
         if self._closed is not None or not self._text_out:  # (none went out, or the server took it)
             return []
         self._text_out = False  # (speech it reports from now on is not of audio before a text)
-        if not self._turn_wait or self._prompt_due:
-            return []
+        if not (self._turn_wait and self._text_wait) or self._prompt_due:
+            return []  # (the wait is for the answer to the caller's turn, or to a silence, too)
         self._turn_wait = False
         return [CancelTimer(_TURN), *self._progress(), *self._rearm_filler()]
 
@@ -1773,7 +1776,7 @@ class CallMachine:
         if stopped and self._turn_responds():
             # The server answers the caller's turn by itself: what we would start now would be refused
             # meanwhile, and tool outputs that came in while the caller spoke are answered by it too.
-            self._turn_wait = True
+            self._turn_wait, self._text_wait = True, False
             actions.append(StartTimer(_TURN, TURN_GRACE))
         return actions + self._progress() + self._rearm_filler()
 
