@@ -450,8 +450,24 @@ def _server_settings(args: argparse.Namespace) -> Settings:
     )
 
 
+def _hold_standard_fds() -> None:
+    """Give a standard stream's descriptor (0, 1 or 2) closed at the start (``sideband dial <&-``) to
+    ``/dev/null``: else the first socket opened takes it, and uvloop aborts the process (an assertion of
+    libuv's) as it closes that socket. (Python has made that stream ``None`` already: what reads it still
+    finds it closed.)"""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            held = os.open(os.devnull, os.O_RDWR)  # (the lowest descriptor free: this one)
+            if held != fd:
+                os.dup2(held, fd)
+                os.close(held)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sideband`` console script."""
+    _hold_standard_fds()
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":

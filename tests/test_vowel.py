@@ -1816,16 +1816,15 @@ async def test_cancelling_the_owner_cancels_the_session(vowel: VowelSimulator, a
 
 # -------------------------------------------------------------------------------------------- CLI
 async def _dial(
-    vowel: VowelSimulator, *args: str, stdin: bytes | None = None, **env: str
+    vowel: VowelSimulator, *args: str, stdin: bytes | None = None, stdin_closed: bool = False, **env: str
 ) -> tuple[int, str, str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SIDEBAND_"))}
     environ.update({**vowel.environ(), "SIDEBAND_LOG_FORMAT": "json", **env})
+    command = (sys.executable, "-m", "sideband.cli", "dial", *args)
+    if stdin_closed:  # (by the shell: a process's own spawn puts /dev/null in the place of a closed one)
+        command = ("/bin/sh", "-c", 'exec "$@" <&-', "sh", *command)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sideband.cli",
-        "dial",
-        *args,
+        *command,
         cwd=ROOT,
         env=environ,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
@@ -1922,6 +1921,24 @@ async def test_dial_with_stdin_closed_fails_in_one_line(
     assert out.getvalue().splitlines()[-1] == "end: closed"
     await vowel.sessions[0].wait_closed()
     assert vowel.sessions[0].closed_by == "client"
+
+
+@pytest.mark.parametrize("says", [(), ("--say", "Where is order 1042?")])
+async def test_dial_started_with_its_stdin_closed_ends_as_it_says(
+    vowel: VowelSimulator, says: tuple[str, ...]
+) -> None:
+    """``sideband dial <&-``: its turns from ``--say`` are spoken and the status is 0; with none, the one
+    line says stdin is closed and the status is 1. Either way the process ends as it says (a socket given
+    the free descriptor 0 made it abort as it closed it)."""
+    vowel.script(ORDER_DESK_RULES)
+    code, out, err = await _dial(vowel, *says, stdin_closed=True)
+    lines = out.splitlines()
+    assert lines[-1] == "end: closed", (code, out, err)
+    if says:
+        assert code == 0 and "agent: Order 1042 shipped with UPS." in lines, err
+    else:
+        assert code == 1, (code, out, err)
+        assert err.splitlines()[-1] == "sideband: could not read the standard input: it is closed"
 
 
 async def test_dial_without_the_scope_fails_in_one_line(vowel: VowelSimulator) -> None:
