@@ -27,6 +27,7 @@ from sideband.testing import (
     model_answers,
     model_calls,
     model_says,
+    pause,
     run_app,
     wait_for_greeting,
 )
@@ -239,6 +240,34 @@ async def test_a_reply_that_breaks_a_rule_is_stopped_as_it_streams_and_said_agai
     # The words were checked as they streamed (not only whole), and the stopped reply's later words not.
     assert any(PROMISE.startswith(t) and t != PROMISE for t in seen)
     assert not any(t.startswith(stopped.text) and len(t) > len(stopped.text) for t in seen)
+
+
+async def test_the_servers_answer_to_a_caller_who_spoke_over_a_stopped_reply_is_the_only_answer() -> None:
+    """A reply is stopped and the model asked to answer again, while the caller speaks over it: our create
+    crosses the server's answer to the caller and is refused for it. That answer is the one the caller
+    hears: our create is not asked again after it (a second reply, unasked)."""
+    app, _ = guarded_app()
+    async with Simulator() as sim, run_app(app, sim) as h:
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Order desk."),
+                    caller_says("Can I have my money back?"),
+                    model_says(PROMISE),
+                    caller_says("I just want my order", cut_in=True),
+                    model_says("Right, let me look."),
+                    pause(1.0),  # (the caller's silence: an answer asked again would be heard here)
+                    caller_hangs_up(),
+                ]
+            )
+        )
+        await h.ended(call)
+    refused = [e["error"]["code"] for e in call.sent if e["type"] == "error"]
+    assert refused == ["conversation_already_has_active_response"]  # (ours crossed theirs on the wire)
+    assert [(r.text, r.status) for r in call.responses[1:]] == [
+        (call.responses[1].text, "cancelled"),
+        ("Right, let me look.", "completed"),
+    ]
 
 
 async def test_a_reply_written_before_its_check_ends_still_has_its_unheard_audio_dropped() -> None:

@@ -864,6 +864,33 @@ def test_a_failed_greeting_is_not_said_once_the_caller_has_spoken() -> None:
     assert notices(after, "response.dropped") == [{"purpose": "greeting"}]
 
 
+@pytest.mark.parametrize("answer", ["completed", "cancelled"])
+def test_a_plain_create_refused_for_the_servers_answer_to_the_caller_is_not_asked_again(answer: str) -> None:
+    """A guardrail stopped a reply; the model is asked to answer again, and the caller spoke meanwhile:
+    our plain create crosses the server's answer to the caller and is refused for it. That answer is the
+    model's answer again (it saw all we had sent): ours is not asked once more after it, a second reply
+    unasked, unless that answer does not complete."""
+    m = machine(greeting="Say hello")
+    greeting = sends(m.start())[-1]
+    m.receive({"type": "session.updated", "session": SESSION})
+    tag = {"sideband": greeting["event_id"]}  # (OpenAI echoes our tags)
+    m.receive({"type": "response.created", "response": {"id": "r_greet", "metadata": tag}})
+    m.receive(response_done("r_greet"))
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.correct("Never promise refunds.", "r1")
+    (again,) = [
+        e for e in sends(m.receive(response_done("r1", status="cancelled"))) if e["type"] == "response.create"
+    ]
+    feed(m, [SPEECH_STARTED, SPEECH_STOPPED, {"type": "response.created", "response": {"id": "r_turn"}}])
+    refused = {
+        "type": "error",
+        "error": {"code": "conversation_already_has_active_response", "event_id": again["event_id"]},
+    }
+    assert sends(m.receive(refused)) == []
+    after = m.receive(response_done("r_turn", status=answer)) + m.timer("turn")
+    assert creates(after) == ([] if answer == "completed" else [""])
+
+
 def test_a_failed_greeting_asked_again_waits_for_the_caller_and_is_dropped_if_they_spoke() -> None:
     m = machine(greeting="Say hello")
     m.start()

@@ -404,6 +404,7 @@ class CallMachine:
         "_covered_by",
         "_create_sent",
         "_created_for",
+        "_crossed",
         "_cut_response",
         "_done_since_create",
         "_end",
@@ -538,6 +539,8 @@ class CallMachine:
         self._speech_reported = False  # the server reports the caller's speech (speech_started)
         self._turn_wait = False  # the caller's speech ended: the server's answer to it may be on its way
         self._covered_by: object = None  # the server's answer to a turn, taken to answer our outputs too
+        # (that answer, and our plain create it crossed on the wire: refused for it, it is not asked again)
+        self._crossed: tuple[object, str] | None = None
         self._text_owed = False  # code's user text awaits its answer (no acknowledgement tells it arrived)
         self._queued_say: list[str] = []
         self._playing = False
@@ -708,6 +711,7 @@ class CallMachine:
         self._response_active = self._speaking = self._turn_wait = self._unanswered = False
         self._speech_capped = self._text_out = False
         self._create_sent = self._created_for = self._covered_by = self._ours = self.responding = None
+        self._crossed = None
         queued_outputs = {e[len(_OUTPUT_EVENT) :] for e in queued if e.startswith(_OUTPUT_EVENT)}
         self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
         self._socket += 1
@@ -1395,6 +1399,9 @@ class CallMachine:
                 ):
                     self._lost = self._create_sent = None
                     self._covered_by = response_id
+                elif self._create_sent is not None and _plain(self._recent_creates.get(self._create_sent)):
+                    # Our plain create, on its way, crossed it: refused for it, it is not asked again.
+                    self._crossed = (response_id, self._create_sent)
             return [CancelTimer(_TURN)]
         return []
 
@@ -2009,7 +2016,17 @@ class CallMachine:
                 # The response taken for its answer is someone else's (the server's answer to the caller,
                 # untagged): not ours, its calls are not run while the call ends, nor is it the goodbye.
                 self._ours = None
-            if code == "conversation_already_has_active_response":
+            crossed, self._crossed = self._crossed, None
+            if (
+                code == "conversation_already_has_active_response"
+                and crossed is not None
+                and crossed[1] == event_id
+                and crossed[0] == self.responding
+            ):
+                # Refused for the server's answer to the caller's turn, which answers what ours would
+                # have (it saw all we had sent): not asked again, unless that answer does not complete.
+                self._covered_by = crossed[0]
+            elif code == "conversation_already_has_active_response":
                 # Someone else's response runs; ours goes out again after its response.done. If no
                 # response.created came since ours was sent, that response is yet to be announced: wait
                 # for it. If it came and ended already (the error can arrive late), send again now.
