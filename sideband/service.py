@@ -237,6 +237,7 @@ class Service:
         self._drain_deadline: float | None = None
         self._ending: asyncio.Future[None] | None = None  # the end of the drain window: calls hung up
         self._settling: set[asyncio.Task[None]] = set()  # claims whose settle the store failed, retried
+        self._giving_back: dict[str, asyncio.Task[None]] = {}  # tickets (nonces) to give back, as _settling
         # Webhooks being answered and browsers' offers being relayed (see handle_webhook, rtc_relay)
         self._answering: set[asyncio.Task[Any]] = set()
         self._cut_short: set[asyncio.Task[Reply]] = set()  # webhooks whose request was cut short
@@ -696,16 +697,19 @@ class Service:
             self.log.warning("store.unavailable", error=str(exc), call_id=call_id)
             self._store_later(functools.partial(self.store.release, key), call_id, "store.released")
 
-    def _store_later(self, command: Callable[[], Awaitable[None]], call_id: str, done: str | None) -> None:
+    def _store_later(
+        self, command: Callable[[], Awaitable[None]], call_id: str, done: str | None
+    ) -> asyncio.Task[None] | None:
         """Run ``command``, which the store failed, once it answers again (tried after
         :data:`SETTLE_RETRY` seconds, the wait doubling up to :data:`SETTLE_RETRY_MAX`), until it goes
         through or the service closes; then log ``done`` (if any). Once the service has closed, nothing
         is tried again (a pending claim runs out on its own)."""
         if self._left:
-            return
+            return None
         task = asyncio.ensure_future(self._until_stored(command, call_id, done))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+        return task
 
     async def _until_stored(
         self, command: Callable[[], Awaitable[None]], call_id: str, done: str | None
@@ -1070,7 +1074,7 @@ class Service:
         tools = plan.tools
         # The tools code may offer the call later (update_session): the app's, but a REFER off a phone call.
         if ctx.source != "sip":
-            catalog = self.browser_plan(checked=False).tools
+            catalog = plan.tools  # (a browser's plan: all the app's tools but the transfer)
         else:
             catalog = plan.catalog if plan.catalog is not None else plan.tools
         config = self._machine_config(plan)
@@ -1179,17 +1183,16 @@ class Service:
             tools=None if transfer is None else tuple(n for n in app.tools.names() if n != transfer)
         )
 
-    def browser_plan(self, *, checked: bool = True) -> CallPlan:
+    def browser_plan(self) -> CallPlan:
         """The app's session for a browser's call: all its tools but the transfer (a REFER needs a phone
-        call). ``checked``: its session is validated (as it is sent)."""
+        call), validated as it is sent (:class:`SessionConfigError` otherwise)."""
         try:
             plan = self.app.plan(self._browser_accept())
         except SessionConfigError:
             raise
         except (ValueError, TypeError) as exc:  # (the app's config changed since the start, say)
             raise SessionConfigError(" ".join(str(exc).split())) from None
-        if checked:
-            validate_accept_payload(plan.session, sip=False)
+        validate_accept_payload(plan.session, sip=False)
         return plan
 
     async def rtc_relay(self, sdp: str) -> tuple[str, str]:
@@ -1336,7 +1339,14 @@ class Service:
             await self.store.release(key)
         except StoreUnavailable as exc:
             self.log.warning("store.unavailable", error=str(exc), call_id=call_id)
-            self._store_later(functools.partial(self.store.release, key), call_id, "store.released")
+            later = self._store_later(functools.partial(self.store.release, key), call_id, "store.released")
+            if later is not None:
+                self._giving_back[nonce] = later
+                later.add_done_callback(functools.partial(self._given_back, nonce))
+
+    def _given_back(self, nonce: str, later: asyncio.Task[None]) -> None:
+        if self._giving_back.get(nonce) is later:
+            del self._giving_back[nonce]
 
     async def _rtc_take(self, call_id: str, nonce: str, ttl: float, plan: CallPlan) -> CallRuntime | Reply:
         """:meth:`rtc_handoff`'s claims (the ticket's, then the call's) and its launch, in a task of its
@@ -1348,7 +1358,14 @@ class Service:
         # (live here: its claim may have run out, left pending by a store that failed to settle it)
         if call_id in self.registry:
             return self._handoff_refused(409, "call already attached", call_id)  # (the ticket stays unused)
-        if not await self.store.claim(f"ticket:{nonce}", ttl):
+        giving_back = self._giving_back.pop(nonce, None)
+        if giving_back is not None:
+            # The browser's retry, with a ticket this instance holds still, to give back once the store
+            # answers (its handoff met the store down): it is this handoff's now (taken again should it
+            # have been given back unseen, its answer lost), not given back, nor "already used".
+            giving_back.cancel()
+            await self.store.claim(f"ticket:{nonce}", ttl)
+        elif not await self.store.claim(f"ticket:{nonce}", ttl):
             if await self.store.settled(f"call:{call_id}"):
                 # (its handoff sent again, its answer lost: the call attached, here or on another instance)
                 return self._handoff_refused(409, "call already attached", call_id)

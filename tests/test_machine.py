@@ -891,6 +891,47 @@ def test_a_plain_create_refused_for_the_servers_answer_to_the_caller_is_not_aske
     assert creates(after) == ([] if answer == "completed" else [""])
 
 
+def test_codes_text_crossed_with_its_create_by_the_servers_answer_to_the_caller_is_answered() -> None:
+    """Code's text (OpenAI answers no text by itself: our plain create follows it) goes out as the caller's
+    turn ends; the server's answer to that turn crosses both on the wire, and our create is refused for
+    it. That answer began before the server took the text (the caller's own item came first): the text
+    is answered after it, better twice than never."""
+    m = machine(greeting="Say hello")
+    greeting = sends(m.start())[-1]
+    m.receive({"type": "session.updated", "session": SESSION})
+    m.receive(
+        {
+            "type": "response.created",
+            "response": {"id": "r_greet", "metadata": {"sideband": greeting["event_id"]}},
+        }
+    )
+    m.receive(response_done("r_greet"))
+    (create,) = [
+        e for e in sends(m.user_text("The order shipped: tell the caller.")) if e["type"] == "response.create"
+    ]
+    audio = [{"type": "input_audio", "transcript": None}]
+    caller_item = {
+        "type": "conversation.item.added",
+        "item": {"type": "message", "role": "user", "content": audio},
+    }
+    feed(
+        m,
+        [
+            SPEECH_STARTED,
+            SPEECH_STOPPED,
+            caller_item,
+            {"type": "response.created", "response": {"id": "r_turn"}},
+        ],
+    )
+    refused = {
+        "type": "error",
+        "error": {"code": "conversation_already_has_active_response", "event_id": create["event_id"]},
+    }
+    assert sends(m.receive(refused)) == []
+    after = m.receive(response_done("r_turn")) + m.timer("turn")
+    assert creates(after) == [""]
+
+
 def test_a_failed_greeting_asked_again_waits_for_the_caller_and_is_dropped_if_they_spoke() -> None:
     m = machine(greeting="Say hello")
     m.start()
@@ -1591,7 +1632,11 @@ def test_speech_reported_before_the_engine_took_codes_text_holds_no_answer_back(
     before it takes the text. The text went out over it: the answer to the outputs of the text's tool
     calls is asked for at once, not held until SPEECH_CAP for a stop that audio ending mid-speech never
     brings. Speech reported once the engine took a text is the caller's, and holds it back."""
-    user_item = {"type": "conversation.item.created", "item": {"type": "message", "role": "user"}}
+    text = [{"type": "input_text", "text": "order 1042"}]
+    user_item = {
+        "type": "conversation.item.created",
+        "item": {"type": "message", "role": "user", "content": text},
+    }
 
     def tool_round(resp: str, call_id: str) -> list[Action]:
         m.receive({"type": "response.created", "response": {"id": resp}})
@@ -2454,7 +2499,12 @@ def test_a_refused_text_is_waited_for_no_more() -> None:
     m.receive({"type": "session.created", "session": {"id": "s"}})
     m.receive({"type": "session.updated", "session": {}})
     m.user_text("hello")
-    m.receive({"type": "conversation.item.created", "item": {"type": "message", "role": "user"}})
+    m.receive(
+        {
+            "type": "conversation.item.created",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]},
+        }
+    )
     assert m.say("Anything else?") == []
     assert m.text_refused() == [] and m.response_pending  # (it took the text: its answer is on its way)
 

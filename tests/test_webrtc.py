@@ -932,6 +932,37 @@ async def test_a_created_call_whose_answer_is_lost_and_whose_hangup_fails_is_hun
     assert stranded[-1] == ("rtc_created1", "hung_up")
 
 
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")  # (the config's bad value, as copied in)
+async def test_a_call_relayed_while_the_apps_config_changes_is_served_with_the_plan_it_was_created_with(
+    stack: Stack,
+) -> None:
+    """The app's config is changed to one its validation refuses while OpenAI creates a browser's call:
+    the call, created with the plan from before, is served with it (it was left up with nobody on it, a
+    500 to the browser)."""
+    stack.sim.next_webrtc_script = Script([pause(30)])
+    control = stack.service.control
+    create, config = control.create_call, stack.app.config
+
+    async def create_call(sdp: str, session: dict[str, Any], **kw: Any) -> tuple[str, str]:
+        made = await create(sdp, session, **kw)
+        stack.app.config = config.model_copy(update={"max_output_tokens": "lots"})  # (meanwhile)
+        return made
+
+    control.create_call = create_call  # type: ignore[method-assign]
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(stack.url("/rtc/calls"), data=OFFER, headers={"content-type": "application/sdp"}) as r,
+        ):
+            status = r.status
+    finally:
+        stack.app.config = config
+    assert status == 201
+    (call,) = stack.sim.calls.values()
+    await call.wait_for(lambda c: c.sideband_connects == 1, 5, "the sideband")
+    await stack.sim.hang_up(call)
+
+
 async def test_a_spent_ticket_stays_spent_when_the_wall_clock_steps_back(simulator: Simulator) -> None:
     """The spent ticket is remembered by the store's clock for longer than any ticket lives, so a wall
     clock stepped back (NTP) cannot make it unexpired and unspent at once."""
@@ -1040,6 +1071,53 @@ async def test_a_ticket_the_store_failed_to_give_back_is_given_back_once_it_answ
     assert [e["call_id"] for e in logs if e["event"] == "store.released"] == [call.call_id]
     status, body = await post_json(stack, "/rtc/handoff", handoff)
     assert (status, body) == (200, {"status": "attached", "call_id": call.call_id})
+
+
+class StoreLosingReplies(StoreFailingOnce):
+    """The service's claim store, but the first call claim fails, and the first ticket release is carried
+    out with its answer lost (``lost=True``) or fails (``False``)."""
+
+    def __init__(self, inner: Any, *, lost: bool) -> None:
+        super().__init__(inner, "", at="nowhere")
+        self.lost, self.call_failed, self.release_failed = lost, False, False
+
+    async def claim(self, key: str, ttl: float) -> bool:
+        if key.startswith("call:") and not self.call_failed:
+            self.call_failed = True
+            raise StoreUnavailable("redis at redis://cache:6379/0: timeout")
+        return await self.inner.claim(key, ttl)
+
+    async def release(self, key: str) -> None:
+        if key.startswith("ticket:") and not self.release_failed:
+            self.release_failed = True
+            if self.lost:
+                await self.inner.release(key)
+            raise StoreUnavailable("redis at redis://cache:6379/0: timeout")
+        await self.inner.release(key)
+
+
+@pytest.mark.parametrize("lost", [True, False], ids=["release_answer_lost", "release_failed"])
+async def test_a_retry_with_a_ticket_still_to_be_given_back_attaches_and_spends_it(
+    stack: Stack, lost: bool
+) -> None:
+    """The store failed a handoff as its call was claimed, and the ticket's release (carried out unseen,
+    or not): the browser's retry at once is not told its ticket is used, it attaches the call; and the
+    ticket, spent on that call, is not given back later (reopened for another call)."""
+    _, minted = await post_json(stack, "/rtc/sessions", {})
+    call = stack.sim.create_webrtc_call(Script([pause(30)]))
+    handoff = {"call_id": call.call_id, "ticket": minted["ticket"]}
+    stack.service.store = StoreLosingReplies(stack.service.store, lost=lost)
+    assert await post_json(stack, "/rtc/handoff", handoff) == (503, {"error": "claim store unavailable"})
+    assert len(stack.service._settling) == 1  # (the give-back, waiting for the store)
+    assert await post_json(stack, "/rtc/handoff", handoff) == (
+        200,
+        {"status": "attached", "call_id": call.call_id},
+    )
+    await asyncio.wait_for(asyncio.gather(*stack.service._settling, return_exceptions=True), 5)
+    other = stack.sim.create_webrtc_call(Script([]))
+    reused = await post_json(stack, "/rtc/handoff", {"call_id": other.call_id, "ticket": minted["ticket"]})
+    assert reused == (403, {"error": "ticket already used"})
+    assert other.sideband_connects == 0
 
 
 async def test_a_handoff_sent_again_to_another_instance_after_it_attached_is_told_so(stack: Stack) -> None:

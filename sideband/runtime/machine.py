@@ -453,6 +453,7 @@ class CallMachine:
         "_tagged",
         "_text_out",
         "_text_owed",
+        "_text_unseen",
         "_text_wait",
         "_turn_items",
         "_turn_wait",
@@ -536,6 +537,7 @@ class CallMachine:
         # text (see _on_caller_activity).
         self._text_out = False
         self._text_wait = False  # the wait for a turn's answer (_turn_wait) is code's text's alone
+        self._text_unseen = False  # code's text went out (to OpenAI), its item not acknowledged yet
         self._speech_reported = False  # the server reports the caller's speech (speech_started)
         self._turn_wait = False  # the caller's speech ended: the server's answer to it may be on its way
         self._covered_by: object = None  # the server's answer to a turn, taken to answer our outputs too
@@ -712,6 +714,7 @@ class CallMachine:
         self._speech_capped = self._text_out = False
         self._create_sent = self._created_for = self._covered_by = self._ours = self.responding = None
         self._crossed = None
+        self._text_unseen = False
         queued_outputs = {e[len(_OUTPUT_EVENT) :] for e in queued if e.startswith(_OUTPUT_EVENT)}
         self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
         self._socket += 1
@@ -1182,7 +1185,7 @@ class CallMachine:
         else:
             self._held = (*self._held, send)
         if not self.caps.responds_to_user_text:
-            self._want_response = self._text_owed = True
+            self._want_response = self._text_owed = self._text_unseen = True
             if self._reasked is not None and self._reasked[1] is None:
                 self._reasked = None  # (the lost create's response, should it show, does not answer it)
             return actions + self._progress()
@@ -1399,7 +1402,11 @@ class CallMachine:
                 ):
                     self._lost = self._create_sent = None
                     self._covered_by = response_id
-                elif self._create_sent is not None and _plain(self._recent_creates.get(self._create_sent)):
+                elif (
+                    self._create_sent is not None
+                    and not self._text_unseen  # (code's text, if it came too late for it, is answered)
+                    and _plain(self._recent_creates.get(self._create_sent))
+                ):
                     # Our plain create, on its way, crossed it: refused for it, it is not asked again.
                     self._crossed = (response_id, self._create_sent)
             return [CancelTimer(_TURN)]
@@ -2060,8 +2067,10 @@ class CallMachine:
             return []
         if item.get("type") == "function_call_output":
             return self._settled_output(str(item.get("call_id")))
-        if self._text_out and item.get("role") == "user":
-            self._text_out = False  # (the server took code's text: speech it reports from now on is after it)
+        if item.get("role") == "user" and _has_text(item):
+            # (the server took code's text, not the caller's audio: speech it reports from now on is after
+            # it; an answer that starts from now on sees it)
+            self._text_out = self._text_unseen = False
         return []
 
     def _arrived(self, create: str) -> None:
@@ -2492,6 +2501,14 @@ def _error_fields(error: Mapping[str, Any]) -> dict[str, Any]:
 def _plain(create: tuple[Mapping[str, Any], str | None] | None) -> bool:
     """Whether a create of ours (body, tag) is a plain one: it answers outputs (see ``_owe``)."""
     return create is not None and create[1] is None and (not create[0] or create[0] == _NO_TOOLS)
+
+
+def _has_text(item: Mapping[str, Any]) -> bool:
+    """Whether a conversation item holds typed text (``input_text``: code's, not the caller's audio)."""
+    content = item.get("content")
+    return isinstance(content, list) and any(
+        isinstance(part, dict) and part.get("type") == "input_text" for part in content
+    )
 
 
 def _obj(value: Any) -> dict[str, Any]:
