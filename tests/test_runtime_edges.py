@@ -87,6 +87,97 @@ async def test_on_call_start_actions_follow_the_session_config_and_the_greeting(
     assert not server_errors(call)  # the say waited for the greeting's response.done
 
 
+_TURN_EVENTS = frozenset({"response.create", "response.done", "input_audio_buffer.speech_started", "error"})
+
+
+def turn_order(call: SimCall) -> list[tuple[str, str]]:
+    """The creates received, the responses ended, the caller's speech and the errors, in wire order."""
+    return [(way, e["type"]) for way, e in call.timeline if e["type"] in _TURN_EVENTS]
+
+
+async def test_a_say_from_on_call_start_goes_out_after_the_greeting_before_the_callers_turn(
+    stack: Stack,
+) -> None:
+    """The hook's say() is asked for as the greeting's response ends: a caller who lets the greeting end
+    hears it before their own turn, and nothing is refused."""
+
+    @stack.app.on_call_start
+    async def menu(ctx: CallContext) -> None:
+        ctx.say("Say the menu.")
+
+    greeting = stack.app.config.greeting
+    call = await stack.call(
+        Script(
+            [
+                HELLO,
+                model_answers("We have three options."),  # (waits for the say's create)
+                caller_says("Option two."),
+                model_says("Sure."),
+                caller_hangs_up(),
+            ]
+        )
+    )
+    await stack.ended(call)
+    assert turn_order(call) == [
+        ("received", "response.create"),  # the greeting
+        ("sent", "response.done"),
+        ("received", "response.create"),  # the say, before the caller's turn
+        ("sent", "response.done"),
+        ("sent", "input_audio_buffer.speech_started"),
+        ("sent", "response.done"),  # the server's own answer to the caller
+    ]
+    assert creates(call) == [greeting, "Say the menu."]
+    assert [(r.trigger, r.text) for r in call.responses] == [
+        ("response.create", "Hello."),
+        ("response.create", "We have three options."),
+        ("vad", "Sure."),
+    ]
+    assert not server_errors(call)
+
+
+async def test_a_say_from_on_call_start_crossed_by_a_caller_speaking_at_once_follows_their_turn(
+    stack: Stack,
+) -> None:
+    """Scripted steps follow each other at once: the caller's whole turn, and the server's answer to it,
+    come with the greeting's end, before the say asked for then can arrive. The say is refused once and
+    said after that answer (as the README's testing section says)."""
+
+    @stack.app.on_call_start
+    async def menu(ctx: CallContext) -> None:
+        ctx.say("Say the menu.")
+
+    greeting = stack.app.config.greeting
+    call = await stack.call(
+        Script(
+            [
+                HELLO,
+                caller_says("Option two."),
+                model_says("Sure."),
+                model_answers("We have three options."),
+                caller_hangs_up(),
+            ]
+        )
+    )
+    await stack.ended(call)
+    assert turn_order(call) == [
+        ("received", "response.create"),  # the greeting
+        ("sent", "response.done"),
+        ("sent", "input_audio_buffer.speech_started"),
+        ("received", "response.create"),  # the say, during the server's answer to the caller
+        ("sent", "error"),
+        ("sent", "response.done"),
+        ("received", "response.create"),  # asked again
+        ("sent", "response.done"),
+    ]
+    assert creates(call) == [greeting, "Say the menu.", "Say the menu."]
+    assert [e["error"]["code"] for e in server_errors(call)] == ["conversation_already_has_active_response"]
+    assert [(r.trigger, r.text) for r in call.responses] == [
+        ("response.create", "Hello."),
+        ("vad", "Sure."),
+        ("response.create", "We have three options."),
+    ]
+
+
 async def test_vowel_on_call_start_actions_wait_for_the_engine_session(vowel: VowelSimulator) -> None:
     from sideband.settings import load_settings
     from sideband.vowel import EngineSession
