@@ -1358,14 +1358,14 @@ class Service:
         # (live here: its claim may have run out, left pending by a store that failed to settle it)
         if call_id in self.registry:
             return self._handoff_refused(409, "call already attached", call_id)  # (the ticket stays unused)
-        giving_back = self._giving_back.pop(nonce, None)
+        giving_back = self._giving_back.get(nonce)
         if giving_back is not None:
-            # The browser's retry, with a ticket this instance holds still, to give back once the store
-            # answers (its handoff met the store down): it is this handoff's now (taken again should it
-            # have been given back unseen, its answer lost), not given back, nor "already used".
+            # The browser's retry, with a ticket this instance is to give back once the store answers (its
+            # handoff met the store down): given back now (this store's own hold only: one another
+            # instance took meanwhile stays), then claimed as any. A store still down keeps it to give back.
+            await self.store.release(f"ticket:{nonce}")
             giving_back.cancel()
-            await self.store.claim(f"ticket:{nonce}", ttl)
-        elif not await self.store.claim(f"ticket:{nonce}", ttl):
+        if not await self.store.claim(f"ticket:{nonce}", ttl):
             if await self.store.settled(f"call:{call_id}"):
                 # (its handoff sent again, its answer lost: the call attached, here or on another instance)
                 return self._handoff_refused(409, "call already attached", call_id)

@@ -932,6 +932,43 @@ def test_codes_text_crossed_with_its_create_by_the_servers_answer_to_the_caller_
     assert creates(after) == [""]
 
 
+def test_codes_text_the_server_refused_is_taken_as_seen_once_a_create_after_it_starts() -> None:
+    """Code's text is refused (no item acknowledged), and our create after it runs: the server has taken
+    the text by then (in order). A later plain create that the server's answer to the caller crosses is
+    not asked again after that answer (the model would speak twice)."""
+    m = machine(greeting="Say hello")
+    greeting = sends(m.start())[-1]
+    m.receive({"type": "session.updated", "session": SESSION})
+    m.receive(
+        {
+            "type": "response.created",
+            "response": {"id": "r_greet", "metadata": {"sideband": greeting["event_id"]}},
+        }
+    )
+    m.receive(response_done("r_greet"))
+    (create,) = [e for e in sends(m.user_text("x" * 10)) if e["type"] == "response.create"]
+    m.receive(refusal(None))  # (the text's item, refused: no acknowledgement comes)
+    m.receive(
+        {
+            "type": "response.created",
+            "response": {"id": "r_text", "metadata": {"sideband": create["event_id"]}},
+        }
+    )
+    m.receive(response_done("r_text"))
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.correct("Never promise refunds.", "r1")
+    (again,) = [
+        e for e in sends(m.receive(response_done("r1", status="cancelled"))) if e["type"] == "response.create"
+    ]
+    feed(m, [SPEECH_STARTED, SPEECH_STOPPED, {"type": "response.created", "response": {"id": "r_turn"}}])
+    refused = {
+        "type": "error",
+        "error": {"code": "conversation_already_has_active_response", "event_id": again["event_id"]},
+    }
+    assert sends(m.receive(refused)) == []
+    assert creates(m.receive(response_done("r_turn")) + m.timer("turn")) == []
+
+
 def test_a_failed_greeting_asked_again_waits_for_the_caller_and_is_dropped_if_they_spoke() -> None:
     m = machine(greeting="Say hello")
     m.start()

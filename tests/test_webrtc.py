@@ -1120,6 +1120,24 @@ async def test_a_retry_with_a_ticket_still_to_be_given_back_attaches_and_spends_
     assert other.sideband_connects == 0
 
 
+async def test_a_retry_while_the_store_is_still_down_keeps_the_ticket_to_give_back(stack: Stack) -> None:
+    """The browser retries its handoff at once, the store still down: 503 again, and the ticket is still
+    given back once the store answers (it stayed spent, and the retry after that was told 403)."""
+    _, minted = await post_json(stack, "/rtc/sessions", {})
+    call = stack.sim.create_webrtc_call(Script([pause(30)]))
+    handoff = {"call_id": call.call_id, "ticket": minted["ticket"]}
+    store = stack.service.store = StoreDownAfterTicket(stack.service.store)
+    assert await post_json(stack, "/rtc/handoff", handoff) == (503, {"error": "claim store unavailable"})
+    assert await post_json(stack, "/rtc/handoff", handoff) == (503, {"error": "claim store unavailable"})
+    assert len(stack.service._giving_back) == 1
+    store.down = False  # (back)
+    await asyncio.wait_for(asyncio.gather(*stack.service._settling, return_exceptions=True), 5)
+    assert await post_json(stack, "/rtc/handoff", handoff) == (
+        200,
+        {"status": "attached", "call_id": call.call_id},
+    )
+
+
 async def test_a_handoff_sent_again_to_another_instance_after_it_attached_is_told_so(stack: Stack) -> None:
     """The handoff attached the call, its answer was lost, and the browser sends it again to another
     instance sharing the store: 409 "call already attached", as the instance that runs the call says, not

@@ -537,7 +537,9 @@ class CallMachine:
         # text (see _on_caller_activity).
         self._text_out = False
         self._text_wait = False  # the wait for a turn's answer (_turn_wait) is code's text's alone
-        self._text_unseen = False  # code's text went out (to OpenAI), its item not acknowledged yet
+        # Code's text went out (to OpenAI), not known to be taken yet: the sequence number of our events
+        # before it (a create of ours after it that starts says the server has taken it: in order).
+        self._text_unseen: int | None = None
         self._speech_reported = False  # the server reports the caller's speech (speech_started)
         self._turn_wait = False  # the caller's speech ended: the server's answer to it may be on its way
         self._covered_by: object = None  # the server's answer to a turn, taken to answer our outputs too
@@ -713,8 +715,7 @@ class CallMachine:
         self._response_active = self._speaking = self._turn_wait = self._unanswered = False
         self._speech_capped = self._text_out = False
         self._create_sent = self._created_for = self._covered_by = self._ours = self.responding = None
-        self._crossed = None
-        self._text_unseen = False
+        self._crossed = self._text_unseen = None
         queued_outputs = {e[len(_OUTPUT_EVENT) :] for e in queued if e.startswith(_OUTPUT_EVENT)}
         self._resend = tuple(c for c in self._unacked or () if c not in queued_outputs)
         self._socket += 1
@@ -1185,7 +1186,8 @@ class CallMachine:
         else:
             self._held = (*self._held, send)
         if not self.caps.responds_to_user_text:
-            self._want_response = self._text_owed = self._text_unseen = True
+            self._want_response = self._text_owed = True
+            self._text_unseen = self._seq
             if self._reasked is not None and self._reasked[1] is None:
                 self._reasked = None  # (the lost create's response, should it show, does not answer it)
             return actions + self._progress()
@@ -1378,6 +1380,9 @@ class CallMachine:
             self._created_for = None if known else create
             if known:
                 self._arrived(create)
+                unseen = self._text_unseen
+                if unseen is not None and _seq_of(create) > unseen:
+                    self._text_unseen = None  # (ours, sent after code's text, started: the text was taken)
             if self._create_sent == create:
                 self._create_sent = None
             self._ours = (response_id, create) if isinstance(response_id, str) else None
@@ -1404,7 +1409,7 @@ class CallMachine:
                     self._covered_by = response_id
                 elif (
                     self._create_sent is not None
-                    and not self._text_unseen  # (code's text, if it came too late for it, is answered)
+                    and self._text_unseen is None  # (code's text, if it came too late for it, is answered)
                     and _plain(self._recent_creates.get(self._create_sent))
                 ):
                     # Our plain create, on its way, crossed it: refused for it, it is not asked again.
@@ -2070,7 +2075,7 @@ class CallMachine:
         if item.get("role") == "user" and _has_text(item):
             # (the server took code's text, not the caller's audio: speech it reports from now on is after
             # it; an answer that starts from now on sees it)
-            self._text_out = self._text_unseen = False
+            self._text_out, self._text_unseen = False, None
         return []
 
     def _arrived(self, create: str) -> None:
@@ -2501,6 +2506,12 @@ def _error_fields(error: Mapping[str, Any]) -> dict[str, Any]:
 def _plain(create: tuple[Mapping[str, Any], str | None] | None) -> bool:
     """Whether a create of ours (body, tag) is a plain one: it answers outputs (see ``_owe``)."""
     return create is not None and create[1] is None and (not create[0] or create[0] == _NO_TOOLS)
+
+
+def _seq_of(event_id: str) -> int:
+    """The sequence number of an event id of ours (``sb_create_12`` → 12; -1 for another's)."""
+    number = event_id.rpartition("_")[2]
+    return int(number) if number.isdigit() else -1
 
 
 def _has_text(item: Mapping[str, Any]) -> bool:
