@@ -854,14 +854,29 @@ def test_a_failed_greeting_is_not_said_once_the_caller_has_spoken() -> None:
     (again,) = sends(m.receive(failed("r_greet")))
     assert again["response"]["instructions"] == "Say hello"
     feed(m, [SPEECH_STARTED, SPEECH_STOPPED, {"type": "response.created", "response": {"id": "r_turn"}}])
-    refused = {
-        "type": "error",
-        "error": {"code": "conversation_already_has_active_response", "event_id": again["event_id"]},
-    }
-    assert sends(m.receive(refused)) == []
+    assert sends(m.receive(crossed(again))) == []
     after = m.receive(response_done("r_turn")) + m.timer("turn")
     assert sends(after) == []
     assert notices(after, "response.dropped") == [{"purpose": "greeting"}]
+
+
+def tagged_machine() -> CallMachine:
+    """A machine past its greeting, whose response came tagged (as OpenAI echoes our tags)."""
+    m = machine(greeting="Say hello")
+    greeting = sends(m.start())[-1]
+    m.receive({"type": "session.updated", "session": SESSION})
+    tag = {"sideband": greeting["event_id"]}
+    m.receive({"type": "response.created", "response": {"id": "r_greet", "metadata": tag}})
+    m.receive(response_done("r_greet"))
+    return m
+
+
+def crossed(create: dict[str, Any]) -> dict[str, Any]:
+    """The refusal of our ``create`` that crossed another response on the wire."""
+    return {
+        "type": "error",
+        "error": {"code": "conversation_already_has_active_response", "event_id": create["event_id"]},
+    }
 
 
 @pytest.mark.parametrize("answer", ["completed", "cancelled"])
@@ -870,23 +885,14 @@ def test_a_plain_create_refused_for_the_servers_answer_to_the_caller_is_not_aske
     our plain create crosses the server's answer to the caller and is refused for it. That answer is the
     model's answer again (it saw all we had sent): ours is not asked once more after it, a second reply
     unasked, unless that answer does not complete."""
-    m = machine(greeting="Say hello")
-    greeting = sends(m.start())[-1]
-    m.receive({"type": "session.updated", "session": SESSION})
-    tag = {"sideband": greeting["event_id"]}  # (OpenAI echoes our tags)
-    m.receive({"type": "response.created", "response": {"id": "r_greet", "metadata": tag}})
-    m.receive(response_done("r_greet"))
+    m = tagged_machine()
     m.receive({"type": "response.created", "response": {"id": "r1"}})
     m.correct("Never promise refunds.", "r1")
     (again,) = [
         e for e in sends(m.receive(response_done("r1", status="cancelled"))) if e["type"] == "response.create"
     ]
     feed(m, [SPEECH_STARTED, SPEECH_STOPPED, {"type": "response.created", "response": {"id": "r_turn"}}])
-    refused = {
-        "type": "error",
-        "error": {"code": "conversation_already_has_active_response", "event_id": again["event_id"]},
-    }
-    assert sends(m.receive(refused)) == []
+    assert sends(m.receive(crossed(again))) == []
     after = m.receive(response_done("r_turn", status=answer)) + m.timer("turn")
     assert creates(after) == ([] if answer == "completed" else [""])
 
@@ -896,16 +902,7 @@ def test_codes_text_crossed_with_its_create_by_the_servers_answer_to_the_caller_
     turn ends; the server's answer to that turn crosses both on the wire, and our create is refused for
     it. That answer began before the server took the text (the caller's own item came first): the text
     is answered after it, better twice than never."""
-    m = machine(greeting="Say hello")
-    greeting = sends(m.start())[-1]
-    m.receive({"type": "session.updated", "session": SESSION})
-    m.receive(
-        {
-            "type": "response.created",
-            "response": {"id": "r_greet", "metadata": {"sideband": greeting["event_id"]}},
-        }
-    )
-    m.receive(response_done("r_greet"))
+    m = tagged_machine()
     (create,) = [
         e for e in sends(m.user_text("The order shipped: tell the caller.")) if e["type"] == "response.create"
     ]
@@ -923,11 +920,7 @@ def test_codes_text_crossed_with_its_create_by_the_servers_answer_to_the_caller_
             {"type": "response.created", "response": {"id": "r_turn"}},
         ],
     )
-    refused = {
-        "type": "error",
-        "error": {"code": "conversation_already_has_active_response", "event_id": create["event_id"]},
-    }
-    assert sends(m.receive(refused)) == []
+    assert sends(m.receive(crossed(create))) == []
     after = m.receive(response_done("r_turn")) + m.timer("turn")
     assert creates(after) == [""]
 
@@ -936,16 +929,7 @@ def test_codes_text_the_server_refused_is_taken_as_seen_once_a_create_after_it_s
     """Code's text is refused (no item acknowledged), and our create after it runs: the server has taken
     the text by then (in order). A later plain create that the server's answer to the caller crosses is
     not asked again after that answer (the model would speak twice)."""
-    m = machine(greeting="Say hello")
-    greeting = sends(m.start())[-1]
-    m.receive({"type": "session.updated", "session": SESSION})
-    m.receive(
-        {
-            "type": "response.created",
-            "response": {"id": "r_greet", "metadata": {"sideband": greeting["event_id"]}},
-        }
-    )
-    m.receive(response_done("r_greet"))
+    m = tagged_machine()
     (create,) = [e for e in sends(m.user_text("x" * 10)) if e["type"] == "response.create"]
     m.receive(refusal(None))  # (the text's item, refused: no acknowledgement comes)
     m.receive(
@@ -961,11 +945,7 @@ def test_codes_text_the_server_refused_is_taken_as_seen_once_a_create_after_it_s
         e for e in sends(m.receive(response_done("r1", status="cancelled"))) if e["type"] == "response.create"
     ]
     feed(m, [SPEECH_STARTED, SPEECH_STOPPED, {"type": "response.created", "response": {"id": "r_turn"}}])
-    refused = {
-        "type": "error",
-        "error": {"code": "conversation_already_has_active_response", "event_id": again["event_id"]},
-    }
-    assert sends(m.receive(refused)) == []
+    assert sends(m.receive(crossed(again))) == []
     assert creates(m.receive(response_done("r_turn")) + m.timer("turn")) == []
 
 
