@@ -879,6 +879,18 @@ def crossed(create: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def reask_crossed(m: CallMachine) -> list[dict[str, Any]]:
+    """A guardrail stops reply ``r1``; the create asking the model to answer again crosses the server's
+    answer to the caller (``r_turn``), which has started: what the machine sends at that create's refusal."""
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    m.correct("Never promise refunds.", "r1")
+    (again,) = [
+        e for e in sends(m.receive(response_done("r1", status="cancelled"))) if e["type"] == "response.create"
+    ]
+    feed(m, [SPEECH_STARTED, SPEECH_STOPPED, {"type": "response.created", "response": {"id": "r_turn"}}])
+    return sends(m.receive(crossed(again)))
+
+
 @pytest.mark.parametrize("answer", ["completed", "cancelled"])
 def test_a_plain_create_refused_for_the_servers_answer_to_the_caller_is_not_asked_again(answer: str) -> None:
     """A guardrail stopped a reply; the model is asked to answer again, and the caller spoke meanwhile:
@@ -886,13 +898,7 @@ def test_a_plain_create_refused_for_the_servers_answer_to_the_caller_is_not_aske
     model's answer again (it saw all we had sent): ours is not asked once more after it, a second reply
     unasked, unless that answer does not complete."""
     m = tagged_machine()
-    m.receive({"type": "response.created", "response": {"id": "r1"}})
-    m.correct("Never promise refunds.", "r1")
-    (again,) = [
-        e for e in sends(m.receive(response_done("r1", status="cancelled"))) if e["type"] == "response.create"
-    ]
-    feed(m, [SPEECH_STARTED, SPEECH_STOPPED, {"type": "response.created", "response": {"id": "r_turn"}}])
-    assert sends(m.receive(crossed(again))) == []
+    assert reask_crossed(m) == []
     after = m.receive(response_done("r_turn", status=answer)) + m.timer("turn")
     assert creates(after) == ([] if answer == "completed" else [""])
 
@@ -939,13 +945,7 @@ def test_codes_text_the_server_refused_is_taken_as_seen_once_a_create_after_it_s
         }
     )
     m.receive(response_done("r_text"))
-    m.receive({"type": "response.created", "response": {"id": "r1"}})
-    m.correct("Never promise refunds.", "r1")
-    (again,) = [
-        e for e in sends(m.receive(response_done("r1", status="cancelled"))) if e["type"] == "response.create"
-    ]
-    feed(m, [SPEECH_STARTED, SPEECH_STOPPED, {"type": "response.created", "response": {"id": "r_turn"}}])
-    assert sends(m.receive(crossed(again))) == []
+    assert reask_crossed(m) == []
     assert creates(m.receive(response_done("r_turn")) + m.timer("turn")) == []
 
 
