@@ -29,6 +29,7 @@ from sideband.testing import (
     caller_presses,
     caller_says,
     model_calls,
+    model_fails,
     model_says,
     model_says_first,
     pause,
@@ -2982,6 +2983,50 @@ async def test_a_call_to_a_tool_in_effect_is_made(
         )
         await call.wait_done(timeout=5)
     assert call.responses[0].call_ids == ["call_1"]
+
+
+@pytest.mark.parametrize(
+    ("session", "response", "refusal"),
+    [
+        (declaring("lookup", tool_choice="required"), {}, 'the session\'s tool_choice is "required"'),
+        (
+            declaring("lookup"),
+            {"tool_choice": "required"},
+            'the response.create\'s tool_choice is "required"',
+        ),
+        (
+            declaring("lookup"),
+            {"tool_choice": {"type": "function", "name": "lookup"}},
+            "the response.create's tool_choice forces 'lookup'",
+        ),
+    ],
+    ids=["session-required", "create-required", "create-forced"],
+)
+async def test_the_model_calls_a_tool_when_the_tool_choice_requires_one(
+    simulator: Simulator,
+    http: aiohttp.ClientSession,
+    session: dict[str, Any],
+    response: dict[str, Any],
+    refusal: str,
+) -> None:
+    """Under ``tool_choice: "required"`` or one forcing a function, a scripted answer that calls nothing
+    fails the step, naming why: the real model must call a tool. A failed response calls nothing and is
+    made all the same."""
+    call = await live_call(simulator, http, Script([model_fails(), model_says("Shipped.")]), session)
+    async with ws_connect(simulator, call) as ws:
+        await send(ws, {"type": "response.create", "response": response})
+        failed = (await recv_until(ws, "response.done"))[-1]
+        await send(ws, {"type": "response.create", "response": response})
+        events = await recv_until(ws, "response.done")
+    assert failed["response"]["status"] == "failed"
+    with pytest.raises(
+        ScriptError, match=r"step 1 model_says\('Shipped.'\): the model must call a tool"
+    ) as info:
+        await call.wait_done(timeout=5)
+    assert refusal in str(info.value)
+    spoken = [e["transcript"] for e in events if e["type"] == "response.output_audio_transcript.done"]
+    assert spoken == [simulator.auto_answer_text]
+    assert [(r.source, r.status) for r in call.responses] == [("script", "failed"), ("auto", "completed")]
 
 
 async def test_undeclared_calls_are_made_when_the_script_says_so(

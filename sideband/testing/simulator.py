@@ -959,14 +959,17 @@ def _refuse_webrtc_session(session: Any, *, accept: bool) -> web.Response | None
 
 
 def _refused_calls(
-    calls: Sequence[FunctionCallSpec], session: Mapping[str, Any], create: Mapping[str, Any] | None
+    calls: Sequence[FunctionCallSpec],
+    session: Mapping[str, Any],
+    create: Mapping[str, Any] | None,
+    status: str = "completed",
 ) -> str | None:
     """Why the model could not make ``calls`` in a response to ``create`` (``None``: a response of its own,
     under the session's settings), or ``None`` if it could: it calls only the function tools in effect
     (the ``response.create``'s ``tools`` / ``tool_choice``, else the session's), none under
-    ``tool_choice: "none"``, and only the forced one under a tool choice naming one."""
-    if not calls:
-        return None
+    ``tool_choice: "none"``, and only the forced one under a tool choice naming one; and a response that
+    completes with no call at all is refused under a ``tool_choice`` of ``"required"`` or forcing a
+    function (the model must call one)."""
     overrides = (create.get("response") or {}) if create is not None else {}
     tools, tools_from = (
         (overrides["tools"], "the response.create's")
@@ -978,6 +981,19 @@ def _refused_calls(
         if "tool_choice" in overrides
         else (session.get("tool_choice", "auto"), "the session's")
     )
+    if not calls:
+        if status != "completed":  # (cut short or failed before it called anything)
+            return None
+        if choice == "required":
+            forced = 'is "required"'
+        elif isinstance(choice, Mapping) and choice.get("type") == "function":
+            forced = f"forces {choice.get('name')!r}"
+        else:
+            return None
+        return (
+            f"the model must call a tool: {choice_from} tool_choice {forced} (script model_calls(…) for "
+            "this response)"
+        )
     declared = [
         t.get("name") for t in tools if isinstance(t, Mapping) and t.get("type", "function") == "function"
     ]
@@ -2556,7 +2572,7 @@ class SimCall:
                 return None
             assert self.session is not None
             answering = None if first else self._pending_create
-            refused = None if undeclared else _refused_calls(calls, self.session, answering)
+            refused = None if undeclared else _refused_calls(calls, self.session, answering, status)
             if refused is not None:
                 raise _StepFailed(refused)
             taken = self._take_pending_create()
