@@ -2530,6 +2530,20 @@ def test_a_refused_text_is_waited_for_no_more() -> None:
     assert m.text_refused() == []
 
 
+def test_a_refused_text_leaves_the_wait_for_an_idle_prompt_that_came_after_an_earlier_texts_wait() -> None:
+    """A text's wait ran out (no answer came); then the engine prompts the silent caller and code sends
+    text while that prompt's answer is on its way. The engine refuses that text: the prompt's answer is
+    still waited for (the earlier text's wait, long over, is not this one)."""
+    m = engine_machine()
+    m.receive({"type": "session.updated", "session": {}})
+    m.user_text("hello")
+    m.timer("turn")  # (no answer to it came)
+    m.receive({"type": "input_audio_buffer.timeout_triggered", "item_id": "i1"})
+    m.user_text("something forbidden")
+    assert m.text_refused() == [] and m.response_pending
+    assert creates(m.say("Anything else?")) == []  # (not over the engine's answer to the silence)
+
+
 def test_a_refused_text_leaves_the_wait_for_the_callers_turn_and_holds_no_later_speech_back() -> None:
     """Caller audio, then code's text: the engine reports the speech and its stop (it reads the audio
     first, and answers that turn by itself), then refuses the text. The answer to the caller's turn is

@@ -536,7 +536,9 @@ class CallMachine:
         # (its item, or a response): the caller's speech it reports meanwhile is of audio sent before the
         # text (see _on_caller_activity).
         self._text_out = False
-        self._text_wait = False  # the wait for a turn's answer (_turn_wait) is code's text's alone
+        self._text_wait = (
+            False  # the wait for a turn's answer (_turn_wait) is code's text's alone (ends with it)
+        )
         # Code's text went out (to OpenAI), not known to be taken yet: the sequence number of our events
         # before it (a create of ours after it that starts says the server has taken it: in order).
         self._text_unseen: int | None = None
@@ -713,7 +715,7 @@ class CallMachine:
         sent = self._create_sent
         lost = None if sent is None or sent in queued or self._going else (sent, self.responding)
         self._response_active = self._speaking = self._turn_wait = self._unanswered = False
-        self._speech_capped = self._text_out = False
+        self._speech_capped = self._text_out = self._text_wait = False
         self._create_sent = self._created_for = self._covered_by = self._ours = self.responding = None
         self._crossed = self._text_unseen = None
         queued_outputs = {e[len(_OUTPUT_EVENT) :] for e in queued if e.startswith(_OUTPUT_EVENT)}
@@ -909,7 +911,7 @@ class CallMachine:
         if name == _SPEAKING:
             return self._speech_over(stopped=False)
         if name == _TURN:
-            self._turn_wait = False  # no answer to the caller's turn came: what waited may start
+            self._turn_wait = self._text_wait = False  # no answer to the turn came: what waited may start
             self._text_out = False  # (nor to code's text: refused, say; speech reported now is after it)
             return self._progress() + self._rearm_filler()
         return []
@@ -1247,7 +1249,7 @@ class CallMachine:
         self._text_out = False  # (speech it reports from now on is not of audio before a text)
         if not (self._turn_wait and self._text_wait) or self._prompt_due:
             return []  # (the wait is for the answer to the caller's turn, or to a silence, too)
-        self._turn_wait = False
+        self._turn_wait = self._text_wait = False
         return [CancelTimer(_TURN), *self._progress(), *self._rearm_filler()]
 
     def updated_field(self, path: tuple[str, ...], default: Any = None) -> Any:
@@ -1394,7 +1396,7 @@ class CallMachine:
             # each acknowledged before it began (one still unacknowledged, or code's text, may have come
             # too late for it: then ours follows it, better twice than never). On the same terms it answers
             # our plain create lost with a socket and still awaited (see reattached): it is not asked again.
-            self._turn_wait = False
+            self._turn_wait = self._text_wait = False
             if not self._running and self.caps.resumable and self._unacked is None and not self._text_owed:
                 if self._want_response:
                     self._want_response = self._without_tools = False
