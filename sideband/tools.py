@@ -867,6 +867,16 @@ def failed_result(call_id: str, name: str, exc: BaseException, start: float) -> 
     return _failed(call_id, name, exc, start)
 
 
+def cancelled_result(call_id: str, name: str, exc: BaseException, start: float) -> ToolResult:
+    """The ``tool_failed`` result of a run that code other than the call's end cancelled (``exc``: what
+    came of it). The result's exception is what the tool's code made of the cancellation, if it made
+    another of it (a library's ``TimeoutError``), else ``exc``."""
+    message = "The tool was cancelled before it finished."
+    return _error(
+        call_id, name, start, "tool_failed", message, detail="cancelled", exc=exc.__context__ or exc
+    )
+
+
 def _refuse_non_finite(arguments: BaseModel) -> None:
     """Raise a :class:`ValidationError` naming each NaN or infinite number the model gave in
     ``arguments`` (a default is the app's, and left alone)."""

@@ -104,6 +104,73 @@ async def test_tool_raising_cancelled_error_gets_an_output_and_a_response(stack:
     assert [(t.name, t.outcome) for t in summary.tools] == [("fetch", "error")]
 
 
+@pytest.mark.parametrize("how", ["hook", "own_task", "library"])
+async def test_a_tool_cancelled_by_the_apps_code_gets_an_output_and_the_call_goes_on(
+    stack: Stack, how: str
+) -> None:
+    """Code of the app's cancels a running tool while the call goes on: a hook calling off a long search
+    when the caller says so, the tool cancelling its own task, or a library's timer doing it and raising
+    something else. Only the call's end cancels a tool silently: the model gets the tool's failure, and
+    later tools' outputs are answered (the call does not take the cancelled one for still running)."""
+    started = asyncio.Event()
+
+    @stack.app.tool(filler_after=None)
+    async def search(ctx: CallContext) -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        if how == "own_task":
+            task.cancel()
+        elif how == "library":
+            timer = asyncio.get_running_loop().call_soon(task.cancel)
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise TimeoutError("upstream slow") from None  # (and no uncancel())
+            finally:
+                timer.cancel()
+        ctx.state["search"] = task
+        started.set()
+        await asyncio.Event().wait()
+        return "found"
+
+    @stack.app.on_transcript
+    async def never_mind(ctx: CallContext, role: str, text: str) -> None:
+        if how == "hook" and role == "caller" and "never mind" in text:
+            ctx.state["search"].cancel()
+
+    with capture_logs() as logs:
+        call = await start(
+            stack,
+            Script(
+                [
+                    HELLO,
+                    caller_says("search"),
+                    model_calls("search", {}, call_id="c_search", await_outputs=how != "hook"),
+                    *([caller_says("never mind")] if how == "hook" else []),
+                    model_says("OK."),
+                    caller_says("my order 42?"),
+                    model_calls("lookup_order", {"order_id": "42"}, call_id="c_lookup"),
+                    model_says("It shipped."),
+                ]
+            ),
+        )
+        await call.wait_done(timeout=15)
+    got = by_call_id(call)
+    assert got["c_search"] == {
+        "error": "tool_failed",
+        "message": "The tool was cancelled before it finished.",
+    }
+    assert "c_lookup" in got
+    ks = kinds(call)
+    assert ks[ks.index("output:c_lookup") + 1 :] == ["create"]  # the later tool is answered
+    await stack.sim.hang_up(call)
+    summary = await stack.ended(call)
+    assert [(t.name, t.outcome) for t in summary.tools] == [("search", "error"), ("lookup_order", "ok")]
+    finished = [e for e in logs if e["event"] == "tool.finished" and e["tool"] == "search"]
+    assert [(e["outcome"], e["log_level"]) for e in finished] == [("error", "warning")]
+    assert finished[0]["error"] == ("TimeoutError" if how == "library" else "CancelledError")
+
+
 async def test_sync_tool_raising_generator_exit_gets_an_output_and_a_response(stack: Stack) -> None:
     """A ``GeneratorExit`` out of a sync tool's thread ended the task awaiting it: the model waited for
     an output that never came. It is the tool's failure, as any exception."""

@@ -57,6 +57,7 @@ from sideband.tools import (
     Outcome,
     ToolError,
     TransferNotAllowed,
+    cancelled_result,
     failed_result,
     is_async_callable,
     own_cancellation,
@@ -1353,10 +1354,18 @@ class CallRuntime:
                 result = await tools.execute(
                     call_id, name, arguments, self.ctx, on_blocked=blocked, on_deadline=on_deadline
                 )
-            except asyncio.CancelledError:
-                if self._owns(run):
-                    self._tool_cancelled(call_id, name, time.monotonic() - started)
-                raise
+            except asyncio.CancelledError as exc:
+                if run is None or self.machine.closed is not None:
+                    # The call's end (a shutdown's too) cancelled it: no output is due any more.
+                    if self._owns(run):
+                        self._tool_cancelled(call_id, name, time.monotonic() - started)
+                    raise
+                # Cancelled by code of the app's while the call goes on (a hook calling off a search, the
+                # tool's own task): only the call's end cancels a tool silently. The model gets the
+                # tool's failure, and the call counts it done.
+                while run.uncancel():
+                    pass
+                result = cancelled_result(call_id, name, exc, started)
             except Exception as exc:  # never expected; the model must still get an answer
                 result = failed_result(call_id, name, exc, started)
             if watch is not None:
