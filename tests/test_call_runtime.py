@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import decimal
+import inspect
 import json
 import threading
 import time
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -1200,6 +1202,37 @@ async def test_the_summary_says_when_the_call_started_by_the_wall_clock(stack: S
     assert summaries == [summary] and summary.reason == "remote_closed"
     assert before <= summary.started_at < summary.started_at + summary.duration <= after
     assert {role for role, _ in summary.transcript} == set(typing.get_args(TranscriptRole))
+
+
+async def test_the_calls_actions_refuse_in_on_call_end(stack: Stack) -> None:
+    """The call has ended by the time ``on_call_end`` runs: its actions raise (a hangup, a transfer or a
+    say there would do nothing), rather than return as if they had been carried out."""
+    tried: list[tuple[str, str]] = []
+
+    async def collect(ctx: CallContext) -> str:
+        return await ctx.collect_digits(max_digits=1, timeout=30)
+
+    actions: dict[str, Callable[[CallContext], Any]] = {
+        "say": lambda ctx: ctx.say("Bye."),
+        "hangup": lambda ctx: ctx.hangup("late"),
+        "transfer": lambda ctx: ctx.transfer("human"),
+        "collect_digits": collect,
+    }
+
+    @stack.app.on_call_end
+    async def end(ctx: CallContext, summary: CallSummary) -> None:
+        for name, action in actions.items():
+            try:
+                done = action(ctx)
+                if inspect.isawaitable(done):
+                    await done
+            except RuntimeError as exc:
+                tried.append((name, str(exc)))
+
+    call = await start(stack, Script([HELLO, caller_says("Hi."), model_says("Hello."), caller_hangs_up()]))
+    summary = await ended(stack, call)
+    assert summary.reason == "remote_closed"
+    assert tried == [(name, "no live call behind this context") for name in actions]
 
 
 async def test_keyed_digits_reach_the_model_through_send_text(stack: Stack) -> None:

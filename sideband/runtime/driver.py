@@ -727,12 +727,14 @@ class CallRuntime:
                         input_tokens=self.summary._usage.input_tokens if self.summary._usage else 0,
                         output_tokens=self.summary._usage.output_tokens if self.summary._usage else 0,
                     )
+                # The call has ended: its actions refuse from now on (in on_call_end, a hangup or a say
+                # would do nothing). And so the context ↔ runtime cycle is broken: an ended call is freed
+                # by reference counting, not by the cyclic collector (whose pauses grow with the calls).
+                self.ctx.actions = NO_ACTIONS
                 for hook in self.hooks.on_call_end:
                     await self._end_hook(hook)
             finally:
-                # Break the context ↔ runtime cycle so an ended call is freed by reference counting,
-                # not by the cyclic collector (whose pauses grow with the number of ended calls).
-                self.ctx.actions = NO_ACTIONS
+                self.ctx.actions = NO_ACTIONS  # (the cleanup cut short)
                 self._ws = None
                 self._closed.set()
         return self.summary.reason
