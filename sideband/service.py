@@ -608,6 +608,7 @@ class Service:
         lease = ledger_lease(self.settings)
         loop = asyncio.get_running_loop()
         since: float | None = None  # since when records go through without a break
+        failing = False  # (a failure is logged as records start failing, not at every record)
         while True:
             self._launched.clear()
             next_at = loop.time() + LEDGER_TICK  # (from this record's start: a slow one delays no lease)
@@ -615,14 +616,15 @@ class Service:
             try:
                 await ledger.record(self.instance_id, live, lease)  # (all of them: see CallLedger.record)
             except StoreUnavailable as exc:
-                if since is not None:
+                if not failing:
                     self.log.warning("store.unavailable", error=str(exc), ledger=self.instance_id)
-                since = None
-            except Exception:  # (a bug of ours: the loop must go on, or the others hang up our calls)
-                if since is not None:
-                    self.log.exception("ledger.failed", ledger=self.instance_id)
-                since = None
+                since, failing = None, True
+            except Exception as exc:  # (a bug of ours: the loop must go on, or the others hang up our calls)
+                if not failing:
+                    self._ledger_failed(exc)
+                since, failing = None, True
             else:
+                failing = False
                 now = loop.time()
                 since = now if since is None else since
                 sweep_done = self._sweeping is None or self._sweeping.done()
@@ -631,6 +633,13 @@ class Service:
             with contextlib.suppress(TimeoutError):  # (not wait_for: on 3.11 it may swallow a cancel)
                 async with asyncio.timeout_at(next_at):
                     await self._launched.wait()
+
+    def _ledger_failed(self, exc: Exception) -> None:
+        """``ledger.failed``: the exception's type and frames, not its text (the store's own, or an app's
+        ledger's, may quote what it was given)."""
+        self.log.error(
+            "ledger.failed", ledger=self.instance_id, **failure_fields(exc, message=False, full=False)
+        )
 
     async def _sweep(self, ledger: CallLedger) -> None:
         """Hang up the calls of instances whose lease ran out (nobody runs their tools), one instance
@@ -647,8 +656,8 @@ class Service:
                 )
             except StoreUnavailable:
                 return
-            except Exception:  # (a bug of ours)
-                self.log.exception("ledger.failed", ledger=self.instance_id)
+            except Exception as exc:  # (a bug of ours)
+                self._ledger_failed(exc)
                 return
             for owner, calls in found.items():
                 self._sweep_holds = owner  # (let go of at close if the sweep is cut short)

@@ -34,6 +34,7 @@ def _env(name: str, default: Any = None) -> Any:
 
 
 _BLANK_IS_A_VALUE = frozenset({"SIDEBAND_HOST"})
+"""Variables whose blank value means something: ``SIDEBAND_HOST=`` listens on both address families."""
 # A Redis URL's query options that would replace the claim store's own bounds (see RedisStore).
 _STORE_BOUNDS = frozenset({"socket_timeout", "socket_connect_timeout", "max_connections", "timeout"})
 # Those it may set: redis-py reads the others as text, where it wants an object (a traceback at start).
@@ -46,7 +47,6 @@ _URL_OPTIONS = frozenset(
         *("ssl_include_verify_flags", "ssl_keyfile", "ssl_min_version", "ssl_password"),
     }
 )
-"""Variables whose blank value means something: ``SIDEBAND_HOST=`` listens on both address families."""
 
 
 class _Given(PydanticBaseSettingsSource):
@@ -259,6 +259,9 @@ class Settings(BaseSettings):
                     known(given)
                 except LookupError:
                     raise ValueError(f"{name}: no such {name.replace('_', ' ')} in Python") from None
+        tls = sorted(name for name in options.keys() & _URL_OPTIONS if name.startswith("ssl_"))
+        if tls and not raw.startswith("rediss://"):  # (redis-py refuses them on a plain connection)
+            raise ValueError(f"cannot set {', '.join(tls)}: the ssl_… options need a rediss:// URL (TLS)")
         if other:
             # (quoted, as decoded: a %0A or %1B in a name is shown escaped, and the message stays one line)
             shown = ", ".join(repr(name) if len(name) <= 40 else repr(name[:40]) + "…" for name in other)

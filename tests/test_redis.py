@@ -1166,7 +1166,8 @@ async def test_serve_uses_redis_and_logs_it_without_the_password(
         ("redis://:pw[s3cret]@127.0.0.1:6379/0", "sideband: SIDEBAND_REDIS_URL: Value error, cannot be read"),
         (
             "redis://:pw@127.0.0.1:{port}/0?ssl_cert_reqs=none",
-            "sideband: SIDEBAND_REDIS_URL: an option redis cannot take (",
+            "sideband: SIDEBAND_REDIS_URL: Value error, cannot set ssl_cert_reqs: the ssl_… options need a "
+            "rediss:// URL (TLS)",
         ),
         (
             "redis://:pw@127.0.0.1:{port}/0?timeout=30&socket_timeout=5",
@@ -1326,7 +1327,7 @@ class LedgerBreakingOnce(MemoryStore):
     async def record(self, instance: str, calls: Any, lease: float) -> None:
         if not self.records:
             self.records.append((instance, set()))
-            raise TypeError("a bug")
+            raise TypeError("a bug, with data: " + instance)
         self.records.append((instance, set(calls)))
         self.recorded.set()
 
@@ -1348,12 +1349,18 @@ async def test_a_ledger_that_fails_once_goes_on_recording(simulator: Simulator) 
     the other instances hang up every call of this one."""
     store = LedgerBreakingOnce()
     service = Service(settings_for(simulator), make_app(), store=store)
-    await service.start()
-    try:
-        await asyncio.wait_for(store.recorded.wait(), 5)
-        assert [r[0] for r in store.records] == [service.instance_id] * 2
-    finally:
-        await service.close()
+    with capture_logs() as logs:
+        await service.start()
+        try:
+            await asyncio.wait_for(store.recorded.wait(), 5)
+            assert [r[0] for r in store.records] == [service.instance_id] * 2
+        finally:
+            await service.close()
+    # Logged, though it failed from the first record: its type and where, not its text (nor a traceback).
+    (failed,) = [e for e in logs if e["event"] == "ledger.failed"]
+    assert failed["ledger"] == service.instance_id and failed["error"] == "TypeError"
+    assert "in record" in failed["stack"] and "exc_info" not in failed
+    assert f"data: {service.instance_id}" not in str(failed)
 
 
 @contextlib.asynccontextmanager

@@ -243,6 +243,18 @@ def test_a_redis_url_option_no_url_may_set_is_named_quoted_in_one_line() -> None
     assert "\x1b" not in message
 
 
+def test_a_redis_urls_tls_options_need_a_rediss_url() -> None:
+    """redis-py takes the ``ssl_…`` options on a TLS connection only: on a plain one they are refused
+    here, in one line that says why, rather than at start with redis-py's own words."""
+    options = "ssl_cert_reqs=required&ssl_ca_certs=/etc/ca.pem"
+    assert error_for({"SIDEBAND_REDIS_URL": f"redis://:pw@cache:6379/0?{options}"}) == (
+        "SIDEBAND_REDIS_URL: Value error, cannot set ssl_ca_certs, ssl_cert_reqs: the ssl_… options need a "
+        "rediss:// URL (TLS)"
+    )
+    url = load({"SIDEBAND_REDIS_URL": f"rediss://:pw@cache:6379/0?{options}"}).redis_url
+    assert url is not None and url.get_secret_value().endswith(options)
+
+
 def test_a_port_variable_that_is_no_service_link_is_refused() -> None:
     assert error_for({"SIDEBAND_METRICS_PORT": "9090"}).startswith("SIDEBAND_METRICS_PORT: not a setting")
 
