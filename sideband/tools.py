@@ -870,11 +870,11 @@ def failed_result(call_id: str, name: str, exc: BaseException, start: float) -> 
 def cancelled_result(call_id: str, name: str, exc: BaseException, start: float) -> ToolResult:
     """The ``tool_failed`` result of a run that code other than the call's end cancelled (``exc``: what
     came of it). The result's exception is what the tool's code made of the cancellation, if it made
-    another of it (a library's ``TimeoutError``), else ``exc``."""
+    another of it (a library's ``TimeoutError``, which :meth:`ToolRegistry.execute` raised as a
+    cancellation ``from None``), else ``exc``."""
+    made = exc.__context__ if exc.__suppress_context__ else None
     message = "The tool was cancelled before it finished."
-    return _error(
-        call_id, name, start, "tool_failed", message, detail="cancelled", exc=exc.__context__ or exc
-    )
+    return _error(call_id, name, start, "tool_failed", message, detail="cancelled", exc=made or exc)
 
 
 def _refuse_non_finite(arguments: BaseModel) -> None:

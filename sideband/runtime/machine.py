@@ -536,9 +536,7 @@ class CallMachine:
         # (its item, or a response): the caller's speech it reports meanwhile is of audio sent before the
         # text (see _on_caller_activity).
         self._text_out = False
-        self._text_wait = (
-            False  # the wait for a turn's answer (_turn_wait) is code's text's alone (ends with it)
-        )
+        self._text_wait = False  # the wait for a turn's answer (_turn_wait) is code's text's alone
         # Code's text went out (to OpenAI), not known to be taken yet: the sequence number of our events
         # before it (a create of ours after it that starts says the server has taken it: in order).
         self._text_unseen: int | None = None
