@@ -753,6 +753,8 @@ def test_a_hangup_asked_for_during_the_idle_goodbye_takes_its_place() -> None:
     asked = m.request_end("end_call_tool")  # the app's ctx.hangup() (or the end_call tool)
     assert notices(asked, "call.ending") == [{"reason": "end_call_tool", "verb": "hangup", "target": None}]
     assert types(asked) == []  # the goodbye under way is let finish
+    # The end began with the idle limit's: its cap holds for this one too (not started again).
+    assert not [a for a in asked if isinstance(a, StartTimer | CancelTimer)]
     assert m.request_end("again") == []  # an explicit end stays terminal: no other replaces it
     assert m.timer("max_duration") == []  # nor the call limit
     back = m.receive(SPEECH_STARTED)
@@ -788,7 +790,8 @@ def test_a_transfer_asked_for_before_the_idle_goodbye_is_said_replaces_it() -> N
     m.timer("idle")
     assert notices(m.timer("idle"), "call.limit") == [{"limit": "idle"}]  # the goodbye waits for the tool
     # The tool transfers the caller as it finishes: no goodbye, the model's answer, then the REFER.
-    m.request_end("transferred", verb="refer", target="tel:+14155550123")
+    asked = m.request_end("transferred", verb="refer", target="tel:+14155550123")
+    assert StartTimer("end_cap", 10.0) not in asked  # (the idle end's cap holds)
     assert notices(m.receive(DTMF), "call.limit_withdrawn") == []
     answer = [a.event for a in m.tool_done("c1", '"transferring"', ok=True) if isinstance(a, Send)]
     assert [e["type"] for e in answer] == ["conversation.item.create", "response.create"]

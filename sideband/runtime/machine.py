@@ -1035,9 +1035,9 @@ class CallMachine:
         """Hang up (or refer) once in-flight outputs and the model's last words are out (with a
         ``goodbye`` first, for a limit). Terminal and idempotent: once an end is asked for, another is
         ignored, except while the end is the idle limit's, which the caller's return would withdraw (see
-        :meth:`_caller_back`): the new end replaces it and stands. A goodbye the idle limit already asked
-        for is let finish, and serves a new end that says one (the call-duration limit's); one not asked
-        for yet is asked only by such an end."""
+        :meth:`_caller_back`): the new end replaces it and stands, within the idle end's cap (the end
+        began with it). A goodbye the idle limit already asked for is let finish, and serves a new end
+        that says one (the call-duration limit's); one not asked for yet is asked only by such an end."""
         return self._ask_end(reason, verb, target, goodbye=goodbye)
 
     def _ask_end(
@@ -1070,7 +1070,8 @@ class CallMachine:
         self._end = end
         return [
             Notice("call.ending", {"reason": reason, "verb": verb, "target": target}),
-            StartTimer(_END_CAP, self.config.end_cap),
+            # (one that takes the idle limit's place keeps its cap: the end began with that one)
+            *([StartTimer(_END_CAP, self.config.end_cap)] if old is None else []),
             *self._progress(),
         ]
 
