@@ -834,3 +834,39 @@ async def test_a_structured_output_holding_half_an_emoji_reaches_the_model(stack
     await stack.sim.hang_up(call)
     summary = await stack.ended(call)
     assert [(t.name, t.outcome) for t in summary.tools] == [("status", "ok")]
+
+
+async def test_a_tool_left_behind_at_the_calls_end_is_recorded_with_the_time_it_ran(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tool that ignores the call's end's cancellation is given up once the grace is out: it is recorded
+    as cancelled, with the time it ran until then (the whole grace at least), not as if it never ran."""
+    monkeypatch.setattr("sideband.runtime.driver.TASK_GRACE", 0.2)
+    started, stop = asyncio.Event(), asyncio.Event()
+
+    @stack.app.tool(timeout=30, filler_after=None)
+    async def stubborn() -> str:  # a buggy tool: swallows every cancellation until the test ends
+        started.set()
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await stop.wait()
+        return "late"
+
+    try:
+        with capture_logs() as logs:
+            call = await start(
+                stack, Script([HELLO, caller_says("go"), model_calls("stubborn", {}), model_says("Sorry.")])
+            )
+            await asyncio.wait_for(started.wait(), 5)
+            stuck = stuck_tool()
+            stack.sim.hang_up(call)
+            summary = await stack.ended(call, timeout=5, check_script=False)
+            stop.set()
+            assert await asyncio.wait_for(stuck, 5) is None
+    finally:
+        stop.set()
+    (record,) = summary.tools
+    assert (record.name, record.outcome) == ("stubborn", "cancelled")
+    assert record.duration >= 0.2  # it ran through the grace, at least
+    (line,) = [e for e in logs if e["event"] == "tool.finished"]
+    assert (line["outcome"], line["duration_ms"]) == ("cancelled", round(record.duration * 1000, 2))

@@ -298,6 +298,7 @@ class CallRuntime:
         "_stop",
         "_sync_hooks",
         "_targets",
+        "_tool_started",
         "_tool_tasks",
         "_trips",
         "_turn_mark",
@@ -378,6 +379,9 @@ class CallRuntime:
         # the ids the model made up (call_1, every turn) runs a call id again while an earlier run of it,
         # answered past its deadline, may still be running.
         self._tool_tasks: dict[asyncio.Task[Any], str] = {}
+        # When each tool run under way started (monotonic): a run the call's end gives up on is recorded
+        # with the time it ran. None until a tool runs.
+        self._tool_started: dict[asyncio.Task[Any], float] | None = None
         # The tool runs that no longer count: answered past their deadline while they ran on, or given
         # up by the call's end
         self._abandoned: set[asyncio.Task[Any]] | None = None
@@ -1343,6 +1347,10 @@ class CallRuntime:
         started = time.monotonic()
         watch: asyncio.TimerHandle | None = None
         run = asyncio.current_task()  # (this run of the call id: the engine may run the id again later)
+        if run is not None:
+            if self._tool_started is None:
+                self._tool_started = {}
+            self._tool_started[run] = started
 
         def on_deadline(when: float, timed_out: Callable[[], ToolResult]) -> None:
             nonlocal watch
@@ -1446,6 +1454,8 @@ class CallRuntime:
         run = asyncio.current_task()
         if run is not None:
             self._tool_tasks.pop(run, None)
+            if self._tool_started is not None:
+                self._tool_started.pop(run, None)
             if self._abandoned is not None:
                 self._abandoned.discard(run)
 
@@ -1734,7 +1744,9 @@ class CallRuntime:
             if self._abandoned is None:
                 self._abandoned = set()
             self._abandoned.add(run)  # what a stuck one does later no longer counts
-            self._tool_cancelled(call_id, self.machine.tool_name(call_id), 0.0)
+            started = self._tool_started.pop(run, None) if self._tool_started is not None else None
+            ran = 0.0 if started is None else time.monotonic() - started  # (0: it never started)
+            self._tool_cancelled(call_id, self.machine.tool_name(call_id), ran)
         await self._settle_hooks()
 
     async def _await_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
