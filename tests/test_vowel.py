@@ -1591,6 +1591,75 @@ async def test_lost_engine_socket_ends_the_session_without_reattaching(
     assert len(vowel.mints) == 1 and len(vowel.sessions) == 1
 
 
+@pytest.mark.parametrize("waiting", [False, True])
+@pytest.mark.parametrize("ending", ["drop", "close"])
+async def test_a_turn_under_way_fails_as_the_session_ends_not_after_its_teardown(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO, ending: str, waiting: bool
+) -> None:
+    """The engine's socket is lost (or code closes the session) while a turn's tool runs (or, ``waiting``,
+    a hook's text's tool, which the turn waits for before its text goes out); the runtime's teardown then
+    takes its time (the tool's cleanup, an ``on_call_end`` hook). The turn fails at once with the
+    session's end, the session is no longer live, and every place names the same end."""
+    started, cleanup, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    seen: list[str] = []
+
+    @app.tool(timeout=30)
+    async def export() -> str:
+        """Exports, and rolls back when cancelled."""
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleanup.set()
+            await release.wait()  # a rollback, past end_cap (and ignoring a cancellation within it)
+        return "never"
+
+    @app.on_call_end
+    async def file_ticket(ctx: CallContext, summary: Any) -> None:
+        seen.append(summary.reason)
+        await release.wait()  # within an on_call_end hook's 10 s
+
+    if waiting:
+        app.on_call_start(lambda ctx: ctx.send_text("export please"))
+    vowel.script([when("export", calls=[("export", {})], reply="ok"), when("hello", reply="Hi.")])
+    session = EngineSession.open(settings_for(vowel), app, end_cap=0.1)
+    expected = "connection_lost" if ending == "drop" else "closed"
+    try:
+        async with session:
+            if waiting:
+                await asyncio.wait_for(started.wait(), 5)
+            turn = asyncio.ensure_future(session.say("hello" if waiting else "export please", timeout=30))
+            await asyncio.wait_for(started.wait(), 5)
+            if ending == "drop":
+                await vowel.drop(vowel.sessions[0])
+                closing = None
+            else:
+                closing = asyncio.ensure_future(session.close())
+            await asyncio.wait_for(cleanup.wait(), 5)
+            done, _ = await asyncio.wait({turn}, timeout=5)
+            assert done, "the turn waited for the runtime's teardown"
+            assert not session.live and session.end_reason == expected
+            if waiting:  # (its text waited for the hook's tool: never sent)
+                assert vowel.sessions[0].user_texts == ["export please"]
+            with pytest.raises(EngineError) as caught:
+                await turn
+            assert caught.value.reason == expected
+            with pytest.raises(EngineError):
+                await session.say("still there?")
+            release.set()
+            if closing is not None:
+                assert await closing == expected
+            assert await session.wait_closed(10) == expected
+    finally:
+        release.set()
+    assert session.summary is not None and session.summary.reason == expected
+    assert seen == [expected]
+    assert session.failed == (ending == "drop")
+    lines = log_lines(logs)
+    assert [e["reason"] for e in lines if e["event"] == "call.ended"] == [expected]
+    assert [e["reason"] for e in lines if e["event"] == "vowel.session_ended"] == [expected]
+
+
 # ------------------------------------------------------------------------------------------ audio
 async def test_send_audio_chunks_are_never_below_2048_bytes(vowel: VowelSimulator, app: Sideband) -> None:
     pieces = [bytes([n % 251 + 1]) * size for n, size in enumerate([100, 3000, 1000, 5000, 37, 40000, 2047])]
@@ -1609,13 +1678,25 @@ async def test_send_audio_chunks_are_never_below_2048_bytes(vowel: VowelSimulato
         assert len(base64.b64decode(event["audio"])) % 2 == 0
 
 
-async def test_simulator_refuses_small_audio_chunks(vowel: VowelSimulator, app: Sideband) -> None:
+async def test_simulator_refuses_small_audio_chunks(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO
+) -> None:
+    """The engine closes (1003) after an ``error`` naming why: the session's end is that error's code,
+    in the session, its summary, what ``on_call_end`` gets and every log line about its end."""
+    seen: list[str] = []
+    app.on_call_end(lambda ctx, summary: seen.append(summary.reason))
     async with EngineSession.open(settings_for(vowel), app) as session:
         session.runtime.send_event(
             {"type": "input_audio_buffer.append", "audio": base64.b64encode(b"ab").decode()}
         )
         assert await session.wait_closed(5) == "invalid_audio_chunk"
     assert vowel.sessions[0].close_code == 1003
+    assert session.failed and "(1003): invalid_audio_chunk" in (session.end_message or "")
+    assert session.summary is not None and session.summary.reason == "invalid_audio_chunk"
+    assert seen == ["invalid_audio_chunk"]
+    lines = log_lines(logs)
+    assert [e["reason"] for e in lines if e["event"] == "call.ended"] == ["invalid_audio_chunk"]
+    assert [e["reason"] for e in lines if e["event"] == "vowel.session_ended"] == ["invalid_audio_chunk"]
 
 
 # ------------------------------------------------------------------------------------- lifecycle
@@ -2527,6 +2608,27 @@ async def test_a_reply_timeout_ends_the_session_with_that_reason(
     ended = [e for e in lines if e["event"] == "vowel.session_ended"]
     assert [(e["reason"], e["level"]) for e in ended] == [("reply_timeout", "warning")]  # a failure
     assert [e["reason"] for e in lines if e["event"] == "call.ended"] == ["reply_timeout"]  # one reason
+
+
+async def test_a_session_over_keeps_its_end_when_its_socket_is_lost_afterwards(
+    vowel: VowelSimulator, app: Sideband, logs: io.StringIO
+) -> None:
+    """A ``say()`` gave up on its reply (``reply_timeout``): the session is over, and the socket lost
+    later does not name its end anew; the call's end, its summary and its logs give the session's."""
+    seen: list[str] = []
+    app.on_call_end(lambda ctx, summary: seen.append(summary.reason))
+    started = a_tool_that_never_answers(app, vowel, "hold", "hold on")
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        with pytest.raises(EngineError) as caught:
+            await session.say("hold on", timeout=0.2)
+        assert caught.value.reason == "reply_timeout" and started.is_set()
+        await vowel.drop(vowel.sessions[0])
+        assert await session.wait_closed(10) == "reply_timeout"
+    assert session.summary is not None and session.summary.reason == "reply_timeout"
+    assert seen == ["reply_timeout"]
+    lines = log_lines(logs)
+    assert [e["reason"] for e in lines if e["event"] == "call.ended"] == ["reply_timeout"]
+    assert [e["reason"] for e in lines if e["event"] == "vowel.session_ended"] == ["reply_timeout"]
 
 
 @pytest.mark.parametrize("end", ["reply_timeout", "reply_cancelled"])

@@ -134,34 +134,40 @@ class _EngineMachine(CallMachine):
     session starts, or the start of a turn's reply (:attr:`until_reply`: that watch ends at
     ``response.created``, after which an error is not about the turn's text). When ``on_error`` takes
     the error for the engine's refusal of the turn's text (it returns ``True``), nothing waits for that
-    text's answer any more (:meth:`CallMachine.text_refused`)."""
+    text's answer any more (:meth:`CallMachine.text_refused`).
 
-    __slots__ = ("ended_as", "on_error", "until_reply")
+    As it closes, whatever ends it, the machine hands its reason to :attr:`on_close` (once), which names
+    the session's end: the call ends with that name (its summary, ``call.ended``, the ``on_call_end``
+    hooks), and the session knows it has ended from that moment, not once the runtime's teardown is over.
+    """
+
+    __slots__ = ("at_reply_end", "on_close", "on_error", "until_reply")
 
     def __init__(self, config: MachineConfig, caps: Capabilities) -> None:
         super().__init__(config, caps)
         self.on_error: Callable[[dict[str, Any]], bool] | None = None
         self.until_reply = False
-        self.ended_as: str | None = None
-        """The session's end, found on its side (``reply_timeout``, ``setup_failed``…) before it cut the
-        runtime short: that cut ends the call with it, not ``shutdown`` (see :meth:`fail`)."""
-
-    def fail(self, reason: str) -> list[Action]:
-        """End now (see :meth:`CallMachine.fail`); a ``shutdown`` with :attr:`ended_as`, the session's
-        own end, ends with that."""
-        if reason == "shutdown" and self.ended_as is not None and not self.verb_sent:
-            reason = self.ended_as
-        return super().fail(reason)
+        self.on_close: Callable[[str], str] | None = None
+        self.at_reply_end = False
+        """A ``response.done`` is being handled: a close it brings leaves the turn to that reply's end."""
 
     def watch(self, on_error: Callable[[dict[str, Any]], bool] | None, *, until_reply: bool = False) -> None:
         """Hand ``error`` events to ``on_error`` from now on (``None``: no more)."""
         self.on_error, self.until_reply = on_error, until_reply
 
+    def _close(self, reason: str) -> list[Action]:
+        on_close, self.on_close = self.on_close, None  # (it holds the session: no cycle once closed)
+        return super()._close(on_close(reason) if on_close is not None else reason)
+
     def receive(self, event: dict[str, Any]) -> list[Action]:
         """A server event arrived (see :meth:`CallMachine.receive`)."""
-        actions = super().receive(event)
+        kind = event.get("type")
+        self.at_reply_end = kind == "response.done"
+        try:
+            actions = super().receive(event)
+        finally:
+            self.at_reply_end = False
         if self.on_error is not None:
-            kind = event.get("type")
             if kind == "response.created" and self.until_reply:
                 self.on_error = None
             elif kind == "error":
@@ -240,6 +246,7 @@ class EngineSession:
         # The engine's refusal of a turn's text (the session carried on): not the cause of a later close.
         self._excused: Mapping[str, Any] | None = None
         self._turn_lock = asyncio.Lock()
+        self._ended = asyncio.Event()  # set with end_reason
         self._audio = bytearray()
         self._started = False
         self._closing = False
@@ -266,10 +273,12 @@ class EngineSession:
                 and cancelled_turn is asyncio.current_task()
                 and task is not None
                 and not task.done()
+                and self.runtime.machine.closed is None
             ):
                 # This very cancellation cut the say() short (its owner is being cancelled, a
                 # shutdown): the session is cancelled, not a turn given up on.
                 self.end_reason = self.end_message = None
+                self._ended.clear()
             await self.abort()  # the body failed, or was cancelled: do not wait for the engine
         else:
             await self.close()
@@ -327,12 +336,12 @@ class EngineSession:
             await self.abort()
             raise
         self._runtime = self._build_runtime(self._ws, token)
-        machine, refused = self._machine, asyncio.Event()
+        machine = self._machine
         assert machine is not None
-        machine.watch(lambda error: self._setup_refused(error, refused))
+        machine.watch(self._setup_refused)
         self._task = asyncio.create_task(self._run(self._runtime), name=f"vowel:{self.call_id}")
         try:
-            await self._ready(refused)
+            await self._ready()
         except BaseException as exc:
             if isinstance(exc, EngineError):
                 self._set_end(exc.reason, str(exc))  # a no-op when the session had ended already
@@ -343,7 +352,7 @@ class EngineSession:
         self._log.info("vowel.session_created", engine_session_id=self.engine_session_id)
         return self
 
-    def _setup_refused(self, error: dict[str, Any], refused: asyncio.Event) -> bool:
+    def _setup_refused(self, error: dict[str, Any]) -> bool:
         """An ``error`` event came while the session waited for ``session.updated``: the engine's answer
         to our ``session.update`` (the only event sent by then), such as a tool schema it could not take,
         after which no ``session.updated`` comes and the socket stays open. The start fails at once with
@@ -359,9 +368,8 @@ class EngineSession:
         message = (
             f"vowel engine could not set up the session: session.update answered with an error ({detail})"
         )
-        self._set_end("setup_failed", message)
         self._end_error = (code, said)
-        refused.set()
+        self._set_end("setup_failed", message)
         return False
 
     async def _mint(self, core: VowelCore) -> Token:
@@ -461,6 +469,7 @@ class EngineSession:
         hooks = app.hooks() if self.app_hooks else CallHooks(guardrails=app.guardrails)  # (rules still hold)
         hooks.on_response = [self._on_response]
         self._machine = _EngineMachine(config, ENGINE_CAPABILITIES)
+        self._machine.on_close = self._machine_closed
         return CallRuntime(
             machine=self._machine,
             ctx=CallContext(self.call_id, "vowel"),
@@ -526,10 +535,10 @@ class EngineSession:
                     return await future
             except TimeoutError:
                 # The engine is stuck, or its late reply would be taken for the next turn's: this
-                # session is over (its logs and end_reason say so; close it).
-                message = f"no reply from the vowel engine within {limit:g} s"
-                self._set_end("reply_timeout", message)
-                raise EngineError("reply_timeout", message) from None
+                # session is over (its logs and end_reason say so; close it). One that ended meanwhile
+                # keeps its own end.
+                self._set_end("reply_timeout", f"no reply from the vowel engine within {limit:g} s")
+                raise self._error() from None
             except asyncio.CancelledError:
                 if (future.cancelled() or not future.done()) and self.end_reason is None:
                     # The turn is out and its reply still to come: the next turn would take it for its
@@ -585,18 +594,18 @@ class EngineSession:
         and no tool runs (a reply already under way would be taken for the next turn's). Raises
         :class:`EngineError` once the session has ended, or ``reply_timeout`` at ``deadline`` (the
         loop's time; ``limit`` seconds after the turn began: the turn not sent, the session carries on)."""
-        machine, task, quiet = self.runtime.machine, self._task, self.runtime.quiet_signal()
-        assert task is not None
+        machine, ended, quiet = self.runtime.machine, self._ended, self.runtime.quiet_signal()
         try:
             async with asyncio.timeout_at(deadline):
-                while (machine.busy or machine.response_pending) and not task.done():
+                while (machine.busy or machine.response_pending) and not ended.is_set():
                     quiet.clear()
-                    waiter = asyncio.ensure_future(quiet.wait())
+                    waiters = [asyncio.ensure_future(quiet.wait()), asyncio.ensure_future(ended.wait())]
                     try:
-                        await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+                        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                     finally:
-                        waiter.cancel()
-                        await asyncio.gather(waiter, return_exceptions=True)
+                        for waiter in waiters:
+                            waiter.cancel()
+                        await asyncio.gather(*waiters, return_exceptions=True)
         except TimeoutError:
             message = f"the vowel engine was still answering after {limit:g} s: the text was not sent"
             raise EngineError("reply_timeout", message) from None
@@ -626,22 +635,17 @@ class EngineSession:
         self._audio.extend(bytes(MIN_AUDIO_CHUNK - len(self._audio)))
         await self.send_audio(b"")
 
-    async def _ready(self, refused: asyncio.Event | None = None) -> None:
+    async def _ready(self) -> None:
         """Input goes out only once the engine confirmed the session (anything before ``session.update``
-        is fatal on the engine). Raises :class:`EngineError` once the session has ended, or was
-        ``refused`` (set as the session starts: see :meth:`_setup_refused`)."""
+        is fatal on the engine). Raises :class:`EngineError` once the session has ended (the engine
+        refused our ``session.update``, say: see :meth:`_setup_refused`)."""
         self._check_live()
         ready = self.runtime.ready
         if ready.is_set():
             return
-        assert self._task is not None
-        waiters = [asyncio.ensure_future(ready.wait())]
-        if refused is not None:
-            waiters.append(asyncio.ensure_future(refused.wait()))
+        waiters = [asyncio.ensure_future(ready.wait()), asyncio.ensure_future(self._ended.wait())]
         try:
-            await asyncio.wait(
-                {*waiters, self._task}, timeout=self.open_timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait(waiters, timeout=self.open_timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()
@@ -666,37 +670,45 @@ class EngineSession:
         running and no response to come; its reply's words checked, without a stopped reply's lines. A
         reply that ended ``cancelled`` or ``incomplete`` ends it too when no response is owed or about to
         start (nothing follows a reply the engine's turn detection stopped on a noise). The hook runs
-        once the runtime handled that event: nothing asked for since can be answered yet.
+        once the runtime handled that event: nothing asked for since can be answered yet. The session
+        ended with that event (see :meth:`_machine_closed`) and no reply ending the turn: it fails with
+        the session's end.
         (A coroutine: it runs on the event loop, never queued behind the app's sync hooks and tools.)"""
         turn, runtime = self._turn, self.runtime
         if turn is None or turn.future.done():
             return
         machine = runtime.machine
-        # (a reply an output guardrail stopped, with no answer to follow it, ends the turn too)
-        was_stopped = response_id is not None and response_id == runtime.stopped_reply
-        cut_short = status in _CUT_SHORT and not machine.response_pending
-        if (
-            (status != "completed" and not was_stopped and not cut_short)
-            or tools_running
-            or machine.response_owed
-        ):
-            return
-        await runtime.guarded()  # (the reply's words are checked before it is handed back)
-        if turn.future.done() or machine.response_owed or (cut_short and machine.response_pending):
-            return  # (a guardrail stopped it: the model answers again)
-        summary = runtime.summary
-        at, stopped = turn.transcript_at, summary.stopped
-        lines = tuple(
-            t
-            for i, (role, t) in enumerate(summary.transcript[at:], at)
-            if role == "agent" and i not in stopped
-        )
-        tools = tuple(summary.tools[turn.tools_at :])  # recorded before their outputs went out
-        turn.future.set_result(Reply(" ".join(lines), lines, tools, response_id, machine.closed, status))
+        try:
+            # (a reply an output guardrail stopped, with no answer to follow it, ends the turn too)
+            was_stopped = response_id is not None and response_id == runtime.stopped_reply
+            cut_short = status in _CUT_SHORT and not machine.response_pending
+            if (
+                (status != "completed" and not was_stopped and not cut_short)
+                or tools_running
+                or machine.response_owed
+            ):
+                return
+            await runtime.guarded()  # (the reply's words are checked before it is handed back)
+            if turn.future.done() or machine.response_owed or (cut_short and machine.response_pending):
+                return  # (a guardrail stopped it: the model answers again)
+            summary = runtime.summary
+            at, stopped = turn.transcript_at, summary.stopped
+            lines = tuple(
+                t
+                for i, (role, t) in enumerate(summary.transcript[at:], at)
+                if role == "agent" and i not in stopped
+            )
+            tools = tuple(summary.tools[turn.tools_at :])  # recorded before their outputs went out
+            turn.future.set_result(Reply(" ".join(lines), lines, tools, response_id, machine.closed, status))
+        finally:
+            if machine.closed is not None and not turn.future.done():
+                turn.future.set_exception(self._error())  # the session ended with no reply to the turn
 
     # ------------------------------------------------------------------------------ ending
     async def wait_closed(self, timeout: float | None = None) -> str | None:
-        """Wait until the session has ended; return its end reason."""
+        """Wait until the session has ended and its runtime's end is over (its tools' cleanup, its
+        ``on_call_end`` hooks); return its end reason. (:attr:`live` turns false, and a turn under way
+        fails, as the session ends.)"""
         if self._task is not None:
             async with asyncio.timeout(timeout):
                 await asyncio.wait({self._task})
@@ -726,9 +738,7 @@ class EngineSession:
         """End at once: cancel the runtime (its socket and tools) and await it."""
         self._cancelled_turn = None  # (a task, which may hold this session through its frames)
         if self._task is not None:
-            if self._machine is not None and self.end_reason is not None:
-                self._machine.ended_as = self.end_reason  # (the call's end says the session's)
-            self._task.cancel()
+            self._task.cancel()  # (a session over already ends the call with its end: _machine_closed)
             await asyncio.gather(self._task, return_exceptions=True)
         http, self._http = self._http, None
         if http is not None and self._own_http:
@@ -747,45 +757,66 @@ class EngineSession:
     def _set_end(self, reason: str, message: str | None) -> None:
         if self.end_reason is None:
             self.end_reason, self.end_message = reason, message
+            self._ended.set()
+
+    def _machine_closed(self, reason: str) -> str:
+        """The call's machine closes with ``reason``: the session ends now, named by :meth:`_named` (a
+        session over already, say after a ``reply_timeout``, keeps its end). A turn under way fails with
+        it at once, unless the ``response.done`` being handled ends the turn with its reply (see
+        :meth:`_on_response`). Returns the end, which the call ends with too."""
+        self._set_end(*self._named(reason))
+        turn, machine = self._turn, self._machine
+        if turn is not None and not turn.future.done() and not (machine is not None and machine.at_reply_end):
+            turn.future.set_exception(self._error())
+        assert self.end_reason is not None
+        return self.end_reason
+
+    def _named(self, reason: str) -> tuple[str, str | None]:
+        """The session's end and its message (``None``: no failure), from the call's end ``reason``
+        refined with the engine's close code and last error."""
+        code = self._ws.close_code if self._ws is not None else None
+        error_code, said = self._engine_error()
+        said = f": {said}" if said else ""
+        if reason in _ENGINE_LIMITS:
+            return reason, f"vowel engine ended the session: {reason}{said}"
+        if reason in _LIMITS:
+            return reason, f"session ended: {reason} ({_LIMITS[reason]})"
+        if reason == "engine_error":  # close 1011 (ENGINE_CAPABILITIES.close_reasons)
+            return reason, f"vowel engine failed and closed the session (1011){said}"
+        if reason == "remote_closed":  # a clean close (1000/1001) from the engine
+            return reason, f"vowel engine closed the session ({code}){said}"
+        if reason == "connection_lost" and error_code and code not in (None, 1006):
+            # (closed by the engine after an error: that error says why; a connection cut, no)
+            return error_code, f"vowel engine closed the session ({code}): {error_code}{said}"
+        if reason == "connection_lost":
+            return reason, f"connection to the vowel engine lost (close {code})"
+        if reason == "shutdown" and not self._closing:
+            return reason, "the session was cancelled"
+        if reason == "internal_error":
+            return reason, "internal error in the session runtime (see the logs)"
+        return reason, None
+
+    def _engine_error(self) -> tuple[str | None, str]:
+        """The code and message of the engine's last ``error`` (none: one the session got past)."""
+        error = self._machine.last_error if self._machine is not None else None
+        if error is None or error is self._excused:
+            return None, ""
+        code = str(error.get("code") or error.get("error_type") or "") or None
+        return code, " ".join(str(error.get("message") or "").split())[:200]
 
     def _finish(self, runtime: CallRuntime) -> None:
-        """Name the end: the runtime's reason, refined with the engine's close code and last error."""
+        """The runtime has ended: its summary kept, and the session's end (named as the call's machine
+        closed) logged."""
         self.summary = runtime.summary
-        reason = runtime.summary.reason or "shutdown"
-        code = self._ws.close_code if self._ws is not None else None
-        error = runtime.machine.last_error
-        if error is None or error is self._excused:
-            error = {}
-        error_code = str(error.get("code") or error.get("error_type") or "") or None
-        error_message = " ".join(str(error.get("message") or "").split())[:200]
-        said = f": {error_message}" if error_message else ""
-        message = None
-        if reason in _ENGINE_LIMITS:
-            message = f"vowel engine ended the session: {reason}{said}"
-        elif reason in _LIMITS:
-            message = f"session ended: {reason} ({_LIMITS[reason]})"
-        elif reason == "engine_error":  # close 1011 (ENGINE_CAPABILITIES.close_reasons)
-            message = f"vowel engine failed and closed the session (1011){said}"
-        elif reason == "remote_closed":  # a clean close (1000/1001) from the engine
-            message = f"vowel engine closed the session ({code}){said}"
-        elif reason == "connection_lost" and error_code and code not in (None, 1006):
-            # (closed by the engine after an error: that error says why; a connection cut, no)
-            reason, message = error_code, f"vowel engine closed the session ({code}): {error_code}{said}"
-        elif reason == "connection_lost":
-            message = f"connection to the vowel engine lost (close {code})"
-        elif reason == "shutdown" and not self._closing:
-            message = "the session was cancelled"
-        elif reason == "internal_error":
-            message = "internal error in the session runtime (see the logs)"
-        self._set_end(reason, message)
+        self._set_end(*self._named(runtime.summary.reason or "shutdown"))  # (a machine that never closed)
         turn = self._turn
         if turn is not None and not turn.future.done():
             turn.future.set_exception(self._error())
         (self._log.warning if self.failed else self._log.info)(
             "vowel.session_ended",
             reason=self.end_reason,
-            close_code=code,
-            engine_error=error_code,
+            close_code=self._ws.close_code if self._ws is not None else None,
+            engine_error=self._engine_error()[0],
             engine_session_id=self.engine_session_id,
         )
 
