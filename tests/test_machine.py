@@ -1757,7 +1757,7 @@ def test_a_refers_200_keeps_the_call_until_the_server_ends_it(close: str) -> Non
     assert m.closed is None
     if close == "clean":
         assert m.transport_closed(1000) == [Close("transferred")] and not m.transferring
-    else:  # dropped: maybe a blip with the caller still on; a hangup tells
+    else:  # dropped, and not attached again (the re-attach given up): a hangup tells
         probe = m.sideband_lost()
         assert notices(probe, "call.transfer_unconfirmed") == [
             {"target": "tel:+14155550123", "why": "sideband_lost", "waited_s": None}
@@ -1765,6 +1765,34 @@ def test_a_refers_200_keeps_the_call_until_the_server_ends_it(close: str) -> Non
         assert probe[-1] == Verb("hangup") and not m.transferring
         assert m.verb_done(True, "call already gone", gone=True) == [Close("transferred")]
     assert m.timer("transfer") == []  # (the window's timer, should it fire still, finds the call over)
+
+
+@pytest.mark.parametrize("end", ["closed", "gone", "window"])
+def test_a_transfer_attached_again_waits_on_the_new_socket_for_the_rest_of_its_window(end: str) -> None:
+    """A socket lost after the refer's 200 is attached again (a blip while the carrier carries the
+    transfer out): nothing of ours starts on the new one (only the session config goes; the model's
+    tool calls are discarded; no say, no filler), the window's timer goes on, and the call ends as it
+    would have over the first: the server's close or its refusal of the re-attach (the call gone) says
+    ``transferred``; the window's end hangs it up."""
+    m = transferring(filler_after={"lookup": 0.5}, greeting="Hello.")
+    again = m.reattached()
+    assert types(again) == ["session.update"] and not [a for a in again if isinstance(a, StartTimer)]
+    assert m.transferring and m.say("one more thing") == [] and m.request_end("hangup") == []
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    feed(m, call_events("c2", "lookup", "{}", resp="r2"))
+    done = m.receive(response_done("r2"))
+    assert not [a for a in done if isinstance(a, (RunTool, Send, StartTimer))]
+    assert [n["reason"] for n in notices(done, "tool.discarded")] == ["call_ending"]
+    assert m.timer("filler:c2") == [] and m.timer("orphans") == []
+    if end == "closed":
+        assert m.transport_closed(1000) == [Close("transferred")]
+    elif end == "gone":
+        assert m.fail("call_not_found") == [Close("transferred")]
+    else:
+        fallback = m.timer("transfer")
+        assert [n["why"] for n in notices(fallback, "call.transfer_unconfirmed")] == ["window"]
+        assert fallback[-1] == Verb("hangup")
+        assert m.verb_done(True) == [Close("transfer_failed")]
 
 
 def test_a_transfer_the_server_does_not_end_within_the_window_is_hung_up() -> None:

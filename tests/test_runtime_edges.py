@@ -967,14 +967,16 @@ async def _awaiting_transfer(stack: Stack, call: SimCall) -> CallRuntime:
     return runtime
 
 
-@pytest.mark.parametrize("close", ["clean", "abnormal"])
+@pytest.mark.parametrize(("close", "gone_status"), [("clean", 404), ("abnormal", 404), ("abnormal", 410)])
 async def test_a_transfer_ends_as_transferred_once_the_server_has_ended_the_call(
-    stack: Stack, close: Any
+    stack: Stack, close: Any, gone_status: Any
 ) -> None:
     """A refer's 200 only says the REFER was handed to the carrier: the call is ours until the server
     ends it (the transfer took: its sideband closes), and ends ``transferred`` then, not before. (A
-    sideband dropped rather than closed may have been a blip: a hangup tells, finding the call gone.)"""
+    sideband dropped rather than closed may have been a blip: it is attached again, and the re-attach
+    refused as the call is gone tells the transfer took; no hangup probes it.)"""
     stack.sim.verb_close = close
+    stack.sim.gone_status = gone_status
     stack.sim.transfer_delay = 0.5
     call = transfer_call(stack)
     at_end: list[tuple[str, str | None, list[str]]] = []
@@ -985,14 +987,15 @@ async def test_a_transfer_ends_as_transferred_once_the_server_has_ended_the_call
         assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
         summary = await stack.ended(call)
     # The REFER, then the carrier's transfer and the sideband's close, then the end of our call.
-    probe = ["hangup"] if close == "abnormal" else []
-    assert at_end == [("referred", "referred", ["refer", *probe])]
+    assert at_end == [("referred", "referred", ["refer"])]
     assert summary.reason == "transferred" and call.sideband_connects == 1
-    order = [e["event"] for e in logs if e["event"] in ("call.referred", "sideband.lost", "call.ended")]
-    assert order == ["call.referred", *(["sideband.lost"] if close == "abnormal" else []), "call.ended"]
-    unconfirmed = [e["why"] for e in logs if e["event"] == "call.transfer_unconfirmed"]
-    assert unconfirmed == (["sideband_lost"] if close == "abnormal" else [])
-    assert not [e for e in logs if e["event"] == "call.verb_failed"]
+    events = ("call.referred", "sideband.lost", "sideband.refused", "call.ended")
+    order = [e["event"] for e in logs if e["event"] in events]
+    lost = ["sideband.lost", "sideband.refused"] if close == "abnormal" else []
+    assert order == ["call.referred", *lost, "call.ended"]
+    if close == "abnormal":
+        assert [e["status"] for e in logs if e["event"] == "sideband.refused"] == [gone_status]
+    assert not [e for e in logs if e["event"] in ("call.transfer_unconfirmed", "call.verb_failed")]
 
 
 async def test_a_transfer_the_carrier_fails_is_hung_up_once_its_window_is_over(
@@ -1022,9 +1025,8 @@ async def test_a_transfer_awaited_ends_as_transferred_whichever_way_its_sideband
     stack: Stack, end: str
 ) -> None:
     """While the call waits for the server to end it, the caller hanging up ends it ``transferred`` (no
-    re-attach, no hangup); a sideband dropped meanwhile may have been a blip, the transfer failed and
-    the caller still on: the call is hung up (``transfer_failed``). A hangup code asks for meanwhile is
-    ignored: it is going."""
+    hangup), over the sideband it had, or over one attached again after it dropped (maybe a blip, the
+    transfer still under way). A hangup code asks for meanwhile is ignored: it is going."""
     call = transfer_call(stack)
     stack.sim.fail_transfer(call.call_id)  # (nothing ends the call but what the test does)
     with capture_logs() as logs:
@@ -1035,17 +1037,68 @@ async def test_a_transfer_awaited_ends_as_transferred_whichever_way_its_sideband
             assert runtime.machine.transferring
         if end == "sideband_lost":
             await stack.sim.drop_sideband(call, "abnormal")
-        else:
-            await stack.sim.hang_up(call)
+            await call.wait_connected(2, timeout=5)
+            assert runtime.machine.transferring
+        await stack.sim.hang_up(call)
         summary = await stack.ended(call)
-    assert call.sideband_connects == 1
-    assert not [e for e in logs if e["event"] == "call.verb_failed"]
-    unconfirmed = [e["why"] for e in logs if e["event"] == "call.transfer_unconfirmed"]
-    if end == "sideband_lost":
-        assert summary.reason == "transfer_failed" and _call_verbs(stack) == ["refer", "hangup"]
-        assert unconfirmed == ["sideband_lost"] and call.status == "ended"
-    else:
-        assert summary.reason == "transferred" and _call_verbs(stack) == ["refer"] and unconfirmed == []
+    assert call.sideband_connects == (2 if end == "sideband_lost" else 1)
+    assert not [e for e in logs if e["event"] in ("call.verb_failed", "call.transfer_unconfirmed")]
+    assert summary.reason == "transferred" and _call_verbs(stack) == ["refer"]
+
+
+async def test_a_transfer_whose_sideband_drops_is_attached_again_and_awaited_for_the_rest_of_its_window(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sideband dropped without a close after the refer's 200 may have been a blip while the carrier
+    still carries the transfer out: it is attached again (no hangup, which would cut the caller off),
+    and the call waits over the new socket, nothing of ours started on it (a tool the model calls is not
+    run), until the server ends it (``transferred``) or the window, not started again, is over."""
+    transfer_window(monkeypatch, 30.0)
+    stack.sim.transfer_delay = 2.0
+    call = transfer_call(stack)
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        runtime = await _awaiting_transfer(stack, call)
+        window = runtime._deadlines["transfer"]
+        heard = len(call.received)
+        await stack.sim.drop_sideband(call, "abnormal")
+        await call.wait_connected(2, timeout=5)
+        assert runtime.machine.transferring and runtime._deadlines["transfer"] == window
+        injected = await call.inject_function_call("to_human", {})  # the model calls on the new socket
+        summary = await stack.ended(call)  # (the carrier's transfer takes 2 s after the REFER's 200)
+    assert call.end_reason == "referred" and summary.reason == "transferred"
+    assert _call_verbs(stack) == ["refer"] and call.sideband_connects == 2
+    assert {e["type"] for e in call.received[heard:]} <= {"session.update"}  # nothing asked of the model
+    assert injected.call_id not in dict(call.function_outputs)
+    assert [e["reason"] for e in logs if e["event"] == "tool.discarded"] == ["call_ending"]
+    reattach = ("sideband.lost", "sideband.reattached")
+    assert [(e["event"], e["log_level"]) for e in logs if e["event"] in reattach] == [
+        ("sideband.lost", "info"),  # (after the refer: OpenAI's end of a call may show so)
+        ("sideband.reattached", "info"),
+    ]
+    assert not [e for e in logs if e["event"] in ("call.transfer_unconfirmed", "call.verb_failed")]
+
+
+async def test_a_transfer_attached_again_whose_window_ends_is_hung_up(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sideband attached again after a drop shows the call still up: the transfer's window, not
+    started again, decides as ever (still up at its end: hung up, ``transfer_failed``)."""
+    transfer_window(monkeypatch, 2.0)
+    call = transfer_call(stack)
+    stack.sim.fail_transfer(call.call_id)
+    with capture_logs() as logs:
+        assert (await stack.sender.deliver(stack.sim.incoming_event(call))).status == 200
+        runtime = await _awaiting_transfer(stack, call)
+        await stack.sim.drop_sideband(call, "abnormal")
+        await call.wait_connected(2, timeout=5)
+        assert runtime.machine.transferring  # (attached again: no hangup yet)
+        summary = await stack.ended(call)
+    assert summary.reason == "transfer_failed" and call.end_reason == "hangup_verb"
+    assert _call_verbs(stack) == ["refer", "hangup"]
+    assert [(e["why"], e["waited_s"]) for e in logs if e["event"] == "call.transfer_unconfirmed"] == [
+        ("window", 2.0)
+    ]
 
 
 async def test_a_shutdown_while_a_transfer_is_awaited_hangs_it_up_at_once(stack: Stack) -> None:
@@ -1527,6 +1580,62 @@ async def test_a_reattach_refused_while_the_refer_is_unanswered_waits_for_its_an
         assert await asyncio.wait_for(task, 10) == reason
     assert sent == verbs and connect.attempts == 2
     assert [e["reason"] for e in logs if e["event"] == "call.ended"] == [reason]
+
+
+@pytest.mark.parametrize(
+    ("failures", "reason", "verbs"),
+    [
+        pytest.param([503, 503], "transfer_failed", ["refer", "hangup"], id="attempts_spent"),
+        pytest.param(None, "transfer_failed", ["refer", "hangup"], id="sockets_dropped_at_once"),
+        pytest.param([503, 404], "transferred", ["refer"], id="call_gone"),
+        pytest.param([410], "transferred", ["refer"], id="call_gone_410"),
+    ],
+)
+async def test_a_transfer_awaited_whose_sideband_drops_ends_by_what_its_reattach_finds(
+    simulator: Simulator, failures: list[int] | None, reason: str, verbs: list[str]
+) -> None:
+    """A sideband dropped without a close after the refer's 200 is attached again: refused as the call
+    is gone (404, 410), the server ended it, carrying the transfer out (``transferred``, no hangup);
+    the attempts spent (or sockets lost again and again as soon as they open), nothing is left to
+    wait on and the call is hung up at once (``transfer_failed``), not left to its 45 s window."""
+    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [])
+    machine = CallMachine(MachineConfig(session={"type": "realtime", "instructions": "x"}, greeting="Hi."))
+    sent: list[str] = []
+
+    async def verb(name: str, target: str | None) -> None:
+        sent.append(name)
+
+    rt = CallRuntime(
+        machine=machine,
+        ctx=CallContext(call.call_id),
+        tools=ToolRegistry(),
+        connect=connect,
+        verb=verb,
+        transfer_targets={"human": "tel:+14155550123"},
+        reattach_attempts=2,
+        ping_interval=None,
+    )
+    task = asyncio.create_task(rt.run())
+    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    rt.transfer("human")
+    async with asyncio.timeout(5):
+        while not machine.transferring:
+            await asyncio.sleep(0.01)
+    with capture_logs() as logs:
+        if failures is None:
+            for again in (1, 2):  # each re-attached socket lost as soon as it opened
+                await simulator.drop_sideband(call, "abnormal")
+                async with asyncio.timeout(5):
+                    while len([e for e in logs if e["event"] == "sideband.reattached"]) < again:
+                        await asyncio.sleep(0.01)
+        else:
+            connect.failures.extend(refused(status) for status in failures)
+        await simulator.drop_sideband(call, "abnormal")
+        assert await asyncio.wait_for(task, 5) == reason  # (not after the 45 s window)
+    assert sent == verbs and call.sideband_connects == (3 if failures is None else 1)
+    unconfirmed = [e["why"] for e in logs if e["event"] == "call.transfer_unconfirmed"]
+    assert unconfirmed == (["sideband_lost"] if reason == "transfer_failed" else [])
 
 
 @pytest.mark.parametrize(

@@ -781,10 +781,11 @@ class CallRuntime:
             if code in _CLEAN_CLOSES:
                 self._apply(self.machine.transport_closed(code))
                 return
-            if self.machine.verb_sent:
-                # Our hangup or refer is out (the service drops the sideband as it carries it out): its
-                # answer ends the call (``run`` waits for it), or ended it already (a refer's 200: the
-                # call waited for this close), and a call being hung up is not attached again.
+            transferring = self.machine.transferring
+            if self.machine.verb_sent and not transferring:
+                # Our hangup or refer is out, unanswered (the service drops the sideband as it carries it
+                # out): its answer ends the call (``run`` waits for it), and a call being hung up is not
+                # attached again.
                 self.log.info("sideband.lost", close_code=code)
                 self._apply(self.machine.sideband_lost())
                 return
@@ -794,17 +795,23 @@ class CallRuntime:
                 self.log.warning("sideband.lost", close_code=code)
                 self._apply(self.machine.fail(final or "connection_lost"))
                 return
-            self.log.warning("sideband.lost", close_code=code)
+            # A transfer awaited after the refer's 200 is attached again too: the server may have ended
+            # the call (the re-attach is refused: the transfer took) or the socket dropped while the
+            # carrier still carries the transfer out, and a hangup to find out would cut the caller off.
+            (self.log.info if transferring else self.log.warning)("sideband.lost", close_code=code)
             # A socket the server takes and drops again at once must not make a re-attach loop: the first
             # loss re-attaches at once, the next ones in a row wait longer each time, and once
             # SIDEBAND_REATTACH_ATTEMPTS re-attached sockets in a row were lost so soon, the call is hung
-            # up (nobody can control it).
+            # up (nobody can control it; a transfer awaited, as when its re-attach fails: see _open).
             if loop.time() - opened >= _STABLE_SOCKET:
                 brief, delay = 0, 0.2
             else:
                 brief += 1
                 if brief > max(self._reattach_attempts, 1):
-                    self._apply(self.machine.abandon("reattach_failed"))
+                    machine = self.machine
+                    self._apply(
+                        machine.sideband_lost() if transferring else machine.abandon("reattach_failed")
+                    )
                     return
                 if brief > 1:
                     await self._backoff(delay)
@@ -899,10 +906,12 @@ class CallRuntime:
     async def _open(self, *, first: bool) -> PushConnection | None:
         """Attach (or re-attach) the sideband: retryable failures are tried again with backoff, up to
         ``reattach_attempts`` attempts (the first attach at least once); 404/410 ends the call at once
-        (``call_not_found``). Gives up as soon as the call has ended meanwhile (a timer, a hook; an attempt
-        under way is given up then too), and the first attach as soon as its hangup is out (a shutdown):
-        a call being hung up is not started. An attach that finally fails hangs the call up
-        (``connect_failed``, ``reattach_failed``): the caller must not stay on a call nobody controls."""
+        (``call_not_found``; ``transferred`` for a transfer awaited after its refer's 200: the server ended
+        the call as it carried the transfer out). Gives up as soon as the call has ended meanwhile (a
+        timer, a hook; an attempt under way is given up then too), and the first attach as soon as its
+        hangup is out (a shutdown): a call being hung up is not started. An attach that finally fails
+        hangs the call up (``connect_failed``, ``reattach_failed``; a transfer awaited: ``transfer_failed``,
+        see :meth:`CallMachine.sideband_lost`): the caller must not stay on a call nobody controls."""
         attempts = max(self._reattach_attempts, 1 if first else 0)
         delay = 0.2
         machine = self.machine
@@ -945,8 +954,9 @@ class CallRuntime:
             self.log.info("sideband.attached" if first else "sideband.reattached", attempt=attempt)
             return ws
         if not first and machine.verb_sent:
-            # The hangup or REFER went out meanwhile: the socket is lost as after it (see _main). A
-            # transfer awaited is hung up now; a REFER answered later ends the call at once.
+            # The hangup or REFER went out meanwhile, or a transfer is awaited: the socket is lost as
+            # after them (see _main). A transfer awaited is hung up now (nothing is left to tell whether
+            # the server ends the call); a REFER answered later ends the call at once.
             self._apply(machine.sideband_lost())
         else:
             self._apply(machine.abandon("connect_failed" if first else "reattach_failed"))  # hangup

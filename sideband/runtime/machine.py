@@ -213,8 +213,9 @@ class MachineConfig:
     """Longest wait for in-flight tools and the model's last words before hangup/refer."""
     transfer_confirm: float = 45.0
     """After a refer's 200 (the REFER was handed to the SIP provider: nothing tells how the transfer went),
-    how long the call waits for the server to end it (close the sideband) before taking the transfer as
-    failed: ``call.transfer_unconfirmed``, a hangup, and the end reason ``transfer_failed``."""
+    how long the call waits for the server to end it (close the sideband, or refuse its re-attach after a
+    drop) before taking the transfer as failed: ``call.transfer_unconfirmed``, a hangup, and the end
+    reason ``transfer_failed``. A re-attach meanwhile does not start it again."""
     reattach_grace: float = 2.0
     """After a re-attach, how long to wait for the ``response.done`` of a response whose tool calls were
     announced on the lost socket before treating those calls as interrupted, for the acknowledgements of
@@ -709,6 +710,12 @@ class CallMachine:
 
         The server keeps the call's session: our session config goes again without the fields code's
         updates set, and those updates follow as :meth:`_to_replay` says.
+
+        A transfer awaited after its refer's 200 (:attr:`transferring`) is attached again too (the socket
+        may have dropped while the carrier still carries the transfer out): only the session config goes
+        on the new socket, nothing of ours starts there (the end's verb is out), and the transfer's window
+        goes on, its timer not started again. The new socket's close, or the re-attach refused as the
+        call is gone (:meth:`fail` ``call_not_found``), ends the call ``transferred``.
         """
         sent = self._create_sent
         lost = None if sent is None or sent in queued or self._going else (sent, self.responding)
@@ -922,8 +929,9 @@ class CallMachine:
         after it finding the call gone) or failed.
 
         A refer's 200 only says the REFER was handed to the SIP provider: the call stays ours (nothing
-        more is started or said) until the server ends it, closing the sideband (:meth:`transport_closed`,
-        :meth:`sideband_lost`): then it ends ``transferred``. Still open after
+        more is started or said) until the server ends it, closing the sideband (:meth:`transport_closed`)
+        or refusing its re-attach after a drop (:meth:`fail` ``call_not_found``; a socket lost without a
+        close is attached again, see :meth:`reattached`): then it ends ``transferred``. Still open after
         :attr:`MachineConfig.transfer_confirm` seconds, the transfer is taken as failed
         (``call.transfer_unconfirmed``): the call is hung up and ends ``transfer_failed``, unless that
         hangup finds it gone (it ended without us: ``transferred``). A socket lost while the refer was
@@ -975,12 +983,14 @@ class CallMachine:
         return self._close("remote_closed")
 
     def sideband_lost(self) -> list[Action]:
-        """The socket was lost (no clean close) once the end's verb was out: the call is going, and it is
-        not re-attached. After a refer's 200 the server may have ended the call, or the socket dropped
-        while the transfer failed and the caller is still on: a hangup tells (``transferred`` when it
-        finds the call gone, else ``transfer_failed``), and the caller is not left on a call nobody
-        controls. A verb still unanswered ends the call when it is answered (a refer's 200 then ends it
-        ``transferred`` at once: the server dropped the sideband as it carried the REFER out)."""
+        """The socket was lost (no clean close) once the end's verb was out, and it is not attached again.
+        A transfer awaited after a refer's 200 is attached again first (see :meth:`reattached`): this is
+        for when that failed (its attempts spent, sockets lost again as soon as they opened). The server
+        may have ended the call, or the transfer failed and the caller is still on: with no socket left to
+        tell, a hangup does (``transferred`` when it finds the call gone, else ``transfer_failed``), and
+        the caller is not left on a call nobody controls. A verb still unanswered ends the call when it is
+        answered (a refer's 200 then ends it ``transferred`` at once: the server dropped the sideband as
+        it carried the REFER out)."""
         end = self._end
         if self._closed is not None or end is None or not end.verb_sent:
             return []
@@ -994,8 +1004,9 @@ class CallMachine:
 
         A ``shutdown`` that cuts short a hangup or refer still unanswered ends ``hangup_failed``: the
         call may still be up, and the end reason must not say otherwise. One while the call waits for
-        the server to end a transfer (:attr:`transferring`), its run cut short, ends ``transferred``: the
-        refer was carried out (a drain hangs such a call up first: see :meth:`abandon`)."""
+        the server to end a transfer (:attr:`transferring`) ends ``transferred``: its re-attach refused
+        as the call is gone (``call_not_found``: the server ended it), or its run cut short (the refer
+        was carried out; a drain hangs such a call up first: see :meth:`abandon`)."""
         if self._closed is not None:
             return []
         end = self._end
@@ -2388,8 +2399,9 @@ class CallMachine:
 
     def _transfer_unconfirmed(self, why: str = "window") -> list[Action]:
         """The server has not ended the call :attr:`MachineConfig.transfer_confirm` seconds after the
-        refer's 200 (``why``: ``window``), or the wait was cut short (``sideband_lost``, ``shutdown``):
-        the call is hung up (``transfer_failed``, or ``transferred`` when the hangup finds it gone)."""
+        refer's 200 (``why``: ``window``), or the wait was cut short (``sideband_lost``: the socket lost
+        and not attached again; ``shutdown``): the call is hung up (``transfer_failed``, or
+        ``transferred`` when the hangup finds it gone)."""
         end = self._end
         if end is None or not self.transferring:
             return []
