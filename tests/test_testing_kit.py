@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 import structlog
 
-from sideband import Accept, IncomingCall, Refer, Reject, Sideband
+from sideband import Accept, CallContext, IncomingCall, Refer, Reject, Sideband
 from sideband.testing import (
     Script,
     SimCall,
@@ -327,6 +327,49 @@ async def test_ended_says_a_silent_hangup_is_noticed_by_the_idle_limit_whose_goo
     assert "the simulator's call has ended (caller_hangup), the server's not yet" in message, message
     assert 'caller_hangs_up("silent")' in message and "idle limit (0.3 s)" in message, message
     assert "a timeout above 10.3 s" in message, message
+
+
+async def test_ended_says_a_silent_hangup_during_a_transfer_waits_out_the_transfer_window() -> None:
+    """A caller who hangs up with nothing on the sideband while a transfer answered 200 is under way:
+    the server cannot tell it from the transfer still going on, and waits out the transfer's window.
+    The timeout says so (not the idle limit, which a transfer awaited does not run)."""
+    app = Sideband(
+        instructions="desk", voice="marin", greeting="Hello.", transfer_targets={"human": "tel:+14155550123"}
+    )
+
+    @app.tool(filler_after=None)
+    async def to_human(ctx: CallContext) -> str:
+        await ctx.transfer("human")
+        return "transferring"
+
+    script = Script(
+        [
+            wait_for_greeting("Hello."),
+            caller_says("A human, please."),
+            model_calls("to_human", {}),
+            model_says("One moment."),
+            pause(60.0),  # (the caller hangs up below, silently, before this is over)
+            caller_hangs_up("silent"),
+        ]
+    )
+    async with run_app(app) as h:
+        h.sim.transfer_delay = 60.0  # (the carrier's transfer would take after the caller left)
+        call = await h.call(script)
+        await h.sim.wait_for(
+            lambda s: any(r.path.endswith("/refer") and r.status == 200 for r in s.requests),
+            timeout=10,
+            what="the REFER's 200",
+        )
+        async with asyncio.timeout(5):
+            while not h.service.registry.calls[call.call_id].machine.transferring:
+                await asyncio.sleep(0.01)
+        await h.sim.hang_up(call, "silent")
+        with pytest.raises(TimeoutError) as failed:
+            await h.ended(call, timeout=0.5, check_script=False)
+    message = str(failed.value)
+    assert "the simulator's call has ended (caller_hangup), the server's not yet" in message, message
+    assert "transfer window (45 s from the REFER's 200)" in message and "as transferred" in message, message
+    assert "a timeout above 45 s" in message and "idle limit" not in message, message
 
 
 def test_a_script_copies_and_pickles_as_the_immutable_value_it_is() -> None:

@@ -25,7 +25,7 @@ from sideband.app import Sideband
 from sideband.edge import SERVICE, create_app
 from sideband.logs import logging_configured
 from sideband.runtime.driver import CallRuntime, CallSummary
-from sideband.runtime.machine import MachineConfig
+from sideband.runtime.machine import CallMachine
 from sideband.service import Service
 from sideband.settings import Settings, load_settings
 
@@ -127,7 +127,8 @@ class Harness:
         not end the call; unless ``check_script=False``, a step that fails while the call goes on is
         reported as soon as it failed, without waiting out ``timeout``), or saying that the simulator has
         ended the call and the server not yet (after ``caller_hangs_up("silent")``: the app's idle limit,
-        then up to 10 s for an unanswered goodbye),
+        then up to 10 s for an unanswered goodbye; while a transfer answered 200 is under way, the
+        transfer's 45 s window),
         and :class:`AssertionError` at once when it never ran on the server: rejected at ring time (the
         message gives the SIP status and the reject body), transferred (the target) or never answered.
         :class:`AssertionError` too when the simulator itself failed on the call or outside any call
@@ -149,7 +150,7 @@ class Harness:
                     )
                 why = f"; the script failed: {call.script_error}" if call.script_error else ""
                 if call.status == "ended":
-                    why += self._end_unseen(call, runtime.machine.config)
+                    why += self._end_unseen(call, runtime.machine)
                 raise TimeoutError(f"call {call.call_id} did not end within {timeout:g} s{why}")
             summary = runtime.summary
         else:
@@ -192,9 +193,19 @@ class Harness:
         return "timeout"
 
     @staticmethod
-    def _end_unseen(call: SimCall, config: MachineConfig) -> str:
+    def _end_unseen(call: SimCall, machine: CallMachine) -> str:
         """Why the server may not have seen the end of ``call``, which has ended on the simulator."""
         why = f"; the simulator's call has ended ({call.end_reason}), the server's not yet"
+        config = machine.config
+        if machine.transferring:
+            window = config.transfer_confirm
+            return (
+                f"{why}: the server's call awaits the end of its transfer (its REFER was answered 200), "
+                "and a caller who hangs up meanwhile with nothing on the sideband is not told from a "
+                f"transfer still under way: the call ends once the transfer window ({window:g} s from "
+                "the REFER's 200) is over, as transferred (the hangup then finds the call gone): give "
+                f"h.ended a timeout above {window:g} s"
+            )
         silent = any(isinstance(step, CallerHangsUp) and step.mode == "silent" for step in call.script.steps)
         if not silent:
             return why
