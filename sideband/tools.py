@@ -1314,6 +1314,10 @@ def _parse_google(doc: str | None) -> tuple[str, dict[str, str]]:
     while i < len(lines):
         header = _SECTION_RE.match(lines[i].strip())
         base = len(lines[i]) - len(lines[i].lstrip())
+        # A section on the docstring's first line: ``inspect.getdoc`` measures the indentation of the
+        # lines after it alone, so its entries may come out at the header's own level; such a section
+        # then runs to the next section header.
+        flat = i == 0 and _first_indent(lines, 1) <= base
         i += 1
         in_args = header is not None and header.group(1) in _ARGS_SECTIONS
         entry_indent: int | None = None
@@ -1322,7 +1326,7 @@ def _parse_google(doc: str | None) -> tuple[str, dict[str, str]]:
             line = lines[i]
             stripped = line.strip()
             indent = len(line) - len(line.lstrip())
-            if stripped and indent <= base:
+            if stripped and indent <= base and not (flat and not _SECTION_RE.match(stripped)):
                 break  # next section (or trailing text) at the header's level
             i += 1
             if not in_args or not stripped:
@@ -1338,6 +1342,14 @@ def _parse_google(doc: str | None) -> tuple[str, dict[str, str]]:
         if i < len(lines) and not _SECTION_RE.match(lines[i].strip()):
             i += 1  # stray text after a section: skip it rather than loop forever
     return "\n".join(description).strip(), {k: v for k, v in args.items() if v}
+
+
+def _first_indent(lines: list[str], start: int) -> int:
+    """The indentation of the first non-blank line from ``start`` on (-1 for none)."""
+    for line in lines[start:]:
+        if line.strip():
+            return len(line) - len(line.lstrip())
+    return -1
 
 
 # -- JSON schema cleanup ----------------------------------------------------------------------------------

@@ -1889,6 +1889,59 @@ def test_free_form_google_sections_stay_out_of_the_description() -> None:
     assert tool.parameters["properties"]["region"]["description"] == "Sales region."
 
 
+def first_line_args(order_id: str, limit: int = 5) -> str:
+    """Args:
+    order_id: The order number
+        on the receipt.
+    limit: How many to read out.
+    """
+    return order_id
+
+
+def first_line_args_then_returns(order_id: str) -> str:
+    """Args:
+        order_id: The order number.
+
+    Returns:
+        The order's status.
+    """
+    return order_id
+
+
+def first_line_parameters(order_id: str, limit: int = 5) -> str:
+    """Parameters
+    ----------
+    order_id : str
+        The order number.
+    limit : int
+        How many to read out.
+    """
+    return order_id
+
+
+def first_line_param(order_id: str, limit: int = 5) -> str:
+    """:param order_id: The order number.
+    :param limit: How many to read out.
+    """
+    return order_id
+
+
+@pytest.mark.parametrize(
+    "fn", [first_line_args, first_line_args_then_returns, first_line_parameters, first_line_param]
+)
+def test_a_parameter_section_on_the_docstrings_first_line_describes_the_parameters(fn: Any) -> None:
+    """``inspect.getdoc`` dedents the lines after the first by their own indentation: a section begun
+    on the first line has its entries at the header's level, and they are still read."""
+    tool = Tool.from_function(fn)
+    props = tool.parameters["properties"]
+    assert props["order_id"]["description"].startswith("The order number")
+    assert tool.description == ""
+    if "limit" in props:
+        assert props["limit"]["description"] == "How many to read out."
+    if fn is first_line_args:
+        assert props["order_id"]["description"] == "The order number on the receipt."
+
+
 async def test_a_cancellation_the_tool_turns_into_an_error_is_still_a_cancellation() -> None:
     """The call's end cancels a tool whose TaskGroup child fails while cancelled: the group raises an
     ExceptionGroup, not CancelledError. The run is cancelled all the same, not a tool failure."""
