@@ -357,6 +357,14 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True, update: b
         if tool.get("type") == "function" and not tool.get("name"):
             raise SessionConfigError("every function tool needs a name")
         if tool.get("type") == "function":
+            if not isinstance(tool["name"], str):
+                raise SessionConfigError(
+                    f"a function tool's name must be a string, not {_kind(tool['name'])}"
+                )
+            if "description" in tool and not isinstance(tool["description"], str):
+                raise SessionConfigError(
+                    f"tool {tool['name']!r}: description must be a string, not {_kind(tool['description'])}"
+                )
             itemless = _itemless_array(tool.get("parameters"), "parameters")
             if itemless is not None:
                 raise SessionConfigError(

@@ -182,7 +182,8 @@ class Tool:
 
         Raises ``TypeError`` for a function that cannot be a tool (``*args``/``**kwargs``, positional-only
         parameters, a type pydantic cannot validate or describe, unresolvable annotations, a generator
-        function: a tool returns its result) and ``ValueError`` for a bad name, timeout or filler delay.
+        function: a tool returns its result; a ``description`` that is not a string) and ``ValueError``
+        for a bad name, timeout or filler delay.
 
         Keyword arguments bound with :func:`functools.partial` are the app's: they are left out of the
         schema, and the model cannot set them.
@@ -193,6 +194,8 @@ class Tool:
                 raise TypeError(f"cannot take a tool name from {fn!r}: pass name=...")
         if not _NAME_RE.fullmatch(name):
             raise ValueError(f"invalid tool name {name!r}: it must match ^{_NAME_RE.pattern}$")
+        if description is not None and not isinstance(description, str):
+            raise TypeError(f"tool {name!r}: description must be a string, got {type(description).__name__}")
         if timeout is not None and (
             isinstance(timeout, bool) or not (isinstance(timeout, int | float) and 0 < timeout < math.inf)
         ):

@@ -589,6 +589,26 @@ def test_nameless_function_tool_refused(tool: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
+    "tool, message",
+    [
+        ({**TOOL, "name": 5}, "a function tool's name must be a string, not int"),
+        ({**TOOL, "description": 123}, "tool 'lookup_order': description must be a string, not int"),
+        ({**TOOL, "description": None}, "tool 'lookup_order': description must be a string, not None"),
+        ({**TOOL, "description": ["Look up."]}, "description must be a string, not list"),
+    ],
+)
+def test_a_function_tools_name_or_description_that_is_not_a_string_is_refused(
+    tool: dict[str, Any], message: str
+) -> None:
+    """OpenAI's function tool takes strings there, and an accept may answer 200 to a bad payload."""
+    with pytest.raises(SessionConfigError, match=re.escape(message)):
+        validate_accept_payload({"type": "realtime", "tools": [tool]})
+    validate_accept_payload(
+        {"type": "realtime", "tools": [{k: v for k, v in TOOL.items() if k != "description"}]}
+    )
+
+
+@pytest.mark.parametrize(
     "parameters, where",
     [
         ({"type": "object", "properties": {"xy": {"type": "array"}}}, "parameters.properties.xy"),

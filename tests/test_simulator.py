@@ -376,6 +376,15 @@ async def test_an_array_schema_without_items_is_refused_as_the_service_refuses_i
         ({"type": "realtime", "tools": [{"type": "function", "name": "look up"}]}, "tools[0].name"),
         ({"type": "realtime", "tools": [{"type": "function", "name": "lookup.order"}]}, "tools[0].name"),
         ({"type": "realtime", "tools": [{"type": "function", "name": "x" * 65}]}, "tools[0].name"),
+        ({"type": "realtime", "tools": [{"type": "function", "name": 5}]}, "tools[0].name"),
+        (
+            {"type": "realtime", "tools": [{"type": "function", "name": "f", "description": 123}]},
+            "tools[0].description",
+        ),
+        (
+            {"type": "realtime", "tools": [{"type": "function", "name": "f", "description": None}]},
+            "tools[0].description",
+        ),
         (
             {"type": "realtime", "tools": [{"type": "function", "name": "f", "parameters": ITEMLESS}]},
             "tools[0].parameters",

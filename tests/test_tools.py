@@ -540,6 +540,21 @@ def test_description_override_and_missing_docstring() -> None:
     assert Tool.from_function(f, description="Custom").description == "Custom"
 
 
+def test_a_description_that_is_not_a_string_is_refused_at_registration() -> None:
+    """OpenAI's function tool takes a string: another would fail the call, its accept answered 200."""
+
+    def lookup(order_id: str) -> str:
+        """Look up an order."""
+        return order_id
+
+    reg = ToolRegistry()
+    for wrong in (123, b"Look up.", ["Look up."]):
+        with pytest.raises(TypeError, match=r"tool 'lookup': description must be a string, got "):
+            reg.add(lookup, description=wrong)  # type: ignore[arg-type]
+    assert len(reg) == 0
+    assert reg.add(lookup, description="").description == ""
+
+
 def test_star_args_and_kwargs_rejected() -> None:
     def va(*args: int) -> None: ...
     def kw(**kwargs: int) -> None: ...

@@ -758,12 +758,19 @@ def _check_session(session: Mapping[str, Any], prefix: str, *, sip: bool, accept
             if not isinstance(tool, dict):
                 return _Problem(where, "invalid_type", f"Invalid type for '{where}': expected an object.")
             if tool.get("type", "function") == "function":
-                if not isinstance(tool.get("name"), str) or not tool["name"]:
+                if tool.get("name") in (None, ""):
                     return _Problem(
                         f"{where}.name",
                         "missing_required_parameter",
                         f"Missing required parameter: '{where}.name'.",
                     )
+                for key in ("name", "description"):
+                    if key in tool and not isinstance(tool[key], str):
+                        return _Problem(
+                            f"{where}.{key}",
+                            "invalid_type",
+                            f"Invalid type for '{where}.{key}': expected a string.",
+                        )
                 if len(tool["name"]) > 64:
                     return _Problem(
                         f"{where}.name",
