@@ -160,7 +160,8 @@ class Tool:
     error output, a loud sibling's, a holding phrase said meanwhile, or a response without a word still
     get an answer."""
     _null_is_default: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
-    """Parameters with a default whose type takes no ``None``: a ``null`` for one means its default."""
+    """The names of parameters with a default whose type takes no ``None``: a ``null`` for one means its
+    default."""
 
     @classmethod
     def from_function(
@@ -905,7 +906,7 @@ def _find_non_finite(
     if isinstance(value, BaseModel):
         given = value.model_fields_set
         items = [
-            (info.alias or name, getattr(value, name, None))
+            (_sent_name(name, info), getattr(value, name, None))
             for name, info in type(value).model_fields.items()
             if name in given
         ]
@@ -1110,10 +1111,39 @@ def _is_context_type(annotation: Any) -> bool:
     return False
 
 
-def _has_description(annotation: Any) -> bool:
+def _field_infos(annotation: Any) -> list[FieldInfo]:
+    """The :class:`~pydantic.fields.FieldInfo` in ``Annotated`` metadata (a parameter's own
+    ``Field(...)``)."""
     if typing.get_origin(annotation) is not Annotated:
-        return False
-    return any(isinstance(m, FieldInfo) and m.description for m in annotation.__metadata__)
+        return []
+    return [m for m in annotation.__metadata__ if isinstance(m, FieldInfo)]
+
+
+def _sent_names(tool: str, param: str, field: FieldInfo) -> list[str]:
+    """The names the model may send parameter ``param`` under: its own ``alias`` or ``validation_alias``
+    (each of an :class:`~pydantic.AliasChoices`, the first of which the schema shows), else its name. A
+    path (:class:`~pydantic.AliasPath`), which names no argument, is a ``TypeError``."""
+    alias = field.validation_alias
+    if isinstance(alias, str):
+        return [alias]
+    if isinstance(alias, pydantic.AliasChoices) and all(isinstance(c, str) for c in alias.choices):
+        return [c for c in alias.choices if isinstance(c, str)]
+    if alias is None:
+        return [field.alias or param]
+    raise TypeError(
+        f"tool {tool!r}: parameter {param!r}: validation_alias must be a name the model sends (a string, or "
+        f"AliasChoices of strings), not {alias!r}"
+    )
+
+
+def _sent_name(name: str, field: FieldInfo) -> str:
+    """The name a model's field is sent under (the first, when it may be sent under several)."""
+    alias = field.validation_alias
+    if isinstance(alias, str):
+        return alias
+    if isinstance(alias, pydantic.AliasChoices) and alias.choices and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return field.alias or name
 
 
 def _type_hints(fn: Callable[..., Any], name: str) -> dict[str, Any]:
@@ -1237,17 +1267,18 @@ def _build_arguments_model(
         # Internal field names with the real name as alias: any parameter name works (no clash with
         # BaseModel attributes, leading underscores allowed) and errors/schema still use the real name.
         fname = f"p{len(fields)}"
-        kw: dict[str, Any] = {"alias": param.name}
-        described = _has_description(annotation)
+        kw: dict[str, Any] = {}
         if isinstance(param.default, FieldInfo):
             # ``x: int = Field(2, ge=1, description=...)``: the field itself (its default, constraints and
             # description), as pydantic.validate_call reads it
             annotation = Annotated[annotation, param.default]
-            described = described or bool(param.default.description)
         elif param.default is not param.empty:
             kw["default"] = param.default
+        own = _field_infos(annotation)
+        if not any(f.alias is not None or f.validation_alias is not None for f in own):
+            kw["alias"] = param.name  # (the app's own alias is the name the model sees and sends)
         doc = arg_docs.get(param.name)
-        if doc and not described:
+        if doc and not any(f.description for f in own):
             kw["description"] = doc
         definitions[fname] = (annotation, pydantic.Field(**kw))
         fields.append((fname, param.name))
@@ -1257,10 +1288,19 @@ def _build_arguments_model(
         model: type[BaseModel] = pydantic.create_model(f"{name}_arguments", __config__=config, **definitions)
     except (pydantic.PydanticUserError, TypeError, NameError) as exc:
         raise TypeError(f"tool {name!r}: unsupported parameter types: {exc}") from exc
+    sent: dict[str, str] = {}
+    for fname, param_name in fields:
+        for key in _sent_names(name, param_name, model.model_fields[fname]):
+            other = sent.setdefault(key, param_name)
+            if other != param_name:
+                raise TypeError(
+                    f"tool {name!r}: parameters {other!r} and {param_name!r} are both sent as {key!r}"
+                )
     null_is_default = frozenset(
-        param
+        key
         for fname, param in fields
         if not model.model_fields[fname].is_required() and not _takes_none(model.model_fields[fname])
+        for key in _sent_names(name, param, model.model_fields[fname])
     )
     return model, tuple(fields), context_param, null_is_default
 

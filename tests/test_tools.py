@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal, NamedTuple
 
 import pytest
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import AliasChoices, AliasPath, BaseModel, BeforeValidator, Field, ValidationError
 from typing_extensions import TypeAliasType
 
 from sideband.context import NO_ACTIONS, CallContext
@@ -100,6 +100,54 @@ def test_schema_no_parameters_still_has_full_shape() -> None:
         "required": [],
         "additionalProperties": False,
     }
+
+
+async def test_a_parameters_own_alias_is_the_name_the_model_sees_and_sends() -> None:
+    """``Field(alias=…)`` or ``validation_alias`` names the argument for the model (schema, validation,
+    errors); the tool still gets it as its parameter."""
+    registry = ToolRegistry()
+
+    @registry.tool
+    def lookup(
+        order_id: Annotated[str, Field(alias="orderId")],
+        count: int = Field(1, validation_alias=AliasChoices("itemCount", "count")),
+        note: Annotated[str, Field(validation_alias="memo")] = "",
+        limit: int = 5,
+    ) -> str:
+        """Look up an order.
+
+        Args:
+            order_id: The order number.
+        """
+        return f"{order_id} {count} {note!r} {limit}"
+
+    tool = registry.get("lookup")
+    assert tool is not None
+    props = tool.parameters["properties"]
+    assert list(props) == ["orderId", "itemCount", "memo", "limit"]
+    assert props["orderId"] == {"type": "string", "description": "The order number."}
+    assert tool.parameters["required"] == ["orderId"]
+    got = tool.parse_arguments('{"orderId": "A1", "count": 2, "memo": "x", "limit": null}')
+    assert got == {"order_id": "A1", "count": 2, "note": "x", "limit": 5}
+    assert tool.parse_arguments('{"orderId": "A1", "itemCount": 3, "memo": null}')["count"] == 3
+    result = await registry.execute("c1", "lookup", '{"orderId": "A1", "itemCount": 4}', make_ctx())
+    assert result.output == "A1 4 '' 5"
+    refused = await registry.execute("c2", "lookup", '{"order_id": "A1"}', make_ctx())
+    assert refused.outcome == "invalid_arguments"
+    assert {d["loc"] for d in loads(refused)["details"]} == {"orderId", "order_id"}
+
+
+def test_an_alias_that_names_no_argument_or_another_parameters_is_refused() -> None:
+    def clash(a: Annotated[str, Field(alias="b")], b: str) -> None:
+        """Clash."""
+
+    def path(a: Annotated[str, Field(validation_alias=AliasPath("x", 0))]) -> None:
+        """Path."""
+
+    with pytest.raises(TypeError, match=r"tool 'clash': parameters 'a' and 'b' are both sent as 'b'"):
+        Tool.from_function(clash)
+    with pytest.raises(TypeError, match=r"tool 'path': parameter 'a': validation_alias must be a name"):
+        Tool.from_function(path)
 
 
 def test_schema_annotated_descriptions_and_docstring_args() -> None:
