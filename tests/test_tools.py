@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal, NamedTuple
 
 import pytest
-from pydantic import AliasChoices, AliasPath, BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import AliasChoices, AliasPath, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from typing_extensions import TypeAliasType
 
 from sideband.context import NO_ACTIONS, CallContext
@@ -55,6 +55,12 @@ class Receipt:
 def ctx_string_annotation(order_id: str, ctx: "CallContext") -> str:
     """Tool whose context annotation is a string."""
     return order_id
+
+
+@dataclasses.dataclass
+class Stop:
+    street: str
+    zip: str = ""
 
 
 def make_ctx(call_id: str = "call_1") -> CallContext:
@@ -523,6 +529,47 @@ def test_a_null_for_a_parameter_whose_type_takes_none_not_means_its_default() ->
     assert tool.parameters["properties"]["limit"] == {"type": "integer", "default": 10}
     with pytest.raises(ValidationError):
         tool.parse_arguments('{"query": null}')
+
+
+def test_objects_in_the_arguments_validate_with_the_config_of_their_pydantic_class() -> None:
+    """As the README says: the arguments and the plain dataclasses in them refuse an unknown field and
+    take a number for a string; an app's model (and a plain dataclass in it) keeps to its own config."""
+
+    @dataclasses.dataclass
+    class Leg:
+        street: str
+        zip: str = ""
+
+    class Loose(BaseModel):
+        zip: str = ""
+        leg: Leg | None = None
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+        zip: str = ""
+
+    def ship(loose: Loose | None = None, strict: Strict | None = None, stop: Stop | None = None) -> str:
+        return "ok"
+
+    tool = Tool.from_function(ship)
+    got = tool.parse_arguments('{"stop": {"street": "M", "zip": 94107}, "strict": {"zip": 94107}}')
+    assert got["stop"] == Stop("M", "94107") and got["strict"] == Strict(zip="94107")
+    for unknown, loc in (
+        ('{"stop": {"street": "M", "zip_code": "1"}}', ("stop", "zip_code")),
+        ('{"strict": {"zip_code": "1"}}', ("strict", "zip_code")),
+    ):
+        with pytest.raises(ValidationError) as err:
+            tool.parse_arguments(unknown)
+        assert [e["loc"] for e in err.value.errors()] == [loc]
+    # pydantic's defaults: an unknown field dropped, a number for a string refused
+    loose = tool.parse_arguments('{"loose": {"zip_code": "1", "leg": {"street": "M", "zip_code": "2"}}}')
+    assert loose["loose"] == Loose(leg=Leg("M"))
+    with pytest.raises(ValidationError):
+        tool.parse_arguments('{"loose": {"zip": 94107}}')
+    props = tool.parameters["properties"]
+    assert props["strict"]["anyOf"][0]["additionalProperties"] is False
+    assert props["stop"]["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in props["loose"]["anyOf"][0]
 
 
 def test_a_null_a_validator_makes_something_of_is_left_to_it() -> None:
