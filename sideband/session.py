@@ -354,9 +354,10 @@ def validate_accept_payload(body: dict[str, Any], *, sip: bool = True, update: b
     for tool in body.get("tools") or []:
         if not isinstance(tool, dict):
             raise SessionConfigError("every tool must be an object")
-        if tool.get("type") == "function" and not tool.get("name"):
+        function = tool.get("type", "function") == "function"  # (OpenAI's default type)
+        if function and not tool.get("name"):
             raise SessionConfigError("every function tool needs a name")
-        if tool.get("type") == "function":
+        if function:
             if not isinstance(tool["name"], str):
                 raise SessionConfigError(
                     f"a function tool's name must be a string, not {_kind(tool['name'])}"

@@ -50,7 +50,7 @@ import re
 import time
 import types
 import typing
-from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, ValuesView
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, TypeVar, overload
 
@@ -912,8 +912,9 @@ def _find_non_finite(
         ]
         items += (value.__pydantic_extra__ or {}).items()
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        infos: Mapping[str, FieldInfo] = getattr(type(value), "__pydantic_fields__", {})  # (a pydantic one)
         items = [
-            (f.name, item)
+            (_sent_name(f.name, info) if (info := infos.get(f.name)) is not None else f.name, item)
             for f in dataclasses.fields(value)
             if not _is_default(item := getattr(value, f.name, None), f.default)
         ]

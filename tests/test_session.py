@@ -581,6 +581,7 @@ def test_an_audio_side_given_none_takes_the_named_settings() -> None:
         {"type": "function"},
         {"type": "function", "name": ""},
         {"type": "function", "name": None, "parameters": {}},
+        {"parameters": {}},  # (no type: a function tool)
     ],
 )
 def test_nameless_function_tool_refused(tool: dict[str, Any]) -> None:
@@ -595,6 +596,9 @@ def test_nameless_function_tool_refused(tool: dict[str, Any]) -> None:
         ({**TOOL, "description": 123}, "tool 'lookup_order': description must be a string, not int"),
         ({**TOOL, "description": None}, "tool 'lookup_order': description must be a string, not None"),
         ({**TOOL, "description": ["Look up."]}, "description must be a string, not list"),
+        # (a tool without a type is a function tool, as OpenAI takes it)
+        ({"name": "x", "description": 5}, "tool 'x': description must be a string, not int"),
+        ({"name": 5}, "a function tool's name must be a string, not int"),
     ],
 )
 def test_a_function_tools_name_or_description_that_is_not_a_string_is_refused(

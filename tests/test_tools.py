@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Annotated, Any, Literal, NamedTuple
 
+import pydantic.dataclasses
 import pytest
 from pydantic import AliasChoices, AliasPath, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from typing_extensions import TypeAliasType
@@ -141,6 +142,30 @@ async def test_a_parameters_own_alias_is_the_name_the_model_sees_and_sends() -> 
     refused = await registry.execute("c2", "lookup", '{"order_id": "A1"}', make_ctx())
     assert refused.outcome == "invalid_arguments"
     assert {d["loc"] for d in loads(refused)["details"]} == {"orderId", "order_id"}
+
+
+def test_a_refused_nan_is_located_under_the_name_the_model_sent() -> None:
+    """A NaN in a model's or a pydantic dataclass's field with an alias is told under that alias (the name
+    the schema shows and the model sent), as pydantic's own errors are."""
+
+    class Quote(BaseModel):
+        price: float = Field(alias="Price")
+
+    @pydantic.dataclasses.dataclass
+    class Line:
+        amount: float = Field(alias="Amount")
+
+    def price(quote: Quote, line: Line) -> str:
+        return "ok"
+
+    tool = Tool.from_function(price)
+    for given, loc in (
+        ('{"quote": {"Price": NaN}, "line": {"Amount": 1}}', ("quote", "Price")),
+        ('{"quote": {"Price": 1}, "line": {"Amount": "-inf"}}', ("line", "Amount")),
+    ):
+        with pytest.raises(ValidationError) as err:
+            tool.parse_arguments(given)
+        assert [e["loc"] for e in err.value.errors()] == [loc]
 
 
 def test_an_alias_that_names_no_argument_or_another_parameters_is_refused() -> None:
