@@ -608,7 +608,7 @@ class Service:
         lease = ledger_lease(self.settings)
         loop = asyncio.get_running_loop()
         since: float | None = None  # since when records go through without a break
-        failing = False  # (a failure is logged as records start failing, not at every record)
+        failing: type[Exception] | None = None  # (a failure is logged as it starts, not at every record)
         while True:
             self._launched.clear()
             next_at = loop.time() + LEDGER_TICK  # (from this record's start: a slow one delays no lease)
@@ -616,15 +616,15 @@ class Service:
             try:
                 await ledger.record(self.instance_id, live, lease)  # (all of them: see CallLedger.record)
             except StoreUnavailable as exc:
-                if not failing:
+                if failing is not StoreUnavailable:
                     self.log.warning("store.unavailable", error=str(exc), ledger=self.instance_id)
-                since, failing = None, True
+                since, failing = None, StoreUnavailable
             except Exception as exc:  # (a bug of ours: the loop must go on, or the others hang up our calls)
-                if not failing:
+                if failing is not Exception:
                     self._ledger_failed(exc)
-                since, failing = None, True
+                since, failing = None, Exception
             else:
-                failing = False
+                failing = None
                 now = loop.time()
                 since = now if since is None else since
                 sweep_done = self._sweeping is None or self._sweeping.done()

@@ -1373,6 +1373,35 @@ def refused(status: int) -> Exception:
     return SidebandRefused(f"sideband refused with {status}", status)
 
 
+async def transferable(
+    simulator: Simulator,
+    verb: Callable[[str, str | None], Awaitable[None]],
+    *,
+    attempts: int,
+    **config: Any,
+) -> tuple[SimCall, Connector, CallRuntime, asyncio.Task[str]]:
+    """A call over a :class:`Connector` that may transfer to ``human``, running, its greeting said; its
+    hangups and refers go to ``verb``."""
+    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
+    connect = Connector(simulator, call.call_id, [])
+    machine = CallMachine(
+        MachineConfig(session={"type": "realtime", "instructions": "x"}, greeting="Hi.", **config)
+    )
+    rt = CallRuntime(
+        machine=machine,
+        ctx=CallContext(call.call_id),
+        tools=ToolRegistry(),
+        connect=connect,
+        verb=verb,
+        transfer_targets={"human": "tel:+14155550123"},
+        reattach_attempts=attempts,
+        ping_interval=None,
+    )
+    task = asyncio.create_task(rt.run())
+    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    return call, connect, rt, task
+
+
 async def test_first_attach_is_retried_after_a_transient_refusal(simulator: Simulator) -> None:
     call = simulator.create_call(Script([HELLO, caller_hangs_up()]), accept_body={"type": "realtime"})
     connect = Connector(simulator, call.call_id, [refused(503)])
@@ -1531,10 +1560,6 @@ async def test_a_reattach_refused_while_the_refer_is_unanswered_waits_for_its_an
     """The sideband is lost, and the REFER goes out while it is being attached again: a re-attach refused
     as the call is gone (404) says the server ended the call, not why (the transfer went through, or the
     caller hung up): as for a sideband closed meanwhile, the REFER's answer tells which."""
-    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
-    connect = Connector(simulator, call.call_id, [])
-    config = MachineConfig(session={"type": "realtime", "instructions": "x"}, greeting="Hi.", end_cap=0.1)
-    machine = CallMachine(config)
     sent: list[str] = []
     referred, release = asyncio.Event(), asyncio.Event()
 
@@ -1549,18 +1574,8 @@ async def test_a_reattach_refused_while_the_refer_is_unanswered_waits_for_its_an
         if answer == 400:
             raise UpstreamError("refer refused with 400", 400)
 
-    rt = CallRuntime(
-        machine=machine,
-        ctx=CallContext(call.call_id),
-        tools=ToolRegistry(),
-        connect=connect,
-        verb=verb,
-        transfer_targets={"human": "tel:+14155550123"},
-        reattach_attempts=3,
-        ping_interval=None,
-    )
-    task = asyncio.create_task(rt.run())
-    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    call, connect, rt, task = await transferable(simulator, verb, attempts=3, end_cap=0.1)
+    machine = rt.machine
     connect.gate = asyncio.Event()  # the re-attach's handshake waits, then is refused: the call is gone
     connect.failures.append(CallGone("sideband refused: call not found", 404))
     with capture_logs() as logs:
@@ -1598,26 +1613,13 @@ async def test_a_transfer_awaited_whose_sideband_drops_ends_by_what_its_reattach
     is gone (404, 410), the server ended it, carrying the transfer out (``transferred``, no hangup);
     the attempts spent (or sockets lost again and again as soon as they open), nothing is left to
     wait on and the call is hung up at once (``transfer_failed``), not left to its 45 s window."""
-    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
-    connect = Connector(simulator, call.call_id, [])
-    machine = CallMachine(MachineConfig(session={"type": "realtime", "instructions": "x"}, greeting="Hi."))
     sent: list[str] = []
 
     async def verb(name: str, target: str | None) -> None:
         sent.append(name)
 
-    rt = CallRuntime(
-        machine=machine,
-        ctx=CallContext(call.call_id),
-        tools=ToolRegistry(),
-        connect=connect,
-        verb=verb,
-        transfer_targets={"human": "tel:+14155550123"},
-        reattach_attempts=2,
-        ping_interval=None,
-    )
-    task = asyncio.create_task(rt.run())
-    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    call, connect, rt, task = await transferable(simulator, verb, attempts=2)
+    machine = rt.machine
     rt.transfer("human")
     async with asyncio.timeout(5):
         while not machine.transferring:
@@ -1638,6 +1640,45 @@ async def test_a_transfer_awaited_whose_sideband_drops_ends_by_what_its_reattach
     assert unconfirmed == (["sideband_lost"] if reason == "transfer_failed" else [])
 
 
+@pytest.mark.parametrize(("hangup_finds", "reason"), [("gone", "transferred"), ("call", "transfer_failed")])
+async def test_a_reattach_refused_while_the_transfer_windows_hangup_is_out_waits_for_its_answer(
+    simulator: Simulator, hangup_finds: str, reason: str
+) -> None:
+    """A sideband dropped after the refer's 200 is being attached again when the transfer's window ends:
+    its hangup goes out, then the re-attach is refused as the call is gone. That says the server ended
+    the call, not how: the hangup's answer tells (gone: the transfer took, ``transferred``)."""
+    sent: list[str] = []
+    hanging_up, answer = asyncio.Event(), asyncio.Event()
+
+    async def verb(name: str, target: str | None) -> None:
+        sent.append(name)
+        if name == "hangup":
+            hanging_up.set()
+            await answer.wait()
+            if hangup_finds == "gone":
+                raise CallGone("hangup: call not found", 404)
+
+    call, connect, rt, task = await transferable(simulator, verb, attempts=3, transfer_confirm=0.5)
+    rt.transfer("human")
+    async with asyncio.timeout(5):
+        while not rt.machine.transferring:
+            await asyncio.sleep(0.01)
+    with capture_logs() as logs:
+        connect.gate = asyncio.Event()  # the re-attach waits, then is refused: the call is gone
+        connect.failures.append(refused(404))
+        await simulator.drop_sideband(call, "abnormal")
+        await asyncio.wait_for(hanging_up.wait(), 5)  # (the window ended while the re-attach waits)
+        connect.gate.set()
+        async with asyncio.timeout(5):
+            while not [e for e in logs if e["event"] == "sideband.refused"]:
+                await asyncio.sleep(0.01)
+        assert rt.machine.closed is None  # the refusal ends nothing yet
+        answer.set()
+        assert await asyncio.wait_for(task, 5) == reason
+    assert sent == ["refer", "hangup"]
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == [reason]
+
+
 @pytest.mark.parametrize(
     ("answered_first", "reason", "verbs"),
     [
@@ -1652,12 +1693,6 @@ async def test_a_reattach_given_up_while_a_transfer_is_out_does_not_wait_out_its
     as for a sideband lost once the REFER is out, a transfer awaited is hung up at once (nobody would
     control the call, nor see its end), and a REFER answered 200 later ends the call ``transferred`` at
     once; neither waits out the transfer's window with no socket."""
-    call = simulator.create_call(Script([HELLO], step_timeout=10), accept_body={"type": "realtime"})
-    connect = Connector(simulator, call.call_id, [])
-    config = MachineConfig(
-        session={"type": "realtime", "instructions": "x"}, greeting="Hi.", end_cap=0.1, transfer_confirm=30
-    )
-    machine = CallMachine(config)
     sent: list[str] = []
     referred, release = asyncio.Event(), asyncio.Event()
 
@@ -1667,18 +1702,10 @@ async def test_a_reattach_given_up_while_a_transfer_is_out_does_not_wait_out_its
             referred.set()
             await release.wait()
 
-    rt = CallRuntime(
-        machine=machine,
-        ctx=CallContext(call.call_id),
-        tools=ToolRegistry(),
-        connect=connect,
-        verb=verb,
-        transfer_targets={"human": "tel:+14155550123"},
-        reattach_attempts=2,
-        ping_interval=None,
+    call, connect, rt, task = await transferable(
+        simulator, verb, attempts=2, end_cap=0.1, transfer_confirm=30
     )
-    task = asyncio.create_task(rt.run())
-    await call.wait_for(lambda c: bool(c.responses) and c.responses[0].status == "completed", timeout=5)
+    machine = rt.machine
     connect.gate = asyncio.Event()  # the last re-attach attempt waits for it, then fails: given up
     connect.failures.extend(refused(503) for _ in range(2))
     with capture_logs() as logs:

@@ -1644,6 +1644,9 @@ async def test_a_turn_under_way_fails_as_the_session_ends_not_after_its_teardown
             with pytest.raises(EngineError) as caught:
                 await turn
             assert caught.value.reason == expected
+            # (the summary is there already: what the call said, to log as the turn fails)
+            assert session.summary is not None and session.summary.reason == expected
+            assert ("caller", "export please") in session.summary.transcript
             with pytest.raises(EngineError):
                 await session.say("still there?")
             release.set()

@@ -763,13 +763,18 @@ class EngineSession:
         """The call's machine closes with ``reason``: the session ends now, named by :meth:`_named` (a
         session over already, say after a ``reply_timeout``, keeps its end). A turn under way fails with
         it at once, unless the ``response.done`` being handled ends the turn with its reply (see
-        :meth:`_on_response`). Returns the end, which the call ends with too."""
+        :meth:`_on_response`). Returns the end, which the call ends with too. The call's summary is the
+        session's from now on (its ``reason`` now; its ``duration`` once the runtime's end is over)."""
         self._set_end(*self._named(reason))
+        end = self.end_reason
+        assert end is not None
+        if self._runtime is not None:
+            self.summary = self._runtime.summary
+            self.summary.reason = end
         turn, machine = self._turn, self._machine
         if turn is not None and not turn.future.done() and not (machine is not None and machine.at_reply_end):
             turn.future.set_exception(self._error())
-        assert self.end_reason is not None
-        return self.end_reason
+        return end
 
     def _named(self, reason: str) -> tuple[str, str | None]:
         """The session's end and its message (``None``: no failure), from the call's end ``reason``
