@@ -1315,47 +1315,6 @@ def test_check_refuses_a_url_replacing_the_stores_retry_in_one_line(
     ), done.stderr
 
 
-class LedgerDownThenBroken(MemoryStore):
-    """A ledger whose records first meet the store down, then fail as a bug would, then go through."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tries = 0
-        self.recorded = asyncio.Event()
-
-    async def record(self, instance: str, calls: Any, lease: float) -> None:
-        self.tries += 1
-        if self.tries == 1:
-            raise StoreUnavailable("redis at redis://cache/0: no answer within 2 s")
-        if self.tries == 2:
-            raise TypeError("a bug")
-        self.recorded.set()
-
-    async def orphans(self, instance: str, sweep: float) -> dict[str, list[str]]:
-        return {}
-
-    async def swept(self, instance: str, owner: str, calls: Any) -> None:
-        return None
-
-    async def forget(self, instance: str) -> None:
-        return None
-
-
-async def test_a_ledger_failing_one_way_then_another_logs_each_as_it_starts(simulator: Simulator) -> None:
-    """Records meeting the store down, then failing as a bug would: each kind of failure is logged once,
-    as it starts (not at every record, nor only the first kind)."""
-    store = LedgerDownThenBroken()
-    service = Service(settings_for(simulator), make_app(), store=store)
-    with capture_logs() as logs:
-        await service.start()
-        try:
-            await asyncio.wait_for(store.recorded.wait(), 10)
-        finally:
-            await service.close()
-    failures = [e["event"] for e in logs if e["event"] in ("store.unavailable", "ledger.failed")]
-    assert failures == ["store.unavailable", "ledger.failed"]
-
-
 class LedgerBreakingOnce(MemoryStore):
     """A claim store with a ledger whose first record fails the way a bug would (not the store's
     outage), and whose later records are kept."""
@@ -1383,6 +1342,34 @@ class LedgerBreakingOnce(MemoryStore):
 
     async def running(self, call_id: str) -> str | None:
         return None
+
+
+class LedgerDownThenBroken(LedgerBreakingOnce):
+    """A ledger whose first record meets the store down, whose second fails as a bug would, and whose
+    later records are kept."""
+
+    async def record(self, instance: str, calls: Any, lease: float) -> None:
+        self.records.append((instance, set(calls)))
+        if len(self.records) == 1:
+            raise StoreUnavailable("redis at redis://cache/0: no answer within 2 s")
+        if len(self.records) == 2:
+            raise TypeError("a bug")
+        self.recorded.set()
+
+
+async def test_a_ledger_failing_one_way_then_another_logs_each_as_it_starts(simulator: Simulator) -> None:
+    """Records meeting the store down, then failing as a bug would: each kind of failure is logged once,
+    as it starts (not at every record, nor only the first kind)."""
+    store = LedgerDownThenBroken()
+    service = Service(settings_for(simulator), make_app(), store=store)
+    with capture_logs() as logs:
+        await service.start()
+        try:
+            await asyncio.wait_for(store.recorded.wait(), 10)
+        finally:
+            await service.close()
+    failures = [e["event"] for e in logs if e["event"] in ("store.unavailable", "ledger.failed")]
+    assert failures == ["store.unavailable", "ledger.failed"]
 
 
 async def test_a_ledger_that_fails_once_goes_on_recording(simulator: Simulator) -> None:
