@@ -922,10 +922,10 @@ class CallRuntime:
                 ws = await self._attempt()
             except CallGone as exc:
                 self.log.info("sideband.refused", status=exc.status, attempt=attempt)
-                if self._verb_waiting is not None and not machine.transferring:
-                    # The REFER (or the hangup after a transfer's window) went out meanwhile, unanswered:
-                    # the call ended, as it carried the REFER out or as the caller hung up. As for a
-                    # sideband closed meanwhile, its answer tells.
+                waiting = self._verb_waiting
+                if waiting is not None and waiting[1] == "refer" and not machine.transferring:
+                    # The REFER went out meanwhile, unanswered: the call ended, as it carried the REFER
+                    # out or as the caller hung up. As for a sideband closed meanwhile, its answer tells.
                     self._apply(machine.sideband_lost())
                 else:
                     self._apply(machine.fail("call_not_found"))
