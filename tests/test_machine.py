@@ -1808,16 +1808,44 @@ def test_a_transfer_the_server_does_not_end_within_the_window_is_hung_up() -> No
     assert m.timer("transfer") == [] and m.request_end("hangup") == []
     assert m.sideband_lost() == []  # the hangup's answer ends the call
     assert m.verb_done(True) == [Close("transfer_failed")]
-    # Its sideband closed by the hangup; the hangup failing; the call gone by then (it ended without us).
-    m2 = transferring()
-    m2.timer("transfer")
-    assert m2.transport_closed(1000) == [Close("transfer_failed")]
+    # Its sideband closed (by the hangup, or as the transfer took at the last moment): the hangup's
+    # answer tells which; a failure of it is no sign the call is up. The hangup failing; the call gone
+    # by then (it ended without us).
+    answers: list[tuple[dict[str, Any], str]] = [
+        ({"ok": True}, "transfer_failed"),
+        ({"ok": True, "detail": "call already gone", "gone": True}, "transferred"),
+        ({"ok": False, "detail": "503"}, "transfer_failed"),
+    ]
+    for answer, reason in answers:
+        m2 = transferring()
+        m2.timer("transfer")
+        assert m2.transport_closed(1000) == [] and m2.closed is None
+        assert m2.verb_done(**answer)[-1] == Close(reason)
     m3 = transferring()
     m3.timer("transfer")
     assert m3.verb_done(False, "503")[-1] == Close("hangup_failed")
     m4 = transferring()
     m4.timer("transfer")
     assert m4.verb_done(True, "call already gone", gone=True) == [Close("transferred")]
+
+
+def test_a_call_found_gone_while_a_verb_is_out_ends_as_that_verb_can_tell() -> None:
+    """A re-attach refused as the call is gone while a verb of ours is out: the hangup after a transfer's
+    window is waited for (finding the call gone, the transfer took: ``transferred``; failing, the call is
+    known ended all the same: ``transfer_failed``, not ``hangup_failed``, nor after a shutdown); another
+    hangup's answer tells nothing more: the call ends now, with its reason."""
+    for answer, reason in (({"ok": True, "gone": True}, "transferred"), ({"ok": False}, "transfer_failed")):
+        m = transferring()
+        m.timer("transfer")
+        assert m.sideband_lost(gone=True) == [] and m.closed is None
+        assert m.verb_done(**answer)[-1] == Close(reason)
+    m = transferring()
+    m.timer("transfer")
+    m.sideband_lost(gone=True)
+    assert m.fail("shutdown") == [Close("transfer_failed")]
+    m = live_machine()
+    assert Verb("hangup", None) in m.request_end("done")
+    assert m.sideband_lost(gone=True) == [Close("done")]
 
 
 def test_a_shutdown_while_a_transfer_is_awaited_hangs_it_up() -> None:

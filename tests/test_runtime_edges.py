@@ -1641,6 +1641,49 @@ async def test_a_transfer_awaited_whose_sideband_drops_ends_by_what_its_reattach
 
 
 @pytest.mark.parametrize(
+    ("hangup_finds", "reason"), [("gone", "transferred"), ("failure", "transfer_failed")]
+)
+async def test_a_reattach_refused_while_the_transfer_windows_hangup_is_out_waits_for_its_answer(
+    simulator: Simulator, hangup_finds: str, reason: str
+) -> None:
+    """A sideband dropped after the refer's 200 is being attached again when the transfer's window ends:
+    its hangup goes out, then the re-attach is refused as the call is gone. That says the server ended
+    the call, not how: the hangup's answer tells (gone: the transfer took, ``transferred``); a hangup
+    that fails says nothing of a call known ended (``transfer_failed``, not ``hangup_failed``)."""
+    sent: list[str] = []
+    hanging_up, answer = asyncio.Event(), asyncio.Event()
+
+    async def verb(name: str, target: str | None) -> None:
+        sent.append(name)
+        if name == "hangup":
+            hanging_up.set()
+            await answer.wait()
+            if hangup_finds == "gone":
+                raise CallGone("hangup: call not found", 404)
+            raise UpstreamError("hangup: no answer within its budget", 503)
+
+    call, connect, rt, task = await transferable(simulator, verb, attempts=3, transfer_confirm=0.5)
+    rt.transfer("human")
+    async with asyncio.timeout(5):
+        while not rt.machine.transferring:
+            await asyncio.sleep(0.01)
+    with capture_logs() as logs:
+        connect.gate = asyncio.Event()  # the re-attach waits, then is refused: the call is gone
+        connect.failures.append(refused(404))
+        await simulator.drop_sideband(call, "abnormal")
+        await asyncio.wait_for(hanging_up.wait(), 5)  # (the window ended while the re-attach waits)
+        connect.gate.set()
+        async with asyncio.timeout(5):
+            while not [e for e in logs if e["event"] == "sideband.refused"]:
+                await asyncio.sleep(0.01)
+        assert rt.machine.closed is None  # the refusal ends nothing yet
+        answer.set()
+        assert await asyncio.wait_for(task, 5) == reason
+    assert sent == ["refer", "hangup"]
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == [reason]
+
+
+@pytest.mark.parametrize(
     ("answered_first", "reason", "verbs"),
     [
         pytest.param(True, "transfer_failed", ["refer", "hangup"], id="refer_answered_before"),

@@ -922,11 +922,11 @@ class CallRuntime:
                 ws = await self._attempt()
             except CallGone as exc:
                 self.log.info("sideband.refused", status=exc.status, attempt=attempt)
-                waiting = self._verb_waiting
-                if waiting is not None and waiting[1] == "refer" and not machine.transferring:
-                    # The REFER went out meanwhile, unanswered: the call ended, as it carried the REFER
-                    # out or as the caller hung up. As for a sideband closed meanwhile, its answer tells.
-                    self._apply(machine.sideband_lost())
+                if self._verb_waiting is not None and not machine.transferring:
+                    # Our verb went out meanwhile, unanswered: the call ended, as the server carried it out
+                    # or as the caller hung up (or the transfer took, for the hangup after its window). As
+                    # for a sideband closed meanwhile, the answer of a REFER (or of that hangup) tells.
+                    self._apply(machine.sideband_lost(gone=True))
                 else:
                     self._apply(machine.fail("call_not_found"))
                 return None

@@ -335,6 +335,7 @@ class _End:
     verb_sent: bool = False
     referred: bool = False  # the refer was answered 200: the server's close of the sideband ends the call
     lost: bool = False  # the socket was lost once the verb was out (it is not re-attached)
+    gone: bool = False  # the server ended the call meanwhile (a hangup that fails is no sign it is up)
     held: bool = False  # a re-attach happened meanwhile: the server's state shows itself first
     says: int = 0  # say() requests queued before the end was asked for: spoken before its verb
     byes: int = 0  # goodbyes asked for (one cut off is asked for once more: see _goodbye_cut)
@@ -963,7 +964,8 @@ class CallMachine:
                 Notice("call.ending", {"reason": end.reason, "verb": "hangup", "target": None}),
                 Verb("hangup"),
             ]
-        return [*actions, *self._close("hangup_failed")]
+        # (the call known ended meanwhile: a failed hangup does not say it may still be up)
+        return [*actions, *self._close(end.reason if end.gone else "hangup_failed")]
 
     def transport_closed(self, code: int | None, reason: str = "") -> list[Action]:
         """The socket closed for good (the driver gave up re-attaching or the close was clean). Once the
@@ -971,7 +973,10 @@ class CallMachine:
         refer still unanswered is waited for, as after a socket lost (see :meth:`sideband_lost`): the
         server may have closed the sideband as it carried the REFER out (its 200 then ends the call
         ``transferred``), or because the caller hung up meanwhile (the refer finds the call gone:
-        ``call_not_found``; refused: ``transfer_failed``)."""
+        ``call_not_found``; refused: ``transfer_failed``). So is the hangup after a transfer's window
+        (:meth:`_transfer_unconfirmed`): the server may have closed the sideband as it carried the hangup
+        out (the transfer failed) or the transfer took at the last moment (the hangup finds the call
+        gone: ``transferred``)."""
         if self._closed is not None:
             return []
         end = self._end
@@ -979,10 +984,13 @@ class CallMachine:
             if end.verb == "refer" and not end.referred:
                 end.lost = True
                 return []
+            if end.referred and end.verb == "hangup":  # (the window's hangup, unanswered)
+                end.lost = end.gone = True
+                return []
             return self._close(end.reason)
         return self._close("remote_closed")
 
-    def sideband_lost(self) -> list[Action]:
+    def sideband_lost(self, *, gone: bool = False) -> list[Action]:
         """The socket was lost (no clean close) once the end's verb was out, and it is not attached again.
         A transfer awaited after a refer's 200 is attached again first (see :meth:`reattached`): this is
         for when that failed (its attempts spent, sockets lost again as soon as they opened). The server
@@ -990,13 +998,19 @@ class CallMachine:
         tell, a hangup does (``transferred`` when it finds the call gone, else ``transfer_failed``), and
         the caller is not left on a call nobody controls. A verb still unanswered ends the call when it is
         answered (a refer's 200 then ends it ``transferred`` at once: the server dropped the sideband as
-        it carried the REFER out)."""
+        it carried the REFER out), as does the hangup after a transfer's window (finding the call gone:
+        ``transferred``). ``gone``: the call was found ended (a re-attach refused): a hangup's answer
+        then tells nothing more but after a transfer's window, and the call ends now with its reason; a
+        hangup after a window that then fails ends ``transfer_failed``, not ``hangup_failed``."""
         end = self._end
         if self._closed is not None or end is None or not end.verb_sent:
             return []
         if self.transferring:
             return self._transfer_unconfirmed("sideband_lost")
+        if gone and end.verb == "hangup" and not end.referred:
+            return self._close(end.reason)
         end.lost = True
+        end.gone = end.gone or gone
         return []
 
     def fail(self, reason: str) -> list[Action]:
@@ -1014,6 +1028,8 @@ class CallMachine:
             return self._close(end.reason)
         if reason == "call_not_found" and end is not None and end.verb_sent:
             reason = end.reason
+        elif reason == "shutdown" and end is not None and end.verb_sent and end.gone:
+            reason = end.reason  # (the call known ended meanwhile)
         elif reason == "shutdown" and end is not None and end.verb_sent:
             detail = "cut short by the shutdown: the call may still be up"
             return [
