@@ -1846,6 +1846,14 @@ def test_a_call_found_gone_while_a_verb_is_out_ends_as_that_verb_can_tell() -> N
     m = live_machine()
     assert Verb("hangup", None) in m.request_end("done")
     assert m.sideband_lost(gone=True) == [Close("done")]
+    # A REFER still unanswered is waited for, and says nothing of the call's end by itself: the caller may
+    # have hung up. A shutdown cutting it short ends the call as the call may still be up.
+    m = live_machine()
+    assert Verb("refer", "tel:+14155550123") in m.request_end(
+        "transferred", verb="refer", target="tel:+14155550123"
+    )
+    assert m.sideband_lost(gone=True) == [] and m.closed is None
+    assert m.fail("shutdown")[-1] == Close("hangup_failed")
 
 
 def test_a_shutdown_while_a_transfer_is_awaited_hangs_it_up() -> None:

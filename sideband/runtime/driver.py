@@ -922,7 +922,7 @@ class CallRuntime:
                 ws = await self._attempt()
             except CallGone as exc:
                 self.log.info("sideband.refused", status=exc.status, attempt=attempt)
-                if self._verb_waiting is not None and not machine.transferring:
+                if machine.verb_sent and not machine.transferring:
                     # Our verb went out meanwhile, unanswered: the call ended, as the server carried it out
                     # or as the caller hung up (or the transfer took, for the hangup after its window). As
                     # for a sideband closed meanwhile, the answer of a REFER (or of that hangup) tells.

@@ -1010,7 +1010,7 @@ class CallMachine:
         if gone and end.verb == "hangup" and not end.referred:
             return self._close(end.reason)
         end.lost = True
-        end.gone = end.gone or gone
+        end.gone = end.gone or (gone and end.verb == "hangup")  # (a REFER's answer alone tells)
         return []
 
     def fail(self, reason: str) -> list[Action]:
