@@ -1640,6 +1640,50 @@ async def test_a_transfer_awaited_whose_sideband_drops_ends_by_what_its_reattach
     assert unconfirmed == (["sideband_lost"] if reason == "transfer_failed" else [])
 
 
+@pytest.mark.parametrize("refused_as_gone", [False, True])
+async def test_a_sideband_dropped_while_the_refer_is_unanswered_is_attached_again(
+    simulator: Simulator, refused_as_gone: bool
+) -> None:
+    """The sideband drops without a close while the REFER is out, unanswered: it may be a blip, the call
+    going on. It is attached again, and the REFER's 200 then starts the wait for the transfer as ever
+    (not ending the call ``transferred`` at once, the caller left on a call nobody controls should the
+    transfer fail). Refused as the call is gone, the REFER's answer tells (its 200: ``transferred``)."""
+    sent: list[str] = []
+    referred, answer = asyncio.Event(), asyncio.Event()
+
+    async def verb(name: str, target: str | None) -> None:
+        sent.append(name)
+        if name == "refer":
+            referred.set()
+            await answer.wait()
+
+    call, connect, rt, task = await transferable(simulator, verb, attempts=3)
+    if refused_as_gone:
+        connect.failures.append(refused(404))
+    rt.transfer("human")
+    await asyncio.wait_for(referred.wait(), 5)
+    with capture_logs() as logs:
+        await simulator.drop_sideband(call, "abnormal")
+        if refused_as_gone:
+            async with asyncio.timeout(5):
+                while not [e for e in logs if e["event"] == "sideband.refused"]:
+                    await asyncio.sleep(0.01)
+            assert rt.machine.closed is None  # (the REFER's answer tells)
+            answer.set()
+            assert await asyncio.wait_for(task, 5) == "transferred"
+        else:
+            await call.wait_for(lambda c: c.sideband_connects == 2, timeout=5, what="a re-attach")
+            answer.set()
+            async with asyncio.timeout(5):
+                while not rt.machine.transferring:
+                    await asyncio.sleep(0.01)
+            assert rt.machine.closed is None  # the transfer is awaited over the new socket
+            await simulator.hang_up(call)  # (the server ends the call: the transfer took)
+            assert await asyncio.wait_for(task, 5) == "transferred"
+    assert sent == ["refer"]
+    assert [e["reason"] for e in logs if e["event"] == "call.ended"] == ["transferred"]
+
+
 @pytest.mark.parametrize(
     ("hangup_finds", "reason"), [("gone", "transferred"), ("failure", "transfer_failed")]
 )

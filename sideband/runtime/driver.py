@@ -781,11 +781,15 @@ class CallRuntime:
             if code in _CLEAN_CLOSES:
                 self._apply(self.machine.transport_closed(code))
                 return
-            transferring = self.machine.transferring
+            # A transfer (its REFER out, or answered 200 and awaited) is attached again: the server may
+            # have ended the call (the re-attach is refused: the REFER's answer, or the transfer, tells)
+            # or the socket dropped while the call goes on, and a hangup to find out would cut the
+            # caller off.
+            transferring = self.machine.transferring or self.machine.referring
             if self.machine.verb_sent and not transferring:
-                # Our hangup or refer is out, unanswered (the service drops the sideband as it carries it
-                # out): its answer ends the call (``run`` waits for it), and a call being hung up is not
-                # attached again.
+                # Our hangup is out, unanswered (the service drops the sideband as it carries it out): its
+                # answer ends the call (``run`` waits for it), and a call being hung up is not attached
+                # again.
                 self.log.info("sideband.lost", close_code=code)
                 self._apply(self.machine.sideband_lost())
                 return
@@ -795,9 +799,6 @@ class CallRuntime:
                 self.log.warning("sideband.lost", close_code=code)
                 self._apply(self.machine.fail(final or "connection_lost"))
                 return
-            # A transfer awaited after the refer's 200 is attached again too: the server may have ended
-            # the call (the re-attach is refused: the transfer took) or the socket dropped while the
-            # carrier still carries the transfer out, and a hangup to find out would cut the caller off.
             (self.log.info if transferring else self.log.warning)("sideband.lost", close_code=code)
             # A socket the server takes and drops again at once must not make a re-attach loop: the first
             # loss re-attaches at once, the next ones in a row wait longer each time, and once

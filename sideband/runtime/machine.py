@@ -601,6 +601,18 @@ class CallMachine:
         return self._going
 
     @property
+    def referring(self) -> bool:
+        """Our REFER is out, unanswered so far."""
+        end = self._end
+        return (
+            end is not None
+            and end.verb == "refer"
+            and end.verb_sent
+            and not end.referred
+            and self._closed is None
+        )
+
+    @property
     def transferring(self) -> bool:
         """The refer was answered (handed to the SIP provider) and the call waits for the server to end
         it: the sideband's close says the transfer took (see :meth:`verb_done`)."""
