@@ -1891,10 +1891,27 @@ def test_an_invalid_create_breaks_no_run_of_server_failures() -> None:
     assert [n["retry"] for n in notices(failed, "response.failed")] == [True]
 
 
-def test_a_sideband_lost_before_the_refers_200_ends_the_call_as_transferred_at_once() -> None:
+def test_a_refers_200_with_nothing_left_to_watch_the_transfer_hangs_the_call_up_at_once() -> None:
+    """The REFER is out when its sideband is given up (not attached again) or a drain begins: its 200 then
+    hangs the call up at once (``transferred`` if the hangup finds it gone), as for a transfer awaited
+    then; nothing would tell whether the transfer took. A sideband the server closed said the call
+    ended: the 200 ends it ``transferred``."""
+    for lost, why in (
+        (lambda m: m.sideband_lost(), "sideband_lost"),
+        (lambda m: m.abandon("shutdown"), "shutdown"),
+    ):
+        m = live_machine()
+        m.request_end("transferred", verb="refer", target="tel:+14155550123")
+        assert lost(m) == [] and m.closed is None  # (the answer decides)
+        answered = m.verb_done(True)
+        assert notices(answered, "call.transfer_unconfirmed") == [
+            {"target": "tel:+14155550123", "why": why, "waited_s": None}
+        ]
+        assert answered[-1] == Verb("hangup") and m.closed is None
+        assert m.verb_done(True, "call already gone", gone=True) == [Close("transferred")]
     m = live_machine()
     m.request_end("transferred", verb="refer", target="tel:+14155550123")
-    assert m.sideband_lost() == [] and m.closed is None  # (not re-attached: the answer decides)
+    assert m.transport_closed(1000) == []
     assert m.verb_done(True) == [Close("transferred")]
     m2 = live_machine()
     m2.request_end("transferred", verb="refer", target="tel:+14155550123")

@@ -336,6 +336,9 @@ class _End:
     referred: bool = False  # the refer was answered 200: the server's close of the sideband ends the call
     lost: bool = False  # the socket was lost once the verb was out (it is not re-attached)
     gone: bool = False  # the server ended the call meanwhile (a hangup that fails is no sign it is up)
+    # Why nothing will watch the transfer our unanswered REFER starts (its sideband could not be attached
+    # again, ``sideband_lost``; a drain, ``shutdown``): its 200 hangs the call up at once
+    unwatched: str | None = None
     held: bool = False  # a re-attach happened meanwhile: the server's state shows itself first
     says: int = 0  # say() requests queued before the end was asked for: spoken before its verb
     byes: int = 0  # goodbyes asked for (one cut off is asked for once more: see _goodbye_cut)
@@ -947,9 +950,11 @@ class CallMachine:
         close is attached again, see :meth:`reattached`): then it ends ``transferred``. Still open after
         :attr:`MachineConfig.transfer_confirm` seconds, the transfer is taken as failed
         (``call.transfer_unconfirmed``): the call is hung up and ends ``transfer_failed``, unless that
-        hangup finds it gone (it ended without us: ``transferred``). A socket lost while the refer was
-        still unanswered was the server's close: its 200 ends the call ``transferred`` at once, as does
-        a refer that was ``ended``.
+        hangup finds it gone (it ended without us: ``transferred``). A sideband the server closed while
+        the refer was still unanswered (cleanly, or refusing its re-attach) said the call ended: its 200
+        ends the call ``transferred`` at once, as does a refer that was ``ended``; one given up (not
+        attached again), or a drain begun meanwhile, leaves nothing to watch the transfer: its 200 hangs
+        the call up at once, as after the window.
 
         A failed refer falls back to a hangup (the caller must not stay on a call nobody controls) and
         the call ends with reason ``transfer_failed``. A refer that finds the call gone transferred
@@ -962,6 +967,8 @@ class CallMachine:
         if ok and not (gone and end.verb == "refer"):
             if end.verb == "refer" and not end.lost and not ended:
                 end.referred = True
+                if end.unwatched is not None:  # (nothing would tell whether the server ends the call)
+                    return self._transfer_unconfirmed(end.unwatched)
                 return [StartTimer(_TRANSFER, self.config.transfer_confirm)]
             if gone and end.referred:  # the hangup after an unconfirmed transfer: the call had ended
                 return self._close("transferred")
@@ -1009,11 +1016,13 @@ class CallMachine:
         may have ended the call, or the transfer failed and the caller is still on: with no socket left to
         tell, a hangup does (``transferred`` when it finds the call gone, else ``transfer_failed``), and
         the caller is not left on a call nobody controls. A verb still unanswered ends the call when it is
-        answered (a refer's 200 then ends it ``transferred`` at once: the server dropped the sideband as
-        it carried the REFER out), as does the hangup after a transfer's window (finding the call gone:
-        ``transferred``). ``gone``: the call was found ended (a re-attach refused): a hangup's answer
-        then tells nothing more but after a transfer's window, and the call ends now with its reason; a
-        hangup after a window that then fails ends ``transfer_failed``, not ``hangup_failed``."""
+        answered: a REFER still unanswered is attached again first too, and given up, its 200 hangs the
+        call up at once (nothing is left to tell whether the server ends the call); refused as the call
+        is gone, its 200 ends it ``transferred`` (the server dropped the sideband as it carried the REFER
+        out); the hangup after a transfer's window, finding the call gone, ends it ``transferred``.
+        ``gone``: the call was found ended (a re-attach refused): a hangup's answer then tells nothing more
+        but after a transfer's window, and the call ends now with its reason; a hangup after a window
+        that then fails ends ``transfer_failed``, not ``hangup_failed``."""
         end = self._end
         if self._closed is not None or end is None or not end.verb_sent:
             return []
@@ -1021,6 +1030,10 @@ class CallMachine:
             return self._transfer_unconfirmed("sideband_lost")
         if gone and end.verb == "hangup" and not end.referred:
             return self._close(end.reason)
+        if self.referring and not gone:
+            # The socket given up while the REFER is out: no close of the server's said the call ended.
+            end.unwatched = "sideband_lost"
+            return []
         end.lost = True
         end.gone = end.gone or (gone and end.verb == "hangup")  # (a REFER's answer alone tells)
         return []
@@ -1056,9 +1069,14 @@ class CallMachine:
         or transfer already under way is sent now instead (the idle limit's end too). A transfer the
         call waits on (:attr:`transferring`) is left to its window, but a ``shutdown`` hangs it up now
         (``transferred`` when the hangup finds the call gone, else ``transfer_failed``): the transfer may
-        have failed, and nobody would control the call after."""
+        have failed, and nobody would control the call after. A ``shutdown`` while the REFER is still
+        unanswered hangs the call up on its 200."""
         if self.transferring:
             return self._transfer_unconfirmed("shutdown") if reason == "shutdown" else []
+        if self.referring and reason == "shutdown":
+            assert self._end is not None
+            self._end.unwatched = "shutdown"  # (its 200 hangs the call up at once: see verb_done)
+            return []
         asked = self.request_end(reason) if self._end is None else []
         return [*asked, *self._fire_end(forced=True)]
 
