@@ -1913,6 +1913,15 @@ def test_a_refers_200_with_nothing_left_to_watch_the_transfer_hangs_the_call_up_
     m.request_end("transferred", verb="refer", target="tel:+14155550123")
     assert m.transport_closed(1000) == []
     assert m.verb_done(True) == [Close("transferred")]
+    # A REFER held back (the model still speaking) that the drain itself sends: the same.
+    m = live_machine()
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    held = m.request_end("transferred", verb="refer", target="tel:+14155550123")
+    assert Verb("refer", "tel:+14155550123") not in held
+    assert Verb("refer", "tel:+14155550123") in m.abandon("shutdown")
+    answered = m.verb_done(True)
+    assert notices(answered, "call.transfer_unconfirmed")[0]["why"] == "shutdown"
+    assert answered[-1] == Verb("hangup")
     m2 = live_machine()
     m2.request_end("transferred", verb="refer", target="tel:+14155550123")
     m2.sideband_lost()

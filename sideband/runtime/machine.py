@@ -1073,12 +1073,12 @@ class CallMachine:
         unanswered hangs the call up on its 200."""
         if self.transferring:
             return self._transfer_unconfirmed("shutdown") if reason == "shutdown" else []
-        if self.referring and reason == "shutdown":
+        asked = self.request_end(reason) if self._end is None else []
+        fired = self._fire_end(forced=True)
+        if reason == "shutdown" and self.referring:  # (out before, or just now)
             assert self._end is not None
             self._end.unwatched = "shutdown"  # (its 200 hangs the call up at once: see verb_done)
-            return []
-        asked = self.request_end(reason) if self._end is None else []
-        return [*asked, *self._fire_end(forced=True)]
+        return [*asked, *fired]
 
     # ---------------------------------------------------------------------- requests from code
     def request_end(
