@@ -39,6 +39,7 @@ from sideband.upstream._ws import PushConnection
 from sideband.upstream.openai import CallGone, SidebandRefused, UpstreamError, connect_sideband
 
 from .conftest import TEST_SETTINGS, Stack, asked, capture_logs, make_app, transfer_window, untagged
+from .test_call_runtime import until
 
 HELLO = wait_for_greeting("Hello.")
 
@@ -1587,9 +1588,7 @@ async def test_a_reattach_refused_while_the_refer_is_unanswered_waits_for_its_an
         rt.transfer("human")  # (the REFER goes out while the re-attach is under way: the end cap)
         await asyncio.wait_for(referred.wait(), 5)
         connect.gate.set()
-        async with asyncio.timeout(5):
-            while not [e for e in logs if e["event"] == "sideband.refused"]:
-                await asyncio.sleep(0.01)
+        await until(lambda: [e for e in logs if e["event"] == "sideband.refused"])
         assert machine.closed is None  # the refusal ends nothing yet
         release.set()
         assert await asyncio.wait_for(task, 10) == reason
@@ -1621,9 +1620,7 @@ async def test_a_transfer_awaited_whose_sideband_drops_ends_by_what_its_reattach
     call, connect, rt, task = await transferable(simulator, verb, attempts=2)
     machine = rt.machine
     rt.transfer("human")
-    async with asyncio.timeout(5):
-        while not machine.transferring:
-            await asyncio.sleep(0.01)
+    await until(lambda: machine.transferring)
     with capture_logs() as logs:
         if failures is None:
             for again in (1, 2):  # each re-attached socket lost as soon as it opened
@@ -1665,18 +1662,14 @@ async def test_a_sideband_dropped_while_the_refer_is_unanswered_is_attached_agai
     with capture_logs() as logs:
         await simulator.drop_sideband(call, "abnormal")
         if refused_as_gone:
-            async with asyncio.timeout(5):
-                while not [e for e in logs if e["event"] == "sideband.refused"]:
-                    await asyncio.sleep(0.01)
+            await until(lambda: [e for e in logs if e["event"] == "sideband.refused"])
             assert rt.machine.closed is None  # (the REFER's answer tells)
             answer.set()
             assert await asyncio.wait_for(task, 5) == "transferred"
         else:
             await call.wait_for(lambda c: c.sideband_connects == 2, timeout=5, what="a re-attach")
             answer.set()
-            async with asyncio.timeout(5):
-                while not rt.machine.transferring:
-                    await asyncio.sleep(0.01)
+            await until(lambda: rt.machine.transferring)
             assert rt.machine.closed is None  # the transfer is awaited over the new socket
             await simulator.hang_up(call)  # (the server ends the call: the transfer took)
             assert await asyncio.wait_for(task, 5) == "transferred"
@@ -1708,18 +1701,14 @@ async def test_a_reattach_refused_while_the_transfer_windows_hangup_is_out_waits
 
     call, connect, rt, task = await transferable(simulator, verb, attempts=3, transfer_confirm=0.5)
     rt.transfer("human")
-    async with asyncio.timeout(5):
-        while not rt.machine.transferring:
-            await asyncio.sleep(0.01)
+    await until(lambda: rt.machine.transferring)
     with capture_logs() as logs:
         connect.gate = asyncio.Event()  # the re-attach waits, then is refused: the call is gone
         connect.failures.append(refused(404))
         await simulator.drop_sideband(call, "abnormal")
         await asyncio.wait_for(hanging_up.wait(), 5)  # (the window ended while the re-attach waits)
         connect.gate.set()
-        async with asyncio.timeout(5):
-            while not [e for e in logs if e["event"] == "sideband.refused"]:
-                await asyncio.sleep(0.01)
+        await until(lambda: [e for e in logs if e["event"] == "sideband.refused"])
         assert rt.machine.closed is None  # the refusal ends nothing yet
         answer.set()
         assert await asyncio.wait_for(task, 5) == reason
@@ -1766,9 +1755,7 @@ async def test_a_reattach_given_up_while_a_transfer_is_out_does_not_wait_out_its
         await asyncio.wait_for(referred.wait(), 5)
         if answered_first:
             release.set()
-            async with asyncio.timeout(5):
-                while not machine.transferring:
-                    await asyncio.sleep(0.01)
+            await until(lambda: machine.transferring)
         connect.gate.set()
         async with asyncio.timeout(5):  # (the attach given up as that attempt's failure is logged)
             while not [e for e in logs if e["event"] == "sideband.connect_failed" and e["attempt"] == 2]:
