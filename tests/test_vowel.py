@@ -2670,3 +2670,46 @@ async def test_a_session_whose_update_is_refused_logs_one_end(
     lines = log_lines(logs)
     assert [e["reason"] for e in lines if e["event"] == "vowel.session_ended"] == ["setup_failed"]
     assert [e["reason"] for e in lines if e["event"] == "call.ended"] == ["setup_failed"]
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+@pytest.mark.parametrize("tool", [False, True])
+async def test_a_reply_whose_end_and_the_sockets_loss_come_together_ends_its_turn(
+    vowel: VowelSimulator, app: Sideband, monkeypatch: pytest.MonkeyPatch, tool: bool, guarded: bool
+) -> None:
+    """The engine's ``response.done`` for the turn's reply and the loss of its connection reach us in
+    one read (the TCP connection cut just after the frame went out), or (``guarded``) while an output
+    guardrail still checks the reply's words. The reply was whole: the turn returns it; the session has
+    ended all the same (``connection_lost``), and the next turn fails."""
+    cut = asyncio.Event()
+    sessions: list[EngineSession] = []
+    if guarded:
+
+        @app.guardrail
+        async def moderate(ctx: CallContext, text: str) -> None:
+            if cut.is_set():  # (the words of the reply whose end comes with the connection's loss)
+                await sessions[0]._ended.wait()  # checked once the loss is known
+
+    rule = when("order", calls=[("lookup_order", {"order_id": "7"})], reply="It shipped.")
+    vowel.script([rule if tool else when("hello", reply="Hi there.")])
+    send = vowel._send
+
+    async def send_then_cut(record: Any, event: dict[str, Any]) -> None:
+        await send(record, event)
+        response = event.get("response") or {}
+        if event["type"] == "response.done" and response.get("status") == "completed":
+            transport = record._transport
+            assert transport is not None
+            transport.close()  # (after the frame: both leave in one write, then the FIN)
+            cut.set()
+
+    monkeypatch.setattr(vowel, "_send", send_then_cut)
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        sessions.append(session)
+        reply = await session.say("my order please" if tool else "hello", timeout=10)
+        assert reply.text == ("It shipped." if tool else "Hi there.")
+        assert [t.name for t in reply.tools] == (["lookup_order"] if tool else [])
+        assert await session.wait_closed(10) == "connection_lost"
+        with pytest.raises(EngineError) as caught:
+            await session.say("still there?")
+        assert caught.value.reason == "connection_lost"

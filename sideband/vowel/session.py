@@ -141,15 +141,17 @@ class _EngineMachine(CallMachine):
     hooks), and the session knows it has ended from that moment, not once the runtime's teardown is over.
     """
 
-    __slots__ = ("at_reply_end", "on_close", "on_error", "until_reply")
+    __slots__ = ("on_close", "on_error", "reply_ends", "until_reply")
 
     def __init__(self, config: MachineConfig, caps: Capabilities) -> None:
         super().__init__(config, caps)
         self.on_error: Callable[[dict[str, Any]], bool] | None = None
         self.until_reply = False
         self.on_close: Callable[[str], str] | None = None
-        self.at_reply_end = False
-        """A ``response.done`` is being handled: a close it brings leaves the turn to that reply's end."""
+        self.reply_ends = 0
+        """``response.done`` events whose check of the turn (:meth:`EngineSession._on_response`) has not
+        run yet: a close while one is pending (brought by that event, come in the same read, or while
+        the reply's words are checked) leaves the turn to that reply's end."""
 
     def watch(self, on_error: Callable[[dict[str, Any]], bool] | None, *, until_reply: bool = False) -> None:
         """Hand ``error`` events to ``on_error`` from now on (``None``: no more)."""
@@ -162,11 +164,9 @@ class _EngineMachine(CallMachine):
     def receive(self, event: dict[str, Any]) -> list[Action]:
         """A server event arrived (see :meth:`CallMachine.receive`)."""
         kind = event.get("type")
-        self.at_reply_end = kind == "response.done"
-        try:
-            actions = super().receive(event)
-        finally:
-            self.at_reply_end = False
+        if kind == "response.done" and self.closed is None:  # (its notice brings the turn's check)
+            self.reply_ends += 1
+        actions = super().receive(event)
         if self.on_error is not None:
             if kind == "response.created" and self.until_reply:
                 self.on_error = None
@@ -671,14 +671,14 @@ class EngineSession:
         reply that ended ``cancelled`` or ``incomplete`` ends it too when no response is owed or about to
         start (nothing follows a reply the engine's turn detection stopped on a noise). The hook runs
         once the runtime handled that event: nothing asked for since can be answered yet. The session
-        ended with that event (see :meth:`_machine_closed`) and no reply ending the turn: it fails with
-        the session's end.
+        ended with that event, or since (see :meth:`_machine_closed`), and no reply ending the turn: it
+        fails with the session's end.
         (A coroutine: it runs on the event loop, never queued behind the app's sync hooks and tools.)"""
-        turn, runtime = self._turn, self.runtime
-        if turn is None or turn.future.done():
-            return
+        turn, runtime, engine = self._turn, self.runtime, self._machine
         machine = runtime.machine
         try:
+            if turn is None or turn.future.done():
+                return
             # (a reply an output guardrail stopped, with no answer to follow it, ends the turn too)
             was_stopped = response_id is not None and response_id == runtime.stopped_reply
             cut_short = status in _CUT_SHORT and not machine.response_pending
@@ -701,7 +701,14 @@ class EngineSession:
             tools = tuple(summary.tools[turn.tools_at :])  # recorded before their outputs went out
             turn.future.set_result(Reply(" ".join(lines), lines, tools, response_id, machine.closed, status))
         finally:
-            if machine.closed is not None and not turn.future.done():
+            if engine is not None and engine.reply_ends:
+                engine.reply_ends -= 1
+            if (
+                turn is not None
+                and not turn.future.done()
+                and machine.closed is not None
+                and not (engine is not None and engine.reply_ends)  # (a later reply's end may end it)
+            ):
                 turn.future.set_exception(self._error())  # the session ended with no reply to the turn
 
     # ------------------------------------------------------------------------------ ending
@@ -762,9 +769,10 @@ class EngineSession:
     def _machine_closed(self, reason: str) -> str:
         """The call's machine closes with ``reason``: the session ends now, named by :meth:`_named` (a
         session over already, say after a ``reply_timeout``, keeps its end). A turn under way fails with
-        it at once, unless the ``response.done`` being handled ends the turn with its reply (see
-        :meth:`_on_response`). Returns the end, which the call ends with too. The call's summary is the
-        session's from now on (its ``reason`` now; its ``duration`` once the runtime's end is over)."""
+        it at once, unless a ``response.done`` whose check is still to run may end the turn with its
+        reply (see :meth:`_on_response`; the runtime's end fails it otherwise: :meth:`_finish`).
+        Returns the end, which the call ends with too. The call's summary is the session's from now on
+        (its ``reason`` now; its ``duration`` once the runtime's end is over)."""
         self._set_end(*self._named(reason))
         end = self.end_reason
         assert end is not None
@@ -772,7 +780,7 @@ class EngineSession:
             self.summary = self._runtime.summary
             self.summary.reason = end
         turn, machine = self._turn, self._machine
-        if turn is not None and not turn.future.done() and not (machine is not None and machine.at_reply_end):
+        if turn is not None and not turn.future.done() and not (machine is not None and machine.reply_ends):
             turn.future.set_exception(self._error())
         return end
 
