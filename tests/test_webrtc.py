@@ -760,13 +760,22 @@ async def test_a_handoff_that_cannot_attach_says_so(stack: Stack) -> None:
 
 
 async def test_upstream_faults_map_to_what_the_browser_may_know(simulator: Simulator) -> None:
-    """OpenAI refusing the server's key is the server's problem (502), not the browser's (401)."""
-    answers = {"calls": 401, "secrets": 200}
+    """OpenAI refusing the server's key is the server's problem (502), not the browser's (401). OpenAI
+    busy (a rate limit's 429, a 500 or 503: the request did nothing) is a 503 with OpenAI's
+    ``Retry-After`` (else 1 s): the browser may try again; a project out of credit is a 502."""
+    answers: dict[str, Any] = {"calls": 401, "secrets": 200, "retry_after": None, "code": None}
+
+    def refusal(status: int, message: str) -> web.Response:
+        headers = {} if answers["retry_after"] is None else {"Retry-After": answers["retry_after"]}
+        body = {"error": {"message": message, "code": answers["code"]}}
+        return web.json_response(body, status=status, headers=headers)
 
     async def realtime_calls(request: web.Request) -> web.Response:
-        return web.json_response({"error": {"message": "bad key"}}, status=answers["calls"])
+        return refusal(answers["calls"], "bad key")
 
     async def client_secrets(request: web.Request) -> web.Response:
+        if answers["secrets"] != 200:
+            return refusal(answers["secrets"], "slow down")
         return web.Response(text="<html>proxy error</html>", content_type="text/html")  # a 200 all the same
 
     upstream = web.Application()
@@ -783,6 +792,32 @@ async def test_upstream_faults_map_to_what_the_browser_may_know(simulator: Simul
             )
             answers["calls"] = 400  # the offer itself: the browser's to know
             assert (await _post(stack, "/rtc/calls", OFFER, "application/sdp"))[0] == 400
+            assert await _post(stack, "/rtc/sessions", "{}", "application/json") == (
+                502,
+                {"error": "could not mint a client secret"},
+            )
+            for status, retry_after, waits, error in [
+                (429, "7", "7", "upstream busy"),
+                (429, None, "1", "upstream busy"),
+                (503, "3600", "60", "upstream unavailable"),
+                (500, None, "1", "upstream unavailable"),
+            ]:
+                answers.update(calls=status, secrets=status, retry_after=retry_after)
+                for path, body, kind in [
+                    ("/rtc/calls", OFFER, "application/sdp"),
+                    ("/rtc/sessions", "{}", "application/json"),
+                ]:
+                    async with (
+                        aiohttp.ClientSession() as http,
+                        http.post(stack.url(path), data=body, headers={"content-type": kind}) as resp,
+                    ):
+                        assert (resp.status, await resp.json()) == (503, {"error": error}), (path, status)
+                        assert resp.headers["Retry-After"] == waits
+            answers.update(calls=429, secrets=429, retry_after="7", code="insufficient_quota")  # no credit
+            assert await _post(stack, "/rtc/calls", OFFER, "application/sdp") == (
+                502,
+                {"error": "upstream error"},
+            )
             assert await _post(stack, "/rtc/sessions", "{}", "application/json") == (
                 502,
                 {"error": "could not mint a client secret"},

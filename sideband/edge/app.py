@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -247,7 +248,7 @@ async def rtc_calls(request: web.Request) -> web.Response:
         if exc.offer_refused and exc.status is not None:  # about the offer itself: the browser's to know
             return _json(exc.status, {"error": "upstream refused the offer"})
         # Anything else is the server's (its key refused, OpenAI down, a 201 without a call id)
-        return _json(502, {"error": "upstream unavailable" if exc.status is None else "upstream error"})
+        return _upstream_failed(exc, "upstream unavailable" if exc.status is None else "upstream error")
     return web.Response(
         status=201, text=answer, content_type="application/sdp", headers={"Location": f"/rtc/calls/{call_id}"}
     )
@@ -271,8 +272,20 @@ async def rtc_sessions(request: web.Request) -> web.Response:
         return _json(500, {"error": "session config invalid"})
     except UpstreamError as exc:
         log.error("rtc.mint_failed", status=exc.status, error=str(exc))
-        return _json(502, {"error": "could not mint a client secret"})
+        return _upstream_failed(exc, "could not mint a client secret")
     return _json(200, body, {"Cache-Control": "no-store"})
+
+
+def _upstream_failed(exc: UpstreamError, error: str) -> web.Response:
+    """A browser's request OpenAI failed: ``503`` with a ``Retry-After`` (OpenAI's, else 1 s; 60 s at
+    most) when a later attempt may well succeed and this one did nothing (a rate limit's 429, a 5xx but
+    a gateway's 502/504, no connection made): the browser may try again. Otherwise ``502`` with
+    ``error`` (the server's key refused, the project out of credit, an answer that went missing)."""
+    if exc.retryable and not exc.maybe_carried_out:
+        wait = min(60, max(1, math.ceil(exc.retry_after or 1)))
+        busy = "upstream busy" if exc.status == 429 else "upstream unavailable"
+        return _json(503, {"error": busy}, {"Retry-After": str(wait)})
+    return _json(502, {"error": error})
 
 
 async def rtc_handoff(request: web.Request) -> web.Response:

@@ -449,6 +449,7 @@ class CallControl:
         error = bytearray()
         call_id: str | None = None  # the call created, once its Location is in
         lost = ""  # how its SDP answer was lost
+        wait: float | None = None  # what a refusal's Retry-After asks
         try:
             async with (
                 asyncio.timeout(timeout),
@@ -470,6 +471,7 @@ class CallControl:
                         raise UpstreamError(message, 201)
                     return call_id, (await resp.read()).decode("utf-8", "replace")
                 refused = resp.status
+                wait = retry_after(resp.headers.get("Retry-After"))
                 await error_body(resp, error)
         except TimeoutError:
             lost = f"timed out after {timeout:g} s"
@@ -488,7 +490,10 @@ class CallControl:
         assert refused is not None  # (every other way out has returned or raised)
         text = error.decode("utf-8", "replace")
         raise UpstreamError(
-            f"POST /realtime/calls answered {refused}{self._hint(refused, text)}", refused, text
+            f"POST /realtime/calls answered {refused}{self._hint(refused, text)}",
+            refused,
+            text,
+            retry_after=wait,
         )
 
     async def _drop_created(self, call_id: str, lost: str) -> UpstreamError:
