@@ -451,10 +451,12 @@ def _server_settings(args: argparse.Namespace) -> Settings:
 
 
 def _hold_standard_fds() -> None:
-    """Give a standard stream's descriptor (0, 1 or 2) closed at the start (``sideband dial <&-``) to
-    ``/dev/null``: else the first socket opened takes it, and uvloop aborts the process (an assertion of
-    libuv's) as it closes that socket. (Python has made that stream ``None`` already: what reads it still
-    finds it closed.)"""
+    """Give a standard stream's descriptor (0, 1 or 2) closed at the start (``sideband dial <&-``,
+    ``sideband serve >&-``) to ``/dev/null``: else the first socket opened takes it, and uvloop aborts the
+    process (an assertion of libuv's) as it closes that socket. Python has made that stream ``None``
+    already: a closed stdout or stderr gets a stream on the held descriptor, so that what is written there
+    (the log, a command's report, an error) goes nowhere, as it would to ``>/dev/null``. (A closed stdin
+    stays ``None``: what reads it finds it closed.)"""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
@@ -463,6 +465,9 @@ def _hold_standard_fds() -> None:
             if held != fd:
                 os.dup2(held, fd)
                 os.close(held)
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "w", errors="backslashreplace", closefd=False))  # noqa: SIM115
 
 
 def main(argv: Sequence[str] | None = None) -> int:

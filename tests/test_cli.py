@@ -225,9 +225,15 @@ async def test_serve_subprocess_takes_a_signed_webhook(simulator: Simulator) -> 
     assert "Traceback" not in err
 
 
-def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def closing(redirect: str, *command: str) -> list[str]:
+    """``command`` run with a standard stream closed by the shell (``redirect``: ``>&-``, ``2>&-``): a
+    process's own spawn puts /dev/null in the place of a closed one."""
+    return ["/bin/sh", "-c", f'exec "$@" {redirect}', "sh", *command] if redirect else list(command)
+
+
+def run_cli(*args: str, env: dict[str, str], redirect: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-W", "always", "-m", "sideband.cli", *args],
+        closing(redirect, sys.executable, "-W", "always", "-m", "sideband.cli", *args),
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -293,6 +299,54 @@ def test_check_piped_to_a_reader_already_gone_ends_quietly() -> None:
     _, err = proc.communicate(timeout=30)
     assert "BrokenPipeError" not in err and "Traceback" not in err, err
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("command", ["check", "demo"])
+def test_a_command_run_with_stdout_closed_runs_as_into_dev_null(command: str) -> None:
+    """``sideband check >&-``: the report goes nowhere, as into /dev/null; the exit says how it went."""
+    done = run_cli(
+        command, env=clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET), redirect=">&-"
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_an_error_with_stderr_closed_goes_nowhere_and_exits_2() -> None:
+    """``sideband check 2>&-``: the one line goes nowhere (not to stdout, where the report goes)."""
+    env = clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET, SIDEBAND_DRAIN_TIMOUT="120")
+    done = run_cli("check", env=env, redirect="2>&-")
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+
+
+async def test_serve_with_stdout_closed_serves_and_logs_nowhere() -> None:
+    """``sideband serve >&-`` (its log unwanted): it serves, drains at SIGTERM and exits 0, and says
+    nothing on stderr."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *closing(">&-", sys.executable, "-m", "sideband.cli", "serve", "examples.app:app"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        cwd=ROOT,
+        env=clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET),  # (the log's format: its pick)
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(20):
+            while True:  # until it listens (or exits)
+                assert proc.returncode is None, "serve exited before it listened"
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        assert resp.status == 200
+                        break
+                await asyncio.sleep(0.05)
+        proc.terminate()
+        code = await asyncio.wait_for(proc.wait(), 15)
+        assert proc.stderr is not None
+        err = (await proc.stderr.read()).decode()
+    finally:
+        await reap(proc)
+    assert code == 0 and err == "", err
 
 
 @pytest.mark.parametrize(
