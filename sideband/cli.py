@@ -26,7 +26,7 @@ from aiohttp import web
 
 from sideband import __version__
 from sideband.app import Sideband
-from sideband.logs import configure_logging, write_escaped
+from sideband.logs import configure_logging, tell_dropped, to_devnull, write_escaped
 from sideband.routing import RouteError
 from sideband.session import SessionConfigError
 from sideband.settings import Settings, SettingsError, env_name, load_settings
@@ -143,36 +143,41 @@ def raise_open_files_limit() -> int | None:
 
 class _UntilReaderGone(io.TextIOBase):
     """A stream for a command's story (``sideband demo``, ``check``, ``dial``): once its reader is gone
-    (``| head``), the rest goes nowhere, instead of a ``BrokenPipeError`` for each line. A character the
-    stream's encoding cannot hold (the demo's ``→`` on an ASCII locale, ``PYTHONIOENCODING``, a cp1252
-    console) is written escaped (``\\u2192``), not raised."""
+    (``| head``), the rest goes nowhere, instead of a ``BrokenPipeError`` for each line; once it fails
+    otherwise (``> /dev/full``: no space left, an I/O error), the rest goes nowhere too, and stderr says
+    so once. A character the stream's encoding cannot hold (the demo's ``→`` on an ASCII locale,
+    ``PYTHONIOENCODING``, a cp1252 console) is written escaped (``\\u2192``), not raised."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self._gone = False
 
     def write(self, text: str) -> int:
+        if self._gone:
+            return len(text)
         try:
             try:
                 self._stream.write(text)
             except UnicodeEncodeError as exc:
                 write_escaped(self._stream, text, exc)
-        except BrokenPipeError:
-            self._gone()
+        except OSError as exc:
+            self._lost(exc)
         return len(text)
 
     def flush(self) -> None:
+        if self._gone:
+            return
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._gone()
+        except OSError as exc:
+            self._lost(exc)
 
-    def _gone(self) -> None:
+    def _lost(self, exc: OSError) -> None:
         # (what is still buffered, and the flush at exit, go to /dev/null: no "Exception ignored")
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, self._stream.fileno())
-        finally:
-            os.close(devnull)
+        self._gone = True
+        to_devnull(self._stream)
+        if not isinstance(exc, BrokenPipeError):  # (a reader gone, | head, is no fault)
+            tell_dropped("output lines", self._stream, exc)
 
 
 SIGNAL_ECHO = 1.0
@@ -356,9 +361,11 @@ async def _leave_stuck_tasks(grace: float = 1.0) -> None:
 
 
 def _exit(code: int) -> NoReturn:
-    """Leave the process now (the event loop and worker threads as they are), output flushed."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    """Leave the process now (the event loop and worker threads as they are), output flushed (what a
+    stream cannot take, a full disk's, dropped)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
     os._exit(code)
 
 
@@ -494,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = _UntilReaderGone(sys.stdout)  # (``sideband check | head -1``)
             for line in _run(check(settings, load_app(args.app), online=args.online)):
                 print(line, file=out)
-            print("sideband: ready to serve", file=out)
+            print("sideband: ready to serve", file=out, flush=True)  # (what it cannot take: dropped now)
             return 0
         if args.command == "demo":
             from sideband.demo import MAX_CALLS, run_demo, valid_number
@@ -521,15 +528,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             ignored = {env_name(field) for field in Settings.model_fields}.difference(read)
             wanted = load_settings(environ={k: v for k, v in os.environ.items() if k not in ignored})
             configure_logging(wanted.log_format or "console", wanted.log_level or "error", stream=sys.stderr)
+            out = _UntilReaderGone(sys.stdout)
             demo = run_demo(
                 load_app(args.app) if args.app else None,
                 calls=int(calls),
-                out=cast(TextIO, _UntilReaderGone(sys.stdout)),
+                out=cast(TextIO, out),
                 routes_file=wanted.routes_file,
                 from_number=args.from_number,
                 to_number=args.to,
             )
-            return _run(demo)
+            code = _run(demo)
+            out.flush()
+            return code
         if args.command == "dial":
             from sideband.vowel.dial import REQUIRED_SETTINGS, run_dial
 
@@ -538,7 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = load_settings(require=REQUIRED_SETTINGS)
             configure_logging(settings.log_format, settings.log_level or "warning", stream=sys.stderr)
             out = _UntilReaderGone(sys.stdout)
-            return _run(run_dial(settings, load_app(args.app), args.say, out=cast(TextIO, out)))
+            code = _run(run_dial(settings, load_app(args.app), args.say, out=cast(TextIO, out)))
+            out.flush()
+            return code
     except (SettingsError, CliError) as exc:
         print(f"sideband: {exc}", file=sys.stderr)
         return 2

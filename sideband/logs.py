@@ -26,7 +26,14 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from sideband import blocking
 
-__all__ = ["configure_logging", "describe", "failure_fields", "logging_configured"]
+__all__ = [
+    "configure_logging",
+    "describe",
+    "failure_fields",
+    "logging_configured",
+    "tell_dropped",
+    "to_devnull",
+]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -69,19 +76,30 @@ class _Output:
     def lost(self, exc: OSError) -> None:
         """A line was dropped: the stream failed with ``exc``."""
         if isinstance(exc, BrokenPipeError):  # the reader is gone for good
-            with contextlib.suppress(OSError, ValueError):  # (a stream without a file descriptor)
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                try:
-                    os.dup2(devnull, self.stream.fileno())
-                finally:
-                    os.close(devnull)
+            to_devnull(self.stream)
         if not self._told:
             self._told = True
-            if sys.stderr is not None and sys.stderr is not self.stream:
-                with contextlib.suppress(OSError, ValueError):  # (gone too, say with 2>&1)
-                    print(
-                        f"sideband: log lines are dropped: {exc.strerror or exc}", file=sys.stderr, flush=True
-                    )
+            tell_dropped("log lines", self.stream, exc)
+
+
+def to_devnull(stream: TextIO) -> None:
+    """Point ``stream``'s file descriptor at /dev/null for good: what is written to it from now, what it
+    still holds and its flush at exit go nowhere (no ``Exception ignored`` at exit). Nothing for a stream
+    without a descriptor."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+
+
+def tell_dropped(what: str, stream: TextIO, exc: OSError) -> None:
+    """Say on stderr, in one line, that ``what`` (written to ``stream``) is dropped, ``stream`` having
+    failed with ``exc``; nothing where stderr is that stream, or fails too (say with ``2>&1``)."""
+    if sys.stderr is not None and sys.stderr is not stream:
+        with contextlib.suppress(OSError, ValueError):
+            print(f"sideband: {what} are dropped: {exc.strerror or exc}", file=sys.stderr, flush=True)
 
 
 class _Shared:

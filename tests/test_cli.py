@@ -310,6 +310,38 @@ def test_a_command_run_with_stdout_closed_runs_as_into_dev_null(command: str) ->
     assert done.returncode == 0 and done.stderr == "", done.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+@pytest.mark.parametrize(
+    ("args", "env", "code"),
+    [
+        (("check",), {}, 0),
+        (("demo", "--calls", "1"), {}, 0),
+        (("check",), {"SIDEBAND_ROUTES_FILE": "/nonexistent/routes.toml"}, 2),
+    ],
+)
+def test_a_command_whose_stdout_is_full_says_so_once_and_exits_as_it_went(
+    args: tuple[str, ...], env: dict[str, str], code: int
+) -> None:
+    """``sideband check > /dev/full`` (a full disk, an I/O error): its report is dropped, stderr says so
+    once, and the exit status is the check's own."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-W", "always", "-m", "sideband.cli", *args],
+            env=clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET, **env),
+            cwd=ROOT,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert done.returncode == code, done.stderr
+    if code == 0:
+        assert done.stderr == "sideband: output lines are dropped: No space left on device\n"
+    else:
+        assert done.stderr.startswith("sideband: SIDEBAND_ROUTES_FILE: ") and done.stderr.count("\n") == 1
+
+
 def test_an_error_with_stderr_closed_goes_nowhere_and_exits_2() -> None:
     """``sideband check 2>&-``: the one line goes nowhere (not to stdout, where the report goes)."""
     env = clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET, SIDEBAND_DRAIN_TIMOUT="120")
