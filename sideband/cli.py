@@ -88,6 +88,29 @@ def _reason(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _cannot_listen(settings: Settings, exc: OSError | UnicodeError) -> CliError:
+    """``cannot listen on host:port: reason``: ``exc`` raised as :func:`serve` would listen there (a
+    host name IDNA refuses, ``bad..host`` or a label over 63 characters, raises a ``UnicodeError``)."""
+    reason = _reason(exc) if isinstance(exc, OSError) else "not a valid host name"
+    return CliError(f"cannot listen on {_address(settings.host, settings.port)}: {reason}")
+
+
+async def _check_listen_address(settings: Settings) -> None:
+    """Raise what :func:`serve` would for an address it cannot listen on for its host (not a valid host
+    name, a name that does not resolve): the address looked up as listening looks it up, nothing bound
+    (the port may be held by the server this one is to replace)."""
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.getaddrinfo(
+            settings.host or None,  # ("": every interface, as for listening)
+            settings.port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )
+    except (OSError, UnicodeError) as exc:
+        raise _cannot_listen(settings, exc) from None
+
+
 def _raised(exc: Exception) -> str:
     """``Type: message (file:line)`` on one line, the line being the app's innermost frame that raised it
     (not sideband's, the standard library's or an installed package's)."""
@@ -206,10 +229,9 @@ async def serve(settings: Settings, app: Sideband) -> None:
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     try:
         await site.start()
-    except (OSError, UnicodeError) as exc:  # (a host name IDNA refuses: "bad..host", a label over 63)
+    except (OSError, UnicodeError) as exc:
         await runner.cleanup()
-        reason = _reason(exc) if isinstance(exc, OSError) else "not a valid host name"
-        raise CliError(f"cannot listen on {_address(settings.host, settings.port)}: {reason}") from None
+        raise _cannot_listen(settings, exc) from None
     stop, hurry = asyncio.Event(), asyncio.Event()
     signals, last = 0, 0.0
 
@@ -298,9 +320,10 @@ async def serve(settings: Settings, app: Sideband) -> None:
 
 async def check(settings: Settings, app: Sideband, *, online: bool = False) -> list[str]:
     """Everything :func:`serve` checks before it listens, without listening: the app's session config,
-    the route file against the app, the proxy and the claim store (Redis answers). Returns what was
-    checked, a line each; raises as ``serve`` would (:class:`SettingsError`, :class:`RouteError`,
-    :class:`SessionConfigError`). ``online``: then asks OpenAI too
+    the route file against the app, the proxy, the claim store (Redis answers) and the host to listen on
+    (a valid name that resolves). Returns what was checked, a line each; raises as ``serve`` would
+    (:class:`SettingsError`, :class:`RouteError`, :class:`SessionConfigError`, :class:`CliError`).
+    ``online``: then asks OpenAI too
     (:func:`~sideband.preflight.check_openai`), which raises the same errors for what it refuses."""
     from sideband.edge import SERVICE, create_app
     from sideband.preflight import check_openai
@@ -308,6 +331,7 @@ async def check(settings: Settings, app: Sideband, *, online: bool = False) -> l
     service = create_app(settings, app)[SERVICE]
     await service.start()
     try:
+        await _check_listen_address(settings)
         asked = await check_openai(service) if online else []
     finally:
         await service.close()

@@ -500,6 +500,18 @@ def test_a_bad_host_or_port_flag_is_one_line(flags: tuple[str, ...], expected: s
     assert proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr  # no traceback, no warnings
 
 
+@pytest.mark.parametrize("host", ["bad..host", "x" * 64 + ".example", "nowhere.invalid"])
+def test_check_refuses_a_host_serve_cannot_listen_on_as_serve_does(host: str) -> None:
+    """A host name that is not valid, or does not resolve: ``check`` stops with the line ``serve`` stops
+    with, not "ready to serve"."""
+    env = clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET)
+    checked = run_cli("check", "--host", host, "--port", "0", env=env)
+    served = run_cli("serve", "--host", host, "--port", "0", env=env)
+    assert checked.returncode == served.returncode == 2 and checked.stdout == served.stdout == ""
+    assert checked.stderr.startswith(f"sideband: cannot listen on {host}:0: "), checked.stderr
+    assert checked.stderr.count("\n") == 1 and checked.stderr == served.stderr
+
+
 @pytest.mark.parametrize(
     ("host", "port", "exc", "expected"),
     [
