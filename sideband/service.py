@@ -87,6 +87,9 @@ ROUTES_READ_TIMEOUT = 10.0
 """Seconds a read of the route file (at start, and at each reload) waits for it (a FIFO, a file on a
 stalled network volume) before it fails: the start stops with one line, or the next reload may run."""
 
+_CANCEL_LOOKS = 0.05
+"""Seconds between looks for a cancellation while the route file is read at start (:func:`_read_routes`)."""
+
 HANDOFF_GRACE = 60.0
 """Seconds a handoff ticket outlives the ephemeral key minted with it (``SIDEBAND_RTC_KEY_TTL``)."""
 
@@ -1413,7 +1416,18 @@ def _read_routes(path: Path | str, tool_names: Iterable[str]) -> RouteTable:
     """:meth:`RouteTable.load` in a daemon thread of its own, waited for up to :data:`ROUTES_READ_TIMEOUT`
     (at start and at each reload): a read that hangs (a FIFO, a stalled network volume) raises
     :class:`RouteError` then, and is left behind (what it reads later is dropped); it holds up neither
-    the caller nor the process's exit."""
+    the caller nor the process's exit.
+
+    Ctrl-C ends the wait at once: where the service is built in a task (``sideband serve``'s
+    ``create_app``), the task's cancellation meanwhile (asyncio's answer to SIGINT: the loop cannot run
+    while this waits) is raised (:class:`asyncio.CancelledError`); elsewhere SIGINT's
+    ``KeyboardInterrupt`` interrupts the wait itself."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # (no event loop runs here)
+        task = None
+    cancels = task.cancelling() if task is not None else 0
+    deadline = time.monotonic() + ROUTES_READ_TIMEOUT
     done = threading.Event()
     outcome: list[RouteTable | BaseException] = []
 
@@ -1425,8 +1439,11 @@ def _read_routes(path: Path | str, tool_names: Iterable[str]) -> RouteTable:
         done.set()
 
     threading.Thread(target=run, name="sideband-routes", daemon=True).start()
-    if not done.wait(ROUTES_READ_TIMEOUT):
-        raise RouteError(f"{path}: timed out reading it ({ROUTES_READ_TIMEOUT:g} s)")
+    while not done.wait(min(_CANCEL_LOOKS, max(0.0, deadline - time.monotonic()))):
+        if task is not None and task.cancelling() > cancels:
+            raise asyncio.CancelledError
+        if time.monotonic() >= deadline:
+            raise RouteError(f"{path}: timed out reading it ({ROUTES_READ_TIMEOUT:g} s)")
     [result] = outcome
     if isinstance(result, BaseException):
         raise result

@@ -9,9 +9,11 @@ import decimal
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -582,6 +584,47 @@ def test_a_route_file_read_that_hangs_stops_the_command_with_one_line(tmp_path: 
         )
     assert done.returncode == 2 and done.stdout == "", done.stderr
     assert done.stderr == f"sideband: SIDEBAND_ROUTES_FILE: {path}: timed out reading it (0.5 s)\n"
+
+
+@pytest.mark.parametrize("command", ["check", "serve", "demo"])
+def test_ctrl_c_while_the_route_file_is_read_at_start_exits_130_at_once(tmp_path: Path, command: str) -> None:
+    """Ctrl-C while the start waits for a route file that does not come (a FIFO, a stalled network
+    volume) ends the command at once as interrupted (130), not at the read's timeout as a route error."""
+    path = tmp_path / "routes.toml"
+    os.mkfifo(path)
+    env = {
+        "OPENAI_API_KEY": "sk-x",
+        "OPENAI_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "SIDEBAND_ROUTES_FILE": str(path),
+        "PATH": "/usr/bin:/bin",
+    }
+    # (the bundled demo's calls have routes of their own: the file answers an app's calls only)
+    args = {"serve": ["--port", "0"], "demo": ["sideband.examples.order_desk:app"]}.get(command, [])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sideband.cli", command, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    writer = None
+    try:
+        deadline = time.monotonic() + 20
+        while writer is None:  # until the start opens the file to read it (then finds nothing written)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            try:
+                writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # (ENXIO: no reader yet)
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=5)  # (the read's own timeout is 10 s)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130 and out == "" and err == "", err
 
 
 # -- dialed numbers without "+" ------------------------------------------------------------------------
