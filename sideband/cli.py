@@ -46,8 +46,14 @@ def load_app(spec: str | None) -> Sideband:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise CliError(f"APP must look like module:attribute, got {spec!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    try:
+        cwd = os.getcwd()
+    except OSError as exc:  # (removed while a shell was in it)
+        raise CliError(
+            f"the current directory cannot be read ({_reason(exc)}): start sideband from one that can"
+        ) from None
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

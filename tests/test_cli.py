@@ -1150,6 +1150,27 @@ async def test_a_webhook_whose_accept_is_out_when_the_window_ends_leaves_no_call
     assert [(e["call_id"], e["reason"]) for e in ended] == [(call.call_id, "shutdown")]
 
 
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_a_start_from_a_removed_directory_is_one_line(tmp_path: Path, command: str) -> None:
+    """The shell's directory removed under it: where the app would be imported from is gone."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    in_it = ["/bin/sh", "-c", 'cd "$0" && rmdir "$0" && exec "$@"', str(gone)]
+    done = subprocess.run(
+        [*in_it, sys.executable, "-m", "sideband.cli", command, "--port", "0"],
+        env=clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr == (
+        "sideband: the current directory cannot be read (no such file or directory): start sideband from "
+        "one that can\n"
+    )
+
+
 @pytest.mark.parametrize(
     "source, spec, expected",
     [
