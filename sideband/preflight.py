@@ -30,6 +30,8 @@ BROWSER_SESSION = "the session config of browsers' calls"
 PROBE_TTL = 10
 """Seconds the probe's client secret lives: the shortest OpenAI allows. Nobody is given it."""
 OPENAI = "https://api.openai.com/v1"
+GATEWAY_ERRORS = (502, 503, 504)
+"""What a gateway or proxy in front of OpenAI answers, in a page of its own, when OpenAI does not."""
 CONCURRENCY = 8
 """Requests in flight at once (a route file may hold hundreds of numbers)."""
 
@@ -42,8 +44,9 @@ async def check_openai(service: Service) -> list[str]:
 
     Returns a line each for what was found. Raises, with one line naming what to fix:
     :class:`~sideband.settings.SettingsError` for the key (401, 403, a project with no credit left), the
-    base URL (``Invalid URL``, no Realtime API there, a redirect, an answer that is not OpenAI's,
-    unreachable), a region OpenAI does not serve, or OpenAI not answering (429, 5xx);
+    base URL (``Invalid URL``, no Realtime API there, a redirect, an answer that is not OpenAI's, a
+    server error that is not OpenAI's, unreachable), a region OpenAI does not serve, or OpenAI not
+    answering (429, 5xx);
     :class:`~sideband.routing.RouteError` for a route's session OpenAI refuses (400, or a model the
     project may not use: ``model_not_found``), :class:`~sideband.session.SessionConfigError` for the
     app's own.
@@ -186,6 +189,12 @@ def _common(exc: UpstreamError, base: str) -> None:
         raise SettingsError(
             f"OPENAI_BASE_URL: {base} answered {status}, a redirect: sideband follows none (set the URL it "
             "leads to)"
+        )
+    if status >= 500 and error_message(exc.body) is None and status not in GATEWAY_ERRORS and base != OPENAI:
+        # (a server there that is not OpenAI's API: a plain web server's 501 to a POST, say; a gateway's
+        # 502-504, and anything from OpenAI's own address, its CDN's 52x pages, are OpenAI not answering)
+        raise SettingsError(
+            f"OPENAI_BASE_URL: {base} does not answer as OpenAI's API{_said(exc)} (OpenAI's is {OPENAI})"
         )
     if exc.retryable:
         raise SettingsError(f"OpenAI at {base} could not answer{_said(exc)}: try again")

@@ -16,12 +16,14 @@ from aiohttp.test_utils import TestServer
 
 from sideband import Sideband
 from sideband.cli import check
+from sideband.preflight import OPENAI, _common
 from sideband.routing import RouteError
 from sideband.session import SessionConfig, SessionConfigError
 from sideband.settings import SettingsError
 from sideband.testing import Simulator
+from sideband.upstream.openai import UpstreamError
 from tests.conftest import make_app, settings_for
-from tests.test_cli import ROOT, clean_env
+from tests.test_cli import ROOT, SECRET, clean_env
 
 MISSING_SCOPE = "You have insufficient permissions for this operation. Missing scopes: api.realtime.write."
 
@@ -288,6 +290,42 @@ async def test_what_stops_every_request_is_one_line(
 ) -> None:
     line = await refusal(SettingsError, simulator, openai_base_url=stand_in)
     assert expected in line, line
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (501, "does not answer as OpenAI's API (501) (OpenAI's is https://api.openai.com/v1)"),
+        (500, "does not answer as OpenAI's API (500) (OpenAI's is https://api.openai.com/v1)"),
+        (502, "could not answer (502): try again"),  # (a gateway's page: OpenAI behind it not answering)
+    ],
+)
+async def test_a_server_error_that_is_not_openais_names_the_base_url(status: int, expected: str) -> None:
+    """``OPENAI_BASE_URL`` at a server that is not OpenAI's API (a plain web server answers a POST 501,
+    with a page of its own): the base URL is named, not "try again"."""
+
+    async def answer(_: web.Request) -> web.Response:
+        return web.Response(
+            status=status, text="<html><body>Unsupported method</body></html>", content_type="text/html"
+        )
+
+    web_app = web.Application()
+    web_app.router.add_route("*", "/{tail:.*}", answer)
+    async with serving(web_app) as base:
+        env = clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET, OPENAI_BASE_URL=base)
+        code, out, err = await run_check("--online", env=env)
+    assert code == 2 and out == "", err
+    assert err.startswith(
+        f"sideband: OPENAI_BASE_URL: {base} " if status != 502 else f"sideband: OpenAI at {base} "
+    )
+    assert err.count("\n") == 1 and expected in err, err
+
+
+def test_a_cdn_page_from_openais_own_address_is_openai_not_answering() -> None:
+    """A 5xx page from OpenAI's own address (its CDN's, as OpenAI is down) is no wrong base URL."""
+    with pytest.raises(SettingsError) as raised:
+        _common(UpstreamError("POST /realtime/client_secrets: 522", 522, "<html>…</html>"), OPENAI)
+    assert str(raised.value) == f"OpenAI at {OPENAI} could not answer (522): try again"
 
 
 def no_access(model: str) -> dict[str, Any]:
