@@ -923,7 +923,10 @@ async def _engine_with_tools(
         token = await VowelCore(http, vowel.core_url, vowel.api_key).mint(
             trusted_session_request(service_id="s", provider="vowel-prime", tools=[])
         )
-    tools = [{"type": "function", "name": n, "parameters": {"type": "object"}} for n in names]
+    tools = [
+        {"type": "function", "name": n, "description": f"Tool {n}.", "parameters": {"type": "object"}}
+        for n in names
+    ]
     async with connect(
         f"ws://127.0.0.1:{vowel.port}/engine/v1/realtime",
         additional_headers={"Authorization": f"Bearer {token.value}"},
@@ -2568,6 +2571,56 @@ async def test_the_engine_calls_no_tool_that_session_update_did_not_declare(vowe
     engine = vowel.sessions[0]
     assert reply.text == "I cannot look that up." and reply.tools == ()
     assert engine.notes == ["no tools declared in session.update: the model called none"]
+
+
+async def test_a_tool_without_a_description_is_declared_with_one_and_called(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """The engine drops a session tool whose description is empty: a tool with no docstring is declared
+    to it (in session.update and at mint time alike) with a description made from its name, so its
+    model can call it. The app's own declarations (an OpenAI session's) keep it without one."""
+
+    @app.tool
+    async def cancel_order(order_id: str) -> str:
+        return f"order {order_id} cancelled"
+
+    vowel.script([when("cancel", calls=[("cancel_order", {"order_id": "7"})], reply="Cancelled.")])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        reply = await session.say("cancel order 7")
+    engine = vowel.sessions[0]
+    assert reply.text == "Cancelled." and [(t.name, t.outcome) for t in reply.tools] == [
+        ("cancel_order", "ok")
+    ]
+    assert engine.notes == []
+    (declared,) = [t for t in engine.received[0]["session"]["tools"] if t["name"] == "cancel_order"]
+    (minted,) = [t for t in vowel.mints[0].body["config"]["serverTools"] if t["name"] == "cancel_order"]
+    assert declared["description"] == minted["description"] == "Cancel order."
+    assert [t["description"] for t in app.tools.definitions(["cancel_order"])] == [""]
+
+
+async def test_the_engine_drops_a_tool_without_a_name_or_a_description(vowel: VowelSimulator) -> None:
+    """As the engine does, the simulator skips a session tool whose name or description is missing or
+    empty: its model never calls it (the drop is noted), while session.updated echoes what was sent."""
+    vowel.script([when("use", calls=[("a", {})], reply="I cannot.")])
+    tools = [
+        {"type": "function", "name": "a", "description": "", "parameters": {"type": "object"}},
+        {"type": "function", "description": "Nameless.", "parameters": {"type": "object"}},
+        {"type": "function", "name": "b", "description": "Tool b.", "parameters": {"type": "object"}},
+    ]
+    async with _engine_with_tools(vowel) as (ws, until):
+        await ws.send(json.dumps({"type": "session.update", "session": {"tools": tools}}))
+        assert (await until("session.updated"))["session"]["tools"] == tools
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "use a"}]}
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        assert (await until("response.done"))["response"]["status"] == "completed"
+    engine = vowel.sessions[0]
+    assert [t["name"] for t in engine.tools] == ["b"]
+    assert [r.call_ids for r in engine.responses] == [[]] and engine.responses[0].text == "I cannot."
+    assert engine.notes == [
+        "tool 'a' dropped: no description (the engine skips it: its model cannot call it)",
+        "tool None dropped: no name (the engine skips it: its model cannot call it)",
+        "the model did not call 'a': the engine dropped it",
+    ]
 
 
 def test_dial_with_a_blank_turn_is_one_line_before_anything_opens(capsys: pytest.CaptureFixture[str]) -> None:

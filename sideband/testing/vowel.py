@@ -111,7 +111,9 @@ class Rule:
 
     ``match``: a case-insensitive substring, a compiled regex (searched) or a predicate. ``calls``: tools
     to call first (name, arguments as a dict or a raw JSON string), announced complete in
-    ``response.output_item.added``; the response then ends ``incomplete``. ``reply``: the text said once
+    ``response.output_item.added``; the response then ends ``incomplete``. The model calls none when
+    ``session.update`` declared no tool it may call, and never one the engine dropped (a tool without a
+    name or a description): each is noted in the session's ``notes``. ``reply``: the text said once
     the outputs are in and the client sent ``response.create`` (a callable gets the outputs,
     :class:`ToolOutputs`: ``{tool name: output}``, and every call's in ``calls``).
     ``preamble``: text said in the same response as the calls. ``repeat_calls``: announce each call twice
@@ -222,7 +224,8 @@ class EngineSessionRecord:
     sent: list[dict[str, Any]] = field(default_factory=list)
     configured: bool = False
     tools: list[dict[str, Any]] = field(default_factory=list)
-    """Function tools from the last ``session.update`` with tools (what the model may call)."""
+    """Function tools from the last ``session.update`` with tools that the model may call: as on the
+    engine, one whose name or description is missing or empty is dropped (and noted in ``notes``)."""
     instructions: str | None = None
     user_texts: list[str] = field(default_factory=list)
     """The text of each user message the engine took (one it refused is in ``received`` only)."""
@@ -235,12 +238,15 @@ class EngineSessionRecord:
     """``function_call_output`` items by ``call_id`` (a list: duplicates show)."""
     responses: list[SimResponse] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    """Protocol misuse seen (e.g. ``response.create`` before a tool's output: held until it comes)."""
+    """Protocol misuse seen (e.g. ``response.create`` before a tool's output: held until it comes), and
+    what the engine did of its own accord (a tool of ``session.update`` it dropped)."""
     close_code: int | None = None
     closed_by: Literal["engine", "client"] | None = None
     end_reason: str | None = None
     last_speech: float | None = None
     """When the engine's detector last found speech starting (simulator clock): its idle clock's start."""
+    _declared: list[dict[str, Any]] = field(default_factory=list)  # session.updated echoes them all
+    _dropped: frozenset[str] = frozenset()  # names of the declared tools the engine dropped
     _turn_text: str | None = None
     _turn_calls: dict[str, str] = field(default_factory=dict)  # call_id → tool name, this turn
     _turn_issued: bool = False
@@ -304,6 +310,12 @@ def _claimed(claims: dict[str, Any], name: str, default: float) -> float:
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(epoch % 1 * 1000):03d}Z"
+
+
+def _js_falsy(value: Any) -> bool:
+    """Whether the engine (JavaScript) takes a JSON value for false: absent or ``null``, ``false``, ``0``,
+    an empty string (an empty list or object is true to it)."""
+    return value is None or value is False or value == "" or (type(value) in (int, float) and not value)
 
 
 def _words(text: str) -> list[str]:
@@ -998,10 +1010,27 @@ class VowelSimulator:
             await self._error(session, "server_error", None, self.refuse_session_update)
             return
         if "tools" in update and isinstance(update["tools"], list):
-            # Like the engine: only {"type": "function", name, …} entries become tools.
-            session.tools = [
-                t for t in update["tools"] if isinstance(t, dict) and t.get("type") == "function"
-            ]
+            # Like the engine: only {"type": "function", name, …} entries become tools, and of those only
+            # one with a name and a description: it skips any other (with a warning in its own log).
+            declared = [t for t in update["tools"] if isinstance(t, dict) and t.get("type") == "function"]
+            session._declared, session.tools, dropped = declared, [], []
+            for tool in declared:
+                name = tool.get("name")
+                missing = (
+                    "name"
+                    if _js_falsy(name)
+                    else "description"
+                    if _js_falsy(tool.get("description"))
+                    else None
+                )
+                if missing is None:
+                    session.tools.append(tool)
+                    continue
+                dropped.append(str(name))
+                session.notes.append(
+                    f"tool {name!r} dropped: no {missing} (the engine skips it: its model cannot call it)"
+                )
+            session._dropped = frozenset(dropped)
         if isinstance(update.get("instructions"), str):
             session.instructions = update["instructions"]
         if session.configured:
@@ -1024,7 +1053,7 @@ class VowelSimulator:
                 "session": {
                     "id": session.id,
                     "object": "realtime.session",
-                    "tools": session.tools,
+                    "tools": session._declared,
                     "instructions": session.instructions or "",
                 },
             },
@@ -1186,18 +1215,29 @@ class VowelSimulator:
             self._spawn(self._fatal(session, "The model provider failed", response))
             return
         if rule is not None and rule.calls and not session._turn_issued:
-            # The engine's model knows the tools of session.update, not the mint's: with none
-            # declared there it calls none (with some, it may still call a name it made up).
-            if session.tools:
-                await self._call_tools(session, response, rule)
+            calls = self._calls(session, rule)
+            if calls:
+                await self._call_tools(session, response, rule, calls)
                 return
-            session.notes.append("no tools declared in session.update: the model called none")
         outputs = ToolOutputs(
             [(name, (session.outputs.get(cid) or [""])[-1]) for cid, name in session._turn_calls.items()]
         )
         reply = self.default_reply if rule is None else rule.reply
         text = reply(outputs) if callable(reply) else reply
         await self._say(session, response, text, "completed" if rule is None else rule.ends)
+
+    @staticmethod
+    def _calls(session: EngineSessionRecord, rule: Rule) -> list[tuple[str, dict[str, Any] | str]]:
+        """The calls of ``rule`` the engine's model makes. It knows the tools of session.update, not the
+        mint's, and not one the engine dropped: with none to call it calls none, and it never calls a
+        dropped one (with some, it may still call a name it made up)."""
+        if not session.tools:
+            session.notes.append("no tools declared in session.update: the model called none")
+            return []
+        calls = [call for call in rule.calls if call[0] not in session._dropped]
+        for name in dict.fromkeys(name for name, _ in rule.calls if name in session._dropped):
+            session.notes.append(f"the model did not call {name!r}: the engine dropped it")
+        return calls
 
     async def _message(
         self, session: EngineSessionRecord, response: SimResponse, text: str, index: int
@@ -1252,13 +1292,19 @@ class VowelSimulator:
         item = await self._message(session, response, text, 0)
         await self._finish(session, response, ends, [item] if ends == "completed" else [])
 
-    async def _call_tools(self, session: EngineSessionRecord, response: SimResponse, rule: Rule) -> None:
+    async def _call_tools(
+        self,
+        session: EngineSessionRecord,
+        response: SimResponse,
+        rule: Rule,
+        calls: Sequence[tuple[str, dict[str, Any] | str]],
+    ) -> None:
         index = 0
         if rule.preamble:
             await self._message(session, response, rule.preamble, 0)
             index = 1
         session._turn_issued = True
-        for name, args in rule.calls:
+        for name, args in calls:
             call_id = "call_" + secrets.token_hex(8)
             arguments = args if isinstance(args, str) else json.dumps(args, separators=(",", ":"))
             item = {

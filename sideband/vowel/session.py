@@ -16,6 +16,8 @@ from __future__ import annotations
 import array
 import asyncio
 import base64
+import dataclasses
+import re
 import secrets
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -88,6 +90,29 @@ SPEECH_PEAK = 500
 _ENGINE_LIMITS = frozenset({"max_call_duration_exceeded", "max_idle_duration_exceeded"})
 _REFUSAL = "invalid_request_error"  # the type of the engine's error refusing one client event
 _CUT_SHORT = frozenset({"cancelled", "incomplete"})  # a reply's end that may have nothing follow it
+
+
+def _described_name(name: str) -> str:
+    """The description an engine session declares for a tool that has none, made from its name:
+    ``lookup_order`` and ``lookupOrder`` → "Lookup order.", ``send_SMS`` → "Send SMS."."""
+    words = (
+        re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", name)
+        .replace("_", " ")
+        .replace("-", " ")
+        .split()
+    )
+    words = [w if w.isupper() and len(w) > 1 else w.lower() for w in words]
+    text = " ".join(words) or name
+    return f"{text[0].upper()}{text[1:]}."
+
+
+def _described(tools: ToolRegistry) -> ToolRegistry:
+    """``tools``, each without a description given one made from its name: the engine drops a session
+    tool without one, which its model then never calls."""
+    for tool in list(tools):
+        if not tool.description.strip():
+            tools = tools.replacing(dataclasses.replace(tool, description=_described_name(tool.name)))
+    return tools
 
 
 class EngineError(Exception):
@@ -218,7 +243,9 @@ class EngineSession:
             tools = [name for name in app.tools.names() if name != transfer] if transfer else None
         elif transfer is not None and transfer in (tools := list(tools)):
             raise ValueError(f"{transfer!r} transfers phone calls: an engine session has none to transfer")
-        self.tools: ToolRegistry = app.tools if tools is None else app.tools.subset(tools)
+        self.tools: ToolRegistry = _described(app.tools if tools is None else app.tools.subset(tools))
+        """The session's tools, as the engine is told of them: one without a description has one made
+        from its name (``lookup_order`` → "Lookup order."), as the engine drops a tool without one."""
         self.instructions = instructions if instructions is not None else app.config.instructions
         self.open_timeout = open_timeout
         self.mint_timeout = mint_timeout
