@@ -590,7 +590,7 @@ async def test_a_webhook_the_app_failed_on_a_simulator_bug_says_so(
 
 
 async def test_the_simulator_fixtures_fail_their_test_on_a_request_the_simulator_crashed_on(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     """The ``simulator`` fixture fails its test on a crash outside any call (here: a client secret's
     mint), and the ``vowel`` fixture on one of the vowel simulator's (a token's mint): each was answered
@@ -603,7 +603,7 @@ async def test_the_simulator_fixtures_fail_their_test_on_a_request_the_simulator
     monkeypatch.setattr(VowelSimulator, "_issue", crash)
     fixtures = (
         pytest_plugin.simulator.__wrapped__(),  # type: ignore[attr-defined]
-        pytest_plugin.vowel.__wrapped__(),  # type: ignore[attr-defined]
+        pytest_plugin.vowel.__wrapped__(request),  # type: ignore[attr-defined]
     )
     try:
         simulator, vowel = [await anext(fixture) for fixture in fixtures]

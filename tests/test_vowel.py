@@ -34,6 +34,7 @@ from sideband.cli import main
 from sideband.runtime.driver import CallRuntime
 from sideband.runtime.machine import TURN_GRACE
 from sideband.settings import Settings, load_settings
+from sideband.testing import pytest_plugin
 from sideband.testing.vowel import DEFAULT_ENGINE_KEY, ToolOutputs, VowelSimulator, when
 from sideband.upstream.openai import UpstreamError
 from sideband.upstream.vowel import (
@@ -961,52 +962,70 @@ def _output(call_id: str) -> str:
     return json.dumps({"type": "conversation.item.create", "item": item})
 
 
-async def test_the_engine_answers_a_create_only_once_every_announced_call_has_its_output(
+@pytest.mark.vowel_early_create
+async def test_the_engine_answers_a_create_at_once_even_with_an_announced_call_unanswered(
     vowel: VowelSimulator,
 ) -> None:
-    """PROTOCOL C3: the engine waits for the output of each call it announced, with no timeout. A
-    response.create sent before them is not answered until the last output is in (and is noted)."""
-    vowel.script([when("two", calls=[("a", {}), ("b", {})], reply="Both done.")])
+    """The engine answers a response.create at once, from the conversation as it stands: one sent before
+    every call it announced has its output starts a reply whose model sees that call unanswered (its
+    output counts as ""), and is noted; the output that comes later starts nothing."""
+    outputs: list[ToolOutputs] = []
+
+    def reply(done: ToolOutputs) -> str:
+        outputs.append(done)
+        return "Half done."
+
+    vowel.script([when("two", calls=[("a", {}), ("b", {})], reply=reply)])
     async with _engine_with_tools(vowel, "a", "b") as (ws, until):
         first, second = await _two_calls_announced(vowel, ws, until)
 
         await ws.send(_output(first))
         await ws.send(json.dumps({"type": "response.create"}))  # one output still due
-        await until("conversation.item.created")
-        await vowel.wait_for(lambda v: bool(v.sessions[0].notes), what="the create noted")
-        assert len(vowel.sessions[0].responses) == 1  # not answered
-        await ws.send(_output(second))
-        await until("conversation.item.created")
         assert (await until("response.created"))["response"]["status"] == "in_progress"
         assert (await until("response.done"))["response"]["status"] == "completed"
+        await ws.send(_output(second))
+        await until("conversation.item.created")
+        await ws.send(json.dumps({"type": "response.create"}))  # (a mark: whatever came before is out)
+        await until("response.done")
     engine = vowel.sessions[0]
-    assert [r.text for r in engine.responses] == ["", "Both done."]
+    assert [(r.trigger, r.text) for r in engine.responses] == [
+        ("user_text", ""),
+        ("response.create", "Half done."),
+        ("response.create", "Half done."),
+    ]
+    assert outputs[0].calls == (("a", "ok"), ("b", "")) and outputs[1].calls == (("a", "ok"), ("b", "ok"))
     assert engine.notes == [
-        f"response.create before function_call_output for {second}: held until the outputs are in"
+        f"response.create before function_call_output for {second}: answered at once, the calls unanswered"
     ]
 
 
-async def test_a_response_cancel_withdraws_a_create_held_for_the_outputs(vowel: VowelSimulator) -> None:
-    """A response.create held until every announced call has its output is withdrawn by a
-    response.cancel sent before the outputs are in: the last output starts no response."""
-    vowel.script([when("two", calls=[("a", {}), ("b", {})], reply="Both done.")])
-    async with _engine_with_tools(vowel, "a", "b") as (ws, until):
-        first, second = await _two_calls_announced(vowel, ws, until)
-
-        await ws.send(_output(first))
-        await ws.send(json.dumps({"type": "response.create"}))  # held: one output still due
-        await ws.send(json.dumps({"type": "response.cancel"}))  # withdrawn
-        await ws.send(_output(second))
-        await until("conversation.item.created")
-        await until("conversation.item.created")
-        await ws.send(json.dumps({"type": "response.create"}))  # the one the client means now
-        assert (await until("response.created"))["response"]["status"] == "in_progress"
-        assert (await until("response.done"))["response"]["status"] == "completed"
-    engine = vowel.sessions[0]
-    assert [(r.trigger, r.status) for r in engine.responses] == [
-        ("user_text", "incomplete"),
-        ("response.create", "completed"),
-    ]
+async def test_the_vowel_fixture_fails_a_test_whose_client_sent_a_create_early(
+    request: pytest.FixtureRequest,
+) -> None:
+    """A client that sends response.create before every output of the engine's calls is in (the engine
+    answers it at once, the calls unanswered) fails the test that used the ``vowel`` fixture, unless the
+    test is marked ``vowel_early_create``."""
+    for marked in (False, True):
+        if marked:
+            request.node.add_marker(pytest.mark.vowel_early_create)
+        fixture = pytest_plugin.vowel.__wrapped__(request)  # type: ignore[attr-defined]
+        try:
+            sim = await anext(fixture)
+            sim.script([when("two", calls=[("a", {}), ("b", {})], reply="Half done.")])
+            async with _engine_with_tools(sim, "a", "b") as (ws, until):
+                first, second = await _two_calls_announced(sim, ws, until)
+                await ws.send(_output(first))
+                await ws.send(json.dumps({"type": "response.create"}))
+                await until("response.done")
+            if marked:
+                with pytest.raises(StopAsyncIteration):
+                    await anext(fixture)
+                continue
+            with pytest.raises(pytest.fail.Exception, match="before every output") as failed:
+                await anext(fixture)
+            assert f"response.create before function_call_output for {second}" in str(failed.value)
+        finally:
+            await fixture.aclose()
 
 
 async def test_a_tool_turn_cancelled_before_its_call_was_announced_leaves_no_output_due(

@@ -24,6 +24,16 @@ if TYPE_CHECKING:
 
 __all__ = ["simulator"]
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``vowel_early_create`` marker (see the ``vowel`` fixture)."""
+    config.addinivalue_line(
+        "markers",
+        "vowel_early_create: the test means a client to send the vowel engine a response.create before "
+        "every output of its tool calls is in (the vowel fixture lets it)",
+    )
+
+
 try:
     import pytest_asyncio
 except ImportError:  # pragma: no cover - pytest-asyncio is absent: no async fixtures
@@ -45,12 +55,21 @@ else:
             pytest.fail(f"the simulator hit internal errors: {broken}")
 
     @pytest_asyncio.fixture
-    async def vowel() -> AsyncIterator[VowelSimulator]:
+    async def vowel(request: pytest.FixtureRequest) -> AsyncIterator[VowelSimulator]:
         """A started :class:`~sideband.testing.vowel.VowelSimulator` (vowel core + engine on loopback);
-        closed afterwards, failing the test if the simulator itself hit an internal error."""
-        from .vowel import VowelSimulator
+        closed afterwards, failing the test if the simulator itself hit an internal error, or if a client
+        sent one of its engine sessions a ``response.create`` before every output of the calls the engine
+        announced was in (the engine answers it at once, its model seeing those calls unanswered), unless
+        the test is marked ``@pytest.mark.vowel_early_create``."""
+        from .vowel import EARLY_CREATE, VowelSimulator
 
         async with VowelSimulator() as sim:
             yield sim
         if sim.internal_errors:
             pytest.fail("the vowel simulator hit internal errors:\n" + "\n".join(sim.internal_errors))
+        early = [note for s in sim.sessions for note in s.notes if note.startswith(EARLY_CREATE)]
+        if early and request.node.get_closest_marker("vowel_early_create") is None:
+            pytest.fail(
+                "a client sent the vowel engine a response.create before every output of its tool calls "
+                "was in (mark the test vowel_early_create if it means to):\n" + "\n".join(early)
+            )

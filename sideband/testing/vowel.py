@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_BROWSER_KEY",
     "DEFAULT_ENGINE_KEY",
     "DEFAULT_VOWEL_KEY",
+    "EARLY_CREATE",
     "EngineSessionRecord",
     "HandshakeRecord",
     "MintFault",
@@ -70,6 +71,9 @@ DEFAULT_ENGINE_KEY = "engine_static_test"
 TRUSTED_SCOPE = "mint_trusted_session"
 EPHEMERAL_SCOPE = "mint_ephemeral"
 MIN_AUDIO_CHUNK = 2048
+EARLY_CREATE = "response.create before function_call_output"
+"""How a session's note of a ``response.create`` sent before every output of its calls was in begins:
+the ``vowel`` fixture fails a test whose sessions have one, unless it is marked ``vowel_early_create``."""
 
 MintAnswer: TypeAlias = Literal["core", "engine", "epoch", "expires_in", "client_secret"]
 """How the core words its mint answer: ``core`` ``{"token", "expiresAt": ISO}``, ``engine`` (the
@@ -238,8 +242,9 @@ class EngineSessionRecord:
     """``function_call_output`` items by ``call_id`` (a list: duplicates show)."""
     responses: list[SimResponse] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    """Protocol misuse seen (e.g. ``response.create`` before a tool's output: held until it comes), and
-    what the engine did of its own accord (a tool of ``session.update`` it dropped)."""
+    """Protocol misuse seen (a ``response.create`` before a tool's output, which starts with
+    :data:`EARLY_CREATE`), and what the engine did of its own accord (a tool of ``session.update`` it
+    dropped)."""
     close_code: int | None = None
     closed_by: Literal["engine", "client"] | None = None
     end_reason: str | None = None
@@ -250,7 +255,6 @@ class EngineSessionRecord:
     _turn_text: str | None = None
     _turn_calls: dict[str, str] = field(default_factory=dict)  # call_id → tool name, this turn
     _turn_issued: bool = False
-    _held: tuple[str | None] | None = None  # a response.create (its instructions) awaiting the outputs
     _ws: web.WebSocketResponse | None = None
     _transport: asyncio.Transport | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -344,10 +348,11 @@ class VowelSimulator:
     is answered as the engine answers one whose handling fails (a tool schema it cannot take): an
     ``error`` (``server_error``, that message), no ``session.updated`` and no agent; the socket stays open.
 
-    The engine waits for the output of every call it announced, with no timeout: a ``response.create``
-    sent while one is still due is not answered until the last arrives (and is noted in the session's
-    ``notes``), and a ``response.cancel`` sent meanwhile withdraws it; a response cancelled before it
-    announced a call leaves nothing due.
+    A ``response.create`` is answered at once, as the engine answers it: one sent while an output of a
+    call it announced is still due starts a response whose model sees those calls unanswered (and its
+    reply callable gets ``""`` for them), and is noted in the session's ``notes`` (see
+    :data:`EARLY_CREATE`): a client sends every output first. A response cancelled before it announced a
+    call leaves no output due.
 
     The engine's turn detection runs on the streamed audio (``input_audio_buffer.append``, PCM16 LE mono
     24 kHz), chunk by chunk: ``detects_speech(chunk)`` says whether a chunk holds speech (by default: a
@@ -952,7 +957,6 @@ class VowelSimulator:
             instructions = response.get("instructions") if isinstance(response, dict) else None
             await self._create(session, instructions if isinstance(instructions, str) else None)
         elif etype == "response.cancel":
-            session._held = None  # (a create held for the outputs is withdrawn with it)
             await self._stop_response(session, status="cancelled")
         elif etype == "input_audio_buffer.append":
             await self._on_audio(session, event)
@@ -1072,10 +1076,6 @@ class VowelSimulator:
                 return
             session.outputs.setdefault(call_id, []).append(str(item.get("output", "")))
             await self._send(session, {"type": "conversation.item.created", "item": item})
-            held = session._held
-            if held is not None and all(cid in session.outputs for cid in session._turn_calls):
-                session._held = None  # the last output is in: the create that waited for it goes on
-                await self._start_response(session, "response.create", held[0])
             return
         if item.get("type") == "message" and item.get("role") == "user":
             texts = [
@@ -1090,7 +1090,6 @@ class VowelSimulator:
                 return
             session.user_texts.append(text)
             session._turn_text, session._turn_calls, session._turn_issued = text, {}, False
-            session._held = None  # (the text's own response answers it)
             await self._send(session, {"type": "conversation.item.created", "item": item})
             await self._start_response(session, "user_text", None)  # the engine answers user text by itself
             return
@@ -1151,16 +1150,13 @@ class VowelSimulator:
         session._active = self._spawn(self._respond(session, response))
 
     async def _create(self, session: EngineSessionRecord, instructions: str | None) -> None:
-        """A ``response.create``. The engine waits for the output of every call its tool turn announced,
-        with no timeout: one sent before them all is held (and noted) until the last arrives."""
+        """A ``response.create``, answered at once as the engine answers it: one sent before every call
+        its tool turn announced has its output starts a response with those calls unanswered (noted)."""
         pending = [cid for cid in session._turn_calls if cid not in session.outputs]
         if pending:
             session.notes.append(
-                f"response.create before function_call_output for {', '.join(pending)}: "
-                "held until the outputs are in"
+                f"{EARLY_CREATE} for {', '.join(pending)}: answered at once, the calls unanswered"
             )
-            session._held = (instructions,)
-            return
         await self._start_response(session, "response.create", instructions)
 
     async def _stop_response(self, session: EngineSessionRecord, *, status: str | None) -> None:
