@@ -1045,13 +1045,70 @@ async def test_a_tool_turn_cancelled_before_its_call_was_announced_leaves_no_out
     async with _engine_with_tools(vowel, "a") as (ws, until):
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "look"}]}
         await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
-        await until("response.output_item.done")  # the preamble, said whole
+        await until("response.text.done")  # the preamble, said whole
         await ws.send(json.dumps({"type": "response.cancel"}))
         assert (await until("response.done"))["response"]["status"] == "cancelled"
         await ws.send(json.dumps({"type": "response.create"}))
         assert (await until("response.done"))["response"]["status"] == "completed"  # answered at once
     engine = vowel.sessions[0]
     assert engine.responses[0].call_ids == [] and engine.notes == []
+
+
+@pytest.mark.parametrize("preamble", ["Let me look.", None])
+async def test_a_response_that_calls_tools_plays_as_the_engine_plays_it(
+    vowel: VowelSimulator, preamble: str | None
+) -> None:
+    """The engine opens every response's message first (index 0, in progress, empty, and its text
+    part); a preamble's words end with response.text.done alone; each call is announced at index 1;
+    the message never completes, and the response ends incomplete with output []."""
+    vowel.script([when("look", preamble=preamble, calls=[("a", {}), ("b", {})], reply="Looked.")])
+    async with _engine_with_tools(vowel, "a", "b") as (ws, until):
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "look"}]}
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        done = await until("response.done")
+    engine = vowel.sessions[0]
+    start = next(i for i, e in enumerate(engine.sent) if e["type"] == "response.created")
+    events = engine.sent[start:]
+    said = [("response.text.delta", 0), ("response.text.delta", 0), ("response.text.delta", 0)]
+    assert [(e["type"], e.get("output_index")) for e in events] == [
+        ("response.created", None),
+        ("response.output_item.added", 0),
+        ("response.content_part.added", 0),
+        *([*said, ("response.text.done", 0)] if preamble else []),
+        ("response.output_item.added", 1),
+        ("response.output_item.added", 1),
+        ("response.done", None),
+    ]
+    message = events[1]["item"]
+    assert (message["type"], message["status"], message["content"]) == ("message", "in_progress", [])
+    assert events[2]["part"] == {"type": "text", "text": ""} and events[2]["item_id"] == message["id"]
+    if preamble:
+        assert "".join(e["delta"] for e in events[3:6]) == events[6]["text"] == preamble
+    assert [e["item"]["name"] for e in events[-3:-1]] == ["a", "b"]
+    assert done["response"]["status"] == "incomplete" and done["response"]["output"] == []
+    assert done["response"]["status_details"] is None
+
+
+@pytest.mark.parametrize("preamble", ["Let me check.", None])
+async def test_a_preamble_lands_once_and_the_turn_ends_though_its_message_never_completes(
+    vowel: VowelSimulator, app: Sideband, preamble: str | None
+) -> None:
+    """The engine's message of a response that called tools stays open for good: its preamble's words,
+    ended by response.text.done alone, are the agent's line once, and the turn ends with the reply."""
+    vowel.script(
+        [when("1042", preamble=preamble, calls=[("lookup_order", {"order_id": "1042"})], reply="Shipped.")]
+    )
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        reply = await session.say("Where is order 1042?")
+        again = await session.say("thanks")
+    assert reply.lines == ((preamble,) if preamble else ()) + ("Shipped.",) and reply.status == "completed"
+    assert again.text == "I heard you."
+    assert session.summary is not None
+    assert [t for role, t in session.summary.transcript if role == "agent"] == [
+        *([preamble] if preamble else []),
+        "Shipped.",
+        "I heard you.",
+    ]
 
 
 # ------------------------------------------------------------------------------------ conversation

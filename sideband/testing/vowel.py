@@ -114,14 +114,19 @@ class Rule:
     """What the simulated model does when the user's utterance matches ``match``.
 
     ``match``: a case-insensitive substring, a compiled regex (searched) or a predicate. ``calls``: tools
-    to call first (name, arguments as a dict or a raw JSON string), announced complete in
-    ``response.output_item.added``; the response then ends ``incomplete``. The model calls none when
+    to call first (name, arguments as a dict or a raw JSON string), each announced complete in a
+    ``response.output_item.added`` at ``output_index`` 1 (the response's message, opened at 0 as every
+    response's is, never completes); the response then ends ``incomplete`` with ``output: []``
+    (``status_details`` null). The model calls none when
     ``session.update`` declared no tool it may call, and never one the engine dropped (a tool without a
     name or a description): each is noted in the session's ``notes``. ``reply``: the text said once
     the outputs are in and the client sent ``response.create`` (a callable gets the outputs,
     :class:`ToolOutputs`: ``{tool name: output}``, and every call's in ``calls``).
-    ``preamble``: text said in the same response as the calls. ``repeat_calls``: announce each call twice
-    (same ``call_id``). ``fatal``: the engine fails (``error``, ``response.done`` failed, close 1011).
+    ``preamble``: text said in the same response as the calls, before them: ``response.text.delta``
+    events ended by ``response.text.done`` alone (no audio transcript, no ``output_item.done``; no
+    audio either: the engine voices a preamble's sentence only once more text follows it, so never its
+    last). ``repeat_calls``: announce each call twice (same ``call_id``). ``fatal``: the engine fails
+    (``error``, ``response.done`` failed, close 1011).
     ``refuse``: the engine refuses the text itself with this message: an ``error``
     (``invalid_request_error``, code ``invalid_value``), no item created and no response; the session
     carries on. ``ends``: how the reply's response ends, ``completed``, or cut short with nothing to
@@ -1201,10 +1206,11 @@ class VowelSimulator:
                 },
             },
         )
+        item = await self._open(session, response)
         await self._pace()
         rule = self._rule(session._turn_text)
         if response.instructions is not None:
-            await self._say(session, response, self.instructed_reply)
+            await self._say(session, response, item, self.instructed_reply)
             return
         if rule is not None and rule.fatal:
             session._active, session._active_response = None, None
@@ -1213,14 +1219,14 @@ class VowelSimulator:
         if rule is not None and rule.calls and not session._turn_issued:
             calls = self._calls(session, rule)
             if calls:
-                await self._call_tools(session, response, rule, calls)
+                await self._call_tools(session, response, item, rule, calls)
                 return
         outputs = ToolOutputs(
             [(name, (session.outputs.get(cid) or [""])[-1]) for cid, name in session._turn_calls.items()]
         )
         reply = self.default_reply if rule is None else rule.reply
         text = reply(outputs) if callable(reply) else reply
-        await self._say(session, response, text, "completed" if rule is None else rule.ends)
+        await self._say(session, response, item, text, "completed" if rule is None else rule.ends)
 
     @staticmethod
     def _calls(session: EngineSessionRecord, rule: Rule) -> list[tuple[str, dict[str, Any] | str]]:
@@ -1235,34 +1241,72 @@ class VowelSimulator:
             session.notes.append(f"the model did not call {name!r}: the engine dropped it")
         return calls
 
-    async def _message(
-        self, session: EngineSessionRecord, response: SimResponse, text: str, index: int
-    ) -> dict[str, Any]:
-        item_id = self._id("item_")
+    async def _open(self, session: EngineSessionRecord, response: SimResponse) -> dict[str, Any]:
+        """The response's assistant message, as the engine opens it before its model runs, whatever
+        comes of it: ``output_item.added`` (index 0, in progress, no content), then its text part's
+        ``content_part.added``."""
         item = {
-            "id": item_id,
+            "id": self._id("item_"),
             "object": "realtime.item",
             "type": "message",
             "role": "assistant",
             "status": "in_progress",
             "content": [],
         }
-        base = {"response_id": response.id, "item_id": item_id, "output_index": index, "content_index": 0}
         await self._send(
             session,
             {
                 "type": "response.output_item.added",
                 "response_id": response.id,
-                "output_index": index,
+                "output_index": 0,
                 "item": item,
             },
         )
+        await self._send(
+            session,
+            {
+                "type": "response.content_part.added",
+                "response_id": response.id,
+                "item_id": item["id"],
+                "output_index": 0,
+                "content_index": 0,
+                "part": {"type": "text", "text": ""},
+            },
+        )
+        return item
+
+    async def _stream(
+        self,
+        session: EngineSessionRecord,
+        response: SimResponse,
+        item: dict[str, Any],
+        text: str,
+        *,
+        spoken: bool,
+    ) -> dict[str, Any]:
+        """The words of ``text`` into the message ``item``, one at a time (``spoken``: with their audio
+        transcript too); the fields its events share."""
+        base = {"response_id": response.id, "item_id": item["id"], "output_index": 0, "content_index": 0}
         for word in _words(text):
             await self._pace()
             await self._send(session, {"type": "response.text.delta", **base, "delta": word})
-            await self._send(
-                session, {"type": "response.output_audio_transcript.delta", **base, "delta": word}
-            )
+            if spoken:
+                await self._send(
+                    session, {"type": "response.output_audio_transcript.delta", **base, "delta": word}
+                )
+        response.text = f"{response.text} {text}".strip()
+        return base
+
+    async def _say(
+        self,
+        session: EngineSessionRecord,
+        response: SimResponse,
+        item: dict[str, Any],
+        text: str,
+        ends: ReplyEnd = "completed",
+    ) -> None:
+        """Speak ``text`` in the message ``item`` and end the response: the item completes."""
+        base = await self._stream(session, response, item, text, spoken=True)
         silence = base64.b64encode(bytes(480)).decode("ascii")
         await self._send(session, {"type": "response.output_audio.delta", **base, "delta": silence})
         await self._send(
@@ -1275,35 +1319,32 @@ class VowelSimulator:
             {
                 "type": "response.output_item.done",
                 "response_id": response.id,
-                "output_index": index,
+                "output_index": 0,
                 "item": done,
             },
         )
-        response.text = f"{response.text} {text}".strip()
-        return done
-
-    async def _say(
-        self, session: EngineSessionRecord, response: SimResponse, text: str, ends: ReplyEnd = "completed"
-    ) -> None:
-        item = await self._message(session, response, text, 0)
-        await self._finish(session, response, ends, [item] if ends == "completed" else [])
+        await self._finish(session, response, ends, [done] if ends == "completed" else [])
 
     async def _call_tools(
         self,
         session: EngineSessionRecord,
         response: SimResponse,
+        item: dict[str, Any],
         rule: Rule,
         calls: Sequence[tuple[str, dict[str, Any] | str]],
     ) -> None:
-        index = 0
+        """A response in which the model calls tools, as the engine plays it: the preamble's words in the
+        message (no audio for a short one) ended by ``response.text.done`` alone, each call announced
+        complete at ``output_index`` 1, and ``response.done`` ``incomplete`` with ``output: []``. The
+        message never completes (no ``output_item.done``)."""
         if rule.preamble:
-            await self._message(session, response, rule.preamble, 0)
-            index = 1
+            base = await self._stream(session, response, item, rule.preamble, spoken=False)
+            await self._send(session, {"type": "response.text.done", **base, "text": rule.preamble})
         session._turn_issued = True
         for name, args in calls:
             call_id = "call_" + secrets.token_hex(8)
             arguments = args if isinstance(args, str) else json.dumps(args, separators=(",", ":"))
-            item = {
+            call = {
                 "id": self._id("item_"),
                 "object": "realtime.item",
                 "type": "function_call",
@@ -1322,12 +1363,11 @@ class VowelSimulator:
                     {
                         "type": "response.output_item.added",
                         "response_id": response.id,
-                        "output_index": index,
-                        "item": item,
+                        "output_index": 1,
+                        "item": call,
                     },
                 )
-            index += 1
-        await self._finish(session, response, "incomplete", [])  # the engine's real shape: output []
+        await self._finish(session, response, "incomplete", [])
 
     async def _finish(
         self, session: EngineSessionRecord, response: SimResponse, status: str, output: list[dict[str, Any]]
@@ -1342,9 +1382,10 @@ class VowelSimulator:
             "status": status,
             "output": output,
         }
-        if status == "incomplete":
-            reason = "tool_calls" if response.call_ids else "max_output_tokens"
-            body["status_details"] = {"type": "incomplete", "reason": reason}
+        if response.call_ids:
+            body["status_details"] = None  # (the engine's, for a response that called tools)
+        elif status == "incomplete":
+            body["status_details"] = {"type": "incomplete", "reason": "max_output_tokens"}
         elif status == "cancelled":
             body["status_details"] = {"type": "cancelled", "reason": "turn_detected"}
         await self._send(session, {"type": "response.done", "response": body})
