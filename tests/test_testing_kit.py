@@ -643,3 +643,41 @@ async def test_ended_reports_a_script_that_failed_on_a_live_call_at_once(stack: 
     stack.sim.hang_up(call)
     summary = await stack.ended(call, check_script=False)
     assert summary.reason == "remote_closed"
+
+
+async def test_ended_says_a_script_that_finished_leaves_the_call_up_and_how_to_end_it(stack: Stack) -> None:
+    """A script whose last step is no hangup leaves the call up (here: the transfer the model asked for
+    never happened, its arguments not the tool's): the timeout says the script has finished with nothing
+    to end the call, how to end it, and which tool call failed, with what the model was told."""
+    script = Script(
+        [
+            wait_for_greeting(),
+            caller_says("A human, please."),
+            model_calls("transfer_call", {"target": "human"}, call_id="call_human"),
+            model_says("One moment."),
+        ]
+    )
+    call = await stack.call(script)
+    await call.wait_done()
+    with pytest.raises(TimeoutError) as failed:
+        await stack.ended(call, timeout=0.2)
+    message = str(failed.value)
+    assert f"call {call.call_id} did not end within 0.2 s; the simulator's call is still up" in message
+    assert "(status accepted) and its script has finished: no step of it hangs up" in message, message
+    assert "caller_hangs_up()" in message and "hang_up_at_end=True" in message, message
+    assert "tool calls that did not succeed: transfer_call (call_human): invalid_arguments" in message
+    assert '{"loc":"destination","msg":"Field required"}' in message, message
+
+
+async def test_ended_says_where_the_script_of_a_call_still_up_is(stack: Stack) -> None:
+    """A call still up whose script is still playing: the timeout names the step it is at, and the
+    simulator's status."""
+    call = await stack.call(Script([wait_for_greeting(), caller_says("Hello?"), pause(30.0)]))
+    await call.wait_for(lambda c: c.phase == "pause", 5, "the pause")
+    with pytest.raises(TimeoutError) as failed:
+        await stack.ended(call, timeout=0.2)
+    message = str(failed.value)
+    assert message == (
+        f"call {call.call_id} did not end within 0.2 s; the simulator's call is still up (status "
+        "accepted), its script at step 2 pause(30.0) (pause)"
+    ), message

@@ -128,7 +128,9 @@ class Harness:
         reported as soon as it failed, without waiting out ``timeout``), or saying that the simulator has
         ended the call and the server not yet (after ``caller_hangs_up("silent")``: the app's idle limit,
         then up to 10 s for an unanswered goodbye; while a transfer answered 200 is under way, the
-        transfer's 45 s window),
+        transfer's 45 s window), or, the simulator's call still up, where its script is (or that it has
+        finished, no step of it hanging up); and the tool calls that did not succeed, with what the model
+        was told (arguments that do not match the tool's parameters, say),
         and :class:`AssertionError` at once when it never ran on the server: rejected at ring time (the
         message gives the SIP status and the reject body), transferred (the target) or never answered.
         :class:`AssertionError` too when the simulator itself failed on the call or outside any call
@@ -144,14 +146,17 @@ class Harness:
                 broken = _internal_error(self.sim, call)
                 if broken is not None:
                     raise AssertionError(broken)
+                tools = _tools_failed(call, runtime.summary)
                 if outcome == "script_failed":
                     raise TimeoutError(
-                        f"call {call.call_id} has not ended; the script failed: {call.script_error}"
+                        f"call {call.call_id} has not ended; the script failed: {call.script_error}{tools}"
                     )
                 why = f"; the script failed: {call.script_error}" if call.script_error else ""
                 if call.status == "ended":
                     why += self._end_unseen(call, runtime.machine)
-                raise TimeoutError(f"call {call.call_id} did not end within {timeout:g} s{why}")
+                else:
+                    why += _still_up(call)
+                raise TimeoutError(f"call {call.call_id} did not end within {timeout:g} s{why}{tools}")
             summary = runtime.summary
         else:
             found = self._summaries.get(call.call_id) or registry.recent.get(call.call_id)
@@ -299,6 +304,40 @@ class Harness:
         return "one of these, counted while its webhook was answered (with other calls'): " + "; or ".join(
             causes
         )
+
+
+def _still_up(call: SimCall) -> str:
+    """Where ``call``, which the simulator has not ended, stands: what its script is doing, or that it
+    finished with nothing to end the call."""
+    where = f"; the simulator's call is still up (status {call.status})"
+    if not call.script_done:
+        return f"{where}, its script {call._describe_position()}"
+    if call.script_error is not None:
+        return where
+    return (
+        f"{where} and its script has finished: no step of it hangs up. If the caller is to hang up, end "
+        "the script with caller_hangs_up() (or pass hang_up_at_end=True to Script); if your app is to end "
+        "the call, it has not"
+    )
+
+
+_SHOWN_OUTPUT = 300
+"""Characters of a tool's output a failure message shows."""
+
+
+def _tools_failed(call: SimCall, summary: CallSummary) -> str:
+    """The tool calls of ``call`` that did not succeed, with the output the model got for each (what
+    went wrong: arguments that do not match the tool's parameters, say), or ``""``: none."""
+    failed = []
+    for record in summary.tools:
+        if record.outcome == "ok":
+            continue
+        output = call.output_for(record.call_id)
+        if output is not None and len(output) > _SHOWN_OUTPUT:
+            output = output[:_SHOWN_OUTPUT] + "…"
+        answer = f", the model was told {output}" if output is not None else ""
+        failed.append(f"{record.name} ({record.call_id}): {record.outcome}{answer}")
+    return "; tool calls that did not succeed: " + "; ".join(failed) if failed else ""
 
 
 def _internal_error(sim: Simulator, call: SimCall) -> str | None:
