@@ -594,7 +594,8 @@ async def test_the_simulator_fixtures_fail_their_test_on_a_request_the_simulator
 ) -> None:
     """The ``simulator`` fixture fails its test on a crash outside any call (here: a client secret's
     mint), and the ``vowel`` fixture on one of the vowel simulator's (a token's mint): each was answered
-    500, which the test may well have taken for a server's failure and passed over."""
+    500, which the test may well have taken for a server's failure and passed over. The message holds
+    each traceback as it is printed, line by line, and says where it was hit."""
 
     def crash(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("simulator bug")
@@ -618,10 +619,14 @@ async def test_the_simulator_fixtures_fail_their_test_on_a_request_the_simulator
                 vowel.core_url + "/v1/realtime/sessions", json=body, headers=headers
             ) as resp:
                 assert resp.status == 500
+        messages = []
         for fixture, name in zip(fixtures, ("the simulator", "the vowel simulator"), strict=True):
             with pytest.raises(pytest.fail.Exception, match=f"^{name} hit internal errors") as failed:
                 await anext(fixture)
-            assert "RuntimeError: simulator bug" in str(failed.value)
+            messages.append(message := str(failed.value))
+            assert "\nTraceback (most recent call last):\n  File " in message, message
+            assert "\nRuntimeError: simulator bug\n" in message, message
+        assert "\noutside any call:\nTraceback" in messages[0], messages[0]
     finally:
         for fixture in fixtures:
             await fixture.aclose()

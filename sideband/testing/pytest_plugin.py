@@ -44,15 +44,14 @@ else:
     async def simulator() -> AsyncIterator[Simulator]:
         """A started :class:`Simulator` on a free loopback port; closed afterwards, failing the test if the
         simulator itself hit an internal error (on a call or outside any)."""
+        from .harness import _internal_errors
         from .simulator import Simulator
 
         async with Simulator() as sim:
             yield sim
-        broken = {cid: call.internal_errors for cid, call in sim.calls.items() if call.internal_errors}
-        if sim.internal_errors:
-            broken["outside any call"] = sim.internal_errors
-        if broken:
-            pytest.fail(f"the simulator hit internal errors: {broken}")
+        broken = _internal_errors(sim)
+        if broken is not None:
+            pytest.fail(broken)
 
     @pytest_asyncio.fixture
     async def vowel(request: pytest.FixtureRequest) -> AsyncIterator[VowelSimulator]:
