@@ -686,3 +686,21 @@ async def test_ended_says_where_the_script_of_a_call_still_up_is(stack: Stack) -
         f"call {call.call_id} did not end within 0.2 s; the simulator's call is still up (status "
         "accepted), its script at step 2 pause(30.0) (pause)"
     ), message
+
+
+async def test_wait_idle_names_the_calls_still_live_when_it_times_out(stack: Stack) -> None:
+    """``h.wait_idle`` timing out names the server's live calls, where each one's script is, and how
+    long it waited; once they have ended it returns."""
+    call = await stack.call(Script([wait_for_greeting()]))
+    await call.wait_done()
+    with pytest.raises(TimeoutError) as failed:
+        await stack.wait_idle(timeout=0.2)
+    message = str(failed.value)
+    assert message.startswith(
+        f"the server still has 1 live call after 0.2 s: {call.call_id} (simulator status accepted, its "
+        "script finished)"
+    ), message
+    assert failed.value.__cause__ is None and failed.value.__suppress_context__
+    await stack.sim.hang_up(call)
+    await stack.wait_idle(timeout=5)
+    assert not stack.service.registry.calls

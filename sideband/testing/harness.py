@@ -72,8 +72,25 @@ class Harness:
         return self.base_url + "/webhooks/openai"
 
     async def wait_idle(self, timeout: float = 10.0) -> None:
-        """Wait until the server has no live call (every runtime ended and was released)."""
-        await asyncio.wait_for(self.service.registry.wait_idle(), timeout)
+        """Wait until the server has no live call (every runtime ended and was released).
+
+        Raises :class:`TimeoutError` when calls are still live after ``timeout`` seconds, naming each
+        one and where the simulator's call and its script stand."""
+        registry = self.service.registry
+        try:
+            await asyncio.wait_for(registry.wait_idle(), timeout)
+        except TimeoutError:
+            live = [
+                f"{call_id} (simulator status {call.status}, {_script_position(call)})"
+                if (call := self.sim.calls.get(call_id)) is not None
+                else call_id
+                for call_id in registry.calls
+            ]
+            count = f"{len(live)} live call{'s' if len(live) != 1 else ''}"
+            raise TimeoutError(
+                f"the server still has {count} after {timeout:g} s: {', '.join(live)}. A call ends when "
+                "its caller hangs up (caller_hangs_up(), h.sim.hang_up(call)) or your app ends it"
+            ) from None
 
     def url(self, path: str) -> str:
         """Absolute URL of a route of the server under test."""
@@ -311,7 +328,7 @@ def _still_up(call: SimCall) -> str:
     finished with nothing to end the call."""
     where = f"; the simulator's call is still up (status {call.status})"
     if not call.script_done:
-        return f"{where}, its script {call._describe_position()}"
+        return f"{where}, {_script_position(call)}"
     if call.script_error is not None:
         return where
     return (
@@ -319,6 +336,11 @@ def _still_up(call: SimCall) -> str:
         "the script with caller_hangs_up() (or pass hang_up_at_end=True to Script); if your app is to end "
         "the call, it has not"
     )
+
+
+def _script_position(call: SimCall) -> str:
+    """Where ``call``'s script is: the step it is at, or that it has finished."""
+    return "its script finished" if call.script_done else f"its script {call._describe_position()}"
 
 
 _SHOWN_OUTPUT = 300
