@@ -63,14 +63,14 @@ async def test_the_readmes_testing_examples_pass_against_its_quickstart_app(
         readme.index("## Testing your own tools") : readme.index("\n## ", readme.index("## Testing"))
     ]
     examples = [block for block in python_blocks(section) if "async def test_" in block]
-    assert len(examples) == 2, examples
+    assert len(examples) == 3, examples
     (tmp_path / "readme_examples.py").write_text("\n\n".join(examples))
     load_module("myapp", tmp_path / "myapp.py", monkeypatch)
     module = load_module("readme_examples", tmp_path / "readme_examples.py", monkeypatch)
     tests = [
         f for name, f in vars(module).items() if name.startswith("test_") and inspect.iscoroutinefunction(f)
     ]
-    assert len(tests) == 2
+    assert len(tests) == 3
     for test in tests:
         await test()
 
