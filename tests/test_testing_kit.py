@@ -9,6 +9,8 @@ import json
 import logging
 import re
 import sys
+import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from sideband.testing import (
     Simulator,
     caller_hangs_up,
     caller_says,
+    harness,
     model_calls,
     model_says,
     pause,
@@ -704,3 +707,41 @@ async def test_wait_idle_names_the_calls_still_live_when_it_times_out(stack: Sta
     await stack.sim.hang_up(call)
     await stack.wait_idle(timeout=5)
     assert not stack.service.registry.calls
+
+
+async def test_run_app_warns_of_a_sync_tool_still_running_as_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync tool stuck past its timeout runs on in a worker thread that Python waits for at exit (the
+    test process would not exit): ``run_app`` warns as it ends, naming the tool, where it is stuck and its
+    thread. A later run does not warn again of it (it did not start there)."""
+    monkeypatch.setattr(harness, "_THREADS_GRACE", 0.1)
+    release = threading.Event()
+    app = Sideband(instructions="desk", voice="marin")
+
+    @app.tool(timeout=0.2, filler_after=None)
+    def stuck() -> str:
+        """Blocks until released."""
+        release.wait(30)
+        return "done"
+
+    script = Script([wait_for_greeting(), caller_says("Hi."), model_calls("stuck", {}), caller_hangs_up()])
+    try:
+        with pytest.warns(RuntimeWarning) as warned:
+            async with run_app(app, **TEST_SETTINGS) as h:
+                summary = await h.ended(await h.call(script))
+        assert [t.outcome for t in summary.tools] == ["timeout"]
+        [warning] = warned
+        message = str(warning.message)
+        assert message.startswith(
+            "run_app: 0.1 s after the app stopped, its sync code still runs in 1 worker "
+        )
+        assert f"sync tool stuck ({__file__}:" in message, message
+        assert re.search(r"now at line \d+: release\.wait\(30\) \(inside Condition\.wait, ", message), message
+        assert re.search(r"\), in thread sideband-tool_\d+\. Give the blocking call", message), message
+        assert warning.filename == __file__  # (the test's own line: the block that ended)
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            async with run_app(app, **TEST_SETTINGS):
+                pass
+        assert not again, [str(w.message) for w in again]
+    finally:
+        release.set()

@@ -14,13 +14,20 @@ and a signed webhook sender between them.
 from __future__ import annotations
 
 import asyncio
+import linecache
+import sys
+import threading
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
 from typing import Any, Literal
 
 from aiohttp import web
 
+from sideband import blocking, tools
 from sideband.app import Sideband
 from sideband.edge import SERVICE, create_app
 from sideband.logs import logging_configured
@@ -420,6 +427,84 @@ def _logging_as(settings: Settings) -> Iterator[None]:
         yield
 
 
+_PACKAGE = str(Path(blocking.__file__).parent)
+"""Where sideband's own code is: a frame of a worker thread outside it is the app's."""
+
+_THREADS_GRACE = 1.0
+"""Seconds :func:`run_app` gives the app's sync tools and hooks still running as it ends to finish, before
+it warns of them (as ``sideband serve`` gives them before leaving them behind)."""
+
+
+def _busy_threads() -> dict[int, tuple[FrameType, FrameType]]:
+    """The threads running an app's sync tool or hook now (the work :func:`~sideband.blocking.in_thread`
+    hands them), by thread id: each one's innermost frame, and the frame that runs the work."""
+    carried = blocking._carried.__code__
+    busy = {}
+    for ident, top in sys._current_frames().items():
+        frame: FrameType | None = top
+        while frame is not None and frame.f_code is not carried:
+            frame = frame.f_back
+        if frame is not None:
+            busy[ident] = (top, frame)
+    return busy
+
+
+def _left_running(app: Sideband, before: dict[int, tuple[FrameType, FrameType]]) -> list[str]:
+    """The app's sync tools and hooks that started running since ``before`` and still run in a thread
+    that Python waits for at exit (not a daemon): what each is, where it is now, and its thread."""
+    threads = {thread.ident: thread for thread in threading.enumerate()}
+    left = []
+    for ident, (top, carried) in _busy_threads().items():
+        thread = threads.get(ident)
+        if thread is None or thread.daemon or (ident in before and before[ident][1] is carried):
+            continue
+        chain = []  # (the frames the work runs in, from its own down to the innermost)
+        frame: FrameType | None = top
+        while frame is not None and frame is not carried:
+            chain.append(frame)
+            frame = frame.f_back
+        chain.reverse()
+        is_tool = any(f.f_code is tools._call_encoded.__code__ for f in chain)
+        own = [f for f in chain if not f.f_code.co_filename.startswith(_PACKAGE)]
+        entry = own[0] if own else chain[0] if chain else top
+        code = entry.f_code
+        name = next((t.name for t in app.tools if getattr(t.fn, "__code__", None) is code), code.co_qualname)
+        line = linecache.getline(code.co_filename, entry.f_lineno).strip()
+        inner = top.f_code
+        deeper = (
+            f" (inside {inner.co_qualname}, {inner.co_filename}:{top.f_lineno})" if top is not entry else ""
+        )
+        left.append(
+            f"{'sync tool' if is_tool else 'sync hook'} {name} ({code.co_filename}:{code.co_firstlineno}), "
+            f"now at line {entry.f_lineno}"
+            + (f": {line}" if line else "")
+            + f"{deeper}, in thread {thread.name}"
+        )
+    return left
+
+
+async def _warn_of_threads_left(app: Sideband, before: dict[int, tuple[FrameType, FrameType]]) -> None:
+    """Warn (:class:`RuntimeWarning`) of the app's sync tools and hooks that started during the run and
+    still run :data:`_THREADS_GRACE` seconds after it: their threads hold up the test process's exit."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + _THREADS_GRACE
+    left = _left_running(app, before)
+    while left and loop.time() < until:
+        await asyncio.sleep(0.02)
+        left = _left_running(app, before)
+    if not left:
+        return
+    threads = f"{len(left)} worker thread{'s' if len(left) != 1 else ''}"
+    warnings.warn(
+        f"run_app: {_THREADS_GRACE:g} s after the app stopped, its sync code still runs in {threads} that "
+        "Python waits for at exit (a thread cannot be stopped), so the test process will not exit until it "
+        "returns: " + "; ".join(left) + ". Give the blocking call in it a timeout of its own: a tool's "
+        "timeout answers the model, and cannot stop its thread",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 @asynccontextmanager
 async def run_app(app: Sideband, sim: Simulator | None = None, **settings: Any) -> AsyncIterator[Harness]:
     """Serve ``app`` on a free loopback port against ``sim`` (a new one if not given); ``settings``
@@ -441,7 +526,11 @@ async def run_app(app: Sideband, sim: Simulator | None = None, **settings: Any) 
     any call or outside them (a bug of the simulator's, ``call.internal_errors``, ``sim.internal_errors``:
     a request it answered 500 for its own failure, say), the block raises
     :class:`AssertionError` with the tracebacks (a note on the block's own exception, if it raised one),
-    as the ``simulator`` fixture fails its test."""
+    as the ``simulator`` fixture fails its test.
+
+    The app's sync tools and hooks that started during the run and still run a second after it (a tool
+    stuck past its timeout: its thread cannot be stopped, and Python waits for it at exit) are named in a
+    :class:`RuntimeWarning` as the block ends."""
     own = sim is None
     simulator = sim or Simulator()
     if own:
@@ -450,6 +539,7 @@ async def run_app(app: Sideband, sim: Simulator | None = None, **settings: Any) 
         simulator._check_loop()
     failed: Exception | None = None
     report: str | None = None
+    busy = _busy_threads()
     try:
         config = harness_settings(simulator, **settings)
         with _logging_as(config):
@@ -472,8 +562,11 @@ async def run_app(app: Sideband, sim: Simulator | None = None, **settings: Any) 
                     if sender is not None:
                         await sender.close()
                 finally:
-                    if runner is not None:
-                        await runner.cleanup()
+                    try:
+                        if runner is not None:
+                            await runner.cleanup()
+                    finally:
+                        await _warn_of_threads_left(app, busy)
     except Exception as exc:
         failed = exc
         raise
