@@ -127,6 +127,47 @@ def test_a_source_tree_never_installed_still_imports() -> None:
     assert python_prints(source) == "unknown\n"
 
 
+def test_loading_the_pytest_plugin_imports_neither_the_app_nor_its_server() -> None:
+    """pytest loads the plugin (its ``pytest11`` entry point) in every run of a project where sideband is
+    installed, whether its tests use sideband or not: it imports nothing heavy, the app, the server, the
+    HTTP client, pydantic or the simulators, until a fixture of its is used."""
+    source = (
+        "import sys\n"
+        "from importlib.metadata import entry_points\n"
+        "import pytest, pytest_asyncio\n"  # (pytest has loaded these by the time it loads the plugin)
+        "[plugin] = [e for e in entry_points(group='pytest11') if e.name == 'sideband']\n"
+        "before = set(sys.modules)\n"
+        "plugin.load()\n"
+        "print(plugin.value)\n"
+        "print(sorted(set(sys.modules) - before))\n"
+    )
+    plugin, loaded = python_prints(source).splitlines()
+    assert plugin == "sideband.testing.pytest_plugin"
+    assert loaded == "['sideband', 'sideband.testing', 'sideband.testing.pytest_plugin']", loaded[:500]
+
+
+def test_the_package_lists_and_reaches_its_names() -> None:
+    """Its names are imported on first use, and still listed (dir, *), reachable as attributes and the
+    very objects of the modules they come from."""
+    source = (
+        "import sys\n"
+        "import sideband\n"
+        "assert 'aiohttp' not in sys.modules and 'sideband.app' not in sys.modules\n"
+        "assert {'Sideband', 'CallContext', 'load_settings', '__version__'} <= set(dir(sideband))\n"
+        "ns = {}\n"
+        "exec('from sideband import *', ns)\n"
+        "assert set(sideband.__all__) <= ns.keys()\n"
+        "from sideband.app import Sideband\n"
+        "from sideband.runtime.driver import ToolOutcome\n"
+        "assert ns['Sideband'] is Sideband and sideband.ToolOutcome is ToolOutcome\n"
+        "try:\n"
+        "    sideband.Sidebnad\n"
+        "except AttributeError as exc:\n"
+        "    print(exc)\n"
+    )
+    assert python_prints(source) == "module 'sideband' has no attribute 'Sidebnad'\n"
+
+
 def test_the_testing_package_lists_and_reaches_its_names_and_submodules() -> None:
     """Its names are imported on first use, and still listed (dir, *) and reachable as attributes."""
     source = (

@@ -2,8 +2,9 @@
 
 ``simulator``: a started :class:`~sideband.testing.Simulator`, closed after the test. It needs an asyncio
 pytest plugin (pytest-asyncio, e.g. via pytest-aiohttp); without one the fixture is not defined, so loading
-this plugin never breaks an unrelated test suite. The simulators are imported by the fixtures that start
-them, not when the plugin is loaded.
+this plugin never breaks an unrelated test suite. pytest loads it in every run of a project where sideband
+is installed, so loading it imports nothing heavy (no app, server, HTTP client or simulator: ``sideband``
+imports its names on first use): each fixture imports what it starts.
 
 The fixtures run on pytest-asyncio's default fixture loop (``asyncio_default_fixture_loop_scope``): a test
 using one must run on that same loop (its loop scope the same), or the simulator, whose loop is not running
