@@ -449,15 +449,27 @@ def _busy_threads() -> dict[int, tuple[FrameType, FrameType]]:
     return busy
 
 
-def _left_running(app: Sideband, before: dict[int, tuple[FrameType, FrameType]]) -> list[str]:
-    """The app's sync tools and hooks that started running since ``before`` and still run in a thread
-    that Python waits for at exit (not a daemon): what each is, where it is now, and its thread."""
+def _started_since(
+    before: dict[int, tuple[FrameType, FrameType]],
+) -> list[tuple[threading.Thread, FrameType, FrameType]]:
+    """The sync tools and hooks that started running since ``before`` and still run in a thread that
+    Python waits for at exit (not a daemon): each one's thread, innermost frame and the frame running it."""
     threads = {thread.ident: thread for thread in threading.enumerate()}
+    return [
+        (thread, top, carried)
+        for ident, (top, carried) in _busy_threads().items()
+        if (thread := threads.get(ident)) is not None
+        and not thread.daemon
+        and not (ident in before and before[ident][1] is carried)
+    ]
+
+
+def _describe_running(
+    app: Sideband, running: list[tuple[threading.Thread, FrameType, FrameType]]
+) -> list[str]:
+    """What each of the ``running`` sync tools and hooks of ``app`` is, where it is now, and its thread."""
     left = []
-    for ident, (top, carried) in _busy_threads().items():
-        thread = threads.get(ident)
-        if thread is None or thread.daemon or (ident in before and before[ident][1] is carried):
-            continue
+    for thread, top, carried in running:
         chain = []  # (the frames the work runs in, from its own down to the innermost)
         frame: FrameType | None = top
         while frame is not None and frame is not carried:
@@ -488,12 +500,13 @@ async def _warn_of_threads_left(app: Sideband, before: dict[int, tuple[FrameType
     still run :data:`_THREADS_GRACE` seconds after it: their threads hold up the test process's exit."""
     loop = asyncio.get_running_loop()
     until = loop.time() + _THREADS_GRACE
-    left = _left_running(app, before)
-    while left and loop.time() < until:
+    running = _started_since(before)
+    while running and loop.time() < until:
         await asyncio.sleep(0.02)
-        left = _left_running(app, before)
-    if not left:
+        running = _started_since(before)
+    if not running:
         return
+    left = _describe_running(app, running)
     threads = f"{len(left)} worker thread{'s' if len(left) != 1 else ''}"
     warnings.warn(
         f"run_app: {_THREADS_GRACE:g} s after the app stopped, its sync code still runs in {threads} that "
