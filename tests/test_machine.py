@@ -991,6 +991,30 @@ def agent_line(resp: str, text: str) -> dict[str, Any]:
     }
 
 
+def test_a_message_is_one_line_whichever_of_its_parts_carries_it() -> None:
+    """The vowel engine ends a reply's text part (response.text.done, content_index 0) and its audio
+    transcript (1) with the same words: one line. Another message of the same response is a line of
+    its own, and so is the next response's."""
+    m = live_machine(caps=ENGINE_CAPABILITIES)
+    m.receive({"type": "response.created", "response": {"id": "r1"}})
+    part = {"response_id": "r1", "item_id": "item_1", "output_index": 0}
+    text = m.receive({"type": "response.text.done", **part, "content_index": 0, "text": "It shipped."})
+    assert notices(text, "transcript") == [{"role": "agent", "text": "It shipped.", "response_id": "r1"}]
+    said = {
+        "type": "response.output_audio_transcript.done",
+        **part,
+        "content_index": 1,
+        "transcript": "It shipped.",
+    }
+    assert notices(m.receive(said), "transcript") == []
+    other = {**agent_line("r1", "Anything else?"), "item_id": "item_2"}
+    assert [n["text"] for n in notices(m.receive(other), "transcript")] == ["Anything else?"]
+    m.receive(response_done("r1"))
+    m.receive({"type": "response.created", "response": {"id": "r2"}})
+    again = {**said, "response_id": "r2"}
+    assert [n["text"] for n in notices(m.receive(again), "transcript")] == ["It shipped."]
+
+
 def test_a_line_the_caller_cut_off_is_marked_whenever_its_words_come() -> None:
     m = live_machine()
     # The words first, then the caller cuts into the audio still playing after the response.
@@ -1533,7 +1557,7 @@ def test_agent_line_reported_once_when_sent_as_text_and_transcript() -> None:
     part = {"response_id": "r1", "item_id": "item_1", "content_index": 0}
     first = m.receive({"type": "response.output_audio_transcript.done", **part, "transcript": "Hi."})
     again = m.receive({"type": "response.text.done", **part, "text": "Hi."})
-    other = m.receive({"type": "response.text.done", **part, "content_index": 1, "text": "More."})
+    other = m.receive({"type": "response.text.done", **part, "item_id": "item_2", "text": "More."})
     assert notices(first, "transcript") == [{"role": "agent", "text": "Hi.", "response_id": "r1"}]
     assert notices(again, "transcript") == []
     assert notices(other, "transcript") == [{"role": "agent", "text": "More.", "response_id": "r1"}]

@@ -1045,7 +1045,7 @@ async def test_a_tool_turn_cancelled_before_its_call_was_announced_leaves_no_out
     async with _engine_with_tools(vowel, "a") as (ws, until):
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "look"}]}
         await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
-        await until("response.text.done")  # the preamble, said whole
+        await until("response.text.delta")  # the preamble's word
         await ws.send(json.dumps({"type": "response.cancel"}))
         assert (await until("response.done"))["response"]["status"] == "cancelled"
         await ws.send(json.dumps({"type": "response.create"}))
@@ -1059,8 +1059,9 @@ async def test_a_response_that_calls_tools_plays_as_the_engine_plays_it(
     vowel: VowelSimulator, preamble: str | None
 ) -> None:
     """The engine opens every response's message first (index 0, in progress, empty, and its text
-    part); a preamble's words end with response.text.done alone; each call is announced at index 1;
-    the message never completes, and the response ends incomplete with output []."""
+    part); a preamble's words stream as text (a one-sentence preamble is never voiced); each call is
+    announced at index 1; the preamble's response.text.done comes after them, alone; the message never
+    completes, and the response ends incomplete with output []."""
     vowel.script([when("look", preamble=preamble, calls=[("a", {}), ("b", {})], reply="Looked.")])
     async with _engine_with_tools(vowel, "a", "b") as (ws, until):
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "look"}]}
@@ -1074,19 +1075,120 @@ async def test_a_response_that_calls_tools_plays_as_the_engine_plays_it(
         ("response.created", None),
         ("response.output_item.added", 0),
         ("response.content_part.added", 0),
-        *([*said, ("response.text.done", 0)] if preamble else []),
+        *(said if preamble else []),
         ("response.output_item.added", 1),
         ("response.output_item.added", 1),
+        *([("response.text.done", 0)] if preamble else []),
         ("response.done", None),
     ]
     message = events[1]["item"]
     assert (message["type"], message["status"], message["content"]) == ("message", "in_progress", [])
     assert events[2]["part"] == {"type": "text", "text": ""} and events[2]["item_id"] == message["id"]
+    calls = [e for e in events if e["type"] == "response.output_item.added" and e["output_index"] == 1]
+    assert [e["item"]["name"] for e in calls] == ["a", "b"]
     if preamble:
-        assert "".join(e["delta"] for e in events[3:6]) == events[6]["text"] == preamble
-    assert [e["item"]["name"] for e in events[-3:-1]] == ["a", "b"]
+        deltas = events[3:6]
+        assert {(e["item_id"], e["content_index"]) for e in [*deltas, events[-2]]} == {(message["id"], 0)}
+        assert "".join(e["delta"] for e in deltas) == events[-2]["text"] == preamble
     assert done["response"]["status"] == "incomplete" and done["response"]["output"] == []
     assert done["response"]["status_details"] is None
+
+
+async def test_a_preamble_voices_each_sentence_more_text_follows_never_its_last(
+    vowel: VowelSimulator,
+) -> None:
+    """The engine voices a sentence once the whitespace after it has come, and flushes the rest only
+    when a reply completes: of a preamble, the sentences before its last are heard (its audio part
+    opened at content_index 1, their transcript and audio), never the last, and no transcript's done."""
+    preamble = "Sure, I can do that. One moment."
+    vowel.script([when("look", preamble=preamble, calls=[("a", {})], reply="Looked.")])
+    async with _engine_with_tools(vowel, "a") as (ws, until):
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "look"}]}
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        await until("response.done")
+    engine = vowel.sessions[0]
+    (part,) = [e for e in engine.sent if e["type"] == "response.content_part.added" and e["content_index"]]
+    assert part["part"] == {"type": "audio", "transcript": ""} and part["content_index"] == 1
+    transcript = engine.sent_of_type("response.output_audio_transcript.delta")
+    assert [(e["delta"], e["content_index"]) for e in transcript] == [("Sure, I can do that.", 1)]
+    assert len(engine.sent_of_type("response.output_audio.delta")) == 1
+    assert engine.sent_of_type("response.output_audio_transcript.done") == []
+    assert [e["text"] for e in engine.sent_of_type("response.text.done")] == [preamble]
+
+
+async def test_a_reply_plays_as_the_engine_plays_it(vowel: VowelSimulator) -> None:
+    """A completed reply: text deltas of the message's text part (content_index 0); its audio part
+    (content_index 1) opened as the first sentence is voiced, that sentence's transcript and audio,
+    the rest flushed at the end; response.text.done (0) before the transcript's done and the audio's
+    (1), both with the whole text; the item done with both parts; response.done completed, listing it,
+    status_details and usage null."""
+    reply = "Your order shipped today. It should arrive on Monday."
+    vowel.script([when("where", reply=reply)])
+    async with _engine_with_tools(vowel) as (ws, until):
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "where"}]}
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        done = await until("response.done")
+    engine = vowel.sessions[0]
+    start = next(i for i, e in enumerate(engine.sent) if e["type"] == "response.created")
+    events = engine.sent[start:]
+    created = events[0]["response"]
+    assert (created["status_details"], created["usage"], created["output"]) == (None, None, [])
+    words = ["Your", " order", " shipped", " today.", " It", " should", " arrive", " on", " Monday."]
+    text = [("response.text.delta", 0)]
+    voiced = [("response.output_audio_transcript.delta", 1), ("response.output_audio.delta", 1)]
+    assert [(e["type"], e.get("content_index")) for e in events[3:]] == [
+        *text * 5,  # (the first sentence is whole once the word after it came)
+        ("response.content_part.added", 1),
+        *voiced,
+        *text * 4,
+        *voiced,  # (the rest, flushed)
+        ("response.text.done", 0),
+        ("response.output_audio_transcript.done", 1),
+        ("response.output_audio.done", 1),
+        ("response.output_item.done", None),
+        ("response.done", None),
+    ]
+    message = events[1]["item"]["id"]
+    assert {e.get("item_id") for e in events[2:-2]} == {message}
+    assert [e["delta"] for e in events if e["type"] == "response.text.delta"] == words
+    transcript = [e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta"]
+    assert transcript == ["Your order shipped today.", "It should arrive on Monday."]
+    assert events[-5]["text"] == events[-4]["transcript"] == reply
+    item_done = events[-2]["item"]
+    assert (item_done["id"], item_done["status"]) == (message, "completed")
+    assert item_done["content"] == [{"type": "text", "text": reply}, {"type": "audio", "transcript": reply}]
+    response = done["response"]
+    assert (response["status"], response["status_details"], response["usage"]) == ("completed", None, None)
+    assert response["output"] == [item_done]
+
+
+async def test_a_reply_is_one_line_though_its_text_and_its_transcript_both_end(
+    vowel: VowelSimulator, logs: io.StringIO
+) -> None:
+    """The engine ends a reply's text part (content_index 0) and its audio transcript (1) with the same
+    words: the reply is one line, in the reply, the transcript, the on_transcript hooks and the log."""
+    heard: list[tuple[str, str]] = []
+    app = make_app()
+
+    @app.on_transcript
+    async def note(ctx: CallContext, role: str, text: str) -> None:
+        heard.append((role, text))
+
+    vowel.script([when("hello", reply="Hello there. How can I help?")])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        reply = await session.say("hello")
+        assert await session.say("thanks") is not None
+    said = vowel.sessions[0].sent_of_type("response.output_audio_transcript.done")
+    assert [e["content_index"] for e in said] == [1, 1]  # (the engine's: both parts of each reply end)
+    assert reply.lines == ("Hello there. How can I help?",)
+    assert session.summary is not None
+    agent = ["Hello there. How can I help?", "I heard you."]
+    assert [t for role, t in session.summary.transcript if role == "agent"] == agent
+    assert [t for role, t in heard if role == "agent"] == agent
+    logged = [
+        line["text"] for line in log_lines(logs) if line["event"] == "transcript" and line["role"] == "agent"
+    ]
+    assert logged == agent
 
 
 @pytest.mark.parametrize("preamble", ["Let me check.", None])

@@ -557,7 +557,7 @@ class CallMachine:
         # it since: it plays on until its stop shows, or the re-attach grace ends
         self._play_unsure = False
         self._play_overdue = False  # the grace ended while a response ran: its end settles it
-        self._agent_lines: set[tuple[Any, Any, Any]] = set()
+        self._agent_lines: set[tuple[str, str]] = set()  # (response, item) of the lines reported
         self._last_line_response: object = None  # the response the agent's last transcript line is of
         self._cut_response: object = None  # the response whose audio the caller cut off, its line unseen
         self._greeted = False
@@ -1789,8 +1789,10 @@ class CallMachine:
     def _agent_line(self, event: dict[str, Any], text: Any) -> list[Action]:
         if not isinstance(text, str) or not text.strip():
             return []
-        # Some servers send both the audio transcript and the text of one content part: report it once.
-        key = (str(event.get("response_id")), str(event.get("item_id")), str(event.get("content_index")))
+        # One line a message, whichever of its parts carries it: OpenAI's messages have one (text or
+        # audio), the vowel engine's a text part (content_index 0) and an audio part whose transcript
+        # says the same words (1).
+        key = (str(event.get("response_id")), str(event.get("item_id")))
         if key in self._agent_lines:
             return []
         self._agent_lines.add(key)

@@ -123,10 +123,11 @@ class Rule:
     the outputs are in and the client sent ``response.create`` (a callable gets the outputs,
     :class:`ToolOutputs`: ``{tool name: output}``, and every call's in ``calls``).
     ``preamble``: text said in the same response as the calls, before them: ``response.text.delta``
-    events ended by ``response.text.done`` alone (no audio transcript, no ``output_item.done``; no
-    audio either: the engine voices a preamble's sentence only once more text follows it, so never its
-    last). ``repeat_calls``: announce each call twice (same ``call_id``). ``fatal``: the engine fails
-    (``error``, ``response.done`` failed, close 1011).
+    events, and a ``response.text.done`` after the calls (no transcript's ``done``, no
+    ``output_item.done``); the engine voices a sentence only once more text follows it, so a preamble's
+    last is never heard (a one-sentence preamble has no audio at all). ``repeat_calls``: announce each
+    call twice (same ``call_id``). ``fatal``: the engine fails (``error``, ``response.done`` failed,
+    close 1011).
     ``refuse``: the engine refuses the text itself with this message: an ``error``
     (``invalid_request_error``, code ``invalid_value``), no item created and no response; the session
     carries on. ``ends``: how the reply's response ends, ``completed``, or cut short with nothing to
@@ -329,6 +330,46 @@ def _js_falsy(value: Any) -> bool:
 
 def _words(text: str) -> list[str]:
     return re.findall(r"\s*\S+", text) or [text]
+
+
+_SENTENCE_END = re.compile(r"[.!?]+\s")
+_CLAUSE_END = re.compile(r"[,;:]\s")
+
+
+@dataclass(slots=True)
+class _Speech:
+    """A message's words as the engine streams them: the text so far, and its chunker, which hands a
+    sentence to its voice once the sentence is whole (the whitespace after its mark has come) and at
+    least 15 characters in, a clause once 80 characters wait, a cut at a space once 120 do, and the
+    rest only when the reply ends (never in a response that calls a tool)."""
+
+    base: dict[str, Any]  # the fields of the message's events
+    text: str = ""
+    waiting: str = ""
+    voiced: bool = False  # its audio part was opened
+
+    def add(self, words: str) -> list[str]:
+        """Take the next ``words``; return the chunk they complete, if any."""
+        self.text += words
+        self.waiting += words
+        waiting = self.waiting
+        end = max((m.end() for m in _SENTENCE_END.finditer(waiting) if m.end() >= 15), default=0)
+        if not end and len(waiting) >= 80:
+            end = max((m.end() for m in _CLAUSE_END.finditer(waiting) if m.end() >= 15), default=0)
+            if not end and len(waiting) >= 120:
+                space = waiting.rfind(" ", 0, 81)
+                if space > 15:
+                    self.waiting = waiting[space + 1 :]
+                    return [waiting[:space].strip()]
+        if not end:
+            return []
+        self.waiting = waiting[end:]
+        return [waiting[:end].strip()]
+
+    def flush(self) -> list[str]:
+        """The words still waiting, at the end of the reply."""
+        rest, self.waiting = self.waiting.strip(), ""
+        return [rest] if rest else []
 
 
 # ------------------------------------------------------------------------------------------ simulator
@@ -1202,7 +1243,9 @@ class VowelSimulator:
                     "id": response.id,
                     "object": "realtime.response",
                     "status": "in_progress",
+                    "status_details": None,
                     "output": [],
+                    "usage": None,
                 },
             },
         )
@@ -1276,26 +1319,35 @@ class VowelSimulator:
         return item
 
     async def _stream(
-        self,
-        session: EngineSessionRecord,
-        response: SimResponse,
-        item: dict[str, Any],
-        text: str,
-        *,
-        spoken: bool,
-    ) -> dict[str, Any]:
-        """The words of ``text`` into the message ``item``, one at a time (``spoken``: with their audio
-        transcript too); the fields its events share."""
-        base = {"response_id": response.id, "item_id": item["id"], "output_index": 0, "content_index": 0}
+        self, session: EngineSessionRecord, response: SimResponse, item: dict[str, Any], text: str
+    ) -> _Speech:
+        """The words of ``text`` into the message ``item``: each a ``response.text.delta`` of its text part
+        (``content_index`` 0); each sentence the engine's chunker finds complete is voiced as it comes
+        (see :meth:`_voice`). Returns where the message stands, for the rest of the response."""
+        speech = _Speech({"response_id": response.id, "item_id": item["id"], "output_index": 0})
         for word in _words(text):
             await self._pace()
-            await self._send(session, {"type": "response.text.delta", **base, "delta": word})
-            if spoken:
-                await self._send(
-                    session, {"type": "response.output_audio_transcript.delta", **base, "delta": word}
-                )
+            await self._send(
+                session, {"type": "response.text.delta", **speech.base, "content_index": 0, "delta": word}
+            )
+            await self._voice(session, speech, speech.add(word))
         response.text = f"{response.text} {text}".strip()
-        return base
+        return speech
+
+    async def _voice(self, session: EngineSessionRecord, speech: _Speech, chunks: list[str]) -> None:
+        """Voice ``chunks`` of the message as the engine does: its audio part opened first (a
+        ``content_part.added`` at ``content_index`` 1), then each chunk's transcript delta and audio."""
+        audio = {**speech.base, "content_index": 1}
+        for chunk in chunks:
+            if not speech.voiced:
+                speech.voiced = True
+                part = {"type": "audio", "transcript": ""}
+                await self._send(session, {"type": "response.content_part.added", **audio, "part": part})
+            await self._send(
+                session, {"type": "response.output_audio_transcript.delta", **audio, "delta": chunk}
+            )
+            silence = base64.b64encode(bytes(480)).decode("ascii")
+            await self._send(session, {"type": "response.output_audio.delta", **audio, "delta": silence})
 
     async def _say(
         self,
@@ -1305,15 +1357,25 @@ class VowelSimulator:
         text: str,
         ends: ReplyEnd = "completed",
     ) -> None:
-        """Speak ``text`` in the message ``item`` and end the response: the item completes."""
-        base = await self._stream(session, response, item, text, spoken=True)
-        silence = base64.b64encode(bytes(480)).decode("ascii")
-        await self._send(session, {"type": "response.output_audio.delta", **base, "delta": silence})
+        """Speak ``text`` in the message ``item`` and end the response, as the engine ends a reply: the
+        rest of the text voiced, ``response.text.done`` (``content_index`` 0), then, if any of it was
+        voiced, ``response.output_audio_transcript.done`` and ``response.output_audio.done`` (1), both
+        with the whole text; the item completes with both parts."""
+        speech = await self._stream(session, response, item, text)
+        await self._voice(session, speech, speech.flush())
+        text = speech.text
         await self._send(
-            session, {"type": "response.output_audio_transcript.done", **base, "transcript": text}
+            session, {"type": "response.text.done", **speech.base, "content_index": 0, "text": text}
         )
-        await self._send(session, {"type": "response.text.done", **base, "text": text})
-        done = {**item, "status": "completed", "content": [{"type": "output_audio", "transcript": text}]}
+        content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+        if speech.voiced:
+            audio = {**speech.base, "content_index": 1}
+            await self._send(
+                session, {"type": "response.output_audio_transcript.done", **audio, "transcript": text}
+            )
+            await self._send(session, {"type": "response.output_audio.done", **audio})
+            content.append({"type": "audio", "transcript": text})
+        done = {**item, "status": "completed", "content": content}
         await self._send(
             session,
             {
@@ -1334,12 +1396,11 @@ class VowelSimulator:
         calls: Sequence[tuple[str, dict[str, Any] | str]],
     ) -> None:
         """A response in which the model calls tools, as the engine plays it: the preamble's words in the
-        message (no audio for a short one) ended by ``response.text.done`` alone, each call announced
-        complete at ``output_index`` 1, and ``response.done`` ``incomplete`` with ``output: []``. The
-        message never completes (no ``output_item.done``)."""
-        if rule.preamble:
-            base = await self._stream(session, response, item, rule.preamble, spoken=False)
-            await self._send(session, {"type": "response.text.done", **base, "text": rule.preamble})
+        message (a sentence voiced only once more text follows it: never the last), each call announced
+        complete at ``output_index`` 1, then the preamble's ``response.text.done`` alone, and
+        ``response.done`` ``incomplete`` with ``output: []``. The message never completes (no
+        ``output_item.done``, no transcript's ``done``)."""
+        speech = await self._stream(session, response, item, rule.preamble) if rule.preamble else None
         session._turn_issued = True
         for name, args in calls:
             call_id = "call_" + secrets.token_hex(8)
@@ -1367,6 +1428,9 @@ class VowelSimulator:
                         "item": call,
                     },
                 )
+        if speech is not None:
+            done = {"type": "response.text.done", **speech.base, "content_index": 0, "text": speech.text}
+            await self._send(session, done)
         await self._finish(session, response, "incomplete", [])
 
     async def _finish(
@@ -1380,11 +1444,11 @@ class VowelSimulator:
             "id": response.id,
             "object": "realtime.response",
             "status": status,
+            "status_details": None,  # (the engine's, for a reply and for a response that called tools)
             "output": output,
+            "usage": None,  # (the engine reports none)
         }
-        if response.call_ids:
-            body["status_details"] = None  # (the engine's, for a response that called tools)
-        elif status == "incomplete":
+        if status == "incomplete" and not response.call_ids:
             body["status_details"] = {"type": "incomplete", "reason": "max_output_tokens"}
         elif status == "cancelled":
             body["status_details"] = {"type": "cancelled", "reason": "turn_detected"}
