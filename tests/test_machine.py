@@ -212,6 +212,28 @@ def test_a_call_id_back_in_a_later_response(caps: Capabilities, runs_again: bool
     assert again == (["call_1"] if runs_again else [])
 
 
+@pytest.mark.parametrize("preamble", ["I'll note that.", None])
+def test_a_quiet_call_of_an_engine_tool_turn_is_quiet_after_its_preamble(preamble: str | None) -> None:
+    """The engine's tool turn ends incomplete with output [] whatever was said: the preamble's words come
+    only in its response.text.done. Its line makes a quiet tool's success need no answer; with no
+    words, the model is asked to answer (never silence)."""
+    m = machine(caps=ENGINE_CAPABILITIES, quiet=frozenset({"lookupOrder"}))
+    m.start()
+    m.receive({"type": "session.created", "session": {"id": "sess_1"}})
+    m.receive({"type": "session.updated", "session": {}})
+    m.user_text("note that I prefer email")
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    m.receive(engine_call("call_1", "resp_1"))
+    if preamble:
+        part = {"response_id": "resp_1", "item_id": "item_1", "output_index": 0, "content_index": 0}
+        m.receive({"type": "response.text.done", **part, "text": preamble})
+    done = m.receive(response_done("resp_1", status="incomplete", output=[]))
+    assert [a.call_id for a in done if isinstance(a, RunTool)] == ["call_1"]
+    answered = types(m.tool_done("call_1", '{"ok":true}', ok=True))
+    assert answered == ["conversation.item.create"] + ([] if preamble else ["response.create"])
+    assert m.response_owed == (preamble is None)
+
+
 def test_a_reused_call_id_is_a_new_call_only_once_its_output_was_acknowledged() -> None:
     """Until the server acknowledged our output for a call id, that id in a later response is the call
     already answered, not a new one to run."""

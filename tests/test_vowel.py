@@ -32,7 +32,7 @@ from websockets.protocol import State
 from sideband import CallContext, Sideband
 from sideband.cli import main
 from sideband.runtime.driver import CallRuntime
-from sideband.runtime.machine import TURN_GRACE
+from sideband.runtime.machine import TURN_GRACE, CallMachine, MachineConfig, RunTool, Send
 from sideband.settings import Settings, load_settings
 from sideband.testing import pytest_plugin
 from sideband.testing.vowel import DEFAULT_ENGINE_KEY, ToolOutputs, VowelSimulator, when
@@ -49,6 +49,7 @@ from sideband.upstream.vowel import (
 )
 from sideband.vowel import EngineError, EngineSession
 from sideband.vowel.dial import run_dial, run_vowel_demo
+from sideband.vowel.session import ENGINE_CAPABILITIES
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDERS = {"1042": {"status": "shipped", "carrier": "UPS"}}
@@ -1189,6 +1190,28 @@ async def test_a_reply_is_one_line_though_its_text_and_its_transcript_both_end(
         line["text"] for line in log_lines(logs) if line["event"] == "transcript" and line["role"] == "agent"
     ]
     assert logged == agent
+
+
+@pytest.mark.parametrize("preamble", ["I'll note that.", None])
+async def test_a_quiet_tool_called_after_a_preamble_asks_for_no_answer(
+    vowel: VowelSimulator, preamble: str | None
+) -> None:
+    """The engine's tool turn lists nothing in response.done whatever was said; its preamble's words come
+    in response.text.done alone. Played to a call machine with a quiet tool, they keep its successful
+    output from asking for an answer (no response.create: the engine says nothing more); with no words
+    the model is asked to answer, never leaving silence."""
+    vowel.script([when("note", preamble=preamble, calls=[("note", {})], reply="Noted.")])
+    async with _engine_with_tools(vowel, "note") as (ws, until):
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "note it"}]}
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        done = await until("response.done")
+    assert done["response"]["output"] == []
+    machine = CallMachine(MachineConfig(session={}, quiet=frozenset({"note"})), ENGINE_CAPABILITIES)
+    machine.start()
+    played = [action for event in vowel.sessions[0].sent for action in machine.receive(event)]
+    (run,) = [a for a in played if isinstance(a, RunTool)]
+    answered = [a.event["type"] for a in machine.tool_done(run.call_id, "{}", ok=True) if isinstance(a, Send)]
+    assert answered == ["conversation.item.create", *([] if preamble else ["response.create"])]
 
 
 @pytest.mark.parametrize("preamble", ["Let me check.", None])

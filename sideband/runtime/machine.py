@@ -186,7 +186,8 @@ class MachineConfig:
     filler_after: Mapping[str, float | None] = field(default_factory=dict)
     quiet: frozenset[str] = frozenset()
     """Tools whose successful output the model is not asked to answer when the response that called them
-    spoke (``@app.tool(respond=False)``): it goes into the conversation for the model's next turn."""
+    spoke (``@app.tool(respond=False)``): its words came as a line of the transcript, or its
+    ``response.done`` lists a message. The output goes into the conversation for the model's next turn."""
     filler_instructions: str = DEFAULT_FILLER
     goodbye_instructions: str = DEFAULT_GOODBYE
     idle_prompts: int = 0
@@ -1552,6 +1553,13 @@ class CallMachine:
             # unanswered (an engine waits for every output before it speaks again).
             ending = not mine and self.caps.speaks_over_tools
         quiet = self.config.quiet
+        # Whether the response said words, which keeps its quiet calls quiet: its line came (the vowel
+        # engine lists no message in a tool turn's output, and ends its preamble with text.done alone),
+        # or it lists its message.
+        spoke = bool(quiet) and (
+            (response_id is not None and response_id == self._last_line_response)
+            or any(isinstance(i, dict) and i.get("type") == "message" for i in output)
+        )
         for call in list(self._calls.values()):
             if call.state != "pending" or call.response_id not in (None, response_id):
                 continue
@@ -1584,7 +1592,7 @@ class CallMachine:
                 if call.arguments is None:  # none came with a finished response: never silence
                     call.arguments = "null"  # (refused by validation: the model hears invalid_arguments)
                 if call.name in quiet:  # quiet only if the response spoke: else the caller hears nothing
-                    call.quiet = any(isinstance(i, dict) and i.get("type") == "message" for i in output)
+                    call.quiet = spoke
                 actions += self._run(call)
         actions.append(
             Notice(
