@@ -784,7 +784,8 @@ class Sideband:
         if not isinstance(result, Accept | Reject | Refer):
             raise DecisionError(f"on_incoming returned {type(result).__name__}, not Accept/Reject/Refer")
         if isinstance(result, Accept) and isinstance(call.route, Accept):
-            return result.over(call.route)  # what the hook leaves out, the call's route gives
+            # (what the hook leaves out, the call's route gives)
+            return result.over(call.route, transfer_tool=self.transfer_tool)
         return result
 
     def plan(self, accept: Accept | None = None) -> CallPlan:

@@ -708,15 +708,21 @@ class Accept:
                 raise DecisionError(f"Accept(transfer_targets=...): {exc}") from None
             object.__setattr__(self, "transfer_targets", targets)
 
-    def over(self, base: Accept) -> Accept:
+    def over(self, base: Accept, *, transfer_tool: str | None = None) -> Accept:
         """This decision layered over ``base`` (the route table's, for a routing hook's ``Accept``): what
         this one leaves out (``None``), ``base`` gives; ``session`` (as :func:`merge_session` does) and
-        ``state`` are merged, this one's entries winning."""
+        ``state`` are merged, this one's entries winning.
+
+        This one's ``transfer_targets={}`` (nowhere) withdraws ``transfer_tool`` (the app's transfer
+        tool) from the ``tools`` it takes from ``base``: it is not offered, as without ``base``."""
+        tools = _given(self.tools, base.tools)
+        if self.tools is None and tools is not None and self.transfer_targets == {}:
+            tools = tuple(name for name in tools if name != transfer_tool)
         return Accept(
             instructions=_given(self.instructions, base.instructions),
             voice=_given(self.voice, base.voice),
             greeting=_given(self.greeting, base.greeting),
-            tools=_given(self.tools, base.tools),
+            tools=tools,
             session=merge_session(_without_audio_keys(base.session, self._named()), self.session),
             max_call_duration=_given(self.max_call_duration, base.max_call_duration),
             max_idle_duration=_given(self.max_idle_duration, base.max_idle_duration),

@@ -237,6 +237,47 @@ async def test_a_call_to_a_number_without_targets_cannot_be_transferred(tmp_path
     assert call.refer_target is None
 
 
+async def test_a_hook_that_empties_the_targets_withdraws_the_routes_transfer_tool(tmp_path: Path) -> None:
+    """The route offers ``transfer_call`` with targets of its own; the hook's ``transfer_targets={}`` (this
+    caller goes nowhere) answers the call with the route's other tools, not a refusal of it."""
+    app = desk(human="tel:+14155550123")
+    routes = (
+        '[routes."+18005551212"]\ninstructions = "Billing desk."\ntools = ["escalate", "transfer_call"]\n'
+        f'transfer_targets = {{ billing = "{BILLING}" }}\n'
+    )
+
+    @app.on_incoming
+    def route(call: IncomingCall) -> Accept:
+        return Accept(transfer_targets={})
+
+    async with run_app(app, routes_file=write(tmp_path, routes)) as h:
+        call = await h.call(
+            Script(
+                [
+                    wait_for_greeting("Billing."),
+                    caller_says("Escalate me."),
+                    model_calls("escalate", {"target": "billing"}),
+                    model_says("I cannot."),
+                    caller_hangs_up(),
+                ]
+            ),
+            to_number="+18005551212",
+        )
+        await h.ended(call)
+    assert call.accept_body["instructions"] == "Billing desk."
+    assert [t["name"] for t in call.accept_body["tools"]] == ["escalate"]
+    assert outputs(call) == [
+        "refused: transfer target 'billing' is not allowed (allowed: none for this call)"
+    ]
+    # the hook naming the tool itself, with no targets, is still its mistake
+    route_accept = Accept(tools=("escalate", "transfer_call"), transfer_targets={"billing": BILLING})
+    mine = Accept(tools=("transfer_call",), transfer_targets={}).over(
+        route_accept, transfer_tool="transfer_call"
+    )
+    with pytest.raises(ValueError, match="'transfer_call' is offered, but the call has no transfer targets"):
+        app.plan(mine)
+
+
 async def test_the_routing_hooks_targets_follow_the_call_into_a_later_stage() -> None:
     """Targets given by the routing hook hold for the tools a tool offers later (update_session)."""
     app = desk(human="tel:+14155550123")
