@@ -15,7 +15,15 @@ from typing import Any
 
 import pytest
 
-from sideband import CallContext, CallSummary, SessionConfig, Sideband, TranscriptRole
+from sideband import (
+    Accept,
+    CallContext,
+    CallSummary,
+    SessionConfig,
+    SessionConfigError,
+    Sideband,
+    TranscriptRole,
+)
 from sideband.runtime.driver import TIMER_MOVED_NOTABLE
 from sideband.testing import (
     Script,
@@ -699,6 +707,69 @@ async def test_update_session_takes_a_tool_choice_of_the_calls_tools(stack: Stac
         {"type": "realtime", "tool_choice": {"type": "function", "name": "lookup_order"}},
         {"type": "realtime", "tool_choice": "auto", "audio": {"output": {"speed": 1.5}}},
     ]
+
+
+MCP = {
+    "type": "mcp",
+    "server_label": "docs",
+    "server_url": "https://mcp.example.com",
+    "require_approval": "never",
+}
+CHOICES: list[Any] = [
+    "required",
+    {"type": "function", "name": "lookup_order"},
+    {"type": "mcp", "server_label": "docs"},
+]
+
+
+@pytest.mark.parametrize(
+    "offered, sent",
+    [
+        ("tools=[] before", []),
+        ("a call offered none", []),
+        ("an MCP server only", [CHOICES[0], CHOICES[2]]),
+        ("the app's tools", CHOICES[:2]),
+    ],
+)
+async def test_update_session_refuses_a_tool_choice_forcing_a_tool_the_session_has_not(
+    stack: Stack, offered: str, sent: list[Any]
+) -> None:
+    """A tool choice alone (the tools left as they are) forcing a tool the session does not offer went out:
+    with ``"required"`` and no tools, the model could do nothing and the call stalled. It is refused, and
+    nothing sent; an MCP server's tools count as tools."""
+    refused: list[str] = []
+
+    @stack.app.on_incoming
+    def route(call: Any) -> Accept:
+        if offered == "a call offered none":
+            return Accept(tools=())
+        if offered == "an MCP server only":
+            return Accept(tools=(), session={"tools": [MCP]})
+        return Accept()
+
+    @stack.app.on_call_start
+    async def focus(ctx: CallContext) -> None:  # (on the loop: each update goes out as it is made)
+        if offered == "tools=[] before":
+            ctx.update_session(tools=[])
+        for choice in CHOICES:
+            try:
+                ctx.update_session(tool_choice=choice)
+            except SessionConfigError as exc:
+                refused.append(str(exc))
+            else:
+                ctx.update_session(tool_choice="auto")
+
+    call = await start(stack, Script([HELLO, caller_says("hi"), model_says("Hi."), caller_hangs_up()]))
+    await ended(stack, call)
+    assert not server_errors(call)
+    choices = [e["session"].get("tool_choice") for e in call.received if e["type"] == "session.update"]
+    assert [c for c in choices if c not in (None, "auto")] == sent
+    expected = [
+        'tool_choice "required" with no tools: the session offers the model none to call (give tools too)',
+        "tool_choice names the tool 'lookup_order', which the call does not offer (none)",
+        "tool_choice names the MCP server 'docs', which the call does not offer (none)",
+    ]
+    assert refused == [e for c, e in zip(CHOICES, expected, strict=True) if c not in sent]
 
 
 async def test_update_session_takes_session_config_names_and_refuses_typos(stack: Stack) -> None:

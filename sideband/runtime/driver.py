@@ -562,7 +562,8 @@ class CallRuntime:
 
         Raises :class:`SessionConfigError`, and sends nothing, for an update the server would refuse whole:
         a new voice or model once the model's audio started, tools leaving out the one the session's
-        ``tool_choice`` forces (unless the update gives ``tool_choice`` too)."""
+        ``tool_choice`` forces (unless the update gives ``tool_choice`` too), a ``tool_choice`` that forces
+        one the session does not offer (``"required"`` with none)."""
         if self.summary.source == "sip" and "audio" in fields:
             check_sip_audio(fields["audio"])  # (the server would refuse the whole update)
         offered = None
@@ -570,15 +571,8 @@ class CallRuntime:
             offered, fields["tools"] = self._offer(fields["tools"])
             if "tool_choice" not in fields:  # (given, the session's check holds it to these tools)
                 self._check_choice_kept(fields["tools"])
-        else:
-            choice = fields.get("tool_choice")
-            if isinstance(choice, Mapping) and choice.get("type") == "function":
-                names = self.tools.names()
-                if choice.get("name") not in names:
-                    raise SessionConfigError(
-                        f"tool_choice names the tool {choice.get('name')!r}, which the call does not offer "
-                        f"({', '.join(names) or 'none'})"
-                    )
+        elif "tool_choice" in fields:
+            self._check_choice_offered(fields["tool_choice"])
         self._check_voice_and_model(fields)
         self._apply(self.machine.update_session(fields))
         machine = self.machine
@@ -594,8 +588,8 @@ class CallRuntime:
         self._kick()
 
     def _current(self, key: str) -> Any:
-        """The session's ``voice``, ``model`` or ``tool_choice`` as last sent, less what the server refused
-        (``None``: not known)."""
+        """The session's ``voice``, ``model``, ``tool_choice`` or ``tools`` as last sent, less what the server
+        refused (``None``: not known, or none)."""
         machine = self.machine
         path = ("audio", "output", "voice") if key == "voice" and machine.caps.nested_audio else (key,)
         value = machine.updated_field(path, _UNSET)
@@ -648,21 +642,48 @@ class CallRuntime:
         (the session's from now on) leave out, or is ``"required"`` with none: the update must give its
         ``tool_choice`` too (``"auto"``, or one of ``tools``)."""
         choice = self._current("tool_choice")
-        if choice == "required" and not tools:
+        missing = _forced_missing(choice, tools)
+        if missing is None:
+            return
+        if choice == "required":
             raise SessionConfigError(
                 'tools: none left while the session\'s tool_choice is "required": '
                 'give tool_choice too ("auto")'
             )
-        if not isinstance(choice, Mapping) or choice.get("type") not in ("function", "mcp"):
+        raise SessionConfigError(
+            f"tools: the session's tool_choice forces {missing!r}, which these tools leave out: "
+            'give tool_choice too ("auto", or one of these tools)'
+        )
+
+    def _check_choice_offered(self, choice: Any) -> None:
+        """Raise :class:`SessionConfigError` if ``choice``, an update's ``tool_choice`` that leaves the tools
+        as they are, forces a tool the session does not offer now (the call's tools in force, and those the
+        server runs itself, such as MCP, as last sent, else as the call's config has them), or is
+        ``"required"`` with none: the model could do nothing then (the update must give ``tools`` too)."""
+        served = [
+            t
+            for t in self._current("tools") or ()
+            if isinstance(t, Mapping) and t.get("type", "function") != "function"
+        ]
+        tools = [*({"type": "function", "name": name} for name in self.tools.names()), *served]
+        missing = _forced_missing(choice, tools)
+        if missing is None:
             return
-        key = "name" if choice["type"] == "function" else "server_label"
-        if not any(
-            t.get("type", "function") == choice["type"] and t.get(key) == choice.get(key) for t in tools
-        ):
+        if choice == "required":
             raise SessionConfigError(
-                f"tools: the session's tool_choice forces {choice.get(key)!r}, which these tools leave out: "
-                'give tool_choice too ("auto", or one of these tools)'
+                'tool_choice "required" with no tools: the session offers the model none to call '
+                "(give tools too)"
             )
+        kind = choice.get("type") if isinstance(choice, Mapping) else None
+        key = "name" if kind == "function" else "server_label"
+        offered = [
+            str(t.get(key)) for t in tools if isinstance(t, Mapping) and t.get("type", "function") == kind
+        ]
+        what = "tool" if kind == "function" else "MCP server"
+        raise SessionConfigError(
+            f"tool_choice names the {what} {missing!r}, which the call does not offer "
+            f"({', '.join(offered) or 'none'})"
+        )
 
     def _offer(self, tools: Any) -> tuple[ToolRegistry, list[dict[str, Any]]]:
         """The registry and session ``tools`` for ``update_session(tools=…)``: names of the call's tools,
@@ -1934,6 +1955,24 @@ class _SentItem:
         self.role = role
         self.event_id = event_id
         self.resends = 0
+
+
+def _forced_missing(choice: Any, tools: Sequence[Any]) -> str | None:
+    """What a ``tool_choice`` forces that ``tools`` (a session's) leave out: any tool, for ``"required"``
+    with none (``""``), or the function's name or the MCP server's label it names; ``None`` when
+    ``tools`` have it, or it forces nothing."""
+    if choice == "required":
+        return None if tools else ""
+    kind = choice.get("type") if isinstance(choice, Mapping) else None
+    if kind not in ("function", "mcp"):
+        return None
+    key = "name" if kind == "function" else "server_label"
+    name = choice.get(key)
+    if any(
+        isinstance(t, Mapping) and t.get("type", "function") == kind and t.get(key) == name for t in tools
+    ):
+        return None
+    return str(name)
 
 
 def _item_key(item: Mapping[str, Any]) -> tuple[Any, ...]:
