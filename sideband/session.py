@@ -52,7 +52,7 @@ class SessionConfig(BaseModel):
     instructions: str | None = None
     voice: str | None = None
     """A built-in voice (``marin``, ``cedar``…) or a custom voice's id (``voice_…``: sent as ``{"id":
-    …}``)."""
+    …}``). A name close to a built-in voice and not it (``marine``) is refused as a misspelling."""
     speed: Annotated[float, Strict()] | None = Field(default=None, gt=0)
     output_modalities: list[str] | None = None
     transcription_model: str | None = "gpt-4o-mini-transcribe"
@@ -446,6 +446,8 @@ _TOOL_CHOICE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "function": (("name",), ()),
     "mcp": (("server_label",), ("name",)),
 }
+# OpenAI's built-in voices: a name close to one of them, and not it, is a typo (others pass: new voices).
+_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 _SPEED = (0.25, 1.5)
 """The slowest and fastest speech OpenAI takes (``audio.output.speed``; 1.0 is the voice's own pace)."""
 
@@ -453,8 +455,9 @@ _SPEED = (0.25, 1.5)
 def _check_values(body: Mapping[str, Any], audio: Mapping[str, Any], *, update: bool = False) -> None:
     """Refuse a value of the wrong type or out of range that OpenAI would refuse (the whole update or
     accept with it): ``instructions``, ``model``, ``output_modalities``, ``max_output_tokens``, the
-    input's transcription and noise reduction, the output voice and speed, ``tool_choice``. No list of the
-    built-in voices is kept (it would go stale): a name is only checked to be one."""
+    input's transcription and noise reduction, the output voice and speed, ``tool_choice``. A voice's name
+    is not held to the built-in voices (a new one needs no release of ours), but one close to a known
+    voice and not it (``"marine"``) is the typo OpenAI would refuse at every call."""
     if "instructions" in body and not isinstance(body["instructions"], str):
         raise SessionConfigError(f"instructions must be a string, not {_kind(body['instructions'])}")
     if "output_modalities" in body:
@@ -494,6 +497,10 @@ def _check_values(body: Mapping[str, Any], audio: Mapping[str, Any], *, update: 
                 raise SessionConfigError(
                     f"voice must be a voice's name (\"marin\") or a custom voice's id, not {voice!r}"
                 )
+            if isinstance(voice, str) and voice not in _VOICES:
+                close = difflib.get_close_matches(voice.lower(), _VOICES, n=1, cutoff=0.8)
+                if close:
+                    raise SessionConfigError(f"unknown voice {voice!r} (did you mean {close[0]!r}?)")
         if "speed" in output:
             speed = output["speed"]
             low, high = _SPEED

@@ -117,17 +117,21 @@ async def test_a_voice_openai_does_not_have_passes_offline_and_is_named_online(
     simulator: Simulator, tmp_path: Path
 ) -> None:
     routes = tmp_path / "routes.toml"
-    routes.write_text('[routes."+18005551212"]\nvoice = "marine"\n')
+    routes.write_text('[routes."+18005551212"]\nvoice = "juniper"\n')
     env = check_env(simulator, routes)
     code, out, err = await run_check(env=env)
-    assert code == 0, err  # offline: sideband keeps no list of OpenAI's voices (it would go stale)
+    assert code == 0, err  # offline: a voice sideband does not know of may be a new one of OpenAI's
     code, out, err = await run_check("--online", env=env)
     assert code == 2 and out == ""
     assert err == (
         f"sideband: SIDEBAND_ROUTES_FILE: {routes}: routes.+18005551212: OpenAI refused its session (400: "
-        "Invalid value: 'marine'. Supported values are: 'alloy', 'ash', 'ballad', 'coral', 'echo', 'sage', "
+        "Invalid value: 'juniper'. Supported values are: 'alloy', 'ash', 'ballad', 'coral', 'echo', 'sage', "
         "'shimmer', 'verse', 'marin', and 'cedar'.)\n"
     )
+    # one close to a built-in voice is its misspelling, refused offline
+    routes.write_text('[routes."+18005551212"]\nvoice = "marine"\n')
+    code, out, err = await run_check(env=env)
+    assert code == 2 and "unknown voice 'marine' (did you mean 'marin'?)" in err, err
 
 
 async def check_online(sim: Simulator, app: Sideband | None = None, **settings: Any) -> list[str]:

@@ -349,6 +349,12 @@ SIP_REFUSED = [
         'session = { audio = { input = { transcription = { language = "en" } } } }',
         'transcription needs a "model"',
     ),
+    # a built-in voice misspelt: OpenAI refuses every call to the number
+    ('voice = "marine"', "unknown voice 'marine' (did you mean 'marin'?)"),
+    (
+        'session = { audio = { output = { voice = "Cedar" } } }',
+        "unknown voice 'Cedar' (did you mean 'cedar'?)",
+    ),
     # no tools to force: the session would go out forcing a tool it does not offer
     (
         'tools = []\nsession = { tool_choice = { type = "function", name = "lookup_order" } }',
@@ -455,6 +461,15 @@ def test_service_refuses_to_start_with_an_app_config_every_call_would_fail(simul
     assert str(info.value) == (
         "the app's session config: audio.input.turn_detection.threshold is refused by the calls API"
     )
+
+
+def test_service_refuses_to_start_with_a_misspelt_voice(simulator: Simulator) -> None:
+    from sideband.service import Service
+
+    with pytest.raises(SessionConfigError) as info:
+        Service(settings_for(simulator), Sideband(voice="marine"))
+    assert str(info.value) == "the app's session config: unknown voice 'marine' (did you mean 'marin'?)"
+    Service(settings_for(simulator), Sideband(voice="juniper"))  # a voice we do not know of may be a new one
 
 
 def test_service_refuses_to_start_with_an_app_config_json_cannot_carry(simulator: Simulator) -> None:

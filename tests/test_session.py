@@ -118,6 +118,8 @@ def test_a_custom_voice_is_sent_as_its_id_object() -> None:
     assert body["audio"] == {"output": {"voice": {"id": "voice_1234"}}}
     assert session_update({"voice": "voice_1234"})["audio"] == {"output": {"voice": {"id": "voice_1234"}}}
     assert session_update({"voice": "cedar"})["audio"] == {"output": {"voice": "cedar"}}
+    with pytest.raises(SessionConfigError, match=r"^unknown voice 'marine' \(did you mean 'marin'\?\)$"):
+        session_update({"voice": "marine"})
 
 
 def test_no_audio_when_nothing_audio_is_set() -> None:
@@ -392,6 +394,11 @@ def test_idle_timeout_and_reasoning_pass() -> None:
         (SessionConfig(model=""), "model must be a model's name (\"gpt-realtime\"), not ''"),
         (SessionConfig(max_output_tokens=0), 'max_output_tokens must be from 1 to 4096, or "inf", not 0'),
         (SessionConfig(max_output_tokens=99999), "not 99999"),
+        (SessionConfig(voice="marine"), "unknown voice 'marine' (did you mean 'marin'?)"),
+        (SessionConfig(voice="ALLOY"), "unknown voice 'ALLOY' (did you mean 'alloy'?)"),
+        (SessionConfig(audio={"output": {"voice": "shimer"}}), "(did you mean 'shimmer'?)"),  # type: ignore[call-arg]
+        (SessionConfig(voice="juniper"), None),  # a voice we do not know of may be a new one
+        (SessionConfig(voice="voice_marin"), None),  # a custom voice's id
         (SessionConfig(max_output_tokens="inf", model="gpt-realtime"), None),
         (SessionConfig(max_output_tokens=4096), None),
     ],
