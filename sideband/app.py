@@ -215,6 +215,9 @@ _VISUAL = re.compile(r"[\s\-.()]")
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')  # RFC 3261 quoted-string, \" escapes included
 _E164 = re.compile(r"\+[0-9]{7,15}")  # ASCII digits only (str.isdigit() takes any script's)
 _NATIONAL = re.compile(r"[0-9]{7,15}")
+# A national trunk prefix written after the country code, "+44 (0)20…": not dialed from abroad.
+_TRUNK_ZERO = re.compile(r"^(\+[0-9]{1,3})[\s\-.]*\(0\)")
+_PREFIX = re.compile(r"\+[0-9]+")  # a global number's leading digits, as a phone-context gives them
 # Caller "numbers" that carriers and RFC 3323 (``sip:anonymous@anonymous.invalid``) send for a withheld ID.
 _WITHHELD = frozenset({"anonymous", "restricted", "unavailable", "unknown", "private", "withheld"})
 
@@ -223,7 +226,10 @@ def parse_number(header_value: str | None) -> str | None:
     """The user part of a SIP ``From``/``To`` value, as E.164 (``+14155550123``) when it is one.
 
     ``"Alice" <sip:+1 (425) 555-0100@example.com>;tag=x`` → ``+14255550100``; a non-numeric user part
-    (``sip:alice@example.com``) is returned as is (``alice``). Untrusted either way.
+    (``sip:alice@example.com``) is returned as is (``alice``). Untrusted either way. A local number with
+    a global ``phone-context`` is that prefix and the number (``tel:4155550100;phone-context=+1`` →
+    ``+14155550100``, RFC 3966), and a trunk prefix written after the country code is dropped, as it is
+    not dialed from abroad (``+44 (0)20 7946 0000`` → ``+442079460000``).
 
     A ``sip:``/``sips:`` address without a user part (``<sip:10.0.0.1:5060>``: a host alone) has no
     number (``None``); a password in the user part (``sip:+14155550100:pw@host``) is dropped, and so
@@ -250,17 +256,33 @@ def parse_number(header_value: str | None) -> str | None:
     scheme, rest = match.group(1).lower(), match.group(2)
     rest = rest.partition("?")[0]  # URI headers (``?subject=a@b``) are no part of the address
     if scheme == "tel":
-        raw = re.split(r"[@;]", rest, maxsplit=1)[0]
-    else:  # sip:user[:password][;user-params]@host…: no "@", no user, a host alone
+        number = rest.partition("@")[0]
+    else:  # sip:user[;user-params][:password]@host…: no "@", no user, a host alone
         userinfo, at, _ = rest.partition("@")
-        raw = re.split(r"[:;]", userinfo, maxsplit=1)[0] if at else ""
+        number = userinfo.partition(":")[0] if at else ""
+    raw, _, params = number.partition(";")
     user = urllib.parse.unquote(raw).strip()
     if not user or any(unicodedata.category(c)[0] == "C" or c in "\u2028\u2029" for c in user):
         return None  # (none, or one with control characters, %00 or a line break, that no number has)
-    digits = _VISUAL.sub("", user)
+    digits = _VISUAL.sub("", _TRUNK_ZERO.sub(r"\1", user, count=1))
+    if _NATIONAL.fullmatch(digits):  # a local number: global with a "+" phone-context (RFC 3966)
+        context = _phone_context(params)
+        if context is not None and _E164.fullmatch(context + digits):
+            return context + digits
     if _E164.fullmatch(digits) or _NATIONAL.fullmatch(digits):
         return digits
     return user
+
+
+def _phone_context(params: str) -> str | None:
+    """The ``phone-context`` of a number's ``params`` when it is a global number's prefix (``+1``, as
+    ``+``, digits), else ``None`` (none, or a domain's: ``example.com``)."""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "phone-context":
+            prefix = _VISUAL.sub("", urllib.parse.unquote(value))
+            return prefix if _PREFIX.fullmatch(prefix) else None
+    return None
 
 
 def _check_hook(kind: str, fn: object, params: tuple[str, ...]) -> None:

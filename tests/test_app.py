@@ -83,6 +83,27 @@ def test_parse_number_takes_the_user_part_alone(value: str, expected: str | None
     assert parse_number(value) == expected
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        # a local number with a global phone-context is that prefix and the number (RFC 3966)
+        ("<tel:4155550100;phone-context=+1>", "+14155550100"),
+        ("<tel:555-0100;phone-context=+1-415>", "+14155550100"),
+        ("<sip:4155550100;phone-context=%2B1@carrier.example;user=phone>", "+14155550100"),
+        ("<tel:4155550100;phone-context=example.com>", "4155550100"),  # a domain's: no prefix
+        ("<tel:911;phone-context=+1>", "911"),  # a short code is no E.164 number
+        # a trunk prefix written after the country code is not dialed from abroad
+        ("<sip:+44(0)2079460000@example.com>", "+442079460000"),
+        ('"Desk" <sip:+44 (0) 20 7946 0000@example.com>', "+442079460000"),
+        ("<sip:+4402079460000@example.com>", "+4402079460000"),  # (no brackets: as written)
+    ],
+)
+def test_parse_number_gives_a_local_or_bracketed_number_as_dialled_from_abroad(
+    value: str, expected: str
+) -> None:
+    assert parse_number(value) == expected
+
+
 def test_an_address_whose_uri_headers_hold_an_at_sign_is_a_withheld_caller() -> None:
     call = IncomingCall.from_sip("rtc_1", headers(("From", "<sip:10.0.0.1?subject=a@b>;tag=1")))
     assert call.from_number is None and call.caller_withheld
