@@ -215,8 +215,9 @@ _VISUAL = re.compile(r"[\s\-.()]")
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')  # RFC 3261 quoted-string, \" escapes included
 _E164 = re.compile(r"\+[0-9]{7,15}")  # ASCII digits only (str.isdigit() takes any script's)
 _NATIONAL = re.compile(r"[0-9]{7,15}")
-# A national trunk prefix written after the country code, "+44 (0)20…": not dialed from abroad.
-_TRUNK_ZERO = re.compile(r"^(\+[0-9]{1,3})[\s\-.]*\(0\)")
+# A national trunk prefix written after the country code, "+44 (0)20…": not dialed from abroad. (Not
+# Italy's or San Marino's, whose leading 0 is part of the number, dialed from abroad too: "+39 06…".)
+_TRUNK_ZERO = re.compile(r"^(\+(?!(?:39|378)(?![0-9]))[0-9]{1,3})[\s\-.]*\(0\)")
 _PREFIX = re.compile(r"\+[0-9]+")  # a global number's leading digits, as a phone-context gives them
 # Caller "numbers" that carriers and RFC 3323 (``sip:anonymous@anonymous.invalid``) send for a withheld ID.
 _WITHHELD = frozenset({"anonymous", "restricted", "unavailable", "unknown", "private", "withheld"})
@@ -357,10 +358,11 @@ class IncomingCall:
 
     def dialed(self, number: str) -> bool:
         """Whether the dialed number is ``number``: written the same way, or E.164 against digits only
-        either way (``+18005551212`` and ``18005551212``, as trunks send either). Looser than the route
+        either way (``+18005551212`` and ``18005551212``, as trunks send either; ``+44 (0)20…`` without
+        its trunk ``0``, as :func:`parse_number` reads it). Looser than the route
         table, where a key of digits only is not taken for a dialed ``+`` number. Untrusted, like all of
         SIP."""
-        to, number = self.to_number, _VISUAL.sub("", number)
+        to, number = self.to_number, _VISUAL.sub("", _TRUNK_ZERO.sub(r"\1", number.strip(), count=1))
         if to is None:
             return False
         return to == number or (to.lstrip("+").isdigit() and to.lstrip("+") == number.lstrip("+"))

@@ -352,11 +352,13 @@ class CallContext:
         the call cannot offer, or a function tool given as an object, raises ``SessionConfigError``.
 
         So does a value OpenAI would refuse, with the rest of the update: ``instructions`` that are not a
-        string, a ``voice`` that names none, a ``speed`` outside 0.25-1.5, a ``tool_choice`` other than
-        ``"auto"``, ``"none"``, ``"required"`` or one of the call's tools (``{"type": "function", "name":
-        "refund"}``), or a value JSON cannot carry (a ``Decimal``, ``bytes``, a set, an object of the app's
-        own: the error names where it is). OpenAI also refuses to change the voice once the model has
-        spoken in the call (the greeting counts): the voice is the app's, the route's or ``Accept``'s."""
+        string, a ``voice`` that names none (or a misspelt built-in one: ``"marine"``), a ``speed``
+        outside 0.25-1.5, a ``tool_choice`` other than ``"auto"``, ``"none"``, ``"required"`` or one of
+        the session's tools (``{"type": "function", "name": "refund"}``, an MCP server's label), one
+        that forces a tool when the session (with this update) has none, or a value JSON cannot carry
+        (a ``Decimal``, ``bytes``, a set, an object of the app's own: the error names where it is).
+        OpenAI also refuses to change the voice once the model has spoken in the call (the greeting
+        counts): the voice is the app's, the route's or ``Accept``'s."""
         check_update_fields(fields)
         encode_session(fields)  # (a value JSON cannot carry is refused here, not where the update is sent)
         self._act(lambda: self._actions.update_session(**fields))

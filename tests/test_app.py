@@ -96,12 +96,22 @@ def test_parse_number_takes_the_user_part_alone(value: str, expected: str | None
         ("<sip:+44(0)2079460000@example.com>", "+442079460000"),
         ('"Desk" <sip:+44 (0) 20 7946 0000@example.com>', "+442079460000"),
         ("<sip:+4402079460000@example.com>", "+4402079460000"),  # (no brackets: as written)
+        ("<sip:+39(0)612345678@example.com>", "+390612345678"),  # Italy dials its 0 from abroad too
+        ("<sip:+378 (0)549 123456@example.com>", "+3780549123456"),  # San Marino too
     ],
 )
 def test_parse_number_gives_a_local_or_bracketed_number_as_dialled_from_abroad(
     value: str, expected: str
 ) -> None:
     assert parse_number(value) == expected
+
+
+def test_dialed_reads_a_bracketed_trunk_zero_as_parse_number_does() -> None:
+    call = IncomingCall.from_sip("rtc_1", headers(("To", "<sip:+442079460000@example.com>")))
+    assert call.dialed("+44 (0)20 7946 0000") and call.dialed("+442079460000")
+    assert not call.dialed("+4402079460000")
+    italy = IncomingCall.from_sip("rtc_2", headers(("To", "<sip:+390612345678@example.com>")))
+    assert italy.dialed("+39 (0)6 1234 5678") and not italy.dialed("+39612345678")
 
 
 def test_an_address_whose_uri_headers_hold_an_at_sign_is_a_withheld_caller() -> None:
