@@ -218,7 +218,8 @@ _NATIONAL = re.compile(r"[0-9]{7,15}")
 # A national trunk prefix written after the country code, "+44 (0)20…": not dialed from abroad. (Not
 # Italy's or San Marino's, whose leading 0 is part of the number, dialed from abroad too: "+39 06…".)
 _TRUNK_ZERO = re.compile(r"^(\+(?!(?:39|378)(?![0-9]))[0-9]{1,3})[\s\-.]*\(0\)")
-_PREFIX = re.compile(r"\+[0-9]+")  # a global number's leading digits, as a phone-context gives them
+_COUNTRY = re.compile(r"\+[0-9]{1,3}")  # a phone-context that is a country code alone
+_KEEPS_ZERO = frozenset({"39", "378"})  # Italy, San Marino: a number's leading 0 is dialed from abroad
 # Caller "numbers" that carriers and RFC 3323 (``sip:anonymous@anonymous.invalid``) send for a withheld ID.
 _WITHHELD = frozenset({"anonymous", "restricted", "unavailable", "unknown", "private", "withheld"})
 
@@ -227,10 +228,12 @@ def parse_number(header_value: str | None) -> str | None:
     """The user part of a SIP ``From``/``To`` value, as E.164 (``+14155550123``) when it is one.
 
     ``"Alice" <sip:+1 (425) 555-0100@example.com>;tag=x`` → ``+14255550100``; a non-numeric user part
-    (``sip:alice@example.com``) is returned as is (``alice``). Untrusted either way. A local number with
-    a global ``phone-context`` is that prefix and the number (``tel:4155550100;phone-context=+1`` →
-    ``+14155550100``, RFC 3966), and a trunk prefix written after the country code is dropped, as it is
-    not dialed from abroad (``+44 (0)20 7946 0000`` → ``+442079460000``).
+    (``sip:alice@example.com``) is returned as is (``alice``). Untrusted either way. A national number
+    whose ``phone-context`` is a country code is read in that country (``tel:4155550100;phone-context=+1``
+    → ``+14155550100``; ``sip:02079460000;phone-context=+44@…`` → ``+442079460000``: see
+    :func:`_in_country`); a longer context (``+1-914-555``) leaves the digits as they came. A trunk prefix
+    written after the country code is dropped, as it is not dialed from abroad (``+44 (0)20 7946 0000`` →
+    ``+442079460000``; but in Italy and San Marino).
 
     A ``sip:``/``sips:`` address without a user part (``<sip:10.0.0.1:5060>``: a host alone) has no
     number (``None``); a password in the user part (``sip:+14155550100:pw@host``) is dropped, and so
@@ -266,24 +269,42 @@ def parse_number(header_value: str | None) -> str | None:
     if not user or any(unicodedata.category(c)[0] == "C" or c in "\u2028\u2029" for c in user):
         return None  # (none, or one with control characters, %00 or a line break, that no number has)
     digits = _VISUAL.sub("", _TRUNK_ZERO.sub(r"\1", user, count=1))
-    if _NATIONAL.fullmatch(digits):  # a local number: global with a "+" phone-context (RFC 3966)
+    if _NATIONAL.fullmatch(digits):  # a national number: global in its country's phone-context
         context = _phone_context(params)
-        if context is not None and _E164.fullmatch(context + digits):
-            return context + digits
+        if context is not None:
+            return _in_country(context[1:], digits)
     if _E164.fullmatch(digits) or _NATIONAL.fullmatch(digits):
         return digits
     return user
 
 
 def _phone_context(params: str) -> str | None:
-    """The ``phone-context`` of a number's ``params`` when it is a global number's prefix (``+1``, as
-    ``+``, digits), else ``None`` (none, or a domain's: ``example.com``)."""
+    """The ``phone-context`` of a number's ``params`` when it is a country code (``+44``), else ``None``:
+    none, a domain's (``example.com``), or a longer prefix (``+1-914-555``), which RFC 3966 warns is no
+    safe start for the number (a local ``863-1234`` there may be dialed with its area code or not)."""
     for param in params.split(";"):
         name, _, value = param.partition("=")
         if name.strip().lower() == "phone-context":
             prefix = _VISUAL.sub("", urllib.parse.unquote(value))
-            return prefix if _PREFIX.fullmatch(prefix) else None
+            return prefix if _COUNTRY.fullmatch(prefix) else None
     return None
+
+
+def _in_country(code: str, digits: str) -> str:
+    """A national number of the country ``code`` (``"44"``) as E.164, else its digits as they came: its
+    trunk ``0`` dropped (``020 7946 0000`` → ``+442079460000``; but in Italy and San Marino), the code
+    not repeated (``14155550100`` in ``+1``), and a number of North America's plan whole (its area code
+    and 7 digits: a shorter one is its digits)."""
+    if code == "1":
+        national = digits[1:] if len(digits) == 11 and digits[0] == "1" else digits
+        return "+1" + national if len(national) == 10 and national[0] not in "01" else digits
+    if digits[0] == "0":
+        number = code + (digits if code in _KEEPS_ZERO else digits[1:])
+    elif digits.startswith(code):  # (dialed with its country code, without the "+")
+        number = digits
+    else:
+        number = code + digits
+    return "+" + number if _E164.fullmatch("+" + number) else digits
 
 
 def _check_hook(kind: str, fn: object, params: tuple[str, ...]) -> None:

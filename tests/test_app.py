@@ -88,7 +88,14 @@ def test_parse_number_takes_the_user_part_alone(value: str, expected: str | None
     [
         # a local number with a global phone-context is that prefix and the number (RFC 3966)
         ("<tel:4155550100;phone-context=+1>", "+14155550100"),
-        ("<tel:555-0100;phone-context=+1-415>", "+14155550100"),
+        ("<tel:863-1234;phone-context=+1-914-555>", "8631234"),  # a longer prefix: digits (RFC 3966's)
+        ("<tel:1-800-123-4567;phone-context=+1-972>", "18001234567"),
+        ("<sip:14155550100;phone-context=+1@carrier;user=phone>", "+14155550100"),  # code not repeated
+        ("<tel:8631234;phone-context=+1>", "8631234"),  # no area code: not a whole NANP number
+        ("<sip:02079460000;phone-context=+44@ims;user=phone>", "+442079460000"),  # trunk 0 dropped
+        ("<sip:442079460000;phone-context=+44@ims;user=phone>", "+442079460000"),
+        ("<sip:2079460000;phone-context=%2B44@ims;user=phone>", "+442079460000"),
+        ("<sip:0612345678;phone-context=+39@ims;user=phone>", "+390612345678"),  # Italy keeps its 0
         ("<sip:4155550100;phone-context=%2B1@carrier.example;user=phone>", "+14155550100"),
         ("<tel:4155550100;phone-context=example.com>", "4155550100"),  # a domain's: no prefix
         ("<tel:911;phone-context=+1>", "911"),  # a short code is no E.164 number
