@@ -946,15 +946,15 @@ async def _engine_with_tools(
         yield ws, until
 
 
-async def _two_calls_announced(
+async def _call_announced(
     vowel: VowelSimulator, ws: Any, until: Callable[[str], Awaitable[dict[str, Any]]]
-) -> tuple[str, str]:
-    """Ask the engine to "do two": its response announces calls of ``a`` and ``b``; their call ids."""
-    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "do two"}]}
+) -> str:
+    """Ask the engine to "do one": its response announces a call of ``a``; its call id."""
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "do one"}]}
     await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
     assert (await until("response.done"))["response"]["status"] == "incomplete"
-    first, second = vowel.sessions[0].responses[0].call_ids
-    return first, second
+    (call_id,) = vowel.sessions[0].responses[0].call_ids
+    return call_id
 
 
 def _output(call_id: str) -> str:
@@ -968,7 +968,7 @@ async def test_the_engine_answers_a_create_at_once_even_with_an_announced_call_u
     vowel: VowelSimulator,
 ) -> None:
     """The engine answers a response.create at once, from the conversation as it stands: one sent before
-    every call it announced has its output starts a reply whose model sees that call unanswered (its
+    the call it announced has its output starts a reply whose model sees that call unanswered (its
     output counts as ""), and is noted; the output that comes later starts nothing."""
     outputs: list[ToolOutputs] = []
 
@@ -976,15 +976,14 @@ async def test_the_engine_answers_a_create_at_once_even_with_an_announced_call_u
         outputs.append(done)
         return "Half done."
 
-    vowel.script([when("two", calls=[("a", {}), ("b", {})], reply=reply)])
-    async with _engine_with_tools(vowel, "a", "b") as (ws, until):
-        first, second = await _two_calls_announced(vowel, ws, until)
+    vowel.script([when("one", calls=[("a", {})], reply=reply)])
+    async with _engine_with_tools(vowel, "a") as (ws, until):
+        call_id = await _call_announced(vowel, ws, until)
 
-        await ws.send(_output(first))
-        await ws.send(json.dumps({"type": "response.create"}))  # one output still due
+        await ws.send(json.dumps({"type": "response.create"}))  # the output still due
         assert (await until("response.created"))["response"]["status"] == "in_progress"
         assert (await until("response.done"))["response"]["status"] == "completed"
-        await ws.send(_output(second))
+        await ws.send(_output(call_id))
         await until("conversation.item.created")
         await ws.send(json.dumps({"type": "response.create"}))  # (a mark: whatever came before is out)
         await until("response.done")
@@ -994,9 +993,9 @@ async def test_the_engine_answers_a_create_at_once_even_with_an_announced_call_u
         ("response.create", "Half done."),
         ("response.create", "Half done."),
     ]
-    assert outputs[0].calls == (("a", "ok"), ("b", "")) and outputs[1].calls == (("a", "ok"), ("b", "ok"))
+    assert outputs[0].calls == (("a", ""),) and outputs[1].calls == (("a", "ok"),)
     assert engine.notes == [
-        f"response.create before function_call_output for {second}: answered at once, the calls unanswered"
+        f"response.create before function_call_output for {call_id}: answered at once, the calls unanswered"
     ]
 
 
@@ -1012,10 +1011,9 @@ async def test_the_vowel_fixture_fails_a_test_whose_client_sent_a_create_early(
         fixture = pytest_plugin.vowel.__wrapped__(request)  # type: ignore[attr-defined]
         try:
             sim = await anext(fixture)
-            sim.script([when("two", calls=[("a", {}), ("b", {})], reply="Half done.")])
-            async with _engine_with_tools(sim, "a", "b") as (ws, until):
-                first, second = await _two_calls_announced(sim, ws, until)
-                await ws.send(_output(first))
+            sim.script([when("one", calls=[("a", {})], reply="Half done.")])
+            async with _engine_with_tools(sim, "a") as (ws, until):
+                call_id = await _call_announced(sim, ws, until)
                 await ws.send(json.dumps({"type": "response.create"}))
                 await until("response.done")
             if marked:
@@ -1024,7 +1022,7 @@ async def test_the_vowel_fixture_fails_a_test_whose_client_sent_a_create_early(
                 continue
             with pytest.raises(pytest.fail.Exception, match="before every output") as failed:
                 await anext(fixture)
-            assert f"response.create before function_call_output for {second}" in str(failed.value)
+            assert f"response.create before function_call_output for {call_id}" in str(failed.value)
         finally:
             await fixture.aclose()
 
@@ -1033,7 +1031,8 @@ async def test_a_tool_turn_cancelled_before_its_call_was_announced_leaves_no_out
     vowel: VowelSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Only a call the engine announced awaits its output: one its response never got to announce (it
-    was cancelled first) holds back no create."""
+    was cancelled first) holds back no create, and the response the create starts makes it, its
+    preamble said again (the model saw neither)."""
     vowel.script([when("look", preamble="Looking.", calls=[("a", {})], reply="Looked.")])
     paces, gate = [0], asyncio.Event()
 
@@ -1050,49 +1049,70 @@ async def test_a_tool_turn_cancelled_before_its_call_was_announced_leaves_no_out
         await ws.send(json.dumps({"type": "response.cancel"}))
         assert (await until("response.done"))["response"]["status"] == "cancelled"
         await ws.send(json.dumps({"type": "response.create"}))
-        assert (await until("response.done"))["response"]["status"] == "completed"  # answered at once
+        assert (await until("response.done"))["response"]["status"] == "incomplete"  # answered at once
     engine = vowel.sessions[0]
-    assert engine.responses[0].call_ids == [] and engine.notes == []
+    assert engine.responses[0].call_ids == [] and len(engine.responses[1].call_ids) == 1
+    assert [r.text for r in engine.responses] == ["Looking.", "Looking."] and engine.notes == []
 
 
+@pytest.mark.parametrize("batch", [False, True])
 @pytest.mark.parametrize("preamble", ["Let me look.", None])
 async def test_a_response_that_calls_tools_plays_as_the_engine_plays_it(
-    vowel: VowelSimulator, preamble: str | None
+    vowel: VowelSimulator, preamble: str | None, batch: bool
 ) -> None:
     """The engine opens every response's message first (index 0, in progress, empty, and its text
-    part); a preamble's words stream as text (a one-sentence preamble is never voiced); each call is
-    announced at index 1; the preamble's response.text.done comes after them, alone; the message never
-    completes, and the response ends incomplete with output []."""
+    part); a preamble's words stream as text (a one-sentence preamble is never voiced); the first call
+    is announced at index 1, then the preamble's response.text.done, alone; the message never
+    completes, and the response ends incomplete with output []. The model's next call comes in the
+    response the client's create starts once the first's output is in, without a preamble. An engine
+    build that batches a stream's calls announces both in the one response, after the text.done."""
+    vowel.batch_calls = batch
     vowel.script([when("look", preamble=preamble, calls=[("a", {}), ("b", {})], reply="Looked.")])
     async with _engine_with_tools(vowel, "a", "b") as (ws, until):
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "look"}]}
         await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
         done = await until("response.done")
-    engine = vowel.sessions[0]
-    start = next(i for i, e in enumerate(engine.sent) if e["type"] == "response.created")
-    events = engine.sent[start:]
+        engine = vowel.sessions[0]
+        start = next(i for i, e in enumerate(engine.sent) if e["type"] == "response.created")
+        events = engine.sent[start:]
+        for call_id in engine.responses[0].call_ids:
+            await ws.send(_output(call_id))
+            await until("conversation.item.created")
+        await ws.send(json.dumps({"type": "response.create"}))
+        assert (await until("response.done"))["response"]["status"] == (
+            "completed" if batch else "incomplete"
+        )
     said = [("response.text.delta", 0), ("response.text.delta", 0), ("response.text.delta", 0)]
+    text_done = [("response.text.done", 0)] if preamble else []
+    calls = [("response.output_item.added", 1)] * (2 if batch else 1)
     assert [(e["type"], e.get("output_index")) for e in events] == [
         ("response.created", None),
         ("response.output_item.added", 0),
         ("response.content_part.added", 0),
         *(said if preamble else []),
-        ("response.output_item.added", 1),
-        ("response.output_item.added", 1),
-        *([("response.text.done", 0)] if preamble else []),
+        *([*text_done, *calls] if batch else [*calls, *text_done]),
         ("response.done", None),
     ]
     message = events[1]["item"]
     assert (message["type"], message["status"], message["content"]) == ("message", "in_progress", [])
     assert events[2]["part"] == {"type": "text", "text": ""} and events[2]["item_id"] == message["id"]
-    calls = [e for e in events if e["type"] == "response.output_item.added" and e["output_index"] == 1]
-    assert [e["item"]["name"] for e in calls] == ["a", "b"]
+    announced = [e for e in events if e["type"] == "response.output_item.added" and e["output_index"] == 1]
+    assert [e["item"]["name"] for e in announced] == (["a", "b"] if batch else ["a"])
     if preamble:
-        deltas = events[3:6]
-        assert {(e["item_id"], e["content_index"]) for e in [*deltas, events[-2]]} == {(message["id"], 0)}
-        assert "".join(e["delta"] for e in deltas) == events[-2]["text"] == preamble
+        deltas, text = events[3:6], next(e for e in events if e["type"] == "response.text.done")
+        assert {(e["item_id"], e["content_index"]) for e in [*deltas, text]} == {(message["id"], 0)}
+        assert "".join(e["delta"] for e in deltas) == text["text"] == preamble
     assert done["response"]["status"] == "incomplete" and done["response"]["output"] == []
     assert done["response"]["status_details"] is None
+    if not batch:  # the second response: the next call alone, no preamble
+        second = [e for e in engine.sent if e.get("response_id") == engine.responses[1].id]
+        assert [(e["type"], e.get("output_index")) for e in second] == [
+            ("response.output_item.added", 0),
+            ("response.content_part.added", 0),
+            ("response.output_item.added", 1),
+        ]
+        assert second[-1]["item"]["name"] == "b" and engine.responses[1].text == ""
+    assert [len(r.call_ids) for r in engine.responses] == ([2, 0] if batch else [1, 1])
 
 
 async def test_a_preamble_voices_each_sentence_more_text_follows_never_its_last(
@@ -1446,6 +1466,42 @@ async def test_a_cancelled_reply_another_follows_does_not_end_the_turn(
     assert [r.status for r in engine.responses] == ["cancelled", "completed"]
 
 
+async def test_a_turn_whose_model_calls_tools_one_after_another_runs_each_and_replies_once(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """The engine announces one call a response: the turn's first response asks for the first lookup;
+    its output and a response.create go back, and the next response asks for the second; the reply
+    comes after that one's output. Each call runs once, in order, and the turn's reply lists both."""
+    ORDERS["7"] = {"status": "packed"}
+    try:
+        calls = [("lookup_order", {"order_id": "1042"}), ("lookup_order", {"order_id": "7"})]
+        vowel.script([when("both", calls=calls, preamble="Let me check.", reply="Both found.")])
+        async with EngineSession.open(settings_for(vowel), app) as session:
+            reply = await session.say("Where are both orders?", timeout=5)
+    finally:
+        del ORDERS["7"]
+    engine = vowel.sessions[0]
+    assert [(r.trigger, r.status, len(r.call_ids)) for r in engine.responses] == [
+        ("user_text", "incomplete", 1),
+        ("response.create", "incomplete", 1),
+        ("response.create", "completed", 0),
+    ]
+    first, second = (r.call_ids[0] for r in engine.responses[:2])
+    kinds = [
+        e["item"].get("call_id", e["type"]) if e["type"] == "conversation.item.create" else e["type"]
+        for e in engine.received
+        if e["type"] in ("conversation.item.create", "response.create")
+    ]
+    assert kinds[-4:] == [first, "response.create", second, "response.create"]
+    assert [json.loads(engine.outputs[c][0])["status"] for c in (first, second)] == ["shipped", "packed"]
+    assert [(t.name, t.call_id, t.outcome) for t in reply.tools] == [
+        ("lookup_order", first, "ok"),
+        ("lookup_order", second, "ok"),
+    ]
+    assert reply.lines == ("Let me check.", "Both found.") and reply.status == "completed"
+    assert engine.notes == []
+
+
 async def test_a_reply_callable_gets_every_output_of_a_tool_called_twice(
     vowel: VowelSimulator, app: Sideband
 ) -> None:
@@ -1465,7 +1521,12 @@ async def test_a_reply_callable_gets_every_output_of_a_tool_called_twice(
     assert reply.text == "lookup_order shipped / lookup_order packed (2, last packed)"
 
 
-async def test_tool_failures_reach_the_model(vowel: VowelSimulator, app: Sideband) -> None:
+@pytest.mark.parametrize("batch", [False, True])
+async def test_tool_failures_reach_the_model(vowel: VowelSimulator, app: Sideband, batch: bool) -> None:
+    """Each failure reaches the model as its call's output, and the turn's reply lists every call: the
+    engine asks for one call a response (a response.create after each output), or, on builds that batch
+    a stream's calls, all four in one (every output, then one response.create)."""
+    vowel.batch_calls = batch
     vowel.script(
         [
             when(
@@ -1495,8 +1556,9 @@ async def test_tool_failures_reach_the_model(vowel: VowelSimulator, app: Sideban
     assert by_name["lookup_order"]["error"] == "invalid_arguments"
     assert sorted(t.outcome for t in reply.tools) == ["error", "invalid_arguments", "timeout", "unknown_tool"]
     assert reply.text == "Sorry, that did not work."
-    assert len(engine.received_of_type("response.create")) == 1  # all outputs, then one response.create
-    assert engine.notes == []
+    assert [len(r.call_ids) for r in engine.responses] == ([4, 0] if batch else [1, 1, 1, 1, 0])
+    assert len(engine.received_of_type("response.create")) == (1 if batch else 4)
+    assert engine.notes == []  # (each create came once every output it was owed was in)
 
 
 async def test_a_call_announced_twice_runs_once(vowel: VowelSimulator, app: Sideband) -> None:

@@ -114,20 +114,26 @@ class Rule:
     """What the simulated model does when the user's utterance matches ``match``.
 
     ``match``: a case-insensitive substring, a compiled regex (searched) or a predicate. ``calls``: tools
-    to call first (name, arguments as a dict or a raw JSON string), each announced complete in a
-    ``response.output_item.added`` at ``output_index`` 1 (the response's message, opened at 0 as every
-    response's is, never completes); the response then ends ``incomplete`` with ``output: []``
-    (``status_details`` null). The model calls none when
-    ``session.update`` declared no tool it may call, and never one the engine dropped (a tool without a
-    name or a description): each is noted in the session's ``notes``. ``reply``: the text said once
-    the outputs are in and the client sent ``response.create`` (a callable gets the outputs,
+    to call first, in order (name, arguments as a dict or a raw JSON string). The engine announces one
+    call a response, as it does: it stops its model's stream at the first call it gets, announces it
+    complete in a ``response.output_item.added`` at ``output_index`` 1 (the response's message, opened
+    at 0 as every response's is, never completes) and ends the response ``incomplete`` with
+    ``output: []`` (``status_details`` null); the model's other calls of that stream are dropped, so it
+    makes the next one in the response the client's ``response.create`` starts once that call's output
+    is in, and so on: the first call in the turn's first response, the second in the next… and the
+    reply in the one after the last. (``VowelSimulator(batch_calls=True)`` plays engine builds that
+    announce every call of a stream in its one response instead.) A response that ends before it
+    announced its call (cancelled, replaced) leaves that call to the next response. The model calls
+    none when ``session.update`` declared no tool it may call, and never one the engine dropped (a tool
+    without a name or a description): each is noted in the session's ``notes``. ``reply``: the text said
+    once the outputs are in and the client sent ``response.create`` (a callable gets the outputs,
     :class:`ToolOutputs`: ``{tool name: output}``, and every call's in ``calls``).
-    ``preamble``: text said in the same response as the calls, before them: ``response.text.delta``
-    events, and a ``response.text.done`` after the calls (no transcript's ``done``, no
-    ``output_item.done``); the engine voices a sentence only once more text follows it, so a preamble's
-    last is never heard (a one-sentence preamble has no audio at all). ``repeat_calls``: announce each
-    call twice (same ``call_id``). ``fatal``: the engine fails (``error``, ``response.done`` failed,
-    close 1011).
+    ``preamble``: text said in the response that makes the turn's first call, before it:
+    ``response.text.delta`` events, and a ``response.text.done`` after the call (before the calls, with
+    ``batch_calls``; no transcript's ``done``, no ``output_item.done``); the engine voices a sentence
+    only once more text follows it, so a preamble's last is never heard (a one-sentence preamble has no
+    audio at all). ``repeat_calls``: announce each call twice (same ``call_id``). ``fatal``: the engine
+    fails (``error``, ``response.done`` failed, close 1011).
     ``refuse``: the engine refuses the text itself with this message: an ``error``
     (``invalid_request_error``, code ``invalid_value``), no item created and no response; the session
     carries on. ``ends``: how the reply's response ends, ``completed``, or cut short with nothing to
@@ -164,7 +170,10 @@ def when(
     refuse: str | None = None,
     ends: ReplyEnd = "completed",
 ) -> Rule:
-    """Build a :class:`Rule`: ``when("order", calls=[("lookup_order", {"order_id": "1"})], reply="…")``."""
+    """Build a :class:`Rule`: ``when("order", calls=[("lookup_order", {"order_id": "1"})], reply="…")``.
+
+    As on the engine, a rule's ``calls`` come one a response, in order, each once the previous one's
+    output and the client's ``response.create`` are in; its ``reply`` comes after the last."""
     return Rule(match, tuple((n, a) for n, a in calls), reply, preamble, repeat_calls, fatal, refuse, ends)
 
 
@@ -260,7 +269,7 @@ class EngineSessionRecord:
     _dropped: frozenset[str] = frozenset()  # names of the declared tools the engine dropped
     _turn_text: str | None = None
     _turn_calls: dict[str, str] = field(default_factory=dict)  # call_id → tool name, this turn
-    _turn_issued: bool = False
+    _turn_plan: list[tuple[str, dict[str, Any] | str]] | None = None  # calls still to make (None: unplanned)
     _ws: web.WebSocketResponse | None = None
     _transport: asyncio.Transport | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -410,6 +419,10 @@ class VowelSimulator:
     ended, and the same ``item_id``). Only the start of speech restarts the idle clock, as on the engine:
     neither its end nor each chunk of speech does. Audio that stops coming ends no speech.
 
+    The engine announces one tool call a response (see :class:`Rule`); ``batch_calls=True`` plays the
+    engine builds that collect every call of their model's stream and announce them all in its one
+    response, after the preamble's ``response.text.done``, before ``response.done`` ``incomplete``.
+
     ``event_delay`` paces the engine's events within a response; ``input_delay`` is how long each
     client message takes to reach the engine (in order), while what it already runs goes on: a reply
     under way may end before a text sent meanwhile arrives.
@@ -438,6 +451,7 @@ class VowelSimulator:
         event_delay: float = 0.0,
         input_delay: float = 0.0,
         claim_limits: bool = False,
+        batch_calls: bool = False,
         agent_build_time: float = 0.005,
         token_secret: bytes | None = None,
         refuse_session_update: str | None = None,
@@ -459,6 +473,9 @@ class VowelSimulator:
         self.event_delay = event_delay
         self.input_delay = input_delay
         self.claim_limits = claim_limits
+        self.batch_calls = batch_calls
+        """Play engine builds that announce every tool call of their model's stream in one response
+        (after the preamble's ``response.text.done``), rather than the first alone."""
         self.agent_build_time = agent_build_time
         self.token_secret = token_secret or secrets.token_bytes(32)
         """The key that signs the engine tokens (HMAC-SHA256), as the engine's JWT secret does."""
@@ -1135,7 +1152,7 @@ class VowelSimulator:
                 await self._error(session, "invalid_request_error", "invalid_value", rule.refuse)
                 return
             session.user_texts.append(text)
-            session._turn_text, session._turn_calls, session._turn_issued = text, {}, False
+            session._turn_text, session._turn_calls, session._turn_plan = text, {}, None
             await self._send(session, {"type": "conversation.item.created", "item": item})
             await self._start_response(session, "user_text", None)  # the engine answers user text by itself
             return
@@ -1259,10 +1276,11 @@ class VowelSimulator:
             session._active, session._active_response = None, None
             self._spawn(self._fatal(session, "The model provider failed", response))
             return
-        if rule is not None and rule.calls and not session._turn_issued:
-            calls = self._calls(session, rule)
-            if calls:
-                await self._call_tools(session, response, item, rule, calls)
+        if rule is not None and rule.calls:
+            if session._turn_plan is None:  # the turn's first response: what its model will call
+                session._turn_plan = self._calls(session, rule)
+            if session._turn_plan:
+                await self._call_tools(session, response, item, rule, session._turn_plan)
                 return
         outputs = ToolOutputs(
             [(name, (session.outputs.get(cid) or [""])[-1]) for cid, name in session._turn_calls.items()]
@@ -1349,6 +1367,11 @@ class VowelSimulator:
             silence = base64.b64encode(bytes(480)).decode("ascii")
             await self._send(session, {"type": "response.output_audio.delta", **audio, "delta": silence})
 
+    async def _text_done(self, session: EngineSessionRecord, speech: _Speech) -> None:
+        """The message's ``response.text.done`` (``content_index`` 0): its whole text so far."""
+        done = {"type": "response.text.done", **speech.base, "content_index": 0, "text": speech.text}
+        await self._send(session, done)
+
     async def _say(
         self,
         session: EngineSessionRecord,
@@ -1364,9 +1387,7 @@ class VowelSimulator:
         speech = await self._stream(session, response, item, text)
         await self._voice(session, speech, speech.flush())
         text = speech.text
-        await self._send(
-            session, {"type": "response.text.done", **speech.base, "content_index": 0, "text": text}
-        )
+        await self._text_done(session, speech)
         content: list[dict[str, Any]] = [{"type": "text", "text": text}]
         if speech.voiced:
             audio = {**speech.base, "content_index": 1}
@@ -1393,16 +1414,19 @@ class VowelSimulator:
         response: SimResponse,
         item: dict[str, Any],
         rule: Rule,
-        calls: Sequence[tuple[str, dict[str, Any] | str]],
+        plan: list[tuple[str, dict[str, Any] | str]],
     ) -> None:
-        """A response in which the model calls tools, as the engine plays it: the preamble's words in the
-        message (a sentence voiced only once more text follows it: never the last), each call announced
-        complete at ``output_index`` 1, then the preamble's ``response.text.done`` alone, and
-        ``response.done`` ``incomplete`` with ``output: []``. The message never completes (no
-        ``output_item.done``, no transcript's ``done``)."""
-        speech = await self._stream(session, response, item, rule.preamble) if rule.preamble else None
-        session._turn_issued = True
-        for name, args in calls:
+        """A response in which the model calls a tool, as the engine plays it: the preamble's words in
+        the message, if this is the turn's first call (a sentence voiced only once more text follows it:
+        never the last), the next call of ``plan`` announced complete at ``output_index`` 1, then the
+        preamble's ``response.text.done`` alone, and ``response.done`` ``incomplete`` with
+        ``output: []``. The message never completes (no ``output_item.done``, no transcript's ``done``).
+        With ``batch_calls``, every call of ``plan``, after the preamble's ``response.text.done``."""
+        preamble = None if session._turn_calls else rule.preamble
+        speech = await self._stream(session, response, item, preamble) if preamble else None
+        if speech is not None and self.batch_calls:
+            await self._text_done(session, speech)
+        for name, args in list(plan) if self.batch_calls else plan[:1]:
             call_id = "call_" + secrets.token_hex(8)
             arguments = args if isinstance(args, str) else json.dumps(args, separators=(",", ":"))
             call = {
@@ -1419,6 +1443,7 @@ class VowelSimulator:
                 if call_id not in session._turn_calls:  # announced: the engine waits for its output
                     session._turn_calls[call_id] = name
                     response.call_ids.append(call_id)
+                    plan.pop(0)
                 await self._send(
                     session,
                     {
@@ -1428,9 +1453,8 @@ class VowelSimulator:
                         "item": call,
                     },
                 )
-        if speech is not None:
-            done = {"type": "response.text.done", **speech.base, "content_index": 0, "text": speech.text}
-            await self._send(session, done)
+        if speech is not None and not self.batch_calls:
+            await self._text_done(session, speech)
         await self._finish(session, response, "incomplete", [])
 
     async def _finish(
