@@ -1264,6 +1264,41 @@ async def test_a_reply_plays_as_the_engine_plays_it(vowel: VowelSimulator) -> No
     assert response["output"] == [item_done]
 
 
+async def test_the_engines_items_and_an_empty_reply_are_as_the_engine_sends_them(
+    vowel: VowelSimulator,
+) -> None:
+    """The engine's items have no ``object`` field: its message ``{id, type, status, role, content}``,
+    its call ``{id, type, status, role: "assistant", name, call_id, arguments}``. A reply with no text
+    streams no delta: its text part's done (empty), the item done with it, the response completed."""
+    vowel.script([when("look", calls=[("a", {"q": 1})], reply="")])
+    async with _engine_with_tools(vowel, "a") as (ws, until):
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "look"}]}
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        await until("response.done")
+        engine = vowel.sessions[0]
+        (call_id,) = engine.responses[0].call_ids
+        await ws.send(_output(call_id))
+        await until("conversation.item.created")
+        await ws.send(json.dumps({"type": "response.create"}))
+        done = await until("response.done")
+    message, call = (e["item"] for e in engine.sent_of_type("response.output_item.added")[:2])
+    assert list(message) == ["id", "type", "status", "role", "content"]
+    assert list(call) == ["id", "type", "status", "role", "name", "call_id", "arguments"]
+    assert (call["role"], call["arguments"]) == ("assistant", '{"q":1}')
+    reply = [e for e in engine.sent if _response_of(e) == engine.responses[1].id]
+    assert [e["type"] for e in reply] == [
+        "response.created",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.text.done",
+        "response.output_item.done",
+        "response.done",
+    ]
+    assert reply[3]["text"] == "" and "object" not in reply[4]["item"]
+    assert reply[4]["item"]["content"] == [{"type": "text", "text": ""}]
+    assert done["response"]["status"] == "completed" and done["response"]["output"] == [reply[4]["item"]]
+
+
 async def test_a_reply_the_engines_turn_detection_cuts_plays_as_the_engine_plays_it(
     vowel: VowelSimulator,
 ) -> None:

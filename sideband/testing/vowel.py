@@ -340,7 +340,8 @@ def _js_falsy(value: Any) -> bool:
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"\s*\S+", text) or [text]
+    """The deltas the engine's model streams ``text`` in: a word each (none for no text at all)."""
+    return re.findall(r"\s*\S+", text) or ([text] if text else [])
 
 
 _SENTENCE_END = re.compile(r"[.!?]+\s")
@@ -1323,14 +1324,13 @@ class VowelSimulator:
 
     async def _open(self, session: EngineSessionRecord, response: SimResponse) -> dict[str, Any]:
         """The response's assistant message, as the engine opens it before its model runs, whatever
-        comes of it: ``output_item.added`` (index 0, in progress, no content), then its text part's
-        ``content_part.added``."""
-        item = {
+        comes of it: ``output_item.added`` (index 0, in progress, no content, no ``object`` field, as the
+        engine's items have none), then its text part's ``content_part.added``."""
+        item: dict[str, Any] = {
             "id": self._id("item_"),
-            "object": "realtime.item",
             "type": "message",
-            "role": "assistant",
             "status": "in_progress",
+            "role": "assistant",
             "content": [],
         }
         await self._send(
@@ -1456,11 +1456,11 @@ class VowelSimulator:
         for name, args in list(plan) if self.batch_calls else plan[:1]:
             call_id = "call_" + secrets.token_hex(8)
             arguments = args if isinstance(args, str) else json.dumps(args, separators=(",", ":"))
-            call = {
+            call = {  # (the engine's item: the assistant's, no ``object`` field)
                 "id": self._id("item_"),
-                "object": "realtime.item",
                 "type": "function_call",
                 "status": "completed",
+                "role": "assistant",
                 "name": name,
                 "call_id": call_id,
                 "arguments": arguments,
