@@ -234,6 +234,43 @@ def test_a_quiet_call_of_an_engine_tool_turn_is_quiet_after_its_preamble(preambl
     assert m.response_owed == (preamble is None)
 
 
+def test_an_engine_reply_replaced_by_another_ends_alone() -> None:
+    """The engine cuts a reply under way for a new one (user text while it speaks), and starts that one
+    before the cut one's response.done (cancelled, output []): that done ends the cut reply alone (its
+    call is not run, and answered as not run), not the response under way. What waits for the line
+    (a say()) waits for the new reply's end, and the new reply's line and end are its own."""
+    m = engine_machine()
+    m.receive({"type": "session.updated", "session": {}})
+    m.user_text("tell me a story")
+    m.receive({"type": "response.created", "response": {"id": "resp_1"}})
+    m.receive(engine_call("call_1", "resp_1"))
+    m.user_text("also this")  # the engine answers it, cutting resp_1
+    assert m.say("and a note") == []  # (queued while a response runs)
+    m.receive({"type": "response.created", "response": {"id": "resp_2"}})
+    cut = response_done("resp_1", status="cancelled")
+    cut["response"]["status_details"] = {"type": "cancelled", "reason": "client_cancelled"}
+    done = m.receive(cut)
+    assert not [a for a in done if isinstance(a, RunTool)]
+    assert [n["tool_call_id"] for n in notices(done, "tool.discarded")] == ["call_1"]
+    sent = [(e["type"], e.get("item", {}).get("call_id")) for e in sends(done)]
+    assert sent == [("conversation.item.create", "call_1")]  # (its output: it did not run; no create)
+    assert notices(done, "response.done") == [
+        {"response_id": "resp_1", "status": "cancelled", "tools_running": 0}
+    ]
+    assert m.responding == "resp_2" and m.response_owed
+    part = {"response_id": "resp_2", "item_id": "item_2", "output_index": 0, "content_index": 0}
+    line = m.receive({"type": "response.text.done", **part, "text": "Noted."})
+    assert notices(line, "transcript") == [{"role": "agent", "text": "Noted.", "response_id": "resp_2"}]
+    end = m.receive(response_done("resp_2"))
+    assert notices(end, "response.done") == [
+        {"response_id": "resp_2", "status": "completed", "tools_running": 0}
+    ]
+    assert m.responding is None
+    assert [(e["type"], e.get("response")) for e in sends(end)] == [
+        ("response.create", {"instructions": "and a note"})
+    ]
+
+
 def test_a_reused_call_id_is_a_new_call_only_once_its_output_was_acknowledged() -> None:
     """Until the server acknowledged our output for a call id, that id in a later response is the call
     already answered, not a new one to run."""

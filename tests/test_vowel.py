@@ -1605,11 +1605,6 @@ async def test_a_reply_cut_after_a_voiced_sentence_keeps_what_the_caller_heard(
         assert reply.lines == ("Sure, I can check that.",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the call machine takes the cut reply's response.done, which the engine sends after the new "
-    "response's response.created, for the end of the response under way",
-)
 async def test_a_cancelled_reply_another_follows_does_not_end_the_turn(
     vowel: VowelSimulator, app: Sideband
 ) -> None:

@@ -1498,18 +1498,31 @@ class CallMachine:
         return self._create_sent, False
 
     def _on_response_done(self, event: dict[str, Any]) -> list[Action]:
-        self._response_active = False
-        self.responding = None
-        self._done_since_create = True
-        self._agent_lines.clear()
-        if self._play_overdue:  # a response without audio ended past the grace: nothing plays any more
-            self._playing = self._play_unsure = self._play_overdue = False
         response = _obj(event.get("response"))
         response_id = response.get("id")
         status = response.get("status")
         status = status if isinstance(status, str) else None
-        covered_by, self._covered_by = self._covered_by, None
-        ours, self._ours = self._ours, None
+        self._done_since_create = True
+        # The response under way ends, unless this is one it replaced: the vowel engine cuts a reply for a
+        # new one (user text, a create, the caller's speech over it), which starts before the cut one's
+        # response.done. That ends the cut one alone (its calls, not its successor's).
+        current = (
+            response_id == self.responding or self.responding is None or not isinstance(response_id, str)
+        )
+        if current:
+            self._response_active = False
+            self.responding = None
+            self._agent_lines.clear()
+            if self._play_overdue:  # a response without audio ended past the grace: nothing plays any more
+                self._playing = self._play_unsure = self._play_overdue = False
+            covered_by, self._covered_by = self._covered_by, None
+            ours, self._ours = self._ours, None
+        else:
+            covered_by = ours = None
+            if self._covered_by == response_id:
+                covered_by, self._covered_by = response_id, None
+            if self._ours is not None and self._ours[0] == response_id:
+                ours, self._ours = self._ours, None
         if ours is None and self._lost is not None and isinstance(response_id, str):
             create = self._seen_lost(response)  # (its response.created went to the lost socket)
             if create is not None:
@@ -1600,6 +1613,8 @@ class CallMachine:
                 {"response_id": response_id, "status": status, "tools_running": self._running},
             )
         )
+        if not current:  # (its successor runs: the model has not had its say yet)
+            return actions
         # The model has had its say: the caller's silence counts from here (or from the end of playback).
         return actions + self._answered(response_id) + self._progress() + self._rearm_filler()
 
