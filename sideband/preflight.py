@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
@@ -190,14 +191,31 @@ def _common(exc: UpstreamError, base: str) -> None:
             f"OPENAI_BASE_URL: {base} answered {status}, a redirect: sideband follows none (set the URL it "
             "leads to)"
         )
-    if status >= 500 and error_message(exc.body) is None and status not in GATEWAY_ERRORS and base != OPENAI:
+    if (
+        status >= 500
+        and error_message(exc.body) is None
+        and status not in GATEWAY_ERRORS
+        and not _openais(base)
+    ):
         # (a server there that is not OpenAI's API: a plain web server's 501 to a POST, say; a gateway's
-        # 502-504, and anything from OpenAI's own address, its CDN's 52x pages, are OpenAI not answering)
+        # 502-504, and anything from OpenAI's own addresses, its CDN's 52x pages, are OpenAI not answering)
         raise SettingsError(
             f"OPENAI_BASE_URL: {base} does not answer as OpenAI's API{_said(exc)} (OpenAI's is {OPENAI})"
         )
     if exc.retryable:
         raise SettingsError(f"OpenAI at {base} could not answer{_said(exc)}: try again")
+
+
+def _openais(base: str) -> bool:
+    """Whether ``base`` is one of OpenAI's own addresses: api.openai.com or a regional one of its
+    (eu.api.openai.com…), on the HTTPS port."""
+    parts = urllib.parse.urlsplit(base)
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    host = (parts.hostname or "").rstrip(".")
+    return port in (None, 443) and (host == "api.openai.com" or host.endswith(".api.openai.com"))
 
 
 def _refused(service: Service, where: str, problem: str) -> None:

@@ -332,6 +332,42 @@ def test_a_cdn_page_from_openais_own_address_is_openai_not_answering() -> None:
     assert str(raised.value) == f"OpenAI at {OPENAI} could not answer (522): try again"
 
 
+@pytest.mark.parametrize(
+    "base",
+    [
+        "https://eu.api.openai.com/v1",
+        "https://us.api.openai.com/v1",
+        "https://au.api.openai.com/v1",
+        "https://in.api.openai.com/v1",
+        "https://jp.api.openai.com/v1",
+        "https://EU.API.OpenAI.com:443/v1",
+    ],
+)
+@pytest.mark.parametrize("status", [500, 520, 522, 524])
+def test_a_bare_error_from_a_regional_openai_address_is_openai_not_answering(base: str, status: int) -> None:
+    """OpenAI's regional addresses (data residency) are OpenAI's own: a bare 500 or a CDN's 52x page from
+    one is OpenAI not answering, not a wrong base URL steering the user to the global one."""
+    with pytest.raises(SettingsError) as raised:
+        _common(UpstreamError(f"POST /realtime/client_secrets: {status}", status, "<html>…</html>"), base)
+    assert str(raised.value) == f"OpenAI at {base} could not answer ({status}): try again"
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "https://api.openai.com.example.net/v1",
+        "https://notapi.openai.com/v1",
+        "https://api.openai.com:8443/v1",
+    ],
+)
+def test_a_bare_error_from_an_address_merely_like_openais_names_the_base_url(base: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        _common(UpstreamError("POST /realtime/client_secrets: 522", 522, "<html>…</html>"), base)
+    assert str(raised.value) == (
+        f"OPENAI_BASE_URL: {base} does not answer as OpenAI's API (522) (OpenAI's is {OPENAI})"
+    )
+
+
 def no_access(model: str) -> dict[str, Any]:
     """OpenAI's answer to a project that may not use ``model`` (403, not 404)."""
     message = f"Project `proj_x` does not have access to model `{model}`"
