@@ -26,7 +26,7 @@ from aiohttp import web
 
 from sideband import __version__
 from sideband.app import Sideband
-from sideband.logs import configure_logging, tell_dropped, to_devnull, write_escaped
+from sideband.logs import configure_logging, flush_or_drop, tell, tell_dropped, to_devnull, write_escaped
 from sideband.routing import RouteError
 from sideband.session import SessionConfigError
 from sideband.settings import Settings, SettingsError, env_name, load_settings
@@ -393,9 +393,7 @@ async def _leave_stuck_tasks(grace: float = 1.0) -> None:
 def _exit(code: int) -> NoReturn:
     """Leave the process now (the event loop and worker threads as they are), output flushed (what a
     stream cannot take, a full disk's, dropped)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
+    flush_or_drop(sys.stdout, sys.stderr)
     os._exit(code)
 
 
@@ -508,8 +506,18 @@ def _hold_standard_fds() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sideband`` console script."""
+    """Entry point of the ``sideband`` console script. The exit status is the command's own, whatever
+    stdout and stderr could not take (a full disk): what they still hold is dropped, not a failed flush at
+    exit (status 120)."""
     _hold_standard_fds()
+    try:
+        return _command(argv)
+    finally:
+        flush_or_drop(sys.stdout, sys.stderr)
+
+
+def _command(argv: Sequence[str] | None) -> int:
+    """Run the command ``argv`` names; its exit status."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
@@ -582,13 +590,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.flush()
             return code
     except (SettingsError, CliError) as exc:
-        print(f"sideband: {exc}", file=sys.stderr)
+        tell(f"sideband: {exc}")
         return 2
     except RouteError as exc:
-        print(f"sideband: SIDEBAND_ROUTES_FILE: {exc}", file=sys.stderr)
+        tell(f"sideband: SIDEBAND_ROUTES_FILE: {exc}")
         return 2
     except SessionConfigError as exc:  # the app's own session config: every call would fail
-        print(f"sideband: {exc}", file=sys.stderr)
+        tell(f"sideband: {exc}")
         return 2
     except KeyboardInterrupt:
         return 130

@@ -30,7 +30,9 @@ __all__ = [
     "configure_logging",
     "describe",
     "failure_fields",
+    "flush_or_drop",
     "logging_configured",
+    "tell",
     "tell_dropped",
     "to_devnull",
 ]
@@ -94,12 +96,36 @@ def to_devnull(stream: TextIO) -> None:
             os.close(devnull)
 
 
+def tell(line: str) -> None:
+    """Write ``line`` to stderr. Where stderr fails (a full disk, ``2>/dev/full``), it goes to /dev/null
+    for good, what it still holds with it: nothing raised, and no failed flush at exit (status 120)."""
+    if sys.stderr is None:
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        to_devnull(sys.stderr)
+    except ValueError:  # (closed)
+        pass
+
+
+def flush_or_drop(*streams: TextIO) -> None:
+    """Flush each of ``streams``; one that cannot take what it holds (a full disk) goes to /dev/null for
+    good, so that the flush at exit does not fail (status 120, ``Exception ignored in <stdout>``)."""
+    for stream in streams:
+        try:
+            stream.flush()
+        except OSError:
+            to_devnull(stream)
+        except ValueError:  # (closed)
+            pass
+
+
 def tell_dropped(what: str, stream: TextIO, exc: OSError) -> None:
     """Say on stderr, in one line, that ``what`` (written to ``stream``) is dropped, ``stream`` having
     failed with ``exc``; nothing where stderr is that stream, or fails too (say with ``2>&1``)."""
-    if sys.stderr is not None and sys.stderr is not stream:
-        with contextlib.suppress(OSError, ValueError):
-            print(f"sideband: {what} are dropped: {exc.strerror or exc}", file=sys.stderr, flush=True)
+    if sys.stderr is not stream:
+        tell(f"sideband: {what} are dropped: {exc.strerror or exc}")
 
 
 class _Shared:

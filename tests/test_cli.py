@@ -342,6 +342,78 @@ def test_a_command_whose_stdout_is_full_says_so_once_and_exits_as_it_went(
         assert done.stderr.startswith("sideband: SIDEBAND_ROUTES_FILE: ") and done.stderr.count("\n") == 1
 
 
+def buffered_env(**extra: str) -> dict[str, str]:
+    """:func:`clean_env` with Python's streams buffered, as a user's shell has them."""
+    env = clean_env(**extra)
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+@pytest.mark.parametrize(
+    ("args", "env", "code"),
+    [
+        (("check",), {}, 0),
+        (("demo", "--calls", "1"), {}, 0),
+        (("check",), {"SIDEBAND_ROUTES_FILE": "/nonexistent/routes.toml"}, 2),
+        (("check",), {"OPENAI_API_KEY": ""}, 2),
+        (("no-such-command",), {}, 2),
+    ],
+)
+@pytest.mark.parametrize("stdout_too", [True, False])
+def test_a_command_whose_stderr_is_full_exits_as_it_went(
+    args: tuple[str, ...], env: dict[str, str], code: int, stdout_too: bool
+) -> None:
+    """``sideband check >/dev/full 2>&1``, ``sideband check 2>/dev/full`` (a full disk): what stderr
+    cannot take is dropped, and the exit status is still the command's own (not 120, a failed flush at
+    exit)."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "sideband.cli", *args],
+            env=buffered_env(**{"OPENAI_API_KEY": "sk-test", "OPENAI_WEBHOOK_SECRET": SECRET, **env}),
+            cwd=ROOT,
+            stdout=full if stdout_too else subprocess.DEVNULL,
+            stderr=full,
+            timeout=30,
+            check=False,
+        )
+    assert done.returncode == code
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+async def test_serve_whose_log_is_full_says_so_once_and_exits_0() -> None:
+    """``sideband serve >/dev/full`` (its log on a full disk): it serves, says once on stderr that log
+    lines are dropped, and at SIGTERM drains and exits 0, with no failed flush at exit."""
+    port = free_port()
+    with open("/dev/full", "w") as full:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "sideband.cli", "serve", "examples.app:app"),
+            *("--host", "127.0.0.1", "--port", str(port)),
+            cwd=ROOT,
+            env=buffered_env(
+                OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET, SIDEBAND_LOG_FORMAT="json"
+            ),
+            stdout=full,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(20):
+            while True:  # until it listens (or exits)
+                assert proc.returncode is None, "serve exited before it listened"
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        assert resp.status == 200
+                        break
+                await asyncio.sleep(0.05)
+        proc.terminate()
+        code = await asyncio.wait_for(proc.wait(), 15)
+        assert proc.stderr is not None
+        err = (await proc.stderr.read()).decode()
+    finally:
+        await reap(proc)
+    assert code == 0 and err == "sideband: log lines are dropped: No space left on device\n", err
+
+
 def test_an_error_with_stderr_closed_goes_nowhere_and_exits_2() -> None:
     """``sideband check 2>&-``: the one line goes nowhere (not to stdout, where the report goes)."""
     env = clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET, SIDEBAND_DRAIN_TIMOUT="120")
