@@ -709,6 +709,46 @@ async def test_wait_idle_names_the_calls_still_live_when_it_times_out(stack: Sta
     assert not stack.service.registry.calls
 
 
+async def test_run_app_waits_without_a_warning_for_a_sync_tool_within_its_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sync tool still running as the block ends, its call hung up meanwhile, but within its own
+    timeout (``timeout=10``, returning a second later): ``run_app`` waits for it and does not warn."""
+    monkeypatch.setattr(harness, "_THREADS_GRACE", 0.1)
+    release = threading.Event()
+    returned = threading.Event()
+    app = Sideband(instructions="desk", voice="marin")
+
+    @app.tool(timeout=10, filler_after=None)
+    def slow() -> str:
+        """Blocks until released."""
+        started.set()
+        release.wait(30)
+        returned.set()
+        return "done"
+
+    started = threading.Event()
+    script = Script([wait_for_greeting(), caller_says("Hi."), model_calls("slow", {}, await_outputs=False)])
+    timer = threading.Timer(1.0, release.set)
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            async with run_app(app, **TEST_SETTINGS) as h:
+                call = await h.call(script)
+                assert await asyncio.to_thread(started.wait, 10)
+                await h.sim.hang_up(call)
+                summary = await h.ended(call)
+                assert not returned.is_set()  # (still running as the block ends)
+                timer.start()
+        said = [str(w.message) for w in warned if issubclass(w.category, RuntimeWarning)]
+        assert not said, said
+        assert returned.is_set()  # (the block's end waited for it)
+        assert [t.outcome for t in summary.tools] == ["cancelled"]
+    finally:
+        timer.cancel()
+        release.set()
+
+
 async def test_run_app_warns_of_a_sync_tool_still_running_as_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
     """A sync tool stuck past its timeout runs on in a worker thread that Python waits for at exit (the
     test process would not exit): ``run_app`` warns as it ends, naming the tool, where it is stuck and its
@@ -731,8 +771,8 @@ async def test_run_app_warns_of_a_sync_tool_still_running_as_it_ends(monkeypatch
         assert [t.outcome for t in summary.tools] == ["timeout"]
         [warning] = warned
         message = str(warning.message)
-        assert message.startswith(
-            "run_app: 0.1 s after the app stopped, its sync code still runs in 1 worker "
+        assert re.match(
+            r"run_app: \d+\.\d s after the app stopped, its sync code still runs in 1 worker ", message
         )
         assert f"sync tool stuck ({__file__}:" in message, message
         assert re.search(r"now at line \d+: release\.wait\(30\) \(inside Condition\.wait, ", message), message

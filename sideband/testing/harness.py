@@ -17,6 +17,7 @@ import asyncio
 import linecache
 import sys
 import threading
+import time
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -434,6 +435,10 @@ _THREADS_GRACE = 1.0
 """Seconds :func:`run_app` gives the app's sync tools and hooks still running as it ends to finish, before
 it warns of them (as ``sideband serve`` gives them before leaving them behind)."""
 
+_THREADS_WAIT = 10.0
+"""Seconds at most :func:`run_app` waits, as it ends, for a sync tool still within its timeout (a
+``timeout=30`` tool whose call hung up meanwhile) to return before it would warn of it."""
+
 
 def _busy_threads() -> dict[int, tuple[FrameType, FrameType]]:
     """The threads running an app's sync tool or hook now (the work :func:`~sideband.blocking.in_thread`
@@ -462,6 +467,23 @@ def _started_since(
         and not thread.daemon
         and not (ident in before and before[ident][1] is carried)
     ]
+
+
+def _deadline(app: Sideband, carried: FrameType) -> float:
+    """When the sync work run by ``carried`` (a frame of :func:`sideband.blocking._carried`) is due, by
+    :func:`time.monotonic`: a tool's start plus its timeout; a hook's start (due now: the run has
+    ended)."""
+    began = carried.f_locals.get("began")
+    if not isinstance(began, float):
+        return 0.0
+    fn = carried.f_locals.get("fn")
+    if fn is not tools._call_encoded:
+        return began
+    args = carried.f_locals.get("args") or ()
+    tool = next((t for t in app.tools if args and t.fn is args[0]), None)
+    if tool is None:
+        return began
+    return began + (app.tools.default_timeout if tool.timeout is None else tool.timeout)
 
 
 def _describe_running(
@@ -497,19 +519,26 @@ def _describe_running(
 
 async def _warn_of_threads_left(app: Sideband, before: dict[int, tuple[FrameType, FrameType]]) -> None:
     """Warn (:class:`RuntimeWarning`) of the app's sync tools and hooks that started during the run and
-    still run :data:`_THREADS_GRACE` seconds after it: their threads hold up the test process's exit."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + _THREADS_GRACE
+    still run past their deadline as it ends: their threads hold up the test process's exit. It waits
+    :data:`_THREADS_GRACE` seconds for them, and for a tool within its timeout (the call hung up while it
+    ran) up to that timeout, at most :data:`_THREADS_WAIT` seconds; one that returns ends the wait at once."""
+    began = time.monotonic()
     running = _started_since(before)
-    while running and loop.time() < until:
+    while running:
+        deadlines = [_deadline(app, carried) for _, _, carried in running]
+        wait = max(began + _THREADS_GRACE, min(began + _THREADS_WAIT, max(deadlines)))
+        if time.monotonic() >= wait:
+            break
         await asyncio.sleep(0.02)
         running = _started_since(before)
+    waited = time.monotonic() - began
+    running = [work for work in running if _deadline(app, work[2]) <= began + waited]
     if not running:
         return
     left = _describe_running(app, running)
     threads = f"{len(left)} worker thread{'s' if len(left) != 1 else ''}"
     warnings.warn(
-        f"run_app: {_THREADS_GRACE:g} s after the app stopped, its sync code still runs in {threads} that "
+        f"run_app: {waited:.1f} s after the app stopped, its sync code still runs in {threads} that "
         "Python waits for at exit (a thread cannot be stopped), so the test process will not exit until it "
         "returns: " + "; ".join(left) + ". Give the blocking call in it a timeout of its own: a tool's "
         "timeout answers the model, and cannot stop its thread",
