@@ -1421,12 +1421,15 @@ def _read_routes(path: Path | str, tool_names: Iterable[str]) -> RouteTable:
     Ctrl-C ends the wait at once: where the service is built in a task (``sideband serve``'s
     ``create_app``), the task's cancellation meanwhile (asyncio's answer to SIGINT: the loop cannot run
     while this waits) is raised (:class:`asyncio.CancelledError`); elsewhere SIGINT's
-    ``KeyboardInterrupt`` interrupts the wait itself."""
+    ``KeyboardInterrupt`` interrupts the wait itself. A cancellation asked for before (a Ctrl-C as the
+    start began) is raised at once, the file not read."""
     try:
         task = asyncio.current_task()
     except RuntimeError:  # (no event loop runs here)
         task = None
     cancels = task.cancelling() if task is not None else 0
+    if cancels:
+        raise asyncio.CancelledError
     deadline = time.monotonic() + ROUTES_READ_TIMEOUT
     done = threading.Event()
     outcome: list[RouteTable | BaseException] = []

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from sideband import Accept, CallContext, IncomingCall, Refer, Reject, Sideband
+from sideband import service as service_module
 from sideband.context import SipHeader
 from sideband.routing import RouteError, RouteTable
 from sideband.session import SessionConfig, SessionConfigError
@@ -640,6 +641,37 @@ def test_ctrl_c_while_the_route_file_is_read_at_start_exits_130_at_once(tmp_path
             proc.kill()
             proc.communicate()
     assert proc.returncode == 130 and out == "" and err == "", err
+
+
+async def test_a_cancellation_asked_for_before_the_route_file_is_read_is_raised_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C that lands as the start begins, before the route file is read (the start's task already
+    cancelled), ends the start at once, not at the read's timeout as a route error."""
+    monkeypatch.setattr(service_module, "ROUTES_READ_TIMEOUT", 2.0)
+    path = tmp_path / "routes.toml"
+    os.mkfifo(path)  # (nothing is ever written: a read waits for good)
+
+    took: list[float] = []
+
+    async def start() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # (asyncio's answer to SIGINT, not yet delivered: this step has not awaited)
+        began = time.monotonic()
+        try:
+            service_module._read_routes(path, [])
+        finally:
+            took.append(time.monotonic() - began)
+
+    started = asyncio.create_task(start())
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await started
+    finally:
+        with contextlib.suppress(OSError):  # (a reader left waiting gets an empty file: it ends)
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    assert started.cancelled() and took[0] < 1.0, took
 
 
 # -- dialed numbers without "+" ------------------------------------------------------------------------
