@@ -46,17 +46,23 @@ def load_app(spec: str | None) -> Sideband:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise CliError(f"APP must look like module:attribute, got {spec!r}")
+    unreadable: OSError | None = None
     try:
         cwd = os.getcwd()
-    except OSError as exc:  # (removed while a shell was in it)
-        raise CliError(
-            f"the current directory cannot be read ({_reason(exc)}): start sideband from one that can"
-        ) from None
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    except OSError as exc:  # (removed while a shell was in it: an installed app is imported all the same)
+        unreadable = exc
+    else:
+        if cwd not in sys.path:
+            sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if unreadable is not None and missing and (module_name + ".").startswith(missing + "."):
+            raise CliError(
+                f"the current directory cannot be read ({_reason(unreadable)}): start sideband from one "
+                "that can"
+            ) from None
         raise CliError(f"cannot import {module_name!r}: {exc}") from None
     except Exception as exc:  # the module raised while it was imported (a registration refused…)
         raise CliError(f"cannot import {module_name!r}: {_raised(exc)}") from None

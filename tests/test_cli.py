@@ -1222,25 +1222,39 @@ async def test_a_webhook_whose_accept_is_out_when_the_window_ends_leaves_no_call
     assert [(e["call_id"], e["reason"]) for e in ended] == [(call.call_id, "shutdown")]
 
 
-@pytest.mark.parametrize("command", ["check", "serve"])
-def test_a_start_from_a_removed_directory_is_one_line(tmp_path: Path, command: str) -> None:
-    """The shell's directory removed under it: where the app would be imported from is gone."""
+def in_a_removed_directory(tmp_path: Path, *command: str) -> subprocess.CompletedProcess[str]:
+    """``command`` run from the shell's directory removed under it."""
     gone = tmp_path / "gone"
     gone.mkdir()
     in_it = ["/bin/sh", "-c", 'cd "$0" && rmdir "$0" && exec "$@"', str(gone)]
-    done = subprocess.run(
-        [*in_it, sys.executable, "-m", "sideband.cli", command, "--port", "0"],
+    return subprocess.run(
+        [*in_it, *command],
         env=clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET),
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_a_start_from_a_removed_directory_is_one_line(tmp_path: Path, command: str) -> None:
+    """The shell's directory removed under it: where the app would be imported from is gone."""
+    done = in_a_removed_directory(tmp_path, sys.executable, "-m", "sideband.cli", command, "app:app")
     assert done.returncode == 2 and done.stdout == "", done.stderr
     assert done.stderr == (
         "sideband: the current directory cannot be read (no such file or directory): start sideband from "
         "one that can\n"
     )
+
+
+@pytest.mark.parametrize("args", [("check",), ("demo", "sideband.examples.order_desk:app", "--calls", "1")])
+def test_an_installed_app_starts_from_a_removed_directory(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """The shell's directory removed under it: an app installed as a module is imported all the same."""
+    done = in_a_removed_directory(tmp_path, sys.executable, "-m", "sideband.cli", *args)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.endswith("sideband: ready to serve\n" if args == ("check",) else "\n"), done.stdout
+    assert "cannot" not in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize(
