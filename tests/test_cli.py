@@ -396,6 +396,13 @@ async def test_serve_whose_log_is_full_says_so_once_and_exits_0() -> None:
             stdout=full,
             stderr=asyncio.subprocess.PIPE,
         )
+    code, err = await ready_then_stopped(proc, port)
+    assert code == 0 and err == "sideband: log lines are dropped: No space left on device\n", err
+
+
+async def ready_then_stopped(proc: asyncio.subprocess.Process, port: int) -> tuple[int, str]:
+    """Once ``sideband serve`` (``proc``, its stderr piped, its stdout no log to read) is ready on ``port``:
+    SIGTERM, and its exit code and stderr. Reaped however it goes."""
     try:
         async with aiohttp.ClientSession() as http, asyncio.timeout(20):
             while True:  # until it listens (or exits)
@@ -408,10 +415,9 @@ async def test_serve_whose_log_is_full_says_so_once_and_exits_0() -> None:
         proc.terminate()
         code = await asyncio.wait_for(proc.wait(), 15)
         assert proc.stderr is not None
-        err = (await proc.stderr.read()).decode()
+        return code, (await proc.stderr.read()).decode()
     finally:
         await reap(proc)
-    assert code == 0 and err == "sideband: log lines are dropped: No space left on device\n", err
 
 
 def test_an_error_with_stderr_closed_goes_nowhere_and_exits_2() -> None:
@@ -435,21 +441,7 @@ async def test_serve_with_stdout_closed_serves_and_logs_nowhere() -> None:
         env=clean_env(OPENAI_API_KEY="sk-test", OPENAI_WEBHOOK_SECRET=SECRET),  # (the log's format: its pick)
         stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        async with aiohttp.ClientSession() as http, asyncio.timeout(20):
-            while True:  # until it listens (or exits)
-                assert proc.returncode is None, "serve exited before it listened"
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                        assert resp.status == 200
-                        break
-                await asyncio.sleep(0.05)
-        proc.terminate()
-        code = await asyncio.wait_for(proc.wait(), 15)
-        assert proc.stderr is not None
-        err = (await proc.stderr.read()).decode()
-    finally:
-        await reap(proc)
+    code, err = await ready_then_stopped(proc, port)
     assert code == 0 and err == "", err
 
 
